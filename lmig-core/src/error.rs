@@ -1,0 +1,167 @@
+//! The one error type of lmig-core, shared by every backend through its traits.
+
+use std::time::Duration;
+
+use crate::model::{PageRun, RegionId};
+
+/// A boxed error from a backend crate (memory, network, transport, program state).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can make a migration fail.
+///
+/// Before the source sends `Commit`, any of these leaves the source program
+/// running and makes the destination discard what it received (see
+/// [`crate::session`]). [`MigrationError::source_may_run`] tells a caller
+/// which side owns the program after a failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrationError {
+    /// The kernel or the peer lacks a feature; `needs` says what would provide it.
+    #[error("{feature} is not supported here: needs {needs}")]
+    Unsupported {
+        /// The missing feature, e.g. `"PAGEMAP_SCAN"`.
+        feature: &'static str,
+        /// What would provide it, e.g. `"Linux >= 6.7"`.
+        needs: &'static str,
+    },
+
+    /// A region id that is not part of the registered layout.
+    #[error("region {region} is not registered")]
+    UnknownRegion {
+        /// The unknown id.
+        region: RegionId,
+    },
+
+    /// A page run that does not lie inside its region.
+    #[error("page run {run} lies outside region {} ({region_pages} pages)", run.region)]
+    PageOutsideRegion {
+        /// The offending run.
+        run: PageRun,
+        /// The number of pages the region holds.
+        region_pages: u64,
+    },
+
+    /// A region layout is invalid or does not match the other side's.
+    #[error("region layout rejected: {detail}")]
+    LayoutMismatch {
+        /// What is wrong, in words.
+        detail: String,
+    },
+
+    /// A record (socket, state, message field) holds an impossible value.
+    #[error("invalid {what}: {detail}")]
+    InvalidRecord {
+        /// What kind of record, e.g. `"TCP connection 42"`.
+        what: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+
+    /// The peer sent a message that the protocol does not allow at this point.
+    #[error("protocol violation in {phase}: expected {expected}, got {got}")]
+    Protocol {
+        /// The session phase we were in.
+        phase: &'static str,
+        /// What the protocol allows here.
+        expected: &'static str,
+        /// What arrived.
+        got: String,
+    },
+
+    /// The peer aborted the migration and said why.
+    #[error("peer aborted the migration: {reason}")]
+    PeerAborted {
+        /// The reason the peer gave.
+        reason: String,
+    },
+
+    /// The channel failed or the peer vanished.
+    #[error("channel failed: {detail}")]
+    Channel {
+        /// What happened, in words.
+        detail: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// Nothing arrived within the allowed time.
+    #[error("timed out after {after:?} waiting for {waiting_for}")]
+    Timeout {
+        /// What we were waiting for.
+        waiting_for: &'static str,
+        /// How long we waited.
+        after: Duration,
+    },
+
+    /// A backend (memory, tracker, sockets, program state) failed.
+    #[error("{backend} failed: {source}")]
+    Backend {
+        /// Which backend, e.g. `"uffd-wp tracker"`.
+        backend: &'static str,
+        /// The backend's own error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The destination's memory does not match the digest the source took at the freeze.
+    #[error("verification failed: region {region} differs from the source's copy")]
+    VerificationFailed {
+        /// The first region that differs.
+        region: RegionId,
+    },
+
+    /// The source sent `Commit` but never heard back. The program is stopped
+    /// on the source and may be running on the destination: check the
+    /// destination before resuming anything by hand.
+    #[error("commit sent but not confirmed by the destination: {detail}")]
+    CommitUnconfirmed {
+        /// What happened after the commit.
+        detail: String,
+    },
+}
+
+impl MigrationError {
+    /// Wrap a backend error.
+    pub fn backend(backend: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Backend {
+            backend,
+            source: source.into(),
+        }
+    }
+
+    /// A channel error with a cause.
+    pub fn channel(detail: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Channel {
+            detail: detail.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A channel error without an underlying cause (e.g. the peer closed it).
+    pub fn channel_closed(detail: impl Into<String>) -> Self {
+        Self::Channel {
+            detail: detail.into(),
+            source: None,
+        }
+    }
+
+    /// An invalid record.
+    pub fn invalid(what: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::InvalidRecord {
+            what: what.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// After this error on the source side, may the program keep running there?
+    ///
+    /// True for every error except [`MigrationError::CommitUnconfirmed`]: the
+    /// session resumed the program before returning the error.
+    pub fn source_may_run(&self) -> bool {
+        !matches!(self, Self::CommitUnconfirmed { .. })
+    }
+}
+
+/// Result alias used throughout lmig-core.
+pub type Result<T, E = MigrationError> = std::result::Result<T, E>;

@@ -1,0 +1,73 @@
+//! # lmig-core
+//!
+//! The contract of lmig, a library family that gives a running program live
+//! migration: its memory, its TCP and UDP connections and its own state move
+//! to another host while it keeps serving.
+//!
+//! This crate holds what every part agrees on and nothing that touches the
+//! OS:
+//!
+//! * [`model`]: plain data — region layouts, page runs and sets, socket
+//!   records, the program's state blob — each validating itself, because a
+//!   peer's bytes are never trusted;
+//! * [`protocol`]: the session's messages, their order and the commit rule;
+//! * [`traits`]: what memory, dirty-tracking, socket, state and channel
+//!   backends implement (`lmig-mem`, `lmig-net`, `lmig-transport` provide them);
+//! * [`policy`]: the convergence policy that ends pre-copy;
+//! * [`session`]: the source and destination state machines, generic over the traits.
+//!
+//! ## Guarantees
+//!
+//! Before the source sends `Commit`, any failure leaves the program running on
+//! the source with its memory and connections intact, and the destination
+//! discards what it received. After `Commit` only the destination runs. See
+//! [`protocol`] for the exact rule.
+//!
+//! ## Non-goals
+//!
+//! No OS code and no `unsafe` here; no wire format either (that is
+//! `lmig-transport`).
+//!
+//! ## Example
+//!
+//! A toy migration between two threads, memory held in plain vectors, over a
+//! channel pair (real programs use `lmig-mem`, `lmig-net` and `lmig-transport`):
+//!
+//! ```
+//! # use lmig_core::testing::{VecMemory, channel_pair, ManualTracker, NullProgram};
+//! # use lmig_core::session::{Source, Destination};
+//! # use lmig_core::model::{RegionId, RegionInfo, RegionLayout};
+//! let layout = RegionLayout::new(vec![RegionInfo::new(RegionId(1), 64 * 4096, 4096)?])?;
+//! let src_mem = VecMemory::new(&layout);
+//! src_mem.fill(RegionId(1), 3, b"hello");
+//! let dst_mem = VecMemory::new(&layout);
+//! let (a, b) = channel_pair(2);
+//! let mut tracker = ManualTracker::new(&layout);
+//! std::thread::scope(|s| {
+//!     let dst = s.spawn(|| Destination::new(&b, &dst_mem, NullProgram::default()).run());
+//!     let report = Source::new(&a, &src_mem, &mut tracker, NullProgram::default()).run()?;
+//!     assert!(report.committed);
+//!     dst.join().unwrap()?;
+//!     Ok::<_, lmig_core::MigrationError>(())
+//! })?;
+//! assert_eq!(dst_mem.snapshot(RegionId(1)), src_mem.snapshot(RegionId(1)));
+//! # Ok::<_, lmig_core::MigrationError>(())
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod model;
+pub mod policy;
+pub mod protocol;
+pub mod session;
+pub mod testing;
+pub mod traits;
+
+pub use error::{BoxError, MigrationError, Result};
+pub use policy::{ConvergencePolicy, Decision, Fallback, Policy, PolicyConfig, RoundStats};
+pub use protocol::{Caps, Message, PageBatch, PageData};
+pub use traits::{
+    Channel, DirtyTracker, Event, MemorySink, MemorySource, NoObserver, NoSockets, Observer, Phase,
+    SocketSink, SocketSource, StateSink, StateSource,
+};

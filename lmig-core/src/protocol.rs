@@ -1,0 +1,245 @@
+//! The messages of one migration session and the rules that order them.
+//!
+//! `lmig-transport` puts these on the wire (framing, checksums,
+//! authentication, several streams); this module says what they mean.
+//!
+//! # Sequence
+//!
+//! ```text
+//! source                                         destination
+//!   [channel: Hello/Welcome + mutual authentication, in lmig-transport]
+//!   Regions{layout} ───────────────────────────────▶ check / map regions
+//!   Pages{round 0}  (data lanes, many streams) ────▶ place pages
+//!   RoundEnd{0, ..} ───────────────────────────────▶
+//!   Pages{round 1..n} … RoundEnd{n}  ──────────────▶
+//!   SocketPlan{..} ────────────────────────────────▶ create, repair, bind (pre-freeze)
+//!   ── freeze: program paused, network locked ──
+//!   Pages{final} Sockets{..}* State{..}
+//!   Handover{pages_total, digests} ────────────────▶ wait for every page, restore sockets/state
+//!   ◀──────────────────────────────────────────────── Ready
+//!   Commit ────────────────────────────────────────▶ resume program, release packets
+//!   (post-copy: ◀ PageRequest / Pages ▶ on the urgent lane, push continues)
+//!   ◀──────────────────────────────────────────────── Done{verification}
+//! ```
+//!
+//! Either side may send `Abort{reason}` at any point before `Commit`.
+//!
+//! # The commit rule
+//!
+//! `Commit` is the switchover: the only point after which the destination may
+//! run the program.
+//!
+//! * **Destination**: never resumes the program before it has received a
+//!   complete, checksummed `Commit` frame. If anything fails before that — a
+//!   bad message, a restore error, a channel that breaks (including between
+//!   `Ready` and `Commit`) — it discards everything it received (sockets
+//!   closed, memory dropped) and reports the error.
+//! * **Source**: until it has handed the whole `Commit` frame to the channel,
+//!   any failure resumes the program on the source (network unlocked, sockets
+//!   out of repair mode, memory and tracker intact). A destination cannot have
+//!   received a `Commit` the source never finished writing.
+//! * Once the `Commit` frame is written, the source never resumes the program,
+//!   whatever happens next. If `Done` does not arrive, the session ends with
+//!   [`MigrationError::CommitUnconfirmed`](crate::MigrationError::CommitUnconfirmed):
+//!   the program is stopped on the source and the operator must look at the
+//!   destination. Split brain is excluded; availability is what is at risk,
+//!   and only in the window between the last byte of `Commit` leaving the
+//!   source and it reaching the destination.
+//!
+//! # Source state machine
+//!
+//! ```text
+//!  Start ─▶ Precopy(round) ─▶ Frozen ─▶ AwaitReady ─▶ Committed ─▶ [Postcopy] ─▶ Done
+//!    │           │               │           │
+//!    └───────────┴───────────────┴───────────┴──▶ Aborted (program resumed on the source)
+//! ```
+//!
+//! # Destination state machine
+//!
+//! ```text
+//!  Start ─▶ Receiving ─▶ Restoring ─▶ Ready ─▶ Committed ─▶ [Postcopy] ─▶ Done
+//!    │          │            │          │
+//!    └──────────┴────────────┴──────────┴──▶ Discarded (nothing of the program runs here)
+//! ```
+//!
+//! # Ordering of pages
+//!
+//! A page may be sent several times (once per round it was dirty). Pages go
+//! on data lanes chosen from the page's aligned chunk ([`CHUNK_PAGES`]), and
+//! each lane is ordered, so every version of a page travels on the same lane
+//! and the last one placed is the last one sent. `Handover.pages_total` counts
+//! every page the source sent before it; the destination answers `Ready` only
+//! after it has placed that many.
+
+use bytes::Bytes;
+
+use crate::model::{PageRun, ProgramState, RegionId, RegionLayout, SocketPrep, SocketRecord};
+
+/// Protocol version spoken by this crate. Peers accept this and the previous one.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Pages are assigned to data lanes by aligned chunks of this many pages, and
+/// one `Pages` message never crosses a chunk boundary.
+pub const CHUNK_PAGES: u32 = 64;
+
+/// Capabilities a side announces in the handshake.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Caps(pub u64);
+
+impl Caps {
+    /// Zero pages may be sent as a flag.
+    pub const ZERO_PAGES: Caps = Caps(1 << 0);
+    /// Post-copy (the destination can take page faults for missing pages).
+    pub const POSTCOPY: Caps = Caps(1 << 1);
+    /// Socket records can be restored.
+    pub const SOCKETS: Caps = Caps(1 << 2);
+    /// Region digests can be verified.
+    pub const DIGEST: Caps = Caps(1 << 3);
+    /// Post-copy recovery: the channel may be re-established mid-transfer.
+    pub const RECOVERY: Caps = Caps(1 << 4);
+
+    /// Everything this version of lmig-core understands.
+    pub const ALL: Caps = Caps(0b1_1111);
+
+    /// Does `self` include every bit of `other`?
+    pub fn contains(self, other: Caps) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Bits both sides have.
+    pub fn intersect(self, other: Caps) -> Caps {
+        Caps(self.0 & other.0)
+    }
+}
+
+impl std::ops::BitOr for Caps {
+    type Output = Caps;
+    fn bitor(self, rhs: Caps) -> Caps {
+        Caps(self.0 | rhs.0)
+    }
+}
+
+/// The content of a `Pages` message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PageData {
+    /// `run.count * page_size` bytes of page content.
+    Raw(Bytes),
+    /// Every page of the run is zero; no bytes follow.
+    Zero,
+}
+
+/// A run of pages with its content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageBatch {
+    /// The pre-copy round (or post-copy phase marker) the pages belong to.
+    pub round: u32,
+    /// Which pages.
+    pub run: PageRun,
+    /// Their content.
+    pub data: PageData,
+}
+
+/// Digest of one region, taken with the program paused.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct RegionDigest {
+    /// The region.
+    pub region: RegionId,
+    /// BLAKE3 of the region's bytes.
+    pub hash: [u8; 32],
+}
+
+/// What the destination found when it checked the digests.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Verification {
+    /// No digest was asked for.
+    NotChecked,
+    /// Every region matches the source's digest.
+    Verified,
+    /// This region differs.
+    Mismatch(RegionId),
+}
+
+/// Statistics of one pre-copy round, as sent in `RoundEnd`.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoundSummary {
+    /// Round number, from 0.
+    pub round: u32,
+    /// Pages sent in the round (zero pages included).
+    pub pages: u64,
+    /// Of which zero pages, sent as a flag.
+    pub zero_pages: u64,
+    /// Pages found dirty at the end of the round.
+    pub dirty_pages: u64,
+}
+
+/// Everything sent at the end of the freeze.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handover {
+    /// Every page the source sent in this session before this message (all
+    /// rounds). The destination answers `Ready` once it has placed that many.
+    pub pages_total: u64,
+    /// Pages still to come after `Commit` (post-copy); 0 for pure pre-copy.
+    pub postcopy_pages: u64,
+    /// Region digests to check before `Done`; empty if not asked for.
+    pub digests: Vec<RegionDigest>,
+}
+
+/// One protocol message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// The source's region layout.
+    Regions(RegionLayout),
+    /// Page content.
+    Pages(PageBatch),
+    /// A pre-copy round is complete.
+    RoundEnd(RoundSummary),
+    /// Sockets the destination may prepare before the freeze.
+    SocketPlan(Vec<SocketPrep>),
+    /// Captured sockets; several batches, the last with `last = true`.
+    Sockets {
+        /// The records of this batch.
+        records: Vec<SocketRecord>,
+        /// No more batches follow.
+        last: bool,
+    },
+    /// The program's own state.
+    State(ProgramState),
+    /// Everything of the freeze has been sent.
+    Handover(Handover),
+    /// The destination has everything and can resume.
+    Ready,
+    /// The switchover: the destination resumes, the source never will.
+    Commit,
+    /// Post-copy: the destination needs these pages now.
+    PageRequest(PageRun),
+    /// The destination finished (every page placed) and checked the digests.
+    Done(Verification),
+    /// The sender gives up; the migration is off (only before `Commit`).
+    Abort {
+        /// Why, for the other side's error message.
+        reason: String,
+    },
+}
+
+impl Message {
+    /// The message kind's name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Regions(_) => "Regions",
+            Self::Pages(_) => "Pages",
+            Self::RoundEnd(_) => "RoundEnd",
+            Self::SocketPlan(_) => "SocketPlan",
+            Self::Sockets { .. } => "Sockets",
+            Self::State(_) => "State",
+            Self::Handover(_) => "Handover",
+            Self::Ready => "Ready",
+            Self::Commit => "Commit",
+            Self::PageRequest(_) => "PageRequest",
+            Self::Done(_) => "Done",
+            Self::Abort { .. } => "Abort",
+        }
+    }
+}
+
+/// Longest abort reason a peer may send.
+pub const MAX_REASON_BYTES: usize = 4096;

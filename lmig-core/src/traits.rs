@@ -1,0 +1,447 @@
+//! The traits every backend implements. A session is generic over them;
+//! `lmig-mem`, `lmig-net` and `lmig-transport` provide the real backends and
+//! a program may provide its own.
+//!
+//! Blanket impls for `&mut T` / `&T` let a caller lend a backend to a session
+//! and keep it afterwards: after an aborted migration the program still owns
+//! its memory, tracker and sockets, intact.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{MigrationError, Result};
+use crate::model::{PageRun, ProgramState, RegionLayout, RegionPages, SocketPrep, SocketRecord};
+use crate::policy::{Decision, RoundStats};
+use crate::protocol::{Message, PageBatch};
+
+/// Reads pages of the program's registered regions on the source.
+///
+/// Implementations copy through raw pointers: the program (or a vCPU) keeps
+/// writing the memory while pre-copy reads it.
+pub trait MemorySource: Send + Sync {
+    /// The regions, as they will be announced to the destination.
+    fn layout(&self) -> RegionLayout;
+
+    /// Copy the pages of `run` into `dst`, whose length is exactly the run's byte length.
+    fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()>;
+
+    /// After `Commit` and once every page has been sent: the source copy is no
+    /// longer needed and may be released.
+    fn release(&self) {}
+}
+
+/// Called by a post-copy memory sink to ask the source for pages it needs now.
+pub type PageRequester = Arc<dyn Fn(PageRun) -> Result<()> + Send + Sync>;
+
+/// Places pages into the program's regions on the destination.
+///
+/// Methods take `&self`: pages of distinct chunks may be placed from several
+/// threads at once.
+pub trait MemorySink: Send + Sync {
+    /// Check the source's layout against what this side has mapped (or map it).
+    /// A mismatch is an error before any page is placed.
+    fn prepare(&self, layout: &RegionLayout) -> Result<()>;
+
+    /// Write `data` (exactly the run's byte length) into the pages of `run`.
+    fn write_pages(&self, run: &PageRun, data: &[u8]) -> Result<()>;
+
+    /// Make every page of `run` zero.
+    fn zero_pages(&self, run: &PageRun) -> Result<()>;
+
+    /// Read pages back (used to verify digests).
+    fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()>;
+
+    /// Post-copy: from now on the pages in `missing` are absent; a touch of one
+    /// must fetch it through `request` and wait until `write_pages` /
+    /// `zero_pages` placed it. Called after `Commit`, before the program resumes.
+    fn begin_postcopy(&self, missing: &RegionPages, request: PageRequester) -> Result<()> {
+        let _ = (missing, request);
+        Err(MigrationError::Unsupported {
+            feature: "post-copy",
+            needs: "a memory sink that handles page faults (lmig-mem's userfaultfd sink)",
+        })
+    }
+
+    /// Post-copy: every page has been placed; stop handling faults.
+    fn end_postcopy(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The migration failed before `Commit`: drop what was received.
+    fn discard(&self) {}
+}
+
+/// Finds the pages the program wrote since the last collect.
+pub trait DirtyTracker: Send {
+    /// Short name for reports: `"uffd-wp+pagemap-scan"`, `"manual"`, …
+    fn name(&self) -> &'static str;
+
+    /// Begin tracking every page of every region; all pages count as clean from here.
+    fn start(&mut self) -> Result<()>;
+
+    /// Add the pages written since the last `start`/`collect` to `dirty` and
+    /// mark them clean again, in one step (a write racing the collect is
+    /// reported now or at the next collect, never lost).
+    fn collect(&mut self, dirty: &mut RegionPages) -> Result<()>;
+
+    /// Stop tracking (remove write protection and the like).
+    fn stop(&mut self) -> Result<()>;
+}
+
+/// The program's sockets on the source.
+pub trait SocketSource: Send {
+    /// Sockets the destination may prepare before the freeze.
+    fn plan(&mut self) -> Result<Vec<SocketPrep>> {
+        Ok(Vec::new())
+    }
+
+    /// At the freeze: stop the kernel from answering for the sockets (network
+    /// lock) and put them in repair mode. Must not lose incoming packets.
+    fn freeze(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Capture every socket, handing records to `emit` batch by batch so the
+    /// destination can restore batch k while batch k+1 is captured.
+    fn capture(&mut self, emit: &mut dyn FnMut(Vec<SocketRecord>) -> Result<()>) -> Result<()>;
+
+    /// The migration failed before `Commit`: leave repair mode, unlock, keep serving.
+    fn abort(&mut self) -> Result<()>;
+
+    /// After `Commit`: close the sockets without FIN or RST, hand the service
+    /// address and any held packets over to the destination.
+    fn release(&mut self) -> Result<()>;
+}
+
+/// The program's sockets on the destination.
+pub trait SocketSink: Send {
+    /// Before the freeze: create sockets, enter repair mode, set options, bind.
+    fn prepare(&mut self, plan: &[SocketPrep]) -> Result<()> {
+        let _ = plan;
+        Ok(())
+    }
+
+    /// Restore one batch (in repair mode; not yet talking to peers).
+    fn restore(&mut self, batch: Vec<SocketRecord>) -> Result<()>;
+
+    /// After `Commit`: leave repair mode, take over the address, release held packets.
+    fn activate(&mut self) -> Result<()>;
+
+    /// The migration failed before `Commit`: close everything restored, silently.
+    fn discard(&mut self);
+}
+
+/// A program without sockets to move.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoSockets;
+
+impl SocketSource for NoSockets {
+    fn capture(&mut self, _emit: &mut dyn FnMut(Vec<SocketRecord>) -> Result<()>) -> Result<()> {
+        Ok(())
+    }
+    fn abort(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn release(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl SocketSink for NoSockets {
+    fn restore(&mut self, batch: Vec<SocketRecord>) -> Result<()> {
+        match batch.first() {
+            None => Ok(()),
+            Some(_) => Err(MigrationError::Unsupported {
+                feature: "socket migration",
+                needs: "a SocketSink on the destination (lmig-net); the source sent sockets",
+            }),
+        }
+    }
+    fn activate(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn discard(&mut self) {}
+}
+
+/// The running program on the source: how to pause it and take its own state.
+pub trait StateSource: Send {
+    /// Stop the program from touching its memory and sockets (the freeze begins).
+    fn pause(&mut self) -> Result<()>;
+
+    /// The program's own state, taken while paused.
+    fn capture(&mut self) -> Result<ProgramState> {
+        Ok(ProgramState::default())
+    }
+
+    /// The migration failed before `Commit`: let the program continue here.
+    fn resume(&mut self) -> Result<()>;
+
+    /// Pre-copy does not converge: slow the program's writes down to
+    /// `percent` of their rate, if it can. Return false if it cannot.
+    fn throttle(&mut self, percent: u8) -> bool {
+        let _ = percent;
+        false
+    }
+
+    /// `Commit` was sent: the program must never run here again.
+    fn committed(&mut self) {}
+}
+
+/// The program on the destination: how to hand its state back and start it.
+pub trait StateSink: Send {
+    /// Take the program's state (called before `Ready`; may refuse an unknown version).
+    fn restore(&mut self, state: ProgramState) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
+
+    /// After `Commit`: start the program.
+    fn resume(&mut self) -> Result<()>;
+
+    /// The migration failed before `Commit`: forget the state.
+    fn discard(&mut self) {}
+}
+
+/// Ordered, reliable, authenticated message transport between the two sides.
+///
+/// It has one control lane, `data_lanes()` page lanes (each ordered; pages of
+/// one chunk always use the same lane) and an urgent lane for post-copy.
+/// Methods take `&self` so several threads can send on different lanes.
+pub trait Channel: Send + Sync {
+    /// Send a message on the control lane.
+    fn send(&self, msg: &Message) -> Result<()>;
+
+    /// Send pages on data lane `lane % data_lanes()`.
+    fn send_pages(&self, lane: usize, batch: &PageBatch) -> Result<()> {
+        let _ = lane;
+        self.send(&Message::Pages(batch.clone()))
+    }
+
+    /// Send on the urgent lane (post-copy requests and their replies).
+    fn send_urgent(&self, msg: &Message) -> Result<()> {
+        self.send(msg)
+    }
+
+    /// Number of data lanes.
+    fn data_lanes(&self) -> usize {
+        1
+    }
+
+    /// The next message from any lane; `Ok(None)` when `timeout` passed first
+    /// (`None` waits without limit).
+    fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>>;
+
+    /// Post-copy recovery: re-establish (and re-authenticate) a broken channel.
+    fn reconnect(&self) -> Result<()> {
+        Err(MigrationError::Unsupported {
+            feature: "channel recovery",
+            needs: "a channel that can reconnect (lmig-transport's TCP channel)",
+        })
+    }
+
+    /// Close the channel; pending `recv` calls return an error.
+    fn shutdown(&self) {}
+}
+
+/// The phase a session is in, reported to observers.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Exchanging the layout.
+    Setup,
+    /// Pre-copy round `n`.
+    Precopy(u32),
+    /// The program is paused; final pages, sockets and state are moving.
+    Frozen,
+    /// Waiting for the destination's `Ready`.
+    AwaitReady,
+    /// `Commit` sent / received.
+    Committed,
+    /// Post-copy: the program runs at the destination while pages arrive.
+    Postcopy,
+    /// Finished.
+    Done,
+    /// Failed before `Commit`; the source runs on.
+    Aborted,
+}
+
+/// Something an observer may want to show or record.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// The session entered a phase.
+    Phase {
+        /// The new phase.
+        phase: Phase,
+        /// When.
+        at: Instant,
+    },
+    /// A pre-copy round finished.
+    Round(RoundStats),
+    /// The policy decided.
+    Decision(Decision),
+    /// Pages were sent or placed.
+    Progress {
+        /// Pages sent (source) or placed (destination) so far.
+        pages: u64,
+        /// Bytes sent or received so far.
+        bytes: u64,
+        /// Pages in all regions.
+        total_pages: u64,
+    },
+}
+
+/// Receives session events: progress bars, logs, benchmarks.
+pub trait Observer: Send + Sync {
+    /// Called from the session's threads; keep it quick.
+    fn event(&self, event: &Event);
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoObserver;
+
+impl Observer for NoObserver {
+    fn event(&self, _event: &Event) {}
+}
+
+impl<F: Fn(&Event) + Send + Sync> Observer for F {
+    fn event(&self, event: &Event) {
+        self(event)
+    }
+}
+
+macro_rules! forward_mut {
+    ($trait:ident { $( fn $name:ident(&mut self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )* }) => {
+        impl<T: $trait + ?Sized> $trait for &mut T {
+            $( fn $name(&mut self $(, $arg: $ty)*) -> $ret { (**self).$name($($arg),*) } )*
+        }
+    };
+}
+
+forward_mut!(SocketSource {
+    fn plan(&mut self) -> Result<Vec<SocketPrep>>;
+    fn freeze(&mut self) -> Result<()>;
+    fn capture(&mut self, emit: &mut dyn FnMut(Vec<SocketRecord>) -> Result<()>) -> Result<()>;
+    fn abort(&mut self) -> Result<()>;
+    fn release(&mut self) -> Result<()>;
+});
+
+forward_mut!(SocketSink {
+    fn prepare(&mut self, plan: &[SocketPrep]) -> Result<()>;
+    fn restore(&mut self, batch: Vec<SocketRecord>) -> Result<()>;
+    fn activate(&mut self) -> Result<()>;
+    fn discard(&mut self) -> ();
+});
+
+forward_mut!(StateSource {
+    fn pause(&mut self) -> Result<()>;
+    fn capture(&mut self) -> Result<ProgramState>;
+    fn resume(&mut self) -> Result<()>;
+    fn throttle(&mut self, percent: u8) -> bool;
+    fn committed(&mut self) -> ();
+});
+
+forward_mut!(StateSink {
+    fn restore(&mut self, state: ProgramState) -> Result<()>;
+    fn resume(&mut self) -> Result<()>;
+    fn discard(&mut self) -> ();
+});
+
+impl<T: DirtyTracker + ?Sized> DirtyTracker for &mut T {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn start(&mut self) -> Result<()> {
+        (**self).start()
+    }
+    fn collect(&mut self, dirty: &mut RegionPages) -> Result<()> {
+        (**self).collect(dirty)
+    }
+    fn stop(&mut self) -> Result<()> {
+        (**self).stop()
+    }
+}
+
+impl<T: MemorySource + ?Sized> MemorySource for &T {
+    fn layout(&self) -> RegionLayout {
+        (**self).layout()
+    }
+    fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
+        (**self).read_pages(run, dst)
+    }
+    fn release(&self) {
+        (**self).release()
+    }
+}
+
+impl<T: MemorySource + ?Sized> MemorySource for Arc<T> {
+    fn layout(&self) -> RegionLayout {
+        (**self).layout()
+    }
+    fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
+        (**self).read_pages(run, dst)
+    }
+    fn release(&self) {
+        (**self).release()
+    }
+}
+
+macro_rules! forward_sink {
+    ($ty:ty) => {
+        impl<T: MemorySink + ?Sized> MemorySink for $ty {
+            fn prepare(&self, layout: &RegionLayout) -> Result<()> {
+                (**self).prepare(layout)
+            }
+            fn write_pages(&self, run: &PageRun, data: &[u8]) -> Result<()> {
+                (**self).write_pages(run, data)
+            }
+            fn zero_pages(&self, run: &PageRun) -> Result<()> {
+                (**self).zero_pages(run)
+            }
+            fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
+                (**self).read_pages(run, dst)
+            }
+            fn begin_postcopy(&self, missing: &RegionPages, request: PageRequester) -> Result<()> {
+                (**self).begin_postcopy(missing, request)
+            }
+            fn end_postcopy(&self) -> Result<()> {
+                (**self).end_postcopy()
+            }
+            fn discard(&self) {
+                (**self).discard()
+            }
+        }
+    };
+}
+forward_sink!(&T);
+forward_sink!(Arc<T>);
+
+macro_rules! forward_channel {
+    ($ty:ty) => {
+        impl<T: Channel + ?Sized> Channel for $ty {
+            fn send(&self, msg: &Message) -> Result<()> {
+                (**self).send(msg)
+            }
+            fn send_pages(&self, lane: usize, batch: &PageBatch) -> Result<()> {
+                (**self).send_pages(lane, batch)
+            }
+            fn send_urgent(&self, msg: &Message) -> Result<()> {
+                (**self).send_urgent(msg)
+            }
+            fn data_lanes(&self) -> usize {
+                (**self).data_lanes()
+            }
+            fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>> {
+                (**self).recv(timeout)
+            }
+            fn reconnect(&self) -> Result<()> {
+                (**self).reconnect()
+            }
+            fn shutdown(&self) {
+                (**self).shutdown()
+            }
+        }
+    };
+}
+forward_channel!(&T);
+forward_channel!(Arc<T>);
+forward_channel!(Box<T>);

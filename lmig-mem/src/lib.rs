@@ -1,0 +1,2 @@
+//! lmig-mem (skeleton; see the issue).
+#![deny(unsafe_code)]

@@ -1,0 +1,2 @@
+//! lmig-net (skeleton; see the issue).
+#![deny(unsafe_code)]

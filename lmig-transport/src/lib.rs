@@ -1,0 +1,2 @@
+//! lmig-transport (skeleton; see the issue).
+#![deny(unsafe_code)]
