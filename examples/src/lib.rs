@@ -1,1 +1,5 @@
-//! Shared helpers of the lmig demos and benchmark.
+//! Shared helpers of the lmig demos and the `lmig-bench` benchmark.
+//!
+//! Everything here uses lmig's public API only, as a program linking lmig would.
+
+pub mod bench;

@@ -1,0 +1,39 @@
+//! The scenarios of `lmig-bench`. Each module has an `Args` (clap) and a
+//! `run(args, out)` that reports figures through [`Output`].
+//!
+//! The scenario names, options and JSON field names are a contract (see the
+//! issues): keep them, add fields freely.
+
+use std::io::Write;
+
+/// Where a scenario's figures go: one JSON object per line (`--json`) or a
+/// table for people.
+#[derive(Clone, Copy, Debug)]
+pub struct Output {
+    /// Print JSON lines instead of a table.
+    pub json: bool,
+}
+
+impl Output {
+    /// Report one result object.
+    pub fn emit(&self, obj: &serde_json::Value) {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        if self.json {
+            let _ = writeln!(out, "{obj}");
+        } else if let Some(map) = obj.as_object() {
+            let width = map.keys().map(String::len).max().unwrap_or(0);
+            for (k, v) in map {
+                let _ = writeln!(out, "{k:>width$}  {v}");
+            }
+            let _ = writeln!(out);
+        }
+        let _ = out.flush();
+    }
+}
+
+/// Round to `digits` decimals for readable JSON.
+pub fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
