@@ -34,7 +34,7 @@
 //! channel pair (real programs use `lmig-mem`, `lmig-net` and `lmig-transport`):
 //!
 //! ```
-//! # use lmig_core::testing::{VecMemory, channel_pair, ManualTracker, NullProgram};
+//! # use lmig_core::testing::{VecMemory, channel_pair, MarkTracker, NullProgram};
 //! # use lmig_core::session::{Source, Destination};
 //! # use lmig_core::model::{RegionId, RegionInfo, RegionLayout};
 //! let layout = RegionLayout::new(vec![RegionInfo::new(RegionId(1), 64 * 4096, 4096)?])?;
@@ -42,11 +42,11 @@
 //! src_mem.fill(RegionId(1), 3, b"hello");
 //! let dst_mem = VecMemory::new(&layout);
 //! let (a, b) = channel_pair(2);
-//! let mut tracker = ManualTracker::new(&layout);
+//! let mut tracker = MarkTracker::new(&layout);
 //! std::thread::scope(|s| {
 //!     let dst = s.spawn(|| Destination::new(&b, &dst_mem, NullProgram::default()).run());
 //!     let report = Source::new(&a, &src_mem, &mut tracker, NullProgram::default()).run()?;
-//!     assert!(report.committed);
+//!     assert_eq!(report.verification, lmig_core::protocol::Verification::Verified);
 //!     dst.join().unwrap()?;
 //!     Ok::<_, lmig_core::MigrationError>(())
 //! })?;
@@ -63,6 +63,7 @@ pub mod protocol;
 pub mod session;
 pub mod testing;
 pub mod traits;
+pub mod verify;
 
 pub use error::{BoxError, MigrationError, Result};
 pub use policy::{ConvergencePolicy, Decision, Fallback, Policy, PolicyConfig, RoundStats};

@@ -186,7 +186,8 @@ impl Policy for ConvergencePolicy {
         }
         self.dirty_rate = Some(smooth(self.dirty_rate, s.dirty_bytes as f64 / secs));
         let bw = self.bandwidth.unwrap_or(0.0).max(1.0);
-        let freeze = Duration::from_secs_f64(s.dirty_bytes as f64 / bw) + self.config.fixed_freeze_cost;
+        let freeze =
+            Duration::from_secs_f64(s.dirty_bytes as f64 / bw) + self.config.fixed_freeze_cost;
         self.estimate = Estimate {
             bandwidth_bps: bw,
             dirty_rate_bps: self.dirty_rate.unwrap_or(0.0),
@@ -234,9 +235,15 @@ mod tests {
     fn freezes_once_estimate_meets_target() {
         let mut p = ConvergencePolicy::default();
         // 1 GiB in 350 ms: ~3 GB/s. 35 MB dirty: ~11 ms > 5 ms.
-        assert_eq!(p.decide(&round(0, 1 << 30, 350, 35 << 20), false), Decision::Continue);
+        assert_eq!(
+            p.decide(&round(0, 1 << 30, 350, 35 << 20), false),
+            Decision::Continue
+        );
         // 35 MB in 12 ms, 1 MB dirty: well under 5 ms.
-        assert_eq!(p.decide(&round(1, 35 << 20, 12, 1 << 20), false), Decision::Freeze);
+        assert_eq!(
+            p.decide(&round(1, 35 << 20, 12, 1 << 20), false),
+            Decision::Freeze
+        );
         assert!(p.estimate().freeze < Duration::from_millis(5));
     }
 
@@ -270,7 +277,10 @@ mod tests {
             max_rounds: 1,
             ..PolicyConfig::default()
         });
-        assert_eq!(p.decide(&round(0, 300 << 20, 100, 300 << 20), true), Decision::Freeze);
+        assert_eq!(
+            p.decide(&round(0, 300 << 20, 100, 300 << 20), true),
+            Decision::Freeze
+        );
     }
 
     #[test]
@@ -279,7 +289,13 @@ mod tests {
             max_rounds: 2,
             ..PolicyConfig::default()
         });
-        assert_eq!(p.decide(&round(0, 1 << 30, 350, 100 << 20), false), Decision::Continue);
-        assert_eq!(p.decide(&round(1, 100 << 20, 35, 50 << 20), false), Decision::Freeze);
+        assert_eq!(
+            p.decide(&round(0, 1 << 30, 350, 100 << 20), false),
+            Decision::Continue
+        );
+        assert_eq!(
+            p.decide(&round(1, 100 << 20, 35, 50 << 20), false),
+            Decision::Freeze
+        );
     }
 }

@@ -15,14 +15,25 @@
 //!   SocketPlan{..} ────────────────────────────────▶ create, repair, bind (pre-freeze)
 //!   ── freeze: program paused, network locked ──
 //!   Pages{final} Sockets{..}* State{..}
-//!   Handover{pages_total, digests} ────────────────▶ wait for every page, restore sockets/state
+//!   Handover{pages_total, postcopy, verify} ───────▶ wait for every page, restore sockets/state
 //!   ◀──────────────────────────────────────────────── Ready
 //!   Commit ────────────────────────────────────────▶ resume program, release packets
 //!   (post-copy: ◀ PageRequest / Pages ▶ on the urgent lane, push continues)
+//!   Digests{..} (if verify) ───────────────────────▶ compare with the pages as placed
 //!   ◀──────────────────────────────────────────────── Done{verification}
 //! ```
 //!
 //! Either side may send `Abort{reason}` at any point before `Commit`.
+//!
+//! # Verification without a longer freeze
+//!
+//! The destination hashes every page as it places it (xxh3, cheap next to
+//! the copy). After `Commit` the source's memory is frozen for good, so the
+//! source hashes it then — outside the freeze — and sends `Digests`; the
+//! destination compares them with the hashes of what it placed (in post-copy,
+//! once the last page is in) and answers `Done(Verified | Mismatch)`. This
+//! checks the whole chain: dirty tracking (a missed write shows as a
+//! mismatch), transport, ordering and placement.
 //!
 //! # The commit rule
 //!
@@ -139,12 +150,14 @@ pub struct PageBatch {
     pub data: PageData,
 }
 
-/// Digest of one region, taken with the program paused.
+/// Digest of one region: BLAKE3 over the region's per-page hashes (see
+/// [`crate::verify`]). The source takes it from its frozen memory after
+/// `Commit`; the destination from the pages as it placed them.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct RegionDigest {
     /// The region.
     pub region: RegionId,
-    /// BLAKE3 of the region's bytes.
+    /// The digest.
     pub hash: [u8; 32],
 }
 
@@ -178,11 +191,18 @@ pub struct Handover {
     /// Every page the source sent in this session before this message (all
     /// rounds). The destination answers `Ready` once it has placed that many.
     pub pages_total: u64,
-    /// Pages still to come after `Commit` (post-copy); 0 for pure pre-copy.
-    pub postcopy_pages: u64,
-    /// Region digests to check before `Done`; empty if not asked for.
-    pub digests: Vec<RegionDigest>,
+    /// Pages that will arrive only after `Commit` (post-copy); their current
+    /// content at the destination is stale. Empty for pure pre-copy.
+    pub postcopy: Vec<PageRun>,
+    /// The source will send `Digests` after `Commit`; the destination checks
+    /// them before `Done`.
+    pub verify: bool,
 }
+
+/// Most runs a `Handover.postcopy` list may hold.
+pub const MAX_POSTCOPY_RUNS: usize = 1 << 22;
+/// Most sockets one `Sockets` or `SocketPlan` message may carry.
+pub const MAX_SOCKETS_PER_MESSAGE: usize = 65_536;
 
 /// One protocol message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,6 +232,12 @@ pub enum Message {
     Commit,
     /// Post-copy: the destination needs these pages now.
     PageRequest(PageRun),
+    /// After `Commit`: digests of the source's frozen memory, one per region.
+    Digests(Vec<RegionDigest>),
+    /// Post-copy recovery: after the channel was re-established, the
+    /// destination lists every page it still lacks; the source sends those
+    /// again (they never arrived, so nothing is placed twice).
+    Resync(Vec<PageRun>),
     /// The destination finished (every page placed) and checked the digests.
     Done(Verification),
     /// The sender gives up; the migration is off (only before `Commit`).
@@ -235,6 +261,8 @@ impl Message {
             Self::Ready => "Ready",
             Self::Commit => "Commit",
             Self::PageRequest(_) => "PageRequest",
+            Self::Digests(_) => "Digests",
+            Self::Resync(_) => "Resync",
             Self::Done(_) => "Done",
             Self::Abort { .. } => "Abort",
         }

@@ -1,1 +1,386 @@
-//! testing
+//! Test doubles for writing tests of sessions and backends without an OS:
+//! memory in vectors, an in-process channel pair, a tracker the test marks
+//! itself, a program that records what was done to it, and a channel that
+//! breaks on cue.
+//!
+//! `lmig-transport` has the real channels (and an in-memory pair that goes
+//! through the wire codec); these exist so lmig-core can test its state
+//! machines alone.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::{MigrationError, Result};
+use crate::model::{PageRun, ProgramState, RegionId, RegionInfo, RegionLayout, RegionPages};
+use crate::protocol::Message;
+use crate::traits::{Channel, DirtyTracker, MemorySink, MemorySource, StateSink, StateSource};
+
+/// Memory held in plain vectors, one per region; source and sink.
+#[derive(Debug, Default)]
+pub struct VecMemory {
+    regions: Mutex<Vec<(RegionInfo, Vec<u8>)>>,
+    discarded: AtomicBool,
+}
+
+impl VecMemory {
+    /// Zeroed memory for `layout`.
+    pub fn new(layout: &RegionLayout) -> Self {
+        Self {
+            regions: Mutex::new(
+                layout
+                    .regions()
+                    .iter()
+                    .map(|r| (r.clone(), vec![0; r.len as usize]))
+                    .collect(),
+            ),
+            discarded: AtomicBool::new(false),
+        }
+    }
+
+    /// Memory with no regions; `prepare` creates them from the source's layout.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// Write `data` at page `page` of `region`.
+    pub fn fill(&self, region: RegionId, page: u64, data: &[u8]) {
+        let mut regions = self.regions.lock().expect("poisoned");
+        let (info, bytes) = regions
+            .iter_mut()
+            .find(|(r, _)| r.id == region)
+            .expect("region");
+        let off = (page * u64::from(info.page_size)) as usize;
+        bytes[off..off + data.len()].copy_from_slice(data);
+    }
+
+    /// A copy of a region's bytes (empty if absent).
+    pub fn snapshot(&self, region: RegionId) -> Vec<u8> {
+        let regions = self.regions.lock().expect("poisoned");
+        regions
+            .iter()
+            .find(|(r, _)| r.id == region)
+            .map(|(_, b)| b.clone())
+            .unwrap_or_default()
+    }
+
+    /// Was `discard` called?
+    pub fn was_discarded(&self) -> bool {
+        self.discarded.load(Ordering::Relaxed)
+    }
+
+    fn with_run<R>(&self, run: &PageRun, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
+        let mut regions = self.regions.lock().expect("poisoned");
+        let (info, bytes) = regions
+            .iter_mut()
+            .find(|(r, _)| r.id == run.region)
+            .ok_or(MigrationError::UnknownRegion { region: run.region })?;
+        info.check_run(run)?;
+        let ps = info.page_size as usize;
+        let off = run.first as usize * ps;
+        Ok(f(&mut bytes[off..off + run.count as usize * ps]))
+    }
+}
+
+impl MemorySource for VecMemory {
+    fn layout(&self) -> RegionLayout {
+        let regions = self.regions.lock().expect("poisoned");
+        RegionLayout::new(regions.iter().map(|(r, _)| r.clone()).collect()).expect("valid layout")
+    }
+
+    fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
+        self.with_run(run, |src| dst.copy_from_slice(src))
+    }
+}
+
+impl MemorySink for VecMemory {
+    fn prepare(&self, layout: &RegionLayout) -> Result<()> {
+        {
+            let mut regions = self.regions.lock().expect("poisoned");
+            if regions.is_empty() {
+                *regions = Self::new(layout).regions.into_inner().expect("fresh mutex");
+                return Ok(());
+            }
+        }
+        MemorySource::layout(self).check_matches(layout)
+    }
+
+    fn write_pages(&self, run: &PageRun, data: &[u8]) -> Result<()> {
+        self.with_run(run, |dst| dst.copy_from_slice(data))
+    }
+
+    fn zero_pages(&self, run: &PageRun) -> Result<()> {
+        self.with_run(run, |dst| dst.fill(0))
+    }
+
+    fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
+        MemorySource::read_pages(self, run, dst)
+    }
+
+    fn discard(&self) {
+        self.discarded.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A dirty tracker the test marks itself.
+#[derive(Clone, Debug)]
+pub struct MarkTracker {
+    dirty: Arc<Mutex<RegionPages>>,
+    started: Arc<AtomicBool>,
+}
+
+impl MarkTracker {
+    /// A tracker for `layout`.
+    pub fn new(layout: &RegionLayout) -> Self {
+        Self {
+            dirty: Arc::new(Mutex::new(RegionPages::empty(layout))),
+            started: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Mark pages written.
+    pub fn mark(&self, run: &PageRun) {
+        let _ = self.dirty.lock().expect("poisoned").insert_run(run);
+    }
+
+    /// Is it tracking?
+    pub fn is_started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
+    }
+}
+
+impl DirtyTracker for MarkTracker {
+    fn name(&self) -> &'static str {
+        "mark (test)"
+    }
+    fn start(&mut self) -> Result<()> {
+        self.dirty.lock().expect("poisoned").clear();
+        self.started.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+    fn collect(&mut self, dirty: &mut RegionPages) -> Result<()> {
+        let mut d = self.dirty.lock().expect("poisoned");
+        dirty.union_with(&d);
+        d.clear();
+        Ok(())
+    }
+    fn stop(&mut self) -> Result<()> {
+        self.started.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A program that records what the session did to it.
+#[derive(Debug, Default)]
+pub struct NullProgram {
+    /// The state it hands over / received.
+    pub state: Option<ProgramState>,
+    /// Times paused.
+    pub paused: u32,
+    /// Times resumed.
+    pub resumed: u32,
+    /// Set after `committed` (source) or `resume` (destination).
+    pub committed: bool,
+    /// Set after `discard`.
+    pub discarded: bool,
+}
+
+impl NullProgram {
+    /// A program holding `state`.
+    pub fn with_state(state: ProgramState) -> Self {
+        Self {
+            state: Some(state),
+            ..Self::default()
+        }
+    }
+
+    /// Paused and not resumed?
+    pub fn is_paused(&self) -> bool {
+        self.paused > self.resumed
+    }
+}
+
+impl StateSource for NullProgram {
+    fn pause(&mut self) -> Result<()> {
+        self.paused += 1;
+        Ok(())
+    }
+    fn capture(&mut self) -> Result<ProgramState> {
+        Ok(self.state.clone().unwrap_or_default())
+    }
+    fn resume(&mut self) -> Result<()> {
+        self.resumed += 1;
+        Ok(())
+    }
+    fn committed(&mut self) {
+        self.committed = true;
+    }
+}
+
+impl StateSink for NullProgram {
+    fn restore(&mut self, state: ProgramState) -> Result<()> {
+        self.state = Some(state);
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<()> {
+        self.committed = true;
+        Ok(())
+    }
+    fn discard(&mut self) {
+        self.state = None;
+        self.discarded = true;
+    }
+}
+
+/// One end of an in-process channel pair.
+pub struct PairEnd {
+    tx: Mutex<Option<Sender<Message>>>,
+    rx: Mutex<Receiver<Message>>,
+    lanes: usize,
+    closed: AtomicBool,
+}
+
+/// Two connected in-process channel ends with `lanes` data lanes each.
+pub fn channel_pair(lanes: usize) -> (PairEnd, PairEnd) {
+    let (a_tx, b_rx) = channel();
+    let (b_tx, a_rx) = channel();
+    let end = |tx, rx| PairEnd {
+        tx: Mutex::new(Some(tx)),
+        rx: Mutex::new(rx),
+        lanes: lanes.max(1),
+        closed: AtomicBool::new(false),
+    };
+    (end(a_tx, a_rx), end(b_tx, b_rx))
+}
+
+impl Channel for PairEnd {
+    fn send(&self, msg: &Message) -> Result<()> {
+        let tx = self.tx.lock().expect("poisoned");
+        match tx.as_ref() {
+            Some(tx) => tx
+                .send(msg.clone())
+                .map_err(|_| MigrationError::channel_closed("peer closed the channel")),
+            None => Err(MigrationError::channel_closed("channel shut down")),
+        }
+    }
+
+    fn data_lanes(&self) -> usize {
+        self.lanes
+    }
+
+    fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(MigrationError::channel_closed("channel shut down"));
+        }
+        let rx = self.rx.lock().expect("poisoned");
+        let got = match timeout {
+            Some(t) => rx.recv_timeout(t),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match got {
+            Ok(m) => Ok(Some(m)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(MigrationError::channel_closed("peer closed the channel"))
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.tx.lock().expect("poisoned").take();
+    }
+}
+
+/// Where a [`CutChannel`] breaks.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// Fail the `n`th send (from 1) of a message named `name`, then close.
+    Send(&'static str, u32),
+    /// Fail when the `n`th message named `name` is received, then close.
+    Recv(&'static str, u32),
+}
+
+/// A channel that breaks at a chosen step, as if the connection dropped or
+/// this side was killed there.
+pub struct CutChannel<C> {
+    inner: C,
+    cut: Cut,
+    seen: AtomicU32,
+    cut_done: AtomicBool,
+}
+
+impl<C: Channel> CutChannel<C> {
+    /// Wrap `inner`, breaking at `cut`.
+    pub fn new(inner: C, cut: Cut) -> Self {
+        Self {
+            inner,
+            cut,
+            seen: AtomicU32::new(0),
+            cut_done: AtomicBool::new(false),
+        }
+    }
+
+    /// Did the cut happen?
+    pub fn was_cut(&self) -> bool {
+        self.cut_done.load(Ordering::Relaxed)
+    }
+
+    fn hit(&self, name: &str, want: &str, n: u32) -> bool {
+        name == want && self.seen.fetch_add(1, Ordering::Relaxed) + 1 == n
+    }
+
+    fn break_now(&self) -> MigrationError {
+        self.cut_done.store(true, Ordering::Relaxed);
+        self.inner.shutdown();
+        MigrationError::channel_closed("connection cut (test)")
+    }
+}
+
+impl<C: Channel> Channel for CutChannel<C> {
+    fn send(&self, msg: &Message) -> Result<()> {
+        if self.was_cut() {
+            return Err(MigrationError::channel_closed("connection cut (test)"));
+        }
+        if let Cut::Send(name, n) = self.cut {
+            if self.hit(msg.name(), name, n) {
+                return Err(self.break_now());
+            }
+        }
+        self.inner.send(msg)
+    }
+
+    fn send_pages(&self, lane: usize, batch: &crate::protocol::PageBatch) -> Result<()> {
+        if self.was_cut() {
+            return Err(MigrationError::channel_closed("connection cut (test)"));
+        }
+        if let Cut::Send("Pages", n) = self.cut {
+            if self.hit("Pages", "Pages", n) {
+                return Err(self.break_now());
+            }
+        }
+        self.inner.send_pages(lane, batch)
+    }
+
+    fn data_lanes(&self) -> usize {
+        self.inner.data_lanes()
+    }
+
+    fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>> {
+        if self.was_cut() {
+            return Err(MigrationError::channel_closed("connection cut (test)"));
+        }
+        let msg = self.inner.recv(timeout)?;
+        if let (Some(m), Cut::Recv(name, n)) = (&msg, self.cut) {
+            if self.hit(m.name(), name, n) {
+                return Err(self.break_now());
+            }
+        }
+        Ok(msg)
+    }
+
+    fn shutdown(&self) {
+        self.inner.shutdown()
+    }
+}

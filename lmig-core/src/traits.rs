@@ -30,9 +30,6 @@ pub trait MemorySource: Send + Sync {
     fn release(&self) {}
 }
 
-/// Called by a post-copy memory sink to ask the source for pages it needs now.
-pub type PageRequester = Arc<dyn Fn(PageRun) -> Result<()> + Send + Sync>;
-
 /// Places pages into the program's regions on the destination.
 ///
 /// Methods take `&self`: pages of distinct chunks may be placed from several
@@ -51,15 +48,25 @@ pub trait MemorySink: Send + Sync {
     /// Read pages back (used to verify digests).
     fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()>;
 
-    /// Post-copy: from now on the pages in `missing` are absent; a touch of one
-    /// must fetch it through `request` and wait until `write_pages` /
-    /// `zero_pages` placed it. Called after `Commit`, before the program resumes.
-    fn begin_postcopy(&self, missing: &RegionPages, request: PageRequester) -> Result<()> {
-        let _ = (missing, request);
+    /// Post-copy: from now on the pages in `missing` are absent (their current
+    /// content is stale and must be dropped); a touch of one blocks the
+    /// toucher until `write_pages` / `zero_pages` places it. Called before
+    /// `Ready`, while the program is not running yet, so a failure still
+    /// aborts the migration cleanly.
+    fn begin_postcopy(&self, missing: &RegionPages) -> Result<()> {
+        let _ = missing;
         Err(MigrationError::Unsupported {
             feature: "post-copy",
             needs: "a memory sink that handles page faults (lmig-mem's userfaultfd sink)",
         })
+    }
+
+    /// Post-copy: wait up to `timeout` for the program to touch a missing
+    /// page; returns the run it needs (the session asks the source for it).
+    /// `Ok(None)` when nothing faulted in time.
+    fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
+        std::thread::sleep(timeout);
+        Ok(None)
     }
 
     /// Post-copy: every page has been placed; stop handling faults.
@@ -400,8 +407,11 @@ macro_rules! forward_sink {
             fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
                 (**self).read_pages(run, dst)
             }
-            fn begin_postcopy(&self, missing: &RegionPages, request: PageRequester) -> Result<()> {
-                (**self).begin_postcopy(missing, request)
+            fn begin_postcopy(&self, missing: &RegionPages) -> Result<()> {
+                (**self).begin_postcopy(missing)
+            }
+            fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
+                (**self).wait_fault(timeout)
             }
             fn end_postcopy(&self) -> Result<()> {
                 (**self).end_postcopy()

@@ -162,6 +162,15 @@ impl PageSet {
         }
     }
 
+    /// The runs inside `start..end` only, clipped to that window.
+    pub fn runs_in(&self, start: u64, end: u64) -> Runs<'_> {
+        Runs {
+            words: &self.words,
+            pos: start,
+            pages: end.min(self.pages),
+        }
+    }
+
     /// The pages, in order.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         self.runs().flat_map(|(first, count)| first..first + count)
@@ -181,7 +190,11 @@ impl Runs<'_> {
         let mut p = from;
         while p < self.pages {
             let wi = (p / 64) as usize;
-            let word = if want { self.words[wi] } else { !self.words[wi] };
+            let word = if want {
+                self.words[wi]
+            } else {
+                !self.words[wi]
+            };
             let masked = word & (u64::MAX << (p % 64));
             if masked != 0 {
                 return ((wi as u64) * 64 + u64::from(masked.trailing_zeros())).min(self.pages);
@@ -369,10 +382,23 @@ mod tests {
                 } else {
                     s.insert_range(p, len);
                 }
-                assert_eq!(s.runs().collect::<Vec<_>>(), naive_runs(&s), "pages={pages}");
+                assert_eq!(
+                    s.runs().collect::<Vec<_>>(),
+                    naive_runs(&s),
+                    "pages={pages}"
+                );
                 assert_eq!(s.count(), s.iter().count() as u64);
             }
         }
+    }
+
+    #[test]
+    fn runs_in_window() {
+        let mut s = PageSet::new(200);
+        s.insert_range(10, 100);
+        assert_eq!(s.runs_in(50, 70).collect::<Vec<_>>(), vec![(50, 20)]);
+        assert_eq!(s.runs_in(0, 12).collect::<Vec<_>>(), vec![(10, 2)]);
+        assert_eq!(s.runs_in(150, 400).count(), 0);
     }
 
     #[test]
@@ -393,8 +419,10 @@ mod tests {
 
     #[test]
     fn chunked_runs_split_at_chunk_edges() {
-        let layout =
-            RegionLayout::new(vec![RegionInfo::new(RegionId(7), 4096 * 300, 4096).unwrap()]).unwrap();
+        let layout = RegionLayout::new(vec![
+            RegionInfo::new(RegionId(7), 4096 * 300, 4096).unwrap(),
+        ])
+        .unwrap();
         let mut rp = RegionPages::empty(&layout);
         rp.insert_run(&PageRun::new(RegionId(7), 10, 250)).unwrap();
         let runs: Vec<_> = rp.chunked_runs(128).map(|r| (r.first, r.count)).collect();

@@ -65,13 +65,22 @@ impl RegionInfo {
         if !self.page_size.is_power_of_two()
             || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&self.page_size)
         {
-            return bad(format!("page size {} is not a power of two in 4 KiB..1 GiB", self.page_size));
+            return bad(format!(
+                "page size {} is not a power of two in 4 KiB..1 GiB",
+                self.page_size
+            ));
         }
         if self.len == 0 || self.len > MAX_REGION_BYTES {
-            return bad(format!("length {} is 0 or over {MAX_REGION_BYTES}", self.len));
+            return bad(format!(
+                "length {} is 0 or over {MAX_REGION_BYTES}",
+                self.len
+            ));
         }
         if self.len % u64::from(self.page_size) != 0 {
-            return bad(format!("length {} is not a multiple of the page size {}", self.len, self.page_size));
+            return bad(format!(
+                "length {} is not a multiple of the page size {}",
+                self.len, self.page_size
+            ));
         }
         if let Some(addr) = self.fixed_addr {
             if addr % u64::from(self.page_size) != 0 || addr.checked_add(self.len).is_none() {
@@ -252,7 +261,11 @@ mod tests {
             Err(MigrationError::UnknownRegion { .. })
         ));
         assert!(layout.check_run(&PageRun::new(RegionId(2), 0, 0)).is_err());
-        assert!(layout.check_run(&PageRun::new(RegionId(2), u64::MAX, 1)).is_err());
+        assert!(
+            layout
+                .check_run(&PageRun::new(RegionId(2), u64::MAX, 1))
+                .is_err()
+        );
     }
 
     #[test]

@@ -102,7 +102,10 @@ impl TcpStateKind {
 
     /// Did we send FIN (nothing more may be sent)?
     pub fn fin_sent(self) -> bool {
-        matches!(self, Self::FinWait1 | Self::FinWait2 | Self::Closing | Self::LastAck)
+        matches!(
+            self,
+            Self::FinWait1 | Self::FinWait2 | Self::Closing | Self::LastAck
+        )
     }
 }
 
@@ -245,11 +248,21 @@ fn check_family(what: &str, a: SocketAddr, b: SocketAddr) -> Result<()> {
 
 fn check_opts(what: &str, sock: &SockOpts, tcp: Option<&TcpOpts>) -> Result<()> {
     if sock.bind_device.as_ref().is_some_and(|d| d.len() >= 16) {
-        return Err(MigrationError::invalid(what, "device name longer than IFNAMSIZ"));
+        return Err(MigrationError::invalid(
+            what,
+            "device name longer than IFNAMSIZ",
+        ));
     }
     if let Some(tcp) = tcp {
-        if tcp.congestion.as_ref().is_some_and(|c| c.is_empty() || c.len() >= MAX_CONGESTION_NAME) {
-            return Err(MigrationError::invalid(what, "congestion control name length out of range"));
+        if tcp
+            .congestion
+            .as_ref()
+            .is_some_and(|c| c.is_empty() || c.len() >= MAX_CONGESTION_NAME)
+        {
+            return Err(MigrationError::invalid(
+                what,
+                "congestion control name length out of range",
+            ));
         }
     }
     Ok(())
@@ -307,7 +320,10 @@ impl SocketRecord {
                 check_family(&what, s.local, s.peer)?;
                 check_opts(&what, &s.sock, Some(&s.tcp))?;
                 if s.local.port() == 0 || s.peer.port() == 0 {
-                    return Err(MigrationError::invalid(what, "port 0 in an established connection"));
+                    return Err(MigrationError::invalid(
+                        what,
+                        "port 0 in an established connection",
+                    ));
                 }
                 if s.send_queue.len() > MAX_QUEUE_BYTES || s.recv_queue.len() > MAX_QUEUE_BYTES {
                     return Err(MigrationError::invalid(
@@ -322,14 +338,24 @@ impl SocketRecord {
                 if s.unsent_len as usize > s.send_queue.len() {
                     return Err(MigrationError::invalid(
                         what,
-                        format!("{} unsent bytes but a send queue of {}", s.unsent_len, s.send_queue.len()),
+                        format!(
+                            "{} unsent bytes but a send queue of {}",
+                            s.unsent_len,
+                            s.send_queue.len()
+                        ),
                     ));
                 }
                 if s.state.fin_sent() && s.unsent_len != 0 {
-                    return Err(MigrationError::invalid(what, "FIN sent yet unsent data is queued"));
+                    return Err(MigrationError::invalid(
+                        what,
+                        "FIN sent yet unsent data is queued",
+                    ));
                 }
                 if s.mss == 0 || s.mss > 65_535 {
-                    return Err(MigrationError::invalid(what, format!("MSS {} out of range", s.mss)));
+                    return Err(MigrationError::invalid(
+                        what,
+                        format!("MSS {} out of range", s.mss),
+                    ));
                 }
                 if s.wscale_ok && (s.snd_wscale > 14 || s.rcv_wscale > 14) {
                     return Err(MigrationError::invalid(what, "window scale over 14"));
@@ -368,7 +394,10 @@ impl SocketRecord {
                 }
                 let total: usize = s.recv_queue.iter().map(|d| d.data.len()).sum();
                 if total > MAX_QUEUE_BYTES || s.recv_queue.iter().any(|d| d.data.len() > 65_535) {
-                    return Err(MigrationError::invalid(what, "pending datagrams exceed the caps"));
+                    return Err(MigrationError::invalid(
+                        what,
+                        "pending datagrams exceed the caps",
+                    ));
                 }
             }
         }
@@ -432,6 +461,9 @@ mod tests {
 
         let mut c = conn();
         c.state = TcpStateKind::FinWait1;
-        assert!(SocketRecord::Tcp(c).validate().is_err(), "FIN after unsent data");
+        assert!(
+            SocketRecord::Tcp(c).validate().is_err(),
+            "FIN after unsent data"
+        );
     }
 }

@@ -30,7 +30,10 @@ impl ProgramState {
         if self.data.len() > MAX_STATE_BYTES {
             return Err(MigrationError::invalid(
                 "program state",
-                format!("{} bytes exceeds the cap of {MAX_STATE_BYTES}", self.data.len()),
+                format!(
+                    "{} bytes exceeds the cap of {MAX_STATE_BYTES}",
+                    self.data.len()
+                ),
             ));
         }
         Ok(())

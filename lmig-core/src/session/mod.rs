@@ -1,1 +1,64 @@
-//! session
+//! The source and destination state machines of one migration.
+//!
+//! Both are generic over the traits of [`crate::traits`]; the sequence of
+//! messages, the state diagrams and the commit rule they enforce are in
+//! [`crate::protocol`]. In short:
+//!
+//! * [`Source::run`] returns `Ok` only after `Commit` was sent and `Done`
+//!   received: the program now runs on the destination and must end here.
+//!   It returns `Err` with the program **resumed on the source** (network
+//!   unlocked, sockets out of repair mode, tracker stopped, memory untouched)
+//!   for every failure before `Commit`, and
+//!   [`MigrationError::CommitUnconfirmed`] when `Commit` went out but `Done`
+//!   never came back ([`MigrationError::source_may_run`] is false then).
+//! * [`Destination::run`] resumes the program only after a complete `Commit`;
+//!   before that, every failure discards what it received.
+//!
+//! Borrow the backends (`&mut tracker`, `&memory`) to keep them after the
+//! session: an aborted migration can simply be tried again.
+
+mod destination;
+mod pages;
+mod source;
+
+use std::time::Duration;
+
+pub use destination::{Destination, DestinationConfig, DestinationReport};
+pub use source::{Mode, Source, SourceConfig, SourceReport};
+
+use crate::error::MigrationError;
+use crate::protocol::Message;
+use crate::traits::Channel;
+
+/// Send `Abort{reason}` on a best-effort basis and close the channel.
+fn send_abort(channel: &impl Channel, err: &MigrationError) {
+    let mut reason = err.to_string();
+    reason.truncate(crate::protocol::MAX_REASON_BYTES - 4);
+    let _ = channel.send(&Message::Abort { reason });
+    channel.shutdown();
+}
+
+/// Receive within `timeout`, turning silence into a `Timeout` error.
+fn recv_within(
+    channel: &impl Channel,
+    timeout: Duration,
+    waiting_for: &'static str,
+) -> Result<Message, MigrationError> {
+    channel.recv(Some(timeout))?.ok_or(MigrationError::Timeout {
+        waiting_for,
+        after: timeout,
+    })
+}
+
+fn unexpected(phase: &'static str, expected: &'static str, got: &Message) -> MigrationError {
+    match got {
+        Message::Abort { reason } => MigrationError::PeerAborted {
+            reason: reason.clone(),
+        },
+        other => MigrationError::Protocol {
+            phase,
+            expected,
+            got: other.name().to_string(),
+        },
+    }
+}

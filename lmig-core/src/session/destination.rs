@@ -1,0 +1,423 @@
+//! The destination side: place pages, restore sockets and state, resume on `Commit`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{recv_within, send_abort, unexpected};
+use crate::error::{MigrationError, Result};
+use crate::model::{PageRun, RegionLayout, RegionPages};
+use crate::protocol::{Handover, Message, PageBatch, PageData, Verification};
+use crate::traits::{
+    Channel, Event, MemorySink, NoObserver, NoSockets, Observer, Phase, SocketSink, StateSink,
+};
+use crate::verify::{PageHashes, first_mismatch};
+
+/// Settings of a [`Destination`].
+#[derive(Copy, Clone, Debug)]
+pub struct DestinationConfig {
+    /// Most time without any message from the source before giving up.
+    pub idle_timeout: Duration,
+    /// Post-copy: how often the fault thread checks whether post-copy ended.
+    pub fault_poll: Duration,
+}
+
+impl Default for DestinationConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(30),
+            fault_poll: Duration::from_millis(20),
+        }
+    }
+}
+
+/// What the destination did.
+#[derive(Clone, Debug)]
+pub struct DestinationReport {
+    /// Pages placed (every version, all phases).
+    pub pages_placed: u64,
+    /// Of which zero pages.
+    pub zero_pages: u64,
+    /// Page bytes received.
+    pub bytes_received: u64,
+    /// Socket records restored.
+    pub sockets_restored: u64,
+    /// Pages that arrived after `Commit` (post-copy).
+    pub postcopy_pages: u64,
+    /// Page requests sent because the program touched a missing page.
+    pub network_faults: u64,
+    /// Post-copy pages that arrived when already placed (dropped, not placed).
+    pub duplicate_pages: u64,
+    /// When `Handover` arrived (the source is frozen by then).
+    pub handover_at: Option<Instant>,
+    /// When the last page sent before `Commit` was placed.
+    pub last_page_at: Option<Instant>,
+    /// When `Ready` was sent.
+    pub ready_at: Option<Instant>,
+    /// When `Commit` arrived and the program was resumed.
+    pub resumed_at: Option<Instant>,
+    /// When every page was in place.
+    pub complete_at: Option<Instant>,
+    /// The digest check.
+    pub verification: Verification,
+    /// Errors after `Commit` that did not stop the program (e.g. a socket that
+    /// could not leave repair mode).
+    pub warnings: Vec<String>,
+}
+
+/// The destination side of one migration. See the [module docs](super).
+pub struct Destination<'a, C, M, P, K = NoSockets> {
+    channel: C,
+    memory: M,
+    program: P,
+    sockets: K,
+    observer: Box<dyn Observer + 'a>,
+    config: DestinationConfig,
+}
+
+impl<'a, C, M, P> Destination<'a, C, M, P, NoSockets>
+where
+    C: Channel,
+    M: MemorySink,
+    P: StateSink,
+{
+    /// A destination without sockets or observer.
+    pub fn new(channel: C, memory: M, program: P) -> Self {
+        Self {
+            channel,
+            memory,
+            program,
+            sockets: NoSockets,
+            observer: Box::new(NoObserver),
+            config: DestinationConfig::default(),
+        }
+    }
+}
+
+/// Mutable progress of the destination.
+struct Progress {
+    layout: RegionLayout,
+    hashes: PageHashes,
+    placed_total: u64,
+    report: DestinationReport,
+}
+
+impl<'a, C, M, P, K> Destination<'a, C, M, P, K>
+where
+    C: Channel,
+    M: MemorySink,
+    P: StateSink,
+    K: SocketSink,
+{
+    /// Restore sockets into this sink.
+    pub fn with_sockets<K2: SocketSink>(self, sockets: K2) -> Destination<'a, C, M, P, K2> {
+        Destination {
+            channel: self.channel,
+            memory: self.memory,
+            program: self.program,
+            sockets,
+            observer: self.observer,
+            config: self.config,
+        }
+    }
+
+    /// Report events to this observer.
+    pub fn with_observer(mut self, observer: impl Observer + 'a) -> Self {
+        self.observer = Box::new(observer);
+        self
+    }
+
+    /// Use these settings.
+    pub fn with_config(mut self, config: DestinationConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    fn phase(&self, phase: Phase) {
+        self.observer.event(&Event::Phase {
+            phase,
+            at: Instant::now(),
+        });
+    }
+
+    /// Run the migration. `Ok` means the program was resumed here.
+    pub fn run(mut self) -> Result<DestinationReport> {
+        let (mut progress, handover) = match self.before_commit() {
+            Ok(x) => x,
+            Err(e) => {
+                self.phase(Phase::Aborted);
+                if !matches!(e, MigrationError::PeerAborted { .. }) {
+                    send_abort(&self.channel, &e);
+                }
+                self.sockets.discard();
+                self.program.discard();
+                self.memory.discard();
+                self.channel.shutdown();
+                return Err(e);
+            }
+        };
+        // Committed: from here on the program runs here, whatever happens.
+        self.phase(Phase::Committed);
+        if let Err(e) = self.sockets.activate() {
+            progress
+                .report
+                .warnings
+                .push(format!("activating sockets: {e}"));
+        }
+        if let Err(e) = self.program.resume() {
+            progress
+                .report
+                .warnings
+                .push(format!("resuming the program: {e}"));
+        }
+        progress.report.resumed_at = Some(Instant::now());
+        let verification = self.after_commit(&mut progress, &handover)?;
+        progress.report.verification = verification;
+        self.channel.send(&Message::Done(verification))?;
+        self.phase(Phase::Done);
+        if let Verification::Mismatch(region) = verification {
+            return Err(MigrationError::VerificationFailed { region });
+        }
+        Ok(progress.report)
+    }
+
+    fn before_commit(&mut self) -> Result<(Progress, Handover)> {
+        self.phase(Phase::Setup);
+        let idle = self.config.idle_timeout;
+        let layout = match recv_within(&self.channel, idle, "Regions")? {
+            Message::Regions(layout) => layout,
+            other => return Err(unexpected("setup", "Regions", &other)),
+        };
+        self.memory.prepare(&layout)?;
+        let mut progress = Progress {
+            hashes: PageHashes::new(&layout),
+            layout,
+            placed_total: 0,
+            report: DestinationReport {
+                pages_placed: 0,
+                zero_pages: 0,
+                bytes_received: 0,
+                sockets_restored: 0,
+                postcopy_pages: 0,
+                network_faults: 0,
+                duplicate_pages: 0,
+                handover_at: None,
+                last_page_at: None,
+                ready_at: None,
+                resumed_at: None,
+                complete_at: None,
+                verification: Verification::NotChecked,
+                warnings: Vec::new(),
+            },
+        };
+        let mut handover: Option<Handover> = None;
+        let mut sockets_done = false;
+        loop {
+            if let Some(h) = &handover {
+                if progress.placed_total >= h.pages_total {
+                    break;
+                }
+            }
+            let msg = recv_within(&self.channel, idle, "the source's pages")?;
+            match msg {
+                Message::Pages(batch) => {
+                    self.place(&mut progress, &batch, None)?;
+                    if let Some(h) = &handover {
+                        if progress.placed_total > h.pages_total {
+                            return Err(MigrationError::Protocol {
+                                phase: "freeze",
+                                expected: "no more pages than announced",
+                                got: format!(
+                                    "{} pages, {} announced",
+                                    progress.placed_total, h.pages_total
+                                ),
+                            });
+                        }
+                    }
+                }
+                Message::RoundEnd(summary) => {
+                    self.phase(Phase::Precopy(summary.round));
+                    self.observer.event(&Event::Progress {
+                        pages: progress.report.pages_placed,
+                        bytes: progress.report.bytes_received,
+                        total_pages: progress.layout.total_pages(),
+                    });
+                }
+                Message::SocketPlan(plan) if handover.is_none() => self.sockets.prepare(&plan)?,
+                Message::Sockets { records, last } if !sockets_done && handover.is_none() => {
+                    self.phase(Phase::Frozen);
+                    progress.report.sockets_restored += records.len() as u64;
+                    for r in &records {
+                        r.validate()?;
+                    }
+                    self.sockets.restore(records)?;
+                    sockets_done = last;
+                }
+                Message::State(state) if handover.is_none() => {
+                    state.validate()?;
+                    self.program.restore(state)?;
+                }
+                Message::Handover(h) if handover.is_none() => {
+                    progress.report.handover_at = Some(Instant::now());
+                    if !h.postcopy.is_empty() {
+                        let mut missing = RegionPages::empty(&progress.layout);
+                        for run in &h.postcopy {
+                            progress.layout.check_run(run)?;
+                            missing.insert_run(run)?;
+                        }
+                        // Before `Ready`: the program is not running, so a
+                        // failure here still aborts cleanly.
+                        self.memory.begin_postcopy(&missing)?;
+                    }
+                    handover = Some(h);
+                }
+                other => {
+                    return Err(unexpected(
+                        "receiving",
+                        "Pages, RoundEnd, SocketPlan, Sockets, State or Handover",
+                        &other,
+                    ));
+                }
+            }
+        }
+        progress.report.last_page_at = Some(Instant::now());
+        self.phase(Phase::AwaitReady);
+        self.channel.send(&Message::Ready)?;
+        progress.report.ready_at = Some(Instant::now());
+        match recv_within(&self.channel, idle, "Commit")? {
+            Message::Commit => {}
+            other => return Err(unexpected("ready", "Commit", &other)),
+        }
+        let h = handover.expect("loop ends only after Handover");
+        Ok((progress, h))
+    }
+
+    /// Place one batch. In post-copy (`missing` given), only pages still
+    /// missing are placed; the others are counted as duplicates.
+    fn place(
+        &self,
+        progress: &mut Progress,
+        batch: &PageBatch,
+        missing: Option<&mut RegionPages>,
+    ) -> Result<()> {
+        let run = batch.run;
+        let region = progress.layout.check_run(&run)?;
+        let len = region.bytes(u64::from(run.count));
+        if let PageData::Raw(data) = &batch.data {
+            if data.len() as u64 != len {
+                return Err(MigrationError::Protocol {
+                    phase: "pages",
+                    expected: "page data of the run's length",
+                    got: format!("{} bytes for {run} ({len} expected)", data.len()),
+                });
+            }
+        }
+        let ps = region.page_size as usize;
+        let place_run = |sub: PageRun, progress: &mut Progress| -> Result<()> {
+            match &batch.data {
+                PageData::Raw(data) => {
+                    let off = (sub.first - run.first) as usize * ps;
+                    let bytes = &data[off..off + sub.count as usize * ps];
+                    self.memory.write_pages(&sub, bytes)?;
+                    progress.hashes.record(&sub, bytes);
+                    progress.report.bytes_received += bytes.len() as u64;
+                }
+                PageData::Zero => {
+                    self.memory.zero_pages(&sub)?;
+                    progress.hashes.record_zero(&sub);
+                    progress.report.zero_pages += u64::from(sub.count);
+                }
+            }
+            progress.report.pages_placed += u64::from(sub.count);
+            Ok(())
+        };
+        match missing {
+            None => {
+                place_run(run, progress)?;
+                progress.placed_total += u64::from(run.count);
+            }
+            Some(missing) => {
+                let set = missing.get_mut(run.region)?;
+                let subs: Vec<(u64, u64)> = set.runs_in(run.first, run.end()).collect();
+                let fresh: u64 = subs.iter().map(|(_, c)| c).sum();
+                progress.report.duplicate_pages += u64::from(run.count) - fresh;
+                for (f, c) in subs {
+                    let sub = PageRun::new(run.region, f, c as u32);
+                    place_run(sub, progress)?;
+                    set.remove_range(f, c);
+                }
+                progress.report.postcopy_pages += fresh;
+            }
+        }
+        Ok(())
+    }
+
+    /// After `Commit`: post-copy until every page is in, then the digest check.
+    fn after_commit(
+        &mut self,
+        progress: &mut Progress,
+        handover: &Handover,
+    ) -> Result<Verification> {
+        let idle = self.config.idle_timeout;
+        let mut missing = RegionPages::empty(&progress.layout);
+        for run in &handover.postcopy {
+            missing.insert_run(run)?;
+        }
+        let mut digests = None;
+        if !missing.is_empty() {
+            self.phase(Phase::Postcopy);
+            let stop = AtomicBool::new(false);
+            let faults = AtomicU64::new(0);
+            let poll = self.config.fault_poll;
+            let memory = &self.memory;
+            let channel = &self.channel;
+            let result = std::thread::scope(|s| -> Result<()> {
+                let fault_thread = s.spawn(|| -> Result<()> {
+                    while !stop.load(Ordering::Acquire) {
+                        if let Some(run) = memory.wait_fault(poll)? {
+                            faults.fetch_add(1, Ordering::Relaxed);
+                            channel.send_urgent(&Message::PageRequest(run))?;
+                        }
+                    }
+                    Ok(())
+                });
+                let placed = (|| -> Result<()> {
+                    while !missing.is_empty() {
+                        match recv_within(channel, idle, "post-copy pages")? {
+                            Message::Pages(batch) => {
+                                self.place(progress, &batch, Some(&mut missing))?
+                            }
+                            Message::Digests(d) => digests = Some(d),
+                            other => return Err(unexpected("post-copy", "Pages", &other)),
+                        }
+                    }
+                    Ok(())
+                })();
+                stop.store(true, Ordering::Release);
+                let faulted = fault_thread.join().expect("fault thread panicked");
+                placed.and(faulted)
+            });
+            progress.report.network_faults = faults.load(Ordering::Relaxed);
+            result?;
+            self.memory.end_postcopy()?;
+        }
+        progress.report.complete_at = Some(Instant::now());
+        if !handover.verify {
+            return Ok(Verification::NotChecked);
+        }
+        let theirs = match digests {
+            Some(d) => d,
+            None => loop {
+                match recv_within(&self.channel, idle, "Digests")? {
+                    Message::Digests(d) => break d,
+                    // Duplicates of post-copy pages may still be in flight.
+                    Message::Pages(_) => progress.report.duplicate_pages += 1,
+                    other => return Err(unexpected("verify", "Digests", &other)),
+                }
+            },
+        };
+        Ok(match first_mismatch(&progress.hashes.digests(), &theirs) {
+            None => Verification::Verified,
+            Some(region) => Verification::Mismatch(region),
+        })
+    }
+}

@@ -1,0 +1,835 @@
+//! The source side: pre-copy rounds, the freeze, the commit, post-copy service.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::pages::{PageSender, Sent, lane_of};
+use super::{recv_within, send_abort, unexpected};
+use crate::error::{MigrationError, Result};
+use crate::model::{PageRun, PageSet, RegionId, RegionLayout, RegionPages};
+use crate::policy::{ConvergencePolicy, Decision, Policy, RoundStats};
+use crate::protocol::{CHUNK_PAGES, Handover, Message, RoundSummary, Verification};
+use crate::traits::{
+    Channel, DirtyTracker, Event, MemorySource, NoObserver, NoSockets, Observer, Phase,
+    SocketSource, StateSource,
+};
+use crate::verify::PageHashes;
+
+/// How the source moves memory.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Pre-copy rounds until the policy freezes; a `Postcopy` decision is
+    /// treated as `Freeze`.
+    #[default]
+    Precopy,
+    /// Pre-copy rounds; when the policy says `Postcopy` (rounds stop
+    /// converging), switch to post-copy for the pages still dirty.
+    Hybrid,
+    /// No rounds: freeze at once, resume at the destination, send every page after.
+    Postcopy,
+}
+
+/// Settings of a [`Source`].
+#[derive(Copy, Clone, Debug)]
+pub struct SourceConfig {
+    /// Pre-copy, hybrid or post-copy.
+    pub mode: Mode,
+    /// Send digests of the frozen memory after `Commit` and have the
+    /// destination check them before `Done` (costs the source one hashing
+    /// pass after the commit, nothing during the freeze).
+    pub verify: bool,
+    /// Most time to wait for `Ready` after the freeze.
+    pub ready_timeout: Duration,
+    /// Most time without any message from the destination after `Commit`.
+    pub done_timeout: Duration,
+    /// Pages per `Pages` message (at most [`CHUNK_PAGES`]).
+    pub batch_pages: u32,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Precopy,
+            verify: true,
+            ready_timeout: Duration::from_secs(30),
+            done_timeout: Duration::from_secs(60),
+            batch_pages: CHUNK_PAGES,
+        }
+    }
+}
+
+/// What a finished (committed) migration did, seen from the source.
+#[derive(Clone, Debug)]
+pub struct SourceReport {
+    /// The memory mode used.
+    pub mode: Mode,
+    /// Pre-copy rounds run (0 in post-copy mode).
+    pub rounds: u32,
+    /// Statistics of every round.
+    pub round_stats: Vec<RoundStats>,
+    /// The policy's decisions, one per round.
+    pub decisions: Vec<Decision>,
+    /// Hybrid mode switched to post-copy.
+    pub switched_to_postcopy: bool,
+    /// Every page sent, zero pages included, all phases.
+    pub pages_sent: u64,
+    /// Zero pages sent as a flag.
+    pub zero_pages: u64,
+    /// Bytes put on the channel for pages (data plus a fixed per-message overhead).
+    pub bytes_sent: u64,
+    /// Pages sent during the freeze.
+    pub freeze_pages: u64,
+    /// Pages sent after `Commit` (post-copy).
+    pub postcopy_pages: u64,
+    /// Of those, pages sent because the destination asked for them.
+    pub requested_pages: u64,
+    /// Socket records captured.
+    pub sockets: u64,
+    /// Which dirty tracker ran.
+    pub tracker: &'static str,
+    /// When the program was paused.
+    pub paused_at: Instant,
+    /// When `Ready` arrived.
+    pub ready_at: Instant,
+    /// When the `Commit` frame was written.
+    pub commit_at: Instant,
+    /// From the start of the session to `Done`.
+    pub total: Duration,
+    /// What the destination found when it checked the digests.
+    pub verification: Verification,
+    /// Errors after `Commit` that could not stop the migration (e.g. closing
+    /// a socket in repair mode failed); the destination runs regardless.
+    pub warnings: Vec<String>,
+}
+
+impl SourceReport {
+    /// Pause to `Commit` written: the freeze as the source sees it.
+    pub fn freeze(&self) -> Duration {
+        self.commit_at - self.paused_at
+    }
+}
+
+/// The source side of one migration. See the [module docs](super).
+pub struct Source<'a, C, M, T, P, K = NoSockets> {
+    channel: C,
+    memory: M,
+    tracker: T,
+    program: P,
+    sockets: K,
+    policy: Box<dyn Policy + 'a>,
+    observer: Box<dyn Observer + 'a>,
+    config: SourceConfig,
+}
+
+/// What to undo if the migration fails before `Commit`.
+#[derive(Default)]
+struct Undo {
+    tracking: bool,
+    throttled: bool,
+    paused: bool,
+    sockets_frozen: bool,
+}
+
+/// Round number used for pages sent after `Commit`.
+const POSTCOPY_ROUND: u32 = u32::MAX;
+
+impl<'a, C, M, T, P> Source<'a, C, M, T, P, NoSockets>
+where
+    C: Channel,
+    M: MemorySource,
+    T: DirtyTracker,
+    P: StateSource,
+{
+    /// A source with the default policy, no sockets and no observer.
+    pub fn new(channel: C, memory: M, tracker: T, program: P) -> Self {
+        Self {
+            channel,
+            memory,
+            tracker,
+            program,
+            sockets: NoSockets,
+            policy: Box::new(ConvergencePolicy::default()),
+            observer: Box::new(NoObserver),
+            config: SourceConfig::default(),
+        }
+    }
+}
+
+impl<'a, C, M, T, P, K> Source<'a, C, M, T, P, K>
+where
+    C: Channel,
+    M: MemorySource,
+    T: DirtyTracker,
+    P: StateSource,
+    K: SocketSource,
+{
+    /// Move these sockets too.
+    pub fn with_sockets<K2: SocketSource>(self, sockets: K2) -> Source<'a, C, M, T, P, K2> {
+        Source {
+            channel: self.channel,
+            memory: self.memory,
+            tracker: self.tracker,
+            program: self.program,
+            sockets,
+            policy: self.policy,
+            observer: self.observer,
+            config: self.config,
+        }
+    }
+
+    /// Use this convergence policy.
+    pub fn with_policy(mut self, policy: impl Policy + 'a) -> Self {
+        self.policy = Box::new(policy);
+        self
+    }
+
+    /// Report events to this observer.
+    pub fn with_observer(mut self, observer: impl Observer + 'a) -> Self {
+        self.observer = Box::new(observer);
+        self
+    }
+
+    /// Use these settings.
+    pub fn with_config(mut self, config: SourceConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    fn phase(&self, phase: Phase) {
+        self.observer.event(&Event::Phase {
+            phase,
+            at: Instant::now(),
+        });
+    }
+
+    /// Run the migration. See the [module docs](super) for what `Ok` and `Err` mean.
+    pub fn run(mut self) -> Result<SourceReport> {
+        let start = Instant::now();
+        let layout = self.memory.layout();
+        let mut report = SourceReport {
+            mode: self.config.mode,
+            rounds: 0,
+            round_stats: Vec::new(),
+            decisions: Vec::new(),
+            switched_to_postcopy: false,
+            pages_sent: 0,
+            zero_pages: 0,
+            bytes_sent: 0,
+            freeze_pages: 0,
+            postcopy_pages: 0,
+            requested_pages: 0,
+            sockets: 0,
+            tracker: self.tracker.name(),
+            paused_at: start,
+            ready_at: start,
+            commit_at: start,
+            total: Duration::ZERO,
+            verification: Verification::NotChecked,
+            warnings: Vec::new(),
+        };
+        let mut undo = Undo::default();
+        let postcopy = match self.before_commit(&layout, &mut undo, &mut report) {
+            Ok(postcopy) => postcopy,
+            Err(e) => return Err(self.abort(&undo, e)),
+        };
+        // The commit point: if the frame cannot be written completely, the
+        // destination cannot have it and we may still resume here.
+        if let Err(e) = self.channel.send(&Message::Commit) {
+            return Err(self.abort(&undo, e));
+        }
+        report.commit_at = Instant::now();
+        self.phase(Phase::Committed);
+        self.program.committed();
+        if let Err(e) = self.tracker.stop() {
+            report
+                .warnings
+                .push(format!("stopping the dirty tracker: {e}"));
+        }
+        if let Err(e) = self.sockets.release() {
+            report
+                .warnings
+                .push(format!("releasing the source sockets: {e}"));
+        }
+        let outcome = self.after_commit(&layout, postcopy, &mut report);
+        report.total = start.elapsed();
+        match outcome {
+            Ok(verification) => {
+                report.verification = verification;
+                self.memory.release();
+                self.phase(Phase::Done);
+                Ok(report)
+            }
+            Err(e) => Err(MigrationError::CommitUnconfirmed {
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Everything up to `Ready`. Returns the pages left for post-copy.
+    fn before_commit(
+        &mut self,
+        layout: &RegionLayout,
+        undo: &mut Undo,
+        report: &mut SourceReport,
+    ) -> Result<RegionPages> {
+        self.phase(Phase::Setup);
+        self.channel.send(&Message::Regions(layout.clone()))?;
+        let plan = self.sockets.plan()?;
+        if !plan.is_empty() {
+            self.channel.send(&Message::SocketPlan(plan))?;
+        }
+        undo.tracking = true;
+        self.tracker.start()?;
+
+        let mode = self.config.mode;
+        let mut to_send = if mode == Mode::Postcopy {
+            RegionPages::empty(layout)
+        } else {
+            RegionPages::full(layout)
+        };
+        let mut dirty = RegionPages::empty(layout);
+        let mut round = 0u32;
+        let mut postcopy = mode == Mode::Postcopy;
+        let mut throttle_refused = false;
+        let precopy = mode != Mode::Postcopy;
+        while precopy && round < u32::MAX - 1 {
+            self.phase(Phase::Precopy(round));
+            let t0 = Instant::now();
+            let sent = send_set(
+                &self.memory,
+                &self.channel,
+                self.config.batch_pages,
+                layout,
+                &to_send,
+                round,
+            )?;
+            dirty.clear();
+            self.tracker.collect(&mut dirty)?;
+            let elapsed = t0.elapsed();
+            let dirty_pages = dirty.count();
+            let dirty_bytes: u64 = dirty
+                .sets()
+                .map(|(id, s)| layout.get(id).map(|r| r.bytes(s.count())).unwrap_or(0))
+                .sum();
+            self.channel.send(&Message::RoundEnd(RoundSummary {
+                round,
+                pages: sent.pages,
+                zero_pages: sent.zero_pages,
+                dirty_pages,
+            }))?;
+            self.check_peer("pre-copy")?;
+            report.pages_sent += sent.pages;
+            report.zero_pages += sent.zero_pages;
+            report.bytes_sent += sent.bytes;
+            let stats = RoundStats {
+                round,
+                pages_sent: sent.pages,
+                zero_pages: sent.zero_pages,
+                bytes_sent: sent.bytes,
+                elapsed,
+                dirty_pages,
+                dirty_bytes,
+            };
+            report.round_stats.push(stats);
+            report.rounds = round + 1;
+            self.observer.event(&Event::Round(stats));
+            self.observer.event(&Event::Progress {
+                pages: report.pages_sent,
+                bytes: report.bytes_sent,
+                total_pages: layout.total_pages(),
+            });
+            let decision = self.policy.decide(&stats, throttle_refused);
+            report.decisions.push(decision);
+            self.observer.event(&Event::Decision(decision));
+            std::mem::swap(&mut to_send, &mut dirty);
+            match decision {
+                Decision::Continue => {}
+                Decision::Throttle { percent } => {
+                    undo.throttled = true;
+                    throttle_refused = !self.program.throttle(percent);
+                }
+                Decision::Freeze => break,
+                Decision::Postcopy => {
+                    postcopy = mode == Mode::Hybrid;
+                    report.switched_to_postcopy = postcopy;
+                    break;
+                }
+            }
+            round += 1;
+        }
+
+        // The freeze.
+        self.phase(Phase::Frozen);
+        report.paused_at = Instant::now();
+        undo.paused = true;
+        self.program.pause()?;
+        undo.sockets_frozen = true;
+        self.sockets.freeze()?;
+        dirty.clear();
+        self.tracker.collect(&mut dirty)?;
+        to_send.union_with(&dirty);
+        if mode == Mode::Postcopy {
+            to_send = RegionPages::full(layout);
+        }
+        let postcopy_runs: Vec<PageRun> = if postcopy {
+            to_send
+                .sets()
+                .flat_map(|(id, s)| s.runs().map(move |(f, c)| (id, f, c)))
+                .flat_map(|(id, f, c)| split_u32(id, f, c))
+                .collect()
+        } else {
+            let sent = send_set(
+                &self.memory,
+                &self.channel,
+                self.config.batch_pages,
+                layout,
+                &to_send,
+                round + 1,
+            )?;
+            report.pages_sent += sent.pages;
+            report.zero_pages += sent.zero_pages;
+            report.bytes_sent += sent.bytes;
+            report.freeze_pages = sent.pages;
+            to_send.clear();
+            Vec::new()
+        };
+
+        let channel = &self.channel;
+        let mut sockets = 0u64;
+        self.sockets.capture(&mut |records| {
+            sockets += records.len() as u64;
+            channel.send(&Message::Sockets {
+                records,
+                last: false,
+            })
+        })?;
+        report.sockets = sockets;
+        self.channel.send(&Message::Sockets {
+            records: Vec::new(),
+            last: true,
+        })?;
+        let state = self.program.capture()?;
+        state.validate()?;
+        self.channel.send(&Message::State(state))?;
+        self.channel.send(&Message::Handover(Handover {
+            pages_total: report.pages_sent,
+            postcopy: postcopy_runs,
+            verify: self.config.verify,
+        }))?;
+
+        self.phase(Phase::AwaitReady);
+        match recv_within(&self.channel, self.config.ready_timeout, "Ready")? {
+            Message::Ready => {}
+            other => return Err(unexpected("await-ready", "Ready", &other)),
+        }
+        report.ready_at = Instant::now();
+        Ok(to_send)
+    }
+
+    /// Any message from the destination during pre-copy ends it.
+    fn check_peer(&self, phase: &'static str) -> Result<()> {
+        match self.channel.recv(Some(Duration::ZERO))? {
+            None => Ok(()),
+            Some(msg) => Err(unexpected(phase, "nothing from the destination", &msg)),
+        }
+    }
+
+    /// Undo everything and resume the program here. Returns the error to report.
+    fn abort(&mut self, undo: &Undo, err: MigrationError) -> MigrationError {
+        self.phase(Phase::Aborted);
+        send_abort(&self.channel, &err);
+        if undo.sockets_frozen {
+            if let Err(e) = self.sockets.abort() {
+                return MigrationError::backend(
+                    "socket abort",
+                    format!("{e} (after the migration failed: {err})"),
+                );
+            }
+        }
+        if undo.throttled {
+            self.program.throttle(100);
+        }
+        if undo.paused {
+            if let Err(e) = self.program.resume() {
+                return MigrationError::backend(
+                    "program resume",
+                    format!("{e} (after the migration failed: {err})"),
+                );
+            }
+        }
+        if undo.tracking {
+            let _ = self.tracker.stop();
+        }
+        err
+    }
+
+    /// After `Commit`: post-copy service, digests, wait for `Done`.
+    fn after_commit(
+        &mut self,
+        layout: &RegionLayout,
+        unsent: RegionPages,
+        report: &mut SourceReport,
+    ) -> Result<Verification> {
+        let postcopy = !unsent.is_empty();
+        if postcopy {
+            self.phase(Phase::Postcopy);
+        }
+        let push = Mutex::new(PushQueue::new(unsent));
+        let pushed_all = AtomicBool::new(false);
+        let pushed = AtomicU64::new(0);
+        let lanes = self.channel.data_lanes().max(1);
+        let batch = self.config.batch_pages.clamp(1, CHUNK_PAGES);
+        let verify = self.config.verify;
+        let done_timeout = self.config.done_timeout;
+        let memory = &self.memory;
+        let channel = &self.channel;
+        let observer = &self.observer;
+        let total_pages = layout.total_pages();
+
+        std::thread::scope(|s| -> Result<Verification> {
+            let pusher = s.spawn(|| -> Result<Sent> {
+                let mut sender = PageSender::new(memory, channel, layout);
+                let mut total = Sent::default();
+                loop {
+                    let next = push.lock().expect("push queue poisoned").next_run(batch);
+                    let Some(run) = next else { break };
+                    total.add(sender.send_run(run, POSTCOPY_ROUND, lane_of(&run, lanes), false)?);
+                    let n = pushed.fetch_add(u64::from(run.count), Ordering::Relaxed);
+                    if n % 16384 < u64::from(run.count) {
+                        observer.event(&Event::Progress {
+                            pages: n,
+                            bytes: total.bytes,
+                            total_pages,
+                        });
+                    }
+                }
+                pushed_all.store(true, Ordering::Release);
+                Ok(total)
+            });
+
+            let mut urgent = PageSender::new(memory, channel, layout);
+            let mut requested = Sent::default();
+            let mut digests_sent = !verify;
+            let mut idle = Duration::ZERO;
+            let tick = Duration::from_millis(20);
+            let verification = loop {
+                if !digests_sent && pushed_all.load(Ordering::Acquire) {
+                    let hashes = PageHashes::of_memory(memory, layout)?;
+                    channel.send(&Message::Digests(hashes.digests()))?;
+                    digests_sent = true;
+                }
+                let msg = match channel.recv(Some(tick))? {
+                    Some(m) => m,
+                    None => {
+                        idle += tick;
+                        if pusher.is_finished() && !pushed_all.load(Ordering::Acquire) {
+                            // The pusher failed; its error is reported below.
+                            break Verification::NotChecked;
+                        }
+                        if idle >= done_timeout {
+                            return Err(MigrationError::Timeout {
+                                waiting_for: "Done",
+                                after: done_timeout,
+                            });
+                        }
+                        continue;
+                    }
+                };
+                idle = Duration::ZERO;
+                match msg {
+                    Message::PageRequest(run) => {
+                        if layout.check_run(&run).is_err() {
+                            continue;
+                        }
+                        let runs = push
+                            .lock()
+                            .expect("push queue poisoned")
+                            .take_requested(&run, batch);
+                        for r in runs {
+                            requested.add(urgent.send_run(r, POSTCOPY_ROUND, 0, true)?);
+                        }
+                    }
+                    Message::Resync(missing) => {
+                        let mut q = push.lock().expect("push queue poisoned");
+                        for run in missing {
+                            if layout.check_run(&run).is_ok() {
+                                q.requeue(&run);
+                            }
+                        }
+                    }
+                    Message::Done(v) => break v,
+                    other => return Err(unexpected("post-commit", "PageRequest or Done", &other)),
+                }
+            };
+            let pushed_sent = pusher.join().expect("post-copy pusher panicked")?;
+            report.postcopy_pages = pushed_sent.pages + requested.pages;
+            report.requested_pages = requested.pages;
+            report.pages_sent += pushed_sent.pages + requested.pages;
+            report.zero_pages += pushed_sent.zero_pages + requested.zero_pages;
+            report.bytes_sent += pushed_sent.bytes + requested.bytes;
+            Ok(verification)
+        })
+    }
+}
+
+/// Send every page of `set`, spreading chunks over the data lanes (one thread per lane).
+fn send_set<M: MemorySource, C: Channel>(
+    memory: &M,
+    channel: &C,
+    batch_pages: u32,
+    layout: &RegionLayout,
+    set: &RegionPages,
+    round: u32,
+) -> Result<Sent> {
+    let lanes = channel.data_lanes().max(1);
+    let batch = batch_pages.clamp(1, CHUNK_PAGES);
+    let send_lane = |lane: usize| -> Result<Sent> {
+        let mut sender = PageSender::new(memory, channel, layout);
+        let mut total = Sent::default();
+        for run in set.chunked_runs(batch) {
+            let run_lane = lane_of(&run, lanes);
+            if run_lane == lane {
+                total.add(sender.send_run(run, round, run_lane, false)?);
+            }
+        }
+        Ok(total)
+    };
+    if lanes == 1 {
+        return send_lane(0);
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..lanes)
+            .map(|lane| s.spawn(move || send_lane(lane)))
+            .collect();
+        let mut total = Sent::default();
+        let mut first_err = None;
+        for h in handles {
+            match h.join().expect("page sender thread panicked") {
+                Ok(sent) => total.add(sent),
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        first_err.map_or(Ok(total), Err)
+    })
+}
+
+/// Split a run of up to 2^64 pages into runs whose count fits a `u32`.
+fn split_u32(region: RegionId, first: u64, count: u64) -> impl Iterator<Item = PageRun> {
+    const MAX: u64 = 1 << 31;
+    (0..count.div_ceil(MAX)).map(move |i| {
+        let f = first + i * MAX;
+        PageRun::new(region, f, (count - i * MAX).min(MAX) as u32)
+    })
+}
+
+/// Post-copy push order: pages around recent faults first ("bubbling" out
+/// both ways from each pivot), then the rest in address order. Every page
+/// leaves the queue exactly once.
+struct PushQueue {
+    unsent: RegionPages,
+    pivots: Vec<Pivot>,
+    cursor: (usize, u64),
+}
+
+struct Pivot {
+    region: RegionId,
+    fwd: u64,
+    bwd: u64,
+    forward_next: bool,
+    limit: u64,
+}
+
+/// How far a pivot bubbles out before it is dropped.
+const BUBBLE_PAGES: u64 = 8192;
+/// Most pivots remembered at once.
+const MAX_PIVOTS: usize = 8;
+
+impl PushQueue {
+    fn new(unsent: RegionPages) -> Self {
+        Self {
+            unsent,
+            pivots: Vec::new(),
+            cursor: (0, 0),
+        }
+    }
+
+    /// Remove and return the first run of `set` inside `start..end`.
+    fn take_in(
+        set: &mut PageSet,
+        start: u64,
+        end: u64,
+        max: u32,
+        from_end: bool,
+    ) -> Option<(u64, u64)> {
+        let run = if from_end {
+            set.runs_in(start, end).last()
+        } else {
+            set.runs_in(start, end).next()
+        }?;
+        let (mut f, mut c) = run;
+        let max = u64::from(max);
+        if from_end && c > max {
+            f = f + c - max;
+        }
+        c = c.min(max);
+        // Stay inside one chunk.
+        let chunk = u64::from(CHUNK_PAGES);
+        if from_end {
+            let chunk_start = (f + c - 1) / chunk * chunk;
+            if f < chunk_start {
+                c -= chunk_start - f;
+                f = chunk_start;
+            }
+        } else {
+            c = c.min((f / chunk + 1) * chunk - f);
+        }
+        set.remove_range(f, c);
+        Some((f, c))
+    }
+
+    fn next_run(&mut self, max: u32) -> Option<PageRun> {
+        let window = u64::from(CHUNK_PAGES);
+        while let Some(p) = self.pivots.last_mut() {
+            let Ok(set) = self.unsent.get_mut(p.region) else {
+                self.pivots.pop();
+                continue;
+            };
+            let mut tries = 0;
+            while tries < 2 * BUBBLE_PAGES / window {
+                tries += 1;
+                let forward = p.forward_next;
+                p.forward_next = !p.forward_next;
+                if forward && p.fwd < p.limit.saturating_add(BUBBLE_PAGES) && p.fwd < set.capacity()
+                {
+                    let end = p.fwd + window;
+                    if let Some((f, c)) = Self::take_in(set, p.fwd, end, max, false) {
+                        p.fwd = f + c;
+                        return Some(PageRun::new(p.region, f, c as u32));
+                    }
+                    p.fwd = end;
+                } else if !forward && p.bwd > p.limit.saturating_sub(BUBBLE_PAGES) && p.bwd > 0 {
+                    let start = p.bwd.saturating_sub(window);
+                    if let Some((f, c)) = Self::take_in(set, start, p.bwd, max, true) {
+                        p.bwd = f;
+                        return Some(PageRun::new(p.region, f, c as u32));
+                    }
+                    p.bwd = start;
+                }
+                let fwd_done =
+                    p.fwd >= p.limit.saturating_add(BUBBLE_PAGES) || p.fwd >= set.capacity();
+                let bwd_done = p.bwd <= p.limit.saturating_sub(BUBBLE_PAGES) || p.bwd == 0;
+                if fwd_done && bwd_done {
+                    break;
+                }
+            }
+            self.pivots.pop();
+        }
+        // No pivot left: address order from the cursor.
+        let regions: Vec<RegionId> = self.unsent.sets().map(|(id, _)| id).collect();
+        while self.cursor.0 < regions.len() {
+            let id = regions[self.cursor.0];
+            let set = self.unsent.get_mut(id).expect("region from the same map");
+            if let Some((f, c)) = Self::take_in(set, self.cursor.1, u64::MAX, max, false) {
+                self.cursor.1 = f + c;
+                return Some(PageRun::new(id, f, c as u32));
+            }
+            self.cursor = (self.cursor.0 + 1, 0);
+        }
+        // Pages re-queued behind the cursor (after a resync).
+        self.cursor = (0, 0);
+        let any = self.unsent.sets().any(|(_, s)| !s.is_empty());
+        if any { self.next_run(max) } else { None }
+    }
+
+    /// The still-unsent pages of a requested run (removed from the queue),
+    /// and a new pivot just after it.
+    fn take_requested(&mut self, run: &PageRun, max: u32) -> Vec<PageRun> {
+        let mut out = Vec::new();
+        if let Ok(set) = self.unsent.get_mut(run.region) {
+            while let Some((f, c)) = Self::take_in(set, run.first, run.end(), max, false) {
+                out.push(PageRun::new(run.region, f, c as u32));
+            }
+        }
+        if self.pivots.len() == MAX_PIVOTS {
+            self.pivots.remove(0);
+        }
+        self.pivots.push(Pivot {
+            region: run.region,
+            fwd: run.end(),
+            bwd: run.first,
+            forward_next: true,
+            limit: run.first,
+        });
+        out
+    }
+
+    /// Put pages back (the destination never received them).
+    fn requeue(&mut self, run: &PageRun) {
+        let _ = self.unsent.insert_run(run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RegionInfo;
+
+    fn queue(pages: u64) -> PushQueue {
+        let layout = RegionLayout::new(vec![
+            RegionInfo::new(RegionId(1), pages * 4096, 4096).unwrap(),
+        ])
+        .unwrap();
+        PushQueue::new(RegionPages::full(&layout))
+    }
+
+    #[test]
+    fn every_page_leaves_once() {
+        let mut q = queue(1000);
+        let mut seen = PageSet::new(1000);
+        let mut n = 0;
+        let req = q.take_requested(&PageRun::new(RegionId(1), 500, 1), 64);
+        for r in &req {
+            for p in r.first..r.end() {
+                assert!(seen.insert(p));
+            }
+        }
+        while let Some(r) = q.next_run(64) {
+            n += 1;
+            assert!(n < 10_000);
+            assert!(
+                r.count as u64 <= 64 && r.first / 64 == (r.end() - 1) / 64,
+                "{r}"
+            );
+            for p in r.first..r.end() {
+                assert!(seen.insert(p), "page {p} twice");
+            }
+        }
+        assert_eq!(seen.count(), 1000);
+    }
+
+    #[test]
+    fn pushes_around_the_fault_first() {
+        let mut q = queue(100_000);
+        q.take_requested(&PageRun::new(RegionId(1), 50_000, 1), 64);
+        let first = q.next_run(64).unwrap();
+        assert_eq!(first.first, 50_001);
+        let second = q.next_run(64).unwrap();
+        assert!(second.end() <= 50_000 && second.first >= 49_936, "{second}");
+    }
+
+    #[test]
+    fn requested_pages_already_sent_are_not_resent() {
+        let mut q = queue(128);
+        let a = q.take_requested(&PageRun::new(RegionId(1), 10, 4), 64);
+        assert_eq!(a, vec![PageRun::new(RegionId(1), 10, 4)]);
+        let b = q.take_requested(&PageRun::new(RegionId(1), 8, 8), 64);
+        assert_eq!(
+            b,
+            vec![
+                PageRun::new(RegionId(1), 8, 2),
+                PageRun::new(RegionId(1), 14, 2)
+            ]
+        );
+    }
+}

@@ -1,0 +1,415 @@
+//! The session state machines end to end over an in-process channel pair,
+//! including the commit rule: the channel is cut at every step on each side.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use lmig_core::model::{PageRun, ProgramState, RegionId, RegionInfo, RegionLayout};
+use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
+use lmig_core::protocol::{Message, PageBatch, PageData, Verification};
+use lmig_core::session::{Destination, Mode, Source, SourceConfig};
+use lmig_core::testing::{Cut, CutChannel, MarkTracker, NullProgram, VecMemory, channel_pair};
+use lmig_core::{Channel, MigrationError};
+
+const PAGES: u64 = 512;
+
+fn layout() -> RegionLayout {
+    RegionLayout::new(vec![
+        RegionInfo::new(RegionId(1), PAGES * 4096, 4096).unwrap(),
+        RegionInfo::new(RegionId(2), 16 * 4096, 4096).unwrap(),
+    ])
+    .unwrap()
+}
+
+fn filled_memory(layout: &RegionLayout) -> VecMemory {
+    let mem = VecMemory::new(layout);
+    // Every 3rd page has content; the rest stay zero.
+    for p in (0..PAGES).step_by(3) {
+        mem.fill(RegionId(1), p, format!("page {p}").as_bytes());
+    }
+    mem.fill(RegionId(2), 15, b"last page of region 2");
+    mem
+}
+
+#[test]
+fn precopy_with_concurrent_writer_is_verified() {
+    let layout = layout();
+    let src = filled_memory(&layout);
+    let dst = VecMemory::empty();
+    let (a, b) = channel_pair(2);
+    let mut tracker = MarkTracker::new(&layout);
+    let writer_tracker = tracker.clone();
+    let stop = AtomicBool::new(false);
+    let state = ProgramState::new(3, &b"program state"[..]);
+
+    let (src_report, dst_report, dst_prog) = std::thread::scope(|s| {
+        let dst_thread = s.spawn(|| {
+            let mut prog = NullProgram::default();
+            let r = Destination::new(&b, &dst, &mut prog).run();
+            (r, prog)
+        });
+        // A writer that keeps dirtying pages while pre-copy runs, and stops
+        // when the program is paused (the test program pauses by flag).
+        let writer = s.spawn(|| {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) && i < 200_000 {
+                let page = (i * 7919) % PAGES;
+                if writer_tracker.is_started() {
+                    src.fill(RegionId(1), page, &i.to_le_bytes());
+                    writer_tracker.mark(&PageRun::new(RegionId(1), page, 1));
+                }
+                i += 1;
+                if i % 64 == 0 {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        struct Prog<'s>(
+            NullProgram,
+            &'s AtomicBool,
+            Option<std::thread::ScopedJoinHandle<'s, ()>>,
+        );
+        impl lmig_core::StateSource for Prog<'_> {
+            fn pause(&mut self) -> lmig_core::Result<()> {
+                self.1.store(true, Ordering::Release);
+                if let Some(w) = self.2.take() {
+                    w.join().unwrap();
+                }
+                self.0.pause()
+            }
+            fn capture(&mut self) -> lmig_core::Result<ProgramState> {
+                self.0.capture()
+            }
+            fn resume(&mut self) -> lmig_core::Result<()> {
+                self.0.resume()
+            }
+        }
+        let prog = Prog(NullProgram::with_state(state.clone()), &stop, Some(writer));
+        let policy = ConvergencePolicy::new(PolicyConfig {
+            downtime_target: Duration::from_micros(1),
+            max_rounds: 4,
+            ..PolicyConfig::default()
+        });
+        let src_report = Source::new(&a, &src, &mut tracker, prog)
+            .with_policy(policy)
+            .run();
+        let (dst_report, dst_prog) = dst_thread.join().unwrap();
+        (src_report, dst_report, dst_prog)
+    });
+    let src_report = src_report.expect("source");
+    let dst_report = dst_report.expect("destination");
+    assert_eq!(src_report.verification, Verification::Verified);
+    assert_eq!(dst_report.verification, Verification::Verified);
+    assert!(src_report.rounds >= 2, "rounds: {}", src_report.rounds);
+    let round0 = src_report.round_stats[0];
+    assert!(
+        round0.zero_pages > PAGES / 2,
+        "zero pages are detected: {round0:?}"
+    );
+    assert!(
+        round0.bytes_sent < (PAGES + 16) * 4096 / 2,
+        "zero pages are not shipped as data: {round0:?}"
+    );
+    assert_eq!(dst.snapshot(RegionId(1)), src.snapshot(RegionId(1)));
+    assert_eq!(dst.snapshot(RegionId(2)), src.snapshot(RegionId(2)));
+    assert_eq!(dst_prog.state, Some(state));
+    assert!(dst_prog.committed);
+    assert!(!tracker.is_started(), "tracker stopped after commit");
+}
+
+/// Every cut point, on either side: before the commit the source runs on and
+/// the destination discards; after it only the destination runs.
+#[test]
+fn cut_at_every_step_obeys_the_commit_rule() {
+    #[derive(Copy, Clone, PartialEq, Debug)]
+    enum After {
+        /// Before the commit: the source runs on, the destination discarded.
+        SourceRuns,
+        /// After the commit: only the destination runs.
+        DestinationRuns,
+        /// The destination died on receiving `Commit`: the source stays
+        /// stopped (it cannot know) and reports `CommitUnconfirmed`. This is
+        /// the documented window where availability, not consistency, is lost.
+        Neither,
+    }
+    use After::*;
+    let steps: &[(Cut, bool, After)] = &[
+        // (where, cut on the source side, outcome)
+        (Cut::Send("Regions", 1), true, SourceRuns),
+        (Cut::Send("Pages", 3), true, SourceRuns),
+        (Cut::Send("RoundEnd", 1), true, SourceRuns),
+        (Cut::Send("Sockets", 1), true, SourceRuns),
+        (Cut::Send("State", 1), true, SourceRuns),
+        (Cut::Send("Handover", 1), true, SourceRuns),
+        (Cut::Recv("Ready", 1), true, SourceRuns),
+        (Cut::Send("Commit", 1), true, SourceRuns),
+        (Cut::Send("Digests", 1), true, DestinationRuns),
+        (Cut::Recv("Done", 1), true, DestinationRuns),
+        (Cut::Recv("Regions", 1), false, SourceRuns),
+        (Cut::Recv("Pages", 5), false, SourceRuns),
+        (Cut::Recv("Handover", 1), false, SourceRuns),
+        (Cut::Send("Ready", 1), false, SourceRuns),
+        (Cut::Recv("Commit", 1), false, Neither),
+        (Cut::Recv("Digests", 1), false, DestinationRuns),
+        (Cut::Send("Done", 1), false, DestinationRuns),
+    ];
+    for &(cut, on_source, outcome) in steps {
+        let layout = layout();
+        let src = filled_memory(&layout);
+        let before = src.snapshot(RegionId(1));
+        let dst = VecMemory::empty();
+        let (a, b) = channel_pair(1);
+        let (a, b): (Box<dyn Channel>, Box<dyn Channel>) = if on_source {
+            (Box::new(CutChannel::new(a, cut)), Box::new(b))
+        } else {
+            (Box::new(a), Box::new(CutChannel::new(b, cut)))
+        };
+        let mut tracker = MarkTracker::new(&layout);
+        let mut src_prog = NullProgram::default();
+        let mut dst_prog = NullProgram::default();
+        let config = SourceConfig {
+            ready_timeout: Duration::from_secs(5),
+            done_timeout: Duration::from_secs(5),
+            ..SourceConfig::default()
+        };
+        let (s_res, d_res) = std::thread::scope(|s| {
+            let d = s.spawn(|| Destination::new(&b, &dst, &mut dst_prog).run());
+            let s_res = Source::new(&a, &src, &mut tracker, &mut src_prog)
+                .with_config(config)
+                .run();
+            if s_res.is_err() {
+                // A killed source side takes its connection with it.
+                a.shutdown();
+            }
+            (s_res, d.join().unwrap())
+        });
+        let s_err = s_res.expect_err(&format!("{cut:?}: the source must see the failure"));
+        assert_eq!(
+            src.snapshot(RegionId(1)),
+            before,
+            "{cut:?}: source memory intact"
+        );
+        assert!(!tracker.is_started(), "{cut:?}: tracker stopped");
+        if outcome != SourceRuns {
+            assert!(!s_err.source_may_run(), "{cut:?}: {s_err}");
+            assert!(
+                src_prog.committed && src_prog.is_paused(),
+                "{cut:?}: source stays stopped"
+            );
+            assert_eq!(
+                dst_prog.committed,
+                outcome == DestinationRuns,
+                "{cut:?}: destination"
+            );
+        } else {
+            assert!(s_err.source_may_run(), "{cut:?}: {s_err}");
+            assert!(
+                !src_prog.is_paused() && !src_prog.committed,
+                "{cut:?}: source runs on"
+            );
+            assert!(d_res.is_err(), "{cut:?}: destination must fail");
+            assert!(!dst_prog.committed, "{cut:?}: destination never resumed");
+            if !matches!(cut, Cut::Send("Regions", 1) | Cut::Recv("Regions", 1)) {
+                assert!(
+                    dst.was_discarded() && dst_prog.discarded,
+                    "{cut:?}: destination discarded"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn layout_mismatch_aborts_before_any_page() {
+    let layout = layout();
+    let src = filled_memory(&layout);
+    let other =
+        RegionLayout::new(vec![RegionInfo::new(RegionId(1), 8 * 4096, 4096).unwrap()]).unwrap();
+    let dst = VecMemory::new(&other);
+    let (a, b) = channel_pair(1);
+    let mut tracker = MarkTracker::new(&layout);
+    let mut prog = NullProgram::default();
+    let (s_res, d_res) = std::thread::scope(|s| {
+        let d = s.spawn(|| Destination::new(&b, &dst, NullProgram::default()).run());
+        let r = Source::new(&a, &src, &mut tracker, &mut prog).run();
+        (r, d.join().unwrap())
+    });
+    let d_err = d_res.unwrap_err();
+    assert!(
+        matches!(d_err, MigrationError::LayoutMismatch { .. }),
+        "{d_err}"
+    );
+    let s_err = s_res.unwrap_err();
+    assert!(s_err.source_may_run());
+    assert!(
+        s_err.to_string().contains("layout"),
+        "the source learns why: {s_err}"
+    );
+    assert!(
+        dst.snapshot(RegionId(1)).iter().all(|&b| b == 0),
+        "nothing placed"
+    );
+    assert!(!prog.is_paused());
+}
+
+#[test]
+fn hostile_page_outside_region_is_rejected_before_placing() {
+    let layout = layout();
+    let dst = VecMemory::empty();
+    let (a, b) = channel_pair(1);
+    let d = std::thread::spawn(move || {
+        let mut prog = NullProgram::default();
+        let r = Destination::new(&b, &dst, &mut prog).run();
+        (r, dst, prog)
+    });
+    a.send(&Message::Regions(layout.clone())).unwrap();
+    let good = PageBatch {
+        round: 0,
+        run: PageRun::new(RegionId(1), 0, 1),
+        data: PageData::Raw(vec![7u8; 4096].into()),
+    };
+    a.send(&Message::Pages(good)).unwrap();
+    let bad = PageBatch {
+        round: 0,
+        run: PageRun::new(RegionId(1), PAGES - 1, 2),
+        data: PageData::Raw(vec![9u8; 8192].into()),
+    };
+    a.send(&Message::Pages(bad)).unwrap();
+    let (r, dst, prog) = d.join().unwrap();
+    assert!(
+        matches!(r, Err(MigrationError::PageOutsideRegion { .. })),
+        "{r:?}"
+    );
+    assert!(dst.was_discarded() && prog.discarded && !prog.committed);
+    assert!(
+        dst.snapshot(RegionId(1))[(PAGES - 1) as usize * 4096..]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    // The source side learns why.
+    match a.recv(Some(Duration::from_secs(5))).unwrap() {
+        Some(Message::Abort { reason }) => assert!(reason.contains("outside"), "{reason}"),
+        other => panic!("expected Abort, got {other:?}"),
+    }
+}
+
+#[test]
+fn wrong_data_length_is_rejected() {
+    let layout = layout();
+    let dst = VecMemory::empty();
+    let (a, b) = channel_pair(1);
+    let d = std::thread::spawn(move || Destination::new(&b, &dst, NullProgram::default()).run());
+    a.send(&Message::Regions(layout)).unwrap();
+    a.send(&Message::Pages(PageBatch {
+        round: 0,
+        run: PageRun::new(RegionId(1), 0, 2),
+        data: PageData::Raw(vec![1u8; 4096].into()),
+    }))
+    .unwrap();
+    assert!(matches!(
+        d.join().unwrap(),
+        Err(MigrationError::Protocol { .. })
+    ));
+}
+
+#[test]
+fn postcopy_without_fault_support_aborts_before_commit() {
+    let layout = layout();
+    let src = filled_memory(&layout);
+    let dst = VecMemory::empty();
+    let (a, b) = channel_pair(1);
+    let mut tracker = MarkTracker::new(&layout);
+    let mut prog = NullProgram::default();
+    let config = SourceConfig {
+        mode: Mode::Postcopy,
+        ..SourceConfig::default()
+    };
+    let (s_res, d_res) = std::thread::scope(|s| {
+        let d = s.spawn(|| Destination::new(&b, &dst, NullProgram::default()).run());
+        let r = Source::new(&a, &src, &mut tracker, &mut prog)
+            .with_config(config)
+            .run();
+        (r, d.join().unwrap())
+    });
+    assert!(
+        matches!(d_res, Err(MigrationError::Unsupported { .. })),
+        "{d_res:?}"
+    );
+    let e = s_res.unwrap_err();
+    assert!(e.source_may_run(), "{e}");
+    assert_eq!(
+        (prog.paused, prog.resumed),
+        (1, 1),
+        "paused for the freeze, resumed after the abort"
+    );
+}
+
+#[test]
+fn throttle_fallback_asks_the_program() {
+    struct Throttled {
+        inner: NullProgram,
+        asked: Vec<u8>,
+    }
+    impl lmig_core::StateSource for Throttled {
+        fn pause(&mut self) -> lmig_core::Result<()> {
+            self.inner.pause()
+        }
+        fn resume(&mut self) -> lmig_core::Result<()> {
+            self.inner.resume()
+        }
+        fn throttle(&mut self, percent: u8) -> bool {
+            self.asked.push(percent);
+            true
+        }
+    }
+    let layout = layout();
+    let src = filled_memory(&layout);
+    let dst = VecMemory::empty();
+    let (a, b) = channel_pair(1);
+    let tracker = MarkTracker::new(&layout);
+    // Dirty the whole region after every collect: never converges.
+    struct AlwaysDirty(MarkTracker, RegionLayout);
+    impl lmig_core::DirtyTracker for AlwaysDirty {
+        fn name(&self) -> &'static str {
+            "always dirty"
+        }
+        fn start(&mut self) -> lmig_core::Result<()> {
+            self.0.start()
+        }
+        fn collect(&mut self, dirty: &mut lmig_core::model::RegionPages) -> lmig_core::Result<()> {
+            *dirty = lmig_core::model::RegionPages::full(&self.1);
+            Ok(())
+        }
+        fn stop(&mut self) -> lmig_core::Result<()> {
+            self.0.stop()
+        }
+    }
+    let mut prog = Throttled {
+        inner: NullProgram::default(),
+        asked: Vec::new(),
+    };
+    let policy = ConvergencePolicy::new(PolicyConfig {
+        downtime_target: Duration::from_nanos(1),
+        max_rounds: 6,
+        stall_rounds: 1,
+        fallback: Fallback::Throttle,
+        ..PolicyConfig::default()
+    });
+    let r = std::thread::scope(|s| {
+        let d = s.spawn(|| Destination::new(&b, &dst, NullProgram::default()).run());
+        let r = Source::new(&a, &src, AlwaysDirty(tracker, layout.clone()), &mut prog)
+            .with_policy(policy)
+            .run();
+        d.join().unwrap().unwrap();
+        r
+    })
+    .unwrap();
+    assert!(!prog.asked.is_empty(), "the program was asked to throttle");
+    assert!(
+        prog.asked.windows(2).all(|w| w[1] < w[0]),
+        "harder each time: {:?}",
+        prog.asked
+    );
+    assert_eq!(r.verification, Verification::Verified);
+    assert_eq!(dst.snapshot(RegionId(1)), src.snapshot(RegionId(1)));
+}
