@@ -93,8 +93,37 @@ where
     }
 }
 
+/// Pages that arrived before the control message they depend on.
+#[derive(Default)]
+struct EarlyPages {
+    batches: Vec<PageBatch>,
+    bytes: usize,
+}
+
+/// Most bytes of pages held while waiting for `Regions` or `Commit`.
+const MAX_EARLY_BYTES: usize = 256 << 20;
+
+impl EarlyPages {
+    fn hold(&mut self, batch: PageBatch) -> Result<()> {
+        if let PageData::Raw(d) = &batch.data {
+            self.bytes += d.len();
+        }
+        self.bytes += 64;
+        if self.bytes > MAX_EARLY_BYTES {
+            return Err(MigrationError::Protocol {
+                phase: "receiving",
+                expected: "the control message the pages depend on",
+                got: format!("over {MAX_EARLY_BYTES} bytes of pages before it"),
+            });
+        }
+        self.batches.push(batch);
+        Ok(())
+    }
+}
+
 /// Mutable progress of the destination.
 struct Progress {
+    early: Vec<PageBatch>,
     layout: RegionLayout,
     hashes: PageHashes,
     placed_total: u64,
@@ -183,12 +212,19 @@ where
     fn before_commit(&mut self) -> Result<(Progress, Handover)> {
         self.phase(Phase::Setup);
         let idle = self.config.idle_timeout;
-        let layout = match recv_within(&self.channel, idle, "Regions")? {
-            Message::Regions(layout) => layout,
-            other => return Err(unexpected("setup", "Regions", &other)),
+        // Data lanes are separate streams: pages may overtake `Regions` on
+        // the control lane. Hold them (bounded) until the layout is known.
+        let mut early = EarlyPages::default();
+        let layout = loop {
+            match recv_within(&self.channel, idle, "Regions")? {
+                Message::Regions(layout) => break layout,
+                Message::Pages(batch) => early.hold(batch)?,
+                other => return Err(unexpected("setup", "Regions", &other)),
+            }
         };
         self.memory.prepare(&layout)?;
         let mut progress = Progress {
+            early: Vec::new(),
             hashes: PageHashes::new(&layout),
             layout,
             placed_total: 0,
@@ -209,6 +245,9 @@ where
                 warnings: Vec::new(),
             },
         };
+        for batch in std::mem::take(&mut early.batches) {
+            self.place(&mut progress, &batch, None)?;
+        }
         let mut handover: Option<Handover> = None;
         let mut sockets_done = false;
         loop {
@@ -283,11 +322,22 @@ where
         self.phase(Phase::AwaitReady);
         self.channel.send(&Message::Ready)?;
         progress.report.ready_at = Some(Instant::now());
-        match recv_within(&self.channel, idle, "Commit")? {
-            Message::Commit => {}
-            other => return Err(unexpected("ready", "Commit", &other)),
+        // Post-copy pages go out right after `Commit`, on other streams, and
+        // may arrive first: hold them until `Commit` is here.
+        let mut early = EarlyPages::default();
+        loop {
+            match recv_within(&self.channel, idle, "Commit")? {
+                Message::Commit => break,
+                Message::Pages(batch)
+                    if handover.as_ref().is_some_and(|h| !h.postcopy.is_empty()) =>
+                {
+                    early.hold(batch)?
+                }
+                other => return Err(unexpected("ready", "Commit", &other)),
+            }
         }
         let h = handover.expect("loop ends only after Handover");
+        progress.early = early.batches;
         Ok((progress, h))
     }
 
@@ -363,6 +413,9 @@ where
             missing.insert_run(run)?;
         }
         let mut digests = None;
+        for batch in std::mem::take(&mut progress.early) {
+            self.place(progress, &batch, Some(&mut missing))?;
+        }
         if !missing.is_empty() {
             self.phase(Phase::Postcopy);
             let stop = AtomicBool::new(false);
