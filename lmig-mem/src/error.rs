@@ -1,0 +1,166 @@
+//! [`MemError`], the one error type of lmig-mem.
+
+use lmig_core::model::{PageRun, RegionId};
+use lmig_core::{BoxError, MigrationError};
+
+/// Everything lmig-mem can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemError {
+    /// The kernel (or this process's privileges) lacks a feature; found by a probe.
+    #[error("{feature} is not supported here: needs {needs}")]
+    Unsupported {
+        /// The missing feature, e.g. `"PAGEMAP_SCAN"`.
+        feature: &'static str,
+        /// What would provide it, e.g. `"Linux >= 6.7"`.
+        needs: &'static str,
+    },
+
+    /// A system call failed.
+    #[error("{call} on {what} failed: {source}")]
+    Os {
+        /// The call, e.g. `"mmap"` or `"UFFDIO_REGISTER"`.
+        call: &'static str,
+        /// What it was applied to, e.g. `"region #3 (0x7f.., 1048576 bytes)"`.
+        what: String,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// `MAP_FIXED_NOREPLACE` found the address range already in use.
+    #[error("cannot map region {region} at {addr:#x} ({len} bytes): the range is already mapped")]
+    AddressInUse {
+        /// The region.
+        region: RegionId,
+        /// The requested address.
+        addr: u64,
+        /// The requested length.
+        len: u64,
+    },
+
+    /// A region description is impossible (length, page size, address).
+    #[error("region {region}: {detail}")]
+    InvalidRegion {
+        /// The region.
+        region: RegionId,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// Two regions with one id.
+    #[error("region {region} registered twice")]
+    DuplicateRegion {
+        /// The id.
+        region: RegionId,
+    },
+
+    /// A region id that is not in the set.
+    #[error("region {region} is not registered")]
+    UnknownRegion {
+        /// The id.
+        region: RegionId,
+    },
+
+    /// A page run that does not lie inside its region.
+    #[error("page run {run} lies outside region {} ({region_pages} pages)", run.region)]
+    PageOutsideRegion {
+        /// The run.
+        run: PageRun,
+        /// Pages in the region.
+        region_pages: u64,
+    },
+
+    /// A byte offset range that does not lie inside the region.
+    #[error("bytes {offset}..{offset}+{len} lie outside region {region} ({region_len} bytes)")]
+    OutOfBounds {
+        /// The region.
+        region: RegionId,
+        /// Start offset.
+        offset: usize,
+        /// Length.
+        len: usize,
+        /// The region's length.
+        region_len: usize,
+    },
+
+    /// A buffer whose length is not the run's byte length.
+    #[error("page run {run} is {expected} bytes, the buffer holds {got}")]
+    LengthMismatch {
+        /// The run.
+        run: PageRun,
+        /// Bytes the run covers.
+        expected: usize,
+        /// Bytes supplied.
+        got: usize,
+    },
+
+    /// The source's layout does not match this side's regions.
+    #[error("region layout mismatch: {detail}")]
+    LayoutMismatch {
+        /// The first difference, in words.
+        detail: String,
+    },
+
+    /// A sink used before `prepare` mapped or checked its regions.
+    #[error("memory sink used before prepare()")]
+    NotPrepared,
+
+    /// A tracker method called in the wrong state.
+    #[error("{tracker}: {detail}")]
+    TrackerState {
+        /// The tracker's name.
+        tracker: &'static str,
+        /// What was wrong.
+        detail: &'static str,
+    },
+
+    /// No automatic dirty tracker works on this kernel.
+    #[error(
+        "no automatic dirty tracker works here ({reasons}); mark writes with ManualTracker or hand over a dirty log with DirtyLogTracker"
+    )]
+    NoTracker {
+        /// Why each candidate was rejected.
+        reasons: String,
+    },
+
+    /// A VMM's dirty-log callback failed.
+    #[error("dirty log of region {region} failed: {source}")]
+    DirtyLog {
+        /// The region.
+        region: RegionId,
+        /// The callback's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl MemError {
+    /// An `Os` error with the current errno context.
+    pub(crate) fn os(call: &'static str, what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Os {
+            call,
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+impl From<MemError> for MigrationError {
+    fn from(e: MemError) -> Self {
+        match e {
+            MemError::Unsupported { feature, needs } => {
+                MigrationError::Unsupported { feature, needs }
+            }
+            MemError::UnknownRegion { region } => MigrationError::UnknownRegion { region },
+            MemError::PageOutsideRegion { run, region_pages } => {
+                MigrationError::PageOutsideRegion { run, region_pages }
+            }
+            MemError::LayoutMismatch { detail } => MigrationError::LayoutMismatch { detail },
+            other => MigrationError::backend("lmig-mem", other),
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = MemError> = std::result::Result<T, E>;

@@ -1,0 +1,206 @@
+//! An owned memory mapping (`mmap`/`munmap`) and the raw-copy helpers that
+//! move bytes in and out of it without ever forming a Rust reference to
+//! memory other threads may be writing (the vm-memory approach).
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+/// How a mapping is shared.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Share {
+    /// `MAP_PRIVATE`.
+    Private,
+    /// `MAP_SHARED`.
+    Shared,
+}
+
+/// An owned `mmap` of `len` bytes, unmapped on drop.
+///
+/// Holds a raw pointer: the memory is the program's and is written
+/// concurrently by its threads (and read by pre-copy), so this type never
+/// hands out `&[u8]`/`&mut [u8]` over it; bytes move only through the copy
+/// helpers below.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a Mapping is a plain address range owned by this value. It holds no
+// thread-affine state; every access goes through raw-pointer copies whose
+// concurrency is the program's business (as for memory shared with a vCPU),
+// and unmapping happens only in Drop, which needs exclusive ownership.
+unsafe impl Send for Mapping {}
+// SAFETY: see `Send`: `&Mapping` only allows raw copies into/out of the range
+// and madvise, which the kernel serialises; no Rust reference to the bytes is
+// ever created, so concurrent use from several threads cannot alias `&mut`.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// `mmap(addr, len, PROT_READ|PROT_WRITE, share | (anonymous or fd), fd, 0)`;
+    /// with `addr`, `MAP_FIXED_NOREPLACE` (never replaces an existing mapping).
+    pub(crate) fn map(
+        len: usize,
+        share: Share,
+        fd: Option<BorrowedFd<'_>>,
+        addr: Option<usize>,
+        populate: bool,
+    ) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut flags = match share {
+            Share::Private => libc::MAP_PRIVATE,
+            Share::Shared => libc::MAP_SHARED,
+        };
+        let raw_fd = match fd {
+            Some(fd) => fd.as_raw_fd(),
+            None => {
+                flags |= libc::MAP_ANONYMOUS;
+                -1
+            }
+        };
+        if addr.is_some() {
+            flags |= libc::MAP_FIXED_NOREPLACE;
+        }
+        if populate {
+            flags |= libc::MAP_POPULATE;
+        }
+        let hint = addr.unwrap_or(0) as *mut libc::c_void;
+        // SAFETY: we ask for a fresh mapping; with MAP_FIXED_NOREPLACE the
+        // kernel refuses (EEXIST) rather than replace anything already mapped,
+        // so no existing Rust object can be invalidated.
+        let p = unsafe {
+            libc::mmap(
+                hint,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                raw_fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        let m = Self { ptr, len };
+        if let Some(want) = addr {
+            // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat the
+            // address as a hint: refuse a mapping somewhere else.
+            if m.ptr.as_ptr() as usize != want {
+                return Err(io::Error::from_raw_os_error(libc::EEXIST));
+            }
+        }
+        Ok(m)
+    }
+
+    /// Start address.
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    fn in_bounds(&self, offset: usize, len: usize) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.len)
+    }
+
+    /// Copy `dst.len()` bytes from `offset` into `dst`; false (nothing copied)
+    /// when the range is not inside the mapping.
+    pub(crate) fn copy_out(&self, offset: usize, dst: &mut [u8]) -> bool {
+        if !self.in_bounds(offset, dst.len()) {
+            return false;
+        }
+        // SAFETY: `offset..offset + dst.len()` lies inside our live mapping
+        // (checked above) and `dst` is a distinct Rust buffer, so the ranges
+        // cannot overlap. Other threads may write the source concurrently:
+        // that yields torn bytes, never UB on our side, as no reference to
+        // the mapped bytes exists.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        };
+        true
+    }
+
+    /// Copy `src` into the mapping at `offset`; false (nothing copied) when
+    /// the range is not inside the mapping.
+    pub(crate) fn copy_in(&self, offset: usize, src: &[u8]) -> bool {
+        if !self.in_bounds(offset, src.len()) {
+            return false;
+        }
+        // SAFETY: bounds checked above; the mapping is writable
+        // (PROT_WRITE) and `src` is a Rust buffer outside it, so no overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
+        };
+        true
+    }
+
+    /// Set `len` bytes at `offset` to zero; false when out of range.
+    pub(crate) fn zero(&self, offset: usize, len: usize) -> bool {
+        if !self.in_bounds(offset, len) {
+            return false;
+        }
+        // SAFETY: bounds checked above; the mapping is writable.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset), 0, len) };
+        true
+    }
+
+    /// `madvise(addr + offset, len, advice)`.
+    pub(crate) fn madvise(&self, offset: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+        if !self.in_bounds(offset, len) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: the range lies inside our mapping; the advice values this
+        // crate uses (MADV_HUGEPAGE, MADV_POPULATE_WRITE) never unmap memory
+        // nor change its contents.
+        let r = unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we own this mapping and nothing refers to it any more
+        // (Drop has exclusive access); munmap of a range we mapped is sound.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// `MADV_HUGEPAGE`: ask for transparent huge pages.
+pub(crate) const MADV_HUGEPAGE: libc::c_int = libc::MADV_HUGEPAGE;
+/// `MADV_POPULATE_WRITE` (Linux 5.14): fault every page in writable.
+pub(crate) const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_are_bounds_checked() {
+        let m = Mapping::map(8192, Share::Private, None, None, false).unwrap();
+        assert!(m.copy_in(4090, b"abcdef"));
+        let mut b = [0u8; 6];
+        assert!(m.copy_out(4090, &mut b));
+        assert_eq!(&b, b"abcdef");
+        assert!(!m.copy_in(8190, b"abc"));
+        assert!(!m.copy_out(usize::MAX, &mut b));
+        assert!(m.zero(4090, 6));
+        assert!(m.copy_out(4090, &mut b));
+        assert_eq!(b, [0; 6]);
+    }
+}

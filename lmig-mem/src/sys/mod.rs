@@ -1,0 +1,48 @@
+//! The only place of this crate that talks to the kernel through `unsafe`:
+//! mappings and raw copies ([`mapping`]), userfaultfd ([`uffd`]) and the
+//! `PAGEMAP_SCAN` ioctl ([`pagemap`]). Everything above this module is safe
+//! code built on the safe functions exported here.
+#![allow(unsafe_code)]
+
+pub(crate) mod mapping;
+pub(crate) mod pagemap;
+pub(crate) mod uffd;
+
+/// `_IOC(dir, type, nr, size)` of `<asm-generic/ioctl.h>` (x86_64, arm64 layout).
+pub(crate) const fn ioc(dir: u64, ty: u8, nr: u8, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | ((ty as u64) << 8) | nr as u64
+}
+/// `_IOC_WRITE`.
+pub(crate) const IOC_WRITE: u64 = 1;
+/// `_IOC_READ`.
+pub(crate) const IOC_READ: u64 = 2;
+
+/// The system's base page size (`sysconf(_SC_PAGESIZE)`).
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n <= 0 { 4096 } else { n as usize }
+}
+
+/// Run an `ioctl` whose argument is a pointer to `arg`, returning its
+/// non-negative result or the errno.
+///
+/// # Safety
+/// `request` must be an ioctl of `fd` whose argument is exactly a `*mut T`
+/// (the kernel reads and/or writes `size_of::<T>()` bytes through it), and
+/// any pointers inside `*arg` must be valid for what that ioctl does with them.
+pub(crate) unsafe fn ioctl_ptr<T>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    request: u64,
+    arg: &mut T,
+) -> std::io::Result<libc::c_int> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the caller guarantees `request` takes a `*mut T`; `arg` is a
+    // valid, exclusive reference for the duration of the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request as libc::c_ulong, arg as *mut T) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}

@@ -1,0 +1,250 @@
+//! Dirty trackers: backends of [`lmig_core::DirtyTracker`] over a
+//! [`RegionSet`]'s regions, and the probe that picks the best one.
+//!
+//! | tracker | needs | exact under concurrent writes |
+//! |---|---|---|
+//! | [`UffdWpTracker`] (default) | Linux 6.7+, userfaultfd | yes: report and re-protect in one page-table walk |
+//! | [`SoftDirtyTracker`] | `CONFIG_MEM_SOFT_DIRTY` | only with the writers paused during `collect` |
+//! | [`ManualTracker`] | the program marks its writes | yes (atomic bitmap) |
+//! | [`DirtyLogTracker`] | a VMM's dirty bitmap (KVM dirty log) | as exact as the log |
+//!
+//! [`TrackerProbe::run`] probes the kernel once; [`best_tracker`] creates the
+//! best automatic tracker and says why the others were rejected.
+
+mod dirty_log;
+mod manual;
+mod soft_dirty;
+mod uffd_wp;
+
+use std::fmt;
+
+use lmig_core::DirtyTracker;
+use lmig_core::model::{RegionId, RegionPages};
+
+pub use dirty_log::{DirtyLog, DirtyLogTracker};
+pub use manual::{DirtyMarker, ManualTracker};
+pub use soft_dirty::SoftDirtyTracker;
+pub use uffd_wp::{
+    SCAN_VEC_LEN, ScanFigures, UffdWpSupport, UffdWpTracker, measure_scan_cost, raw_pagemap_scan,
+};
+
+pub use crate::sys::uffd::UffdOrigin;
+
+use crate::error::{MemError, Result};
+use crate::region::{Region, RegionSet};
+
+/// The address range of one tracked region (copied from the region: a
+/// tracker does not borrow the [`RegionSet`]; if the regions are unmapped
+/// while tracking, `collect` fails rather than touch anything else).
+#[derive(Copy, Clone, Debug)]
+pub(crate) struct TrackedRange {
+    pub id: RegionId,
+    pub start: u64,
+    pub len: u64,
+    pub page_size: u64,
+}
+
+impl TrackedRange {
+    pub(crate) fn from_region(r: &Region) -> Self {
+        Self {
+            id: r.id(),
+            start: r.as_ptr() as u64,
+            len: r.len() as u64,
+            page_size: r.page_size() as u64,
+        }
+    }
+
+    pub(crate) fn of(regions: &RegionSet) -> Vec<Self> {
+        regions.regions().iter().map(Self::from_region).collect()
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        format!("region {} ({:#x}, {} bytes)", self.id, self.start, self.len)
+    }
+}
+
+/// The kinds of tracker.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TrackerKind {
+    /// [`UffdWpTracker`].
+    UffdWp,
+    /// [`SoftDirtyTracker`].
+    SoftDirty,
+    /// [`ManualTracker`].
+    Manual,
+    /// [`DirtyLogTracker`].
+    DirtyLog,
+}
+
+impl TrackerKind {
+    /// The name trackers report through [`DirtyTracker::name`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::UffdWp => "uffd-wp+pagemap-scan",
+            Self::SoftDirty => "soft-dirty",
+            Self::Manual => "manual",
+            Self::DirtyLog => "dirty-log",
+        }
+    }
+}
+
+impl fmt::Display for TrackerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the kernel offers for automatic tracking, probed once at start-up.
+#[derive(Debug)]
+pub struct TrackerProbe {
+    /// userfaultfd async write-protect + `PAGEMAP_SCAN`, or why not.
+    pub uffd_wp: Result<UffdWpSupport>,
+    /// soft-dirty, or why not.
+    pub soft_dirty: Result<()>,
+}
+
+impl TrackerProbe {
+    /// Probe the kernel (a throwaway userfaultfd, one test page for soft-dirty).
+    pub fn run() -> Self {
+        let uffd_wp = UffdWpTracker::probe();
+        // The soft-dirty probe writes /proc/self/clear_refs, which resets
+        // soft-dirty bits process-wide: harmless unless a SoftDirtyTracker
+        // is running, which is why this runs once, at start-up.
+        let soft_dirty = SoftDirtyTracker::probe();
+        Self {
+            uffd_wp,
+            soft_dirty,
+        }
+    }
+
+    /// The best automatic tracker available, if any.
+    pub fn best(&self) -> Option<TrackerKind> {
+        if self.uffd_wp.is_ok() {
+            Some(TrackerKind::UffdWp)
+        } else if self.soft_dirty.is_ok() {
+            Some(TrackerKind::SoftDirty)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for TrackerProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.uffd_wp {
+            Ok(s) => write!(
+                f,
+                "uffd-wp+pagemap-scan: available (userfaultfd via {:?}, shmem: {})",
+                s.origin, s.shmem
+            )?,
+            Err(e) => write!(f, "uffd-wp+pagemap-scan: rejected: {e}")?,
+        }
+        match &self.soft_dirty {
+            Ok(()) => write!(f, "; soft-dirty: available"),
+            Err(e) => write!(f, "; soft-dirty: rejected: {e}"),
+        }
+    }
+}
+
+/// The automatic tracker [`best_tracker`] picked.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AutoTracker {
+    /// userfaultfd async write-protect + `PAGEMAP_SCAN`.
+    UffdWp(UffdWpTracker),
+    /// soft-dirty bits.
+    SoftDirty(SoftDirtyTracker),
+}
+
+impl AutoTracker {
+    /// Which kind it is.
+    pub fn kind(&self) -> TrackerKind {
+        match self {
+            Self::UffdWp(_) => TrackerKind::UffdWp,
+            Self::SoftDirty(_) => TrackerKind::SoftDirty,
+        }
+    }
+}
+
+impl DirtyTracker for AutoTracker {
+    fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+    fn start(&mut self) -> lmig_core::Result<()> {
+        match self {
+            Self::UffdWp(t) => t.start(),
+            Self::SoftDirty(t) => t.start(),
+        }
+    }
+    fn collect(&mut self, dirty: &mut RegionPages) -> lmig_core::Result<()> {
+        match self {
+            Self::UffdWp(t) => t.collect(dirty),
+            Self::SoftDirty(t) => t.collect(dirty),
+        }
+    }
+    fn stop(&mut self) -> lmig_core::Result<()> {
+        match self {
+            Self::UffdWp(t) => t.stop(),
+            Self::SoftDirty(t) => t.stop(),
+        }
+    }
+}
+
+/// Which tracker [`best_tracker`] picked and why it rejected the better ones.
+#[derive(Debug)]
+pub struct TrackerChoice {
+    /// The kind picked.
+    pub picked: TrackerKind,
+    /// Better kinds that were rejected, each with the reason (typically
+    /// [`MemError::Unsupported`]).
+    pub rejected: Vec<(TrackerKind, MemError)>,
+}
+
+impl fmt::Display for TrackerChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dirty tracker: {}", self.picked)?;
+        for (k, e) in &self.rejected {
+            write!(f, "; {k} rejected: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Create the best automatic tracker for `regions`: uffd-wp + `PAGEMAP_SCAN`,
+/// else soft-dirty. When neither works the error lists both reasons; the
+/// program then marks its writes itself ([`ManualTracker`]) or hands over its
+/// VMM's dirty log ([`DirtyLogTracker`]).
+pub fn best_tracker(regions: &RegionSet) -> Result<(AutoTracker, TrackerChoice)> {
+    let mut rejected = Vec::new();
+    match UffdWpTracker::new(regions) {
+        Ok(t) => {
+            return Ok((
+                AutoTracker::UffdWp(t),
+                TrackerChoice {
+                    picked: TrackerKind::UffdWp,
+                    rejected,
+                },
+            ));
+        }
+        Err(e) => rejected.push((TrackerKind::UffdWp, e)),
+    }
+    match SoftDirtyTracker::new(regions) {
+        Ok(t) => {
+            return Ok((
+                AutoTracker::SoftDirty(t),
+                TrackerChoice {
+                    picked: TrackerKind::SoftDirty,
+                    rejected,
+                },
+            ));
+        }
+        Err(e) => rejected.push((TrackerKind::SoftDirty, e)),
+    }
+    Err(MemError::NoTracker {
+        reasons: rejected
+            .iter()
+            .map(|(k, e)| format!("{k}: {e}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
+}

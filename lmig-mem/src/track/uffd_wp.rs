@@ -1,0 +1,438 @@
+//! The default tracker: userfaultfd write-protect in async mode plus
+//! `PAGEMAP_SCAN` (Linux 6.7+).
+//!
+//! `start` registers every region with a userfaultfd in `MODE_WP` (features
+//! `UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED`, plus
+//! `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` when a region is shmem or memfd) and
+//! write-protects each range once. A write to a protected page is resolved by
+//! the kernel itself (no handler thread, ~1 µs) and marks the page written.
+//! `collect` is one `PAGEMAP_SCAN` per region with
+//! `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC` and `PAGE_IS_WRITTEN` as
+//! category and return mask: the kernel reports the written pages and
+//! re-protects them in the same page-table walk, so a write racing the
+//! collect is reported now or at the next collect, never lost.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::OnceLock;
+
+use lmig_core::DirtyTracker;
+use lmig_core::model::{RegionId, RegionPages};
+
+use crate::error::{MemError, Result};
+use crate::region::{Region, RegionSet};
+use crate::sys::pagemap::{
+    self, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, PageRegion, ScanSpec,
+};
+use crate::sys::uffd::{self, UffdOrigin};
+use crate::track::TrackedRange;
+
+/// `page_region` slots handed to one `PAGEMAP_SCAN` call (96 KiB). Runs of
+/// written pages merge into one slot; a fuller scan loops from `walk_end`.
+pub const SCAN_VEC_LEN: usize = 4096;
+
+const NAME: &str = "uffd-wp+pagemap-scan";
+
+const COLLECT: ScanSpec = ScanSpec {
+    flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+    category_mask: PAGE_IS_WRITTEN,
+    return_mask: PAGE_IS_WRITTEN,
+};
+
+/// What the kernel's userfaultfd offers, found by [`UffdWpTracker::probe`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct UffdWpSupport {
+    /// How this process can open a userfaultfd.
+    pub origin: UffdOrigin,
+    /// `UFFD_FEATURE_*` bits the kernel offers.
+    pub features: u64,
+    /// Shmem and memfd regions can be tracked too (`UFFD_FEATURE_WP_HUGETLBFS_SHMEM`).
+    pub shmem: bool,
+}
+
+/// Dirty tracking by userfaultfd async write-protect + `PAGEMAP_SCAN`.
+///
+/// Holds its own userfaultfd (an [`OwnedFd`]); only the source registers its
+/// regions for tracking, so a destination may register the same kind of
+/// regions for post-copy (missing/minor faults) with its own userfaultfd.
+/// Dropping the tracker (or [`DirtyTracker::stop`]) unregisters the regions,
+/// which also removes the write protection.
+#[derive(Debug)]
+pub struct UffdWpTracker {
+    uffd: OwnedFd,
+    support: UffdWpSupport,
+    pagemap: File,
+    ranges: Vec<TrackedRange>,
+    buf: Vec<PageRegion>,
+    registered: bool,
+}
+
+fn open_error(e: std::io::Error) -> MemError {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => MemError::Unsupported {
+            feature: "userfaultfd",
+            needs: "a kernel built with CONFIG_USERFAULTFD",
+        },
+        Some(libc::EPERM) | Some(libc::EACCES) => MemError::Unsupported {
+            feature: "userfaultfd",
+            needs: "CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1, access to /dev/userfaultfd, \
+                    or a kernel >= 5.11 for UFFD_USER_MODE_ONLY",
+        },
+        _ => MemError::os("userfaultfd", "a new userfaultfd", e),
+    }
+}
+
+impl UffdWpTracker {
+    /// Probe what the kernel offers (opens and closes a throwaway userfaultfd).
+    pub fn probe() -> Result<UffdWpSupport> {
+        let (features, origin) = uffd::probe_features().map_err(open_error)?;
+        if features & uffd::UFFD_FEATURE_WP_ASYNC == 0 {
+            return Err(MemError::Unsupported {
+                feature: "UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN",
+                needs: "Linux >= 6.7",
+            });
+        }
+        Ok(UffdWpSupport {
+            origin,
+            features,
+            shmem: features & uffd::UFFD_FEATURE_WP_HUGETLBFS_SHMEM != 0,
+        })
+    }
+
+    /// A tracker over every region of `regions` (not started yet).
+    pub fn new(regions: &RegionSet) -> Result<Self> {
+        Self::open(regions, false)
+    }
+
+    /// `new`, optionally forcing `UFFD_USER_MODE_ONLY` (tests).
+    pub(crate) fn open(regions: &RegionSet, user_mode_only: bool) -> Result<Self> {
+        let support = Self::probe()?;
+        let wants_shmem = regions.regions().iter().any(|r| r.backing().is_shmem());
+        if wants_shmem && !support.shmem {
+            return Err(MemError::Unsupported {
+                feature: "UFFD_FEATURE_WP_HUGETLBFS_SHMEM (tracking shmem/memfd regions)",
+                needs: "Linux >= 5.19",
+            });
+        }
+        let (fd, origin) = if user_mode_only {
+            let fd = uffd::userfaultfd(uffd::UFFD_USER_MODE_ONLY).map_err(open_error)?;
+            (fd, UffdOrigin::UserModeOnly)
+        } else {
+            uffd::open_best().map_err(open_error)?
+        };
+        let mut want = uffd::UFFD_FEATURE_WP_ASYNC | uffd::UFFD_FEATURE_WP_UNPOPULATED;
+        if wants_shmem {
+            want |= uffd::UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+        }
+        uffd::api(fd.as_fd(), want)
+            .map_err(|e| MemError::os("UFFDIO_API", "the tracker's userfaultfd", e))?;
+        let pagemap = open_pagemap()?;
+        let mut tracker = Self {
+            uffd: fd,
+            support: UffdWpSupport { origin, ..support },
+            pagemap,
+            ranges: TrackedRange::of(regions),
+            buf: Vec::with_capacity(SCAN_VEC_LEN),
+            registered: false,
+        };
+        tracker.check_scan()?;
+        Ok(tracker)
+    }
+
+    /// How the userfaultfd was opened and what it offers.
+    pub fn support(&self) -> UffdWpSupport {
+        self.support
+    }
+
+    /// A harmless read-only scan: tells `PAGEMAP_SCAN` is there (ENOTTY otherwise).
+    fn check_scan(&mut self) -> Result<()> {
+        let Some(r) = self.ranges.first() else {
+            return Ok(());
+        };
+        let spec = ScanSpec {
+            flags: 0,
+            category_mask: PAGE_IS_WRITTEN,
+            return_mask: PAGE_IS_WRITTEN,
+        };
+        let end = r.start + r.page_size;
+        match pagemap::scan(self.pagemap.as_fd(), r.start, end, spec, &mut self.buf) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => {
+                Err(MemError::Unsupported {
+                    feature: "PAGEMAP_SCAN",
+                    needs: "Linux >= 6.7",
+                })
+            }
+            Err(e) => Err(MemError::os("PAGEMAP_SCAN", r.describe(), e)),
+        }
+    }
+
+    fn unregister_all(&mut self) -> Result<()> {
+        let mut first_err = None;
+        for r in &self.ranges {
+            if let Err(e) = uffd::unregister(self.uffd.as_fd(), r.start, r.len) {
+                first_err.get_or_insert(MemError::os("UFFDIO_UNREGISTER", r.describe(), e));
+            }
+        }
+        self.registered = false;
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn start_tracking(&mut self) -> Result<()> {
+        if self.registered {
+            self.unregister_all()?;
+        }
+        for (i, r) in self.ranges.iter().enumerate() {
+            let fd = self.uffd.as_fd();
+            // Roll back only what this tracker registered: a range another
+            // userfaultfd holds (EBUSY) is not ours to unregister.
+            let rollback = |upto: usize| {
+                for done in &self.ranges[..upto] {
+                    let _ = uffd::unregister(fd, done.start, done.len);
+                }
+            };
+            if let Err(e) = uffd::register(fd, r.start, r.len, uffd::UFFDIO_REGISTER_MODE_WP) {
+                rollback(i);
+                let what = if e.raw_os_error() == Some(libc::EBUSY) {
+                    format!(
+                        "{} (already registered with another userfaultfd, e.g. post-copy or another tracker)",
+                        r.describe()
+                    )
+                } else {
+                    r.describe()
+                };
+                return Err(MemError::os("UFFDIO_REGISTER(MODE_WP)", what, e));
+            }
+            if let Err(e) = uffd::writeprotect(fd, r.start, r.len, true) {
+                rollback(i + 1);
+                return Err(MemError::os("UFFDIO_WRITEPROTECT", r.describe(), e));
+            }
+        }
+        self.registered = true;
+        Ok(())
+    }
+
+    fn collect_into(&mut self, dirty: &mut RegionPages) -> Result<()> {
+        if !self.registered {
+            return Err(MemError::TrackerState {
+                tracker: NAME,
+                detail: "collect() before start()",
+            });
+        }
+        for r in &self.ranges {
+            let set = dirty
+                .get_mut(r.id)
+                .map_err(|_| MemError::UnknownRegion { region: r.id })?;
+            scan_range(
+                self.pagemap.as_fd(),
+                r,
+                COLLECT,
+                &mut self.buf,
+                |first, count| set.insert_range(first, count),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Measurement aid: the bare `PAGEMAP_SCAN` collect loop over one region
+    /// (same flags, masks and buffer as [`DirtyTracker::collect`], which it
+    /// also resets), counting written pages without recording them.
+    /// Benchmarks compare it with `collect` to show the tracker's overhead.
+    #[doc(alias = "PAGEMAP_SCAN")]
+    pub fn raw_scan(&mut self, region: RegionId) -> Result<u64> {
+        let r = *self
+            .ranges
+            .iter()
+            .find(|r| r.id == region)
+            .ok_or(MemError::UnknownRegion { region })?;
+        let mut pages = 0;
+        scan_range(
+            self.pagemap.as_fd(),
+            &r,
+            COLLECT,
+            &mut self.buf,
+            |_, count| pages += count,
+        )?;
+        Ok(pages)
+    }
+}
+
+/// Medians of [`measure_scan_cost`], in milliseconds.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub struct ScanFigures {
+    /// Distinct pages written before each timed call.
+    pub pages_written: u64,
+    /// [`DirtyTracker::collect`] over the tracked regions (the benchmark's
+    /// `collect_ms_*`).
+    pub collect_ms: f64,
+    /// The bare `PAGEMAP_SCAN` loop over the same region, same run
+    /// (the benchmark's `raw_scan_ms_*`).
+    pub raw_scan_ms: f64,
+}
+
+/// Measurement aid for benchmarks: write `fraction` of the pages of region
+/// `id` (fixed pseudo-random pages; one `u64` at the start of each page, so
+/// the region's content changes), then time `collect`, write them again and
+/// time [`UffdWpTracker::raw_scan`]; `rounds` times, alternating which goes
+/// first. `tracker` must be started over `regions`. Returns the medians.
+pub fn measure_scan_cost(
+    tracker: &mut UffdWpTracker,
+    regions: &RegionSet,
+    id: RegionId,
+    fraction: f64,
+    rounds: usize,
+) -> Result<ScanFigures> {
+    let region = regions.get(id)?;
+    let pages = region.pages();
+    let n = ((pages as f64) * fraction.clamp(0.0, 1.0)) as u64;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chosen: Vec<u64> = (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % pages
+        })
+        .collect();
+    chosen.sort_unstable();
+    chosen.dedup();
+    let touch = |v: u64| -> Result<()> {
+        chosen
+            .iter()
+            .try_for_each(|&p| region.write_at(p as usize * region.page_size(), &v.to_ne_bytes()))
+    };
+    let mut dirty = RegionPages::empty(regions.layout());
+    // Start from a clean slate.
+    tracker.collect_into(&mut dirty)?;
+    let (mut collect_ms, mut raw_ms) = (Vec::new(), Vec::new());
+    for round in 0..rounds.max(1) {
+        for step in 0..2 {
+            touch(round as u64)?;
+            if (step + round) % 2 == 0 {
+                dirty.clear();
+                let t = std::time::Instant::now();
+                tracker.collect_into(&mut dirty)?;
+                collect_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            } else {
+                let t = std::time::Instant::now();
+                tracker.raw_scan(id)?;
+                raw_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(ScanFigures {
+        pages_written: chosen.len() as u64,
+        collect_ms: median(&mut collect_ms),
+        raw_scan_ms: median(&mut raw_ms),
+    })
+}
+
+/// Measurement aid: one bare `PAGEMAP_SCAN` collect-and-reprotect loop over
+/// `region` (`PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`, `PAGE_IS_WRITTEN`,
+/// a [`SCAN_VEC_LEN`]-slot buffer), returning the number of written pages.
+/// The region must be tracked by a started [`UffdWpTracker`] (else the kernel
+/// refuses with EPERM). Uses a process-wide `/proc/self/pagemap` fd and a
+/// per-thread buffer, so repeated calls measure the ioctl alone.
+#[doc(alias = "PAGEMAP_SCAN")]
+pub fn raw_pagemap_scan(region: &Region) -> Result<u64> {
+    static PAGEMAP: OnceLock<File> = OnceLock::new();
+    let pagemap = match PAGEMAP.get() {
+        Some(f) => f,
+        None => {
+            let f = open_pagemap()?;
+            PAGEMAP.get_or_init(|| f)
+        }
+    };
+    thread_local! {
+        // Reused across calls, like a tracker's buffer, so the figure holds
+        // no allocation or first-touch faults.
+        static BUF: std::cell::RefCell<Vec<PageRegion>> =
+            std::cell::RefCell::new(Vec::with_capacity(SCAN_VEC_LEN));
+    }
+    let r = TrackedRange::from_region(region);
+    BUF.with_borrow_mut(|buf| {
+        let mut pages = 0;
+        scan_range(pagemap.as_fd(), &r, COLLECT, buf, |_, count| pages += count)?;
+        Ok(pages)
+    })
+}
+
+pub(crate) fn open_pagemap() -> Result<File> {
+    File::open("/proc/self/pagemap").map_err(|e| MemError::os("open", "/proc/self/pagemap", e))
+}
+
+/// Scan `r` from start to end, looping while the output vector fills up,
+/// calling `found(first_page, count)` for every written range.
+fn scan_range(
+    pagemap: std::os::fd::BorrowedFd<'_>,
+    r: &TrackedRange,
+    spec: ScanSpec,
+    buf: &mut Vec<PageRegion>,
+    mut found: impl FnMut(u64, u64),
+) -> Result<()> {
+    let end = r.start + r.len;
+    let mut at = r.start;
+    while at < end {
+        let walk_end = pagemap::scan(pagemap, at, end, spec, buf).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EPERM) {
+                MemError::TrackerState {
+                    tracker: NAME,
+                    detail: "PAGEMAP_SCAN found pages without async write-protect \
+                             (tracker not started, or the region was unmapped)",
+                }
+            } else {
+                MemError::os("PAGEMAP_SCAN", r.describe(), e)
+            }
+        })?;
+        for pr in buf.iter() {
+            if pr.categories & PAGE_IS_WRITTEN != 0 && pr.end > pr.start {
+                let first = (pr.start.max(r.start) - r.start) / r.page_size;
+                let last = (pr.end.min(end) - r.start).div_ceil(r.page_size);
+                found(first, last - first);
+            }
+        }
+        if walk_end <= at {
+            // No progress: never spin.
+            return Err(MemError::os(
+                "PAGEMAP_SCAN",
+                r.describe(),
+                std::io::Error::other(format!("walk stopped at {walk_end:#x}, started at {at:#x}")),
+            ));
+        }
+        at = walk_end;
+    }
+    Ok(())
+}
+
+impl Drop for UffdWpTracker {
+    fn drop(&mut self) {
+        if self.registered {
+            let _ = self.unregister_all();
+        }
+    }
+}
+
+impl DirtyTracker for UffdWpTracker {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn start(&mut self) -> lmig_core::Result<()> {
+        Ok(self.start_tracking()?)
+    }
+
+    fn collect(&mut self, dirty: &mut RegionPages) -> lmig_core::Result<()> {
+        Ok(self.collect_into(dirty)?)
+    }
+
+    fn stop(&mut self) -> lmig_core::Result<()> {
+        if self.registered {
+            self.unregister_all()?;
+        }
+        Ok(())
+    }
+}
