@@ -67,6 +67,11 @@ pub trait Policy: Send {
 
     /// The current estimate (for observers and reports).
     fn estimate(&self) -> Estimate;
+
+    /// Why the last decision was taken, in words (for reports).
+    fn explain(&self) -> String {
+        String::new()
+    }
 }
 
 /// What to do when pre-copy does not converge.
@@ -124,6 +129,7 @@ pub struct ConvergencePolicy {
     stalled: u32,
     throttle: u8,
     estimate: Estimate,
+    reason: String,
 }
 
 const SMOOTHING: f64 = 0.5;
@@ -146,6 +152,7 @@ impl ConvergencePolicy {
             stalled: 0,
             throttle: 100,
             estimate: Estimate::default(),
+            reason: String::new(),
         }
     }
 
@@ -194,7 +201,17 @@ impl Policy for ConvergencePolicy {
             freeze,
         };
 
+        let est = format!(
+            "round {}: {} dirty bytes at {:.0} MB/s measured bandwidth, dirty rate {:.0} MB/s: estimated freeze {:.2} ms (target {:.2} ms)",
+            s.round,
+            s.dirty_bytes,
+            bw / 1e6,
+            self.estimate.dirty_rate_bps / 1e6,
+            freeze.as_secs_f64() * 1e3,
+            self.config.downtime_target.as_secs_f64() * 1e3
+        );
         if freeze <= self.config.downtime_target {
+            self.reason = format!("{est}; under the target: freeze");
             return Decision::Freeze;
         }
         match self.last_dirty {
@@ -204,14 +221,32 @@ impl Policy for ConvergencePolicy {
             _ => self.stalled = 0,
         }
         self.last_dirty = Some(s.dirty_bytes);
-        if s.round + 1 >= self.config.max_rounds || self.stalled >= self.config.stall_rounds {
-            return self.fallback(throttle_refused);
+        let why = if s.round + 1 >= self.config.max_rounds {
+            Some(format!("round limit {} reached", self.config.max_rounds))
+        } else if self.stalled >= self.config.stall_rounds {
+            Some(format!(
+                "not converging: {} rounds in a row left more than {:.0}% of the previous round's dirty bytes",
+                self.stalled,
+                self.config.progress_ratio * 100.0
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            let d = self.fallback(throttle_refused);
+            self.reason = format!("{est}; {why}: {d:?} (fallback {:?})", self.config.fallback);
+            return d;
         }
+        self.reason = format!("{est}: another round");
         Decision::Continue
     }
 
     fn estimate(&self) -> Estimate {
         self.estimate
+    }
+
+    fn explain(&self) -> String {
+        self.reason.clone()
     }
 }
 

@@ -72,6 +72,8 @@ pub struct SourceReport {
     pub decisions: Vec<Decision>,
     /// Hybrid mode switched to post-copy.
     pub switched_to_postcopy: bool,
+    /// The policy's explanation of its last decision.
+    pub policy_reason: String,
     /// Every page sent, zero pages included, all phases.
     pub pages_sent: u64,
     /// Zero pages sent as a flag.
@@ -213,6 +215,7 @@ where
             round_stats: Vec::new(),
             decisions: Vec::new(),
             switched_to_postcopy: false,
+            policy_reason: String::new(),
             pages_sent: 0,
             zero_pages: 0,
             bytes_sent: 0,
@@ -341,6 +344,7 @@ where
             });
             let decision = self.policy.decide(&stats, throttle_refused);
             report.decisions.push(decision);
+            report.policy_reason = self.policy.explain();
             self.observer.event(&Event::Decision(decision));
             std::mem::swap(&mut to_send, &mut dirty);
             match decision {
