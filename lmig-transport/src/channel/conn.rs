@@ -1,0 +1,275 @@
+//! One connection of a channel: the byte stream under a lane, and framed
+//! reading and writing on it.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::auth::HandshakeIo;
+use crate::error::{Result, TransportError};
+use crate::wire::{
+    Frame, FrameRepr, HEADER_LEN, Handshake, MessageDecoder, WireError, WireItem, encode_handshake,
+};
+
+/// A reliable, ordered byte stream: a TCP or Unix connection or an in-memory pipe.
+pub(crate) trait Conn: Read + Write + Send + Sync {
+    /// A second handle on the same connection (one reads, one writes).
+    fn try_clone_conn(&self) -> io::Result<Box<dyn Conn>>;
+    /// Close both directions; blocked readers and writers return.
+    fn shutdown_conn(&self);
+    /// Read and write timeouts (`None`: block).
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
+}
+
+impl Conn for TcpStream {
+    fn try_clone_conn(&self) -> io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_conn(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+}
+
+impl Conn for UnixStream {
+    fn try_clone_conn(&self) -> io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_conn(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+}
+
+/// What one read from a connection produced.
+pub(crate) enum ReadOutcome {
+    /// A decoded item.
+    Item(WireItem),
+    /// The peer closed the connection at a frame boundary.
+    Eof,
+}
+
+/// Reads frames from a connection: the header first (checked before any
+/// allocation), then exactly the payload into a buffer of its own, which
+/// the decoded message's page bytes point into.
+pub(crate) struct FrameReader {
+    conn: Box<dyn Conn>,
+    decoder: MessageDecoder,
+    /// Before authentication only small handshake frames are read; any
+    /// other header ends the connection before its payload is read.
+    authenticated: bool,
+    pool: Arc<BufPool>,
+}
+
+/// Largest handshake frame payload (a `Hello` is 57 bytes).
+const MAX_HANDSHAKE_PAYLOAD: usize = 256;
+
+/// Receive buffers of this size are recycled: a whole chunk of 4 KiB pages
+/// (64 pages, 256 KiB) with its headers fits.
+const POOL_BUF: usize = (256 << 10) + 4096;
+/// Recycled buffers kept per connection.
+const POOL_MAX: usize = 96;
+
+/// Receive buffers, allocated and zeroed once, handed out for one frame
+/// each and given back when the last `Bytes` pointing into them is dropped
+/// (whatever thread drops it). This keeps the receive path free of
+/// per-frame allocation and zeroing.
+#[derive(Default)]
+struct BufPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufPool {
+    fn take(&self) -> Vec<u8> {
+        let recycled = self.free.lock().ok().and_then(|mut f| f.pop());
+        recycled.unwrap_or_else(|| vec![0u8; POOL_BUF])
+    }
+}
+
+/// A pooled buffer holding one frame; returns to the pool when dropped.
+struct PooledFrame {
+    buf: Vec<u8>,
+    len: usize,
+    pool: Arc<BufPool>,
+}
+
+impl AsRef<[u8]> for PooledFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for PooledFrame {
+    fn drop(&mut self) {
+        if let Ok(mut free) = self.pool.free.lock() {
+            if free.len() < POOL_MAX {
+                free.push(std::mem::take(&mut self.buf));
+            }
+        }
+    }
+}
+
+fn map_read_err(e: io::Error, during: &'static str) -> TransportError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TransportError::Timeout {
+            waiting_for: during,
+            after: Duration::ZERO,
+        },
+        io::ErrorKind::UnexpectedEof => TransportError::Closed { during },
+        _ => TransportError::io(format!("reading from the peer {during}"), e),
+    }
+}
+
+impl FrameReader {
+    pub(crate) fn new(conn: Box<dyn Conn>) -> Self {
+        Self {
+            conn,
+            decoder: MessageDecoder::new(),
+            authenticated: false,
+            pool: Arc::default(),
+        }
+    }
+
+    /// The handshake succeeded: protocol messages may follow.
+    pub(crate) fn set_authenticated(&mut self) {
+        self.authenticated = true;
+    }
+
+    pub(crate) fn conn(&self) -> &dyn Conn {
+        &*self.conn
+    }
+
+    /// The next item; `Eof` when the peer closed cleanly between messages.
+    pub(crate) fn next(&mut self, during: &'static str) -> Result<ReadOutcome> {
+        loop {
+            let mut header = [0u8; HEADER_LEN];
+            let mut got = 0;
+            while got < HEADER_LEN {
+                match self.conn.read(&mut header[got..]) {
+                    Ok(0) if got == 0 && !self.decoder.has_partial() => {
+                        return Ok(ReadOutcome::Eof);
+                    }
+                    Ok(0) => return Err(TransportError::Closed { during }),
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(map_read_err(e, during)),
+                }
+            }
+            let repr = FrameRepr::parse_header(&Frame::new_unchecked(&header[..]))?;
+            let len = repr.length as usize;
+            if !self.authenticated {
+                if !repr.kind.is_handshake() {
+                    return Err(TransportError::Unauthenticated {
+                        got: repr.kind.name(),
+                    });
+                }
+                if len > MAX_HANDSHAKE_PAYLOAD {
+                    return Err(WireError::TooLong {
+                        what: "handshake frame",
+                        len,
+                        cap: MAX_HANDSHAKE_PAYLOAD,
+                    }
+                    .into());
+                }
+            }
+            let frame = if HEADER_LEN + len <= POOL_BUF {
+                let mut buf = self.pool.take();
+                buf[..HEADER_LEN].copy_from_slice(&header);
+                read_payload(
+                    &mut *self.conn,
+                    &mut buf[HEADER_LEN..HEADER_LEN + len],
+                    during,
+                )?;
+                Bytes::from_owner(PooledFrame {
+                    buf,
+                    len: HEADER_LEN + len,
+                    pool: self.pool.clone(),
+                })
+            } else {
+                let mut buf = Vec::with_capacity(HEADER_LEN + len);
+                buf.extend_from_slice(&header);
+                // read_to_end fills the spare capacity without zeroing it first.
+                let read = (&mut self.conn)
+                    .take(len as u64)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| map_read_err(e, during))?;
+                if read < len {
+                    return Err(TransportError::Closed { during });
+                }
+                Bytes::from(buf)
+            };
+            if let Some(item) = self.decoder.decode_frame(frame)? {
+                return Ok(ReadOutcome::Item(item));
+            }
+        }
+    }
+}
+
+fn read_payload(conn: &mut dyn Conn, mut buf: &mut [u8], during: &'static str) -> Result<()> {
+    while !buf.is_empty() {
+        match conn.read(buf) {
+            Ok(0) => return Err(TransportError::Closed { during }),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(map_read_err(e, during)),
+        }
+    }
+    Ok(())
+}
+
+/// A connection during its handshake: framed reads and writes of handshake
+/// messages; a protocol message is refused.
+pub(crate) struct HandshakeConn<'a> {
+    pub(crate) reader: &'a mut FrameReader,
+    pub(crate) writer: &'a mut dyn Conn,
+    /// The read timeout set on the connection, for error messages.
+    pub(crate) timeout: Duration,
+}
+
+impl HandshakeIo for HandshakeConn<'_> {
+    fn send(&mut self, hs: &Handshake) -> Result<()> {
+        let frames = encode_handshake(hs)?;
+        frames
+            .write_to(&mut self.writer)
+            .map_err(|e| TransportError::io("writing the handshake", e))?;
+        self.writer
+            .flush()
+            .map_err(|e| TransportError::io("writing the handshake", e))
+    }
+
+    fn recv(&mut self) -> Result<Handshake> {
+        match self.reader.next("during the handshake") {
+            Ok(ReadOutcome::Item(WireItem::Handshake(h))) => Ok(h),
+            Ok(ReadOutcome::Item(WireItem::Message(m))) => {
+                let _ = self.send(&Handshake::Reject(crate::wire::Reject {
+                    reason: crate::wire::RejectReason::Unexpected,
+                }));
+                Err(TransportError::Unauthenticated { got: m.name() })
+            }
+            Ok(ReadOutcome::Eof) => Err(TransportError::Closed {
+                during: "during the handshake",
+            }),
+            Err(TransportError::Timeout { .. }) => Err(TransportError::Timeout {
+                waiting_for: "the peer's next handshake step",
+                after: self.timeout,
+            }),
+            Err(e @ (TransportError::Wire(_) | TransportError::Unauthenticated { .. })) => {
+                let _ = self.send(&Handshake::Reject(crate::wire::Reject {
+                    reason: crate::wire::RejectReason::Unexpected,
+                }));
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,907 @@
+//! Channels: authenticated multi-stream message transport implementing
+//! [`lmig_core::Channel`].
+//!
+//! A channel is a set of connections between the same two sides, each one
+//! authenticated on its own ([`crate::auth`]):
+//!
+//! * one **control** stream for the session's messages,
+//! * `data_streams` **data** streams for pages (lane `i` is stream `i`;
+//!   the session keeps every page of one chunk on one lane, and each stream
+//!   is FIFO),
+//! * one **urgent** stream for post-copy page requests and their replies,
+//!   so that they never queue behind bulk pages.
+//!
+//! Every stream has a reader thread that decodes frames and feeds one
+//! bounded queue shared by the channel; [`Channel::recv`] reads that queue.
+//! When the queue is full the readers stop reading and TCP flow control
+//! slows the sender down.
+//!
+//! Either side may listen: [`Listener::bind`] + [`Listener::accept`] on one,
+//! [`connect`] on the other. [`pair`] builds an in-memory channel pair
+//! that still encodes, authenticates and decodes every frame.
+//!
+//! # Failures
+//!
+//! A peer that vanishes or closes shows up as a
+//! [`MigrationError::Channel`] from `recv` and `send`, never as a hang:
+//! a closed connection is seen at once, TCP keepalive (10 s idle, then 3
+//! probes 5 s apart) catches a peer host that went silent, and writes time
+//! out after [`ChannelConfig::write_timeout`]. The peer closing every stream
+//! cleanly (after its last message) is reported only once every message it
+//! sent before closing was received.
+//!
+//! # Recovery
+//!
+//! [`Channel::reconnect`] re-establishes every stream for the same session
+//! id with the next generation number, re-running the authentication: the
+//! dialing side dials again, the listening side waits (up to
+//! [`ChannelConfig::reconnect_timeout`]) on the listener that accepted the
+//! channel. Call it on both sides; messages that were in flight on the
+//! broken connections are lost (the session resends what is missing).
+
+mod conn;
+mod limit;
+mod net;
+mod pipe;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lmig_core::protocol::{Message, PageBatch};
+use lmig_core::{Channel, MigrationError};
+
+use crate::auth::{self, AuthKey, ReplayCache};
+use crate::error::{Result, TransportError};
+use crate::wire::{Hello, SESSION_ID_LEN, StreamRole, WireItem, encode_message};
+use conn::{Conn, FrameReader, HandshakeConn, ReadOutcome};
+use limit::TokenBucket;
+pub use net::{Endpoint, connect};
+
+/// How a channel is set up. Both sides need the same key.
+#[derive(Clone, Debug)]
+pub struct ChannelConfig {
+    /// The pre-shared key.
+    pub key: AuthKey,
+    /// Data streams the dialer opens (1..=64); the listener takes what the
+    /// dialer announces.
+    pub data_streams: usize,
+    /// Bytes per second over all streams together (frames and headers);
+    /// `None`: unlimited.
+    pub bandwidth_limit: Option<u64>,
+    /// Longest wait for each step of a stream's handshake.
+    pub handshake_timeout: Duration,
+    /// Longest wait to establish a TCP connection.
+    pub connect_timeout: Duration,
+    /// Longest a write may block (the peer stopped reading). `None`: forever.
+    pub write_timeout: Option<Duration>,
+    /// `SO_SNDBUF` / `SO_RCVBUF` for TCP streams; `None` keeps the kernel's
+    /// auto-tuning.
+    pub socket_buffer: Option<usize>,
+    /// Messages buffered between the reader threads and `recv`.
+    pub queue_depth: usize,
+    /// How long the listening side's `reconnect` waits for the dialer.
+    pub reconnect_timeout: Duration,
+}
+
+impl ChannelConfig {
+    /// Defaults: one data stream, no bandwidth limit, 10 s handshake and
+    /// connect timeouts, 60 s write timeout, kernel socket buffers, a queue
+    /// of 64 messages, 30 s to reconnect.
+    pub fn new(key: AuthKey) -> Self {
+        Self {
+            key,
+            data_streams: 1,
+            bandwidth_limit: None,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            write_timeout: Some(Duration::from_secs(60)),
+            socket_buffer: None,
+            queue_depth: 64,
+            reconnect_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Set the number of data streams.
+    pub fn with_data_streams(mut self, n: usize) -> Self {
+        self.data_streams = n;
+        self
+    }
+
+    /// Limit the sending rate to `bytes_per_sec`.
+    pub fn with_bandwidth_limit(mut self, bytes_per_sec: u64) -> Self {
+        self.bandwidth_limit = Some(bytes_per_sec);
+        self
+    }
+
+    fn check(&self) -> Result<()> {
+        if !(1..=usize::from(crate::wire::MAX_DATA_STREAMS)).contains(&self.data_streams) {
+            return Err(TransportError::Config(format!(
+                "{} data streams; 1..=64 allowed",
+                self.data_streams
+            )));
+        }
+        if self.queue_depth == 0 {
+            return Err(TransportError::Config("queue depth 0".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Opens connections to the listening side.
+pub(crate) trait Dial: Send + Sync {
+    fn dial(&self, config: &ChannelConfig) -> Result<Box<dyn Conn>>;
+}
+
+/// Accepts connections on the listening side.
+pub(crate) trait AcceptConn: Send + Sync {
+    /// The next connection, or `None` once `deadline` passed.
+    fn accept_conn(
+        &self,
+        config: &ChannelConfig,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Box<dyn Conn>>>;
+}
+
+/// A connection after its handshake: a writer and a framed reader.
+struct Stream {
+    writer: Box<dyn Conn>,
+    reader: FrameReader,
+}
+
+/// The streams of one generation of a channel.
+struct Streams {
+    control: Stream,
+    data: Vec<Stream>,
+    urgent: Stream,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn role_name(role: StreamRole) -> &'static str {
+    match role {
+        StreamRole::Control => "control",
+        StreamRole::Data => "data",
+        StreamRole::Urgent => "urgent",
+    }
+}
+
+fn lane_plan(data_streams: u16) -> impl Iterator<Item = (StreamRole, u16)> {
+    std::iter::once((StreamRole::Control, 0))
+        .chain((0..data_streams).map(|i| (StreamRole::Data, i)))
+        .chain(std::iter::once((StreamRole::Urgent, 0)))
+}
+
+/// Dial and authenticate every stream of one generation.
+fn dial_streams(
+    dialer: &dyn Dial,
+    config: &ChannelConfig,
+    session: [u8; SESSION_ID_LEN],
+    generation: u32,
+) -> Result<Streams> {
+    let n = config.data_streams as u16;
+    let mut control = None;
+    let mut urgent = None;
+    let mut data = Vec::with_capacity(n.into());
+    for (role, index) in lane_plan(n) {
+        let conn = dialer.dial(config)?;
+        let stream = handshake_dial(conn, config, session, generation, role, index)?;
+        match role {
+            StreamRole::Control => control = Some(stream),
+            StreamRole::Data => data.push(stream),
+            StreamRole::Urgent => urgent = Some(stream),
+        }
+    }
+    match (control, urgent) {
+        (Some(control), Some(urgent)) => Ok(Streams {
+            control,
+            data,
+            urgent,
+        }),
+        _ => Err(TransportError::Handshake {
+            detail: "stream plan incomplete".into(),
+        }),
+    }
+}
+
+fn handshake_dial(
+    conn: Box<dyn Conn>,
+    config: &ChannelConfig,
+    session: [u8; SESSION_ID_LEN],
+    generation: u32,
+    role: StreamRole,
+    index: u16,
+) -> Result<Stream> {
+    let io_err = |e| TransportError::io("preparing a stream", e);
+    conn.set_timeouts(
+        Some(config.handshake_timeout),
+        Some(config.handshake_timeout),
+    )
+    .map_err(io_err)?;
+    let mut writer = conn.try_clone_conn().map_err(io_err)?;
+    let mut reader = FrameReader::new(conn);
+    let hello = Hello {
+        session,
+        role,
+        index,
+        data_streams: config.data_streams as u16,
+        generation,
+        nonce: auth::nonce()?,
+    };
+    let result = auth::dial(
+        &mut HandshakeConn {
+            reader: &mut reader,
+            writer: &mut *writer,
+            timeout: config.handshake_timeout,
+        },
+        &config.key,
+        hello,
+    );
+    if let Err(e) = result {
+        writer.shutdown_conn();
+        return Err(e);
+    }
+    writer
+        .set_timeouts(None, config.write_timeout)
+        .map_err(io_err)?;
+    reader.set_authenticated();
+    Ok(Stream { writer, reader })
+}
+
+/// Streams of one (session, generation) accepted so far.
+struct Pending {
+    data_streams: u16,
+    control: Option<Stream>,
+    urgent: Option<Stream>,
+    data: Vec<Option<Stream>>,
+}
+
+impl Pending {
+    fn new(data_streams: u16) -> Self {
+        Self {
+            data_streams,
+            control: None,
+            urgent: None,
+            data: (0..data_streams).map(|_| None).collect(),
+        }
+    }
+
+    fn has(&self, role: StreamRole, index: u16) -> bool {
+        match role {
+            StreamRole::Control => self.control.is_some(),
+            StreamRole::Urgent => self.urgent.is_some(),
+            StreamRole::Data => self
+                .data
+                .get(usize::from(index))
+                .is_some_and(Option::is_some),
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.control.is_some() && self.urgent.is_some() && self.data.iter().all(Option::is_some)
+    }
+
+    fn into_streams(self) -> Option<Streams> {
+        Some(Streams {
+            control: self.control?,
+            urgent: self.urgent?,
+            data: self.data.into_iter().collect::<Option<Vec<_>>>()?,
+        })
+    }
+}
+
+type Key = ([u8; SESSION_ID_LEN], u32);
+
+/// The listening side, shared with the channels it accepted (for `reconnect`).
+struct ListenerCore {
+    acceptor: Box<dyn AcceptConn>,
+    config: ChannelConfig,
+    replay: Mutex<ReplayCache>,
+    pending: Mutex<HashMap<Key, Pending>>,
+    /// Sessions accepted, with their current generation.
+    established: Mutex<HashMap<[u8; SESSION_ID_LEN], u32>>,
+    accept_lock: Mutex<()>,
+}
+
+impl ListenerCore {
+    fn new(acceptor: Box<dyn AcceptConn>, config: ChannelConfig) -> Self {
+        Self {
+            acceptor,
+            config,
+            replay: Mutex::default(),
+            pending: Mutex::default(),
+            established: Mutex::default(),
+            accept_lock: Mutex::new(()),
+        }
+    }
+
+    fn take_complete(&self, want: &dyn Fn(&Key) -> bool) -> Option<(Key, Streams)> {
+        let mut pending = lock(&self.pending);
+        let key = *pending.iter().find(|(k, p)| want(k) && p.complete())?.0;
+        let p = pending.remove(&key)?;
+        Some((key, p.into_streams()?))
+    }
+
+    /// Accept streams until a complete set matching `want` is there. A
+    /// stream that fails its handshake is an error if `fail_fast`, else it
+    /// is closed and skipped.
+    fn accept_set(
+        &self,
+        want: &dyn Fn(&Key) -> bool,
+        deadline: Option<Instant>,
+        fail_fast: bool,
+    ) -> Result<(Key, Streams)> {
+        loop {
+            if let Some(set) = self.take_complete(want) {
+                return Ok(set);
+            }
+            let _guard = lock(&self.accept_lock);
+            if let Some(set) = self.take_complete(want) {
+                return Ok(set);
+            }
+            let Some(conn) = self.acceptor.accept_conn(&self.config, deadline)? else {
+                return Err(TransportError::Timeout {
+                    waiting_for: "the dialer's streams",
+                    after: deadline.map_or(Duration::ZERO, |d| {
+                        d.saturating_duration_since(Instant::now())
+                    }),
+                });
+            };
+            match self.accept_stream(conn) {
+                Ok(()) => {}
+                Err(e) if fail_fast => return Err(e),
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Authenticate one connection and file it under its session.
+    fn accept_stream(&self, conn: Box<dyn Conn>) -> Result<()> {
+        let config = &self.config;
+        let io_err = |e| TransportError::io("preparing an accepted stream", e);
+        conn.set_timeouts(
+            Some(config.handshake_timeout),
+            Some(config.handshake_timeout),
+        )
+        .map_err(io_err)?;
+        let mut writer = conn.try_clone_conn().map_err(io_err)?;
+        let mut reader = FrameReader::new(conn);
+        let check = |h: &Hello| -> Result<()> {
+            let bad = |detail: String| Err(TransportError::Handshake { detail });
+            let established = lock(&self.established).get(&h.session).copied();
+            match (h.generation, established) {
+                (0, Some(_)) => return bad("a new stream for a session already established".into()),
+                (g, Some(cur)) if g <= cur => return bad(format!("stale generation {g}")),
+                (g, None) if g > 0 => return bad("reconnect for an unknown session".into()),
+                _ => {}
+            }
+            let pending = lock(&self.pending);
+            if let Some(p) = pending.get(&(h.session, h.generation)) {
+                if p.data_streams != h.data_streams {
+                    return bad("streams disagree on the number of data lanes".into());
+                }
+                if p.has(h.role, h.index) {
+                    return bad(format!(
+                        "{} stream {} announced twice",
+                        role_name(h.role),
+                        h.index
+                    ));
+                }
+            }
+            Ok(())
+        };
+        let result = auth::accept(
+            &mut HandshakeConn {
+                reader: &mut reader,
+                writer: &mut *writer,
+                timeout: config.handshake_timeout,
+            },
+            &config.key,
+            &self.replay,
+            &check,
+        );
+        let hello = match result {
+            Ok(a) => a.hello,
+            Err(e) => {
+                writer.shutdown_conn();
+                return Err(e);
+            }
+        };
+        writer
+            .set_timeouts(None, config.write_timeout)
+            .map_err(io_err)?;
+        reader.set_authenticated();
+        let stream = Stream { writer, reader };
+        let mut pending = lock(&self.pending);
+        let p = pending
+            .entry((hello.session, hello.generation))
+            .or_insert_with(|| Pending::new(hello.data_streams));
+        match hello.role {
+            StreamRole::Control => p.control = Some(stream),
+            StreamRole::Urgent => p.urgent = Some(stream),
+            StreamRole::Data => {
+                if let Some(slot) = p.data.get_mut(usize::from(hello.index)) {
+                    *slot = Some(stream);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Accepts channels: binds an address, authenticates the dialer's streams
+/// and groups them into channels.
+pub struct Listener {
+    core: Arc<ListenerCore>,
+    local: Endpoint,
+}
+
+impl Listener {
+    /// Listen on `endpoint` (TCP or Unix).
+    pub fn bind(endpoint: &Endpoint, config: ChannelConfig) -> Result<Self> {
+        config.check()?;
+        let (acceptor, local) = net::listen(endpoint, &config)?;
+        Ok(Self {
+            core: Arc::new(ListenerCore::new(acceptor, config)),
+            local,
+        })
+    }
+
+    /// The address actually bound (with the port the kernel chose for port 0).
+    pub fn local_endpoint(&self) -> &Endpoint {
+        &self.local
+    }
+
+    /// Wait for a dialer and return the authenticated channel. A connection
+    /// that fails authentication is closed and its error returned.
+    pub fn accept(&self) -> Result<StreamChannel> {
+        self.accept_until(None)
+    }
+
+    /// [`Listener::accept`], giving up with [`TransportError::Timeout`] after `timeout`.
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<StreamChannel> {
+        self.accept_until(Some(Instant::now() + timeout))
+    }
+
+    fn accept_until(&self, deadline: Option<Instant>) -> Result<StreamChannel> {
+        let ((session, generation), streams) =
+            self.core.accept_set(&|k| k.1 == 0, deadline, true)?;
+        lock(&self.core.established).insert(session, generation);
+        Ok(StreamChannel::start(
+            streams,
+            self.core.config.clone(),
+            session,
+            generation,
+            Side::Listener(self.core.clone()),
+        ))
+    }
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Side {
+    Dialer(Box<dyn Dial>),
+    Listener(Arc<ListenerCore>),
+}
+
+/// What a reader thread reports.
+enum Event {
+    Msg(Message),
+    Eof(u32),
+    Failed(u32, TransportError),
+}
+
+/// The writing halves of one generation.
+struct Lanes {
+    control: Mutex<Box<dyn Conn>>,
+    data: Vec<Mutex<Box<dyn Conn>>>,
+    urgent: Mutex<Box<dyn Conn>>,
+    /// Handles to shut every connection down.
+    all: Vec<Box<dyn Conn>>,
+}
+
+impl Lanes {
+    fn shutdown(&self) {
+        for c in &self.all {
+            c.shutdown_conn();
+        }
+    }
+}
+
+struct RecvState {
+    generation: u32,
+    open_lanes: usize,
+    broken: Option<String>,
+}
+
+struct Inner {
+    config: ChannelConfig,
+    session: [u8; SESSION_ID_LEN],
+    side: Side,
+    lanes: RwLock<Arc<Lanes>>,
+    rx: Mutex<Receiver<Event>>,
+    tx: SyncSender<Event>,
+    state: Mutex<RecvState>,
+    limiter: Option<TokenBucket>,
+    closed: AtomicBool,
+    generation: AtomicU32,
+    reconnect_lock: Mutex<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(l) = self.lanes.read() {
+            l.shutdown();
+        }
+    }
+}
+
+/// An authenticated channel over TCP, Unix or in-memory streams.
+///
+/// Cheap to share: methods take `&self`; wrap it in an `Arc` to use it
+/// from several threads (the session sends pages on several lanes at once).
+/// Dropping it closes every stream.
+pub struct StreamChannel {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for StreamChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamChannel")
+            .field("data_streams", &self.data_lanes())
+            .field("generation", &self.inner.generation.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamChannel {
+    fn start(
+        streams: Streams,
+        config: ChannelConfig,
+        session: [u8; SESSION_ID_LEN],
+        generation: u32,
+        side: Side,
+    ) -> Self {
+        let (tx, rx) = sync_channel(config.queue_depth);
+        let limiter = config.bandwidth_limit.map(TokenBucket::new);
+        let (lanes, readers) = split(streams);
+        let open_lanes = readers.len();
+        let inner = Arc::new(Inner {
+            session,
+            side,
+            lanes: RwLock::new(Arc::new(lanes)),
+            rx: Mutex::new(rx),
+            tx,
+            state: Mutex::new(RecvState {
+                generation,
+                open_lanes,
+                broken: None,
+            }),
+            limiter,
+            closed: AtomicBool::new(false),
+            generation: AtomicU32::new(generation),
+            reconnect_lock: Mutex::new(()),
+            config,
+        });
+        spawn_readers(readers, &inner.tx, generation);
+        Self { inner }
+    }
+
+    /// The channel's session id (the same on both sides, random per channel).
+    pub fn session_id(&self) -> [u8; SESSION_ID_LEN] {
+        self.inner.session
+    }
+
+    /// How many times the channel was re-established (0 at first).
+    pub fn generation(&self) -> u32 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    fn write(&self, lane: Lane, msg: &Message) -> lmig_core::Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(MigrationError::channel_closed("the channel was shut down"));
+        }
+        let frames = encode_message(msg)
+            .map_err(|e| MigrationError::channel(format!("cannot encode {}", msg.name()), e))?;
+        if let Some(l) = &self.inner.limiter {
+            l.acquire(frames.len());
+        }
+        let lanes = self
+            .inner
+            .lanes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (mut w, name) = match lane {
+            Lane::Control => (lock(&lanes.control), "control"),
+            Lane::Urgent => (lock(&lanes.urgent), "urgent"),
+            Lane::Data(i) => (lock(&lanes.data[i % lanes.data.len()]), "data"),
+        };
+        frames.write_to(&mut **w).map_err(|e| {
+            MigrationError::channel(format!("sending {} on the {name} stream", msg.name()), e)
+        })
+    }
+
+    fn reconnect_inner(&self) -> Result<()> {
+        let _g = lock(&self.inner.reconnect_lock);
+        let inner = &self.inner;
+        let cur = inner.generation.load(Ordering::Acquire);
+        let (generation, streams) = match &inner.side {
+            Side::Dialer(d) => {
+                let g = cur + 1;
+                (g, dial_streams(&**d, &inner.config, inner.session, g)?)
+            }
+            Side::Listener(core) => {
+                let session = inner.session;
+                let deadline = Instant::now() + inner.config.reconnect_timeout;
+                let ((_, g), streams) = core.accept_set(
+                    &|k: &Key| k.0 == session && k.1 > cur,
+                    Some(deadline),
+                    false,
+                )?;
+                lock(&core.established).insert(session, g);
+                (g, streams)
+            }
+        };
+        let (lanes, readers) = split(streams);
+        {
+            let mut st = lock(&inner.state);
+            st.generation = generation;
+            st.open_lanes = readers.len();
+            st.broken = None;
+        }
+        let old = std::mem::replace(
+            &mut *inner.lanes.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(lanes),
+        );
+        old.shutdown();
+        inner.generation.store(generation, Ordering::Release);
+        spawn_readers(readers, &inner.tx, generation);
+        Ok(())
+    }
+}
+
+enum Lane {
+    Control,
+    Data(usize),
+    Urgent,
+}
+
+fn split(streams: Streams) -> (Lanes, Vec<(String, FrameReader)>) {
+    let mut all = Vec::new();
+    let mut readers = Vec::new();
+    let mut take = |s: Stream, name: String| {
+        if let Ok(c) = s.writer.try_clone_conn() {
+            all.push(c);
+        }
+        if let Ok(c) = s.reader.conn().try_clone_conn() {
+            all.push(c);
+        }
+        readers.push((name, s.reader));
+        Mutex::new(s.writer)
+    };
+    let control = take(streams.control, "lmig-rx-control".into());
+    let data = streams
+        .data
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| take(s, format!("lmig-rx-data{i}")))
+        .collect();
+    let urgent = take(streams.urgent, "lmig-rx-urgent".into());
+    (
+        Lanes {
+            control,
+            data,
+            urgent,
+            all,
+        },
+        readers,
+    )
+}
+
+fn spawn_readers(readers: Vec<(String, FrameReader)>, tx: &SyncSender<Event>, generation: u32) {
+    for (name, mut reader) in readers {
+        let thread_tx = tx.clone();
+        let spawned = thread::Builder::new().name(name).spawn(move || {
+            loop {
+                let ev = match reader.next("while receiving") {
+                    Ok(ReadOutcome::Item(WireItem::Message(m))) => Event::Msg(m),
+                    Ok(ReadOutcome::Item(WireItem::Handshake(h))) => Event::Failed(
+                        generation,
+                        TransportError::Handshake {
+                            detail: format!("{} frame after authentication", h.kind().name()),
+                        },
+                    ),
+                    Ok(ReadOutcome::Eof) => Event::Eof(generation),
+                    Err(e) => Event::Failed(generation, e),
+                };
+                let last = !matches!(ev, Event::Msg(_));
+                if thread_tx.send(ev).is_err() || last {
+                    reader.conn().shutdown_conn();
+                    return;
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            let _ = tx.send(Event::Failed(
+                generation,
+                TransportError::io("spawning a reader thread", e),
+            ));
+        }
+    }
+}
+
+impl Channel for StreamChannel {
+    fn send(&self, msg: &Message) -> lmig_core::Result<()> {
+        self.write(Lane::Control, msg)
+    }
+
+    fn send_pages(&self, lane: usize, batch: &PageBatch) -> lmig_core::Result<()> {
+        self.write(Lane::Data(lane), &Message::Pages(batch.clone()))
+    }
+
+    fn send_urgent(&self, msg: &Message) -> lmig_core::Result<()> {
+        self.write(Lane::Urgent, msg)
+    }
+
+    fn data_lanes(&self) -> usize {
+        self.inner.lanes.read().map(|l| l.data.len()).unwrap_or(1)
+    }
+
+    fn recv(&self, timeout: Option<Duration>) -> lmig_core::Result<Option<Message>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let rx = lock(&self.inner.rx);
+        loop {
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(MigrationError::channel_closed("the channel was shut down"));
+            }
+            if let Some(b) = &lock(&self.inner.state).broken {
+                return Err(MigrationError::channel_closed(b.clone()));
+            }
+            let ev = match deadline {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+            };
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrationError::channel_closed("every reader stopped"));
+                }
+            };
+            let mut st = lock(&self.inner.state);
+            match ev {
+                Event::Msg(m) => return Ok(Some(m)),
+                Event::Eof(g) if g == st.generation => {
+                    st.open_lanes = st.open_lanes.saturating_sub(1);
+                    if st.open_lanes == 0 {
+                        let detail = "the peer closed the channel".to_string();
+                        st.broken = Some(detail.clone());
+                        return Err(MigrationError::channel_closed(detail));
+                    }
+                }
+                Event::Failed(g, e) if g == st.generation => {
+                    st.broken = Some(format!("channel broken: {e}"));
+                    return Err(e.into());
+                }
+                // A reader of a generation replaced by `reconnect`.
+                Event::Eof(_) | Event::Failed(..) => {}
+            }
+        }
+    }
+
+    fn reconnect(&self) -> lmig_core::Result<()> {
+        self.reconnect_inner().map_err(Into::into)
+    }
+
+    fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        if let Ok(l) = self.inner.lanes.read() {
+            l.shutdown();
+        }
+    }
+}
+
+/// The dialer of an in-memory pair: hands one end of a fresh pipe to the
+/// listening side per stream.
+struct MemDial(Mutex<std::sync::mpsc::Sender<pipe::PipeEnd>>);
+
+impl Dial for MemDial {
+    fn dial(&self, _config: &ChannelConfig) -> Result<Box<dyn Conn>> {
+        let (a, b) = pipe::pipe();
+        lock(&self.0).send(b).map_err(|_| TransportError::Closed {
+            during: "while connecting (in-memory listener gone)",
+        })?;
+        Ok(Box::new(a))
+    }
+}
+
+struct MemAccept(Mutex<Receiver<pipe::PipeEnd>>);
+
+impl AcceptConn for MemAccept {
+    fn accept_conn(
+        &self,
+        _config: &ChannelConfig,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Box<dyn Conn>>> {
+        let rx = lock(&self.0);
+        let r = match deadline {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+        };
+        match r {
+            Ok(p) => Ok(Some(Box::new(p))),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(TransportError::Closed {
+                during: "while accepting (in-memory dialer gone)",
+            }),
+        }
+    }
+}
+
+/// An in-memory channel pair `(dialer, listener)`: every message still goes
+/// through the frame codec, the handshake and the reader threads. Both
+/// support `reconnect` (call it on both, from two threads).
+pub fn pair(config: ChannelConfig) -> Result<(StreamChannel, StreamChannel)> {
+    config.check()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let core = Arc::new(ListenerCore::new(
+        Box::new(MemAccept(Mutex::new(rx))),
+        config.clone(),
+    ));
+    let dial = MemDial(Mutex::new(tx));
+    let mut session = [0u8; SESSION_ID_LEN];
+    auth::fill_random(&mut session)?;
+    let acceptor = {
+        let core = core.clone();
+        let deadline = Instant::now() + config.handshake_timeout;
+        thread::spawn(move || core.accept_set(&|k| k.1 == 0, Some(deadline), true))
+    };
+    let dialed = dial_streams(&dial, &config, session, 0);
+    let accepted = acceptor.join().map_err(|_| TransportError::Handshake {
+        detail: "the in-memory acceptor panicked".into(),
+    })?;
+    let dialed = dialed?;
+    let ((session_l, generation), accepted) = accepted?;
+    lock(&core.established).insert(session_l, generation);
+    let a = StreamChannel::start(
+        dialed,
+        config.clone(),
+        session,
+        0,
+        Side::Dialer(Box::new(dial)),
+    );
+    let b = StreamChannel::start(
+        accepted,
+        config,
+        session_l,
+        generation,
+        Side::Listener(core),
+    );
+    Ok((a, b))
+}
+
+pub(crate) fn start_dialed(dialer: Box<dyn Dial>, config: ChannelConfig) -> Result<StreamChannel> {
+    config.check()?;
+    let mut session = [0u8; SESSION_ID_LEN];
+    auth::fill_random(&mut session)?;
+    let streams = dial_streams(&*dialer, &config, session, 0)?;
+    Ok(StreamChannel::start(
+        streams,
+        config,
+        session,
+        0,
+        Side::Dialer(dialer),
+    ))
+}

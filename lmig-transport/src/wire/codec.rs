@@ -1,0 +1,416 @@
+//! Encoding into frames (vectored, zero-copy for page data) and the stream
+//! decoders (tokio-util's `Decoder` contract: `Ok(None)` = need more bytes).
+
+use std::io::{self, IoSlice, Write};
+
+use bytes::{Bytes, BytesMut};
+use lmig_core::protocol::Message;
+
+use super::frame::{Frame, FrameRepr, HEADER_LEN, Kind};
+use super::handshake::Handshake;
+use super::message::{emit_body, parse_message_body};
+use super::{FLAG_MORE, MAX_FRAME_PAYLOAD, MAX_MESSAGE_BYTES, Result, WireError};
+
+/// One encoded frame: its header and up to two payload parts, which are
+/// shared (not copied) slices of the message's bytes.
+#[derive(Clone, Debug)]
+struct EncodedFrame {
+    header: [u8; HEADER_LEN],
+    parts: [Bytes; 2],
+}
+
+/// A message encoded as one or more frames, ready for a vectored write.
+#[derive(Clone, Debug)]
+pub struct EncodedFrames {
+    frames: Vec<EncodedFrame>,
+    len: usize,
+}
+
+impl EncodedFrames {
+    /// Total bytes on the wire (headers included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never true: every message has at least a header.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of frames (more than one only for messages over
+    /// [`MAX_FRAME_PAYLOAD`]).
+    pub fn frame_count(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Write every frame with vectored writes: the headers and the payload
+    /// parts go to the writer as they are, nothing is gathered into a new buffer.
+    pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(self.frames.len() * 3);
+        for f in &self.frames {
+            slices.push(IoSlice::new(&f.header));
+            for p in &f.parts {
+                if !p.is_empty() {
+                    slices.push(IoSlice::new(p));
+                }
+            }
+        }
+        write_all_vectored(w, &mut slices)
+    }
+
+    /// The frames as one vector (copies; for tests, fuzzing and seeds).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len);
+        for f in &self.frames {
+            v.extend_from_slice(&f.header);
+            for p in &f.parts {
+                v.extend_from_slice(p);
+            }
+        }
+        v
+    }
+}
+
+/// `Write::write_all_vectored` (unstable in std) on stable.
+fn write_all_vectored<W: Write + ?Sized>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "failed to write whole frame",
+                ));
+            }
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn frames_of(kind: Kind, head: Bytes, tail: Bytes) -> Result<EncodedFrames> {
+    let total = head.len() + tail.len();
+    if total <= MAX_FRAME_PAYLOAD {
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &tail);
+        let header = FrameRepr::new(kind, 0, total, crc)?.to_bytes();
+        return Ok(EncodedFrames {
+            frames: vec![EncodedFrame {
+                header,
+                parts: [head, tail],
+            }],
+            len: HEADER_LEN + total,
+        });
+    }
+    // Fragments of at most MAX_FRAME_PAYLOAD bytes over head ++ tail.
+    let mut frames = Vec::with_capacity(total.div_ceil(MAX_FRAME_PAYLOAD));
+    let mut off = 0;
+    while off < total {
+        let end = (off + MAX_FRAME_PAYLOAD).min(total);
+        let h = if off < head.len() {
+            head.slice(off..end.min(head.len()))
+        } else {
+            Bytes::new()
+        };
+        let t = if end > head.len() {
+            tail.slice(off.saturating_sub(head.len())..end - head.len())
+        } else {
+            Bytes::new()
+        };
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&h), &t);
+        let flags = if end < total { FLAG_MORE } else { 0 };
+        let header = FrameRepr::new(kind, flags, end - off, crc)?.to_bytes();
+        frames.push(EncodedFrame {
+            header,
+            parts: [h, t],
+        });
+        off = end;
+    }
+    Ok(EncodedFrames {
+        len: total + frames.len() * HEADER_LEN,
+        frames,
+    })
+}
+
+/// Encode a protocol message. Page and state bytes are referenced, not copied.
+pub fn encode_message(msg: &Message) -> Result<EncodedFrames> {
+    let (kind, head, tail) = emit_body(msg)?;
+    frames_of(kind, head, tail)
+}
+
+/// Encode a handshake message (always one small frame).
+pub fn encode_handshake(hs: &Handshake) -> Result<EncodedFrames> {
+    frames_of(hs.kind(), hs.emit(), Bytes::new())
+}
+
+/// Splits a byte stream into checked frames.
+///
+/// Follows tokio-util's `Decoder` contract: `Ok(Some(frame))` consumes the
+/// frame's bytes from `src`, `Ok(None)` means more bytes are needed (and
+/// `src` was reserved for the rest of the frame, at most
+/// [`MAX_FRAME_PAYLOAD`]), `Err` means the stream is corrupt and must be closed.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    _private: (),
+}
+
+impl FrameDecoder {
+    /// A decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next whole frame: its checked header and its payload (a slice of
+    /// `src`'s buffer, no copy).
+    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<(FrameRepr, Bytes)>> {
+        if src.len() < HEADER_LEN {
+            // Reject a wrong magic as early as possible.
+            let n = src.len().min(4);
+            if src[..n] != super::MAGIC[..n] {
+                let mut m = [0u8; 4];
+                m[..n].copy_from_slice(&src[..n]);
+                return Err(WireError::BadMagic {
+                    found: u32::from_le_bytes(m),
+                });
+            }
+            return Ok(None);
+        }
+        let repr = FrameRepr::parse_header(&Frame::new_unchecked(&src[..HEADER_LEN]))?;
+        let total = HEADER_LEN + repr.length as usize;
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        let frame = src.split_to(total).freeze();
+        let payload = frame.slice(HEADER_LEN..);
+        let actual = crc32c::crc32c(&payload);
+        if actual != repr.checksum {
+            return Err(WireError::BadChecksum {
+                expected: repr.checksum,
+                actual,
+            });
+        }
+        Ok(Some((repr, payload)))
+    }
+}
+
+/// What a stream carries: protocol messages after authentication, handshake
+/// messages before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WireItem {
+    /// A protocol message.
+    Message(Message),
+    /// A handshake message.
+    Handshake(Handshake),
+}
+
+/// Decodes a byte stream into messages: frames, reassembly of fragmented
+/// messages (at most [`MAX_MESSAGE_BYTES`]), then the message codecs.
+///
+/// Same contract as [`FrameDecoder::decode`].
+#[derive(Debug, Default)]
+pub struct MessageDecoder {
+    frames: FrameDecoder,
+    partial: Option<(Kind, BytesMut)>,
+}
+
+impl MessageDecoder {
+    /// A decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next whole message, or `Ok(None)` if more bytes are needed.
+    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<WireItem>> {
+        loop {
+            let Some((repr, payload)) = self.frames.decode(src)? else {
+                return Ok(None);
+            };
+            if let Some(item) = self.push(repr, payload)? {
+                return Ok(Some(item));
+            }
+        }
+    }
+
+    /// Decode one whole frame held in `frame` (header and payload, nothing
+    /// more): the message, or `Ok(None)` if it was a fragment and more
+    /// frames are needed. Page content is a slice of `frame`.
+    pub fn decode_frame(&mut self, frame: Bytes) -> Result<Option<WireItem>> {
+        let view = Frame::new_checked(&frame[..])?;
+        let repr = FrameRepr::parse(&view)?;
+        let end = HEADER_LEN + repr.length as usize;
+        if frame.len() != end {
+            return Err(WireError::TrailingBytes(
+                frame.len() - end,
+                repr.kind.name(),
+            ));
+        }
+        self.push(repr, frame.slice(HEADER_LEN..))
+    }
+
+    fn push(&mut self, repr: FrameRepr, payload: Bytes) -> Result<Option<WireItem>> {
+        if repr.kind.is_handshake() {
+            if self.partial.is_some() {
+                return Err(WireError::Fragment(
+                    "handshake frame inside a fragmented message",
+                ));
+            }
+            return Handshake::parse(repr.kind, payload).map(|h| Some(WireItem::Handshake(h)));
+        }
+        if repr.more() && payload.is_empty() {
+            return Err(WireError::Fragment("empty fragment"));
+        }
+        match self.partial.as_mut() {
+            Some((kind, buf)) => {
+                if *kind != repr.kind {
+                    return Err(WireError::Fragment("fragments of different kinds"));
+                }
+                if buf.len() + payload.len() > MAX_MESSAGE_BYTES {
+                    return Err(WireError::TooLong {
+                        what: "fragmented message",
+                        len: buf.len() + payload.len(),
+                        cap: MAX_MESSAGE_BYTES,
+                    });
+                }
+                buf.extend_from_slice(&payload);
+                if repr.more() {
+                    return Ok(None);
+                }
+                let (kind, buf) = self.partial.take().unwrap_or((repr.kind, BytesMut::new()));
+                parse_message_body(kind, buf.freeze()).map(|m| Some(WireItem::Message(m)))
+            }
+            None if repr.more() => {
+                let mut buf = BytesMut::with_capacity(payload.len() * 2);
+                buf.extend_from_slice(&payload);
+                self.partial = Some((repr.kind, buf));
+                Ok(None)
+            }
+            None => parse_message_body(repr.kind, payload).map(|m| Some(WireItem::Message(m))),
+        }
+    }
+
+    /// Is the decoder in the middle of a fragmented message?
+    pub fn has_partial(&self) -> bool {
+        self.partial.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lmig_core::model::{PageRun, ProgramState, RegionId};
+    use lmig_core::protocol::{PageBatch, PageData};
+
+    use super::*;
+
+    fn feed_bytewise(wire: &[u8]) -> Vec<WireItem> {
+        let mut dec = MessageDecoder::new();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for b in wire {
+            buf.extend_from_slice(&[*b]);
+            while let Some(item) = dec.decode(&mut buf).unwrap() {
+                out.push(item);
+            }
+        }
+        assert!(buf.is_empty());
+        out
+    }
+
+    #[test]
+    fn stream_decoder_needs_more() {
+        let a = encode_message(&Message::Ready).unwrap().to_vec();
+        let b = encode_message(&Message::Abort {
+            reason: "bye".into(),
+        })
+        .unwrap()
+        .to_vec();
+        let wire = [a, b].concat();
+        let items = feed_bytewise(&wire);
+        assert_eq!(
+            items,
+            vec![
+                WireItem::Message(Message::Ready),
+                WireItem::Message(Message::Abort {
+                    reason: "bye".into()
+                })
+            ]
+        );
+    }
+
+    #[test]
+    fn stream_decoder_errors() {
+        let mut dec = FrameDecoder::new();
+        let mut buf = BytesMut::from(&b"HTTP"[..]);
+        assert!(matches!(
+            dec.decode(&mut buf),
+            Err(WireError::BadMagic { .. })
+        ));
+        let mut wire = encode_message(&Message::Abort {
+            reason: "bye".into(),
+        })
+        .unwrap()
+        .to_vec();
+        *wire.last_mut().unwrap() = b'!';
+        let mut buf = BytesMut::from(&wire[..]);
+        assert!(matches!(
+            FrameDecoder::new().decode(&mut buf),
+            Err(WireError::BadChecksum { .. })
+        ));
+        // A length over the cap is refused from the header alone.
+        let mut wire = encode_message(&Message::Ready).unwrap().to_vec();
+        wire[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut buf = BytesMut::from(&wire[..]);
+        assert!(matches!(
+            FrameDecoder::new().decode(&mut buf),
+            Err(WireError::TooLong { .. })
+        ));
+        assert!(
+            buf.capacity() < 1 << 20,
+            "no allocation for a refused frame"
+        );
+    }
+
+    #[test]
+    fn fragmented_state_reassembles() {
+        let data = Bytes::from(vec![0x5au8; MAX_FRAME_PAYLOAD + 10]);
+        let msg = Message::State(ProgramState::new(3, data));
+        let enc = encode_message(&msg).unwrap();
+        assert_eq!(enc.frame_count(), 2);
+        let wire = enc.to_vec();
+        assert_eq!(wire[7], FLAG_MORE);
+        let mut dec = MessageDecoder::new();
+        let mut buf = BytesMut::from(&wire[..]);
+        assert_eq!(dec.decode(&mut buf).unwrap(), Some(WireItem::Message(msg)));
+    }
+
+    #[test]
+    fn fragments_of_mixed_kinds_rejected() {
+        let data = Bytes::from(vec![0u8; MAX_FRAME_PAYLOAD + 1]);
+        let wire = encode_message(&Message::State(ProgramState::new(1, data)))
+            .unwrap()
+            .to_vec();
+        let first = &wire[..HEADER_LEN + MAX_FRAME_PAYLOAD];
+        let ready = encode_message(&Message::Ready).unwrap().to_vec();
+        let mut buf = BytesMut::from(&[first, &ready[..]].concat()[..]);
+        let mut dec = MessageDecoder::new();
+        assert!(matches!(dec.decode(&mut buf), Err(WireError::Fragment(_))));
+    }
+
+    #[test]
+    fn vectored_write_matches_to_vec() {
+        let msg = Message::Pages(PageBatch {
+            round: 0,
+            run: PageRun::new(RegionId(0), 0, 2),
+            data: PageData::Raw(Bytes::from(vec![1u8; 8192])),
+        });
+        let enc = encode_message(&msg).unwrap();
+        let mut out = Vec::new();
+        enc.write_to(&mut out).unwrap();
+        assert_eq!(out, enc.to_vec());
+        assert_eq!(out.len(), enc.len());
+    }
+}

@@ -1,0 +1,497 @@
+//! Message bodies: the payload of each message kind.
+//!
+//! ```text
+//! Regions     u32 count, count × { u32 id, u64 len, u32 page_size, opt u64 fixed_addr }
+//! Pages       PagesHeader (21 bytes, below), then the page bytes (Raw) or nothing (Zero)
+//! RoundEnd    u32 round, u64 pages, u64 zero_pages, u64 dirty_pages
+//! SocketPlan  u32 count, count × SocketPrep
+//! Sockets     bool last, u32 count, count × SocketRecord
+//! State       u32 version, then the state bytes
+//! Handover    u64 pages_total, bool verify, u32 count, count × PageRun (post-copy runs)
+//! Ready       (empty)
+//! Commit      (empty)
+//! PageRequest u32 region, u64 first, u32 count
+//! Digests     u32 count, count × { u32 region, [u8; 32] hash }
+//! Resync      u32 count, count × PageRun
+//! Done        u8 0 = not checked | 1 = verified | 2 = mismatch, then u32 region
+//! Abort       u16 length, UTF-8 reason (at most MAX_REASON_BYTES)
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+use lmig_core::model::{
+    MAX_PAGE_SIZE, MAX_REGIONS, MIN_PAGE_SIZE, PageRun, ProgramState, RegionId, RegionInfo,
+    RegionLayout, SocketPrep, SocketRecord,
+};
+use lmig_core::protocol::{
+    Handover, MAX_POSTCOPY_RUNS, MAX_REASON_BYTES, MAX_SOCKETS_PER_MESSAGE, Message, PageBatch,
+    PageData, RegionDigest, RoundSummary, Verification,
+};
+
+use super::frame::{Frame, FrameRepr, Kind};
+use super::reader::{Reader, put_string};
+use super::records::Codec;
+use super::{MAX_MESSAGE_BYTES, Result, WireError};
+
+mod field {
+    use std::ops::Range;
+
+    pub const ROUND: Range<usize> = 0..4;
+    pub const REGION: Range<usize> = 4..8;
+    pub const FIRST: Range<usize> = 8..16;
+    pub const COUNT: Range<usize> = 16..20;
+    pub const DATA_KIND: usize = 20;
+    pub const DATA: usize = 21;
+}
+
+const DATA_ZERO: u8 = 0;
+const DATA_RAW: u8 = 1;
+
+/// A view of the fixed header of a `Pages` body:
+///
+/// ```text
+/// 0        4         8               16       20         21
+/// | round  | region  |     first     | count  | data kind | page bytes…
+/// |  u32   |  u32    |      u64      |  u32   | 0 zero, 1 raw |
+/// ```
+#[derive(Debug, Clone)]
+pub struct PagesHeader<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+impl<T: AsRef<[u8]>> PagesHeader<T> {
+    /// Length of the fixed header.
+    pub const LEN: usize = field::DATA;
+
+    /// A view without checks.
+    pub fn new_unchecked(buffer: T) -> Self {
+        Self { buffer }
+    }
+
+    /// A view whose accessors cannot panic.
+    pub fn new_checked(buffer: T) -> Result<Self> {
+        let h = Self::new_unchecked(buffer);
+        h.check_len()?;
+        Ok(h)
+    }
+
+    /// Check that the fixed header is present.
+    pub fn check_len(&self) -> Result<()> {
+        let len = self.buffer.as_ref().len();
+        if len < Self::LEN {
+            return Err(WireError::Truncated {
+                what: "Pages header",
+                needed: Self::LEN,
+                available: len,
+            });
+        }
+        Ok(())
+    }
+
+    fn u32_at(&self, r: std::ops::Range<usize>) -> u32 {
+        u32::from_le_bytes(self.buffer.as_ref()[r].try_into().unwrap_or_default())
+    }
+
+    /// The round field.
+    pub fn round(&self) -> u32 {
+        self.u32_at(field::ROUND)
+    }
+
+    /// The region field.
+    pub fn region(&self) -> u32 {
+        self.u32_at(field::REGION)
+    }
+
+    /// The first-page field.
+    pub fn first(&self) -> u64 {
+        u64::from_le_bytes(
+            self.buffer.as_ref()[field::FIRST]
+                .try_into()
+                .unwrap_or_default(),
+        )
+    }
+
+    /// The page-count field.
+    pub fn count(&self) -> u32 {
+        self.u32_at(field::COUNT)
+    }
+
+    /// The data-kind field (0 zero pages, 1 raw).
+    pub fn data_kind(&self) -> u8 {
+        self.buffer.as_ref()[field::DATA_KIND]
+    }
+
+    /// The page bytes after the header.
+    pub fn data(&self) -> &[u8] {
+        &self.buffer.as_ref()[field::DATA..]
+    }
+}
+
+/// Write the fixed header of `batch` (the buffer holds at least `LEN` bytes).
+fn emit_pages_header(batch: &PageBatch, buf: &mut [u8]) {
+    {
+        buf[field::ROUND].copy_from_slice(&batch.round.to_le_bytes());
+        buf[field::REGION].copy_from_slice(&batch.run.region.0.to_le_bytes());
+        buf[field::FIRST].copy_from_slice(&batch.run.first.to_le_bytes());
+        buf[field::COUNT].copy_from_slice(&batch.run.count.to_le_bytes());
+        buf[field::DATA_KIND] = match batch.data {
+            PageData::Raw(_) => DATA_RAW,
+            PageData::Zero => DATA_ZERO,
+        };
+    }
+}
+
+/// Parse a `Pages` body; the page bytes are a slice of `payload`.
+fn parse_pages(payload: Bytes) -> Result<PageBatch> {
+    let h = PagesHeader::new_checked(&payload[..])?;
+    let run = PageRun::new(RegionId(h.region()), h.first(), h.count());
+    if run.count == 0 || run.first.checked_add(u64::from(run.count)).is_none() {
+        return Err(WireError::bad(
+            "page run",
+            format!("{} pages from {}", run.count, run.first),
+        ));
+    }
+    let round = h.round();
+    let data = match h.data_kind() {
+        DATA_ZERO => {
+            if !h.data().is_empty() {
+                return Err(WireError::TrailingBytes(h.data().len(), "zero Pages"));
+            }
+            PageData::Zero
+        }
+        DATA_RAW => {
+            let len = h.data().len();
+            let count = run.count as usize;
+            let page = len / count;
+            if len % count != 0
+                || !page.is_power_of_two()
+                || !(MIN_PAGE_SIZE as usize..=MAX_PAGE_SIZE as usize).contains(&page)
+            {
+                return Err(WireError::bad(
+                    "page data",
+                    format!("{len} bytes for {count} pages is no valid page size"),
+                ));
+            }
+            PageData::Raw(payload.slice(PagesHeader::<&[u8]>::LEN..))
+        }
+        k => return Err(WireError::bad("page data kind", format!("{k}"))),
+    };
+    Ok(PageBatch { round, run, data })
+}
+
+fn put_list<T: Codec>(buf: &mut BytesMut, items: &[T]) {
+    buf.put_u32_le(items.len() as u32);
+    for i in items {
+        i.emit(buf);
+    }
+}
+
+fn list_len<T: Codec>(items: &[T]) -> usize {
+    4 + items.iter().map(Codec::buffer_len).sum::<usize>()
+}
+
+fn parse_list<T: Codec>(r: &mut Reader, field: &'static str, cap: usize) -> Result<Vec<T>> {
+    let n = r.count(field, T::MIN_LEN, cap)?;
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(T::parse(r)?);
+    }
+    Ok(v)
+}
+
+fn check_runs(runs: &[PageRun]) -> Result<()> {
+    for run in runs {
+        if run.count == 0 || run.first.checked_add(u64::from(run.count)).is_none() {
+            return Err(WireError::bad(
+                "page run",
+                format!("{run:?} is empty or overflows"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn too_long(what: &'static str, len: usize, cap: usize) -> Result<()> {
+    if len > cap {
+        return Err(WireError::TooLong { what, len, cap });
+    }
+    Ok(())
+}
+
+/// The frame kind of a message.
+pub fn kind_of(msg: &Message) -> Kind {
+    match msg {
+        Message::Regions(_) => Kind::Regions,
+        Message::Pages(_) => Kind::Pages,
+        Message::RoundEnd(_) => Kind::RoundEnd,
+        Message::SocketPlan(_) => Kind::SocketPlan,
+        Message::Sockets { .. } => Kind::Sockets,
+        Message::State(_) => Kind::State,
+        Message::Handover(_) => Kind::Handover,
+        Message::Ready => Kind::Ready,
+        Message::Commit => Kind::Commit,
+        Message::PageRequest(_) => Kind::PageRequest,
+        Message::Digests(_) => Kind::Digests,
+        Message::Resync(_) => Kind::Resync,
+        Message::Done(_) => Kind::Done,
+        Message::Abort { .. } => Kind::Abort,
+    }
+}
+
+/// Encode a message body as a head (the message's own fields, freshly
+/// written) and a tail (page or state bytes, shared, never copied).
+///
+/// Fails for messages the receiver would reject for their size or content
+/// (an abort reason over the cap, an invalid socket record, …).
+pub(crate) fn emit_body(msg: &Message) -> Result<(Kind, Bytes, Bytes)> {
+    let kind = kind_of(msg);
+    let mut head = BytesMut::new();
+    let mut tail = Bytes::new();
+    match msg {
+        Message::Regions(layout) => {
+            let regions = layout.regions();
+            too_long("region list", regions.len(), MAX_REGIONS)?;
+            head.reserve(list_len(regions));
+            put_list(&mut head, regions);
+        }
+        Message::Pages(batch) => {
+            head.resize(PagesHeader::<&[u8]>::LEN, 0);
+            emit_pages_header(batch, &mut head);
+            if let PageData::Raw(data) = &batch.data {
+                tail = data.clone();
+            }
+        }
+        Message::RoundEnd(s) => s.emit(&mut head),
+        Message::SocketPlan(preps) => {
+            too_long("socket plan", preps.len(), MAX_SOCKETS_PER_MESSAGE)?;
+            head.reserve(list_len(preps));
+            put_list(&mut head, preps);
+        }
+        Message::Sockets { records, last } => {
+            too_long("socket records", records.len(), MAX_SOCKETS_PER_MESSAGE)?;
+            for r in records {
+                r.validate()
+                    .map_err(|e| WireError::invalid("socket record", e))?;
+            }
+            head.reserve(1 + list_len(records));
+            head.put_u8(u8::from(*last));
+            put_list(&mut head, records);
+        }
+        Message::State(state) => {
+            state
+                .validate()
+                .map_err(|e| WireError::invalid("program state", e))?;
+            head.put_u32_le(state.version);
+            tail = state.data.clone();
+        }
+        Message::Handover(h) => {
+            too_long("post-copy runs", h.postcopy.len(), MAX_POSTCOPY_RUNS)?;
+            check_runs(&h.postcopy)?;
+            head.reserve(9 + list_len(&h.postcopy));
+            head.put_u64_le(h.pages_total);
+            head.put_u8(u8::from(h.verify));
+            put_list(&mut head, &h.postcopy);
+        }
+        Message::Digests(d) => {
+            too_long("digest list", d.len(), MAX_REGIONS)?;
+            head.reserve(list_len(d));
+            put_list(&mut head, d);
+        }
+        Message::Resync(runs) => {
+            too_long("resync runs", runs.len(), MAX_POSTCOPY_RUNS)?;
+            check_runs(runs)?;
+            head.reserve(list_len(runs));
+            put_list(&mut head, runs);
+        }
+        Message::Ready | Message::Commit => {}
+        Message::PageRequest(run) => {
+            check_runs(std::slice::from_ref(run))?;
+            run.emit(&mut head);
+        }
+        Message::Done(v) => match v {
+            Verification::NotChecked => head.put_u8(0),
+            Verification::Verified => head.put_u8(1),
+            Verification::Mismatch(r) => {
+                head.put_u8(2);
+                head.put_u32_le(r.0);
+            }
+        },
+        Message::Abort { reason } => {
+            too_long("abort reason", reason.len(), MAX_REASON_BYTES)?;
+            put_string(&mut head, reason);
+        }
+    }
+    too_long("message", head.len() + tail.len(), MAX_MESSAGE_BYTES)?;
+    Ok((kind, head.freeze(), tail))
+}
+
+/// Decode the body of a message of `kind` (a whole, reassembled payload).
+///
+/// Byte strings in the result (page content, state, socket queues) are
+/// slices of `payload`: no copy.
+pub fn parse_message_body(kind: Kind, payload: Bytes) -> Result<Message> {
+    if kind == Kind::Pages {
+        return parse_pages(payload).map(Message::Pages);
+    }
+    let mut r = Reader::new(payload, kind.name());
+    let msg = match kind {
+        Kind::Regions => {
+            let regions: Vec<RegionInfo> = parse_list(&mut r, "region list", MAX_REGIONS)?;
+            Message::Regions(
+                RegionLayout::new(regions).map_err(|e| WireError::invalid("region layout", e))?,
+            )
+        }
+        Kind::RoundEnd => Message::RoundEnd(RoundSummary::parse(&mut r)?),
+        Kind::SocketPlan => Message::SocketPlan(parse_list::<SocketPrep>(
+            &mut r,
+            "socket plan",
+            MAX_SOCKETS_PER_MESSAGE,
+        )?),
+        Kind::Sockets => {
+            let last = r.bool("last")?;
+            let records =
+                parse_list::<SocketRecord>(&mut r, "socket records", MAX_SOCKETS_PER_MESSAGE)?;
+            Message::Sockets { records, last }
+        }
+        Kind::State => {
+            let version = r.u32()?;
+            let state = ProgramState {
+                version,
+                data: r.rest(),
+            };
+            state
+                .validate()
+                .map_err(|e| WireError::invalid("program state", e))?;
+            Message::State(state)
+        }
+        Kind::Handover => Message::Handover(Handover {
+            pages_total: r.u64()?,
+            verify: r.bool("verify")?,
+            postcopy: parse_list::<PageRun>(&mut r, "post-copy runs", MAX_POSTCOPY_RUNS)?,
+        }),
+        Kind::Digests => Message::Digests(parse_list::<RegionDigest>(
+            &mut r,
+            "digest list",
+            MAX_REGIONS,
+        )?),
+        Kind::Resync => Message::Resync(parse_list::<PageRun>(
+            &mut r,
+            "resync runs",
+            MAX_POSTCOPY_RUNS,
+        )?),
+        Kind::Ready => Message::Ready,
+        Kind::Commit => Message::Commit,
+        Kind::PageRequest => Message::PageRequest(PageRun::parse(&mut r)?),
+        Kind::Done => Message::Done(match r.u8()? {
+            0 => Verification::NotChecked,
+            1 => Verification::Verified,
+            2 => Verification::Mismatch(RegionId(r.u32()?)),
+            v => return Err(WireError::bad("verification", format!("tag {v}"))),
+        }),
+        Kind::Abort => Message::Abort {
+            reason: r.string("abort reason", MAX_REASON_BYTES)?,
+        },
+        k => {
+            return Err(WireError::bad(
+                "frame kind",
+                format!("{} is a handshake frame, not a message", k.name()),
+            ));
+        }
+    };
+    r.finish()?;
+    Ok(msg)
+}
+
+/// Decode one complete, unfragmented frame holding a message (a zero-copy
+/// slice of `buf` for page content).
+pub fn parse_message(buf: Bytes) -> Result<Message> {
+    let frame = Frame::new_checked(&buf[..])?;
+    let repr = FrameRepr::parse(&frame)?;
+    if repr.more() {
+        return Err(WireError::Fragment(
+            "a fragment where a whole message was expected",
+        ));
+    }
+    let end = super::HEADER_LEN + repr.length as usize;
+    if buf.len() != end {
+        return Err(WireError::TrailingBytes(buf.len() - end, repr.kind.name()));
+    }
+    parse_message_body(repr.kind, buf.slice(super::HEADER_LEN..end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::encode_message;
+
+    #[test]
+    fn pages_bytes() {
+        let data = Bytes::from(vec![0xabu8; 4096]);
+        let msg = Message::Pages(PageBatch {
+            round: 3,
+            run: PageRun::new(RegionId(1), 64, 1),
+            data: PageData::Raw(data.clone()),
+        });
+        let wire = encode_message(&msg).unwrap().to_vec();
+        assert_eq!(wire.len(), 16 + 21 + 4096);
+        assert_eq!(&wire[0..8], &[b'L', b'M', b'I', b'G', 1, 0, 2, 0]);
+        assert_eq!(&wire[8..12], &(21u32 + 4096).to_le_bytes());
+        assert_eq!(
+            &wire[16..37],
+            &[
+                3, 0, 0, 0, 1, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1
+            ]
+        );
+        let wire = Bytes::from(wire);
+        let back = parse_message(wire.clone()).unwrap();
+        assert_eq!(back, msg);
+        // Zero copy: the page bytes point into the receive buffer.
+        let Message::Pages(PageBatch {
+            data: PageData::Raw(d),
+            ..
+        }) = back
+        else {
+            unreachable!()
+        };
+        assert_eq!(d.as_ptr(), wire[37..].as_ptr());
+    }
+
+    #[test]
+    fn pages_bad_sizes() {
+        let mk = |count: u32, kind: u8, data: usize| {
+            let mut b = vec![0u8; 21 + data];
+            b[16..20].copy_from_slice(&count.to_le_bytes());
+            b[20] = kind;
+            parse_message_body(Kind::Pages, Bytes::from(b))
+        };
+        assert!(mk(1, 1, 4096).is_ok());
+        assert!(mk(2, 1, 4096).is_err(), "2 KiB pages");
+        assert!(mk(1, 1, 4097).is_err());
+        assert!(mk(0, 1, 4096).is_err());
+        assert!(mk(1, 0, 0).is_ok());
+        assert!(mk(1, 0, 1).is_err(), "bytes after zero pages");
+        assert!(mk(1, 2, 0).is_err(), "unknown data kind");
+        assert!(parse_message_body(Kind::Pages, Bytes::from_static(&[0; 20])).is_err());
+    }
+
+    #[test]
+    fn small_messages_bytes() {
+        let wire = encode_message(&Message::Done(Verification::Mismatch(RegionId(5))))
+            .unwrap()
+            .to_vec();
+        assert_eq!(&wire[16..], &[2, 5, 0, 0, 0]);
+        let wire = encode_message(&Message::Abort {
+            reason: "no".into(),
+        })
+        .unwrap()
+        .to_vec();
+        assert_eq!(&wire[16..], &[2, 0, b'n', b'o']);
+        assert!(parse_message_body(Kind::Done, Bytes::from_static(&[3])).is_err());
+        assert!(
+            parse_message_body(Kind::Ready, Bytes::from_static(&[0])).is_err(),
+            "trailing"
+        );
+        assert!(parse_message_body(Kind::Hello, Bytes::new()).is_err());
+        let long = "x".repeat(MAX_REASON_BYTES + 1);
+        assert!(encode_message(&Message::Abort { reason: long }).is_err());
+    }
+}
