@@ -3,3 +3,5 @@
 //! Everything here uses lmig's public API only, as a program linking lmig would.
 
 pub mod bench;
+pub mod kvd;
+pub mod scenario;

@@ -8,12 +8,13 @@
 //! ```text
 //! source                                         destination
 //!   [channel: Hello/Welcome + mutual authentication, in lmig-transport]
-//!   Regions{layout} ───────────────────────────────▶ check / map regions
+//!   Regions{layout} ───────────────────────────────▶ check / map regions (pre-fault)
+//!   SocketPlan{..} ────────────────────────────────▶ create, repair, bind (pre-freeze)
 //!   Pages{round 0}  (data lanes, many streams) ────▶ place pages
+//!   ◀──────────────────────────────────────────────── Prepared
 //!   RoundEnd{0, ..} ───────────────────────────────▶
 //!   Pages{round 1..n} … RoundEnd{n}  ──────────────▶
-//!   SocketPlan{..} ────────────────────────────────▶ create, repair, bind (pre-freeze)
-//!   ── freeze: program paused, network locked ──
+//!   ── freeze (never before Prepared): program paused, network locked ──
 //!   Pages{final} Sockets{..}* State{..}
 //!   Handover{pages_total, postcopy, verify} ───────▶ wait for every page, restore sockets/state
 //!   ◀──────────────────────────────────────────────── Ready
@@ -226,6 +227,9 @@ pub enum Message {
     State(ProgramState),
     /// Everything of the freeze has been sent.
     Handover(Handover),
+    /// The destination mapped the regions and prepared the planned sockets:
+    /// the source may freeze (it never freezes before this).
+    Prepared,
     /// The destination has everything and can resume.
     Ready,
     /// The switchover: the destination resumes, the source never will.
@@ -258,6 +262,7 @@ impl Message {
             Self::Sockets { .. } => "Sockets",
             Self::State(_) => "State",
             Self::Handover(_) => "Handover",
+            Self::Prepared => "Prepared",
             Self::Ready => "Ready",
             Self::Commit => "Commit",
             Self::PageRequest(_) => "PageRequest",

@@ -367,6 +367,10 @@ impl<C: Channel> Channel for CutChannel<C> {
         self.inner.data_lanes()
     }
 
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+
     fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>> {
         if self.was_cut() {
             return Err(MigrationError::channel_closed("connection cut (test)"));

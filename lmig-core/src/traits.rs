@@ -129,6 +129,12 @@ pub trait SocketSink: Send {
     }
 
     /// Restore one batch (in repair mode; not yet talking to peers).
+    ///
+    /// Records come from the peer: validate each one
+    /// ([`SocketRecord::validate`]), restore the valid ones, and report the
+    /// invalid ones by name. Returning `Err` aborts the migration (before
+    /// `Commit`); a sink may instead tolerate bad records and keep them for
+    /// its own report.
     fn restore(&mut self, batch: Vec<SocketRecord>) -> Result<()>;
 
     /// After `Commit`: leave repair mode, take over the address, release held packets.
@@ -232,6 +238,12 @@ pub trait Channel: Send + Sync {
     /// Number of data lanes.
     fn data_lanes(&self) -> usize {
         1
+    }
+
+    /// Push out pages a data lane buffered. The session calls it after each
+    /// batch of `send_pages` calls; a channel may hold pages until then.
+    fn flush(&self) -> Result<()> {
+        Ok(())
     }
 
     /// The next message from any lane; `Ok(None)` when `timeout` passed first
@@ -439,6 +451,9 @@ macro_rules! forward_channel {
             }
             fn data_lanes(&self) -> usize {
                 (**self).data_lanes()
+            }
+            fn flush(&self) -> Result<()> {
+                (**self).flush()
             }
             fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>> {
                 (**self).recv(timeout)

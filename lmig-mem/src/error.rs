@@ -106,6 +106,14 @@ pub enum MemError {
     #[error("memory sink used before prepare()")]
     NotPrepared,
 
+    /// `end_postcopy` while pages are still missing: unregistering would let
+    /// the program read zeros where its data belongs.
+    #[error("post-copy cannot end: {missing} pages are still missing")]
+    PostcopyIncomplete {
+        /// Pages not placed yet.
+        missing: u64,
+    },
+
     /// A tracker method called in the wrong state.
     #[error("{tracker}: {detail}")]
     TrackerState {

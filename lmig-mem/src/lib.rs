@@ -14,6 +14,10 @@
 //!   and, on a destination whose program mapped its own regions, its
 //!   [`MemorySink`](lmig_core::MemorySink). [`DestinationRegions`] is a sink
 //!   that maps the source's layout itself.
+//! * [`postcopy`]: the destination's post-copy half of the sink — missing
+//!   pages registered with userfaultfd, faults read by `wait_fault`, pages
+//!   placed with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` / `UFFDIO_CONTINUE`
+//!   (kernel-mode faults need privilege, see the module docs).
 //! * [`track`]: dirty trackers behind [`lmig_core::DirtyTracker`] — uffd
 //!   write-protect + `PAGEMAP_SCAN` (the default), soft-dirty, a manual
 //!   tracker the program marks, an adapter for a VMM's dirty bitmap — and
@@ -50,6 +54,14 @@
 //!   enough for async write-protect tracking: writes by the kernel on the
 //!   program's behalf (`read()` into a region) are tracked too, because async
 //!   faults never reach a handler.
+//! * **Post-copy** needs userfaultfd with kernel-mode faults (privilege as
+//!   above): with only `UFFD_USER_MODE_ONLY`, a system call that touches a
+//!   missing page fails with `EFAULT` instead of waiting, so
+//!   `begin_postcopy` refuses unless
+//!   [`PostcopyOptions::allow_user_mode_only`] is set. Shared and memfd
+//!   regions need `UFFD_FEATURE_MISSING_SHMEM` (4.11+); memfd regions use
+//!   minor faults + `UFFDIO_CONTINUE` when `UFFD_FEATURE_MINOR_SHMEM` (5.13+)
+//!   is there.
 //! * Soft-dirty needs `CONFIG_MEM_SOFT_DIRTY`; many distribution kernels
 //!   (and this project's CI) have it off, and the probe reports
 //!   [`MemError::Unsupported`] there.
@@ -96,12 +108,14 @@
 #![deny(unsafe_code)]
 
 pub mod error;
+pub mod postcopy;
 pub mod region;
 mod sys;
 pub mod track;
 
 pub use error::{MemError, Result};
 pub use lmig_core::model::RegionId;
+pub use postcopy::{PostcopyOptions, PostcopyStats};
 pub use region::{
     Backing, DestinationRegions, Region, RegionOptions, RegionSet, layout_difference,
 };

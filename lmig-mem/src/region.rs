@@ -9,12 +9,14 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 
-use lmig_core::model::{PageRun, RegionId, RegionInfo, RegionLayout};
+use lmig_core::model::{PageRun, RegionId, RegionInfo, RegionLayout, RegionPages};
 use lmig_core::{MemorySink, MemorySource};
 
 use crate::error::{MemError, Result};
+use crate::postcopy::{Postcopy, PostcopyOptions, PostcopyStats};
 use crate::sys::mapping::{MADV_HUGEPAGE, MADV_POPULATE_WRITE, Mapping, Share};
 
 /// What memory backs a region.
@@ -271,6 +273,10 @@ impl Region {
         (off < self.len()).then(|| (off / self.page_size()) as u64)
     }
 
+    pub(crate) fn mapping(&self) -> &Mapping {
+        &self.map
+    }
+
     pub(crate) fn describe(&self) -> String {
         format!(
             "region {} ({:#x}, {} bytes)",
@@ -327,7 +333,7 @@ impl Region {
     }
 
     /// Byte range of `run`, checked against this region.
-    fn run_bytes(&self, run: &PageRun) -> Result<(usize, usize)> {
+    pub(crate) fn run_bytes(&self, run: &PageRun) -> Result<(usize, usize)> {
         if run.region != self.id() {
             return Err(MemError::UnknownRegion { region: run.region });
         }
@@ -342,7 +348,7 @@ impl Region {
         Ok((run.first as usize * ps, run.count as usize * ps))
     }
 
-    fn check_len(&self, run: &PageRun, got: usize) -> Result<(usize, usize)> {
+    pub(crate) fn check_len(&self, run: &PageRun, got: usize) -> Result<(usize, usize)> {
         let (off, len) = self.run_bytes(run)?;
         if got != len {
             return Err(MemError::LengthMismatch {
@@ -420,6 +426,11 @@ pub fn layout_difference(here: &RegionLayout, offered: &RegionLayout) -> Option<
 /// chunks: every run is checked against its region before a byte moves.
 #[derive(Debug)]
 pub struct RegionSet {
+    /// Post-copy state while post-copy runs (declared before `regions` so
+    /// that it unregisters before they are unmapped).
+    postcopy: RwLock<Option<Arc<Postcopy>>>,
+    postcopy_options: PostcopyOptions,
+    postcopy_stats: Mutex<PostcopyStats>,
     layout: RegionLayout,
     /// Same order as `layout.regions()` (sorted by id).
     regions: Vec<Region>,
@@ -441,6 +452,9 @@ impl RegionSet {
                 }
             })?;
         Ok(Self {
+            postcopy: RwLock::new(None),
+            postcopy_options: PostcopyOptions::default(),
+            postcopy_stats: Mutex::new(PostcopyStats::default()),
             layout,
             regions,
             prefault: true,
@@ -479,6 +493,82 @@ impl RegionSet {
         self.prefault = on;
     }
 
+    /// How post-copy handles faults (see [`crate::postcopy`]).
+    pub fn set_postcopy_options(&mut self, options: PostcopyOptions) {
+        self.postcopy_options = options;
+    }
+
+    /// Post-copy statistics: live while post-copy runs, final after it ended.
+    pub fn postcopy_stats(&self) -> PostcopyStats {
+        match self.active_postcopy() {
+            Some(pc) => pc.stats(),
+            None => lock(&self.postcopy_stats).clone(),
+        }
+    }
+
+    /// Is post-copy running (pages registered for missing-page faults)?
+    pub fn in_postcopy(&self) -> bool {
+        self.active_postcopy().is_some()
+    }
+
+    fn active_postcopy(&self) -> Option<Arc<Postcopy>> {
+        self.postcopy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Post-copy: drop the stale content of `missing` and register the
+    /// regions for missing-page faults. See [`crate::postcopy`].
+    pub fn begin_postcopy(&self, missing: &RegionPages) -> Result<()> {
+        let mut slot = self.postcopy.write().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return Err(MemError::TrackerState {
+                tracker: "post-copy",
+                detail: "begin_postcopy called twice",
+            });
+        }
+        let pc = Postcopy::begin(&self.regions, missing, self.postcopy_options)?;
+        *slot = Some(Arc::new(pc));
+        Ok(())
+    }
+
+    /// Post-copy: wait up to `timeout` for a touch of a missing page.
+    pub fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
+        match self.active_postcopy() {
+            Some(pc) => pc.wait_fault(timeout),
+            None => {
+                std::thread::sleep(timeout);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Post-copy: unregister the regions. Refuses while pages are missing
+    /// ([`MemError::PostcopyIncomplete`]).
+    pub fn end_postcopy(&self) -> Result<()> {
+        let mut slot = self.postcopy.write().unwrap_or_else(|p| p.into_inner());
+        let Some(pc) = slot.as_ref() else {
+            return Ok(());
+        };
+        pc.end(false)?;
+        *lock(&self.postcopy_stats) = pc.stats();
+        *slot = None;
+        Ok(())
+    }
+
+    /// Post-copy failed for good (the source is gone): unregister even
+    /// though pages are missing. Threads blocked on a missing page resume
+    /// and read **zeros** there; the program's memory is incomplete and it
+    /// must be terminated (this only keeps it from hanging forever).
+    pub fn abandon_postcopy(&self) {
+        let mut slot = self.postcopy.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(pc) = slot.take() {
+            let _ = pc.end(true);
+            *lock(&self.postcopy_stats) = pc.stats();
+        }
+    }
+
     /// The layout announced to the destination.
     pub fn layout(&self) -> &RegionLayout {
         &self.layout
@@ -515,14 +605,31 @@ impl RegionSet {
         self.get(run.region)?.read_pages(run, dst)
     }
 
-    /// Write the pages of `run` (checked against the region before any byte moves).
+    /// Write the pages of `run` (checked against the region before any byte
+    /// moves). In post-copy, missing pages are filled atomically and their
+    /// waiters woken.
     pub fn write_run(&self, run: &PageRun, src: &[u8]) -> Result<()> {
-        self.get(run.region)?.write_pages(run, src)
+        let region = self.get(run.region)?;
+        match self.active_postcopy() {
+            None => region.write_pages(run, src),
+            Some(pc) => {
+                region.check_len(run, src.len())?;
+                pc.place(region, run, Some(src))
+            }
+        }
     }
 
-    /// Zero the pages of `run` (checked first).
+    /// Zero the pages of `run` (checked first). In post-copy, missing pages
+    /// are filled atomically and their waiters woken.
     pub fn zero_run(&self, run: &PageRun) -> Result<()> {
-        self.get(run.region)?.zero_pages(run)
+        let region = self.get(run.region)?;
+        match self.active_postcopy() {
+            None => region.zero_pages(run),
+            Some(pc) => {
+                region.run_bytes(run)?;
+                pc.place(region, run, None)
+            }
+        }
     }
 }
 
@@ -558,6 +665,22 @@ impl MemorySink for RegionSet {
     fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> lmig_core::Result<()> {
         Ok(self.read_run(run, dst)?)
     }
+
+    fn begin_postcopy(&self, missing: &RegionPages) -> lmig_core::Result<()> {
+        Ok(RegionSet::begin_postcopy(self, missing)?)
+    }
+
+    fn wait_fault(&self, timeout: Duration) -> lmig_core::Result<Option<PageRun>> {
+        Ok(RegionSet::wait_fault(self, timeout)?)
+    }
+
+    fn end_postcopy(&self) -> lmig_core::Result<()> {
+        Ok(RegionSet::end_postcopy(self)?)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A destination [`MemorySink`] that maps the source's layout in `prepare`
@@ -570,6 +693,7 @@ pub struct DestinationRegions {
     backing: Backing,
     thp: bool,
     prefault: bool,
+    postcopy_options: PostcopyOptions,
     set: OnceLock<RegionSet>,
     preparing: Mutex<()>,
 }
@@ -581,6 +705,7 @@ impl DestinationRegions {
             backing,
             thp: false,
             prefault: true,
+            postcopy_options: PostcopyOptions::default(),
             set: OnceLock::new(),
             preparing: Mutex::new(()),
         }
@@ -596,6 +721,20 @@ impl DestinationRegions {
     pub fn prefault(mut self, on: bool) -> Self {
         self.prefault = on;
         self
+    }
+
+    /// How post-copy handles faults (see [`crate::postcopy`]).
+    pub fn postcopy_options(mut self, options: PostcopyOptions) -> Self {
+        self.postcopy_options = options;
+        self
+    }
+
+    /// Post-copy statistics (empty before `prepare`).
+    pub fn postcopy_stats(&self) -> PostcopyStats {
+        self.set
+            .get()
+            .map(RegionSet::postcopy_stats)
+            .unwrap_or_default()
     }
 
     /// The regions, once `prepare` mapped them.
@@ -621,6 +760,7 @@ impl MemorySink for DestinationRegions {
         }
         let mut set = RegionSet::from_layout(layout, self.backing, self.thp)?;
         set.set_prefault(self.prefault);
+        set.set_postcopy_options(self.postcopy_options);
         if self.prefault {
             set.populate()?;
         }
@@ -638,6 +778,18 @@ impl MemorySink for DestinationRegions {
 
     fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> lmig_core::Result<()> {
         Ok(self.set()?.read_run(run, dst)?)
+    }
+
+    fn begin_postcopy(&self, missing: &RegionPages) -> lmig_core::Result<()> {
+        Ok(self.set()?.begin_postcopy(missing)?)
+    }
+
+    fn wait_fault(&self, timeout: Duration) -> lmig_core::Result<Option<PageRun>> {
+        Ok(self.set()?.wait_fault(timeout)?)
+    }
+
+    fn end_postcopy(&self) -> lmig_core::Result<()> {
+        Ok(self.set()?.end_postcopy()?)
     }
 }
 

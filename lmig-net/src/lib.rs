@@ -1,2 +1,92 @@
-//! lmig-net (skeleton; see the issue).
+//! # lmig-net
+//!
+//! Socket capture and restore for live migration: established TCP
+//! connections (IPv4 and IPv6, half-closed ones included), TCP listeners and
+//! UDP sockets move from one host to another without the peers noticing.
+//!
+//! * [`NetSource`] implements [`lmig_core::traits::SocketSource`]: the program
+//!   hands over its sockets (owned fds with its own ids, or fds taken from
+//!   another process with [`take_fd_from_process`]); at the freeze they enter
+//!   TCP repair mode, are captured in batches on several threads without
+//!   consuming anything, and are closed in repair mode (no FIN, no RST) after
+//!   `Commit` — or leave repair mode and keep serving after an abort.
+//! * [`NetSink`] implements [`lmig_core::traits::SocketSink`]: before the
+//!   freeze it creates, puts in repair mode and binds a socket for every
+//!   planned connection; during the freeze it restores batch k while the
+//!   source captures batch k+1; after `Commit` it activates them and hands the
+//!   fds back by id ([`NetSink::take_fds`]).
+//! * [`topology`]: network namespaces for tests and demos.
+//! * [`lock`] and [`handoff`]: the network lock (one nftables table per
+//!   family, packets held in NFQUEUE, never dropped) and the service-address
+//!   handoff; [`Locked`] / [`Handoff`] wrap any `SocketSource` / `SocketSink`.
+//!
+//! ## Guarantees
+//!
+//! * Nothing is read out of a source socket: queues are peeked, so an abort
+//!   loses no byte and no datagram.
+//! * Repair mode is held by RAII ([`RepairGuard`], and [`NetSource`]'s `Drop`):
+//!   every error path before `Commit` leaves it.
+//! * An impossible record is rejected with an error naming the connection;
+//!   the rest of the batch is restored ([`NetError::Partial`]).
+//! * No per-connection process, firewall rule or netlink round trip: a
+//!   connection costs a fixed number of system calls on each side.
+//!
+//! ## Non-goals
+//!
+//! The network lock and the address handoff (packets held during the freeze,
+//! the service address moving) are issue 6; [`NetworkLock`] is the hook it
+//! plugs into. Unix sockets, raw sockets, SCTP and TCP-AO/MD5 are not moved.
+//! File status flags (`O_NONBLOCK`) are not part of the record: restored
+//! sockets are blocking, the program sets what it wants.
+//!
+//! ## Kernel requirements
+//!
+//! Linux >= 4.13 (`TCP_REPAIR_WINDOW`, `TCP_REPAIR_OFF_NO_WP`); `SO_PEEK_OFF`
+//! on UDP (>= 4.1); `pidfd_getfd` (>= 5.6) for [`take_fd_from_process`].
+//! `CAP_NET_ADMIN` in the sockets' network namespace on both hosts (repair
+//! mode, raw sockets for injected FINs and datagrams, `IP_TRANSPARENT`).
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use lmig_core::traits::{SocketSink, SocketSource};
+//! use lmig_net::{NetSink, NetSource, SinkConfig, SourceConfig};
+//! # fn conn() -> std::net::TcpStream { unimplemented!() }
+//! // Source: hand the program's connection over under id 7.
+//! let mut src = NetSource::new(SourceConfig::default())?;
+//! src.add(7, conn().into())?;
+//! // Destination (another host; here the same process for brevity).
+//! let mut dst = NetSink::new(SinkConfig::default())?;
+//! dst.prepare(&src.plan()?)?;           // before the freeze
+//! src.freeze()?;                        // repair mode
+//! let mut batches = Vec::new();
+//! src.capture(&mut |b| { batches.push(b); Ok(()) })?;
+//! src.release()?;                       // after Commit; frees the 4-tuple here
+//! for b in batches { dst.restore(b)?; }
+//! dst.activate()?;
+//! let fds = dst.take_fds();             // id -> OwnedFd
+//! let stream = std::net::TcpStream::from(fds.into_iter().next().unwrap().1);
+//! # let _ = stream;
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! ```
 #![deny(unsafe_code)]
+
+mod error;
+pub mod handoff;
+mod inject;
+pub mod lock;
+mod opts;
+mod repair;
+mod sink;
+mod source;
+pub mod sys;
+pub mod tcp;
+pub mod topology;
+mod udp;
+
+pub use error::{NetError, Result, SocketFailure};
+pub use handoff::{Handoff, HandoffConfig, Locked, ServiceAddr};
+pub use repair::{RepairExit, RepairGuard};
+pub use sink::{NetSink, SinkConfig};
+pub use source::{NetSource, NetworkLock, SourceConfig, take_fd_from_process};
+pub use sys::raise_nofile_limit;

@@ -82,6 +82,8 @@ fn exercise(src: StreamChannel, dst: StreamChannel) {
                     src.send_pages(c as usize % lanes, &page(c, v)).unwrap();
                 }
             }
+            // Data lanes may hold small frames until flushed.
+            src.flush().unwrap();
             src.send_urgent(&Message::PageRequest(PageRun::new(RegionId(9), 3, 1)))
                 .unwrap();
             src.send(&Message::Commit).unwrap();
@@ -390,6 +392,7 @@ fn bandwidth_limit_is_respected() {
     for i in 0..batches {
         a.send_pages(i as usize, &page(i, 0)).unwrap();
     }
+    a.flush().unwrap();
     let elapsed = t.elapsed();
     recv.join().unwrap();
     // At most a 64 KiB..rate/20 burst goes out free; generous lower bound: half the ideal.
@@ -422,6 +425,7 @@ fn reconnect_memory_and_tcp() {
         assert_eq!(b.recv(Some(T)).unwrap(), Some(Message::Ready));
         reconnect_both(&a, &b);
         a.send_pages(1, &page(1, 1)).unwrap();
+        a.flush().unwrap();
         b.send_urgent(&Message::Commit).unwrap();
         assert!(
             matches!(b.recv(Some(T)).unwrap(), Some(Message::Pages(_))),

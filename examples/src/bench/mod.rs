@@ -6,6 +6,15 @@
 
 use std::io::Write;
 
+pub mod handoff;
+pub mod migrate;
+pub mod peer;
+pub mod postcopy;
+pub mod precopy;
+pub mod tcp;
+pub mod transfer;
+pub mod wire;
+
 /// Where a scenario's figures go: one JSON object per line (`--json`) or a
 /// table for people.
 #[derive(Clone, Copy, Debug)]

@@ -19,12 +19,45 @@ struct Cli {
 #[derive(Subcommand)]
 enum Scenario {
     // Scenarios are added here, one variant each, by the issues that define them.
+    /// TCP connection migration at scale (capture, pipelined restore, verification).
+    Tcp(lmig_examples::bench::tcp::Args),
+    /// Network lock, held packets and address handoff while clients keep sending.
+    Handoff(lmig_examples::bench::handoff::Args),
+    /// kvd with N busy clients migrating between two hosts (the demo as a benchmark).
+    Migrate(lmig_examples::bench::migrate::Args),
+    /// Pre-copy (or hybrid/post-copy) migration of a region with a writer dirtying it.
+    Precopy(lmig_examples::bench::precopy::Args),
+    /// Post-copy: the destination program touches its memory as soon as it resumes.
+    Postcopy(lmig_examples::bench::postcopy::Args),
+    /// Encode and decode of 4 KiB page frames against memcpy.
+    Wire(lmig_examples::bench::wire::Args),
+    /// Pages between two processes over loopback TCP through the authenticated channel.
+    Transfer(lmig_examples::bench::transfer::Args),
+    /// The destination process of `transfer` (started by it).
+    #[command(hide = true)]
+    TransferPeer(lmig_examples::bench::transfer::PeerArgs),
 }
 
 fn main() {
+    // Scenarios start kvd by running this binary with `kvd` as the first argument.
+    if std::env::args().nth(1).as_deref() == Some("kvd") {
+        use clap::Parser as _;
+        let args = lmig_examples::kvd::cli::Args::parse_from(std::env::args().skip(1));
+        lmig_examples::kvd::cli::main_with(args);
+        return;
+    }
     let cli = Cli::parse();
     let out = Output { json: cli.json };
-    let result: Result<(), Box<dyn std::error::Error>> = match cli.scenario {};
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.scenario {
+        Scenario::Tcp(a) => lmig_examples::bench::tcp::run(a, out),
+        Scenario::Handoff(a) => lmig_examples::bench::handoff::run(a, out),
+        Scenario::Precopy(a) => lmig_examples::bench::precopy::run(a, out),
+        Scenario::Postcopy(a) => lmig_examples::bench::postcopy::run(a, out),
+        Scenario::Migrate(a) => lmig_examples::bench::migrate::run(a, out),
+        Scenario::Wire(a) => lmig_examples::bench::wire::run(a, out),
+        Scenario::Transfer(a) => lmig_examples::bench::transfer::run(a, out),
+        Scenario::TransferPeer(a) => lmig_examples::bench::transfer::peer(a),
+    };
     if let Err(e) = result {
         eprintln!("lmig-bench: {e}");
         std::process::exit(1);

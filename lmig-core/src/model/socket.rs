@@ -158,9 +158,12 @@ pub struct TcpConnState {
 
 /// A listening TCP socket.
 ///
-/// Connections still in the accept queue at capture are not moved: the
-/// source closes the listener in repair mode; clients whose handshake
-/// completed but were never accepted retry on the destination's listener.
+/// Connections still in the accept queue at capture are not moved: a
+/// listener cannot enter repair mode, and when the source closes it after
+/// `Commit` the kernel resets the connections it had not accepted yet.
+/// Programs that accept promptly lose none; new connection attempts during
+/// the freeze are held by the network lock and reach the destination's
+/// listener.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpListenState {
     /// The program's identifier for this socket.

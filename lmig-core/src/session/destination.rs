@@ -1,5 +1,6 @@
 //! The destination side: place pages, restore sockets and state, resume on `Commit`.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,33 @@ where
             config: DestinationConfig::default(),
         }
     }
+}
+
+/// How long the post-copy receive loop waits per `recv` before it checks
+/// the link and its idle time.
+const RECV_TICK: Duration = Duration::from_millis(20);
+/// Pause between reconnection attempts.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+/// Unanswered fault requests remembered for repetition after a reconnect.
+const MAX_OUTSTANDING: usize = 256;
+
+/// State shared by the post-copy threads of the destination.
+#[derive(Default)]
+struct PostcopyLink {
+    /// Post-copy is over: the fault thread stops.
+    stop: AtomicBool,
+    /// Page requests sent (the program's network-bound faults).
+    faults: AtomicU64,
+    /// False while the channel is being re-established.
+    up: AtomicBool,
+    /// Reconnections done.
+    reconnects: AtomicU64,
+    /// Recent fault requests (repeated after a reconnect if still missing).
+    outstanding: Mutex<Vec<PageRun>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Pages that arrived before the control message they depend on.
@@ -250,6 +278,7 @@ where
         }
         let mut handover: Option<Handover> = None;
         let mut sockets_done = false;
+        let mut prepared = false;
         loop {
             if let Some(h) = &handover {
                 if progress.placed_total >= h.pages_total {
@@ -281,13 +310,16 @@ where
                         total_pages: progress.layout.total_pages(),
                     });
                 }
-                Message::SocketPlan(plan) if handover.is_none() => self.sockets.prepare(&plan)?,
+                Message::SocketPlan(plan) if handover.is_none() && !prepared => {
+                    self.sockets.prepare(&plan)?;
+                    self.channel.send(&Message::Prepared)?;
+                    prepared = true;
+                }
                 Message::Sockets { records, last } if !sockets_done && handover.is_none() => {
                     self.phase(Phase::Frozen);
                     progress.report.sockets_restored += records.len() as u64;
-                    for r in &records {
-                        r.validate()?;
-                    }
+                    // The sink validates each record and restores the valid
+                    // ones; it decides whether a bad record fails the migration.
                     self.sockets.restore(records)?;
                     sockets_done = last;
                 }
@@ -402,6 +434,22 @@ where
     }
 
     /// After `Commit`: post-copy until every page is in, then the digest check.
+    ///
+    /// Post-copy runs two threads: the fault thread turns the program's
+    /// faults into `PageRequest`s on the urgent lane; this thread places the
+    /// pages that arrive (pushed or requested), only those still missing.
+    ///
+    /// Recovery: when the channel breaks (a `recv` or `send` error), faulting
+    /// threads simply stay blocked in the kernel; this thread calls
+    /// [`Channel::reconnect`] (retried until `idle_timeout`), sends
+    /// `Resync(every run still missing)` and repeats the requests of faults
+    /// still unanswered; the source requeues exactly those runs. Pages that
+    /// were in flight when the link broke and arrive anyway are placed once;
+    /// later copies are counted in `duplicate_pages` and dropped.
+    ///
+    /// Bad input after `Commit` (pages outside a region, of the wrong length,
+    /// not missing any more, unexpected messages) is dropped with a warning:
+    /// the program already runs here, so it never aborts the migration.
     fn after_commit(
         &mut self,
         progress: &mut Progress,
@@ -414,42 +462,84 @@ where
         }
         let mut digests = None;
         for batch in std::mem::take(&mut progress.early) {
-            self.place(progress, &batch, Some(&mut missing))?;
+            self.place_postcopy(progress, &batch, &mut missing)?;
         }
+        let link = PostcopyLink::default();
+        link.up.store(true, Ordering::Release);
         if !missing.is_empty() {
             self.phase(Phase::Postcopy);
-            let stop = AtomicBool::new(false);
-            let faults = AtomicU64::new(0);
             let poll = self.config.fault_poll;
             let memory = &self.memory;
             let channel = &self.channel;
+            let link = &link;
             let result = std::thread::scope(|s| -> Result<()> {
                 let fault_thread = s.spawn(|| -> Result<()> {
-                    while !stop.load(Ordering::Acquire) {
-                        if let Some(run) = memory.wait_fault(poll)? {
-                            faults.fetch_add(1, Ordering::Relaxed);
-                            channel.send_urgent(&Message::PageRequest(run))?;
+                    while !link.stop.load(Ordering::Acquire) {
+                        let Some(run) = memory.wait_fault(poll)? else {
+                            continue;
+                        };
+                        link.faults.fetch_add(1, Ordering::Relaxed);
+                        {
+                            let mut o = lock(&link.outstanding);
+                            if o.len() == MAX_OUTSTANDING {
+                                o.remove(0);
+                            }
+                            o.push(run);
+                        }
+                        if link.up.load(Ordering::Acquire)
+                            && channel.send_urgent(&Message::PageRequest(run)).is_err()
+                        {
+                            // The main thread reconnects; the request is
+                            // repeated after the resync.
+                            link.up.store(false, Ordering::Release);
                         }
                     }
                     Ok(())
                 });
                 let placed = (|| -> Result<()> {
+                    let mut quiet = Duration::ZERO;
                     while !missing.is_empty() {
-                        match recv_within(channel, idle, "post-copy pages")? {
+                        if !link.up.load(Ordering::Acquire) {
+                            self.recover(progress, &missing, link, "a page request failed")?;
+                            quiet = Duration::ZERO;
+                        }
+                        let msg = match channel.recv(Some(RECV_TICK)) {
+                            Ok(Some(m)) => m,
+                            Ok(None) => {
+                                quiet += RECV_TICK;
+                                if quiet >= idle {
+                                    return Err(MigrationError::Timeout {
+                                        waiting_for: "post-copy pages",
+                                        after: idle,
+                                    });
+                                }
+                                continue;
+                            }
+                            Err(e) => {
+                                self.recover(progress, &missing, link, &e.to_string())?;
+                                quiet = Duration::ZERO;
+                                continue;
+                            }
+                        };
+                        quiet = Duration::ZERO;
+                        match msg {
                             Message::Pages(batch) => {
-                                self.place(progress, &batch, Some(&mut missing))?
+                                self.place_postcopy(progress, &batch, &mut missing)?
                             }
                             Message::Digests(d) => digests = Some(d),
-                            other => return Err(unexpected("post-copy", "Pages", &other)),
+                            other => progress.report.warnings.push(format!(
+                                "post-copy: ignored an unexpected {} from the source",
+                                other.name()
+                            )),
                         }
                     }
                     Ok(())
                 })();
-                stop.store(true, Ordering::Release);
+                link.stop.store(true, Ordering::Release);
                 let faulted = fault_thread.join().expect("fault thread panicked");
                 placed.and(faulted)
             });
-            progress.report.network_faults = faults.load(Ordering::Relaxed);
+            progress.report.network_faults = link.faults.load(Ordering::Relaxed);
             result?;
             self.memory.end_postcopy()?;
         }
@@ -459,18 +549,134 @@ where
         }
         let theirs = match digests {
             Some(d) => d,
-            None => loop {
-                match recv_within(&self.channel, idle, "Digests")? {
-                    Message::Digests(d) => break d,
-                    // Duplicates of post-copy pages may still be in flight.
-                    Message::Pages(_) => progress.report.duplicate_pages += 1,
-                    other => return Err(unexpected("verify", "Digests", &other)),
+            None => {
+                let mut quiet = Duration::ZERO;
+                loop {
+                    let msg = match self.channel.recv(Some(RECV_TICK)) {
+                        Ok(Some(m)) => m,
+                        Ok(None) => {
+                            quiet += RECV_TICK;
+                            if quiet >= idle {
+                                return Err(MigrationError::Timeout {
+                                    waiting_for: "Digests",
+                                    after: idle,
+                                });
+                            }
+                            continue;
+                        }
+                        Err(e) if !handover.postcopy.is_empty() => {
+                            // The digests may have been lost with the link.
+                            self.recover(progress, &missing, &link, &e.to_string())?;
+                            quiet = Duration::ZERO;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    quiet = Duration::ZERO;
+                    match msg {
+                        Message::Digests(d) => break d,
+                        // Duplicates of post-copy pages may still be in flight.
+                        Message::Pages(b) => {
+                            progress.report.duplicate_pages += u64::from(b.run.count)
+                        }
+                        other => return Err(unexpected("verify", "Digests", &other)),
+                    }
                 }
-            },
+            }
         };
         Ok(match first_mismatch(&progress.hashes.digests(), &theirs) {
             None => Verification::Verified,
             Some(region) => Verification::Mismatch(region),
         })
+    }
+
+    /// Place a post-copy batch: only pages still missing, each once. A batch
+    /// outside the layout or of the wrong length is dropped with a warning.
+    fn place_postcopy(
+        &self,
+        progress: &mut Progress,
+        batch: &PageBatch,
+        missing: &mut RegionPages,
+    ) -> Result<()> {
+        let run = batch.run;
+        let bad = match progress.layout.check_run(&run) {
+            Err(e) => Some(e.to_string()),
+            Ok(region) => match &batch.data {
+                PageData::Raw(d) if d.len() as u64 != region.bytes(u64::from(run.count)) => {
+                    Some(format!("{} bytes for {run}", d.len()))
+                }
+                _ => None,
+            },
+        };
+        if let Some(why) = bad {
+            if progress.report.warnings.len() < 64 {
+                progress
+                    .report
+                    .warnings
+                    .push(format!("post-copy: dropped a bad page batch: {why}"));
+            }
+            return Ok(());
+        }
+        self.place(progress, batch, Some(missing))
+    }
+
+    /// The channel broke during post-copy: reconnect (bounded by
+    /// `idle_timeout`), tell the source every page still missing, repeat the
+    /// requests of unanswered faults.
+    fn recover(
+        &self,
+        progress: &mut Progress,
+        missing: &RegionPages,
+        link: &PostcopyLink,
+        why: &str,
+    ) -> Result<()> {
+        link.up.store(false, Ordering::Release);
+        let deadline = Instant::now() + self.config.idle_timeout;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            match self.channel.reconnect() {
+                Ok(()) => break,
+                Err(e @ MigrationError::Unsupported { .. }) => return Err(e),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(MigrationError::backend(
+                        "post-copy recovery",
+                        format!(
+                            "the channel broke ({why}) and {attempts} reconnection attempts failed, the last: {e}"
+                        ),
+                    ));
+                }
+                Err(_) => std::thread::sleep(RECONNECT_PAUSE),
+            }
+        }
+        let runs: Vec<PageRun> = missing
+            .sets()
+            .flat_map(|(id, s)| s.runs().map(move |(f, c)| (id, f, c)))
+            .flat_map(|(id, f, c)| {
+                const MAX: u64 = 1 << 31;
+                (0..c.div_ceil(MAX))
+                    .map(move |i| PageRun::new(id, f + i * MAX, (c - i * MAX).min(MAX) as u32))
+            })
+            .collect();
+        let count = missing.count();
+        self.channel.send(&Message::Resync(runs))?;
+        let again: Vec<PageRun> = lock(&link.outstanding)
+            .iter()
+            .filter(|r| {
+                missing
+                    .get(r.region)
+                    .is_ok_and(|s| s.runs_in(r.first, r.end()).next().is_some())
+            })
+            .copied()
+            .collect();
+        for run in again {
+            self.channel.send_urgent(&Message::PageRequest(run))?;
+        }
+        link.up.store(true, Ordering::Release);
+        link.reconnects.fetch_add(1, Ordering::Relaxed);
+        progress.report.warnings.push(format!(
+            "post-copy: the channel broke ({why}); reconnected after {attempts} attempt(s), {count} pages resynced"
+        ));
+        Ok(())
     }
 }

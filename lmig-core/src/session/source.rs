@@ -1,7 +1,7 @@
 //! The source side: pre-copy rounds, the freeze, the commit, post-copy service.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::pages::{PageSender, Sent, lane_of};
@@ -82,6 +82,8 @@ pub struct SourceReport {
     pub bytes_sent: u64,
     /// Pages sent during the freeze.
     pub freeze_pages: u64,
+    /// Where the freeze went, step by step, from the pause to `Ready`.
+    pub freeze_steps: Vec<(&'static str, Duration)>,
     /// Pages sent after `Commit` (post-copy).
     pub postcopy_pages: u64,
     /// Of those, pages sent because the destination asked for them.
@@ -220,6 +222,7 @@ where
             zero_pages: 0,
             bytes_sent: 0,
             freeze_pages: 0,
+            freeze_steps: Vec::new(),
             postcopy_pages: 0,
             requested_pages: 0,
             sockets: 0,
@@ -367,11 +370,20 @@ where
         self.phase(Phase::Frozen);
         report.paused_at = Instant::now();
         undo.paused = true;
+        let mut lap = report.paused_at;
+        let mut step = |name: &'static str, steps: &mut Vec<(&'static str, Duration)>| {
+            let now = Instant::now();
+            steps.push((name, now - lap));
+            lap = now;
+        };
         self.program.pause()?;
+        step("pause program", &mut report.freeze_steps);
         undo.sockets_frozen = true;
         self.sockets.freeze()?;
+        step("freeze sockets", &mut report.freeze_steps);
         dirty.clear();
         self.tracker.collect(&mut dirty)?;
+        step("final collect", &mut report.freeze_steps);
         to_send.union_with(&dirty);
         if mode == Mode::Postcopy {
             to_send = RegionPages::full(layout);
@@ -398,6 +410,7 @@ where
             to_send.clear();
             Vec::new()
         };
+        step("final pages", &mut report.freeze_steps);
 
         let channel = &self.channel;
         let mut sockets = 0u64;
@@ -413,6 +426,7 @@ where
             records: Vec::new(),
             last: true,
         })?;
+        step("capture sockets", &mut report.freeze_steps);
         let state = self.program.capture()?;
         state.validate()?;
         self.channel.send(&Message::State(state))?;
@@ -421,6 +435,7 @@ where
             postcopy: postcopy_runs,
             verify: self.config.verify,
         }))?;
+        step("state and handover", &mut report.freeze_steps);
 
         self.phase(Phase::AwaitReady);
         match recv_within(&self.channel, self.config.ready_timeout, "Ready")? {
@@ -428,6 +443,7 @@ where
             other => return Err(unexpected("await-ready", "Ready", &other)),
         }
         report.ready_at = Instant::now();
+        step("wait for Ready", &mut report.freeze_steps);
         Ok(to_send)
     }
 
@@ -469,6 +485,17 @@ where
     }
 
     /// After `Commit`: post-copy service, digests, wait for `Done`.
+    ///
+    /// A pusher thread sends the queue ([`PushQueue`]: around recent faults
+    /// first, then in address order) on the data lanes; this thread answers
+    /// `PageRequest`s on the urgent lane before anything else.
+    ///
+    /// Recovery: when the channel breaks (a `recv` error here or a send
+    /// error in the pusher), the pusher pauses, this thread calls
+    /// [`Channel::reconnect`] (retried until `done_timeout`) and waits for
+    /// the destination's `Resync(missing)`: exactly those runs go back into
+    /// the queue (pages the destination has are never sent again), the
+    /// digests are sent again if they were, and the pusher resumes.
     fn after_commit(
         &mut self,
         layout: &RegionLayout,
@@ -480,7 +507,7 @@ where
             self.phase(Phase::Postcopy);
         }
         let push = Mutex::new(PushQueue::new(unsent));
-        let pushed_all = AtomicBool::new(false);
+        let gate = PushGate::new();
         let pushed = AtomicU64::new(0);
         let lanes = self.channel.data_lanes().max(1);
         let batch = self.config.batch_pages.clamp(1, CHUNK_PAGES);
@@ -490,15 +517,22 @@ where
         let channel = &self.channel;
         let observer = &self.observer;
         let total_pages = layout.total_pages();
+        let mut warnings = Vec::new();
 
-        std::thread::scope(|s| -> Result<Verification> {
+        let outcome = std::thread::scope(|s| -> Result<Verification> {
             let pusher = s.spawn(|| -> Result<Sent> {
                 let mut sender = PageSender::new(memory, channel, layout);
                 let mut total = Sent::default();
-                loop {
-                    let next = push.lock().expect("push queue poisoned").next_run(batch);
-                    let Some(run) = next else { break };
-                    total.add(sender.send_run(run, POSTCOPY_ROUND, lane_of(&run, lanes), false)?);
+                while let Some((run, epoch)) = gate.next(&push, batch) {
+                    // Flushed run by run: a faulting thread may wait for any of them.
+                    match sender
+                        .send_run(run, POSTCOPY_ROUND, lane_of(&run, lanes), false)
+                        .and_then(|sent| channel.flush().map(|()| sent))
+                    {
+                        Ok(sent) => total.add(sent),
+                        // Lost or not: the destination's `Resync` says.
+                        Err(_) => gate.broken(epoch),
+                    }
                     let n = pushed.fetch_add(u64::from(run.count), Ordering::Relaxed);
                     if n % 16384 < u64::from(run.count) {
                         observer.event(&Event::Progress {
@@ -508,72 +542,234 @@ where
                         });
                     }
                 }
-                pushed_all.store(true, Ordering::Release);
                 Ok(total)
             });
 
             let mut urgent = PageSender::new(memory, channel, layout);
             let mut requested = Sent::default();
-            let mut digests_sent = !verify;
+            let mut digests: Option<Vec<crate::protocol::RegionDigest>> = None;
             let mut idle = Duration::ZERO;
             let tick = Duration::from_millis(20);
-            let verification = loop {
-                if !digests_sent && pushed_all.load(Ordering::Acquire) {
-                    let hashes = PageHashes::of_memory(memory, layout)?;
-                    channel.send(&Message::Digests(hashes.digests()))?;
-                    digests_sent = true;
-                }
-                let msg = match channel.recv(Some(tick))? {
-                    Some(m) => m,
-                    None => {
-                        idle += tick;
-                        if pusher.is_finished() && !pushed_all.load(Ordering::Acquire) {
-                            // The pusher failed; its error is reported below.
-                            break Verification::NotChecked;
+            let serve = (|| -> Result<Verification> {
+                loop {
+                    if verify && digests.is_none() && gate.pushed_all() {
+                        let d = PageHashes::of_memory(memory, layout)?.digests();
+                        if channel.send(&Message::Digests(d.clone())).is_err() {
+                            gate.broken(gate.epoch());
                         }
-                        if idle >= done_timeout {
-                            return Err(MigrationError::Timeout {
-                                waiting_for: "Done",
-                                after: done_timeout,
-                            });
-                        }
-                        continue;
+                        digests = Some(d);
                     }
-                };
-                idle = Duration::ZERO;
-                match msg {
-                    Message::PageRequest(run) => {
-                        if layout.check_run(&run).is_err() {
+                    if gate.is_broken() && !gate.is_reconnected() {
+                        self.reconnect(&gate, &mut warnings, "a send failed")?;
+                        idle = Duration::ZERO;
+                    }
+                    let msg = match channel.recv(Some(tick)) {
+                        Ok(Some(m)) => m,
+                        Ok(None) => {
+                            idle += tick;
+                            if pusher.is_finished() {
+                                // The pusher failed; its error is reported below.
+                                return Ok(Verification::NotChecked);
+                            }
+                            if idle >= done_timeout {
+                                return Err(MigrationError::Timeout {
+                                    waiting_for: "Done",
+                                    after: done_timeout,
+                                });
+                            }
                             continue;
                         }
-                        let runs = push
-                            .lock()
-                            .expect("push queue poisoned")
-                            .take_requested(&run, batch);
-                        for r in runs {
-                            requested.add(urgent.send_run(r, POSTCOPY_ROUND, 0, true)?);
+                        Err(e) => {
+                            if !postcopy {
+                                return Err(e);
+                            }
+                            gate.broken(gate.epoch());
+                            self.reconnect(&gate, &mut warnings, &e.to_string())?;
+                            idle = Duration::ZERO;
+                            continue;
                         }
-                    }
-                    Message::Resync(missing) => {
-                        let mut q = push.lock().expect("push queue poisoned");
-                        for run in missing {
-                            if layout.check_run(&run).is_ok() {
-                                q.requeue(&run);
+                    };
+                    idle = Duration::ZERO;
+                    match msg {
+                        Message::PageRequest(run) => {
+                            if layout.check_run(&run).is_err() {
+                                continue;
+                            }
+                            let runs = push
+                                .lock()
+                                .expect("push queue poisoned")
+                                .take_requested(&run, batch);
+                            for r in runs {
+                                match urgent.send_run(r, POSTCOPY_ROUND, 0, true) {
+                                    Ok(sent) => requested.add(sent),
+                                    Err(_) => gate.broken(gate.epoch()),
+                                }
                             }
                         }
+                        Message::Resync(missing) => {
+                            {
+                                let mut q = push.lock().expect("push queue poisoned");
+                                for run in missing {
+                                    if layout.check_run(&run).is_ok() {
+                                        q.requeue(&run);
+                                    }
+                                }
+                            }
+                            if let Some(d) = &digests {
+                                if channel.send(&Message::Digests(d.clone())).is_err() {
+                                    gate.broken(gate.epoch());
+                                    continue;
+                                }
+                            }
+                            gate.resume();
+                        }
+                        Message::Done(v) => return Ok(v),
+                        other => {
+                            return Err(unexpected("post-commit", "PageRequest or Done", &other));
+                        }
                     }
-                    Message::Done(v) => break v,
-                    other => return Err(unexpected("post-commit", "PageRequest or Done", &other)),
                 }
-            };
+            })();
+            gate.finish();
             let pushed_sent = pusher.join().expect("post-copy pusher panicked")?;
             report.postcopy_pages = pushed_sent.pages + requested.pages;
             report.requested_pages = requested.pages;
             report.pages_sent += pushed_sent.pages + requested.pages;
             report.zero_pages += pushed_sent.zero_pages + requested.zero_pages;
             report.bytes_sent += pushed_sent.bytes + requested.bytes;
-            Ok(verification)
-        })
+            serve
+        });
+        report.warnings.extend(warnings);
+        outcome
+    }
+
+    /// Re-establish a broken channel (bounded by `done_timeout`). The pusher
+    /// stays paused until the destination's `Resync` arrives.
+    fn reconnect(&self, gate: &PushGate, warnings: &mut Vec<String>, why: &str) -> Result<()> {
+        let deadline = Instant::now() + self.config.done_timeout;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            match self.channel.reconnect() {
+                Ok(()) => break,
+                Err(e @ MigrationError::Unsupported { .. }) => return Err(e),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(MigrationError::backend(
+                        "post-copy recovery",
+                        format!(
+                            "the channel broke ({why}) and {attempts} reconnection attempts failed, the last: {e}"
+                        ),
+                    ));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        gate.reconnected();
+        warnings.push(format!(
+            "post-copy: the channel broke ({why}); reconnected after {attempts} attempt(s)"
+        ));
+        Ok(())
+    }
+}
+
+/// Coordinates the post-copy pusher with recovery: the pusher takes runs
+/// only while the link is up, pauses when a send fails or the link breaks,
+/// and resumes when the destination's `Resync` was applied.
+struct PushGate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Incremented at every resume; a send error of an older epoch is stale.
+    epoch: u64,
+    broken: bool,
+    reconnected: bool,
+    /// The queue ran empty (cleared by a requeue).
+    pushed_all: bool,
+    finished: bool,
+}
+
+impl PushGate {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(GateState::default()),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next run to push and the epoch it belongs to; waits (in bounded
+    /// slices) while the link is down or the queue is empty; `None` once
+    /// the session is over.
+    fn next(&self, push: &Mutex<PushQueue>, max: u32) -> Option<(PageRun, u64)> {
+        let mut st = self.lock();
+        loop {
+            if st.finished {
+                return None;
+            }
+            if !st.broken {
+                let run = push.lock().expect("push queue poisoned").next_run(max);
+                match run {
+                    Some(run) => return Some((run, st.epoch)),
+                    None => st.pushed_all = true,
+                }
+            }
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// A send of `epoch` failed or the channel broke.
+    fn broken(&self, epoch: u64) {
+        let mut st = self.lock();
+        if epoch == st.epoch && !st.broken {
+            st.broken = true;
+            st.reconnected = false;
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.lock().broken
+    }
+
+    fn is_reconnected(&self) -> bool {
+        self.lock().reconnected
+    }
+
+    fn reconnected(&self) {
+        self.lock().reconnected = true;
+    }
+
+    fn pushed_all(&self) -> bool {
+        let st = self.lock();
+        st.pushed_all && !st.broken
+    }
+
+    /// `Resync` applied: push again (the queue may have grown).
+    fn resume(&self) {
+        let mut st = self.lock();
+        st.epoch += 1;
+        st.broken = false;
+        st.reconnected = false;
+        st.pushed_all = false;
+        self.cv.notify_all();
+    }
+
+    fn finish(&self) {
+        self.lock().finished = true;
+        self.cv.notify_all();
     }
 }
 
@@ -600,9 +796,11 @@ fn send_set<M: MemorySource, C: Channel>(
         Ok(total)
     };
     if lanes == 1 {
-        return send_lane(0);
+        let sent = send_lane(0)?;
+        channel.flush()?;
+        return Ok(sent);
     }
-    std::thread::scope(|s| {
+    let sent = std::thread::scope(|s| {
         let handles: Vec<_> = (0..lanes)
             .map(|lane| s.spawn(move || send_lane(lane)))
             .collect();
@@ -615,7 +813,9 @@ fn send_set<M: MemorySource, C: Channel>(
             }
         }
         first_err.map_or(Ok(total), Err)
-    })
+    })?;
+    channel.flush()?;
+    Ok(sent)
 }
 
 /// Split a run of up to 2^64 pages into runs whose count fits a `u32`.

@@ -171,6 +171,27 @@ impl Mapping {
             Ok(())
         }
     }
+
+    /// `madvise(addr + offset, len, advice)` with an advice that drops the
+    /// pages' content (`MADV_DONTNEED`, `MADV_REMOVE`): post-copy drops the
+    /// stale copies of the pages that will arrive after the resume.
+    pub(crate) fn discard(&self, offset: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+        if !self.in_bounds(offset, len)
+            || !matches!(advice, libc::MADV_DONTNEED | libc::MADV_REMOVE)
+        {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: the range lies inside our mapping, which stays mapped; no
+        // Rust reference to region memory ever exists (bytes move only by
+        // raw copies), so changing the content to "absent / zero" under the
+        // program is what the caller asked for and cannot break aliasing.
+        let r = unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
 }
 
 impl Drop for Mapping {

@@ -4,9 +4,10 @@
 //! `userfaultfd` crate and older system headers lack the async write-protect
 //! features.
 //!
-//! Post-copy (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`, `UFFDIO_CONTINUE`, MISSING /
-//! MINOR registration) will add its calls here; one uffd per purpose, since a
-//! range can only be registered with one userfaultfd at a time.
+//! Post-copy adds `UFFDIO_COPY`, `UFFDIO_ZEROPAGE`, `UFFDIO_CONTINUE`,
+//! `UFFDIO_WAKE`, MISSING / MINOR registration and reading fault messages;
+//! one uffd per purpose, since a range can only be registered with one
+//! userfaultfd at a time.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -216,12 +217,208 @@ pub(crate) fn probe_features() -> io::Result<(u64, UffdOrigin)> {
     Ok((features, origin))
 }
 
+/// `UFFD_FEATURE_MISSING_SHMEM`: missing-page faults on shmem / memfd.
+pub(crate) const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// `UFFD_FEATURE_MINOR_SHMEM`: minor faults (page in the page cache, not
+/// mapped) on shmem / memfd, resolved by `UFFDIO_CONTINUE`.
+pub(crate) const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+/// `UFFDIO_REGISTER_MODE_MISSING`.
+pub(crate) const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// `UFFDIO_REGISTER_MODE_MINOR`.
+pub(crate) const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+/// `UFFD_EVENT_PAGEFAULT`.
+pub(crate) const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+/// `struct uffdio_copy`.
+#[repr(C)]
+#[derive(Default, Debug)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+const _: () = assert!(size_of::<UffdioCopy>() == 40);
+
+/// `struct uffdio_zeropage` (same layout as `struct uffdio_continue`).
+#[repr(C)]
+#[derive(Default, Debug)]
+struct UffdioFill {
+    range: UffdioRange,
+    mode: u64,
+    /// `zeropage` / `mapped`: bytes done, or a negative errno.
+    done: i64,
+}
+const _: () = assert!(size_of::<UffdioFill>() == 32);
+
+/// `struct uffd_msg` (the page-fault member of its union is all we read).
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+pub(crate) struct UffdMsg {
+    pub event: u8,
+    reserved1: u8,
+    reserved2: u16,
+    reserved3: u32,
+    /// `pagefault.flags`, `pagefault.address`, `pagefault.feat`.
+    pub arg: [u64; 3],
+}
+const _: () = assert!(size_of::<UffdMsg>() == 32);
+
+pub(crate) const UFFDIO_WAKE: u64 = ioc(IOC_READ, UFFDIO, 0x02, size_of::<UffdioRange>());
+pub(crate) const UFFDIO_COPY: u64 =
+    ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x03, size_of::<UffdioCopy>());
+pub(crate) const UFFDIO_ZEROPAGE: u64 =
+    ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x04, size_of::<UffdioFill>());
+pub(crate) const UFFDIO_CONTINUE: u64 =
+    ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x07, size_of::<UffdioFill>());
+
+/// What a filling ioctl (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`, `UFFDIO_CONTINUE`) did.
+#[derive(Debug)]
+pub(crate) struct Filled {
+    /// Bytes filled from the start of the range (the kernel woke their waiters).
+    pub bytes: u64,
+    /// Why it stopped early, if it did: `EEXIST` (the next page is already
+    /// there; nobody was woken for it), `EAGAIN` (the mm changed, retry),
+    /// anything else is a real error.
+    pub error: Option<io::Error>,
+}
+
+/// Turn an ioctl result and its "done" field into a [`Filled`]. The done
+/// field is the bytes filled, or a negative errno when nothing was
+/// (a partial count can be a negative errno).
+fn filled(result: io::Result<libc::c_int>, done: i64, len: u64) -> Filled {
+    match result {
+        Ok(_) => Filled {
+            bytes: len,
+            error: None,
+        },
+        Err(e) if done > 0 => Filled {
+            bytes: (done as u64).min(len),
+            error: Some(e),
+        },
+        Err(_) if done < 0 => Filled {
+            bytes: 0,
+            error: Some(io::Error::from_raw_os_error((-done) as i32)),
+        },
+        Err(e) => Filled {
+            bytes: 0,
+            error: Some(e),
+        },
+    }
+}
+
+/// `UFFDIO_COPY`: atomically fill the missing pages at `dst` with `src` and
+/// wake the threads waiting on them.
+///
+/// The kernel checks that `dst .. dst + src.len()` lies in a range
+/// registered with `fd` (else `ENOENT`/`EINVAL`) and fills only pages that
+/// are absent (`EEXIST` otherwise), so this never overwrites memory.
+#[doc(alias = "UFFDIO_COPY")]
+pub(crate) fn copy(fd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> Filled {
+    let mut c = UffdioCopy {
+        dst,
+        src: src.as_ptr() as u64,
+        len: src.len() as u64,
+        mode: 0,
+        copy: 0,
+    };
+    // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy *`; `src` is a live
+    // buffer of `len` bytes the kernel only reads; the destination is
+    // validated by the kernel against the ranges registered on `fd` and only
+    // absent pages are filled, so no memory a Rust reference covers changes.
+    let r = unsafe { ioctl_ptr(fd, UFFDIO_COPY, &mut c) };
+    filled(r, c.copy, src.len() as u64)
+}
+
+/// `UFFDIO_ZEROPAGE`: fill the missing pages of `[start, start + len)` with
+/// zeros and wake their waiters.
+#[doc(alias = "UFFDIO_ZEROPAGE")]
+pub(crate) fn zeropage(fd: BorrowedFd<'_>, start: u64, len: u64) -> Filled {
+    let mut z = UffdioFill {
+        range: UffdioRange { start, len },
+        mode: 0,
+        done: 0,
+    };
+    // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage *`, which has
+    // this layout; the kernel validates the range and fills absent pages only.
+    let r = unsafe { ioctl_ptr(fd, UFFDIO_ZEROPAGE, &mut z) };
+    filled(r, z.done, len)
+}
+
+/// `UFFDIO_CONTINUE`: map the page-cache pages of `[start, start + len)`
+/// (minor faults) and wake their waiters.
+#[doc(alias = "UFFDIO_CONTINUE")]
+pub(crate) fn cont(fd: BorrowedFd<'_>, start: u64, len: u64) -> Filled {
+    let mut c = UffdioFill {
+        range: UffdioRange { start, len },
+        mode: 0,
+        done: 0,
+    };
+    // SAFETY: UFFDIO_CONTINUE takes a `struct uffdio_continue *`, which has
+    // this layout; it installs page-table entries for pages already in the
+    // page cache, it never changes their contents.
+    let r = unsafe { ioctl_ptr(fd, UFFDIO_CONTINUE, &mut c) };
+    filled(r, c.done, len)
+}
+
+/// `UFFDIO_WAKE`: wake the threads waiting on faults in `[start, start + len)`.
+#[doc(alias = "UFFDIO_WAKE")]
+pub(crate) fn wake(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let mut r = UffdioRange { start, len };
+    // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range *`; it only wakes threads.
+    unsafe { ioctl_ptr(fd, UFFDIO_WAKE, &mut r)? };
+    Ok(())
+}
+
+/// `read(2)` of fault messages from a non-blocking userfaultfd into `buf`;
+/// `Ok(0)` when none is pending.
+pub(crate) fn read_msgs(fd: BorrowedFd<'_>, buf: &mut [UffdMsg]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let bytes = std::mem::size_of_val(buf);
+    // SAFETY: `buf` is a live, exclusive buffer of `bytes` bytes of plain
+    // integers (any bit pattern is valid); the kernel writes whole messages.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), bytes) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(0),
+            _ => Err(e),
+        };
+    }
+    Ok(n as usize / size_of::<UffdMsg>())
+}
+
+/// `poll(2)` for `POLLIN` on `fd` for up to `timeout_ms`; true when readable.
+pub(crate) fn poll_in(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid `pollfd` for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(n > 0 && p.revents & libc::POLLIN != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn ioctl_numbers_match_the_kernel_headers() {
+        assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
+        assert_eq!(UFFDIO_COPY, 0xc028_aa03);
+        assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
+        assert_eq!(UFFDIO_CONTINUE, 0xc020_aa07);
         assert_eq!(UFFDIO_API, 0xc018_aa3f);
         assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
         assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);

@@ -45,6 +45,7 @@ mod net;
 mod pipe;
 
 use std::collections::HashMap;
+use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -503,9 +504,14 @@ enum Event {
 }
 
 /// The writing halves of one generation.
+/// Bytes a data lane gathers before writing (frames larger than this go out directly).
+const DATA_BUFFER: usize = 256 << 10;
+
 struct Lanes {
     control: Mutex<Box<dyn Conn>>,
-    data: Vec<Mutex<Box<dyn Conn>>>,
+    /// Data lanes buffer small frames (single pages) into larger writes;
+    /// [`Channel::flush`] pushes them out.
+    data: Vec<Mutex<BufWriter<Box<dyn Conn>>>>,
     urgent: Mutex<Box<dyn Conn>>,
     /// Handles to shut every connection down.
     all: Vec<Box<dyn Conn>>,
@@ -623,12 +629,15 @@ impl StreamChannel {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let (mut w, name) = match lane {
-            Lane::Control => (lock(&lanes.control), "control"),
-            Lane::Urgent => (lock(&lanes.urgent), "urgent"),
-            Lane::Data(i) => (lock(&lanes.data[i % lanes.data.len()]), "data"),
+        let (written, name) = match lane {
+            Lane::Control => (frames.write_to(&mut **lock(&lanes.control)), "control"),
+            Lane::Urgent => (frames.write_to(&mut **lock(&lanes.urgent)), "urgent"),
+            Lane::Data(i) => (
+                frames.write_to(&mut *lock(&lanes.data[i % lanes.data.len()])),
+                "data",
+            ),
         };
-        frames.write_to(&mut **w).map_err(|e| {
+        written.map_err(|e| {
             MigrationError::channel(format!("sending {} on the {name} stream", msg.name()), e)
         })
     }
@@ -696,7 +705,13 @@ fn split(streams: Streams) -> (Lanes, Vec<(String, FrameReader)>) {
         .data
         .into_iter()
         .enumerate()
-        .map(|(i, s)| take(s, format!("lmig-rx-data{i}")))
+        .map(|(i, s)| {
+            let w = take(s, format!("lmig-rx-data{i}"));
+            Mutex::new(BufWriter::with_capacity(
+                DATA_BUFFER,
+                w.into_inner().unwrap_or_else(|p| p.into_inner()),
+            ))
+        })
         .collect();
     let urgent = take(streams.urgent, "lmig-rx-urgent".into());
     (
@@ -757,6 +772,21 @@ impl Channel for StreamChannel {
 
     fn data_lanes(&self) -> usize {
         self.inner.lanes.read().map(|l| l.data.len()).unwrap_or(1)
+    }
+
+    fn flush(&self) -> lmig_core::Result<()> {
+        let lanes = self
+            .inner
+            .lanes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for d in lanes.data.iter() {
+            lock(d)
+                .flush()
+                .map_err(|e| MigrationError::channel("flushing a data stream", e))?;
+        }
+        Ok(())
     }
 
     fn recv(&self, timeout: Option<Duration>) -> lmig_core::Result<Option<Message>> {

@@ -62,6 +62,8 @@ pub enum Kind {
     Digests = 13,
     /// `Message::Resync`.
     Resync = 14,
+    /// `Message::Prepared`.
+    Prepared = 15,
     /// Handshake: the dialer's hello.
     Hello = 0x40,
     /// Handshake: the listener's challenge.
@@ -92,6 +94,7 @@ impl Kind {
             12 => Self::Abort,
             13 => Self::Digests,
             14 => Self::Resync,
+            15 => Self::Prepared,
             0x40 => Self::Hello,
             0x41 => Self::Challenge,
             0x42 => Self::Proof,
@@ -123,6 +126,7 @@ impl Kind {
             Self::Abort => "Abort",
             Self::Digests => "Digests",
             Self::Resync => "Resync",
+            Self::Prepared => "Prepared",
             Self::Hello => "Hello",
             Self::Challenge => "Challenge",
             Self::Proof => "Proof",
@@ -508,7 +512,7 @@ mod tests {
 
     #[test]
     fn unknown_kind_and_flags() {
-        for k in [0u8, 15, 0x3f, 0x45, 0xff] {
+        for k in [0u8, 16, 0x3f, 0x45, 0xff] {
             let mut b = READY;
             b[6] = k;
             assert_eq!(

@@ -1,0 +1,85 @@
+//! `lmig-bench migrate --mib M --conns N --mode precopy|postcopy|hybrid --dirty-mbps R`:
+//! the demo's scenario (kvd with N busy clients moving between two hosts) as
+//! a benchmark.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{Output, round};
+use crate::scenario::{self, Options};
+
+/// Options of the `migrate` scenario.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// kvd's region size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub mib: u64,
+    /// Client connections.
+    #[arg(long, default_value_t = 1000)]
+    pub conns: usize,
+    /// Requests per second over all client connections.
+    #[arg(long, default_value_t = 20_000.0)]
+    pub rate: f64,
+    /// precopy, postcopy or hybrid.
+    #[arg(long, default_value = "precopy")]
+    pub mode: String,
+    /// MB/s of memory kvd dirties in the background.
+    #[arg(long, default_value_t = 100.0)]
+    pub dirty_mbps: f64,
+    /// Keys loaded before the clients start.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub keys: u64,
+    /// Parallel data streams.
+    #[arg(long, default_value_t = 2)]
+    pub streams: usize,
+}
+
+/// Run the scenario.
+pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
+    if !["precopy", "postcopy", "hybrid"].contains(&args.mode.as_str()) {
+        return Err(format!("--mode {}: precopy, postcopy or hybrid", args.mode).into());
+    }
+    let exe = std::env::current_exe()?;
+    let opts = Options {
+        mib: args.mib,
+        conns: args.conns,
+        rate: args.rate,
+        mode: args.mode.clone(),
+        dirty_mbps: args.dirty_mbps,
+        keys: args.keys,
+        warmup: Duration::from_secs(1),
+        after: Duration::from_secs(1),
+        streams: args.streams,
+        progress: false,
+        svg: None,
+        kvd: (exe, vec!["kvd".into()]),
+        fault: None,
+    };
+    let r = scenario::run(&opts)?;
+    let s = &r.source;
+    out.emit(&json!({
+        "scenario": "migrate",
+        "mib": args.mib,
+        "conns": args.conns,
+        "mode": args.mode,
+        "dirty_mbps": args.dirty_mbps,
+        "freeze_ms": round(r.freeze_ms, 2),
+        "client_stall_ms": round(r.client_stall_ms, 2),
+        "client_p99_ms": round(r.client_p99_ms, 2),
+        "conns_kept": r.load.conns_kept,
+        "conns_broken": r.load.conns_broken,
+        "requests_failed": r.load.requests_failed,
+        "requests_ok": r.load.requests_ok,
+        "bytes_sent": s["bytes_sent"],
+        "rounds": s["rounds"],
+        "verified": s["verified"].as_bool().unwrap_or(false) && r.destination["verified"].as_bool().unwrap_or(false),
+        "migrated": r.migrated,
+        "error": r.error,
+        "switched_to_postcopy": s["switched_to_postcopy"],
+        "freeze_steps_ms": s["freeze_steps_ms"],
+        "network_faults": r.destination["network_faults"],
+        "first_client_error": r.load.first_error,
+    }));
+    Ok(())
+}

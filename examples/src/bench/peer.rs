@@ -1,0 +1,125 @@
+//! Scenarios that need a second process re-execute `lmig-bench` with a hidden
+//! peer option. The peer prints `LISTENING <address>` once it listens and
+//! `RESULT <json>` when done; [`Peer`] reads those lines and kills the child
+//! (by pid, our own child only) if the scenario ends early.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Instant;
+
+/// A child `lmig-bench` process.
+pub struct Peer {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// Error from a peer process.
+pub type PeerError = Box<dyn std::error::Error>;
+
+impl Peer {
+    /// Start `lmig-bench <args>` with extra environment `env`, optionally
+    /// inside network namespace `netns` (via `ip netns exec`).
+    pub fn spawn(
+        args: &[String],
+        env: &[(&str, &str)],
+        netns: Option<&str>,
+    ) -> Result<Self, PeerError> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        cmd.envs(env.iter().copied());
+        let mut child = cmd
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = BufReader::new(child.stdout.take().ok_or("peer has no stdout")?);
+        Ok(Self { child, stdout })
+    }
+
+    /// Read lines until one starts with `prefix`; return the rest of it.
+    pub fn expect_line(&mut self, prefix: &str) -> Result<String, PeerError> {
+        let mut line = String::new();
+        for _ in 0..10_000 {
+            line.clear();
+            if self.stdout.read_line(&mut line)? == 0 {
+                let status = self.child.wait()?;
+                return Err(format!("peer exited ({status}) before printing {prefix:?}").into());
+            }
+            if let Some(rest) = line.trim_end().strip_prefix(prefix) {
+                return Ok(rest.trim().to_string());
+            }
+        }
+        Err(format!("peer never printed {prefix:?}").into())
+    }
+
+    /// Wait for the peer's `RESULT` line and its exit.
+    pub fn result(mut self) -> Result<serde_json::Value, PeerError> {
+        let json = self.expect_line("RESULT")?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            return Err(format!("peer failed: {status}").into());
+        }
+        Ok(serde_json::from_str(&json)?)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Print a peer's `LISTENING` line.
+pub fn announce_listening(addr: impl std::fmt::Display) {
+    println!("LISTENING {addr}");
+}
+
+/// Print a peer's `RESULT` line.
+pub fn announce_result(v: &serde_json::Value) {
+    println!("RESULT {v}");
+}
+
+/// 32 random bytes from the kernel, hex-encoded: a fresh key for a peer.
+pub fn random_key_hex() -> Result<String, PeerError> {
+    use std::io::Read;
+    let mut k = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
+    Ok(k.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Decode [`random_key_hex`]'s output.
+pub fn key_from_hex(hex: &str) -> Result<Vec<u8>, PeerError> {
+    if hex.len() % 2 != 0 {
+        return Err("odd-length key".into());
+    }
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(Into::into))
+        .collect()
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: comparable between processes on one host.
+pub fn now_mono_ns() -> u64 {
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// An `Instant` of this process as `CLOCK_MONOTONIC` nanoseconds.
+pub fn mono_ns(at: Instant) -> u64 {
+    let (now, now_ns) = (Instant::now(), now_mono_ns());
+    if at <= now {
+        now_ns - (now - at).as_nanos() as u64
+    } else {
+        now_ns + (at - now).as_nanos() as u64
+    }
+}

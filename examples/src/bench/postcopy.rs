@@ -1,0 +1,543 @@
+//! `lmig-bench postcopy --mib M --workload seq|random [--json]`: post-copy
+//! migration of an M MiB region from this process to a destination process
+//! over loopback TCP; the destination program touches its working set as
+//! soon as it resumes.
+//!
+//! Figures, all from one run between the same two processes:
+//!
+//! * `raw_rtt_us`: median of an 8-byte request answered by a 4 KiB reply
+//!   over plain TCP (the destination asks, this process answers);
+//! * `bulk_ms`: the same bytes moved with the transfer path (the
+//!   authenticated channel, chunk per message, one thread per lane) into
+//!   fresh memory of the destination, to its acknowledgement;
+//! * `total_ms`: the post-copy migration, start of the session to `Done`
+//!   (every page placed and the digests checked);
+//! * `fault_p50_us` / `fault_p99_us`: how long the program's first touch of
+//!   a page took when that touch had to ask the source for it (a network
+//!   fault), measured by the program itself;
+//! * `network_faults`, `duplicate_pages`, `working_set_pages`, `verified`
+//!   (the digest check and the program's own check of every page it read).
+//!
+//! `--cut-at-pct P` cuts every TCP connection of the migration once the
+//! destination placed P% of the pages (a proxy in this process), so the run
+//! exercises post-copy recovery.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use lmig_core::model::{PageRun, RegionId};
+use lmig_core::protocol::{CHUNK_PAGES, Message, PageBatch, PageData, Verification};
+use lmig_core::session::{Destination, DestinationConfig, Mode, Source, SourceConfig};
+use lmig_core::{Channel, MemorySource, StateSink};
+use lmig_mem::{
+    Backing, DestinationRegions, ManualTracker, PostcopyOptions, RegionOptions, RegionSet,
+};
+use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, StreamChannel, connect};
+use serde_json::json;
+
+use super::peer::{Peer, announce_result, key_from_hex, random_key_hex};
+use super::{Output, round};
+
+/// The destination program's access pattern.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Pages in address order.
+    Seq,
+    /// Pages in a random order.
+    Random,
+}
+
+/// Options of the `postcopy` scenario.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Region size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub mib: u64,
+    /// How the destination program touches its working set.
+    #[arg(long, value_enum, default_value_t = Workload::Seq)]
+    pub workload: Workload,
+    /// Share of the region the program touches, in percent.
+    #[arg(long, default_value_t = 100)]
+    pub working_set_pct: u64,
+    /// Parallel data streams.
+    #[arg(long, default_value_t = 2)]
+    pub streams: usize,
+    /// Busy-poll the userfaultfd this many µs before blocking.
+    #[arg(long, default_value_t = 200)]
+    pub spin_us: u64,
+    /// Cut the migration's TCP connections once this share (%) of the pages
+    /// was placed (post-copy recovery); 0 = never.
+    #[arg(long, default_value_t = 0)]
+    pub cut_at_pct: u64,
+    /// Internal: run as the destination process, listening here.
+    #[arg(long, hide = true)]
+    pub peer_listen: Option<String>,
+    /// Internal: the source's raw round-trip responder.
+    #[arg(long, hide = true)]
+    pub rtt_addr: Option<String>,
+}
+
+const KEY_ENV: &str = "LMIG_BENCH_KEY";
+const PAGE: usize = 4096;
+const RTT_SAMPLES: usize = 2000;
+const REGION: RegionId = RegionId(1);
+
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+/// The first 8 bytes of every page: its number and a tag.
+fn stamp(page: u64) -> u64 {
+    page ^ 0x5A5A_0000_0000_0000
+}
+
+fn order(pages: u64, ws: u64, workload: Workload) -> Vec<u64> {
+    match workload {
+        Workload::Seq => (0..ws).collect(),
+        Workload::Random => {
+            let mut v: Vec<u64> = (0..pages).collect();
+            let mut s = 0x9E37_79B9_7F4A_7C15u64;
+            for i in (1..v.len()).rev() {
+                v.swap(i, (xorshift(&mut s) % (i as u64 + 1)) as usize);
+            }
+            v.truncate(ws as usize);
+            v
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Answer 8-byte requests with 4 KiB replies until the peer closes.
+fn rtt_responder(listener: TcpListener) {
+    let Ok((mut s, _)) = listener.accept() else {
+        return;
+    };
+    let _ = s.set_nodelay(true);
+    let reply = vec![0xA5u8; PAGE];
+    let mut req = [0u8; 8];
+    while s.read_exact(&mut req).is_ok() {
+        if s.write_all(&reply).is_err() {
+            break;
+        }
+    }
+}
+
+/// A proxy that forwards TCP connections and can cut all of them at once.
+struct Proxy {
+    addr: SocketAddr,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn new(target: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, st) = (conns.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Acquire) {
+                let Ok((down, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                let _ = down.set_nonblocking(false);
+                let Ok(up) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let _ = up.set_nodelay(true);
+                let _ = down.set_nodelay(true);
+                for (from, to) in [(&down, &up), (&up, &down)] {
+                    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 256 << 10];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+                let mut list = c.lock().unwrap_or_else(|p| p.into_inner());
+                list.push(down);
+                list.push(up);
+            }
+        });
+        Ok(Self { addr, conns, stop })
+    }
+
+    fn cut(&self) {
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.cut();
+    }
+}
+
+fn channel_config(key: &[u8], streams: usize) -> Result<ChannelConfig, Box<dyn std::error::Error>> {
+    let mut c = ChannelConfig::new(AuthKey::new(key)?).with_data_streams(streams);
+    c.reconnect_timeout = Duration::from_secs(20);
+    Ok(c)
+}
+
+/// Run the scenario (or, with `--peer-listen`, its destination process).
+pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(listen) = &args.peer_listen {
+        return destination(&args, listen);
+    }
+    let len = args.mib << 20;
+    let region = RegionOptions::new(REGION, len).populate(true).map()?;
+    let pages = region.pages();
+    let mut page = vec![0u8; PAGE];
+    for p in 0..pages {
+        page[..8].copy_from_slice(&stamp(p).to_le_bytes());
+        page[8..16].copy_from_slice(&p.wrapping_mul(0x9E37_79B9).to_le_bytes());
+        region.write_at(p as usize * PAGE, &page)?;
+    }
+    let regions = RegionSet::new([region])?;
+
+    let rtt = TcpListener::bind("127.0.0.1:0")?;
+    let rtt_addr = rtt.local_addr()?;
+    let responder = std::thread::spawn(move || rtt_responder(rtt));
+
+    let key_hex = random_key_hex()?;
+    let key = key_from_hex(&key_hex)?;
+    let peer_args: Vec<String> = vec![
+        "postcopy".into(),
+        "--peer-listen=127.0.0.1:0".into(),
+        format!("--rtt-addr={rtt_addr}"),
+        format!("--streams={}", args.streams),
+        format!("--mib={}", args.mib),
+        format!(
+            "--workload={}",
+            format!("{:?}", args.workload).to_lowercase()
+        ),
+        format!("--working-set-pct={}", args.working_set_pct),
+        format!("--spin-us={}", args.spin_us),
+        format!("--cut-at-pct={}", args.cut_at_pct),
+    ];
+    let mut peer = Peer::spawn(&peer_args, &[(KEY_ENV, &key_hex)], None)?;
+    let addrs = peer.expect_line("LISTENING")?;
+    let mut it = addrs.split_whitespace();
+    let bulk_addr: SocketAddr = it.next().ok_or("no bulk address")?.parse()?;
+    let mig_addr: SocketAddr = it.next().ok_or("no migration address")?.parse()?;
+    let _ = responder.join();
+
+    // Bulk: the same bytes with the transfer path.
+    let bulk_ms = {
+        let ch = connect(
+            &Endpoint::Tcp(bulk_addr),
+            channel_config(&key, args.streams)?,
+        )?;
+        let lanes = ch.data_lanes().max(1);
+        let t0 = Instant::now();
+        std::thread::scope(|s| -> Result<(), lmig_core::MigrationError> {
+            let handles: Vec<_> = (0..lanes)
+                .map(|lane| {
+                    let ch = &ch;
+                    let regions = &regions;
+                    s.spawn(move || -> Result<(), lmig_core::MigrationError> {
+                        let chunks = pages.div_ceil(u64::from(CHUNK_PAGES));
+                        let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
+                        for c in (lane as u64..chunks).step_by(lanes) {
+                            let first = c * u64::from(CHUNK_PAGES);
+                            let n = (pages - first).min(u64::from(CHUNK_PAGES)) as u32;
+                            let run = PageRun::new(REGION, first, n);
+                            let b = &mut buf[..n as usize * PAGE];
+                            MemorySource::read_pages(regions, &run, b)?;
+                            ch.send_pages(
+                                lane,
+                                &PageBatch {
+                                    round: 0,
+                                    run,
+                                    data: PageData::Raw(bytes::Bytes::copy_from_slice(b)),
+                                },
+                            )?;
+                        }
+                        ch.flush()
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("bulk sender")?;
+            }
+            Ok(())
+        })?;
+        match ch.recv(Some(Duration::from_secs(120)))? {
+            Some(Message::Done(_)) => {}
+            other => return Err(format!("bulk: expected Done, got {other:?}").into()),
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        ch.shutdown();
+        ms
+    };
+
+    // The post-copy migration (through a proxy when a cut is asked for).
+    let proxy = if args.cut_at_pct > 0 {
+        Some(Proxy::new(mig_addr)?)
+    } else {
+        None
+    };
+    let dial = proxy.as_ref().map_or(mig_addr, |p| p.addr);
+    let channel = connect(&Endpoint::Tcp(dial), channel_config(&key, args.streams)?)?;
+    let tracker = ManualTracker::new(regions.layout());
+    struct Program;
+    impl lmig_core::StateSource for Program {
+        fn pause(&mut self) -> lmig_core::Result<()> {
+            Ok(())
+        }
+        fn resume(&mut self) -> lmig_core::Result<()> {
+            Ok(())
+        }
+    }
+    let config = SourceConfig {
+        mode: Mode::Postcopy,
+        ..SourceConfig::default()
+    };
+    let start = Instant::now();
+    let cut_done = AtomicBool::new(false);
+    let report = std::thread::scope(|s| {
+        if let Some(p) = &proxy {
+            let peer_ref = &mut peer;
+            let cut_done = &cut_done;
+            // The peer prints `PLACED` when the share is reached.
+            s.spawn(move || {
+                if peer_ref.expect_line("CUT-NOW").is_ok() {
+                    p.cut();
+                    cut_done.store(true, Ordering::Release);
+                }
+            });
+        }
+        Source::new(&channel, &regions, tracker, Program)
+            .with_config(config)
+            .run()
+    })?;
+    let total_ms = start.elapsed().as_secs_f64() * 1e3;
+    channel.shutdown();
+    let dest = peer.result()?;
+    let verified = report.verification == Verification::Verified
+        && dest["verified"].as_bool() == Some(true)
+        && dest["bad_touches"].as_u64() == Some(0);
+    out.emit(&json!({
+        "scenario": "postcopy",
+        "mib": args.mib,
+        "workload": format!("{:?}", args.workload).to_lowercase(),
+        "fault_p50_us": dest["fault_p50_us"],
+        "fault_p99_us": dest["fault_p99_us"],
+        "raw_rtt_us": dest["raw_rtt_us"],
+        "total_ms": round(total_ms, 1),
+        "bulk_ms": round(bulk_ms, 1),
+        "duplicate_pages": dest["duplicate_pages"],
+        "network_faults": dest["network_faults"],
+        "working_set_pages": dest["working_set_pages"],
+        "verified": verified,
+        "streams": args.streams,
+        "spin_us": args.spin_us,
+        "pages_sent": report.pages_sent,
+        "requested_pages": report.requested_pages,
+        "cut": cut_done.load(Ordering::Acquire),
+        "reconnects": dest["reconnects"],
+        "touch_ms": dest["touch_ms"],
+        "uffd": dest["uffd"],
+        "warnings": report.warnings,
+    }));
+    Ok(())
+}
+
+/// The destination program: touches its working set once resumed.
+struct Toucher {
+    go: Arc<AtomicBool>,
+}
+
+impl StateSink for Toucher {
+    fn resume(&mut self) -> lmig_core::Result<()> {
+        self.go.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// The destination process.
+fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let key = key_from_hex(&std::env::var(KEY_ENV)?)?;
+    let pages = (args.mib << 20) / PAGE as u64;
+
+    // Raw round trips to the source process.
+    let raw_rtt_us = {
+        let addr = args.rtt_addr.as_deref().ok_or("--rtt-addr missing")?;
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        let mut reply = vec![0u8; PAGE];
+        let mut samples = Vec::with_capacity(RTT_SAMPLES);
+        for i in 0..RTT_SAMPLES + 200 {
+            let t = Instant::now();
+            s.write_all(&(i as u64).to_le_bytes())?;
+            s.read_exact(&mut reply)?;
+            if i >= 200 {
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        samples.sort_by(f64::total_cmp);
+        percentile(&samples, 0.5)
+    };
+
+    let bulk = Listener::bind(
+        &Endpoint::Tcp(listen.parse()?),
+        channel_config(&key, args.streams)?,
+    )?;
+    let mig = Listener::bind(
+        &Endpoint::Tcp(listen.parse()?),
+        channel_config(&key, args.streams)?,
+    )?;
+    let (Endpoint::Tcp(b), Endpoint::Tcp(m)) = (bulk.local_endpoint(), mig.local_endpoint()) else {
+        return Err("TCP listeners expected".into());
+    };
+    println!("LISTENING {b} {m}");
+
+    // Bulk: receive every page into fresh memory, acknowledge.
+    {
+        let ch = bulk.accept_timeout(Duration::from_secs(30))?;
+        let scratch = RegionOptions::new(REGION, args.mib << 20).map()?;
+        let mut got = 0u64;
+        while got < pages {
+            match ch.recv(Some(Duration::from_secs(60)))? {
+                Some(Message::Pages(b)) => {
+                    if let PageData::Raw(d) = &b.data {
+                        scratch.write_at(b.run.first as usize * PAGE, d)?;
+                    }
+                    got += u64::from(b.run.count);
+                }
+                Some(other) => return Err(format!("bulk: unexpected {}", other.name()).into()),
+                None => return Err("bulk: timeout".into()),
+            }
+        }
+        ch.send(&Message::Done(Verification::NotChecked))?;
+        let _ = ch.recv(Some(Duration::from_secs(5)));
+    }
+
+    let channel: StreamChannel = mig.accept_timeout(Duration::from_secs(30))?;
+    let sink = Arc::new(
+        DestinationRegions::new(Backing::Private)
+            .prefault(false)
+            .postcopy_options(PostcopyOptions {
+                spin: Duration::from_micros(args.spin_us),
+                ..PostcopyOptions::default()
+            }),
+    );
+    let go = Arc::new(AtomicBool::new(false));
+    let ws = (pages * args.working_set_pct.min(100) / 100).max(1);
+    let touch_order = order(pages, ws, args.workload);
+    let bad = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let (report, durations, touch_ms) = std::thread::scope(|s| {
+        let toucher = s.spawn(|| {
+            let mut durations = vec![0u32; touch_order.len()];
+            while !go.load(Ordering::Acquire) {
+                if done.load(Ordering::Acquire) {
+                    return (durations, 0.0);
+                }
+                std::hint::spin_loop();
+            }
+            let set = sink.regions().expect("prepared before resume");
+            let region = set.get(REGION).expect("region");
+            let t0 = Instant::now();
+            let mut word = [0u8; 8];
+            for (i, &p) in touch_order.iter().enumerate() {
+                let t = Instant::now();
+                let _ = region.read_at(p as usize * PAGE, &mut word);
+                durations[i] = t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32;
+                if u64::from_le_bytes(word) != stamp(p) {
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            (durations, t0.elapsed().as_secs_f64() * 1e3)
+        });
+        if args.cut_at_pct > 0 {
+            let sink = &sink;
+            let done = &done;
+            s.spawn(move || {
+                let target = pages * args.cut_at_pct.min(99) / 100;
+                while !done.load(Ordering::Acquire) {
+                    if let Some(r) = sink.regions() {
+                        if r.in_postcopy() && r.postcopy_stats().placed >= target {
+                            println!("CUT-NOW");
+                            return;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
+        let r = Destination::new(&channel, sink.clone(), Toucher { go: go.clone() })
+            .with_config(DestinationConfig {
+                idle_timeout: Duration::from_secs(60),
+                ..DestinationConfig::default()
+            })
+            .run();
+        done.store(true, Ordering::Release);
+        if r.is_err() {
+            if let Some(set) = sink.regions() {
+                set.abandon_postcopy();
+            }
+        }
+        let (d, t) = toucher.join().expect("toucher");
+        (r, d, t)
+    });
+    let report = report?;
+    let stats = sink.postcopy_stats();
+    // Network faults the program took: the touches of pages it had to ask for.
+    let mut faulted = std::collections::HashSet::new();
+    for &(_, p) in &stats.faulted {
+        faulted.insert(p);
+    }
+    let mut lat: Vec<f64> = touch_order
+        .iter()
+        .zip(&durations)
+        .filter(|(p, _)| faulted.contains(p))
+        .map(|(_, &ns)| f64::from(ns) / 1e3)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    announce_result(&json!({
+        "raw_rtt_us": round(raw_rtt_us, 1),
+        "fault_p50_us": round(percentile(&lat, 0.5), 1),
+        "fault_p99_us": round(percentile(&lat, 0.99), 1),
+        "network_faults": report.network_faults,
+        "duplicate_pages": report.duplicate_pages,
+        "working_set_pages": ws,
+        "verified": report.verification == Verification::Verified,
+        "bad_touches": bad.load(Ordering::Relaxed),
+        "reconnects": report.warnings.iter().filter(|w| w.contains("reconnected")).count(),
+        "touch_ms": round(touch_ms, 1),
+        "uffd": format!("{:?}", stats.origin),
+    }));
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! The `kvd` command: a key-value server speaking a Redis protocol subset (PING, GET,
+//! SET, DEL, INCR, DBSIZE, INFO, DEBUG POPULATE) whose data lives in an lmig
+//! region, and which migrates itself live to another host on an admin
+//! request.
+//!
+//! ```text
+//! kvd --listen 198.51.100.100:6379 --mib 1024 --admin /run/kvd-a.sock      # serve
+//! kvd --incoming 198.51.100.2:7000 --admin /run/kvd-b.sock                 # wait for a migration
+//! echo 'migrate 198.51.100.2:7000 precopy' | socat - UNIX:/run/kvd-a.sock   # move A to B
+//! ```
+//!
+//! The pre-shared key comes from `LMIG_KEY` (hex, at least 16 bytes) on both
+//! sides. With `--service-if`, the listening address moves with the program
+//! (network lock, held packets, address handoff).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::bench::peer::{key_from_hex, mono_ns, now_mono_ns};
+use crate::kvd::migrate::{Dirtier, MigrateOptions, STORE_REGION, migrate_out, receive};
+use crate::kvd::server::{Control, Server};
+use crate::kvd::store::Store;
+use clap::Parser;
+use lmig_core::session::Mode;
+use lmig_core::traits::Event;
+use lmig_mem::{RegionOptions, RegionSet};
+use lmig_net::{HandoffConfig, ServiceAddr};
+use serde_json::json;
+
+/// kvd's command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "kvd",
+    about = "A Redis-protocol key-value server that migrates itself live"
+)]
+pub struct Args {
+    /// Serve clients on this address (source mode).
+    #[arg(long, conflicts_with = "incoming")]
+    pub listen: Option<SocketAddr>,
+    /// Wait for an incoming migration on this address (destination mode).
+    #[arg(long)]
+    pub incoming: Option<SocketAddr>,
+    /// Size of the data region in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub mib: u64,
+    /// Admin socket (Unix) for `migrate`, `stats`, `populate`.
+    #[arg(long)]
+    pub admin: Option<PathBuf>,
+    /// Dirty this many MB/s of scratch pages in the background (load for benchmarks).
+    #[arg(long, default_value_t = 0.0)]
+    pub dirty_mbps: f64,
+    /// Interface carrying the service address; the address moves with kvd.
+    #[arg(long)]
+    pub service_if: Option<String>,
+    /// Service address (default: the --listen address) and its prefix length.
+    #[arg(long)]
+    pub service_addr: Option<IpAddr>,
+    /// Prefix length of the service address on its interface.
+    #[arg(long, default_value_t = 24)]
+    pub service_prefix: u8,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("kvd: {msg}");
+    std::process::exit(1)
+}
+
+fn key() -> Vec<u8> {
+    let hex = std::env::var("LMIG_KEY").unwrap_or_else(|_| {
+        fail("set LMIG_KEY to the pre-shared key (hex, at least 16 bytes) on both hosts")
+    });
+    key_from_hex(&hex).unwrap_or_else(|e| fail(format!("LMIG_KEY: {e}")))
+}
+
+fn event(v: serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+/// Run kvd with these arguments (never returns on success paths that end the process).
+pub fn main_with(args: Args) {
+    let handoff = args.service_if.as_ref().map(|iface| {
+        let addr = args
+            .service_addr
+            .or(args.listen.map(|a| a.ip()))
+            .unwrap_or_else(|| fail("--service-if needs --service-addr on the destination"));
+        HandoffConfig::new([ServiceAddr::new(addr, args.service_prefix)], iface.clone())
+    });
+    if let Some(incoming) = args.incoming {
+        let key = key();
+        let r = receive(
+            incoming,
+            &key,
+            handoff,
+            Duration::from_secs(3600),
+            || {
+                event(
+                    json!({"event": "waiting", "addr": incoming.to_string(), "pid": std::process::id()}),
+                )
+            },
+            |at| event(json!({"event": "serving", "mono_ns": mono_ns(at)})),
+            |r| match r {
+                Ok(rep) => event(json!({
+                    "event": "migrated",
+                    "pages_placed": rep.pages_placed,
+                    "postcopy_pages": rep.postcopy_pages,
+                    "network_faults": rep.network_faults,
+                    "duplicate_pages": rep.duplicate_pages,
+                    "sockets": rep.sockets_restored,
+                    "verified": rep.verification == lmig_core::protocol::Verification::Verified,
+                    "resumed_ns": rep.resumed_at.map(mono_ns),
+                    "handover_ns": rep.handover_at.map(mono_ns),
+                    "last_page_ns": rep.last_page_at.map(mono_ns),
+                    "ready_ns": rep.ready_at.map(mono_ns),
+                    "complete_ns": rep.complete_at.map(mono_ns),
+                    "warnings": rep.warnings,
+                })),
+                Err(e) => event(json!({"event": "failed", "error": e.to_string()})),
+            },
+        );
+        if let Err(e) = r {
+            fail(format!("incoming migration failed: {e}"));
+        }
+        return;
+    }
+    let listen = args
+        .listen
+        .unwrap_or_else(|| fail("give --listen ADDR (serve) or --incoming ADDR (receive)"));
+    let region = RegionOptions::new(STORE_REGION, args.mib << 20)
+        .populate(true)
+        .map()
+        .unwrap_or_else(|e| fail(format!("mapping {} MiB: {e}", args.mib)));
+    let regions = RegionSet::new([region]).unwrap_or_else(|e| fail(e));
+    let region = regions.get(STORE_REGION).unwrap_or_else(|e| fail(e));
+    let store = Store::format(region);
+    let listener = std::net::TcpListener::bind(listen)
+        .unwrap_or_else(|e| fail(format!("listening on {listen}: {e}")));
+    let mut server = Server::new(listener, Vec::new()).unwrap_or_else(|e| fail(e));
+    let control = server.control();
+    let dirtier = (args.dirty_mbps > 0.0).then(Dirtier::default);
+    let admin = args.admin.as_ref().map(|path| {
+        let _ = std::fs::remove_file(path);
+        UnixListener::bind(path)
+            .unwrap_or_else(|e| fail(format!("admin socket {}: {e}", path.display())))
+    });
+    event(json!({"event": "listening", "addr": listen.to_string(), "pid": std::process::id()}));
+    let (migrated_tx, migrated_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        if let Some(d) = &dirtier {
+            s.spawn(|| d.run(&store, args.dirty_mbps));
+        }
+        if let Some(admin) = admin {
+            let (control, regions, dirtier, handoff, store) =
+                (&control, &regions, &dirtier, &handoff, &store);
+            s.spawn(move || {
+                for conn in admin.incoming().flatten() {
+                    if serve_admin(conn, control, regions, dirtier, handoff, store) {
+                        // Migrated: the destination serves now; this process ends.
+                        if let Some(d) = dirtier {
+                            d.stop.store(true, Ordering::SeqCst);
+                        }
+                        let _ = migrated_tx.send(());
+                        break;
+                    }
+                }
+            });
+        }
+        if let Err(e) = server.run(&store) {
+            fail(format!("serving: {e}"));
+        }
+        // The loop ended at the commit. The session still runs (post-copy
+        // service, digests, `Done`) and needs this memory: wait for it.
+        let _ = migrated_rx.recv_timeout(Duration::from_secs(3600));
+        std::process::exit(0);
+    });
+}
+
+/// Handle one admin connection; true when kvd migrated away.
+fn serve_admin(
+    conn: UnixStream,
+    control: &Control,
+    regions: &RegionSet,
+    dirtier: &Option<Dirtier>,
+    handoff: &Option<HandoffConfig>,
+    store: &Store<'_>,
+) -> bool {
+    let (Ok(read), Ok(progress)) = (conn.try_clone(), conn.try_clone()) else {
+        return false;
+    };
+    let progress_out = std::sync::Mutex::new(progress);
+    let mut out = conn;
+    for line in BufReader::new(read).lines().map_while(Result::ok) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let mut reply = |v: serde_json::Value| {
+            let _ = writeln!(out, "{v}");
+            let _ = out.flush();
+        };
+        match words.as_slice() {
+            ["stats"] => reply(json!({
+                "keys": store.len(),
+                "clients": control.counters.clients.load(Ordering::Relaxed),
+                "requests": control.counters.requests.load(Ordering::Relaxed),
+            })),
+            ["populate", n] => match n.parse::<u64>().map(|n| store.populate(n, 100)) {
+                Ok(Ok(())) => reply(json!({"ok": true, "keys": store.len()})),
+                Ok(Err(e)) => reply(json!({"error": e.to_string()})),
+                Err(e) => reply(json!({"error": e.to_string()})),
+            },
+            ["migrate", target, rest @ ..] => {
+                let mode = match rest.first().copied().unwrap_or("precopy") {
+                    "precopy" => Mode::Precopy,
+                    "postcopy" => Mode::Postcopy,
+                    "hybrid" => Mode::Hybrid,
+                    other => {
+                        reply(
+                            json!({"error": format!("unknown mode {other:?}: precopy, postcopy or hybrid")}),
+                        );
+                        continue;
+                    }
+                };
+                let Ok(target) = target.parse::<SocketAddr>() else {
+                    reply(json!({"error": format!("bad address {target:?}")}));
+                    continue;
+                };
+                let streams = rest.get(1).and_then(|s| s.parse().ok()).unwrap_or(2);
+                let opts = MigrateOptions {
+                    target,
+                    mode,
+                    streams,
+                    key: key(),
+                    handoff: handoff.clone(),
+                    downtime: Duration::from_millis(5),
+                };
+                let started = now_mono_ns();
+                let t0 = Instant::now();
+                let r = migrate_out(control, regions, dirtier.clone(), &opts, |e: &Event| {
+                    if let Event::Progress {
+                        pages,
+                        bytes,
+                        total_pages,
+                    } = e
+                    {
+                        let mut o = progress_out.lock().expect("poisoned");
+                        let _ = writeln!(
+                            o,
+                            "{}",
+                            json!({"progress": {"pages": pages, "bytes": bytes, "total_pages": total_pages}})
+                        );
+                    }
+                });
+                match r {
+                    Ok(rep) => {
+                        reply(json!({
+                            "ok": true,
+                            "mode": format!("{:?}", rep.mode).to_lowercase(),
+                            "rounds": rep.rounds,
+                            "bytes_sent": rep.bytes_sent,
+                            "pages_sent": rep.pages_sent,
+                            "zero_pages": rep.zero_pages,
+                            "sockets": rep.sockets,
+                            "switched_to_postcopy": rep.switched_to_postcopy,
+                            "started_ns": started,
+                            "paused_ns": mono_ns(rep.paused_at),
+                            "commit_ns": mono_ns(rep.commit_at),
+                            "ready_ns": mono_ns(rep.ready_at),
+                            "freeze_pages": rep.freeze_pages,
+                            "freeze_steps_ms": rep.freeze_steps.iter().map(|(n, d)| json!([n, d.as_secs_f64() * 1e3])).collect::<Vec<_>>(),
+                            "total_ms": t0.elapsed().as_secs_f64() * 1e3,
+                            "verified": rep.verification == lmig_core::protocol::Verification::Verified,
+                            "policy": rep.policy_reason,
+                            "warnings": rep.warnings,
+                        }));
+                        return true;
+                    }
+                    Err(e) => reply(json!({
+                        "error": e.to_string(),
+                        "source_serving": e.source_may_run(),
+                    })),
+                }
+            }
+            ["quit"] => return false,
+            _ => reply(
+                json!({"error": "commands: stats | populate N | migrate HOST:PORT [precopy|postcopy|hybrid] [streams] | quit"}),
+            ),
+        }
+    }
+    false
+}

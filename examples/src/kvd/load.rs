@@ -1,0 +1,243 @@
+//! A load generator for kvd: N connections, each issuing `INCR c:<n>` on its
+//! own counter, one request in flight per connection, checking that every
+//! reply is exactly one more than the last (a lost or repeated request shows
+//! at once), and recording every request's latency.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::{ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use super::resp::{self, Reply};
+
+/// What one run of the load generator saw.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    /// Connections opened.
+    pub conns: usize,
+    /// Connections still healthy at the end.
+    pub conns_kept: usize,
+    /// Connections that were reset, closed or timed out.
+    pub conns_broken: usize,
+    /// Replies that were errors or not the expected counter value.
+    pub requests_failed: u64,
+    /// Requests answered correctly.
+    pub requests_ok: u64,
+    /// Longest request→reply time over all requests, ms.
+    pub max_latency_ms: f64,
+    /// 99th percentile latency, ms.
+    pub p99_latency_ms: f64,
+    /// `(ms since start, max latency ms of requests sent in that 10 ms bucket, requests in it)`.
+    pub timeline: Vec<(f64, f64, u64)>,
+    /// First broken connection's error, if any.
+    pub first_error: Option<String>,
+    /// When the load started (the timeline's zero).
+    pub started: Option<Instant>,
+}
+
+struct Client {
+    stream: TcpStream,
+    key: Vec<u8>,
+    expect: Option<i64>,
+    sent_at: Option<Instant>,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    broken: bool,
+}
+
+/// Open `conns` connections to `addr` and run until `stop` is set (or
+/// `max_time` passes), `rate` requests per second over all connections
+/// (each connection sends its next request `conns / rate` seconds after the
+/// previous one was sent, or at once if the reply came later). Counters
+/// start from their current value.
+pub fn run(
+    addr: SocketAddr,
+    conns: usize,
+    rate: f64,
+    stop: Arc<AtomicBool>,
+    max_time: Duration,
+) -> std::io::Result<LoadReport> {
+    let interval = Duration::from_secs_f64(conns as f64 / rate.max(1.0));
+    let mut poll = Poll::new()?;
+    let mut clients: HashMap<usize, Client> = HashMap::with_capacity(conns);
+    for i in 0..conns {
+        let std = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        std.set_nodelay(true)?;
+        std.set_nonblocking(true)?;
+        let mut stream = TcpStream::from_std(std);
+        poll.registry().register(
+            &mut stream,
+            Token(i),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        clients.insert(
+            i,
+            Client {
+                stream,
+                key: format!("c:{i}:{}", std::process::id()).into_bytes(),
+                expect: None,
+                sent_at: None,
+                rbuf: Vec::new(),
+                wbuf: Vec::new(),
+                broken: false,
+            },
+        );
+    }
+    let start = Instant::now();
+    let mut latencies: Vec<f32> = Vec::with_capacity(1 << 20);
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    let mut report = LoadReport {
+        conns,
+        started: Some(start),
+        ..LoadReport::default()
+    };
+    let mut events = Events::with_capacity(4096);
+    let mut buf = vec![0u8; 65536];
+    // Each connection's next send time; the first ones spread over one interval.
+    let mut due: BinaryHeap<Reverse<(Instant, usize)>> = (0..conns)
+        .map(|i| Reverse((start + interval.mul_f64(i as f64 / conns.max(1) as f64), i)))
+        .collect();
+    while !stop.load(Ordering::Relaxed) && start.elapsed() < max_time {
+        let now = Instant::now();
+        while let Some(Reverse((at, i))) = due.peek().copied() {
+            if at > now {
+                break;
+            }
+            due.pop();
+            if let Some(c) = clients.get_mut(&i) {
+                if !c.broken && c.sent_at.is_none() {
+                    send_next(c);
+                    if !flush(c) {
+                        mark_broken(c, &mut report, "write failed".into());
+                    }
+                }
+            }
+        }
+        let wait = due
+            .peek()
+            .map_or(Duration::from_millis(10), |Reverse((at, _))| {
+                at.saturating_duration_since(now)
+            })
+            .min(Duration::from_millis(10));
+        match poll.poll(&mut events, Some(wait)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        for ev in &events {
+            let Some(c) = clients.get_mut(&ev.token().0) else {
+                continue;
+            };
+            if c.broken {
+                continue;
+            }
+            loop {
+                match c.stream.read(&mut buf) {
+                    Ok(0) => {
+                        mark_broken(c, &mut report, "connection closed by kvd".into());
+                        break;
+                    }
+                    Ok(n) => c.rbuf.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        mark_broken(c, &mut report, e.to_string());
+                        break;
+                    }
+                }
+            }
+            while let Ok(Some((reply, n))) = resp::parse_reply(&c.rbuf) {
+                c.rbuf.drain(..n);
+                let sent = c.sent_at.take().unwrap_or_else(Instant::now);
+                let lat = sent.elapsed().as_secs_f64() * 1e3;
+                latencies.push(lat as f32);
+                let bucket = ((sent - start).as_millis() / 10) as usize;
+                if buckets.len() <= bucket {
+                    buckets.resize(bucket + 1, (0.0, 0));
+                }
+                buckets[bucket].0 = buckets[bucket].0.max(lat);
+                buckets[bucket].1 += 1;
+                match (reply, c.expect) {
+                    (Reply::Integer(v), None) => {
+                        report.requests_ok += 1;
+                        c.expect = Some(v + 1);
+                    }
+                    (Reply::Integer(v), Some(e)) if v == e => {
+                        report.requests_ok += 1;
+                        c.expect = Some(v + 1);
+                    }
+                    (other, _) => {
+                        report.requests_failed += 1;
+                        if report.first_error.is_none() {
+                            report.first_error = Some(format!(
+                                "unexpected reply {other:?}, expected {:?}",
+                                c.expect
+                            ));
+                        }
+                        c.expect = None;
+                    }
+                }
+                let next = (sent + interval).max(Instant::now());
+                due.push(Reverse((next, ev.token().0)));
+            }
+            if !flush(c) {
+                mark_broken(c, &mut report, "write failed".into());
+            }
+        }
+    }
+    // A request still outstanding at the end counts in the stall if it waited long.
+    for c in clients.values() {
+        if let Some(sent) = c.sent_at {
+            latencies.push((sent.elapsed().as_secs_f64() * 1e3) as f32);
+        }
+    }
+    report.conns_broken = clients.values().filter(|c| c.broken).count();
+    report.conns_kept = conns - report.conns_broken;
+    latencies.sort_by(f32::total_cmp);
+    report.max_latency_ms = latencies.last().copied().unwrap_or(0.0) as f64;
+    report.p99_latency_ms = latencies
+        .get((latencies.len() as f64 * 0.99) as usize)
+        .copied()
+        .unwrap_or(0.0) as f64;
+    report.timeline = buckets
+        .iter()
+        .enumerate()
+        .map(|(i, (max, n))| (i as f64 * 10.0, *max, *n))
+        .collect();
+    Ok(report)
+}
+
+fn mark_broken(c: &mut Client, report: &mut LoadReport, why: String) {
+    if !c.broken {
+        c.broken = true;
+        if report.first_error.is_none() {
+            report.first_error = Some(why);
+        }
+    }
+}
+
+fn send_next(c: &mut Client) {
+    resp::request(&mut c.wbuf, &[b"INCR", &c.key]);
+    c.sent_at = Some(Instant::now());
+}
+
+/// Write what is buffered; false if the connection failed.
+fn flush(c: &mut Client) -> bool {
+    while !c.wbuf.is_empty() {
+        match c.stream.write(&c.wbuf) {
+            Ok(n) => {
+                c.wbuf.drain(..n);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+    true
+}

@@ -1,0 +1,448 @@
+//! kvd migrating itself: the program side of lmig's traits (pause the loop,
+//! hand over its sockets and buffered bytes) and the two entry points,
+//! [`migrate_out`] on the source and [`receive`] on the destination.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lmig_core::model::{ProgramState, RegionId, SocketPrep, SocketRecord};
+use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
+use lmig_core::session::{
+    Destination, DestinationReport, Mode, Source, SourceConfig, SourceReport,
+};
+use lmig_core::traits::Event;
+use lmig_core::{MigrationError, SocketSink, SocketSource, StateSink, StateSource};
+use lmig_mem::{Backing, DestinationRegions, RegionSet, best_tracker};
+use lmig_net::{Handoff, HandoffConfig, Locked, NetSink, NetSource, SinkConfig};
+use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
+
+use super::server::{Control, Parked, Server, Wake, decode_state};
+use super::store::Store;
+
+/// Version of kvd's program-state format.
+pub const STATE_VERSION: u32 = 1;
+/// The region holding the store.
+pub const STORE_REGION: RegionId = RegionId(1);
+/// The listening socket's id in the socket records.
+pub const LISTENER_ID: u64 = 0;
+
+/// A background writer dirtying random scratch pages, paused with the loop.
+#[derive(Clone, Default)]
+pub struct Dirtier {
+    /// Pause requested.
+    pub pause: Arc<AtomicBool>,
+    /// Acknowledged pause.
+    pub paused: Arc<AtomicBool>,
+    /// Rate as a percentage of the configured one (throttling).
+    pub percent: Arc<AtomicU8>,
+    /// Stop for good.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Dirtier {
+    /// Dirty `mbps` MB/s of scratch pages of `store` until stopped.
+    pub fn run(&self, store: &Store<'_>, mbps: f64) {
+        self.percent.store(100, Ordering::SeqCst);
+        let start = Instant::now();
+        let mut done = 0f64;
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut stamp = 0u64;
+        while !self.stop.load(Ordering::Relaxed) {
+            if self.pause.load(Ordering::SeqCst) {
+                self.paused.store(true, Ordering::SeqCst);
+                while self.pause.load(Ordering::SeqCst) && !self.stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                self.paused.store(false, Ordering::SeqCst);
+                continue;
+            }
+            let rate =
+                mbps * 1e6 / 4096.0 * f64::from(self.percent.load(Ordering::Relaxed)) / 100.0;
+            let target = start.elapsed().as_secs_f64() * rate;
+            while done < target {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                stamp += 1;
+                store.dirty_scratch_page(seed, stamp);
+                done += 1.0;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    fn pause_and_wait(&self) -> Result<(), String> {
+        self.pause.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.paused.load(Ordering::SeqCst) && !self.stop.load(Ordering::Relaxed) {
+            if Instant::now() > deadline {
+                return Err("the dirtier did not pause within 5 s".into());
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        Ok(())
+    }
+}
+
+/// The program seen by the source session.
+struct KvdProgram {
+    control: Control,
+    dirtier: Option<Dirtier>,
+    parked: Arc<Mutex<Option<Parked>>>,
+    state: Vec<u8>,
+}
+
+fn backend(what: &'static str, e: impl Into<lmig_core::BoxError>) -> MigrationError {
+    MigrationError::backend(what, e)
+}
+
+impl StateSource for KvdProgram {
+    fn pause(&mut self) -> lmig_core::Result<()> {
+        if let Some(d) = &self.dirtier {
+            d.pause_and_wait().map_err(|e| backend("kvd dirtier", e))?;
+        }
+        let parked = self.control.park().map_err(|e| backend("kvd loop", e))?;
+        self.state = parked.state.clone();
+        *self.parked.lock().expect("poisoned") = Some(parked);
+        Ok(())
+    }
+
+    fn capture(&mut self) -> lmig_core::Result<ProgramState> {
+        Ok(ProgramState::new(
+            STATE_VERSION,
+            std::mem::take(&mut self.state),
+        ))
+    }
+
+    fn resume(&mut self) -> lmig_core::Result<()> {
+        self.parked.lock().expect("poisoned").take();
+        self.control.wake(Wake::Resume);
+        if let Some(d) = &self.dirtier {
+            d.percent.store(100, Ordering::SeqCst);
+            d.pause.store(false, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn throttle(&mut self, percent: u8) -> bool {
+        match &self.dirtier {
+            Some(d) => {
+                d.percent.store(percent, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn committed(&mut self) {
+        if let Some(d) = &self.dirtier {
+            d.stop.store(true, Ordering::SeqCst);
+        }
+        self.control.wake(Wake::Exit);
+    }
+}
+
+/// The source's sockets: planned from a snapshot taken when the migration
+/// starts, captured from the exact set the loop handed over at the freeze.
+///
+/// The planned set is kept (duplicates of the sockets, added to a
+/// `NetSource` before the freeze); at the freeze it is reused when the loop
+/// hands over the same connections, else rebuilt from what it handed over.
+/// Connection ids are never reused by kvd, so equal id sets mean equal sockets.
+struct KvdSockets {
+    control: Control,
+    parked: Arc<Mutex<Option<Parked>>>,
+    net: Option<NetSource>,
+    planned: Vec<u64>,
+}
+
+fn net_source(listener: OwnedFd, conns: Vec<(u64, OwnedFd)>) -> lmig_core::Result<NetSource> {
+    let mut net = NetSource::new(lmig_net::SourceConfig::default())?;
+    net.add(LISTENER_ID, listener)?;
+    for (id, fd) in conns {
+        net.add(id, fd)?;
+    }
+    Ok(net)
+}
+
+impl KvdSockets {
+    fn net(&mut self) -> lmig_core::Result<&mut NetSource> {
+        self.net
+            .as_mut()
+            .ok_or_else(|| backend("kvd sockets", "sockets used before the freeze"))
+    }
+}
+
+impl SocketSource for KvdSockets {
+    fn plan(&mut self) -> lmig_core::Result<Vec<SocketPrep>> {
+        // A snapshot of the current sockets (the loop pauses for microseconds).
+        let snapshot = self.control.park().map_err(|e| backend("kvd loop", e))?;
+        self.control.wake(Wake::Resume);
+        self.planned = snapshot.conns.iter().map(|(id, _)| *id).collect();
+        self.planned.sort_unstable();
+        let mut net = net_source(snapshot.listener, snapshot.conns)?;
+        let plan = net.plan()?;
+        self.net = Some(net);
+        Ok(plan)
+    }
+
+    fn freeze(&mut self) -> lmig_core::Result<()> {
+        let parked = self.parked.lock().expect("poisoned").take();
+        let parked =
+            parked.ok_or_else(|| backend("kvd sockets", "freeze before the loop parked"))?;
+        let mut ids: Vec<u64> = parked.conns.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        if self.net.is_none() || ids != self.planned {
+            self.net = Some(net_source(parked.listener, parked.conns)?);
+        }
+        self.net()?.freeze()
+    }
+
+    fn capture(
+        &mut self,
+        emit: &mut dyn FnMut(Vec<SocketRecord>) -> lmig_core::Result<()>,
+    ) -> lmig_core::Result<()> {
+        self.net()?.capture(emit)
+    }
+
+    fn abort(&mut self) -> lmig_core::Result<()> {
+        match self.net.take() {
+            Some(mut net) => net.abort(),
+            None => Ok(()),
+        }
+    }
+
+    fn release(&mut self) -> lmig_core::Result<()> {
+        self.net()?.release()
+    }
+}
+
+/// How to migrate.
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    /// The destination kvd's migration address.
+    pub target: SocketAddr,
+    /// Memory mode.
+    pub mode: Mode,
+    /// Parallel data streams.
+    pub streams: usize,
+    /// The pre-shared key.
+    pub key: Vec<u8>,
+    /// Move the service address too (source side settings).
+    pub handoff: Option<HandoffConfig>,
+    /// Policy downtime target.
+    pub downtime: Duration,
+}
+
+/// Migrate this kvd to `opts.target`. `Ok`: the destination runs now and this
+/// process must exit. `Err`: kvd serves on here (unless the error says the
+/// commit went out).
+pub fn migrate_out(
+    control: &Control,
+    regions: &RegionSet,
+    dirtier: Option<Dirtier>,
+    opts: &MigrateOptions,
+    progress: impl Fn(&Event) + Send + Sync,
+) -> Result<SourceReport, MigrationError> {
+    let debug = std::env::var_os("LMIG_DEMO_DEBUG").is_some();
+    let t = Instant::now();
+    let (mut tracker, _choice) = best_tracker(regions).map_err(MigrationError::from)?;
+    if debug {
+        eprintln!("kvd: tracker ready after {:?}", t.elapsed());
+    }
+    let config = ChannelConfig::new(AuthKey::new(&opts.key).map_err(|e| backend("key", e))?)
+        .with_data_streams(opts.streams);
+    let channel =
+        connect(&Endpoint::Tcp(opts.target), config).map_err(|e| backend("connect", e))?;
+    if debug {
+        eprintln!("kvd: connected after {:?}", t.elapsed());
+    }
+    let parked = Arc::new(Mutex::new(None));
+    let program = KvdProgram {
+        control: control.clone(),
+        dirtier,
+        parked: parked.clone(),
+        state: Vec::new(),
+    };
+    let sockets = KvdSockets {
+        control: control.clone(),
+        parked,
+        net: None,
+        planned: Vec::new(),
+    };
+    let fallback = match opts.mode {
+        Mode::Hybrid => Fallback::Postcopy,
+        _ => Fallback::Freeze,
+    };
+    let policy = ConvergencePolicy::new(PolicyConfig {
+        downtime_target: opts.downtime,
+        fallback,
+        ..PolicyConfig::default()
+    });
+    let config = SourceConfig {
+        mode: opts.mode,
+        ..SourceConfig::default()
+    };
+    let source = Source::new(&channel, regions, &mut tracker, program)
+        .with_policy(policy)
+        .with_config(config)
+        .with_observer(move |e: &Event| {
+            if debug {
+                if let Event::Phase { phase, .. } = e {
+                    eprintln!("kvd: {phase:?} at {:?}", t.elapsed());
+                }
+            }
+            progress(e)
+        });
+    match &opts.handoff {
+        Some(h) => source.with_sockets(Locked::new(sockets, h.clone())?).run(),
+        None => source.with_sockets(sockets).run(),
+    }
+}
+
+/// The destination's sockets: restored by lmig-net, handed to the loop after `Commit`.
+struct KvdSink<S> {
+    inner: S,
+    take: fn(&mut S) -> HashMap<u64, OwnedFd>,
+    fds: Sender<HashMap<u64, OwnedFd>>,
+}
+
+impl<S: SocketSink> SocketSink for KvdSink<S> {
+    fn prepare(&mut self, plan: &[SocketPrep]) -> lmig_core::Result<()> {
+        self.inner.prepare(plan)
+    }
+    fn restore(&mut self, batch: Vec<SocketRecord>) -> lmig_core::Result<()> {
+        self.inner.restore(batch)
+    }
+    fn activate(&mut self) -> lmig_core::Result<()> {
+        let r = self.inner.activate();
+        let _ = self.fds.send((self.take)(&mut self.inner));
+        r
+    }
+    fn discard(&mut self) {
+        self.inner.discard()
+    }
+}
+
+/// The program seen by the destination session.
+struct KvdResume {
+    state: Option<ProgramState>,
+    go: Sender<ProgramState>,
+}
+
+impl StateSink for KvdResume {
+    fn restore(&mut self, state: ProgramState) -> lmig_core::Result<()> {
+        if state.version != STATE_VERSION {
+            return Err(MigrationError::invalid(
+                "kvd state",
+                format!("version {} (this kvd reads {STATE_VERSION})", state.version),
+            ));
+        }
+        decode_state(&state.data).map_err(|e| MigrationError::invalid("kvd state", e))?;
+        self.state = Some(state);
+        Ok(())
+    }
+    fn resume(&mut self) -> lmig_core::Result<()> {
+        let state = self
+            .state
+            .take()
+            .ok_or_else(|| backend("kvd", "resumed without state"))?;
+        self.go
+            .send(state)
+            .map_err(|_| backend("kvd", "the serving thread is gone"))
+    }
+}
+
+/// What the destination side reports.
+pub struct Received {
+    /// The session's report.
+    pub report: DestinationReport,
+    /// When the loop started serving.
+    pub serving_at: Instant,
+}
+
+/// Wait for one incoming migration on `listen`, then serve what arrived
+/// until this process is stopped. `on_serving` runs once the loop serves.
+pub fn receive(
+    listen: SocketAddr,
+    key: &[u8],
+    handoff: Option<HandoffConfig>,
+    accept_timeout: Duration,
+    on_listening: impl FnOnce(),
+    on_serving: impl FnOnce(Instant) + Send,
+    on_report: impl FnOnce(&Result<DestinationReport, MigrationError>) + Send,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let config = ChannelConfig::new(AuthKey::new(key)?);
+    let listener = Listener::bind(&Endpoint::Tcp(listen), config)?;
+    on_listening();
+    let channel = listener.accept_timeout(accept_timeout)?;
+    let memory = DestinationRegions::new(Backing::Private);
+    let (fds_tx, fds_rx) = mpsc::channel::<HashMap<u64, OwnedFd>>();
+    let (go_tx, go_rx) = mpsc::channel::<ProgramState>();
+    let program = KvdResume {
+        state: None,
+        go: go_tx,
+    };
+    let net = NetSink::new(SinkConfig::default())?;
+    std::thread::scope(|s| -> Result<(), Box<dyn std::error::Error>> {
+        let session = s.spawn(|| {
+            let dest = Destination::new(&channel, &memory, program);
+            let r = match handoff {
+                Some(h) => match Handoff::new(net, h) {
+                    Ok(sink) => dest
+                        .with_sockets(KvdSink {
+                            inner: sink,
+                            take: |h: &mut Handoff<NetSink>| h.inner_mut().take_fds(),
+                            fds: fds_tx,
+                        })
+                        .run(),
+                    Err(e) => Err(MigrationError::from(e)),
+                },
+                None => dest
+                    .with_sockets(KvdSink {
+                        inner: net,
+                        take: |n: &mut NetSink| n.take_fds(),
+                        fds: fds_tx,
+                    })
+                    .run(),
+            };
+            on_report(&r);
+            r
+        });
+        // Serve once the session resumes the program (at `Commit`).
+        let state = match go_rx.recv() {
+            Ok(state) => state,
+            Err(_) => {
+                let r = session.join().expect("session thread");
+                return Err(match r {
+                    Err(e) => e.into(),
+                    Ok(_) => "the session ended without resuming kvd".into(),
+                });
+            }
+        };
+        let mut fds = fds_rx.recv_timeout(Duration::from_secs(10))?;
+        let conns = decode_state(&state.data)?;
+        let listener = fds
+            .remove(&LISTENER_ID)
+            .ok_or("the listening socket did not arrive")?;
+        let mut restored = Vec::with_capacity(conns.len());
+        for (id, rbuf, wbuf) in conns {
+            let fd = fds
+                .remove(&id)
+                .ok_or_else(|| format!("connection {id} did not arrive"))?;
+            restored.push((id, std::net::TcpStream::from(fd), rbuf, wbuf));
+        }
+        let regions = memory.regions().ok_or("no regions arrived")?;
+        let store = Store::open(regions.get(STORE_REGION)?).map_err(|e| e.to_string())?;
+        let mut server = Server::new(std::net::TcpListener::from(listener), restored)?;
+        on_serving(Instant::now());
+        server.run(&store)?;
+        let _ = session.join();
+        Ok(())
+    })
+}

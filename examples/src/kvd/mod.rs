@@ -1,0 +1,9 @@
+//! kvd: a key-value server speaking a Redis protocol subset, whose data lives
+//! in an lmig region and which migrates itself live to another host.
+
+pub mod cli;
+pub mod load;
+pub mod migrate;
+pub mod resp;
+pub mod server;
+pub mod store;

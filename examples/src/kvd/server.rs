@@ -1,0 +1,413 @@
+//! kvd's event loop: one thread, mio, many connections; it can be parked for
+//! the freeze (handing over its connections' buffered bytes and a duplicate
+//! of every socket fd), resumed after an abort, or told to exit after the
+//! commit.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::resp;
+use super::store::Store;
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+/// Connection ids start here (0 is the listener's id in migration records).
+const FIRST_CONN: u64 = 2;
+
+/// One client connection.
+struct Conn {
+    stream: TcpStream,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+}
+
+/// What the loop hands over when parked for the freeze.
+pub struct Parked {
+    /// Duplicate of the listening socket (id 0).
+    pub listener: OwnedFd,
+    /// Duplicates of every connection socket, by id.
+    pub conns: Vec<(u64, OwnedFd)>,
+    /// The program state: buffered input and output of every connection.
+    pub state: Vec<u8>,
+}
+
+/// What the parked loop should do next.
+pub enum Wake {
+    /// The migration failed: serve on.
+    Resume,
+    /// The migration committed: stop for good.
+    Exit,
+}
+
+/// Counters the loop keeps (for INFO and reports).
+#[derive(Default)]
+pub struct Counters {
+    /// Requests answered.
+    pub requests: AtomicU64,
+    /// Connections open.
+    pub clients: AtomicU64,
+}
+
+/// Handle to control a running loop from another thread.
+#[derive(Clone)]
+pub struct Control {
+    pause: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    parked_tx: Arc<Mutex<Option<Sender<Parked>>>>,
+    wake_tx: Sender<Wake>,
+    /// Counters.
+    pub counters: Arc<Counters>,
+}
+
+impl Control {
+    /// Park the loop; returns what it hands over. Bounded wait.
+    pub fn park(&self) -> Result<Parked, String> {
+        let (tx, rx) = channel();
+        *self.parked_tx.lock().expect("poisoned") = Some(tx);
+        self.pause.store(true, Ordering::SeqCst);
+        self.waker
+            .wake()
+            .map_err(|e| format!("waking the loop: {e}"))?;
+        rx.recv_timeout(Duration::from_secs(10))
+            .map_err(|_| "the server loop did not park within 10 s".to_string())
+    }
+
+    /// Resume (after an abort) or end (after the commit) a parked loop.
+    pub fn wake(&self, what: Wake) {
+        self.pause.store(false, Ordering::SeqCst);
+        let _ = self.wake_tx.send(what);
+    }
+}
+
+/// The loop and its connections.
+pub struct Server {
+    poll: Poll,
+    listener: TcpListener,
+    conns: HashMap<u64, Conn>,
+    next_id: u64,
+    control: Control,
+    wake_rx: Receiver<Wake>,
+}
+
+fn token(id: u64) -> Token {
+    Token(id as usize)
+}
+
+impl Server {
+    /// A server on `listener` with `conns` (restored after a migration: id,
+    /// socket, buffered input, buffered output).
+    pub fn new(
+        listener: std::net::TcpListener,
+        conns: Vec<(u64, std::net::TcpStream, Vec<u8>, Vec<u8>)>,
+    ) -> std::io::Result<Self> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let (wake_tx, wake_rx) = channel();
+        let mut server = Self {
+            poll,
+            listener,
+            conns: HashMap::new(),
+            next_id: FIRST_CONN,
+            control: Control {
+                pause: Arc::new(AtomicBool::new(false)),
+                waker,
+                parked_tx: Arc::new(Mutex::new(None)),
+                wake_tx,
+                counters: Arc::new(Counters::default()),
+            },
+            wake_rx,
+        };
+        for (id, stream, rbuf, wbuf) in conns {
+            server.add_conn(id, stream, rbuf, wbuf)?;
+        }
+        Ok(server)
+    }
+
+    /// A handle to park, resume or end the loop.
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    fn add_conn(
+        &mut self,
+        id: u64,
+        stream: std::net::TcpStream,
+        rbuf: Vec<u8>,
+        wbuf: Vec<u8>,
+    ) -> std::io::Result<()> {
+        stream.set_nonblocking(true)?;
+        stream.set_nodelay(true)?;
+        let mut stream = TcpStream::from_std(stream);
+        self.poll.registry().register(
+            &mut stream,
+            token(id),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        self.next_id = self.next_id.max(id + 1);
+        self.conns.insert(id, Conn { stream, rbuf, wbuf });
+        self.control
+            .counters
+            .clients
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Serve until told to exit after a commit.
+    pub fn run(&mut self, store: &Store<'_>) -> std::io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            if self.control.pause.load(Ordering::SeqCst) {
+                match self.park()? {
+                    Wake::Resume => continue,
+                    Wake::Exit => return Ok(()),
+                }
+            }
+            match self
+                .poll
+                .poll(&mut events, Some(Duration::from_millis(100)))
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for ev in &events {
+                // A freeze request is served before the rest of the batch:
+                // unserved events stay pending in the kernel and the sockets.
+                if self.control.pause.load(Ordering::Relaxed) {
+                    break;
+                }
+                match ev.token() {
+                    LISTENER => self.accept_all()?,
+                    WAKER => {}
+                    Token(t) => self.serve(t as u64, store),
+                }
+            }
+        }
+    }
+
+    fn accept_all(&mut self) -> std::io::Result<()> {
+        for _ in 0..4096 {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    let id = self.next_id;
+                    let std_stream = std::net::TcpStream::from(OwnedFd::from(stream));
+                    self.add_conn(id, std_stream, Vec::new(), Vec::new())?;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn serve(&mut self, id: u64, store: &Store<'_>) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let mut closed = false;
+        let mut buf = [0u8; 16384];
+        for _ in 0..64 {
+            match conn.stream.read(&mut buf) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => conn.rbuf.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let mut consumed = 0;
+        loop {
+            match resp::parse(&conn.rbuf[consumed..]) {
+                Ok(Some((args, n))) => {
+                    consumed += n;
+                    if !args.is_empty() {
+                        execute(store, &args, &mut conn.wbuf, &self.control.counters);
+                        self.control
+                            .counters
+                            .requests
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    resp::error(&mut conn.wbuf, &format!("Protocol error: {}", e.0));
+                    consumed = conn.rbuf.len();
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        conn.rbuf.drain(..consumed);
+        while !conn.wbuf.is_empty() {
+            match conn.stream.write(&conn.wbuf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    conn.wbuf.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if closed {
+            if let Some(mut c) = self.conns.remove(&id) {
+                let _ = self.poll.registry().deregister(&mut c.stream);
+                self.control
+                    .counters
+                    .clients
+                    .fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Hand over duplicates of every socket and the buffered bytes; wait.
+    fn park(&mut self) -> std::io::Result<Wake> {
+        let listener = self.listener.as_fd().try_clone_to_owned()?;
+        let mut conns = Vec::with_capacity(self.conns.len());
+        let mut state = Vec::new();
+        state.extend_from_slice(&(self.conns.len() as u64).to_le_bytes());
+        for (id, c) in &self.conns {
+            conns.push((*id, c.stream.as_fd().try_clone_to_owned()?));
+            state.extend_from_slice(&id.to_le_bytes());
+            for b in [&c.rbuf, &c.wbuf] {
+                state.extend_from_slice(&(b.len() as u64).to_le_bytes());
+                state.extend_from_slice(b);
+            }
+        }
+        let tx = self.control.parked_tx.lock().expect("poisoned").take();
+        if let Some(tx) = tx {
+            let _ = tx.send(Parked {
+                listener,
+                conns,
+                state,
+            });
+        }
+        // Parked until told: resume (abort) or exit (commit).
+        Ok(self.wake_rx.recv().unwrap_or(Wake::Exit))
+    }
+}
+
+/// One connection's buffered bytes: `(id, input, output)`.
+pub type ConnState = (u64, Vec<u8>, Vec<u8>);
+
+/// Decode the state a parked loop produced, one [`ConnState`] per connection.
+pub fn decode_state(mut s: &[u8]) -> Result<Vec<ConnState>, String> {
+    fn take<'a>(s: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+        if s.len() < n {
+            return Err("kvd state truncated".into());
+        }
+        let (a, b) = s.split_at(n);
+        *s = b;
+        Ok(a)
+    }
+    fn word(s: &mut &[u8]) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(take(s, 8)?.try_into().expect("8 bytes")))
+    }
+    let n = word(&mut s)?;
+    if n > 1 << 20 {
+        return Err(format!("kvd state claims {n} connections"));
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let id = word(&mut s)?;
+        let r = word(&mut s)? as usize;
+        let rbuf = take(&mut s, r)?.to_vec();
+        let w = word(&mut s)? as usize;
+        let wbuf = take(&mut s, w)?.to_vec();
+        out.push((id, rbuf, wbuf));
+    }
+    Ok(out)
+}
+
+/// Run one request and append its reply.
+pub fn execute(store: &Store<'_>, args: &[Vec<u8>], out: &mut Vec<u8>, counters: &Counters) {
+    let cmd = args[0].to_ascii_uppercase();
+    let arity = |n: usize, out: &mut Vec<u8>| {
+        let ok = args.len() == n;
+        if !ok {
+            resp::error(
+                out,
+                &format!(
+                    "wrong number of arguments for '{}' command",
+                    String::from_utf8_lossy(&args[0])
+                ),
+            );
+        }
+        ok
+    };
+    match cmd.as_slice() {
+        b"PING" => match args.get(1) {
+            Some(m) => resp::bulk(out, Some(m)),
+            None => resp::simple(out, "PONG"),
+        },
+        b"GET" if arity(2, out) => resp::bulk(out, store.get(&args[1]).as_deref()),
+        b"SET" if args.len() >= 3 => match store.set(&args[1], &args[2]) {
+            Ok(()) => resp::simple(out, "OK"),
+            Err(e) => resp::error(out, &e.to_string()),
+        },
+        b"DEL" if args.len() >= 2 => {
+            let n = args[1..].iter().filter(|k| store.del(k)).count();
+            resp::integer(out, n as i64);
+        }
+        b"INCR" if arity(2, out) => match store.incr(&args[1]) {
+            Ok(n) => resp::integer(out, n),
+            Err(e) => resp::error(out, &e.to_string()),
+        },
+        b"DBSIZE" => resp::integer(out, store.len() as i64),
+        b"INFO" => {
+            let info = format!(
+                "# Server\r\nkvd_version:{}\r\nprocess_id:{}\r\n# Clients\r\nconnected_clients:{}\r\n# Stats\r\ntotal_commands_processed:{}\r\n# Keyspace\r\ndb0:keys={}\r\n",
+                env!("CARGO_PKG_VERSION"),
+                std::process::id(),
+                counters.clients.load(Ordering::Relaxed),
+                counters.requests.load(Ordering::Relaxed),
+                store.len()
+            );
+            resp::bulk(out, Some(info.as_bytes()));
+        }
+        b"DEBUG" if args.len() >= 3 && args[1].eq_ignore_ascii_case(b"POPULATE") => {
+            let n = std::str::from_utf8(&args[2])
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok());
+            let size = args
+                .get(4)
+                .and_then(|s| std::str::from_utf8(s).ok()?.parse::<usize>().ok());
+            match n {
+                Some(n) => match store.populate(n, size.unwrap_or(100)) {
+                    Ok(()) => resp::simple(out, "OK"),
+                    Err(e) => resp::error(out, &e.to_string()),
+                },
+                None => resp::error(out, "value is not an integer or out of range"),
+            }
+        }
+        // Clients probe these at start-up (redis-cli, redis-benchmark).
+        b"COMMAND" | b"CONFIG" | b"CLIENT" => out.extend_from_slice(b"*0\r\n"),
+        b"GET" | b"INCR" => {} // arity error already written
+        _ => resp::error(
+            out,
+            &format!("unknown command '{}'", String::from_utf8_lossy(&args[0])),
+        ),
+    }
+}

@@ -1,0 +1,83 @@
+//! kvd end to end in three network namespaces: a live migration with busy
+//! clients, and the failure paths (wrong key, no destination) that must leave
+//! kvd serving on A with every connection intact.
+
+use std::time::Duration;
+
+use lmig_examples::scenario::{self, Fault, Options};
+
+fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("LMIG_SKIP_PRIVILEGED").is_some() {
+        eprintln!(
+            "SKIPPED (LMIG_SKIP_PRIVILEGED=1): kvd tests need root for namespaces and TCP repair"
+        );
+        return false;
+    }
+    panic!(
+        "kvd tests need root (network namespaces, TCP repair, nftables); set LMIG_SKIP_PRIVILEGED=1 to skip them explicitly"
+    );
+}
+
+fn options(mode: &str, fault: Option<Fault>) -> Options {
+    Options {
+        mib: 64,
+        conns: 50,
+        rate: 5_000.0,
+        mode: mode.into(),
+        dirty_mbps: 20.0,
+        keys: 20_000,
+        warmup: Duration::from_millis(500),
+        after: Duration::from_millis(500),
+        streams: 2,
+        progress: false,
+        svg: None,
+        kvd: (env!("CARGO_BIN_EXE_kvd").into(), Vec::new()),
+        fault,
+    }
+}
+
+// The scenarios share the machine's nftables/NFQUEUE resources and CPU:
+// run them one after another in one test.
+#[test]
+fn kvd_migrates_live_and_survives_failed_migrations() {
+    if !privileged() {
+        return;
+    }
+    for mode in ["precopy", "postcopy", "hybrid"] {
+        let r = scenario::run(&options(mode, None)).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert!(r.migrated, "{mode}: {:?}", r.error);
+        assert_eq!(r.load.conns_broken, 0, "{mode}: {:?}", r.load.first_error);
+        assert_eq!(
+            r.load.requests_failed, 0,
+            "{mode}: {:?}",
+            r.load.first_error
+        );
+        assert!(r.load.requests_ok > 0, "{mode}");
+        assert_eq!(r.source["verified"], true, "{mode}: {}", r.source);
+        assert_eq!(r.destination["verified"], true, "{mode}: {}", r.destination);
+    }
+    for fault in [Fault::WrongKey, Fault::NoDestination] {
+        let r = scenario::run(&options("precopy", Some(fault)))
+            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
+        assert!(!r.migrated, "{fault:?}");
+        let err = r.error.clone().unwrap_or_default();
+        assert!(!err.is_empty(), "{fault:?}: the failure is reported");
+        assert_eq!(r.source["source_serving"], true, "{fault:?}: {}", r.source);
+        // kvd kept serving on A: every connection intact, every reply right,
+        // and requests were answered after the failed attempt.
+        assert_eq!(
+            r.load.conns_broken, 0,
+            "{fault:?}: {:?}",
+            r.load.first_error
+        );
+        assert_eq!(
+            r.load.requests_failed, 0,
+            "{fault:?}: {:?}",
+            r.load.first_error
+        );
+        assert!(r.load.requests_ok > 100, "{fault:?}");
+    }
+}

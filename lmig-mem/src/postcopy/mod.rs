@@ -1,0 +1,614 @@
+//! Post-copy on the destination: the program resumes before every page
+//! arrived, and a touch of a missing page blocks the toucher until the page
+//! is placed.
+//!
+//! [`RegionSet`](crate::RegionSet) (and [`DestinationRegions`](crate::DestinationRegions),
+//! which holds one) implements the post-copy half of
+//! [`MemorySink`](lmig_core::MemorySink) with a userfaultfd of its own
+//! (separate from the write-protect tracker's):
+//!
+//! * `begin_postcopy(missing)` drops the stale content of the missing pages
+//!   and registers every region with the userfaultfd:
+//!
+//!   | backing | stale pages dropped with | registered | pages placed with |
+//!   |---|---|---|---|
+//!   | private anonymous | `MADV_DONTNEED` | `MISSING` | `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` |
+//!   | shared anonymous | `MADV_REMOVE` | `MISSING` (`UFFD_FEATURE_MISSING_SHMEM`) | `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` |
+//!   | memfd | `MADV_DONTNEED` (page cache kept) | `MISSING` + `MINOR` (`UFFD_FEATURE_MINOR_SHMEM`) | write through a second mapping of the memfd, then `UFFDIO_CONTINUE` |
+//!   | memfd without `MINOR_SHMEM` | `MADV_REMOVE` | `MISSING` | `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` |
+//!
+//!   For memfd regions the minor-fault path writes the page once into the
+//!   page cache and only maps it (`UFFDIO_CONTINUE` does not copy, ~2× the
+//!   throughput of `UFFDIO_COPY` on this kind of machine).
+//! * `wait_fault(timeout)` reads fault messages (optionally busy-polling for
+//!   [`PostcopyOptions::spin`] before it blocks in `poll`) and returns the
+//!   missing page that was touched. A fault on a page that is no longer
+//!   missing (the same fault reported twice, or a fault racing the page's
+//!   placement) is answered at once: `UFFDIO_ZEROPAGE`/`UFFDIO_CONTINUE`
+//!   says `EEXIST` and the waiters are woken with `UFFDIO_WAKE`.
+//! * `write_pages` / `zero_pages` fill missing pages atomically and wake the
+//!   threads waiting on them. `EEXIST` (page already there: nobody was woken)
+//!   is answered with a plain copy and `UFFDIO_WAKE`; `EAGAIN` (the address
+//!   space changed under the call) is retried up to [`MAX_FILL_RETRIES`]
+//!   times; a partial count, positive or a negative errno, is accounted and
+//!   the rest retried. No page is filled twice.
+//! * `end_postcopy` unregisters (also done when the set is dropped: RAII).
+//!   It refuses while pages are still missing: unregistering would make the
+//!   program read zeros where its data should be.
+//!
+//! # Faults taken inside the kernel
+//!
+//! A system call that writes into or reads from a missing page (`read(fd,
+//! missing_page, n)`) takes the fault in kernel mode. With a userfaultfd
+//! opened by the `userfaultfd(2)` syscall with privilege (`CAP_SYS_PTRACE`
+//! or `vm.unprivileged_userfaultfd = 1`) or through `/dev/userfaultfd`, the
+//! system call waits like any other toucher and completes once the page is
+//! placed. With `UFFD_USER_MODE_ONLY` (the only unprivileged way since Linux
+//! 5.11), kernel-mode faults are **not** delivered: the system call fails
+//! with `EFAULT` (a short read/write), which most programs treat as a bug.
+//! Therefore `begin_postcopy` refuses with
+//! [`crate::MemError::Unsupported`] when only
+//! user-mode faults are available, unless
+//! [`PostcopyOptions::allow_user_mode_only`] is set by a program that knows
+//! no system call of its touches region memory during post-copy.
+//!
+//! # Timeouts
+//!
+//! Nothing here waits without a bound: `wait_fault` returns after its
+//! timeout, fills retry `EAGAIN` a bounded number of times. A page that never
+//! arrives is the session's business: it reports a timeout (and, with
+//! recovery, reconnects first).
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use lmig_core::model::{PageRun, RegionId, RegionPages};
+
+use crate::error::{MemError, Result};
+use crate::region::{Backing, Region};
+use crate::sys::mapping::{Mapping, Share};
+use crate::sys::uffd::{self, UffdMsg, UffdOrigin};
+
+/// Most `EAGAIN` answers one fill tolerates before it reports an error.
+pub const MAX_FILL_RETRIES: u32 = 10_000;
+
+/// Most faulted pages remembered in [`PostcopyStats::faulted`].
+const MAX_RECORDED_FAULTS: usize = 1 << 20;
+
+/// How post-copy handles faults.
+#[derive(Copy, Clone, Debug)]
+pub struct PostcopyOptions {
+    /// Accept a userfaultfd that only sees user-mode faults (see the
+    /// [module docs](self)): system calls touching a missing page then fail
+    /// with `EFAULT`. Default false.
+    pub allow_user_mode_only: bool,
+    /// Serve memfd regions with minor faults and `UFFDIO_CONTINUE` when the
+    /// kernel offers `UFFD_FEATURE_MINOR_SHMEM`. Default true.
+    pub minor_faults: bool,
+    /// Busy-poll the userfaultfd this long before blocking in `poll`: on
+    /// machines where waking a blocked thread costs tens of µs this cuts the
+    /// fault latency, at the price of CPU time. Default 0.
+    pub spin: Duration,
+    /// Remember the pages that faulted ([`PostcopyStats::faulted`], capped
+    /// at 2^20 entries). Default true.
+    pub record_faults: bool,
+}
+
+impl Default for PostcopyOptions {
+    fn default() -> Self {
+        Self {
+            allow_user_mode_only: false,
+            minor_faults: true,
+            spin: Duration::ZERO,
+            record_faults: true,
+        }
+    }
+}
+
+/// What post-copy did on this side.
+#[derive(Clone, Debug, Default)]
+pub struct PostcopyStats {
+    /// How the userfaultfd was opened.
+    pub origin: Option<UffdOrigin>,
+    /// A memfd region was served with minor faults (`UFFDIO_CONTINUE`).
+    pub minor_faults: bool,
+    /// Fault messages read.
+    pub faults: u64,
+    /// Runs `wait_fault` returned (pages the session asked the source for).
+    pub requested: u64,
+    /// Faults on pages that were no longer missing, answered at once.
+    pub stale_faults: u64,
+    /// `EEXIST` answers: the page was already there (its waiters were woken).
+    pub already_present: u64,
+    /// `EAGAIN` answers retried.
+    pub retries: u64,
+    /// Missing pages placed.
+    pub placed: u64,
+    /// The pages `wait_fault` returned, in order (capped).
+    pub faulted: Vec<(RegionId, u64)>,
+}
+
+/// How pages of one region are filled.
+#[derive(Debug)]
+enum Fill {
+    /// `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`.
+    Copy,
+    /// Write through `alias` (a second mapping of the memfd, not registered),
+    /// then `UFFDIO_CONTINUE`.
+    Continue { alias: Mapping },
+}
+
+/// One registered region.
+#[derive(Debug)]
+struct Target {
+    id: RegionId,
+    start: u64,
+    len: u64,
+    page_size: u64,
+    fill: Fill,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    faults: AtomicU64,
+    requested: AtomicU64,
+    stale: AtomicU64,
+    present: AtomicU64,
+    retries: AtomicU64,
+    placed: AtomicU64,
+}
+
+/// Post-copy state of a [`RegionSet`](crate::RegionSet): the userfaultfd,
+/// the registered ranges and the pages still missing.
+#[derive(Debug)]
+pub(crate) struct Postcopy {
+    uffd: OwnedFd,
+    origin: UffdOrigin,
+    options: PostcopyOptions,
+    targets: Vec<Target>,
+    missing: Mutex<RegionPages>,
+    queued: Mutex<VecDeque<PageRun>>,
+    counters: Counters,
+    faulted: Mutex<Vec<(RegionId, u64)>>,
+    registered: Mutex<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Postcopy {
+    /// Drop the stale content of `missing` and register `regions`.
+    pub(crate) fn begin(
+        regions: &[Region],
+        missing: &RegionPages,
+        options: PostcopyOptions,
+    ) -> Result<Self> {
+        for (id, set) in missing.sets() {
+            let Some(r) = regions.iter().find(|r| r.id() == id) else {
+                return Err(MemError::UnknownRegion { region: id });
+            };
+            if set.capacity() != r.pages() {
+                return Err(MemError::LayoutMismatch {
+                    detail: format!(
+                        "post-copy set of region {id} has {} pages, the region {}",
+                        set.capacity(),
+                        r.pages()
+                    ),
+                });
+            }
+        }
+        let unsupported = |needs| MemError::Unsupported {
+            feature: "post-copy (userfaultfd missing-page faults)",
+            needs,
+        };
+        let (fd, origin) = uffd::open_best().map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::ENOSYS) => unsupported(
+                "userfaultfd: CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or access to /dev/userfaultfd",
+            ),
+            _ => MemError::os("userfaultfd", "post-copy", e),
+        })?;
+        if origin == UffdOrigin::UserModeOnly && !options.allow_user_mode_only {
+            return Err(unsupported(
+                "kernel-mode faults (CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or /dev/userfaultfd); \
+                 with UFFD_USER_MODE_ONLY a system call touching a missing page fails with EFAULT \
+                 (PostcopyOptions::allow_user_mode_only accepts that)",
+            ));
+        }
+        let (offered, _) = uffd::probe_features()
+            .map_err(|e| MemError::os("UFFDIO_API (probe)", "post-copy", e))?;
+        let has_shmem = regions.iter().any(|r| r.backing().is_shmem());
+        let has_memfd = regions.iter().any(|r| r.backing() == Backing::Memfd);
+        let minor = options.minor_faults
+            && has_memfd
+            && offered & uffd::UFFD_FEATURE_MINOR_SHMEM != 0
+            && offered & uffd::UFFD_FEATURE_MISSING_SHMEM != 0;
+        let mut want = 0;
+        if has_shmem {
+            if offered & uffd::UFFD_FEATURE_MISSING_SHMEM == 0 {
+                return Err(unsupported(
+                    "UFFD_FEATURE_MISSING_SHMEM (Linux 4.11+) for shared regions",
+                ));
+            }
+            want |= uffd::UFFD_FEATURE_MISSING_SHMEM;
+        }
+        if minor {
+            want |= uffd::UFFD_FEATURE_MINOR_SHMEM;
+        }
+        uffd::api(fd.as_fd(), want).map_err(|e| MemError::os("UFFDIO_API", "post-copy", e))?;
+
+        let mut targets = Vec::with_capacity(regions.len());
+        for r in regions {
+            let continue_fill = minor && r.backing() == Backing::Memfd;
+            let fill = match (continue_fill, r.memfd()) {
+                (true, Some(memfd)) => Fill::Continue {
+                    alias: Mapping::map(r.len(), Share::Shared, Some(memfd), None, false)
+                        .map_err(|e| MemError::os("mmap (memfd alias)", r.describe(), e))?,
+                },
+                _ => Fill::Copy,
+            };
+            // Drop the stale content of the missing pages: private memory
+            // loses the pages (DONTNEED), shmem punches holes (REMOVE),
+            // minor-fault memfd only unmaps them (the page cache stays and
+            // is overwritten through the alias before UFFDIO_CONTINUE).
+            let advice = match (&fill, r.backing()) {
+                (Fill::Continue { .. }, _) | (_, Backing::Private) => libc::MADV_DONTNEED,
+                _ => libc::MADV_REMOVE,
+            };
+            let ps = r.page_size();
+            if let Ok(set) = missing.get(r.id()) {
+                for (first, count) in set.runs() {
+                    r.mapping()
+                        .discard(first as usize * ps, count as usize * ps, advice)
+                        .map_err(|e| MemError::os("madvise (drop stale pages)", r.describe(), e))?;
+                }
+            }
+            targets.push(Target {
+                id: r.id(),
+                start: r.as_ptr() as u64,
+                len: r.len() as u64,
+                page_size: ps as u64,
+                fill,
+            });
+        }
+        let pc = Self {
+            uffd: fd,
+            origin,
+            options,
+            targets,
+            missing: Mutex::new(missing.clone()),
+            queued: Mutex::new(VecDeque::new()),
+            counters: Counters::default(),
+            faulted: Mutex::new(Vec::new()),
+            registered: Mutex::new(true),
+        };
+        for (i, t) in pc.targets.iter().enumerate() {
+            let mode = match t.fill {
+                Fill::Copy => uffd::UFFDIO_REGISTER_MODE_MISSING,
+                Fill::Continue { .. } => {
+                    uffd::UFFDIO_REGISTER_MODE_MISSING | uffd::UFFDIO_REGISTER_MODE_MINOR
+                }
+            };
+            if let Err(e) = uffd::register(pc.uffd.as_fd(), t.start, t.len, mode) {
+                for done in &pc.targets[..i] {
+                    let _ = uffd::unregister(pc.uffd.as_fd(), done.start, done.len);
+                }
+                *lock(&pc.registered) = false;
+                return Err(MemError::os(
+                    "UFFDIO_REGISTER (missing)",
+                    format!("region {} ({:#x}, {} bytes)", t.id, t.start, t.len),
+                    e,
+                ));
+            }
+        }
+        Ok(pc)
+    }
+
+    fn target(&self, id: RegionId) -> Result<&Target> {
+        self.targets
+            .iter()
+            .find(|t| t.id == id)
+            .ok_or(MemError::UnknownRegion { region: id })
+    }
+
+    /// Pages still missing.
+    pub(crate) fn missing_pages(&self) -> u64 {
+        lock(&self.missing).count()
+    }
+
+    /// Wait up to `timeout` for a fault on a missing page.
+    pub(crate) fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let spin_until = start + self.options.spin.min(timeout);
+        let mut buf = [UffdMsg::default(); 16];
+        loop {
+            if let Some(run) = lock(&self.queued).pop_front() {
+                self.counters.requested.fetch_add(1, Ordering::Relaxed);
+                if self.options.record_faults {
+                    let mut f = lock(&self.faulted);
+                    if f.len() < MAX_RECORDED_FAULTS {
+                        f.push((run.region, run.first));
+                    }
+                }
+                return Ok(Some(run));
+            }
+            let n = uffd::read_msgs(self.uffd.as_fd(), &mut buf)
+                .map_err(|e| MemError::os("read (userfaultfd)", "post-copy", e))?;
+            if n > 0 {
+                self.take_faults(&buf[..n])?;
+                continue;
+            }
+            let now = Instant::now();
+            if now < spin_until {
+                std::hint::spin_loop();
+                continue;
+            }
+            if now >= deadline {
+                return Ok(None);
+            }
+            let left = deadline - now;
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            uffd::poll_in(self.uffd.as_fd(), ms)
+                .map_err(|e| MemError::os("poll (userfaultfd)", "post-copy", e))?;
+        }
+    }
+
+    /// File fault messages: missing pages are queued for the session, the
+    /// others are answered at once.
+    fn take_faults(&self, msgs: &[UffdMsg]) -> Result<()> {
+        for m in msgs {
+            if m.event != uffd::UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            self.counters.faults.fetch_add(1, Ordering::Relaxed);
+            let addr = m.arg[1];
+            let Some(t) = self
+                .targets
+                .iter()
+                .find(|t| addr >= t.start && addr - t.start < t.len)
+            else {
+                continue;
+            };
+            let page = (addr - t.start) / t.page_size;
+            let is_missing = lock(&self.missing)
+                .get(t.id)
+                .is_ok_and(|s| s.contains(page));
+            if is_missing {
+                let run = PageRun::new(t.id, page, 1);
+                let mut q = lock(&self.queued);
+                if !q.contains(&run) {
+                    q.push_back(run);
+                }
+            } else {
+                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                self.answer_present(t, page)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A fault on a page that is not missing: it is there (wake the waiters),
+    /// or the program dropped it itself since (fill it with zeros, as the
+    /// kernel would have without us).
+    fn answer_present(&self, t: &Target, page: u64) -> Result<()> {
+        let _serial = lock(&self.missing);
+        let addr = t.start + page * t.page_size;
+        let filled = match &t.fill {
+            Fill::Copy => uffd::zeropage(self.uffd.as_fd(), addr, t.page_size),
+            Fill::Continue { .. } => uffd::cont(self.uffd.as_fd(), addr, t.page_size),
+        };
+        match filled.error.as_ref().and_then(io::Error::raw_os_error) {
+            None => Ok(()),
+            Some(libc::EEXIST) | Some(libc::EAGAIN) => {
+                self.counters.present.fetch_add(1, Ordering::Relaxed);
+                self.wake(t, page, 1)
+            }
+            Some(libc::ENOENT) | Some(libc::EFAULT) => {
+                // Minor-fault region whose page cache has a hole here.
+                if let Fill::Continue { alias } = &t.fill {
+                    let off = (page * t.page_size) as usize;
+                    alias.zero(off, t.page_size as usize);
+                    let again = uffd::cont(self.uffd.as_fd(), addr, t.page_size);
+                    if again.error.is_some() {
+                        return self.wake(t, page, 1);
+                    }
+                    return Ok(());
+                }
+                self.wake(t, page, 1)
+            }
+            Some(_) => Err(MemError::os(
+                "UFFDIO_ZEROPAGE/CONTINUE (stale fault)",
+                format!("region {} page {page}", t.id),
+                filled.error.expect("matched Some"),
+            )),
+        }
+    }
+
+    fn wake(&self, t: &Target, page: u64, count: u64) -> Result<()> {
+        uffd::wake(
+            self.uffd.as_fd(),
+            t.start + page * t.page_size,
+            count * t.page_size,
+        )
+        .map_err(|e| MemError::os("UFFDIO_WAKE", format!("region {} page {page}", t.id), e))
+    }
+
+    /// Place `run` (already checked against `region`): `data` is its content,
+    /// `None` means zeros. Pages no longer missing are written plainly.
+    pub(crate) fn place(&self, region: &Region, run: &PageRun, data: Option<&[u8]>) -> Result<()> {
+        let t = self.target(run.region)?;
+        let ps = t.page_size as usize;
+        let mut missing = lock(&self.missing);
+        let set = missing
+            .get_mut(run.region)
+            .map_err(|_| MemError::UnknownRegion { region: run.region })?;
+        let missing_runs: Vec<(u64, u64)> = set.runs_in(run.first, run.end()).collect();
+        // Pages already placed: the memory is theirs, a plain write is right.
+        let mut p = run.first;
+        let write_plain = |from: u64, to: u64| -> Result<()> {
+            if from < to {
+                let off = (from - run.first) as usize * ps;
+                let len = (to - from) as usize * ps;
+                match data {
+                    Some(d) => region.write_at(from as usize * ps, &d[off..off + len]),
+                    None => region.zero_at(from as usize * ps, len),
+                }?;
+            }
+            Ok(())
+        };
+        for &(f, c) in &missing_runs {
+            write_plain(p, f)?;
+            let sub = data.map(|d| {
+                let off = (f - run.first) as usize * ps;
+                &d[off..off + c as usize * ps]
+            });
+            self.fill(region, t, f, c, sub)?;
+            set.remove_range(f, c);
+            self.counters.placed.fetch_add(c, Ordering::Relaxed);
+            p = f + c;
+        }
+        write_plain(p, run.end())
+    }
+
+    /// Fill `count` missing pages from `first` and wake their waiters.
+    fn fill(
+        &self,
+        region: &Region,
+        t: &Target,
+        first: u64,
+        count: u64,
+        data: Option<&[u8]>,
+    ) -> Result<()> {
+        let ps = t.page_size;
+        let total = count * ps;
+        if let Fill::Continue { alias } = &t.fill {
+            let off = (first * ps) as usize;
+            let ok = match data {
+                Some(d) => alias.copy_in(off, d),
+                None => alias.zero(off, total as usize),
+            };
+            if !ok {
+                return Err(MemError::OutOfBounds {
+                    region: t.id,
+                    offset: off,
+                    len: total as usize,
+                    region_len: t.len as usize,
+                });
+            }
+        }
+        let mut done = 0u64;
+        let mut retries = 0u32;
+        while done < total {
+            let addr = t.start + first * ps + done;
+            let filled = match (&t.fill, data) {
+                (Fill::Copy, Some(d)) => uffd::copy(self.uffd.as_fd(), addr, &d[done as usize..]),
+                (Fill::Copy, None) => uffd::zeropage(self.uffd.as_fd(), addr, total - done),
+                (Fill::Continue { .. }, _) => uffd::cont(self.uffd.as_fd(), addr, total - done),
+            };
+            done += filled.bytes / ps * ps;
+            let Some(err) = filled.error else { continue };
+            match err.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    // The page is already there and nobody was woken: write
+                    // it plainly (it cannot fault) and wake its waiters.
+                    let page = first + done / ps;
+                    self.counters.present.fetch_add(1, Ordering::Relaxed);
+                    if let (Fill::Copy, Some(d)) = (&t.fill, data) {
+                        let off = done as usize;
+                        region.write_at((page * ps) as usize, &d[off..off + ps as usize])?;
+                    } else if let (Fill::Copy, None) = (&t.fill, data) {
+                        region.zero_at((page * ps) as usize, ps as usize)?;
+                    }
+                    self.wake(t, page, 1)?;
+                    done += ps;
+                }
+                Some(libc::EAGAIN) => {
+                    if filled.bytes == 0 {
+                        retries += 1;
+                        self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        if retries > MAX_FILL_RETRIES {
+                            return Err(MemError::os(
+                                "UFFDIO_COPY/ZEROPAGE/CONTINUE",
+                                format!(
+                                    "region {} page {}: still EAGAIN after {MAX_FILL_RETRIES} retries",
+                                    t.id,
+                                    first + done / ps
+                                ),
+                                err,
+                            ));
+                        }
+                        std::thread::yield_now();
+                    }
+                }
+                _ => {
+                    let call = match (&t.fill, data) {
+                        (Fill::Copy, Some(_)) => "UFFDIO_COPY",
+                        (Fill::Copy, None) => "UFFDIO_ZEROPAGE",
+                        _ => "UFFDIO_CONTINUE",
+                    };
+                    return Err(MemError::os(
+                        call,
+                        format!("region {} page {}", t.id, first + done / ps),
+                        err,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Unregister every region (threads waiting on a fault retry it). Refuses
+    /// while pages are missing unless `force`.
+    pub(crate) fn end(&self, force: bool) -> Result<()> {
+        let missing = self.missing_pages();
+        if missing > 0 && !force {
+            return Err(MemError::PostcopyIncomplete { missing });
+        }
+        let mut registered = lock(&self.registered);
+        if !*registered {
+            return Ok(());
+        }
+        let mut first_err = None;
+        for t in &self.targets {
+            if let Err(e) = uffd::unregister(self.uffd.as_fd(), t.start, t.len) {
+                first_err.get_or_insert(MemError::os(
+                    "UFFDIO_UNREGISTER",
+                    format!("region {}", t.id),
+                    e,
+                ));
+            }
+        }
+        *registered = false;
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Statistics so far.
+    pub(crate) fn stats(&self) -> PostcopyStats {
+        let c = &self.counters;
+        PostcopyStats {
+            origin: Some(self.origin),
+            minor_faults: self
+                .targets
+                .iter()
+                .any(|t| matches!(t.fill, Fill::Continue { .. })),
+            faults: c.faults.load(Ordering::Relaxed),
+            requested: c.requested.load(Ordering::Relaxed),
+            stale_faults: c.stale.load(Ordering::Relaxed),
+            already_present: c.present.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            placed: c.placed.load(Ordering::Relaxed),
+            faulted: lock(&self.faulted).clone(),
+        }
+    }
+}
+
+impl Drop for Postcopy {
+    fn drop(&mut self) {
+        let _ = self.end(true);
+    }
+}

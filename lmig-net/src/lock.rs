@@ -1,0 +1,768 @@
+//! The network lock: one nftables table per address family that queues
+//! (NFQUEUE), never drops, every packet sent to the service addresses.
+//!
+//! # Shape and cost
+//!
+//! The lock matches the **service addresses**, not connections: a hash set
+//! `svc` of addresses and one rule `ip daddr @svc → NFQUEUE` in a
+//! `prerouting` base chain at priority -300 (before conntrack and routing,
+//! so packets are held even after the address has left this host). Its
+//! cost does not depend on the number of connections: the table, chain,
+//! empty set and rule are installed before the freeze ([`NetLock::install`]),
+//! the freeze only adds the few service addresses to the set
+//! ([`NetLock::engage`], one netlink batch), and unlocking flushes the set and
+//! deletes the table (one batch each). Nothing is ever done per connection.
+//!
+//! Everything goes over one `NETLINK_NETFILTER` socket as nftables batches
+//! (`NFNL_MSG_BATCH_BEGIN … END`, one transaction): spawning `nft -f` costs
+//! milliseconds per call (see `lmig-bench handoff`), a batch tens of µs.
+//!
+//! # Held packets
+//!
+//! Queued packets stay in the kernel until a verdict; their copies come to
+//! this process over a second netlink socket with a large receive buffer.
+//! [`NetLock::accept_held`] lets them continue (to the restored sockets, or
+//! to the original ones after an abort) with **one** batch verdict;
+//! [`NetLock::take_held`] drops them in the kernel and hands the copies to
+//! the caller (the source re-injects them towards the destination).
+//!
+//! Trap: unregistering any netfilter hook flushes (drops) every queued
+//! packet of the namespace, and a packet another CPU was queueing while the
+//! set was flushed reaches this process only microseconds later. So
+//! unlocking is always: flush the set (no new packet is queued), give every
+//! held packet its verdict, wait a little for stragglers ([`SETTLE`]), and
+//! only then delete the table. Only the first two steps delay the
+//! connections; the handoff deletes the table in the background.
+//!
+//! # Leftovers
+//!
+//! Tables are named `lmig_lock_<pid>_<n>` and created with `NFT_TABLE_F_OWNER`:
+//! the kernel deletes them when the process dies. Tables of that name whose
+//! process is gone (older runs, owner flag refused) are deleted by
+//! [`clean_stale`], which [`NetLock::install`] runs first.
+//!
+//! # Kernel requirements
+//!
+//! `CONFIG_NF_TABLES`, NFQUEUE either as the nft `queue` expression or as
+//! the xtables `NFQUEUE` target through `nft_compat` (`CONFIG_NFT_COMPAT` +
+//! `CONFIG_NETFILTER_XT_TARGET_NFQUEUE`; the compat path is what is used,
+//! since it is present on more kernels, including this project's CI),
+//! `CONFIG_NETFILTER_NETLINK_QUEUE`, and CAP_NET_ADMIN in the namespace.
+//! (`nft list ruleset` prints the rule as `ip daddr @svc` followed by
+//! "XT target NFQUEUE not found" when the nft binary lacks xtables support:
+//! a display limit of the tool, the kernel runs the target.)
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::error::{NetError, Result};
+use crate::sys::netlink::{Attrs, F_ACK, F_CREATE, F_DUMP, F_REQUEST, Messages, MsgBuf, NlSocket};
+
+/// Prefix of every lock table name; the rest is `<pid>_<n>` of the owning process.
+pub const TABLE_PREFIX: &str = "lmig_lock_";
+
+const NFNL_SUBSYS_QUEUE: u16 = 3;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+
+const NFPROTO_UNSPEC: u8 = 0;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+
+const NFT_TABLE_F_OWNER: u32 = 2;
+
+const NFQNL_MSG_PACKET: u16 = 0;
+const NFQNL_MSG_CONFIG: u16 = 2;
+const NFQNL_MSG_VERDICT_BATCH: u16 = 3;
+const NFQNL_CFG_CMD_BIND: u8 = 1;
+const NFQNL_COPY_META: u8 = 1;
+const NFQNL_COPY_PACKET: u8 = 2;
+const NF_DROP: u32 = 0;
+const NF_ACCEPT: u32 = 1;
+
+/// How long [`NetLock::unlock`] waits for packets that were being queued
+/// while the set was flushed, before it deletes the table.
+pub const SETTLE: Duration = Duration::from_millis(10);
+
+const SET_NAME: &str = "svc";
+const CHAIN_NAME: &str = "hold";
+
+fn nft_type(msg: u16) -> u16 {
+    (NFNL_SUBSYS_NFTABLES << 8) | msg
+}
+
+fn queue_type(msg: u16) -> u16 {
+    (NFNL_SUBSYS_QUEUE << 8) | msg
+}
+
+/// What the lock holds.
+#[derive(Clone, Debug)]
+pub struct LockConfig {
+    /// Service addresses: every packet sent to one of them is held while
+    /// the lock is engaged (they should belong to the migrating program only).
+    pub addrs: Vec<IpAddr>,
+    /// Packets the kernel queue may hold (`NFQA_CFG_QUEUE_MAXLEN`); beyond
+    /// that the kernel drops, which shows in [`LockStats::dropped`].
+    pub queue_maxlen: u32,
+    /// Receive buffer of the queue socket, in bytes (copies of held packets).
+    pub rcvbuf: usize,
+    /// Copy held packets to this process (needed to re-inject them); false
+    /// copies only their metadata (enough to let them through).
+    pub copy_payload: bool,
+}
+
+impl LockConfig {
+    /// A lock for these service addresses with default capacities
+    /// (65,536 packets, 64 MiB of copies).
+    pub fn new(addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        Self {
+            addrs: addrs.into_iter().collect(),
+            queue_maxlen: 65_536,
+            rcvbuf: 64 << 20,
+            copy_payload: true,
+        }
+    }
+}
+
+/// One packet held by the lock: its kernel queue id and a copy from the
+/// network header on.
+#[derive(Clone, Debug)]
+pub struct HeldPacket {
+    /// NFQUEUE packet id.
+    pub id: u32,
+    /// The IP packet.
+    pub data: Vec<u8>,
+}
+
+/// Counters of one lock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LockStats {
+    /// Packets queued by the lock and received by this process.
+    pub held: u64,
+    /// Packets the kernel could not queue or deliver (queue full, receive
+    /// buffer overrun): lost, a client will retransmit them.
+    pub dropped: u64,
+}
+
+/// The network lock of one host (see the module docs).
+#[derive(Debug)]
+pub struct NetLock {
+    nft: NlSocket,
+    queue: NlSocket,
+    queue_num: u16,
+    table: String,
+    families: Vec<u8>,
+    cfg: LockConfig,
+    installed: bool,
+    engaged: bool,
+    pending: Vec<HeldPacket>,
+    stats: LockStats,
+    rx: Vec<u8>,
+    last_id: u32,
+}
+
+fn lock_err(op: &'static str, what: &str, e: io::Error) -> NetError {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => NetError::Unsupported {
+            feature: "network lock (nftables + NFQUEUE)",
+            needs: "CAP_NET_ADMIN in the host's network namespace",
+        },
+        Some(libc::EPROTONOSUPPORT) | Some(libc::EAFNOSUPPORT) => NetError::Unsupported {
+            feature: "network lock (nftables + NFQUEUE)",
+            needs: "CONFIG_NF_TABLES and CONFIG_NETFILTER_NETLINK_QUEUE",
+        },
+        Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) if op == "nftables lock install" => {
+            NetError::Unsupported {
+                feature: "NFQUEUE from nftables",
+                needs: "CONFIG_NFT_COMPAT with CONFIG_NETFILTER_XT_TARGET_NFQUEUE",
+            }
+        }
+        _ => NetError::sys(op, what.to_string(), e),
+    }
+}
+
+fn families_of(addrs: &[IpAddr]) -> Vec<u8> {
+    let mut f = Vec::new();
+    if addrs.iter().any(IpAddr::is_ipv4) {
+        f.push(NFPROTO_IPV4);
+    }
+    if addrs.iter().any(IpAddr::is_ipv6) {
+        f.push(NFPROTO_IPV6);
+    }
+    f
+}
+
+fn addr_bytes(a: &IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+fn family_matches(fam: u8, a: &IpAddr) -> bool {
+    (fam == NFPROTO_IPV4) == a.is_ipv4()
+}
+
+impl NetLock {
+    /// Install the lock, disengaged: a table `lmig_lock_<pid>_<n>` per address
+    /// family with its chain, rule and empty set, and a bound NFQUEUE. One
+    /// netlink transaction. Run before the freeze; an error here leaves
+    /// nothing behind and the program keeps serving.
+    ///
+    /// Also removes leftover tables of dead processes ([`clean_stale`]).
+    pub fn install(cfg: LockConfig) -> Result<Self> {
+        if cfg.addrs.is_empty() {
+            return Err(NetError::NotMigratable {
+                what: "network lock".into(),
+                reason: "no service address to lock".into(),
+            });
+        }
+        let _ = clean_stale();
+        let nft = NlSocket::netfilter()
+            .map_err(|e| lock_err("netlink socket", "NETLINK_NETFILTER", e))?;
+        let mut queue = NlSocket::netfilter()
+            .map_err(|e| lock_err("netlink socket", "NETLINK_NETFILTER", e))?;
+        queue
+            .set_rcvbuf(cfg.rcvbuf)
+            .map_err(|e| lock_err("SO_RCVBUFFORCE", "NFQUEUE socket", e))?;
+        let queue_num = bind_queue(&mut queue, cfg.queue_maxlen, cfg.copy_payload)?;
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let table = format!("{TABLE_PREFIX}{}_{n}", std::process::id());
+        let families = families_of(&cfg.addrs);
+        let mut lock = Self {
+            nft,
+            queue,
+            queue_num,
+            table,
+            families,
+            cfg,
+            installed: false,
+            engaged: false,
+            pending: Vec::new(),
+            stats: LockStats::default(),
+            rx: vec![0u8; 256 * 1024],
+            last_id: 0,
+        };
+        lock.install_tables()?;
+        Ok(lock)
+    }
+
+    fn install_tables(&mut self) -> Result<()> {
+        let mut m = MsgBuf::new();
+        let seq = self.nft.next_seq();
+        batch_begin(&mut m, seq);
+        for &fam in &self.families {
+            let (key_type, key_len, offset) = if fam == NFPROTO_IPV4 {
+                (7u32, 4u32, 16u32)
+            } else {
+                (8, 16, 24)
+            };
+            let seq = self.nft.next_seq();
+            m.begin(
+                nft_type(NFT_MSG_NEWTABLE),
+                F_REQUEST | F_CREATE | F_ACK,
+                seq,
+            )
+            .nfgen(fam, 0)
+            .attr_str(1, &self.table)
+            .attr_be32(2, NFT_TABLE_F_OWNER)
+            .end();
+            let seq = self.nft.next_seq();
+            m.begin(
+                nft_type(NFT_MSG_NEWCHAIN),
+                F_REQUEST | F_CREATE | F_ACK,
+                seq,
+            )
+            .nfgen(fam, 0)
+            .attr_str(1, &self.table)
+            .attr_str(3, CHAIN_NAME)
+            .nest(4)
+            .attr_be32(1, 0) // NF_INET_PRE_ROUTING
+            .attr_be32(2, (-300i32) as u32) // NF_IP_PRI_RAW
+            .unnest()
+            .attr_be32(5, NF_ACCEPT)
+            .attr_str(7, "filter")
+            .end();
+            let seq = self.nft.next_seq();
+            m.begin(nft_type(NFT_MSG_NEWSET), F_REQUEST | F_CREATE | F_ACK, seq)
+                .nfgen(fam, 0)
+                .attr_str(1, &self.table)
+                .attr_str(2, SET_NAME)
+                .attr_be32(3, 0)
+                .attr_be32(4, key_type)
+                .attr_be32(5, key_len)
+                .attr_be32(10, 1)
+                .end();
+            let mut info = [0u8; 8];
+            info[0..2].copy_from_slice(&self.queue_num.to_ne_bytes());
+            info[2..4].copy_from_slice(&1u16.to_ne_bytes());
+            let seq = self.nft.next_seq();
+            m.begin(
+                nft_type(NFT_MSG_NEWRULE),
+                F_REQUEST | F_CREATE | F_ACK | 0x800,
+                seq,
+            )
+            .nfgen(fam, 0)
+            .attr_str(1, &self.table)
+            .attr_str(2, CHAIN_NAME)
+            .nest(4);
+            // payload load ip(6) daddr → reg 1
+            m.nest(1).attr_str(1, "payload").nest(2);
+            m.attr_be32(1, 1)
+                .attr_be32(2, 1)
+                .attr_be32(3, offset)
+                .attr_be32(4, key_len);
+            m.unnest().unnest();
+            // lookup reg 1 in @svc
+            m.nest(1).attr_str(1, "lookup").nest(2);
+            m.attr_str(1, SET_NAME).attr_be32(2, 1).attr_be32(4, 1);
+            m.unnest().unnest();
+            // xtables NFQUEUE v3 through nft_compat
+            m.nest(1).attr_str(1, "target").nest(2);
+            m.attr_str(1, "NFQUEUE").attr_be32(2, 3).attr(3, &info);
+            m.unnest().unnest();
+            m.unnest().end();
+        }
+        let seq = self.nft.next_seq();
+        batch_end(&mut m, seq);
+        self.nft
+            .transact(m.bytes(), m.acks)
+            .map_err(|e| lock_err("nftables lock install", &self.table, e))?;
+        self.installed = true;
+        Ok(())
+    }
+
+    /// The table name (`lmig_lock_<pid>_<n>`, in the `ip` and/or `ip6` family).
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The NFQUEUE number the lock queues to.
+    pub fn queue_num(&self) -> u16 {
+        self.queue_num
+    }
+
+    /// Whether packets to the service addresses are being held now.
+    pub fn is_engaged(&self) -> bool {
+        self.engaged
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LockStats {
+        self.stats
+    }
+
+    /// At the freeze: start holding every packet to the service addresses
+    /// (adds them to the set; one batch, independent of the number of
+    /// connections).
+    #[doc(alias = "NFT_MSG_NEWSETELEM")]
+    pub fn engage(&mut self) -> Result<()> {
+        if self.engaged {
+            return Ok(());
+        }
+        let mut m = MsgBuf::new();
+        let seq = self.nft.next_seq();
+        batch_begin(&mut m, seq);
+        for &fam in &self.families {
+            let seq = self.nft.next_seq();
+            m.begin(
+                nft_type(NFT_MSG_NEWSETELEM),
+                F_REQUEST | F_CREATE | F_ACK,
+                seq,
+            )
+            .nfgen(fam, 0)
+            .attr_str(1, &self.table)
+            .attr_str(2, SET_NAME)
+            .nest(3);
+            for a in self.cfg.addrs.iter().filter(|a| family_matches(fam, a)) {
+                m.nest(1).nest(1).attr(1, &addr_bytes(a)).unnest().unnest();
+            }
+            m.unnest().end();
+        }
+        let seq = self.nft.next_seq();
+        batch_end(&mut m, seq);
+        self.nft
+            .transact(m.bytes(), m.acks)
+            .map_err(|e| lock_err("nftables lock engage", &self.table, e))?;
+        self.engaged = true;
+        Ok(())
+    }
+
+    /// Stop holding new packets (flush the set; one batch). Packets already
+    /// held stay held until [`accept_held`](Self::accept_held) or
+    /// [`take_held`](Self::take_held).
+    pub fn disengage(&mut self) -> Result<()> {
+        if !self.engaged {
+            return Ok(());
+        }
+        let mut m = MsgBuf::new();
+        let seq = self.nft.next_seq();
+        batch_begin(&mut m, seq);
+        for &fam in &self.families {
+            let seq = self.nft.next_seq();
+            m.begin(nft_type(NFT_MSG_DELSETELEM), F_REQUEST | F_ACK, seq)
+                .nfgen(fam, 0)
+                .attr_str(1, &self.table)
+                .attr_str(2, SET_NAME)
+                .end();
+        }
+        let seq = self.nft.next_seq();
+        batch_end(&mut m, seq);
+        self.nft
+            .transact(m.bytes(), m.acks)
+            .map_err(|e| lock_err("nftables lock flush", &self.table, e))?;
+        self.engaged = false;
+        Ok(())
+    }
+
+    /// Read every packet copy waiting on the queue socket without blocking;
+    /// returns how many arrived.
+    pub fn collect(&mut self) -> Result<usize> {
+        self.collect_for(Duration::ZERO)
+    }
+
+    /// Like [`collect`](Self::collect), waiting up to `timeout` for the first packet.
+    pub fn collect_for(&mut self, timeout: Duration) -> Result<usize> {
+        let mut got = 0usize;
+        let deadline = Instant::now() + timeout;
+        // Bounded: at most queue_maxlen packets can be waiting, plus what
+        // arrives meanwhile; stop after twice that.
+        let cap = 2 * self.cfg.queue_maxlen as usize + 64;
+        for _ in 0..cap {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if got > 0 || left.is_zero() {
+                // Drain what is there without waiting.
+            } else if !self
+                .queue
+                .wait_readable(left)
+                .map_err(|e| lock_err("poll", "NFQUEUE socket", e))?
+            {
+                break;
+            }
+            match self.queue.recv(&mut self.rx, true) {
+                Ok(n) => {
+                    let before = self.pending.len();
+                    got += parse_packets(&self.rx[..n], &mut self.pending, &mut self.stats);
+                    for p in &self.pending[before..] {
+                        if nfq_id_after(p.id, self.last_id) {
+                            self.last_id = p.id;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if got > 0 || Instant::now() >= deadline {
+                        break;
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    // The receive buffer overran: the kernel dropped packets.
+                    self.stats.dropped += 1;
+                }
+                Err(e) => return Err(lock_err("recv", "NFQUEUE socket", e)),
+            }
+        }
+        Ok(got)
+    }
+
+    /// Let every held packet continue through the stack (to the restored
+    /// sockets on the destination, or to the original ones after an
+    /// abort): one batch verdict. Returns how many.
+    #[doc(alias = "NFQNL_MSG_VERDICT_BATCH")]
+    pub fn accept_held(&mut self) -> Result<u64> {
+        self.collect()?;
+        let n = self.pending.len() as u64;
+        if let Some(max) = self.pending.iter().map(|p| p.id).max() {
+            self.verdict_batch(max, NF_ACCEPT)?;
+        }
+        self.pending.clear();
+        Ok(n)
+    }
+
+    /// Let every packet queued so far continue without reading their copies
+    /// first: one batch verdict for every id up to 2^30 past the last one
+    /// seen (queue ids grow by one per packet; the kernel compares them
+    /// modulo 2^32). O(1) whatever the number of held packets; their copies
+    /// are drained and counted later by [`collect`](Self::collect) /
+    /// [`retire`](Self::retire), whose own verdicts then find nothing to do.
+    pub fn accept_all(&mut self) -> Result<()> {
+        self.verdict_batch(self.last_id.wrapping_add(1 << 30), NF_ACCEPT)
+    }
+
+    /// Drop every held packet in the kernel and hand over their copies (the
+    /// source re-injects them towards the destination): one batch verdict.
+    pub fn take_held(&mut self) -> Result<Vec<HeldPacket>> {
+        self.collect()?;
+        if let Some(max) = self.pending.iter().map(|p| p.id).max() {
+            self.verdict_batch(max, NF_DROP)?;
+        }
+        Ok(std::mem::take(&mut self.pending))
+    }
+
+    fn verdict_batch(&mut self, max_id: u32, verdict: u32) -> Result<()> {
+        let mut v = [0u8; 8];
+        v[0..4].copy_from_slice(&verdict.to_be_bytes());
+        v[4..8].copy_from_slice(&max_id.to_be_bytes());
+        let mut m = MsgBuf::new();
+        let seq = self.queue.next_seq();
+        m.begin(queue_type(NFQNL_MSG_VERDICT_BATCH), F_REQUEST, seq)
+            .nfgen(NFPROTO_UNSPEC, self.queue_num)
+            .attr(2, &v)
+            .end();
+        self.queue
+            .send(m.bytes())
+            .map_err(|e| lock_err("NFQUEUE batch verdict", "NFQUEUE socket", e))
+    }
+
+    /// Unlock completely: stop holding, let held packets continue, wait
+    /// [`SETTLE`] for stragglers, delete the tables. In that order (see the
+    /// module docs). Returns how many packets were let through.
+    pub fn unlock(&mut self) -> Result<u64> {
+        self.retire(SETTLE)
+    }
+
+    /// [`unlock`](Self::unlock) with a chosen settle time: packets that a
+    /// CPU was queueing while the set was flushed reach this process a few
+    /// µs after the flush; deleting the table before they had their verdict
+    /// would drop them.
+    pub fn retire(&mut self, settle: Duration) -> Result<u64> {
+        self.disengage()?;
+        let mut n = self.accept_held()?;
+        let end = Instant::now() + settle;
+        // Bounded by `settle`.
+        while let Some(left) = end
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        {
+            if self.collect_for(left)? > 0 {
+                n += self.accept_held()?;
+            }
+        }
+        self.remove_tables()?;
+        Ok(n)
+    }
+
+    /// Delete the tables (one batch). Held packets must have had their
+    /// verdict first: the kernel drops whatever is still queued.
+    pub fn remove_tables(&mut self) -> Result<()> {
+        if !self.installed {
+            return Ok(());
+        }
+        let mut m = MsgBuf::new();
+        let seq = self.nft.next_seq();
+        batch_begin(&mut m, seq);
+        for &fam in &self.families {
+            let seq = self.nft.next_seq();
+            m.begin(nft_type(NFT_MSG_DELTABLE), F_REQUEST | F_ACK, seq)
+                .nfgen(fam, 0)
+                .attr_str(1, &self.table)
+                .end();
+        }
+        let seq = self.nft.next_seq();
+        batch_end(&mut m, seq);
+        match self.nft.transact(m.bytes(), m.acks) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(lock_err("nftables lock remove", &self.table, e)),
+        }
+        self.installed = false;
+        self.engaged = false;
+        Ok(())
+    }
+
+    /// Add the kernel's own drop counters for this queue (full queue,
+    /// failed delivery) to [`LockStats::dropped`]; read from
+    /// `/proc/thread-self/net/netfilter/nfnetlink_queue`.
+    pub fn kernel_dropped(&self) -> u64 {
+        let Ok(text) = std::fs::read_to_string("/proc/thread-self/net/netfilter/nfnetlink_queue")
+        else {
+            return 0;
+        };
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.first().and_then(|q| q.parse::<u16>().ok()) == Some(self.queue_num) && f.len() >= 7
+            {
+                let q: u64 = f[5].parse().unwrap_or(0);
+                let u: u64 = f[6].parse().unwrap_or(0);
+                return q + u;
+            }
+        }
+        0
+    }
+}
+
+impl Drop for NetLock {
+    fn drop(&mut self) {
+        if self.installed {
+            let _ = self.unlock();
+        }
+    }
+}
+
+fn batch_begin(m: &mut MsgBuf, seq: u32) {
+    m.begin(NFNL_MSG_BATCH_BEGIN, F_REQUEST, seq)
+        .nfgen(NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES)
+        .end();
+}
+
+fn batch_end(m: &mut MsgBuf, seq: u32) {
+    m.begin(NFNL_MSG_BATCH_END, F_REQUEST, seq)
+        .nfgen(NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES)
+        .end();
+}
+
+/// Bind a free queue number near `0x4000 + pid` (queues are per network
+/// namespace; two lmig processes in one namespace get different numbers).
+fn bind_queue(sock: &mut NlSocket, maxlen: u32, copy_payload: bool) -> Result<u16> {
+    let base = 0x4000u32 + (std::process::id() % 0x3000) * 4;
+    let mut last = None;
+    for i in 0..16u32 {
+        let num = ((base + i) & 0xffff) as u16;
+        let mut m = MsgBuf::new();
+        let seq = sock.next_seq();
+        let mut params = [0u8; 5];
+        params[0..4].copy_from_slice(&0xffffu32.to_be_bytes());
+        params[4] = if copy_payload {
+            NFQNL_COPY_PACKET
+        } else {
+            NFQNL_COPY_META
+        };
+        m.begin(queue_type(NFQNL_MSG_CONFIG), F_REQUEST | F_ACK, seq)
+            .nfgen(NFPROTO_UNSPEC, num)
+            .attr(1, &[NFQNL_CFG_CMD_BIND, 0, 0, 0])
+            .attr(2, &params)
+            .attr_be32(3, maxlen)
+            .end();
+        match sock.transact(m.bytes(), 1) {
+            Ok(()) => return Ok(num),
+            // A number bound by another socket answers EPERM (EBUSY on
+            // older kernels): try the next. Without CAP_NET_ADMIN every
+            // number answers EPERM and that is what is reported.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EPERM)) => {
+                last = Some(e)
+            }
+            Err(e) => return Err(lock_err("NFQUEUE bind", "NFQUEUE socket", e)),
+        }
+    }
+    Err(lock_err(
+        "NFQUEUE bind",
+        "NFQUEUE socket",
+        last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EBUSY)),
+    ))
+}
+
+/// The kernel's `nfq_id_after`: `id` comes after `max` modulo 2^32.
+fn nfq_id_after(id: u32, max: u32) -> bool {
+    (id.wrapping_sub(max) as i32) > 0
+}
+
+fn parse_packets(buf: &[u8], out: &mut Vec<HeldPacket>, stats: &mut LockStats) -> usize {
+    let mut n = 0;
+    for msg in Messages::new(buf) {
+        if msg.kind != queue_type(NFQNL_MSG_PACKET) || msg.payload.len() < 4 {
+            continue;
+        }
+        let mut id = None;
+        let mut data = None;
+        for (kind, value) in Attrs::new(&msg.payload[4..]) {
+            match kind {
+                1 if value.len() >= 4 => {
+                    id = Some(u32::from_be_bytes([value[0], value[1], value[2], value[3]]))
+                }
+                10 => data = Some(value.to_vec()),
+                _ => {}
+            }
+        }
+        if let Some(id) = id {
+            let data = data.unwrap_or_default();
+            out.push(HeldPacket { id, data });
+            stats.held += 1;
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Find lock tables left by processes that no longer exist (a crashed
+/// run) and delete them; returns their names (`family/name`).
+///
+/// Tables of live processes, and tables the kernel guards for a live owner
+/// socket, are left alone.
+pub fn clean_stale() -> Result<Vec<String>> {
+    let mut nft =
+        NlSocket::netfilter().map_err(|e| lock_err("netlink socket", "NETLINK_NETFILTER", e))?;
+    let mut m = MsgBuf::new();
+    let seq = nft.next_seq();
+    m.begin(nft_type(NFT_MSG_GETTABLE), F_REQUEST | F_DUMP, seq)
+        .nfgen(NFPROTO_UNSPEC, 0)
+        .end();
+    let mut stale: Vec<(u8, String)> = Vec::new();
+    nft.dump(m.bytes(), |_kind, payload| {
+        let Some(&fam) = payload.first() else { return };
+        for (kind, value) in Attrs::new(payload.get(4..).unwrap_or(&[])) {
+            if kind != 1 {
+                continue;
+            }
+            let name = String::from_utf8_lossy(value.split(|&b| b == 0).next().unwrap_or(&[]))
+                .into_owned();
+            if let Some(pid) = name
+                .strip_prefix(TABLE_PREFIX)
+                .and_then(|p| p.split('_').next()?.parse::<u32>().ok())
+            {
+                let alive = pid == std::process::id()
+                    || std::path::Path::new(&format!("/proc/{pid}")).exists();
+                if !alive {
+                    stale.push((fam, name));
+                }
+            }
+        }
+    })
+    .map_err(|e| lock_err("nftables list tables", "ruleset", e))?;
+    let mut removed = Vec::new();
+    for (fam, name) in stale {
+        let mut m = MsgBuf::new();
+        let seq = nft.next_seq();
+        batch_begin(&mut m, seq);
+        let seq = nft.next_seq();
+        m.begin(nft_type(NFT_MSG_DELTABLE), F_REQUEST | F_ACK, seq)
+            .nfgen(fam, 0)
+            .attr_str(1, &name)
+            .end();
+        let seq = nft.next_seq();
+        batch_end(&mut m, seq);
+        if nft.transact(m.bytes(), m.acks).is_ok() {
+            removed.push(format!(
+                "{}/{name}",
+                if fam == NFPROTO_IPV4 { "ip" } else { "ip6" }
+            ));
+        }
+    }
+    Ok(removed)
+}
+
+/// Check once, at start-up, that a lock can be installed here: creates a
+/// lock for a documentation address and removes it again.
+pub fn probe() -> Result<()> {
+    let mut lock = NetLock::install(LockConfig {
+        addrs: vec![
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 255)),
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1)),
+        ],
+        queue_maxlen: 16,
+        rcvbuf: 1 << 16,
+        copy_payload: false,
+    })?;
+    lock.unlock().map(|_| ())
+}

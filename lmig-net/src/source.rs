@@ -1,0 +1,538 @@
+//! [`NetSource`]: the program's sockets on the source host, an
+//! implementation of [`SocketSource`].
+
+use std::collections::HashSet;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use lmig_core::MigrationError;
+use lmig_core::model::{SocketKind, SocketPrep, SocketRecord};
+use lmig_core::traits::SocketSource;
+
+use crate::error::{NetError, Result};
+use crate::opts::Defaults;
+use crate::repair::RepairGuard;
+use crate::sys::{self, RepairMode};
+use crate::tcp::{self, CaptureCtx};
+use crate::udp;
+
+/// The network lock of issue 6 plugs in here: called at the freeze before any
+/// socket enters repair mode, on abort after every socket left it, and at release.
+///
+/// It must hold (not drop) packets for the locked sockets and cost the same
+/// for one connection as for ten thousand.
+pub trait NetworkLock: Send {
+    /// Stop the kernel from answering for `sockets` (the freeze begins).
+    fn lock(&mut self, sockets: &[SocketPrep]) -> Result<()>;
+    /// The migration failed: let the sockets talk again here.
+    fn unlock(&mut self) -> Result<()>;
+    /// `Commit` was sent and the sockets are closed: hand over what is held.
+    fn release(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Settings of a [`NetSource`].
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Records per batch handed to the session (default 256).
+    pub batch_size: usize,
+    /// Capture threads (default 2).
+    pub threads: usize,
+    /// Record `SO_RCVBUF`/`SO_SNDBUF` (default false: setting a size on the
+    /// destination would lock it and turn TCP auto-tuning off, and the kernel
+    /// cannot tell whether the program set it).
+    pub capture_buffer_sizes: bool,
+    /// Read connection addresses and options again at the freeze (default
+    /// false: they are read by `plan`, before the freeze, and an option the
+    /// program changes after `plan` is not carried; true moves about a dozen
+    /// `getsockopt` per connection into the freeze).
+    pub reread_options_at_freeze: bool,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            threads: 2,
+            capture_buffer_sizes: false,
+            reread_options_at_freeze: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    fd: OwnedFd,
+    kind: SocketKind,
+    /// Addresses and options of an established connection, read before the freeze.
+    stat: Option<tcp::ConnStatic>,
+    in_repair: bool,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Frozen,
+    Released,
+}
+
+/// The program's sockets on the source.
+///
+/// The program hands over owned fds with its own ids ([`NetSource::add`];
+/// a duplicate made with `try_clone` is fine, the kernel socket is shared),
+/// and may keep serving through [`NetSource::fd`] until the freeze.
+///
+/// * `freeze`: the network lock (if any), then every established TCP socket
+///   enters repair mode — from then on nothing the program does on it reaches
+///   the peer. A failure half-way leaves repair mode on the sockets already in it.
+/// * `capture`: batches of records on several threads; nothing is consumed.
+/// * `abort`: every socket leaves repair mode (with a window probe, so a peer
+///   that sent something during the freeze is answered at once) and the lock
+///   is lifted; the program keeps serving ([`NetSource::into_fds`] gives the
+///   fds back). Dropping a frozen `NetSource` does the same.
+/// * `release`: every socket is closed while in repair mode: no FIN, no RST,
+///   the 4-tuple is free at once. Other fds of the same sockets (the
+///   program's own) must be closed without leaving repair mode, which is what
+///   a stopped program does. Listeners are closed normally (see [`crate::tcp`]).
+pub struct NetSource {
+    entries: Vec<Entry>,
+    ids: HashSet<u64>,
+    cfg: SourceConfig,
+    ctx: CaptureCtx,
+    phase: Phase,
+    lock: Option<Box<dyn NetworkLock>>,
+}
+
+impl std::fmt::Debug for NetSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetSource")
+            .field("sockets", &self.entries.len())
+            .field("phase", &self.phase)
+            .finish()
+    }
+}
+
+/// What kind of socket `fd` is: `SO_DOMAIN`, `SO_TYPE`, `SO_ACCEPTCONN`.
+fn kind_of(fd: BorrowedFd<'_>, id: u64) -> Result<SocketKind> {
+    let what = || format!("socket {id}");
+    let get = |name, op| {
+        sys::getsockopt_int(fd, libc::SOL_SOCKET, name).map_err(|e| NetError::sys(op, what(), e))
+    };
+    let domain = get(libc::SO_DOMAIN, "getsockopt(SO_DOMAIN)")?;
+    if domain != libc::AF_INET && domain != libc::AF_INET6 {
+        return Err(NetError::NotMigratable {
+            what: what(),
+            reason: format!("address family {domain} is not IPv4 or IPv6"),
+        });
+    }
+    let ty = get(libc::SO_TYPE, "getsockopt(SO_TYPE)")?;
+    let proto = get(libc::SO_PROTOCOL, "getsockopt(SO_PROTOCOL)")?;
+    match (ty, proto) {
+        (libc::SOCK_STREAM, libc::IPPROTO_TCP) => {
+            if get(libc::SO_ACCEPTCONN, "getsockopt(SO_ACCEPTCONN)")? != 0 {
+                Ok(SocketKind::TcpListen)
+            } else {
+                Ok(SocketKind::TcpEstablished)
+            }
+        }
+        (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => Ok(SocketKind::Udp),
+        _ => Err(NetError::NotMigratable {
+            what: what(),
+            reason: format!("socket type {ty} protocol {proto} is not TCP or UDP"),
+        }),
+    }
+}
+
+/// Take a duplicate of fd `target_fd` of process `pid` (`pidfd_open` +
+/// `pidfd_getfd`, Linux >= 5.6), for programs that do not link lmig.
+///
+/// Needs ptrace rights over the process (same user and
+/// `kernel.yama.ptrace_scope` allowing it, or `CAP_SYS_PTRACE`). The other
+/// process keeps its own fd: stop it (e.g. `SIGSTOP`) before the freeze, and
+/// after `release` it must exit or close its fds without leaving repair mode.
+pub fn take_fd_from_process(pid: i32, target_fd: RawFd) -> Result<OwnedFd> {
+    let what = || format!("fd {target_fd} of process {pid}");
+    let pidfd = sys::pidfd_open(pid).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOSYS) => NetError::Unsupported {
+            feature: "pidfd_open",
+            needs: "Linux >= 5.3",
+        },
+        _ => NetError::sys("pidfd_open", what(), e),
+    })?;
+    sys::pidfd_getfd(pidfd.as_fd(), target_fd).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOSYS) => NetError::Unsupported {
+            feature: "pidfd_getfd",
+            needs: "Linux >= 5.6",
+        },
+        _ => NetError::sys("pidfd_getfd", what(), e),
+    })
+}
+
+fn capture_one(e: &Entry, ctx: &CaptureCtx) -> Result<SocketRecord> {
+    match e.kind {
+        SocketKind::TcpEstablished => match &e.stat {
+            Some(st) => tcp::capture_established(e.fd.as_fd(), e.id, st).map(SocketRecord::Tcp),
+            None => Err(NetError::Phase {
+                op: "capture",
+                detail: "connection options were not read before the freeze",
+            }),
+        },
+        SocketKind::TcpListen => {
+            tcp::capture_listener(e.fd.as_fd(), e.id, ctx).map(SocketRecord::Listen)
+        }
+        SocketKind::Udp => udp::capture_udp(e.fd.as_fd(), e.id, ctx.buffers).map(SocketRecord::Udp),
+    }
+}
+
+fn capture_batch(entries: &[Entry], ctx: &CaptureCtx) -> Result<Vec<SocketRecord>> {
+    entries.iter().map(|e| capture_one(e, ctx)).collect()
+}
+
+impl NetSource {
+    /// An empty set; probes the namespace's default congestion control.
+    pub fn new(cfg: SourceConfig) -> Result<Self> {
+        let defaults = Defaults::probe()?;
+        Ok(Self {
+            entries: Vec::new(),
+            ids: HashSet::new(),
+            ctx: CaptureCtx {
+                buffers: cfg.capture_buffer_sizes,
+                default_cc: defaults.congestion,
+            },
+            cfg,
+            phase: Phase::Running,
+            lock: None,
+        })
+    }
+
+    /// Install the network lock (issue 6) used at the freeze.
+    pub fn set_lock(&mut self, lock: Box<dyn NetworkLock>) {
+        self.lock = Some(lock);
+    }
+
+    /// Hand over a socket with the program's id for it (TCP established or
+    /// listening, UDP; IPv4 or IPv6). The kind is read from the socket.
+    pub fn add(&mut self, id: u64, fd: OwnedFd) -> Result<()> {
+        if self.phase != Phase::Running {
+            return Err(NetError::Phase {
+                op: "add",
+                detail: "sockets are added before the freeze",
+            });
+        }
+        if !self.ids.insert(id) {
+            return Err(NetError::BadId {
+                id,
+                detail: "given twice",
+            });
+        }
+        let kind = match kind_of(fd.as_fd(), id) {
+            Ok(k) => k,
+            Err(e) => {
+                self.ids.remove(&id);
+                return Err(e);
+            }
+        };
+        self.entries.push(Entry {
+            id,
+            fd,
+            kind,
+            stat: None,
+            in_repair: false,
+        });
+        Ok(())
+    }
+
+    /// [`take_fd_from_process`] then [`NetSource::add`].
+    pub fn add_from_process(&mut self, id: u64, pid: i32, target_fd: RawFd) -> Result<()> {
+        let fd = take_fd_from_process(pid, target_fd)?;
+        self.add(id, fd)
+    }
+
+    /// The socket with this id, for the program to keep serving until the freeze.
+    pub fn fd(&self, id: u64) -> Option<BorrowedFd<'_>> {
+        self.entries
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.fd.as_fd())
+    }
+
+    /// Number of sockets handed over.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// No sockets handed over?
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Give the fds back (after an abort, or without migrating). Sockets still
+    /// in repair mode leave it first.
+    pub fn into_fds(mut self) -> Vec<(u64, OwnedFd)> {
+        self.leave_repair();
+        self.phase = Phase::Released;
+        std::mem::take(&mut self.entries)
+            .into_iter()
+            .map(|e| (e.id, e.fd))
+            .collect()
+    }
+
+    fn prep(e: &mut Entry, ctx: &CaptureCtx) -> Result<SocketPrep> {
+        let fd = e.fd.as_fd();
+        let what = || format!("socket {}", e.id);
+        if e.kind == SocketKind::TcpEstablished {
+            let st = tcp::read_static(fd, e.id, ctx)?;
+            let info = sys::tcp_info(fd)
+                .map_err(|err| NetError::sys("getsockopt(TCP_INFO)", what(), err))?;
+            tcp::state_kind(info.state).map_err(|r| NetError::NotMigratable {
+                what: tcp::describe_conn(e.id, Some(st.local), Some(st.peer)),
+                reason: r.into(),
+            })?;
+            let prep = SocketPrep {
+                id: e.id,
+                kind: e.kind,
+                local: st.local,
+                peer: Some(st.peer),
+            };
+            e.stat = Some(st);
+            return Ok(prep);
+        }
+        let local = sys::local_addr(fd)
+            .map_err(|err| NetError::sys("getsockname", what(), err))?
+            .ok_or_else(|| NetError::NotMigratable {
+                what: what(),
+                reason: "not bound".into(),
+            })?;
+        let peer = match e.kind {
+            SocketKind::TcpListen => None,
+            _ => sys::peer_addr(fd).map_err(|err| NetError::sys("getpeername", what(), err))?,
+        };
+        Ok(SocketPrep {
+            id: e.id,
+            kind: e.kind,
+            local,
+            peer,
+        })
+    }
+
+    /// The pre-freeze plan, as [`SocketSource::plan`]: checks every
+    /// connection can be moved and reads addresses and options.
+    pub fn plan_sockets(&mut self) -> Result<Vec<SocketPrep>> {
+        let ctx = &self.ctx;
+        self.entries
+            .iter_mut()
+            .map(|e| Self::prep(e, ctx))
+            .collect()
+    }
+
+    fn leave_repair(&mut self) {
+        for e in &mut self.entries {
+            if e.in_repair {
+                let _ = sys::tcp_repair(e.fd.as_fd(), RepairMode::Off);
+                e.in_repair = false;
+            }
+        }
+    }
+
+    /// Freeze, as [`SocketSource::freeze`], with lmig-net's error type.
+    pub fn freeze_sockets(&mut self) -> Result<()> {
+        if self.phase != Phase::Running {
+            return Err(NetError::Phase {
+                op: "freeze",
+                detail: "already frozen or released",
+            });
+        }
+        // Addresses and options, read before repair mode (which overrides SO_REUSEADDR).
+        let reread = self.cfg.reread_options_at_freeze;
+        let mut plan = Vec::with_capacity(self.entries.len());
+        for e in &mut self.entries {
+            if e.kind == SocketKind::TcpEstablished && (reread || e.stat.is_none()) {
+                e.stat = Some(tcp::read_static(e.fd.as_fd(), e.id, &self.ctx)?);
+            }
+            if self.lock.is_some() {
+                plan.push(match &e.stat {
+                    Some(st) => SocketPrep {
+                        id: e.id,
+                        kind: e.kind,
+                        local: st.local,
+                        peer: Some(st.peer),
+                    },
+                    None => Self::prep(e, &self.ctx)?,
+                });
+            }
+        }
+        if let Some(lock) = self.lock.as_mut() {
+            lock.lock(&plan)?;
+        }
+        let entered = {
+            let mut guards = Vec::with_capacity(self.entries.len());
+            let mut failed = None;
+            for e in &self.entries {
+                if e.kind != SocketKind::TcpEstablished {
+                    continue;
+                }
+                let fd = e.fd.as_fd();
+                match RepairGuard::enter(fd, || format!("TCP connection {}", e.id)) {
+                    Ok(g) => guards.push(g),
+                    Err(err) => {
+                        failed = Some(err);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                // The guards drop here and leave repair mode on every socket entered so far.
+                Some(err) => Err(err),
+                None => {
+                    guards.into_iter().for_each(RepairGuard::keep);
+                    Ok(())
+                }
+            }
+        };
+        if let Err(err) = entered {
+            if let Some(lock) = self.lock.as_mut() {
+                let _ = lock.unlock();
+            }
+            return Err(err);
+        }
+        for e in &mut self.entries {
+            if e.kind == SocketKind::TcpEstablished {
+                e.in_repair = true;
+            }
+        }
+        self.phase = Phase::Frozen;
+        Ok(())
+    }
+
+    /// Capture, as [`SocketSource::capture`], with lmig-net's error type for
+    /// the sockets and the session's for `emit`.
+    pub fn capture_sockets(
+        &mut self,
+        emit: &mut dyn FnMut(Vec<SocketRecord>) -> lmig_core::Result<()>,
+    ) -> lmig_core::Result<()> {
+        if self.phase != Phase::Frozen {
+            return Err(NetError::Phase {
+                op: "capture",
+                detail: "the sockets must be frozen first",
+            }
+            .into());
+        }
+        let n = self.entries.len();
+        let bs = self.cfg.batch_size.max(1);
+        let batches = n.div_ceil(bs);
+        let threads = self.cfg.threads.clamp(1, 16).min(batches.max(1));
+        if threads <= 1 {
+            for b in 0..batches {
+                let recs = capture_batch(&self.entries[b * bs..((b + 1) * bs).min(n)], &self.ctx)?;
+                emit(recs)?;
+            }
+            return Ok(());
+        }
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let (entries, ctx) = (&self.entries[..], &self.ctx);
+        std::thread::scope(|s| -> lmig_core::Result<()> {
+            let (tx, rx) = mpsc::sync_channel::<Result<Vec<SocketRecord>>>(threads * 2);
+            for _ in 0..threads {
+                let tx = tx.clone();
+                let (next, stop) = (&next, &stop);
+                s.spawn(move || {
+                    // Bounded: each round takes a new batch index until none is left.
+                    while !stop.load(Ordering::Relaxed) {
+                        let b = next.fetch_add(1, Ordering::Relaxed);
+                        if b >= batches {
+                            break;
+                        }
+                        let r = capture_batch(&entries[b * bs..((b + 1) * bs).min(n)], ctx);
+                        let failed = r.is_err();
+                        if tx.send(r).is_err() || failed {
+                            stop.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let mut result = Ok(());
+            for r in rx.iter() {
+                if result.is_err() {
+                    continue;
+                }
+                result = match r {
+                    Ok(recs) => emit(recs),
+                    Err(e) => Err(MigrationError::from(e)),
+                };
+                if result.is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+            result
+        })
+    }
+
+    /// Abort, as [`SocketSource::abort`].
+    pub fn abort_sockets(&mut self) -> Result<()> {
+        self.leave_repair();
+        if self.phase == Phase::Frozen {
+            self.phase = Phase::Running;
+            if let Some(lock) = self.lock.as_mut() {
+                lock.unlock()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Release, as [`SocketSource::release`]: close every socket in repair mode.
+    pub fn release_sockets(&mut self) -> Result<()> {
+        if self.phase != Phase::Frozen {
+            return Err(NetError::Phase {
+                op: "release",
+                detail: "only frozen sockets are released",
+            });
+        }
+        // Dropping the fds while in repair mode: no FIN, no RST.
+        self.entries.clear();
+        self.phase = Phase::Released;
+        if let Some(lock) = self.lock.as_mut() {
+            lock.release()?;
+        }
+        Ok(())
+    }
+}
+
+impl SocketSource for NetSource {
+    fn plan(&mut self) -> lmig_core::Result<Vec<SocketPrep>> {
+        Ok(self.plan_sockets()?)
+    }
+
+    fn freeze(&mut self) -> lmig_core::Result<()> {
+        Ok(self.freeze_sockets()?)
+    }
+
+    fn capture(
+        &mut self,
+        emit: &mut dyn FnMut(Vec<SocketRecord>) -> lmig_core::Result<()>,
+    ) -> lmig_core::Result<()> {
+        self.capture_sockets(emit)
+    }
+
+    fn abort(&mut self) -> lmig_core::Result<()> {
+        Ok(self.abort_sockets()?)
+    }
+
+    fn release(&mut self) -> lmig_core::Result<()> {
+        Ok(self.release_sockets()?)
+    }
+}
+
+impl Drop for NetSource {
+    fn drop(&mut self) {
+        if self.phase == Phase::Frozen {
+            // Never released: the migration did not commit, keep the connections alive.
+            let _ = self.abort_sockets();
+        }
+    }
+}

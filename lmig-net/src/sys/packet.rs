@@ -1,0 +1,62 @@
+//! `AF_PACKET` sockets: sending a link-layer frame (a gratuitous ARP) out of
+//! one interface without the `arping` binary.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// `ETH_P_ARP`.
+pub(crate) const ETH_P_ARP: u16 = 0x0806;
+
+/// `socket(AF_PACKET, SOCK_DGRAM, htons(protocol))`: the kernel adds the
+/// Ethernet header from the address given to [`send_to_broadcast`].
+#[doc(alias = "AF_PACKET")]
+pub(crate) fn packet_dgram_socket(protocol: u16) -> io::Result<OwnedFd> {
+    // SAFETY: socket() takes no pointers; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            i32::from(protocol.to_be()),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor returned by socket() and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `sendto(2)` of `payload` to the link-layer broadcast address
+/// (ff:ff:ff:ff:ff:ff) of interface `ifindex`, as EtherType `protocol`.
+pub(crate) fn send_to_broadcast(
+    fd: BorrowedFd<'_>,
+    ifindex: u32,
+    protocol: u16,
+    payload: &[u8],
+) -> io::Result<()> {
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = protocol.to_be();
+    sll.sll_ifindex = ifindex as i32;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: payload is a valid readable slice for its length; sll is a
+    // fully initialised sockaddr_ll whose size is passed alongside.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            payload.as_ptr().cast(),
+            payload.len(),
+            0,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

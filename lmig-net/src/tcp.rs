@@ -1,0 +1,644 @@
+//! TCP: capture an established connection or a listener into a record, and
+//! restore it into a new socket with TCP repair.
+//!
+//! # Established connections
+//!
+//! Capture (socket already in repair mode, see [`crate::RepairGuard`]):
+//! `TCP_INFO` (state, negotiated options, window scales), `SIOCOUTQ`,
+//! `SIOCOUTQNSD`, `SIOCINQ`, `TCP_QUEUE_SEQ` of both queues, both queues
+//! peeked with `MSG_PEEK` (nothing is consumed: an abort loses nothing),
+//! `TCP_MAXSEG` (the MSS clamp in repair mode), `TCP_TIMESTAMP`,
+//! `TCP_REPAIR_WINDOW` and the socket and TCP options of the model.
+//!
+//! Restore, in three steps so that the first can run before the freeze:
+//! 1. *prepare*: `socket`, `TCP_REPAIR` on, `bind` (repair forces the reuse of
+//!    an address in use; when the address is not local yet, `IP_TRANSPARENT`
+//!    lets the socket bind and connect before the address handoff);
+//! 2. *restore*: both `TCP_QUEUE_SEQ`, `connect` (in repair mode: no SYN, the
+//!    socket is established at once — the original 4-tuple must be free, i.e.
+//!    the source closed or on another host), `TCP_REPAIR_OPTIONS`,
+//!    `TCP_TIMESTAMP`, the received-unread bytes into the receive queue, the
+//!    sent-unacknowledged bytes into the send queue (they are retransmitted
+//!    if the peer lacks them), a FIN we had sent, `TCP_REPAIR_WINDOW`, options;
+//!    a connection with a send queue gets `SO_SNDBUF` (forced) large enough
+//!    for all of it — the new socket's buffer starts small where the source's
+//!    had been grown by auto-tuning — which locks the size for that connection;
+//! 3. *activate* (after `Commit`): a FIN the peer had sent is injected, repair
+//!    mode is left (with or without a window probe, see
+//!    [`crate::RepairExit`]), `SO_REUSEADDR` re-applied, and the never-sent
+//!    bytes are written normally.
+//!
+//! # Half-closed connections
+//!
+//! * FIN sent (`FIN_WAIT1`, `FIN_WAIT2`, `CLOSING`, `LAST_ACK`): the FIN is put
+//!   back as already sent (`shutdown(SHUT_WR)` in repair mode with the send
+//!   queue selected), so it is retransmitted until acknowledged; never-sent
+//!   bytes queued before a FIN are restored as sent (retransmitted by timer).
+//! * FIN received (`CLOSE_WAIT`, `LAST_ACK`, `CLOSING`): the receive sequence
+//!   excludes the FIN; at activation a FIN segment from the peer's address is
+//!   injected through a raw socket (needs the local address to be local by
+//!   then), so the program reads the pending bytes and then end-of-file.
+//! * Any other state (`SYN_SENT`, `TIME_WAIT`, `CLOSE` after a reset, ...) is
+//!   reported as [`NetError::NotMigratable`] with the state's name.
+//!
+//! # Listeners
+//!
+//! A listening socket cannot enter repair mode. Its address, backlog
+//! (`tcpi_sacked`) and options are captured; the destination binds a new
+//! socket in repair mode (forced reuse) and calls `listen` at activation.
+//! Connections that completed the handshake but were not accepted by the
+//! program stay on the source: the source closes its listener at release,
+//! which resets them (as a crashed server would); their clients reconnect to
+//! the destination. A program that cares accepts its backlog before the freeze.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lmig_core::model::{
+    SockOpts, SocketPrep, TcpConnState, TcpListenState, TcpOpts, TcpRepairWindow, TcpStateKind,
+};
+
+use crate::error::{NetError, Result};
+use crate::inject::{self, Injector};
+use crate::opts::{self, Defaults};
+use crate::repair::RepairExit;
+use crate::sys::{self, RepairMode, TcpQueue};
+
+/// "TCP connection 7 (a -> b)", the name errors use.
+pub fn describe_conn(id: u64, local: Option<SocketAddr>, peer: Option<SocketAddr>) -> String {
+    let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+    format!("TCP connection {id} ({} -> {})", show(local), show(peer))
+}
+
+/// Kernel state number to the model's close-handshake state.
+pub(crate) fn state_kind(state: u8) -> std::result::Result<TcpStateKind, &'static str> {
+    Ok(match state {
+        1 => TcpStateKind::Established,
+        4 => TcpStateKind::FinWait1,
+        5 => TcpStateKind::FinWait2,
+        8 => TcpStateKind::CloseWait,
+        9 => TcpStateKind::LastAck,
+        11 => TcpStateKind::Closing,
+        2 => return Err("SYN_SENT: the handshake has not completed"),
+        3 => return Err("SYN_RECV: the handshake has not completed"),
+        6 => return Err("TIME_WAIT: the connection is over"),
+        7 => return Err("CLOSE: the connection was closed or reset"),
+        10 => return Err("LISTEN: a listener, not a connection"),
+        _ => return Err("unknown TCP state"),
+    })
+}
+
+/// Knobs of capture.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CaptureCtx {
+    pub buffers: bool,
+    pub default_cc: Option<String>,
+}
+
+fn peek_queue(
+    fd: BorrowedFd<'_>,
+    len: u32,
+    what: &dyn Fn() -> String,
+    op: &'static str,
+) -> Result<Bytes> {
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    let mut buf = vec![0u8; len as usize + 1];
+    let n = sys::peek(fd, &mut buf, 0).map_err(|e| NetError::sys(op, what(), e))?;
+    if n != len as usize {
+        return Err(NetError::NotMigratable {
+            what: what(),
+            reason: format!("{op}: peeked {n} bytes, the queue holds {len}"),
+        });
+    }
+    buf.truncate(n);
+    Ok(Bytes::from(buf))
+}
+
+/// What does not change while a connection lives, or only when the program
+/// sets an option: addresses and options. Read before the freeze (at
+/// `plan`, or at `freeze` before repair mode, which overrides
+/// `SO_REUSEADDR`), so the freeze only reads what the freeze fixes.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnStatic {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    pub sock: SockOpts,
+    pub tcp: TcpOpts,
+}
+
+/// Read a connection's [`ConnStatic`] (not in repair mode).
+pub(crate) fn read_static(fd: BorrowedFd<'_>, id: u64, ctx: &CaptureCtx) -> Result<ConnStatic> {
+    let local = sys::local_addr(fd).ok().flatten();
+    let peer = sys::peer_addr(fd).ok().flatten();
+    let what = || describe_conn(id, local, peer);
+    let (Some(local), Some(peer)) = (local, peer) else {
+        return Err(NetError::NotMigratable {
+            what: what(),
+            reason: "not connected".into(),
+        });
+    };
+    let reuse = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)
+        .map_err(|e| NetError::sys("getsockopt(SO_REUSEADDR)", what(), e))?
+        != 0;
+    Ok(ConnStatic {
+        local,
+        peer,
+        sock: opts::read_sock_opts(fd, local.is_ipv6(), reuse, ctx.buffers, &what)?,
+        tcp: opts::read_tcp_opts(fd, ctx.default_cc.as_deref(), &what)?,
+    })
+}
+
+/// Capture an established (or half-closed) connection. The socket must be in
+/// repair mode; `st` was read before. Nothing is consumed from the socket.
+pub(crate) fn capture_established(
+    fd: BorrowedFd<'_>,
+    id: u64,
+    st: &ConnStatic,
+) -> Result<TcpConnState> {
+    let (local, peer) = (st.local, st.peer);
+    let what = || describe_conn(id, Some(local), Some(peer));
+    let info = sys::tcp_info(fd).map_err(|e| NetError::sys("getsockopt(TCP_INFO)", what(), e))?;
+    let state = state_kind(info.state).map_err(|r| NetError::NotMigratable {
+        what: what(),
+        reason: r.into(),
+    })?;
+    let mut outq = sys::outq(fd).map_err(|e| NetError::sys("ioctl(SIOCOUTQ)", what(), e))?;
+    let mut unsent =
+        sys::outq_nsd(fd).map_err(|e| NetError::sys("ioctl(SIOCOUTQNSD)", what(), e))?;
+    let inq = sys::inq(fd).map_err(|e| NetError::sys("ioctl(SIOCINQ)", what(), e))?;
+    if state.fin_sent() {
+        // The FIN takes one sequence number in the send queue but carries no byte.
+        outq = outq.saturating_sub(1);
+        unsent = unsent.saturating_sub(1);
+    }
+    sys::set_repair_queue(fd, TcpQueue::Recv)
+        .map_err(|e| NetError::sys("TCP_REPAIR_QUEUE", what(), e))?;
+    let rcv_nxt =
+        sys::queue_seq(fd).map_err(|e| NetError::sys("getsockopt(TCP_QUEUE_SEQ)", what(), e))?;
+    let recv_queue = peek_queue(fd, inq, &what, "peek receive queue")?;
+    sys::set_repair_queue(fd, TcpQueue::Send)
+        .map_err(|e| NetError::sys("TCP_REPAIR_QUEUE", what(), e))?;
+    let write_seq =
+        sys::queue_seq(fd).map_err(|e| NetError::sys("getsockopt(TCP_QUEUE_SEQ)", what(), e))?;
+    let send_queue = peek_queue(fd, outq, &what, "peek send queue")?;
+    sys::set_repair_queue(fd, TcpQueue::None)
+        .map_err(|e| NetError::sys("TCP_REPAIR_QUEUE", what(), e))?;
+
+    let rcv_end = if state.fin_received() {
+        rcv_nxt.wrapping_sub(1)
+    } else {
+        rcv_nxt
+    };
+    let snd_end = if state.fin_sent() {
+        write_seq.wrapping_sub(1)
+    } else {
+        write_seq
+    };
+    if state.fin_sent() && unsent != 0 {
+        // Bytes queued behind our FIN were never sent: restore them as sent
+        // (the retransmission timer sends them) so the FIN stays last.
+        unsent = 0;
+    }
+    let mss =
+        sys::tcp_maxseg(fd).map_err(|e| NetError::sys("getsockopt(TCP_MAXSEG)", what(), e))?;
+    let timestamps_ok = info.options & sys::TCPI_OPT_TIMESTAMPS != 0;
+    let timestamp = if timestamps_ok {
+        sys::tcp_timestamp(fd).map_err(|e| NetError::sys("getsockopt(TCP_TIMESTAMP)", what(), e))?
+    } else {
+        0
+    };
+    let window = match sys::repair_window(fd) {
+        Ok(w) => {
+            let mut w = TcpRepairWindow {
+                snd_wl1: w.snd_wl1,
+                snd_wnd: w.snd_wnd,
+                max_window: w.max_window,
+                rcv_wnd: w.rcv_wnd,
+                rcv_wup: w.rcv_wup,
+            };
+            // The restored socket's rcv_nxt excludes the peer's FIN until it
+            // is injected again: keep the window update point inside it.
+            if (w.rcv_wup.wrapping_sub(rcv_end) as i32) > 0 {
+                w.rcv_wup = rcv_end;
+                w.rcv_wnd = w.rcv_wnd.wrapping_add(1);
+            }
+            Some(w)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => None,
+        Err(e) => return Err(NetError::sys("getsockopt(TCP_REPAIR_WINDOW)", what(), e)),
+    };
+    Ok(TcpConnState {
+        id,
+        local,
+        peer,
+        state,
+        snd_seq: snd_end.wrapping_sub(send_queue.len() as u32),
+        rcv_seq: rcv_end.wrapping_sub(recv_queue.len() as u32),
+        send_queue,
+        unsent_len: unsent,
+        recv_queue,
+        mss,
+        snd_wscale: info.wscale & 0x0f,
+        rcv_wscale: info.wscale >> 4,
+        wscale_ok: info.options & sys::TCPI_OPT_WSCALE != 0,
+        sack_ok: info.options & sys::TCPI_OPT_SACK != 0,
+        timestamps_ok,
+        timestamp,
+        window,
+        sock: st.sock.clone(),
+        tcp: st.tcp.clone(),
+    })
+}
+
+/// Bind `fd` to `local`, falling back to `IP_TRANSPARENT` when the address is
+/// not (yet) local here.
+fn bind_maybe_transparent(
+    fd: BorrowedFd<'_>,
+    local: &SocketAddr,
+    what: &dyn Fn() -> String,
+) -> Result<()> {
+    match sys::bind(fd, local) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+            let (level, name) = if local.is_ipv4() {
+                (libc::SOL_IP, libc::IP_TRANSPARENT)
+            } else {
+                (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
+            };
+            sys::setsockopt_int(fd, level, name, 1)
+                .map_err(|e| NetError::sys("setsockopt(IP_TRANSPARENT)", what(), e))?;
+            sys::bind(fd, local).map_err(|e| NetError::sys("bind", what(), e))
+        }
+        Err(e) => Err(NetError::sys("bind", what(), e)),
+    }
+}
+
+/// Before the freeze: a new socket in repair mode bound to the connection's
+/// local address.
+pub(crate) fn prepare_established(prep: &SocketPrep) -> Result<OwnedFd> {
+    let what = || describe_conn(prep.id, Some(prep.local), prep.peer);
+    let fd = sys::socket(sys::family_of(&prep.local), libc::SOCK_STREAM, 0)
+        .map_err(|e| NetError::sys("socket", what(), e))?;
+    match sys::tcp_repair(fd.as_fd(), RepairMode::On) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            return Err(NetError::Unsupported {
+                feature: "TCP_REPAIR",
+                needs: "CAP_NET_ADMIN in the destination's network namespace",
+            });
+        }
+        Err(e) => return Err(NetError::sys("TCP_REPAIR on", what(), e)),
+    }
+    bind_maybe_transparent(fd.as_fd(), &prep.local, &what)?;
+    sys::set_repair_queue(fd.as_fd(), TcpQueue::Send)
+        .map_err(|e| NetError::sys("TCP_REPAIR_QUEUE", what(), e))?;
+    Ok(fd)
+}
+
+/// `connect` in repair mode. `EADDRNOTAVAIL` means the original 4-tuple is
+/// still in use on this host: when source and destination share a host, the
+/// source's socket may outlive its `close` for a moment (another process
+/// forked by the program holds the fd until its `exec`). Retried for up to
+/// 100 ms, then reported.
+fn connect_when_free(fd: BorrowedFd<'_>, peer: &SocketAddr) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    loop {
+        match sys::connect(fd, peer) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// What activation still has to do for a restored connection.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PendingActivation {
+    /// The connection's addresses, for errors.
+    addrs: Option<(SocketAddr, SocketAddr)>,
+    /// A FIN to inject: (from, to, seq, ack, window field).
+    fin: Option<(SocketAddr, SocketAddr, u32, u32, u16)>,
+    /// Bytes never sent on the source, written after repair mode.
+    unsent: Bytes,
+    /// Whether `RepairExit::Auto` sends the window probe.
+    wants_probe: bool,
+    reuse_addr: bool,
+}
+
+fn write_queue(
+    fd: BorrowedFd<'_>,
+    q: TcpQueue,
+    data: &[u8],
+    what: &dyn Fn() -> String,
+    op: &'static str,
+) -> Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    sys::set_repair_queue(fd, q).map_err(|e| NetError::sys("TCP_REPAIR_QUEUE", what(), e))?;
+    let mut off = 0;
+    let mut chunk = data.len();
+    // Bounded: each round either writes or halves the chunk (the kernel
+    // allocates one linear buffer per call in repair mode and may refuse big ones).
+    for _ in 0..(64 + data.len() / 1024) {
+        if off == data.len() {
+            return Ok(());
+        }
+        let end = (off + chunk).min(data.len());
+        match sys::send(fd, &data[off..end], libc::MSG_DONTWAIT) {
+            Ok(n) if n > 0 => off += n,
+            Ok(_) => {
+                return Err(NetError::sys(
+                    op,
+                    what(),
+                    std::io::Error::other("zero-length write"),
+                ));
+            }
+            Err(e)
+                if chunk > 1024
+                    && matches!(e.raw_os_error(), Some(libc::ENOMEM) | Some(libc::EAGAIN)) =>
+            {
+                chunk /= 2
+            }
+            Err(e) => return Err(NetError::sys(op, what(), e)),
+        }
+    }
+    if off == data.len() {
+        Ok(())
+    } else {
+        Err(NetError::sys(
+            op,
+            what(),
+            std::io::Error::other("queue not fully restored"),
+        ))
+    }
+}
+
+/// Restore the frozen state into a prepared socket (repair mode, bound).
+/// The socket stays in repair mode; the peer hears nothing yet.
+pub(crate) fn restore_established(
+    fd: BorrowedFd<'_>,
+    c: &TcpConnState,
+    d: &Defaults,
+) -> Result<PendingActivation> {
+    let what = || describe_conn(c.id, Some(c.local), Some(c.peer));
+    let e = |op: &'static str| move |err| NetError::sys(op, what(), err);
+    // `prepare_established` left the send queue selected.
+    sys::set_queue_seq(fd, c.snd_seq).map_err(e("setsockopt(TCP_QUEUE_SEQ send)"))?;
+    sys::set_repair_queue(fd, TcpQueue::Recv).map_err(e("TCP_REPAIR_QUEUE"))?;
+    sys::set_queue_seq(fd, c.rcv_seq).map_err(e("setsockopt(TCP_QUEUE_SEQ recv)"))?;
+    connect_when_free(fd, &c.peer).map_err(e("connect (repair)"))?;
+
+    let mut ropts = [sys::TcpRepairOpt::default(); 4];
+    let mut n = 0;
+    if c.sack_ok {
+        ropts[n] = sys::TcpRepairOpt {
+            opt_code: sys::TCPOPT_SACK_PERM,
+            opt_val: 0,
+        };
+        n += 1;
+    }
+    if c.wscale_ok {
+        ropts[n] = sys::TcpRepairOpt {
+            opt_code: sys::TCPOPT_WINDOW,
+            opt_val: u32::from(c.snd_wscale) | (u32::from(c.rcv_wscale) << 16),
+        };
+        n += 1;
+    }
+    if c.timestamps_ok {
+        ropts[n] = sys::TcpRepairOpt {
+            opt_code: sys::TCPOPT_TIMESTAMP,
+            opt_val: 0,
+        };
+        n += 1;
+    }
+    ropts[n] = sys::TcpRepairOpt {
+        opt_code: sys::TCPOPT_MAXSEG,
+        opt_val: c.mss,
+    };
+    n += 1;
+    sys::set_repair_options(fd, &ropts[..n]).map_err(e("setsockopt(TCP_REPAIR_OPTIONS)"))?;
+    if c.timestamps_ok {
+        sys::set_tcp_timestamp(fd, c.timestamp).map_err(e("setsockopt(TCP_TIMESTAMP)"))?;
+    }
+    if !c.send_queue.is_empty() && c.sock.sndbuf == 0 {
+        // The whole queue must fit the new socket's send buffer, which starts
+        // small (auto-tuning grew the source's): make room, beyond
+        // `wmem_max` if needed (`SO_SNDBUFFORCE`). This locks the size for
+        // this connection.
+        let cur = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)
+            .map_err(e("getsockopt(SO_SNDBUF)"))?;
+        let need = c.send_queue.len() + (64 << 10);
+        if (cur as usize) < 2 * need {
+            sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, need as i32)
+                .map_err(e("setsockopt(SO_SNDBUFFORCE)"))?;
+        }
+    }
+    write_queue(
+        fd,
+        TcpQueue::Recv,
+        &c.recv_queue,
+        &what,
+        "restore receive queue",
+    )?;
+    let sent = c.send_queue.len() - c.unsent_len as usize;
+    write_queue(
+        fd,
+        TcpQueue::Send,
+        &c.send_queue[..sent],
+        &what,
+        "restore send queue",
+    )?;
+    if c.state.fin_sent() {
+        // With the send queue selected the FIN is queued as already sent.
+        sys::set_repair_queue(fd, TcpQueue::Send).map_err(e("TCP_REPAIR_QUEUE"))?;
+        sys::shutdown(fd, libc::SHUT_WR).map_err(e("shutdown(SHUT_WR) in repair mode"))?;
+    }
+    if let Some(w) = c.window {
+        let raw = sys::TcpRepairWindowRaw {
+            snd_wl1: w.snd_wl1,
+            snd_wnd: w.snd_wnd,
+            max_window: w.max_window,
+            rcv_wnd: w.rcv_wnd,
+            rcv_wup: w.rcv_wup,
+        };
+        sys::set_repair_window(fd, &raw).map_err(e("setsockopt(TCP_REPAIR_WINDOW)"))?;
+    }
+    opts::apply_sock_opts(fd, c.local.is_ipv6(), false, &c.sock, &d.sock, &what)?;
+    opts::apply_tcp_opts(fd, &c.tcp, d, &what)?;
+
+    let fin = c.state.fin_received().then(|| {
+        let rcv_end = c.rcv_seq.wrapping_add(c.recv_queue.len() as u32);
+        let wnd = c.window.map(|w| w.snd_wnd).unwrap_or(65_535);
+        let shift = if c.wscale_ok { c.snd_wscale } else { 0 };
+        let field = (wnd >> shift).min(65_535) as u16;
+        (c.peer, c.local, rcv_end, c.snd_seq, field)
+    });
+    Ok(PendingActivation {
+        addrs: Some((c.local, c.peer)),
+        fin,
+        unsent: c.send_queue.slice(sent..),
+        wants_probe: sent > 0 || c.state.fin_sent(),
+        reuse_addr: c.sock.reuse_addr,
+    })
+}
+
+/// After `Commit`: inject a received FIN, leave repair mode, write never-sent bytes.
+pub(crate) fn activate_established(
+    fd: BorrowedFd<'_>,
+    id: u64,
+    p: &PendingActivation,
+    exit: RepairExit,
+    inj: &mut Injector,
+) -> Result<()> {
+    let what = || describe_conn(id, p.addrs.map(|a| a.0), p.addrs.map(|a| a.1));
+    if let Some((from, to, seq, ack, win)) = p.fin {
+        let pkt = inject::tcp_packet(from, to, seq, ack, inject::TH_FIN | inject::TH_ACK, win);
+        inj.inject(to, &pkt, &what)?;
+    }
+    let probe = match exit {
+        RepairExit::WindowProbe => true,
+        RepairExit::NoWindowProbe => false,
+        RepairExit::Auto => p.wants_probe,
+    };
+    sys::tcp_repair(
+        fd,
+        if probe {
+            RepairMode::Off
+        } else {
+            RepairMode::OffNoWindowProbe
+        },
+    )
+    .map_err(|e| NetError::sys("TCP_REPAIR off", what(), e))?;
+    if p.reuse_addr {
+        sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
+            .map_err(|e| NetError::sys("setsockopt(SO_REUSEADDR)", what(), e))?;
+    }
+    write_unsent(fd, &p.unsent, &what)
+}
+
+fn write_unsent(fd: BorrowedFd<'_>, data: &[u8], what: &dyn Fn() -> String) -> Result<()> {
+    let mut off = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Bounded by the deadline: the bytes fitted the source's send buffer.
+    while off < data.len() {
+        match sys::send(fd, &data[off..], libc::MSG_DONTWAIT) {
+            Ok(n) => off += n,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                if Instant::now() >= deadline {
+                    return Err(NetError::sys("write never-sent bytes", what(), e));
+                }
+                let _ = sys::poll_one(fd, libc::POLLOUT, 100);
+            }
+            Err(e) => return Err(NetError::sys("write never-sent bytes", what(), e)),
+        }
+    }
+    Ok(())
+}
+
+/// Capture a listening socket.
+pub(crate) fn capture_listener(
+    fd: BorrowedFd<'_>,
+    id: u64,
+    ctx: &CaptureCtx,
+) -> Result<TcpListenState> {
+    let local = sys::local_addr(fd).ok().flatten();
+    let what = || {
+        format!(
+            "TCP listener {id} ({})",
+            local.map(|a| a.to_string()).unwrap_or_else(|| "?".into())
+        )
+    };
+    let Some(local) = local else {
+        return Err(NetError::NotMigratable {
+            what: what(),
+            reason: "no local address".into(),
+        });
+    };
+    let info = sys::tcp_info(fd).map_err(|e| NetError::sys("getsockopt(TCP_INFO)", what(), e))?;
+    let reuse = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)
+        .map_err(|e| NetError::sys("getsockopt(SO_REUSEADDR)", what(), e))?
+        != 0;
+    Ok(TcpListenState {
+        id,
+        local,
+        backlog: info.sacked,
+        sock: opts::read_sock_opts(fd, local.is_ipv6(), reuse, ctx.buffers, &what)?,
+        tcp: opts::read_tcp_opts(fd, ctx.default_cc.as_deref(), &what)?,
+    })
+}
+
+/// Restore a listener up to `bind` (in repair mode, which forces the bind even
+/// while the source still listens on the same address).
+pub(crate) fn restore_listener(l: &TcpListenState, d: &Defaults) -> Result<OwnedFd> {
+    let what = || format!("TCP listener {} ({})", l.id, l.local);
+    let fd = sys::socket(sys::family_of(&l.local), libc::SOCK_STREAM, 0)
+        .map_err(|e| NetError::sys("socket", what(), e))?;
+    opts::apply_sock_opts(fd.as_fd(), l.local.is_ipv6(), true, &l.sock, &d.sock, &what)?;
+    opts::apply_tcp_opts(fd.as_fd(), &l.tcp, d, &what)?;
+    sys::tcp_repair(fd.as_fd(), RepairMode::On)
+        .map_err(|e| NetError::sys("TCP_REPAIR on", what(), e))?;
+    bind_maybe_transparent(fd.as_fd(), &l.local, &what)?;
+    Ok(fd)
+}
+
+/// After `Commit`: leave repair mode and listen. Retries `EADDRINUSE` for up
+/// to `wait` (the source may still be closing its listener on this host).
+pub(crate) fn activate_listener(
+    fd: BorrowedFd<'_>,
+    l: &TcpListenState,
+    wait: Duration,
+) -> Result<()> {
+    let what = || format!("TCP listener {} ({})", l.id, l.local);
+    sys::tcp_repair(fd, RepairMode::OffNoWindowProbe)
+        .map_err(|e| NetError::sys("TCP_REPAIR off", what(), e))?;
+    if l.sock.reuse_addr {
+        sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
+            .map_err(|e| NetError::sys("setsockopt(SO_REUSEADDR)", what(), e))?;
+    }
+    let backlog = l.backlog.clamp(1, i32::MAX as u32) as i32;
+    let deadline = Instant::now() + wait;
+    loop {
+        match sys::listen(fd, backlog) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(NetError::sys("listen", what(), e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_states_map_to_the_model_or_a_reason() {
+        assert_eq!(state_kind(1), Ok(TcpStateKind::Established));
+        assert_eq!(state_kind(4), Ok(TcpStateKind::FinWait1));
+        assert_eq!(state_kind(5), Ok(TcpStateKind::FinWait2));
+        assert_eq!(state_kind(8), Ok(TcpStateKind::CloseWait));
+        assert_eq!(state_kind(9), Ok(TcpStateKind::LastAck));
+        assert_eq!(state_kind(11), Ok(TcpStateKind::Closing));
+        for s in [2, 3, 6, 7, 10, 12, 0] {
+            assert!(state_kind(s).is_err(), "state {s}");
+        }
+    }
+
+    #[test]
+    fn connection_names_carry_id_and_addresses() {
+        let a: SocketAddr = "198.51.100.1:80".parse().unwrap();
+        assert_eq!(
+            describe_conn(7, Some(a), None),
+            "TCP connection 7 (198.51.100.1:80 -> ?)"
+        );
+    }
+}

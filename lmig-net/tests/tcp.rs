@@ -1,0 +1,455 @@
+//! TCP migration between two hosts (network namespaces A and B) with a real
+//! peer process in a third: data queued before the freeze arrives exactly
+//! once and in order, both ways; the peer sees no RST or FIN; half-closed
+//! connections; listeners; abort; impossible records.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use common::{Peer, migrate, pat, privileged, tcp_state};
+use lmig_core::model::{SocketRecord, TcpStateKind};
+use lmig_core::traits::SocketSource;
+use lmig_net::topology::Topology;
+use lmig_net::{NetError, NetSink, NetSource, SinkConfig, SourceConfig};
+
+#[test]
+#[ignore = "the peer process of the other tests (run by them)"]
+fn peer_main() {
+    common::peer_main();
+}
+
+/// Wait (bounded) until `s` has `n` unread bytes.
+fn wait_inq(s: &impl AsFd, n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lmig_net::sys::inq(s.as_fd()).unwrap() < n {
+        assert!(Instant::now() < deadline, "data did not arrive");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Wait (bounded) until `s` is in TCP state `st`.
+fn wait_state(s: &impl AsFd, st: u8) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tcp_state(s) != st {
+        assert!(
+            Instant::now() < deadline,
+            "TCP state {} never became {st}",
+            tcp_state(s)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Write the big pattern without blocking until the send buffer is full; returns the count.
+fn fill(s: &mut TcpStream) -> usize {
+    s.set_nonblocking(true).unwrap();
+    let mut k = 0usize;
+    let mut buf = vec![0u8; 16384];
+    // Bounded: at most 8 MiB.
+    while k < 8 << 20 {
+        for (j, b) in buf.iter_mut().enumerate() {
+            *b = common::big_byte(k + j);
+        }
+        match s.write(&buf) {
+            Ok(n) => k += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("fill: {e}"),
+        }
+    }
+    s.set_nonblocking(false).unwrap();
+    k
+}
+
+struct Setup {
+    topo: Topology,
+    peer: Peer,
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+fn setup(v6: bool, port: u16) -> Setup {
+    let topo = Topology::new().expect("topology");
+    topo.add_service_address(&topo.a).unwrap();
+    let ip: IpAddr = if v6 {
+        Topology::SERVICE_V6.into()
+    } else {
+        Topology::SERVICE_V4.into()
+    };
+    let addr = SocketAddr::new(ip, port);
+    let listener = topo
+        .a
+        .run(move || TcpListener::bind(addr))
+        .unwrap()
+        .unwrap();
+    let peer = Peer::spawn(&topo.client);
+    Setup {
+        topo,
+        peer,
+        listener,
+        addr,
+    }
+}
+
+fn migrate_established(v6: bool) {
+    let Setup {
+        topo,
+        mut peer,
+        listener,
+        addr,
+    } = setup(v6, 7000);
+    const N: usize = 4;
+    peer.cmd(&format!("connect {addr} {N} 4096"));
+    let mut conns: Vec<TcpStream> = (0..N).map(|_| listener.accept().unwrap().0).collect();
+    conns[0].set_nodelay(true).unwrap();
+    let k1 = socket2::SockRef::from(&conns[1]);
+    k1.set_keepalive(true).unwrap();
+    k1.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(77)))
+        .unwrap();
+    // Queued before the freeze: server -> peer (unread by the peer) and
+    // peer -> server (unread by the server); the last connection also has a
+    // send queue the peer's small window holds back (unsent bytes).
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(&pat("S1", i)).unwrap();
+    }
+    let big = fill(&mut conns[N - 1]);
+    peer.cmd("sendpat P1");
+    for (i, c) in conns.iter().enumerate() {
+        wait_inq(c, pat("P1", i).len() as u32);
+    }
+
+    let (records, fds) = migrate(&topo, conns.into_iter().map(OwnedFd::from).collect());
+    for r in &records {
+        let SocketRecord::Tcp(c) = r else {
+            panic!("not TCP")
+        };
+        assert_eq!(c.state, TcpStateKind::Established);
+        assert_eq!(
+            &c.recv_queue[..],
+            &pat("P1", c.id as usize)[..],
+            "receive queue of {}",
+            c.id
+        );
+        assert_eq!(c.local.is_ipv6(), v6);
+        assert!(c.timestamps_ok && c.sack_ok && c.wscale_ok);
+        assert!(c.window.is_some());
+        match c.id {
+            0 => assert!(c.tcp.nodelay),
+            1 => assert!(c.tcp.keepalive && c.tcp.keep_idle == 77),
+            _ => {}
+        }
+        if c.id as usize == N - 1 {
+            assert!(
+                c.unsent_len > 0,
+                "the last connection should have unsent bytes"
+            );
+        }
+    }
+    let mut conns: Vec<TcpStream> = fds.into_iter().map(TcpStream::from).collect();
+    assert!(conns[0].nodelay().unwrap(), "TCP_NODELAY restored");
+    let k1 = socket2::SockRef::from(&conns[1]);
+    assert!(k1.keepalive().unwrap(), "SO_KEEPALIVE restored");
+    assert_eq!(k1.tcp_keepalive_time().unwrap(), Duration::from_secs(77));
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert_eq!(tcp_state(c), 1);
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // Exactly once and in order: the bytes queued before the freeze, then new ones.
+        common::read_exact_eq(c, &pat("P1", i)).unwrap();
+        c.write_all(&pat("S2", i)).unwrap();
+    }
+    peer.cmd("expect S1");
+    peer.cmd(&format!("expect_big {} {big}", N - 1));
+    peer.cmd("expect S2");
+    peer.cmd("sendpat P2");
+    for (i, c) in conns.iter_mut().enumerate() {
+        common::read_exact_eq(c, &pat("P2", i)).unwrap();
+    }
+    peer.cmd("check");
+    for i in 0..N {
+        assert_eq!(
+            peer.cmd(&format!("state {i}")),
+            "ok 1",
+            "peer connection {i} established"
+        );
+    }
+}
+
+#[test]
+fn tcp_ipv4_moves_between_hosts() {
+    if privileged("tcp_ipv4_moves_between_hosts") {
+        migrate_established(false);
+    }
+}
+
+#[test]
+fn tcp_ipv6_moves_between_hosts() {
+    if privileged("tcp_ipv6_moves_between_hosts") {
+        migrate_established(true);
+    }
+}
+
+/// Connection 0: the peer sent FIN (we are in CLOSE_WAIT with unread bytes);
+/// connection 1: we sent FIN (FIN_WAIT2), the peer still sends; connection
+/// 2: our FIN waits behind bytes the peer's window holds back (FIN_WAIT1).
+#[test]
+fn tcp_half_closed_both_directions() {
+    if !privileged("tcp_half_closed_both_directions") {
+        return;
+    }
+    let Setup {
+        topo,
+        mut peer,
+        listener,
+        addr,
+    } = setup(false, 7001);
+    // The last connection's peer has a small window: connection 2 sends FIN
+    // behind bytes the window holds back (FIN_WAIT1 with unsent bytes).
+    peer.cmd(&format!("connect {addr} 3 4096"));
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| listener.accept().unwrap().0).collect();
+    peer.cmd("sendpat_one 0 P1");
+    peer.cmd("shutdown_wr 0");
+    wait_state(&conns[0], 8);
+    conns[1].write_all(&pat("S1", 1)).unwrap();
+    conns[1].shutdown(std::net::Shutdown::Write).unwrap();
+    wait_state(&conns[1], 5);
+    let big = fill(&mut conns[2]);
+    conns[2].shutdown(std::net::Shutdown::Write).unwrap();
+    wait_state(&conns[2], 4);
+
+    let (records, fds) = migrate(&topo, conns.into_iter().map(OwnedFd::from).collect());
+    let st: Vec<TcpStateKind> = records
+        .iter()
+        .map(|r| match r {
+            SocketRecord::Tcp(c) => c.state,
+            _ => panic!("not TCP"),
+        })
+        .collect();
+    assert_eq!(
+        st,
+        [
+            TcpStateKind::CloseWait,
+            TcpStateKind::FinWait2,
+            TcpStateKind::FinWait1
+        ]
+    );
+    let mut conns: Vec<TcpStream> = fds.into_iter().map(TcpStream::from).collect();
+    for c in &conns {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    }
+    // 0: the pending bytes, then end-of-file, and we may still send.
+    common::read_exact_eq(&mut conns[0], &pat("P1", 0)).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(
+        conns[0].read(&mut b).unwrap(),
+        0,
+        "end-of-file after the peer's FIN"
+    );
+    assert_eq!(tcp_state(&conns[0]), 8, "CLOSE_WAIT restored");
+    conns[0].write_all(&pat("S2", 0)).unwrap();
+    peer.cmd("expect_one 0 S2");
+    // 1: the peer reads what we sent, then end-of-file, and may still send.
+    peer.cmd("expect_one 1 S1");
+    peer.cmd("expect_eof 1");
+    peer.cmd("sendpat_one 1 P2");
+    common::read_exact_eq(&mut conns[1], &pat("P2", 1)).unwrap();
+    // 2: every byte, then end-of-file.
+    peer.cmd(&format!("expect_big 2 {big}"));
+    peer.cmd("expect_eof 2");
+    peer.cmd("check");
+}
+
+/// A listener moves; new connections reach the destination.
+#[test]
+fn tcp_listener_moves() {
+    if !privileged("tcp_listener_moves") {
+        return;
+    }
+    let Setup {
+        topo,
+        mut peer,
+        listener,
+        addr,
+    } = setup(true, 7002);
+    let (records, mut fds) = migrate(&topo, vec![OwnedFd::from(listener)]);
+    let SocketRecord::Listen(l) = &records[0] else {
+        panic!("not a listener")
+    };
+    assert_eq!(l.local, addr);
+    let listener = TcpListener::from(fds.remove(0));
+    peer.cmd(&format!("connect {addr} 1 0"));
+    let (mut c, _) = listener.accept().unwrap();
+    c.write_all(&pat("S1", 0)).unwrap();
+    peer.cmd("expect S1");
+}
+
+/// Abort after capture: the source leaves repair mode and keeps serving; nothing was consumed.
+#[test]
+fn tcp_abort_keeps_serving() {
+    if !privileged("tcp_abort_keeps_serving") {
+        return;
+    }
+    let Setup {
+        topo: _topo,
+        mut peer,
+        listener,
+        addr,
+    } = setup(false, 7003);
+    peer.cmd(&format!("connect {addr} 3 0"));
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| listener.accept().unwrap().0).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(&pat("S1", i)).unwrap();
+    }
+    peer.cmd("sendpat P1");
+    for (i, c) in conns.iter().enumerate() {
+        wait_inq(c, pat("P1", i).len() as u32);
+    }
+    let mut src = NetSource::new(SourceConfig::default()).unwrap();
+    for (i, c) in conns.into_iter().enumerate() {
+        src.add(i as u64, c.into()).unwrap();
+    }
+    src.freeze().unwrap();
+    let mut n = 0;
+    src.capture(&mut |b| {
+        n += b.len();
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(n, 3);
+    src.abort().unwrap();
+    let mut conns: Vec<TcpStream> = src
+        .into_fds()
+        .into_iter()
+        .map(|(_, fd)| fd.into())
+        .collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        common::read_exact_eq(c, &pat("P1", i)).unwrap();
+        c.write_all(&pat("S2", i)).unwrap();
+    }
+    peer.cmd("expect S1");
+    peer.cmd("expect S2");
+    peer.cmd("check");
+}
+
+/// Impossible records are rejected by name; the rest of the batch is restored.
+#[test]
+fn tcp_bad_records_are_rejected_by_name() {
+    if !privileged("tcp_bad_records_are_rejected_by_name") {
+        return;
+    }
+    let topo = Topology::new().unwrap();
+    let out = topo
+        .a
+        .run(|| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (server, _) = l.accept().unwrap();
+            client.write_all(b"hello").unwrap();
+            wait_inq(&server, 5);
+            let mut src = NetSource::new(SourceConfig::default()).unwrap();
+            src.add(1, server.into()).unwrap();
+            src.freeze().unwrap();
+            let mut recs = Vec::new();
+            src.capture(&mut |b| {
+                recs.extend(b);
+                Ok(())
+            })
+            .unwrap();
+            src.release().unwrap();
+            let SocketRecord::Tcp(good) = recs.remove(0) else {
+                panic!()
+            };
+            let mut mixed = good.clone();
+            mixed.id = 2;
+            mixed.peer = "[2001:db8::9]:4000".parse().unwrap();
+            let mut over = good.clone();
+            over.id = 3;
+            over.unsent_len = over.send_queue.len() as u32 + 1;
+            let mut seq = good.clone();
+            seq.id = 4;
+            if let Some(w) = seq.window.as_mut() {
+                w.rcv_wup = seq.rcv_seq.wrapping_add(1000);
+            }
+            let batch = vec![
+                SocketRecord::Tcp(mixed),
+                SocketRecord::Tcp(good),
+                SocketRecord::Tcp(over),
+                SocketRecord::Tcp(seq),
+            ];
+            let mut sink = NetSink::new(SinkConfig::default()).unwrap();
+            let err = sink.restore_batch(batch).unwrap_err();
+            sink.activate_sockets().unwrap();
+            let mut fds = sink.take_fds();
+            let mut restored = TcpStream::from(
+                fds.remove(&1)
+                    .unwrap_or_else(|| panic!("the valid connection was not restored: {err:?}")),
+            );
+            restored
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            common::read_exact_eq(&mut restored, b"hello").unwrap();
+            restored.write_all(b"world").unwrap();
+            common::read_exact_eq(&mut client, b"world").unwrap();
+            err
+        })
+        .unwrap();
+    let NetError::Partial { total, failures } = &out else {
+        panic!("{out}")
+    };
+    assert_eq!(*total, 4);
+    let ids: Vec<u64> = failures.iter().map(|f| f.id).collect();
+    assert_eq!(ids, [2, 3, 4]);
+    for f in failures {
+        let msg = f.error.to_string();
+        assert!(
+            msg.contains(&format!("TCP connection {}", f.id)),
+            "error names the connection: {msg}"
+        );
+    }
+}
+
+/// `pidfd_getfd`: a connection is taken from a process by fd number (here
+/// this process, which ptrace rules always allow) and captured.
+#[test]
+fn tcp_fd_taken_from_process() {
+    if !privileged("tcp_fd_taken_from_process") {
+        return;
+    }
+    let topo = Topology::new().unwrap();
+    topo.a
+        .run(|| {
+            use std::os::fd::AsRawFd;
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (server, _) = l.accept().unwrap();
+            client.write_all(b"abc").unwrap();
+            wait_inq(&server, 3);
+            let mut src = NetSource::new(SourceConfig::default()).unwrap();
+            src.add_from_process(9, std::process::id() as i32, server.as_raw_fd())
+                .unwrap();
+            assert_eq!(
+                lmig_net::sys::local_addr(src.fd(9).unwrap()).unwrap(),
+                Some(server.local_addr().unwrap())
+            );
+            src.freeze().unwrap();
+            let mut recs = Vec::new();
+            src.capture(&mut |b| {
+                recs.extend(b);
+                Ok(())
+            })
+            .unwrap();
+            let SocketRecord::Tcp(c) = &recs[0] else {
+                panic!("not TCP")
+            };
+            assert_eq!(&c.recv_queue[..], b"abc");
+            // Abort: the program's own fd (the same socket) keeps working.
+            src.abort().unwrap();
+            drop(src);
+            let mut server = server;
+            common::read_exact_eq(&mut server, b"abc").unwrap();
+        })
+        .unwrap();
+}
