@@ -103,10 +103,18 @@ fn backend(what: &'static str, e: impl Into<lmig_core::BoxError>) -> MigrationEr
 
 impl StateSource for KvdProgram {
     fn pause(&mut self) -> lmig_core::Result<()> {
+        let t = Instant::now();
         if let Some(d) = &self.dirtier {
             d.pause_and_wait().map_err(|e| backend("kvd dirtier", e))?;
         }
+        let dirtier = t.elapsed();
         let parked = self.control.park().map_err(|e| backend("kvd loop", e))?;
+        if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
+            eprintln!(
+                "kvd: pause: dirtier {dirtier:?}, loop parked after {:?}",
+                t.elapsed()
+            );
+        }
         self.state = parked.state.clone();
         *self.parked.lock().expect("poisoned") = Some(parked);
         Ok(())

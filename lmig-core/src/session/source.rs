@@ -281,10 +281,12 @@ where
     ) -> Result<RegionPages> {
         self.phase(Phase::Setup);
         self.channel.send(&Message::Regions(layout.clone()))?;
+        // Always sent (possibly empty): the destination answers it with
+        // `Prepared` once regions and sockets are ready.
         let plan = self.sockets.plan()?;
-        if !plan.is_empty() {
-            self.channel.send(&Message::SocketPlan(plan))?;
-        }
+        self.channel.send(&Message::SocketPlan(plan))?;
+        let mut prepared = false;
+        let prepared_by = Instant::now() + self.config.ready_timeout;
         undo.tracking = true;
         self.tracker.start()?;
 
@@ -324,7 +326,7 @@ where
                 zero_pages: sent.zero_pages,
                 dirty_pages,
             }))?;
-            self.check_peer("pre-copy")?;
+            prepared |= self.check_peer("pre-copy")?;
             report.pages_sent += sent.pages;
             report.zero_pages += sent.zero_pages;
             report.bytes_sent += sent.bytes;
@@ -356,6 +358,12 @@ where
                     undo.throttled = true;
                     throttle_refused = !self.program.throttle(percent);
                 }
+                Decision::Freeze | Decision::Postcopy if !prepared => {
+                    // Never freeze before the destination is ready (its
+                    // pre-faulting would land in the freeze): keep sending
+                    // what gets dirty while waiting.
+                    prepared = self.wait_prepared(Duration::from_millis(10), prepared_by)?;
+                }
                 Decision::Freeze => break,
                 Decision::Postcopy => {
                     postcopy = mode == Mode::Hybrid;
@@ -364,6 +372,9 @@ where
                 }
             }
             round += 1;
+        }
+        while !prepared {
+            prepared = self.wait_prepared(self.config.ready_timeout, prepared_by)?;
         }
 
         // The freeze.
@@ -447,11 +458,29 @@ where
         Ok(to_send)
     }
 
-    /// Any message from the destination during pre-copy ends it.
-    fn check_peer(&self, phase: &'static str) -> Result<()> {
+    /// During pre-copy the destination only says `Prepared`; anything else
+    /// (an `Abort`) ends the migration. Returns whether `Prepared` arrived.
+    fn check_peer(&self, phase: &'static str) -> Result<bool> {
         match self.channel.recv(Some(Duration::ZERO))? {
-            None => Ok(()),
-            Some(msg) => Err(unexpected(phase, "nothing from the destination", &msg)),
+            None => Ok(false),
+            Some(Message::Prepared) => Ok(true),
+            Some(msg) => Err(unexpected(phase, "Prepared or nothing", &msg)),
+        }
+    }
+
+    /// Wait up to `wait` for `Prepared`; an error once `deadline` passed.
+    fn wait_prepared(&self, wait: Duration, deadline: Instant) -> Result<bool> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(MigrationError::Timeout {
+                waiting_for: "Prepared (the destination mapping its regions)",
+                after: self.config.ready_timeout,
+            });
+        }
+        match self.channel.recv(Some(wait.min(deadline - now)))? {
+            None => Ok(false),
+            Some(Message::Prepared) => Ok(true),
+            Some(msg) => Err(unexpected("pre-copy", "Prepared", &msg)),
         }
     }
 
