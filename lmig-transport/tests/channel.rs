@@ -126,7 +126,13 @@ fn exercise(src: StreamChannel, dst: StreamChannel) {
     let mut expected = sample_messages();
     expected.push(Message::Commit);
     // Sample page batches of other shapes also arrive (on the control lane).
-    assert!(control == expected, "control lane messages differ");
+    let names = |v: &[Message]| v.iter().map(Message::name).collect::<Vec<_>>();
+    assert!(
+        control == expected,
+        "control lane messages differ: got {:?}, expected {:?}",
+        names(&control),
+        names(&expected)
+    );
 }
 
 #[test]

@@ -38,13 +38,21 @@ fn tcp_pair(streams: usize) -> (StreamChannel, StreamChannel) {
 /// A program whose writer thread dirties pages until it is paused.
 struct Writer<'a> {
     stop: &'a AtomicBool,
+    stopped: &'a AtomicBool,
     inner: NullProgram,
 }
 
 impl StateSource for Writer<'_> {
     fn pause(&mut self) -> lmig_core::Result<()> {
+        // Paused means the writer is no longer between a write and its mark.
         self.stop.store(true, Ordering::SeqCst);
-        self.inner.pause()
+        for _ in 0..10_000 {
+            if self.stopped.load(Ordering::SeqCst) {
+                return self.inner.pause();
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Err(MigrationError::backend("writer", "did not stop within 1 s"))
     }
     fn capture(&mut self) -> lmig_core::Result<ProgramState> {
         Ok(ProgramState::new(1, &b"counters"[..]))
@@ -67,6 +75,7 @@ fn migrates_over_tcp_with_two_streams_while_written() {
     let mut tracker = MarkTracker::new(&layout);
     let marker = tracker.clone();
     let stop = AtomicBool::new(false);
+    let stopped = AtomicBool::new(false);
     let (report, dst_report, dst_prog) = std::thread::scope(|s| {
         let d = s.spawn(|| {
             let mut prog = NullProgram::default();
@@ -85,10 +94,11 @@ fn migrates_over_tcp_with_two_streams_while_written() {
                     marker.mark(&PageRun::new(RegionId(1), page, 1));
                 }
             }
-            stop.store(true, Ordering::SeqCst);
+            stopped.store(true, Ordering::SeqCst);
         });
         let prog = Writer {
             stop: &stop,
+            stopped: &stopped,
             inner: NullProgram::default(),
         };
         let r = Source::new(&a, &src, &mut tracker, prog).run();

@@ -43,11 +43,12 @@ mod conn;
 mod limit;
 mod net;
 mod pipe;
+mod queue;
 
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -61,6 +62,7 @@ use crate::wire::{Hello, SESSION_ID_LEN, StreamRole, WireItem, encode_message};
 use conn::{Conn, FrameReader, HandshakeConn, ReadOutcome};
 use limit::TokenBucket;
 pub use net::{Endpoint, connect};
+use queue::EventQueue;
 
 /// How a channel is set up. Both sides need the same key.
 #[derive(Clone, Debug)]
@@ -496,6 +498,9 @@ enum Side {
     Listener(Arc<ListenerCore>),
 }
 
+/// The urgent stream's reader thread (its messages go first in the queue).
+const URGENT_READER: &str = "lmig-rx-urgent";
+
 /// What a reader thread reports.
 enum Event {
     Msg(Message),
@@ -536,8 +541,7 @@ struct Inner {
     session: [u8; SESSION_ID_LEN],
     side: Side,
     lanes: RwLock<Arc<Lanes>>,
-    rx: Mutex<Receiver<Event>>,
-    tx: SyncSender<Event>,
+    queue: Arc<EventQueue<Event>>,
     state: Mutex<RecvState>,
     limiter: Option<TokenBucket>,
     closed: AtomicBool,
@@ -547,6 +551,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        self.queue.close();
         if let Ok(l) = self.lanes.read() {
             l.shutdown();
         }
@@ -579,7 +584,7 @@ impl StreamChannel {
         generation: u32,
         side: Side,
     ) -> Self {
-        let (tx, rx) = sync_channel(config.queue_depth);
+        let queue = Arc::new(EventQueue::new(config.queue_depth));
         let limiter = config.bandwidth_limit.map(TokenBucket::new);
         let (lanes, readers) = split(streams);
         let open_lanes = readers.len();
@@ -587,8 +592,7 @@ impl StreamChannel {
             session,
             side,
             lanes: RwLock::new(Arc::new(lanes)),
-            rx: Mutex::new(rx),
-            tx,
+            queue,
             state: Mutex::new(RecvState {
                 generation,
                 open_lanes,
@@ -600,7 +604,7 @@ impl StreamChannel {
             reconnect_lock: Mutex::new(()),
             config,
         });
-        spawn_readers(readers, &inner.tx, generation);
+        spawn_readers(readers, &inner.queue, generation);
         Self { inner }
     }
 
@@ -676,7 +680,7 @@ impl StreamChannel {
         );
         old.shutdown();
         inner.generation.store(generation, Ordering::Release);
-        spawn_readers(readers, &inner.tx, generation);
+        spawn_readers(readers, &inner.queue, generation);
         Ok(())
     }
 }
@@ -713,7 +717,7 @@ fn split(streams: Streams) -> (Lanes, Vec<(String, FrameReader)>) {
             ))
         })
         .collect();
-    let urgent = take(streams.urgent, "lmig-rx-urgent".into());
+    let urgent = take(streams.urgent, URGENT_READER.into());
     (
         Lanes {
             control,
@@ -725,9 +729,16 @@ fn split(streams: Streams) -> (Lanes, Vec<(String, FrameReader)>) {
     )
 }
 
-fn spawn_readers(readers: Vec<(String, FrameReader)>, tx: &SyncSender<Event>, generation: u32) {
+fn spawn_readers(
+    readers: Vec<(String, FrameReader)>,
+    queue: &Arc<EventQueue<Event>>,
+    generation: u32,
+) {
     for (name, mut reader) in readers {
-        let thread_tx = tx.clone();
+        let thread_queue = queue.clone();
+        // Messages of the urgent stream overtake queued bulk pages; its end
+        // or failure queues behind them like any other stream's.
+        let urgent_stream = name == URGENT_READER;
         let spawned = thread::Builder::new().name(name).spawn(move || {
             loop {
                 let ev = match reader.next("while receiving") {
@@ -742,17 +753,20 @@ fn spawn_readers(readers: Vec<(String, FrameReader)>, tx: &SyncSender<Event>, ge
                     Err(e) => Event::Failed(generation, e),
                 };
                 let last = !matches!(ev, Event::Msg(_));
-                if thread_tx.send(ev).is_err() || last {
+                if thread_queue.push(ev, urgent_stream && !last).is_err() || last {
                     reader.conn().shutdown_conn();
                     return;
                 }
             }
         });
         if let Err(e) = spawned {
-            let _ = tx.send(Event::Failed(
-                generation,
-                TransportError::io("spawning a reader thread", e),
-            ));
+            let _ = queue.push(
+                Event::Failed(
+                    generation,
+                    TransportError::io("spawning a reader thread", e),
+                ),
+                false,
+            );
         }
     }
 }
@@ -791,7 +805,6 @@ impl Channel for StreamChannel {
 
     fn recv(&self, timeout: Option<Duration>) -> lmig_core::Result<Option<Message>> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let rx = lock(&self.inner.rx);
         loop {
             if self.inner.closed.load(Ordering::Acquire) {
                 return Err(MigrationError::channel_closed("the channel was shut down"));
@@ -799,16 +812,8 @@ impl Channel for StreamChannel {
             if let Some(b) = &lock(&self.inner.state).broken {
                 return Err(MigrationError::channel_closed(b.clone()));
             }
-            let ev = match deadline {
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
-            };
-            let ev = match ev {
-                Ok(ev) => ev,
-                Err(RecvTimeoutError::Timeout) => return Ok(None),
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(MigrationError::channel_closed("every reader stopped"));
-                }
+            let Some(ev) = self.inner.queue.pop(deadline) else {
+                return Ok(None);
             };
             let mut st = lock(&self.inner.state);
             match ev {

@@ -1,0 +1,136 @@
+//! The queue between a channel's reader threads and `recv`: bounded for
+//! ordinary messages (backpressure on the streams), with messages of the
+//! urgent stream always taken first, so a post-copy page request or reply
+//! never waits behind queued bulk pages.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+struct Queues<T> {
+    urgent: VecDeque<T>,
+    rest: VecDeque<T>,
+    closed: bool,
+}
+
+/// A two-level FIFO: urgent items first, each level in arrival order.
+pub(super) struct EventQueue<T> {
+    q: Mutex<Queues<T>>,
+    ready: Condvar,
+    space: Condvar,
+    cap: usize,
+}
+
+impl<T> EventQueue<T> {
+    /// A queue holding at most `cap` ordinary items (urgent ones are few and unbounded).
+    pub(super) fn new(cap: usize) -> Self {
+        Self {
+            q: Mutex::new(Queues {
+                urgent: VecDeque::new(),
+                rest: VecDeque::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            space: Condvar::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queues<T>> {
+        self.q.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Add an item, waiting for space if it is ordinary and the queue is
+    /// full. `Err` once the queue is closed (the channel is gone).
+    pub(super) fn push(&self, item: T, urgent: bool) -> Result<(), T> {
+        let mut q = self.lock();
+        while !urgent && !q.closed && q.rest.len() >= self.cap {
+            q = self.space.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        if q.closed {
+            return Err(item);
+        }
+        if urgent {
+            q.urgent.push_back(item);
+        } else {
+            q.rest.push_back(item);
+        }
+        drop(q);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next item, urgent ones first; `None` when `deadline` passed.
+    pub(super) fn pop(&self, deadline: Option<Instant>) -> Option<T> {
+        let mut q = self.lock();
+        loop {
+            if let Some(item) = q.urgent.pop_front() {
+                return Some(item);
+            }
+            if let Some(item) = q.rest.pop_front() {
+                drop(q);
+                self.space.notify_one();
+                return Some(item);
+            }
+            q = match deadline {
+                None => self.ready.wait(q).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    self.ready
+                        .wait_timeout(q, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Refuse further items and release blocked producers.
+    pub(super) fn close(&self) {
+        self.lock().closed = true;
+        self.space.notify_all();
+        self.ready.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn urgent_items_overtake_queued_ones() {
+        let q = EventQueue::new(4);
+        for i in 0..4 {
+            q.push(i, false).unwrap();
+        }
+        q.push(100, true).unwrap();
+        assert_eq!(q.pop(None), Some(100));
+        assert_eq!(q.pop(None), Some(0));
+    }
+
+    #[test]
+    fn full_queue_blocks_until_read_and_close_releases() {
+        let q = Arc::new(EventQueue::new(1));
+        q.push(1, false).unwrap();
+        let q2 = q.clone();
+        let producer = std::thread::spawn(move || q2.push(2, false));
+        assert_eq!(q.pop(None), Some(1));
+        assert_eq!(producer.join().unwrap(), Ok(()));
+        assert_eq!(
+            q.pop(Some(Instant::now() + Duration::from_millis(1))),
+            Some(2)
+        );
+        assert_eq!(q.pop(Some(Instant::now() + Duration::from_millis(1))), None);
+        q.push(3, false).unwrap();
+        let q3 = q.clone();
+        let blocked = std::thread::spawn(move || q3.push(4, false));
+        std::thread::sleep(Duration::from_millis(20));
+        q.close();
+        assert_eq!(blocked.join().unwrap(), Err(4));
+    }
+}
