@@ -33,11 +33,11 @@
 //! `source_unlock_ms`, `client_retrans`, `requests`, `capture_restore_ms`.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufRead, ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -53,6 +53,7 @@ use lmig_transport::wire::{MessageDecoder, WireItem, encode_message};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use serde_json::json;
 
+use super::peer::Worker;
 use super::{Output, round};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -124,77 +125,20 @@ fn snmp_tcp(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A child process driven by line commands; answers start with `OK`.
-struct Role {
-    name: &'static str,
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+/// A worker's answer as numbers (NaN for anything else).
+fn nums(v: Vec<String>) -> Vec<f64> {
+    v.iter().map(|x| x.parse().unwrap_or(f64::NAN)).collect()
 }
 
-impl Role {
-    fn spawn(ns: &Netns, name: &'static str, args: &Args, sock: &str) -> BoxResult<Role> {
-        let exe = std::env::current_exe()?;
-        let mut cmd = Command::new(exe);
-        cmd.args(["handoff", "--role", name, "--sock", sock])
-            .args(["--conns", &args.conns.to_string()])
-            .args(["--rate", &args.rate.to_string()])
-            .args(if args.v6 { &["--v6"][..] } else { &[][..] })
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = ns.spawn(&mut cmd)?;
-        let stdin = child.stdin.take().ok_or("no stdin")?;
-        let stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-        Ok(Role {
-            name,
-            child,
-            stdin,
-            stdout,
-        })
-    }
-
-    fn send(&mut self, line: &str) -> BoxResult<()> {
-        writeln!(self.stdin, "{line}")?;
-        self.stdin.flush()?;
-        Ok(())
-    }
-
-    fn answer(&mut self) -> BoxResult<Vec<f64>> {
-        let mut s = String::new();
-        if self.stdout.read_line(&mut s)? == 0 {
-            return Err(format!("{} exited", self.name).into());
-        }
-        let w: Vec<&str> = s.split_whitespace().collect();
-        match w.first() {
-            Some(&"OK") => Ok(w[1..]
-                .iter()
-                .map(|x| x.parse().unwrap_or(f64::NAN))
-                .collect()),
-            _ => Err(format!("{}: {}", self.name, s.trim()).into()),
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> BoxResult<Vec<f64>> {
-        self.send(line)?;
-        self.answer()
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let _ = self.stdin.flush();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // Only the process we started, by its pid.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Start this benchmark's worker process `name` in `ns`.
+fn spawn_role(ns: &Netns, name: &'static str, args: &Args, sock: &str) -> BoxResult<Worker> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["handoff", "--role", name, "--sock", sock])
+        .args(["--conns", &args.conns.to_string()])
+        .args(["--rate", &args.rate.to_string()])
+        .args(if args.v6 { &["--v6"][..] } else { &[][..] });
+    Worker::spawn(ns, name, &mut cmd)
 }
 
 /// Time to engage an equivalent lock by spawning `nft -f` (a scratch table
@@ -234,9 +178,9 @@ pub fn run(args: Args, out: Output) -> BoxResult<()> {
     topo.add_service_address(&topo.a)?;
     let sock = format!("/tmp/lmig-handoff-{}.sock", std::process::id());
     let _ = std::fs::remove_file(&sock);
-    let mut dest = Role::spawn(&topo.b, "dest", &args, &sock)?;
-    let mut source = Role::spawn(&topo.a, "source", &args, &sock)?;
-    let mut clients = Role::spawn(&topo.client, "clients", &args, &sock)?;
+    let mut dest = spawn_role(&topo.b, "dest", &args, &sock)?;
+    let mut source = spawn_role(&topo.a, "source", &args, &sock)?;
+    let mut clients = spawn_role(&topo.client, "clients", &args, &sock)?;
 
     dest.cmd("listen")?;
     source.cmd("serve")?;
@@ -253,16 +197,16 @@ pub fn run(args: Args, out: Output) -> BoxResult<()> {
 
     // Freeze → Commit → handoff, both sides at once.
     dest.send("migrate")?;
-    let s = source.cmd("migrate")?;
-    let d = dest.answer()?;
+    let s = nums(source.cmd("migrate")?);
+    let d = nums(dest.answer()?);
     let (freeze_start_ns, lock_ms, src_move_ms, capture_ms) = (s[0], s[1], s[2], s[3]);
     let (serving_ns, dst_move_ms, unlock_ms, release_ms) = (d[0], d[1], d[2], d[3]);
     std::thread::sleep(Duration::from_millis(args.after_ms));
 
-    let c = clients.cmd("stop")?;
+    let c = nums(clients.cmd("stop")?);
     let (requests, answered, stall_ms, resets, retrans) = (c[0], c[1], c[2], c[3], c[4]);
-    let sf = source.cmd("finish")?;
-    let df = dest.cmd("finish")?;
+    let sf = nums(source.cmd("finish")?);
+    let df = nums(dest.cmd("finish")?);
     let nft_f = nft_f_ms(&topo.a).unwrap_or(f64::NAN);
     let freeze_ms = (serving_ns - freeze_start_ns) / 1e6;
     let lost = requests - answered;

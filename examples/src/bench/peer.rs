@@ -3,9 +3,11 @@
 //! `RESULT <json>` when done; [`Peer`] reads those lines and kills the child
 //! (by pid, our own child only) if the scenario ends early.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::Instant;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lmig_net::topology::Netns;
 
 /// A child `lmig-bench` process.
 pub struct Peer {
@@ -121,5 +123,76 @@ pub fn mono_ns(at: Instant) -> u64 {
         now_ns - (now - at).as_nanos() as u64
     } else {
         now_ns + (at - now).as_nanos() as u64
+    }
+}
+
+/// A worker process in a namespace driven line by line: the scenario writes
+/// a command to its stdin, it answers `OK <values…>` (or anything else, an
+/// error) on its stdout. Dropping it says `quit` and, if it does not exit
+/// within 2 s, kills it (our own child, by pid).
+pub struct Worker {
+    name: &'static str,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Worker {
+    /// Start `cmd` in `ns` with its stdin and stdout piped to us.
+    pub fn spawn(ns: &Netns, name: &'static str, cmd: &mut Command) -> Result<Self, PeerError> {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = ns.spawn(cmd)?;
+        let stdin = child.stdin.take().ok_or("no stdin")?;
+        let stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        Ok(Self {
+            name,
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    /// Send one command line.
+    pub fn send(&mut self, line: &str) -> Result<(), PeerError> {
+        writeln!(self.stdin, "{line}")?;
+        self.stdin.flush()?;
+        Ok(())
+    }
+
+    /// Read one answer: the values after `OK`.
+    pub fn answer(&mut self) -> Result<Vec<String>, PeerError> {
+        let mut s = String::new();
+        if self.stdout.read_line(&mut s)? == 0 {
+            return Err(format!("{} exited", self.name).into());
+        }
+        let w: Vec<String> = s.split_whitespace().map(str::to_string).collect();
+        match w.first().map(String::as_str) {
+            Some("OK") => Ok(w[1..].to_vec()),
+            _ => Err(format!("{}: {}", self.name, s.trim()).into()),
+        }
+    }
+
+    /// Send a command and read its answer.
+    pub fn cmd(&mut self, line: &str) -> Result<Vec<String>, PeerError> {
+        self.send(line)?;
+        self.answer()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.stdin.flush();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Only the process we started, by its pid.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

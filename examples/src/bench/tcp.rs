@@ -31,11 +31,11 @@
 //! each spent waiting for a CPU (`/proc/thread-self/schedstat`).
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
@@ -46,6 +46,7 @@ use lmig_net::{NetSink, NetSource, RepairExit, SinkConfig, SourceConfig};
 use lmig_transport::wire::{MessageDecoder, WireItem, encode_message};
 use serde_json::json;
 
+use super::peer::Worker;
 use super::{Output, round};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -120,78 +121,19 @@ fn queued(args: &Args, i: usize) -> bool {
     args.queued_every > 0 && i % args.queued_every == 0
 }
 
-/// A child process driven by line commands; answers start with `OK`.
-struct Role {
-    name: &'static str,
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Role {
-    fn spawn(ns: &Netns, name: &'static str, args: &Args, sock: &str) -> BoxResult<Role> {
-        let exe = std::env::current_exe()?;
-        let mut cmd = Command::new(exe);
-        cmd.args(["tcp", "--role", name, "--sock", sock])
-            .args(["--conns", &args.conns.to_string()])
-            .args(["--queued-every", &args.queued_every.to_string()])
-            .args(["--batch", &args.batch.to_string()])
-            .args(["--capture-threads", &args.capture_threads.to_string()])
-            .args(["--restore-threads", &args.restore_threads.to_string()])
-            .args(["--activate-threads", &args.activate_threads.to_string()])
-            .args(["--exit", &args.exit])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = ns.spawn(&mut cmd)?;
-        let stdin = child.stdin.take().ok_or("no stdin")?;
-        let stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-        Ok(Role {
-            name,
-            child,
-            stdin,
-            stdout,
-        })
-    }
-
-    fn send(&mut self, line: &str) -> BoxResult<()> {
-        writeln!(self.stdin, "{line}")?;
-        self.stdin.flush()?;
-        Ok(())
-    }
-
-    fn answer(&mut self) -> BoxResult<Vec<String>> {
-        let mut s = String::new();
-        if self.stdout.read_line(&mut s)? == 0 {
-            return Err(format!("{} exited", self.name).into());
-        }
-        let w: Vec<String> = s.split_whitespace().map(str::to_string).collect();
-        match w.first().map(String::as_str) {
-            Some("OK") => Ok(w[1..].to_vec()),
-            _ => Err(format!("{}: {}", self.name, s.trim()).into()),
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> BoxResult<Vec<String>> {
-        self.send(line)?;
-        self.answer()
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let _ = self.stdin.flush();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // Only the process we started, by its pid.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Start this benchmark's worker process `name` in `ns`.
+fn spawn_role(ns: &Netns, name: &'static str, args: &Args, sock: &str) -> BoxResult<Worker> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["tcp", "--role", name, "--sock", sock])
+        .args(["--conns", &args.conns.to_string()])
+        .args(["--queued-every", &args.queued_every.to_string()])
+        .args(["--batch", &args.batch.to_string()])
+        .args(["--capture-threads", &args.capture_threads.to_string()])
+        .args(["--restore-threads", &args.restore_threads.to_string()])
+        .args(["--activate-threads", &args.activate_threads.to_string()])
+        .args(["--exit", &args.exit]);
+    Worker::spawn(ns, name, &mut cmd)
 }
 
 fn num(v: &[String], i: usize) -> f64 {
@@ -222,9 +164,9 @@ pub fn run(args: Args, out: Output) -> BoxResult<()> {
     let sock = format!("/tmp/lmig-bench-tcp-{}.sock", std::process::id());
     let _ = std::fs::remove_file(&sock);
     let result = (|| -> BoxResult<serde_json::Value> {
-        let mut dest = Role::spawn(&topo.b, "dest", &args, &sock)?;
-        let mut source = Role::spawn(&topo.a, "source", &args, &sock)?;
-        let mut peers = Role::spawn(&topo.client, "peers", &args, &sock)?;
+        let mut dest = spawn_role(&topo.b, "dest", &args, &sock)?;
+        let mut source = spawn_role(&topo.a, "source", &args, &sock)?;
+        let mut peers = spawn_role(&topo.client, "peers", &args, &sock)?;
         dest.cmd("listen")?;
         source.cmd("serve")?;
         peers.cmd("connect")?;
