@@ -488,12 +488,11 @@ where
     fn abort(&mut self, undo: &Undo, err: MigrationError) -> MigrationError {
         self.phase(Phase::Aborted);
         send_abort(&self.channel, &err);
+        // Undo everything even if one step fails; report the first failure.
+        let mut failed: Option<(&'static str, MigrationError)> = None;
         if undo.sockets_frozen {
             if let Err(e) = self.sockets.abort() {
-                return MigrationError::backend(
-                    "socket abort",
-                    format!("{e} (after the migration failed: {err})"),
-                );
+                failed.get_or_insert(("socket abort", e));
             }
         }
         if undo.throttled {
@@ -501,16 +500,18 @@ where
         }
         if undo.paused {
             if let Err(e) = self.program.resume() {
-                return MigrationError::backend(
-                    "program resume",
-                    format!("{e} (after the migration failed: {err})"),
-                );
+                failed.get_or_insert(("program resume", e));
             }
         }
         if undo.tracking {
             let _ = self.tracker.stop();
         }
-        err
+        match failed {
+            None => err,
+            Some((what, e)) => {
+                MigrationError::backend(what, format!("{e} (after the migration failed: {err})"))
+            }
+        }
     }
 
     /// After `Commit`: post-copy service, digests, wait for `Done`.
