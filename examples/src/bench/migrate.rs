@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::{Output, round};
-use crate::scenario::{self, Options};
+use crate::scenario::{self, Fault, Options};
 
 /// Options of the `migrate` scenario.
 #[derive(clap::Args, Debug, Clone)]
@@ -33,6 +33,9 @@ pub struct Args {
     /// Parallel data streams.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
+    /// Stage a failure: `wrong-key` or `no-destination` (kvd must keep serving on A).
+    #[arg(long)]
+    pub fault: Option<String>,
 }
 
 /// Run the scenario.
@@ -40,6 +43,12 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     if !["precopy", "postcopy", "hybrid"].contains(&args.mode.as_str()) {
         return Err(format!("--mode {}: precopy, postcopy or hybrid", args.mode).into());
     }
+    let fault = match args.fault.as_deref() {
+        None => None,
+        Some("wrong-key") => Some(Fault::WrongKey),
+        Some("no-destination") => Some(Fault::NoDestination),
+        Some(other) => return Err(format!("--fault {other}: wrong-key or no-destination").into()),
+    };
     let exe = std::env::current_exe()?;
     let opts = Options {
         mib: args.mib,
@@ -54,7 +63,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         progress: false,
         svg: None,
         kvd: (exe, vec!["kvd".into()]),
-        fault: None,
+        fault,
     };
     let r = scenario::run(&opts)?;
     let s = &r.source;

@@ -107,6 +107,20 @@ fn main() {
                     ms(&s["commit_ns"]),
                     ms(&d["resumed_ns"])
                 );
+                println!(
+                    "  slowest requests (conn, sent ms, latency ms): {:?}",
+                    r.load.slowest
+                );
+                if let Some(t0) = r.load.started {
+                    let zero = lmig_examples::bench::peer::mono_ns(t0) as f64;
+                    let at = |v: &serde_json::Value| v.as_f64().map(|x| (x - zero) / 1e6);
+                    println!(
+                        "  on the load's clock (ms): migration start {:?}, pause {:?}, resumed {:?}",
+                        at(&s["started_ns"]),
+                        at(&s["paused_ns"]),
+                        at(&d["resumed_ns"])
+                    );
+                }
                 println!("  source: {s}");
                 println!("  destination: {d}");
             }

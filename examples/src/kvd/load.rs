@@ -39,6 +39,8 @@ pub struct LoadReport {
     pub first_error: Option<String>,
     /// When the load started (the timeline's zero).
     pub started: Option<Instant>,
+    /// The slowest requests: `(connection, sent ms after start, latency ms)`.
+    pub slowest: Vec<(usize, f64, f64)>,
 }
 
 struct Client {
@@ -157,6 +159,13 @@ pub fn run(
                 let sent = c.sent_at.take().unwrap_or_else(Instant::now);
                 let lat = sent.elapsed().as_secs_f64() * 1e3;
                 latencies.push(lat as f32);
+                if report.slowest.len() < 8 || lat > report.slowest[7].2 {
+                    report
+                        .slowest
+                        .push((ev.token().0, (sent - start).as_secs_f64() * 1e3, lat));
+                    report.slowest.sort_by(|a, b| b.2.total_cmp(&a.2));
+                    report.slowest.truncate(8);
+                }
                 let bucket = ((sent - start).as_millis() / 10) as usize;
                 if buckets.len() <= bucket {
                     buckets.resize(bucket + 1, (0.0, 0));

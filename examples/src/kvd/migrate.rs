@@ -389,7 +389,7 @@ pub fn receive(
     let listener = Listener::bind(&Endpoint::Tcp(listen), config)?;
     on_listening();
     let channel = listener.accept_timeout(accept_timeout)?;
-    let memory = DestinationRegions::new(Backing::Private);
+    let memory = DestinationRegions::new(Backing::Private).prefault(false);
     let (fds_tx, fds_rx) = mpsc::channel::<HashMap<u64, OwnedFd>>();
     let (go_tx, go_rx) = mpsc::channel::<ProgramState>();
     let program = KvdResume {

@@ -170,7 +170,16 @@ impl Server {
         loop {
             if self.control.pause.load(Ordering::SeqCst) {
                 match self.park()? {
-                    Wake::Resume => continue,
+                    Wake::Resume => {
+                        // Readiness is edge-triggered: events of the batch left
+                        // for the pause are not reported again. Serve everyone.
+                        self.accept_all()?;
+                        let ids: Vec<u64> = self.conns.keys().copied().collect();
+                        for id in ids {
+                            self.serve(id, store);
+                        }
+                        continue;
+                    }
                     Wake::Exit => return Ok(()),
                 }
             }
