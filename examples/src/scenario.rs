@@ -161,6 +161,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     lmig_net::raise_nofile_limit()?;
     let topo = Topology::new()?;
     topo.add_service_address(&topo.a)?;
+
     let dir = std::env::temp_dir().join(format!("lmig-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut cleanup = Cleanup {

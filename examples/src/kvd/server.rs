@@ -164,20 +164,28 @@ impl Server {
         Ok(())
     }
 
+    /// Accept what waits and serve every connection once: after a pause,
+    /// and at the start (restored connections may hold buffered requests).
+    fn serve_all(&mut self, store: &Store<'_>) -> std::io::Result<()> {
+        self.accept_all()?;
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.serve(id, store);
+        }
+        Ok(())
+    }
+
     /// Serve until told to exit after a commit.
     pub fn run(&mut self, store: &Store<'_>) -> std::io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        self.serve_all(store)?;
         loop {
             if self.control.pause.load(Ordering::SeqCst) {
                 match self.park()? {
                     Wake::Resume => {
                         // Readiness is edge-triggered: events of the batch left
-                        // for the pause are not reported again. Serve everyone.
-                        self.accept_all()?;
-                        let ids: Vec<u64> = self.conns.keys().copied().collect();
-                        for id in ids {
-                            self.serve(id, store);
-                        }
+                        // for the pause are not reported again.
+                        self.serve_all(store)?;
                         continue;
                     }
                     Wake::Exit => return Ok(()),
