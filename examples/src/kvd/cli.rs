@@ -84,6 +84,10 @@ fn event(v: serde_json::Value) {
 
 /// Run kvd with these arguments (never returns on success paths that end the process).
 pub fn main_with(args: Args) {
+    // One fd per client connection: take the whole allowance.
+    if let Err(e) = lmig_net::raise_nofile_limit() {
+        eprintln!("kvd: cannot raise the open-file limit: {e}");
+    }
     let handoff = args.service_if.as_ref().map(|iface| {
         let addr = args
             .service_addr

@@ -10,7 +10,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lmig_core::model::{ProgramState, RegionId, SocketPrep, SocketRecord};
+use lmig_core::model::{ProgramState, RegionId, SocketKind, SocketPrep, SocketRecord};
 use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
 use lmig_core::session::{
     Destination, DestinationReport, Mode, Source, SourceConfig, SourceReport,
@@ -128,8 +128,18 @@ impl StateSource for KvdProgram {
     }
 
     fn resume(&mut self) -> lmig_core::Result<()> {
-        self.parked.lock().expect("poisoned").take();
-        self.control.wake(Wake::Resume);
+        // The sockets come back from the slot (the socket source put them
+        // there when it aborted, or they never left it).
+        let parked = self.parked.lock().expect("poisoned").take();
+        match parked {
+            Some(p) => self.control.wake(Wake::Resume(p)),
+            None => {
+                return Err(backend(
+                    "kvd",
+                    "the sockets did not come back after the abort",
+                ));
+            }
+        }
         if let Some(d) = &self.dirtier {
             d.percent.store(100, Ordering::SeqCst);
             d.pause.store(false, Ordering::SeqCst);
@@ -155,18 +165,15 @@ impl StateSource for KvdProgram {
     }
 }
 
-/// The source's sockets: planned from a snapshot taken when the migration
-/// starts, captured from the exact set the loop handed over at the freeze.
-///
-/// The planned set is kept (duplicates of the sockets, added to a
-/// `NetSource` before the freeze); at the freeze it is reused when the loop
-/// hands over the same connections, else rebuilt from what it handed over.
-/// Connection ids are never reused by kvd, so equal id sets mean equal sockets.
+/// The source's sockets: planned from the addresses when the migration
+/// starts, captured from the sockets the loop hands over at the freeze (its
+/// own fds, no duplicates: a server near its open-file limit has no room for
+/// them), handed back to the loop if the migration aborts.
 struct KvdSockets {
     control: Control,
     parked: Arc<Mutex<Option<Parked>>>,
     net: Option<NetSource>,
-    planned: Vec<u64>,
+    state: Vec<u8>,
 }
 
 fn net_source(listener: OwnedFd, conns: Vec<(u64, OwnedFd)>) -> lmig_core::Result<NetSource> {
@@ -188,14 +195,33 @@ impl KvdSockets {
 
 impl SocketSource for KvdSockets {
     fn plan(&mut self) -> lmig_core::Result<Vec<SocketPrep>> {
-        // A snapshot of the current sockets (the loop pauses for microseconds).
+        // The addresses of the current sockets (the loop pauses briefly).
         let snapshot = self.control.park().map_err(|e| backend("kvd loop", e))?;
-        self.control.wake(Wake::Resume);
-        self.planned = snapshot.conns.iter().map(|(id, _)| *id).collect();
-        self.planned.sort_unstable();
-        let mut net = net_source(snapshot.listener, snapshot.conns)?;
-        let plan = net.plan()?;
-        self.net = Some(net);
+        let addr = |fd: &OwnedFd, peer: bool| {
+            let s = socket2::SockRef::from(fd);
+            let a = if peer { s.peer_addr() } else { s.local_addr() };
+            a.ok().and_then(|a| a.as_socket())
+        };
+        let mut plan = Vec::with_capacity(snapshot.conns.len() + 1);
+        if let Some(local) = addr(&snapshot.listener, false) {
+            plan.push(SocketPrep {
+                id: LISTENER_ID,
+                kind: SocketKind::TcpListen,
+                local,
+                peer: None,
+            });
+        }
+        for (id, fd) in &snapshot.conns {
+            if let (Some(local), Some(peer)) = (addr(fd, false), addr(fd, true)) {
+                plan.push(SocketPrep {
+                    id: *id,
+                    kind: SocketKind::TcpEstablished,
+                    local,
+                    peer: Some(peer),
+                });
+            }
+        }
+        self.control.wake(Wake::Resume(snapshot));
         Ok(plan)
     }
 
@@ -203,11 +229,8 @@ impl SocketSource for KvdSockets {
         let parked = self.parked.lock().expect("poisoned").take();
         let parked =
             parked.ok_or_else(|| backend("kvd sockets", "freeze before the loop parked"))?;
-        let mut ids: Vec<u64> = parked.conns.iter().map(|(id, _)| *id).collect();
-        ids.sort_unstable();
-        if self.net.is_none() || ids != self.planned {
-            self.net = Some(net_source(parked.listener, parked.conns)?);
-        }
+        self.state = parked.state;
+        self.net = Some(net_source(parked.listener, parked.conns)?);
         self.net()?.freeze()
     }
 
@@ -219,10 +242,28 @@ impl SocketSource for KvdSockets {
     }
 
     fn abort(&mut self) -> lmig_core::Result<()> {
-        match self.net.take() {
-            Some(mut net) => net.abort(),
-            None => Ok(()),
+        let Some(mut net) = self.net.take() else {
+            return Ok(());
+        };
+        let aborted = net.abort();
+        // Hand the sockets back to the loop (through the program's slot).
+        let mut listener = None;
+        let mut conns = Vec::new();
+        for (id, fd) in net.into_fds() {
+            if id == LISTENER_ID {
+                listener = Some(fd);
+            } else {
+                conns.push((id, fd));
+            }
         }
+        let listener =
+            listener.ok_or_else(|| backend("kvd sockets", "the listener did not come back"))?;
+        *self.parked.lock().expect("poisoned") = Some(Parked {
+            listener,
+            conns,
+            state: std::mem::take(&mut self.state),
+        });
+        aborted
     }
 
     fn release(&mut self) -> lmig_core::Result<()> {
@@ -281,7 +322,7 @@ pub fn migrate_out(
         control: control.clone(),
         parked,
         net: None,
-        planned: Vec::new(),
+        state: Vec::new(),
     };
     let fallback = match opts.mode {
         Mode::Hybrid => Fallback::Postcopy,

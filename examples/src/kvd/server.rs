@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
@@ -29,11 +29,13 @@ struct Conn {
     wbuf: Vec<u8>,
 }
 
-/// What the loop hands over when parked for the freeze.
+/// What the loop hands over when parked: its sockets themselves (not
+/// duplicates: a server near the open-file limit has no room for a second
+/// fd per connection) and its connections' buffered bytes.
 pub struct Parked {
-    /// Duplicate of the listening socket (id 0).
+    /// The listening socket (id 0).
     pub listener: OwnedFd,
-    /// Duplicates of every connection socket, by id.
+    /// Every connection socket, by id.
     pub conns: Vec<(u64, OwnedFd)>,
     /// The program state: buffered input and output of every connection.
     pub state: Vec<u8>,
@@ -41,8 +43,8 @@ pub struct Parked {
 
 /// What the parked loop should do next.
 pub enum Wake {
-    /// The migration failed: serve on.
-    Resume,
+    /// Serve on with these sockets (the ones it handed over).
+    Resume(Parked),
     /// The migration committed: stop for good.
     Exit,
 }
@@ -80,7 +82,8 @@ impl Control {
             .map_err(|_| "the server loop did not park within 10 s".to_string())
     }
 
-    /// Resume (after an abort) or end (after the commit) a parked loop.
+    /// Resume (after an abort, handing the sockets back) or end (after the
+    /// commit) a parked loop.
     pub fn wake(&self, what: Wake) {
         self.pause.store(false, Ordering::SeqCst);
         let _ = self.wake_tx.send(what);
@@ -90,7 +93,7 @@ impl Control {
 /// The loop and its connections.
 pub struct Server {
     poll: Poll,
-    listener: TcpListener,
+    listener: Option<TcpListener>,
     conns: HashMap<u64, Conn>,
     next_id: u64,
     control: Control,
@@ -117,7 +120,7 @@ impl Server {
         let (wake_tx, wake_rx) = channel();
         let mut server = Self {
             poll,
-            listener,
+            listener: Some(listener),
             conns: HashMap::new(),
             next_id: FIRST_CONN,
             control: Control {
@@ -182,7 +185,8 @@ impl Server {
         loop {
             if self.control.pause.load(Ordering::SeqCst) {
                 match self.park()? {
-                    Wake::Resume => {
+                    Wake::Resume(parked) => {
+                        self.take_back(parked)?;
                         // Readiness is edge-triggered: events of the batch left
                         // for the pause are not reported again.
                         self.serve_all(store)?;
@@ -215,17 +219,21 @@ impl Server {
     }
 
     fn accept_all(&mut self) -> std::io::Result<()> {
+        let Some(listener) = self.listener.as_ref() else {
+            return Ok(());
+        };
+        let mut accepted = Vec::new();
         for _ in 0..4096 {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    let id = self.next_id;
-                    let std_stream = std::net::TcpStream::from(OwnedFd::from(stream));
-                    self.add_conn(id, std_stream, Vec::new(), Vec::new())?;
-                }
+            match listener.accept() {
+                Ok((stream, _)) => accepted.push(std::net::TcpStream::from(OwnedFd::from(stream))),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => break,
             }
+        }
+        for stream in accepted {
+            let id = self.next_id;
+            self.add_conn(id, stream, Vec::new(), Vec::new())?;
         }
         Ok(())
     }
@@ -299,30 +307,65 @@ impl Server {
         }
     }
 
-    /// Hand over duplicates of every socket and the buffered bytes; wait.
+    /// Hand over every socket and the buffered bytes; wait.
     fn park(&mut self) -> std::io::Result<Wake> {
-        let listener = self.listener.as_fd().try_clone_to_owned()?;
+        let mut listener = self
+            .listener
+            .take()
+            .ok_or_else(|| std::io::Error::other("no listener"))?;
+        let _ = self.poll.registry().deregister(&mut listener);
         let mut conns = Vec::with_capacity(self.conns.len());
         let mut state = Vec::new();
         state.extend_from_slice(&(self.conns.len() as u64).to_le_bytes());
-        for (id, c) in &self.conns {
-            conns.push((*id, c.stream.as_fd().try_clone_to_owned()?));
+        for (id, mut c) in self.conns.drain() {
+            let _ = self.poll.registry().deregister(&mut c.stream);
             state.extend_from_slice(&id.to_le_bytes());
             for b in [&c.rbuf, &c.wbuf] {
                 state.extend_from_slice(&(b.len() as u64).to_le_bytes());
                 state.extend_from_slice(b);
             }
+            conns.push((id, OwnedFd::from(c.stream)));
         }
+        self.control.counters.clients.store(0, Ordering::Relaxed);
+        let parked = Parked {
+            listener: OwnedFd::from(listener),
+            conns,
+            state,
+        };
         let tx = self.control.parked_tx.lock().expect("poisoned").take();
-        if let Some(tx) = tx {
-            let _ = tx.send(Parked {
-                listener,
-                conns,
-                state,
-            });
+        match tx {
+            Some(tx) => {
+                if let Err(back) = tx.send(parked) {
+                    // Nobody waits for the sockets: serve on with them.
+                    return Ok(Wake::Resume(back.0));
+                }
+            }
+            None => return Ok(Wake::Resume(parked)),
         }
-        // Parked until told: resume (abort) or exit (commit).
+        // Parked until told: resume with the sockets (abort) or exit (commit).
         Ok(self.wake_rx.recv().unwrap_or(Wake::Exit))
+    }
+
+    /// Serve again the sockets of a [`Parked`] (after a failed migration or a snapshot).
+    fn take_back(&mut self, parked: Parked) -> std::io::Result<()> {
+        let listener = std::net::TcpListener::from(parked.listener);
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        self.poll
+            .registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        self.listener = Some(listener);
+        let bufs: HashMap<u64, (Vec<u8>, Vec<u8>)> = decode_state(&parked.state)
+            .map_err(std::io::Error::other)?
+            .into_iter()
+            .map(|(id, r, w)| (id, (r, w)))
+            .collect();
+        let mut bufs = bufs;
+        for (id, fd) in parked.conns {
+            let (r, w) = bufs.remove(&id).unwrap_or_default();
+            self.add_conn(id, std::net::TcpStream::from(fd), r, w)?;
+        }
+        Ok(())
     }
 }
 
