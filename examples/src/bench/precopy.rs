@@ -256,6 +256,8 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "total_ms": round(total.as_secs_f64() * 1e3, 1),
         "freeze_ms": ms_since_pause("last_page_ns"),
         "downtime_ms": ms_since_pause("resumed_ns"),
+        "handover_ms": ms_since_pause("handover_ns"),
+        "freeze_steps_ms": report.freeze_steps.iter().map(|(n, d)| json!([n, round(d.as_secs_f64() * 1e3, 3)])).collect::<Vec<_>>(),
         "bytes_sent": report.bytes_sent,
         "region_bytes": len,
         "zero_pages_skipped": report.zero_pages,
