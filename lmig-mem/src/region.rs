@@ -951,11 +951,16 @@ mod tests {
 
     #[test]
     fn fixed_address_is_kept_and_never_replaces() {
+        // Other tests map and unmap concurrently in this process, so an address the
+        // kernel picked could be taken again between `drop(src)` and `prepare`. Use one
+        // far below the top-down mmap area, where nothing else lands.
+        let addr = 0x2000_0000_0000u64 + (u64::from(std::process::id()) << 24);
         let src = RegionOptions::new(RegionId(5), 4 * P as u64)
-            .keep_address()
+            .at(addr)
             .map()
             .unwrap();
-        let addr = src.as_ptr() as u64;
+        assert_eq!(src.as_ptr() as u64, addr);
+        assert_eq!(src.info().fixed_addr, Some(addr));
         // Mapping at the same address in the same process must fail cleanly.
         let err = RegionOptions::new(RegionId(5), 4 * P as u64)
             .at(addr)
