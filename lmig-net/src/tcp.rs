@@ -254,6 +254,19 @@ pub(crate) fn capture_established(
     })
 }
 
+/// How far ahead of the captured value a restored connection's timestamp
+/// clock starts, in milliseconds.
+///
+/// The source socket keeps its clock running and may still send after the
+/// capture: delayed ACKs, tail loss probes and retransmissions run in repair
+/// mode too. A peer that saw a later timestamp from the source than the
+/// destination's first segments carry drops those as old (PAWS) until the
+/// destination retransmits, after the restored socket's initial RTO of 1 s.
+/// Starting ahead covers every freeze shorter than this; a jump forward is
+/// harmless (it is what a few idle seconds look like: peers only reject
+/// timestamps that go back).
+pub const TIMESTAMP_LEAD_MS: u32 = 5_000;
+
 /// Bind `fd` to `local`, falling back to `IP_TRANSPARENT` when the address is
 /// not (yet) local here.
 fn bind_maybe_transparent(
@@ -426,7 +439,8 @@ pub(crate) fn restore_established(
     n += 1;
     sys::set_repair_options(fd, &ropts[..n]).map_err(e("setsockopt(TCP_REPAIR_OPTIONS)"))?;
     if c.timestamps_ok {
-        sys::set_tcp_timestamp(fd, c.timestamp).map_err(e("setsockopt(TCP_TIMESTAMP)"))?;
+        let ts = c.timestamp.wrapping_add(TIMESTAMP_LEAD_MS);
+        sys::set_tcp_timestamp(fd, ts).map_err(e("setsockopt(TCP_TIMESTAMP)"))?;
     }
     if !c.send_queue.is_empty() && c.sock.sndbuf == 0 {
         // The whole queue must fit the new socket's send buffer, which starts

@@ -148,6 +148,19 @@ fn migrate_established(v6: bool) {
             );
         }
     }
+    // The restored timestamp clocks start ahead of the captured ones, so a
+    // segment the source sent after the capture never makes the peer drop
+    // the destination's as old (PAWS).
+    for (r, fd) in records.iter().zip(&fds) {
+        let SocketRecord::Tcp(c) = r else { continue };
+        let now = lmig_net::sys::tcp_timestamp(fd.as_fd()).unwrap();
+        let ahead = now.wrapping_sub(c.timestamp) as i32;
+        assert!(
+            ahead >= lmig_net::tcp::TIMESTAMP_LEAD_MS as i32 - 1,
+            "connection {}: restored clock only {ahead} ms ahead",
+            c.id
+        );
+    }
     let mut conns: Vec<TcpStream> = fds.into_iter().map(TcpStream::from).collect();
     assert!(conns[0].nodelay().unwrap(), "TCP_NODELAY restored");
     let k1 = socket2::SockRef::from(&conns[1]);
@@ -452,4 +465,61 @@ fn tcp_fd_taken_from_process() {
             common::read_exact_eq(&mut server, b"abc").unwrap();
         })
         .unwrap();
+}
+
+/// `plan_fd` reads sockets the program keeps; `add` at the freeze only
+/// checks their identity; a planned socket not handed over is forgotten.
+#[test]
+fn planned_sockets_are_handed_over_at_the_freeze() {
+    if !privileged("planned_sockets_are_handed_over_at_the_freeze") {
+        return;
+    }
+    let Setup {
+        topo: _topo,
+        mut peer,
+        listener,
+        addr,
+    } = setup(false, 7010);
+    peer.cmd(&format!("connect {addr} 3 4096"));
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| listener.accept().unwrap().0).collect();
+    let mut src = NetSource::new(SourceConfig::default()).unwrap();
+    for (i, c) in conns.iter().enumerate() {
+        let prep = src.plan_fd(i as u64, c.as_fd()).unwrap();
+        assert_eq!(prep.peer, Some(c.peer_addr().unwrap()));
+    }
+    assert!(matches!(
+        src.plan_fd(0, conns[0].as_fd()),
+        Err(NetError::BadId { id: 0, .. })
+    ));
+    assert_eq!(src.plan().unwrap().len(), 3);
+    // Another socket under a planned id is refused; the right one is taken.
+    let err = src
+        .add(0, OwnedFd::from(conns[1].try_clone().unwrap()))
+        .unwrap_err();
+    assert!(err.to_string().contains("another socket"), "{err}");
+    let kept = conns.pop().unwrap(); // planned, never handed over
+    for (i, c) in conns.into_iter().enumerate() {
+        src.add(i as u64, OwnedFd::from(c)).unwrap();
+    }
+    src.freeze().unwrap();
+    let mut ids = Vec::new();
+    src.capture(&mut |b| {
+        ids.extend(b.iter().map(|r| r.id()));
+        Ok(())
+    })
+    .unwrap();
+    ids.sort_unstable();
+    assert_eq!(ids, [0, 1]);
+    // Aborted: the handed-over connections serve on.
+    src.abort().unwrap();
+    let mut back: Vec<TcpStream> = src
+        .into_fds()
+        .into_iter()
+        .map(|(_, fd)| TcpStream::from(fd))
+        .collect();
+    back.push(kept);
+    for (i, c) in back.iter_mut().enumerate() {
+        c.write_all(&pat("S1", i)).unwrap();
+    }
+    peer.cmd("expect S1");
 }
