@@ -1,7 +1,7 @@
 //! [`NetSource`]: the program's sockets on the source host, an
 //! implementation of [`SocketSource`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -72,6 +72,16 @@ struct Entry {
     in_repair: bool,
 }
 
+/// A socket read by [`NetSource::plan_fd`] whose fd comes with [`NetSource::add`].
+#[derive(Debug)]
+struct Planned {
+    kind: SocketKind,
+    stat: Option<tcp::ConnStatic>,
+    /// The socket's inode: `add` checks it is handed the same socket.
+    inode: u64,
+    prep: SocketPrep,
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 enum Phase {
     Running,
@@ -100,6 +110,7 @@ enum Phase {
 pub struct NetSource {
     entries: Vec<Entry>,
     ids: HashSet<u64>,
+    planned: HashMap<u64, Planned>,
     cfg: SourceConfig,
     ctx: CaptureCtx,
     phase: Phase,
@@ -171,6 +182,13 @@ pub fn take_fd_from_process(pid: i32, target_fd: RawFd) -> Result<OwnedFd> {
     })
 }
 
+/// The socket's inode number (`fstat`): the same for every fd of one socket.
+fn inode_of(fd: BorrowedFd<'_>, id: u64) -> Result<u64> {
+    nix::sys::stat::fstat(fd)
+        .map(|st| st.st_ino)
+        .map_err(|e| NetError::sys("fstat", format!("socket {id}"), e.into()))
+}
+
 fn capture_one(e: &Entry, ctx: &CaptureCtx) -> Result<SocketRecord> {
     match e.kind {
         SocketKind::TcpEstablished => match &e.stat {
@@ -198,6 +216,7 @@ impl NetSource {
         Ok(Self {
             entries: Vec::new(),
             ids: HashSet::new(),
+            planned: HashMap::new(),
             ctx: CaptureCtx {
                 buffers: cfg.capture_buffer_sizes,
                 default_cc: defaults.congestion,
@@ -222,12 +241,31 @@ impl NetSource {
                 detail: "sockets are added before the freeze",
             });
         }
-        if !self.ids.insert(id) {
+        if self.ids.contains(&id) {
             return Err(NetError::BadId {
                 id,
                 detail: "given twice",
             });
         }
+        if let Some(p) = self.planned.remove(&id) {
+            if inode_of(fd.as_fd(), id)? != p.inode {
+                self.planned.insert(id, p);
+                return Err(NetError::BadId {
+                    id,
+                    detail: "names another socket than the one planned under it",
+                });
+            }
+            self.ids.insert(id);
+            self.entries.push(Entry {
+                id,
+                fd,
+                kind: p.kind,
+                stat: p.stat,
+                in_repair: false,
+            });
+            return Ok(());
+        }
+        self.ids.insert(id);
         let kind = match kind_of(fd.as_fd(), id) {
             Ok(k) => k,
             Err(e) => {
@@ -243,6 +281,45 @@ impl NetSource {
             in_repair: false,
         });
         Ok(())
+    }
+
+    /// Read a socket before the freeze from any fd of it — the program's own,
+    /// borrowed while it stays open, or a short-lived duplicate — without
+    /// taking it: kind, addresses and options, as [`NetSource::plan_sockets`]
+    /// does for added sockets. The program hands the socket over with
+    /// [`NetSource::add`] and the same id at the freeze, which then costs one
+    /// `fstat` (the socket's identity is checked) instead of a dozen
+    /// `getsockopt`. A planned socket never added (the connection closed in
+    /// between) is forgotten at the freeze.
+    ///
+    /// This is for programs that keep their fds until the freeze and cannot
+    /// afford to read every socket there (thousands of connections).
+    pub fn plan_fd(&mut self, id: u64, fd: BorrowedFd<'_>) -> Result<SocketPrep> {
+        if self.phase != Phase::Running {
+            return Err(NetError::Phase {
+                op: "plan_fd",
+                detail: "sockets are planned before the freeze",
+            });
+        }
+        if self.ids.contains(&id) || self.planned.contains_key(&id) {
+            return Err(NetError::BadId {
+                id,
+                detail: "given twice",
+            });
+        }
+        let kind = kind_of(fd, id)?;
+        let inode = inode_of(fd, id)?;
+        let (prep, stat) = Self::prep(id, kind, fd, &self.ctx)?;
+        self.planned.insert(
+            id,
+            Planned {
+                kind,
+                stat,
+                inode,
+                prep: prep.clone(),
+            },
+        );
+        Ok(prep)
     }
 
     /// [`take_fd_from_process`] then [`NetSource::add`].
@@ -280,25 +357,29 @@ impl NetSource {
             .collect()
     }
 
-    fn prep(e: &mut Entry, ctx: &CaptureCtx) -> Result<SocketPrep> {
-        let fd = e.fd.as_fd();
-        let what = || format!("socket {}", e.id);
-        if e.kind == SocketKind::TcpEstablished {
-            let st = tcp::read_static(fd, e.id, ctx)?;
+    /// The plan of one socket, and for a connection its addresses and options.
+    fn prep(
+        id: u64,
+        kind: SocketKind,
+        fd: BorrowedFd<'_>,
+        ctx: &CaptureCtx,
+    ) -> Result<(SocketPrep, Option<tcp::ConnStatic>)> {
+        let what = || format!("socket {id}");
+        if kind == SocketKind::TcpEstablished {
+            let st = tcp::read_static(fd, id, ctx)?;
             let info = sys::tcp_info(fd)
                 .map_err(|err| NetError::sys("getsockopt(TCP_INFO)", what(), err))?;
             tcp::state_kind(info.state).map_err(|r| NetError::NotMigratable {
-                what: tcp::describe_conn(e.id, Some(st.local), Some(st.peer)),
+                what: tcp::describe_conn(id, Some(st.local), Some(st.peer)),
                 reason: r.into(),
             })?;
             let prep = SocketPrep {
-                id: e.id,
-                kind: e.kind,
+                id,
+                kind,
                 local: st.local,
                 peer: Some(st.peer),
             };
-            e.stat = Some(st);
-            return Ok(prep);
+            return Ok((prep, Some(st)));
         }
         let local = sys::local_addr(fd)
             .map_err(|err| NetError::sys("getsockname", what(), err))?
@@ -306,26 +387,41 @@ impl NetSource {
                 what: what(),
                 reason: "not bound".into(),
             })?;
-        let peer = match e.kind {
+        let peer = match kind {
             SocketKind::TcpListen => None,
             _ => sys::peer_addr(fd).map_err(|err| NetError::sys("getpeername", what(), err))?,
         };
-        Ok(SocketPrep {
-            id: e.id,
-            kind: e.kind,
-            local,
-            peer,
-        })
+        Ok((
+            SocketPrep {
+                id,
+                kind,
+                local,
+                peer,
+            },
+            None,
+        ))
+    }
+
+    fn prep_entry(e: &mut Entry, ctx: &CaptureCtx) -> Result<SocketPrep> {
+        let (prep, stat) = Self::prep(e.id, e.kind, e.fd.as_fd(), ctx)?;
+        if stat.is_some() {
+            e.stat = stat;
+        }
+        Ok(prep)
     }
 
     /// The pre-freeze plan, as [`SocketSource::plan`]: checks every
-    /// connection can be moved and reads addresses and options.
+    /// connection can be moved and reads addresses and options. Sockets
+    /// planned with [`NetSource::plan_fd`] are not read again.
     pub fn plan_sockets(&mut self) -> Result<Vec<SocketPrep>> {
         let ctx = &self.ctx;
-        self.entries
+        let mut plan: Vec<SocketPrep> = self
+            .entries
             .iter_mut()
-            .map(|e| Self::prep(e, ctx))
-            .collect()
+            .map(|e| Self::prep_entry(e, ctx))
+            .collect::<Result<_>>()?;
+        plan.extend(self.planned.values().map(|p| p.prep.clone()));
+        Ok(plan)
     }
 
     fn leave_repair(&mut self) {
@@ -345,6 +441,8 @@ impl NetSource {
                 detail: "already frozen or released",
             });
         }
+        // Planned sockets the program did not hand over are gone.
+        self.planned.clear();
         // Addresses and options, read before repair mode (which overrides SO_REUSEADDR).
         let reread = self.cfg.reread_options_at_freeze;
         let mut plan = Vec::with_capacity(self.entries.len());
@@ -360,7 +458,7 @@ impl NetSource {
                         local: st.local,
                         peer: Some(st.peer),
                     },
-                    None => Self::prep(e, &self.ctx)?,
+                    None => Self::prep_entry(e, &self.ctx)?,
                 });
             }
         }

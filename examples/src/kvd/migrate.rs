@@ -4,13 +4,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lmig_core::model::{ProgramState, RegionId, SocketKind, SocketPrep, SocketRecord};
+use lmig_core::model::{ProgramState, RegionId, SocketPrep, SocketRecord};
 use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
 use lmig_core::session::{
     Destination, DestinationReport, Mode, Source, SourceConfig, SourceReport,
@@ -165,19 +165,29 @@ impl StateSource for KvdProgram {
     }
 }
 
-/// The source's sockets: planned from the addresses when the migration
-/// starts, captured from the sockets the loop hands over at the freeze (its
-/// own fds, no duplicates: a server near its open-file limit has no room for
-/// them), handed back to the loop if the migration aborts.
+/// The source's sockets: read by lmig-net when the migration starts (from
+/// short-lived duplicates, while the loop serves), captured from the sockets
+/// the loop hands over at the freeze (its own fds: only their identity is
+/// checked there), handed back to the loop if the migration aborts.
 struct KvdSockets {
     control: Control,
     parked: Arc<Mutex<Option<Parked>>>,
+    /// Planned before the freeze, not yet holding any socket.
+    planned: Option<NetSource>,
+    /// Holding the sockets from the freeze on.
     net: Option<NetSource>,
     state: Vec<u8>,
 }
 
-fn net_source(listener: OwnedFd, conns: Vec<(u64, OwnedFd)>) -> lmig_core::Result<NetSource> {
-    let mut net = NetSource::new(lmig_net::SourceConfig::default())?;
+fn net_source(
+    planned: Option<NetSource>,
+    listener: OwnedFd,
+    conns: Vec<(u64, OwnedFd)>,
+) -> lmig_core::Result<NetSource> {
+    let mut net = match planned {
+        Some(net) => net,
+        None => NetSource::new(lmig_net::SourceConfig::default())?,
+    };
     net.add(LISTENER_ID, listener)?;
     for (id, fd) in conns {
         net.add(id, fd)?;
@@ -195,33 +205,22 @@ impl KvdSockets {
 
 impl SocketSource for KvdSockets {
     fn plan(&mut self) -> lmig_core::Result<Vec<SocketPrep>> {
-        // The addresses of the current sockets (the loop pauses briefly).
+        let mut net = NetSource::new(lmig_net::SourceConfig::default())?;
+        // Duplicates taken while the loop is parked (about a microsecond per
+        // socket), read while it serves again. A socket without a duplicate
+        // (out of fds) or that cannot be read now is read at the freeze.
         let snapshot = self.control.park().map_err(|e| backend("kvd loop", e))?;
-        let addr = |fd: &OwnedFd, peer: bool| {
-            let s = socket2::SockRef::from(fd);
-            let a = if peer { s.peer_addr() } else { s.local_addr() };
-            a.ok().and_then(|a| a.as_socket())
-        };
-        let mut plan = Vec::with_capacity(snapshot.conns.len() + 1);
-        if let Some(local) = addr(&snapshot.listener, false) {
-            plan.push(SocketPrep {
-                id: LISTENER_ID,
-                kind: SocketKind::TcpListen,
-                local,
-                peer: None,
-            });
-        }
-        for (id, fd) in &snapshot.conns {
-            if let (Some(local), Some(peer)) = (addr(fd, false), addr(fd, true)) {
-                plan.push(SocketPrep {
-                    id: *id,
-                    kind: SocketKind::TcpEstablished,
-                    local,
-                    peer: Some(peer),
-                });
-            }
-        }
+        let dups: Vec<(u64, std::io::Result<OwnedFd>)> =
+            std::iter::once((LISTENER_ID, &snapshot.listener))
+                .chain(snapshot.conns.iter().map(|(id, fd)| (*id, fd)))
+                .map(|(id, fd)| (id, fd.try_clone()))
+                .collect();
         self.control.wake(Wake::Resume(snapshot));
+        let plan = dups
+            .into_iter()
+            .filter_map(|(id, dup)| net.plan_fd(id, dup.ok()?.as_fd()).ok())
+            .collect();
+        self.planned = Some(net);
         Ok(plan)
     }
 
@@ -230,7 +229,11 @@ impl SocketSource for KvdSockets {
         let parked =
             parked.ok_or_else(|| backend("kvd sockets", "freeze before the loop parked"))?;
         self.state = parked.state;
-        self.net = Some(net_source(parked.listener, parked.conns)?);
+        self.net = Some(net_source(
+            self.planned.take(),
+            parked.listener,
+            parked.conns,
+        )?);
         self.net()?.freeze()
     }
 
@@ -321,6 +324,7 @@ pub fn migrate_out(
     let sockets = KvdSockets {
         control: control.clone(),
         parked,
+        planned: None,
         net: None,
         state: Vec::new(),
     };
