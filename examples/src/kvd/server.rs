@@ -158,13 +158,18 @@ impl Server {
             token(id),
             Interest::READABLE | Interest::WRITABLE,
         )?;
+        self.insert_conn(id, stream, rbuf, wbuf);
+        Ok(())
+    }
+
+    /// Serve a connection registered with the poller already.
+    fn insert_conn(&mut self, id: u64, stream: TcpStream, rbuf: Vec<u8>, wbuf: Vec<u8>) {
         self.next_id = self.next_id.max(id + 1);
         self.conns.insert(id, Conn { stream, rbuf, wbuf });
         self.control
             .counters
             .clients
             .fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 
     /// Accept what waits and serve every connection once: after a pause,
@@ -308,17 +313,19 @@ impl Server {
     }
 
     /// Hand over every socket and the buffered bytes; wait.
+    ///
+    /// The sockets stay registered with the poller (no system call per
+    /// connection here, in the freeze): they come back as the same fds after
+    /// an abort, and after the commit this process exits.
     fn park(&mut self) -> std::io::Result<Wake> {
-        let mut listener = self
+        let listener = self
             .listener
             .take()
             .ok_or_else(|| std::io::Error::other("no listener"))?;
-        let _ = self.poll.registry().deregister(&mut listener);
         let mut conns = Vec::with_capacity(self.conns.len());
         let mut state = Vec::new();
         state.extend_from_slice(&(self.conns.len() as u64).to_le_bytes());
-        for (id, mut c) in self.conns.drain() {
-            let _ = self.poll.registry().deregister(&mut c.stream);
+        for (id, c) in self.conns.drain() {
             state.extend_from_slice(&id.to_le_bytes());
             for b in [&c.rbuf, &c.wbuf] {
                 state.extend_from_slice(&(b.len() as u64).to_le_bytes());
@@ -346,15 +353,11 @@ impl Server {
         Ok(self.wake_rx.recv().unwrap_or(Wake::Exit))
     }
 
-    /// Serve again the sockets of a [`Parked`] (after a failed migration or a snapshot).
+    /// Serve again the sockets of a [`Parked`] (after a failed migration or
+    /// a snapshot): the same fds [`Server::park`] handed out, still registered.
     fn take_back(&mut self, parked: Parked) -> std::io::Result<()> {
         let listener = std::net::TcpListener::from(parked.listener);
-        listener.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(listener);
-        self.poll
-            .registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
-        self.listener = Some(listener);
+        self.listener = Some(TcpListener::from_std(listener));
         let bufs: HashMap<u64, (Vec<u8>, Vec<u8>)> = decode_state(&parked.state)
             .map_err(std::io::Error::other)?
             .into_iter()
@@ -363,7 +366,8 @@ impl Server {
         let mut bufs = bufs;
         for (id, fd) in parked.conns {
             let (r, w) = bufs.remove(&id).unwrap_or_default();
-            self.add_conn(id, std::net::TcpStream::from(fd), r, w)?;
+            let stream = TcpStream::from_std(std::net::TcpStream::from(fd));
+            self.insert_conn(id, stream, r, w);
         }
         Ok(())
     }
