@@ -82,7 +82,9 @@ pub struct SourceReport {
     pub bytes_sent: u64,
     /// Pages sent during the freeze.
     pub freeze_pages: u64,
-    /// Where the freeze went, step by step, from the pause to `Ready`.
+    /// Where the freeze went, step by step, from the pause to `Ready`. The
+    /// sockets are captured while the final pages are collected and sent:
+    /// "capture sockets" is only the part of the capture that outlasted them.
     pub freeze_steps: Vec<(&'static str, Duration)>,
     /// Pages sent after `Commit` (post-copy).
     pub postcopy_pages: u64,
@@ -392,51 +394,65 @@ where
         undo.sockets_frozen = true;
         self.sockets.freeze()?;
         step("freeze sockets", &mut report.freeze_steps);
-        dirty.clear();
-        self.tracker.collect(&mut dirty)?;
-        step("final collect", &mut report.freeze_steps);
-        to_send.union_with(&dirty);
-        if mode == Mode::Postcopy {
-            to_send = RegionPages::full(layout);
-        }
-        let postcopy_runs: Vec<PageRun> = if postcopy {
-            to_send
-                .sets()
-                .flat_map(|(id, s)| s.runs().map(move |(f, c)| (id, f, c)))
-                .flat_map(|(id, f, c)| split_u32(id, f, c))
-                .collect()
-        } else {
-            let sent = send_set(
-                &self.memory,
-                &self.channel,
-                self.config.batch_pages,
-                layout,
-                &to_send,
-                round + 1,
-            )?;
-            report.pages_sent += sent.pages;
-            report.zero_pages += sent.zero_pages;
-            report.bytes_sent += sent.bytes;
-            report.freeze_pages = sent.pages;
-            to_send.clear();
-            Vec::new()
-        };
-        step("final pages", &mut report.freeze_steps);
-
-        let channel = &self.channel;
-        let mut sockets = 0u64;
-        self.sockets.capture(&mut |records| {
-            sockets += records.len() as u64;
-            channel.send(&Message::Sockets {
-                records,
-                last: false,
-            })
-        })?;
-        report.sockets = sockets;
-        self.channel.send(&Message::Sockets {
-            records: Vec::new(),
-            last: true,
-        })?;
+        // The sockets are captured (and restored at the destination, the
+        // longest step with many connections) on their own thread while this
+        // one collects and sends the last dirty pages.
+        let (channel, memory, tracker) = (&self.channel, &self.memory, &mut self.tracker);
+        let sockets = &mut self.sockets;
+        let batch_pages = self.config.batch_pages;
+        let (captured, pages) = std::thread::scope(|scope| {
+            let capture = scope.spawn(move || {
+                let mut count = 0u64;
+                sockets.capture(&mut |records| {
+                    count += records.len() as u64;
+                    channel.send(&Message::Sockets {
+                        records,
+                        last: false,
+                    })
+                })?;
+                channel.send(&Message::Sockets {
+                    records: Vec::new(),
+                    last: true,
+                })?;
+                Ok::<_, MigrationError>(count)
+            });
+            let pages = (|| -> Result<Vec<PageRun>> {
+                dirty.clear();
+                tracker.collect(&mut dirty)?;
+                step("final collect", &mut report.freeze_steps);
+                to_send.union_with(&dirty);
+                if mode == Mode::Postcopy {
+                    to_send = RegionPages::full(layout);
+                }
+                let postcopy_runs: Vec<PageRun> = if postcopy {
+                    to_send
+                        .sets()
+                        .flat_map(|(id, s)| s.runs().map(move |(f, c)| (id, f, c)))
+                        .flat_map(|(id, f, c)| split_u32(id, f, c))
+                        .collect()
+                } else {
+                    let sent = send_set(memory, channel, batch_pages, layout, &to_send, round + 1)?;
+                    report.pages_sent += sent.pages;
+                    report.zero_pages += sent.zero_pages;
+                    report.bytes_sent += sent.bytes;
+                    report.freeze_pages = sent.pages;
+                    to_send.clear();
+                    Vec::new()
+                };
+                step("final pages", &mut report.freeze_steps);
+                Ok(postcopy_runs)
+            })();
+            let captured = capture.join().unwrap_or_else(|_| {
+                Err(MigrationError::backend(
+                    "socket capture",
+                    "the capture thread panicked",
+                ))
+            });
+            (captured, pages)
+        });
+        let postcopy_runs = pages?;
+        report.sockets = captured?;
+        // The part of the capture that outlasted the pages.
         step("capture sockets", &mut report.freeze_steps);
         let state = self.program.capture()?;
         state.validate()?;
