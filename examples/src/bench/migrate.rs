@@ -67,6 +67,19 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     };
     let r = scenario::run(&opts)?;
     let s = &r.source;
+    // When each side reached each point of the freeze, in ms after the pause
+    // (both processes run on this host: one monotonic clock).
+    let d = &r.destination;
+    let paused = s["paused_ns"].as_f64();
+    let at = |v: &serde_json::Value| v.as_f64().zip(paused).map(|(t, p)| round((t - p) / 1e6, 2));
+    let timeline = json!({
+        "destination_handover": at(&d["handover_ns"]),
+        "destination_last_page": at(&d["last_page_ns"]),
+        "destination_ready": at(&d["ready_ns"]),
+        "source_ready": at(&s["ready_ns"]),
+        "source_commit": at(&s["commit_ns"]),
+        "destination_resumed": at(&d["resumed_ns"]),
+    });
     out.emit(&json!({
         "scenario": "migrate",
         "mib": args.mib,
@@ -87,6 +100,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "error": r.error,
         "switched_to_postcopy": s["switched_to_postcopy"],
         "freeze_steps_ms": s["freeze_steps_ms"],
+        "freeze_timeline_ms": timeline,
         "network_faults": r.destination["network_faults"],
         "first_client_error": r.load.first_error,
     }));

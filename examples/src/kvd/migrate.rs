@@ -373,7 +373,11 @@ impl<S: SocketSink> SocketSink for KvdSink<S> {
         self.inner.restore(batch)
     }
     fn activate(&mut self) -> lmig_core::Result<()> {
+        let t = Instant::now();
         let r = self.inner.activate();
+        if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
+            eprintln!("kvd: sockets activated in {:?}", t.elapsed());
+        }
         let _ = self.fds.send((self.take)(&mut self.inner));
         r
     }
@@ -492,7 +496,11 @@ pub fn receive(
         }
         let regions = memory.regions().ok_or("no regions arrived")?;
         let store = Store::open(regions.get(STORE_REGION)?).map_err(|e| e.to_string())?;
+        let t = Instant::now();
         let mut server = Server::new(std::net::TcpListener::from(listener), restored)?;
+        if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
+            eprintln!("kvd: server built in {:?}", t.elapsed());
+        }
         on_serving(Instant::now());
         server.run(&store)?;
         let _ = session.join();
