@@ -184,9 +184,10 @@ pub(crate) fn capture_established(
         .map_err(|e| NetError::sys("TCP_REPAIR_QUEUE", what(), e))?;
     let write_seq =
         sys::queue_seq(fd).map_err(|e| NetError::sys("getsockopt(TCP_QUEUE_SEQ)", what(), e))?;
+    // The send queue stays selected: the queue choice only matters in repair
+    // mode, every capture selects its queue first, and entering repair mode
+    // again resets it (one system call less per connection in the freeze).
     let send_queue = peek_queue(fd, outq, &what, "peek send queue")?;
-    sys::set_repair_queue(fd, TcpQueue::None)
-        .map_err(|e| NetError::sys("TCP_REPAIR_QUEUE", what(), e))?;
 
     let rcv_end = if state.fin_received() {
         rcv_nxt.wrapping_sub(1)

@@ -1,6 +1,10 @@
 //! `lmig-bench precopy --mib M --dirty-mbps R [--zero-fraction F] [--mode precopy|hybrid|postcopy]`:
 //! a source process with an M MiB region and a writer thread dirtying R MB/s
 //! of random pages migrates to a destination process over loopback TCP.
+//!
+//! With `--zero-fraction F`, that share of the pages is never written: free
+//! memory the program does not use. The writer (and the tracker-cost probe)
+//! dirty random pages among the others, as a program writes its own data.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,15 +102,16 @@ impl StateSource for WriterControl {
     }
 }
 
-/// Dirty `mbps` MB/s of random pages until `stop`; park while `pause` is set.
+/// Dirty `mbps` MB/s of random pages of `used` until `stop`; park while
+/// `pause` is set.
 fn writer(
     region: &Region,
+    used: &[u64],
     mbps: f64,
     stop: &AtomicBool,
     pause: &AtomicBool,
     paused: &AtomicBool,
 ) -> u64 {
-    let pages = region.pages();
     let per_sec = mbps * 1e6 / PAGE as f64;
     let start = Instant::now();
     let mut written = 0u64;
@@ -123,7 +128,7 @@ fn writer(
         let target = (start.elapsed().as_secs_f64() * per_sec) as u64;
         let mut burst = 0;
         while written < target && burst < 256 {
-            let page = xorshift(&mut seed) % pages;
+            let page = used[(xorshift(&mut seed) % used.len() as u64) as usize];
             let _ = region.write_at(page as usize * PAGE + 8, &written.to_le_bytes());
             written += 1;
             burst += 1;
@@ -144,14 +149,18 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     let region = RegionOptions::new(RegionId(1), len).populate(true).map()?;
     let pages = region.pages();
     let mut seed = 0x1234_5678u64;
-    let mut zero = 0u64;
+    let mut used = Vec::with_capacity(pages as usize);
     for p in 0..pages {
         if (xorshift(&mut seed) % 1_000_000) as f64 / 1e6 < args.zero_fraction {
-            zero += 1;
             continue;
         }
         region.write_at(p as usize * PAGE, &(p | 1 << 63).to_le_bytes())?;
+        used.push(p);
     }
+    if used.is_empty() {
+        return Err("--zero-fraction leaves no page for the writer".into());
+    }
+    let zero = pages - used.len() as u64;
     let regions = RegionSet::new([region])?;
     let region = regions.get(RegionId(1))?;
     let (mut tracker, choice) = best_tracker(&regions)?;
@@ -164,7 +173,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         let mut raw = Vec::new();
         let touch = |seed: &mut u64| {
             for _ in 0..pages / 100 {
-                let p = xorshift(seed) % pages;
+                let p = used[(xorshift(seed) % used.len() as u64) as usize];
                 let _ = region.write_at(p as usize * PAGE + 16, &p.to_le_bytes());
             }
         };
@@ -219,7 +228,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     };
     let start = Instant::now();
     let (report, written) = std::thread::scope(|s| {
-        let w = s.spawn(|| writer(region, args.dirty_mbps, &stop, &pause, &paused));
+        let w = s.spawn(|| writer(region, &used, args.dirty_mbps, &stop, &pause, &paused));
         let control = WriterControl {
             pause: pause.clone(),
             paused: paused.clone(),

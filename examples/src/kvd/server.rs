@@ -151,7 +151,6 @@ impl Server {
         wbuf: Vec<u8>,
     ) -> std::io::Result<()> {
         stream.set_nonblocking(true)?;
-        stream.set_nodelay(true)?;
         let mut stream = TcpStream::from_std(stream);
         self.poll.registry().register(
             &mut stream,
@@ -237,6 +236,8 @@ impl Server {
             }
         }
         for stream in accepted {
+            // Restored connections keep the option (lmig carries it).
+            stream.set_nodelay(true)?;
             let id = self.next_id;
             self.add_conn(id, stream, Vec::new(), Vec::new())?;
         }
