@@ -151,8 +151,28 @@ pub struct TcpInfo {
     pub rcv_space: u32,
     /// `tcpi_total_retrans`.
     pub total_retrans: u32,
+    /// `tcpi_pacing_rate`.
+    pub pacing_rate: u64,
+    /// `tcpi_max_pacing_rate`.
+    pub max_pacing_rate: u64,
+    /// `tcpi_bytes_acked`.
+    pub bytes_acked: u64,
+    /// `tcpi_bytes_received`.
+    pub bytes_received: u64,
+    /// `tcpi_segs_out`.
+    pub segs_out: u32,
+    /// `tcpi_segs_in`.
+    pub segs_in: u32,
+    /// `tcpi_notsent_bytes` (Linux 4.6): `write_seq - snd_nxt`, what
+    /// `SIOCOUTQNSD` reports for a connection.
+    pub notsent_bytes: u32,
+    /// `tcpi_min_rtt`.
+    pub min_rtt: u32,
 }
-const _: () = assert!(size_of::<TcpInfo>() == 104);
+const _: () = assert!(size_of::<TcpInfo>() == 152);
+
+/// Bytes of [`TcpInfo`] up to and including `notsent_bytes`.
+pub const TCP_INFO_NOTSENT_LEN: usize = 148;
 
 /// `TCPI_OPT_TIMESTAMPS`.
 pub const TCPI_OPT_TIMESTAMPS: u8 = 1;
@@ -383,11 +403,17 @@ pub fn set_tcp_timestamp(fd: BorrowedFd<'_>, ts: u32) -> io::Result<()> {
 /// `getsockopt(TCP_INFO)` (the leading part, see [`TcpInfo`]).
 #[doc(alias = "TCP_INFO")]
 pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
+    tcp_info_len(fd).map(|(info, _)| info)
+}
+
+/// [`tcp_info`] and the number of bytes the kernel filled (older kernels
+/// fill less; the fields beyond are zero).
+pub fn tcp_info_len(fd: BorrowedFd<'_>) -> io::Result<(TcpInfo, usize)> {
     let (info, len) = getsockopt_pod::<TcpInfo>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     if len < 8 {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "short TCP_INFO"));
     }
-    Ok(info)
+    Ok((info, len))
 }
 
 /// `getsockopt(TCP_MAXSEG)`.
