@@ -14,7 +14,9 @@
 //! * [`traits`]: what memory, dirty-tracking, socket, state and channel
 //!   backends implement (`lmig-mem`, `lmig-net`, `lmig-transport` provide them);
 //! * [`policy`]: the convergence policy that ends pre-copy;
-//! * [`session`]: the source and destination state machines, generic over the traits.
+//! * [`session`]: the source and destination state machines, generic over the traits;
+//! * [`split`]: split memory — the owner map and the messages between the
+//!   running host and page hosts.
 //!
 //! ## Guarantees
 //!
@@ -61,6 +63,7 @@ pub mod model;
 pub mod policy;
 pub mod protocol;
 pub mod session;
+pub mod split;
 pub mod testing;
 pub mod traits;
 pub mod verify;

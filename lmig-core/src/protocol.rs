@@ -86,6 +86,7 @@
 use bytes::Bytes;
 
 use crate::model::{PageRun, ProgramState, RegionId, RegionLayout, SocketPrep, SocketRecord};
+use crate::split::SplitMessage;
 
 /// Protocol version spoken by this crate. Peers accept this and the previous one.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -249,6 +250,9 @@ pub enum Message {
         /// Why, for the other side's error message.
         reason: String,
     },
+    /// Split memory: owner-map, remote-paging and transfer messages between
+    /// the running host and page hosts (see [`crate::split`]).
+    Split(SplitMessage),
 }
 
 impl Message {
@@ -270,6 +274,7 @@ impl Message {
             Self::Resync(_) => "Resync",
             Self::Done(_) => "Done",
             Self::Abort { .. } => "Abort",
+            Self::Split(_) => "Split",
         }
     }
 }

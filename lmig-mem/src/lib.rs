@@ -18,6 +18,9 @@
 //!   pages registered with userfaultfd, faults read by `wait_fault`, pages
 //!   placed with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` / `UFFDIO_CONTINUE`
 //!   (kernel-mode faults need privilege, see the module docs).
+//! * [`split`]: split memory (IPmigrate) — a page-host service and the
+//!   running host's remote paging, eviction, partial migration and
+//!   reintegration over any [`lmig_core::Channel`].
 //! * [`track`]: dirty trackers behind [`lmig_core::DirtyTracker`] — uffd
 //!   write-protect + `PAGEMAP_SCAN` (the default), soft-dirty, a manual
 //!   tracker the program marks, an adapter for a VMM's dirty bitmap — and
@@ -110,6 +113,7 @@
 pub mod error;
 pub mod postcopy;
 pub mod region;
+pub mod split;
 mod sys;
 pub mod track;
 

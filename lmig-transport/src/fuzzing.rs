@@ -17,6 +17,7 @@ use lmig_core::model::{
 use lmig_core::protocol::{
     Handover, Message, PageBatch, PageData, RegionDigest, RoundSummary, Verification,
 };
+use lmig_core::split::{HostId, SplitMessage};
 
 use crate::wire::{
     Accept, Challenge, Codec, Frame, FrameDecoder, FrameRepr, Handshake, Hello, Kind,
@@ -43,6 +44,7 @@ pub const TARGETS: &[&str] = &[
     "msg_prepared",
     "msg_done",
     "msg_abort",
+    "msg_split",
     "sock_tcp_conn",
     "sock_tcp_listen",
     "sock_udp",
@@ -87,6 +89,7 @@ fn message_kind(target: &str) -> Option<Kind> {
         "msg_prepared" => Kind::Prepared,
         "msg_done" => Kind::Done,
         "msg_abort" => Kind::Abort,
+        "msg_split" => Kind::Split,
         _ => return None,
     })
 }
@@ -340,6 +343,77 @@ pub fn sample_messages() -> Vec<Message> {
         Message::Done(Verification::NotChecked),
         Message::Abort {
             reason: "the destination ran out of memory".into(),
+        },
+    ]
+    .into_iter()
+    .chain(sample_split_messages().into_iter().map(Message::Split))
+    .collect()
+}
+
+/// Sample split-memory messages: every `SplitMessage` variant at least once.
+pub fn sample_split_messages() -> Vec<SplitMessage> {
+    let run = PageRun::new(RegionId(0), 8, 4);
+    vec![
+        SplitMessage::Attach {
+            from: HostId(0),
+            to: HostId(2),
+            region: RegionInfo {
+                id: RegionId(0),
+                len: 1 << 20,
+                page_size: 4096,
+                fixed_addr: None,
+            },
+        },
+        SplitMessage::Fetch { epoch: 3, run },
+        SplitMessage::Data {
+            from: HostId(2),
+            epoch: 3,
+            batch: PageBatch {
+                round: 0,
+                run: PageRun::new(RegionId(0), 8, 1),
+                data: PageData::Raw(Bytes::from(vec![0x5au8; 4096])),
+            },
+        },
+        SplitMessage::Data {
+            from: HostId(1),
+            epoch: 0,
+            batch: PageBatch {
+                round: 0,
+                run,
+                data: PageData::Zero,
+            },
+        },
+        SplitMessage::NotHeld {
+            from: HostId(2),
+            epoch: 3,
+            run,
+        },
+        SplitMessage::Sync { seq: 9 },
+        SplitMessage::Synced { seq: 9, pages: 64 },
+        SplitMessage::Send {
+            to: HostId(4),
+            endpoint: "198.51.100.4:7000".into(),
+            epoch: 5,
+            runs: vec![run, PageRun::new(RegionId(0), 100, 64)],
+        },
+        SplitMessage::Sent {
+            from: HostId(1),
+            to: HostId(4),
+            epoch: 5,
+            pages: 68,
+            missing: 0,
+        },
+        SplitMessage::Relay {
+            to: HostId(0),
+            endpoint: "[2001:db8::1]:7000".into(),
+            epoch: 6,
+        },
+        SplitMessage::Forget {
+            epoch: 7,
+            runs: vec![run],
+        },
+        SplitMessage::Refused {
+            reason: "region geometry differs".into(),
         },
     ]
 }

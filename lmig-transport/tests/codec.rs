@@ -13,7 +13,7 @@ fn every_message_variant_roundtrips() {
     let mut names: Vec<&str> = msgs.iter().map(Message::name).collect();
     names.sort();
     names.dedup();
-    assert_eq!(names.len(), 15, "a sample of every variant: {names:?}");
+    assert_eq!(names.len(), 16, "a sample of every variant: {names:?}");
     for m in &msgs {
         let wire = Bytes::from(encode_message(m).unwrap().to_vec());
         assert_eq!(&parse_message(wire).unwrap(), m);
@@ -81,4 +81,38 @@ fn bad_frames_are_errors() {
     let mut b = good.clone();
     b[8..12].copy_from_slice(&(65u32 << 20).to_le_bytes());
     assert!(matches!(parse(&b), Err(WireError::TooLong { .. })));
+}
+
+#[test]
+fn every_split_message_roundtrips() {
+    use lmig_core::split::SplitMessage;
+    use lmig_transport::fuzzing::sample_split_messages;
+    let msgs = sample_split_messages();
+    let mut names: Vec<&str> = msgs.iter().map(SplitMessage::name).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        11,
+        "a sample of every split message: {names:?}"
+    );
+    for m in msgs {
+        let m = Message::Split(m);
+        let wire = Bytes::from(encode_message(&m).unwrap().to_vec());
+        assert_eq!(wire[6], 16, "frame kind Split");
+        assert_eq!(parse_message(wire.clone()).unwrap(), m);
+        // Every strict prefix of the body is an error, never a panic.
+        for cut in 17..wire.len() {
+            let mut w = wire[..cut].to_vec();
+            let len = (cut - 16) as u32;
+            w[8..12].copy_from_slice(&len.to_le_bytes());
+            let crc = crc32c::crc32c(&w[16..]);
+            w[12..16].copy_from_slice(&crc.to_le_bytes());
+            assert!(
+                parse_message(Bytes::from(w)).is_err(),
+                "{} cut at {cut}",
+                m.name()
+            );
+        }
+    }
 }

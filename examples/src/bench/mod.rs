@@ -11,6 +11,7 @@ pub mod migrate;
 pub mod peer;
 pub mod postcopy;
 pub mod precopy;
+pub mod split;
 pub mod tcp;
 pub mod transfer;
 pub mod wire;

@@ -33,6 +33,8 @@ enum Scenario {
     Wire(lmig_examples::bench::wire::Args),
     /// Pages between two processes over loopback TCP through the authenticated channel.
     Transfer(lmig_examples::bench::transfer::Args),
+    /// Split memory: remote paging, partial migration and reintegration across page hosts.
+    Split(lmig_examples::bench::split::Args),
     /// The destination process of `transfer` (started by it).
     #[command(hide = true)]
     TransferPeer(lmig_examples::bench::transfer::PeerArgs),
@@ -56,6 +58,7 @@ fn main() {
         Scenario::Migrate(a) => lmig_examples::bench::migrate::run(a, out),
         Scenario::Wire(a) => lmig_examples::bench::wire::run(a, out),
         Scenario::Transfer(a) => lmig_examples::bench::transfer::run(a, out),
+        Scenario::Split(a) => lmig_examples::bench::split::run(a, out),
         Scenario::TransferPeer(a) => lmig_examples::bench::transfer::peer(a),
     };
     if let Err(e) = result {

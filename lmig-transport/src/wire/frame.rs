@@ -64,6 +64,8 @@ pub enum Kind {
     Resync = 14,
     /// `Message::Prepared`.
     Prepared = 15,
+    /// `Message::Split` (split memory; a tag byte names the message).
+    Split = 16,
     /// Handshake: the dialer's hello.
     Hello = 0x40,
     /// Handshake: the listener's challenge.
@@ -95,6 +97,7 @@ impl Kind {
             13 => Self::Digests,
             14 => Self::Resync,
             15 => Self::Prepared,
+            16 => Self::Split,
             0x40 => Self::Hello,
             0x41 => Self::Challenge,
             0x42 => Self::Proof,
@@ -127,6 +130,7 @@ impl Kind {
             Self::Digests => "Digests",
             Self::Resync => "Resync",
             Self::Prepared => "Prepared",
+            Self::Split => "Split",
             Self::Hello => "Hello",
             Self::Challenge => "Challenge",
             Self::Proof => "Proof",
@@ -512,7 +516,7 @@ mod tests {
 
     #[test]
     fn unknown_kind_and_flags() {
-        for k in [0u8, 16, 0x3f, 0x45, 0xff] {
+        for k in [0u8, 17, 0x3f, 0x45, 0xff] {
             let mut b = READY;
             b[6] = k;
             assert_eq!(

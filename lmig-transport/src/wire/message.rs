@@ -16,6 +16,7 @@
 //! Resync      u32 count, count × PageRun
 //! Done        u8 0 = not checked | 1 = verified | 2 = mismatch, then u32 region
 //! Abort       u16 length, UTF-8 reason (at most MAX_REASON_BYTES)
+//! Split       a tag byte, then one split-memory message (see `wire/split.rs`)
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -128,7 +129,7 @@ impl<T: AsRef<[u8]>> PagesHeader<T> {
 }
 
 /// Write the fixed header of `batch` (the buffer holds at least `LEN` bytes).
-fn emit_pages_header(batch: &PageBatch, buf: &mut [u8]) {
+pub(crate) fn emit_pages_header(batch: &PageBatch, buf: &mut [u8]) {
     {
         buf[field::ROUND].copy_from_slice(&batch.round.to_le_bytes());
         buf[field::REGION].copy_from_slice(&batch.run.region.0.to_le_bytes());
@@ -142,7 +143,7 @@ fn emit_pages_header(batch: &PageBatch, buf: &mut [u8]) {
 }
 
 /// Parse a `Pages` body; the page bytes are a slice of `payload`.
-fn parse_pages(payload: Bytes) -> Result<PageBatch> {
+pub(crate) fn parse_pages(payload: Bytes) -> Result<PageBatch> {
     let h = PagesHeader::new_checked(&payload[..])?;
     let run = PageRun::new(RegionId(h.region()), h.first(), h.count());
     if run.count == 0 || run.first.checked_add(u64::from(run.count)).is_none() {
@@ -236,6 +237,7 @@ pub fn kind_of(msg: &Message) -> Kind {
         Message::Resync(_) => Kind::Resync,
         Message::Done(_) => Kind::Done,
         Message::Abort { .. } => Kind::Abort,
+        Message::Split(_) => Kind::Split,
     }
 }
 
@@ -321,6 +323,7 @@ pub(crate) fn emit_body(msg: &Message) -> Result<(Kind, Bytes, Bytes)> {
             too_long("abort reason", reason.len(), MAX_REASON_BYTES)?;
             put_string(&mut head, reason);
         }
+        Message::Split(m) => tail = super::split::emit(m, &mut head)?,
     }
     too_long("message", head.len() + tail.len(), MAX_MESSAGE_BYTES)?;
     Ok((kind, head.freeze(), tail))
@@ -333,6 +336,9 @@ pub(crate) fn emit_body(msg: &Message) -> Result<(Kind, Bytes, Bytes)> {
 pub fn parse_message_body(kind: Kind, payload: Bytes) -> Result<Message> {
     if kind == Kind::Pages {
         return parse_pages(payload).map(Message::Pages);
+    }
+    if kind == Kind::Split {
+        return super::split::parse(payload).map(Message::Split);
     }
     let mut r = Reader::new(payload, kind.name());
     let msg = match kind {

@@ -47,6 +47,7 @@ mod handshake;
 mod message;
 mod reader;
 mod records;
+mod split;
 
 pub use codec::{
     EncodedFrames, FrameDecoder, MessageDecoder, WireItem, encode_handshake, encode_message,

@@ -1,0 +1,448 @@
+//! The page-host service.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use lmig_core::model::{PageRun, RegionInfo};
+use lmig_core::protocol::{Message, PageBatch, PageData};
+use lmig_core::split::{HostId, SplitMessage};
+use lmig_core::{Channel, MigrationError};
+
+use super::{ACK_TIMEOUT, BATCH_PAGES, Dial, lock};
+
+/// What a page host did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PageHostStats {
+    /// Pages it holds now.
+    pub held: u64,
+    /// Pages it stored (evictions, transfers).
+    pub stored: u64,
+    /// Pages it answered fetches with.
+    pub served: u64,
+    /// Fetched pages it did not hold.
+    pub not_held: u64,
+    /// Pages it sent to other hosts (`Send`).
+    pub sent: u64,
+    /// Pages it forwarded as a relay.
+    pub forwarded: u64,
+}
+
+/// Held sub-runs with their content, and the sub-runs not held.
+type Gathered = (Vec<(PageRun, Bytes)>, Vec<PageRun>);
+
+#[derive(Default)]
+struct Store {
+    region: Option<RegionInfo>,
+    pages: Vec<Option<Bytes>>,
+    held: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    stored: AtomicU64,
+    served: AtomicU64,
+    not_held: AtomicU64,
+    sent: AtomicU64,
+    forwarded: AtomicU64,
+}
+
+struct HostInner {
+    id: HostId,
+    dial: Dial,
+    store: Mutex<Store>,
+    relay: Mutex<Option<Arc<dyn Channel>>>,
+    channels: Mutex<Vec<Arc<dyn Channel>>>,
+    killed: AtomicBool,
+    counters: Counters,
+}
+
+/// A page host: holds part of a split region's pages and serves them.
+///
+/// Hand it every channel that reaches it ([`PageHost::serve`]); each is
+/// served on its own thread until it closes. Cheap to clone.
+#[derive(Clone)]
+pub struct PageHost {
+    inner: Arc<HostInner>,
+}
+
+impl std::fmt::Debug for PageHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageHost")
+            .field("id", &self.inner.id)
+            .field("held", &self.held_pages())
+            .finish_non_exhaustive()
+    }
+}
+
+fn refuse(ch: &dyn Channel, reason: String) {
+    let _ = ch.send(&Message::Split(SplitMessage::Refused { reason }));
+}
+
+impl PageHost {
+    /// A page host called `id`; `dial` reaches other hosts for `Send` and `Relay`.
+    pub fn new(id: HostId, dial: Dial) -> Self {
+        Self {
+            inner: Arc::new(HostInner {
+                id,
+                dial,
+                store: Mutex::new(Store::default()),
+                relay: Mutex::new(None),
+                channels: Mutex::new(Vec::new()),
+                killed: AtomicBool::new(false),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// This host's id.
+    pub fn id(&self) -> HostId {
+        self.inner.id
+    }
+
+    /// Pages held now.
+    pub fn held_pages(&self) -> u64 {
+        lock(&self.inner.store).held
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> PageHostStats {
+        let c = &self.inner.counters;
+        PageHostStats {
+            held: self.held_pages(),
+            stored: c.stored.load(Ordering::Relaxed),
+            served: c.served.load(Ordering::Relaxed),
+            not_held: c.not_held.load(Ordering::Relaxed),
+            sent: c.sent.load(Ordering::Relaxed),
+            forwarded: c.forwarded.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Serve `channel` on a new thread until it closes (or [`PageHost::kill`]).
+    pub fn serve(&self, channel: Box<dyn Channel>) -> JoinHandle<()> {
+        let ch: Arc<dyn Channel> = Arc::from(channel);
+        lock(&self.inner.channels).push(ch.clone());
+        let inner = self.inner.clone();
+        std::thread::Builder::new()
+            .name(format!("pagehost-{}", inner.id.0))
+            .spawn(move || inner.serve(ch))
+            .expect("spawn page-host thread")
+    }
+
+    /// Stop serving at once and close every channel, as if the host died
+    /// (for tests and demos of a lost host).
+    pub fn kill(&self) {
+        self.inner.killed.store(true, Ordering::Release);
+        for ch in lock(&self.inner.channels).drain(..) {
+            ch.shutdown();
+        }
+        if let Some(r) = lock(&self.inner.relay).take() {
+            r.shutdown();
+        }
+    }
+}
+
+impl HostInner {
+    fn serve(self: Arc<Self>, ch: Arc<dyn Channel>) {
+        let mut received = 0u64;
+        while !self.killed.load(Ordering::Acquire) {
+            let msg = match ch.recv(Some(Duration::from_millis(200))) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(_) => break,
+            };
+            let Message::Split(m) = msg else {
+                refuse(
+                    &*ch,
+                    format!("{} is not a split-memory message", msg.name()),
+                );
+                continue;
+            };
+            if let Err(reason) = self.handle(&ch, m, &mut received) {
+                refuse(&*ch, reason);
+            }
+        }
+        lock(&self.channels).retain(|c| !Arc::ptr_eq(c, &ch));
+    }
+
+    fn handle(
+        self: &Arc<Self>,
+        ch: &Arc<dyn Channel>,
+        m: SplitMessage,
+        received: &mut u64,
+    ) -> Result<(), String> {
+        match m {
+            SplitMessage::Attach { to, region, .. } => {
+                if to != self.id {
+                    return Err(format!("this is {}, not {to}", self.id));
+                }
+                self.attach(&region)
+            }
+            SplitMessage::Fetch { epoch, run } => self.fetch(&**ch, epoch, run),
+            SplitMessage::Data { from, epoch, batch } => {
+                let pages = u64::from(batch.run.count);
+                let relay = lock(&self.relay).clone();
+                match relay {
+                    Some(r) => {
+                        r.send(&Message::Split(SplitMessage::Data { from, epoch, batch }))
+                            .map_err(|e| format!("relay: {e}"))?;
+                        self.counters.forwarded.fetch_add(pages, Ordering::Relaxed);
+                    }
+                    None => self.store(&batch)?,
+                }
+                *received += pages;
+                Ok(())
+            }
+            SplitMessage::Sync { seq } => ch
+                .send(&Message::Split(SplitMessage::Synced {
+                    seq,
+                    pages: *received,
+                }))
+                .map_err(|e| e.to_string()),
+            SplitMessage::Send {
+                to,
+                endpoint,
+                epoch,
+                runs,
+            } => {
+                let me = self.clone();
+                let ch = ch.clone();
+                std::thread::spawn(move || {
+                    let reply = match me.send_to(to, &endpoint, epoch, &runs) {
+                        Ok((pages, missing)) => SplitMessage::Sent {
+                            from: me.id,
+                            to,
+                            epoch,
+                            pages,
+                            missing,
+                        },
+                        Err(e) => SplitMessage::Refused {
+                            reason: format!("sending to {to} at {endpoint}: {e}"),
+                        },
+                    };
+                    let _ = ch.send(&Message::Split(reply));
+                });
+                Ok(())
+            }
+            SplitMessage::Relay { to, endpoint, .. } => {
+                let old = if endpoint.is_empty() {
+                    lock(&self.relay).take()
+                } else {
+                    let region = lock(&self.store)
+                        .region
+                        .clone()
+                        .ok_or("relay before attach")?;
+                    let r: Arc<dyn Channel> =
+                        Arc::from((self.dial)(&endpoint).map_err(|e| e.to_string())?);
+                    r.send(&Message::Split(SplitMessage::Attach {
+                        from: self.id,
+                        to,
+                        region,
+                    }))
+                    .map_err(|e| e.to_string())?;
+                    lock(&self.relay).replace(r)
+                };
+                if let Some(old) = old {
+                    let _ = sync_with(&*old, u64::MAX);
+                    old.shutdown();
+                }
+                Ok(())
+            }
+            SplitMessage::Forget { runs, .. } => {
+                let mut st = lock(&self.store);
+                for run in runs {
+                    let end = run.end().min(st.pages.len() as u64);
+                    for p in run.first.min(end)..end {
+                        if st.pages[p as usize].take().is_some() {
+                            st.held -= 1;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            SplitMessage::NotHeld { .. }
+            | SplitMessage::Synced { .. }
+            | SplitMessage::Sent { .. }
+            | SplitMessage::Refused { .. } => Ok(()),
+        }
+    }
+
+    fn attach(&self, region: &RegionInfo) -> Result<(), String> {
+        region.validate().map_err(|e| e.to_string())?;
+        let mut st = lock(&self.store);
+        match &st.region {
+            Some(r) if r == region => Ok(()),
+            Some(r) => Err(format!(
+                "region {} is {} bytes of {}-byte pages here, {} bytes of {}-byte pages offered",
+                r.id, r.len, r.page_size, region.len, region.page_size
+            )),
+            None => {
+                st.pages = vec![None; region.pages() as usize];
+                st.region = Some(region.clone());
+                Ok(())
+            }
+        }
+    }
+
+    fn store(&self, batch: &PageBatch) -> Result<(), String> {
+        let mut st = lock(&self.store);
+        let region = st.region.clone().ok_or("pages before attach")?;
+        region.check_run(&batch.run).map_err(|e| e.to_string())?;
+        let ps = region.page_size as usize;
+        let n = batch.run.count as usize;
+        let data = match &batch.data {
+            PageData::Raw(d) if d.len() == n * ps => d.clone(),
+            PageData::Raw(d) => {
+                return Err(format!("{} bytes for {} pages of {ps}", d.len(), n));
+            }
+            PageData::Zero => Bytes::from(vec![0u8; n * ps]),
+        };
+        for i in 0..n {
+            let slot = &mut st.pages[batch.run.first as usize + i];
+            let had = slot.replace(data.slice(i * ps..(i + 1) * ps)).is_some();
+            if !had {
+                st.held += 1;
+            }
+        }
+        self.counters.stored.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The held sub-runs of `run` with their content, and the pages not held.
+    fn gather(&self, run: &PageRun) -> Result<Gathered, String> {
+        let st = lock(&self.store);
+        let region = st.region.as_ref().ok_or("fetch before attach")?;
+        region.check_run(run).map_err(|e| e.to_string())?;
+        let ps = region.page_size as usize;
+        let mut held = Vec::new();
+        let mut missing = Vec::new();
+        let mut p = run.first;
+        while p < run.end() {
+            let has = st.pages[p as usize].is_some();
+            let mut q = p;
+            while q < run.end() && st.pages[q as usize].is_some() == has {
+                q += 1;
+            }
+            let sub = PageRun::new(run.region, p, (q - p) as u32);
+            if has {
+                let mut buf = BytesMut::with_capacity((q - p) as usize * ps);
+                for i in p..q {
+                    if let Some(b) = &st.pages[i as usize] {
+                        buf.extend_from_slice(b);
+                    }
+                }
+                held.push((sub, buf.freeze()));
+            } else {
+                missing.push(sub);
+            }
+            p = q;
+        }
+        Ok((held, missing))
+    }
+
+    fn fetch(&self, ch: &dyn Channel, epoch: u64, run: PageRun) -> Result<(), String> {
+        let (held, missing) = self.gather(&run)?;
+        for (sub, data) in held {
+            self.counters
+                .served
+                .fetch_add(u64::from(sub.count), Ordering::Relaxed);
+            ch.send_urgent(&Message::Split(SplitMessage::Data {
+                from: self.id,
+                epoch,
+                batch: PageBatch {
+                    round: 0,
+                    run: sub,
+                    data: PageData::Raw(data),
+                },
+            }))
+            .map_err(|e| e.to_string())?;
+        }
+        for sub in missing {
+            self.counters
+                .not_held
+                .fetch_add(u64::from(sub.count), Ordering::Relaxed);
+            ch.send_urgent(&Message::Split(SplitMessage::NotHeld {
+                from: self.id,
+                epoch,
+                run: sub,
+            }))
+            .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Send the held pages of `runs` straight to `to`; (pages sent, pages not held).
+    fn send_to(
+        &self,
+        to: HostId,
+        endpoint: &str,
+        epoch: u64,
+        runs: &[PageRun],
+    ) -> Result<(u64, u64), MigrationError> {
+        let region = lock(&self.store)
+            .region
+            .clone()
+            .ok_or_else(|| MigrationError::invalid("Send", "before attach"))?;
+        let ch = (self.dial)(endpoint)?;
+        ch.send(&Message::Split(SplitMessage::Attach {
+            from: self.id,
+            to,
+            region,
+        }))?;
+        let (mut sent, mut missing) = (0u64, 0u64);
+        for run in runs {
+            let mut f = run.first;
+            while f < run.end() {
+                let n = (run.end() - f).min(u64::from(BATCH_PAGES)) as u32;
+                let (held, not) = self
+                    .gather(&PageRun::new(run.region, f, n))
+                    .map_err(|e| MigrationError::invalid("Send", e))?;
+                missing += not.iter().map(|r| u64::from(r.count)).sum::<u64>();
+                for (sub, data) in held {
+                    ch.send(&Message::Split(SplitMessage::Data {
+                        from: self.id,
+                        epoch,
+                        batch: PageBatch {
+                            round: 0,
+                            run: sub,
+                            data: PageData::Raw(data),
+                        },
+                    }))?;
+                    sent += u64::from(sub.count);
+                }
+                f += u64::from(n);
+            }
+        }
+        let acked = sync_with(&*ch, 1);
+        ch.shutdown();
+        acked?;
+        self.counters.sent.fetch_add(sent, Ordering::Relaxed);
+        Ok((sent, missing))
+    }
+}
+
+/// Send `Sync{seq}` and wait for its `Synced` (bounded by [`ACK_TIMEOUT`]).
+fn sync_with(ch: &dyn Channel, seq: u64) -> Result<u64, MigrationError> {
+    ch.send(&Message::Split(SplitMessage::Sync { seq }))?;
+    let deadline = Instant::now() + ACK_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(MigrationError::Timeout {
+                waiting_for: "Synced",
+                after: ACK_TIMEOUT,
+            });
+        }
+        match ch.recv(Some(left))? {
+            Some(Message::Split(SplitMessage::Synced { seq: s, pages })) if s == seq => {
+                return Ok(pages);
+            }
+            Some(Message::Split(SplitMessage::Refused { reason })) => {
+                return Err(MigrationError::PeerAborted { reason });
+            }
+            _ => {}
+        }
+    }
+}

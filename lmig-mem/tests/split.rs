@@ -1,0 +1,474 @@
+//! Split memory with real userfaultfd and real TCP channels (lmig-transport)
+//! between a running host and three or four page hosts on loopback (one
+//! thread group each; lmig-mem cannot make namespaces, that is lmig-net's).
+//!
+//! A writer thread keeps writing while the memory is split, partially
+//! migrated and reintegrated; content is checked against the writer's own
+//! record after every step. Tests need userfaultfd with kernel-mode faults
+//! (root here); they fail loudly without it, and `LMIG_SKIP_PRIVILEGED=1`
+//! turns that into a printed skip. No timing is asserted; every loop is bounded.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lmig_core::Channel;
+use lmig_core::model::{PageRun, RegionId, RegionInfo};
+use lmig_core::protocol::{Message, PageBatch, PageData};
+use lmig_core::split::{HostId, OwnerMap, SplitMessage};
+use lmig_mem::split::{Dial, PageHost, SplitError, SplitOptions, SplitRegion};
+use lmig_mem::{MemError, RegionOptions};
+use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect, pair};
+
+const PS: usize = 4096;
+const REGION: RegionId = RegionId(3);
+const ME: HostId = HostId(0);
+
+fn privileged(what: &str, e: &dyn std::fmt::Display) -> bool {
+    if std::env::var("LMIG_SKIP_PRIVILEGED").is_ok_and(|v| v == "1") {
+        println!("SKIPPED {what}: {e}");
+        return false;
+    }
+    panic!(
+        "{what}: userfaultfd with write-protect unavailable (run as root or set LMIG_SKIP_PRIVILEGED=1): {e}"
+    );
+}
+
+fn config() -> ChannelConfig {
+    let mut c = ChannelConfig::new(AuthKey::new(b"split-memory test key, 32 bytes!").unwrap());
+    c.handshake_timeout = Duration::from_secs(10);
+    c
+}
+
+fn dial() -> Dial {
+    Arc::new(|ep: &str| {
+        let addr = ep
+            .parse()
+            .map_err(|e| lmig_core::MigrationError::invalid("endpoint", format!("{ep}: {e}")))?;
+        let ch = connect(&Endpoint::Tcp(addr), config())
+            .map_err(|e| lmig_core::MigrationError::channel(format!("dial {ep}"), e))?;
+        Ok(Box::new(ch) as Box<dyn Channel>)
+    })
+}
+
+/// Accepts channels on a loopback listener until dropped.
+struct Acceptor {
+    endpoint: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Acceptor {
+    fn new(serve: impl Fn(Box<dyn Channel>) + Send + 'static) -> Self {
+        let l = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config()).unwrap();
+        let Endpoint::Tcp(addr) = l.local_endpoint().clone() else {
+            unreachable!()
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Acquire) {
+                if let Ok(ch) = l.accept_timeout(Duration::from_millis(100)) {
+                    serve(Box::new(ch));
+                }
+            }
+        });
+        Self {
+            endpoint: addr.to_string(),
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Cluster {
+    split: Arc<SplitRegion>,
+    hosts: Vec<(PageHost, Acceptor)>,
+    me: Acceptor,
+}
+
+impl Cluster {
+    /// A running host with `pages` pages and page hosts 1..=n; None when skipped.
+    fn new(pages: u64, n: u32) -> Option<Self> {
+        let region = RegionOptions::new(REGION, pages * PS as u64).map().unwrap();
+        for p in 0..pages {
+            region.write_at(p as usize * PS, &content(p, 0)).unwrap();
+        }
+        let split = match SplitRegion::new(
+            region,
+            ME,
+            SplitOptions {
+                prepage: 2,
+                ..SplitOptions::default()
+            },
+        ) {
+            Ok(s) => Arc::new(s),
+            Err(e @ SplitError::Mem(MemError::Unsupported { .. })) => {
+                privileged("split memory", &e);
+                return None;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let s2 = split.clone();
+        let me = Acceptor::new(move |ch| {
+            s2.serve_incoming(ch);
+        });
+        let mut hosts = Vec::new();
+        for id in 1..=n {
+            let host = PageHost::new(HostId(id), dial());
+            let h2 = host.clone();
+            let acc = Acceptor::new(move |ch| {
+                h2.serve(ch);
+            });
+            let ch = (dial())(&acc.endpoint).unwrap();
+            split.add_host(HostId(id), &acc.endpoint, ch).unwrap();
+            hosts.push((host, acc));
+        }
+        Some(Self { split, hosts, me })
+    }
+}
+
+/// Page `p` at version `v`: header, a pattern, the version again at the end.
+fn content(p: u64, v: u64) -> Vec<u8> {
+    let mut b: Vec<u8> = (0..PS)
+        .map(|i| (i as u64 ^ p.wrapping_mul(31)) as u8)
+        .collect();
+    b[..8].copy_from_slice(&p.to_le_bytes());
+    b[8..16].copy_from_slice(&v.to_le_bytes());
+    b[PS - 8..].copy_from_slice(&v.to_le_bytes());
+    b
+}
+
+/// A program thread writing new versions of pages and reading back older
+/// ones; it counts reads that do not show the last version written.
+struct Writer {
+    versions: Arc<Vec<AtomicU64>>,
+    stale: Arc<AtomicU64>,
+    writes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(split: &Arc<SplitRegion>, pages: u64, targets: Arc<Mutex<Vec<u64>>>) -> Self {
+        let versions: Arc<Vec<AtomicU64>> =
+            Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect());
+        let stale = Arc::new(AtomicU64::new(0));
+        let writes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, v, st, w, stp) = (
+            split.clone(),
+            versions.clone(),
+            stale.clone(),
+            writes.clone(),
+            stop.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            let mut buf = vec![0u8; PS];
+            for _ in 0..10_000_000u64 {
+                if stp.load(Ordering::Acquire) {
+                    break;
+                }
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let list = targets.lock().unwrap().clone();
+                let p = if list.is_empty() {
+                    x % pages
+                } else {
+                    list[(x % list.len() as u64) as usize]
+                };
+                let ver = v[p as usize].load(Ordering::Relaxed) + 1;
+                s.region()
+                    .write_at(p as usize * PS, &content(p, ver))
+                    .unwrap();
+                v[p as usize].store(ver, Ordering::Relaxed);
+                w.fetch_add(1, Ordering::Relaxed);
+                // Read back some other page.
+                let q = (x >> 20) % pages;
+                s.region().read_at(q as usize * PS, &mut buf).unwrap();
+                if buf != content(q, v[q as usize].load(Ordering::Relaxed)) {
+                    st.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        });
+        Self {
+            versions,
+            stale,
+            writes,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("writer");
+        }
+    }
+
+    /// Every page shows the last version written.
+    fn verify(&self, split: &SplitRegion) {
+        let mut buf = vec![0u8; PS];
+        for p in 0..self.versions.len() as u64 {
+            split.region().read_at(p as usize * PS, &mut buf).unwrap();
+            let v = self.versions[p as usize].load(Ordering::Relaxed);
+            assert!(buf == content(p, v), "page {p} is not at version {v}");
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn thirds(pages: u64, hosts: &[u32]) -> Vec<(HostId, Vec<PageRun>)> {
+    let share = pages / hosts.len() as u64;
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, &h)| {
+            let first = i as u64 * share;
+            let end = if i + 1 == hosts.len() {
+                pages
+            } else {
+                first + share
+            };
+            (
+                HostId(h),
+                vec![PageRun::new(REGION, first, (end - first) as u32)],
+            )
+        })
+        .collect()
+}
+
+fn wait_writes(w: &Writer, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let start = w.writes.load(Ordering::Relaxed);
+    while w.writes.load(Ordering::Relaxed) < start + n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn split_partial_migration_and_reintegration_with_a_writer() {
+    let pages = 4096;
+    let Some(c) = Cluster::new(pages, 4) else {
+        return;
+    };
+    let targets = Arc::new(Mutex::new(Vec::new()));
+    let mut w = Writer::start(&c.split, pages, targets.clone());
+    wait_writes(&w, 100);
+
+    // Split migration: the memory goes straight to hosts 1, 2 and 3.
+    let evicted = c.split.split_to(&thirds(pages, &[1, 2, 3])).unwrap();
+    assert!(evicted > pages * 9 / 10, "evicted {evicted}");
+    wait_writes(&w, 50);
+    assert!(c.split.stats().remote_faults > 0);
+    let counts = c.split.owner_map().counts();
+    assert!(
+        counts
+            .iter()
+            .filter(|(h, _)| (1..=3).contains(&h.0))
+            .all(|&(_, n)| n > 0),
+        "{counts:?}"
+    );
+
+    // Partial migration of host 1's share to host 4 while the writer writes
+    // into exactly that share.
+    *targets.lock().unwrap() = c.split.owner_map().pages_of(HostId(1)).iter().collect();
+    let report = c.split.move_host(HostId(1), HostId(4)).unwrap();
+    assert_eq!(report.moved + report.invalidated, report.pages);
+    assert!(report.moved > 0);
+    assert!(c.split.owner_map().pages_of(HostId(1)).is_empty());
+    wait_writes(&w, 50);
+    w.stop();
+    assert_eq!(c.hosts[0].0.held_pages(), 0, "host 1 forgot its share");
+
+    // Reintegration: every page host sends straight to the running host.
+    *targets.lock().unwrap() = Vec::new();
+    let mut w2 = Writer::start(&c.split, pages, Arc::new(Mutex::new(Vec::new())));
+    for (p, v) in w.versions.iter().enumerate() {
+        w2.versions[p].store(v.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+    let g = c.split.gather(&c.me.endpoint).unwrap();
+    assert!(g.hosts >= 1 && g.pages > 0, "{g:?}");
+    w2.stop();
+    w2.verify(&c.split);
+    assert_eq!(c.split.stats().local, pages);
+
+    // Split again and read everything back through remote paging.
+    c.split.split_to(&thirds(pages, &[2, 3, 4])).unwrap();
+    assert!(c.split.stats().local < pages / 10);
+    w2.verify(&c.split);
+    assert_eq!(c.split.stats().local, pages);
+
+    // Split again, then gather through host 2 as a relay.
+    c.split.split_to(&thirds(pages, &[2, 3, 4])).unwrap();
+    c.split.relay_gather(HostId(2), &c.me.endpoint).unwrap();
+    assert_eq!(c.split.stats().local, pages);
+    w2.verify(&c.split);
+    assert!(c.hosts[0].0.stats().forwarded == 0);
+    assert!(c.hosts[1].0.stats().forwarded > 0, "host 2 relayed");
+    assert_eq!(w.stale.load(Ordering::Relaxed), 0);
+    assert_eq!(w2.stale.load(Ordering::Relaxed), 0);
+    assert!(c.split.check_hosts().is_ok());
+}
+
+#[test]
+fn a_dead_page_host_is_reported_with_its_pages() {
+    let pages = 1024;
+    let Some(c) = Cluster::new(pages, 3) else {
+        return;
+    };
+    c.split.split_to(&thirds(pages, &[1, 2, 3])).unwrap();
+    let held = c.split.owner_map().pages_of(HostId(2)).count();
+    assert!(held > 0);
+    c.hosts[1].0.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.split.lost_hosts().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let lost = c.split.lost_hosts();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0].host, HostId(2));
+    assert_eq!(lost[0].pages, held);
+    let listed: u64 = lost[0].runs.iter().map(|r| u64::from(r.count)).sum();
+    assert_eq!(listed, held);
+    match c.split.check_hosts() {
+        Err(SplitError::HostLost { host, pages, .. }) => {
+            assert_eq!((host, pages), (HostId(2), held));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Gathering cannot complete without it: an error, not a hang.
+    assert!(c.split.gather(&c.me.endpoint).is_err());
+    // The other hosts' pages still come back on demand.
+    let mut buf = vec![0u8; PS];
+    let p = c
+        .split
+        .owner_map()
+        .pages_of(HostId(3))
+        .iter()
+        .next()
+        .unwrap();
+    c.split.region().read_at(p as usize * PS, &mut buf).unwrap();
+    assert_eq!(buf, content(p, 0));
+}
+
+/// A hand-driven page host on an in-memory channel pair.
+fn fake_host(
+    split: &SplitRegion,
+    id: HostId,
+) -> (Arc<dyn Channel>, Arc<AtomicBool>, JoinHandle<()>) {
+    let (a, b) = pair(config()).unwrap();
+    let b: Arc<dyn Channel> = Arc::new(b);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (b2, s2) = (b.clone(), stop.clone());
+    let t = std::thread::spawn(move || {
+        while !s2.load(Ordering::Acquire) {
+            if let Ok(Some(Message::Split(SplitMessage::Sync { seq }))) =
+                b2.recv(Some(Duration::from_millis(50)))
+            {
+                let _ = b2.send(&Message::Split(SplitMessage::Synced { seq, pages: 0 }));
+            }
+        }
+    });
+    split.add_host(id, "fake", Box::new(a)).unwrap();
+    (b, stop, t)
+}
+
+fn data(from: HostId, epoch: u64, page: u64, fill: u8) -> Message {
+    Message::Split(SplitMessage::Data {
+        from,
+        epoch,
+        batch: PageBatch {
+            round: 0,
+            run: PageRun::new(REGION, page, 1),
+            data: PageData::Raw(Bytes::from(vec![fill; PS])),
+        },
+    })
+}
+
+fn settle(split: &SplitRegion, cond: impl Fn(&lmig_mem::split::SplitStats) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond(&split.stats()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn bad_input_is_refused_and_never_placed() {
+    let pages = 64;
+    let Some(c) = Cluster::new(pages, 1) else {
+        return;
+    };
+    let info = RegionInfo::new(REGION, pages * PS as u64, PS as u32).unwrap();
+
+    // An owner map naming an unknown host.
+    let e = OwnerMap::from_runs(
+        info.clone(),
+        &[ME, HostId(1)],
+        &[(HostId(9), PageRun::new(REGION, 0, 64))],
+    );
+    assert!(e.is_err());
+    assert!(matches!(
+        c.split.evict(HostId(9), &[PageRun::new(REGION, 0, 1)]),
+        Err(SplitError::UnknownHost { .. })
+    ));
+
+    let fake = HostId(7);
+    let (ch, stop, t) = fake_host(&c.split, fake);
+    // Host 1 holds pages 0..32, the fake host page 40.
+    c.split
+        .evict(HostId(1), &[PageRun::new(REGION, 0, 32)])
+        .unwrap();
+    c.split.evict(fake, &[PageRun::new(REGION, 40, 1)]).unwrap();
+    let epoch = c.split.owner_map().changed_at(40).unwrap();
+
+    // Answering for pages it does not own: page 5 (host 1's), page 50 (here).
+    ch.send_urgent(&data(fake, epoch, 5, 0xEE)).unwrap();
+    ch.send_urgent(&data(fake, epoch, 50, 0xEE)).unwrap();
+    // Claiming to be another host on its own link.
+    ch.send_urgent(&data(HostId(1), epoch, 6, 0xEE)).unwrap();
+    // A stale epoch: from before page 40 became its.
+    ch.send_urgent(&data(fake, epoch - 1, 40, 0xEE)).unwrap();
+    settle(&c.split, |s| {
+        s.not_owner_discarded >= 1 && s.stale_discarded >= 1 && s.duplicates >= 1
+    });
+    let s = c.split.stats();
+    assert!(s.not_owner_discarded >= 2, "{s:?}");
+    assert_eq!(s.stale_discarded, 1, "{s:?}");
+    assert!(!c.split.is_local(5) && !c.split.is_local(6) && !c.split.is_local(40));
+    let mut buf = vec![0u8; PS];
+    c.split.region().read_at(50 * PS, &mut buf).unwrap();
+    assert_eq!(buf, content(50, 0), "a local page was not overwritten");
+
+    // The current answer is placed.
+    ch.send_urgent(&data(fake, epoch, 40, 0xAB)).unwrap();
+    settle(&c.split, |s| s.placed >= 1);
+    assert!(c.split.is_local(40));
+    c.split.region().read_at(40 * PS, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xAB));
+    // Host 1's pages come back intact on touch.
+    c.split.region().read_at(5 * PS, &mut buf).unwrap();
+    assert_eq!(buf, content(5, 0));
+    stop.store(true, Ordering::Release);
+    t.join().unwrap();
+}

@@ -1,0 +1,315 @@
+//! The body of a `Split` frame (kind 16): one split-memory message.
+//!
+//! ```text
+//! tag u8, then
+//!  1 Attach   u32 from, u32 to, RegionInfo
+//!  2 Fetch    u64 epoch, PageRun
+//!  3 Data     u32 from, u64 epoch, then a Pages body (PagesHeader + page bytes)
+//!  4 NotHeld  u32 from, u64 epoch, PageRun
+//!  5 Sync     u64 seq
+//!  6 Synced   u64 seq, u64 pages
+//!  7 Send     u32 to, u16 length + UTF-8 endpoint, u64 epoch, u32 count, count × PageRun
+//!  8 Sent     u32 from, u32 to, u64 epoch, u64 pages, u64 missing
+//!  9 Relay    u32 to, u16 length + UTF-8 endpoint, u64 epoch
+//! 10 Forget   u64 epoch, u32 count, count × PageRun
+//! 11 Refused  u16 length + UTF-8 reason (at most MAX_REASON_BYTES)
+//! ```
+//!
+//! Page content of `Data` is a slice of the receive buffer (no copy).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use lmig_core::model::{PageRun, RegionInfo};
+use lmig_core::protocol::{MAX_REASON_BYTES, PageBatch, PageData};
+use lmig_core::split::{HostId, MAX_ENDPOINT_BYTES, MAX_SPLIT_RUNS, SplitMessage};
+
+use super::reader::{Reader, put_string};
+use super::records::Codec;
+use super::{Result, WireError};
+
+const ATTACH: u8 = 1;
+const FETCH: u8 = 2;
+const DATA: u8 = 3;
+const NOT_HELD: u8 = 4;
+const SYNC: u8 = 5;
+const SYNCED: u8 = 6;
+const SEND: u8 = 7;
+const SENT: u8 = 8;
+const RELAY: u8 = 9;
+const FORGET: u8 = 10;
+const REFUSED: u8 = 11;
+
+fn check_run(run: &PageRun) -> Result<()> {
+    if run.count == 0 || run.first.checked_add(u64::from(run.count)).is_none() {
+        return Err(WireError::bad(
+            "page run",
+            format!("{run:?} is empty or overflows"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_len(what: &'static str, len: usize, cap: usize) -> Result<()> {
+    if len > cap {
+        return Err(WireError::TooLong { what, len, cap });
+    }
+    Ok(())
+}
+
+fn put_runs(head: &mut BytesMut, runs: &[PageRun]) -> Result<()> {
+    check_len("split runs", runs.len(), MAX_SPLIT_RUNS)?;
+    runs.iter().try_for_each(check_run)?;
+    head.reserve(4 + runs.len() * PageRun::MIN_LEN);
+    head.put_u32_le(runs.len() as u32);
+    for r in runs {
+        r.emit(head);
+    }
+    Ok(())
+}
+
+fn parse_runs(r: &mut Reader) -> Result<Vec<PageRun>> {
+    let n = r.count("split runs", PageRun::MIN_LEN, MAX_SPLIT_RUNS)?;
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(PageRun::parse(r)?);
+    }
+    Ok(v)
+}
+
+/// Encode `msg` as a head (fields) and a tail (page bytes, shared).
+pub(crate) fn emit(msg: &SplitMessage, head: &mut BytesMut) -> Result<Bytes> {
+    let mut tail = Bytes::new();
+    match msg {
+        SplitMessage::Attach { from, to, region } => {
+            region
+                .validate()
+                .map_err(|e| WireError::invalid("region", e))?;
+            head.put_u8(ATTACH);
+            head.put_u32_le(from.0);
+            head.put_u32_le(to.0);
+            region.emit(head);
+        }
+        SplitMessage::Fetch { epoch, run } => {
+            check_run(run)?;
+            head.put_u8(FETCH);
+            head.put_u64_le(*epoch);
+            run.emit(head);
+        }
+        SplitMessage::Data { from, epoch, batch } => {
+            check_run(&batch.run)?;
+            head.put_u8(DATA);
+            head.put_u32_le(from.0);
+            head.put_u64_le(*epoch);
+            let at = head.len();
+            head.resize(at + super::message::PagesHeader::<&[u8]>::LEN, 0);
+            super::message::emit_pages_header(batch, &mut head[at..]);
+            if let PageData::Raw(d) = &batch.data {
+                tail = d.clone();
+            }
+        }
+        SplitMessage::NotHeld { from, epoch, run } => {
+            check_run(run)?;
+            head.put_u8(NOT_HELD);
+            head.put_u32_le(from.0);
+            head.put_u64_le(*epoch);
+            run.emit(head);
+        }
+        SplitMessage::Sync { seq } => {
+            head.put_u8(SYNC);
+            head.put_u64_le(*seq);
+        }
+        SplitMessage::Synced { seq, pages } => {
+            head.put_u8(SYNCED);
+            head.put_u64_le(*seq);
+            head.put_u64_le(*pages);
+        }
+        SplitMessage::Send {
+            to,
+            endpoint,
+            epoch,
+            runs,
+        } => {
+            check_len("endpoint", endpoint.len(), MAX_ENDPOINT_BYTES)?;
+            head.put_u8(SEND);
+            head.put_u32_le(to.0);
+            put_string(head, endpoint);
+            head.put_u64_le(*epoch);
+            put_runs(head, runs)?;
+        }
+        SplitMessage::Sent {
+            from,
+            to,
+            epoch,
+            pages,
+            missing,
+        } => {
+            head.put_u8(SENT);
+            head.put_u32_le(from.0);
+            head.put_u32_le(to.0);
+            head.put_u64_le(*epoch);
+            head.put_u64_le(*pages);
+            head.put_u64_le(*missing);
+        }
+        SplitMessage::Relay {
+            to,
+            endpoint,
+            epoch,
+        } => {
+            check_len("endpoint", endpoint.len(), MAX_ENDPOINT_BYTES)?;
+            head.put_u8(RELAY);
+            head.put_u32_le(to.0);
+            put_string(head, endpoint);
+            head.put_u64_le(*epoch);
+        }
+        SplitMessage::Forget { epoch, runs } => {
+            head.put_u8(FORGET);
+            head.put_u64_le(*epoch);
+            put_runs(head, runs)?;
+        }
+        SplitMessage::Refused { reason } => {
+            check_len("refusal reason", reason.len(), MAX_REASON_BYTES)?;
+            head.put_u8(REFUSED);
+            put_string(head, reason);
+        }
+    }
+    Ok(tail)
+}
+
+/// Decode the body of a `Split` frame.
+pub(crate) fn parse(payload: Bytes) -> Result<SplitMessage> {
+    let mut r = Reader::new(payload, "Split");
+    let msg = match r.u8()? {
+        ATTACH => SplitMessage::Attach {
+            from: HostId(r.u32()?),
+            to: HostId(r.u32()?),
+            region: RegionInfo::parse(&mut r)?,
+        },
+        FETCH => {
+            let epoch = r.u64()?;
+            SplitMessage::Fetch {
+                epoch,
+                run: PageRun::parse(&mut r)?,
+            }
+        }
+        DATA => {
+            let from = HostId(r.u32()?);
+            let epoch = r.u64()?;
+            let batch: PageBatch = super::message::parse_pages(r.rest())?;
+            return Ok(SplitMessage::Data { from, epoch, batch });
+        }
+        NOT_HELD => {
+            let from = HostId(r.u32()?);
+            let epoch = r.u64()?;
+            SplitMessage::NotHeld {
+                from,
+                epoch,
+                run: PageRun::parse(&mut r)?,
+            }
+        }
+        SYNC => SplitMessage::Sync { seq: r.u64()? },
+        SYNCED => SplitMessage::Synced {
+            seq: r.u64()?,
+            pages: r.u64()?,
+        },
+        SEND => {
+            let to = HostId(r.u32()?);
+            let endpoint = r.string("endpoint", MAX_ENDPOINT_BYTES)?;
+            let epoch = r.u64()?;
+            SplitMessage::Send {
+                to,
+                endpoint,
+                epoch,
+                runs: parse_runs(&mut r)?,
+            }
+        }
+        SENT => SplitMessage::Sent {
+            from: HostId(r.u32()?),
+            to: HostId(r.u32()?),
+            epoch: r.u64()?,
+            pages: r.u64()?,
+            missing: r.u64()?,
+        },
+        RELAY => SplitMessage::Relay {
+            to: HostId(r.u32()?),
+            endpoint: r.string("endpoint", MAX_ENDPOINT_BYTES)?,
+            epoch: r.u64()?,
+        },
+        FORGET => {
+            let epoch = r.u64()?;
+            SplitMessage::Forget {
+                epoch,
+                runs: parse_runs(&mut r)?,
+            }
+        }
+        REFUSED => SplitMessage::Refused {
+            reason: r.string("refusal reason", MAX_REASON_BYTES)?,
+        },
+        t => return Err(WireError::bad("split message tag", format!("{t}"))),
+    };
+    r.finish()?;
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use lmig_core::model::RegionId;
+    use lmig_core::protocol::Message;
+
+    use super::*;
+    use crate::wire::{Kind, encode_message, parse_message, parse_message_body};
+
+    #[test]
+    fn data_bytes_and_zero_copy() {
+        let msg = Message::Split(SplitMessage::Data {
+            from: HostId(3),
+            epoch: 7,
+            batch: PageBatch {
+                round: 0,
+                run: PageRun::new(RegionId(1), 2, 1),
+                data: PageData::Raw(Bytes::from(vec![9u8; 4096])),
+            },
+        });
+        let wire = Bytes::from(encode_message(&msg).unwrap().to_vec());
+        assert_eq!(wire[6], 16, "frame kind Split");
+        assert_eq!(&wire[16..29], &[3, 3, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0]);
+        let back = parse_message(wire.clone()).unwrap();
+        assert_eq!(back, msg);
+        let Message::Split(SplitMessage::Data { batch, .. }) = back else {
+            unreachable!()
+        };
+        let PageData::Raw(d) = batch.data else {
+            unreachable!()
+        };
+        assert_eq!(d.as_ptr(), wire[16 + 13 + 21..].as_ptr());
+    }
+
+    #[test]
+    fn bad_bodies() {
+        let body = |b: &[u8]| parse_message_body(Kind::Split, Bytes::copy_from_slice(b));
+        assert!(body(&[]).is_err());
+        assert!(body(&[0]).is_err(), "tag 0");
+        assert!(body(&[12]).is_err(), "unknown tag");
+        assert!(body(&[5, 1, 0, 0, 0, 0, 0, 0, 0, 0]).is_err(), "trailing");
+        assert!(body(&[5, 1, 0, 0, 0, 0, 0, 0, 0]).is_ok());
+        // Fetch of zero pages.
+        let mut f = vec![2u8];
+        f.extend_from_slice(&[0; 8]);
+        f.extend_from_slice(&[1, 0, 0, 0]);
+        f.extend_from_slice(&[0; 8]);
+        f.extend_from_slice(&[0; 4]);
+        assert!(body(&f).is_err());
+        // A run count over what the bytes could hold.
+        let mut s = vec![10u8];
+        s.extend_from_slice(&[0; 8]);
+        s.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(body(&s).is_err());
+        let long = "x".repeat(MAX_ENDPOINT_BYTES + 1);
+        assert!(
+            encode_message(&Message::Split(SplitMessage::Relay {
+                to: HostId(1),
+                endpoint: long,
+                epoch: 0
+            }))
+            .is_err()
+        );
+    }
+}
