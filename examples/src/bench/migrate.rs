@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use super::peer::mono_ns;
 use super::{Output, round};
 use crate::scenario::{self, Fault, Options};
 
@@ -101,6 +102,12 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "switched_to_postcopy": s["switched_to_postcopy"],
         "freeze_steps_ms": s["freeze_steps_ms"],
         "freeze_timeline_ms": timeline,
+        // The slowest requests: [connection, sent (ms after the pause), latency ms].
+        "slowest_requests": r.load.slowest.iter().map(|&(c, sent, lat)| {
+            let sent = r.load.started.map(mono_ns).map(|z| z as f64 + sent * 1e6)
+                .zip(paused).map(|(t, p)| round((t - p) / 1e6, 2));
+            json!([c, sent, round(lat, 2)])
+        }).collect::<Vec<_>>(),
         "network_faults": r.destination["network_faults"],
         "first_client_error": r.load.first_error,
     }));
