@@ -791,6 +791,23 @@ impl MemorySink for DestinationRegions {
     fn end_postcopy(&self) -> lmig_core::Result<()> {
         Ok(self.set()?.end_postcopy()?)
     }
+
+    /// The migration failed: give the received pages back to the kernel
+    /// (private memory loses them, shared memory gets holes punched). The
+    /// mappings stay, empty (zero), so a new attempt with the same layout
+    /// can use them.
+    fn discard(&self) {
+        let Some(set) = self.set.get() else { return };
+        // Before `Commit` nothing runs here: no thread waits on a missing page.
+        set.abandon_postcopy();
+        for r in set.regions() {
+            let advice = match r.backing() {
+                Backing::Private => libc::MADV_DONTNEED,
+                _ => libc::MADV_REMOVE,
+            };
+            let _ = r.mapping().discard(0, r.len(), advice);
+        }
+    }
 }
 
 #[cfg(test)]
