@@ -250,6 +250,22 @@ pub trait Channel: Send + Sync {
     /// (`None` waits without limit).
     fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>>;
 
+    /// Post-copy: the next message of the urgent lane, for a thread that
+    /// serves that lane alone; `Ok(None)` when `timeout` passed first. From
+    /// the first call on, [`Channel::recv`] no longer returns urgent-lane
+    /// messages, so a page request or its reply never waits for a thread
+    /// busy with bulk pages. A broken link is still reported by `recv` (and
+    /// by sends), not here. Channels without a separate urgent receiver
+    /// return [`MigrationError::Unsupported`] and keep delivering urgent
+    /// messages through `recv`.
+    fn recv_urgent(&self, timeout: Duration) -> Result<Option<Message>> {
+        let _ = timeout;
+        Err(MigrationError::Unsupported {
+            feature: "a separate urgent-lane receiver",
+            needs: "a channel with an urgent lane of its own (lmig-transport's channels)",
+        })
+    }
+
     /// Post-copy recovery: re-establish (and re-authenticate) a broken channel.
     fn reconnect(&self) -> Result<()> {
         Err(MigrationError::Unsupported {
@@ -457,6 +473,9 @@ macro_rules! forward_channel {
             }
             fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>> {
                 (**self).recv(timeout)
+            }
+            fn recv_urgent(&self, timeout: Duration) -> Result<Option<Message>> {
+                (**self).recv_urgent(timeout)
             }
             fn reconnect(&self) -> Result<()> {
                 (**self).reconnect()

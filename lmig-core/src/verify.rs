@@ -55,6 +55,16 @@ impl PageHashes {
         }
     }
 
+    /// Record hashes computed beforehand with [`page_hash`], one per page
+    /// of `run` (a thread can hash outside a lock and record inside it).
+    pub fn record_hashes(&mut self, run: &PageRun, hashes: &[u64]) {
+        if let Some((_, slots)) = self.slot(run) {
+            for (slot, h) in slots.iter_mut().zip(hashes) {
+                *slot = *h;
+            }
+        }
+    }
+
     /// Record that every page of `run` is zero.
     pub fn record_zero(&mut self, run: &PageRun) {
         if let Some((ps, slots)) = self.slot(run) {

@@ -11,7 +11,7 @@ use crate::protocol::{Handover, Message, PageBatch, PageData, Verification};
 use crate::traits::{
     Channel, Event, MemorySink, NoObserver, NoSockets, Observer, Phase, SocketSink, StateSink,
 };
-use crate::verify::{PageHashes, first_mismatch};
+use crate::verify::{PageHashes, first_mismatch, page_hash};
 
 /// Settings of a [`Destination`].
 #[derive(Copy, Clone, Debug)]
@@ -105,8 +105,10 @@ const MAX_OUTSTANDING: usize = 256;
 /// State shared by the post-copy threads of the destination.
 #[derive(Default)]
 struct PostcopyLink {
-    /// Post-copy is over: the fault thread stops.
+    /// Post-copy is over: the fault and urgent threads stop.
     stop: AtomicBool,
+    /// The fault or urgent thread failed: post-copy stops.
+    failed: AtomicBool,
     /// Page requests sent (the program's network-bound faults).
     faults: AtomicU64,
     /// False while the channel is being re-established.
@@ -119,6 +121,122 @@ struct PostcopyLink {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Post-copy placement state shared by the thread placing pushed pages and
+/// the one placing requested pages.
+struct Placement {
+    /// Pages neither placed nor claimed by a placement in progress.
+    missing: RegionPages,
+    /// Pages claimed from `missing` whose placement is in progress.
+    placing: u64,
+    hashes: PageHashes,
+    counts: Counts,
+    warnings: Vec<String>,
+}
+
+/// Most warnings kept about bad post-copy input.
+const MAX_WARNINGS: usize = 64;
+
+impl Placement {
+    /// Every page is in place.
+    fn complete(&self) -> bool {
+        self.placing == 0 && self.missing.is_empty()
+    }
+
+    fn warn(&mut self, warning: String) {
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(warning);
+        }
+    }
+}
+
+/// Post-copy figures for the report.
+#[derive(Default)]
+struct Counts {
+    pages_placed: u64,
+    zero_pages: u64,
+    bytes_received: u64,
+    postcopy_pages: u64,
+    duplicate_pages: u64,
+}
+
+impl Counts {
+    fn add_to(&self, r: &mut DestinationReport) {
+        r.pages_placed += self.pages_placed;
+        r.zero_pages += self.zero_pages;
+        r.bytes_received += self.bytes_received;
+        r.postcopy_pages += self.postcopy_pages;
+        r.duplicate_pages += self.duplicate_pages;
+    }
+}
+
+/// Place a post-copy batch: only pages still missing, each once, claimed
+/// under the lock and placed outside it (the other placing thread goes
+/// on meanwhile). A batch outside the layout or of the wrong length is
+/// dropped with a warning.
+fn place_postcopy<M: MemorySink>(
+    memory: &M,
+    layout: &RegionLayout,
+    shared: &Mutex<Placement>,
+    batch: &PageBatch,
+) -> Result<()> {
+    let run = batch.run;
+    let region = match layout.check_run(&run) {
+        Err(e) => {
+            lock(shared).warn(format!("post-copy: dropped a bad page batch: {e}"));
+            return Ok(());
+        }
+        Ok(region) => region,
+    };
+    let ps = region.page_size as usize;
+    if let PageData::Raw(d) = &batch.data {
+        if d.len() as u64 != region.bytes(u64::from(run.count)) {
+            lock(shared).warn(format!(
+                "post-copy: dropped a bad page batch: {} bytes for {run}",
+                d.len()
+            ));
+            return Ok(());
+        }
+    }
+    let (subs, fresh) = {
+        let mut sh = lock(shared);
+        let set = sh.missing.get_mut(run.region)?;
+        let subs: Vec<(u64, u64)> = set.runs_in(run.first, run.end()).collect();
+        for &(f, c) in &subs {
+            set.remove_range(f, c);
+        }
+        let fresh: u64 = subs.iter().map(|(_, c)| c).sum();
+        sh.counts.duplicate_pages += u64::from(run.count) - fresh;
+        sh.counts.postcopy_pages += fresh;
+        sh.placing += fresh;
+        (subs, fresh)
+    };
+    let placed = subs.iter().try_for_each(|&(f, c)| -> Result<()> {
+        let sub = PageRun::new(run.region, f, c as u32);
+        match &batch.data {
+            PageData::Raw(data) => {
+                let off = (f - run.first) as usize * ps;
+                let bytes = &data[off..off + c as usize * ps];
+                memory.write_pages(&sub, bytes)?;
+                let hashes: Vec<u64> = bytes.chunks_exact(ps).map(page_hash).collect();
+                let mut sh = lock(shared);
+                sh.hashes.record_hashes(&sub, &hashes);
+                sh.counts.bytes_received += bytes.len() as u64;
+                sh.counts.pages_placed += c;
+            }
+            PageData::Zero => {
+                memory.zero_pages(&sub)?;
+                let mut sh = lock(shared);
+                sh.hashes.record_zero(&sub);
+                sh.counts.zero_pages += c;
+                sh.counts.pages_placed += c;
+            }
+        }
+        Ok(())
+    });
+    lock(shared).placing -= fresh;
+    placed
 }
 
 /// Pages that arrived before the control message they depend on.
@@ -435,9 +553,14 @@ where
 
     /// After `Commit`: post-copy until every page is in, then the digest check.
     ///
-    /// Post-copy runs two threads: the fault thread turns the program's
-    /// faults into `PageRequest`s on the urgent lane; this thread places the
-    /// pages that arrive (pushed or requested), only those still missing.
+    /// Post-copy runs three threads: the fault thread turns the program's
+    /// faults into `PageRequest`s on the urgent lane; the urgent thread
+    /// places the replies as they arrive (with [`Channel::recv_urgent`], so a
+    /// requested page never queues behind pushed ones, nor waits while this
+    /// thread copies a pushed chunk); this thread places the pushed pages.
+    /// Both placing threads claim the pages still missing under a short lock
+    /// and place them outside it, so every page is placed once. A channel
+    /// without `recv_urgent` delivers the replies here instead.
     ///
     /// Recovery: when the channel breaks (a `recv` or `send` error), faulting
     /// threads simply stay blocked in the kernel; this thread calls
@@ -460,46 +583,90 @@ where
         for run in &handover.postcopy {
             missing.insert_run(run)?;
         }
+        let shared = Mutex::new(Placement {
+            missing,
+            placing: 0,
+            hashes: std::mem::replace(
+                &mut progress.hashes,
+                PageHashes::new(&RegionLayout::default()),
+            ),
+            counts: Counts::default(),
+            warnings: Vec::new(),
+        });
+        let layout = &progress.layout.clone();
         let mut digests = None;
-        for batch in std::mem::take(&mut progress.early) {
-            self.place_postcopy(progress, &batch, &mut missing)?;
-        }
+        let placed_early = std::mem::take(&mut progress.early)
+            .iter()
+            .try_for_each(|batch| place_postcopy(&self.memory, layout, &shared, batch));
         let link = PostcopyLink::default();
         link.up.store(true, Ordering::Release);
-        if !missing.is_empty() {
+        let mut result = placed_early;
+        if result.is_ok() && !lock(&shared).complete() {
             self.phase(Phase::Postcopy);
             let poll = self.config.fault_poll;
             let memory = &self.memory;
             let channel = &self.channel;
             let link = &link;
-            let result = std::thread::scope(|s| -> Result<()> {
+            let shared = &shared;
+            result = std::thread::scope(|s| -> Result<()> {
                 let fault_thread = s.spawn(|| -> Result<()> {
-                    while !link.stop.load(Ordering::Acquire) {
-                        let Some(run) = memory.wait_fault(poll)? else {
-                            continue;
-                        };
-                        link.faults.fetch_add(1, Ordering::Relaxed);
-                        {
-                            let mut o = lock(&link.outstanding);
-                            if o.len() == MAX_OUTSTANDING {
-                                o.remove(0);
+                    let r = (|| {
+                        while !link.stop.load(Ordering::Acquire) {
+                            let Some(run) = memory.wait_fault(poll)? else {
+                                continue;
+                            };
+                            link.faults.fetch_add(1, Ordering::Relaxed);
+                            {
+                                let mut o = lock(&link.outstanding);
+                                if o.len() == MAX_OUTSTANDING {
+                                    o.remove(0);
+                                }
+                                o.push(run);
                             }
-                            o.push(run);
+                            if link.up.load(Ordering::Acquire)
+                                && channel.send_urgent(&Message::PageRequest(run)).is_err()
+                            {
+                                // The main thread reconnects; the request is
+                                // repeated after the resync.
+                                link.up.store(false, Ordering::Release);
+                            }
                         }
-                        if link.up.load(Ordering::Acquire)
-                            && channel.send_urgent(&Message::PageRequest(run)).is_err()
-                        {
-                            // The main thread reconnects; the request is
-                            // repeated after the resync.
-                            link.up.store(false, Ordering::Release);
-                        }
+                        Ok(())
+                    })();
+                    if r.is_err() {
+                        link.failed.store(true, Ordering::Release);
                     }
-                    Ok(())
+                    r
+                });
+                let urgent_thread = s.spawn(|| -> Result<()> {
+                    let r = (|| {
+                        while !link.stop.load(Ordering::Acquire) {
+                            match channel.recv_urgent(poll) {
+                                Ok(Some(Message::Pages(batch))) => {
+                                    place_postcopy(memory, layout, shared, &batch)?;
+                                }
+                                Ok(Some(other)) => lock(shared).warn(format!(
+                                    "post-copy: ignored an unexpected {} on the urgent lane",
+                                    other.name()
+                                )),
+                                Ok(None) => {}
+                                // Unsupported: replies come through `recv`;
+                                // closed: the session is over.
+                                Err(_) => break,
+                            }
+                        }
+                        Ok(())
+                    })();
+                    if r.is_err() {
+                        link.failed.store(true, Ordering::Release);
+                    }
+                    r
                 });
                 let placed = (|| -> Result<()> {
                     let mut quiet = Duration::ZERO;
-                    while !missing.is_empty() {
+                    while !lock(shared).complete() && !link.failed.load(Ordering::Acquire) {
                         if !link.up.load(Ordering::Acquire) {
+                            let missing = lock(shared).missing.clone();
                             self.recover(progress, &missing, link, "a page request failed")?;
                             quiet = Duration::ZERO;
                         }
@@ -516,6 +683,7 @@ where
                                 continue;
                             }
                             Err(e) => {
+                                let missing = lock(shared).missing.clone();
                                 self.recover(progress, &missing, link, &e.to_string())?;
                                 quiet = Duration::ZERO;
                                 continue;
@@ -524,10 +692,10 @@ where
                         quiet = Duration::ZERO;
                         match msg {
                             Message::Pages(batch) => {
-                                self.place_postcopy(progress, &batch, &mut missing)?
+                                place_postcopy(memory, layout, shared, &batch)?
                             }
                             Message::Digests(d) => digests = Some(d),
-                            other => progress.report.warnings.push(format!(
+                            other => lock(shared).warn(format!(
                                 "post-copy: ignored an unexpected {} from the source",
                                 other.name()
                             )),
@@ -537,12 +705,20 @@ where
                 })();
                 link.stop.store(true, Ordering::Release);
                 let faulted = fault_thread.join().expect("fault thread panicked");
-                placed.and(faulted)
+                let urgent = urgent_thread.join().expect("urgent thread panicked");
+                placed.and(urgent).and(faulted)
             });
             progress.report.network_faults = link.faults.load(Ordering::Relaxed);
-            result?;
+        }
+        let placement = shared.into_inner().unwrap_or_else(|p| p.into_inner());
+        progress.hashes = placement.hashes;
+        placement.counts.add_to(&mut progress.report);
+        progress.report.warnings.extend(placement.warnings);
+        result?;
+        if !handover.postcopy.is_empty() {
             self.memory.end_postcopy()?;
         }
+        let missing = placement.missing;
         progress.report.complete_at = Some(Instant::now());
         if !handover.verify {
             return Ok(Verification::NotChecked);
@@ -588,36 +764,6 @@ where
             None => Verification::Verified,
             Some(region) => Verification::Mismatch(region),
         })
-    }
-
-    /// Place a post-copy batch: only pages still missing, each once. A batch
-    /// outside the layout or of the wrong length is dropped with a warning.
-    fn place_postcopy(
-        &self,
-        progress: &mut Progress,
-        batch: &PageBatch,
-        missing: &mut RegionPages,
-    ) -> Result<()> {
-        let run = batch.run;
-        let bad = match progress.layout.check_run(&run) {
-            Err(e) => Some(e.to_string()),
-            Ok(region) => match &batch.data {
-                PageData::Raw(d) if d.len() as u64 != region.bytes(u64::from(run.count)) => {
-                    Some(format!("{} bytes for {run}", d.len()))
-                }
-                _ => None,
-            },
-        };
-        if let Some(why) = bad {
-            if progress.report.warnings.len() < 64 {
-                progress
-                    .report
-                    .warnings
-                    .push(format!("post-copy: dropped a bad page batch: {why}"));
-            }
-            return Ok(());
-        }
-        self.place(progress, batch, Some(missing))
     }
 
     /// The channel broke during post-copy: reconnect (bounded by

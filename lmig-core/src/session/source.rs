@@ -1,6 +1,6 @@
 //! The source side: pre-copy rounds, the freeze, the commit, post-copy service.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -136,6 +136,9 @@ struct Undo {
     paused: bool,
     sockets_frozen: bool,
 }
+
+/// How often the post-copy urgent thread checks whether the session ended.
+const URGENT_TICK: Duration = Duration::from_millis(20);
 
 /// Round number used for pages sent after `Commit`.
 const POSTCOPY_ROUND: u32 = u32::MAX;
@@ -565,6 +568,28 @@ where
         let total_pages = layout.total_pages();
         let mut warnings = Vec::new();
 
+        // Requests served: counted by whichever thread serves them.
+        let requested = Mutex::new(Sent::default());
+        let heard = AtomicU64::new(0);
+        let serving = AtomicBool::new(true);
+        let serve_request = |sender: &mut PageSender<'_, M, C>, run: PageRun| {
+            if layout.check_run(&run).is_err() {
+                return;
+            }
+            let runs = push
+                .lock()
+                .expect("push queue poisoned")
+                .take_requested(&run, batch);
+            for r in runs {
+                match sender.send_run(r, POSTCOPY_ROUND, 0, true) {
+                    Ok(sent) => requested
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .add(sent),
+                    Err(_) => gate.broken(gate.epoch()),
+                }
+            }
+        };
         let outcome = std::thread::scope(|s| -> Result<Verification> {
             let pusher = s.spawn(|| -> Result<Sent> {
                 let mut sender = PageSender::new(memory, channel, layout);
@@ -591,10 +616,28 @@ where
                 Ok(total)
             });
 
+            // The urgent thread answers requests the moment they arrive,
+            // never behind a message this thread is handling; with a channel
+            // without `recv_urgent` this thread answers them.
+            let urgent_thread = s.spawn(|| {
+                let mut sender = PageSender::new(memory, channel, layout);
+                while serving.load(Ordering::Acquire) {
+                    match channel.recv_urgent(URGENT_TICK) {
+                        Ok(Some(msg)) => {
+                            heard.fetch_add(1, Ordering::Relaxed);
+                            if let Message::PageRequest(run) = msg {
+                                serve_request(&mut sender, run);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(_) => break,
+                    }
+                }
+            });
             let mut urgent = PageSender::new(memory, channel, layout);
-            let mut requested = Sent::default();
             let mut digests: Option<Vec<crate::protocol::RegionDigest>> = None;
             let mut idle = Duration::ZERO;
+            let mut last_heard = 0;
             let tick = Duration::from_millis(20);
             let serve = (|| -> Result<Verification> {
                 loop {
@@ -613,6 +656,13 @@ where
                         Ok(Some(m)) => m,
                         Ok(None) => {
                             idle += tick;
+                            // Requests read by the urgent thread count as
+                            // signs of life too.
+                            let h = heard.load(Ordering::Relaxed);
+                            if h != last_heard {
+                                last_heard = h;
+                                idle = Duration::ZERO;
+                            }
                             if pusher.is_finished() {
                                 // The pusher failed; its error is reported below.
                                 return Ok(Verification::NotChecked);
@@ -638,19 +688,7 @@ where
                     idle = Duration::ZERO;
                     match msg {
                         Message::PageRequest(run) => {
-                            if layout.check_run(&run).is_err() {
-                                continue;
-                            }
-                            let runs = push
-                                .lock()
-                                .expect("push queue poisoned")
-                                .take_requested(&run, batch);
-                            for r in runs {
-                                match urgent.send_run(r, POSTCOPY_ROUND, 0, true) {
-                                    Ok(sent) => requested.add(sent),
-                                    Err(_) => gate.broken(gate.epoch()),
-                                }
-                            }
+                            serve_request(&mut urgent, run);
                         }
                         Message::Resync(missing) => {
                             {
@@ -677,6 +715,11 @@ where
                 }
             })();
             gate.finish();
+            serving.store(false, Ordering::Release);
+            urgent_thread
+                .join()
+                .expect("post-copy urgent thread panicked");
+            let requested = *requested.lock().unwrap_or_else(|p| p.into_inner());
             let pushed_sent = pusher.join().expect("post-copy pusher panicked")?;
             report.postcopy_pages = pushed_sent.pages + requested.pages;
             report.requested_pages = requested.pages;

@@ -836,6 +836,22 @@ impl Channel for StreamChannel {
         }
     }
 
+    fn recv_urgent(&self, timeout: Duration) -> lmig_core::Result<Option<Message>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(MigrationError::channel_closed("the channel was shut down"));
+            }
+            // The urgent reader queues only its messages as urgent (its end
+            // or failure goes to `recv`).
+            match self.inner.queue.pop_urgent(deadline) {
+                Some(Event::Msg(m)) => return Ok(Some(m)),
+                Some(_) => continue,
+                None => return Ok(None),
+            }
+        }
+    }
+
     fn reconnect(&self) -> lmig_core::Result<()> {
         self.reconnect_inner().map_err(Into::into)
     }
