@@ -85,6 +85,13 @@ const IFA_LOCAL: u16 = 2;
 const IFA_FLAGS: u16 = 8;
 const IFA_F_NODAD: u32 = 0x02;
 const IFLA_ADDRESS: u16 = 1;
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_GETNEIGH: u16 = 30;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+const NTF_USE: u8 = 0x01;
+/// `NUD_VALID`: PERMANENT | NOARP | REACHABLE | PROBE | STALE | DELAY.
+const NUD_VALID: u16 = 0x80 | 0x40 | 0x02 | 0x10 | 0x04 | 0x08;
 
 /// One service address with its prefix length as configured on the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +129,15 @@ pub struct HandoffConfig {
     pub queue_maxlen: u32,
     /// Receive buffer for held packet copies (default 64 MiB).
     pub rcvbuf: usize,
+    /// Source only: the destination host's own address on this link (for
+    /// example its migration address). When set, held packets go straight to
+    /// its link-layer address, learnt before the freeze from the neighbour
+    /// table. Without it (or when that host is not a known neighbour on
+    /// `interface`) they are routed to the service address, which costs an
+    /// ARP or neighbour exchange the destination only answers once it holds
+    /// the address, and the kernel queues few packets meanwhile (the rest
+    /// are dropped and the clients retransmit).
+    pub forward_to: Option<IpAddr>,
 }
 
 impl HandoffConfig {
@@ -134,7 +150,15 @@ impl HandoffConfig {
             linger: Duration::from_secs(3),
             queue_maxlen: 65_536,
             rcvbuf: 64 << 20,
+            forward_to: None,
         }
+    }
+
+    /// Forward held packets straight to this destination host (see
+    /// [`HandoffConfig::forward_to`]).
+    pub fn forward_to(mut self, host: IpAddr) -> Self {
+        self.forward_to = Some(host);
+        self
     }
 
     fn lock_config(&self, copy_payload: bool) -> LockConfig {
@@ -165,6 +189,9 @@ pub struct HandoffStats {
     pub held: u64,
     /// Packets lost (queue or buffer overrun, failed re-injection).
     pub dropped: u64,
+    /// Source: held packets go straight to the destination host's
+    /// link-layer address ([`HandoffConfig::forward_to`] resolved).
+    pub forwarded_direct: bool,
 }
 
 fn if_index(name: &str) -> Result<u32> {
@@ -315,6 +342,93 @@ pub fn link_address(ifindex: u32) -> Result<[u8; 6]> {
     })
 }
 
+/// `RTM_GETNEIGH`: the link-layer address of neighbour `ip` on interface
+/// `ifindex`, if the neighbour table holds a valid entry for it.
+#[doc(alias = "RTM_GETNEIGH")]
+pub fn neighbour_address(ifindex: u32, ip: IpAddr) -> Result<Option<[u8; 6]>> {
+    let mut nl = route_socket()?;
+    let (family, bytes) = match ip {
+        IpAddr::V4(v) => (libc::AF_INET as u8, v.octets().to_vec()),
+        IpAddr::V6(v) => (libc::AF_INET6 as u8, v.octets().to_vec()),
+    };
+    let seq = nl.next_seq();
+    let mut hdr = [0u8; 12];
+    hdr[0] = family;
+    hdr[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    let mut m = MsgBuf::new();
+    m.begin(RTM_GETNEIGH, F_REQUEST, seq)
+        .raw(&hdr)
+        .attr(NDA_DST, &bytes)
+        .end();
+    let mut mac = None;
+    let r = nl.dump(m.bytes(), |kind, payload| {
+        if kind != RTM_NEWNEIGH || payload.len() < 12 {
+            return;
+        }
+        let index = i32::from_ne_bytes([payload[4], payload[5], payload[6], payload[7]]);
+        let state = u16::from_ne_bytes([payload[8], payload[9]]);
+        if index as u32 != ifindex || state & NUD_VALID == 0 {
+            return;
+        }
+        let (mut dst, mut ll) = (None, None);
+        for (t, v) in Attrs::new(&payload[12..]) {
+            match t {
+                NDA_DST => dst = Some(v.to_vec()),
+                NDA_LLADDR if v.len() == 6 => ll = Some(v),
+                _ => {}
+            }
+        }
+        if let (Some(d), Some(l)) = (dst, ll) {
+            if d == bytes {
+                let mut a = [0u8; 6];
+                a.copy_from_slice(l);
+                mac = Some(a);
+            }
+        }
+    });
+    match r {
+        Ok(()) => Ok(mac),
+        // No entry for it.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(NetError::sys("RTM_GETNEIGH", ip.to_string(), e)),
+    }
+}
+
+/// [`neighbour_address`], asking the kernel to resolve it (an ARP request
+/// or neighbour solicitation, `NTF_USE`) when the table has no valid entry,
+/// and waiting for the answer at most `timeout`.
+pub fn resolve_neighbour(ifindex: u32, ip: IpAddr, timeout: Duration) -> Result<Option<[u8; 6]>> {
+    if let Some(mac) = neighbour_address(ifindex, ip)? {
+        return Ok(Some(mac));
+    }
+    let mut nl = route_socket()?;
+    let (family, bytes) = match ip {
+        IpAddr::V4(v) => (libc::AF_INET as u8, v.octets().to_vec()),
+        IpAddr::V6(v) => (libc::AF_INET6 as u8, v.octets().to_vec()),
+    };
+    let seq = nl.next_seq();
+    let mut hdr = [0u8; 12];
+    hdr[0] = family;
+    hdr[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    hdr[10] = NTF_USE;
+    let mut m = MsgBuf::new();
+    m.begin(RTM_NEWNEIGH, F_REQUEST | F_ACK | F_CREATE, seq)
+        .raw(&hdr)
+        .attr(NDA_DST, &bytes)
+        .end();
+    nl.transact(m.bytes(), 1)
+        .map_err(|e| NetError::sys("RTM_NEWNEIGH (NTF_USE)", ip.to_string(), e))?;
+    let start = Instant::now();
+    // Bounded by `timeout`.
+    while start.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(1));
+        if let Some(mac) = neighbour_address(ifindex, ip)? {
+            return Ok(Some(mac));
+        }
+    }
+    Ok(None)
+}
+
 /// Sends gratuitous ARPs and unsolicited neighbour advertisements for the
 /// service addresses out of one interface. Sockets and the interface's
 /// address are set up by [`Announcer::new`], before the freeze.
@@ -426,12 +540,23 @@ impl Announcer {
     }
 }
 
-/// Sends held IP packets again, unchanged, through this host's routing (raw
-/// sockets with the header included).
+/// Sends held IP packets again, unchanged: straight to the destination
+/// host's link-layer address when it is known ([`Reinjector::direct`]),
+/// otherwise through this host's routing (raw sockets with the header
+/// included).
 #[derive(Debug)]
 pub struct Reinjector {
     v4: Socket,
     v6: Socket,
+    direct: Option<Direct>,
+}
+
+/// The link-layer path of a [`Reinjector`].
+#[derive(Debug)]
+struct Direct {
+    fd: std::os::fd::OwnedFd,
+    ifindex: u32,
+    mac: [u8; 6],
 }
 
 impl Reinjector {
@@ -451,12 +576,36 @@ impl Reinjector {
         Ok(Self {
             v4: open(Domain::IPV4)?,
             v6: open(Domain::IPV6)?,
+            direct: None,
         })
+    }
+
+    /// Send every packet out of interface `ifindex` to link-layer address
+    /// `mac` (the destination host), without routing or address resolution.
+    pub fn direct(mut self, ifindex: u32, mac: [u8; 6]) -> Result<Self> {
+        let fd = packet::packet_dgram_socket(0)
+            .map_err(|e| NetError::sys("socket(AF_PACKET)", format!("interface {ifindex}"), e))?;
+        self.direct = Some(Direct { fd, ifindex, mac });
+        Ok(self)
     }
 
     /// Send one IP packet (IPv4 or IPv6, from its header on) to its destination.
     pub fn send(&self, pkt: &[u8]) -> io::Result<()> {
         let bad = || io::Error::new(io::ErrorKind::InvalidData, "not an IP packet");
+        if let Some(d) = &self.direct {
+            let proto = match pkt.first().map(|b| b >> 4) {
+                Some(4) if pkt.len() >= 20 => packet::ETH_P_IP,
+                Some(6) if pkt.len() >= 40 => packet::ETH_P_IPV6,
+                _ => return Err(bad()),
+            };
+            return packet::send_to(
+                std::os::fd::AsFd::as_fd(&d.fd),
+                d.ifindex,
+                proto,
+                d.mac,
+                pkt,
+            );
+        }
         match pkt.first().map(|b| b >> 4) {
             Some(4) if pkt.len() >= 20 => {
                 let d = std::net::Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
@@ -504,14 +653,22 @@ impl SourceHandoff {
         let ifindex = if_index(&cfg.interface)?;
         let route = route_socket()?;
         let lock = NetLock::install(cfg.lock_config(true))?;
-        let reinject = Reinjector::new()?;
+        let mut reinject = Reinjector::new()?;
+        let mut stats = HandoffStats::default();
+        if let Some(host) = cfg.forward_to {
+            // Unresolvable (another link, no answer): routed, as without it.
+            if let Ok(Some(mac)) = resolve_neighbour(ifindex, host, Duration::from_secs(1)) {
+                reinject = reinject.direct(ifindex, mac)?;
+                stats.forwarded_direct = true;
+            }
+        }
         Ok(Self {
             cfg,
             ifindex,
             route,
             lock: Some(lock),
             reinject: Some(reinject),
-            stats: Arc::default(),
+            stats: Arc::new(Mutex::new(stats)),
             forwarder: None,
         })
     }

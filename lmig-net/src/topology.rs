@@ -258,6 +258,11 @@ impl Topology {
             ns.ip(&["link", "set", "lo", "up"])?;
             ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
             ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+            // No duplicate address detection for the link-local address
+            // either: while it is tentative the kernel cannot solicit a
+            // neighbour on its own (`NTF_USE`), only for a packet it sends.
+            ns.run(|| std::fs::write("/proc/sys/net/ipv6/conf/eth0/accept_dad", "0"))?
+                .map_err(|e| NetError::topology("disable DAD on eth0", Some(e)))?;
             ns.ip(&["link", "set", "eth0", "up"])?;
         }
         Ok(())

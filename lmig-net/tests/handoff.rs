@@ -490,15 +490,33 @@ fn service_moves(tcp: bool, v6: bool) {
     );
 
     // Before the freeze: lock installed on A, armed on B, sockets planned.
+    // TCP runs forward held packets straight to B's link-layer address
+    // (resolved here, A never talked to B); UDP runs route them.
+    let b_host: IpAddr = if v6 {
+        Topology::B_V6.into()
+    } else {
+        Topology::B_V4.into()
+    };
+    let src_cfg = if tcp {
+        config().forward_to(b_host)
+    } else {
+        config()
+    };
     let mut src = topo
         .a
         .run(move || {
-            let mut s = Locked::new(NetSource::new(SourceConfig::default())?, config())?;
+            let mut s = Locked::new(NetSource::new(SourceConfig::default())?, src_cfg)?;
             s.inner_mut().add(1, fd)?;
             Ok::<_, NetError>(s)
         })
         .unwrap()
         .expect("source with lock");
+    assert_eq!(
+        src.handoff().stats().forwarded_direct,
+        tcp,
+        "direct forwarding (neighbours of A: {})",
+        neigh(&topo.a)
+    );
     let plan = src.plan().unwrap();
     let sink = topo
         .b

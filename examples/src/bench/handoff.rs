@@ -596,8 +596,9 @@ impl RoleState {
                     .map_err(|_| "accept panicked")??;
                 self.rsts0 = snmp_tcp("OutRsts");
                 // The lock is installed here, before any freeze; a failure ends the run.
-                let mut src =
-                    Locked::new(NetSource::new(SourceConfig::default())?, handoff_config())?;
+                // Held packets go straight to B (any family: one link-layer address).
+                let cfg = handoff_config().forward_to(Topology::B_V4.into());
+                let mut src = Locked::new(NetSource::new(SourceConfig::default())?, cfg)?;
                 let mut ids = Vec::with_capacity(conns.len());
                 for (i, c) in conns.into_iter().enumerate() {
                     c.set_nonblocking(true)?;

@@ -353,7 +353,12 @@ pub fn migrate_out(
             progress(e)
         });
     match &opts.handoff {
-        Some(h) => source.with_sockets(Locked::new(sockets, h.clone())?).run(),
+        // Held packets go straight to the destination host (a neighbour on
+        // the service link: its migration address).
+        Some(h) => {
+            let h = h.clone().forward_to(opts.target.ip());
+            source.with_sockets(Locked::new(sockets, h)?).run()
+        }
         None => source.with_sockets(sockets).run(),
     }
 }

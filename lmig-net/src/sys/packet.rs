@@ -1,5 +1,5 @@
-//! `AF_PACKET` sockets: sending a link-layer frame (a gratuitous ARP) out of
-//! one interface without the `arping` binary.
+//! `AF_PACKET` sockets: sending a link-layer frame (a gratuitous ARP, a held
+//! IP packet forwarded to the destination host) out of one interface.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -8,9 +8,14 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `ETH_P_ARP`.
 pub(crate) const ETH_P_ARP: u16 = 0x0806;
+/// `ETH_P_IP`.
+pub(crate) const ETH_P_IP: u16 = 0x0800;
+/// `ETH_P_IPV6`.
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 
 /// `socket(AF_PACKET, SOCK_DGRAM, htons(protocol))`: the kernel adds the
-/// Ethernet header from the address given to [`send_to_broadcast`].
+/// Ethernet header from the address given to [`send_to`]. With protocol 0
+/// the socket only sends (it receives nothing).
 #[doc(alias = "AF_PACKET")]
 pub(crate) fn packet_dgram_socket(protocol: u16) -> io::Result<OwnedFd> {
     // SAFETY: socket() takes no pointers; the result is checked before use.
@@ -36,13 +41,25 @@ pub(crate) fn send_to_broadcast(
     protocol: u16,
     payload: &[u8],
 ) -> io::Result<()> {
+    send_to(fd, ifindex, protocol, [0xff; 6], payload)
+}
+
+/// `sendto(2)` of `payload` to link-layer address `mac` on interface
+/// `ifindex`, as EtherType `protocol`.
+pub(crate) fn send_to(
+    fd: BorrowedFd<'_>,
+    ifindex: u32,
+    protocol: u16,
+    mac: [u8; 6],
+    payload: &[u8],
+) -> io::Result<()> {
     // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
     let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
     sll.sll_protocol = protocol.to_be();
     sll.sll_ifindex = ifindex as i32;
     sll.sll_halen = 6;
-    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    sll.sll_addr[..6].copy_from_slice(&mac);
     // SAFETY: payload is a valid readable slice for its length; sll is a
     // fully initialised sockaddr_ll whose size is passed alongside.
     let n = unsafe {
