@@ -15,7 +15,7 @@ use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
 use lmig_core::session::{
     Destination, DestinationReport, Mode, Source, SourceConfig, SourceReport,
 };
-use lmig_core::traits::Event;
+use lmig_core::traits::{Event, Phase};
 use lmig_core::{MigrationError, SocketSink, SocketSource, StateSink, StateSource};
 use lmig_mem::{Backing, DestinationRegions, RegionSet, best_tracker};
 use lmig_net::{Handoff, HandoffConfig, Locked, NetSink, NetSource, SinkConfig};
@@ -337,6 +337,7 @@ pub fn migrate_out(
         fallback,
         ..PolicyConfig::default()
     });
+    let mode = opts.mode;
     let config = SourceConfig {
         mode: opts.mode,
         ..SourceConfig::default()
@@ -345,9 +346,15 @@ pub fn migrate_out(
         .with_policy(policy)
         .with_config(config)
         .with_observer(move |e: &Event| {
-            if debug {
-                if let Event::Phase { phase, .. } = e {
+            if let Event::Phase { phase, .. } = e {
+                if debug {
                     eprintln!("kvd: {phase:?} at {:?}", t.elapsed());
+                }
+                // After the commit this (pre-copy) session only checksums the
+                // frozen memory for the verification: let everything else on
+                // this host go first (a destination on the same machine).
+                if *phase == Phase::Committed && mode == Mode::Precopy {
+                    yield_cpu();
                 }
             }
             progress(e)
@@ -361,6 +368,12 @@ pub fn migrate_out(
         }
         None => source.with_sockets(sockets).run(),
     }
+}
+
+/// Lowest CPU priority for the calling thread (Linux nice values are per thread).
+fn yield_cpu() {
+    // SAFETY: setpriority takes plain integers; `who` 0 is the calling thread.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
 }
 
 /// The destination's sockets: restored by lmig-net, handed to the loop after `Commit`.
