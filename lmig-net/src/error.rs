@@ -38,6 +38,15 @@ pub enum NetError {
         reason: String,
     },
 
+    /// The connection was reset or closed by the peer before the capture
+    /// (TCP state `CLOSE`): there is nothing left to move. Capture skips it
+    /// ([`crate::NetSource::gone`] lists it) instead of failing.
+    #[error("{what} is gone: the peer reset or closed it before the capture")]
+    ConnectionGone {
+        /// The connection's id and addresses.
+        what: String,
+    },
+
     /// A record was rejected before anything was restored from it.
     #[error(transparent)]
     InvalidRecord(MigrationError),

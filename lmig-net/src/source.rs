@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 
 use lmig_core::MigrationError;
 use lmig_core::model::{SocketKind, SocketPrep, SocketRecord};
@@ -111,6 +111,7 @@ pub struct NetSource {
     entries: Vec<Entry>,
     ids: HashSet<u64>,
     planned: HashMap<u64, Planned>,
+    gone: Mutex<Vec<u64>>,
     cfg: SourceConfig,
     ctx: CaptureCtx,
     phase: Phase,
@@ -205,8 +206,23 @@ fn capture_one(e: &Entry, ctx: &CaptureCtx) -> Result<SocketRecord> {
     }
 }
 
-fn capture_batch(entries: &[Entry], ctx: &CaptureCtx) -> Result<Vec<SocketRecord>> {
-    entries.iter().map(|e| capture_one(e, ctx)).collect()
+/// The records of `entries`; connections found gone are skipped and listed in `gone`.
+fn capture_batch(
+    entries: &[Entry],
+    ctx: &CaptureCtx,
+    gone: &Mutex<Vec<u64>>,
+) -> Result<Vec<SocketRecord>> {
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        match capture_one(e, ctx) {
+            Ok(r) => out.push(r),
+            Err(NetError::ConnectionGone { .. }) => {
+                gone.lock().unwrap_or_else(|p| p.into_inner()).push(e.id)
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(out)
 }
 
 impl NetSource {
@@ -217,6 +233,7 @@ impl NetSource {
             entries: Vec::new(),
             ids: HashSet::new(),
             planned: HashMap::new(),
+            gone: Mutex::new(Vec::new()),
             ctx: CaptureCtx {
                 buffers: cfg.capture_buffer_sizes,
                 default_cc: defaults.congestion,
@@ -334,6 +351,13 @@ impl NetSource {
             .iter()
             .find(|e| e.id == id)
             .map(|e| e.fd.as_fd())
+    }
+
+    /// Connections the last capture found gone (reset or closed by the peer
+    /// before it) and left out: the destination gets no socket for them, and
+    /// the program treats them as closed. Released with the others.
+    pub fn gone(&self) -> Vec<u64> {
+        self.gone.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Number of sockets handed over.
@@ -518,20 +542,25 @@ impl NetSource {
             }
             .into());
         }
+        self.gone.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let n = self.entries.len();
         let bs = self.cfg.batch_size.max(1);
         let batches = n.div_ceil(bs);
         let threads = self.cfg.threads.clamp(1, 16).min(batches.max(1));
         if threads <= 1 {
             for b in 0..batches {
-                let recs = capture_batch(&self.entries[b * bs..((b + 1) * bs).min(n)], &self.ctx)?;
+                let recs = capture_batch(
+                    &self.entries[b * bs..((b + 1) * bs).min(n)],
+                    &self.ctx,
+                    &self.gone,
+                )?;
                 emit(recs)?;
             }
             return Ok(());
         }
         let next = AtomicUsize::new(0);
         let stop = AtomicBool::new(false);
-        let (entries, ctx) = (&self.entries[..], &self.ctx);
+        let (entries, ctx, gone) = (&self.entries[..], &self.ctx, &self.gone);
         std::thread::scope(|s| -> lmig_core::Result<()> {
             let (tx, rx) = mpsc::sync_channel::<Result<Vec<SocketRecord>>>(threads * 2);
             for _ in 0..threads {
@@ -544,7 +573,7 @@ impl NetSource {
                         if b >= batches {
                             break;
                         }
-                        let r = capture_batch(&entries[b * bs..((b + 1) * bs).min(n)], ctx);
+                        let r = capture_batch(&entries[b * bs..((b + 1) * bs).min(n)], ctx, gone);
                         let failed = r.is_err();
                         if tx.send(r).is_err() || failed {
                             stop.store(true, Ordering::Relaxed);

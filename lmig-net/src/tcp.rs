@@ -73,6 +73,9 @@ pub fn describe_conn(id: u64, local: Option<SocketAddr>, peer: Option<SocketAddr
 }
 
 /// Kernel state number to the model's close-handshake state.
+/// `TCP_CLOSE`: after a reset, or a close that completed.
+const TCP_CLOSE: u8 = 7;
+
 pub(crate) fn state_kind(state: u8) -> std::result::Result<TcpStateKind, &'static str> {
     Ok(match state {
         1 => TcpStateKind::Established,
@@ -163,6 +166,9 @@ pub(crate) fn capture_established(
     let what = || describe_conn(id, Some(local), Some(peer));
     let (info, info_len) =
         sys::tcp_info_len(fd).map_err(|e| NetError::sys("getsockopt(TCP_INFO)", what(), e))?;
+    if info.state == TCP_CLOSE {
+        return Err(NetError::ConnectionGone { what: what() });
+    }
     let state = state_kind(info.state).map_err(|r| NetError::NotMigratable {
         what: what(),
         reason: r.into(),
