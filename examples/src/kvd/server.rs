@@ -171,8 +171,9 @@ impl Server {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Accept what waits and serve every connection once: after a pause,
-    /// and at the start (restored connections may hold buffered requests).
+    /// Accept what waits and serve every connection once, after a pause
+    /// (readiness is edge-triggered: events of the batch left for the pause
+    /// are not reported again).
     fn serve_all(&mut self, store: &Store<'_>) -> std::io::Result<()> {
         self.accept_all()?;
         let ids: Vec<u64> = self.conns.keys().copied().collect();
@@ -183,9 +184,12 @@ impl Server {
     }
 
     /// Serve until told to exit after a commit.
+    ///
+    /// No pass over every connection at the start: registering a connected
+    /// socket reports it writable at the first poll, so each one (restored
+    /// connections with buffered requests too) is served once from there.
     pub fn run(&mut self, store: &Store<'_>) -> std::io::Result<()> {
         let mut events = Events::with_capacity(1024);
-        self.serve_all(store)?;
         loop {
             if self.control.pause.load(Ordering::SeqCst) {
                 match self.park()? {
