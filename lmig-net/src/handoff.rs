@@ -342,24 +342,39 @@ pub fn link_address(ifindex: u32) -> Result<[u8; 6]> {
     })
 }
 
+/// A neighbour-table message (`struct ndmsg` + `NDA_DST`) about `ip` on
+/// interface `ifindex`, and the address bytes.
+fn neigh_msg(
+    kind: u16,
+    flags: u16,
+    ifindex: u32,
+    ip: IpAddr,
+    ntf: u8,
+    seq: u32,
+) -> (MsgBuf, Vec<u8>) {
+    let (family, bytes) = match ip {
+        IpAddr::V4(v) => (libc::AF_INET as u8, v.octets().to_vec()),
+        IpAddr::V6(v) => (libc::AF_INET6 as u8, v.octets().to_vec()),
+    };
+    let mut hdr = [0u8; 12];
+    hdr[0] = family;
+    hdr[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    hdr[10] = ntf;
+    let mut m = MsgBuf::new();
+    m.begin(kind, flags, seq)
+        .raw(&hdr)
+        .attr(NDA_DST, &bytes)
+        .end();
+    (m, bytes)
+}
+
 /// `RTM_GETNEIGH`: the link-layer address of neighbour `ip` on interface
 /// `ifindex`, if the neighbour table holds a valid entry for it.
 #[doc(alias = "RTM_GETNEIGH")]
 pub fn neighbour_address(ifindex: u32, ip: IpAddr) -> Result<Option<[u8; 6]>> {
     let mut nl = route_socket()?;
-    let (family, bytes) = match ip {
-        IpAddr::V4(v) => (libc::AF_INET as u8, v.octets().to_vec()),
-        IpAddr::V6(v) => (libc::AF_INET6 as u8, v.octets().to_vec()),
-    };
     let seq = nl.next_seq();
-    let mut hdr = [0u8; 12];
-    hdr[0] = family;
-    hdr[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
-    let mut m = MsgBuf::new();
-    m.begin(RTM_GETNEIGH, F_REQUEST, seq)
-        .raw(&hdr)
-        .attr(NDA_DST, &bytes)
-        .end();
+    let (m, bytes) = neigh_msg(RTM_GETNEIGH, F_REQUEST, ifindex, ip, 0, seq);
     let mut mac = None;
     let r = nl.dump(m.bytes(), |kind, payload| {
         if kind != RTM_NEWNEIGH || payload.len() < 12 {
@@ -402,20 +417,9 @@ pub fn resolve_neighbour(ifindex: u32, ip: IpAddr, timeout: Duration) -> Result<
         return Ok(Some(mac));
     }
     let mut nl = route_socket()?;
-    let (family, bytes) = match ip {
-        IpAddr::V4(v) => (libc::AF_INET as u8, v.octets().to_vec()),
-        IpAddr::V6(v) => (libc::AF_INET6 as u8, v.octets().to_vec()),
-    };
     let seq = nl.next_seq();
-    let mut hdr = [0u8; 12];
-    hdr[0] = family;
-    hdr[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
-    hdr[10] = NTF_USE;
-    let mut m = MsgBuf::new();
-    m.begin(RTM_NEWNEIGH, F_REQUEST | F_ACK | F_CREATE, seq)
-        .raw(&hdr)
-        .attr(NDA_DST, &bytes)
-        .end();
+    let flags = F_REQUEST | F_ACK | F_CREATE;
+    let (m, _) = neigh_msg(RTM_NEWNEIGH, flags, ifindex, ip, NTF_USE, seq);
     nl.transact(m.bytes(), 1)
         .map_err(|e| NetError::sys("RTM_NEWNEIGH (NTF_USE)", ip.to_string(), e))?;
     let start = Instant::now();
