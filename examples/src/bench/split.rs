@@ -213,6 +213,18 @@ impl Drop for Program {
     }
 }
 
+/// Touch page `p` (held elsewhere) as the program does; the time it took
+/// when the touch went to a page host.
+fn touch(split: &SplitRegion, p: u64) -> Result<Option<f64>, BoxError> {
+    let mut word = [0u8; 8];
+    let faults = split.stats().remote_faults;
+    let t = Instant::now();
+    split.region().read_at(p as usize * PAGE, &mut word)?;
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    // Only touches that really went to a page host count.
+    Ok((split.stats().remote_faults > faults).then_some(us))
+}
+
 fn shares(pages: u64, hosts: &[u32]) -> Vec<(HostId, Vec<PageRun>)> {
     let share = pages / hosts.len() as u64;
     hosts
@@ -329,16 +341,9 @@ pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
         if split.is_local(p) {
             continue;
         }
-        let mut word = [0u8; 8];
-        let faults = split.stats().remote_faults;
-        let t = Instant::now();
-        split.region().read_at(p as usize * PAGE, &mut word)?;
-        let us = t.elapsed().as_secs_f64() * 1e6;
-        // Only touches that really went to a page host count.
-        if split.stats().remote_faults > faults {
-            lat.push(us);
-        } else {
-            present_touches += 1;
+        match touch(&split, p)? {
+            Some(us) => lat.push(us),
+            None => present_touches += 1,
         }
     }
     lat.sort_by(f64::total_cmp);
@@ -418,4 +423,96 @@ pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
     }));
     drop(peers);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The bench's own measuring code against real userfaultfd and real
+    //! page hosts (in this process, on loopback TCP).
+
+    use super::*;
+
+    fn privileged(e: &dyn std::fmt::Display) -> bool {
+        if std::env::var("LMIG_SKIP_PRIVILEGED").is_ok_and(|v| v == "1") {
+            println!("SKIPPED split bench touch test: {e}");
+            return false;
+        }
+        panic!(
+            "userfaultfd with write-protect unavailable (run as root or set LMIG_SKIP_PRIVILEGED=1): {e}"
+        );
+    }
+
+    /// A page host in this process, serving until `stop`.
+    fn page_host(id: u32, key: &[u8], stop: Arc<AtomicBool>) -> String {
+        let host = PageHost::new(HostId(id), tcp_dial(key.to_vec()));
+        let config = channel_config(key).unwrap();
+        let listener =
+            Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config).unwrap();
+        let Endpoint::Tcp(addr) = listener.local_endpoint().clone() else {
+            unreachable!("TCP listener")
+        };
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Acquire) && Instant::now() < end {
+                if let Ok(ch) = listener.accept_timeout(Duration::from_millis(100)) {
+                    host.serve(Box::new(ch));
+                }
+            }
+        });
+        addr.to_string()
+    }
+
+    /// The regression of issue 8's "remote_touches: 0": every touch of an
+    /// evicted page must really reach the page (a fault, a fetch, the
+    /// content), never be optimised away or counted as present.
+    #[test]
+    fn every_touch_of_an_evicted_page_is_a_measured_remote_fault() {
+        let pages = 64 * 256; // 64 MiB
+        let region = RegionOptions::new(REGION, pages * PAGE as u64)
+            .populate(true)
+            .map()
+            .unwrap();
+        let options = SplitOptions {
+            prepage: 0,
+            ..SplitOptions::default()
+        };
+        let split = match SplitRegion::new(region, ME, options) {
+            Ok(s) => s,
+            Err(e) if privileged(&e) => unreachable!(),
+            Err(_) => return,
+        };
+        for p in 0..pages {
+            write_version(&split, p, 7);
+        }
+        let key = b"split bench touch test key, 32 b".to_vec();
+        let stop = Arc::new(AtomicBool::new(false));
+        let dial = tcp_dial(key.clone());
+        for id in [1, 2] {
+            let addr = page_host(id, &key, stop.clone());
+            split
+                .add_host(HostId(id), &addr, dial(&addr).unwrap())
+                .unwrap();
+        }
+        split.split_to(&shares(pages, &[1, 2])).unwrap();
+        assert_eq!(split.stats().local, 0, "every page evicted");
+
+        let n = 300u64;
+        let faults = split.stats().remote_faults;
+        for i in 0..n {
+            let p = (i * 7919) % pages;
+            let t = touch(&split, p).unwrap();
+            assert!(
+                t.is_some(),
+                "touch {i} of evicted page {p} did not reach its page host"
+            );
+            assert!(split.is_local(p), "page {p} was fetched");
+            assert_eq!(read_version(&split, p), Some(7), "page {p} content");
+        }
+        assert_eq!(
+            split.stats().remote_faults - faults,
+            n,
+            "one fault per touch"
+        );
+        stop.store(true, Ordering::Release);
+    }
 }
