@@ -391,21 +391,23 @@ pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
         .clear();
 
     // Reintegration: every host sends straight here, in parallel.
-    let before = split.owner_map().counts();
+    let before = split.owner_map();
     let t = Instant::now();
     let gathered = split.gather(&me)?;
     let reintegrate_ms = ms(t);
     let mut bad = program.check(&split);
 
-    // The same parts on the same hosts, gathered through host 1 (drained by
-    // the partial migration, it holds none of them): every page two hops.
-    let mut same: Vec<u32> = before
-        .iter()
-        .filter(|&&(h, n)| h != ME && n > 0)
-        .map(|&(h, _)| h.0)
+    // The same pages on the same hosts (each host gets back exactly the
+    // part it held before the reintegration), gathered through host 1
+    // (drained by the partial migration, it holds none of them): every page
+    // takes two hops.
+    let same: Vec<(HostId, Vec<PageRun>)> = before
+        .counts()
+        .into_iter()
+        .filter(|&(h, n)| h != ME && n > 0)
+        .map(|(h, _)| (h, before.runs_of(h, u32::MAX)))
         .collect();
-    same.sort_unstable();
-    split.split_to(&shares(pages, &same))?;
+    split.split_to(&same)?;
     let t = Instant::now();
     let relayed = split.relay_gather(HostId(1), &me)?;
     let relay_ms = ms(t);
