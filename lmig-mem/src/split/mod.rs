@@ -14,7 +14,7 @@
 //!   parallel ([`SplitRegion::gather`]) or through one relay
 //!   ([`SplitRegion::relay_gather`], for comparison).
 //!
-//! Both are generic over lmig-core's [`Channel`](lmig_core::Channel): the
+//! Both are generic over lmig-core's [`Channel`]: the
 //! caller supplies channels (lmig-transport's TCP channels in the examples)
 //! and a [`Dial`] function page hosts use to reach each other.
 //!
