@@ -320,7 +320,10 @@ impl SplitRegion {
     /// Serve a channel a page host opened to this host (a gather or a relay).
     pub fn serve_incoming(&self, channel: Box<dyn Channel>) -> JoinHandle<()> {
         let inner = self.inner.clone();
-        std::thread::spawn(move || inner.incoming_loop(Arc::from(channel)))
+        std::thread::Builder::new()
+            .name("split-incoming".into())
+            .spawn(move || inner.incoming_loop(Arc::from(channel)))
+            .expect("spawn split incoming thread")
     }
 
     /// Is `page` held here? (Pages being copied in from an answer count:
