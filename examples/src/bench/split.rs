@@ -14,7 +14,9 @@
 //! * `reintegrate_ms`: every page host sends its part straight to this
 //!   host, all in parallel;
 //! * `relay_ms`: the same parts split over the same hosts, gathered through
-//!   host 2 as a relay;
+//!   one relay: host 1, which holds no part after the partial migration, so
+//!   every page takes two hops (its host → host 1, which receives and
+//!   re-sends it → this host);
 //! * `full_ms`: the whole memory of the same program migrated to one host;
 //! * `stale_reads`: reads by the program that did not show the last version
 //!   it wrote; `verified`: every page checked after reintegration, after
@@ -213,6 +215,37 @@ impl Drop for Program {
     }
 }
 
+/// What one touch of a page the owner map gives to another host found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Touch {
+    /// The page was absent here (`/proc/self/pagemap`): the read faulted and
+    /// waited for the page from its host, `us` microseconds; the version read.
+    Remote { us: f64, version: Option<u64> },
+    /// The kernel had the page although the owner map gives it elsewhere:
+    /// this host's bookkeeping is wrong (never expected).
+    Present,
+}
+
+/// Touch page `p` (held elsewhere) as the program does: read its version.
+/// The bytes read are used (returned), so the loads cannot be optimised
+/// away — a touch whose result was dropped once measured nothing.
+fn touch(split: &SplitRegion, pagemap: &std::fs::File, p: u64) -> Result<Touch, BoxError> {
+    use std::os::unix::fs::FileExt;
+    let addr = split.region().as_ptr() as u64 + p * PAGE as u64;
+    let mut entry = [0u8; 8];
+    pagemap.read_exact_at(&mut entry, addr / PAGE as u64 * 8)?;
+    if u64::from_le_bytes(entry) & PM_PRESENT != 0 {
+        return Ok(Touch::Present);
+    }
+    let t = Instant::now();
+    let version = std::hint::black_box(read_version(split, p));
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    Ok(Touch::Remote { us, version })
+}
+
+/// `/proc/<pid>/pagemap`: the page is present.
+const PM_PRESENT: u64 = 1 << 63;
+
 fn shares(pages: u64, hosts: &[u32]) -> Vec<(HostId, Vec<PageRun>)> {
     let share = pages / hosts.len() as u64;
     hosts
@@ -317,6 +350,8 @@ pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
     // Remote faults, as the program sees them.
     let mut lat = Vec::with_capacity(args.touches);
     let mut present_touches = 0u64;
+    let mut touch_stale = 0u64;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     for _ in 0..args.touches * 20 {
         if lat.len() >= args.touches {
@@ -329,16 +364,16 @@ pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
         if split.is_local(p) {
             continue;
         }
-        let mut word = [0u8; 8];
-        let faults = split.stats().remote_faults;
-        let t = Instant::now();
-        split.region().read_at(p as usize * PAGE, &mut word)?;
-        let us = t.elapsed().as_secs_f64() * 1e6;
-        // Only touches that really went to a page host count.
-        if split.stats().remote_faults > faults {
-            lat.push(us);
-        } else {
-            present_touches += 1;
+        let expected = program.versions[p as usize].load(Ordering::Relaxed);
+        match touch(&split, &pagemap, p)? {
+            Touch::Remote { us, version } => {
+                lat.push(us);
+                // A torn read (the program writing the page) reads as None.
+                if version.is_some_and(|v| v < expected) {
+                    touch_stale += 1;
+                }
+            }
+            Touch::Present => present_touches += 1,
         }
     }
     lat.sort_by(f64::total_cmp);
@@ -356,22 +391,25 @@ pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
         .clear();
 
     // Reintegration: every host sends straight here, in parallel.
-    let before = split.owner_map().counts();
+    let before = split.owner_map();
     let t = Instant::now();
     let gathered = split.gather(&me)?;
     let reintegrate_ms = ms(t);
     let mut bad = program.check(&split);
 
-    // The same parts on the same hosts, gathered through host 2.
-    let mut same: Vec<u32> = before
-        .iter()
-        .filter(|&&(h, n)| h != ME && n > 0)
-        .map(|&(h, _)| h.0)
+    // The same pages on the same hosts (each host gets back exactly the
+    // part it held before the reintegration), gathered through host 1
+    // (drained by the partial migration, it holds none of them): every page
+    // takes two hops.
+    let same: Vec<(HostId, Vec<PageRun>)> = before
+        .counts()
+        .into_iter()
+        .filter(|&(h, n)| h != ME && n > 0)
+        .map(|(h, _)| (h, before.runs_of(h, u32::MAX)))
         .collect();
-    same.sort_unstable();
-    split.split_to(&shares(pages, &same))?;
+    split.split_to(&same)?;
     let t = Instant::now();
-    let relayed = split.relay_gather(HostId(2), &me)?;
+    let relayed = split.relay_gather(HostId(1), &me)?;
     let relay_ms = ms(t);
     bad += program.check(&split);
 
@@ -409,6 +447,7 @@ pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
         "relayed_pages": relayed.pages,
         "remote_touches": lat.len(),
         "present_touches": present_touches,
+        "touch_stale": touch_stale,
         "remote_faults": stats.remote_faults,
         "stale_discarded": stats.stale_discarded + stats.not_owner_discarded,
         "kept_dirty": stats.kept_dirty,
@@ -418,4 +457,95 @@ pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
     }));
     drop(peers);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The bench's own measuring code against real userfaultfd and real
+    //! page hosts (in this process, on loopback TCP).
+
+    use super::*;
+
+    fn privileged(e: &dyn std::fmt::Display) -> bool {
+        if std::env::var("LMIG_SKIP_PRIVILEGED").is_ok_and(|v| v == "1") {
+            println!("SKIPPED split bench touch test: {e}");
+            return false;
+        }
+        panic!(
+            "userfaultfd with write-protect unavailable (run as root or set LMIG_SKIP_PRIVILEGED=1): {e}"
+        );
+    }
+
+    /// A page host in this process, serving until `stop`.
+    fn page_host(id: u32, key: &[u8], stop: Arc<AtomicBool>) -> String {
+        let host = PageHost::new(HostId(id), tcp_dial(key.to_vec()));
+        let config = channel_config(key).unwrap();
+        let listener =
+            Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config).unwrap();
+        let Endpoint::Tcp(addr) = listener.local_endpoint().clone() else {
+            unreachable!("TCP listener")
+        };
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Acquire) && Instant::now() < end {
+                if let Ok(ch) = listener.accept_timeout(Duration::from_millis(100)) {
+                    host.serve(Box::new(ch));
+                }
+            }
+        });
+        addr.to_string()
+    }
+
+    /// The regression of issue 8's "remote_touches: 0": every touch of an
+    /// evicted page must really reach the page (a fault, a fetch, the
+    /// content), never be optimised away or counted as present.
+    #[test]
+    fn every_touch_of_an_evicted_page_is_a_measured_remote_fault() {
+        let pages = 64 * 256; // 64 MiB
+        let region = RegionOptions::new(REGION, pages * PAGE as u64)
+            .populate(true)
+            .map()
+            .unwrap();
+        let options = SplitOptions {
+            prepage: 0,
+            ..SplitOptions::default()
+        };
+        let split = match SplitRegion::new(region, ME, options) {
+            Ok(s) => s,
+            Err(e) if privileged(&e) => unreachable!(),
+            Err(_) => return,
+        };
+        for p in 0..pages {
+            write_version(&split, p, 7);
+        }
+        let key = b"split bench touch test key, 32 b".to_vec();
+        let stop = Arc::new(AtomicBool::new(false));
+        let dial = tcp_dial(key.clone());
+        for id in [1, 2] {
+            let addr = page_host(id, &key, stop.clone());
+            split
+                .add_host(HostId(id), &addr, dial(&addr).unwrap())
+                .unwrap();
+        }
+        split.split_to(&shares(pages, &[1, 2])).unwrap();
+        assert_eq!(split.stats().local, 0, "every page evicted");
+
+        let n = 300u64;
+        let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+        let faults = split.stats().remote_faults;
+        for i in 0..n {
+            let p = (i * 7919) % pages;
+            match touch(&split, &pagemap, p).unwrap() {
+                Touch::Remote { version, .. } => assert_eq!(version, Some(7), "page {p} content"),
+                Touch::Present => panic!("touch {i}: evicted page {p} is present here"),
+            }
+            assert!(split.is_local(p), "page {p} was fetched");
+        }
+        assert_eq!(
+            split.stats().remote_faults - faults,
+            n,
+            "one fault per touch"
+        );
+        stop.store(true, Ordering::Release);
+    }
 }

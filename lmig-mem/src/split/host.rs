@@ -36,7 +36,10 @@ type Gathered = (Vec<(PageRun, Bytes)>, Vec<PageRun>);
 #[derive(Default)]
 struct Store {
     region: Option<RegionInfo>,
-    pages: Vec<Option<Bytes>>,
+    /// Per page: the payload of the batch it arrived in and its byte
+    /// offset there (so pages that arrived together leave together without
+    /// a copy).
+    pages: Vec<Option<(Bytes, usize)>>,
     held: u64,
 }
 
@@ -209,22 +212,26 @@ impl HostInner {
             } => {
                 let me = self.clone();
                 let ch = ch.clone();
-                std::thread::spawn(move || {
-                    let reply = match me.send_to(to, &endpoint, epoch, &runs) {
-                        Ok((pages, missing)) => SplitMessage::Sent {
-                            from: me.id,
-                            to,
-                            epoch,
-                            pages,
-                            missing,
-                        },
-                        Err(e) => SplitMessage::Refused {
-                            reason: format!("sending to {to} at {endpoint}: {e}"),
-                        },
-                    };
-                    let _ = ch.send(&Message::Split(reply));
-                });
-                Ok(())
+                let spawned = std::thread::Builder::new()
+                    .name(format!("pagehost-send-{}", self.id.0))
+                    .spawn(move || {
+                        let reply = match me.send_to(to, &endpoint, epoch, &runs) {
+                            Ok((pages, missing)) => SplitMessage::Sent {
+                                from: me.id,
+                                to,
+                                epoch,
+                                pages,
+                                missing,
+                            },
+                            Err(e) => SplitMessage::Refused {
+                                reason: format!("sending to {to} at {endpoint}: {e}"),
+                            },
+                        };
+                        let _ = ch.send(&Message::Split(reply));
+                    });
+                spawned
+                    .map(|_| ())
+                    .map_err(|e| format!("spawn sender: {e}"))
             }
             SplitMessage::Relay { to, endpoint, .. } => {
                 let old = if endpoint.is_empty() {
@@ -301,7 +308,7 @@ impl HostInner {
         };
         for i in 0..n {
             let slot = &mut st.pages[batch.run.first as usize + i];
-            let had = slot.replace(data.slice(i * ps..(i + 1) * ps)).is_some();
+            let had = slot.replace((data.clone(), i * ps)).is_some();
             if !had {
                 st.held += 1;
             }
@@ -327,13 +334,29 @@ impl HostInner {
             }
             let sub = PageRun::new(run.region, p, (q - p) as u32);
             if has {
-                let mut buf = BytesMut::with_capacity((q - p) as usize * ps);
-                for i in p..q {
-                    if let Some(b) = &st.pages[i as usize] {
-                        buf.extend_from_slice(b);
+                let pages = &st.pages[p as usize..q as usize];
+                // One slice when the pages lie in order in one batch.
+                let whole = match pages.first() {
+                    Some(Some((first, off))) => pages.iter().enumerate().all(|(i, e)| {
+                        e.as_ref().is_some_and(|(b, o)| {
+                            b.as_ptr() == first.as_ptr()
+                                && b.len() == first.len()
+                                && *o == off + i * ps
+                        })
+                    }),
+                    _ => false,
+                };
+                let data = match pages.first() {
+                    Some(Some((first, off))) if whole => first.slice(*off..*off + pages.len() * ps),
+                    _ => {
+                        let mut buf = BytesMut::with_capacity(pages.len() * ps);
+                        for (b, o) in pages.iter().flatten() {
+                            buf.extend_from_slice(&b[*o..*o + ps]);
+                        }
+                        buf.freeze()
                     }
-                }
-                held.push((sub, buf.freeze()));
+                };
+                held.push((sub, data));
             } else {
                 missing.push(sub);
             }

@@ -14,7 +14,7 @@
 //!   parallel ([`SplitRegion::gather`]) or through one relay
 //!   ([`SplitRegion::relay_gather`], for comparison).
 //!
-//! Both are generic over lmig-core's [`Channel`](lmig_core::Channel): the
+//! Both are generic over lmig-core's [`Channel`]: the
 //! caller supplies channels (lmig-transport's TCP channels in the examples)
 //! and a [`Dial`] function page hosts use to reach each other.
 //!
@@ -40,6 +40,12 @@
 //!   program fetched during the move stay here; the new host's copies of
 //!   them are invalidated with `Forget`). Fetches pending at the switch are
 //!   re-sent to the new owner.
+//! * Answers are placed outside the state lock, several channels at once:
+//!   the pages are first claimed (the owner map gives them to this host, a
+//!   fault on one waits for the copy, another answer for one is a
+//!   duplicate), then copied in with `UFFDIO_COPY`. The kernel reporting
+//!   such a page present already (`EEXIST`) means this host's bookkeeping
+//!   and the region disagree: an error, never a silent overwrite.
 //! * A page host whose channel breaks is reported with the pages it held
 //!   ([`SplitError::HostLost`], [`SplitRegion::lost_hosts`]).
 //!

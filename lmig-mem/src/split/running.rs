@@ -66,7 +66,7 @@ pub struct SplitStats {
     pub evicted: u64,
     /// Pages written during their eviction and therefore kept here.
     pub kept_dirty: u64,
-    /// Pages held here now.
+    /// Pages held here now (those being copied in from an answer included).
     pub local: u64,
 }
 
@@ -122,6 +122,9 @@ struct Events {
 struct State {
     map: OwnerMap,
     local: PageSet,
+    /// Pages being placed right now (outside the lock): the owner map gives
+    /// them to this host already, the kernel may not have them yet.
+    placing: PageSet,
     pending: HashMap<u64, HostId>,
     evicting: PageSet,
     evict_dirty: PageSet,
@@ -241,6 +244,7 @@ impl SplitRegion {
             state: Mutex::new(State {
                 map,
                 local: PageSet::full(pages),
+                placing: PageSet::new(pages),
                 pending: HashMap::new(),
                 evicting: PageSet::new(pages),
                 evict_dirty: PageSet::new(pages),
@@ -316,12 +320,18 @@ impl SplitRegion {
     /// Serve a channel a page host opened to this host (a gather or a relay).
     pub fn serve_incoming(&self, channel: Box<dyn Channel>) -> JoinHandle<()> {
         let inner = self.inner.clone();
-        std::thread::spawn(move || inner.incoming_loop(Arc::from(channel)))
+        std::thread::Builder::new()
+            .name("split-incoming".into())
+            .spawn(move || inner.incoming_loop(Arc::from(channel)))
+            .expect("spawn split incoming thread")
     }
 
-    /// Is `page` held here?
+    /// Is `page` held here? (Pages being copied in from an answer count:
+    /// the owner map gives them to this host already, and a thread that
+    /// touches one waits for the copy.)
     pub fn is_local(&self, page: u64) -> bool {
-        self.inner.lock().local.contains(page)
+        let st = self.inner.lock();
+        st.local.contains(page) || st.placing.contains(page)
     }
 
     /// The host holding `page`.
@@ -364,7 +374,10 @@ impl SplitRegion {
             refetched: c.refetched.load(Ordering::Relaxed),
             evicted: c.evicted.load(Ordering::Relaxed),
             kept_dirty: c.kept_dirty.load(Ordering::Relaxed),
-            local: self.inner.lock().local.count(),
+            local: {
+                let st = self.inner.lock();
+                st.local.count() + st.placing.count()
+            },
         }
     }
 
@@ -567,7 +580,11 @@ impl Inner {
             SplitMessage::Data { from, epoch, batch } => {
                 // A host may only speak for itself on its own link.
                 let from = if from == host { from } else { HostId(u32::MAX) };
-                let _ = self.place_answer(from, epoch, &batch);
+                if let Err(e) = self.place_answer(from, epoch, &batch) {
+                    // Surfaced to whoever waits on this host.
+                    self.lock().events.refused.push((host, e.to_string()));
+                    self.cond.notify_all();
+                }
             }
             SplitMessage::NotHeld { run, .. } => {
                 let mut st = self.lock();
@@ -629,14 +646,17 @@ impl Inner {
                 }
                 SplitMessage::Data { from, epoch, batch } => {
                     received += u64::from(batch.run.count);
-                    match (peer, self.place_answer(from, epoch, &batch)) {
-                        (None, _) => Some(SplitMessage::Refused {
+                    if peer.is_none() {
+                        Some(SplitMessage::Refused {
                             reason: "pages before Attach".into(),
-                        }),
-                        (_, Err(e)) => Some(SplitMessage::Refused {
-                            reason: e.to_string(),
-                        }),
-                        _ => None,
+                        })
+                    } else {
+                        match self.place_answer(from, epoch, &batch) {
+                            Err(e) => Some(SplitMessage::Refused {
+                                reason: e.to_string(),
+                            }),
+                            Ok(()) => None,
+                        }
                     }
                 }
                 SplitMessage::Sync { seq } => Some(SplitMessage::Synced {
@@ -653,6 +673,14 @@ impl Inner {
 
     /// Place pages `from` sent as of `epoch`, where the owner map allows it;
     /// ask the current owner again for discarded pages someone waits on.
+    ///
+    /// The verdict and the owner-map switch to this host happen under the
+    /// state lock; the copies into the region (`UFFDIO_COPY`) happen outside
+    /// it, so several channels place in parallel. While a page is being
+    /// placed it is in `placing`: a fault on it waits for the copy (which
+    /// wakes it), another answer for it is a duplicate, and no eviction or
+    /// partial migration can take it (it is neither local nor another
+    /// host's).
     fn place_answer(&self, from: HostId, epoch: u64, batch: &PageBatch) -> Result<()> {
         let run = batch.run;
         let region = &self.region;
@@ -662,70 +690,112 @@ impl Inner {
             region.check_len(&run, d.len())?;
         }
         let mut refetch = Vec::new();
-        let mut st = self.lock();
-        // Whether each page may be placed.
-        let mut verdict = |st: &mut State, p: u64| -> Result<bool> {
-            let was_pending = st.pending.get(&p) == Some(&from);
-            if was_pending {
-                st.pending.remove(&p);
-            }
-            if st.local.contains(p) {
-                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                return Ok(false);
-            }
-            match st.map.check_answer(from, epoch, p) {
-                Ok(Answer::Current) => Ok(true),
-                Ok(Answer::Stale { .. }) => {
-                    self.counters.stale.fetch_add(1, Ordering::Relaxed);
-                    if was_pending {
-                        refetch.push(p);
-                    }
-                    Ok(false)
+        let mut claimed: Vec<(u64, u64)> = Vec::new();
+        {
+            let mut st = self.lock();
+            // Whether each page may be placed.
+            let mut verdict = |st: &mut State, p: u64| -> bool {
+                let was_pending = st.pending.get(&p) == Some(&from);
+                if was_pending {
+                    st.pending.remove(&p);
                 }
-                Ok(Answer::NotOwner { .. }) | Err(_) => {
-                    self.counters.not_owner.fetch_add(1, Ordering::Relaxed);
-                    if was_pending {
-                        refetch.push(p);
-                    }
-                    Ok(false)
+                if st.local.contains(p) || st.placing.contains(p) {
+                    self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                    return false;
                 }
+                match st.map.check_answer(from, epoch, p) {
+                    Ok(Answer::Current) => true,
+                    Ok(Answer::Stale { .. }) => {
+                        self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                        if was_pending {
+                            refetch.push(p);
+                        }
+                        false
+                    }
+                    Ok(Answer::NotOwner { .. }) | Err(_) => {
+                        self.counters.not_owner.fetch_add(1, Ordering::Relaxed);
+                        if was_pending {
+                            refetch.push(p);
+                        }
+                        false
+                    }
+                }
+            };
+            let oks: Vec<bool> = (run.first..run.end())
+                .map(|p| verdict(&mut st, p))
+                .collect();
+            let mut p = run.first;
+            while p < run.end() {
+                // A maximal sub-run of pages with the same verdict.
+                let ok = oks[(p - run.first) as usize];
+                let mut q = p + 1;
+                while q < run.end() && oks[(q - run.first) as usize] == ok {
+                    q += 1;
+                }
+                if ok {
+                    st.map.assign(p, q - p, self.me)?;
+                    st.placing.insert_range(p, q - p);
+                    claimed.push((p, q - p));
+                }
+                p = q;
             }
-        };
-        let oks = (run.first..run.end())
-            .map(|p| verdict(&mut st, p))
-            .collect::<Result<Vec<bool>>>()?;
-        let mut p = run.first;
-        while p < run.end() {
-            // A maximal sub-run of pages with the same verdict.
-            let ok = oks[(p - run.first) as usize];
-            let mut q = p + 1;
-            while q < run.end() && oks[(q - run.first) as usize] == ok {
-                q += 1;
-            }
-            if ok {
-                let off = (p - run.first) as usize * ps;
-                let len = (q - p) as usize * ps;
-                let data = match &batch.data {
-                    PageData::Raw(d) => Some(&d[off..off + len]),
-                    PageData::Zero => None,
-                };
-                self.fill(p, q - p, data)?;
-                st.local.insert_range(p, q - p);
-                st.map.assign(p, q - p, self.me)?;
-                self.counters.placed.fetch_add(q - p, Ordering::Relaxed);
-            }
-            p = q;
         }
-        drop(st);
-        self.cond.notify_all();
+        let mut placed = Vec::with_capacity(claimed.len());
+        let mut result = Ok(());
+        for &(p, n) in &claimed {
+            let data = match &batch.data {
+                PageData::Raw(d) => {
+                    let off = (p - run.first) as usize * ps;
+                    Some(&d[off..off + n as usize * ps])
+                }
+                PageData::Zero => None,
+            };
+            let (done, r) = if result.is_ok() {
+                self.fill(p, n, data, from)
+            } else {
+                (0, Ok(()))
+            };
+            placed.push(done);
+            if let Err(e) = r {
+                result = Err(e);
+            }
+        }
+        let full = {
+            let mut st = self.lock();
+            for (&(p, n), &done) in claimed.iter().zip(&placed) {
+                st.placing.remove_range(p, n);
+                st.local.insert_range(p, done);
+                if done < n {
+                    // Not placed: `from` still holds them.
+                    st.map.assign(p + done, n - done, from)?;
+                    let _ = uffd::wake(
+                        self.uffd.as_fd(),
+                        self.addr(p + done),
+                        (n - done) * self.page_size,
+                    );
+                }
+                self.counters.placed.fetch_add(done, Ordering::Relaxed);
+            }
+            st.local.count() == self.pages
+        };
+        if full {
+            // Only a gather waits for placements: for every page to be here.
+            self.cond.notify_all();
+        }
         for p in refetch {
             self.request(p, false);
         }
-        Ok(())
+        result
     }
 
-    /// Fill missing pages atomically and wake their waiters (state locked).
-    fn fill(&self, first: u64, count: u64, data: Option<&[u8]>) -> Result<()> {
+    /// Fill `count` missing pages from `first` (`UFFDIO_COPY`, or
+    /// `UFFDIO_ZEROPAGE` without data), which wakes their waiters. Returns
+    /// how many pages were filled, and the error that stopped it.
+    ///
+    /// A page the kernel reports present (`EEXIST`) although the owner map
+    /// gave it to `from` is an error: this host's bookkeeping and the
+    /// region disagree, and overwriting the page could hide a lost write.
+    fn fill(&self, first: u64, count: u64, data: Option<&[u8]>, from: HostId) -> (u64, Result<()>) {
         let ps = self.page_size;
         let total = count * ps;
         let mut done = 0u64;
@@ -738,43 +808,43 @@ impl Inner {
             };
             done += filled.bytes / ps * ps;
             let Some(err) = filled.error else { continue };
+            let call = if data.is_some() {
+                "UFFDIO_COPY"
+            } else {
+                "UFFDIO_ZEROPAGE"
+            };
+            let page = first + done / ps;
             match err.raw_os_error() {
                 Some(libc::EEXIST) => {
-                    // Present already and nobody woken: write it plainly, wake.
-                    let page = first + done / ps;
-                    let off = (page * ps) as usize;
-                    match data {
-                        Some(d) => self
-                            .region
-                            .write_at(off, &d[done as usize..(done + ps) as usize])?,
-                        None => self.region.zero_at(off, ps as usize)?,
-                    }
-                    let _ = uffd::wake(self.uffd.as_fd(), self.addr(page), ps);
-                    done += ps;
+                    return (
+                        done / ps,
+                        Err(SplitError::State(format!(
+                            "{call}: page {page} of region {} is present here although the \
+                             owner map gave it to {from}",
+                            self.region.id()
+                        ))),
+                    );
                 }
                 Some(libc::EAGAIN) if filled.bytes == 0 => {
                     retries += 1;
                     if retries > crate::postcopy::MAX_FILL_RETRIES {
-                        return Err(MemError::os("UFFDIO_COPY", "split memory", err).into());
+                        return (
+                            done / ps,
+                            Err(MemError::os(call, "split memory", err).into()),
+                        );
                     }
                     std::thread::yield_now();
                 }
                 Some(libc::EAGAIN) => {}
                 _ => {
-                    return Err(MemError::os(
-                        if data.is_some() {
-                            "UFFDIO_COPY"
-                        } else {
-                            "UFFDIO_ZEROPAGE"
-                        },
-                        format!("split region page {}", first + done / ps),
-                        err,
-                    )
-                    .into());
+                    return (
+                        done / ps,
+                        Err(MemError::os(call, format!("split region page {page}"), err).into()),
+                    );
                 }
             }
         }
-        Ok(())
+        (count, Ok(()))
     }
 
     fn fault_loop(self: Arc<Self>) {
@@ -833,6 +903,10 @@ impl Inner {
         let Ok(owner) = st.map.owner(page) else {
             return;
         };
+        if st.placing.contains(page) {
+            // Being copied in: the copy wakes the faulting thread.
+            return;
+        }
         if st.local.contains(page) || owner == self.me {
             // Here already (a fault reported twice, or one racing the
             // placement): wake the waiters; zeros if the program dropped it.
@@ -848,6 +922,7 @@ impl Inner {
         }
         let wanted = |st: &State, p: u64| {
             !st.local.contains(p)
+                && !st.placing.contains(p)
                 && !st.pending.contains_key(&p)
                 && st.map.owner(p).ok() == Some(owner)
         };
