@@ -28,7 +28,9 @@
 //! lock caught and re-injected towards the destination; `dest_held` counts
 //! what the destination's lock then held until its sockets were live, the
 //! re-injected ones included), `packets_dropped`,
-//! `rst_seen` (RSTs sent by A or B plus resets the clients saw); for
+//! `rst_seen` (RSTs sent by A or B until the clients stop, plus resets the
+//! clients saw; `rst_at_teardown` counts those sent when the benchmark then
+//! closes its own connections, unread bytes and all); for
 //! context `nft_f_ms` (the same lock engagement done by spawning `nft -f`),
 //! `source_unlock_ms`, `client_retrans`, `requests`, `capture_restore_ms`.
 
@@ -203,6 +205,9 @@ pub fn run(args: Args, out: Output) -> BoxResult<()> {
     let (serving_ns, dst_move_ms, unlock_ms, release_ms) = (d[0], d[1], d[2], d[3]);
     std::thread::sleep(Duration::from_millis(args.after_ms));
 
+    // RSTs of the hosts over the migration window, before the teardown
+    // closes connections (with unread bytes: RSTs no client sees).
+    let (src_rsts, dst_rsts) = (nums(source.cmd("rsts")?)[0], nums(dest.cmd("rsts")?)[0]);
     let c = nums(clients.cmd("stop")?);
     let (requests, answered, stall_ms, resets, retrans) = (c[0], c[1], c[2], c[3], c[4]);
     let sf = nums(source.cmd("finish")?);
@@ -222,8 +227,9 @@ pub fn run(args: Args, out: Output) -> BoxResult<()> {
         "packets_held": sf[0],
         "dest_held": df[0],
         "packets_dropped": sf[1] + df[1],
-        "rst_seen": resets + sf[2] + df[2],
-        "rst_by": format!("clients {resets} source {} dest {}", sf[2], df[2]),
+        "rst_seen": resets + src_rsts + dst_rsts,
+        "rst_by": format!("clients {resets} source {src_rsts} dest {dst_rsts}"),
+        "rst_at_teardown": sf[2] + df[2] - src_rsts - dst_rsts,
         "nft_f_ms": round(nft_f, 2),
         "source_unlock_ms": round(sf[3], 3),
         "release_held_ms": round(release_ms, 3),
@@ -612,6 +618,9 @@ impl RoleState {
                 Ok(String::new())
             }
             "prepare" | "migrate" => self.program.as_ref().ok_or("no program")?.call(cmd),
+            // RSTs sent so far (read while the clients still run: closing
+            // the test's own connections at the end may send some).
+            "rsts" => Ok((snmp_tcp("OutRsts") - self.rsts0).to_string()),
             "finish" => {
                 let p = self.program.take().ok_or("no program")?;
                 let r = p.call("finish")?;
@@ -632,6 +641,7 @@ impl RoleState {
     fn dest(&mut self, args: &Args, cmd: &str) -> BoxResult<String> {
         let _ = args;
         match cmd {
+            "rsts" => Ok((snmp_tcp("OutRsts") - self.rsts0).to_string()),
             "listen" => {
                 let sock = args.sock.clone().ok_or("no --sock")?;
                 self.listener = Some(UnixListener::bind(sock)?);
