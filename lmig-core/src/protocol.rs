@@ -11,9 +11,10 @@
 //!   Regions{layout} ───────────────────────────────▶ check / map regions (pre-fault)
 //!   SocketPlan{..} ────────────────────────────────▶ create, repair, bind (pre-freeze)
 //!   Pages{round 0}  (data lanes, many streams) ────▶ place pages
-//!   ◀──────────────────────────────────────────────── Prepared
+//!   ◀──────────────────────────────────────────────── Prepared{placed}
 //!   RoundEnd{0, ..} ───────────────────────────────▶
 //!   Pages{round 1..n} … RoundEnd{n}  ──────────────▶
+//!   ◀──────────────────── Prepared{placed} (caught up with the rounds)
 //!   ── freeze (never before Prepared): program paused, network locked ──
 //!   Pages{final} Sockets{..}* State{..}
 //!   Handover{pages_total, postcopy, verify} ───────▶ wait for every page, restore sockets/state
@@ -229,8 +230,14 @@ pub enum Message {
     /// Everything of the freeze has been sent.
     Handover(Handover),
     /// The destination mapped the regions and prepared the planned sockets:
-    /// the source may freeze (it never freezes before this).
-    Prepared,
+    /// the source may freeze (it never freezes before the first one). Sent
+    /// again each time the destination has placed every page of the rounds
+    /// whose `RoundEnd` it saw: before freezing, the source waits (bounded)
+    /// for that, so the freeze does not include placing a backlog.
+    Prepared {
+        /// Pages placed so far (every round, zero pages included).
+        placed: u64,
+    },
     /// The destination has everything and can resume.
     Ready,
     /// The switchover: the destination resumes, the source never will.
@@ -266,7 +273,7 @@ impl Message {
             Self::Sockets { .. } => "Sockets",
             Self::State(_) => "State",
             Self::Handover(_) => "Handover",
-            Self::Prepared => "Prepared",
+            Self::Prepared { .. } => "Prepared",
             Self::Ready => "Ready",
             Self::Commit => "Commit",
             Self::PageRequest(_) => "PageRequest",

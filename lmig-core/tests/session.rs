@@ -414,3 +414,91 @@ fn throttle_fallback_asks_the_program() {
     assert_eq!(r.verification, Verification::Verified);
     assert_eq!(dst.snapshot(RegionId(1)), src.snapshot(RegionId(1)));
 }
+
+/// A destination that places slowly: the source waits for it to catch up
+/// with the pre-copy rounds before it freezes, so the freeze does not include
+/// placing the backlog.
+#[test]
+fn source_freezes_only_once_the_destination_caught_up() {
+    use lmig_core::{MemorySink, StateSource};
+    use std::sync::atomic::AtomicU64;
+
+    /// Counts the pages placed; each batch takes a millisecond.
+    struct Slow<'a> {
+        inner: &'a VecMemory,
+        placed: &'a AtomicU64,
+    }
+    impl MemorySink for Slow<'_> {
+        fn prepare(&self, layout: &RegionLayout) -> lmig_core::Result<()> {
+            self.inner.prepare(layout)
+        }
+        fn write_pages(&self, run: &PageRun, data: &[u8]) -> lmig_core::Result<()> {
+            std::thread::sleep(Duration::from_millis(1));
+            self.placed
+                .fetch_add(u64::from(run.count), Ordering::SeqCst);
+            self.inner.write_pages(run, data)
+        }
+        fn zero_pages(&self, run: &PageRun) -> lmig_core::Result<()> {
+            std::thread::sleep(Duration::from_millis(1));
+            self.placed
+                .fetch_add(u64::from(run.count), Ordering::SeqCst);
+            self.inner.zero_pages(run)
+        }
+        fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> lmig_core::Result<()> {
+            MemorySink::read_pages(self.inner, run, dst)
+        }
+    }
+    /// Records how many pages the destination had placed when paused.
+    struct Program<'a> {
+        placed: &'a AtomicU64,
+        at_pause: Option<u64>,
+    }
+    impl StateSource for Program<'_> {
+        fn pause(&mut self) -> lmig_core::Result<()> {
+            self.at_pause = Some(self.placed.load(Ordering::SeqCst));
+            Ok(())
+        }
+        fn resume(&mut self) -> lmig_core::Result<()> {
+            Ok(())
+        }
+    }
+
+    let layout = layout();
+    let src = filled_memory(&layout);
+    let dst = VecMemory::empty();
+    let placed = AtomicU64::new(0);
+    let (a, b) = channel_pair(2);
+    let mut tracker = MarkTracker::new(&layout);
+    let mut program = Program {
+        placed: &placed,
+        at_pause: None,
+    };
+    let config = SourceConfig {
+        batch_pages: 8,
+        catch_up_timeout: Duration::from_secs(10),
+        ..SourceConfig::default()
+    };
+    let report = std::thread::scope(|s| {
+        let d = s.spawn(|| {
+            let sink = Slow {
+                inner: &dst,
+                placed: &placed,
+            };
+            let mut prog = NullProgram::default();
+            Destination::new(&b, &sink, &mut prog).run()
+        });
+        let r = Source::new(&a, &src, &mut tracker, &mut program)
+            .with_config(config)
+            .run();
+        d.join().unwrap().expect("destination");
+        r.expect("source")
+    });
+    let before_freeze = report.pages_sent - report.freeze_pages;
+    assert!(before_freeze > 0);
+    assert_eq!(
+        program.at_pause,
+        Some(before_freeze),
+        "every page of the rounds placed before the pause"
+    );
+    assert_eq!(report.verification, Verification::Verified);
+}

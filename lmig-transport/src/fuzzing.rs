@@ -337,7 +337,7 @@ pub fn sample_messages() -> Vec<Message> {
             hash: [0x42; 32],
         }]),
         Message::Resync(vec![PageRun::new(RegionId(0), 5, 3)]),
-        Message::Prepared,
+        Message::Prepared { placed: 12 },
         Message::Done(Verification::Verified),
         Message::Done(Verification::Mismatch(RegionId(1))),
         Message::Done(Verification::NotChecked),

@@ -397,11 +397,19 @@ where
         let mut handover: Option<Handover> = None;
         let mut sockets_done = false;
         let mut prepared = false;
+        // Pages of the rounds whose `RoundEnd` arrived, and the most this
+        // side has said (`Prepared`) it caught up with.
+        let (mut announced, mut caught_up) = (0u64, 0u64);
         loop {
             if let Some(h) = &handover {
                 if progress.placed_total >= h.pages_total {
                     break;
                 }
+            } else if prepared && announced > caught_up && progress.placed_total >= announced {
+                self.channel.send(&Message::Prepared {
+                    placed: progress.placed_total,
+                })?;
+                caught_up = announced;
             }
             let msg = recv_within(&self.channel, idle, "the source's pages")?;
             match msg {
@@ -421,6 +429,7 @@ where
                     }
                 }
                 Message::RoundEnd(summary) => {
+                    announced = announced.saturating_add(summary.pages);
                     self.phase(Phase::Precopy(summary.round));
                     self.observer.event(&Event::Progress {
                         pages: progress.report.pages_placed,
@@ -430,7 +439,9 @@ where
                 }
                 Message::SocketPlan(plan) if handover.is_none() && !prepared => {
                     self.sockets.prepare(&plan)?;
-                    self.channel.send(&Message::Prepared)?;
+                    self.channel.send(&Message::Prepared {
+                        placed: progress.placed_total,
+                    })?;
                     prepared = true;
                 }
                 Message::Sockets { records, last } if !sockets_done && handover.is_none() => {

@@ -45,6 +45,11 @@ pub struct SourceConfig {
     pub done_timeout: Duration,
     /// Pages per `Pages` message (at most [`CHUNK_PAGES`]).
     pub batch_pages: u32,
+    /// When the policy says freeze: most time to wait first for the
+    /// destination to place every page sent so far (`Prepared{placed}`), so
+    /// that placing a backlog does not lengthen the freeze. The program runs
+    /// meanwhile; what it dirties is sent in the freeze.
+    pub catch_up_timeout: Duration,
 }
 
 impl Default for SourceConfig {
@@ -55,6 +60,7 @@ impl Default for SourceConfig {
             ready_timeout: Duration::from_secs(30),
             done_timeout: Duration::from_secs(60),
             batch_pages: CHUNK_PAGES,
+            catch_up_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -291,6 +297,8 @@ where
         let plan = self.sockets.plan()?;
         self.channel.send(&Message::SocketPlan(plan))?;
         let mut prepared = false;
+        // Pages the destination said it placed (`Prepared{placed}`).
+        let mut placed = 0u64;
         let prepared_by = Instant::now() + self.config.ready_timeout;
         undo.tracking = true;
         self.tracker.start()?;
@@ -331,7 +339,13 @@ where
                 zero_pages: sent.zero_pages,
                 dirty_pages,
             }))?;
-            prepared |= self.check_peer("pre-copy")?;
+            // Bounded: the destination sends one `Prepared` per round at most.
+            for _ in 0..=round + 1 {
+                match self.check_peer("pre-copy")? {
+                    Some(p) => (prepared, placed) = (true, placed.max(p)),
+                    None => break,
+                }
+            }
             report.pages_sent += sent.pages;
             report.zero_pages += sent.zero_pages;
             report.bytes_sent += sent.bytes;
@@ -367,10 +381,16 @@ where
                     // Never freeze before the destination is ready (its
                     // pre-faulting would land in the freeze): keep sending
                     // what gets dirty while waiting.
-                    prepared = self.wait_prepared(Duration::from_millis(10), prepared_by)?;
+                    if let Some(p) = self.wait_prepared(Duration::from_millis(10), prepared_by)? {
+                        (prepared, placed) = (true, placed.max(p));
+                    }
                 }
-                Decision::Freeze => break,
+                Decision::Freeze => {
+                    self.catch_up(report.pages_sent, &mut placed)?;
+                    break;
+                }
                 Decision::Postcopy => {
+                    self.catch_up(report.pages_sent, &mut placed)?;
                     postcopy = mode == Mode::Hybrid;
                     report.switched_to_postcopy = postcopy;
                     break;
@@ -379,7 +399,9 @@ where
             round += 1;
         }
         while !prepared {
-            prepared = self.wait_prepared(self.config.ready_timeout, prepared_by)?;
+            prepared = self
+                .wait_prepared(self.config.ready_timeout, prepared_by)?
+                .is_some();
         }
 
         // The freeze.
@@ -468,9 +490,14 @@ where
         step("state and handover", &mut report.freeze_steps);
 
         self.phase(Phase::AwaitReady);
-        match recv_within(&self.channel, self.config.ready_timeout, "Ready")? {
-            Message::Ready => {}
-            other => return Err(unexpected("await-ready", "Ready", &other)),
+        // A `Prepared` the destination sent before it saw the freeze may come
+        // first (at most one per round).
+        for left in (0..=report.rounds + 1).rev() {
+            match recv_within(&self.channel, self.config.ready_timeout, "Ready")? {
+                Message::Ready => break,
+                Message::Prepared { .. } if left > 0 => {}
+                other => return Err(unexpected("await-ready", "Ready", &other)),
+            }
         }
         report.ready_at = Instant::now();
         step("wait for Ready", &mut report.freeze_steps);
@@ -478,17 +505,37 @@ where
     }
 
     /// During pre-copy the destination only says `Prepared`; anything else
-    /// (an `Abort`) ends the migration. Returns whether `Prepared` arrived.
-    fn check_peer(&self, phase: &'static str) -> Result<bool> {
+    /// (an `Abort`) ends the migration. Returns what a `Prepared` said, if one arrived.
+    fn check_peer(&self, phase: &'static str) -> Result<Option<u64>> {
         match self.channel.recv(Some(Duration::ZERO))? {
-            None => Ok(false),
-            Some(Message::Prepared) => Ok(true),
+            None => Ok(None),
+            Some(Message::Prepared { placed }) => Ok(Some(placed)),
             Some(msg) => Err(unexpected(phase, "Prepared or nothing", &msg)),
         }
     }
 
+    /// Before the freeze: wait (at most [`SourceConfig::catch_up_timeout`])
+    /// until the destination says it placed the `sent` pages, so the freeze
+    /// does not include placing a backlog.
+    fn catch_up(&self, sent: u64, placed: &mut u64) -> Result<()> {
+        let deadline = Instant::now() + self.config.catch_up_timeout;
+        // Bounded by the deadline.
+        while *placed < sent {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match self.channel.recv(Some(deadline - now))? {
+                None => break,
+                Some(Message::Prepared { placed: p }) => *placed = (*placed).max(p),
+                Some(msg) => return Err(unexpected("pre-copy", "Prepared", &msg)),
+            }
+        }
+        Ok(())
+    }
+
     /// Wait up to `wait` for `Prepared`; an error once `deadline` passed.
-    fn wait_prepared(&self, wait: Duration, deadline: Instant) -> Result<bool> {
+    fn wait_prepared(&self, wait: Duration, deadline: Instant) -> Result<Option<u64>> {
         let now = Instant::now();
         if now >= deadline {
             return Err(MigrationError::Timeout {
@@ -497,8 +544,8 @@ where
             });
         }
         match self.channel.recv(Some(wait.min(deadline - now)))? {
-            None => Ok(false),
-            Some(Message::Prepared) => Ok(true),
+            None => Ok(None),
+            Some(Message::Prepared { placed }) => Ok(Some(placed)),
             Some(msg) => Err(unexpected("pre-copy", "Prepared", &msg)),
         }
     }

@@ -9,7 +9,7 @@
 //! State       u32 version, then the state bytes
 //! Handover    u64 pages_total, bool verify, u32 count, count × PageRun (post-copy runs)
 //! Ready       (empty)
-//! Prepared    (empty)
+//! Prepared    u64 pages placed
 //! Commit      (empty)
 //! PageRequest u32 region, u64 first, u32 count
 //! Digests     u32 count, count × { u32 region, [u8; 32] hash }
@@ -230,7 +230,7 @@ pub fn kind_of(msg: &Message) -> Kind {
         Message::State(_) => Kind::State,
         Message::Handover(_) => Kind::Handover,
         Message::Ready => Kind::Ready,
-        Message::Prepared => Kind::Prepared,
+        Message::Prepared { .. } => Kind::Prepared,
         Message::Commit => Kind::Commit,
         Message::PageRequest(_) => Kind::PageRequest,
         Message::Digests(_) => Kind::Digests,
@@ -306,7 +306,8 @@ pub(crate) fn emit_body(msg: &Message) -> Result<(Kind, Bytes, Bytes)> {
             head.reserve(list_len(runs));
             put_list(&mut head, runs);
         }
-        Message::Ready | Message::Commit | Message::Prepared => {}
+        Message::Ready | Message::Commit => {}
+        Message::Prepared { placed } => head.put_u64_le(*placed),
         Message::PageRequest(run) => {
             check_runs(std::slice::from_ref(run))?;
             run.emit(&mut head);
@@ -387,7 +388,7 @@ pub fn parse_message_body(kind: Kind, payload: Bytes) -> Result<Message> {
             MAX_POSTCOPY_RUNS,
         )?),
         Kind::Ready => Message::Ready,
-        Kind::Prepared => Message::Prepared,
+        Kind::Prepared => Message::Prepared { placed: r.u64()? },
         Kind::Commit => Message::Commit,
         Kind::PageRequest => Message::PageRequest(PageRun::parse(&mut r)?),
         Kind::Done => Message::Done(match r.u8()? {
