@@ -232,8 +232,9 @@ pub enum Message {
     /// The destination mapped the regions and prepared the planned sockets:
     /// the source may freeze (it never freezes before the first one). Sent
     /// again each time the destination has placed every page of the rounds
-    /// whose `RoundEnd` it saw: before freezing, the source waits (bounded)
-    /// for that, so the freeze does not include placing a backlog.
+    /// whose `RoundEnd` it saw: while the rounds shrink, the source waits
+    /// (bounded) for that after each round, so the policy sees the
+    /// end-to-end bandwidth and the freeze does not include placing a backlog.
     Prepared {
         /// Pages placed so far (every round, zero pages included).
         placed: u64,

@@ -45,10 +45,10 @@ pub struct SourceConfig {
     pub done_timeout: Duration,
     /// Pages per `Pages` message (at most [`CHUNK_PAGES`]).
     pub batch_pages: u32,
-    /// When the policy says freeze: most time to wait first for the
-    /// destination to place every page sent so far (`Prepared{placed}`), so
-    /// that placing a backlog does not lengthen the freeze. The program runs
-    /// meanwhile; what it dirties is sent in the freeze.
+    /// Most time a shrinking pre-copy round waits for the destination to
+    /// place its pages (`Prepared{placed}`) before the policy decides: the
+    /// policy then sees the end-to-end bandwidth, and a freeze does not
+    /// include placing a backlog. The program runs meanwhile.
     pub catch_up_timeout: Duration,
 }
 
@@ -327,7 +327,6 @@ where
             )?;
             dirty.clear();
             self.tracker.collect(&mut dirty)?;
-            let elapsed = t0.elapsed();
             let dirty_pages = dirty.count();
             let dirty_bytes: u64 = dirty
                 .sets()
@@ -347,6 +346,16 @@ where
                 }
             }
             report.pages_sent += sent.pages;
+            // While the rounds shrink (less got dirty than was sent, by half),
+            // a round ends when the destination placed it: the bandwidth the
+            // policy sees is then the one a freeze gets, and the freeze does
+            // not include placing a backlog. When they do not shrink, waiting
+            // would only let more pages get dirty: the pipeline stays full.
+            let converging = dirty_bytes.saturating_mul(2) <= sent.bytes;
+            if prepared && converging {
+                self.catch_up(report.pages_sent, &mut placed)?;
+            }
+            let elapsed = t0.elapsed();
             report.zero_pages += sent.zero_pages;
             report.bytes_sent += sent.bytes;
             let stats = RoundStats {
@@ -385,12 +394,8 @@ where
                         (prepared, placed) = (true, placed.max(p));
                     }
                 }
-                Decision::Freeze => {
-                    self.catch_up(report.pages_sent, &mut placed)?;
-                    break;
-                }
+                Decision::Freeze => break,
                 Decision::Postcopy => {
-                    self.catch_up(report.pages_sent, &mut placed)?;
                     postcopy = mode == Mode::Hybrid;
                     report.switched_to_postcopy = postcopy;
                     break;
