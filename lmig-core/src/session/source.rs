@@ -347,11 +347,12 @@ where
             }
             report.pages_sent += sent.pages;
             // While the rounds shrink (less got dirty than was sent, by half),
-            // a round ends when the destination placed it: the bandwidth the
-            // policy sees is then the one a freeze gets, and the freeze does
-            // not include placing a backlog. When they do not shrink, waiting
-            // would only let more pages get dirty: the pipeline stays full.
-            let converging = dirty_bytes.saturating_mul(2) <= sent.bytes;
+            // a round after the first ends when the destination placed it:
+            // the bandwidth the policy sees is then the one a freeze gets,
+            // and the freeze does not include placing a backlog. When they do
+            // not shrink, waiting would only let more pages get dirty: the
+            // pipeline stays full (so it does after the first, full copy).
+            let converging = round > 0 && dirty_bytes.saturating_mul(2) <= sent.bytes;
             if prepared && converging {
                 self.catch_up(report.pages_sent, &mut placed)?;
             }
