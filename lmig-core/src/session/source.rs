@@ -351,9 +351,10 @@ where
             // the bandwidth the policy sees is then the one a freeze gets,
             // and the freeze does not include placing a backlog. When they do
             // not shrink, waiting would only let more pages get dirty: the
-            // pipeline stays full (so it does after the first, full copy).
-            let converging = round > 0 && dirty_bytes.saturating_mul(2) <= sent.bytes;
-            if prepared && converging {
+            // pipeline stays full (and after the first, full copy, unless
+            // the policy freezes right then).
+            let shrinking = dirty_bytes.saturating_mul(2) <= sent.bytes;
+            if prepared && shrinking && round > 0 {
                 self.catch_up(report.pages_sent, &mut placed)?;
             }
             let elapsed = t0.elapsed();
@@ -395,10 +396,16 @@ where
                         (prepared, placed) = (true, placed.max(p));
                     }
                 }
-                Decision::Freeze => break,
-                Decision::Postcopy => {
-                    postcopy = mode == Mode::Hybrid;
-                    report.switched_to_postcopy = postcopy;
+                Decision::Freeze | Decision::Postcopy => {
+                    // Right after the first, full copy: its backlog first
+                    // (a no-op once a shrinking round caught up).
+                    if shrinking {
+                        self.catch_up(report.pages_sent, &mut placed)?;
+                    }
+                    if decision == Decision::Postcopy {
+                        postcopy = mode == Mode::Hybrid;
+                        report.switched_to_postcopy = postcopy;
+                    }
                     break;
                 }
             }
