@@ -309,6 +309,27 @@ impl OwnerMap {
     }
 }
 
+/// Pages `0..pages` of `region` in equal contiguous shares, one per host in
+/// order (the last takes the remainder), as a split's assignment. Each share
+/// must fit one run (`u32` pages).
+pub fn even_shares(region: RegionId, pages: u64, hosts: &[HostId]) -> Vec<(HostId, Vec<PageRun>)> {
+    let n = hosts.len().max(1) as u64;
+    let share = pages / n;
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, &h)| {
+            let first = i as u64 * share;
+            let end = if i + 1 == hosts.len() {
+                pages
+            } else {
+                first + share
+            };
+            (h, vec![PageRun::new(region, first, (end - first) as u32)])
+        })
+        .collect()
+}
+
 /// The runs of `set` (pages of region `region`), each at most `max` pages.
 pub fn runs_of_set(region: RegionId, set: &PageSet, max: u32) -> Vec<PageRun> {
     let max = u64::from(max.max(1));

@@ -239,23 +239,8 @@ impl Drop for Writer {
 }
 
 fn thirds(pages: u64, hosts: &[u32]) -> Vec<(HostId, Vec<PageRun>)> {
-    let share = pages / hosts.len() as u64;
-    hosts
-        .iter()
-        .enumerate()
-        .map(|(i, &h)| {
-            let first = i as u64 * share;
-            let end = if i + 1 == hosts.len() {
-                pages
-            } else {
-                first + share
-            };
-            (
-                HostId(h),
-                vec![PageRun::new(REGION, first, (end - first) as u32)],
-            )
-        })
-        .collect()
+    let hosts: Vec<HostId> = hosts.iter().map(|&h| HostId(h)).collect();
+    lmig_core::split::even_shares(REGION, pages, &hosts)
 }
 
 fn wait_writes(w: &Writer, n: u64) {

@@ -247,23 +247,8 @@ fn touch(split: &SplitRegion, pagemap: &std::fs::File, p: u64) -> Result<Touch, 
 const PM_PRESENT: u64 = 1 << 63;
 
 fn shares(pages: u64, hosts: &[u32]) -> Vec<(HostId, Vec<PageRun>)> {
-    let share = pages / hosts.len() as u64;
-    hosts
-        .iter()
-        .enumerate()
-        .map(|(i, &h)| {
-            let first = i as u64 * share;
-            let end = if i + 1 == hosts.len() {
-                pages
-            } else {
-                first + share
-            };
-            (
-                HostId(h),
-                vec![PageRun::new(REGION, first, (end - first) as u32)],
-            )
-        })
-        .collect()
+    let hosts: Vec<HostId> = hosts.iter().map(|&h| HostId(h)).collect();
+    lmig_core::split::even_shares(REGION, pages, &hosts)
 }
 
 fn ms(t: Instant) -> f64 {
