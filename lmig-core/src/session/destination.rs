@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{recv_within, send_abort, unexpected};
+use super::{reconnect_within, recv_within, send_abort, unexpected};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::protocol::{Handover, Message, PageBatch, PageData, Verification};
@@ -97,8 +97,6 @@ where
 /// How long the post-copy receive loop waits per `recv` before it checks
 /// the link and its idle time.
 const RECV_TICK: Duration = Duration::from_millis(20);
-/// Pause between reconnection attempts.
-const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 /// Unanswered fault requests remembered for repetition after a reconnect.
 const MAX_OUTSTANDING: usize = 256;
 
@@ -788,24 +786,7 @@ where
         why: &str,
     ) -> Result<()> {
         link.up.store(false, Ordering::Release);
-        let deadline = Instant::now() + self.config.idle_timeout;
-        let mut attempts = 0u32;
-        loop {
-            attempts += 1;
-            match self.channel.reconnect() {
-                Ok(()) => break,
-                Err(e @ MigrationError::Unsupported { .. }) => return Err(e),
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(MigrationError::backend(
-                        "post-copy recovery",
-                        format!(
-                            "the channel broke ({why}) and {attempts} reconnection attempts failed, the last: {e}"
-                        ),
-                    ));
-                }
-                Err(_) => std::thread::sleep(RECONNECT_PAUSE),
-            }
-        }
+        let attempts = reconnect_within(&self.channel, self.config.idle_timeout, why)?;
         let runs: Vec<PageRun> = missing
             .sets()
             .flat_map(|(id, s)| s.runs().map(move |(f, c)| (id, f, c)))

@@ -50,6 +50,34 @@ fn recv_within(
     })
 }
 
+/// Post-copy recovery: `Channel::reconnect` until it works or `within`
+/// passed (a pause between attempts). Returns the number of attempts.
+fn reconnect_within(
+    channel: &impl Channel,
+    within: Duration,
+    why: &str,
+) -> Result<u32, MigrationError> {
+    let deadline = std::time::Instant::now() + within;
+    let mut attempts = 0u32;
+    // Bounded by the deadline.
+    loop {
+        attempts += 1;
+        match channel.reconnect() {
+            Ok(()) => return Ok(attempts),
+            Err(e @ MigrationError::Unsupported { .. }) => return Err(e),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(MigrationError::backend(
+                    "post-copy recovery",
+                    format!(
+                        "the channel broke ({why}) and {attempts} reconnection attempts failed, the last: {e}"
+                    ),
+                ));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 fn unexpected(phase: &'static str, expected: &'static str, got: &Message) -> MigrationError {
     match got {
         Message::Abort { reason } => MigrationError::PeerAborted {

@@ -5,7 +5,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::pages::{PageSender, Sent, lane_of};
-use super::{recv_within, send_abort, unexpected};
+use super::{reconnect_within, recv_within, send_abort, unexpected};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, PageSet, RegionId, RegionLayout, RegionPages};
 use crate::policy::{ConvergencePolicy, Decision, Policy, RoundStats};
@@ -795,24 +795,7 @@ where
     /// Re-establish a broken channel (bounded by `done_timeout`). The pusher
     /// stays paused until the destination's `Resync` arrives.
     fn reconnect(&self, gate: &PushGate, warnings: &mut Vec<String>, why: &str) -> Result<()> {
-        let deadline = Instant::now() + self.config.done_timeout;
-        let mut attempts = 0u32;
-        loop {
-            attempts += 1;
-            match self.channel.reconnect() {
-                Ok(()) => break,
-                Err(e @ MigrationError::Unsupported { .. }) => return Err(e),
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(MigrationError::backend(
-                        "post-copy recovery",
-                        format!(
-                            "the channel broke ({why}) and {attempts} reconnection attempts failed, the last: {e}"
-                        ),
-                    ));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
+        let attempts = reconnect_within(&self.channel, self.config.done_timeout, why)?;
         gate.reconnected();
         warnings.push(format!(
             "post-copy: the channel broke ({why}); reconnected after {attempts} attempt(s)"
