@@ -179,22 +179,6 @@ struct KvdSockets {
     state: Vec<u8>,
 }
 
-fn net_source(
-    planned: Option<NetSource>,
-    listener: OwnedFd,
-    conns: Vec<(u64, OwnedFd)>,
-) -> lmig_core::Result<NetSource> {
-    let mut net = match planned {
-        Some(net) => net,
-        None => NetSource::new(lmig_net::SourceConfig::default())?,
-    };
-    net.add(LISTENER_ID, listener)?;
-    for (id, fd) in conns {
-        net.add(id, fd)?;
-    }
-    Ok(net)
-}
-
 impl KvdSockets {
     fn net(&mut self) -> lmig_core::Result<&mut NetSource> {
         self.net
@@ -229,12 +213,36 @@ impl SocketSource for KvdSockets {
         let parked =
             parked.ok_or_else(|| backend("kvd sockets", "freeze before the loop parked"))?;
         self.state = parked.state;
-        self.net = Some(net_source(
-            self.planned.take(),
-            parked.listener,
-            parked.conns,
-        )?);
-        self.net()?.freeze()
+        let net = match self
+            .planned
+            .take()
+            .map(Ok)
+            .unwrap_or_else(|| NetSource::new(lmig_net::SourceConfig::default()))
+        {
+            Ok(net) => self.net.insert(net),
+            Err(e) => {
+                // Nothing was handed over: the loop gets its sockets back.
+                *self.parked.lock().expect("poisoned") = Some(Parked {
+                    listener: parked.listener,
+                    conns: parked.conns,
+                    state: std::mem::take(&mut self.state),
+                });
+                return Err(e.into());
+            }
+        };
+        // Every socket is handed over even if one is refused, so that the
+        // abort gives the others back to the loop (lmig-net closes a refused
+        // one); the first refusal fails the freeze.
+        let mut first_err = net.add(LISTENER_ID, parked.listener).err();
+        for (id, fd) in parked.conns {
+            if let Err(e) = net.add(id, fd) {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e.into()),
+            None => lmig_core::SocketSource::freeze(net),
+        }
     }
 
     fn capture(
