@@ -502,3 +502,161 @@ fn source_freezes_only_once_the_destination_caught_up() {
     );
     assert_eq!(report.verification, Verification::Verified);
 }
+
+/// Listener records standing in for sockets (the session does not look inside).
+fn listener_records(first: u64, n: u64) -> Vec<lmig_core::model::SocketRecord> {
+    (first..first + n)
+        .map(|id| {
+            lmig_core::model::SocketRecord::Listen(lmig_core::model::TcpListenState {
+                id,
+                local: "127.0.0.1:1".parse().unwrap(),
+                backlog: 1,
+                sock: Default::default(),
+                tcp: Default::default(),
+            })
+        })
+        .collect()
+}
+
+/// Emits `batches` batches of 16 records.
+struct FakeSockets {
+    batches: u64,
+    released: bool,
+    aborted: bool,
+}
+
+impl lmig_core::SocketSource for FakeSockets {
+    fn capture(
+        &mut self,
+        emit: &mut dyn FnMut(Vec<lmig_core::model::SocketRecord>) -> lmig_core::Result<()>,
+    ) -> lmig_core::Result<()> {
+        for b in 0..self.batches {
+            emit(listener_records(b * 16, 16))?;
+        }
+        Ok(())
+    }
+    fn abort(&mut self) -> lmig_core::Result<()> {
+        self.aborted = true;
+        Ok(())
+    }
+    fn release(&mut self) -> lmig_core::Result<()> {
+        self.released = true;
+        Ok(())
+    }
+}
+
+/// A slow sink (each batch takes a while, as thousands of connections do)
+/// that fails at batch `fail_at` if given.
+#[derive(Default)]
+struct SlowSink {
+    restored: Vec<u64>,
+    fail_at: Option<usize>,
+    batches: usize,
+    /// Records restored when `activate` ran.
+    at_activate: Option<usize>,
+    discarded: bool,
+}
+
+impl lmig_core::SocketSink for SlowSink {
+    fn restore(&mut self, batch: Vec<lmig_core::model::SocketRecord>) -> lmig_core::Result<()> {
+        std::thread::sleep(Duration::from_millis(2));
+        if self.fail_at == Some(self.batches) {
+            return Err(MigrationError::invalid("socket record", "refused by the test sink"));
+        }
+        self.batches += 1;
+        self.restored.extend(batch.iter().map(|r| r.id()));
+        Ok(())
+    }
+    fn activate(&mut self) -> lmig_core::Result<()> {
+        self.at_activate = Some(self.restored.len());
+        Ok(())
+    }
+    fn discard(&mut self) {
+        self.discarded = true;
+    }
+}
+
+#[test]
+fn sockets_restore_beside_the_pages_and_are_all_in_before_commit() {
+    let layout = layout();
+    let src = filled_memory(&layout);
+    let dst = VecMemory::empty();
+    let (a, b) = channel_pair(2);
+    let mut tracker = MarkTracker::new(&layout);
+    let mut sockets = FakeSockets {
+        batches: 8,
+        released: false,
+        aborted: false,
+    };
+    let mut sink = SlowSink::default();
+    let (s_res, d_res) = std::thread::scope(|s| {
+        let d = s.spawn(|| {
+            let mut prog = NullProgram::default();
+            Destination::new(&b, &dst, &mut prog)
+                .with_sockets(&mut sink)
+                .run()
+        });
+        let mut prog = NullProgram::default();
+        let r = Source::new(&a, &src, &mut tracker, &mut prog)
+            .with_sockets(&mut sockets)
+            .run();
+        (r, d.join().unwrap())
+    });
+    let s_rep = s_res.expect("source");
+    let d_rep = d_res.expect("destination");
+    assert_eq!(s_rep.sockets, 128);
+    assert_eq!(d_rep.sockets_restored, 128);
+    assert!(sockets.released);
+    // Every record restored, once, in order, before the program could run.
+    assert_eq!(sink.restored, (0..128).collect::<Vec<u64>>());
+    assert_eq!(sink.at_activate, Some(128));
+    assert_eq!(d_rep.verification, Verification::Verified);
+}
+
+#[test]
+fn a_socket_restore_failing_mid_freeze_aborts_and_the_source_runs_on() {
+    for fail_at in [0, 3, 7] {
+        let layout = layout();
+        let src = filled_memory(&layout);
+        let before = src.snapshot(RegionId(1));
+        let dst = VecMemory::empty();
+        let (a, b) = channel_pair(2);
+        let mut tracker = MarkTracker::new(&layout);
+        let mut sockets = FakeSockets {
+            batches: 8,
+            released: false,
+            aborted: false,
+        };
+        let mut sink = SlowSink {
+            fail_at: Some(fail_at),
+            ..SlowSink::default()
+        };
+        let mut src_prog = NullProgram::default();
+        let mut dst_prog = NullProgram::default();
+        let config = SourceConfig {
+            ready_timeout: Duration::from_secs(5),
+            ..SourceConfig::default()
+        };
+        let (s_res, d_res) = std::thread::scope(|s| {
+            let d = s.spawn(|| {
+                Destination::new(&b, &dst, &mut dst_prog)
+                    .with_sockets(&mut sink)
+                    .run()
+            });
+            let r = Source::new(&a, &src, &mut tracker, &mut src_prog)
+                .with_sockets(&mut sockets)
+                .with_config(config)
+                .run();
+            (r, d.join().unwrap())
+        });
+        let d_err = d_res.expect_err("the destination must fail");
+        assert!(d_err.to_string().contains("refused by the test sink"), "{d_err}");
+        let s_err = s_res.expect_err("the source must see the abort");
+        assert!(s_err.source_may_run(), "batch {fail_at}: {s_err}");
+        assert!(sockets.aborted && !sockets.released, "batch {fail_at}");
+        assert!(!src_prog.is_paused() && !src_prog.committed, "batch {fail_at}");
+        assert_eq!(src.snapshot(RegionId(1)), before);
+        assert!(sink.discarded && sink.at_activate.is_none(), "batch {fail_at}");
+        assert!(!dst_prog.committed && dst_prog.discarded, "batch {fail_at}");
+    }
+}

@@ -100,6 +100,8 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "migrated": r.migrated,
         "error": r.error,
         "switched_to_postcopy": s["switched_to_postcopy"],
+        "freeze_pages": s["freeze_pages"],
+        "policy": s["policy"],
         "freeze_steps_ms": s["freeze_steps_ms"],
         "freeze_timeline_ms": timeline,
         // The slowest requests: [connection, sent (ms after the pause), latency ms].

@@ -15,7 +15,7 @@ use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
 use lmig_core::session::{
     Destination, DestinationReport, Mode, Source, SourceConfig, SourceReport,
 };
-use lmig_core::traits::{Event, Phase};
+use lmig_core::traits::Event;
 use lmig_core::{MigrationError, SocketSink, SocketSource, StateSink, StateSource};
 use lmig_mem::{Backing, DestinationRegions, RegionSet, best_tracker};
 use lmig_net::{Handoff, HandoffConfig, Locked, NetSink, NetSource, SinkConfig};
@@ -177,6 +177,8 @@ struct KvdSockets {
     /// Holding the sockets from the freeze on.
     net: Option<NetSource>,
     state: Vec<u8>,
+    /// Lower this thread's priority once the sockets are released.
+    lowers_priority: bool,
 }
 
 impl KvdSockets {
@@ -278,6 +280,15 @@ impl SocketSource for KvdSockets {
     }
 
     fn release(&mut self) -> lmig_core::Result<()> {
+        // Called after the commit, once the service address and the held
+        // packets went to the destination (`Locked` hands over first). From
+        // here this thread only closes the old sockets and, in pre-copy,
+        // checksums the frozen memory for the verification: let everything
+        // else on this host go first (a destination on the same machine).
+        // Not earlier: the handoff decides how long the clients wait.
+        if self.lowers_priority {
+            yield_cpu();
+        }
         self.net()?.release()
     }
 }
@@ -335,6 +346,8 @@ pub fn migrate_out(
         planned: None,
         net: None,
         state: Vec::new(),
+        // Post-copy serves the destination's faults from this thread.
+        lowers_priority: opts.mode == Mode::Precopy,
     };
     let fallback = match opts.mode {
         Mode::Hybrid => Fallback::Postcopy,
@@ -345,7 +358,6 @@ pub fn migrate_out(
         fallback,
         ..PolicyConfig::default()
     });
-    let mode = opts.mode;
     let config = SourceConfig {
         mode: opts.mode,
         ..SourceConfig::default()
@@ -357,12 +369,6 @@ pub fn migrate_out(
             if let Event::Phase { phase, .. } = e {
                 if debug {
                     eprintln!("kvd: {phase:?} at {:?}", t.elapsed());
-                }
-                // After the commit this (pre-copy) session only checksums the
-                // frozen memory for the verification: let everything else on
-                // this host go first (a destination on the same machine).
-                if *phase == Phase::Committed && mode == Mode::Precopy {
-                    yield_cpu();
                 }
             }
             progress(e)

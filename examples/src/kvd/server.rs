@@ -260,7 +260,15 @@ impl Server {
                     closed = true;
                     break;
                 }
-                Ok(n) => conn.rbuf.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    conn.rbuf.extend_from_slice(&buf[..n]);
+                    // A short read emptied the socket: no second read just to
+                    // see `EAGAIN` (epoll(7): for stream sockets a short read
+                    // detects the exhausted buffer; new data is a new edge).
+                    if n < buf.len() {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => {

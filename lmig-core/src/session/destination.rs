@@ -1,12 +1,12 @@
 //! The destination side: place pages, restore sockets and state, resume on `Commit`.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, mpsc};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{reconnect_within, recv_within, send_abort, unexpected};
 use crate::error::{MigrationError, Result};
-use crate::model::{PageRun, RegionLayout, RegionPages};
+use crate::model::{PageRun, RegionLayout, RegionPages, SocketRecord};
 use crate::protocol::{Handover, Message, PageBatch, PageData, Verification};
 use crate::traits::{
     Channel, Event, MemorySink, NoObserver, NoSockets, Observer, Phase, SocketSink, StateSink,
@@ -237,6 +237,75 @@ fn place_postcopy<M: MemorySink>(
     placed
 }
 
+fn emit_phase(observer: &dyn Observer, phase: Phase) {
+    observer.event(&Event::Phase {
+        phase,
+        at: Instant::now(),
+    });
+}
+
+/// The thread restoring socket records while the session places pages.
+struct Restorer<'scope> {
+    batches: Option<mpsc::Sender<Vec<SocketRecord>>>,
+    thread: Option<std::thread::ScopedJoinHandle<'scope, Result<()>>>,
+}
+
+impl<'scope> Restorer<'scope> {
+    fn start<'env, K: SocketSink>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        sink: &'scope mut K,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel::<Vec<SocketRecord>>();
+        let thread = scope.spawn(move || {
+            // Ends when the session drops the sender, or at the first error.
+            for batch in rx {
+                sink.restore(batch)?;
+            }
+            Ok(())
+        });
+        Self {
+            batches: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn restore(&mut self, batch: Vec<SocketRecord>) -> Result<()> {
+        if let Some(tx) = &self.batches {
+            if tx.send(batch).is_ok() {
+                return Ok(());
+            }
+        }
+        // The thread ended early: it failed.
+        self.batches = None;
+        Self::join(self.thread.take())
+    }
+
+    /// The restore's error as soon as it failed (the thread ends early only then).
+    fn check(&mut self) -> Result<()> {
+        if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            self.batches = None;
+            return Self::join(self.thread.take());
+        }
+        Ok(())
+    }
+
+    /// Wait until every batch is restored.
+    fn finish(mut self) -> Result<()> {
+        self.batches = None;
+        Self::join(self.thread.take())
+    }
+
+    fn join(thread: Option<std::thread::ScopedJoinHandle<'scope, Result<()>>>) -> Result<()> {
+        let stopped = |why| MigrationError::backend("socket restore", why);
+        match thread {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(stopped("the restoring thread panicked"))),
+            None => Err(stopped("the restoring thread stopped")),
+        }
+    }
+}
+
 /// Pages that arrived before the control message they depend on.
 #[derive(Default)]
 struct EarlyPages {
@@ -306,10 +375,7 @@ where
     }
 
     fn phase(&self, phase: Phase) {
-        self.observer.event(&Event::Phase {
-            phase,
-            at: Instant::now(),
-        });
+        emit_phase(&*self.observer, phase);
     }
 
     /// Run the migration. `Ok` means the program was resumed here.
@@ -390,93 +456,9 @@ where
             },
         };
         for batch in std::mem::take(&mut early.batches) {
-            self.place(&mut progress, &batch, None)?;
+            Self::place(&self.memory, &mut progress, &batch, None)?;
         }
-        let mut handover: Option<Handover> = None;
-        let mut sockets_done = false;
-        let mut prepared = false;
-        // Pages of the rounds whose `RoundEnd` arrived, and the most this
-        // side has said (`Prepared`) it caught up with.
-        let (mut announced, mut caught_up) = (0u64, 0u64);
-        loop {
-            if let Some(h) = &handover {
-                if progress.placed_total >= h.pages_total {
-                    break;
-                }
-            } else if prepared && announced > caught_up && progress.placed_total >= announced {
-                self.channel.send(&Message::Prepared {
-                    placed: progress.placed_total,
-                })?;
-                caught_up = announced;
-            }
-            let msg = recv_within(&self.channel, idle, "the source's pages")?;
-            match msg {
-                Message::Pages(batch) => {
-                    self.place(&mut progress, &batch, None)?;
-                    if let Some(h) = &handover {
-                        if progress.placed_total > h.pages_total {
-                            return Err(MigrationError::Protocol {
-                                phase: "freeze",
-                                expected: "no more pages than announced",
-                                got: format!(
-                                    "{} pages, {} announced",
-                                    progress.placed_total, h.pages_total
-                                ),
-                            });
-                        }
-                    }
-                }
-                Message::RoundEnd(summary) => {
-                    announced = announced.saturating_add(summary.pages);
-                    self.phase(Phase::Precopy(summary.round));
-                    self.observer.event(&Event::Progress {
-                        pages: progress.report.pages_placed,
-                        bytes: progress.report.bytes_received,
-                        total_pages: progress.layout.total_pages(),
-                    });
-                }
-                Message::SocketPlan(plan) if handover.is_none() && !prepared => {
-                    self.sockets.prepare(&plan)?;
-                    self.channel.send(&Message::Prepared {
-                        placed: progress.placed_total,
-                    })?;
-                    prepared = true;
-                }
-                Message::Sockets { records, last } if !sockets_done && handover.is_none() => {
-                    self.phase(Phase::Frozen);
-                    progress.report.sockets_restored += records.len() as u64;
-                    // The sink validates each record and restores the valid
-                    // ones; it decides whether a bad record fails the migration.
-                    self.sockets.restore(records)?;
-                    sockets_done = last;
-                }
-                Message::State(state) if handover.is_none() => {
-                    state.validate()?;
-                    self.program.restore(state)?;
-                }
-                Message::Handover(h) if handover.is_none() => {
-                    progress.report.handover_at = Some(Instant::now());
-                    if !h.postcopy.is_empty() {
-                        let mut missing = RegionPages::empty(&progress.layout);
-                        for run in &h.postcopy {
-                            progress.layout.check_run(run)?;
-                            missing.insert_run(run)?;
-                        }
-                        // Before `Ready`: the program is not running, so a
-                        // failure here still aborts cleanly.
-                        self.memory.begin_postcopy(&missing)?;
-                    }
-                    handover = Some(h);
-                }
-                other => {
-                    return Err(unexpected(
-                        "receiving",
-                        "Pages, RoundEnd, SocketPlan, Sockets, State or Handover",
-                        &other,
-                    ));
-                }
-            }
-        }
+        let handover = self.receive(&mut progress)?;
         progress.report.last_page_at = Some(Instant::now());
         self.phase(Phase::AwaitReady);
         self.channel.send(&Message::Ready)?;
@@ -487,23 +469,145 @@ where
         loop {
             match recv_within(&self.channel, idle, "Commit")? {
                 Message::Commit => break,
-                Message::Pages(batch)
-                    if handover.as_ref().is_some_and(|h| !h.postcopy.is_empty()) =>
-                {
-                    early.hold(batch)?
-                }
+                Message::Pages(batch) if !handover.postcopy.is_empty() => early.hold(batch)?,
                 other => return Err(unexpected("ready", "Commit", &other)),
             }
         }
-        let h = handover.expect("loop ends only after Handover");
         progress.early = early.batches;
-        Ok((progress, h))
+        Ok((progress, handover))
+    }
+
+    /// Pre-copy and the freeze: place pages, prepare and restore sockets,
+    /// take the program's state, until `Handover` and every page it
+    /// announced are in.
+    ///
+    /// Socket records are restored on their own thread from the first
+    /// `Sockets` batch on, while this one places the last pages: in the
+    /// freeze the two arrive together (the source captures while it sends
+    /// them), and with many connections restoring is the longest step.
+    fn receive(&mut self, progress: &mut Progress) -> Result<Handover> {
+        let Self {
+            channel,
+            memory,
+            program,
+            sockets,
+            observer,
+            config,
+        } = self;
+        let idle = config.idle_timeout;
+        let phase = |phase: Phase| emit_phase(&**observer, phase);
+        let mut sockets = Some(sockets);
+        std::thread::scope(|scope| -> Result<Handover> {
+            let mut restorer: Option<Restorer<'_>> = None;
+            let mut handover: Option<Handover> = None;
+            let mut sockets_done = false;
+            let mut prepared = false;
+            // Pages of the rounds whose `RoundEnd` arrived, and the most this
+            // side has said (`Prepared`) it caught up with.
+            let (mut announced, mut caught_up) = (0u64, 0u64);
+            loop {
+                if let Some(h) = &handover {
+                    if progress.placed_total >= h.pages_total {
+                        break;
+                    }
+                } else if prepared && announced > caught_up && progress.placed_total >= announced {
+                    channel.send(&Message::Prepared {
+                        placed: progress.placed_total,
+                    })?;
+                    caught_up = announced;
+                }
+                if let Some(r) = restorer.as_mut() {
+                    r.check()?;
+                }
+                let msg = recv_within(&*channel, idle, "the source's pages")?;
+                match msg {
+                    Message::Pages(batch) => {
+                        Self::place(memory, progress, &batch, None)?;
+                        if let Some(h) = &handover {
+                            if progress.placed_total > h.pages_total {
+                                return Err(MigrationError::Protocol {
+                                    phase: "freeze",
+                                    expected: "no more pages than announced",
+                                    got: format!(
+                                        "{} pages, {} announced",
+                                        progress.placed_total, h.pages_total
+                                    ),
+                                });
+                            }
+                        }
+                    }
+                    Message::RoundEnd(summary) => {
+                        announced = announced.saturating_add(summary.pages);
+                        phase(Phase::Precopy(summary.round));
+                        observer.event(&Event::Progress {
+                            pages: progress.report.pages_placed,
+                            bytes: progress.report.bytes_received,
+                            total_pages: progress.layout.total_pages(),
+                        });
+                    }
+                    Message::SocketPlan(plan) if handover.is_none() && !prepared => {
+                        if let Some(s) = sockets.as_mut() {
+                            s.prepare(&plan)?;
+                        }
+                        channel.send(&Message::Prepared {
+                            placed: progress.placed_total,
+                        })?;
+                        prepared = true;
+                    }
+                    Message::Sockets { records, last } if !sockets_done && handover.is_none() => {
+                        if restorer.is_none() {
+                            phase(Phase::Frozen);
+                        }
+                        progress.report.sockets_restored += records.len() as u64;
+                        // The sink validates each record and restores the
+                        // valid ones; it decides whether a bad record fails
+                        // the migration.
+                        let r = match (&mut restorer, sockets.take()) {
+                            (Some(r), _) => r,
+                            (None, Some(sink)) => restorer.insert(Restorer::start(scope, sink)),
+                            (None, None) => unreachable!("the sink moves to the restorer once"),
+                        };
+                        r.restore(records)?;
+                        sockets_done = last;
+                    }
+                    Message::State(state) if handover.is_none() => {
+                        state.validate()?;
+                        program.restore(state)?;
+                    }
+                    Message::Handover(h) if handover.is_none() => {
+                        progress.report.handover_at = Some(Instant::now());
+                        if !h.postcopy.is_empty() {
+                            let mut missing = RegionPages::empty(&progress.layout);
+                            for run in &h.postcopy {
+                                progress.layout.check_run(run)?;
+                                missing.insert_run(run)?;
+                            }
+                            // Before `Ready`: the program is not running, so a
+                            // failure here still aborts cleanly.
+                            memory.begin_postcopy(&missing)?;
+                        }
+                        handover = Some(h);
+                    }
+                    other => {
+                        return Err(unexpected(
+                            "receiving",
+                            "Pages, RoundEnd, SocketPlan, Sockets, State or Handover",
+                            &other,
+                        ));
+                    }
+                }
+            }
+            if let Some(r) = restorer {
+                r.finish()?;
+            }
+            Ok(handover.expect("the loop ends only after Handover"))
+        })
     }
 
     /// Place one batch. In post-copy (`missing` given), only pages still
     /// missing are placed; the others are counted as duplicates.
     fn place(
-        &self,
+        memory: &M,
         progress: &mut Progress,
         batch: &PageBatch,
         missing: Option<&mut RegionPages>,
@@ -526,12 +630,12 @@ where
                 PageData::Raw(data) => {
                     let off = (sub.first - run.first) as usize * ps;
                     let bytes = &data[off..off + sub.count as usize * ps];
-                    self.memory.write_pages(&sub, bytes)?;
+                    memory.write_pages(&sub, bytes)?;
                     progress.hashes.record(&sub, bytes);
                     progress.report.bytes_received += bytes.len() as u64;
                 }
                 PageData::Zero => {
-                    self.memory.zero_pages(&sub)?;
+                    memory.zero_pages(&sub)?;
                     progress.hashes.record_zero(&sub);
                     progress.report.zero_pages += u64::from(sub.count);
                 }
