@@ -243,9 +243,30 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     let rate = opts.rate;
     let addr = service.parse()?;
     let max = opts.warmup + opts.after + Duration::from_secs(600);
-    let clients = topo
-        .client
-        .spawn_thread(move || load::run(addr, conns, rate, load_stop, max))?;
+    let running = Arc::new(AtomicBool::new(false));
+    let load_running = running.clone();
+    let clients = topo.client.spawn_thread(move || {
+        load::run(addr, conns, rate, load_stop, load_running, max)
+    })?;
+    // The warm-up counts from when every client is connected: the freeze
+    // must fall inside the load, however long opening the connections took.
+    let connect_by = Instant::now() + Duration::from_secs(120);
+    while !running.load(Ordering::SeqCst) {
+        if clients.is_finished() {
+            return Err(match clients.join() {
+                Ok(Ok(Err(e))) => format!("clients: {e}"),
+                Ok(Err(e)) => format!("clients: {e}"),
+                _ => "the client thread ended before it connected".to_string(),
+            }
+            .into());
+        }
+        if Instant::now() > connect_by {
+            // The thread ends at its next connect timeout, or with the namespace.
+            stop.store(true, Ordering::SeqCst);
+            return Err(format!("{conns} clients did not connect within 120 s").into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::thread::sleep(opts.warmup);
 
     // Migrate.

@@ -57,12 +57,14 @@ struct Client {
 /// `max_time` passes), `rate` requests per second over all connections
 /// (each connection sends its next request `conns / rate` seconds after the
 /// previous one was sent, or at once if the reply came later). Counters
-/// start from their current value.
+/// start from their current value. `running` is set once every connection
+/// is open and requests flow (opening 10,000 takes a while).
 pub fn run(
     addr: SocketAddr,
     conns: usize,
     rate: f64,
     stop: Arc<AtomicBool>,
+    running: Arc<AtomicBool>,
     max_time: Duration,
 ) -> std::io::Result<LoadReport> {
     let interval = Duration::from_secs_f64(conns as f64 / rate.max(1.0));
@@ -92,6 +94,7 @@ pub fn run(
         );
     }
     let start = Instant::now();
+    running.store(true, Ordering::SeqCst);
     let mut latencies: Vec<f32> = Vec::with_capacity(1 << 20);
     let mut buckets: Vec<(f64, u64)> = Vec::new();
     let mut report = LoadReport {
