@@ -132,16 +132,8 @@ impl Server {
             },
             wake_rx,
         };
-        let t = std::time::Instant::now();
-        let mut nb = std::time::Duration::ZERO;
         for (id, stream, rbuf, wbuf) in conns {
-            let t1 = std::time::Instant::now();
-            stream.set_nonblocking(true)?;
-            nb += t1.elapsed();
             server.add_conn(id, stream, rbuf, wbuf)?;
-        }
-        if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
-            eprintln!("kvd: conns added in {:?} (nonblocking {nb:?})", t.elapsed());
         }
         Ok(server)
     }
