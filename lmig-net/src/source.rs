@@ -69,7 +69,8 @@ struct Entry {
     kind: SocketKind,
     /// Addresses and options of an established connection, read before the freeze.
     stat: Option<tcp::ConnStatic>,
-    in_repair: bool,
+    /// Entered repair mode (at its capture; several capture threads).
+    in_repair: AtomicBool,
 }
 
 /// A socket read by [`NetSource::plan_fd`] whose fd comes with [`NetSource::add`].
@@ -95,10 +96,14 @@ enum Phase {
 /// a duplicate made with `try_clone` is fine, the kernel socket is shared),
 /// and may keep serving through [`NetSource::fd`] until the freeze.
 ///
-/// * `freeze`: the network lock (if any), then every established TCP socket
-///   enters repair mode — from then on nothing the program does on it reaches
-///   the peer. A failure half-way leaves repair mode on the sockets already in it.
-/// * `capture`: batches of records on several threads; nothing is consumed.
+/// * `freeze`: the network lock (if any): from then on what the peers send
+///   is held. The program must be paused by then (nothing it writes later
+///   is carried). No system call per connection here.
+/// * `capture`: batches of records on several threads; each established
+///   connection enters repair mode just before it is read (so the freeze
+///   does not start with one `setsockopt` per connection, ahead of
+///   everything else); nothing is consumed. A failure half-way leaves repair
+///   mode on the sockets already in it at the abort.
 /// * `abort`: every socket leaves repair mode (with a window probe, so a peer
 ///   that sent something during the freeze is answered at once) and the lock
 ///   is lifted; the program keeps serving ([`NetSource::into_fds`] gives the
@@ -190,15 +195,29 @@ fn inode_of(fd: BorrowedFd<'_>, id: u64) -> Result<u64> {
         .map_err(|e| NetError::sys("fstat", format!("socket {id}"), e.into()))
 }
 
+/// Put an established connection in repair mode (once).
+fn enter_repair(e: &Entry) -> Result<()> {
+    if !e.in_repair.load(Ordering::Relaxed) {
+        RepairGuard::enter(e.fd.as_fd(), || format!("TCP connection {}", e.id))?.keep();
+        e.in_repair.store(true, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 fn capture_one(e: &Entry, ctx: &CaptureCtx) -> Result<SocketRecord> {
     match e.kind {
-        SocketKind::TcpEstablished => match &e.stat {
-            Some(st) => tcp::capture_established(e.fd.as_fd(), e.id, st).map(SocketRecord::Tcp),
-            None => Err(NetError::Phase {
-                op: "capture",
-                detail: "connection options were not read before the freeze",
-            }),
-        },
+        SocketKind::TcpEstablished => {
+            let Some(st) = &e.stat else {
+                return Err(NetError::Phase {
+                    op: "capture",
+                    detail: "connection options were not read before the freeze",
+                });
+            };
+            // Repair mode first: the record is read from a connection that
+            // can no longer change (the lock holds what the peer sends).
+            enter_repair(e)?;
+            tcp::capture_established(e.fd.as_fd(), e.id, st).map(SocketRecord::Tcp)
+        }
         SocketKind::TcpListen => {
             tcp::capture_listener(e.fd.as_fd(), e.id, ctx).map(SocketRecord::Listen)
         }
@@ -278,7 +297,7 @@ impl NetSource {
                 fd,
                 kind: p.kind,
                 stat: p.stat,
-                in_repair: false,
+                in_repair: AtomicBool::new(false),
             });
             return Ok(());
         }
@@ -295,7 +314,7 @@ impl NetSource {
             fd,
             kind,
             stat: None,
-            in_repair: false,
+            in_repair: AtomicBool::new(false),
         });
         Ok(())
     }
@@ -450,9 +469,8 @@ impl NetSource {
 
     fn leave_repair(&mut self) {
         for e in &mut self.entries {
-            if e.in_repair {
+            if e.in_repair.swap(false, Ordering::Relaxed) {
                 let _ = sys::tcp_repair(e.fd.as_fd(), RepairMode::Off);
-                e.in_repair = false;
             }
         }
     }
@@ -488,42 +506,6 @@ impl NetSource {
         }
         if let Some(lock) = self.lock.as_mut() {
             lock.lock(&plan)?;
-        }
-        let entered = {
-            let mut guards = Vec::with_capacity(self.entries.len());
-            let mut failed = None;
-            for e in &self.entries {
-                if e.kind != SocketKind::TcpEstablished {
-                    continue;
-                }
-                let fd = e.fd.as_fd();
-                match RepairGuard::enter(fd, || format!("TCP connection {}", e.id)) {
-                    Ok(g) => guards.push(g),
-                    Err(err) => {
-                        failed = Some(err);
-                        break;
-                    }
-                }
-            }
-            match failed {
-                // The guards drop here and leave repair mode on every socket entered so far.
-                Some(err) => Err(err),
-                None => {
-                    guards.into_iter().for_each(RepairGuard::keep);
-                    Ok(())
-                }
-            }
-        };
-        if let Err(err) = entered {
-            if let Some(lock) = self.lock.as_mut() {
-                let _ = lock.unlock();
-            }
-            return Err(err);
-        }
-        for e in &mut self.entries {
-            if e.kind == SocketKind::TcpEstablished {
-                e.in_repair = true;
-            }
         }
         self.phase = Phase::Frozen;
         Ok(())
@@ -620,7 +602,12 @@ impl NetSource {
                 detail: "only frozen sockets are released",
             });
         }
-        // Dropping the fds while in repair mode: no FIN, no RST.
+        // Dropping the fds while in repair mode: no FIN, no RST. (Every
+        // connection entered it at its capture; one that was not captured
+        // enters it now rather than reset its peer.)
+        for e in self.entries.iter().filter(|e| e.kind == SocketKind::TcpEstablished) {
+            let _ = enter_repair(e);
+        }
         self.entries.clear();
         self.phase = Phase::Released;
         if let Some(lock) = self.lock.as_mut() {

@@ -347,6 +347,65 @@ fn tcp_abort_keeps_serving() {
     peer.cmd("check");
 }
 
+/// Connections enter repair mode at their capture, not at the freeze: a
+/// capture cut after the first batch, then an abort, leaves every connection
+/// working, the captured ones and the ones never touched.
+#[test]
+fn tcp_abort_during_capture_keeps_every_connection() {
+    if !privileged("tcp_abort_during_capture_keeps_every_connection") {
+        return;
+    }
+    let Setup {
+        topo: _topo,
+        mut peer,
+        listener,
+        addr,
+    } = setup(false, 7004);
+    peer.cmd(&format!("connect {addr} 4 0"));
+    let mut conns: Vec<TcpStream> = (0..4).map(|_| listener.accept().unwrap().0).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(&pat("S1", i)).unwrap();
+    }
+    peer.cmd("sendpat P1");
+    for (i, c) in conns.iter().enumerate() {
+        wait_inq(c, pat("P1", i).len() as u32);
+    }
+    let mut src = NetSource::new(SourceConfig {
+        batch_size: 1,
+        threads: 1,
+        ..SourceConfig::default()
+    })
+    .unwrap();
+    for (i, c) in conns.into_iter().enumerate() {
+        src.add(i as u64, c.into()).unwrap();
+    }
+    src.freeze().unwrap();
+    let mut batches = 0;
+    let cut = src.capture(&mut |_| {
+        batches += 1;
+        if batches == 2 {
+            return Err(lmig_core::MigrationError::channel_closed("cut by the test"));
+        }
+        Ok(())
+    });
+    assert!(cut.is_err(), "the capture must stop at the cut");
+    assert_eq!(batches, 2, "the capture went on after the cut");
+    src.abort().unwrap();
+    let mut conns: Vec<TcpStream> = src
+        .into_fds()
+        .into_iter()
+        .map(|(_, fd)| fd.into())
+        .collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        common::read_exact_eq(c, &pat("P1", i)).unwrap();
+        c.write_all(&pat("S2", i)).unwrap();
+    }
+    peer.cmd("expect S1");
+    peer.cmd("expect S2");
+    peer.cmd("check");
+}
+
 /// Impossible records are rejected by name; the rest of the batch is restored.
 #[test]
 fn tcp_bad_records_are_rejected_by_name() {
