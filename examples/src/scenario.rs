@@ -245,9 +245,9 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     let max = opts.warmup + opts.after + Duration::from_secs(600);
     let running = Arc::new(AtomicBool::new(false));
     let load_running = running.clone();
-    let clients = topo.client.spawn_thread(move || {
-        load::run(addr, conns, rate, load_stop, load_running, max)
-    })?;
+    let clients = topo
+        .client
+        .spawn_thread(move || load::run(addr, conns, rate, load_stop, load_running, max))?;
     // The warm-up counts from when every client is connected: the freeze
     // must fall inside the load, however long opening the connections took.
     let connect_by = Instant::now() + Duration::from_secs(120);

@@ -561,7 +561,10 @@ impl lmig_core::SocketSink for SlowSink {
     fn restore(&mut self, batch: Vec<lmig_core::model::SocketRecord>) -> lmig_core::Result<()> {
         std::thread::sleep(Duration::from_millis(2));
         if self.fail_at == Some(self.batches) {
-            return Err(MigrationError::invalid("socket record", "refused by the test sink"));
+            return Err(MigrationError::invalid(
+                "socket record",
+                "refused by the test sink",
+            ));
         }
         self.batches += 1;
         self.restored.extend(batch.iter().map(|r| r.id()));
@@ -650,13 +653,22 @@ fn a_socket_restore_failing_mid_freeze_aborts_and_the_source_runs_on() {
             (r, d.join().unwrap())
         });
         let d_err = d_res.expect_err("the destination must fail");
-        assert!(d_err.to_string().contains("refused by the test sink"), "{d_err}");
+        assert!(
+            d_err.to_string().contains("refused by the test sink"),
+            "{d_err}"
+        );
         let s_err = s_res.expect_err("the source must see the abort");
         assert!(s_err.source_may_run(), "batch {fail_at}: {s_err}");
         assert!(sockets.aborted && !sockets.released, "batch {fail_at}");
-        assert!(!src_prog.is_paused() && !src_prog.committed, "batch {fail_at}");
+        assert!(
+            !src_prog.is_paused() && !src_prog.committed,
+            "batch {fail_at}"
+        );
         assert_eq!(src.snapshot(RegionId(1)), before);
-        assert!(sink.discarded && sink.at_activate.is_none(), "batch {fail_at}");
+        assert!(
+            sink.discarded && sink.at_activate.is_none(),
+            "batch {fail_at}"
+        );
         assert!(!dst_prog.committed && dst_prog.discarded, "batch {fail_at}");
     }
 }

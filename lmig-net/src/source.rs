@@ -605,7 +605,11 @@ impl NetSource {
         // Dropping the fds while in repair mode: no FIN, no RST. (Every
         // connection entered it at its capture; one that was not captured
         // enters it now rather than reset its peer.)
-        for e in self.entries.iter().filter(|e| e.kind == SocketKind::TcpEstablished) {
+        for e in self
+            .entries
+            .iter()
+            .filter(|e| e.kind == SocketKind::TcpEstablished)
+        {
             let _ = enter_repair(e);
         }
         self.entries.clear();

@@ -1,7 +1,7 @@
 //! The destination side: place pages, restore sockets and state, resume on `Commit`.
 
-use std::sync::{Mutex, mpsc};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use super::{reconnect_within, recv_within, send_abort, unexpected};
