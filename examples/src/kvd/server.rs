@@ -190,6 +190,9 @@ impl Server {
     /// connections with buffered requests too) is served once from there.
     pub fn run(&mut self, store: &Store<'_>) -> std::io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        // LMIG_DEMO_DEBUG: how the first passes after a start went.
+        let mut traced = if std::env::var_os("LMIG_DEMO_DEBUG").is_some() { 5 } else { 0 };
+        let started = std::time::Instant::now();
         loop {
             if self.control.pause.load(Ordering::SeqCst) {
                 match self.park()? {
@@ -211,6 +214,10 @@ impl Server {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+            let pass = (traced > 0).then(|| {
+                let served = self.control.counters.requests.load(Ordering::Relaxed);
+                (std::time::Instant::now(), served)
+            });
             for ev in &events {
                 // A freeze request is served before the rest of the batch:
                 // unserved events stay pending in the kernel and the sockets.
@@ -222,6 +229,16 @@ impl Server {
                     WAKER => {}
                     Token(t) => self.serve(t as u64, store),
                 }
+            }
+            if let Some((at, served)) = pass {
+                traced -= 1;
+                eprintln!(
+                    "kvd: pass at {:?}: {} events, {} requests, {:?}",
+                    at - started,
+                    events.iter().count(),
+                    self.control.counters.requests.load(Ordering::Relaxed) - served,
+                    at.elapsed()
+                );
             }
         }
     }
