@@ -110,6 +110,14 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
                 .zip(paused).map(|(t, p)| round((t - p) / 1e6, 2));
             json!([c, sent, round(lat, 2)])
         }).collect::<Vec<_>>(),
+        // Requests by when they were sent, in 10 ms buckets from 20 ms before
+        // the pause to 200 ms after: [bucket start (ms after the pause),
+        // slowest latency ms, requests].
+        "latency_by_send_time": r.load.timeline.iter().filter_map(|&(at, max, n)| {
+            let at = r.load.started.map(mono_ns).map(|z| z as f64 + at * 1e6)
+                .zip(paused).map(|(t, p)| (t - p) / 1e6)?;
+            (-20.0..200.0).contains(&at).then(|| json!([round(at, 1), round(max, 2), n]))
+        }).collect::<Vec<_>>(),
         "network_faults": r.destination["network_faults"],
         "first_client_error": r.load.first_error,
     }));

@@ -378,7 +378,12 @@ pub fn migrate_out(
         // the service link: its migration address).
         Some(h) => {
             let h = h.clone().forward_to(opts.target.ip());
-            source.with_sockets(Locked::new(sockets, h)?).run()
+            let mut locked = Locked::new(sockets, h)?;
+            let r = source.with_sockets(&mut locked).run();
+            if debug {
+                eprintln!("kvd: source handoff {:?}", locked.handoff().finish());
+            }
+            r
         }
         None => source.with_sockets(sockets).run(),
     }
@@ -395,6 +400,8 @@ struct KvdSink<S> {
     inner: S,
     take: fn(&mut S) -> HashMap<u64, OwnedFd>,
     fds: Sender<HashMap<u64, OwnedFd>>,
+    /// For LMIG_DEMO_DEBUG: what the sink measured.
+    figures: fn(&mut S) -> String,
 }
 
 impl<S: SocketSink> SocketSink for KvdSink<S> {
@@ -408,7 +415,11 @@ impl<S: SocketSink> SocketSink for KvdSink<S> {
         let t = Instant::now();
         let r = self.inner.activate();
         if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
-            eprintln!("kvd: sockets activated in {:?}", t.elapsed());
+            eprintln!(
+                "kvd: sockets activated in {:?} {}",
+                t.elapsed(),
+                (self.figures)(&mut self.inner)
+            );
         }
         let _ = self.fds.send((self.take)(&mut self.inner));
         r
@@ -488,6 +499,9 @@ pub fn receive(
                             inner: sink,
                             take: |h: &mut Handoff<NetSink>| h.inner_mut().take_fds(),
                             fds: fds_tx,
+                            figures: |h: &mut Handoff<NetSink>| {
+                                format!("{:?}", h.handoff().stats())
+                            },
                         })
                         .run(),
                     Err(e) => Err(MigrationError::from(e)),
@@ -497,6 +511,7 @@ pub fn receive(
                         inner: net,
                         take: |n: &mut NetSink| n.take_fds(),
                         fds: fds_tx,
+                        figures: |_| String::new(),
                     })
                     .run(),
             };

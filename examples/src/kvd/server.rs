@@ -191,7 +191,11 @@ impl Server {
     pub fn run(&mut self, store: &Store<'_>) -> std::io::Result<()> {
         let mut events = Events::with_capacity(1024);
         // LMIG_DEMO_DEBUG: how the first passes after a start went.
-        let mut traced = if std::env::var_os("LMIG_DEMO_DEBUG").is_some() { 5 } else { 0 };
+        let mut traced = if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
+            5
+        } else {
+            0
+        };
         let started = std::time::Instant::now();
         loop {
             if self.control.pause.load(Ordering::SeqCst) {
