@@ -2,7 +2,7 @@
 //! implementation of [`SocketSink`].
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use lmig_core::model::{SocketKind, SocketPrep, SocketRecord, TcpListenState, UdpSockState};
@@ -73,6 +73,13 @@ impl Restored {
             Self::Tcp { id, .. } => *id,
             Self::Listen { state, .. } => state.id,
             Self::Udp { state, .. } => state.id,
+        }
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Self::Tcp { fd, .. } | Self::Listen { fd, .. } => fd.as_raw_fd(),
+            Self::Udp { r, .. } => r.fd.as_raw_fd(),
         }
     }
 }
@@ -282,6 +289,16 @@ impl NetSink {
     /// One restored socket by id (after `activate`).
     pub fn take(&mut self, id: u64) -> Option<OwnedFd> {
         self.ready.remove(&id)
+    }
+
+    /// The fds of the sockets restored so far and waiting for activation,
+    /// by the program's id. They are the fds [`NetSink::take_fds`] hands
+    /// out after activation: a program can register them with its poller
+    /// while [`NetSink::activate_sockets`] runs, instead of after it (one
+    /// system call per connection less after the commit). A socket that
+    /// fails to activate is closed, and its number may be reused.
+    pub fn pending_fds(&self) -> Vec<(u64, RawFd)> {
+        self.restored.iter().map(|r| (r.id(), r.raw_fd())).collect()
     }
 
     /// Sockets restored so far and waiting for activation.

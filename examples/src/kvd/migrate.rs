@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -400,6 +400,9 @@ struct KvdSink<S> {
     inner: S,
     take: fn(&mut S) -> HashMap<u64, OwnedFd>,
     fds: Sender<HashMap<u64, OwnedFd>>,
+    /// The restored sockets' fd numbers, sent as activation starts.
+    pending: fn(&S) -> Vec<(u64, RawFd)>,
+    early: Sender<Vec<(u64, RawFd)>>,
     /// For LMIG_DEMO_DEBUG: what the sink measured.
     figures: fn(&mut S) -> String,
 }
@@ -413,6 +416,8 @@ impl<S: SocketSink> SocketSink for KvdSink<S> {
     }
     fn activate(&mut self) -> lmig_core::Result<()> {
         let t = Instant::now();
+        // The loop registers them with its poller while they are activated.
+        let _ = self.early.send((self.pending)(&self.inner));
         let r = self.inner.activate();
         if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
             eprintln!(
@@ -483,6 +488,7 @@ pub fn receive(
     let channel = listener.accept_timeout(accept_timeout)?;
     let memory = DestinationRegions::new(Backing::Private).prefault(false);
     let (fds_tx, fds_rx) = mpsc::channel::<HashMap<u64, OwnedFd>>();
+    let (early_tx, early_rx) = mpsc::channel::<Vec<(u64, RawFd)>>();
     let (go_tx, go_rx) = mpsc::channel::<ProgramState>();
     let program = KvdResume {
         state: None,
@@ -499,6 +505,8 @@ pub fn receive(
                             inner: sink,
                             take: |h: &mut Handoff<NetSink>| h.inner_mut().take_fds(),
                             fds: fds_tx,
+                            pending: |h: &Handoff<NetSink>| h.inner().pending_fds(),
+                            early: early_tx,
                             figures: |h: &mut Handoff<NetSink>| {
                                 format!("{:?}", h.handoff().stats())
                             },
@@ -511,6 +519,8 @@ pub fn receive(
                         inner: net,
                         take: |n: &mut NetSink| n.take_fds(),
                         fds: fds_tx,
+                        pending: NetSink::pending_fds,
+                        early: early_tx,
                         figures: |_| String::new(),
                     })
                     .run(),
@@ -518,6 +528,12 @@ pub fn receive(
             on_report(&r);
             r
         });
+        // After `Commit`, while the session activates the sockets: register
+        // them with the poller (nothing arrives if the migration failed).
+        let early = early_rx.recv().unwrap_or_default();
+        let t = Instant::now();
+        let pre = Server::preregister(&early)?;
+        let preregistered = t.elapsed();
         // Serve once the session resumes the program (at `Commit`).
         let state = match go_rx.recv() {
             Ok(state) => state,
@@ -544,9 +560,12 @@ pub fn receive(
         let regions = memory.regions().ok_or("no regions arrived")?;
         let store = Store::open(regions.get(STORE_REGION)?).map_err(|e| e.to_string())?;
         let t = Instant::now();
-        let mut server = Server::new(std::net::TcpListener::from(listener), restored)?;
+        let mut server = Server::with_poller(pre, std::net::TcpListener::from(listener), restored)?;
         if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
-            eprintln!("kvd: server built in {:?}", t.elapsed());
+            eprintln!(
+                "kvd: sockets registered in {preregistered:?}, server built in {:?}",
+                t.elapsed()
+            );
         }
         on_serving(Instant::now());
         server.run(&store)?;

@@ -3,15 +3,16 @@
 //! of every socket fd), resumed after an abort, or told to exit after the
 //! commit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::resp;
@@ -27,6 +28,16 @@ struct Conn {
     stream: TcpStream,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
+    /// Registered for writability too (only while output waits: otherwise
+    /// every ACK that frees send buffer space would wake the loop).
+    writable: bool,
+}
+
+/// A poller with restored sockets already registered, made while the
+/// destination activates them (see [`Server::preregister`]).
+pub struct Preregistered {
+    poll: Poll,
+    ids: HashSet<u64>,
 }
 
 /// What the loop hands over when parked: its sockets themselves (not
@@ -98,6 +109,8 @@ pub struct Server {
     next_id: u64,
     control: Control,
     wake_rx: Receiver<Wake>,
+    /// Connections that arrived with buffered bytes: served once at the start.
+    buffered: Vec<u64>,
 }
 
 fn token(id: u64) -> Token {
@@ -111,12 +124,57 @@ impl Server {
         listener: std::net::TcpListener,
         conns: Vec<(u64, std::net::TcpStream, Vec<u8>, Vec<u8>)>,
     ) -> std::io::Result<Self> {
+        Self::with_poller(
+            Preregistered {
+                poll: Poll::new()?,
+                ids: HashSet::new(),
+            },
+            listener,
+            conns,
+        )
+    }
+
+    /// Register restored sockets by fd number (`id`, fd; the listener has id
+    /// [`LISTENER_ID`](super::migrate::LISTENER_ID)) before they are handed
+    /// over, so that building the server after the commit costs no
+    /// `epoll_ctl` for them. A number that is not a socket any more by then
+    /// only costs an event nobody serves.
+    pub fn preregister(fds: &[(u64, RawFd)]) -> std::io::Result<Preregistered> {
         let poll = Poll::new()?;
+        let mut ids = HashSet::with_capacity(fds.len());
+        for &(id, fd) in fds {
+            let token = if id == super::migrate::LISTENER_ID {
+                LISTENER
+            } else if id < FIRST_CONN {
+                continue;
+            } else {
+                token(id)
+            };
+            if poll
+                .registry()
+                .register(&mut SourceFd(&fd), token, Interest::READABLE)
+                .is_ok()
+            {
+                ids.insert(id);
+            }
+        }
+        Ok(Preregistered { poll, ids })
+    }
+
+    /// [`Server::new`] on a poller where some sockets are registered already.
+    pub fn with_poller(
+        pre: Preregistered,
+        listener: std::net::TcpListener,
+        conns: Vec<(u64, std::net::TcpStream, Vec<u8>, Vec<u8>)>,
+    ) -> std::io::Result<Self> {
+        let Preregistered { poll, ids } = pre;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        if !ids.contains(&super::migrate::LISTENER_ID) {
+            poll.registry()
+                .register(&mut listener, LISTENER, Interest::READABLE)?;
+        }
         let (wake_tx, wake_rx) = channel();
         let mut server = Self {
             poll,
@@ -131,9 +189,13 @@ impl Server {
                 counters: Arc::new(Counters::default()),
             },
             wake_rx,
+            buffered: Vec::new(),
         };
         for (id, stream, rbuf, wbuf) in conns {
-            server.add_conn(id, stream, rbuf, wbuf)?;
+            if !rbuf.is_empty() || !wbuf.is_empty() {
+                server.buffered.push(id);
+            }
+            server.add_conn(id, stream, rbuf, wbuf, ids.contains(&id))?;
         }
         Ok(server)
     }
@@ -149,22 +211,44 @@ impl Server {
         stream: std::net::TcpStream,
         rbuf: Vec<u8>,
         wbuf: Vec<u8>,
+        registered: bool,
     ) -> std::io::Result<()> {
         stream.set_nonblocking(true)?;
         let mut stream = TcpStream::from_std(stream);
-        self.poll.registry().register(
-            &mut stream,
-            token(id),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
+        let writable = !wbuf.is_empty();
+        let interest = if writable {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        if !registered {
+            self.poll
+                .registry()
+                .register(&mut stream, token(id), interest)?;
+        } else if writable {
+            self.poll
+                .registry()
+                .reregister(&mut stream, token(id), interest)?;
+        }
         self.insert_conn(id, stream, rbuf, wbuf);
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.writable = writable;
+        }
         Ok(())
     }
 
     /// Serve a connection registered with the poller already.
     fn insert_conn(&mut self, id: u64, stream: TcpStream, rbuf: Vec<u8>, wbuf: Vec<u8>) {
         self.next_id = self.next_id.max(id + 1);
-        self.conns.insert(id, Conn { stream, rbuf, wbuf });
+        self.conns.insert(
+            id,
+            Conn {
+                stream,
+                rbuf,
+                wbuf,
+                writable: false,
+            },
+        );
         self.control
             .counters
             .clients
@@ -185,10 +269,14 @@ impl Server {
 
     /// Serve until told to exit after a commit.
     ///
-    /// No pass over every connection at the start: registering a connected
-    /// socket reports it writable at the first poll, so each one (restored
-    /// connections with buffered requests too) is served once from there.
+    /// No pass over every connection at the start: a socket with bytes
+    /// waiting is reported at the first poll (readiness is checked at
+    /// registration); only connections that arrived with buffered bytes
+    /// (read or written by the source before the freeze) are served first.
     pub fn run(&mut self, store: &Store<'_>) -> std::io::Result<()> {
+        for id in std::mem::take(&mut self.buffered) {
+            self.serve(id, store);
+        }
         let mut events = Events::with_capacity(1024);
         // LMIG_DEMO_DEBUG: how the first passes after a start went.
         let mut traced = if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
@@ -264,7 +352,7 @@ impl Server {
             // Restored connections keep the option (lmig carries it).
             stream.set_nodelay(true)?;
             let id = self.next_id;
-            self.add_conn(id, stream, Vec::new(), Vec::new())?;
+            self.add_conn(id, stream, Vec::new(), Vec::new(), false)?;
         }
         Ok(())
     }
@@ -334,6 +422,20 @@ impl Server {
                     break;
                 }
             }
+        }
+        let want = !conn.wbuf.is_empty();
+        if !closed && want != conn.writable {
+            let interest = if want {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            closed = self
+                .poll
+                .registry()
+                .reregister(&mut conn.stream, token(id), interest)
+                .is_err();
+            conn.writable = want;
         }
         if closed {
             if let Some(mut c) = self.conns.remove(&id) {

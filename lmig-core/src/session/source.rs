@@ -258,15 +258,18 @@ where
         report.commit_at = Instant::now();
         self.phase(Phase::Committed);
         self.program.committed();
-        if let Err(e) = self.tracker.stop() {
-            report
-                .warnings
-                .push(format!("stopping the dirty tracker: {e}"));
-        }
+        // Sockets first: the clients wait for the handoff (held packets,
+        // the service address); nobody waits for the tracker, whose teardown
+        // (write protection off over every region) takes tens of ms per GiB.
         if let Err(e) = self.sockets.release() {
             report
                 .warnings
                 .push(format!("releasing the source sockets: {e}"));
+        }
+        if let Err(e) = self.tracker.stop() {
+            report
+                .warnings
+                .push(format!("stopping the dirty tracker: {e}"));
         }
         let outcome = self.after_commit(&layout, postcopy, &mut report);
         report.total = start.elapsed();
