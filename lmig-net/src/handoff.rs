@@ -19,9 +19,10 @@
 //!  release: remove address (netlink)           activate: add address (netlink, IPv6 nodad),
 //!                                                        gratuitous ARP / unsolicited NA,
 //!           take held packets (one DROP                  S::activate (repair off),
-//!           batch verdict), re-inject them               flush set, ACCEPT held (one batch
-//!           with a raw socket: they now                  verdict), delete table
-//!           route to the destination
+//!           batch verdict), re-inject them               then on a thread, while the
+//!           with a raw socket: they now                  program resumes: flush set,
+//!           route to the destination                     ACCEPT held (one batch verdict),
+//!                                                        delete table
 //!           keep forwarding what still arrives
 //!           (clients not yet switched by the
 //!           announcement) until quiet, then
@@ -834,7 +835,15 @@ pub struct DestHandoff {
     lock: Option<NetLock>,
     announcer: Announcer,
     stats: HandoffStats,
-    reaper: Option<JoinHandle<(u64, u64)>>,
+    reaper: Option<JoinHandle<Released>>,
+}
+
+/// What the background release of the held packets measured.
+struct Released {
+    unlock: Duration,
+    release: Duration,
+    held: u64,
+    dropped: u64,
 }
 
 impl DestHandoff {
@@ -880,27 +889,52 @@ impl DestHandoff {
     }
 
     /// After the restored sockets left repair mode: let held packets through
-    /// and remove the lock.
+    /// and remove the lock, on a background thread (joined by
+    /// [`finish`](Self::finish) or `Drop`), so the program resumes meanwhile.
     ///
-    /// The set is flushed and the held packets get one batch verdict here;
-    /// stragglers and the table removal are handled on a background thread
-    /// (joined by [`finish`](Self::finish) or `Drop`).
+    /// The kernel delivers the held packets to the sockets inside the batch
+    /// verdict, one TCP receive each (tens of ms for thousands): the program
+    /// serves what is already in its sockets while that runs. The set is
+    /// flushed first (nothing new is queued), the held packets get one batch
+    /// verdict, stragglers theirs for [`SETTLE`], and the table goes last;
+    /// a failing step does not stop the later ones (a table left behind
+    /// would hold the service's packets forever). [`HandoffStats::unlock`]
+    /// and [`HandoffStats::release`] are known after `finish`.
     pub fn release_held(&mut self) -> Result<()> {
         let Some(mut lock) = self.lock.take() else {
             return Ok(());
         };
-        let t = Instant::now();
-        lock.disengage()?;
-        self.stats.unlock = t.elapsed();
-        let t = Instant::now();
-        lock.accept_all()?;
-        self.stats.release = t.elapsed();
         self.reaper = Some(
             std::thread::Builder::new()
                 .name("lmig-handoff-unlock".into())
                 .spawn(move || {
-                    let n = lock.retire(SETTLE).unwrap_or(0);
-                    (n, lock.kernel_dropped() + lock.stats().dropped)
+                    let t = Instant::now();
+                    let flushed = lock.disengage().is_ok();
+                    let unlock = t.elapsed();
+                    let t = Instant::now();
+                    let _ = lock.accept_all();
+                    let release = t.elapsed();
+                    let mut held = 0;
+                    let end = Instant::now() + SETTLE;
+                    // Bounded by SETTLE.
+                    while let Some(left) = end
+                        .checked_duration_since(Instant::now())
+                        .filter(|d| !d.is_zero())
+                    {
+                        if matches!(lock.collect_for(left), Ok(n) if n > 0) {
+                            held += lock.accept_held().unwrap_or(0);
+                        }
+                    }
+                    let removed = lock.remove_tables().is_ok();
+                    // Packets still queued when a step failed are dropped
+                    // with the table: count at least one.
+                    let lost = u64::from(!(flushed && removed));
+                    Released {
+                        unlock,
+                        release,
+                        held,
+                        dropped: lock.kernel_dropped() + lock.stats().dropped + lost,
+                    }
                 })
                 .map_err(|e| NetError::sys("spawn", "handoff unlock", e))?,
         );
@@ -910,9 +944,11 @@ impl DestHandoff {
     /// Wait for the background unlock (bounded by [`SETTLE`]) and return the figures.
     pub fn finish(&mut self) -> HandoffStats {
         if let Some(h) = self.reaper.take() {
-            if let Ok((held, dropped)) = h.join() {
-                self.stats.held += held;
-                self.stats.dropped += dropped;
+            if let Ok(r) = h.join() {
+                self.stats.unlock = r.unlock;
+                self.stats.release = r.release;
+                self.stats.held += r.held;
+                self.stats.dropped += r.dropped;
             }
         }
         self.stats
@@ -1011,7 +1047,8 @@ impl<S: SocketSource> SocketSource for Locked<S> {
 
 /// A [`SocketSink`] with the destination half of the handoff: `new`
 /// installs the lock, `activate` takes the address over, activates the sockets
-/// and then releases the held packets; `discard` removes the lock.
+/// and then lets the held packets through on a background thread (see
+/// [`DestHandoff::release_held`]); `discard` removes the lock.
 #[derive(Debug)]
 pub struct Handoff<S> {
     inner: S,

@@ -36,6 +36,11 @@ pub struct SinkConfig {
     /// How long a restored listener retries `listen` while its address is
     /// still in use on this host (default 2 s).
     pub listen_wait: Duration,
+    /// Create restored sockets non-blocking (`SOCK_NONBLOCK`; default
+    /// false): an event-loop program then needs no `fcntl` or `ioctl` per
+    /// connection after the commit. (The source's file flags are not
+    /// carried: they belong to the program's fds, not to the sockets.)
+    pub nonblocking: bool,
 }
 
 impl Default for SinkConfig {
@@ -46,6 +51,7 @@ impl Default for SinkConfig {
             exit: RepairExit::Auto,
             tolerate_bad_records: false,
             listen_wait: Duration::from_secs(2),
+            nonblocking: false,
         }
     }
 }
@@ -177,6 +183,15 @@ impl NetSink {
         })
     }
 
+    /// Extra `socket(2)` type flags for restored sockets.
+    fn socket_flags(&self) -> i32 {
+        if self.cfg.nonblocking {
+            libc::SOCK_NONBLOCK
+        } else {
+            0
+        }
+    }
+
     /// Prepare, as [`SocketSink::prepare`]. A socket that cannot be prepared
     /// is simply created at restore; a missing privilege fails at once.
     pub fn prepare_sockets(&mut self, plan: &[SocketPrep]) -> Result<()> {
@@ -184,7 +199,7 @@ impl NetSink {
             if self.prepared.contains_key(&p.id) {
                 continue;
             }
-            match tcp::prepare_established(p) {
+            match tcp::prepare_established(p, self.socket_flags()) {
                 Ok(fd) => {
                     self.prepared.insert(p.id, fd);
                 }
@@ -222,10 +237,10 @@ impl NetSink {
             };
             work.push((rec, prepared));
         }
-        let defaults = &self.defaults;
+        let (defaults, flags) = (&self.defaults, self.socket_flags());
         let results = split_work(work, self.cfg.threads, |(rec, prepared), _inj| {
             let id = rec.id();
-            restore_one(rec, prepared, defaults).map_err(|e| fail(id, e))
+            restore_one(rec, prepared, defaults, flags).map_err(|e| fail(id, e))
         });
         for r in results {
             match r {
@@ -312,12 +327,17 @@ impl NetSink {
     }
 }
 
-fn restore_one(rec: SocketRecord, prepared: Option<OwnedFd>, d: &Defaults) -> Result<Restored> {
+fn restore_one(
+    rec: SocketRecord,
+    prepared: Option<OwnedFd>,
+    d: &Defaults,
+    flags: i32,
+) -> Result<Restored> {
     match rec {
         SocketRecord::Tcp(c) => {
             let fd = match prepared {
                 Some(fd) => fd,
-                None => tcp::prepare_established(&SocketRecord::Tcp(c.clone()).prep())?,
+                None => tcp::prepare_established(&SocketRecord::Tcp(c.clone()).prep(), flags)?,
             };
             let pending = tcp::restore_established(fd.as_fd(), &c, d)?;
             Ok(Restored::Tcp {
@@ -327,14 +347,14 @@ fn restore_one(rec: SocketRecord, prepared: Option<OwnedFd>, d: &Defaults) -> Re
             })
         }
         SocketRecord::Listen(l) => {
-            let fd = tcp::restore_listener(&l, d)?;
+            let fd = tcp::restore_listener(&l, d, flags)?;
             Ok(Restored::Listen {
                 fd,
                 state: Box::new(l),
             })
         }
         SocketRecord::Udp(u) => {
-            let r = udp::restore_udp(&u, d)?;
+            let r = udp::restore_udp(&u, d, flags)?;
             Ok(Restored::Udp {
                 r,
                 state: Box::new(u),

@@ -304,9 +304,9 @@ fn bind_maybe_transparent(
 
 /// Before the freeze: a new socket in repair mode bound to the connection's
 /// local address.
-pub(crate) fn prepare_established(prep: &SocketPrep) -> Result<OwnedFd> {
+pub(crate) fn prepare_established(prep: &SocketPrep, flags: i32) -> Result<OwnedFd> {
     let what = || describe_conn(prep.id, Some(prep.local), prep.peer);
-    let fd = sys::socket(sys::family_of(&prep.local), libc::SOCK_STREAM, 0)
+    let fd = sys::socket(sys::family_of(&prep.local), libc::SOCK_STREAM | flags, 0)
         .map_err(|e| NetError::sys("socket", what(), e))?;
     match sys::tcp_repair(fd.as_fd(), RepairMode::On) {
         Ok(()) => {}
@@ -603,9 +603,9 @@ pub(crate) fn capture_listener(
 
 /// Restore a listener up to `bind` (in repair mode, which forces the bind even
 /// while the source still listens on the same address).
-pub(crate) fn restore_listener(l: &TcpListenState, d: &Defaults) -> Result<OwnedFd> {
+pub(crate) fn restore_listener(l: &TcpListenState, d: &Defaults, flags: i32) -> Result<OwnedFd> {
     let what = || format!("TCP listener {} ({})", l.id, l.local);
-    let fd = sys::socket(sys::family_of(&l.local), libc::SOCK_STREAM, 0)
+    let fd = sys::socket(sys::family_of(&l.local), libc::SOCK_STREAM | flags, 0)
         .map_err(|e| NetError::sys("socket", what(), e))?;
     opts::apply_sock_opts(fd.as_fd(), l.local.is_ipv6(), true, &l.sock, &d.sock, &what)?;
     opts::apply_tcp_opts(fd.as_fd(), &l.tcp, d, &what)?;

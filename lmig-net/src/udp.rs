@@ -134,9 +134,9 @@ fn bind_connect(fd: BorrowedFd<'_>, s: &UdpSockState, what: &dyn Fn() -> String)
 }
 
 /// Create, configure and (if the port is free here) bind and connect.
-pub(crate) fn restore_udp(s: &UdpSockState, d: &Defaults) -> Result<RestoredUdp> {
+pub(crate) fn restore_udp(s: &UdpSockState, d: &Defaults, flags: i32) -> Result<RestoredUdp> {
     let what = || describe(s.id, Some(s.local));
-    let fd = sys::socket(sys::family_of(&s.local), libc::SOCK_DGRAM, 0)
+    let fd = sys::socket(sys::family_of(&s.local), libc::SOCK_DGRAM | flags, 0)
         .map_err(|e| NetError::sys("socket", what(), e))?;
     opts::apply_sock_opts(fd.as_fd(), s.local.is_ipv6(), true, &s.sock, &d.sock, &what)?;
     opts::apply_reuse_addr(fd.as_fd(), &s.sock, &what)?;

@@ -406,6 +406,73 @@ fn tcp_abort_during_capture_keeps_every_connection() {
     peer.cmd("check");
 }
 
+/// `SinkConfig::nonblocking`: restored sockets come back non-blocking (no
+/// `fcntl` needed by an event loop) and carry their data as usual.
+#[test]
+fn tcp_restored_nonblocking_when_asked() {
+    if !privileged("tcp_restored_nonblocking_when_asked") {
+        return;
+    }
+    let topo = Topology::new().unwrap();
+    topo.a
+        .run(|| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (server, _) = l.accept().unwrap();
+            client.write_all(b"queued").unwrap();
+            wait_inq(&server, 6);
+            let mut src = NetSource::new(SourceConfig::default()).unwrap();
+            src.add(1, server.into()).unwrap();
+            src.freeze().unwrap();
+            let mut recs = Vec::new();
+            src.capture(&mut |b| {
+                recs.extend(b);
+                Ok(())
+            })
+            .unwrap();
+            src.release().unwrap();
+            let mut sink = NetSink::new(SinkConfig {
+                nonblocking: true,
+                ..SinkConfig::default()
+            })
+            .unwrap();
+            sink.restore_batch(recs).unwrap();
+            sink.activate_sockets().unwrap();
+            let fd = sink.take(1).expect("restored");
+            let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+            assert_ne!(
+                flags & libc::O_NONBLOCK,
+                0,
+                "restored socket is non-blocking"
+            );
+            let mut restored = TcpStream::from(fd);
+            let mut buf = [0u8; 6];
+            // Bounded: the queued bytes are in the socket already.
+            let mut got = 0;
+            for _ in 0..1000 {
+                match restored.read(&mut buf[got..]) {
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+                if got == buf.len() {
+                    break;
+                }
+            }
+            assert_eq!(&buf, b"queued");
+            let err = restored.read(&mut buf).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+            restored.write_all(b"reply").unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            common::read_exact_eq(&mut client, b"reply").unwrap();
+        })
+        .unwrap();
+}
+
 /// Impossible records are rejected by name; the rest of the batch is restored.
 #[test]
 fn tcp_bad_records_are_rejected_by_name() {

@@ -202,7 +202,7 @@ pub fn run(args: Args, out: Output) -> BoxResult<()> {
     let s = nums(source.cmd("migrate")?);
     let d = nums(dest.answer()?);
     let (freeze_start_ns, lock_ms, src_move_ms, capture_ms) = (s[0], s[1], s[2], s[3]);
-    let (serving_ns, dst_move_ms, unlock_ms, release_ms) = (d[0], d[1], d[2], d[3]);
+    let (serving_ns, dst_move_ms) = (d[0], d[1]);
     std::thread::sleep(Duration::from_millis(args.after_ms));
 
     // RSTs of the hosts over the migration window, before the teardown
@@ -212,6 +212,8 @@ pub fn run(args: Args, out: Output) -> BoxResult<()> {
     let (requests, answered, stall_ms, resets, retrans) = (c[0], c[1], c[2], c[3], c[4]);
     let sf = nums(source.cmd("finish")?);
     let df = nums(dest.cmd("finish")?);
+    // The destination lets its held packets through in the background.
+    let (unlock_ms, release_ms) = (df[3], df[4]);
     let nft_f = nft_f_ms(&topo.a).unwrap_or(f64::NAN);
     let freeze_ms = (serving_ns - freeze_start_ns) / 1e6;
     let lost = requests - answered;
@@ -688,12 +690,11 @@ impl RoleState {
                     .recv()
                     .map_err(|_| "destination program failed to start")?;
                 let serving = now_ns();
+                // (Unlock and release run in the background: see "finish".)
                 Ok(format!(
-                    "{} {} {} {}",
+                    "{} {}",
                     serving,
-                    stats.address_move.as_secs_f64() * 1e3,
-                    stats.unlock.as_secs_f64() * 1e3,
-                    stats.release.as_secs_f64() * 1e3
+                    stats.address_move.as_secs_f64() * 1e3
                 ))
             }
             "finish" => {
@@ -703,7 +704,14 @@ impl RoleState {
                 }
                 let st = self.sink.as_mut().ok_or("not prepared")?.handoff().finish();
                 let rsts = snmp_tcp("OutRsts") - self.rsts0;
-                Ok(format!("{} {} {}", st.held, st.dropped, rsts))
+                Ok(format!(
+                    "{} {} {} {} {}",
+                    st.held,
+                    st.dropped,
+                    rsts,
+                    st.unlock.as_secs_f64() * 1e3,
+                    st.release.as_secs_f64() * 1e3
+                ))
             }
             _ => Err(format!("unknown command {cmd}").into()),
         }

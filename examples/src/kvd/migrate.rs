@@ -463,6 +463,14 @@ impl StateSink for KvdResume {
     }
 }
 
+/// Restored sockets come non-blocking: kvd's loop needs no `ioctl` each.
+fn sink_config() -> SinkConfig {
+    SinkConfig {
+        nonblocking: true,
+        ..SinkConfig::default()
+    }
+}
+
 /// What the destination side reports.
 pub struct Received {
     /// The session's report.
@@ -494,7 +502,7 @@ pub fn receive(
         state: None,
         go: go_tx,
     };
-    let net = NetSink::new(SinkConfig::default())?;
+    let net = NetSink::new(sink_config())?;
     std::thread::scope(|s| -> Result<(), Box<dyn std::error::Error>> {
         let session = s.spawn(|| {
             let dest = Destination::new(&channel, &memory, program);
@@ -532,7 +540,7 @@ pub fn receive(
         // them with the poller (nothing arrives if the migration failed).
         let early = early_rx.recv().unwrap_or_default();
         let t = Instant::now();
-        let pre = Server::preregister(&early)?;
+        let pre = Server::preregister(&early, sink_config().nonblocking)?;
         let preregistered = t.elapsed();
         // Serve once the session resumes the program (at `Commit`).
         let state = match go_rx.recv() {

@@ -38,6 +38,8 @@ struct Conn {
 pub struct Preregistered {
     poll: Poll,
     ids: HashSet<u64>,
+    /// The registered sockets were created non-blocking.
+    nonblocking: bool,
 }
 
 /// What the loop hands over when parked: its sockets themselves (not
@@ -128,6 +130,7 @@ impl Server {
             Preregistered {
                 poll: Poll::new()?,
                 ids: HashSet::new(),
+                nonblocking: false,
             },
             listener,
             conns,
@@ -138,8 +141,9 @@ impl Server {
     /// [`LISTENER_ID`](super::migrate::LISTENER_ID)) before they are handed
     /// over, so that building the server after the commit costs no
     /// `epoll_ctl` for them. A number that is not a socket any more by then
-    /// only costs an event nobody serves.
-    pub fn preregister(fds: &[(u64, RawFd)]) -> std::io::Result<Preregistered> {
+    /// only costs an event nobody serves. `nonblocking`: the sockets were
+    /// created non-blocking (no `ioctl` each either).
+    pub fn preregister(fds: &[(u64, RawFd)], nonblocking: bool) -> std::io::Result<Preregistered> {
         let poll = Poll::new()?;
         let mut ids = HashSet::with_capacity(fds.len());
         for &(id, fd) in fds {
@@ -158,7 +162,11 @@ impl Server {
                 ids.insert(id);
             }
         }
-        Ok(Preregistered { poll, ids })
+        Ok(Preregistered {
+            poll,
+            ids,
+            nonblocking,
+        })
     }
 
     /// [`Server::new`] on a poller where some sockets are registered already.
@@ -167,7 +175,11 @@ impl Server {
         listener: std::net::TcpListener,
         conns: Vec<(u64, std::net::TcpStream, Vec<u8>, Vec<u8>)>,
     ) -> std::io::Result<Self> {
-        let Preregistered { poll, ids } = pre;
+        let Preregistered {
+            poll,
+            ids,
+            nonblocking,
+        } = pre;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
@@ -179,7 +191,7 @@ impl Server {
         let mut server = Self {
             poll,
             listener: Some(listener),
-            conns: HashMap::new(),
+            conns: HashMap::with_capacity(conns.len()),
             next_id: FIRST_CONN,
             control: Control {
                 pause: Arc::new(AtomicBool::new(false)),
@@ -195,7 +207,11 @@ impl Server {
             if !rbuf.is_empty() || !wbuf.is_empty() {
                 server.buffered.push(id);
             }
-            server.add_conn(id, stream, rbuf, wbuf, ids.contains(&id))?;
+            let registered = ids.contains(&id);
+            if !(registered && nonblocking) {
+                stream.set_nonblocking(true)?;
+            }
+            server.add_conn(id, stream, rbuf, wbuf, registered)?;
         }
         Ok(server)
     }
@@ -213,7 +229,6 @@ impl Server {
         wbuf: Vec<u8>,
         registered: bool,
     ) -> std::io::Result<()> {
-        stream.set_nonblocking(true)?;
         let mut stream = TcpStream::from_std(stream);
         let writable = !wbuf.is_empty();
         let interest = if writable {
@@ -351,6 +366,7 @@ impl Server {
         for stream in accepted {
             // Restored connections keep the option (lmig carries it).
             stream.set_nodelay(true)?;
+            stream.set_nonblocking(true)?;
             let id = self.next_id;
             self.add_conn(id, stream, Vec::new(), Vec::new(), false)?;
         }
