@@ -298,46 +298,64 @@ fn tcp_listener_moves() {
     peer.cmd("expect S1");
 }
 
-/// Abort after capture: the source leaves repair mode and keeps serving; nothing was consumed.
-#[test]
-fn tcp_abort_keeps_serving() {
-    if !privileged("tcp_abort_keeps_serving") {
-        return;
-    }
+/// Freeze `conns` connections and capture them (the capture cut by an
+/// error after `cut_after` batches of one, if given), then abort: every
+/// connection serves on, both ways, and nothing was consumed.
+fn abort_keeps_serving(port: u16, conns: usize, cut_after: Option<usize>) {
     let Setup {
         topo: _topo,
         mut peer,
         listener,
         addr,
-    } = setup(false, 7003);
-    peer.cmd(&format!("connect {addr} 3 0"));
-    let mut conns: Vec<TcpStream> = (0..3).map(|_| listener.accept().unwrap().0).collect();
-    for (i, c) in conns.iter_mut().enumerate() {
+    } = setup(false, port);
+    peer.cmd(&format!("connect {addr} {conns} 0"));
+    let mut socks: Vec<TcpStream> = (0..conns).map(|_| listener.accept().unwrap().0).collect();
+    for (i, c) in socks.iter_mut().enumerate() {
         c.write_all(&pat("S1", i)).unwrap();
     }
     peer.cmd("sendpat P1");
-    for (i, c) in conns.iter().enumerate() {
+    for (i, c) in socks.iter().enumerate() {
         wait_inq(c, pat("P1", i).len() as u32);
     }
-    let mut src = NetSource::new(SourceConfig::default()).unwrap();
-    for (i, c) in conns.into_iter().enumerate() {
+    let cfg = match cut_after {
+        Some(_) => SourceConfig {
+            batch_size: 1,
+            threads: 1,
+            ..SourceConfig::default()
+        },
+        None => SourceConfig::default(),
+    };
+    let mut src = NetSource::new(cfg).unwrap();
+    for (i, c) in socks.into_iter().enumerate() {
         src.add(i as u64, c.into()).unwrap();
     }
     src.freeze().unwrap();
-    let mut n = 0;
-    src.capture(&mut |b| {
-        n += b.len();
+    let (mut batches, mut records) = (0, 0);
+    let captured = src.capture(&mut |b| {
+        batches += 1;
+        records += b.len();
+        if Some(batches) == cut_after {
+            return Err(lmig_core::MigrationError::channel_closed("cut by the test"));
+        }
         Ok(())
-    })
-    .unwrap();
-    assert_eq!(n, 3);
+    });
+    match cut_after {
+        None => {
+            captured.unwrap();
+            assert_eq!(records, conns);
+        }
+        Some(n) => {
+            assert!(captured.is_err(), "the capture must stop at the cut");
+            assert_eq!(batches, n, "the capture went on after the cut");
+        }
+    }
     src.abort().unwrap();
-    let mut conns: Vec<TcpStream> = src
+    let mut socks: Vec<TcpStream> = src
         .into_fds()
         .into_iter()
         .map(|(_, fd)| fd.into())
         .collect();
-    for (i, c) in conns.iter_mut().enumerate() {
+    for (i, c) in socks.iter_mut().enumerate() {
         c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         common::read_exact_eq(c, &pat("P1", i)).unwrap();
         c.write_all(&pat("S2", i)).unwrap();
@@ -347,63 +365,44 @@ fn tcp_abort_keeps_serving() {
     peer.cmd("check");
 }
 
+/// Abort after capture: the source leaves repair mode and keeps serving; nothing was consumed.
+#[test]
+fn tcp_abort_keeps_serving() {
+    if privileged("tcp_abort_keeps_serving") {
+        abort_keeps_serving(7003, 3, None);
+    }
+}
+
 /// Connections enter repair mode at their capture, not at the freeze: a
-/// capture cut after the first batch, then an abort, leaves every connection
-/// working, the captured ones and the ones never touched.
+/// capture cut after the second batch, then an abort, leaves every
+/// connection working, the captured ones and the ones never touched.
 #[test]
 fn tcp_abort_during_capture_keeps_every_connection() {
-    if !privileged("tcp_abort_during_capture_keeps_every_connection") {
-        return;
+    if privileged("tcp_abort_during_capture_keeps_every_connection") {
+        abort_keeps_serving(7004, 4, Some(2));
     }
-    let Setup {
-        topo: _topo,
-        mut peer,
-        listener,
-        addr,
-    } = setup(false, 7004);
-    peer.cmd(&format!("connect {addr} 4 0"));
-    let mut conns: Vec<TcpStream> = (0..4).map(|_| listener.accept().unwrap().0).collect();
-    for (i, c) in conns.iter_mut().enumerate() {
-        c.write_all(&pat("S1", i)).unwrap();
-    }
-    peer.cmd("sendpat P1");
-    for (i, c) in conns.iter().enumerate() {
-        wait_inq(c, pat("P1", i).len() as u32);
-    }
-    let mut src = NetSource::new(SourceConfig {
-        batch_size: 1,
-        threads: 1,
-        ..SourceConfig::default()
+}
+
+/// A loopback connection (in the calling thread's namespace) whose client
+/// sent `data`, unread by the server: the server end captured under id 1
+/// and released. Returns the client end and the records.
+fn captured_loopback(data: &[u8]) -> (TcpStream, Vec<SocketRecord>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (server, _) = l.accept().unwrap();
+    client.write_all(data).unwrap();
+    wait_inq(&server, data.len() as u32);
+    let mut src = NetSource::new(SourceConfig::default()).unwrap();
+    src.add(1, server.into()).unwrap();
+    src.freeze().unwrap();
+    let mut recs = Vec::new();
+    src.capture(&mut |b| {
+        recs.extend(b);
+        Ok(())
     })
     .unwrap();
-    for (i, c) in conns.into_iter().enumerate() {
-        src.add(i as u64, c.into()).unwrap();
-    }
-    src.freeze().unwrap();
-    let mut batches = 0;
-    let cut = src.capture(&mut |_| {
-        batches += 1;
-        if batches == 2 {
-            return Err(lmig_core::MigrationError::channel_closed("cut by the test"));
-        }
-        Ok(())
-    });
-    assert!(cut.is_err(), "the capture must stop at the cut");
-    assert_eq!(batches, 2, "the capture went on after the cut");
-    src.abort().unwrap();
-    let mut conns: Vec<TcpStream> = src
-        .into_fds()
-        .into_iter()
-        .map(|(_, fd)| fd.into())
-        .collect();
-    for (i, c) in conns.iter_mut().enumerate() {
-        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        common::read_exact_eq(c, &pat("P1", i)).unwrap();
-        c.write_all(&pat("S2", i)).unwrap();
-    }
-    peer.cmd("expect S1");
-    peer.cmd("expect S2");
-    peer.cmd("check");
+    src.release().unwrap();
+    (client, recs)
 }
 
 /// `SinkConfig::nonblocking`: restored sockets come back non-blocking (no
@@ -416,21 +415,7 @@ fn tcp_restored_nonblocking_when_asked() {
     let topo = Topology::new().unwrap();
     topo.a
         .run(|| {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (server, _) = l.accept().unwrap();
-            client.write_all(b"queued").unwrap();
-            wait_inq(&server, 6);
-            let mut src = NetSource::new(SourceConfig::default()).unwrap();
-            src.add(1, server.into()).unwrap();
-            src.freeze().unwrap();
-            let mut recs = Vec::new();
-            src.capture(&mut |b| {
-                recs.extend(b);
-                Ok(())
-            })
-            .unwrap();
-            src.release().unwrap();
+            let (mut client, recs) = captured_loopback(b"queued");
             let mut sink = NetSink::new(SinkConfig {
                 nonblocking: true,
                 ..SinkConfig::default()
@@ -483,21 +468,7 @@ fn tcp_bad_records_are_rejected_by_name() {
     let out = topo
         .a
         .run(|| {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (server, _) = l.accept().unwrap();
-            client.write_all(b"hello").unwrap();
-            wait_inq(&server, 5);
-            let mut src = NetSource::new(SourceConfig::default()).unwrap();
-            src.add(1, server.into()).unwrap();
-            src.freeze().unwrap();
-            let mut recs = Vec::new();
-            src.capture(&mut |b| {
-                recs.extend(b);
-                Ok(())
-            })
-            .unwrap();
-            src.release().unwrap();
+            let (mut client, mut recs) = captured_loopback(b"hello");
             let SocketRecord::Tcp(good) = recs.remove(0) else {
                 panic!()
             };
