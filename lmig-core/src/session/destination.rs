@@ -501,6 +501,7 @@ where
             let mut restorer: Option<Restorer<'_>> = None;
             let mut handover: Option<Handover> = None;
             let mut sockets_done = false;
+            let mut frozen = false;
             let mut prepared = false;
             // Pages of the rounds whose `RoundEnd` arrived, and the most this
             // side has said (`Prepared`) it caught up with.
@@ -555,20 +556,24 @@ where
                         prepared = true;
                     }
                     Message::Sockets { records, last } if !sockets_done && handover.is_none() => {
-                        if restorer.is_none() {
+                        if !frozen {
                             phase(Phase::Frozen);
+                            frozen = true;
                         }
                         progress.report.sockets_restored += records.len() as u64;
                         // The sink validates each record and restores the
                         // valid ones; it decides whether a bad record fails
                         // the migration.
+                        sockets_done = last;
+                        if records.is_empty() {
+                            continue;
+                        }
                         let r = match (&mut restorer, sockets.take()) {
                             (Some(r), _) => r,
                             (None, Some(sink)) => restorer.insert(Restorer::start(scope, sink)),
                             (None, None) => unreachable!("the sink moves to the restorer once"),
                         };
                         r.restore(records)?;
-                        sockets_done = last;
                     }
                     Message::State(state) if handover.is_none() => {
                         state.validate()?;
