@@ -73,6 +73,11 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     let d = &r.destination;
     let paused = s["paused_ns"].as_f64();
     let at = |v: &serde_json::Value| v.as_f64().zip(paused).map(|(t, p)| round((t - p) / 1e6, 2));
+    // The migration's start, in ms after the pause (negative).
+    let migration_start = s["started_ns"]
+        .as_f64()
+        .zip(paused)
+        .map_or(-20.0, |(t, p)| (t - p) / 1e6);
     let timeline = json!({
         "destination_handover": at(&d["handover_ns"]),
         "destination_last_page": at(&d["last_page_ns"]),
@@ -110,13 +115,14 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
                 .zip(paused).map(|(t, p)| round((t - p) / 1e6, 2));
             json!([c, sent, round(lat, 2)])
         }).collect::<Vec<_>>(),
-        // Requests by when they were sent, in 10 ms buckets from 20 ms before
-        // the pause to 200 ms after: [bucket start (ms after the pause),
-        // slowest latency ms, requests].
+        // Requests by when they were sent, in 10 ms buckets from the start
+        // of the migration to 200 ms after the pause: [bucket start (ms
+        // after the pause), slowest latency ms, requests].
         "latency_by_send_time": r.load.timeline.iter().filter_map(|&(at, max, n)| {
             let at = r.load.started.map(mono_ns).map(|z| z as f64 + at * 1e6)
                 .zip(paused).map(|(t, p)| (t - p) / 1e6)?;
-            (-20.0..200.0).contains(&at).then(|| json!([round(at, 1), round(max, 2), n]))
+            (at >= migration_start - 10.0 && at < 200.0)
+                .then(|| json!([round(at, 1), round(max, 2), n]))
         }).collect::<Vec<_>>(),
         "network_faults": r.destination["network_faults"],
         "first_client_error": r.load.first_error,
