@@ -491,6 +491,12 @@ impl NetLock {
         Ok(n)
     }
 
+    /// Copies of the packets held so far whose originals still wait for a
+    /// verdict, in arrival order (read by [`collect`](Self::collect)).
+    pub fn held(&self) -> &[HeldPacket] {
+        &self.pending
+    }
+
     /// Let every packet queued so far continue without reading their copies
     /// first: one batch verdict for every id up to 2^30 past the last one
     /// seen (queue ids grow by one per packet; the kernel compares them

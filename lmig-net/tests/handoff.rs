@@ -639,6 +639,11 @@ fn service_moves(tcp: bool, v6: bool) {
     );
     assert_eq!(src_stats.dropped + dst_stats.dropped, 0, "packets dropped");
     if tcp {
+        // Sent straight to B: already during the freeze, into B's lock.
+        assert!(
+            src_stats.forwarded_early >= 1,
+            "the held request went on to B during the freeze: {src_stats:?}"
+        );
         assert_eq!(
             snmp(&topo.client, "Tcp", "RetransSegs"),
             retrans_before,
@@ -750,4 +755,65 @@ fn abort_unlocks_and_the_source_serves_on() {
     assert_eq!(&buf[..n], b"held");
     assert!(!tables(&topo.a).contains(TABLE_PREFIX));
     assert!(addresses(&topo.a).contains(&Topology::SERVICE_V4.to_string()));
+}
+
+/// With direct forwarding, copies of what the lock holds go on to the
+/// destination during the freeze; an abort still delivers the originals
+/// here, once, and the destination's lock drops its copies.
+#[test]
+fn abort_after_early_forwarding_delivers_here_once() {
+    if !privileged("abort_after_early_forwarding_delivers_here_once") {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    topo.add_service_address(&topo.a).unwrap();
+    let addr = SocketAddr::new(Topology::SERVICE_V4.into(), 7201);
+    let server = topo.a.run(move || UdpSocket::bind(addr)).unwrap().unwrap();
+    let b_host: IpAddr = Topology::B_V4.into();
+    let mut src = topo
+        .a
+        .run(move || Locked::new(NoSockets, config().forward_to(b_host)))
+        .unwrap()
+        .expect("lock");
+    assert!(src.handoff().stats().forwarded_direct);
+    let mut sink = topo
+        .b
+        .run(|| Handoff::new(NoSockets, config()))
+        .unwrap()
+        .expect("destination lock");
+    src.freeze().unwrap();
+    topo.client
+        .run(move || {
+            let c = UdpSocket::bind("0.0.0.0:0").unwrap();
+            c.send_to(b"held", addr).unwrap();
+        })
+        .unwrap();
+    // Held here, and its copy held by B's lock.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while queued(&topo.a) == 0 || queued(&topo.b) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "held here {} / copies at B {}",
+            queued(&topo.a),
+            queued(&topo.b)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    src.abort().unwrap();
+    sink.discard();
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = server
+        .recv(&mut buf)
+        .expect("held datagram delivered after the abort");
+    assert_eq!(&buf[..n], b"held");
+    server
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    assert!(server.recv(&mut buf).is_err(), "delivered twice");
+    assert_eq!(queued(&topo.b), 0, "B still holds copies");
+    assert!(!tables(&topo.a).contains(TABLE_PREFIX));
+    assert!(!tables(&topo.b).contains(TABLE_PREFIX));
 }

@@ -286,6 +286,12 @@ impl SocketSource for KvdSockets {
         // checksums the frozen memory for the verification: let everything
         // else on this host go first (a destination on the same machine).
         // Not earlier: the handoff decides how long the clients wait.
+        if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
+            eprintln!(
+                "kvd: handed over at {} ns",
+                crate::bench::peer::now_mono_ns()
+            );
+        }
         if self.lowers_priority {
             yield_cpu();
         }
@@ -368,7 +374,11 @@ pub fn migrate_out(
         .with_observer(move |e: &Event| {
             if let Event::Phase { phase, .. } = e {
                 if debug {
-                    eprintln!("kvd: {phase:?} at {:?}", t.elapsed());
+                    eprintln!(
+                        "kvd: {phase:?} at {:?} ({} ns)",
+                        t.elapsed(),
+                        crate::bench::peer::now_mono_ns()
+                    );
                 }
             }
             progress(e)
