@@ -309,6 +309,15 @@ where
         } else {
             RegionPages::full(layout)
         };
+        // Pages that may hold data; the others are sent as zero without
+        // being read (free memory the program never touched). Asked after
+        // the tracker started, so a page written from here on is its.
+        let populated = if mode != Mode::Postcopy {
+            let mut pages = RegionPages::empty(layout);
+            self.memory.populated(&mut pages)?.then_some(pages)
+        } else {
+            None
+        };
         let mut dirty = RegionPages::empty(layout);
         let mut round = 0u32;
         let mut postcopy = mode == Mode::Postcopy;
@@ -324,6 +333,7 @@ where
                 layout,
                 &to_send,
                 round,
+                populated.as_ref().filter(|_| round == 0),
             )?;
             dirty.clear();
             self.tracker.collect(&mut dirty)?;
@@ -469,7 +479,15 @@ where
                         .flat_map(|(id, f, c)| split_u32(id, f, c))
                         .collect()
                 } else {
-                    let sent = send_set(memory, channel, batch_pages, layout, &to_send, round + 1)?;
+                    let sent = send_set(
+                        memory,
+                        channel,
+                        batch_pages,
+                        layout,
+                        &to_send,
+                        round + 1,
+                        None,
+                    )?;
                     report.pages_sent += sent.pages;
                     report.zero_pages += sent.zero_pages;
                     report.bytes_sent += sent.bytes;
@@ -906,6 +924,9 @@ impl PushGate {
 }
 
 /// Send every page of `set`, spreading chunks over the data lanes (one thread per lane).
+///
+/// With `populated`, the pages of `set` outside it read as zero
+/// ([`MemorySource::populated`]): they are sent as zero runs, unread.
 fn send_set<M: MemorySource, C: Channel>(
     memory: &M,
     channel: &C,
@@ -913,6 +934,7 @@ fn send_set<M: MemorySource, C: Channel>(
     layout: &RegionLayout,
     set: &RegionPages,
     round: u32,
+    populated: Option<&RegionPages>,
 ) -> Result<Sent> {
     let lanes = channel.data_lanes().max(1);
     let batch = batch_pages.clamp(1, CHUNK_PAGES);
@@ -921,8 +943,25 @@ fn send_set<M: MemorySource, C: Channel>(
         let mut total = Sent::default();
         for run in set.chunked_runs(batch) {
             let run_lane = lane_of(&run, lanes);
-            if run_lane == lane {
+            if run_lane != lane {
+                continue;
+            }
+            let Some(data) = populated.and_then(|p| p.get(run.region).ok()) else {
                 total.add(sender.send_run(run, round, run_lane, false)?);
+                continue;
+            };
+            let zero_run = |from: u64, to: u64| PageRun::new(run.region, from, (to - from) as u32);
+            let mut at = run.first;
+            for (first, count) in data.runs_in(run.first, run.end()) {
+                if first > at {
+                    total.add(sender.send_zero_run(zero_run(at, first), round, run_lane)?);
+                }
+                let sub = PageRun::new(run.region, first, count as u32);
+                total.add(sender.send_run(sub, round, run_lane, false)?);
+                at = first + count;
+            }
+            if at < run.end() {
+                total.add(sender.send_zero_run(zero_run(at, run.end()), round, run_lane)?);
             }
         }
         Ok(total)

@@ -36,6 +36,7 @@ const NAME: &str = "uffd-wp+pagemap-scan";
 const COLLECT: ScanSpec = ScanSpec {
     flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
     category_mask: PAGE_IS_WRITTEN,
+    category_anyof_mask: 0,
     return_mask: PAGE_IS_WRITTEN,
 };
 
@@ -152,6 +153,7 @@ impl UffdWpTracker {
         let spec = ScanSpec {
             flags: 0,
             category_mask: PAGE_IS_WRITTEN,
+            category_anyof_mask: 0,
             return_mask: PAGE_IS_WRITTEN,
         };
         let end = r.start + r.page_size;
