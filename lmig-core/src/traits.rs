@@ -113,6 +113,23 @@ pub trait DirtyTracker: Send {
 
     /// Stop tracking (remove write protection and the like).
     fn stop(&mut self) -> Result<()>;
+
+    /// Optional: a handle the page senders use to mark a run clean right
+    /// before they read it, so that a page written before its read in a
+    /// round is not sent again in the next one (QEMU clears KVM's dirty log
+    /// chunk by chunk before sending, for the same reason). Valid while the
+    /// tracker runs. `None` (the default) when the tracker cannot.
+    fn clearer(&self) -> Option<Box<dyn DirtyClearer>> {
+        None
+    }
+}
+
+/// Marks runs clean just before they are read; see [`DirtyTracker::clearer`].
+pub trait DirtyClearer: Send + Sync {
+    /// Forget the writes to the pages of `run` made so far, in one step with
+    /// re-arming their tracking (a write racing the clear is either
+    /// forgotten, and then read right after, or reported at the next collect).
+    fn clear(&self, run: &PageRun) -> Result<()>;
 }
 
 /// The program's sockets on the source.
@@ -413,6 +430,9 @@ impl<T: DirtyTracker + ?Sized> DirtyTracker for &mut T {
     }
     fn stop(&mut self) -> Result<()> {
         (**self).stop()
+    }
+    fn clearer(&self) -> Option<Box<dyn DirtyClearer>> {
+        (**self).clearer()
     }
 }
 

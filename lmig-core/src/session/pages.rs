@@ -131,6 +131,44 @@ impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
         Ok(sent)
     }
 
+    /// First pass of a two-pass send: test `run` (inside one chunk) in
+    /// place, send its zero pages and add its data sub-runs to `data` (for
+    /// the caller to send later with [`PageSender::send_run`]). `None`, with
+    /// nothing sent, when the memory source cannot test in place.
+    pub fn send_zeros(
+        &mut self,
+        run: PageRun,
+        round: u32,
+        lane: usize,
+        data: &mut Vec<PageRun>,
+    ) -> Result<Option<Sent>> {
+        let region = self.layout.check_run(&run)?;
+        let ps = region.page_size as usize;
+        let count = run.count as usize;
+        let mut zero = std::mem::take(&mut self.zero);
+        zero.clear();
+        zero.resize(count, false);
+        if !self.memory.find_zero_pages(&run, &mut zero)? {
+            self.zero = zero;
+            return Ok(None);
+        }
+        let mut sent = Sent::default();
+        let mut p = 0usize;
+        while p < count {
+            let is_zero_run = zero[p];
+            let q = p + zero[p..].iter().take_while(|&&z| z == is_zero_run).count();
+            let sub = PageRun::new(run.region, run.first + p as u64, (q - p) as u32);
+            if is_zero_run {
+                sent.add(self.send_batch(sub, PageData::Zero, ps, round, lane, false)?);
+            } else {
+                data.push(sub);
+            }
+            p = q;
+        }
+        self.zero = zero;
+        Ok(Some(sent))
+    }
+
     /// `len` bytes from the front of the reusable buffer.
     fn take_buf(&mut self, len: usize) -> BytesMut {
         if self.buf.len() < len {
