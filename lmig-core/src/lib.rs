@@ -72,6 +72,6 @@ pub use error::{BoxError, MigrationError, Result};
 pub use policy::{ConvergencePolicy, Decision, Fallback, Policy, PolicyConfig, RoundStats};
 pub use protocol::{Caps, Message, PageBatch, PageData};
 pub use traits::{
-    Channel, DirtyTracker, Event, MemorySink, MemorySource, NoObserver, NoSockets, Observer, Phase,
-    SocketSink, SocketSource, StateSink, StateSource,
+    Channel, DirtyClearer, DirtyTracker, Event, MemorySink, MemorySource, NoObserver, NoSockets,
+    Observer, Phase, SocketSink, SocketSource, StateSink, StateSource,
 };

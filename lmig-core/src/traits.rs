@@ -25,6 +25,26 @@ pub trait MemorySource: Send + Sync {
     /// Copy the pages of `run` into `dst`, whose length is exactly the run's byte length.
     fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()>;
 
+    /// Test in place which pages of `run` read as zero (`zero` holds one
+    /// flag per page), without copying them: the sender then copies only
+    /// the others. Returns false when the backend cannot (the default);
+    /// the sender then copies the whole run and tests the copy.
+    fn find_zero_pages(&self, run: &PageRun, zero: &mut [bool]) -> Result<bool> {
+        let _ = (run, zero);
+        Ok(false)
+    }
+
+    /// Add to `pages` every page that may hold data now; a page left out
+    /// reads as zero (never touched since it was mapped, or released to the
+    /// kernel), so the first round sends it as zero without reading it.
+    /// Called after the dirty tracker started: a page written later is the
+    /// tracker's. Returns false when the backend cannot tell (the default):
+    /// then every page is read.
+    fn populated(&self, pages: &mut RegionPages) -> Result<bool> {
+        let _ = pages;
+        Ok(false)
+    }
+
     /// After `Commit` and once every page has been sent: the source copy is no
     /// longer needed and may be released.
     fn release(&self) {}
@@ -93,6 +113,23 @@ pub trait DirtyTracker: Send {
 
     /// Stop tracking (remove write protection and the like).
     fn stop(&mut self) -> Result<()>;
+
+    /// Optional: a handle the page senders use to mark a run clean right
+    /// before they read it, so that a page written before its read in a
+    /// round is not sent again in the next one (QEMU clears KVM's dirty log
+    /// chunk by chunk before sending, for the same reason). Valid while the
+    /// tracker runs. `None` (the default) when the tracker cannot.
+    fn clearer(&self) -> Option<Box<dyn DirtyClearer>> {
+        None
+    }
+}
+
+/// Marks runs clean just before they are read; see [`DirtyTracker::clearer`].
+pub trait DirtyClearer: Send + Sync {
+    /// Forget the writes to the pages of `run` made so far, in one step with
+    /// re-arming their tracking (a write racing the clear is either
+    /// forgotten, and then read right after, or reported at the next collect).
+    fn clear(&self, run: &PageRun) -> Result<()>;
 }
 
 /// The program's sockets on the source.
@@ -394,6 +431,9 @@ impl<T: DirtyTracker + ?Sized> DirtyTracker for &mut T {
     fn stop(&mut self) -> Result<()> {
         (**self).stop()
     }
+    fn clearer(&self) -> Option<Box<dyn DirtyClearer>> {
+        (**self).clearer()
+    }
 }
 
 impl<T: MemorySource + ?Sized> MemorySource for &T {
@@ -402,6 +442,12 @@ impl<T: MemorySource + ?Sized> MemorySource for &T {
     }
     fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
         (**self).read_pages(run, dst)
+    }
+    fn find_zero_pages(&self, run: &PageRun, zero: &mut [bool]) -> Result<bool> {
+        (**self).find_zero_pages(run, zero)
+    }
+    fn populated(&self, pages: &mut RegionPages) -> Result<bool> {
+        (**self).populated(pages)
     }
     fn release(&self) {
         (**self).release()
@@ -414,6 +460,12 @@ impl<T: MemorySource + ?Sized> MemorySource for Arc<T> {
     }
     fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
         (**self).read_pages(run, dst)
+    }
+    fn find_zero_pages(&self, run: &PageRun, zero: &mut [bool]) -> Result<bool> {
+        (**self).find_zero_pages(run, zero)
+    }
+    fn populated(&self, pages: &mut RegionPages) -> Result<bool> {
+        (**self).populated(pages)
     }
     fn release(&self) {
         (**self).release()

@@ -9,10 +9,11 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
-use lmig_core::model::{PageRun, RegionId, RegionInfo, RegionLayout, RegionPages};
+use lmig_core::model::{PageRun, PageSet, RegionId, RegionInfo, RegionLayout, RegionPages};
 use lmig_core::{MemorySink, MemorySource};
 
 use crate::error::{MemError, Result};
@@ -38,6 +39,95 @@ impl Backing {
     /// Is the memory shmem (needs `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` to be tracked)?
     pub fn is_shmem(self) -> bool {
         !matches!(self, Backing::Private)
+    }
+
+    /// The `madvise` advice that gives pages back so they read as zero:
+    /// `MADV_DONTNEED` for private memory, `MADV_REMOVE` (a hole punched in
+    /// the shmem file) for shared memory.
+    pub(crate) fn discard_advice(self) -> libc::c_int {
+        match self {
+            Backing::Private => libc::MADV_DONTNEED,
+            _ => libc::MADV_REMOVE,
+        }
+    }
+}
+
+/// Zero runs of at least this many pages that hold data are given back to
+/// the kernel (`madvise`) rather than cleared with a memset.
+pub const DISCARD_PAGES: u64 = 16;
+
+/// One bit per page of a region: set when the page may hold data, clear
+/// when it is known to read as zero. Atomic words: placement runs on
+/// several threads (distinct chunks, which may share a word).
+#[derive(Debug)]
+struct DataBits {
+    words: Vec<AtomicU64>,
+    pages: u64,
+}
+
+impl DataBits {
+    fn new(pages: u64, on: bool) -> Self {
+        let bits = Self {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            pages,
+        };
+        bits.fill(on);
+        bits
+    }
+
+    fn fill(&self, on: bool) {
+        self.set(0, self.pages, on);
+    }
+
+    /// The words and masks covering `first..first + count` (clipped to the region).
+    fn masks(&self, first: u64, count: u64) -> impl Iterator<Item = (&AtomicU64, u64)> {
+        let end = first.saturating_add(count).min(self.pages);
+        let first = first.min(end);
+        (first / 64..end.div_ceil(64)).map(move |w| {
+            let lo = (w * 64).max(first) - w * 64;
+            let hi = ((w + 1) * 64).min(end) - w * 64;
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            (&self.words[w as usize], mask)
+        })
+    }
+
+    fn set(&self, first: u64, count: u64, on: bool) {
+        for (word, mask) in self.masks(first, count) {
+            if on {
+                word.fetch_or(mask, Ordering::Relaxed);
+            } else {
+                word.fetch_and(!mask, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Does any page of the range have the bit `on`?
+    fn any(&self, first: u64, count: u64, on: bool) -> bool {
+        self.masks(first, count).any(|(word, mask)| {
+            let w = word.load(Ordering::Relaxed);
+            (if on { w } else { !w }) & mask != 0
+        })
+    }
+
+    /// The maximal runs `(first, count)` of the range whose bit is `on`.
+    fn runs(&self, first: u64, count: u64, on: bool) -> Vec<(u64, u64)> {
+        let end = first.saturating_add(count).min(self.pages);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for p in first..end {
+            let w = self.words[(p / 64) as usize].load(Ordering::Relaxed);
+            if (w >> (p % 64) & 1 == 1) != on {
+                continue;
+            }
+            match out.last_mut() {
+                Some((f, c)) if *f + *c == p => *c += 1,
+                _ => out.push((p, 1)),
+            }
+        }
+        out
     }
 }
 
@@ -366,6 +456,78 @@ impl Region {
         self.read_at(off, dst)
     }
 
+    /// Test in place which pages of `run` read as zero (one flag per page
+    /// in `zero`), without copying them.
+    pub fn find_zero_pages(&self, run: &PageRun, zero: &mut [bool]) -> Result<()> {
+        let (off, len) = self.run_bytes(run)?;
+        if zero.len() != run.count as usize {
+            return Err(MemError::LengthMismatch {
+                run: *run,
+                expected: run.count as usize,
+                got: zero.len(),
+            });
+        }
+        if self.map.find_zero_pages(off, self.page_size(), zero) {
+            Ok(())
+        } else {
+            Err(self.out_of_bounds(off, len))
+        }
+    }
+
+    /// Add to `pages` (a set over this region) every page that may hold
+    /// data now; the pages left out read as zero. False, with nothing
+    /// added, when this backing cannot tell.
+    ///
+    /// - [`Backing::Private`]: one `PAGEMAP_SCAN` for pages present or
+    ///   swapped (a page mapped to the shared zero page counts as zero).
+    ///   Exact when nothing else changed the page tables; under a uffd-wp
+    ///   tracker with `UFFD_FEATURE_WP_UNPOPULATED` the kernel reports the
+    ///   markers of untouched pages as swapped too, so they are included (a
+    ///   superset: safe, but nothing is saved).
+    /// - [`Backing::Memfd`]: `lseek(SEEK_DATA / SEEK_HOLE)` over the file,
+    ///   which sees every page of the file (swapped ones included), however
+    ///   it was written.
+    /// - [`Backing::SharedAnonymous`]: false; another process may have
+    ///   written pages this one never mapped, and there is no fd to ask.
+    #[doc(alias = "PAGEMAP_SCAN")]
+    #[doc(alias = "SEEK_DATA")]
+    pub fn populated(&self, pages: &mut PageSet) -> Result<bool> {
+        if pages.capacity() != self.pages() {
+            return Err(MemError::InvalidRegion {
+                region: self.id(),
+                detail: format!(
+                    "a page set of {} pages for a region of {}",
+                    pages.capacity(),
+                    self.pages()
+                ),
+            });
+        }
+        let ps = self.page_size() as u64;
+        let mut add = |start: u64, end: u64| {
+            let first = start / ps;
+            let last = end.min(self.len() as u64).div_ceil(ps);
+            if last > first {
+                pages.insert_range(first, last - first);
+            }
+        };
+        match (self.backing, self.memfd()) {
+            (Backing::Memfd, Some(fd)) => {
+                crate::sys::data_ranges(fd, self.len() as u64, &mut add)
+                    .map_err(|e| MemError::os("lseek(SEEK_DATA)", self.describe(), e))?;
+                Ok(true)
+            }
+            (Backing::Private, _) => {
+                let base = self.as_ptr() as u64;
+                crate::sys::pagemap::populated_ranges(base, base + self.len() as u64, |s, e| {
+                    add(s - base, e - base)
+                })
+                .map_err(|e| MemError::os("PAGEMAP_SCAN", self.describe(), e))?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Write `src` (exactly the run's byte length) into the pages of `run`.
     pub fn write_pages(&self, run: &PageRun, src: &[u8]) -> Result<()> {
         let (off, _) = self.check_len(run, src.len())?;
@@ -434,6 +596,9 @@ pub struct RegionSet {
     layout: RegionLayout,
     /// Same order as `layout.regions()` (sorted by id).
     regions: Vec<Region>,
+    /// Per region, which pages may hold data (sink side): a zero run over
+    /// pages known to read as zero needs no work.
+    data: Vec<DataBits>,
     prefault: bool,
 }
 
@@ -455,6 +620,10 @@ impl RegionSet {
             postcopy: RwLock::new(None),
             postcopy_options: PostcopyOptions::default(),
             postcopy_stats: Mutex::new(PostcopyStats::default()),
+            data: regions
+                .iter()
+                .map(|r| DataBits::new(r.pages(), true))
+                .collect(),
             layout,
             regions,
             prefault: true,
@@ -484,11 +653,17 @@ impl RegionSet {
             }
             regions.push(opts.map()?);
         }
-        Self::new(regions)
+        let set = Self::new(regions)?;
+        // Fresh mappings: every page reads as zero.
+        set.data.iter().for_each(|d| d.fill(false));
+        Ok(set)
     }
 
-    /// Whether [`MemorySink::prepare`] pre-faults the regions (default true).
-    /// Turn it off for a post-copy destination, whose pages must stay missing.
+    /// Whether pages are pre-faulted (`MADV_POPULATE_WRITE`, run by run)
+    /// just before the first data is copied into them, rather than taking
+    /// one fault per page in the copy (default true). Pages that only ever
+    /// receive zero runs are never faulted in. Turn it off for a post-copy
+    /// destination.
     pub fn set_prefault(&mut self, on: bool) {
         self.prefault = on;
     }
@@ -609,11 +784,25 @@ impl RegionSet {
     /// moves). In post-copy, missing pages are filled atomically and their
     /// waiters woken.
     pub fn write_run(&self, run: &PageRun, src: &[u8]) -> Result<()> {
-        let region = self.get(run.region)?;
+        let (region, data) = self.get_with_data(run.region)?;
+        let (off, len) = region.check_len(run, src.len())?;
         match self.active_postcopy() {
-            None => region.write_pages(run, src),
+            None => {
+                if self.prefault && data.any(run.first, run.count.into(), false) {
+                    // Some pages were never written here: fault the run in with
+                    // one call instead of one trap per page in the copy.
+                    region
+                        .map
+                        .madvise(off, len, MADV_POPULATE_WRITE)
+                        .map_err(|e| {
+                            MemError::os("madvise(MADV_POPULATE_WRITE)", region.describe(), e)
+                        })?;
+                }
+                data.set(run.first, run.count.into(), true);
+                region.write_pages(run, src)
+            }
             Some(pc) => {
-                region.check_len(run, src.len())?;
+                data.set(run.first, run.count.into(), true);
                 pc.place(region, run, Some(src))
             }
         }
@@ -621,15 +810,68 @@ impl RegionSet {
 
     /// Zero the pages of `run` (checked first). In post-copy, missing pages
     /// are filled atomically and their waiters woken.
+    ///
+    /// Outside post-copy only the pages that may hold data are touched:
+    /// short runs of them are cleared with a memset, longer ones
+    /// ([`DISCARD_PAGES`] and more) are given back to the kernel
+    /// (`MADV_DONTNEED` for private memory, `MADV_REMOVE` for shared memory),
+    /// after which they read as zero without occupying memory.
     pub fn zero_run(&self, run: &PageRun) -> Result<()> {
-        let region = self.get(run.region)?;
+        let (region, data) = self.get_with_data(run.region)?;
+        region.run_bytes(run)?;
         match self.active_postcopy() {
-            None => region.zero_pages(run),
+            None => {
+                let ps = region.page_size();
+                for (first, count) in data.runs(run.first, run.count.into(), true) {
+                    let (off, len) = (first as usize * ps, count as usize * ps);
+                    if count >= DISCARD_PAGES {
+                        region
+                            .map
+                            .discard(off, len, region.backing.discard_advice())
+                            .map_err(|e| MemError::os("madvise(discard)", region.describe(), e))?;
+                    } else {
+                        region.zero_at(off, len)?;
+                    }
+                    data.set(first, count, false);
+                }
+                Ok(())
+            }
             Some(pc) => {
-                region.run_bytes(run)?;
+                data.set(run.first, run.count.into(), true);
                 pc.place(region, run, None)
             }
         }
+    }
+
+    fn get_with_data(&self, id: RegionId) -> Result<(&Region, &DataBits)> {
+        let i = self
+            .layout
+            .index_of(id)
+            .map_err(|_| MemError::UnknownRegion { region: id })?;
+        Ok((&self.regions[i], &self.data[i]))
+    }
+
+    /// Learn which pages may hold data ([`Region::populated`]) so that zero
+    /// runs over the others need no work and data runs into them are
+    /// pre-faulted. Called by `prepare`, before any page is placed.
+    fn learn_populated(&self) -> Result<()> {
+        for (r, data) in self.regions.iter().zip(&self.data) {
+            let mut set = PageSet::new(r.pages());
+            if r.populated(&mut set)? {
+                data.fill(false);
+                for (first, count) in set.runs() {
+                    data.set(first, count, true);
+                }
+            } else {
+                data.fill(true);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every page was given back to the kernel: all read as zero.
+    fn forget_data(&self) {
+        self.data.iter().for_each(|d| d.fill(false));
     }
 }
 
@@ -641,16 +883,36 @@ impl MemorySource for RegionSet {
     fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> lmig_core::Result<()> {
         Ok(self.read_run(run, dst)?)
     }
+
+    /// Zero pages are tested in place and never copied.
+    fn find_zero_pages(&self, run: &PageRun, zero: &mut [bool]) -> lmig_core::Result<bool> {
+        self.get(run.region)?.find_zero_pages(run, zero)?;
+        Ok(true)
+    }
+
+    /// See [`Region::populated`]; a region that cannot tell counts as all data.
+    fn populated(&self, pages: &mut RegionPages) -> lmig_core::Result<bool> {
+        let mut any = false;
+        for r in &self.regions {
+            let set = pages.get_mut(r.id())?;
+            if r.populated(set)? {
+                any = true;
+            } else {
+                set.insert_range(0, r.pages());
+            }
+        }
+        Ok(any)
+    }
 }
 
 impl MemorySink for RegionSet {
-    /// Check the offered layout against these regions, then pre-fault them
-    /// (unless [`RegionSet::set_prefault`] turned that off).
+    /// Check the offered layout against these regions and learn which
+    /// pages already hold data ([`Region::populated`]). Nothing is
+    /// pre-faulted up front: a page is faulted in when its first data
+    /// arrives (see [`RegionSet::set_prefault`]), and free memory never is.
     fn prepare(&self, layout: &RegionLayout) -> lmig_core::Result<()> {
         self.check_layout(layout)?;
-        if self.prefault {
-            self.populate()?;
-        }
+        self.learn_populated()?;
         Ok(())
     }
 
@@ -717,7 +979,8 @@ impl DestinationRegions {
         self
     }
 
-    /// Pre-fault in `prepare` (default true; false for a post-copy destination).
+    /// Pre-fault pages run by run when their first data arrives (default
+    /// true; false for a post-copy destination). See [`RegionSet::set_prefault`].
     pub fn prefault(mut self, on: bool) -> Self {
         self.prefault = on;
         self
@@ -756,14 +1019,14 @@ impl MemorySink for DestinationRegions {
     fn prepare(&self, layout: &RegionLayout) -> lmig_core::Result<()> {
         let _one_at_a_time = self.preparing.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(set) = self.set.get() {
-            return Ok(set.check_layout(layout)?);
+            set.check_layout(layout)?;
+            return Ok(set.learn_populated()?);
         }
+        // Fresh mappings read as zero: nothing to learn, nothing faulted in
+        // until data arrives.
         let mut set = RegionSet::from_layout(layout, self.backing, self.thp)?;
         set.set_prefault(self.prefault);
         set.set_postcopy_options(self.postcopy_options);
-        if self.prefault {
-            set.populate()?;
-        }
         let _ = self.set.set(set);
         Ok(())
     }
@@ -800,12 +1063,15 @@ impl MemorySink for DestinationRegions {
         let Some(set) = self.set.get() else { return };
         // Before `Commit` nothing runs here: no thread waits on a missing page.
         set.abandon_postcopy();
+        let mut all = true;
         for r in set.regions() {
-            let advice = match r.backing() {
-                Backing::Private => libc::MADV_DONTNEED,
-                _ => libc::MADV_REMOVE,
-            };
-            let _ = r.mapping().discard(0, r.len(), advice);
+            all &= r
+                .mapping()
+                .discard(0, r.len(), r.backing().discard_advice())
+                .is_ok();
+        }
+        if all {
+            set.forget_data();
         }
     }
 }

@@ -24,6 +24,7 @@ mod source;
 use std::time::Duration;
 
 pub use destination::{Destination, DestinationConfig, DestinationReport};
+pub use pages::is_zero;
 pub use source::{Mode, Source, SourceConfig, SourceReport};
 
 use crate::error::MigrationError;

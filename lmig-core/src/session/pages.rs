@@ -8,7 +8,7 @@ use crate::protocol::{PageBatch, PageData};
 use crate::traits::{Channel, MemorySource};
 
 /// Is every byte zero? Checks 64-byte blocks so the compiler can vectorize.
-pub(crate) fn is_zero(data: &[u8]) -> bool {
+pub fn is_zero(data: &[u8]) -> bool {
     let mut blocks = data.chunks_exact(64);
     for block in &mut blocks {
         let mut acc = 0u64;
@@ -44,6 +44,10 @@ impl Sent {
 /// that byte totals stay comparable whatever the transport.
 pub(crate) const MESSAGE_OVERHEAD: u64 = 40;
 
+/// Bytes of a fresh send buffer (one chunk of 4 KiB pages); data runs are
+/// cut from its front until it is used up.
+const BUF_BYTES: usize = crate::protocol::CHUNK_PAGES as usize * 4096;
+
 /// Reads runs from memory into one reusable buffer and sends them, zero
 /// pages as flags.
 pub(crate) struct PageSender<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> {
@@ -51,6 +55,8 @@ pub(crate) struct PageSender<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> 
     pub channel: &'a C,
     pub layout: &'a RegionLayout,
     buf: BytesMut,
+    /// Per page of the run being sent: does it read as zero?
+    zero: Vec<bool>,
 }
 
 impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
@@ -60,10 +66,14 @@ impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
             channel,
             layout,
             buf: BytesMut::new(),
+            zero: Vec::new(),
         }
     }
 
-    /// Send `run` (inside one chunk) on `lane`, urgent or not.
+    /// Send `run` (inside one chunk) on `lane`, urgent or not. Zero pages
+    /// travel as flags. When the memory source can test pages in place
+    /// ([`MemorySource::find_zero_pages`]) only the other pages are copied;
+    /// otherwise the whole run is copied and the copy tested.
     pub fn send_run(
         &mut self,
         run: PageRun,
@@ -73,55 +83,142 @@ impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
     ) -> Result<Sent> {
         let region = self.layout.check_run(&run)?;
         let ps = region.page_size as usize;
-        let len = ps * run.count as usize;
-        if self.buf.len() < len {
-            self.buf = BytesMut::zeroed(len.max(64 * ps));
-        }
-        self.memory.read_pages(&run, &mut self.buf[..len])?;
-        let data: Bytes = self.buf.split_to(len).freeze();
+        let count = run.count as usize;
+        let mut zero = std::mem::take(&mut self.zero);
+        zero.clear();
+        zero.resize(count, false);
+        let in_place = self.memory.find_zero_pages(&run, &mut zero)?;
+        let whole = if in_place {
+            None
+        } else {
+            let mut buf = self.take_buf(count * ps);
+            self.memory.read_pages(&run, &mut buf)?;
+            for (flag, page) in zero.iter_mut().zip(buf.chunks_exact(ps)) {
+                *flag = is_zero(page);
+            }
+            Some(buf.freeze())
+        };
 
         let mut sent = Sent::default();
         let mut p = 0usize;
-        let count = run.count as usize;
         while p < count {
-            let zero = is_zero(&data[p * ps..(p + 1) * ps]);
-            let mut q = p + 1;
-            while q < count && is_zero(&data[q * ps..(q + 1) * ps]) == zero {
-                q += 1;
-            }
+            let is_zero_run = zero[p];
+            let q = p + zero[p..].iter().take_while(|&&z| z == is_zero_run).count();
             let sub = PageRun::new(run.region, run.first + p as u64, (q - p) as u32);
-            let payload = if zero {
-                PageData::Zero
-            } else {
-                PageData::Raw(data.slice(p * ps..q * ps))
+            let payload = match (&whole, is_zero_run) {
+                (_, true) => PageData::Zero,
+                (Some(data), false) => PageData::Raw(data.slice(p * ps..q * ps)),
+                (None, false) => {
+                    let mut buf = self.take_buf((q - p) * ps);
+                    self.memory.read_pages(&sub, &mut buf)?;
+                    PageData::Raw(buf.freeze())
+                }
             };
-            let batch = PageBatch {
-                round,
-                run: sub,
-                data: payload,
+            let reclaim = match (&whole, &payload) {
+                (None, PageData::Raw(b)) => Some(b.clone()),
+                _ => None,
             };
-            if urgent {
-                self.channel
-                    .send_urgent(&crate::protocol::Message::Pages(batch))?;
-            } else {
-                self.channel.send_pages(lane, &batch)?;
-            }
-            sent.pages += (q - p) as u64;
-            sent.messages += 1;
-            sent.bytes += MESSAGE_OVERHEAD;
-            if zero {
-                sent.zero_pages += (q - p) as u64;
-            } else {
-                sent.bytes += ((q - p) * ps) as u64;
+            sent.add(self.send_batch(sub, payload, ps, round, lane, urgent)?);
+            if let Some(b) = reclaim {
+                self.give_back(b);
             }
             p = q;
         }
-        // Take the buffer back when the channel kept no reference to it.
+        if let Some(data) = whole {
+            self.give_back(data);
+        }
+        self.zero = zero;
+        Ok(sent)
+    }
+
+    /// First pass of a two-pass send: test `run` (inside one chunk) in
+    /// place, send its zero pages and add its data sub-runs to `data` (for
+    /// the caller to send later with [`PageSender::send_run`]). `None`, with
+    /// nothing sent, when the memory source cannot test in place.
+    pub fn send_zeros(
+        &mut self,
+        run: PageRun,
+        round: u32,
+        lane: usize,
+        data: &mut Vec<PageRun>,
+    ) -> Result<Option<Sent>> {
+        let region = self.layout.check_run(&run)?;
+        let ps = region.page_size as usize;
+        let count = run.count as usize;
+        let mut zero = std::mem::take(&mut self.zero);
+        zero.clear();
+        zero.resize(count, false);
+        if !self.memory.find_zero_pages(&run, &mut zero)? {
+            self.zero = zero;
+            return Ok(None);
+        }
+        let mut sent = Sent::default();
+        let mut p = 0usize;
+        while p < count {
+            let is_zero_run = zero[p];
+            let q = p + zero[p..].iter().take_while(|&&z| z == is_zero_run).count();
+            let sub = PageRun::new(run.region, run.first + p as u64, (q - p) as u32);
+            if is_zero_run {
+                sent.add(self.send_batch(sub, PageData::Zero, ps, round, lane, false)?);
+            } else {
+                data.push(sub);
+            }
+            p = q;
+        }
+        self.zero = zero;
+        Ok(Some(sent))
+    }
+
+    /// `len` bytes from the front of the reusable buffer.
+    fn take_buf(&mut self, len: usize) -> BytesMut {
+        if self.buf.len() < len {
+            self.buf = BytesMut::zeroed(len.max(BUF_BYTES));
+        }
+        self.buf.split_to(len)
+    }
+
+    /// Take the front of the buffer back when the channel kept no reference
+    /// to it (it was split off last, so it sits right before the rest).
+    fn give_back(&mut self, data: Bytes) {
         if let Ok(mut back) = data.try_into_mut() {
             back.unsplit(std::mem::take(&mut self.buf));
             self.buf = back;
         }
-        Ok(sent)
+    }
+
+    /// Send `run` (inside one chunk) as zero pages without reading it: the
+    /// memory source said these pages read as zero
+    /// ([`MemorySource::populated`]).
+    pub fn send_zero_run(&mut self, run: PageRun, round: u32, lane: usize) -> Result<Sent> {
+        let region = self.layout.check_run(&run)?;
+        let ps = region.page_size as usize;
+        self.send_batch(run, PageData::Zero, ps, round, lane, false)
+    }
+
+    fn send_batch(
+        &self,
+        run: PageRun,
+        data: PageData,
+        page_size: usize,
+        round: u32,
+        lane: usize,
+        urgent: bool,
+    ) -> Result<Sent> {
+        let pages = u64::from(run.count);
+        let zero = matches!(data, PageData::Zero);
+        let batch = PageBatch { round, run, data };
+        if urgent {
+            self.channel
+                .send_urgent(&crate::protocol::Message::Pages(batch))?;
+        } else {
+            self.channel.send_pages(lane, &batch)?;
+        }
+        Ok(Sent {
+            pages,
+            zero_pages: if zero { pages } else { 0 },
+            bytes: MESSAGE_OVERHEAD + if zero { 0 } else { pages * page_size as u64 },
+            messages: 1,
+        })
     }
 }
 

@@ -11,8 +11,8 @@ use crate::model::{PageRun, PageSet, RegionId, RegionLayout, RegionPages};
 use crate::policy::{ConvergencePolicy, Decision, Policy, RoundStats};
 use crate::protocol::{CHUNK_PAGES, Handover, Message, RoundSummary, Verification};
 use crate::traits::{
-    Channel, DirtyTracker, Event, MemorySource, NoObserver, NoSockets, Observer, Phase,
-    SocketSource, StateSource,
+    Channel, DirtyClearer, DirtyTracker, Event, MemorySource, NoObserver, NoSockets, Observer,
+    Phase, SocketSource, StateSource,
 };
 use crate::verify::PageHashes;
 
@@ -312,6 +312,22 @@ where
         } else {
             RegionPages::full(layout)
         };
+        // Pages that may hold data; the others are sent as zero without
+        // being read (free memory the program never touched). Asked after
+        // the tracker started, so a page written from here on is its.
+        let populated = if mode != Mode::Postcopy {
+            let mut pages = RegionPages::empty(layout);
+            self.memory.populated(&mut pages)?.then_some(pages)
+        } else {
+            None
+        };
+        // Round 0 marks each run clean right before reading it: a page the
+        // program wrote before its read went out fresh and is not resent.
+        let clearer = if mode != Mode::Postcopy {
+            self.tracker.clearer()
+        } else {
+            None
+        };
         let mut dirty = RegionPages::empty(layout);
         let mut round = 0u32;
         let mut postcopy = mode == Mode::Postcopy;
@@ -327,6 +343,11 @@ where
                 layout,
                 &to_send,
                 round,
+                FirstRound {
+                    populated: populated.as_ref(),
+                    clearer: clearer.as_deref(),
+                }
+                .only_if(round == 0),
             )?;
             dirty.clear();
             self.tracker.collect(&mut dirty)?;
@@ -472,7 +493,15 @@ where
                         .flat_map(|(id, f, c)| split_u32(id, f, c))
                         .collect()
                 } else {
-                    let sent = send_set(memory, channel, batch_pages, layout, &to_send, round + 1)?;
+                    let sent = send_set(
+                        memory,
+                        channel,
+                        batch_pages,
+                        layout,
+                        &to_send,
+                        round + 1,
+                        FirstRound::default(),
+                    )?;
                     report.pages_sent += sent.pages;
                     report.zero_pages += sent.zero_pages;
                     report.bytes_sent += sent.bytes;
@@ -908,6 +937,22 @@ impl PushGate {
     }
 }
 
+/// What the first pre-copy round knows beyond the pages to send.
+#[derive(Copy, Clone, Default)]
+struct FirstRound<'a> {
+    /// Pages that may hold data; the others read as zero
+    /// ([`MemorySource::populated`]) and are sent as zero runs, unread.
+    populated: Option<&'a RegionPages>,
+    /// Marks a run clean right before it is read ([`DirtyTracker::clearer`]).
+    clearer: Option<&'a dyn DirtyClearer>,
+}
+
+impl<'a> FirstRound<'a> {
+    fn only_if(self, first: bool) -> Self {
+        if first { self } else { Self::default() }
+    }
+}
+
 /// Send every page of `set`, spreading chunks over the data lanes (one thread per lane).
 fn send_set<M: MemorySource, C: Channel>(
     memory: &M,
@@ -916,16 +961,61 @@ fn send_set<M: MemorySource, C: Channel>(
     layout: &RegionLayout,
     set: &RegionPages,
     round: u32,
+    first: FirstRound<'_>,
 ) -> Result<Sent> {
+    let FirstRound { populated, clearer } = first;
     let lanes = channel.data_lanes().max(1);
     let batch = batch_pages.clamp(1, CHUNK_PAGES);
     let send_lane = |lane: usize| -> Result<Sent> {
         let mut sender = PageSender::new(memory, channel, layout);
         let mut total = Sent::default();
+        // With a clearer, two passes: first every zero page (tested in place
+        // right after its run was cleared), then the pages holding data,
+        // each cleared again right before it is read. The data is then read
+        // in a short window at the end of the round, so fewer of its pages
+        // are written after their read and sent again next round. Only
+        // pages about to be tested or read are cleared: a page sent as zero
+        // unread keeps what the tracker knows about it.
+        let mut data_runs: Vec<PageRun> = Vec::new();
+        let mut read = |sender: &mut PageSender<'_, M, C>, run: PageRun| -> Result<Sent> {
+            let Some(c) = clearer else {
+                return sender.send_run(run, round, lane, false);
+            };
+            c.clear(&run)?;
+            match sender.send_zeros(run, round, lane, &mut data_runs)? {
+                Some(sent) => Ok(sent),
+                // The memory cannot test in place: one pass.
+                None => sender.send_run(run, round, lane, false),
+            }
+        };
         for run in set.chunked_runs(batch) {
-            let run_lane = lane_of(&run, lanes);
-            if run_lane == lane {
-                total.add(sender.send_run(run, round, run_lane, false)?);
+            if lane_of(&run, lanes) != lane {
+                continue;
+            }
+            let Some(data) = populated.and_then(|p| p.get(run.region).ok()) else {
+                total.add(read(&mut sender, run)?);
+                continue;
+            };
+            let zero_run = |from: u64, to: u64| PageRun::new(run.region, from, (to - from) as u32);
+            let mut at = run.first;
+            for (first, count) in data.runs_in(run.first, run.end()) {
+                if first > at {
+                    total.add(sender.send_zero_run(zero_run(at, first), round, lane)?);
+                }
+                total.add(read(
+                    &mut sender,
+                    PageRun::new(run.region, first, count as u32),
+                )?);
+                at = first + count;
+            }
+            if at < run.end() {
+                total.add(sender.send_zero_run(zero_run(at, run.end()), round, lane)?);
+            }
+        }
+        if let Some(c) = clearer {
+            for run in data_runs {
+                c.clear(&run)?;
+                total.add(sender.send_run(run, round, lane, false)?);
             }
         }
         Ok(total)

@@ -528,11 +528,13 @@ impl Postcopy {
             let sub = data.map(|d| &d[i * ps..j * ps]);
             if result.is_ok() {
                 result = match action {
-                    PageAction::Plain => match sub {
-                        Some(d) => region.write_at(first as usize * ps, d),
-                        None => region.zero_at(first as usize * ps, (j - i) * ps),
-                    },
-                    PageAction::Fill => self.fill(region, t, first, count, sub),
+                    // Not missing, but perhaps never faulted in (the sink
+                    // leaves pages that only ever received zeros untouched):
+                    // a plain write could fault into our own userfaultfd
+                    // with nobody yet serving it. Place it the same atomic
+                    // way; a page that is there (EEXIST) is written plainly.
+                    PageAction::Plain => self.fill(region, t, first, count, sub, false),
+                    PageAction::Fill => self.fill(region, t, first, count, sub, true),
                     PageAction::Skip => Ok(()),
                 };
             }
@@ -554,7 +556,9 @@ impl Postcopy {
         result
     }
 
-    /// Fill `count` missing pages from `first` and wake their waiters.
+    /// Fill `count` pages from `first` and wake their waiters. `missing`:
+    /// the pages were missing (a page found there is counted as
+    /// `already_present`).
     fn fill(
         &self,
         region: &Region,
@@ -562,6 +566,7 @@ impl Postcopy {
         first: u64,
         count: u64,
         data: Option<&[u8]>,
+        missing: bool,
     ) -> Result<()> {
         let ps = t.page_size;
         let total = count * ps;
@@ -596,7 +601,9 @@ impl Postcopy {
                     // The page is already there and nobody was woken: write
                     // it plainly (it cannot fault) and wake its waiters.
                     let page = first + done / ps;
-                    self.counters.present.fetch_add(1, Ordering::Relaxed);
+                    if missing {
+                        self.counters.present.fetch_add(1, Ordering::Relaxed);
+                    }
                     if let (Fill::Copy, Some(d)) = (&t.fill, data) {
                         let off = done as usize;
                         region.write_at((page * ps) as usize, &d[off..off + ps as usize])?;

@@ -146,6 +146,35 @@ impl Mapping {
         true
     }
 
+    /// Test in place which of the `zero.len()` pages of `page_size` bytes
+    /// at `offset` read as zero; false (nothing tested) when the range is
+    /// not inside the mapping or the page size is not a multiple of 8.
+    pub(crate) fn find_zero_pages(
+        &self,
+        offset: usize,
+        page_size: usize,
+        zero: &mut [bool],
+    ) -> bool {
+        let Some(len) = page_size.checked_mul(zero.len()) else {
+            return false;
+        };
+        if !self.in_bounds(offset, len) || page_size % 8 != 0 || offset % 8 != 0 {
+            return false;
+        }
+        for (i, flag) in zero.iter_mut().enumerate() {
+            // SAFETY: the page lies inside our mapping (whole range checked
+            // above); the mapping starts page aligned and `offset` and
+            // `page_size` are multiples of 8, so the pointer is 8-byte aligned.
+            *flag = unsafe {
+                words_are_zero(
+                    self.ptr.as_ptr().add(offset + i * page_size).cast::<u64>(),
+                    page_size / 8,
+                )
+            };
+        }
+        true
+    }
+
     /// Set `len` bytes at `offset` to zero; false when out of range.
     pub(crate) fn zero(&self, offset: usize, len: usize) -> bool {
         if !self.in_bounds(offset, len) {
@@ -192,6 +221,31 @@ impl Mapping {
             Ok(())
         }
     }
+}
+
+/// Are the `words` 8-byte words at `p` all zero? Reads each word once with
+/// a volatile load (the program may be writing them: no reference to the
+/// memory is formed, and the compiler may not assume it stays unchanged).
+/// Stops at the first 64-byte block holding a set bit.
+///
+/// # Safety
+/// `p` must be 8-byte aligned and valid for reads of `words * 8` bytes.
+unsafe fn words_are_zero(p: *const u64, words: usize) -> bool {
+    let mut i = 0;
+    while i < words {
+        let end = (i + 8).min(words);
+        let mut acc = 0u64;
+        while i < end {
+            // SAFETY: `i < words`, so `p.add(i)` is inside the valid, aligned
+            // range the caller promised.
+            acc |= unsafe { std::ptr::read_volatile(p.add(i)) };
+            i += 1;
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    true
 }
 
 impl Drop for Mapping {

@@ -17,6 +17,45 @@ pub(crate) const IOC_WRITE: u64 = 1;
 /// `_IOC_READ`.
 pub(crate) const IOC_READ: u64 = 2;
 
+/// The data ranges `[start, end)` of the file `fd` inside `0..len`,
+/// found with `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)`: every byte outside
+/// them reads as zero (a hole). For shmem (memfd) a page counts as data when
+/// it is in the page cache (written, or read once) or swapped out.
+#[doc(alias = "SEEK_DATA")]
+#[doc(alias = "SEEK_HOLE")]
+pub(crate) fn data_ranges(
+    fd: std::os::fd::BorrowedFd<'_>,
+    len: u64,
+    mut found: impl FnMut(u64, u64),
+) -> std::io::Result<()> {
+    use nix::unistd::{Whence, lseek};
+    let mut at = 0u64;
+    while at < len {
+        let start = match lseek(fd, at as libc::off_t, Whence::SeekData) {
+            Ok(s) => s as u64,
+            // No data at or after `at`.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if start >= len {
+            break;
+        }
+        let end = match lseek(fd, start as libc::off_t, Whence::SeekHole) {
+            Ok(e) => (e as u64).min(len),
+            Err(e) => return Err(e.into()),
+        };
+        if end <= start {
+            // No progress: never spin.
+            return Err(std::io::Error::other(format!(
+                "SEEK_HOLE from {start} returned {end}"
+            )));
+        }
+        found(start, end);
+        at = end;
+    }
+    Ok(())
+}
+
 /// The system's base page size (`sysconf(_SC_PAGESIZE)`).
 pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.

@@ -10,6 +10,13 @@ use super::{IOC_READ, IOC_WRITE, ioc, ioctl_ptr};
 
 /// `PAGE_IS_WRITTEN`: written since it was last write-protected.
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+/// `PAGE_IS_PRESENT`: mapped to a page frame.
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// `PAGE_IS_SWAPPED`: a swap entry, or a migration entry or uffd-wp marker
+/// (the kernel reports every non-present, non-empty entry so).
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+/// `PAGE_IS_PFNZERO`: mapped to the shared zero page (read, never written).
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
 
 /// `PM_SCAN_WP_MATCHING`: write-protect the matched pages.
 pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
@@ -56,6 +63,8 @@ pub(crate) const PAGEMAP_SCAN: u64 = ioc(IOC_READ | IOC_WRITE, b'f', 16, size_of
 pub(crate) struct ScanSpec {
     pub flags: u64,
     pub category_mask: u64,
+    /// Pages with any of these categories (0: no such condition).
+    pub category_anyof_mask: u64,
     pub return_mask: u64,
 }
 
@@ -86,7 +95,7 @@ pub(crate) fn scan(
         max_pages: 0,
         category_inverted: 0,
         category_mask: spec.category_mask,
-        category_anyof_mask: 0,
+        category_anyof_mask: spec.category_anyof_mask,
         return_mask: spec.return_mask,
     };
     // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg *`; `vec` points to
@@ -98,6 +107,48 @@ pub(crate) fn scan(
     // SAFETY: the kernel initialised the first `n` (<= capacity) entries.
     unsafe { out.set_len(n) };
     Ok(arg.walk_end)
+}
+
+/// Slots of one populated-pages scan (24 KiB); a fuller scan loops from
+/// `walk_end`.
+const POPULATED_VEC_LEN: usize = 1024;
+
+/// The ranges of `[start, end)` (an address range of this process) whose
+/// pages are present or swapped, found with `PAGEMAP_SCAN`; a page mapped
+/// to the shared zero page is left out (it reads as zero). Pages outside
+/// the ranges have no page table entry at all: for anonymous private memory
+/// they read as zero.
+#[doc(alias = "PAGEMAP_SCAN")]
+pub(crate) fn populated_ranges(
+    start: u64,
+    end: u64,
+    mut found: impl FnMut(u64, u64),
+) -> io::Result<()> {
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let spec = ScanSpec {
+        flags: 0,
+        category_mask: 0,
+        category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO,
+    };
+    let mut buf = Vec::with_capacity(POPULATED_VEC_LEN);
+    let mut at = start;
+    while at < end {
+        let walk_end = scan(std::os::fd::AsFd::as_fd(&pagemap), at, end, spec, &mut buf)?;
+        for pr in &buf {
+            let zero_page = pr.categories & (PAGE_IS_PFNZERO | PAGE_IS_SWAPPED) == PAGE_IS_PFNZERO;
+            if !zero_page && pr.end > pr.start {
+                found(pr.start.max(start), pr.end.min(end));
+            }
+        }
+        if walk_end <= at {
+            return Err(io::Error::other(format!(
+                "PAGEMAP_SCAN stopped at {walk_end:#x}, started at {at:#x}"
+            )));
+        }
+        at = walk_end;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -188,6 +188,12 @@ impl DirtyTracker for AutoTracker {
             Self::SoftDirty(t) => t.stop(),
         }
     }
+    fn clearer(&self) -> Option<Box<dyn lmig_core::DirtyClearer>> {
+        match self {
+            Self::UffdWp(t) => t.clearer(),
+            Self::SoftDirty(t) => t.clearer(),
+        }
+    }
 }
 
 /// Which tracker [`best_tracker`] picked and why it rejected the better ones.

@@ -16,8 +16,9 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::OnceLock;
 
-use lmig_core::DirtyTracker;
+use lmig_core::model::PageRun;
 use lmig_core::model::{RegionId, RegionPages};
+use lmig_core::{DirtyClearer, DirtyTracker};
 
 use crate::error::{MemError, Result};
 use crate::region::{Region, RegionSet};
@@ -36,6 +37,7 @@ const NAME: &str = "uffd-wp+pagemap-scan";
 const COLLECT: ScanSpec = ScanSpec {
     flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
     category_mask: PAGE_IS_WRITTEN,
+    category_anyof_mask: 0,
     return_mask: PAGE_IS_WRITTEN,
 };
 
@@ -152,6 +154,7 @@ impl UffdWpTracker {
         let spec = ScanSpec {
             flags: 0,
             category_mask: PAGE_IS_WRITTEN,
+            category_anyof_mask: 0,
             return_mask: PAGE_IS_WRITTEN,
         };
         let end = r.start + r.page_size;
@@ -435,4 +438,54 @@ impl DirtyTracker for UffdWpTracker {
         }
         Ok(())
     }
+
+    /// One `PAGEMAP_SCAN` (`PM_SCAN_WP_MATCHING`) over the run: its written
+    /// pages are write-protected again and forgotten.
+    fn clearer(&self) -> Option<Box<dyn DirtyClearer>> {
+        let pagemap = self.pagemap.try_clone().ok()?;
+        Some(Box::new(UffdWpClearer {
+            pagemap,
+            ranges: self.ranges.clone(),
+        }))
+    }
 }
+
+/// [`DirtyClearer`] of the uffd-wp tracker.
+#[derive(Debug)]
+struct UffdWpClearer {
+    pagemap: File,
+    ranges: Vec<TrackedRange>,
+}
+
+impl DirtyClearer for UffdWpClearer {
+    fn clear(&self, run: &PageRun) -> lmig_core::Result<()> {
+        let Some(r) = self.ranges.iter().find(|r| r.id == run.region) else {
+            return Err(MemError::UnknownRegion { region: run.region }.into());
+        };
+        if run.end() > r.len / r.page_size {
+            return Err(MemError::PageOutsideRegion {
+                run: *run,
+                region_pages: r.len / r.page_size,
+            }
+            .into());
+        }
+        let sub = TrackedRange {
+            id: r.id,
+            start: r.start + run.first * r.page_size,
+            len: u64::from(run.count) * r.page_size,
+            page_size: r.page_size,
+        };
+        let mut buf = Vec::with_capacity(CLEAR_VEC_LEN);
+        Ok(scan_range(
+            self.pagemap.as_fd(),
+            &sub,
+            COLLECT,
+            &mut buf,
+            |_, _| {},
+        )?)
+    }
+}
+
+/// `page_region` slots of one clearing scan (a run of up to 64 pages has at
+/// most 32 written ranges; a fuller one loops).
+const CLEAR_VEC_LEN: usize = 32;
