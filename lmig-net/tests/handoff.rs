@@ -718,78 +718,35 @@ fn udp_service_moves_v6() {
     }
 }
 
-#[test]
-fn abort_unlocks_and_the_source_serves_on() {
-    if !privileged("abort_unlocks_and_the_source_serves_on") {
-        return;
-    }
+/// A datagram sent to the service during the freeze is held, then
+/// delivered here, once, after the abort; no lock is left. With `early`, A
+/// forwards straight to B and sends copies on during the freeze: B's lock
+/// holds them and drops them when B gives up.
+fn abort_delivers_held_here(port: u16, early: bool) {
     let topo = Topology::new().expect("topology");
     topo.add_service_address(&topo.a).unwrap();
-    let addr = SocketAddr::new(Topology::SERVICE_V4.into(), 7200);
-    let server = topo.a.run(move || UdpSocket::bind(addr)).unwrap().unwrap();
-    let mut src = topo
-        .a
-        .run(|| Locked::new(NoSockets, config()))
-        .unwrap()
-        .expect("lock");
-    src.freeze().unwrap();
-    // A datagram sent during the freeze is held, then delivered here after the abort.
-    topo.client
-        .run(move || {
-            let c = UdpSocket::bind("0.0.0.0:0").unwrap();
-            c.send_to(b"held", addr).unwrap();
-        })
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while queued(&topo.a) == 0 {
-        assert!(Instant::now() < deadline, "the datagram was not held");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    server
-        .set_read_timeout(Some(Duration::from_millis(1)))
-        .unwrap();
-    let mut buf = [0u8; 16];
-    assert!(server.recv(&mut buf).is_err(), "delivered while locked");
-    src.abort().unwrap();
-    server
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let n = server
-        .recv(&mut buf)
-        .expect("held datagram delivered after the abort");
-    assert_eq!(&buf[..n], b"held");
-    assert!(!tables(&topo.a).contains(TABLE_PREFIX));
-    assert!(addresses(&topo.a).contains(&Topology::SERVICE_V4.to_string()));
-}
-
-/// With direct forwarding, copies of what the lock holds go on to the
-/// destination during the freeze; an abort still delivers the originals
-/// here, once, and the destination's lock drops its copies.
-#[test]
-fn abort_after_early_forwarding_delivers_here_once() {
-    if !privileged("abort_after_early_forwarding_delivers_here_once") {
-        return;
-    }
-    let topo = Topology::new().expect("topology");
-    topo.add_service_address(&topo.a).unwrap();
-    let addr = SocketAddr::new(Topology::SERVICE_V4.into(), 7201);
+    let addr = SocketAddr::new(Topology::SERVICE_V4.into(), port);
     let server = topo.a.run(move || UdpSocket::bind(addr)).unwrap().unwrap();
     let b_host: IpAddr = Topology::B_V4.into();
     let mut src = topo
         .a
         .run(move || {
-            let mut c = config().forward_to(b_host);
-            c.forward_early = true;
+            let mut c = config();
+            if early {
+                c = c.forward_to(b_host);
+                c.forward_early = true;
+            }
             Locked::new(NoSockets, c)
         })
         .unwrap()
         .expect("lock");
-    assert!(src.handoff().stats().forwarded_direct);
-    let mut sink = topo
-        .b
-        .run(|| Handoff::new(NoSockets, config()))
-        .unwrap()
-        .expect("destination lock");
+    assert_eq!(src.handoff().stats().forwarded_direct, early);
+    let mut sink = early.then(|| {
+        topo.b
+            .run(|| Handoff::new(NoSockets, config()))
+            .unwrap()
+            .expect("destination lock")
+    });
     src.freeze().unwrap();
     topo.client
         .run(move || {
@@ -797,9 +754,9 @@ fn abort_after_early_forwarding_delivers_here_once() {
             c.send_to(b"held", addr).unwrap();
         })
         .unwrap();
-    // Held here, and its copy held by B's lock.
+    // Held here (and with `early` its copy held by B's lock).
     let deadline = Instant::now() + Duration::from_secs(5);
-    while queued(&topo.a) == 0 || queued(&topo.b) == 0 {
+    while queued(&topo.a) == 0 || (early && queued(&topo.b) == 0) {
         assert!(
             Instant::now() < deadline,
             "held here {} / copies at B {}",
@@ -808,12 +765,18 @@ fn abort_after_early_forwarding_delivers_here_once() {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
+    server
+        .set_read_timeout(Some(Duration::from_millis(1)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert!(server.recv(&mut buf).is_err(), "delivered while locked");
     src.abort().unwrap();
-    sink.discard();
+    if let Some(sink) = sink.as_mut() {
+        sink.discard();
+    }
     server
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    let mut buf = [0u8; 16];
     let n = server
         .recv(&mut buf)
         .expect("held datagram delivered after the abort");
@@ -825,4 +788,19 @@ fn abort_after_early_forwarding_delivers_here_once() {
     assert_eq!(queued(&topo.b), 0, "B still holds copies");
     assert!(!tables(&topo.a).contains(TABLE_PREFIX));
     assert!(!tables(&topo.b).contains(TABLE_PREFIX));
+    assert!(addresses(&topo.a).contains(&Topology::SERVICE_V4.to_string()));
+}
+
+#[test]
+fn abort_unlocks_and_the_source_serves_on() {
+    if privileged("abort_unlocks_and_the_source_serves_on") {
+        abort_delivers_held_here(7200, false);
+    }
+}
+
+#[test]
+fn abort_after_early_forwarding_delivers_here_once() {
+    if privileged("abort_after_early_forwarding_delivers_here_once") {
+        abort_delivers_held_here(7201, true);
+    }
 }
