@@ -469,3 +469,70 @@ fn stream_decoder_reads_a_live_connection() {
     w.join().unwrap();
     assert_eq!(got, sample_messages());
 }
+
+fn request(n: u64) -> Message {
+    Message::PageRequest(PageRun::new(RegionId(9), n, 1))
+}
+
+/// `recv_urgent` takes the urgent stream over from its reader thread: every
+/// urgent message arrives once and in order, whether queued by the thread
+/// before the hand-over or read directly after it, also after a reconnect;
+/// the stream's end still reaches `recv`.
+#[test]
+fn urgent_consumer_reads_its_stream_directly_in_order() {
+    for kind in ["mem", "tcp"] {
+        let (a, b) = if kind == "mem" {
+            pair(config(1)).unwrap()
+        } else {
+            tcp_pair(1)
+        };
+        let (a, b) = (Arc::new(a), Arc::new(b));
+        let expect = |from: u64, to: u64| {
+            for n in from..to {
+                let deadline = Instant::now() + T;
+                let got = loop {
+                    assert!(Instant::now() < deadline, "{kind}: urgent {n} never came");
+                    if let Some(m) = b.recv_urgent(Duration::from_millis(50)).unwrap() {
+                        break m;
+                    }
+                };
+                assert_eq!(got, request(n), "{kind}");
+            }
+        };
+        // Queued by the reader thread before anyone asked for urgent messages.
+        for n in 0..5 {
+            a.send_urgent(&request(n)).unwrap();
+        }
+        thread::sleep(Duration::from_millis(50));
+        expect(0, 3);
+        for n in 5..200 {
+            a.send_urgent(&request(n)).unwrap();
+        }
+        expect(3, 200);
+        // Nothing is left over, and a quiet stream times out with None.
+        assert_eq!(
+            b.recv_urgent(Duration::from_millis(20)).unwrap(),
+            None,
+            "{kind}"
+        );
+        reconnect_both(&a, &b);
+        for n in 200..300 {
+            a.send_urgent(&request(n)).unwrap();
+        }
+        expect(200, 300);
+        // Urgent messages never reach `recv` now; its end does.
+        a.send(&Message::Ready).unwrap();
+        assert_eq!(b.recv(Some(T)).unwrap(), Some(Message::Ready), "{kind}");
+        drop(a);
+        let deadline = Instant::now() + T;
+        let end = loop {
+            assert!(Instant::now() < deadline, "{kind}: the end never came");
+            let _ = b.recv_urgent(Duration::from_millis(10));
+            match b.recv(Some(Duration::from_millis(10))) {
+                Ok(None) => continue,
+                other => break other,
+            }
+        };
+        assert!(end.is_err(), "{kind}: {end:?}");
+    }
+}

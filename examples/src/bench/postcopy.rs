@@ -73,6 +73,12 @@ pub struct Args {
     /// was placed (post-copy recovery); 0 = never.
     #[arg(long, default_value_t = 0)]
     pub cut_at_pct: u64,
+    /// Pages per pushed message (at most 64).
+    #[arg(long, default_value_t = lmig_core::protocol::CHUNK_PAGES)]
+    pub batch_pages: u32,
+    /// Messages the channel queues between its reader threads and the session.
+    #[arg(long, default_value_t = 64)]
+    pub queue_depth: usize,
     /// Internal: run as the destination process, listening here.
     #[arg(long, hide = true)]
     pub peer_listen: Option<String>,
@@ -204,8 +210,9 @@ impl Drop for Proxy {
     }
 }
 
-fn channel_config(key: &[u8], streams: usize) -> Result<ChannelConfig, Box<dyn std::error::Error>> {
-    let mut c = ChannelConfig::new(AuthKey::new(key)?).with_data_streams(streams);
+fn channel_config(args: &Args, key: &[u8]) -> Result<ChannelConfig, Box<dyn std::error::Error>> {
+    let mut c = ChannelConfig::new(AuthKey::new(key)?).with_data_streams(args.streams);
+    c.queue_depth = args.queue_depth.max(1);
     c.reconnect_timeout = Duration::from_secs(20);
     Ok(c)
 }
@@ -245,6 +252,8 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         format!("--working-set-pct={}", args.working_set_pct),
         format!("--spin-us={}", args.spin_us),
         format!("--cut-at-pct={}", args.cut_at_pct),
+        format!("--batch-pages={}", args.batch_pages),
+        format!("--queue-depth={}", args.queue_depth),
     ];
     let mut peer = Peer::spawn(&peer_args, &[(KEY_ENV, &key_hex)], None)?;
     let addrs = peer.expect_line("LISTENING")?;
@@ -255,10 +264,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
 
     // Bulk: the same bytes with the transfer path.
     let bulk_ms = {
-        let ch = connect(
-            &Endpoint::Tcp(bulk_addr),
-            channel_config(&key, args.streams)?,
-        )?;
+        let ch = connect(&Endpoint::Tcp(bulk_addr), channel_config(&args, &key)?)?;
         let lanes = ch.data_lanes().max(1);
         let t0 = Instant::now();
         std::thread::scope(|s| -> Result<(), lmig_core::MigrationError> {
@@ -309,7 +315,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         None
     };
     let dial = proxy.as_ref().map_or(mig_addr, |p| p.addr);
-    let channel = connect(&Endpoint::Tcp(dial), channel_config(&key, args.streams)?)?;
+    let channel = connect(&Endpoint::Tcp(dial), channel_config(&args, &key)?)?;
     let tracker = ManualTracker::new(regions.layout());
     struct Program;
     impl lmig_core::StateSource for Program {
@@ -322,6 +328,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     }
     let config = SourceConfig {
         mode: Mode::Postcopy,
+        batch_pages: args.batch_pages,
         ..SourceConfig::default()
     };
     let start = Instant::now();
@@ -363,6 +370,8 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "verified": verified,
         "streams": args.streams,
         "spin_us": args.spin_us,
+        "batch_pages": args.batch_pages,
+        "queue_depth": args.queue_depth,
         "pages_sent": report.pages_sent,
         "requested_pages": report.requested_pages,
         "cut": cut_done.load(Ordering::Acquire),
@@ -412,11 +421,11 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
 
     let bulk = Listener::bind(
         &Endpoint::Tcp(listen.parse()?),
-        channel_config(&key, args.streams)?,
+        channel_config(&args, &key)?,
     )?;
     let mig = Listener::bind(
         &Endpoint::Tcp(listen.parse()?),
-        channel_config(&key, args.streams)?,
+        channel_config(&args, &key)?,
     )?;
     let (Endpoint::Tcp(b), Endpoint::Tcp(m)) = (bulk.local_endpoint(), mig.local_endpoint()) else {
         return Err("TCP listeners expected".into());

@@ -3,11 +3,13 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::auth::HandshakeIo;
 use crate::error::{Result, TransportError};
@@ -23,6 +25,23 @@ pub(crate) trait Conn: Read + Write + Send + Sync {
     fn shutdown_conn(&self);
     /// Read and write timeouts (`None`: block).
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
+    /// Wait at most `timeout` until a read would not block (bytes, the end
+    /// of the stream or an error are there); `false` when the time ran out.
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
+}
+
+/// `poll(2)` for `POLLIN` on one descriptor.
+fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let ms = i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX);
+    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, timeout) {
+            Ok(n) => return Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 impl Conn for TcpStream {
@@ -36,6 +55,9 @@ impl Conn for TcpStream {
         self.set_read_timeout(read)?;
         self.set_write_timeout(write)
     }
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        poll_readable(self.as_fd(), timeout)
+    }
 }
 
 impl Conn for UnixStream {
@@ -48,6 +70,9 @@ impl Conn for UnixStream {
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(read)?;
         self.set_write_timeout(write)
+    }
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        poll_readable(self.as_fd(), timeout)
     }
 }
 
@@ -147,6 +172,11 @@ impl FrameReader {
 
     pub(crate) fn conn(&self) -> &dyn Conn {
         &*self.conn
+    }
+
+    /// A message is half read (its first frames are in, the rest is not).
+    pub(crate) fn has_partial(&self) -> bool {
+        self.decoder.has_partial()
     }
 
     /// The next item; `Eof` when the peer closed cleanly between messages.

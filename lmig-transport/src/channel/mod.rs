@@ -536,12 +536,31 @@ struct RecvState {
     broken: Option<String>,
 }
 
+/// The urgent stream read by its consumer itself.
+///
+/// At first a reader thread reads the urgent stream like any other and
+/// queues its messages. Once a consumer calls [`Channel::recv_urgent`]
+/// (post-copy's dedicated urgent thread), the reader thread hands its reader
+/// over here after its next message and ends, and `recv_urgent` reads the
+/// stream directly: a page request or reply then wakes the thread that acts
+/// on it, not a reader thread that has to wake it in turn (on this kind of
+/// machine each such hand-off costs tens of µs). Readers of later
+/// generations (after `reconnect`) go straight here.
+#[derive(Default)]
+struct DirectUrgent {
+    /// A consumer called `recv_urgent`.
+    wanted: AtomicBool,
+    /// The urgent stream's reader and its generation, once handed over.
+    slot: Mutex<Option<(u32, FrameReader)>>,
+}
+
 struct Inner {
     config: ChannelConfig,
     session: [u8; SESSION_ID_LEN],
     side: Side,
     lanes: RwLock<Arc<Lanes>>,
     queue: Arc<EventQueue<Event>>,
+    urgent: Arc<DirectUrgent>,
     state: Mutex<RecvState>,
     limiter: Option<TokenBucket>,
     closed: AtomicBool,
@@ -593,6 +612,7 @@ impl StreamChannel {
             side,
             lanes: RwLock::new(Arc::new(lanes)),
             queue,
+            urgent: Arc::default(),
             state: Mutex::new(RecvState {
                 generation,
                 open_lanes,
@@ -604,7 +624,7 @@ impl StreamChannel {
             reconnect_lock: Mutex::new(()),
             config,
         });
-        spawn_readers(readers, &inner.queue, generation);
+        spawn_readers(readers, &inner.queue, &inner.urgent, generation);
         Self { inner }
     }
 
@@ -680,7 +700,7 @@ impl StreamChannel {
         );
         old.shutdown();
         inner.generation.store(generation, Ordering::Release);
-        spawn_readers(readers, &inner.queue, generation);
+        spawn_readers(readers, &inner.queue, &inner.urgent, generation);
         Ok(())
     }
 }
@@ -732,27 +752,39 @@ fn split(streams: Streams) -> (Lanes, Vec<(String, FrameReader)>) {
 fn spawn_readers(
     readers: Vec<(String, FrameReader)>,
     queue: &Arc<EventQueue<Event>>,
+    direct: &Arc<DirectUrgent>,
     generation: u32,
 ) {
     for (name, mut reader) in readers {
-        let thread_queue = queue.clone();
         // Messages of the urgent stream overtake queued bulk pages; its end
         // or failure queues behind them like any other stream's.
         let urgent_stream = name == URGENT_READER;
+        if urgent_stream && direct.wanted.load(Ordering::Acquire) {
+            *lock(&direct.slot) = Some((generation, reader));
+            continue;
+        }
+        let thread_queue = queue.clone();
+        let direct = direct.clone();
         let spawned = thread::Builder::new().name(name).spawn(move || {
             loop {
-                let ev = match reader.next("while receiving") {
-                    Ok(ReadOutcome::Item(WireItem::Message(m))) => Event::Msg(m),
-                    Ok(ReadOutcome::Item(WireItem::Handshake(h))) => Event::Failed(
-                        generation,
-                        TransportError::Handshake {
-                            detail: format!("{} frame after authentication", h.kind().name()),
-                        },
-                    ),
-                    Ok(ReadOutcome::Eof) => Event::Eof(generation),
-                    Err(e) => Event::Failed(generation, e),
-                };
+                let ev = read_event(&mut reader, generation);
                 let last = !matches!(ev, Event::Msg(_));
+                if urgent_stream && !last && direct.wanted.load(Ordering::Acquire) {
+                    // Queued and handed over under the slot's lock, so the
+                    // consumer takes this message before reading the next.
+                    let mut slot = lock(&direct.slot);
+                    if thread_queue.push(ev, true).is_err() {
+                        reader.conn().shutdown_conn();
+                        return;
+                    }
+                    if !reader.has_partial() {
+                        if slot.as_ref().is_none_or(|(g, _)| *g < generation) {
+                            *slot = Some((generation, reader));
+                        }
+                        return;
+                    }
+                    continue;
+                }
                 if thread_queue.push(ev, urgent_stream && !last).is_err() || last {
                     reader.conn().shutdown_conn();
                     return;
@@ -768,6 +800,21 @@ fn spawn_readers(
                 false,
             );
         }
+    }
+}
+
+/// The next message of a stream, or its end, as a reader reports it.
+fn read_event(reader: &mut FrameReader, generation: u32) -> Event {
+    match reader.next("while receiving") {
+        Ok(ReadOutcome::Item(WireItem::Message(m))) => Event::Msg(m),
+        Ok(ReadOutcome::Item(WireItem::Handshake(h))) => Event::Failed(
+            generation,
+            TransportError::Handshake {
+                detail: format!("{} frame after authentication", h.kind().name()),
+            },
+        ),
+        Ok(ReadOutcome::Eof) => Event::Eof(generation),
+        Err(e) => Event::Failed(generation, e),
     }
 }
 
@@ -838,16 +885,60 @@ impl Channel for StreamChannel {
 
     fn recv_urgent(&self, timeout: Duration) -> lmig_core::Result<Option<Message>> {
         let deadline = Instant::now() + timeout;
+        let direct = &self.inner.urgent;
+        direct.wanted.store(true, Ordering::Release);
         loop {
             if self.inner.closed.load(Ordering::Acquire) {
                 return Err(MigrationError::channel_closed("the channel was shut down"));
             }
-            // The urgent reader queues only its messages as urgent (its end
-            // or failure goes to `recv`).
-            match self.inner.queue.pop_urgent(deadline) {
+            let mut slot = lock(&direct.slot);
+            // What the reader thread queued comes first; its end or failure
+            // went to `recv`.
+            match self.inner.queue.try_pop_urgent() {
                 Some(Event::Msg(m)) => return Ok(Some(m)),
                 Some(_) => continue,
-                None => return Ok(None),
+                None => {}
+            }
+            let now = Instant::now();
+            let Some((generation, reader)) = slot.as_mut() else {
+                drop(slot);
+                // The reader thread still reads: its next message wakes us
+                // (and hands its reader over).
+                match self.inner.queue.pop_urgent(deadline) {
+                    Some(Event::Msg(m)) => return Ok(Some(m)),
+                    Some(_) => continue,
+                    None if Instant::now() >= deadline => return Ok(None),
+                    None => continue,
+                }
+            };
+            if now >= deadline {
+                return Ok(None);
+            }
+            match reader.conn().wait_readable(deadline - now) {
+                Ok(false) => return Ok(None),
+                Ok(true) => {}
+                Err(e) => {
+                    let ev = Event::Failed(
+                        *generation,
+                        TransportError::io("waiting on the urgent stream", e),
+                    );
+                    *slot = None;
+                    drop(slot);
+                    let _ = self.inner.queue.push(ev, false);
+                    continue;
+                }
+            }
+            match read_event(reader, *generation) {
+                Event::Msg(m) => return Ok(Some(m)),
+                // The stream's end or failure goes to `recv`, like a reader
+                // thread's.
+                ev => {
+                    if let Some((_, r)) = slot.take() {
+                        r.conn().shutdown_conn();
+                    }
+                    drop(slot);
+                    let _ = self.inner.queue.push(ev, false);
+                }
             }
         }
     }

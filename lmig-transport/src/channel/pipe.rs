@@ -171,6 +171,21 @@ impl Conn for PipeEnd {
         }
         Ok(())
     }
+
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        let deadline = Some(Instant::now() + timeout);
+        let mut s = self.rx.lock();
+        loop {
+            if s.read_closed || s.write_closed || !s.data.is_empty() {
+                return Ok(true);
+            }
+            s = match wait(&self.rx, s, deadline) {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return Ok(false),
+                Err(e) => return Err(e),
+            };
+        }
+    }
 }
 
 #[cfg(test)]

@@ -131,6 +131,14 @@ impl<T> EventQueue<T> {
         }
     }
 
+    /// The next urgent item if one is queued, without waiting (and, like
+    /// [`Self::pop_urgent`], leaving urgent items to this consumer from now on).
+    pub(super) fn try_pop_urgent(&self) -> Option<T> {
+        let mut q = self.lock();
+        q.split = true;
+        q.urgent.pop_front()
+    }
+
     /// Refuse further items and release blocked producers.
     pub(super) fn close(&self) {
         self.lock().closed = true;
