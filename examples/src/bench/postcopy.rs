@@ -73,9 +73,10 @@ pub struct Args {
     /// was placed (post-copy recovery); 0 = never.
     #[arg(long, default_value_t = 0)]
     pub cut_at_pct: u64,
-    /// Pages per pushed message (at most 64).
-    #[arg(long, default_value_t = lmig_core::protocol::CHUNK_PAGES)]
-    pub batch_pages: u32,
+    /// Pages per message after the commit (post-copy push), at most 64;
+    /// default: the session's default.
+    #[arg(long, default_value_t = SourceConfig::default().push_pages)]
+    pub push_pages: u32,
     /// Messages the channel queues between its reader threads and the session.
     #[arg(long, default_value_t = 64)]
     pub queue_depth: usize,
@@ -252,7 +253,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         format!("--working-set-pct={}", args.working_set_pct),
         format!("--spin-us={}", args.spin_us),
         format!("--cut-at-pct={}", args.cut_at_pct),
-        format!("--batch-pages={}", args.batch_pages),
+        format!("--push-pages={}", args.push_pages),
         format!("--queue-depth={}", args.queue_depth),
     ];
     let mut peer = Peer::spawn(&peer_args, &[(KEY_ENV, &key_hex)], None)?;
@@ -328,7 +329,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     }
     let config = SourceConfig {
         mode: Mode::Postcopy,
-        batch_pages: args.batch_pages,
+        push_pages: args.push_pages,
         ..SourceConfig::default()
     };
     let start = Instant::now();
@@ -370,7 +371,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "verified": verified,
         "streams": args.streams,
         "spin_us": args.spin_us,
-        "batch_pages": args.batch_pages,
+        "push_pages": args.push_pages,
         "queue_depth": args.queue_depth,
         "pages_sent": report.pages_sent,
         "requested_pages": report.requested_pages,

@@ -43,8 +43,16 @@ pub struct SourceConfig {
     pub ready_timeout: Duration,
     /// Most time without any message from the destination after `Commit`.
     pub done_timeout: Duration,
-    /// Pages per `Pages` message (at most [`CHUNK_PAGES`]).
+    /// Pages per `Pages` message of the pre-copy rounds and the freeze (at
+    /// most [`CHUNK_PAGES`]).
     pub batch_pages: u32,
+    /// Pages per `Pages` message after `Commit` (post-copy push and request
+    /// replies, at most [`CHUNK_PAGES`]). A program reading its memory in
+    /// order waits, at each fault, for the message holding its page to
+    /// arrive whole: smaller messages shorten that wait (on this kind of
+    /// machine 64 pages: fault p50 ~170-250 µs; 16 pages: ~70-100 µs) for a
+    /// little more per-message work. Default 16.
+    pub push_pages: u32,
     /// Most time a shrinking pre-copy round waits for the destination to
     /// place its pages (`Prepared{placed}`) before the policy decides: the
     /// policy then sees the end-to-end bandwidth, and a freeze does not
@@ -60,6 +68,7 @@ impl Default for SourceConfig {
             ready_timeout: Duration::from_secs(30),
             done_timeout: Duration::from_secs(60),
             batch_pages: CHUNK_PAGES,
+            push_pages: 16,
             catch_up_timeout: Duration::from_millis(500),
         }
     }
@@ -651,7 +660,7 @@ where
         let gate = PushGate::new();
         let pushed = AtomicU64::new(0);
         let lanes = self.channel.data_lanes().max(1);
-        let batch = self.config.batch_pages.clamp(1, CHUNK_PAGES);
+        let batch = self.config.push_pages.clamp(1, CHUNK_PAGES);
         let verify = self.config.verify;
         let done_timeout = self.config.done_timeout;
         let memory = &self.memory;
