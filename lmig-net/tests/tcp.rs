@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use common::{Peer, migrate, pat, privileged, tcp_state};
+use common::{Peer, migrate, migrate_with, pat, privileged, tcp_state};
 use lmig_core::model::{SocketRecord, TcpStateKind};
 use lmig_core::traits::SocketSource;
 use lmig_net::topology::Topology;
@@ -62,6 +62,29 @@ fn fill(s: &mut TcpStream) -> usize {
     }
     s.set_nonblocking(false).unwrap();
     k
+}
+
+/// Connections of this namespace with local port `port`, in any state but
+/// listening (`/proc/net/tcp` and `tcp6`).
+fn connections_on_port(port: u16) -> usize {
+    ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .filter(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|local| local.rsplit(':').next())
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                        == Some(port)
+                })
+                .filter(|l| l.split_whitespace().nth(3) != Some("0A"))
+                .count()
+        })
+        .sum()
 }
 
 struct Setup {
@@ -121,7 +144,29 @@ fn migrate_established(v6: bool) {
         wait_inq(c, pat("P1", i).len() as u32);
     }
 
-    let (records, fds) = migrate(&topo, conns.into_iter().map(OwnedFd::from).collect());
+    // IPv6 closes the originals in the background (both ways run).
+    let cfg = SourceConfig {
+        close_in_background: v6,
+        ..SourceConfig::default()
+    };
+    let (records, fds) = migrate_with(&topo, conns.into_iter().map(OwnedFd::from).collect(), cfg);
+    // The originals are gone from A (closed in repair mode: no TIME_WAIT),
+    // also when closed by the background thread.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = topo
+            .a
+            .run(move || connections_on_port(addr.port()))
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} original sockets still open on A"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     for r in &records {
         let SocketRecord::Tcp(c) = r else {
             panic!("not TCP")

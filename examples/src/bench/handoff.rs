@@ -77,6 +77,11 @@ pub struct Args {
     /// Use IPv6 (default IPv4).
     #[arg(long)]
     pub v6: bool,
+    /// The source closes its released sockets before `release` returns
+    /// (default: on a background thread at the lowest CPU priority,
+    /// `SourceConfig::close_in_background`).
+    #[arg(long)]
+    pub close_in_foreground: bool,
     /// Internal: the role of a re-executed process.
     #[arg(long, hide = true)]
     pub role: Option<String>,
@@ -139,7 +144,12 @@ fn spawn_role(ns: &Netns, name: &'static str, args: &Args, sock: &str) -> BoxRes
     cmd.args(["handoff", "--role", name, "--sock", sock])
         .args(["--conns", &args.conns.to_string()])
         .args(["--rate", &args.rate.to_string()])
-        .args(if args.v6 { &["--v6"][..] } else { &[][..] });
+        .args(if args.v6 { &["--v6"][..] } else { &[][..] })
+        .args(if args.close_in_foreground {
+            &["--close-in-foreground"][..]
+        } else {
+            &[][..]
+        });
     Worker::spawn(ns, name, &mut cmd)
 }
 
@@ -236,6 +246,7 @@ pub fn run(args: Args, out: Output) -> BoxResult<()> {
         "source_unlock_ms": round(sf[3], 3),
         "release_held_ms": round(release_ms, 3),
         "capture_restore_ms": round(capture_ms, 2),
+        "close_in_background": !args.close_in_foreground,
         "client_retrans": retrans,
         "requests": requests,
         "unanswered": lost,
@@ -284,6 +295,9 @@ struct RoleState {
     link: Option<UnixStream>,
     sink: Option<Handoff<NetSink>>,
     echo_b: Option<std::thread::JoinHandle<()>>,
+    /// The destination program's poller: restored sockets are registered
+    /// as their batches arrive, before `Commit`.
+    epoll_b: Option<Epoll>,
     reader: Option<Reader>,
     retrans0: u64,
     rsts0: u64,
@@ -606,7 +620,11 @@ impl RoleState {
                 // The lock is installed here, before any freeze; a failure ends the run.
                 // Held packets go straight to B (any family: one link-layer address).
                 let cfg = handoff_config().forward_to(Topology::B_V4.into());
-                let mut src = Locked::new(NetSource::new(SourceConfig::default())?, cfg)?;
+                let net = NetSource::new(SourceConfig {
+                    close_in_background: !args.close_in_foreground,
+                    ..SourceConfig::default()
+                })?;
+                let mut src = Locked::new(net, cfg)?;
                 let mut ids = Vec::with_capacity(conns.len());
                 for (i, c) in conns.into_iter().enumerate() {
                     c.set_nonblocking(true)?;
@@ -653,8 +671,14 @@ impl RoleState {
             "prepare" => {
                 let (link, _) = self.listener.as_ref().ok_or("not listening")?.accept()?;
                 self.link = Some(link);
-                let mut sink =
-                    Handoff::new(NetSink::new(SinkConfig::default())?, handoff_config())?;
+                // Restored non-blocking: the program needs no call per
+                // connection after the commit (as kvd).
+                let net = NetSink::new(SinkConfig {
+                    nonblocking: true,
+                    ..SinkConfig::default()
+                })?;
+                let mut sink = Handoff::new(net, handoff_config())?;
+                self.epoll_b = Some(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
                 let mut dec = Reader::default();
                 match dec.next(self.link.as_mut().ok_or("no link")?)? {
                     Message::SocketPlan(plan) => sink.prepare(&plan)?,
@@ -668,22 +692,40 @@ impl RoleState {
                 let link = self.link.as_mut().ok_or("no link")?;
                 let sink = self.sink.as_mut().ok_or("not prepared")?;
                 let dec = self.reader.as_mut().ok_or("not prepared")?;
+                let epoll = self.epoll_b.take().ok_or("not prepared")?;
                 // Bounded by the source's finite stream ending with Commit.
+                let mut registered = 0;
                 loop {
                     match dec.next(link)? {
                         Message::Sockets { records, .. } => sink.restore(records)?,
                         Message::Commit => break,
                         m => return Err(format!("unexpected {}", m.name()).into()),
                     }
+                    // The program registers what was restored with its
+                    // poller while the freeze goes on (nothing is readable
+                    // before the sockets are activated).
+                    let pending = sink.inner().pending_fds();
+                    for &(id, raw) in &pending[registered..] {
+                        // SAFETY: `raw` is a socket the sink owns until
+                        // `take_fds` hands it to this program, which keeps
+                        // it for as long as the poller uses it.
+                        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+                        epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, id))?;
+                    }
+                    registered = pending.len();
                 }
                 sink.activate()?;
-                let fds: HashMap<u64, OwnedFd> = sink.inner_mut().take_fds();
-                let conns: Vec<TcpStream> = fds.into_values().map(TcpStream::from).collect();
+                let conns: HashMap<u64, TcpStream> = sink
+                    .inner_mut()
+                    .take_fds()
+                    .into_iter()
+                    .map(|(id, fd)| (id, TcpStream::from(fd)))
+                    .collect();
                 let stats = sink.handoff().stats();
                 let stop = Arc::clone(&self.stop);
                 let (ready_tx, ready_rx) = mpsc::channel();
                 self.echo_b = Some(std::thread::spawn(move || {
-                    echo_streams(conns, &stop, ready_tx)
+                    echo_streams(conns, epoll, &stop, ready_tx)
                 }));
                 // The program runs again at the destination: the freeze ends.
                 ready_rx
@@ -719,14 +761,12 @@ impl RoleState {
 }
 
 /// The destination's program: echo on the restored connections until `stop`.
-fn echo_streams(conns: Vec<TcpStream>, stop: &AtomicBool, ready: mpsc::Sender<()>) {
-    let Ok(epoll) = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC) else {
-        return;
-    };
-    for (i, c) in conns.iter().enumerate() {
-        let _ = c.set_nonblocking(true);
-        let _ = epoll.add(c.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64));
-    }
+fn echo_streams(
+    conns: HashMap<u64, TcpStream>,
+    epoll: Epoll,
+    stop: &AtomicBool,
+    ready: mpsc::Sender<()>,
+) {
     let _ = ready.send(());
     let mut events = vec![EpollEvent::empty(); 1024];
     let mut buf = vec![0u8; 4096];
@@ -734,7 +774,7 @@ fn echo_streams(conns: Vec<TcpStream>, stop: &AtomicBool, ready: mpsc::Sender<()
     while !stop.load(Ordering::Acquire) {
         let n = epoll.wait(&mut events, 1u8).unwrap_or(0);
         for ev in &events[..n] {
-            if let Some(c) = conns.get(ev.data() as usize) {
+            if let Some(c) = conns.get(&ev.data()) {
                 if !echo_once(c.as_fd(), &mut buf) {
                     let _ = epoll.delete(c.as_fd());
                 }

@@ -189,9 +189,18 @@ impl KvdSockets {
     }
 }
 
+/// kvd's connections always move to another network namespace: the
+/// originals are closed in the background, off the destination's CPU.
+fn net_config() -> lmig_net::SourceConfig {
+    lmig_net::SourceConfig {
+        close_in_background: true,
+        ..lmig_net::SourceConfig::default()
+    }
+}
+
 impl SocketSource for KvdSockets {
     fn plan(&mut self) -> lmig_core::Result<Vec<SocketPrep>> {
-        let mut net = NetSource::new(lmig_net::SourceConfig::default())?;
+        let mut net = NetSource::new(net_config())?;
         // Duplicates taken while the loop is parked (about a microsecond per
         // socket), read while it serves again. A socket without a duplicate
         // (out of fds) or that cannot be read now is read at the freeze.
@@ -219,7 +228,7 @@ impl SocketSource for KvdSockets {
             .planned
             .take()
             .map(Ok)
-            .unwrap_or_else(|| NetSource::new(lmig_net::SourceConfig::default()))
+            .unwrap_or_else(|| NetSource::new(net_config()))
         {
             Ok(net) => self.net.insert(net),
             Err(e) => {

@@ -334,8 +334,17 @@ pub fn peer_main() {
 /// and capture at A, restore at B, move the service address, release A,
 /// activate B. Returns the records and the restored fds in id order.
 pub fn migrate(topo: &Topology, socks: Vec<OwnedFd>) -> (Vec<SocketRecord>, Vec<OwnedFd>) {
+    migrate_with(topo, socks, SourceConfig::default())
+}
+
+/// [`migrate`] with a source configured by `cfg`.
+pub fn migrate_with(
+    topo: &Topology,
+    socks: Vec<OwnedFd>,
+    cfg: SourceConfig,
+) -> (Vec<SocketRecord>, Vec<OwnedFd>) {
     let n = socks.len();
-    let mut src = NetSource::new(SourceConfig::default()).unwrap();
+    let mut src = NetSource::new(cfg).unwrap();
     for (i, s) in socks.into_iter().enumerate() {
         src.add(i as u64, s).unwrap();
     }
