@@ -489,7 +489,7 @@ where
             });
             let pages = (|| -> Result<Vec<PageRun>> {
                 dirty.clear();
-                tracker.collect(&mut dirty)?;
+                tracker.collect_final(&mut dirty)?;
                 step("final collect", &mut report.freeze_steps);
                 to_send.union_with(&dirty);
                 if mode == Mode::Postcopy {
