@@ -416,9 +416,11 @@ impl SplitRegion {
     }
 
     /// Reintegration: every page host sends the pages it holds straight to
-    /// this host at `my_endpoint`, all in parallel. The caller hands the
-    /// channels they open to [`SplitRegion::serve_incoming`]. Returns once
-    /// every page is here.
+    /// this host, all in parallel, on the channel this host attached it
+    /// with (no connection to open). `my_endpoint` is where this host
+    /// listens, for a page host that reaches it only through a channel of
+    /// its own; the caller hands such channels to
+    /// [`SplitRegion::serve_incoming`]. Returns once every page is here.
     pub fn gather(&self, my_endpoint: &str) -> Result<GatherReport> {
         self.inner.gather(my_endpoint, None)
     }
