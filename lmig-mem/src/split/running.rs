@@ -349,6 +349,23 @@ impl SplitRegion {
         self.inner.lock().lost.clone()
     }
 
+    /// Wait until every attached page host has handled everything this
+    /// host sent it so far (the `Forget`s that end a partial migration or
+    /// a gather included): a quiet point, e.g. between the steps of a
+    /// benchmark. Hosts known to be lost are skipped.
+    pub fn sync_hosts(&self) -> Result<()> {
+        let hosts: Vec<HostId> = {
+            let dead = self.inner.lock().dead.clone();
+            let links = self.inner.links.read().unwrap_or_else(|p| p.into_inner());
+            links
+                .keys()
+                .filter(|h| !dead.contains(h))
+                .copied()
+                .collect()
+        };
+        self.inner.sync_all(&hosts)
+    }
+
     /// `Err(HostLost)` for the first page host that vanished.
     pub fn check_hosts(&self) -> Result<()> {
         match self.inner.lock().lost.first() {
@@ -529,13 +546,24 @@ impl Inner {
 
     /// Every message sent to `host` before this call has been handled by it.
     fn sync(&self, host: HostId) -> Result<()> {
-        let link = self.link(host)?;
-        let seq = link.seq.fetch_add(1, Ordering::Relaxed);
-        link.ch
-            .send(&Message::Split(SplitMessage::Sync { seq }))
-            .map_err(proto)?;
-        self.wait_for("Synced", &[host], |st| {
-            st.events.synced.remove(&(host, seq))
+        self.sync_all(&[host])
+    }
+
+    /// Every message sent to each of `hosts` before this call has been
+    /// handled by it (all asked at once).
+    fn sync_all(&self, hosts: &[HostId]) -> Result<()> {
+        let mut asked = Vec::with_capacity(hosts.len());
+        for &host in hosts {
+            let link = self.link(host)?;
+            let seq = link.seq.fetch_add(1, Ordering::Relaxed);
+            link.ch
+                .send(&Message::Split(SplitMessage::Sync { seq }))
+                .map_err(proto)?;
+            asked.push((host, seq));
+        }
+        self.wait_for("Synced", hosts, |st| {
+            asked.retain(|k| !st.events.synced.remove(k));
+            asked.is_empty()
         })
     }
 
