@@ -482,12 +482,28 @@ impl HostInner {
         for run in runs {
             let mut f = run.first;
             while f < run.end() {
-                // A bounded window per look-up, so fetches served meanwhile
-                // do not wait long for the store.
-                let n = (run.end() - f).min(SEND_WINDOW) as u32;
-                let (held, not) = self
-                    .pieces(&PageRun::new(run.region, f, n), BATCH_PAGES)
-                    .map_err(|e| MigrationError::invalid("Send", e))?;
+                // Back to the running host, pages go as slices of the
+                // batches they were stored in: it copies them into place
+                // and drops the message. A host that stores them (the new
+                // owner in a partial migration) or forwards them (a relay)
+                // gets full windows of `BATCH_PAGES` (copied together
+                // where they span stored batches): fewer, fuller messages
+                // cost it less than the copy saves. Either way a bounded
+                // window per look-up, so fetches served meanwhile do not
+                // wait long for the store.
+                let (n, (held, not)) = if dialed {
+                    let n = (run.end() - f).min(u64::from(BATCH_PAGES)) as u32;
+                    let (held, not) = self
+                        .gather(&PageRun::new(run.region, f, n))
+                        .map_err(|e| MigrationError::invalid("Send", e))?;
+                    (n, (held, not.iter().map(|r| u64::from(r.count)).sum()))
+                } else {
+                    let n = (run.end() - f).min(SEND_WINDOW) as u32;
+                    let pieces = self
+                        .pieces(&PageRun::new(run.region, f, n), BATCH_PAGES)
+                        .map_err(|e| MigrationError::invalid("Send", e))?;
+                    (n, pieces)
+                };
                 missing += not;
                 for (sub, data) in held {
                     ch.send(&Message::Split(SplitMessage::Data {
