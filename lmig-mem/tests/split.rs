@@ -284,6 +284,8 @@ fn split_partial_migration_and_reintegration_with_a_writer() {
     assert!(c.split.owner_map().pages_of(HostId(1)).is_empty());
     wait_writes(&w, 50);
     w.stop();
+    // The drained host handles its Forget after move_host returned.
+    c.split.sync_hosts().unwrap();
     assert_eq!(c.hosts[0].0.held_pages(), 0, "host 1 forgot its share");
 
     // Reintegration: every page host sends straight to the running host.
@@ -355,6 +357,39 @@ fn a_dead_page_host_is_reported_with_its_pages() {
         .unwrap();
     c.split.region().read_at(p as usize * PS, &mut buf).unwrap();
     assert_eq!(buf, content(p, 0));
+}
+
+/// A direct gather needs no connection back to the running host: every
+/// page host sends its part on the channel the running host attached it
+/// with (here the endpoint given for the gather refuses connections).
+#[test]
+fn a_gather_comes_back_on_the_links_the_running_host_opened() {
+    let pages = 2048;
+    let Some(c) = Cluster::new(pages, 3) else {
+        return;
+    };
+    c.split.split_to(&thirds(pages, &[1, 2, 3])).unwrap();
+    // Some pages come back on demand first, so the parts have holes.
+    let mut buf = vec![0u8; PS];
+    for p in (0..pages).step_by(97) {
+        c.split.region().read_at(p as usize * PS, &mut buf).unwrap();
+    }
+    let before = c.split.stats().local;
+    assert!(before < pages / 2, "{before}");
+    let nowhere = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let g = c.split.gather(&nowhere).unwrap();
+    assert_eq!((g.hosts, g.pages), (3, pages - before));
+    assert_eq!(c.split.stats().local, pages);
+    for p in 0..pages {
+        c.split.region().read_at(p as usize * PS, &mut buf).unwrap();
+        assert_eq!(buf, content(p, 0), "page {p}");
+    }
+    let sent: u64 = c.hosts.iter().map(|(h, _)| h.stats().sent).sum();
+    assert_eq!(sent, pages - before);
+    assert!(c.split.check_hosts().is_ok());
 }
 
 /// A hand-driven page host on an in-memory channel pair.

@@ -21,6 +21,12 @@
 //! * `stale_reads`: reads by the program that did not show the last version
 //!   it wrote; `verified`: every page checked after reintegration, after
 //!   the relay and after the final gather, no host lost.
+//!
+//! The two gathers compared start alike, once every page host handled what
+//! it was sent before ([`SplitRegion::sync_hosts`]; the relay's `split_to`
+//! syncs every host anyway): the `Forget` that ends the partial migration
+//! (the drained host dropping its share, hundreds of MiB) would otherwise
+//! run on inside the reintegration's timing.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -377,6 +383,7 @@ pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
 
     // Reintegration: every host sends straight here, in parallel.
     let before = split.owner_map();
+    split.sync_hosts()?;
     let t = Instant::now();
     let gathered = split.gather(&me)?;
     let reintegrate_ms = ms(t);
@@ -393,6 +400,7 @@ pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
         .map(|(h, _)| (h, before.runs_of(h, u32::MAX)))
         .collect();
     split.split_to(&same)?;
+    split.sync_hosts()?;
     let t = Instant::now();
     let relayed = split.relay_gather(HostId(1), &me)?;
     let relay_ms = ms(t);

@@ -33,6 +33,18 @@ pub struct PageHostStats {
 /// Held sub-runs with their content, and the sub-runs not held.
 type Gathered = (Vec<(PageRun, Bytes)>, Vec<PageRun>);
 
+/// Pages a `Send` looks up in the store at a time.
+const SEND_WINDOW: u64 = 4096;
+
+/// What a page host knows about one channel it serves.
+#[derive(Default)]
+struct LinkState {
+    /// The host at the other end (from its `Attach`).
+    peer: Option<HostId>,
+    /// Pages received on it.
+    received: u64,
+}
+
 #[derive(Default)]
 struct Store {
     region: Option<RegionInfo>,
@@ -149,7 +161,7 @@ impl PageHost {
 
 impl HostInner {
     fn serve(self: Arc<Self>, ch: Arc<dyn Channel>) {
-        let mut received = 0u64;
+        let mut link = LinkState::default();
         while !self.killed.load(Ordering::Acquire) {
             let msg = match ch.recv(Some(Duration::from_millis(200))) {
                 Ok(Some(m)) => m,
@@ -163,7 +175,7 @@ impl HostInner {
                 );
                 continue;
             };
-            if let Err(reason) = self.handle(&ch, m, &mut received) {
+            if let Err(reason) = self.handle(&ch, m, &mut link) {
                 refuse(&*ch, reason);
             }
         }
@@ -174,14 +186,16 @@ impl HostInner {
         self: &Arc<Self>,
         ch: &Arc<dyn Channel>,
         m: SplitMessage,
-        received: &mut u64,
+        link: &mut LinkState,
     ) -> Result<(), String> {
         match m {
-            SplitMessage::Attach { to, region, .. } => {
+            SplitMessage::Attach { from, to, region } => {
                 if to != self.id {
                     return Err(format!("this is {}, not {to}", self.id));
                 }
-                self.attach(&region)
+                self.attach(&region)?;
+                link.peer = Some(from);
+                Ok(())
             }
             SplitMessage::Fetch { epoch, run } => self.fetch(&**ch, epoch, run),
             SplitMessage::Data { from, epoch, batch } => {
@@ -195,13 +209,13 @@ impl HostInner {
                     }
                     None => self.store(&batch)?,
                 }
-                *received += pages;
+                link.received += pages;
                 Ok(())
             }
             SplitMessage::Sync { seq } => ch
                 .send(&Message::Split(SplitMessage::Synced {
                     seq,
-                    pages: *received,
+                    pages: link.received,
                 }))
                 .map_err(|e| e.to_string()),
             SplitMessage::Send {
@@ -212,10 +226,15 @@ impl HostInner {
             } => {
                 let me = self.clone();
                 let ch = ch.clone();
+                // Pages for the host at the other end of this channel go
+                // back on it: no connection to open, no handshake, and the
+                // `Sent` behind them on the same lane tells that they were
+                // handled.
+                let back = (link.peer == Some(to)).then(|| ch.clone());
                 let spawned = std::thread::Builder::new()
                     .name(format!("pagehost-send-{}", self.id.0))
                     .spawn(move || {
-                        let reply = match me.send_to(to, &endpoint, epoch, &runs) {
+                        let reply = match me.send_to(to, &endpoint, epoch, &runs, back) {
                             Ok((pages, missing)) => SplitMessage::Sent {
                                 from: me.id,
                                 to,
@@ -365,6 +384,41 @@ impl HostInner {
         Ok((held, missing))
     }
 
+    /// The held pages of `run` as pieces of at most `max` pages that each
+    /// lie in order in one stored batch (a slice of it, no copy), and how
+    /// many pages of `run` are not held.
+    fn pieces(&self, run: &PageRun, max: u32) -> Result<(Vec<(PageRun, Bytes)>, u64), String> {
+        let st = lock(&self.store);
+        let region = st.region.as_ref().ok_or("send before attach")?;
+        region.check_run(run).map_err(|e| e.to_string())?;
+        let ps = region.page_size as usize;
+        let mut pieces = Vec::new();
+        let mut missing = 0u64;
+        let mut p = run.first;
+        while p < run.end() {
+            let Some((first, off)) = &st.pages[p as usize] else {
+                missing += 1;
+                p += 1;
+                continue;
+            };
+            let mut q = p + 1;
+            while q < run.end()
+                && q - p < u64::from(max)
+                && st.pages[q as usize].as_ref().is_some_and(|(b, o)| {
+                    b.as_ptr() == first.as_ptr()
+                        && b.len() == first.len()
+                        && *o == off + (q - p) as usize * ps
+                })
+            {
+                q += 1;
+            }
+            let sub = PageRun::new(run.region, p, (q - p) as u32);
+            pieces.push((sub, first.slice(*off..*off + (q - p) as usize * ps)));
+            p = q;
+        }
+        Ok((pieces, missing))
+    }
+
     fn fetch(&self, ch: &dyn Channel, epoch: u64, run: PageRun) -> Result<(), String> {
         let (held, missing) = self.gather(&run)?;
         for (sub, data) in held {
@@ -396,33 +450,61 @@ impl HostInner {
         Ok(())
     }
 
-    /// Send the held pages of `runs` straight to `to`; (pages sent, pages not held).
+    /// Send the held pages of `runs` straight to `to`, on `back` (the
+    /// channel the request came on, whose other end is `to`) or on a new
+    /// channel to `endpoint`; (pages sent, pages not held).
     fn send_to(
         &self,
         to: HostId,
         endpoint: &str,
         epoch: u64,
         runs: &[PageRun],
+        back: Option<Arc<dyn Channel>>,
     ) -> Result<(u64, u64), MigrationError> {
         let region = lock(&self.store)
             .region
             .clone()
             .ok_or_else(|| MigrationError::invalid("Send", "before attach"))?;
-        let ch = (self.dial)(endpoint)?;
-        ch.send(&Message::Split(SplitMessage::Attach {
-            from: self.id,
-            to,
-            region,
-        }))?;
+        let dialed = back.is_none();
+        let ch: Arc<dyn Channel> = match back {
+            Some(ch) => ch,
+            None => {
+                let ch: Arc<dyn Channel> = Arc::from((self.dial)(endpoint)?);
+                ch.send(&Message::Split(SplitMessage::Attach {
+                    from: self.id,
+                    to,
+                    region,
+                }))?;
+                ch
+            }
+        };
         let (mut sent, mut missing) = (0u64, 0u64);
         for run in runs {
             let mut f = run.first;
             while f < run.end() {
-                let n = (run.end() - f).min(u64::from(BATCH_PAGES)) as u32;
-                let (held, not) = self
-                    .gather(&PageRun::new(run.region, f, n))
-                    .map_err(|e| MigrationError::invalid("Send", e))?;
-                missing += not.iter().map(|r| u64::from(r.count)).sum::<u64>();
+                // Back to the running host, pages go as slices of the
+                // batches they were stored in: it copies them into place
+                // and drops the message. A host that stores them (the new
+                // owner in a partial migration) or forwards them (a relay)
+                // gets full windows of `BATCH_PAGES` (copied together
+                // where they span stored batches): fewer, fuller messages
+                // cost it less than the copy saves. Either way a bounded
+                // window per look-up, so fetches served meanwhile do not
+                // wait long for the store.
+                let (n, (held, not)) = if dialed {
+                    let n = (run.end() - f).min(u64::from(BATCH_PAGES)) as u32;
+                    let (held, not) = self
+                        .gather(&PageRun::new(run.region, f, n))
+                        .map_err(|e| MigrationError::invalid("Send", e))?;
+                    (n, (held, not.iter().map(|r| u64::from(r.count)).sum()))
+                } else {
+                    let n = (run.end() - f).min(SEND_WINDOW) as u32;
+                    let pieces = self
+                        .pieces(&PageRun::new(run.region, f, n), BATCH_PAGES)
+                        .map_err(|e| MigrationError::invalid("Send", e))?;
+                    (n, pieces)
+                };
+                missing += not;
                 for (sub, data) in held {
                     ch.send(&Message::Split(SplitMessage::Data {
                         from: self.id,
@@ -438,9 +520,11 @@ impl HostInner {
                 f += u64::from(n);
             }
         }
-        let acked = sync_with(&*ch, 1);
-        ch.shutdown();
-        acked?;
+        if dialed {
+            let acked = sync_with(&*ch, 1);
+            ch.shutdown();
+            acked?;
+        }
         self.counters.sent.fetch_add(sent, Ordering::Relaxed);
         Ok((sent, missing))
     }

@@ -3,7 +3,10 @@
 //!
 //! * [`PageHost`]: the page-host service. It holds part of a region's pages
 //!   (as sent to it), answers fetches, stores evicted pages, sends its share
-//!   straight to another host on request, and can relay pages.
+//!   straight to another host on request, and can relay pages. Pages for the
+//!   host at the other end of a channel go back on that channel; pages for
+//!   any other host on a channel it dials. To the running host, pages leave as
+//!   slices of the message they came in (no copy).
 //! * [`SplitRegion`]: the running host's side. The region is registered
 //!   with userfaultfd (`MISSING` + `WP`); a touch of a page held elsewhere
 //!   fetches it from its owner (with pre-paging of the neighbours the same

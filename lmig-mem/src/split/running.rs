@@ -349,6 +349,23 @@ impl SplitRegion {
         self.inner.lock().lost.clone()
     }
 
+    /// Wait until every attached page host has handled everything this
+    /// host sent it so far (the `Forget`s that end a partial migration or
+    /// a gather included): a quiet point, e.g. between the steps of a
+    /// benchmark. Hosts known to be lost are skipped.
+    pub fn sync_hosts(&self) -> Result<()> {
+        let hosts: Vec<HostId> = {
+            let dead = self.inner.lock().dead.clone();
+            let links = self.inner.links.read().unwrap_or_else(|p| p.into_inner());
+            links
+                .keys()
+                .filter(|h| !dead.contains(h))
+                .copied()
+                .collect()
+        };
+        self.inner.sync_all(&hosts)
+    }
+
     /// `Err(HostLost)` for the first page host that vanished.
     pub fn check_hosts(&self) -> Result<()> {
         match self.inner.lock().lost.first() {
@@ -416,9 +433,11 @@ impl SplitRegion {
     }
 
     /// Reintegration: every page host sends the pages it holds straight to
-    /// this host at `my_endpoint`, all in parallel. The caller hands the
-    /// channels they open to [`SplitRegion::serve_incoming`]. Returns once
-    /// every page is here.
+    /// this host, all in parallel, on the channel this host attached it
+    /// with (no connection to open). `my_endpoint` is where this host
+    /// listens, for a page host that reaches it only through a channel of
+    /// its own; the caller hands such channels to
+    /// [`SplitRegion::serve_incoming`]. Returns once every page is here.
     pub fn gather(&self, my_endpoint: &str) -> Result<GatherReport> {
         self.inner.gather(my_endpoint, None)
     }
@@ -527,13 +546,24 @@ impl Inner {
 
     /// Every message sent to `host` before this call has been handled by it.
     fn sync(&self, host: HostId) -> Result<()> {
-        let link = self.link(host)?;
-        let seq = link.seq.fetch_add(1, Ordering::Relaxed);
-        link.ch
-            .send(&Message::Split(SplitMessage::Sync { seq }))
-            .map_err(proto)?;
-        self.wait_for("Synced", &[host], |st| {
-            st.events.synced.remove(&(host, seq))
+        self.sync_all(&[host])
+    }
+
+    /// Every message sent to each of `hosts` before this call has been
+    /// handled by it (all asked at once).
+    fn sync_all(&self, hosts: &[HostId]) -> Result<()> {
+        let mut asked = Vec::with_capacity(hosts.len());
+        for &host in hosts {
+            let link = self.link(host)?;
+            let seq = link.seq.fetch_add(1, Ordering::Relaxed);
+            link.ch
+                .send(&Message::Split(SplitMessage::Sync { seq }))
+                .map_err(proto)?;
+            asked.push((host, seq));
+        }
+        self.wait_for("Synced", hosts, |st| {
+            asked.retain(|k| !st.events.synced.remove(k));
+            asked.is_empty()
         })
     }
 
