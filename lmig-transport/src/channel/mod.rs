@@ -14,7 +14,10 @@
 //! Every stream has a reader thread that decodes frames and feeds one
 //! bounded queue shared by the channel; [`Channel::recv`] reads that queue.
 //! When the queue is full the readers stop reading and TCP flow control
-//! slows the sender down.
+//! slows the sender down. The urgent stream is the exception once a
+//! consumer calls [`Channel::recv_urgent`]: from its next message on that
+//! consumer reads the stream itself (see `DirectUrgent`), so a post-copy
+//! request or reply wakes the thread that acts on it and no other.
 //!
 //! Either side may listen: [`Listener::bind`] + [`Listener::accept`] on one,
 //! [`connect`] on the other. [`pair`] builds an in-memory channel pair
