@@ -409,6 +409,16 @@ fn bandwidth_limit_is_respected() {
     );
 }
 
+/// An in-memory (`"mem"`) or loopback TCP channel pair, shareable.
+fn mem_or_tcp(kind: &str, streams: usize) -> (Arc<StreamChannel>, Arc<StreamChannel>) {
+    let (a, b) = if kind == "mem" {
+        pair(config(streams)).unwrap()
+    } else {
+        tcp_pair(streams)
+    };
+    (Arc::new(a), Arc::new(b))
+}
+
 fn reconnect_both(a: &Arc<StreamChannel>, b: &Arc<StreamChannel>) {
     let bb = b.clone();
     let l = thread::spawn(move || bb.reconnect());
@@ -421,12 +431,7 @@ fn reconnect_both(a: &Arc<StreamChannel>, b: &Arc<StreamChannel>) {
 #[test]
 fn reconnect_memory_and_tcp() {
     for kind in ["mem", "tcp"] {
-        let (a, b) = if kind == "mem" {
-            pair(config(2)).unwrap()
-        } else {
-            tcp_pair(2)
-        };
-        let (a, b) = (Arc::new(a), Arc::new(b));
+        let (a, b) = mem_or_tcp(kind, 2);
         a.send(&Message::Ready).unwrap();
         assert_eq!(b.recv(Some(T)).unwrap(), Some(Message::Ready));
         reconnect_both(&a, &b);
@@ -481,12 +486,7 @@ fn request(n: u64) -> Message {
 #[test]
 fn urgent_consumer_reads_its_stream_directly_in_order() {
     for kind in ["mem", "tcp"] {
-        let (a, b) = if kind == "mem" {
-            pair(config(1)).unwrap()
-        } else {
-            tcp_pair(1)
-        };
-        let (a, b) = (Arc::new(a), Arc::new(b));
+        let (a, b) = mem_or_tcp(kind, 1);
         let expect = |from: u64, to: u64| {
             for n in from..to {
                 let deadline = Instant::now() + T;
