@@ -549,12 +549,43 @@ struct RecvState {
 /// on it, not a reader thread that has to wake it in turn (on this kind of
 /// machine each such hand-off costs tens of µs). Readers of later
 /// generations (after `reconnect`) go straight here.
-#[derive(Default)]
+///
+/// A reader taken over gets a read timeout ([`ChannelConfig::handshake_timeout`]):
+/// `recv_urgent` reads only once bytes are there, and a peer that stops in
+/// the middle of a frame fails the stream instead of holding the consumer.
 struct DirectUrgent {
     /// A consumer called `recv_urgent`.
     wanted: AtomicBool,
     /// The urgent stream's reader and its generation, once handed over.
     slot: Mutex<Option<(u32, FrameReader)>>,
+    /// Longest a started frame may take to arrive in full.
+    frame_timeout: Duration,
+    /// The stream's write timeout (the socket's timeouts are shared by its
+    /// reading and writing halves).
+    write_timeout: Option<Duration>,
+}
+
+impl DirectUrgent {
+    fn new(config: &ChannelConfig) -> Self {
+        Self {
+            wanted: AtomicBool::new(false),
+            slot: Mutex::new(None),
+            frame_timeout: config.handshake_timeout,
+            write_timeout: config.write_timeout,
+        }
+    }
+
+    /// Hand `reader` of `generation` to the consumer (unless a later
+    /// generation's is there already).
+    fn put(&self, slot: &mut Option<(u32, FrameReader)>, generation: u32, reader: FrameReader) {
+        if slot.as_ref().is_some_and(|(g, _)| *g > generation) {
+            return;
+        }
+        let _ = reader
+            .conn()
+            .set_timeouts(Some(self.frame_timeout), self.write_timeout);
+        *slot = Some((generation, reader));
+    }
 }
 
 struct Inner {
@@ -615,7 +646,7 @@ impl StreamChannel {
             side,
             lanes: RwLock::new(Arc::new(lanes)),
             queue,
-            urgent: Arc::default(),
+            urgent: Arc::new(DirectUrgent::new(&config)),
             state: Mutex::new(RecvState {
                 generation,
                 open_lanes,
@@ -763,7 +794,7 @@ fn spawn_readers(
         // or failure queues behind them like any other stream's.
         let urgent_stream = name == URGENT_READER;
         if urgent_stream && direct.wanted.load(Ordering::Acquire) {
-            *lock(&direct.slot) = Some((generation, reader));
+            direct.put(&mut lock(&direct.slot), generation, reader);
             continue;
         }
         let thread_queue = queue.clone();
@@ -781,9 +812,7 @@ fn spawn_readers(
                         return;
                     }
                     if !reader.has_partial() {
-                        if slot.as_ref().is_none_or(|(g, _)| *g < generation) {
-                            *slot = Some((generation, reader));
-                        }
+                        direct.put(&mut slot, generation, reader);
                         return;
                     }
                     continue;
