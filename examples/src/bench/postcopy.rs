@@ -73,8 +73,8 @@ pub struct Args {
     /// was placed (post-copy recovery); 0 = never.
     #[arg(long, default_value_t = 0)]
     pub cut_at_pct: u64,
-    /// Pages per message after the commit (post-copy push), at most 64;
-    /// default: the session's default.
+    /// Pages per pushed message while the program catches up with the push
+    /// (`SourceConfig::push_pages`), at most 64; default: the session's.
     #[arg(long, default_value_t = SourceConfig::default().push_pages)]
     pub push_pages: u32,
     /// Messages the channel queues between its reader threads and the session.

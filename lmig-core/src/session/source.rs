@@ -46,12 +46,16 @@ pub struct SourceConfig {
     /// Pages per `Pages` message of the pre-copy rounds and the freeze (at
     /// most [`CHUNK_PAGES`]).
     pub batch_pages: u32,
-    /// Pages per `Pages` message after `Commit` (post-copy push and request
-    /// replies, at most [`CHUNK_PAGES`]). A program reading its memory in
-    /// order waits, at each fault, for the message holding its page to
-    /// arrive whole: smaller messages shorten that wait (on this kind of
-    /// machine 64 pages: fault p50 ~170-250 µs; 16 pages: ~70-100 µs) for a
-    /// little more per-message work. Default 16.
+    /// Pages per pushed `Pages` message after `Commit` while the program
+    /// catches up with the push (at most [`CHUNK_PAGES`]); otherwise the
+    /// push uses `batch_pages`. A program reading its memory in order soon
+    /// faults on pages already sent and waits for the message holding its
+    /// page to arrive whole: smaller messages shorten that wait (on this
+    /// kind of machine 64 pages: fault p50 ~170-320 µs; 16 pages: ~85-115
+    /// µs) for more per-message work, which a program faulting on pages not
+    /// sent yet (answered on their own) does not need. The push switches to
+    /// this size when a request names only pages already sent and back when
+    /// one names a page not sent. Default 16.
     pub push_pages: u32,
     /// Most time a shrinking pre-copy round waits for the destination to
     /// place its pages (`Prepared{placed}`) before the policy decides: the
@@ -660,7 +664,11 @@ where
         let gate = PushGate::new();
         let pushed = AtomicU64::new(0);
         let lanes = self.channel.data_lanes().max(1);
-        let batch = self.config.push_pages.clamp(1, CHUNK_PAGES);
+        let batch = self.config.batch_pages.clamp(1, CHUNK_PAGES);
+        let small = self.config.push_pages.clamp(1, CHUNK_PAGES);
+        // The last request named only pages already sent: the program
+        // reads close behind the push (see `SourceConfig::push_pages`).
+        let catching_up = AtomicBool::new(false);
         let verify = self.config.verify;
         let done_timeout = self.config.done_timeout;
         let memory = &self.memory;
@@ -681,6 +689,7 @@ where
                 .lock()
                 .expect("push queue poisoned")
                 .take_requested(&run, batch);
+            catching_up.store(runs.is_empty(), Ordering::Relaxed);
             for r in runs {
                 match sender.send_run(r, POSTCOPY_ROUND, 0, true) {
                     Ok(sent) => requested
@@ -695,7 +704,14 @@ where
             let pusher = s.spawn(|| -> Result<Sent> {
                 let mut sender = PageSender::new(memory, channel, layout);
                 let mut total = Sent::default();
-                while let Some((run, epoch)) = gate.next(&push, batch) {
+                let size = || {
+                    if catching_up.load(Ordering::Relaxed) {
+                        small
+                    } else {
+                        batch
+                    }
+                };
+                while let Some((run, epoch)) = gate.next(&push, size()) {
                     // Flushed run by run: a faulting thread may wait for any of them.
                     match sender
                         .send_run(run, POSTCOPY_ROUND, lane_of(&run, lanes), false)
