@@ -489,6 +489,33 @@ fn bad_input_is_refused_and_never_placed() {
     // Host 1's pages come back intact on touch.
     c.split.region().read_at(5 * PS, &mut buf).unwrap();
     assert_eq!(buf, content(5, 0));
+
+    // "Not held" for pages it no longer owns as of that epoch (a fetch that
+    // raced a move): counted, not an error of the host.
+    let not_held = |page: u64, epoch: u64| {
+        Message::Split(SplitMessage::NotHeld {
+            from: fake,
+            epoch,
+            run: PageRun::new(REGION, page, 1),
+        })
+    };
+    ch.send_urgent(&not_held(5, epoch)).unwrap();
+    ch.send_urgent(&not_held(40, epoch - 1)).unwrap();
+    settle(&c.split, |s| s.not_held >= 2);
+    assert_eq!(c.split.stats().not_held, 2);
+    c.split.sync_hosts().unwrap();
+    // "Not held" for a page the owner map gives it now: its error.
+    c.split.evict(fake, &[PageRun::new(REGION, 41, 1)]).unwrap();
+    let e41 = c.split.owner_map().changed_at(41).unwrap();
+    ch.send_urgent(&not_held(41, e41)).unwrap();
+    settle(&c.split, |s| s.not_held >= 3);
+    match c.split.sync_hosts() {
+        Err(SplitError::Refused { host, reason }) => {
+            assert_eq!(host, fake);
+            assert!(reason.contains("does not hold"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
     stop.store(true, Ordering::Release);
     t.join().unwrap();
 }

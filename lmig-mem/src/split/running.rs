@@ -616,7 +616,7 @@ impl Inner {
                     self.cond.notify_all();
                 }
             }
-            SplitMessage::NotHeld { run, .. } => {
+            SplitMessage::NotHeld { run, epoch, .. } => {
                 let mut st = self.lock();
                 for p in run.first..run.end() {
                     if st.pending.get(&p) == Some(&host) {
@@ -626,10 +626,18 @@ impl Inner {
                 self.counters
                     .not_held
                     .fetch_add(u64::from(run.count), Ordering::Relaxed);
-                st.events.refused.push((
-                    host,
-                    format!("does not hold {run}, which the owner map gives it"),
-                ));
+                // A former owner answering a fetch that raced a partial
+                // migration (the fetch went to the new owner at the switch)
+                // says nothing wrong; a host the owner map still names for
+                // those pages, as of the fetch's epoch, does.
+                let current = (run.first..run.end())
+                    .any(|p| matches!(st.map.check_answer(host, epoch, p), Ok(Answer::Current)));
+                if current {
+                    st.events.refused.push((
+                        host,
+                        format!("does not hold {run}, which the owner map gives it"),
+                    ));
+                }
                 drop(st);
                 self.cond.notify_all();
             }
@@ -1196,7 +1204,9 @@ impl Inner {
             if let Some((h, _)) = parts.iter().find(|(h, _)| st.dead.contains(h)) {
                 return Err(SplitError::UnknownHost { host: *h });
             }
-            (parts, st.map.epoch(), st.local.count())
+            // Pages being placed (a fetch in progress) are here already,
+            // as `stats().local` counts them: the gather does not move them.
+            (parts, st.map.epoch(), st.local.count() + st.placing.count())
         };
         let hosts: Vec<HostId> = parts.iter().map(|(h, _)| *h).collect();
         let mut watch = hosts.clone();
