@@ -111,17 +111,6 @@ pub trait DirtyTracker: Send {
     /// reported now or at the next collect, never lost).
     fn collect(&mut self, dirty: &mut RegionPages) -> Result<()>;
 
-    /// The last collect, at the freeze: the program is paused and no round
-    /// follows (the session calls only [`stop`](Self::stop) or
-    /// [`start`](Self::start) after it), so the pages need not be marked
-    /// clean again. A tracker whose reset is costly skips it here (write
-    /// protection re-armed during the freeze flushes the TLB of every CPU
-    /// running one of the program's threads, the socket capture's among
-    /// them). The default is [`collect`](Self::collect).
-    fn collect_final(&mut self, dirty: &mut RegionPages) -> Result<()> {
-        self.collect(dirty)
-    }
-
     /// Stop tracking (remove write protection and the like).
     fn stop(&mut self) -> Result<()>;
 

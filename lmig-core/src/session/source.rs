@@ -493,7 +493,7 @@ where
             });
             let pages = (|| -> Result<Vec<PageRun>> {
                 dirty.clear();
-                tracker.collect_final(&mut dirty)?;
+                tracker.collect(&mut dirty)?;
                 step("final collect", &mut report.freeze_steps);
                 to_send.union_with(&dirty);
                 if mode == Mode::Postcopy {

@@ -41,13 +41,6 @@ const COLLECT: ScanSpec = ScanSpec {
     return_mask: PAGE_IS_WRITTEN,
 };
 
-/// The last collect: the written pages, left writable (no write protection
-/// re-armed, so no TLB flush).
-const COLLECT_FINAL: ScanSpec = ScanSpec {
-    flags: PM_SCAN_CHECK_WPASYNC,
-    ..COLLECT
-};
-
 /// What the kernel's userfaultfd offers, found by [`UffdWpTracker::probe`].
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct UffdWpSupport {
@@ -223,10 +216,6 @@ impl UffdWpTracker {
     }
 
     fn collect_into(&mut self, dirty: &mut RegionPages) -> Result<()> {
-        self.collect_with(dirty, COLLECT)
-    }
-
-    fn collect_with(&mut self, dirty: &mut RegionPages, spec: ScanSpec) -> Result<()> {
         if !self.registered {
             return Err(MemError::TrackerState {
                 tracker: NAME,
@@ -240,7 +229,7 @@ impl UffdWpTracker {
             scan_range(
                 self.pagemap.as_fd(),
                 r,
-                spec,
+                COLLECT,
                 &mut self.buf,
                 |first, count| set.insert_range(first, count),
             )?;
@@ -441,12 +430,6 @@ impl DirtyTracker for UffdWpTracker {
 
     fn collect(&mut self, dirty: &mut RegionPages) -> lmig_core::Result<()> {
         Ok(self.collect_into(dirty)?)
-    }
-
-    /// A read-only `PAGEMAP_SCAN` (no `PM_SCAN_WP_MATCHING`): the written
-    /// pages stay writable, so nothing is flushed during the freeze.
-    fn collect_final(&mut self, dirty: &mut RegionPages) -> lmig_core::Result<()> {
-        Ok(self.collect_with(dirty, COLLECT_FINAL)?)
     }
 
     fn stop(&mut self) -> lmig_core::Result<()> {
