@@ -420,14 +420,8 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
         percentile(&samples, 0.5)
     };
 
-    let bulk = Listener::bind(
-        &Endpoint::Tcp(listen.parse()?),
-        channel_config(args, &key)?,
-    )?;
-    let mig = Listener::bind(
-        &Endpoint::Tcp(listen.parse()?),
-        channel_config(args, &key)?,
-    )?;
+    let bulk = Listener::bind(&Endpoint::Tcp(listen.parse()?), channel_config(args, &key)?)?;
+    let mig = Listener::bind(&Endpoint::Tcp(listen.parse()?), channel_config(args, &key)?)?;
     let (Endpoint::Tcp(b), Endpoint::Tcp(m)) = (bulk.local_endpoint(), mig.local_endpoint()) else {
         return Err("TCP listeners expected".into());
     };

@@ -410,8 +410,7 @@ pub fn migrate_out(
 
 /// Lowest CPU priority for the calling thread (Linux nice values are per thread).
 fn yield_cpu() {
-    // SAFETY: setpriority takes plain integers; `who` 0 is the calling thread.
-    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    let _ = lmig_net::sys::lowest_thread_priority();
 }
 
 /// The destination's sockets: restored by lmig-net, handed to the loop after `Commit`.
