@@ -131,6 +131,29 @@ impl Netns {
     }
 }
 
+/// Make the bridge namespace a plain switch: where `br_netfilter` is loaded
+/// (Docker loads it) the kernel runs the IP and ARP netfilter hooks for every
+/// frame `br0` forwards, per namespace and on by default. A switch between
+/// hosts does no such work; here it cost every packet between the test hosts
+/// a second pass through netfilter, CPU the hosts then lack.
+fn plain_switch(bridge: &Netns) -> Result<()> {
+    bridge
+        .run(|| {
+            for knob in ["iptables", "ip6tables", "arptables"] {
+                let path = format!("/proc/sys/net/bridge/bridge-nf-call-{knob}");
+                match std::fs::write(&path, "0") {
+                    // Absent: br_netfilter is not loaded, nothing to turn off.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    r => r?,
+                }
+            }
+            Ok(())
+        })?
+        .map_err(|e| {
+            NetError::topology("turn bridge netfilter off in the bridge namespace", Some(e))
+        })
+}
+
 /// Client, source (`a`) and destination (`b`) hosts on one bridge.
 #[derive(Debug)]
 pub struct Topology {
@@ -235,6 +258,7 @@ impl Topology {
         br.ip(&["link", "add", "br0", "type", "bridge"])?;
         br.ip(&["link", "set", "br0", "up"])?;
         br.ip(&["link", "set", "lo", "up"])?;
+        plain_switch(br)?;
         let hosts = [
             (&self.client, "p-client", Self::CLIENT_V4, Self::CLIENT_V6),
             (&self.a, "p-a", Self::A_V4, Self::A_V6),
