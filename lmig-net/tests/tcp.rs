@@ -609,8 +609,9 @@ fn tcp_fd_taken_from_process() {
         .unwrap();
 }
 
-/// `plan_fd` reads sockets the program keeps; `add` at the freeze only
-/// checks their identity; a planned socket not handed over is forgotten.
+/// `plan_fd` reads sockets the program keeps; at the freeze `add` takes
+/// them and the capture checks their identity; a planned socket not handed
+/// over is forgotten.
 #[test]
 fn planned_sockets_are_handed_over_at_the_freeze() {
     if !privileged("planned_sockets_are_handed_over_at_the_freeze") {
@@ -634,11 +635,34 @@ fn planned_sockets_are_handed_over_at_the_freeze() {
         Err(NetError::BadId { id: 0, .. })
     ));
     assert_eq!(src.plan().unwrap().len(), 3);
-    // Another socket under a planned id is refused; the right one is taken.
-    let err = src
-        .add(0, OwnedFd::from(conns[1].try_clone().unwrap()))
+    // Another socket under a planned id fails the capture (on the capture
+    // threads, not in `add`), before anything is sent; the abort leaves
+    // both sockets as they were.
+    let mut wrong = NetSource::new(SourceConfig::default()).unwrap();
+    wrong.plan_fd(0, conns[0].as_fd()).unwrap();
+    wrong.plan_fd(1, conns[1].as_fd()).unwrap();
+    wrong
+        .add(1, OwnedFd::from(conns[1].try_clone().unwrap()))
+        .unwrap();
+    wrong
+        .add(0, OwnedFd::from(conns[2].try_clone().unwrap()))
+        .unwrap();
+    wrong.freeze().unwrap();
+    let mut sent = 0;
+    let err = wrong
+        .capture(&mut |b| {
+            sent += b.len();
+            Ok(())
+        })
         .unwrap_err();
-    assert!(err.to_string().contains("another socket"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("socket id 0: names another socket than the one planned"),
+        "{err}"
+    );
+    assert_eq!(sent, 0, "a failed batch is not handed on");
+    wrong.abort().unwrap();
+    drop(wrong);
     let kept = conns.pop().unwrap(); // planned, never handed over
     for (i, c) in conns.into_iter().enumerate() {
         src.add(i as u64, OwnedFd::from(c)).unwrap();
