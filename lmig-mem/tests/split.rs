@@ -505,7 +505,10 @@ fn bad_input_is_refused_and_never_placed() {
     assert_eq!(c.split.stats().not_held, 2);
     c.split.sync_hosts().unwrap();
     // "Not held" for a page the owner map gives it now: its error.
-    c.split.evict(fake, &[PageRun::new(REGION, 41, 1)]).unwrap();
+    assert_eq!(
+        c.split.evict(fake, &[PageRun::new(REGION, 41, 1)]).unwrap(),
+        1
+    );
     let e41 = c.split.owner_map().changed_at(41).unwrap();
     ch.send_urgent(&not_held(41, e41)).unwrap();
     settle(&c.split, |s| s.not_held >= 3);
@@ -514,7 +517,12 @@ fn bad_input_is_refused_and_never_placed() {
             assert_eq!(host, fake);
             assert!(reason.contains("does not hold"), "{reason}");
         }
-        other => panic!("{other:?}"),
+        other => panic!(
+            "{other:?} {:?} owner {:?} changed {:?} e41 {e41}",
+            c.split.stats(),
+            c.split.owner_map().owner(41),
+            c.split.owner_map().changed_at(41)
+        ),
     }
     stop.store(true, Ordering::Release);
     t.join().unwrap();

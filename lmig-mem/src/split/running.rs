@@ -499,7 +499,10 @@ impl Inner {
         self.start + page * self.page_size
     }
 
-    /// Wait until `done` holds, a host in `watch` is lost or refused, or the timeout.
+    /// Wait until `done` holds, a host in `watch` is lost or refused, or the
+    /// timeout. A refusal already known is reported even when `done` holds
+    /// too: it came first (the waiting thread may be late to look). A loss
+    /// after `done` is not this wait's failure.
     fn wait_for(
         &self,
         what: &'static str,
@@ -510,6 +513,15 @@ impl Inner {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         loop {
+            if let Some(i) = st
+                .events
+                .refused
+                .iter()
+                .position(|(h, _)| watch.contains(h))
+            {
+                let (host, reason) = st.events.refused.remove(i);
+                return Err(SplitError::Refused { host, reason });
+            }
             if done(&mut st) {
                 return Ok(());
             }
@@ -519,15 +531,6 @@ impl Inner {
                     pages: l.pages,
                     runs: l.runs.clone(),
                 });
-            }
-            if let Some(i) = st
-                .events
-                .refused
-                .iter()
-                .position(|(h, _)| watch.contains(h))
-            {
-                let (host, reason) = st.events.refused.remove(i);
-                return Err(SplitError::Refused { host, reason });
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
