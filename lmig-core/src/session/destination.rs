@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::{reconnect_within, recv_within, send_abort, unexpected};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages, SocketRecord};
-use crate::protocol::{Handover, Message, PageBatch, PageData, Verification};
+use crate::protocol::{Handover, Message, PageBatch, PageData, RegionDigest, Verification};
 use crate::traits::{
     Channel, Event, MemorySink, NoObserver, NoSockets, Observer, Phase, SocketSink, StateSink,
 };
@@ -235,6 +235,34 @@ fn place_postcopy<M: MemorySink>(
     });
     lock(shared).placing -= fresh;
     placed
+}
+
+/// After a reconnect in post-copy: place the whole messages the channel
+/// read before the link broke and still holds, and return the pages still
+/// missing. Asked for again in the `Resync`, those pages would arrive twice.
+/// (The source pushes nothing new before the `Resync`.) A reply the urgent
+/// thread places meanwhile may still be asked for again; it is then dropped
+/// as a duplicate.
+fn drain_queued<C: Channel, M: MemorySink>(
+    channel: &C,
+    memory: &M,
+    layout: &RegionLayout,
+    shared: &Mutex<Placement>,
+    digests: &mut Option<Vec<RegionDigest>>,
+) -> Result<RegionPages> {
+    // Bounded: what was queued before the break, and the source sends
+    // nothing until it has the `Resync`.
+    while let Ok(Some(msg)) = channel.recv(Some(Duration::ZERO)) {
+        match msg {
+            Message::Pages(batch) => place_postcopy(memory, layout, shared, &batch)?,
+            Message::Digests(d) => *digests = Some(d),
+            other => lock(shared).warn(format!(
+                "post-copy: ignored an unexpected {} from the source",
+                other.name()
+            )),
+        }
+    }
+    Ok(lock(shared).missing.clone())
 }
 
 fn emit_phase(observer: &dyn Observer, phase: Phase) {
@@ -784,8 +812,9 @@ where
                     let mut quiet = Duration::ZERO;
                     while !lock(shared).complete() && !link.failed.load(Ordering::Acquire) {
                         if !link.up.load(Ordering::Acquire) {
-                            let missing = lock(shared).missing.clone();
-                            self.recover(progress, &missing, link, "a page request failed")?;
+                            self.recover(progress, link, "a page request failed", || {
+                                drain_queued(channel, memory, layout, shared, &mut digests)
+                            })?;
                             quiet = Duration::ZERO;
                         }
                         let msg = match channel.recv(Some(RECV_TICK)) {
@@ -801,8 +830,9 @@ where
                                 continue;
                             }
                             Err(e) => {
-                                let missing = lock(shared).missing.clone();
-                                self.recover(progress, &missing, link, &e.to_string())?;
+                                self.recover(progress, link, &e.to_string(), || {
+                                    drain_queued(channel, memory, layout, shared, &mut digests)
+                                })?;
                                 quiet = Duration::ZERO;
                                 continue;
                             }
@@ -860,7 +890,7 @@ where
                         }
                         Err(e) if !handover.postcopy.is_empty() => {
                             // The digests may have been lost with the link.
-                            self.recover(progress, &missing, &link, &e.to_string())?;
+                            self.recover(progress, &link, &e.to_string(), || Ok(missing.clone()))?;
                             quiet = Duration::ZERO;
                             continue;
                         }
@@ -885,17 +915,19 @@ where
     }
 
     /// The channel broke during post-copy: reconnect (bounded by
-    /// `idle_timeout`), tell the source every page still missing, repeat the
-    /// requests of unanswered faults.
+    /// `idle_timeout`), take what `still_missing` says after the reconnect
+    /// (it places what arrived before the break first), tell the source
+    /// every page still missing, repeat the requests of unanswered faults.
     fn recover(
         &self,
         progress: &mut Progress,
-        missing: &RegionPages,
         link: &PostcopyLink,
         why: &str,
+        still_missing: impl FnOnce() -> Result<RegionPages>,
     ) -> Result<()> {
         link.up.store(false, Ordering::Release);
         let attempts = reconnect_within(&self.channel, self.config.idle_timeout, why)?;
+        let missing = &still_missing()?;
         let runs: Vec<PageRun> = missing
             .sets()
             .flat_map(|(id, s)| s.runs().map(move |(f, c)| (id, f, c)))
