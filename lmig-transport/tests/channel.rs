@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -535,4 +536,115 @@ fn urgent_consumer_reads_its_stream_directly_in_order() {
         };
         assert!(end.is_err(), "{kind}: {end:?}");
     }
+}
+
+/// Relays every connection made to it to `target`. Once `stall` is set, the
+/// dialer-to-listener direction of each connection forwards the first few
+/// bytes it reads next and then nothing more (the connections stay open):
+/// a peer that stops in the middle of a frame.
+fn stalling_proxy(target: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicBool>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let stall = Arc::new(AtomicBool::new(false));
+    let st = stall.clone();
+    thread::spawn(move || {
+        // Ends with the test process; each relay ends when its sockets close.
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut s = TcpStream::connect(target).unwrap();
+            let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+            });
+            let st = st.clone();
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if st.load(Ordering::Acquire) {
+                        // Part of a frame, then silence.
+                        let _ = s.write_all(&buf[..n.min(100)]);
+                        let _ = std::io::copy(&mut c, &mut std::io::sink());
+                        break;
+                    }
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, stall)
+}
+
+/// The urgent stream read directly by its consumer: a quiet stream may
+/// stay quiet for longer than the frame timeout, but a peer that stops in
+/// the middle of a frame fails the channel within it, instead of holding
+/// the consumer (or `recv`) forever. Only the consumer's direct read has
+/// that timeout (a reader thread waits on an idle stream without one), so
+/// this also shows the reader thread handed the stream over.
+#[test]
+fn urgent_stream_stalled_mid_frame_fails_the_channel() {
+    let frame_timeout = Duration::from_millis(500);
+    let cfg = move || {
+        let mut c = config(1);
+        c.handshake_timeout = frame_timeout;
+        c
+    };
+    let listener = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), cfg()).unwrap();
+    let Endpoint::Tcp(target) = listener.local_endpoint().clone() else {
+        panic!("a TCP listener")
+    };
+    let (proxy, stall) = stalling_proxy(target);
+    let d = thread::spawn(move || connect(&Endpoint::Tcp(proxy), cfg()));
+    let b = listener.accept_timeout(T).unwrap();
+    let a = d.join().unwrap().unwrap();
+    let next_urgent = |what: &str| {
+        let deadline = Instant::now() + T;
+        loop {
+            assert!(Instant::now() < deadline, "{what} never came");
+            if let Some(m) = b.recv_urgent(Duration::from_millis(50)).unwrap() {
+                return m;
+            }
+        }
+    };
+    // The consumer takes the stream over (at the second message at the latest).
+    for n in 0..3 {
+        a.send_urgent(&request(n)).unwrap();
+        assert_eq!(next_urgent("a request"), request(n));
+    }
+    // Quiet for three frame timeouts: nothing fails.
+    thread::sleep(frame_timeout * 3);
+    assert_eq!(b.recv_urgent(Duration::from_millis(10)).unwrap(), None);
+    a.send_urgent(&request(3)).unwrap();
+    assert_eq!(next_urgent("a request after a quiet spell"), request(3));
+    // A message of 64 pages of which only the first bytes arrive.
+    stall.store(true, Ordering::Release);
+    let big = Message::Pages(PageBatch {
+        round: 1,
+        run: PageRun::new(RegionId(9), 0, 64),
+        data: PageData::Raw(Bytes::from(vec![7u8; 64 * 4096])),
+    });
+    a.send_urgent(&big).unwrap();
+    let deadline = Instant::now() + T;
+    let err = loop {
+        assert!(
+            Instant::now() < deadline,
+            "a stalled frame still holds the channel"
+        );
+        if let Err(e) = b.recv_urgent(Duration::from_millis(50)) {
+            break e;
+        }
+        match b.recv(Some(Duration::from_millis(50))) {
+            Ok(None) => {}
+            Ok(Some(m)) => panic!("{m:?} from a stalled stream"),
+            Err(e) => break e,
+        }
+    };
+    let text = err.to_string();
+    assert!(text.contains("urgent"), "{text}");
+    // The channel stays broken for both calls (until a reconnect).
+    assert!(b.recv(Some(Duration::ZERO)).is_err());
 }
