@@ -538,18 +538,21 @@ fn urgent_consumer_reads_its_stream_directly_in_order() {
     }
 }
 
-/// Relays every connection made to it to `target`. Once `stall` is set, the
+/// Relays the first `streams` connections made to it to `target`. Once `stall` is set, the
 /// dialer-to-listener direction of each connection forwards the first few
 /// bytes it reads next and then nothing more (the connections stay open):
 /// a peer that stops in the middle of a frame.
-fn stalling_proxy(target: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicBool>) {
+fn stalling_proxy(
+    target: std::net::SocketAddr,
+    streams: usize,
+) -> (std::net::SocketAddr, Arc<AtomicBool>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let stall = Arc::new(AtomicBool::new(false));
     let st = stall.clone();
     thread::spawn(move || {
-        // Ends with the test process; each relay ends when its sockets close.
-        for c in l.incoming() {
+        // Each relay ends when its sockets close.
+        for c in l.incoming().take(streams) {
             let Ok(mut c) = c else { return };
             let mut s = TcpStream::connect(target).unwrap();
             let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
@@ -597,7 +600,8 @@ fn urgent_stream_stalled_mid_frame_fails_the_channel() {
     let Endpoint::Tcp(target) = listener.local_endpoint().clone() else {
         panic!("a TCP listener")
     };
-    let (proxy, stall) = stalling_proxy(target);
+    // Control, one data stream, urgent.
+    let (proxy, stall) = stalling_proxy(target, 3);
     let d = thread::spawn(move || connect(&Endpoint::Tcp(proxy), cfg()));
     let b = listener.accept_timeout(T).unwrap();
     let a = d.join().unwrap().unwrap();
