@@ -6,7 +6,13 @@
 //! Figures, all from one run between the same two processes:
 //!
 //! * `raw_rtt_us`: median of an 8-byte request answered by a 4 KiB reply
-//!   over plain TCP (the destination asks, this process answers);
+//!   over plain TCP (the destination asks, this process answers), with the
+//!   two threads held on different CPUs, as they are on two hosts. Left to
+//!   the scheduler on an idle machine, both often land on one CPU, where a
+//!   round trip needs no cross-CPU wake-up: 15-21 µs here against 60-90.
+//!   No fault can be that cheap while the push keeps both CPUs busy, and the
+//!   figure flipped between the two from run to run. That one-CPU round
+//!   trip is reported too, as `raw_rtt_same_cpu_us`;
 //! * `bulk_ms`: the same bytes moved with the transfer path (the
 //!   authenticated channel, chunk per message, one thread per lane) into
 //!   fresh memory of the destination, to its acknowledgement;
@@ -37,6 +43,8 @@ use lmig_mem::{
     Backing, DestinationRegions, ManualTracker, PostcopyOptions, RegionOptions, RegionSet,
 };
 use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, StreamChannel, connect};
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+use nix::unistd::Pid;
 use serde_json::json;
 
 use super::peer::{Peer, announce_result, key_from_hex, random_key_hex};
@@ -128,7 +136,36 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Answer 8-byte requests with 4 KiB replies until the peer closes.
+/// The first two CPUs the calling thread may run on (one twice if it has
+/// only one), for the round-trip figures.
+fn rtt_cpus() -> Option<(usize, usize)> {
+    let set = sched_getaffinity(Pid::from_raw(0)).ok()?;
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .take(2)
+        .collect();
+    match cpus[..] {
+        [a, b] => Some((a, b)),
+        [a] => Some((a, a)),
+        _ => None,
+    }
+}
+
+/// Hold the calling thread on `cpu`; returns the CPUs it had.
+fn pin_to(cpu: usize) -> Option<CpuSet> {
+    let old = sched_getaffinity(Pid::from_raw(0)).ok()?;
+    let mut one = CpuSet::new();
+    one.set(cpu).ok()?;
+    sched_setaffinity(Pid::from_raw(0), &one).ok()?;
+    Some(old)
+}
+
+/// Answers the destination's round trips, held on the first of
+/// [`rtt_cpus`] (a thread of its own, which ends with the measurement).
 fn rtt_responder(listener: TcpListener) {
+    if let Some((a, _)) = rtt_cpus() {
+        pin_to(a);
+    }
     let Ok((mut s, _)) = listener.accept() else {
         return;
     };
@@ -363,6 +400,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "fault_p50_us": dest["fault_p50_us"],
         "fault_p99_us": dest["fault_p99_us"],
         "raw_rtt_us": dest["raw_rtt_us"],
+        "raw_rtt_same_cpu_us": dest["raw_rtt_same_cpu_us"],
         "total_ms": round(total_ms, 1),
         "bulk_ms": round(bulk_ms, 1),
         "duplicate_pages": dest["duplicate_pages"],
@@ -401,23 +439,40 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
     let key = key_from_hex(&std::env::var(KEY_ENV)?)?;
     let pages = (args.mib << 20) / PAGE as u64;
 
-    // Raw round trips to the source process.
-    let raw_rtt_us = {
+    // Raw round trips to the source process, whose responder holds the
+    // first CPU: from the second one, then from the first.
+    let (raw_rtt_us, raw_rtt_same_cpu_us) = {
         let addr = args.rtt_addr.as_deref().ok_or("--rtt-addr missing")?;
         let mut s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         let mut reply = vec![0u8; PAGE];
-        let mut samples = Vec::with_capacity(RTT_SAMPLES);
-        for i in 0..RTT_SAMPLES + 200 {
-            let t = Instant::now();
-            s.write_all(&(i as u64).to_le_bytes())?;
-            s.read_exact(&mut reply)?;
-            if i >= 200 {
-                samples.push(t.elapsed().as_secs_f64() * 1e6);
+        let mut median = |s: &mut TcpStream| -> std::io::Result<f64> {
+            let mut samples = Vec::with_capacity(RTT_SAMPLES);
+            for i in 0..RTT_SAMPLES + 200 {
+                let t = Instant::now();
+                s.write_all(&(i as u64).to_le_bytes())?;
+                s.read_exact(&mut reply)?;
+                if i >= 200 {
+                    samples.push(t.elapsed().as_secs_f64() * 1e6);
+                }
             }
+            samples.sort_by(f64::total_cmp);
+            Ok(percentile(&samples, 0.5))
+        };
+        let cpus = rtt_cpus();
+        let all = cpus.and_then(|(_, b)| pin_to(b));
+        let apart = median(&mut s)?;
+        let together = match cpus {
+            Some((a, _)) => {
+                pin_to(a);
+                median(&mut s)?
+            }
+            None => apart,
+        };
+        if let Some(all) = all {
+            sched_setaffinity(Pid::from_raw(0), &all)?;
         }
-        samples.sort_by(f64::total_cmp);
-        percentile(&samples, 0.5)
+        (apart, together)
     };
 
     let bulk = Listener::bind(&Endpoint::Tcp(listen.parse()?), channel_config(args, &key)?)?;
@@ -427,8 +482,11 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
     };
     println!("LISTENING {b} {m}");
 
-    // Bulk: receive every page into fresh memory, acknowledge.
+    // Bulk: receive every page into fresh memory, acknowledge. Both
+    // transfers start on warm free memory (outside their timings: the
+    // source's clock starts once the channel is up).
     {
+        super::warm_free_memory((args.mib << 20) as usize);
         let ch = bulk.accept_timeout(Duration::from_secs(30))?;
         let scratch = RegionOptions::new(REGION, args.mib << 20).map()?;
         let mut got = 0u64;
@@ -448,6 +506,7 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
         let _ = ch.recv(Some(Duration::from_secs(5)));
     }
 
+    super::warm_free_memory((args.mib << 20) as usize);
     let channel: StreamChannel = mig.accept_timeout(Duration::from_secs(30))?;
     let sink = Arc::new(
         DestinationRegions::new(Backing::Private)
@@ -532,6 +591,7 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
     lat.sort_by(f64::total_cmp);
     announce_result(&json!({
         "raw_rtt_us": round(raw_rtt_us, 1),
+        "raw_rtt_same_cpu_us": round(raw_rtt_same_cpu_us, 1),
         "fault_p50_us": round(percentile(&lat, 0.5), 1),
         "fault_p99_us": round(percentile(&lat, 0.99), 1),
         "network_faults": report.network_faults,

@@ -28,7 +28,7 @@
 //! (the drained host dropping its share, hundreds of MiB) would otherwise
 //! run on inside the reintegration's timing.
 //!
-//! Every timed phase also starts on warm free memory ([`warm_free_memory`]):
+//! Every timed phase also starts on warm free memory ([`super::warm_free_memory`]):
 //! on this kind of machine memory the guest handed back to the hypervisor
 //! costs ~12 µs a page at its next first touch, and the phases that ran first
 //! (the reintegration before the relay) paid that while the later ones did not.
@@ -43,6 +43,8 @@ use lmig_core::split::HostId;
 use lmig_mem::RegionOptions;
 use lmig_mem::split::{Dial, PageHost, SplitOptions, SplitRegion};
 use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
+
+use super::warm_free_memory;
 use serde_json::json;
 
 use super::peer::{Peer, key_from_hex, random_key_hex};
@@ -271,14 +273,6 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
         return 0.0;
     }
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
-/// Write `bytes` of fresh memory and free it again, so that the next phase
-/// takes pages the guest used a moment ago, whichever phase ran before it.
-fn warm_free_memory(bytes: usize) {
-    let mut v: Vec<u8> = Vec::with_capacity(bytes);
-    v.resize(bytes, 1);
-    std::hint::black_box(&v);
 }
 
 /// Run the scenario (or, with `--page-host-id`, a page host).
