@@ -962,21 +962,20 @@ impl Channel for StreamChannel {
             }
             match read_event(reader, *generation) {
                 Event::Msg(m) => return Ok(Some(m)),
-                // Bytes were there: a timeout is a frame that stopped half-way.
-                Event::Failed(g, TransportError::Timeout { .. }) => {
-                    if let Some((_, r)) = slot.take() {
-                        r.conn().shutdown_conn();
-                    }
-                    drop(slot);
-                    let stalled = TransportError::Timeout {
-                        waiting_for: "the rest of a frame on the urgent stream",
-                        after: direct.frame_timeout,
-                    };
-                    let _ = self.inner.queue.push(Event::Failed(g, stalled), false);
-                }
                 // The stream's end or failure goes to `recv`, like a reader
                 // thread's.
                 ev => {
+                    // Bytes were there: a timeout is a frame that stopped half-way.
+                    let ev = match ev {
+                        Event::Failed(g, TransportError::Timeout { .. }) => Event::Failed(
+                            g,
+                            TransportError::Timeout {
+                                waiting_for: "the rest of a frame on the urgent stream",
+                                after: direct.frame_timeout,
+                            },
+                        ),
+                        ev => ev,
+                    };
                     if let Some((_, r)) = slot.take() {
                         r.conn().shutdown_conn();
                     }
