@@ -12,16 +12,18 @@ use crate::error::{NetError, Result, SocketFailure};
 use crate::inject::Injector;
 use crate::opts::Defaults;
 use crate::repair::RepairExit;
+use crate::sys;
 use crate::tcp::{self, PendingActivation};
 use crate::udp::{self, RestoredUdp};
 
 /// Settings of a [`NetSink`].
 #[derive(Clone, Debug)]
 pub struct SinkConfig {
-    /// Restore threads for large batches (default 1). Threads are started per
-    /// batch; waking a thread on another CPU costs tens of µs on some
-    /// machines, so only batches of at least 256 records per thread are split.
-    /// `lmig-bench tcp` measured no gain from 2 on 2 vCPUs shared with the source.
+    /// Restore threads (default 1). Threads are started per batch, so only
+    /// batches of at least 32 records per thread are split (a record takes
+    /// about 8 µs, starting a thread tens of µs). With 2 vCPUs shared with
+    /// the source, 2 threads shorten the restore that outlasts the capture
+    /// but slow the capture itself: kvd uses 2 (see the README's figures).
     pub threads: usize,
     /// Activation threads (default 2): activation runs after `Commit`, when
     /// the source has nothing left to capture, so it can take every core.
@@ -88,6 +90,14 @@ impl Restored {
             Self::Udp { r, .. } => r.fd.as_raw_fd(),
         }
     }
+
+    fn into_fd(self) -> (u64, OwnedFd) {
+        match self {
+            Self::Tcp { id, fd, .. } => (id, fd),
+            Self::Listen { fd, state } => (state.id, fd),
+            Self::Udp { r, state } => (state.id, r.fd),
+        }
+    }
 }
 
 /// The program's sockets on the destination.
@@ -131,13 +141,17 @@ fn fail(id: u64, e: NetError) -> SocketFailure {
     }
 }
 
+/// Fewest records per thread for [`split_work`] to start threads: a thread
+/// costs tens of µs to start and wake, a record about 8 µs to restore.
+const MIN_PER_THREAD: usize = 32;
+
 fn split_work<T: Send, R: Send>(
     items: Vec<T>,
     threads: usize,
     f: impl Fn(T, &mut Injector) -> R + Sync,
 ) -> Vec<R> {
     let threads = threads.clamp(1, 16);
-    if threads == 1 || items.len() < 256 * threads {
+    if threads == 1 || items.len() < MIN_PER_THREAD * threads {
         let mut inj = Injector::default();
         return items.into_iter().map(|t| f(t, &mut inj)).collect();
     }
@@ -160,6 +174,40 @@ fn split_work<T: Send, R: Send>(
                         .collect::<Vec<R>>()
                 })
             })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+/// `f` on every item in place, on up to `threads` threads (each with its own
+/// injector), as [`split_work`] splits; the items `f` failed, by index, in order.
+fn split_in_place<T: Send, E: Send>(
+    items: &mut [T],
+    threads: usize,
+    f: impl Fn(&mut T, &mut Injector) -> Option<E> + Sync,
+) -> Vec<(usize, E)> {
+    let run = |first: usize, chunk: &mut [T]| -> Vec<(usize, E)> {
+        let mut inj = Injector::default();
+        chunk
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, t)| f(t, &mut inj).map(|e| (first + i, e)))
+            .collect()
+    };
+    let threads = threads.clamp(1, 16);
+    if threads == 1 || items.len() < MIN_PER_THREAD * threads {
+        return run(0, items);
+    }
+    let per = items.len().div_ceil(threads);
+    let run = &run;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks_mut(per)
+            .enumerate()
+            .map(|(k, chunk)| s.spawn(move || run(k * per, chunk)))
             .collect();
         handles
             .into_iter()
@@ -195,6 +243,12 @@ impl NetSink {
     /// Prepare, as [`SocketSink::prepare`]. A socket that cannot be prepared
     /// is simply created at restore; a missing privilege fails at once.
     pub fn prepare_sockets(&mut self, plan: &[SocketPrep]) -> Result<()> {
+        // The freeze fills these: sized now, they do not grow (copying
+        // into memory fresh from the kernel) while the program is paused.
+        self.restored.reserve(plan.len());
+        sys::prefault_spare(&mut self.restored);
+        self.seen.reserve(plan.len());
+        self.ready.reserve(plan.len());
         for p in plan.iter().filter(|p| p.kind == SocketKind::TcpEstablished) {
             if self.prepared.contains_key(&p.id) {
                 continue;
@@ -269,21 +323,25 @@ impl NetSink {
 
     /// Activate, as [`SocketSink::activate`]: every restored socket starts talking.
     pub fn activate_sockets(&mut self) -> Result<()> {
-        let restored = std::mem::take(&mut self.restored);
+        let mut restored = std::mem::take(&mut self.restored);
         let total = restored.len();
         let exit = self.cfg.exit;
         let wait = self.cfg.listen_wait;
-        let results = split_work(restored, self.cfg.activate_threads, |r, inj| {
-            let id = r.id();
-            activate_one(r, exit, wait, inj).map_err(|e| fail(id, e))
+        // In place: moving thousands of records into per-thread lists would
+        // fill memory fresh from the kernel while the program waits.
+        let failed = split_in_place(&mut restored, self.cfg.activate_threads, |r, inj| {
+            activate_one(r, exit, wait, inj).err()
         });
+        let mut failed = failed.into_iter().peekable();
         let mut failures = Vec::new();
-        for r in results {
-            match r {
-                Ok((id, fd)) => {
+        for (i, r) in restored.into_iter().enumerate() {
+            match failed.next_if(|(at, _)| *at == i) {
+                // Dropped here: a socket that failed to activate is closed.
+                Some((_, e)) => failures.push(fail(r.id(), e)),
+                None => {
+                    let (id, fd) = r.into_fd();
                     self.ready.insert(id, fd);
                 }
-                Err(f) => failures.push(f),
             }
         }
         self.finish(total, failures)
@@ -364,24 +422,17 @@ fn restore_one(
 }
 
 fn activate_one(
-    r: Restored,
+    r: &mut Restored,
     exit: RepairExit,
     wait: Duration,
     inj: &mut Injector,
-) -> Result<(u64, OwnedFd)> {
+) -> Result<()> {
     match r {
         Restored::Tcp { id, fd, pending } => {
-            tcp::activate_established(fd.as_fd(), id, &pending, exit, inj)?;
-            Ok((id, fd))
+            tcp::activate_established(fd.as_fd(), *id, pending, exit, inj)
         }
-        Restored::Listen { fd, state } => {
-            tcp::activate_listener(fd.as_fd(), &state, wait)?;
-            Ok((state.id, fd))
-        }
-        Restored::Udp { mut r, state } => {
-            udp::activate_udp(&mut r, &state, inj)?;
-            Ok((state.id, r.fd))
-        }
+        Restored::Listen { fd, state } => tcp::activate_listener(fd.as_fd(), state, wait),
+        Restored::Udp { r, state } => udp::activate_udp(r, state, inj),
     }
 }
 
@@ -400,5 +451,41 @@ impl SocketSink for NetSink {
 
     fn discard(&mut self) {
         self.discard_sockets()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_split_in_place_reaches_every_item_and_reports_failures_by_index() {
+        for (len, threads) in [(0, 2), (5, 1), (5, 2), (1000, 2), (1001, 3), (4096, 16)] {
+            let mut items: Vec<usize> = (0..len).collect();
+            let failed = split_in_place(&mut items, threads, |x, _| {
+                let seen = *x;
+                *x += 1_000_000;
+                (seen % 7 == 3).then_some(seen)
+            });
+            assert!(items.iter().enumerate().all(|(i, x)| *x == i + 1_000_000));
+            let want: Vec<(usize, usize)> =
+                (0..len).filter(|i| i % 7 == 3).map(|i| (i, i)).collect();
+            assert_eq!(failed, want, "{len} items on {threads} threads");
+        }
+    }
+
+    #[test]
+    fn prefaulting_spare_capacity_leaves_the_vector_as_it_was() {
+        let mut v: Vec<u64> = vec![7, 8, 9];
+        v.reserve(100_000);
+        let cap = v.capacity();
+        sys::prefault_spare(&mut v);
+        assert_eq!((v.as_slice(), v.capacity()), (&[7, 8, 9][..], cap));
+        v.extend(0..100_000);
+        assert_eq!((v.len(), v.capacity()), (100_003, cap));
+        let mut full = vec![1u8; 4];
+        full.shrink_to_fit();
+        sys::prefault_spare(&mut full);
+        assert_eq!(full, [1, 1, 1, 1]);
     }
 }

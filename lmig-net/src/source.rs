@@ -384,6 +384,13 @@ impl NetSource {
                 prep: prep.clone(),
             },
         );
+        if self.entries.capacity() < self.planned.len() {
+            // The freeze moves every planned socket in here: room for them
+            // now, in memory touched now (see `sys::prefault_spare`).
+            self.entries.reserve(2 * self.planned.len());
+            sys::prefault_spare(&mut self.entries);
+            self.ids.reserve(2 * self.planned.len());
+        }
         Ok(prep)
     }
 

@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use common::{Peer, migrate, migrate_with, pat, privileged, tcp_state};
-use lmig_core::model::{SocketRecord, TcpStateKind};
+use lmig_core::model::{SocketRecord, TcpListenState, TcpStateKind};
 use lmig_core::traits::SocketSource;
 use lmig_net::topology::Topology;
 use lmig_net::{NetError, NetSink, NetSource, SinkConfig, SourceConfig};
@@ -564,6 +564,78 @@ fn tcp_bad_records_are_rejected_by_name() {
             "error names the connection: {msg}"
         );
     }
+}
+
+/// A socket that cannot be activated (a listener whose port a live listener
+/// holds) is reported by its id and closed; every other socket of the
+/// batch, activated on two threads, talks.
+#[test]
+fn tcp_activation_failure_is_reported_by_id_and_spares_the_rest() {
+    if !privileged("tcp_activation_failure_is_reported_by_id_and_spares_the_rest") {
+        return;
+    }
+    let topo = Topology::new().unwrap();
+    topo.a
+        .run(|| {
+            let mut clients = Vec::new();
+            let mut batch = Vec::new();
+            // Enough for both activation threads to get a share.
+            for id in 1..=200u64 {
+                let (client, mut recs) = captured_loopback(format!("c{id:03}").as_bytes());
+                let SocketRecord::Tcp(mut c) = recs.remove(0) else {
+                    panic!("not a connection")
+                };
+                c.id = id;
+                batch.push(SocketRecord::Tcp(c));
+                clients.push((id, client));
+            }
+            let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+            let held = TcpListenState {
+                id: 1000,
+                local: busy.local_addr().unwrap(),
+                backlog: 16,
+                sock: Default::default(),
+                tcp: Default::default(),
+            };
+            batch.insert(150, SocketRecord::Listen(held));
+            let mut sink = NetSink::new(SinkConfig {
+                activate_threads: 2,
+                listen_wait: Duration::from_millis(20),
+                ..SinkConfig::default()
+            })
+            .unwrap();
+            sink.restore_batch(batch).unwrap();
+            let err = sink.activate_sockets().unwrap_err();
+            let NetError::Partial { total, failures } = &err else {
+                panic!("{err}")
+            };
+            assert_eq!(*total, 201);
+            let ids: Vec<u64> = failures.iter().map(|f| f.id).collect();
+            assert_eq!(ids, [1000], "{err}");
+            let msg = failures[0].error.to_string();
+            assert!(
+                msg.contains("TCP listener 1000") && msg.contains("listen"),
+                "{msg}"
+            );
+            let mut fds = sink.take_fds();
+            assert_eq!(fds.len(), 200);
+            for (id, mut client) in clients {
+                let fd = fds
+                    .remove(&id)
+                    .unwrap_or_else(|| panic!("{id} not activated"));
+                let mut restored = TcpStream::from(fd);
+                restored
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                common::read_exact_eq(&mut restored, format!("c{id:03}").as_bytes()).unwrap();
+                restored.write_all(b"ok").unwrap();
+                client
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                common::read_exact_eq(&mut client, b"ok").unwrap();
+            }
+        })
+        .unwrap();
 }
 
 /// `pidfd_getfd`: a connection is taken from a process by fd number (here
