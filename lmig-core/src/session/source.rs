@@ -273,20 +273,22 @@ where
         report.commit_at = Instant::now();
         self.phase(Phase::Committed);
         self.program.committed();
-        // Sockets first: the clients wait for the handoff (held packets,
-        // the service address); nobody waits for the tracker, whose teardown
-        // (write protection off over every region) takes tens of ms per GiB.
+        // The clients wait for the handoff (held packets, the service
+        // address). Nobody waits for the tracker, whose teardown (write
+        // protection off over every region) takes tens of ms per GiB: it
+        // comes after `Done`, so on a shared host it does not compete with
+        // the destination activating its sockets and resuming.
         if let Err(e) = self.sockets.release() {
             report
                 .warnings
                 .push(format!("releasing the source sockets: {e}"));
         }
+        let outcome = self.after_commit(&layout, postcopy, &mut report);
         if let Err(e) = self.tracker.stop() {
             report
                 .warnings
                 .push(format!("stopping the dirty tracker: {e}"));
         }
-        let outcome = self.after_commit(&layout, postcopy, &mut report);
         report.total = start.elapsed();
         match outcome {
             Ok(verification) => {
