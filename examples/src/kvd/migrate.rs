@@ -482,9 +482,13 @@ impl StateSink for KvdResume {
 }
 
 /// Restored sockets come non-blocking: kvd's loop needs no `ioctl` each.
+/// Two restore threads: the restore that outlasts the source's capture
+/// uses both cores (migrate --conns 10000: wait for Ready after the
+/// handover 46 -> 22 ms, freeze 165 -> 152 ms, median of 5 alternating).
 fn sink_config() -> SinkConfig {
     SinkConfig {
         nonblocking: true,
+        threads: 2,
         ..SinkConfig::default()
     }
 }
