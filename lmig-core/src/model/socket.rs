@@ -239,22 +239,16 @@ pub enum SocketRecord {
     Udp(UdpSockState),
 }
 
-fn check_family(what: &str, a: SocketAddr, b: SocketAddr) -> Result<()> {
+fn check_family(a: SocketAddr, b: SocketAddr) -> std::result::Result<(), String> {
     if a.is_ipv4() != b.is_ipv4() {
-        return Err(MigrationError::invalid(
-            what,
-            format!("mixed address families: local {a}, peer {b}"),
-        ));
+        return Err(format!("mixed address families: local {a}, peer {b}"));
     }
     Ok(())
 }
 
-fn check_opts(what: &str, sock: &SockOpts, tcp: Option<&TcpOpts>) -> Result<()> {
+fn check_opts(sock: &SockOpts, tcp: Option<&TcpOpts>) -> std::result::Result<(), String> {
     if sock.bind_device.as_ref().is_some_and(|d| d.len() >= 16) {
-        return Err(MigrationError::invalid(
-            what,
-            "device name longer than IFNAMSIZ",
-        ));
+        return Err("device name longer than IFNAMSIZ".into());
     }
     if let Some(tcp) = tcp {
         if tcp
@@ -262,10 +256,7 @@ fn check_opts(what: &str, sock: &SockOpts, tcp: Option<&TcpOpts>) -> Result<()> 
             .as_ref()
             .is_some_and(|c| c.is_empty() || c.len() >= MAX_CONGESTION_NAME)
         {
-            return Err(MigrationError::invalid(
-                what,
-                "congestion control name length out of range",
-            ));
+            return Err("congestion control name length out of range".into());
         }
     }
     Ok(())
@@ -316,91 +307,76 @@ impl SocketRecord {
 
     /// Reject impossible records: mixed families, queues over the caps,
     /// sequence numbers that contradict the queues, unknown option values.
+    /// The error names the socket ([`SocketRecord::describe`]); a valid
+    /// record costs no formatting (every record is checked at both ends).
     pub fn validate(&self) -> Result<()> {
-        let what = self.describe();
+        self.check()
+            .map_err(|detail| MigrationError::invalid(self.describe(), detail))
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
         match self {
             Self::Tcp(s) => {
-                check_family(&what, s.local, s.peer)?;
-                check_opts(&what, &s.sock, Some(&s.tcp))?;
+                check_family(s.local, s.peer)?;
+                check_opts(&s.sock, Some(&s.tcp))?;
                 if s.local.port() == 0 || s.peer.port() == 0 {
-                    return Err(MigrationError::invalid(
-                        what,
-                        "port 0 in an established connection",
-                    ));
+                    return Err("port 0 in an established connection".into());
                 }
                 if s.send_queue.len() > MAX_QUEUE_BYTES || s.recv_queue.len() > MAX_QUEUE_BYTES {
-                    return Err(MigrationError::invalid(
-                        what,
-                        format!(
-                            "queue of {} / {} bytes exceeds the cap of {MAX_QUEUE_BYTES}",
-                            s.send_queue.len(),
-                            s.recv_queue.len()
-                        ),
+                    return Err(format!(
+                        "queue of {} / {} bytes exceeds the cap of {MAX_QUEUE_BYTES}",
+                        s.send_queue.len(),
+                        s.recv_queue.len()
                     ));
                 }
                 if s.unsent_len as usize > s.send_queue.len() {
-                    return Err(MigrationError::invalid(
-                        what,
-                        format!(
-                            "{} unsent bytes but a send queue of {}",
-                            s.unsent_len,
-                            s.send_queue.len()
-                        ),
+                    return Err(format!(
+                        "{} unsent bytes but a send queue of {}",
+                        s.unsent_len,
+                        s.send_queue.len()
                     ));
                 }
                 if s.state.fin_sent() && s.unsent_len != 0 {
-                    return Err(MigrationError::invalid(
-                        what,
-                        "FIN sent yet unsent data is queued",
-                    ));
+                    return Err("FIN sent yet unsent data is queued".into());
                 }
                 if s.mss == 0 || s.mss > 65_535 {
-                    return Err(MigrationError::invalid(
-                        what,
-                        format!("MSS {} out of range", s.mss),
-                    ));
+                    return Err(format!("MSS {} out of range", s.mss));
                 }
                 if s.wscale_ok && (s.snd_wscale > 14 || s.rcv_wscale > 14) {
-                    return Err(MigrationError::invalid(what, "window scale over 14"));
+                    return Err("window scale over 14".into());
                 }
                 if let Some(w) = s.window {
                     // The kernel's own checks in tcp_repair_set_window(): the
                     // window update cannot lie beyond what we have received.
                     let rcv_nxt = s.rcv_seq.wrapping_add(s.recv_queue.len() as u32);
                     if (w.rcv_wup.wrapping_sub(rcv_nxt) as i32) > 0 {
-                        return Err(MigrationError::invalid(
-                            what,
-                            format!("rcv_wup {} is after rcv_nxt {rcv_nxt}", w.rcv_wup),
-                        ));
+                        return Err(format!("rcv_wup {} is after rcv_nxt {rcv_nxt}", w.rcv_wup));
                     }
                     if (w.snd_wl1.wrapping_sub(rcv_nxt.wrapping_add(w.rcv_wnd)) as i32) > 0 {
-                        return Err(MigrationError::invalid(
-                            what,
-                            format!("snd_wl1 {} is beyond the receive window", w.snd_wl1),
+                        return Err(format!(
+                            "snd_wl1 {} is beyond the receive window",
+                            w.snd_wl1
                         ));
                     }
                 }
             }
             Self::Listen(s) => {
-                check_opts(&what, &s.sock, Some(&s.tcp))?;
+                check_opts(&s.sock, Some(&s.tcp))?;
                 if s.local.port() == 0 {
-                    return Err(MigrationError::invalid(what, "listener without a port"));
+                    return Err("listener without a port".into());
                 }
             }
             Self::Udp(s) => {
-                check_opts(&what, &s.sock, None)?;
+                check_opts(&s.sock, None)?;
                 if let Some(peer) = s.peer {
-                    check_family(&what, s.local, peer)?;
+                    check_family(s.local, peer)?;
                 }
                 if s.recv_queue.len() > MAX_UDP_DATAGRAMS {
-                    return Err(MigrationError::invalid(what, "too many pending datagrams"));
+                    return Err("too many pending datagrams".into());
                 }
                 let total: usize = s.recv_queue.iter().map(|d| d.data.len()).sum();
                 if total > MAX_QUEUE_BYTES || s.recv_queue.iter().any(|d| d.data.len() > 65_535) {
-                    return Err(MigrationError::invalid(
-                        what,
-                        "pending datagrams exceed the caps",
-                    ));
+                    return Err("pending datagrams exceed the caps".into());
                 }
             }
         }
