@@ -82,9 +82,9 @@ struct Entry {
     stat: Option<tcp::ConnStatic>,
     /// Entered repair mode (at its capture; several capture threads).
     in_repair: AtomicBool,
-    /// The inode [`NetSource::plan_fd`] saw under this id: the capture
-    /// checks the socket handed over is that one.
-    planned_inode: Option<u64>,
+    /// The socket [`NetSource::plan_fd`] saw under this id (its cookie):
+    /// the capture checks the socket handed over is that one.
+    planned_cookie: Option<u64>,
 }
 
 /// A socket read by [`NetSource::plan_fd`] whose fd comes with [`NetSource::add`].
@@ -92,8 +92,8 @@ struct Entry {
 struct Planned {
     kind: SocketKind,
     stat: Option<tcp::ConnStatic>,
-    /// The socket's inode: the capture checks it was handed the same socket.
-    inode: u64,
+    /// The socket's cookie: the capture checks it was handed the same socket.
+    cookie: u64,
     prep: SocketPrep,
 }
 
@@ -202,11 +202,10 @@ pub fn take_fd_from_process(pid: i32, target_fd: RawFd) -> Result<OwnedFd> {
     })
 }
 
-/// The socket's inode number (`fstat`): the same for every fd of one socket.
-fn inode_of(fd: BorrowedFd<'_>, id: u64) -> Result<u64> {
-    nix::sys::stat::fstat(fd)
-        .map(|st| st.st_ino)
-        .map_err(|e| NetError::sys("fstat", format!("socket {id}"), e.into()))
+/// The socket's identity (`SO_COOKIE`): the same for every fd of one socket.
+fn cookie_of(fd: BorrowedFd<'_>, id: u64) -> Result<u64> {
+    sys::socket_cookie(fd)
+        .map_err(|e| NetError::sys("getsockopt(SO_COOKIE)", format!("socket {id}"), e))
 }
 
 /// Put an established connection in repair mode (once).
@@ -222,8 +221,8 @@ fn capture_one(e: &Entry, ctx: &CaptureCtx) -> Result<SocketRecord> {
     // Here rather than in `add`, which the program calls for every socket
     // one after the other at the freeze: on the capture threads, while the
     // session sends the last pages (10,000 `fstat` were 16 ms of the freeze).
-    if let Some(planned) = e.planned_inode {
-        if inode_of(e.fd.as_fd(), e.id)? != planned {
+    if let Some(planned) = e.planned_cookie {
+        if cookie_of(e.fd.as_fd(), e.id)? != planned {
             return Err(NetError::BadId {
                 id: e.id,
                 detail: "names another socket than the one planned under it",
@@ -322,7 +321,7 @@ impl NetSource {
                 kind: p.kind,
                 stat: p.stat,
                 in_repair: AtomicBool::new(false),
-                planned_inode: Some(p.inode),
+                planned_cookie: Some(p.cookie),
             });
             return Ok(());
         }
@@ -340,7 +339,7 @@ impl NetSource {
             kind,
             stat: None,
             in_repair: AtomicBool::new(false),
-            planned_inode: None,
+            planned_cookie: None,
         });
         Ok(())
     }
@@ -351,7 +350,7 @@ impl NetSource {
     /// does for added sockets. The program hands the socket over with
     /// [`NetSource::add`] and the same id at the freeze, which then makes no
     /// system call instead of a dozen `getsockopt`. The socket's identity
-    /// (its inode) is checked at the capture, on the capture threads: a
+    /// (its `SO_COOKIE`) is checked at the capture, on the capture threads: a
     /// socket added under the id of another fails the capture, and with it
     /// the migration, before `Commit` (so the program serves on with all its
     /// sockets). A planned socket never added (the connection closed in
@@ -373,14 +372,14 @@ impl NetSource {
             });
         }
         let kind = kind_of(fd, id)?;
-        let inode = inode_of(fd, id)?;
+        let cookie = cookie_of(fd, id)?;
         let (prep, stat) = Self::prep(id, kind, fd, &self.ctx)?;
         self.planned.insert(
             id,
             Planned {
                 kind,
                 stat,
-                inode,
+                cookie,
                 prep: prep.clone(),
             },
         );
