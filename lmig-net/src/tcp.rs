@@ -131,6 +131,10 @@ pub(crate) struct ConnStatic {
     pub peer: SocketAddr,
     pub sock: SockOpts,
     pub tcp: TcpOpts,
+    /// The timestamp clock's offset from `CLOCK_MONOTONIC` in ms (it only
+    /// changes when set in repair mode): the capture computes the clock
+    /// instead of asking for it. At most ~1 ms ahead, never behind.
+    pub ts_offset: Option<u32>,
 }
 
 /// Read a connection's [`ConnStatic`] (not in repair mode).
@@ -147,9 +151,14 @@ pub(crate) fn read_static(fd: BorrowedFd<'_>, id: u64, ctx: &CaptureCtx) -> Resu
     let reuse = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)
         .map_err(|e| NetError::sys("getsockopt(SO_REUSEADDR)", what(), e))?
         != 0;
+    // The monotonic clock read first: the offset comes out no smaller
+    // than the kernel's.
+    let mono = sys::monotonic_ms();
+    let ts_offset = sys::tcp_timestamp(fd).ok().map(|ts| ts.wrapping_sub(mono));
     Ok(ConnStatic {
         local,
         peer,
+        ts_offset,
         sock: opts::read_sock_opts(fd, local.is_ipv6(), reuse, ctx.buffers, &what)?,
         tcp: opts::read_tcp_opts(fd, ctx.default_cc.as_deref(), &what)?,
     })
@@ -218,10 +227,13 @@ pub(crate) fn capture_established(
     let mss =
         sys::tcp_maxseg(fd).map_err(|e| NetError::sys("getsockopt(TCP_MAXSEG)", what(), e))?;
     let timestamps_ok = info.options & sys::TCPI_OPT_TIMESTAMPS != 0;
-    let timestamp = if timestamps_ok {
-        sys::tcp_timestamp(fd).map_err(|e| NetError::sys("getsockopt(TCP_TIMESTAMP)", what(), e))?
-    } else {
-        0
+    let timestamp = match st.ts_offset {
+        _ if !timestamps_ok => 0,
+        Some(off) if info.options & sys::TCPI_OPT_USEC_TS == 0 => {
+            sys::monotonic_ms().wrapping_add(off)
+        }
+        _ => sys::tcp_timestamp(fd)
+            .map_err(|e| NetError::sys("getsockopt(TCP_TIMESTAMP)", what(), e))?,
     };
     let window = match sys::repair_window(fd) {
         Ok(w) => {
@@ -357,9 +369,12 @@ pub(crate) struct PendingActivation {
     reuse_addr: bool,
 }
 
+/// Write `data` into repair queue `q`, selecting it unless `selected` says
+/// it is already (one system call per connection less in the freeze).
 fn write_queue(
     fd: BorrowedFd<'_>,
     q: TcpQueue,
+    selected: &mut TcpQueue,
     data: &[u8],
     what: &dyn Fn() -> String,
     op: &'static str,
@@ -367,7 +382,10 @@ fn write_queue(
     if data.is_empty() {
         return Ok(());
     }
-    sys::set_repair_queue(fd, q).map_err(|e| NetError::sys("TCP_REPAIR_QUEUE", what(), e))?;
+    if *selected != q {
+        sys::set_repair_queue(fd, q).map_err(|e| NetError::sys("TCP_REPAIR_QUEUE", what(), e))?;
+        *selected = q;
+    }
     let mut off = 0;
     let mut chunk = data.len();
     // Bounded: each round either writes or halves the chunk (the kernel
@@ -418,6 +436,8 @@ pub(crate) fn restore_established(
     // `prepare_established` left the send queue selected.
     sys::set_queue_seq(fd, c.snd_seq).map_err(e("setsockopt(TCP_QUEUE_SEQ send)"))?;
     sys::set_repair_queue(fd, TcpQueue::Recv).map_err(e("TCP_REPAIR_QUEUE"))?;
+    // Nothing below selects another queue until the queues are written.
+    let mut selected = TcpQueue::Recv;
     sys::set_queue_seq(fd, c.rcv_seq).map_err(e("setsockopt(TCP_QUEUE_SEQ recv)"))?;
     connect_when_free(fd, &c.peer).map_err(e("connect (repair)"))?;
 
@@ -470,6 +490,7 @@ pub(crate) fn restore_established(
     write_queue(
         fd,
         TcpQueue::Recv,
+        &mut selected,
         &c.recv_queue,
         &what,
         "restore receive queue",
@@ -478,13 +499,16 @@ pub(crate) fn restore_established(
     write_queue(
         fd,
         TcpQueue::Send,
+        &mut selected,
         &c.send_queue[..sent],
         &what,
         "restore send queue",
     )?;
     if c.state.fin_sent() {
         // With the send queue selected the FIN is queued as already sent.
-        sys::set_repair_queue(fd, TcpQueue::Send).map_err(e("TCP_REPAIR_QUEUE"))?;
+        if selected != TcpQueue::Send {
+            sys::set_repair_queue(fd, TcpQueue::Send).map_err(e("TCP_REPAIR_QUEUE"))?;
+        }
         sys::shutdown(fd, libc::SHUT_WR).map_err(e("shutdown(SHUT_WR) in repair mode"))?;
     }
     if let Some(w) = c.window {

@@ -681,6 +681,54 @@ fn tcp_fd_taken_from_process() {
         .unwrap();
 }
 
+/// A planned connection's timestamp clock is computed at the capture from
+/// the offset read at the plan: what the kernel would say, never less (the
+/// restored clock must not run behind what the peer saw).
+#[test]
+fn planned_timestamp_clock_is_computed_never_behind() {
+    if !privileged("planned_timestamp_clock_is_computed_never_behind") {
+        return;
+    }
+    let topo = Topology::new().unwrap();
+    topo.a
+        .run(|| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (server, _) = l.accept().unwrap();
+            let probe = server.try_clone().unwrap();
+            let mut src = NetSource::new(SourceConfig::default()).unwrap();
+            src.plan_fd(1, server.as_fd()).unwrap();
+            // Long enough for a clock read at the plan to be visibly stale.
+            std::thread::sleep(Duration::from_millis(30));
+            src.add(1, server.into()).unwrap();
+            src.freeze().unwrap();
+            let before = lmig_net::sys::tcp_timestamp(probe.as_fd()).unwrap();
+            let mut recs = Vec::new();
+            src.capture(&mut |b| {
+                recs.extend(b);
+                Ok(())
+            })
+            .unwrap();
+            let after = lmig_net::sys::tcp_timestamp(probe.as_fd()).unwrap();
+            src.abort().unwrap();
+            let SocketRecord::Tcp(c) = &recs[0] else {
+                panic!("not TCP")
+            };
+            assert!(c.timestamps_ok);
+            let (behind, ahead) = (
+                c.timestamp.wrapping_sub(before) as i32,
+                c.timestamp.wrapping_sub(after) as i32,
+            );
+            assert!(
+                behind >= 0 && ahead <= 2,
+                "captured {} with the kernel at {before}..{after}",
+                c.timestamp
+            );
+            drop(client);
+        })
+        .unwrap();
+}
+
 /// `plan_fd` reads sockets the program keeps; at the freeze `add` takes
 /// them and the capture checks their identity; a planned socket not handed
 /// over is forgotten.

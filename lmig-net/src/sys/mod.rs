@@ -202,6 +202,8 @@ pub const TCPI_OPT_TIMESTAMPS: u8 = 1;
 pub const TCPI_OPT_SACK: u8 = 2;
 /// `TCPI_OPT_WSCALE`.
 pub const TCPI_OPT_WSCALE: u8 = 4;
+/// `TCPI_OPT_USEC_TS`: the timestamp clock counts microseconds (Linux >= 6.7).
+pub const TCPI_OPT_USEC_TS: u8 = 64;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -421,6 +423,19 @@ pub fn set_repair_window(fd: BorrowedFd<'_>, w: &TcpRepairWindowRaw) -> io::Resu
 #[doc(alias = "TCP_TIMESTAMP")]
 pub fn tcp_timestamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
     getsockopt_pod::<u32>(fd, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP).map(|(v, _)| v)
+}
+
+/// `CLOCK_MONOTONIC` in milliseconds, wrapping as the kernel's TCP clock
+/// (`tcp_clock_ms`, which millisecond timestamp clocks add an offset to).
+pub fn monotonic_ms() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    (ns / 1_000_000) as u32
 }
 
 /// `setsockopt(TCP_TIMESTAMP)`: set the offset so the clock reads `ts` now.
