@@ -133,7 +133,7 @@ pub(crate) struct ConnStatic {
     pub tcp: TcpOpts,
     /// The timestamp clock's offset from `CLOCK_MONOTONIC` in ms (it only
     /// changes when set in repair mode): the capture computes the clock
-    /// instead of asking for it. At most ~1 ms ahead, never behind.
+    /// instead of asking for it. At most ~3 ms ahead, never behind.
     pub ts_offset: Option<u32>,
 }
 
@@ -229,8 +229,11 @@ pub(crate) fn capture_established(
     let timestamps_ok = info.options & sys::TCPI_OPT_TIMESTAMPS != 0;
     let timestamp = match st.ts_offset {
         _ if !timestamps_ok => 0,
+        // The kernel reports a millisecond clock with its lowest bit clear
+        // (set means microseconds, also when the value is written back),
+        // so the offset may be 1 low: 2 ms more, then that bit cleared.
         Some(off) if info.options & sys::TCPI_OPT_USEC_TS == 0 => {
-            sys::monotonic_ms().wrapping_add(off)
+            sys::monotonic_ms().wrapping_add(off).wrapping_add(2) & !1
         }
         _ => sys::tcp_timestamp(fd)
             .map_err(|e| NetError::sys("getsockopt(TCP_TIMESTAMP)", what(), e))?,
