@@ -64,6 +64,8 @@ enum Restored {
         id: u64,
         fd: OwnedFd,
         pending: PendingActivation,
+        /// The socket is the one `prepare` made (listed by `prepared_fds`).
+        prepared: bool,
     },
     Listen {
         fd: OwnedFd,
@@ -89,6 +91,10 @@ impl Restored {
             Self::Tcp { fd, .. } | Self::Listen { fd, .. } => fd.as_raw_fd(),
             Self::Udp { r, .. } => r.fd.as_raw_fd(),
         }
+    }
+
+    fn was_prepared(&self) -> bool {
+        matches!(self, Self::Tcp { prepared: true, .. })
     }
 
     fn into_fd(self) -> (u64, OwnedFd) {
@@ -326,7 +332,11 @@ impl NetSink {
     }
 
     /// Activate, as [`SocketSink::activate`]: every restored socket starts talking.
+    /// Sockets prepared for connections that no record restored (closed by
+    /// their peer before the freeze) are closed here, in repair mode: they
+    /// never connected.
     pub fn activate_sockets(&mut self) -> Result<()> {
+        self.prepared.clear();
         let mut restored = std::mem::take(&mut self.restored);
         let total = restored.len();
         let exit = self.cfg.exit;
@@ -378,6 +388,37 @@ impl NetSink {
         self.restored.iter().map(|r| (r.id(), r.raw_fd())).collect()
     }
 
+    /// The fds of the sockets made by `prepare` (before the freeze), by the
+    /// program's id. The restore fills these very sockets, so a program can
+    /// register them with its poller before the freeze and leave nothing of
+    /// that to the freeze; after the restore,
+    /// [`NetSink::unprepared_fds`] lists the sockets it made instead. A
+    /// prepared socket that no record restores (its connection closed
+    /// before the freeze), or whose restore fails, is closed (which also
+    /// takes it out of an epoll set).
+    ///
+    /// A prepared socket is in repair mode and not connected yet: `poll`
+    /// reports `POLLHUP` for it until the restore connects it.
+    pub fn prepared_fds(&self) -> Vec<(u64, RawFd)> {
+        self.prepared
+            .iter()
+            .map(|(id, fd)| (*id, fd.as_raw_fd()))
+            .collect()
+    }
+
+    /// The sockets waiting for activation that are not ones
+    /// [`NetSink::prepared_fds`] listed: listeners, UDP sockets, and
+    /// connections made in the freeze (not in the plan, or restored again
+    /// after a failed attempt). With `prepared_fds`, this is every socket
+    /// [`NetSink::take_fds`] hands out after activation.
+    pub fn unprepared_fds(&self) -> Vec<(u64, RawFd)> {
+        self.restored
+            .iter()
+            .filter(|r| !r.was_prepared())
+            .map(|r| (r.id(), r.raw_fd()))
+            .collect()
+    }
+
     /// Sockets restored so far and waiting for activation.
     pub fn restored_len(&self) -> usize {
         self.restored.len()
@@ -397,6 +438,7 @@ fn restore_one(
 ) -> Result<Restored> {
     match rec {
         SocketRecord::Tcp(c) => {
+            let was_prepared = prepared.is_some();
             let fd = match prepared {
                 Some(fd) => fd,
                 None => tcp::prepare_established(&SocketRecord::Tcp(c.clone()).prep(), flags)?,
@@ -406,6 +448,7 @@ fn restore_one(
                 id: c.id,
                 fd,
                 pending,
+                prepared: was_prepared,
             })
         }
         SocketRecord::Listen(l) => {
@@ -432,9 +475,9 @@ fn activate_one(
     inj: &mut Injector,
 ) -> Result<()> {
     match r {
-        Restored::Tcp { id, fd, pending } => {
-            tcp::activate_established(fd.as_fd(), *id, pending, exit, inj)
-        }
+        Restored::Tcp {
+            id, fd, pending, ..
+        } => tcp::activate_established(fd.as_fd(), *id, pending, exit, inj),
         Restored::Listen { fd, state } => tcp::activate_listener(fd.as_fd(), state, wait),
         Restored::Udp { r, state } => udp::activate_udp(r, state, inj),
     }

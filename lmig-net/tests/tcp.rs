@@ -867,3 +867,138 @@ fn reset_connection_is_left_out_of_the_capture() {
         "every fd comes back after the abort"
     );
 }
+
+/// The epoll set's events for up to `ms` (one `epoll_wait` with a timeout).
+fn epoll_tokens(ep: &OwnedFd, ms: i32) -> Vec<(u64, u32)> {
+    use std::os::fd::AsRawFd;
+    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
+    // SAFETY: `evs` is a valid buffer of 16 events for the kernel to fill.
+    let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), evs.as_mut_ptr(), 16, ms) };
+    assert!(n >= 0, "epoll_wait: {}", std::io::Error::last_os_error());
+    evs[..n as usize]
+        .iter()
+        .map(|e| (e.u64, e.events))
+        .collect()
+}
+
+fn epoll_add(ep: &OwnedFd, fd: std::os::fd::RawFd, token: u64) {
+    use std::os::fd::AsRawFd;
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+        u64: token,
+    };
+    // SAFETY: plain system call on fds this test owns; `ev` outlives it.
+    let r = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    assert_eq!(r, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+}
+
+fn inode(fd: std::os::fd::RawFd) -> Option<u64> {
+    // SAFETY: `stat` is plain data; all zeros is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a number (at worst EBADF) into a valid buffer.
+    let r = unsafe { libc::fstat(fd, &mut st) };
+    (r == 0).then_some(st.st_ino)
+}
+
+/// `prepared_fds` lists the sockets made before the freeze, which the
+/// restore fills: a program registers them with its poller early (as an
+/// event loop does, edge-triggered) and `unprepared_fds` at activation, and
+/// then hears every connection and no stale hang-up. A prepared socket that
+/// no record restores is closed at activation.
+#[test]
+fn prepared_sockets_join_a_poller_before_the_freeze() {
+    if !privileged("prepared_sockets_join_a_poller_before_the_freeze") {
+        return;
+    }
+    let topo = Topology::new().unwrap();
+    topo.a
+        .run(|| {
+            use std::os::fd::FromRawFd;
+            let pairs: Vec<(TcpStream, TcpStream)> = (0..4).map(|_| loopback_pair()).collect();
+            let mut src = NetSource::new(SourceConfig::default()).unwrap();
+            let mut plan = Vec::new();
+            for (i, (_, server)) in pairs.iter().enumerate() {
+                plan.push(src.plan_fd(i as u64 + 1, server.as_fd()).unwrap());
+            }
+            let mut clients = Vec::new();
+            for (i, (client, server)) in pairs.into_iter().enumerate() {
+                src.add(i as u64 + 1, server.into()).unwrap();
+                clients.push(client);
+            }
+            let mut recs = freeze_and_capture(&mut src);
+            src.release().unwrap();
+
+            let mut sink = NetSink::new(SinkConfig {
+                nonblocking: true,
+                ..SinkConfig::default()
+            })
+            .unwrap();
+            // Connection 4 is not in the sink's plan; connection 3's record never comes.
+            sink.prepare_sockets(&plan[..3]).unwrap();
+            recs.retain(|r| r.id() != 3);
+            let mut prepared = sink.prepared_fds();
+            prepared.sort_unstable();
+            assert_eq!(prepared.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 2, 3]);
+            // SAFETY: a new epoll instance, owned here.
+            let ep = unsafe { OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC)) };
+            for &(id, fd) in &prepared {
+                epoll_add(&ep, fd, id);
+            }
+            let unused = (
+                prepared[2].1,
+                inode(prepared[2].1).expect("prepared socket open"),
+            );
+
+            sink.restore_batch(recs).unwrap();
+            let late = sink.unprepared_fds();
+            assert_eq!(late.iter().map(|p| p.0).collect::<Vec<_>>(), [4]);
+            let mut pending = sink.pending_fds();
+            pending.sort_unstable();
+            assert_eq!(
+                pending[..2],
+                prepared[..2],
+                "the restore fills the prepared sockets"
+            );
+            for &(id, fd) in &late {
+                epoll_add(&ep, fd, id);
+            }
+            sink.activate_sockets().unwrap();
+            assert_ne!(
+                inode(unused.0),
+                Some(unused.1),
+                "a prepared socket nothing restored is closed"
+            );
+            let fds = sink.take_fds();
+            assert_eq!(fds.len(), 3);
+            // Connected and quiet: nothing to report, no hang-up left over
+            // from the time the prepared sockets were unconnected.
+            assert_eq!(epoll_tokens(&ep, 0), []);
+
+            for (i, c) in clients.iter_mut().enumerate() {
+                if i != 2 {
+                    c.write_all(b"x").unwrap();
+                }
+            }
+            let mut heard = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while heard.len() < 3 && Instant::now() < deadline {
+                for (token, events) in epoll_tokens(&ep, 100) {
+                    assert_eq!(
+                        events & libc::EPOLLHUP as u32,
+                        0,
+                        "connection {token}: hang-up"
+                    );
+                    heard.push(token);
+                }
+            }
+            heard.sort_unstable();
+            assert_eq!(heard, [1, 2, 4], "every restored connection is heard");
+            for (id, fd) in fds {
+                let mut s = TcpStream::from(fd);
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).unwrap();
+                assert_eq!(&b, b"x", "connection {id}");
+            }
+        })
+        .unwrap();
+}

@@ -418,24 +418,33 @@ struct KvdSink<S> {
     inner: S,
     take: fn(&mut S) -> HashMap<u64, OwnedFd>,
     fds: Sender<HashMap<u64, OwnedFd>>,
-    /// The restored sockets' fd numbers, sent as activation starts.
-    pending: fn(&S) -> Vec<(u64, RawFd)>,
-    early: Sender<Vec<(u64, RawFd)>>,
+    /// The prepared sockets' fd numbers, sent after `prepare`.
+    prepared: fn(&S) -> Vec<(u64, RawFd)>,
+    /// The other restored sockets' fd numbers, sent as activation starts.
+    unprepared: fn(&S) -> Vec<(u64, RawFd)>,
+    early: Sender<Early>,
     /// For LMIG_DEMO_DEBUG: what the sink measured.
     figures: fn(&mut S) -> String,
 }
 
 impl<S: SocketSink> SocketSink for KvdSink<S> {
     fn prepare(&mut self, plan: &[SocketPrep]) -> lmig_core::Result<()> {
-        self.inner.prepare(plan)
+        self.inner.prepare(plan)?;
+        // The loop registers them with its poller now, before the freeze.
+        let _ = self
+            .early
+            .send(Early::Prepared((self.prepared)(&self.inner)));
+        Ok(())
     }
     fn restore(&mut self, batch: Vec<SocketRecord>) -> lmig_core::Result<()> {
         self.inner.restore(batch)
     }
     fn activate(&mut self) -> lmig_core::Result<()> {
         let t = Instant::now();
-        // The loop registers them with its poller while they are activated.
-        let _ = self.early.send((self.pending)(&self.inner));
+        // The loop registers the rest while they are activated.
+        let _ = self
+            .early
+            .send(Early::Activating((self.unprepared)(&self.inner)));
         let r = self.inner.activate();
         if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
             eprintln!(
@@ -450,6 +459,14 @@ impl<S: SocketSink> SocketSink for KvdSink<S> {
     fn discard(&mut self) {
         self.inner.discard()
     }
+}
+
+/// Sockets for the destination loop's poller, before it serves.
+enum Early {
+    /// Made at `prepare`, before the freeze (most connections).
+    Prepared(Vec<(u64, RawFd)>),
+    /// Made in the freeze, sent once activation starts (the last message).
+    Activating(Vec<(u64, RawFd)>),
 }
 
 /// The program seen by the destination session.
@@ -518,7 +535,7 @@ pub fn receive(
     let channel = listener.accept_timeout(accept_timeout)?;
     let memory = DestinationRegions::new(Backing::Private).prefault(false);
     let (fds_tx, fds_rx) = mpsc::channel::<HashMap<u64, OwnedFd>>();
-    let (early_tx, early_rx) = mpsc::channel::<Vec<(u64, RawFd)>>();
+    let (early_tx, early_rx) = mpsc::channel::<Early>();
     let (go_tx, go_rx) = mpsc::channel::<ProgramState>();
     let program = KvdResume {
         state: None,
@@ -535,7 +552,8 @@ pub fn receive(
                             inner: sink,
                             take: |h: &mut Handoff<NetSink>| h.inner_mut().take_fds(),
                             fds: fds_tx,
-                            pending: |h: &Handoff<NetSink>| h.inner().pending_fds(),
+                            prepared: |h: &Handoff<NetSink>| h.inner().prepared_fds(),
+                            unprepared: |h: &Handoff<NetSink>| h.inner().unprepared_fds(),
                             early: early_tx,
                             figures: |h: &mut Handoff<NetSink>| {
                                 format!("{:?}", h.handoff().stats())
@@ -549,7 +567,8 @@ pub fn receive(
                         inner: net,
                         take: |n: &mut NetSink| n.take_fds(),
                         fds: fds_tx,
-                        pending: NetSink::pending_fds,
+                        prepared: NetSink::prepared_fds,
+                        unprepared: NetSink::unprepared_fds,
                         early: early_tx,
                         figures: |_| String::new(),
                     })
@@ -558,12 +577,28 @@ pub fn receive(
             on_report(&r);
             r
         });
-        // After `Commit`, while the session activates the sockets: register
-        // them with the poller (nothing arrives if the migration failed).
-        let early = early_rx.recv().unwrap_or_default();
-        let t = Instant::now();
-        let pre = Server::preregister(&early, sink_config().nonblocking)?;
-        let preregistered = t.elapsed();
+        // Register the sockets with the poller ahead of serving: the
+        // prepared ones before the freeze, the others after `Commit` while
+        // the session activates them (nothing arrives if the migration failed).
+        let mut pre = Server::preregister(&[], sink_config().nonblocking)?;
+        let mut preregistered = Duration::ZERO;
+        while let Ok(early) = early_rx.recv() {
+            let t = Instant::now();
+            let last = match early {
+                Early::Prepared(fds) => {
+                    pre.register(&fds);
+                    false
+                }
+                Early::Activating(fds) => {
+                    pre.register(&fds);
+                    true
+                }
+            };
+            preregistered = t.elapsed();
+            if last {
+                break;
+            }
+        }
         // Serve once the session resumes the program (at `Commit`).
         let state = match go_rx.recv() {
             Ok(state) => state,

@@ -42,6 +42,31 @@ pub struct Preregistered {
     nonblocking: bool,
 }
 
+impl Preregistered {
+    /// Register more sockets (see [`Server::preregister`]). A socket that
+    /// is closed later leaves the poller by itself; its number may come
+    /// again with another socket, registered anew.
+    pub fn register(&mut self, fds: &[(u64, RawFd)]) {
+        for &(id, fd) in fds {
+            let token = if id == super::migrate::LISTENER_ID {
+                LISTENER
+            } else if id < FIRST_CONN {
+                continue;
+            } else {
+                token(id)
+            };
+            if self
+                .poll
+                .registry()
+                .register(&mut SourceFd(&fd), token, Interest::READABLE)
+                .is_ok()
+            {
+                self.ids.insert(id);
+            }
+        }
+    }
+}
+
 /// What the loop hands over when parked: its sockets themselves (not
 /// duplicates: a server near the open-file limit has no room for a second
 /// fd per connection) and its connections' buffered bytes.
@@ -144,29 +169,13 @@ impl Server {
     /// only costs an event nobody serves. `nonblocking`: the sockets were
     /// created non-blocking (no `ioctl` each either).
     pub fn preregister(fds: &[(u64, RawFd)], nonblocking: bool) -> std::io::Result<Preregistered> {
-        let poll = Poll::new()?;
-        let mut ids = HashSet::with_capacity(fds.len());
-        for &(id, fd) in fds {
-            let token = if id == super::migrate::LISTENER_ID {
-                LISTENER
-            } else if id < FIRST_CONN {
-                continue;
-            } else {
-                token(id)
-            };
-            if poll
-                .registry()
-                .register(&mut SourceFd(&fd), token, Interest::READABLE)
-                .is_ok()
-            {
-                ids.insert(id);
-            }
-        }
-        Ok(Preregistered {
-            poll,
-            ids,
+        let mut pre = Preregistered {
+            poll: Poll::new()?,
+            ids: HashSet::with_capacity(fds.len()),
             nonblocking,
-        })
+        };
+        pre.register(fds);
+        Ok(pre)
     }
 
     /// [`Server::new`] on a poller where some sockets are registered already.
