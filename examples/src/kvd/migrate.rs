@@ -584,16 +584,11 @@ pub fn receive(
         let mut preregistered = Duration::ZERO;
         while let Ok(early) = early_rx.recv() {
             let t = Instant::now();
-            let last = match early {
-                Early::Prepared(fds) => {
-                    pre.register(&fds);
-                    false
-                }
-                Early::Activating(fds) => {
-                    pre.register(&fds);
-                    true
-                }
+            let (fds, last) = match early {
+                Early::Prepared(fds) => (fds, false),
+                Early::Activating(fds) => (fds, true),
             };
+            pre.register(&fds);
             preregistered = t.elapsed();
             if last {
                 break;
