@@ -939,8 +939,15 @@ fn prepared_sockets_join_a_poller_before_the_freeze() {
             let mut prepared = sink.prepared_fds();
             prepared.sort_unstable();
             assert_eq!(prepared.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 2, 3]);
-            // SAFETY: a new epoll instance, owned here.
-            let ep = unsafe { OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC)) };
+            // SAFETY: plain system call; its result is checked below.
+            let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            assert!(
+                raw >= 0,
+                "epoll_create1: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: `raw` is a new epoll instance nothing else owns.
+            let ep = unsafe { OwnedFd::from_raw_fd(raw) };
             for &(id, fd) in &prepared {
                 epoll_add(&ep, fd, id);
             }
