@@ -3,7 +3,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::time::Duration;
 
 use lmig_core::model::{SocketKind, SocketPrep, SocketRecord, TcpListenState, UdpSockState};
 use lmig_core::traits::SocketSink;
@@ -35,9 +34,6 @@ pub struct SinkConfig {
     /// unless this is true, in which case it returns `Ok` and the failures
     /// are kept in [`NetSink::failures`].
     pub tolerate_bad_records: bool,
-    /// How long a restored listener retries `listen` while its address is
-    /// still in use on this host (default 2 s).
-    pub listen_wait: Duration,
     /// Create restored sockets non-blocking (`SOCK_NONBLOCK`; default
     /// false): an event-loop program then needs no `fcntl` or `ioctl` per
     /// connection after the commit. (The source's file flags are not
@@ -52,7 +48,6 @@ impl Default for SinkConfig {
             activate_threads: 2,
             exit: RepairExit::Auto,
             tolerate_bad_records: false,
-            listen_wait: Duration::from_secs(2),
             nonblocking: false,
         }
     }
@@ -114,8 +109,10 @@ impl Restored {
 ///   ([`SocketRecord::validate`]); an impossible record is rejected with an
 ///   error naming the connection and the others are restored. Sockets stay in
 ///   repair mode: the peers hear nothing.
+///   Whatever can refuse is done here, before `Commit`: listeners bind and
+///   listen, UDP sockets bind (see [`crate::tcp`]).
 /// * `activate` (after `Commit`): received FINs and pending datagrams are
-///   injected, repair mode is left, never-sent bytes written, listeners listen.
+///   injected, repair mode is left, never-sent bytes written.
 /// * `discard`: every restored socket is closed in repair mode, silently.
 ///
 /// Then [`NetSink::take_fds`] gives the program its sockets back by id.
@@ -340,11 +337,10 @@ impl NetSink {
         let mut restored = std::mem::take(&mut self.restored);
         let total = restored.len();
         let exit = self.cfg.exit;
-        let wait = self.cfg.listen_wait;
         // In place: moving thousands of records into per-thread lists would
         // fill memory fresh from the kernel while the program waits.
         let failed = split_in_place(&mut restored, self.cfg.activate_threads, |r, inj| {
-            activate_one(r, exit, wait, inj).err()
+            activate_one(r, exit, inj).err()
         });
         let mut failed = failed.into_iter().peekable();
         let mut failures = Vec::new();
@@ -468,18 +464,14 @@ fn restore_one(
     }
 }
 
-fn activate_one(
-    r: &mut Restored,
-    exit: RepairExit,
-    wait: Duration,
-    inj: &mut Injector,
-) -> Result<()> {
+fn activate_one(r: &mut Restored, exit: RepairExit, inj: &mut Injector) -> Result<()> {
     match r {
         Restored::Tcp {
             id, fd, pending, ..
         } => tcp::activate_established(fd.as_fd(), *id, pending, exit, inj),
-        Restored::Listen { fd, state } => tcp::activate_listener(fd.as_fd(), state, wait),
-        Restored::Udp { r, state } => udp::activate_udp(r, state, inj),
+        // Listening since the restore.
+        Restored::Listen { .. } => Ok(()),
+        Restored::Udp { state, .. } => udp::activate_udp(state, inj),
     }
 }
 

@@ -12,8 +12,8 @@ use lmig_core::traits::SocketSource;
 
 use crate::error::{NetError, Result};
 use crate::opts::Defaults;
-use crate::repair::RepairGuard;
-use crate::sys::{self, RepairMode};
+use crate::repair;
+use crate::sys;
 use crate::tcp::{self, CaptureCtx};
 use crate::udp;
 
@@ -208,10 +208,11 @@ fn cookie_of(fd: BorrowedFd<'_>, id: u64) -> Result<u64> {
         .map_err(|e| NetError::sys("getsockopt(SO_COOKIE)", format!("socket {id}"), e))
 }
 
-/// Put an established connection in repair mode (once).
+/// Put an established connection in repair mode (once). Its `SO_REUSEADDR`,
+/// which repair mode overrides, was read before (in its `ConnStatic`).
 fn enter_repair(e: &Entry) -> Result<()> {
     if !e.in_repair.load(Ordering::Relaxed) {
-        RepairGuard::enter(e.fd.as_fd(), || format!("TCP connection {}", e.id))?.keep();
+        repair::repair_on(e.fd.as_fd(), || format!("TCP connection {}", e.id))?;
         e.in_repair.store(true, Ordering::Relaxed);
     }
     Ok(())
@@ -427,7 +428,8 @@ impl NetSource {
     /// Give the fds back (after an abort, or without migrating). Sockets still
     /// in repair mode leave it first.
     pub fn into_fds(mut self) -> Vec<(u64, OwnedFd)> {
-        self.leave_repair();
+        // A failure here was reported by the abort that came first.
+        let _ = self.leave_repair();
         self.phase = Phase::Released;
         std::mem::take(&mut self.entries)
             .into_iter()
@@ -502,12 +504,31 @@ impl NetSource {
         Ok(plan)
     }
 
-    fn leave_repair(&mut self) {
+    /// Every connection in repair mode leaves it (with a window probe, so a
+    /// peer that sent something during the freeze is answered at once) as it
+    /// was before: with its `SO_REUSEADDR`. The first failure is returned
+    /// after every socket was tried.
+    fn leave_repair(&mut self) -> Result<()> {
+        let mut first = Ok(());
         for e in &mut self.entries {
             if e.in_repair.swap(false, Ordering::Relaxed) {
-                let _ = sys::tcp_repair(e.fd.as_fd(), RepairMode::Off);
+                let reuse = e.stat.as_ref().is_some_and(|st| st.sock.reuse_addr);
+                if let Err(err) = repair::leave_repair(e.fd.as_fd(), true, reuse) {
+                    if first.is_ok() {
+                        first = Err(NetError::sys(
+                            "TCP_REPAIR off",
+                            tcp::describe_conn(
+                                e.id,
+                                e.stat.as_ref().map(|s| s.local),
+                                e.stat.as_ref().map(|s| s.peer),
+                            ),
+                            err,
+                        ));
+                    }
+                }
             }
         }
+        first
     }
 
     /// Freeze, as [`SocketSource::freeze`], with lmig-net's error type.
@@ -619,14 +640,14 @@ impl NetSource {
 
     /// Abort, as [`SocketSource::abort`].
     pub fn abort_sockets(&mut self) -> Result<()> {
-        self.leave_repair();
+        let left = self.leave_repair();
         if self.phase == Phase::Frozen {
             self.phase = Phase::Running;
             if let Some(lock) = self.lock.as_mut() {
                 lock.unlock()?;
             }
         }
-        Ok(())
+        left
     }
 
     /// Release, as [`SocketSource::release`]: close every socket in repair mode.

@@ -25,8 +25,8 @@
 //!    had been grown by auto-tuning — which locks the size for that connection;
 //! 3. *activate* (after `Commit`): a FIN the peer had sent is injected, repair
 //!    mode is left (with or without a window probe, see
-//!    [`crate::RepairExit`]), `SO_REUSEADDR` re-applied, and the never-sent
-//!    bytes are written normally.
+//!    [`crate::RepairExit`]), `SO_REUSEADDR` re-applied (leaving repair mode
+//!    clears it), and the never-sent bytes are written normally.
 //!
 //! # Half-closed connections
 //!
@@ -45,7 +45,8 @@
 //!
 //! A listening socket cannot enter repair mode. Its address, backlog
 //! (`tcpi_sacked`) and options are captured; the destination binds a new
-//! socket in repair mode (forced reuse) and calls `listen` at activation.
+//! socket in repair mode (forced reuse) and listens at restore, before
+//! `Commit`: after it nothing is left that can refuse.
 //! Connections that completed the handshake but were not accepted by the
 //! program stay on the source: the source closes its listener at release,
 //! which resets them (as a crashed server would); their clients reconnect to
@@ -63,8 +64,8 @@ use lmig_core::model::{
 use crate::error::{NetError, Result};
 use crate::inject::{self, Injector};
 use crate::opts::{self, Defaults};
-use crate::repair::RepairExit;
-use crate::sys::{self, RepairMode, TcpQueue};
+use crate::repair::{self, RepairExit};
+use crate::sys::{self, TcpQueue};
 
 /// "TCP connection 7 (a -> b)", the name errors use.
 pub fn describe_conn(id: u64, local: Option<SocketAddr>, peer: Option<SocketAddr>) -> String {
@@ -323,16 +324,7 @@ pub(crate) fn prepare_established(prep: &SocketPrep, flags: i32) -> Result<Owned
     let what = || describe_conn(prep.id, Some(prep.local), prep.peer);
     let fd = sys::socket(sys::family_of(&prep.local), libc::SOCK_STREAM | flags, 0)
         .map_err(|e| NetError::sys("socket", what(), e))?;
-    match sys::tcp_repair(fd.as_fd(), RepairMode::On) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            return Err(NetError::Unsupported {
-                feature: "TCP_REPAIR",
-                needs: "CAP_NET_ADMIN in the destination's network namespace",
-            });
-        }
-        Err(e) => return Err(NetError::sys("TCP_REPAIR on", what(), e)),
-    }
+    repair::repair_on(fd.as_fd(), what)?;
     bind_maybe_transparent(fd.as_fd(), &prep.local, &what)?;
     sys::set_repair_queue(fd.as_fd(), TcpQueue::Send)
         .map_err(|e| NetError::sys("TCP_REPAIR_QUEUE", what(), e))?;
@@ -561,19 +553,8 @@ pub(crate) fn activate_established(
         RepairExit::NoWindowProbe => false,
         RepairExit::Auto => p.wants_probe,
     };
-    sys::tcp_repair(
-        fd,
-        if probe {
-            RepairMode::Off
-        } else {
-            RepairMode::OffNoWindowProbe
-        },
-    )
-    .map_err(|e| NetError::sys("TCP_REPAIR off", what(), e))?;
-    if p.reuse_addr {
-        sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
-            .map_err(|e| NetError::sys("setsockopt(SO_REUSEADDR)", what(), e))?;
-    }
+    repair::leave_repair(fd, probe, p.reuse_addr)
+        .map_err(|e| NetError::sys("TCP_REPAIR off", what(), e))?;
     write_unsent(fd, &p.unsent, &what)
 }
 
@@ -628,45 +609,36 @@ pub(crate) fn capture_listener(
     })
 }
 
-/// Restore a listener up to `bind` (in repair mode, which forces the bind even
-/// while the source still listens on the same address).
+/// Restore a listener, listening: everything that can refuse (`bind`,
+/// `listen`) happens here, before `Commit`, so that a refusal aborts the
+/// migration while the source still serves. Nothing reaches the listener
+/// before the service address is local here (it binds with
+/// `IP_TRANSPARENT` until then).
+///
+/// It binds in repair mode (forced reuse: the restored connections share its
+/// port), leaves repair mode and listens with `SO_REUSEADDR` set, so that it
+/// never conflicts with the restored connections on its port (in repair mode
+/// until activation, their reuse is forced); then its own `SO_REUSEADDR` is
+/// put back as captured. A listener on the same address held by another
+/// socket of this host (the source itself, when both run on one host)
+/// refuses with `EADDRINUSE`, unless both listeners set `SO_REUSEPORT`.
 pub(crate) fn restore_listener(l: &TcpListenState, d: &Defaults, flags: i32) -> Result<OwnedFd> {
     let what = || format!("TCP listener {} ({})", l.id, l.local);
     let fd = sys::socket(sys::family_of(&l.local), libc::SOCK_STREAM | flags, 0)
         .map_err(|e| NetError::sys("socket", what(), e))?;
     opts::apply_sock_opts(fd.as_fd(), l.local.is_ipv6(), true, &l.sock, &d.sock, &what)?;
     opts::apply_tcp_opts(fd.as_fd(), &l.tcp, d, &what)?;
-    sys::tcp_repair(fd.as_fd(), RepairMode::On)
-        .map_err(|e| NetError::sys("TCP_REPAIR on", what(), e))?;
+    repair::repair_on(fd.as_fd(), what)?;
     bind_maybe_transparent(fd.as_fd(), &l.local, &what)?;
-    Ok(fd)
-}
-
-/// After `Commit`: leave repair mode and listen. Retries `EADDRINUSE` for up
-/// to `wait` (the source may still be closing its listener on this host).
-pub(crate) fn activate_listener(
-    fd: BorrowedFd<'_>,
-    l: &TcpListenState,
-    wait: Duration,
-) -> Result<()> {
-    let what = || format!("TCP listener {} ({})", l.id, l.local);
-    sys::tcp_repair(fd, RepairMode::OffNoWindowProbe)
+    repair::leave_repair(fd.as_fd(), false, true)
         .map_err(|e| NetError::sys("TCP_REPAIR off", what(), e))?;
-    if l.sock.reuse_addr {
-        sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
+    let backlog = l.backlog.clamp(1, i32::MAX as u32) as i32;
+    sys::listen(fd.as_fd(), backlog).map_err(|e| NetError::sys("listen", what(), e))?;
+    if !l.sock.reuse_addr {
+        sys::setsockopt_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 0)
             .map_err(|e| NetError::sys("setsockopt(SO_REUSEADDR)", what(), e))?;
     }
-    let backlog = l.backlog.clamp(1, i32::MAX as u32) as i32;
-    let deadline = Instant::now() + wait;
-    loop {
-        match sys::listen(fd, backlog) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(NetError::sys("listen", what(), e)),
-        }
-    }
+    Ok(fd)
 }
 
 #[cfg(test)]

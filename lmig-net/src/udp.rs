@@ -44,10 +44,14 @@ pub(crate) fn capture_udp(fd: BorrowedFd<'_>, id: u64, buffers: bool) -> Result<
 
     let mut recv_queue = Vec::new();
     if sys::inq(fd).map_err(|e| NetError::sys("ioctl(SIOCINQ)", what(), e))? > 0 {
+        // The program's own peek offset is put back afterwards: an aborted
+        // migration leaves the socket as it was.
+        let before =
+            sys::peek_off(fd).map_err(|e| NetError::sys("getsockopt(SO_PEEK_OFF)", what(), e))?;
         sys::set_peek_off(fd, 0)
             .map_err(|e| NetError::sys("setsockopt(SO_PEEK_OFF)", what(), e))?;
         let res = peek_all(fd, &mut recv_queue, &what);
-        let off = sys::set_peek_off(fd, -1)
+        let off = sys::set_peek_off(fd, before)
             .map_err(|e| NetError::sys("setsockopt(SO_PEEK_OFF)", what(), e));
         res?;
         off?;
@@ -105,14 +109,11 @@ fn peek_all(
 #[derive(Debug)]
 pub(crate) struct RestoredUdp {
     pub fd: OwnedFd,
-    bound: bool,
 }
 
-fn bind_connect(fd: BorrowedFd<'_>, s: &UdpSockState, what: &dyn Fn() -> String) -> Result<bool> {
+fn bind_connect(fd: BorrowedFd<'_>, s: &UdpSockState, what: &dyn Fn() -> String) -> Result<()> {
     match sys::bind(fd, &s.local) {
         Ok(()) => {}
-        // The source still holds the port on this host: bind at activation.
-        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => return Ok(false),
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
             let (level, name) = if s.local.is_ipv4() {
                 (libc::SOL_IP, libc::IP_TRANSPARENT)
@@ -130,43 +131,26 @@ fn bind_connect(fd: BorrowedFd<'_>, s: &UdpSockState, what: &dyn Fn() -> String)
     if let Some(peer) = s.peer {
         sys::connect(fd, &peer).map_err(|e| NetError::sys("connect", what(), e))?;
     }
-    Ok(true)
+    Ok(())
 }
 
-/// Create, configure and (if the port is free here) bind and connect.
+/// Create, configure, bind and connect, before `Commit` (what can refuse is
+/// tried while the source still serves). A port another socket of this host
+/// holds (the source itself, when both run on one host) refuses with
+/// `EADDRINUSE` unless both sockets set `SO_REUSEADDR` or `SO_REUSEPORT`.
 pub(crate) fn restore_udp(s: &UdpSockState, d: &Defaults, flags: i32) -> Result<RestoredUdp> {
     let what = || describe(s.id, Some(s.local));
     let fd = sys::socket(sys::family_of(&s.local), libc::SOCK_DGRAM | flags, 0)
         .map_err(|e| NetError::sys("socket", what(), e))?;
     opts::apply_sock_opts(fd.as_fd(), s.local.is_ipv6(), true, &s.sock, &d.sock, &what)?;
     opts::apply_reuse_addr(fd.as_fd(), &s.sock, &what)?;
-    let bound = bind_connect(fd.as_fd(), s, &what)?;
-    Ok(RestoredUdp { fd, bound })
+    bind_connect(fd.as_fd(), s, &what)?;
+    Ok(RestoredUdp { fd })
 }
 
-/// After `Commit`: bind if it had to wait, then deliver the pending datagrams.
-pub(crate) fn activate_udp(
-    r: &mut RestoredUdp,
-    s: &UdpSockState,
-    inj: &mut Injector,
-) -> Result<()> {
+/// After `Commit`: deliver the pending datagrams.
+pub(crate) fn activate_udp(s: &UdpSockState, inj: &mut Injector) -> Result<()> {
     let what = || describe(s.id, Some(s.local));
-    if !r.bound {
-        // The source may still hold the port for a moment on a shared host
-        // (see `tcp::connect_when_free`): bounded retry.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
-        while !bind_connect(r.fd.as_fd(), s, &what)? {
-            if std::time::Instant::now() >= deadline {
-                return Err(NetError::sys(
-                    "bind",
-                    what(),
-                    std::io::Error::from_raw_os_error(libc::EADDRINUSE),
-                ));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        r.bound = true;
-    }
     // A socket bound to the wildcard address does not record where each
     // datagram was sent to: deliver to the loopback address of its family.
     let to = if s.local.ip().is_unspecified() {

@@ -578,12 +578,13 @@ fn tcp_bad_records_are_rejected_by_name() {
     }
 }
 
-/// A socket that cannot be activated (a listener whose port a live listener
-/// holds) is reported by its id and closed; every other socket of the
-/// batch, activated on two threads, talks.
+/// A listener that cannot listen (its address held by a live listener) is
+/// refused at restore, before `Commit`, by its id and with the call that
+/// failed; every other socket of the batch is restored and, activated on
+/// two threads, talks.
 #[test]
-fn tcp_activation_failure_is_reported_by_id_and_spares_the_rest() {
-    if !privileged("tcp_activation_failure_is_reported_by_id_and_spares_the_rest") {
+fn tcp_listener_that_cannot_listen_is_refused_before_commit() {
+    if !privileged("tcp_listener_that_cannot_listen_is_refused_before_commit") {
         return;
     }
     let topo = Topology::new().unwrap();
@@ -612,12 +613,10 @@ fn tcp_activation_failure_is_reported_by_id_and_spares_the_rest() {
             batch.insert(150, SocketRecord::Listen(held));
             let mut sink = NetSink::new(SinkConfig {
                 activate_threads: 2,
-                listen_wait: Duration::from_millis(20),
                 ..SinkConfig::default()
             })
             .unwrap();
-            sink.restore_batch(batch).unwrap();
-            let err = sink.activate_sockets().unwrap_err();
+            let err = sink.restore_batch(batch).unwrap_err();
             let NetError::Partial { total, failures } = &err else {
                 panic!("{err}")
             };
@@ -629,6 +628,8 @@ fn tcp_activation_failure_is_reported_by_id_and_spares_the_rest() {
                 msg.contains("TCP listener 1000") && msg.contains("listen"),
                 "{msg}"
             );
+            assert_eq!(sink.restored_len(), 200);
+            sink.activate_sockets().unwrap();
             let mut fds = sink.take_fds();
             assert_eq!(fds.len(), 200);
             for (id, mut client) in clients {
@@ -648,6 +649,328 @@ fn tcp_activation_failure_is_reported_by_id_and_spares_the_rest() {
             }
         })
         .unwrap();
+}
+
+/// `SO_REUSEADDR` of a socket, read directly.
+fn reuse_addr(s: &impl AsFd) -> bool {
+    lmig_net::sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap() != 0
+}
+
+/// A listener listens at restore, before `Commit`, beside restored
+/// connections on its own port, whatever their `SO_REUSEADDR` and its own
+/// (a connection without it used to make `listen` fail after `Commit`,
+/// when nothing could be undone); activation leaves each option as captured.
+#[test]
+fn tcp_listener_listens_at_restore_beside_its_connections() {
+    if !privileged("tcp_listener_listens_at_restore_beside_its_connections") {
+        return;
+    }
+    let topo = Topology::new().unwrap();
+    topo.a
+        .run(|| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let mut clients = Vec::new();
+            let mut src = NetSource::new(SourceConfig::default()).unwrap();
+            for id in 1..=3u64 {
+                let mut client = TcpStream::connect(addr).unwrap();
+                let (server, _) = l.accept().unwrap();
+                client.write_all(&pat("C", id as usize)).unwrap();
+                wait_inq(&server, pat("C", id as usize).len() as u32);
+                src.add(id, server.into()).unwrap();
+                clients.push(client);
+            }
+            src.add(0, l.into()).unwrap();
+            let mut recs = freeze_and_capture(&mut src);
+            src.release().unwrap();
+            // Every record without SO_REUSEADDR but connection 2's.
+            for r in &mut recs {
+                match r {
+                    SocketRecord::Tcp(c) => c.sock.reuse_addr = c.id == 2,
+                    SocketRecord::Listen(l) => l.sock.reuse_addr = false,
+                    _ => panic!("unexpected record"),
+                }
+            }
+            // The connections first, as a session may send them.
+            recs.sort_by_key(|r| std::cmp::Reverse(r.id()));
+            let mut sink = NetSink::new(SinkConfig::default()).unwrap();
+            sink.restore_batch(recs).unwrap();
+            // Listening already (nothing left to refuse after Commit): a
+            // new client is accepted into its backlog.
+            let mut late = TcpStream::connect(addr).expect("the restored listener listens");
+            late.write_all(b"late").unwrap();
+            sink.activate_sockets().unwrap();
+            let mut fds = sink.take_fds();
+            let listener = TcpListener::from(fds.remove(&0).expect("listener restored"));
+            assert!(
+                !reuse_addr(&listener),
+                "the listener's SO_REUSEADDR as captured"
+            );
+            let (mut accepted, _) = listener.accept().unwrap();
+            accepted
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            common::read_exact_eq(&mut accepted, b"late").unwrap();
+            for (i, mut client) in clients.into_iter().enumerate() {
+                let id = i as u64 + 1;
+                let mut c = TcpStream::from(fds.remove(&id).expect("connection restored"));
+                assert_eq!(reuse_addr(&c), id == 2, "connection {id}'s SO_REUSEADDR");
+                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                common::read_exact_eq(&mut c, &pat("C", id as usize)).unwrap();
+                c.write_all(b"ok").unwrap();
+                client
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                common::read_exact_eq(&mut client, b"ok").unwrap();
+            }
+        })
+        .unwrap();
+}
+
+/// Where an attempt stops before it is aborted.
+#[derive(Clone, Copy, Debug)]
+enum AbortAt {
+    /// After the plan (the sockets read before the freeze).
+    Plan,
+    /// After the freeze (locked, nothing captured).
+    Freeze,
+    /// In the capture, after two batches of one socket.
+    Capture,
+    /// After the whole capture.
+    Captured,
+}
+
+/// One attempt over duplicates of `socks` (ids by position), aborted at
+/// `at`; the records when the whole capture ran.
+fn aborted_attempt(socks: &[OwnedFd], at: AbortAt) -> Option<Vec<SocketRecord>> {
+    let mut src = NetSource::new(SourceConfig {
+        batch_size: 1,
+        threads: 1,
+        ..SourceConfig::default()
+    })
+    .unwrap();
+    for (id, s) in socks.iter().enumerate() {
+        src.add(id as u64, s.try_clone().unwrap()).unwrap();
+    }
+    src.plan().unwrap();
+    let mut recs = Vec::new();
+    if !matches!(at, AbortAt::Plan) {
+        src.freeze().unwrap();
+    }
+    if matches!(at, AbortAt::Capture | AbortAt::Captured) {
+        let cut = matches!(at, AbortAt::Capture).then_some(2);
+        let captured = src.capture(&mut |b| {
+            recs.extend(b);
+            if Some(recs.len()) == cut {
+                return Err(lmig_core::MigrationError::channel_closed("cut by the test"));
+            }
+            Ok(())
+        });
+        assert_eq!(captured.is_err(), cut.is_some(), "{at:?}");
+    }
+    src.abort().unwrap();
+    drop(src.into_fds());
+    matches!(at, AbortAt::Captured).then_some(recs)
+}
+
+/// What may differ between two captures of an unchanged socket: the
+/// timestamp clock runs.
+fn without_clock(mut recs: Vec<SocketRecord>) -> Vec<SocketRecord> {
+    for r in &mut recs {
+        if let SocketRecord::Tcp(c) = r {
+            c.timestamp = 0;
+        }
+    }
+    recs
+}
+
+/// `b` as captured again after `a`: `snd_wl1`, the sequence number of the
+/// peer segment that last updated the send window, moves with every ACK
+/// the peer sends (the abort's window probe draws one), up to `rcv_nxt`; it
+/// is checked to stay in that range and then taken from `a`. Every other
+/// field must be equal.
+fn same_socket(a: &SocketRecord, b: &SocketRecord, after: AbortAt) {
+    let mut b = b.clone();
+    if let (SocketRecord::Tcp(a), SocketRecord::Tcp(b)) = (a, &mut b) {
+        if let (Some(wa), Some(wb)) = (a.window, b.window.as_mut()) {
+            let rcv_nxt = a.rcv_seq.wrapping_add(a.recv_queue.len() as u32);
+            let moved = wb.snd_wl1.wrapping_sub(wa.snd_wl1);
+            assert!(
+                moved <= rcv_nxt.wrapping_sub(wa.snd_wl1),
+                "connection {}: snd_wl1 {} outside [{}, {rcv_nxt}] after an abort at {after:?}",
+                a.id,
+                wb.snd_wl1,
+                wa.snd_wl1
+            );
+            wb.snd_wl1 = wa.snd_wl1;
+        }
+    }
+    if a != &b {
+        panic!(
+            "socket {} captured again after an abort at {after:?}: {}",
+            a.id(),
+            record_diff(a, &b)
+        );
+    }
+}
+
+/// The fields in which two records of one socket differ (queues by length
+/// and first differing byte: they can be megabytes).
+fn record_diff(a: &SocketRecord, b: &SocketRecord) -> String {
+    let (SocketRecord::Tcp(a), SocketRecord::Tcp(b)) = (a, b) else {
+        return format!("{a:?} != {b:?}");
+    };
+    let mut out = Vec::new();
+    let mut field = |name: &str, x: String, y: String| {
+        if x != y {
+            out.push(format!("{name}: {x} -> {y}"));
+        }
+    };
+    let queue = |q: &[u8]| {
+        format!(
+            "{} bytes, hash {:x}",
+            q.len(),
+            q.iter()
+                .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(*b)))
+        )
+    };
+    field("state", format!("{:?}", a.state), format!("{:?}", b.state));
+    field("snd_seq", a.snd_seq.to_string(), b.snd_seq.to_string());
+    field("rcv_seq", a.rcv_seq.to_string(), b.rcv_seq.to_string());
+    field("send_queue", queue(&a.send_queue), queue(&b.send_queue));
+    field(
+        "unsent_len",
+        a.unsent_len.to_string(),
+        b.unsent_len.to_string(),
+    );
+    field("recv_queue", queue(&a.recv_queue), queue(&b.recv_queue));
+    field("mss", a.mss.to_string(), b.mss.to_string());
+    field(
+        "wscale",
+        format!("{} {} {}", a.snd_wscale, a.rcv_wscale, a.wscale_ok),
+        format!("{} {} {}", b.snd_wscale, b.rcv_wscale, b.wscale_ok),
+    );
+    field(
+        "options",
+        format!("{} {}", a.sack_ok, a.timestamps_ok),
+        format!("{} {}", b.sack_ok, b.timestamps_ok),
+    );
+    field(
+        "window",
+        format!("{:?}", a.window),
+        format!("{:?}", b.window),
+    );
+    field("sock", format!("{:?}", a.sock), format!("{:?}", b.sock));
+    field("tcp", format!("{:?}", a.tcp), format!("{:?}", b.tcp));
+    out.join("; ")
+}
+
+/// Nothing a failed attempt does changes the next one: after an abort at
+/// each step (plan, freeze, in the capture, after it), a capture records
+/// every socket exactly as the first did — options (`SO_REUSEADDR`, which
+/// leaving repair mode clears, among them), queues, sequence numbers,
+/// windows — and the sockets' options read directly are unchanged; then the
+/// connections serve on and the set migrates.
+#[test]
+fn tcp_an_aborted_attempt_leaves_every_socket_as_it_was() {
+    if !privileged("tcp_an_aborted_attempt_leaves_every_socket_as_it_was") {
+        return;
+    }
+    let Setup {
+        topo,
+        mut peer,
+        listener,
+        addr,
+    } = setup(false, 7010);
+    const N: usize = 4;
+    peer.cmd(&format!("connect {addr} {N} 4096"));
+    let mut conns: Vec<TcpStream> = (0..N).map(|_| listener.accept().unwrap().0).collect();
+    let reuse = [true, false, true, false];
+    for (c, r) in conns.iter().zip(reuse) {
+        socket2::SockRef::from(c).set_reuse_address(r).unwrap();
+    }
+    conns[0].set_nodelay(true).unwrap();
+    let k1 = socket2::SockRef::from(&conns[1]);
+    k1.set_keepalive(true).unwrap();
+    k1.set_mark(7).unwrap();
+    k1.set_tos_v4(0x10).unwrap();
+    socket2::SockRef::from(&conns[2])
+        .set_tcp_user_timeout(Some(Duration::from_millis(30_000)))
+        .unwrap();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(&pat("S1", i)).unwrap();
+    }
+    // Bytes the peer's small window holds back: a send queue with unsent
+    // bytes. Captured once nothing is in flight any more (the window closed),
+    // so that only an attempt could change it.
+    let big = fill(&mut conns[N - 1]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fd = conns[N - 1].as_fd();
+        let (outq, unsent) = (
+            lmig_net::sys::outq(fd).unwrap(),
+            lmig_net::sys::outq_nsd(fd).unwrap(),
+        );
+        if outq == unsent && unsent > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} bytes stay in flight",
+            outq - unsent
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    peer.cmd("sendpat P1");
+    for (i, c) in conns.iter().enumerate() {
+        wait_inq(c, pat("P1", i).len() as u32);
+    }
+    let mut socks: Vec<OwnedFd> = conns.into_iter().map(OwnedFd::from).collect();
+    socks.push(OwnedFd::from(listener));
+    let listen_reuse = reuse_addr(&socks[N]);
+
+    let first = without_clock(aborted_attempt(&socks, AbortAt::Captured).unwrap());
+    assert_eq!(first.len(), N + 1);
+    for at in [
+        AbortAt::Plan,
+        AbortAt::Freeze,
+        AbortAt::Capture,
+        AbortAt::Captured,
+    ] {
+        aborted_attempt(&socks, at);
+        for (i, s) in socks[..N].iter().enumerate() {
+            assert_eq!(
+                reuse_addr(s),
+                reuse[i],
+                "connection {i} after an abort at {at:?}"
+            );
+        }
+        assert_eq!(reuse_addr(&socks[N]), listen_reuse, "listener after {at:?}");
+        let again = without_clock(aborted_attempt(&socks, AbortAt::Captured).unwrap());
+        for (a, b) in first.iter().zip(&again) {
+            same_socket(a, b, at);
+        }
+    }
+
+    // The connections serve on, then move with the listener.
+    let (_, fds) = migrate(&topo, socks);
+    let mut fds = fds.into_iter();
+    let mut conns: Vec<TcpStream> = fds.by_ref().take(N).map(TcpStream::from).collect();
+    let listener = TcpListener::from(fds.next().unwrap());
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert_eq!(reuse_addr(c), reuse[i], "connection {i} restored");
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        common::read_exact_eq(c, &pat("P1", i)).unwrap();
+        c.write_all(&pat("S2", i)).unwrap();
+    }
+    peer.cmd("expect S1");
+    peer.cmd(&format!("expect_big {} {big}", N - 1));
+    peer.cmd("expect S2");
+    peer.cmd(&format!("connect {addr} 1 0"));
+    let (mut c, _) = listener.accept().unwrap();
+    c.write_all(&pat("S3", N)).unwrap();
+    peer.cmd(&format!("expect_one {N} S3"));
+    peer.cmd("check");
 }
 
 /// `pidfd_getfd`: a connection is taken from a process by fd number (here

@@ -492,6 +492,12 @@ pub fn outq_nsd(fd: BorrowedFd<'_>) -> io::Result<u32> {
     ioctl_int(fd, SIOCOUTQNSD)
 }
 
+/// `getsockopt(SO_PEEK_OFF)`: the program's peek offset (-1: off).
+#[doc(alias = "SO_PEEK_OFF")]
+pub fn peek_off(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    getsockopt_int(fd, libc::SOL_SOCKET, SO_PEEK_OFF)
+}
+
 /// `setsockopt(SO_PEEK_OFF)`: -1 switches peeking with an offset off.
 #[doc(alias = "SO_PEEK_OFF")]
 pub fn set_peek_off(fd: BorrowedFd<'_>, off: i32) -> io::Result<()> {
