@@ -33,12 +33,21 @@ pub enum TransportError {
     },
 
     /// The peer refused our handshake and closed the connection.
-    #[error(
-        "the peer refused the connection: {reason:?} (wrong key, replayed or misplaced handshake)"
-    )]
+    #[error("the peer refused the connection: {reason}")]
     Rejected {
         /// The peer's (coarse) reason.
         reason: RejectReason,
+    },
+
+    /// The listener dropped this connection during its handshake to make
+    /// room: `cap` unauthenticated connections were in flight and this one
+    /// had made the least progress (no valid `Hello`, then the oldest).
+    #[error(
+        "dropped during the handshake: {cap} unauthenticated connections in flight and this one had made the least progress"
+    )]
+    Evicted {
+        /// [`crate::ChannelConfig::max_handshakes`].
+        cap: usize,
     },
 
     /// A protocol message arrived before the stream was authenticated.

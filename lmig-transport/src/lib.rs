@@ -20,6 +20,14 @@
 //!   [`wire::MAX_FRAME_PAYLOAD`] (64 MiB) per frame, nor hold more than
 //!   [`wire::MAX_MESSAGE_BYTES`] for a message it sends in fragments.
 //! * Pages of one lane arrive in the order they were sent.
+//! * A listener survives any stranger: connections are accepted and
+//!   authenticated in the background, several at once, each within a total
+//!   deadline; at most [`ChannelConfig::max_handshakes`] unauthenticated
+//!   connections are held (the one with the least progress makes room) and
+//!   none of them gets a receive buffer beyond its small handshake frame. A
+//!   refused connection costs only itself: it is reported to
+//!   [`ChannelConfig::on_reject`] as a [`Rejection`], counted in
+//!   [`Listener::stats`], and [`Listener::accept`] keeps waiting.
 //!
 //! # Non-goals (for now)
 //!
@@ -57,6 +65,8 @@ pub mod fuzzing;
 pub mod wire;
 
 pub use auth::AuthKey;
-pub use channel::{ChannelConfig, Endpoint, Listener, StreamChannel, connect, pair};
+pub use channel::{
+    ChannelConfig, Endpoint, Listener, ListenerStats, Rejection, StreamChannel, connect, pair,
+};
 pub use error::{Result, TransportError};
 pub use wire::WireError;

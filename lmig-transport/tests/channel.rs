@@ -3,8 +3,8 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,28 @@ fn config(streams: usize) -> ChannelConfig {
     let mut c = ChannelConfig::new(key(1)).with_data_streams(streams);
     c.handshake_timeout = Duration::from_secs(10);
     c
+}
+
+/// A config whose rejection hook sends `(peer, Debug of the error)` down a channel.
+fn hooked(streams: usize) -> (ChannelConfig, mpsc::Receiver<(String, String)>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let c = config(streams).on_reject(move |r| {
+        let _ = tx
+            .lock()
+            .unwrap()
+            .send((r.peer.clone(), format!("{:?}", r.error)));
+    });
+    (c, rx)
+}
+
+/// The listener refused the stranger and keeps waiting: `accept_timeout`
+/// ends with a timeout, not the stranger's error.
+fn still_waiting(listener: &Listener) {
+    let e = listener
+        .accept_timeout(Duration::from_millis(300))
+        .unwrap_err();
+    assert!(matches!(e, TransportError::Timeout { .. }), "{e}");
 }
 
 fn tcp_pair(streams: usize) -> (StreamChannel, StreamChannel) {
@@ -210,22 +232,19 @@ fn shutdown_fails_pending_operations() {
 
 #[test]
 fn wrong_key_fails_both_sides() {
-    let listener =
-        Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config(1)).unwrap();
+    let (cfg, rejected) = hooked(1);
+    let listener = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), cfg).unwrap();
     let ep = listener.local_endpoint().clone();
-    let d = thread::spawn(move || {
-        let mut c = config(1);
-        c.key = key(2);
-        connect(&ep, c)
-    });
-    let l = listener.accept_timeout(T).unwrap_err();
-    let d = d.join().unwrap().unwrap_err();
-    assert!(
-        matches!(l, TransportError::AuthFailed { .. }),
-        "listener: {l}"
-    );
+    let mut c = config(1);
+    c.key = key(2);
+    let d = connect(&ep, c).unwrap_err();
     assert!(matches!(d, TransportError::Rejected { .. }), "dialer: {d}");
     assert!(d.to_string().contains("refused"), "{d}");
+    let (peer, l) = rejected.recv_timeout(T).unwrap();
+    assert!(l.starts_with("AuthFailed"), "listener: {l}");
+    assert!(peer.starts_with("127.0.0.1:"), "{peer}");
+    still_waiting(&listener);
+    assert_eq!(listener.stats().rejected, 1);
 }
 
 fn read_frames(s: &mut TcpStream) -> Vec<Kind> {
@@ -243,8 +262,8 @@ fn read_frames(s: &mut TcpStream) -> Vec<Kind> {
 
 #[test]
 fn message_before_auth_is_refused() {
-    let listener =
-        Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config(1)).unwrap();
+    let (cfg, rejected) = hooked(1);
+    let listener = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), cfg).unwrap();
     let Endpoint::Tcp(addr) = listener.local_endpoint().clone() else {
         unreachable!()
     };
@@ -258,13 +277,11 @@ fn message_before_auth_is_refused() {
             .unwrap();
         read_frames(&mut s)
     });
-    let e = listener.accept_timeout(T).unwrap_err();
-    assert!(
-        matches!(e, TransportError::Unauthenticated { got: "Pages" }),
-        "{e}"
-    );
+    let (_, e) = rejected.recv_timeout(T).unwrap();
+    assert!(e.starts_with("Unauthenticated { got: \"Pages\" }"), "{e}");
     // The client got a Reject and the connection closed, nothing else.
     assert_eq!(client.join().unwrap(), vec![Kind::Reject]);
+    still_waiting(&listener);
 }
 
 #[test]
@@ -332,8 +349,8 @@ fn recording_proxy(
 
 #[test]
 fn replayed_handshake_is_refused() {
-    let listener =
-        Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config(1)).unwrap();
+    let (cfg, rejected) = hooked(1);
+    let listener = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), cfg).unwrap();
     let Endpoint::Tcp(real) = listener.local_endpoint().clone() else {
         unreachable!()
     };
@@ -346,9 +363,8 @@ fn replayed_handshake_is_refused() {
         c.handshake_timeout = Duration::from_secs(2);
         let _ = connect(&Endpoint::Tcp(proxy), c);
     });
-    // The listener authenticates the genuine first stream; then it waits
-    // for the rest, which never comes through the proxy: time out.
-    let _ = listener.accept_timeout(Duration::from_secs(3));
+    // The listener authenticates the genuine first stream; the rest never
+    // comes through the proxy.
     dialer.join().unwrap();
     let rec = recorded.join().unwrap();
     let mut b = BytesMut::from(&rec[..]);
@@ -370,12 +386,14 @@ fn replayed_handshake_is_refused() {
         s.write_all(&frames[1].1).unwrap();
         read_frames(&mut s)
     });
-    let e = listener.accept_timeout(T).unwrap_err();
-    assert!(matches!(e, TransportError::AuthFailed { .. }), "{e}");
     assert_eq!(
         replayer.join().unwrap(),
         vec![Kind::Challenge, Kind::Reject]
     );
+    // The genuine dialer's second stream found no proxy; the replay was refused.
+    let (_, e) = rejected.recv_timeout(T).unwrap();
+    assert!(e.starts_with("AuthFailed"), "{e}");
+    still_waiting(&listener);
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +24,11 @@ pub(crate) trait Conn: Read + Write + Send + Sync {
     fn try_clone_conn(&self) -> io::Result<Box<dyn Conn>>;
     /// Close both directions; blocked readers and writers return.
     fn shutdown_conn(&self);
+    /// Close the reading direction only: a blocked reader returns (end of
+    /// stream) and the connection can still send a last frame.
+    fn shutdown_read(&self);
+    /// The peer, for reports: `198.51.100.3:41234`, `unix` or `memory`.
+    fn peer_name(&self) -> String;
     /// Read and write timeouts (`None`: block).
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
     /// Wait at most `timeout` until a read would not block (bytes, the end
@@ -51,6 +57,13 @@ impl Conn for TcpStream {
     fn shutdown_conn(&self) {
         let _ = self.shutdown(Shutdown::Both);
     }
+    fn shutdown_read(&self) {
+        let _ = self.shutdown(Shutdown::Read);
+    }
+    fn peer_name(&self) -> String {
+        self.peer_addr()
+            .map_or_else(|_| "tcp (peer address unknown)".into(), |a| a.to_string())
+    }
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(read)?;
         self.set_write_timeout(write)
@@ -66,6 +79,12 @@ impl Conn for UnixStream {
     }
     fn shutdown_conn(&self) {
         let _ = self.shutdown(Shutdown::Both);
+    }
+    fn shutdown_read(&self) {
+        let _ = self.shutdown(Shutdown::Read);
+    }
+    fn peer_name(&self) -> String {
+        "unix".into()
     }
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(read)?;
@@ -212,7 +231,15 @@ impl FrameReader {
                     .into());
                 }
             }
-            let frame = if HEADER_LEN + len <= POOL_BUF {
+            let frame = if !self.authenticated {
+                // A handshake frame (at most MAX_HANDSHAKE_PAYLOAD bytes): an
+                // exact-size buffer, so a connection that has not proved
+                // anything never costs a pool buffer.
+                let mut buf = vec![0u8; HEADER_LEN + len];
+                buf[..HEADER_LEN].copy_from_slice(&header);
+                read_payload(&mut *self.conn, &mut buf[HEADER_LEN..], during)?;
+                Bytes::from(buf)
+            } else if HEADER_LEN + len <= POOL_BUF {
                 let mut buf = self.pool.take();
                 buf[..HEADER_LEN].copy_from_slice(&header);
                 read_payload(
@@ -264,6 +291,8 @@ pub(crate) struct HandshakeConn<'a> {
     pub(crate) writer: &'a mut dyn Conn,
     /// The read timeout set on the connection, for error messages.
     pub(crate) timeout: Duration,
+    /// Set once a valid `Hello` arrived (the listener's measure of progress).
+    pub(crate) hello_seen: Option<&'a AtomicBool>,
 }
 
 impl HandshakeIo for HandshakeConn<'_> {
@@ -279,7 +308,12 @@ impl HandshakeIo for HandshakeConn<'_> {
 
     fn recv(&mut self) -> Result<Handshake> {
         match self.reader.next("during the handshake") {
-            Ok(ReadOutcome::Item(WireItem::Handshake(h))) => Ok(h),
+            Ok(ReadOutcome::Item(WireItem::Handshake(h))) => {
+                if let (Handshake::Hello(_), Some(seen)) = (&h, self.hello_seen) {
+                    seen.store(true, Ordering::Release);
+                }
+                Ok(h)
+            }
             Ok(ReadOutcome::Item(WireItem::Message(m))) => {
                 let _ = self.send(&Handshake::Reject(crate::wire::Reject {
                     reason: crate::wire::RejectReason::Unexpected,

@@ -20,7 +20,9 @@
 //! request or reply wakes the thread that acts on it and no other.
 //!
 //! Either side may listen: [`Listener::bind`] + [`Listener::accept`] on one,
-//! [`connect`] on the other. [`pair`] builds an in-memory channel pair
+//! [`connect`] on the other. A listener accepts and authenticates
+//! connections in the background (see `accept.rs`): strangers are refused,
+//! reported and counted without disturbing anyone waiting for a channel. [`pair`] builds an in-memory channel pair
 //! that still encodes, authenticates and decodes every frame.
 //!
 //! # Failures
@@ -42,13 +44,13 @@
 //! channel. Call it on both sides; messages that were in flight on the
 //! broken connections are lost (the session resends what is missing).
 
+mod accept;
 mod conn;
 mod limit;
 mod net;
 mod pipe;
 mod queue;
 
-use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -59,9 +61,11 @@ use std::time::{Duration, Instant};
 use lmig_core::protocol::{Message, PageBatch};
 use lmig_core::{Channel, MigrationError};
 
-use crate::auth::{self, AuthKey, ReplayCache};
+use crate::auth::{self, AuthKey};
 use crate::error::{Result, TransportError};
 use crate::wire::{Hello, SESSION_ID_LEN, StreamRole, WireItem, encode_message};
+use accept::{ListenerCore, RejectHook};
+pub use accept::{ListenerStats, Rejection};
 use conn::{Conn, FrameReader, HandshakeConn, ReadOutcome};
 use limit::TokenBucket;
 pub use net::{Endpoint, connect};
@@ -78,7 +82,9 @@ pub struct ChannelConfig {
     /// Bytes per second over all streams together (frames and headers);
     /// `None`: unlimited.
     pub bandwidth_limit: Option<u64>,
-    /// Longest wait for each step of a stream's handshake.
+    /// Longest wait for each step of a stream's handshake; on the listening
+    /// side also the longest a whole handshake may take (a peer trickling
+    /// bytes is cut at this deadline).
     pub handshake_timeout: Duration,
     /// Longest wait to establish a TCP connection.
     pub connect_timeout: Duration,
@@ -91,12 +97,21 @@ pub struct ChannelConfig {
     pub queue_depth: usize,
     /// How long the listening side's `reconnect` waits for the dialer.
     pub reconnect_timeout: Duration,
+    /// Most unauthenticated connections a listener handshakes at once. When
+    /// one more arrives, the one that made the least progress (no valid
+    /// `Hello` yet, then the oldest) is dropped with a `Busy` reject: a
+    /// flood of idle connections cannot lock out a dialer, which sends its
+    /// `Hello` at once.
+    pub max_handshakes: usize,
+    /// Called with every connection a listener refuses.
+    on_reject: RejectHook,
 }
 
 impl ChannelConfig {
     /// Defaults: one data stream, no bandwidth limit, 10 s handshake and
     /// connect timeouts, 60 s write timeout, kernel socket buffers, a queue
-    /// of 64 messages, 30 s to reconnect.
+    /// of 64 messages, 30 s to reconnect, 64 handshakes in flight per
+    /// listener, no rejection hook.
     pub fn new(key: AuthKey) -> Self {
         Self {
             key,
@@ -108,7 +123,18 @@ impl ChannelConfig {
             socket_buffer: None,
             queue_depth: 64,
             reconnect_timeout: Duration::from_secs(30),
+            max_handshakes: 64,
+            on_reject: RejectHook::default(),
         }
+    }
+
+    /// Call `f` with every connection a listener using this config refuses
+    /// (bad bytes, wrong key, replay, timeout, eviction…), on the thread
+    /// that ran its handshake. Keep it short; it must not block.
+    #[must_use]
+    pub fn on_reject(mut self, f: impl Fn(&Rejection) + Send + Sync + 'static) -> Self {
+        self.on_reject = RejectHook::new(f);
+        self
     }
 
     /// Set the number of data streams.
@@ -133,6 +159,9 @@ impl ChannelConfig {
         if self.queue_depth == 0 {
             return Err(TransportError::Config("queue depth 0".into()));
         }
+        if self.max_handshakes == 0 {
+            return Err(TransportError::Config("max_handshakes 0".into()));
+        }
         Ok(())
     }
 }
@@ -149,7 +178,7 @@ pub(crate) trait AcceptConn: Send + Sync {
         &self,
         config: &ChannelConfig,
         deadline: Option<Instant>,
-    ) -> Result<Option<Box<dyn Conn>>>;
+    ) -> std::io::Result<Option<Box<dyn Conn>>>;
 }
 
 /// A connection after its handshake: a writer and a framed reader.
@@ -244,6 +273,7 @@ fn handshake_dial(
             reader: &mut reader,
             writer: &mut *writer,
             timeout: config.handshake_timeout,
+            hello_seen: None,
         },
         &config.key,
         hello,
@@ -259,186 +289,7 @@ fn handshake_dial(
     Ok(Stream { writer, reader })
 }
 
-/// Streams of one (session, generation) accepted so far.
-struct Pending {
-    data_streams: u16,
-    control: Option<Stream>,
-    urgent: Option<Stream>,
-    data: Vec<Option<Stream>>,
-}
-
-impl Pending {
-    fn new(data_streams: u16) -> Self {
-        Self {
-            data_streams,
-            control: None,
-            urgent: None,
-            data: (0..data_streams).map(|_| None).collect(),
-        }
-    }
-
-    fn has(&self, role: StreamRole, index: u16) -> bool {
-        match role {
-            StreamRole::Control => self.control.is_some(),
-            StreamRole::Urgent => self.urgent.is_some(),
-            StreamRole::Data => self
-                .data
-                .get(usize::from(index))
-                .is_some_and(Option::is_some),
-        }
-    }
-
-    fn complete(&self) -> bool {
-        self.control.is_some() && self.urgent.is_some() && self.data.iter().all(Option::is_some)
-    }
-
-    fn into_streams(self) -> Option<Streams> {
-        Some(Streams {
-            control: self.control?,
-            urgent: self.urgent?,
-            data: self.data.into_iter().collect::<Option<Vec<_>>>()?,
-        })
-    }
-}
-
 type Key = ([u8; SESSION_ID_LEN], u32);
-
-/// The listening side, shared with the channels it accepted (for `reconnect`).
-struct ListenerCore {
-    acceptor: Box<dyn AcceptConn>,
-    config: ChannelConfig,
-    replay: Mutex<ReplayCache>,
-    pending: Mutex<HashMap<Key, Pending>>,
-    /// Sessions accepted, with their current generation.
-    established: Mutex<HashMap<[u8; SESSION_ID_LEN], u32>>,
-    accept_lock: Mutex<()>,
-}
-
-impl ListenerCore {
-    fn new(acceptor: Box<dyn AcceptConn>, config: ChannelConfig) -> Self {
-        Self {
-            acceptor,
-            config,
-            replay: Mutex::default(),
-            pending: Mutex::default(),
-            established: Mutex::default(),
-            accept_lock: Mutex::new(()),
-        }
-    }
-
-    fn take_complete(&self, want: &dyn Fn(&Key) -> bool) -> Option<(Key, Streams)> {
-        let mut pending = lock(&self.pending);
-        let key = *pending.iter().find(|(k, p)| want(k) && p.complete())?.0;
-        let p = pending.remove(&key)?;
-        Some((key, p.into_streams()?))
-    }
-
-    /// Accept streams until a complete set matching `want` is there. A
-    /// stream that fails its handshake is an error if `fail_fast`, else it
-    /// is closed and skipped.
-    fn accept_set(
-        &self,
-        want: &dyn Fn(&Key) -> bool,
-        deadline: Option<Instant>,
-        fail_fast: bool,
-    ) -> Result<(Key, Streams)> {
-        loop {
-            if let Some(set) = self.take_complete(want) {
-                return Ok(set);
-            }
-            let _guard = lock(&self.accept_lock);
-            if let Some(set) = self.take_complete(want) {
-                return Ok(set);
-            }
-            let Some(conn) = self.acceptor.accept_conn(&self.config, deadline)? else {
-                return Err(TransportError::Timeout {
-                    waiting_for: "the dialer's streams",
-                    after: deadline.map_or(Duration::ZERO, |d| {
-                        d.saturating_duration_since(Instant::now())
-                    }),
-                });
-            };
-            match self.accept_stream(conn) {
-                Ok(()) => {}
-                Err(e) if fail_fast => return Err(e),
-                Err(_) => {}
-            }
-        }
-    }
-
-    /// Authenticate one connection and file it under its session.
-    fn accept_stream(&self, conn: Box<dyn Conn>) -> Result<()> {
-        let config = &self.config;
-        let io_err = |e| TransportError::io("preparing an accepted stream", e);
-        conn.set_timeouts(
-            Some(config.handshake_timeout),
-            Some(config.handshake_timeout),
-        )
-        .map_err(io_err)?;
-        let mut writer = conn.try_clone_conn().map_err(io_err)?;
-        let mut reader = FrameReader::new(conn);
-        let check = |h: &Hello| -> Result<()> {
-            let bad = |detail: String| Err(TransportError::Handshake { detail });
-            let established = lock(&self.established).get(&h.session).copied();
-            match (h.generation, established) {
-                (0, Some(_)) => return bad("a new stream for a session already established".into()),
-                (g, Some(cur)) if g <= cur => return bad(format!("stale generation {g}")),
-                (g, None) if g > 0 => return bad("reconnect for an unknown session".into()),
-                _ => {}
-            }
-            let pending = lock(&self.pending);
-            if let Some(p) = pending.get(&(h.session, h.generation)) {
-                if p.data_streams != h.data_streams {
-                    return bad("streams disagree on the number of data lanes".into());
-                }
-                if p.has(h.role, h.index) {
-                    return bad(format!(
-                        "{} stream {} announced twice",
-                        role_name(h.role),
-                        h.index
-                    ));
-                }
-            }
-            Ok(())
-        };
-        let result = auth::accept(
-            &mut HandshakeConn {
-                reader: &mut reader,
-                writer: &mut *writer,
-                timeout: config.handshake_timeout,
-            },
-            &config.key,
-            &self.replay,
-            &check,
-        );
-        let hello = match result {
-            Ok(a) => a.hello,
-            Err(e) => {
-                writer.shutdown_conn();
-                return Err(e);
-            }
-        };
-        writer
-            .set_timeouts(None, config.write_timeout)
-            .map_err(io_err)?;
-        reader.set_authenticated();
-        let stream = Stream { writer, reader };
-        let mut pending = lock(&self.pending);
-        let p = pending
-            .entry((hello.session, hello.generation))
-            .or_insert_with(|| Pending::new(hello.data_streams));
-        match hello.role {
-            StreamRole::Control => p.control = Some(stream),
-            StreamRole::Urgent => p.urgent = Some(stream),
-            StreamRole::Data => {
-                if let Some(slot) = p.data.get_mut(usize::from(hello.index)) {
-                    *slot = Some(stream);
-                }
-            }
-        }
-        Ok(())
-    }
-}
 
 /// Accepts channels: binds an address, authenticates the dialer's streams
 /// and groups them into channels.
@@ -452,10 +303,8 @@ impl Listener {
     pub fn bind(endpoint: &Endpoint, config: ChannelConfig) -> Result<Self> {
         config.check()?;
         let (acceptor, local) = net::listen(endpoint, &config)?;
-        Ok(Self {
-            core: Arc::new(ListenerCore::new(acceptor, config)),
-            local,
-        })
+        let (core, _acceptor_thread) = ListenerCore::start(acceptor, config)?;
+        Ok(Self { core, local })
     }
 
     /// The address actually bound (with the port the kernel chose for port 0).
@@ -463,21 +312,29 @@ impl Listener {
         &self.local
     }
 
-    /// Wait for a dialer and return the authenticated channel. A connection
-    /// that fails authentication is closed and its error returned.
+    /// Wait for a dialer and return the authenticated channel.
+    ///
+    /// Connections are accepted and authenticated in the background, from
+    /// [`Listener::bind`] on, several at once. A connection that fails its
+    /// handshake costs that connection only: it is refused, reported to
+    /// [`ChannelConfig::on_reject`] and counted in [`Listener::stats`], and
+    /// this call keeps waiting. It fails only if the listening socket does.
     pub fn accept(&self) -> Result<StreamChannel> {
         self.accept_until(None)
     }
 
     /// [`Listener::accept`], giving up with [`TransportError::Timeout`] after `timeout`.
     pub fn accept_timeout(&self, timeout: Duration) -> Result<StreamChannel> {
-        self.accept_until(Some(Instant::now() + timeout))
+        self.accept_until(Some(timeout))
     }
 
-    fn accept_until(&self, deadline: Option<Instant>) -> Result<StreamChannel> {
-        let ((session, generation), streams) =
-            self.core.accept_set(&|k| k.1 == 0, deadline, true)?;
-        lock(&self.core.established).insert(session, generation);
+    /// What the listener has accepted, authenticated and refused so far.
+    pub fn stats(&self) -> ListenerStats {
+        self.core.stats()
+    }
+
+    fn accept_until(&self, wait: Option<Duration>) -> Result<StreamChannel> {
+        let ((session, generation), streams) = self.core.accept_set(&|k| k.1 == 0, wait)?;
         Ok(StreamChannel::start(
             streams,
             self.core.config.clone(),
@@ -711,13 +568,10 @@ impl StreamChannel {
             }
             Side::Listener(core) => {
                 let session = inner.session;
-                let deadline = Instant::now() + inner.config.reconnect_timeout;
                 let ((_, g), streams) = core.accept_set(
                     &|k: &Key| k.0 == session && k.1 > cur,
-                    Some(deadline),
-                    false,
+                    Some(inner.config.reconnect_timeout),
                 )?;
-                lock(&core.established).insert(session, g);
                 (g, streams)
             }
         };
@@ -1019,7 +873,7 @@ impl AcceptConn for MemAccept {
         &self,
         _config: &ChannelConfig,
         deadline: Option<Instant>,
-    ) -> Result<Option<Box<dyn Conn>>> {
+    ) -> std::io::Result<Option<Box<dyn Conn>>> {
         let rx = lock(&self.0);
         let r = match deadline {
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -1028,9 +882,10 @@ impl AcceptConn for MemAccept {
         match r {
             Ok(p) => Ok(Some(Box::new(p))),
             Err(RecvTimeoutError::Timeout) => Ok(None),
-            Err(RecvTimeoutError::Disconnected) => Err(TransportError::Closed {
-                during: "while accepting (in-memory dialer gone)",
-            }),
+            Err(RecvTimeoutError::Disconnected) => Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "in-memory dialer gone",
+            )),
         }
     }
 }
@@ -1041,25 +896,17 @@ impl AcceptConn for MemAccept {
 pub fn pair(config: ChannelConfig) -> Result<(StreamChannel, StreamChannel)> {
     config.check()?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let core = Arc::new(ListenerCore::new(
-        Box::new(MemAccept(Mutex::new(rx))),
-        config.clone(),
-    ));
+    let (core, _acceptor_thread) =
+        ListenerCore::start(Box::new(MemAccept(Mutex::new(rx))), config.clone())?;
     let dial = MemDial(Mutex::new(tx));
     let mut session = [0u8; SESSION_ID_LEN];
     auth::fill_random(&mut session)?;
-    let acceptor = {
-        let core = core.clone();
-        let deadline = Instant::now() + config.handshake_timeout;
-        thread::spawn(move || core.accept_set(&|k| k.1 == 0, Some(deadline), true))
-    };
-    let dialed = dial_streams(&dial, &config, session, 0);
-    let accepted = acceptor.join().map_err(|_| TransportError::Handshake {
-        detail: "the in-memory acceptor panicked".into(),
-    })?;
-    let dialed = dialed?;
-    let ((session_l, generation), accepted) = accepted?;
-    lock(&core.established).insert(session_l, generation);
+    // The listening side's handshakes run on its own threads.
+    let dialed = dial_streams(&dial, &config, session, 0)?;
+    let ((session_l, generation), accepted) = core.accept_set(
+        &|k| k.0 == session && k.1 == 0,
+        Some(config.handshake_timeout),
+    )?;
     let a = StreamChannel::start(
         dialed,
         config.clone(),

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,30 @@ impl Dial for Endpoint {
     }
 }
 
+/// Connections the kernel queues before the acceptor thread takes them (the
+/// kernel caps it at `net.core.somaxconn`, 4096 by default).
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// `accept(2)` failed: the OS error (kept as the source, so its code can
+/// be classified) and the endpoint.
+#[derive(Debug)]
+struct AcceptFailed {
+    on: String,
+    source: io::Error,
+}
+
+impl fmt::Display for AcceptFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "accepting on {}: {}", self.on, self.source)
+    }
+}
+
+impl std::error::Error for AcceptFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 /// Accepts with a deadline: `accept` on a blocking listening socket honours
 /// `SO_RCVTIMEO` on Linux, so a deadline costs no polling.
 struct SockAcceptor {
@@ -98,8 +122,7 @@ impl AcceptConn for SockAcceptor {
         &self,
         config: &ChannelConfig,
         deadline: Option<Instant>,
-    ) -> Result<Option<Box<dyn Conn>>> {
-        let ctx = |e| TransportError::io(format!("accepting on {}", self.name), e);
+    ) -> io::Result<Option<Box<dyn Conn>>> {
         loop {
             let timeout = match deadline {
                 None => None,
@@ -111,12 +134,18 @@ impl AcceptConn for SockAcceptor {
                     Some(left.max(Duration::from_millis(1)))
                 }
             };
-            self.sock.set_read_timeout(timeout).map_err(ctx)?;
+            self.sock.set_read_timeout(timeout)?;
             match self.sock.accept() {
                 Ok((s, _)) => {
-                    s.set_read_timeout(None).map_err(ctx)?;
+                    // A connection that cannot even be set up (reset at
+                    // once) is dropped; it says nothing about the listener.
+                    if s.set_read_timeout(None).is_err() {
+                        continue;
+                    }
                     if self.tcp {
-                        tune_tcp(&s, config).map_err(ctx)?;
+                        if tune_tcp(&s, config).is_err() {
+                            continue;
+                        }
                         return Ok(Some(Box::new(TcpStream::from(s))));
                     }
                     return Ok(Some(Box::new(UnixStream::from(s))));
@@ -128,7 +157,15 @@ impl AcceptConn for SockAcceptor {
                             | io::ErrorKind::TimedOut
                             | io::ErrorKind::Interrupted
                     ) => {}
-                Err(e) => return Err(ctx(e)),
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        AcceptFailed {
+                            on: self.name.clone(),
+                            source: e,
+                        },
+                    ));
+                }
             }
         }
     }
@@ -155,7 +192,7 @@ pub(super) fn listen(
                 sock.set_send_buffer_size(b).map_err(ctx)?;
             }
             sock.bind(&SockAddr::from(*addr)).map_err(ctx)?;
-            sock.listen(128).map_err(ctx)?;
+            sock.listen(LISTEN_BACKLOG).map_err(ctx)?;
             let local = sock
                 .local_addr()
                 .map_err(ctx)?
@@ -172,10 +209,13 @@ pub(super) fn listen(
             ))
         }
         Endpoint::Unix(path) => {
-            let l = UnixListener::bind(path).map_err(ctx)?;
+            let sock = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(ctx)?;
+            sock.bind(&SockAddr::unix(path).map_err(ctx)?)
+                .map_err(ctx)?;
+            sock.listen(LISTEN_BACKLOG).map_err(ctx)?;
             Ok((
                 Box::new(SockAcceptor {
-                    sock: Socket::from(l),
+                    sock,
                     tcp: false,
                     name: endpoint.to_string(),
                 }),

@@ -165,6 +165,16 @@ impl Conn for PipeEnd {
         }
     }
 
+    fn shutdown_read(&self) {
+        let mut s = self.rx.lock();
+        s.read_closed = true;
+        self.rx.cond.notify_all();
+    }
+
+    fn peer_name(&self) -> String {
+        "memory".into()
+    }
+
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         if let Ok(mut t) = self.timeouts.lock() {
             *t = (read, write);

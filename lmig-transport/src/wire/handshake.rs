@@ -98,14 +98,58 @@ pub struct Accept {
 }
 
 /// Why a stream was refused. Deliberately coarse: a failing peer learns nothing.
+///
+/// On the wire a single byte: `AuthFailed` 1, `Unexpected` 2, `BadStream` 3,
+/// `Timeout` 4, `Busy` 5.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum RejectReason {
     /// Authentication failed (wrong key, replayed handshake).
     AuthFailed,
-    /// A frame other than the next handshake step arrived.
+    /// A frame other than the next handshake step arrived (or bytes that
+    /// are not a frame).
     Unexpected,
     /// The stream does not fit the channel (role, index, session, generation).
     BadStream,
+    /// The handshake did not complete within the listener's deadline.
+    Timeout,
+    /// The listener had too many unauthenticated connections in flight and
+    /// dropped this one, which had made the least progress.
+    Busy,
+}
+
+impl RejectReason {
+    fn to_u8(self) -> u8 {
+        match self {
+            Self::AuthFailed => 1,
+            Self::Unexpected => 2,
+            Self::BadStream => 3,
+            Self::Timeout => 4,
+            Self::Busy => 5,
+        }
+    }
+
+    fn from_u8(v: u8) -> Result<Self> {
+        Ok(match v {
+            1 => Self::AuthFailed,
+            2 => Self::Unexpected,
+            3 => Self::BadStream,
+            4 => Self::Timeout,
+            5 => Self::Busy,
+            _ => return Err(WireError::bad("reject reason", format!("{v}"))),
+        })
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::AuthFailed => "authentication failed (wrong key or replayed handshake)",
+            Self::Unexpected => "unexpected frame during the handshake",
+            Self::BadStream => "the stream does not fit the channel",
+            Self::Timeout => "the handshake took too long",
+            Self::Busy => "too many unauthenticated connections",
+        })
+    }
 }
 
 /// The listener refuses the stream and closes it.
@@ -167,11 +211,7 @@ impl Handshake {
             Self::Challenge(c) => b.put_slice(&c.nonce),
             Self::Proof(p) => b.put_slice(&p.tag),
             Self::Accept(a) => b.put_slice(&a.tag),
-            Self::Reject(r) => b.put_u8(match r.reason {
-                RejectReason::AuthFailed => 1,
-                RejectReason::Unexpected => 2,
-                RejectReason::BadStream => 3,
-            }),
+            Self::Reject(r) => b.put_u8(r.reason.to_u8()),
         }
         b.freeze()
     }
@@ -216,12 +256,7 @@ impl Handshake {
             Kind::Proof => Self::Proof(Proof { tag: r.array()? }),
             Kind::Accept => Self::Accept(Accept { tag: r.array()? }),
             Kind::Reject => Self::Reject(Reject {
-                reason: match r.u8()? {
-                    1 => RejectReason::AuthFailed,
-                    2 => RejectReason::Unexpected,
-                    3 => RejectReason::BadStream,
-                    v => return Err(WireError::bad("reject reason", format!("{v}"))),
-                },
+                reason: RejectReason::from_u8(r.u8()?)?,
             }),
             k => {
                 return Err(WireError::bad(
@@ -260,6 +295,22 @@ mod tests {
     }
 
     #[test]
+    fn reject_codes_are_pinned() {
+        let all = [
+            (RejectReason::AuthFailed, 1),
+            (RejectReason::Unexpected, 2),
+            (RejectReason::BadStream, 3),
+            (RejectReason::Timeout, 4),
+            (RejectReason::Busy, 5),
+        ];
+        for (reason, code) in all {
+            let hs = Handshake::Reject(Reject { reason });
+            assert_eq!(&hs.emit()[..], &[code]);
+            assert_eq!(Handshake::parse(Kind::Reject, hs.emit()).unwrap(), hs);
+        }
+    }
+
+    #[test]
     fn hello_bad_index() {
         let mut h = hello();
         h.index = 2;
@@ -276,7 +327,8 @@ mod tests {
     fn short_and_long_bodies() {
         assert!(Handshake::parse(Kind::Challenge, Bytes::from_static(&[0; 31])).is_err());
         assert!(Handshake::parse(Kind::Challenge, Bytes::from_static(&[0; 33])).is_err());
-        assert!(Handshake::parse(Kind::Reject, Bytes::from_static(&[4])).is_err());
+        assert!(Handshake::parse(Kind::Reject, Bytes::from_static(&[0])).is_err());
+        assert!(Handshake::parse(Kind::Reject, Bytes::from_static(&[6])).is_err());
         assert!(Handshake::parse(Kind::Ready, Bytes::new()).is_err());
     }
 }
