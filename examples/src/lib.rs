@@ -3,5 +3,6 @@
 //! Everything here uses lmig's public API only, as a program linking lmig would.
 
 pub mod bench;
+pub mod hostile;
 pub mod kvd;
 pub mod scenario;

@@ -7,6 +7,7 @@
 use std::io::Write;
 
 pub mod handoff;
+pub mod hostile;
 pub mod migrate;
 pub mod peer;
 pub mod postcopy;

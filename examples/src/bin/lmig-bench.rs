@@ -35,6 +35,8 @@ enum Scenario {
     Transfer(lmig_examples::bench::transfer::Args),
     /// Split memory: remote paging, partial migration and reintegration across page hosts.
     Split(lmig_examples::bench::split::Args),
+    /// A genuine dialer's handshake while the listener holds a flood of idle and hostile connections.
+    Hostile(lmig_examples::bench::hostile::Args),
     /// The destination process of `transfer` (started by it).
     #[command(hide = true)]
     TransferPeer(lmig_examples::bench::transfer::PeerArgs),
@@ -59,6 +61,7 @@ fn main() {
         Scenario::Wire(a) => lmig_examples::bench::wire::run(a, out),
         Scenario::Transfer(a) => lmig_examples::bench::transfer::run(a, out),
         Scenario::Split(a) => lmig_examples::bench::split::run(a, out),
+        Scenario::Hostile(a) => lmig_examples::bench::hostile::run(a, out),
         Scenario::TransferPeer(a) => lmig_examples::bench::transfer::peer(a),
     };
     if let Err(e) = result {
