@@ -16,7 +16,7 @@ use lmig_net::topology::Topology;
 use serde_json::Value;
 
 use crate::bench::peer::{mono_ns, random_key_hex};
-use crate::kvd::load::{self, LoadReport};
+use crate::kvd::load::{self, KeyCheck, LoadReport};
 
 /// Error type of the scenario.
 pub type Error = Box<dyn std::error::Error>;
@@ -52,6 +52,9 @@ pub struct Options {
     pub fault: Option<Fault>,
 }
 
+/// Idle connections [`Fault::Strangers`] holds open through the migration.
+pub const STRANGERS_IDLE: usize = 1000;
+
 /// Failures the scenario can stage.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -59,6 +62,19 @@ pub enum Fault {
     WrongKey,
     /// No destination kvd at all: the address is unreachable.
     NoDestination,
+    /// The destination dies (`SIGKILL`) this many µs after the freeze
+    /// reaches it, and before `Ready` at the latest; then a fresh
+    /// destination is started and kvd migrated again, which must succeed.
+    KillDestinationInFreeze {
+        /// Delay after the destination's first socket record.
+        after_us: u64,
+    },
+    /// Strangers connect to the destination's migration address before the
+    /// migration (garbage, a 4 GiB length, a message before authentication,
+    /// a wrong key, a replayed and a truncated handshake) and hold
+    /// [`STRANGERS_IDLE`] idle connections open through it; the migration
+    /// must succeed.
+    Strangers,
 }
 
 /// What the scenario measured.
@@ -80,6 +96,18 @@ pub struct Report {
     pub migrated: bool,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// Migrations asked for (2 when the first destination was killed).
+    pub attempts: u32,
+    /// Why the first of two attempts failed.
+    pub first_attempt_error: Option<String>,
+    /// Whether the source kept serving after the failed first attempt.
+    pub first_attempt_source_serving: Option<bool>,
+    /// Every loaded key read back through the service address at the end.
+    pub keys: Option<KeyCheck>,
+    /// Connections the destination refused (its `refused` events).
+    pub refused: u64,
+    /// When the freeze reached the destination (its first socket record), ns.
+    pub destination_frozen_ns: Option<f64>,
     /// Where the timeline went.
     pub svg: Option<PathBuf>,
 }
@@ -127,6 +155,16 @@ fn events(stdout: ChildStdout) -> mpsc::Receiver<Value> {
 }
 
 fn wait_event(rx: &mpsc::Receiver<Value>, name: &str, timeout: Duration) -> Result<Value, Error> {
+    wait_event_seeing(rx, name, timeout, &mut Vec::new())
+}
+
+/// [`wait_event`], keeping the other events that came first in `seen`.
+fn wait_event_seeing(
+    rx: &mpsc::Receiver<Value>,
+    name: &str,
+    timeout: Duration,
+    seen: &mut Vec<Value>,
+) -> Result<Value, Error> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -135,10 +173,84 @@ fn wait_event(rx: &mpsc::Receiver<Value>, name: &str, timeout: Duration) -> Resu
             Ok(v) if v["event"] == "failed" => {
                 return Err(format!("kvd failed: {}", v["error"]).into());
             }
-            Ok(_) => continue,
+            Ok(v) => seen.push(v),
             Err(_) => return Err(format!("kvd did not report {name:?} within {timeout:?}").into()),
         }
     }
+}
+
+/// Start a destination kvd in B waiting on `incoming` (dying in the freeze
+/// after `die_at` µs, if given); its events.
+fn destination(
+    opts: &Options,
+    topo: &Topology,
+    incoming: &str,
+    key: &str,
+    die_at: Option<u64>,
+) -> Result<(Child, mpsc::Receiver<Value>), Error> {
+    let mut b = kvd(
+        opts,
+        &[
+            "--incoming".into(),
+            incoming.into(),
+            "--service-if".into(),
+            "eth0".into(),
+            "--service-addr".into(),
+            Topology::SERVICE_V4.to_string(),
+            "--service-prefix".into(),
+            "24".into(),
+        ],
+    );
+    b.env("LMIG_KEY", key);
+    if let Some(us) = die_at {
+        b.env(crate::kvd::migrate::DIE_IN_FREEZE_ENV, us.to_string());
+    }
+    let mut b = topo.b.spawn(&mut b)?;
+    let rx = events(b.stdout.take().ok_or("kvd B has no stdout")?);
+    Ok((b, rx))
+}
+
+/// Ask kvd A to migrate; its final reply (`ok` or `error`).
+fn migrate_once(admin_path: &Path, incoming: &str, opts: &Options) -> Result<Value, Error> {
+    let (_s, mut r) = admin(
+        admin_path,
+        &format!("migrate {incoming} {} {}", opts.mode, opts.streams),
+    )?;
+    let bar = opts.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(100);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("migrating {bar:40} {percent:>3}% {msg}")
+                .expect("valid template"),
+        );
+        bar
+    });
+    let mut source = Value::Null;
+    let mut line = String::new();
+    for _ in 0..1_000_000 {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            break;
+        }
+        let v: Value = serde_json::from_str(line.trim())?;
+        if let Some(p) = v.get("progress") {
+            if let (Some(bar), Some(pages), Some(total)) =
+                (&bar, p["pages"].as_f64(), p["total_pages"].as_f64())
+            {
+                bar.set_position((pages / total.max(1.0) * 100.0).min(100.0) as u64);
+                bar.set_message(format!(
+                    "{:.0} MiB sent",
+                    p["bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+                ));
+            }
+            continue;
+        }
+        source = v;
+        break;
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(source)
 }
 
 fn admin(path: &Path, line: &str) -> Result<(UnixStream, BufReader<UnixStream>), Error> {
@@ -198,25 +310,14 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     } else {
         key.clone()
     };
-    let mut b = kvd(
-        opts,
-        &[
-            "--incoming".into(),
-            incoming.clone(),
-            "--service-if".into(),
-            "eth0".into(),
-            "--service-addr".into(),
-            Topology::SERVICE_V4.to_string(),
-            "--service-prefix".into(),
-            "24".into(),
-        ],
-    );
-    b.env("LMIG_KEY", &b_key);
-    let b_events = if opts.fault == Some(Fault::NoDestination) {
+    let die_at = match opts.fault {
+        Some(Fault::KillDestinationInFreeze { after_us }) => Some(after_us),
+        _ => None,
+    };
+    let mut b_events = if opts.fault == Some(Fault::NoDestination) {
         mpsc::channel().1
     } else {
-        let mut b = topo.b.spawn(&mut b)?;
-        let rx = events(b.stdout.take().ok_or("kvd B has no stdout")?);
+        let (b, rx) = destination(opts, &topo, &incoming, &b_key, die_at)?;
         cleanup.children.push(b);
         rx
     };
@@ -269,54 +370,62 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     }
     std::thread::sleep(opts.warmup);
 
-    // Migrate.
-    let (_s, mut r) = admin(
-        &admin_path,
-        &format!("migrate {incoming} {} {}", opts.mode, opts.streams),
-    )?;
-    let bar = opts.progress.then(|| {
-        let bar = indicatif::ProgressBar::new(100);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("migrating {bar:40} {percent:>3}% {msg}")
-                .expect("valid template"),
-        );
-        bar
-    });
-    let mut source = Value::Null;
-    let mut line = String::new();
-    for _ in 0..1_000_000 {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            break;
+    // Strangers at the destination's door first; some stay through the migration.
+    let strangers = match opts.fault {
+        Some(Fault::Strangers) => {
+            let target: std::net::SocketAddr = incoming.parse()?;
+            let key = crate::bench::peer::key_from_hex(&key)?;
+            Some(
+                topo.client
+                    .run(move || -> std::io::Result<_> {
+                        let every = crate::hostile::every_kind(target, &key)?;
+                        let idle = crate::hostile::idle_many(target, STRANGERS_IDLE)?;
+                        Ok((every, idle))
+                    })?
+                    .map_err(|e| format!("strangers: {e}"))?,
+            )
         }
-        let v: Value = serde_json::from_str(line.trim())?;
-        if let Some(p) = v.get("progress") {
-            if let (Some(bar), Some(pages), Some(total)) =
-                (&bar, p["pages"].as_f64(), p["total_pages"].as_f64())
-            {
-                bar.set_position((pages / total.max(1.0) * 100.0).min(100.0) as u64);
-                bar.set_message(format!(
-                    "{:.0} MiB sent",
-                    p["bytes"].as_f64().unwrap_or(0.0) / 1048576.0
-                ));
-            }
-            continue;
-        }
-        source = v;
-        break;
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    let migrated = source.get("ok").is_some();
-    let mut report = Report {
-        migrated,
-        error: source.get("error").map(|e| e.to_string()),
-        source: source.clone(),
-        ..Report::default()
+        _ => None,
     };
+
+    // Migrate (twice when the first destination is killed in the freeze).
+    let mut report = Report::default();
+    let mut source = migrate_once(&admin_path, &incoming, opts)?;
+    report.attempts = 1;
+    if let Some(after_us) = die_at {
+        if source.get("ok").is_some() {
+            return Err(format!(
+                "the destination was to die {after_us} µs into the freeze, yet the migration committed"
+            )
+            .into());
+        }
+        report.first_attempt_error = source.get("error").map(|e| e.to_string());
+        report.first_attempt_source_serving = source["source_serving"].as_bool();
+        // The first destination is gone (SIGKILL); a fresh one takes its address.
+        if let Some(b1) = cleanup.children.last_mut() {
+            let _ = b1.wait();
+        }
+        let (b, rx) = destination(opts, &topo, &incoming, &key, None)?;
+        cleanup.children.push(b);
+        b_events = rx;
+        wait_event(&b_events, "waiting", Duration::from_secs(30))?;
+        source = migrate_once(&admin_path, &incoming, opts)?;
+        report.attempts = 2;
+    }
+    drop(strangers);
+    let migrated = source.get("ok").is_some();
+    report.migrated = migrated;
+    report.error = source.get("error").map(|e| e.to_string());
+    report.source = source.clone();
     if migrated {
-        report.destination = wait_event(&b_events, "migrated", Duration::from_secs(120))?;
+        let mut seen = Vec::new();
+        report.destination =
+            wait_event_seeing(&b_events, "migrated", Duration::from_secs(120), &mut seen)?;
+        report.refused = seen.iter().filter(|v| v["event"] == "refused").count() as u64;
+        report.destination_frozen_ns = seen
+            .iter()
+            .find(|v| v["event"] == "frozen")
+            .and_then(|v| v["mono_ns"].as_f64());
     }
     std::thread::sleep(opts.after);
     stop.store(true, Ordering::SeqCst);
@@ -329,6 +438,15 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         report.destination["resumed_ns"].as_f64(),
     ) {
         report.freeze_ms = (r - p) / 1e6;
+    }
+    if opts.keys > 0 {
+        let addr: std::net::SocketAddr = service.parse()?;
+        let keys = opts.keys;
+        report.keys = Some(
+            topo.client
+                .run(move || load::check_keys(addr, keys, crate::kvd::cli::POPULATE_VALUE_LEN))?
+                .map_err(|e| format!("reading every key back: {e}"))?,
+        );
     }
     report.client_stall_ms = load.max_latency_ms;
     report.client_p99_ms = load.client_p99();

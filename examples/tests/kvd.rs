@@ -49,16 +49,41 @@ fn kvd_migrates_live_and_survives_failed_migrations() {
     for mode in ["precopy", "postcopy", "hybrid"] {
         let r = scenario::run(&options(mode, None)).unwrap_or_else(|e| panic!("{mode}: {e}"));
         assert!(r.migrated, "{mode}: {:?}", r.error);
-        assert_eq!(r.load.conns_broken, 0, "{mode}: {:?}", r.load.first_error);
-        assert_eq!(
-            r.load.requests_failed, 0,
-            "{mode}: {:?}",
-            r.load.first_error
-        );
+        assert_served_every_key(&r, mode);
         assert!(r.load.requests_ok > 0, "{mode}");
-        assert_eq!(r.source["verified"], true, "{mode}: {}", r.source);
         assert_eq!(r.destination["verified"], true, "{mode}: {}", r.destination);
     }
+    // A destination killed in the freeze (at its first socket record, a
+    // little later, and just before `Ready`): the source serves on with
+    // every connection, then migrates to a fresh destination, and every key
+    // answers there.
+    for after_us in [0, 300, 1_000_000] {
+        let fault = Fault::KillDestinationInFreeze { after_us };
+        let r = scenario::run(&options("precopy", Some(fault)))
+            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
+        assert_eq!(r.attempts, 2, "{fault:?}");
+        assert!(
+            r.first_attempt_error.is_some(),
+            "{fault:?}: the first attempt failed"
+        );
+        assert_eq!(
+            r.first_attempt_source_serving,
+            Some(true),
+            "{fault:?}: {:?}",
+            r.first_attempt_error
+        );
+        assert!(r.migrated, "{fault:?}: the second attempt: {:?}", r.error);
+        assert_served_every_key(&r, &format!("{fault:?}"));
+    }
+    // Strangers at the destination's door (garbage, a 4 GiB length, a
+    // message before authentication, a wrong key, a replayed and a truncated
+    // handshake, idle connections held through the migration): each is
+    // refused and the real migration goes through.
+    let r = scenario::run(&options("precopy", Some(Fault::Strangers)))
+        .unwrap_or_else(|e| panic!("strangers: {e}"));
+    assert!(r.migrated, "strangers: {:?}", r.error);
+    assert!(r.refused >= 6, "strangers: {} refusals logged", r.refused);
+    assert_served_every_key(&r, "strangers");
     for fault in [Fault::WrongKey, Fault::NoDestination] {
         let r = scenario::run(&options("precopy", Some(fault)))
             .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
@@ -79,5 +104,25 @@ fn kvd_migrates_live_and_survives_failed_migrations() {
             r.load.first_error
         );
         assert!(r.load.requests_ok > 100, "{fault:?}");
+        let keys = r.keys.expect("keys were loaded");
+        assert_eq!((keys.checked, keys.wrong), (20_000, 0), "{fault:?}");
     }
+}
+
+/// Every connection kept, every reply right, every loaded key read back.
+fn assert_served_every_key(r: &scenario::Report, what: &str) {
+    assert_eq!(r.load.conns_broken, 0, "{what}: {:?}", r.load.first_error);
+    assert_eq!(
+        r.load.requests_failed, 0,
+        "{what}: {:?}",
+        r.load.first_error
+    );
+    assert_eq!(r.source["verified"], true, "{what}: {}", r.source);
+    let keys = r.keys.expect("keys were loaded");
+    assert_eq!(keys.checked, 20_000, "{what}");
+    assert_eq!(
+        keys.wrong, 0,
+        "{what}: first wrong key {:?}",
+        keys.first_wrong
+    );
 }

@@ -34,7 +34,11 @@ pub struct Args {
     /// Parallel data streams.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
-    /// Stage a failure: `wrong-key` or `no-destination` (kvd must keep serving on A).
+    /// Stage a failure: `wrong-key` or `no-destination` (kvd must keep
+    /// serving on A); `kill-dest-in-freeze:US` (the destination dies US µs
+    /// after the freeze reaches it, before `Ready` at the latest, and kvd
+    /// migrates again to a fresh one); `strangers` (hostile connections at
+    /// the destination before and during the migration).
     #[arg(long)]
     pub fault: Option<String>,
 }
@@ -48,7 +52,18 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         None => None,
         Some("wrong-key") => Some(Fault::WrongKey),
         Some("no-destination") => Some(Fault::NoDestination),
-        Some(other) => return Err(format!("--fault {other}: wrong-key or no-destination").into()),
+        Some("strangers") => Some(Fault::Strangers),
+        Some(f) if f.starts_with("kill-dest-in-freeze:") => Some(Fault::KillDestinationInFreeze {
+            after_us: f["kill-dest-in-freeze:".len()..]
+                .parse()
+                .map_err(|e| format!("--fault {f}: {e}"))?,
+        }),
+        Some(other) => {
+            return Err(format!(
+                "--fault {other}: wrong-key, no-destination, kill-dest-in-freeze:US or strangers"
+            )
+            .into());
+        }
     };
     let exe = std::env::current_exe()?;
     let opts = Options {
@@ -79,6 +94,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         .zip(paused)
         .map_or(-20.0, |(t, p)| (t - p) / 1e6);
     let timeline = json!({
+        "destination_frozen": r.destination_frozen_ns.and_then(|t| at(&json!(t))),
         "destination_handover": at(&d["handover_ns"]),
         "destination_last_page": at(&d["last_page_ns"]),
         "destination_ready": at(&d["ready_ns"]),
@@ -125,6 +141,13 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
                 .then(|| json!([round(at, 1), round(max, 2), n]))
         }).collect::<Vec<_>>(),
         "network_faults": r.destination["network_faults"],
+        "fault": args.fault,
+        "attempts": r.attempts,
+        "first_attempt_error": r.first_attempt_error,
+        "first_attempt_source_serving": r.first_attempt_source_serving,
+        "keys_checked": r.keys.map(|k| k.checked),
+        "keys_wrong": r.keys.map(|k| k.wrong),
+        "refused": r.refused,
         "first_client_error": r.load.first_error,
     }));
     Ok(())

@@ -109,7 +109,11 @@ pub fn page_host_main(
     lifetime: Duration,
 ) -> Result<(), BoxError> {
     let host = PageHost::new(HostId(id), tcp_dial(key.to_vec()));
-    let listener = Listener::bind(&Endpoint::Tcp(listen.parse()?), channel_config(key)?)?;
+    // A stranger costs its own connection only: refused, logged, and the
+    // host serves on.
+    let config = channel_config(key)?
+        .on_reject(|r: &lmig_transport::Rejection| eprintln!("lmig-pagehost: {r}"));
+    let listener = Listener::bind(&Endpoint::Tcp(listen.parse()?), config)?;
     let Endpoint::Tcp(addr) = listener.local_endpoint().clone() else {
         return Err("TCP listener expected".into());
     };

@@ -17,16 +17,21 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::bench::peer::{key_from_hex, mono_ns, now_mono_ns};
-use crate::kvd::migrate::{Dirtier, MigrateOptions, STORE_REGION, migrate_out, receive};
+use crate::kvd::migrate::{
+    Dirtier, MigrateOptions, ReceiveLog, STORE_REGION, migrate_out, receive,
+};
 use crate::kvd::server::{Control, Server};
 use crate::kvd::store::Store;
 use clap::Parser;
+use lmig_core::MigrationError;
+use lmig_core::session::DestinationReport;
 use lmig_core::session::Mode;
-use lmig_core::traits::Event;
+use lmig_core::traits::{Event, Phase};
 use lmig_mem::{RegionOptions, RegionSet};
 use lmig_net::{HandoffConfig, ServiceAddr};
 use serde_json::json;
@@ -64,6 +69,9 @@ pub struct Args {
     pub service_prefix: u8,
 }
 
+/// Bytes of each value `populate N` stores (`value:<n>:` padded with `x`).
+pub const POPULATE_VALUE_LEN: usize = 100;
+
 fn fail(msg: impl std::fmt::Display) -> ! {
     eprintln!("kvd: {msg}");
     std::process::exit(1)
@@ -82,6 +90,63 @@ fn event(v: serde_json::Value) {
     let _ = out.flush();
 }
 
+/// The destination's log: JSON events on stdout, refusals also on stderr
+/// (the first ten, then at every power of ten: a flood does not flood the log).
+struct JsonLog {
+    incoming: SocketAddr,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl ReceiveLog for JsonLog {
+    fn waiting(&self) {
+        event(
+            json!({"event": "waiting", "addr": self.incoming.to_string(), "pid": std::process::id()}),
+        );
+    }
+
+    fn refused(&self, peer: &str, reason: &str) {
+        let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= 10 || 10u64.pow(n.ilog10()) == n {
+            eprintln!("kvd: refused a connection from {peer} ({n} so far): {reason}");
+        }
+        event(json!({"event": "refused", "peer": peer, "reason": reason}));
+    }
+
+    fn phase(&self, phase: Phase) {
+        if phase == Phase::Frozen {
+            event(json!({"event": "frozen", "mono_ns": now_mono_ns()}));
+        }
+    }
+
+    fn report(&self, r: &Result<DestinationReport, MigrationError>) {
+        match r {
+            Ok(rep) => event(json!({
+                "event": "migrated",
+                "pages_placed": rep.pages_placed,
+                "postcopy_pages": rep.postcopy_pages,
+                "network_faults": rep.network_faults,
+                "duplicate_pages": rep.duplicate_pages,
+                "sockets": rep.sockets_restored,
+                "verified": rep.verification == lmig_core::protocol::Verification::Verified,
+                "resumed_ns": rep.resumed_at.map(mono_ns),
+                "handover_ns": rep.handover_at.map(mono_ns),
+                "last_page_ns": rep.last_page_at.map(mono_ns),
+                "ready_ns": rep.ready_at.map(mono_ns),
+                "complete_ns": rep.complete_at.map(mono_ns),
+                "warnings": rep.warnings,
+            })),
+            Err(e) => {
+                eprintln!("kvd: incoming migration failed: {e}");
+                event(json!({"event": "failed", "error": e.to_string()}))
+            }
+        }
+    }
+
+    fn serving(&self, at: Instant) {
+        event(json!({"event": "serving", "mono_ns": mono_ns(at)}));
+    }
+}
+
 /// Run kvd with these arguments (never returns on success paths that end the process).
 pub fn main_with(args: Args) {
     // One fd per client connection: take the whole allowance.
@@ -97,37 +162,11 @@ pub fn main_with(args: Args) {
     });
     if let Some(incoming) = args.incoming {
         let key = key();
-        let r = receive(
+        let log = Arc::new(JsonLog {
             incoming,
-            &key,
-            handoff,
-            Duration::from_secs(3600),
-            || {
-                event(
-                    json!({"event": "waiting", "addr": incoming.to_string(), "pid": std::process::id()}),
-                )
-            },
-            |at| event(json!({"event": "serving", "mono_ns": mono_ns(at)})),
-            |r| match r {
-                Ok(rep) => event(json!({
-                    "event": "migrated",
-                    "pages_placed": rep.pages_placed,
-                    "postcopy_pages": rep.postcopy_pages,
-                    "network_faults": rep.network_faults,
-                    "duplicate_pages": rep.duplicate_pages,
-                    "sockets": rep.sockets_restored,
-                    "verified": rep.verification == lmig_core::protocol::Verification::Verified,
-                    "resumed_ns": rep.resumed_at.map(mono_ns),
-                    "handover_ns": rep.handover_at.map(mono_ns),
-                    "last_page_ns": rep.last_page_at.map(mono_ns),
-                    "ready_ns": rep.ready_at.map(mono_ns),
-                    "complete_ns": rep.complete_at.map(mono_ns),
-                    "warnings": rep.warnings,
-                })),
-                Err(e) => event(json!({"event": "failed", "error": e.to_string()})),
-            },
-        );
-        if let Err(e) = r {
+            refused: Default::default(),
+        });
+        if let Err(e) = receive(incoming, &key, handoff, log) {
             fail(format!("incoming migration failed: {e}"));
         }
         return;
@@ -210,7 +249,10 @@ fn serve_admin(
                 "clients": control.counters.clients.load(Ordering::Relaxed),
                 "requests": control.counters.requests.load(Ordering::Relaxed),
             })),
-            ["populate", n] => match n.parse::<u64>().map(|n| store.populate(n, 100)) {
+            ["populate", n] => match n
+                .parse::<u64>()
+                .map(|n| store.populate(n, POPULATE_VALUE_LEN))
+            {
                 Ok(Ok(())) => reply(json!({"ok": true, "keys": store.len()})),
                 Ok(Err(e)) => reply(json!({"error": e.to_string()})),
                 Err(e) => reply(json!({"error": e.to_string()})),

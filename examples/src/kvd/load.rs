@@ -253,3 +253,64 @@ fn flush(c: &mut Client) -> bool {
     }
     true
 }
+
+/// What [`check_keys`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KeyCheck {
+    /// Keys read back.
+    pub checked: u64,
+    /// Keys missing or holding another value.
+    pub wrong: u64,
+    /// The first wrong key, if any.
+    pub first_wrong: Option<u64>,
+}
+
+/// Read back every key `populate count` loaded (`key:<n>` holding
+/// `value:<n>:` padded with `x` to `value_len` bytes), pipelined, and count
+/// the keys that are missing or wrong: the service answers every key.
+pub fn check_keys(addr: SocketAddr, count: u64, value_len: usize) -> std::io::Result<KeyCheck> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut check = KeyCheck::default();
+    let mut buf = Vec::new();
+    let mut rbuf = vec![0u8; 1 << 16];
+    const BATCH: u64 = 1000;
+    for first in (0..count).step_by(BATCH as usize) {
+        let last = (first + BATCH).min(count);
+        let mut req = Vec::new();
+        for n in first..last {
+            resp::request(&mut req, &[b"GET", format!("key:{n}").as_bytes()]);
+        }
+        s.write_all(&req)?;
+        let mut n = first;
+        // Bounded: each round reads bytes (or times out) and the batch's
+        // replies are finite.
+        while n < last {
+            match resp::parse_reply(&buf) {
+                Ok(Some((reply, used))) => {
+                    buf.drain(..used);
+                    let mut want = format!("value:{n}:").into_bytes();
+                    want.resize(value_len, b'x');
+                    check.checked += 1;
+                    if reply != Reply::Bulk(Some(want)) {
+                        check.wrong += 1;
+                        check.first_wrong.get_or_insert(n);
+                    }
+                    n += 1;
+                }
+                Ok(None) => {
+                    let got = s.read(&mut rbuf)?;
+                    if got == 0 {
+                        return Err(std::io::Error::new(
+                            ErrorKind::UnexpectedEof,
+                            format!("the server closed the connection at key {n}"),
+                        ));
+                    }
+                    buf.extend_from_slice(&rbuf[..got]);
+                }
+                Err(e) => return Err(std::io::Error::other(e.0)),
+            }
+        }
+    }
+    Ok(check)
+}

@@ -15,11 +15,13 @@ use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
 use lmig_core::session::{
     Destination, DestinationReport, Mode, Source, SourceConfig, SourceReport,
 };
-use lmig_core::traits::Event;
+use lmig_core::traits::{Event, Phase};
 use lmig_core::{MigrationError, SocketSink, SocketSource, StateSink, StateSource};
 use lmig_mem::{Backing, DestinationRegions, RegionSet, best_tracker};
 use lmig_net::{Handoff, HandoffConfig, Locked, NetSink, NetSource, SinkConfig};
-use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
+use lmig_transport::{
+    AuthKey, ChannelConfig, Endpoint, Listener, Rejection, StreamChannel, connect,
+};
 
 use super::server::{Control, Parked, Server, Wake, decode_state};
 use super::store::Store;
@@ -510,30 +512,103 @@ fn sink_config() -> SinkConfig {
     }
 }
 
-/// What the destination side reports.
-pub struct Received {
-    /// The session's report.
-    pub report: DestinationReport,
-    /// When the loop started serving.
-    pub serving_at: Instant,
+/// What the destination tells its operator, as it happens.
+pub trait ReceiveLog: Send + Sync {
+    /// Listening for migrations on the address.
+    fn waiting(&self);
+    /// A connection was refused before authentication (it cost nothing else).
+    fn refused(&self, peer: &str, reason: &str);
+    /// The session reached a phase (`Frozen` from the first socket record on).
+    fn phase(&self, _phase: Phase) {}
+    /// An attempt ended: a report, or an error (then, before `Commit`,
+    /// everything it brought was discarded and kvd waits for the next one).
+    fn report(&self, r: &Result<DestinationReport, MigrationError>);
+    /// The loop serves.
+    fn serving(&self, at: Instant);
 }
 
-/// Wait for one incoming migration on `listen`, then serve what arrived
-/// until this process is stopped. `on_serving` runs once the loop serves.
+/// Fault injection for tests of the failure paths: with
+/// `KVD_DIE_IN_FREEZE_US=<µs>`, a destination kills itself (`SIGKILL`, as
+/// `kill -9` from outside would) that long after the freeze reaches it (its
+/// first socket record), and at the latest just before it sends `Ready`: a
+/// destination lost in the freeze, before `Commit`, whatever the delay.
+pub const DIE_IN_FREEZE_ENV: &str = "KVD_DIE_IN_FREEZE_US";
+
+/// The observer that runs [`DIE_IN_FREEZE_ENV`] and reports phases.
+struct DestinationWatch {
+    log: Arc<dyn ReceiveLog>,
+    die_after: Option<Duration>,
+}
+
+fn die_now() -> ! {
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    std::process::abort()
+}
+
+impl lmig_core::traits::Observer for DestinationWatch {
+    fn event(&self, e: &Event) {
+        let Event::Phase { phase, .. } = e else {
+            return;
+        };
+        self.log.phase(*phase);
+        match (phase, self.die_after) {
+            (Phase::Frozen, Some(after)) => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(after);
+                    die_now()
+                });
+            }
+            // Never later than this: after `Ready` the source may commit.
+            (Phase::AwaitReady, Some(_)) => die_now(),
+            _ => {}
+        }
+    }
+}
+
+/// Wait for migrations on `listen` until one commits, then serve what
+/// arrived until this process is stopped. A connection that fails its
+/// handshake is refused (and logged) and the listener waits on; an attempt
+/// that fails before `Commit` is discarded and the next one awaited.
 pub fn receive(
     listen: SocketAddr,
     key: &[u8],
     handoff: Option<HandoffConfig>,
-    accept_timeout: Duration,
-    on_listening: impl FnOnce(),
-    on_serving: impl FnOnce(Instant) + Send,
-    on_report: impl FnOnce(&Result<DestinationReport, MigrationError>) + Send,
+    log: Arc<dyn ReceiveLog>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let config = ChannelConfig::new(AuthKey::new(key)?);
+    let die_after = std::env::var(DIE_IN_FREEZE_ENV)
+        .ok()
+        .map(|v| v.parse().map(Duration::from_micros))
+        .transpose()
+        .map_err(|e| format!("{DIE_IN_FREEZE_ENV}: {e}"))?;
+    let refused = log.clone();
+    let config = ChannelConfig::new(AuthKey::new(key)?)
+        .on_reject(move |r: &Rejection| refused.refused(&r.peer, &r.error.to_string()));
     let listener = Listener::bind(&Endpoint::Tcp(listen), config)?;
-    on_listening();
-    let channel = listener.accept_timeout(accept_timeout)?;
+    log.waiting();
+    let watch = DestinationWatch { log, die_after };
+    // Bounded by the operator: each attempt is an authenticated source's.
+    loop {
+        let channel = listener.accept()?;
+        if let Some(served) = attempt(&channel, handoff.clone(), &watch) {
+            return served;
+        }
+        watch.log.waiting();
+    }
+}
+
+/// One incoming migration: `None` if it failed before `Commit` (everything
+/// it brought is discarded), else how serving ended.
+fn attempt(
+    channel: &StreamChannel,
+    handoff: Option<HandoffConfig>,
+    watch: &DestinationWatch,
+) -> Option<Result<(), Box<dyn std::error::Error>>> {
+    let log = &*watch.log;
     let memory = DestinationRegions::new(Backing::Private).prefault(false);
+    let net = match NetSink::new(sink_config()) {
+        Ok(n) => n,
+        Err(e) => return Some(Err(e.into())),
+    };
     let (fds_tx, fds_rx) = mpsc::channel::<HashMap<u64, OwnedFd>>();
     let (early_tx, early_rx) = mpsc::channel::<Early>();
     let (go_tx, go_rx) = mpsc::channel::<ProgramState>();
@@ -541,10 +616,10 @@ pub fn receive(
         state: None,
         go: go_tx,
     };
-    let net = NetSink::new(sink_config())?;
-    std::thread::scope(|s| -> Result<(), Box<dyn std::error::Error>> {
+    std::thread::scope(|s| {
         let session = s.spawn(|| {
-            let dest = Destination::new(&channel, &memory, program);
+            let dest = Destination::new(channel, &memory, program)
+                .with_observer(|e: &Event| lmig_core::traits::Observer::event(watch, e));
             let r = match handoff {
                 Some(h) => match Handoff::new(net, h) {
                     Ok(sink) => dest
@@ -574,13 +649,16 @@ pub fn receive(
                     })
                     .run(),
             };
-            on_report(&r);
+            log.report(&r);
             r
         });
         // Register the sockets with the poller ahead of serving: the
         // prepared ones before the freeze, the others after `Commit` while
         // the session activates them (nothing arrives if the migration failed).
-        let mut pre = Server::preregister(&[], sink_config().nonblocking)?;
+        let mut pre = match Server::preregister(&[], sink_config().nonblocking) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e.into())),
+        };
         let mut preregistered = Duration::ZERO;
         while let Ok(early) = early_rx.recv() {
             let t = Instant::now();
@@ -594,42 +672,53 @@ pub fn receive(
                 break;
             }
         }
-        // Serve once the session resumes the program (at `Commit`).
-        let state = match go_rx.recv() {
-            Ok(state) => state,
-            Err(_) => {
-                let r = session.join().expect("session thread");
-                return Err(match r {
-                    Err(e) => e.into(),
-                    Ok(_) => "the session ended without resuming kvd".into(),
-                });
-            }
+        // Serve once the session resumes the program (at `Commit`); a
+        // session that ends without resuming it failed before `Commit`.
+        let Ok(state) = go_rx.recv() else {
+            // Its error went to the log; the poller's registrations close with it.
+            let _ = session.join();
+            return None;
         };
-        let mut fds = fds_rx.recv_timeout(Duration::from_secs(10))?;
-        let conns = decode_state(&state.data)?;
-        let listener = fds
-            .remove(&LISTENER_ID)
-            .ok_or("the listening socket did not arrive")?;
-        let mut restored = Vec::with_capacity(conns.len());
-        for (id, rbuf, wbuf) in conns {
-            // No socket: the client reset the connection before the capture
-            // (lmig-net left it out); it is closed here too.
-            let Some(fd) = fds.remove(&id) else { continue };
-            restored.push((id, std::net::TcpStream::from(fd), rbuf, wbuf));
-        }
-        let regions = memory.regions().ok_or("no regions arrived")?;
-        let store = Store::open(regions.get(STORE_REGION)?).map_err(|e| e.to_string())?;
-        let t = Instant::now();
-        let mut server = Server::with_poller(pre, std::net::TcpListener::from(listener), restored)?;
-        if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
-            eprintln!(
-                "kvd: sockets registered in {preregistered:?}, server built in {:?}",
-                t.elapsed()
-            );
-        }
-        on_serving(Instant::now());
-        server.run(&store)?;
-        let _ = session.join();
-        Ok(())
+        Some(
+            serve(state, &memory, pre, preregistered, &fds_rx, log).map(|()| {
+                let _ = session.join();
+            }),
+        )
     })
+}
+
+/// Serve the program resumed at `Commit` with the sockets the session hands over.
+fn serve(
+    state: ProgramState,
+    memory: &DestinationRegions,
+    pre: super::server::Preregistered,
+    preregistered: Duration,
+    fds_rx: &mpsc::Receiver<HashMap<u64, OwnedFd>>,
+    log: &dyn ReceiveLog,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut fds = fds_rx.recv_timeout(Duration::from_secs(10))?;
+    let conns = decode_state(&state.data)?;
+    let listener = fds
+        .remove(&LISTENER_ID)
+        .ok_or("the listening socket did not arrive")?;
+    let mut restored = Vec::with_capacity(conns.len());
+    for (id, rbuf, wbuf) in conns {
+        // No socket: the client reset the connection before the capture
+        // (lmig-net left it out); it is closed here too.
+        let Some(fd) = fds.remove(&id) else { continue };
+        restored.push((id, std::net::TcpStream::from(fd), rbuf, wbuf));
+    }
+    let regions = memory.regions().ok_or("no regions arrived")?;
+    let store = Store::open(regions.get(STORE_REGION)?).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let mut server = Server::with_poller(pre, std::net::TcpListener::from(listener), restored)?;
+    if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
+        eprintln!(
+            "kvd: sockets registered in {preregistered:?}, server built in {:?}",
+            t.elapsed()
+        );
+    }
+    log.serving(Instant::now());
+    server.run(&store)?;
+    Ok(())
 }
