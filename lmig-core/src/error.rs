@@ -111,6 +111,21 @@ pub enum MigrationError {
         region: RegionId,
     },
 
+    /// A trait implementation (the program's, or a backend's) panicked
+    /// while the session called it. Before `Commit` the session then
+    /// aborted as for any error: the source resumed the program (its
+    /// sockets out of repair mode), the destination discarded what it got.
+    /// After `Commit` (`committed`), the destination owns the program.
+    #[error("panicked {during}: {message}")]
+    Panicked {
+        /// Which step, e.g. `"before Commit"`.
+        during: &'static str,
+        /// The panic's message.
+        message: String,
+        /// It happened after `Commit`.
+        committed: bool,
+    },
+
     /// The source sent `Commit` but never heard back. The program is stopped
     /// on the source and may be running on the destination: check the
     /// destination before resuming anything by hand.
@@ -156,10 +171,18 @@ impl MigrationError {
 
     /// After this error on the source side, may the program keep running there?
     ///
-    /// True for every error except [`MigrationError::CommitUnconfirmed`]: the
-    /// session resumed the program before returning the error.
+    /// True for every error except [`MigrationError::CommitUnconfirmed`] and
+    /// a panic after `Commit`: the session resumed the program before
+    /// returning the error.
     pub fn source_may_run(&self) -> bool {
-        !matches!(self, Self::CommitUnconfirmed { .. })
+        !matches!(
+            self,
+            Self::CommitUnconfirmed { .. }
+                | Self::Panicked {
+                    committed: true,
+                    ..
+                }
+        )
     }
 }
 

@@ -672,3 +672,276 @@ fn a_socket_restore_failing_mid_freeze_aborts_and_the_source_runs_on() {
         assert!(!dst_prog.committed && dst_prog.discarded, "batch {fail_at}");
     }
 }
+
+/// Where a [`Panicky`] trait implementation panics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PanicAt {
+    /// The source program's `pause`.
+    Pause,
+    /// The source program's `capture` (its state, in the freeze).
+    StateCapture,
+    /// The socket source's `freeze`.
+    SocketFreeze,
+    /// The socket source's `capture` (on the session's capture thread).
+    SocketCapture,
+    /// The source memory's `read_pages` in the freeze (a page sender thread).
+    FinalPages,
+    /// The destination program's `restore`.
+    StateRestore,
+    /// The source program's `committed` (after `Commit`).
+    Committed,
+    /// The source memory's `read_pages` after `Commit` (the digests).
+    AfterCommitRead,
+}
+
+/// A program (source or destination) and memory that panic at one point
+/// and otherwise behave as [`NullProgram`] and [`VecMemory`].
+struct Panicky<'a> {
+    at: PanicAt,
+    program: NullProgram,
+    memory: &'a VecMemory,
+    /// The source program paused (shared by its program and memory).
+    frozen: &'a AtomicBool,
+    /// `Commit` went out (shared likewise; set by `committed`).
+    committed: &'a AtomicBool,
+    /// The source's tracker: the program marks a page written before it
+    /// pauses, so that the freeze reads memory.
+    tracker: Option<MarkTracker>,
+}
+
+impl<'a> Panicky<'a> {
+    fn new(
+        at: PanicAt,
+        memory: &'a VecMemory,
+        frozen: &'a AtomicBool,
+        committed: &'a AtomicBool,
+    ) -> Self {
+        Self {
+            at,
+            program: NullProgram::default(),
+            memory,
+            frozen,
+            committed,
+            tracker: None,
+        }
+    }
+}
+
+impl lmig_core::StateSource for Panicky<'_> {
+    fn pause(&mut self) -> lmig_core::Result<()> {
+        assert!(self.at != PanicAt::Pause, "the program's pause fell over");
+        if let Some(t) = &self.tracker {
+            t.mark(&PageRun::new(RegionId(1), 3, 2));
+        }
+        self.frozen.store(true, Ordering::SeqCst);
+        lmig_core::StateSource::pause(&mut self.program)
+    }
+    fn capture(&mut self) -> lmig_core::Result<ProgramState> {
+        assert!(
+            self.at != PanicAt::StateCapture,
+            "the state capture fell over"
+        );
+        lmig_core::StateSource::capture(&mut self.program)
+    }
+    fn resume(&mut self) -> lmig_core::Result<()> {
+        lmig_core::StateSource::resume(&mut self.program)
+    }
+    fn committed(&mut self) {
+        self.committed.store(true, Ordering::SeqCst);
+        assert!(
+            self.at != PanicAt::Committed,
+            "the program's committed fell over"
+        );
+        self.program.committed();
+    }
+}
+
+impl lmig_core::StateSink for Panicky<'_> {
+    fn restore(&mut self, state: ProgramState) -> lmig_core::Result<()> {
+        assert!(
+            self.at != PanicAt::StateRestore,
+            "the state restore fell over"
+        );
+        lmig_core::StateSink::restore(&mut self.program, state)
+    }
+    fn resume(&mut self) -> lmig_core::Result<()> {
+        lmig_core::StateSink::resume(&mut self.program)
+    }
+    fn discard(&mut self) {
+        self.program.discard()
+    }
+}
+
+/// A [`FakeSockets`] that panics at a [`PanicAt`].
+struct PanickySockets<'a> {
+    at: PanicAt,
+    inner: &'a mut FakeSockets,
+}
+
+impl lmig_core::SocketSource for PanickySockets<'_> {
+    fn freeze(&mut self) -> lmig_core::Result<()> {
+        assert!(
+            self.at != PanicAt::SocketFreeze,
+            "the socket freeze fell over"
+        );
+        Ok(())
+    }
+    fn capture(
+        &mut self,
+        emit: &mut dyn FnMut(Vec<lmig_core::model::SocketRecord>) -> lmig_core::Result<()>,
+    ) -> lmig_core::Result<()> {
+        assert!(
+            self.at != PanicAt::SocketCapture,
+            "the socket capture fell over"
+        );
+        self.inner.capture(emit)
+    }
+    fn abort(&mut self) -> lmig_core::Result<()> {
+        self.inner.abort()
+    }
+    fn release(&mut self) -> lmig_core::Result<()> {
+        self.inner.release()
+    }
+}
+
+impl lmig_core::MemorySource for Panicky<'_> {
+    fn layout(&self) -> RegionLayout {
+        self.memory.layout()
+    }
+    fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> lmig_core::Result<()> {
+        let committed = self.committed.load(Ordering::SeqCst);
+        assert!(
+            !(self.at == PanicAt::FinalPages && self.frozen.load(Ordering::SeqCst) && !committed),
+            "the memory read fell over in the freeze"
+        );
+        assert!(
+            !(self.at == PanicAt::AfterCommitRead && committed),
+            "the memory read fell over after Commit"
+        );
+        self.memory.read_pages(run, dst)
+    }
+}
+
+/// A panic in a program's or backend's code before `Commit` (on the
+/// session's thread or one of its helper threads, source or destination)
+/// aborts the attempt like any error: the source resumes the program, its
+/// sockets are given back, its memory is untouched, and the destination
+/// discards everything. After `Commit` it is reported, not undone.
+#[test]
+fn a_panic_in_program_code_aborts_before_commit_and_is_reported_after() {
+    use PanicAt::*;
+    for at in [
+        Pause,
+        StateCapture,
+        SocketFreeze,
+        SocketCapture,
+        FinalPages,
+        StateRestore,
+        Committed,
+        AfterCommitRead,
+    ] {
+        let layout = layout();
+        let mem = filled_memory(&layout);
+        let before = mem.snapshot(RegionId(1));
+        let dst = VecMemory::empty();
+        let (a, b) = channel_pair(2);
+        let mut tracker = MarkTracker::new(&layout);
+        let mut fake = FakeSockets {
+            batches: 2,
+            released: false,
+            aborted: false,
+        };
+        let (frozen, committed) = (AtomicBool::new(false), AtomicBool::new(false));
+        let src_mem = Panicky::new(at, &mem, &frozen, &committed);
+        let mut src_prog = Panicky::new(at, &mem, &frozen, &committed);
+        src_prog.tracker = Some(tracker.clone());
+        let (dst_frozen, dst_committed) = (AtomicBool::new(false), AtomicBool::new(false));
+        let mut dst_prog = Panicky::new(at, &dst, &dst_frozen, &dst_committed);
+        let mut sink = SlowSink::default();
+        let config = SourceConfig {
+            ready_timeout: Duration::from_secs(5),
+            ..SourceConfig::default()
+        };
+        let (s_res, d_res) = std::thread::scope(|s| {
+            let d = s.spawn(|| {
+                Destination::new(&b, &dst, &mut dst_prog)
+                    .with_sockets(&mut sink)
+                    .run()
+            });
+            let r = Source::new(&a, &src_mem, &mut tracker, &mut src_prog)
+                .with_sockets(PanickySockets {
+                    at,
+                    inner: &mut fake,
+                })
+                .with_config(config)
+                .run();
+            // The destination learns at once that no more is coming.
+            a.shutdown();
+            (r, d.join().expect("the destination session must not panic"))
+        });
+        if at == AfterCommitRead {
+            // Reported as after `Commit`: the destination owns the program,
+            // and the session ended instead of serving forever.
+            let e = s_res.expect_err("the digests could not be taken");
+            assert!(
+                matches!(
+                    e,
+                    MigrationError::Panicked {
+                        committed: true,
+                        ..
+                    }
+                ) && !e.source_may_run(),
+                "{at:?}: {e}"
+            );
+            assert!(e.to_string().contains("fell over after Commit"), "{e}");
+            assert!(fake.released && !fake.aborted, "{at:?}");
+            assert!(
+                dst_prog.program.committed,
+                "{at:?}: resumed at the destination"
+            );
+            let _ = d_res;
+            continue;
+        }
+        if at == Committed {
+            let report = s_res.unwrap_or_else(|e| panic!("{at:?}: {e}"));
+            assert!(
+                report
+                    .warnings
+                    .iter()
+                    .any(|w| w.contains("committed fell over")),
+                "{at:?}: {:?}",
+                report.warnings
+            );
+            // The source shut its end down after `Done`: the destination
+            // finished first.
+            d_res.unwrap_or_else(|e| panic!("{at:?}: {e}"));
+            assert!(fake.released && !fake.aborted, "{at:?}");
+            continue;
+        }
+        let s_err = s_res.expect_err("the attempt fails");
+        assert!(s_err.source_may_run(), "{at:?}: {s_err}");
+        let text = s_err.to_string();
+        assert!(
+            text.contains("fell over") || (at == StateRestore && text.contains("aborted")),
+            "{at:?}: {text}"
+        );
+        assert!(!src_prog.program.is_paused(), "{at:?}: resumed");
+        assert!(!src_prog.program.committed, "{at:?}");
+        if at != Pause {
+            assert!(fake.aborted && !fake.released, "{at:?}: sockets given back");
+        }
+        assert_eq!(mem.snapshot(RegionId(1)), before, "{at:?}");
+        let d_err = d_res.expect_err("the destination discards");
+        if at == StateRestore {
+            assert!(
+                d_err.to_string().contains("state restore fell over"),
+                "{d_err}"
+            );
+        }
+        assert!(
+            dst_prog.program.discarded && !dst_prog.program.committed,
+            "{at:?}"
+        );
+        assert!(sink.at_activate.is_none(), "{at:?}");
+    }
+}

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use super::{reconnect_within, recv_within, send_abort, unexpected};
+use super::{contain, reconnect_within, recv_within, send_abort, unexpected};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages, SocketRecord};
 use crate::protocol::{Handover, Message, PageBatch, PageData, RegionDigest, Verification};
@@ -408,36 +408,53 @@ where
 
     /// Run the migration. `Ok` means the program was resumed here.
     pub fn run(mut self) -> Result<DestinationReport> {
-        let (mut progress, handover) = match self.before_commit() {
-            Ok(x) => x,
-            Err(e) => {
-                self.phase(Phase::Aborted);
-                if !matches!(e, MigrationError::PeerAborted { .. }) {
-                    send_abort(&self.channel, &e);
+        // A panic in a trait implementation before `Commit` fails the
+        // attempt like any error: everything received is discarded and the
+        // source told, so that it resumes.
+        let (mut progress, handover) =
+            match contain("before Commit", false, || self.before_commit()) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.phase(Phase::Aborted);
+                    if !matches!(e, MigrationError::PeerAborted { .. }) {
+                        send_abort(&self.channel, &e);
+                    }
+                    // Each step even if another panics.
+                    let _ = contain("discarding the sockets", false, || {
+                        self.sockets.discard();
+                        Ok(())
+                    });
+                    let _ = contain("discarding the program", false, || {
+                        self.program.discard();
+                        Ok(())
+                    });
+                    let _ = contain("discarding the memory", false, || {
+                        self.memory.discard();
+                        Ok(())
+                    });
+                    self.channel.shutdown();
+                    return Err(e);
                 }
-                self.sockets.discard();
-                self.program.discard();
-                self.memory.discard();
-                self.channel.shutdown();
-                return Err(e);
-            }
-        };
-        // Committed: from here on the program runs here, whatever happens.
+            };
+        // Committed: from here on the program runs here, whatever happens;
+        // a failure or a panic is reported, never undone.
         self.phase(Phase::Committed);
-        if let Err(e) = self.sockets.activate() {
+        if let Err(e) = contain("activating the sockets", true, || self.sockets.activate()) {
             progress
                 .report
                 .warnings
                 .push(format!("activating sockets: {e}"));
         }
-        if let Err(e) = self.program.resume() {
+        if let Err(e) = contain("resuming the program", true, || self.program.resume()) {
             progress
                 .report
                 .warnings
                 .push(format!("resuming the program: {e}"));
         }
         progress.report.resumed_at = Some(Instant::now());
-        let verification = self.after_commit(&mut progress, &handover)?;
+        let verification = contain("after Commit", true, || {
+            self.after_commit(&mut progress, &handover)
+        })?;
         progress.report.verification = verification;
         self.channel.send(&Message::Done(verification))?;
         self.phase(Phase::Done);

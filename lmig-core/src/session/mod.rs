@@ -32,6 +32,37 @@ use crate::protocol::Message;
 use crate::traits::Channel;
 
 /// Send `Abort{reason}` on a best-effort basis and close the channel.
+/// Run `f`, turning a panic in it — in a trait implementation it calls, on
+/// this thread or on a scoped thread it joins — into
+/// [`MigrationError::Panicked`], so that the session's failure rules apply
+/// to it as to any error.
+fn contain<T>(
+    during: &'static str,
+    committed: bool,
+    f: impl FnOnce() -> Result<T, MigrationError>,
+) -> Result<T, MigrationError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|payload| Err(panicked(during, committed, &*payload)))
+}
+
+/// [`MigrationError::Panicked`] from a panic's payload.
+fn panicked(
+    during: &'static str,
+    committed: bool,
+    payload: &(dyn std::any::Any + Send),
+) -> MigrationError {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic without a message)".into());
+    MigrationError::Panicked {
+        during,
+        message,
+        committed,
+    }
+}
+
 fn send_abort(channel: &impl Channel, err: &MigrationError) {
     let mut reason = err.to_string();
     reason.truncate(crate::protocol::MAX_REASON_BYTES - 4);

@@ -5,7 +5,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::pages::{PageSender, Sent, lane_of};
-use super::{reconnect_within, recv_within, send_abort, unexpected};
+use super::{contain, panicked, reconnect_within, recv_within, send_abort, unexpected};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, PageSet, RegionId, RegionLayout, RegionPages};
 use crate::policy::{ConvergencePolicy, Decision, Policy, RoundStats};
@@ -261,30 +261,47 @@ where
             warnings: Vec::new(),
         };
         let mut undo = Undo::default();
-        let postcopy = match self.before_commit(&layout, &mut undo, &mut report) {
+        // A panic in a trait implementation before `Commit` fails the
+        // attempt like any error: the abort resumes the program.
+        let postcopy = match contain("before Commit", false, || {
+            self.before_commit(&layout, &mut undo, &mut report)
+        }) {
             Ok(postcopy) => postcopy,
             Err(e) => return Err(self.abort(&undo, e)),
         };
         // The commit point: if the frame cannot be written completely, the
         // destination cannot have it and we may still resume here.
-        if let Err(e) = self.channel.send(&Message::Commit) {
+        if let Err(e) = contain("sending Commit", false, || {
+            self.channel.send(&Message::Commit)
+        }) {
             return Err(self.abort(&undo, e));
         }
         report.commit_at = Instant::now();
         self.phase(Phase::Committed);
-        self.program.committed();
+        // From here on the destination owns the program: a failure or a
+        // panic is reported, never undone.
+        if let Err(e) = contain("in the program's `committed`", true, || {
+            self.program.committed();
+            Ok(())
+        }) {
+            report.warnings.push(e.to_string());
+        }
         // The clients wait for the handoff (held packets, the service
         // address). Nobody waits for the tracker, whose teardown (write
         // protection off over every region) takes tens of ms per GiB: it
         // comes after `Done`, so on a shared host it does not compete with
         // the destination activating its sockets and resuming.
-        if let Err(e) = self.sockets.release() {
+        if let Err(e) = contain("releasing the source sockets", true, || {
+            self.sockets.release()
+        }) {
             report
                 .warnings
                 .push(format!("releasing the source sockets: {e}"));
         }
-        let outcome = self.after_commit(&layout, postcopy, &mut report);
-        if let Err(e) = self.tracker.stop() {
+        let outcome = contain("after Commit", true, || {
+            self.after_commit(&layout, postcopy, &mut report)
+        });
+        if let Err(e) = contain("stopping the dirty tracker", true, || self.tracker.stop()) {
             report
                 .warnings
                 .push(format!("stopping the dirty tracker: {e}"));
@@ -297,6 +314,7 @@ where
                 self.phase(Phase::Done);
                 Ok(report)
             }
+            Err(e @ MigrationError::Panicked { .. }) => Err(e),
             Err(e) => Err(MigrationError::CommitUnconfirmed {
                 detail: e.to_string(),
             }),
@@ -529,12 +547,9 @@ where
                 step("final pages", &mut report.freeze_steps);
                 Ok(postcopy_runs)
             })();
-            let captured = capture.join().unwrap_or_else(|_| {
-                Err(MigrationError::backend(
-                    "socket capture",
-                    "the capture thread panicked",
-                ))
-            });
+            let captured = capture
+                .join()
+                .unwrap_or_else(|p| Err(panicked("in the socket capture", false, &*p)));
             (captured, pages)
         });
         let postcopy_runs = pages?;
@@ -616,23 +631,27 @@ where
     fn abort(&mut self, undo: &Undo, err: MigrationError) -> MigrationError {
         self.phase(Phase::Aborted);
         send_abort(&self.channel, &err);
-        // Undo everything even if one step fails; report the first failure.
+        // Undo everything even if one step fails or panics; report the
+        // first failure.
         let mut failed: Option<(&'static str, MigrationError)> = None;
         if undo.sockets_frozen {
-            if let Err(e) = self.sockets.abort() {
+            if let Err(e) = contain("in the socket abort", false, || self.sockets.abort()) {
                 failed.get_or_insert(("socket abort", e));
             }
         }
         if undo.throttled {
-            self.program.throttle(100);
+            let _ = contain("lifting the throttle", false, || {
+                self.program.throttle(100);
+                Ok(())
+            });
         }
         if undo.paused {
-            if let Err(e) = self.program.resume() {
+            if let Err(e) = contain("in the program's resume", false, || self.program.resume()) {
                 failed.get_or_insert(("program resume", e));
             }
         }
         if undo.tracking {
-            let _ = self.tracker.stop();
+            let _ = contain("stopping the dirty tracker", false, || self.tracker.stop());
         }
         match failed {
             None => err,
@@ -766,97 +785,109 @@ where
             let mut idle = Duration::ZERO;
             let mut last_heard = 0;
             let tick = Duration::from_millis(20);
-            let serve = (|| -> Result<Verification> {
-                loop {
-                    if verify && digests.is_none() && gate.pushed_all() {
-                        let hashes = match digest_job.take() {
-                            Some(job) => job.join().unwrap_or_else(|_| {
-                                Err(MigrationError::backend(
-                                    "post-copy digests",
-                                    "the hashing thread panicked",
-                                ))
-                            })?,
-                            None => PageHashes::of_memory(memory, layout)?,
-                        };
-                        let d = hashes.digests();
-                        if channel.send(&Message::Digests(d.clone())).is_err() {
-                            gate.broken(gate.epoch());
+            // A panic in the program's memory (read for the digests or a
+            // request) must not leave the other threads serving forever:
+            // it ends the service like an error, and they are stopped below.
+            let serve = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                || -> Result<Verification> {
+                    loop {
+                        if verify && digests.is_none() && gate.pushed_all() {
+                            let hashes = match digest_job.take() {
+                                Some(job) => job.join().unwrap_or_else(|_| {
+                                    Err(MigrationError::backend(
+                                        "post-copy digests",
+                                        "the hashing thread panicked",
+                                    ))
+                                })?,
+                                None => PageHashes::of_memory(memory, layout)?,
+                            };
+                            let d = hashes.digests();
+                            if channel.send(&Message::Digests(d.clone())).is_err() {
+                                gate.broken(gate.epoch());
+                            }
+                            digests = Some(d);
                         }
-                        digests = Some(d);
-                    }
-                    if gate.is_broken() && !gate.is_reconnected() {
-                        self.reconnect(&gate, &mut warnings, "a send failed")?;
-                        idle = Duration::ZERO;
-                    }
-                    let msg = match channel.recv(Some(tick)) {
-                        Ok(Some(m)) => m,
-                        Ok(None) => {
-                            idle += tick;
-                            // Requests read by the urgent thread count as
-                            // signs of life too.
-                            let h = heard.load(Ordering::Relaxed);
-                            if h != last_heard {
-                                last_heard = h;
-                                idle = Duration::ZERO;
-                            }
-                            if pusher.is_finished() {
-                                // The pusher failed; its error is reported below.
-                                return Ok(Verification::NotChecked);
-                            }
-                            if idle >= done_timeout {
-                                return Err(MigrationError::Timeout {
-                                    waiting_for: "Done",
-                                    after: done_timeout,
-                                });
-                            }
-                            continue;
-                        }
-                        Err(e) => {
-                            if !postcopy {
-                                return Err(e);
-                            }
-                            gate.broken(gate.epoch());
-                            self.reconnect(&gate, &mut warnings, &e.to_string())?;
+                        if gate.is_broken() && !gate.is_reconnected() {
+                            self.reconnect(&gate, &mut warnings, "a send failed")?;
                             idle = Duration::ZERO;
-                            continue;
                         }
-                    };
-                    idle = Duration::ZERO;
-                    match msg {
-                        Message::PageRequest(run) => {
-                            serve_request(&mut urgent, run);
-                        }
-                        Message::Resync(missing) => {
-                            {
-                                let mut q = push.lock().expect("push queue poisoned");
-                                for run in missing {
-                                    if layout.check_run(&run).is_ok() {
-                                        q.requeue(&run);
+                        let msg = match channel.recv(Some(tick)) {
+                            Ok(Some(m)) => m,
+                            Ok(None) => {
+                                idle += tick;
+                                // Requests read by the urgent thread count as
+                                // signs of life too.
+                                let h = heard.load(Ordering::Relaxed);
+                                if h != last_heard {
+                                    last_heard = h;
+                                    idle = Duration::ZERO;
+                                }
+                                if pusher.is_finished() {
+                                    // The pusher failed; its error is reported below.
+                                    return Ok(Verification::NotChecked);
+                                }
+                                if idle >= done_timeout {
+                                    return Err(MigrationError::Timeout {
+                                        waiting_for: "Done",
+                                        after: done_timeout,
+                                    });
+                                }
+                                continue;
+                            }
+                            Err(e) => {
+                                if !postcopy {
+                                    return Err(e);
+                                }
+                                gate.broken(gate.epoch());
+                                self.reconnect(&gate, &mut warnings, &e.to_string())?;
+                                idle = Duration::ZERO;
+                                continue;
+                            }
+                        };
+                        idle = Duration::ZERO;
+                        match msg {
+                            Message::PageRequest(run) => {
+                                serve_request(&mut urgent, run);
+                            }
+                            Message::Resync(missing) => {
+                                {
+                                    let mut q = push.lock().expect("push queue poisoned");
+                                    for run in missing {
+                                        if layout.check_run(&run).is_ok() {
+                                            q.requeue(&run);
+                                        }
                                     }
                                 }
-                            }
-                            if let Some(d) = &digests {
-                                if channel.send(&Message::Digests(d.clone())).is_err() {
-                                    gate.broken(gate.epoch());
-                                    continue;
+                                if let Some(d) = &digests {
+                                    if channel.send(&Message::Digests(d.clone())).is_err() {
+                                        gate.broken(gate.epoch());
+                                        continue;
+                                    }
                                 }
+                                gate.resume();
                             }
-                            gate.resume();
-                        }
-                        Message::Done(v) => return Ok(v),
-                        other => {
-                            return Err(unexpected("post-commit", "PageRequest or Done", &other));
+                            Message::Done(v) => return Ok(v),
+                            other => {
+                                return Err(unexpected(
+                                    "post-commit",
+                                    "PageRequest or Done",
+                                    &other,
+                                ));
+                            }
                         }
                     }
-                }
-            })();
+                },
+            ))
+            .unwrap_or_else(|p| Err(panicked("in the post-copy service", true, &*p)));
             gate.finish();
             serving.store(false, Ordering::Release);
             urgent_thread
                 .join()
-                .expect("post-copy urgent thread panicked");
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
             let requested = *requested.lock().unwrap_or_else(|p| p.into_inner());
-            let pushed_sent = pusher.join().expect("post-copy pusher panicked")?;
+            let pushed_sent = pusher
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
             report.postcopy_pages = pushed_sent.pages + requested.pages;
             report.requested_pages = requested.pages;
             report.pages_sent += pushed_sent.pages + requested.pages;
@@ -1076,7 +1107,8 @@ fn send_set<M: MemorySource, C: Channel>(
         let mut total = Sent::default();
         let mut first_err = None;
         for h in handles {
-            match h.join().expect("page sender thread panicked") {
+            // A panic in the program's memory travels on with its message.
+            match h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
                 Ok(sent) => total.add(sent),
                 Err(e) => first_err = first_err.or(Some(e)),
             }
