@@ -7,18 +7,7 @@ use std::time::Duration;
 use lmig_examples::scenario::{self, Fault, Options};
 
 fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("LMIG_SKIP_PRIVILEGED").is_some() {
-        eprintln!(
-            "SKIPPED (LMIG_SKIP_PRIVILEGED=1): kvd tests need root for namespaces and TCP repair"
-        );
-        return false;
-    }
-    panic!(
-        "kvd tests need root (network namespaces, TCP repair, nftables); set LMIG_SKIP_PRIVILEGED=1 to skip them explicitly"
-    );
+    lmig_core::testing::privileged("kvd tests", "network namespaces, TCP repair, nftables")
 }
 
 fn options(mode: &str, fault: Option<Fault>) -> Options {

@@ -388,3 +388,33 @@ impl<C: Channel> Channel for CutChannel<C> {
         self.inner.shutdown()
     }
 }
+
+/// Whether a test that needs root (namespaces, TCP repair, nftables,
+/// kernel-mode userfaultfd) may run: the one rule every lmig test follows.
+///
+/// As root it runs, whatever `LMIG_SKIP_PRIVILEGED` says. Without root it
+/// fails with a message saying what it needs, unless `LMIG_SKIP_PRIVILEGED=1`
+/// asks for a skip: then a `SKIPPED` line goes straight to the terminal
+/// (past the test harness's capture, so the skip shows in `cargo test`'s
+/// output) and this returns false.
+pub fn privileged(test: &str, needs: &str) -> bool {
+    if effective_uid() == Some(0) {
+        return true;
+    }
+    if std::env::var("LMIG_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "SKIPPED {test}: needs root ({needs}); LMIG_SKIP_PRIVILEGED=1"
+        );
+        return false;
+    }
+    panic!("{test} needs root ({needs}); run it as root, or set LMIG_SKIP_PRIVILEGED=1 to skip it");
+}
+
+/// The effective user id, from `/proc/self/status`.
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}

@@ -5,8 +5,8 @@
 //! connections are cut at several points.
 //!
 //! Tests need userfaultfd with kernel-mode faults (root here); they fail
-//! loudly without it, and `LMIG_SKIP_PRIVILEGED=1` turns that into a
-//! printed skip. No timing is asserted; every loop is bounded.
+//! loudly without it, and `LMIG_SKIP_PRIVILEGED=1` turns that, without root, into a
+//! visible skip. No timing is asserted; every loop is bounded.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -28,15 +28,14 @@ use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, StreamChannel, 
 
 const PS: usize = 4096;
 
-/// Skip (printed) or fail loudly when userfaultfd post-copy is unavailable.
+/// Fail loudly when userfaultfd post-copy is unavailable; without root and
+/// with `LMIG_SKIP_PRIVILEGED=1`, a visible skip instead.
 fn privileged(what: &str, e: &dyn std::fmt::Display) -> bool {
-    if std::env::var("LMIG_SKIP_PRIVILEGED").is_ok_and(|v| v == "1") {
-        println!("SKIPPED {what}: {e}");
+    // Skips only without root (the shared rule); as root this is a failure.
+    if !lmig_core::testing::privileged(what, &e.to_string()) {
         return false;
     }
-    panic!(
-        "{what}: userfaultfd post-copy unavailable (run as root or set LMIG_SKIP_PRIVILEGED=1): {e}"
-    );
+    panic!("{what}: userfaultfd post-copy unavailable: {e}");
 }
 
 fn page_pattern(region: RegionId, page: u64) -> Vec<u8> {
@@ -553,7 +552,7 @@ fn migrate(
         Ok(d) => d,
         Err(e) => {
             let e = e.to_string();
-            if e.contains("not supported") && !privileged(what, &e) {
+            if !lmig_core::testing::privileged(what, "kernel-mode userfaultfd") {
                 return None;
             }
             panic!("{what}: destination failed: {e}");
@@ -772,7 +771,7 @@ fn bad_page_replies_are_dropped_never_placed_twice() {
             Message::Ready => {}
             other => {
                 let e = format!("{other:?}");
-                if e.contains("not supported") && !privileged("bad_page_replies", &e) {
+                if !lmig_core::testing::privileged("bad_page_replies", "kernel-mode userfaultfd") {
                     return;
                 }
                 panic!("expected Ready, got {e}");

@@ -6,7 +6,7 @@
 //! migrated and reintegrated; content is checked against the writer's own
 //! record after every step. Tests need userfaultfd with kernel-mode faults
 //! (root here); they fail loudly without it, and `LMIG_SKIP_PRIVILEGED=1`
-//! turns that into a printed skip. No timing is asserted; every loop is bounded.
+//! turns that into a visible skip when not run as root. No timing is asserted; every loop is bounded.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,13 +27,11 @@ const REGION: RegionId = RegionId(3);
 const ME: HostId = HostId(0);
 
 fn privileged(what: &str, e: &dyn std::fmt::Display) -> bool {
-    if std::env::var("LMIG_SKIP_PRIVILEGED").is_ok_and(|v| v == "1") {
-        println!("SKIPPED {what}: {e}");
+    // Skips only without root (the shared rule); as root this is a failure.
+    if !lmig_core::testing::privileged(what, &e.to_string()) {
         return false;
     }
-    panic!(
-        "{what}: userfaultfd with write-protect unavailable (run as root or set LMIG_SKIP_PRIVILEGED=1): {e}"
-    );
+    panic!("{what}: userfaultfd with write-protect unavailable: {e}");
 }
 
 fn config() -> ChannelConfig {

@@ -10,7 +10,7 @@
 //! after it completed); `stop` and a fresh `start`.
 //!
 //! Tests that need userfaultfd fail loudly when it is missing;
-//! `LMIG_SKIP_PRIVILEGED=1` turns that into a printed skip.
+//! `LMIG_SKIP_PRIVILEGED=1` turns that into a visible skip when not run as root.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -73,22 +73,16 @@ fn collect(t: &mut dyn DirtyTracker, set: &RegionSet) -> Pages {
     pages(&d)
 }
 
-fn skip_privileged() -> bool {
-    std::env::var("LMIG_SKIP_PRIVILEGED").is_ok_and(|v| v == "1")
-}
-
-/// The tracker, or a loud failure (or a printed skip with LMIG_SKIP_PRIVILEGED=1).
+/// The tracker, or a loud failure; without root and with
+/// `LMIG_SKIP_PRIVILEGED=1`, a visible skip (the shared rule:
+/// `lmig_core::testing::privileged`). As root a failure is a failure.
 fn privileged<T>(what: &str, r: Result<T, MemError>) -> Option<T> {
     match r {
         Ok(t) => Some(t),
-        Err(e) if skip_privileged() => {
-            println!("SKIPPED {what}: {e} (LMIG_SKIP_PRIVILEGED=1)");
-            None
-        }
+        Err(e) if !lmig_core::testing::privileged(what, &e.to_string()) => None,
         Err(e) => panic!(
             "{what} needs userfaultfd with UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN (Linux >= 6.7; \
-             CAP_SYS_PTRACE, /dev/userfaultfd or UFFD_USER_MODE_ONLY): {e}. \
-             Set LMIG_SKIP_PRIVILEGED=1 to skip."
+             CAP_SYS_PTRACE, /dev/userfaultfd or UFFD_USER_MODE_ONLY): {e}"
         ),
     }
 }

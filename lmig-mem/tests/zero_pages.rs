@@ -5,7 +5,7 @@
 //! up zero at the destination, on private, shared and memfd memory.
 //!
 //! Uses userfaultfd write-protect for the migrations: fails loudly without
-//! it; `LMIG_SKIP_PRIVILEGED=1` turns that into a printed skip.
+//! it; `LMIG_SKIP_PRIVILEGED=1` turns that into a visible skip when not run as root.
 
 use std::os::fd::AsFd;
 
@@ -56,18 +56,16 @@ fn set_of(pages: u64, members: &[u64]) -> PageSet {
     s
 }
 
-/// Skip (printed) or fail when userfaultfd write-protect is missing.
+/// Fail when userfaultfd write-protect is missing (a visible skip without
+/// root and with `LMIG_SKIP_PRIVILEGED=1`).
 fn tracker(set: &RegionSet) -> Option<UffdWpTracker> {
     match UffdWpTracker::new(set) {
         Ok(t) => Some(t),
         Err(e) => {
-            if std::env::var("LMIG_SKIP_PRIVILEGED").is_ok_and(|v| v == "1") {
-                println!("SKIPPED: userfaultfd write-protect unavailable: {e}");
+            if !lmig_core::testing::privileged("zero_pages", &e.to_string()) {
                 return None;
             }
-            panic!(
-                "userfaultfd write-protect unavailable (run as root or set LMIG_SKIP_PRIVILEGED=1): {e}"
-            );
+            panic!("userfaultfd write-protect unavailable: {e}");
         }
     }
 }

@@ -474,14 +474,13 @@ mod tests {
 
     use super::*;
 
+    /// A visible skip without root (and `LMIG_SKIP_PRIVILEGED=1`); as root
+    /// a failure.
     fn privileged(e: &dyn std::fmt::Display) -> bool {
-        if std::env::var("LMIG_SKIP_PRIVILEGED").is_ok_and(|v| v == "1") {
-            println!("SKIPPED split bench touch test: {e}");
+        if !lmig_core::testing::privileged("split bench touch test", &e.to_string()) {
             return false;
         }
-        panic!(
-            "userfaultfd with write-protect unavailable (run as root or set LMIG_SKIP_PRIVILEGED=1): {e}"
-        );
+        panic!("userfaultfd with write-protect unavailable: {e}");
     }
 
     /// A page host in this process, serving until `stop`.

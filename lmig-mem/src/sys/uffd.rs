@@ -445,8 +445,12 @@ mod tests {
                 .unwrap();
             let mut t = match crate::UffdWpTracker::open(&set, user_mode_only) {
                 Ok(t) => t,
-                Err(e) if std::env::var("LMIG_SKIP_PRIVILEGED").is_ok_and(|v| v == "1") => {
-                    println!("SKIPPED kernel_mode_writes_are_tracked: {e}");
+                Err(e)
+                    if !lmig_core::testing::privileged(
+                        "kernel_mode_writes_are_tracked",
+                        &e.to_string(),
+                    ) =>
+                {
                     return;
                 }
                 Err(e) => panic!("userfaultfd async write-protect unavailable: {e}"),
