@@ -3,6 +3,7 @@
 //! Everything here uses lmig's public API only, as a program linking lmig would.
 
 pub mod bench;
+pub mod fuzzing;
 pub mod hostile;
 pub mod kvd;
 pub mod scenario;

@@ -485,13 +485,9 @@ impl Server {
             .ok_or_else(|| std::io::Error::other("no listener"))?;
         let mut conns = Vec::with_capacity(self.conns.len());
         let mut state = Vec::new();
-        state.extend_from_slice(&(self.conns.len() as u64).to_le_bytes());
+        encode_state_header(&mut state, self.conns.len());
         for (id, c) in self.conns.drain() {
-            state.extend_from_slice(&id.to_le_bytes());
-            for b in [&c.rbuf, &c.wbuf] {
-                state.extend_from_slice(&(b.len() as u64).to_le_bytes());
-                state.extend_from_slice(b);
-            }
+            encode_conn_state(&mut state, id, &c.rbuf, &c.wbuf);
             conns.push((id, OwnedFd::from(c.stream)));
         }
         self.control.counters.clients.store(0, Ordering::Relaxed);
@@ -537,7 +533,27 @@ impl Server {
 /// One connection's buffered bytes: `(id, input, output)`.
 pub type ConnState = (u64, Vec<u8>, Vec<u8>);
 
-/// Decode the state a parked loop produced, one [`ConnState`] per connection.
+/// The start of kvd's state: the number of connections that follow.
+pub fn encode_state_header(out: &mut Vec<u8>, conns: usize) {
+    out.extend_from_slice(&(conns as u64).to_le_bytes());
+}
+
+/// One connection's part of kvd's state: its id, then its buffered input
+/// and output, each with its length.
+pub fn encode_conn_state(out: &mut Vec<u8>, id: u64, rbuf: &[u8], wbuf: &[u8]) {
+    out.extend_from_slice(&id.to_le_bytes());
+    for b in [rbuf, wbuf] {
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+}
+
+/// The smallest encoding of one connection (id and two lengths).
+const MIN_CONN_STATE: usize = 24;
+
+/// Decode the state a parked loop produced, one [`ConnState`] per
+/// connection. Bytes after the last connection are ignored; nothing is
+/// allocated beyond what the input holds.
 pub fn decode_state(mut s: &[u8]) -> Result<Vec<ConnState>, String> {
     fn take<'a>(s: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
         if s.len() < n {
@@ -554,7 +570,8 @@ pub fn decode_state(mut s: &[u8]) -> Result<Vec<ConnState>, String> {
     if n > 1 << 20 {
         return Err(format!("kvd state claims {n} connections"));
     }
-    let mut out = Vec::with_capacity(n as usize);
+    // A count the bytes cannot hold fails below, without reserving for it.
+    let mut out = Vec::with_capacity((n as usize).min(s.len() / MIN_CONN_STATE));
     for _ in 0..n {
         let id = word(&mut s)?;
         let r = word(&mut s)? as usize;
