@@ -74,29 +74,14 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::error::{NetError, Result};
 use crate::lock::{HeldPacket, LockConfig, NetLock, SETTLE};
-use crate::sys::netlink::{Attrs, F_ACK, F_CREATE, F_REPLACE, F_REQUEST, MsgBuf, NlSocket};
+use crate::sys::netlink::{Attrs, F_ACK, F_CREATE, F_DUMP, F_REPLACE, F_REQUEST, MsgBuf, NlSocket};
 use crate::sys::packet;
-
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
-const RTM_NEWADDR: u16 = 20;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_GETROUTE: u16 = 26;
-const RTA_DST: u16 = 1;
-const RTN_LOCAL: u8 = 2;
-const RTM_DELADDR: u16 = 21;
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
-const IFA_FLAGS: u16 = 8;
-const IFA_F_NODAD: u32 = 0x02;
-const IFLA_ADDRESS: u16 = 1;
-const RTM_NEWNEIGH: u16 = 28;
-const RTM_GETNEIGH: u16 = 30;
-const NDA_DST: u16 = 1;
-const NDA_LLADDR: u16 = 2;
-const NTF_USE: u8 = 0x01;
-/// `NUD_VALID`: PERMANENT | NOARP | REACHABLE | PROBE | STALE | DELAY.
-const NUD_VALID: u16 = 0x80 | 0x40 | 0x02 | 0x10 | 0x04 | 0x08;
+use crate::sys::rtnl::{
+    IFA_ADDRESS, IFA_F_NODAD, IFA_FLAGS, IFA_LOCAL, IFINFOMSG_LEN, IFLA_ADDRESS, NDA_DST,
+    NDA_LLADDR, NTF_USE, NUD_VALID, RTA_DST, RTM_DELADDR, RTM_GETADDR, RTM_GETLINK, RTM_GETNEIGH,
+    RTM_GETROUTE, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, RTN_LOCAL, ifaddrmsg,
+    ifinfomsg, ndmsg, parse_ifaddrmsg, parse_ndmsg, rtmsg_lookup, rtmsg_type,
+};
 
 /// One service address with its prefix length as configured on the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -232,11 +217,9 @@ fn addr_msg(kind: u16, flags: u16, ifindex: u32, a: &ServiceAddr, seq: u32) -> M
         IpAddr::V4(v) => (libc::AF_INET as u8, v.octets().to_vec()),
         IpAddr::V6(v) => (libc::AF_INET6 as u8, v.octets().to_vec()),
     };
-    let mut hdr = [0u8; 8];
-    hdr[0] = family;
-    hdr[1] = a.prefix_len;
-    hdr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
-    m.begin(kind, flags, seq).raw(&hdr).attr(IFA_LOCAL, &bytes);
+    m.begin(kind, flags, seq)
+        .raw(&ifaddrmsg(family, a.prefix_len, ifindex))
+        .attr(IFA_LOCAL, &bytes);
     if a.addr.is_ipv4() || kind == RTM_NEWADDR {
         m.attr(IFA_ADDRESS, &bytes);
     }
@@ -304,6 +287,50 @@ fn remove_address_with(nl: &mut NlSocket, ifindex: u32, addr: &ServiceAddr) -> R
     }
 }
 
+/// `RTM_GETADDR`: the IPv4 and IPv6 addresses of interface `ifindex`
+/// (link-local ones included), with their prefix lengths.
+#[doc(alias = "RTM_GETADDR")]
+pub fn addresses(ifindex: u32) -> Result<Vec<ServiceAddr>> {
+    let mut nl = route_socket()?;
+    let seq = nl.next_seq();
+    let mut m = MsgBuf::new();
+    m.begin(RTM_GETADDR, F_REQUEST | F_DUMP, seq)
+        .raw(&ifaddrmsg(0, 0, 0))
+        .end();
+    let mut out = Vec::new();
+    nl.dump(m.bytes(), |kind, payload| {
+        if kind != RTM_NEWADDR {
+            return;
+        }
+        let Some((_, prefix_len, index, attrs)) = parse_ifaddrmsg(payload) else {
+            return;
+        };
+        if index != ifindex {
+            return;
+        }
+        // IFA_LOCAL is the address itself (IFA_ADDRESS the peer on
+        // point-to-point links); IPv6 has only IFA_ADDRESS.
+        let (mut local, mut address) = (None, None);
+        for (t, v) in attrs {
+            let ip = match v.len() {
+                4 => <[u8; 4]>::try_from(v).ok().map(IpAddr::from),
+                16 => <[u8; 16]>::try_from(v).ok().map(IpAddr::from),
+                _ => None,
+            };
+            match t {
+                IFA_LOCAL => local = ip,
+                IFA_ADDRESS => address = ip,
+                _ => {}
+            }
+        }
+        if let Some(ip) = local.or(address) {
+            out.push(ServiceAddr::new(ip, prefix_len));
+        }
+    })
+    .map_err(|e| NetError::sys("RTM_GETADDR", format!("interface {ifindex}"), e))?;
+    Ok(out)
+}
+
 /// `RTM_GETROUTE` until `addr` routes as `RTN_LOCAL`, at most `timeout`.
 fn wait_local(nl: &mut NlSocket, addr: IpAddr, timeout: Duration) -> Result<()> {
     let (family, bytes, len) = match addr {
@@ -316,12 +343,12 @@ fn wait_local(nl: &mut NlSocket, addr: IpAddr, timeout: Duration) -> Result<()> 
         let seq = nl.next_seq();
         let mut m = MsgBuf::new();
         m.begin(RTM_GETROUTE, F_REQUEST, seq)
-            .raw(&[family, len, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+            .raw(&rtmsg_lookup(family, len))
             .attr(RTA_DST, &bytes)
             .end();
         let mut local = false;
         let r = nl.dump(m.bytes(), |kind, payload| {
-            if kind == RTM_NEWROUTE && payload.get(7) == Some(&RTN_LOCAL) {
+            if kind == RTM_NEWROUTE && rtmsg_type(payload) == Some(RTN_LOCAL) {
                 local = true;
             }
         });
@@ -346,15 +373,15 @@ pub fn link_address(ifindex: u32) -> Result<[u8; 6]> {
     let mut nl = route_socket()?;
     let seq = nl.next_seq();
     let mut m = MsgBuf::new();
-    let mut hdr = [0u8; 16];
-    hdr[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
-    m.begin(RTM_GETLINK, F_REQUEST, seq).raw(&hdr).end();
+    m.begin(RTM_GETLINK, F_REQUEST, seq)
+        .raw(&ifinfomsg(ifindex, 0, 0))
+        .end();
     let mut mac = None;
     nl.dump(m.bytes(), |kind, payload| {
         if kind != RTM_NEWLINK {
             return;
         }
-        for (t, v) in Attrs::new(payload.get(16..).unwrap_or(&[])) {
+        for (t, v) in Attrs::new(payload.get(IFINFOMSG_LEN..).unwrap_or(&[])) {
             if t == IFLA_ADDRESS && v.len() == 6 {
                 let mut a = [0u8; 6];
                 a.copy_from_slice(v);
@@ -383,13 +410,9 @@ fn neigh_msg(
         IpAddr::V4(v) => (libc::AF_INET as u8, v.octets().to_vec()),
         IpAddr::V6(v) => (libc::AF_INET6 as u8, v.octets().to_vec()),
     };
-    let mut hdr = [0u8; 12];
-    hdr[0] = family;
-    hdr[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
-    hdr[10] = ntf;
     let mut m = MsgBuf::new();
     m.begin(kind, flags, seq)
-        .raw(&hdr)
+        .raw(&ndmsg(family, ifindex, 0, ntf))
         .attr(NDA_DST, &bytes)
         .end();
     (m, bytes)
@@ -404,16 +427,17 @@ pub fn neighbour_address(ifindex: u32, ip: IpAddr) -> Result<Option<[u8; 6]>> {
     let (m, bytes) = neigh_msg(RTM_GETNEIGH, F_REQUEST, ifindex, ip, 0, seq);
     let mut mac = None;
     let r = nl.dump(m.bytes(), |kind, payload| {
-        if kind != RTM_NEWNEIGH || payload.len() < 12 {
+        if kind != RTM_NEWNEIGH {
             return;
         }
-        let index = i32::from_ne_bytes([payload[4], payload[5], payload[6], payload[7]]);
-        let state = u16::from_ne_bytes([payload[8], payload[9]]);
-        if index as u32 != ifindex || state & NUD_VALID == 0 {
+        let Some((_, index, state, attrs)) = parse_ndmsg(payload) else {
+            return;
+        };
+        if index != ifindex || state & NUD_VALID == 0 {
             return;
         }
         let (mut dst, mut ll) = (None, None);
-        for (t, v) in Attrs::new(&payload[12..]) {
+        for (t, v) in attrs {
             match t {
                 NDA_DST => dst = Some(v.to_vec()),
                 NDA_LLADDR if v.len() == 6 => ll = Some(v),

@@ -80,8 +80,11 @@ const NFT_MSG_DELSETELEM: u16 = 14;
 const NFPROTO_UNSPEC: u8 = 0;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
+const NFPROTO_INET: u8 = 1;
 
 const NFT_TABLE_F_OWNER: u32 = 2;
+/// `NFTA_TABLE_NAME`.
+const NFTA_TABLE_NAME: u16 = 1;
 
 const NFQNL_MSG_PACKET: u16 = 0;
 const NFQNL_MSG_CONFIG: u16 = 2;
@@ -709,33 +712,15 @@ fn parse_packets(buf: &[u8], out: &mut Vec<HeldPacket>, stats: &mut LockStats) -
 pub fn clean_stale() -> Result<Vec<String>> {
     let mut nft =
         NlSocket::netfilter().map_err(|e| lock_err("netlink socket", "NETLINK_NETFILTER", e))?;
-    let mut m = MsgBuf::new();
-    let seq = nft.next_seq();
-    m.begin(nft_type(NFT_MSG_GETTABLE), F_REQUEST | F_DUMP, seq)
-        .nfgen(NFPROTO_UNSPEC, 0)
-        .end();
-    let mut stale: Vec<(u8, String)> = Vec::new();
-    nft.dump(m.bytes(), |_kind, payload| {
-        let Some(&fam) = payload.first() else { return };
-        for (kind, value) in Attrs::new(payload.get(4..).unwrap_or(&[])) {
-            if kind != 1 {
-                continue;
-            }
-            let name = String::from_utf8_lossy(value.split(|&b| b == 0).next().unwrap_or(&[]))
-                .into_owned();
-            if let Some(pid) = name
-                .strip_prefix(TABLE_PREFIX)
-                .and_then(|p| p.split('_').next()?.parse::<u32>().ok())
-            {
-                let alive = pid == std::process::id()
-                    || std::path::Path::new(&format!("/proc/{pid}")).exists();
-                if !alive {
-                    stale.push((fam, name));
-                }
-            }
-        }
-    })
-    .map_err(|e| lock_err("nftables list tables", "ruleset", e))?;
+    let tables =
+        list_tables(&mut nft).map_err(|e| lock_err("nftables list tables", "ruleset", e))?;
+    let stale = tables.into_iter().filter(|(_, name)| {
+        name.strip_prefix(TABLE_PREFIX)
+            .and_then(|p| p.split('_').next()?.parse::<u32>().ok())
+            .is_some_and(|pid| {
+                pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            })
+    });
     let mut removed = Vec::new();
     for (fam, name) in stale {
         let mut m = MsgBuf::new();
@@ -744,18 +729,89 @@ pub fn clean_stale() -> Result<Vec<String>> {
         let seq = nft.next_seq();
         m.begin(nft_type(NFT_MSG_DELTABLE), F_REQUEST | F_ACK, seq)
             .nfgen(fam, 0)
-            .attr_str(1, &name)
+            .attr_str(NFTA_TABLE_NAME, &name)
             .end();
         let seq = nft.next_seq();
         batch_end(&mut m, seq);
         if nft.transact(m.bytes(), m.acks).is_ok() {
-            removed.push(format!(
-                "{}/{name}",
-                if fam == NFPROTO_IPV4 { "ip" } else { "ip6" }
-            ));
+            removed.push(table_label(fam, &name));
         }
     }
     Ok(removed)
+}
+
+/// `NFT_MSG_GETTABLE` dump: `(family, name)` of every nftables table in the
+/// namespace of the socket.
+fn list_tables(nft: &mut NlSocket) -> io::Result<Vec<(u8, String)>> {
+    let mut m = MsgBuf::new();
+    let seq = nft.next_seq();
+    m.begin(nft_type(NFT_MSG_GETTABLE), F_REQUEST | F_DUMP, seq)
+        .nfgen(NFPROTO_UNSPEC, 0)
+        .end();
+    let mut tables = Vec::new();
+    nft.dump(m.bytes(), |_kind, payload| {
+        let Some(&fam) = payload.first() else { return };
+        for (kind, value) in Attrs::new(payload.get(4..).unwrap_or(&[])) {
+            if kind == NFTA_TABLE_NAME {
+                let name = value.split(|&b| b == 0).next().unwrap_or(&[]);
+                tables.push((fam, String::from_utf8_lossy(name).into_owned()));
+            }
+        }
+    })?;
+    Ok(tables)
+}
+
+/// `ip/<name>`, `ip6/<name>` (the family as `nft` names it).
+fn table_label(fam: u8, name: &str) -> String {
+    let fam = match fam {
+        NFPROTO_IPV4 => "ip",
+        NFPROTO_IPV6 => "ip6",
+        NFPROTO_INET => "inet",
+        _ => "other",
+    };
+    format!("{fam}/{name}")
+}
+
+/// Test support (feature `test-util`): look at and fake the nftables state
+/// the lock leaves, without the `nft` tool. Not part of the stable API.
+#[cfg(feature = "test-util")]
+pub mod testing {
+    use super::*;
+
+    /// Every nftables table in the calling thread's network namespace, as
+    /// `ip/<name>`, `ip6/<name>` or `inet/<name>`.
+    pub fn tables() -> Result<Vec<String>> {
+        let mut nft = NlSocket::netfilter()
+            .map_err(|e| lock_err("netlink socket", "NETLINK_NETFILTER", e))?;
+        let tables =
+            list_tables(&mut nft).map_err(|e| lock_err("nftables list tables", "ruleset", e))?;
+        Ok(tables.iter().map(|(f, n)| table_label(*f, n)).collect())
+    }
+
+    /// Create an empty table `name` of family `ip` (or `ip6` when `ipv6`)
+    /// that no socket owns, like `nft add table`: a stand-in for the table
+    /// of a crashed run.
+    pub fn add_table(ipv6: bool, name: &str) -> Result<()> {
+        let mut nft = NlSocket::netfilter()
+            .map_err(|e| lock_err("netlink socket", "NETLINK_NETFILTER", e))?;
+        let fam = if ipv6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
+        let mut m = MsgBuf::new();
+        let seq = nft.next_seq();
+        batch_begin(&mut m, seq);
+        let seq = nft.next_seq();
+        m.begin(
+            nft_type(NFT_MSG_NEWTABLE),
+            F_REQUEST | F_CREATE | F_ACK,
+            seq,
+        )
+        .nfgen(fam, 0)
+        .attr_str(NFTA_TABLE_NAME, name)
+        .end();
+        let seq = nft.next_seq();
+        batch_end(&mut m, seq);
+        nft.transact(m.bytes(), m.acks)
+            .map_err(|e| lock_err("nftables add table", name, e))
+    }
 }
 
 /// Check once, at start-up, that a lock can be installed here: creates a

@@ -16,8 +16,12 @@
 //! parallel (threads or processes) never clash; namespaces left over by a
 //! crashed run of a process that no longer exists are removed on the next
 //! [`Topology::new`]. Everything is removed in `Drop`, also when a test
-//! panics. Setup uses the `ip` command (iproute2): it is test setup, never
-//! on the migration path. Needs root (`CAP_SYS_ADMIN` and `CAP_NET_ADMIN`).
+//! panics. Needs root (`CAP_SYS_ADMIN` and `CAP_NET_ADMIN`) and nothing
+//! else: no iproute2. A namespace is made the way `ip netns add` makes it
+//! (a thread's `unshare(CLONE_NEWNET)` bind-mounted on `/run/netns/<name>`,
+//! so `ip netns` lists it and `ip -n <name>` works on it), and links,
+//! addresses and neighbours are set up over rtnetlink. It is test setup,
+//! never on the migration path.
 //!
 //! ```no_run
 //! use lmig_net::topology::Topology;
@@ -28,43 +32,114 @@
 //! # Ok::<_, lmig_net::NetError>(())
 //! ```
 
+use std::fs::OpenOptions;
+use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Once;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{NetError, Result};
+use crate::handoff::{self, ServiceAddr};
 use crate::sys;
+use crate::sys::netlink::NlSocket;
+use crate::sys::rtnl;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 const PREFIX: &str = "lmig";
+/// Where `ip netns` keeps its named namespaces.
+const NETNS_DIR: &str = "/run/netns";
 
-/// One network namespace made by a [`Topology`].
+/// One network namespace made by a [`Topology`]; removed when dropped
+/// (`ip netns del`).
 #[derive(Debug)]
 pub struct Netns {
     name: String,
 }
 
-fn run_ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| NetError::topology("cannot run `ip` (is iproute2 installed?)", Some(e)))?;
-    if !out.status.success() {
-        return Err(NetError::topology(
-            format!(
-                "`ip {}` failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            None,
-        ));
-    }
+fn netns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(name)
+}
+
+/// `io::Error` → [`NetError::Topology`] saying what was being done.
+fn setup<T>(what: impl Into<String>, r: io::Result<T>) -> Result<T> {
+    r.map_err(|e| NetError::topology(what, Some(e)))
+}
+
+/// `/run/netns` exists and, as `ip netns add` leaves it, is a shared mount
+/// point, so a namespace added later also appears in mount namespaces made
+/// before (`ip netns exec` makes one). Best effort: the namespaces work
+/// without the propagation. Done once per process.
+fn prepare_netns_dir() -> Result<()> {
+    let dir = Path::new(NETNS_DIR);
+    setup(format!("create {NETNS_DIR}"), std::fs::create_dir_all(dir))?;
+    static SHARED: Once = Once::new();
+    SHARED.call_once(|| {
+        if let Err(e) = sys::make_shared(dir) {
+            // Not a mount point yet: make it one by binding it on itself.
+            if e.raw_os_error() == Some(libc::EINVAL) && sys::bind_mount(dir, dir, true).is_ok() {
+                let _ = sys::make_shared(dir);
+            }
+        }
+    });
     Ok(())
 }
 
+/// `ip netns del <name>`: detach the bind mount that keeps the namespace
+/// alive (it goes away with its last thread, socket or fd) and remove the
+/// file. A namespace that is not there is not an error.
+fn remove_netns(name: &str) {
+    let path = netns_path(name);
+    let _ = sys::detach_mount(&path);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// `if_nametoindex` in the calling thread's namespace.
+fn index(name: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(name)
+        .map_err(|e| NetError::topology(format!("no interface {name}"), Some(e.into())))
+}
+
+fn route_socket() -> Result<NlSocket> {
+    setup("open a NETLINK_ROUTE socket", NlSocket::route())
+}
+
 impl Netns {
+    /// `ip netns add <name>`: create `/run/netns/<name>` and bind-mount on
+    /// it the new network namespace of a short-lived thread that called
+    /// `unshare(CLONE_NEWNET)`. The returned value removes it when dropped.
+    fn create(name: String) -> Result<Self> {
+        prepare_netns_dir()?;
+        let path = netns_path(&name);
+        setup(
+            format!("create {}", path.display()),
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o0)
+                .open(&path),
+        )?;
+        // From here on `Drop` removes the file (and the mount once made).
+        let ns = Self { name };
+        let h = std::thread::Builder::new()
+            .name(format!("netns-add-{}", ns.name))
+            .spawn(move || -> io::Result<()> {
+                // Only this thread moves; the mount keeps the namespace
+                // alive after the thread is gone.
+                sys::unshare_net()?;
+                sys::bind_mount(Path::new("/proc/thread-self/ns/net"), &path, false)
+            })
+            .map_err(|e| NetError::topology("spawn thread", Some(e)))?;
+        match h.join() {
+            Ok(r) => setup(format!("make network namespace {}", ns.name), r)?,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+        Ok(ns)
+    }
+
     /// The namespace's name (as `ip netns` shows it).
     pub fn name(&self) -> &str {
         &self.name
@@ -72,16 +147,9 @@ impl Netns {
 
     /// Open `/run/netns/<name>`.
     pub fn open(&self) -> Result<OwnedFd> {
-        let f = std::fs::File::open(format!("/run/netns/{}", self.name))
+        let f = std::fs::File::open(netns_path(&self.name))
             .map_err(|e| NetError::topology(format!("open netns {}", self.name), Some(e)))?;
         Ok(OwnedFd::from(f))
-    }
-
-    /// Run `ip -n <name> <args>`.
-    pub fn ip(&self, args: &[&str]) -> Result<()> {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        run_ip(&all)
     }
 
     /// Run `f` on a new thread that entered this namespace (`setns`); threads
@@ -131,6 +199,12 @@ impl Netns {
     }
 }
 
+impl Drop for Netns {
+    fn drop(&mut self) {
+        remove_netns(&self.name);
+    }
+}
+
 /// Make the bridge namespace a plain switch: where `br_netfilter` is loaded
 /// (Docker loads it) the kernel runs the IP and ARP netfilter hooks for every
 /// frame `br0` forwards, per namespace and on by default. A switch between
@@ -167,7 +241,7 @@ pub struct Topology {
 }
 
 fn remove_stale() {
-    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+    let Ok(dir) = std::fs::read_dir(NETNS_DIR) else {
         return;
     };
     for ent in dir.flatten() {
@@ -179,7 +253,7 @@ fn remove_stale() {
             continue;
         };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = run_ip(&["netns", "del", &name]);
+            remove_netns(&name);
         }
     }
 }
@@ -210,84 +284,67 @@ impl Topology {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let mk = |role: &str| -> Result<Netns> {
-            let name = format!("{base}-{role}");
-            run_ip(&["netns", "add", &name])?;
-            Ok(Netns { name })
-        };
-        // Build the value early so Drop cleans up whatever was created.
-        let bridge = mk("br")?;
-        let mut partial = vec![];
-        let client = match mk("client") {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = run_ip(&["netns", "del", &bridge.name]);
-                return Err(e);
-            }
-        };
-        partial.push(());
-        let a = match mk("a") {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = run_ip(&["netns", "del", &bridge.name]);
-                let _ = run_ip(&["netns", "del", &client.name]);
-                return Err(e);
-            }
-        };
-        let b = match mk("b") {
-            Ok(n) => n,
-            Err(e) => {
-                for n in [&bridge, &client, &a] {
-                    let _ = run_ip(&["netns", "del", &n.name]);
-                }
-                return Err(e);
-            }
-        };
+        let mk = |role: &str| Netns::create(format!("{base}-{role}"));
+        // Each namespace removes itself when dropped: an error below leaves
+        // nothing behind.
         let topo = Self {
-            client,
-            a,
-            b,
-            bridge,
+            bridge: mk("br")?,
+            client: mk("client")?,
+            a: mk("a")?,
+            b: mk("b")?,
         };
         topo.wire()?;
         Ok(topo)
     }
 
     fn wire(&self) -> Result<()> {
-        let br = &self.bridge;
-        br.ip(&["link", "add", "br0", "type", "bridge"])?;
-        br.ip(&["link", "set", "br0", "up"])?;
-        br.ip(&["link", "set", "lo", "up"])?;
-        plain_switch(br)?;
         let hosts = [
             (&self.client, "p-client", Self::CLIENT_V4, Self::CLIENT_V6),
             (&self.a, "p-a", Self::A_V4, Self::A_V6),
             (&self.b, "p-b", Self::B_V4, Self::B_V6),
         ];
-        for (ns, port, v4, v6) in hosts {
-            br.ip(&[
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ])?;
-            br.ip(&["link", "set", port, "master", "br0"])?;
-            br.ip(&["link", "set", port, "up"])?;
-            ns.ip(&["link", "set", "lo", "up"])?;
-            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
-            // No duplicate address detection for the link-local address
-            // either: while it is tentative the kernel cannot solicit a
-            // neighbour on its own (`NTF_USE`), only for a packet it sends.
-            ns.run(|| std::fs::write("/proc/sys/net/ipv6/conf/eth0/accept_dad", "0"))?
-                .map_err(|e| NetError::topology("disable DAD on eth0", Some(e)))?;
-            ns.ip(&["link", "set", "eth0", "up"])?;
+        // The bridge, and a veth pair per host: `p-<host>` a port of the
+        // bridge, its peer `eth0` made right inside the host's namespace.
+        let ports = hosts
+            .iter()
+            .map(|(ns, port, ..)| Ok((*port, ns.open()?)))
+            .collect::<Result<Vec<(&'static str, OwnedFd)>>>()?;
+        self.bridge.run(move || -> Result<()> {
+            let mut nl = route_socket()?;
+            setup("add bridge br0", rtnl::add_bridge(&mut nl, "br0"))?;
+            let br0 = index("br0")?;
+            setup("set br0 up", rtnl::set_link_up(&mut nl, br0, None))?;
+            setup("set lo up", rtnl::set_link_up(&mut nl, index("lo")?, None))?;
+            for (port, host) in ports {
+                setup(
+                    format!("add veth {port} / eth0"),
+                    rtnl::add_veth(&mut nl, port, "eth0", host.as_fd()),
+                )?;
+                setup(
+                    format!("set {port} master br0 up"),
+                    rtnl::set_link_up(&mut nl, index(port)?, Some(br0)),
+                )?;
+            }
+            Ok(())
+        })??;
+        plain_switch(&self.bridge)?;
+        for (ns, _, v4, v6) in hosts {
+            ns.run(move || -> Result<()> {
+                let mut nl = route_socket()?;
+                setup("set lo up", rtnl::set_link_up(&mut nl, index("lo")?, None))?;
+                let eth0 = index("eth0")?;
+                handoff::add_address(eth0, &ServiceAddr::new(v4, 24))?;
+                // Without duplicate address detection (`nodad`).
+                handoff::add_address(eth0, &ServiceAddr::new(v6, 64))?;
+                // No duplicate address detection for the link-local address
+                // either: while it is tentative the kernel cannot solicit a
+                // neighbour on its own (`NTF_USE`), only for a packet it sends.
+                setup(
+                    "disable DAD on eth0",
+                    std::fs::write("/proc/sys/net/ipv6/conf/eth0/accept_dad", "0"),
+                )?;
+                setup("set eth0 up", rtnl::set_link_up(&mut nl, eth0, None))
+            })??;
         }
         Ok(())
     }
@@ -302,56 +359,61 @@ impl Topology {
         [&self.client, &self.a, &self.b]
     }
 
-    /// Add the service addresses (IPv4 and IPv6) to `host`.
+    fn service_addrs() -> [ServiceAddr; 2] {
+        [
+            ServiceAddr::new(Self::SERVICE_V4, 24),
+            ServiceAddr::new(Self::SERVICE_V6, 64),
+        ]
+    }
+
+    /// Add the service addresses (IPv4 and IPv6, the latter without
+    /// duplicate address detection) to `host`'s `eth0`.
     pub fn add_service_address(&self, host: &Netns) -> Result<()> {
-        host.ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", Self::SERVICE_V4),
-            "dev",
-            "eth0",
-        ])?;
-        host.ip(&[
-            "addr",
-            "add",
-            &format!("{}/64", Self::SERVICE_V6),
-            "dev",
-            "eth0",
-            "nodad",
-        ])
+        host.run(|| -> Result<()> {
+            let eth0 = index("eth0")?;
+            for a in Self::service_addrs() {
+                handoff::add_address(eth0, &a)?;
+            }
+            Ok(())
+        })?
     }
 
     /// Move the service addresses from `from` to `to` and flush the other
     /// hosts' neighbour caches (a stand-in for the gratuitous ARP / unsolicited
     /// neighbour advertisement of the real handoff, issue 6).
     pub fn move_service_address(&self, from: &Netns, to: &Netns) -> Result<()> {
-        from.ip(&[
-            "addr",
-            "del",
-            &format!("{}/24", Self::SERVICE_V4),
-            "dev",
-            "eth0",
-        ])?;
-        from.ip(&[
-            "addr",
-            "del",
-            &format!("{}/64", Self::SERVICE_V6),
-            "dev",
-            "eth0",
-        ])?;
+        from.run(|| -> Result<()> {
+            let eth0 = index("eth0")?;
+            for a in Self::service_addrs() {
+                handoff::remove_address(eth0, &a)?;
+            }
+            Ok(())
+        })??;
         self.add_service_address(to)?;
         for h in self.hosts() {
-            h.ip(&["neigh", "flush", "dev", "eth0"])?;
-            h.ip(&["-6", "neigh", "flush", "dev", "eth0"])?;
+            h.run(|| flush_neighbours("eth0"))??;
         }
         Ok(())
     }
 }
 
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for n in [&self.client, &self.a, &self.b, &self.bridge] {
-            let _ = run_ip(&["netns", "del", &n.name]);
+/// `ip neigh flush dev <dev>`: remove the IPv4 and IPv6 neighbour entries
+/// of `dev` in the calling thread's namespace, except permanent and
+/// no-ARP ones. One pass: entries traffic makes meanwhile stay.
+fn flush_neighbours(dev: &str) -> Result<()> {
+    let ifindex = index(dev)?;
+    let mut nl = route_socket()?;
+    let states = !(rtnl::NUD_PERMANENT | rtnl::NUD_NOARP);
+    let entries = setup(
+        format!("list neighbours of {dev}"),
+        rtnl::neighbours(&mut nl, ifindex, states),
+    )?;
+    for (family, dst) in entries {
+        match rtnl::del_neighbour(&mut nl, ifindex, family, &dst) {
+            // Gone meanwhile.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            r => setup(format!("flush neighbours of {dev}"), r)?,
         }
     }
+    Ok(())
 }

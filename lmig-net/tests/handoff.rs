@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use lmig_core::model::SocketRecord;
 use lmig_core::traits::{NoSockets, SocketSink, SocketSource};
-use lmig_net::handoff::{Handoff, HandoffConfig, Locked, ServiceAddr};
+use lmig_net::handoff::{self, Handoff, HandoffConfig, Locked, ServiceAddr};
 use lmig_net::lock::{self, LockConfig, NetLock, TABLE_PREFIX};
 use lmig_net::topology::{Netns, Topology};
 use lmig_net::{NetError, NetSink, NetSource, SinkConfig, SourceConfig};
@@ -51,31 +51,31 @@ fn config() -> HandoffConfig {
     c
 }
 
-/// `nft list tables` in `ns`.
-fn tables(ns: &Netns) -> String {
-    let out = ns
-        .spawn(
-            Command::new("nft")
-                .args(["list", "tables"])
-                .stdout(std::process::Stdio::piped()),
-        )
-        .expect("nft (package nftables) must be installed")
-        .wait_with_output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// The nftables tables of `ns` (`ip/<name>`, `ip6/<name>`).
+fn tables(ns: &Netns) -> Vec<String> {
+    ns.run(lock::testing::tables)
+        .unwrap()
+        .expect("list nftables tables")
 }
 
-fn addresses(ns: &Netns) -> String {
-    let out = ns
-        .spawn(
-            Command::new("ip")
-                .args(["addr", "show", "dev", "eth0"])
-                .stdout(std::process::Stdio::piped()),
-        )
+/// Lock tables (named with [`TABLE_PREFIX`]) among `tables`.
+fn lock_tables(tables: &[String]) -> Vec<&String> {
+    tables.iter().filter(|t| t.contains(TABLE_PREFIX)).collect()
+}
+
+fn eth0() -> u32 {
+    nix::net::if_::if_nametoindex("eth0").expect("eth0")
+}
+
+/// The addresses of `eth0` in `ns`.
+fn addresses(ns: &Netns) -> Vec<ServiceAddr> {
+    ns.run(|| handoff::addresses(eth0()))
         .unwrap()
-        .wait_with_output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .expect("addresses of eth0")
+}
+
+fn has_address(ns: &Netns, ip: IpAddr) -> bool {
+    addresses(ns).iter().any(|a| a.addr == ip)
 }
 
 /// A counter of `/proc/net/snmp` (`Tcp: RetransSegs`, `Tcp: OutRsts`, ...) in `ns`.
@@ -95,36 +95,30 @@ fn snmp(ns: &Netns, group: &'static str, field: &'static str) -> u64 {
 }
 
 /// The Ethernet address of `eth0` in `ns`.
-fn link_address(ns: &Netns) -> String {
-    let out = ns
-        .spawn(
-            Command::new("ip")
-                .args(["-o", "link", "show", "dev", "eth0"])
-                .stdout(std::process::Stdio::piped()),
-        )
+fn link_address(ns: &Netns) -> [u8; 6] {
+    ns.run(|| handoff::link_address(eth0()))
         .unwrap()
-        .wait_with_output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let i = text
-        .find("link/ether ")
         .expect("eth0 has an Ethernet address")
-        + "link/ether ".len();
-    text[i..i + 17].to_string()
 }
 
-/// `ip neigh` of `ns` (diagnostics).
+/// What `ns`'s neighbour table says about the topology's addresses (diagnostics).
 fn neigh(ns: &Netns) -> String {
-    let out = ns
-        .spawn(
-            Command::new("ip")
-                .args(["neigh"])
-                .stdout(std::process::Stdio::piped()),
-        )
-        .unwrap()
-        .wait_with_output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ns.run(|| {
+        let ips: [IpAddr; 8] = [
+            Topology::SERVICE_V4.into(),
+            Topology::SERVICE_V6.into(),
+            Topology::CLIENT_V4.into(),
+            Topology::CLIENT_V6.into(),
+            Topology::A_V4.into(),
+            Topology::A_V6.into(),
+            Topology::B_V4.into(),
+            Topology::B_V6.into(),
+        ];
+        ips.iter()
+            .map(|&ip| format!("{ip} {:x?}; ", handoff::neighbour_address(eth0(), ip)))
+            .collect()
+    })
+    .unwrap()
 }
 
 /// Packets waiting in NFQUEUE queues of `ns` now.
@@ -156,13 +150,9 @@ fn lock_is_one_table_per_family_and_goes_away() {
     let table = lock.table().to_string();
     assert!(table.starts_with(&format!("{TABLE_PREFIX}{}_", std::process::id())));
     let t = tables(&topo.a);
-    assert!(t.contains(&format!("table ip {table}\n")), "{t}");
-    assert!(t.contains(&format!("table ip6 {table}\n")), "{t}");
-    assert_eq!(
-        t.matches(TABLE_PREFIX).count(),
-        2,
-        "one table per family: {t}"
-    );
+    assert!(t.contains(&format!("ip/{table}")), "{t:?}");
+    assert!(t.contains(&format!("ip6/{table}")), "{t:?}");
+    assert_eq!(lock_tables(&t).len(), 2, "one table per family: {t:?}");
     // A second lock in the same namespace and process gets its own tables.
     let second = topo
         .a
@@ -178,7 +168,7 @@ fn lock_is_one_table_per_family_and_goes_away() {
     lock.engage().unwrap();
     assert_eq!(lock.unlock().unwrap(), 0);
     let t = tables(&topo.a);
-    assert!(!t.contains(&table), "table left behind: {t}");
+    assert!(lock_tables(&t).is_empty(), "table left behind: {t:?}");
 }
 
 #[test]
@@ -190,21 +180,21 @@ fn leftover_tables_of_dead_processes_are_removed() {
     // 4194304 is above the largest pid Linux hands out: surely dead.
     let dead = format!("{TABLE_PREFIX}4194304");
     let alive = format!("{TABLE_PREFIX}1");
-    for (fam, name) in [("ip", &dead), ("ip6", &dead), ("ip", &alive)] {
-        topo.a.ip(&["link", "show"]).unwrap();
-        let st = topo
-            .a
-            .spawn(Command::new("nft").args(["add", "table", fam, name]))
+    for (ipv6, name) in [(false, &dead), (true, &dead), (false, &alive)] {
+        let name = name.clone();
+        topo.a
+            .run(move || lock::testing::add_table(ipv6, &name))
             .unwrap()
-            .wait()
-            .unwrap();
-        assert!(st.success());
+            .expect("add table");
     }
     let removed = topo.a.run(lock::clean_stale).unwrap().expect("clean_stale");
     assert_eq!(removed.len(), 2, "{removed:?}");
     let t = tables(&topo.a);
-    assert!(!t.contains(&dead), "{t}");
-    assert!(t.contains(&alive), "a live process's table must stay: {t}");
+    assert!(!t.iter().any(|n| n.ends_with(&dead)), "{t:?}");
+    assert!(
+        t.contains(&format!("ip/{alive}")),
+        "a live process's table must stay: {t:?}"
+    );
 }
 
 /// Run as a child without capabilities (see the test below).
@@ -214,6 +204,12 @@ fn unprivileged_child() {
     if std::env::var("LMIG_HANDOFF_CHILD").is_err() {
         return;
     }
+    // Leave root for `nobody`: the kernel clears every capability (glibc
+    // changes the ids of all threads).
+    use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+    setgroups(&[]).unwrap();
+    setgid(Gid::from_raw(65534)).unwrap();
+    setuid(Uid::from_raw(65534)).unwrap();
     let err = Locked::new(NoSockets, config()).map(|_| ()).unwrap_err();
     println!("ERROR: {err}");
     assert!(matches!(err, NetError::Unsupported { .. }), "{err:?}");
@@ -229,13 +225,11 @@ fn lock_install_failure_is_clear_and_changes_nothing() {
     topo.add_service_address(&topo.a).unwrap();
     let before = (tables(&topo.a), addresses(&topo.a));
     let exe = std::env::current_exe().unwrap();
-    // An empty bounding set: root without any capability after exec.
+    // The child drops its capabilities itself (no `setpriv` needed).
     let out = topo
         .a
         .spawn(
-            Command::new("setpriv")
-                .args(["--bounding-set=-all", "--inh-caps=-all", "--"])
-                .arg(exe)
+            Command::new(exe)
                 .args([
                     "--ignored",
                     "--exact",
@@ -247,7 +241,7 @@ fn lock_install_failure_is_clear_and_changes_nothing() {
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped()),
         )
-        .expect("setpriv (util-linux) must be installed")
+        .expect("start the child")
         .wait_with_output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -269,7 +263,7 @@ struct ChildGuard(std::process::Child);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
@@ -358,7 +352,8 @@ fn echo(conn: Conn, stop: Arc<AtomicBool>) -> JoinHandle<Conn> {
 fn service_moves(tcp: bool, v6: bool) {
     let topo = Topology::new().expect("topology");
     topo.add_service_address(&topo.a).unwrap();
-    // Debugging aid: LMIG_HANDOFF_PCAP=<file> captures the bridge.
+    // Debugging aid: LMIG_HANDOFF_PCAP=<file> captures the bridge (needs
+    // tcpdump; only then).
     let pcap = std::env::var("LMIG_HANDOFF_PCAP").ok().map(|f| {
         let c = topo
             .bridge()
@@ -456,10 +451,8 @@ fn service_moves(tcp: bool, v6: bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while progress.load(Ordering::Acquire) < n {
             if Instant::now() >= deadline {
-                let _ = topo.client.ip(&["neigh"]);
-                let _ = topo.client.ip(&["-6", "neigh"]);
                 panic!(
-                    "the client stopped making progress at {}; neighbours: client {:?} a {:?} b {:?}; a {} b {}",
+                    "the client stopped making progress at {}; neighbours: client {} a {} b {}; addresses a {:?} b {:?}",
                     progress.load(Ordering::Acquire),
                     neigh(&topo.client),
                     neigh(&topo.a),
@@ -599,11 +592,30 @@ fn service_moves(tcp: bool, v6: bool) {
     eprintln!("destination after activate: {dst_stats:?}");
     if std::env::var("LMIG_HANDOFF_DEBUG").is_ok() {
         for _ in 0..3 {
-            let o = topo.b.spawn(Command::new("sh").args(["-c", "ip -6 addr show dev eth0 | grep inet6; ip -6 route show table local; grep -E 'Ip6InAddrErrors|Ip6InNoRoutes|Ip6InDiscards|Ip6InReceives|Ip6InDelivers' /proc/net/snmp6; ip -6 neigh; nft list ruleset"]).stdout(std::process::Stdio::piped())).unwrap().wait_with_output().unwrap();
+            let snmp6 = topo
+                .b
+                .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default())
+                .unwrap();
+            let snmp6: Vec<&str> = snmp6
+                .lines()
+                .filter(|l| {
+                    [
+                        "InAddrErrors",
+                        "InNoRoutes",
+                        "InDiscards",
+                        "InReceives",
+                        "InDelivers",
+                    ]
+                    .iter()
+                    .any(|f| l.starts_with(&format!("Ip6{f}")))
+                })
+                .collect();
             eprintln!(
-                "B at {:?}:\n{}",
+                "B at {:?}: addresses {:?}\nneighbours {}\ntables {:?}\n{snmp6:?}",
                 freeze_at.elapsed(),
-                String::from_utf8_lossy(&o.stdout)
+                addresses(&topo.b),
+                neigh(&topo.b),
+                tables(&topo.b),
             );
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -666,28 +678,23 @@ fn service_moves(tcp: bool, v6: bool) {
     // The address moved; both locks are gone.
     let t = (tables(&topo.a), tables(&topo.b));
     assert!(
-        !t.0.contains(TABLE_PREFIX) && !t.1.contains(TABLE_PREFIX),
+        lock_tables(&t.0).is_empty() && lock_tables(&t.1).is_empty(),
         "{t:?}"
     );
-    assert!(addresses(&topo.b).contains(&ip.to_string()));
+    assert!(has_address(&topo.b, ip), "{:?}", addresses(&topo.b));
     // The announcement switched the client to B's link-layer address.
     let mac_b = link_address(&topo.b);
     let seen = topo
         .client
-        .spawn(
-            Command::new("ip")
-                .args(["neigh", "show", &ip.to_string()])
-                .stdout(std::process::Stdio::piped()),
-        )
+        .run(move || handoff::neighbour_address(eth0(), ip))
         .unwrap()
-        .wait_with_output()
-        .unwrap();
-    let seen = String::from_utf8_lossy(&seen.stdout).into_owned();
-    assert!(
-        seen.contains(&mac_b),
-        "client neighbour entry {seen:?}, B is {mac_b}"
+        .expect("client neighbour table");
+    assert_eq!(
+        seen,
+        Some(mac_b),
+        "client neighbour entry {seen:x?}, B is {mac_b:x?}"
     );
-    assert!(!addresses(&topo.a).contains(&format!("{ip}/")));
+    assert!(!has_address(&topo.a, ip), "{:?}", addresses(&topo.a));
 }
 
 #[test]
@@ -786,9 +793,9 @@ fn abort_delivers_held_here(port: u16, early: bool) {
         .unwrap();
     assert!(server.recv(&mut buf).is_err(), "delivered twice");
     assert_eq!(queued(&topo.b), 0, "B still holds copies");
-    assert!(!tables(&topo.a).contains(TABLE_PREFIX));
-    assert!(!tables(&topo.b).contains(TABLE_PREFIX));
-    assert!(addresses(&topo.a).contains(&Topology::SERVICE_V4.to_string()));
+    assert!(lock_tables(&tables(&topo.a)).is_empty());
+    assert!(lock_tables(&tables(&topo.b)).is_empty());
+    assert!(has_address(&topo.a, Topology::SERVICE_V4.into()));
 }
 
 #[test]

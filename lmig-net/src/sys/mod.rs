@@ -8,6 +8,7 @@
 
 pub(crate) mod netlink;
 pub(crate) mod packet;
+pub(crate) mod rtnl;
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -812,6 +813,51 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 pub fn setns_net(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: plain syscall on a valid fd.
     cvt(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) }).map(drop)
+}
+
+/// `unshare(CLONE_NEWNET)`: the calling thread (only it) moves to a new,
+/// empty network namespace.
+#[doc(alias = "unshare")]
+pub(crate) fn unshare_net() -> io::Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+}
+
+/// `mount(src, dst, NULL, MS_BIND | extra, NULL)`: bind-mount `src` on `dst`.
+#[doc(alias = "mount")]
+pub(crate) fn bind_mount(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    recursive: bool,
+) -> io::Result<()> {
+    use nix::mount::MsFlags;
+    let mut flags = MsFlags::MS_BIND;
+    if recursive {
+        flags |= MsFlags::MS_REC;
+    }
+    nix::mount::mount(Some(src), dst, None::<&str>, flags, None::<&str>).map_err(io::Error::from)
+}
+
+/// `mount(NULL, path, NULL, MS_SHARED | MS_REC, NULL)`: mounts under
+/// `path` propagate to (and from) peer mount namespaces. `EINVAL` when
+/// `path` is not a mount point.
+#[doc(alias = "mount")]
+pub(crate) fn make_shared(path: &std::path::Path) -> io::Result<()> {
+    use nix::mount::MsFlags;
+    nix::mount::mount(
+        None::<&str>,
+        path,
+        None::<&str>,
+        MsFlags::MS_SHARED | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(io::Error::from)
+}
+
+/// `umount2(path, MNT_DETACH)`: detach the mount at `path` now, free it
+/// once nothing uses it.
+#[doc(alias = "umount2")]
+pub(crate) fn detach_mount(path: &std::path::Path) -> io::Result<()> {
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).map_err(io::Error::from)
 }
 
 /// Make `cmd` enter the network namespace `ns` in the child before `exec`.

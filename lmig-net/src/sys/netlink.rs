@@ -26,6 +26,8 @@ pub(crate) const F_DUMP: u16 = 0x300;
 pub(crate) const F_REPLACE: u16 = 0x100;
 /// `NLM_F_CREATE`.
 pub(crate) const F_CREATE: u16 = 0x400;
+/// `NLM_F_EXCL`: fail with `EEXIST` instead of changing an existing object.
+pub(crate) const F_EXCL: u16 = 0x200;
 /// `NLM_F_MULTI`.
 const F_MULTI: u16 = 0x2;
 /// `NLMSG_ERROR`.
@@ -375,6 +377,16 @@ impl MsgBuf {
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
         self.buf
             .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        self
+    }
+
+    /// Open a nested attribute without `NLA_F_NESTED`, as iproute2 sends
+    /// rtnetlink's link info (the kernel parses those nests leniently and
+    /// `VETH_INFO_PEER` is not even declared nested).
+    pub(crate) fn nest_unflagged(&mut self, kind: u16) -> &mut Self {
+        self.nests.push(self.buf.len());
+        self.buf.extend_from_slice(&0u16.to_ne_bytes());
+        self.buf.extend_from_slice(&kind.to_ne_bytes());
         self
     }
 
