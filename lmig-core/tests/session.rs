@@ -60,7 +60,7 @@ fn precopy_with_concurrent_writer_is_verified() {
                     writer_tracker.mark(&PageRun::new(RegionId(1), page, 1));
                 }
                 i += 1;
-                if i % 64 == 0 {
+                if i.is_multiple_of(64) {
                     std::thread::yield_now();
                 }
             }

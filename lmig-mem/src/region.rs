@@ -218,7 +218,7 @@ impl RegionOptions {
             region: self.id,
             detail,
         };
-        if self.len == 0 || self.len % page as u64 != 0 {
+        if self.len == 0 || !self.len.is_multiple_of(page as u64) {
             return Err(bad(format!(
                 "length {} is 0 or not a multiple of the page size {page}",
                 self.len

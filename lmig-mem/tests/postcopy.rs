@@ -485,7 +485,7 @@ fn migrate(
                     marker.mark(R, p).unwrap();
                     i += 1;
                     n += 1;
-                    if n % 64 == 0 {
+                    if n.is_multiple_of(64) {
                         std::thread::sleep(Duration::from_micros(200));
                     }
                 }

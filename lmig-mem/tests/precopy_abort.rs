@@ -67,7 +67,7 @@ fn writer(set: &RegionSet, stop: &AtomicBool, writes: &AtomicU64, done: &AtomicB
             .unwrap();
         last[page as usize] = n;
         writes.store(n, Ordering::Relaxed);
-        if n % 64 == 0 {
+        if n.is_multiple_of(64) {
             std::thread::sleep(Duration::from_micros(200));
         }
     }

@@ -229,9 +229,9 @@ fn racing_writer(name: &str, set: &RegionSet, t: &mut dyn DirtyTracker, mark: &M
                 seq += 1;
                 // Bursts of 64 writes, then a short pause: some collects see
                 // a few pages, some overlap a burst.
-                if seq % 64 == 0 {
+                if seq.is_multiple_of(64) {
                     std::thread::sleep(Duration::from_micros(50 + seq % 300));
-                } else if seq % 8 == 0 {
+                } else if seq.is_multiple_of(8) {
                     std::thread::yield_now();
                 }
             }

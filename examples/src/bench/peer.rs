@@ -101,7 +101,7 @@ pub fn random_key_hex() -> Result<String, PeerError> {
 
 /// Decode [`random_key_hex`]'s output.
 pub fn key_from_hex(hex: &str) -> Result<Vec<u8>, PeerError> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return Err("odd-length key".into());
     }
     (0..hex.len() / 2)

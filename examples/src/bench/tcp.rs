@@ -118,7 +118,7 @@ fn service(args: &Args) -> SocketAddr {
 }
 
 fn queued(args: &Args, i: usize) -> bool {
-    args.queued_every > 0 && i % args.queued_every == 0
+    args.queued_every > 0 && i.is_multiple_of(args.queued_every)
 }
 
 /// Start this benchmark's worker process `name` in `ns`.

@@ -377,7 +377,7 @@ mod tests {
                 seed ^= seed << 17;
                 let p = seed % pages;
                 let len = seed % 100;
-                if seed % 3 == 0 {
+                if seed.is_multiple_of(3) {
                     s.remove_range(p, len);
                 } else {
                     s.insert_range(p, len);

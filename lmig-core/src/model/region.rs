@@ -76,7 +76,7 @@ impl RegionInfo {
                 self.len
             ));
         }
-        if self.len % u64::from(self.page_size) != 0 {
+        if !self.len.is_multiple_of(u64::from(self.page_size)) {
             return bad(format!(
                 "length {} is not a multiple of the page size {}",
                 self.len, self.page_size

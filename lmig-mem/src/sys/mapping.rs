@@ -158,7 +158,8 @@ impl Mapping {
         let Some(len) = page_size.checked_mul(zero.len()) else {
             return false;
         };
-        if !self.in_bounds(offset, len) || page_size % 8 != 0 || offset % 8 != 0 {
+        if !self.in_bounds(offset, len) || !page_size.is_multiple_of(8) || !offset.is_multiple_of(8)
+        {
             return false;
         }
         for (i, flag) in zero.iter_mut().enumerate() {
