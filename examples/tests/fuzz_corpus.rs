@@ -99,3 +99,22 @@ fn the_session_seeds_reach_commit() {
         assert!(!dest_session(s), "a cut session does not");
     }
 }
+
+/// `fuzz/targets.txt` (what CI fuzzes) lists every target of both crates
+/// and nothing else, each with its source file.
+#[test]
+fn targets_file_lists_every_target() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let listed = std::fs::read_to_string(root.join("targets.txt")).expect("fuzz/targets.txt");
+    let listed: Vec<&str> = listed.lines().filter(|l| !l.is_empty()).collect();
+    let all: Vec<&str> = lmig_transport::fuzzing::TARGETS
+        .iter()
+        .chain(TARGETS)
+        .copied()
+        .collect();
+    assert_eq!(listed, all);
+    for t in &all {
+        let src = root.join(format!("fuzz_targets/{t}.rs"));
+        assert!(src.exists(), "missing {}", src.display());
+    }
+}

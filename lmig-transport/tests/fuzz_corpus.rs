@@ -65,7 +65,9 @@ fn targets_file_lists_every_target() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/targets.txt");
     let listed = std::fs::read_to_string(path).expect("fuzz/targets.txt");
     let listed: Vec<&str> = listed.lines().filter(|l| !l.is_empty()).collect();
-    assert_eq!(listed, TARGETS);
+    // This crate's targets come first; the examples' follow (checked by
+    // examples/tests/fuzz_corpus.rs, which sees both lists).
+    assert_eq!(&listed[..TARGETS.len().min(listed.len())], TARGETS);
     for t in TARGETS {
         let src =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../fuzz/fuzz_targets/{t}.rs"));
