@@ -23,18 +23,7 @@ use lmig_net::{NetError, NetSink, NetSource, SinkConfig, SourceConfig};
 /// True when the test may run; panics with a clear message when it needs
 /// root and does not have it.
 fn privileged(test: &str) -> bool {
-    if std::env::var("LMIG_SKIP_PRIVILEGED").as_deref() == Ok("1") {
-        eprintln!(
-            "SKIPPED {test}: LMIG_SKIP_PRIVILEGED=1 (needs root: namespaces, nftables, NFQUEUE)"
-        );
-        return false;
-    }
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "{test} needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN) for namespaces, nftables and NFQUEUE; \
-         run as root or set LMIG_SKIP_PRIVILEGED=1 to skip"
-    );
-    true
+    lmig_core::testing::privileged(test, "namespaces, nftables and NFQUEUE")
 }
 
 fn service_addrs() -> Vec<ServiceAddr> {

@@ -16,27 +16,14 @@ use lmig_core::traits::{SocketSink, SocketSource};
 use lmig_net::topology::{Netns, Topology};
 use lmig_net::{NetSink, NetSource, SinkConfig, SourceConfig};
 
-/// True when privileged tests should run; prints and returns false on an
-/// explicit `LMIG_SKIP_PRIVILEGED=1`; panics with a clear message without root.
+/// True when privileged tests should run (as root); without root a clear
+/// failure, or a visible skip with `LMIG_SKIP_PRIVILEGED=1`.
 pub fn privileged(test: &str) -> bool {
-    if std::env::var("LMIG_SKIP_PRIVILEGED").as_deref() == Ok("1") {
-        println!(
-            "SKIPPED {test}: LMIG_SKIP_PRIVILEGED=1 (needs root: network namespaces, TCP repair)"
-        );
+    // The shared rule: runs as root; without root a failure, or a visible
+    // skip with LMIG_SKIP_PRIVILEGED=1.
+    if !lmig_core::testing::privileged(test, "network namespaces, CAP_NET_ADMIN for TCP repair") {
         return false;
     }
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2).unwrap_or("1").to_string())
-        })
-        .unwrap_or_default();
-    assert_eq!(
-        uid, "0",
-        "{test} needs root (network namespaces, CAP_NET_ADMIN for TCP repair); set LMIG_SKIP_PRIVILEGED=1 to skip"
-    );
     let _ = lmig_net::raise_nofile_limit();
     true
 }
