@@ -109,6 +109,7 @@ fn targets_file_lists_every_target() {
     let listed: Vec<&str> = listed.lines().filter(|l| !l.is_empty()).collect();
     let all: Vec<&str> = lmig_transport::fuzzing::TARGETS
         .iter()
+        .chain(lmig_net::fuzzing::TARGETS)
         .chain(TARGETS)
         .copied()
         .collect();

@@ -72,6 +72,8 @@
 #![deny(unsafe_code)]
 
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod handoff;
 mod inject;
 pub mod lock;

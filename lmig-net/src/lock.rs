@@ -86,7 +86,7 @@ const NFT_TABLE_F_OWNER: u32 = 2;
 /// `NFTA_TABLE_NAME`.
 const NFTA_TABLE_NAME: u16 = 1;
 
-const NFQNL_MSG_PACKET: u16 = 0;
+pub(crate) const NFQNL_MSG_PACKET: u16 = 0;
 const NFQNL_MSG_CONFIG: u16 = 2;
 const NFQNL_MSG_VERDICT_BATCH: u16 = 3;
 const NFQNL_CFG_CMD_BIND: u8 = 1;
@@ -106,7 +106,7 @@ fn nft_type(msg: u16) -> u16 {
     (NFNL_SUBSYS_NFTABLES << 8) | msg
 }
 
-fn queue_type(msg: u16) -> u16 {
+pub(crate) fn queue_type(msg: u16) -> u16 {
     (NFNL_SUBSYS_QUEUE << 8) | msg
 }
 
@@ -677,7 +677,9 @@ fn nfq_id_after(id: u32, max: u32) -> bool {
     (id.wrapping_sub(max) as i32) > 0
 }
 
-fn parse_packets(buf: &[u8], out: &mut Vec<HeldPacket>, stats: &mut LockStats) -> usize {
+/// The packets in one NFQUEUE datagram (its id and the IP packet of each
+/// `NFQNL_MSG_PACKET`); the count added to `out`.
+pub(crate) fn parse_packets(buf: &[u8], out: &mut Vec<HeldPacket>, stats: &mut LockStats) -> usize {
     let mut n = 0;
     for msg in Messages::new(buf) {
         if msg.kind != queue_type(NFQNL_MSG_PACKET) || msg.payload.len() < 4 {

@@ -216,7 +216,7 @@ pub(crate) struct Message<'a> {
 
 impl Message<'_> {
     /// For `NLMSG_ERROR`: the positive errno, 0 for an acknowledgement.
-    fn error_code(&self) -> i32 {
+    pub(crate) fn error_code(&self) -> i32 {
         match self.payload.get(0..4) {
             Some(b) => -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
             None => libc::EPROTO,

@@ -1,0 +1,8 @@
+#![no_main]
+//! Fuzz target `nfqueue_packets` (see lmig_net::fuzzing).
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    lmig_net::fuzzing::run("nfqueue_packets", data);
+});
