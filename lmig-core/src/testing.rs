@@ -418,3 +418,101 @@ fn effective_uid() -> Option<u32> {
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(2)?.parse().ok()
 }
+
+/// xorshift64*: a deterministic generator for the fuzz corpus replays.
+#[derive(Debug, Clone)]
+pub struct FuzzRng(pub u64);
+
+impl FuzzRng {
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+}
+
+/// `seed` changed one to four times: a bit flipped, a byte replaced, cut
+/// short, a byte inserted, or an interesting length or count (0, 1, 255,
+/// 65535, 2^31-1, 2^32-1) written somewhere.
+pub fn mutate(rng: &mut FuzzRng, seed: &[u8]) -> Vec<u8> {
+    let mut v = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        match rng.below(5) {
+            0 if !v.is_empty() => {
+                let i = rng.below(v.len());
+                v[i] ^= 1 << rng.below(8);
+            }
+            1 if !v.is_empty() => {
+                let i = rng.below(v.len());
+                v[i] = rng.next_u64() as u8;
+            }
+            2 => {
+                let cut = rng.below(v.len() + 1);
+                v.truncate(cut);
+            }
+            3 => {
+                let i = rng.below(v.len() + 1);
+                v.insert(i, rng.next_u64() as u8);
+            }
+            _ if v.len() >= 4 => {
+                let i = rng.below(v.len() - 3);
+                let x: u32 = [0, 1, 0xff, 0xffff, 0x7fff_ffff, u32::MAX][rng.below(6)];
+                v[i..i + 4].copy_from_slice(&x.to_le_bytes());
+            }
+            _ => {}
+        }
+    }
+    v
+}
+
+/// Replay fuzz targets on stable, as `cargo test` does for every crate's
+/// targets: for each of `targets`, its seeds, every file of
+/// `corpus/<target>/` (written from the seeds first when
+/// `LMIG_WRITE_CORPUS=1`), `mutations` mutated inputs and 200 of pure
+/// noise, each through `run` (which panics when a target's rule breaks, and
+/// returns false for a name it does not know).
+pub fn replay_fuzz_corpus(
+    corpus: &std::path::Path,
+    targets: &[&str],
+    seeds: impl Fn(&str) -> Vec<Vec<u8>>,
+    run: impl Fn(&str, &[u8]) -> bool,
+    mutations: usize,
+) {
+    let write = std::env::var_os("LMIG_WRITE_CORPUS").is_some();
+    for target in targets {
+        let dir = corpus.join(target);
+        let mut inputs = seeds(target);
+        assert!(!inputs.is_empty(), "no seeds for {target}");
+        if write {
+            std::fs::create_dir_all(&dir).expect("corpus directory");
+            for (i, s) in inputs.iter().enumerate() {
+                std::fs::write(dir.join(format!("seed-{i:02}")), s).expect("seed file");
+            }
+        }
+        let entries = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with LMIG_WRITE_CORPUS=1)", dir.display()));
+        for e in entries {
+            inputs.push(std::fs::read(e.expect("corpus entry").path()).expect("corpus file"));
+        }
+        for input in &inputs {
+            assert!(run(target, input), "{target} is not a target");
+        }
+        let mut rng = FuzzRng(0x9e37_79b9_7f4a_7c15 ^ target.len() as u64);
+        for _ in 0..mutations {
+            let seed = &inputs[rng.below(inputs.len())];
+            run(target, &mutate(&mut rng, seed));
+        }
+        for _ in 0..200 {
+            let n = rng.below(256);
+            let noise: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
+            run(target, &noise);
+        }
+    }
+}

@@ -694,6 +694,19 @@ enum PanicAt {
     AfterCommitRead,
 }
 
+impl PanicAt {
+    const ALL: [PanicAt; 8] = [
+        PanicAt::Pause,
+        PanicAt::StateCapture,
+        PanicAt::SocketFreeze,
+        PanicAt::SocketCapture,
+        PanicAt::FinalPages,
+        PanicAt::StateRestore,
+        PanicAt::Committed,
+        PanicAt::AfterCommitRead,
+    ];
+}
+
 /// A program (source or destination) and memory that panic at one point
 /// and otherwise behave as [`NullProgram`] and [`VecMemory`].
 struct Panicky<'a> {
@@ -830,16 +843,7 @@ impl lmig_core::MemorySource for Panicky<'_> {
 #[test]
 fn a_panic_in_program_code_aborts_before_commit_and_is_reported_after() {
     use PanicAt::*;
-    for at in [
-        Pause,
-        StateCapture,
-        SocketFreeze,
-        SocketCapture,
-        FinalPages,
-        StateRestore,
-        Committed,
-        AfterCommitRead,
-    ] {
+    for at in PanicAt::ALL {
         let layout = layout();
         let mem = filled_memory(&layout);
         let before = mem.snapshot(RegionId(1));

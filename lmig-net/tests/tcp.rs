@@ -636,19 +636,28 @@ fn tcp_listener_that_cannot_listen_is_refused_before_commit() {
                 let fd = fds
                     .remove(&id)
                     .unwrap_or_else(|| panic!("{id} not activated"));
-                let mut restored = TcpStream::from(fd);
-                restored
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                common::read_exact_eq(&mut restored, format!("c{id:03}").as_bytes()).unwrap();
-                restored.write_all(b"ok").unwrap();
-                client
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                common::read_exact_eq(&mut client, b"ok").unwrap();
+                talks(
+                    TcpStream::from(fd),
+                    &mut client,
+                    format!("c{id:03}").as_bytes(),
+                );
             }
         })
         .unwrap();
+}
+
+/// A restored connection talks: it holds `queued` (what its client sent
+/// before the capture), and its client hears its reply.
+fn talks(mut restored: TcpStream, client: &mut TcpStream, queued: &[u8]) {
+    restored
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    common::read_exact_eq(&mut restored, queued).unwrap();
+    restored.write_all(b"ok").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    common::read_exact_eq(client, b"ok").unwrap();
 }
 
 /// `SO_REUSEADDR` of a socket, read directly.
@@ -713,15 +722,9 @@ fn tcp_listener_listens_at_restore_beside_its_connections() {
             common::read_exact_eq(&mut accepted, b"late").unwrap();
             for (i, mut client) in clients.into_iter().enumerate() {
                 let id = i as u64 + 1;
-                let mut c = TcpStream::from(fds.remove(&id).expect("connection restored"));
+                let c = TcpStream::from(fds.remove(&id).expect("connection restored"));
                 assert_eq!(reuse_addr(&c), id == 2, "connection {id}'s SO_REUSEADDR");
-                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                common::read_exact_eq(&mut c, &pat("C", id as usize)).unwrap();
-                c.write_all(b"ok").unwrap();
-                client
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                common::read_exact_eq(&mut client, b"ok").unwrap();
+                talks(c, &mut client, &pat("C", id as usize));
             }
         })
         .unwrap();
