@@ -1,24 +1,28 @@
-//! Mutual authentication of every stream with a pre-shared key.
+//! Admission of every stream: mutual authentication with a pre-shared key,
+//! the stream's identity, and (by default) its Noise key exchange.
 //!
 //! # Handshake
 //!
 //! Each stream of a channel (control, every data lane, urgent) is a separate
-//! connection and is authenticated on its own, before any other frame:
+//! connection and is admitted on its own, before any other frame:
 //!
 //! ```text
 //! dialer                                              listener
 //!   Hello{session, role, index, data_streams,
 //!         generation, nonce_d} ──────────────────────▶ checks the stream fits; nonce_d unseen
 //!   ◀────────────────────────────────────────────── Challenge{nonce_l}
-//!   Proof{HMAC(K, "dialer" ‖ T)} ────────────────────▶ verify (constant time)
-//!   ◀────────────────────────────────────────────── Accept{HMAC(K, "listener" ‖ T ‖ proof)}
-//!   verify (constant time)
+//!   Proof{HMAC(K, "dialer" ‖ T)}
+//!   [KeyExchange{Noise -> psk, e}] ──────────────────▶ verify (constant time), then Noise
+//!   ◀──────────────────── Accept{HMAC(K, "listener" ‖ T ‖ proof)}
+//!                         [KeyExchange{Noise <- e, ee}]
+//!   verify (constant time), then Noise
+//!   ══ Psk mode: every later byte in Noise records (crate::noise) ══
 //! ```
 //!
-//! `T` is the transcript: a domain label, the protocol version, the whole
-//! `Hello` body (session id, role, lane index, number of lanes, generation,
-//! `nonce_d`) and `nonce_l`. Both nonces are 32 fresh random bytes from the
-//! OS, so:
+//! `T` is the transcript: a domain label naming the security mode, the
+//! protocol version, the whole `Hello` body (session id, role, lane index,
+//! number of lanes, generation, `nonce_d`) and `nonce_l`. Both nonces are
+//! 32 fresh random bytes from the OS, so:
 //!
 //! * **no replay**: a recorded `Proof` does not verify against a new
 //!   `nonce_l`, a recorded `Accept` not against a new `nonce_d`; the listener
@@ -30,22 +34,34 @@
 //!   listener sends its own proof only after the dialer's verified. A
 //!   dialer with the wrong key receives a random nonce and a `Reject`; a
 //!   listener with the wrong key receives a tag over a nonce it chose,
-//!   which a role label keeps from being reflected.
+//!   which a role label keeps from being reflected;
+//! * **no mode confusion**: the label differs per [`crate::Security`] mode,
+//!   so two sides configured differently fail the proof (`AuthFailed`)
+//!   instead of one of them talking in clear.
 //!
 //! Any other frame before `Accept` (a protocol message, a handshake step out
 //! of order) ends the connection with [`TransportError::Unauthenticated`] or
 //! [`TransportError::Handshake`] on the side that sees it, and a `Reject`
 //! frame gives the other side a clear [`TransportError::Rejected`].
 //!
-//! # Encryption later
+//! # Encryption
 //!
-//! Both sides derive a per-stream key, `HMAC(K, "session key" ‖ T ‖ proof ‖
-//! accept)` ([`Authenticated::stream_key`]). It is unused today (frames are
-//! authenticated only at connection setup and protected by CRC-32C against
-//! corruption, not against an active attacker on the path); an AEAD
-//! (e.g. ChaCha20-Poly1305 keyed by it, nonce = frame counter) can wrap the
-//! frame payloads later without changing the handshake. Until then, run
-//! lmig over a network you trust against active tampering, or inside a tunnel.
+//! The handshake itself only proves who connected. What protects the bytes
+//! after it depends on [`crate::Security`]:
+//!
+//! * `Psk` (the default): the `KeyExchange` frames carry a Noise `NNpsk0`
+//!   handshake keyed by the same pre-shared key, whose prologue is `T` and
+//!   the dialer's proof; every later byte of the stream travels in
+//!   AES-256-GCM records under its fresh keys ([`crate::noise`]). The
+//!   listener reads the dialer's Noise message only after the proof
+//!   verified and the stream was found to fit, so a stranger never gets
+//!   that far.
+//! * `Tls`: this whole handshake runs inside a TLS 1.3 connection with
+//!   mutual certificates, keyed by 32 bytes of the TLS exporter in place of
+//!   the pre-shared key (a channel binding: it proves both ends share that
+//!   TLS session), so the identity checks above apply unchanged.
+//! * `PlaintextTrustedLinkOnly`: as above without `KeyExchange`; frames then
+//!   cross in clear, protected by CRC-32C against accidents only.
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
@@ -57,8 +73,10 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use crate::error::{Result, TransportError};
+use crate::noise::{self, StreamKeys};
 use crate::wire::{
-    Accept, Challenge, Handshake, Hello, NONCE_LEN, Proof, Reject, RejectReason, TAG_LEN,
+    Accept, Challenge, Handshake, Hello, KeyExchange, NONCE_LEN, Proof, Reject, RejectReason,
+    TAG_LEN,
 };
 
 type HmacSha256 = Hmac<Sha256>;
@@ -90,6 +108,12 @@ impl AuthKey {
         Self::new(k)
     }
 
+    /// The 32-byte Noise pre-shared key derived from this key
+    /// (HMAC-SHA256 under a fixed label; Noise wants exactly 32 bytes).
+    pub(crate) fn noise_psk(&self) -> [u8; 32] {
+        tag(self, &[b"lmig noise psk v1"])
+    }
+
     fn mac(&self) -> HmacSha256 {
         // HMAC accepts keys of any length.
         <HmacSha256 as KeyInit>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!())
@@ -118,13 +142,34 @@ pub(crate) fn nonce() -> Result<[u8; NONCE_LEN]> {
     Ok(n)
 }
 
-const LABEL: &[u8] = b"lmig-auth-v1";
+/// What the admission handshake sets up besides authentication, per
+/// [`crate::Security`] mode. Each has its own transcript label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KeyMode {
+    /// Nothing: frames cross in clear afterwards.
+    Plain,
+    /// A Noise key exchange, pipelined with the proofs.
+    Noise,
+    /// Nothing more: the handshake runs inside TLS.
+    Tls,
+}
+
+impl KeyMode {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Self::Plain => b"lmig-auth-v1",
+            Self::Noise => b"lmig-auth-v1/noise",
+            Self::Tls => b"lmig-auth-v1/tls",
+        }
+    }
+}
 
 /// The transcript both tags cover.
-fn transcript(hello: &Hello, nonce_l: &[u8; NONCE_LEN]) -> Vec<u8> {
+fn transcript(mode: KeyMode, hello: &Hello, nonce_l: &[u8; NONCE_LEN]) -> Vec<u8> {
     let body = Handshake::Hello(hello.clone()).emit();
-    let mut t = Vec::with_capacity(LABEL.len() + 2 + body.len() + NONCE_LEN);
-    t.extend_from_slice(LABEL);
+    let label = mode.label();
+    let mut t = Vec::with_capacity(label.len() + 2 + body.len() + NONCE_LEN);
+    t.extend_from_slice(label);
     t.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     t.extend_from_slice(&body);
     t.extend_from_slice(nonce_l);
@@ -143,32 +188,26 @@ fn verify(expected: &[u8; TAG_LEN], got: &[u8; TAG_LEN]) -> bool {
     bool::from(expected.ct_eq(got))
 }
 
-/// The result of a successful handshake.
-#[derive(Clone)]
-pub struct Authenticated {
-    /// The dialer's hello (session, role, lane, generation).
-    pub hello: Hello,
-    stream_key: [u8; 32],
+/// The Noise prologue: the transcript and the dialer's proof.
+fn prologue(t: &[u8], proof: &[u8]) -> Vec<u8> {
+    [b"lmig-noise-v1".as_slice(), t, proof].concat()
 }
 
-impl Authenticated {
-    /// A key unique to this stream and handshake, known to both sides and
-    /// no one else: the hook for encrypting frames later.
-    pub fn stream_key(&self) -> &[u8; 32] {
-        &self.stream_key
-    }
+/// The result of a successful handshake.
+pub(crate) struct Authenticated {
+    /// The dialer's hello (session, role, lane, generation).
+    pub(crate) hello: Hello,
+    /// The stream's Noise keys ([`KeyMode::Noise`] only).
+    pub(crate) keys: Option<StreamKeys>,
 }
 
 impl fmt::Debug for Authenticated {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Authenticated")
             .field("hello", &self.hello)
-            .finish_non_exhaustive()
+            .field("encrypted", &self.keys.is_some())
+            .finish()
     }
-}
-
-fn stream_key(key: &AuthKey, t: &[u8], proof: &[u8], accept: &[u8]) -> [u8; 32] {
-    tag(key, &[b"session key", t, proof, accept])
 }
 
 /// One side's view of a handshake in progress: what to send, what came.
@@ -186,41 +225,74 @@ fn not_rejected(got: Handshake) -> Result<Handshake> {
     }
 }
 
+fn refuse(io: &mut dyn HandshakeIo, reason: RejectReason) {
+    let _ = io.send(&Handshake::Reject(Reject { reason }));
+}
+
 /// Run the dialer's side on a fresh connection.
-pub(crate) fn dial(io: &mut dyn HandshakeIo, key: &AuthKey, hello: Hello) -> Result<Authenticated> {
+pub(crate) fn dial(
+    io: &mut dyn HandshakeIo,
+    key: &AuthKey,
+    mode: KeyMode,
+    hello: Hello,
+) -> Result<Authenticated> {
     io.send(&Handshake::Hello(hello.clone()))?;
     let nonce_l = match not_rejected(io.recv()?)? {
         Handshake::Challenge(c) => c.nonce,
         other => return Err(unexpected(io, &other, "Challenge")),
     };
     if nonce_l == hello.nonce {
-        let _ = io.send(&Handshake::Reject(Reject {
-            reason: RejectReason::AuthFailed,
-        }));
+        refuse(io, RejectReason::AuthFailed);
         return Err(TransportError::AuthFailed {
             detail: "the listener reflected our nonce",
         });
     }
-    let t = transcript(&hello, &nonce_l);
+    let t = transcript(mode, &hello, &nonce_l);
     let proof = tag(key, &[b"dialer", &t]);
     io.send(&Handshake::Proof(Proof { tag: proof }))?;
+    let (initiator, sent) = match mode {
+        KeyMode::Noise => {
+            let (init, first) = noise::Initiator::start(&key.noise_psk(), &prologue(&t, &proof))?;
+            let sent = io.send(&Handshake::KeyExchange(KeyExchange {
+                message: first.into(),
+            }));
+            (Some(init), sent)
+        }
+        KeyMode::Plain | KeyMode::Tls => (None, Ok(())),
+    };
+    // A listener that refused the proof may have closed before our Noise
+    // message arrived: its Reject says more than the failed send.
     let accept = match not_rejected(io.recv()?)? {
-        Handshake::Accept(a) => a.tag,
+        Handshake::Accept(a) => {
+            sent?;
+            a.tag
+        }
         other => return Err(unexpected(io, &other, "Accept")),
     };
     let expected = tag(key, &[b"listener", &t, &proof]);
     if !verify(&expected, &accept) {
-        let _ = io.send(&Handshake::Reject(Reject {
-            reason: RejectReason::AuthFailed,
-        }));
+        refuse(io, RejectReason::AuthFailed);
         return Err(TransportError::AuthFailed {
-            detail: "the listener's proof does not verify (wrong key or replayed handshake)",
+            detail: "the listener's proof does not verify (wrong key, replayed handshake or another security mode)",
         });
     }
-    Ok(Authenticated {
-        stream_key: stream_key(key, &t, &proof, &accept),
-        hello,
-    })
+    let keys = match initiator {
+        Some(init) => {
+            let answer = match not_rejected(io.recv()?)? {
+                Handshake::KeyExchange(k) => k.message,
+                other => return Err(unexpected(io, &other, "KeyExchange")),
+            };
+            match init.finish(&answer) {
+                Ok(keys) => Some(keys),
+                Err(e) => {
+                    refuse(io, RejectReason::AuthFailed);
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    Ok(Authenticated { hello, keys })
 }
 
 fn unexpected(io: &mut dyn HandshakeIo, got: &Handshake, want: &'static str) -> TransportError {
@@ -238,6 +310,7 @@ fn unexpected(io: &mut dyn HandshakeIo, got: &Handshake, want: &'static str) -> 
 pub(crate) fn accept(
     io: &mut dyn HandshakeIo,
     key: &AuthKey,
+    mode: KeyMode,
     replay: &std::sync::Mutex<ReplayCache>,
     check: &dyn Fn(&Hello) -> Result<()>,
 ) -> Result<Authenticated> {
@@ -257,32 +330,51 @@ pub(crate) fn accept(
         Handshake::Proof(p) => p.tag,
         other => return Err(unexpected(io, &other, "Proof")),
     };
-    let t = transcript(&hello, &nonce_l);
+    let t = transcript(mode, &hello, &nonce_l);
     let expected = tag(key, &[b"dialer", &t]);
     if !verify(&expected, &proof) || !fresh {
-        let _ = io.send(&Handshake::Reject(Reject {
-            reason: RejectReason::AuthFailed,
-        }));
+        refuse(io, RejectReason::AuthFailed);
         return Err(TransportError::AuthFailed {
             detail: if fresh {
-                "the dialer's proof does not verify (wrong key or replayed handshake)"
+                "the dialer's proof does not verify (wrong key, replayed handshake or another security mode)"
             } else {
                 "the dialer's nonce was seen before (replayed handshake)"
             },
         });
     }
     if let Err(e) = check(&hello) {
-        let _ = io.send(&Handshake::Reject(Reject {
-            reason: RejectReason::BadStream,
-        }));
+        refuse(io, RejectReason::BadStream);
         return Err(e);
     }
+    // Only a keyholder gets here: its Noise message is read now.
+    let keyed = match mode {
+        KeyMode::Noise => {
+            let first = match not_rejected(io.recv()?)? {
+                Handshake::KeyExchange(k) => k.message,
+                other => return Err(unexpected(io, &other, "KeyExchange")),
+            };
+            match noise::respond(&key.noise_psk(), &prologue(&t, &proof), &first) {
+                Ok(keyed) => Some(keyed),
+                Err(e) => {
+                    refuse(io, RejectReason::AuthFailed);
+                    return Err(e);
+                }
+            }
+        }
+        KeyMode::Plain | KeyMode::Tls => None,
+    };
     let accept = tag(key, &[b"listener", &t, &proof]);
     io.send(&Handshake::Accept(Accept { tag: accept }))?;
-    Ok(Authenticated {
-        stream_key: stream_key(key, &t, &proof, &accept),
-        hello,
-    })
+    let keys = match keyed {
+        Some((answer, keys)) => {
+            io.send(&Handshake::KeyExchange(KeyExchange {
+                message: answer.into(),
+            }))?;
+            Some(keys)
+        }
+        None => None,
+    };
+    Ok(Authenticated { hello, keys })
 }
 
 /// The dialer nonces a listener has seen (the most recent 65 536).
@@ -353,30 +445,62 @@ mod tests {
         }
     }
 
-    fn run(
+    fn run_modes(
         dial_key: &AuthKey,
+        dial_mode: KeyMode,
         accept_key: &AuthKey,
+        accept_mode: KeyMode,
     ) -> (Result<Authenticated>, Result<Authenticated>) {
         let (mut d, mut l) = pipes();
         let accept_key = accept_key.clone();
         let t = std::thread::spawn(move || {
             let cache = Mutex::new(ReplayCache::default());
-            let r = accept(&mut l, &accept_key, &cache, &|_| Ok(()));
+            let r = accept(&mut l, &accept_key, accept_mode, &cache, &|_| Ok(()));
             drop(l);
             r
         });
-        let r = dial(&mut d, dial_key, hello());
+        let r = dial(&mut d, dial_key, dial_mode, hello());
         drop(d);
         (r, t.join().unwrap())
     }
 
+    fn run(
+        dial_key: &AuthKey,
+        accept_key: &AuthKey,
+    ) -> (Result<Authenticated>, Result<Authenticated>) {
+        run_modes(dial_key, KeyMode::Noise, accept_key, KeyMode::Noise)
+    }
+
     #[test]
-    fn same_key_agrees_on_stream_key() {
+    fn same_key_agrees_on_noise_keys() {
+        use std::io::{Read, Write};
         let k = AuthKey::new([7u8; 32]).unwrap();
         let (d, l) = run(&k, &k);
         let (d, l) = (d.unwrap(), l.unwrap());
-        assert_eq!(d.stream_key(), l.stream_key());
+        let (_, mut w) = d.keys.unwrap().split(std::io::empty(), Vec::new());
+        w.write_all(b"sealed by the dialer").unwrap();
+        let wire = w.get_ref().clone();
+        let (mut r, _) = l.keys.unwrap().split(&wire[..], std::io::sink());
+        let mut got = String::new();
+        r.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "sealed by the dialer");
         assert_eq!(format!("{k:?}"), "AuthKey(<redacted>)");
+    }
+
+    #[test]
+    fn plain_mode_has_no_keys() {
+        let k = AuthKey::new([7u8; 32]).unwrap();
+        let (d, l) = run_modes(&k, KeyMode::Plain, &k, KeyMode::Plain);
+        assert!(d.unwrap().keys.is_none());
+        assert!(l.unwrap().keys.is_none());
+    }
+
+    #[test]
+    fn different_modes_fail_at_the_proof() {
+        let k = AuthKey::new([7u8; 32]).unwrap();
+        let (d, l) = run_modes(&k, KeyMode::Plain, &k, KeyMode::Noise);
+        assert!(matches!(d, Err(TransportError::Rejected { .. })), "{d:?}");
+        assert!(matches!(l, Err(TransportError::AuthFailed { .. })), "{l:?}");
     }
 
     #[test]

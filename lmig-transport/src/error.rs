@@ -50,6 +50,25 @@ pub enum TransportError {
         cap: usize,
     },
 
+    /// A record of an encrypted stream failed its integrity check: bytes
+    /// were changed, dropped, reordered, replayed or injected on the path
+    /// (or the stream ended inside a record). Nothing of that record was
+    /// delivered; the stream is failed.
+    #[error("integrity check failed on an encrypted stream: {detail}")]
+    Integrity {
+        /// What did not verify.
+        detail: String,
+    },
+
+    /// The TLS handshake failed (an untrusted or invalid certificate, a
+    /// name that does not match, a peer that does not speak TLS 1.3 or
+    /// does not present a client certificate, …).
+    #[error("TLS handshake failed: {detail}")]
+    Tls {
+        /// rustls' reason, or the peer's alert.
+        detail: String,
+    },
+
     /// A protocol message arrived before the stream was authenticated.
     #[error("the peer sent {got} before authenticating; connection closed")]
     Unauthenticated {

@@ -20,7 +20,7 @@ use lmig_core::protocol::{
 use lmig_core::split::{HostId, SplitMessage};
 
 use crate::wire::{
-    Accept, Challenge, Codec, Frame, FrameDecoder, FrameRepr, Handshake, Hello, Kind,
+    Accept, Challenge, Codec, Frame, FrameDecoder, FrameRepr, Handshake, Hello, KeyExchange, Kind,
     MessageDecoder, Proof, Reject, RejectReason, StreamRole, WireItem, encode_handshake,
     encode_message, parse_message_body,
 };
@@ -51,6 +51,7 @@ pub const TARGETS: &[&str] = &[
     "sock_record",
     "sock_prep",
     "handshake",
+    "noise_record",
 ];
 
 /// Run target `name` on `data`; false if there is no such target.
@@ -64,6 +65,7 @@ pub fn run(name: &str, data: &[u8]) -> bool {
         "sock_record" => record::<SocketRecord>(data),
         "sock_prep" => record::<SocketPrep>(data),
         "handshake" => handshake(data),
+        "noise_record" => noise_record(data),
         other => match message_kind(other) {
             Some(kind) => message(kind, data),
             None => return false,
@@ -168,12 +170,13 @@ pub fn record<T: Codec + PartialEq + std::fmt::Debug>(data: &[u8]) {
     );
 }
 
-const HANDSHAKE_KINDS: [Kind; 5] = [
+const HANDSHAKE_KINDS: [Kind; 6] = [
     Kind::Hello,
     Kind::Challenge,
     Kind::Proof,
     Kind::Accept,
     Kind::Reject,
+    Kind::KeyExchange,
 ];
 
 /// Handshake messages: the first byte picks the kind, the rest is the body.
@@ -189,6 +192,48 @@ pub fn handshake(data: &[u8]) {
         Handshake::parse(kind, h.emit()).expect("re-encoded handshake decodes"),
         h
     );
+}
+
+/// The Noise record layer ([`crate::noise`]), with the keys of a real
+/// handshake: `data` read as a stream's ciphertext never decrypts (nobody
+/// without the keys can forge a record) and never panics; `data` written
+/// as plaintext reads back equal; the same with one byte flipped fails
+/// with an integrity error and hands out nothing past the last good record.
+pub fn noise_record(data: &[u8]) {
+    use std::io::{Read, Write};
+    let (dialer, listener) = crate::noise::keys_for_fuzzing();
+    let read_all = |wire: &[u8]| -> std::io::Result<Vec<u8>> {
+        let (mut r, _) = listener.clone().split(wire, std::io::sink());
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match r.read(&mut buf)? {
+                0 => return Ok(got),
+                n => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    match read_all(data) {
+        Ok(got) => assert!(
+            got.is_empty(),
+            "{} bytes decrypted from arbitrary input",
+            got.len()
+        ),
+        Err(e) => assert!(e.kind() == std::io::ErrorKind::InvalidData, "{e}"),
+    }
+    let (_, mut w) = dialer.split(std::io::empty(), Vec::new());
+    w.write_all(data).expect("writing to a vector");
+    let wire = w.into_inner();
+    assert_eq!(read_all(&wire).expect("own records read back"), data);
+    if let Some(&b) = data.first() {
+        let mut bad = wire.clone();
+        let at = usize::from(b) * 7919 % bad.len();
+        bad[at] ^= 1 << (b % 8);
+        assert!(
+            read_all(&bad).is_err(),
+            "a flipped byte at {at} went unnoticed"
+        );
+    }
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -435,6 +480,9 @@ pub fn sample_handshakes() -> Vec<Handshake> {
         Handshake::Reject(Reject {
             reason: RejectReason::AuthFailed,
         }),
+        Handshake::KeyExchange(KeyExchange {
+            message: Bytes::from_static(&[0x66; 48]),
+        }),
     ]
 }
 
@@ -483,6 +531,11 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
                 v
             })
             .collect(),
+        "noise_record" => vec![
+            b"hello".to_vec(),
+            frames().next().unwrap_or_default(),
+            (0..70_000u32).map(|i| (i % 251) as u8).collect(),
+        ],
         other => match message_kind(other) {
             Some(kind) => frames()
                 .filter(|f| f.get(6) == Some(&(kind as u8)))

@@ -4,9 +4,16 @@
 //!   capped length) and a codec for every [`lmig_core::protocol::Message`],
 //!   zero-copy for page data, strict decoders that return errors on any bad
 //!   input and never panic.
-//! * [`auth`]: mutual challenge-response authentication of every stream
-//!   with a pre-shared key (HMAC-SHA256, fresh nonces from both sides,
-//!   constant-time comparison).
+//! * [`auth`]: admission of every stream: mutual challenge-response
+//!   authentication (HMAC-SHA256, fresh nonces from both sides,
+//!   constant-time comparison) binding the stream's identity (session,
+//!   role, lane, generation), and the key exchange of the stream's cipher.
+//! * [`noise`] and [`tls`]: what protects every byte after the handshake,
+//!   chosen by [`Security`]: by default one Noise
+//!   `NNpsk0_25519_AESGCM_SHA256` session per stream keyed by the
+//!   pre-shared key (`snow`); or TLS 1.3 with certificates verified both
+//!   ways (`rustls`, `ring` provider); or, only when asked for by name,
+//!   nothing ([`Security::PlaintextTrustedLinkOnly`]).
 //! * [`channel`]: [`StreamChannel`], an implementation of
 //!   [`lmig_core::Channel`] over TCP, Unix stream sockets or in-memory pipes,
 //!   with one control stream, several data streams, an urgent stream for
@@ -15,7 +22,14 @@
 //! # Guarantees
 //!
 //! * No message is accepted on a stream before both ends proved they hold
-//!   the key; a peer that fails gets nothing and is disconnected.
+//!   the key (or, with TLS, certificates the other side trusts); a peer
+//!   that fails gets nothing and is disconnected.
+//! * In the default mode and with TLS, every byte after the handshake is
+//!   encrypted and authenticated: an attacker on the path reads nothing of
+//!   pages, socket records or program state, and a byte changed, dropped,
+//!   reordered, replayed or injected fails the stream with
+//!   [`TransportError::Integrity`] before any of it is delivered. A
+//!   recorded stream replayed to a listener is refused at the handshake.
 //! * A peer cannot make a receiver allocate more than
 //!   [`wire::MAX_FRAME_PAYLOAD`] (64 MiB) per frame, nor hold more than
 //!   [`wire::MAX_MESSAGE_BYTES`] for a message it sends in fragments.
@@ -29,11 +43,16 @@
 //!   [`ChannelConfig::on_reject`] as a [`Rejection`], counted in
 //!   [`Listener::stats`], and [`Listener::accept`] keeps waiting.
 //!
-//! # Non-goals (for now)
+//! # Non-goals
 //!
-//! Confidentiality and per-frame integrity against an active attacker on
-//! the path: frames are not encrypted (see [`auth`] for the hook a later
-//! encryption layer uses). Run lmig on a trusted network or in a tunnel.
+//! * Hiding traffic volume and timing: the sizes of records and when they
+//!   are sent show how much memory moves and when.
+//! * Surviving an attacker who can cut connections: one on the path can
+//!   always stop a migration (which then aborts by the session's rules, the
+//!   source still running); it cannot make either side accept its bytes.
+//! * Protection of the pre-shared key or certificate keys on the hosts.
+//!   Whoever holds the key (or a certificate from the trusted CA) can open
+//!   a channel.
 //!
 //! # Example
 //!
@@ -43,6 +62,7 @@
 //! use lmig_core::protocol::Message;
 //! use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
 //!
+//! // The default mode: the key admits each stream and keys its encryption.
 //! let key = AuthKey::new(b"a shared secret of 32 bytes.....")?;
 //! let config = ChannelConfig::new(key).with_data_streams(2);
 //! let listener = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse()?), config.clone())?;
@@ -53,6 +73,7 @@
 //!
 //! source.send(&Message::Ready)?;
 //! assert_eq!(destination.recv(Some(Duration::from_secs(10)))?, Some(Message::Ready));
+//! assert_eq!(source.cipher(), "Noise_NNpsk0_25519_AESGCM_SHA256");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![deny(unsafe_code)]
@@ -62,11 +83,15 @@ pub mod channel;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod noise;
+pub mod tls;
 pub mod wire;
 
 pub use auth::AuthKey;
 pub use channel::{
-    ChannelConfig, Endpoint, Listener, ListenerStats, Rejection, StreamChannel, connect, pair,
+    ChannelConfig, Endpoint, Listener, ListenerStats, Rejection, Security, StreamChannel, connect,
+    pair,
 };
 pub use error::{Result, TransportError};
+pub use tls::TlsIdentity;
 pub use wire::WireError;

@@ -15,7 +15,8 @@ use lmig_core::protocol::{CHUNK_PAGES, Message, PageBatch, PageData};
 use lmig_transport::fuzzing::sample_messages;
 use lmig_transport::wire::{FrameDecoder, Kind, MessageDecoder, WireItem, encode_message};
 use lmig_transport::{
-    AuthKey, ChannelConfig, Endpoint, Listener, StreamChannel, TransportError, connect, pair,
+    AuthKey, ChannelConfig, Endpoint, Listener, Security, StreamChannel, TransportError, connect,
+    pair,
 };
 
 const T: Duration = Duration::from_secs(20);
@@ -236,7 +237,7 @@ fn wrong_key_fails_both_sides() {
     let listener = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), cfg).unwrap();
     let ep = listener.local_endpoint().clone();
     let mut c = config(1);
-    c.key = key(2);
+    c.security = Security::Psk(key(2));
     let d = connect(&ep, c).unwrap_err();
     assert!(matches!(d, TransportError::Rejected { .. }), "dialer: {d}");
     assert!(d.to_string().contains("refused"), "{d}");

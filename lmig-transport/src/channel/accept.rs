@@ -32,7 +32,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::conn::{Conn, FrameReader, HandshakeConn};
-use super::{AcceptConn, ChannelConfig, Key, Stream, Streams, lock, role_name};
+use super::{AcceptConn, ChannelConfig, Key, Stream, Streams, lock, role_name, secure};
 use crate::auth::{self, HandshakeIo, ReplayCache};
 use crate::error::{Result, TransportError};
 use crate::wire::{Handshake, Hello, Reject, RejectReason, SESSION_ID_LEN, StreamRole};
@@ -509,8 +509,8 @@ impl Shared {
                 Some(config.handshake_timeout),
             )
             .and_then(|()| conn.try_clone_conn());
-        let mut writer = match prepared {
-            Ok(w) => w,
+        let opened = match prepared {
+            Ok(raw) => secure::open(conn, &config.security, false).map_err(|e| (e, raw)),
             Err(e) => {
                 conn.shutdown_conn();
                 let e = io_err(e);
@@ -518,7 +518,19 @@ impl Shared {
                 return Err(e);
             }
         };
-        let mut reader = FrameReader::new(conn);
+        let opened = match opened {
+            Ok(o) => o,
+            Err((e, mut raw)) => {
+                // A TLS handshake that failed (rustls sent its alert).
+                let e = self.cut_or(progress, e);
+                self.finish(id, Err(&e));
+                linger(&mut *raw);
+                raw.shutdown_conn();
+                return Err(e);
+            }
+        };
+        let (mut writer, cipher) = (opened.writer, opened.cipher);
+        let mut reader = FrameReader::new(opened.reader);
         let check = |h: &Hello| self.check(h);
         let mut io = HandshakeConn {
             reader: &mut reader,
@@ -526,22 +538,25 @@ impl Shared {
             timeout: config.handshake_timeout,
             hello_seen: Some(&progress.hello),
         };
-        let e = match auth::accept(&mut io, &config.key, &self.replay, &check) {
+        let e = match auth::accept(&mut io, &opened.key, opened.mode, &self.replay, &check) {
             Ok(a) => match writer.set_timeouts(None, config.write_timeout) {
                 Ok(()) => {
                     reader.set_authenticated();
-                    return Ok((a.hello, Stream { writer, reader }));
+                    let (reader, writer) = secure::seal(reader, writer, a.keys);
+                    return Ok((
+                        a.hello,
+                        Stream {
+                            writer,
+                            reader,
+                            cipher,
+                        },
+                    ));
                 }
                 Err(e) => io_err(e),
             },
             Err(e) => e,
         };
-        let cut = progress.cut.load(Ordering::Acquire);
-        let e = if cut == CUT_NONE {
-            e
-        } else {
-            self.cut_error(cut)
-        };
+        let e = self.cut_or(progress, e);
         self.finish(id, Err(&e));
         let reason = match &e {
             TransportError::Evicted { .. } => Some(RejectReason::Busy),
@@ -560,6 +575,15 @@ impl Shared {
         linger(&mut *writer);
         writer.shutdown_conn();
         Err(e)
+    }
+
+    /// The error to report for a failed handshake: why the acceptor cut it,
+    /// if it did, else `e`.
+    fn cut_or(&self, progress: &Progress, e: TransportError) -> TransportError {
+        match progress.cut.load(Ordering::Acquire) {
+            CUT_NONE => e,
+            cut => self.cut_error(cut),
+        }
     }
 
     /// Does the announced stream fit (session, generation, lane)?

@@ -2,7 +2,7 @@
 //! reading and writing on it.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,8 +12,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
+use super::secure::TlsFailure;
 use crate::auth::HandshakeIo;
 use crate::error::{Result, TransportError};
+use crate::noise::IntegrityError;
 use crate::wire::{
     Frame, FrameRepr, HEADER_LEN, Handshake, MessageDecoder, WireError, WireItem, encode_handshake,
 };
@@ -29,6 +31,11 @@ pub(crate) trait Conn: Read + Write + Send + Sync {
     fn shutdown_read(&self);
     /// The peer, for reports: `198.51.100.3:41234`, `unix` or `memory`.
     fn peer_name(&self) -> String;
+    /// The peer's IP address (TCP only): the name a TLS dialer expects
+    /// in the listener's certificate by default.
+    fn peer_ip(&self) -> Option<IpAddr> {
+        None
+    }
     /// Read and write timeouts (`None`: block).
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
     /// Wait at most `timeout` until a read would not block (bytes, the end
@@ -63,6 +70,9 @@ impl Conn for TcpStream {
     fn peer_name(&self) -> String {
         self.peer_addr()
             .map_or_else(|_| "tcp (peer address unknown)".into(), |a| a.to_string())
+    }
+    fn peer_ip(&self) -> Option<IpAddr> {
+        self.peer_addr().ok().map(|a| a.ip())
     }
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(read)?;
@@ -164,6 +174,18 @@ impl Drop for PooledFrame {
 }
 
 fn map_read_err(e: io::Error, during: &'static str) -> TransportError {
+    if let Some(source) = e.get_ref() {
+        if let Some(i) = source.downcast_ref::<IntegrityError>() {
+            return TransportError::Integrity {
+                detail: i.to_string(),
+            };
+        }
+        if let Some(t) = source.downcast_ref::<TlsFailure>() {
+            return TransportError::Tls {
+                detail: t.to_string(),
+            };
+        }
+    }
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TransportError::Timeout {
             waiting_for: during,
@@ -182,6 +204,12 @@ impl FrameReader {
             authenticated: false,
             pool: Arc::default(),
         }
+    }
+
+    /// The connection, for a reader that starts afresh on it (the
+    /// handshake is over and nothing is half read).
+    pub(crate) fn into_conn(self) -> Box<dyn Conn> {
+        self.conn
     }
 
     /// The handshake succeeded: protocol messages may follow.

@@ -50,6 +50,7 @@ mod limit;
 mod net;
 mod pipe;
 mod queue;
+mod secure;
 
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -63,6 +64,7 @@ use lmig_core::{Channel, MigrationError};
 
 use crate::auth::{self, AuthKey};
 use crate::error::{Result, TransportError};
+use crate::tls::TlsIdentity;
 use crate::wire::{Hello, SESSION_ID_LEN, StreamRole, WireItem, encode_message};
 use accept::{ListenerCore, RejectHook};
 pub use accept::{ListenerStats, Rejection};
@@ -70,12 +72,16 @@ use conn::{Conn, FrameReader, HandshakeConn, ReadOutcome};
 use limit::TokenBucket;
 pub use net::{Endpoint, connect};
 use queue::EventQueue;
+pub use secure::Security;
 
-/// How a channel is set up. Both sides need the same key.
+/// How a channel is set up. Both sides need the same [`Security`] mode
+/// and key (or certificates from a CA the other trusts).
 #[derive(Clone, Debug)]
 pub struct ChannelConfig {
-    /// The pre-shared key.
-    pub key: AuthKey,
+    /// How streams are authenticated and protected; by default
+    /// [`Security::Psk`]: every byte after the handshake encrypted and
+    /// authenticated by Noise keyed by the pre-shared key.
+    pub security: Security,
     /// Data streams the dialer opens (1..=64); the listener takes what the
     /// dialer announces.
     pub data_streams: usize,
@@ -108,13 +114,35 @@ pub struct ChannelConfig {
 }
 
 impl ChannelConfig {
+    /// Streams admitted by the pre-shared `key` and encrypted with Noise
+    /// keyed by it ([`Security::Psk`], the default mode).
+    ///
     /// Defaults: one data stream, no bandwidth limit, 10 s handshake and
     /// connect timeouts, 60 s write timeout, kernel socket buffers, a queue
     /// of 64 messages, 30 s to reconnect, 64 handshakes in flight per
     /// listener, no rejection hook.
     pub fn new(key: AuthKey) -> Self {
+        Self::with_security(Security::Psk(key))
+    }
+
+    /// Streams in TLS 1.3 with certificates verified both ways
+    /// ([`Security::Tls`]); other defaults as [`ChannelConfig::new`].
+    pub fn tls(identity: TlsIdentity) -> Self {
+        Self::with_security(Security::Tls(identity))
+    }
+
+    /// Streams admitted by the pre-shared `key`, then **unencrypted**
+    /// ([`Security::PlaintextTrustedLinkOnly`]): only for a link that is
+    /// private and trusted by itself. Other defaults as [`ChannelConfig::new`].
+    pub fn plaintext_trusted_link_only(key: AuthKey) -> Self {
+        Self::with_security(Security::PlaintextTrustedLinkOnly(key))
+    }
+
+    /// Streams protected as `security` says; other defaults as
+    /// [`ChannelConfig::new`].
+    pub fn with_security(security: Security) -> Self {
         Self {
-            key,
+            security,
             data_streams: 1,
             bandwidth_limit: None,
             handshake_timeout: Duration::from_secs(10),
@@ -185,6 +213,8 @@ pub(crate) trait AcceptConn: Send + Sync {
 struct Stream {
     writer: Box<dyn Conn>,
     reader: FrameReader,
+    /// What protects its bytes.
+    cipher: String,
 }
 
 /// The streams of one generation of a channel.
@@ -258,8 +288,9 @@ fn handshake_dial(
         Some(config.handshake_timeout),
     )
     .map_err(io_err)?;
-    let mut writer = conn.try_clone_conn().map_err(io_err)?;
-    let mut reader = FrameReader::new(conn);
+    let opened = secure::open(conn, &config.security, true)?;
+    let mut writer = opened.writer;
+    let mut reader = FrameReader::new(opened.reader);
     let hello = Hello {
         session,
         role,
@@ -275,18 +306,27 @@ fn handshake_dial(
             timeout: config.handshake_timeout,
             hello_seen: None,
         },
-        &config.key,
+        &opened.key,
+        opened.mode,
         hello,
     );
-    if let Err(e) = result {
-        writer.shutdown_conn();
-        return Err(e);
-    }
+    let keys = match result {
+        Ok(a) => a.keys,
+        Err(e) => {
+            writer.shutdown_conn();
+            return Err(e);
+        }
+    };
     writer
         .set_timeouts(None, config.write_timeout)
         .map_err(io_err)?;
     reader.set_authenticated();
-    Ok(Stream { writer, reader })
+    let (reader, writer) = secure::seal(reader, writer, keys);
+    Ok(Stream {
+        writer,
+        reader,
+        cipher: opened.cipher,
+    })
 }
 
 type Key = ([u8; SESSION_ID_LEN], u32);
@@ -447,6 +487,8 @@ impl DirectUrgent {
 
 struct Inner {
     config: ChannelConfig,
+    /// What protects the streams' bytes.
+    cipher: String,
     session: [u8; SESSION_ID_LEN],
     side: Side,
     lanes: RwLock<Arc<Lanes>>,
@@ -496,9 +538,11 @@ impl StreamChannel {
     ) -> Self {
         let queue = Arc::new(EventQueue::new(config.queue_depth));
         let limiter = config.bandwidth_limit.map(TokenBucket::new);
+        let cipher = streams.control.cipher.clone();
         let (lanes, readers) = split(streams);
         let open_lanes = readers.len();
         let inner = Arc::new(Inner {
+            cipher,
             session,
             side,
             lanes: RwLock::new(Arc::new(lanes)),
@@ -522,6 +566,13 @@ impl StreamChannel {
     /// The channel's session id (the same on both sides, random per channel).
     pub fn session_id(&self) -> [u8; SESSION_ID_LEN] {
         self.inner.session
+    }
+
+    /// What protects the bytes of its streams: the Noise protocol name
+    /// (`Noise_NNpsk0_25519_AESGCM_SHA256`), `TLS 1.3` and the suite
+    /// negotiated, or `none` ([`Security::PlaintextTrustedLinkOnly`]).
+    pub fn cipher(&self) -> &str {
+        &self.inner.cipher
     }
 
     /// How many times the channel was re-established (0 at first).

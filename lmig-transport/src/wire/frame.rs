@@ -76,6 +76,8 @@ pub enum Kind {
     Accept = 0x43,
     /// Handshake: authentication refused; the connection closes.
     Reject = 0x44,
+    /// Handshake: a Noise handshake message (encrypted streams).
+    KeyExchange = 0x45,
 }
 
 impl Kind {
@@ -103,6 +105,7 @@ impl Kind {
             0x42 => Self::Proof,
             0x43 => Self::Accept,
             0x44 => Self::Reject,
+            0x45 => Self::KeyExchange,
             _ => return Err(WireError::BadKind(v)),
         })
     }
@@ -136,6 +139,7 @@ impl Kind {
             Self::Proof => "Proof",
             Self::Accept => "Accept",
             Self::Reject => "Reject",
+            Self::KeyExchange => "KeyExchange",
         }
     }
 }
@@ -516,7 +520,7 @@ mod tests {
 
     #[test]
     fn unknown_kind_and_flags() {
-        for k in [0u8, 17, 0x3f, 0x45, 0xff] {
+        for k in [0u8, 17, 0x3f, 0x46, 0xff] {
             let mut b = READY;
             b[6] = k;
             assert_eq!(

@@ -7,6 +7,7 @@
 //! Proof      [u8;32] HMAC-SHA256 tag
 //! Accept     [u8;32] HMAC-SHA256 tag
 //! Reject     u8 reason
+//! KeyExchange  1..=128 bytes: one Noise handshake message (see crate::noise)
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -21,6 +22,8 @@ pub const SESSION_ID_LEN: usize = 16;
 pub const NONCE_LEN: usize = 32;
 /// Length of an authentication tag (HMAC-SHA256).
 pub const TAG_LEN: usize = 32;
+/// Longest `KeyExchange` body (a Noise handshake message; ours are 48 bytes).
+pub const MAX_KEY_EXCHANGE: usize = 128;
 /// Most data streams one channel may have.
 pub const MAX_DATA_STREAMS: u16 = 64;
 
@@ -159,6 +162,14 @@ pub struct Reject {
     pub reason: RejectReason,
 }
 
+/// A Noise handshake message, pipelined with the proofs on encrypted
+/// streams: the dialer's after its `Proof`, the listener's after its `Accept`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyExchange {
+    /// The Noise message (1..=[`MAX_KEY_EXCHANGE`] bytes).
+    pub message: Bytes,
+}
+
 /// One handshake message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Handshake {
@@ -172,6 +183,8 @@ pub enum Handshake {
     Accept(Accept),
     /// Either way; ends the connection.
     Reject(Reject),
+    /// Either way, on encrypted streams.
+    KeyExchange(KeyExchange),
 }
 
 impl Handshake {
@@ -183,6 +196,7 @@ impl Handshake {
             Self::Proof(_) => Kind::Proof,
             Self::Accept(_) => Kind::Accept,
             Self::Reject(_) => Kind::Reject,
+            Self::KeyExchange(_) => Kind::KeyExchange,
         }
     }
 
@@ -193,6 +207,7 @@ impl Handshake {
             Self::Challenge(_) => NONCE_LEN,
             Self::Proof(_) | Self::Accept(_) => TAG_LEN,
             Self::Reject(_) => 1,
+            Self::KeyExchange(k) => k.message.len(),
         }
     }
 
@@ -212,6 +227,7 @@ impl Handshake {
             Self::Proof(p) => b.put_slice(&p.tag),
             Self::Accept(a) => b.put_slice(&a.tag),
             Self::Reject(r) => b.put_u8(r.reason.to_u8()),
+            Self::KeyExchange(k) => b.put_slice(&k.message),
         }
         b.freeze()
     }
@@ -258,6 +274,16 @@ impl Handshake {
             Kind::Reject => Self::Reject(Reject {
                 reason: RejectReason::from_u8(r.u8()?)?,
             }),
+            Kind::KeyExchange => {
+                let message = r.rest();
+                if message.is_empty() || message.len() > MAX_KEY_EXCHANGE {
+                    return Err(WireError::bad(
+                        "key exchange",
+                        format!("{} bytes not in 1..={MAX_KEY_EXCHANGE}", message.len()),
+                    ));
+                }
+                Self::KeyExchange(KeyExchange { message })
+            }
             k => {
                 return Err(WireError::bad(
                     "frame kind",
@@ -330,5 +356,9 @@ mod tests {
         assert!(Handshake::parse(Kind::Reject, Bytes::from_static(&[0])).is_err());
         assert!(Handshake::parse(Kind::Reject, Bytes::from_static(&[6])).is_err());
         assert!(Handshake::parse(Kind::Ready, Bytes::new()).is_err());
+        assert!(Handshake::parse(Kind::KeyExchange, Bytes::new()).is_err());
+        assert!(Handshake::parse(Kind::KeyExchange, Bytes::from_static(&[0; 129])).is_err());
+        let kx = Handshake::parse(Kind::KeyExchange, Bytes::from_static(&[3; 48])).unwrap();
+        assert_eq!(kx.emit(), Bytes::from_static(&[3; 48]));
     }
 }

@@ -54,8 +54,8 @@ pub use codec::{
 };
 pub use frame::{Frame, FrameRepr, HEADER_LEN, Kind, MAGIC, MIN_VERSION};
 pub use handshake::{
-    Accept, Challenge, Handshake, Hello, MAX_DATA_STREAMS, NONCE_LEN, Proof, Reject, RejectReason,
-    SESSION_ID_LEN, StreamRole, TAG_LEN,
+    Accept, Challenge, Handshake, Hello, KeyExchange, MAX_DATA_STREAMS, MAX_KEY_EXCHANGE,
+    NONCE_LEN, Proof, Reject, RejectReason, SESSION_ID_LEN, StreamRole, TAG_LEN,
 };
 pub use message::{PagesHeader, parse_message, parse_message_body};
 pub use records::Codec;
