@@ -1,6 +1,8 @@
 //! `transfer`: pages moved between two processes over loopback TCP through
-//! the authenticated channel, against plain TCP between two processes in the
-//! same run.
+//! the channel, in one of its security modes (`--psk`, the default:
+//! Noise-encrypted; `--tls`: TLS 1.3 with certificates from a CA made for the
+//! run; `--plaintext`), against plain TCP between two processes in the same
+//! run. `cipher` names what protected the bytes.
 //!
 //! This process is the source: it re-executes the benchmark binary with the
 //! hidden `transfer-peer` command as the destination, which listens on
@@ -14,6 +16,7 @@
 use std::error::Error;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::thread;
@@ -24,7 +27,7 @@ use clap::Args as ClapArgs;
 use lmig_core::Channel;
 use lmig_core::model::{PageRun, RegionId};
 use lmig_core::protocol::{CHUNK_PAGES, Message, PageBatch, PageData, Verification};
-use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
+use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, TlsIdentity, connect};
 use serde_json::json;
 
 use super::{Output, round};
@@ -38,6 +41,27 @@ pub struct Args {
     /// Data streams (and plain TCP connections for the baseline).
     #[arg(long, default_value_t = 1)]
     pub streams: usize,
+    /// TLS 1.3 with mutual certificates (a CA and two certificates made for the run).
+    #[arg(long, conflicts_with_all = ["psk", "plaintext"])]
+    pub tls: bool,
+    /// Noise keyed by a pre-shared key (the default).
+    #[arg(long, conflicts_with = "plaintext")]
+    pub psk: bool,
+    /// Authenticated by a pre-shared key, then unencrypted.
+    #[arg(long)]
+    pub plaintext: bool,
+}
+
+impl Args {
+    fn security(&self) -> &'static str {
+        if self.tls {
+            "tls"
+        } else if self.plaintext {
+            "plaintext"
+        } else {
+            "psk"
+        }
+    }
 }
 
 /// Options of the hidden `transfer-peer` command (the destination).
@@ -55,6 +79,12 @@ pub struct PeerArgs {
     /// The pre-shared key, hex.
     #[arg(long, default_value = "")]
     pub key: String,
+    /// `psk`, `tls` or `plaintext` (channel mode).
+    #[arg(long, default_value = "psk")]
+    pub security: String,
+    /// Directory of `ca.pem`, `listener.pem`, `listener.key` (TLS).
+    #[arg(long, default_value = "")]
+    pub tls_dir: String,
 }
 
 const CHUNK_BYTES: usize = CHUNK_PAGES as usize * 4096;
@@ -70,13 +100,65 @@ fn unhex(s: &str) -> Result<Vec<u8>, Box<dyn Error>> {
         .collect()
 }
 
-fn spawn_peer(mode: &str, args: &Args, key: &str) -> Result<(Child, SocketAddr), Box<dyn Error>> {
+/// A CA and a certificate for each side, as PEM files in `dir` (the
+/// listener's names 127.0.0.1, the address the dialer connects to).
+fn make_certificates(dir: &Path) -> Result<(), Box<dyn Error>> {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
+    for side in ["listener", "dialer"] {
+        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()])?;
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = p.signed_by(&key, &ca_cert, &ca_key)?;
+        std::fs::write(dir.join(format!("{side}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{side}.key")), key.serialize_pem())?;
+    }
+    Ok(())
+}
+
+fn tls_identity(dir: &Path, side: &str) -> Result<TlsIdentity, Box<dyn Error>> {
+    Ok(TlsIdentity::from_pem_files(
+        dir.join(format!("{side}.pem")),
+        dir.join(format!("{side}.key")),
+        dir.join("ca.pem"),
+    )?)
+}
+
+/// The channel configuration of one side for `security`.
+fn channel_config(
+    security: &str,
+    key: &[u8],
+    tls_dir: &Path,
+    side: &str,
+) -> Result<ChannelConfig, Box<dyn Error>> {
+    Ok(match security {
+        "psk" => ChannelConfig::new(AuthKey::new(key)?),
+        "plaintext" => ChannelConfig::plaintext_trusted_link_only(AuthKey::new(key)?),
+        "tls" => ChannelConfig::tls(tls_identity(tls_dir, side)?),
+        other => return Err(format!("unknown security mode {other}").into()),
+    })
+}
+
+fn spawn_peer(
+    mode: &str,
+    args: &Args,
+    key: &str,
+    tls_dir: &Path,
+) -> Result<(Child, SocketAddr), Box<dyn Error>> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["transfer-peer", "--mode", mode, "--mib"])
         .arg(args.mib.to_string())
         .arg("--streams")
         .arg(args.streams.to_string())
-        .args(["--key", key])
+        .args(["--key", key, "--security", args.security(), "--tls-dir"])
+        .arg(tls_dir)
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().ok_or("no peer stdout")?;
@@ -105,8 +187,38 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn Error>> {
         .collect();
     let data = Bytes::from(data);
 
+    let tls_dir = std::env::temp_dir().join(format!("lmig-transfer-{}", std::process::id()));
+    std::fs::create_dir_all(&tls_dir)?;
+    let result = measure(&args, &data, &tls_dir);
+    let _ = std::fs::remove_dir_all(&tls_dir);
+    let (raw, chan, handshake, cipher) = result?;
+    out.emit(&json!({
+        "scenario": "transfer",
+        "mib": args.mib,
+        "streams": args.streams,
+        "security": args.security(),
+        "cipher": cipher,
+        "gbps": round(gbps(total, chan), 2),
+        "raw_tcp_gbps": round(gbps(total, raw), 2),
+        "ratio": round(raw.as_secs_f64() / chan.as_secs_f64(), 2),
+        "handshake_ms": round(handshake.as_secs_f64() * 1e3, 2),
+    }));
+    Ok(())
+}
+
+/// The baseline and the channel: (raw time, channel time, handshake time, cipher).
+fn measure(
+    args: &Args,
+    data: &Bytes,
+    tls_dir: &Path,
+) -> Result<(Duration, Duration, Duration, String), Box<dyn Error>> {
+    let total = data.len();
+    if args.tls {
+        make_certificates(tls_dir)?;
+    }
+
     // Plain TCP baseline.
-    let (mut child, addr) = spawn_peer("raw", &args, "")?;
+    let (mut child, addr) = spawn_peer("raw", args, "", tls_dir)?;
     let mut conns = Vec::new();
     for _ in 0..args.streams {
         let s = TcpStream::connect(addr)?;
@@ -143,12 +255,13 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn Error>> {
     // own child process (on its command line).
     let mut key_bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut key_bytes)?;
-    let key = AuthKey::new(key_bytes)?;
-    let (mut child, addr) = spawn_peer("channel", &args, &hex(&key_bytes))?;
-    let config = ChannelConfig::new(key).with_data_streams(args.streams);
+    let (mut child, addr) = spawn_peer("channel", args, &hex(&key_bytes), tls_dir)?;
+    let config = channel_config(args.security(), &key_bytes, tls_dir, "dialer")?
+        .with_data_streams(args.streams);
     let t = Instant::now();
     let ch = Arc::new(connect(&Endpoint::Tcp(addr), config)?);
     let handshake = t.elapsed();
+    let cipher = ch.cipher().to_string();
     let chunks = total / CHUNK_BYTES;
     let t = Instant::now();
     let handles: Vec<_> = (0..args.streams)
@@ -182,16 +295,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn Error>> {
     }
     let chan = t.elapsed();
     child.wait()?;
-
-    out.emit(&json!({
-        "scenario": "transfer",
-        "mib": args.mib,
-        "streams": args.streams,
-        "gbps": round(gbps(total, chan), 2),
-        "raw_tcp_gbps": round(gbps(total, raw), 2),
-        "handshake_ms": round(handshake.as_secs_f64() * 1e3, 2),
-    }));
-    Ok(())
+    Ok((raw, chan, handshake, cipher))
 }
 
 /// The destination side (hidden command).
@@ -232,11 +336,13 @@ pub fn peer(args: PeerArgs) -> Result<(), Box<dyn Error>> {
             conns[0].write_all(&[1])?;
         }
         "channel" => {
-            let key = AuthKey::new(unhex(&args.key)?)?;
-            let listener = Listener::bind(
-                &Endpoint::Tcp("127.0.0.1:0".parse()?),
-                ChannelConfig::new(key),
+            let config = channel_config(
+                &args.security,
+                &unhex(&args.key)?,
+                Path::new(&args.tls_dir),
+                "listener",
             )?;
+            let listener = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse()?), config)?;
             let Endpoint::Tcp(addr) = listener.local_endpoint() else {
                 return Err("not TCP".into());
             };
