@@ -180,3 +180,17 @@ impl fmt::Debug for TlsIdentity {
             .finish_non_exhaustive()
     }
 }
+
+/// A TLS failure (other than a record that does not authenticate) as the
+/// `io::Error` source a TLS half returns; the connection layer names it in
+/// its errors. Here, below both, so that neither imports the other.
+#[derive(Debug)]
+pub(crate) struct TlsFailure(pub(crate) String);
+
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TlsFailure {}

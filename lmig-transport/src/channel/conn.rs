@@ -12,10 +12,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use super::secure::TlsFailure;
 use crate::auth::HandshakeIo;
 use crate::error::{Result, TransportError};
 use crate::noise::IntegrityError;
+use crate::tls::TlsFailure;
 use crate::wire::{
     Frame, FrameRepr, HEADER_LEN, Handshake, MessageDecoder, WireError, WireItem, encode_handshake,
 };

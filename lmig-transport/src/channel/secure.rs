@@ -26,7 +26,7 @@ use super::conn::{Conn, FrameReader};
 use crate::auth::{AuthKey, KeyMode};
 use crate::error::{Result, TransportError};
 use crate::noise::{IntegrityError, NOISE_PROTOCOL, RecordReader, RecordWriter, StreamKeys};
-use crate::tls::{EXPORTER_LABEL, TlsIdentity};
+use crate::tls::{EXPORTER_LABEL, TlsFailure, TlsIdentity};
 
 /// How every stream of a channel is protected after it is admitted. Both
 /// sides must use the same mode (and key, or trusted CA); a mismatch fails
@@ -260,19 +260,6 @@ impl Conn for SealedWriter {
 const TLS_SEND_BUFFER: usize = 256 << 10;
 /// Ciphertext the reading half takes from the socket at once.
 const TLS_READ_BUFFER: usize = 64 << 10;
-
-/// A TLS failure (other than a record that does not authenticate) as the
-/// `io::Error` source a TLS half returns.
-#[derive(Debug)]
-pub(super) struct TlsFailure(pub(super) String);
-
-impl std::fmt::Display for TlsFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for TlsFailure {}
 
 fn tls_io_error(e: rustls::Error) -> io::Error {
     match e {
