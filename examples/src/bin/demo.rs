@@ -30,9 +30,10 @@ struct Args {
     /// MB/s of memory kvd dirties in the background while it migrates.
     #[arg(long, default_value_t = 100.0)]
     dirty_mbps: f64,
-    /// Keys loaded before the migration.
-    #[arg(long, default_value_t = 1_000_000)]
-    keys: u64,
+    /// Keys loaded before the migration (default: a million, or half of
+    /// what the region holds when it is smaller).
+    #[arg(long)]
+    keys: Option<u64>,
     /// Where to write the timeline picture.
     #[arg(long, default_value = "lmig-demo-timeline.svg")]
     svg: PathBuf,
@@ -46,6 +47,10 @@ fn main() {
         return;
     }
     let args = Args::parse();
+    let keys = args.keys.unwrap_or_else(|| {
+        let region = usize::try_from(args.mib << 20).unwrap_or(usize::MAX);
+        (lmig_examples::kvd::store::Store::capacity_of(region) / 2).min(1_000_000)
+    });
     let exe = std::env::current_exe().expect("own executable");
     let opts = Options {
         mib: args.mib,
@@ -53,7 +58,7 @@ fn main() {
         rate: args.rate,
         mode: args.mode.clone(),
         dirty_mbps: args.dirty_mbps,
-        keys: args.keys,
+        keys,
         warmup: Duration::from_secs(1),
         after: Duration::from_secs(1),
         streams: 2,
@@ -64,7 +69,7 @@ fn main() {
     };
     println!(
         "lmig demo: kvd ({} MiB region, {} keys) on host A, {} client connections, {} migration to host B",
-        args.mib, args.keys, args.conns, args.mode
+        args.mib, keys, args.conns, args.mode
     );
     match scenario::run(&opts) {
         Ok(r) => {

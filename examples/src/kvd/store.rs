@@ -67,10 +67,20 @@ fn hash(key: &[u8]) -> u64 {
 }
 
 impl<'r> Store<'r> {
+    /// Where the scratch area of a store in a region of `len` bytes begins.
+    fn scratch_start(len: usize) -> usize {
+        (len - len / 8) / 4096 * 4096
+    }
+
+    /// How many keys a store in a region of `len` bytes can hold.
+    pub fn capacity_of(len: usize) -> u64 {
+        ((Self::scratch_start(len) - HEADER) / SLOT) as u64
+    }
+
     /// Format `region` as an empty store.
     pub fn format(region: &'r Region) -> Self {
-        let scratch = (region.len() - region.len() / 8) / 4096 * 4096;
-        let slots = ((scratch - HEADER) / SLOT) as u64;
+        let scratch = Self::scratch_start(region.len());
+        let slots = Self::capacity_of(region.len());
         let mut header = [0u8; 32];
         header[0..8].copy_from_slice(&MAGIC.to_le_bytes());
         header[8..16].copy_from_slice(&slots.to_le_bytes());
