@@ -4,6 +4,5 @@
 
 pub mod bench;
 pub mod fuzzing;
-pub mod hostile;
 pub mod kvd;
 pub mod scenario;

@@ -378,8 +378,8 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
             Some(
                 topo.client
                     .run(move || -> std::io::Result<_> {
-                        let every = crate::hostile::every_kind(target, &key)?;
-                        let idle = crate::hostile::idle_many(target, STRANGERS_IDLE)?;
+                        let every = lmig_transport::hostile::every_kind(target, &key)?;
+                        let idle = lmig_transport::hostile::idle_many(target, STRANGERS_IDLE)?;
                         Ok((every, idle))
                     })?
                     .map_err(|e| format!("strangers: {e}"))?,

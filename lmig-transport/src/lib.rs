@@ -83,6 +83,8 @@ pub mod channel;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "test-util")]
+pub mod hostile;
 pub mod noise;
 pub mod tls;
 pub mod wire;

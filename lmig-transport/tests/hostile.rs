@@ -6,19 +6,16 @@
 //! dialer still gets a working channel.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::{ErrorKind, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use lmig_core::Channel;
-use lmig_core::protocol::{Message, PROTOCOL_VERSION};
-use lmig_transport::wire::{
-    Frame, FrameDecoder, HEADER_LEN, Handshake, Hello, Kind, RejectReason, StreamRole,
-    encode_handshake, encode_message,
-};
+use lmig_core::protocol::Message;
+use lmig_transport::hostile::{self, Answer};
+use lmig_transport::wire::{Handshake, Hello, RejectReason, StreamRole, encode_handshake};
 use lmig_transport::{
     AuthKey, ChannelConfig, Endpoint, Listener, ListenerStats, StreamChannel, TransportError,
     connect,
@@ -55,38 +52,9 @@ fn listener(handshake_timeout: Duration) -> (Listener, SocketAddr, Seen) {
     (l, addr, seen)
 }
 
-/// What a stranger got back before its connection ended.
-#[derive(Debug, PartialEq, Eq)]
-enum Answer {
-    /// A `Reject` frame (after whatever else came first).
-    Reject(RejectReason),
-    /// The connection closed (or was reset) without a `Reject`.
-    Closed,
-}
-
+/// What a stranger got back before its connection ended (waits up to `T`).
 fn answer(s: &mut TcpStream) -> Answer {
-    s.set_read_timeout(Some(T)).unwrap();
-    let mut all = Vec::new();
-    let mut buf = [0u8; 4096];
-    // Bounded: the listener closes every refused connection; a timeout or a
-    // reset ends the read as well.
-    for _ in 0..1024 {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => all.extend_from_slice(&buf[..n]),
-        }
-    }
-    let mut b = BytesMut::from(&all[..]);
-    let mut dec = FrameDecoder::new();
-    let mut got = Answer::Closed;
-    while let Ok(Some((repr, payload))) = dec.decode(&mut b) {
-        if repr.kind == Kind::Reject {
-            if let Ok(Handshake::Reject(r)) = Handshake::parse(Kind::Reject, payload) {
-                got = Answer::Reject(r.reason);
-            }
-        }
-    }
-    got
+    hostile::answer(s, T)
 }
 
 fn hello_frame() -> Vec<u8> {
@@ -100,103 +68,6 @@ fn hello_frame() -> Vec<u8> {
     }))
     .unwrap()
     .to_vec()
-}
-
-fn garbage(addr: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let bytes: Vec<u8> = (0..4096)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    s.write_all(&bytes).unwrap();
-    s
-}
-
-fn huge_header(addr: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let mut h = [0u8; HEADER_LEN];
-    let mut f = Frame::new_unchecked(&mut h[..]);
-    f.set_magic();
-    f.set_version(PROTOCOL_VERSION);
-    f.set_kind(Kind::Hello);
-    f.set_length(u32::MAX);
-    s.write_all(&h).unwrap();
-    s
-}
-
-fn message_first(addr: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(&encode_message(&Message::Ready).unwrap().to_vec())
-        .unwrap();
-    s
-}
-
-fn truncated(addr: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let f = hello_frame();
-    s.write_all(&f[..f.len() / 2]).unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    s
-}
-
-/// The Hello and Proof a genuine dialer sends for its first stream, taken
-/// from a throwaway listener with the same key through a relaying proxy.
-fn record_handshake() -> Vec<u8> {
-    let (throwaway, real, _) = listener(Duration::from_secs(5));
-    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let proxy_addr = proxy.local_addr().unwrap();
-    let dialer = thread::spawn(move || {
-        let mut c = ChannelConfig::new(key(1));
-        c.handshake_timeout = Duration::from_secs(2);
-        let _ = connect(&Endpoint::Tcp(proxy_addr), c);
-    });
-    let (mut c, _) = proxy.accept().unwrap();
-    drop(proxy);
-    let mut s = TcpStream::connect(real).unwrap();
-    let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
-    let back = thread::spawn(move || {
-        let _ = std::io::copy(&mut s2, &mut c2);
-    });
-    c.set_read_timeout(Some(T)).unwrap();
-    let mut rec = Vec::new();
-    let mut buf = [0u8; 4096];
-    for _ in 0..64 {
-        let n = c.read(&mut buf).unwrap();
-        assert!(n > 0, "the dialer closed before its proof");
-        rec.extend_from_slice(&buf[..n]);
-        s.write_all(&buf[..n]).unwrap();
-        let mut b = BytesMut::from(&rec[..]);
-        let mut dec = FrameDecoder::new();
-        let mut kinds = Vec::new();
-        while let Ok(Some((repr, _))) = dec.decode(&mut b) {
-            kinds.push(repr.kind);
-        }
-        if kinds.len() >= 2 {
-            assert_eq!(kinds[..2], [Kind::Hello, Kind::Proof]);
-            break;
-        }
-    }
-    let _ = s.shutdown(Shutdown::Both);
-    let _ = c.shutdown(Shutdown::Both);
-    let _ = back.join();
-    dialer.join().unwrap();
-    drop(throwaway);
-    rec
-}
-
-fn replay(addr: SocketAddr, recorded: &[u8]) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(recorded).unwrap();
-    s
-}
-
-fn idle(addr: SocketAddr) -> TcpStream {
-    TcpStream::connect(addr).unwrap()
 }
 
 /// The soft limit on open files, raised towards the hard one if it is too
@@ -260,16 +131,16 @@ fn errors_of(seen: &Seen, s: &TcpStream) -> Vec<String> {
 #[test]
 fn listener_survives_strangers_and_a_flood_of_idle_connections() {
     enough_files(4 * IDLE as u64 + 256);
-    let recorded = record_handshake();
+    let recorded = hostile::record_handshake(&key(1)).unwrap();
     let (listener, addr, seen) = listener(Duration::from_secs(5));
 
     // One of each kind, each on its own connection, all in flight together.
-    let mut g = garbage(addr);
-    let mut h = huge_header(addr);
-    let mut m = message_first(addr);
-    let mut tr = truncated(addr);
-    let mut r = replay(addr, &recorded);
-    let mut i = idle(addr);
+    let mut g = hostile::garbage(addr).unwrap();
+    let mut h = hostile::huge_header(addr).unwrap();
+    let mut m = hostile::message_before_auth(addr).unwrap();
+    let mut tr = hostile::truncated(addr).unwrap();
+    let mut r = hostile::replay_recorded(addr, &recorded).unwrap();
+    let mut i = hostile::idle(addr).unwrap();
     let wrong = thread::spawn(move || {
         let e = connect(&Endpoint::Tcp(addr), ChannelConfig::new(key(2))).unwrap_err();
         assert!(
@@ -286,7 +157,7 @@ fn listener_survives_strangers_and_a_flood_of_idle_connections() {
     real_dialer(&listener, addr);
 
     // A thousand idle connections held open, and a real dialer during them.
-    let flood: Vec<TcpStream> = (0..IDLE).map(|_| idle(addr)).collect();
+    let flood = hostile::idle_many(addr, IDLE).unwrap();
     real_dialer(&listener, addr);
     wrong.join().unwrap();
 

@@ -1,7 +1,7 @@
 //! `hostile`: a real dialer's handshake while a listener is flooded.
 //!
 //! A [`Listener`] on loopback; before each run, one of each hostile kind
-//! of [`crate::hostile`] (garbage, a 4 GiB frame header, a message before
+//! of [`lmig_transport::hostile`] (garbage, a 4 GiB frame header, a message before
 //! authentication, a truncated handshake, a replayed handshake, a wrong
 //! key) and then `--idle` fresh idle connections are opened and held, and
 //! at once a genuine [`connect`] is timed: the authentication of all its
@@ -29,7 +29,7 @@ use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
 use serde_json::json;
 
 use super::{Output, round};
-use crate::hostile;
+use lmig_transport::hostile;
 
 /// Options of the `hostile` scenario.
 #[derive(Debug, Clone, ClapArgs)]

@@ -1,5 +1,6 @@
-//! Hostile connections to an lmig listener, one function per kind, for the
-//! `hostile` benchmark and the end-to-end tests of programs that listen
+//! Hostile connections to an lmig listener, one function per kind (feature
+//! `test-util`, not stable API): for this crate's tests, the `hostile`
+//! benchmark and the end-to-end tests of programs that listen
 //! (`kvd --incoming`).
 //!
 //! Each function opens its own TCP connection to `target`, does its harm
@@ -16,13 +17,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use lmig_core::protocol::{Message, PROTOCOL_VERSION};
-use lmig_transport::wire::{
+use crate::wire::{
     Frame, FrameDecoder, HEADER_LEN, Handshake, Hello, Kind, RejectReason, StreamRole,
     encode_handshake, encode_message,
 };
-use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, TransportError, connect};
+use crate::{AuthKey, ChannelConfig, Endpoint, Listener, TransportError, connect};
+use bytes::BytesMut;
+use lmig_core::protocol::{Message, PROTOCOL_VERSION};
 
 /// How long the helpers wait on a socket before giving up.
 const WAIT: Duration = Duration::from_secs(10);
