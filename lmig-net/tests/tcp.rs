@@ -1304,8 +1304,15 @@ fn prepared_sockets_join_a_poller_before_the_freeze() {
             let fds = sink.take_fds();
             assert_eq!(fds.len(), 3);
             // Connected and quiet: nothing to report, no hang-up left over
-            // from the time the prepared sockets were unconnected.
-            assert_eq!(epoll_tokens(&ep, 0), []);
+            // from the time the prepared sockets were unconnected. Connection
+            // 3's socket is closed (checked above), but a process another
+            // test forks at that moment holds the file until it execs, and
+            // epoll drops a file only when its last reference goes: its
+            // hang-up, from before the restore, may still be reported once.
+            let live = |evs: Vec<(u64, u32)>| -> Vec<(u64, u32)> {
+                evs.into_iter().filter(|&(token, _)| token != 3).collect()
+            };
+            assert_eq!(live(epoll_tokens(&ep, 0)), []);
 
             for (i, c) in clients.iter_mut().enumerate() {
                 if i != 2 {
@@ -1315,7 +1322,7 @@ fn prepared_sockets_join_a_poller_before_the_freeze() {
             let mut heard = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(10);
             while heard.len() < 3 && Instant::now() < deadline {
-                for (token, events) in epoll_tokens(&ep, 100) {
+                for (token, events) in live(epoll_tokens(&ep, 100)) {
                     assert_eq!(
                         events & libc::EPOLLHUP as u32,
                         0,
