@@ -64,6 +64,7 @@ pub mod policy;
 pub mod protocol;
 pub mod session;
 pub mod split;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod traits;
 pub mod verify;
