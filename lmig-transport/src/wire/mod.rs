@@ -45,6 +45,7 @@ mod codec;
 mod frame;
 mod handshake;
 mod message;
+mod pages;
 mod reader;
 mod records;
 mod split;
@@ -57,7 +58,8 @@ pub use handshake::{
     Accept, Challenge, Handshake, Hello, KeyExchange, MAX_DATA_STREAMS, MAX_KEY_EXCHANGE,
     NONCE_LEN, Proof, Reject, RejectReason, SESSION_ID_LEN, StreamRole, TAG_LEN,
 };
-pub use message::{PagesHeader, parse_message, parse_message_body};
+pub use message::{parse_message, parse_message_body};
+pub use pages::PagesHeader;
 pub use records::Codec;
 
 /// Largest payload of one frame (64 MiB).

@@ -22,6 +22,7 @@ use lmig_core::model::{PageRun, RegionInfo};
 use lmig_core::protocol::{MAX_REASON_BYTES, PageBatch, PageData};
 use lmig_core::split::{HostId, MAX_ENDPOINT_BYTES, MAX_SPLIT_RUNS, SplitMessage};
 
+use super::pages::{PagesHeader, emit_pages_header, parse_pages};
 use super::reader::{Reader, put_string};
 use super::records::Codec;
 use super::{Result, WireError};
@@ -100,8 +101,8 @@ pub(crate) fn emit(msg: &SplitMessage, head: &mut BytesMut) -> Result<Bytes> {
             head.put_u32_le(from.0);
             head.put_u64_le(*epoch);
             let at = head.len();
-            head.resize(at + super::message::PagesHeader::<&[u8]>::LEN, 0);
-            super::message::emit_pages_header(batch, &mut head[at..]);
+            head.resize(at + PagesHeader::<&[u8]>::LEN, 0);
+            emit_pages_header(batch, &mut head[at..]);
             if let PageData::Raw(d) = &batch.data {
                 tail = d.clone();
             }
@@ -193,7 +194,7 @@ pub(crate) fn parse(payload: Bytes) -> Result<SplitMessage> {
         DATA => {
             let from = HostId(r.u32()?);
             let epoch = r.u64()?;
-            let batch: PageBatch = super::message::parse_pages(r.rest())?;
+            let batch: PageBatch = parse_pages(r.rest())?;
             return Ok(SplitMessage::Data { from, epoch, batch });
         }
         NOT_HELD => {
