@@ -81,7 +81,7 @@
 pub mod auth;
 pub mod channel;
 mod error;
-#[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 #[cfg(feature = "test-util")]
 pub mod hostile;
