@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
 use super::conn::Conn;
-use super::{AcceptConn, ChannelConfig, Dial, StreamChannel, start_dialed};
+use super::dial::start_dialed;
+use super::{AcceptConn, ChannelConfig, Dial, StreamChannel};
 use crate::error::{Result, TransportError};
 
 /// Where a channel's listener is.

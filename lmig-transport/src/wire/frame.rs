@@ -29,118 +29,67 @@ mod field {
     pub const PAYLOAD: usize = 16;
 }
 
-/// What a frame carries.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-#[non_exhaustive]
-pub enum Kind {
-    /// `Message::Regions`.
-    Regions = 1,
-    /// `Message::Pages`.
-    Pages = 2,
-    /// `Message::RoundEnd`.
-    RoundEnd = 3,
-    /// `Message::SocketPlan`.
-    SocketPlan = 4,
-    /// `Message::Sockets`.
-    Sockets = 5,
-    /// `Message::State`.
-    State = 6,
-    /// `Message::Handover`.
-    Handover = 7,
-    /// `Message::Ready`.
-    Ready = 8,
-    /// `Message::Commit`.
-    Commit = 9,
-    /// `Message::PageRequest`.
-    PageRequest = 10,
-    /// `Message::Done`.
-    Done = 11,
-    /// `Message::Abort`.
-    Abort = 12,
-    /// `Message::Digests`.
-    Digests = 13,
-    /// `Message::Resync`.
-    Resync = 14,
-    /// `Message::Prepared`.
-    Prepared = 15,
-    /// `Message::Split` (split memory; a tag byte names the message).
-    Split = 16,
-    /// Handshake: the dialer's hello.
-    Hello = 0x40,
-    /// Handshake: the listener's challenge.
-    Challenge = 0x41,
-    /// Handshake: the dialer's proof.
-    Proof = 0x42,
-    /// Handshake: the listener's proof; the stream is authenticated.
-    Accept = 0x43,
-    /// Handshake: authentication refused; the connection closes.
-    Reject = 0x44,
-    /// Handshake: a Noise handshake message (encrypted streams).
-    KeyExchange = 0x45,
+wire_enum! {
+    /// What a frame carries (kind 0 is invalid; the handshake's kinds are
+    /// 0x40 and above).
+    #[non_exhaustive]
+    pub enum Kind [pub] {
+        /// `Message::Regions`.
+        Regions = 1 => "Regions",
+        /// `Message::Pages`.
+        Pages = 2 => "Pages",
+        /// `Message::RoundEnd`.
+        RoundEnd = 3 => "RoundEnd",
+        /// `Message::SocketPlan`.
+        SocketPlan = 4 => "SocketPlan",
+        /// `Message::Sockets`.
+        Sockets = 5 => "Sockets",
+        /// `Message::State`.
+        State = 6 => "State",
+        /// `Message::Handover`.
+        Handover = 7 => "Handover",
+        /// `Message::Ready`.
+        Ready = 8 => "Ready",
+        /// `Message::Commit`.
+        Commit = 9 => "Commit",
+        /// `Message::PageRequest`.
+        PageRequest = 10 => "PageRequest",
+        /// `Message::Done`.
+        Done = 11 => "Done",
+        /// `Message::Abort`.
+        Abort = 12 => "Abort",
+        /// `Message::Digests`.
+        Digests = 13 => "Digests",
+        /// `Message::Resync`.
+        Resync = 14 => "Resync",
+        /// `Message::Prepared`.
+        Prepared = 15 => "Prepared",
+        /// `Message::Split` (split memory; a tag byte names the message).
+        Split = 16 => "Split",
+        /// Handshake: the dialer's hello.
+        Hello = 0x40 => "Hello",
+        /// Handshake: the listener's challenge.
+        Challenge = 0x41 => "Challenge",
+        /// Handshake: the dialer's proof.
+        Proof = 0x42 => "Proof",
+        /// Handshake: the listener's proof; the stream is authenticated.
+        Accept = 0x43 => "Accept",
+        /// Handshake: authentication refused; the connection closes.
+        Reject = 0x44 => "Reject",
+        /// Handshake: a Noise handshake message (encrypted streams).
+        KeyExchange = 0x45 => "KeyExchange",
+    }
+    unknown |v| WireError::BadKind(v)
 }
 
-impl Kind {
-    /// The kind with this number; 0 and unknown numbers are errors.
-    pub fn from_u8(v: u8) -> Result<Self> {
-        Ok(match v {
-            1 => Self::Regions,
-            2 => Self::Pages,
-            3 => Self::RoundEnd,
-            4 => Self::SocketPlan,
-            5 => Self::Sockets,
-            6 => Self::State,
-            7 => Self::Handover,
-            8 => Self::Ready,
-            9 => Self::Commit,
-            10 => Self::PageRequest,
-            11 => Self::Done,
-            12 => Self::Abort,
-            13 => Self::Digests,
-            14 => Self::Resync,
-            15 => Self::Prepared,
-            16 => Self::Split,
-            0x40 => Self::Hello,
-            0x41 => Self::Challenge,
-            0x42 => Self::Proof,
-            0x43 => Self::Accept,
-            0x44 => Self::Reject,
-            0x45 => Self::KeyExchange,
-            _ => return Err(WireError::BadKind(v)),
-        })
-    }
+/// The first handshake kind: kinds from here on are only allowed before
+/// authentication.
+pub(crate) const FIRST_HANDSHAKE_KIND: u8 = 0x40;
 
+impl Kind {
     /// Is this a handshake frame (only allowed before authentication)?
     pub fn is_handshake(self) -> bool {
-        (self as u8) >= 0x40
-    }
-
-    /// The name, for errors.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Regions => "Regions",
-            Self::Pages => "Pages",
-            Self::RoundEnd => "RoundEnd",
-            Self::SocketPlan => "SocketPlan",
-            Self::Sockets => "Sockets",
-            Self::State => "State",
-            Self::Handover => "Handover",
-            Self::Ready => "Ready",
-            Self::Commit => "Commit",
-            Self::PageRequest => "PageRequest",
-            Self::Done => "Done",
-            Self::Abort => "Abort",
-            Self::Digests => "Digests",
-            Self::Resync => "Resync",
-            Self::Prepared => "Prepared",
-            Self::Split => "Split",
-            Self::Hello => "Hello",
-            Self::Challenge => "Challenge",
-            Self::Proof => "Proof",
-            Self::Accept => "Accept",
-            Self::Reject => "Reject",
-            Self::KeyExchange => "KeyExchange",
-        }
+        self.to_u8() >= FIRST_HANDSHAKE_KIND
     }
 }
 

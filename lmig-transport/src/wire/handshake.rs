@@ -27,34 +27,17 @@ pub const MAX_KEY_EXCHANGE: usize = 128;
 /// Most data streams one channel may have.
 pub const MAX_DATA_STREAMS: u16 = 64;
 
-/// What a stream carries inside its channel.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-pub enum StreamRole {
-    /// The control lane (index 0).
-    Control,
-    /// Data lane `index`.
-    Data,
-    /// The urgent lane for post-copy (index 0).
-    Urgent,
-}
-
-impl StreamRole {
-    fn to_u8(self) -> u8 {
-        match self {
-            Self::Control => 1,
-            Self::Data => 2,
-            Self::Urgent => 3,
-        }
+wire_enum! {
+    /// What a stream carries inside its channel.
+    pub enum StreamRole [pub(crate)] {
+        /// The control lane (index 0).
+        Control = 1 => "control",
+        /// Data lane `index`.
+        Data = 2 => "data",
+        /// The urgent lane for post-copy (index 0).
+        Urgent = 3 => "urgent",
     }
-
-    fn from_u8(v: u8) -> Result<Self> {
-        Ok(match v {
-            1 => Self::Control,
-            2 => Self::Data,
-            3 => Self::Urgent,
-            _ => return Err(WireError::bad("stream role", format!("{v}"))),
-        })
-    }
+    unknown |v| WireError::bad("stream role", format!("{v}"))
 }
 
 /// The dialer opens a stream: which channel and lane it is for, and its nonce.
@@ -100,47 +83,26 @@ pub struct Accept {
     pub tag: [u8; TAG_LEN],
 }
 
-/// Why a stream was refused. Deliberately coarse: a failing peer learns nothing.
-///
-/// On the wire a single byte: `AuthFailed` 1, `Unexpected` 2, `BadStream` 3,
-/// `Timeout` 4, `Busy` 5.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub enum RejectReason {
-    /// Authentication failed (wrong key, replayed handshake).
-    AuthFailed,
-    /// A frame other than the next handshake step arrived (or bytes that
-    /// are not a frame).
-    Unexpected,
-    /// The stream does not fit the channel (role, index, session, generation).
-    BadStream,
-    /// The handshake did not complete within the listener's deadline.
-    Timeout,
-    /// The listener had too many unauthenticated connections in flight and
-    /// dropped this one, which had made the least progress.
-    Busy,
-}
-
-impl RejectReason {
-    fn to_u8(self) -> u8 {
-        match self {
-            Self::AuthFailed => 1,
-            Self::Unexpected => 2,
-            Self::BadStream => 3,
-            Self::Timeout => 4,
-            Self::Busy => 5,
-        }
+wire_enum! {
+    /// Why a stream was refused. Deliberately coarse: a failing peer learns nothing.
+    ///
+    /// On the wire a single byte: `AuthFailed` 1, `Unexpected` 2, `BadStream` 3,
+    /// `Timeout` 4, `Busy` 5.
+    pub enum RejectReason [pub(crate)] {
+        /// Authentication failed (wrong key, replayed handshake).
+        AuthFailed = 1 => "AuthFailed",
+        /// A frame other than the next handshake step arrived (or bytes that
+        /// are not a frame).
+        Unexpected = 2 => "Unexpected",
+        /// The stream does not fit the channel (role, index, session, generation).
+        BadStream = 3 => "BadStream",
+        /// The handshake did not complete within the listener's deadline.
+        Timeout = 4 => "Timeout",
+        /// The listener had too many unauthenticated connections in flight and
+        /// dropped this one, which had made the least progress.
+        Busy = 5 => "Busy",
     }
-
-    fn from_u8(v: u8) -> Result<Self> {
-        Ok(match v {
-            1 => Self::AuthFailed,
-            2 => Self::Unexpected,
-            3 => Self::BadStream,
-            4 => Self::Timeout,
-            5 => Self::Busy,
-            _ => return Err(WireError::bad("reject reason", format!("{v}"))),
-        })
-    }
+    unknown |v| WireError::bad("reject reason", format!("{v}"))
 }
 
 impl std::fmt::Display for RejectReason {

@@ -1,0 +1,129 @@
+//! How a channel is set up: [`ChannelConfig`], its defaults and its check.
+
+use std::time::Duration;
+
+use super::Security;
+use super::reject::{RejectHook, Rejection};
+use crate::auth::AuthKey;
+use crate::error::{Result, TransportError};
+use crate::tls::TlsIdentity;
+
+/// How a channel is set up. Both sides need the same [`Security`] mode
+/// and key (or certificates from a CA the other trusts).
+#[derive(Clone, Debug)]
+pub struct ChannelConfig {
+    /// How streams are authenticated and protected; by default
+    /// [`Security::Psk`]: every byte after the handshake encrypted and
+    /// authenticated by Noise keyed by the pre-shared key.
+    pub security: Security,
+    /// Data streams the dialer opens (1..=64); the listener takes what the
+    /// dialer announces.
+    pub data_streams: usize,
+    /// Bytes per second over all streams together (frames and headers);
+    /// `None`: unlimited.
+    pub bandwidth_limit: Option<u64>,
+    /// Longest wait for each step of a stream's handshake; on the listening
+    /// side also the longest a whole handshake may take (a peer trickling
+    /// bytes is cut at this deadline).
+    pub handshake_timeout: Duration,
+    /// Longest wait to establish a TCP connection.
+    pub connect_timeout: Duration,
+    /// Longest a write may block (the peer stopped reading). `None`: forever.
+    pub write_timeout: Option<Duration>,
+    /// `SO_SNDBUF` / `SO_RCVBUF` for TCP streams; `None` keeps the kernel's
+    /// auto-tuning.
+    pub socket_buffer: Option<usize>,
+    /// Messages buffered between the reader threads and `recv`.
+    pub queue_depth: usize,
+    /// How long the listening side's `reconnect` waits for the dialer.
+    pub reconnect_timeout: Duration,
+    /// Most unauthenticated connections a listener handshakes at once. When
+    /// one more arrives, the one that made the least progress (no valid
+    /// `Hello` yet, then the oldest) is dropped with a `Busy` reject: a
+    /// flood of idle connections cannot lock out a dialer, which sends its
+    /// `Hello` at once.
+    pub max_handshakes: usize,
+    /// Called with every connection a listener refuses.
+    pub(super) on_reject: RejectHook,
+}
+
+impl ChannelConfig {
+    /// Streams admitted by the pre-shared `key` and encrypted with Noise
+    /// keyed by it ([`Security::Psk`], the default mode).
+    ///
+    /// Defaults: one data stream, no bandwidth limit, 10 s handshake and
+    /// connect timeouts, 60 s write timeout, kernel socket buffers, a queue
+    /// of 64 messages, 30 s to reconnect, 64 handshakes in flight per
+    /// listener, no rejection hook.
+    pub fn new(key: AuthKey) -> Self {
+        Self::with_security(Security::Psk(key))
+    }
+
+    /// Streams in TLS 1.3 with certificates verified both ways
+    /// ([`Security::Tls`]); other defaults as [`ChannelConfig::new`].
+    pub fn tls(identity: TlsIdentity) -> Self {
+        Self::with_security(Security::Tls(identity))
+    }
+
+    /// Streams admitted by the pre-shared `key`, then **unencrypted**
+    /// ([`Security::PlaintextTrustedLinkOnly`]): only for a link that is
+    /// private and trusted by itself. Other defaults as [`ChannelConfig::new`].
+    pub fn plaintext_trusted_link_only(key: AuthKey) -> Self {
+        Self::with_security(Security::PlaintextTrustedLinkOnly(key))
+    }
+
+    /// Streams protected as `security` says; other defaults as
+    /// [`ChannelConfig::new`].
+    pub fn with_security(security: Security) -> Self {
+        Self {
+            security,
+            data_streams: 1,
+            bandwidth_limit: None,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            write_timeout: Some(Duration::from_secs(60)),
+            socket_buffer: None,
+            queue_depth: 64,
+            reconnect_timeout: Duration::from_secs(30),
+            max_handshakes: 64,
+            on_reject: RejectHook::default(),
+        }
+    }
+
+    /// Call `f` with every connection a listener using this config refuses
+    /// (bad bytes, wrong key, replay, timeout, eviction…), on the thread
+    /// that ran its handshake. Keep it short; it must not block.
+    #[must_use]
+    pub fn on_reject(mut self, f: impl Fn(&Rejection) + Send + Sync + 'static) -> Self {
+        self.on_reject = RejectHook::new(f);
+        self
+    }
+
+    /// Set the number of data streams.
+    pub fn with_data_streams(mut self, n: usize) -> Self {
+        self.data_streams = n;
+        self
+    }
+
+    /// Limit the sending rate to `bytes_per_sec`.
+    pub fn with_bandwidth_limit(mut self, bytes_per_sec: u64) -> Self {
+        self.bandwidth_limit = Some(bytes_per_sec);
+        self
+    }
+
+    pub(super) fn check(&self) -> Result<()> {
+        if !(1..=usize::from(crate::wire::MAX_DATA_STREAMS)).contains(&self.data_streams) {
+            return Err(TransportError::Config(format!(
+                "{} data streams; 1..=64 allowed",
+                self.data_streams
+            )));
+        }
+        if self.queue_depth == 0 {
+            return Err(TransportError::Config("queue depth 0".into()));
+        }
+        if self.max_handshakes == 0 {
+            return Err(TransportError::Config("max_handshakes 0".into()));
+        }
+        Ok(())
+    }
+}
