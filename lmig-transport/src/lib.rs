@@ -78,6 +78,9 @@
 //! ```
 #![deny(unsafe_code)]
 
+#[macro_use]
+mod macros;
+
 pub mod auth;
 pub mod channel;
 mod error;

@@ -15,19 +15,20 @@ use std::time::Instant;
 use super::conn::Conn;
 use super::reject::ListenerStats;
 
-/// Why the acceptor cut a connection (kept in an `AtomicU8` the handshake
-/// worker reads when its connection fails).
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub(super) enum Cut {
-    /// Not cut.
-    None = 0,
-    /// Past its handshake deadline.
-    Timeout = 1,
-    /// Made room for a newer connection.
-    Evicted = 2,
-    /// The listener's owners are gone.
-    Closed = 3,
+wire_enum! {
+    /// Why the acceptor cut a connection (kept in an `AtomicU8` the
+    /// handshake worker reads when its connection fails).
+    pub(super) enum Cut [] {
+        /// Not cut.
+        None = 0 => "not cut",
+        /// Past its handshake deadline.
+        Timeout = 1 => "timed out",
+        /// Made room for a newer connection.
+        Evicted = 2 => "evicted",
+        /// The listener's owners are gone.
+        Closed = 3 => "listener closed",
+    }
+    unknown |v| crate::wire::WireError::bad("cut", format!("{v}"))
 }
 
 /// What a handshake worker and the acceptor share about one connection.
@@ -42,12 +43,7 @@ pub(super) struct Progress {
 impl Progress {
     /// Why the acceptor cut the connection, if it did.
     pub(super) fn cut(&self) -> Cut {
-        match self.cut.load(Ordering::Acquire) {
-            1 => Cut::Timeout,
-            2 => Cut::Evicted,
-            3 => Cut::Closed,
-            _ => Cut::None,
-        }
+        Cut::from_u8(self.cut.load(Ordering::Acquire)).unwrap_or(Cut::None)
     }
 }
 
@@ -82,7 +78,7 @@ impl Table {
     /// Remove entry `i`, cut its connection for `why` and count it.
     pub(super) fn cut(&mut self, i: usize, why: Cut) {
         let e = self.in_flight.swap_remove(i);
-        e.progress.cut.store(why as u8, Ordering::Release);
+        e.progress.cut.store(why.to_u8(), Ordering::Release);
         e.conn.shutdown_read();
         self.stats.rejected += 1;
         match why {

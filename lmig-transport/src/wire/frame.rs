@@ -365,6 +365,45 @@ impl FrameRepr {
 mod tests {
     use super::*;
 
+    #[test]
+    fn kind_numbers_are_pinned() {
+        let pinned: Vec<(u8, &str)> = Kind::ALL.iter().map(|k| (k.to_u8(), k.name())).collect();
+        assert_eq!(
+            pinned,
+            [
+                (1, "Regions"),
+                (2, "Pages"),
+                (3, "RoundEnd"),
+                (4, "SocketPlan"),
+                (5, "Sockets"),
+                (6, "State"),
+                (7, "Handover"),
+                (8, "Ready"),
+                (9, "Commit"),
+                (10, "PageRequest"),
+                (11, "Done"),
+                (12, "Abort"),
+                (13, "Digests"),
+                (14, "Resync"),
+                (15, "Prepared"),
+                (16, "Split"),
+                (0x40, "Hello"),
+                (0x41, "Challenge"),
+                (0x42, "Proof"),
+                (0x43, "Accept"),
+                (0x44, "Reject"),
+                (0x45, "KeyExchange"),
+            ]
+        );
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_u8(k.to_u8()), Ok(*k));
+            assert_eq!(k.is_handshake(), k.to_u8() >= 0x40, "{k:?}");
+        }
+        for bad in [0, 17, 0x3f, 0x46, 0xff] {
+            assert_eq!(Kind::from_u8(bad), Err(WireError::BadKind(bad)));
+        }
+    }
+
     // A Ready frame: empty payload, CRC-32C of nothing is 0.
     static READY: [u8; 16] = [
         b'L', b'M', b'I', b'G', 0x01, 0x00, 0x08, 0x00, 0, 0, 0, 0, 0, 0, 0, 0,

@@ -262,6 +262,22 @@ impl Handshake {
 mod tests {
     use super::*;
 
+    #[test]
+    fn role_and_reason_numbers_are_pinned() {
+        let roles: Vec<(u8, &str)> = StreamRole::ALL
+            .iter()
+            .map(|r| (r.to_u8(), r.name()))
+            .collect();
+        assert_eq!(roles, [(1, "control"), (2, "data"), (3, "urgent")]);
+        let reasons: Vec<u8> = RejectReason::ALL.iter().map(|r| r.to_u8()).collect();
+        assert_eq!(reasons, [1, 2, 3, 4, 5]);
+        assert_eq!(RejectReason::from_u8(5), Ok(RejectReason::Busy));
+        assert!(StreamRole::from_u8(0).is_err());
+        assert!(StreamRole::from_u8(4).is_err());
+        assert!(RejectReason::from_u8(0).is_err());
+        assert!(RejectReason::from_u8(6).is_err());
+    }
+
     fn hello() -> Hello {
         Hello {
             session: [7; 16],

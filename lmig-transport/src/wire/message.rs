@@ -35,6 +35,16 @@ use super::reader::{Reader, put_string};
 use super::records::Codec;
 use super::{MAX_MESSAGE_BYTES, Result, WireError};
 
+wire_enum! {
+    /// The tag byte of a `Done` body (the verification's outcome).
+    enum DoneTag [] {
+        NotChecked = 0 => "not checked",
+        Verified = 1 => "verified",
+        Mismatch = 2 => "mismatch",
+    }
+    unknown |v| WireError::bad("verification", format!("tag {v}"))
+}
+
 fn put_list<T: Codec>(buf: &mut BytesMut, items: &[T]) {
     buf.put_u32_le(items.len() as u32);
     for i in items {
@@ -168,10 +178,10 @@ pub(crate) fn emit_body(msg: &Message) -> Result<(Kind, Bytes, Bytes)> {
             run.emit(&mut head);
         }
         Message::Done(v) => match v {
-            Verification::NotChecked => head.put_u8(0),
-            Verification::Verified => head.put_u8(1),
+            Verification::NotChecked => head.put_u8(DoneTag::NotChecked.to_u8()),
+            Verification::Verified => head.put_u8(DoneTag::Verified.to_u8()),
             Verification::Mismatch(r) => {
-                head.put_u8(2);
+                head.put_u8(DoneTag::Mismatch.to_u8());
                 head.put_u32_le(r.0);
             }
         },
@@ -246,11 +256,10 @@ pub fn parse_message_body(kind: Kind, payload: Bytes) -> Result<Message> {
         Kind::Prepared => Message::Prepared { placed: r.u64()? },
         Kind::Commit => Message::Commit,
         Kind::PageRequest => Message::PageRequest(PageRun::parse(&mut r)?),
-        Kind::Done => Message::Done(match r.u8()? {
-            0 => Verification::NotChecked,
-            1 => Verification::Verified,
-            2 => Verification::Mismatch(RegionId(r.u32()?)),
-            v => return Err(WireError::bad("verification", format!("tag {v}"))),
+        Kind::Done => Message::Done(match DoneTag::from_u8(r.u8()?)? {
+            DoneTag::NotChecked => Verification::NotChecked,
+            DoneTag::Verified => Verification::Verified,
+            DoneTag::Mismatch => Verification::Mismatch(RegionId(r.u32()?)),
         }),
         Kind::Abort => Message::Abort {
             reason: r.string("abort reason", MAX_REASON_BYTES)?,

@@ -41,9 +41,6 @@
 //! errors, counts are checked against the remaining bytes before anything is
 //! allocated, and the records are checked with lmig-core's `validate()`.
 
-#[macro_use]
-mod macros;
-
 mod codec;
 mod frame;
 mod handshake;

@@ -19,8 +19,16 @@ mod field {
     pub const DATA: usize = 21;
 }
 
-const DATA_ZERO: u8 = 0;
-const DATA_RAW: u8 = 1;
+wire_enum! {
+    /// The data-kind byte of a `Pages` body.
+    enum DataKind [] {
+        /// Zero pages: no bytes follow.
+        Zero = 0 => "zero",
+        /// The page bytes follow.
+        Raw = 1 => "raw",
+    }
+    unknown |k| WireError::bad("page data kind", format!("{k}"))
+}
 
 /// A view of the fixed header of a `Pages` body:
 ///
@@ -110,8 +118,8 @@ pub(crate) fn emit_pages_header(batch: &PageBatch, buf: &mut [u8]) {
         buf[field::FIRST].copy_from_slice(&batch.run.first.to_le_bytes());
         buf[field::COUNT].copy_from_slice(&batch.run.count.to_le_bytes());
         buf[field::DATA_KIND] = match batch.data {
-            PageData::Raw(_) => DATA_RAW,
-            PageData::Zero => DATA_ZERO,
+            PageData::Raw(_) => DataKind::Raw.to_u8(),
+            PageData::Zero => DataKind::Zero.to_u8(),
         };
     }
 }
@@ -127,14 +135,14 @@ pub(crate) fn parse_pages(payload: Bytes) -> Result<PageBatch> {
         ));
     }
     let round = h.round();
-    let data = match h.data_kind() {
-        DATA_ZERO => {
+    let data = match DataKind::from_u8(h.data_kind())? {
+        DataKind::Zero => {
             if !h.data().is_empty() {
                 return Err(WireError::TrailingBytes(h.data().len(), "zero Pages"));
             }
             PageData::Zero
         }
-        DATA_RAW => {
+        DataKind::Raw => {
             let len = h.data().len();
             let count = run.count as usize;
             let page = len / count;
@@ -149,7 +157,6 @@ pub(crate) fn parse_pages(payload: Bytes) -> Result<PageBatch> {
             }
             PageData::Raw(payload.slice(PagesHeader::<&[u8]>::LEN..))
         }
-        k => return Err(WireError::bad("page data kind", format!("{k}"))),
     };
     Ok(PageBatch { round, run, data })
 }

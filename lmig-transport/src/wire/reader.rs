@@ -149,20 +149,21 @@ impl Reader {
     }
 
     pub fn addr(&mut self, field: &'static str) -> Result<SocketAddr> {
-        match self.u8()? {
-            4 => {
+        let family = self.u8()?;
+        match Family::from_u8(family) {
+            Ok(Family::V4) => {
                 let ip = Ipv4Addr::from(self.array::<4>()?);
                 let port = self.u16()?;
                 Ok(SocketAddr::V4(SocketAddrV4::new(ip, port)))
             }
-            6 => {
+            Ok(Family::V6) => {
                 let ip = Ipv6Addr::from(self.array::<16>()?);
                 let port = self.u16()?;
                 let flow = self.u32()?;
                 let scope = self.u32()?;
                 Ok(SocketAddr::V6(SocketAddrV6::new(ip, port, flow, scope)))
             }
-            f => Err(WireError::bad(field, format!("address family {f}"))),
+            Err(_) => Err(WireError::bad(field, format!("address family {family}"))),
         }
     }
 
@@ -173,6 +174,16 @@ impl Reader {
             None
         })
     }
+}
+
+wire_enum! {
+    /// The family byte of a socket address.
+    enum Family [] {
+        V4 = 4 => "IPv4",
+        V6 = 6 => "IPv6",
+    }
+    // Callers name the field in their own error.
+    unknown |f| WireError::bad("address family", format!("{f}"))
 }
 
 /// Encoded length of a socket address.
@@ -186,12 +197,12 @@ pub fn addr_len(a: &SocketAddr) -> usize {
 pub fn put_addr(buf: &mut (impl BufMut + ?Sized), a: &SocketAddr) {
     match a {
         SocketAddr::V4(a) => {
-            buf.put_u8(4);
+            buf.put_u8(Family::V4.to_u8());
             buf.put_slice(&a.ip().octets());
             buf.put_u16_le(a.port());
         }
         SocketAddr::V6(a) => {
-            buf.put_u8(6);
+            buf.put_u8(Family::V6.to_u8());
             buf.put_slice(&a.ip().octets());
             buf.put_u16_le(a.port());
             buf.put_u32_le(a.flowinfo());

@@ -259,27 +259,17 @@ impl Codec for TcpRepairWindow {
     }
 }
 
-fn state_kind_to_u8(s: TcpStateKind) -> u8 {
-    match s {
-        TcpStateKind::Established => 0,
-        TcpStateKind::CloseWait => 1,
-        TcpStateKind::FinWait1 => 2,
-        TcpStateKind::FinWait2 => 3,
-        TcpStateKind::Closing => 4,
-        TcpStateKind::LastAck => 5,
+wire_map! {
+    /// A TCP state on the wire.
+    TcpStateKind: state_kind_to_u8, state_kind_from_u8 {
+        Established = 0,
+        CloseWait = 1,
+        FinWait1 = 2,
+        FinWait2 = 3,
+        Closing = 4,
+        LastAck = 5,
     }
-}
-
-fn state_kind_from_u8(v: u8) -> Result<TcpStateKind> {
-    Ok(match v {
-        0 => TcpStateKind::Established,
-        1 => TcpStateKind::CloseWait,
-        2 => TcpStateKind::FinWait1,
-        3 => TcpStateKind::FinWait2,
-        4 => TcpStateKind::Closing,
-        5 => TcpStateKind::LastAck,
-        _ => return Err(WireError::bad("TCP state", format!("unknown state {v}"))),
-    })
+    unknown |v| WireError::bad("TCP state", format!("unknown state {v}"))
 }
 
 impl Codec for TcpConnState {
@@ -457,6 +447,16 @@ impl Codec for UdpSockState {
     }
 }
 
+wire_enum! {
+    /// The type byte of a socket record.
+    enum RecordTag [] {
+        Tcp = 1 => "tcp",
+        Listen = 2 => "listen",
+        Udp = 3 => "udp",
+    }
+    unknown |t| WireError::bad("socket record", format!("unknown type {t}"))
+}
+
 impl Codec for SocketRecord {
     const MIN_LEN: usize = 1 + TcpListenState::MIN_LEN;
     fn buffer_len(&self) -> usize {
@@ -469,25 +469,24 @@ impl Codec for SocketRecord {
     fn emit(&self, buf: &mut dyn BufMut) {
         match self {
             Self::Tcp(s) => {
-                buf.put_u8(1);
+                buf.put_u8(RecordTag::Tcp.to_u8());
                 s.emit(buf);
             }
             Self::Listen(s) => {
-                buf.put_u8(2);
+                buf.put_u8(RecordTag::Listen.to_u8());
                 s.emit(buf);
             }
             Self::Udp(s) => {
-                buf.put_u8(3);
+                buf.put_u8(RecordTag::Udp.to_u8());
                 s.emit(buf);
             }
         }
     }
     fn parse(r: &mut Reader) -> Result<Self> {
-        let rec = match r.u8()? {
-            1 => Self::Tcp(TcpConnState::parse(r)?),
-            2 => Self::Listen(TcpListenState::parse(r)?),
-            3 => Self::Udp(UdpSockState::parse(r)?),
-            t => return Err(WireError::bad("socket record", format!("unknown type {t}"))),
+        let rec = match RecordTag::from_u8(r.u8()?)? {
+            RecordTag::Tcp => Self::Tcp(TcpConnState::parse(r)?),
+            RecordTag::Listen => Self::Listen(TcpListenState::parse(r)?),
+            RecordTag::Udp => Self::Udp(UdpSockState::parse(r)?),
         };
         rec.validate()
             .map_err(|e| WireError::invalid("socket record", e))?;
@@ -495,12 +494,14 @@ impl Codec for SocketRecord {
     }
 }
 
-fn kind_to_u8(k: SocketKind) -> u8 {
-    match k {
-        SocketKind::TcpEstablished => 1,
-        SocketKind::TcpListen => 2,
-        SocketKind::Udp => 3,
+wire_map! {
+    /// A socket kind on the wire (the same numbers as [`RecordTag`]).
+    SocketKind: kind_to_u8, kind_from_u8 {
+        TcpEstablished = 1,
+        TcpListen = 2,
+        Udp = 3,
     }
+    unknown |k| WireError::bad("socket kind", format!("unknown kind {k}"))
 }
 
 impl Codec for SocketPrep {
@@ -516,12 +517,7 @@ impl Codec for SocketPrep {
     }
     fn parse(r: &mut Reader) -> Result<Self> {
         let id = r.u64()?;
-        let kind = match r.u8()? {
-            1 => SocketKind::TcpEstablished,
-            2 => SocketKind::TcpListen,
-            3 => SocketKind::Udp,
-            k => return Err(WireError::bad("socket kind", format!("unknown kind {k}"))),
-        };
+        let kind = kind_from_u8(r.u8()?)?;
         let local = r.addr("local")?;
         let peer = r.opt_addr("peer")?;
         match (kind, peer) {

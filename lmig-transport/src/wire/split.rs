@@ -27,17 +27,23 @@ use super::reader::{Reader, put_string};
 use super::records::Codec;
 use super::{Result, WireError};
 
-const ATTACH: u8 = 1;
-const FETCH: u8 = 2;
-const DATA: u8 = 3;
-const NOT_HELD: u8 = 4;
-const SYNC: u8 = 5;
-const SYNCED: u8 = 6;
-const SEND: u8 = 7;
-const SENT: u8 = 8;
-const RELAY: u8 = 9;
-const FORGET: u8 = 10;
-const REFUSED: u8 = 11;
+wire_enum! {
+    /// The tag byte naming a split-memory message.
+    enum Tag [] {
+        Attach = 1 => "Attach",
+        Fetch = 2 => "Fetch",
+        Data = 3 => "Data",
+        NotHeld = 4 => "NotHeld",
+        Sync = 5 => "Sync",
+        Synced = 6 => "Synced",
+        Send = 7 => "Send",
+        Sent = 8 => "Sent",
+        Relay = 9 => "Relay",
+        Forget = 10 => "Forget",
+        Refused = 11 => "Refused",
+    }
+    unknown |t| WireError::bad("split message tag", format!("{t}"))
+}
 
 fn check_run(run: &PageRun) -> Result<()> {
     if run.count == 0 || run.first.checked_add(u64::from(run.count)).is_none() {
@@ -84,20 +90,20 @@ pub(crate) fn emit(msg: &SplitMessage, head: &mut BytesMut) -> Result<Bytes> {
             region
                 .validate()
                 .map_err(|e| WireError::invalid("region", e))?;
-            head.put_u8(ATTACH);
+            head.put_u8(Tag::Attach.to_u8());
             head.put_u32_le(from.0);
             head.put_u32_le(to.0);
             region.emit(head);
         }
         SplitMessage::Fetch { epoch, run } => {
             check_run(run)?;
-            head.put_u8(FETCH);
+            head.put_u8(Tag::Fetch.to_u8());
             head.put_u64_le(*epoch);
             run.emit(head);
         }
         SplitMessage::Data { from, epoch, batch } => {
             check_run(&batch.run)?;
-            head.put_u8(DATA);
+            head.put_u8(Tag::Data.to_u8());
             head.put_u32_le(from.0);
             head.put_u64_le(*epoch);
             let at = head.len();
@@ -109,17 +115,17 @@ pub(crate) fn emit(msg: &SplitMessage, head: &mut BytesMut) -> Result<Bytes> {
         }
         SplitMessage::NotHeld { from, epoch, run } => {
             check_run(run)?;
-            head.put_u8(NOT_HELD);
+            head.put_u8(Tag::NotHeld.to_u8());
             head.put_u32_le(from.0);
             head.put_u64_le(*epoch);
             run.emit(head);
         }
         SplitMessage::Sync { seq } => {
-            head.put_u8(SYNC);
+            head.put_u8(Tag::Sync.to_u8());
             head.put_u64_le(*seq);
         }
         SplitMessage::Synced { seq, pages } => {
-            head.put_u8(SYNCED);
+            head.put_u8(Tag::Synced.to_u8());
             head.put_u64_le(*seq);
             head.put_u64_le(*pages);
         }
@@ -130,7 +136,7 @@ pub(crate) fn emit(msg: &SplitMessage, head: &mut BytesMut) -> Result<Bytes> {
             runs,
         } => {
             check_len("endpoint", endpoint.len(), MAX_ENDPOINT_BYTES)?;
-            head.put_u8(SEND);
+            head.put_u8(Tag::Send.to_u8());
             head.put_u32_le(to.0);
             put_string(head, endpoint);
             head.put_u64_le(*epoch);
@@ -143,7 +149,7 @@ pub(crate) fn emit(msg: &SplitMessage, head: &mut BytesMut) -> Result<Bytes> {
             pages,
             missing,
         } => {
-            head.put_u8(SENT);
+            head.put_u8(Tag::Sent.to_u8());
             head.put_u32_le(from.0);
             head.put_u32_le(to.0);
             head.put_u64_le(*epoch);
@@ -156,19 +162,19 @@ pub(crate) fn emit(msg: &SplitMessage, head: &mut BytesMut) -> Result<Bytes> {
             epoch,
         } => {
             check_len("endpoint", endpoint.len(), MAX_ENDPOINT_BYTES)?;
-            head.put_u8(RELAY);
+            head.put_u8(Tag::Relay.to_u8());
             head.put_u32_le(to.0);
             put_string(head, endpoint);
             head.put_u64_le(*epoch);
         }
         SplitMessage::Forget { epoch, runs } => {
-            head.put_u8(FORGET);
+            head.put_u8(Tag::Forget.to_u8());
             head.put_u64_le(*epoch);
             put_runs(head, runs)?;
         }
         SplitMessage::Refused { reason } => {
             check_len("refusal reason", reason.len(), MAX_REASON_BYTES)?;
-            head.put_u8(REFUSED);
+            head.put_u8(Tag::Refused.to_u8());
             put_string(head, reason);
         }
     }
@@ -178,26 +184,26 @@ pub(crate) fn emit(msg: &SplitMessage, head: &mut BytesMut) -> Result<Bytes> {
 /// Decode the body of a `Split` frame.
 pub(crate) fn parse(payload: Bytes) -> Result<SplitMessage> {
     let mut r = Reader::new(payload, "Split");
-    let msg = match r.u8()? {
-        ATTACH => SplitMessage::Attach {
+    let msg = match Tag::from_u8(r.u8()?)? {
+        Tag::Attach => SplitMessage::Attach {
             from: HostId(r.u32()?),
             to: HostId(r.u32()?),
             region: RegionInfo::parse(&mut r)?,
         },
-        FETCH => {
+        Tag::Fetch => {
             let epoch = r.u64()?;
             SplitMessage::Fetch {
                 epoch,
                 run: PageRun::parse(&mut r)?,
             }
         }
-        DATA => {
+        Tag::Data => {
             let from = HostId(r.u32()?);
             let epoch = r.u64()?;
             let batch: PageBatch = parse_pages(r.rest())?;
             return Ok(SplitMessage::Data { from, epoch, batch });
         }
-        NOT_HELD => {
+        Tag::NotHeld => {
             let from = HostId(r.u32()?);
             let epoch = r.u64()?;
             SplitMessage::NotHeld {
@@ -206,12 +212,12 @@ pub(crate) fn parse(payload: Bytes) -> Result<SplitMessage> {
                 run: PageRun::parse(&mut r)?,
             }
         }
-        SYNC => SplitMessage::Sync { seq: r.u64()? },
-        SYNCED => SplitMessage::Synced {
+        Tag::Sync => SplitMessage::Sync { seq: r.u64()? },
+        Tag::Synced => SplitMessage::Synced {
             seq: r.u64()?,
             pages: r.u64()?,
         },
-        SEND => {
+        Tag::Send => {
             let to = HostId(r.u32()?);
             let endpoint = r.string("endpoint", MAX_ENDPOINT_BYTES)?;
             let epoch = r.u64()?;
@@ -222,29 +228,28 @@ pub(crate) fn parse(payload: Bytes) -> Result<SplitMessage> {
                 runs: parse_runs(&mut r)?,
             }
         }
-        SENT => SplitMessage::Sent {
+        Tag::Sent => SplitMessage::Sent {
             from: HostId(r.u32()?),
             to: HostId(r.u32()?),
             epoch: r.u64()?,
             pages: r.u64()?,
             missing: r.u64()?,
         },
-        RELAY => SplitMessage::Relay {
+        Tag::Relay => SplitMessage::Relay {
             to: HostId(r.u32()?),
             endpoint: r.string("endpoint", MAX_ENDPOINT_BYTES)?,
             epoch: r.u64()?,
         },
-        FORGET => {
+        Tag::Forget => {
             let epoch = r.u64()?;
             SplitMessage::Forget {
                 epoch,
                 runs: parse_runs(&mut r)?,
             }
         }
-        REFUSED => SplitMessage::Refused {
+        Tag::Refused => SplitMessage::Refused {
             reason: r.string("refusal reason", MAX_REASON_BYTES)?,
         },
-        t => return Err(WireError::bad("split message tag", format!("{t}"))),
     };
     r.finish()?;
     Ok(msg)

@@ -1,4 +1,4 @@
-//! Declare-once wire numbers: one list gives the enum (or, for an enum
+//! Declare-once numbers (wire enums, and the few stored in atomics): one list gives the enum (or, for an enum
 //! lmig-core defines, the two mappings), the number of each value, the
 //! decoding of a number with its error, and each value's name.
 
@@ -23,7 +23,7 @@
 macro_rules! wire_enum {
     (
         $(#[$meta:meta])*
-        $vis:vis enum $name:ident [$fvis:vis] {
+        $vis:vis enum $name:ident [$($fvis:tt)*] {
             $(
                 $(#[$vmeta:meta])*
                 $variant:ident = $num:literal => $text:literal
@@ -52,7 +52,7 @@ macro_rules! wire_enum {
             }
 
             /// The value with this number; an unknown number is an error.
-            $fvis fn from_u8($v: u8) -> $crate::wire::Result<Self> {
+            $($fvis)* fn from_u8($v: u8) -> $crate::wire::Result<Self> {
                 match $v {
                     $($num => Ok(Self::$variant),)+
                     _ => Err($unknown),
@@ -60,7 +60,7 @@ macro_rules! wire_enum {
             }
 
             /// The value's name.
-            $fvis const fn name(self) -> &'static str {
+            $($fvis)* const fn name(self) -> &'static str {
                 match self {
                     $(Self::$variant => $text,)+
                 }
