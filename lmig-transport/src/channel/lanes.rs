@@ -240,3 +240,269 @@ pub(super) fn read_event(reader: &mut FrameReader, generation: u32) -> Event {
         Err(e) => Event::Failed(generation, e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    use lmig_core::model::{PageRun, RegionId};
+    use lmig_core::protocol::{PageBatch, PageData};
+
+    use super::super::ChannelConfig;
+    use super::super::pipe::{PipeEnd, pipe};
+    use super::*;
+    use crate::AuthKey;
+    use crate::wire::{Handshake, Reject, RejectReason, encode_handshake, encode_message};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// An authenticated stream over a pipe, and the peer's end of it.
+    fn stream() -> (Stream, PipeEnd) {
+        let (ours, theirs) = pipe();
+        let mut reader = FrameReader::new(ours.try_clone_conn().unwrap());
+        reader.set_authenticated();
+        let stream = Stream {
+            writer: Box::new(ours),
+            reader,
+            cipher: "none".into(),
+        };
+        (stream, theirs)
+    }
+
+    /// The streams of a channel with `n` data lanes; the peers' ends in the
+    /// same order (control, data…, urgent).
+    fn streams(n: usize) -> (Streams, Vec<PipeEnd>) {
+        let (control, c) = stream();
+        let (urgent, u) = stream();
+        let (data, mut peers): (Vec<_>, Vec<_>) = (0..n).map(|_| stream()).unzip();
+        peers.insert(0, c);
+        peers.push(u);
+        let streams = Streams {
+            control,
+            data,
+            urgent,
+        };
+        (streams, peers)
+    }
+
+    fn pages(first: u64) -> Message {
+        Message::Pages(PageBatch {
+            round: 1,
+            run: PageRun::new(RegionId(1), first, 1),
+            data: PageData::Zero,
+        })
+    }
+
+    fn send(peer: &mut PipeEnd, msg: &Message) {
+        encode_message(msg).unwrap().write_to(peer).unwrap();
+    }
+
+    /// The next message the peer received.
+    fn received(peer: &PipeEnd) -> Message {
+        let mut r = FrameReader::new(peer.try_clone_conn().unwrap());
+        r.set_authenticated();
+        match r.next("test").unwrap() {
+            ReadOutcome::Item(WireItem::Message(m)) => m,
+            _ => panic!("no message"),
+        }
+    }
+
+    fn queue() -> Arc<EventQueue<Event>> {
+        Arc::new(EventQueue::new(16))
+    }
+
+    fn direct() -> Arc<DirectUrgent> {
+        let config = ChannelConfig::new(AuthKey::new([1u8; 32]).unwrap());
+        Arc::new(DirectUrgent::new(&config))
+    }
+
+    fn next(q: &EventQueue<Event>) -> Event {
+        q.pop(Some(Instant::now() + WAIT)).expect("an event")
+    }
+
+    #[test]
+    fn split_hands_every_stream_over_in_plan_order() {
+        let (streams, _peers) = streams(3);
+        let (lanes, readers) = Lanes::split(streams, 7);
+        assert_eq!(lanes.data_lanes(), 3);
+        let names: Vec<&str> = readers.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "lmig-rx-control",
+                "lmig-rx-data0",
+                "lmig-rx-data1",
+                "lmig-rx-data2",
+                "lmig-rx-urgent"
+            ]
+        );
+        assert!(readers.iter().all(|r| r.generation == 7));
+        let urgent: Vec<bool> = readers.iter().map(LaneReader::urgent).collect();
+        assert_eq!(urgent, [false, false, false, false, true]);
+        // Every connection (writer and reader halves) can be shut down.
+        assert_eq!(lanes.all.len(), 2 * 5);
+    }
+
+    #[test]
+    fn each_lane_writes_on_its_own_stream_and_data_lanes_wrap() {
+        let (streams, peers) = streams(3);
+        let (lanes, _readers) = Lanes::split(streams, 0);
+        let frames = |m: &Message| encode_message(m).unwrap();
+        lanes.write(Lane::Control, &frames(&Message::Ready)).unwrap();
+        lanes.write(Lane::Urgent, &frames(&Message::Commit)).unwrap();
+        // Lane 4 of 3 is data lane 1; data lanes buffer until flushed.
+        lanes.write(Lane::Data(4), &frames(&pages(40))).unwrap();
+        assert!(!peers[2].wait_readable(Duration::ZERO).unwrap());
+        lanes.flush_data().unwrap();
+        assert_eq!(received(&peers[0]), Message::Ready);
+        assert_eq!(received(&peers[2]), pages(40));
+        assert_eq!(received(&peers[4]), Message::Commit);
+        for quiet in [1, 3] {
+            assert!(
+                !peers[quiet].wait_readable(Duration::ZERO).unwrap(),
+                "stream {quiet} got bytes"
+            );
+        }
+        assert_eq!(
+            [Lane::Control, Lane::Data(9), Lane::Urgent].map(Lane::name),
+            ["control", "data", "urgent"]
+        );
+    }
+
+    #[test]
+    fn shutdown_ends_every_stream_of_the_generation() {
+        let (streams, peers) = streams(2);
+        let (lanes, _readers) = Lanes::split(streams, 0);
+        lanes.shutdown();
+        let frames = encode_message(&Message::Ready).unwrap();
+        assert!(lanes.write(Lane::Control, &frames).is_err());
+        let mut r = FrameReader::new(peers[1].try_clone_conn().unwrap());
+        assert!(matches!(r.next("test"), Ok(ReadOutcome::Eof)));
+    }
+
+    #[test]
+    fn a_reader_queues_messages_in_order_then_its_end() {
+        let (streams, mut peers) = streams(1);
+        let (_lanes, readers) = Lanes::split(streams, 3);
+        let q = queue();
+        let data = readers.into_iter().nth(1).unwrap();
+        let thread = data.spawn(q.clone(), direct()).unwrap();
+        send(&mut peers[1], &pages(1));
+        send(&mut peers[1], &pages(2));
+        peers[1].shutdown_conn();
+        assert!(matches!(next(&q), Event::Msg(m) if m == pages(1)));
+        assert!(matches!(next(&q), Event::Msg(m) if m == pages(2)));
+        assert!(matches!(next(&q), Event::Eof(3)));
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn bad_bytes_on_a_lane_fail_its_stream() {
+        let (streams, mut peers) = streams(1);
+        let (_lanes, readers) = Lanes::split(streams, 5);
+        let q = queue();
+        let control = readers.into_iter().next().unwrap();
+        let thread = control.spawn(q.clone(), direct()).unwrap();
+        peers[0].write_all(b"this is no lmig frame").unwrap();
+        match next(&q) {
+            Event::Failed(5, TransportError::Wire(_)) => {}
+            Event::Failed(g, e) => panic!("generation {g}: {e}"),
+            _ => panic!("bad bytes were not an error"),
+        }
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_handshake_frame_after_authentication_fails_the_stream() {
+        let (streams, mut peers) = streams(1);
+        let (_lanes, readers) = Lanes::split(streams, 0);
+        let q = queue();
+        let control = readers.into_iter().next().unwrap();
+        let thread = control.spawn(q.clone(), direct()).unwrap();
+        send(&mut peers[0], &Message::Ready);
+        let reject = Handshake::Reject(Reject {
+            reason: RejectReason::AuthFailed,
+        });
+        encode_handshake(&reject)
+            .unwrap()
+            .write_to(&mut peers[0])
+            .unwrap();
+        assert!(matches!(next(&q), Event::Msg(Message::Ready)));
+        match next(&q) {
+            Event::Failed(0, TransportError::Handshake { detail }) => {
+                assert_eq!(detail, "Reject frame after authentication");
+            }
+            _ => panic!("a handshake frame was accepted after authentication"),
+        }
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn the_urgent_reader_hands_its_stream_to_the_consumer_and_back() {
+        let (streams, mut peers) = streams(1);
+        let (_lanes, readers) = Lanes::split(streams, 2);
+        let (q, direct, closed) = (queue(), direct(), AtomicBool::new(false));
+        let urgent = readers.into_iter().last().unwrap();
+        let thread = urgent.spawn(q.clone(), direct.clone()).unwrap();
+        let u = peers.len() - 1;
+        // Before anyone asks, the reader thread queues urgent messages.
+        send(&mut peers[u], &Message::Ready);
+        assert!(matches!(next(&q), Event::Msg(Message::Ready)));
+        // The consumer asks: the reader queues its next message and hands over.
+        assert_eq!(direct.recv(&q, &closed, Duration::ZERO).unwrap(), None);
+        send(&mut peers[u], &Message::Commit);
+        thread.join().unwrap();
+        assert!(matches!(&*direct.slot(), Some((2, _))));
+        let got = direct.recv(&q, &closed, WAIT).unwrap();
+        assert_eq!(got, Some(Message::Commit));
+        // From now on the consumer reads the stream itself.
+        send(&mut peers[u], &pages(9));
+        assert_eq!(direct.recv(&q, &closed, WAIT).unwrap(), Some(pages(9)));
+        // Its end goes back to the queue, for `recv`, like a reader's.
+        peers[u].shutdown_conn();
+        let got = direct.recv(&q, &closed, Duration::from_millis(50)).unwrap();
+        assert_eq!(got, None);
+        assert!(direct.slot().is_none());
+        assert!(matches!(next(&q), Event::Eof(2)));
+    }
+
+    #[test]
+    fn a_later_generation_goes_straight_to_the_consumer() {
+        let (q, direct, closed) = (queue(), direct(), AtomicBool::new(false));
+        assert_eq!(direct.recv(&q, &closed, Duration::ZERO).unwrap(), None);
+        let (streams, mut peers) = streams(1);
+        let (_lanes, readers) = Lanes::split(streams, 4);
+        let urgent = readers.into_iter().last().unwrap();
+        urgent.start(&q, &direct);
+        assert!(matches!(&*direct.slot(), Some((4, _))));
+        // An older generation's reader does not replace it.
+        let (old, _old_peer) = stream();
+        direct.put(&mut direct.slot(), 3, old.reader);
+        assert!(matches!(&*direct.slot(), Some((4, _))));
+        let u = peers.len() - 1;
+        send(&mut peers[u], &Message::Ready);
+        let got = direct.recv(&q, &closed, WAIT).unwrap();
+        assert_eq!(got, Some(Message::Ready));
+    }
+
+    #[test]
+    fn a_frame_cut_half_way_fails_the_urgent_stream() {
+        let (q, direct, closed) = (queue(), direct(), AtomicBool::new(false));
+        assert_eq!(direct.recv(&q, &closed, Duration::ZERO).unwrap(), None);
+        let (streams, mut peers) = streams(1);
+        let (_lanes, readers) = Lanes::split(streams, 1);
+        readers.into_iter().last().unwrap().start(&q, &direct);
+        let u = peers.len() - 1;
+        let wire = encode_message(&pages(1)).unwrap().to_vec();
+        peers[u].write_all(&wire[..wire.len() - 3]).unwrap();
+        peers[u].shutdown_conn();
+        let got = direct.recv(&q, &closed, Duration::from_millis(50)).unwrap();
+        assert_eq!(got, None);
+        match next(&q) {
+            Event::Failed(1, TransportError::Closed { .. }) => {}
+            Event::Failed(g, e) => panic!("generation {g}: {e}"),
+            _ => panic!("a cut frame was not an error"),
+        }
+    }
+}
