@@ -17,7 +17,7 @@
 //! ```
 //!
 //! A stranger costs its own connection and nothing else: its failure is
-//! reported to the embedder ([`Rejection`]) and counted ([`ListenerStats`]);
+//! reported to the embedder ([`Rejection`](super::Rejection)) and counted ([`ListenerStats`]);
 //! whoever waits for a channel keeps waiting. Only the listening socket
 //! failing ends the waits with an error.
 //!

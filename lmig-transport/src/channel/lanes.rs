@@ -349,8 +349,12 @@ mod tests {
         let (streams, peers) = streams(3);
         let (lanes, _readers) = Lanes::split(streams, 0);
         let frames = |m: &Message| encode_message(m).unwrap();
-        lanes.write(Lane::Control, &frames(&Message::Ready)).unwrap();
-        lanes.write(Lane::Urgent, &frames(&Message::Commit)).unwrap();
+        lanes
+            .write(Lane::Control, &frames(&Message::Ready))
+            .unwrap();
+        lanes
+            .write(Lane::Urgent, &frames(&Message::Commit))
+            .unwrap();
         // Lane 4 of 3 is data lane 1; data lanes buffer until flushed.
         lanes.write(Lane::Data(4), &frames(&pages(40))).unwrap();
         assert!(!peers[2].wait_readable(Duration::ZERO).unwrap());

@@ -41,7 +41,7 @@ impl Listener {
         self.accept_until(None)
     }
 
-    /// [`Listener::accept`], giving up with [`TransportError::Timeout`] after `timeout`.
+    /// [`Listener::accept`], giving up with [`TransportError::Timeout`](crate::TransportError::Timeout) after `timeout`.
     pub fn accept_timeout(&self, timeout: Duration) -> Result<StreamChannel> {
         self.accept_until(Some(timeout))
     }

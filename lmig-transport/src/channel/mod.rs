@@ -12,10 +12,10 @@
 //!   so that they never queue behind bulk pages.
 //!
 //! Every stream has a reader thread that decodes frames and feeds one
-//! bounded queue shared by the channel; [`Channel::recv`] reads that queue.
+//! bounded queue shared by the channel; [`Channel::recv`](lmig_core::Channel::recv) reads that queue.
 //! When the queue is full the readers stop reading and TCP flow control
 //! slows the sender down. The urgent stream is the exception once a
-//! consumer calls [`Channel::recv_urgent`]: from its next message on that
+//! consumer calls [`Channel::recv_urgent`](lmig_core::Channel::recv_urgent): from its next message on that
 //! consumer reads the stream itself (see `DirectUrgent`), so a post-copy
 //! request or reply wakes the thread that acts on it and no other.
 //!
@@ -28,7 +28,7 @@
 //! # Failures
 //!
 //! A peer that vanishes or closes shows up as a
-//! [`MigrationError::Channel`] from `recv` and `send`, never as a hang:
+//! [`MigrationError::Channel`](lmig_core::MigrationError::Channel) from `recv` and `send`, never as a hang:
 //! a closed connection is seen at once, TCP keepalive (10 s idle, then 3
 //! probes 5 s apart) catches a peer host that went silent, and writes time
 //! out after [`ChannelConfig::write_timeout`]. The peer closing every stream
@@ -37,7 +37,7 @@
 //!
 //! # Recovery
 //!
-//! [`Channel::reconnect`] re-establishes every stream for the same session
+//! [`Channel::reconnect`](lmig_core::Channel::reconnect) re-establishes every stream for the same session
 //! id with the next generation number, re-running the authentication: the
 //! dialing side dials again, the listening side waits (up to
 //! [`ChannelConfig::reconnect_timeout`]) on the listener that accepted the

@@ -121,7 +121,7 @@ impl StreamChannel {
 
     /// What protects the bytes of its streams: the Noise protocol name
     /// (`Noise_NNpsk0_25519_AESGCM_SHA256`), `TLS 1.3` and the suite
-    /// negotiated, or `none` ([`Security::PlaintextTrustedLinkOnly`]).
+    /// negotiated, or `none` ([`Security::PlaintextTrustedLinkOnly`](super::Security::PlaintextTrustedLinkOnly)).
     pub fn cipher(&self) -> &str {
         &self.inner.cipher
     }

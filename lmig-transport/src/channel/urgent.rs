@@ -29,7 +29,7 @@ enum DirectRead {
 /// The urgent stream read by its consumer itself.
 ///
 /// At first a reader thread reads the urgent stream like any other and
-/// queues its messages. Once a consumer calls [`Channel::recv_urgent`]
+/// queues its messages. Once a consumer calls [`Channel::recv_urgent`](lmig_core::Channel::recv_urgent)
 /// (post-copy's dedicated urgent thread), the reader thread hands its reader
 /// over here after its next message and ends, and `recv_urgent` reads the
 /// stream directly: a page request or reply then wakes the thread that acts
