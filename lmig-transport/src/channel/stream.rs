@@ -52,6 +52,13 @@ struct Inner {
     reconnect_lock: Mutex<()>,
 }
 
+impl Inner {
+    /// The lanes of the current generation.
+    fn current_lanes(&self) -> Arc<Lanes> {
+        self.lanes.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.queue.close();
@@ -80,6 +87,8 @@ impl std::fmt::Debug for StreamChannel {
 }
 
 impl StreamChannel {
+    /// A channel over the authenticated `streams` of `generation`: they are
+    /// handed over to lanes and reader threads at once.
     pub(super) fn start(
         streams: Streams,
         config: ChannelConfig,
@@ -140,12 +149,7 @@ impl StreamChannel {
         if let Some(l) = &self.inner.limiter {
             l.acquire(frames.len());
         }
-        let lanes = self
-            .inner
-            .lanes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let lanes = self.inner.current_lanes();
         lanes.write(lane, &frames).map_err(|e| {
             let name = lane.name();
             MigrationError::channel(format!("sending {} on the {name} stream", msg.name()), e)
@@ -206,12 +210,7 @@ impl Channel for StreamChannel {
     }
 
     fn flush(&self) -> lmig_core::Result<()> {
-        let lanes = self
-            .inner
-            .lanes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let lanes = self.inner.current_lanes();
         lanes
             .flush_data()
             .map_err(|e| MigrationError::channel("flushing a data stream", e))?;
