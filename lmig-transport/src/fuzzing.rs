@@ -5,6 +5,9 @@
 //! Every body decodes arbitrary bytes; when they decode, it encodes the
 //! result, decodes that again and asserts both values are equal. Decoders
 //! must return errors, never panic; a panic here is a bug.
+//!
+//! Compiled only with the feature `fuzzing` (fuzz/ and this crate's tests
+//! turn it on); not stable API.
 
 use std::net::SocketAddr;
 

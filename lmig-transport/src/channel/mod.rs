@@ -15,15 +15,17 @@
 //! bounded queue shared by the channel; [`Channel::recv`](lmig_core::Channel::recv) reads that queue.
 //! When the queue is full the readers stop reading and TCP flow control
 //! slows the sender down. The urgent stream is the exception once a
-//! consumer calls [`Channel::recv_urgent`](lmig_core::Channel::recv_urgent): from its next message on that
-//! consumer reads the stream itself (see `DirectUrgent`), so a post-copy
-//! request or reply wakes the thread that acts on it and no other.
+//! consumer calls [`Channel::recv_urgent`](lmig_core::Channel::recv_urgent):
+//! from its next message on that consumer reads the stream itself (see
+//! `urgent.rs`), so a post-copy request or reply wakes the thread that acts
+//! on it and no other. How streams become lanes and readers is in `lanes.rs`.
 //!
 //! Either side may listen: [`Listener::bind`] + [`Listener::accept`] on one,
 //! [`connect`] on the other. A listener accepts and authenticates
 //! connections in the background (see `accept.rs`): strangers are refused,
-//! reported and counted without disturbing anyone waiting for a channel. [`pair`] builds an in-memory channel pair
-//! that still encodes, authenticates and decodes every frame.
+//! reported and counted without disturbing anyone waiting for a channel.
+//! [`pair`] builds an in-memory channel pair that still encodes,
+//! authenticates and decodes every frame.
 //!
 //! # Failures
 //!
