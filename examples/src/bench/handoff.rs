@@ -55,7 +55,7 @@ use lmig_transport::wire::{MessageDecoder, WireItem, encode_message};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use serde_json::json;
 
-use super::peer::Worker;
+use crate::common::process::Worker;
 use super::{Output, round};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;

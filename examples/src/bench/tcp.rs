@@ -46,7 +46,7 @@ use lmig_net::{NetSink, NetSource, RepairExit, SinkConfig, SourceConfig};
 use lmig_transport::wire::{MessageDecoder, WireItem, encode_message};
 use serde_json::json;
 
-use super::peer::Worker;
+use crate::common::process::Worker;
 use super::{Output, round};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;

@@ -73,13 +73,11 @@ fn main() {
     );
     match scenario::run(&opts) {
         Ok(r) => {
-            let s = &r.source;
+            let s = r.source.clone().unwrap_or_default();
+            let d = r.destination.clone().unwrap_or_default();
             println!();
             if r.migrated {
-                println!(
-                    "migrated A -> B ({} mode)",
-                    s["mode"].as_str().unwrap_or("?")
-                );
+                println!("migrated A -> B ({} mode)", s.mode);
             } else {
                 println!(
                     "migration FAILED: {}; kvd kept serving on A",
@@ -93,41 +91,40 @@ fn main() {
             println!("  connections broken    {:>10}", r.load.conns_broken);
             println!("  requests answered     {:>10}", r.load.requests_ok);
             println!("  requests failed       {:>10}", r.load.requests_failed);
-            println!("  bytes sent            {:>10}", s["bytes_sent"]);
-            println!("  pre-copy rounds       {:>10}", s["rounds"]);
-            println!("  memory verified       {:>10}", s["verified"]);
+            println!("  bytes sent            {:>10}", s.bytes_sent);
+            println!("  pre-copy rounds       {:>10}", s.rounds);
+            println!("  memory verified       {:>10}", s.verified && d.verified);
             if let Some(e) = &r.load.first_error {
                 println!("  first client error: {e}");
             }
             if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
-                let d = &r.destination;
-                let p = s["paused_ns"].as_f64().unwrap_or(0.0);
-                let ms = |v: &serde_json::Value| v.as_f64().map(|x| (x - p) / 1e6);
+                let p = s.paused_ns as f64;
+                let ms = |t: Option<u64>| t.map(|x| (x as f64 - p) / 1e6);
                 println!(
                     "  phases after pause (ms): handover {:?}, last page {:?}, ready(dst) {:?}, ready(src) {:?}, commit {:?}, resumed {:?}",
-                    ms(&d["handover_ns"]),
-                    ms(&d["last_page_ns"]),
-                    ms(&d["ready_ns"]),
-                    ms(&s["ready_ns"]),
-                    ms(&s["commit_ns"]),
-                    ms(&d["resumed_ns"])
+                    ms(d.handover_ns),
+                    ms(d.last_page_ns),
+                    ms(d.ready_ns),
+                    ms(Some(s.ready_ns)),
+                    ms(Some(s.commit_ns)),
+                    ms(d.resumed_ns)
                 );
                 println!(
                     "  slowest requests (conn, sent ms, latency ms): {:?}",
                     r.load.slowest
                 );
                 if let Some(t0) = r.load.started {
-                    let zero = lmig_examples::bench::peer::mono_ns(t0) as f64;
-                    let at = |v: &serde_json::Value| v.as_f64().map(|x| (x - zero) / 1e6);
+                    let zero = lmig_examples::common::clock::mono_ns(t0) as f64;
+                    let at = |t: Option<u64>| t.map(|x| (x as f64 - zero) / 1e6);
                     println!(
                         "  on the load's clock (ms): migration start {:?}, pause {:?}, resumed {:?}",
-                        at(&s["started_ns"]),
-                        at(&s["paused_ns"]),
-                        at(&d["resumed_ns"])
+                        at(Some(s.started_ns)),
+                        at(Some(s.paused_ns)),
+                        at(d.resumed_ns)
                     );
                 }
-                println!("  source: {s}");
-                println!("  destination: {d}");
+                println!("  source: {s:?}");
+                println!("  destination: {d:?}");
             }
             if let Some(svg) = &r.svg {
                 println!("  timeline: {}", svg.display());
