@@ -196,7 +196,11 @@ mod tests {
         ];
         for l in lines {
             let json = serde_json::to_string(&l).unwrap();
-            assert_eq!(serde_json::from_str::<MigrateLine>(&json).unwrap(), l, "{json}");
+            assert_eq!(
+                serde_json::from_str::<MigrateLine>(&json).unwrap(),
+                l,
+                "{json}"
+            );
         }
         let events = [
             KvdEvent::Frozen { mono_ns: 7 },
@@ -208,8 +212,15 @@ mod tests {
         ];
         for e in events {
             let json = serde_json::to_string(&e).unwrap();
-            assert!(json.contains(&format!("\"event\":\"{}\"", e.name())), "{json}");
-            assert_eq!(serde_json::from_str::<KvdEvent>(&json).unwrap(), e, "{json}");
+            assert!(
+                json.contains(&format!("\"event\":\"{}\"", e.name())),
+                "{json}"
+            );
+            assert_eq!(
+                serde_json::from_str::<KvdEvent>(&json).unwrap(),
+                e,
+                "{json}"
+            );
         }
     }
 

@@ -2,12 +2,10 @@
 //! the demo's scenario (kvd with N busy clients moving between two hosts) as
 //! a benchmark.
 
-use std::time::Duration;
-
 use serde_json::json;
 
-use crate::common::clock::mono_ns;
 use super::{Output, round};
+use crate::common::clock::mono_ns;
 use crate::scenario::{self, Fault, Options};
 
 /// Options of the `migrate` scenario.
@@ -65,21 +63,13 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
             .into());
         }
     };
-    let exe = std::env::current_exe()?;
     let opts = Options {
-        mib: args.mib,
-        conns: args.conns,
         rate: args.rate,
-        mode: args.mode.clone(),
         dirty_mbps: args.dirty_mbps,
         keys: args.keys,
-        warmup: Duration::from_secs(1),
-        after: Duration::from_secs(1),
         streams: args.streams,
-        progress: false,
-        svg: None,
-        kvd: (exe, vec!["kvd".into()]),
         fault,
+        ..Options::new(&args.mode, args.mib, args.conns)?
     };
     let r = scenario::run(&opts)?;
     let s = r.source.as_ref();

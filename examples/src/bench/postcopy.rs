@@ -47,9 +47,9 @@ use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;
 use serde_json::json;
 
+use super::{Output, round};
 use crate::common::keys::{key_from_hex, random_key_hex};
 use crate::common::process::{Peer, announce_result};
-use super::{Output, round};
 use crate::common::stats::percentile;
 
 /// The destination program's access pattern.

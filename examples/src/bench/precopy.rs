@@ -20,10 +20,10 @@ use lmig_mem::{Backing, DestinationRegions, Region, RegionOptions, RegionSet, be
 use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
 use serde_json::json;
 
+use super::{Output, round};
 use crate::common::clock::mono_ns;
 use crate::common::keys::{key_from_hex, random_key_hex};
 use crate::common::process::{Peer, announce_listening, announce_result};
-use super::{Output, round};
 
 /// Memory mode of the benchmark.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -46,11 +46,11 @@ use lmig_transport::{Endpoint, Listener};
 use super::warm_free_memory;
 use serde_json::json;
 
+use super::{Output, round};
 use crate::common::keys::{key_from_hex, random_key_hex};
 use crate::common::process::Peer;
-use crate::pagehost::{KEY_ENV, channel_config, page_host_main, tcp_dial};
-use super::{Output, round};
 use crate::common::stats::percentile;
+use crate::pagehost::{KEY_ENV, channel_config, page_host_main, tcp_dial};
 
 /// Options of the `split` scenario.
 #[derive(clap::Args, Debug, Clone)]

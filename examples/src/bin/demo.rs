@@ -4,7 +4,6 @@
 //! and a timeline picture. Needs root (it builds network namespaces).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
 use lmig_examples::scenario::{self, Options};
@@ -51,21 +50,13 @@ fn main() {
         let region = usize::try_from(args.mib << 20).unwrap_or(usize::MAX);
         (lmig_examples::kvd::store::Store::capacity_of(region) / 2).min(1_000_000)
     });
-    let exe = std::env::current_exe().expect("own executable");
     let opts = Options {
-        mib: args.mib,
-        conns: args.conns,
         rate: args.rate,
-        mode: args.mode.clone(),
         dirty_mbps: args.dirty_mbps,
         keys,
-        warmup: Duration::from_secs(1),
-        after: Duration::from_secs(1),
-        streams: 2,
         progress: true,
         svg: Some(args.svg.clone()),
-        kvd: (exe, vec!["kvd".into()]),
-        fault: None,
+        ..Options::new(&args.mode, args.mib, args.conns).expect("own executable")
     };
     println!(
         "lmig demo: kvd ({} MiB region, {} keys) on host A, {} client connections, {} migration to host B",

@@ -2,7 +2,7 @@
 //! boundary (kvd's reports, a peer's results) are `CLOCK_MONOTONIC`
 //! nanoseconds.
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: comparable between processes on one host.
 pub fn now_mono_ns() -> u64 {
@@ -19,4 +19,12 @@ pub fn mono_ns(at: Instant) -> u64 {
     } else {
         now_ns + (at - now).as_nanos() as u64
     }
+}
+
+/// Wall-clock time now, ns since the Unix epoch (0 if the clock is before it).
+pub fn wall_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }

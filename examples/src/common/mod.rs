@@ -4,5 +4,6 @@
 
 pub mod clock;
 pub mod keys;
+pub mod netstat;
 pub mod process;
 pub mod stats;

@@ -149,3 +149,27 @@ impl Drop for Worker {
         let _ = self.child.wait();
     }
 }
+
+/// The worker's side of [`Worker`]: answer each command line read on stdin
+/// with `OK <answer>` or `ERR <error>` on stdout, until `quit` or the end of
+/// the input.
+pub fn serve_commands(
+    mut answer: impl FnMut(&str) -> Result<String, PeerError>,
+) -> Result<(), PeerError> {
+    lmig_net::raise_nofile_limit()?;
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let cmd = line.trim();
+        if cmd == "quit" {
+            break;
+        }
+        match answer(cmd) {
+            Ok(s) => writeln!(out, "OK {s}")?,
+            Err(e) => writeln!(out, "ERR {}", e.to_string().replace('\n', " "))?,
+        }
+        out.flush()?;
+    }
+    Ok(())
+}

@@ -156,7 +156,9 @@ impl ReceiveLog for JsonLog {
     }
 
     fn serving(&self, at: Instant) {
-        event(KvdEvent::Serving { mono_ns: mono_ns(at) });
+        event(KvdEvent::Serving {
+            mono_ns: mono_ns(at),
+        });
     }
 }
 

@@ -56,6 +56,30 @@ pub struct Options {
     pub fault: Option<Fault>,
 }
 
+impl Options {
+    /// The scenario in `mode` over `mib` MiB and `conns` connections, one
+    /// second of load before and after, two streams, kvd run as this very
+    /// program with `kvd` as its first argument (the demo and `lmig-bench`
+    /// both are kvd too).
+    pub fn new(mode: &str, mib: u64, conns: usize) -> Result<Self, Error> {
+        Ok(Self {
+            mib,
+            conns,
+            rate: 0.0,
+            mode: mode.to_string(),
+            dirty_mbps: 0.0,
+            keys: 0,
+            warmup: Duration::from_secs(1),
+            after: Duration::from_secs(1),
+            streams: 2,
+            progress: false,
+            svg: None,
+            kvd: (std::env::current_exe()?, vec!["kvd".into()]),
+            fault: None,
+        })
+    }
+}
+
 /// Idle connections [`Fault::Strangers`] holds open through the migration.
 pub const STRANGERS_IDLE: usize = 1000;
 
