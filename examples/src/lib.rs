@@ -3,6 +3,9 @@
 //! Everything here uses lmig's public API only, as a program linking lmig would.
 
 pub mod bench;
+pub mod common;
+pub mod figures;
 pub mod fuzzing;
 pub mod kvd;
+pub mod pagehost;
 pub mod scenario;

@@ -35,7 +35,7 @@
 //! `source_unlock_ms`, `client_retrans`, `requests`, `capture_restore_ms`.
 
 use std::collections::HashMap;
-use std::io::{BufRead, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -43,7 +43,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use lmig_core::protocol::Message;
@@ -55,8 +55,10 @@ use lmig_transport::wire::{MessageDecoder, WireItem, encode_message};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use serde_json::json;
 
-use super::peer::Worker;
 use super::{Output, round};
+use crate::common::clock::wall_ns;
+use crate::common::netstat::snmp_tcp;
+use crate::common::process::{Worker, serve_commands};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -90,13 +92,6 @@ pub struct Args {
     pub sock: Option<String>,
 }
 
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
 fn service(args: &Args) -> SocketAddr {
     let ip: IpAddr = if args.v6 {
         Topology::SERVICE_V6.into()
@@ -114,22 +109,6 @@ fn handoff_config() -> HandoffConfig {
         ],
         "eth0",
     )
-}
-
-/// `Tcp: <field>` of `/proc/net/snmp` in this process's namespace.
-fn snmp_tcp(field: &str) -> u64 {
-    let text = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("Tcp:")).collect();
-    if lines.len() < 2 {
-        return 0;
-    }
-    let names: Vec<&str> = lines[0].split_whitespace().collect();
-    let values: Vec<&str> = lines[1].split_whitespace().collect();
-    names
-        .iter()
-        .position(|n| *n == field)
-        .and_then(|i| values.get(i)?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// A worker's answer as numbers (NaN for anything else).
@@ -258,29 +237,13 @@ pub fn run(args: Args, out: Output) -> BoxResult<()> {
 }
 
 fn role_main(args: &Args, role: &str) -> BoxResult<()> {
-    lmig_net::raise_nofile_limit()?;
-    let stdin = std::io::stdin();
-    let mut out = std::io::stdout();
     let mut state = RoleState::default();
-    for line in stdin.lock().lines() {
-        let line = line?;
-        let cmd = line.trim();
-        if cmd == "quit" {
-            break;
-        }
-        let r = match role {
-            "clients" => state.clients(args, cmd),
-            "source" => state.source(args, cmd),
-            "dest" => state.dest(args, cmd),
-            _ => Err(format!("unknown role {role}").into()),
-        };
-        match r {
-            Ok(s) => writeln!(out, "OK {s}")?,
-            Err(e) => writeln!(out, "ERR {e}")?,
-        }
-        out.flush()?;
-    }
-    Ok(())
+    serve_commands(|cmd| match role {
+        "clients" => state.clients(args, cmd),
+        "source" => state.source(args, cmd),
+        "dest" => state.dest(args, cmd),
+        _ => Err(format!("unknown role {role}").into()),
+    })
 }
 
 /// What a role process keeps between commands.
@@ -399,7 +362,7 @@ fn program_thread(
             "migrate" => {
                 // The program stops touching its sockets: the freeze.
                 serving = false;
-                let t0 = now_ns();
+                let t0 = wall_ns();
                 let t = Instant::now();
                 src.freeze()?;
                 let l = link.as_mut().ok_or("not prepared")?;
@@ -731,7 +694,7 @@ impl RoleState {
                 ready_rx
                     .recv()
                     .map_err(|_| "destination program failed to start")?;
-                let serving = now_ns();
+                let serving = wall_ns();
                 // (Unlock and release run in the background: see "finish".)
                 Ok(format!(
                     "{} {}",

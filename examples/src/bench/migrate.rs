@@ -2,12 +2,10 @@
 //! the demo's scenario (kvd with N busy clients moving between two hosts) as
 //! a benchmark.
 
-use std::time::Duration;
-
 use serde_json::json;
 
-use super::peer::mono_ns;
 use super::{Output, round};
+use crate::common::clock::mono_ns;
 use crate::scenario::{self, Fault, Options};
 
 /// Options of the `migrate` scenario.
@@ -65,42 +63,32 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
             .into());
         }
     };
-    let exe = std::env::current_exe()?;
     let opts = Options {
-        mib: args.mib,
-        conns: args.conns,
         rate: args.rate,
-        mode: args.mode.clone(),
         dirty_mbps: args.dirty_mbps,
         keys: args.keys,
-        warmup: Duration::from_secs(1),
-        after: Duration::from_secs(1),
         streams: args.streams,
-        progress: false,
-        svg: None,
-        kvd: (exe, vec!["kvd".into()]),
         fault,
+        ..Options::new(&args.mode, args.mib, args.conns)?
     };
     let r = scenario::run(&opts)?;
-    let s = &r.source;
+    let s = r.source.as_ref();
     // When each side reached each point of the freeze, in ms after the pause
     // (both processes run on this host: one monotonic clock).
-    let d = &r.destination;
-    let paused = s["paused_ns"].as_f64();
-    let at = |v: &serde_json::Value| v.as_f64().zip(paused).map(|(t, p)| round((t - p) / 1e6, 2));
+    let d = r.destination.as_ref();
+    let paused = s.map(|s| s.paused_ns as f64);
+    let at = |t: Option<f64>| t.zip(paused).map(|(t, p)| round((t - p) / 1e6, 2));
+    let at_ns = |t: Option<u64>| at(t.map(|t| t as f64));
     // The migration's start, in ms after the pause (negative).
-    let migration_start = s["started_ns"]
-        .as_f64()
-        .zip(paused)
-        .map_or(-20.0, |(t, p)| (t - p) / 1e6);
+    let migration_start = at_ns(s.map(|s| s.started_ns)).unwrap_or(-20.0);
     let timeline = json!({
-        "destination_frozen": r.destination_frozen_ns.and_then(|t| at(&json!(t))),
-        "destination_handover": at(&d["handover_ns"]),
-        "destination_last_page": at(&d["last_page_ns"]),
-        "destination_ready": at(&d["ready_ns"]),
-        "source_ready": at(&s["ready_ns"]),
-        "source_commit": at(&s["commit_ns"]),
-        "destination_resumed": at(&d["resumed_ns"]),
+        "destination_frozen": at(r.destination_frozen_ns),
+        "destination_handover": at_ns(d.and_then(|d| d.handover_ns)),
+        "destination_last_page": at_ns(d.and_then(|d| d.last_page_ns)),
+        "destination_ready": at_ns(d.and_then(|d| d.ready_ns)),
+        "source_ready": at_ns(s.map(|s| s.ready_ns)),
+        "source_commit": at_ns(s.map(|s| s.commit_ns)),
+        "destination_resumed": at_ns(d.and_then(|d| d.resumed_ns)),
     });
     out.emit(&json!({
         "scenario": "migrate",
@@ -115,15 +103,15 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "conns_broken": r.load.conns_broken,
         "requests_failed": r.load.requests_failed,
         "requests_ok": r.load.requests_ok,
-        "bytes_sent": s["bytes_sent"],
-        "rounds": s["rounds"],
-        "verified": s["verified"].as_bool().unwrap_or(false) && r.destination["verified"].as_bool().unwrap_or(false),
+        "bytes_sent": s.map(|s| s.bytes_sent),
+        "rounds": s.map(|s| s.rounds),
+        "verified": s.is_some_and(|s| s.verified) && d.is_some_and(|d| d.verified),
         "migrated": r.migrated,
         "error": r.error,
-        "switched_to_postcopy": s["switched_to_postcopy"],
-        "freeze_pages": s["freeze_pages"],
-        "policy": s["policy"],
-        "freeze_steps_ms": s["freeze_steps_ms"],
+        "switched_to_postcopy": s.map(|s| s.switched_to_postcopy),
+        "freeze_pages": s.map(|s| s.freeze_pages),
+        "policy": s.map(|s| &s.policy),
+        "freeze_steps_ms": s.map(|s| &s.freeze_steps_ms),
         "freeze_timeline_ms": timeline,
         // The slowest requests: [connection, sent (ms after the pause), latency ms].
         "slowest_requests": r.load.slowest.iter().map(|&(c, sent, lat)| {
@@ -140,7 +128,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
             (at >= migration_start - 10.0 && at < 200.0)
                 .then(|| json!([round(at, 1), round(max, 2), n]))
         }).collect::<Vec<_>>(),
-        "network_faults": r.destination["network_faults"],
+        "network_faults": d.map(|d| d.network_faults),
         "fault": args.fault,
         "attempts": r.attempts,
         "first_attempt_error": r.first_attempt_error,

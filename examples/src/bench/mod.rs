@@ -9,7 +9,6 @@ use std::io::Write;
 pub mod handoff;
 pub mod hostile;
 pub mod migrate;
-pub mod peer;
 pub mod postcopy;
 pub mod precopy;
 pub mod split;
@@ -55,8 +54,4 @@ pub fn warm_free_memory(bytes: usize) {
     std::hint::black_box(&v);
 }
 
-/// Round to `digits` decimals for readable JSON.
-pub fn round(x: f64, digits: i32) -> f64 {
-    let f = 10f64.powi(digits);
-    (x * f).round() / f
-}
+pub use crate::common::stats::round;

@@ -47,8 +47,10 @@ use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;
 use serde_json::json;
 
-use super::peer::{Peer, announce_result, key_from_hex, random_key_hex};
 use super::{Output, round};
+use crate::common::keys::{key_from_hex, random_key_hex};
+use crate::common::process::{Peer, announce_result};
+use crate::common::stats::percentile;
 
 /// The destination program's access pattern.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -126,13 +128,6 @@ fn order(pages: u64, ws: u64, workload: Workload) -> Vec<u64> {
             v
         }
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Answer 8-byte requests with 4 KiB replies until the peer closes.
@@ -293,7 +288,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         format!("--push-pages={}", args.push_pages),
         format!("--queue-depth={}", args.queue_depth),
     ];
-    let mut peer = Peer::spawn(&peer_args, &[(KEY_ENV, &key_hex)], None)?;
+    let mut peer = Peer::spawn(&peer_args, &[(KEY_ENV, &key_hex)])?;
     let addrs = peer.expect_line("LISTENING")?;
     let mut it = addrs.split_whitespace();
     let bulk_addr: SocketAddr = it.next().ok_or("no bulk address")?.parse()?;

@@ -20,10 +20,10 @@ use lmig_mem::{Backing, DestinationRegions, Region, RegionOptions, RegionSet, be
 use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
 use serde_json::json;
 
-use super::peer::{
-    Peer, announce_listening, announce_result, key_from_hex, mono_ns, random_key_hex,
-};
 use super::{Output, round};
+use crate::common::clock::mono_ns;
+use crate::common::keys::{key_from_hex, random_key_hex};
+use crate::common::process::{Peer, announce_listening, announce_result};
 
 /// Memory mode of the benchmark.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -202,7 +202,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         format!("--streams={}", args.streams),
         format!("--mib={}", args.mib),
     ];
-    let mut peer = Peer::spawn(&peer_args, &[(KEY_ENV, &key_hex)], None)?;
+    let mut peer = Peer::spawn(&peer_args, &[(KEY_ENV, &key_hex)])?;
     let addr = peer.expect_line("LISTENING")?;
     let config =
         ChannelConfig::new(AuthKey::new(key_from_hex(&key_hex)?)?).with_data_streams(args.streams);

@@ -37,18 +37,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lmig_core::Channel;
 use lmig_core::model::{PageRun, RegionId};
 use lmig_core::split::HostId;
 use lmig_mem::RegionOptions;
-use lmig_mem::split::{Dial, PageHost, SplitOptions, SplitRegion};
-use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
+use lmig_mem::split::{SplitOptions, SplitRegion};
+use lmig_transport::{Endpoint, Listener};
 
 use super::warm_free_memory;
 use serde_json::json;
 
-use super::peer::{Peer, key_from_hex, random_key_hex};
 use super::{Output, round};
+use crate::common::keys::{key_from_hex, random_key_hex};
+use crate::common::process::Peer;
+use crate::common::stats::percentile;
+use crate::pagehost::{KEY_ENV, channel_config, page_host_main, tcp_dial};
 
 /// Options of the `split` scenario.
 #[derive(clap::Args, Debug, Clone)]
@@ -71,62 +73,11 @@ pub struct Args {
     pub page_host_id: Option<u32>,
 }
 
-/// Environment variable holding the hex key of page hosts.
-pub const KEY_ENV: &str = "LMIG_PAGEHOST_KEY";
 const PAGE: usize = 4096;
 const REGION: RegionId = RegionId(1);
 const ME: HostId = HostId(0);
 
 type BoxError = Box<dyn std::error::Error>;
-
-/// The channel configuration of page hosts and the running host.
-pub fn channel_config(key: &[u8]) -> Result<ChannelConfig, BoxError> {
-    let mut c = ChannelConfig::new(AuthKey::new(key)?);
-    c.write_timeout = Some(Duration::from_secs(120));
-    Ok(c)
-}
-
-/// A [`Dial`] over TCP with `key`.
-pub fn tcp_dial(key: Vec<u8>) -> Dial {
-    Arc::new(move |ep: &str| {
-        let addr = ep
-            .parse()
-            .map_err(|e| lmig_core::MigrationError::invalid("endpoint", format!("{ep}: {e}")))?;
-        let config = channel_config(&key)
-            .map_err(|e| lmig_core::MigrationError::invalid("key", e.to_string()))?;
-        let ch = connect(&Endpoint::Tcp(addr), config)
-            .map_err(|e| lmig_core::MigrationError::channel(format!("dial {ep}"), e))?;
-        Ok(Box::new(ch) as Box<dyn Channel>)
-    })
-}
-
-/// Run a page host: listen on `listen`, print `LISTENING <addr>`, serve
-/// every channel until the parent process goes away (at most `lifetime`).
-pub fn page_host_main(
-    id: u32,
-    listen: &str,
-    key: &[u8],
-    lifetime: Duration,
-) -> Result<(), BoxError> {
-    let host = PageHost::new(HostId(id), tcp_dial(key.to_vec()));
-    // A stranger costs its own connection only: refused, logged, and the
-    // host serves on.
-    let config = channel_config(key)?
-        .on_reject(|r: &lmig_transport::Rejection| eprintln!("lmig-pagehost: {r}"));
-    let listener = Listener::bind(&Endpoint::Tcp(listen.parse()?), config)?;
-    let Endpoint::Tcp(addr) = listener.local_endpoint().clone() else {
-        return Err("TCP listener expected".into());
-    };
-    println!("LISTENING {addr}");
-    let parent = std::os::unix::process::parent_id();
-    let end = Instant::now() + lifetime;
-    while Instant::now() < end && std::os::unix::process::parent_id() == parent {
-        if let Ok(ch) = listener.accept_timeout(Duration::from_millis(200)) {
-            host.serve(Box::new(ch));
-        }
-    }
-    Ok(())
-}
 
 fn write_version(split: &SplitRegion, p: u64, v: u64) {
     let mut head = [0u8; 16];
@@ -272,13 +223,6 @@ fn ms(t: Instant) -> f64 {
     round(t.elapsed().as_secs_f64() * 1e3, 1)
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
 /// Run the scenario (or, with `--page-host-id`, a page host).
 pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
     if let Some(id) = args.page_host_id {
@@ -333,7 +277,6 @@ pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
         let mut peer = Peer::spawn(
             &["split".into(), format!("--page-host-id={id}")],
             &[(KEY_ENV, &key_hex)],
-            None,
         )?;
         let addr = peer.expect_line("LISTENING")?;
         split.add_host(HostId(id), &addr, dial(&addr)?)?;
@@ -473,6 +416,7 @@ mod tests {
     //! page hosts (in this process, on loopback TCP).
 
     use super::*;
+    use crate::pagehost::PageHostService;
 
     /// A visible skip without root (and `LMIG_SKIP_PRIVILEGED=1`); as root
     /// a failure.
@@ -485,20 +429,13 @@ mod tests {
 
     /// A page host in this process, serving until `stop`.
     fn page_host(id: u32, key: &[u8], stop: Arc<AtomicBool>) -> String {
-        let host = PageHost::new(HostId(id), tcp_dial(key.to_vec()));
-        let config = channel_config(key).unwrap();
-        let listener =
-            Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config).unwrap();
-        let Endpoint::Tcp(addr) = listener.local_endpoint().clone() else {
-            unreachable!("TCP listener")
-        };
+        let service = PageHostService::bind(id, "127.0.0.1:0", key).unwrap();
+        let addr = service.addr();
         std::thread::spawn(move || {
             let end = Instant::now() + Duration::from_secs(120);
-            while !stop.load(Ordering::Acquire) && Instant::now() < end {
-                if let Ok(ch) = listener.accept_timeout(Duration::from_millis(100)) {
-                    host.serve(Box::new(ch));
-                }
-            }
+            service.serve_while(Duration::from_millis(100), || {
+                !stop.load(Ordering::Acquire) && Instant::now() < end
+            });
         });
         addr.to_string()
     }

@@ -31,12 +31,12 @@
 //! each spent waiting for a CPU (`/proc/thread-self/schedstat`).
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use lmig_core::protocol::Message;
@@ -46,8 +46,10 @@ use lmig_net::{NetSink, NetSource, RepairExit, SinkConfig, SourceConfig};
 use lmig_transport::wire::{MessageDecoder, WireItem, encode_message};
 use serde_json::json;
 
-use super::peer::Worker;
 use super::{Output, round};
+use crate::common::clock::wall_ns;
+use crate::common::netstat::snmp_tcp;
+use crate::common::process::{Worker, serve_commands};
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -83,13 +85,6 @@ pub struct Args {
     /// Internal: the Unix socket between source and destination.
     #[arg(long, hide = true)]
     pub sock: Option<String>,
-}
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
 }
 
 /// This thread's (CPU time, run-queue wait) in ns: figures that other
@@ -232,22 +227,7 @@ trait RoleImpl {
 }
 
 fn role_loop(args: &Args, mut r: impl RoleImpl) -> BoxResult<()> {
-    lmig_net::raise_nofile_limit()?;
-    let stdin = std::io::stdin();
-    let mut out = std::io::stdout();
-    for line in stdin.lock().lines() {
-        let line = line?;
-        let cmd = line.trim();
-        if cmd == "quit" {
-            break;
-        }
-        match r.command(args, cmd) {
-            Ok(s) => writeln!(out, "OK {s}")?,
-            Err(e) => writeln!(out, "ERR {}", e.to_string().replace('\n', " "))?,
-        }
-        out.flush()?;
-    }
-    Ok(())
+    serve_commands(|cmd| r.command(args, cmd))
 }
 
 fn id_list(v: &[u64]) -> String {
@@ -256,22 +236,6 @@ fn id_list(v: &[u64]) -> String {
     } else {
         v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
     }
-}
-
-fn estab_resets() -> u64 {
-    let s = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
-    let tcp: Vec<&str> = s.lines().filter(|l| l.starts_with("Tcp:")).collect();
-    if tcp.len() < 2 {
-        return 0;
-    }
-    let names: Vec<&str> = tcp[0].split_whitespace().collect();
-    let vals: Vec<&str> = tcp[1].split_whitespace().collect();
-    names
-        .iter()
-        .position(|n| *n == "EstabResets")
-        .and_then(|i| vals.get(i))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn read_eq(s: &mut TcpStream, want: &[u8]) -> bool {
@@ -289,7 +253,7 @@ impl RoleImpl for Peers {
     fn command(&mut self, args: &Args, cmd: &str) -> BoxResult<String> {
         match cmd {
             "connect" => {
-                self.resets0 = estab_resets();
+                self.resets0 = snmp_tcp("EstabResets");
                 let addr = service(args);
                 for i in 0..args.conns {
                     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
@@ -316,7 +280,7 @@ impl RoleImpl for Peers {
                 }
                 Ok(format!(
                     "{} {}",
-                    estab_resets() - self.resets0,
+                    snmp_tcp("EstabResets") - self.resets0,
                     id_list(&broken)
                 ))
             }
@@ -392,7 +356,7 @@ impl RoleImpl for Source {
                 let link = self.link.as_mut().ok_or("no link")?;
                 let mut emit_ns = 0u128;
                 let mut io_err: Option<String> = None;
-                let t0_ns = now_ns();
+                let t0_ns = wall_ns();
                 let (cpu0, wait0) = schedstat();
                 let t = Instant::now();
                 src.capture_sockets(&mut |records| {
@@ -536,7 +500,7 @@ impl RoleImpl for Dest {
                 let t = Instant::now();
                 sink.activate_sockets()?;
                 let activate_ns = t.elapsed().as_nanos();
-                let t_end = now_ns();
+                let t_end = wall_ns();
                 let failed = sink.failures().len();
                 let mut fds = sink.take_fds();
                 self.conns = (0..args.conns)

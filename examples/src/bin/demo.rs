@@ -4,7 +4,6 @@
 //! and a timeline picture. Needs root (it builds network namespaces).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
 use lmig_examples::scenario::{self, Options};
@@ -51,21 +50,13 @@ fn main() {
         let region = usize::try_from(args.mib << 20).unwrap_or(usize::MAX);
         (lmig_examples::kvd::store::Store::capacity_of(region) / 2).min(1_000_000)
     });
-    let exe = std::env::current_exe().expect("own executable");
     let opts = Options {
-        mib: args.mib,
-        conns: args.conns,
         rate: args.rate,
-        mode: args.mode.clone(),
         dirty_mbps: args.dirty_mbps,
         keys,
-        warmup: Duration::from_secs(1),
-        after: Duration::from_secs(1),
-        streams: 2,
         progress: true,
         svg: Some(args.svg.clone()),
-        kvd: (exe, vec!["kvd".into()]),
-        fault: None,
+        ..Options::new(&args.mode, args.mib, args.conns).expect("own executable")
     };
     println!(
         "lmig demo: kvd ({} MiB region, {} keys) on host A, {} client connections, {} migration to host B",
@@ -73,13 +64,11 @@ fn main() {
     );
     match scenario::run(&opts) {
         Ok(r) => {
-            let s = &r.source;
+            let s = r.source.clone().unwrap_or_default();
+            let d = r.destination.clone().unwrap_or_default();
             println!();
             if r.migrated {
-                println!(
-                    "migrated A -> B ({} mode)",
-                    s["mode"].as_str().unwrap_or("?")
-                );
+                println!("migrated A -> B ({} mode)", s.mode);
             } else {
                 println!(
                     "migration FAILED: {}; kvd kept serving on A",
@@ -93,41 +82,40 @@ fn main() {
             println!("  connections broken    {:>10}", r.load.conns_broken);
             println!("  requests answered     {:>10}", r.load.requests_ok);
             println!("  requests failed       {:>10}", r.load.requests_failed);
-            println!("  bytes sent            {:>10}", s["bytes_sent"]);
-            println!("  pre-copy rounds       {:>10}", s["rounds"]);
-            println!("  memory verified       {:>10}", s["verified"]);
+            println!("  bytes sent            {:>10}", s.bytes_sent);
+            println!("  pre-copy rounds       {:>10}", s.rounds);
+            println!("  memory verified       {:>10}", s.verified && d.verified);
             if let Some(e) = &r.load.first_error {
                 println!("  first client error: {e}");
             }
             if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
-                let d = &r.destination;
-                let p = s["paused_ns"].as_f64().unwrap_or(0.0);
-                let ms = |v: &serde_json::Value| v.as_f64().map(|x| (x - p) / 1e6);
+                let p = s.paused_ns as f64;
+                let ms = |t: Option<u64>| t.map(|x| (x as f64 - p) / 1e6);
                 println!(
                     "  phases after pause (ms): handover {:?}, last page {:?}, ready(dst) {:?}, ready(src) {:?}, commit {:?}, resumed {:?}",
-                    ms(&d["handover_ns"]),
-                    ms(&d["last_page_ns"]),
-                    ms(&d["ready_ns"]),
-                    ms(&s["ready_ns"]),
-                    ms(&s["commit_ns"]),
-                    ms(&d["resumed_ns"])
+                    ms(d.handover_ns),
+                    ms(d.last_page_ns),
+                    ms(d.ready_ns),
+                    ms(Some(s.ready_ns)),
+                    ms(Some(s.commit_ns)),
+                    ms(d.resumed_ns)
                 );
                 println!(
                     "  slowest requests (conn, sent ms, latency ms): {:?}",
                     r.load.slowest
                 );
                 if let Some(t0) = r.load.started {
-                    let zero = lmig_examples::bench::peer::mono_ns(t0) as f64;
-                    let at = |v: &serde_json::Value| v.as_f64().map(|x| (x - zero) / 1e6);
+                    let zero = lmig_examples::common::clock::mono_ns(t0) as f64;
+                    let at = |t: Option<u64>| t.map(|x| (x as f64 - zero) / 1e6);
                     println!(
                         "  on the load's clock (ms): migration start {:?}, pause {:?}, resumed {:?}",
-                        at(&s["started_ns"]),
-                        at(&s["paused_ns"]),
-                        at(&d["resumed_ns"])
+                        at(Some(s.started_ns)),
+                        at(Some(s.paused_ns)),
+                        at(d.resumed_ns)
                     );
                 }
-                println!("  source: {s}");
-                println!("  destination: {d}");
+                println!("  source: {s:?}");
+                println!("  destination: {d:?}");
             }
             if let Some(svg) = &r.svg {
                 println!("  timeline: {}", svg.display());

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use clap::Parser;
-use lmig_examples::bench::peer::key_from_hex;
-use lmig_examples::bench::split::{KEY_ENV, page_host_main};
+use lmig_examples::common::keys::key_from_hex;
+use lmig_examples::pagehost::{KEY_ENV, page_host_main};
 
 #[derive(Parser)]
 #[command(name = "lmig-pagehost", about = "lmig page host (split memory)")]

@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::bench::peer::{key_from_hex, mono_ns, now_mono_ns};
+use crate::common::clock::{mono_ns, now_mono_ns};
+use crate::common::keys::key_from_hex;
 use crate::kvd::migrate::{
     Dirtier, MigrateOptions, ReceiveLog, STORE_REGION, migrate_out, receive,
 };
@@ -35,6 +36,10 @@ use lmig_core::traits::{Event, Phase};
 use lmig_mem::{RegionOptions, RegionSet};
 use lmig_net::{HandoffConfig, ServiceAddr};
 use serde_json::json;
+
+use crate::figures::{
+    DestinationFigures, KvdEvent, MigrateFailure, MigrateLine, Progress, SourceFigures,
+};
 
 /// kvd's command line.
 #[derive(Parser, Debug)]
@@ -84,9 +89,10 @@ fn key() -> Vec<u8> {
     key_from_hex(&hex).unwrap_or_else(|e| fail(format!("LMIG_KEY: {e}")))
 }
 
-fn event(v: serde_json::Value) {
+fn event(e: KvdEvent) {
+    let line = serde_json::to_string(&e).expect("a KvdEvent serializes");
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{v}");
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
@@ -99,9 +105,10 @@ struct JsonLog {
 
 impl ReceiveLog for JsonLog {
     fn waiting(&self) {
-        event(
-            json!({"event": "waiting", "addr": self.incoming.to_string(), "pid": std::process::id()}),
-        );
+        event(KvdEvent::Waiting {
+            addr: self.incoming.to_string(),
+            pid: std::process::id(),
+        });
     }
 
     fn refused(&self, peer: &str, reason: &str) {
@@ -109,41 +116,49 @@ impl ReceiveLog for JsonLog {
         if n <= 10 || 10u64.pow(n.ilog10()) == n {
             eprintln!("kvd: refused a connection from {peer} ({n} so far): {reason}");
         }
-        event(json!({"event": "refused", "peer": peer, "reason": reason}));
+        event(KvdEvent::Refused {
+            peer: peer.to_string(),
+            reason: reason.to_string(),
+        });
     }
 
     fn phase(&self, phase: Phase) {
         if phase == Phase::Frozen {
-            event(json!({"event": "frozen", "mono_ns": now_mono_ns()}));
+            event(KvdEvent::Frozen {
+                mono_ns: now_mono_ns(),
+            });
         }
     }
 
     fn report(&self, r: &Result<DestinationReport, MigrationError>) {
         match r {
-            Ok(rep) => event(json!({
-                "event": "migrated",
-                "pages_placed": rep.pages_placed,
-                "postcopy_pages": rep.postcopy_pages,
-                "network_faults": rep.network_faults,
-                "duplicate_pages": rep.duplicate_pages,
-                "sockets": rep.sockets_restored,
-                "verified": rep.verification == lmig_core::protocol::Verification::Verified,
-                "resumed_ns": rep.resumed_at.map(mono_ns),
-                "handover_ns": rep.handover_at.map(mono_ns),
-                "last_page_ns": rep.last_page_at.map(mono_ns),
-                "ready_ns": rep.ready_at.map(mono_ns),
-                "complete_ns": rep.complete_at.map(mono_ns),
-                "warnings": rep.warnings,
+            Ok(rep) => event(KvdEvent::Migrated(DestinationFigures {
+                pages_placed: rep.pages_placed,
+                postcopy_pages: rep.postcopy_pages,
+                network_faults: rep.network_faults,
+                duplicate_pages: rep.duplicate_pages,
+                sockets: rep.sockets_restored,
+                verified: rep.verification == lmig_core::protocol::Verification::Verified,
+                resumed_ns: rep.resumed_at.map(mono_ns),
+                handover_ns: rep.handover_at.map(mono_ns),
+                last_page_ns: rep.last_page_at.map(mono_ns),
+                ready_ns: rep.ready_at.map(mono_ns),
+                complete_ns: rep.complete_at.map(mono_ns),
+                warnings: rep.warnings.clone(),
             })),
             Err(e) => {
                 eprintln!("kvd: incoming migration failed: {e}");
-                event(json!({"event": "failed", "error": e.to_string()}))
+                event(KvdEvent::Failed {
+                    error: e.to_string(),
+                })
             }
         }
     }
 
     fn serving(&self, at: Instant) {
-        event(json!({"event": "serving", "mono_ns": mono_ns(at)}));
+        event(KvdEvent::Serving {
+            mono_ns: mono_ns(at),
+        });
     }
 }
 
@@ -191,7 +206,10 @@ pub fn main_with(args: Args) {
         UnixListener::bind(path)
             .unwrap_or_else(|e| fail(format!("admin socket {}: {e}", path.display())))
     });
-    event(json!({"event": "listening", "addr": listen.to_string(), "pid": std::process::id()}));
+    event(KvdEvent::Listening {
+        addr: listen.to_string(),
+        pid: std::process::id(),
+    });
     let (migrated_tx, migrated_rx) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|s| {
         if let Some(d) = &dirtier {
@@ -294,42 +312,50 @@ fn serve_admin(
                         total_pages,
                     } = e
                     {
+                        let line = MigrateLine::Progress {
+                            progress: Progress {
+                                pages: *pages,
+                                bytes: *bytes,
+                                total_pages: *total_pages,
+                            },
+                        };
                         let mut o = progress_out.lock().expect("poisoned");
-                        let _ = writeln!(
-                            o,
-                            "{}",
-                            json!({"progress": {"pages": pages, "bytes": bytes, "total_pages": total_pages}})
-                        );
+                        let _ = writeln!(o, "{}", json!(line));
                     }
                 });
                 match r {
                     Ok(rep) => {
-                        reply(json!({
-                            "ok": true,
-                            "mode": format!("{:?}", rep.mode).to_lowercase(),
-                            "rounds": rep.rounds,
-                            "bytes_sent": rep.bytes_sent,
-                            "pages_sent": rep.pages_sent,
-                            "zero_pages": rep.zero_pages,
-                            "sockets": rep.sockets,
-                            "switched_to_postcopy": rep.switched_to_postcopy,
-                            "started_ns": started,
-                            "paused_ns": mono_ns(rep.paused_at),
-                            "commit_ns": mono_ns(rep.commit_at),
-                            "ready_ns": mono_ns(rep.ready_at),
-                            "freeze_pages": rep.freeze_pages,
-                            "freeze_steps_ms": rep.freeze_steps.iter().map(|(n, d)| json!([n, d.as_secs_f64() * 1e3])).collect::<Vec<_>>(),
-                            "total_ms": t0.elapsed().as_secs_f64() * 1e3,
-                            "verified": rep.verification == lmig_core::protocol::Verification::Verified,
-                            "policy": rep.policy_reason,
-                            "warnings": rep.warnings,
-                        }));
+                        reply(json!(MigrateLine::Migrated(SourceFigures {
+                            ok: true,
+                            mode: format!("{:?}", rep.mode).to_lowercase(),
+                            rounds: rep.rounds,
+                            bytes_sent: rep.bytes_sent,
+                            pages_sent: rep.pages_sent,
+                            zero_pages: rep.zero_pages,
+                            sockets: rep.sockets,
+                            switched_to_postcopy: rep.switched_to_postcopy,
+                            started_ns: started,
+                            paused_ns: mono_ns(rep.paused_at),
+                            commit_ns: mono_ns(rep.commit_at),
+                            ready_ns: mono_ns(rep.ready_at),
+                            freeze_pages: rep.freeze_pages,
+                            freeze_steps_ms: rep
+                                .freeze_steps
+                                .iter()
+                                .map(|(n, d)| (n.to_string(), d.as_secs_f64() * 1e3))
+                                .collect(),
+                            total_ms: t0.elapsed().as_secs_f64() * 1e3,
+                            verified: rep.verification
+                                == lmig_core::protocol::Verification::Verified,
+                            policy: rep.policy_reason,
+                            warnings: rep.warnings,
+                        })));
                         return true;
                     }
-                    Err(e) => reply(json!({
-                        "error": e.to_string(),
-                        "source_serving": e.source_may_run(),
-                    })),
+                    Err(e) => reply(json!(MigrateLine::Failed(MigrateFailure {
+                        error: e.to_string(),
+                        source_serving: e.source_may_run(),
+                    }))),
                 }
             }
             ["quit"] => return false,

@@ -300,7 +300,7 @@ impl SocketSource for KvdSockets {
         if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
             eprintln!(
                 "kvd: handed over at {} ns",
-                crate::bench::peer::now_mono_ns()
+                crate::common::clock::now_mono_ns()
             );
         }
         if self.lowers_priority {
@@ -388,7 +388,7 @@ pub fn migrate_out(
                     eprintln!(
                         "kvd: {phase:?} at {:?} ({} ns)",
                         t.elapsed(),
-                        crate::bench::peer::now_mono_ns()
+                        crate::common::clock::now_mono_ns()
                     );
                 }
             }

@@ -3,20 +3,24 @@
 //! with its data in an lmig region, N client connections issuing `INCR`s and
 //! checking every reply, then kvd migrating itself live from A to B.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use lmig_net::topology::Topology;
-use serde_json::Value;
 
-use crate::bench::peer::{mono_ns, random_key_hex};
+use crate::common::keys::random_key_hex;
+use crate::figures::{DestinationFigures, KvdEvent, SourceFigures};
 use crate::kvd::load::{self, KeyCheck, LoadReport};
+
+mod kvd;
+mod timeline;
+
+use kvd::{admin, destination, events, kvd, migrate_once, wait_event, wait_event_seeing};
 
 /// Error type of the scenario.
 pub type Error = Box<dyn std::error::Error>;
@@ -50,6 +54,30 @@ pub struct Options {
     pub kvd: (PathBuf, Vec<String>),
     /// A fault to inject (tests of the failure paths).
     pub fault: Option<Fault>,
+}
+
+impl Options {
+    /// The scenario in `mode` over `mib` MiB and `conns` connections, one
+    /// second of load before and after, two streams, kvd run as this very
+    /// program with `kvd` as its first argument (the demo and `lmig-bench`
+    /// both are kvd too).
+    pub fn new(mode: &str, mib: u64, conns: usize) -> Result<Self, Error> {
+        Ok(Self {
+            mib,
+            conns,
+            rate: 0.0,
+            mode: mode.to_string(),
+            dirty_mbps: 0.0,
+            keys: 0,
+            warmup: Duration::from_secs(1),
+            after: Duration::from_secs(1),
+            streams: 2,
+            progress: false,
+            svg: None,
+            kvd: (std::env::current_exe()?, vec!["kvd".into()]),
+            fault: None,
+        })
+    }
 }
 
 /// Idle connections [`Fault::Strangers`] holds open through the migration.
@@ -88,14 +116,16 @@ pub struct Report {
     pub client_p99_ms: f64,
     /// The load generator's view.
     pub load: LoadReport,
-    /// The source kvd's migration report.
-    pub source: Value,
-    /// The destination kvd's report.
-    pub destination: Value,
+    /// The source kvd's migration figures (when it committed).
+    pub source: Option<SourceFigures>,
+    /// The destination kvd's figures (when it committed).
+    pub destination: Option<DestinationFigures>,
     /// The migration succeeded (committed and confirmed).
     pub migrated: bool,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// When it failed: whether the source kept serving.
+    pub source_serving: Option<bool>,
     /// Migrations asked for (2 when the first destination was killed).
     pub attempts: u32,
     /// Why the first of two attempts failed.
@@ -128,137 +158,6 @@ impl Drop for Cleanup {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn kvd(opts: &Options, args: &[String]) -> Command {
-    let mut c = Command::new(&opts.kvd.0);
-    c.args(&opts.kvd.1)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    c
-}
-
-/// Read kvd's JSON event lines on a thread.
-fn events(stdout: ChildStdout) -> mpsc::Receiver<Value> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                if tx.send(v).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    rx
-}
-
-fn wait_event(rx: &mpsc::Receiver<Value>, name: &str, timeout: Duration) -> Result<Value, Error> {
-    wait_event_seeing(rx, name, timeout, &mut Vec::new())
-}
-
-/// [`wait_event`], keeping the other events that came first in `seen`.
-fn wait_event_seeing(
-    rx: &mpsc::Receiver<Value>,
-    name: &str,
-    timeout: Duration,
-    seen: &mut Vec<Value>,
-) -> Result<Value, Error> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(v) if v["event"] == name => return Ok(v),
-            Ok(v) if v["event"] == "failed" => {
-                return Err(format!("kvd failed: {}", v["error"]).into());
-            }
-            Ok(v) => seen.push(v),
-            Err(_) => return Err(format!("kvd did not report {name:?} within {timeout:?}").into()),
-        }
-    }
-}
-
-/// Start a destination kvd in B waiting on `incoming` (dying in the freeze
-/// after `die_at` µs, if given); its events.
-fn destination(
-    opts: &Options,
-    topo: &Topology,
-    incoming: &str,
-    key: &str,
-    die_at: Option<u64>,
-) -> Result<(Child, mpsc::Receiver<Value>), Error> {
-    let mut b = kvd(
-        opts,
-        &[
-            "--incoming".into(),
-            incoming.into(),
-            "--service-if".into(),
-            "eth0".into(),
-            "--service-addr".into(),
-            Topology::SERVICE_V4.to_string(),
-            "--service-prefix".into(),
-            "24".into(),
-        ],
-    );
-    b.env("LMIG_KEY", key);
-    if let Some(us) = die_at {
-        b.env(crate::kvd::migrate::DIE_IN_FREEZE_ENV, us.to_string());
-    }
-    let mut b = topo.b.spawn(&mut b)?;
-    let rx = events(b.stdout.take().ok_or("kvd B has no stdout")?);
-    Ok((b, rx))
-}
-
-/// Ask kvd A to migrate; its final reply (`ok` or `error`).
-fn migrate_once(admin_path: &Path, incoming: &str, opts: &Options) -> Result<Value, Error> {
-    let (_s, mut r) = admin(
-        admin_path,
-        &format!("migrate {incoming} {} {}", opts.mode, opts.streams),
-    )?;
-    let bar = opts.progress.then(|| {
-        let bar = indicatif::ProgressBar::new(100);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("migrating {bar:40} {percent:>3}% {msg}")
-                .expect("valid template"),
-        );
-        bar
-    });
-    let mut source = Value::Null;
-    let mut line = String::new();
-    for _ in 0..1_000_000 {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            break;
-        }
-        let v: Value = serde_json::from_str(line.trim())?;
-        if let Some(p) = v.get("progress") {
-            if let (Some(bar), Some(pages), Some(total)) =
-                (&bar, p["pages"].as_f64(), p["total_pages"].as_f64())
-            {
-                bar.set_position((pages / total.max(1.0) * 100.0).min(100.0) as u64);
-                bar.set_message(format!(
-                    "{:.0} MiB sent",
-                    p["bytes"].as_f64().unwrap_or(0.0) / 1048576.0
-                ));
-            }
-            continue;
-        }
-        source = v;
-        break;
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    Ok(source)
-}
-
-fn admin(path: &Path, line: &str) -> Result<(UnixStream, BufReader<UnixStream>), Error> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|e| format!("kvd admin socket {}: {e}", path.display()))?;
-    writeln!(s, "{line}")?;
-    let r = BufReader::new(s.try_clone()?);
-    Ok((s, r))
 }
 
 /// Run the scenario.
@@ -331,9 +230,9 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         let (_s, mut r) = admin(&admin_path, &format!("populate {}", opts.keys))?;
         let mut line = String::new();
         r.read_line(&mut line)?;
-        let v: Value = serde_json::from_str(&line)?;
-        if v.get("error").is_some() {
-            return Err(format!("loading data: {}", v["error"]).into());
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        if let Some(e) = v.get("error") {
+            return Err(format!("loading data: {e}").into());
         }
     }
 
@@ -374,7 +273,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     let strangers = match opts.fault {
         Some(Fault::Strangers) => {
             let target: std::net::SocketAddr = incoming.parse()?;
-            let key = crate::bench::peer::key_from_hex(&key)?;
+            let key = crate::common::keys::key_from_hex(&key)?;
             Some(
                 topo.client
                     .run(move || -> std::io::Result<_> {
@@ -393,14 +292,13 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     let mut source = migrate_once(&admin_path, &incoming, opts)?;
     report.attempts = 1;
     if let Some(after_us) = die_at {
-        if source.get("ok").is_some() {
-            return Err(format!(
+        let failure = source.err().ok_or_else(|| {
+            format!(
                 "the destination was to die {after_us} µs into the freeze, yet the migration committed"
             )
-            .into());
-        }
-        report.first_attempt_error = source.get("error").map(|e| e.to_string());
-        report.first_attempt_source_serving = source["source_serving"].as_bool();
+        })?;
+        report.first_attempt_error = Some(failure.error);
+        report.first_attempt_source_serving = Some(failure.source_serving);
         // The first destination is gone (SIGKILL); a fresh one takes its address.
         if let Some(b1) = cleanup.children.last_mut() {
             let _ = b1.wait();
@@ -413,19 +311,27 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         report.attempts = 2;
     }
     drop(strangers);
-    let migrated = source.get("ok").is_some();
-    report.migrated = migrated;
-    report.error = source.get("error").map(|e| e.to_string());
-    report.source = source.clone();
-    if migrated {
+    report.migrated = source.is_ok();
+    if let Err(f) = &source {
+        report.error = Some(f.error.clone());
+        report.source_serving = Some(f.source_serving);
+    }
+    report.source = source.ok();
+    if report.migrated {
         let mut seen = Vec::new();
-        report.destination =
+        let migrated =
             wait_event_seeing(&b_events, "migrated", Duration::from_secs(120), &mut seen)?;
-        report.refused = seen.iter().filter(|v| v["event"] == "refused").count() as u64;
-        report.destination_frozen_ns = seen
+        if let KvdEvent::Migrated(d) = migrated {
+            report.destination = Some(d);
+        }
+        report.refused = seen
             .iter()
-            .find(|v| v["event"] == "frozen")
-            .and_then(|v| v["mono_ns"].as_f64());
+            .filter(|e| matches!(e, KvdEvent::Refused { .. }))
+            .count() as u64;
+        report.destination_frozen_ns = seen.iter().find_map(|e| match e {
+            KvdEvent::Frozen { mono_ns } => Some(*mono_ns as f64),
+            _ => None,
+        });
     }
     std::thread::sleep(opts.after);
     stop.store(true, Ordering::SeqCst);
@@ -433,11 +339,10 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         .join()
         .map_err(|_| "the client thread panicked")??
         .map_err(|e| format!("clients: {e}"))?;
-    if let (Some(p), Some(r)) = (
-        source["paused_ns"].as_f64(),
-        report.destination["resumed_ns"].as_f64(),
-    ) {
-        report.freeze_ms = (r - p) / 1e6;
+    let paused = report.source.as_ref().map(|s| s.paused_ns);
+    let resumed = report.destination.as_ref().and_then(|d| d.resumed_ns);
+    if let (Some(p), Some(r)) = (paused, resumed) {
+        report.freeze_ms = (r as f64 - p as f64) / 1e6;
     }
     if opts.keys > 0 {
         let addr: std::net::SocketAddr = service.parse()?;
@@ -451,7 +356,12 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     report.client_stall_ms = load.max_latency_ms;
     report.client_p99_ms = load.client_p99();
     if let Some(path) = &opts.svg {
-        draw_timeline(path, &load, &source, &report.destination)?;
+        timeline::draw(
+            path,
+            &load,
+            report.source.as_ref(),
+            report.destination.as_ref(),
+        )?;
         report.svg = Some(path.clone());
     }
     report.load = load;
@@ -464,68 +374,4 @@ impl LoadReport {
     fn client_p99(&self) -> f64 {
         self.p99_latency_ms
     }
-}
-
-/// Request latency over time with the migration's phases marked.
-fn draw_timeline(
-    path: &Path,
-    load: &LoadReport,
-    source: &Value,
-    dest: &Value,
-) -> Result<(), Error> {
-    use plotters::prelude::*;
-    let zero = load.started.map(mono_ns).unwrap_or(0) as f64;
-    let at = |ns: Option<f64>| ns.map(|n| (n - zero) / 1e9);
-    let points: Vec<(f64, f64)> = load
-        .timeline
-        .iter()
-        .filter(|(_, _, n)| *n > 0)
-        .map(|(t, max, _)| (t / 1e3, max.max(0.01)))
-        .collect();
-    let x_max = points.last().map_or(1.0, |p| p.0).max(0.1);
-    let y_max = points.iter().map(|p| p.1).fold(1.0f64, f64::max) * 1.2;
-    let root = SVGBackend::new(path, (1000, 500)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "kvd live migration: client request latency",
-            ("sans-serif", 22),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
-    chart
-        .configure_mesh()
-        .x_desc("time since clients started (s)")
-        .y_desc("max latency per 10 ms (ms)")
-        .draw()?;
-    chart
-        .draw_series(LineSeries::new(points, &BLUE))?
-        .label("max request latency")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-    let marks = [
-        ("migration starts", at(source["started_ns"].as_f64()), GREEN),
-        (
-            "freeze (paused on A)",
-            at(source["paused_ns"].as_f64()),
-            RED,
-        ),
-        ("resumed on B", at(dest["resumed_ns"].as_f64()), MAGENTA),
-    ];
-    for (label, x, color) in marks {
-        if let Some(x) = x {
-            chart
-                .draw_series(LineSeries::new(vec![(x, 0.0), (x, y_max)], color))?
-                .label(label)
-                .legend(move |(px, py)| PathElement::new(vec![(px, py), (px + 20, py)], color));
-        }
-    }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()?;
-    root.present()?;
-    Ok(())
 }

@@ -1,11 +1,12 @@
-//! Scenarios that need a second process re-execute `lmig-bench` with a hidden
-//! peer option. The peer prints `LISTENING <address>` once it listens and
-//! `RESULT <json>` when done; [`Peer`] reads those lines and kills the child
+//! Child processes of the benchmark and the demo. Scenarios that need a
+//! second process re-execute `lmig-bench` with a hidden peer option. The
+//! peer prints `LISTENING <address>` once it listens and `RESULT <json>`
+//! when done; [`Peer`] reads those lines and kills the child
 //! (by pid, our own child only) if the scenario ends early.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lmig_net::topology::Netns;
 
@@ -19,22 +20,9 @@ pub struct Peer {
 pub type PeerError = Box<dyn std::error::Error>;
 
 impl Peer {
-    /// Start `lmig-bench <args>` with extra environment `env`, optionally
-    /// inside network namespace `netns` (via `ip netns exec`).
-    pub fn spawn(
-        args: &[String],
-        env: &[(&str, &str)],
-        netns: Option<&str>,
-    ) -> Result<Self, PeerError> {
-        let exe = std::env::current_exe()?;
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(exe);
-                c
-            }
-            None => Command::new(exe),
-        };
+    /// Start `lmig-bench <args>` (this very program) with extra environment `env`.
+    pub fn spawn(args: &[String], env: &[(&str, &str)]) -> Result<Self, PeerError> {
+        let mut cmd = Command::new(std::env::current_exe()?);
         cmd.envs(env.iter().copied());
         let mut child = cmd
             .args(args)
@@ -89,41 +77,6 @@ pub fn announce_listening(addr: impl std::fmt::Display) {
 /// Print a peer's `RESULT` line.
 pub fn announce_result(v: &serde_json::Value) {
     println!("RESULT {v}");
-}
-
-/// 32 random bytes from the kernel, hex-encoded: a fresh key for a peer.
-pub fn random_key_hex() -> Result<String, PeerError> {
-    use std::io::Read;
-    let mut k = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
-    Ok(k.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Decode [`random_key_hex`]'s output.
-pub fn key_from_hex(hex: &str) -> Result<Vec<u8>, PeerError> {
-    if !hex.len().is_multiple_of(2) {
-        return Err("odd-length key".into());
-    }
-    (0..hex.len() / 2)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(Into::into))
-        .collect()
-}
-
-/// `CLOCK_MONOTONIC` now, in nanoseconds: comparable between processes on one host.
-pub fn now_mono_ns() -> u64 {
-    let ts =
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
-}
-
-/// An `Instant` of this process as `CLOCK_MONOTONIC` nanoseconds.
-pub fn mono_ns(at: Instant) -> u64 {
-    let (now, now_ns) = (Instant::now(), now_mono_ns());
-    if at <= now {
-        now_ns - (now - at).as_nanos() as u64
-    } else {
-        now_ns + (at - now).as_nanos() as u64
-    }
 }
 
 /// A worker process in a namespace driven line by line: the scenario writes
@@ -195,4 +148,28 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The worker's side of [`Worker`]: answer each command line read on stdin
+/// with `OK <answer>` or `ERR <error>` on stdout, until `quit` or the end of
+/// the input.
+pub fn serve_commands(
+    mut answer: impl FnMut(&str) -> Result<String, PeerError>,
+) -> Result<(), PeerError> {
+    lmig_net::raise_nofile_limit()?;
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let cmd = line.trim();
+        if cmd == "quit" {
+            break;
+        }
+        match answer(cmd) {
+            Ok(s) => writeln!(out, "OK {s}")?,
+            Err(e) => writeln!(out, "ERR {}", e.to_string().replace('\n', " "))?,
+        }
+        out.flush()?;
+    }
+    Ok(())
 }

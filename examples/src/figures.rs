@@ -1,0 +1,233 @@
+//! What kvd reports, typed once for both sides of its JSON: kvd writes
+//! these (its admin socket's answers, its event lines on stdout), the
+//! scenario, the demo and `lmig-bench migrate` read them back.
+
+use serde::{Deserialize, Serialize};
+
+/// kvd's answer to `migrate` when the migration committed: the source's
+/// view.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceFigures {
+    /// Always `true` (tells this answer from a [`MigrateFailure`]).
+    pub ok: bool,
+    /// `precopy`, `postcopy` or `hybrid`.
+    pub mode: String,
+    /// Pre-copy rounds.
+    pub rounds: u32,
+    /// Bytes on the wire.
+    pub bytes_sent: u64,
+    /// Pages sent.
+    pub pages_sent: u64,
+    /// Zero pages sent as such.
+    pub zero_pages: u64,
+    /// Sockets moved.
+    pub sockets: u64,
+    /// A hybrid migration switched to post-copy.
+    pub switched_to_postcopy: bool,
+    /// The `migrate` command arrived (`CLOCK_MONOTONIC` ns).
+    pub started_ns: u64,
+    /// The program paused (ns).
+    pub paused_ns: u64,
+    /// The source sent `Commit` (ns).
+    pub commit_ns: u64,
+    /// The destination's `Ready` arrived (ns).
+    pub ready_ns: u64,
+    /// Pages sent in the freeze.
+    pub freeze_pages: u64,
+    /// The freeze's steps and their durations: `[name, ms]`.
+    pub freeze_steps_ms: Vec<(String, f64)>,
+    /// The whole migration as the source saw it, ms.
+    pub total_ms: f64,
+    /// Both sides' digests matched.
+    pub verified: bool,
+    /// Why the policy ended pre-copy.
+    pub policy: String,
+    /// What went wrong without failing the migration.
+    pub warnings: Vec<String>,
+}
+
+/// kvd's answer to `migrate` when the migration failed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrateFailure {
+    /// The error.
+    pub error: String,
+    /// The source kept (or took back) its program: it serves on.
+    pub source_serving: bool,
+}
+
+/// A progress line kvd writes while `migrate` runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Pages sent so far.
+    pub pages: u64,
+    /// Bytes sent so far.
+    pub bytes: u64,
+    /// Pages of the program's memory.
+    pub total_pages: u64,
+}
+
+/// One line of kvd's admin socket after `migrate`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MigrateLine {
+    /// Still running.
+    Progress {
+        /// How far it got.
+        progress: Progress,
+    },
+    /// Committed: the last line.
+    Migrated(SourceFigures),
+    /// Failed: the last line.
+    Failed(MigrateFailure),
+}
+
+/// The destination's view of a migration that arrived.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DestinationFigures {
+    /// Pages placed.
+    pub pages_placed: u64,
+    /// Pages fetched or pushed after the commit.
+    pub postcopy_pages: u64,
+    /// Page faults served from the network.
+    pub network_faults: u64,
+    /// Pages that arrived more than once.
+    pub duplicate_pages: u64,
+    /// Sockets restored.
+    pub sockets: u64,
+    /// Both sides' digests matched.
+    pub verified: bool,
+    /// The program resumed (`CLOCK_MONOTONIC` ns).
+    pub resumed_ns: Option<u64>,
+    /// The sockets were handed over (ns).
+    pub handover_ns: Option<u64>,
+    /// The last page of the freeze arrived (ns).
+    pub last_page_ns: Option<u64>,
+    /// `Ready` was sent (ns).
+    pub ready_ns: Option<u64>,
+    /// Every page is here (ns).
+    pub complete_ns: Option<u64>,
+    /// What went wrong without failing the migration.
+    pub warnings: Vec<String>,
+}
+
+/// One of kvd's event lines on stdout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum KvdEvent {
+    /// Serving clients on `addr`.
+    Listening {
+        /// The service address.
+        addr: String,
+        /// kvd's pid.
+        pid: u32,
+    },
+    /// Waiting for a migration on `addr`.
+    Waiting {
+        /// The migration address.
+        addr: String,
+        /// kvd's pid.
+        pid: u32,
+    },
+    /// A connection to the migration address was refused.
+    Refused {
+        /// Who connected.
+        peer: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The freeze reached the destination.
+    Frozen {
+        /// When (ns).
+        mono_ns: u64,
+    },
+    /// A migration arrived and committed.
+    Migrated(DestinationFigures),
+    /// An incoming migration failed.
+    Failed {
+        /// The error.
+        error: String,
+    },
+    /// The destination serves (ns).
+    Serving {
+        /// When (ns).
+        mono_ns: u64,
+    },
+}
+
+impl KvdEvent {
+    /// The event's name, as on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Listening { .. } => "listening",
+            Self::Waiting { .. } => "waiting",
+            Self::Refused { .. } => "refused",
+            Self::Frozen { .. } => "frozen",
+            Self::Migrated(_) => "migrated",
+            Self::Failed { .. } => "failed",
+            Self::Serving { .. } => "serving",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_line_reads_back_as_written() {
+        let lines = [
+            MigrateLine::Progress {
+                progress: Progress {
+                    pages: 1,
+                    bytes: 4096,
+                    total_pages: 9,
+                },
+            },
+            MigrateLine::Migrated(SourceFigures {
+                ok: true,
+                mode: "precopy".into(),
+                freeze_steps_ms: vec![("sockets".into(), 1.5)],
+                ..SourceFigures::default()
+            }),
+            MigrateLine::Failed(MigrateFailure {
+                error: "refused".into(),
+                source_serving: true,
+            }),
+        ];
+        for l in lines {
+            let json = serde_json::to_string(&l).unwrap();
+            assert_eq!(
+                serde_json::from_str::<MigrateLine>(&json).unwrap(),
+                l,
+                "{json}"
+            );
+        }
+        let events = [
+            KvdEvent::Frozen { mono_ns: 7 },
+            KvdEvent::Migrated(DestinationFigures {
+                resumed_ns: Some(3),
+                ..DestinationFigures::default()
+            }),
+            KvdEvent::Failed { error: "x".into() },
+        ];
+        for e in events {
+            let json = serde_json::to_string(&e).unwrap();
+            assert!(
+                json.contains(&format!("\"event\":\"{}\"", e.name())),
+                "{json}"
+            );
+            assert_eq!(
+                serde_json::from_str::<KvdEvent>(&json).unwrap(),
+                e,
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_line_of_another_shape_is_an_error() {
+        assert!(serde_json::from_str::<MigrateLine>(r#"{"ok": true}"#).is_err());
+        assert!(serde_json::from_str::<KvdEvent>(r#"{"event": "unknown"}"#).is_err());
+        assert!(serde_json::from_str::<KvdEvent>(r#"{"event": "frozen"}"#).is_err());
+    }
+}

@@ -1,0 +1,161 @@
+//! Driving kvd processes: start them in a namespace, read their event
+//! lines, talk to their admin socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use lmig_net::topology::Topology;
+
+use super::{Error, Options};
+use crate::figures::{KvdEvent, MigrateFailure, MigrateLine, SourceFigures};
+
+/// kvd (as `opts` says how to start it) with `args`, its stdout piped.
+pub(super) fn kvd(opts: &Options, args: &[String]) -> Command {
+    let mut c = Command::new(&opts.kvd.0);
+    c.args(&opts.kvd.1)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    c
+}
+
+/// Read kvd's event lines on a thread (lines of another shape are skipped).
+pub(super) fn events(stdout: ChildStdout) -> mpsc::Receiver<KvdEvent> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(e) = serde_json::from_str::<KvdEvent>(&line) {
+                if tx.send(e).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Wait for the event called `name`.
+pub(super) fn wait_event(
+    rx: &mpsc::Receiver<KvdEvent>,
+    name: &str,
+    timeout: Duration,
+) -> Result<KvdEvent, Error> {
+    wait_event_seeing(rx, name, timeout, &mut Vec::new())
+}
+
+/// [`wait_event`], keeping the other events that came first in `seen`.
+pub(super) fn wait_event_seeing(
+    rx: &mpsc::Receiver<KvdEvent>,
+    name: &str,
+    timeout: Duration,
+    seen: &mut Vec<KvdEvent>,
+) -> Result<KvdEvent, Error> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(e) if e.name() == name => return Ok(e),
+            Ok(KvdEvent::Failed { error }) => return Err(format!("kvd failed: {error}").into()),
+            Ok(e) => seen.push(e),
+            Err(_) => return Err(format!("kvd did not report {name:?} within {timeout:?}").into()),
+        }
+    }
+}
+
+/// Start a destination kvd in B waiting on `incoming` (dying in the freeze
+/// after `die_at` µs, if given); its events.
+pub(super) fn destination(
+    opts: &Options,
+    topo: &Topology,
+    incoming: &str,
+    key: &str,
+    die_at: Option<u64>,
+) -> Result<(Child, mpsc::Receiver<KvdEvent>), Error> {
+    let mut b = kvd(
+        opts,
+        &[
+            "--incoming".into(),
+            incoming.into(),
+            "--service-if".into(),
+            "eth0".into(),
+            "--service-addr".into(),
+            Topology::SERVICE_V4.to_string(),
+            "--service-prefix".into(),
+            "24".into(),
+        ],
+    );
+    b.env("LMIG_KEY", key);
+    if let Some(us) = die_at {
+        b.env(crate::kvd::migrate::DIE_IN_FREEZE_ENV, us.to_string());
+    }
+    let mut b = topo.b.spawn(&mut b)?;
+    let rx = events(b.stdout.take().ok_or("kvd B has no stdout")?);
+    Ok((b, rx))
+}
+
+/// Ask kvd A to migrate; its final answer.
+pub(super) fn migrate_once(
+    admin_path: &Path,
+    incoming: &str,
+    opts: &Options,
+) -> Result<Result<SourceFigures, MigrateFailure>, Error> {
+    let (_s, mut r) = admin(
+        admin_path,
+        &format!("migrate {incoming} {} {}", opts.mode, opts.streams),
+    )?;
+    let bar = opts.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(100);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("migrating {bar:40} {percent:>3}% {msg}")
+                .expect("valid template"),
+        );
+        bar
+    });
+    let mut answer = Err(MigrateFailure {
+        error: "kvd closed its admin socket without an answer".into(),
+        source_serving: false,
+    });
+    let mut line = String::new();
+    for _ in 0..1_000_000 {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            break;
+        }
+        match serde_json::from_str::<MigrateLine>(line.trim())
+            .map_err(|e| format!("kvd's answer to migrate {:?}: {e}", line.trim()))?
+        {
+            MigrateLine::Progress { progress: p } => {
+                if let Some(bar) = &bar {
+                    let done = p.pages as f64 / p.total_pages.max(1) as f64;
+                    bar.set_position((done * 100.0).min(100.0) as u64);
+                    bar.set_message(format!("{:.0} MiB sent", p.bytes as f64 / 1048576.0));
+                }
+            }
+            MigrateLine::Migrated(s) => {
+                answer = Ok(s);
+                break;
+            }
+            MigrateLine::Failed(f) => {
+                answer = Err(f);
+                break;
+            }
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(answer)
+}
+
+/// Send one command line to kvd's admin socket; the connection and a reader.
+pub(super) fn admin(path: &Path, line: &str) -> Result<(UnixStream, BufReader<UnixStream>), Error> {
+    let mut s = UnixStream::connect(path)
+        .map_err(|e| format!("kvd admin socket {}: {e}", path.display()))?;
+    writeln!(s, "{line}")?;
+    let r = BufReader::new(s.try_clone()?);
+    Ok((s, r))
+}
