@@ -50,14 +50,14 @@ pub struct SourceConfig {
     /// catches up with the push (at most [`CHUNK_PAGES`]); otherwise the
     /// push uses `batch_pages`. A program reading its memory in order soon
     /// faults on pages already sent and waits for the message holding its
-    /// page to arrive whole: smaller messages shorten that wait (on this
-    /// kind of machine 64 pages: fault p50 ~170-320 µs; 16 pages: ~85-190
-    /// µs; 8 pages: 62-70 µs; 4 pages: 37-55 µs) for more per-message work
-    /// (the whole transfer: 8 pages about 10 % longer than 16, 4 pages
-    /// 30 %), which a program faulting on pages not sent yet (answered on
-    /// their own) does not need. The push switches to this size when a
-    /// request names only pages already sent and back when one names a page
-    /// not sent. Default 8.
+    /// page to arrive whole: smaller messages shorten that wait (it grows
+    /// with the message size) for more per-message work (the whole transfer
+    /// takes longer the smaller the messages), which a program faulting on
+    /// pages not sent yet (answered on their own) does not need. The push
+    /// switches to this size when a request names only pages already sent
+    /// and back when one names a page not sent. Default 8, tuned for 4 KiB
+    /// pages on a 2-vCPU virtual machine with source and destination on
+    /// one host (figures in the benchmark docs).
     pub push_pages: u32,
     /// Most time a shrinking pre-copy round waits for the destination to
     /// place its pages (`Prepared{placed}`) before the policy decides: the
@@ -726,8 +726,7 @@ where
         let outcome = std::thread::scope(|s| -> Result<Verification> {
             // The memory stopped changing at the freeze: its digests are
             // taken beside the push instead of after it, where that pass
-            // over all of memory (150-200 ms per GiB on this kind of
-            // machine) came before `Done`.
+            // over all of memory came before `Done`.
             let mut digest_job =
                 (verify && postcopy).then(|| s.spawn(|| PageHashes::of_memory(memory, layout)));
             let pusher = s.spawn(|| -> Result<Sent> {
