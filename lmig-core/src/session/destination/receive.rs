@@ -37,6 +37,19 @@ impl Receiving {
             .is_some_and(|h| progress.placed_total >= h.pages_total)
     }
 
+    /// Before `Handover`: every page of the rounds announced so far is
+    /// placed and not said yet; noted as said (`Prepared{placed}` follows).
+    fn caught_up_now(&mut self, progress: &Progress) -> bool {
+        let now = self.handover.is_none()
+            && self.prepared
+            && self.announced > self.caught_up
+            && progress.placed_total >= self.announced;
+        if now {
+            self.caught_up = self.announced;
+        }
+        now
+    }
+
     /// After `Handover`, no more pages than it announced.
     fn check_not_over(&self, progress: &Progress) -> Result<()> {
         match &self.handover {
@@ -87,15 +100,10 @@ where
                 if st.all_in(progress) {
                     break;
                 }
-                if st.handover.is_none()
-                    && st.prepared
-                    && st.announced > st.caught_up
-                    && progress.placed_total >= st.announced
-                {
+                if st.caught_up_now(progress) {
                     channel.send(&Message::Prepared {
                         placed: progress.placed_total,
                     })?;
-                    st.caught_up = st.announced;
                 }
                 if let Some(r) = restorer.as_mut() {
                     r.check()?;

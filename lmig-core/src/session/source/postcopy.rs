@@ -20,7 +20,7 @@ use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::protocol::{CHUNK_PAGES, Message, RegionDigest, Verification};
 use crate::session::pages::{PageSender, Sent, lane_of};
-use crate::session::{panicked, reconnect_within, spawn_named, unexpected};
+use crate::session::{contain, reconnect_within, spawn_named, unexpected};
 use crate::traits::{
     Channel, DirtyTracker, Event, MemorySource, Observer, Phase, SocketSource, StateSource,
 };
@@ -98,10 +98,9 @@ where
             // A panic in the program's memory (read for the digests or a
             // request) must not leave the other threads serving forever:
             // it ends the service like an error, and they are stopped below.
-            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let served = contain("in the post-copy service", true, || {
                 service.listen(&pusher, &mut digest_job, &mut warnings)
-            }))
-            .unwrap_or_else(|p| Err(panicked("in the post-copy service", true, &*p)));
+            });
             service.stop();
             server.join();
             let requested = *lock(&service.requested);
