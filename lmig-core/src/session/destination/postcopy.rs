@@ -381,45 +381,50 @@ where
     }
 }
 
-/// A post-copy thread's end: a panic in it is contained where it happens
-/// (see [`contain`]), so this only catches what escaped; an error or a
-/// panic stops post-copy.
-fn join_role(thread: ScopedJoinHandle<'_, Result<()>>, during: &'static str) -> Result<()> {
-    thread
-        .join()
-        .unwrap_or_else(|p| Err(panicked(during, true, &*p)))
-}
-
-/// Run a post-copy thread's body; its error or panic marks post-copy failed.
-fn run_role(
-    link: &PostcopyLink,
-    during: &'static str,
-    body: impl FnOnce() -> Result<()>,
-) -> Result<()> {
-    let r = contain(during, true, body);
-    if r.is_err() {
-        link.failed.store(true, Ordering::Release);
-    }
-    r
-}
-
-/// The thread turning the program's faults into `PageRequest`s on the
-/// urgent lane (remembered, to repeat them after a reconnect).
-struct FaultForwarder<'scope> {
+/// A running post-copy thread (of the roles below). Its error or panic
+/// marks post-copy failed, so that the session's thread stops too; a panic
+/// is contained where it happens (see [`contain`]).
+struct RoleThread<'scope> {
     thread: ScopedJoinHandle<'scope, Result<()>>,
+    during: &'static str,
 }
 
-impl<'scope> FaultForwarder<'scope> {
-    const DURING: &'static str = "in the post-copy fault thread";
-
+impl<'scope> RoleThread<'scope> {
     fn spawn<'env, M: MemorySink, C: Channel>(
         scope: &'scope Scope<'scope, 'env>,
+        (name, during): (&str, &'static str),
         service: &'scope Service<'_, M, C>,
+        run: fn(&Service<'_, M, C>) -> Result<()>,
     ) -> Result<Self> {
-        let thread = spawn_named(scope, "lmig-faults".into(), move || {
-            run_role(service.link, Self::DURING, || Self::run(service))
+        let thread = spawn_named(scope, name.into(), move || {
+            let r = contain(during, true, || run(service));
+            if r.is_err() {
+                service.link.failed.store(true, Ordering::Release);
+            }
+            r
         })?;
-        Ok(Self { thread })
+        Ok(Self { thread, during })
+    }
+
+    /// The thread's outcome (once `PostcopyLink::stop` is set).
+    fn join(self) -> Result<()> {
+        self.thread
+            .join()
+            .unwrap_or_else(|p| Err(panicked(self.during, true, &*p)))
+    }
+}
+
+/// The thread role turning the program's faults into `PageRequest`s on the
+/// urgent lane (remembered, to repeat them after a reconnect).
+struct FaultForwarder;
+
+impl FaultForwarder {
+    fn spawn<'scope, 'env, M: MemorySink, C: Channel>(
+        scope: &'scope Scope<'scope, 'env>,
+        service: &'scope Service<'_, M, C>,
+    ) -> Result<RoleThread<'scope>> {
+        let names = ("lmig-faults", "in the post-copy fault thread");
+        RoleThread::spawn(scope, names, service, Self::run)
     }
 
     fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
@@ -449,28 +454,18 @@ impl<'scope> FaultForwarder<'scope> {
         }
         Ok(())
     }
-
-    fn join(self) -> Result<()> {
-        join_role(self.thread, Self::DURING)
-    }
 }
 
-/// The thread placing the replies to page requests from the urgent lane.
-struct ReplyPlacer<'scope> {
-    thread: ScopedJoinHandle<'scope, Result<()>>,
-}
+/// The thread role placing the replies to page requests from the urgent lane.
+struct ReplyPlacer;
 
-impl<'scope> ReplyPlacer<'scope> {
-    const DURING: &'static str = "in the post-copy urgent thread";
-
-    fn spawn<'env, M: MemorySink, C: Channel>(
+impl ReplyPlacer {
+    fn spawn<'scope, 'env, M: MemorySink, C: Channel>(
         scope: &'scope Scope<'scope, 'env>,
         service: &'scope Service<'_, M, C>,
-    ) -> Result<Self> {
-        let thread = spawn_named(scope, "lmig-replies".into(), move || {
-            run_role(service.link, Self::DURING, || Self::run(service))
-        })?;
-        Ok(Self { thread })
+    ) -> Result<RoleThread<'scope>> {
+        let names = ("lmig-replies", "in the post-copy urgent thread");
+        RoleThread::spawn(scope, names, service, Self::run)
     }
 
     fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
@@ -488,9 +483,5 @@ impl<'scope> ReplyPlacer<'scope> {
             }
         }
         Ok(())
-    }
-
-    fn join(self) -> Result<()> {
-        join_role(self.thread, Self::DURING)
     }
 }
