@@ -28,6 +28,41 @@ use crate::verify::{PageHashes, page_hash};
 /// How long the post-copy receive loop waits per `recv` before it checks
 /// the link and its idle time.
 pub(super) const RECV_TICK: Duration = Duration::from_millis(20);
+/// Silence on the control lane, counted in [`RECV_TICK`]s: an error once
+/// it lasted the idle timeout.
+pub(super) struct Quiet {
+    quiet: Duration,
+    idle: Duration,
+    waiting_for: &'static str,
+}
+
+impl Quiet {
+    pub(super) fn new(idle: Duration, waiting_for: &'static str) -> Self {
+        Self {
+            quiet: Duration::ZERO,
+            idle,
+            waiting_for,
+        }
+    }
+
+    /// A tick passed without a message.
+    pub(super) fn tick(&mut self) -> Result<()> {
+        self.quiet += RECV_TICK;
+        if self.quiet >= self.idle {
+            return Err(MigrationError::Timeout {
+                waiting_for: self.waiting_for,
+                after: self.idle,
+            });
+        }
+        Ok(())
+    }
+
+    /// A message arrived (or the link was re-established).
+    pub(super) fn reset(&mut self) {
+        self.quiet = Duration::ZERO;
+    }
+}
+
 /// Unanswered fault requests remembered for repetition after a reconnect.
 const MAX_OUTSTANDING: usize = 256;
 /// Most warnings kept about bad post-copy input.
@@ -302,36 +337,29 @@ where
         digests: &mut Option<Vec<RegionDigest>>,
     ) -> Result<()> {
         let (link, shared) = (service.link, service.shared);
-        let idle = self.config.idle_timeout;
-        let mut quiet = Duration::ZERO;
+        let mut quiet = Quiet::new(self.config.idle_timeout, "post-copy pages");
         while !lock(shared).complete() && !link.failed.load(Ordering::Acquire) {
             if !link.up.load(Ordering::Acquire) {
                 self.recover(progress, link, "a page request failed", || {
                     service.drain_queued(digests)
                 })?;
-                quiet = Duration::ZERO;
+                quiet.reset();
             }
             let msg = match self.channel.recv(Some(RECV_TICK)) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
-                    quiet += RECV_TICK;
-                    if quiet >= idle {
-                        return Err(MigrationError::Timeout {
-                            waiting_for: "post-copy pages",
-                            after: idle,
-                        });
-                    }
+                    quiet.tick()?;
                     continue;
                 }
                 Err(e) => {
                     self.recover(progress, link, &e.to_string(), || {
                         service.drain_queued(digests)
                     })?;
-                    quiet = Duration::ZERO;
+                    quiet.reset();
                     continue;
                 }
             };
-            quiet = Duration::ZERO;
+            quiet.reset();
             match msg {
                 Message::Pages(batch) => service.place(&batch)?,
                 Message::Digests(d) => *digests = Some(d),

@@ -2,11 +2,9 @@
 //! digests (unless they came with the post-copy pages) and compare them
 //! with those of the pages as placed.
 
-use std::time::Duration;
-
-use super::postcopy::{PostcopyLink, RECV_TICK};
+use super::postcopy::{PostcopyLink, Quiet, RECV_TICK};
 use super::{Destination, Progress};
-use crate::error::{MigrationError, Result};
+use crate::error::Result;
 use crate::model::RegionPages;
 use crate::protocol::{Handover, Message, RegionDigest, Verification};
 use crate::session::unexpected;
@@ -50,30 +48,23 @@ where
         link: &PostcopyLink,
         missing: &RegionPages,
     ) -> Result<Vec<RegionDigest>> {
-        let idle = self.config.idle_timeout;
-        let mut quiet = Duration::ZERO;
+        let mut quiet = Quiet::new(self.config.idle_timeout, "Digests");
         loop {
             let msg = match self.channel.recv(Some(RECV_TICK)) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
-                    quiet += RECV_TICK;
-                    if quiet >= idle {
-                        return Err(MigrationError::Timeout {
-                            waiting_for: "Digests",
-                            after: idle,
-                        });
-                    }
+                    quiet.tick()?;
                     continue;
                 }
                 Err(e) if !handover.postcopy.is_empty() => {
                     // The digests may have been lost with the link.
                     self.recover(progress, link, &e.to_string(), || Ok(missing.clone()))?;
-                    quiet = Duration::ZERO;
+                    quiet.reset();
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            quiet = Duration::ZERO;
+            quiet.reset();
             match msg {
                 Message::Digests(d) => return Ok(d),
                 // Duplicates of post-copy pages may still be in flight.
