@@ -84,10 +84,12 @@
 //! every page the source sent before it; the destination answers `Ready` only
 //! after it has placed that many.
 
-use bytes::Bytes;
-
 use crate::model::{PageRun, ProgramState, RegionId, RegionLayout, SocketPrep, SocketRecord};
 use crate::split::SplitMessage;
+
+// Defined in `model` (below both this module and `split`, which carry
+// them); re-exported here, where the messages are.
+pub use crate::model::{PageBatch, PageData};
 
 /// Protocol version spoken by this crate. Peers accept this and the previous one.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -131,26 +133,6 @@ impl std::ops::BitOr for Caps {
     fn bitor(self, rhs: Caps) -> Caps {
         Caps(self.0 | rhs.0)
     }
-}
-
-/// The content of a `Pages` message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PageData {
-    /// `run.count * page_size` bytes of page content.
-    Raw(Bytes),
-    /// Every page of the run is zero; no bytes follow.
-    Zero,
-}
-
-/// A run of pages with its content.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PageBatch {
-    /// The pre-copy round (or post-copy phase marker) the pages belong to.
-    pub round: u32,
-    /// Which pages.
-    pub run: PageRun,
-    /// Their content.
-    pub data: PageData,
 }
 
 /// Digest of one region: BLAKE3 over the region's per-page hashes (see

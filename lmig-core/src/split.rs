@@ -32,8 +32,7 @@
 //! each dials the running host and sends its part directly, in parallel.
 
 use crate::error::{MigrationError, Result};
-use crate::model::{PageRun, PageSet, RegionId, RegionInfo};
-use crate::protocol::PageBatch;
+use crate::model::{PageBatch, PageRun, PageSet, RegionId, RegionInfo};
 
 /// A host taking part in split memory (the running host or a page host).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -5,11 +5,13 @@
 //! sent, so every type validates itself (`validate`/`new` return errors,
 //! never panic).
 
+mod batch;
 mod pages;
 mod region;
 mod socket;
 mod state;
 
+pub use batch::{PageBatch, PageData};
 pub use pages::{PageSet, RegionPages, Runs};
 pub use region::{
     MAX_PAGE_SIZE, MAX_REGION_BYTES, MAX_REGIONS, MIN_PAGE_SIZE, PageRun, RegionId, RegionInfo,

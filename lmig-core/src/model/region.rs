@@ -226,7 +226,9 @@ impl PageRun {
 
 impl fmt::Display for PageRun {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}[{}..{})", self.region, self.first, self.end())
+        // A peer's run may end past `u64::MAX`: shown exactly, never a panic.
+        let end = u128::from(self.first) + u128::from(self.count);
+        write!(f, "{}[{}..{end})", self.region, self.first)
     }
 }
 

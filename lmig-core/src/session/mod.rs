@@ -31,7 +31,6 @@ use crate::error::MigrationError;
 use crate::protocol::Message;
 use crate::traits::Channel;
 
-/// Send `Abort{reason}` on a best-effort basis and close the channel.
 /// Run `f`, turning a panic in it — in a trait implementation it calls, on
 /// this thread or on a scoped thread it joins — into
 /// [`MigrationError::Panicked`], so that the session's failure rules apply
@@ -63,6 +62,20 @@ fn panicked(
     }
 }
 
+/// Spawn a named thread in `scope`; a thread that cannot be started is an
+/// error, not a panic.
+fn spawn_named<'scope, 'env, T: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    name: String,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> Result<std::thread::ScopedJoinHandle<'scope, T>, MigrationError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn_scoped(scope, f)
+        .map_err(|e| MigrationError::backend("starting a session thread", e))
+}
+
+/// Send `Abort{reason}` on a best-effort basis and close the channel.
 fn send_abort(channel: &impl Channel, err: &MigrationError) {
     let mut reason = err.to_string();
     reason.truncate(crate::protocol::MAX_REASON_BYTES - 4);

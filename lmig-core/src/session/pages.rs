@@ -3,7 +3,7 @@
 use bytes::{Bytes, BytesMut};
 
 use crate::error::Result;
-use crate::model::{PageRun, RegionLayout};
+use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::protocol::{PageBatch, PageData};
 use crate::traits::{Channel, MemorySource};
 
@@ -220,6 +220,19 @@ impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
             messages: 1,
         })
     }
+}
+
+/// Every run of `pages`, cut where a count would not fit a `u32`.
+pub(crate) fn runs_of(pages: &RegionPages) -> Vec<PageRun> {
+    const MAX: u64 = 1 << 31;
+    pages
+        .sets()
+        .flat_map(|(id, s)| s.runs().map(move |(f, c)| (id, f, c)))
+        .flat_map(|(id, f, c)| {
+            (0..c.div_ceil(MAX))
+                .map(move |i| PageRun::new(id, f + i * MAX, (c - i * MAX).min(MAX) as u32))
+        })
+        .collect()
 }
 
 /// The data lane of a run: every version of a page travels on the same lane.

@@ -1,0 +1,340 @@
+//! The destination side: place pages, restore sockets and state, resume on `Commit`.
+//!
+//! [`Destination::run`] runs the phases in order, each a function: setup
+//! and the wait for `Commit` (here), `receive` (pre-copy and the freeze,
+//! [`receive`]), after `Commit` `postcopy` ([`postcopy`]) and `verify`
+//! ([`verify`]).
+
+mod postcopy;
+mod receive;
+#[cfg(test)]
+mod tests;
+mod verify;
+
+use std::time::{Duration, Instant};
+
+use self::postcopy::PostcopyLink;
+use self::receive::place;
+use super::{contain, recv_within, send_abort, unexpected};
+use crate::error::{MigrationError, Result};
+use crate::model::RegionLayout;
+use crate::protocol::{Handover, Message, PageBatch, PageData, Verification};
+use crate::traits::{
+    Channel, Event, MemorySink, NoObserver, NoSockets, Observer, Phase, SocketSink, StateSink,
+};
+use crate::verify::PageHashes;
+
+/// Settings of a [`Destination`].
+#[derive(Copy, Clone, Debug)]
+pub struct DestinationConfig {
+    /// Most time without any message from the source before giving up.
+    pub idle_timeout: Duration,
+    /// Post-copy: how often the fault thread checks whether post-copy ended.
+    pub fault_poll: Duration,
+}
+
+impl Default for DestinationConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(30),
+            fault_poll: Duration::from_millis(20),
+        }
+    }
+}
+
+/// What the destination did.
+#[derive(Clone, Debug)]
+pub struct DestinationReport {
+    /// Pages placed (every version, all phases).
+    pub pages_placed: u64,
+    /// Of which zero pages.
+    pub zero_pages: u64,
+    /// Page bytes received.
+    pub bytes_received: u64,
+    /// Socket records restored.
+    pub sockets_restored: u64,
+    /// Pages that arrived after `Commit` (post-copy).
+    pub postcopy_pages: u64,
+    /// Page requests sent because the program touched a missing page.
+    pub network_faults: u64,
+    /// Post-copy pages that arrived when already placed (dropped, not placed).
+    pub duplicate_pages: u64,
+    /// When `Handover` arrived (the source is frozen by then).
+    pub handover_at: Option<Instant>,
+    /// When the last page sent before `Commit` was placed.
+    pub last_page_at: Option<Instant>,
+    /// When `Ready` was sent.
+    pub ready_at: Option<Instant>,
+    /// When `Commit` arrived and the program was resumed.
+    pub resumed_at: Option<Instant>,
+    /// When every page was in place.
+    pub complete_at: Option<Instant>,
+    /// The digest check.
+    pub verification: Verification,
+    /// Errors after `Commit` that did not stop the program (e.g. a socket that
+    /// could not leave repair mode).
+    pub warnings: Vec<String>,
+}
+
+/// The destination side of one migration. See the [module docs](super).
+pub struct Destination<'a, C, M, P, K = NoSockets> {
+    channel: C,
+    memory: M,
+    program: P,
+    sockets: K,
+    observer: Box<dyn Observer + 'a>,
+    config: DestinationConfig,
+}
+
+impl<'a, C, M, P> Destination<'a, C, M, P, NoSockets>
+where
+    C: Channel,
+    M: MemorySink,
+    P: StateSink,
+{
+    /// A destination without sockets or observer.
+    pub fn new(channel: C, memory: M, program: P) -> Self {
+        Self {
+            channel,
+            memory,
+            program,
+            sockets: NoSockets,
+            observer: Box::new(NoObserver),
+            config: DestinationConfig::default(),
+        }
+    }
+}
+
+fn emit_phase(observer: &dyn Observer, phase: Phase) {
+    observer.event(&Event::Phase {
+        phase,
+        at: Instant::now(),
+    });
+}
+
+/// Pages that arrived before the control message they depend on.
+#[derive(Default)]
+struct EarlyPages {
+    batches: Vec<PageBatch>,
+    bytes: usize,
+}
+
+/// Most bytes of pages held while waiting for `Regions` or `Commit`.
+const MAX_EARLY_BYTES: usize = 256 << 20;
+
+impl EarlyPages {
+    fn hold(&mut self, batch: PageBatch) -> Result<()> {
+        if let PageData::Raw(d) = &batch.data {
+            self.bytes += d.len();
+        }
+        self.bytes += 64;
+        if self.bytes > MAX_EARLY_BYTES {
+            return Err(MigrationError::Protocol {
+                phase: "receiving",
+                expected: "the control message the pages depend on",
+                got: format!("over {MAX_EARLY_BYTES} bytes of pages before it"),
+            });
+        }
+        self.batches.push(batch);
+        Ok(())
+    }
+}
+
+/// Mutable progress of the destination.
+struct Progress {
+    early: Vec<PageBatch>,
+    layout: RegionLayout,
+    hashes: PageHashes,
+    placed_total: u64,
+    report: DestinationReport,
+}
+
+impl Progress {
+    /// Nothing received yet into `layout`.
+    fn new(layout: RegionLayout) -> Self {
+        Self {
+            early: Vec::new(),
+            hashes: PageHashes::new(&layout),
+            layout,
+            placed_total: 0,
+            report: DestinationReport {
+                pages_placed: 0,
+                zero_pages: 0,
+                bytes_received: 0,
+                sockets_restored: 0,
+                postcopy_pages: 0,
+                network_faults: 0,
+                duplicate_pages: 0,
+                handover_at: None,
+                last_page_at: None,
+                ready_at: None,
+                resumed_at: None,
+                complete_at: None,
+                verification: Verification::NotChecked,
+                warnings: Vec::new(),
+            },
+        }
+    }
+}
+
+impl<'a, C, M, P, K> Destination<'a, C, M, P, K>
+where
+    C: Channel,
+    M: MemorySink,
+    P: StateSink,
+    K: SocketSink,
+{
+    /// Restore sockets into this sink.
+    pub fn with_sockets<K2: SocketSink>(self, sockets: K2) -> Destination<'a, C, M, P, K2> {
+        Destination {
+            channel: self.channel,
+            memory: self.memory,
+            program: self.program,
+            sockets,
+            observer: self.observer,
+            config: self.config,
+        }
+    }
+
+    /// Report events to this observer.
+    pub fn with_observer(mut self, observer: impl Observer + 'a) -> Self {
+        self.observer = Box::new(observer);
+        self
+    }
+
+    /// Use these settings.
+    pub fn with_config(mut self, config: DestinationConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    fn phase(&self, phase: Phase) {
+        emit_phase(&*self.observer, phase);
+    }
+
+    /// Run the migration. `Ok` means the program was resumed here.
+    pub fn run(mut self) -> Result<DestinationReport> {
+        // A panic in a trait implementation before `Commit` fails the
+        // attempt like any error: everything received is discarded and the
+        // source told, so that it resumes.
+        let (mut progress, handover) =
+            match contain("before Commit", false, || self.before_commit()) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.phase(Phase::Aborted);
+                    if !matches!(e, MigrationError::PeerAborted { .. }) {
+                        send_abort(&self.channel, &e);
+                    }
+                    // Each step even if another panics.
+                    let _ = contain("discarding the sockets", false, || {
+                        self.sockets.discard();
+                        Ok(())
+                    });
+                    let _ = contain("discarding the program", false, || {
+                        self.program.discard();
+                        Ok(())
+                    });
+                    let _ = contain("discarding the memory", false, || {
+                        self.memory.discard();
+                        Ok(())
+                    });
+                    self.channel.shutdown();
+                    return Err(e);
+                }
+            };
+        // Committed: from here on the program runs here, whatever happens;
+        // a failure or a panic is reported, never undone.
+        self.phase(Phase::Committed);
+        if let Err(e) = contain("activating the sockets", true, || self.sockets.activate()) {
+            progress
+                .report
+                .warnings
+                .push(format!("activating sockets: {e}"));
+        }
+        if let Err(e) = contain("resuming the program", true, || self.program.resume()) {
+            progress
+                .report
+                .warnings
+                .push(format!("resuming the program: {e}"));
+        }
+        progress.report.resumed_at = Some(Instant::now());
+        let verification = contain("after Commit", true, || {
+            self.after_commit(&mut progress, &handover)
+        })?;
+        progress.report.verification = verification;
+        self.channel.send(&Message::Done(verification))?;
+        self.phase(Phase::Done);
+        if let Verification::Mismatch(region) = verification {
+            return Err(MigrationError::VerificationFailed { region });
+        }
+        Ok(progress.report)
+    }
+
+    fn before_commit(&mut self) -> Result<(Progress, Handover)> {
+        self.phase(Phase::Setup);
+        let idle = self.config.idle_timeout;
+        // Data lanes are separate streams: pages may overtake `Regions` on
+        // the control lane. Hold them (bounded) until the layout is known.
+        let mut early = EarlyPages::default();
+        let layout = loop {
+            match recv_within(&self.channel, idle, "Regions")? {
+                Message::Regions(layout) => break layout,
+                Message::Pages(batch) => early.hold(batch)?,
+                other => return Err(unexpected("setup", "Regions", &other)),
+            }
+        };
+        self.memory.prepare(&layout)?;
+        let mut progress = Progress::new(layout);
+        for batch in std::mem::take(&mut early.batches) {
+            place(&self.memory, &mut progress, &batch)?;
+        }
+        let handover = self.receive(&mut progress)?;
+        progress.report.last_page_at = Some(Instant::now());
+        self.phase(Phase::AwaitReady);
+        self.channel.send(&Message::Ready)?;
+        progress.report.ready_at = Some(Instant::now());
+        // Post-copy pages go out right after `Commit`, on other streams, and
+        // may arrive first: hold them until `Commit` is here.
+        let mut early = EarlyPages::default();
+        loop {
+            match recv_within(&self.channel, idle, "Commit")? {
+                Message::Commit => break,
+                Message::Pages(batch) if !handover.postcopy.is_empty() => early.hold(batch)?,
+                other => return Err(unexpected("ready", "Commit", &other)),
+            }
+        }
+        progress.early = early.batches;
+        Ok((progress, handover))
+    }
+
+    /// After `Commit`: post-copy until every page is in, then the digest check.
+    ///
+    /// Recovery: when the channel breaks (a `recv` or `send` error), faulting
+    /// threads simply stay blocked in the kernel; this thread calls
+    /// [`Channel::reconnect`] (retried until `idle_timeout`), sends
+    /// `Resync(every run still missing)` and repeats the requests of faults
+    /// still unanswered; the source requeues exactly those runs. Pages that
+    /// were in flight when the link broke and arrive anyway are placed once;
+    /// later copies are counted in `duplicate_pages` and dropped.
+    ///
+    /// Bad input after `Commit` (pages outside a region, of the wrong length,
+    /// not missing any more, unexpected messages) is dropped with a warning:
+    /// the program already runs here, so it never aborts the migration.
+    fn after_commit(
+        &mut self,
+        progress: &mut Progress,
+        handover: &Handover,
+    ) -> Result<Verification> {
+        let link = PostcopyLink::new();
+        let mut digests = None;
+        let missing = self.postcopy(progress, handover, &link, &mut digests)?;
+        if !handover.postcopy.is_empty() {
+            self.memory.end_postcopy()?;
+        }
+        progress.report.complete_at = Some(Instant::now());
+        if !handover.verify {
+            return Ok(Verification::NotChecked);
+        }
+        self.verify(progress, handover, &link, &missing, digests)
+    }
+}

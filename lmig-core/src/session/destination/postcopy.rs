@@ -1,0 +1,515 @@
+//! The destination after `Commit`: post-copy placement (pushed pages,
+//! requested pages, the program's faults) and recovery of a broken link.
+//!
+//! Post-copy runs three threads: the [`FaultForwarder`] turns the
+//! program's faults into `PageRequest`s on the urgent lane; the
+//! [`ReplyPlacer`] places the replies as they arrive (with
+//! [`Channel::recv_urgent`], so a requested page never queues behind pushed
+//! ones, nor waits while the session's thread copies a pushed chunk); the
+//! session's thread places the pushed pages. Both placing threads claim the
+//! pages still missing under a short lock and place them outside it
+//! ([`place_postcopy`]), so every page is placed once. A channel without
+//! `recv_urgent` delivers the replies to the session's thread instead.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::{Scope, ScopedJoinHandle};
+use std::time::Duration;
+
+use super::{Destination, DestinationReport, Progress};
+use crate::error::{MigrationError, Result};
+use crate::model::{PageRun, RegionLayout, RegionPages};
+use crate::protocol::{Handover, Message, PageBatch, PageData, RegionDigest};
+use crate::session::pages::runs_of;
+use crate::session::{contain, panicked, reconnect_within, spawn_named};
+use crate::traits::{Channel, MemorySink, Phase, SocketSink, StateSink};
+use crate::verify::{PageHashes, page_hash};
+
+/// How long the post-copy receive loop waits per `recv` before it checks
+/// the link and its idle time.
+pub(super) const RECV_TICK: Duration = Duration::from_millis(20);
+/// Silence on the control lane, counted in [`RECV_TICK`]s: an error once
+/// it lasted the idle timeout.
+pub(super) struct Quiet {
+    quiet: Duration,
+    idle: Duration,
+    waiting_for: &'static str,
+}
+
+impl Quiet {
+    pub(super) fn new(idle: Duration, waiting_for: &'static str) -> Self {
+        Self {
+            quiet: Duration::ZERO,
+            idle,
+            waiting_for,
+        }
+    }
+
+    /// A tick passed without a message.
+    pub(super) fn tick(&mut self) -> Result<()> {
+        self.quiet += RECV_TICK;
+        if self.quiet >= self.idle {
+            return Err(MigrationError::Timeout {
+                waiting_for: self.waiting_for,
+                after: self.idle,
+            });
+        }
+        Ok(())
+    }
+
+    /// A message arrived (or the link was re-established).
+    pub(super) fn reset(&mut self) {
+        self.quiet = Duration::ZERO;
+    }
+}
+
+/// Unanswered fault requests remembered for repetition after a reconnect.
+const MAX_OUTSTANDING: usize = 256;
+/// Most warnings kept about bad post-copy input.
+const MAX_WARNINGS: usize = 64;
+
+/// State shared by the post-copy threads of the destination.
+#[derive(Default)]
+pub(super) struct PostcopyLink {
+    /// Post-copy is over: the fault and urgent threads stop.
+    stop: AtomicBool,
+    /// The fault or urgent thread failed: post-copy stops.
+    failed: AtomicBool,
+    /// Page requests sent (the program's network-bound faults).
+    faults: AtomicU64,
+    /// False while the channel is being re-established.
+    up: AtomicBool,
+    /// Reconnections done.
+    reconnects: AtomicU64,
+    /// Recent fault requests (repeated after a reconnect if still missing).
+    outstanding: Mutex<Vec<PageRun>>,
+}
+
+impl PostcopyLink {
+    /// A link that is up.
+    pub(super) fn new() -> Self {
+        let link = Self::default();
+        link.up.store(true, Ordering::Release);
+        link
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Post-copy placement state shared by the thread placing pushed pages and
+/// the one placing requested pages.
+pub(super) struct Placement {
+    /// Pages neither placed nor claimed by a placement in progress.
+    pub missing: RegionPages,
+    /// Pages claimed from `missing` whose placement is in progress.
+    placing: u64,
+    pub hashes: PageHashes,
+    counts: Counts,
+    pub warnings: Vec<String>,
+}
+
+impl Placement {
+    /// Nothing placed yet; `missing` are the pages to come.
+    pub(super) fn new(missing: RegionPages, hashes: PageHashes) -> Self {
+        Self {
+            missing,
+            placing: 0,
+            hashes,
+            counts: Counts::default(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Every page is in place.
+    fn complete(&self) -> bool {
+        self.placing == 0 && self.missing.is_empty()
+    }
+
+    fn warn(&mut self, warning: String) {
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(warning);
+        }
+    }
+}
+
+/// Post-copy figures for the report.
+#[derive(Default)]
+struct Counts {
+    pages_placed: u64,
+    zero_pages: u64,
+    bytes_received: u64,
+    postcopy_pages: u64,
+    duplicate_pages: u64,
+}
+
+impl Counts {
+    fn add_to(&self, r: &mut DestinationReport) {
+        r.pages_placed += self.pages_placed;
+        r.zero_pages += self.zero_pages;
+        r.bytes_received += self.bytes_received;
+        r.postcopy_pages += self.postcopy_pages;
+        r.duplicate_pages += self.duplicate_pages;
+    }
+}
+
+/// Place a post-copy batch: only pages still missing, each once, claimed
+/// under the lock and placed outside it (the other placing thread goes
+/// on meanwhile). A batch outside the layout or of the wrong length is
+/// dropped with a warning.
+pub(super) fn place_postcopy<M: MemorySink + ?Sized>(
+    memory: &M,
+    layout: &RegionLayout,
+    shared: &Mutex<Placement>,
+    batch: &PageBatch,
+) -> Result<()> {
+    let run = batch.run;
+    let region = match layout.check_run(&run) {
+        Err(e) => {
+            lock(shared).warn(format!("post-copy: dropped a bad page batch: {e}"));
+            return Ok(());
+        }
+        Ok(region) => region,
+    };
+    let ps = region.page_size as usize;
+    if let PageData::Raw(d) = &batch.data {
+        if d.len() as u64 != region.bytes(u64::from(run.count)) {
+            lock(shared).warn(format!(
+                "post-copy: dropped a bad page batch: {} bytes for {run}",
+                d.len()
+            ));
+            return Ok(());
+        }
+    }
+    let (subs, fresh) = {
+        let mut sh = lock(shared);
+        let set = sh.missing.get_mut(run.region)?;
+        let subs: Vec<(u64, u64)> = set.runs_in(run.first, run.end()).collect();
+        for &(f, c) in &subs {
+            set.remove_range(f, c);
+        }
+        let fresh: u64 = subs.iter().map(|(_, c)| c).sum();
+        sh.counts.duplicate_pages += u64::from(run.count) - fresh;
+        sh.counts.postcopy_pages += fresh;
+        sh.placing += fresh;
+        (subs, fresh)
+    };
+    let placed = subs.iter().try_for_each(|&(f, c)| -> Result<()> {
+        let sub = PageRun::new(run.region, f, c as u32);
+        match &batch.data {
+            PageData::Raw(data) => {
+                let off = (f - run.first) as usize * ps;
+                let bytes = &data[off..off + c as usize * ps];
+                memory.write_pages(&sub, bytes)?;
+                let hashes: Vec<u64> = bytes.chunks_exact(ps).map(page_hash).collect();
+                let mut sh = lock(shared);
+                sh.hashes.record_hashes(&sub, &hashes);
+                sh.counts.bytes_received += bytes.len() as u64;
+                sh.counts.pages_placed += c;
+            }
+            PageData::Zero => {
+                memory.zero_pages(&sub)?;
+                let mut sh = lock(shared);
+                sh.hashes.record_zero(&sub);
+                sh.counts.zero_pages += c;
+                sh.counts.pages_placed += c;
+            }
+        }
+        Ok(())
+    });
+    lock(shared).placing -= fresh;
+    placed
+}
+
+/// What the post-copy threads of the destination share.
+struct Service<'s, M, C> {
+    memory: &'s M,
+    channel: &'s C,
+    layout: &'s RegionLayout,
+    shared: &'s Mutex<Placement>,
+    link: &'s PostcopyLink,
+    /// How often the fault and urgent threads check whether post-copy ended.
+    poll: Duration,
+}
+
+impl<'s, M: MemorySink, C: Channel> Service<'s, M, C> {
+    fn place(&self, batch: &PageBatch) -> Result<()> {
+        place_postcopy(self.memory, self.layout, self.shared, batch)
+    }
+
+    /// After a reconnect in post-copy: place the whole messages the channel
+    /// read before the link broke and still holds, and return the pages still
+    /// missing. Asked for again in the `Resync`, those pages would arrive twice.
+    /// (The source pushes nothing new before the `Resync`.) A reply the urgent
+    /// thread places meanwhile may still be asked for again; it is then dropped
+    /// as a duplicate.
+    fn drain_queued(&self, digests: &mut Option<Vec<RegionDigest>>) -> Result<RegionPages> {
+        // Bounded: what was queued before the break, and the source sends
+        // nothing until it has the `Resync`.
+        while let Ok(Some(msg)) = self.channel.recv(Some(Duration::ZERO)) {
+            match msg {
+                Message::Pages(batch) => self.place(&batch)?,
+                Message::Digests(d) => *digests = Some(d),
+                other => lock(self.shared).warn(format!(
+                    "post-copy: ignored an unexpected {} from the source",
+                    other.name()
+                )),
+            }
+        }
+        Ok(lock(self.shared).missing.clone())
+    }
+}
+
+impl<'a, C, M, P, K> Destination<'a, C, M, P, K>
+where
+    C: Channel,
+    M: MemorySink,
+    P: StateSink,
+    K: SocketSink,
+{
+    /// Post-copy: place every page the handover left for after `Commit`
+    /// (the early ones first), digests that arrive meanwhile into
+    /// `digests`. Returns the pages still missing (none unless it failed).
+    pub(super) fn postcopy(
+        &mut self,
+        progress: &mut Progress,
+        handover: &Handover,
+        link: &PostcopyLink,
+        digests: &mut Option<Vec<RegionDigest>>,
+    ) -> Result<RegionPages> {
+        let mut missing = RegionPages::empty(&progress.layout);
+        for run in &handover.postcopy {
+            missing.insert_run(run)?;
+        }
+        let hashes = std::mem::replace(
+            &mut progress.hashes,
+            PageHashes::new(&RegionLayout::default()),
+        );
+        let shared = Mutex::new(Placement::new(missing, hashes));
+        let layout = &progress.layout.clone();
+        let service = Service {
+            memory: &self.memory,
+            channel: &self.channel,
+            layout,
+            shared: &shared,
+            link,
+            poll: self.config.fault_poll,
+        };
+        let mut result = std::mem::take(&mut progress.early)
+            .iter()
+            .try_for_each(|batch| service.place(batch));
+        if result.is_ok() && !lock(&shared).complete() {
+            self.phase(Phase::Postcopy);
+            result = std::thread::scope(|s| -> Result<()> {
+                let threads = FaultForwarder::spawn(s, &service)
+                    .and_then(|fault| Ok((fault, ReplyPlacer::spawn(s, &service)?)));
+                let (fault, urgent) = match threads {
+                    Ok(threads) => threads,
+                    Err(e) => {
+                        link.stop.store(true, Ordering::Release);
+                        return Err(e);
+                    }
+                };
+                let placed = self.place_pushed(progress, &service, digests);
+                link.stop.store(true, Ordering::Release);
+                let faulted = fault.join();
+                let urgent = urgent.join();
+                placed.and(urgent).and(faulted)
+            });
+            progress.report.network_faults = link.faults.load(Ordering::Relaxed);
+        }
+        let placement = shared.into_inner().unwrap_or_else(|p| p.into_inner());
+        progress.hashes = placement.hashes;
+        placement.counts.add_to(&mut progress.report);
+        progress.report.warnings.extend(placement.warnings);
+        result?;
+        Ok(placement.missing)
+    }
+
+    /// The session's thread in post-copy: place pushed pages (and replies
+    /// of a channel without an urgent lane) until every page is in,
+    /// recovering when the link breaks.
+    fn place_pushed(
+        &self,
+        progress: &mut Progress,
+        service: &Service<'_, M, C>,
+        digests: &mut Option<Vec<RegionDigest>>,
+    ) -> Result<()> {
+        let (link, shared) = (service.link, service.shared);
+        let mut quiet = Quiet::new(self.config.idle_timeout, "post-copy pages");
+        while !lock(shared).complete() && !link.failed.load(Ordering::Acquire) {
+            if !link.up.load(Ordering::Acquire) {
+                self.recover(progress, link, "a page request failed", || {
+                    service.drain_queued(digests)
+                })?;
+                quiet.reset();
+            }
+            let msg = match self.channel.recv(Some(RECV_TICK)) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    quiet.tick()?;
+                    continue;
+                }
+                Err(e) => {
+                    self.recover(progress, link, &e.to_string(), || {
+                        service.drain_queued(digests)
+                    })?;
+                    quiet.reset();
+                    continue;
+                }
+            };
+            quiet.reset();
+            match msg {
+                Message::Pages(batch) => service.place(&batch)?,
+                Message::Digests(d) => *digests = Some(d),
+                other => lock(shared).warn(format!(
+                    "post-copy: ignored an unexpected {} from the source",
+                    other.name()
+                )),
+            }
+        }
+        Ok(())
+    }
+
+    /// The channel broke during post-copy: reconnect (bounded by
+    /// `idle_timeout`), take what `still_missing` says after the reconnect
+    /// (it places what arrived before the break first), tell the source
+    /// every page still missing, repeat the requests of unanswered faults.
+    pub(super) fn recover(
+        &self,
+        progress: &mut Progress,
+        link: &PostcopyLink,
+        why: &str,
+        still_missing: impl FnOnce() -> Result<RegionPages>,
+    ) -> Result<()> {
+        link.up.store(false, Ordering::Release);
+        let attempts = reconnect_within(&self.channel, self.config.idle_timeout, why)?;
+        let missing = &still_missing()?;
+        let count = missing.count();
+        self.channel.send(&Message::Resync(runs_of(missing)))?;
+        let again: Vec<PageRun> = lock(&link.outstanding)
+            .iter()
+            .filter(|r| {
+                missing
+                    .get(r.region)
+                    .is_ok_and(|s| s.runs_in(r.first, r.end()).next().is_some())
+            })
+            .copied()
+            .collect();
+        for run in again {
+            self.channel.send_urgent(&Message::PageRequest(run))?;
+        }
+        link.up.store(true, Ordering::Release);
+        link.reconnects.fetch_add(1, Ordering::Relaxed);
+        progress.report.warnings.push(format!(
+            "post-copy: the channel broke ({why}); reconnected after {attempts} attempt(s), {count} pages resynced"
+        ));
+        Ok(())
+    }
+}
+
+/// A running post-copy thread (of the roles below). Its error or panic
+/// marks post-copy failed, so that the session's thread stops too; a panic
+/// is contained where it happens (see [`contain`]).
+struct RoleThread<'scope> {
+    thread: ScopedJoinHandle<'scope, Result<()>>,
+    during: &'static str,
+}
+
+impl<'scope> RoleThread<'scope> {
+    fn spawn<'env, M: MemorySink, C: Channel>(
+        scope: &'scope Scope<'scope, 'env>,
+        (name, during): (&str, &'static str),
+        service: &'scope Service<'_, M, C>,
+        run: fn(&Service<'_, M, C>) -> Result<()>,
+    ) -> Result<Self> {
+        let thread = spawn_named(scope, name.into(), move || {
+            let r = contain(during, true, || run(service));
+            if r.is_err() {
+                service.link.failed.store(true, Ordering::Release);
+            }
+            r
+        })?;
+        Ok(Self { thread, during })
+    }
+
+    /// The thread's outcome (once `PostcopyLink::stop` is set).
+    fn join(self) -> Result<()> {
+        self.thread
+            .join()
+            .unwrap_or_else(|p| Err(panicked(self.during, true, &*p)))
+    }
+}
+
+/// The thread role turning the program's faults into `PageRequest`s on the
+/// urgent lane (remembered, to repeat them after a reconnect).
+struct FaultForwarder;
+
+impl FaultForwarder {
+    fn spawn<'scope, 'env, M: MemorySink, C: Channel>(
+        scope: &'scope Scope<'scope, 'env>,
+        service: &'scope Service<'_, M, C>,
+    ) -> Result<RoleThread<'scope>> {
+        let names = ("lmig-faults", "in the post-copy fault thread");
+        RoleThread::spawn(scope, names, service, Self::run)
+    }
+
+    fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
+        let link = service.link;
+        while !link.stop.load(Ordering::Acquire) {
+            let Some(run) = service.memory.wait_fault(service.poll)? else {
+                continue;
+            };
+            link.faults.fetch_add(1, Ordering::Relaxed);
+            {
+                let mut o = lock(&link.outstanding);
+                if o.len() == MAX_OUTSTANDING {
+                    o.remove(0);
+                }
+                o.push(run);
+            }
+            if link.up.load(Ordering::Acquire)
+                && service
+                    .channel
+                    .send_urgent(&Message::PageRequest(run))
+                    .is_err()
+            {
+                // The session's thread reconnects; the request is
+                // repeated after the resync.
+                link.up.store(false, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The thread role placing the replies to page requests from the urgent lane.
+struct ReplyPlacer;
+
+impl ReplyPlacer {
+    fn spawn<'scope, 'env, M: MemorySink, C: Channel>(
+        scope: &'scope Scope<'scope, 'env>,
+        service: &'scope Service<'_, M, C>,
+    ) -> Result<RoleThread<'scope>> {
+        let names = ("lmig-replies", "in the post-copy urgent thread");
+        RoleThread::spawn(scope, names, service, Self::run)
+    }
+
+    fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
+        while !service.link.stop.load(Ordering::Acquire) {
+            match service.channel.recv_urgent(service.poll) {
+                Ok(Some(Message::Pages(batch))) => service.place(&batch)?,
+                Ok(Some(other)) => lock(service.shared).warn(format!(
+                    "post-copy: ignored an unexpected {} on the urgent lane",
+                    other.name()
+                )),
+                Ok(None) => {}
+                // Unsupported: replies come through `recv`;
+                // closed: the session is over.
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,296 @@
+//! The destination before `Commit`: place the pre-copy and freeze pages,
+//! prepare and restore the sockets, take the program's state, until
+//! `Handover` and every page it announced are in.
+
+use std::sync::mpsc;
+use std::thread::{Scope, ScopedJoinHandle};
+use std::time::Instant;
+
+use super::{Destination, Progress, emit_phase};
+use crate::error::{MigrationError, Result};
+use crate::model::{RegionPages, SocketRecord};
+use crate::protocol::{Handover, Message, PageBatch, PageData};
+use crate::session::{recv_within, spawn_named, unexpected};
+use crate::traits::{Channel, Event, MemorySink, Phase, SocketSink, StateSink};
+
+/// Where the receive loop stands.
+#[derive(Default)]
+struct Receiving {
+    handover: Option<Handover>,
+    /// The last `Sockets` batch arrived.
+    sockets_done: bool,
+    /// The first `Sockets` batch arrived (the source is frozen).
+    frozen: bool,
+    /// `SocketPlan` was handled and `Prepared` sent.
+    prepared: bool,
+    /// Pages of the rounds whose `RoundEnd` arrived.
+    announced: u64,
+    /// The most this side has said (`Prepared`) it caught up with.
+    caught_up: u64,
+}
+
+impl Receiving {
+    /// `Handover` arrived and every page it announced is placed.
+    fn all_in(&self, progress: &Progress) -> bool {
+        self.handover
+            .as_ref()
+            .is_some_and(|h| progress.placed_total >= h.pages_total)
+    }
+
+    /// Before `Handover`: every page of the rounds announced so far is
+    /// placed and not said yet; noted as said (`Prepared{placed}` follows).
+    fn caught_up_now(&mut self, progress: &Progress) -> bool {
+        let now = self.handover.is_none()
+            && self.prepared
+            && self.announced > self.caught_up
+            && progress.placed_total >= self.announced;
+        if now {
+            self.caught_up = self.announced;
+        }
+        now
+    }
+
+    /// After `Handover`, no more pages than it announced.
+    fn check_not_over(&self, progress: &Progress) -> Result<()> {
+        match &self.handover {
+            Some(h) if progress.placed_total > h.pages_total => Err(MigrationError::Protocol {
+                phase: "freeze",
+                expected: "no more pages than announced",
+                got: format!(
+                    "{} pages, {} announced",
+                    progress.placed_total, h.pages_total
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<'a, C, M, P, K> Destination<'a, C, M, P, K>
+where
+    C: Channel,
+    M: MemorySink,
+    P: StateSink,
+    K: SocketSink,
+{
+    /// Pre-copy and the freeze: place pages, prepare and restore sockets,
+    /// take the program's state, until `Handover` and every page it
+    /// announced are in.
+    ///
+    /// Socket records are restored on their own thread ([`Restorer`]) from
+    /// the first `Sockets` batch on, while this one places the last pages:
+    /// in the freeze the two arrive together (the source captures while it
+    /// sends them), and with many connections restoring is the longest step.
+    pub(super) fn receive(&mut self, progress: &mut Progress) -> Result<Handover> {
+        let Self {
+            channel,
+            memory,
+            program,
+            sockets,
+            observer,
+            config,
+        } = self;
+        let idle = config.idle_timeout;
+        let phase = |phase: Phase| emit_phase(&**observer, phase);
+        let mut sockets = Some(sockets);
+        std::thread::scope(|scope| -> Result<Handover> {
+            let mut restorer: Option<Restorer<'_>> = None;
+            let mut st = Receiving::default();
+            loop {
+                if st.all_in(progress) {
+                    break;
+                }
+                if st.caught_up_now(progress) {
+                    channel.send(&Message::Prepared {
+                        placed: progress.placed_total,
+                    })?;
+                }
+                if let Some(r) = restorer.as_mut() {
+                    r.check()?;
+                }
+                match recv_within(&*channel, idle, "the source's pages")? {
+                    Message::Pages(batch) => {
+                        place(&*memory, progress, &batch)?;
+                        st.check_not_over(progress)?;
+                    }
+                    Message::RoundEnd(summary) => {
+                        st.announced = st.announced.saturating_add(summary.pages);
+                        phase(Phase::Precopy(summary.round));
+                        observer.event(&Event::Progress {
+                            pages: progress.report.pages_placed,
+                            bytes: progress.report.bytes_received,
+                            total_pages: progress.layout.total_pages(),
+                        });
+                    }
+                    Message::SocketPlan(plan) if st.handover.is_none() && !st.prepared => {
+                        if let Some(s) = sockets.as_mut() {
+                            s.prepare(&plan)?;
+                        }
+                        channel.send(&Message::Prepared {
+                            placed: progress.placed_total,
+                        })?;
+                        st.prepared = true;
+                    }
+                    Message::Sockets { records, last }
+                        if !st.sockets_done && st.handover.is_none() =>
+                    {
+                        if !st.frozen {
+                            phase(Phase::Frozen);
+                            st.frozen = true;
+                        }
+                        progress.report.sockets_restored += records.len() as u64;
+                        // The sink validates each record and restores the
+                        // valid ones; it decides whether a bad record fails
+                        // the migration.
+                        st.sockets_done = last;
+                        if records.is_empty() {
+                            continue;
+                        }
+                        let r = match (&mut restorer, sockets.take()) {
+                            (Some(r), _) => r,
+                            (None, Some(sink)) => restorer.insert(Restorer::spawn(scope, sink)?),
+                            (None, None) => unreachable!("the sink moves to the restorer once"),
+                        };
+                        r.restore(records)?;
+                    }
+                    Message::State(state) if st.handover.is_none() => {
+                        state.validate()?;
+                        program.restore(state)?;
+                    }
+                    Message::Handover(h) if st.handover.is_none() => {
+                        handover_arrived(&*memory, progress, &h)?;
+                        st.handover = Some(h);
+                    }
+                    other => {
+                        return Err(unexpected(
+                            "receiving",
+                            "Pages, RoundEnd, SocketPlan, Sockets, State or Handover",
+                            &other,
+                        ));
+                    }
+                }
+            }
+            if let Some(r) = restorer {
+                r.finish()?;
+            }
+            Ok(st.handover.expect("the loop ends only after Handover"))
+        })
+    }
+}
+
+/// `Handover` arrived: note when, and hand the pages left for post-copy to
+/// the memory (before `Ready`: the program is not running, so a failure
+/// here still aborts cleanly).
+fn handover_arrived<M: MemorySink>(
+    memory: &M,
+    progress: &mut Progress,
+    handover: &Handover,
+) -> Result<()> {
+    progress.report.handover_at = Some(Instant::now());
+    if !handover.postcopy.is_empty() {
+        let mut missing = RegionPages::empty(&progress.layout);
+        for run in &handover.postcopy {
+            progress.layout.check_run(run)?;
+            missing.insert_run(run)?;
+        }
+        memory.begin_postcopy(&missing)?;
+    }
+    Ok(())
+}
+
+/// Place one batch received before `Commit`: a batch outside the layout or
+/// of the wrong length is an error (the migration aborts), never a panic.
+pub(super) fn place<M: MemorySink + ?Sized>(
+    memory: &M,
+    progress: &mut Progress,
+    batch: &PageBatch,
+) -> Result<()> {
+    let run = batch.run;
+    let region = progress.layout.check_run(&run)?;
+    let len = region.bytes(u64::from(run.count));
+    match &batch.data {
+        PageData::Raw(data) => {
+            if data.len() as u64 != len {
+                return Err(MigrationError::Protocol {
+                    phase: "pages",
+                    expected: "page data of the run's length",
+                    got: format!("{} bytes for {run} ({len} expected)", data.len()),
+                });
+            }
+            memory.write_pages(&run, data)?;
+            progress.hashes.record(&run, data);
+            progress.report.bytes_received += data.len() as u64;
+        }
+        PageData::Zero => {
+            memory.zero_pages(&run)?;
+            progress.hashes.record_zero(&run);
+            progress.report.zero_pages += u64::from(run.count);
+        }
+    }
+    progress.report.pages_placed += u64::from(run.count);
+    progress.placed_total += u64::from(run.count);
+    Ok(())
+}
+
+/// The thread restoring socket records while the session places pages.
+pub(super) struct Restorer<'scope> {
+    batches: Option<mpsc::Sender<Vec<SocketRecord>>>,
+    thread: Option<ScopedJoinHandle<'scope, Result<()>>>,
+}
+
+impl<'scope> Restorer<'scope> {
+    fn spawn<'env, K: SocketSink>(
+        scope: &'scope Scope<'scope, 'env>,
+        sink: &'scope mut K,
+    ) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Vec<SocketRecord>>();
+        let thread = spawn_named(scope, "lmig-restore".into(), move || {
+            // Ends when the session drops the sender, or at the first error.
+            for batch in rx {
+                sink.restore(batch)?;
+            }
+            Ok(())
+        })?;
+        Ok(Self {
+            batches: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn restore(&mut self, batch: Vec<SocketRecord>) -> Result<()> {
+        if let Some(tx) = &self.batches {
+            if tx.send(batch).is_ok() {
+                return Ok(());
+            }
+        }
+        // The thread ended early: it failed.
+        self.batches = None;
+        Self::join(self.thread.take())
+    }
+
+    /// The restore's error as soon as it failed (the thread ends early only then).
+    fn check(&mut self) -> Result<()> {
+        if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            self.batches = None;
+            return Self::join(self.thread.take());
+        }
+        Ok(())
+    }
+
+    /// Wait until every batch is restored.
+    fn finish(mut self) -> Result<()> {
+        self.batches = None;
+        Self::join(self.thread.take())
+    }
+
+    /// A panic in the sink is an error like any other (before `Commit`).
+    fn join(thread: Option<ScopedJoinHandle<'scope, Result<()>>>) -> Result<()> {
+        let stopped = |why| MigrationError::backend("socket restore", why);
+        match thread {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(stopped("the restoring thread panicked"))),
+            None => Err(stopped("the restoring thread stopped")),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! The source's freeze: pause the program, freeze and capture the sockets
+//! while the last dirty pages go out, send the state and the handover, and
+//! wait for `Ready`.
+
+use std::time::{Duration, Instant};
+
+use super::precopy::{FirstRound, PageLanes, Rounds};
+use super::{Mode, Source, SourceReport, Undo};
+use crate::error::{MigrationError, Result};
+use crate::model::{PageRun, RegionLayout, RegionPages};
+use crate::protocol::{Handover, Message};
+use crate::session::pages::runs_of;
+use crate::session::{panicked, recv_within, spawn_named, unexpected};
+use crate::traits::{Channel, DirtyTracker, MemorySource, Phase, SocketSource, StateSource};
+
+/// Times the steps of the freeze for [`SourceReport::freeze_steps`].
+struct FreezeClock {
+    lap: Instant,
+}
+
+impl FreezeClock {
+    /// The step `name` ended now.
+    fn step(&mut self, name: &'static str, steps: &mut Vec<(&'static str, Duration)>) {
+        let now = Instant::now();
+        steps.push((name, now - self.lap));
+        self.lap = now;
+    }
+}
+
+impl<'a, C, M, T, P, K> Source<'a, C, M, T, P, K>
+where
+    C: Channel,
+    M: MemorySource,
+    T: DirtyTracker,
+    P: StateSource,
+    K: SocketSource,
+{
+    /// The freeze, from the pause to `Ready`. Returns the pages left for
+    /// post-copy.
+    pub(super) fn freeze(
+        &mut self,
+        layout: &RegionLayout,
+        undo: &mut Undo,
+        report: &mut SourceReport,
+        mut rounds: Rounds,
+    ) -> Result<RegionPages> {
+        self.phase(Phase::Frozen);
+        report.paused_at = Instant::now();
+        undo.paused = true;
+        let mut clock = FreezeClock {
+            lap: report.paused_at,
+        };
+        self.program.pause()?;
+        clock.step("pause program", &mut report.freeze_steps);
+        undo.sockets_frozen = true;
+        self.sockets.freeze()?;
+        clock.step("freeze sockets", &mut report.freeze_steps);
+        // The sockets are captured (and restored at the destination, the
+        // longest step with many connections) on their own thread while this
+        // one collects and sends the last dirty pages.
+        let mode = self.config.mode;
+        let lanes = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages);
+        let (channel, tracker, sockets) = (&self.channel, &mut self.tracker, &mut self.sockets);
+        let (captured, postcopy_runs) =
+            std::thread::scope(|scope| -> Result<(u64, Vec<PageRun>)> {
+                let capture = SocketCapture::spawn(scope, sockets, channel)?;
+                let pages = final_pages(&lanes, tracker, mode, &mut rounds, report, &mut clock);
+                let captured = capture.join();
+                let runs = pages?;
+                Ok((captured?, runs))
+            })?;
+        report.sockets = captured;
+        // The part of the capture that outlasted the pages.
+        clock.step("capture sockets", &mut report.freeze_steps);
+        let state = self.program.capture()?;
+        state.validate()?;
+        self.channel.send(&Message::State(state))?;
+        self.channel.send(&Message::Handover(Handover {
+            pages_total: report.pages_sent,
+            postcopy: postcopy_runs,
+            verify: self.config.verify,
+        }))?;
+        clock.step("state and handover", &mut report.freeze_steps);
+        self.await_ready(report)?;
+        clock.step("wait for Ready", &mut report.freeze_steps);
+        Ok(rounds.to_send)
+    }
+
+    /// Wait for `Ready`.
+    fn await_ready(&self, report: &mut SourceReport) -> Result<()> {
+        self.phase(Phase::AwaitReady);
+        // A `Prepared` the destination sent before it saw the freeze may come
+        // first (at most one per round).
+        for left in (0..=report.rounds + 1).rev() {
+            match recv_within(&self.channel, self.config.ready_timeout, "Ready")? {
+                Message::Ready => break,
+                Message::Prepared { .. } if left > 0 => {}
+                other => return Err(unexpected("await-ready", "Ready", &other)),
+            }
+        }
+        report.ready_at = Instant::now();
+        Ok(())
+    }
+}
+
+/// The last collect, and the pages it leaves: sent now (pre-copy), or
+/// named for post-copy (returned, left in `rounds.to_send`).
+fn final_pages<M: MemorySource, C: Channel, T: DirtyTracker>(
+    lanes: &PageLanes<'_, M, C>,
+    tracker: &mut T,
+    mode: Mode,
+    rounds: &mut Rounds,
+    report: &mut SourceReport,
+    clock: &mut FreezeClock,
+) -> Result<Vec<PageRun>> {
+    rounds.dirty.clear();
+    tracker.collect(&mut rounds.dirty)?;
+    clock.step("final collect", &mut report.freeze_steps);
+    rounds.to_send.union_with(&rounds.dirty);
+    if mode == Mode::Postcopy {
+        rounds.to_send = RegionPages::full(lanes.layout());
+    }
+    let postcopy_runs = if rounds.postcopy {
+        runs_of(&rounds.to_send)
+    } else {
+        let sent = lanes.send_set(&rounds.to_send, rounds.round + 1, FirstRound::default())?;
+        report.pages_sent += sent.pages;
+        report.zero_pages += sent.zero_pages;
+        report.bytes_sent += sent.bytes;
+        report.freeze_pages = sent.pages;
+        rounds.to_send.clear();
+        Vec::new()
+    };
+    clock.step("final pages", &mut report.freeze_steps);
+    Ok(postcopy_runs)
+}
+
+/// The thread capturing the sockets during the freeze and sending their
+/// records (`Sockets{last: false}` batches, then `Sockets{last: true}`).
+struct SocketCapture<'scope> {
+    thread: std::thread::ScopedJoinHandle<'scope, Result<u64>>,
+}
+
+impl<'scope> SocketCapture<'scope> {
+    fn spawn<'env, K: SocketSource, C: Channel>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        sockets: &'scope mut K,
+        channel: &'scope C,
+    ) -> Result<Self> {
+        let thread = spawn_named(scope, "lmig-capture".into(), move || {
+            let mut count = 0u64;
+            sockets.capture(&mut |records| {
+                count += records.len() as u64;
+                channel.send(&Message::Sockets {
+                    records,
+                    last: false,
+                })
+            })?;
+            channel.send(&Message::Sockets {
+                records: Vec::new(),
+                last: true,
+            })?;
+            Ok::<_, MigrationError>(count)
+        })?;
+        Ok(Self { thread })
+    }
+
+    /// The number of records captured; a panic in the capture is an error.
+    fn join(self) -> Result<u64> {
+        self.thread
+            .join()
+            .unwrap_or_else(|p| Err(panicked("in the socket capture", false, &*p)))
+    }
+}

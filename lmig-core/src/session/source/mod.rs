@@ -1,0 +1,370 @@
+//! The source side: pre-copy rounds, the freeze, the commit, post-copy service.
+//!
+//! [`Source::run`] runs the phases in order, each a function in its own file:
+//! `setup` and `precopy` ([`precopy`]), `freeze` (up to `Ready`), the commit
+//! (here), `after_commit` ([`postcopy`]: the post-copy threads, digests,
+//! `Done`). [`push`] holds the post-copy push order.
+
+mod freeze;
+mod postcopy;
+mod precopy;
+mod push;
+
+use std::time::{Duration, Instant};
+
+use super::{contain, send_abort};
+use crate::error::{MigrationError, Result};
+use crate::model::{RegionLayout, RegionPages};
+use crate::policy::{ConvergencePolicy, Decision, Policy, RoundStats};
+use crate::protocol::{CHUNK_PAGES, Message, Verification};
+use crate::traits::{
+    Channel, DirtyTracker, Event, MemorySource, NoObserver, NoSockets, Observer, Phase,
+    SocketSource, StateSource,
+};
+
+/// How the source moves memory.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Pre-copy rounds until the policy freezes; a `Postcopy` decision is
+    /// treated as `Freeze`.
+    #[default]
+    Precopy,
+    /// Pre-copy rounds; when the policy says `Postcopy` (rounds stop
+    /// converging), switch to post-copy for the pages still dirty.
+    Hybrid,
+    /// No rounds: freeze at once, resume at the destination, send every page after.
+    Postcopy,
+}
+
+/// Settings of a [`Source`].
+#[derive(Copy, Clone, Debug)]
+pub struct SourceConfig {
+    /// Pre-copy, hybrid or post-copy.
+    pub mode: Mode,
+    /// Send digests of the frozen memory after `Commit` and have the
+    /// destination check them before `Done` (costs the source one hashing
+    /// pass after the commit, nothing during the freeze).
+    pub verify: bool,
+    /// Most time to wait for `Ready` after the freeze.
+    pub ready_timeout: Duration,
+    /// Most time without any message from the destination after `Commit`.
+    pub done_timeout: Duration,
+    /// Pages per `Pages` message of the pre-copy rounds and the freeze (at
+    /// most [`CHUNK_PAGES`]).
+    pub batch_pages: u32,
+    /// Pages per pushed `Pages` message after `Commit` while the program
+    /// catches up with the push (at most [`CHUNK_PAGES`]); otherwise the
+    /// push uses `batch_pages`. A program reading its memory in order soon
+    /// faults on pages already sent and waits for the message holding its
+    /// page to arrive whole: smaller messages shorten that wait (it grows
+    /// with the message size) for more per-message work (the whole transfer
+    /// takes longer the smaller the messages), which a program faulting on
+    /// pages not sent yet (answered on their own) does not need. The push
+    /// switches to this size when a request names only pages already sent
+    /// and back when one names a page not sent. Default 8, tuned for 4 KiB
+    /// pages on a 2-vCPU virtual machine with source and destination on
+    /// one host (figures in the benchmark docs).
+    pub push_pages: u32,
+    /// Most time a shrinking pre-copy round waits for the destination to
+    /// place its pages (`Prepared{placed}`) before the policy decides: the
+    /// policy then sees the end-to-end bandwidth, and a freeze does not
+    /// include placing a backlog. The program runs meanwhile.
+    pub catch_up_timeout: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Precopy,
+            verify: true,
+            ready_timeout: Duration::from_secs(30),
+            done_timeout: Duration::from_secs(60),
+            batch_pages: CHUNK_PAGES,
+            push_pages: 8,
+            catch_up_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What a finished (committed) migration did, seen from the source.
+#[derive(Clone, Debug)]
+pub struct SourceReport {
+    /// The memory mode used.
+    pub mode: Mode,
+    /// Pre-copy rounds run (0 in post-copy mode).
+    pub rounds: u32,
+    /// Statistics of every round.
+    pub round_stats: Vec<RoundStats>,
+    /// The policy's decisions, one per round.
+    pub decisions: Vec<Decision>,
+    /// Hybrid mode switched to post-copy.
+    pub switched_to_postcopy: bool,
+    /// The policy's explanation of its last decision.
+    pub policy_reason: String,
+    /// Every page sent, zero pages included, all phases.
+    pub pages_sent: u64,
+    /// Zero pages sent as a flag.
+    pub zero_pages: u64,
+    /// Bytes put on the channel for pages (data plus a fixed per-message overhead).
+    pub bytes_sent: u64,
+    /// Pages sent during the freeze.
+    pub freeze_pages: u64,
+    /// Where the freeze went, step by step, from the pause to `Ready`. The
+    /// sockets are captured while the final pages are collected and sent:
+    /// "capture sockets" is only the part of the capture that outlasted them.
+    pub freeze_steps: Vec<(&'static str, Duration)>,
+    /// Pages sent after `Commit` (post-copy).
+    pub postcopy_pages: u64,
+    /// Of those, pages sent because the destination asked for them.
+    pub requested_pages: u64,
+    /// Socket records captured.
+    pub sockets: u64,
+    /// Which dirty tracker ran.
+    pub tracker: &'static str,
+    /// When the program was paused.
+    pub paused_at: Instant,
+    /// When `Ready` arrived.
+    pub ready_at: Instant,
+    /// When the `Commit` frame was written.
+    pub commit_at: Instant,
+    /// From the start of the session to `Done`.
+    pub total: Duration,
+    /// What the destination found when it checked the digests.
+    pub verification: Verification,
+    /// Errors after `Commit` that could not stop the migration (e.g. closing
+    /// a socket in repair mode failed); the destination runs regardless.
+    pub warnings: Vec<String>,
+}
+
+impl SourceReport {
+    /// Pause to `Commit` written: the freeze as the source sees it.
+    pub fn freeze(&self) -> Duration {
+        self.commit_at - self.paused_at
+    }
+}
+
+/// The source side of one migration. See the [module docs](super).
+pub struct Source<'a, C, M, T, P, K = NoSockets> {
+    channel: C,
+    memory: M,
+    tracker: T,
+    program: P,
+    sockets: K,
+    policy: Box<dyn Policy + 'a>,
+    observer: Box<dyn Observer + 'a>,
+    config: SourceConfig,
+}
+
+/// What to undo if the migration fails before `Commit`.
+#[derive(Default)]
+struct Undo {
+    tracking: bool,
+    throttled: bool,
+    paused: bool,
+    sockets_frozen: bool,
+}
+
+impl<'a, C, M, T, P> Source<'a, C, M, T, P, NoSockets>
+where
+    C: Channel,
+    M: MemorySource,
+    T: DirtyTracker,
+    P: StateSource,
+{
+    /// A source with the default policy, no sockets and no observer.
+    pub fn new(channel: C, memory: M, tracker: T, program: P) -> Self {
+        Self {
+            channel,
+            memory,
+            tracker,
+            program,
+            sockets: NoSockets,
+            policy: Box::new(ConvergencePolicy::default()),
+            observer: Box::new(NoObserver),
+            config: SourceConfig::default(),
+        }
+    }
+}
+
+impl<'a, C, M, T, P, K> Source<'a, C, M, T, P, K>
+where
+    C: Channel,
+    M: MemorySource,
+    T: DirtyTracker,
+    P: StateSource,
+    K: SocketSource,
+{
+    /// Move these sockets too.
+    pub fn with_sockets<K2: SocketSource>(self, sockets: K2) -> Source<'a, C, M, T, P, K2> {
+        Source {
+            channel: self.channel,
+            memory: self.memory,
+            tracker: self.tracker,
+            program: self.program,
+            sockets,
+            policy: self.policy,
+            observer: self.observer,
+            config: self.config,
+        }
+    }
+
+    /// Use this convergence policy.
+    pub fn with_policy(mut self, policy: impl Policy + 'a) -> Self {
+        self.policy = Box::new(policy);
+        self
+    }
+
+    /// Report events to this observer.
+    pub fn with_observer(mut self, observer: impl Observer + 'a) -> Self {
+        self.observer = Box::new(observer);
+        self
+    }
+
+    /// Use these settings.
+    pub fn with_config(mut self, config: SourceConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    fn phase(&self, phase: Phase) {
+        self.observer.event(&Event::Phase {
+            phase,
+            at: Instant::now(),
+        });
+    }
+
+    /// Run the migration. See the [module docs](super) for what `Ok` and `Err` mean.
+    pub fn run(mut self) -> Result<SourceReport> {
+        let start = Instant::now();
+        let layout = self.memory.layout();
+        let mut report = SourceReport {
+            mode: self.config.mode,
+            rounds: 0,
+            round_stats: Vec::new(),
+            decisions: Vec::new(),
+            switched_to_postcopy: false,
+            policy_reason: String::new(),
+            pages_sent: 0,
+            zero_pages: 0,
+            bytes_sent: 0,
+            freeze_pages: 0,
+            freeze_steps: Vec::new(),
+            postcopy_pages: 0,
+            requested_pages: 0,
+            sockets: 0,
+            tracker: self.tracker.name(),
+            paused_at: start,
+            ready_at: start,
+            commit_at: start,
+            total: Duration::ZERO,
+            verification: Verification::NotChecked,
+            warnings: Vec::new(),
+        };
+        let mut undo = Undo::default();
+        // A panic in a trait implementation before `Commit` fails the
+        // attempt like any error: the abort resumes the program.
+        let postcopy = match contain("before Commit", false, || {
+            self.before_commit(&layout, &mut undo, &mut report)
+        }) {
+            Ok(postcopy) => postcopy,
+            Err(e) => return Err(self.abort(&undo, e)),
+        };
+        // The commit point: if the frame cannot be written completely, the
+        // destination cannot have it and we may still resume here.
+        if let Err(e) = contain("sending Commit", false, || {
+            self.channel.send(&Message::Commit)
+        }) {
+            return Err(self.abort(&undo, e));
+        }
+        report.commit_at = Instant::now();
+        self.phase(Phase::Committed);
+        // From here on the destination owns the program: a failure or a
+        // panic is reported, never undone.
+        if let Err(e) = contain("in the program's `committed`", true, || {
+            self.program.committed();
+            Ok(())
+        }) {
+            report.warnings.push(e.to_string());
+        }
+        // The clients wait for the handoff (held packets, the service
+        // address). Nobody waits for the tracker, whose teardown (write
+        // protection off over every region) takes tens of ms per GiB: it
+        // comes after `Done`, so on a shared host it does not compete with
+        // the destination activating its sockets and resuming.
+        if let Err(e) = contain("releasing the source sockets", true, || {
+            self.sockets.release()
+        }) {
+            report
+                .warnings
+                .push(format!("releasing the source sockets: {e}"));
+        }
+        let outcome = contain("after Commit", true, || {
+            self.after_commit(&layout, postcopy, &mut report)
+        });
+        if let Err(e) = contain("stopping the dirty tracker", true, || self.tracker.stop()) {
+            report
+                .warnings
+                .push(format!("stopping the dirty tracker: {e}"));
+        }
+        report.total = start.elapsed();
+        match outcome {
+            Ok(verification) => {
+                report.verification = verification;
+                self.memory.release();
+                self.phase(Phase::Done);
+                Ok(report)
+            }
+            Err(e @ MigrationError::Panicked { .. }) => Err(e),
+            Err(e) => Err(MigrationError::CommitUnconfirmed {
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Everything up to `Ready`: setup, pre-copy, the freeze. Returns the
+    /// pages left for post-copy.
+    fn before_commit(
+        &mut self,
+        layout: &RegionLayout,
+        undo: &mut Undo,
+        report: &mut SourceReport,
+    ) -> Result<RegionPages> {
+        let mut ready = self.setup(layout, undo)?;
+        let rounds = self.precopy(layout, undo, report, &mut ready)?;
+        self.freeze(layout, undo, report, rounds)
+    }
+
+    /// Undo everything and resume the program here. Returns the error to report.
+    fn abort(&mut self, undo: &Undo, err: MigrationError) -> MigrationError {
+        self.phase(Phase::Aborted);
+        send_abort(&self.channel, &err);
+        // Undo everything even if one step fails or panics; report the
+        // first failure.
+        let mut failed: Option<(&'static str, MigrationError)> = None;
+        if undo.sockets_frozen {
+            if let Err(e) = contain("in the socket abort", false, || self.sockets.abort()) {
+                failed.get_or_insert(("socket abort", e));
+            }
+        }
+        if undo.throttled {
+            let _ = contain("lifting the throttle", false, || {
+                self.program.throttle(100);
+                Ok(())
+            });
+        }
+        if undo.paused {
+            if let Err(e) = contain("in the program's resume", false, || self.program.resume()) {
+                failed.get_or_insert(("program resume", e));
+            }
+        }
+        if undo.tracking {
+            let _ = contain("stopping the dirty tracker", false, || self.tracker.stop());
+        }
+        match failed {
+            None => err,
+            Some((what, e)) => {
+                MigrationError::backend(what, format!("{e} (after the migration failed: {err})"))
+            }
+        }
+    }
+}

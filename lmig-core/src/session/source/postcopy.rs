@@ -1,0 +1,452 @@
+//! The source after `Commit`: the post-copy service (push, requests,
+//! recovery), the digests, and the wait for `Done`.
+//!
+//! Three thread roles serve post-copy beside the session's own thread:
+//! the [`Pusher`] sends the queue ([`PushQueue`]: around recent faults
+//! first, then in address order) on the data lanes; the [`RequestServer`]
+//! answers `PageRequest`s on the urgent lane the moment they arrive; the
+//! [`DigestJob`] hashes the frozen memory beside the push. The session's
+//! thread ([`Service::listen`]) reads the control lane: `Resync`, `Done`,
+//! and requests of a channel without an urgent lane.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::{Scope, ScopedJoinHandle};
+use std::time::Duration;
+
+use super::push::{PushGate, PushQueue};
+use super::{Source, SourceReport};
+use crate::error::{MigrationError, Result};
+use crate::model::{PageRun, RegionLayout, RegionPages};
+use crate::protocol::{CHUNK_PAGES, Message, RegionDigest, Verification};
+use crate::session::pages::{PageSender, Sent, lane_of};
+use crate::session::{contain, reconnect_within, spawn_named, unexpected};
+use crate::traits::{
+    Channel, DirtyTracker, Event, MemorySource, Observer, Phase, SocketSource, StateSource,
+};
+use crate::verify::PageHashes;
+
+/// How often the post-copy urgent thread checks whether the session ended.
+const URGENT_TICK: Duration = Duration::from_millis(20);
+
+/// How long the control lane is read at a time after `Commit`.
+const CONTROL_TICK: Duration = Duration::from_millis(20);
+
+/// Round number used for pages sent after `Commit`.
+const POSTCOPY_ROUND: u32 = u32::MAX;
+
+impl<'a, C, M, T, P, K> Source<'a, C, M, T, P, K>
+where
+    C: Channel,
+    M: MemorySource,
+    T: DirtyTracker,
+    P: StateSource,
+    K: SocketSource,
+{
+    /// After `Commit`: post-copy service, digests, wait for `Done`.
+    ///
+    /// Recovery: when the channel breaks (a `recv` error here or a send
+    /// error in the pusher), the pusher pauses, this thread calls
+    /// [`Channel::reconnect`] (retried until `done_timeout`) and waits for
+    /// the destination's `Resync(missing)`: exactly those runs go back into
+    /// the queue (pages the destination has are never sent again), the
+    /// digests are sent again if they were, and the pusher resumes.
+    pub(super) fn after_commit(
+        &mut self,
+        layout: &RegionLayout,
+        unsent: RegionPages,
+        report: &mut SourceReport,
+    ) -> Result<Verification> {
+        let postcopy = !unsent.is_empty();
+        if postcopy {
+            self.phase(Phase::Postcopy);
+        }
+        let batch = self.config.batch_pages.clamp(1, CHUNK_PAGES);
+        let service = Service {
+            memory: &self.memory,
+            channel: &self.channel,
+            layout,
+            observer: &*self.observer,
+            push: Mutex::new(PushQueue::new(unsent)),
+            gate: PushGate::new(),
+            pushed: AtomicU64::new(0),
+            lanes: self.channel.data_lanes().max(1),
+            batch,
+            small: self.config.push_pages.clamp(1, CHUNK_PAGES),
+            catching_up: AtomicBool::new(false),
+            requested: Mutex::new(Sent::default()),
+            heard: AtomicU64::new(0),
+            serving: AtomicBool::new(true),
+            done_timeout: self.config.done_timeout,
+            verify: self.config.verify,
+            postcopy,
+        };
+        let mut warnings = Vec::new();
+        let outcome = std::thread::scope(|s| -> Result<Verification> {
+            let threads = match PostcopyThreads::spawn(s, &service) {
+                Ok(threads) => threads,
+                Err(e) => {
+                    service.stop();
+                    return Err(e);
+                }
+            };
+            let PostcopyThreads {
+                mut digest_job,
+                pusher,
+                server,
+            } = threads;
+            // A panic in the program's memory (read for the digests or a
+            // request) must not leave the other threads serving forever:
+            // it ends the service like an error, and they are stopped below.
+            let served = contain("in the post-copy service", true, || {
+                service.listen(&pusher, &mut digest_job, &mut warnings)
+            });
+            service.stop();
+            server.join();
+            let requested = *lock(&service.requested);
+            let pushed = pusher.join()?;
+            report.postcopy_pages = pushed.pages + requested.pages;
+            report.requested_pages = requested.pages;
+            report.pages_sent += pushed.pages + requested.pages;
+            report.zero_pages += pushed.zero_pages + requested.zero_pages;
+            report.bytes_sent += pushed.bytes + requested.bytes;
+            served
+        });
+        report.warnings.extend(warnings);
+        outcome
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the source's post-copy threads share.
+struct Service<'s, M, C> {
+    memory: &'s M,
+    channel: &'s C,
+    layout: &'s RegionLayout,
+    observer: &'s dyn Observer,
+    /// Pages not sent yet, in push order.
+    push: Mutex<PushQueue>,
+    gate: PushGate,
+    /// Pages pushed so far (for progress events).
+    pushed: AtomicU64,
+    lanes: usize,
+    /// Pages per pushed message.
+    batch: u32,
+    /// Pages per pushed message while the program catches up with the push.
+    small: u32,
+    /// The last request named only pages already sent: the program
+    /// reads close behind the push (see `SourceConfig::push_pages`).
+    catching_up: AtomicBool,
+    /// Requests served: counted by whichever thread serves them.
+    requested: Mutex<Sent>,
+    /// Messages the request server read (signs of life).
+    heard: AtomicU64,
+    /// The request server keeps going.
+    serving: AtomicBool,
+    done_timeout: Duration,
+    verify: bool,
+    postcopy: bool,
+}
+
+impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
+    /// Send the still-unsent pages of a requested run on the urgent lane.
+    fn serve_request(&self, sender: &mut PageSender<'_, M, C>, run: PageRun) {
+        if self.layout.check_run(&run).is_err() {
+            return;
+        }
+        let runs = self
+            .push
+            .lock()
+            .expect("push queue poisoned")
+            .take_requested(&run, self.batch);
+        self.catching_up.store(runs.is_empty(), Ordering::Relaxed);
+        for r in runs {
+            match sender.send_run(r, POSTCOPY_ROUND, 0, true) {
+                Ok(sent) => lock(&self.requested).add(sent),
+                Err(_) => self.gate.broken(self.gate.epoch()),
+            }
+        }
+    }
+
+    /// Pages per pushed message now.
+    fn push_size(&self) -> u32 {
+        if self.catching_up.load(Ordering::Relaxed) {
+            self.small
+        } else {
+            self.batch
+        }
+    }
+
+    /// The session is over: the pusher and the request server stop.
+    fn stop(&self) {
+        self.gate.finish();
+        self.serving.store(false, Ordering::Release);
+    }
+
+    /// Re-establish a broken channel (bounded by `done_timeout`). The pusher
+    /// stays paused until the destination's `Resync` arrives.
+    fn reconnect(&self, warnings: &mut Vec<String>, why: &str) -> Result<()> {
+        let attempts = reconnect_within(self.channel, self.done_timeout, why)?;
+        self.gate.reconnected();
+        warnings.push(format!(
+            "post-copy: the channel broke ({why}); reconnected after {attempts} attempt(s)"
+        ));
+        Ok(())
+    }
+
+    /// Send the digests; a failed send breaks the link.
+    fn send_digests(&self, digests: &[RegionDigest]) -> bool {
+        let ok = self
+            .channel
+            .send(&Message::Digests(digests.to_vec()))
+            .is_ok();
+        if !ok {
+            self.gate.broken(self.gate.epoch());
+        }
+        ok
+    }
+
+    /// The session's thread after `Commit`: read the control lane until
+    /// `Done`, sending the digests once everything was pushed, reconnecting
+    /// when the link breaks.
+    fn listen(
+        &self,
+        pusher: &Pusher<'_>,
+        digest_job: &mut Option<DigestJob<'_>>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Verification> {
+        let mut urgent = PageSender::new(self.memory, self.channel, self.layout);
+        let mut digests: Option<Vec<RegionDigest>> = None;
+        let mut idle = Duration::ZERO;
+        let mut last_heard = 0;
+        loop {
+            if self.verify && digests.is_none() && self.gate.pushed_all() {
+                let hashes = match digest_job.take() {
+                    Some(job) => job.join()?,
+                    None => PageHashes::of_memory(self.memory, self.layout)?,
+                };
+                let d = hashes.digests();
+                self.send_digests(&d);
+                digests = Some(d);
+            }
+            if self.gate.is_broken() && !self.gate.is_reconnected() {
+                self.reconnect(warnings, "a send failed")?;
+                idle = Duration::ZERO;
+            }
+            let msg = match self.channel.recv(Some(CONTROL_TICK)) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    idle += CONTROL_TICK;
+                    // Requests read by the urgent thread count as
+                    // signs of life too.
+                    let h = self.heard.load(Ordering::Relaxed);
+                    if h != last_heard {
+                        last_heard = h;
+                        idle = Duration::ZERO;
+                    }
+                    if pusher.is_finished() {
+                        // The pusher failed; its error is reported by its join.
+                        return Ok(Verification::NotChecked);
+                    }
+                    if idle >= self.done_timeout {
+                        return Err(MigrationError::Timeout {
+                            waiting_for: "Done",
+                            after: self.done_timeout,
+                        });
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    if !self.postcopy {
+                        return Err(e);
+                    }
+                    self.gate.broken(self.gate.epoch());
+                    self.reconnect(warnings, &e.to_string())?;
+                    idle = Duration::ZERO;
+                    continue;
+                }
+            };
+            idle = Duration::ZERO;
+            match msg {
+                Message::PageRequest(run) => self.serve_request(&mut urgent, run),
+                Message::Resync(missing) => self.resync(missing, digests.as_deref()),
+                Message::Done(v) => return Ok(v),
+                other => {
+                    return Err(unexpected("post-commit", "PageRequest or Done", &other));
+                }
+            }
+        }
+    }
+
+    /// The destination's `Resync`: requeue exactly the runs it misses, send
+    /// the digests again if they were, and let the pusher go on.
+    fn resync(&self, missing: Vec<PageRun>, digests: Option<&[RegionDigest]>) {
+        {
+            let mut q = self.push.lock().expect("push queue poisoned");
+            for run in missing {
+                if self.layout.check_run(&run).is_ok() {
+                    q.requeue(&run);
+                }
+            }
+        }
+        if let Some(d) = digests {
+            if !self.send_digests(d) {
+                return;
+            }
+        }
+        self.gate.resume();
+    }
+}
+
+/// The threads of the post-copy service, spawned in this order.
+struct PostcopyThreads<'scope> {
+    digest_job: Option<DigestJob<'scope>>,
+    pusher: Pusher<'scope>,
+    server: RequestServer<'scope>,
+}
+
+impl<'scope> PostcopyThreads<'scope> {
+    fn spawn<'env, M: MemorySource, C: Channel>(
+        scope: &'scope Scope<'scope, 'env>,
+        service: &'scope Service<'_, M, C>,
+    ) -> Result<Self> {
+        // The memory stopped changing at the freeze: its digests are
+        // taken beside the push instead of after it, where that pass
+        // over all of memory came before `Done`.
+        let digest_job = if service.verify && service.postcopy {
+            Some(DigestJob::spawn(scope, service.memory, service.layout)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            digest_job,
+            pusher: Pusher::spawn(scope, service)?,
+            server: RequestServer::spawn(scope, service)?,
+        })
+    }
+}
+
+/// The thread pushing the queue on the data lanes, run by run.
+struct Pusher<'scope> {
+    thread: ScopedJoinHandle<'scope, Sent>,
+}
+
+impl<'scope> Pusher<'scope> {
+    fn spawn<'env, M: MemorySource, C: Channel>(
+        scope: &'scope Scope<'scope, 'env>,
+        service: &'scope Service<'_, M, C>,
+    ) -> Result<Self> {
+        let thread = spawn_named(scope, "lmig-push".into(), move || Self::run(service))?;
+        Ok(Self { thread })
+    }
+
+    fn run<M: MemorySource, C: Channel>(service: &Service<'_, M, C>) -> Sent {
+        let mut sender = PageSender::new(service.memory, service.channel, service.layout);
+        let mut total = Sent::default();
+        while let Some((run, epoch)) = service.gate.next(&service.push, service.push_size()) {
+            // Flushed run by run: a faulting thread may wait for any of them.
+            match sender
+                .send_run(run, POSTCOPY_ROUND, lane_of(&run, service.lanes), false)
+                .and_then(|sent| service.channel.flush().map(|()| sent))
+            {
+                Ok(sent) => total.add(sent),
+                // Lost or not: the destination's `Resync` says.
+                Err(_) => service.gate.broken(epoch),
+            }
+            let n = service
+                .pushed
+                .fetch_add(u64::from(run.count), Ordering::Relaxed);
+            if n % 16384 < u64::from(run.count) {
+                service.observer.event(&Event::Progress {
+                    pages: n,
+                    bytes: total.bytes,
+                    total_pages: service.layout.total_pages(),
+                });
+            }
+        }
+        total
+    }
+
+    fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// What the pusher sent; a panic in it travels on.
+    fn join(self) -> Result<Sent> {
+        Ok(self
+            .thread
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    }
+}
+
+/// The thread answering page requests on the urgent lane the moment they
+/// arrive, never behind a message the session's thread is handling; with a
+/// channel without `recv_urgent` the session's thread answers them.
+struct RequestServer<'scope> {
+    thread: ScopedJoinHandle<'scope, ()>,
+}
+
+impl<'scope> RequestServer<'scope> {
+    fn spawn<'env, M: MemorySource, C: Channel>(
+        scope: &'scope Scope<'scope, 'env>,
+        service: &'scope Service<'_, M, C>,
+    ) -> Result<Self> {
+        let thread = spawn_named(scope, "lmig-requests".into(), move || Self::run(service))?;
+        Ok(Self { thread })
+    }
+
+    fn run<M: MemorySource, C: Channel>(service: &Service<'_, M, C>) {
+        let mut sender = PageSender::new(service.memory, service.channel, service.layout);
+        while service.serving.load(Ordering::Acquire) {
+            match service.channel.recv_urgent(URGENT_TICK) {
+                Ok(Some(msg)) => {
+                    service.heard.fetch_add(1, Ordering::Relaxed);
+                    if let Message::PageRequest(run) = msg {
+                        service.serve_request(&mut sender, run);
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Wait for the server to stop ([`Service::stop`]); a panic in it travels on.
+    fn join(self) {
+        self.thread
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+}
+
+/// The thread hashing the frozen memory for the digests.
+struct DigestJob<'scope> {
+    thread: ScopedJoinHandle<'scope, Result<PageHashes>>,
+}
+
+impl<'scope> DigestJob<'scope> {
+    fn spawn<'env, M: MemorySource>(
+        scope: &'scope Scope<'scope, 'env>,
+        memory: &'scope M,
+        layout: &'scope RegionLayout,
+    ) -> Result<Self> {
+        let thread = spawn_named(scope, "lmig-digest".into(), move || {
+            PageHashes::of_memory(memory, layout)
+        })?;
+        Ok(Self { thread })
+    }
+
+    /// The hashes; a panic in the hashing is an error.
+    fn join(self) -> Result<PageHashes> {
+        self.thread.join().unwrap_or_else(|_| {
+            Err(MigrationError::backend(
+                "post-copy digests",
+                "the hashing thread panicked",
+            ))
+        })
+    }
+}

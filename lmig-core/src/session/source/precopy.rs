@@ -1,0 +1,417 @@
+//! The source's setup and pre-copy phases: announce the layout and the
+//! socket plan, then send rounds of pages until the policy freezes.
+
+use std::time::{Duration, Instant};
+
+use super::{Mode, Source, SourceReport, Undo};
+use crate::error::{MigrationError, Result};
+use crate::model::{PageRun, RegionLayout, RegionPages};
+use crate::policy::{Decision, RoundStats};
+use crate::protocol::{CHUNK_PAGES, Message, RoundSummary};
+use crate::session::pages::{PageSender, Sent, lane_of};
+use crate::session::{spawn_named, unexpected};
+use crate::traits::{
+    Channel, DirtyClearer, DirtyTracker, Event, MemorySource, Phase, SocketSource, StateSource,
+};
+
+/// What the source knows of the destination's readiness before the freeze.
+pub(super) struct Readiness {
+    /// `Prepared` arrived: the destination mapped its regions and prepared
+    /// its sockets.
+    pub prepared: bool,
+    /// The most pages the destination said it placed (`Prepared{placed}`).
+    pub placed: u64,
+    /// `Prepared` must have arrived by then.
+    pub by: Instant,
+}
+
+impl Readiness {
+    /// A `Prepared{placed}` arrived.
+    fn heard(&mut self, placed: u64) {
+        self.prepared = true;
+        self.placed = self.placed.max(placed);
+    }
+}
+
+/// Where the pre-copy rounds left off: what the freeze must still send.
+pub(super) struct Rounds {
+    /// Pages dirtied since they were last sent.
+    pub to_send: RegionPages,
+    /// Scratch set the collects fill.
+    pub dirty: RegionPages,
+    /// The last round run (the freeze's pages belong to the next one).
+    pub round: u32,
+    /// The pages left go after `Commit` (post-copy).
+    pub postcopy: bool,
+}
+
+/// What the first pre-copy round knows beyond the pages to send.
+#[derive(Copy, Clone, Default)]
+pub(super) struct FirstRound<'a> {
+    /// Pages that may hold data; the others read as zero
+    /// ([`MemorySource::populated`]) and are sent as zero runs, unread.
+    populated: Option<&'a RegionPages>,
+    /// Marks a run clean right before it is read ([`DirtyTracker::clearer`]).
+    clearer: Option<&'a dyn DirtyClearer>,
+}
+
+impl<'a> FirstRound<'a> {
+    fn only_if(self, first: bool) -> Self {
+        if first { self } else { Self::default() }
+    }
+}
+
+impl<'a, C, M, T, P, K> Source<'a, C, M, T, P, K>
+where
+    C: Channel,
+    M: MemorySource,
+    T: DirtyTracker,
+    P: StateSource,
+    K: SocketSource,
+{
+    /// Setup: announce the layout and the socket plan, start tracking.
+    /// Returns by when the destination must say `Prepared`.
+    pub(super) fn setup(&mut self, layout: &RegionLayout, undo: &mut Undo) -> Result<Readiness> {
+        self.phase(Phase::Setup);
+        self.channel.send(&Message::Regions(layout.clone()))?;
+        // Always sent (possibly empty): the destination answers it with
+        // `Prepared` once regions and sockets are ready.
+        let plan = self.sockets.plan()?;
+        self.channel.send(&Message::SocketPlan(plan))?;
+        let ready = Readiness {
+            prepared: false,
+            placed: 0,
+            by: Instant::now() + self.config.ready_timeout,
+        };
+        undo.tracking = true;
+        self.tracker.start()?;
+        Ok(ready)
+    }
+
+    /// Pre-copy: rounds until the policy freezes (none in post-copy mode),
+    /// then wait until the destination is prepared.
+    pub(super) fn precopy(
+        &mut self,
+        layout: &RegionLayout,
+        undo: &mut Undo,
+        report: &mut SourceReport,
+        ready: &mut Readiness,
+    ) -> Result<Rounds> {
+        let mode = self.config.mode;
+        let mut rounds = Rounds {
+            to_send: if mode == Mode::Postcopy {
+                RegionPages::empty(layout)
+            } else {
+                RegionPages::full(layout)
+            },
+            dirty: RegionPages::empty(layout),
+            round: 0,
+            postcopy: mode == Mode::Postcopy,
+        };
+        if mode != Mode::Postcopy {
+            // Pages that may hold data; the others are sent as zero without
+            // being read (free memory the program never touched). Asked after
+            // the tracker started, so a page written from here on is its.
+            let populated = {
+                let mut pages = RegionPages::empty(layout);
+                self.memory.populated(&mut pages)?.then_some(pages)
+            };
+            // Round 0 marks each run clean right before reading it: a page the
+            // program wrote before its read went out fresh and is not resent.
+            let clearer = self.tracker.clearer();
+            let mut throttle_refused = false;
+            while rounds.round < u32::MAX - 1 {
+                let first = FirstRound {
+                    populated: populated.as_ref(),
+                    clearer: clearer.as_deref(),
+                }
+                .only_if(rounds.round == 0);
+                let (stats, shrinking) = self.round(layout, report, ready, &mut rounds, first)?;
+                let decision = self.policy.decide(&stats, throttle_refused);
+                report.decisions.push(decision);
+                report.policy_reason = self.policy.explain();
+                self.observer.event(&Event::Decision(decision));
+                std::mem::swap(&mut rounds.to_send, &mut rounds.dirty);
+                match decision {
+                    Decision::Continue => {}
+                    Decision::Throttle { percent } => {
+                        undo.throttled = true;
+                        throttle_refused = !self.program.throttle(percent);
+                    }
+                    Decision::Freeze | Decision::Postcopy if !ready.prepared => {
+                        // Never freeze before the destination is ready (its
+                        // pre-faulting would land in the freeze): keep sending
+                        // what gets dirty while waiting.
+                        if let Some(p) = self.wait_prepared(Duration::from_millis(10), ready.by)? {
+                            ready.heard(p);
+                        }
+                    }
+                    Decision::Freeze | Decision::Postcopy => {
+                        // Right after the first, full copy: its backlog first
+                        // (a no-op once a shrinking round caught up).
+                        if shrinking {
+                            self.catch_up(report.pages_sent, &mut ready.placed)?;
+                        }
+                        if decision == Decision::Postcopy {
+                            rounds.postcopy = mode == Mode::Hybrid;
+                            report.switched_to_postcopy = rounds.postcopy;
+                        }
+                        break;
+                    }
+                }
+                rounds.round += 1;
+            }
+        }
+        while !ready.prepared {
+            ready.prepared = self
+                .wait_prepared(self.config.ready_timeout, ready.by)?
+                .is_some();
+        }
+        Ok(rounds)
+    }
+
+    /// One pre-copy round: send `rounds.to_send`, collect what got dirty
+    /// meanwhile into `rounds.dirty`, announce the round and hear the
+    /// destination. Returns the round's statistics and whether the rounds
+    /// shrink.
+    fn round(
+        &mut self,
+        layout: &RegionLayout,
+        report: &mut SourceReport,
+        ready: &mut Readiness,
+        rounds: &mut Rounds,
+        first: FirstRound<'_>,
+    ) -> Result<(RoundStats, bool)> {
+        let round = rounds.round;
+        self.phase(Phase::Precopy(round));
+        let t0 = Instant::now();
+        let sent = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
+            .send_set(&rounds.to_send, round, first)?;
+        let dirty = &mut rounds.dirty;
+        dirty.clear();
+        self.tracker.collect(dirty)?;
+        let dirty_pages = dirty.count();
+        let dirty_bytes: u64 = dirty
+            .sets()
+            .map(|(id, s)| layout.get(id).map(|r| r.bytes(s.count())).unwrap_or(0))
+            .sum();
+        self.channel.send(&Message::RoundEnd(RoundSummary {
+            round,
+            pages: sent.pages,
+            zero_pages: sent.zero_pages,
+            dirty_pages,
+        }))?;
+        // Bounded: the destination sends one `Prepared` per round at most.
+        for _ in 0..=round + 1 {
+            match self.check_peer("pre-copy")? {
+                Some(p) => ready.heard(p),
+                None => break,
+            }
+        }
+        report.pages_sent += sent.pages;
+        // While the rounds shrink (less got dirty than was sent, by half),
+        // a round after the first ends when the destination placed it:
+        // the bandwidth the policy sees is then the one a freeze gets,
+        // and the freeze does not include placing a backlog. When they do
+        // not shrink, waiting would only let more pages get dirty: the
+        // pipeline stays full (and after the first, full copy, unless
+        // the policy freezes right then).
+        let shrinking = dirty_bytes.saturating_mul(2) <= sent.bytes;
+        if ready.prepared && shrinking && round > 0 {
+            self.catch_up(report.pages_sent, &mut ready.placed)?;
+        }
+        let elapsed = t0.elapsed();
+        report.zero_pages += sent.zero_pages;
+        report.bytes_sent += sent.bytes;
+        let stats = RoundStats {
+            round,
+            pages_sent: sent.pages,
+            zero_pages: sent.zero_pages,
+            bytes_sent: sent.bytes,
+            elapsed,
+            dirty_pages,
+            dirty_bytes,
+        };
+        report.round_stats.push(stats);
+        report.rounds = round + 1;
+        self.observer.event(&Event::Round(stats));
+        self.observer.event(&Event::Progress {
+            pages: report.pages_sent,
+            bytes: report.bytes_sent,
+            total_pages: layout.total_pages(),
+        });
+        Ok((stats, shrinking))
+    }
+
+    /// During pre-copy the destination only says `Prepared`; anything else
+    /// (an `Abort`) ends the migration. Returns what a `Prepared` said, if one arrived.
+    fn check_peer(&self, phase: &'static str) -> Result<Option<u64>> {
+        match self.channel.recv(Some(Duration::ZERO))? {
+            None => Ok(None),
+            Some(Message::Prepared { placed }) => Ok(Some(placed)),
+            Some(msg) => Err(unexpected(phase, "Prepared or nothing", &msg)),
+        }
+    }
+
+    /// Before the freeze: wait (at most [`super::SourceConfig::catch_up_timeout`])
+    /// until the destination says it placed the `sent` pages, so the freeze
+    /// does not include placing a backlog.
+    fn catch_up(&self, sent: u64, placed: &mut u64) -> Result<()> {
+        let deadline = Instant::now() + self.config.catch_up_timeout;
+        // Bounded by the deadline.
+        while *placed < sent {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match self.channel.recv(Some(deadline - now))? {
+                None => break,
+                Some(Message::Prepared { placed: p }) => *placed = (*placed).max(p),
+                Some(msg) => return Err(unexpected("pre-copy", "Prepared", &msg)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait up to `wait` for `Prepared`; an error once `deadline` passed.
+    fn wait_prepared(&self, wait: Duration, deadline: Instant) -> Result<Option<u64>> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(MigrationError::Timeout {
+                waiting_for: "Prepared (the destination mapping its regions)",
+                after: self.config.ready_timeout,
+            });
+        }
+        match self.channel.recv(Some(wait.min(deadline - now)))? {
+            None => Ok(None),
+            Some(Message::Prepared { placed }) => Ok(Some(placed)),
+            Some(msg) => Err(unexpected("pre-copy", "Prepared", &msg)),
+        }
+    }
+}
+
+/// Sends sets of pages over the data lanes of a channel, one thread per
+/// lane (the pre-copy rounds and the freeze).
+pub(super) struct PageLanes<'a, M, C> {
+    memory: &'a M,
+    channel: &'a C,
+    layout: &'a RegionLayout,
+    /// Pages per `Pages` message.
+    batch: u32,
+}
+
+impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
+    pub(super) fn new(memory: &'a M, channel: &'a C, layout: &'a RegionLayout, batch: u32) -> Self {
+        Self {
+            memory,
+            channel,
+            layout,
+            batch: batch.clamp(1, CHUNK_PAGES),
+        }
+    }
+
+    /// The regions the pages belong to.
+    pub(super) fn layout(&self) -> &'a RegionLayout {
+        self.layout
+    }
+
+    /// Send every page of `set`, spreading chunks over the data lanes (one
+    /// thread per lane), and flush.
+    pub(super) fn send_set(
+        &self,
+        set: &RegionPages,
+        round: u32,
+        first: FirstRound<'_>,
+    ) -> Result<Sent> {
+        let lanes = self.channel.data_lanes().max(1);
+        if lanes == 1 {
+            let sent = self.send_lane(set, round, first, 0, 1)?;
+            self.channel.flush()?;
+            return Ok(sent);
+        }
+        let sent = std::thread::scope(|s| {
+            let mut handles = Vec::with_capacity(lanes);
+            for lane in 0..lanes {
+                let job = move || self.send_lane(set, round, first, lane, lanes);
+                handles.push(spawn_named(s, format!("lmig-lane{lane}"), job)?);
+            }
+            let mut total = Sent::default();
+            let mut first_err = None;
+            for h in handles {
+                // A panic in the program's memory travels on with its message.
+                match h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
+                    Ok(sent) => total.add(sent),
+                    Err(e) => first_err = first_err.or(Some(e)),
+                }
+            }
+            first_err.map_or(Ok(total), Err)
+        })?;
+        self.channel.flush()?;
+        Ok(sent)
+    }
+
+    /// The part of `set` that goes on `lane` (of `lanes`).
+    ///
+    /// With a clearer, two passes: first every zero page (tested in place
+    /// right after its run was cleared), then the pages holding data, each
+    /// cleared again right before it is read. The data is then read in a
+    /// short window at the end of the round, so fewer of its pages are
+    /// written after their read and sent again next round. Only pages about
+    /// to be tested or read are cleared: a page sent as zero unread keeps
+    /// what the tracker knows about it.
+    fn send_lane(
+        &self,
+        set: &RegionPages,
+        round: u32,
+        first: FirstRound<'_>,
+        lane: usize,
+        lanes: usize,
+    ) -> Result<Sent> {
+        let FirstRound { populated, clearer } = first;
+        let mut sender = PageSender::new(self.memory, self.channel, self.layout);
+        let mut total = Sent::default();
+        let mut data_runs: Vec<PageRun> = Vec::new();
+        let mut read = |sender: &mut PageSender<'_, M, C>, run: PageRun| -> Result<Sent> {
+            let Some(c) = clearer else {
+                return sender.send_run(run, round, lane, false);
+            };
+            c.clear(&run)?;
+            match sender.send_zeros(run, round, lane, &mut data_runs)? {
+                Some(sent) => Ok(sent),
+                // The memory cannot test in place: one pass.
+                None => sender.send_run(run, round, lane, false),
+            }
+        };
+        for run in set.chunked_runs(self.batch) {
+            if lane_of(&run, lanes) != lane {
+                continue;
+            }
+            let Some(data) = populated.and_then(|p| p.get(run.region).ok()) else {
+                total.add(read(&mut sender, run)?);
+                continue;
+            };
+            let zero_run = |from: u64, to: u64| PageRun::new(run.region, from, (to - from) as u32);
+            let mut at = run.first;
+            for (first, count) in data.runs_in(run.first, run.end()) {
+                if first > at {
+                    total.add(sender.send_zero_run(zero_run(at, first), round, lane)?);
+                }
+                total.add(read(
+                    &mut sender,
+                    PageRun::new(run.region, first, count as u32),
+                )?);
+                at = first + count;
+            }
+            if at < run.end() {
+                total.add(sender.send_zero_run(zero_run(at, run.end()), round, lane)?);
+            }
+        }
+        if let Some(c) = clearer {
+            for run in data_runs {
+                c.clear(&run)?;
+                total.add(sender.send_run(run, round, lane, false)?);
+            }
+        }
+        Ok(total)
+    }
+}

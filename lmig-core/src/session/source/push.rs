@@ -1,0 +1,320 @@
+//! The post-copy push order ([`PushQueue`]) and the gate that pauses the
+//! pusher while the link is down ([`PushGate`]).
+
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use crate::model::{PageRun, PageSet, RegionId, RegionPages};
+use crate::protocol::CHUNK_PAGES;
+
+/// Coordinates the post-copy pusher with recovery: the pusher takes runs
+/// only while the link is up, pauses when a send fails or the link breaks,
+/// and resumes when the destination's `Resync` was applied.
+pub(super) struct PushGate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Incremented at every resume; a send error of an older epoch is stale.
+    epoch: u64,
+    broken: bool,
+    reconnected: bool,
+    /// The queue ran empty (cleared by a requeue).
+    pushed_all: bool,
+    finished: bool,
+}
+
+impl PushGate {
+    pub(super) fn new() -> Self {
+        Self {
+            state: Mutex::new(GateState::default()),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next run to push and the epoch it belongs to; waits (in bounded
+    /// slices) while the link is down or the queue is empty; `None` once
+    /// the session is over.
+    pub(super) fn next(&self, push: &Mutex<PushQueue>, max: u32) -> Option<(PageRun, u64)> {
+        let mut st = self.lock();
+        loop {
+            if st.finished {
+                return None;
+            }
+            if !st.broken {
+                let run = push.lock().expect("push queue poisoned").next_run(max);
+                match run {
+                    Some(run) => return Some((run, st.epoch)),
+                    None => st.pushed_all = true,
+                }
+            }
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    pub(super) fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// A send of `epoch` failed or the channel broke.
+    pub(super) fn broken(&self, epoch: u64) {
+        let mut st = self.lock();
+        if epoch == st.epoch && !st.broken {
+            st.broken = true;
+            st.reconnected = false;
+        }
+    }
+
+    pub(super) fn is_broken(&self) -> bool {
+        self.lock().broken
+    }
+
+    pub(super) fn is_reconnected(&self) -> bool {
+        self.lock().reconnected
+    }
+
+    pub(super) fn reconnected(&self) {
+        self.lock().reconnected = true;
+    }
+
+    pub(super) fn pushed_all(&self) -> bool {
+        let st = self.lock();
+        st.pushed_all && !st.broken
+    }
+
+    /// `Resync` applied: push again (the queue may have grown).
+    pub(super) fn resume(&self) {
+        let mut st = self.lock();
+        st.epoch += 1;
+        st.broken = false;
+        st.reconnected = false;
+        st.pushed_all = false;
+        self.cv.notify_all();
+    }
+
+    pub(super) fn finish(&self) {
+        self.lock().finished = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Post-copy push order: pages around recent faults first ("bubbling" out
+/// both ways from each pivot), then the rest in address order. Every page
+/// leaves the queue exactly once.
+pub(super) struct PushQueue {
+    unsent: RegionPages,
+    pivots: Vec<Pivot>,
+    cursor: (usize, u64),
+}
+
+struct Pivot {
+    region: RegionId,
+    fwd: u64,
+    bwd: u64,
+    forward_next: bool,
+    limit: u64,
+}
+
+/// How far a pivot bubbles out before it is dropped.
+const BUBBLE_PAGES: u64 = 8192;
+/// Most pivots remembered at once.
+const MAX_PIVOTS: usize = 8;
+
+impl PushQueue {
+    pub(super) fn new(unsent: RegionPages) -> Self {
+        Self {
+            unsent,
+            pivots: Vec::new(),
+            cursor: (0, 0),
+        }
+    }
+
+    /// Remove and return the first run of `set` inside `start..end`.
+    fn take_in(
+        set: &mut PageSet,
+        start: u64,
+        end: u64,
+        max: u32,
+        from_end: bool,
+    ) -> Option<(u64, u64)> {
+        let run = if from_end {
+            set.runs_in(start, end).last()
+        } else {
+            set.runs_in(start, end).next()
+        }?;
+        let (mut f, mut c) = run;
+        let max = u64::from(max);
+        if from_end && c > max {
+            f = f + c - max;
+        }
+        c = c.min(max);
+        // Stay inside one chunk.
+        let chunk = u64::from(CHUNK_PAGES);
+        if from_end {
+            let chunk_start = (f + c - 1) / chunk * chunk;
+            if f < chunk_start {
+                c -= chunk_start - f;
+                f = chunk_start;
+            }
+        } else {
+            c = c.min((f / chunk + 1) * chunk - f);
+        }
+        set.remove_range(f, c);
+        Some((f, c))
+    }
+
+    pub(super) fn next_run(&mut self, max: u32) -> Option<PageRun> {
+        let window = u64::from(CHUNK_PAGES);
+        while let Some(p) = self.pivots.last_mut() {
+            let Ok(set) = self.unsent.get_mut(p.region) else {
+                self.pivots.pop();
+                continue;
+            };
+            let mut tries = 0;
+            while tries < 2 * BUBBLE_PAGES / window {
+                tries += 1;
+                let forward = p.forward_next;
+                p.forward_next = !p.forward_next;
+                if forward && p.fwd < p.limit.saturating_add(BUBBLE_PAGES) && p.fwd < set.capacity()
+                {
+                    let end = p.fwd + window;
+                    if let Some((f, c)) = Self::take_in(set, p.fwd, end, max, false) {
+                        p.fwd = f + c;
+                        return Some(PageRun::new(p.region, f, c as u32));
+                    }
+                    p.fwd = end;
+                } else if !forward && p.bwd > p.limit.saturating_sub(BUBBLE_PAGES) && p.bwd > 0 {
+                    let start = p.bwd.saturating_sub(window);
+                    if let Some((f, c)) = Self::take_in(set, start, p.bwd, max, true) {
+                        p.bwd = f;
+                        return Some(PageRun::new(p.region, f, c as u32));
+                    }
+                    p.bwd = start;
+                }
+                let fwd_done =
+                    p.fwd >= p.limit.saturating_add(BUBBLE_PAGES) || p.fwd >= set.capacity();
+                let bwd_done = p.bwd <= p.limit.saturating_sub(BUBBLE_PAGES) || p.bwd == 0;
+                if fwd_done && bwd_done {
+                    break;
+                }
+            }
+            self.pivots.pop();
+        }
+        // No pivot left: address order from the cursor.
+        let regions: Vec<RegionId> = self.unsent.sets().map(|(id, _)| id).collect();
+        while self.cursor.0 < regions.len() {
+            let id = regions[self.cursor.0];
+            let set = self.unsent.get_mut(id).expect("region from the same map");
+            if let Some((f, c)) = Self::take_in(set, self.cursor.1, u64::MAX, max, false) {
+                self.cursor.1 = f + c;
+                return Some(PageRun::new(id, f, c as u32));
+            }
+            self.cursor = (self.cursor.0 + 1, 0);
+        }
+        // Pages re-queued behind the cursor (after a resync).
+        self.cursor = (0, 0);
+        let any = self.unsent.sets().any(|(_, s)| !s.is_empty());
+        if any { self.next_run(max) } else { None }
+    }
+
+    /// The still-unsent pages of a requested run (removed from the queue),
+    /// and a new pivot just after it.
+    pub(super) fn take_requested(&mut self, run: &PageRun, max: u32) -> Vec<PageRun> {
+        let mut out = Vec::new();
+        if let Ok(set) = self.unsent.get_mut(run.region) {
+            while let Some((f, c)) = Self::take_in(set, run.first, run.end(), max, false) {
+                out.push(PageRun::new(run.region, f, c as u32));
+            }
+        }
+        if self.pivots.len() == MAX_PIVOTS {
+            self.pivots.remove(0);
+        }
+        self.pivots.push(Pivot {
+            region: run.region,
+            fwd: run.end(),
+            bwd: run.first,
+            forward_next: true,
+            limit: run.first,
+        });
+        out
+    }
+
+    /// Put pages back (the destination never received them).
+    pub(super) fn requeue(&mut self, run: &PageRun) {
+        let _ = self.unsent.insert_run(run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{RegionInfo, RegionLayout};
+
+    fn queue(pages: u64) -> PushQueue {
+        let layout = RegionLayout::new(vec![
+            RegionInfo::new(RegionId(1), pages * 4096, 4096).unwrap(),
+        ])
+        .unwrap();
+        PushQueue::new(RegionPages::full(&layout))
+    }
+
+    #[test]
+    fn every_page_leaves_once() {
+        let mut q = queue(1000);
+        let mut seen = PageSet::new(1000);
+        let mut n = 0;
+        let req = q.take_requested(&PageRun::new(RegionId(1), 500, 1), 64);
+        for r in &req {
+            for p in r.first..r.end() {
+                assert!(seen.insert(p));
+            }
+        }
+        while let Some(r) = q.next_run(64) {
+            n += 1;
+            assert!(n < 10_000);
+            assert!(
+                r.count as u64 <= 64 && r.first / 64 == (r.end() - 1) / 64,
+                "{r}"
+            );
+            for p in r.first..r.end() {
+                assert!(seen.insert(p), "page {p} twice");
+            }
+        }
+        assert_eq!(seen.count(), 1000);
+    }
+
+    #[test]
+    fn pushes_around_the_fault_first() {
+        let mut q = queue(100_000);
+        q.take_requested(&PageRun::new(RegionId(1), 50_000, 1), 64);
+        let first = q.next_run(64).unwrap();
+        assert_eq!(first.first, 50_001);
+        let second = q.next_run(64).unwrap();
+        assert!(second.end() <= 50_000 && second.first >= 49_936, "{second}");
+    }
+
+    #[test]
+    fn requested_pages_already_sent_are_not_resent() {
+        let mut q = queue(128);
+        let a = q.take_requested(&PageRun::new(RegionId(1), 10, 4), 64);
+        assert_eq!(a, vec![PageRun::new(RegionId(1), 10, 4)]);
+        let b = q.take_requested(&PageRun::new(RegionId(1), 8, 8), 64);
+        assert_eq!(
+            b,
+            vec![
+                PageRun::new(RegionId(1), 8, 2),
+                PageRun::new(RegionId(1), 14, 2)
+            ]
+        );
+    }
+}
