@@ -111,6 +111,7 @@
 #![deny(unsafe_code)]
 
 pub mod error;
+mod memory;
 pub mod postcopy;
 pub mod region;
 pub mod split;

@@ -74,7 +74,7 @@ use std::time::{Duration, Instant};
 use lmig_core::model::{PageRun, RegionId, RegionPages};
 
 use crate::error::{MemError, Result};
-use crate::region::{Backing, Region};
+use crate::memory::{Backing, Region};
 use crate::sys::mapping::{Mapping, Share};
 use crate::sys::uffd::{self, UffdMsg, UffdOrigin};
 

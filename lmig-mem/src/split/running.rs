@@ -16,7 +16,7 @@ use lmig_core::{Channel, MigrationError};
 
 use super::{ACK_TIMEOUT, BATCH_PAGES, Result, SplitError, lock};
 use crate::error::MemError;
-use crate::region::{Backing, Region};
+use crate::memory::{Backing, Region};
 use crate::sys::uffd::{self, UffdMsg, UffdOrigin};
 
 /// `UFFD_PAGEFAULT_FLAG_WP`: the fault is a write to a write-protected page.
