@@ -1,0 +1,419 @@
+//! The running host's side: remote paging, eviction, partial migration,
+//! reintegration.
+//!
+//! | file | holds |
+//! |---|---|
+//! | `book.rs` | [`PageBook`](book::PageBook): every page's state and its transitions, no IO |
+//! | `shared.rs` | what the threads share: the lock's state, links, waits for replies |
+//! | `links.rs` | the messages page hosts send |
+//! | `paging.rs` | faults, fetches, placing answers with the userfaultfd |
+//! | `moves.rs` | eviction, partial migration, gather |
+//!
+//! Every decision about a page is the book's; the functions around it hold
+//! the lock while they ask, and do the IO (`UFFDIO_COPY`, `MADV_DONTNEED`,
+//! messages) outside it or after it.
+
+mod book;
+mod links;
+mod moves;
+mod paging;
+mod shared;
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use lmig_core::Channel;
+use lmig_core::model::PageRun;
+use lmig_core::protocol::Message;
+use lmig_core::split::{HostId, OwnerMap, SplitMessage};
+
+use super::{ACK_TIMEOUT, Result, SplitError};
+use crate::error::MemError;
+use crate::memory::{Backing, Region};
+use crate::sys::uffd::{self, UffdOrigin};
+use book::PageBook;
+use shared::{Counters, Events, Inner, Link, State, proto};
+
+/// How the running host pages.
+#[derive(Copy, Clone, Debug)]
+pub struct SplitOptions {
+    /// Pages fetched with a faulting page: up to this many after it and half
+    /// as many before it, when the same host owns them (pre-paging). Default 8.
+    pub prepage: u32,
+    /// Busy-poll the userfaultfd this long before blocking. Default 0.
+    pub spin: Duration,
+    /// Longest wait for a gather or a partial migration. Default 120 s.
+    pub timeout: Duration,
+}
+
+impl Default for SplitOptions {
+    fn default() -> Self {
+        Self {
+            prepage: 8,
+            spin: Duration::ZERO,
+            timeout: ACK_TIMEOUT,
+        }
+    }
+}
+
+/// What the running host did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SplitStats {
+    /// Faults on pages held elsewhere (each one a fetch request).
+    pub remote_faults: u64,
+    /// Pages placed from answers (fetches, gathers).
+    pub placed: u64,
+    /// Answers discarded because the map changed after their epoch (late
+    /// answers from a former owner).
+    pub stale_discarded: u64,
+    /// Answers discarded because the sender does not own the page.
+    pub not_owner_discarded: u64,
+    /// Answers for pages already here, discarded.
+    pub duplicates: u64,
+    /// Pages a host said it did not hold although the map names it.
+    pub not_held: u64,
+    /// Fetches sent again to a page's new owner.
+    pub refetched: u64,
+    /// Pages evicted (dropped here after their host acknowledged them).
+    pub evicted: u64,
+    /// Pages written during their eviction and therefore kept here.
+    pub kept_dirty: u64,
+    /// Pages held here now (those being copied in from an answer included).
+    pub local: u64,
+}
+
+/// A page host that vanished, with the pages it held.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostLost {
+    /// The host.
+    pub host: HostId,
+    /// How many pages it held.
+    pub pages: u64,
+    /// Which ones.
+    pub runs: Vec<PageRun>,
+    /// What the channel said.
+    pub detail: String,
+}
+
+/// The outcome of [`SplitRegion::move_host`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveReport {
+    /// Pages the draining host owned when the move began.
+    pub pages: u64,
+    /// Pages that switched to the new host.
+    pub moved: u64,
+    /// Pages that changed hands during the move (fetched here); the new
+    /// host's copies of them were invalidated.
+    pub invalidated: u64,
+    /// The owner-map epoch of the switch.
+    pub epoch: u64,
+}
+
+/// The outcome of a gather.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatherReport {
+    /// Pages that came from page hosts.
+    pub pages: u64,
+    /// Hosts that sent.
+    pub hosts: usize,
+}
+
+/// The running host's side of a split region.
+///
+/// Owns the [`Region`]; the program uses it through [`SplitRegion::region`]
+/// (raw copies or its pointer). Pages held elsewhere are fetched when
+/// touched. Dropping it stops the fault handler and closes the links: pages
+/// still held elsewhere then read as zeros, so gather first.
+pub struct SplitRegion {
+    inner: Arc<Inner>,
+    fault_thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for SplitRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SplitRegion")
+            .field("me", &self.inner.me)
+            .field("pages", &self.inner.pages)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SplitRegion {
+    /// Take over `region` (private anonymous) on the running host `me`:
+    /// every page is held here at first. Pre-faults it and registers it
+    /// with a userfaultfd of its own for missing-page and write-protect faults.
+    pub fn new(region: Region, me: HostId, options: SplitOptions) -> Result<Self> {
+        if region.backing() != Backing::Private {
+            return Err(SplitError::Mem(MemError::Unsupported {
+                feature: "split memory on shared or memfd regions",
+                needs: "a private anonymous region",
+            }));
+        }
+        let map = OwnerMap::new(region.info().clone(), me)?;
+        region.populate()?;
+        let unsupported = |needs| MemError::Unsupported {
+            feature: "split memory (userfaultfd missing + write-protect faults)",
+            needs,
+        };
+        let (fd, origin) = uffd::open_best().map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::ENOSYS) => unsupported(
+                "userfaultfd: CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or access to /dev/userfaultfd",
+            ),
+            _ => MemError::os("userfaultfd", "split memory", e),
+        })?;
+        if origin == UffdOrigin::UserModeOnly {
+            return Err(unsupported(
+                "kernel-mode faults (CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or /dev/userfaultfd)",
+            )
+            .into());
+        }
+        uffd::api(fd.as_fd(), 0).map_err(|e| MemError::os("UFFDIO_API", "split memory", e))?;
+        let start = region.as_ptr() as u64;
+        uffd::register(
+            fd.as_fd(),
+            start,
+            region.len() as u64,
+            uffd::UFFDIO_REGISTER_MODE_MISSING | uffd::UFFDIO_REGISTER_MODE_WP,
+        )
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EINVAL) => SplitError::Mem(unsupported(
+                "write-protect on anonymous memory (Linux 5.7+)",
+            )),
+            _ => SplitError::Mem(MemError::os(
+                "UFFDIO_REGISTER (missing + wp)",
+                region.describe(),
+                e,
+            )),
+        })?;
+        let pages = region.pages();
+        let inner = Arc::new(Inner {
+            me,
+            options,
+            start,
+            page_size: region.page_size() as u64,
+            pages,
+            state: Mutex::new(State {
+                book: PageBook::new(map, me),
+                draining: HashSet::new(),
+                dead: HashSet::new(),
+                lost: Vec::new(),
+                events: Events::default(),
+            }),
+            cond: Condvar::new(),
+            links: RwLock::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+            counters: Counters::default(),
+            uffd: fd,
+            region,
+        });
+        let i = inner.clone();
+        let fault_thread = std::thread::Builder::new()
+            .name("split-faults".into())
+            .spawn(move || i.fault_loop())
+            .map_err(|e| MemError::os("spawn", "split fault handler", e))?;
+        Ok(Self {
+            inner,
+            fault_thread: Some(fault_thread),
+        })
+    }
+
+    /// The region (the program's memory).
+    pub fn region(&self) -> &Region {
+        &self.inner.region
+    }
+
+    /// This host's id.
+    pub fn id(&self) -> HostId {
+        self.inner.me
+    }
+
+    /// Attach page host `host`, reachable by other hosts at `endpoint`, over
+    /// `channel`: it learns the region's geometry and is added to the owner map.
+    pub fn add_host(&self, host: HostId, endpoint: &str, channel: Box<dyn Channel>) -> Result<()> {
+        if host == self.inner.me {
+            return Err(SplitError::State(format!("{host} is this host")));
+        }
+        let ch: Arc<dyn Channel> = Arc::from(channel);
+        ch.send(&Message::Split(SplitMessage::Attach {
+            from: self.inner.me,
+            to: host,
+            region: self.inner.region.info().clone(),
+        }))
+        .map_err(proto)?;
+        let link = Arc::new(Link {
+            ch: ch.clone(),
+            endpoint: endpoint.to_string(),
+            seq: AtomicU64::new(1),
+        });
+        {
+            let mut st = self.inner.lock();
+            st.book.add_host(host)?;
+            st.dead.remove(&host);
+        }
+        self.inner
+            .links
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host, link);
+        let inner = self.inner.clone();
+        std::thread::Builder::new()
+            .name(format!("split-link-{}", host.0))
+            .spawn(move || inner.link_loop(host, ch))
+            .map_err(|e| MemError::os("spawn", "split link", e))?;
+        self.inner.sync(host)
+    }
+
+    /// Serve a channel a page host opened to this host (a gather or a relay).
+    pub fn serve_incoming(&self, channel: Box<dyn Channel>) -> JoinHandle<()> {
+        let inner = self.inner.clone();
+        std::thread::Builder::new()
+            .name("split-incoming".into())
+            .spawn(move || inner.incoming_loop(Arc::from(channel)))
+            .expect("spawn split incoming thread")
+    }
+
+    /// Is `page` held here? (Pages being copied in from an answer count:
+    /// the owner map gives them to this host already, and a thread that
+    /// touches one waits for the copy.)
+    pub fn is_local(&self, page: u64) -> bool {
+        self.inner.lock().book.is_here(page)
+    }
+
+    /// The host holding `page`.
+    pub fn owner(&self, page: u64) -> Result<HostId> {
+        Ok(self.inner.lock().book.map().owner(page)?)
+    }
+
+    /// A copy of the owner map.
+    pub fn owner_map(&self) -> OwnerMap {
+        self.inner.lock().book.map().clone()
+    }
+
+    /// Page hosts that vanished, with the pages they held.
+    pub fn lost_hosts(&self) -> Vec<HostLost> {
+        self.inner.lock().lost.clone()
+    }
+
+    /// Wait until every attached page host has handled everything this
+    /// host sent it so far (the `Forget`s that end a partial migration or
+    /// a gather included): a quiet point, e.g. between the steps of a
+    /// benchmark. Hosts known to be lost are skipped.
+    pub fn sync_hosts(&self) -> Result<()> {
+        let hosts: Vec<HostId> = {
+            let dead = self.inner.lock().dead.clone();
+            let links = self.inner.links.read().unwrap_or_else(|p| p.into_inner());
+            links
+                .keys()
+                .filter(|h| !dead.contains(h))
+                .copied()
+                .collect()
+        };
+        self.inner.sync_all(&hosts)
+    }
+
+    /// `Err(HostLost)` for the first page host that vanished.
+    pub fn check_hosts(&self) -> Result<()> {
+        match self.inner.lock().lost.first() {
+            None => Ok(()),
+            Some(l) => Err(SplitError::HostLost {
+                host: l.host,
+                pages: l.pages,
+                runs: l.runs.clone(),
+            }),
+        }
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> SplitStats {
+        let c = &self.inner.counters;
+        SplitStats {
+            remote_faults: c.remote_faults.load(Ordering::Relaxed),
+            placed: c.placed.load(Ordering::Relaxed),
+            stale_discarded: c.stale.load(Ordering::Relaxed),
+            not_owner_discarded: c.not_owner.load(Ordering::Relaxed),
+            duplicates: c.duplicates.load(Ordering::Relaxed),
+            not_held: c.not_held.load(Ordering::Relaxed),
+            refetched: c.refetched.load(Ordering::Relaxed),
+            evicted: c.evicted.load(Ordering::Relaxed),
+            kept_dirty: c.kept_dirty.load(Ordering::Relaxed),
+            local: self.inner.lock().book.held_here(),
+        }
+    }
+
+    /// Evict the pages of `runs` held here to `host`: write-protect, send,
+    /// wait for the host's acknowledgement, then drop them here
+    /// (`MADV_DONTNEED`) and switch their owner. Pages written meanwhile stay
+    /// here. Returns the pages evicted.
+    pub fn evict(&self, host: HostId, runs: &[PageRun]) -> Result<u64> {
+        self.inner.evict(host, runs)
+    }
+
+    /// Split migration: send each host its runs, all hosts in parallel;
+    /// afterwards the program runs with its memory split over them.
+    /// Returns the pages evicted.
+    pub fn split_to(&self, parts: &[(HostId, Vec<PageRun>)]) -> Result<u64> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = parts
+                .iter()
+                .map(|(h, runs)| s.spawn(move || self.inner.evict(*h, runs)))
+                .collect();
+            let mut total = 0;
+            for h in handles {
+                total += h
+                    .join()
+                    .map_err(|_| SplitError::State("eviction thread panicked".into()))??;
+            }
+            Ok(total)
+        })
+    }
+
+    /// Partial migration: move every page `from` holds to `to` (both
+    /// attached) while the program runs. `from` sends them directly to `to`;
+    /// then the owner map switches in one step.
+    pub fn move_host(&self, from: HostId, to: HostId) -> Result<MoveReport> {
+        self.inner.move_host(from, to)
+    }
+
+    /// Reintegration: every page host sends the pages it holds straight to
+    /// this host, all in parallel, on the channel this host attached it
+    /// with (no connection to open). `my_endpoint` is where this host
+    /// listens, for a page host that reaches it only through a channel of
+    /// its own; the caller hands such channels to
+    /// [`SplitRegion::serve_incoming`]. Returns once every page is here.
+    pub fn gather(&self, my_endpoint: &str) -> Result<GatherReport> {
+        self.inner.gather(my_endpoint, None)
+    }
+
+    /// The same gather relayed through `relay`: the other page hosts send
+    /// to it, it forwards their pages and its own to this host.
+    pub fn relay_gather(&self, relay: HostId, my_endpoint: &str) -> Result<GatherReport> {
+        self.inner.gather(my_endpoint, Some(relay))
+    }
+}
+
+impl Drop for SplitRegion {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Release);
+        for l in self
+            .inner
+            .links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            l.ch.shutdown();
+        }
+        if let Some(t) = self.fault_thread.take() {
+            let _ = t.join();
+        }
+        let _ = uffd::unregister(
+            self.inner.uffd.as_fd(),
+            self.inner.start,
+            self.inner.region.len() as u64,
+        );
+    }
+}
