@@ -11,6 +11,8 @@
 //! [`TrackerProbe::run`] probes the kernel once; [`best_tracker`] creates the
 //! best automatic tracker and says why the others were rejected.
 
+#[cfg(feature = "bench-internals")]
+mod bench;
 mod dirty_log;
 mod manual;
 mod soft_dirty;
@@ -21,12 +23,12 @@ use std::fmt;
 use lmig_core::DirtyTracker;
 use lmig_core::model::{RegionId, RegionPages};
 
+#[cfg(feature = "bench-internals")]
+pub use bench::{ScanFigures, measure_scan_cost, raw_pagemap_scan};
 pub use dirty_log::{DirtyLog, DirtyLogTracker};
 pub use manual::{DirtyMarker, ManualTracker};
 pub use soft_dirty::SoftDirtyTracker;
-pub use uffd_wp::{
-    SCAN_VEC_LEN, ScanFigures, UffdWpSupport, UffdWpTracker, measure_scan_cost, raw_pagemap_scan,
-};
+pub use uffd_wp::{SCAN_VEC_LEN, UffdWpSupport, UffdWpTracker};
 
 pub use crate::sys::uffd::UffdOrigin;
 
