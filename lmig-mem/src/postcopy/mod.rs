@@ -18,8 +18,8 @@
 //!   | memfd without `MINOR_SHMEM` | `MADV_REMOVE` | `MISSING` | `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` |
 //!
 //!   For memfd regions the minor-fault path writes the page once into the
-//!   page cache and only maps it (`UFFDIO_CONTINUE` does not copy, ~2× the
-//!   throughput of `UFFDIO_COPY` on this kind of machine).
+//!   page cache and only maps it: `UFFDIO_CONTINUE` does not copy, so it
+//!   places pages faster than `UFFDIO_COPY`.
 //! * `wait_fault(timeout)` reads fault messages (optionally busy-polling for
 //!   [`PostcopyOptions::spin`] before it blocks in `poll`) and returns the
 //!   missing page that was touched. A fault on a page that is no longer
@@ -94,9 +94,10 @@ pub struct PostcopyOptions {
     /// Serve memfd regions with minor faults and `UFFDIO_CONTINUE` when the
     /// kernel offers `UFFD_FEATURE_MINOR_SHMEM`. Default true.
     pub minor_faults: bool,
-    /// Busy-poll the userfaultfd this long before blocking in `poll`: on
-    /// machines where waking a blocked thread costs tens of µs this cuts the
-    /// fault latency, at the price of CPU time. The polling thread yields
+    /// Busy-poll the userfaultfd this long before blocking in `poll`: where
+    /// waking a blocked thread is slow compared with placing a page (virtual
+    /// CPUs, deep idle states) this cuts the fault latency, at the price of
+    /// CPU time. The polling thread yields
     /// between reads, so it never keeps another runnable thread (the one
     /// answering the previous fault) off its CPU. Default 0.
     pub spin: Duration,

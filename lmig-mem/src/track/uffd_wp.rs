@@ -5,7 +5,8 @@
 //! `UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED`, plus
 //! `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` when a region is shmem or memfd) and
 //! write-protects each range once. A write to a protected page is resolved by
-//! the kernel itself (no handler thread, ~1 µs) and marks the page written.
+//! the kernel itself (no handler thread, no trip to user space) and marks the
+//! page written.
 //! `collect` is one `PAGEMAP_SCAN` per region with
 //! `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC` and `PAGE_IS_WRITTEN` as
 //! category and return mask: the kernel reports the written pages and
