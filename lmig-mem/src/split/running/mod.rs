@@ -18,6 +18,7 @@ mod links;
 mod moves;
 mod paging;
 mod shared;
+mod threads;
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
@@ -37,6 +38,7 @@ use crate::memory::{Backing, Region};
 use crate::sys::uffd::{self, UffdOrigin};
 use book::PageBook;
 use shared::{Counters, Events, Inner, Link, State, proto};
+use threads::{Evictor, FaultHandler, IncomingServer, LinkReader};
 
 /// How the running host pages.
 #[derive(Copy, Clone, Debug)]
@@ -130,7 +132,7 @@ pub struct GatherReport {
 /// still held elsewhere then read as zeros, so gather first.
 pub struct SplitRegion {
     inner: Arc<Inner>,
-    fault_thread: Option<JoinHandle<()>>,
+    fault_handler: Option<FaultHandler>,
 }
 
 impl std::fmt::Debug for SplitRegion {
@@ -210,14 +212,10 @@ impl SplitRegion {
             uffd: fd,
             region,
         });
-        let i = inner.clone();
-        let fault_thread = std::thread::Builder::new()
-            .name("split-faults".into())
-            .spawn(move || i.fault_loop())
-            .map_err(|e| MemError::os("spawn", "split fault handler", e))?;
+        let fault_handler = FaultHandler::spawn(inner.clone())?;
         Ok(Self {
             inner,
-            fault_thread: Some(fault_thread),
+            fault_handler: Some(fault_handler),
         })
     }
 
@@ -259,21 +257,13 @@ impl SplitRegion {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(host, link);
-        let inner = self.inner.clone();
-        std::thread::Builder::new()
-            .name(format!("split-link-{}", host.0))
-            .spawn(move || inner.link_loop(host, ch))
-            .map_err(|e| MemError::os("spawn", "split link", e))?;
+        LinkReader::spawn(self.inner.clone(), host, ch)?;
         self.inner.sync(host)
     }
 
     /// Serve a channel a page host opened to this host (a gather or a relay).
     pub fn serve_incoming(&self, channel: Box<dyn Channel>) -> JoinHandle<()> {
-        let inner = self.inner.clone();
-        std::thread::Builder::new()
-            .name("split-incoming".into())
-            .spawn(move || inner.incoming_loop(Arc::from(channel)))
-            .expect("spawn split incoming thread")
+        IncomingServer::spawn(self.inner.clone(), Arc::from(channel))
     }
 
     /// Is `page` held here? (Pages being copied in from an answer count:
@@ -356,19 +346,20 @@ impl SplitRegion {
     /// afterwards the program runs with its memory split over them.
     /// Returns the pages evicted.
     pub fn split_to(&self, parts: &[(HostId, Vec<PageRun>)]) -> Result<u64> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = parts
-                .iter()
-                .map(|(h, runs)| s.spawn(move || self.inner.evict(*h, runs)))
-                .collect();
-            let mut total = 0;
-            for h in handles {
-                total += h
-                    .join()
-                    .map_err(|_| SplitError::State("eviction thread panicked".into()))??;
-            }
-            Ok(total)
-        })
+        let evictors: Vec<Result<Evictor>> = parts
+            .iter()
+            .map(|(h, runs)| Evictor::spawn(self.inner.clone(), *h, runs.clone()))
+            .collect();
+        // Every eviction ends before the first failure is reported.
+        let results: Vec<Result<u64>> = evictors
+            .into_iter()
+            .map(|e| e.and_then(Evictor::join))
+            .collect();
+        let mut total = 0;
+        for r in results {
+            total += r?;
+        }
+        Ok(total)
     }
 
     /// Partial migration: move every page `from` holds to `to` (both
@@ -407,8 +398,8 @@ impl Drop for SplitRegion {
         {
             l.ch.shutdown();
         }
-        if let Some(t) = self.fault_thread.take() {
-            let _ = t.join();
+        if let Some(t) = self.fault_handler.take() {
+            t.join();
         }
         let _ = uffd::unregister(
             self.inner.uffd.as_fd(),

@@ -97,6 +97,37 @@ impl Inner {
         self.sync(host)
     }
 
+    /// The copy phase of a partial migration: ask `from` to send `snapshot`
+    /// (what it held at epoch `e0`) straight to `to`, and wait until it
+    /// says `to` acknowledged all of it.
+    fn copy_between(
+        &self,
+        from: HostId,
+        to: HostId,
+        src: &Link,
+        dst: &Link,
+        snapshot: &PageSet,
+        e0: u64,
+    ) -> Result<()> {
+        let runs = runs_of_set(self.region.id(), snapshot, u32::MAX);
+        src.ch
+            .send(&Message::Split(SplitMessage::Send {
+                to,
+                endpoint: dst.endpoint.clone(),
+                epoch: e0,
+                runs,
+            }))
+            .map_err(proto)?;
+        self.wait_for("Sent", &[from, to], |st| {
+            let i = st
+                .events
+                .sent
+                .iter()
+                .position(|&(f, t, e)| f == from && t == to && e == e0);
+            i.map(|i| st.events.sent.remove(i)).is_some()
+        })
+    }
+
     pub(super) fn move_host(&self, from: HostId, to: HostId) -> Result<MoveReport> {
         let src = self.link(from)?;
         let dst = self.link(to)?;
@@ -114,25 +145,7 @@ impl Inner {
             }
             (st.book.map().pages_of(from), st.book.map().epoch())
         };
-        let result = (|| {
-            let runs = runs_of_set(self.region.id(), &snapshot, u32::MAX);
-            src.ch
-                .send(&Message::Split(SplitMessage::Send {
-                    to,
-                    endpoint: dst.endpoint.clone(),
-                    epoch: e0,
-                    runs,
-                }))
-                .map_err(proto)?;
-            self.wait_for("Sent", &[from, to], |st| {
-                let i = st
-                    .events
-                    .sent
-                    .iter()
-                    .position(|&(f, t, e)| f == from && t == to && e == e0);
-                i.map(|i| st.events.sent.remove(i)).is_some()
-            })
-        })();
+        let result = self.copy_between(from, to, &src, &dst, &snapshot, e0);
         let mut st = self.lock();
         st.draining.remove(&from);
         if let Err(e) = result {
