@@ -74,9 +74,13 @@ use std::time::{Duration, Instant};
 use lmig_core::model::{PageRun, RegionId, RegionPages};
 
 use crate::error::{MemError, Result};
-use crate::memory::{Backing, Region};
-use crate::sys::mapping::{Mapping, Share};
+use crate::memory::Region;
+use crate::sys::mapping::Mapping;
 use crate::sys::uffd::{self, UffdMsg, UffdOrigin};
+
+mod setup;
+
+use setup::{check_missing, open_userfaultfd};
 
 /// Most `EAGAIN` answers one fill tolerates before it reports an error.
 pub const MAX_FILL_RETRIES: u32 = 10_000;
@@ -214,93 +218,12 @@ impl Postcopy {
         missing: &RegionPages,
         options: PostcopyOptions,
     ) -> Result<Self> {
-        for (id, set) in missing.sets() {
-            let Some(r) = regions.iter().find(|r| r.id() == id) else {
-                return Err(MemError::UnknownRegion { region: id });
-            };
-            if set.capacity() != r.pages() {
-                return Err(MemError::LayoutMismatch {
-                    detail: format!(
-                        "post-copy set of region {id} has {} pages, the region {}",
-                        set.capacity(),
-                        r.pages()
-                    ),
-                });
-            }
-        }
-        let unsupported = |needs| MemError::Unsupported {
-            feature: "post-copy (userfaultfd missing-page faults)",
-            needs,
-        };
-        let (fd, origin) = uffd::open_best().map_err(|e| match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::ENOSYS) => unsupported(
-                "userfaultfd: CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or access to /dev/userfaultfd",
-            ),
-            _ => MemError::os("userfaultfd", "post-copy", e),
-        })?;
-        if origin == UffdOrigin::UserModeOnly && !options.allow_user_mode_only {
-            return Err(unsupported(
-                "kernel-mode faults (CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or /dev/userfaultfd); \
-                 with UFFD_USER_MODE_ONLY a system call touching a missing page fails with EFAULT \
-                 (PostcopyOptions::allow_user_mode_only accepts that)",
-            ));
-        }
-        let (offered, _) = uffd::probe_features()
-            .map_err(|e| MemError::os("UFFDIO_API (probe)", "post-copy", e))?;
-        let has_shmem = regions.iter().any(|r| r.backing().is_shmem());
-        let has_memfd = regions.iter().any(|r| r.backing() == Backing::Memfd);
-        let minor = options.minor_faults
-            && has_memfd
-            && offered & uffd::UFFD_FEATURE_MINOR_SHMEM != 0
-            && offered & uffd::UFFD_FEATURE_MISSING_SHMEM != 0;
-        let mut want = 0;
-        if has_shmem {
-            if offered & uffd::UFFD_FEATURE_MISSING_SHMEM == 0 {
-                return Err(unsupported(
-                    "UFFD_FEATURE_MISSING_SHMEM (Linux 4.11+) for shared regions",
-                ));
-            }
-            want |= uffd::UFFD_FEATURE_MISSING_SHMEM;
-        }
-        if minor {
-            want |= uffd::UFFD_FEATURE_MINOR_SHMEM;
-        }
-        uffd::api(fd.as_fd(), want).map_err(|e| MemError::os("UFFDIO_API", "post-copy", e))?;
-
-        let mut targets = Vec::with_capacity(regions.len());
-        for r in regions {
-            let continue_fill = minor && r.backing() == Backing::Memfd;
-            let fill = match (continue_fill, r.memfd()) {
-                (true, Some(memfd)) => Fill::Continue {
-                    alias: Mapping::map(r.len(), Share::Shared, Some(memfd), None, false)
-                        .map_err(|e| MemError::os("mmap (memfd alias)", r.describe(), e))?,
-                },
-                _ => Fill::Copy,
-            };
-            // Drop the stale content of the missing pages: private memory
-            // loses the pages (DONTNEED), shmem punches holes (REMOVE),
-            // minor-fault memfd only unmaps them (the page cache stays and
-            // is overwritten through the alias before UFFDIO_CONTINUE).
-            let advice = match (&fill, r.backing()) {
-                (Fill::Continue { .. }, _) | (_, Backing::Private) => libc::MADV_DONTNEED,
-                _ => libc::MADV_REMOVE,
-            };
-            let ps = r.page_size();
-            if let Ok(set) = missing.get(r.id()) {
-                for (first, count) in set.runs() {
-                    r.mapping()
-                        .discard(first as usize * ps, count as usize * ps, advice)
-                        .map_err(|e| MemError::os("madvise (drop stale pages)", r.describe(), e))?;
-                }
-            }
-            targets.push(Target {
-                id: r.id(),
-                start: r.as_ptr() as u64,
-                len: r.len() as u64,
-                page_size: ps as u64,
-                fill,
-            });
-        }
+        check_missing(regions, missing)?;
+        let (fd, origin, minor) = open_userfaultfd(regions, options)?;
+        let targets = regions
+            .iter()
+            .map(|r| Target::prepare(r, minor, missing))
+            .collect::<Result<Vec<_>>>()?;
         let pc = Self {
             uffd: fd,
             origin,
@@ -319,18 +242,24 @@ impl Postcopy {
             faulted: Mutex::new(Vec::new()),
             registered: Mutex::new(true),
         };
-        for (i, t) in pc.targets.iter().enumerate() {
+        pc.register()?;
+        Ok(pc)
+    }
+
+    /// Register every target; on a failure unregister those done.
+    fn register(&self) -> Result<()> {
+        for (i, t) in self.targets.iter().enumerate() {
             let mode = match t.fill {
                 Fill::Copy => uffd::UFFDIO_REGISTER_MODE_MISSING,
                 Fill::Continue { .. } => {
                     uffd::UFFDIO_REGISTER_MODE_MISSING | uffd::UFFDIO_REGISTER_MODE_MINOR
                 }
             };
-            if let Err(e) = uffd::register(pc.uffd.as_fd(), t.start, t.len, mode) {
-                for done in &pc.targets[..i] {
-                    let _ = uffd::unregister(pc.uffd.as_fd(), done.start, done.len);
+            if let Err(e) = uffd::register(self.uffd.as_fd(), t.start, t.len, mode) {
+                for done in &self.targets[..i] {
+                    let _ = uffd::unregister(self.uffd.as_fd(), done.start, done.len);
                 }
-                *lock(&pc.registered) = false;
+                *lock(&self.registered) = false;
                 return Err(MemError::os(
                     "UFFDIO_REGISTER (missing)",
                     format!("region {} ({:#x}, {} bytes)", t.id, t.start, t.len),
@@ -338,7 +267,7 @@ impl Postcopy {
                 ));
             }
         }
-        Ok(pc)
+        Ok(())
     }
 
     fn target(&self, id: RegionId) -> Result<&Target> {
