@@ -7,7 +7,7 @@ use std::time::Duration;
 use lmig_core::MemorySink;
 use lmig_core::model::{PageRun, RegionLayout, RegionPages};
 
-use super::RegionSet;
+use super::set::RegionSet;
 use crate::error::{MemError, Result};
 use crate::memory::Backing;
 use crate::postcopy::{PostcopyOptions, PostcopyStats};

@@ -13,7 +13,8 @@
 //! | `layout.rs` | [`layout_difference`] |
 //! | `set.rs` | [`RegionSet`]: the regions by id |
 //! | `source.rs` | `RegionSet`'s `MemorySource` implementation |
-//! | `sink.rs` | the sink state and post-copy switch; `RegionSet`'s `MemorySink` implementation |
+//! | `sink_state.rs` | the sink state a set holds: which pages hold data, the post-copy switch |
+//! | `sink.rs` | `RegionSet`'s sink side: placing runs, post-copy calls, its `MemorySink` implementation |
 //! | `destination.rs` | [`DestinationRegions`] |
 //!
 //! Every access to region memory copies through raw pointers: the program's
@@ -25,6 +26,7 @@ mod layout;
 mod options;
 mod set;
 mod sink;
+mod sink_state;
 mod source;
 #[cfg(test)]
 mod tests;

@@ -1,22 +1,21 @@
 //! [`RegionSet`]: the program's regions by id, with the calls the source
 //! and the sink share.
 
-use std::time::Duration;
+use lmig_core::model::{PageRun, RegionId, RegionLayout};
 
-use lmig_core::model::{PageRun, RegionId, RegionLayout, RegionPages};
-
-use super::layout_difference;
+use super::layout::layout_difference;
 use super::options::RegionOptions;
-use super::sink::RegionSink;
+use super::sink_state::RegionSink;
 use crate::error::{MemError, Result};
 use crate::memory::{Backing, Region};
-use crate::postcopy::{PostcopyOptions, PostcopyStats};
 
 /// The program's registered regions, by id.
 ///
-/// A `RegionSet` is the [`MemorySource`](lmig_core::MemorySource) of a source session and the
-/// [`MemorySink`](lmig_core::MemorySink) of a destination session whose regions the program mapped
-/// itself (see [`DestinationRegions`](crate::DestinationRegions) to map them from the source's layout).
+/// A `RegionSet` is the [`MemorySource`](lmig_core::MemorySource) of a
+/// source session and the [`MemorySink`](lmig_core::MemorySink) of a
+/// destination session whose regions the program mapped itself (see
+/// [`DestinationRegions`](crate::DestinationRegions) to map them from the
+/// source's layout).
 /// Trackers are created over it (`crate::track`).
 ///
 /// Sink methods take `&self` and may run on several threads for disjoint
@@ -79,55 +78,6 @@ impl RegionSet {
         Ok(set)
     }
 
-    /// Whether pages are pre-faulted (`MADV_POPULATE_WRITE`, run by run)
-    /// just before the first data is copied into them, rather than taking
-    /// one fault per page in the copy (default true). Pages that only ever
-    /// receive zero runs are never faulted in. Turn it off for a post-copy
-    /// destination.
-    pub fn set_prefault(&mut self, on: bool) {
-        self.sink.set_prefault(on);
-    }
-
-    /// How post-copy handles faults (see [`crate::postcopy`]).
-    pub fn set_postcopy_options(&mut self, options: PostcopyOptions) {
-        self.sink.set_postcopy_options(options);
-    }
-
-    /// Post-copy statistics: live while post-copy runs, final after it ended.
-    pub fn postcopy_stats(&self) -> PostcopyStats {
-        self.sink.postcopy_stats()
-    }
-
-    /// Is post-copy running (pages registered for missing-page faults)?
-    pub fn in_postcopy(&self) -> bool {
-        self.sink.in_postcopy()
-    }
-
-    /// Post-copy: drop the stale content of `missing` and register the
-    /// regions for missing-page faults. See [`crate::postcopy`].
-    pub fn begin_postcopy(&self, missing: &RegionPages) -> Result<()> {
-        self.sink.begin_postcopy(&self.regions, missing)
-    }
-
-    /// Post-copy: wait up to `timeout` for a touch of a missing page.
-    pub fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
-        self.sink.wait_fault(timeout)
-    }
-
-    /// Post-copy: unregister the regions. Refuses while pages are missing
-    /// ([`MemError::PostcopyIncomplete`]).
-    pub fn end_postcopy(&self) -> Result<()> {
-        self.sink.end_postcopy()
-    }
-
-    /// Post-copy failed for good (the source is gone): unregister even
-    /// though pages are missing. Threads blocked on a missing page resume
-    /// and read **zeros** there; the program's memory is incomplete and it
-    /// must be terminated (this only keeps it from hanging forever).
-    pub fn abandon_postcopy(&self) {
-        self.sink.abandon_postcopy();
-    }
-
     /// The layout announced to the destination.
     pub fn layout(&self) -> &RegionLayout {
         &self.layout
@@ -164,40 +114,9 @@ impl RegionSet {
         self.get(run.region)?.read_pages(run, dst)
     }
 
-    /// Write the pages of `run` (checked against the region before any byte
-    /// moves). In post-copy, missing pages are filled atomically and their
-    /// waiters woken.
-    pub fn write_run(&self, run: &PageRun, src: &[u8]) -> Result<()> {
-        let i = self.index_of(run.region)?;
-        self.sink.write_run(i, &self.regions[i], run, src)
-    }
-
-    /// Zero the pages of `run` (checked first). In post-copy, missing pages
-    /// are filled atomically and their waiters woken.
-    ///
-    /// Outside post-copy only the pages that may hold data are touched:
-    /// short runs of them are cleared with a memset, longer ones
-    /// ([`DISCARD_PAGES`](crate::region::DISCARD_PAGES) and more) are given back to the kernel
-    /// (`MADV_DONTNEED` for private memory, `MADV_REMOVE` for shared memory),
-    /// after which they read as zero without occupying memory.
-    pub fn zero_run(&self, run: &PageRun) -> Result<()> {
-        let i = self.index_of(run.region)?;
-        self.sink.zero_run(i, &self.regions[i], run)
-    }
-
-    fn index_of(&self, id: RegionId) -> Result<usize> {
+    pub(super) fn index_of(&self, id: RegionId) -> Result<usize> {
         self.layout
             .index_of(id)
             .map_err(|_| MemError::UnknownRegion { region: id })
-    }
-
-    /// Learn which pages may hold data; see [`RegionSink::learn_populated`].
-    pub(crate) fn learn_populated(&self) -> Result<()> {
-        self.sink.learn_populated(&self.regions)
-    }
-
-    /// Every page was given back to the kernel: all read as zero.
-    pub(crate) fn forget_data(&self) {
-        self.sink.forget_data();
     }
 }

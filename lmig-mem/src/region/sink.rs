@@ -1,184 +1,95 @@
-//! The destination side of a [`RegionSet`]: [`RegionSink`] places pages and
-//! owns the switch into and out of post-copy; `RegionSet` implements
-//! [`MemorySink`] by delegating to it.
-//!
-//! Outside post-copy a run is written with the low-level page writes of
-//! [`crate::memory`]; in post-copy it is handed to [`Postcopy::place`], which
-//! fills missing pages atomically. Neither of those imports this module.
+//! The destination side of a [`RegionSet`]: placing pages, the post-copy
+//! switch, and its [`MemorySink`] implementation, all delegating to the
+//! set's [`RegionSink`](super::sink_state::RegionSink).
 
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use lmig_core::MemorySink;
-use lmig_core::model::{PageRun, PageSet, RegionLayout, RegionPages};
+use lmig_core::model::{PageRun, RegionLayout, RegionPages};
 
-use super::RegionSet;
-use crate::error::{MemError, Result};
-use crate::memory::{DataBits, Region, write_data_run, zero_data_run};
-use crate::postcopy::{Postcopy, PostcopyOptions, PostcopyStats};
+use super::set::RegionSet;
+use crate::error::Result;
+use crate::postcopy::{PostcopyOptions, PostcopyStats};
 
-/// The sink state of a region set: which pages may hold data, whether pages
-/// are pre-faulted, and post-copy while it runs.
-///
-/// Methods that place a run take the region and its index (the order of
-/// the set's regions), already looked up; the run is checked here against
-/// the region before any byte moves.
-#[derive(Debug)]
-pub(crate) struct RegionSink {
-    /// Post-copy state while post-copy runs.
-    postcopy: RwLock<Option<Arc<Postcopy>>>,
-    options: PostcopyOptions,
-    /// Final statistics of the last post-copy that ended.
-    stats: Mutex<PostcopyStats>,
-    /// Per region, which pages may hold data: a zero run over pages known
-    /// to read as zero needs no work.
-    data: Vec<DataBits>,
-    prefault: bool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl RegionSink {
-    /// A sink over `regions`, every page counted as holding data.
-    pub(crate) fn new(regions: &[Region]) -> Self {
-        Self {
-            postcopy: RwLock::new(None),
-            options: PostcopyOptions::default(),
-            stats: Mutex::new(PostcopyStats::default()),
-            data: regions
-                .iter()
-                .map(|r| DataBits::new(r.pages(), true))
-                .collect(),
-            prefault: true,
-        }
+impl RegionSet {
+    /// Whether pages are pre-faulted (`MADV_POPULATE_WRITE`, run by run)
+    /// just before the first data is copied into them, rather than taking
+    /// one fault per page in the copy (default true). Pages that only ever
+    /// receive zero runs are never faulted in. Turn it off for a post-copy
+    /// destination.
+    pub fn set_prefault(&mut self, on: bool) {
+        self.sink.set_prefault(on);
     }
 
-    pub(crate) fn set_prefault(&mut self, on: bool) {
-        self.prefault = on;
+    /// How post-copy handles faults (see [`crate::postcopy`]).
+    pub fn set_postcopy_options(&mut self, options: PostcopyOptions) {
+        self.sink.set_postcopy_options(options);
     }
 
-    pub(crate) fn set_postcopy_options(&mut self, options: PostcopyOptions) {
-        self.options = options;
+    /// Post-copy statistics: live while post-copy runs, final after it ended.
+    pub fn postcopy_stats(&self) -> PostcopyStats {
+        self.sink.postcopy_stats()
     }
 
-    fn active_postcopy(&self) -> Option<Arc<Postcopy>> {
-        self.postcopy
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// Is post-copy running (pages registered for missing-page faults)?
+    pub fn in_postcopy(&self) -> bool {
+        self.sink.in_postcopy()
     }
 
-    pub(crate) fn postcopy_stats(&self) -> PostcopyStats {
-        match self.active_postcopy() {
-            Some(pc) => pc.stats(),
-            None => lock(&self.stats).clone(),
-        }
+    /// Post-copy: drop the stale content of `missing` and register the
+    /// regions for missing-page faults. See [`crate::postcopy`].
+    pub fn begin_postcopy(&self, missing: &RegionPages) -> Result<()> {
+        self.sink.begin_postcopy(&self.regions, missing)
     }
 
-    pub(crate) fn in_postcopy(&self) -> bool {
-        self.active_postcopy().is_some()
+    /// Post-copy: wait up to `timeout` for a touch of a missing page.
+    pub fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
+        self.sink.wait_fault(timeout)
     }
 
-    /// Switch into post-copy: register `regions` for missing-page faults.
-    pub(crate) fn begin_postcopy(&self, regions: &[Region], missing: &RegionPages) -> Result<()> {
-        let mut slot = self.postcopy.write().unwrap_or_else(|p| p.into_inner());
-        if slot.is_some() {
-            return Err(MemError::TrackerState {
-                tracker: "post-copy",
-                detail: "begin_postcopy called twice",
-            });
-        }
-        let pc = Postcopy::begin(regions, missing, self.options)?;
-        *slot = Some(Arc::new(pc));
-        Ok(())
+    /// Post-copy: unregister the regions. Refuses while pages are missing
+    /// ([`MemError::PostcopyIncomplete`](crate::MemError::PostcopyIncomplete)).
+    pub fn end_postcopy(&self) -> Result<()> {
+        self.sink.end_postcopy()
     }
 
-    pub(crate) fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
-        match self.active_postcopy() {
-            Some(pc) => pc.wait_fault(timeout),
-            None => {
-                std::thread::sleep(timeout);
-                Ok(None)
-            }
-        }
+    /// Post-copy failed for good (the source is gone): unregister even
+    /// though pages are missing. Threads blocked on a missing page resume
+    /// and read **zeros** there; the program's memory is incomplete and it
+    /// must be terminated (this only keeps it from hanging forever).
+    pub fn abandon_postcopy(&self) {
+        self.sink.abandon_postcopy();
     }
 
-    /// Switch out of post-copy; refuses while pages are missing.
-    pub(crate) fn end_postcopy(&self) -> Result<()> {
-        let mut slot = self.postcopy.write().unwrap_or_else(|p| p.into_inner());
-        let Some(pc) = slot.as_ref() else {
-            return Ok(());
-        };
-        pc.end(false)?;
-        *lock(&self.stats) = pc.stats();
-        *slot = None;
-        Ok(())
+    /// Write the pages of `run` (checked against the region before any byte
+    /// moves). In post-copy, missing pages are filled atomically and their
+    /// waiters woken.
+    pub fn write_run(&self, run: &PageRun, src: &[u8]) -> Result<()> {
+        let i = self.index_of(run.region)?;
+        self.sink.write_run(i, &self.regions[i], run, src)
     }
 
-    /// Switch out of post-copy even though pages are missing.
-    pub(crate) fn abandon_postcopy(&self) {
-        let mut slot = self.postcopy.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(pc) = slot.take() {
-            let _ = pc.end(true);
-            *lock(&self.stats) = pc.stats();
-        }
+    /// Zero the pages of `run` (checked first). In post-copy, missing pages
+    /// are filled atomically and their waiters woken.
+    ///
+    /// Outside post-copy only the pages that may hold data are touched:
+    /// short runs of them are cleared with a memset, longer ones
+    /// ([`DISCARD_PAGES`](crate::region::DISCARD_PAGES) and more) are given back to the kernel
+    /// (`MADV_DONTNEED` for private memory, `MADV_REMOVE` for shared memory),
+    /// after which they read as zero without occupying memory.
+    pub fn zero_run(&self, run: &PageRun) -> Result<()> {
+        let i = self.index_of(run.region)?;
+        self.sink.zero_run(i, &self.regions[i], run)
     }
 
-    /// Place `src` into the pages of `run` in `region` (index `i`).
-    pub(crate) fn write_run(
-        &self,
-        i: usize,
-        region: &Region,
-        run: &PageRun,
-        src: &[u8],
-    ) -> Result<()> {
-        let data = &self.data[i];
-        let bytes = region.check_len(run, src.len())?;
-        match self.active_postcopy() {
-            None => write_data_run(region, data, run, bytes, src, self.prefault),
-            Some(pc) => {
-                data.set(run.first, run.count.into(), true);
-                pc.place(region, run, Some(src))
-            }
-        }
+    /// Learn which pages may hold data; see [`RegionSink::learn_populated`].
+    pub(crate) fn learn_populated(&self) -> Result<()> {
+        self.sink.learn_populated(&self.regions)
     }
 
-    /// Zero the pages of `run` in `region` (index `i`).
-    pub(crate) fn zero_run(&self, i: usize, region: &Region, run: &PageRun) -> Result<()> {
-        let data = &self.data[i];
-        region.run_bytes(run)?;
-        match self.active_postcopy() {
-            None => zero_data_run(region, data, run),
-            Some(pc) => {
-                data.set(run.first, run.count.into(), true);
-                pc.place(region, run, None)
-            }
-        }
-    }
-
-    /// Learn which pages of `regions` may hold data ([`Region::populated`](crate::Region::populated))
-    /// so that zero runs over the others need no work and data runs into
-    /// them are pre-faulted. Called by `prepare`, before any page is placed.
-    pub(crate) fn learn_populated(&self, regions: &[Region]) -> Result<()> {
-        for (r, data) in regions.iter().zip(&self.data) {
-            let mut set = PageSet::new(r.pages());
-            if r.populated(&mut set)? {
-                data.fill(false);
-                for (first, count) in set.runs() {
-                    data.set(first, count, true);
-                }
-            } else {
-                data.fill(true);
-            }
-        }
-        Ok(())
-    }
-
-    /// Every page reads as zero (fresh mappings, or all given back).
+    /// Every page was given back to the kernel: all read as zero.
     pub(crate) fn forget_data(&self) {
-        self.data.iter().for_each(|d| d.fill(false));
+        self.sink.forget_data();
     }
 }
 

@@ -3,7 +3,7 @@
 use lmig_core::MemorySource;
 use lmig_core::model::{PageRun, RegionLayout, RegionPages};
 
-use super::RegionSet;
+use super::set::RegionSet;
 
 impl MemorySource for RegionSet {
     fn layout(&self) -> RegionLayout {

@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 
 use lmig_core::model::{RegionId, RegionPages};
 
-use super::TrackedRange;
-use super::uffd_wp::{COLLECT, SCAN_VEC_LEN, UffdWpTracker, open_pagemap, scan_range};
+use super::range::{TrackedRange, open_pagemap};
+use super::uffd_wp::{COLLECT, SCAN_VEC_LEN, UffdWpTracker, scan_range};
 use crate::error::Result;
 use crate::region::{Region, RegionSet};
 use crate::sys::pagemap::PageRegion;

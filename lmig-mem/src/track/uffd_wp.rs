@@ -22,13 +22,13 @@ use lmig_core::model::RegionId;
 use lmig_core::model::RegionPages;
 use lmig_core::{DirtyClearer, DirtyTracker};
 
+use super::range::{TrackedRange, open_pagemap};
 use crate::error::{MemError, Result};
 use crate::region::RegionSet;
 use crate::sys::pagemap::{
     self, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, PageRegion, ScanSpec,
 };
 use crate::sys::uffd::{self, UffdOrigin};
-use crate::track::TrackedRange;
 
 /// `page_region` slots handed to one `PAGEMAP_SCAN` call (96 KiB). Runs of
 /// written pages merge into one slot; a fuller scan loops from `walk_end`.
@@ -261,10 +261,6 @@ impl UffdWpTracker {
         )?;
         Ok(pages)
     }
-}
-
-pub(crate) fn open_pagemap() -> Result<File> {
-    File::open("/proc/self/pagemap").map_err(|e| MemError::os("open", "/proc/self/pagemap", e))
 }
 
 /// Scan `r` from start to end, looping while the output vector fills up,
