@@ -75,94 +75,19 @@ use lmig_core::model::{PageRun, RegionId, RegionPages};
 
 use crate::error::{MemError, Result};
 use crate::memory::Region;
-use crate::sys::mapping::Mapping;
 use crate::sys::uffd::{self, UffdMsg, UffdOrigin};
 
+mod options;
 mod setup;
 
-use setup::{check_missing, open_userfaultfd};
+pub use options::{PostcopyOptions, PostcopyStats};
+use setup::{Fill, Target, check_missing, open_userfaultfd};
 
 /// Most `EAGAIN` answers one fill tolerates before it reports an error.
 pub const MAX_FILL_RETRIES: u32 = 10_000;
 
 /// Most faulted pages remembered in [`PostcopyStats::faulted`].
 const MAX_RECORDED_FAULTS: usize = 1 << 20;
-
-/// How post-copy handles faults.
-#[derive(Copy, Clone, Debug)]
-pub struct PostcopyOptions {
-    /// Accept a userfaultfd that only sees user-mode faults (see the
-    /// [module docs](self)): system calls touching a missing page then fail
-    /// with `EFAULT`. Default false.
-    pub allow_user_mode_only: bool,
-    /// Serve memfd regions with minor faults and `UFFDIO_CONTINUE` when the
-    /// kernel offers `UFFD_FEATURE_MINOR_SHMEM`. Default true.
-    pub minor_faults: bool,
-    /// Busy-poll the userfaultfd this long before blocking in `poll`: where
-    /// waking a blocked thread is slow compared with placing a page (virtual
-    /// CPUs, deep idle states) this cuts the fault latency, at the price of
-    /// CPU time. The polling thread yields
-    /// between reads, so it never keeps another runnable thread (the one
-    /// answering the previous fault) off its CPU. Default 0.
-    pub spin: Duration,
-    /// Remember the pages that faulted ([`PostcopyStats::faulted`], capped
-    /// at 2^20 entries). Default true.
-    pub record_faults: bool,
-}
-
-impl Default for PostcopyOptions {
-    fn default() -> Self {
-        Self {
-            allow_user_mode_only: false,
-            minor_faults: true,
-            spin: Duration::ZERO,
-            record_faults: true,
-        }
-    }
-}
-
-/// What post-copy did on this side.
-#[derive(Clone, Debug, Default)]
-pub struct PostcopyStats {
-    /// How the userfaultfd was opened.
-    pub origin: Option<UffdOrigin>,
-    /// A memfd region was served with minor faults (`UFFDIO_CONTINUE`).
-    pub minor_faults: bool,
-    /// Fault messages read.
-    pub faults: u64,
-    /// Runs `wait_fault` returned (pages the session asked the source for).
-    pub requested: u64,
-    /// Faults on pages that were no longer missing, answered at once.
-    pub stale_faults: u64,
-    /// `EEXIST` answers: the page was already there (its waiters were woken).
-    pub already_present: u64,
-    /// `EAGAIN` answers retried.
-    pub retries: u64,
-    /// Missing pages placed.
-    pub placed: u64,
-    /// The pages `wait_fault` returned, in order (capped).
-    pub faulted: Vec<(RegionId, u64)>,
-}
-
-/// How pages of one region are filled.
-#[derive(Debug)]
-enum Fill {
-    /// `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`.
-    Copy,
-    /// Write through `alias` (a second mapping of the memfd, not registered),
-    /// then `UFFDIO_CONTINUE`.
-    Continue { alias: Mapping },
-}
-
-/// One registered region.
-#[derive(Debug)]
-struct Target {
-    id: RegionId,
-    start: u64,
-    len: u64,
-    page_size: u64,
-    fill: Fill,
-}
 
 #[derive(Debug, Default)]
 struct Counters {

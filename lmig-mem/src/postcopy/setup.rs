@@ -3,13 +3,33 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use lmig_core::model::RegionPages;
+use lmig_core::model::{RegionId, RegionPages};
 
-use super::{Fill, PostcopyOptions, Target};
+use super::options::PostcopyOptions;
 use crate::error::{MemError, Result};
 use crate::memory::{Backing, Region};
 use crate::sys::mapping::{Mapping, Share};
 use crate::sys::uffd::{self, UffdOrigin};
+
+/// How pages of one region are filled.
+#[derive(Debug)]
+pub(super) enum Fill {
+    /// `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`.
+    Copy,
+    /// Write through `alias` (a second mapping of the memfd, not registered),
+    /// then `UFFDIO_CONTINUE`.
+    Continue { alias: Mapping },
+}
+
+/// One registered region.
+#[derive(Debug)]
+pub(super) struct Target {
+    pub(super) id: RegionId,
+    pub(super) start: u64,
+    pub(super) len: u64,
+    pub(super) page_size: u64,
+    pub(super) fill: Fill,
+}
 
 /// Every set of `missing` names one of `regions` and has its page count.
 pub(super) fn check_missing(regions: &[Region], missing: &RegionPages) -> Result<()> {

@@ -9,7 +9,7 @@ use lmig_core::Channel;
 use lmig_core::protocol::Message;
 use lmig_core::split::{HostId, SplitMessage, runs_of_set};
 
-use super::HostLost;
+use super::reports::HostLost;
 use super::shared::Inner;
 
 impl Inner {

@@ -10,8 +10,8 @@ use lmig_core::protocol::{Message, PageBatch, PageData};
 use lmig_core::split::{HostId, SplitMessage, runs_of_set};
 
 use super::book::Switch;
+use super::reports::{GatherReport, MoveReport};
 use super::shared::{Inner, Link, proto, set_of};
-use super::{GatherReport, MoveReport};
 use crate::error::MemError;
 use crate::split::{BATCH_PAGES, Result, SplitError};
 use crate::sys::uffd;

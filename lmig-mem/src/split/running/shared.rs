@@ -13,7 +13,8 @@ use lmig_core::split::{HostId, SplitMessage};
 use lmig_core::{Channel, MigrationError};
 
 use super::book::PageBook;
-use super::{HostLost, SplitOptions};
+use super::options::SplitOptions;
+use super::reports::HostLost;
 use crate::memory::Region;
 use crate::split::{Result, SplitError, lock};
 
