@@ -56,16 +56,10 @@ pub(super) fn open_userfaultfd(
     regions: &[Region],
     options: PostcopyOptions,
 ) -> Result<(OwnedFd, UffdOrigin, bool)> {
-    let unsupported = |needs| MemError::Unsupported {
-        feature: "post-copy (userfaultfd missing-page faults)",
-        needs,
-    };
-    let (fd, origin) = uffd::open_best().map_err(|e| match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::ENOSYS) => unsupported(
-            "userfaultfd: CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or access to /dev/userfaultfd",
-        ),
-        _ => MemError::os("userfaultfd", "post-copy", e),
-    })?;
+    let feature = "post-copy (userfaultfd missing-page faults)";
+    let unsupported = |needs| MemError::Unsupported { feature, needs };
+    let (fd, origin) =
+        uffd::open_best().map_err(|e| MemError::userfaultfd_open(feature, "post-copy", e))?;
     if origin == UffdOrigin::UserModeOnly && !options.allow_user_mode_only {
         return Err(unsupported(
             "kernel-mode faults (CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or /dev/userfaultfd); \

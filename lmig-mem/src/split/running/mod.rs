@@ -76,16 +76,10 @@ impl SplitRegion {
         }
         let map = OwnerMap::new(region.info().clone(), me)?;
         region.populate()?;
-        let unsupported = |needs| MemError::Unsupported {
-            feature: "split memory (userfaultfd missing + write-protect faults)",
-            needs,
-        };
-        let (fd, origin) = uffd::open_best().map_err(|e| match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::ENOSYS) => unsupported(
-                "userfaultfd: CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or access to /dev/userfaultfd",
-            ),
-            _ => MemError::os("userfaultfd", "split memory", e),
-        })?;
+        let feature = "split memory (userfaultfd missing + write-protect faults)";
+        let unsupported = |needs| MemError::Unsupported { feature, needs };
+        let (fd, origin) = uffd::open_best()
+            .map_err(|e| MemError::userfaultfd_open(feature, "split memory", e))?;
         if origin == UffdOrigin::UserModeOnly {
             return Err(unsupported(
                 "kernel-mode faults (CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or /dev/userfaultfd)",
