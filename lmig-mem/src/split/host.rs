@@ -139,11 +139,7 @@ impl PageHost {
     pub fn serve(&self, channel: Box<dyn Channel>) -> JoinHandle<()> {
         let ch: Arc<dyn Channel> = Arc::from(channel);
         lock(&self.inner.channels).push(ch.clone());
-        let inner = self.inner.clone();
-        std::thread::Builder::new()
-            .name(format!("pagehost-{}", inner.id.0))
-            .spawn(move || inner.serve(ch))
-            .expect("spawn page-host thread")
+        ChannelServer::spawn(self.inner.clone(), ch)
     }
 
     /// Stop serving at once and close every channel, as if the host died
@@ -601,5 +597,18 @@ impl PageSender {
             },
         };
         let _ = ch.send(&Message::Split(reply));
+    }
+}
+
+/// Serves one channel (`pagehost-<id>`) until it closes or the host is
+/// killed; the caller joins it.
+struct ChannelServer;
+
+impl ChannelServer {
+    fn spawn(host: Arc<HostInner>, ch: Arc<dyn Channel>) -> JoinHandle<()> {
+        std::thread::Builder::new()
+            .name(format!("pagehost-{}", host.id.0))
+            .spawn(move || host.serve(ch))
+            .expect("spawn page-host thread")
     }
 }

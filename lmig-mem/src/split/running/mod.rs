@@ -3,11 +3,13 @@
 //!
 //! | file | holds |
 //! |---|---|
+//! | `options.rs`, `reports.rs` | [`SplitOptions`]; [`SplitStats`], [`HostLost`], [`MoveReport`], [`GatherReport`] |
 //! | `book.rs` | [`PageBook`](book::PageBook): every page's state and its transitions, no IO |
 //! | `shared.rs` | what the threads share: the lock's state, links, waits for replies |
 //! | `links.rs` | the messages page hosts send |
 //! | `paging.rs` | faults, fetches, placing answers with the userfaultfd |
 //! | `moves.rs` | eviction, partial migration, gather |
+//! | `threads.rs` | the thread roles: fault handler, link readers, incoming server, evictors |
 //!
 //! Every decision about a page is the book's; the functions around it hold
 //! the lock while they ask, and do the IO (`UFFDIO_COPY`, `MADV_DONTNEED`,
