@@ -152,6 +152,23 @@ impl MemError {
             source,
         }
     }
+
+    /// Opening a userfaultfd for `feature` failed: without the privilege
+    /// (`EPERM`) or the system call (`ENOSYS`) it is
+    /// [`MemError::Unsupported`], else an OS error of `what`.
+    pub(crate) fn userfaultfd_open(
+        feature: &'static str,
+        what: &'static str,
+        source: std::io::Error,
+    ) -> Self {
+        match source.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::ENOSYS) => Self::Unsupported {
+                feature,
+                needs: "userfaultfd: CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or access to /dev/userfaultfd",
+            },
+            _ => Self::os("userfaultfd", what, source),
+        }
+    }
 }
 
 impl From<MemError> for MigrationError {

@@ -70,6 +70,12 @@
 //!   [`MemError::Unsupported`] there.
 //! * `MAP_FIXED_NOREPLACE` (4.17+), `MADV_POPULATE_WRITE` (5.14+), `memfd_create`.
 //!
+//! ## Features
+//!
+//! * `bench-internals`: measurement hooks for benchmarks
+//!   (`track::measure_scan_cost`, `track::raw_pagemap_scan`,
+//!   `UffdWpTracker::raw_scan`); not for programs.
+//!
 //! ## Example
 //!
 //! ```
@@ -111,6 +117,7 @@
 #![deny(unsafe_code)]
 
 pub mod error;
+mod memory;
 pub mod postcopy;
 pub mod region;
 pub mod split;

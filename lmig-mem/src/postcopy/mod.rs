@@ -18,8 +18,8 @@
 //!   | memfd without `MINOR_SHMEM` | `MADV_REMOVE` | `MISSING` | `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` |
 //!
 //!   For memfd regions the minor-fault path writes the page once into the
-//!   page cache and only maps it (`UFFDIO_CONTINUE` does not copy, ~2× the
-//!   throughput of `UFFDIO_COPY` on this kind of machine).
+//!   page cache and only maps it: `UFFDIO_CONTINUE` does not copy, so it
+//!   places pages faster than `UFFDIO_COPY`.
 //! * `wait_fault(timeout)` reads fault messages (optionally busy-polling for
 //!   [`PostcopyOptions::spin`] before it blocks in `poll`) and returns the
 //!   missing page that was touched. A fault on a page that is no longer
@@ -74,90 +74,20 @@ use std::time::{Duration, Instant};
 use lmig_core::model::{PageRun, RegionId, RegionPages};
 
 use crate::error::{MemError, Result};
-use crate::region::{Backing, Region};
-use crate::sys::mapping::{Mapping, Share};
+use crate::memory::Region;
 use crate::sys::uffd::{self, UffdMsg, UffdOrigin};
+
+mod options;
+mod setup;
+
+pub use options::{PostcopyOptions, PostcopyStats};
+use setup::{Fill, Target, check_missing, open_userfaultfd};
 
 /// Most `EAGAIN` answers one fill tolerates before it reports an error.
 pub const MAX_FILL_RETRIES: u32 = 10_000;
 
 /// Most faulted pages remembered in [`PostcopyStats::faulted`].
 const MAX_RECORDED_FAULTS: usize = 1 << 20;
-
-/// How post-copy handles faults.
-#[derive(Copy, Clone, Debug)]
-pub struct PostcopyOptions {
-    /// Accept a userfaultfd that only sees user-mode faults (see the
-    /// [module docs](self)): system calls touching a missing page then fail
-    /// with `EFAULT`. Default false.
-    pub allow_user_mode_only: bool,
-    /// Serve memfd regions with minor faults and `UFFDIO_CONTINUE` when the
-    /// kernel offers `UFFD_FEATURE_MINOR_SHMEM`. Default true.
-    pub minor_faults: bool,
-    /// Busy-poll the userfaultfd this long before blocking in `poll`: on
-    /// machines where waking a blocked thread costs tens of µs this cuts the
-    /// fault latency, at the price of CPU time. The polling thread yields
-    /// between reads, so it never keeps another runnable thread (the one
-    /// answering the previous fault) off its CPU. Default 0.
-    pub spin: Duration,
-    /// Remember the pages that faulted ([`PostcopyStats::faulted`], capped
-    /// at 2^20 entries). Default true.
-    pub record_faults: bool,
-}
-
-impl Default for PostcopyOptions {
-    fn default() -> Self {
-        Self {
-            allow_user_mode_only: false,
-            minor_faults: true,
-            spin: Duration::ZERO,
-            record_faults: true,
-        }
-    }
-}
-
-/// What post-copy did on this side.
-#[derive(Clone, Debug, Default)]
-pub struct PostcopyStats {
-    /// How the userfaultfd was opened.
-    pub origin: Option<UffdOrigin>,
-    /// A memfd region was served with minor faults (`UFFDIO_CONTINUE`).
-    pub minor_faults: bool,
-    /// Fault messages read.
-    pub faults: u64,
-    /// Runs `wait_fault` returned (pages the session asked the source for).
-    pub requested: u64,
-    /// Faults on pages that were no longer missing, answered at once.
-    pub stale_faults: u64,
-    /// `EEXIST` answers: the page was already there (its waiters were woken).
-    pub already_present: u64,
-    /// `EAGAIN` answers retried.
-    pub retries: u64,
-    /// Missing pages placed.
-    pub placed: u64,
-    /// The pages `wait_fault` returned, in order (capped).
-    pub faulted: Vec<(RegionId, u64)>,
-}
-
-/// How pages of one region are filled.
-#[derive(Debug)]
-enum Fill {
-    /// `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`.
-    Copy,
-    /// Write through `alias` (a second mapping of the memfd, not registered),
-    /// then `UFFDIO_CONTINUE`.
-    Continue { alias: Mapping },
-}
-
-/// One registered region.
-#[derive(Debug)]
-struct Target {
-    id: RegionId,
-    start: u64,
-    len: u64,
-    page_size: u64,
-    fill: Fill,
-}
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -213,93 +143,12 @@ impl Postcopy {
         missing: &RegionPages,
         options: PostcopyOptions,
     ) -> Result<Self> {
-        for (id, set) in missing.sets() {
-            let Some(r) = regions.iter().find(|r| r.id() == id) else {
-                return Err(MemError::UnknownRegion { region: id });
-            };
-            if set.capacity() != r.pages() {
-                return Err(MemError::LayoutMismatch {
-                    detail: format!(
-                        "post-copy set of region {id} has {} pages, the region {}",
-                        set.capacity(),
-                        r.pages()
-                    ),
-                });
-            }
-        }
-        let unsupported = |needs| MemError::Unsupported {
-            feature: "post-copy (userfaultfd missing-page faults)",
-            needs,
-        };
-        let (fd, origin) = uffd::open_best().map_err(|e| match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::ENOSYS) => unsupported(
-                "userfaultfd: CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or access to /dev/userfaultfd",
-            ),
-            _ => MemError::os("userfaultfd", "post-copy", e),
-        })?;
-        if origin == UffdOrigin::UserModeOnly && !options.allow_user_mode_only {
-            return Err(unsupported(
-                "kernel-mode faults (CAP_SYS_PTRACE, vm.unprivileged_userfaultfd = 1 or /dev/userfaultfd); \
-                 with UFFD_USER_MODE_ONLY a system call touching a missing page fails with EFAULT \
-                 (PostcopyOptions::allow_user_mode_only accepts that)",
-            ));
-        }
-        let (offered, _) = uffd::probe_features()
-            .map_err(|e| MemError::os("UFFDIO_API (probe)", "post-copy", e))?;
-        let has_shmem = regions.iter().any(|r| r.backing().is_shmem());
-        let has_memfd = regions.iter().any(|r| r.backing() == Backing::Memfd);
-        let minor = options.minor_faults
-            && has_memfd
-            && offered & uffd::UFFD_FEATURE_MINOR_SHMEM != 0
-            && offered & uffd::UFFD_FEATURE_MISSING_SHMEM != 0;
-        let mut want = 0;
-        if has_shmem {
-            if offered & uffd::UFFD_FEATURE_MISSING_SHMEM == 0 {
-                return Err(unsupported(
-                    "UFFD_FEATURE_MISSING_SHMEM (Linux 4.11+) for shared regions",
-                ));
-            }
-            want |= uffd::UFFD_FEATURE_MISSING_SHMEM;
-        }
-        if minor {
-            want |= uffd::UFFD_FEATURE_MINOR_SHMEM;
-        }
-        uffd::api(fd.as_fd(), want).map_err(|e| MemError::os("UFFDIO_API", "post-copy", e))?;
-
-        let mut targets = Vec::with_capacity(regions.len());
-        for r in regions {
-            let continue_fill = minor && r.backing() == Backing::Memfd;
-            let fill = match (continue_fill, r.memfd()) {
-                (true, Some(memfd)) => Fill::Continue {
-                    alias: Mapping::map(r.len(), Share::Shared, Some(memfd), None, false)
-                        .map_err(|e| MemError::os("mmap (memfd alias)", r.describe(), e))?,
-                },
-                _ => Fill::Copy,
-            };
-            // Drop the stale content of the missing pages: private memory
-            // loses the pages (DONTNEED), shmem punches holes (REMOVE),
-            // minor-fault memfd only unmaps them (the page cache stays and
-            // is overwritten through the alias before UFFDIO_CONTINUE).
-            let advice = match (&fill, r.backing()) {
-                (Fill::Continue { .. }, _) | (_, Backing::Private) => libc::MADV_DONTNEED,
-                _ => libc::MADV_REMOVE,
-            };
-            let ps = r.page_size();
-            if let Ok(set) = missing.get(r.id()) {
-                for (first, count) in set.runs() {
-                    r.mapping()
-                        .discard(first as usize * ps, count as usize * ps, advice)
-                        .map_err(|e| MemError::os("madvise (drop stale pages)", r.describe(), e))?;
-                }
-            }
-            targets.push(Target {
-                id: r.id(),
-                start: r.as_ptr() as u64,
-                len: r.len() as u64,
-                page_size: ps as u64,
-                fill,
-            });
-        }
+        check_missing(regions, missing)?;
+        let (fd, origin, minor) = open_userfaultfd(regions, options)?;
+        let targets = regions
+            .iter()
+            .map(|r| Target::prepare(r, minor, missing))
+            .collect::<Result<Vec<_>>>()?;
         let pc = Self {
             uffd: fd,
             origin,
@@ -318,18 +167,24 @@ impl Postcopy {
             faulted: Mutex::new(Vec::new()),
             registered: Mutex::new(true),
         };
-        for (i, t) in pc.targets.iter().enumerate() {
+        pc.register()?;
+        Ok(pc)
+    }
+
+    /// Register every target; on a failure unregister those done.
+    fn register(&self) -> Result<()> {
+        for (i, t) in self.targets.iter().enumerate() {
             let mode = match t.fill {
                 Fill::Copy => uffd::UFFDIO_REGISTER_MODE_MISSING,
                 Fill::Continue { .. } => {
                     uffd::UFFDIO_REGISTER_MODE_MISSING | uffd::UFFDIO_REGISTER_MODE_MINOR
                 }
             };
-            if let Err(e) = uffd::register(pc.uffd.as_fd(), t.start, t.len, mode) {
-                for done in &pc.targets[..i] {
-                    let _ = uffd::unregister(pc.uffd.as_fd(), done.start, done.len);
+            if let Err(e) = uffd::register(self.uffd.as_fd(), t.start, t.len, mode) {
+                for done in &self.targets[..i] {
+                    let _ = uffd::unregister(self.uffd.as_fd(), done.start, done.len);
                 }
-                *lock(&pc.registered) = false;
+                *lock(&self.registered) = false;
                 return Err(MemError::os(
                     "UFFDIO_REGISTER (missing)",
                     format!("region {} ({:#x}, {} bytes)", t.id, t.start, t.len),
@@ -337,7 +192,7 @@ impl Postcopy {
                 ));
             }
         }
-        Ok(pc)
+        Ok(())
     }
 
     fn target(&self, id: RegionId) -> Result<&Target> {

@@ -139,11 +139,7 @@ impl PageHost {
     pub fn serve(&self, channel: Box<dyn Channel>) -> JoinHandle<()> {
         let ch: Arc<dyn Channel> = Arc::from(channel);
         lock(&self.inner.channels).push(ch.clone());
-        let inner = self.inner.clone();
-        std::thread::Builder::new()
-            .name(format!("pagehost-{}", inner.id.0))
-            .spawn(move || inner.serve(ch))
-            .expect("spawn page-host thread")
+        ChannelServer::spawn(self.inner.clone(), ch)
     }
 
     /// Stop serving at once and close every channel, as if the host died
@@ -199,17 +195,7 @@ impl HostInner {
             }
             SplitMessage::Fetch { epoch, run } => self.fetch(&**ch, epoch, run),
             SplitMessage::Data { from, epoch, batch } => {
-                let pages = u64::from(batch.run.count);
-                let relay = lock(&self.relay).clone();
-                match relay {
-                    Some(r) => {
-                        r.send(&Message::Split(SplitMessage::Data { from, epoch, batch }))
-                            .map_err(|e| format!("relay: {e}"))?;
-                        self.counters.forwarded.fetch_add(pages, Ordering::Relaxed);
-                    }
-                    None => self.store(&batch)?,
-                }
-                link.received += pages;
+                link.received += self.on_data(from, epoch, batch)?;
                 Ok(())
             }
             SplitMessage::Sync { seq } => ch
@@ -224,74 +210,84 @@ impl HostInner {
                 epoch,
                 runs,
             } => {
-                let me = self.clone();
-                let ch = ch.clone();
                 // Pages for the host at the other end of this channel go
                 // back on it: no connection to open, no handshake, and the
                 // `Sent` behind them on the same lane tells that they were
                 // handled.
                 let back = (link.peer == Some(to)).then(|| ch.clone());
-                let spawned = std::thread::Builder::new()
-                    .name(format!("pagehost-send-{}", self.id.0))
-                    .spawn(move || {
-                        let reply = match me.send_to(to, &endpoint, epoch, &runs, back) {
-                            Ok((pages, missing)) => SplitMessage::Sent {
-                                from: me.id,
-                                to,
-                                epoch,
-                                pages,
-                                missing,
-                            },
-                            Err(e) => SplitMessage::Refused {
-                                reason: format!("sending to {to} at {endpoint}: {e}"),
-                            },
-                        };
-                        let _ = ch.send(&Message::Split(reply));
-                    });
-                spawned
-                    .map(|_| ())
-                    .map_err(|e| format!("spawn sender: {e}"))
-            }
-            SplitMessage::Relay { to, endpoint, .. } => {
-                let old = if endpoint.is_empty() {
-                    lock(&self.relay).take()
-                } else {
-                    let region = lock(&self.store)
-                        .region
-                        .clone()
-                        .ok_or("relay before attach")?;
-                    let r: Arc<dyn Channel> =
-                        Arc::from((self.dial)(&endpoint).map_err(|e| e.to_string())?);
-                    r.send(&Message::Split(SplitMessage::Attach {
-                        from: self.id,
-                        to,
-                        region,
-                    }))
-                    .map_err(|e| e.to_string())?;
-                    lock(&self.relay).replace(r)
+                let order = SendOrder {
+                    to,
+                    endpoint,
+                    epoch,
+                    runs,
                 };
-                if let Some(old) = old {
-                    let _ = sync_with(&*old, u64::MAX);
-                    old.shutdown();
-                }
-                Ok(())
+                PageSender::spawn(self.clone(), ch.clone(), order, back)
             }
+            SplitMessage::Relay { to, endpoint, .. } => self.relay(to, &endpoint),
             SplitMessage::Forget { runs, .. } => {
-                let mut st = lock(&self.store);
-                for run in runs {
-                    let end = run.end().min(st.pages.len() as u64);
-                    for p in run.first.min(end)..end {
-                        if st.pages[p as usize].take().is_some() {
-                            st.held -= 1;
-                        }
-                    }
-                }
+                self.forget(&runs);
                 Ok(())
             }
             SplitMessage::NotHeld { .. }
             | SplitMessage::Synced { .. }
             | SplitMessage::Sent { .. }
             | SplitMessage::Refused { .. } => Ok(()),
+        }
+    }
+
+    /// Pages `from` sent as of `epoch`: stored, or forwarded to the relay.
+    /// Returns how many.
+    fn on_data(&self, from: HostId, epoch: u64, batch: PageBatch) -> Result<u64, String> {
+        let pages = u64::from(batch.run.count);
+        let relay = lock(&self.relay).clone();
+        match relay {
+            Some(r) => {
+                r.send(&Message::Split(SplitMessage::Data { from, epoch, batch }))
+                    .map_err(|e| format!("relay: {e}"))?;
+                self.counters.forwarded.fetch_add(pages, Ordering::Relaxed);
+            }
+            None => self.store(&batch)?,
+        }
+        Ok(pages)
+    }
+
+    /// Forward what arrives to `to` at `endpoint` from now on (attached as
+    /// this host); an empty endpoint ends the relay. A former relay channel
+    /// is drained (synced) and closed.
+    fn relay(&self, to: HostId, endpoint: &str) -> Result<(), String> {
+        let old = if endpoint.is_empty() {
+            lock(&self.relay).take()
+        } else {
+            let region = lock(&self.store)
+                .region
+                .clone()
+                .ok_or("relay before attach")?;
+            let r: Arc<dyn Channel> = Arc::from((self.dial)(endpoint).map_err(|e| e.to_string())?);
+            r.send(&Message::Split(SplitMessage::Attach {
+                from: self.id,
+                to,
+                region,
+            }))
+            .map_err(|e| e.to_string())?;
+            lock(&self.relay).replace(r)
+        };
+        if let Some(old) = old {
+            let _ = sync_with(&*old, u64::MAX);
+            old.shutdown();
+        }
+        Ok(())
+    }
+
+    /// Drop the pages of `runs` held here.
+    fn forget(&self, runs: &[PageRun]) {
+        let mut st = lock(&self.store);
+        for run in runs {
+            let end = run.end().min(st.pages.len() as u64);
+            for p in run.first.min(end)..end {
+                if st.pages[p as usize].take().is_some() {
+                    st.held -= 1;
+                }
+            }
         }
     }
 
@@ -551,5 +547,68 @@ fn sync_with(ch: &dyn Channel, seq: u64) -> Result<u64, MigrationError> {
             }
             _ => {}
         }
+    }
+}
+
+/// A `Send` order: pages to send to another host.
+struct SendOrder {
+    to: HostId,
+    endpoint: String,
+    epoch: u64,
+    runs: Vec<PageRun>,
+}
+
+/// Sends the pages of one `Send` order (`pagehost-send-<id>`), then answers
+/// `Sent` (or `Refused`) on the channel the order came on. Detached: the
+/// answer is what the running host waits for.
+struct PageSender;
+
+impl PageSender {
+    fn spawn(
+        host: Arc<HostInner>,
+        ch: Arc<dyn Channel>,
+        order: SendOrder,
+        back: Option<Arc<dyn Channel>>,
+    ) -> Result<(), String> {
+        std::thread::Builder::new()
+            .name(format!("pagehost-send-{}", host.id.0))
+            .spawn(move || Self::run(&host, &*ch, order, back))
+            .map(|_| ())
+            .map_err(|e| format!("spawn sender: {e}"))
+    }
+
+    fn run(host: &HostInner, ch: &dyn Channel, order: SendOrder, back: Option<Arc<dyn Channel>>) {
+        let SendOrder {
+            to,
+            endpoint,
+            epoch,
+            runs,
+        } = order;
+        let reply = match host.send_to(to, &endpoint, epoch, &runs, back) {
+            Ok((pages, missing)) => SplitMessage::Sent {
+                from: host.id,
+                to,
+                epoch,
+                pages,
+                missing,
+            },
+            Err(e) => SplitMessage::Refused {
+                reason: format!("sending to {to} at {endpoint}: {e}"),
+            },
+        };
+        let _ = ch.send(&Message::Split(reply));
+    }
+}
+
+/// Serves one channel (`pagehost-<id>`) until it closes or the host is
+/// killed; the caller joins it.
+struct ChannelServer;
+
+impl ChannelServer {
+    fn spawn(host: Arc<HostInner>, ch: Arc<dyn Channel>) -> JoinHandle<()> {
+        std::thread::Builder::new()
+            .name(format!("pagehost-{}", host.id.0))
+            .spawn(move || host.serve(ch))
+            .expect("spawn page-host thread")
     }
 }

@@ -11,57 +11,30 @@
 //! [`TrackerProbe::run`] probes the kernel once; [`best_tracker`] creates the
 //! best automatic tracker and says why the others were rejected.
 
+#[cfg(feature = "bench-internals")]
+mod bench;
 mod dirty_log;
 mod manual;
+mod range;
 mod soft_dirty;
 mod uffd_wp;
 
 use std::fmt;
 
 use lmig_core::DirtyTracker;
-use lmig_core::model::{RegionId, RegionPages};
+use lmig_core::model::RegionPages;
 
+#[cfg(feature = "bench-internals")]
+pub use bench::{ScanFigures, measure_scan_cost, raw_pagemap_scan};
 pub use dirty_log::{DirtyLog, DirtyLogTracker};
 pub use manual::{DirtyMarker, ManualTracker};
 pub use soft_dirty::SoftDirtyTracker;
-pub use uffd_wp::{
-    SCAN_VEC_LEN, ScanFigures, UffdWpSupport, UffdWpTracker, measure_scan_cost, raw_pagemap_scan,
-};
+pub use uffd_wp::{SCAN_VEC_LEN, UffdWpSupport, UffdWpTracker};
 
 pub use crate::sys::uffd::UffdOrigin;
 
 use crate::error::{MemError, Result};
-use crate::region::{Region, RegionSet};
-
-/// The address range of one tracked region (copied from the region: a
-/// tracker does not borrow the [`RegionSet`]; if the regions are unmapped
-/// while tracking, `collect` fails rather than touch anything else).
-#[derive(Copy, Clone, Debug)]
-pub(crate) struct TrackedRange {
-    pub id: RegionId,
-    pub start: u64,
-    pub len: u64,
-    pub page_size: u64,
-}
-
-impl TrackedRange {
-    pub(crate) fn from_region(r: &Region) -> Self {
-        Self {
-            id: r.id(),
-            start: r.as_ptr() as u64,
-            len: r.len() as u64,
-            page_size: r.page_size() as u64,
-        }
-    }
-
-    pub(crate) fn of(regions: &RegionSet) -> Vec<Self> {
-        regions.regions().iter().map(Self::from_region).collect()
-    }
-
-    pub(crate) fn describe(&self) -> String {
-        format!("region {} ({:#x}, {} bytes)", self.id, self.start, self.len)
-    }
-}
+use crate::region::RegionSet;
 
 /// The kinds of tracker.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]

@@ -16,10 +16,9 @@ use std::os::unix::fs::FileExt;
 use lmig_core::DirtyTracker;
 use lmig_core::model::{RegionId, RegionPages};
 
+use super::range::{TrackedRange, open_pagemap};
 use crate::error::{MemError, Result};
 use crate::region::{RegionOptions, RegionSet};
-use crate::track::TrackedRange;
-use crate::track::uffd_wp::open_pagemap;
 
 const NAME: &str = "soft-dirty";
 /// Pagemap entry bit 55: the pte is soft-dirty.

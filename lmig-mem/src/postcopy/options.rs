@@ -1,0 +1,63 @@
+//! [`PostcopyOptions`] and [`PostcopyStats`].
+
+use std::time::Duration;
+
+use lmig_core::model::RegionId;
+
+use crate::sys::uffd::UffdOrigin;
+
+/// How post-copy handles faults.
+#[derive(Copy, Clone, Debug)]
+pub struct PostcopyOptions {
+    /// Accept a userfaultfd that only sees user-mode faults (see the
+    /// [module docs](crate::postcopy)): system calls touching a missing page then fail
+    /// with `EFAULT`. Default false.
+    pub allow_user_mode_only: bool,
+    /// Serve memfd regions with minor faults and `UFFDIO_CONTINUE` when the
+    /// kernel offers `UFFD_FEATURE_MINOR_SHMEM`. Default true.
+    pub minor_faults: bool,
+    /// Busy-poll the userfaultfd this long before blocking in `poll`: where
+    /// waking a blocked thread is slow compared with placing a page (virtual
+    /// CPUs, deep idle states) this cuts the fault latency, at the price of
+    /// CPU time. The polling thread yields
+    /// between reads, so it never keeps another runnable thread (the one
+    /// answering the previous fault) off its CPU. Default 0.
+    pub spin: Duration,
+    /// Remember the pages that faulted ([`PostcopyStats::faulted`], capped
+    /// at 2^20 entries). Default true.
+    pub record_faults: bool,
+}
+
+impl Default for PostcopyOptions {
+    fn default() -> Self {
+        Self {
+            allow_user_mode_only: false,
+            minor_faults: true,
+            spin: Duration::ZERO,
+            record_faults: true,
+        }
+    }
+}
+
+/// What post-copy did on this side.
+#[derive(Clone, Debug, Default)]
+pub struct PostcopyStats {
+    /// How the userfaultfd was opened.
+    pub origin: Option<UffdOrigin>,
+    /// A memfd region was served with minor faults (`UFFDIO_CONTINUE`).
+    pub minor_faults: bool,
+    /// Fault messages read.
+    pub faults: u64,
+    /// Runs `wait_fault` returned (pages the session asked the source for).
+    pub requested: u64,
+    /// Faults on pages that were no longer missing, answered at once.
+    pub stale_faults: u64,
+    /// `EEXIST` answers: the page was already there (its waiters were woken).
+    pub already_present: u64,
+    /// `EAGAIN` answers retried.
+    pub retries: u64,
+    /// Missing pages placed.
+    pub placed: u64,
+    /// The pages `wait_fault` returned, in order (capped).
+    pub faulted: Vec<(RegionId, u64)>,
+}

@@ -1,0 +1,130 @@
+//! The destination side of a [`RegionSet`]: placing pages, the post-copy
+//! switch, and its [`MemorySink`] implementation, all delegating to the
+//! set's [`RegionSink`](super::sink_state::RegionSink).
+
+use std::time::Duration;
+
+use lmig_core::MemorySink;
+use lmig_core::model::{PageRun, RegionLayout, RegionPages};
+
+use super::set::RegionSet;
+use crate::error::Result;
+use crate::postcopy::{PostcopyOptions, PostcopyStats};
+
+impl RegionSet {
+    /// Whether pages are pre-faulted (`MADV_POPULATE_WRITE`, run by run)
+    /// just before the first data is copied into them, rather than taking
+    /// one fault per page in the copy (default true). Pages that only ever
+    /// receive zero runs are never faulted in. Turn it off for a post-copy
+    /// destination.
+    pub fn set_prefault(&mut self, on: bool) {
+        self.sink.set_prefault(on);
+    }
+
+    /// How post-copy handles faults (see [`crate::postcopy`]).
+    pub fn set_postcopy_options(&mut self, options: PostcopyOptions) {
+        self.sink.set_postcopy_options(options);
+    }
+
+    /// Post-copy statistics: live while post-copy runs, final after it ended.
+    pub fn postcopy_stats(&self) -> PostcopyStats {
+        self.sink.postcopy_stats()
+    }
+
+    /// Is post-copy running (pages registered for missing-page faults)?
+    pub fn in_postcopy(&self) -> bool {
+        self.sink.in_postcopy()
+    }
+
+    /// Post-copy: drop the stale content of `missing` and register the
+    /// regions for missing-page faults. See [`crate::postcopy`].
+    pub fn begin_postcopy(&self, missing: &RegionPages) -> Result<()> {
+        self.sink.begin_postcopy(&self.regions, missing)
+    }
+
+    /// Post-copy: wait up to `timeout` for a touch of a missing page.
+    pub fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
+        self.sink.wait_fault(timeout)
+    }
+
+    /// Post-copy: unregister the regions. Refuses while pages are missing
+    /// ([`MemError::PostcopyIncomplete`](crate::MemError::PostcopyIncomplete)).
+    pub fn end_postcopy(&self) -> Result<()> {
+        self.sink.end_postcopy()
+    }
+
+    /// Post-copy failed for good (the source is gone): unregister even
+    /// though pages are missing. Threads blocked on a missing page resume
+    /// and read **zeros** there; the program's memory is incomplete and it
+    /// must be terminated (this only keeps it from hanging forever).
+    pub fn abandon_postcopy(&self) {
+        self.sink.abandon_postcopy();
+    }
+
+    /// Write the pages of `run` (checked against the region before any byte
+    /// moves). In post-copy, missing pages are filled atomically and their
+    /// waiters woken.
+    pub fn write_run(&self, run: &PageRun, src: &[u8]) -> Result<()> {
+        let i = self.index_of(run.region)?;
+        self.sink.write_run(i, &self.regions[i], run, src)
+    }
+
+    /// Zero the pages of `run` (checked first). In post-copy, missing pages
+    /// are filled atomically and their waiters woken.
+    ///
+    /// Outside post-copy only the pages that may hold data are touched:
+    /// short runs of them are cleared with a memset, longer ones
+    /// ([`DISCARD_PAGES`](crate::region::DISCARD_PAGES) and more) are given back to the kernel
+    /// (`MADV_DONTNEED` for private memory, `MADV_REMOVE` for shared memory),
+    /// after which they read as zero without occupying memory.
+    pub fn zero_run(&self, run: &PageRun) -> Result<()> {
+        let i = self.index_of(run.region)?;
+        self.sink.zero_run(i, &self.regions[i], run)
+    }
+
+    /// Learn which pages may hold data; see [`RegionSink::learn_populated`].
+    pub(crate) fn learn_populated(&self) -> Result<()> {
+        self.sink.learn_populated(&self.regions)
+    }
+
+    /// Every page was given back to the kernel: all read as zero.
+    pub(crate) fn forget_data(&self) {
+        self.sink.forget_data();
+    }
+}
+
+impl MemorySink for RegionSet {
+    /// Check the offered layout against these regions and learn which
+    /// pages already hold data ([`Region::populated`](crate::Region::populated)). Nothing is
+    /// pre-faulted up front: a page is faulted in when its first data
+    /// arrives (see [`RegionSet::set_prefault`]), and free memory never is.
+    fn prepare(&self, layout: &RegionLayout) -> lmig_core::Result<()> {
+        self.check_layout(layout)?;
+        self.learn_populated()?;
+        Ok(())
+    }
+
+    fn write_pages(&self, run: &PageRun, data: &[u8]) -> lmig_core::Result<()> {
+        Ok(self.write_run(run, data)?)
+    }
+
+    fn zero_pages(&self, run: &PageRun) -> lmig_core::Result<()> {
+        Ok(self.zero_run(run)?)
+    }
+
+    fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> lmig_core::Result<()> {
+        Ok(self.read_run(run, dst)?)
+    }
+
+    fn begin_postcopy(&self, missing: &RegionPages) -> lmig_core::Result<()> {
+        Ok(RegionSet::begin_postcopy(self, missing)?)
+    }
+
+    fn wait_fault(&self, timeout: Duration) -> lmig_core::Result<Option<PageRun>> {
+        Ok(RegionSet::wait_fault(self, timeout)?)
+    }
+
+    fn end_postcopy(&self) -> lmig_core::Result<()> {
+        Ok(RegionSet::end_postcopy(self)?)
+    }
+}
