@@ -18,7 +18,8 @@
 //! * [`topology`]: network namespaces for tests and demos.
 //! * [`lock`] and [`handoff`]: the network lock (one nftables table per
 //!   family, packets held in NFQUEUE, never dropped) and the service-address
-//!   handoff; [`Locked`] / [`Handoff`] wrap any `SocketSource` / `SocketSink`.
+//!   handoff; [`HandoffSource`] / [`HandoffSink`] wrap any `SocketSource` /
+//!   `SocketSink`.
 //!
 //! ## Guarantees
 //!
@@ -87,7 +88,9 @@ pub mod topology;
 mod udp;
 
 pub use error::{NetError, Result, SocketFailure};
-pub use handoff::{Handoff, HandoffConfig, Locked, ServiceAddr};
+#[allow(deprecated)]
+pub use handoff::{Handoff, Locked};
+pub use handoff::{HandoffConfig, HandoffSink, HandoffSource, ServiceAddr};
 pub use repair::{RepairExit, RepairGuard};
 pub use sink::{NetSink, SinkConfig};
 pub use source::{NetSource, NetworkLock, SourceConfig, take_fd_from_process};

@@ -9,6 +9,7 @@
 //! the kernel's layout (native byte order), their sizes pinned by the tests.
 
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::netlink::{Attrs, F_ACK, F_CREATE, F_DUMP, F_EXCL, F_REQUEST, MsgBuf, NlSocket};
@@ -147,6 +148,60 @@ pub(crate) fn parse_ifaddrmsg(payload: &[u8]) -> Option<(u8, u8, u32, Attrs<'_>)
     Some((h[0], h[1], index, Attrs::new(&payload[IFADDRMSG_LEN..])))
 }
 
+/// The family and bytes of an IP address (`AF_INET` 4 bytes, `AF_INET6` 16).
+fn family_and_bytes(ip: IpAddr) -> (u8, Vec<u8>) {
+    match ip {
+        IpAddr::V4(v) => (libc::AF_INET as u8, v.octets().to_vec()),
+        IpAddr::V6(v) => (libc::AF_INET6 as u8, v.octets().to_vec()),
+    }
+}
+
+/// An address message (`struct ifaddrmsg` + `IFA_LOCAL`) about
+/// `addr/prefix_len` on interface `ifindex`: `IFA_ADDRESS` too for IPv4 and
+/// for `RTM_NEWADDR`, and a new IPv6 address gets `IFA_F_NODAD` (usable at
+/// once, no duplicate address detection).
+pub(crate) fn addr_msg(
+    kind: u16,
+    flags: u16,
+    ifindex: u32,
+    addr: IpAddr,
+    prefix_len: u8,
+    seq: u32,
+) -> MsgBuf {
+    let mut m = MsgBuf::new();
+    let (family, bytes) = family_and_bytes(addr);
+    m.begin(kind, flags, seq)
+        .raw(&ifaddrmsg(family, prefix_len, ifindex))
+        .attr(IFA_LOCAL, &bytes);
+    if addr.is_ipv4() || kind == RTM_NEWADDR {
+        m.attr(IFA_ADDRESS, &bytes);
+    }
+    if addr.is_ipv6() && kind == RTM_NEWADDR {
+        m.attr_u32(IFA_FLAGS, IFA_F_NODAD);
+    }
+    m.end();
+    m
+}
+
+/// A neighbour-table message (`struct ndmsg` + `NDA_DST`) about `ip` on
+/// interface `ifindex`, and the address bytes.
+pub(crate) fn neigh_msg(
+    kind: u16,
+    flags: u16,
+    ifindex: u32,
+    ip: IpAddr,
+    ntf: u8,
+    seq: u32,
+) -> (MsgBuf, Vec<u8>) {
+    let (family, bytes) = family_and_bytes(ip);
+    let mut m = MsgBuf::new();
+    m.begin(kind, flags, seq)
+        .raw(&ndmsg(family, ifindex, 0, ntf))
+        .attr(NDA_DST, &bytes)
+        .end();
+    (m, bytes)
+}
+
 fn transact_one(nl: &mut NlSocket, m: &MsgBuf) -> io::Result<()> {
     nl.transact(m.bytes(), m.acks)
 }
@@ -265,6 +320,40 @@ pub(crate) fn del_neighbour(
 mod tests {
     use super::super::netlink::Messages;
     use super::*;
+
+    #[test]
+    fn address_messages_carry_prefix_and_nodad() {
+        let a = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+        let m = addr_msg(RTM_NEWADDR, F_REQUEST, 3, a.into(), 64, 1);
+        let b = m.bytes();
+        assert_eq!(b[16], libc::AF_INET6 as u8);
+        assert_eq!(b[17], 64);
+        assert_eq!(u32::from_ne_bytes([b[20], b[21], b[22], b[23]]), 3);
+        let attrs: Vec<_> = Attrs::new(&b[24..]).map(|(t, _)| t).collect();
+        assert_eq!(attrs, vec![IFA_LOCAL, IFA_ADDRESS, IFA_FLAGS]);
+    }
+
+    #[test]
+    fn address_removal_v4_names_local_and_address_without_flags() {
+        let m = addr_msg(RTM_DELADDR, F_REQUEST, 5, [198, 51, 100, 7].into(), 24, 1);
+        let b = m.bytes();
+        assert_eq!(b[16], libc::AF_INET as u8);
+        assert_eq!(b[17], 24);
+        let attrs: Vec<_> = Attrs::new(&b[24..]).collect();
+        assert_eq!(attrs.len(), 2);
+        assert_eq!(attrs[0], (IFA_LOCAL, &[198, 51, 100, 7][..]));
+        assert_eq!(attrs[1], (IFA_ADDRESS, &[198, 51, 100, 7][..]));
+    }
+
+    #[test]
+    fn neighbour_message_names_the_destination() {
+        let (m, bytes) = neigh_msg(RTM_GETNEIGH, F_REQUEST, 4, [198, 51, 100, 9].into(), 0, 1);
+        assert_eq!(bytes, [198, 51, 100, 9]);
+        let b = m.bytes();
+        let (family, index, _, mut attrs) = parse_ndmsg(&b[16..]).unwrap();
+        assert_eq!((family, index), (libc::AF_INET as u8, 4));
+        assert_eq!(attrs.next(), Some((NDA_DST, &[198, 51, 100, 9][..])));
+    }
 
     /// The numbers of `<linux/rtnetlink.h>` and friends, as the kernel has them.
     #[test]
