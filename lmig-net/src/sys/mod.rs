@@ -26,6 +26,7 @@ mod errno;
 mod mem;
 pub(crate) mod netlink;
 mod netns;
+pub(crate) mod nft;
 pub(crate) mod packet;
 mod prio;
 mod process;
