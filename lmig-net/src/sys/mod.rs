@@ -25,6 +25,7 @@
 mod errno;
 mod mem;
 pub(crate) mod netlink;
+#[cfg(feature = "test-topology")]
 mod netns;
 pub(crate) mod nft;
 pub(crate) mod packet;
@@ -36,10 +37,14 @@ mod sock;
 mod tcp_info;
 
 pub(crate) use mem::prefault_spare;
+#[cfg(feature = "test-topology")]
 pub(crate) use netns::{bind_mount, detach_mount, make_shared, unshare_net};
+#[cfg(feature = "test-topology")]
 pub use netns::{command_in_netns, setns_net};
 pub use prio::lowest_thread_priority;
-pub use process::{pidfd_getfd, pidfd_open, raise_nofile_limit, thread_cpu_time};
+#[cfg(feature = "bench-internals")]
+pub use process::thread_cpu_time;
+pub use process::{pidfd_getfd, pidfd_open, raise_nofile_limit};
 pub use repair::{
     RepairMode, TCPOPT_MAXSEG, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP, TCPOPT_WINDOW, TcpQueue,
     TcpRepairOpt, TcpRepairWindowRaw, monotonic_ms, queue_seq, repair_window, set_queue_seq,
@@ -51,6 +56,8 @@ pub use sock::{
     outq_nsd, peek, peek_from, peek_off, peer_addr, poll_one, send, send_to, set_peek_off,
     setsockopt_int, setsockopt_string, shutdown, socket, socket_cookie,
 };
+// `TcpInfo` is named by the benchmark only (feature `bench-internals`).
+#[cfg_attr(not(feature = "bench-internals"), allow(unused_imports))]
 pub use tcp_info::{
     TCP_INFO_NOTSENT_LEN, TCPI_OPT_SACK, TCPI_OPT_TIMESTAMPS, TCPI_OPT_USEC_TS, TCPI_OPT_WSCALE,
     TcpInfo, tcp_info, tcp_info_len, tcp_maxseg,

@@ -26,6 +26,7 @@ pub(crate) const F_DUMP: u16 = 0x300;
 pub(crate) const F_REPLACE: u16 = 0x100;
 /// `NLM_F_CREATE`.
 pub(crate) const F_CREATE: u16 = 0x400;
+#[cfg(feature = "test-topology")]
 /// `NLM_F_EXCL`: fail with `EEXIST` instead of changing an existing object.
 pub(crate) const F_EXCL: u16 = 0x200;
 /// `NLM_F_MULTI`.
@@ -380,6 +381,7 @@ impl MsgBuf {
         self
     }
 
+    #[cfg(feature = "test-topology")]
     /// Open a nested attribute without `NLA_F_NESTED`, as iproute2 sends
     /// rtnetlink's link info (the kernel parses those nests leniently and
     /// `VETH_INFO_PEER` is not even declared nested).

@@ -5,7 +5,6 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
-use nix::time::{ClockId, clock_gettime};
 
 /// `pidfd_open(pid, 0)` (Linux >= 5.3).
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -41,7 +40,9 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 /// `clock_gettime(CLOCK_THREAD_CPUTIME_ID)`: CPU time of the calling thread
 /// (precise, unlike `/proc` figures updated at scheduler ticks); for benchmarks.
 #[doc(alias = "clock_gettime")]
+#[cfg(feature = "bench-internals")]
 pub fn thread_cpu_time() -> io::Result<std::time::Duration> {
+    use nix::time::{ClockId, clock_gettime};
     let ts = clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)?;
     Ok(std::time::Duration::new(
         ts.tv_sec() as u64,

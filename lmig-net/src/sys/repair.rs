@@ -27,6 +27,8 @@ pub enum RepairMode {
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum TcpQueue {
     /// `TCP_NO_QUEUE`.
+    // The kernel's value, named for completeness; lmig always selects a queue.
+    #[allow(dead_code)]
     None = 0,
     /// `TCP_RECV_QUEUE`.
     Recv = 1,

@@ -8,11 +8,9 @@
 //! [`MsgBuf`] and these names. Fixed headers are built as byte arrays in
 //! the kernel's layout (native byte order), their sizes pinned by the tests.
 
-use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
 
-use super::netlink::{Attrs, F_ACK, F_CREATE, F_DUMP, F_EXCL, F_REQUEST, MsgBuf, NlSocket};
+use super::netlink::{Attrs, MsgBuf};
 
 /// `RTM_NEWLINK`: create a link, or change one (`ip link set`).
 pub(crate) const RTM_NEWLINK: u16 = 16;
@@ -30,6 +28,7 @@ pub(crate) const RTM_NEWROUTE: u16 = 24;
 pub(crate) const RTM_GETROUTE: u16 = 26;
 /// `RTM_NEWNEIGH`.
 pub(crate) const RTM_NEWNEIGH: u16 = 28;
+#[cfg(feature = "test-topology")]
 /// `RTM_DELNEIGH`.
 pub(crate) const RTM_DELNEIGH: u16 = 29;
 /// `RTM_GETNEIGH`.
@@ -37,20 +36,28 @@ pub(crate) const RTM_GETNEIGH: u16 = 30;
 
 /// `IFLA_ADDRESS`: the link-layer address.
 pub(crate) const IFLA_ADDRESS: u16 = 1;
+#[cfg(feature = "test-topology")]
 /// `IFLA_IFNAME`.
 pub(crate) const IFLA_IFNAME: u16 = 3;
+#[cfg(feature = "test-topology")]
 /// `IFLA_MASTER`: ifindex of the bridge a port belongs to.
 pub(crate) const IFLA_MASTER: u16 = 10;
+#[cfg(feature = "test-topology")]
 /// `IFLA_LINKINFO` (nested: `IFLA_INFO_*`).
 pub(crate) const IFLA_LINKINFO: u16 = 18;
+#[cfg(feature = "test-topology")]
 /// `IFLA_NET_NS_FD`: create or move the link into the namespace of this fd.
 pub(crate) const IFLA_NET_NS_FD: u16 = 28;
+#[cfg(feature = "test-topology")]
 /// `IFLA_INFO_KIND`: `"veth"`, `"bridge"`, ...
 pub(crate) const IFLA_INFO_KIND: u16 = 1;
+#[cfg(feature = "test-topology")]
 /// `IFLA_INFO_DATA` (nested, kind-specific).
 pub(crate) const IFLA_INFO_DATA: u16 = 2;
+#[cfg(feature = "test-topology")]
 /// `VETH_INFO_PEER`: an `ifinfomsg` followed by the peer's `IFLA_*` attributes.
 pub(crate) const VETH_INFO_PEER: u16 = 1;
+#[cfg(feature = "test-topology")]
 /// `IFF_UP`.
 pub(crate) const IFF_UP: u32 = 0x1;
 
@@ -202,122 +209,140 @@ pub(crate) fn neigh_msg(
     (m, bytes)
 }
 
-fn transact_one(nl: &mut NlSocket, m: &MsgBuf) -> io::Result<()> {
-    nl.transact(m.bytes(), m.acks)
-}
+#[cfg(feature = "test-topology")]
+/// The link and neighbour operations of the test topology (feature
+/// `test-topology`).
+mod link {
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd};
 
-/// `RTM_NEWLINK` with `IFLA_INFO_KIND "bridge"` (`ip link add <name> type bridge`).
-#[doc(alias = "RTM_NEWLINK")]
-pub(crate) fn add_bridge(nl: &mut NlSocket, name: &str) -> io::Result<()> {
-    let seq = nl.next_seq();
-    let mut m = MsgBuf::new();
-    m.begin(RTM_NEWLINK, F_REQUEST | F_ACK | F_CREATE | F_EXCL, seq)
-        .raw(&ifinfomsg(0, 0, 0))
-        .attr_str(IFLA_IFNAME, name)
-        .nest_unflagged(IFLA_LINKINFO)
-        .attr_str(IFLA_INFO_KIND, "bridge")
-        .unnest()
-        .end();
-    transact_one(nl, &m)
-}
+    use super::super::netlink::{F_ACK, F_CREATE, F_DUMP, F_EXCL, F_REQUEST, MsgBuf, NlSocket};
+    use super::*;
 
-/// `RTM_NEWLINK` with `IFLA_INFO_KIND "veth"`: a pair `name` (here) and
-/// `peer`, created in the network namespace `peer_ns` (`ip link add <name>
-/// type veth peer name <peer> netns <ns>`).
-#[doc(alias = "RTM_NEWLINK")]
-pub(crate) fn add_veth(
-    nl: &mut NlSocket,
-    name: &str,
-    peer: &str,
-    peer_ns: BorrowedFd<'_>,
-) -> io::Result<()> {
-    let seq = nl.next_seq();
-    let fd = u32::try_from(peer_ns.as_raw_fd())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    let mut m = MsgBuf::new();
-    m.begin(RTM_NEWLINK, F_REQUEST | F_ACK | F_CREATE | F_EXCL, seq)
-        .raw(&ifinfomsg(0, 0, 0))
-        .attr_str(IFLA_IFNAME, name)
-        .nest_unflagged(IFLA_LINKINFO)
-        .attr_str(IFLA_INFO_KIND, "veth")
-        .nest_unflagged(IFLA_INFO_DATA)
-        .nest_unflagged(VETH_INFO_PEER)
-        .raw(&ifinfomsg(0, 0, 0))
-        .attr_str(IFLA_IFNAME, peer)
-        .attr_u32(IFLA_NET_NS_FD, fd)
-        .unnest()
-        .unnest()
-        .unnest()
-        .end();
-    transact_one(nl, &m)
-}
-
-/// `RTM_NEWLINK` on link `index`: set it up, and make it a port of bridge
-/// `master` when given (`ip link set <dev> [master <br>] up`).
-#[doc(alias = "RTM_NEWLINK")]
-pub(crate) fn set_link_up(nl: &mut NlSocket, index: u32, master: Option<u32>) -> io::Result<()> {
-    let seq = nl.next_seq();
-    let mut m = MsgBuf::new();
-    m.begin(RTM_NEWLINK, F_REQUEST | F_ACK, seq)
-        .raw(&ifinfomsg(index, IFF_UP, IFF_UP));
-    if let Some(master) = master {
-        m.attr_u32(IFLA_MASTER, master);
+    fn transact_one(nl: &mut NlSocket, m: &MsgBuf) -> io::Result<()> {
+        nl.transact(m.bytes(), m.acks)
     }
-    m.end();
-    transact_one(nl, &m)
-}
 
-/// `RTM_GETNEIGH` dump: `(family, destination)` of every entry on link
-/// `index` whose state is in `states`.
-#[doc(alias = "RTM_GETNEIGH")]
-pub(crate) fn neighbours(
-    nl: &mut NlSocket,
-    index: u32,
-    states: u16,
-) -> io::Result<Vec<(u8, Vec<u8>)>> {
-    let seq = nl.next_seq();
-    let mut m = MsgBuf::new();
-    m.begin(RTM_GETNEIGH, F_REQUEST | F_DUMP, seq)
-        .raw(&ndmsg(0, 0, 0, 0))
-        .end();
-    let mut out = Vec::new();
-    nl.dump(m.bytes(), |kind, payload| {
-        if kind != RTM_NEWNEIGH {
-            return;
-        }
-        let Some((family, ifindex, state, attrs)) = parse_ndmsg(payload) else {
-            return;
-        };
-        if ifindex != index || state & states == 0 {
-            return;
-        }
-        if let Some((_, dst)) = attrs.into_iter().find(|(t, _)| *t == NDA_DST) {
-            out.push((family, dst.to_vec()));
-        }
-    })?;
-    Ok(out)
-}
+    /// `RTM_NEWLINK` with `IFLA_INFO_KIND "bridge"` (`ip link add <name> type bridge`).
+    #[doc(alias = "RTM_NEWLINK")]
+    pub(crate) fn add_bridge(nl: &mut NlSocket, name: &str) -> io::Result<()> {
+        let seq = nl.next_seq();
+        let mut m = MsgBuf::new();
+        m.begin(RTM_NEWLINK, F_REQUEST | F_ACK | F_CREATE | F_EXCL, seq)
+            .raw(&ifinfomsg(0, 0, 0))
+            .attr_str(IFLA_IFNAME, name)
+            .nest_unflagged(IFLA_LINKINFO)
+            .attr_str(IFLA_INFO_KIND, "bridge")
+            .unnest()
+            .end();
+        transact_one(nl, &m)
+    }
 
-/// `RTM_DELNEIGH`: remove the entry for `dst` (address bytes of `family`)
-/// on link `index`.
-#[doc(alias = "RTM_DELNEIGH")]
-pub(crate) fn del_neighbour(
-    nl: &mut NlSocket,
-    index: u32,
-    family: u8,
-    dst: &[u8],
-) -> io::Result<()> {
-    let seq = nl.next_seq();
-    let mut m = MsgBuf::new();
-    m.begin(RTM_DELNEIGH, F_REQUEST | F_ACK, seq)
-        .raw(&ndmsg(family, index, 0, 0))
-        .attr(NDA_DST, dst)
-        .end();
-    transact_one(nl, &m)
+    /// `RTM_NEWLINK` with `IFLA_INFO_KIND "veth"`: a pair `name` (here) and
+    /// `peer`, created in the network namespace `peer_ns` (`ip link add <name>
+    /// type veth peer name <peer> netns <ns>`).
+    #[doc(alias = "RTM_NEWLINK")]
+    pub(crate) fn add_veth(
+        nl: &mut NlSocket,
+        name: &str,
+        peer: &str,
+        peer_ns: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        let seq = nl.next_seq();
+        let fd = u32::try_from(peer_ns.as_raw_fd())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+        let mut m = MsgBuf::new();
+        m.begin(RTM_NEWLINK, F_REQUEST | F_ACK | F_CREATE | F_EXCL, seq)
+            .raw(&ifinfomsg(0, 0, 0))
+            .attr_str(IFLA_IFNAME, name)
+            .nest_unflagged(IFLA_LINKINFO)
+            .attr_str(IFLA_INFO_KIND, "veth")
+            .nest_unflagged(IFLA_INFO_DATA)
+            .nest_unflagged(VETH_INFO_PEER)
+            .raw(&ifinfomsg(0, 0, 0))
+            .attr_str(IFLA_IFNAME, peer)
+            .attr_u32(IFLA_NET_NS_FD, fd)
+            .unnest()
+            .unnest()
+            .unnest()
+            .end();
+        transact_one(nl, &m)
+    }
+
+    /// `RTM_NEWLINK` on link `index`: set it up, and make it a port of bridge
+    /// `master` when given (`ip link set <dev> [master <br>] up`).
+    #[doc(alias = "RTM_NEWLINK")]
+    pub(crate) fn set_link_up(
+        nl: &mut NlSocket,
+        index: u32,
+        master: Option<u32>,
+    ) -> io::Result<()> {
+        let seq = nl.next_seq();
+        let mut m = MsgBuf::new();
+        m.begin(RTM_NEWLINK, F_REQUEST | F_ACK, seq)
+            .raw(&ifinfomsg(index, IFF_UP, IFF_UP));
+        if let Some(master) = master {
+            m.attr_u32(IFLA_MASTER, master);
+        }
+        m.end();
+        transact_one(nl, &m)
+    }
+
+    /// `RTM_GETNEIGH` dump: `(family, destination)` of every entry on link
+    /// `index` whose state is in `states`.
+    #[doc(alias = "RTM_GETNEIGH")]
+    pub(crate) fn neighbours(
+        nl: &mut NlSocket,
+        index: u32,
+        states: u16,
+    ) -> io::Result<Vec<(u8, Vec<u8>)>> {
+        let seq = nl.next_seq();
+        let mut m = MsgBuf::new();
+        m.begin(RTM_GETNEIGH, F_REQUEST | F_DUMP, seq)
+            .raw(&ndmsg(0, 0, 0, 0))
+            .end();
+        let mut out = Vec::new();
+        nl.dump(m.bytes(), |kind, payload| {
+            if kind != RTM_NEWNEIGH {
+                return;
+            }
+            let Some((family, ifindex, state, attrs)) = parse_ndmsg(payload) else {
+                return;
+            };
+            if ifindex != index || state & states == 0 {
+                return;
+            }
+            if let Some((_, dst)) = attrs.into_iter().find(|(t, _)| *t == NDA_DST) {
+                out.push((family, dst.to_vec()));
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// `RTM_DELNEIGH`: remove the entry for `dst` (address bytes of `family`)
+    /// on link `index`.
+    #[doc(alias = "RTM_DELNEIGH")]
+    pub(crate) fn del_neighbour(
+        nl: &mut NlSocket,
+        index: u32,
+        family: u8,
+        dst: &[u8],
+    ) -> io::Result<()> {
+        let seq = nl.next_seq();
+        let mut m = MsgBuf::new();
+        m.begin(RTM_DELNEIGH, F_REQUEST | F_ACK, seq)
+            .raw(&ndmsg(family, index, 0, 0))
+            .attr(NDA_DST, dst)
+            .end();
+        transact_one(nl, &m)
+    }
 }
+#[cfg(feature = "test-topology")]
+pub(crate) use link::{add_bridge, add_veth, del_neighbour, neighbours, set_link_up};
 
 #[cfg(test)]
 mod tests {
+    use super::super::netlink::F_REQUEST;
     use super::super::netlink::Messages;
     use super::*;
 
