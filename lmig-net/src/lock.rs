@@ -14,8 +14,9 @@
 //! deletes the table (one batch each). Nothing is ever done per connection.
 //!
 //! Everything goes over one `NETLINK_NETFILTER` socket as nftables batches
-//! (`NFNL_MSG_BATCH_BEGIN … END`, one transaction): spawning `nft -f` costs
-//! milliseconds per call (see `lmig-bench handoff`), a batch tens of µs.
+//! (`NFNL_MSG_BATCH_BEGIN … END`, one transaction): no process is spawned
+//! on the freeze path (an `nft -f` per change would cost a process start
+//! each; `lmig-bench handoff` measures both).
 //!
 //! # Held packets
 //!
@@ -447,8 +448,8 @@ impl NetLock {
     }
 
     /// [`unlock`](Self::unlock) with a chosen settle time: packets that a
-    /// CPU was queueing while the set was flushed reach this process a few
-    /// µs after the flush; deleting the table before they had their verdict
+    /// CPU was queueing while the set was flushed reach this process shortly
+    /// after the flush; deleting the table before they had their verdict
     /// would drop them.
     pub fn retire(&mut self, settle: Duration) -> Result<u64> {
         self.disengage()?;

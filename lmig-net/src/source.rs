@@ -50,8 +50,8 @@ pub struct SourceConfig {
     /// `getsockopt` per connection into the freeze).
     pub reread_options_at_freeze: bool,
     /// Close the released sockets on a background thread at the lowest CPU
-    /// priority (default false). Closing a socket in repair mode costs ~6 µs
-    /// (60 ms for 10,000): with the destination on another host that is
+    /// priority (default false). Closing sockets in repair mode costs time
+    /// per socket: with the destination on another host that is
     /// only cleanup, and on a host the source shares with the destination
     /// (containers, tests) it takes the CPU the destination needs right
     /// after `Commit`. The peers see nothing either way (repair mode), and

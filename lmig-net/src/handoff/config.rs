@@ -58,13 +58,13 @@ pub struct HandoffConfig {
     /// here until the end, so an abort still delivers them here (and the
     /// destination drops its copies with its lock), and after `Commit` only
     /// the last few are left to send. Without it every held packet is sent
-    /// after `Commit`, while the clients wait (about 10 µs each here).
+    /// after `Commit`, while the clients wait (a send per packet).
     ///
     /// Off by default: it moves that work into the freeze, which is worth
-    /// it only where the freeze is not short of CPU. With source and
-    /// destination on one 2-core host (`lmig-bench migrate`, 1000
-    /// connections) it made the freeze 6-7 ms longer and saved 3-5 ms after
-    /// `Commit`.
+    /// it only where the freeze is not short of CPU. The default is tuned
+    /// for source and destination sharing one 2-core host, where the freeze
+    /// grows by more than the time saved after `Commit` (`lmig-bench
+    /// migrate` measures both).
     pub forward_early: bool,
 }
 

@@ -138,7 +138,7 @@ impl DestHandoff {
     /// [`finish`](Self::finish) or `Drop`), so the program resumes meanwhile.
     ///
     /// The kernel delivers the held packets to the sockets inside the batch
-    /// verdict, one TCP receive each (tens of ms for thousands): the program
+    /// verdict, one TCP receive each (it grows with the held packets): the program
     /// serves what is already in its sockets while that runs. The set is
     /// flushed first (nothing new is queued), the held packets get one batch
     /// verdict, stragglers theirs for [`SETTLE`], and the table goes last;
