@@ -4,7 +4,7 @@
 //!
 //! # Design
 //!
-//! Both hosts run a [`NetLock`] on the service
+//! Both hosts run a [`NetLock`](crate::lock::NetLock) on the service
 //! addresses (NFQUEUE at `prerouting`, so a packet is held whether or not
 //! the address is still local).
 //!
@@ -65,7 +65,7 @@
 //!
 //! `config` (settings and figures) sits below everything;
 //! `addr` (address and neighbour operations, messages from
-//! [`crate::sys::rtnl`]), `announce` ([`Announcer`]) and `reinject`
+//! `sys::rtnl`), `announce` ([`Announcer`]) and `reinject`
 //! ([`Reinjector`]) below the two sides, `source` ([`SourceHandoff`],
 //! [`HandoffSource`]) and `dest` ([`DestHandoff`], [`HandoffSink`]), which
 //! do not import each other.
