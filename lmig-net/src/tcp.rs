@@ -228,37 +228,8 @@ pub(crate) fn capture_established(
     let mss =
         sys::tcp_maxseg(fd).map_err(|e| NetError::sys("getsockopt(TCP_MAXSEG)", what(), e))?;
     let timestamps_ok = info.options & sys::TCPI_OPT_TIMESTAMPS != 0;
-    let timestamp = match st.ts_offset {
-        _ if !timestamps_ok => 0,
-        // The kernel reports a millisecond clock with its lowest bit clear
-        // (set means microseconds, also when the value is written back),
-        // so the offset may be 1 low: 2 ms more, then that bit cleared.
-        Some(off) if info.options & sys::TCPI_OPT_USEC_TS == 0 => {
-            sys::monotonic_ms().wrapping_add(off).wrapping_add(2) & !1
-        }
-        _ => sys::tcp_timestamp(fd)
-            .map_err(|e| NetError::sys("getsockopt(TCP_TIMESTAMP)", what(), e))?,
-    };
-    let window = match sys::repair_window(fd) {
-        Ok(w) => {
-            let mut w = TcpRepairWindow {
-                snd_wl1: w.snd_wl1,
-                snd_wnd: w.snd_wnd,
-                max_window: w.max_window,
-                rcv_wnd: w.rcv_wnd,
-                rcv_wup: w.rcv_wup,
-            };
-            // The restored socket's rcv_nxt excludes the peer's FIN until it
-            // is injected again: keep the window update point inside it.
-            if (w.rcv_wup.wrapping_sub(rcv_end) as i32) > 0 {
-                w.rcv_wup = rcv_end;
-                w.rcv_wnd = w.rcv_wnd.wrapping_add(1);
-            }
-            Some(w)
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => None,
-        Err(e) => return Err(NetError::sys("getsockopt(TCP_REPAIR_WINDOW)", what(), e)),
-    };
+    let timestamp = capture_timestamp(fd, st, &info, &what)?;
+    let window = capture_window(fd, rcv_end, &what)?;
     Ok(TcpConnState {
         id,
         local,
@@ -280,6 +251,58 @@ pub(crate) fn capture_established(
         sock: st.sock.clone(),
         tcp: st.tcp.clone(),
     })
+}
+
+/// The capture's timestamp phase: the connection's timestamp clock now
+/// (0 without timestamps), computed from the offset read before the freeze
+/// when the clock counts milliseconds.
+fn capture_timestamp(
+    fd: BorrowedFd<'_>,
+    st: &ConnStatic,
+    info: &sys::TcpInfo,
+    what: &dyn Fn() -> String,
+) -> Result<u32> {
+    let timestamps_ok = info.options & sys::TCPI_OPT_TIMESTAMPS != 0;
+    Ok(match st.ts_offset {
+        _ if !timestamps_ok => 0,
+        // The kernel reports a millisecond clock with its lowest bit clear
+        // (set means microseconds, also when the value is written back),
+        // so the offset may be 1 low: 2 ms more, then that bit cleared.
+        Some(off) if info.options & sys::TCPI_OPT_USEC_TS == 0 => {
+            sys::monotonic_ms().wrapping_add(off).wrapping_add(2) & !1
+        }
+        _ => sys::tcp_timestamp(fd)
+            .map_err(|e| NetError::sys("getsockopt(TCP_TIMESTAMP)", what(), e))?,
+    })
+}
+
+/// The capture's window phase: `TCP_REPAIR_WINDOW` (`None` before Linux
+/// 4.8), its update point kept inside `rcv_end`.
+fn capture_window(
+    fd: BorrowedFd<'_>,
+    rcv_end: u32,
+    what: &dyn Fn() -> String,
+) -> Result<Option<TcpRepairWindow>> {
+    match sys::repair_window(fd) {
+        Ok(w) => {
+            let mut w = TcpRepairWindow {
+                snd_wl1: w.snd_wl1,
+                snd_wnd: w.snd_wnd,
+                max_window: w.max_window,
+                rcv_wnd: w.rcv_wnd,
+                rcv_wup: w.rcv_wup,
+            };
+            // The restored socket's rcv_nxt excludes the peer's FIN until it
+            // is injected again: keep the window update point inside it.
+            if (w.rcv_wup.wrapping_sub(rcv_end) as i32) > 0 {
+                w.rcv_wup = rcv_end;
+                w.rcv_wnd = w.rcv_wnd.wrapping_add(1);
+            }
+            Ok(Some(w))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(None),
+        Err(e) => Err(NetError::sys("getsockopt(TCP_REPAIR_WINDOW)", what(), e)),
+    }
 }
 
 /// How far ahead of the captured value a restored connection's timestamp
@@ -436,52 +459,13 @@ pub(crate) fn restore_established(
     sys::set_queue_seq(fd, c.rcv_seq).map_err(e("setsockopt(TCP_QUEUE_SEQ recv)"))?;
     connect_when_free(fd, &c.peer).map_err(e("connect (repair)"))?;
 
-    let mut ropts = [sys::TcpRepairOpt::default(); 4];
-    let mut n = 0;
-    if c.sack_ok {
-        ropts[n] = sys::TcpRepairOpt {
-            opt_code: sys::TCPOPT_SACK_PERM,
-            opt_val: 0,
-        };
-        n += 1;
-    }
-    if c.wscale_ok {
-        ropts[n] = sys::TcpRepairOpt {
-            opt_code: sys::TCPOPT_WINDOW,
-            opt_val: u32::from(c.snd_wscale) | (u32::from(c.rcv_wscale) << 16),
-        };
-        n += 1;
-    }
-    if c.timestamps_ok {
-        ropts[n] = sys::TcpRepairOpt {
-            opt_code: sys::TCPOPT_TIMESTAMP,
-            opt_val: 0,
-        };
-        n += 1;
-    }
-    ropts[n] = sys::TcpRepairOpt {
-        opt_code: sys::TCPOPT_MAXSEG,
-        opt_val: c.mss,
-    };
-    n += 1;
+    let (ropts, n) = repair_options(c);
     sys::set_repair_options(fd, &ropts[..n]).map_err(e("setsockopt(TCP_REPAIR_OPTIONS)"))?;
     if c.timestamps_ok {
         let ts = c.timestamp.wrapping_add(TIMESTAMP_LEAD_MS);
         sys::set_tcp_timestamp(fd, ts).map_err(e("setsockopt(TCP_TIMESTAMP)"))?;
     }
-    if !c.send_queue.is_empty() && c.sock.sndbuf == 0 {
-        // The whole queue must fit the new socket's send buffer, which starts
-        // small (auto-tuning grew the source's): make room, beyond
-        // `wmem_max` if needed (`SO_SNDBUFFORCE`). This locks the size for
-        // this connection.
-        let cur = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)
-            .map_err(e("getsockopt(SO_SNDBUF)"))?;
-        let need = c.send_queue.len() + (64 << 10);
-        if (cur as usize) < 2 * need {
-            sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, need as i32)
-                .map_err(e("setsockopt(SO_SNDBUFFORCE)"))?;
-        }
-    }
+    make_room_for_send_queue(fd, c, &what)?;
     write_queue(
         fd,
         TcpQueue::Recv,
@@ -533,6 +517,62 @@ pub(crate) fn restore_established(
         wants_probe: sent > 0 || c.state.fin_sent(),
         reuse_addr: c.sock.reuse_addr,
     })
+}
+
+/// The options negotiated in the handshake, as `TCP_REPAIR_OPTIONS` wants
+/// them (the first `n` of the array).
+fn repair_options(c: &TcpConnState) -> ([sys::TcpRepairOpt; 4], usize) {
+    let mut ropts = [sys::TcpRepairOpt::default(); 4];
+    let mut n = 0;
+    if c.sack_ok {
+        ropts[n] = sys::TcpRepairOpt {
+            opt_code: sys::TCPOPT_SACK_PERM,
+            opt_val: 0,
+        };
+        n += 1;
+    }
+    if c.wscale_ok {
+        ropts[n] = sys::TcpRepairOpt {
+            opt_code: sys::TCPOPT_WINDOW,
+            opt_val: u32::from(c.snd_wscale) | (u32::from(c.rcv_wscale) << 16),
+        };
+        n += 1;
+    }
+    if c.timestamps_ok {
+        ropts[n] = sys::TcpRepairOpt {
+            opt_code: sys::TCPOPT_TIMESTAMP,
+            opt_val: 0,
+        };
+        n += 1;
+    }
+    ropts[n] = sys::TcpRepairOpt {
+        opt_code: sys::TCPOPT_MAXSEG,
+        opt_val: c.mss,
+    };
+    n += 1;
+    (ropts, n)
+}
+
+/// The whole send queue must fit the new socket's send buffer, which starts
+/// small (auto-tuning grew the source's): make room, beyond `wmem_max` if
+/// needed (`SO_SNDBUFFORCE`). This locks the size for this connection; a
+/// size the program set is left alone.
+fn make_room_for_send_queue(
+    fd: BorrowedFd<'_>,
+    c: &TcpConnState,
+    what: &dyn Fn() -> String,
+) -> Result<()> {
+    let e = |op: &'static str| move |err| NetError::sys(op, what(), err);
+    if !c.send_queue.is_empty() && c.sock.sndbuf == 0 {
+        let cur = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)
+            .map_err(e("getsockopt(SO_SNDBUF)"))?;
+        let need = c.send_queue.len() + (64 << 10);
+        if (cur as usize) < 2 * need {
+            sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, need as i32)
+                .map_err(e("setsockopt(SO_SNDBUFFORCE)"))?;
+        }
+    }
+    Ok(())
 }
 
 /// After `Commit`: inject a received FIN, leave repair mode, write never-sent bytes.

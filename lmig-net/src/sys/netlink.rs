@@ -219,7 +219,11 @@ impl Message<'_> {
     /// For `NLMSG_ERROR`: the positive errno, 0 for an acknowledgement.
     pub(crate) fn error_code(&self) -> i32 {
         match self.payload.get(0..4) {
-            Some(b) => -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            // The kernel sends -errno; a value with no positive counterpart
+            // (i32::MIN, from a corrupt message) is a protocol error.
+            Some(b) => i32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+                .checked_neg()
+                .unwrap_or(libc::EPROTO),
             None => libc::EPROTO,
         }
     }
@@ -420,6 +424,30 @@ mod tests {
         assert_eq!(attrs[1].0, 4);
         let inner: Vec<_> = Attrs::new(attrs[1].1).collect();
         assert_eq!(inner, vec![(1, &3u32.to_be_bytes()[..])]);
+    }
+
+    #[test]
+    fn an_error_code_without_a_positive_errno_is_a_protocol_error() {
+        let empty = Message {
+            kind: MSG_ERROR,
+            flags: 0,
+            payload: &[],
+        };
+        assert_eq!(empty.error_code(), libc::EPROTO);
+        let payload = i32::MIN.to_ne_bytes();
+        let msg = Message {
+            kind: MSG_ERROR,
+            flags: 0,
+            payload: &payload,
+        };
+        assert_eq!(msg.error_code(), libc::EPROTO);
+        let payload = (-libc::ENOENT).to_ne_bytes();
+        let msg = Message {
+            kind: MSG_ERROR,
+            flags: 0,
+            payload: &payload,
+        };
+        assert_eq!(msg.error_code(), libc::ENOENT);
     }
 
     #[test]
