@@ -43,6 +43,12 @@ pub(crate) const IFLA_IFNAME: u16 = 3;
 /// `IFLA_MASTER`: ifindex of the bridge a port belongs to.
 pub(crate) const IFLA_MASTER: u16 = 10;
 #[cfg(feature = "test-topology")]
+/// `IFLA_OPERSTATE` (RFC 2863 state, one byte).
+pub(crate) const IFLA_OPERSTATE: u16 = 16;
+#[cfg(feature = "test-topology")]
+/// `IF_OPER_UP`.
+pub(crate) const IF_OPER_UP: u8 = 6;
+#[cfg(feature = "test-topology")]
 /// `IFLA_LINKINFO` (nested: `IFLA_INFO_*`).
 pub(crate) const IFLA_LINKINFO: u16 = 18;
 #[cfg(feature = "test-topology")]
@@ -216,7 +222,9 @@ mod link {
     use std::io;
     use std::os::fd::{AsRawFd, BorrowedFd};
 
-    use super::super::netlink::{F_ACK, F_CREATE, F_DUMP, F_EXCL, F_REQUEST, MsgBuf, NlSocket};
+    use super::super::netlink::{
+        Attrs, F_ACK, F_CREATE, F_DUMP, F_EXCL, F_REQUEST, MsgBuf, NlSocket,
+    };
     use super::*;
 
     fn transact_one(nl: &mut NlSocket, m: &MsgBuf) -> io::Result<()> {
@@ -288,6 +296,31 @@ mod link {
         transact_one(nl, &m)
     }
 
+    /// `RTM_GETLINK` on link `index`: is its operational state `IF_OPER_UP`?
+    /// (The kernel sets it, and activates the link's queueing discipline,
+    /// from a work queue a moment after the link came up; a packet sent
+    /// before that is dropped.)
+    #[doc(alias = "IFLA_OPERSTATE")]
+    pub(crate) fn link_oper_up(nl: &mut NlSocket, index: u32) -> io::Result<bool> {
+        let seq = nl.next_seq();
+        let mut m = MsgBuf::new();
+        m.begin(RTM_GETLINK, F_REQUEST, seq)
+            .raw(&ifinfomsg(index, 0, 0))
+            .end();
+        let mut up = false;
+        nl.dump(m.bytes(), |kind, payload| {
+            if kind != RTM_NEWLINK {
+                return;
+            }
+            for (t, v) in Attrs::new(payload.get(IFINFOMSG_LEN..).unwrap_or(&[])) {
+                if t == IFLA_OPERSTATE && v.first() == Some(&IF_OPER_UP) {
+                    up = true;
+                }
+            }
+        })?;
+        Ok(up)
+    }
+
     /// `RTM_GETNEIGH` dump: `(family, destination)` of every entry on link
     /// `index` whose state is in `states`.
     #[doc(alias = "RTM_GETNEIGH")]
@@ -338,7 +371,7 @@ mod link {
     }
 }
 #[cfg(feature = "test-topology")]
-pub(crate) use link::{add_bridge, add_veth, del_neighbour, neighbours, set_link_up};
+pub(crate) use link::{add_bridge, add_veth, del_neighbour, link_oper_up, neighbours, set_link_up};
 
 #[cfg(test)]
 mod tests {
@@ -383,6 +416,8 @@ mod tests {
     /// The numbers of `<linux/rtnetlink.h>` and friends, as the kernel has them.
     #[test]
     fn numbers_match_the_kernel_headers() {
+        assert_eq!(IFLA_OPERSTATE, libc::IFLA_OPERSTATE);
+        assert_eq!(IF_OPER_UP, libc::IF_OPER_UP as u8);
         assert_eq!(RTM_NEWLINK, libc::RTM_NEWLINK);
         assert_eq!(RTM_GETLINK, libc::RTM_GETLINK);
         assert_eq!(RTM_NEWADDR, libc::RTM_NEWADDR);
