@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use super::config::ServiceAddr;
 use crate::error::{NetError, Result};
-use crate::sys::netlink::{Attrs, F_ACK, F_CREATE, F_DUMP, F_REPLACE, F_REQUEST, MsgBuf, NlSocket};
+use crate::sys::netlink::{F_ACK, F_CREATE, F_DUMP, F_REPLACE, F_REQUEST, MsgBuf, NlSocket};
 use crate::sys::rtnl::{
-    IFA_ADDRESS, IFA_LOCAL, IFINFOMSG_LEN, IFLA_ADDRESS, NDA_DST, NDA_LLADDR, NTF_USE, NUD_VALID,
-    RTA_DST, RTM_DELADDR, RTM_GETADDR, RTM_GETLINK, RTM_GETNEIGH, RTM_GETROUTE, RTM_NEWADDR,
-    RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, RTN_LOCAL, addr_msg, ifaddrmsg, ifinfomsg, neigh_msg,
-    parse_ifaddrmsg, parse_ndmsg, rtmsg_lookup, rtmsg_type,
+    IFA_ADDRESS, IFA_LOCAL, IFLA_ADDRESS, NDA_DST, NDA_LLADDR, NTF_USE, NUD_VALID, RTA_DST,
+    RTM_DELADDR, RTM_GETADDR, RTM_GETNEIGH, RTM_GETROUTE, RTM_NEWADDR, RTM_NEWNEIGH, RTM_NEWROUTE,
+    RTN_LOCAL, addr_msg, get_link_attrs, ifaddrmsg, neigh_msg, parse_ifaddrmsg, parse_ndmsg,
+    rtmsg_lookup, rtmsg_type,
 };
 
 pub(super) fn if_index(name: &str) -> Result<u32> {
@@ -168,23 +168,10 @@ pub(super) fn wait_local(nl: &mut NlSocket, addr: IpAddr, timeout: Duration) -> 
 /// `RTM_GETLINK`: the link-layer (MAC) address of interface `ifindex`.
 #[doc(alias = "RTM_GETLINK")]
 pub fn link_address(ifindex: u32) -> Result<[u8; 6]> {
-    let mut nl = route_socket()?;
-    let seq = nl.next_seq();
-    let mut m = MsgBuf::new();
-    m.begin(RTM_GETLINK, F_REQUEST, seq)
-        .raw(&ifinfomsg(ifindex, 0, 0))
-        .end();
     let mut mac = None;
-    nl.dump(m.bytes(), |kind, payload| {
-        if kind != RTM_NEWLINK {
-            return;
-        }
-        for (t, v) in Attrs::new(payload.get(IFINFOMSG_LEN..).unwrap_or(&[])) {
-            if t == IFLA_ADDRESS && v.len() == 6 {
-                let mut a = [0u8; 6];
-                a.copy_from_slice(v);
-                mac = Some(a);
-            }
+    get_link_attrs(&mut route_socket()?, ifindex, |t, v| {
+        if t == IFLA_ADDRESS {
+            mac = <[u8; 6]>::try_from(v).ok().or(mac);
         }
     })
     .map_err(|e| NetError::sys("RTM_GETLINK", format!("interface {ifindex}"), e))?;

@@ -8,9 +8,10 @@
 //! [`MsgBuf`] and these names. Fixed headers are built as byte arrays in
 //! the kernel's layout (native byte order), their sizes pinned by the tests.
 
+use std::io;
 use std::net::IpAddr;
 
-use super::netlink::{Attrs, MsgBuf};
+use super::netlink::{Attrs, F_REQUEST, MsgBuf, NlSocket};
 
 /// `RTM_NEWLINK`: create a link, or change one (`ip link set`).
 pub(crate) const RTM_NEWLINK: u16 = 16;
@@ -215,6 +216,28 @@ pub(crate) fn neigh_msg(
     (m, bytes)
 }
 
+/// `RTM_GETLINK` on link `index`: calls `visit` with every attribute of
+/// the answer (`IFLA_*`).
+#[doc(alias = "RTM_GETLINK")]
+pub(crate) fn get_link_attrs(
+    nl: &mut NlSocket,
+    index: u32,
+    mut visit: impl FnMut(u16, &[u8]),
+) -> io::Result<()> {
+    let seq = nl.next_seq();
+    let mut m = MsgBuf::new();
+    m.begin(RTM_GETLINK, F_REQUEST, seq)
+        .raw(&ifinfomsg(index, 0, 0))
+        .end();
+    nl.dump(m.bytes(), |kind, payload| {
+        if kind == RTM_NEWLINK {
+            for (t, v) in Attrs::new(payload.get(IFINFOMSG_LEN..).unwrap_or(&[])) {
+                visit(t, v);
+            }
+        }
+    })
+}
+
 #[cfg(feature = "test-topology")]
 /// The link and neighbour operations of the test topology (feature
 /// `test-topology`).
@@ -222,9 +245,7 @@ mod link {
     use std::io;
     use std::os::fd::{AsRawFd, BorrowedFd};
 
-    use super::super::netlink::{
-        Attrs, F_ACK, F_CREATE, F_DUMP, F_EXCL, F_REQUEST, MsgBuf, NlSocket,
-    };
+    use super::super::netlink::{F_ACK, F_CREATE, F_DUMP, F_EXCL, F_REQUEST, MsgBuf, NlSocket};
     use super::*;
 
     fn transact_one(nl: &mut NlSocket, m: &MsgBuf) -> io::Result<()> {
@@ -302,21 +323,9 @@ mod link {
     /// before that is dropped.)
     #[doc(alias = "IFLA_OPERSTATE")]
     pub(crate) fn link_oper_up(nl: &mut NlSocket, index: u32) -> io::Result<bool> {
-        let seq = nl.next_seq();
-        let mut m = MsgBuf::new();
-        m.begin(RTM_GETLINK, F_REQUEST, seq)
-            .raw(&ifinfomsg(index, 0, 0))
-            .end();
         let mut up = false;
-        nl.dump(m.bytes(), |kind, payload| {
-            if kind != RTM_NEWLINK {
-                return;
-            }
-            for (t, v) in Attrs::new(payload.get(IFINFOMSG_LEN..).unwrap_or(&[])) {
-                if t == IFLA_OPERSTATE && v.first() == Some(&IF_OPER_UP) {
-                    up = true;
-                }
-            }
+        get_link_attrs(nl, index, |t, v| {
+            up |= t == IFLA_OPERSTATE && v.first() == Some(&IF_OPER_UP);
         })?;
         Ok(up)
     }
