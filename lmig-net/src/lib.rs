@@ -74,6 +74,7 @@
 #![deny(unsafe_code)]
 
 mod error;
+mod fd;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod handoff;
@@ -93,10 +94,11 @@ pub mod topology;
 mod udp;
 
 pub use error::{NetError, Result, SocketFailure};
+pub use fd::take_fd_from_process;
 #[allow(deprecated)]
 pub use handoff::{Handoff, Locked};
 pub use handoff::{HandoffConfig, HandoffSink, HandoffSource, ServiceAddr};
 pub use repair::{RepairExit, RepairGuard};
 pub use sink::{NetSink, SinkConfig};
-pub use source::{NetSource, NetworkLock, SourceConfig, take_fd_from_process};
+pub use source::{NetSource, NetworkLock, SourceConfig};
 pub use sys::{lowest_thread_priority, raise_nofile_limit};
