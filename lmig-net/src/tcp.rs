@@ -685,6 +685,51 @@ pub(crate) fn restore_listener(l: &TcpListenState, d: &Defaults, flags: i32) -> 
 mod tests {
     use super::*;
 
+    fn conn(sack_ok: bool, wscale_ok: bool, timestamps_ok: bool) -> TcpConnState {
+        TcpConnState {
+            id: 1,
+            local: "198.51.100.1:80".parse().unwrap(),
+            peer: "198.51.100.2:4000".parse().unwrap(),
+            state: TcpStateKind::Established,
+            snd_seq: 0,
+            rcv_seq: 0,
+            send_queue: Default::default(),
+            unsent_len: 0,
+            recv_queue: Default::default(),
+            mss: 1448,
+            snd_wscale: 7,
+            rcv_wscale: 9,
+            wscale_ok,
+            sack_ok,
+            timestamps_ok,
+            timestamp: 0,
+            window: None,
+            sock: Default::default(),
+            tcp: Default::default(),
+        }
+    }
+
+    #[test]
+    fn repair_options_carry_what_the_handshake_negotiated() {
+        let (opts, n) = repair_options(&conn(true, true, true));
+        let codes: Vec<_> = opts[..n].iter().map(|o| (o.opt_code, o.opt_val)).collect();
+        assert_eq!(
+            codes,
+            [
+                (sys::TCPOPT_SACK_PERM, 0),
+                (sys::TCPOPT_WINDOW, 7 | 9 << 16),
+                (sys::TCPOPT_TIMESTAMP, 0),
+                (sys::TCPOPT_MAXSEG, 1448),
+            ]
+        );
+        let (opts, n) = repair_options(&conn(false, false, false));
+        assert_eq!(n, 1);
+        assert_eq!(
+            (opts[0].opt_code, opts[0].opt_val),
+            (sys::TCPOPT_MAXSEG, 1448)
+        );
+    }
+
     #[test]
     fn kernel_states_map_to_the_model_or_a_reason() {
         assert_eq!(state_kind(1), Ok(TcpStateKind::Established));
