@@ -56,6 +56,8 @@ pub use sock::{
     outq_nsd, peek, peek_from, peek_off, peer_addr, poll_one, send, send_to, set_peek_off,
     setsockopt_int, setsockopt_string, shutdown, socket, socket_cookie,
 };
+#[cfg(feature = "bench-internals")]
+pub use sock::{is_nonblocking, set_nonblocking};
 // `TcpInfo` is named by the benchmark only (feature `bench-internals`).
 #[cfg_attr(not(feature = "bench-internals"), allow(unused_imports))]
 pub use tcp_info::{

@@ -293,6 +293,18 @@ pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<Option<SocketAddr>> {
     }
 }
 
+/// `fcntl(F_GETFL)` has `O_NONBLOCK`?
+#[cfg(feature = "bench-internals")]
+pub fn is_nonblocking(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    SockRef::from(&fd).nonblocking()
+}
+
+/// `fcntl(F_SETFL)` toggling `O_NONBLOCK`.
+#[cfg(feature = "bench-internals")]
+pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    SockRef::from(&fd).set_nonblocking(on)
+}
+
 /// `poll` one fd for `events` up to `timeout_ms`; returns the revents.
 #[doc(alias = "poll")]
 pub fn poll_one(
