@@ -79,6 +79,7 @@ mod fd;
 pub mod fuzzing;
 pub mod handoff;
 mod inject;
+mod listen;
 pub mod lock;
 mod opts;
 mod repair;

@@ -448,7 +448,7 @@ fn restore_one(
             })
         }
         SocketRecord::Listen(l) => {
-            let fd = tcp::restore_listener(&l, d, flags)?;
+            let fd = crate::listen::restore_listener(&l, d, flags)?;
             Ok(Restored::Listen {
                 fd,
                 state: Box::new(l),

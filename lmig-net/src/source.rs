@@ -183,7 +183,7 @@ fn capture_one(e: &Entry, ctx: &CaptureCtx) -> Result<SocketRecord> {
             tcp::capture_established(e.fd.as_fd(), e.id, st).map(SocketRecord::Tcp)
         }
         SocketKind::TcpListen => {
-            tcp::capture_listener(e.fd.as_fd(), e.id, ctx).map(SocketRecord::Listen)
+            crate::listen::capture_listener(e.fd.as_fd(), e.id, ctx).map(SocketRecord::Listen)
         }
         SocketKind::Udp => udp::capture_udp(e.fd.as_fd(), e.id, ctx.buffers).map(SocketRecord::Udp),
     }
