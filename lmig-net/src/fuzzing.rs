@@ -7,8 +7,9 @@
 //! Each entry point checks what must hold for any input (no panic, every
 //! slice inside the input, counts bounded by its length) and panics otherwise.
 
-use crate::lock::{HeldPacket, LockStats, NFQNL_MSG_PACKET, parse_packets, queue_type};
+use crate::lock::{HeldPacket, LockStats, parse_packets};
 use crate::sys::netlink::{Attrs, Messages, MsgBuf};
+use crate::sys::nft::{NFQNL_MSG_PACKET, queue_type};
 use crate::sys::rtnl;
 
 /// The targets of this module.

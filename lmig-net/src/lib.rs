@@ -15,10 +15,12 @@
 //!   planned connection; during the freeze it restores batch k while the
 //!   source captures batch k+1; after `Commit` it activates them and hands the
 //!   fds back by id ([`NetSink::take_fds`]).
-//! * [`topology`]: network namespaces for tests and demos.
+//! * `topology` (feature `test-topology`): network namespaces for tests
+//!   and demos.
 //! * [`lock`] and [`handoff`]: the network lock (one nftables table per
 //!   family, packets held in NFQUEUE, never dropped) and the service-address
-//!   handoff; [`Locked`] / [`Handoff`] wrap any `SocketSource` / `SocketSink`.
+//!   handoff; [`HandoffSource`] / [`HandoffSink`] wrap any `SocketSource` /
+//!   `SocketSink`.
 //!
 //! ## Guarantees
 //!
@@ -72,23 +74,32 @@
 #![deny(unsafe_code)]
 
 mod error;
+mod fd;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod handoff;
 mod inject;
+mod listen;
 pub mod lock;
 mod opts;
 mod repair;
 mod sink;
 mod source;
+#[cfg(feature = "bench-internals")]
 pub mod sys;
+#[cfg(not(feature = "bench-internals"))]
+pub(crate) mod sys;
 pub mod tcp;
+#[cfg(feature = "test-topology")]
 pub mod topology;
 mod udp;
 
 pub use error::{NetError, Result, SocketFailure};
-pub use handoff::{Handoff, HandoffConfig, Locked, ServiceAddr};
+pub use fd::take_fd_from_process;
+#[allow(deprecated)]
+pub use handoff::{Handoff, Locked};
+pub use handoff::{HandoffConfig, HandoffSink, HandoffSource, ServiceAddr};
 pub use repair::{RepairExit, RepairGuard};
 pub use sink::{NetSink, SinkConfig};
-pub use source::{NetSource, NetworkLock, SourceConfig, take_fd_from_process};
-pub use sys::raise_nofile_limit;
+pub use source::{NetSource, NetworkLock, SourceConfig};
+pub use sys::{lowest_thread_priority, raise_nofile_limit};

@@ -14,8 +14,9 @@
 //! deletes the table (one batch each). Nothing is ever done per connection.
 //!
 //! Everything goes over one `NETLINK_NETFILTER` socket as nftables batches
-//! (`NFNL_MSG_BATCH_BEGIN … END`, one transaction): spawning `nft -f` costs
-//! milliseconds per call (see `lmig-bench handoff`), a batch tens of µs.
+//! (`NFNL_MSG_BATCH_BEGIN … END`, one transaction): no process is spawned
+//! on the freeze path (an `nft -f` per change would cost a process start
+//! each; `lmig-bench handoff` measures both).
 //!
 //! # Held packets
 //!
@@ -58,42 +59,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{NetError, Result};
-use crate::sys::netlink::{Attrs, F_ACK, F_CREATE, F_DUMP, F_REQUEST, Messages, MsgBuf, NlSocket};
+use crate::sys::netlink::{Messages, MsgBuf, NlSocket};
+use crate::sys::nft::{
+    self, NF_ACCEPT, NF_DROP, NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6, NFQNL_MSG_PACKET,
+    queue_type,
+};
 
 /// Prefix of every lock table name; the rest is `<pid>_<n>` of the owning process.
 pub const TABLE_PREFIX: &str = "lmig_lock_";
-
-const NFNL_SUBSYS_QUEUE: u16 = 3;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
-const NFNL_MSG_BATCH_END: u16 = 0x11;
-
-const NFT_MSG_NEWTABLE: u16 = 0;
-const NFT_MSG_GETTABLE: u16 = 1;
-const NFT_MSG_DELTABLE: u16 = 2;
-const NFT_MSG_NEWCHAIN: u16 = 3;
-const NFT_MSG_NEWRULE: u16 = 6;
-const NFT_MSG_NEWSET: u16 = 9;
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_DELSETELEM: u16 = 14;
-
-const NFPROTO_UNSPEC: u8 = 0;
-const NFPROTO_IPV4: u8 = 2;
-const NFPROTO_IPV6: u8 = 10;
-const NFPROTO_INET: u8 = 1;
-
-const NFT_TABLE_F_OWNER: u32 = 2;
-/// `NFTA_TABLE_NAME`.
-const NFTA_TABLE_NAME: u16 = 1;
-
-pub(crate) const NFQNL_MSG_PACKET: u16 = 0;
-const NFQNL_MSG_CONFIG: u16 = 2;
-const NFQNL_MSG_VERDICT_BATCH: u16 = 3;
-const NFQNL_CFG_CMD_BIND: u8 = 1;
-const NFQNL_COPY_META: u8 = 1;
-const NFQNL_COPY_PACKET: u8 = 2;
-const NF_DROP: u32 = 0;
-const NF_ACCEPT: u32 = 1;
 
 /// How long [`NetLock::unlock`] waits for packets that were being queued
 /// while the set was flushed, before it deletes the table.
@@ -101,14 +74,8 @@ pub const SETTLE: Duration = Duration::from_millis(10);
 
 const SET_NAME: &str = "svc";
 const CHAIN_NAME: &str = "hold";
-
-fn nft_type(msg: u16) -> u16 {
-    (NFNL_SUBSYS_NFTABLES << 8) | msg
-}
-
-pub(crate) fn queue_type(msg: u16) -> u16 {
-    (NFNL_SUBSYS_QUEUE << 8) | msg
-}
+/// The set's id in the install transaction (the rule names it by id).
+const SET_ID: u32 = 1;
 
 /// What the lock holds.
 #[derive(Clone, Debug)]
@@ -266,81 +233,26 @@ impl NetLock {
     fn install_tables(&mut self) -> Result<()> {
         let mut m = MsgBuf::new();
         let seq = self.nft.next_seq();
-        batch_begin(&mut m, seq);
+        nft::batch_begin(&mut m, seq);
         for &fam in &self.families {
-            let (key_type, key_len, offset) = if fam == NFPROTO_IPV4 {
-                (7u32, 4u32, 16u32)
-            } else {
-                (8, 16, 24)
-            };
+            let table = &self.table;
+            nft::new_table(&mut m, self.nft.next_seq(), fam, table, true);
+            nft::new_prerouting_chain(&mut m, self.nft.next_seq(), fam, table, CHAIN_NAME);
+            nft::new_addr_set(&mut m, self.nft.next_seq(), fam, table, SET_NAME, SET_ID);
             let seq = self.nft.next_seq();
-            m.begin(
-                nft_type(NFT_MSG_NEWTABLE),
-                F_REQUEST | F_CREATE | F_ACK,
+            nft::new_queue_rule(
+                &mut m,
                 seq,
-            )
-            .nfgen(fam, 0)
-            .attr_str(1, &self.table)
-            .attr_be32(2, NFT_TABLE_F_OWNER)
-            .end();
-            let seq = self.nft.next_seq();
-            m.begin(
-                nft_type(NFT_MSG_NEWCHAIN),
-                F_REQUEST | F_CREATE | F_ACK,
-                seq,
-            )
-            .nfgen(fam, 0)
-            .attr_str(1, &self.table)
-            .attr_str(3, CHAIN_NAME)
-            .nest(4)
-            .attr_be32(1, 0) // NF_INET_PRE_ROUTING
-            .attr_be32(2, (-300i32) as u32) // NF_IP_PRI_RAW
-            .unnest()
-            .attr_be32(5, NF_ACCEPT)
-            .attr_str(7, "filter")
-            .end();
-            let seq = self.nft.next_seq();
-            m.begin(nft_type(NFT_MSG_NEWSET), F_REQUEST | F_CREATE | F_ACK, seq)
-                .nfgen(fam, 0)
-                .attr_str(1, &self.table)
-                .attr_str(2, SET_NAME)
-                .attr_be32(3, 0)
-                .attr_be32(4, key_type)
-                .attr_be32(5, key_len)
-                .attr_be32(10, 1)
-                .end();
-            let mut info = [0u8; 8];
-            info[0..2].copy_from_slice(&self.queue_num.to_ne_bytes());
-            info[2..4].copy_from_slice(&1u16.to_ne_bytes());
-            let seq = self.nft.next_seq();
-            m.begin(
-                nft_type(NFT_MSG_NEWRULE),
-                F_REQUEST | F_CREATE | F_ACK | 0x800,
-                seq,
-            )
-            .nfgen(fam, 0)
-            .attr_str(1, &self.table)
-            .attr_str(2, CHAIN_NAME)
-            .nest(4);
-            // payload load ip(6) daddr → reg 1
-            m.nest(1).attr_str(1, "payload").nest(2);
-            m.attr_be32(1, 1)
-                .attr_be32(2, 1)
-                .attr_be32(3, offset)
-                .attr_be32(4, key_len);
-            m.unnest().unnest();
-            // lookup reg 1 in @svc
-            m.nest(1).attr_str(1, "lookup").nest(2);
-            m.attr_str(1, SET_NAME).attr_be32(2, 1).attr_be32(4, 1);
-            m.unnest().unnest();
-            // xtables NFQUEUE v3 through nft_compat
-            m.nest(1).attr_str(1, "target").nest(2);
-            m.attr_str(1, "NFQUEUE").attr_be32(2, 3).attr(3, &info);
-            m.unnest().unnest();
-            m.unnest().end();
+                fam,
+                table,
+                CHAIN_NAME,
+                SET_NAME,
+                SET_ID,
+                self.queue_num,
+            );
         }
         let seq = self.nft.next_seq();
-        batch_end(&mut m, seq);
+        nft::batch_end(&mut m, seq);
         self.nft
             .transact(m.bytes(), m.acks)
             .map_err(|e| lock_err("nftables lock install", &self.table, e))?;
@@ -378,25 +290,24 @@ impl NetLock {
         }
         let mut m = MsgBuf::new();
         let seq = self.nft.next_seq();
-        batch_begin(&mut m, seq);
+        nft::batch_begin(&mut m, seq);
         for &fam in &self.families {
-            let seq = self.nft.next_seq();
-            m.begin(
-                nft_type(NFT_MSG_NEWSETELEM),
-                F_REQUEST | F_CREATE | F_ACK,
-                seq,
-            )
-            .nfgen(fam, 0)
-            .attr_str(1, &self.table)
-            .attr_str(2, SET_NAME)
-            .nest(3);
-            for a in self.cfg.addrs.iter().filter(|a| family_matches(fam, a)) {
-                m.nest(1).nest(1).attr(1, &addr_bytes(a)).unnest().unnest();
-            }
-            m.unnest().end();
+            let keys: Vec<Vec<u8>> = (self.cfg.addrs.iter())
+                .filter(|a| family_matches(fam, a))
+                .map(addr_bytes)
+                .collect();
+            let keys = keys.iter().map(Vec::as_slice);
+            nft::add_set_elems(
+                &mut m,
+                self.nft.next_seq(),
+                fam,
+                &self.table,
+                SET_NAME,
+                keys,
+            );
         }
         let seq = self.nft.next_seq();
-        batch_end(&mut m, seq);
+        nft::batch_end(&mut m, seq);
         self.nft
             .transact(m.bytes(), m.acks)
             .map_err(|e| lock_err("nftables lock engage", &self.table, e))?;
@@ -413,17 +324,12 @@ impl NetLock {
         }
         let mut m = MsgBuf::new();
         let seq = self.nft.next_seq();
-        batch_begin(&mut m, seq);
+        nft::batch_begin(&mut m, seq);
         for &fam in &self.families {
-            let seq = self.nft.next_seq();
-            m.begin(nft_type(NFT_MSG_DELSETELEM), F_REQUEST | F_ACK, seq)
-                .nfgen(fam, 0)
-                .attr_str(1, &self.table)
-                .attr_str(2, SET_NAME)
-                .end();
+            nft::flush_set(&mut m, self.nft.next_seq(), fam, &self.table, SET_NAME);
         }
         let seq = self.nft.next_seq();
-        batch_end(&mut m, seq);
+        nft::batch_end(&mut m, seq);
         self.nft
             .transact(m.bytes(), m.acks)
             .map_err(|e| lock_err("nftables lock flush", &self.table, e))?;
@@ -521,15 +427,14 @@ impl NetLock {
     }
 
     fn verdict_batch(&mut self, max_id: u32, verdict: u32) -> Result<()> {
-        let mut v = [0u8; 8];
-        v[0..4].copy_from_slice(&verdict.to_be_bytes());
-        v[4..8].copy_from_slice(&max_id.to_be_bytes());
         let mut m = MsgBuf::new();
-        let seq = self.queue.next_seq();
-        m.begin(queue_type(NFQNL_MSG_VERDICT_BATCH), F_REQUEST, seq)
-            .nfgen(NFPROTO_UNSPEC, self.queue_num)
-            .attr(2, &v)
-            .end();
+        nft::verdict_batch(
+            &mut m,
+            self.queue.next_seq(),
+            self.queue_num,
+            max_id,
+            verdict,
+        );
         self.queue
             .send(m.bytes())
             .map_err(|e| lock_err("NFQUEUE batch verdict", "NFQUEUE socket", e))
@@ -543,8 +448,8 @@ impl NetLock {
     }
 
     /// [`unlock`](Self::unlock) with a chosen settle time: packets that a
-    /// CPU was queueing while the set was flushed reach this process a few
-    /// µs after the flush; deleting the table before they had their verdict
+    /// CPU was queueing while the set was flushed reach this process shortly
+    /// after the flush; deleting the table before they had their verdict
     /// would drop them.
     pub fn retire(&mut self, settle: Duration) -> Result<u64> {
         self.disengage()?;
@@ -571,16 +476,12 @@ impl NetLock {
         }
         let mut m = MsgBuf::new();
         let seq = self.nft.next_seq();
-        batch_begin(&mut m, seq);
+        nft::batch_begin(&mut m, seq);
         for &fam in &self.families {
-            let seq = self.nft.next_seq();
-            m.begin(nft_type(NFT_MSG_DELTABLE), F_REQUEST | F_ACK, seq)
-                .nfgen(fam, 0)
-                .attr_str(1, &self.table)
-                .end();
+            nft::del_table(&mut m, self.nft.next_seq(), fam, &self.table);
         }
         let seq = self.nft.next_seq();
-        batch_end(&mut m, seq);
+        nft::batch_end(&mut m, seq);
         match self.nft.transact(m.bytes(), m.acks) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -620,18 +521,6 @@ impl Drop for NetLock {
     }
 }
 
-fn batch_begin(m: &mut MsgBuf, seq: u32) {
-    m.begin(NFNL_MSG_BATCH_BEGIN, F_REQUEST, seq)
-        .nfgen(NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES)
-        .end();
-}
-
-fn batch_end(m: &mut MsgBuf, seq: u32) {
-    m.begin(NFNL_MSG_BATCH_END, F_REQUEST, seq)
-        .nfgen(NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES)
-        .end();
-}
-
 /// Bind a free queue number near `0x4000 + pid` (queues are per network
 /// namespace; two lmig processes in one namespace get different numbers).
 fn bind_queue(sock: &mut NlSocket, maxlen: u32, copy_payload: bool) -> Result<u16> {
@@ -640,20 +529,7 @@ fn bind_queue(sock: &mut NlSocket, maxlen: u32, copy_payload: bool) -> Result<u1
     for i in 0..16u32 {
         let num = ((base + i) & 0xffff) as u16;
         let mut m = MsgBuf::new();
-        let seq = sock.next_seq();
-        let mut params = [0u8; 5];
-        params[0..4].copy_from_slice(&0xffffu32.to_be_bytes());
-        params[4] = if copy_payload {
-            NFQNL_COPY_PACKET
-        } else {
-            NFQNL_COPY_META
-        };
-        m.begin(queue_type(NFQNL_MSG_CONFIG), F_REQUEST | F_ACK, seq)
-            .nfgen(NFPROTO_UNSPEC, num)
-            .attr(1, &[NFQNL_CFG_CMD_BIND, 0, 0, 0])
-            .attr(2, &params)
-            .attr_be32(3, maxlen)
-            .end();
+        nft::queue_bind(&mut m, sock.next_seq(), num, maxlen, copy_payload);
         match sock.transact(m.bytes(), 1) {
             Ok(()) => return Ok(num),
             // A number bound by another socket answers EPERM (EBUSY on
@@ -682,22 +558,11 @@ fn nfq_id_after(id: u32, max: u32) -> bool {
 pub(crate) fn parse_packets(buf: &[u8], out: &mut Vec<HeldPacket>, stats: &mut LockStats) -> usize {
     let mut n = 0;
     for msg in Messages::new(buf) {
-        if msg.kind != queue_type(NFQNL_MSG_PACKET) || msg.payload.len() < 4 {
+        if msg.kind != queue_type(NFQNL_MSG_PACKET) {
             continue;
         }
-        let mut id = None;
-        let mut data = None;
-        for (kind, value) in Attrs::new(&msg.payload[4..]) {
-            match kind {
-                1 if value.len() >= 4 => {
-                    id = Some(u32::from_be_bytes([value[0], value[1], value[2], value[3]]))
-                }
-                10 => data = Some(value.to_vec()),
-                _ => {}
-            }
-        }
-        if let Some(id) = id {
-            let data = data.unwrap_or_default();
+        if let Some((id, data)) = nft::parse_queued(msg.payload) {
+            let data = data.map(<[u8]>::to_vec).unwrap_or_default();
             out.push(HeldPacket { id, data });
             stats.held += 1;
             n += 1;
@@ -727,14 +592,11 @@ pub fn clean_stale() -> Result<Vec<String>> {
     for (fam, name) in stale {
         let mut m = MsgBuf::new();
         let seq = nft.next_seq();
-        batch_begin(&mut m, seq);
+        nft::batch_begin(&mut m, seq);
         let seq = nft.next_seq();
-        m.begin(nft_type(NFT_MSG_DELTABLE), F_REQUEST | F_ACK, seq)
-            .nfgen(fam, 0)
-            .attr_str(NFTA_TABLE_NAME, &name)
-            .end();
+        nft::del_table(&mut m, seq, fam, &name);
         let seq = nft.next_seq();
-        batch_end(&mut m, seq);
+        nft::batch_end(&mut m, seq);
         if nft.transact(m.bytes(), m.acks).is_ok() {
             removed.push(table_label(fam, &name));
         }
@@ -746,19 +608,10 @@ pub fn clean_stale() -> Result<Vec<String>> {
 /// namespace of the socket.
 fn list_tables(nft: &mut NlSocket) -> io::Result<Vec<(u8, String)>> {
     let mut m = MsgBuf::new();
-    let seq = nft.next_seq();
-    m.begin(nft_type(NFT_MSG_GETTABLE), F_REQUEST | F_DUMP, seq)
-        .nfgen(NFPROTO_UNSPEC, 0)
-        .end();
+    nft::get_tables(&mut m, nft.next_seq());
     let mut tables = Vec::new();
     nft.dump(m.bytes(), |_kind, payload| {
-        let Some(&fam) = payload.first() else { return };
-        for (kind, value) in Attrs::new(payload.get(4..).unwrap_or(&[])) {
-            if kind == NFTA_TABLE_NAME {
-                let name = value.split(|&b| b == 0).next().unwrap_or(&[]);
-                tables.push((fam, String::from_utf8_lossy(name).into_owned()));
-            }
-        }
+        tables.extend(nft::parse_table(payload));
     })?;
     Ok(tables)
 }
@@ -799,18 +652,11 @@ pub mod testing {
         let fam = if ipv6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
         let mut m = MsgBuf::new();
         let seq = nft.next_seq();
-        batch_begin(&mut m, seq);
+        nft::batch_begin(&mut m, seq);
         let seq = nft.next_seq();
-        m.begin(
-            nft_type(NFT_MSG_NEWTABLE),
-            F_REQUEST | F_CREATE | F_ACK,
-            seq,
-        )
-        .nfgen(fam, 0)
-        .attr_str(NFTA_TABLE_NAME, name)
-        .end();
+        nft::new_table(&mut m, seq, fam, name, false);
         let seq = nft.next_seq();
-        batch_end(&mut m, seq);
+        nft::batch_end(&mut m, seq);
         nft.transact(m.bytes(), m.acks)
             .map_err(|e| lock_err("nftables add table", name, e))
     }

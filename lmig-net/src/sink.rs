@@ -19,8 +19,8 @@ use crate::udp::{self, RestoredUdp};
 #[derive(Clone, Debug)]
 pub struct SinkConfig {
     /// Restore threads (default 1). Threads are started per batch, so only
-    /// batches of at least 32 records per thread are split (a record takes
-    /// about 8 µs, starting a thread tens of µs). With 2 vCPUs shared with
+    /// batches of at least 32 records per thread are split (starting a
+    /// thread costs more than restoring a record). With 2 vCPUs shared with
     /// the source, 2 threads shorten the restore that outlasts the capture
     /// but slow the capture itself: kvd uses 2 (see the README's figures).
     pub threads: usize,
@@ -448,7 +448,7 @@ fn restore_one(
             })
         }
         SocketRecord::Listen(l) => {
-            let fd = tcp::restore_listener(&l, d, flags)?;
+            let fd = crate::listen::restore_listener(&l, d, flags)?;
             Ok(Restored::Listen {
                 fd,
                 state: Box::new(l),

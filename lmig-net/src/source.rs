@@ -11,6 +11,7 @@ use lmig_core::model::{SocketKind, SocketPrep, SocketRecord};
 use lmig_core::traits::SocketSource;
 
 use crate::error::{NetError, Result};
+use crate::fd::{cookie_of, kind_of, take_fd_from_process};
 use crate::opts::Defaults;
 use crate::repair;
 use crate::sys;
@@ -50,8 +51,8 @@ pub struct SourceConfig {
     /// `getsockopt` per connection into the freeze).
     pub reread_options_at_freeze: bool,
     /// Close the released sockets on a background thread at the lowest CPU
-    /// priority (default false). Closing a socket in repair mode costs ~6 µs
-    /// (60 ms for 10,000): with the destination on another host that is
+    /// priority (default false). Closing sockets in repair mode costs time
+    /// per socket: with the destination on another host that is
     /// only cleanup, and on a host the source shares with the destination
     /// (containers, tests) it takes the CPU the destination needs right
     /// after `Commit`. The peers see nothing either way (repair mode), and
@@ -146,68 +147,6 @@ impl std::fmt::Debug for NetSource {
     }
 }
 
-/// What kind of socket `fd` is: `SO_DOMAIN`, `SO_TYPE`, `SO_ACCEPTCONN`.
-fn kind_of(fd: BorrowedFd<'_>, id: u64) -> Result<SocketKind> {
-    let what = || format!("socket {id}");
-    let get = |name, op| {
-        sys::getsockopt_int(fd, libc::SOL_SOCKET, name).map_err(|e| NetError::sys(op, what(), e))
-    };
-    let domain = get(libc::SO_DOMAIN, "getsockopt(SO_DOMAIN)")?;
-    if domain != libc::AF_INET && domain != libc::AF_INET6 {
-        return Err(NetError::NotMigratable {
-            what: what(),
-            reason: format!("address family {domain} is not IPv4 or IPv6"),
-        });
-    }
-    let ty = get(libc::SO_TYPE, "getsockopt(SO_TYPE)")?;
-    let proto = get(libc::SO_PROTOCOL, "getsockopt(SO_PROTOCOL)")?;
-    match (ty, proto) {
-        (libc::SOCK_STREAM, libc::IPPROTO_TCP) => {
-            if get(libc::SO_ACCEPTCONN, "getsockopt(SO_ACCEPTCONN)")? != 0 {
-                Ok(SocketKind::TcpListen)
-            } else {
-                Ok(SocketKind::TcpEstablished)
-            }
-        }
-        (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => Ok(SocketKind::Udp),
-        _ => Err(NetError::NotMigratable {
-            what: what(),
-            reason: format!("socket type {ty} protocol {proto} is not TCP or UDP"),
-        }),
-    }
-}
-
-/// Take a duplicate of fd `target_fd` of process `pid` (`pidfd_open` +
-/// `pidfd_getfd`, Linux >= 5.6), for programs that do not link lmig.
-///
-/// Needs ptrace rights over the process (same user and
-/// `kernel.yama.ptrace_scope` allowing it, or `CAP_SYS_PTRACE`). The other
-/// process keeps its own fd: stop it (e.g. `SIGSTOP`) before the freeze, and
-/// after `release` it must exit or close its fds without leaving repair mode.
-pub fn take_fd_from_process(pid: i32, target_fd: RawFd) -> Result<OwnedFd> {
-    let what = || format!("fd {target_fd} of process {pid}");
-    let pidfd = sys::pidfd_open(pid).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOSYS) => NetError::Unsupported {
-            feature: "pidfd_open",
-            needs: "Linux >= 5.3",
-        },
-        _ => NetError::sys("pidfd_open", what(), e),
-    })?;
-    sys::pidfd_getfd(pidfd.as_fd(), target_fd).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOSYS) => NetError::Unsupported {
-            feature: "pidfd_getfd",
-            needs: "Linux >= 5.6",
-        },
-        _ => NetError::sys("pidfd_getfd", what(), e),
-    })
-}
-
-/// The socket's identity (`SO_COOKIE`): the same for every fd of one socket.
-fn cookie_of(fd: BorrowedFd<'_>, id: u64) -> Result<u64> {
-    sys::socket_cookie(fd)
-        .map_err(|e| NetError::sys("getsockopt(SO_COOKIE)", format!("socket {id}"), e))
-}
-
 /// Put an established connection in repair mode (once). Its `SO_REUSEADDR`,
 /// which repair mode overrides, was read before (in its `ConnStatic`).
 fn enter_repair(e: &Entry) -> Result<()> {
@@ -244,7 +183,7 @@ fn capture_one(e: &Entry, ctx: &CaptureCtx) -> Result<SocketRecord> {
             tcp::capture_established(e.fd.as_fd(), e.id, st).map(SocketRecord::Tcp)
         }
         SocketKind::TcpListen => {
-            tcp::capture_listener(e.fd.as_fd(), e.id, ctx).map(SocketRecord::Listen)
+            crate::listen::capture_listener(e.fd.as_fd(), e.id, ctx).map(SocketRecord::Listen)
         }
         SocketKind::Udp => udp::capture_udp(e.fd.as_fd(), e.id, ctx.buffers).map(SocketRecord::Udp),
     }

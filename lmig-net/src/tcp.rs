@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lmig_core::model::{
-    SockOpts, SocketPrep, TcpConnState, TcpListenState, TcpOpts, TcpRepairWindow, TcpStateKind,
+    SockOpts, SocketPrep, TcpConnState, TcpOpts, TcpRepairWindow, TcpStateKind,
 };
 
 use crate::error::{NetError, Result};
@@ -228,37 +228,8 @@ pub(crate) fn capture_established(
     let mss =
         sys::tcp_maxseg(fd).map_err(|e| NetError::sys("getsockopt(TCP_MAXSEG)", what(), e))?;
     let timestamps_ok = info.options & sys::TCPI_OPT_TIMESTAMPS != 0;
-    let timestamp = match st.ts_offset {
-        _ if !timestamps_ok => 0,
-        // The kernel reports a millisecond clock with its lowest bit clear
-        // (set means microseconds, also when the value is written back),
-        // so the offset may be 1 low: 2 ms more, then that bit cleared.
-        Some(off) if info.options & sys::TCPI_OPT_USEC_TS == 0 => {
-            sys::monotonic_ms().wrapping_add(off).wrapping_add(2) & !1
-        }
-        _ => sys::tcp_timestamp(fd)
-            .map_err(|e| NetError::sys("getsockopt(TCP_TIMESTAMP)", what(), e))?,
-    };
-    let window = match sys::repair_window(fd) {
-        Ok(w) => {
-            let mut w = TcpRepairWindow {
-                snd_wl1: w.snd_wl1,
-                snd_wnd: w.snd_wnd,
-                max_window: w.max_window,
-                rcv_wnd: w.rcv_wnd,
-                rcv_wup: w.rcv_wup,
-            };
-            // The restored socket's rcv_nxt excludes the peer's FIN until it
-            // is injected again: keep the window update point inside it.
-            if (w.rcv_wup.wrapping_sub(rcv_end) as i32) > 0 {
-                w.rcv_wup = rcv_end;
-                w.rcv_wnd = w.rcv_wnd.wrapping_add(1);
-            }
-            Some(w)
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => None,
-        Err(e) => return Err(NetError::sys("getsockopt(TCP_REPAIR_WINDOW)", what(), e)),
-    };
+    let timestamp = capture_timestamp(fd, st, &info, &what)?;
+    let window = capture_window(fd, rcv_end, &what)?;
     Ok(TcpConnState {
         id,
         local,
@@ -282,6 +253,58 @@ pub(crate) fn capture_established(
     })
 }
 
+/// The capture's timestamp phase: the connection's timestamp clock now
+/// (0 without timestamps), computed from the offset read before the freeze
+/// when the clock counts milliseconds.
+fn capture_timestamp(
+    fd: BorrowedFd<'_>,
+    st: &ConnStatic,
+    info: &sys::TcpInfo,
+    what: &dyn Fn() -> String,
+) -> Result<u32> {
+    let timestamps_ok = info.options & sys::TCPI_OPT_TIMESTAMPS != 0;
+    Ok(match st.ts_offset {
+        _ if !timestamps_ok => 0,
+        // The kernel reports a millisecond clock with its lowest bit clear
+        // (set means microseconds, also when the value is written back),
+        // so the offset may be 1 low: 2 ms more, then that bit cleared.
+        Some(off) if info.options & sys::TCPI_OPT_USEC_TS == 0 => {
+            sys::monotonic_ms().wrapping_add(off).wrapping_add(2) & !1
+        }
+        _ => sys::tcp_timestamp(fd)
+            .map_err(|e| NetError::sys("getsockopt(TCP_TIMESTAMP)", what(), e))?,
+    })
+}
+
+/// The capture's window phase: `TCP_REPAIR_WINDOW` (`None` before Linux
+/// 4.8), its update point kept inside `rcv_end`.
+fn capture_window(
+    fd: BorrowedFd<'_>,
+    rcv_end: u32,
+    what: &dyn Fn() -> String,
+) -> Result<Option<TcpRepairWindow>> {
+    match sys::repair_window(fd) {
+        Ok(w) => {
+            let mut w = TcpRepairWindow {
+                snd_wl1: w.snd_wl1,
+                snd_wnd: w.snd_wnd,
+                max_window: w.max_window,
+                rcv_wnd: w.rcv_wnd,
+                rcv_wup: w.rcv_wup,
+            };
+            // The restored socket's rcv_nxt excludes the peer's FIN until it
+            // is injected again: keep the window update point inside it.
+            if (w.rcv_wup.wrapping_sub(rcv_end) as i32) > 0 {
+                w.rcv_wup = rcv_end;
+                w.rcv_wnd = w.rcv_wnd.wrapping_add(1);
+            }
+            Ok(Some(w))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(None),
+        Err(e) => Err(NetError::sys("getsockopt(TCP_REPAIR_WINDOW)", what(), e)),
+    }
+}
+
 /// How far ahead of the captured value a restored connection's timestamp
 /// clock starts, in milliseconds.
 ///
@@ -297,7 +320,7 @@ pub const TIMESTAMP_LEAD_MS: u32 = 5_000;
 
 /// Bind `fd` to `local`, falling back to `IP_TRANSPARENT` when the address is
 /// not (yet) local here.
-fn bind_maybe_transparent(
+pub(crate) fn bind_maybe_transparent(
     fd: BorrowedFd<'_>,
     local: &SocketAddr,
     what: &dyn Fn() -> String,
@@ -436,52 +459,13 @@ pub(crate) fn restore_established(
     sys::set_queue_seq(fd, c.rcv_seq).map_err(e("setsockopt(TCP_QUEUE_SEQ recv)"))?;
     connect_when_free(fd, &c.peer).map_err(e("connect (repair)"))?;
 
-    let mut ropts = [sys::TcpRepairOpt::default(); 4];
-    let mut n = 0;
-    if c.sack_ok {
-        ropts[n] = sys::TcpRepairOpt {
-            opt_code: sys::TCPOPT_SACK_PERM,
-            opt_val: 0,
-        };
-        n += 1;
-    }
-    if c.wscale_ok {
-        ropts[n] = sys::TcpRepairOpt {
-            opt_code: sys::TCPOPT_WINDOW,
-            opt_val: u32::from(c.snd_wscale) | (u32::from(c.rcv_wscale) << 16),
-        };
-        n += 1;
-    }
-    if c.timestamps_ok {
-        ropts[n] = sys::TcpRepairOpt {
-            opt_code: sys::TCPOPT_TIMESTAMP,
-            opt_val: 0,
-        };
-        n += 1;
-    }
-    ropts[n] = sys::TcpRepairOpt {
-        opt_code: sys::TCPOPT_MAXSEG,
-        opt_val: c.mss,
-    };
-    n += 1;
+    let (ropts, n) = repair_options(c);
     sys::set_repair_options(fd, &ropts[..n]).map_err(e("setsockopt(TCP_REPAIR_OPTIONS)"))?;
     if c.timestamps_ok {
         let ts = c.timestamp.wrapping_add(TIMESTAMP_LEAD_MS);
         sys::set_tcp_timestamp(fd, ts).map_err(e("setsockopt(TCP_TIMESTAMP)"))?;
     }
-    if !c.send_queue.is_empty() && c.sock.sndbuf == 0 {
-        // The whole queue must fit the new socket's send buffer, which starts
-        // small (auto-tuning grew the source's): make room, beyond
-        // `wmem_max` if needed (`SO_SNDBUFFORCE`). This locks the size for
-        // this connection.
-        let cur = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)
-            .map_err(e("getsockopt(SO_SNDBUF)"))?;
-        let need = c.send_queue.len() + (64 << 10);
-        if (cur as usize) < 2 * need {
-            sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, need as i32)
-                .map_err(e("setsockopt(SO_SNDBUFFORCE)"))?;
-        }
-    }
+    make_room_for_send_queue(fd, c, &what)?;
     write_queue(
         fd,
         TcpQueue::Recv,
@@ -535,6 +519,62 @@ pub(crate) fn restore_established(
     })
 }
 
+/// The options negotiated in the handshake, as `TCP_REPAIR_OPTIONS` wants
+/// them (the first `n` of the array).
+fn repair_options(c: &TcpConnState) -> ([sys::TcpRepairOpt; 4], usize) {
+    let mut ropts = [sys::TcpRepairOpt::default(); 4];
+    let mut n = 0;
+    if c.sack_ok {
+        ropts[n] = sys::TcpRepairOpt {
+            opt_code: sys::TCPOPT_SACK_PERM,
+            opt_val: 0,
+        };
+        n += 1;
+    }
+    if c.wscale_ok {
+        ropts[n] = sys::TcpRepairOpt {
+            opt_code: sys::TCPOPT_WINDOW,
+            opt_val: u32::from(c.snd_wscale) | (u32::from(c.rcv_wscale) << 16),
+        };
+        n += 1;
+    }
+    if c.timestamps_ok {
+        ropts[n] = sys::TcpRepairOpt {
+            opt_code: sys::TCPOPT_TIMESTAMP,
+            opt_val: 0,
+        };
+        n += 1;
+    }
+    ropts[n] = sys::TcpRepairOpt {
+        opt_code: sys::TCPOPT_MAXSEG,
+        opt_val: c.mss,
+    };
+    n += 1;
+    (ropts, n)
+}
+
+/// The whole send queue must fit the new socket's send buffer, which starts
+/// small (auto-tuning grew the source's): make room, beyond `wmem_max` if
+/// needed (`SO_SNDBUFFORCE`). This locks the size for this connection; a
+/// size the program set is left alone.
+fn make_room_for_send_queue(
+    fd: BorrowedFd<'_>,
+    c: &TcpConnState,
+    what: &dyn Fn() -> String,
+) -> Result<()> {
+    let e = |op: &'static str| move |err| NetError::sys(op, what(), err);
+    if !c.send_queue.is_empty() && c.sock.sndbuf == 0 {
+        let cur = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)
+            .map_err(e("getsockopt(SO_SNDBUF)"))?;
+        let need = c.send_queue.len() + (64 << 10);
+        if (cur as usize) < 2 * need {
+            sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, need as i32)
+                .map_err(e("setsockopt(SO_SNDBUFFORCE)"))?;
+        }
+    }
+    Ok(())
+}
+
 /// After `Commit`: inject a received FIN, leave repair mode, write never-sent bytes.
 pub(crate) fn activate_established(
     fd: BorrowedFd<'_>,
@@ -577,73 +617,54 @@ fn write_unsent(fd: BorrowedFd<'_>, data: &[u8], what: &dyn Fn() -> String) -> R
     Ok(())
 }
 
-/// Capture a listening socket.
-pub(crate) fn capture_listener(
-    fd: BorrowedFd<'_>,
-    id: u64,
-    ctx: &CaptureCtx,
-) -> Result<TcpListenState> {
-    let local = sys::local_addr(fd).ok().flatten();
-    let what = || {
-        format!(
-            "TCP listener {id} ({})",
-            local.map(|a| a.to_string()).unwrap_or_else(|| "?".into())
-        )
-    };
-    let Some(local) = local else {
-        return Err(NetError::NotMigratable {
-            what: what(),
-            reason: "no local address".into(),
-        });
-    };
-    let info = sys::tcp_info(fd).map_err(|e| NetError::sys("getsockopt(TCP_INFO)", what(), e))?;
-    let reuse = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)
-        .map_err(|e| NetError::sys("getsockopt(SO_REUSEADDR)", what(), e))?
-        != 0;
-    Ok(TcpListenState {
-        id,
-        local,
-        backlog: info.sacked,
-        sock: opts::read_sock_opts(fd, local.is_ipv6(), reuse, ctx.buffers, &what)?,
-        tcp: opts::read_tcp_opts(fd, ctx.default_cc.as_deref(), &what)?,
-    })
-}
-
-/// Restore a listener, listening: everything that can refuse (`bind`,
-/// `listen`) happens here, before `Commit`, so that a refusal aborts the
-/// migration while the source still serves. Nothing reaches the listener
-/// before the service address is local here (it binds with
-/// `IP_TRANSPARENT` until then).
-///
-/// It binds in repair mode (forced reuse: the restored connections share its
-/// port), leaves repair mode and listens with `SO_REUSEADDR` set, so that it
-/// never conflicts with the restored connections on its port (in repair mode
-/// until activation, their reuse is forced); then its own `SO_REUSEADDR` is
-/// put back as captured. A listener on the same address held by another
-/// socket of this host (the source itself, when both run on one host)
-/// refuses with `EADDRINUSE`, unless both listeners set `SO_REUSEPORT`.
-pub(crate) fn restore_listener(l: &TcpListenState, d: &Defaults, flags: i32) -> Result<OwnedFd> {
-    let what = || format!("TCP listener {} ({})", l.id, l.local);
-    let fd = sys::socket(sys::family_of(&l.local), libc::SOCK_STREAM | flags, 0)
-        .map_err(|e| NetError::sys("socket", what(), e))?;
-    opts::apply_sock_opts(fd.as_fd(), l.local.is_ipv6(), true, &l.sock, &d.sock, &what)?;
-    opts::apply_tcp_opts(fd.as_fd(), &l.tcp, d, &what)?;
-    repair::repair_on(fd.as_fd(), what)?;
-    bind_maybe_transparent(fd.as_fd(), &l.local, &what)?;
-    repair::leave_repair(fd.as_fd(), false, true)
-        .map_err(|e| NetError::sys("TCP_REPAIR off", what(), e))?;
-    let backlog = l.backlog.clamp(1, i32::MAX as u32) as i32;
-    sys::listen(fd.as_fd(), backlog).map_err(|e| NetError::sys("listen", what(), e))?;
-    if !l.sock.reuse_addr {
-        sys::setsockopt_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 0)
-            .map_err(|e| NetError::sys("setsockopt(SO_REUSEADDR)", what(), e))?;
-    }
-    Ok(fd)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn conn(sack_ok: bool, wscale_ok: bool, timestamps_ok: bool) -> TcpConnState {
+        TcpConnState {
+            id: 1,
+            local: "198.51.100.1:80".parse().unwrap(),
+            peer: "198.51.100.2:4000".parse().unwrap(),
+            state: TcpStateKind::Established,
+            snd_seq: 0,
+            rcv_seq: 0,
+            send_queue: Default::default(),
+            unsent_len: 0,
+            recv_queue: Default::default(),
+            mss: 1448,
+            snd_wscale: 7,
+            rcv_wscale: 9,
+            wscale_ok,
+            sack_ok,
+            timestamps_ok,
+            timestamp: 0,
+            window: None,
+            sock: Default::default(),
+            tcp: Default::default(),
+        }
+    }
+
+    #[test]
+    fn repair_options_carry_what_the_handshake_negotiated() {
+        let (opts, n) = repair_options(&conn(true, true, true));
+        let codes: Vec<_> = opts[..n].iter().map(|o| (o.opt_code, o.opt_val)).collect();
+        assert_eq!(
+            codes,
+            [
+                (sys::TCPOPT_SACK_PERM, 0),
+                (sys::TCPOPT_WINDOW, 7 | 9 << 16),
+                (sys::TCPOPT_TIMESTAMP, 0),
+                (sys::TCPOPT_MAXSEG, 1448),
+            ]
+        );
+        let (opts, n) = repair_options(&conn(false, false, false));
+        assert_eq!(n, 1);
+        assert_eq!(
+            (opts[0].opt_code, opts[0].opt_val),
+            (sys::TCPOPT_MAXSEG, 1448)
+        );
+    }
 
     #[test]
     fn kernel_states_map_to_the_model_or_a_reason() {

@@ -103,6 +103,26 @@ fn index(name: &str) -> Result<u32> {
         .map_err(|e| NetError::topology(format!("no interface {name}"), Some(e.into())))
 }
 
+/// Wait (at most [`LINK_UP_TIMEOUT`]) until link `name` of the calling
+/// thread's namespace is operationally up: before that the kernel drops
+/// what it sends, and a lost first ARP request costs a one-second
+/// retransmission (the handoff tests resolve neighbours with a deadline).
+fn wait_oper_up(nl: &mut NlSocket, name: &str) -> Result<()> {
+    let ifindex = index(name)?;
+    let deadline = std::time::Instant::now() + LINK_UP_TIMEOUT;
+    // Bounded by LINK_UP_TIMEOUT.
+    while !setup(format!("state of {name}"), rtnl::link_oper_up(nl, ifindex))? {
+        if std::time::Instant::now() >= deadline {
+            return Err(NetError::topology(format!("{name} did not come up"), None));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// How long a new link may take to become operational.
+const LINK_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn route_socket() -> Result<NlSocket> {
     setup("open a NETLINK_ROUTE socket", NlSocket::route())
 }
@@ -343,9 +363,17 @@ impl Topology {
                     "disable DAD on eth0",
                     std::fs::write("/proc/sys/net/ipv6/conf/eth0/accept_dad", "0"),
                 )?;
-                setup("set eth0 up", rtnl::set_link_up(&mut nl, eth0, None))
+                setup("set eth0 up", rtnl::set_link_up(&mut nl, eth0, None))?;
+                wait_oper_up(&mut nl, "eth0")
             })??;
         }
+        let ports = hosts.map(|(_, port, ..)| port);
+        self.bridge.run(move || -> Result<()> {
+            let mut nl = route_socket()?;
+            ports
+                .iter()
+                .try_for_each(|port| wait_oper_up(&mut nl, port))
+        })??;
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use lmig_core::model::SocketRecord;
 use lmig_core::traits::{NoSockets, SocketSink, SocketSource};
-use lmig_net::handoff::{self, Handoff, HandoffConfig, Locked, ServiceAddr};
+use lmig_net::handoff::{self, HandoffConfig, HandoffSink, HandoffSource, ServiceAddr};
 use lmig_net::lock::{self, LockConfig, NetLock, TABLE_PREFIX};
 use lmig_net::topology::{Netns, Topology};
 use lmig_net::{NetError, NetSink, NetSource, SinkConfig, SourceConfig};
@@ -199,7 +199,9 @@ fn unprivileged_child() {
     setgroups(&[]).unwrap();
     setgid(Gid::from_raw(65534)).unwrap();
     setuid(Uid::from_raw(65534)).unwrap();
-    let err = Locked::new(NoSockets, config()).map(|_| ()).unwrap_err();
+    let err = HandoffSource::new(NoSockets, config())
+        .map(|_| ())
+        .unwrap_err();
     println!("ERROR: {err}");
     assert!(matches!(err, NetError::Unsupported { .. }), "{err:?}");
     assert!(err.to_string().contains("CAP_NET_ADMIN"), "{err}");
@@ -336,8 +338,8 @@ fn echo(conn: Conn, stop: Arc<AtomicBool>) -> JoinHandle<Conn> {
     })
 }
 
-/// Migrate one TCP or UDP service socket from A to B through `Locked` /
-/// `Handoff` around the real `NetSource` / `NetSink`, while a client sends.
+/// Migrate one TCP or UDP service socket from A to B through `HandoffSource` /
+/// `HandoffSink` around the real `NetSource` / `NetSink`, while a client sends.
 fn service_moves(tcp: bool, v6: bool) {
     let topo = Topology::new().expect("topology");
     topo.add_service_address(&topo.a).unwrap();
@@ -490,7 +492,7 @@ fn service_moves(tcp: bool, v6: bool) {
     let mut src = topo
         .a
         .run(move || {
-            let mut s = Locked::new(NetSource::new(SourceConfig::default())?, src_cfg)?;
+            let mut s = HandoffSource::new(NetSource::new(SourceConfig::default())?, src_cfg)?;
             s.inner_mut().add(1, fd)?;
             Ok::<_, NetError>(s)
         })
@@ -506,7 +508,7 @@ fn service_moves(tcp: bool, v6: bool) {
     let sink = topo
         .b
         .run(move || {
-            let mut h = Handoff::new(NetSink::new(SinkConfig::default())?, config())?;
+            let mut h = HandoffSink::new(NetSink::new(SinkConfig::default())?, config())?;
             h.prepare(&plan)
                 .map_err(|e| NetError::topology(e.to_string(), None))?;
             Ok::<_, NetError>(h)
@@ -732,14 +734,14 @@ fn abort_delivers_held_here(port: u16, early: bool) {
                 c = c.forward_to(b_host);
                 c.forward_early = true;
             }
-            Locked::new(NoSockets, c)
+            HandoffSource::new(NoSockets, c)
         })
         .unwrap()
         .expect("lock");
     assert_eq!(src.handoff().stats().forwarded_direct, early);
     let mut sink = early.then(|| {
         topo.b
-            .run(|| Handoff::new(NoSockets, config()))
+            .run(|| HandoffSink::new(NoSockets, config()))
             .unwrap()
             .expect("destination lock")
     });

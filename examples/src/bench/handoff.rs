@@ -48,7 +48,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use lmig_core::protocol::Message;
 use lmig_core::traits::{SocketSink, SocketSource};
-use lmig_net::handoff::{Handoff, HandoffConfig, Locked, ServiceAddr};
+use lmig_net::handoff::{
+    HandoffConfig, HandoffSink as Handoff, HandoffSource as Locked, ServiceAddr,
+};
 use lmig_net::topology::{Netns, Topology};
 use lmig_net::{NetSink, NetSource, SinkConfig, SourceConfig};
 use lmig_transport::wire::{MessageDecoder, WireItem, encode_message};

@@ -18,7 +18,9 @@ use lmig_core::session::{
 use lmig_core::traits::{Event, Phase};
 use lmig_core::{MigrationError, SocketSink, SocketSource, StateSink, StateSource};
 use lmig_mem::{Backing, DestinationRegions, RegionSet, best_tracker};
-use lmig_net::{Handoff, HandoffConfig, Locked, NetSink, NetSource, SinkConfig};
+use lmig_net::{
+    HandoffConfig, HandoffSink as Handoff, HandoffSource as Locked, NetSink, NetSource, SinkConfig,
+};
 use lmig_transport::{
     AuthKey, ChannelConfig, Endpoint, Listener, Rejection, StreamChannel, connect,
 };

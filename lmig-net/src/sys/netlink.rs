@@ -26,6 +26,7 @@ pub(crate) const F_DUMP: u16 = 0x300;
 pub(crate) const F_REPLACE: u16 = 0x100;
 /// `NLM_F_CREATE`.
 pub(crate) const F_CREATE: u16 = 0x400;
+#[cfg(feature = "test-topology")]
 /// `NLM_F_EXCL`: fail with `EEXIST` instead of changing an existing object.
 pub(crate) const F_EXCL: u16 = 0x200;
 /// `NLM_F_MULTI`.
@@ -218,7 +219,11 @@ impl Message<'_> {
     /// For `NLMSG_ERROR`: the positive errno, 0 for an acknowledgement.
     pub(crate) fn error_code(&self) -> i32 {
         match self.payload.get(0..4) {
-            Some(b) => -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            // The kernel sends -errno; a value with no positive counterpart
+            // (i32::MIN, from a corrupt message) is a protocol error.
+            Some(b) => i32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+                .checked_neg()
+                .unwrap_or(libc::EPROTO),
             None => libc::EPROTO,
         }
     }
@@ -380,6 +385,7 @@ impl MsgBuf {
         self
     }
 
+    #[cfg(feature = "test-topology")]
     /// Open a nested attribute without `NLA_F_NESTED`, as iproute2 sends
     /// rtnetlink's link info (the kernel parses those nests leniently and
     /// `VETH_INFO_PEER` is not even declared nested).
@@ -418,6 +424,30 @@ mod tests {
         assert_eq!(attrs[1].0, 4);
         let inner: Vec<_> = Attrs::new(attrs[1].1).collect();
         assert_eq!(inner, vec![(1, &3u32.to_be_bytes()[..])]);
+    }
+
+    #[test]
+    fn an_error_code_without_a_positive_errno_is_a_protocol_error() {
+        let empty = Message {
+            kind: MSG_ERROR,
+            flags: 0,
+            payload: &[],
+        };
+        assert_eq!(empty.error_code(), libc::EPROTO);
+        let payload = i32::MIN.to_ne_bytes();
+        let msg = Message {
+            kind: MSG_ERROR,
+            flags: 0,
+            payload: &payload,
+        };
+        assert_eq!(msg.error_code(), libc::EPROTO);
+        let payload = (-libc::ENOENT).to_ne_bytes();
+        let msg = Message {
+            kind: MSG_ERROR,
+            flags: 0,
+            payload: &payload,
+        };
+        assert_eq!(msg.error_code(), libc::ENOENT);
     }
 
     #[test]

@@ -9,9 +9,9 @@
 //! the kernel's layout (native byte order), their sizes pinned by the tests.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::net::IpAddr;
 
-use super::netlink::{Attrs, F_ACK, F_CREATE, F_DUMP, F_EXCL, F_REQUEST, MsgBuf, NlSocket};
+use super::netlink::{Attrs, F_REQUEST, MsgBuf, NlSocket};
 
 /// `RTM_NEWLINK`: create a link, or change one (`ip link set`).
 pub(crate) const RTM_NEWLINK: u16 = 16;
@@ -29,6 +29,7 @@ pub(crate) const RTM_NEWROUTE: u16 = 24;
 pub(crate) const RTM_GETROUTE: u16 = 26;
 /// `RTM_NEWNEIGH`.
 pub(crate) const RTM_NEWNEIGH: u16 = 28;
+#[cfg(feature = "test-topology")]
 /// `RTM_DELNEIGH`.
 pub(crate) const RTM_DELNEIGH: u16 = 29;
 /// `RTM_GETNEIGH`.
@@ -36,20 +37,34 @@ pub(crate) const RTM_GETNEIGH: u16 = 30;
 
 /// `IFLA_ADDRESS`: the link-layer address.
 pub(crate) const IFLA_ADDRESS: u16 = 1;
+#[cfg(feature = "test-topology")]
 /// `IFLA_IFNAME`.
 pub(crate) const IFLA_IFNAME: u16 = 3;
+#[cfg(feature = "test-topology")]
 /// `IFLA_MASTER`: ifindex of the bridge a port belongs to.
 pub(crate) const IFLA_MASTER: u16 = 10;
+#[cfg(feature = "test-topology")]
+/// `IFLA_OPERSTATE` (RFC 2863 state, one byte).
+pub(crate) const IFLA_OPERSTATE: u16 = 16;
+#[cfg(feature = "test-topology")]
+/// `IF_OPER_UP`.
+pub(crate) const IF_OPER_UP: u8 = 6;
+#[cfg(feature = "test-topology")]
 /// `IFLA_LINKINFO` (nested: `IFLA_INFO_*`).
 pub(crate) const IFLA_LINKINFO: u16 = 18;
+#[cfg(feature = "test-topology")]
 /// `IFLA_NET_NS_FD`: create or move the link into the namespace of this fd.
 pub(crate) const IFLA_NET_NS_FD: u16 = 28;
+#[cfg(feature = "test-topology")]
 /// `IFLA_INFO_KIND`: `"veth"`, `"bridge"`, ...
 pub(crate) const IFLA_INFO_KIND: u16 = 1;
+#[cfg(feature = "test-topology")]
 /// `IFLA_INFO_DATA` (nested, kind-specific).
 pub(crate) const IFLA_INFO_DATA: u16 = 2;
+#[cfg(feature = "test-topology")]
 /// `VETH_INFO_PEER`: an `ifinfomsg` followed by the peer's `IFLA_*` attributes.
 pub(crate) const VETH_INFO_PEER: u16 = 1;
+#[cfg(feature = "test-topology")]
 /// `IFF_UP`.
 pub(crate) const IFF_UP: u32 = 0x1;
 
@@ -147,128 +162,271 @@ pub(crate) fn parse_ifaddrmsg(payload: &[u8]) -> Option<(u8, u8, u32, Attrs<'_>)
     Some((h[0], h[1], index, Attrs::new(&payload[IFADDRMSG_LEN..])))
 }
 
-fn transact_one(nl: &mut NlSocket, m: &MsgBuf) -> io::Result<()> {
-    nl.transact(m.bytes(), m.acks)
+/// The family and bytes of an IP address (`AF_INET` 4 bytes, `AF_INET6` 16).
+fn family_and_bytes(ip: IpAddr) -> (u8, Vec<u8>) {
+    match ip {
+        IpAddr::V4(v) => (libc::AF_INET as u8, v.octets().to_vec()),
+        IpAddr::V6(v) => (libc::AF_INET6 as u8, v.octets().to_vec()),
+    }
 }
 
-/// `RTM_NEWLINK` with `IFLA_INFO_KIND "bridge"` (`ip link add <name> type bridge`).
-#[doc(alias = "RTM_NEWLINK")]
-pub(crate) fn add_bridge(nl: &mut NlSocket, name: &str) -> io::Result<()> {
-    let seq = nl.next_seq();
+/// An address message (`struct ifaddrmsg` + `IFA_LOCAL`) about
+/// `addr/prefix_len` on interface `ifindex`: `IFA_ADDRESS` too for IPv4 and
+/// for `RTM_NEWADDR`, and a new IPv6 address gets `IFA_F_NODAD` (usable at
+/// once, no duplicate address detection).
+pub(crate) fn addr_msg(
+    kind: u16,
+    flags: u16,
+    ifindex: u32,
+    addr: IpAddr,
+    prefix_len: u8,
+    seq: u32,
+) -> MsgBuf {
     let mut m = MsgBuf::new();
-    m.begin(RTM_NEWLINK, F_REQUEST | F_ACK | F_CREATE | F_EXCL, seq)
-        .raw(&ifinfomsg(0, 0, 0))
-        .attr_str(IFLA_IFNAME, name)
-        .nest_unflagged(IFLA_LINKINFO)
-        .attr_str(IFLA_INFO_KIND, "bridge")
-        .unnest()
-        .end();
-    transact_one(nl, &m)
-}
-
-/// `RTM_NEWLINK` with `IFLA_INFO_KIND "veth"`: a pair `name` (here) and
-/// `peer`, created in the network namespace `peer_ns` (`ip link add <name>
-/// type veth peer name <peer> netns <ns>`).
-#[doc(alias = "RTM_NEWLINK")]
-pub(crate) fn add_veth(
-    nl: &mut NlSocket,
-    name: &str,
-    peer: &str,
-    peer_ns: BorrowedFd<'_>,
-) -> io::Result<()> {
-    let seq = nl.next_seq();
-    let fd = u32::try_from(peer_ns.as_raw_fd())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    let mut m = MsgBuf::new();
-    m.begin(RTM_NEWLINK, F_REQUEST | F_ACK | F_CREATE | F_EXCL, seq)
-        .raw(&ifinfomsg(0, 0, 0))
-        .attr_str(IFLA_IFNAME, name)
-        .nest_unflagged(IFLA_LINKINFO)
-        .attr_str(IFLA_INFO_KIND, "veth")
-        .nest_unflagged(IFLA_INFO_DATA)
-        .nest_unflagged(VETH_INFO_PEER)
-        .raw(&ifinfomsg(0, 0, 0))
-        .attr_str(IFLA_IFNAME, peer)
-        .attr_u32(IFLA_NET_NS_FD, fd)
-        .unnest()
-        .unnest()
-        .unnest()
-        .end();
-    transact_one(nl, &m)
-}
-
-/// `RTM_NEWLINK` on link `index`: set it up, and make it a port of bridge
-/// `master` when given (`ip link set <dev> [master <br>] up`).
-#[doc(alias = "RTM_NEWLINK")]
-pub(crate) fn set_link_up(nl: &mut NlSocket, index: u32, master: Option<u32>) -> io::Result<()> {
-    let seq = nl.next_seq();
-    let mut m = MsgBuf::new();
-    m.begin(RTM_NEWLINK, F_REQUEST | F_ACK, seq)
-        .raw(&ifinfomsg(index, IFF_UP, IFF_UP));
-    if let Some(master) = master {
-        m.attr_u32(IFLA_MASTER, master);
+    let (family, bytes) = family_and_bytes(addr);
+    m.begin(kind, flags, seq)
+        .raw(&ifaddrmsg(family, prefix_len, ifindex))
+        .attr(IFA_LOCAL, &bytes);
+    if addr.is_ipv4() || kind == RTM_NEWADDR {
+        m.attr(IFA_ADDRESS, &bytes);
+    }
+    if addr.is_ipv6() && kind == RTM_NEWADDR {
+        m.attr_u32(IFA_FLAGS, IFA_F_NODAD);
     }
     m.end();
-    transact_one(nl, &m)
+    m
 }
 
-/// `RTM_GETNEIGH` dump: `(family, destination)` of every entry on link
-/// `index` whose state is in `states`.
-#[doc(alias = "RTM_GETNEIGH")]
-pub(crate) fn neighbours(
-    nl: &mut NlSocket,
-    index: u32,
-    states: u16,
-) -> io::Result<Vec<(u8, Vec<u8>)>> {
-    let seq = nl.next_seq();
+/// A neighbour-table message (`struct ndmsg` + `NDA_DST`) about `ip` on
+/// interface `ifindex`, and the address bytes.
+pub(crate) fn neigh_msg(
+    kind: u16,
+    flags: u16,
+    ifindex: u32,
+    ip: IpAddr,
+    ntf: u8,
+    seq: u32,
+) -> (MsgBuf, Vec<u8>) {
+    let (family, bytes) = family_and_bytes(ip);
     let mut m = MsgBuf::new();
-    m.begin(RTM_GETNEIGH, F_REQUEST | F_DUMP, seq)
-        .raw(&ndmsg(0, 0, 0, 0))
+    m.begin(kind, flags, seq)
+        .raw(&ndmsg(family, ifindex, 0, ntf))
+        .attr(NDA_DST, &bytes)
         .end();
-    let mut out = Vec::new();
-    nl.dump(m.bytes(), |kind, payload| {
-        if kind != RTM_NEWNEIGH {
-            return;
-        }
-        let Some((family, ifindex, state, attrs)) = parse_ndmsg(payload) else {
-            return;
-        };
-        if ifindex != index || state & states == 0 {
-            return;
-        }
-        if let Some((_, dst)) = attrs.into_iter().find(|(t, _)| *t == NDA_DST) {
-            out.push((family, dst.to_vec()));
-        }
-    })?;
-    Ok(out)
+    (m, bytes)
 }
 
-/// `RTM_DELNEIGH`: remove the entry for `dst` (address bytes of `family`)
-/// on link `index`.
-#[doc(alias = "RTM_DELNEIGH")]
-pub(crate) fn del_neighbour(
+/// `RTM_GETLINK` on link `index`: calls `visit` with every attribute of
+/// the answer (`IFLA_*`).
+#[doc(alias = "RTM_GETLINK")]
+pub(crate) fn get_link_attrs(
     nl: &mut NlSocket,
     index: u32,
-    family: u8,
-    dst: &[u8],
+    mut visit: impl FnMut(u16, &[u8]),
 ) -> io::Result<()> {
     let seq = nl.next_seq();
     let mut m = MsgBuf::new();
-    m.begin(RTM_DELNEIGH, F_REQUEST | F_ACK, seq)
-        .raw(&ndmsg(family, index, 0, 0))
-        .attr(NDA_DST, dst)
+    m.begin(RTM_GETLINK, F_REQUEST, seq)
+        .raw(&ifinfomsg(index, 0, 0))
         .end();
-    transact_one(nl, &m)
+    nl.dump(m.bytes(), |kind, payload| {
+        if kind == RTM_NEWLINK {
+            for (t, v) in Attrs::new(payload.get(IFINFOMSG_LEN..).unwrap_or(&[])) {
+                visit(t, v);
+            }
+        }
+    })
 }
+
+#[cfg(feature = "test-topology")]
+/// The link and neighbour operations of the test topology (feature
+/// `test-topology`).
+mod link {
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd};
+
+    use super::super::netlink::{F_ACK, F_CREATE, F_DUMP, F_EXCL, F_REQUEST, MsgBuf, NlSocket};
+    use super::*;
+
+    fn transact_one(nl: &mut NlSocket, m: &MsgBuf) -> io::Result<()> {
+        nl.transact(m.bytes(), m.acks)
+    }
+
+    /// `RTM_NEWLINK` with `IFLA_INFO_KIND "bridge"` (`ip link add <name> type bridge`).
+    #[doc(alias = "RTM_NEWLINK")]
+    pub(crate) fn add_bridge(nl: &mut NlSocket, name: &str) -> io::Result<()> {
+        let seq = nl.next_seq();
+        let mut m = MsgBuf::new();
+        m.begin(RTM_NEWLINK, F_REQUEST | F_ACK | F_CREATE | F_EXCL, seq)
+            .raw(&ifinfomsg(0, 0, 0))
+            .attr_str(IFLA_IFNAME, name)
+            .nest_unflagged(IFLA_LINKINFO)
+            .attr_str(IFLA_INFO_KIND, "bridge")
+            .unnest()
+            .end();
+        transact_one(nl, &m)
+    }
+
+    /// `RTM_NEWLINK` with `IFLA_INFO_KIND "veth"`: a pair `name` (here) and
+    /// `peer`, created in the network namespace `peer_ns` (`ip link add <name>
+    /// type veth peer name <peer> netns <ns>`).
+    #[doc(alias = "RTM_NEWLINK")]
+    pub(crate) fn add_veth(
+        nl: &mut NlSocket,
+        name: &str,
+        peer: &str,
+        peer_ns: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        let seq = nl.next_seq();
+        let fd = u32::try_from(peer_ns.as_raw_fd())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+        let mut m = MsgBuf::new();
+        m.begin(RTM_NEWLINK, F_REQUEST | F_ACK | F_CREATE | F_EXCL, seq)
+            .raw(&ifinfomsg(0, 0, 0))
+            .attr_str(IFLA_IFNAME, name)
+            .nest_unflagged(IFLA_LINKINFO)
+            .attr_str(IFLA_INFO_KIND, "veth")
+            .nest_unflagged(IFLA_INFO_DATA)
+            .nest_unflagged(VETH_INFO_PEER)
+            .raw(&ifinfomsg(0, 0, 0))
+            .attr_str(IFLA_IFNAME, peer)
+            .attr_u32(IFLA_NET_NS_FD, fd)
+            .unnest()
+            .unnest()
+            .unnest()
+            .end();
+        transact_one(nl, &m)
+    }
+
+    /// `RTM_NEWLINK` on link `index`: set it up, and make it a port of bridge
+    /// `master` when given (`ip link set <dev> [master <br>] up`).
+    #[doc(alias = "RTM_NEWLINK")]
+    pub(crate) fn set_link_up(
+        nl: &mut NlSocket,
+        index: u32,
+        master: Option<u32>,
+    ) -> io::Result<()> {
+        let seq = nl.next_seq();
+        let mut m = MsgBuf::new();
+        m.begin(RTM_NEWLINK, F_REQUEST | F_ACK, seq)
+            .raw(&ifinfomsg(index, IFF_UP, IFF_UP));
+        if let Some(master) = master {
+            m.attr_u32(IFLA_MASTER, master);
+        }
+        m.end();
+        transact_one(nl, &m)
+    }
+
+    /// `RTM_GETLINK` on link `index`: is its operational state `IF_OPER_UP`?
+    /// (The kernel sets it, and activates the link's queueing discipline,
+    /// from a work queue a moment after the link came up; a packet sent
+    /// before that is dropped.)
+    #[doc(alias = "IFLA_OPERSTATE")]
+    pub(crate) fn link_oper_up(nl: &mut NlSocket, index: u32) -> io::Result<bool> {
+        let mut up = false;
+        get_link_attrs(nl, index, |t, v| {
+            up |= t == IFLA_OPERSTATE && v.first() == Some(&IF_OPER_UP);
+        })?;
+        Ok(up)
+    }
+
+    /// `RTM_GETNEIGH` dump: `(family, destination)` of every entry on link
+    /// `index` whose state is in `states`.
+    #[doc(alias = "RTM_GETNEIGH")]
+    pub(crate) fn neighbours(
+        nl: &mut NlSocket,
+        index: u32,
+        states: u16,
+    ) -> io::Result<Vec<(u8, Vec<u8>)>> {
+        let seq = nl.next_seq();
+        let mut m = MsgBuf::new();
+        m.begin(RTM_GETNEIGH, F_REQUEST | F_DUMP, seq)
+            .raw(&ndmsg(0, 0, 0, 0))
+            .end();
+        let mut out = Vec::new();
+        nl.dump(m.bytes(), |kind, payload| {
+            if kind != RTM_NEWNEIGH {
+                return;
+            }
+            let Some((family, ifindex, state, attrs)) = parse_ndmsg(payload) else {
+                return;
+            };
+            if ifindex != index || state & states == 0 {
+                return;
+            }
+            if let Some((_, dst)) = attrs.into_iter().find(|(t, _)| *t == NDA_DST) {
+                out.push((family, dst.to_vec()));
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// `RTM_DELNEIGH`: remove the entry for `dst` (address bytes of `family`)
+    /// on link `index`.
+    #[doc(alias = "RTM_DELNEIGH")]
+    pub(crate) fn del_neighbour(
+        nl: &mut NlSocket,
+        index: u32,
+        family: u8,
+        dst: &[u8],
+    ) -> io::Result<()> {
+        let seq = nl.next_seq();
+        let mut m = MsgBuf::new();
+        m.begin(RTM_DELNEIGH, F_REQUEST | F_ACK, seq)
+            .raw(&ndmsg(family, index, 0, 0))
+            .attr(NDA_DST, dst)
+            .end();
+        transact_one(nl, &m)
+    }
+}
+#[cfg(feature = "test-topology")]
+pub(crate) use link::{add_bridge, add_veth, del_neighbour, link_oper_up, neighbours, set_link_up};
 
 #[cfg(test)]
 mod tests {
+    use super::super::netlink::F_REQUEST;
     use super::super::netlink::Messages;
     use super::*;
+
+    #[test]
+    fn address_messages_carry_prefix_and_nodad() {
+        let a = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+        let m = addr_msg(RTM_NEWADDR, F_REQUEST, 3, a.into(), 64, 1);
+        let b = m.bytes();
+        assert_eq!(b[16], libc::AF_INET6 as u8);
+        assert_eq!(b[17], 64);
+        assert_eq!(u32::from_ne_bytes([b[20], b[21], b[22], b[23]]), 3);
+        let attrs: Vec<_> = Attrs::new(&b[24..]).map(|(t, _)| t).collect();
+        assert_eq!(attrs, vec![IFA_LOCAL, IFA_ADDRESS, IFA_FLAGS]);
+    }
+
+    #[test]
+    fn address_removal_v4_names_local_and_address_without_flags() {
+        let m = addr_msg(RTM_DELADDR, F_REQUEST, 5, [198, 51, 100, 7].into(), 24, 1);
+        let b = m.bytes();
+        assert_eq!(b[16], libc::AF_INET as u8);
+        assert_eq!(b[17], 24);
+        let attrs: Vec<_> = Attrs::new(&b[24..]).collect();
+        assert_eq!(attrs.len(), 2);
+        assert_eq!(attrs[0], (IFA_LOCAL, &[198, 51, 100, 7][..]));
+        assert_eq!(attrs[1], (IFA_ADDRESS, &[198, 51, 100, 7][..]));
+    }
+
+    #[test]
+    fn neighbour_message_names_the_destination() {
+        let (m, bytes) = neigh_msg(RTM_GETNEIGH, F_REQUEST, 4, [198, 51, 100, 9].into(), 0, 1);
+        assert_eq!(bytes, [198, 51, 100, 9]);
+        let b = m.bytes();
+        let (family, index, _, mut attrs) = parse_ndmsg(&b[16..]).unwrap();
+        assert_eq!((family, index), (libc::AF_INET as u8, 4));
+        assert_eq!(attrs.next(), Some((NDA_DST, &[198, 51, 100, 9][..])));
+    }
 
     /// The numbers of `<linux/rtnetlink.h>` and friends, as the kernel has them.
     #[test]
     fn numbers_match_the_kernel_headers() {
+        assert_eq!(IFLA_OPERSTATE, libc::IFLA_OPERSTATE);
+        assert_eq!(IF_OPER_UP, libc::IF_OPER_UP as u8);
         assert_eq!(RTM_NEWLINK, libc::RTM_NEWLINK);
         assert_eq!(RTM_GETLINK, libc::RTM_GETLINK);
         assert_eq!(RTM_NEWADDR, libc::RTM_NEWADDR);

@@ -1,0 +1,130 @@
+//! What the two sides of the handoff are told ([`HandoffConfig`], the
+//! [`ServiceAddr`]s that move) and what they report ([`HandoffStats`]).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::lock::LockConfig;
+
+/// One service address with its prefix length as configured on the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceAddr {
+    /// The address clients connect to.
+    pub addr: IpAddr,
+    /// Its prefix length on the interface (e.g. 24, 64, or 32/128 for a host address).
+    pub prefix_len: u8,
+}
+
+impl ServiceAddr {
+    /// `addr/prefix_len`.
+    pub fn new(addr: impl Into<IpAddr>, prefix_len: u8) -> Self {
+        Self {
+            addr: addr.into(),
+            prefix_len,
+        }
+    }
+}
+
+/// Settings of one side of the handoff.
+#[derive(Clone, Debug)]
+pub struct HandoffConfig {
+    /// The service addresses that move (IPv4 and/or IPv6).
+    pub addrs: Vec<ServiceAddr>,
+    /// The interface carrying them on this host (e.g. `"eth0"`); looked up in
+    /// the network namespace of the calling thread.
+    pub interface: String,
+    /// Source only: after the handoff, keep forwarding packets that still
+    /// arrive here until none came for this long (default 250 ms) ...
+    pub quiet: Duration,
+    /// ... or at most this long (default 3 s).
+    pub linger: Duration,
+    /// Packets the lock may hold (default 65,536).
+    pub queue_maxlen: u32,
+    /// Receive buffer for held packet copies (default 64 MiB).
+    pub rcvbuf: usize,
+    /// Source only: the destination host's own address on this link (for
+    /// example its migration address). When set, held packets go straight to
+    /// its link-layer address, learnt before the freeze from the neighbour
+    /// table. Without it (or when that host is not a known neighbour on
+    /// `interface`) they are routed to the service address, which costs an
+    /// ARP or neighbour exchange the destination only answers once it holds
+    /// the address, and the kernel queues few packets meanwhile (the rest
+    /// are dropped and the clients retransmit).
+    pub forward_to: Option<IpAddr>,
+    /// Source only, with direct forwarding ([`HandoffConfig::forward_to`]
+    /// resolved): send copies of held packets on to the destination already
+    /// during the freeze, as they arrive (default false). The destination's
+    /// lock holds them until its sockets are live; the originals stay held
+    /// here until the end, so an abort still delivers them here (and the
+    /// destination drops its copies with its lock), and after `Commit` only
+    /// the last few are left to send. Without it every held packet is sent
+    /// after `Commit`, while the clients wait (a send per packet).
+    ///
+    /// Off by default: it moves that work into the freeze, which is worth
+    /// it only where the freeze is not short of CPU. The default is tuned
+    /// for source and destination sharing one 2-core host, where the freeze
+    /// grows by more than the time saved after `Commit` (`lmig-bench
+    /// migrate` measures both).
+    pub forward_early: bool,
+}
+
+impl HandoffConfig {
+    /// These addresses on `interface`, default timings and capacities.
+    pub fn new(addrs: impl IntoIterator<Item = ServiceAddr>, interface: impl Into<String>) -> Self {
+        Self {
+            addrs: addrs.into_iter().collect(),
+            interface: interface.into(),
+            quiet: Duration::from_millis(250),
+            linger: Duration::from_secs(3),
+            queue_maxlen: 65_536,
+            rcvbuf: 64 << 20,
+            forward_to: None,
+            forward_early: false,
+        }
+    }
+
+    /// Forward held packets straight to this destination host (see
+    /// [`HandoffConfig::forward_to`]).
+    pub fn forward_to(mut self, host: IpAddr) -> Self {
+        self.forward_to = Some(host);
+        self
+    }
+
+    pub(super) fn lock_config(&self, copy_payload: bool) -> LockConfig {
+        LockConfig {
+            addrs: self.addrs.iter().map(|a| a.addr).collect(),
+            queue_maxlen: self.queue_maxlen,
+            rcvbuf: self.rcvbuf,
+            copy_payload,
+        }
+    }
+}
+
+/// What one side of a handoff did, for reports and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct HandoffStats {
+    /// Time to engage the lock (source: at the freeze).
+    pub lock: Duration,
+    /// Time to unlock (destination: flush + batch verdict + table removal;
+    /// source: the same after an abort, or the final cleanup after a handoff).
+    pub unlock: Duration,
+    /// Destination: time of the one batch verdict that lets the held packets
+    /// through (the kernel delivers them to the sockets inside that call, so
+    /// it grows with the number of held packets, not of connections).
+    pub release: Duration,
+    /// Time to remove (source) or add and announce (destination) the addresses.
+    pub address_move: Duration,
+    /// Packets held by the lock (source: re-injected towards the destination).
+    pub held: u64,
+    /// Packets lost (queue or buffer overrun, failed re-injection).
+    pub dropped: u64,
+    /// Source: held packets go straight to the destination host's
+    /// link-layer address ([`HandoffConfig::forward_to`] resolved).
+    pub forwarded_direct: bool,
+    /// Source: time to take the held packets and send them on at the
+    /// handoff (the stragglers after it are not counted).
+    pub forward: Duration,
+    /// Source: held packets sent on during the freeze already
+    /// ([`HandoffConfig::forward_early`]).
+    pub forwarded_early: u64,
+}
