@@ -260,8 +260,17 @@ fn split_partial_migration_and_reintegration_with_a_writer() {
     wait_writes(&w, 100);
 
     // Split migration: the memory goes straight to hosts 1, 2 and 3.
+    // A page stays here only if the writer wrote it while it was being
+    // evicted (one page a write, counted after it, so one more may be in
+    // flight): how many did depends on the machine's load, the bound does
+    // not.
+    let writes_before = w.writes.load(Ordering::Relaxed);
     let evicted = c.split.split_to(&thirds(pages, &[1, 2, 3])).unwrap();
-    assert!(evicted > pages * 9 / 10, "evicted {evicted}");
+    let writes_during = w.writes.load(Ordering::Relaxed) - writes_before;
+    assert!(
+        pages - evicted <= writes_during + 1,
+        "evicted {evicted} of {pages} pages, though only {writes_during} writes raced the split"
+    );
     wait_writes(&w, 50);
     assert!(c.split.stats().remote_faults > 0);
     let counts = c.split.owner_map().counts();
@@ -570,8 +579,17 @@ fn evicted_pages_are_gone_and_every_touch_fetches_them_at_scale() {
     };
     let mut w = Writer::start(&c.split, pages, Arc::new(Mutex::new(Vec::new())));
     wait_writes(&w, 50);
+    // A page stays here only if the writer wrote it while it was being
+    // evicted (one page a write, counted after it, so one more may be in
+    // flight): how many did depends on the machine's load, the bound does
+    // not.
+    let writes_before = w.writes.load(Ordering::Relaxed);
     let evicted = c.split.split_to(&thirds(pages, &[1, 2, 3])).unwrap();
-    assert!(evicted > pages * 9 / 10, "evicted {evicted}");
+    let writes_during = w.writes.load(Ordering::Relaxed) - writes_before;
+    assert!(
+        pages - evicted <= writes_during + 1,
+        "evicted {evicted} of {pages} pages, though only {writes_during} writes raced the split"
+    );
     wait_writes(&w, 50);
     w.stop();
     let bad = presence_mismatches(&c.split);
