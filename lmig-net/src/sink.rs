@@ -22,7 +22,7 @@ pub struct SinkConfig {
     /// batches of at least 32 records per thread are split (starting a
     /// thread costs more than restoring a record). With 2 vCPUs shared with
     /// the source, 2 threads shorten the restore that outlasts the capture
-    /// but slow the capture itself: kvd uses 2 (see the README's figures).
+    /// but slow the capture itself: kvd uses 2 (see docs/benchmarks.md).
     pub threads: usize,
     /// Activation threads (default 2): activation runs after `Commit`, when
     /// the source has nothing left to capture, so it can take every core.
