@@ -2,6 +2,8 @@
 //! in an lmig region and which migrates itself live to another host.
 
 pub mod cli;
+pub mod collections;
+pub mod commands;
 pub mod load;
 pub mod migrate;
 pub mod resp;

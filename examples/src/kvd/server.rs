@@ -15,6 +15,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use super::commands::execute;
 use super::resp;
 use super::store::Store;
 
@@ -581,75 +582,4 @@ pub fn decode_state(mut s: &[u8]) -> Result<Vec<ConnState>, String> {
         out.push((id, rbuf, wbuf));
     }
     Ok(out)
-}
-
-/// Run one request and append its reply.
-pub fn execute(store: &Store<'_>, args: &[Vec<u8>], out: &mut Vec<u8>, counters: &Counters) {
-    let cmd = args[0].to_ascii_uppercase();
-    let arity = |n: usize, out: &mut Vec<u8>| {
-        let ok = args.len() == n;
-        if !ok {
-            resp::error(
-                out,
-                &format!(
-                    "wrong number of arguments for '{}' command",
-                    String::from_utf8_lossy(&args[0])
-                ),
-            );
-        }
-        ok
-    };
-    match cmd.as_slice() {
-        b"PING" => match args.get(1) {
-            Some(m) => resp::bulk(out, Some(m)),
-            None => resp::simple(out, "PONG"),
-        },
-        b"GET" if arity(2, out) => resp::bulk(out, store.get(&args[1]).as_deref()),
-        b"SET" if args.len() >= 3 => match store.set(&args[1], &args[2]) {
-            Ok(()) => resp::simple(out, "OK"),
-            Err(e) => resp::error(out, &e.to_string()),
-        },
-        b"DEL" if args.len() >= 2 => {
-            let n = args[1..].iter().filter(|k| store.del(k)).count();
-            resp::integer(out, n as i64);
-        }
-        b"INCR" if arity(2, out) => match store.incr(&args[1]) {
-            Ok(n) => resp::integer(out, n),
-            Err(e) => resp::error(out, &e.to_string()),
-        },
-        b"DBSIZE" => resp::integer(out, store.len() as i64),
-        b"INFO" => {
-            let info = format!(
-                "# Server\r\nkvd_version:{}\r\nprocess_id:{}\r\n# Clients\r\nconnected_clients:{}\r\n# Stats\r\ntotal_commands_processed:{}\r\n# Keyspace\r\ndb0:keys={}\r\n",
-                env!("CARGO_PKG_VERSION"),
-                std::process::id(),
-                counters.clients.load(Ordering::Relaxed),
-                counters.requests.load(Ordering::Relaxed),
-                store.len()
-            );
-            resp::bulk(out, Some(info.as_bytes()));
-        }
-        b"DEBUG" if args.len() >= 3 && args[1].eq_ignore_ascii_case(b"POPULATE") => {
-            let n = std::str::from_utf8(&args[2])
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok());
-            let size = args
-                .get(4)
-                .and_then(|s| std::str::from_utf8(s).ok()?.parse::<usize>().ok());
-            match n {
-                Some(n) => match store.populate(n, size.unwrap_or(100)) {
-                    Ok(()) => resp::simple(out, "OK"),
-                    Err(e) => resp::error(out, &e.to_string()),
-                },
-                None => resp::error(out, "value is not an integer or out of range"),
-            }
-        }
-        // Clients probe these at start-up (redis-cli, redis-benchmark).
-        b"COMMAND" | b"CONFIG" | b"CLIENT" => out.extend_from_slice(b"*0\r\n"),
-        b"GET" | b"INCR" => {} // arity error already written
-        _ => resp::error(
-            out,
-            &format!("unknown command '{}'", String::from_utf8_lossy(&args[0])),
-        ),
-    }
 }

@@ -3,10 +3,16 @@
 //! slots plus a scratch area a background writer dirties at a chosen rate.
 //!
 //! ```text
-//! page 0        header: magic, slot count, item count, scratch offset
-//! pages 1..     slots of 256 bytes: state, key length, value length, key (64), value (184)
+//! page 0        header: magic, slot count, slots used, scratch offset, keys
+//! pages 1..     slots of 256 bytes: state, key length, value length (2), kind,
+//!               3 spare, key (64), value (184)
 //! last 1/8      scratch area (dirtied by --dirty-mbps, never read as data)
 //! ```
+//!
+//! A slot's kind says what it holds: a string, the head of a list, set, hash
+//! or sorted set (the keys clients see), or an item of one of those
+//! ([`Kind::Item`], found only by the collection's code, never by a client's
+//! key: `collections.rs`).
 
 use lmig_mem::Region;
 
@@ -17,11 +23,14 @@ pub const MAX_KEY: usize = 64;
 /// Longest value.
 pub const MAX_VALUE: usize = SLOT - 8 - MAX_KEY;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"KVD1\0\0\0\0");
+const MAGIC: u64 = u64::from_le_bytes(*b"KVD2\0\0\0\0");
 const HEADER: usize = 4096;
 const EMPTY: u8 = 0;
 const USED: u8 = 1;
 const TOMBSTONE: u8 = 2;
+/// Header offsets: slots in use, keys clients see.
+const USED_AT: usize = 16;
+const KEYS_AT: usize = 32;
 
 /// Why a store operation failed (the reply is an error; the store is unchanged).
 #[derive(Debug, PartialEq, Eq)]
@@ -36,6 +45,44 @@ pub enum StoreError {
     NotInteger,
     /// The region does not hold a kvd store (bad magic).
     NotAStore,
+    /// The key holds another kind of value (Redis's `WRONGTYPE`).
+    WrongType,
+}
+
+/// What a slot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// A string value.
+    String = 0,
+    /// The head of a list.
+    List = 1,
+    /// The head of a set.
+    Set = 2,
+    /// The head of a hash.
+    Hash = 3,
+    /// The head of a sorted set.
+    Zset = 4,
+    /// An element of a collection (its key says whose).
+    Item = 0x80,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Self {
+        match b {
+            1 => Self::List,
+            2 => Self::Set,
+            3 => Self::Hash,
+            4 => Self::Zset,
+            0x80 => Self::Item,
+            _ => Self::String,
+        }
+    }
+
+    /// Kinds a client's key can name.
+    fn visible(self) -> bool {
+        self != Self::Item
+    }
 }
 
 impl std::fmt::Display for StoreError {
@@ -46,6 +93,7 @@ impl std::fmt::Display for StoreError {
             Self::Full => "store is full",
             Self::NotInteger => "value is not an integer or out of range",
             Self::NotAStore => "region does not hold a kvd store",
+            Self::WrongType => "WRONGTYPE Operation against a key holding the wrong kind of value",
         })
     }
 }
@@ -81,10 +129,9 @@ impl<'r> Store<'r> {
     pub fn format(region: &'r Region) -> Self {
         let scratch = Self::scratch_start(region.len());
         let slots = Self::capacity_of(region.len());
-        let mut header = [0u8; 32];
+        let mut header = [0u8; 40];
         header[0..8].copy_from_slice(&MAGIC.to_le_bytes());
         header[8..16].copy_from_slice(&slots.to_le_bytes());
-        header[16..24].copy_from_slice(&0u64.to_le_bytes());
         header[24..32].copy_from_slice(&(scratch as u64).to_le_bytes());
         region
             .write_at(0, &header)
@@ -113,11 +160,25 @@ impl<'r> Store<'r> {
         })
     }
 
-    /// Number of keys.
-    pub fn len(&self) -> u64 {
+    fn header_word(&self, at: usize) -> u64 {
         let mut b = [0u8; 8];
-        self.region.read_at(16, &mut b).expect("header");
+        self.region.read_at(at, &mut b).expect("header");
         u64::from_le_bytes(b)
+    }
+
+    fn set_header_word(&self, at: usize, v: u64) {
+        self.region.write_at(at, &v.to_le_bytes()).expect("header");
+    }
+
+    /// Number of keys (strings and collections; a collection's elements
+    /// take slots of their own but count once).
+    pub fn len(&self) -> u64 {
+        self.header_word(KEYS_AT)
+    }
+
+    /// Slots in use.
+    pub fn used(&self) -> u64 {
+        self.header_word(USED_AT)
     }
 
     /// No keys?
@@ -128,10 +189,6 @@ impl<'r> Store<'r> {
     /// Slot capacity.
     pub fn capacity(&self) -> u64 {
         self.slots
-    }
-
-    fn set_len(&self, n: u64) {
-        self.region.write_at(16, &n.to_le_bytes()).expect("header");
     }
 
     fn slot_off(&self, i: u64) -> usize {
@@ -146,8 +203,10 @@ impl<'r> Store<'r> {
         s
     }
 
-    /// Find `key`: `Ok(slot)` if present, `Err(first free slot)` if not.
-    fn find(&self, key: &[u8]) -> Result<u64, Option<u64>> {
+    /// Find `key` among the slots whose kind is visible (`items` false) or
+    /// an item (`items` true): `Ok((slot, kind))` if present, `Err(first
+    /// free slot)` if not.
+    fn find(&self, key: &[u8], items: bool) -> Result<(u64, Kind), Option<u64>> {
         let mut i = hash(key) % self.slots;
         let mut free = None;
         for _ in 0..self.slots {
@@ -155,7 +214,10 @@ impl<'r> Store<'r> {
             match s[0] {
                 EMPTY => return Err(free.or(Some(i))),
                 USED if usize::from(s[1]) == key.len() && &s[8..8 + key.len()] == key => {
-                    return Ok(i);
+                    let kind = Kind::from_u8(s[4]);
+                    if kind.visible() != items {
+                        return Ok((i, kind));
+                    }
                 }
                 TOMBSTONE if free.is_none() => free = Some(i),
                 _ => {}
@@ -165,24 +227,43 @@ impl<'r> Store<'r> {
         Err(free)
     }
 
-    /// The value of `key`.
-    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        let i = self.find(key).ok()?;
-        let s = self.read_slot(i);
-        let vlen = u16::from_le_bytes([s[2], s[3]]) as usize;
-        Some(s[8 + MAX_KEY..8 + MAX_KEY + vlen].to_vec())
+    /// What `key` holds, if anything.
+    pub fn kind_of(&self, key: &[u8]) -> Option<Kind> {
+        self.find(key, false).ok().map(|(_, k)| k)
     }
 
-    /// Set `key` to `value`.
-    pub fn set(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    fn value_of(&self, slot: u64) -> Vec<u8> {
+        let s = self.read_slot(slot);
+        let vlen = u16::from_le_bytes([s[2], s[3]]) as usize;
+        s[8 + MAX_KEY..8 + MAX_KEY + vlen].to_vec()
+    }
+
+    /// The value of `key` and its kind.
+    pub(crate) fn get_kind(&self, key: &[u8], items: bool) -> Option<(Kind, Vec<u8>)> {
+        let (i, kind) = self.find(key, items).ok()?;
+        Some((kind, self.value_of(i)))
+    }
+
+    /// The string at `key` (`WrongType` if it holds a collection).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.get_kind(key, false) {
+            None => Ok(None),
+            Some((Kind::String, v)) => Ok(Some(v)),
+            Some(_) => Err(StoreError::WrongType),
+        }
+    }
+
+    /// Write `key` = `value` of `kind` (replacing whatever key held, of
+    /// any kind of its class); true if the key is new.
+    pub(crate) fn put(&self, key: &[u8], kind: Kind, value: &[u8]) -> Result<bool, StoreError> {
         if key.len() > MAX_KEY {
             return Err(StoreError::KeyTooLong);
         }
         if value.len() > MAX_VALUE {
             return Err(StoreError::ValueTooLong);
         }
-        let (i, new) = match self.find(key) {
-            Ok(i) => (i, false),
+        let (i, new) = match self.find(key, kind == Kind::Item) {
+            Ok((i, _)) => (i, false),
             Err(Some(i)) => (i, true),
             Err(None) => return Err(StoreError::Full),
         };
@@ -190,34 +271,57 @@ impl<'r> Store<'r> {
         s[0] = USED;
         s[1] = key.len() as u8;
         s[2..4].copy_from_slice(&(value.len() as u16).to_le_bytes());
+        s[4] = kind as u8;
         s[8..8 + key.len()].copy_from_slice(key);
         s[8 + MAX_KEY..8 + MAX_KEY + value.len()].copy_from_slice(value);
         self.region
             .write_at(self.slot_off(i), &s)
             .expect("slot inside the region");
         if new {
-            self.set_len(self.len() + 1);
+            self.set_header_word(USED_AT, self.used() + 1);
+            if kind.visible() {
+                self.set_header_word(KEYS_AT, self.len() + 1);
+            }
         }
-        Ok(())
+        Ok(new)
     }
 
-    /// Delete `key`; true if it existed.
+    /// Remove `key` from its class; what it held, if it existed.
+    pub(crate) fn remove(&self, key: &[u8], items: bool) -> Option<Kind> {
+        let (i, kind) = self.find(key, items).ok()?;
+        self.region
+            .write_at(self.slot_off(i), &[TOMBSTONE])
+            .expect("slot");
+        self.set_header_word(USED_AT, self.used() - 1);
+        if kind.visible() {
+            self.set_header_word(KEYS_AT, self.len() - 1);
+        }
+        Some(kind)
+    }
+
+    /// Set `key` to the string `value` (whatever it held before, as
+    /// Redis's `SET`).
+    pub fn set(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        if let Some(kind) = self.kind_of(key).filter(|k| *k != Kind::String) {
+            self.del_kind(key, kind);
+        }
+        self.put(key, Kind::String, value).map(|_| ())
+    }
+
+    /// Delete `key` (a string or a whole collection); true if it existed.
     pub fn del(&self, key: &[u8]) -> bool {
-        match self.find(key) {
-            Ok(i) => {
-                self.region
-                    .write_at(self.slot_off(i), &[TOMBSTONE])
-                    .expect("slot");
-                self.set_len(self.len() - 1);
+        match self.kind_of(key) {
+            Some(kind) => {
+                self.del_kind(key, kind);
                 true
             }
-            Err(_) => false,
+            None => false,
         }
     }
 
     /// Increment the integer at `key` (0 if absent) and return the new value.
     pub fn incr(&self, key: &[u8]) -> Result<i64, StoreError> {
-        let n = match self.get(key) {
+        let n = match self.get(key)? {
             None => 0,
             Some(v) => std::str::from_utf8(&v)
                 .ok()
@@ -225,7 +329,7 @@ impl<'r> Store<'r> {
                 .ok_or(StoreError::NotInteger)?,
         };
         let n = n.checked_add(1).ok_or(StoreError::NotInteger)?;
-        self.set(key, n.to_string().as_bytes())?;
+        self.put(key, Kind::String, n.to_string().as_bytes())?;
         Ok(n)
     }
 
@@ -264,9 +368,9 @@ mod tests {
     fn set_get_del_incr() {
         let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
         let store = Store::format(&region);
-        assert_eq!(store.get(b"a"), None);
+        assert_eq!(store.get(b"a"), Ok(None));
         store.set(b"a", b"1").unwrap();
-        assert_eq!(store.get(b"a"), Some(b"1".to_vec()));
+        assert_eq!(store.get(b"a"), Ok(Some(b"1".to_vec())));
         assert_eq!(store.incr(b"a").unwrap(), 2);
         assert_eq!(store.incr(b"b").unwrap(), 1);
         assert_eq!(store.len(), 2);
@@ -277,8 +381,8 @@ mod tests {
         assert_eq!(store.incr(b"c"), Err(StoreError::NotInteger));
         assert_eq!(store.set(&[b'k'; 65], b"v"), Err(StoreError::KeyTooLong));
         let reopened = Store::open(&region).unwrap();
-        assert_eq!(reopened.get(b"b"), Some(b"1".to_vec()));
+        assert_eq!(reopened.get(b"b"), Ok(Some(b"1".to_vec())));
         store.populate(1000, 100).unwrap();
-        assert_eq!(store.get(b"key:999").unwrap().len(), 100);
+        assert_eq!(store.get(b"key:999").unwrap().unwrap().len(), 100);
     }
 }
