@@ -124,11 +124,12 @@ pub mod split;
 mod sys;
 pub mod track;
 
-pub use error::{MemError, Result};
+pub use error::{AdoptRefusal, MemError, Result};
 pub use lmig_core::model::RegionId;
 pub use postcopy::{PostcopyOptions, PostcopyStats};
 pub use region::{
-    Backing, DestinationRegions, Region, RegionOptions, RegionSet, layout_difference,
+    Backing, DestinationRegions, ForeignBacking, ForeignMemory, Region, RegionOptions, RegionSet,
+    layout_difference,
 };
 pub use track::{
     AutoTracker, DirtyLog, DirtyLogTracker, DirtyMarker, ManualTracker, SoftDirtyTracker,

@@ -31,7 +31,8 @@ mod source;
 #[cfg(test)]
 mod tests;
 
-pub use crate::memory::{Backing, DISCARD_PAGES, Region};
+pub use crate::memory::{Backing, DISCARD_PAGES, ForeignBacking, Region};
+pub use crate::sys::foreign::ForeignMemory;
 pub use destination::DestinationRegions;
 pub use layout::layout_difference;
 pub use options::RegionOptions;
