@@ -39,7 +39,7 @@ const B: RegionId = RegionId(2);
 const A_PAGES: usize = 256;
 /// Pages of the memfd window; the file holds three windows, the middle one mapped.
 const W: usize = 96;
-/// What the destination's memfd holds outside (and, stale, inside) the window.
+/// What the last third of each memfd holds (outside the window).
 const SENTINEL: u8 = 0x5A;
 
 fn ps() -> usize {
@@ -76,13 +76,19 @@ struct Side {
 }
 
 impl Side {
-    fn new(name: &str, anon_fill: u8) -> Self {
+    /// The file's first window is a hole, its last holds `SENTINEL`; the
+    /// areas hold `stale` (0: untouched).
+    fn new(name: &str, stale: u8) -> Self {
         let anon = Area::anonymous(A_PAGES * ps(), false);
-        if anon_fill != 0 {
-            anon.write(0, &vec![anon_fill; anon.len()]);
-        }
-        let file = memfd(name, 3 * W * ps(), SENTINEL);
+        let file = memfd(name, 3 * W * ps(), 0);
+        let sentinel = vec![SENTINEL; W * ps()];
+        let n = nix::sys::uio::pwrite(&file, &sentinel, (2 * W * ps()) as libc::off_t).unwrap();
+        assert_eq!(n, sentinel.len());
         let window = Area::file(file.as_fd(), (W * ps()) as u64, W * ps());
+        if stale != 0 {
+            anon.write(0, &vec![stale; anon.len()]);
+            window.write(0, &vec![stale; window.len()]);
+        }
         Self { anon, file, window }
     }
 
@@ -105,10 +111,10 @@ impl Side {
 
     /// The memfd's bytes outside the mapped window are untouched.
     fn check_outside_window(&self, what: &str) {
-        for off in [0, 2 * W * ps()] {
+        for (off, want) in [(0, 0), (2 * W * ps(), SENTINEL)] {
             let b = file_bytes(self.file.as_fd(), off, W * ps());
             assert!(
-                b.iter().all(|&x| x == SENTINEL),
+                b.iter().all(|&x| x == want),
                 "{what}: bytes of the memfd at {off}.. outside the window were written"
             );
         }
@@ -139,14 +145,17 @@ impl StateSource for Writer<'_> {
     }
 }
 
+/// Rewrites pages of the first half of each region only: the other pages
+/// move in the first round alone, so what that round finds (populated pages
+/// through the file offset) is checked too.
 fn write_until(side: &Side, stop: &AtomicBool, done: &AtomicBool, writes: &AtomicU64) {
     let t = Instant::now();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(5) {
         n += 1;
         let p = (n * 7919) as usize;
-        side.anon.write((p % A_PAGES) * ps() + 8, &n.to_ne_bytes());
-        side.window.write((p % W) * ps() + 16, &n.to_ne_bytes());
+        side.anon.write((p % (A_PAGES / 2)) * ps() + 8, &n.to_ne_bytes());
+        side.window.write((p % (W / 2)) * ps() + 16, &n.to_ne_bytes());
         writes.store(n, Ordering::Relaxed);
         if n.is_multiple_of(64) {
             std::thread::sleep(Duration::from_micros(200));
