@@ -154,8 +154,10 @@ fn write_until(side: &Side, stop: &AtomicBool, done: &AtomicBool, writes: &Atomi
     while !stop.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(5) {
         n += 1;
         let p = (n * 7919) as usize;
-        side.anon.write((p % (A_PAGES / 2)) * ps() + 8, &n.to_ne_bytes());
-        side.window.write((p % (W / 2)) * ps() + 16, &n.to_ne_bytes());
+        side.anon
+            .write((p % (A_PAGES / 2)) * ps() + 8, &n.to_ne_bytes());
+        side.window
+            .write((p % (W / 2)) * ps() + 16, &n.to_ne_bytes());
         writes.store(n, Ordering::Relaxed);
         if n.is_multiple_of(64) {
             std::thread::sleep(Duration::from_micros(200));
