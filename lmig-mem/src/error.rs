@@ -48,6 +48,31 @@ pub enum MemError {
         detail: String,
     },
 
+    /// Memory offered to [`Region::adopt`](crate::Region::adopt) was refused
+    /// before anything was registered.
+    #[error("region {region}: cannot adopt {len} bytes at {addr:#x}: {reason}")]
+    AdoptRefused {
+        /// The region it was to become.
+        region: RegionId,
+        /// The address offered.
+        addr: u64,
+        /// The length offered.
+        len: u64,
+        /// Why.
+        reason: AdoptRefusal,
+    },
+
+    /// Two regions of one set share addresses.
+    #[error("regions {first} and {second} overlap at {addr:#x}")]
+    RegionsOverlap {
+        /// The region starting lower.
+        first: RegionId,
+        /// The region starting inside it.
+        second: RegionId,
+        /// Where `second` starts.
+        addr: u64,
+    },
+
     /// Two regions with one id.
     #[error("region {region} registered twice")]
     DuplicateRegion {
@@ -141,6 +166,77 @@ pub enum MemError {
         #[source]
         source: BoxError,
     },
+}
+
+/// Why [`Region::adopt`](crate::Region::adopt) refused memory (in
+/// [`MemError::AdoptRefused`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AdoptRefusal {
+    /// The address is null.
+    NullAddress,
+    /// The length is zero.
+    ZeroLength,
+    /// The address, the length or the file offset is not a multiple of the
+    /// page size.
+    Unaligned {
+        /// The page size they must be multiples of.
+        page_size: u64,
+    },
+    /// `addr + len` does not fit in the address space.
+    WrapsAround,
+    /// Part of the range is not mapped (`/proc/self/maps` shows nothing there).
+    NotMapped {
+        /// The first address not mapped.
+        at: u64,
+    },
+    /// Part of the range is mapped without read and write access.
+    NotWritable {
+        /// Where that mapping starts (or the range, if later).
+        at: u64,
+        /// Its permissions as `/proc/self/maps` shows them, e.g. `r--p`.
+        perms: String,
+    },
+    /// The range is not mapped with the backing named.
+    BackingMismatch {
+        /// Where that mapping starts (or the range, if later).
+        at: u64,
+        /// What was expected and what `/proc/self/maps` shows.
+        detail: String,
+    },
+    /// The file ends before `offset + len`: touching the end would raise `SIGBUS`.
+    FileTooShort {
+        /// The file's size.
+        file_len: u64,
+        /// `offset + len`.
+        needed: u64,
+    },
+}
+
+impl std::fmt::Display for AdoptRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NullAddress => write!(f, "the address is null"),
+            Self::ZeroLength => write!(f, "the length is zero"),
+            Self::Unaligned { page_size } => write!(
+                f,
+                "address, length and file offset must be multiples of the page size {page_size}"
+            ),
+            Self::WrapsAround => write!(f, "the range wraps around the address space"),
+            Self::NotMapped { at } => write!(f, "nothing is mapped at {at:#x}"),
+            Self::NotWritable { at, perms } => {
+                write!(
+                    f,
+                    "the mapping at {at:#x} is {perms}, not readable and writable"
+                )
+            }
+            Self::BackingMismatch { at, detail } => write!(f, "at {at:#x}: {detail}"),
+            Self::FileTooShort { file_len, needed } => write!(
+                f,
+                "the file is {file_len} bytes, the mapping needs {needed}"
+            ),
+        }
+    }
 }
 
 impl MemError {

@@ -44,7 +44,93 @@
 //! ## Non-goals
 //!
 //! No wire format (lmig-transport), no session logic (lmig-core), no hugetlbfs
-//! regions yet (page sizes other than the base page are refused).
+//! regions yet: page sizes other than the base page are refused in a layout,
+//! and adopting hugetlbfs memory (`MAP_HUGETLB`, `MFD_HUGETLB`) is refused
+//! with [`MemError::Unsupported`] naming what is missing (huge-page page
+//! arithmetic, tracking and `UFFDIO_COPY` of whole huge pages). Transparent
+//! huge pages work. Adopted memory must be anonymous or a shmem file (memfd,
+//! tmpfs): a mapping of a file on disk is refused, since userfaultfd cannot
+//! serve its missing pages.
+//!
+//! ## Guest memory of a VMM
+//!
+//! A VMM maps its guest memory itself and keeps it; lmig adopts it instead
+//! of mapping its own. For each guest memory region, the VMM hands over:
+//!
+//! * its **host address and length** (page aligned), wrapped in a
+//!   [`ForeignMemory`] — the `unsafe` step, whose `# Safety` section is the
+//!   contract: the range stays mapped readable and writable while the
+//!   region lives, the VMM unmaps it afterwards (lmig never does), and
+//!   nothing holds a Rust reference over it;
+//! * its **backing**, a [`ForeignBacking`]: `AnonymousPrivate` for
+//!   anonymous memory, `AnonymousShared` for `MAP_SHARED` anonymous memory,
+//!   or `SharedFile { fd, offset }` for a `MAP_SHARED` memfd or tmpfs file
+//!   mapped from `offset`;
+//! * a **[`RegionId`]** the destination VMM gives the same region (the
+//!   guest physical address belongs to the VMM's own state, not to lmig).
+//!
+//! With rust-vmm's `vm-memory`, each `GuestRegionMmap` of a
+//! `GuestMemoryMmap` gives these as `region.as_ptr()` (host address),
+//! `region.len()`, and `region.file_offset()`: `None` for its default
+//! anonymous private mapping, `Some(fo)` for a file mapping (`fo.file()`,
+//! `fo.start()`), which must be a memfd or tmpfs file. [`Region::adopt`]
+//! checks the range against `/proc/self/maps` (mapped, writable, that
+//! backing, that file offset) and refuses bad input with
+//! [`MemError::AdoptRefused`] before anything is registered; a
+//! [`RegionSet`] of adopted regions refuses overlaps. The set is then the
+//! session's [`MemorySource`](lmig_core::MemorySource) on the source (track
+//! it with [`best_tracker`], or hand KVM's dirty log over with
+//! [`DirtyLogTracker`]), and on the destination, where the VMM mapped and
+//! adopted the same layout before the migration, its
+//! [`MemorySink`](lmig_core::MemorySink) — pre-copy, post-copy (missing
+//! faults on anonymous memory, minor faults on memfds) and [`split`] memory
+//! work on adopted regions as on the ones lmig maps.
+//!
+//! ```
+//! use std::os::fd::{AsFd, OwnedFd};
+//! use lmig_mem::{ForeignBacking, ForeignMemory, Region, RegionId, RegionSet};
+//!
+//! /// One guest memory region as a VMM holds it (vm-memory: `as_ptr()`,
+//! /// `len()`, `file_offset()`).
+//! struct GuestRegion {
+//!     host: *mut u8,
+//!     len: usize,
+//!     file: Option<(OwnedFd, u64)>,
+//! }
+//!
+//! fn hand_over(guest: &[GuestRegion]) -> lmig_mem::Result<RegionSet> {
+//!     let mut regions = Vec::new();
+//!     for (i, g) in guest.iter().enumerate() {
+//!         let backing = match &g.file {
+//!             Some((fd, offset)) => ForeignBacking::SharedFile { fd: fd.as_fd(), offset: *offset },
+//!             None => ForeignBacking::AnonymousPrivate,
+//!         };
+//!         // SAFETY: the VMM keeps its guest memory mapped, writable and
+//!         // free of Rust references until the returned set is dropped, and
+//!         // unmaps it only after that.
+//!         let memory = unsafe { ForeignMemory::new(g.host, g.len) };
+//!         regions.push(Region::adopt(RegionId(i as u32), memory, backing)?);
+//!     }
+//!     RegionSet::new(regions)
+//! }
+//!
+//! // A guest of one memfd region, mapped by the "VMM" from offset 0.
+//! let len = 256 * lmig_mem::page_size();
+//! let fd = nix::sys::memfd::memfd_create("guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+//! nix::unistd::ftruncate(&fd, len as i64)?;
+//! let prot = nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE;
+//! // SAFETY: a fresh shared mapping of our own memfd.
+//! let host = unsafe {
+//!     nix::sys::mman::mmap(None, len.try_into()?, prot, nix::sys::mman::MapFlags::MAP_SHARED, &fd, 0)?
+//! };
+//! let guest = [GuestRegion { host: host.as_ptr().cast(), len, file: Some((fd, 0)) }];
+//! let set = hand_over(&guest)?;
+//! assert!(set.regions()[0].is_adopted());
+//! drop(set);
+//! // SAFETY: the set that used the memory is gone; the VMM unmaps it.
+//! unsafe { nix::sys::mman::munmap(host, len)? };
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! ## Kernel requirements
 //!
@@ -124,11 +210,12 @@ pub mod split;
 mod sys;
 pub mod track;
 
-pub use error::{MemError, Result};
+pub use error::{AdoptRefusal, MemError, Result};
 pub use lmig_core::model::RegionId;
 pub use postcopy::{PostcopyOptions, PostcopyStats};
 pub use region::{
-    Backing, DestinationRegions, Region, RegionOptions, RegionSet, layout_difference,
+    Backing, DestinationRegions, ForeignBacking, ForeignMemory, Region, RegionOptions, RegionSet,
+    layout_difference,
 };
 pub use track::{
     AutoTracker, DirtyLog, DirtyLogTracker, DirtyMarker, ManualTracker, SoftDirtyTracker,

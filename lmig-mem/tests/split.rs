@@ -19,8 +19,10 @@ use lmig_core::model::{PageRun, RegionId, RegionInfo};
 use lmig_core::protocol::{Message, PageBatch, PageData};
 use lmig_core::split::{HostId, OwnerMap, SplitMessage};
 use lmig_mem::split::{Dial, PageHost, SplitError, SplitOptions, SplitRegion};
-use lmig_mem::{MemError, RegionOptions};
+use lmig_mem::{ForeignBacking, MemError, Region, RegionOptions};
 use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect, pair};
+
+mod common;
 
 const PS: usize = 4096;
 const REGION: RegionId = RegionId(3);
@@ -100,6 +102,12 @@ impl Cluster {
     /// A running host with `pages` pages and page hosts 1..=n; None when skipped.
     fn new(pages: u64, n: u32) -> Option<Self> {
         let region = RegionOptions::new(REGION, pages * PS as u64).map().unwrap();
+        Self::with_region(region, n)
+    }
+
+    /// [`Cluster::new`] over `region` (its content is replaced).
+    fn with_region(region: Region, n: u32) -> Option<Self> {
+        let pages = region.pages();
         for p in 0..pages {
             region.write_at(p as usize * PS, &content(p, 0)).unwrap();
         }
@@ -637,4 +645,46 @@ fn evicted_pages_are_gone_and_every_touch_fetches_them_at_scale() {
     w.verify(&c.split);
     assert_eq!(w.stale.load(Ordering::Relaxed), 0);
     assert!(c.split.check_hosts().is_ok());
+}
+
+/// Split memory over a region the program mapped itself (`Region::adopt`
+/// of an anonymous private area): pages evicted to three hosts, faulted
+/// back by touches, gathered, with a writer running; the area stays mapped
+/// after the split region is gone.
+#[test]
+fn adopted_memory_splits_and_gathers_with_a_writer() {
+    let pages = 1024;
+    let area = common::Area::anonymous(pages as usize * PS, false);
+    let region = Region::adopt(REGION, area.memory(), ForeignBacking::AnonymousPrivate).unwrap();
+    assert!(region.is_adopted());
+    let Some(c) = Cluster::with_region(region, 3) else {
+        return;
+    };
+    let mut w = Writer::start(&c.split, pages, Arc::new(Mutex::new(Vec::new())));
+    wait_writes(&w, 50);
+    let evicted = c.split.split_to(&thirds(pages, &[1, 2, 3])).unwrap();
+    assert!(evicted > pages * 9 / 10, "evicted {evicted}");
+    wait_writes(&w, 50);
+    w.stop();
+    assert!(presence_mismatches(&c.split).is_empty());
+    assert!(c.split.stats().remote_faults > 0, "touches fetched pages");
+    w.verify(&c.split);
+    c.split.split_to(&thirds(pages, &[1, 2, 3])).unwrap();
+    c.split.gather(&c.me.endpoint).unwrap();
+    assert!(present_pages(&c.split).iter().all(|&p| p), "all present");
+    w.verify(&c.split);
+    assert_eq!(w.stale.load(Ordering::Relaxed), 0);
+    // The program's own pointer sees what the split region holds.
+    let mut via_area = vec![0u8; PS];
+    for p in (0..pages).step_by(61) {
+        area.read(p as usize * PS, &mut via_area);
+        let v = w.versions[p as usize].load(Ordering::Relaxed);
+        assert!(
+            via_area == content(p, v),
+            "page {p} through the program's pointer"
+        );
+    }
+    drop(w);
+    drop(c);
+    assert!(area.is_mapped(), "lmig unmapped adopted memory");
 }

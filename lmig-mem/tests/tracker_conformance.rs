@@ -1,7 +1,9 @@
 //! One conformance test body, run against every dirty-tracker backend this
 //! kernel supports: uffd-wp + `PAGEMAP_SCAN` on anonymous private, MAP_SHARED
 //! and memfd regions, the manual tracker, the dirty-log adapter, and
-//! soft-dirty when the kernel has it (here it must report `Unsupported`).
+//! soft-dirty when the kernel has it (here it must report `Unsupported`),
+//! and the kernel trackers again over adopted memory (`Region::adopt`: an
+//! anonymous area and a memfd window the test program mapped itself).
 //!
 //! Checked: nothing reported right after `start`; a first write to an
 //! untouched page; a page written before `start`; a repeated write; writes from
@@ -23,6 +25,8 @@ use lmig_mem::{
     Backing, DirtyLogTracker, ManualTracker, MemError, RegionOptions, RegionSet, SoftDirtyTracker,
     TrackerKind, TrackerProbe, UffdWpTracker, best_tracker,
 };
+
+mod common;
 
 const A: RegionId = RegionId(1);
 const B: RegionId = RegionId(7);
@@ -50,6 +54,37 @@ fn regions(backing: Backing) -> RegionSet {
             .unwrap(),
     ])
     .unwrap()
+}
+
+/// Memory the test program mapped: A an anonymous private area, B the
+/// middle of a memfd three times its size (declare it before the set).
+struct Adopted {
+    file: std::os::fd::OwnedFd,
+    a: common::Area,
+    b: common::Area,
+}
+
+impl Adopted {
+    fn new() -> Self {
+        let ps = lmig_mem::page_size();
+        let file = common::memfd("conformance", 3 * B_PAGES as usize * ps, 0);
+        let b = common::Area::file(
+            std::os::fd::AsFd::as_fd(&file),
+            B_PAGES * ps as u64,
+            B_PAGES as usize * ps,
+        );
+        let a = common::Area::anonymous(A_PAGES as usize * ps, false);
+        Self { file, a, b }
+    }
+
+    fn regions(&self) -> RegionSet {
+        let offset = B_PAGES * lmig_mem::page_size() as u64;
+        RegionSet::new([
+            common::adopt(A, &self.a, lmig_mem::ForeignBacking::AnonymousPrivate).unwrap(),
+            common::adopt(B, &self.b, common::shared_file(&self.file, offset)).unwrap(),
+        ])
+        .unwrap()
+    }
 }
 
 fn write(set: &RegionSet, mark: &Marker, region: RegionId, page: u64, value: u64) {
@@ -314,6 +349,36 @@ fn uffd_wp_shared_anonymous() {
 #[test]
 fn uffd_wp_memfd() {
     run_uffd(Backing::Memfd);
+}
+
+#[test]
+fn uffd_wp_adopted_memory() {
+    let name = "uffd-wp+pagemap-scan/adopted";
+    let memory = Adopted::new();
+    let set = memory.regions();
+    let Some(mut t) = privileged(name, UffdWpTracker::new(&set)) else {
+        return;
+    };
+    conformance(name, &set, &mut t, no_marker(), true);
+    drop(t);
+    drop(set);
+    assert!(memory.a.is_mapped() && memory.b.is_mapped());
+}
+
+#[test]
+fn soft_dirty_adopted_memory_is_unsupported_here_or_conforms() {
+    let memory = Adopted::new();
+    let set = memory.regions();
+    match SoftDirtyTracker::new(&set) {
+        Err(MemError::Unsupported { feature, needs }) => {
+            assert_eq!(feature, "soft-dirty");
+            assert!(needs.contains("CONFIG_MEM_SOFT_DIRTY"), "{needs}");
+        }
+        Err(e) => panic!("soft-dirty probe failed with something other than Unsupported: {e}"),
+        Ok(mut t) => {
+            conformance("soft-dirty/adopted", &set, &mut t, no_marker(), false);
+        }
+    }
 }
 
 #[test]

@@ -16,8 +16,10 @@ use lmig_core::model::{PageRun, PageSet, RegionId, RegionInfo};
 use crate::error::{MemError, Result};
 use crate::sys::mapping::{MADV_POPULATE_WRITE, Mapping};
 
+mod adopt;
 mod data;
 
+pub use adopt::ForeignBacking;
 pub use data::DISCARD_PAGES;
 pub(crate) use data::{DataBits, write_data_run, zero_data_run};
 
@@ -32,7 +34,9 @@ pub enum Backing {
     SharedAnonymous,
     /// A `memfd_create` file mapped `MAP_SHARED`; the fd is kept
     /// ([`Region::memfd`]) so it can be shared with other processes and, for
-    /// post-copy, served with minor faults.
+    /// post-copy, served with minor faults. An adopted region mapping a
+    /// shmem file (memfd or tmpfs) at [`Region::file_offset`] has this
+    /// backing too.
     Memfd,
 }
 
@@ -57,7 +61,8 @@ impl Backing {
 ///
 /// The program uses the memory through [`Region::as_ptr`] (or the copy
 /// helpers); lmig reads and writes it by raw copies. Dropping the region
-/// unmaps it.
+/// unmaps it, unless the program mapped it ([`Region::adopt`]): adopted
+/// memory is the program's to unmap.
 #[derive(Debug)]
 pub struct Region {
     info: RegionInfo,
@@ -65,6 +70,8 @@ pub struct Region {
     thp: bool,
     map: Mapping,
     memfd: Option<OwnedFd>,
+    /// Where the region starts in the memfd's file (0 unless adopted).
+    file_offset: u64,
 }
 
 impl Region {
@@ -82,6 +89,7 @@ impl Region {
             thp,
             map,
             memfd,
+            file_offset: 0,
         }
     }
 
@@ -130,9 +138,21 @@ impl Region {
         self.info.pages()
     }
 
-    /// The memfd behind a [`Backing::Memfd`] region.
+    /// The memfd (or shmem file) behind a [`Backing::Memfd`] region.
     pub fn memfd(&self) -> Option<BorrowedFd<'_>> {
         self.memfd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// Where the region starts in [`Region::memfd`]'s file: 0 for regions
+    /// lmig mapped, the adopted mapping's offset for adopted ones.
+    pub fn file_offset(&self) -> u64 {
+        self.file_offset
+    }
+
+    /// Whether the program mapped this memory and handed it over with
+    /// [`Region::adopt`]: lmig never unmaps it.
+    pub fn is_adopted(&self) -> bool {
+        !self.map.is_owned()
     }
 
     /// The page holding `addr`, if it lies in this region.
@@ -290,8 +310,11 @@ impl Region {
         };
         match (self.backing, self.memfd()) {
             (Backing::Memfd, Some(fd)) => {
-                crate::sys::data_ranges(fd, self.len() as u64, &mut add)
-                    .map_err(|e| MemError::os("lseek(SEEK_DATA)", self.describe(), e))?;
+                let from = self.file_offset;
+                crate::sys::data_ranges(fd, from, self.len() as u64, |s, e| {
+                    add(s - from, e - from)
+                })
+                .map_err(|e| MemError::os("lseek(SEEK_DATA)", self.describe(), e))?;
                 Ok(true)
             }
             (Backing::Private, _) => {

@@ -98,8 +98,16 @@ impl Target {
         let continue_fill = minor && r.backing() == Backing::Memfd;
         let fill = match (continue_fill, r.memfd()) {
             (true, Some(memfd)) => Fill::Continue {
-                alias: Mapping::map(r.len(), Share::Shared, Some(memfd), None, false)
-                    .map_err(|e| MemError::os("mmap (memfd alias)", r.describe(), e))?,
+                // At the region's own file offset: adopted regions may map
+                // the file from elsewhere than its start.
+                alias: Mapping::map_at_offset(
+                    r.len(),
+                    Share::Shared,
+                    Some((memfd, r.file_offset())),
+                    None,
+                    false,
+                )
+                .map_err(|e| MemError::os("mmap (memfd alias)", r.describe(), e))?,
             },
             _ => Fill::Copy,
         };

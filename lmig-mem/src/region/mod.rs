@@ -9,6 +9,8 @@
 //! | file | holds |
 //! |---|---|
 //! | `crate::memory` | [`Region`], [`Backing`], the low-level page writes (shared with post-copy) |
+//! | `crate::memory::adopt` | [`Region::adopt`], [`ForeignBacking`] and the `/proc/self/maps` checks |
+//! | `crate::sys::foreign` | [`ForeignMemory`]: the program's `unsafe` promise about memory it mapped |
 //! | `options.rs` | [`RegionOptions`]: how a region is mapped |
 //! | `layout.rs` | [`layout_difference`] |
 //! | `set.rs` | [`RegionSet`]: the regions by id |
@@ -31,7 +33,8 @@ mod source;
 #[cfg(test)]
 mod tests;
 
-pub use crate::memory::{Backing, DISCARD_PAGES, Region};
+pub use crate::memory::{Backing, DISCARD_PAGES, ForeignBacking, Region};
+pub use crate::sys::foreign::ForeignMemory;
 pub use destination::DestinationRegions;
 pub use layout::layout_difference;
 pub use options::RegionOptions;

@@ -31,12 +31,26 @@ pub struct RegionSet {
 }
 
 impl RegionSet {
-    /// A set of regions; ids must be unique.
+    /// A set of regions; ids must be unique and no two regions may share
+    /// an address ([`MemError::RegionsOverlap`]: possible only with
+    /// [adopted](Region::adopt) memory).
     pub fn new(regions: impl IntoIterator<Item = Region>) -> Result<Self> {
         let mut regions: Vec<Region> = regions.into_iter().collect();
         regions.sort_by_key(Region::id);
         if let Some(w) = regions.windows(2).find(|w| w[0].id() == w[1].id()) {
             return Err(MemError::DuplicateRegion { region: w[0].id() });
+        }
+        let mut by_addr: Vec<&Region> = regions.iter().collect();
+        by_addr.sort_by_key(|r| r.as_ptr() as usize);
+        if let Some(w) = by_addr
+            .windows(2)
+            .find(|w| w[0].as_ptr() as usize + w[0].len() > w[1].as_ptr() as usize)
+        {
+            return Err(MemError::RegionsOverlap {
+                first: w[0].id(),
+                second: w[1].id(),
+                addr: w[1].as_ptr() as u64,
+            });
         }
         let layout = RegionLayout::new(regions.iter().map(|r| r.info().clone()).collect())
             .map_err(|e| MemError::LayoutMismatch {

@@ -15,7 +15,9 @@ pub(crate) enum Share {
     Shared,
 }
 
-/// An owned `mmap` of `len` bytes, unmapped on drop.
+/// An `mmap` of `len` bytes: owned (mapped by lmig, unmapped on drop) or
+/// adopted (mapped by the program, never unmapped by lmig; see
+/// [`ForeignMemory`](super::foreign::ForeignMemory)).
 ///
 /// Holds a raw pointer: the memory is the program's and is written
 /// concurrently by its threads (and read by pre-copy), so this type never
@@ -25,6 +27,8 @@ pub(crate) enum Share {
 pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
+    /// False for adopted memory: the program unmaps it, not lmig.
+    owned: bool,
 }
 
 // SAFETY: a Mapping is a plain address range owned by this value. It holds no
@@ -47,6 +51,18 @@ impl Mapping {
         addr: Option<usize>,
         populate: bool,
     ) -> io::Result<Self> {
+        Self::map_at_offset(len, share, fd.map(|fd| (fd, 0)), addr, populate)
+    }
+
+    /// [`Mapping::map`] of the file `fd` from byte `offset` on (a multiple
+    /// of the page size).
+    pub(crate) fn map_at_offset(
+        len: usize,
+        share: Share,
+        fd: Option<(BorrowedFd<'_>, u64)>,
+        addr: Option<usize>,
+        populate: bool,
+    ) -> io::Result<Self> {
         if len == 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
@@ -54,11 +70,15 @@ impl Mapping {
             Share::Private => libc::MAP_PRIVATE,
             Share::Shared => libc::MAP_SHARED,
         };
-        let raw_fd = match fd {
-            Some(fd) => fd.as_raw_fd(),
+        let (raw_fd, offset) = match fd {
+            Some((fd, offset)) => (
+                fd.as_raw_fd(),
+                libc::off_t::try_from(offset)
+                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+            ),
             None => {
                 flags |= libc::MAP_ANONYMOUS;
-                -1
+                (-1, 0)
             }
         };
         if addr.is_some() {
@@ -78,7 +98,7 @@ impl Mapping {
                 libc::PROT_READ | libc::PROT_WRITE,
                 flags,
                 raw_fd,
-                0,
+                offset,
             )
         };
         if p == libc::MAP_FAILED {
@@ -86,7 +106,11 @@ impl Mapping {
         }
         let ptr = NonNull::new(p.cast::<u8>())
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        let m = Self { ptr, len };
+        let m = Self {
+            ptr,
+            len,
+            owned: true,
+        };
         if let Some(want) = addr {
             // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat the
             // address as a hint: refuse a mapping somewhere else.
@@ -95,6 +119,25 @@ impl Mapping {
             }
         }
         Ok(m)
+    }
+
+    /// Memory the program mapped: `len` bytes at `ptr`, never unmapped here.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must be mapped readable and writable, and stay mapped
+    /// while the returned value (and anything holding it) lives: the
+    /// contract of [`ForeignMemory::new`](super::foreign::ForeignMemory::new).
+    pub(crate) unsafe fn foreign(ptr: NonNull<u8>, len: usize) -> Self {
+        Self {
+            ptr,
+            len,
+            owned: false,
+        }
+    }
+
+    /// Whether lmig mapped this memory (and unmaps it on drop).
+    pub(crate) fn is_owned(&self) -> bool {
+        self.owned
     }
 
     /// Start address.
@@ -251,6 +294,10 @@ unsafe fn words_are_zero(p: *const u64, words: usize) -> bool {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if !self.owned {
+            // Adopted memory: the program maps it and unmaps it.
+            return;
+        }
         // SAFETY: we own this mapping and nothing refers to it any more
         // (Drop has exclusive access); munmap of a range we mapped is sound.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };

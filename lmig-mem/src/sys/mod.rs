@@ -1,9 +1,11 @@
 //! The only place of this crate that talks to the kernel through `unsafe`:
-//! mappings and raw copies ([`mapping`]), userfaultfd ([`uffd`]) and the
+//! mappings and raw copies ([`mapping`]), the promise behind adopted
+//! memory ([`foreign`]), userfaultfd ([`uffd`]) and the
 //! `PAGEMAP_SCAN` ioctl ([`pagemap`]). Everything above this module is safe
 //! code built on the safe functions exported here.
 #![allow(unsafe_code)]
 
+pub(crate) mod foreign;
 pub(crate) mod mapping;
 pub(crate) mod pagemap;
 pub(crate) mod uffd;
@@ -17,7 +19,8 @@ pub(crate) const IOC_WRITE: u64 = 1;
 /// `_IOC_READ`.
 pub(crate) const IOC_READ: u64 = 2;
 
-/// The data ranges `[start, end)` of the file `fd` inside `0..len`,
+/// The data ranges `[start, end)` of the file `fd` inside `from..from + len`
+/// (absolute file offsets),
 /// found with `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)`: every byte outside
 /// them reads as zero (a hole). For shmem (memfd) a page counts as data when
 /// it is in the page cache (written, or read once) or swapped out.
@@ -25,23 +28,25 @@ pub(crate) const IOC_READ: u64 = 2;
 #[doc(alias = "SEEK_HOLE")]
 pub(crate) fn data_ranges(
     fd: std::os::fd::BorrowedFd<'_>,
+    from: u64,
     len: u64,
     mut found: impl FnMut(u64, u64),
 ) -> std::io::Result<()> {
     use nix::unistd::{Whence, lseek};
-    let mut at = 0u64;
-    while at < len {
+    let stop = from.saturating_add(len);
+    let mut at = from;
+    while at < stop {
         let start = match lseek(fd, at as libc::off_t, Whence::SeekData) {
             Ok(s) => s as u64,
             // No data at or after `at`.
             Err(nix::errno::Errno::ENXIO) => break,
             Err(e) => return Err(e.into()),
         };
-        if start >= len {
+        if start >= stop {
             break;
         }
         let end = match lseek(fd, start as libc::off_t, Whence::SeekHole) {
-            Ok(e) => (e as u64).min(len),
+            Ok(e) => (e as u64).min(stop),
             Err(e) => return Err(e.into()),
         };
         if end <= start {
