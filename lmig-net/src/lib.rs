@@ -82,7 +82,9 @@ mod inject;
 mod listen;
 pub mod lock;
 mod opts;
+mod program;
 mod repair;
+mod restored;
 mod sink;
 mod source;
 #[cfg(feature = "bench-internals")]
@@ -99,7 +101,9 @@ pub use fd::take_fd_from_process;
 #[allow(deprecated)]
 pub use handoff::{Handoff, Locked};
 pub use handoff::{HandoffConfig, HandoffSink, HandoffSource, ServiceAddr};
+pub use program::{ProgramSockets, SocketOwner};
 pub use repair::{RepairExit, RepairGuard};
+pub use restored::{RestoredSocket, SocketView};
 pub use sink::{NetSink, SinkConfig};
 pub use source::{NetSource, NetworkLock, SourceConfig};
 pub use sys::{lowest_thread_priority, raise_nofile_limit};

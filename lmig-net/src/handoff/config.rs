@@ -1,9 +1,10 @@
 //! What the two sides of the handoff are told ([`HandoffConfig`], the
 //! [`ServiceAddr`]s that move) and what they report ([`HandoffStats`]).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::error::{NetError, Result};
 use crate::lock::LockConfig;
 
 /// One service address with its prefix length as configured on the interface.
@@ -90,6 +91,27 @@ impl HandoffConfig {
         self
     }
 
+    /// Refuse a migration channel between `local` and `peer` when either
+    /// end is one of the service addresses that move
+    /// ([`NetError::ChannelOnServiceAddress`]): the lock holds every packet
+    /// sent to them at the freeze, the channel's own included, and the
+    /// freeze would last until a timeout. Call it with the channel's
+    /// addresses before the migration starts (both sides may). IPv4-mapped
+    /// IPv6 addresses count as their IPv4 address.
+    pub fn check_channel(&self, local: SocketAddr, peer: SocketAddr) -> Result<()> {
+        for (end, addr) in [("local", local), ("peer", peer)] {
+            let ip = canonical(addr.ip());
+            if let Some(s) = self.addrs.iter().find(|s| canonical(s.addr) == ip) {
+                return Err(NetError::ChannelOnServiceAddress {
+                    end,
+                    addr,
+                    service: s.addr,
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn lock_config(&self, copy_payload: bool) -> LockConfig {
         LockConfig {
             addrs: self.addrs.iter().map(|a| a.addr).collect(),
@@ -97,6 +119,14 @@ impl HandoffConfig {
             rcvbuf: self.rcvbuf,
             copy_payload,
         }
+    }
+}
+
+/// `a` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as IPv4.
+fn canonical(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -127,4 +157,54 @@ pub struct HandoffStats {
     /// Source: held packets sent on during the freeze already
     /// ([`HandoffConfig::forward_early`]).
     pub forwarded_early: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_over_a_moved_service_address_is_refused() {
+        let cfg = HandoffConfig::new(
+            [
+                ServiceAddr::new([198, 51, 100, 10], 24),
+                ServiceAddr::new("2001:db8::10".parse::<IpAddr>().unwrap(), 64),
+            ],
+            "eth0",
+        );
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // Host addresses on the same link: fine.
+        cfg.check_channel(sa("198.51.100.1:40000"), sa("198.51.100.2:7000"))
+            .unwrap();
+        cfg.check_channel(sa("[2001:db8::1]:40000"), sa("[2001:db8::2]:7000"))
+            .unwrap();
+        let refused = [
+            (sa("198.51.100.10:40000"), sa("198.51.100.2:7000"), "local"),
+            (sa("198.51.100.1:40000"), sa("198.51.100.10:7000"), "peer"),
+            (sa("[2001:db8::1]:4"), sa("[2001:db8::10]:7000"), "peer"),
+            // The same IPv4 address seen through a dual-stack socket.
+            (
+                sa("[::ffff:198.51.100.10]:4"),
+                sa("[2001:db8::2]:7"),
+                "local",
+            ),
+        ];
+        for (local, peer, which) in refused {
+            match cfg.check_channel(local, peer) {
+                Err(NetError::ChannelOnServiceAddress { end, addr, .. }) => {
+                    assert_eq!(end, which, "{local} -> {peer}");
+                    assert_eq!(addr, if which == "local" { local } else { peer });
+                }
+                other => panic!("{local} -> {peer}: {other:?}"),
+            }
+        }
+        let msg = cfg
+            .check_channel(sa("198.51.100.1:1"), sa("198.51.100.10:2"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("198.51.100.10:2") && msg.contains("service address"),
+            "{msg}"
+        );
+    }
 }
