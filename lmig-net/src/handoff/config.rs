@@ -67,6 +67,13 @@ pub struct HandoffConfig {
     /// grows by more than the time saved after `Commit` (`lmig-bench
     /// migrate` measures both).
     pub forward_early: bool,
+    /// The longest a release of held packets waits for the program to make
+    /// room in its UDP sockets' receive buffers (default 5 s): held packets
+    /// are let through in order, each batch only as far as their sockets
+    /// have room (after an abort on the source, after `Commit` on the
+    /// destination); past this, the rest goes at once and what does not
+    /// fit is dropped (and counted in [`HandoffStats::dropped`]).
+    pub release_limit: Duration,
 }
 
 impl HandoffConfig {
@@ -81,6 +88,7 @@ impl HandoffConfig {
             rcvbuf: 64 << 20,
             forward_to: None,
             forward_early: false,
+            release_limit: Duration::from_secs(5),
         }
     }
 
@@ -138,9 +146,11 @@ pub struct HandoffStats {
     /// Time to unlock (destination: flush + batch verdict + table removal;
     /// source: the same after an abort, or the final cleanup after a handoff).
     pub unlock: Duration,
-    /// Destination: time of the one batch verdict that lets the held packets
-    /// through (the kernel delivers them to the sockets inside that call, so
-    /// it grows with the number of held packets, not of connections).
+    /// Destination (and source after an abort): time until every held
+    /// packet was let through, in order, as the sockets had room (the
+    /// kernel delivers them inside the batch verdicts, so it grows with the
+    /// number of held packets, not of connections, and with the time the
+    /// program takes to read a full UDP socket).
     pub release: Duration,
     /// Time to remove (source) or add and announce (destination) the addresses.
     pub address_move: Duration,

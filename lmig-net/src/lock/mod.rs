@@ -35,6 +35,10 @@
 //! only then delete the table. Only the first two steps delay the
 //! connections; the handoff deletes the table in the background.
 //!
+//! Released all at once, minutes of held datagrams overflow a UDP socket's
+//! receive buffer; [`InOrder`] (and [`NetLock::retire_in_order`]) releases
+//! them in order, as the sockets have room (see `pace`).
+//!
 //! # Leftovers
 //!
 //! Tables are named `lmig_lock_<pid>_<n>` and created with `NFT_TABLE_F_OWNER`:
@@ -59,11 +63,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{NetError, Result};
+use crate::sys::diag::Diag;
 use crate::sys::netlink::{Messages, MsgBuf, NlSocket};
+
+mod pace;
 use crate::sys::nft::{
     self, NF_ACCEPT, NF_DROP, NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6, NFQNL_MSG_PACKET,
     queue_type,
 };
+pub use pace::{InOrder, PacedStats};
 
 /// Prefix of every lock table name; the rest is `<pid>_<n>` of the owning process.
 pub const TABLE_PREFIX: &str = "lmig_lock_";
@@ -89,7 +97,8 @@ pub struct LockConfig {
     /// Receive buffer of the queue socket, in bytes (copies of held packets).
     pub rcvbuf: usize,
     /// Copy held packets to this process (needed to re-inject them); false
-    /// copies only their metadata (enough to let them through).
+    /// copies only their headers (enough to let them through, in order and
+    /// paced by [`InOrder`]).
     pub copy_payload: bool,
 }
 
@@ -107,7 +116,8 @@ impl LockConfig {
 }
 
 /// One packet held by the lock: its kernel queue id and a copy from the
-/// network header on.
+/// network header on (its first bytes only when the lock copies headers:
+/// [`LockConfig::copy_payload`] false).
 #[derive(Clone, Debug)]
 pub struct HeldPacket {
     /// NFQUEUE packet id.
@@ -141,6 +151,8 @@ pub struct NetLock {
     stats: LockStats,
     rx: Vec<u8>,
     last_id: u32,
+    /// UDP sockets' receive-buffer use, in the lock's namespace ([`InOrder`]).
+    diag: Option<Diag>,
 }
 
 fn lock_err(op: &'static str, what: &str, e: io::Error) -> NetError {
@@ -225,6 +237,10 @@ impl NetLock {
             stats: LockStats::default(),
             rx: vec![0u8; 256 * 1024],
             last_id: 0,
+            // Opened here, in the lock's namespace (later calls may come
+            // from any thread). Without it (no CONFIG_INET_UDP_DIAG) a
+            // paced release knows no socket and lets everything go as it comes.
+            diag: Diag::open().ok(),
         };
         lock.install_tables()?;
         Ok(lock)
