@@ -21,7 +21,9 @@
 //! leaves repair mode and lets its held packets through.
 //!
 //! Figures: `lock_ms` (engaging the lock at the freeze), `unlock_ms`
-//! (destination: set flush + one batch verdict), `address_move_ms` (source
+//! (destination: the set flush once its held packets are through),
+//! `release_held_ms` (destination: until every held packet was let through,
+//! in order, as the sockets had room), `address_move_ms` (source
 //! removal + destination add and announcement), `freeze_ms` (source freeze to
 //! destination serving, across processes), `client_stall_ms` (the longest
 //! request → reply time any client saw), `packets_held` (packets the source's

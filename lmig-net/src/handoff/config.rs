@@ -143,8 +143,9 @@ fn canonical(a: IpAddr) -> IpAddr {
 pub struct HandoffStats {
     /// Time to engage the lock (source: at the freeze).
     pub lock: Duration,
-    /// Time to unlock (destination: flush + batch verdict + table removal;
-    /// source: the same after an abort, or the final cleanup after a handoff).
+    /// Time to unlock (destination: the set flush, once the held packets
+    /// are through; source: the whole unlock after an abort, its paced
+    /// release included, or the final cleanup after a handoff).
     pub unlock: Duration,
     /// Destination (and source after an abort): time until every held
     /// packet was let through, in order, as the sockets had room (the

@@ -89,7 +89,7 @@ impl DestHandoff {
             return Ok(());
         };
         let paced = InOrder::new(self.cfg.release_limit);
-        self.reaper = Some(Releaser::spawn(lock, paced)?);
+        self.reaper = Some(Releaser::spawn(lock, paced, false)?);
         Ok(())
     }
 

@@ -11,7 +11,8 @@ use crate::lock::{InOrder, NetLock, SETTLE};
 /// What a release measured.
 #[derive(Debug)]
 pub(super) struct Released {
-    /// From the start until the lock was removed.
+    /// The set flush (destination), or from the start until the lock was
+    /// removed (source, after an abort).
     pub(super) unlock: Duration,
     /// From the start until every held packet was let through.
     pub(super) release: Duration,
@@ -29,11 +30,11 @@ pub(super) struct Releaser {
 }
 
 impl Releaser {
-    /// Go on with `paced` on `lock` on the thread.
-    pub(super) fn spawn(lock: NetLock, paced: InOrder) -> Result<Self> {
+    /// Go on with `paced` on `lock` on the thread (`total_unlock`: see [`release`]).
+    pub(super) fn spawn(lock: NetLock, paced: InOrder, total_unlock: bool) -> Result<Self> {
         let thread = std::thread::Builder::new()
             .name("lmig-handoff-unlock".into())
-            .spawn(move || release(lock, paced))
+            .spawn(move || release(lock, paced, total_unlock))
             .map_err(|e| NetError::sys("spawn", "handoff unlock", e))?;
         Ok(Self { thread })
     }
@@ -47,8 +48,9 @@ impl Releaser {
 
 /// The releaser's steps. If a step fails, whatever is left goes through at
 /// once and the table is deleted anyway (a table left behind would hold
-/// the service's packets forever).
-pub(super) fn release(mut lock: NetLock, mut paced: InOrder) -> Released {
+/// the service's packets forever). `total_unlock`: report the whole time
+/// as the unlock, not only the flush.
+pub(super) fn release(mut lock: NetLock, mut paced: InOrder, total_unlock: bool) -> Released {
     let t = Instant::now();
     let ok = paced.run(&mut lock, true).is_ok();
     let mut lost = 0;
@@ -64,7 +66,11 @@ pub(super) fn release(mut lock: NetLock, mut paced: InOrder) -> Released {
     }
     let stats = paced.stats();
     Released {
-        unlock: t.elapsed(),
+        unlock: if total_unlock || !ok {
+            t.elapsed()
+        } else {
+            stats.flush
+        },
         release: if ok { stats.caught_up } else { t.elapsed() },
         held: stats.released,
         dropped: lock.kernel_dropped() + lock.stats().dropped + lost,

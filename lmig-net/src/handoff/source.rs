@@ -195,7 +195,7 @@ impl SourceHandoff {
             };
             self.count(released);
         } else {
-            self.releaser = Some(Releaser::spawn(lock, paced)?);
+            self.releaser = Some(Releaser::spawn(lock, paced, true)?);
         }
         Ok(())
     }

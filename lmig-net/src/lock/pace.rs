@@ -41,6 +41,8 @@ pub struct PacedStats {
     /// From the start until every held packet was let through and the
     /// set flushed (new packets no longer held).
     pub caught_up: Duration,
+    /// The set flush itself (one netlink batch).
+    pub flush: Duration,
 }
 
 /// Where a paced release is (see the module docs).
@@ -95,7 +97,9 @@ impl InOrder {
             let blocked = self.pass(lock)?;
             match self.stage {
                 Stage::Engaged if blocked == 0 => {
+                    let t = Instant::now();
                     lock.disengage()?;
+                    self.stats.flush = t.elapsed();
                     self.stats.caught_up = self.start.elapsed();
                     self.stage = Stage::Flushed {
                         end: Instant::now() + SETTLE,
