@@ -78,6 +78,22 @@ pub enum NetError {
         detail: &'static str,
     },
 
+    /// The migration channel would run over a service address being moved:
+    /// the network lock would hold the channel's own packets at the freeze
+    /// (the freeze then lasts until a timeout). Use another address for the
+    /// channel (e.g. the host's own address on the link).
+    #[error(
+        "the migration channel's {end} address {addr} is the service address {service} being moved"
+    )]
+    ChannelOnServiceAddress {
+        /// Which end of the channel: `"local"` or `"peer"`.
+        end: &'static str,
+        /// The channel's address at that end.
+        addr: std::net::SocketAddr,
+        /// The service address it uses.
+        service: std::net::IpAddr,
+    },
+
     /// Test-topology setup or teardown failed.
     #[error("topology: {detail}")]
     Topology {

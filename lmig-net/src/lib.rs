@@ -13,14 +13,25 @@
 //! * [`NetSink`] implements [`lmig_core::traits::SocketSink`]: before the
 //!   freeze it creates, puts in repair mode and binds a socket for every
 //!   planned connection; during the freeze it restores batch k while the
-//!   source captures batch k+1; after `Commit` it activates them and hands the
-//!   fds back by id ([`NetSink::take_fds`]).
+//!   source captures batch k+1; after `Commit` it activates them and hands
+//!   them back by id, typed ([`NetSink::take_restored`]: `TcpStream`,
+//!   `TcpListener`, `UdpSocket`) or as fds ([`NetSink::take_fds`]). An event
+//!   loop can register each one with its poller as soon as it exists
+//!   ([`NetSink::on_register`], borrowed fds).
+//! * [`ProgramSockets`] is the source side of a program that serves its
+//!   sockets from an event loop: it implements [`SocketOwner`] (lend the
+//!   sockets for a look, park the loop and hand them over, take them back),
+//!   and the adapter plans from duplicates while the loop serves, takes the
+//!   sockets at the freeze and gives every one back on abort.
 //! * `topology` (feature `test-topology`): network namespaces for tests
 //!   and demos.
 //! * [`lock`] and [`handoff`]: the network lock (one nftables table per
 //!   family, packets held in NFQUEUE, never dropped) and the service-address
 //!   handoff; [`HandoffSource`] / [`HandoffSink`] wrap any `SocketSource` /
-//!   `SocketSink`.
+//!   `SocketSink`. Held packets are released in order, paced by the room in
+//!   the UDP sockets' receive buffers ([`lock::InOrder`]);
+//!   [`HandoffConfig::check_channel`] refuses a migration channel over a
+//!   service address that moves.
 //!
 //! ## Guarantees
 //!
@@ -39,7 +50,7 @@
 //! the service address moving) are issue 6; [`NetworkLock`] is the hook it
 //! plugs into. Unix sockets, raw sockets, SCTP and TCP-AO/MD5 are not moved.
 //! File status flags (`O_NONBLOCK`) are not part of the record: restored
-//! sockets are blocking, the program sets what it wants.
+//! sockets are blocking unless [`SinkConfig::nonblocking`] asks otherwise.
 //!
 //! ## Kernel requirements
 //!
@@ -82,7 +93,9 @@ mod inject;
 mod listen;
 pub mod lock;
 mod opts;
+mod program;
 mod repair;
+mod restored;
 mod sink;
 mod source;
 #[cfg(feature = "bench-internals")]
@@ -99,7 +112,9 @@ pub use fd::take_fd_from_process;
 #[allow(deprecated)]
 pub use handoff::{Handoff, Locked};
 pub use handoff::{HandoffConfig, HandoffSink, HandoffSource, ServiceAddr};
+pub use program::{ProgramSockets, SocketOwner};
 pub use repair::{RepairExit, RepairGuard};
+pub use restored::{RestoredSocket, SocketView};
 pub use sink::{NetSink, SinkConfig};
 pub use source::{NetSource, NetworkLock, SourceConfig};
 pub use sys::{lowest_thread_priority, raise_nofile_limit};

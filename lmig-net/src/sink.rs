@@ -2,7 +2,7 @@
 //! implementation of [`SocketSink`].
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use lmig_core::model::{SocketKind, SocketPrep, SocketRecord, TcpListenState, UdpSockState};
 use lmig_core::traits::SocketSink;
@@ -11,6 +11,7 @@ use crate::error::{NetError, Result, SocketFailure};
 use crate::inject::Injector;
 use crate::opts::Defaults;
 use crate::repair::RepairExit;
+use crate::restored::{Register, RestoredSocket, SocketView};
 use crate::sys;
 use crate::tcp::{self, PendingActivation};
 use crate::udp::{self, RestoredUdp};
@@ -81,10 +82,27 @@ impl Restored {
         }
     }
 
-    fn raw_fd(&self) -> RawFd {
+    fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Self::Tcp { fd, .. } | Self::Listen { fd, .. } => fd.as_raw_fd(),
-            Self::Udp { r, .. } => r.fd.as_raw_fd(),
+            Self::Tcp { fd, .. } | Self::Listen { fd, .. } => fd.as_fd(),
+            Self::Udp { r, .. } => r.fd.as_fd(),
+        }
+    }
+
+    fn kind(&self) -> SocketKind {
+        match self {
+            Self::Tcp { .. } => SocketKind::TcpEstablished,
+            Self::Listen { .. } => SocketKind::TcpListen,
+            Self::Udp { .. } => SocketKind::Udp,
+        }
+    }
+
+    fn view(&self) -> SocketView<'_> {
+        SocketView {
+            id: self.id(),
+            kind: self.kind(),
+            fd: self.fd(),
+            prepared: self.was_prepared(),
         }
     }
 
@@ -115,7 +133,13 @@ impl Restored {
 ///   injected, repair mode is left, never-sent bytes written.
 /// * `discard`: every restored socket is closed in repair mode, silently.
 ///
-/// Then [`NetSink::take_fds`] gives the program its sockets back by id.
+/// Then [`NetSink::take_restored`] gives the program its sockets back by id,
+/// typed ([`RestoredSocket`]), or [`NetSink::take_fds`] as plain fds.
+///
+/// A program with a poller can register every socket before it is handed
+/// out: [`NetSink::on_register`] shows each one, borrowed, as soon as it
+/// exists (the prepared ones right after `prepare`, before the freeze; the
+/// others as `activate` starts).
 pub struct NetSink {
     cfg: SinkConfig,
     defaults: Defaults,
@@ -123,6 +147,9 @@ pub struct NetSink {
     restored: Vec<Restored>,
     seen: HashSet<u64>,
     ready: HashMap<u64, OwnedFd>,
+    /// Kinds of the ready sockets that are not established connections.
+    ready_kinds: HashMap<u64, SocketKind>,
+    register: Option<Register>,
     failures: Vec<SocketFailure>,
 }
 
@@ -234,6 +261,8 @@ impl NetSink {
             restored: Vec::new(),
             seen: HashSet::new(),
             ready: HashMap::new(),
+            ready_kinds: HashMap::new(),
+            register: None,
             failures: Vec::new(),
         })
     }
@@ -262,6 +291,14 @@ impl NetSink {
             }
             match tcp::prepare_established(p, self.socket_flags()) {
                 Ok(fd) => {
+                    if let Some(register) = &mut self.register {
+                        register(SocketView {
+                            id: p.id,
+                            kind: SocketKind::TcpEstablished,
+                            fd: fd.as_fd(),
+                            prepared: true,
+                        });
+                    }
                     self.prepared.insert(p.id, fd);
                 }
                 Err(e @ NetError::Unsupported { .. }) => return Err(e),
@@ -334,6 +371,11 @@ impl NetSink {
     /// never connected.
     pub fn activate_sockets(&mut self) -> Result<()> {
         self.prepared.clear();
+        if let Some(register) = &mut self.register {
+            for r in self.restored.iter().filter(|r| !r.was_prepared()) {
+                register(r.view());
+            }
+        }
         let mut restored = std::mem::take(&mut self.restored);
         let total = restored.len();
         let exit = self.cfg.exit;
@@ -349,7 +391,11 @@ impl NetSink {
                 // Dropped here: a socket that failed to activate is closed.
                 Some((_, e)) => failures.push(fail(r.id(), e)),
                 None => {
+                    let kind = r.kind();
                     let (id, fd) = r.into_fd();
+                    if kind != SocketKind::TcpEstablished {
+                        self.ready_kinds.insert(id, kind);
+                    }
                     self.ready.insert(id, fd);
                 }
             }
@@ -360,18 +406,82 @@ impl NetSink {
     /// Close everything prepared or restored, in repair mode: peers see nothing.
     pub fn discard_sockets(&mut self) {
         self.prepared.clear();
+        self.ready_kinds.clear();
         self.restored.clear();
         self.seen.clear();
     }
 
     /// The restored sockets, by the program's id (after `activate`).
     pub fn take_fds(&mut self) -> HashMap<u64, OwnedFd> {
+        self.ready_kinds.clear();
         std::mem::take(&mut self.ready)
     }
 
     /// One restored socket by id (after `activate`).
     pub fn take(&mut self, id: u64) -> Option<OwnedFd> {
+        self.ready_kinds.remove(&id);
         self.ready.remove(&id)
+    }
+
+    /// The restored sockets, by the program's id, typed by kind (after
+    /// `activate`): `TcpStream`, `TcpListener` or `UdpSocket`,
+    /// non-blocking when [`SinkConfig::nonblocking`] is set. What is not
+    /// taken is closed with the sink.
+    pub fn take_restored(&mut self) -> HashMap<u64, RestoredSocket> {
+        let mut kinds = std::mem::take(&mut self.ready_kinds);
+        std::mem::take(&mut self.ready)
+            .into_iter()
+            .map(|(id, fd)| {
+                let kind = kinds.remove(&id).unwrap_or(SocketKind::TcpEstablished);
+                (id, RestoredSocket::new(kind, fd))
+            })
+            .collect()
+    }
+
+    /// Show every socket to `register` as soon as the sink makes it, before
+    /// [`NetSink::take_restored`] hands it out: the connections `prepare`
+    /// makes, right after it (before the freeze; the restore fills these
+    /// very sockets), and the sockets made in the freeze (listeners, UDP
+    /// sockets, connections not in the plan) as `activate` starts. Together
+    /// that is every socket the sink hands out, so an event loop can have
+    /// them all in its poller before it serves, with no system call per
+    /// socket after the commit. A socket shown and then closed by the sink
+    /// (prepared for a connection no record restored, failed to restore or
+    /// activate, or discarded with the attempt) leaves an epoll set by
+    /// itself; its number may come again with another socket.
+    ///
+    /// The callback runs on the thread that calls `prepare` / `activate`
+    /// (the session's); keep it short (an `epoll_ctl`).
+    pub fn on_register(&mut self, register: impl FnMut(SocketView<'_>) + Send + 'static) {
+        self.register = Some(Box::new(register));
+    }
+
+    /// The sockets `prepare` made (before the freeze), borrowed; see
+    /// [`NetSink::on_register`] for what a program does with them.
+    pub fn prepared_sockets(&self) -> impl Iterator<Item = SocketView<'_>> {
+        self.prepared.iter().map(|(id, fd)| SocketView {
+            id: *id,
+            kind: SocketKind::TcpEstablished,
+            fd: fd.as_fd(),
+            prepared: true,
+        })
+    }
+
+    /// The sockets restored so far and waiting for activation, borrowed, in
+    /// the order they were restored (a later batch comes after an earlier
+    /// one's sockets). They are the sockets handed out after activation.
+    pub fn pending_sockets(&self) -> impl Iterator<Item = SocketView<'_>> {
+        self.restored.iter().map(Restored::view)
+    }
+
+    /// The sockets waiting for activation that `prepare` did not make
+    /// (listeners, UDP sockets, connections made in the freeze): with
+    /// [`NetSink::prepared_sockets`], every socket handed out after activation.
+    pub fn unprepared_sockets(&self) -> impl Iterator<Item = SocketView<'_>> {
+        self.restored
+            .iter()
+            .filter(|r| !r.was_prepared())
+            .map(Restored::view)
     }
 
     /// The fds of the sockets restored so far and waiting for activation,
@@ -380,8 +490,11 @@ impl NetSink {
     /// while [`NetSink::activate_sockets`] runs, instead of after it (one
     /// system call per connection less after the commit). A socket that
     /// fails to activate is closed, and its number may be reused.
+    #[deprecated(note = "raw fd numbers need `unsafe` to use: use `pending_sockets` (borrowed)")]
     pub fn pending_fds(&self) -> Vec<(u64, RawFd)> {
-        self.restored.iter().map(|r| (r.id(), r.raw_fd())).collect()
+        self.pending_sockets()
+            .map(|v| (v.id, v.fd.as_raw_fd()))
+            .collect()
     }
 
     /// The fds of the sockets made by `prepare` (before the freeze), by the
@@ -395,10 +508,12 @@ impl NetSink {
     ///
     /// A prepared socket is in repair mode and not connected yet: `poll`
     /// reports `POLLHUP` for it until the restore connects it.
+    #[deprecated(
+        note = "raw fd numbers need `unsafe` to use: use `prepared_sockets` (borrowed) or `on_register`"
+    )]
     pub fn prepared_fds(&self) -> Vec<(u64, RawFd)> {
-        self.prepared
-            .iter()
-            .map(|(id, fd)| (*id, fd.as_raw_fd()))
+        self.prepared_sockets()
+            .map(|v| (v.id, v.fd.as_raw_fd()))
             .collect()
     }
 
@@ -407,11 +522,12 @@ impl NetSink {
     /// connections made in the freeze (not in the plan, or restored again
     /// after a failed attempt). With `prepared_fds`, this is every socket
     /// [`NetSink::take_fds`] hands out after activation.
+    #[deprecated(
+        note = "raw fd numbers need `unsafe` to use: use `unprepared_sockets` (borrowed) or `on_register`"
+    )]
     pub fn unprepared_fds(&self) -> Vec<(u64, RawFd)> {
-        self.restored
-            .iter()
-            .filter(|r| !r.was_prepared())
-            .map(|r| (r.id(), r.raw_fd()))
+        self.unprepared_sockets()
+            .map(|v| (v.id, v.fd.as_raw_fd()))
             .collect()
     }
 

@@ -236,17 +236,28 @@ impl NetSource {
     /// listening, UDP; IPv4 or IPv6). The kind is read from the socket,
     /// unless [`NetSource::plan_fd`] read it already under this id.
     pub fn add(&mut self, id: u64, fd: OwnedFd) -> Result<()> {
+        self.add_or_return(id, fd).map_err(|(e, _fd)| e)
+    }
+
+    /// [`NetSource::add`], giving a refused fd back with the error.
+    pub(crate) fn add_or_return(
+        &mut self,
+        id: u64,
+        fd: OwnedFd,
+    ) -> std::result::Result<(), (NetError, OwnedFd)> {
         if self.phase != Phase::Running {
-            return Err(NetError::Phase {
+            let e = NetError::Phase {
                 op: "add",
                 detail: "sockets are added before the freeze",
-            });
+            };
+            return Err((e, fd));
         }
         if self.ids.contains(&id) {
-            return Err(NetError::BadId {
+            let e = NetError::BadId {
                 id,
                 detail: "given twice",
-            });
+            };
+            return Err((e, fd));
         }
         if self.entries.is_empty() {
             // At the freeze, thousands of sockets come one by one.
@@ -270,7 +281,7 @@ impl NetSource {
             Ok(k) => k,
             Err(e) => {
                 self.ids.remove(&id);
-                return Err(e);
+                return Err((e, fd));
             }
         };
         self.entries.push(Entry {

@@ -1226,9 +1226,9 @@ fn inode(fd: std::os::fd::RawFd) -> Option<u64> {
     (r == 0).then_some(st.st_ino)
 }
 
-/// `prepared_fds` lists the sockets made before the freeze, which the
+/// `prepared_sockets` lists the sockets made before the freeze, which the
 /// restore fills: a program registers them with its poller early (as an
-/// event loop does, edge-triggered) and `unprepared_fds` at activation, and
+/// event loop does, edge-triggered) and `unprepared_sockets` at activation, and
 /// then hears every connection and no stale hang-up. A prepared socket that
 /// no record restores is closed at activation.
 #[test]
@@ -1239,7 +1239,7 @@ fn prepared_sockets_join_a_poller_before_the_freeze() {
     let topo = Topology::new().unwrap();
     topo.a
         .run(|| {
-            use std::os::fd::FromRawFd;
+            use std::os::fd::{AsRawFd, FromRawFd, RawFd};
             let pairs: Vec<(TcpStream, TcpStream)> = (0..4).map(|_| loopback_pair()).collect();
             let mut src = NetSource::new(SourceConfig::default()).unwrap();
             let mut plan = Vec::new();
@@ -1262,7 +1262,10 @@ fn prepared_sockets_join_a_poller_before_the_freeze() {
             // Connection 4 is not in the sink's plan; connection 3's record never comes.
             sink.prepare_sockets(&plan[..3]).unwrap();
             recs.retain(|r| r.id() != 3);
-            let mut prepared = sink.prepared_fds();
+            let mut prepared: Vec<(u64, RawFd)> = sink
+                .prepared_sockets()
+                .map(|v| (v.id, v.fd.as_raw_fd()))
+                .collect();
             prepared.sort_unstable();
             assert_eq!(prepared.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 2, 3]);
             // SAFETY: plain system call; its result is checked below.
@@ -1283,9 +1286,15 @@ fn prepared_sockets_join_a_poller_before_the_freeze() {
             );
 
             sink.restore_batch(recs).unwrap();
-            let late = sink.unprepared_fds();
+            let late: Vec<(u64, RawFd)> = sink
+                .unprepared_sockets()
+                .map(|v| (v.id, v.fd.as_raw_fd()))
+                .collect();
             assert_eq!(late.iter().map(|p| p.0).collect::<Vec<_>>(), [4]);
-            let mut pending = sink.pending_fds();
+            let mut pending: Vec<(u64, RawFd)> = sink
+                .pending_sockets()
+                .map(|v| (v.id, v.fd.as_raw_fd()))
+                .collect();
             pending.sort_unstable();
             assert_eq!(
                 pending[..2],

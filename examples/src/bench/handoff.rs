@@ -21,7 +21,9 @@
 //! leaves repair mode and lets its held packets through.
 //!
 //! Figures: `lock_ms` (engaging the lock at the freeze), `unlock_ms`
-//! (destination: set flush + one batch verdict), `address_move_ms` (source
+//! (destination: the set flush once its held packets are through),
+//! `release_held_ms` (destination: until every held packet was let through,
+//! in order, as the sockets had room), `address_move_ms` (source
 //! removal + destination add and announcement), `freeze_ms` (source freeze to
 //! destination serving, across processes), `client_stall_ms` (the longest
 //! request → reply time any client saw), `packets_held` (packets the source's
@@ -669,15 +671,11 @@ impl RoleState {
                     // The program registers what was restored with its
                     // poller while the freeze goes on (nothing is readable
                     // before the sockets are activated).
-                    let pending = sink.inner().pending_fds();
-                    for &(id, raw) in &pending[registered..] {
-                        // SAFETY: `raw` is a socket the sink owns until
-                        // `take_fds` hands it to this program, which keeps
-                        // it for as long as the poller uses it.
-                        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
-                        epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, id))?;
+                    // (`take_fds` hands these very sockets to it later.)
+                    for v in sink.inner().pending_sockets().skip(registered) {
+                        epoll.add(v.fd, EpollEvent::new(EpollFlags::EPOLLIN, v.id))?;
+                        registered += 1;
                     }
-                    registered = pending.len();
                 }
                 sink.activate()?;
                 let conns: HashMap<u64, TcpStream> = sink

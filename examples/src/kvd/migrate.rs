@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -16,10 +16,11 @@ use lmig_core::session::{
     Destination, DestinationReport, Mode, Source, SourceConfig, SourceReport,
 };
 use lmig_core::traits::{Event, Phase};
-use lmig_core::{MigrationError, SocketSink, SocketSource, StateSink, StateSource};
+use lmig_core::{BoxError, MigrationError, SocketSink, StateSink, StateSource};
 use lmig_mem::{Backing, DestinationRegions, RegionSet, best_tracker};
 use lmig_net::{
-    HandoffConfig, HandoffSink as Handoff, HandoffSource as Locked, NetSink, NetSource, SinkConfig,
+    HandoffConfig, HandoffSink as Handoff, HandoffSource as Locked, NetSink, ProgramSockets,
+    SinkConfig, SocketOwner,
 };
 use lmig_transport::{
     AuthKey, ChannelConfig, Endpoint, Listener, Rejection, StreamChannel, connect,
@@ -169,130 +170,55 @@ impl StateSource for KvdProgram {
     }
 }
 
-/// The source's sockets: read by lmig-net when the migration starts (from
-/// short-lived duplicates, while the loop serves), captured from the sockets
-/// the loop hands over at the freeze (its own fds: only their identity is
-/// checked there), handed back to the loop if the migration aborts.
-struct KvdSockets {
+/// kvd's loop as lmig-net's [`SocketOwner`] (behind [`ProgramSockets`],
+/// which plans from duplicates while the loop serves, takes the sockets at
+/// the freeze and gives them back on abort). The program's pause parks the
+/// loop (its sockets and buffered bytes land in `parked`): the freeze takes
+/// the sockets from there, and an abort puts them back for the program's
+/// resume, which wakes the loop with them.
+struct KvdLoop {
     control: Control,
     parked: Arc<Mutex<Option<Parked>>>,
-    /// Planned before the freeze, not yet holding any socket.
-    planned: Option<NetSource>,
-    /// Holding the sockets from the freeze on.
-    net: Option<NetSource>,
+    /// The parked loop's buffered bytes while its sockets are handed over.
     state: Vec<u8>,
     /// Lower this thread's priority once the sockets are released.
     lowers_priority: bool,
 }
 
-impl KvdSockets {
-    fn net(&mut self) -> lmig_core::Result<&mut NetSource> {
-        self.net
-            .as_mut()
-            .ok_or_else(|| backend("kvd sockets", "sockets used before the freeze"))
-    }
-}
-
-/// kvd's connections always move to another network namespace: the
-/// originals are closed in the background, off the destination's CPU.
-fn net_config() -> lmig_net::SourceConfig {
-    lmig_net::SourceConfig {
-        close_in_background: true,
-        ..lmig_net::SourceConfig::default()
-    }
-}
-
-impl SocketSource for KvdSockets {
-    fn plan(&mut self) -> lmig_core::Result<Vec<SocketPrep>> {
-        let mut net = NetSource::new(net_config())?;
-        // Duplicates taken while the loop is parked (about a microsecond per
-        // socket), read while it serves again. A socket without a duplicate
-        // (out of fds) or that cannot be read now is read at the freeze.
-        let snapshot = self.control.park().map_err(|e| backend("kvd loop", e))?;
-        let dups: Vec<(u64, std::io::Result<OwnedFd>)> =
-            std::iter::once((LISTENER_ID, &snapshot.listener))
-                .chain(snapshot.conns.iter().map(|(id, fd)| (*id, fd)))
-                .map(|(id, fd)| (id, fd.try_clone()))
-                .collect();
+impl SocketOwner for KvdLoop {
+    fn lend(&mut self, show: &mut dyn FnMut(u64, BorrowedFd<'_>)) -> Result<(), BoxError> {
+        // Parked for about a microsecond per socket (one duplicate each).
+        let snapshot = self.control.park()?;
+        show(LISTENER_ID, snapshot.listener.as_fd());
+        for (id, fd) in &snapshot.conns {
+            show(*id, fd.as_fd());
+        }
         self.control.wake(Wake::Resume(snapshot));
-        let plan = dups
-            .into_iter()
-            .filter_map(|(id, dup)| net.plan_fd(id, dup.ok()?.as_fd()).ok())
-            .collect();
-        self.planned = Some(net);
-        Ok(plan)
+        Ok(())
     }
 
-    fn freeze(&mut self) -> lmig_core::Result<()> {
+    fn park(&mut self) -> Result<Vec<(u64, OwnedFd)>, BoxError> {
         let parked = self.parked.lock().expect("poisoned").take();
-        let parked =
-            parked.ok_or_else(|| backend("kvd sockets", "freeze before the loop parked"))?;
+        let parked = parked.ok_or("freeze before the loop parked")?;
         self.state = parked.state;
-        let net = match self
-            .planned
-            .take()
-            .map(Ok)
-            .unwrap_or_else(|| NetSource::new(net_config()))
-        {
-            Ok(net) => self.net.insert(net),
-            Err(e) => {
-                // Nothing was handed over: the loop gets its sockets back.
-                *self.parked.lock().expect("poisoned") = Some(Parked {
-                    listener: parked.listener,
-                    conns: parked.conns,
-                    state: std::mem::take(&mut self.state),
-                });
-                return Err(e.into());
-            }
-        };
-        // Every socket is handed over even if one is refused, so that the
-        // abort gives the others back to the loop (lmig-net closes a refused
-        // one); the first refusal fails the freeze.
-        let mut first_err = net.add(LISTENER_ID, parked.listener).err();
-        for (id, fd) in parked.conns {
-            if let Err(e) = net.add(id, fd) {
-                first_err.get_or_insert(e);
-            }
-        }
-        match first_err {
-            Some(e) => Err(e.into()),
-            None => lmig_core::SocketSource::freeze(net),
-        }
+        // The loop left room for the listener: no copy in the freeze.
+        let mut sockets = parked.conns;
+        sockets.push((LISTENER_ID, parked.listener));
+        Ok(sockets)
     }
 
-    fn capture(
-        &mut self,
-        emit: &mut dyn FnMut(Vec<SocketRecord>) -> lmig_core::Result<()>,
-    ) -> lmig_core::Result<()> {
-        self.net()?.capture(emit)
-    }
-
-    fn abort(&mut self) -> lmig_core::Result<()> {
-        let Some(mut net) = self.net.take() else {
-            return Ok(());
-        };
-        let aborted = net.abort();
-        // Hand the sockets back to the loop (through the program's slot).
-        let mut listener = None;
-        let mut conns = Vec::new();
-        for (id, fd) in net.into_fds() {
-            if id == LISTENER_ID {
-                listener = Some(fd);
-            } else {
-                conns.push((id, fd));
-            }
-        }
-        let listener =
-            listener.ok_or_else(|| backend("kvd sockets", "the listener did not come back"))?;
+    fn resume(&mut self, mut sockets: Vec<(u64, OwnedFd)>) -> Result<(), BoxError> {
+        let at = sockets.iter().position(|(id, _)| *id == LISTENER_ID);
+        let (_, listener) = sockets.swap_remove(at.ok_or("the listener did not come back")?);
         *self.parked.lock().expect("poisoned") = Some(Parked {
             listener,
-            conns,
+            conns: sockets,
             state: std::mem::take(&mut self.state),
         });
-        aborted
+        Ok(())
     }
 
-    fn release(&mut self) -> lmig_core::Result<()> {
+    fn released(&mut self) {
         // Called after the commit, once the service address and the held
         // packets went to the destination (`Locked` hands over first). From
         // here this thread only closes the old sockets and, in pre-copy,
@@ -308,7 +234,15 @@ impl SocketSource for KvdSockets {
         if self.lowers_priority {
             yield_cpu();
         }
-        self.net()?.release()
+    }
+}
+
+/// kvd's connections always move to another network namespace: the
+/// originals are closed in the background, off the destination's CPU.
+fn net_config() -> lmig_net::SourceConfig {
+    lmig_net::SourceConfig {
+        close_in_background: true,
+        ..lmig_net::SourceConfig::default()
     }
 }
 
@@ -359,15 +293,14 @@ pub fn migrate_out(
         parked: parked.clone(),
         state: Vec::new(),
     };
-    let sockets = KvdSockets {
+    let kvd_loop = KvdLoop {
         control: control.clone(),
         parked,
-        planned: None,
-        net: None,
         state: Vec::new(),
         // Post-copy serves the destination's faults from this thread.
         lowers_priority: opts.mode == Mode::Precopy,
     };
+    let sockets = ProgramSockets::new(kvd_loop, net_config());
     let fallback = match opts.mode {
         Mode::Hybrid => Fallback::Postcopy,
         _ => Fallback::Freeze,
@@ -463,6 +396,11 @@ impl<S: SocketSink> SocketSink for KvdSink<S> {
     fn discard(&mut self) {
         self.inner.discard()
     }
+}
+
+/// The fd numbers of `views`, for the serving thread's poller.
+fn raw<'a>(views: impl Iterator<Item = lmig_net::SocketView<'a>>) -> Vec<(u64, RawFd)> {
+    views.map(|v| (v.id, v.fd.as_raw_fd())).collect()
 }
 
 /// Sockets for the destination loop's poller, before it serves.
@@ -629,8 +567,8 @@ fn attempt(
                             inner: sink,
                             take: |h: &mut Handoff<NetSink>| h.inner_mut().take_fds(),
                             fds: fds_tx,
-                            prepared: |h: &Handoff<NetSink>| h.inner().prepared_fds(),
-                            unprepared: |h: &Handoff<NetSink>| h.inner().unprepared_fds(),
+                            prepared: |h: &Handoff<NetSink>| raw(h.inner().prepared_sockets()),
+                            unprepared: |h: &Handoff<NetSink>| raw(h.inner().unprepared_sockets()),
                             early: early_tx,
                             figures: |h: &mut Handoff<NetSink>| {
                                 format!("{:?}", h.handoff().stats())
@@ -644,8 +582,8 @@ fn attempt(
                         inner: net,
                         take: |n: &mut NetSink| n.take_fds(),
                         fds: fds_tx,
-                        prepared: NetSink::prepared_fds,
-                        unprepared: NetSink::unprepared_fds,
+                        prepared: |n: &NetSink| raw(n.prepared_sockets()),
+                        unprepared: |n: &NetSink| raw(n.unprepared_sockets()),
                         early: early_tx,
                         figures: |_| String::new(),
                     })

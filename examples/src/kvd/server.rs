@@ -484,7 +484,8 @@ impl Server {
             .listener
             .take()
             .ok_or_else(|| std::io::Error::other("no listener"))?;
-        let mut conns = Vec::with_capacity(self.conns.len());
+        // One more: the migration adds the listener to this list.
+        let mut conns = Vec::with_capacity(self.conns.len() + 1);
         let mut state = Vec::new();
         encode_state_header(&mut state, self.conns.len());
         for (id, c) in self.conns.drain() {

@@ -1,9 +1,10 @@
 //! What the two sides of the handoff are told ([`HandoffConfig`], the
 //! [`ServiceAddr`]s that move) and what they report ([`HandoffStats`]).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::error::{NetError, Result};
 use crate::lock::LockConfig;
 
 /// One service address with its prefix length as configured on the interface.
@@ -66,6 +67,13 @@ pub struct HandoffConfig {
     /// grows by more than the time saved after `Commit` (`lmig-bench
     /// migrate` measures both).
     pub forward_early: bool,
+    /// The longest a release of held packets waits for the program to make
+    /// room in its UDP sockets' receive buffers (default 5 s): held packets
+    /// are let through in order, each batch only as far as their sockets
+    /// have room (after an abort on the source, after `Commit` on the
+    /// destination); past this, the rest goes at once and what does not
+    /// fit is dropped (and counted in [`HandoffStats::dropped`]).
+    pub release_limit: Duration,
 }
 
 impl HandoffConfig {
@@ -80,6 +88,7 @@ impl HandoffConfig {
             rcvbuf: 64 << 20,
             forward_to: None,
             forward_early: false,
+            release_limit: Duration::from_secs(5),
         }
     }
 
@@ -88,6 +97,27 @@ impl HandoffConfig {
     pub fn forward_to(mut self, host: IpAddr) -> Self {
         self.forward_to = Some(host);
         self
+    }
+
+    /// Refuse a migration channel between `local` and `peer` when either
+    /// end is one of the service addresses that move
+    /// ([`NetError::ChannelOnServiceAddress`]): the lock holds every packet
+    /// sent to them at the freeze, the channel's own included, and the
+    /// freeze would last until a timeout. Call it with the channel's
+    /// addresses before the migration starts (both sides may). IPv4-mapped
+    /// IPv6 addresses count as their IPv4 address.
+    pub fn check_channel(&self, local: SocketAddr, peer: SocketAddr) -> Result<()> {
+        for (end, addr) in [("local", local), ("peer", peer)] {
+            let ip = canonical(addr.ip());
+            if let Some(s) = self.addrs.iter().find(|s| canonical(s.addr) == ip) {
+                return Err(NetError::ChannelOnServiceAddress {
+                    end,
+                    addr,
+                    service: s.addr,
+                });
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn lock_config(&self, copy_payload: bool) -> LockConfig {
@@ -100,17 +130,28 @@ impl HandoffConfig {
     }
 }
 
+/// `a` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as IPv4.
+fn canonical(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// What one side of a handoff did, for reports and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct HandoffStats {
     /// Time to engage the lock (source: at the freeze).
     pub lock: Duration,
-    /// Time to unlock (destination: flush + batch verdict + table removal;
-    /// source: the same after an abort, or the final cleanup after a handoff).
+    /// Time to unlock (destination: the set flush, once the held packets
+    /// are through; source: the whole unlock after an abort, its paced
+    /// release included, or the final cleanup after a handoff).
     pub unlock: Duration,
-    /// Destination: time of the one batch verdict that lets the held packets
-    /// through (the kernel delivers them to the sockets inside that call, so
-    /// it grows with the number of held packets, not of connections).
+    /// Destination (and source after an abort): time until every held
+    /// packet was let through, in order, as the sockets had room (the
+    /// kernel delivers them inside the batch verdicts, so it grows with the
+    /// number of held packets, not of connections, and with the time the
+    /// program takes to read a full UDP socket).
     pub release: Duration,
     /// Time to remove (source) or add and announce (destination) the addresses.
     pub address_move: Duration,
@@ -127,4 +168,54 @@ pub struct HandoffStats {
     /// Source: held packets sent on during the freeze already
     /// ([`HandoffConfig::forward_early`]).
     pub forwarded_early: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_over_a_moved_service_address_is_refused() {
+        let cfg = HandoffConfig::new(
+            [
+                ServiceAddr::new([198, 51, 100, 10], 24),
+                ServiceAddr::new("2001:db8::10".parse::<IpAddr>().unwrap(), 64),
+            ],
+            "eth0",
+        );
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // Host addresses on the same link: fine.
+        cfg.check_channel(sa("198.51.100.1:40000"), sa("198.51.100.2:7000"))
+            .unwrap();
+        cfg.check_channel(sa("[2001:db8::1]:40000"), sa("[2001:db8::2]:7000"))
+            .unwrap();
+        let refused = [
+            (sa("198.51.100.10:40000"), sa("198.51.100.2:7000"), "local"),
+            (sa("198.51.100.1:40000"), sa("198.51.100.10:7000"), "peer"),
+            (sa("[2001:db8::1]:4"), sa("[2001:db8::10]:7000"), "peer"),
+            // The same IPv4 address seen through a dual-stack socket.
+            (
+                sa("[::ffff:198.51.100.10]:4"),
+                sa("[2001:db8::2]:7"),
+                "local",
+            ),
+        ];
+        for (local, peer, which) in refused {
+            match cfg.check_channel(local, peer) {
+                Err(NetError::ChannelOnServiceAddress { end, addr, .. }) => {
+                    assert_eq!(end, which, "{local} -> {peer}");
+                    assert_eq!(addr, if which == "local" { local } else { peer });
+                }
+                other => panic!("{local} -> {peer}: {other:?}"),
+            }
+        }
+        let msg = cfg
+            .check_channel(sa("198.51.100.1:1"), sa("198.51.100.10:2"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("198.51.100.10:2") && msg.contains("service address"),
+            "{msg}"
+        );
+    }
 }

@@ -1,7 +1,6 @@
 //! The destination side of the handoff ([`DestHandoff`]) and the
 //! [`SocketSink`] adapter that puts it around a sink ([`HandoffSink`]).
 
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use lmig_core::model::{SocketPrep, SocketRecord};
@@ -10,8 +9,9 @@ use lmig_core::traits::SocketSink;
 use super::addr::{add_address_with, if_index, route_socket, wait_local};
 use super::announce::Announcer;
 use super::config::{HandoffConfig, HandoffStats};
-use crate::error::{NetError, Result};
-use crate::lock::{NetLock, SETTLE};
+use super::release::Releaser;
+use crate::error::Result;
+use crate::lock::{InOrder, NetLock};
 use crate::sys::netlink::NlSocket;
 
 /// The destination side of the handoff: holds packets until the restored
@@ -25,70 +25,6 @@ pub struct DestHandoff {
     announcer: Announcer,
     stats: HandoffStats,
     reaper: Option<Releaser>,
-}
-
-/// What the background release of the held packets measured.
-#[derive(Debug)]
-struct Released {
-    unlock: Duration,
-    release: Duration,
-    held: u64,
-    dropped: u64,
-}
-
-/// Lets the destination's held packets through and removes its lock, while
-/// the program resumes (thread `lmig-handoff-unlock`).
-#[derive(Debug)]
-struct Releaser {
-    thread: JoinHandle<Released>,
-}
-
-impl Releaser {
-    fn spawn(lock: NetLock) -> Result<Self> {
-        let thread = std::thread::Builder::new()
-            .name("lmig-handoff-unlock".into())
-            .spawn(move || release(lock))
-            .map_err(|e| NetError::sys("spawn", "handoff unlock", e))?;
-        Ok(Self { thread })
-    }
-
-    /// Wait for it (bounded by [`SETTLE`]); `None` if it panicked.
-    fn join(self) -> Option<Released> {
-        self.thread.join().ok()
-    }
-}
-
-/// The releaser's steps: flush the set, one batch verdict for the held
-/// packets, stragglers for [`SETTLE`], the table last; a failing step does
-/// not stop the later ones.
-fn release(mut lock: NetLock) -> Released {
-    let t = Instant::now();
-    let flushed = lock.disengage().is_ok();
-    let unlock = t.elapsed();
-    let t = Instant::now();
-    let _ = lock.accept_all();
-    let release = t.elapsed();
-    let mut held = 0;
-    let end = Instant::now() + SETTLE;
-    // Bounded by SETTLE.
-    while let Some(left) = end
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
-    {
-        if matches!(lock.collect_for(left), Ok(n) if n > 0) {
-            held += lock.accept_held().unwrap_or(0);
-        }
-    }
-    let removed = lock.remove_tables().is_ok();
-    // Packets still queued when a step failed are dropped
-    // with the table: count at least one.
-    let lost = u64::from(!(flushed && removed));
-    Released {
-        unlock,
-        release,
-        held,
-        dropped: lock.kernel_dropped() + lock.stats().dropped + lost,
-    }
 }
 
 impl DestHandoff {
@@ -137,23 +73,29 @@ impl DestHandoff {
     /// and remove the lock, on a background thread (joined by
     /// [`finish`](Self::finish) or `Drop`), so the program resumes meanwhile.
     ///
-    /// The kernel delivers the held packets to the sockets inside the batch
-    /// verdict, one TCP receive each (it grows with the held packets): the program
-    /// serves what is already in its sockets while that runs. The set is
-    /// flushed first (nothing new is queued), the held packets get one batch
-    /// verdict, stragglers theirs for [`SETTLE`], and the table goes last;
-    /// a failing step does not stop the later ones (a table left behind
-    /// would hold the service's packets forever). [`HandoffStats::unlock`]
-    /// and [`HandoffStats::release`] are known after `finish`.
+    /// The kernel delivers the held packets to the sockets inside each
+    /// batch verdict: the program serves what is already in its sockets
+    /// while that runs. They go in arrival order, each batch only as far as
+    /// the UDP sockets they go to have room in their receive buffers (see
+    /// [`InOrder`]; the program reads meanwhile), at most
+    /// [`HandoffConfig::release_limit`]; new packets queue behind them until
+    /// none is left held. Then the set is flushed, stragglers are released
+    /// for [`crate::lock::SETTLE`], and the table goes last; a failing step
+    /// does not stop the later ones (a table left behind would hold the
+    /// service's packets forever). [`HandoffStats::unlock`] and
+    /// [`HandoffStats::release`] are known after `finish`.
     pub fn release_held(&mut self) -> Result<()> {
         let Some(lock) = self.lock.take() else {
             return Ok(());
         };
-        self.reaper = Some(Releaser::spawn(lock)?);
+        let paced = InOrder::new(self.cfg.release_limit);
+        self.reaper = Some(Releaser::spawn(lock, paced, false)?);
         Ok(())
     }
 
-    /// Wait for the background unlock (bounded by [`SETTLE`]) and return the figures.
+    /// Wait for the background unlock (bounded by
+    /// [`HandoffConfig::release_limit`] and [`crate::lock::SETTLE`]) and
+    /// return the figures.
     pub fn finish(&mut self) -> HandoffStats {
         if let Some(releaser) = self.reaper.take() {
             if let Some(r) = releaser.join() {

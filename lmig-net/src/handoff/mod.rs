@@ -31,10 +31,11 @@
 //!           flush set, drop table;
 //!           S::release (closed in repair mode)
 //! ── abort (before Commit only) ──
-//!  abort: S::abort (repair off), flush set,    discard: S::discard, flush set,
-//!         ACCEPT held, delete table:                    delete table (copies sent
-//!         the source serves on                          early go with it); the
-//!                                                       address was never added
+//!  abort: S::abort (repair off), ACCEPT held   discard: S::discard, flush set,
+//!         in order as the sockets have room             delete table (copies sent
+//!         (the rest on a thread while the               early go with it); the
+//!         program reads), flush set, delete             address was never added
+//!         table: the source serves on
 //! ```
 //!
 //! The source removes the address only after `Commit` was written and the
@@ -65,8 +66,9 @@
 //!
 //! `config` (settings and figures) sits below everything;
 //! `addr` (address and neighbour operations, messages from
-//! `sys::rtnl`), `announce` ([`Announcer`]) and `reinject`
-//! ([`Reinjector`]) below the two sides, `source` ([`SourceHandoff`],
+//! `sys::rtnl`), `announce` ([`Announcer`]), `reinject`
+//! ([`Reinjector`]) and `release` (the paced release of held packets on a
+//! thread) below the two sides, `source` ([`SourceHandoff`],
 //! [`HandoffSource`]) and `dest` ([`DestHandoff`], [`HandoffSink`]), which
 //! do not import each other.
 
@@ -75,6 +77,7 @@ mod announce;
 mod config;
 mod dest;
 mod reinject;
+mod release;
 mod source;
 
 pub use addr::{

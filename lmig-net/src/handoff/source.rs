@@ -12,8 +12,9 @@ use lmig_core::traits::SocketSource;
 use super::addr::{if_index, remove_address_with, resolve_neighbour, route_socket};
 use super::config::{HandoffConfig, HandoffStats};
 use super::reinject::Reinjector;
+use super::release::{Released, Releaser};
 use crate::error::{NetError, Result};
-use crate::lock::{NetLock, SETTLE};
+use crate::lock::{InOrder, NetLock, SETTLE};
 use crate::sys::netlink::NlSocket;
 
 /// The source side of the handoff: the lock, and after `Commit` the address
@@ -30,6 +31,9 @@ pub struct SourceHandoff {
     /// During the freeze: the thread forwarding copies early (it holds the
     /// lock and the re-injector until stopped).
     early: Option<EarlyForwarder>,
+    /// After an abort that found a socket full: the release going on while
+    /// the program reads.
+    releaser: Option<Releaser>,
 }
 
 /// Sends copies of held packets on as they arrive, originals kept.
@@ -113,6 +117,7 @@ impl SourceHandoff {
             stats: Arc::new(Mutex::new(stats)),
             forwarder: None,
             early: None,
+            releaser: None,
         })
     }
 
@@ -167,20 +172,42 @@ impl SourceHandoff {
     /// Before `Commit` only: let held packets continue here and remove the lock.
     /// (Copies sent on early are held by the destination's lock, which drops
     /// them when the destination gives up.)
+    ///
+    /// Held packets go in arrival order, each batch only as far as the UDP
+    /// sockets they go to have room ([`InOrder`]). What fits now goes
+    /// before this returns; if a socket is full (a long freeze), the rest
+    /// follows on a thread as the program, resumed after the abort, reads
+    /// (at most [`HandoffConfig::release_limit`]; joined by
+    /// [`finish`](Self::finish) or `Drop`).
     pub fn unlock(&mut self) -> Result<()> {
         self.stop_early();
         let Some(mut lock) = self.lock.take() else {
             return Ok(());
         };
         let t = Instant::now();
-        let n = lock.unlock()?;
-        let dropped = lock.kernel_dropped() + lock.stats().dropped;
-        if let Ok(mut s) = self.stats.lock() {
-            s.unlock = t.elapsed();
-            s.held += n;
-            s.dropped += dropped;
+        let mut paced = InOrder::new(self.cfg.release_limit);
+        if paced.run(&mut lock, false)? {
+            let released = Released {
+                unlock: t.elapsed(),
+                release: paced.stats().caught_up,
+                held: paced.stats().released,
+                dropped: lock.kernel_dropped() + lock.stats().dropped,
+            };
+            self.count(released);
+        } else {
+            self.releaser = Some(Releaser::spawn(lock, paced, true)?);
         }
         Ok(())
+    }
+
+    /// Add what an unlock measured to the figures.
+    fn count(&self, r: Released) {
+        if let Ok(mut s) = self.stats.lock() {
+            s.unlock = r.unlock;
+            s.release = r.release;
+            s.held += r.held;
+            s.dropped += r.dropped;
+        }
     }
 
     /// After `Commit` (sockets closed): remove the addresses, re-inject every
@@ -237,9 +264,14 @@ impl SourceHandoff {
         }
     }
 
-    /// Wait for the forwarder (bounded by [`HandoffConfig::linger`]) and return the figures.
+    /// Wait for the forwarder (bounded by [`HandoffConfig::linger`]) or
+    /// the release after an abort (bounded by
+    /// [`HandoffConfig::release_limit`]) and return the figures.
     pub fn finish(&mut self) -> HandoffStats {
         self.stop_early();
+        if let Some(r) = self.releaser.take().and_then(Releaser::join) {
+            self.count(r);
+        }
         if let Some(f) = self.forwarder.take() {
             f.join();
         }

@@ -164,8 +164,6 @@ pub(crate) const NFQA_CFG_PARAMS: u16 = 2;
 pub(crate) const NFQA_CFG_QUEUE_MAXLEN: u16 = 3;
 /// `NFQNL_CFG_CMD_BIND`.
 pub(crate) const NFQNL_CFG_CMD_BIND: u8 = 1;
-/// `NFQNL_COPY_META`.
-pub(crate) const NFQNL_COPY_META: u8 = 1;
 /// `NFQNL_COPY_PACKET`.
 pub(crate) const NFQNL_COPY_PACKET: u8 = 2;
 /// `NF_DROP`.
@@ -375,15 +373,14 @@ pub(crate) fn parse_table(payload: &[u8]) -> Option<(u8, String)> {
 }
 
 /// `NFQNL_MSG_CONFIG` on queue `num`: bind it, copy whole packets (or only
-/// their metadata), hold at most `maxlen`.
+/// their first [`HEADER_COPY`] bytes), hold at most `maxlen`.
 pub(crate) fn queue_bind(m: &mut MsgBuf, seq: u32, num: u16, maxlen: u32, copy_payload: bool) {
     let mut params = [0u8; 5];
-    params[0..4].copy_from_slice(&0xffffu32.to_be_bytes()); // copy_range
-    params[4] = if copy_payload {
-        NFQNL_COPY_PACKET
-    } else {
-        NFQNL_COPY_META
-    };
+    // Without the payload: the headers (IPv4 with options or IPv6, then
+    // the ports), enough to tell which socket a packet goes to.
+    let range: u32 = if copy_payload { 0xffff } else { HEADER_COPY };
+    params[0..4].copy_from_slice(&range.to_be_bytes()); // copy_range
+    params[4] = NFQNL_COPY_PACKET;
     m.begin(queue_type(NFQNL_MSG_CONFIG), F_REQUEST | F_ACK, seq)
         .nfgen(NFPROTO_UNSPEC, num)
         .attr(NFQA_CFG_CMD, &[NFQNL_CFG_CMD_BIND, 0, 0, 0])
@@ -391,6 +388,9 @@ pub(crate) fn queue_bind(m: &mut MsgBuf, seq: u32, num: u16, maxlen: u32, copy_p
         .attr_be32(NFQA_CFG_QUEUE_MAXLEN, maxlen)
         .end();
 }
+
+/// Bytes of each held packet copied when the payload is not wanted.
+pub(crate) const HEADER_COPY: u32 = 128;
 
 /// `NFQNL_MSG_VERDICT_BATCH` on queue `num`: `verdict` for every packet up
 /// to id `max_id`.
@@ -464,7 +464,6 @@ mod tests {
         assert_eq!(NFQA_CFG_PARAMS as i32, libc::NFQA_CFG_PARAMS);
         assert_eq!(NFQA_CFG_QUEUE_MAXLEN as i32, libc::NFQA_CFG_QUEUE_MAXLEN);
         assert_eq!(NFQNL_CFG_CMD_BIND as i32, libc::NFQNL_CFG_CMD_BIND);
-        assert_eq!(NFQNL_COPY_META as i32, libc::NFQNL_COPY_META);
         assert_eq!(NFQNL_COPY_PACKET as i32, libc::NFQNL_COPY_PACKET);
         assert_eq!(NF_DROP as i32, libc::NF_DROP);
         assert_eq!(NF_ACCEPT as i32, libc::NF_ACCEPT);

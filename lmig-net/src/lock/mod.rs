@@ -35,6 +35,10 @@
 //! only then delete the table. Only the first two steps delay the
 //! connections; the handoff deletes the table in the background.
 //!
+//! Released all at once, minutes of held datagrams overflow a UDP socket's
+//! receive buffer; [`InOrder`] (and [`NetLock::retire_in_order`]) releases
+//! them in order, as the sockets have room (see `pace`).
+//!
 //! # Leftovers
 //!
 //! Tables are named `lmig_lock_<pid>_<n>` and created with `NFT_TABLE_F_OWNER`:
@@ -59,11 +63,19 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{NetError, Result};
+use crate::sys::diag::Diag;
 use crate::sys::netlink::{Messages, MsgBuf, NlSocket};
 use crate::sys::nft::{
-    self, NF_ACCEPT, NF_DROP, NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6, NFQNL_MSG_PACKET,
-    queue_type,
+    self, NF_ACCEPT, NF_DROP, NFPROTO_IPV4, NFPROTO_IPV6, NFQNL_MSG_PACKET, queue_type,
 };
+
+mod pace;
+mod stale;
+
+pub use pace::{InOrder, PacedStats};
+pub use stale::clean_stale;
+#[cfg(feature = "test-util")]
+pub use stale::testing;
 
 /// Prefix of every lock table name; the rest is `<pid>_<n>` of the owning process.
 pub const TABLE_PREFIX: &str = "lmig_lock_";
@@ -89,7 +101,8 @@ pub struct LockConfig {
     /// Receive buffer of the queue socket, in bytes (copies of held packets).
     pub rcvbuf: usize,
     /// Copy held packets to this process (needed to re-inject them); false
-    /// copies only their metadata (enough to let them through).
+    /// copies only their headers (enough to let them through, in order and
+    /// paced by [`InOrder`]).
     pub copy_payload: bool,
 }
 
@@ -107,7 +120,8 @@ impl LockConfig {
 }
 
 /// One packet held by the lock: its kernel queue id and a copy from the
-/// network header on.
+/// network header on (its first bytes only when the lock copies headers:
+/// [`LockConfig::copy_payload`] false).
 #[derive(Clone, Debug)]
 pub struct HeldPacket {
     /// NFQUEUE packet id.
@@ -141,6 +155,8 @@ pub struct NetLock {
     stats: LockStats,
     rx: Vec<u8>,
     last_id: u32,
+    /// UDP sockets' receive-buffer use, in the lock's namespace ([`InOrder`]).
+    diag: Option<Diag>,
 }
 
 fn lock_err(op: &'static str, what: &str, e: io::Error) -> NetError {
@@ -225,6 +241,10 @@ impl NetLock {
             stats: LockStats::default(),
             rx: vec![0u8; 256 * 1024],
             last_id: 0,
+            // Opened here, in the lock's namespace (later calls may come
+            // from any thread). Without it (no CONFIG_INET_UDP_DIAG) a
+            // paced release knows no socket and lets everything go as it comes.
+            diag: Diag::open().ok(),
         };
         lock.install_tables()?;
         Ok(lock)
@@ -569,97 +589,6 @@ pub(crate) fn parse_packets(buf: &[u8], out: &mut Vec<HeldPacket>, stats: &mut L
         }
     }
     n
-}
-
-/// Find lock tables left by processes that no longer exist (a crashed
-/// run) and delete them; returns their names (`family/name`).
-///
-/// Tables of live processes, and tables the kernel guards for a live owner
-/// socket, are left alone.
-pub fn clean_stale() -> Result<Vec<String>> {
-    let mut nft =
-        NlSocket::netfilter().map_err(|e| lock_err("netlink socket", "NETLINK_NETFILTER", e))?;
-    let tables =
-        list_tables(&mut nft).map_err(|e| lock_err("nftables list tables", "ruleset", e))?;
-    let stale = tables.into_iter().filter(|(_, name)| {
-        name.strip_prefix(TABLE_PREFIX)
-            .and_then(|p| p.split('_').next()?.parse::<u32>().ok())
-            .is_some_and(|pid| {
-                pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-            })
-    });
-    let mut removed = Vec::new();
-    for (fam, name) in stale {
-        let mut m = MsgBuf::new();
-        let seq = nft.next_seq();
-        nft::batch_begin(&mut m, seq);
-        let seq = nft.next_seq();
-        nft::del_table(&mut m, seq, fam, &name);
-        let seq = nft.next_seq();
-        nft::batch_end(&mut m, seq);
-        if nft.transact(m.bytes(), m.acks).is_ok() {
-            removed.push(table_label(fam, &name));
-        }
-    }
-    Ok(removed)
-}
-
-/// `NFT_MSG_GETTABLE` dump: `(family, name)` of every nftables table in the
-/// namespace of the socket.
-fn list_tables(nft: &mut NlSocket) -> io::Result<Vec<(u8, String)>> {
-    let mut m = MsgBuf::new();
-    nft::get_tables(&mut m, nft.next_seq());
-    let mut tables = Vec::new();
-    nft.dump(m.bytes(), |_kind, payload| {
-        tables.extend(nft::parse_table(payload));
-    })?;
-    Ok(tables)
-}
-
-/// `ip/<name>`, `ip6/<name>` (the family as `nft` names it).
-fn table_label(fam: u8, name: &str) -> String {
-    let fam = match fam {
-        NFPROTO_IPV4 => "ip",
-        NFPROTO_IPV6 => "ip6",
-        NFPROTO_INET => "inet",
-        _ => "other",
-    };
-    format!("{fam}/{name}")
-}
-
-/// Test support (feature `test-util`): look at and fake the nftables state
-/// the lock leaves, without the `nft` tool. Not part of the stable API.
-#[cfg(feature = "test-util")]
-pub mod testing {
-    use super::*;
-
-    /// Every nftables table in the calling thread's network namespace, as
-    /// `ip/<name>`, `ip6/<name>` or `inet/<name>`.
-    pub fn tables() -> Result<Vec<String>> {
-        let mut nft = NlSocket::netfilter()
-            .map_err(|e| lock_err("netlink socket", "NETLINK_NETFILTER", e))?;
-        let tables =
-            list_tables(&mut nft).map_err(|e| lock_err("nftables list tables", "ruleset", e))?;
-        Ok(tables.iter().map(|(f, n)| table_label(*f, n)).collect())
-    }
-
-    /// Create an empty table `name` of family `ip` (or `ip6` when `ipv6`)
-    /// that no socket owns, like `nft add table`: a stand-in for the table
-    /// of a crashed run.
-    pub fn add_table(ipv6: bool, name: &str) -> Result<()> {
-        let mut nft = NlSocket::netfilter()
-            .map_err(|e| lock_err("netlink socket", "NETLINK_NETFILTER", e))?;
-        let fam = if ipv6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
-        let mut m = MsgBuf::new();
-        let seq = nft.next_seq();
-        nft::batch_begin(&mut m, seq);
-        let seq = nft.next_seq();
-        nft::new_table(&mut m, seq, fam, name, false);
-        let seq = nft.next_seq();
-        nft::batch_end(&mut m, seq);
-        nft.transact(m.bytes(), m.acks)
-            .map_err(|e| lock_err("nftables add table", name, e))
-    }
 }
 
 /// Check once, at start-up, that a lock can be installed here: creates a
