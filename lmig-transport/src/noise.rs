@@ -50,6 +50,13 @@
 //! A stream that ends inside a record fails the same way; one that ends
 //! between records ends like a plain connection closing (a cut between
 //! records loses whole messages only, which the session protocol notices).
+//!
+//! Record boundaries carry no meaning: the writer puts a frame's header and
+//! message head (gathered from small slices) in a record of their own and
+//! seals page data straight from its buffers in records of the full size,
+//! and the reader hands out bytes whatever the records' sizes. The frames
+//! inside carry checksum 0: the records' tags authenticate every byte, so a
+//! CRC-32C would only repeat, weaker, what they check ([`crate::wire`]).
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};

@@ -5,5 +5,6 @@ pub mod cli;
 pub mod load;
 pub mod migrate;
 pub mod resp;
+pub mod security;
 pub mod server;
 pub mod store;
