@@ -44,6 +44,10 @@ pub struct SourceFigures {
     pub policy: String,
     /// What went wrong without failing the migration.
     pub warnings: Vec<String>,
+    /// What protected the migration's streams: the Noise protocol, `TLS
+    /// 1.3` and its suite, or `none`.
+    #[serde(default)]
+    pub cipher: String,
 }
 
 /// kvd's answer to `migrate` when the migration failed.

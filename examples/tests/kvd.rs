@@ -25,6 +25,7 @@ fn options(mode: &str, fault: Option<Fault>) -> Options {
         svg: None,
         kvd: (env!("CARGO_BIN_EXE_kvd").into(), Vec::new()),
         fault,
+        tls: false,
     }
 }
 
@@ -42,7 +43,28 @@ fn kvd_migrates_live_and_survives_failed_migrations() {
         assert!(r.load.requests_ok > 0, "{mode}");
         let verified = r.destination.as_ref().map(|d| d.verified);
         assert_eq!(verified, Some(true), "{mode}: {:?}", r.destination);
+        let cipher = r.source.as_ref().map(|s| s.cipher.clone());
+        assert_eq!(
+            cipher.as_deref(),
+            Some("Noise_NNpsk0_25519_AESGCM_SHA256"),
+            "{mode}"
+        );
     }
+    // Over TLS 1.3 with certificates made for the run: the same migration,
+    // and kvd says it ran over TLS.
+    let tls = Options {
+        tls: true,
+        ..options("precopy", None)
+    };
+    let r = scenario::run(&tls).unwrap_or_else(|e| panic!("tls: {e}"));
+    assert!(r.migrated, "tls: {:?}", r.error);
+    assert_served_every_key(&r, "tls");
+    let cipher = r
+        .source
+        .as_ref()
+        .map(|s| s.cipher.clone())
+        .unwrap_or_default();
+    assert!(cipher.starts_with("TLS 1.3 TLS13_"), "tls: {cipher:?}");
     // A destination killed in the freeze (at its first socket record, a
     // little later, and just before `Ready`): the source serves on with
     // every connection, then migrates to a fresh destination, and every key

@@ -1,6 +1,7 @@
 //! lmig-transport: the wire format, authentication and channels of lmig.
 //!
 //! * [`wire`]: frames (fixed 16-byte little-endian header with CRC-32C,
+//!   left 0 on streams whose Noise or TLS records authenticate every byte,
 //!   capped length) and a codec for every [`lmig_core::protocol::Message`],
 //!   zero-copy for page data, strict decoders that return errors on any bad
 //!   input and never panic.

@@ -50,6 +50,13 @@
 //! A stream that ends inside a record fails the same way; one that ends
 //! between records ends like a plain connection closing (a cut between
 //! records loses whole messages only, which the session protocol notices).
+//!
+//! Record boundaries carry no meaning: the writer puts a frame's header and
+//! message head (gathered from small slices) in a record of their own and
+//! seals page data straight from its buffers in records of the full size,
+//! and the reader hands out bytes whatever the records' sizes. The frames
+//! inside carry checksum 0: the records' tags authenticate every byte, so a
+//! CRC-32C would only repeat, weaker, what they check ([`crate::wire`]).
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
@@ -70,6 +77,11 @@ pub(crate) const MAX_PLAIN: usize = MAX_RECORD - TAG_LEN;
 const LEN_PREFIX: usize = 2;
 /// Records the writer seals before one write to the socket (256 KiB).
 const WRITE_BATCH: usize = 4;
+/// Slices (or what is left of one) shorter than this are gathered with
+/// their neighbours into one record; longer ones are sealed straight from
+/// the caller's memory, never copied first (a frame's header and message
+/// head become a small record of their own before its pages).
+const GATHER_BELOW: usize = 4096;
 /// Ciphertext bytes the reader asks the socket for at once.
 const READ_BUFFER: usize = WRITE_BATCH * (LEN_PREFIX + MAX_RECORD);
 
@@ -370,8 +382,9 @@ impl<R: Read> Read for RecordReader<R> {
 /// Every `write` call seals and sends all it is given before returning
 /// (nothing waits for a `flush`), in socket writes of up to [`WRITE_BATCH`]
 /// records.
-/// Plaintext is sealed straight from the caller's slices where a whole
-/// record fits in one, and gathered otherwise (small frame headers).
+/// Plaintext is sealed straight from the caller's slices where they hold
+/// at least [`GATHER_BELOW`] bytes, and gathered otherwise (small frame
+/// headers).
 pub(crate) struct RecordWriter<W> {
     inner: W,
     keys: StreamKeys,
@@ -471,16 +484,20 @@ impl<W: Write> Write for RecordWriter<W> {
                 if self.out.len() - self.out_len < 2 * record {
                     self.send_out()?;
                 }
-                if self.stage_len == 0 && rest.len() >= MAX_PLAIN {
+                if rest.len() >= GATHER_BELOW {
+                    // Sealed from the caller's slice: what was gathered
+                    // before it goes first, as a record of its own.
+                    self.seal_stage();
+                    let n = rest.len().min(MAX_PLAIN);
                     Self::seal(
                         &mut self.out,
                         &mut self.out_len,
                         &mut self.next,
                         &self.keys,
-                        &rest[..MAX_PLAIN],
+                        &rest[..n],
                     );
-                    rest = &rest[MAX_PLAIN..];
-                    taken += MAX_PLAIN;
+                    rest = &rest[n..];
+                    taken += n;
                 } else {
                     let n = rest.len().min(MAX_PLAIN - self.stage_len);
                     self.stage[self.stage_len..self.stage_len + n].copy_from_slice(&rest[..n]);
@@ -569,8 +586,32 @@ mod tests {
         assert_eq!(w.write_vectored(&left).unwrap(), 300_020);
         let mut want = b"0123456789abcdefhead".to_vec();
         want.extend_from_slice(&big);
-        // 300,020 bytes: 4 full records and one short one.
-        assert_eq!(w.next, 5);
+        // 300,020 bytes: the two small slices gathered in one record, then
+        // the big one sealed in place: 4 full records and one short one.
+        assert_eq!(w.next, 6);
+        assert_eq!(
+            w.inner.len(),
+            300_020 + 6 * (LEN_PREFIX + TAG_LEN),
+            "no other record"
+        );
+        // Small slices between big ones are gathered, in order.
+        let (d2, l2) = keys(b"q", b"q").unwrap();
+        let (_, mut w2) = d2.split(io::empty(), Vec::new());
+        let mixed = [
+            IoSlice::new(b"a"),
+            IoSlice::new(&big[..5000]),
+            IoSlice::new(b"b"),
+            IoSlice::new(b"c"),
+            IoSlice::new(&big[5000..]),
+        ];
+        assert_eq!(w2.write_vectored(&mixed).unwrap(), 300_003);
+        let mut want2 = b"a".to_vec();
+        want2.extend_from_slice(&big[..5000]);
+        want2.extend_from_slice(b"bc");
+        want2.extend_from_slice(&big[5000..]);
+        // "a", big[..5000], "bc", then 295,000 bytes: 4 full and one short.
+        assert_eq!(w2.next, 8);
+        assert_eq!(opened(&l2, &w2.inner, 1000).unwrap(), want2);
         assert_eq!(opened(&l, &w.inner, 4096).unwrap(), want);
     }
 

@@ -10,7 +10,9 @@
 //! ```
 //!
 //! The pre-shared key comes from `LMIG_KEY` (hex, at least 16 bytes) on both
-//! sides. With `--service-if`, the listening address moves with the program
+//! sides; with `LMIG_TLS_CERT`, `LMIG_TLS_KEY` and `LMIG_TLS_CA` (PEM files)
+//! the migration runs over TLS 1.3 with certificates instead
+//! ([`crate::kvd::security`]). With `--service-if`, the listening address moves with the program
 //! (network lock, held packets, address handoff).
 
 use std::io::{BufRead, BufReader, Write};
@@ -349,6 +351,7 @@ fn serve_admin(
                                 == lmig_core::protocol::Verification::Verified,
                             policy: rep.policy_reason,
                             warnings: rep.warnings,
+                            cipher: crate::kvd::security::last_cipher(),
                         })));
                         return true;
                     }

@@ -22,9 +22,7 @@ use lmig_net::{
     HandoffConfig, HandoffSink as Handoff, HandoffSource as Locked, NetSink, ProgramSockets,
     SinkConfig, SocketOwner,
 };
-use lmig_transport::{
-    AuthKey, ChannelConfig, Endpoint, Listener, Rejection, StreamChannel, connect,
-};
+use lmig_transport::{Endpoint, Listener, Rejection, StreamChannel, connect};
 
 use super::server::{Control, Parked, Server, Wake, decode_state};
 use super::store::Store;
@@ -279,10 +277,12 @@ pub fn migrate_out(
     if debug {
         eprintln!("kvd: tracker ready after {:?}", t.elapsed());
     }
-    let config = ChannelConfig::new(AuthKey::new(&opts.key).map_err(|e| backend("key", e))?)
+    let config = crate::kvd::security::channel_config(&opts.key)
+        .map_err(|e| backend("key", e))?
         .with_data_streams(opts.streams);
     let channel =
         connect(&Endpoint::Tcp(opts.target), config).map_err(|e| backend("connect", e))?;
+    crate::kvd::security::record_cipher(channel.cipher());
     if debug {
         eprintln!("kvd: connected after {:?}", t.elapsed());
     }
@@ -521,7 +521,7 @@ pub fn receive(
         .transpose()
         .map_err(|e| format!("{DIE_IN_FREEZE_ENV}: {e}"))?;
     let refused = log.clone();
-    let config = ChannelConfig::new(AuthKey::new(key)?)
+    let config = crate::kvd::security::channel_config(key)?
         .on_reject(move |r: &Rejection| refused.refused(&r.peer, &r.error.to_string()));
     let listener = Listener::bind(&Endpoint::Tcp(listen), config)?;
     log.waiting();

@@ -7,5 +7,6 @@ pub mod commands;
 pub mod load;
 pub mod migrate;
 pub mod resp;
+pub mod security;
 pub mod server;
 pub mod store;

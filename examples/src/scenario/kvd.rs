@@ -67,13 +67,15 @@ pub(super) fn wait_event_seeing(
 }
 
 /// Start a destination kvd in B waiting on `incoming` (dying in the freeze
-/// after `die_at` µs, if given); its events.
+/// after `die_at` µs, if given; over TLS with its certificate in `tls`, if
+/// given); its events.
 pub(super) fn destination(
     opts: &Options,
     topo: &Topology,
     incoming: &str,
     key: &str,
     die_at: Option<u64>,
+    tls: Option<&Path>,
 ) -> Result<(Child, mpsc::Receiver<KvdEvent>), Error> {
     let mut b = kvd(
         opts,
@@ -89,6 +91,9 @@ pub(super) fn destination(
         ],
     );
     b.env("LMIG_KEY", key);
+    if let Some(t) = tls {
+        super::tls::use_certificates(&mut b, t, "b");
+    }
     if let Some(us) = die_at {
         b.env(crate::kvd::migrate::DIE_IN_FREEZE_ENV, us.to_string());
     }

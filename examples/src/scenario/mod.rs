@@ -19,6 +19,7 @@ use crate::kvd::load::{self, KeyCheck, LoadReport};
 
 mod kvd;
 mod timeline;
+mod tls;
 
 use kvd::{admin, destination, events, kvd, migrate_once, wait_event, wait_event_seeing};
 
@@ -54,6 +55,9 @@ pub struct Options {
     pub kvd: (PathBuf, Vec<String>),
     /// A fault to inject (tests of the failure paths).
     pub fault: Option<Fault>,
+    /// Migrate over TLS 1.3 with certificates made for the run (a CA and
+    /// one for each kvd) instead of the pre-shared key's Noise.
+    pub tls: bool,
 }
 
 impl Options {
@@ -76,6 +80,7 @@ impl Options {
             svg: None,
             kvd: (std::env::current_exe()?, vec!["kvd".into()]),
             fault: None,
+            tls: false,
         })
     }
 }
@@ -201,6 +206,17 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         ],
     );
     a.env("LMIG_KEY", &key);
+    let tls_dir = if opts.tls {
+        if opts.fault == Some(Fault::WrongKey) {
+            return Err("the wrong-key fault needs the pre-shared key, not TLS".into());
+        }
+        Some(tls::certificates(&dir)?)
+    } else {
+        None
+    };
+    if let Some(t) = &tls_dir {
+        tls::use_certificates(&mut a, t, "a");
+    }
     let mut a = topo.a.spawn(&mut a)?;
     let a_events = events(a.stdout.take().ok_or("kvd A has no stdout")?);
     cleanup.children.push(a);
@@ -216,7 +232,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     let mut b_events = if opts.fault == Some(Fault::NoDestination) {
         mpsc::channel().1
     } else {
-        let (b, rx) = destination(opts, &topo, &incoming, &b_key, die_at)?;
+        let (b, rx) = destination(opts, &topo, &incoming, &b_key, die_at, tls_dir.as_deref())?;
         cleanup.children.push(b);
         rx
     };
@@ -303,7 +319,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         if let Some(b1) = cleanup.children.last_mut() {
             let _ = b1.wait();
         }
-        let (b, rx) = destination(opts, &topo, &incoming, &key, None)?;
+        let (b, rx) = destination(opts, &topo, &incoming, &key, None, tls_dir.as_deref())?;
         cleanup.children.push(b);
         b_events = rx;
         wait_event(&b_events, "waiting", Duration::from_secs(30))?;

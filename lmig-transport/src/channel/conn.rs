@@ -217,6 +217,12 @@ impl FrameReader {
         self.authenticated = true;
     }
 
+    /// The connection is sealed (every byte authenticated below): protocol
+    /// frames' checksum is not checked ([`MessageDecoder::sealed`]).
+    pub(crate) fn set_sealed(&mut self) {
+        self.decoder.sealed();
+    }
+
     pub(crate) fn conn(&self) -> &dyn Conn {
         &*self.conn
     }

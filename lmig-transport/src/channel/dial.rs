@@ -96,7 +96,7 @@ fn handshake_dial(
         .set_timeouts(None, config.write_timeout)
         .map_err(io_err)?;
     reader.set_authenticated();
-    let (reader, writer) = secure::seal(reader, writer, keys);
+    let (reader, writer) = secure::seal(reader, writer, keys, opened.mode);
     Ok(Stream {
         writer,
         reader,

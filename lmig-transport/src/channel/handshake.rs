@@ -181,7 +181,7 @@ impl Shared {
             Ok(a) => match writer.set_timeouts(None, config.write_timeout) {
                 Ok(()) => {
                     reader.set_authenticated();
-                    let (reader, writer) = secure::seal(reader, writer, a.keys);
+                    let (reader, writer) = secure::seal(reader, writer, a.keys, opened.mode);
                     return Ok((
                         a.hello,
                         Stream {

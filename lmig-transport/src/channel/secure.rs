@@ -66,6 +66,14 @@ impl Security {
             Self::PlaintextTrustedLinkOnly(_) => "none",
         }
     }
+
+    /// Every byte after the handshake is authenticated by the record
+    /// layer (Noise or TLS), so protocol frames carry checksum 0 instead of
+    /// their CRC-32C and the receiver does not check it (the wire format,
+    /// [`crate::wire`]).
+    pub(super) fn seals(&self) -> bool {
+        matches!(self, Self::Psk(_) | Self::Tls(_))
+    }
 }
 
 /// A stream after step 1: its halves, and how to admit it.
@@ -106,17 +114,26 @@ pub(super) fn open(conn: Box<dyn Conn>, security: &Security, client: bool) -> Re
 }
 
 /// Step 3: wrap the halves in Noise records when the admission agreed keys.
+/// On a sealed stream (Noise or TLS) the reader no longer checks protocol
+/// frames' CRC-32C, which the writer leaves 0 ([`Security::seals`]).
 pub(super) fn seal(
-    reader: FrameReader,
+    mut reader: FrameReader,
     writer: Box<dyn Conn>,
     keys: Option<StreamKeys>,
+    mode: KeyMode,
 ) -> (FrameReader, Box<dyn Conn>) {
     match keys {
-        None => (reader, writer),
+        None => {
+            if mode == KeyMode::Tls {
+                reader.set_sealed();
+            }
+            (reader, writer)
+        }
         Some(keys) => {
             let (r, w) = keys.split(reader.into_conn(), writer);
             let mut reader = FrameReader::new(Box::new(SealedReader(r)));
             reader.set_authenticated();
+            reader.set_sealed();
             (reader, Box::new(SealedWriter(w)))
         }
     }

@@ -16,7 +16,7 @@ use super::queue::EventQueue;
 use super::urgent::DirectUrgent;
 use super::{ChannelConfig, Dial, Key, Streams, lock};
 use crate::error::Result;
-use crate::wire::{SESSION_ID_LEN, encode_message};
+use crate::wire::{SESSION_ID_LEN, encode_message, encode_message_sealed};
 
 /// How a channel re-establishes its streams.
 pub(super) enum Side {
@@ -144,7 +144,12 @@ impl StreamChannel {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(MigrationError::channel_closed("the channel was shut down"));
         }
-        let frames = encode_message(msg)
+        let encode = if self.inner.config.security.seals() {
+            encode_message_sealed
+        } else {
+            encode_message
+        };
+        let frames = encode(msg)
             .map_err(|e| MigrationError::channel(format!("cannot encode {}", msg.name()), e))?;
         if let Some(l) = &self.inner.limiter {
             l.acquire(frames.len());

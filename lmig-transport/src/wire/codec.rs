@@ -93,10 +93,25 @@ fn write_all_vectored<W: Write + ?Sized>(
     Ok(())
 }
 
-fn frames_of(kind: Kind, head: Bytes, tail: Bytes) -> Result<EncodedFrames> {
+/// Whether frames carry the CRC-32C of their payload or 0 (sealed streams,
+/// whose record layer authenticates every byte).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Checksum {
+    Crc32c,
+    Sealed,
+}
+
+fn checksum(how: Checksum, head: &[u8], tail: &[u8]) -> u32 {
+    match how {
+        Checksum::Crc32c => crc32c::crc32c_append(crc32c::crc32c(head), tail),
+        Checksum::Sealed => 0,
+    }
+}
+
+fn frames_of(kind: Kind, head: Bytes, tail: Bytes, how: Checksum) -> Result<EncodedFrames> {
     let total = head.len() + tail.len();
     if total <= MAX_FRAME_PAYLOAD {
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &tail);
+        let crc = checksum(how, &head, &tail);
         let header = FrameRepr::new(kind, 0, total, crc)?.to_bytes();
         return Ok(EncodedFrames {
             frames: vec![EncodedFrame {
@@ -121,7 +136,7 @@ fn frames_of(kind: Kind, head: Bytes, tail: Bytes) -> Result<EncodedFrames> {
         } else {
             Bytes::new()
         };
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&h), &t);
+        let crc = checksum(how, &h, &t);
         let flags = if end < total { FLAG_MORE } else { 0 };
         let header = FrameRepr::new(kind, flags, end - off, crc)?.to_bytes();
         frames.push(EncodedFrame {
@@ -139,12 +154,21 @@ fn frames_of(kind: Kind, head: Bytes, tail: Bytes) -> Result<EncodedFrames> {
 /// Encode a protocol message. Page and state bytes are referenced, not copied.
 pub fn encode_message(msg: &Message) -> Result<EncodedFrames> {
     let (kind, head, tail) = emit_body(msg)?;
-    frames_of(kind, head, tail)
+    frames_of(kind, head, tail, Checksum::Crc32c)
+}
+
+/// Encode a protocol message for a sealed stream (Noise records or TLS,
+/// whose AEAD tags authenticate every byte): as [`encode_message`], with
+/// the checksum field 0 instead of the payload's CRC-32C, which would only
+/// repeat, weaker, what the record layer already checks.
+pub fn encode_message_sealed(msg: &Message) -> Result<EncodedFrames> {
+    let (kind, head, tail) = emit_body(msg)?;
+    frames_of(kind, head, tail, Checksum::Sealed)
 }
 
 /// Encode a handshake message (always one small frame).
 pub fn encode_handshake(hs: &Handshake) -> Result<EncodedFrames> {
-    frames_of(hs.kind(), hs.emit(), Bytes::new())
+    frames_of(hs.kind(), hs.emit(), Bytes::new(), Checksum::Crc32c)
 }
 
 /// Splits a byte stream into checked frames.
@@ -216,6 +240,9 @@ pub enum WireItem {
 pub struct MessageDecoder {
     frames: FrameDecoder,
     partial: Option<(Kind, BytesMut)>,
+    /// Protocol message frames are not checked against their checksum
+    /// field ([`MessageDecoder::sealed`]).
+    sealed: bool,
 }
 
 impl MessageDecoder {
@@ -236,12 +263,25 @@ impl MessageDecoder {
         }
     }
 
+    /// For a sealed stream (the record layer below authenticated every
+    /// byte): [`MessageDecoder::decode_frame`] no longer checks protocol
+    /// message frames' checksum field, which [`encode_message_sealed`]
+    /// sets to 0. Handshake frames are still checked.
+    pub fn sealed(&mut self) {
+        self.sealed = true;
+    }
+
     /// Decode one whole frame held in `frame` (header and payload, nothing
     /// more): the message, or `Ok(None)` if it was a fragment and more
     /// frames are needed. Page content is a slice of `frame`.
     pub fn decode_frame(&mut self, frame: Bytes) -> Result<Option<WireItem>> {
         let view = Frame::new_checked(&frame[..])?;
-        let repr = FrameRepr::parse(&view)?;
+        let header = FrameRepr::parse_header(&view)?;
+        let repr = if self.sealed && !header.kind.is_handshake() {
+            header
+        } else {
+            FrameRepr::parse(&view)?
+        };
         let end = HEADER_LEN + repr.length as usize;
         if frame.len() != end {
             return Err(WireError::TrailingBytes(
@@ -339,6 +379,45 @@ mod tests {
                 })
             ]
         );
+    }
+
+    #[test]
+    fn sealed_frames_carry_no_checksum_and_only_sealed_decoders_skip_it() {
+        let msg = Message::Abort {
+            reason: "bye".into(),
+        };
+        let plain = encode_message(&msg).unwrap().to_vec();
+        let sealed = encode_message_sealed(&msg).unwrap().to_vec();
+        // Same frame but for the checksum field, which is 0.
+        assert_eq!(plain[..12], sealed[..12]);
+        assert_eq!(plain[16..], sealed[16..]);
+        assert_ne!(plain[12..16], [0; 4]);
+        assert_eq!(sealed[12..16], [0; 4]);
+        let mut dec = MessageDecoder::new();
+        dec.sealed();
+        assert_eq!(
+            dec.decode_frame(Bytes::from(sealed.clone())).unwrap(),
+            Some(WireItem::Message(msg.clone()))
+        );
+        // An unsealed decoder still checks (a plaintext stream).
+        assert!(matches!(
+            MessageDecoder::new().decode_frame(Bytes::from(sealed)),
+            Err(WireError::BadChecksum { .. })
+        ));
+        // A sealed decoder still checks handshake frames, and everything else.
+        let mut hs = encode_handshake(&Handshake::Reject(crate::wire::Reject {
+            reason: crate::wire::RejectReason::Busy,
+        }))
+        .unwrap()
+        .to_vec();
+        *hs.last_mut().unwrap() ^= 1;
+        assert!(matches!(
+            dec.decode_frame(Bytes::from(hs)),
+            Err(WireError::BadChecksum { .. })
+        ));
+        let mut bad_len = encode_message_sealed(&msg).unwrap().to_vec();
+        bad_len.push(0);
+        assert!(dec.decode_frame(Bytes::from(bad_len)).is_err());
     }
 
     #[test]

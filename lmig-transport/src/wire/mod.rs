@@ -21,7 +21,11 @@
 //!   frame; every other bit must be zero.
 //! * `length` is the payload length, at most [`MAX_FRAME_PAYLOAD`] (64 MiB):
 //!   a peer can never make a receiver allocate more than that for one frame.
-//! * `crc32c` is the CRC-32C (Castagnoli) of the payload.
+//! * `crc32c` is the CRC-32C (Castagnoli) of the payload; 0 in protocol
+//!   message frames on a sealed stream (Noise records or TLS: the record
+//!   layer's AEAD tag authenticates every byte, see `Security`), where the
+//!   receiver does not check it ([`encode_message_sealed`],
+//!   [`MessageDecoder::sealed`]). Handshake frames always carry it.
 //!
 //! A message whose encoding exceeds [`MAX_FRAME_PAYLOAD`] (a large program
 //! state, a socket with big queues, a batch of huge pages) is split into
@@ -52,6 +56,7 @@ mod split;
 
 pub use codec::{
     EncodedFrames, FrameDecoder, MessageDecoder, WireItem, encode_handshake, encode_message,
+    encode_message_sealed,
 };
 pub use frame::{Frame, FrameRepr, HEADER_LEN, Kind, MAGIC, MIN_VERSION};
 pub use handshake::{
