@@ -23,16 +23,14 @@
 //!
 //! The acceptor thread holds the listener's state weakly: it stops within
 //! [`TICK`](super::acceptor::TICK) once the [`super::Listener`] and every channel it accepted (and
-//! every handshake in flight) are gone.
+//! every handshake in flight) are gone (`listening.rs`, [`ListenerCore`](super::listening::ListenerCore)).
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::acceptor::AcceptorThread;
 use super::eviction::{Cut, Table};
 use super::reject::ListenerStats;
 use super::{AcceptConn, ChannelConfig, Key, Stream, Streams, lock};
@@ -92,51 +90,6 @@ struct Sets {
     stopped: Option<(io::ErrorKind, String)>,
 }
 
-/// The listening side as its owners hold it: the [`super::Listener`] and
-/// every channel it accepted (for `reconnect`). When the last one goes, the
-/// acceptor thread stops (within [`TICK`](super::acceptor::TICK)), the handshakes in flight are
-/// cut and the listening socket closes.
-pub(super) struct ListenerCore {
-    shared: Arc<Shared>,
-}
-
-impl std::ops::Deref for ListenerCore {
-    type Target = Shared;
-
-    fn deref(&self) -> &Shared {
-        &self.shared
-    }
-}
-
-impl Drop for ListenerCore {
-    fn drop(&mut self) {
-        self.shared.close();
-    }
-}
-
-impl ListenerCore {
-    /// Start accepting on `acceptor`: the acceptor thread runs until the
-    /// returned core is dropped.
-    pub(super) fn start(
-        acceptor: Box<dyn AcceptConn>,
-        config: ChannelConfig,
-    ) -> Result<(Arc<Self>, thread::JoinHandle<()>)> {
-        let shared = Arc::new(Shared {
-            acceptor,
-            config,
-            replay: Mutex::default(),
-            sets: Mutex::default(),
-            ready: Condvar::new(),
-            table: Mutex::default(),
-            closed: AtomicBool::new(false),
-        });
-        let handle = AcceptorThread::new(shared.clone())
-            .spawn()
-            .map_err(|e| TransportError::io("starting the acceptor thread", e))?;
-        Ok((Arc::new(Self { shared }), handle))
-    }
-}
-
 /// What the acceptor thread, the handshake threads and the owners share.
 pub(super) struct Shared {
     pub(super) acceptor: Box<dyn AcceptConn>,
@@ -151,8 +104,21 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// The state of a listener accepting on `acceptor`, nothing filed yet.
+    pub(super) fn new(acceptor: Box<dyn AcceptConn>, config: ChannelConfig) -> Self {
+        Self {
+            acceptor,
+            config,
+            replay: Mutex::default(),
+            sets: Mutex::default(),
+            ready: Condvar::new(),
+            table: Mutex::default(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
     /// The owners are gone: stop the acceptor, cut every handshake.
-    fn close(&self) {
+    pub(super) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         let mut t = lock(&self.table);
         while !t.in_flight.is_empty() {

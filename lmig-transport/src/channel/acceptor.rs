@@ -186,34 +186,7 @@ fn os_code(e: &io::Error) -> Option<i32> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::accept::ListenerCore;
-    use super::super::{ChannelConfig, Endpoint, net};
     use super::*;
-    use crate::AuthKey;
-
-    #[test]
-    fn acceptor_thread_stops_when_the_owners_are_gone() {
-        let config = ChannelConfig::new(AuthKey::new([1u8; 32]).unwrap());
-        let (acceptor, _) =
-            net::listen(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), &config).unwrap();
-        let (core, thread) = ListenerCore::start(acceptor, config).unwrap();
-        let other_owner = core.clone();
-        drop(core);
-        std::thread::sleep(TICK * 2);
-        assert!(!thread.is_finished(), "an owner is left");
-        drop(other_owner);
-        for _ in 0..100 {
-            if thread.is_finished() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(
-            thread.is_finished(),
-            "the acceptor thread outlived its listener"
-        );
-        thread.join().expect("the acceptor thread panicked");
-    }
 
     #[test]
     fn accept_failures_that_concern_one_connection_are_transient() {

@@ -2,7 +2,6 @@
 //! dialer's half of each stream's handshake.
 
 use super::conn::{Conn, FrameReader, HandshakeConn};
-use super::stream::{Side, StreamChannel};
 use super::{ChannelConfig, Dial, Stream, Streams, secure};
 use crate::auth;
 use crate::error::{Result, TransportError};
@@ -102,19 +101,4 @@ fn handshake_dial(
         reader,
         cipher: opened.cipher,
     })
-}
-
-/// A channel over `dialer`'s connections: a fresh session, generation 0.
-pub(crate) fn start_dialed(dialer: Box<dyn Dial>, config: ChannelConfig) -> Result<StreamChannel> {
-    config.check()?;
-    let mut session = [0u8; SESSION_ID_LEN];
-    auth::fill_random(&mut session)?;
-    let streams = dial_streams(&*dialer, &config, session, 0)?;
-    Ok(StreamChannel::start(
-        streams,
-        config,
-        session,
-        0,
-        Side::Dialer(dialer),
-    ))
 }

@@ -20,28 +20,19 @@ use std::io::{self, BufWriter, Write};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use lmig_core::protocol::Message;
-
-use super::conn::{Conn, FrameReader, ReadOutcome};
+use super::conn::{Conn, FrameReader};
+use super::event::{Event, read_event};
 use super::queue::EventQueue;
 use super::urgent::DirectUrgent;
 use super::{Stream, Streams, lock};
 use crate::error::TransportError;
-use crate::wire::{EncodedFrames, WireItem};
+use crate::wire::EncodedFrames;
 
 /// Name of the urgent stream's reader thread.
 const URGENT_READER: &str = "lmig-rx-urgent";
 
 /// Bytes a data lane gathers before writing (frames larger than this go out directly).
 const DATA_BUFFER: usize = 256 << 10;
-
-/// What a reader reports: messages, then the stream's end or failure, each
-/// tagged with the generation of the streams it came from.
-pub(super) enum Event {
-    Msg(Message),
-    Eof(u32),
-    Failed(u32, TransportError),
-}
 
 /// Where a message is sent.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -226,21 +217,6 @@ impl LaneReader {
     }
 }
 
-/// The next message of a stream, or its end, as a reader reports it.
-pub(super) fn read_event(reader: &mut FrameReader, generation: u32) -> Event {
-    match reader.next("while receiving") {
-        Ok(ReadOutcome::Item(WireItem::Message(m))) => Event::Msg(m),
-        Ok(ReadOutcome::Item(WireItem::Handshake(h))) => Event::Failed(
-            generation,
-            TransportError::Handshake {
-                detail: format!("{} frame after authentication", h.kind().name()),
-            },
-        ),
-        Ok(ReadOutcome::Eof) => Event::Eof(generation),
-        Err(e) => Event::Failed(generation, e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicBool;
@@ -249,11 +225,16 @@ mod tests {
     use lmig_core::model::{PageRun, RegionId};
     use lmig_core::protocol::{PageBatch, PageData};
 
+    use lmig_core::protocol::Message;
+
     use super::super::ChannelConfig;
+    use super::super::conn::ReadOutcome;
     use super::super::pipe::{PipeEnd, pipe};
     use super::*;
     use crate::AuthKey;
-    use crate::wire::{Handshake, Reject, RejectReason, encode_handshake, encode_message};
+    use crate::wire::{
+        Handshake, Reject, RejectReason, WireItem, encode_handshake, encode_message,
+    };
 
     const WAIT: Duration = Duration::from_secs(10);
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::accept::ListenerCore;
+use super::listening::ListenerCore;
 use super::stream::{Side, StreamChannel};
 use super::{ChannelConfig, Endpoint, ListenerStats, net};
 use crate::error::Result;

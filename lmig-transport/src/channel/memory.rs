@@ -5,9 +5,9 @@ use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Instant;
 
-use super::accept::ListenerCore;
 use super::conn::Conn;
 use super::dial::dial_streams;
+use super::listening::ListenerCore;
 use super::stream::{Side, StreamChannel};
 use super::{AcceptConn, ChannelConfig, Dial, lock, pipe};
 use crate::auth;

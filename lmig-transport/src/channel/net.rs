@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
 use super::conn::Conn;
-use super::dial::start_dialed;
+use super::stream::start_dialed;
 use super::{AcceptConn, ChannelConfig, Dial, StreamChannel};
 use crate::error::{Result, TransportError};
 

@@ -8,15 +8,32 @@ use std::time::{Duration, Instant};
 use lmig_core::protocol::{Message, PageBatch};
 use lmig_core::{Channel, MigrationError};
 
-use super::accept::ListenerCore;
 use super::dial::dial_streams;
-use super::lanes::{Event, Lane, LaneReader, Lanes};
+use super::event::Event;
+use super::lanes::{Lane, LaneReader, Lanes};
 use super::limit::TokenBucket;
+use super::listening::ListenerCore;
 use super::queue::EventQueue;
 use super::urgent::DirectUrgent;
 use super::{ChannelConfig, Dial, Key, Streams, lock};
+use crate::auth;
 use crate::error::Result;
 use crate::wire::{SESSION_ID_LEN, encode_message, encode_message_sealed};
+
+/// A channel over `dialer`'s connections: a fresh session, generation 0.
+pub(crate) fn start_dialed(dialer: Box<dyn Dial>, config: ChannelConfig) -> Result<StreamChannel> {
+    config.check()?;
+    let mut session = [0u8; SESSION_ID_LEN];
+    auth::fill_random(&mut session)?;
+    let streams = dial_streams(&*dialer, &config, session, 0)?;
+    Ok(StreamChannel::start(
+        streams,
+        config,
+        session,
+        0,
+        Side::Dialer(dialer),
+    ))
+}
 
 /// How a channel re-establishes its streams.
 pub(super) enum Side {

@@ -8,7 +8,7 @@ use lmig_core::MigrationError;
 use lmig_core::protocol::Message;
 
 use super::conn::FrameReader;
-use super::lanes::{Event, read_event};
+use super::event::{Event, read_event};
 use super::queue::EventQueue;
 use super::{ChannelConfig, lock};
 use crate::error::TransportError;
