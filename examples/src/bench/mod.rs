@@ -10,6 +10,7 @@ pub mod handoff;
 pub mod hostile;
 pub mod migrate;
 pub mod postcopy;
+pub mod postcopy_loss;
 pub mod precopy;
 pub mod split;
 pub mod tcp;

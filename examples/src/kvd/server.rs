@@ -87,6 +87,13 @@ pub enum Wake {
     Exit,
 }
 
+/// Post-copy paused (the source lost after `Commit`): how many pages are
+/// still missing, 0 when not paused. While it is set, requests that read or
+/// write the store are refused with an error (they could block on a missing
+/// page); `PING` and `INFO` still answer and `INFO` reports it. Set by the
+/// destination's session observer (one migration per process).
+pub static POSTCOPY_PAUSED: AtomicU64 = AtomicU64::new(0);
+
 /// Counters the loop keeps (for INFO and reports).
 #[derive(Default)]
 pub struct Counters {
@@ -599,6 +606,16 @@ pub fn execute(store: &Store<'_>, args: &[Vec<u8>], out: &mut Vec<u8>, counters:
         }
         ok
     };
+    let paused = POSTCOPY_PAUSED.load(Ordering::Acquire);
+    if paused > 0 && !matches!(cmd.as_slice(), b"PING" | b"INFO") {
+        resp::error(
+            out,
+            &format!(
+                "post-copy paused: the source was lost with {paused} pages still missing; request refused"
+            ),
+        );
+        return;
+    }
     match cmd.as_slice() {
         b"PING" => match args.get(1) {
             Some(m) => resp::bulk(out, Some(m)),
@@ -619,13 +636,18 @@ pub fn execute(store: &Store<'_>, args: &[Vec<u8>], out: &mut Vec<u8>, counters:
         },
         b"DBSIZE" => resp::integer(out, store.len() as i64),
         b"INFO" => {
+            // Paused: the key count could sit on a missing page.
+            let keyspace = match paused {
+                0 => format!("# Keyspace\r\ndb0:keys={}\r\n", store.len()),
+                _ => String::new(),
+            };
             let info = format!(
-                "# Server\r\nkvd_version:{}\r\nprocess_id:{}\r\n# Clients\r\nconnected_clients:{}\r\n# Stats\r\ntotal_commands_processed:{}\r\n# Keyspace\r\ndb0:keys={}\r\n",
+                "# Server\r\nkvd_version:{}\r\nprocess_id:{}\r\n# Clients\r\nconnected_clients:{}\r\n# Stats\r\ntotal_commands_processed:{}\r\npostcopy_paused:{}\r\npostcopy_missing_pages:{paused}\r\n{keyspace}",
                 env!("CARGO_PKG_VERSION"),
                 std::process::id(),
                 counters.clients.load(Ordering::Relaxed),
                 counters.requests.load(Ordering::Relaxed),
-                store.len()
+                u8::from(paused > 0),
             );
             resp::bulk(out, Some(info.as_bytes()));
         }
