@@ -29,7 +29,8 @@ use lmig_mem::{ManualTracker, RegionSet};
 use lmig_transport::{Endpoint, connect};
 use serde_json::{Value, json};
 
-use super::postcopy::{Args, KEY_ENV, Proxy, channel_config, source_regions};
+use super::cut_proxy::Proxy;
+use super::postcopy::{Args, KEY_ENV, channel_config, source_regions};
 use super::round;
 use crate::common::keys::key_from_hex;
 use crate::common::process::{Peer, announce_result};

@@ -281,4 +281,42 @@ mod tests {
         store.populate(1000, 100).unwrap();
         assert_eq!(store.get(b"key:999").unwrap().len(), 100);
     }
+
+    /// While post-copy is paused (its source lost), requests that read or
+    /// write the store get a clear error instead of blocking on a missing
+    /// page; PING and INFO answer, INFO says so.
+    #[test]
+    fn paused_postcopy_refuses_store_requests_and_says_so() {
+        use crate::kvd::server::{Counters, POSTCOPY_PAUSED, execute};
+        use std::sync::atomic::Ordering;
+        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+        let store = Store::format(&region);
+        store.set(b"k", b"v").unwrap();
+        let counters = Counters::default();
+        let run = |args: &[&[u8]]| {
+            let mut out = Vec::new();
+            let args: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
+            execute(&store, &args, &mut out, &counters);
+            String::from_utf8(out).unwrap()
+        };
+        POSTCOPY_PAUSED.store(7, Ordering::Release);
+        for req in [
+            &[&b"GET"[..], b"k"][..],
+            &[b"SET", b"k", b"w"],
+            &[b"DBSIZE"],
+        ] {
+            let reply = run(req);
+            assert!(
+                reply.starts_with("-ERR post-copy paused") && reply.contains("7 pages"),
+                "{reply}"
+            );
+        }
+        assert_eq!(run(&[b"PING"]), "+PONG\r\n");
+        let info = run(&[b"INFO"]);
+        assert!(info.contains("postcopy_paused:1"), "{info}");
+        assert!(info.contains("postcopy_missing_pages:7"), "{info}");
+        assert!(!info.contains("db0:keys"), "{info}");
+        POSTCOPY_PAUSED.store(0, Ordering::Release);
+        assert_eq!(run(&[b"GET", b"k"]), "$1\r\nv\r\n", "the SET was refused");
+    }
 }
