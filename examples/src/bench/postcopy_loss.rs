@@ -122,8 +122,9 @@ pub fn lose_source(
             Some(report)
         }
     };
-    let total_ms = start.elapsed().as_secs_f64() * 1e3;
     let d = dest.result()?;
+    // To the destination's report: its pause included.
+    let total_ms = start.elapsed().as_secs_f64() * 1e3;
     let wrong_pages = d["bad_touches"].as_u64();
     let outcome = d["outcome"].as_str().unwrap_or("failed").to_string();
     let verified = source.as_ref().map(|r| {
