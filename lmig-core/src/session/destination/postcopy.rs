@@ -329,6 +329,14 @@ where
         placement.counts.add_to(&mut progress.report);
         progress.report.warnings.extend(placement.warnings);
         match result {
+            // Every page arrived after all (placed by the other thread while
+            // the link was down): nothing is missing, the digests decide.
+            Err(MigrationError::PostcopyPaused { reason, .. }) if placement.missing.is_empty() => {
+                progress.report.warnings.push(format!(
+                    "post-copy: every page placed, then the source was lost ({reason})"
+                ));
+                Ok(placement.missing)
+            }
             // The count once every placing thread stopped: what stays missing.
             Err(MigrationError::PostcopyPaused {
                 paused_for, reason, ..
