@@ -156,6 +156,30 @@ pub enum KvdEvent {
         /// When (ns).
         mono_ns: u64,
     },
+    /// After `Commit`, post-copy paused: the source was lost with pages
+    /// still missing. Requests touching the store are refused meanwhile.
+    PostcopyPaused {
+        /// Pages still missing.
+        missing_pages: u64,
+        /// Why the source counts as lost.
+        reason: String,
+    },
+    /// A source came back after a pause; post-copy goes on.
+    PostcopyResumed {
+        /// Pages missing when it came back.
+        missing_pages: u64,
+        /// How long post-copy was paused (ms).
+        paused_ms: u64,
+    },
+    /// After `Commit`, the source never came back: the program runs here
+    /// with `missing_pages` pages missing (requests touching the store are
+    /// refused). Not `failed`: the migration committed.
+    SourceLost {
+        /// Pages that never arrived.
+        missing_pages: u64,
+        /// The session's error.
+        error: String,
+    },
 }
 
 impl KvdEvent {
@@ -169,6 +193,9 @@ impl KvdEvent {
             Self::Migrated(_) => "migrated",
             Self::Failed { .. } => "failed",
             Self::Serving { .. } => "serving",
+            Self::PostcopyPaused { .. } => "postcopy_paused",
+            Self::PostcopyResumed { .. } => "postcopy_resumed",
+            Self::SourceLost { .. } => "source_lost",
         }
     }
 }
@@ -213,6 +240,18 @@ mod tests {
                 ..DestinationFigures::default()
             }),
             KvdEvent::Failed { error: "x".into() },
+            KvdEvent::PostcopyPaused {
+                missing_pages: 3,
+                reason: "x".into(),
+            },
+            KvdEvent::PostcopyResumed {
+                missing_pages: 3,
+                paused_ms: 2000,
+            },
+            KvdEvent::SourceLost {
+                missing_pages: 3,
+                error: "x".into(),
+            },
         ];
         for e in events {
             let json = serde_json::to_string(&e).unwrap();

@@ -134,6 +134,24 @@ pub enum MigrationError {
         /// What happened after the commit.
         detail: String,
     },
+
+    /// Destination, after `Commit`: the source was lost in post-copy and did
+    /// not come back within [`DestinationConfig::pause_limit`](crate::session::DestinationConfig::pause_limit).
+    /// The program runs here; `missing_pages` of its pages never arrived and
+    /// stay missing: a thread touching one stays blocked (never reads zeros
+    /// or stale data). The program chooses: exit, or keep running what does
+    /// not touch them.
+    #[error(
+        "post-copy paused: source lost ({reason}); {missing_pages} pages still missing after {paused_for:?}"
+    )]
+    PostcopyPaused {
+        /// Pages not placed (their touchers stay blocked).
+        missing_pages: u64,
+        /// How long the destination waited for the source to come back.
+        paused_for: Duration,
+        /// Why the source was considered lost.
+        reason: String,
+    },
 }
 
 impl MigrationError {

@@ -359,6 +359,26 @@ pub enum Event {
         /// Pages in all regions.
         total_pages: u64,
     },
+    /// Destination, post-copy: the source could not be reached within the
+    /// idle timeout. Threads touching a missing page stay blocked; the
+    /// session keeps trying to reconnect (see
+    /// [`DestinationConfig::pause_limit`](crate::session::DestinationConfig::pause_limit)).
+    PostcopyPaused {
+        /// Pages still missing.
+        missing_pages: u64,
+        /// Why, in words.
+        reason: String,
+        /// When.
+        at: Instant,
+    },
+    /// Destination, post-copy: a source came back after a pause; the
+    /// missing pages are asked for again.
+    PostcopyResumed {
+        /// Pages still missing when it came back.
+        missing_pages: u64,
+        /// How long post-copy was paused.
+        paused_for: std::time::Duration,
+    },
 }
 
 /// Receives session events: progress bars, logs, benchmarks.

@@ -76,6 +76,16 @@ fn read_page(set: &RegionSet, id: RegionId, page: u64) -> Vec<u8> {
     v
 }
 
+/// After a failure, release the program's threads blocked on missing pages
+/// so that the test can report: every page gets a poison pattern (never
+/// zeros), which the touchers count as wrong.
+fn release_with_poison(set: &RegionSet, id: RegionId) {
+    let poison = vec![0xEEu8; PS];
+    for p in 0..set.get(id).unwrap().pages() {
+        let _ = set.write_run(&PageRun::new(id, p, 1), &poison);
+    }
+}
+
 /// The sink alone: stale content dropped, faults reported, pages placed with
 /// the right content, threads blocked in user mode and in a `read()` system
 /// call both released; for every backing.
@@ -538,7 +548,7 @@ fn migrate(
         }
         if !toucher.is_finished() {
             if let Some(r) = dst.regions() {
-                r.abandon_postcopy();
+                release_with_poison(r, R);
             }
         }
         toucher.join().unwrap();
@@ -808,7 +818,7 @@ fn bad_page_replies_are_dropped_never_placed_twice() {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !toucher.is_finished() {
             if dest.is_finished() || Instant::now() > deadline {
-                dst.regions().unwrap().abandon_postcopy();
+                release_with_poison(dst.regions().unwrap(), R);
                 let r = dest.join().unwrap();
                 panic!("the fault was not answered; destination: {r:?}");
             }

@@ -6,10 +6,12 @@
 
 use std::io::Write;
 
+pub mod cut_proxy;
 pub mod handoff;
 pub mod hostile;
 pub mod migrate;
 pub mod postcopy;
+pub mod postcopy_loss;
 pub mod precopy;
 pub mod split;
 pub mod tcp;

@@ -27,18 +27,22 @@
 //! `--cut-at-pct P` cuts every TCP connection of the migration once the
 //! destination placed P% of the pages (a proxy in this process), so the run
 //! exercises post-copy recovery.
+//!
+//! `--lose-source-at-pct P` loses the source once P% of the pages are in:
+//! see [`super::postcopy_loss`] (fields `outcome`, `wrong_pages`,
+//! `missing_pages`, `recovered`).
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use lmig_core::model::{PageRun, RegionId};
 use lmig_core::protocol::{CHUNK_PAGES, Message, PageBatch, PageData, Verification};
 use lmig_core::session::{Destination, DestinationConfig, Mode, Source, SourceConfig};
-use lmig_core::{Channel, MemorySource, StateSink};
+use lmig_core::{Channel, Event, MemorySource, MigrationError, StateSink};
 use lmig_mem::{
     Backing, DestinationRegions, ManualTracker, PostcopyOptions, RegionOptions, RegionSet,
 };
@@ -47,6 +51,7 @@ use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;
 use serde_json::json;
 
+use super::cut_proxy::Proxy;
 use super::{Output, round};
 use crate::common::keys::{key_from_hex, random_key_hex};
 use crate::common::process::{Peer, announce_result};
@@ -90,18 +95,35 @@ pub struct Args {
     /// Messages the channel queues between its reader threads and the session.
     #[arg(long, default_value_t = 64)]
     pub queue_depth: usize,
+    /// Lose the source for good once this share (%) of the pages was
+    /// placed: the source runs as a process of its own, killed by pid
+    /// (with `--source-returns-after-ms`, the link is cut and refused
+    /// instead, then heals); 0 = never.
+    #[arg(long, default_value_t = 0)]
+    pub lose_source_at_pct: u64,
+    /// With `--lose-source-at-pct`: the source comes back after this long
+    /// (the cut link heals): post-copy pauses, then recovers.
+    #[arg(long)]
+    pub source_returns_after_ms: Option<u64>,
+    /// With `--lose-source-at-pct`: how long the destination waits for a
+    /// source to come back before it reports the pages still missing.
+    #[arg(long, default_value_t = 3000)]
+    pub pause_limit_ms: u64,
     /// Internal: run as the destination process, listening here.
     #[arg(long, hide = true)]
     pub peer_listen: Option<String>,
+    /// Internal: run as the source process, dialling this migration address.
+    #[arg(long, hide = true)]
+    pub peer_source: Option<String>,
     /// Internal: the source's raw round-trip responder.
     #[arg(long, hide = true)]
     pub rtt_addr: Option<String>,
 }
 
-const KEY_ENV: &str = "LMIG_BENCH_KEY";
-const PAGE: usize = 4096;
+pub(super) const KEY_ENV: &str = "LMIG_BENCH_KEY";
+pub(super) const PAGE: usize = 4096;
 const RTT_SAMPLES: usize = 2000;
-const REGION: RegionId = RegionId(1);
+pub(super) const REGION: RegionId = RegionId(1);
 
 fn xorshift(s: &mut u64) -> u64 {
     *s ^= *s << 13;
@@ -111,7 +133,7 @@ fn xorshift(s: &mut u64) -> u64 {
 }
 
 /// The first 8 bytes of every page: its number and a tag.
-fn stamp(page: u64) -> u64 {
+pub(super) fn stamp(page: u64) -> u64 {
     page ^ 0x5A5A_0000_0000_0000
 }
 
@@ -174,80 +196,26 @@ fn rtt_responder(listener: TcpListener) {
     }
 }
 
-/// A proxy that forwards TCP connections and can cut all of them at once.
-struct Proxy {
-    addr: SocketAddr,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    fn new(target: SocketAddr) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c, st) = (conns.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !st.load(Ordering::Acquire) {
-                let Ok((down, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                };
-                let _ = down.set_nonblocking(false);
-                let Ok(up) = TcpStream::connect(target) else {
-                    continue;
-                };
-                let _ = up.set_nodelay(true);
-                let _ = down.set_nodelay(true);
-                for (from, to) in [(&down, &up), (&up, &down)] {
-                    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
-                        continue;
-                    };
-                    std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 256 << 10];
-                        while let Ok(n @ 1..) = from.read(&mut buf) {
-                            if to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = from.shutdown(Shutdown::Both);
-                        let _ = to.shutdown(Shutdown::Both);
-                    });
-                }
-                let mut list = c.lock().unwrap_or_else(|p| p.into_inner());
-                list.push(down);
-                list.push(up);
-            }
-        });
-        Ok(Self { addr, conns, stop })
-    }
-
-    fn cut(&self) {
-        for c in self
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        self.cut();
-    }
-}
-
-fn channel_config(args: &Args, key: &[u8]) -> Result<ChannelConfig, Box<dyn std::error::Error>> {
+pub(super) fn channel_config(
+    args: &Args,
+    key: &[u8],
+) -> Result<ChannelConfig, Box<dyn std::error::Error>> {
     let mut c = ChannelConfig::new(AuthKey::new(key)?).with_data_streams(args.streams);
     c.queue_depth = args.queue_depth.max(1);
     c.reconnect_timeout = Duration::from_secs(20);
     Ok(c)
+}
+
+/// The source's memory: every page stamped with its number.
+pub(super) fn source_regions(mib: u64) -> Result<RegionSet, Box<dyn std::error::Error>> {
+    let region = RegionOptions::new(REGION, mib << 20).populate(true).map()?;
+    let mut page = vec![0u8; PAGE];
+    for p in 0..region.pages() {
+        page[..8].copy_from_slice(&stamp(p).to_le_bytes());
+        page[8..16].copy_from_slice(&p.wrapping_mul(0x9E37_79B9).to_le_bytes());
+        region.write_at(p as usize * PAGE, &page)?;
+    }
+    Ok(RegionSet::new([region])?)
 }
 
 /// Run the scenario (or, with `--peer-listen`, its destination process).
@@ -255,16 +223,11 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(listen) = &args.peer_listen {
         return destination(&args, listen);
     }
-    let len = args.mib << 20;
-    let region = RegionOptions::new(REGION, len).populate(true).map()?;
-    let pages = region.pages();
-    let mut page = vec![0u8; PAGE];
-    for p in 0..pages {
-        page[..8].copy_from_slice(&stamp(p).to_le_bytes());
-        page[8..16].copy_from_slice(&p.wrapping_mul(0x9E37_79B9).to_le_bytes());
-        region.write_at(p as usize * PAGE, &page)?;
+    if let Some(target) = &args.peer_source {
+        return super::postcopy_loss::source_process(&args, target);
     }
-    let regions = RegionSet::new([region])?;
+    let regions = source_regions(args.mib)?;
+    let pages = regions.get(REGION)?.pages();
 
     let rtt = TcpListener::bind("127.0.0.1:0")?;
     let rtt_addr = rtt.local_addr()?;
@@ -287,7 +250,13 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         format!("--cut-at-pct={}", args.cut_at_pct),
         format!("--push-pages={}", args.push_pages),
         format!("--queue-depth={}", args.queue_depth),
+        format!("--lose-source-at-pct={}", args.lose_source_at_pct),
+        format!("--pause-limit-ms={}", args.pause_limit_ms),
     ];
+    let mut peer_args = peer_args;
+    if let Some(t) = args.source_returns_after_ms {
+        peer_args.push(format!("--source-returns-after-ms={t}"));
+    }
     let mut peer = Peer::spawn(&peer_args, &[(KEY_ENV, &key_hex)])?;
     let addrs = peer.expect_line("LISTENING")?;
     let mut it = addrs.split_whitespace();
@@ -340,6 +309,12 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         ch.shutdown();
         ms
     };
+
+    if args.lose_source_at_pct > 0 {
+        let figures = super::postcopy_loss::lose_source(&args, peer, &key_hex, mig_addr, &regions)?;
+        out.emit(&figures);
+        return Ok(());
+    }
 
     // The post-copy migration (through a proxy when a cut is asked for).
     let proxy = if args.cut_at_pct > 0 {
@@ -471,7 +446,12 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
     };
 
     let bulk = Listener::bind(&Endpoint::Tcp(listen.parse()?), channel_config(args, &key)?)?;
-    let mig = Listener::bind(&Endpoint::Tcp(listen.parse()?), channel_config(args, &key)?)?;
+    let mut mig_config = channel_config(args, &key)?;
+    if args.lose_source_at_pct > 0 {
+        // Short attempts: the destination counts them against its idle timeout.
+        mig_config.reconnect_timeout = Duration::from_millis(500);
+    }
+    let mig = Listener::bind(&Endpoint::Tcp(listen.parse()?), mig_config)?;
     let (Endpoint::Tcp(b), Endpoint::Tcp(m)) = (bulk.local_endpoint(), mig.local_endpoint()) else {
         return Err("TCP listeners expected".into());
     };
@@ -512,42 +492,36 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
             }),
     );
     let go = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let bad = Arc::new(AtomicU64::new(0));
     let ws = (pages * args.working_set_pct.min(100) / 100).max(1);
     let touch_order = order(pages, ws, args.workload);
-    let bad = AtomicU64::new(0);
-    let done = AtomicBool::new(false);
-    let (report, durations, touch_ms) = std::thread::scope(|s| {
-        let toucher = s.spawn(|| {
-            let mut durations = vec![0u32; touch_order.len()];
-            while !go.load(Ordering::Acquire) {
-                if done.load(Ordering::Acquire) {
-                    return (durations, 0.0);
-                }
-                std::hint::spin_loop();
-            }
-            let set = sink.regions().expect("prepared before resume");
-            let region = set.get(REGION).expect("region");
-            let t0 = Instant::now();
-            let mut word = [0u8; 8];
-            for (i, &p) in touch_order.iter().enumerate() {
-                let t = Instant::now();
-                let _ = region.read_at(p as usize * PAGE, &mut word);
-                durations[i] = t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32;
-                if u64::from_le_bytes(word) != stamp(p) {
-                    bad.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            (durations, t0.elapsed().as_secs_f64() * 1e3)
-        });
-        if args.cut_at_pct > 0 {
+    // The program: not a scoped thread, as it may stay blocked on a page
+    // that never arrives (the source lost for good); then it is not joined.
+    let toucher = {
+        let (sink, go, done, bad) = (sink.clone(), go.clone(), done.clone(), bad.clone());
+        let touch_order = touch_order.clone();
+        std::thread::Builder::new()
+            .name("bench-toucher".into())
+            .spawn(move || touch(&sink, &go, &done, &bad, &touch_order))?
+    };
+    let lose = args.lose_source_at_pct > 0;
+    let trigger = match (args.lose_source_at_pct, args.cut_at_pct) {
+        (0, 0) => None,
+        (0, cut) => Some(("CUT-NOW", cut)),
+        (lose, _) => Some(("LOSE-NOW", lose)),
+    };
+    let (paused, resumed) = (AtomicBool::new(false), AtomicBool::new(false));
+    let report = std::thread::scope(|s| {
+        if let Some((line, pct)) = trigger {
             let sink = &sink;
             let done = &done;
             s.spawn(move || {
-                let target = pages * args.cut_at_pct.min(99) / 100;
+                let target = pages * pct.min(99) / 100;
                 while !done.load(Ordering::Acquire) {
                     if let Some(r) = sink.regions() {
-                        if r.in_postcopy() && r.postcopy_stats().placed >= target {
-                            println!("CUT-NOW");
+                        if r.in_postcopy() && pages - r.postcopy_missing() >= target {
+                            println!("{line}");
                             return;
                         }
                     }
@@ -555,23 +529,53 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
                 }
             });
         }
-        let r = Destination::new(&channel, sink.clone(), Toucher { go: go.clone() })
-            .with_config(DestinationConfig {
+        let config = if lose {
+            // The source counts as lost after 1 s without it.
+            DestinationConfig {
+                idle_timeout: Duration::from_secs(1),
+                pause_limit: Some(Duration::from_millis(
+                    args.source_returns_after_ms
+                        .map_or(args.pause_limit_ms, |t| t + 30_000),
+                )),
+                ..DestinationConfig::default()
+            }
+        } else {
+            DestinationConfig {
                 idle_timeout: Duration::from_secs(60),
                 ..DestinationConfig::default()
+            }
+        };
+        let r = Destination::new(&channel, sink.clone(), Toucher { go: go.clone() })
+            .with_config(config)
+            .with_observer(|e: &Event| match e {
+                Event::PostcopyPaused { .. } => paused.store(true, Ordering::Release),
+                Event::PostcopyResumed { .. } => resumed.store(true, Ordering::Release),
+                _ => {}
             })
             .run();
         done.store(true, Ordering::Release);
-        if r.is_err() {
-            if let Some(set) = sink.regions() {
-                set.abandon_postcopy();
-            }
-        }
-        let (d, t) = toucher.join().expect("toucher");
-        (r, d, t)
+        r
     });
-    let report = report?;
+    // Bounded: a toucher blocked on a page that never arrives is left so.
+    let deadline = Instant::now() + Duration::from_secs(if report.is_ok() { 600 } else { 2 });
+    while !toucher.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let blocked = !toucher.is_finished();
+    let (durations, touch_ms) = if blocked {
+        (Vec::new(), 0.0)
+    } else {
+        toucher.join().map_err(|_| "the toucher panicked")?
+    };
     let stats = sink.postcopy_stats();
+    let missing_pages = sink.regions().map_or(0, RegionSet::postcopy_missing);
+    let (outcome, report) = match report {
+        Ok(r) if paused.load(Ordering::Acquire) => ("recovered", Some(r)),
+        Ok(r) => ("completed", Some(r)),
+        Err(MigrationError::PostcopyPaused { .. }) => ("paused", None),
+        Err(e) if !lose => return Err(e.into()),
+        Err(_) => ("failed", None),
+    };
     // Network faults the program took: the touches of pages it had to ask for.
     let mut faulted = std::collections::HashSet::new();
     for &(_, p) in &stats.faulted {
@@ -584,19 +588,59 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
         .map(|(_, &ns)| f64::from(ns) / 1e3)
         .collect();
     lat.sort_by(f64::total_cmp);
+    let warnings = report.as_ref().map_or(&[][..], |r| &r.warnings[..]);
     announce_result(&json!({
         "raw_rtt_us": round(raw_rtt_us, 1),
         "raw_rtt_same_cpu_us": round(raw_rtt_same_cpu_us, 1),
         "fault_p50_us": round(percentile(&lat, 0.5), 1),
         "fault_p99_us": round(percentile(&lat, 0.99), 1),
-        "network_faults": report.network_faults,
-        "duplicate_pages": report.duplicate_pages,
+        "network_faults": report.as_ref().map(|r| r.network_faults),
+        "duplicate_pages": report.as_ref().map(|r| r.duplicate_pages),
         "working_set_pages": ws,
-        "verified": report.verification == Verification::Verified,
+        "verified": report.as_ref().map(|r| r.verification == Verification::Verified),
         "bad_touches": bad.load(Ordering::Relaxed),
-        "reconnects": report.warnings.iter().filter(|w| w.contains("reconnected")).count(),
+        "reconnects": warnings.iter().filter(|w| w.contains("reconnected")).count(),
         "touch_ms": round(touch_ms, 1),
         "uffd": format!("{:?}", stats.origin),
+        "outcome": outcome,
+        "missing_pages": missing_pages,
+        "paused": paused.load(Ordering::Acquire),
+        "resumed": resumed.load(Ordering::Acquire),
+        "reader_blocked": blocked,
+        "placed": stats.placed,
+        "warnings": warnings,
     }));
     Ok(())
+}
+
+/// The program's reads: every page of `order` once, its stamp checked.
+/// Returns each touch's duration (ns) and the whole run's (ms).
+fn touch(
+    sink: &DestinationRegions,
+    go: &AtomicBool,
+    done: &AtomicBool,
+    bad: &AtomicU64,
+    order: &[u64],
+) -> (Vec<u32>, f64) {
+    let mut durations = vec![0u32; order.len()];
+    while !go.load(Ordering::Acquire) {
+        if done.load(Ordering::Acquire) {
+            return (durations, 0.0);
+        }
+        std::hint::spin_loop();
+    }
+    let Some(region) = sink.regions().and_then(|set| set.get(REGION).ok()) else {
+        return (durations, 0.0);
+    };
+    let t0 = Instant::now();
+    let mut word = [0u8; 8];
+    for (i, &p) in order.iter().enumerate() {
+        let t = Instant::now();
+        let _ = region.read_at(p as usize * PAGE, &mut word);
+        durations[i] = t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32;
+        if u64::from_le_bytes(word) != stamp(p) {
+            bad.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    (durations, t0.elapsed().as_secs_f64() * 1e3)
 }

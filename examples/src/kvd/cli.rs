@@ -148,6 +148,14 @@ impl ReceiveLog for JsonLog {
                 complete_ns: rep.complete_at.map(mono_ns),
                 warnings: rep.warnings.clone(),
             })),
+            Err(e @ MigrationError::PostcopyPaused { missing_pages, .. }) if *missing_pages > 0 => {
+                crate::kvd::server::POSTCOPY_PAUSED.store(*missing_pages, Ordering::Release);
+                eprintln!("kvd: the source was lost after Commit: {e}");
+                event(KvdEvent::SourceLost {
+                    missing_pages: *missing_pages,
+                    error: e.to_string(),
+                })
+            }
             Err(e) => {
                 eprintln!("kvd: incoming migration failed: {e}");
                 event(KvdEvent::Failed {
@@ -160,6 +168,21 @@ impl ReceiveLog for JsonLog {
     fn serving(&self, at: Instant) {
         event(KvdEvent::Serving {
             mono_ns: mono_ns(at),
+        });
+    }
+
+    fn postcopy_paused(&self, missing_pages: u64, reason: &str) {
+        eprintln!("kvd: post-copy paused, {missing_pages} pages missing: {reason}");
+        event(KvdEvent::PostcopyPaused {
+            missing_pages,
+            reason: reason.to_string(),
+        });
+    }
+
+    fn postcopy_resumed(&self, missing_pages: u64, paused_for: Duration) {
+        event(KvdEvent::PostcopyResumed {
+            missing_pages,
+            paused_ms: paused_for.as_millis() as u64,
         });
     }
 }
@@ -264,11 +287,17 @@ fn serve_admin(
             let _ = out.flush();
         };
         match words.as_slice() {
-            ["stats"] => reply(json!({
-                "keys": store.len(),
-                "clients": control.counters.clients.load(Ordering::Relaxed),
-                "requests": control.counters.requests.load(Ordering::Relaxed),
-            })),
+            ["stats"] => {
+                // Paused: the key count could sit on a missing page.
+                let missing = crate::kvd::server::POSTCOPY_PAUSED.load(Ordering::Acquire);
+                reply(json!({
+                    "keys": (missing == 0).then(|| store.len()),
+                    "clients": control.counters.clients.load(Ordering::Relaxed),
+                    "requests": control.counters.requests.load(Ordering::Relaxed),
+                    "postcopy_paused": missing > 0,
+                    "missing_pages": missing,
+                }))
+            }
             ["populate", n] => match n
                 .parse::<u64>()
                 .map(|n| store.populate(n, POPULATE_VALUE_LEN))

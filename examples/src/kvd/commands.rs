@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::collections::End;
 use super::resp;
-use super::server::Counters;
+use super::server::{Counters, POSTCOPY_PAUSED};
 use super::store::{Kind, Store, StoreError};
 
 /// Every command kvd answers, for the error naming an unknown one.
@@ -301,7 +301,30 @@ fn min_args(cmd: &[u8]) -> Option<usize> {
 
 /// Run one request and append its reply.
 pub fn execute(store: &Store<'_>, args: &[Vec<u8>], out: &mut Vec<u8>, counters: &Counters) {
+    let paused = POSTCOPY_PAUSED.load(Ordering::Acquire);
+    execute_with(store, args, out, counters, paused);
+}
+
+/// [`execute`] with post-copy paused and `paused` pages missing (0: not
+/// paused). Paused, every request that would touch the store is refused
+/// with an error saying why (it could block the loop on a missing page);
+/// PING and INFO answer.
+pub fn execute_with(
+    store: &Store<'_>,
+    args: &[Vec<u8>],
+    out: &mut Vec<u8>,
+    counters: &Counters,
+    paused: u64,
+) {
     let cmd = args[0].to_ascii_uppercase();
+    if paused > 0 && !matches!(cmd.as_slice(), b"PING" | b"INFO") {
+        return resp::error(
+            out,
+            &format!(
+                "post-copy paused: the source was lost with {paused} pages still missing; request refused"
+            ),
+        );
+    }
     let Some(min) = min_args(&cmd) else {
         return resp::error(
             out,
@@ -359,13 +382,18 @@ pub fn execute(store: &Store<'_>, args: &[Vec<u8>], out: &mut Vec<u8>, counters:
         },
         b"DBSIZE" => resp::integer(out, store.len() as i64),
         b"INFO" => {
+            // Paused: the key count could sit on a missing page.
+            let keyspace = match paused {
+                0 => format!("# Keyspace\r\ndb0:keys={}\r\n", store.len()),
+                _ => String::new(),
+            };
             let info = format!(
-                "# Server\r\nkvd_version:{}\r\nprocess_id:{}\r\n# Clients\r\nconnected_clients:{}\r\n# Stats\r\ntotal_commands_processed:{}\r\n# Keyspace\r\ndb0:keys={}\r\n",
+                "# Server\r\nkvd_version:{}\r\nprocess_id:{}\r\n# Clients\r\nconnected_clients:{}\r\n# Stats\r\ntotal_commands_processed:{}\r\npostcopy_paused:{}\r\npostcopy_missing_pages:{paused}\r\n{keyspace}",
                 env!("CARGO_PKG_VERSION"),
                 std::process::id(),
                 counters.clients.load(Ordering::Relaxed),
                 counters.requests.load(Ordering::Relaxed),
-                store.len()
+                u8::from(paused > 0),
             );
             resp::bulk(out, Some(info.as_bytes()));
         }
@@ -410,7 +438,7 @@ mod tests {
     fn run(store: &Store<'_>, line: &str) -> String {
         let args: Vec<Vec<u8>> = line.split(' ').map(|a| a.as_bytes().to_vec()).collect();
         let mut out = Vec::new();
-        execute(store, &args, &mut out, &Counters::default());
+        execute_with(store, &args, &mut out, &Counters::default(), 0);
         String::from_utf8(out).unwrap()
     }
 
@@ -452,5 +480,41 @@ mod tests {
         assert_eq!(run(&s, "DBSIZE"), ":6\r\n", "k a b l h z and nothing of s");
         assert_eq!(run(&s, "DEL l h z"), ":3\r\n");
         assert_eq!(s.used(), 3, "k a b: no item left behind");
+    }
+
+    /// While post-copy is paused (its source lost), requests that read or
+    /// write the store get a clear error instead of blocking on a missing
+    /// page; PING and INFO answer, INFO says so.
+    #[test]
+    fn paused_postcopy_refuses_store_requests_and_says_so() {
+        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+        let store = Store::format(&region);
+        store.set(b"k", b"v").unwrap();
+        let counters = Counters::default();
+        let paused = std::cell::Cell::new(7);
+        let run = |args: &[&[u8]]| {
+            let mut out = Vec::new();
+            let args: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
+            execute_with(&store, &args, &mut out, &counters, paused.get());
+            String::from_utf8(out).unwrap()
+        };
+        for req in [
+            &[&b"GET"[..], b"k"][..],
+            &[b"SET", b"k", b"w"],
+            &[b"DBSIZE"],
+        ] {
+            let reply = run(req);
+            assert!(
+                reply.starts_with("-ERR post-copy paused") && reply.contains("7 pages"),
+                "{reply}"
+            );
+        }
+        assert_eq!(run(&[b"PING"]), "+PONG\r\n");
+        let info = run(&[b"INFO"]);
+        assert!(info.contains("postcopy_paused:1"), "{info}");
+        assert!(info.contains("postcopy_missing_pages:7"), "{info}");
+        assert!(!info.contains("db0:keys"), "{info}");
+        paused.set(0);
+        assert_eq!(run(&[b"GET", b"k"]), "$1\r\nv\r\n", "the SET was refused");
     }
 }

@@ -24,7 +24,7 @@ use lmig_net::{
 };
 use lmig_transport::{Endpoint, Listener, Rejection, StreamChannel, connect};
 
-use super::server::{Control, Parked, Server, Wake, decode_state};
+use super::server::{Control, POSTCOPY_PAUSED, Parked, Server, Wake, decode_state};
 use super::store::Store;
 
 /// Version of kvd's program-state format.
@@ -465,6 +465,11 @@ pub trait ReceiveLog: Send + Sync {
     fn report(&self, r: &Result<DestinationReport, MigrationError>);
     /// The loop serves.
     fn serving(&self, at: Instant);
+    /// After `Commit`: the source was lost with `missing_pages` pages still
+    /// missing; post-copy is paused (requests touching the store are refused).
+    fn postcopy_paused(&self, _missing_pages: u64, _reason: &str) {}
+    /// A source came back after a pause: post-copy goes on.
+    fn postcopy_resumed(&self, _missing_pages: u64, _paused_for: Duration) {}
 }
 
 /// Fault injection for tests of the failure paths: with
@@ -487,8 +492,24 @@ fn die_now() -> ! {
 
 impl lmig_core::traits::Observer for DestinationWatch {
     fn event(&self, e: &Event) {
-        let Event::Phase { phase, .. } = e else {
-            return;
+        let phase = match e {
+            Event::Phase { phase, .. } => phase,
+            Event::PostcopyPaused {
+                missing_pages,
+                reason,
+                ..
+            } => {
+                POSTCOPY_PAUSED.store(*missing_pages, Ordering::Release);
+                return self.log.postcopy_paused(*missing_pages, reason);
+            }
+            Event::PostcopyResumed {
+                missing_pages,
+                paused_for,
+            } => {
+                POSTCOPY_PAUSED.store(0, Ordering::Release);
+                return self.log.postcopy_resumed(*missing_pages, *paused_for);
+            }
+            _ => return,
         };
         self.log.phase(*phase);
         match (phase, self.die_after) {

@@ -88,6 +88,13 @@ pub enum Wake {
     Exit,
 }
 
+/// Post-copy paused (the source lost after `Commit`): how many pages are
+/// still missing, 0 when not paused. While it is set, requests that read or
+/// write the store are refused with an error (they could block on a missing
+/// page); `PING` and `INFO` still answer and `INFO` reports it. Set by the
+/// destination's session observer (one migration per process).
+pub static POSTCOPY_PAUSED: AtomicU64 = AtomicU64::new(0);
+
 /// Counters the loop keeps (for INFO and reports).
 #[derive(Default)]
 pub struct Counters {

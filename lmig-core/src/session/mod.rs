@@ -12,7 +12,13 @@
 //!   [`MigrationError::CommitUnconfirmed`] when `Commit` went out but `Done`
 //!   never came back ([`MigrationError::source_may_run`] is false then).
 //! * [`Destination::run`] resumes the program only after a complete `Commit`;
-//!   before that, every failure discards what it received.
+//!   before that, every failure discards what it received. After it, in
+//!   post-copy, a source lost for good *pauses* post-copy
+//!   ([`crate::Event::PostcopyPaused`]): threads touching a missing page
+//!   stay blocked, reconnection goes on (a source that comes back finishes
+//!   the migration) until [`DestinationConfig::pause_limit`], then
+//!   [`MigrationError::PostcopyPaused`] says how many pages are still
+//!   missing. No missing page is ever filled with zeros or stale data.
 //!
 //! Borrow the backends (`&mut tracker`, `&memory`) to keep them after the
 //! session: an aborted migration can simply be tried again.

@@ -41,6 +41,23 @@
 //!   It refuses while pages are still missing: unregistering would make the
 //!   program read zeros where its data should be.
 //!
+//! # Never a zero page for a missing one
+//!
+//! Once the program runs here, a missing page is either placed with the
+//! source's content or its touchers stay blocked: no path unregisters a
+//! range, closes the userfaultfd or fills a page with zeros while a page of
+//! it is missing. `end_postcopy` refuses ([`MemError::PostcopyIncomplete`]);
+//! zeros are placed only for pages the source said are zero
+//! (`zero_pages`) or that are no longer missing (the program dropped them
+//! itself); a failed fill puts its pages back into the missing set; and a
+//! set dropped while pages are missing keeps its registration alive (the
+//! userfaultfd is leaked on purpose), so touchers stay blocked rather than
+//! read zeros. When the source is lost for good the session reports it
+//! (`MigrationError::PostcopyPaused` in lmig-core) and the pages stay
+//! missing until a source that comes back places them. Only before
+//! `Commit`, when nothing runs on this memory, does `discard` unregister
+//! with pages missing.
+//!
 //! # Faults taken inside the kernel
 //!
 //! A system call that writes into or reads from a missing page (`read(fd,
@@ -67,8 +84,8 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lmig_core::model::{PageRun, RegionId, RegionPages};
@@ -103,7 +120,8 @@ struct Counters {
 /// the registered ranges and the pages still missing.
 #[derive(Debug)]
 pub(crate) struct Postcopy {
-    uffd: OwnedFd,
+    /// Shared only to be leaked on purpose (see `Drop`).
+    uffd: Arc<OwnedFd>,
     origin: UffdOrigin,
     options: PostcopyOptions,
     targets: Vec<Target>,
@@ -150,7 +168,7 @@ impl Postcopy {
             .map(|r| Target::prepare(r, minor, missing))
             .collect::<Result<Vec<_>>>()?;
         let pc = Self {
-            uffd: fd,
+            uffd: Arc::new(fd),
             origin,
             options,
             targets,
@@ -543,13 +561,22 @@ impl Postcopy {
             already_present: c.present.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
             placed: c.placed.load(Ordering::Relaxed),
+            missing: self.missing_pages(),
             faulted: lock(&self.faulted).clone(),
         }
     }
 }
 
 impl Drop for Postcopy {
+    /// Unregisters when every page is in place. With pages still missing the
+    /// registration must outlive this value: unregistering, or closing the
+    /// last descriptor of the userfaultfd, would wake the blocked touchers
+    /// and let them read zeros. The descriptor is leaked instead: they stay blocked (until the process ends), never wrong.
     fn drop(&mut self) {
-        let _ = self.end(true);
+        if self.missing_pages() == 0 || !*lock(&self.registered) {
+            let _ = self.end(true);
+            return;
+        }
+        std::mem::forget(Arc::clone(&self.uffd));
     }
 }

@@ -58,6 +58,9 @@ pub struct PostcopyStats {
     pub retries: u64,
     /// Missing pages placed.
     pub placed: u64,
+    /// Pages still missing (not placed yet): their touchers wait. Stays
+    /// above zero after a post-copy whose source was lost for good.
+    pub missing: u64,
     /// The pages `wait_fault` returned, in order (capped).
     pub faulted: Vec<(RegionId, u64)>,
 }

@@ -129,7 +129,7 @@ impl MemorySink for DestinationRegions {
     fn discard(&self) {
         let Some(set) = self.set.get() else { return };
         // Before `Commit` nothing runs here: no thread waits on a missing page.
-        set.abandon_postcopy();
+        set.sink.discard_postcopy();
         let mut all = true;
         for r in set.regions() {
             all &= r

@@ -53,12 +53,11 @@ impl RegionSet {
         self.sink.end_postcopy()
     }
 
-    /// Post-copy failed for good (the source is gone): unregister even
-    /// though pages are missing. Threads blocked on a missing page resume
-    /// and read **zeros** there; the program's memory is incomplete and it
-    /// must be terminated (this only keeps it from hanging forever).
-    pub fn abandon_postcopy(&self) {
-        self.sink.abandon_postcopy();
+    /// Post-copy: pages still missing (0 outside post-copy). After the
+    /// source was lost for good they stay missing and their touchers stay
+    /// blocked: nothing here ever fills them with zeros.
+    pub fn postcopy_missing(&self) -> u64 {
+        self.sink.postcopy_missing()
     }
 
     /// Write the pages of `run` (checked against the region before any byte

@@ -75,6 +75,11 @@ impl RegionSink {
         }
     }
 
+    /// Pages post-copy still waits for (0 outside post-copy).
+    pub(crate) fn postcopy_missing(&self) -> u64 {
+        self.active_postcopy().map_or(0, |pc| pc.missing_pages())
+    }
+
     pub(crate) fn in_postcopy(&self) -> bool {
         self.active_postcopy().is_some()
     }
@@ -115,8 +120,10 @@ impl RegionSink {
         Ok(())
     }
 
-    /// Switch out of post-copy even though pages are missing.
-    pub(crate) fn abandon_postcopy(&self) {
+    /// Switch out of post-copy even though pages are missing: only for
+    /// memory nothing runs on (a migration that failed before `Commit`),
+    /// since a touch of a missing page then reads zeros.
+    pub(crate) fn discard_postcopy(&self) {
         let mut slot = self.postcopy.write().unwrap_or_else(|p| p.into_inner());
         if let Some(pc) = slot.take() {
             let _ = pc.end(true);

@@ -31,6 +31,12 @@ pub struct DestinationConfig {
     pub idle_timeout: Duration,
     /// Post-copy: how often the fault thread checks whether post-copy ended.
     pub fault_poll: Duration,
+    /// Post-copy: once the source was unreachable for `idle_timeout`
+    /// (post-copy *paused*: [`Event::PostcopyPaused`], touchers of missing
+    /// pages blocked), how long to keep trying to reconnect before `run`
+    /// returns [`MigrationError::PostcopyPaused`]; `None`: until the source
+    /// comes back. Checked between reconnection attempts. Default 10 min.
+    pub pause_limit: Option<Duration>,
 }
 
 impl Default for DestinationConfig {
@@ -38,6 +44,7 @@ impl Default for DestinationConfig {
         Self {
             idle_timeout: Duration::from_secs(30),
             fault_poll: Duration::from_millis(20),
+            pause_limit: Some(Duration::from_secs(600)),
         }
     }
 }
@@ -262,7 +269,14 @@ where
             self.after_commit(&mut progress, &handover)
         })?;
         progress.report.verification = verification;
-        self.channel.send(&Message::Done(verification))?;
+        if let Err(e) = self.channel.send(&Message::Done(verification)) {
+            // Every page is here and the program runs: a source lost after
+            // the last page does not make this migration fail.
+            progress
+                .report
+                .warnings
+                .push(format!("post-copy: could not tell the source Done: {e}"));
+        }
         self.phase(Phase::Done);
         if let Verification::Mismatch(region) = verification {
             return Err(MigrationError::VerificationFailed { region });

@@ -14,7 +14,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{Scope, ScopedJoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{Destination, DestinationReport, Progress};
 use crate::error::{MigrationError, Result};
@@ -22,7 +22,7 @@ use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::protocol::{Handover, Message, PageBatch, PageData, RegionDigest};
 use crate::session::pages::runs_of;
 use crate::session::{contain, panicked, reconnect_within, spawn_named};
-use crate::traits::{Channel, MemorySink, Phase, SocketSink, StateSink};
+use crate::traits::{Channel, Event, MemorySink, Phase, SocketSink, StateSink};
 use crate::verify::{PageHashes, page_hash};
 
 /// How long the post-copy receive loop waits per `recv` before it checks
@@ -125,6 +125,11 @@ impl Placement {
     /// Every page is in place.
     fn complete(&self) -> bool {
         self.placing == 0 && self.missing.is_empty()
+    }
+
+    /// Pages not in place yet (missing, or being placed).
+    fn outstanding(&self) -> u64 {
+        self.missing.count() + self.placing
     }
 
     fn warn(&mut self, warning: String) {
@@ -323,8 +328,26 @@ where
         progress.hashes = placement.hashes;
         placement.counts.add_to(&mut progress.report);
         progress.report.warnings.extend(placement.warnings);
-        result?;
-        Ok(placement.missing)
+        match result {
+            // Every page arrived after all (placed by the other thread while
+            // the link was down): nothing is missing, the digests decide.
+            Err(MigrationError::PostcopyPaused { reason, .. }) if placement.missing.is_empty() => {
+                progress.report.warnings.push(format!(
+                    "post-copy: every page placed, then the source was lost ({reason})"
+                ));
+                Ok(placement.missing)
+            }
+            // The count once every placing thread stopped: what stays missing.
+            Err(MigrationError::PostcopyPaused {
+                paused_for, reason, ..
+            }) => Err(MigrationError::PostcopyPaused {
+                missing_pages: placement.missing.count(),
+                paused_for,
+                reason,
+            }),
+            Err(e) => Err(e),
+            Ok(()) => Ok(placement.missing),
+        }
     }
 
     /// The session's thread in post-copy: place pushed pages (and replies
@@ -339,8 +362,9 @@ where
         let (link, shared) = (service.link, service.shared);
         let mut quiet = Quiet::new(self.config.idle_timeout, "post-copy pages");
         while !lock(shared).complete() && !link.failed.load(Ordering::Acquire) {
+            let outstanding = lock(shared).outstanding();
             if !link.up.load(Ordering::Acquire) {
-                self.recover(progress, link, "a page request failed", || {
+                self.recover(progress, link, "a page request failed", outstanding, || {
                     service.drain_queued(digests)
                 })?;
                 quiet.reset();
@@ -348,11 +372,19 @@ where
             let msg = match self.channel.recv(Some(RECV_TICK)) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
-                    quiet.tick()?;
+                    if let Err(silent) = quiet.tick() {
+                        // Silence with pages missing: the source is treated
+                        // as lost (it re-dials after a partition).
+                        let why = silent.to_string();
+                        self.recover(progress, link, &why, outstanding, || {
+                            service.drain_queued(digests)
+                        })?;
+                        quiet.reset();
+                    }
                     continue;
                 }
                 Err(e) => {
-                    self.recover(progress, link, &e.to_string(), || {
+                    self.recover(progress, link, &e.to_string(), outstanding, || {
                         service.drain_queued(digests)
                     })?;
                     quiet.reset();
@@ -372,19 +404,25 @@ where
         Ok(())
     }
 
-    /// The channel broke during post-copy: reconnect (bounded by
-    /// `idle_timeout`), take what `still_missing` says after the reconnect
-    /// (it places what arrived before the break first), tell the source
-    /// every page still missing, repeat the requests of unanswered faults.
+    /// The channel broke during post-copy: reconnect (within
+    /// `idle_timeout`; past it post-copy is paused, see [`Self::pause`]),
+    /// take what `still_missing` says after the reconnect (it places what
+    /// arrived before the break first), tell the source every page still
+    /// missing, repeat the requests of unanswered faults. `outstanding`:
+    /// the pages missing when the link broke.
     pub(super) fn recover(
         &self,
         progress: &mut Progress,
         link: &PostcopyLink,
         why: &str,
+        outstanding: u64,
         still_missing: impl FnOnce() -> Result<RegionPages>,
     ) -> Result<()> {
         link.up.store(false, Ordering::Release);
-        let attempts = reconnect_within(&self.channel, self.config.idle_timeout, why)?;
+        let attempts = match reconnect_within(&self.channel, self.config.idle_timeout, why) {
+            Ok(attempts) => attempts,
+            Err(lost) => self.pause(progress, why, outstanding, &lost)?,
+        };
         let missing = &still_missing()?;
         let count = missing.count();
         self.channel.send(&Message::Resync(runs_of(missing)))?;
@@ -407,7 +445,68 @@ where
         ));
         Ok(())
     }
+
+    /// The source stayed unreachable for `idle_timeout`: post-copy is
+    /// paused. No page is filled in its place: threads touching a missing
+    /// page stay blocked in the kernel. The observer hears
+    /// [`Event::PostcopyPaused`]; reconnection goes on (a source, or a
+    /// link, that comes back is taken up again) until
+    /// [`DestinationConfig::pause_limit`](super::DestinationConfig::pause_limit).
+    /// Returns the attempts it took, or [`MigrationError::PostcopyPaused`]
+    /// (at once when nothing is missing, or the channel cannot reconnect).
+    fn pause(
+        &self,
+        progress: &mut Progress,
+        why: &str,
+        missing_pages: u64,
+        lost: &MigrationError,
+    ) -> Result<u32> {
+        let since = Instant::now();
+        let reason = format!("{why}; {lost}");
+        let paused = |reason: String| MigrationError::PostcopyPaused {
+            missing_pages,
+            paused_for: since.elapsed(),
+            reason,
+        };
+        if missing_pages == 0 || matches!(lost, MigrationError::Unsupported { .. }) {
+            return Err(paused(reason));
+        }
+        self.observer.event(&Event::PostcopyPaused {
+            missing_pages,
+            reason: reason.clone(),
+            at: since,
+        });
+        let mut attempts = 0u32;
+        // Bounded by `pause_limit` (unbounded only when asked for).
+        loop {
+            if self
+                .config
+                .pause_limit
+                .is_some_and(|limit| since.elapsed() >= limit)
+            {
+                return Err(paused(reason));
+            }
+            attempts += 1;
+            match self.channel.reconnect() {
+                Ok(()) => break,
+                Err(e @ MigrationError::Unsupported { .. }) => return Err(paused(e.to_string())),
+                Err(_) => std::thread::sleep(PAUSED_RETRY),
+            }
+        }
+        let paused_for = since.elapsed();
+        self.observer.event(&Event::PostcopyResumed {
+            missing_pages,
+            paused_for,
+        });
+        progress.report.warnings.push(format!(
+            "post-copy: paused {paused_for:?} with {missing_pages} pages missing (source lost: {reason}); a source came back"
+        ));
+        Ok(attempts)
+    }
 }
+
+/// Time between reconnection attempts while post-copy is paused.
+const PAUSED_RETRY: Duration = Duration::from_millis(100);
 
 /// A running post-copy thread (of the roles below). Its error or panic
 /// marks post-copy failed, so that the session's thread stops too; a panic

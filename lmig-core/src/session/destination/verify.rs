@@ -4,7 +4,7 @@
 
 use super::postcopy::{PostcopyLink, Quiet, RECV_TICK};
 use super::{Destination, Progress};
-use crate::error::Result;
+use crate::error::{MigrationError, Result};
 use crate::model::RegionPages;
 use crate::protocol::{Handover, Message, RegionDigest, Verification};
 use crate::session::unexpected;
@@ -30,7 +30,22 @@ where
     ) -> Result<Verification> {
         let theirs = match theirs {
             Some(d) => d,
-            None => self.await_digests(progress, handover, link, missing)?,
+            None => match self.await_digests(progress, handover, link, missing) {
+                Ok(d) => d,
+                // Every page is here: the source lost now only costs the
+                // check (the program serves everything; not a failure).
+                Err(MigrationError::PostcopyPaused {
+                    missing_pages: 0,
+                    reason,
+                    ..
+                }) => {
+                    progress.report.warnings.push(format!(
+                        "post-copy: every page placed, but the source was lost before its digests arrived ({reason}): not verified"
+                    ));
+                    return Ok(Verification::NotChecked);
+                }
+                Err(e) => return Err(e),
+            },
         };
         Ok(match first_mismatch(&progress.hashes.digests(), &theirs) {
             None => Verification::Verified,
@@ -53,12 +68,21 @@ where
             let msg = match self.channel.recv(Some(RECV_TICK)) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
-                    quiet.tick()?;
+                    if let Err(silent) = quiet.tick() {
+                        if handover.postcopy.is_empty() {
+                            return Err(silent);
+                        }
+                        let why = silent.to_string();
+                        let n = missing.count();
+                        self.recover(progress, link, &why, n, || Ok(missing.clone()))?;
+                        quiet.reset();
+                    }
                     continue;
                 }
                 Err(e) if !handover.postcopy.is_empty() => {
                     // The digests may have been lost with the link.
-                    self.recover(progress, link, &e.to_string(), || Ok(missing.clone()))?;
+                    let n = missing.count();
+                    self.recover(progress, link, &e.to_string(), n, || Ok(missing.clone()))?;
                     quiet.reset();
                     continue;
                 }
