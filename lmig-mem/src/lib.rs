@@ -116,6 +116,8 @@
 //! ```
 #![deny(unsafe_code)]
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod error;
 mod memory;
 pub mod postcopy;

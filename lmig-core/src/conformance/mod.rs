@@ -89,6 +89,18 @@ pub struct Violation {
     pub detail: String,
 }
 
+impl Violation {
+    /// A violation of `rule` by `implementation`: for kits outside this
+    /// crate (`lmig_mem::conformance`).
+    pub fn new(implementation: &str, rule: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            implementation: implementation.to_string(),
+            rule,
+            detail: detail.into(),
+        }
+    }
+}
+
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -125,11 +137,7 @@ impl Judge {
 
     /// A violation of `rule`.
     pub(crate) fn broke(&self, rule: &'static str, detail: impl Into<String>) -> Violation {
-        Violation {
-            implementation: self.name.clone(),
-            rule,
-            detail: detail.into(),
-        }
+        Violation::new(&self.name, rule, detail)
     }
 
     /// `Err` unless `holds`.
