@@ -62,3 +62,14 @@ impl SocketFixture for Nothing {
 fn no_sockets_conforms() {
     sockets::check("NoSockets", &mut Nothing).unwrap();
 }
+
+/// `VecMemory` handles no page faults: it refuses post-copy as the trait
+/// says (`Unsupported`), which the post-copy kit accepts with a note.
+#[test]
+fn vec_memory_refuses_postcopy() {
+    let m = VecMemory::new(&layout());
+    let missing = lmig_core::model::RegionPages::full(&layout());
+    let e = lmig_core::MemorySink::begin_postcopy(&m, &missing).unwrap_err();
+    assert!(matches!(e, lmig_core::MigrationError::Unsupported { .. }), "{e}");
+    memory::check_postcopy("VecMemory", &m, &layout()).unwrap();
+}

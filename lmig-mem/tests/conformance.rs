@@ -145,3 +145,36 @@ fn switched_dirty_log_conforms() {
     };
     dirty_log::check("switched log", &layout, log, &write).unwrap();
 }
+
+/// userfaultfd with kernel-mode faults, or a loud failure; a visible skip
+/// only without root and with `LMIG_SKIP_PRIVILEGED=1`.
+fn postcopy_may_run(test: &str) -> bool {
+    lmig_core::testing::privileged(
+        test,
+        "userfaultfd with kernel-mode faults (CAP_SYS_PTRACE or /dev/userfaultfd)",
+    )
+}
+
+#[test]
+fn region_set_is_a_conforming_postcopy_sink() {
+    if !postcopy_may_run("region_set_is_a_conforming_postcopy_sink") {
+        return;
+    }
+    for backing in BACKINGS {
+        let set = regions(backing);
+        let layout = set.layout().clone();
+        memory::check_postcopy(&format!("RegionSet/{backing:?}"), &set, &layout).unwrap();
+    }
+}
+
+#[test]
+fn destination_regions_are_a_conforming_postcopy_sink() {
+    if !postcopy_may_run("destination_regions_are_a_conforming_postcopy_sink") {
+        return;
+    }
+    let layout = regions(Backing::Private).layout().clone();
+    for backing in BACKINGS {
+        let sink = DestinationRegions::new(backing).prefault(false);
+        memory::check_postcopy(&format!("DestinationRegions/{backing:?}"), &sink, &layout).unwrap();
+    }
+}

@@ -20,11 +20,23 @@
 //! * pages placed from several threads at once all land;
 //! * after `discard`, the sink takes a new attempt (`prepare` again, pages again).
 //!
+//! Rules of a post-copy sink ([`check_postcopy`]; a sink whose
+//! `begin_postcopy` is `Unsupported` passes with a printed note):
+//! * `begin_postcopy` drops the stale content of the missing pages and
+//!   leaves the others as they were;
+//! * a read of a missing page waits, `wait_fault` reports the page, and
+//!   `write_pages` wakes the reader with the placed content;
+//! * `end_postcopy` succeeds once every missing page is placed, and pages
+//!   are written and read as before after it.
+//!
 //! The kit writes to every region it is given: run it on memory made for
 //! the test, not on a running program's.
 
+use std::time::{Duration, Instant};
+
 use crate::MemorySink;
 use crate::MemorySource;
+use crate::error::MigrationError;
 use crate::model::{PageRun, RegionId, RegionInfo, RegionLayout, RegionPages};
 
 use super::{Conformance, Judge, Violation};
@@ -40,6 +52,9 @@ const MISMATCH: &str = "prepare refuses a layout that does not match";
 const THREADS: &str = "pages placed from several threads at once all land";
 const RETRY: &str = "after discard the sink takes a new attempt";
 const LAYOUT: &str = "the layout is stable and holds a region";
+const POSTCOPY: &str =
+    "a read of a missing page waits until it is placed, and wait_fault reports it";
+const POSTCOPY_END: &str = "end_postcopy succeeds once every page is placed";
 
 /// The content the kit writes to `page` of `region`: no page equals
 /// another, none is zero.
@@ -451,4 +466,101 @@ fn check_threads<K: MemorySink + ?Sized>(j: &Judge, sink: &K, r: &RegionInfo) ->
         })?;
     }
     Ok(())
+}
+
+/// Check the post-copy calls of a [`MemorySink`] that will receive
+/// `layout` (its first region, of three pages or more, is used). Needs
+/// whatever the sink's page-fault handling needs (lmig-mem: userfaultfd
+/// with kernel-mode faults).
+pub fn check_postcopy<K: MemorySink + ?Sized>(
+    name: &str,
+    sink: &K,
+    layout: &RegionLayout,
+) -> Conformance {
+    let j = Judge::new(name);
+    let Some(r) = layout.regions().first().filter(|r| r.pages() >= 3) else {
+        return Err(j.broke(LAYOUT, "the first region has fewer than three pages"));
+    };
+    prepare(&j, sink, layout)?;
+    let ps = page_bytes(r, 1);
+    let (present, missing_page) = (0, r.pages() / 2);
+    for p in [present, missing_page] {
+        sink_write(
+            &j,
+            POSTCOPY,
+            sink,
+            &PageRun::new(r.id, p, 1),
+            &pattern(r.id, p, 6, ps),
+        )?;
+    }
+    let mut missing = RegionPages::empty(layout);
+    let missing_run = PageRun::new(r.id, missing_page, 1);
+    j.ok(
+        POSTCOPY,
+        "RegionPages::insert_run",
+        missing.insert_run(&missing_run),
+    )?;
+    match j.no_panic(POSTCOPY, "begin_postcopy", || sink.begin_postcopy(&missing))? {
+        Err(MigrationError::Unsupported { feature, needs }) => {
+            println!("{name}: post-copy rules not run: {feature} is not supported (needs {needs})");
+            return Ok(());
+        }
+        other => j.ok(POSTCOPY, "begin_postcopy", other)?,
+    }
+    let got = sink_read(&j, POSTCOPY, sink, &PageRun::new(r.id, present, 1), ps)?;
+    j.rule(POSTCOPY, got == pattern(r.id, present, 6, ps), || {
+        format!("page {present}, not missing, changed when post-copy began")
+    })?;
+    let placed = pattern(r.id, missing_page, 7, ps);
+    let outcome = std::thread::scope(|s| {
+        let reader = s.spawn(|| sink_read(&j, POSTCOPY, sink, &missing_run, ps));
+        let reported = wait_for_fault(&j, sink, &missing_run);
+        let waited = !reader.is_finished();
+        // Placed whatever happened, so that a waiting reader ends.
+        let wrote = sink_write(&j, POSTCOPY, sink, &missing_run, &placed);
+        let read = reader
+            .join()
+            .unwrap_or_else(|_| Err(j.broke(POSTCOPY, "the reader thread panicked")));
+        reported.and(wrote).map(|()| (waited, read))
+    });
+    let (waited, read) = outcome?;
+    j.rule(POSTCOPY, waited, || {
+        format!("the read of missing page {missing_run} returned before the page was placed")
+    })?;
+    let read = read?;
+    j.rule(POSTCOPY, read == placed, || {
+        format!("the reader of {missing_run} got other content than what was placed")
+    })?;
+    j.no_panic(POSTCOPY_END, "end_postcopy", || sink.end_postcopy())
+        .and_then(|res| j.ok(POSTCOPY_END, "end_postcopy", res))?;
+    let after = PageRun::new(r.id, 1, 1);
+    sink_write(&j, POSTCOPY_END, sink, &after, &pattern(r.id, 1, 8, ps))?;
+    let got = sink_read(&j, POSTCOPY_END, sink, &after, ps)?;
+    j.rule(POSTCOPY_END, got == pattern(r.id, 1, 8, ps), || {
+        "a page written after end_postcopy differs".into()
+    })
+}
+
+/// `wait_fault` until it reports a run holding `want` (bounded).
+fn wait_for_fault<K: MemorySink + ?Sized>(j: &Judge, sink: &K, want: &PageRun) -> Conformance {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let got = j.no_panic(POSTCOPY, "wait_fault", || {
+            sink.wait_fault(Duration::from_millis(100))
+        })?;
+        match j.ok(POSTCOPY, "wait_fault", got)? {
+            Some(run)
+                if run.region == want.region
+                    && run.first <= want.first
+                    && want.first < run.end() =>
+            {
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+    Err(j.broke(
+        POSTCOPY,
+        format!("wait_fault never reported {want} while a reader waited on it"),
+    ))
 }
