@@ -70,6 +70,9 @@ fn vec_memory_refuses_postcopy() {
     let m = VecMemory::new(&layout());
     let missing = lmig_core::model::RegionPages::full(&layout());
     let e = lmig_core::MemorySink::begin_postcopy(&m, &missing).unwrap_err();
-    assert!(matches!(e, lmig_core::MigrationError::Unsupported { .. }), "{e}");
+    assert!(
+        matches!(e, lmig_core::MigrationError::Unsupported { .. }),
+        "{e}"
+    );
     memory::check_postcopy("VecMemory", &m, &layout()).unwrap();
 }

@@ -382,24 +382,7 @@ fn check_sink_region<K: MemorySink + ?Sized>(
     // Refusals leave every byte as it was.
     let last = pages - 1;
     sink_write(j, READ_BACK, sink, &page(last), &pattern(r.id, last, 3, ps))?;
-    for (run, what) in bad_runs(layout, r) {
-        let data = vec![0xEE; page_bytes(r, u64::from(run.count))];
-        let call = format!("write_pages({run}) ({what})");
-        j.refused(BAD_RUN, &call, || sink.write_pages(&run, &data))?;
-        let call = format!("zero_pages({run}) ({what})");
-        j.refused(BAD_RUN, &call, || sink.zero_pages(&run))?;
-        let mut buf = vec![0u8; data.len()];
-        let call = format!("read_pages({run}) ({what})");
-        j.refused(BAD_RUN, &call, || sink.read_pages(&run, &mut buf))?;
-    }
-    for len in [ps - 1, ps + 1, 0] {
-        let data = vec![0xEE; len];
-        let call = format!("write_pages({}) with {len} bytes", page(last));
-        j.refused(BAD_RUN, &call, || sink.write_pages(&page(last), &data))?;
-        let mut buf = vec![0u8; len];
-        let call = format!("read_pages({}) into {len} bytes", page(last));
-        j.refused(BAD_RUN, &call, || sink.read_pages(&page(last), &mut buf))?;
-    }
+    check_sink_refusals(j, sink, layout, r)?;
     expect(
         UNTOUCHED,
         last,
@@ -563,4 +546,34 @@ fn wait_for_fault<K: MemorySink + ?Sized>(j: &Judge, sink: &K, want: &PageRun) -
         POSTCOPY,
         format!("wait_fault never reported {want} while a reader waited on it"),
     ))
+}
+
+/// Bad runs and buffers of the wrong length, each refused by every call.
+fn check_sink_refusals<K: MemorySink + ?Sized>(
+    j: &Judge,
+    sink: &K,
+    layout: &RegionLayout,
+    r: &RegionInfo,
+) -> Conformance {
+    let ps = page_bytes(r, 1);
+    let last = PageRun::new(r.id, r.pages() - 1, 1);
+    for (run, what) in bad_runs(layout, r) {
+        let data = vec![0xEE; page_bytes(r, u64::from(run.count))];
+        let call = format!("write_pages({run}) ({what})");
+        j.refused(BAD_RUN, &call, || sink.write_pages(&run, &data))?;
+        let call = format!("zero_pages({run}) ({what})");
+        j.refused(BAD_RUN, &call, || sink.zero_pages(&run))?;
+        let mut buf = vec![0u8; data.len()];
+        let call = format!("read_pages({run}) ({what})");
+        j.refused(BAD_RUN, &call, || sink.read_pages(&run, &mut buf))?;
+    }
+    for len in [ps - 1, ps + 1, 0] {
+        let data = vec![0xEE; len];
+        let call = format!("write_pages({last}) with {len} bytes");
+        j.refused(BAD_RUN, &call, || sink.write_pages(&last, &data))?;
+        let mut buf = vec![0u8; len];
+        let call = format!("read_pages({last}) into {len} bytes");
+        j.refused(BAD_RUN, &call, || sink.read_pages(&last, &mut buf))?;
+    }
+    Ok(())
 }
