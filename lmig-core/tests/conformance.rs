@@ -44,7 +44,7 @@ struct Nothing;
 impl SocketFixture for Nothing {
     type Source = NoSockets;
     type Sink = NoSockets;
-    fn source(&mut self) -> Result<NoSockets, String> {
+    fn source(&mut self, _: Option<NoSockets>) -> Result<NoSockets, String> {
         Ok(NoSockets)
     }
     fn sink(&mut self) -> Result<NoSockets, String> {

@@ -14,7 +14,10 @@
 //! * every call of the order above succeeds on sockets that are fine;
 //! * an abort after `plan`, after `freeze`, and after `capture` and
 //!   `restore` leaves every socket serving on the source (the fixture
-//!   exchanges data through each), and a later attempt works;
+//!   exchanges data through each), and a later attempt over the same
+//!   sockets works — with the same source object, or with a new one the
+//!   fixture makes around them ([`SocketFixture::source`]: whether a source
+//!   runs a second attempt is the implementation's choice);
 //! * captured records validate, their ids are unique, and a plan entry
 //!   agrees with the record captured for its id;
 //! * a retry captures the same sockets (same ids, kinds and addresses);
@@ -51,9 +54,12 @@ pub trait SocketFixture {
     /// The sink under test.
     type Sink: SocketSink;
 
-    /// The source, holding the fixture's sockets (each with a live peer and
-    /// data queued both ways). Called once.
-    fn source(&mut self) -> Result<Self::Source, String>;
+    /// The source for the next attempt, holding the fixture's sockets (each
+    /// with a live peer and data queued both ways). First called with
+    /// `None`; after each abort with the aborted source, which it returns
+    /// as it is when it can run another attempt, or whose sockets it hands
+    /// to a new source.
+    fn source(&mut self, aborted: Option<Self::Source>) -> Result<Self::Source, String>;
 
     /// A new, empty sink on the destination. Called once per attempt.
     fn sink(&mut self) -> Result<Self::Sink, String>;
@@ -84,7 +90,7 @@ pub trait SocketFixture {
 pub fn check<F: SocketFixture>(name: &str, fixture: &mut F) -> Conformance {
     let j = Judge::new(name);
     let mut source = fixture
-        .source()
+        .source(None)
         .map_err(|e| j.broke(ORDER, format!("the fixture made no source: {e}")))?;
     // Abort after plan, after freeze, after capture and restore.
     let mut first: Option<Vec<SocketRecord>> = None;
@@ -104,6 +110,15 @@ pub fn check<F: SocketFixture>(name: &str, fixture: &mut F) -> Conformance {
         if step == Step::Restored {
             first = records;
         }
+        source = fixture.source(Some(source)).map_err(|e| {
+            j.broke(
+                ABORT,
+                format!(
+                    "no source for the attempt after an abort {}: {e}",
+                    step.name()
+                ),
+            )
+        })?;
     }
     refusals(&j, fixture, first.as_deref().unwrap_or_default())?;
     // The attempt that commits.
