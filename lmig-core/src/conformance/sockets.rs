@@ -7,7 +7,7 @@
 //! ```text
 //! source.plan ─► sink.prepare ─► source.freeze ─► source.capture ─► sink.restore (per batch)
 //!     ├─ before Commit, on any failure: source.abort, sink.discard   (the source serves on)
-//!     └─ after Commit:                  source.release, [hand-over], sink.activate
+//!     └─ after Commit:                  [hand-over], source.release, sink.activate
 //! ```
 //!
 //! Rules:
@@ -69,8 +69,11 @@ pub trait SocketFixture {
     /// queued again both ways for the next attempt.
     fn source_serves(&mut self, source: &mut Self::Source) -> Result<(), String>;
 
-    /// After the source's `release`, before the sink's `activate`: what the
-    /// hosts do in between (e.g. move the service address). None by default.
+    /// After `Commit`, before the source's `release`: what the hosts do that
+    /// the backends under test do not (e.g. move the service address, when
+    /// no handoff around the source does it in `release`; moved before the
+    /// sockets close, no packet finds the address without its socket and
+    /// draws a reset). None by default.
     fn hand_over(&mut self) -> Result<(), String> {
         Ok(())
     }
@@ -125,14 +128,14 @@ pub fn check<F: SocketFixture>(name: &str, fixture: &mut F) -> Conformance {
     let mut sink = new_sink(&j, fixture)?;
     let records = attempt(&j, &mut source, &mut sink, Step::Restored)?.unwrap_or_default();
     same_sockets(&j, first.as_deref().unwrap_or_default(), &records)?;
+    fixture
+        .hand_over()
+        .map_err(|e| j.broke(ORDER, format!("the fixture's hand-over failed: {e}")))?;
     j.ok(
         ORDER,
         "SocketSource::release",
         j.no_panic(ORDER, "release", || source.release())?,
     )?;
-    fixture
-        .hand_over()
-        .map_err(|e| j.broke(ORDER, format!("the fixture's hand-over failed: {e}")))?;
     j.ok(
         ORDER,
         "SocketSink::activate",
