@@ -439,6 +439,19 @@ where
     j.rule(CLOSED, again.is_err(), || {
         format!("after failing once, recv returned {again:?}")
     })?;
+    // The urgent receiver does not hang on a dead peer either: it returns
+    // within its timeout (a broken link is `recv`'s to report, so `None`
+    // or an error), and never a message.
+    let b2 = Arc::clone(&b);
+    let urgent = within(
+        j,
+        "recv_urgent(100 ms) after the peer closed",
+        Duration::from_millis(100) + GRACE,
+        move || b2.recv_urgent(Duration::from_millis(100)),
+    )?;
+    j.rule(BOUNDED, !matches!(urgent, Ok(Some(_))), || {
+        format!("recv_urgent returned {urgent:?} after the peer closed")
+    })?;
     // A first write may be buffered by the kernel; a later one must fail.
     for attempt in 0..200 {
         let b2 = Arc::clone(&b);
