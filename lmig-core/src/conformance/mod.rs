@@ -11,6 +11,8 @@
 //!   runs, a mismatched layout refused, a bad region, offset or length
 //!   refused with an error (never a panic) and without a byte changed,
 //!   pages placed from several threads at once, a retry after `discard`;
+//!   and, for a sink that handles page faults, post-copy (a read of a
+//!   missing page waits until it is placed, `wait_fault` reports it);
 //! * [`channel`]: [`Channel`](crate::Channel) — messages in order per lane
 //!   and both ways, lanes beyond `data_lanes()` folded, the urgent lane,
 //!   large messages, a receive timeout, the end of a closed or shut-down
