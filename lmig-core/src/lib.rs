@@ -16,7 +16,9 @@
 //! * [`policy`]: the convergence policy that ends pre-copy;
 //! * [`session`]: the source and destination state machines, generic over the traits;
 //! * [`split`]: split memory — the owner map and the messages between the
-//!   running host and page hosts.
+//!   running host and page hosts;
+//! * `conformance` (feature `conformance`): one test body per pluggable
+//!   trait, for an embedder to run against their own backend.
 //!
 //! ## Guarantees
 //!
@@ -58,6 +60,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod error;
 pub mod model;
 pub mod policy;

@@ -70,13 +70,27 @@ impl VecMemory {
         self.discarded.load(Ordering::Relaxed)
     }
 
-    fn with_run<R>(&self, run: &PageRun, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
+    /// Run `f` over the bytes of `run`, which a buffer of `len` bytes
+    /// (`None`: no buffer) must match exactly.
+    fn with_run<R>(
+        &self,
+        run: &PageRun,
+        len: Option<usize>,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R> {
         let mut regions = self.regions.lock().expect("poisoned");
         let (info, bytes) = regions
             .iter_mut()
             .find(|(r, _)| r.id == run.region)
             .ok_or(MigrationError::UnknownRegion { region: run.region })?;
         info.check_run(run)?;
+        let want = info.bytes(u64::from(run.count));
+        if let Some(len) = len.filter(|l| *l as u64 != want) {
+            return Err(MigrationError::invalid(
+                format!("buffer for page run {run}"),
+                format!("{len} bytes, the run holds {want}"),
+            ));
+        }
         let ps = info.page_size as usize;
         let off = run.first as usize * ps;
         Ok(f(&mut bytes[off..off + run.count as usize * ps]))
@@ -90,7 +104,7 @@ impl MemorySource for VecMemory {
     }
 
     fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
-        self.with_run(run, |src| dst.copy_from_slice(src))
+        self.with_run(run, Some(dst.len()), |src| dst.copy_from_slice(src))
     }
 }
 
@@ -107,11 +121,11 @@ impl MemorySink for VecMemory {
     }
 
     fn write_pages(&self, run: &PageRun, data: &[u8]) -> Result<()> {
-        self.with_run(run, |dst| dst.copy_from_slice(data))
+        self.with_run(run, Some(data.len()), |dst| dst.copy_from_slice(data))
     }
 
     fn zero_pages(&self, run: &PageRun) -> Result<()> {
-        self.with_run(run, |dst| dst.fill(0))
+        self.with_run(run, None, |dst| dst.fill(0))
     }
 
     fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {

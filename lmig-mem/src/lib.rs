@@ -25,6 +25,8 @@
 //!   write-protect + `PAGEMAP_SCAN` (the default), soft-dirty, a manual
 //!   tracker the program marks, an adapter for a VMM's dirty bitmap — and
 //!   [`best_tracker`], which probes once and says what it picked and why.
+//! * `conformance` (feature `conformance`): the kit a VMM runs against its
+//!   own [`DirtyLog`]; the memory kits are `lmig_core::conformance`.
 //!
 //! ## Guarantees
 //!
@@ -202,6 +204,8 @@
 //! ```
 #![deny(unsafe_code)]
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod error;
 mod memory;
 pub mod postcopy;

@@ -417,6 +417,12 @@ impl Read for TlsReader {
                     tls.process_new_packets().map_err(tls_io_error)?;
                     return match tls.reader().read(buf) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                        // No close_notify (the peer's process ended, say):
+                        // an end of stream as in the other modes, not a
+                        // failure that would overtake messages still queued
+                        // from its other streams; a frame cut short is still
+                        // caught by the frame reader.
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
                         other => other,
                     };
                 } else {
