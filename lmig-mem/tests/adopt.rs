@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Area, adopt, file_bytes, memfd, shared_file};
-use lmig_core::model::{RegionId, RegionPages};
+use lmig_core::model::{PageRun, RegionId, RegionPages};
 use lmig_core::protocol::Verification;
 use lmig_core::session::{Destination, Mode, Source, SourceConfig};
 use lmig_core::testing::{NullProgram, channel_pair};
@@ -340,7 +340,14 @@ fn postcopy_into_adopted_memory() {
             std::thread::sleep(Duration::from_millis(1));
         }
         if !toucher.is_finished() {
-            dst.abandon_postcopy();
+            // Every page a poison pattern (never zeros), which the toucher
+            // counts as wrong.
+            let poison = vec![0xEEu8; ps()];
+            for id in [A, B] {
+                for p in 0..dst.get(id).unwrap().pages() {
+                    let _ = dst.write_run(&PageRun::new(id, p, 1), &poison);
+                }
+            }
         }
         toucher.join().unwrap();
         (s, d.join().unwrap())
