@@ -14,6 +14,7 @@ use lmig_core::model::RegionId;
 use lmig_core::protocol::Verification;
 use lmig_core::session::{Destination, Source, SourceConfig};
 use lmig_core::testing::{Cut, CutChannel, NullProgram, channel_pair};
+use lmig_core::traits::Event;
 use lmig_core::{Channel, DirtyTracker, StateSource};
 use lmig_mem::{Backing, DestinationRegions, RegionOptions, RegionSet, UffdWpTracker};
 
@@ -124,8 +125,24 @@ fn attempt(
     let mut dst_prog = NullProgram::default();
     let (s, d) = std::thread::scope(|sc| {
         let d = sc.spawn(|| Destination::new(dst, &memory, &mut dst_prog).run());
+        // Every page of B written once while round 0 runs (after it, as
+        // the round ends): round 1 then has at least B's 16 batches, so a
+        // cut in a later round is reached however the writer thread was
+        // scheduled (word 2: what the writer and the checks leave alone).
+        let dirty_b_after_round_0 = move |e: &Event| {
+            if let Event::Round(r) = e {
+                if r.round == 0 {
+                    let b = set.get(B).unwrap();
+                    for p in 0..PAGES {
+                        b.write_at(p as usize * ps() + 16, &p.to_ne_bytes())
+                            .unwrap();
+                    }
+                }
+            }
+        };
         let s = Source::new(src, set, &mut *tracker, program)
             .with_config(config())
+            .with_observer(dirty_b_after_round_0)
             .run();
         if s.is_err() {
             src.shutdown();
@@ -148,7 +165,8 @@ fn cut_mid_round_leaves_the_source_whole_and_a_retry_works() {
         }
     };
     // Cuts inside the first round (its third batch), at the end of it, and
-    // inside a later round (the writer keeps pages dirty).
+    // inside round 1 (batch 40 of at least 48: the observer in `attempt`
+    // dirties every page of B after round 0).
     for cut in [
         Cut::Send("Pages", 3),
         Cut::Send("RoundEnd", 1),
