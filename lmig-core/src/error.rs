@@ -134,6 +134,19 @@ pub enum MigrationError {
         /// What happened after the commit.
         detail: String,
     },
+
+    /// The destination failed after `Commit` (post-copy, the digest check,
+    /// `Done`): nothing is undone. `program_running` says whether the
+    /// program runs on the destination (it was resumed there); it never
+    /// runs on the source again.
+    #[error("after Commit ({}): {source}", if *program_running { "the program runs on the destination" } else { "the program could not be resumed" })]
+    AfterCommit {
+        /// The program was resumed on the destination and runs.
+        program_running: bool,
+        /// What failed.
+        #[source]
+        source: Box<MigrationError>,
+    },
 }
 
 impl MigrationError {
@@ -175,14 +188,36 @@ impl MigrationError {
     /// a panic after `Commit`: the session resumed the program before
     /// returning the error.
     pub fn source_may_run(&self) -> bool {
-        !matches!(
+        !self.after_commit()
+    }
+
+    /// Did this error happen after `Commit` (so the program never runs on
+    /// the source again)? True for [`MigrationError::CommitUnconfirmed`],
+    /// [`MigrationError::AfterCommit`] and a panic after `Commit`.
+    pub fn after_commit(&self) -> bool {
+        matches!(
             self,
             Self::CommitUnconfirmed { .. }
+                | Self::AfterCommit { .. }
                 | Self::Panicked {
                     committed: true,
                     ..
                 }
         )
+    }
+
+    /// After `Commit`, whether the program runs on the destination:
+    /// `Some(true)` for a destination error after it had resumed the
+    /// program, `Some(false)` when it could not resume it, `None` when this
+    /// side cannot know (a source's [`MigrationError::CommitUnconfirmed`])
+    /// or the error came before `Commit`.
+    pub fn program_running_on_destination(&self) -> Option<bool> {
+        match self {
+            Self::AfterCommit {
+                program_running, ..
+            } => Some(*program_running),
+            _ => None,
+        }
     }
 }
 

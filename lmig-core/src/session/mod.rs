@@ -23,7 +23,7 @@ mod source;
 
 use std::time::Duration;
 
-pub use destination::{Destination, DestinationConfig, DestinationReport};
+pub use destination::{AfterCommit, Destination, DestinationConfig, DestinationReport, Resumption};
 pub use pages::is_zero;
 pub use source::{Mode, Source, SourceConfig, SourceReport};
 
