@@ -135,6 +135,40 @@ pub enum MigrationError {
         detail: String,
     },
 
+    /// The freeze outlasted [`SourceConfig::max_freeze`](crate::session::SourceConfig::max_freeze):
+    /// the source aborted and resumed the program (sockets out of repair
+    /// mode with every queued byte, network unlocked); the destination
+    /// discards what it got.
+    #[error(
+        "the freeze outlasted its bound of {max:?} ({after:?} at the step {step:?}); the source resumed"
+    )]
+    FreezeDeadline {
+        /// The bound.
+        max: Duration,
+        /// The freeze step that ended past it (as in `SourceReport::freeze_steps`).
+        step: &'static str,
+        /// How long the freeze had lasted then.
+        after: Duration,
+    },
+
+    /// The migration was cancelled (a [`CancelHandle`](crate::session::CancelHandle))
+    /// before `Commit`: the source resumed the program, the destination
+    /// discards what it got.
+    #[error("the migration was cancelled before Commit; the source resumed")]
+    Cancelled,
+
+    /// The migration channel runs over an address that moves with the
+    /// sockets: the network lock would hold the channel's own traffic in
+    /// the freeze. Refused before anything was sent; use another address
+    /// (or interface) for the migration.
+    #[error(
+        "the migration channel uses {addr}, a service address that moves with the program; migrate over another address"
+    )]
+    ChannelOnMovedAddress {
+        /// The address both use.
+        addr: std::net::IpAddr,
+    },
+
     /// The destination failed after `Commit` (post-copy, the digest check,
     /// `Done`): nothing is undone. `program_running` says whether the
     /// program runs on the destination (it was resumed there); it never

@@ -139,6 +139,15 @@ pub trait SocketSource: Send {
         Ok(Vec::new())
     }
 
+    /// The IP addresses that move to the destination with the sockets (the
+    /// service addresses a network lock holds at the freeze). The session
+    /// refuses to migrate over a channel using one of them
+    /// ([`MigrationError::ChannelOnMovedAddress`]): the lock would hold the
+    /// channel's own traffic. Empty (the default) when no address moves.
+    fn moved_addresses(&self) -> Vec<std::net::IpAddr> {
+        Vec::new()
+    }
+
     /// At the freeze: stop the kernel from answering for the sockets (network
     /// lock) and put them in repair mode. Must not lose incoming packets.
     fn freeze(&mut self) -> Result<()> {
@@ -277,6 +286,14 @@ pub trait Channel: Send + Sync {
         1
     }
 
+    /// The IP addresses the channel's connections use, at both ends (the
+    /// source checks none is an address that moves, see
+    /// [`SocketSource::moved_addresses`]). Empty (the default) when the
+    /// channel does not run over IP.
+    fn ip_addresses(&self) -> Vec<std::net::IpAddr> {
+        Vec::new()
+    }
+
     /// Push out pages a data lane buffered. The session calls it after each
     /// batch of `send_pages` calls; a channel may hold pages until then.
     fn flush(&self) -> Result<()> {
@@ -389,13 +406,26 @@ macro_rules! forward_mut {
     };
 }
 
-forward_mut!(SocketSource {
-    fn plan(&mut self) -> Result<Vec<SocketPrep>>;
-    fn freeze(&mut self) -> Result<()>;
-    fn capture(&mut self, emit: &mut dyn FnMut(Vec<SocketRecord>) -> Result<()>) -> Result<()>;
-    fn abort(&mut self) -> Result<()>;
-    fn release(&mut self) -> Result<()>;
-});
+impl<T: SocketSource + ?Sized> SocketSource for &mut T {
+    fn moved_addresses(&self) -> Vec<std::net::IpAddr> {
+        (**self).moved_addresses()
+    }
+    fn plan(&mut self) -> Result<Vec<SocketPrep>> {
+        (**self).plan()
+    }
+    fn freeze(&mut self) -> Result<()> {
+        (**self).freeze()
+    }
+    fn capture(&mut self, emit: &mut dyn FnMut(Vec<SocketRecord>) -> Result<()>) -> Result<()> {
+        (**self).capture(emit)
+    }
+    fn abort(&mut self) -> Result<()> {
+        (**self).abort()
+    }
+    fn release(&mut self) -> Result<()> {
+        (**self).release()
+    }
+}
 
 forward_mut!(SocketSink {
     fn prepare(&mut self, plan: &[SocketPrep]) -> Result<()>;
@@ -519,6 +549,9 @@ macro_rules! forward_channel {
             }
             fn data_lanes(&self) -> usize {
                 (**self).data_lanes()
+            }
+            fn ip_addresses(&self) -> Vec<std::net::IpAddr> {
+                (**self).ip_addresses()
             }
             fn flush(&self) -> Result<()> {
                 (**self).flush()

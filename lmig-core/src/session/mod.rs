@@ -25,7 +25,7 @@ use std::time::Duration;
 
 pub use destination::{AfterCommit, Destination, DestinationConfig, DestinationReport, Resumption};
 pub use pages::is_zero;
-pub use source::{Mode, Source, SourceConfig, SourceReport};
+pub use source::{CancelHandle, CancelOutcome, Mode, Source, SourceConfig, SourceReport};
 
 use crate::error::MigrationError;
 use crate::protocol::Message;

@@ -383,6 +383,12 @@ impl<S: SocketSource> SocketSource for HandoffSource<S> {
         self.inner.plan()
     }
 
+    fn moved_addresses(&self) -> Vec<std::net::IpAddr> {
+        let mut moved = self.inner.moved_addresses();
+        moved.extend(self.handoff.cfg.addrs.iter().map(|a| a.addr));
+        moved
+    }
+
     fn freeze(&mut self) -> lmig_core::Result<()> {
         self.handoff.lock()?;
         self.inner.freeze()

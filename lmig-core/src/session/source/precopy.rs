@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Mode, Source, SourceReport, Undo};
+use super::{CANCEL_TICK, Mode, Source, SourceReport, Undo};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::policy::{Decision, RoundStats};
@@ -73,6 +73,17 @@ where
     /// Returns by when the destination must say `Prepared`.
     pub(super) fn setup(&mut self, layout: &RegionLayout, undo: &mut Undo) -> Result<Readiness> {
         self.phase(Phase::Setup);
+        self.cancel.check()?;
+        // The network lock would hold the channel's own traffic.
+        let moved = self.sockets.moved_addresses();
+        if let Some(addr) = self
+            .channel
+            .ip_addresses()
+            .into_iter()
+            .find(|a| moved.contains(a))
+        {
+            return Err(MigrationError::ChannelOnMovedAddress { addr });
+        }
         self.channel.send(&Message::Regions(layout.clone()))?;
         // Always sent (possibly empty): the destination answers it with
         // `Prepared` once regions and sockets are ready.
@@ -183,6 +194,7 @@ where
         first: FirstRound<'_>,
     ) -> Result<(RoundStats, bool)> {
         let round = rounds.round;
+        self.cancel.check()?;
         self.phase(Phase::Precopy(round));
         let t0 = Instant::now();
         let sent = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
@@ -282,7 +294,10 @@ where
                 after: self.config.ready_timeout,
             });
         }
-        match self.channel.recv(Some(wait.min(deadline - now)))? {
+        self.cancel.check()?;
+        // A cancel is seen within a tick.
+        let wait = wait.min(deadline - now).min(CANCEL_TICK);
+        match self.channel.recv(Some(wait))? {
             None => Ok(None),
             Some(Message::Prepared { placed }) => Ok(Some(placed)),
             Some(msg) => Err(unexpected("pre-copy", "Prepared", &msg)),
