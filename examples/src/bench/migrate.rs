@@ -1,4 +1,4 @@
-//! `lmig-bench migrate --mib M --conns N --mode precopy|postcopy|hybrid --dirty-mbps R`:
+//! `lmig-bench migrate --mib M --conns N --mode precopy|postcopy|hybrid --dirty-mbps R [--max-freeze-ms F]`:
 //! the demo's scenario (kvd with N busy clients moving between two hosts) as
 //! a benchmark.
 
@@ -39,6 +39,10 @@ pub struct Args {
     /// the destination before and during the migration).
     #[arg(long)]
     pub fault: Option<String>,
+    /// Bound the freeze (ms): past it kvd aborts and serves on at the
+    /// source (`aborted_by_deadline`, `source_serving`).
+    #[arg(long)]
+    pub max_freeze_ms: Option<f64>,
 }
 
 /// Run the scenario.
@@ -69,6 +73,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         keys: args.keys,
         streams: args.streams,
         fault,
+        max_freeze_ms: args.max_freeze_ms,
         ..Options::new(&args.mode, args.mib, args.conns)?
     };
     let r = scenario::run(&opts)?;
@@ -108,6 +113,11 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "verified": s.is_some_and(|s| s.verified) && d.is_some_and(|d| d.verified),
         "migrated": r.migrated,
         "error": r.error,
+        // A failed attempt: the source aborted on its freeze bound, and
+        // serves on (a migrated kvd serves at the destination only).
+        "aborted_by_deadline": r.aborted_by_deadline,
+        "source_serving": r.source_serving.unwrap_or(false),
+        "max_freeze_ms": args.max_freeze_ms,
         "switched_to_postcopy": s.map(|s| s.switched_to_postcopy),
         "freeze_pages": s.map(|s| s.freeze_pages),
         "policy": s.map(|s| &s.policy),

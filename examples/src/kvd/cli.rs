@@ -292,6 +292,16 @@ fn serve_admin(
                     continue;
                 };
                 let streams = rest.get(1).and_then(|s| s.parse().ok()).unwrap_or(2);
+                let max_freeze = match rest.get(2).map(|s| s.parse::<f64>()) {
+                    None => None,
+                    Some(Ok(ms)) if ms > 0.0 && ms.is_finite() => {
+                        Some(Duration::from_secs_f64(ms / 1e3))
+                    }
+                    Some(_) => {
+                        reply(json!({"error": "max freeze: a positive number of milliseconds"}));
+                        continue;
+                    }
+                };
                 let opts = MigrateOptions {
                     target,
                     mode,
@@ -302,10 +312,19 @@ fn serve_admin(
                     // rest, and on a shared host the last pages compete with
                     // them for the CPU (5 ms left 600-1000 pages, 5-10 ms).
                     downtime: Duration::from_millis(2),
+                    max_freeze,
                 };
                 let started = now_mono_ns();
                 let t0 = Instant::now();
+                let paused = std::sync::Mutex::new(None);
                 let r = migrate_out(control, regions, dirtier.clone(), &opts, |e: &Event| {
+                    if let Event::Phase {
+                        phase: Phase::Frozen,
+                        at,
+                    } = e
+                    {
+                        *paused.lock().expect("poisoned") = Some(*at);
+                    }
                     if let Event::Progress {
                         pages,
                         bytes,
@@ -355,12 +374,18 @@ fn serve_admin(
                     Err(e) => reply(json!(MigrateLine::Failed(MigrateFailure {
                         error: e.to_string(),
                         source_serving: e.source_may_run(),
+                        aborted_by_deadline: matches!(e, MigrationError::FreezeDeadline { .. }),
+                        // The session returns with the program resumed.
+                        freeze_ms: paused
+                            .into_inner()
+                            .expect("poisoned")
+                            .map(|p| p.elapsed().as_secs_f64() * 1e3),
                     }))),
                 }
             }
             ["quit"] => return false,
             _ => reply(
-                json!({"error": "commands: stats | populate N | migrate HOST:PORT [precopy|postcopy|hybrid] [streams] | quit"}),
+                json!({"error": "commands: stats | populate N | migrate HOST:PORT [precopy|postcopy|hybrid] [streams] [max-freeze-ms] | quit"}),
             ),
         }
     }

@@ -327,6 +327,8 @@ pub struct MigrateOptions {
     pub handoff: Option<HandoffConfig>,
     /// Policy downtime target.
     pub downtime: Duration,
+    /// Past this freeze the source aborts and serves on (`None`: no bound).
+    pub max_freeze: Option<Duration>,
 }
 
 /// Migrate this kvd to `opts.target`. `Ok`: the destination runs now and this
@@ -379,6 +381,7 @@ pub fn migrate_out(
     });
     let config = SourceConfig {
         mode: opts.mode,
+        max_freeze: opts.max_freeze,
         ..SourceConfig::default()
     };
     let source = Source::new(&channel, regions, &mut tracker, program)

@@ -54,6 +54,9 @@ pub struct Options {
     pub kvd: (PathBuf, Vec<String>),
     /// A fault to inject (tests of the failure paths).
     pub fault: Option<Fault>,
+    /// Bound kvd's freeze (`migrate`'s max freeze, ms): past it the source
+    /// aborts and serves on.
+    pub max_freeze_ms: Option<f64>,
 }
 
 impl Options {
@@ -76,6 +79,7 @@ impl Options {
             svg: None,
             kvd: (std::env::current_exe()?, vec!["kvd".into()]),
             fault: None,
+            max_freeze_ms: None,
         })
     }
 }
@@ -126,6 +130,8 @@ pub struct Report {
     pub error: Option<String>,
     /// When it failed: whether the source kept serving.
     pub source_serving: Option<bool>,
+    /// It failed because the freeze outlasted `max_freeze_ms`.
+    pub aborted_by_deadline: bool,
     /// Migrations asked for (2 when the first destination was killed).
     pub attempts: u32,
     /// Why the first of two attempts failed.
@@ -315,6 +321,9 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     if let Err(f) = &source {
         report.error = Some(f.error.clone());
         report.source_serving = Some(f.source_serving);
+        report.aborted_by_deadline = f.aborted_by_deadline;
+        // The aborted attempt's freeze: pause to resumed on the source.
+        report.freeze_ms = f.freeze_ms.unwrap_or(0.0);
     }
     report.source = source.ok();
     if report.migrated {
