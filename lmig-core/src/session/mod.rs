@@ -11,8 +11,19 @@
 //!   for every failure before `Commit`, and
 //!   [`MigrationError::CommitUnconfirmed`] when `Commit` went out but `Done`
 //!   never came back ([`MigrationError::source_may_run`] is false then).
-//! * [`Destination::run`] resumes the program only after a complete `Commit`;
-//!   before that, every failure discards what it received.
+//! * [`Destination::start`] (or [`Destination::start_scoped`] for borrowed
+//!   backends) returns at `Commit` with a [`Resumption`]: the program's
+//!   state sink, its socket sink with the sockets activated, its memory,
+//!   and an [`AfterCommit`] handle whose `join` gives the final report once
+//!   post-copy, the digest check and `Done` are over. Before `Commit`, every
+//!   failure discards what it received and returns `Err`; after it, an
+//!   error is [`MigrationError::AfterCommit`] (the program runs regardless).
+//!   [`Destination::run`] is `start_scoped` then `join`.
+//! * Bounds and control on the source: [`SourceConfig::max_freeze`] (past
+//!   it the source aborts and resumes), [`Source::cancel_handle`] (a
+//!   [`CancelHandle`] that aborts before `Commit` and says when it is too
+//!   late), and the refusal of a channel over a moved service address
+//!   ([`MigrationError::ChannelOnMovedAddress`]).
 //!
 //! Borrow the backends (`&mut tracker`, `&memory`) to keep them after the
 //! session: an aborted migration can simply be tried again.

@@ -249,6 +249,29 @@ where
     /// on. The backends must be owned (`Arc` for the memory, which the
     /// program and the session then share); [`Destination::start_scoped`]
     /// takes borrowed ones.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use lmig_core::testing::{VecMemory, channel_pair, MarkTracker, NullProgram};
+    /// # use lmig_core::session::{Source, Destination};
+    /// # use lmig_core::model::{RegionId, RegionInfo, RegionLayout, ProgramState};
+    /// let layout = RegionLayout::new(vec![RegionInfo::new(RegionId(1), 16 * 4096, 4096)?])?;
+    /// let src_mem = VecMemory::new(&layout);
+    /// let (a, b) = channel_pair(1);
+    /// let destination = std::thread::spawn(move || {
+    ///     let memory = Arc::new(VecMemory::empty());
+    ///     let resumed = Destination::new(b, memory, NullProgram::default()).start()?;
+    ///     // `Commit`: the program runs here now, from its state (and its
+    ///     // sockets, from `resumed.sockets`), while the rest finishes behind it.
+    ///     assert_eq!(resumed.program.state.as_ref().map(|s| s.version), Some(7));
+    ///     resumed.after_commit.join()
+    /// });
+    /// let mut tracker = MarkTracker::new(&layout);
+    /// let program = NullProgram::with_state(ProgramState::new(7, b"counter=1".to_vec()));
+    /// Source::new(&a, &src_mem, &mut tracker, program).run()?;
+    /// destination.join().unwrap()?;
+    /// # Ok::<_, lmig_core::MigrationError>(())
+    /// ```
     pub fn start(self) -> Result<Resumption<'static, P, K, M>> {
         let (work, program, sockets, memory, errors) = self.commit()?;
         let after_commit = AfterCommit::spawn(work)?;
