@@ -57,8 +57,8 @@ pub struct MigrateFailure {
     /// the source aborted and resumed.
     #[serde(default)]
     pub aborted_by_deadline: bool,
-    /// When the attempt froze kvd: from the pause to the source session's
-    /// return with the program resumed (an upper bound of the freeze), ms.
+    /// When the attempt froze kvd: from the pause to the program resumed
+    /// on the source (the session's `Aborted` phase), ms.
     #[serde(default)]
     pub freeze_ms: Option<f64>,
 }

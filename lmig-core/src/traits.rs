@@ -397,7 +397,8 @@ pub enum Phase {
     Postcopy,
     /// Finished.
     Done,
-    /// Failed before `Commit`; the source runs on.
+    /// Failed before `Commit`; the source runs on (on the source: sent
+    /// once the program was resumed).
     Aborted,
 }
 

@@ -8,6 +8,9 @@ use super::{Output, round};
 use crate::common::clock::mono_ns;
 use crate::scenario::{self, Fault, Options};
 
+/// Keys loaded by default into 1 GiB (100-byte values).
+const DEFAULT_KEYS: u64 = 1_000_000;
+
 /// Options of the `migrate` scenario.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -26,9 +29,10 @@ pub struct Args {
     /// MB/s of memory kvd dirties in the background.
     #[arg(long, default_value_t = 100.0)]
     pub dirty_mbps: f64,
-    /// Keys loaded before the clients start.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub keys: u64,
+    /// Keys loaded before the clients start (default: 1,000,000 in 1 GiB
+    /// or more, as many in proportion in less, so that they fit).
+    #[arg(long)]
+    pub keys: Option<u64>,
     /// Parallel data streams.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
@@ -70,7 +74,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     let opts = Options {
         rate: args.rate,
         dirty_mbps: args.dirty_mbps,
-        keys: args.keys,
+        keys: args.keys.unwrap_or(DEFAULT_KEYS * args.mib.min(1024) / 1024),
         streams: args.streams,
         fault,
         max_freeze_ms: args.max_freeze_ms,

@@ -316,14 +316,19 @@ fn serve_admin(
                 };
                 let started = now_mono_ns();
                 let t0 = Instant::now();
-                let paused = std::sync::Mutex::new(None);
+                // An aborted attempt's freeze: the pause to the program resumed.
+                let freeze = std::sync::Mutex::new((None, None));
                 let r = migrate_out(control, regions, dirtier.clone(), &opts, |e: &Event| {
-                    if let Event::Phase {
-                        phase: Phase::Frozen,
-                        at,
-                    } = e
-                    {
-                        *paused.lock().expect("poisoned") = Some(*at);
+                    match e {
+                        Event::Phase {
+                            phase: Phase::Frozen,
+                            at,
+                        } => freeze.lock().expect("poisoned").0 = Some(*at),
+                        Event::Phase {
+                            phase: Phase::Aborted,
+                            at,
+                        } => freeze.lock().expect("poisoned").1 = Some(*at),
+                        _ => {}
                     }
                     if let Event::Progress {
                         pages,
@@ -375,11 +380,12 @@ fn serve_admin(
                         error: e.to_string(),
                         source_serving: e.source_may_run(),
                         aborted_by_deadline: matches!(e, MigrationError::FreezeDeadline { .. }),
-                        // The session returns with the program resumed.
-                        freeze_ms: paused
-                            .into_inner()
-                            .expect("poisoned")
-                            .map(|p| p.elapsed().as_secs_f64() * 1e3),
+                        freeze_ms: match freeze.into_inner().expect("poisoned") {
+                            (Some(paused), Some(resumed)) => {
+                                Some((resumed - paused).as_secs_f64() * 1e3)
+                            }
+                            _ => None,
+                        },
                     }))),
                 }
             }

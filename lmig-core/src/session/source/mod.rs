@@ -365,7 +365,6 @@ where
     /// Undo everything and resume the program here. Returns the error to report.
     fn abort(&mut self, undo: &Undo, err: MigrationError) -> MigrationError {
         self.cancel.ended();
-        self.phase(Phase::Aborted);
         send_abort(&self.channel, &err);
         // Undo everything even if one step fails or panics; report the
         // first failure.
@@ -386,6 +385,8 @@ where
                 failed.get_or_insert(("program resume", e));
             }
         }
+        // The program runs here again (the tracker's teardown does not hold it).
+        self.phase(Phase::Aborted);
         if undo.tracking {
             let _ = contain("stopping the dirty tracker", false, || self.tracker.stop());
         }
