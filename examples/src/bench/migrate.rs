@@ -74,7 +74,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     let opts = Options {
         rate: args.rate,
         dirty_mbps: args.dirty_mbps,
-        keys: args.keys.unwrap_or(DEFAULT_KEYS * args.mib.min(1024) / 1024),
+        keys: args
+            .keys
+            .unwrap_or(DEFAULT_KEYS * args.mib.min(1024) / 1024),
         streams: args.streams,
         fault,
         max_freeze_ms: args.max_freeze_ms,

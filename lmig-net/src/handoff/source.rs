@@ -30,6 +30,39 @@ pub struct SourceHandoff {
     /// During the freeze: the thread forwarding copies early (it holds the
     /// lock and the re-injector until stopped).
     early: Option<EarlyForwarder>,
+    /// After an abort: the thread removing the disengaged lock.
+    retiring: Option<Retirer>,
+}
+
+/// After an abort, once the held packets went on to the program's sockets:
+/// accepts the stragglers queued while the set was flushed (bounded by
+/// [`SETTLE`]) and removes the lock's table (thread `lmig-handoff-unlock`),
+/// while the program serves again.
+#[derive(Debug)]
+struct Retirer {
+    thread: JoinHandle<()>,
+}
+
+impl Retirer {
+    fn spawn(mut lock: NetLock, stats: Arc<Mutex<HandoffStats>>) -> Result<Self> {
+        let thread = std::thread::Builder::new()
+            .name("lmig-handoff-unlock".into())
+            .spawn(move || {
+                let n = lock.retire(SETTLE).unwrap_or(0);
+                let dropped = lock.kernel_dropped() + lock.stats().dropped;
+                if let Ok(mut s) = stats.lock() {
+                    s.held += n;
+                    s.dropped += dropped;
+                }
+            })
+            .map_err(|e| NetError::sys("spawn", "handoff unlock", e))?;
+        Ok(Self { thread })
+    }
+
+    /// Wait for it (bounded by [`SETTLE`] and a netlink exchange).
+    fn join(self) {
+        let _ = self.thread.join();
+    }
 }
 
 /// Sends copies of held packets on as they arrive, originals kept.
@@ -113,6 +146,7 @@ impl SourceHandoff {
             stats: Arc::new(Mutex::new(stats)),
             forwarder: None,
             early: None,
+            retiring: None,
         })
     }
 
@@ -167,19 +201,31 @@ impl SourceHandoff {
     /// Before `Commit` only: let held packets continue here and remove the lock.
     /// (Copies sent on early are held by the destination's lock, which drops
     /// them when the destination gives up.)
+    ///
+    /// Returns once the lock no longer holds anything and every held packet
+    /// went on, in order, to the sockets here; the stragglers' settle time
+    /// and the table's removal go on behind (on `lmig-handoff-unlock`,
+    /// joined by [`SourceHandoff::finish`]), so that the program an aborted
+    /// freeze resumes does not wait for them.
     pub fn unlock(&mut self) -> Result<()> {
         self.stop_early();
         let Some(mut lock) = self.lock.take() else {
             return Ok(());
         };
         let t = Instant::now();
-        let n = lock.unlock()?;
-        let dropped = lock.kernel_dropped() + lock.stats().dropped;
+        let n = match lock.disengage().and_then(|()| lock.accept_held()) {
+            Ok(n) => n,
+            // The table goes now, whatever it still holds.
+            Err(e) => {
+                let _ = lock.unlock();
+                return Err(e);
+            }
+        };
         if let Ok(mut s) = self.stats.lock() {
             s.unlock = t.elapsed();
             s.held += n;
-            s.dropped += dropped;
         }
+        self.retiring = Some(Retirer::spawn(lock, Arc::clone(&self.stats))?);
         Ok(())
     }
 
@@ -242,6 +288,9 @@ impl SourceHandoff {
         self.stop_early();
         if let Some(f) = self.forwarder.take() {
             f.join();
+        }
+        if let Some(r) = self.retiring.take() {
+            r.join();
         }
         self.stats()
     }
