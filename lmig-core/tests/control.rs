@@ -375,8 +375,11 @@ fn without_a_bound_a_slow_step_only_lengthens_the_freeze() {
 /// cancel after `Commit` has no effect and says so.
 #[test]
 fn a_cancel_aborts_before_commit_and_is_refused_after_it() {
+    // `Precopy(0)` comes after the round's own check: the send stops at
+    // its next chunk.
     for at in [
         Phase::Setup,
+        Phase::Precopy(0),
         Phase::Frozen,
         Phase::AwaitReady,
         Phase::Committed,

@@ -74,7 +74,9 @@ where
         // longest step with many connections) on their own thread while this
         // one collects and sends the last dirty pages.
         let mode = self.config.mode;
-        let lanes = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages);
+        let stop = || bound.check("final pages");
+        let lanes = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
+            .stopping_on(&stop);
         let (channel, tracker, sockets) = (&self.channel, &mut self.tracker, &mut self.sockets);
         let (captured, postcopy_runs) =
             std::thread::scope(|scope| -> Result<(u64, Vec<PageRun>)> {

@@ -197,7 +197,10 @@ where
         self.cancel.check()?;
         self.phase(Phase::Precopy(round));
         let t0 = Instant::now();
+        let cancel = &self.cancel;
+        let stop = || cancel.check();
         let sent = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
+            .stopping_on(&stop)
             .send_set(&rounds.to_send, round, first)?;
         let dirty = &mut rounds.dirty;
         dirty.clear();
@@ -313,6 +316,8 @@ pub(super) struct PageLanes<'a, M, C> {
     layout: &'a RegionLayout,
     /// Pages per `Pages` message.
     batch: u32,
+    /// Checked before every chunk: a cancel, or the freeze's bound.
+    stop: Option<&'a (dyn Fn() -> Result<()> + Sync)>,
 }
 
 impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
@@ -322,7 +327,14 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             channel,
             layout,
             batch: batch.clamp(1, CHUNK_PAGES),
+            stop: None,
         }
+    }
+
+    /// Call `stop` before every chunk; its error ends the send.
+    pub(super) fn stopping_on(mut self, stop: &'a (dyn Fn() -> Result<()> + Sync)) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// The regions the pages belong to.
@@ -400,6 +412,9 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
         for run in set.chunked_runs(self.batch) {
             if lane_of(&run, lanes) != lane {
                 continue;
+            }
+            if let Some(stop) = self.stop {
+                stop()?;
             }
             let Some(data) = populated.and_then(|p| p.get(run.region).ok()) else {
                 total.add(read(&mut sender, run)?);
