@@ -57,6 +57,14 @@ pub struct MigrateFailure {
     pub error: String,
     /// The source kept (or took back) its program: it serves on.
     pub source_serving: bool,
+    /// The freeze outlasted the `migrate` command's bound (`max_freeze`):
+    /// the source aborted and resumed.
+    #[serde(default)]
+    pub aborted_by_deadline: bool,
+    /// When the attempt froze kvd: from the pause to the program resumed
+    /// on the source (the session's `Aborted` phase), ms.
+    #[serde(default)]
+    pub freeze_ms: Option<f64>,
 }
 
 /// A progress line kvd writes while `migrate` runs.
@@ -223,6 +231,8 @@ mod tests {
             MigrateLine::Failed(MigrateFailure {
                 error: "refused".into(),
                 source_serving: true,
+                aborted_by_deadline: true,
+                freeze_ms: Some(1.5),
             }),
         ];
         for l in lines {

@@ -26,6 +26,7 @@ fn options(mode: &str, fault: Option<Fault>) -> Options {
         kvd: (env!("CARGO_BIN_EXE_kvd").into(), Vec::new()),
         fault,
         tls: false,
+        max_freeze_ms: None,
     }
 }
 
@@ -119,6 +120,30 @@ fn kvd_migrates_live_and_survives_failed_migrations() {
         let keys = r.keys.expect("keys were loaded");
         assert_eq!((keys.checked, keys.wrong), (20_000, 0), "{fault:?}");
     }
+    // A freeze bound no migration of 50 connections can meet (1 ms, to the
+    // destination's `Ready`): the source aborts on it and serves on, every
+    // connection and every key intact.
+    let bounded = Options {
+        max_freeze_ms: Some(1.0),
+        ..options("precopy", None)
+    };
+    let r = scenario::run(&bounded).unwrap_or_else(|e| panic!("max freeze: {e}"));
+    assert!(!r.migrated, "max freeze: migrated in under 1 ms?");
+    assert!(r.aborted_by_deadline, "max freeze: {:?}", r.error);
+    assert_eq!(r.source_serving, Some(true), "max freeze: {:?}", r.error);
+    assert_eq!(
+        r.load.conns_broken, 0,
+        "max freeze: {:?}",
+        r.load.first_error
+    );
+    assert_eq!(
+        r.load.requests_failed, 0,
+        "max freeze: {:?}",
+        r.load.first_error
+    );
+    assert!(r.load.requests_ok > 100, "max freeze");
+    let keys = r.keys.expect("keys were loaded");
+    assert_eq!((keys.checked, keys.wrong), (20_000, 0), "max freeze");
 }
 
 /// Every connection kept, every reply right, every loaded key read back.

@@ -152,6 +152,53 @@ pub enum MigrationError {
         /// Why the source was considered lost.
         reason: String,
     },
+
+    /// The freeze outlasted [`SourceConfig::max_freeze`](crate::session::SourceConfig::max_freeze):
+    /// the source aborted and resumed the program (sockets out of repair
+    /// mode with every queued byte, network unlocked); the destination
+    /// discards what it got.
+    #[error(
+        "the freeze outlasted its bound of {max:?} ({after:?} at the step {step:?}); the source resumed"
+    )]
+    FreezeDeadline {
+        /// The bound.
+        max: Duration,
+        /// The freeze step that ended past it (as in `SourceReport::freeze_steps`).
+        step: &'static str,
+        /// How long the freeze had lasted then.
+        after: Duration,
+    },
+
+    /// The migration was cancelled (a [`CancelHandle`](crate::session::CancelHandle))
+    /// before `Commit`: the source resumed the program, the destination
+    /// discards what it got.
+    #[error("the migration was cancelled before Commit; the source resumed")]
+    Cancelled,
+
+    /// The migration channel runs over an address that moves with the
+    /// sockets: the network lock would hold the channel's own traffic in
+    /// the freeze. Refused before anything was sent; use another address
+    /// (or interface) for the migration.
+    #[error(
+        "the migration channel uses {addr}, a service address that moves with the program; migrate over another address"
+    )]
+    ChannelOnMovedAddress {
+        /// The address both use.
+        addr: std::net::IpAddr,
+    },
+
+    /// The destination failed after `Commit` (post-copy, the digest check,
+    /// `Done`): nothing is undone. `program_running` says whether the
+    /// program runs on the destination (it was resumed there); it never
+    /// runs on the source again.
+    #[error("after Commit ({}): {source}", if *program_running { "the program runs on the destination" } else { "the program could not be resumed" })]
+    AfterCommit {
+        /// The program was resumed on the destination and runs.
+        program_running: bool,
+        /// What failed.
+        #[source]
+        source: Box<MigrationError>,
+    },
 }
 
 impl MigrationError {
@@ -193,14 +240,47 @@ impl MigrationError {
     /// a panic after `Commit`: the session resumed the program before
     /// returning the error.
     pub fn source_may_run(&self) -> bool {
-        !matches!(
+        !self.after_commit()
+    }
+
+    /// Did this error happen after `Commit` (so the program never runs on
+    /// the source again)? True for [`MigrationError::CommitUnconfirmed`],
+    /// [`MigrationError::AfterCommit`] and a panic after `Commit`.
+    pub fn after_commit(&self) -> bool {
+        matches!(
             self,
             Self::CommitUnconfirmed { .. }
+                | Self::AfterCommit { .. }
+                | Self::PostcopyPaused { .. }
                 | Self::Panicked {
                     committed: true,
                     ..
                 }
         )
+    }
+
+    /// What went wrong, looking through [`MigrationError::AfterCommit`]
+    /// (e.g. [`MigrationError::PostcopyPaused`] or a digest mismatch after
+    /// `Commit`).
+    pub fn cause(&self) -> &MigrationError {
+        match self {
+            Self::AfterCommit { source, .. } => source.cause(),
+            e => e,
+        }
+    }
+
+    /// After `Commit`, whether the program runs on the destination:
+    /// `Some(true)` for a destination error after it had resumed the
+    /// program, `Some(false)` when it could not resume it, `None` when this
+    /// side cannot know (a source's [`MigrationError::CommitUnconfirmed`])
+    /// or the error came before `Commit`.
+    pub fn program_running_on_destination(&self) -> Option<bool> {
+        match self {
+            Self::AfterCommit {
+                program_running, ..
+            } => Some(*program_running),
+            _ => None,
+        }
     }
 }
 

@@ -58,6 +58,17 @@
 //!   destination. Split brain is excluded; availability is what is at risk,
 //!   and only in the window between the last byte of `Commit` leaving the
 //!   source and it reaching the destination.
+//! * The freeze may carry a bound
+//!   ([`SourceConfig::max_freeze`](crate::session::SourceConfig::max_freeze)),
+//!   and the source a cancel handle: both act only before `Commit` and
+//!   count as failures there (the source resumes, sends `Abort`, the
+//!   destination discards). A cancel and the commit race on one atomic
+//!   step: once `Commit` is being written, a cancel says it is too late.
+//! * On the destination, `Commit` hands the program over at once (a
+//!   [`Resumption`](crate::session::Resumption)): post-copy, the digest
+//!   check and `Done` go on behind it, and their failures are
+//!   [`MigrationError::AfterCommit`](crate::MigrationError::AfterCommit),
+//!   never undone.
 //!
 //! # Source state machine
 //!

@@ -5,6 +5,41 @@
 //! Blanket impls for `&mut T` / `&T` let a caller lend a backend to a session
 //! and keep it afterwards: after an aborted migration the program still owns
 //! its memory, tracker and sockets, intact.
+//!
+//! ## When the destination calls what
+//!
+//! One attempt, in this order (the destination's session thread unless
+//! said otherwise):
+//!
+//! 1. [`MemorySink::prepare`] when `Regions` arrives, then
+//!    [`SocketSink::prepare`] with the source's plan, before the freeze;
+//! 2. [`MemorySink::write_pages`] / [`MemorySink::zero_pages`] for every
+//!    pre-copy and freeze page (from several threads at once);
+//! 3. in the freeze, [`SocketSink::restore`] batch by batch (on the
+//!    session's `lmig-restore` thread, beside the pages),
+//!    [`StateSink::restore`] with the program's state, and
+//!    [`MemorySink::begin_postcopy`] if pages are left for after `Commit`;
+//!    all before `Ready`;
+//! 4. a failure before `Commit`: [`SocketSink::discard`],
+//!    [`StateSink::discard`], [`MemorySink::discard`], in that order, and
+//!    nothing else;
+//! 5. at `Commit`: [`SocketSink::activate`], then [`StateSink::resume`];
+//!    then the session hands the program its
+//!    [`Resumption`](crate::session::Resumption) (state sink, socket sink,
+//!    memory) and goes on on its `lmig-after-commit` thread;
+//! 6. after `Commit`, on that thread and its helpers: post-copy
+//!    ([`MemorySink::wait_fault`], placements, [`MemorySink::end_postcopy`]),
+//!    then [`MemorySink::read_pages`] for the digest check.
+//!
+//! [`Observer::event`] sees the [`Phase`]s in the order `Setup`,
+//! `Precopy(n)`…, `Frozen`, `AwaitReady`, `Committed`, [`Postcopy`](Phase::Postcopy),
+//! `Done` — or `Aborted` in place of what follows a failure before `Commit`.
+//!
+//! The source calls [`StateSource::pause`], [`SocketSource::freeze`] and
+//! [`SocketSource::capture`] in the freeze; on a failure before `Commit`
+//! (a bound or a cancel included) [`SocketSource::abort`] then
+//! [`StateSource::resume`]; after `Commit`, [`StateSource::committed`] then
+//! [`SocketSource::release`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +86,8 @@ pub trait MemorySource: Send + Sync {
 }
 
 /// Places pages into the program's regions on the destination.
+///
+/// When each method is called: see [the module docs](self).
 ///
 /// Methods take `&self`: pages of distinct chunks may be placed from several
 /// threads at once.
@@ -139,6 +176,15 @@ pub trait SocketSource: Send {
         Ok(Vec::new())
     }
 
+    /// The IP addresses that move to the destination with the sockets (the
+    /// service addresses a network lock holds at the freeze). The session
+    /// refuses to migrate over a channel using one of them
+    /// ([`MigrationError::ChannelOnMovedAddress`]): the lock would hold the
+    /// channel's own traffic. Empty (the default) when no address moves.
+    fn moved_addresses(&self) -> Vec<std::net::IpAddr> {
+        Vec::new()
+    }
+
     /// At the freeze: stop the kernel from answering for the sockets (network
     /// lock) and put them in repair mode. Must not lose incoming packets.
     fn freeze(&mut self) -> Result<()> {
@@ -158,6 +204,11 @@ pub trait SocketSource: Send {
 }
 
 /// The program's sockets on the destination.
+///
+/// Order: `prepare` (before the freeze), `restore` (each batch, in the
+/// freeze), then `activate` at `Commit` — after which the program takes its
+/// sockets from the sink in the [`Resumption`](crate::session::Resumption) —
+/// or `discard` if the attempt failed. See [the module docs](self).
 pub trait SocketSink: Send {
     /// Before the freeze: create sockets, enter repair mode, set options, bind.
     fn prepare(&mut self, plan: &[SocketPrep]) -> Result<()> {
@@ -238,6 +289,12 @@ pub trait StateSource: Send {
 }
 
 /// The program on the destination: how to hand its state back and start it.
+///
+/// Order: `restore` (in the freeze, before `Ready`; refusing fails the
+/// attempt), then `resume` at `Commit` right after the sockets were
+/// activated — the sink then goes back to the program in the
+/// [`Resumption`](crate::session::Resumption) — or `discard` if the attempt
+/// failed. See [the module docs](self).
 pub trait StateSink: Send {
     /// Take the program's state (called before `Ready`; may refuse an unknown version).
     fn restore(&mut self, state: ProgramState) -> Result<()> {
@@ -275,6 +332,14 @@ pub trait Channel: Send + Sync {
     /// Number of data lanes.
     fn data_lanes(&self) -> usize {
         1
+    }
+
+    /// The IP addresses the channel's connections use, at both ends (the
+    /// source checks none is an address that moves, see
+    /// [`SocketSource::moved_addresses`]). Empty (the default) when the
+    /// channel does not run over IP.
+    fn ip_addresses(&self) -> Vec<std::net::IpAddr> {
+        Vec::new()
     }
 
     /// Push out pages a data lane buffered. The session calls it after each
@@ -332,7 +397,8 @@ pub enum Phase {
     Postcopy,
     /// Finished.
     Done,
-    /// Failed before `Commit`; the source runs on.
+    /// Failed before `Commit`; the source runs on (on the source: sent
+    /// once the program was resumed).
     Aborted,
 }
 
@@ -382,6 +448,10 @@ pub enum Event {
 }
 
 /// Receives session events: progress bars, logs, benchmarks.
+///
+/// Phases come in protocol order (see [the module docs](self)); other
+/// events between them, from any of the session's threads. After `Commit`
+/// on the destination the observer lives on the after-`Commit` thread.
 pub trait Observer: Send + Sync {
     /// Called from the session's threads; keep it quick.
     fn event(&self, event: &Event);
@@ -409,13 +479,26 @@ macro_rules! forward_mut {
     };
 }
 
-forward_mut!(SocketSource {
-    fn plan(&mut self) -> Result<Vec<SocketPrep>>;
-    fn freeze(&mut self) -> Result<()>;
-    fn capture(&mut self, emit: &mut dyn FnMut(Vec<SocketRecord>) -> Result<()>) -> Result<()>;
-    fn abort(&mut self) -> Result<()>;
-    fn release(&mut self) -> Result<()>;
-});
+impl<T: SocketSource + ?Sized> SocketSource for &mut T {
+    fn moved_addresses(&self) -> Vec<std::net::IpAddr> {
+        (**self).moved_addresses()
+    }
+    fn plan(&mut self) -> Result<Vec<SocketPrep>> {
+        (**self).plan()
+    }
+    fn freeze(&mut self) -> Result<()> {
+        (**self).freeze()
+    }
+    fn capture(&mut self, emit: &mut dyn FnMut(Vec<SocketRecord>) -> Result<()>) -> Result<()> {
+        (**self).capture(emit)
+    }
+    fn abort(&mut self) -> Result<()> {
+        (**self).abort()
+    }
+    fn release(&mut self) -> Result<()> {
+        (**self).release()
+    }
+}
 
 forward_mut!(SocketSink {
     fn prepare(&mut self, plan: &[SocketPrep]) -> Result<()>;
@@ -539,6 +622,9 @@ macro_rules! forward_channel {
             }
             fn data_lanes(&self) -> usize {
                 (**self).data_lanes()
+            }
+            fn ip_addresses(&self) -> Vec<std::net::IpAddr> {
+                (**self).ip_addresses()
             }
             fn flush(&self) -> Result<()> {
                 (**self).flush()

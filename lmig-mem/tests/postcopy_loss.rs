@@ -345,7 +345,7 @@ fn source_lost_for_good_pauses_and_never_reads_a_wrong_page() {
         }
         let reads = Reads::default();
         let o = lose_source(&what, at, Loss::ForGood, &reads).unwrap();
-        let missing = match &o.dest {
+        let missing = match o.dest.as_ref().map_err(MigrationError::cause) {
             Err(MigrationError::PostcopyPaused { missing_pages, .. }) => *missing_pages,
             Ok(_) => {
                 // Every page arrived before the loss was noticed: nothing to

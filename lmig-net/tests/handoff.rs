@@ -784,6 +784,8 @@ fn abort_delivers_held_here(port: u16, early: bool) {
         .unwrap();
     assert!(server.recv(&mut buf).is_err(), "delivered twice");
     assert_eq!(queued(&topo.b), 0, "B still holds copies");
+    // The table goes behind the resumed program; `finish` waits for it.
+    src.handoff().finish();
     assert!(lock_tables(&tables(&topo.a)).is_empty());
     assert!(lock_tables(&tables(&topo.b)).is_empty());
     assert!(has_address(&topo.a, Topology::SERVICE_V4.into()));

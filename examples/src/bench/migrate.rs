@@ -1,4 +1,4 @@
-//! `lmig-bench migrate --mib M --conns N --mode precopy|postcopy|hybrid --dirty-mbps R`:
+//! `lmig-bench migrate --mib M --conns N --mode precopy|postcopy|hybrid --dirty-mbps R [--max-freeze-ms F]`:
 //! the demo's scenario (kvd with N busy clients moving between two hosts) as
 //! a benchmark. `--tls` runs the migration over TLS 1.3 with certificates
 //! made for the run, `--psk` (the default) over Noise keyed by a pre-shared
@@ -9,6 +9,9 @@ use serde_json::json;
 use super::{Output, round};
 use crate::common::clock::mono_ns;
 use crate::scenario::{self, Fault, Options};
+
+/// Keys loaded by default into 1 GiB (100-byte values).
+const DEFAULT_KEYS: u64 = 1_000_000;
 
 /// Options of the `migrate` scenario.
 #[derive(clap::Args, Debug, Clone)]
@@ -28,9 +31,10 @@ pub struct Args {
     /// MB/s of memory kvd dirties in the background.
     #[arg(long, default_value_t = 100.0)]
     pub dirty_mbps: f64,
-    /// Keys loaded before the clients start.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub keys: u64,
+    /// Keys loaded before the clients start (default: 1,000,000 in 1 GiB
+    /// or more, as many in proportion in less, so that they fit).
+    #[arg(long)]
+    pub keys: Option<u64>,
     /// Parallel data streams.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
@@ -48,6 +52,10 @@ pub struct Args {
     /// Noise keyed by a pre-shared key (the default).
     #[arg(long)]
     pub psk: bool,
+    /// Bound the freeze (ms): past it kvd aborts and serves on at the
+    /// source (`aborted_by_deadline`, `source_serving`).
+    #[arg(long)]
+    pub max_freeze_ms: Option<f64>,
 }
 
 /// Run the scenario.
@@ -75,10 +83,13 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     let opts = Options {
         rate: args.rate,
         dirty_mbps: args.dirty_mbps,
-        keys: args.keys,
+        keys: args
+            .keys
+            .unwrap_or(DEFAULT_KEYS * args.mib.min(1024) / 1024),
         streams: args.streams,
         fault,
         tls: args.tls,
+        max_freeze_ms: args.max_freeze_ms,
         ..Options::new(&args.mode, args.mib, args.conns)?
     };
     let r = scenario::run(&opts)?;
@@ -120,6 +131,11 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "verified": s.is_some_and(|s| s.verified) && d.is_some_and(|d| d.verified),
         "migrated": r.migrated,
         "error": r.error,
+        // A failed attempt: the source aborted on its freeze bound, and
+        // serves on (a migrated kvd serves at the destination only).
+        "aborted_by_deadline": r.aborted_by_deadline,
+        "source_serving": r.source_serving.unwrap_or(false),
+        "max_freeze_ms": args.max_freeze_ms,
         "switched_to_postcopy": s.map(|s| s.switched_to_postcopy),
         "freeze_pages": s.map(|s| s.freeze_pages),
         "policy": s.map(|s| &s.policy),

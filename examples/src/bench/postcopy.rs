@@ -572,7 +572,7 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
     let (outcome, report) = match report {
         Ok(r) if paused.load(Ordering::Acquire) => ("recovered", Some(r)),
         Ok(r) => ("completed", Some(r)),
-        Err(MigrationError::PostcopyPaused { .. }) => ("paused", None),
+        Err(e) if matches!(e.cause(), MigrationError::PostcopyPaused { .. }) => ("paused", None),
         Err(e) if !lose => return Err(e.into()),
         Err(_) => ("failed", None),
     };

@@ -133,7 +133,7 @@ impl ReceiveLog for JsonLog {
     }
 
     fn report(&self, r: &Result<DestinationReport, MigrationError>) {
-        match r {
+        match r.as_ref().map_err(MigrationError::cause) {
             Ok(rep) => event(KvdEvent::Migrated(DestinationFigures {
                 pages_placed: rep.pages_placed,
                 postcopy_pages: rep.postcopy_pages,
@@ -323,6 +323,16 @@ fn serve_admin(
                     continue;
                 };
                 let streams = rest.get(1).and_then(|s| s.parse().ok()).unwrap_or(2);
+                let max_freeze = match rest.get(2).map(|s| s.parse::<f64>()) {
+                    None => None,
+                    Some(Ok(ms)) if ms > 0.0 && ms.is_finite() => {
+                        Some(Duration::from_secs_f64(ms / 1e3))
+                    }
+                    Some(_) => {
+                        reply(json!({"error": "max freeze: a positive number of milliseconds"}));
+                        continue;
+                    }
+                };
                 let opts = MigrateOptions {
                     target,
                     mode,
@@ -333,10 +343,24 @@ fn serve_admin(
                     // rest, and on a shared host the last pages compete with
                     // them for the CPU (5 ms left 600-1000 pages, 5-10 ms).
                     downtime: Duration::from_millis(2),
+                    max_freeze,
                 };
                 let started = now_mono_ns();
                 let t0 = Instant::now();
+                // An aborted attempt's freeze: the pause to the program resumed.
+                let freeze = std::sync::Mutex::new((None, None));
                 let r = migrate_out(control, regions, dirtier.clone(), &opts, |e: &Event| {
+                    match e {
+                        Event::Phase {
+                            phase: Phase::Frozen,
+                            at,
+                        } => freeze.lock().expect("poisoned").0 = Some(*at),
+                        Event::Phase {
+                            phase: Phase::Aborted,
+                            at,
+                        } => freeze.lock().expect("poisoned").1 = Some(*at),
+                        _ => {}
+                    }
                     if let Event::Progress {
                         pages,
                         bytes,
@@ -387,12 +411,19 @@ fn serve_admin(
                     Err(e) => reply(json!(MigrateLine::Failed(MigrateFailure {
                         error: e.to_string(),
                         source_serving: e.source_may_run(),
+                        aborted_by_deadline: matches!(e, MigrationError::FreezeDeadline { .. }),
+                        freeze_ms: match freeze.into_inner().expect("poisoned") {
+                            (Some(paused), Some(resumed)) => {
+                                Some((resumed - paused).as_secs_f64() * 1e3)
+                            }
+                            _ => None,
+                        },
                     }))),
                 }
             }
             ["quit"] => return false,
             _ => reply(
-                json!({"error": "commands: stats | populate N | migrate HOST:PORT [precopy|postcopy|hybrid] [streams] | quit"}),
+                json!({"error": "commands: stats | populate N | migrate HOST:PORT [precopy|postcopy|hybrid] [streams] [max-freeze-ms] | quit"}),
             ),
         }
     }

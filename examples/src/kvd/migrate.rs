@@ -4,16 +4,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lmig_core::model::{ProgramState, RegionId, SocketPrep, SocketRecord};
+use lmig_core::model::{ProgramState, RegionId};
 use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
 use lmig_core::session::{
-    Destination, DestinationReport, Mode, Source, SourceConfig, SourceReport,
+    AfterCommit, Destination, DestinationReport, Mode, Resumption, Source, SourceConfig,
+    SourceReport,
 };
 use lmig_core::traits::{Event, Phase};
 use lmig_core::{BoxError, MigrationError, SocketSink, StateSink, StateSource};
@@ -259,6 +259,8 @@ pub struct MigrateOptions {
     pub handoff: Option<HandoffConfig>,
     /// Policy downtime target.
     pub downtime: Duration,
+    /// Past this freeze the source aborts and serves on (`None`: no bound).
+    pub max_freeze: Option<Duration>,
 }
 
 /// Migrate this kvd to `opts.target`. `Ok`: the destination runs now and this
@@ -312,6 +314,7 @@ pub fn migrate_out(
     });
     let config = SourceConfig {
         mode: opts.mode,
+        max_freeze: opts.max_freeze,
         ..SourceConfig::default()
     };
     let source = Source::new(&channel, regions, &mut tracker, program)
@@ -350,74 +353,14 @@ fn yield_cpu() {
     let _ = lmig_net::sys::lowest_thread_priority();
 }
 
-/// The destination's sockets: restored by lmig-net, handed to the loop after `Commit`.
-struct KvdSink<S> {
-    inner: S,
-    take: fn(&mut S) -> HashMap<u64, OwnedFd>,
-    fds: Sender<HashMap<u64, OwnedFd>>,
-    /// The prepared sockets' fd numbers, sent after `prepare`.
-    prepared: fn(&S) -> Vec<(u64, RawFd)>,
-    /// The other restored sockets' fd numbers, sent as activation starts.
-    unprepared: fn(&S) -> Vec<(u64, RawFd)>,
-    early: Sender<Early>,
-    /// For LMIG_DEMO_DEBUG: what the sink measured.
-    figures: fn(&mut S) -> String,
-}
-
-impl<S: SocketSink> SocketSink for KvdSink<S> {
-    fn prepare(&mut self, plan: &[SocketPrep]) -> lmig_core::Result<()> {
-        self.inner.prepare(plan)?;
-        // The loop registers them with its poller now, before the freeze.
-        let _ = self
-            .early
-            .send(Early::Prepared((self.prepared)(&self.inner)));
-        Ok(())
-    }
-    fn restore(&mut self, batch: Vec<SocketRecord>) -> lmig_core::Result<()> {
-        self.inner.restore(batch)
-    }
-    fn activate(&mut self) -> lmig_core::Result<()> {
-        let t = Instant::now();
-        // The loop registers the rest while they are activated.
-        let _ = self
-            .early
-            .send(Early::Activating((self.unprepared)(&self.inner)));
-        let r = self.inner.activate();
-        if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
-            eprintln!(
-                "kvd: sockets activated in {:?} {}",
-                t.elapsed(),
-                (self.figures)(&mut self.inner)
-            );
-        }
-        let _ = self.fds.send((self.take)(&mut self.inner));
-        r
-    }
-    fn discard(&mut self) {
-        self.inner.discard()
-    }
-}
-
-/// The fd numbers of `views`, for the serving thread's poller.
-fn raw<'a>(views: impl Iterator<Item = lmig_net::SocketView<'a>>) -> Vec<(u64, RawFd)> {
-    views.map(|v| (v.id, v.fd.as_raw_fd())).collect()
-}
-
-/// Sockets for the destination loop's poller, before it serves.
-enum Early {
-    /// Made at `prepare`, before the freeze (most connections).
-    Prepared(Vec<(u64, RawFd)>),
-    /// Made in the freeze, sent once activation starts (the last message).
-    Activating(Vec<(u64, RawFd)>),
-}
-
-/// The program seen by the destination session.
-struct KvdResume {
+/// The program seen by the destination session: it checks and keeps the
+/// state, handed back with the [`Resumption`] at `Commit`.
+#[derive(Default)]
+struct KvdState {
     state: Option<ProgramState>,
-    go: Sender<ProgramState>,
 }
 
-impl StateSink for KvdResume {
+impl StateSink for KvdState {
     fn restore(&mut self, state: ProgramState) -> lmig_core::Result<()> {
         if state.version != STATE_VERSION {
             return Err(MigrationError::invalid(
@@ -430,13 +373,11 @@ impl StateSink for KvdResume {
         Ok(())
     }
     fn resume(&mut self) -> lmig_core::Result<()> {
-        let state = self
-            .state
-            .take()
-            .ok_or_else(|| backend("kvd", "resumed without state"))?;
-        self.go
-            .send(state)
-            .map_err(|_| backend("kvd", "the serving thread is gone"))
+        // The loop starts from the resumption value.
+        Ok(())
+    }
+    fn discard(&mut self) {
+        self.state = None;
     }
 }
 
@@ -480,6 +421,7 @@ pub trait ReceiveLog: Send + Sync {
 pub const DIE_IN_FREEZE_ENV: &str = "KVD_DIE_IN_FREEZE_US";
 
 /// The observer that runs [`DIE_IN_FREEZE_ENV`] and reports phases.
+#[derive(Clone)]
 struct DestinationWatch {
     log: Arc<dyn ReceiveLog>,
     die_after: Option<Duration>,
@@ -550,7 +492,7 @@ pub fn receive(
     // Bounded by the operator: each attempt is an authenticated source's.
     loop {
         let channel = listener.accept()?;
-        if let Some(served) = attempt(&channel, handoff.clone(), &watch) {
+        if let Some(served) = attempt(channel, handoff.clone(), &watch) {
             return served;
         }
         watch.log.waiting();
@@ -560,104 +502,118 @@ pub fn receive(
 /// One incoming migration: `None` if it failed before `Commit` (everything
 /// it brought is discarded), else how serving ended.
 fn attempt(
-    channel: &StreamChannel,
+    channel: StreamChannel,
     handoff: Option<HandoffConfig>,
     watch: &DestinationWatch,
 ) -> Option<Result<(), Box<dyn std::error::Error>>> {
-    let log = &*watch.log;
-    let memory = DestinationRegions::new(Backing::Private).prefault(false);
+    let memory = Arc::new(DestinationRegions::new(Backing::Private).prefault(false));
     let net = match NetSink::new(sink_config()) {
         Ok(n) => n,
         Err(e) => return Some(Err(e.into())),
     };
-    let (fds_tx, fds_rx) = mpsc::channel::<HashMap<u64, OwnedFd>>();
-    let (early_tx, early_rx) = mpsc::channel::<Early>();
-    let (go_tx, go_rx) = mpsc::channel::<ProgramState>();
-    let program = KvdResume {
-        state: None,
-        go: go_tx,
-    };
-    std::thread::scope(|s| {
-        let session = s.spawn(|| {
-            let dest = Destination::new(channel, &memory, program)
-                .with_observer(|e: &Event| lmig_core::traits::Observer::event(watch, e));
-            let r = match handoff {
-                Some(h) => match Handoff::new(net, h) {
-                    Ok(sink) => dest
-                        .with_sockets(KvdSink {
-                            inner: sink,
-                            take: |h: &mut Handoff<NetSink>| h.inner_mut().take_fds(),
-                            fds: fds_tx,
-                            prepared: |h: &Handoff<NetSink>| raw(h.inner().prepared_sockets()),
-                            unprepared: |h: &Handoff<NetSink>| raw(h.inner().unprepared_sockets()),
-                            early: early_tx,
-                            figures: |h: &mut Handoff<NetSink>| {
-                                format!("{:?}", h.handoff().stats())
-                            },
-                        })
-                        .run(),
-                    Err(e) => Err(MigrationError::from(e)),
-                },
-                None => dest
-                    .with_sockets(KvdSink {
-                        inner: net,
-                        take: |n: &mut NetSink| n.take_fds(),
-                        fds: fds_tx,
-                        prepared: |n: &NetSink| raw(n.prepared_sockets()),
-                        unprepared: |n: &NetSink| raw(n.unprepared_sockets()),
-                        early: early_tx,
-                        figures: |_| String::new(),
-                    })
-                    .run(),
-            };
-            log.report(&r);
-            r
-        });
-        // Register the sockets with the poller ahead of serving: the
-        // prepared ones before the freeze, the others after `Commit` while
-        // the session activates them (nothing arrives if the migration failed).
-        let mut pre = match Server::preregister(&[], sink_config().nonblocking) {
-            Ok(p) => p,
-            Err(e) => return Some(Err(e.into())),
-        };
-        let mut preregistered = Duration::ZERO;
-        while let Ok(early) = early_rx.recv() {
-            let t = Instant::now();
-            let (fds, last) = match early {
-                Early::Prepared(fds) => (fds, false),
-                Early::Activating(fds) => (fds, true),
-            };
-            pre.register(&fds);
-            preregistered = t.elapsed();
-            if last {
-                break;
-            }
-        }
-        // Serve once the session resumes the program (at `Commit`); a
-        // session that ends without resuming it failed before `Commit`.
-        let Ok(state) = go_rx.recv() else {
-            // Its error went to the log; the poller's registrations close with it.
-            let _ = session.join();
-            return None;
-        };
-        Some(
-            serve(state, &memory, pre, preregistered, &fds_rx, log).map(|()| {
-                let _ = session.join();
+    let dest = Destination::new(channel, memory, KvdState::default()).with_observer(watch.clone());
+    let log = watch.log.clone();
+    match handoff {
+        Some(h) => match Handoff::new(net, h) {
+            Ok(sink) => resume(dest.with_sockets(sink), log, |h| {
+                debug_figures(&format!("{:?}", h.handoff().stats()));
+                h.inner_mut().take_fds()
             }),
-        )
-    })
+            Err(e) => {
+                log.report(&Err(e.into()));
+                None
+            }
+        },
+        None => resume(dest.with_sockets(net), log, |n| {
+            debug_figures("");
+            n.take_fds()
+        }),
+    }
 }
 
-/// Serve the program resumed at `Commit` with the sockets the session hands over.
+/// What the destination session is, for kvd.
+type KvdDestination<K> = Destination<'static, StreamChannel, Arc<DestinationRegions>, KvdState, K>;
+
+/// Run the migration to `Commit`, then serve what it hands over (the
+/// report is logged when the migration ends, behind the serving loop).
+/// `None` if it failed before `Commit`.
+fn resume<K: SocketSink + 'static>(
+    dest: KvdDestination<K>,
+    log: Arc<dyn ReceiveLog>,
+    take_fds: impl FnOnce(&mut K) -> HashMap<u64, OwnedFd>,
+) -> Option<Result<(), Box<dyn std::error::Error>>> {
+    let t = Instant::now();
+    let mut resumed = match dest.start() {
+        Ok(r) => r,
+        Err(e) => {
+            log.report(&Err(e));
+            return None;
+        }
+    };
+    if debug() {
+        eprintln!("kvd: resumed {:?} after the session began", t.elapsed());
+    }
+    let fds = take_fds(&mut resumed.sockets);
+    let state = resumed.program.state.take();
+    let Resumption {
+        memory,
+        after_commit,
+        ..
+    } = resumed;
+    let reporter = match Reporter::spawn(after_commit, log.clone()) {
+        Ok(r) => r,
+        Err(e) => return Some(Err(e.into())),
+    };
+    let served = match state {
+        Some(state) => serve(state, &memory, fds, &*log),
+        None => Err("resumed without the program's state".into()),
+    };
+    // Serving ends when the process is stopped; a failure to start it
+    // still waits for the migration to finish (its pages are the memory).
+    reporter.join();
+    Some(served)
+}
+
+fn debug() -> bool {
+    std::env::var_os("LMIG_DEMO_DEBUG").is_some()
+}
+
+fn debug_figures(figures: &str) {
+    if debug() {
+        eprintln!("kvd: sockets activated {figures}");
+    }
+}
+
+/// The thread logging the destination's report once the migration ended
+/// behind the serving loop (post-copy pages, the digest check, `Done`).
+struct Reporter {
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Reporter {
+    fn spawn(
+        after_commit: AfterCommit<'static>,
+        log: Arc<dyn ReceiveLog>,
+    ) -> std::io::Result<Self> {
+        let thread = std::thread::Builder::new()
+            .name("kvd-report".into())
+            .spawn(move || log.report(&after_commit.join()))?;
+        Ok(Self { thread })
+    }
+
+    fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+/// Serve the program resumed at `Commit` with the sockets the session handed over.
 fn serve(
     state: ProgramState,
     memory: &DestinationRegions,
-    pre: super::server::Preregistered,
-    preregistered: Duration,
-    fds_rx: &mpsc::Receiver<HashMap<u64, OwnedFd>>,
+    mut fds: HashMap<u64, OwnedFd>,
     log: &dyn ReceiveLog,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let mut fds = fds_rx.recv_timeout(Duration::from_secs(10))?;
+    let t = Instant::now();
     let conns = decode_state(&state.data)?;
     let listener = fds
         .remove(&LISTENER_ID)
@@ -671,13 +627,11 @@ fn serve(
     }
     let regions = memory.regions().ok_or("no regions arrived")?;
     let store = Store::open(regions.get(STORE_REGION)?).map_err(|e| e.to_string())?;
-    let t = Instant::now();
+    // Restored sockets come non-blocking (`sink_config`).
+    let pre = Server::preregister(&[], sink_config().nonblocking)?;
     let mut server = Server::with_poller(pre, std::net::TcpListener::from(listener), restored)?;
-    if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
-        eprintln!(
-            "kvd: sockets registered in {preregistered:?}, server built in {:?}",
-            t.elapsed()
-        );
+    if debug() {
+        eprintln!("kvd: server built in {:?}", t.elapsed());
     }
     log.serving(Instant::now());
     server.run(&store)?;

@@ -110,7 +110,10 @@ pub(super) fn migrate_once(
 ) -> Result<Result<SourceFigures, MigrateFailure>, Error> {
     let (_s, mut r) = admin(
         admin_path,
-        &format!("migrate {incoming} {} {}", opts.mode, opts.streams),
+        &match opts.max_freeze_ms {
+            Some(ms) => format!("migrate {incoming} {} {} {ms}", opts.mode, opts.streams),
+            None => format!("migrate {incoming} {} {}", opts.mode, opts.streams),
+        },
     )?;
     let bar = opts.progress.then(|| {
         let bar = indicatif::ProgressBar::new(100);
@@ -122,7 +125,7 @@ pub(super) fn migrate_once(
     });
     let mut answer = Err(MigrateFailure {
         error: "kvd closed its admin socket without an answer".into(),
-        source_serving: false,
+        ..MigrateFailure::default()
     });
     let mut line = String::new();
     for _ in 0..1_000_000 {

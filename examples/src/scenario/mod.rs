@@ -58,6 +58,9 @@ pub struct Options {
     /// Migrate over TLS 1.3 with certificates made for the run (a CA and
     /// one for each kvd) instead of the pre-shared key's Noise.
     pub tls: bool,
+    /// Bound kvd's freeze (`migrate`'s max freeze, ms): past it the source
+    /// aborts and serves on.
+    pub max_freeze_ms: Option<f64>,
 }
 
 impl Options {
@@ -81,6 +84,7 @@ impl Options {
             kvd: (std::env::current_exe()?, vec!["kvd".into()]),
             fault: None,
             tls: false,
+            max_freeze_ms: None,
         })
     }
 }
@@ -131,6 +135,8 @@ pub struct Report {
     pub error: Option<String>,
     /// When it failed: whether the source kept serving.
     pub source_serving: Option<bool>,
+    /// It failed because the freeze outlasted `max_freeze_ms`.
+    pub aborted_by_deadline: bool,
     /// Migrations asked for (2 when the first destination was killed).
     pub attempts: u32,
     /// Why the first of two attempts failed.
@@ -331,6 +337,9 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     if let Err(f) = &source {
         report.error = Some(f.error.clone());
         report.source_serving = Some(f.source_serving);
+        report.aborted_by_deadline = f.aborted_by_deadline;
+        // The aborted attempt's freeze: pause to resumed on the source.
+        report.freeze_ms = f.freeze_ms.unwrap_or(0.0);
     }
     report.source = source.ok();
     if report.migrated {

@@ -19,6 +19,19 @@
 //!   the migration) until [`DestinationConfig::pause_limit`], then
 //!   [`MigrationError::PostcopyPaused`] says how many pages are still
 //!   missing. No missing page is ever filled with zeros or stale data.
+//! * [`Destination::start`] (or [`Destination::start_scoped`] for borrowed
+//!   backends) returns at `Commit` with a [`Resumption`]: the program's
+//!   state sink, its socket sink with the sockets activated, its memory,
+//!   and an [`AfterCommit`] handle whose `join` gives the final report once
+//!   post-copy, the digest check and `Done` are over. Before `Commit`, every
+//!   failure discards what it received and returns `Err`; after it, an
+//!   error is [`MigrationError::AfterCommit`] (the program runs regardless).
+//!   [`Destination::run`] is `start_scoped` then `join`.
+//! * Bounds and control on the source: [`SourceConfig::max_freeze`] (past
+//!   it the source aborts and resumes), [`Source::cancel_handle`] (a
+//!   [`CancelHandle`] that aborts before `Commit` and says when it is too
+//!   late), and the refusal of a channel over a moved service address
+//!   ([`MigrationError::ChannelOnMovedAddress`]).
 //!
 //! Borrow the backends (`&mut tracker`, `&memory`) to keep them after the
 //! session: an aborted migration can simply be tried again.
@@ -29,9 +42,9 @@ mod source;
 
 use std::time::Duration;
 
-pub use destination::{Destination, DestinationConfig, DestinationReport};
+pub use destination::{AfterCommit, Destination, DestinationConfig, DestinationReport, Resumption};
 pub use pages::is_zero;
-pub use source::{Mode, Source, SourceConfig, SourceReport};
+pub use source::{CancelHandle, CancelOutcome, Mode, Source, SourceConfig, SourceReport};
 
 use crate::error::MigrationError;
 use crate::protocol::Message;

@@ -175,28 +175,24 @@ impl SourceHandoff {
     ///
     /// Held packets go in arrival order, each batch only as far as the UDP
     /// sockets they go to have room ([`InOrder`]). What fits now goes
-    /// before this returns; if a socket is full (a long freeze), the rest
-    /// follows on a thread as the program, resumed after the abort, reads
-    /// (at most [`HandoffConfig::release_limit`]; joined by
-    /// [`finish`](Self::finish) or `Drop`).
+    /// before this returns; the stragglers' settle time and the table's
+    /// removal follow on a thread (`lmig-handoff-unlock`), and so does the
+    /// rest of the release if a socket is full (a long freeze), as the
+    /// program, resumed after the abort, reads (at most
+    /// [`HandoffConfig::release_limit`]; joined by [`finish`](Self::finish)
+    /// or `Drop`).
     pub fn unlock(&mut self) -> Result<()> {
         self.stop_early();
         let Some(mut lock) = self.lock.take() else {
             return Ok(());
         };
-        let t = Instant::now();
         let mut paced = InOrder::new(self.cfg.release_limit);
-        if paced.run(&mut lock, false)? {
-            let released = Released {
-                unlock: t.elapsed(),
-                release: paced.stats().caught_up,
-                held: paced.stats().released,
-                dropped: lock.kernel_dropped() + lock.stats().dropped,
-            };
-            self.count(released);
-        } else {
-            self.releaser = Some(Releaser::spawn(lock, paced, true)?);
-        }
+        // What fits goes on now; the stragglers' settle time and the
+        // table's removal (and, if a socket was full, the rest of the
+        // release) go on behind, so that the program the abort resumes does
+        // not wait for them.
+        let delivered = paced.deliver(&mut lock)?;
+        self.releaser = Some(Releaser::spawn(lock, paced, !delivered)?);
         Ok(())
     }
 
@@ -413,6 +409,12 @@ impl<S: SocketSource> HandoffSource<S> {
 impl<S: SocketSource> SocketSource for HandoffSource<S> {
     fn plan(&mut self) -> lmig_core::Result<Vec<SocketPrep>> {
         self.inner.plan()
+    }
+
+    fn moved_addresses(&self) -> Vec<std::net::IpAddr> {
+        let mut moved = self.inner.moved_addresses();
+        moved.extend(self.handoff.cfg.addrs.iter().map(|a| a.addr));
+        moved
     }
 
     fn freeze(&mut self) -> lmig_core::Result<()> {

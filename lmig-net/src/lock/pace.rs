@@ -127,6 +127,23 @@ impl InOrder {
         }
     }
 
+    /// Let through what fits now and, once nothing stays held, flush the
+    /// set: `Ok(true)` when every held packet went on (the stragglers'
+    /// settle and the tables' removal are left to [`run`](Self::run)),
+    /// `Ok(false)` while a socket is full.
+    pub fn deliver(&mut self, lock: &mut NetLock) -> Result<bool> {
+        if matches!(self.stage, Stage::Engaged) && self.pass(lock)? == 0 {
+            let t = Instant::now();
+            lock.disengage()?;
+            self.stats.flush = t.elapsed();
+            self.stats.caught_up = self.start.elapsed();
+            self.stage = Stage::Flushed {
+                end: Instant::now() + SETTLE,
+            };
+        }
+        Ok(!matches!(self.stage, Stage::Engaged))
+    }
+
     /// One pass: read what is held, let through the longest prefix that
     /// fits; returns how many stay held.
     fn pass(&mut self, lock: &mut NetLock) -> Result<usize> {

@@ -36,6 +36,10 @@ pub(crate) trait Conn: Read + Write + Send + Sync {
     fn peer_ip(&self) -> Option<IpAddr> {
         None
     }
+    /// This end's IP address (TCP only).
+    fn local_ip(&self) -> Option<IpAddr> {
+        None
+    }
     /// Read and write timeouts (`None`: block).
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
     /// Wait at most `timeout` until a read would not block (bytes, the end
@@ -73,6 +77,9 @@ impl Conn for TcpStream {
     }
     fn peer_ip(&self) -> Option<IpAddr> {
         self.peer_addr().ok().map(|a| a.ip())
+    }
+    fn local_ip(&self) -> Option<IpAddr> {
+        self.local_addr().ok().map(|a| a.ip())
     }
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(read)?;

@@ -124,6 +124,19 @@ impl Lanes {
         Ok(())
     }
 
+    /// The IP addresses of both ends of every connection (TCP only).
+    pub(super) fn ip_addresses(&self) -> Vec<std::net::IpAddr> {
+        let mut ips: Vec<_> = self
+            .all
+            .iter()
+            .flat_map(|c| [c.local_ip(), c.peer_ip()])
+            .flatten()
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        ips
+    }
+
     /// Shut every connection of the generation down (its readers then end).
     pub(super) fn shutdown(&self) {
         for c in &self.all {

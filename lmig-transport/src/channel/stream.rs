@@ -227,6 +227,10 @@ impl Channel for StreamChannel {
         self.write(Lane::Urgent, msg)
     }
 
+    fn ip_addresses(&self) -> Vec<std::net::IpAddr> {
+        self.inner.current_lanes().ip_addresses()
+    }
+
     fn data_lanes(&self) -> usize {
         self.inner.lanes.read().map(|l| l.data_lanes()).unwrap_or(1)
     }

@@ -5,6 +5,7 @@
 //! [`receive`]), after `Commit` `postcopy` ([`postcopy`]) and `verify`
 //! ([`verify`]).
 
+mod commit;
 mod postcopy;
 mod receive;
 #[cfg(test)]
@@ -13,6 +14,8 @@ mod verify;
 
 use std::time::{Duration, Instant};
 
+pub use self::commit::{AfterCommit, Resumption};
+use self::commit::{AfterCommitWork, CommitErrors, Detached};
 use self::postcopy::PostcopyLink;
 use self::receive::place;
 use super::{contain, recv_within, send_abort, unexpected};
@@ -219,8 +222,73 @@ where
         emit_phase(&*self.observer, phase);
     }
 
-    /// Run the migration. `Ok` means the program was resumed here.
-    pub fn run(mut self) -> Result<DestinationReport> {
+    /// Run the migration to its end: [`Destination::start_scoped`], then
+    /// [`AfterCommit::join`]. `Ok` means the program was resumed here
+    /// ([`StateSink::resume`]) and every page arrived. The program and the
+    /// socket sink are dropped when it returns: lend them (`&mut`) to keep
+    /// them, or use [`Destination::start`] to take them at `Commit`.
+    pub fn run(self) -> Result<DestinationReport> {
+        let Destination {
+            channel,
+            memory,
+            program,
+            sockets,
+            observer,
+            config,
+        } = self;
+        let lent = Destination {
+            channel: &channel,
+            memory: &memory,
+            program,
+            sockets,
+            observer,
+            config,
+        };
+        std::thread::scope(|scope| {
+            let Resumption {
+                program,
+                sockets,
+                after_commit,
+                ..
+            } = lent.start_scoped(scope)?;
+            let report = after_commit.join();
+            // As before this API: the sinks live until the end.
+            drop((program, sockets));
+            report
+        })
+    }
+
+    /// Run the migration up to `Commit` and hand the program over on a
+    /// thread of `scope`: like [`Destination::start`] for backends that
+    /// are borrowed (the after-`Commit` thread is scoped).
+    pub fn start_scoped<'scope, 'env>(
+        self,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+    ) -> Result<Resumption<'scope, P, K, M>>
+    where
+        'a: 'scope,
+        C: 'scope,
+        M: Clone + 'scope,
+    {
+        let (work, program, sockets, memory, errors) = self.commit()?;
+        let after_commit = AfterCommit::spawn_scoped(scope, work)?;
+        Ok(Resumption::new(
+            program,
+            sockets,
+            memory,
+            errors,
+            after_commit,
+        ))
+    }
+
+    /// Up to `Commit` (discarding everything on a failure), then activate
+    /// the sockets and resume the program. Returns what goes on after it
+    /// and what goes back to the program.
+    #[allow(clippy::type_complexity)]
+    fn commit(mut self) -> Result<(AfterCommitWork<'a, C, M>, P, K, M, CommitErrors)>
+    where
+        M: Clone,
+    {
         // A panic in a trait implementation before `Commit` fails the
         // attempt like any error: everything received is discarded and the
         // source told, so that it resumes.
@@ -228,60 +296,73 @@ where
             match contain("before Commit", false, || self.before_commit()) {
                 Ok(x) => x,
                 Err(e) => {
-                    self.phase(Phase::Aborted);
-                    if !matches!(e, MigrationError::PeerAborted { .. }) {
-                        send_abort(&self.channel, &e);
-                    }
-                    // Each step even if another panics.
-                    let _ = contain("discarding the sockets", false, || {
-                        self.sockets.discard();
-                        Ok(())
-                    });
-                    let _ = contain("discarding the program", false, || {
-                        self.program.discard();
-                        Ok(())
-                    });
-                    let _ = contain("discarding the memory", false, || {
-                        self.memory.discard();
-                        Ok(())
-                    });
-                    self.channel.shutdown();
+                    self.discard(&e);
                     return Err(e);
                 }
             };
         // Committed: from here on the program runs here, whatever happens;
         // a failure or a panic is reported, never undone.
         self.phase(Phase::Committed);
+        let mut errors = CommitErrors::default();
         if let Err(e) = contain("activating the sockets", true, || self.sockets.activate()) {
             progress
                 .report
                 .warnings
                 .push(format!("activating sockets: {e}"));
+            errors.activation = Some(e);
         }
         if let Err(e) = contain("resuming the program", true, || self.program.resume()) {
             progress
                 .report
                 .warnings
                 .push(format!("resuming the program: {e}"));
+            errors.resume = Some(e);
         }
         progress.report.resumed_at = Some(Instant::now());
-        let verification = contain("after Commit", true, || {
-            self.after_commit(&mut progress, &handover)
-        })?;
-        progress.report.verification = verification;
-        if let Err(e) = self.channel.send(&Message::Done(verification)) {
-            // Every page is here and the program runs: a source lost after
-            // the last page does not make this migration fail.
-            progress
-                .report
-                .warnings
-                .push(format!("post-copy: could not tell the source Done: {e}"));
+        let Destination {
+            channel,
+            memory,
+            program,
+            sockets,
+            observer,
+            config,
+        } = self;
+        let work = AfterCommitWork {
+            program_running: errors.resume.is_none(),
+            session: Destination {
+                channel,
+                memory: memory.clone(),
+                program: Detached,
+                sockets: NoSockets,
+                observer,
+                config,
+            },
+            progress,
+            handover,
+        };
+        Ok((work, program, sockets, memory, errors))
+    }
+
+    /// A failure before `Commit`: tell the source, drop what arrived.
+    fn discard(&mut self, e: &MigrationError) {
+        self.phase(Phase::Aborted);
+        if !matches!(e, MigrationError::PeerAborted { .. }) {
+            send_abort(&self.channel, e);
         }
-        self.phase(Phase::Done);
-        if let Verification::Mismatch(region) = verification {
-            return Err(MigrationError::VerificationFailed { region });
-        }
-        Ok(progress.report)
+        // Each step even if another panics.
+        let _ = contain("discarding the sockets", false, || {
+            self.sockets.discard();
+            Ok(())
+        });
+        let _ = contain("discarding the program", false, || {
+            self.program.discard();
+            Ok(())
+        });
+        let _ = contain("discarding the memory", false, || {
+            self.memory.discard();
+            Ok(())
+        });
+        self.channel.shutdown();
     }
 
     fn before_commit(&mut self) -> Result<(Progress, Handover)> {

@@ -4,26 +4,35 @@
 
 use std::time::{Duration, Instant};
 
+use super::control::FreezeBound;
 use super::precopy::{FirstRound, PageLanes, Rounds};
-use super::{Mode, Source, SourceReport, Undo};
+use super::{CANCEL_TICK, Mode, Source, SourceReport, Undo};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::protocol::{Handover, Message};
 use crate::session::pages::runs_of;
-use crate::session::{panicked, recv_within, spawn_named, unexpected};
+use crate::session::{panicked, spawn_named, unexpected};
 use crate::traits::{Channel, DirtyTracker, MemorySource, Phase, SocketSource, StateSource};
 
-/// Times the steps of the freeze for [`SourceReport::freeze_steps`].
+/// Times the steps of the freeze for [`SourceReport::freeze_steps`] and
+/// holds them to the freeze's bound.
 struct FreezeClock {
     lap: Instant,
+    bound: FreezeBound,
 }
 
 impl FreezeClock {
-    /// The step `name` ended now.
-    fn step(&mut self, name: &'static str, steps: &mut Vec<(&'static str, Duration)>) {
+    /// The step `name` ended now: `Err` if the freeze outlasted its bound
+    /// ([`super::SourceConfig::max_freeze`]) or a cancel arrived.
+    fn step(
+        &mut self,
+        name: &'static str,
+        steps: &mut Vec<(&'static str, Duration)>,
+    ) -> Result<()> {
         let now = Instant::now();
         steps.push((name, now - self.lap));
         self.lap = now;
+        self.bound.check(name)
     }
 }
 
@@ -47,23 +56,31 @@ where
         self.phase(Phase::Frozen);
         report.paused_at = Instant::now();
         undo.paused = true;
+        let bound = FreezeBound {
+            paused_at: report.paused_at,
+            max: self.config.max_freeze,
+            cancel: self.cancel.clone(),
+        };
         let mut clock = FreezeClock {
             lap: report.paused_at,
+            bound: bound.clone(),
         };
         self.program.pause()?;
-        clock.step("pause program", &mut report.freeze_steps);
+        clock.step("pause program", &mut report.freeze_steps)?;
         undo.sockets_frozen = true;
         self.sockets.freeze()?;
-        clock.step("freeze sockets", &mut report.freeze_steps);
+        clock.step("freeze sockets", &mut report.freeze_steps)?;
         // The sockets are captured (and restored at the destination, the
         // longest step with many connections) on their own thread while this
         // one collects and sends the last dirty pages.
         let mode = self.config.mode;
-        let lanes = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages);
+        let stop = || bound.check("final pages");
+        let lanes = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
+            .stopping_on(&stop);
         let (channel, tracker, sockets) = (&self.channel, &mut self.tracker, &mut self.sockets);
         let (captured, postcopy_runs) =
             std::thread::scope(|scope| -> Result<(u64, Vec<PageRun>)> {
-                let capture = SocketCapture::spawn(scope, sockets, channel)?;
+                let capture = SocketCapture::spawn(scope, sockets, channel, &bound)?;
                 let pages = final_pages(&lanes, tracker, mode, &mut rounds, report, &mut clock);
                 let captured = capture.join();
                 let runs = pages?;
@@ -71,7 +88,7 @@ where
             })?;
         report.sockets = captured;
         // The part of the capture that outlasted the pages.
-        clock.step("capture sockets", &mut report.freeze_steps);
+        clock.step("capture sockets", &mut report.freeze_steps)?;
         let state = self.program.capture()?;
         state.validate()?;
         self.channel.send(&Message::State(state))?;
@@ -80,22 +97,36 @@ where
             postcopy: postcopy_runs,
             verify: self.config.verify,
         }))?;
-        clock.step("state and handover", &mut report.freeze_steps);
-        self.await_ready(report)?;
-        clock.step("wait for Ready", &mut report.freeze_steps);
+        clock.step("state and handover", &mut report.freeze_steps)?;
+        self.await_ready(report, &bound)?;
+        clock.step("wait for Ready", &mut report.freeze_steps)?;
         Ok(rounds.to_send)
     }
 
-    /// Wait for `Ready`.
-    fn await_ready(&self, report: &mut SourceReport) -> Result<()> {
+    /// Wait for `Ready` (at most `ready_timeout`, and within the freeze's
+    /// bound; a cancel is seen within a tick).
+    fn await_ready(&self, report: &mut SourceReport, bound: &FreezeBound) -> Result<()> {
         self.phase(Phase::AwaitReady);
+        let timeout = self.config.ready_timeout;
+        let give_up = Instant::now() + timeout;
         // A `Prepared` the destination sent before it saw the freeze may come
         // first (at most one per round).
-        for left in (0..=report.rounds + 1).rev() {
-            match recv_within(&self.channel, self.config.ready_timeout, "Ready")? {
-                Message::Ready => break,
-                Message::Prepared { .. } if left > 0 => {}
-                other => return Err(unexpected("await-ready", "Ready", &other)),
+        let mut prepared_left = report.rounds + 1;
+        // Bounded by `give_up`.
+        loop {
+            bound.check("wait for Ready")?;
+            let left = give_up.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(MigrationError::Timeout {
+                    waiting_for: "Ready",
+                    after: timeout,
+                });
+            }
+            match self.channel.recv(Some(bound.wait(left.min(CANCEL_TICK))))? {
+                None => {}
+                Some(Message::Ready) => break,
+                Some(Message::Prepared { .. }) if prepared_left > 0 => prepared_left -= 1,
+                Some(other) => return Err(unexpected("await-ready", "Ready", &other)),
             }
         }
         report.ready_at = Instant::now();
@@ -115,7 +146,7 @@ fn final_pages<M: MemorySource, C: Channel, T: DirtyTracker>(
 ) -> Result<Vec<PageRun>> {
     rounds.dirty.clear();
     tracker.collect(&mut rounds.dirty)?;
-    clock.step("final collect", &mut report.freeze_steps);
+    clock.step("final collect", &mut report.freeze_steps)?;
     rounds.to_send.union_with(&rounds.dirty);
     if mode == Mode::Postcopy {
         rounds.to_send = RegionPages::full(lanes.layout());
@@ -131,7 +162,7 @@ fn final_pages<M: MemorySource, C: Channel, T: DirtyTracker>(
         rounds.to_send.clear();
         Vec::new()
     };
-    clock.step("final pages", &mut report.freeze_steps);
+    clock.step("final pages", &mut report.freeze_steps)?;
     Ok(postcopy_runs)
 }
 
@@ -146,10 +177,13 @@ impl<'scope> SocketCapture<'scope> {
         scope: &'scope std::thread::Scope<'scope, 'env>,
         sockets: &'scope mut K,
         channel: &'scope C,
+        bound: &FreezeBound,
     ) -> Result<Self> {
+        let bound = bound.clone();
         let thread = spawn_named(scope, "lmig-capture".into(), move || {
             let mut count = 0u64;
             sockets.capture(&mut |records| {
+                bound.check("capture sockets")?;
                 count += records.len() as u64;
                 channel.send(&Message::Sockets {
                     records,

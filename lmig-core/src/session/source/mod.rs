@@ -5,6 +5,7 @@
 //! (here), `after_commit` ([`postcopy`]: the post-copy threads, digests,
 //! `Done`). [`push`] holds the post-copy push order.
 
+mod control;
 mod freeze;
 mod postcopy;
 mod precopy;
@@ -12,6 +13,7 @@ mod push;
 
 use std::time::{Duration, Instant};
 
+pub use self::control::{CancelHandle, CancelOutcome};
 use super::{contain, send_abort};
 use crate::error::{MigrationError, Result};
 use crate::model::{RegionLayout, RegionPages};
@@ -70,6 +72,16 @@ pub struct SourceConfig {
     /// policy then sees the end-to-end bandwidth, and a freeze does not
     /// include placing a backlog. The program runs meanwhile.
     pub catch_up_timeout: Duration,
+    /// The longest the freeze may last, from the pause to `Ready`
+    /// (`None`, the default: no bound but `ready_timeout`). Checked after
+    /// every freeze step and bounding the wait for `Ready`: past it the
+    /// source aborts and resumes the program (sockets out of repair mode
+    /// with every queued byte, network unlocked), the destination
+    /// discards, and [`Source::run`] returns
+    /// [`MigrationError::FreezeDeadline`] naming the step. A step itself
+    /// is not interrupted: the freeze lasts the bound plus the step that
+    /// crossed it plus the unwinding.
+    pub max_freeze: Option<Duration>,
 }
 
 impl Default for SourceConfig {
@@ -82,6 +94,7 @@ impl Default for SourceConfig {
             batch_pages: CHUNK_PAGES,
             push_pages: 8,
             catch_up_timeout: Duration::from_millis(500),
+            max_freeze: None,
         }
     }
 }
@@ -153,7 +166,11 @@ pub struct Source<'a, C, M, T, P, K = NoSockets> {
     policy: Box<dyn Policy + 'a>,
     observer: Box<dyn Observer + 'a>,
     config: SourceConfig,
+    cancel: CancelHandle,
 }
+
+/// How often a wait of the session looks for a cancel.
+const CANCEL_TICK: Duration = Duration::from_millis(20);
 
 /// What to undo if the migration fails before `Commit`.
 #[derive(Default)]
@@ -182,6 +199,7 @@ where
             policy: Box::new(ConvergencePolicy::default()),
             observer: Box::new(NoObserver),
             config: SourceConfig::default(),
+            cancel: CancelHandle::default(),
         }
     }
 }
@@ -205,6 +223,7 @@ where
             policy: self.policy,
             observer: self.observer,
             config: self.config,
+            cancel: self.cancel,
         }
     }
 
@@ -224,6 +243,13 @@ where
     pub fn with_config(mut self, config: SourceConfig) -> Self {
         self.config = config;
         self
+    }
+
+    /// A handle that cancels this migration from another thread: before
+    /// `Commit` the attempt aborts like a failure (the program runs on
+    /// here), after it the cancel has no effect and says so.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
     }
 
     fn phase(&self, phase: Phase) {
@@ -272,6 +298,8 @@ where
         // The commit point: if the frame cannot be written completely, the
         // destination cannot have it and we may still resume here.
         if let Err(e) = contain("sending Commit", false, || {
+            // A cancel that arrived first wins; from here on, none has effect.
+            self.cancel.commit()?;
             self.channel.send(&Message::Commit)
         }) {
             return Err(self.abort(&undo, e));
@@ -336,7 +364,7 @@ where
 
     /// Undo everything and resume the program here. Returns the error to report.
     fn abort(&mut self, undo: &Undo, err: MigrationError) -> MigrationError {
-        self.phase(Phase::Aborted);
+        self.cancel.ended();
         send_abort(&self.channel, &err);
         // Undo everything even if one step fails or panics; report the
         // first failure.
@@ -357,6 +385,8 @@ where
                 failed.get_or_insert(("program resume", e));
             }
         }
+        // The program runs here again (the tracker's teardown does not hold it).
+        self.phase(Phase::Aborted);
         if undo.tracking {
             let _ = contain("stopping the dirty tracker", false, || self.tracker.stop());
         }

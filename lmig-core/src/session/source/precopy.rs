@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Mode, Source, SourceReport, Undo};
+use super::{CANCEL_TICK, Mode, Source, SourceReport, Undo};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::policy::{Decision, RoundStats};
@@ -73,6 +73,17 @@ where
     /// Returns by when the destination must say `Prepared`.
     pub(super) fn setup(&mut self, layout: &RegionLayout, undo: &mut Undo) -> Result<Readiness> {
         self.phase(Phase::Setup);
+        self.cancel.check()?;
+        // The network lock would hold the channel's own traffic.
+        let moved = self.sockets.moved_addresses();
+        if let Some(addr) = self
+            .channel
+            .ip_addresses()
+            .into_iter()
+            .find(|a| moved.contains(a))
+        {
+            return Err(MigrationError::ChannelOnMovedAddress { addr });
+        }
         self.channel.send(&Message::Regions(layout.clone()))?;
         // Always sent (possibly empty): the destination answers it with
         // `Prepared` once regions and sockets are ready.
@@ -183,9 +194,13 @@ where
         first: FirstRound<'_>,
     ) -> Result<(RoundStats, bool)> {
         let round = rounds.round;
+        self.cancel.check()?;
         self.phase(Phase::Precopy(round));
         let t0 = Instant::now();
+        let cancel = &self.cancel;
+        let stop = || cancel.check();
         let sent = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
+            .stopping_on(&stop)
             .send_set(&rounds.to_send, round, first)?;
         let dirty = &mut rounds.dirty;
         dirty.clear();
@@ -282,7 +297,10 @@ where
                 after: self.config.ready_timeout,
             });
         }
-        match self.channel.recv(Some(wait.min(deadline - now)))? {
+        self.cancel.check()?;
+        // A cancel is seen within a tick.
+        let wait = wait.min(deadline - now).min(CANCEL_TICK);
+        match self.channel.recv(Some(wait))? {
             None => Ok(None),
             Some(Message::Prepared { placed }) => Ok(Some(placed)),
             Some(msg) => Err(unexpected("pre-copy", "Prepared", &msg)),
@@ -298,6 +316,8 @@ pub(super) struct PageLanes<'a, M, C> {
     layout: &'a RegionLayout,
     /// Pages per `Pages` message.
     batch: u32,
+    /// Checked before every chunk: a cancel, or the freeze's bound.
+    stop: Option<&'a (dyn Fn() -> Result<()> + Sync)>,
 }
 
 impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
@@ -307,7 +327,14 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             channel,
             layout,
             batch: batch.clamp(1, CHUNK_PAGES),
+            stop: None,
         }
+    }
+
+    /// Call `stop` before every chunk; its error ends the send.
+    pub(super) fn stopping_on(mut self, stop: &'a (dyn Fn() -> Result<()> + Sync)) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// The regions the pages belong to.
@@ -385,6 +412,9 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
         for run in set.chunked_runs(self.batch) {
             if lane_of(&run, lanes) != lane {
                 continue;
+            }
+            if let Some(stop) = self.stop {
+                stop()?;
             }
             let Some(data) = populated.and_then(|p| p.get(run.region).ok()) else {
                 total.add(read(&mut sender, run)?);
