@@ -61,6 +61,7 @@
 pub mod error;
 pub mod model;
 pub mod policy;
+pub mod probe;
 pub mod protocol;
 pub mod session;
 pub mod split;
