@@ -205,6 +205,7 @@
 pub mod error;
 mod memory;
 pub mod postcopy;
+mod probe;
 pub mod region;
 pub mod split;
 mod sys;
@@ -213,6 +214,7 @@ pub mod track;
 pub use error::{AdoptRefusal, MemError, Result};
 pub use lmig_core::model::RegionId;
 pub use postcopy::{PostcopyOptions, PostcopyStats};
+pub use probe::probe;
 pub use region::{
     Backing, DestinationRegions, ForeignBacking, ForeignMemory, Region, RegionOptions, RegionSet,
     layout_difference,

@@ -1,0 +1,167 @@
+//! lmig-mem's part of the kernel probe: dirty tracking and post-copy, as
+//! [`lmig_core::probe`] verdicts.
+//!
+//! Every check opens what it needs and closes it again before returning
+//! (a throwaway userfaultfd, one test page): the probe leaves no fd, no
+//! mapping and no registration behind, and never panics.
+
+use std::fs::OpenOptions;
+
+use lmig_core::probe::{Capability, Report, Verdict};
+
+use crate::error::MemError;
+use crate::sys::uffd::{self, UffdOrigin};
+use crate::track::{SoftDirtyTracker, UffdWpTracker};
+
+/// What would give this process kernel-mode userfaultfd faults.
+const UFFD_FIX: &str = "run as root, or grant CAP_SYS_PTRACE, or set \
+     vm.unprivileged_userfaultfd = 1, or give read-write access to /dev/userfaultfd";
+
+/// `CAP_SYS_PTRACE`'s bit in the capability sets.
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// Probe dirty tracking and post-copy on this kernel, for this process's
+/// privileges: [`Capability::DirtyTracking`] (which tracker [`crate::best_tracker`]
+/// would pick and why) and [`Capability::PostCopy`] (userfaultfd MISSING /
+/// MINOR for shmem, kernel-mode faults or not).
+///
+/// The soft-dirty check, which clears soft-dirty bits process-wide, runs
+/// only when uffd-wp is unavailable: call this at start-up, not while a
+/// [`SoftDirtyTracker`] runs.
+pub fn probe() -> Report {
+    let mut report = Report::new();
+    report.push(Capability::DirtyTracking, dirty_tracking());
+    report.push(Capability::PostCopy, post_copy());
+    report
+}
+
+fn origin_name(origin: UffdOrigin) -> &'static str {
+    match origin {
+        UffdOrigin::Syscall => "userfaultfd(2)",
+        UffdOrigin::DevNode => "/dev/userfaultfd",
+        UffdOrigin::UserModeOnly => "userfaultfd(UFFD_USER_MODE_ONLY)",
+    }
+}
+
+/// The remedy a tracker error names, if it is a typed missing feature.
+fn needs_of(e: &MemError) -> Option<&'static str> {
+    match e {
+        MemError::Unsupported { needs, .. } => Some(needs),
+        _ => None,
+    }
+}
+
+fn dirty_tracking() -> Verdict {
+    let uffd_wp = match UffdWpTracker::probe() {
+        Ok(s) => {
+            return Verdict::ok(format!(
+                "uffd-wp + PAGEMAP_SCAN (UFFD_FEATURE_WP_ASYNC through {}; shmem/memfd regions: {}): \
+                 the best tracker, exact under concurrent writes",
+                origin_name(s.origin),
+                if s.shmem { "yes" } else { "no" }
+            ));
+        }
+        Err(e) => e,
+    };
+    let fix = match needs_of(&uffd_wp) {
+        Some(needs) if needs.starts_with("Linux") => {
+            format!("{needs} for UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN")
+        }
+        Some(needs) => needs.to_string(),
+        None => "Linux >= 6.7 for UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN".to_string(),
+    };
+    match SoftDirtyTracker::probe() {
+        Ok(()) => Verdict::degraded(
+            format!(
+                "soft-dirty (uffd-wp rejected: {uffd_wp}); exact only while the writers \
+                 are paused during each collect"
+            ),
+            fix,
+        ),
+        Err(sd) => Verdict::missing(
+            format!("no automatic dirty tracker: uffd-wp: {uffd_wp}; soft-dirty: {sd}"),
+            format!(
+                "{fix}; or the program marks its writes (ManualTracker) or hands over \
+                 its VMM's dirty log (DirtyLogTracker)"
+            ),
+        ),
+    }
+}
+
+/// Whether the calling thread holds `CAP_SYS_PTRACE` (from
+/// `/proc/thread-self/status`), `None` when unreadable.
+fn has_cap_sys_ptrace() -> Option<bool> {
+    let status = std::fs::read_to_string("/proc/thread-self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    let caps = u64::from_str_radix(hex.trim(), 16).ok()?;
+    Some(caps & (1 << CAP_SYS_PTRACE) != 0)
+}
+
+/// The three ways to kernel-mode faults, as this process sees them.
+fn access_detail() -> String {
+    let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let dev = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    {
+        Ok(_) => "accessible".to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "absent".to_string(),
+        Err(e) => format!("not accessible ({e})"),
+    };
+    let cap = match has_cap_sys_ptrace() {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    };
+    format!(
+        "CAP_SYS_PTRACE: {cap}, vm.unprivileged_userfaultfd = {sysctl}, /dev/userfaultfd: {dev}"
+    )
+}
+
+fn post_copy() -> Verdict {
+    let access = access_detail();
+    let (features, origin) = match uffd::probe_features() {
+        Ok(x) => x,
+        Err(e) => {
+            let fix = if e.raw_os_error() == Some(libc::ENOSYS) {
+                "a kernel built with CONFIG_USERFAULTFD"
+            } else {
+                UFFD_FIX
+            };
+            return Verdict::missing(format!("userfaultfd refused ({e}); {access}"), fix);
+        }
+    };
+    let missing_shmem = features & uffd::UFFD_FEATURE_MISSING_SHMEM != 0;
+    let minor_shmem = features & uffd::UFFD_FEATURE_MINOR_SHMEM != 0;
+    let modes = format!(
+        "MISSING on anonymous{} memory, MINOR on shmem/memfd: {}",
+        if missing_shmem { " and shmem" } else { "" },
+        if minor_shmem { "yes" } else { "no" }
+    );
+    if origin == UffdOrigin::UserModeOnly {
+        return Verdict::degraded(
+            format!(
+                "userfaultfd only with UFFD_USER_MODE_ONLY: a system call touching a missing \
+                 page fails with EFAULT (PostcopyOptions::allow_user_mode_only); {modes}; {access}"
+            ),
+            UFFD_FIX,
+        );
+    }
+    let through = origin_name(origin);
+    if !missing_shmem {
+        return Verdict::degraded(
+            format!("{through}, kernel-mode faults allowed; {modes}"),
+            "Linux >= 4.11 for UFFD_FEATURE_MISSING_SHMEM (shared regions)",
+        );
+    }
+    if !minor_shmem {
+        return Verdict::degraded(
+            format!("{through}, kernel-mode faults allowed; {modes}"),
+            "Linux >= 5.14 for UFFD_FEATURE_MINOR_SHMEM (memfd regions keep their page cache)",
+        );
+    }
+    Verdict::ok(format!("{through}, kernel-mode faults allowed; {modes}"))
+}
