@@ -93,6 +93,7 @@ mod inject;
 mod listen;
 pub mod lock;
 mod opts;
+mod probe;
 mod program;
 mod repair;
 mod restored;
@@ -112,6 +113,7 @@ pub use fd::take_fd_from_process;
 #[allow(deprecated)]
 pub use handoff::{Handoff, Locked};
 pub use handoff::{HandoffConfig, HandoffSink, HandoffSource, ServiceAddr};
+pub use probe::probe;
 pub use program::{ProgramSockets, SocketOwner};
 pub use repair::{RepairExit, RepairGuard};
 pub use restored::{RestoredSocket, SocketView};
