@@ -5,6 +5,13 @@
 use lmig_core::probe::{Capability, Status, Verdict};
 use lmig_core::testing::{privileged, rerun_as_nobody};
 
+/// The tests count this process's fds: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
 #[test]
 fn probe_as_root_reports_what_the_tests_use() {
     if !privileged(
@@ -48,6 +55,7 @@ fn probe_as_nobody_names_the_fix() {
     if !privileged("probe_as_nobody_names_the_fix", "switching to user nobody") {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = rerun_as_nobody("probe_child_as_nobody");
     assert!(out.contains("probe child checked"), "{out}");
 }
@@ -56,8 +64,10 @@ fn probe_as_nobody_names_the_fix() {
 #[test]
 #[ignore = "run by probe_as_nobody_names_the_fix as user nobody"]
 fn probe_child_as_nobody() {
+    let fds = open_fds();
     let report = lmig_mem::probe();
     println!("{report}");
+    assert_eq!(open_fds(), fds, "the probe left an fd open");
     assert_eq!(report.findings().len(), 2);
     // uffd-wp works with UFFD_USER_MODE_ONLY (the kernel resolves the faults).
     let dirty = report.get(Capability::DirtyTracking).unwrap();

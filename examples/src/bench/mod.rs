@@ -11,6 +11,7 @@ pub mod hostile;
 pub mod migrate;
 pub mod postcopy;
 pub mod precopy;
+pub mod probe;
 pub mod split;
 pub mod tcp;
 pub mod transfer;
