@@ -25,6 +25,10 @@
 //!   write-protect + `PAGEMAP_SCAN` (the default), soft-dirty, a manual
 //!   tracker the program marks, an adapter for a VMM's dirty bitmap — and
 //!   [`best_tracker`], which probes once and says what it picked and why.
+//! * [`probe()`]: what this kernel offers for dirty tracking and post-copy,
+//!   one [`lmig_core::probe::Verdict`] each (the tracker that would be
+//!   picked and why; MISSING / MINOR faults, kernel-mode or not), naming the
+//!   fix when something is missing; `lmig_net::probe` gives the network part.
 //!
 //! ## Guarantees
 //!

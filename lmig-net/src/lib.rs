@@ -32,6 +32,10 @@
 //!   the UDP sockets' receive buffers ([`lock::InOrder`]);
 //!   [`HandoffConfig::check_channel`] refuses a migration channel over a
 //!   service address that moves.
+//! * [`probe()`]: what this kernel and these privileges offer for TCP
+//!   repair, the network lock, raw and packet sockets and `pidfd_getfd`, one
+//!   [`lmig_core::probe::Verdict`] each naming the fix when missing
+//!   (`lmig_mem::probe` gives the memory part).
 //!
 //! ## Guarantees
 //!
