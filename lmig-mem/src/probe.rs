@@ -28,6 +28,7 @@ const CAP_SYS_PTRACE: u32 = 19;
 /// The soft-dirty check, which clears soft-dirty bits process-wide, runs
 /// only when uffd-wp is unavailable: call this at start-up, not while a
 /// [`SoftDirtyTracker`] runs.
+#[must_use = "the report is the probe's only output"]
 pub fn probe() -> Report {
     let mut report = Report::new();
     report.push(Capability::DirtyTracking, dirty_tracking());

@@ -27,6 +27,7 @@ const NET_RAW_FIX: &str = "run as root or grant CAP_NET_RAW";
 ///
 /// The lock check removes lock tables of dead processes first, as
 /// [`crate::lock::NetLock::install`] does.
+#[must_use = "the report is the probe's only output"]
 pub fn probe() -> Report {
     let mut report = Report::new();
     report.push(Capability::TcpRepair, tcp_repair());
