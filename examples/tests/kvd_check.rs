@@ -20,7 +20,7 @@ fn kvd_check(as_nobody: bool) -> (i32, String) {
 }
 
 /// The status column of `cap`'s line in the table.
-fn status<'a>(table: &'a str, cap: Capability) -> &'a str {
+fn status(table: &str, cap: Capability) -> &str {
     let line = table
         .lines()
         .find(|l| l.split_whitespace().next() == Some(cap.name()))
