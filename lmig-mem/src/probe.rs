@@ -52,6 +52,17 @@ fn needs_of(e: &MemError) -> Option<&'static str> {
     }
 }
 
+/// What would give uffd-wp tracking, from why it was rejected.
+fn tracker_fix(uffd_wp: &MemError) -> String {
+    match needs_of(uffd_wp) {
+        Some(needs) if needs.starts_with("Linux") => {
+            format!("{needs} for UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN")
+        }
+        Some(needs) => needs.to_string(),
+        None => "Linux >= 6.7 for UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN".to_string(),
+    }
+}
+
 fn dirty_tracking() -> Verdict {
     let uffd_wp = match UffdWpTracker::probe() {
         Ok(s) => {
@@ -64,13 +75,7 @@ fn dirty_tracking() -> Verdict {
         }
         Err(e) => e,
     };
-    let fix = match needs_of(&uffd_wp) {
-        Some(needs) if needs.starts_with("Linux") => {
-            format!("{needs} for UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN")
-        }
-        Some(needs) => needs.to_string(),
-        None => "Linux >= 6.7 for UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN".to_string(),
-    };
+    let fix = tracker_fix(&uffd_wp);
     match SoftDirtyTracker::probe() {
         Ok(()) => Verdict::degraded(
             format!(
@@ -123,8 +128,13 @@ fn access_detail() -> String {
 }
 
 fn post_copy() -> Verdict {
-    let access = access_detail();
-    let (features, origin) = match uffd::probe_features() {
+    post_copy_verdict(uffd::probe_features(), &access_detail())
+}
+
+/// The post-copy verdict from what a throwaway userfaultfd offered (or why
+/// none opened) and the access detail.
+fn post_copy_verdict(probed: std::io::Result<(u64, UffdOrigin)>, access: &str) -> Verdict {
+    let (features, origin) = match probed {
         Ok(x) => x,
         Err(e) => {
             let fix = if e.raw_os_error() == Some(libc::ENOSYS) {
@@ -165,4 +175,63 @@ fn post_copy() -> Verdict {
         );
     }
     Verdict::ok(format!("{through}, kernel-mode faults allowed; {modes}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use lmig_core::probe::Status;
+
+    use super::*;
+
+    const ALL: u64 = uffd::UFFD_FEATURE_MISSING_SHMEM | uffd::UFFD_FEATURE_MINOR_SHMEM;
+
+    #[test]
+    fn post_copy_names_each_missing_feature_and_its_fix() {
+        let v = post_copy_verdict(Ok((ALL, UffdOrigin::Syscall)), "a");
+        assert_eq!(v.status(), Status::Ok, "{v}");
+        let v = post_copy_verdict(Ok((ALL, UffdOrigin::UserModeOnly)), "access");
+        assert_eq!(v.status(), Status::Degraded);
+        assert!(v.to_string().contains("EFAULT"), "{v}");
+        assert_eq!(v.fix(), Some(UFFD_FIX));
+        let v = post_copy_verdict(
+            Ok((uffd::UFFD_FEATURE_MISSING_SHMEM, UffdOrigin::DevNode)),
+            "a",
+        );
+        assert_eq!(v.status(), Status::Degraded);
+        assert!(v.fix().unwrap().contains("UFFD_FEATURE_MINOR_SHMEM"), "{v}");
+        assert!(v.to_string().contains("MINOR on shmem/memfd: no"), "{v}");
+        let v = post_copy_verdict(Ok((0, UffdOrigin::Syscall)), "a");
+        assert!(
+            v.fix().unwrap().contains("UFFD_FEATURE_MISSING_SHMEM"),
+            "{v}"
+        );
+        let v = post_copy_verdict(Err(io::Error::from_raw_os_error(libc::ENOSYS)), "a");
+        assert_eq!(v.status(), Status::Missing);
+        assert_eq!(v.fix(), Some("a kernel built with CONFIG_USERFAULTFD"));
+        let v = post_copy_verdict(Err(io::Error::from_raw_os_error(libc::EPERM)), "a");
+        assert_eq!(v.fix(), Some(UFFD_FIX));
+    }
+
+    #[test]
+    fn tracker_fix_names_the_kernel_feature() {
+        let old_kernel = MemError::Unsupported {
+            feature: "UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN",
+            needs: "Linux >= 6.7",
+        };
+        assert_eq!(
+            tracker_fix(&old_kernel),
+            "Linux >= 6.7 for UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN"
+        );
+        let no_access = MemError::Unsupported {
+            feature: "userfaultfd",
+            needs: "CAP_SYS_PTRACE",
+        };
+        assert_eq!(tracker_fix(&no_access), "CAP_SYS_PTRACE");
+        let other = MemError::NoTracker {
+            reasons: "x".into(),
+        };
+        assert!(tracker_fix(&other).contains("Linux >= 6.7"));
+    }
 }
