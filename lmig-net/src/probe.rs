@@ -106,24 +106,30 @@ fn network_lock() -> Verdict {
 }
 
 fn raw_sockets() -> Verdict {
-    match sys::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) {
-        Ok(_fd) => Verdict::ok("socket(AF_INET, SOCK_RAW, IPPROTO_RAW)"),
-        Err(e) if is_eperm(&e) => Verdict::missing(refused("socket(SOCK_RAW)", &e), NET_RAW_FIX),
-        Err(e) => Verdict::missing(
-            refused("socket(SOCK_RAW)", &e),
-            "a kernel with raw IP sockets",
-        ),
-    }
+    let r = sys::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+    socket_verdict(
+        r.map(drop),
+        "socket(AF_INET, SOCK_RAW, IPPROTO_RAW)",
+        "a kernel with raw IP sockets",
+    )
 }
 
 fn packet_sockets() -> Verdict {
-    match sys::packet::packet_dgram_socket(0) {
-        Ok(_fd) => Verdict::ok("socket(AF_PACKET, SOCK_DGRAM)"),
-        Err(e) if is_eperm(&e) => Verdict::missing(refused("socket(AF_PACKET)", &e), NET_RAW_FIX),
-        Err(e) => Verdict::missing(
-            refused("socket(AF_PACKET)", &e),
-            "modprobe af_packet (CONFIG_PACKET)",
-        ),
+    let r = sys::packet::packet_dgram_socket(0);
+    socket_verdict(
+        r.map(drop),
+        "socket(AF_PACKET, SOCK_DGRAM)",
+        "modprobe af_packet (CONFIG_PACKET)",
+    )
+}
+
+/// A raw or packet socket's verdict: refused for want of `CAP_NET_RAW`, or
+/// for want of `kernel` (any other error).
+fn socket_verdict(opened: io::Result<()>, call: &str, kernel: &str) -> Verdict {
+    match opened {
+        Ok(()) => Verdict::ok(call),
+        Err(e) if is_eperm(&e) => Verdict::missing(refused(call, &e), NET_RAW_FIX),
+        Err(e) => Verdict::missing(refused(call, &e), kernel),
     }
 }
 
@@ -146,5 +152,64 @@ fn pidfd_getfd() -> Verdict {
              ptrace access to it (same user, or CAP_SYS_PTRACE)",
         ),
         Err(e) => Verdict::missing(refused("pidfd_getfd", &e), fix(&e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lmig_core::probe::Status;
+
+    use super::*;
+
+    #[test]
+    fn lock_fix_names_the_module_or_privilege() {
+        let unsupported = |needs| NetError::Unsupported {
+            feature: "network lock (nftables + NFQUEUE)",
+            needs,
+        };
+        assert_eq!(
+            lock_fix(&unsupported(
+                "CAP_NET_ADMIN in the host's network namespace"
+            )),
+            NET_ADMIN_FIX
+        );
+        assert!(
+            lock_fix(&unsupported(
+                "CONFIG_NF_TABLES and CONFIG_NETFILTER_NETLINK_QUEUE"
+            ))
+            .contains("modprobe nf_tables nfnetlink_queue")
+        );
+        assert!(
+            lock_fix(&unsupported(
+                "CONFIG_NFT_COMPAT with CONFIG_NETFILTER_XT_TARGET_NFQUEUE"
+            ))
+            .contains("modprobe nft_compat xt_NFQUEUE")
+        );
+        let other = NetError::sys(
+            "nftables lock install",
+            "t",
+            io::Error::from_raw_os_error(libc::EINVAL),
+        );
+        assert!(lock_fix(&other).contains("nfnetlink_queue"));
+    }
+
+    #[test]
+    fn socket_verdicts_tell_privilege_from_kernel() {
+        let v = socket_verdict(Ok(()), "socket(AF_PACKET, SOCK_DGRAM)", "k");
+        assert_eq!(v.status(), Status::Ok);
+        let v = socket_verdict(
+            Err(io::Error::from_raw_os_error(libc::EPERM)),
+            "socket(X)",
+            "k",
+        );
+        assert_eq!(v.status(), Status::Missing);
+        assert_eq!(v.fix(), Some(NET_RAW_FIX));
+        assert!(v.to_string().starts_with("socket(X) refused ("), "{v}");
+        let v = socket_verdict(
+            Err(io::Error::from_raw_os_error(libc::EAFNOSUPPORT)),
+            "socket(AF_PACKET, SOCK_DGRAM)",
+            "modprobe af_packet (CONFIG_PACKET)",
+        );
+        assert_eq!(v.fix(), Some("modprobe af_packet (CONFIG_PACKET)"));
     }
 }
