@@ -38,7 +38,7 @@ fn kvd_check_as_root_and_as_nobody() {
     }
     let (code, table) = kvd_check(false);
     assert_eq!(code, 0, "{table}");
-    for cap in Capability::ALL {
+    for &cap in Capability::ALL {
         assert_eq!(status(&table, cap), "OK", "{cap}:\n{table}");
     }
     assert!(

@@ -46,7 +46,7 @@ pub enum Capability {
 
 impl Capability {
     /// Every capability, in the order a report lists them.
-    pub const ALL: [Capability; 7] = [
+    pub const ALL: &'static [Capability] = &[
         Self::DirtyTracking,
         Self::PostCopy,
         Self::TcpRepair,

@@ -33,7 +33,7 @@ pub fn to_json(report: &Report) -> Value {
             })
         })
         .collect();
-    json!({ "capabilities": caps, "all_ok": report.usable(&Capability::ALL) })
+    json!({ "capabilities": caps, "all_ok": report.usable(Capability::ALL) })
 }
 
 #[cfg(test)]
