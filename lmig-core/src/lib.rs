@@ -14,6 +14,8 @@
 //! * [`traits`]: what memory, dirty-tracking, socket, state and channel
 //!   backends implement (`lmig-mem`, `lmig-net`, `lmig-transport` provide them);
 //! * [`policy`]: the convergence policy that ends pre-copy;
+//! * [`probe`]: the verdicts of the kernel probes (`lmig_mem::probe`,
+//!   `lmig_net::probe`): OK, degraded or missing with the fix, per capability;
 //! * [`session`]: the source and destination state machines, generic over the traits;
 //! * [`split`]: split memory — the owner map and the messages between the
 //!   running host and page hosts;
@@ -65,6 +67,7 @@ pub mod conformance;
 pub mod error;
 pub mod model;
 pub mod policy;
+pub mod probe;
 pub mod protocol;
 pub mod session;
 pub mod split;

@@ -426,6 +426,44 @@ pub fn privileged(test: &str, needs: &str) -> bool {
     panic!("{test} needs root ({needs}); run it as root, or set LMIG_SKIP_PRIVILEGED=1 to skip it");
 }
 
+/// The user and group id of `nobody`, which [`rerun_as_nobody`] runs as.
+pub const NOBODY: u32 = 65534;
+
+/// Run one test of the current test binary again in a child process as user
+/// and group `nobody` (no capabilities), and return what it printed; for
+/// tests of what lmig says to an unprivileged program. The test is named
+/// exactly and run with `--ignored`: mark the child half `#[ignore]` so the
+/// parent's run does not count it as a pass. Needs root (to switch users);
+/// panics when the child cannot be started or fails.
+pub fn rerun_as_nobody(test: &str) -> String {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args([
+            test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .gid(NOBODY)
+        .uid(NOBODY)
+        .output()
+        .expect("start the test binary as nobody");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{test} as nobody failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "{test} as nobody did not run:\n{stdout}\n{stderr}"
+    );
+    stdout
+}
+
 /// The effective user id, from `/proc/self/status`.
 fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

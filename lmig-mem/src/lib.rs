@@ -27,6 +27,10 @@
 //!   [`best_tracker`], which probes once and says what it picked and why.
 //! * `conformance` (feature `conformance`): the kit a VMM runs against its
 //!   own [`DirtyLog`]; the memory kits are `lmig_core::conformance`.
+//! * [`probe()`]: what this kernel offers for dirty tracking and post-copy,
+//!   one [`lmig_core::probe::Verdict`] each (the tracker that would be
+//!   picked and why; MISSING / MINOR faults, kernel-mode or not), naming the
+//!   fix when something is missing; `lmig_net::probe` gives the network part.
 //!
 //! ## Guarantees
 //!
@@ -209,6 +213,7 @@ pub mod conformance;
 pub mod error;
 mod memory;
 pub mod postcopy;
+mod probe;
 pub mod region;
 pub mod split;
 mod sys;
@@ -217,6 +222,7 @@ pub mod track;
 pub use error::{AdoptRefusal, MemError, Result};
 pub use lmig_core::model::RegionId;
 pub use postcopy::{PostcopyOptions, PostcopyStats};
+pub use probe::probe;
 pub use region::{
     Backing, DestinationRegions, ForeignBacking, ForeignMemory, Region, RegionOptions, RegionSet,
     layout_difference,

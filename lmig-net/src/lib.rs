@@ -32,6 +32,10 @@
 //!   the UDP sockets' receive buffers ([`lock::InOrder`]);
 //!   [`HandoffConfig::check_channel`] refuses a migration channel over a
 //!   service address that moves.
+//! * [`probe()`]: what this kernel and these privileges offer for TCP
+//!   repair, the network lock, raw and packet sockets and `pidfd_getfd`, one
+//!   [`lmig_core::probe::Verdict`] each naming the fix when missing
+//!   (`lmig_mem::probe` gives the memory part).
 //!
 //! ## Guarantees
 //!
@@ -93,6 +97,7 @@ mod inject;
 mod listen;
 pub mod lock;
 mod opts;
+mod probe;
 mod program;
 mod repair;
 mod restored;
@@ -112,6 +117,7 @@ pub use fd::take_fd_from_process;
 #[allow(deprecated)]
 pub use handoff::{Handoff, Locked};
 pub use handoff::{HandoffConfig, HandoffSink, HandoffSource, ServiceAddr};
+pub use probe::probe;
 pub use program::{ProgramSockets, SocketOwner};
 pub use repair::{RepairExit, RepairGuard};
 pub use restored::{RestoredSocket, SocketView};

@@ -13,6 +13,7 @@ pub mod migrate;
 pub mod postcopy;
 pub mod postcopy_loss;
 pub mod precopy;
+pub mod probe;
 pub mod split;
 pub mod tcp;
 pub mod transfer;

@@ -37,6 +37,8 @@ enum Scenario {
     Split(lmig_examples::bench::split::Args),
     /// A genuine dialer's handshake while the listener holds a flood of idle and hostile connections.
     Hostile(lmig_examples::bench::hostile::Args),
+    /// The kernel probe: which capabilities this machine offers (as `kvd check`).
+    Probe(lmig_examples::bench::probe::Args),
     /// The destination process of `transfer` (started by it).
     #[command(hide = true)]
     TransferPeer(lmig_examples::bench::transfer::PeerArgs),
@@ -62,6 +64,7 @@ fn main() {
         Scenario::Transfer(a) => lmig_examples::bench::transfer::run(a, out),
         Scenario::Split(a) => lmig_examples::bench::split::run(a, out),
         Scenario::Hostile(a) => lmig_examples::bench::hostile::run(a, out),
+        Scenario::Probe(a) => lmig_examples::bench::probe::run(a, out),
         Scenario::TransferPeer(a) => lmig_examples::bench::transfer::peer(a),
     };
     if let Err(e) = result {

@@ -5,5 +5,6 @@
 pub mod clock;
 pub mod keys;
 pub mod netstat;
+pub mod probe;
 pub mod process;
 pub mod stats;

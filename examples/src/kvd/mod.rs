@@ -1,6 +1,7 @@
 //! kvd: a key-value server speaking a Redis protocol subset, whose data lives
 //! in an lmig region and which migrates itself live to another host.
 
+pub mod check;
 pub mod cli;
 pub mod collections;
 pub mod commands;

@@ -592,7 +592,8 @@ pub(crate) fn parse_packets(buf: &[u8], out: &mut Vec<HeldPacket>, stats: &mut L
 }
 
 /// Check once, at start-up, that a lock can be installed here: creates a
-/// lock for a documentation address and removes it again.
+/// lock for a documentation address and removes it again. [`crate::probe()`]
+/// reports it as [`lmig_core::probe::Capability::NetworkLock`].
 pub fn probe() -> Result<()> {
     let mut lock = NetLock::install(LockConfig {
         addrs: vec![
