@@ -28,7 +28,7 @@ fn guest_runs_heartbeats_and_checks_its_buffer() {
         .wait_ready(Duration::from_secs(30))
         .expect("guest filled its buffer");
     std::thread::sleep(Duration::from_millis(200));
-    let log = m.heartbeats().unwrap();
+    let log = m.heartbeats();
     let tsc_per_ms = u64::from(m.tsc_khz());
     assert!(
         log.beats.len() >= 2,
@@ -111,4 +111,182 @@ fn bad_guest_size_is_refused() {
         let err = Machine::new(MachineConfig::new(mib)).unwrap_err();
         assert!(matches!(err, VmmError::BadInput(_)), "{mib}: {err:?}");
     }
+}
+
+/// Issue 21's question: does lmig's uffd-wp tracker on the VMM's mapping
+/// see the guest's writes (made through KVM's stage-2 mapping, not the
+/// VMM's page tables)? The guest dirties pages round robin and counts them;
+/// every page it dirtied between two collections must be in the set.
+#[test]
+fn uffd_wp_tracker_sees_guest_writes() {
+    use lmig_core::DirtyTracker;
+    use lmig_core::model::RegionPages;
+    use lmig_examples::vmm::GUEST_REGION;
+
+    if !needs_kvm("uffd_wp_tracker_sees_guest_writes") {
+        return;
+    }
+    let mut m = Machine::new(MachineConfig::new(64)).expect("machine");
+    m.boot(0).expect("boot");
+    m.start().expect("start");
+    m.vcpu()
+        .unwrap()
+        .wait_ready(Duration::from_secs(30))
+        .expect("ready");
+    let (mut tracker, choice) = lmig_mem::best_tracker(m.regions()).expect("tracker");
+    eprintln!("tracker: {choice}");
+    tracker.start().expect("start tracking");
+    let mut dirty = RegionPages::empty(m.regions().layout());
+    tracker.collect(&mut dirty).expect("collect");
+    let before = m.dirtied().unwrap();
+    m.set_dirty_rate(16).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    m.set_dirty_rate(0).unwrap();
+    // Let the guest's current tick finish (the count is written after it).
+    std::thread::sleep(Duration::from_millis(20));
+    let after = m.dirtied().unwrap();
+    let mut dirty = RegionPages::empty(m.regions().layout());
+    tracker.collect(&mut dirty).expect("collect");
+    tracker.stop().expect("stop tracking");
+    let buffer_pages = (64 << 20) / 4096 - BUFFER_AT / 4096;
+    assert!(after > before, "the guest dirtied pages");
+    let pages = dirty.get(GUEST_REGION).unwrap();
+    let mut missed = 0;
+    for stamp in before..after {
+        // Stamp s (1-based) went to buffer page (s - 1) mod buffer_pages.
+        let page = BUFFER_AT / 4096 + (stamp % buffer_pages);
+        if !pages.contains(page) {
+            missed += 1;
+        }
+    }
+    eprintln!(
+        "guest dirtied {} pages; tracker saw {} pages dirty",
+        after - before,
+        pages.count()
+    );
+    assert_eq!(missed, 0, "pages the guest wrote that the tracker missed");
+    m.stop().expect("stop");
+}
+
+/// Live migration of the running guest between two VMMs (threads of this
+/// process, a loopback channel), pre-copy with the uffd-wp tracker: the
+/// heartbeat counter continues on B from where A stopped, the guest's own
+/// check passes on B, the digests are verified (the session fails if not),
+/// and A's vCPU is stopped.
+#[test]
+fn running_guest_migrates_precopy() {
+    use lmig_core::session::Mode;
+    use lmig_examples::vmm::migrate::{migrate_out, receive};
+    use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
+
+    if !needs_kvm("running_guest_migrates_precopy") {
+        return;
+    }
+    let mut a = Machine::new(MachineConfig::new(64)).expect("machine A");
+    a.boot(8).expect("boot");
+    a.start().expect("start");
+    a.vcpu()
+        .unwrap()
+        .wait_ready(Duration::from_secs(30))
+        .expect("ready");
+    let mut b = Machine::new(MachineConfig::new(64)).expect("machine B");
+    let key = [7u8; 32];
+    let listener = Listener::bind(
+        &Endpoint::Tcp("127.0.0.1:0".parse().unwrap()),
+        ChannelConfig::new(AuthKey::new(key).unwrap()),
+    )
+    .expect("listen");
+    let target = listener.local_endpoint().clone();
+    let (out, inn) = std::thread::scope(|s| {
+        let dest = s.spawn(|| {
+            let channel = listener
+                .accept_timeout(Duration::from_secs(30))
+                .expect("accept");
+            receive(&mut b, &channel)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let channel =
+            connect(&target, ChannelConfig::new(AuthKey::new(key).unwrap())).expect("connect");
+        let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
+        let out = migrate_out(&mut a, &channel, tracker, Mode::Precopy);
+        (out, dest.join().unwrap())
+    });
+    let out = out.expect("source");
+    let inn = inn.expect("destination");
+    assert!(a.vcpu().is_err(), "A's vCPU is stopped after the commit");
+    let last_a = a.heartbeats().last.expect("A beat");
+    std::thread::sleep(Duration::from_millis(100));
+    let log_b = b.heartbeats();
+    let first_b = log_b.beats.first().copied().expect("B beats");
+    assert_eq!(
+        first_b.count,
+        last_a.count + 1,
+        "the heartbeat counter continues on B"
+    );
+    assert_eq!(
+        b.check_buffer(Duration::from_secs(30)).expect("check on B"),
+        0,
+        "the guest's check passes on B"
+    );
+    eprintln!(
+        "rounds {}, bytes {}, downtime {:.3} ms (vCPU stopped on A to running on B), heartbeat gap {:.3} ms",
+        out.report.rounds,
+        out.report.bytes_sent,
+        (inn.resumed_ns.unwrap() - out.paused_ns.unwrap()) as f64 / 1e6,
+        (first_b.host_ns - last_a.host_ns) as f64 / 1e6
+    );
+    b.stop().expect("stop B");
+}
+
+/// A migration that fails before `Commit` (B's guest memory has another
+/// size, so B refuses the layout) leaves the guest running on A: heartbeats
+/// go on, its buffer check passes.
+#[test]
+fn failed_migration_leaves_guest_running_on_source() {
+    use lmig_core::session::Mode;
+    use lmig_examples::vmm::migrate::{migrate_out, receive};
+    use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
+
+    if !needs_kvm("failed_migration_leaves_guest_running_on_source") {
+        return;
+    }
+    let mut a = Machine::new(MachineConfig::new(32)).expect("machine A");
+    a.boot(4).expect("boot");
+    a.start().expect("start");
+    a.vcpu()
+        .unwrap()
+        .wait_ready(Duration::from_secs(30))
+        .expect("ready");
+    let mut b = Machine::new(MachineConfig::new(16)).expect("machine B");
+    let key = [9u8; 32];
+    let listener = Listener::bind(
+        &Endpoint::Tcp("127.0.0.1:0".parse().unwrap()),
+        ChannelConfig::new(AuthKey::new(key).unwrap()),
+    )
+    .expect("listen");
+    let target = listener.local_endpoint().clone();
+    let (out, inn) = std::thread::scope(|s| {
+        let dest = s.spawn(|| {
+            let channel = listener
+                .accept_timeout(Duration::from_secs(30))
+                .expect("accept");
+            receive(&mut b, &channel)
+        });
+        let channel =
+            connect(&target, ChannelConfig::new(AuthKey::new(key).unwrap())).expect("connect");
+        let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
+        let out = migrate_out(&mut a, &channel, tracker, Mode::Precopy);
+        (out, dest.join().unwrap())
+    });
+    assert!(out.is_err(), "the source reports the failure");
+    assert!(inn.is_err(), "the destination refused");
+    let before = a.heartbeats().total;
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(a.heartbeats().total > before, "the guest still beats on A");
+    assert_eq!(
+        a.check_buffer(Duration::from_secs(30)).expect("check on A"),
+        0
+    );
+    assert!(b.vcpu().is_err(), "B's vCPU never ran");
+    a.stop().expect("stop A");
 }

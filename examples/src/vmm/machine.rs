@@ -64,6 +64,7 @@ pub struct Machine {
     memory: Arc<GuestMemory>,
     tsc_khz: u32,
     config: MachineConfig,
+    stopped_log: HeartbeatLog,
 }
 
 impl Machine {
@@ -101,6 +102,7 @@ impl Machine {
             memory,
             tsc_khz,
             config,
+            stopped_log: HeartbeatLog::default(),
         })
     }
 
@@ -150,6 +152,26 @@ impl Machine {
         state.apply(vcpu)
     }
 
+    /// Take the (not running) vCPU out, with guest memory, to run it
+    /// elsewhere (a migration's destination program).
+    pub(super) fn take_vcpu(&mut self) -> Result<(VcpuFd, Arc<GuestMemory>), VmmError> {
+        let vcpu = self
+            .vcpu
+            .take()
+            .ok_or_else(|| VmmError::BadInput("the vCPU is running".into()))?;
+        Ok((vcpu, Arc::clone(&self.memory)))
+    }
+
+    /// The vCPU runs now on `thread`.
+    pub(super) fn attach(&mut self, thread: VcpuThread) {
+        self.thread = Some(thread);
+    }
+
+    /// The vCPU taken with `take_vcpu` did not start.
+    pub(super) fn give_back(&mut self, vcpu: VcpuFd) {
+        self.vcpu = Some(vcpu);
+    }
+
     /// The running vCPU's thread.
     pub fn vcpu(&self) -> Result<&VcpuThread, VmmError> {
         self.thread
@@ -160,6 +182,7 @@ impl Machine {
     /// Stop the vCPU thread (if running) and keep the vCPU.
     pub fn stop(&mut self) -> Result<(), VmmError> {
         if let Some(thread) = self.thread.take() {
+            self.stopped_log = thread.heartbeats();
             self.vcpu = Some(thread.stop()?);
         }
         Ok(())
@@ -182,9 +205,12 @@ impl Machine {
         self.vcpu()?.wait_check(timeout)
     }
 
-    /// The heartbeats so far.
-    pub fn heartbeats(&self) -> Result<HeartbeatLog, VmmError> {
-        Ok(self.vcpu()?.heartbeats())
+    /// The heartbeats so far (of the last run, once the vCPU stopped).
+    #[must_use]
+    pub fn heartbeats(&self) -> HeartbeatLog {
+        self.thread
+            .as_ref()
+            .map_or_else(|| self.stopped_log.clone(), VcpuThread::heartbeats)
     }
 
     /// Guest RAM as lmig regions (the session's memory source or sink).

@@ -23,6 +23,7 @@
 pub mod asm;
 pub mod guest;
 mod machine;
+pub mod migrate;
 mod sys;
 mod vcpu;
 
