@@ -14,6 +14,7 @@ pub mod precopy;
 pub mod split;
 pub mod tcp;
 pub mod transfer;
+pub mod vm;
 pub mod wire;
 
 /// Where a scenario's figures go: one JSON object per line (`--json`) or a

@@ -37,6 +37,11 @@ enum Scenario {
     Split(lmig_examples::bench::split::Args),
     /// A genuine dialer's handshake while the listener holds a flood of idle and hostile connections.
     Hostile(lmig_examples::bench::hostile::Args),
+    /// A KVM micro-VMM's running guest migrating between two VMM processes on namespace hosts.
+    Vm(lmig_examples::bench::vm::Args),
+    /// One VMM process of `vm` (started by it).
+    #[command(hide = true)]
+    VmPeer(lmig_examples::bench::vm::PeerArgs),
     /// The destination process of `transfer` (started by it).
     #[command(hide = true)]
     TransferPeer(lmig_examples::bench::transfer::PeerArgs),
@@ -62,6 +67,8 @@ fn main() {
         Scenario::Transfer(a) => lmig_examples::bench::transfer::run(a, out),
         Scenario::Split(a) => lmig_examples::bench::split::run(a, out),
         Scenario::Hostile(a) => lmig_examples::bench::hostile::run(a, out),
+        Scenario::Vm(a) => lmig_examples::bench::vm::run(a, out),
+        Scenario::VmPeer(a) => lmig_examples::bench::vm::peer(a),
         Scenario::TransferPeer(a) => lmig_examples::bench::transfer::peer(a),
     };
     if let Err(e) = result {

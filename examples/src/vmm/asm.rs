@@ -47,6 +47,8 @@ pub enum Cc {
     Ae = 0x3,
     /// Equal / zero.
     E = 0x4,
+    /// Unsigned above (CF=0 and ZF=0).
+    A = 0x7,
     /// Not equal / not zero.
     Ne = 0x5,
 }
@@ -171,6 +173,17 @@ impl Asm {
     pub fn cmp(&mut self, a: R, b: R) {
         self.op_rr(&[0x39], b, a);
     }
+    /// `sub dst, src` (`REX.W 29 /r`).
+    pub fn sub(&mut self, dst: R, src: R) {
+        self.op_rr(&[0x29], src, dst);
+    }
+    /// `cmp a, imm32` sign-extended (`REX.W 81 /7 id`).
+    pub fn cmp_imm(&mut self, a: R, imm: i32) {
+        self.rex_w(0, a as u8);
+        self.code.push(0x81);
+        self.code.push(0xf8 | (a as u8 & 7));
+        self.code.extend_from_slice(&imm.to_le_bytes());
+    }
     /// `test a, b` (`REX.W 85 /r`).
     pub fn test(&mut self, a: R, b: R) {
         self.op_rr(&[0x85], b, a);
@@ -293,6 +306,11 @@ mod tests {
         assert_eq!(one(|a| a.dec(R::Rcx)), [0x48, 0xff, 0xc9]);
         assert_eq!(one(|a| a.cmp(R::Rax, R::R12)), [0x4c, 0x39, 0xe0]);
         assert_eq!(one(|a| a.xor(R::R8, R::R8)), [0x4d, 0x31, 0xc0]);
+        assert_eq!(one(|a| a.sub(R::Rcx, R::Rax)), [0x48, 0x29, 0xc1]);
+        assert_eq!(
+            one(|a| a.cmp_imm(R::R9, 64)),
+            [0x49, 0x81, 0xf9, 64, 0, 0, 0]
+        );
         assert_eq!(
             one(|a| a.mov_imm(R::R15, 1)),
             [0x49, 0xbf, 1, 0, 0, 0, 0, 0, 0, 0]

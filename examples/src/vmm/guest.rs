@@ -9,10 +9,12 @@
 //! every millisecond of TSC (the host puts the ticks per ms in the
 //! parameter page; the next heartbeat is due 1 ms after the last one) it writes a heartbeat — its counter and TSC into the
 //! parameter page, the counter to [`PORT_HEARTBEAT`] — and dirties as many
-//! buffer pages as the host asks (round robin; a dirtied page gets a new
+//! buffer pages as the host asks per elapsed millisecond (round robin; a dirtied page gets a new
 //! stamp in word 0 and `stamp ^ D(page)` in word 1, so the pattern stays
 //! checkable); when the host sets the command word, it checks its whole
-//! buffer and sends the number of wrong qwords to [`PORT_CHECK`].
+//! buffer and sends the number of wrong qwords to [`PORT_CHECK`]; then it
+//! tells [`PORT_IDLE`] how long it has nothing to do, so the VMM can sleep
+//! the vCPU thread as KVM sleeps a halted vCPU.
 
 use super::asm::{Asm, Cc, M, R};
 
@@ -58,6 +60,8 @@ pub const PORT_READY: u16 = 0x10;
 pub const PORT_HEARTBEAT: u16 = 0x11;
 /// Port: the buffer check's result (eax = wrong qwords; 0 = passed).
 pub const PORT_CHECK: u16 = 0x12;
+/// Port: nothing to do for eax TSC ticks (until the next heartbeat).
+pub const PORT_IDLE: u16 = 0x13;
 
 /// The pattern multiplier (odd, so `a * K` differs for every address).
 pub const K: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -96,6 +100,11 @@ pub fn program() -> Vec<u8> {
     a.xor(R::R14, R::R14);
     a.xor(R::R10, R::R10);
     a.xor(R::R12, R::R12);
+    // r11 = the dirty clock: when the next batch is due.
+    a.rdtsc();
+    a.shl(R::Rdx, 32);
+    a.or(R::Rax, R::Rdx);
+    a.mov(R::R11, R::Rax);
     a.label("main");
     a.rdtsc();
     a.shl(R::Rdx, 32);
@@ -113,13 +122,40 @@ pub fn program() -> Vec<u8> {
     a.mov(R::Rax, R::R13);
     a.mov_edx(u32::from(PORT_HEARTBEAT));
     a.out_dx_eax();
+    // Dirty one batch per millisecond elapsed on the dirty clock (r11), so
+    // the rate holds when heartbeats come late; far behind (paused), at most
+    // 64 batches, then the clock restarts from now.
+    a.xor(R::R9, R::R9);
+    a.label("dirty_tick");
+    a.cmp(R::R11, R::Rbx);
+    a.jcc(Cc::A, "dirty_caught_up");
+    a.add_mem(R::R11, abs(P_TSC_PER_MS));
     dirty(&mut a);
+    a.inc(R::R9);
+    a.cmp_imm(R::R9, 64);
+    a.jcc(Cc::B, "dirty_tick");
+    a.mov(R::R11, R::Rbx);
+    a.add_mem(R::R11, abs(P_TSC_PER_MS));
+    a.label("dirty_caught_up");
     check(&mut a);
+    // Idle until the next heartbeat: tell the host how many TSC ticks are
+    // left (the host may sleep the vCPU thread that long, as KVM does a
+    // halted vCPU); then spin on the TSC for the rest.
+    a.rdtsc();
+    a.shl(R::Rdx, 32);
+    a.or(R::Rax, R::Rdx);
+    a.cmp(R::Rax, R::R12);
+    a.jcc(Cc::Ae, "main");
+    a.mov(R::Rcx, R::R12);
+    a.sub(R::Rcx, R::Rax);
+    a.mov(R::Rax, R::Rcx);
+    a.mov_edx(u32::from(PORT_IDLE));
+    a.out_dx_eax();
     a.jmp("main");
     a.finish()
 }
 
-/// Dirty `[P_DIRTY_PER_MS]` pages round robin, then fall through.
+/// Dirty `[P_DIRTY_PER_MS]` pages round robin (one batch), then fall through.
 fn dirty(a: &mut Asm) {
     a.load(R::Rcx, abs(P_DIRTY_PER_MS));
     a.test(R::Rcx, R::Rcx);

@@ -10,8 +10,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 
 use super::guest::{
-    CODE_AT, GDT_AT, P_HB_TSC, PARAMS_AT, PML4_AT, PORT_CHECK, PORT_HEARTBEAT, PORT_READY,
-    STACK_TOP, TSS_AT, USER_CS, USER_DS,
+    CODE_AT, GDT_AT, P_HB_TSC, P_TSC_PER_MS, PARAMS_AT, PML4_AT, PORT_CHECK, PORT_HEARTBEAT,
+    PORT_IDLE, PORT_READY, STACK_TOP, TSS_AT, USER_CS, USER_DS,
 };
 use super::{GuestMemory, VmmError, kvm_err};
 
@@ -401,6 +401,10 @@ fn run_loop(vcpu: &mut VcpuFd, memory: &GuestMemory, shared: &Shared) -> Result<
                 let n = data.len().min(4);
                 word[..n].copy_from_slice(&data[..n]);
                 let value = u32::from_le_bytes(word);
+                if port == PORT_IDLE {
+                    idle(shared, value, memory.read_u64(PARAMS_AT + P_TSC_PER_MS)?);
+                    continue;
+                }
                 let mut ctl = shared.lock();
                 match port {
                     PORT_HEARTBEAT => {
@@ -440,6 +444,27 @@ fn run_loop(vcpu: &mut VcpuFd, memory: &GuestMemory, shared: &Shared) -> Result<
             other => return Err(VmmError::GuestExit(format!("unexpected exit {other:?}"))),
         }
     }
+}
+
+/// Spin this close to the guest's next deadline rather than sleep through it.
+const IDLE_MARGIN: Duration = Duration::from_micros(150);
+
+/// The guest has nothing to do for `ticks` TSC ticks: sleep the vCPU
+/// thread (less a margin, woken early by a pause or stop request).
+fn idle(shared: &Shared, ticks: u32, tsc_per_ms: u64) {
+    if tsc_per_ms == 0 {
+        return;
+    }
+    let ns = u64::from(ticks) * 1_000_000 / tsc_per_ms;
+    let Some(sleep) = Duration::from_nanos(ns).checked_sub(IDLE_MARGIN) else {
+        return;
+    };
+    let ctl = shared.lock();
+    drop(
+        shared
+            .cv
+            .wait_timeout_while(ctl, sleep, |c| c.want == Want::Run),
+    );
 }
 
 /// Honour a pause or stop request: returns true to stop. Parked, the vCPU
