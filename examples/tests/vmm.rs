@@ -175,13 +175,25 @@ fn uffd_wp_tracker_sees_guest_writes() {
 /// and A's vCPU is stopped.
 #[test]
 fn running_guest_migrates_precopy() {
-    use lmig_core::session::Mode;
+    if needs_kvm("running_guest_migrates_precopy") {
+        migrate_running_guest(lmig_core::session::Mode::Precopy);
+    }
+}
+
+/// The same in post-copy: B's vCPU runs at once and faults on every page
+/// not there yet — kernel-mode userfaultfd faults, KVM touching guest
+/// memory on the vCPU's behalf — served from A.
+#[test]
+fn running_guest_migrates_postcopy() {
+    if needs_kvm("running_guest_migrates_postcopy") {
+        migrate_running_guest(lmig_core::session::Mode::Postcopy);
+    }
+}
+
+fn migrate_running_guest(mode: lmig_core::session::Mode) {
     use lmig_examples::vmm::migrate::{migrate_out, receive};
     use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
 
-    if !needs_kvm("running_guest_migrates_precopy") {
-        return;
-    }
     let mut a = Machine::new(MachineConfig::new(64)).expect("machine A");
     a.boot(8).expect("boot");
     a.start().expect("start");
@@ -208,7 +220,7 @@ fn running_guest_migrates_precopy() {
         let channel =
             connect(&target, ChannelConfig::new(AuthKey::new(key).unwrap())).expect("connect");
         let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
-        let out = migrate_out(&mut a, &channel, tracker, Mode::Precopy);
+        let out = migrate_out(&mut a, &channel, tracker, mode);
         (out, dest.join().unwrap())
     });
     let out = out.expect("source");
@@ -228,8 +240,11 @@ fn running_guest_migrates_precopy() {
         0,
         "the guest's check passes on B"
     );
+    if mode == lmig_core::session::Mode::Postcopy {
+        assert!(inn.report.postcopy_pages > 0, "pages came after the commit");
+    }
     eprintln!(
-        "rounds {}, bytes {}, downtime {:.3} ms (vCPU stopped on A to running on B), heartbeat gap {:.3} ms",
+        "{mode:?}: rounds {}, bytes {}, downtime {:.3} ms (vCPU stopped on A to running on B), heartbeat gap {:.3} ms",
         out.report.rounds,
         out.report.bytes_sent,
         (inn.resumed_ns.unwrap() - out.paused_ns.unwrap()) as f64 / 1e6,
