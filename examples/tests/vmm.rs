@@ -119,22 +119,45 @@ fn bad_guest_size_is_refused() {
 /// every page it dirtied between two collections must be in the set.
 #[test]
 fn uffd_wp_tracker_sees_guest_writes() {
-    use lmig_core::DirtyTracker;
-    use lmig_core::model::RegionPages;
-    use lmig_examples::vmm::GUEST_REGION;
-
     if !needs_kvm("uffd_wp_tracker_sees_guest_writes") {
         return;
     }
-    let mut m = Machine::new(MachineConfig::new(64)).expect("machine");
+    let mut m = running_guest(64);
+    let (tracker, choice) = lmig_mem::best_tracker(m.regions()).expect("tracker");
+    eprintln!("tracker: {choice}");
+    tracker_sees_guest_writes(&m, tracker);
+    m.stop().expect("stop");
+}
+
+/// The same with KVM's dirty log (`KVM_GET_DIRTY_LOG` on guest RAM's slot,
+/// through lmig's `DirtyLogTracker`).
+#[test]
+fn kvm_dirty_log_tracker_sees_guest_writes() {
+    if !needs_kvm("kvm_dirty_log_tracker_sees_guest_writes") {
+        return;
+    }
+    let mut m = running_guest(64);
+    tracker_sees_guest_writes(&m, lmig_examples::vmm::KvmDirtyLog::tracker(&m));
+    m.stop().expect("stop");
+}
+
+fn running_guest(mib: u64) -> Machine {
+    let mut m = Machine::new(MachineConfig::new(mib)).expect("machine");
     m.boot(0).expect("boot");
     m.start().expect("start");
     m.vcpu()
         .unwrap()
         .wait_ready(Duration::from_secs(30))
         .expect("ready");
-    let (mut tracker, choice) = lmig_mem::best_tracker(m.regions()).expect("tracker");
-    eprintln!("tracker: {choice}");
+    m
+}
+
+/// The guest dirties pages round robin and counts them; every page it
+/// dirtied between two collections must be in the second one.
+fn tracker_sees_guest_writes(m: &Machine, mut tracker: impl lmig_core::DirtyTracker) {
+    use lmig_core::model::RegionPages;
+    use lmig_examples::vmm::GUEST_REGION;
+
     tracker.start().expect("start tracking");
     let mut dirty = RegionPages::empty(m.regions().layout());
     tracker.collect(&mut dirty).expect("collect");
@@ -165,7 +188,6 @@ fn uffd_wp_tracker_sees_guest_writes() {
         pages.count()
     );
     assert_eq!(missed, 0, "pages the guest wrote that the tracker missed");
-    m.stop().expect("stop");
 }
 
 /// Live migration of the running guest between two VMMs (threads of this
@@ -220,12 +242,19 @@ fn migrate_running_guest(mode: lmig_core::session::Mode) {
         let channel =
             connect(&target, ChannelConfig::new(AuthKey::new(key).unwrap())).expect("connect");
         let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
-        let out = migrate_out(&mut a, &channel, tracker, mode);
+        let out = migrate_out(&a, &channel, tracker, mode);
         (out, dest.join().unwrap())
     });
     let out = out.expect("source");
     let inn = inn.expect("destination");
-    assert!(a.vcpu().is_err(), "A's vCPU is stopped after the commit");
+    let parked = a.heartbeats().total;
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        a.heartbeats().total,
+        parked,
+        "A's vCPU stays parked after the commit"
+    );
+    a.stop().expect("stop A");
     let last_a = a.heartbeats().last.expect("A beat");
     std::thread::sleep(Duration::from_millis(100));
     let log_b = b.heartbeats();
@@ -290,7 +319,7 @@ fn failed_migration_leaves_guest_running_on_source() {
         let channel =
             connect(&target, ChannelConfig::new(AuthKey::new(key).unwrap())).expect("connect");
         let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
-        let out = migrate_out(&mut a, &channel, tracker, Mode::Precopy);
+        let out = migrate_out(&a, &channel, tracker, Mode::Precopy);
         (out, dest.join().unwrap())
     });
     assert!(out.is_err(), "the source reports the failure");

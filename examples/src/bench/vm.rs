@@ -22,7 +22,7 @@ use serde_json::json;
 use super::{Output, round};
 use crate::common::process::Worker;
 use crate::vmm::migrate::{migrate_out, receive};
-use crate::vmm::{HeartbeatLog, Machine, MachineConfig};
+use crate::vmm::{HeartbeatLog, KvmDirtyLog, Machine, MachineConfig};
 
 /// The destination's migration port on host B.
 const PORT: u16 = 7021;
@@ -44,7 +44,7 @@ pub struct Args {
     #[arg(long, default_value = "precopy")]
     pub mode: String,
     /// Dirty tracker on the source: uffd (uffd-wp + PAGEMAP_SCAN on the
-    /// VMM's mapping of guest RAM).
+    /// VMM's mapping of guest RAM) or kvm (KVM_GET_DIRTY_LOG).
     #[arg(long, default_value = "uffd")]
     pub tracker: String,
 }
@@ -64,6 +64,9 @@ pub struct PeerArgs {
     /// precopy, postcopy or hybrid (source).
     #[arg(long, default_value = "precopy")]
     pub mode: String,
+    /// uffd or kvm (source).
+    #[arg(long, default_value = "uffd")]
+    pub tracker: String,
 }
 
 fn mode(s: &str) -> Result<Mode, Box<dyn std::error::Error>> {
@@ -193,7 +196,7 @@ pub fn peer(args: PeerArgs) -> Result<(), Box<dyn std::error::Error>> {
         let answer = match words.as_slice() {
             ["quit"] | [] => break,
             ["boot"] => boot(&mut machine, args.dirty_mbps),
-            ["migrate", addr, key] => migrate(&mut machine, addr, key, &args.mode),
+            ["migrate", addr, key] => migrate(&machine, addr, key, &args.mode, &args.tracker),
             ["listen", addr, key] => bind(addr, key).map(|l| {
                 listener = Some(l);
                 String::new()
@@ -236,17 +239,22 @@ fn channel_config(key: &str) -> Result<ChannelConfig, Box<dyn std::error::Error>
 }
 
 fn migrate(
-    machine: &mut Machine,
+    machine: &Machine,
     addr: &str,
     key: &str,
     mode_name: &str,
+    tracker: &str,
 ) -> Result<String, Box<dyn std::error::Error>> {
     let start = crate::common::clock::now_mono_ns();
     let t = Instant::now();
     let channel = connect(&Endpoint::Tcp(addr.parse()?), channel_config(key)?)?;
-    let (tracker, _) = lmig_mem::best_tracker(machine.regions())?;
+    let inner: Box<dyn DirtyTracker + '_> = if tracker == "kvm" {
+        Box::new(KvmDirtyLog::tracker(machine))
+    } else {
+        Box::new(lmig_mem::best_tracker(machine.regions())?.0)
+    };
     let mut timed = TimedStart {
-        inner: tracker,
+        inner,
         start: Duration::ZERO,
     };
     let r = migrate_out(machine, &channel, &mut timed, mode(mode_name)?)?;
@@ -268,12 +276,12 @@ fn migrate(
 }
 
 /// A tracker whose `start` (arming tracking over all of guest RAM) is timed.
-struct TimedStart<T> {
-    inner: T,
+struct TimedStart<'a> {
+    inner: Box<dyn DirtyTracker + 'a>,
     start: Duration,
 }
 
-impl<T: DirtyTracker> DirtyTracker for TimedStart<T> {
+impl DirtyTracker for TimedStart<'_> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }

@@ -142,9 +142,10 @@ pub struct MigratedOut {
 
 /// Migrate `machine`'s running guest over `channel` with `tracker` (over
 /// `machine.regions()`). `Ok`: the guest runs on the destination and this
-/// vCPU is stopped for good. `Err` before `Commit`: the guest runs on here.
+/// vCPU stays parked for good (`Commit` went out; stop it with
+/// [`Machine::stop`]). `Err` before `Commit`: the guest runs on here.
 pub fn migrate_out(
-    machine: &mut Machine,
+    machine: &Machine,
     channel: impl Channel,
     tracker: impl DirtyTracker,
     mode: Mode,
@@ -158,14 +159,10 @@ pub fn migrate_out(
     let result = Source::new(channel, machine.regions(), tracker, &mut program)
         .with_config(config)
         .run();
-    let paused_ns = program.paused_ns;
-    let committed = program.committed;
-    if committed {
-        machine
-            .stop()
-            .map_err(|e| backend("stop the source vCPU", e))?;
-    }
-    result.map(|report| MigratedOut { report, paused_ns })
+    result.map(|report| MigratedOut {
+        report,
+        paused_ns: program.paused_ns,
+    })
 }
 
 /// What a migration of the guest did, on the destination.

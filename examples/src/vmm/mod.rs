@@ -21,12 +21,14 @@
 //! thread out of `KVM_RUN`.
 
 pub mod asm;
+mod dirty_log;
 pub mod guest;
 mod machine;
 pub mod migrate;
 mod sys;
 mod vcpu;
 
+pub use dirty_log::KvmDirtyLog;
 pub use machine::{GUEST_REGION, Machine, MachineConfig};
 pub use sys::GuestMemory;
 pub use vcpu::{Heartbeat, HeartbeatLog, VcpuState, VcpuThread};
