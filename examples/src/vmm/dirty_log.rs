@@ -33,7 +33,7 @@ impl<'m> KvmDirtyLog<'m> {
     /// Wrapped as lmig's tracker over `machine`'s regions.
     #[must_use]
     pub fn tracker(machine: &'m Machine) -> DirtyLogTracker<Self> {
-        DirtyLogTracker::new(&machine.regions().layout(), Self::new(machine))
+        DirtyLogTracker::new(machine.regions().layout(), Self::new(machine))
     }
 }
 
