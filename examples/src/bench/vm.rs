@@ -93,12 +93,8 @@ fn unhex(s: &str) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
 /// Run the scenario.
 pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     mode(&args.mode)?;
-    if args.tracker != "uffd" {
-        return Err(format!(
-            "--tracker {}: uffd (the KVM dirty-log tracker is not built yet)",
-            args.tracker
-        )
-        .into());
+    if !["uffd", "kvm"].contains(&args.tracker.as_str()) {
+        return Err(format!("--tracker {}: uffd or kvm", args.tracker).into());
     }
     if !nix::unistd::geteuid().is_root() {
         return Err(
@@ -120,6 +116,8 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
                 &args.dirty_mbps.to_string(),
                 "--mode",
                 &args.mode,
+                "--tracker",
+                &args.tracker,
             ]);
         cmd
     };
