@@ -9,3 +9,4 @@ pub mod fuzzing;
 pub mod kvd;
 pub mod pagehost;
 pub mod scenario;
+pub mod vmm;

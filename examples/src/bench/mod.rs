@@ -17,6 +17,7 @@ pub mod probe;
 pub mod split;
 pub mod tcp;
 pub mod transfer;
+pub mod vm;
 pub mod wire;
 
 /// Where a scenario's figures go: one JSON object per line (`--json`) or a

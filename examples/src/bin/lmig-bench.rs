@@ -39,6 +39,11 @@ enum Scenario {
     Hostile(lmig_examples::bench::hostile::Args),
     /// The kernel probe: which capabilities this machine offers (as `kvd check`).
     Probe(lmig_examples::bench::probe::Args),
+    /// A KVM micro-VMM's running guest migrating between two VMM processes on namespace hosts.
+    Vm(lmig_examples::bench::vm::Args),
+    /// One VMM process of `vm` (started by it).
+    #[command(hide = true)]
+    VmPeer(lmig_examples::bench::vm::PeerArgs),
     /// The destination process of `transfer` (started by it).
     #[command(hide = true)]
     TransferPeer(lmig_examples::bench::transfer::PeerArgs),
@@ -65,6 +70,8 @@ fn main() {
         Scenario::Split(a) => lmig_examples::bench::split::run(a, out),
         Scenario::Hostile(a) => lmig_examples::bench::hostile::run(a, out),
         Scenario::Probe(a) => lmig_examples::bench::probe::run(a, out),
+        Scenario::Vm(a) => lmig_examples::bench::vm::run(a, out),
+        Scenario::VmPeer(a) => lmig_examples::bench::vm::peer(a),
         Scenario::TransferPeer(a) => lmig_examples::bench::transfer::peer(a),
     };
     if let Err(e) = result {

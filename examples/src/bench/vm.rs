@@ -1,0 +1,337 @@
+//! `lmig-bench vm --mib M --dirty-mbps R --mode precopy|postcopy|hybrid
+//! --tracker uffd --json`: the micro-VMM's running guest migrating between
+//! two VMM processes on two namespace hosts (issue 21).
+//!
+//! Host A runs the source VMM (guest booted, buffer filled, dirtying R MB/s,
+//! heartbeats every 1 ms), host B the destination VMM (same guest size, not
+//! booted). Both are this binary's hidden `vm-peer` command, driven line by
+//! line ([`Worker`]). Times are `CLOCK_MONOTONIC`, one clock on this host.
+
+use std::io::{BufRead, Read, Write};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lmig_core::model::RegionPages;
+use lmig_core::session::Mode;
+use lmig_core::{DirtyClearer, DirtyTracker};
+use lmig_net::topology::Topology;
+use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
+use serde_json::json;
+
+use super::{Output, round};
+use crate::common::process::Worker;
+use crate::vmm::migrate::{migrate_out, receive};
+use crate::vmm::{HeartbeatLog, KvmDirtyLog, Machine, MachineConfig};
+
+/// The destination's migration port on host B.
+const PORT: u16 = 7021;
+/// How long B's guest runs after resuming before its buffer check.
+const AFTER: Duration = Duration::from_millis(300);
+/// Bound on every wait for the guest.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Options of the `vm` scenario.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Guest RAM in MiB (all but the first 2 MiB is the guest's filled buffer).
+    #[arg(long, default_value_t = 1024)]
+    pub mib: u64,
+    /// MB/s the guest dirties (whole pages, rounded to pages per ms).
+    #[arg(long, default_value_t = 100.0)]
+    pub dirty_mbps: f64,
+    /// precopy, postcopy or hybrid.
+    #[arg(long, default_value = "precopy")]
+    pub mode: String,
+    /// Dirty tracker on the source: uffd (uffd-wp + PAGEMAP_SCAN on the
+    /// VMM's mapping of guest RAM) or kvm (KVM_GET_DIRTY_LOG).
+    #[arg(long, default_value = "uffd")]
+    pub tracker: String,
+}
+
+/// Options of the hidden `vm-peer` command (one VMM process).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PeerArgs {
+    /// source or dest.
+    #[arg(long)]
+    pub role: String,
+    /// Guest RAM in MiB.
+    #[arg(long)]
+    pub mib: u64,
+    /// MB/s the guest dirties (source).
+    #[arg(long, default_value_t = 0.0)]
+    pub dirty_mbps: f64,
+    /// precopy, postcopy or hybrid (source).
+    #[arg(long, default_value = "precopy")]
+    pub mode: String,
+    /// uffd or kvm (source).
+    #[arg(long, default_value = "uffd")]
+    pub tracker: String,
+}
+
+fn mode(s: &str) -> Result<Mode, Box<dyn std::error::Error>> {
+    match s {
+        "precopy" => Ok(Mode::Precopy),
+        "postcopy" => Ok(Mode::Postcopy),
+        "hybrid" => Ok(Mode::Hybrid),
+        other => Err(format!("--mode {other}: precopy, postcopy or hybrid").into()),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    (0..s.len() / 2)
+        .map(|i| {
+            u8::from_str_radix(s.get(2 * i..2 * i + 2).ok_or("odd hex")?, 16).map_err(Into::into)
+        })
+        .collect()
+}
+
+/// Run the scenario.
+pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
+    mode(&args.mode)?;
+    if !["uffd", "kvm"].contains(&args.tracker.as_str()) {
+        return Err(format!("--tracker {}: uffd or kvm", args.tracker).into());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(
+            "lmig-bench vm needs root (namespaces, /dev/kvm, kernel-mode userfaultfd)".into(),
+        );
+    }
+    if !std::path::Path::new("/dev/kvm").exists() {
+        return Err("lmig-bench vm needs KVM: /dev/kvm does not exist".into());
+    }
+    let topo = Topology::new()?;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    let exe = std::env::current_exe()?;
+    let peer = |role: &str| {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["vm-peer", "--role", role, "--mib", &args.mib.to_string()])
+            .args([
+                "--dirty-mbps",
+                &args.dirty_mbps.to_string(),
+                "--mode",
+                &args.mode,
+                "--tracker",
+                &args.tracker,
+            ]);
+        cmd
+    };
+    let mut dest = Worker::spawn(&topo.b, "vm destination", &mut peer("dest"))?;
+    let mut src = Worker::spawn(&topo.a, "vm source", &mut peer("source"))?;
+    let target = SocketAddr::from((Topology::B_V4, PORT));
+    dest.cmd(&format!("listen {target} {}", hex(&key)))?;
+    let guest_dirty_mbps: f64 = src.cmd("boot")?.first().ok_or("boot: no figure")?.parse()?;
+    dest.send("receive")?;
+    let s: serde_json::Value = serde_json::from_str(
+        src.cmd(&format!("migrate {target} {}", hex(&key)))?
+            .first()
+            .ok_or("migrate: no figures")?,
+    )?;
+    let d: serde_json::Value =
+        serde_json::from_str(dest.answer()?.first().ok_or("receive: no figures")?)?;
+    let n = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let downtime = (n(&d, "resumed_ns") - n(&s, "paused_ns")) / 1e6;
+    let across = (n(&d, "first_hb_ns") - n(&s, "last_hb_ns")) / 1e6;
+    let gap = across
+        .max(n(&s, "max_gap_ns") / 1e6)
+        .max(n(&d, "max_gap_ns") / 1e6);
+    let continuous = d["first_count"].as_u64() == s["last_count"].as_u64().map(|c| c + 1);
+    let verified =
+        d["guest_check_wrong"].as_u64() == Some(0) && d["digests_ok"].as_bool() == Some(true);
+    out.emit(&json!({
+        "scenario": "vm",
+        "mib": args.mib,
+        "dirty_mbps": args.dirty_mbps,
+        "mode": args.mode,
+        "tracker": args.tracker,
+        "downtime_ms": round(downtime, 2),
+        "heartbeat_gap_ms": round(gap, 2),
+        "heartbeat_gap_across_ms": round(across, 2),
+        "heartbeat_continuous": continuous,
+        "heartbeat_gap_source_ms": round(n(&s, "max_gap_ns") / 1e6, 2),
+        "heartbeat_gap_source_at_ms": round(n(&s, "max_gap_at_ns") / 1e6, 1),
+        "heartbeat_gap_destination_ms": round(n(&d, "max_gap_ns") / 1e6, 2),
+        "total_ms": round(n(&s, "total_ns") / 1e6, 1),
+        "bytes_sent": s["bytes_sent"],
+        "rounds": s["rounds"],
+        "verified": verified,
+        "postcopy_blocked_ms": serde_json::Value::Null,
+        "postcopy_pages": d["postcopy_pages"],
+        "network_faults": d["network_faults"],
+        "guest_dirty_mbps": round(guest_dirty_mbps, 1),
+        "tracker_start_ms": round(n(&s, "tracker_start_ns") / 1e6, 2),
+        "filled_mib": (args.mib - 2),
+    }));
+    Ok(())
+}
+
+/// The largest host interval between consecutive heartbeats from `from_ns`
+/// on, and when it began (ns after `from_ns`).
+fn max_gap_since(log: &HeartbeatLog, from_ns: u64) -> (u64, u64) {
+    log.beats
+        .windows(2)
+        .filter(|w| w[0].host_ns >= from_ns)
+        .map(|w| (w[1].host_ns - w[0].host_ns, w[0].host_ns - from_ns))
+        .max()
+        .unwrap_or((0, 0))
+}
+
+/// The hidden `vm-peer` command: one VMM process, driven by stdin lines
+/// (`boot`, `migrate ADDR KEY` for the source; `listen ADDR KEY`,
+/// `receive` for the destination; `quit`), answering `OK …` or `ERR …`.
+pub fn peer(args: PeerArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut machine = Machine::new(MachineConfig::new(args.mib))?;
+    let mut listener = None;
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let answer = match words.as_slice() {
+            ["quit"] | [] => break,
+            ["boot"] => boot(&mut machine, args.dirty_mbps),
+            ["migrate", addr, key] => migrate(&machine, addr, key, &args.mode, &args.tracker),
+            ["listen", addr, key] => bind(addr, key).map(|l| {
+                listener = Some(l);
+                String::new()
+            }),
+            ["receive"] => match &listener {
+                Some(l) => receive_one(&mut machine, l),
+                None => Err("receive before listen".into()),
+            },
+            _ => Err(format!("unknown command {line:?}").into()),
+        };
+        let mut out = std::io::stdout().lock();
+        match answer {
+            Ok(a) => writeln!(out, "OK {a}")?,
+            Err(e) => writeln!(out, "ERR {}", e.to_string().replace('\n', " "))?,
+        }
+        out.flush()?;
+    }
+    machine.stop()?;
+    Ok(())
+}
+
+fn boot(machine: &mut Machine, dirty_mbps: f64) -> Result<String, Box<dyn std::error::Error>> {
+    let pages_per_ms = (dirty_mbps * 1e6 / 4096.0 / 1000.0).round() as u64;
+    machine.boot(pages_per_ms)?;
+    machine.start()?;
+    machine.vcpu()?.wait_ready(GUEST_TIMEOUT)?;
+    // The guest's own dirtying rate, measured over a second.
+    let d0 = machine.dirtied()?;
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let pages = machine.dirtied()? - d0;
+    Ok(format!(
+        "{}",
+        pages as f64 * 4096.0 / 1e6 / t.elapsed().as_secs_f64()
+    ))
+}
+
+fn channel_config(key: &str) -> Result<ChannelConfig, Box<dyn std::error::Error>> {
+    Ok(ChannelConfig::new(AuthKey::new(unhex(key)?)?))
+}
+
+fn migrate(
+    machine: &Machine,
+    addr: &str,
+    key: &str,
+    mode_name: &str,
+    tracker: &str,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let start = crate::common::clock::now_mono_ns();
+    let t = Instant::now();
+    let channel = connect(&Endpoint::Tcp(addr.parse()?), channel_config(key)?)?;
+    let inner: Box<dyn DirtyTracker + '_> = if tracker == "kvm" {
+        Box::new(KvmDirtyLog::tracker(machine))
+    } else {
+        Box::new(lmig_mem::best_tracker(machine.regions())?.0)
+    };
+    let mut timed = TimedStart {
+        inner,
+        start: Duration::ZERO,
+    };
+    let r = migrate_out(machine, &channel, &mut timed, mode(mode_name)?)?;
+    let total = t.elapsed();
+    let log = machine.heartbeats();
+    let last = log.last.ok_or("no heartbeat on the source")?;
+    Ok(json!({
+        "paused_ns": r.paused_ns,
+        "last_hb_ns": last.host_ns,
+        "last_count": last.count,
+        "max_gap_ns": max_gap_since(&log, start).0,
+        "max_gap_at_ns": max_gap_since(&log, start).1,
+        "total_ns": total.as_nanos() as u64,
+        "bytes_sent": r.report.bytes_sent,
+        "rounds": r.report.rounds,
+        "tracker_start_ns": timed.start.as_nanos() as u64,
+    })
+    .to_string())
+}
+
+/// A tracker whose `start` (arming tracking over all of guest RAM) is timed.
+struct TimedStart<'a> {
+    inner: Box<dyn DirtyTracker + 'a>,
+    start: Duration,
+}
+
+impl DirtyTracker for TimedStart<'_> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn start(&mut self) -> lmig_core::Result<()> {
+        let t = Instant::now();
+        let r = self.inner.start();
+        self.start = t.elapsed();
+        r
+    }
+    fn collect(&mut self, dirty: &mut RegionPages) -> lmig_core::Result<()> {
+        self.inner.collect(dirty)
+    }
+    fn stop(&mut self) -> lmig_core::Result<()> {
+        self.inner.stop()
+    }
+    fn clearer(&self) -> Option<Box<dyn DirtyClearer>> {
+        self.inner.clearer()
+    }
+}
+
+fn bind(addr: &str, key: &str) -> Result<Listener, Box<dyn std::error::Error>> {
+    Ok(Listener::bind(
+        &Endpoint::Tcp(addr.parse()?),
+        channel_config(key)?,
+    )?)
+}
+
+fn receive_one(
+    machine: &mut Machine,
+    listener: &Listener,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let channel = listener.accept_timeout(GUEST_TIMEOUT)?;
+    // The session checks the source's digests before `Done` (verify is on):
+    // Ok means they matched.
+    let r = receive(machine, &channel)?;
+    std::thread::sleep(AFTER);
+    let log = machine.heartbeats();
+    let first = log
+        .beats
+        .first()
+        .copied()
+        .ok_or("no heartbeat on the destination")?;
+    let wrong = machine.check_buffer(GUEST_TIMEOUT)?;
+    Ok(json!({
+        "resumed_ns": r.resumed_ns,
+        "first_hb_ns": first.host_ns,
+        "first_count": first.count,
+        "max_gap_ns": max_gap_since(&log, first.host_ns).0,
+        "guest_check_wrong": wrong,
+        "digests_ok": true,
+        "network_faults": r.report.network_faults,
+        "postcopy_pages": r.report.postcopy_pages,
+    })
+    .to_string())
+}

@@ -1,0 +1,239 @@
+//! The machine: KVM, one memory slot of guest RAM adopted as an lmig
+//! region, one vCPU.
+
+use std::ffi::CString;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use lmig_mem::{RegionId, RegionSet};
+
+use super::guest::{
+    self, BUFFER_AT, CODE_AT, GDT_AT, MAX_BYTES, P_BUF_PAGES, P_BUF_START, P_COMMAND, P_DIRTIED,
+    P_DIRTY_PER_MS, P_TSC_PER_MS, PAGE, PARAMS_AT,
+};
+use super::{GuestMemory, HeartbeatLog, VcpuState, VcpuThread, VmmError, kvm_err};
+
+/// The lmig region id of guest RAM (the same on both sides).
+pub const GUEST_REGION: RegionId = RegionId(21);
+
+/// How to build a [`Machine`].
+#[derive(Clone, Debug)]
+#[must_use]
+#[non_exhaustive]
+pub struct MachineConfig {
+    /// Guest RAM in MiB (a multiple of 2, at least 4, at most 4096).
+    pub mib: u64,
+    /// The KVM device (`/dev/kvm`).
+    pub kvm_path: String,
+    /// The guest program placed at [`CODE_AT`](guest::CODE_AT).
+    pub program: Vec<u8>,
+}
+
+impl MachineConfig {
+    /// `mib` MiB of guest RAM running [`guest::program`].
+    pub fn new(mib: u64) -> Self {
+        Self {
+            mib,
+            kvm_path: "/dev/kvm".into(),
+            program: guest::program(),
+        }
+    }
+    /// Another KVM device path (tests: a missing one).
+    pub fn kvm_path(mut self, path: impl Into<String>) -> Self {
+        self.kvm_path = path.into();
+        self
+    }
+    /// Another guest program.
+    pub fn program(mut self, program: Vec<u8>) -> Self {
+        self.program = program;
+        self
+    }
+}
+
+/// A micro-VM. Fields drop in order: the vCPU thread, the vCPU, the lmig
+/// regions, the VM (its memory slot), and only then guest memory.
+#[derive(Debug)]
+pub struct Machine {
+    thread: Option<VcpuThread>,
+    vcpu: Option<VcpuFd>,
+    regions: RegionSet,
+    vm: VmFd,
+    _kvm: Kvm,
+    memory: Arc<GuestMemory>,
+    tsc_khz: u32,
+    config: MachineConfig,
+    stopped_log: HeartbeatLog,
+}
+
+impl Machine {
+    /// Open KVM, map guest RAM, give it to KVM and adopt it as lmig region
+    /// [`GUEST_REGION`], create the vCPU. Nothing runs yet.
+    pub fn new(config: MachineConfig) -> Result<Self, VmmError> {
+        let bytes = config.mib << 20;
+        if config.mib < 4 || !config.mib.is_multiple_of(2) || bytes > MAX_BYTES {
+            return Err(VmmError::BadInput(format!(
+                "guest of {} MiB (2 MiB steps, 4 to 4096)",
+                config.mib
+            )));
+        }
+        let path = CString::new(config.kvm_path.clone())
+            .map_err(|_| VmmError::BadInput("KVM path".into()))?;
+        let kvm = Kvm::new_with_path(&path)
+            .map_err(|e| VmmError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let len = usize::try_from(bytes).map_err(|_| VmmError::BadInput("guest size".into()))?;
+        let memory = Arc::new(GuestMemory::new(len)?);
+        memory.register(&vm, 0, 0)?;
+        let regions = RegionSet::new([memory.adopt(GUEST_REGION)?])?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let tsc_khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+        Ok(Self {
+            thread: None,
+            vcpu: Some(vcpu),
+            regions,
+            vm,
+            _kvm: kvm,
+            memory,
+            tsc_khz,
+            config,
+            stopped_log: HeartbeatLog::default(),
+        })
+    }
+
+    /// Write the guest's GDT, page tables, parameters and program, and set
+    /// the vCPU to its first instruction (64-bit ring 3).
+    pub fn boot(&mut self, dirty_pages_per_ms: u64) -> Result<(), VmmError> {
+        let bytes = self.config.mib << 20;
+        if self.config.program.len() as u64 > BUFFER_AT - CODE_AT {
+            return Err(VmmError::BadInput("guest program too long".into()));
+        }
+        let m = &self.memory;
+        m.write(GDT_AT, &guest::gdt())?;
+        for (at, table) in guest::page_tables(bytes) {
+            m.write(at, &table)?;
+        }
+        m.write(CODE_AT, &self.config.program)?;
+        m.write_u64(PARAMS_AT + P_TSC_PER_MS, u64::from(self.tsc_khz))?;
+        m.write_u64(PARAMS_AT + P_BUF_START, BUFFER_AT)?;
+        m.write_u64(PARAMS_AT + P_BUF_PAGES, (bytes - BUFFER_AT) / PAGE)?;
+        m.write_u64(PARAMS_AT + P_COMMAND, 0)?;
+        self.set_dirty_rate(dirty_pages_per_ms)?;
+        let vcpu = self
+            .vcpu
+            .as_ref()
+            .ok_or_else(|| VmmError::BadInput("the vCPU is running".into()))?;
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let fpu = vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
+        VcpuState::start(sregs, fpu).apply(vcpu)
+    }
+
+    /// Run the vCPU (from its current state) on its thread.
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        let vcpu = self
+            .vcpu
+            .take()
+            .ok_or_else(|| VmmError::BadInput("the vCPU is running".into()))?;
+        self.thread = Some(VcpuThread::spawn(vcpu, Arc::clone(&self.memory))?);
+        Ok(())
+    }
+
+    /// Set a migrated vCPU state (the destination, before [`start`](Self::start)).
+    pub fn restore(&mut self, state: &VcpuState) -> Result<(), VmmError> {
+        let vcpu = self
+            .vcpu
+            .as_ref()
+            .ok_or_else(|| VmmError::BadInput("the vCPU is running".into()))?;
+        state.apply(vcpu)
+    }
+
+    /// Take the (not running) vCPU out, with guest memory, to run it
+    /// elsewhere (a migration's destination program).
+    pub(super) fn take_vcpu(&mut self) -> Result<(VcpuFd, Arc<GuestMemory>), VmmError> {
+        let vcpu = self
+            .vcpu
+            .take()
+            .ok_or_else(|| VmmError::BadInput("the vCPU is running".into()))?;
+        Ok((vcpu, Arc::clone(&self.memory)))
+    }
+
+    /// The vCPU runs now on `thread`.
+    pub(super) fn attach(&mut self, thread: VcpuThread) {
+        self.thread = Some(thread);
+    }
+
+    /// The vCPU taken with `take_vcpu` did not start.
+    pub(super) fn give_back(&mut self, vcpu: VcpuFd) {
+        self.vcpu = Some(vcpu);
+    }
+
+    /// The running vCPU's thread.
+    pub fn vcpu(&self) -> Result<&VcpuThread, VmmError> {
+        self.thread
+            .as_ref()
+            .ok_or_else(|| VmmError::BadInput("the vCPU is not running".into()))
+    }
+
+    /// Stop the vCPU thread (if running) and keep the vCPU.
+    pub fn stop(&mut self) -> Result<(), VmmError> {
+        if let Some(thread) = self.thread.take() {
+            self.stopped_log = thread.heartbeats();
+            self.vcpu = Some(thread.stop()?);
+        }
+        Ok(())
+    }
+
+    /// Ask the guest to dirty `pages` pages per millisecond.
+    pub fn set_dirty_rate(&self, pages: u64) -> Result<(), VmmError> {
+        self.memory.write_u64(PARAMS_AT + P_DIRTY_PER_MS, pages)
+    }
+
+    /// Pages the guest has dirtied so far (its own count).
+    pub fn dirtied(&self) -> Result<u64, VmmError> {
+        self.memory.read_u64(PARAMS_AT + P_DIRTIED)
+    }
+
+    /// Ask the running guest to check its buffer; wait for the number of
+    /// wrong qwords (0: the check passed).
+    pub fn check_buffer(&self, timeout: Duration) -> Result<u32, VmmError> {
+        self.memory.write_u64(PARAMS_AT + P_COMMAND, 1)?;
+        self.vcpu()?.wait_check(timeout)
+    }
+
+    /// The heartbeats so far (of the last run, once the vCPU stopped).
+    #[must_use]
+    pub fn heartbeats(&self) -> HeartbeatLog {
+        self.thread
+            .as_ref()
+            .map_or_else(|| self.stopped_log.clone(), VcpuThread::heartbeats)
+    }
+
+    /// Guest RAM as lmig regions (the session's memory source or sink).
+    #[must_use]
+    pub fn regions(&self) -> &RegionSet {
+        &self.regions
+    }
+
+    /// The VM (for KVM's dirty log).
+    #[must_use]
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Guest RAM.
+    #[must_use]
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The vCPU's TSC frequency in kHz (ticks per ms).
+    #[must_use]
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+}

@@ -1,0 +1,165 @@
+//! The micro-VMM's unsafe steps, each with its SAFETY note: mapping guest
+//! memory (a memfd, `MAP_SHARED`), giving it to KVM and to lmig, and
+//! volatile access to it (the guest writes it concurrently, so no Rust
+//! reference is ever made over it).
+
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use lmig_mem::{ForeignBacking, ForeignMemory, Region, RegionId};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+
+use super::{VmmError, kvm_err};
+
+/// Guest RAM: a memfd mapped shared by the VMM from offset 0. Unmapped on
+/// drop; whoever adopted or registered it must be gone by then (the
+/// [`Machine`](super::Machine) drops its region and VM first).
+#[derive(Debug)]
+pub struct GuestMemory {
+    fd: OwnedFd,
+    host: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory, accessed only through raw
+// pointers and volatile/atomic operations; no thread-bound state.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above; every access is a raw volatile copy.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// A fresh memfd of `len` bytes (a multiple of 2 MiB), mapped.
+    pub fn new(len: usize) -> Result<Self, VmmError> {
+        let fd = memfd_create("lmig-vmm-guest", MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| VmmError::Sys("memfd_create", e.into()))?;
+        nix::unistd::ftruncate(
+            &fd,
+            i64::try_from(len).map_err(|_| VmmError::BadInput("guest size".into()))?,
+        )
+        .map_err(|e| VmmError::Sys("ftruncate", e.into()))?;
+        let size =
+            NonZeroUsize::new(len).ok_or_else(|| VmmError::BadInput("guest size 0".into()))?;
+        // SAFETY: a fresh shared mapping of our own memfd, at an address the
+        // kernel picks; nothing else refers to it yet.
+        let host = unsafe {
+            mmap(
+                None,
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )
+        }
+        .map_err(|e| VmmError::Sys("mmap guest memory", e.into()))?;
+        Ok(Self {
+            fd,
+            host: host.cast(),
+            len,
+        })
+    }
+
+    /// Length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false (guest memory is never empty); for clippy's `len_without_is_empty`.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Give the memory to KVM as slot `slot` at guest physical 0.
+    pub fn register(&self, vm: &VmFd, slot: u32, flags: u32) -> Result<(), VmmError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: 0,
+            memory_size: self.len as u64,
+            userspace_addr: self.host.as_ptr() as u64,
+        };
+        // SAFETY: the range is our own mapping, which stays mapped until
+        // `self` drops; the Machine drops its VmFd (and with it the slot)
+        // before its GuestMemory.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+    }
+
+    /// Adopt the memory as lmig region `id` (a memfd mapped from offset 0).
+    pub fn adopt(&self, id: RegionId) -> Result<Region, VmmError> {
+        // SAFETY: the contract of `ForeignMemory::new`: our mapping is
+        // readable and writable, stays mapped until `self` drops, and the
+        // Machine drops the region (and every session using it) first; the
+        // backing is exactly this memfd from offset 0, never truncated; the
+        // VMM accesses it only through volatile copies, never references.
+        let memory = unsafe { ForeignMemory::new(self.host.as_ptr(), self.len) };
+        Ok(Region::adopt(
+            id,
+            memory,
+            ForeignBacking::SharedFile {
+                fd: self.fd.as_fd(),
+                offset: 0,
+            },
+        )?)
+    }
+
+    fn check(&self, at: u64, len: usize) -> Result<usize, VmmError> {
+        let at = usize::try_from(at).map_err(|_| VmmError::BadInput("guest address".into()))?;
+        match at.checked_add(len) {
+            Some(end) if end <= self.len && at.is_multiple_of(8) => Ok(at),
+            _ => Err(VmmError::BadInput(format!(
+                "guest range {at:#x}+{len} outside guest memory"
+            ))),
+        }
+    }
+
+    /// Read the qword at guest physical `at` (8-aligned).
+    pub fn read_u64(&self, at: u64) -> Result<u64, VmmError> {
+        let at = self.check(at, 8)?;
+        // SAFETY: in bounds and aligned (checked); a volatile read of shared
+        // memory the guest may write concurrently (a torn value is
+        // impossible for an aligned qword on x86-64).
+        Ok(unsafe { self.host.as_ptr().add(at).cast::<u64>().read_volatile() })
+    }
+
+    /// Write the qword at guest physical `at` (8-aligned).
+    pub fn write_u64(&self, at: u64, value: u64) -> Result<(), VmmError> {
+        let at = self.check(at, 8)?;
+        // SAFETY: in bounds and aligned (checked); a volatile write, no
+        // reference over guest memory.
+        unsafe {
+            self.host
+                .as_ptr()
+                .add(at)
+                .cast::<u64>()
+                .write_volatile(value)
+        };
+        Ok(())
+    }
+
+    /// Copy `bytes` to guest physical `at` (8-aligned).
+    pub fn write(&self, at: u64, bytes: &[u8]) -> Result<(), VmmError> {
+        let at = self.check(at, bytes.len())?;
+        // SAFETY: in bounds (checked); `bytes` is our own buffer, which
+        // cannot overlap guest memory (no reference into it exists).
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.host.as_ptr().add(at), bytes.len())
+        };
+        Ok(())
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; KVM's slot and lmig's region over it are
+        // gone (the Machine's field order drops them first).
+        if let Err(e) = unsafe { munmap(self.host.cast(), self.len) } {
+            eprintln!("lmig-vmm: munmap guest memory: {e}");
+        }
+    }
+}

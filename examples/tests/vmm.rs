@@ -1,0 +1,336 @@
+//! The micro-VMM (issue 21): a guest in 64-bit ring 3 on real KVM fills its
+//! buffer, sends heartbeats, dirties pages and checks its buffer; bad input
+//! (no KVM device, a guest that faults) gets clear errors.
+
+use std::time::Duration;
+
+use lmig_core::testing::privileged;
+use lmig_examples::vmm::guest::{BUFFER_AT, halting_program, pattern};
+use lmig_examples::vmm::{Machine, MachineConfig, VmmError};
+
+fn needs_kvm(test: &str) -> bool {
+    privileged(test, "/dev/kvm (root)")
+}
+
+/// ~200 ms of guest: heartbeats count up one by one, at least a guest
+/// millisecond apart; the guest's own buffer check passes while it dirties
+/// pages, and sees one qword the host corrupted.
+#[test]
+fn guest_runs_heartbeats_and_checks_its_buffer() {
+    if !needs_kvm("guest_runs_heartbeats_and_checks_its_buffer") {
+        return;
+    }
+    let mut m = Machine::new(MachineConfig::new(64)).expect("machine");
+    m.boot(8).expect("boot");
+    m.start().expect("start");
+    m.vcpu()
+        .unwrap()
+        .wait_ready(Duration::from_secs(30))
+        .expect("guest filled its buffer");
+    std::thread::sleep(Duration::from_millis(200));
+    let log = m.heartbeats();
+    let tsc_per_ms = u64::from(m.tsc_khz());
+    assert!(
+        log.beats.len() >= 2,
+        "heartbeats arrived: {}",
+        log.beats.len()
+    );
+    for w in log.beats.windows(2) {
+        assert_eq!(w[1].count, w[0].count + 1, "heartbeats count up by one");
+        assert!(
+            w[1].tsc - w[0].tsc >= tsc_per_ms,
+            "heartbeats at least 1 ms of guest TSC apart"
+        );
+    }
+    let mut host_gaps: Vec<u64> = log
+        .beats
+        .windows(2)
+        .map(|w| w[1].host_ns - w[0].host_ns)
+        .collect();
+    host_gaps.sort_unstable();
+    eprintln!(
+        "{} heartbeats in ~200 ms; host interval median {:.3} ms, max {:.3} ms",
+        log.beats.len(),
+        host_gaps[host_gaps.len() / 2] as f64 / 1e6,
+        log.max_gap_ns as f64 / 1e6
+    );
+    assert!(m.dirtied().unwrap() > 0, "the guest dirtied pages");
+    assert_eq!(
+        m.check_buffer(Duration::from_secs(30)).expect("check"),
+        0,
+        "the buffer check passes"
+    );
+    // A qword the guest never dirties (the last word of the buffer's page
+    // 3), corrupted by the host: the guest's check counts it.
+    let at = BUFFER_AT + 3 * 4096 + 4088;
+    assert_eq!(m.memory().read_u64(at).unwrap(), pattern(at));
+    m.memory().write_u64(at, !pattern(at)).unwrap();
+    assert_eq!(
+        m.check_buffer(Duration::from_secs(30)).expect("check"),
+        1,
+        "the check sees the corruption"
+    );
+    m.stop().expect("stop");
+}
+
+/// No KVM device: a clear error naming /dev/kvm.
+#[test]
+fn missing_kvm_is_a_clear_error() {
+    let err = Machine::new(MachineConfig::new(64).kvm_path("/nonexistent/kvm")).unwrap_err();
+    assert!(matches!(err, VmmError::NoKvm(_)), "{err:?}");
+    assert!(err.to_string().contains("/dev/kvm"), "{err}");
+}
+
+/// A guest that executes `hlt` in ring 3 faults, and with no IDT the fault
+/// becomes a triple fault: the VMM reports it instead of hanging.
+#[test]
+fn faulting_guest_is_a_clear_error() {
+    if !needs_kvm("faulting_guest_is_a_clear_error") {
+        return;
+    }
+    let mut m = Machine::new(MachineConfig::new(8).program(halting_program())).expect("machine");
+    m.boot(0).expect("boot");
+    m.start().expect("start");
+    let err = m
+        .vcpu()
+        .unwrap()
+        .wait_ready(Duration::from_secs(30))
+        .unwrap_err();
+    assert!(matches!(err, VmmError::GuestExit(_)), "{err:?}");
+    eprintln!("{err}");
+    assert!(
+        m.stop().is_err(),
+        "the vCPU thread ended with the guest's failure"
+    );
+}
+
+/// Bad sizes are refused before KVM is touched.
+#[test]
+fn bad_guest_size_is_refused() {
+    for mib in [0, 3, 8192] {
+        let err = Machine::new(MachineConfig::new(mib)).unwrap_err();
+        assert!(matches!(err, VmmError::BadInput(_)), "{mib}: {err:?}");
+    }
+}
+
+/// Issue 21's question: does lmig's uffd-wp tracker on the VMM's mapping
+/// see the guest's writes (made through KVM's stage-2 mapping, not the
+/// VMM's page tables)? The guest dirties pages round robin and counts them;
+/// every page it dirtied between two collections must be in the set.
+#[test]
+fn uffd_wp_tracker_sees_guest_writes() {
+    if !needs_kvm("uffd_wp_tracker_sees_guest_writes") {
+        return;
+    }
+    let mut m = running_guest(64);
+    let (tracker, choice) = lmig_mem::best_tracker(m.regions()).expect("tracker");
+    eprintln!("tracker: {choice}");
+    tracker_sees_guest_writes(&m, tracker);
+    m.stop().expect("stop");
+}
+
+/// The same with KVM's dirty log (`KVM_GET_DIRTY_LOG` on guest RAM's slot,
+/// through lmig's `DirtyLogTracker`).
+#[test]
+fn kvm_dirty_log_tracker_sees_guest_writes() {
+    if !needs_kvm("kvm_dirty_log_tracker_sees_guest_writes") {
+        return;
+    }
+    let mut m = running_guest(64);
+    tracker_sees_guest_writes(&m, lmig_examples::vmm::KvmDirtyLog::tracker(&m));
+    m.stop().expect("stop");
+}
+
+fn running_guest(mib: u64) -> Machine {
+    let mut m = Machine::new(MachineConfig::new(mib)).expect("machine");
+    m.boot(0).expect("boot");
+    m.start().expect("start");
+    m.vcpu()
+        .unwrap()
+        .wait_ready(Duration::from_secs(30))
+        .expect("ready");
+    m
+}
+
+/// The guest dirties pages round robin and counts them; every page it
+/// dirtied between two collections must be in the second one.
+fn tracker_sees_guest_writes(m: &Machine, mut tracker: impl lmig_core::DirtyTracker) {
+    use lmig_core::model::RegionPages;
+    use lmig_examples::vmm::GUEST_REGION;
+
+    tracker.start().expect("start tracking");
+    let mut dirty = RegionPages::empty(m.regions().layout());
+    tracker.collect(&mut dirty).expect("collect");
+    let before = m.dirtied().unwrap();
+    m.set_dirty_rate(16).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    m.set_dirty_rate(0).unwrap();
+    // Let the guest's current tick finish (the count is written after it).
+    std::thread::sleep(Duration::from_millis(20));
+    let after = m.dirtied().unwrap();
+    let mut dirty = RegionPages::empty(m.regions().layout());
+    tracker.collect(&mut dirty).expect("collect");
+    tracker.stop().expect("stop tracking");
+    let buffer_pages = (64 << 20) / 4096 - BUFFER_AT / 4096;
+    assert!(after > before, "the guest dirtied pages");
+    let pages = dirty.get(GUEST_REGION).unwrap();
+    let mut missed = 0;
+    for stamp in before..after {
+        // Stamp s (1-based) went to buffer page (s - 1) mod buffer_pages.
+        let page = BUFFER_AT / 4096 + (stamp % buffer_pages);
+        if !pages.contains(page) {
+            missed += 1;
+        }
+    }
+    eprintln!(
+        "guest dirtied {} pages; tracker saw {} pages dirty",
+        after - before,
+        pages.count()
+    );
+    assert_eq!(missed, 0, "pages the guest wrote that the tracker missed");
+}
+
+/// Live migration of the running guest between two VMMs (threads of this
+/// process, a loopback channel), pre-copy with the uffd-wp tracker: the
+/// heartbeat counter continues on B from where A stopped, the guest's own
+/// check passes on B, the digests are verified (the session fails if not),
+/// and A's vCPU is stopped.
+#[test]
+fn running_guest_migrates_precopy() {
+    if needs_kvm("running_guest_migrates_precopy") {
+        migrate_running_guest(lmig_core::session::Mode::Precopy);
+    }
+}
+
+/// The same in post-copy: B's vCPU runs at once and faults on every page
+/// not there yet — kernel-mode userfaultfd faults, KVM touching guest
+/// memory on the vCPU's behalf — served from A.
+#[test]
+fn running_guest_migrates_postcopy() {
+    if needs_kvm("running_guest_migrates_postcopy") {
+        migrate_running_guest(lmig_core::session::Mode::Postcopy);
+    }
+}
+
+fn migrate_running_guest(mode: lmig_core::session::Mode) {
+    use lmig_examples::vmm::migrate::{migrate_out, receive};
+    use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
+
+    let mut a = Machine::new(MachineConfig::new(64)).expect("machine A");
+    a.boot(8).expect("boot");
+    a.start().expect("start");
+    a.vcpu()
+        .unwrap()
+        .wait_ready(Duration::from_secs(30))
+        .expect("ready");
+    let mut b = Machine::new(MachineConfig::new(64)).expect("machine B");
+    let key = [7u8; 32];
+    let listener = Listener::bind(
+        &Endpoint::Tcp("127.0.0.1:0".parse().unwrap()),
+        ChannelConfig::new(AuthKey::new(key).unwrap()),
+    )
+    .expect("listen");
+    let target = listener.local_endpoint().clone();
+    let (out, inn) = std::thread::scope(|s| {
+        let dest = s.spawn(|| {
+            let channel = listener
+                .accept_timeout(Duration::from_secs(30))
+                .expect("accept");
+            receive(&mut b, &channel)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let channel =
+            connect(&target, ChannelConfig::new(AuthKey::new(key).unwrap())).expect("connect");
+        let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
+        let out = migrate_out(&a, &channel, tracker, mode);
+        (out, dest.join().unwrap())
+    });
+    let out = out.expect("source");
+    let inn = inn.expect("destination");
+    let parked = a.heartbeats().total;
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        a.heartbeats().total,
+        parked,
+        "A's vCPU stays parked after the commit"
+    );
+    a.stop().expect("stop A");
+    let last_a = a.heartbeats().last.expect("A beat");
+    std::thread::sleep(Duration::from_millis(100));
+    let log_b = b.heartbeats();
+    let first_b = log_b.beats.first().copied().expect("B beats");
+    assert_eq!(
+        first_b.count,
+        last_a.count + 1,
+        "the heartbeat counter continues on B"
+    );
+    assert_eq!(
+        b.check_buffer(Duration::from_secs(30)).expect("check on B"),
+        0,
+        "the guest's check passes on B"
+    );
+    if mode == lmig_core::session::Mode::Postcopy {
+        assert!(inn.report.postcopy_pages > 0, "pages came after the commit");
+    }
+    eprintln!(
+        "{mode:?}: rounds {}, bytes {}, downtime {:.3} ms (vCPU stopped on A to running on B), heartbeat gap {:.3} ms",
+        out.report.rounds,
+        out.report.bytes_sent,
+        (inn.resumed_ns.unwrap() - out.paused_ns.unwrap()) as f64 / 1e6,
+        (first_b.host_ns - last_a.host_ns) as f64 / 1e6
+    );
+    b.stop().expect("stop B");
+}
+
+/// A migration that fails before `Commit` (B's guest memory has another
+/// size, so B refuses the layout) leaves the guest running on A: heartbeats
+/// go on, its buffer check passes.
+#[test]
+fn failed_migration_leaves_guest_running_on_source() {
+    use lmig_core::session::Mode;
+    use lmig_examples::vmm::migrate::{migrate_out, receive};
+    use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
+
+    if !needs_kvm("failed_migration_leaves_guest_running_on_source") {
+        return;
+    }
+    let mut a = Machine::new(MachineConfig::new(32)).expect("machine A");
+    a.boot(4).expect("boot");
+    a.start().expect("start");
+    a.vcpu()
+        .unwrap()
+        .wait_ready(Duration::from_secs(30))
+        .expect("ready");
+    let mut b = Machine::new(MachineConfig::new(16)).expect("machine B");
+    let key = [9u8; 32];
+    let listener = Listener::bind(
+        &Endpoint::Tcp("127.0.0.1:0".parse().unwrap()),
+        ChannelConfig::new(AuthKey::new(key).unwrap()),
+    )
+    .expect("listen");
+    let target = listener.local_endpoint().clone();
+    let (out, inn) = std::thread::scope(|s| {
+        let dest = s.spawn(|| {
+            let channel = listener
+                .accept_timeout(Duration::from_secs(30))
+                .expect("accept");
+            receive(&mut b, &channel)
+        });
+        let channel =
+            connect(&target, ChannelConfig::new(AuthKey::new(key).unwrap())).expect("connect");
+        let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
+        let out = migrate_out(&a, &channel, tracker, Mode::Precopy);
+        (out, dest.join().unwrap())
+    });
+    assert!(out.is_err(), "the source reports the failure");
+    assert!(inn.is_err(), "the destination refused");
+    let before = a.heartbeats().total;
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(a.heartbeats().total > before, "the guest still beats on A");
+    assert_eq!(
+        a.check_buffer(Duration::from_secs(30)).expect("check on A"),
+        0
+    );
+    assert!(b.vcpu().is_err(), "B's vCPU never ran");
+    a.stop().expect("stop A");
+}
