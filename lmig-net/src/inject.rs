@@ -4,10 +4,17 @@
 //!
 //! The destination address must be local (after the address handoff) so the
 //! packet loops back into this host's stack; one raw socket per family serves
-//! a whole batch.
+//! a whole batch. Before the first packet to an address the injector waits
+//! (at most [`LOCAL_WAIT`]) until the host routes it locally: an IPv6
+//! address moved here a moment ago is not deliverable yet, and a raw packet
+//! sent to it then is dropped without an error; an address that never
+//! becomes local would send the packet out to the network. Either way the
+//! injection fails with an error naming the address instead.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
 
 use crate::error::{NetError, Result};
 use crate::sys;
@@ -15,11 +22,18 @@ use crate::sys;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
 
+/// How long an injection waits for its destination address to become local.
+pub(crate) const LOCAL_WAIT: Duration = Duration::from_secs(2);
+
 /// Raw sockets (one per family, opened on first use) that inject packets.
 #[derive(Debug, Default)]
 pub(crate) struct Injector {
     v4: Option<OwnedFd>,
     v6: Option<OwnedFd>,
+    /// rtnetlink, opened on first use, to check addresses are local.
+    route: Option<sys::netlink::NlSocket>,
+    /// Addresses already seen routed locally.
+    local: HashSet<IpAddr>,
 }
 
 fn sum16(mut acc: u32, data: &[u8]) -> u32 {
@@ -140,6 +154,7 @@ impl Injector {
         packet: &[u8],
         what: &dyn Fn() -> String,
     ) -> Result<()> {
+        self.wait_local(to.ip(), what)?;
         let slot = if to.is_ipv4() {
             &mut self.v4
         } else {
@@ -164,6 +179,34 @@ impl Injector {
                 std::io::Error::new(std::io::ErrorKind::WriteZero, "short raw send"),
             ));
         }
+        Ok(())
+    }
+
+    /// Wait (at most [`LOCAL_WAIT`]) until `ip` routes locally here; once
+    /// seen, an address is not asked again.
+    fn wait_local(&mut self, ip: IpAddr, what: &dyn Fn() -> String) -> Result<()> {
+        if self.local.contains(&ip) {
+            return Ok(());
+        }
+        let route = match &mut self.route {
+            Some(r) => r,
+            slot => slot.insert(
+                sys::netlink::NlSocket::route()
+                    .map_err(|e| NetError::sys("netlink socket", "NETLINK_ROUTE", e))?,
+            ),
+        };
+        sys::rtnl::wait_local(route, ip, LOCAL_WAIT).map_err(|e| {
+            NetError::sys(
+                "inject",
+                format!(
+                    "{}: {ip} is not a local address of this host after {LOCAL_WAIT:?} \
+                     (move the service address here before activating)",
+                    what()
+                ),
+                e,
+            )
+        })?;
+        self.local.insert(ip);
         Ok(())
     }
 }

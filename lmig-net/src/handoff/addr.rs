@@ -3,7 +3,6 @@
 //! `ip link show` and `ip neighbour get` send. The messages are built in
 //! [`crate::sys::rtnl`]; errors here name the operation and the address.
 
-use std::io;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -11,10 +10,9 @@ use super::config::ServiceAddr;
 use crate::error::{NetError, Result};
 use crate::sys::netlink::{F_ACK, F_CREATE, F_DUMP, F_REPLACE, F_REQUEST, MsgBuf, NlSocket};
 use crate::sys::rtnl::{
-    IFA_ADDRESS, IFA_LOCAL, IFLA_ADDRESS, NDA_DST, NDA_LLADDR, NTF_USE, NUD_VALID, RTA_DST,
-    RTM_DELADDR, RTM_GETADDR, RTM_GETNEIGH, RTM_GETROUTE, RTM_NEWADDR, RTM_NEWNEIGH, RTM_NEWROUTE,
-    RTN_LOCAL, addr_msg, get_link_attrs, ifaddrmsg, neigh_msg, parse_ifaddrmsg, parse_ndmsg,
-    rtmsg_lookup, rtmsg_type,
+    self, IFA_ADDRESS, IFA_LOCAL, IFLA_ADDRESS, NDA_DST, NDA_LLADDR, NTF_USE, NUD_VALID,
+    RTM_DELADDR, RTM_GETADDR, RTM_GETNEIGH, RTM_NEWADDR, RTM_NEWNEIGH, addr_msg, get_link_attrs,
+    ifaddrmsg, neigh_msg, parse_ifaddrmsg, parse_ndmsg,
 };
 
 pub(super) fn if_index(name: &str) -> Result<u32> {
@@ -131,38 +129,13 @@ pub fn addresses(ifindex: u32) -> Result<Vec<ServiceAddr>> {
 
 /// `RTM_GETROUTE` until `addr` routes as `RTN_LOCAL`, at most `timeout`.
 pub(super) fn wait_local(nl: &mut NlSocket, addr: IpAddr, timeout: Duration) -> Result<()> {
-    let (family, bytes, len) = match addr {
-        IpAddr::V4(v) => (libc::AF_INET as u8, v.octets().to_vec(), 32u8),
-        IpAddr::V6(v) => (libc::AF_INET6 as u8, v.octets().to_vec(), 128u8),
-    };
-    let start = Instant::now();
-    // Bounded by `timeout`.
-    loop {
-        let seq = nl.next_seq();
-        let mut m = MsgBuf::new();
-        m.begin(RTM_GETROUTE, F_REQUEST, seq)
-            .raw(&rtmsg_lookup(family, len))
-            .attr(RTA_DST, &bytes)
-            .end();
-        let mut local = false;
-        let r = nl.dump(m.bytes(), |kind, payload| {
-            if kind == RTM_NEWROUTE && rtmsg_type(payload) == Some(RTN_LOCAL) {
-                local = true;
-            }
-        });
-        if local {
-            return Ok(());
-        }
-        if start.elapsed() >= timeout {
-            return Err(NetError::sys(
-                "RTM_GETROUTE",
-                format!("{addr} (not local after it was added)"),
-                r.err()
-                    .unwrap_or_else(|| io::Error::from(io::ErrorKind::TimedOut)),
-            ));
-        }
-        std::thread::sleep(Duration::from_micros(50));
-    }
+    rtnl::wait_local(nl, addr, timeout).map_err(|e| {
+        NetError::sys(
+            "RTM_GETROUTE",
+            format!("{addr} (not local after it was added)"),
+            e,
+        )
+    })
 }
 
 /// `RTM_GETLINK`: the link-layer (MAC) address of interface `ifindex`.

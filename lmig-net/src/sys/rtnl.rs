@@ -147,6 +147,51 @@ pub(crate) fn rtmsg_type(payload: &[u8]) -> Option<u8> {
     payload.get(7).copied()
 }
 
+/// `RTM_GETROUTE` for `addr`: whether this host routes it as `RTN_LOCAL`,
+/// i.e. a packet sent to it is delivered here. An IPv6 address answers
+/// false for a moment after `RTM_NEWADDR` (even with `IFA_F_NODAD`): the
+/// kernel inserts its local route from a work item.
+pub(crate) fn routes_locally(nl: &mut NlSocket, addr: IpAddr) -> io::Result<bool> {
+    let (family, bytes) = family_and_bytes(addr);
+    let len = if addr.is_ipv4() { 32 } else { 128 };
+    let seq = nl.next_seq();
+    let mut m = MsgBuf::new();
+    m.begin(RTM_GETROUTE, F_REQUEST, seq)
+        .raw(&rtmsg_lookup(family, len))
+        .attr(RTA_DST, &bytes)
+        .end();
+    let mut local = false;
+    nl.dump(m.bytes(), |kind, payload| {
+        if kind == RTM_NEWROUTE && rtmsg_type(payload) == Some(RTN_LOCAL) {
+            local = true;
+        }
+    })?;
+    Ok(local)
+}
+
+/// [`routes_locally`] until it holds, at most `timeout` (polled every
+/// 50 µs). The error is the last lookup's, or `TimedOut`.
+pub(crate) fn wait_local(
+    nl: &mut NlSocket,
+    addr: IpAddr,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    let start = std::time::Instant::now();
+    // Bounded by `timeout`.
+    loop {
+        let r = routes_locally(nl, addr);
+        if let Ok(true) = r {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(r
+                .err()
+                .unwrap_or_else(|| io::Error::from(io::ErrorKind::TimedOut)));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+}
+
 /// `(ifindex, state)` and the attributes of an `RTM_NEWNEIGH` payload.
 pub(crate) fn parse_ndmsg(payload: &[u8]) -> Option<(u8, u32, u16, Attrs<'_>)> {
     let h = payload.get(..NDMSG_LEN)?;
