@@ -237,11 +237,8 @@ impl SocketOwner for KvdLoop {
 
 /// kvd's connections always move to another network namespace: the
 /// originals are closed in the background, off the destination's CPU.
-fn net_config() -> lmig_net::SourceConfig {
-    lmig_net::SourceConfig {
-        close_in_background: true,
-        ..lmig_net::SourceConfig::default()
-    }
+fn net_config() -> lmig_net::NetSourceConfig {
+    lmig_net::NetSourceConfig::default().with_close_in_background(true)
 }
 
 /// How to migrate.
@@ -307,16 +304,14 @@ pub fn migrate_out(
         Mode::Hybrid => Fallback::Postcopy,
         _ => Fallback::Freeze,
     };
-    let policy = ConvergencePolicy::new(PolicyConfig {
-        downtime_target: opts.downtime,
-        fallback,
-        ..PolicyConfig::default()
-    });
-    let config = SourceConfig {
-        mode: opts.mode,
-        max_freeze: opts.max_freeze,
-        ..SourceConfig::default()
-    };
+    let policy = ConvergencePolicy::new(
+        PolicyConfig::default()
+            .with_downtime_target(opts.downtime)
+            .with_fallback(fallback),
+    );
+    let config = SourceConfig::default()
+        .with_mode(opts.mode)
+        .with_max_freeze(opts.max_freeze);
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)
         .with_config(config)
@@ -386,11 +381,7 @@ impl StateSink for KvdState {
 /// uses both cores (migrate --conns 10000: wait for Ready after the
 /// handover 46 -> 22 ms, freeze 165 -> 152 ms, median of 5 alternating).
 fn sink_config() -> SinkConfig {
-    SinkConfig {
-        nonblocking: true,
-        threads: 2,
-        ..SinkConfig::default()
-    }
+    SinkConfig::default().with_nonblocking(true).with_threads(2)
 }
 
 /// What the destination tells its operator, as it happens.
