@@ -229,6 +229,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn setters_set_their_field() {
+        let host: IpAddr = "198.51.100.2".parse().unwrap();
+        let c = HandoffConfig::new([ServiceAddr::new([198, 51, 100, 10], 24)], "eth0")
+            .with_quiet(Duration::from_millis(1))
+            .with_linger(Duration::from_millis(2))
+            .with_queue_maxlen(3)
+            .with_rcvbuf(4)
+            .with_forward_to(host)
+            .with_forward_early(true)
+            .with_release_limit(Duration::from_millis(5));
+        assert_eq!(c.quiet, Duration::from_millis(1));
+        assert_eq!(c.linger, Duration::from_millis(2));
+        assert_eq!(c.queue_maxlen, 3);
+        assert_eq!(c.rcvbuf, 4);
+        assert_eq!(c.forward_to, Some(host));
+        assert!(c.forward_early);
+        assert_eq!(c.release_limit, Duration::from_millis(5));
+        let lock = c.lock_config(false);
+        assert_eq!(
+            (lock.queue_maxlen, lock.rcvbuf, lock.copy_payload),
+            (3, 4, false)
+        );
+        assert_eq!(c.with_forward_to(None).forward_to, None);
+    }
+
+    #[test]
     fn a_channel_over_a_moved_service_address_is_refused() {
         let cfg = HandoffConfig::new(
             [

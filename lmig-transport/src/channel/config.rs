@@ -181,3 +181,37 @@ impl ChannelConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setters_set_their_field() {
+        let c = ChannelConfig::new(AuthKey::new([7; 32]).unwrap())
+            .with_data_streams(3)
+            .with_bandwidth_limit(4)
+            .with_handshake_timeout(Duration::from_millis(5))
+            .with_connect_timeout(Duration::from_millis(6))
+            .with_write_timeout(None)
+            .with_socket_buffer(7)
+            .with_queue_depth(8)
+            .with_reconnect_timeout(Duration::from_millis(9))
+            .with_max_handshakes(10);
+        assert_eq!(c.data_streams, 3);
+        assert_eq!(c.bandwidth_limit, Some(4));
+        assert_eq!(c.handshake_timeout, Duration::from_millis(5));
+        assert_eq!(c.connect_timeout, Duration::from_millis(6));
+        assert_eq!(c.write_timeout, None);
+        assert_eq!(c.socket_buffer, Some(7));
+        assert_eq!(c.queue_depth, 8);
+        assert_eq!(c.reconnect_timeout, Duration::from_millis(9));
+        assert_eq!(c.max_handshakes, 10);
+        c.check().unwrap();
+        let c = c
+            .with_bandwidth_limit(None)
+            .with_write_timeout(Duration::from_secs(1));
+        assert_eq!(c.bandwidth_limit, None);
+        assert_eq!(c.write_timeout, Some(Duration::from_secs(1)));
+    }
+}
