@@ -71,7 +71,10 @@
 //! `with_<field>` setters. Reports, statistics, events and the enums that
 //! may grow (errors, phases, modes, outcomes, verdicts) are
 //! `#[non_exhaustive]` too: read their fields, match them with a `_` arm.
-//! A field or variant added later is then no breaking change.
+//! A field or variant added later is then no breaking change. The
+//! protocol's own types (lmig-core's `model`, `protocol` and `split`
+//! messages and records, lmig-transport's `wire`) stay exhaustive: a
+//! variant added there is a new protocol version.
 //!
 //! ## Example
 //!
