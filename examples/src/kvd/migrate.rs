@@ -396,7 +396,7 @@ pub trait ReceiveLog: Send + Sync {
     /// everything it brought was discarded and kvd waits for the next one).
     fn report(&self, r: &Result<DestinationReport, MigrationError>);
     /// The loop serves; `registered_before_commit` sockets had joined its
-    /// poller before `Commit` (registered as `NetSink::on_register` announced them).
+    /// poller before `Commit` (as `NetSink::on_register` announced them).
     fn serving(&self, at: Instant, registered_before_commit: u64);
     /// After `Commit`: the source was lost with `missing_pages` pages still
     /// missing; post-copy is paused (requests touching the store are refused).
