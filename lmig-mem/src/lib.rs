@@ -177,8 +177,8 @@
 //! may grow (errors, phases, modes, outcomes, verdicts) are
 //! `#[non_exhaustive]` too: read their fields, match them with a `_` arm.
 //! A field or variant added later is then no breaking change. The
-//! protocol's own types (lmig-core's `model`, `protocol` and `split`
-//! messages and records, lmig-transport's `wire`) stay exhaustive: a
+//! protocol's messages and records (lmig-core's `model`, `protocol` and
+//! `split`, lmig-transport's handshake messages) stay exhaustive: a
 //! variant added there is a new protocol version.
 //!
 //! ## Example
