@@ -163,6 +163,10 @@ pub enum KvdEvent {
     Serving {
         /// When (ns).
         mono_ns: u64,
+        /// Sockets that had joined the loop's poller before `Commit`
+        /// (registered as the sink prepared them, before the freeze).
+        #[serde(default)]
+        registered_before_commit: u64,
     },
     /// After `Commit`, post-copy paused: the source was lost with pages
     /// still missing. Requests touching the store are refused meanwhile.

@@ -160,10 +160,7 @@ pub fn dest_session(data: &[u8]) -> bool {
     let memory = CappedMemory(VecMemory::empty());
     let mut program = NullProgram::default();
     let r = Destination::new(&dst, &memory, &mut program)
-        .with_config(DestinationConfig {
-            idle_timeout: Duration::from_millis(200),
-            ..DestinationConfig::default()
-        })
+        .with_config(DestinationConfig::default().with_idle_timeout(Duration::from_millis(200)))
         .run();
     let committed = messages.iter().any(|m| matches!(m, Message::Commit));
     if r.is_ok() {

@@ -44,6 +44,14 @@ fn kvd_migrates_live_and_survives_failed_migrations() {
         assert!(r.load.requests_ok > 0, "{mode}");
         let verified = r.destination.as_ref().map(|d| d.verified);
         assert_eq!(verified, Some(true), "{mode}: {:?}", r.destination);
+        // Every client connection joined the destination's poller as the
+        // sink prepared it, before the freeze (`NetSink::on_register`).
+        let early = r.registered_before_commit.unwrap_or(0);
+        let conns = options(mode, None).conns as u64;
+        assert!(
+            early >= conns,
+            "{mode}: {early} of {conns} connections registered before Commit"
+        );
         let cipher = r.source.as_ref().map(|s| s.cipher.clone());
         assert_eq!(
             cipher.as_deref(),

@@ -34,6 +34,19 @@
 //! No OS code and no `unsafe` here; no wire format either (that is
 //! `lmig-transport`).
 //!
+//! ## Stable types
+//!
+//! Settings (`…Config`, `…Options`) are `#[non_exhaustive]` structs with
+//! public fields: build one from `Default::default()` (or from its `new`
+//! when some values are required) and chain its `#[must_use]`
+//! `with_<field>` setters. Reports, statistics, events and the enums that
+//! may grow (errors, phases, modes, outcomes, verdicts) are
+//! `#[non_exhaustive]` too: read their fields, match them with a `_` arm.
+//! A field or variant added later is then no breaking change. The
+//! protocol's messages and records (lmig-core's `model`, `protocol` and
+//! `split`, lmig-transport's handshake messages) stay exhaustive: a
+//! variant added there is a new protocol version.
+//!
 //! ## Example
 //!
 //! A toy migration between two threads, memory held in plain vectors, over a

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 /// What happened in one pre-copy round, measured by the source session.
 #[derive(Copy, Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct RoundStats {
     /// Round number, from 0.
     pub round: u32,
@@ -30,8 +31,10 @@ pub struct RoundStats {
     pub dirty_bytes: u64,
 }
 
-/// The policy's current view.
+/// The policy's current view (a [`Policy`] of your own starts from
+/// `Estimate::default()` and sets the fields).
 #[derive(Copy, Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct Estimate {
     /// Bytes per second the channel achieved, smoothed.
     pub bandwidth_bps: f64,
@@ -43,6 +46,7 @@ pub struct Estimate {
 
 /// The policy's answer after a round.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Decision {
     /// Run another pre-copy round.
     Continue,
@@ -76,6 +80,7 @@ pub trait Policy: Send {
 
 /// What to do when pre-copy does not converge.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Fallback {
     /// Freeze anyway and accept a longer freeze.
     #[default]
@@ -86,8 +91,10 @@ pub enum Fallback {
     Throttle,
 }
 
-/// Settings of [`ConvergencePolicy`].
+/// Settings of [`ConvergencePolicy`]: `PolicyConfig::default()` and the
+/// `with_*` setters (the struct is `#[non_exhaustive]`).
 #[derive(Copy, Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct PolicyConfig {
     /// Freeze as soon as the estimated freeze is at most this.
     pub downtime_target: Duration,
@@ -115,6 +122,50 @@ impl Default for PolicyConfig {
             progress_ratio: 0.8,
             stall_rounds: 3,
         }
+    }
+}
+
+impl PolicyConfig {
+    /// Sets [`downtime_target`](Self::downtime_target).
+    #[must_use]
+    pub fn with_downtime_target(mut self, target: Duration) -> Self {
+        self.downtime_target = target;
+        self
+    }
+
+    /// Sets [`max_rounds`](Self::max_rounds).
+    #[must_use]
+    pub fn with_max_rounds(mut self, rounds: u32) -> Self {
+        self.max_rounds = rounds;
+        self
+    }
+
+    /// Sets [`fallback`](Self::fallback).
+    #[must_use]
+    pub fn with_fallback(mut self, fallback: Fallback) -> Self {
+        self.fallback = fallback;
+        self
+    }
+
+    /// Sets [`fixed_freeze_cost`](Self::fixed_freeze_cost).
+    #[must_use]
+    pub fn with_fixed_freeze_cost(mut self, cost: Duration) -> Self {
+        self.fixed_freeze_cost = cost;
+        self
+    }
+
+    /// Sets [`progress_ratio`](Self::progress_ratio).
+    #[must_use]
+    pub fn with_progress_ratio(mut self, ratio: f64) -> Self {
+        self.progress_ratio = ratio;
+        self
+    }
+
+    /// Sets [`stall_rounds`](Self::stall_rounds).
+    #[must_use]
+    pub fn with_stall_rounds(mut self, rounds: u32) -> Self {
+        self.stall_rounds = rounds;
+        self
     }
 }
 

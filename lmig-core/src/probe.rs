@@ -78,6 +78,7 @@ impl fmt::Display for Capability {
 
 /// The three answers a probe can give, without their words.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Status {
     /// Works as lmig wants it.
     Ok,

@@ -382,6 +382,7 @@ pub trait Channel: Send + Sync {
 
 /// The phase a session is in, reported to observers.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Phase {
     /// Exchanging the layout.
     Setup,
@@ -404,6 +405,7 @@ pub enum Phase {
 
 /// Something an observer may want to show or record.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub enum Event {
     /// The session entered a phase.
     Phase {

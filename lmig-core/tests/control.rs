@@ -286,10 +286,7 @@ fn a_freeze_past_its_bound_aborts_at_every_step_and_the_source_serves_on() {
         let queues = sockets.queues.clone();
         let mut sink = Sink::default();
         let mut dst_prog = NullProgram::default();
-        let config = SourceConfig {
-            max_freeze: Some(BOUND),
-            ..SourceConfig::default()
-        };
+        let config = SourceConfig::default().with_max_freeze(Some(BOUND));
         let (s_res, d_res) = std::thread::scope(|s| {
             let d = s.spawn(|| {
                 Destination::new(&b, &dst, &mut dst_prog)

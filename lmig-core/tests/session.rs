@@ -86,11 +86,11 @@ fn precopy_with_concurrent_writer_is_verified() {
             }
         }
         let prog = Prog(NullProgram::with_state(state.clone()), &stop, Some(writer));
-        let policy = ConvergencePolicy::new(PolicyConfig {
-            downtime_target: Duration::from_micros(1),
-            max_rounds: 4,
-            ..PolicyConfig::default()
-        });
+        let policy = ConvergencePolicy::new(
+            PolicyConfig::default()
+                .with_downtime_target(Duration::from_micros(1))
+                .with_max_rounds(4),
+        );
         let src_report = Source::new(&a, &src, &mut tracker, prog)
             .with_policy(policy)
             .run();
@@ -168,11 +168,9 @@ fn cut_at_every_step_obeys_the_commit_rule() {
         let mut tracker = MarkTracker::new(&layout);
         let mut src_prog = NullProgram::default();
         let mut dst_prog = NullProgram::default();
-        let config = SourceConfig {
-            ready_timeout: Duration::from_secs(5),
-            done_timeout: Duration::from_secs(5),
-            ..SourceConfig::default()
-        };
+        let config = SourceConfig::default()
+            .with_ready_timeout(Duration::from_secs(5))
+            .with_done_timeout(Duration::from_secs(5));
         let (s_res, d_res) = std::thread::scope(|s| {
             let d = s.spawn(|| Destination::new(&b, &dst, &mut dst_prog).run());
             let s_res = Source::new(&a, &src, &mut tracker, &mut src_prog)
@@ -321,10 +319,7 @@ fn postcopy_without_fault_support_aborts_before_commit() {
     let (a, b) = channel_pair(1);
     let mut tracker = MarkTracker::new(&layout);
     let mut prog = NullProgram::default();
-    let config = SourceConfig {
-        mode: Mode::Postcopy,
-        ..SourceConfig::default()
-    };
+    let config = SourceConfig::default().with_mode(Mode::Postcopy);
     let (s_res, d_res) = std::thread::scope(|s| {
         let d = s.spawn(|| Destination::new(&b, &dst, NullProgram::default()).run());
         let r = Source::new(&a, &src, &mut tracker, &mut prog)
@@ -389,13 +384,13 @@ fn throttle_fallback_asks_the_program() {
         inner: NullProgram::default(),
         asked: Vec::new(),
     };
-    let policy = ConvergencePolicy::new(PolicyConfig {
-        downtime_target: Duration::from_nanos(1),
-        max_rounds: 6,
-        stall_rounds: 1,
-        fallback: Fallback::Throttle,
-        ..PolicyConfig::default()
-    });
+    let policy = ConvergencePolicy::new(
+        PolicyConfig::default()
+            .with_downtime_target(Duration::from_nanos(1))
+            .with_max_rounds(6)
+            .with_stall_rounds(1)
+            .with_fallback(Fallback::Throttle),
+    );
     let r = std::thread::scope(|s| {
         let d = s.spawn(|| Destination::new(&b, &dst, NullProgram::default()).run());
         let r = Source::new(&a, &src, AlwaysDirty(tracker, layout.clone()), &mut prog)
@@ -473,11 +468,9 @@ fn source_freezes_only_once_the_destination_caught_up() {
         placed: &placed,
         at_pause: None,
     };
-    let config = SourceConfig {
-        batch_pages: 8,
-        catch_up_timeout: Duration::from_secs(10),
-        ..SourceConfig::default()
-    };
+    let config = SourceConfig::default()
+        .with_batch_pages(8)
+        .with_catch_up_timeout(Duration::from_secs(10));
     let report = std::thread::scope(|s| {
         let d = s.spawn(|| {
             let sink = Slow {
@@ -636,10 +629,7 @@ fn a_socket_restore_failing_mid_freeze_aborts_and_the_source_runs_on() {
         };
         let mut src_prog = NullProgram::default();
         let mut dst_prog = NullProgram::default();
-        let config = SourceConfig {
-            ready_timeout: Duration::from_secs(5),
-            ..SourceConfig::default()
-        };
+        let config = SourceConfig::default().with_ready_timeout(Duration::from_secs(5));
         let (s_res, d_res) = std::thread::scope(|s| {
             let d = s.spawn(|| {
                 Destination::new(&b, &dst, &mut dst_prog)
@@ -862,10 +852,7 @@ fn a_panic_in_program_code_aborts_before_commit_and_is_reported_after() {
         let (dst_frozen, dst_committed) = (AtomicBool::new(false), AtomicBool::new(false));
         let mut dst_prog = Panicky::new(at, &dst, &dst_frozen, &dst_committed);
         let mut sink = SlowSink::default();
-        let config = SourceConfig {
-            ready_timeout: Duration::from_secs(5),
-            ..SourceConfig::default()
-        };
+        let config = SourceConfig::default().with_ready_timeout(Duration::from_secs(5));
         let (s_res, d_res) = std::thread::scope(|s| {
             let d = s.spawn(|| {
                 Destination::new(&b, &dst, &mut dst_prog)

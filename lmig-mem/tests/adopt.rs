@@ -167,14 +167,12 @@ fn write_until(side: &Side, stop: &AtomicBool, done: &AtomicBool, writes: &Atomi
 }
 
 fn config(mode: Mode) -> SourceConfig {
-    SourceConfig {
-        mode,
-        verify: true,
-        ready_timeout: Duration::from_secs(20),
-        done_timeout: Duration::from_secs(20),
-        batch_pages: 16,
-        ..SourceConfig::default()
-    }
+    SourceConfig::default()
+        .with_mode(mode)
+        .with_verify(true)
+        .with_ready_timeout(Duration::from_secs(20))
+        .with_done_timeout(Duration::from_secs(20))
+        .with_batch_pages(16)
 }
 
 /// Pre-copy with uffd-wp dirty tracking over adopted memory on both sides,

@@ -459,13 +459,11 @@ fn migrate(
         let source = s.spawn(|| {
             let channel: StreamChannel =
                 connect(&Endpoint::Tcp(proxy_addr), config(limit)).unwrap();
-            let cfg = SourceConfig {
-                mode,
-                verify: true,
-                ready_timeout: Duration::from_secs(30),
-                done_timeout: Duration::from_secs(30),
-                ..SourceConfig::default()
-            };
+            let cfg = SourceConfig::default()
+                .with_mode(mode)
+                .with_verify(true)
+                .with_ready_timeout(Duration::from_secs(30))
+                .with_done_timeout(Duration::from_secs(30));
             let program = Pauser {
                 stop: &writer_stop,
                 inner: NullProgram::default(),
@@ -504,10 +502,9 @@ fn migrate(
         let dest = s.spawn(|| {
             let channel = listener.accept_timeout(Duration::from_secs(20)).unwrap();
             let r = Destination::new(&channel, dst.clone(), Toucher { go: go.clone() })
-                .with_config(DestinationConfig {
-                    idle_timeout: Duration::from_secs(30),
-                    ..DestinationConfig::default()
-                })
+                .with_config(
+                    DestinationConfig::default().with_idle_timeout(Duration::from_secs(30)),
+                )
                 .run();
             finished.store(true, Ordering::Release);
             (r, channel)

@@ -209,13 +209,11 @@ fn lose_source(what: &str, at_pct: u64, loss: Loss, reads: &Reads) -> Option<Out
         let source = s.spawn(|| {
             let channel: StreamChannel =
                 connect(&Endpoint::Tcp(proxy.addr), channel_config(reconnect)).unwrap();
-            let cfg = SourceConfig {
-                mode: Mode::Postcopy,
-                verify: true,
-                ready_timeout: Duration::from_secs(30),
-                done_timeout: source_done,
-                ..SourceConfig::default()
-            };
+            let cfg = SourceConfig::default()
+                .with_mode(Mode::Postcopy)
+                .with_verify(true)
+                .with_ready_timeout(Duration::from_secs(30))
+                .with_done_timeout(source_done);
             let r = Source::new(
                 &channel,
                 &src,
@@ -240,14 +238,14 @@ fn lose_source(what: &str, at_pct: u64, loss: Loss, reads: &Reads) -> Option<Out
             };
             let r = Destination::new(&channel, &dst, Resume(go.clone()))
                 .with_observer(record)
-                .with_config(DestinationConfig {
-                    idle_timeout: Duration::from_secs(1),
-                    pause_limit: Some(match loss {
-                        Loss::ForGood => Duration::from_secs(2),
-                        Loss::ReturnsAfter(_) => Duration::from_secs(60),
-                    }),
-                    ..DestinationConfig::default()
-                })
+                .with_config(
+                    DestinationConfig::default()
+                        .with_idle_timeout(Duration::from_secs(1))
+                        .with_pause_limit(Some(match loss {
+                            Loss::ForGood => Duration::from_secs(2),
+                            Loss::ReturnsAfter(_) => Duration::from_secs(60),
+                        })),
+                )
                 .run();
             finished.store(true, Ordering::Release);
             r

@@ -101,12 +101,10 @@ impl StateSource for Writer<'_> {
 }
 
 fn config() -> SourceConfig {
-    SourceConfig {
-        ready_timeout: Duration::from_secs(5),
-        done_timeout: Duration::from_secs(5),
-        batch_pages: 32,
-        ..SourceConfig::default()
-    }
+    SourceConfig::default()
+        .with_ready_timeout(Duration::from_secs(5))
+        .with_done_timeout(Duration::from_secs(5))
+        .with_batch_pages(32)
 }
 
 /// One migration attempt over `chan` to fresh destination regions.

@@ -111,14 +111,7 @@ impl Cluster {
         for p in 0..pages {
             region.write_at(p as usize * PS, &content(p, 0)).unwrap();
         }
-        let split = match SplitRegion::new(
-            region,
-            ME,
-            SplitOptions {
-                prepage: 2,
-                ..SplitOptions::default()
-            },
-        ) {
+        let split = match SplitRegion::new(region, ME, SplitOptions::default().with_prepage(2)) {
             Ok(s) => Arc::new(s),
             Err(e @ SplitError::Mem(MemError::Unsupported { .. })) => {
                 privileged("split memory", &e);

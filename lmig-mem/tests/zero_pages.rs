@@ -287,10 +287,7 @@ fn a_page_zeroed_between_rounds_arrives_as_zero() {
             let s = Source::new(&a, &src, &mut tracker, NullProgram::default())
                 .with_policy(Rounds(3))
                 .with_observer(observer)
-                .with_config(SourceConfig {
-                    batch_pages: 32,
-                    ..SourceConfig::default()
-                })
+                .with_config(SourceConfig::default().with_batch_pages(32))
                 .run();
             (s, d.join().unwrap())
         });

@@ -63,14 +63,27 @@
 //! `CAP_NET_ADMIN` in the sockets' network namespace on both hosts (repair
 //! mode, raw sockets for injected FINs and datagrams, `IP_TRANSPARENT`).
 //!
+//! ## Stable types
+//!
+//! Settings (`…Config`, `…Options`) are `#[non_exhaustive]` structs with
+//! public fields: build one from `Default::default()` (or from its `new`
+//! when some values are required) and chain its `#[must_use]`
+//! `with_<field>` setters. Reports, statistics, events and the enums that
+//! may grow (errors, phases, modes, outcomes, verdicts) are
+//! `#[non_exhaustive]` too: read their fields, match them with a `_` arm.
+//! A field or variant added later is then no breaking change. The
+//! protocol's messages and records (lmig-core's `model`, `protocol` and
+//! `split`, lmig-transport's handshake messages) stay exhaustive: a
+//! variant added there is a new protocol version.
+//!
 //! ## Example
 //!
 //! ```no_run
 //! use lmig_core::traits::{SocketSink, SocketSource};
-//! use lmig_net::{NetSink, NetSource, SinkConfig, SourceConfig};
+//! use lmig_net::{NetSink, NetSource, NetSourceConfig, SinkConfig};
 //! # fn conn() -> std::net::TcpStream { unimplemented!() }
 //! // Source: hand the program's connection over under id 7.
-//! let mut src = NetSource::new(SourceConfig::default())?;
+//! let mut src = NetSource::new(NetSourceConfig::default())?;
 //! src.add(7, conn().into())?;
 //! // Destination (another host; here the same process for brevity).
 //! let mut dst = NetSink::new(SinkConfig::default())?;
@@ -122,5 +135,7 @@ pub use program::{ProgramSockets, SocketOwner};
 pub use repair::{RepairExit, RepairGuard};
 pub use restored::{RestoredSocket, SocketView};
 pub use sink::{NetSink, SinkConfig};
-pub use source::{NetSource, NetworkLock, SourceConfig};
+#[allow(deprecated)]
+pub use source::SourceConfig;
+pub use source::{NetSource, NetSourceConfig, NetworkLock};
 pub use sys::{lowest_thread_priority, raise_nofile_limit};

@@ -36,7 +36,7 @@ fn set(
 }
 
 /// What the program set with `SO_RCVBUF`/`SO_SNDBUF`: the kernel reports twice that.
-/// Captured only when asked (see [`crate::SourceConfig::capture_buffer_sizes`]):
+/// Captured only when asked (see [`crate::NetSourceConfig::capture_buffer_sizes`]):
 /// setting a size locks it and turns TCP's buffer auto-tuning off.
 pub(crate) fn read_sock_opts(
     fd: BorrowedFd<'_>,

@@ -34,7 +34,7 @@ use lmig_core::traits::SocketSource;
 use lmig_core::{BoxError, MigrationError};
 
 use crate::error::NetError;
-use crate::source::{NetSource, SourceConfig};
+use crate::source::{NetSource, NetSourceConfig};
 
 /// The program's side of [`ProgramSockets`]: its event loop can stop using
 /// its sockets and hand them over, and serve them again.
@@ -84,7 +84,7 @@ pub trait SocketOwner: Send {
 #[derive(Debug)]
 pub struct ProgramSockets<O> {
     owner: O,
-    cfg: SourceConfig,
+    cfg: NetSourceConfig,
     /// Planned before the freeze, not yet holding any socket.
     planned: Option<NetSource>,
     /// Holding the sockets from the freeze on.
@@ -100,7 +100,7 @@ fn program_err(what: &'static str, e: BoxError) -> MigrationError {
 
 impl<O: SocketOwner> ProgramSockets<O> {
     /// The sockets of `owner`'s loop, captured with `cfg`.
-    pub fn new(owner: O, cfg: SourceConfig) -> Self {
+    pub fn new(owner: O, cfg: NetSourceConfig) -> Self {
         Self {
             owner,
             cfg,

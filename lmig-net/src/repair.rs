@@ -14,6 +14,7 @@ use crate::sys::{self, RepairMode};
 /// sent-but-unacknowledged data was already received. lmig uses the probe only
 /// where it helps ([`RepairExit::Auto`]).
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RepairExit {
     /// `TCP_REPAIR_OFF`: always send the window probe.
     WindowProbe,

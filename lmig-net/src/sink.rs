@@ -16,8 +16,10 @@ use crate::sys;
 use crate::tcp::{self, PendingActivation};
 use crate::udp::{self, RestoredUdp};
 
-/// Settings of a [`NetSink`].
+/// Settings of a [`NetSink`]: `SinkConfig::default()` and the `with_*`
+/// setters (the struct is `#[non_exhaustive]`).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SinkConfig {
     /// Restore threads (default 1). Threads are started per batch, so only
     /// batches of at least 32 records per thread are split (starting a
@@ -51,6 +53,43 @@ impl Default for SinkConfig {
             tolerate_bad_records: false,
             nonblocking: false,
         }
+    }
+}
+
+impl SinkConfig {
+    /// Sets [`threads`](Self::threads).
+    #[must_use]
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// Sets [`activate_threads`](Self::activate_threads).
+    #[must_use]
+    pub fn with_activate_threads(mut self, activate_threads: usize) -> Self {
+        self.activate_threads = activate_threads;
+        self
+    }
+
+    /// Sets [`exit`](Self::exit).
+    #[must_use]
+    pub fn with_exit(mut self, exit: RepairExit) -> Self {
+        self.exit = exit;
+        self
+    }
+
+    /// Sets [`tolerate_bad_records`](Self::tolerate_bad_records).
+    #[must_use]
+    pub fn with_tolerate_bad_records(mut self, tolerate_bad_records: bool) -> Self {
+        self.tolerate_bad_records = tolerate_bad_records;
+        self
+    }
+
+    /// Sets [`nonblocking`](Self::nonblocking).
+    #[must_use]
+    pub fn with_nonblocking(mut self, nonblocking: bool) -> Self {
+        self.nonblocking = nonblocking;
+        self
     }
 }
 

@@ -34,9 +34,11 @@ pub trait NetworkLock: Send {
     }
 }
 
-/// Settings of a [`NetSource`].
+/// Settings of a [`NetSource`]: `NetSourceConfig::default()` and the
+/// `with_*` setters (the struct is `#[non_exhaustive]`).
 #[derive(Clone, Debug)]
-pub struct SourceConfig {
+#[non_exhaustive]
+pub struct NetSourceConfig {
     /// Records per batch handed to the session (default 256).
     pub batch_size: usize,
     /// Capture threads (default 2).
@@ -62,7 +64,7 @@ pub struct SourceConfig {
     pub close_in_background: bool,
 }
 
-impl Default for SourceConfig {
+impl Default for NetSourceConfig {
     fn default() -> Self {
         Self {
             batch_size: 256,
@@ -73,6 +75,47 @@ impl Default for SourceConfig {
         }
     }
 }
+
+impl NetSourceConfig {
+    /// Sets [`batch_size`](Self::batch_size).
+    #[must_use]
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// Sets [`threads`](Self::threads).
+    #[must_use]
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// Sets [`capture_buffer_sizes`](Self::capture_buffer_sizes).
+    #[must_use]
+    pub fn with_capture_buffer_sizes(mut self, capture_buffer_sizes: bool) -> Self {
+        self.capture_buffer_sizes = capture_buffer_sizes;
+        self
+    }
+
+    /// Sets [`reread_options_at_freeze`](Self::reread_options_at_freeze).
+    #[must_use]
+    pub fn with_reread_options_at_freeze(mut self, reread_options_at_freeze: bool) -> Self {
+        self.reread_options_at_freeze = reread_options_at_freeze;
+        self
+    }
+
+    /// Sets [`close_in_background`](Self::close_in_background).
+    #[must_use]
+    pub fn with_close_in_background(mut self, close_in_background: bool) -> Self {
+        self.close_in_background = close_in_background;
+        self
+    }
+}
+
+/// [`NetSourceConfig`] under its old name.
+#[deprecated(note = "renamed `NetSourceConfig`: lmig-core has a `SourceConfig` too")]
+pub type SourceConfig = NetSourceConfig;
 
 #[derive(Debug)]
 struct Entry {
@@ -132,7 +175,7 @@ pub struct NetSource {
     ids: HashSet<u64>,
     planned: HashMap<u64, Planned>,
     gone: Mutex<Vec<u64>>,
-    cfg: SourceConfig,
+    cfg: NetSourceConfig,
     ctx: CaptureCtx,
     phase: Phase,
     lock: Option<Box<dyn NetworkLock>>,
@@ -210,7 +253,7 @@ fn capture_batch(
 
 impl NetSource {
     /// An empty set; probes the namespace's default congestion control.
-    pub fn new(cfg: SourceConfig) -> Result<Self> {
+    pub fn new(cfg: NetSourceConfig) -> Result<Self> {
         let defaults = Defaults::probe()?;
         Ok(Self {
             entries: Vec::new(),

@@ -20,7 +20,7 @@ use lmig_core::session::{Destination, Source, SourceConfig};
 use lmig_core::testing::{MarkTracker, NullProgram, PairEnd, VecMemory, channel_pair};
 use lmig_core::{Channel, DirtyTracker, MigrationError, SocketSink, SocketSource, StateSource};
 use lmig_net::topology::Topology;
-use lmig_net::{NetSource, SourceConfig as NetConfig};
+use lmig_net::{NetSource, NetSourceConfig as NetConfig};
 
 /// The bound, and how long a stalled step takes (the freeze of this small
 /// program takes well under a millisecond otherwise).
@@ -198,10 +198,7 @@ fn bounded_attempt(
         inner: NullProgram::default(),
     };
     let mut sink = Records::default();
-    let config = SourceConfig {
-        max_freeze: Some(BOUND),
-        ..SourceConfig::default()
-    };
+    let config = SourceConfig::default().with_max_freeze(Some(BOUND));
     let (s_res, d_res) = std::thread::scope(|s| {
         let d = s.spawn(|| {
             Destination::new(&b, &dst, NullProgram::default())

@@ -18,7 +18,7 @@ use lmig_core::traits::{NoSockets, SocketSink, SocketSource};
 use lmig_net::handoff::{self, HandoffConfig, HandoffSink, HandoffSource, ServiceAddr};
 use lmig_net::lock::{self, LockConfig, NetLock, TABLE_PREFIX};
 use lmig_net::topology::{Netns, Topology};
-use lmig_net::{NetError, NetSink, NetSource, SinkConfig, SourceConfig};
+use lmig_net::{NetError, NetSink, NetSource, NetSourceConfig, SinkConfig};
 
 /// True when the test may run; panics with a clear message when it needs
 /// root and does not have it.
@@ -492,7 +492,7 @@ fn service_moves(tcp: bool, v6: bool) {
     let mut src = topo
         .a
         .run(move || {
-            let mut s = HandoffSource::new(NetSource::new(SourceConfig::default())?, src_cfg)?;
+            let mut s = HandoffSource::new(NetSource::new(NetSourceConfig::default())?, src_cfg)?;
             s.inner_mut().add(1, fd)?;
             Ok::<_, NetError>(s)
         })

@@ -18,7 +18,7 @@ use lmig_core::BoxError;
 use lmig_core::model::{SocketKind, SocketRecord};
 use lmig_core::traits::{SocketSink, SocketSource};
 use lmig_net::topology::Topology;
-use lmig_net::{NetSink, ProgramSockets, RestoredSocket, SinkConfig, SocketOwner, SourceConfig};
+use lmig_net::{NetSink, NetSourceConfig, ProgramSockets, RestoredSocket, SinkConfig, SocketOwner};
 
 const CONN: u64 = 1;
 const LISTENER: u64 = 2;
@@ -162,7 +162,7 @@ fn an_aborted_freeze_gives_every_socket_back_to_the_loop() {
             sockets.push((UNIX, unix.into()));
             let owner = Owner::default();
             owner.serving(sockets);
-            let mut ps = ProgramSockets::new(owner.clone(), SourceConfig::default());
+            let mut ps = ProgramSockets::new(owner.clone(), NetSourceConfig::default());
             let mut plan: Vec<u64> = ps.plan().unwrap().iter().map(|p| p.id).collect();
             plan.sort_unstable();
             assert_eq!(
@@ -201,7 +201,7 @@ fn program_sockets_move_and_come_back_typed() {
             let (sockets, mut client, peer, at) = program_sockets();
             let owner = Owner::default();
             owner.serving(sockets);
-            let mut ps = ProgramSockets::new(owner.clone(), SourceConfig::default());
+            let mut ps = ProgramSockets::new(owner.clone(), NetSourceConfig::default());
             let plan = ps.plan().unwrap();
             ps.freeze().unwrap();
             let mut recs: Vec<SocketRecord> = Vec::new();
@@ -213,11 +213,7 @@ fn program_sockets_move_and_come_back_typed() {
             ps.release().unwrap();
             assert_eq!(owner.calls(), ["park", "resume", "park", "released"]);
 
-            let mut sink = NetSink::new(SinkConfig {
-                nonblocking: true,
-                ..SinkConfig::default()
-            })
-            .unwrap();
+            let mut sink = NetSink::new(SinkConfig::default().with_nonblocking(true)).unwrap();
             type Shown = Arc<Mutex<Vec<(u64, SocketKind, bool, RawFd)>>>;
             let shown: Shown = Arc::default();
             let seen = Arc::clone(&shown);

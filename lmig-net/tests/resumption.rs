@@ -18,7 +18,7 @@ use lmig_core::session::{AfterCommit, Destination, Resumption, Source};
 use lmig_core::testing::{MarkTracker, NullProgram, VecMemory, channel_pair};
 use lmig_core::{SocketSink, SocketSource};
 use lmig_net::topology::Topology;
-use lmig_net::{NetSink, NetSource, SinkConfig, SourceConfig};
+use lmig_net::{NetSink, NetSource, NetSourceConfig, SinkConfig};
 
 /// lmig-net's source; after `Commit` the service address moves to B first.
 struct MovingSource<'a> {
@@ -105,7 +105,7 @@ fn a_resumption_dropped_unused_closes_the_restored_connections() {
         .unwrap();
     let mut peer = Peer::spawn(&topo.client);
     peer.cmd(&format!("connect {addr} {N} 4096"));
-    let mut net = NetSource::new(SourceConfig::default()).unwrap();
+    let mut net = NetSource::new(NetSourceConfig::default()).unwrap();
     for i in 0..N {
         let (conn, _) = listener.accept().unwrap();
         net.add(i as u64, OwnedFd::from(conn)).unwrap();

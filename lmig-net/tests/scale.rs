@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::{Peer, pat, privileged};
 use lmig_core::traits::{SocketSink, SocketSource};
 use lmig_net::topology::Topology;
-use lmig_net::{NetSink, NetSource, SinkConfig, SourceConfig};
+use lmig_net::{NetSink, NetSource, NetSourceConfig, SinkConfig};
 
 #[test]
 #[ignore = "the peer process of the other tests (run by them)"]
@@ -65,7 +65,7 @@ fn tcp_ten_thousand_connections() {
         }
     }
 
-    let mut src = NetSource::new(SourceConfig::default()).unwrap();
+    let mut src = NetSource::new(NetSourceConfig::default()).unwrap();
     for (i, c) in conns.into_iter().enumerate() {
         src.add(i as u64, OwnedFd::from(c)).unwrap();
     }

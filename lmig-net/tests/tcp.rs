@@ -14,7 +14,7 @@ use common::{Peer, migrate, migrate_with, pat, privileged, tcp_state};
 use lmig_core::model::{SocketRecord, TcpListenState, TcpStateKind};
 use lmig_core::traits::SocketSource;
 use lmig_net::topology::Topology;
-use lmig_net::{NetError, NetSink, NetSource, SinkConfig, SourceConfig};
+use lmig_net::{NetError, NetSink, NetSource, NetSourceConfig, SinkConfig};
 
 #[test]
 #[ignore = "the peer process of the other tests (run by them)"]
@@ -145,10 +145,7 @@ fn migrate_established(v6: bool) {
     }
 
     // IPv6 closes the originals in the background (both ways run).
-    let cfg = SourceConfig {
-        close_in_background: v6,
-        ..SourceConfig::default()
-    };
+    let cfg = NetSourceConfig::default().with_close_in_background(v6);
     let (records, fds) = migrate_with(&topo, conns.into_iter().map(OwnedFd::from).collect(), cfg);
     // The originals are gone from A (closed in repair mode: no TIME_WAIT),
     // also when closed by the background thread.
@@ -363,12 +360,10 @@ fn abort_keeps_serving(port: u16, conns: usize, cut_after: Option<usize>) {
         wait_inq(c, pat("P1", i).len() as u32);
     }
     let cfg = match cut_after {
-        Some(_) => SourceConfig {
-            batch_size: 1,
-            threads: 1,
-            ..SourceConfig::default()
-        },
-        None => SourceConfig::default(),
+        Some(_) => NetSourceConfig::default()
+            .with_batch_size(1)
+            .with_threads(1),
+        None => NetSourceConfig::default(),
     };
     let mut src = NetSource::new(cfg).unwrap();
     for (i, c) in socks.into_iter().enumerate() {
@@ -435,7 +430,7 @@ fn captured_loopback(data: &[u8]) -> (TcpStream, Vec<SocketRecord>) {
     let (mut client, server) = loopback_pair();
     client.write_all(data).unwrap();
     wait_inq(&server, data.len() as u32);
-    let mut src = NetSource::new(SourceConfig::default()).unwrap();
+    let mut src = NetSource::new(NetSourceConfig::default()).unwrap();
     src.add(1, server.into()).unwrap();
     let recs = freeze_and_capture(&mut src);
     src.release().unwrap();
@@ -473,11 +468,7 @@ fn tcp_restored_nonblocking_when_asked() {
     topo.a
         .run(|| {
             let (mut client, recs) = captured_loopback(b"queued");
-            let mut sink = NetSink::new(SinkConfig {
-                nonblocking: true,
-                ..SinkConfig::default()
-            })
-            .unwrap();
+            let mut sink = NetSink::new(SinkConfig::default().with_nonblocking(true)).unwrap();
             sink.restore_batch(recs).unwrap();
             sink.activate_sockets().unwrap();
             let fd = sink.take(1).expect("restored");
@@ -611,11 +602,7 @@ fn tcp_listener_that_cannot_listen_is_refused_before_commit() {
                 tcp: Default::default(),
             };
             batch.insert(150, SocketRecord::Listen(held));
-            let mut sink = NetSink::new(SinkConfig {
-                activate_threads: 2,
-                ..SinkConfig::default()
-            })
-            .unwrap();
+            let mut sink = NetSink::new(SinkConfig::default().with_activate_threads(2)).unwrap();
             let err = sink.restore_batch(batch).unwrap_err();
             let NetError::Partial { total, failures } = &err else {
                 panic!("{err}")
@@ -680,7 +667,7 @@ fn tcp_listener_listens_at_restore_beside_its_connections() {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();
             let mut clients = Vec::new();
-            let mut src = NetSource::new(SourceConfig::default()).unwrap();
+            let mut src = NetSource::new(NetSourceConfig::default()).unwrap();
             for id in 1..=3u64 {
                 let mut client = TcpStream::connect(addr).unwrap();
                 let (server, _) = l.accept().unwrap();
@@ -746,11 +733,11 @@ enum AbortAt {
 /// One attempt over duplicates of `socks` (ids by position), aborted at
 /// `at`; the records when the whole capture ran.
 fn aborted_attempt(socks: &[OwnedFd], at: AbortAt) -> Option<Vec<SocketRecord>> {
-    let mut src = NetSource::new(SourceConfig {
-        batch_size: 1,
-        threads: 1,
-        ..SourceConfig::default()
-    })
+    let mut src = NetSource::new(
+        NetSourceConfig::default()
+            .with_batch_size(1)
+            .with_threads(1),
+    )
     .unwrap();
     for (id, s) in socks.iter().enumerate() {
         src.add(id as u64, s.try_clone().unwrap()).unwrap();
@@ -990,7 +977,7 @@ fn tcp_fd_taken_from_process() {
             let (mut client, server) = loopback_pair();
             client.write_all(b"abc").unwrap();
             wait_inq(&server, 3);
-            let mut src = NetSource::new(SourceConfig::default()).unwrap();
+            let mut src = NetSource::new(NetSourceConfig::default()).unwrap();
             src.add_from_process(9, std::process::id() as i32, server.as_raw_fd())
                 .unwrap();
             assert_eq!(
@@ -1024,7 +1011,7 @@ fn planned_timestamp_clock_is_computed_never_behind() {
         .run(|| {
             let (client, server) = loopback_pair();
             let probe = server.try_clone().unwrap();
-            let mut src = NetSource::new(SourceConfig::default()).unwrap();
+            let mut src = NetSource::new(NetSourceConfig::default()).unwrap();
             src.plan_fd(1, server.as_fd()).unwrap();
             // Long enough for a clock read at the plan to be visibly stale.
             std::thread::sleep(Duration::from_millis(30));
@@ -1075,7 +1062,7 @@ fn planned_sockets_are_handed_over_at_the_freeze() {
     } = setup(false, 7010);
     peer.cmd(&format!("connect {addr} 3 4096"));
     let mut conns: Vec<TcpStream> = (0..3).map(|_| listener.accept().unwrap().0).collect();
-    let mut src = NetSource::new(SourceConfig::default()).unwrap();
+    let mut src = NetSource::new(NetSourceConfig::default()).unwrap();
     for (i, c) in conns.iter().enumerate() {
         let prep = src.plan_fd(i as u64, c.as_fd()).unwrap();
         assert_eq!(prep.peer, Some(c.peer_addr().unwrap()));
@@ -1088,7 +1075,7 @@ fn planned_sockets_are_handed_over_at_the_freeze() {
     // Another socket under a planned id fails the capture (on the capture
     // threads, not in `add`), before anything is sent; the abort leaves
     // both sockets as they were.
-    let mut wrong = NetSource::new(SourceConfig::default()).unwrap();
+    let mut wrong = NetSource::new(NetSourceConfig::default()).unwrap();
     wrong.plan_fd(0, conns[0].as_fd()).unwrap();
     wrong.plan_fd(1, conns[1].as_fd()).unwrap();
     wrong
@@ -1163,7 +1150,7 @@ fn reset_connection_is_left_out_of_the_capture() {
         .unwrap()
         .unwrap();
     let conns: Vec<TcpStream> = (0..3).map(|_| listener.accept().unwrap().0).collect();
-    let mut src = NetSource::new(SourceConfig::default()).unwrap();
+    let mut src = NetSource::new(NetSourceConfig::default()).unwrap();
     for (i, c) in conns.iter().enumerate() {
         src.add(i as u64, OwnedFd::from(c.try_clone().unwrap()))
             .unwrap();
@@ -1241,7 +1228,7 @@ fn prepared_sockets_join_a_poller_before_the_freeze() {
         .run(|| {
             use std::os::fd::{AsRawFd, FromRawFd, RawFd};
             let pairs: Vec<(TcpStream, TcpStream)> = (0..4).map(|_| loopback_pair()).collect();
-            let mut src = NetSource::new(SourceConfig::default()).unwrap();
+            let mut src = NetSource::new(NetSourceConfig::default()).unwrap();
             let mut plan = Vec::new();
             for (i, (_, server)) in pairs.iter().enumerate() {
                 plan.push(src.plan_fd(i as u64 + 1, server.as_fd()).unwrap());
@@ -1254,11 +1241,7 @@ fn prepared_sockets_join_a_poller_before_the_freeze() {
             let mut recs = freeze_and_capture(&mut src);
             src.release().unwrap();
 
-            let mut sink = NetSink::new(SinkConfig {
-                nonblocking: true,
-                ..SinkConfig::default()
-            })
-            .unwrap();
+            let mut sink = NetSink::new(SinkConfig::default().with_nonblocking(true)).unwrap();
             // Connection 4 is not in the sink's plan; connection 3's record never comes.
             sink.prepare_sockets(&plan[..3]).unwrap();
             recs.retain(|r| r.id() != 3);

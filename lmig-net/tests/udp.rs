@@ -12,7 +12,7 @@ use common::{Peer, migrate, pat, privileged};
 use lmig_core::model::SocketRecord;
 use lmig_core::traits::SocketSource;
 use lmig_net::topology::Topology;
-use lmig_net::{NetSource, SourceConfig};
+use lmig_net::{NetSource, NetSourceConfig};
 
 #[test]
 #[ignore = "the peer process of the other tests (run by them)"]
@@ -23,7 +23,7 @@ fn peer_main() {
 /// Capture (freeze, capture, abort) duplicates of `socks`; returns the
 /// pending-datagram counts. Nothing is consumed.
 fn pending(socks: &[&UdpSocket]) -> Vec<usize> {
-    let mut src = NetSource::new(SourceConfig::default()).unwrap();
+    let mut src = NetSource::new(NetSourceConfig::default()).unwrap();
     for (i, s) in socks.iter().enumerate() {
         src.add(i as u64, OwnedFd::from(s.try_clone().unwrap()))
             .unwrap();

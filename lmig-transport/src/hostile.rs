@@ -251,6 +251,7 @@ pub fn every_kind(target: SocketAddr, key: &[u8]) -> io::Result<Strangers> {
 
 /// What a hostile connection got back from the listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Answer {
     /// A `Reject` frame with its reason (after whatever came first, e.g. a
     /// `Challenge`).

@@ -54,7 +54,7 @@ use lmig_net::handoff::{
     HandoffConfig, HandoffSink as Handoff, HandoffSource as Locked, ServiceAddr,
 };
 use lmig_net::topology::{Netns, Topology};
-use lmig_net::{NetSink, NetSource, SinkConfig, SourceConfig};
+use lmig_net::{NetSink, NetSource, NetSourceConfig, SinkConfig};
 use lmig_transport::wire::{MessageDecoder, WireItem, encode_message};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use serde_json::json;
@@ -85,7 +85,7 @@ pub struct Args {
     pub v6: bool,
     /// The source closes its released sockets before `release` returns
     /// (default: on a background thread at the lowest CPU priority,
-    /// `SourceConfig::close_in_background`).
+    /// `NetSourceConfig::close_in_background`).
     #[arg(long)]
     pub close_in_foreground: bool,
     /// Internal: the role of a re-executed process.
@@ -587,10 +587,9 @@ impl RoleState {
                 // The lock is installed here, before any freeze; a failure ends the run.
                 // Held packets go straight to B (any family: one link-layer address).
                 let cfg = handoff_config().forward_to(Topology::B_V4.into());
-                let net = NetSource::new(SourceConfig {
-                    close_in_background: !args.close_in_foreground,
-                    ..SourceConfig::default()
-                })?;
+                let net = NetSource::new(
+                    NetSourceConfig::default().with_close_in_background(!args.close_in_foreground),
+                )?;
                 let mut src = Locked::new(net, cfg)?;
                 let mut ids = Vec::with_capacity(conns.len());
                 for (i, c) in conns.into_iter().enumerate() {
@@ -640,10 +639,7 @@ impl RoleState {
                 self.link = Some(link);
                 // Restored non-blocking: the program needs no call per
                 // connection after the commit (as kvd).
-                let net = NetSink::new(SinkConfig {
-                    nonblocking: true,
-                    ..SinkConfig::default()
-                })?;
+                let net = NetSink::new(SinkConfig::default().with_nonblocking(true))?;
                 let mut sink = Handoff::new(net, handoff_config())?;
                 self.epoll_b = Some(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
                 let mut dec = Reader::default();

@@ -334,11 +334,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
     }
-    let config = SourceConfig {
-        mode: Mode::Postcopy,
-        push_pages: args.push_pages,
-        ..SourceConfig::default()
-    };
+    let config = SourceConfig::default()
+        .with_mode(Mode::Postcopy)
+        .with_push_pages(args.push_pages);
     let start = Instant::now();
     let cut_done = AtomicBool::new(false);
     let report = std::thread::scope(|s| {
@@ -486,10 +484,9 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
     let sink = Arc::new(
         DestinationRegions::new(Backing::Private)
             .prefault(false)
-            .postcopy_options(PostcopyOptions {
-                spin: Duration::from_micros(args.spin_us),
-                ..PostcopyOptions::default()
-            }),
+            .postcopy_options(
+                PostcopyOptions::default().with_spin(Duration::from_micros(args.spin_us)),
+            ),
     );
     let go = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
@@ -531,19 +528,14 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
         }
         let config = if lose {
             // The source counts as lost after 1 s without it.
-            DestinationConfig {
-                idle_timeout: Duration::from_secs(1),
-                pause_limit: Some(Duration::from_millis(
+            DestinationConfig::default()
+                .with_idle_timeout(Duration::from_secs(1))
+                .with_pause_limit(Some(Duration::from_millis(
                     args.source_returns_after_ms
                         .map_or(args.pause_limit_ms, |t| t + 30_000),
-                )),
-                ..DestinationConfig::default()
-            }
+                )))
         } else {
-            DestinationConfig {
-                idle_timeout: Duration::from_secs(60),
-                ..DestinationConfig::default()
-            }
+            DestinationConfig::default().with_idle_timeout(Duration::from_secs(60))
         };
         let r = Destination::new(&channel, sink.clone(), Toucher { go: go.clone() })
             .with_config(config)

@@ -48,11 +48,9 @@ impl lmig_core::StateSource for Idle {
 }
 
 fn source_config(args: &Args) -> SourceConfig {
-    SourceConfig {
-        mode: Mode::Postcopy,
-        push_pages: args.push_pages,
-        ..SourceConfig::default()
-    }
+    SourceConfig::default()
+        .with_mode(Mode::Postcopy)
+        .with_push_pages(args.push_pages)
 }
 
 /// The source process (`--peer-source ADDR`): the same memory as the

@@ -216,16 +216,13 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         ModeArg::Hybrid => (Mode::Hybrid, Fallback::Postcopy),
         ModeArg::Postcopy => (Mode::Postcopy, Fallback::Freeze),
     };
-    let policy = ConvergencePolicy::new(PolicyConfig {
-        downtime_target: Duration::from_secs_f64(args.downtime_ms / 1e3),
-        max_rounds: args.max_rounds,
-        fallback,
-        ..PolicyConfig::default()
-    });
-    let config = SourceConfig {
-        mode,
-        ..SourceConfig::default()
-    };
+    let policy = ConvergencePolicy::new(
+        PolicyConfig::default()
+            .with_downtime_target(Duration::from_secs_f64(args.downtime_ms / 1e3))
+            .with_max_rounds(args.max_rounds)
+            .with_fallback(fallback),
+    );
+    let config = SourceConfig::default().with_mode(mode);
     let start = Instant::now();
     let (report, written) = std::thread::scope(|s| {
         let w = s.spawn(|| writer(region, &used, args.dirty_mbps, &stop, &pause, &paused));

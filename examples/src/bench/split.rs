@@ -240,10 +240,7 @@ pub fn run(args: Args, out: Output) -> Result<(), BoxError> {
     let split = Arc::new(SplitRegion::new(
         region,
         ME,
-        SplitOptions {
-            prepage: args.prepage,
-            ..SplitOptions::default()
-        },
+        SplitOptions::default().with_prepage(args.prepage),
     )?);
     for p in 0..pages {
         write_version(&split, p, 0);
@@ -450,10 +447,7 @@ mod tests {
             .populate(true)
             .map()
             .unwrap();
-        let options = SplitOptions {
-            prepage: 0,
-            ..SplitOptions::default()
-        };
+        let options = SplitOptions::default().with_prepage(0);
         let split = match SplitRegion::new(region, ME, options) {
             Ok(s) => s,
             Err(e) if privileged(&e) => unreachable!(),

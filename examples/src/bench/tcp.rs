@@ -42,7 +42,7 @@ use bytes::BytesMut;
 use lmig_core::protocol::Message;
 use lmig_core::traits::SocketSource;
 use lmig_net::topology::{Netns, Topology};
-use lmig_net::{NetSink, NetSource, RepairExit, SinkConfig, SourceConfig};
+use lmig_net::{NetSink, NetSource, NetSourceConfig, RepairExit, SinkConfig};
 use lmig_transport::wire::{MessageDecoder, WireItem, encode_message};
 use serde_json::json;
 
@@ -328,11 +328,11 @@ impl RoleImpl for Source {
                         }
                     }
                 }
-                let mut src = NetSource::new(SourceConfig {
-                    batch_size: args.batch,
-                    threads: args.capture_threads,
-                    ..SourceConfig::default()
-                })?;
+                let mut src = NetSource::new(
+                    NetSourceConfig::default()
+                        .with_batch_size(args.batch)
+                        .with_threads(args.capture_threads),
+                )?;
                 for (i, c) in conns.into_iter().enumerate() {
                     src.add(i as u64, OwnedFd::from(c))?;
                 }
@@ -461,13 +461,13 @@ impl RoleImpl for Dest {
                     "no-probe" => RepairExit::NoWindowProbe,
                     _ => RepairExit::Auto,
                 };
-                let mut sink = NetSink::new(SinkConfig {
-                    threads: args.restore_threads,
-                    activate_threads: args.activate_threads,
-                    exit,
-                    tolerate_bad_records: true,
-                    ..SinkConfig::default()
-                })?;
+                let mut sink = NetSink::new(
+                    SinkConfig::default()
+                        .with_threads(args.restore_threads)
+                        .with_activate_threads(args.activate_threads)
+                        .with_exit(exit)
+                        .with_tolerate_bad_records(true),
+                )?;
                 let t = Instant::now();
                 sink.prepare_sockets(&plan)?;
                 let us = t.elapsed().as_secs_f64() * 1e6;

@@ -170,9 +170,10 @@ impl ReceiveLog for JsonLog {
         }
     }
 
-    fn serving(&self, at: Instant) {
+    fn serving(&self, at: Instant, registered_before_commit: u64) {
         event(KvdEvent::Serving {
             mono_ns: mono_ns(at),
+            registered_before_commit,
         });
     }
 

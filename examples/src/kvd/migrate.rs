@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use lmig_net::{
 };
 use lmig_transport::{Endpoint, Listener, Rejection, StreamChannel, connect};
 
-use super::server::{Control, POSTCOPY_PAUSED, Parked, Server, Wake, decode_state};
+use super::server::{Control, POSTCOPY_PAUSED, Parked, Preregistered, Server, Wake, decode_state};
 use super::store::Store;
 
 /// Version of kvd's program-state format.
@@ -237,11 +237,8 @@ impl SocketOwner for KvdLoop {
 
 /// kvd's connections always move to another network namespace: the
 /// originals are closed in the background, off the destination's CPU.
-fn net_config() -> lmig_net::SourceConfig {
-    lmig_net::SourceConfig {
-        close_in_background: true,
-        ..lmig_net::SourceConfig::default()
-    }
+fn net_config() -> lmig_net::NetSourceConfig {
+    lmig_net::NetSourceConfig::default().with_close_in_background(true)
 }
 
 /// How to migrate.
@@ -307,16 +304,14 @@ pub fn migrate_out(
         Mode::Hybrid => Fallback::Postcopy,
         _ => Fallback::Freeze,
     };
-    let policy = ConvergencePolicy::new(PolicyConfig {
-        downtime_target: opts.downtime,
-        fallback,
-        ..PolicyConfig::default()
-    });
-    let config = SourceConfig {
-        mode: opts.mode,
-        max_freeze: opts.max_freeze,
-        ..SourceConfig::default()
-    };
+    let policy = ConvergencePolicy::new(
+        PolicyConfig::default()
+            .with_downtime_target(opts.downtime)
+            .with_fallback(fallback),
+    );
+    let config = SourceConfig::default()
+        .with_mode(opts.mode)
+        .with_max_freeze(opts.max_freeze);
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)
         .with_config(config)
@@ -386,11 +381,7 @@ impl StateSink for KvdState {
 /// uses both cores (migrate --conns 10000: wait for Ready after the
 /// handover 46 -> 22 ms, freeze 165 -> 152 ms, median of 5 alternating).
 fn sink_config() -> SinkConfig {
-    SinkConfig {
-        nonblocking: true,
-        threads: 2,
-        ..SinkConfig::default()
-    }
+    SinkConfig::default().with_nonblocking(true).with_threads(2)
 }
 
 /// What the destination tells its operator, as it happens.
@@ -404,8 +395,9 @@ pub trait ReceiveLog: Send + Sync {
     /// An attempt ended: a report, or an error (then, before `Commit`,
     /// everything it brought was discarded and kvd waits for the next one).
     fn report(&self, r: &Result<DestinationReport, MigrationError>);
-    /// The loop serves.
-    fn serving(&self, at: Instant);
+    /// The loop serves; `registered_before_commit` sockets had joined its
+    /// poller before `Commit` (as `NetSink::on_register` announced them).
+    fn serving(&self, at: Instant, registered_before_commit: u64);
     /// After `Commit`: the source was lost with `missing_pages` pages still
     /// missing; post-copy is paused (requests touching the store are refused).
     fn postcopy_paused(&self, _missing_pages: u64, _reason: &str) {}
@@ -425,6 +417,54 @@ pub const DIE_IN_FREEZE_ENV: &str = "KVD_DIE_IN_FREEZE_US";
 struct DestinationWatch {
     log: Arc<dyn ReceiveLog>,
     die_after: Option<Duration>,
+    /// The attempt's poller, told when `Commit` happened.
+    early: Option<Arc<EarlyPoller>>,
+}
+
+/// The destination loop's poller, filled as the sink makes the sockets
+/// (`NetSink::on_register`, on the session's thread): the connections
+/// `prepare` makes right after it, before the freeze (the restore fills
+/// those very sockets), and the sockets made in the freeze (the listener)
+/// as activation starts. At `Commit` the loop serves at once, with no
+/// `epoll_ctl` per connection (docs/traps.md, "Edge-triggered readiness").
+struct EarlyPoller {
+    poller: Mutex<Option<Preregistered>>,
+    /// The session passed `Commit` (its `Committed` phase, which comes
+    /// before activation on the same thread).
+    committed: AtomicBool,
+    /// Sockets registered before `Commit`.
+    before_commit: AtomicU64,
+}
+
+impl EarlyPoller {
+    fn new() -> std::io::Result<Arc<Self>> {
+        // Restored sockets come non-blocking (`sink_config`).
+        let pre = Server::preregister(&[], sink_config().nonblocking)?;
+        Ok(Arc::new(Self {
+            poller: Mutex::new(Some(pre)),
+            committed: AtomicBool::new(false),
+            before_commit: AtomicU64::new(0),
+        }))
+    }
+
+    /// Have `net` register every socket it makes with this poller.
+    fn attach(self: &Arc<Self>, net: &mut NetSink) {
+        let early = self.clone();
+        net.on_register(move |v| {
+            let mut poller = early.poller.lock().expect("poisoned");
+            if let Some(pre) = poller.as_mut() {
+                pre.register(&[(v.id, v.fd.as_raw_fd())]);
+                if !early.committed.load(Ordering::Acquire) {
+                    early.before_commit.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+
+    /// The poller, for the loop (once).
+    fn take(&self) -> Option<Preregistered> {
+        self.poller.lock().expect("poisoned").take()
+    }
 }
 
 fn die_now() -> ! {
@@ -435,7 +475,12 @@ fn die_now() -> ! {
 impl lmig_core::traits::Observer for DestinationWatch {
     fn event(&self, e: &Event) {
         let phase = match e {
-            Event::Phase { phase, .. } => phase,
+            Event::Phase { phase, .. } => {
+                if let (Phase::Committed, Some(early)) = (phase, &self.early) {
+                    early.committed.store(true, Ordering::Release);
+                }
+                phase
+            }
             Event::PostcopyPaused {
                 missing_pages,
                 reason,
@@ -488,7 +533,11 @@ pub fn receive(
         .on_reject(move |r: &Rejection| refused.refused(&r.peer, &r.error.to_string()));
     let listener = Listener::bind(&Endpoint::Tcp(listen), config)?;
     log.waiting();
-    let watch = DestinationWatch { log, die_after };
+    let watch = DestinationWatch {
+        log,
+        die_after,
+        early: None,
+    };
     // Bounded by the operator: each attempt is an authenticated source's.
     loop {
         let channel = listener.accept()?;
@@ -507,15 +556,24 @@ fn attempt(
     watch: &DestinationWatch,
 ) -> Option<Result<(), Box<dyn std::error::Error>>> {
     let memory = Arc::new(DestinationRegions::new(Backing::Private).prefault(false));
-    let net = match NetSink::new(sink_config()) {
+    let mut net = match NetSink::new(sink_config()) {
         Ok(n) => n,
         Err(e) => return Some(Err(e.into())),
+    };
+    let early = match EarlyPoller::new() {
+        Ok(p) => p,
+        Err(e) => return Some(Err(e.into())),
+    };
+    early.attach(&mut net);
+    let watch = DestinationWatch {
+        early: Some(early.clone()),
+        ..watch.clone()
     };
     let dest = Destination::new(channel, memory, KvdState::default()).with_observer(watch.clone());
     let log = watch.log.clone();
     match handoff {
         Some(h) => match Handoff::new(net, h) {
-            Ok(sink) => resume(dest.with_sockets(sink), log, |h| {
+            Ok(sink) => resume(dest.with_sockets(sink), log, &early, |h| {
                 debug_figures(&format!("{:?}", h.handoff().stats()));
                 h.inner_mut().take_fds()
             }),
@@ -524,7 +582,7 @@ fn attempt(
                 None
             }
         },
-        None => resume(dest.with_sockets(net), log, |n| {
+        None => resume(dest.with_sockets(net), log, &early, |n| {
             debug_figures("");
             n.take_fds()
         }),
@@ -540,6 +598,7 @@ type KvdDestination<K> = Destination<'static, StreamChannel, Arc<DestinationRegi
 fn resume<K: SocketSink + 'static>(
     dest: KvdDestination<K>,
     log: Arc<dyn ReceiveLog>,
+    early: &EarlyPoller,
     take_fds: impl FnOnce(&mut K) -> HashMap<u64, OwnedFd>,
 ) -> Option<Result<(), Box<dyn std::error::Error>>> {
     let t = Instant::now();
@@ -564,9 +623,11 @@ fn resume<K: SocketSink + 'static>(
         Ok(r) => r,
         Err(e) => return Some(Err(e.into())),
     };
-    let served = match state {
-        Some(state) => serve(state, &memory, fds, &*log),
-        None => Err("resumed without the program's state".into()),
+    let registered = early.before_commit.load(Ordering::Relaxed);
+    let served = match (state, early.take()) {
+        (Some(state), Some(pre)) => serve(state, &memory, fds, (pre, registered), &*log),
+        (_, None) => Err("the early poller was taken already".into()),
+        (None, _) => Err("resumed without the program's state".into()),
     };
     // Serving ends when the process is stopped; a failure to start it
     // still waits for the migration to finish (its pages are the memory).
@@ -606,11 +667,14 @@ impl Reporter {
     }
 }
 
-/// Serve the program resumed at `Commit` with the sockets the session handed over.
+/// Serve the program resumed at `Commit` with the sockets the session
+/// handed over, on the poller they joined as the sink made them (and how
+/// many joined before `Commit`).
 fn serve(
     state: ProgramState,
     memory: &DestinationRegions,
     mut fds: HashMap<u64, OwnedFd>,
+    (pre, registered_before_commit): (Preregistered, u64),
     log: &dyn ReceiveLog,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
@@ -627,13 +691,11 @@ fn serve(
     }
     let regions = memory.regions().ok_or("no regions arrived")?;
     let store = Store::open(regions.get(STORE_REGION)?).map_err(|e| e.to_string())?;
-    // Restored sockets come non-blocking (`sink_config`).
-    let pre = Server::preregister(&[], sink_config().nonblocking)?;
     let mut server = Server::with_poller(pre, std::net::TcpListener::from(listener), restored)?;
     if debug() {
         eprintln!("kvd: server built in {:?}", t.elapsed());
     }
-    log.serving(Instant::now());
+    log.serving(Instant::now(), registered_before_commit);
     server.run(&store)?;
     Ok(())
 }

@@ -149,6 +149,9 @@ pub struct Report {
     pub refused: u64,
     /// When the freeze reached the destination (its first socket record), ns.
     pub destination_frozen_ns: Option<f64>,
+    /// Sockets that had joined the destination loop's poller before
+    /// `Commit` (its `serving` event).
+    pub registered_before_commit: Option<u64>,
     /// Where the timeline went.
     pub svg: Option<PathBuf>,
 }
@@ -357,6 +360,19 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
             KvdEvent::Frozen { mono_ns } => Some(*mono_ns as f64),
             _ => None,
         });
+        // `serving` comes at `Commit`, `migrated` when every page is
+        // there: usually in that order, not always.
+        let serving = match seen.iter().find(|e| e.name() == "serving") {
+            Some(e) => e.clone(),
+            None => wait_event(&b_events, "serving", Duration::from_secs(30))?,
+        };
+        if let KvdEvent::Serving {
+            registered_before_commit,
+            ..
+        } = serving
+        {
+            report.registered_before_commit = Some(registered_before_commit);
+        }
     }
     std::thread::sleep(opts.after);
     stop.store(true, Ordering::SeqCst);

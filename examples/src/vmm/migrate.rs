@@ -151,11 +151,7 @@ pub fn migrate_out(
     mode: Mode,
 ) -> Result<MigratedOut, MigrationError> {
     let mut program = VmSource::new(machine).map_err(|e| backend("the source VM", e))?;
-    let config = SourceConfig {
-        mode,
-        verify: true,
-        ..SourceConfig::default()
-    };
+    let config = SourceConfig::default().with_mode(mode).with_verify(true);
     let result = Source::new(channel, machine.regions(), tracker, &mut program)
         .with_config(config)
         .run();

@@ -25,6 +25,7 @@ pub(crate) use data::{DataBits, write_data_run, zero_data_run};
 
 /// What memory backs a region.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Backing {
     /// Anonymous private memory (`MAP_PRIVATE | MAP_ANONYMOUS`), like the heap.
     #[default]

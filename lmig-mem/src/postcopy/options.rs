@@ -6,8 +6,10 @@ use lmig_core::model::RegionId;
 
 use crate::sys::uffd::UffdOrigin;
 
-/// How post-copy handles faults.
+/// How post-copy handles faults: `PostcopyOptions::default()` and the
+/// `with_*` setters (the struct is `#[non_exhaustive]`).
 #[derive(Copy, Clone, Debug)]
+#[non_exhaustive]
 pub struct PostcopyOptions {
     /// Accept a userfaultfd that only sees user-mode faults (see the
     /// [module docs](crate::postcopy)): system calls touching a missing page then fail
@@ -39,8 +41,39 @@ impl Default for PostcopyOptions {
     }
 }
 
+impl PostcopyOptions {
+    /// Sets [`allow_user_mode_only`](Self::allow_user_mode_only).
+    #[must_use]
+    pub fn with_allow_user_mode_only(mut self, allow_user_mode_only: bool) -> Self {
+        self.allow_user_mode_only = allow_user_mode_only;
+        self
+    }
+
+    /// Sets [`minor_faults`](Self::minor_faults).
+    #[must_use]
+    pub fn with_minor_faults(mut self, minor_faults: bool) -> Self {
+        self.minor_faults = minor_faults;
+        self
+    }
+
+    /// Sets [`spin`](Self::spin).
+    #[must_use]
+    pub fn with_spin(mut self, spin: Duration) -> Self {
+        self.spin = spin;
+        self
+    }
+
+    /// Sets [`record_faults`](Self::record_faults).
+    #[must_use]
+    pub fn with_record_faults(mut self, record_faults: bool) -> Self {
+        self.record_faults = record_faults;
+        self
+    }
+}
+
 /// What post-copy did on this side.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct PostcopyStats {
     /// How the userfaultfd was opened.
     pub origin: Option<UffdOrigin>,

@@ -41,6 +41,7 @@ impl DestinationRegions {
     }
 
     /// Ask for transparent huge pages.
+    #[must_use]
     pub fn transparent_huge_pages(mut self, on: bool) -> Self {
         self.thp = on;
         self
@@ -48,12 +49,14 @@ impl DestinationRegions {
 
     /// Pre-fault pages run by run when their first data arrives (default
     /// true; false for a post-copy destination). See [`RegionSet::set_prefault`].
+    #[must_use]
     pub fn prefault(mut self, on: bool) -> Self {
         self.prefault = on;
         self
     }
 
     /// How post-copy handles faults (see [`crate::postcopy`]).
+    #[must_use]
     pub fn postcopy_options(mut self, options: PostcopyOptions) -> Self {
         self.postcopy_options = options;
         self

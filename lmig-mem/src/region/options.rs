@@ -56,6 +56,7 @@ impl RegionOptions {
     }
 
     /// Choose the backing memory.
+    #[must_use]
     pub fn backing(mut self, backing: Backing) -> Self {
         self.backing = backing;
         self
@@ -64,6 +65,7 @@ impl RegionOptions {
     /// Map at exactly `addr` (`MAP_FIXED_NOREPLACE`: fails with
     /// [`MemError::AddressInUse`] rather than replace a mapping), and ask the
     /// destination to map the region at the same address.
+    #[must_use]
     pub fn at(mut self, addr: u64) -> Self {
         self.placement = Placement::Fixed(addr);
         self
@@ -71,6 +73,7 @@ impl RegionOptions {
 
     /// Map wherever the kernel chooses, and ask the destination to map the
     /// region at the same address, so pointers into it stay valid.
+    #[must_use]
     pub fn keep_address(mut self) -> Self {
         self.placement = Placement::KeepAddress;
         self
@@ -78,12 +81,14 @@ impl RegionOptions {
 
     /// Ask for transparent huge pages (`MADV_HUGEPAGE`). Dirty tracking may
     /// then report a whole huge page when one byte of it was written.
+    #[must_use]
     pub fn transparent_huge_pages(mut self, on: bool) -> Self {
         self.thp = on;
         self
     }
 
     /// Fault every page in at creation (`MADV_POPULATE_WRITE`).
+    #[must_use]
     pub fn populate(mut self, on: bool) -> Self {
         self.populate = on;
         self

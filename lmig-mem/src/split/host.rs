@@ -15,6 +15,7 @@ use super::{ACK_TIMEOUT, BATCH_PAGES, Dial, lock};
 
 /// What a page host did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PageHostStats {
     /// Pages it holds now.
     pub held: u64,

@@ -92,6 +92,7 @@ const USERFAULTFD_IOC_NEW: u64 = ioc(0, UFFDIO, 0x00, 0);
 
 /// How a userfaultfd was obtained.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum UffdOrigin {
     /// `userfaultfd(2)` with kernel-mode faults (privileged, or
     /// `vm.unprivileged_userfaultfd = 1`).

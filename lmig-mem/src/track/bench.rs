@@ -15,6 +15,7 @@ use crate::sys::pagemap::PageRegion;
 
 /// Medians of [`measure_scan_cost`], in milliseconds.
 #[derive(Copy, Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct ScanFigures {
     /// Distinct pages written before each timed call.
     pub pages_written: u64,

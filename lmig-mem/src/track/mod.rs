@@ -38,6 +38,7 @@ use crate::region::RegionSet;
 
 /// The kinds of tracker.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum TrackerKind {
     /// [`UffdWpTracker`].
     UffdWp,
@@ -69,6 +70,7 @@ impl fmt::Display for TrackerKind {
 
 /// What the kernel offers for automatic tracking, probed once at start-up.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct TrackerProbe {
     /// userfaultfd async write-protect + `PAGEMAP_SCAN`, or why not.
     pub uffd_wp: Result<UffdWpSupport>,
@@ -171,6 +173,7 @@ impl DirtyTracker for AutoTracker {
 
 /// Which tracker [`best_tracker`] picked and why it rejected the better ones.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct TrackerChoice {
     /// The kind picked.
     pub picked: TrackerKind,

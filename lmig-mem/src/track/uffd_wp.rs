@@ -45,6 +45,7 @@ pub(super) const COLLECT: ScanSpec = ScanSpec {
 
 /// What the kernel's userfaultfd offers, found by [`UffdWpTracker::probe`].
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct UffdWpSupport {
     /// How this process can open a userfaultfd.
     pub origin: UffdOrigin,

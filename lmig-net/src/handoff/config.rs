@@ -26,8 +26,10 @@ impl ServiceAddr {
     }
 }
 
-/// Settings of one side of the handoff.
+/// Settings of one side of the handoff: [`HandoffConfig::new`] and the
+/// `with_*` setters (the struct is `#[non_exhaustive]`).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct HandoffConfig {
     /// The service addresses that move (IPv4 and/or IPv6).
     pub addrs: Vec<ServiceAddr>,
@@ -93,9 +95,60 @@ impl HandoffConfig {
     }
 
     /// Forward held packets straight to this destination host (see
-    /// [`HandoffConfig::forward_to`]).
+    /// [`HandoffConfig::forward_to`]); the same as
+    /// [`with_forward_to`](Self::with_forward_to)`(host)`.
+    #[must_use]
     pub fn forward_to(mut self, host: IpAddr) -> Self {
         self.forward_to = Some(host);
+        self
+    }
+
+    /// Sets [`quiet`](Self::quiet).
+    #[must_use]
+    pub fn with_quiet(mut self, quiet: Duration) -> Self {
+        self.quiet = quiet;
+        self
+    }
+
+    /// Sets [`linger`](Self::linger).
+    #[must_use]
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Sets [`queue_maxlen`](Self::queue_maxlen).
+    #[must_use]
+    pub fn with_queue_maxlen(mut self, queue_maxlen: u32) -> Self {
+        self.queue_maxlen = queue_maxlen;
+        self
+    }
+
+    /// Sets [`rcvbuf`](Self::rcvbuf).
+    #[must_use]
+    pub fn with_rcvbuf(mut self, rcvbuf: usize) -> Self {
+        self.rcvbuf = rcvbuf;
+        self
+    }
+
+    /// Sets [`forward_to`](Self::forward_to) (a value or `None`).
+    #[must_use]
+    pub fn with_forward_to(mut self, forward_to: impl Into<Option<IpAddr>>) -> Self {
+        self.forward_to = forward_to.into();
+        self
+    }
+
+    /// Sets [`forward_early`](Self::forward_early).
+    #[must_use]
+    pub fn with_forward_early(mut self, forward_early: bool) -> Self {
+        self.forward_early = forward_early;
+        self
+    }
+
+    /// Sets [`release_limit`](Self::release_limit).
+    #[must_use]
+    pub fn with_release_limit(mut self, release_limit: Duration) -> Self {
+        self.release_limit = release_limit;
         self
     }
 
@@ -140,6 +193,7 @@ fn canonical(a: IpAddr) -> IpAddr {
 
 /// What one side of a handoff did, for reports and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct HandoffStats {
     /// Time to engage the lock (source: at the freeze).
     pub lock: Duration,
@@ -173,6 +227,32 @@ pub struct HandoffStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn setters_set_their_field() {
+        let host: IpAddr = "198.51.100.2".parse().unwrap();
+        let c = HandoffConfig::new([ServiceAddr::new([198, 51, 100, 10], 24)], "eth0")
+            .with_quiet(Duration::from_millis(1))
+            .with_linger(Duration::from_millis(2))
+            .with_queue_maxlen(3)
+            .with_rcvbuf(4)
+            .with_forward_to(host)
+            .with_forward_early(true)
+            .with_release_limit(Duration::from_millis(5));
+        assert_eq!(c.quiet, Duration::from_millis(1));
+        assert_eq!(c.linger, Duration::from_millis(2));
+        assert_eq!(c.queue_maxlen, 3);
+        assert_eq!(c.rcvbuf, 4);
+        assert_eq!(c.forward_to, Some(host));
+        assert!(c.forward_early);
+        assert_eq!(c.release_limit, Duration::from_millis(5));
+        let lock = c.lock_config(false);
+        assert_eq!(
+            (lock.queue_maxlen, lock.rcvbuf, lock.copy_payload),
+            (3, 4, false)
+        );
+        assert_eq!(c.with_forward_to(None).forward_to, None);
+    }
 
     #[test]
     fn a_channel_over_a_moved_service_address_is_refused() {

@@ -89,8 +89,10 @@ const CHAIN_NAME: &str = "hold";
 /// The set's id in the install transaction (the rule names it by id).
 const SET_ID: u32 = 1;
 
-/// What the lock holds.
+/// What the lock holds: [`LockConfig::new`] and the `with_*` setters (the
+/// struct is `#[non_exhaustive]`).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct LockConfig {
     /// Service addresses: every packet sent to one of them is held while
     /// the lock is engaged (they should belong to the migrating program only).
@@ -117,6 +119,27 @@ impl LockConfig {
             copy_payload: true,
         }
     }
+
+    /// Sets [`queue_maxlen`](Self::queue_maxlen).
+    #[must_use]
+    pub fn with_queue_maxlen(mut self, queue_maxlen: u32) -> Self {
+        self.queue_maxlen = queue_maxlen;
+        self
+    }
+
+    /// Sets [`rcvbuf`](Self::rcvbuf).
+    #[must_use]
+    pub fn with_rcvbuf(mut self, rcvbuf: usize) -> Self {
+        self.rcvbuf = rcvbuf;
+        self
+    }
+
+    /// Sets [`copy_payload`](Self::copy_payload).
+    #[must_use]
+    pub fn with_copy_payload(mut self, copy_payload: bool) -> Self {
+        self.copy_payload = copy_payload;
+        self
+    }
 }
 
 /// One packet held by the lock: its kernel queue id and a copy from the
@@ -132,6 +155,7 @@ pub struct HeldPacket {
 
 /// Counters of one lock.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LockStats {
     /// Packets queued by the lock and received by this process.
     pub held: u64,

@@ -14,7 +14,7 @@ use std::os::fd::OwnedFd;
 use lmig_core::model::SocketRecord;
 use lmig_core::traits::{SocketSink, SocketSource};
 use lmig_net::topology::{Netns, Topology};
-use lmig_net::{NetSink, NetSource, SinkConfig, SourceConfig};
+use lmig_net::{NetSink, NetSource, NetSourceConfig, SinkConfig};
 
 /// True when privileged tests should run (as root); without root a clear
 /// failure, or a visible skip with `LMIG_SKIP_PRIVILEGED=1`.
@@ -321,14 +321,14 @@ pub fn peer_main() {
 /// and capture at A, restore at B, move the service address, release A,
 /// activate B. Returns the records and the restored fds in id order.
 pub fn migrate(topo: &Topology, socks: Vec<OwnedFd>) -> (Vec<SocketRecord>, Vec<OwnedFd>) {
-    migrate_with(topo, socks, SourceConfig::default())
+    migrate_with(topo, socks, NetSourceConfig::default())
 }
 
 /// [`migrate`] with a source configured by `cfg`.
 pub fn migrate_with(
     topo: &Topology,
     socks: Vec<OwnedFd>,
-    cfg: SourceConfig,
+    cfg: NetSourceConfig,
 ) -> (Vec<SocketRecord>, Vec<OwnedFd>) {
     let n = socks.len();
     let mut src = NetSource::new(cfg).unwrap();

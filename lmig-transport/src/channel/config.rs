@@ -9,8 +9,11 @@ use crate::error::{Result, TransportError};
 use crate::tls::TlsIdentity;
 
 /// How a channel is set up. Both sides need the same [`Security`] mode
-/// and key (or certificates from a CA the other trusts).
+/// and key (or certificates from a CA the other trusts). Built by
+/// [`ChannelConfig::new`] (or [`tls`](ChannelConfig::tls), ...) and the
+/// `with_*` setters (the struct is `#[non_exhaustive]`).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ChannelConfig {
     /// How streams are authenticated and protected; by default
     /// [`Security::Psk`]: every byte after the handshake encrypted and
@@ -100,14 +103,65 @@ impl ChannelConfig {
     }
 
     /// Set the number of data streams.
+    #[must_use]
     pub fn with_data_streams(mut self, n: usize) -> Self {
         self.data_streams = n;
         self
     }
 
-    /// Limit the sending rate to `bytes_per_sec`.
-    pub fn with_bandwidth_limit(mut self, bytes_per_sec: u64) -> Self {
-        self.bandwidth_limit = Some(bytes_per_sec);
+    /// Limit the sending rate to `bytes_per_sec` (`None`: unlimited).
+    #[must_use]
+    pub fn with_bandwidth_limit(mut self, bytes_per_sec: impl Into<Option<u64>>) -> Self {
+        self.bandwidth_limit = bytes_per_sec.into();
+        self
+    }
+
+    /// Sets [`handshake_timeout`](Self::handshake_timeout).
+    #[must_use]
+    pub fn with_handshake_timeout(mut self, handshake_timeout: Duration) -> Self {
+        self.handshake_timeout = handshake_timeout;
+        self
+    }
+
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    #[must_use]
+    pub fn with_connect_timeout(mut self, connect_timeout: Duration) -> Self {
+        self.connect_timeout = connect_timeout;
+        self
+    }
+
+    /// Sets [`write_timeout`](Self::write_timeout) (a value or `None`).
+    #[must_use]
+    pub fn with_write_timeout(mut self, write_timeout: impl Into<Option<Duration>>) -> Self {
+        self.write_timeout = write_timeout.into();
+        self
+    }
+
+    /// Sets [`socket_buffer`](Self::socket_buffer) (a value or `None`).
+    #[must_use]
+    pub fn with_socket_buffer(mut self, socket_buffer: impl Into<Option<usize>>) -> Self {
+        self.socket_buffer = socket_buffer.into();
+        self
+    }
+
+    /// Sets [`queue_depth`](Self::queue_depth).
+    #[must_use]
+    pub fn with_queue_depth(mut self, queue_depth: usize) -> Self {
+        self.queue_depth = queue_depth;
+        self
+    }
+
+    /// Sets [`reconnect_timeout`](Self::reconnect_timeout).
+    #[must_use]
+    pub fn with_reconnect_timeout(mut self, reconnect_timeout: Duration) -> Self {
+        self.reconnect_timeout = reconnect_timeout;
+        self
+    }
+
+    /// Sets [`max_handshakes`](Self::max_handshakes).
+    #[must_use]
+    pub fn with_max_handshakes(mut self, max_handshakes: usize) -> Self {
+        self.max_handshakes = max_handshakes;
         self
     }
 
@@ -125,5 +179,39 @@ impl ChannelConfig {
             return Err(TransportError::Config("max_handshakes 0".into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setters_set_their_field() {
+        let c = ChannelConfig::new(AuthKey::new([7; 32]).unwrap())
+            .with_data_streams(3)
+            .with_bandwidth_limit(4)
+            .with_handshake_timeout(Duration::from_millis(5))
+            .with_connect_timeout(Duration::from_millis(6))
+            .with_write_timeout(None)
+            .with_socket_buffer(7)
+            .with_queue_depth(8)
+            .with_reconnect_timeout(Duration::from_millis(9))
+            .with_max_handshakes(10);
+        assert_eq!(c.data_streams, 3);
+        assert_eq!(c.bandwidth_limit, Some(4));
+        assert_eq!(c.handshake_timeout, Duration::from_millis(5));
+        assert_eq!(c.connect_timeout, Duration::from_millis(6));
+        assert_eq!(c.write_timeout, None);
+        assert_eq!(c.socket_buffer, Some(7));
+        assert_eq!(c.queue_depth, 8);
+        assert_eq!(c.reconnect_timeout, Duration::from_millis(9));
+        assert_eq!(c.max_handshakes, 10);
+        c.check().unwrap();
+        let c = c
+            .with_bandwidth_limit(None)
+            .with_write_timeout(Duration::from_secs(1));
+        assert_eq!(c.bandwidth_limit, None);
+        assert_eq!(c.write_timeout, Some(Duration::from_secs(1)));
     }
 }

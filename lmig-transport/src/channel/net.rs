@@ -16,6 +16,7 @@ use crate::error::{Result, TransportError};
 
 /// Where a channel's listener is.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Endpoint {
     /// A TCP address (IPv4 or IPv6).
     Tcp(SocketAddr),

@@ -27,8 +27,10 @@ use crate::traits::{
 };
 use crate::verify::PageHashes;
 
-/// Settings of a [`Destination`].
+/// Settings of a [`Destination`]: `DestinationConfig::default()` and the
+/// `with_*` setters (the struct is `#[non_exhaustive]`).
 #[derive(Copy, Clone, Debug)]
+#[non_exhaustive]
 pub struct DestinationConfig {
     /// Most time without any message from the source before giving up.
     pub idle_timeout: Duration,
@@ -52,8 +54,32 @@ impl Default for DestinationConfig {
     }
 }
 
+impl DestinationConfig {
+    /// Sets [`idle_timeout`](Self::idle_timeout).
+    #[must_use]
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Sets [`fault_poll`](Self::fault_poll).
+    #[must_use]
+    pub fn with_fault_poll(mut self, every: Duration) -> Self {
+        self.fault_poll = every;
+        self
+    }
+
+    /// Sets [`pause_limit`](Self::pause_limit) (a `Duration` or `None`).
+    #[must_use]
+    pub fn with_pause_limit(mut self, limit: impl Into<Option<Duration>>) -> Self {
+        self.pause_limit = limit.into();
+        self
+    }
+}
+
 /// What the destination did.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct DestinationReport {
     /// Pages placed (every version, all phases).
     pub pages_placed: u64,
@@ -87,6 +113,7 @@ pub struct DestinationReport {
 }
 
 /// The destination side of one migration. See the [module docs](super).
+#[must_use = "a Destination does nothing until it runs"]
 pub struct Destination<'a, C, M, P, K = NoSockets> {
     channel: C,
     memory: M,

@@ -26,6 +26,7 @@ use crate::traits::{
 
 /// How the source moves memory.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Mode {
     /// Pre-copy rounds until the policy freezes; a `Postcopy` decision is
     /// treated as `Freeze`.
@@ -38,8 +39,10 @@ pub enum Mode {
     Postcopy,
 }
 
-/// Settings of a [`Source`].
+/// Settings of a [`Source`]: `SourceConfig::default()` and the `with_*`
+/// setters (the struct is `#[non_exhaustive]`).
 #[derive(Copy, Clone, Debug)]
+#[non_exhaustive]
 pub struct SourceConfig {
     /// Pre-copy, hybrid or post-copy.
     pub mode: Mode,
@@ -99,8 +102,67 @@ impl Default for SourceConfig {
     }
 }
 
+impl SourceConfig {
+    /// Sets [`mode`](Self::mode).
+    #[must_use]
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Sets [`verify`](Self::verify).
+    #[must_use]
+    pub fn with_verify(mut self, verify: bool) -> Self {
+        self.verify = verify;
+        self
+    }
+
+    /// Sets [`ready_timeout`](Self::ready_timeout).
+    #[must_use]
+    pub fn with_ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// Sets [`done_timeout`](Self::done_timeout).
+    #[must_use]
+    pub fn with_done_timeout(mut self, timeout: Duration) -> Self {
+        self.done_timeout = timeout;
+        self
+    }
+
+    /// Sets [`batch_pages`](Self::batch_pages).
+    #[must_use]
+    pub fn with_batch_pages(mut self, pages: u32) -> Self {
+        self.batch_pages = pages;
+        self
+    }
+
+    /// Sets [`push_pages`](Self::push_pages).
+    #[must_use]
+    pub fn with_push_pages(mut self, pages: u32) -> Self {
+        self.push_pages = pages;
+        self
+    }
+
+    /// Sets [`catch_up_timeout`](Self::catch_up_timeout).
+    #[must_use]
+    pub fn with_catch_up_timeout(mut self, timeout: Duration) -> Self {
+        self.catch_up_timeout = timeout;
+        self
+    }
+
+    /// Sets [`max_freeze`](Self::max_freeze) (a `Duration` or `None`).
+    #[must_use]
+    pub fn with_max_freeze(mut self, bound: impl Into<Option<Duration>>) -> Self {
+        self.max_freeze = bound.into();
+        self
+    }
+}
+
 /// What a finished (committed) migration did, seen from the source.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SourceReport {
     /// The memory mode used.
     pub mode: Mode,
@@ -157,6 +219,7 @@ impl SourceReport {
 }
 
 /// The source side of one migration. See the [module docs](super).
+#[must_use = "a Source does nothing until it runs"]
 pub struct Source<'a, C, M, T, P, K = NoSockets> {
     channel: C,
     memory: M,

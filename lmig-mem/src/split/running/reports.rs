@@ -6,6 +6,7 @@ use lmig_core::split::HostId;
 
 /// What the running host did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SplitStats {
     /// Faults on pages held elsewhere (each one a fetch request).
     pub remote_faults: u64,
@@ -32,6 +33,7 @@ pub struct SplitStats {
 
 /// A page host that vanished, with the pages it held.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HostLost {
     /// The host.
     pub host: HostId,
@@ -45,6 +47,7 @@ pub struct HostLost {
 
 /// The outcome of [`SplitRegion::move_host`](crate::split::SplitRegion::move_host).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MoveReport {
     /// Pages the draining host owned when the move began.
     pub pages: u64,
@@ -59,6 +62,7 @@ pub struct MoveReport {
 
 /// The outcome of a gather.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GatherReport {
     /// Pages that came from page hosts.
     pub pages: u64,
