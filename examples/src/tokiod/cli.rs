@@ -163,16 +163,24 @@ fn source(
     };
     let (migrated, gone) = tokio::sync::oneshot::channel::<()>();
     let migrated = Mutex::new(Some(migrated));
-    let admin_path = args.admin.clone();
+    // Bound before `listening`: the scenario talks to it right after.
+    let admin_socket = args.admin.as_ref().map(|path| {
+        let _ = std::fs::remove_file(path);
+        std::os::unix::net::UnixListener::bind(path)
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .unwrap_or_else(|e| fail(format!("admin socket {}: {e}", path.display())))
+    });
     event(&KvdEvent::Listening {
         addr: listen.to_string(),
         pid: std::process::id(),
     });
     runtime.block_on(async move {
-        if let Some(path) = admin_path {
-            let _ = std::fs::remove_file(&path);
-            let listener = tokio::net::UnixListener::bind(&path)
-                .unwrap_or_else(|e| fail(format!("admin socket {}: {e}", path.display())));
+        if let Some(socket) = admin_socket {
+            let listener = tokio::net::UnixListener::from_std(socket)
+                .unwrap_or_else(|e| fail(format!("admin socket: {e}")));
             tokio::spawn(admin.serve(listener, migrated));
         }
         // Until a migration committed (never without an admin socket).
