@@ -317,9 +317,8 @@ impl Conn {
             }
         };
         // Bytes that came with the connection (an abort, a migration).
-        if !(self.buffers.input.is_empty() && self.buffers.output.is_empty())
-            && !self.serve(Ready::EMPTY, &store, &shared.counters)
-        {
+        let buffered = !self.buffers.input.is_empty() || !self.buffers.output.is_empty();
+        if buffered && !self.serve(Ready::EMPTY, &store, &shared.counters) {
             return false;
         }
         loop {
