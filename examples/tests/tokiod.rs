@@ -1,8 +1,9 @@
 //! tokiod end to end in three network namespaces, driven by the same
 //! scenario as kvd: a live migration with busy clients (every connection
 //! kept, every `INCR` answered once and right, every key read back at the
-//! destination), and aborted attempts after which tokiod serves on at the
-//! source with every connection.
+//! destination), and failed attempts (a destination killed in the freeze,
+//! a wrong key, a freeze past its bound) after which tokiod serves on at
+//! the source with every connection.
 
 use std::time::Duration;
 
@@ -67,6 +68,20 @@ fn tokiod_migrates_live_and_serves_on_after_failed_attempts() {
     assert!(source.verified && dest.verified, "{source:?} {dest:?}");
     // Every client connection and the listener moved.
     assert_eq!(dest.sockets, CONNS as u64 + 1, "{dest:?}");
+
+    // The destination killed as the freeze reaches it: the source takes
+    // its sockets back, serves on, and migrates again to a fresh one.
+    let fault = Fault::KillDestinationInFreeze { after_us: 0 };
+    let r = scenario::run(&options(Some(fault))).unwrap_or_else(|e| panic!("{fault:?}: {e}"));
+    assert_eq!(r.attempts, 2, "{fault:?}");
+    assert_eq!(
+        r.first_attempt_source_serving,
+        Some(true),
+        "{fault:?}: {:?}",
+        r.first_attempt_error
+    );
+    assert!(r.migrated, "{fault:?}: the second attempt: {:?}", r.error);
+    assert_served_on(&r, "a destination killed in the freeze");
 
     // Refused before anything moved: the service never stopped.
     let r =

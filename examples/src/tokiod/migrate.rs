@@ -27,6 +27,7 @@ use lmig_transport::{Endpoint, Listener, Rejection, StreamChannel, connect};
 use super::dirtier::DirtierControl;
 use super::service::{Control, LISTENER_ID, Memory, Parked, ParkedConn};
 use super::state::{self, ConnBuffers};
+use crate::kvd::migrate::DIE_IN_FREEZE_ENV;
 use crate::kvd::security;
 
 /// Version of tokiod's program-state format.
@@ -294,17 +295,38 @@ pub trait ReceiveLog: Send + Sync {
     fn serving(&self);
 }
 
+/// The destination's observer: logs the freeze, and runs the scenario's
+/// fault injection ([`DIE_IN_FREEZE_ENV`], as kvd does): killed (`SIGKILL`)
+/// that long after the freeze reached it, before `Ready` at the latest.
 #[derive(Clone)]
-struct Watch(Arc<dyn ReceiveLog>);
+struct Watch {
+    log: Arc<dyn ReceiveLog>,
+    die_after: Option<Duration>,
+}
+
+fn die_now() -> ! {
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    std::process::abort()
+}
 
 impl Observer for Watch {
     fn event(&self, e: &Event) {
-        if let Event::Phase {
-            phase: Phase::Frozen,
-            ..
-        } = e
-        {
-            self.0.frozen();
+        let Event::Phase { phase, .. } = e else {
+            return;
+        };
+        match (phase, self.die_after) {
+            (Phase::Frozen, die_after) => {
+                self.log.frozen();
+                if let Some(after) = die_after {
+                    std::thread::spawn(move || {
+                        std::thread::sleep(after);
+                        die_now()
+                    });
+                }
+            }
+            // Never later than this: after `Ready` the source may commit.
+            (Phase::AwaitReady, Some(_)) => die_now(),
+            _ => {}
         }
     }
 }
@@ -332,6 +354,11 @@ pub fn receive(
     log: Arc<dyn ReceiveLog>,
     start: impl Fn(Memory) -> Control,
 ) -> Result<Reporter, BoxError> {
+    let die_after = std::env::var(DIE_IN_FREEZE_ENV)
+        .ok()
+        .map(|v| v.parse().map(Duration::from_micros))
+        .transpose()
+        .map_err(|e| format!("{DIE_IN_FREEZE_ENV}: {e}"))?;
     let refused = log.clone();
     let config = security::channel_config(key)?
         .on_reject(move |r: &Rejection| refused.refused(&r.peer, &r.error.to_string()));
@@ -340,7 +367,11 @@ pub fn receive(
     // Bounded by the operator: each attempt is an authenticated source's.
     loop {
         let channel = listener.accept()?;
-        if let Some(served) = attempt(channel, handoff.clone(), &log, &start) {
+        let watch = Watch {
+            log: log.clone(),
+            die_after,
+        };
+        if let Some(served) = attempt(channel, handoff.clone(), watch, &start) {
             return served;
         }
         log.waiting();
@@ -354,16 +385,16 @@ type Incoming<K> = Destination<'static, StreamChannel, Arc<DestinationRegions>, 
 fn attempt(
     channel: StreamChannel,
     handoff: Option<HandoffConfig>,
-    log: &Arc<dyn ReceiveLog>,
+    watch: Watch,
     start: &dyn Fn(Memory) -> Control,
 ) -> Option<Result<Reporter, BoxError>> {
+    let log = &watch.log.clone();
     let memory = Arc::new(DestinationRegions::new(Backing::Private).prefault(false));
     let net = match NetSink::new(sink_config()) {
         Ok(n) => n,
         Err(e) => return Some(Err(e.into())),
     };
-    let dest = Destination::new(channel, memory, ArrivingState::default())
-        .with_observer(Watch(log.clone()));
+    let dest = Destination::new(channel, memory, ArrivingState::default()).with_observer(watch);
     match handoff {
         Some(h) => match HandoffSink::new(net, h) {
             Ok(sink) => commit(dest.with_sockets(sink), log, start, |h| {
