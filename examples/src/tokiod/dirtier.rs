@@ -25,9 +25,13 @@ pub struct DirtierControl {
 }
 
 impl DirtierControl {
-    /// Pause and wait until the dirtier stopped writing (bounded).
-    pub fn pause_and_wait(&self) -> Result<(), String> {
+    /// Ask the dirtier to pause (it stops within about half a millisecond).
+    pub fn request_pause(&self) {
         self.flags.pause.store(true, Ordering::SeqCst);
+    }
+
+    /// Wait until a requested pause took effect (bounded).
+    pub fn wait_paused(&self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.flags.paused.load(Ordering::SeqCst) && !self.flags.stop.load(Ordering::SeqCst) {
             if Instant::now() > deadline {

@@ -51,22 +51,21 @@ struct Program {
 
 impl StateSource for Program {
     fn pause(&mut self) -> lmig_core::Result<()> {
+        // The dirtier stops while the service parks (both are in the freeze).
+        // A failed pause is undone by `resume` (the session calls it).
         if let Some(d) = &self.dirtier {
-            d.pause_and_wait()
-                .map_err(|e| backend("tokiod dirtier", e))?;
+            d.request_pause();
         }
-        let parked = match self.control.park() {
-            Ok(p) => p,
-            Err(e) => {
-                if let Some(d) = &self.dirtier {
-                    d.resume();
-                }
-                return Err(backend("tokiod service", e));
-            }
-        };
+        let parked = self
+            .control
+            .park()
+            .map_err(|e| backend("tokiod service", e))?;
         self.state = state::encode(parked.conns.iter().map(|c| &c.buffers));
         *self.parked.lock().expect("poisoned") = Some(parked);
-        Ok(())
+        match &self.dirtier {
+            Some(d) => d.wait_paused().map_err(|e| backend("tokiod dirtier", e)),
+            None => Ok(()),
+        }
     }
 
     fn capture(&mut self) -> lmig_core::Result<ProgramState> {
@@ -79,15 +78,15 @@ impl StateSource for Program {
     fn resume(&mut self) -> lmig_core::Result<()> {
         // The sockets are back in the slot (the socket side put them there
         // at the abort, or they never left it).
-        let parked = self.parked.lock().expect("poisoned").take();
-        let parked = parked.ok_or_else(|| backend("tokiod", "the sockets did not come back"))?;
-        self.control
-            .resume(parked)
-            .map_err(|e| backend("tokiod service", e))?;
         if let Some(d) = &self.dirtier {
             d.resume();
         }
-        Ok(())
+        let parked = self.parked.lock().expect("poisoned").take();
+        // None: the park failed (a park that timed out serves on by itself).
+        let parked = parked.ok_or_else(|| backend("tokiod", "the sockets did not come back"))?;
+        self.control
+            .resume(parked)
+            .map_err(|e| backend("tokiod service", e))
     }
 
     fn throttle(&mut self, percent: u8) -> bool {
