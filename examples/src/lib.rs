@@ -9,4 +9,5 @@ pub mod fuzzing;
 pub mod kvd;
 pub mod pagehost;
 pub mod scenario;
+pub mod tokiod;
 pub mod vmm;

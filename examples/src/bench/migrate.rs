@@ -2,13 +2,14 @@
 //! the demo's scenario (kvd with N busy clients moving between two hosts) as
 //! a benchmark. `--tls` runs the migration over TLS 1.3 with certificates
 //! made for the run, `--psk` (the default) over Noise keyed by a pre-shared
-//! key; `cipher` names what protected it.
+//! key; `cipher` names what protected it. `--server tokio` migrates tokiod
+//! (a tokio runtime, a task per connection) instead of kvd; `server` names it.
 
 use serde_json::json;
 
 use super::{Output, round};
 use crate::common::clock::mono_ns;
-use crate::scenario::{self, Fault, Options};
+use crate::scenario::{self, Fault, Options, Server};
 
 /// Keys loaded by default into 1 GiB (100-byte values).
 const DEFAULT_KEYS: u64 = 1_000_000;
@@ -56,6 +57,10 @@ pub struct Args {
     /// source (`aborted_by_deadline`, `source_serving`).
     #[arg(long)]
     pub max_freeze_ms: Option<f64>,
+    /// The migrated daemon: `kvd` (one mio loop) or `tokio` (tokiod, a
+    /// tokio runtime with a task per connection).
+    #[arg(long, default_value = "kvd")]
+    pub server: String,
 }
 
 /// Run the scenario.
@@ -80,7 +85,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
             .into());
         }
     };
+    let server = Server::parse(&args.server)?;
     let opts = Options {
+        kvd: server.command(std::env::current_exe()?),
         rate: args.rate,
         dirty_mbps: args.dirty_mbps,
         keys: args
@@ -113,6 +120,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     });
     out.emit(&json!({
         "scenario": "migrate",
+        "server": server.name(),
         "mib": args.mib,
         "conns": args.conns,
         "mode": args.mode,

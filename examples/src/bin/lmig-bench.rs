@@ -57,6 +57,13 @@ fn main() {
         lmig_examples::kvd::cli::main_with(args);
         return;
     }
+    // ... and tokiod (`migrate --server tokio`) with `tokiod`.
+    if std::env::args().nth(1).as_deref() == Some("tokiod") {
+        use clap::Parser as _;
+        let args = lmig_examples::tokiod::cli::Args::parse_from(std::env::args().skip(1));
+        lmig_examples::tokiod::cli::main_with(args);
+        return;
+    }
     let cli = Cli::parse();
     let out = Output { json: cli.json };
     let result: Result<(), Box<dyn std::error::Error>> = match cli.scenario {

@@ -89,6 +89,47 @@ impl Options {
     }
 }
 
+/// Which daemon the scenario migrates: both speak the same RESP subset,
+/// admin commands and event lines.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Server {
+    /// kvd: one mio loop ([`crate::kvd`]).
+    #[default]
+    Kvd,
+    /// tokiod: a tokio runtime, a task per connection ([`crate::tokiod`]).
+    Tokio,
+}
+
+impl Server {
+    /// From its name on a command line: `kvd` or `tokio`.
+    pub fn parse(name: &str) -> Result<Self, Error> {
+        match name {
+            "kvd" => Ok(Self::Kvd),
+            "tokio" => Ok(Self::Tokio),
+            other => Err(format!("server {other:?}: kvd or tokio").into()),
+        }
+    }
+
+    /// Its name, as [`Server::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kvd => "kvd",
+            Self::Tokio => "tokio",
+        }
+    }
+
+    /// How to start it from a program that runs either daemon when its
+    /// first argument names it (`lmig-bench`, the demo): `exe` and that argument.
+    pub fn command(self, exe: PathBuf) -> (PathBuf, Vec<String>) {
+        let arg = match self {
+            Self::Kvd => "kvd",
+            Self::Tokio => "tokiod",
+        };
+        (exe, vec![arg.into()])
+    }
+}
+
 /// Idle connections [`Fault::Strangers`] holds open through the migration.
 pub const STRANGERS_IDLE: usize = 1000;
 
