@@ -461,8 +461,11 @@ impl ReceiveLog for JsonLog {
     }
 
     fn serving(&self) {
+        // tokio registers each restored socket as its task starts, after
+        // Commit: none joined a poller before.
         event(&KvdEvent::Serving {
             mono_ns: now_mono_ns(),
+            registered_before_commit: 0,
         });
     }
 }

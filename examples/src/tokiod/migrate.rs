@@ -212,24 +212,19 @@ pub fn migrate_out(
     };
     // The connections move to another network namespace: close the
     // originals off the destination's CPU.
-    let net = lmig_net::SourceConfig {
-        close_in_background: true,
-        ..lmig_net::SourceConfig::default()
-    };
+    let net = lmig_net::NetSourceConfig::default().with_close_in_background(true);
     let sockets = ProgramSockets::new(owner, net);
-    let policy = ConvergencePolicy::new(PolicyConfig {
-        downtime_target: opts.downtime,
-        fallback: match opts.mode {
-            Mode::Hybrid => Fallback::Postcopy,
-            _ => Fallback::Freeze,
-        },
-        ..PolicyConfig::default()
-    });
-    let config = SourceConfig {
-        mode: opts.mode,
-        max_freeze: opts.max_freeze,
-        ..SourceConfig::default()
-    };
+    let policy = ConvergencePolicy::new(
+        PolicyConfig::default()
+            .with_downtime_target(opts.downtime)
+            .with_fallback(match opts.mode {
+                Mode::Hybrid => Fallback::Postcopy,
+                _ => Fallback::Freeze,
+            }),
+    );
+    let config = SourceConfig::default()
+        .with_mode(opts.mode)
+        .with_max_freeze(opts.max_freeze);
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)
         .with_config(config)
@@ -333,11 +328,7 @@ impl Observer for Watch {
 /// Restored sockets come non-blocking (tokio adopts them as they are);
 /// two restore threads, as kvd's.
 fn sink_config() -> SinkConfig {
-    SinkConfig {
-        nonblocking: true,
-        threads: 2,
-        ..SinkConfig::default()
-    }
+    SinkConfig::default().with_nonblocking(true).with_threads(2)
 }
 
 /// Wait for migrations on `listen` until one commits, then serve what it
