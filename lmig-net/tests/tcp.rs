@@ -249,6 +249,77 @@ fn tcp_ipv6_moves_between_hosts() {
     }
 }
 
+/// Several MiB queued both ways on one connection: the peer's bytes the
+/// server has not read (receive queue) and the server's bytes the peer's
+/// small window holds back (send queue, mostly never sent) all arrive
+/// exactly once and in order after the move. The restored socket needs
+/// buffers larger than a new socket's for both queues.
+#[test]
+fn tcp_large_queues_both_ways_move_intact() {
+    if !privileged("tcp_large_queues_both_ways_move_intact") {
+        return;
+    }
+    let Setup {
+        topo,
+        mut peer,
+        listener,
+        addr,
+    } = setup(false, 7010);
+    const RECV: usize = 4 << 20;
+    peer.cmd(&format!("connect {addr} 1 4096"));
+    let (mut conn, _) = listener.accept().unwrap();
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        lmig_net::sys::setsockopt_int(conn.as_fd(), libc::SOL_SOCKET, opt, 32 << 20).unwrap();
+    }
+    // Server -> peer: up to 8 MiB, held back by the peer's 4 KiB window.
+    let sent = fill(&mut conn);
+    assert!(sent >= 4 << 20, "only {sent} bytes fit the send queue");
+    // Peer -> server: 4 MiB the server does not read.
+    peer.cmd(&format!("sendbig 0 {RECV}"));
+    wait_inq(&conn, RECV as u32);
+    // The estimate the policy gets: both queues, as the ioctls count them.
+    let mut probe = NetSource::new(SourceConfig::default()).unwrap();
+    probe.add(0, conn.try_clone().unwrap().into()).unwrap();
+    let outq = lmig_net::sys::outq(conn.as_fd()).unwrap() as u64;
+    assert_eq!(probe.queued_bytes().unwrap(), RECV as u64 + outq);
+    drop(probe);
+
+    let (records, fds) = migrate(&topo, vec![OwnedFd::from(conn)]);
+    let SocketRecord::Tcp(c) = &records[0] else {
+        panic!("not TCP")
+    };
+    assert_eq!(c.recv_queue.len(), RECV, "receive queue captured whole");
+    assert!(
+        (0..RECV)
+            .step_by(4093)
+            .all(|k| c.recv_queue[k] == common::big_byte(k)),
+        "receive queue captured in order"
+    );
+    // The peer's window took a few KiB; the rest is queued here.
+    let acked = sent - c.send_queue.len();
+    assert!(
+        acked < 64 << 10,
+        "send queue captured whole ({acked} acked)"
+    );
+    assert!(
+        (0..c.send_queue.len())
+            .step_by(4093)
+            .all(|k| c.send_queue[k] == common::big_byte(acked + k)),
+        "send queue captured in order"
+    );
+    let mut conn = TcpStream::from(fds.into_iter().next().unwrap());
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    common::read_big(&mut conn, RECV).unwrap();
+    peer.cmd(&format!("expect_big 0 {sent}"));
+    conn.write_all(&pat("S2", 0)).unwrap();
+    peer.cmd("expect S2");
+    peer.cmd("sendpat P2");
+    common::read_exact_eq(&mut conn, &pat("P2", 0)).unwrap();
+    peer.cmd("check");
+    assert_eq!(peer.cmd("state 0"), "ok 1", "peer connection established");
+}
+
 /// Connection 0: the peer sent FIN (we are in CLOSE_WAIT with unread bytes);
 /// connection 1: we sent FIN (FIN_WAIT2), the peer still sends; connection
 /// 2: our FIN waits behind bytes the peer's window holds back (FIN_WAIT1).
