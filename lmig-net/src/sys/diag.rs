@@ -94,7 +94,7 @@ fn tcp_request(family: u8) -> [u8; 8 + SOCKID_LEN] {
     let mut r = [0u8; 8 + SOCKID_LEN];
     r[0] = family;
     r[1] = libc::IPPROTO_TCP as u8;
-    r[4..8].copy_from_slice(&(u32::MAX & !(1 << 10)).to_ne_bytes());
+    r[4..8].copy_from_slice(&(!(1u32 << 10)).to_ne_bytes());
     r
 }
 
