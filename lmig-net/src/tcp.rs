@@ -7,6 +7,9 @@
 //! `TCP_INFO` (state, negotiated options, window scales), `SIOCOUTQ`,
 //! `SIOCOUTQNSD`, `SIOCINQ`, `TCP_QUEUE_SEQ` of both queues, both queues
 //! peeked with `MSG_PEEK` (nothing is consumed: an abort loses nothing),
+//! each in one call into memory written before the freeze (the estimate of
+//! [`crate::NetSource::queued_bytes`] sizes it: pages faulted in during the
+//! freeze were most of the capture's cost with megabytes queued),
 //! `TCP_MAXSEG` (the MSS clamp in repair mode), `TCP_TIMESTAMP`,
 //! `TCP_REPAIR_WINDOW` and the socket and TCP options of the model.
 //!
