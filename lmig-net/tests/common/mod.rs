@@ -421,7 +421,9 @@ pub fn migrate_with(
         .b
         .run(move || {
             let mut sink = sink;
+            let t = std::time::Instant::now();
             sink.activate().unwrap();
+            eprintln!("activate {:?}", t.elapsed());
             sink.take_fds()
         })
         .unwrap();
