@@ -34,6 +34,9 @@ pub struct SourceFigures {
     pub ready_ns: u64,
     /// Pages sent in the freeze.
     pub freeze_pages: u64,
+    /// Bytes in the queues of the sockets the freeze captured.
+    #[serde(default)]
+    pub queued_bytes: u64,
     /// The freeze's steps and their durations: `[name, ms]`.
     pub freeze_steps_ms: Vec<(String, f64)>,
     /// The whole migration as the source saw it, ms.

@@ -5,8 +5,9 @@
 //! The estimate is simple and measured, not assumed: the bandwidth is what
 //! the last rounds actually achieved (bytes sent / round time, smoothed), the
 //! dirty rate is what the tracker found per second of round, and the
-//! estimated freeze is the remaining dirty bytes over that bandwidth plus a
-//! fixed cost the caller knows (sockets, program state).
+//! estimated freeze is the remaining dirty bytes and the bytes queued in the
+//! sockets over that bandwidth, plus a fixed cost the caller knows (the
+//! sockets' per-connection work, program state).
 
 use std::time::Duration;
 
@@ -29,6 +30,10 @@ pub struct RoundStats {
     pub dirty_pages: u64,
     /// The same in bytes.
     pub dirty_bytes: u64,
+    /// Bytes queued in the program's sockets when the round ended
+    /// ([`crate::traits::SocketSource::queued_bytes`]): the freeze captures
+    /// and sends them with the last dirty pages.
+    pub queued_bytes: u64,
 }
 
 /// The policy's current view (a [`Policy`] of your own starts from
@@ -96,7 +101,11 @@ pub enum Fallback {
 #[derive(Copy, Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct PolicyConfig {
-    /// Freeze as soon as the estimated freeze is at most this.
+    /// Freeze as soon as the estimated freeze is at most this. Bytes queued
+    /// in sockets count in the estimate, but rounds cannot send them: when
+    /// the memory left meets the target and only the queues keep the
+    /// estimate above it, the policy freezes unless the queues drained by
+    /// `progress_ratio` since the last round.
     pub downtime_target: Duration,
     /// Most pre-copy rounds before the fallback applies.
     pub max_rounds: u32,
@@ -177,6 +186,8 @@ pub struct ConvergencePolicy {
     bandwidth: Option<f64>,
     dirty_rate: Option<f64>,
     last_dirty: Option<u64>,
+    /// The previous round's queued socket bytes.
+    last_queued: Option<u64>,
     stalled: u32,
     throttle: u8,
     estimate: Estimate,
@@ -200,6 +211,7 @@ impl ConvergencePolicy {
             bandwidth: None,
             dirty_rate: None,
             last_dirty: None,
+            last_queued: None,
             stalled: 0,
             throttle: 100,
             estimate: Estimate::default(),
@@ -244,8 +256,11 @@ impl Policy for ConvergencePolicy {
         }
         self.dirty_rate = Some(smooth(self.dirty_rate, s.dirty_bytes as f64 / secs));
         let bw = self.bandwidth.unwrap_or(0.0).max(1.0);
-        let freeze =
+        // Queued socket data crosses the same channel as the pages, in the freeze.
+        let memory =
             Duration::from_secs_f64(s.dirty_bytes as f64 / bw) + self.config.fixed_freeze_cost;
+        let freeze = memory + Duration::from_secs_f64(s.queued_bytes as f64 / bw);
+        let last_queued = self.last_queued.replace(s.queued_bytes);
         self.estimate = Estimate {
             bandwidth_bps: bw,
             dirty_rate_bps: self.dirty_rate.unwrap_or(0.0),
@@ -253,9 +268,10 @@ impl Policy for ConvergencePolicy {
         };
 
         let est = format!(
-            "round {}: {} dirty bytes at {:.0} MB/s measured bandwidth, dirty rate {:.0} MB/s: estimated freeze {:.2} ms (target {:.2} ms)",
+            "round {}: {} dirty bytes and {} queued in sockets at {:.0} MB/s measured bandwidth, dirty rate {:.0} MB/s: estimated freeze {:.2} ms (target {:.2} ms)",
             s.round,
             s.dirty_bytes,
+            s.queued_bytes,
             bw / 1e6,
             self.estimate.dirty_rate_bps / 1e6,
             freeze.as_secs_f64() * 1e3,
@@ -264,6 +280,20 @@ impl Policy for ConvergencePolicy {
         if freeze <= self.config.downtime_target {
             self.reason = format!("{est}; under the target: freeze");
             return Decision::Freeze;
+        }
+        if memory <= self.config.downtime_target {
+            // Only the sockets' queues keep the estimate above the target, and
+            // rounds cannot send them: go on only while they drain (the
+            // program's clients reading).
+            let draining = last_queued.is_some_and(|prev| {
+                (s.queued_bytes as f64) <= prev as f64 * self.config.progress_ratio
+            });
+            if !draining {
+                self.reason = format!(
+                    "{est}; the memory left meets the target, the socket queues are not draining: freeze"
+                );
+                return Decision::Freeze;
+            }
         }
         match self.last_dirty {
             Some(prev) if (s.dirty_bytes as f64) > prev as f64 * self.config.progress_ratio => {
@@ -314,7 +344,78 @@ mod tests {
             elapsed: Duration::from_millis(ms),
             dirty_pages: dirty / 4096,
             dirty_bytes: dirty,
+            queued_bytes: 0,
         }
+    }
+
+    #[test]
+    fn queued_socket_bytes_count_in_the_estimate() {
+        // 1 GiB in 500 ms: 2147.5 MB/s. 1 MiB dirty alone: 0.49 ms, a freeze.
+        let mut alone = ConvergencePolicy::default();
+        let r = round(0, 1 << 30, 500, 1 << 20);
+        assert_eq!(alone.decide(&r, false), Decision::Freeze);
+        // With 32 MiB queued in sockets: 33 MiB at the same bandwidth.
+        let mut p = ConvergencePolicy::default();
+        let queued = RoundStats {
+            queued_bytes: 32 << 20,
+            ..r
+        };
+        // Above the target only because of the queues, which rounds cannot
+        // send: freeze, with the queues in the estimate.
+        assert_eq!(p.decide(&queued, false), Decision::Freeze);
+        let bw = (1u64 << 30) as f64 / 0.5;
+        let want = (33u64 << 20) as f64 / bw;
+        let got = p.estimate().freeze.as_secs_f64();
+        assert!(
+            (got - want).abs() < 1e-6,
+            "estimated {got} s, want {want} s"
+        );
+        assert!(
+            p.explain().contains("33554432 queued in sockets"),
+            "{}",
+            p.explain()
+        );
+        assert!(p.explain().contains("not draining"), "{}", p.explain());
+        // The fixed cost still adds on top.
+        let mut fixed = ConvergencePolicy::new(PolicyConfig {
+            fixed_freeze_cost: Duration::from_millis(3),
+            ..PolicyConfig::default()
+        });
+        fixed.decide(&queued, false);
+        let got = fixed.estimate().freeze.as_secs_f64();
+        assert!((got - want - 0.003).abs() < 1e-6, "{got}");
+    }
+
+    #[test]
+    fn draining_queues_get_more_rounds() {
+        let mut p = ConvergencePolicy::default();
+        // Much memory dirty: another round, whatever the queues.
+        let first = RoundStats {
+            queued_bytes: 128 << 20,
+            ..round(0, 1 << 30, 500, 64 << 20)
+        };
+        assert_eq!(p.decide(&first, false), Decision::Continue);
+        // The memory meets the target; the queues went from 128 to 32 MiB.
+        let draining = RoundStats {
+            queued_bytes: 32 << 20,
+            ..round(1, 64 << 20, 30, 1 << 20)
+        };
+        assert_eq!(p.decide(&draining, false), Decision::Continue);
+        // They stopped draining: freeze.
+        let stuck = RoundStats {
+            queued_bytes: 30 << 20,
+            ..round(2, 1 << 20, 1, 1 << 20)
+        };
+        assert_eq!(p.decide(&stuck, false), Decision::Freeze);
+        // Drained below the target: freeze for that reason.
+        let mut q = ConvergencePolicy::default();
+        q.decide(&first, false);
+        let drained = RoundStats {
+            queued_bytes: 1 << 20,
+            ..round(1, 64 << 20, 30, 1 << 20)
+        };
+        assert_eq!(q.decide(&drained, false), Decision::Freeze);
+        assert!(q.explain().contains("under the target"), "{}", q.explain());
     }
 
     #[test]

@@ -195,6 +195,17 @@ pub trait SocketSource: Send {
     /// destination can restore batch k while batch k+1 is captured.
     fn capture(&mut self, emit: &mut dyn FnMut(Vec<SocketRecord>) -> Result<()>) -> Result<()>;
 
+    /// Before the freeze, after each pre-copy round: the bytes now queued in
+    /// the sockets (received and unread, sent and unacknowledged, unsent),
+    /// which the freeze will carry besides the dirty pages. The convergence
+    /// policy counts them in the estimated freeze
+    /// ([`crate::policy::RoundStats::queued_bytes`]); an implementation may
+    /// also get ready to capture that much. An estimate: 0 (the default)
+    /// when unknown.
+    fn queued_bytes(&mut self) -> Result<u64> {
+        Ok(0)
+    }
+
     /// The migration failed before `Commit`: leave repair mode, unlock, keep serving.
     fn abort(&mut self) -> Result<()>;
 
@@ -493,6 +504,9 @@ impl<T: SocketSource + ?Sized> SocketSource for &mut T {
     }
     fn capture(&mut self, emit: &mut dyn FnMut(Vec<SocketRecord>) -> Result<()>) -> Result<()> {
         (**self).capture(emit)
+    }
+    fn queued_bytes(&mut self) -> Result<u64> {
+        (**self).queued_bytes()
     }
     fn abort(&mut self) -> Result<()> {
         (**self).abort()

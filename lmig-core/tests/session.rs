@@ -609,6 +609,98 @@ fn sockets_restore_beside_the_pages_and_are_all_in_before_commit() {
     assert_eq!(d_rep.verification, Verification::Verified);
 }
 
+/// One connection with queued bytes; `estimate` is what it says before the freeze.
+struct QueuedSockets {
+    estimate: u64,
+    asked: u32,
+}
+
+impl lmig_core::SocketSource for QueuedSockets {
+    fn queued_bytes(&mut self) -> lmig_core::Result<u64> {
+        self.asked += 1;
+        Ok(self.estimate)
+    }
+    fn capture(
+        &mut self,
+        emit: &mut dyn FnMut(Vec<lmig_core::model::SocketRecord>) -> lmig_core::Result<()>,
+    ) -> lmig_core::Result<()> {
+        use lmig_core::model::{SocketRecord, TcpConnState, TcpStateKind};
+        emit(vec![SocketRecord::Tcp(TcpConnState {
+            id: 1,
+            local: "198.51.100.1:80".parse().unwrap(),
+            peer: "198.51.100.2:4000".parse().unwrap(),
+            state: TcpStateKind::Established,
+            snd_seq: 1000,
+            rcv_seq: 2000,
+            send_queue: vec![7u8; 3000].into(),
+            unsent_len: 1000,
+            recv_queue: vec![9u8; 500].into(),
+            mss: 1448,
+            snd_wscale: 7,
+            rcv_wscale: 7,
+            wscale_ok: true,
+            sack_ok: true,
+            timestamps_ok: false,
+            timestamp: 0,
+            window: None,
+            sock: Default::default(),
+            tcp: Default::default(),
+        })])
+    }
+    fn abort(&mut self) -> lmig_core::Result<()> {
+        Ok(())
+    }
+    fn release(&mut self) -> lmig_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// The socket source's estimate of queued bytes reaches every round's
+/// statistics and the policy's reasoning; the report counts the queue bytes
+/// the freeze actually captured.
+#[test]
+fn queued_socket_bytes_reach_the_policy_and_the_report() {
+    let layout = layout();
+    let src = filled_memory(&layout);
+    let dst = VecMemory::empty();
+    let (a, b) = channel_pair(2);
+    let mut tracker = MarkTracker::new(&layout);
+    let mut sockets = QueuedSockets {
+        estimate: 32 << 20,
+        asked: 0,
+    };
+    let mut sink = SlowSink::default();
+    let (s_res, d_res) = std::thread::scope(|s| {
+        let d = s.spawn(|| {
+            let mut prog = NullProgram::default();
+            Destination::new(&b, &dst, &mut prog)
+                .with_sockets(&mut sink)
+                .run()
+        });
+        let mut prog = NullProgram::default();
+        let r = Source::new(&a, &src, &mut tracker, &mut prog)
+            .with_sockets(&mut sockets)
+            .run();
+        (r, d.join().unwrap())
+    });
+    let rep = s_res.expect("source");
+    d_res.expect("destination");
+    assert!(rep.rounds >= 1);
+    assert_eq!(sockets.asked, rep.rounds, "asked once per round");
+    assert!(
+        rep.round_stats.iter().all(|r| r.queued_bytes == 32 << 20),
+        "{:?}",
+        rep.round_stats
+    );
+    assert!(
+        rep.policy_reason.contains("33554432 queued in sockets"),
+        "{}",
+        rep.policy_reason
+    );
+    assert_eq!(rep.queued_bytes, 3500, "both queues of the captured record");
+    assert_eq!(sink.restored, [1]);
+}
+
 #[test]
 fn a_socket_restore_failing_mid_freeze_aborts_and_the_source_runs_on() {
     for fail_at in [0, 3, 7] {

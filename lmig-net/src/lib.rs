@@ -101,6 +101,7 @@
 //! ```
 #![deny(unsafe_code)]
 
+mod arena;
 mod error;
 mod fd;
 #[cfg(feature = "fuzzing")]

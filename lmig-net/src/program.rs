@@ -196,6 +196,15 @@ impl<O: SocketOwner> SocketSource for ProgramSockets<O> {
         net.capture_sockets(emit)
     }
 
+    /// From the plan's sockets (by their cookies, one `sock_diag` dump: the
+    /// loop is not asked for its sockets again), 0 before `plan`.
+    fn queued_bytes(&mut self) -> lmig_core::Result<u64> {
+        match self.planned.as_mut() {
+            Some(net) => Ok(net.queued_bytes()?),
+            None => Ok(0),
+        }
+    }
+
     fn abort(&mut self) -> lmig_core::Result<()> {
         let Some(mut net) = self.net.take() else {
             return Ok(());

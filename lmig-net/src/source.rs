@@ -62,11 +62,17 @@ pub struct NetSourceConfig {
     /// mode. Leave it off when the destination restores the connections in
     /// this network namespace: its `connect` needs the originals closed.
     pub close_in_background: bool,
+    /// Queued bytes per batch (default 1 MiB): a batch is handed over once
+    /// its records hold this much queue data, so that the destination
+    /// restores the first connections' queues while the next are captured
+    /// and sent, instead of waiting for one message with all of them.
+    pub batch_bytes: usize,
 }
 
 impl Default for NetSourceConfig {
     fn default() -> Self {
         Self {
+            batch_bytes: 1 << 20,
             batch_size: 256,
             threads: 2,
             capture_buffer_sizes: false,
@@ -77,6 +83,13 @@ impl Default for NetSourceConfig {
 }
 
 impl NetSourceConfig {
+    /// Sets [`batch_bytes`](Self::batch_bytes).
+    #[must_use]
+    pub fn with_batch_bytes(mut self, batch_bytes: usize) -> Self {
+        self.batch_bytes = batch_bytes;
+        self
+    }
+
     /// Sets [`batch_size`](Self::batch_size).
     #[must_use]
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
@@ -223,7 +236,7 @@ fn capture_one(e: &Entry, ctx: &CaptureCtx) -> Result<SocketRecord> {
             // Repair mode first: the record is read from a connection that
             // can no longer change (the lock holds what the peer sends).
             enter_repair(e)?;
-            tcp::capture_established(e.fd.as_fd(), e.id, st).map(SocketRecord::Tcp)
+            tcp::capture_established(e.fd.as_fd(), e.id, st, &ctx.arena).map(SocketRecord::Tcp)
         }
         SocketKind::TcpListen => {
             crate::listen::capture_listener(e.fd.as_fd(), e.id, ctx).map(SocketRecord::Listen)
@@ -232,23 +245,50 @@ fn capture_one(e: &Entry, ctx: &CaptureCtx) -> Result<SocketRecord> {
     }
 }
 
-/// The records of `entries`; connections found gone are skipped and listed in `gone`.
+/// Queue bytes a record carries.
+fn queued_len(r: &SocketRecord) -> usize {
+    match r {
+        SocketRecord::Tcp(c) => c.send_queue.len() + c.recv_queue.len(),
+        _ => 0,
+    }
+}
+
+/// Capture `entries` and hand their records to `emit`, in batches of at
+/// most `batch_bytes` of queue data (a connection holding more is a batch
+/// of its own); connections found gone are skipped and listed in `gone`.
+/// `emit` returning false stops the capture (the receiver is gone).
 fn capture_batch(
     entries: &[Entry],
     ctx: &CaptureCtx,
     gone: &Mutex<Vec<u64>>,
-) -> Result<Vec<SocketRecord>> {
+    batch_bytes: usize,
+    emit: &mut dyn FnMut(Vec<SocketRecord>) -> bool,
+) -> Result<()> {
     let mut out = Vec::with_capacity(entries.len());
+    let mut bytes = 0;
     for e in entries {
         match capture_one(e, ctx) {
-            Ok(r) => out.push(r),
+            Ok(r) => {
+                let len = queued_len(&r);
+                if bytes > 0 && bytes + len > batch_bytes {
+                    if !emit(std::mem::take(&mut out)) {
+                        return Ok(());
+                    }
+                    bytes = 0;
+                }
+                bytes += len;
+                out.push(r);
+            }
             Err(NetError::ConnectionGone { .. }) => {
                 gone.lock().unwrap_or_else(|p| p.into_inner()).push(e.id)
             }
             Err(err) => return Err(err),
         }
     }
-    Ok(out)
+    if !out.is_empty() {
+        emit(out);
+    }
+    Ok(())
 }
 
 impl NetSource {
@@ -263,6 +303,7 @@ impl NetSource {
             ctx: CaptureCtx {
                 buffers: cfg.capture_buffer_sizes,
                 default_cc: defaults.congestion,
+                arena: Default::default(),
             },
             cfg,
             phase: Phase::Running,
@@ -497,6 +538,57 @@ impl NetSource {
         Ok(plan)
     }
 
+    /// Bytes now in the kernel queues of the connections (received and not
+    /// read, sent and not acknowledged, never sent): what the freeze would
+    /// capture if it began now. Connections handed over are asked
+    /// (`SIOCINQ`, `SIOCOUTQ`); connections only planned
+    /// ([`NetSource::plan_fd`], no fd held) are found by their cookies in
+    /// one `sock_diag` dump per address family of the calling thread's
+    /// network namespace (nothing is asked of the program). Also gets memory
+    /// ready for that much (a quarter more, at most 1 GiB), written now so
+    /// that the capture does not fault it in during the freeze (see
+    /// [`SocketSource::queued_bytes`]).
+    pub fn queued_bytes(&mut self) -> Result<u64> {
+        let mut total = 0u64;
+        let mut conns = 0u64;
+        for e in &self.entries {
+            if e.kind != SocketKind::TcpEstablished {
+                continue;
+            }
+            let what = || format!("TCP connection {}", e.id);
+            let inq = sys::inq(e.fd.as_fd())
+                .map_err(|err| NetError::sys("ioctl(SIOCINQ)", what(), err))?;
+            let outq = sys::outq(e.fd.as_fd())
+                .map_err(|err| NetError::sys("ioctl(SIOCOUTQ)", what(), err))?;
+            total += u64::from(inq) + u64::from(outq);
+            conns += 1;
+        }
+        let cookies: HashSet<u64> = self
+            .planned
+            .values()
+            .filter(|p| p.kind == SocketKind::TcpEstablished)
+            .map(|p| p.cookie)
+            .collect();
+        if !cookies.is_empty() {
+            let mut diag = sys::diag::Diag::open()
+                .map_err(|e| NetError::sys("socket(NETLINK_SOCK_DIAG)", "TCP queues", e))?;
+            diag.tcp_queues(&mut |cookie, rq, wq| {
+                if cookies.contains(&cookie) {
+                    total += u64::from(rq) + u64::from(wq);
+                }
+            })
+            .map_err(|e| NetError::sys("SOCK_DIAG_BY_FAMILY", "TCP queues", e))?;
+            conns += cookies.len() as u64;
+        }
+        if total > 0 {
+            let room = total + total / 4 + 2 * conns;
+            self.ctx
+                .arena
+                .reserve(usize::try_from(room).unwrap_or(usize::MAX));
+        }
+        Ok(total)
+    }
+
     /// Every connection in repair mode leaves it (with a window probe, so a
     /// peer that sent something during the freeze is answered at once) as it
     /// was before: with its `SO_REUSEADDR`. The first failure is returned
@@ -574,18 +666,35 @@ impl NetSource {
             .into());
         }
         self.gone.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let captured = self.capture_in_batches(emit);
+        // What the estimate reserved and the capture did not use.
+        self.ctx.arena.clear();
+        captured
+    }
+
+    fn capture_in_batches(
+        &mut self,
+        emit: &mut dyn FnMut(Vec<SocketRecord>) -> lmig_core::Result<()>,
+    ) -> lmig_core::Result<()> {
         let n = self.entries.len();
         let bs = self.cfg.batch_size.max(1);
         let batches = n.div_ceil(bs);
         let threads = self.cfg.threads.clamp(1, 16).min(batches.max(1));
+        let batch_bytes = self.cfg.batch_bytes.max(1);
         if threads <= 1 {
             for b in 0..batches {
-                let recs = capture_batch(
+                let mut result = Ok(());
+                capture_batch(
                     &self.entries[b * bs..((b + 1) * bs).min(n)],
                     &self.ctx,
                     &self.gone,
+                    batch_bytes,
+                    &mut |recs| {
+                        result = emit(recs);
+                        result.is_ok()
+                    },
                 )?;
-                emit(recs)?;
+                result?;
             }
             return Ok(());
         }
@@ -604,9 +713,15 @@ impl NetSource {
                         if b >= batches {
                             break;
                         }
-                        let r = capture_batch(&entries[b * bs..((b + 1) * bs).min(n)], ctx, gone);
-                        let failed = r.is_err();
-                        if tx.send(r).is_err() || failed {
+                        let r = capture_batch(
+                            &entries[b * bs..((b + 1) * bs).min(n)],
+                            ctx,
+                            gone,
+                            batch_bytes,
+                            &mut |recs| tx.send(Ok(recs)).is_ok(),
+                        );
+                        if let Err(e) = r {
+                            let _ = tx.send(Err(e));
                             stop.store(true, Ordering::Relaxed);
                             break;
                         }
@@ -696,6 +811,10 @@ impl SocketSource for NetSource {
         emit: &mut dyn FnMut(Vec<SocketRecord>) -> lmig_core::Result<()>,
     ) -> lmig_core::Result<()> {
         self.capture_sockets(emit)
+    }
+
+    fn queued_bytes(&mut self) -> lmig_core::Result<u64> {
+        Ok(NetSource::queued_bytes(self)?)
     }
 
     fn abort(&mut self) -> lmig_core::Result<()> {

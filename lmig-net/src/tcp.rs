@@ -7,6 +7,9 @@
 //! `TCP_INFO` (state, negotiated options, window scales), `SIOCOUTQ`,
 //! `SIOCOUTQNSD`, `SIOCINQ`, `TCP_QUEUE_SEQ` of both queues, both queues
 //! peeked with `MSG_PEEK` (nothing is consumed: an abort loses nothing),
+//! each in one call into memory written before the freeze (the estimate of
+//! [`crate::NetSource::queued_bytes`] sizes it: pages faulted in during the
+//! freeze were most of the capture's cost with megabytes queued),
 //! `TCP_MAXSEG` (the MSS clamp in repair mode), `TCP_TIMESTAMP`,
 //! `TCP_REPAIR_WINDOW` and the socket and TCP options of the model.
 //!
@@ -54,6 +57,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -61,6 +65,7 @@ use lmig_core::model::{
     SockOpts, SocketPrep, TcpConnState, TcpOpts, TcpRepairWindow, TcpStateKind,
 };
 
+use crate::arena::QueueArena;
 use crate::error::{NetError, Result};
 use crate::inject::{self, Injector};
 use crate::opts::{self, Defaults};
@@ -99,18 +104,23 @@ pub(crate) fn state_kind(state: u8) -> std::result::Result<TcpStateKind, &'stati
 pub(crate) struct CaptureCtx {
     pub buffers: bool,
     pub default_cc: Option<String>,
+    /// Where queues are read into (shared by the capture threads).
+    pub arena: Arc<QueueArena>,
 }
 
+/// Peek a whole queue of `len` bytes in one call, into a buffer cut from
+/// `arena` (one byte more, to see a queue longer than announced).
 fn peek_queue(
     fd: BorrowedFd<'_>,
     len: u32,
+    arena: &QueueArena,
     what: &dyn Fn() -> String,
     op: &'static str,
 ) -> Result<Bytes> {
     if len == 0 {
         return Ok(Bytes::new());
     }
-    let mut buf = vec![0u8; len as usize + 1];
+    let mut buf = arena.take(len as usize + 1);
     let n = sys::peek(fd, &mut buf, 0).map_err(|e| NetError::sys(op, what(), e))?;
     if n != len as usize {
         return Err(NetError::NotMigratable {
@@ -119,7 +129,7 @@ fn peek_queue(
         });
     }
     buf.truncate(n);
-    Ok(Bytes::from(buf))
+    Ok(buf.freeze())
 }
 
 /// What does not change while a connection lives, or only when the program
@@ -166,11 +176,13 @@ pub(crate) fn read_static(fd: BorrowedFd<'_>, id: u64, ctx: &CaptureCtx) -> Resu
 }
 
 /// Capture an established (or half-closed) connection. The socket must be in
-/// repair mode; `st` was read before. Nothing is consumed from the socket.
+/// repair mode; `st` was read before. Nothing is consumed from the socket;
+/// its queues are read into `arena`.
 pub(crate) fn capture_established(
     fd: BorrowedFd<'_>,
     id: u64,
     st: &ConnStatic,
+    arena: &QueueArena,
 ) -> Result<TcpConnState> {
     let (local, peer) = (st.local, st.peer);
     let what = || describe_conn(id, Some(local), Some(peer));
@@ -200,7 +212,7 @@ pub(crate) fn capture_established(
         .map_err(|e| NetError::sys("TCP_REPAIR_QUEUE", what(), e))?;
     let rcv_nxt =
         sys::queue_seq(fd).map_err(|e| NetError::sys("getsockopt(TCP_QUEUE_SEQ)", what(), e))?;
-    let recv_queue = peek_queue(fd, inq, &what, "peek receive queue")?;
+    let recv_queue = peek_queue(fd, inq, arena, &what, "peek receive queue")?;
     sys::set_repair_queue(fd, TcpQueue::Send)
         .map_err(|e| NetError::sys("TCP_REPAIR_QUEUE", what(), e))?;
     let write_seq =
@@ -208,7 +220,7 @@ pub(crate) fn capture_established(
     // The send queue stays selected: the queue choice only matters in repair
     // mode, every capture selects its queue first, and entering repair mode
     // again resets it (one system call less per connection in the freeze).
-    let send_queue = peek_queue(fd, outq, &what, "peek send queue")?;
+    let send_queue = peek_queue(fd, outq, arena, &what, "peek send queue")?;
 
     let rcv_end = if state.fin_received() {
         rcv_nxt.wrapping_sub(1)

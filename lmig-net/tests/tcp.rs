@@ -246,6 +246,77 @@ fn tcp_ipv6_moves_between_hosts() {
     }
 }
 
+/// Several MiB queued both ways on one connection: the peer's bytes the
+/// server has not read (receive queue) and the server's bytes the peer's
+/// small window holds back (send queue, mostly never sent) all arrive
+/// exactly once and in order after the move. The restored socket needs
+/// buffers larger than a new socket's for both queues.
+#[test]
+fn tcp_large_queues_both_ways_move_intact() {
+    if !privileged("tcp_large_queues_both_ways_move_intact") {
+        return;
+    }
+    let Setup {
+        topo,
+        mut peer,
+        listener,
+        addr,
+    } = setup(false, 7010);
+    const RECV: usize = 4 << 20;
+    peer.cmd(&format!("connect {addr} 1 4096"));
+    let (mut conn, _) = listener.accept().unwrap();
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        lmig_net::sys::setsockopt_int(conn.as_fd(), libc::SOL_SOCKET, opt, 32 << 20).unwrap();
+    }
+    // Server -> peer: up to 8 MiB, held back by the peer's 4 KiB window.
+    let sent = fill(&mut conn);
+    assert!(sent >= 4 << 20, "only {sent} bytes fit the send queue");
+    // Peer -> server: 4 MiB the server does not read.
+    peer.cmd(&format!("sendbig 0 {RECV}"));
+    wait_inq(&conn, RECV as u32);
+    // The estimate the policy gets: both queues, as the ioctls count them.
+    let mut probe = NetSource::new(NetSourceConfig::default()).unwrap();
+    probe.add(0, conn.try_clone().unwrap().into()).unwrap();
+    let outq = lmig_net::sys::outq(conn.as_fd()).unwrap() as u64;
+    assert_eq!(probe.queued_bytes().unwrap(), RECV as u64 + outq);
+    drop(probe);
+
+    let (records, fds) = migrate(&topo, vec![OwnedFd::from(conn)]);
+    let SocketRecord::Tcp(c) = &records[0] else {
+        panic!("not TCP")
+    };
+    assert_eq!(c.recv_queue.len(), RECV, "receive queue captured whole");
+    assert!(
+        (0..RECV)
+            .step_by(4093)
+            .all(|k| c.recv_queue[k] == common::big_byte(k)),
+        "receive queue captured in order"
+    );
+    // The peer's window took a few KiB; the rest is queued here.
+    let acked = sent - c.send_queue.len();
+    assert!(
+        acked < 64 << 10,
+        "send queue captured whole ({acked} acked)"
+    );
+    assert!(
+        (0..c.send_queue.len())
+            .step_by(4093)
+            .all(|k| c.send_queue[k] == common::big_byte(acked + k)),
+        "send queue captured in order"
+    );
+    let mut conn = TcpStream::from(fds.into_iter().next().unwrap());
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    common::read_big(&mut conn, RECV).unwrap();
+    peer.cmd(&format!("expect_big 0 {sent}"));
+    conn.write_all(&pat("S2", 0)).unwrap();
+    peer.cmd("expect S2");
+    peer.cmd("sendpat P2");
+    common::read_exact_eq(&mut conn, &pat("P2", 0)).unwrap();
+    peer.cmd("check");
+    assert_eq!(peer.cmd("state 0"), "ok 1", "peer connection established");
+}
+
 /// Connection 0: the peer sent FIN (we are in CLOSE_WAIT with unread bytes);
 /// connection 1: we sent FIN (FIN_WAIT2), the peer still sends; connection
 /// 2: our FIN waits behind bytes the peer's window holds back (FIN_WAIT1).
@@ -455,6 +526,75 @@ fn freeze_and_capture(src: &mut NetSource) -> Vec<SocketRecord> {
     })
     .unwrap();
     recs
+}
+
+/// The estimate of queued bytes counts connections handed over (ioctls)
+/// and connections only planned (`sock_diag`, by cookie); the capture hands
+/// its records over in batches cut at `batch_bytes` of queue data, each
+/// queue whole and in order.
+#[test]
+fn queued_bytes_are_estimated_and_batches_cut_by_bytes() {
+    if !privileged("queued_bytes_are_estimated_and_batches_cut_by_bytes") {
+        return;
+    }
+    const EACH: usize = 3000;
+    let pairs: Vec<(TcpStream, TcpStream)> = (0..4)
+        .map(|i| {
+            let (mut client, server) = loopback_pair();
+            let data: Vec<u8> = (0..EACH).map(|k| common::big_byte(k + i)).collect();
+            client.write_all(&data).unwrap();
+            wait_inq(&server, EACH as u32);
+            (client, server)
+        })
+        .collect();
+    // Only planned: found by cookie in one dump of this namespace.
+    let mut planned = NetSource::new(NetSourceConfig::default()).unwrap();
+    for (i, (_, server)) in pairs.iter().enumerate() {
+        planned.plan_fd(i as u64, server.as_fd()).unwrap();
+    }
+    assert_eq!(planned.queued_bytes().unwrap(), 4 * EACH as u64);
+    drop(planned);
+    for (batch_bytes, want) in [
+        (5000, vec![1, 1, 1, 1]),
+        (6000, vec![2, 2]),
+        (1 << 20, vec![4]),
+    ] {
+        let cfg = NetSourceConfig::default()
+            .with_threads(1)
+            .with_batch_bytes(batch_bytes);
+        let mut src = NetSource::new(cfg).unwrap();
+        for (i, (_, server)) in pairs.iter().enumerate() {
+            src.add(i as u64, server.try_clone().unwrap().into())
+                .unwrap();
+        }
+        // Handed over: asked one by one.
+        assert_eq!(src.queued_bytes().unwrap(), 4 * EACH as u64);
+        src.freeze().unwrap();
+        let mut sizes = Vec::new();
+        src.capture(&mut |b| {
+            for r in &b {
+                let SocketRecord::Tcp(c) = r else {
+                    panic!("not TCP")
+                };
+                let i = c.id as usize;
+                let want: Vec<u8> = (0..EACH).map(|k| common::big_byte(k + i)).collect();
+                assert_eq!(&c.recv_queue[..], &want[..], "queue of {i}");
+            }
+            sizes.push(b.len());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(sizes, want, "batches at {batch_bytes} bytes");
+        // Aborted: the connections serve on, queues intact.
+        src.abort().unwrap();
+    }
+    for (i, (_, server)) in pairs.iter().enumerate() {
+        assert_eq!(
+            lmig_net::sys::inq(server.as_fd()).unwrap(),
+            EACH as u32,
+            "{i}"
+        );
+    }
 }
 
 /// `SinkConfig::nonblocking`: restored sockets come back non-blocking (no

@@ -1,4 +1,4 @@
-//! `lmig-bench migrate --mib M --conns N --mode precopy|postcopy|hybrid --dirty-mbps R [--max-freeze-ms F]`:
+//! `lmig-bench migrate --mib M --conns N --mode precopy|postcopy|hybrid --dirty-mbps R [--max-freeze-ms F] [--queued-mib Q]`:
 //! the demo's scenario (kvd with N busy clients moving between two hosts) as
 //! a benchmark. `--tls` runs the migration over TLS 1.3 with certificates
 //! made for the run, `--psk` (the default) over Noise keyed by a pre-shared
@@ -61,6 +61,11 @@ pub struct Args {
     /// tokio runtime with a task per connection).
     #[arg(long, default_value = "kvd")]
     pub server: String,
+    /// Leave this many MiB of replies queued in kvd's sockets at the freeze
+    /// (on up to 100 connections of their own; field `queued_bytes`: what
+    /// the freeze captured).
+    #[arg(long, default_value_t = 0.0)]
+    pub queued_mib: f64,
 }
 
 /// Run the scenario.
@@ -97,6 +102,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         fault,
         tls: args.tls,
         max_freeze_ms: args.max_freeze_ms,
+        queued_mib: args.queued_mib,
         ..Options::new(&args.mode, args.mib, args.conns)?
     };
     let r = scenario::run(&opts)?;
@@ -118,7 +124,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "source_commit": at_ns(s.map(|s| s.commit_ns)),
         "destination_resumed": at_ns(d.and_then(|d| d.resumed_ns)),
     });
-    out.emit(&json!({
+    let mut fig = json!({
         "scenario": "migrate",
         "server": server.name(),
         "mib": args.mib,
@@ -173,6 +179,20 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "keys_wrong": r.keys.map(|k| k.wrong),
         "refused": r.refused,
         "first_client_error": r.load.first_error,
-    }));
+    });
+    // `--queued-mib` (the json! macro's recursion limit stops short of one object).
+    let queued = json!({
+        // Bytes in the queues of the sockets the freeze captured.
+        "queued_bytes": s.map(|s| s.queued_bytes),
+        "queued_mib": args.queued_mib,
+        "queued_conns": r.queued.as_ref().map(|q| q.0),
+        "queued_asked_bytes": r.queued.as_ref().map(|q| q.1),
+        "queued_verified": r.queued.as_ref().map(|q| q.2.is_ok()),
+        "queued_error": r.queued.as_ref().and_then(|q| q.2.as_ref().err()),
+    });
+    if let (Some(f), serde_json::Value::Object(q)) = (fig.as_object_mut(), queued) {
+        f.extend(q);
+    }
+    out.emit(&fig);
     Ok(())
 }

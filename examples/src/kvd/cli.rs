@@ -400,6 +400,7 @@ fn serve_admin(
                             commit_ns: mono_ns(rep.commit_at),
                             ready_ns: mono_ns(rep.ready_at),
                             freeze_pages: rep.freeze_pages,
+                            queued_bytes: rep.queued_bytes,
                             freeze_steps_ms: rep
                                 .freeze_steps
                                 .iter()

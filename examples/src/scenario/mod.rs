@@ -18,6 +18,7 @@ use crate::figures::{DestinationFigures, KvdEvent, SourceFigures};
 use crate::kvd::load::{self, KeyCheck, LoadReport};
 
 mod kvd;
+pub mod queued;
 mod timeline;
 mod tls;
 
@@ -61,6 +62,8 @@ pub struct Options {
     /// Bound kvd's freeze (`migrate`'s max freeze, ms): past it the source
     /// aborts and serves on.
     pub max_freeze_ms: Option<f64>,
+    /// MiB left queued in kvd's sockets at the freeze (see [`queued`]); 0: none.
+    pub queued_mib: f64,
 }
 
 impl Options {
@@ -85,6 +88,7 @@ impl Options {
             fault: None,
             tls: false,
             max_freeze_ms: None,
+            queued_mib: 0.0,
         })
     }
 }
@@ -193,6 +197,10 @@ pub struct Report {
     /// Sockets that had joined the destination loop's poller before
     /// `Commit` (its `serving` event).
     pub registered_before_commit: Option<u64>,
+    /// With `queued_mib`: the connections that held the queued replies,
+    /// the reply bytes they asked for, and whether every byte arrived in
+    /// order after the migration (`Err`: where it did not).
+    pub queued: Option<(usize, u64, Result<(), String>)>,
     /// Where the timeline went.
     pub svg: Option<PathBuf>,
 }
@@ -227,6 +235,9 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     lmig_net::raise_nofile_limit()?;
     let topo = Topology::new()?;
     topo.add_service_address(&topo.a)?;
+    if opts.queued_mib > 0.0 {
+        queued::make_room(&topo.a, opts.queued_mib, opts.conns)?;
+    }
 
     let dir = std::env::temp_dir().join(format!("lmig-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -353,6 +364,18 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         _ => None,
     };
 
+    // Replies left queued in kvd's sockets, read after the migration.
+    let stuffed = if opts.queued_mib > 0.0 {
+        Some(queued::stuff(
+            &topo.client,
+            service.parse()?,
+            opts.queued_mib,
+            opts.conns,
+        )?)
+    } else {
+        None
+    };
+
     // Migrate (twice when the first destination is killed in the freeze).
     let mut report = Report::default();
     let mut source = migrate_once(&admin_path, &incoming, opts)?;
@@ -414,6 +437,10 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         {
             report.registered_before_commit = Some(registered_before_commit);
         }
+    }
+    if let Some(q) = stuffed {
+        let (conns, asked) = (q.conns(), q.asked_bytes);
+        report.queued = Some((conns, asked, q.verify()));
     }
     std::thread::sleep(opts.after);
     stop.store(true, Ordering::SeqCst);

@@ -385,6 +385,7 @@ fn source_figures(rep: SourceReport, started: u64, t0: Instant) -> SourceFigures
         pages_sent: rep.pages_sent,
         zero_pages: rep.zero_pages,
         sockets: rep.sockets,
+        queued_bytes: rep.queued_bytes,
         switched_to_postcopy: rep.switched_to_postcopy,
         started_ns: started,
         paused_ns: mono_ns(rep.paused_at),

@@ -429,6 +429,10 @@ impl<S: SocketSource> SocketSource for HandoffSource<S> {
         self.inner.capture(emit)
     }
 
+    fn queued_bytes(&mut self) -> lmig_core::Result<u64> {
+        self.inner.queued_bytes()
+    }
+
     fn abort(&mut self) -> lmig_core::Result<()> {
         let inner = self.inner.abort();
         let lock = self.handoff.unlock();

@@ -1,6 +1,7 @@
 //! `NETLINK_SOCK_DIAG`: the UDP sockets of a network namespace with their
 //! receive-buffer use (`inet_diag`, `INET_DIAG_SKMEMINFO`), for pacing the
-//! release of held packets ([`crate::lock`]).
+//! release of held packets ([`crate::lock`]); the queued bytes of its TCP
+//! connections by socket cookie, for the freeze's estimate.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -62,6 +63,48 @@ impl Diag {
         }
         Ok(())
     }
+}
+
+impl Diag {
+    /// Every TCP connection of both families but listeners: `each(cookie,
+    /// receive queue, send queue)` in bytes (`rcv_nxt - copied_seq`,
+    /// `write_seq - snd_una`, as `SIOCINQ` and `SIOCOUTQ` say), one dump each.
+    #[doc(alias = "SOCK_DIAG_BY_FAMILY")]
+    pub(crate) fn tcp_queues(&mut self, each: &mut dyn FnMut(u64, u32, u32)) -> io::Result<()> {
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            let mut m = MsgBuf::new();
+            m.begin(SOCK_DIAG_BY_FAMILY, F_REQUEST | F_DUMP, self.nl.next_seq())
+                .raw(&tcp_request(family))
+                .end();
+            self.nl.dump(m.bytes(), |kind, payload| {
+                if kind == SOCK_DIAG_BY_FAMILY {
+                    if let Some((cookie, rq, wq)) = parse_tcp_queues(payload) {
+                        each(cookie, rq, wq);
+                    }
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// `struct inet_diag_req_v2` for every TCP socket of `family` but
+/// listeners (`TCP_LISTEN` = 10), no attributes.
+fn tcp_request(family: u8) -> [u8; 8 + SOCKID_LEN] {
+    let mut r = [0u8; 8 + SOCKID_LEN];
+    r[0] = family;
+    r[1] = libc::IPPROTO_TCP as u8;
+    r[4..8].copy_from_slice(&(!(1u32 << 10)).to_ne_bytes());
+    r
+}
+
+/// (cookie, `idiag_rqueue`, `idiag_wqueue`) of one `inet_diag_msg`.
+fn parse_tcp_queues(p: &[u8]) -> Option<(u64, u32, u32)> {
+    let msg = p.get(..DIAG_MSG_LEN)?;
+    let word = |i: usize| u32::from_ne_bytes([msg[i], msg[i + 1], msg[i + 2], msg[i + 3]]);
+    // `idiag_cookie` is `__u32[2]`, the low half first.
+    let cookie = u64::from(word(4 + 40)) | u64::from(word(4 + 44)) << 32;
+    Some((cookie, word(4 + SOCKID_LEN + 4), word(4 + SOCKID_LEN + 8)))
 }
 
 /// `struct inet_diag_req_v2` for every UDP socket of `family`, asking for
@@ -146,5 +189,21 @@ mod tests {
         // Truncated, or without memory figures: nothing.
         assert_eq!(parse_udp(&p[..DIAG_MSG_LEN - 1]), None);
         assert_eq!(parse_udp(&p[..DIAG_MSG_LEN]), None);
+    }
+
+    #[test]
+    fn tcp_queue_request_and_reply_layout() {
+        let r = tcp_request(libc::AF_INET as u8);
+        assert_eq!((r[0], r[1], r[2]), (2, 6, 0));
+        assert_eq!(u32::from_ne_bytes([r[4], r[5], r[6], r[7]]), !0x400);
+        let mut p = vec![0u8; DIAG_MSG_LEN];
+        let cookie: u64 = 0x1234_5678_9abc_def0;
+        p[44..48].copy_from_slice(&(cookie as u32).to_ne_bytes());
+        p[48..52].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+        p[52..56].copy_from_slice(&7u32.to_ne_bytes()); // expires
+        p[56..60].copy_from_slice(&4096u32.to_ne_bytes()); // rqueue
+        p[60..64].copy_from_slice(&65_536u32.to_ne_bytes()); // wqueue
+        assert_eq!(parse_tcp_queues(&p), Some((cookie, 4096, 65_536)));
+        assert_eq!(parse_tcp_queues(&p[..DIAG_MSG_LEN - 1]), None);
     }
 }

@@ -17,7 +17,7 @@
 //! | `prio` | thread priority |
 //! | `mem` | prefaulting memory the freeze fills |
 //! | `netlink`, `rtnl`, `nft`, `packet` | netlink sockets and messages, rtnetlink, nftables/NFQUEUE numbers, `AF_PACKET` |
-//! | `diag` | `NETLINK_SOCK_DIAG`: UDP sockets and their receive-buffer use |
+//! | `diag` | `NETLINK_SOCK_DIAG`: UDP sockets and their receive-buffer use, TCP queue bytes |
 //!
 //! Not default public API: the crate's tests and the benchmark reach it with
 //! the feature `bench-internals`.

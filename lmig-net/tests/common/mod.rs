@@ -70,6 +70,34 @@ pub fn read_big(s: &mut impl Read, n: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Write `n` bytes of the big pattern (bounded: 20 s).
+pub fn write_big(s: &mut TcpStream, n: usize) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    s.set_write_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| format!("{e}"))?;
+    let mut buf = vec![0u8; 65536];
+    let mut k = 0;
+    while k < n {
+        let m = (n - k).min(buf.len());
+        for (j, b) in buf[..m].iter_mut().enumerate() {
+            *b = big_byte(k + j);
+        }
+        match s.write(&buf[..m]) {
+            Ok(w) => k += w,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(format!("write big at {k}: {e}")),
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("wrote only {k} of {n} bytes in 20 s"));
+        }
+    }
+    Ok(())
+}
+
 /// `EstabResets` of /proc/net/snmp in the caller's namespace.
 pub fn estab_resets() -> u64 {
     let s = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
@@ -238,6 +266,14 @@ pub fn peer_main() {
                     read_big(&mut conns[i], n).map_err(|e| format!("conn {i}: {e}"))?;
                     Ok(String::new())
                 }
+                // sendbig <i> <n>: write n bytes of the big pattern on
+                // connection i (bounded: 20 s), whatever the window lets through.
+                ["sendbig", i, n] => {
+                    let i: usize = i.parse().map_err(|e| format!("{e}"))?;
+                    let n: usize = n.parse().map_err(|e| format!("{e}"))?;
+                    write_big(&mut conns[i], n).map_err(|e| format!("conn {i}: {e}"))?;
+                    Ok(String::new())
+                }
                 ["expect_eof", i] => {
                     let i: usize = i.parse().map_err(|e| format!("{e}"))?;
                     let mut b = [0u8; 1];
@@ -344,13 +380,21 @@ pub fn migrate_with(
             s
         })
         .unwrap();
+    // As the session does after each round: the estimate gets the capture's memory ready.
+    let queued = src.queued_bytes().unwrap();
     src.freeze().unwrap();
     let mut batches = Vec::new();
+    let cpu = || {
+        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap();
+        Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
+    };
+    let (t, c) = (std::time::Instant::now(), cpu());
     src.capture(&mut |b| {
         batches.push(b);
         Ok(())
     })
     .unwrap();
+    let captured = (t.elapsed(), cpu() - c);
     let records: Vec<SocketRecord> = batches.iter().flatten().cloned().collect();
     // Restore at B while the service address is still on A (the restored
     // sockets bind and connect with IP_TRANSPARENT), then move the address,
@@ -360,9 +404,14 @@ pub fn migrate_with(
         .b
         .run(move || {
             let mut sink = sink;
+            let t = std::time::Instant::now();
             for b in batches {
                 sink.restore(b).unwrap();
             }
+            eprintln!(
+                "{queued} bytes queued: capture (wall, cpu) {captured:?}, restore {:?}",
+                t.elapsed()
+            );
             sink
         })
         .unwrap();
@@ -372,7 +421,9 @@ pub fn migrate_with(
         .b
         .run(move || {
             let mut sink = sink;
+            let t = std::time::Instant::now();
             sink.activate().unwrap();
+            eprintln!("activate {:?}", t.elapsed());
             sink.take_fds()
         })
         .unwrap();

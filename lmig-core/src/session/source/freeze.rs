@@ -8,7 +8,7 @@ use super::control::FreezeBound;
 use super::precopy::{FirstRound, PageLanes, Rounds};
 use super::{CANCEL_TICK, Mode, Source, SourceReport, Undo};
 use crate::error::{MigrationError, Result};
-use crate::model::{PageRun, RegionLayout, RegionPages};
+use crate::model::{PageRun, RegionLayout, RegionPages, SocketRecord};
 use crate::protocol::{Handover, Message};
 use crate::session::pages::runs_of;
 use crate::session::{panicked, spawn_named, unexpected};
@@ -79,14 +79,14 @@ where
             .stopping_on(&stop);
         let (channel, tracker, sockets) = (&self.channel, &mut self.tracker, &mut self.sockets);
         let (captured, postcopy_runs) =
-            std::thread::scope(|scope| -> Result<(u64, Vec<PageRun>)> {
+            std::thread::scope(|scope| -> Result<((u64, u64), Vec<PageRun>)> {
                 let capture = SocketCapture::spawn(scope, sockets, channel, &bound)?;
                 let pages = final_pages(&lanes, tracker, mode, &mut rounds, report, &mut clock);
                 let captured = capture.join();
                 let runs = pages?;
                 Ok((captured?, runs))
             })?;
-        report.sockets = captured;
+        (report.sockets, report.queued_bytes) = captured;
         // The part of the capture that outlasted the pages.
         clock.step("capture sockets", &mut report.freeze_steps)?;
         let state = self.program.capture()?;
@@ -166,10 +166,18 @@ fn final_pages<M: MemorySource, C: Channel, T: DirtyTracker>(
     Ok(postcopy_runs)
 }
 
+/// Queue bytes a socket record carries.
+fn queued_len(r: &SocketRecord) -> u64 {
+    match r {
+        SocketRecord::Tcp(c) => (c.send_queue.len() + c.recv_queue.len()) as u64,
+        _ => 0,
+    }
+}
+
 /// The thread capturing the sockets during the freeze and sending their
 /// records (`Sockets{last: false}` batches, then `Sockets{last: true}`).
 struct SocketCapture<'scope> {
-    thread: std::thread::ScopedJoinHandle<'scope, Result<u64>>,
+    thread: std::thread::ScopedJoinHandle<'scope, Result<(u64, u64)>>,
 }
 
 impl<'scope> SocketCapture<'scope> {
@@ -181,10 +189,11 @@ impl<'scope> SocketCapture<'scope> {
     ) -> Result<Self> {
         let bound = bound.clone();
         let thread = spawn_named(scope, "lmig-capture".into(), move || {
-            let mut count = 0u64;
+            let (mut count, mut queued) = (0u64, 0u64);
             sockets.capture(&mut |records| {
                 bound.check("capture sockets")?;
                 count += records.len() as u64;
+                queued += records.iter().map(queued_len).sum::<u64>();
                 channel.send(&Message::Sockets {
                     records,
                     last: false,
@@ -194,13 +203,14 @@ impl<'scope> SocketCapture<'scope> {
                 records: Vec::new(),
                 last: true,
             })?;
-            Ok::<_, MigrationError>(count)
+            Ok::<_, MigrationError>((count, queued))
         })?;
         Ok(Self { thread })
     }
 
-    /// The number of records captured; a panic in the capture is an error.
-    fn join(self) -> Result<u64> {
+    /// The number of records captured and the bytes in their queues; a
+    /// panic in the capture is an error.
+    fn join(self) -> Result<(u64, u64)> {
         self.thread
             .join()
             .unwrap_or_else(|p| Err(panicked("in the socket capture", false, &*p)))

@@ -194,6 +194,9 @@ pub struct SourceReport {
     pub requested_pages: u64,
     /// Socket records captured.
     pub sockets: u64,
+    /// Bytes in the captured sockets' queues (received and unread, sent and
+    /// unacknowledged, unsent), carried in the freeze.
+    pub queued_bytes: u64,
     /// Which dirty tracker ran.
     pub tracker: &'static str,
     /// When the program was paused.
@@ -341,6 +344,7 @@ where
             postcopy_pages: 0,
             requested_pages: 0,
             sockets: 0,
+            queued_bytes: 0,
             tracker: self.tracker.name(),
             paused_at: start,
             ready_at: start,

@@ -238,7 +238,11 @@ where
         let elapsed = t0.elapsed();
         report.zero_pages += sent.zero_pages;
         report.bytes_sent += sent.bytes;
+        // An estimate (which also lets the socket source get ready for the
+        // capture): one the sockets cannot give counts as none.
+        let queued_bytes = self.sockets.queued_bytes().unwrap_or(0);
         let stats = RoundStats {
+            queued_bytes,
             round,
             pages_sent: sent.pages,
             zero_pages: sent.zero_pages,
