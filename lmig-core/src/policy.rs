@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 /// What happened in one pre-copy round, measured by the source session.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, Default, PartialEq)]
 pub struct RoundStats {
     /// Round number, from 0.
@@ -22,6 +23,10 @@ pub struct RoundStats {
     /// Bytes put on the channel in the round (page data plus headers).
     pub bytes_sent: u64,
     /// Wall time of the round, send and collect.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "elapsed_ms", with = "crate::serde_ms")
+    )]
     pub elapsed: Duration,
     /// Pages found dirty by the collect that ended the round: what the next
     /// round (or the freeze) must send.
@@ -31,6 +36,7 @@ pub struct RoundStats {
 }
 
 /// The policy's current view.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, Default, PartialEq)]
 pub struct Estimate {
     /// Bytes per second the channel achieved, smoothed.
@@ -38,11 +44,17 @@ pub struct Estimate {
     /// Bytes per second the program dirties, smoothed.
     pub dirty_rate_bps: f64,
     /// The freeze if we froze now.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "freeze_ms", with = "crate::serde_ms")
+    )]
     pub freeze: Duration,
 }
 
 /// The policy's answer after a round.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Decision {
     /// Run another pre-copy round.
     Continue,
@@ -75,7 +87,9 @@ pub trait Policy: Send {
 }
 
 /// What to do when pre-copy does not converge.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Fallback {
     /// Freeze anyway and accept a longer freeze.
     #[default]
@@ -87,15 +101,24 @@ pub enum Fallback {
 }
 
 /// Settings of [`ConvergencePolicy`].
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, PartialEq)]
 pub struct PolicyConfig {
     /// Freeze as soon as the estimated freeze is at most this.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "downtime_target_ms", with = "crate::serde_ms")
+    )]
     pub downtime_target: Duration,
     /// Most pre-copy rounds before the fallback applies.
     pub max_rounds: u32,
     /// What to do when rounds stop converging or `max_rounds` is reached.
     pub fallback: Fallback,
     /// Freeze cost that does not depend on memory (sockets, state), added to the estimate.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "fixed_freeze_cost_ms", with = "crate::serde_ms")
+    )]
     pub fixed_freeze_cost: Duration,
     /// A round "makes progress" when it leaves at most this fraction of the
     /// previous round's dirty bytes; after `stall_rounds` rounds without

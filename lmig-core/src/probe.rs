@@ -24,8 +24,10 @@
 use std::fmt;
 
 /// A kernel feature or privilege live migration uses.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum Capability {
     /// Finding the pages written since the last round (pre-copy).
     DirtyTracking,
@@ -77,7 +79,9 @@ impl fmt::Display for Capability {
 }
 
 /// The three answers a probe can give, without their words.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Status {
     /// Works as lmig wants it.
     Ok,
@@ -105,8 +109,10 @@ impl fmt::Display for Status {
 }
 
 /// What a probe found for one capability.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Verdict {
     /// It works; `detail` says how (e.g. which tracker and why).
     Ok {
@@ -188,6 +194,7 @@ impl fmt::Display for Verdict {
 }
 
 /// One capability's verdict.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Finding {
@@ -198,6 +205,7 @@ pub struct Finding {
 }
 
 /// The verdicts of one or several probes, at most one per capability.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Report {
     findings: Vec<Finding>,

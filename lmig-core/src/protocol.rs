@@ -158,7 +158,9 @@ pub struct RegionDigest {
 }
 
 /// What the destination found when it checked the digests.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Verification {
     /// No digest was asked for.
     NotChecked,

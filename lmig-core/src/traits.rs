@@ -381,7 +381,9 @@ pub trait Channel: Send + Sync {
 }
 
 /// The phase a session is in, reported to observers.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Phase {
     /// Exchanging the layout.
     Setup,
@@ -403,13 +405,16 @@ pub enum Phase {
 }
 
 /// Something an observer may want to show or record.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Event {
     /// The session entered a phase.
     Phase {
         /// The new phase.
         phase: Phase,
-        /// When.
+        /// When (not serialised: an `Instant` means nothing outside the process).
+        #[cfg_attr(feature = "serde", serde(skip))]
         at: Instant,
     },
     /// A pre-copy round finished.
@@ -434,7 +439,8 @@ pub enum Event {
         missing_pages: u64,
         /// Why, in words.
         reason: String,
-        /// When.
+        /// When (not serialised).
+        #[cfg_attr(feature = "serde", serde(skip))]
         at: Instant,
     },
     /// Destination, post-copy: a source came back after a pause; the
@@ -443,6 +449,10 @@ pub enum Event {
         /// Pages still missing when it came back.
         missing_pages: u64,
         /// How long post-copy was paused.
+        #[cfg_attr(
+            feature = "serde",
+            serde(rename = "paused_for_ms", with = "crate::serde_ms")
+        )]
         paused_for: std::time::Duration,
     },
 }
