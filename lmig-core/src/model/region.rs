@@ -199,6 +199,7 @@ impl RegionLayout {
 }
 
 /// `count` consecutive pages of one region starting at page `first`.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PageRun {
     /// The region.

@@ -40,6 +40,7 @@ impl Default for PostcopyOptions {
 }
 
 /// What post-copy did on this side.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, Default)]
 pub struct PostcopyStats {
     /// How the userfaultfd was opened.

@@ -5,6 +5,7 @@ use lmig_core::model::PageRun;
 use lmig_core::split::HostId;
 
 /// What the running host did.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SplitStats {
     /// Faults on pages held elsewhere (each one a fetch request).
@@ -31,6 +32,7 @@ pub struct SplitStats {
 }
 
 /// A page host that vanished, with the pages it held.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostLost {
     /// The host.
@@ -44,6 +46,7 @@ pub struct HostLost {
 }
 
 /// The outcome of [`SplitRegion::move_host`](crate::split::SplitRegion::move_host).
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MoveReport {
     /// Pages the draining host owned when the move began.
@@ -58,6 +61,7 @@ pub struct MoveReport {
 }
 
 /// The outcome of a gather.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GatherReport {
     /// Pages that came from page hosts.
