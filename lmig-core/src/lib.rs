@@ -32,7 +32,7 @@
 //! the reports and every error a cleanup path drops. Without it nothing is
 //! compiled in. With `serde`, reports, statistics and events implement
 //! `serde::Serialize` (plain values `Deserialize` too): durations as
-//! milliseconds in `*_ms` fields ([`serde_ms`]), `Instant`s as durations from
+//! milliseconds in `*_ms` fields (module `serde_ms`), `Instant`s as durations from
 //! the session's start (`SourceReport` has `freeze_ms`).
 //!
 //! ## Guarantees
