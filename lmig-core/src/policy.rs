@@ -52,9 +52,12 @@ pub struct Estimate {
 }
 
 /// The policy's answer after a round.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Decision {
     /// Run another pre-copy round.
     Continue,
@@ -87,9 +90,12 @@ pub trait Policy: Send {
 }
 
 /// What to do when pre-copy does not converge.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Fallback {
     /// Freeze anyway and accept a longer freeze.
     #[default]

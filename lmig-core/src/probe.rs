@@ -24,10 +24,13 @@
 use std::fmt;
 
 /// A kernel feature or privilege live migration uses.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "kebab-case")
+)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
-#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum Capability {
     /// Finding the pages written since the last round (pre-copy).
     DirtyTracking,
@@ -79,9 +82,12 @@ impl fmt::Display for Capability {
 }
 
 /// The three answers a probe can give, without their words.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Status {
     /// Works as lmig wants it.
     Ok,
@@ -109,10 +115,13 @@ impl fmt::Display for Status {
 }
 
 /// What a probe found for one capability.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Verdict {
     /// It works; `detail` says how (e.g. which tracker and why).
     Ok {

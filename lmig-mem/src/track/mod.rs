@@ -37,9 +37,12 @@ use crate::error::{MemError, Result};
 use crate::region::RegionSet;
 
 /// The kinds of tracker.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "kebab-case")
+)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum TrackerKind {
     /// [`UffdWpTracker`].
     #[cfg_attr(feature = "serde", serde(rename = "uffd-wp+pagemap-scan"))]

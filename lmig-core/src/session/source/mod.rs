@@ -25,9 +25,12 @@ use crate::traits::{
 };
 
 /// How the source moves memory.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Mode {
     /// Pre-copy rounds until the policy freezes; a `Postcopy` decision is
     /// treated as `Freeze`.
