@@ -133,8 +133,9 @@ impl Placement {
     }
 
     fn warn(&mut self, warning: String) {
-        warn!("{warning}");
         if self.warnings.len() < MAX_WARNINGS {
+            // Logged as kept: a peer's flood of bad input does not flood the log.
+            warn!("{warning}");
             self.warnings.push(warning);
         }
     }
