@@ -1,8 +1,18 @@
 //! What kvd reports, typed once for both sides of its JSON: kvd writes
 //! these (its admin socket's answers, its event lines on stdout), the
 //! scenario, the demo and `lmig-bench migrate` read them back.
+//!
+//! The migration's figures come from the library's own reports
+//! ([`SourceFigures::from_report`], [`DestinationFigures::from_report`]):
+//! the fields the scenario and the bench read, plus the whole report as
+//! the library serialises it (feature `serde`: durations as `*_ms`, the
+//! source's `freeze_ms`, every round and decision) in `report`.
 
+use lmig_core::protocol::Verification;
+use lmig_core::session::{DestinationReport, SourceReport};
 use serde::{Deserialize, Serialize};
+
+use crate::common::clock::mono_ns;
 
 /// kvd's answer to `migrate` when the migration committed: the source's
 /// view.
@@ -51,6 +61,46 @@ pub struct SourceFigures {
     /// 1.3` and its suite, or `none`.
     #[serde(default)]
     pub cipher: String,
+    /// The library's report as it serialises it
+    /// ([`lmig_core::session::SourceReport`]: `freeze_ms`, `round_stats`,
+    /// `decisions`, `freeze_steps_ms`, …); `null` from an older kvd.
+    #[serde(default)]
+    pub report: serde_json::Value,
+}
+
+impl SourceFigures {
+    /// The figures of a committed migration: `rep` as the library reported
+    /// it, `started_ns` when the `migrate` command arrived, `total_ms` the
+    /// whole command, `cipher` what protected the streams.
+    pub fn from_report(rep: &SourceReport, started_ns: u64, total_ms: f64, cipher: String) -> Self {
+        Self {
+            ok: true,
+            mode: format!("{:?}", rep.mode).to_lowercase(),
+            rounds: rep.rounds,
+            bytes_sent: rep.bytes_sent,
+            pages_sent: rep.pages_sent,
+            zero_pages: rep.zero_pages,
+            sockets: rep.sockets,
+            queued_bytes: rep.queued_bytes,
+            switched_to_postcopy: rep.switched_to_postcopy,
+            started_ns,
+            paused_ns: mono_ns(rep.paused_at),
+            commit_ns: mono_ns(rep.commit_at),
+            ready_ns: mono_ns(rep.ready_at),
+            freeze_pages: rep.freeze_pages,
+            freeze_steps_ms: rep
+                .freeze_steps
+                .iter()
+                .map(|(n, d)| (n.to_string(), d.as_secs_f64() * 1e3))
+                .collect(),
+            total_ms,
+            verified: rep.verification == Verification::Verified,
+            policy: rep.policy_reason.clone(),
+            warnings: rep.warnings.clone(),
+            cipher,
+            report: serde_json::to_value(rep).unwrap_or_default(),
+        }
+    }
 }
 
 /// kvd's answer to `migrate` when the migration failed.
@@ -123,6 +173,32 @@ pub struct DestinationFigures {
     pub complete_ns: Option<u64>,
     /// What went wrong without failing the migration.
     pub warnings: Vec<String>,
+    /// The library's report as it serialises it
+    /// ([`lmig_core::session::DestinationReport`]: `resumed_ms`,
+    /// `complete_ms`, … from the session's start); `null` from an older kvd.
+    #[serde(default)]
+    pub report: serde_json::Value,
+}
+
+impl DestinationFigures {
+    /// The figures of a migration that arrived, from the library's report.
+    pub fn from_report(rep: &DestinationReport) -> Self {
+        Self {
+            pages_placed: rep.pages_placed,
+            postcopy_pages: rep.postcopy_pages,
+            network_faults: rep.network_faults,
+            duplicate_pages: rep.duplicate_pages,
+            sockets: rep.sockets_restored,
+            verified: rep.verification == Verification::Verified,
+            resumed_ns: rep.resumed_at.map(mono_ns),
+            handover_ns: rep.handover_at.map(mono_ns),
+            last_page_ns: rep.last_page_at.map(mono_ns),
+            ready_ns: rep.ready_at.map(mono_ns),
+            complete_ns: rep.complete_at.map(mono_ns),
+            warnings: rep.warnings.clone(),
+            report: serde_json::to_value(rep).unwrap_or_default(),
+        }
+    }
 }
 
 /// One of kvd's event lines on stdout.
@@ -282,6 +358,73 @@ mod tests {
                 "{json}"
             );
         }
+    }
+
+    /// A real (in-memory) migration's reports.
+    fn reports() -> (SourceReport, DestinationReport) {
+        use lmig_core::model::{RegionId, RegionInfo, RegionLayout};
+        use lmig_core::session::{Destination, Source};
+        use lmig_core::testing::{MarkTracker, NullProgram, VecMemory, channel_pair};
+        let layout =
+            RegionLayout::new(vec![RegionInfo::new(RegionId(1), 32 * 4096, 4096).unwrap()])
+                .unwrap();
+        let (src_mem, dst_mem) = (VecMemory::new(&layout), VecMemory::new(&layout));
+        src_mem.fill(RegionId(1), 5, b"kvd");
+        let (a, b) = channel_pair(1);
+        let mut tracker = MarkTracker::new(&layout);
+        std::thread::scope(|s| {
+            let dst = s.spawn(|| Destination::new(&b, &dst_mem, NullProgram::default()).run());
+            let src = Source::new(&a, &src_mem, &mut tracker, NullProgram::default())
+                .run()
+                .unwrap();
+            (src, dst.join().unwrap().unwrap())
+        })
+    }
+
+    #[test]
+    fn figures_carry_the_library_reports_and_read_back() {
+        let (src, dst) = reports();
+        let f = SourceFigures::from_report(&src, 7, 1.5, "none".into());
+        assert_eq!(
+            (f.pages_sent, f.rounds, f.verified),
+            (src.pages_sent, src.rounds, true)
+        );
+        assert_eq!(
+            f.report["freeze_ms"].as_f64(),
+            Some(src.freeze().as_secs_f64() * 1e3)
+        );
+        assert_eq!(f.report["pages_sent"], src.pages_sent);
+        assert_eq!(
+            f.report["round_stats"].as_array().map(Vec::len),
+            Some(src.round_stats.len())
+        );
+        let line = MigrateLine::Migrated(f);
+        let json = serde_json::to_string(&line).unwrap();
+        assert_eq!(
+            serde_json::from_str::<MigrateLine>(&json).unwrap(),
+            line,
+            "{json}"
+        );
+
+        let d = DestinationFigures::from_report(&dst);
+        assert_eq!(d.pages_placed, dst.pages_placed);
+        assert!(d.report["resumed_ms"].as_f64().is_some(), "{}", d.report);
+        let e = KvdEvent::Migrated(d);
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            serde_json::from_str::<KvdEvent>(&json).unwrap(),
+            e,
+            "{json}"
+        );
+        // A line from a kvd without the embedded report still reads.
+        let old = r#"{"event":"migrated","pages_placed":1,"postcopy_pages":0,"network_faults":0,"duplicate_pages":0,"sockets":0,"verified":true,"resumed_ns":null,"handover_ns":null,"last_page_ns":null,"ready_ns":null,"complete_ns":null,"warnings":[]}"#;
+        assert!(matches!(
+            serde_json::from_str::<KvdEvent>(old).unwrap(),
+            KvdEvent::Migrated(DestinationFigures {
+                report: serde_json::Value::Null,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -22,6 +22,19 @@
 //! * `conformance` (feature `conformance`): one test body per pluggable
 //!   trait, for an embedder to run against their own backend.
 //!
+//! ## Observability (features `tracing`, `serde`)
+//!
+//! With `tracing`, the sessions log through the `tracing` crate: a span
+//! per phase (`setup`, `precopy` per round, `freeze`, `commit`,
+//! `after_commit`, `postcopy`; on the destination `receive`, `commit`,
+//! `postcopy`, `verify`), an event for each policy decision (its reason),
+//! each freeze step with its duration, reconnections, every warning of
+//! the reports and every error a cleanup path drops. Without it nothing is
+//! compiled in. With `serde`, reports, statistics and events implement
+//! `serde::Serialize` (plain values `Deserialize` too): durations as
+//! milliseconds in `*_ms` fields (module `serde_ms`), `Instant`s as durations from
+//! the session's start (`SourceReport` has `freeze_ms`).
+//!
 //! ## Guarantees
 //!
 //! Before the source sends `Commit`, any failure leaves the program running on
@@ -75,6 +88,11 @@
 
 #![forbid(unsafe_code)]
 
+// First: its macros (`debug!`, `info!`, `warn!`, `error!`, `phase_span!`)
+// are in scope in every module below.
+#[macro_use]
+mod log;
+
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod error;
@@ -82,6 +100,8 @@ pub mod model;
 pub mod policy;
 pub mod probe;
 pub mod protocol;
+#[cfg(feature = "serde")]
+pub mod serde_ms;
 pub mod session;
 pub mod split;
 #[cfg(feature = "testing")]

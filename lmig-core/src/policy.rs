@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 /// What happened in one pre-copy round, measured by the source session.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct RoundStats {
@@ -24,6 +25,10 @@ pub struct RoundStats {
     /// Bytes put on the channel in the round (page data plus headers).
     pub bytes_sent: u64,
     /// Wall time of the round, send and collect.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "elapsed_ms", with = "crate::serde_ms")
+    )]
     pub elapsed: Duration,
     /// Pages found dirty by the collect that ended the round: what the next
     /// round (or the freeze) must send.
@@ -38,6 +43,7 @@ pub struct RoundStats {
 
 /// The policy's current view (a [`Policy`] of your own starts from
 /// `Estimate::default()` and sets the fields).
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct Estimate {
@@ -46,10 +52,19 @@ pub struct Estimate {
     /// Bytes per second the program dirties, smoothed.
     pub dirty_rate_bps: f64,
     /// The freeze if we froze now.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "freeze_ms", with = "crate::serde_ms")
+    )]
     pub freeze: Duration,
 }
 
 /// The policy's answer after a round.
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Decision {
@@ -84,6 +99,11 @@ pub trait Policy: Send {
 }
 
 /// What to do when pre-copy does not converge.
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Fallback {
@@ -98,6 +118,7 @@ pub enum Fallback {
 
 /// Settings of [`ConvergencePolicy`]: `PolicyConfig::default()` and the
 /// `with_*` setters (the struct is `#[non_exhaustive]`).
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct PolicyConfig {
@@ -106,12 +127,20 @@ pub struct PolicyConfig {
     /// the memory left meets the target and only the queues keep the
     /// estimate above it, the policy freezes unless the queues drained by
     /// `progress_ratio` since the last round.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "downtime_target_ms", with = "crate::serde_ms")
+    )]
     pub downtime_target: Duration,
     /// Most pre-copy rounds before the fallback applies.
     pub max_rounds: u32,
     /// What to do when rounds stop converging or `max_rounds` is reached.
     pub fallback: Fallback,
     /// Freeze cost that does not depend on memory (sockets, state), added to the estimate.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "fixed_freeze_cost_ms", with = "crate::serde_ms")
+    )]
     pub fixed_freeze_cost: Duration,
     /// A round "makes progress" when it leaves at most this fraction of the
     /// previous round's dirty bytes; after `stall_rounds` rounds without

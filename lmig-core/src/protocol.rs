@@ -158,6 +158,11 @@ pub struct RegionDigest {
 }
 
 /// What the destination found when it checked the digests.
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Verification {
     /// No digest was asked for.

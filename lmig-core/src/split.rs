@@ -35,6 +35,7 @@ use crate::error::{MigrationError, Result};
 use crate::model::{PageBatch, PageRun, PageSet, RegionId, RegionInfo};
 
 /// A host taking part in split memory (the running host or a page host).
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HostId(pub u32);
 

@@ -392,6 +392,11 @@ pub trait Channel: Send + Sync {
 }
 
 /// The phase a session is in, reported to observers.
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Phase {
@@ -415,6 +420,11 @@ pub enum Phase {
 }
 
 /// Something an observer may want to show or record.
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Event {
@@ -422,7 +432,8 @@ pub enum Event {
     Phase {
         /// The new phase.
         phase: Phase,
-        /// When.
+        /// When (not serialised: an `Instant` means nothing outside the process).
+        #[cfg_attr(feature = "serde", serde(skip))]
         at: Instant,
     },
     /// A pre-copy round finished.
@@ -447,7 +458,8 @@ pub enum Event {
         missing_pages: u64,
         /// Why, in words.
         reason: String,
-        /// When.
+        /// When (not serialised).
+        #[cfg_attr(feature = "serde", serde(skip))]
         at: Instant,
     },
     /// Destination, post-copy: a source came back after a pause; the
@@ -456,6 +468,10 @@ pub enum Event {
         /// Pages still missing when it came back.
         missing_pages: u64,
         /// How long post-copy was paused.
+        #[cfg_attr(
+            feature = "serde",
+            serde(rename = "paused_for_ms", with = "crate::serde_ms")
+        )]
         paused_for: std::time::Duration,
     },
 }

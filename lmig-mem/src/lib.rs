@@ -221,6 +221,11 @@
 //! ```
 #![deny(unsafe_code)]
 
+// First: its macros (`debug!`, `info!`, `warn!`, `error!`, `phase_span!`)
+// are in scope in every module below.
+#[macro_use]
+mod log;
+
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod error;

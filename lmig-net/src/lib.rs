@@ -101,6 +101,11 @@
 //! ```
 #![deny(unsafe_code)]
 
+// First: its macros (`debug!`, `info!`, `warn!`, `error!`, `phase_span!`)
+// are in scope in every module below.
+#[macro_use]
+mod log;
+
 mod arena;
 mod error;
 mod fd;

@@ -118,7 +118,9 @@ impl<'fd> RepairGuard<'fd> {
 impl Drop for RepairGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = leave_repair(self.fd, true, self.reuse_addr);
+            if let Err(e) = leave_repair(self.fd, true, self.reuse_addr) {
+                warn!(error = %e, "a socket could not leave TCP repair mode");
+            }
         }
     }
 }

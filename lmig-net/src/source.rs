@@ -463,7 +463,9 @@ impl NetSource {
     /// in repair mode leave it first.
     pub fn into_fds(mut self) -> Vec<(u64, OwnedFd)> {
         // A failure here was reported by the abort that came first.
-        let _ = self.leave_repair();
+        if let Err(e) = self.leave_repair() {
+            debug!(error = %e, "giving the fds back: leaving repair mode failed (the abort reported it)");
+        }
         self.phase = Phase::Released;
         std::mem::take(&mut self.entries)
             .into_iter()
@@ -774,18 +776,25 @@ impl NetSource {
             .iter()
             .filter(|e| e.kind == SocketKind::TcpEstablished)
         {
-            let _ = enter_repair(e);
+            if let Err(err) = enter_repair(e) {
+                warn!(error = %err, id = e.id, "a connection could not enter repair mode before its close: its peer may see a FIN or RST");
+            }
         }
         let entries = std::mem::take(&mut self.entries);
         if self.cfg.close_in_background {
             // If the thread cannot start, the closure and the sockets in it
             // are dropped here.
-            let _ = std::thread::Builder::new()
+            if let Err(e) = std::thread::Builder::new()
                 .name("lmig-net-close".into())
                 .spawn(move || {
-                    let _ = sys::lowest_thread_priority();
+                    if let Err(e) = sys::lowest_thread_priority() {
+                        debug!(error = %e, "the closing thread could not lower its priority");
+                    }
                     drop(entries);
-                });
+                })
+            {
+                debug!(error = %e, "the closing thread could not start: the sockets close here");
+            }
         } else {
             drop(entries);
         }
@@ -830,7 +839,9 @@ impl Drop for NetSource {
     fn drop(&mut self) {
         if self.phase == Phase::Frozen {
             // Never released: the migration did not commit, keep the connections alive.
-            let _ = self.abort_sockets();
+            if let Err(e) = self.abort_sockets() {
+                warn!(error = %e, "dropping a frozen socket source: giving the sockets back failed");
+            }
         }
     }
 }

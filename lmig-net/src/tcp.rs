@@ -621,7 +621,9 @@ fn write_unsent(fd: BorrowedFd<'_>, data: &[u8], what: &dyn Fn() -> String) -> R
                 if Instant::now() >= deadline {
                     return Err(NetError::sys("write never-sent bytes", what(), e));
                 }
-                let _ = sys::poll_one(fd, libc::POLLOUT, 100);
+                if let Err(e) = sys::poll_one(fd, libc::POLLOUT, 100) {
+                    debug!(error = %e, "waiting for room in a send queue failed");
+                }
             }
             Err(e) => return Err(NetError::sys("write never-sent bytes", what(), e)),
         }

@@ -81,7 +81,9 @@ fn prepare_netns_dir() -> Result<()> {
         if let Err(e) = sys::make_shared(dir) {
             // Not a mount point yet: make it one by binding it on itself.
             if e.raw_os_error() == Some(libc::EINVAL) && sys::bind_mount(dir, dir, true).is_ok() {
-                let _ = sys::make_shared(dir);
+                if let Err(e) = sys::make_shared(dir) {
+                    debug!(error = %e, "making the namespace directory a shared mount failed");
+                }
             }
         }
     });
@@ -93,8 +95,12 @@ fn prepare_netns_dir() -> Result<()> {
 /// file. A namespace that is not there is not an error.
 fn remove_netns(name: &str) {
     let path = netns_path(name);
-    let _ = sys::detach_mount(&path);
-    let _ = std::fs::remove_file(&path);
+    if let Err(e) = sys::detach_mount(&path) {
+        debug!(error = %e, "detaching a network namespace mount failed");
+    }
+    if let Err(e) = std::fs::remove_file(&path) {
+        debug!(error = %e, "removing a network namespace file failed");
+    }
 }
 
 /// `if_nametoindex` in the calling thread's namespace.

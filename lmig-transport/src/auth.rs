@@ -226,7 +226,9 @@ fn not_rejected(got: Handshake) -> Result<Handshake> {
 }
 
 fn refuse(io: &mut dyn HandshakeIo, reason: RejectReason) {
-    let _ = io.send(&Handshake::Reject(Reject { reason }));
+    if let Err(e) = io.send(&Handshake::Reject(Reject { reason })) {
+        debug!(error = %e, "telling the peer why it was refused did not work");
+    }
 }
 
 /// Run the dialer's side on a fresh connection.
@@ -296,9 +298,11 @@ pub(crate) fn dial(
 }
 
 fn unexpected(io: &mut dyn HandshakeIo, got: &Handshake, want: &'static str) -> TransportError {
-    let _ = io.send(&Handshake::Reject(Reject {
+    if let Err(e) = io.send(&Handshake::Reject(Reject {
         reason: RejectReason::Unexpected,
-    }));
+    })) {
+        debug!(error = %e, "telling the peer why the handshake failed did not work");
+    }
     TransportError::Handshake {
         detail: format!("expected {want}, got {}", got.kind().name()),
     }

@@ -94,6 +94,10 @@
 
 #[macro_use]
 mod macros;
+// Also first: its macros (`debug!`, `info!`, `warn!`, `error!`,
+// `phase_span!`) are in scope in every module below.
+#[macro_use]
+mod log;
 
 pub mod auth;
 pub mod channel;

@@ -134,20 +134,7 @@ impl ReceiveLog for JsonLog {
 
     fn report(&self, r: &Result<DestinationReport, MigrationError>) {
         match r.as_ref().map_err(MigrationError::cause) {
-            Ok(rep) => event(KvdEvent::Migrated(DestinationFigures {
-                pages_placed: rep.pages_placed,
-                postcopy_pages: rep.postcopy_pages,
-                network_faults: rep.network_faults,
-                duplicate_pages: rep.duplicate_pages,
-                sockets: rep.sockets_restored,
-                verified: rep.verification == lmig_core::protocol::Verification::Verified,
-                resumed_ns: rep.resumed_at.map(mono_ns),
-                handover_ns: rep.handover_at.map(mono_ns),
-                last_page_ns: rep.last_page_at.map(mono_ns),
-                ready_ns: rep.ready_at.map(mono_ns),
-                complete_ns: rep.complete_at.map(mono_ns),
-                warnings: rep.warnings.clone(),
-            })),
+            Ok(rep) => event(KvdEvent::Migrated(DestinationFigures::from_report(rep))),
             Err(e @ MigrationError::PostcopyPaused { missing_pages, .. }) if *missing_pages > 0 => {
                 crate::kvd::server::POSTCOPY_PAUSED.store(*missing_pages, Ordering::Release);
                 eprintln!("kvd: the source was lost after Commit: {e}");
@@ -386,33 +373,12 @@ fn serve_admin(
                 });
                 match r {
                     Ok(rep) => {
-                        reply(json!(MigrateLine::Migrated(SourceFigures {
-                            ok: true,
-                            mode: format!("{:?}", rep.mode).to_lowercase(),
-                            rounds: rep.rounds,
-                            bytes_sent: rep.bytes_sent,
-                            pages_sent: rep.pages_sent,
-                            zero_pages: rep.zero_pages,
-                            sockets: rep.sockets,
-                            switched_to_postcopy: rep.switched_to_postcopy,
-                            started_ns: started,
-                            paused_ns: mono_ns(rep.paused_at),
-                            commit_ns: mono_ns(rep.commit_at),
-                            ready_ns: mono_ns(rep.ready_at),
-                            freeze_pages: rep.freeze_pages,
-                            queued_bytes: rep.queued_bytes,
-                            freeze_steps_ms: rep
-                                .freeze_steps
-                                .iter()
-                                .map(|(n, d)| (n.to_string(), d.as_secs_f64() * 1e3))
-                                .collect(),
-                            total_ms: t0.elapsed().as_secs_f64() * 1e3,
-                            verified: rep.verification
-                                == lmig_core::protocol::Verification::Verified,
-                            policy: rep.policy_reason,
-                            warnings: rep.warnings,
-                            cipher: crate::kvd::security::last_cipher(),
-                        })));
+                        reply(json!(MigrateLine::Migrated(SourceFigures::from_report(
+                            &rep,
+                            started,
+                            t0.elapsed().as_secs_f64() * 1e3,
+                            crate::kvd::security::last_cipher(),
+                        ))));
                         return true;
                     }
                     Err(e) => reply(json!(MigrateLine::Failed(MigrateFailure {

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use lmig_core::MigrationError;
-use lmig_core::protocol::Verification;
 use lmig_core::session::{DestinationReport, Mode, SourceReport};
 use lmig_core::traits::{Event, Phase};
 use lmig_mem::{RegionOptions, RegionSet};
@@ -31,7 +30,7 @@ use serde_json::json;
 use super::dirtier::{Dirtier, DirtierControl};
 use super::migrate::{MigrateOptions, ReceiveLog, migrate_out, receive};
 use super::service::{Control, Memory, STORE_REGION};
-use crate::common::clock::{mono_ns, now_mono_ns};
+use crate::common::clock::now_mono_ns;
 use crate::common::keys::key_from_hex;
 use crate::figures::{
     DestinationFigures, KvdEvent, MigrateFailure, MigrateLine, Progress, SourceFigures,
@@ -377,32 +376,12 @@ impl Admin {
 }
 
 fn source_figures(rep: SourceReport, started: u64, t0: Instant) -> SourceFigures {
-    SourceFigures {
-        ok: true,
-        mode: format!("{:?}", rep.mode).to_lowercase(),
-        rounds: rep.rounds,
-        bytes_sent: rep.bytes_sent,
-        pages_sent: rep.pages_sent,
-        zero_pages: rep.zero_pages,
-        sockets: rep.sockets,
-        queued_bytes: rep.queued_bytes,
-        switched_to_postcopy: rep.switched_to_postcopy,
-        started_ns: started,
-        paused_ns: mono_ns(rep.paused_at),
-        commit_ns: mono_ns(rep.commit_at),
-        ready_ns: mono_ns(rep.ready_at),
-        freeze_pages: rep.freeze_pages,
-        freeze_steps_ms: rep
-            .freeze_steps
-            .iter()
-            .map(|(n, d)| (n.to_string(), d.as_secs_f64() * 1e3))
-            .collect(),
-        total_ms: t0.elapsed().as_secs_f64() * 1e3,
-        verified: rep.verification == Verification::Verified,
-        policy: rep.policy_reason,
-        warnings: rep.warnings,
-        cipher: crate::kvd::security::last_cipher(),
-    }
+    SourceFigures::from_report(
+        &rep,
+        started,
+        t0.elapsed().as_secs_f64() * 1e3,
+        crate::kvd::security::last_cipher(),
+    )
 }
 
 /// The destination's log: JSON event lines on stdout (kvd's).
@@ -438,20 +417,7 @@ impl ReceiveLog for JsonLog {
 
     fn report(&self, r: &Result<DestinationReport, MigrationError>) {
         match r {
-            Ok(rep) => event(&KvdEvent::Migrated(DestinationFigures {
-                pages_placed: rep.pages_placed,
-                postcopy_pages: rep.postcopy_pages,
-                network_faults: rep.network_faults,
-                duplicate_pages: rep.duplicate_pages,
-                sockets: rep.sockets_restored,
-                verified: rep.verification == Verification::Verified,
-                resumed_ns: rep.resumed_at.map(mono_ns),
-                handover_ns: rep.handover_at.map(mono_ns),
-                last_page_ns: rep.last_page_at.map(mono_ns),
-                ready_ns: rep.ready_at.map(mono_ns),
-                complete_ns: rep.complete_at.map(mono_ns),
-                warnings: rep.warnings.clone(),
-            })),
+            Ok(rep) => event(&KvdEvent::Migrated(DestinationFigures::from_report(rep))),
             Err(e) => {
                 eprintln!("tokiod: incoming migration failed: {e}");
                 event(&KvdEvent::Failed {

@@ -12,6 +12,7 @@ pub const MAX_REGION_BYTES: u64 = 1 << 40;
 pub const MAX_REGIONS: usize = 4096;
 
 /// Identifies a region inside one migration; chosen by the program.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RegionId(pub u32);
 
@@ -198,6 +199,7 @@ impl RegionLayout {
 }
 
 /// `count` consecutive pages of one region starting at page `first`.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PageRun {
     /// The region.

@@ -88,9 +88,11 @@ fn spawn_named<'scope, 'env, T: Send + 'scope>(
     name: String,
     f: impl FnOnce() -> T + Send + 'scope,
 ) -> Result<std::thread::ScopedJoinHandle<'scope, T>, MigrationError> {
+    // The thread logs where its caller does.
+    let log = crate::log::Inherit::capture();
     std::thread::Builder::new()
         .name(name)
-        .spawn_scoped(scope, f)
+        .spawn_scoped(scope, move || log.run(f))
         .map_err(|e| MigrationError::backend("starting a session thread", e))
 }
 
@@ -98,7 +100,9 @@ fn spawn_named<'scope, 'env, T: Send + 'scope>(
 fn send_abort(channel: &impl Channel, err: &MigrationError) {
     let mut reason = err.to_string();
     reason.truncate(crate::protocol::MAX_REASON_BYTES - 4);
-    let _ = channel.send(&Message::Abort { reason });
+    if let Err(e) = channel.send(&Message::Abort { reason }) {
+        debug!(error = %e, "could not tell the peer Abort (it learns from the closed channel)");
+    }
     channel.shutdown();
 }
 
@@ -127,9 +131,13 @@ fn reconnect_within(
     loop {
         attempts += 1;
         match channel.reconnect() {
-            Ok(()) => return Ok(attempts),
+            Ok(()) => {
+                info!(attempts = attempts, why = why, "channel reconnected");
+                return Ok(attempts);
+            }
             Err(e @ MigrationError::Unsupported { .. }) => return Err(e),
             Err(e) if std::time::Instant::now() >= deadline => {
+                warn!(attempts = attempts, error = %e, why = why, "reconnection given up");
                 return Err(MigrationError::backend(
                     "post-copy recovery",
                     format!(
@@ -137,7 +145,10 @@ fn reconnect_within(
                     ),
                 ));
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                debug!(attempt = attempts, error = %e, "reconnection attempt failed");
+                std::thread::sleep(Duration::from_millis(50))
+            }
         }
     }
 }

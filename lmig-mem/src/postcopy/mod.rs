@@ -200,7 +200,9 @@ impl Postcopy {
             };
             if let Err(e) = uffd::register(self.uffd.as_fd(), t.start, t.len, mode) {
                 for done in &self.targets[..i] {
-                    let _ = uffd::unregister(self.uffd.as_fd(), done.start, done.len);
+                    if let Err(e) = uffd::unregister(self.uffd.as_fd(), done.start, done.len) {
+                        debug!(error = %e, "rolling back a failed post-copy start: unregistering a range failed");
+                    }
                 }
                 *lock(&self.registered) = false;
                 return Err(MemError::os(
@@ -574,7 +576,9 @@ impl Drop for Postcopy {
     /// and let them read zeros. The descriptor is leaked instead: they stay blocked (until the process ends), never wrong.
     fn drop(&mut self) {
         if self.missing_pages() == 0 || !*lock(&self.registered) {
-            let _ = self.end(true);
+            if let Err(e) = self.end(true) {
+                debug!(error = %e, "dropping post-copy: ending it failed");
+            }
             return;
         }
         std::mem::forget(Arc::clone(&self.uffd));

@@ -72,6 +72,7 @@ impl PostcopyOptions {
 }
 
 /// What post-copy did on this side.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub struct PostcopyStats {

@@ -126,7 +126,9 @@ impl RegionSink {
     pub(crate) fn discard_postcopy(&self) {
         let mut slot = self.postcopy.write().unwrap_or_else(|p| p.into_inner());
         if let Some(pc) = slot.take() {
-            let _ = pc.end(true);
+            if let Err(e) = pc.end(true) {
+                debug!(error = %e, "discarding post-copy: ending it failed");
+            }
             *lock(&self.stats) = pc.stats();
         }
     }

@@ -14,6 +14,7 @@ use lmig_core::{Channel, MigrationError};
 use super::{ACK_TIMEOUT, BATCH_PAGES, Dial, lock};
 
 /// What a page host did.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PageHostStats {
@@ -94,7 +95,9 @@ impl std::fmt::Debug for PageHost {
 }
 
 fn refuse(ch: &dyn Channel, reason: String) {
-    let _ = ch.send(&Message::Split(SplitMessage::Refused { reason }));
+    if let Err(e) = ch.send(&Message::Split(SplitMessage::Refused { reason })) {
+        debug!(error = %e, "page host: the refusal could not be sent");
+    }
 }
 
 impl PageHost {
@@ -273,7 +276,9 @@ impl HostInner {
             lock(&self.relay).replace(r)
         };
         if let Some(old) = old {
-            let _ = sync_with(&*old, u64::MAX);
+            if let Err(e) = sync_with(&*old, u64::MAX) {
+                debug!(error = %e, "page host: syncing with the former relay failed");
+            }
             old.shutdown();
         }
         Ok(())
@@ -597,7 +602,9 @@ impl PageSender {
                 reason: format!("sending to {to} at {endpoint}: {e}"),
             },
         };
-        let _ = ch.send(&Message::Split(reply));
+        if let Err(e) = ch.send(&Message::Split(reply)) {
+            debug!(error = %e, "page host: the reply to Send could not be sent");
+        }
     }
 }
 

@@ -91,6 +91,11 @@ pub(crate) const UFFDIO_WRITEPROTECT: u64 = ioc(
 const USERFAULTFD_IOC_NEW: u64 = ioc(0, UFFDIO, 0x00, 0);
 
 /// How a userfaultfd was obtained.
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum UffdOrigin {

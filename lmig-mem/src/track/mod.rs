@@ -37,10 +37,16 @@ use crate::error::{MemError, Result};
 use crate::region::RegionSet;
 
 /// The kinds of tracker.
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "kebab-case")
+)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum TrackerKind {
     /// [`UffdWpTracker`].
+    #[cfg_attr(feature = "serde", serde(rename = "uffd-wp+pagemap-scan"))]
     UffdWp,
     /// [`SoftDirtyTracker`].
     SoftDirty,
@@ -200,6 +206,10 @@ pub fn best_tracker(regions: &RegionSet) -> Result<(AutoTracker, TrackerChoice)>
     let mut rejected = Vec::new();
     match UffdWpTracker::new(regions) {
         Ok(t) => {
+            info!(
+                tracker = TrackerKind::UffdWp.name(),
+                "dirty tracker chosen: the best there is"
+            );
             return Ok((
                 AutoTracker::UffdWp(t),
                 TrackerChoice {
@@ -208,10 +218,17 @@ pub fn best_tracker(regions: &RegionSet) -> Result<(AutoTracker, TrackerChoice)>
                 },
             ));
         }
-        Err(e) => rejected.push((TrackerKind::UffdWp, e)),
+        Err(e) => {
+            info!(tracker = TrackerKind::UffdWp.name(), reason = %e, "dirty tracker rejected");
+            rejected.push((TrackerKind::UffdWp, e))
+        }
     }
     match SoftDirtyTracker::new(regions) {
         Ok(t) => {
+            info!(
+                tracker = TrackerKind::SoftDirty.name(),
+                "dirty tracker chosen: uffd-wp was rejected"
+            );
             return Ok((
                 AutoTracker::SoftDirty(t),
                 TrackerChoice {
@@ -220,8 +237,12 @@ pub fn best_tracker(regions: &RegionSet) -> Result<(AutoTracker, TrackerChoice)>
                 },
             ));
         }
-        Err(e) => rejected.push((TrackerKind::SoftDirty, e)),
+        Err(e) => {
+            info!(tracker = TrackerKind::SoftDirty.name(), reason = %e, "dirty tracker rejected");
+            rejected.push((TrackerKind::SoftDirty, e))
+        }
     }
+    warn!("no automatic dirty tracker: the program must mark its writes or hand over a dirty log");
     Err(MemError::NoTracker {
         reasons: rejected
             .iter()

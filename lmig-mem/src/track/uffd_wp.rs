@@ -194,7 +194,9 @@ impl UffdWpTracker {
             // userfaultfd holds (EBUSY) is not ours to unregister.
             let rollback = |upto: usize| {
                 for done in &self.ranges[..upto] {
-                    let _ = uffd::unregister(fd, done.start, done.len);
+                    if let Err(e) = uffd::unregister(fd, done.start, done.len) {
+                        debug!(error = %e, "rolling back a failed tracker start: unregistering a range failed");
+                    }
                 }
             };
             if let Err(e) = uffd::register(fd, r.start, r.len, uffd::UFFDIO_REGISTER_MODE_WP) {
@@ -310,7 +312,9 @@ pub(super) fn scan_range(
 impl Drop for UffdWpTracker {
     fn drop(&mut self) {
         if self.registered {
-            let _ = self.unregister_all();
+            if let Err(e) = self.unregister_all() {
+                debug!(error = %e, "dropping the uffd-wp tracker: unregistering its ranges failed");
+            }
         }
     }
 }

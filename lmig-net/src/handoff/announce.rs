@@ -117,8 +117,12 @@ impl Announcer {
         s.send_to(&na, &SockAddr::from(all_nodes))?;
         // A socket binds once: make a fresh one for a later announcement.
         if let Ok(fresh) = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)) {
-            let _ = fresh.set_multicast_hops_v6(255);
-            let _ = fresh.set_multicast_if_v6(self.ifindex);
+            if let Err(e) = fresh.set_multicast_hops_v6(255) {
+                debug!(error = %e, "the next announcement socket: setting its hop limit failed");
+            }
+            if let Err(e) = fresh.set_multicast_if_v6(self.ifindex) {
+                debug!(error = %e, "the next announcement socket: setting its interface failed");
+            }
             self.icmp6[i].1 = fresh;
         }
         Ok(())

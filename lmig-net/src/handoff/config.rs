@@ -192,22 +192,39 @@ fn canonical(a: IpAddr) -> IpAddr {
 }
 
 /// What one side of a handoff did, for reports and benchmarks.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct HandoffStats {
     /// Time to engage the lock (source: at the freeze).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "lock_ms", with = "lmig_core::serde_ms")
+    )]
     pub lock: Duration,
     /// Time to unlock (destination: the set flush, once the held packets
     /// are through; source: the whole unlock after an abort, its paced
     /// release included, or the final cleanup after a handoff).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "unlock_ms", with = "lmig_core::serde_ms")
+    )]
     pub unlock: Duration,
     /// Destination (and source after an abort): time until every held
     /// packet was let through, in order, as the sockets had room (the
     /// kernel delivers them inside the batch verdicts, so it grows with the
     /// number of held packets, not of connections, and with the time the
     /// program takes to read a full UDP socket).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "release_ms", with = "lmig_core::serde_ms")
+    )]
     pub release: Duration,
     /// Time to remove (source) or add and announce (destination) the addresses.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "address_move_ms", with = "lmig_core::serde_ms")
+    )]
     pub address_move: Duration,
     /// Packets held by the lock (source: re-injected towards the destination).
     pub held: u64,
@@ -218,6 +235,10 @@ pub struct HandoffStats {
     pub forwarded_direct: bool,
     /// Source: time to take the held packets and send them on at the
     /// handoff (the stragglers after it are not counted).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "forward_ms", with = "lmig_core::serde_ms")
+    )]
     pub forward: Duration,
     /// Source: held packets sent on during the freeze already
     /// ([`HandoffConfig::forward_early`]).

@@ -66,6 +66,11 @@ impl DestHandoff {
         }
         self.announcer.announce(&self.cfg.addrs)?;
         self.stats.address_move = t.elapsed();
+        info!(
+            addresses = self.cfg.addrs.len(),
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "handoff: the service addresses are here and announced"
+        );
         Ok(())
     }
 
@@ -112,7 +117,9 @@ impl DestHandoff {
     /// was never added here).
     pub fn discard(&mut self) {
         if let Some(mut lock) = self.lock.take() {
-            let _ = lock.unlock();
+            if let Err(e) = lock.unlock() {
+                warn!(error = %e, "discarding the handoff: unlocking failed");
+            }
         }
     }
 

@@ -58,7 +58,9 @@ pub(super) fn release(mut lock: NetLock, mut paced: InOrder, total_unlock: bool)
         let flushed = lock.disengage().is_ok();
         let accepted = lock.accept_all().is_ok();
         std::thread::sleep(SETTLE);
-        let _ = lock.accept_held();
+        if let Err(e) = lock.accept_held() {
+            debug!(error = %e, "release after a failed paced run: accepting the held packets failed");
+        }
         let removed = lock.remove_tables().is_ok();
         // Packets still queued when a step failed are dropped with the
         // table: count at least one.

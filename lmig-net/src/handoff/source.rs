@@ -134,6 +134,10 @@ impl SourceHandoff {
         })?;
         let t = Instant::now();
         lock.engage()?;
+        debug!(
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "handoff: the network lock holds the service addresses' packets"
+        );
         self.stats.lock().map(|mut s| s.lock = t.elapsed()).ok();
         let direct = self
             .stats
@@ -192,6 +196,10 @@ impl SourceHandoff {
         // release) go on behind, so that the program the abort resumes does
         // not wait for them.
         let delivered = paced.deliver(&mut lock)?;
+        info!(
+            all_delivered = delivered,
+            "handoff aborted: held packets continue here, the lock goes"
+        );
         self.releaser = Some(Releaser::spawn(lock, paced, !delivered)?);
         Ok(())
     }
@@ -251,6 +259,16 @@ impl SourceHandoff {
             s.forwarded_early += sent_early.min(held.len()) as u64;
             s.dropped += failed;
         }
+        info!(
+            held = held.len(),
+            failed = failed,
+            direct = direct,
+            forward_ms = forward.as_secs_f64() * 1e3,
+            "handoff: addresses removed, held packets sent on to the destination"
+        );
+        if let Some(e) = &first_err {
+            warn!(error = %e, "handoff: removing a service address failed");
+        }
         let stats = Arc::clone(&self.stats);
         let (quiet, linger) = (self.cfg.quiet, self.cfg.linger);
         self.forwarder = Some(Forwarder::spawn(lock, reinject, quiet, linger, stats)?);
@@ -305,7 +323,9 @@ impl Forwarder {
 
     /// Wait for it (bounded by [`HandoffConfig::linger`] and [`SETTLE`]).
     fn join(self) {
-        let _ = self.thread.join();
+        if self.thread.join().is_err() {
+            warn!("the handoff forwarder panicked");
+        }
     }
 }
 
@@ -333,11 +353,16 @@ fn forward_until_quiet(
                     }
                 }
             }
-            Err(_) => break,
+            Err(e) => {
+                warn!(error = %e, "handoff forwarder: reading the lock's queue failed: stopping early");
+                break;
+            }
         }
     }
     let t = Instant::now();
-    let _ = lock.disengage();
+    if let Err(e) = lock.disengage() {
+        warn!(error = %e, "handoff: disengaging the lock failed");
+    }
     let mut held = lock.take_held().unwrap_or_default();
     let unlock = t.elapsed();
     let mut failed = reinject.send_all(&held);
@@ -355,7 +380,9 @@ fn forward_until_quiet(
             count += held.len() as u64;
         }
     }
-    let _ = lock.remove_tables();
+    if let Err(e) = lock.remove_tables() {
+        warn!(error = %e, "handoff: removing the lock's tables failed");
+    }
     let dropped = lock.kernel_dropped() + lock.stats().dropped;
     if let Ok(mut s) = stats.lock() {
         s.unlock = unlock;

@@ -154,6 +154,7 @@ pub struct HeldPacket {
 }
 
 /// Counters of one lock.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LockStats {
@@ -239,7 +240,9 @@ impl NetLock {
                 reason: "no service address to lock".into(),
             });
         }
-        let _ = clean_stale();
+        if let Err(e) = clean_stale() {
+            debug!(error = %e, "removing stale lock tables of dead processes failed");
+        }
         let nft = NlSocket::netfilter()
             .map_err(|e| lock_err("netlink socket", "NETLINK_NETFILTER", e))?;
         let mut queue = NlSocket::netfilter()
@@ -560,7 +563,9 @@ impl NetLock {
 impl Drop for NetLock {
     fn drop(&mut self) {
         if self.installed {
-            let _ = self.unlock();
+            if let Err(e) = self.unlock() {
+                warn!(error = %e, "dropping the network lock: unlocking failed (its nftables table may be left)");
+            }
         }
     }
 }

@@ -29,6 +29,7 @@ use crate::sys::nft::NF_ACCEPT;
 const PACE_STEP: Duration = Duration::from_millis(1);
 
 /// What a paced release did.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PacedStats {
@@ -40,8 +41,16 @@ pub struct PacedStats {
     pub forced: u64,
     /// From the start until every held packet was let through and the
     /// set flushed (new packets no longer held).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "caught_up_ms", with = "lmig_core::serde_ms")
+    )]
     pub caught_up: Duration,
     /// The set flush itself (one netlink batch).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "flush_ms", with = "lmig_core::serde_ms")
+    )]
     pub flush: Duration,
 }
 

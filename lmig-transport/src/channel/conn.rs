@@ -66,10 +66,14 @@ impl Conn for TcpStream {
         Ok(Box::new(self.try_clone()?))
     }
     fn shutdown_conn(&self) {
-        let _ = self.shutdown(Shutdown::Both);
+        if let Err(e) = self.shutdown(Shutdown::Both) {
+            debug!(error = %e, "shutting down a tcp stream failed");
+        }
     }
     fn shutdown_read(&self) {
-        let _ = self.shutdown(Shutdown::Read);
+        if let Err(e) = self.shutdown(Shutdown::Read) {
+            debug!(error = %e, "shutting down the read side of a tcp stream failed");
+        }
     }
     fn peer_name(&self) -> String {
         self.peer_addr()
@@ -95,10 +99,14 @@ impl Conn for UnixStream {
         Ok(Box::new(self.try_clone()?))
     }
     fn shutdown_conn(&self) {
-        let _ = self.shutdown(Shutdown::Both);
+        if let Err(e) = self.shutdown(Shutdown::Both) {
+            debug!(error = %e, "shutting down a unix stream failed");
+        }
     }
     fn shutdown_read(&self) {
-        let _ = self.shutdown(Shutdown::Read);
+        if let Err(e) = self.shutdown(Shutdown::Read) {
+            debug!(error = %e, "shutting down the read side of a unix stream failed");
+        }
     }
     fn peer_name(&self) -> String {
         "unix".into()
@@ -356,9 +364,11 @@ impl HandshakeIo for HandshakeConn<'_> {
                 Ok(h)
             }
             Ok(ReadOutcome::Item(WireItem::Message(m))) => {
-                let _ = self.send(&Handshake::Reject(crate::wire::Reject {
+                if let Err(e) = self.send(&Handshake::Reject(crate::wire::Reject {
                     reason: crate::wire::RejectReason::Unexpected,
-                }));
+                })) {
+                    debug!(error = %e, "telling the peer a message came before the handshake did not work");
+                }
                 Err(TransportError::Unauthenticated { got: m.name() })
             }
             Ok(ReadOutcome::Eof) => Err(TransportError::Closed {
@@ -369,9 +379,11 @@ impl HandshakeIo for HandshakeConn<'_> {
                 after: self.timeout,
             }),
             Err(e @ (TransportError::Wire(_) | TransportError::Unauthenticated { .. })) => {
-                let _ = self.send(&Handshake::Reject(crate::wire::Reject {
+                if let Err(e) = self.send(&Handshake::Reject(crate::wire::Reject {
                     reason: crate::wire::RejectReason::Unexpected,
-                }));
+                })) {
+                    debug!(error = %e, "telling the peer its handshake was malformed did not work");
+                }
                 Err(e)
             }
             Err(e) => Err(e),

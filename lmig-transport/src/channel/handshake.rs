@@ -216,7 +216,9 @@ impl Shared {
                 timeout: self.config.handshake_timeout,
                 hello_seen: None,
             };
-            let _ = io.send(&Handshake::Reject(Reject { reason }));
+            if let Err(e) = io.send(&Handshake::Reject(Reject { reason })) {
+                debug!(error = %e, "telling a refused peer why did not work");
+            }
         }
         linger(&mut *writer);
         writer.shutdown_conn();

@@ -178,13 +178,14 @@ impl LaneReader {
         }
         let generation = self.generation;
         if let Err(e) = self.spawn(queue.clone(), direct.clone()) {
-            let _ = queue.push(
-                Event::Failed(
-                    generation,
-                    TransportError::io("spawning a reader thread", e),
-                ),
-                false,
+            warn!(error = %e, "a reader thread could not start: the stream counts as failed");
+            let failed = Event::Failed(
+                generation,
+                TransportError::io("spawning a reader thread", e),
             );
+            if queue.push(failed, false).is_err() {
+                debug!("the channel closed before a reader thread's failure was queued");
+            }
         }
     }
 

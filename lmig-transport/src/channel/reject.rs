@@ -62,6 +62,7 @@ impl fmt::Debug for RejectHook {
 /// authenticated, rejected or in flight:
 /// `accepted == authenticated + rejected + in_flight`. `timed_out` and
 /// `evicted` are parts of `rejected`.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ListenerStats {

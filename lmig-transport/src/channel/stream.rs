@@ -210,6 +210,10 @@ impl StreamChannel {
         old.shutdown();
         inner.generation.store(generation, Ordering::Release);
         start_readers(readers, inner);
+        info!(
+            generation = generation,
+            "channel re-established (every stream re-authenticated)"
+        );
         Ok(())
     }
 }

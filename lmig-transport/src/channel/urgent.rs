@@ -68,9 +68,12 @@ impl DirectUrgent {
         if slot.as_ref().is_some_and(|(g, _)| *g > generation) {
             return;
         }
-        let _ = reader
+        if let Err(e) = reader
             .conn()
-            .set_timeouts(Some(self.frame_timeout), self.write_timeout);
+            .set_timeouts(Some(self.frame_timeout), self.write_timeout)
+        {
+            debug!(error = %e, "setting the urgent stream's timeouts failed");
+        }
         *slot = Some((generation, reader));
     }
 
@@ -162,7 +165,9 @@ impl DirectUrgent {
                 );
                 *slot = None;
                 drop(slot);
-                let _ = queue.push(ev, false);
+                if queue.push(ev, false).is_err() {
+                    debug!("the urgent stream failed after the channel closed");
+                }
                 return DirectRead::Ended;
             }
         };
@@ -170,7 +175,9 @@ impl DirectUrgent {
             r.conn().shutdown_conn();
         }
         drop(slot);
-        let _ = queue.push(ev, false);
+        if queue.push(ev, false).is_err() {
+            debug!("the urgent stream ended after the channel closed");
+        }
         DirectRead::Ended
     }
 }

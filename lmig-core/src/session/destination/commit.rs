@@ -110,6 +110,7 @@ impl<C: Channel, M: MemorySink> AfterCommitWork<'_, C, M> {
             handover,
             program_running,
         } = self;
+        let _phase = phase_span!("after_commit", side = "destination");
         let outcome = contain("after Commit", true, || {
             let verification = session.after_commit(&mut progress, &handover)?;
             progress.report.verification = verification;
@@ -130,7 +131,7 @@ impl<C: Channel, M: MemorySink> AfterCommitWork<'_, C, M> {
             }
         });
         match outcome {
-            Ok(()) => Ok(progress.report),
+            Ok(()) => Ok(progress.finish()),
             Err(e) => Err(MigrationError::AfterCommit {
                 program_running,
                 source: Box::new(e),
@@ -173,9 +174,10 @@ impl<'scope> AfterCommit<'scope> {
         C: Channel + 'scope,
         M: MemorySink + 'scope,
     {
+        let log = crate::log::Inherit::capture();
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.into())
-            .spawn_scoped(scope, move || work.run())
+            .spawn_scoped(scope, move || log.run(|| work.run()))
             .map_err(cannot_start)?;
         Ok(Self {
             thread: AfterThread::Scoped(thread),
@@ -218,9 +220,10 @@ impl AfterCommit<'static> {
         C: Channel + 'static,
         M: MemorySink + 'static,
     {
+        let log = crate::log::Inherit::capture();
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.into())
-            .spawn(move || work.run())
+            .spawn(move || log.run(|| work.run()))
             .map_err(cannot_start)?;
         Ok(Self {
             thread: AfterThread::Owned(thread),

@@ -78,6 +78,7 @@ impl DestinationConfig {
 }
 
 /// What the destination did.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct DestinationReport {
@@ -96,15 +97,55 @@ pub struct DestinationReport {
     /// Post-copy pages that arrived when already placed (dropped, not placed).
     pub duplicate_pages: u64,
     /// When `Handover` arrived (the source is frozen by then).
+    /// Serialised as `handover_ms`, from the session's start (`handover_after`).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub handover_at: Option<Instant>,
     /// When the last page sent before `Commit` was placed.
+    /// Serialised as `last_page_ms`, from the session's start (`last_page_after`).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub last_page_at: Option<Instant>,
     /// When `Ready` was sent.
+    /// Serialised as `ready_ms`, from the session's start (`ready_after`).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub ready_at: Option<Instant>,
     /// When `Commit` arrived and the program was resumed.
+    /// Serialised as `resumed_ms`, from the session's start (`resumed_after`).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub resumed_at: Option<Instant>,
     /// When every page was in place.
+    /// Serialised as `complete_ms`, from the session's start (`complete_after`).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub complete_at: Option<Instant>,
+    /// From the session's start (its `run` or `start`) to `handover_at`.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "handover_ms", with = "crate::serde_ms::option")
+    )]
+    pub handover_after: Option<Duration>,
+    /// From the session's start (its `run` or `start`) to `last_page_at`.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "last_page_ms", with = "crate::serde_ms::option")
+    )]
+    pub last_page_after: Option<Duration>,
+    /// From the session's start (its `run` or `start`) to `ready_at`.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "ready_ms", with = "crate::serde_ms::option")
+    )]
+    pub ready_after: Option<Duration>,
+    /// From the session's start (its `run` or `start`) to `resumed_at`.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "resumed_ms", with = "crate::serde_ms::option")
+    )]
+    pub resumed_after: Option<Duration>,
+    /// From the session's start (its `run` or `start`) to `complete_at`.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "complete_ms", with = "crate::serde_ms::option")
+    )]
+    pub complete_after: Option<Duration>,
     /// The digest check.
     pub verification: Verification,
     /// Errors after `Commit` that did not stop the program (e.g. a socket that
@@ -143,6 +184,7 @@ where
 }
 
 fn emit_phase(observer: &dyn Observer, phase: Phase) {
+    info!(side = "destination", phase = ?phase, "phase");
     observer.event(&Event::Phase {
         phase,
         at: Instant::now(),
@@ -184,6 +226,8 @@ struct Progress {
     hashes: PageHashes,
     placed_total: u64,
     report: DestinationReport,
+    /// The session's start: what the report's `*_after` count from.
+    started: Instant,
 }
 
 impl Progress {
@@ -194,6 +238,7 @@ impl Progress {
             hashes: PageHashes::new(&layout),
             layout,
             placed_total: 0,
+            started: Instant::now(),
             report: DestinationReport {
                 pages_placed: 0,
                 zero_pages: 0,
@@ -207,10 +252,36 @@ impl Progress {
                 ready_at: None,
                 resumed_at: None,
                 complete_at: None,
+                handover_after: None,
+                last_page_after: None,
+                ready_after: None,
+                resumed_after: None,
+                complete_after: None,
                 verification: Verification::NotChecked,
                 warnings: Vec::new(),
             },
         }
+    }
+}
+
+impl Progress {
+    /// The final report: the `*_at` instants also as durations from the start.
+    fn finish(mut self) -> DestinationReport {
+        info!(
+            pages = self.report.pages_placed,
+            network_faults = self.report.network_faults,
+            verification = ?self.report.verification,
+            warnings = self.report.warnings.len(),
+            "migration in done"
+        );
+        let r = &mut self.report;
+        let since = |at: Option<Instant>| at.map(|at| at.saturating_duration_since(self.started));
+        r.handover_after = since(r.handover_at);
+        r.last_page_after = since(r.last_page_at);
+        r.ready_after = since(r.ready_at);
+        r.resumed_after = since(r.resumed_at);
+        r.complete_after = since(r.complete_at);
+        self.report
     }
 }
 
@@ -329,9 +400,11 @@ where
             };
         // Committed: from here on the program runs here, whatever happens;
         // a failure or a panic is reported, never undone.
+        let _phase = phase_span!("commit");
         self.phase(Phase::Committed);
         let mut errors = CommitErrors::default();
         if let Err(e) = contain("activating the sockets", true, || self.sockets.activate()) {
+            warn!(error = %e, "after Commit: activating the sockets failed");
             progress
                 .report
                 .warnings
@@ -339,6 +412,7 @@ where
             errors.activation = Some(e);
         }
         if let Err(e) = contain("resuming the program", true, || self.program.resume()) {
+            warn!(error = %e, "after Commit: resuming the program failed");
             progress
                 .report
                 .warnings
@@ -372,27 +446,36 @@ where
 
     /// A failure before `Commit`: tell the source, drop what arrived.
     fn discard(&mut self, e: &MigrationError) {
+        warn!(error = %e, "migration failed before Commit: discarding what arrived");
         self.phase(Phase::Aborted);
         if !matches!(e, MigrationError::PeerAborted { .. }) {
             send_abort(&self.channel, e);
         }
         // Each step even if another panics.
-        let _ = contain("discarding the sockets", false, || {
+        if let Err(e) = contain("discarding the sockets", false, || {
             self.sockets.discard();
             Ok(())
-        });
-        let _ = contain("discarding the program", false, || {
+        }) {
+            warn!(error = %e, "discard: the socket sink panicked");
+        }
+        if let Err(e) = contain("discarding the program", false, || {
             self.program.discard();
             Ok(())
-        });
-        let _ = contain("discarding the memory", false, || {
+        }) {
+            warn!(error = %e, "discard: the program panicked");
+        }
+        if let Err(e) = contain("discarding the memory", false, || {
             self.memory.discard();
             Ok(())
-        });
+        }) {
+            warn!(error = %e, "discard: the memory sink panicked");
+        }
         self.channel.shutdown();
     }
 
     fn before_commit(&mut self) -> Result<(Progress, Handover)> {
+        let started = Instant::now();
+        let _session = phase_span!("destination");
         self.phase(Phase::Setup);
         let idle = self.config.idle_timeout;
         // Data lanes are separate streams: pages may overtake `Regions` on
@@ -407,10 +490,14 @@ where
         };
         self.memory.prepare(&layout)?;
         let mut progress = Progress::new(layout);
+        progress.started = started;
         for batch in std::mem::take(&mut early.batches) {
             place(&self.memory, &mut progress, &batch)?;
         }
-        let handover = self.receive(&mut progress)?;
+        let handover = {
+            let _phase = phase_span!("receive");
+            self.receive(&mut progress)?
+        };
         progress.report.last_page_at = Some(Instant::now());
         self.phase(Phase::AwaitReady);
         self.channel.send(&Message::Ready)?;
@@ -449,7 +536,10 @@ where
     ) -> Result<Verification> {
         let link = PostcopyLink::new();
         let mut digests = None;
-        let missing = self.postcopy(progress, handover, &link, &mut digests)?;
+        let missing = {
+            let _phase = phase_span!("postcopy", runs = handover.postcopy.len());
+            self.postcopy(progress, handover, &link, &mut digests)?
+        };
         if !handover.postcopy.is_empty() {
             self.memory.end_postcopy()?;
         }
@@ -457,6 +547,7 @@ where
         if !handover.verify {
             return Ok(Verification::NotChecked);
         }
+        let _phase = phase_span!("verify");
         self.verify(progress, handover, &link, &missing, digests)
     }
 }

@@ -134,6 +134,8 @@ impl Placement {
 
     fn warn(&mut self, warning: String) {
         if self.warnings.len() < MAX_WARNINGS {
+            // Logged as kept: a peer's flood of bad input does not flood the log.
+            warn!("{warning}");
             self.warnings.push(warning);
         }
     }
@@ -332,6 +334,7 @@ where
             // Every page arrived after all (placed by the other thread while
             // the link was down): nothing is missing, the digests decide.
             Err(MigrationError::PostcopyPaused { reason, .. }) if placement.missing.is_empty() => {
+                warn!(reason = %reason, "post-copy: every page placed, then the source was lost");
                 progress.report.warnings.push(format!(
                     "post-copy: every page placed, then the source was lost ({reason})"
                 ));
@@ -440,6 +443,12 @@ where
         }
         link.up.store(true, Ordering::Release);
         link.reconnects.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            why = why,
+            attempts = attempts,
+            resynced = count,
+            "post-copy: the channel broke and was reconnected"
+        );
         progress.report.warnings.push(format!(
             "post-copy: the channel broke ({why}); reconnected after {attempts} attempt(s), {count} pages resynced"
         ));
@@ -471,6 +480,7 @@ where
         if missing_pages == 0 || matches!(lost, MigrationError::Unsupported { .. }) {
             return Err(paused(reason));
         }
+        warn!(missing_pages = missing_pages, reason = %reason, "post-copy paused: the source is lost");
         self.observer.event(&Event::PostcopyPaused {
             missing_pages,
             reason: reason.clone(),
@@ -490,10 +500,18 @@ where
             match self.channel.reconnect() {
                 Ok(()) => break,
                 Err(e @ MigrationError::Unsupported { .. }) => return Err(paused(e.to_string())),
-                Err(_) => std::thread::sleep(PAUSED_RETRY),
+                Err(e) => {
+                    debug!(attempt = attempts, error = %e, "paused post-copy: reconnection failed");
+                    std::thread::sleep(PAUSED_RETRY)
+                }
             }
         }
         let paused_for = since.elapsed();
+        warn!(
+            missing_pages = missing_pages,
+            paused_ms = paused_for.as_secs_f64() * 1e3,
+            "post-copy resumed: a source came back"
+        );
         self.observer.event(&Event::PostcopyResumed {
             missing_pages,
             paused_for,

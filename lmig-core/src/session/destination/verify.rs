@@ -39,6 +39,7 @@ where
                     reason,
                     ..
                 }) => {
+                    warn!(reason = %reason, "post-copy: the source was lost before its digests: not verified");
                     progress.report.warnings.push(format!(
                         "post-copy: every page placed, but the source was lost before its digests arrived ({reason}): not verified"
                     ));

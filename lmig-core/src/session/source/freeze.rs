@@ -30,6 +30,11 @@ impl FreezeClock {
         steps: &mut Vec<(&'static str, Duration)>,
     ) -> Result<()> {
         let now = Instant::now();
+        debug!(
+            step = name,
+            ms = (now - self.lap).as_secs_f64() * 1e3,
+            "freeze step"
+        );
         steps.push((name, now - self.lap));
         self.lap = now;
         self.bound.check(name)
@@ -53,6 +58,7 @@ where
         report: &mut SourceReport,
         mut rounds: Rounds,
     ) -> Result<RegionPages> {
+        let _phase = phase_span!("freeze", round = rounds.round + 1);
         self.phase(Phase::Frozen);
         report.paused_at = Instant::now();
         undo.paused = true;

@@ -25,6 +25,11 @@ use crate::traits::{
 };
 
 /// How the source moves memory.
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Mode {
@@ -161,6 +166,7 @@ impl SourceConfig {
 }
 
 /// What a finished (committed) migration did, seen from the source.
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct SourceReport {
@@ -187,6 +193,10 @@ pub struct SourceReport {
     /// Where the freeze went, step by step, from the pause to `Ready`. The
     /// sockets are captured while the final pages are collected and sent:
     /// "capture sockets" is only the part of the capture that outlasted them.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "freeze_steps_ms", serialize_with = "crate::serde_ms::steps")
+    )]
     pub freeze_steps: Vec<(&'static str, Duration)>,
     /// Pages sent after `Commit` (post-copy).
     pub postcopy_pages: u64,
@@ -199,13 +209,46 @@ pub struct SourceReport {
     pub queued_bytes: u64,
     /// Which dirty tracker ran.
     pub tracker: &'static str,
-    /// When the program was paused.
+    /// When the program was paused (serialised as `paused_ms`, from the
+    /// session's start: [`SourceReport::paused_after`]).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub paused_at: Instant,
-    /// When `Ready` arrived.
+    /// When `Ready` arrived (serialised as `ready_ms`).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub ready_at: Instant,
-    /// When the `Commit` frame was written.
+    /// When the `Commit` frame was written (serialised as `commit_ms`).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub commit_at: Instant,
+    /// From the start of the session to the pause (`paused_at`).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "paused_ms", with = "crate::serde_ms")
+    )]
+    pub paused_after: Duration,
+    /// From the start of the session to `Ready` (`ready_at`).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "ready_ms", with = "crate::serde_ms")
+    )]
+    pub ready_after: Duration,
+    /// From the start of the session to `Commit` written (`commit_at`).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "commit_ms", with = "crate::serde_ms")
+    )]
+    pub commit_after: Duration,
+    /// The freeze as the source sees it, the pause to `Commit` written:
+    /// [`SourceReport::freeze`] (serialised as `freeze_ms`).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "freeze_ms", with = "crate::serde_ms")
+    )]
+    pub freeze_time: Duration,
     /// From the start of the session to `Done`.
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "total_ms", with = "crate::serde_ms")
+    )]
     pub total: Duration,
     /// What the destination found when it checked the digests.
     pub verification: Verification,
@@ -319,6 +362,7 @@ where
     }
 
     fn phase(&self, phase: Phase) {
+        info!(side = "source", phase = ?phase, "phase");
         self.observer.event(&Event::Phase {
             phase,
             at: Instant::now(),
@@ -328,6 +372,9 @@ where
     /// Run the migration. See the [module docs](super) for what `Ok` and `Err` mean.
     pub fn run(mut self) -> Result<SourceReport> {
         let start = Instant::now();
+        let _session =
+            phase_span!("source", mode = ?self.config.mode, tracker = self.tracker.name());
+        info!(tracker = self.tracker.name(), mode = ?self.config.mode, "migration out starts");
         let layout = self.memory.layout();
         let mut report = SourceReport {
             mode: self.config.mode,
@@ -349,6 +396,10 @@ where
             paused_at: start,
             ready_at: start,
             commit_at: start,
+            paused_after: Duration::ZERO,
+            ready_after: Duration::ZERO,
+            commit_after: Duration::ZERO,
+            freeze_time: Duration::ZERO,
             total: Duration::ZERO,
             verification: Verification::NotChecked,
             warnings: Vec::new(),
@@ -362,6 +413,7 @@ where
             Ok(postcopy) => postcopy,
             Err(e) => return Err(self.abort(&undo, e)),
         };
+        let commit_span = phase_span!("commit");
         // The commit point: if the frame cannot be written completely, the
         // destination cannot have it and we may still resume here.
         if let Err(e) = contain("sending Commit", false, || {
@@ -372,6 +424,10 @@ where
             return Err(self.abort(&undo, e));
         }
         report.commit_at = Instant::now();
+        report.paused_after = report.paused_at - start;
+        report.ready_after = report.ready_at - start;
+        report.commit_after = report.commit_at - start;
+        report.freeze_time = report.freeze();
         self.phase(Phase::Committed);
         // From here on the destination owns the program: a failure or a
         // panic is reported, never undone.
@@ -379,6 +435,7 @@ where
             self.program.committed();
             Ok(())
         }) {
+            warn!(error = %e, "after Commit: the program's `committed` failed");
             report.warnings.push(e.to_string());
         }
         // The clients wait for the handoff (held packets, the service
@@ -389,14 +446,17 @@ where
         if let Err(e) = contain("releasing the source sockets", true, || {
             self.sockets.release()
         }) {
+            warn!(error = %e, "after Commit: releasing the source sockets failed");
             report
                 .warnings
                 .push(format!("releasing the source sockets: {e}"));
         }
+        drop(commit_span);
         let outcome = contain("after Commit", true, || {
             self.after_commit(&layout, postcopy, &mut report)
         });
         if let Err(e) = contain("stopping the dirty tracker", true, || self.tracker.stop()) {
+            warn!(error = %e, "after Commit: stopping the dirty tracker failed");
             report
                 .warnings
                 .push(format!("stopping the dirty tracker: {e}"));
@@ -405,14 +465,27 @@ where
         match outcome {
             Ok(verification) => {
                 report.verification = verification;
+                info!(
+                    freeze_ms = report.freeze().as_secs_f64() * 1e3,
+                    pages = report.pages_sent,
+                    verification = ?verification,
+                    warnings = report.warnings.len(),
+                    "migration out done"
+                );
                 self.memory.release();
                 self.phase(Phase::Done);
                 Ok(report)
             }
-            Err(e @ MigrationError::Panicked { .. }) => Err(e),
-            Err(e) => Err(MigrationError::CommitUnconfirmed {
-                detail: e.to_string(),
-            }),
+            Err(e @ MigrationError::Panicked { .. }) => {
+                error!(error = %e, "after Commit: a panic ended the session");
+                Err(e)
+            }
+            Err(e) => {
+                error!(error = %e, "after Commit: Done never came (the program runs on the destination)");
+                Err(MigrationError::CommitUnconfirmed {
+                    detail: e.to_string(),
+                })
+            }
         }
     }
 
@@ -431,6 +504,7 @@ where
 
     /// Undo everything and resume the program here. Returns the error to report.
     fn abort(&mut self, undo: &Undo, err: MigrationError) -> MigrationError {
+        warn!(error = %err, "migration failed before Commit: resuming the program here");
         self.cancel.ended();
         send_abort(&self.channel, &err);
         // Undo everything even if one step fails or panics; report the
@@ -442,10 +516,12 @@ where
             }
         }
         if undo.throttled {
-            let _ = contain("lifting the throttle", false, || {
+            if let Err(e) = contain("lifting the throttle", false, || {
                 self.program.throttle(100);
                 Ok(())
-            });
+            }) {
+                warn!(error = %e, "abort: lifting the throttle failed");
+            }
         }
         if undo.paused {
             if let Err(e) = contain("in the program's resume", false, || self.program.resume()) {
@@ -455,7 +531,9 @@ where
         // The program runs here again (the tracker's teardown does not hold it).
         self.phase(Phase::Aborted);
         if undo.tracking {
-            let _ = contain("stopping the dirty tracker", false, || self.tracker.stop());
+            if let Err(e) = contain("stopping the dirty tracker", false, || self.tracker.stop()) {
+                warn!(error = %e, "abort: stopping the dirty tracker failed");
+            }
         }
         match failed {
             None => err,

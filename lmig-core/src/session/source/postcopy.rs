@@ -58,6 +58,7 @@ where
         report: &mut SourceReport,
     ) -> Result<Verification> {
         let postcopy = !unsent.is_empty();
+        let _phase = phase_span!("after_commit", postcopy = postcopy, pages = unsent.count());
         if postcopy {
             self.phase(Phase::Postcopy);
         }
@@ -166,7 +167,10 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
         for r in runs {
             match sender.send_run(r, POSTCOPY_ROUND, 0, true) {
                 Ok(sent) => lock(&self.requested).add(sent),
-                Err(_) => self.gate.broken(self.gate.epoch()),
+                Err(e) => {
+                    debug!(error = %e, run = %r, "post-copy: a requested run could not be sent: the link is broken");
+                    self.gate.broken(self.gate.epoch())
+                }
             }
         }
     }
@@ -191,6 +195,11 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
     fn reconnect(&self, warnings: &mut Vec<String>, why: &str) -> Result<()> {
         let attempts = reconnect_within(self.channel, self.done_timeout, why)?;
         self.gate.reconnected();
+        warn!(
+            why = why,
+            attempts = attempts,
+            "post-copy: the channel broke and was reconnected"
+        );
         warnings.push(format!(
             "post-copy: the channel broke ({why}); reconnected after {attempts} attempt(s)"
         ));
@@ -199,10 +208,11 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
 
     /// Send the digests; a failed send breaks the link.
     fn send_digests(&self, digests: &[RegionDigest]) -> bool {
-        let ok = self
-            .channel
-            .send(&Message::Digests(digests.to_vec()))
-            .is_ok();
+        let sent = self.channel.send(&Message::Digests(digests.to_vec()));
+        if let Err(e) = &sent {
+            debug!(error = %e, "post-copy: sending the digests failed: the link is broken");
+        }
+        let ok = sent.is_ok();
         if !ok {
             self.gate.broken(self.gate.epoch());
         }
@@ -272,7 +282,10 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
             idle = Duration::ZERO;
             match msg {
                 Message::PageRequest(run) => self.serve_request(&mut urgent, run),
-                Message::Resync(missing) => self.resync(missing, digests.as_deref()),
+                Message::Resync(missing) => {
+                    info!(runs = missing.len(), "post-copy: the destination resynced");
+                    self.resync(missing, digests.as_deref())
+                }
                 Message::Done(v) => return Ok(v),
                 other => {
                     return Err(unexpected("post-commit", "PageRequest or Done", &other));

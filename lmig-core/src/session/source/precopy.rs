@@ -72,6 +72,7 @@ where
     /// Setup: announce the layout and the socket plan, start tracking.
     /// Returns by when the destination must say `Prepared`.
     pub(super) fn setup(&mut self, layout: &RegionLayout, undo: &mut Undo) -> Result<Readiness> {
+        let _phase = phase_span!("setup");
         self.phase(Phase::Setup);
         self.cancel.check()?;
         // The network lock would hold the channel's own traffic.
@@ -141,6 +142,7 @@ where
                 let decision = self.policy.decide(&stats, throttle_refused);
                 report.decisions.push(decision);
                 report.policy_reason = self.policy.explain();
+                info!(round = stats.round, decision = ?decision, "{}", report.policy_reason);
                 self.observer.event(&Event::Decision(decision));
                 std::mem::swap(&mut rounds.to_send, &mut rounds.dirty);
                 match decision {
@@ -148,6 +150,11 @@ where
                     Decision::Throttle { percent } => {
                         undo.throttled = true;
                         throttle_refused = !self.program.throttle(percent);
+                        info!(
+                            percent = percent,
+                            refused = throttle_refused,
+                            "throttle asked"
+                        );
                     }
                     Decision::Freeze | Decision::Postcopy if !ready.prepared => {
                         // Never freeze before the destination is ready (its
@@ -194,6 +201,7 @@ where
         first: FirstRound<'_>,
     ) -> Result<(RoundStats, bool)> {
         let round = rounds.round;
+        let _phase = phase_span!("precopy", round = round);
         self.cancel.check()?;
         self.phase(Phase::Precopy(round));
         let t0 = Instant::now();
@@ -251,6 +259,13 @@ where
             dirty_pages,
             dirty_bytes,
         };
+        debug!(
+            round = round,
+            pages = stats.pages_sent,
+            dirty_pages = dirty_pages,
+            ms = elapsed.as_secs_f64() * 1e3,
+            "round done"
+        );
         report.round_stats.push(stats);
         report.rounds = round + 1;
         self.observer.event(&Event::Round(stats));

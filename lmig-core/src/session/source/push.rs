@@ -251,7 +251,10 @@ impl PushQueue {
 
     /// Put pages back (the destination never received them).
     pub(super) fn requeue(&mut self, run: &PageRun) {
-        let _ = self.unsent.insert_run(run);
+        if let Err(e) = self.unsent.insert_run(run) {
+            // The caller checked the run against the layout.
+            debug!(error = %e, run = %run, "post-copy: a requeued run outside the regions dropped");
+        }
     }
 }
 

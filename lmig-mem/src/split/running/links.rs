@@ -95,7 +95,9 @@ impl Inner {
                 self.cond.notify_all();
             }
             SplitMessage::Sync { seq } => {
-                let _ = ch.send(&Message::Split(SplitMessage::Synced { seq, pages: 0 }));
+                if let Err(e) = ch.send(&Message::Split(SplitMessage::Synced { seq, pages: 0 })) {
+                    debug!(error = %e, "answering a page host's Sync failed");
+                }
             }
             _ => {}
         }
@@ -143,7 +145,9 @@ impl Inner {
                 _ => None,
             };
             if let Some(r) = reply {
-                let _ = ch.send(&Message::Split(r));
+                if let Err(e) = ch.send(&Message::Split(r)) {
+                    debug!(error = %e, "a reply to a page host could not be sent");
+                }
             }
         }
     }

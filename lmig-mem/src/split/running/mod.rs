@@ -316,10 +316,12 @@ impl Drop for SplitRegion {
         if let Some(t) = self.fault_handler.take() {
             t.join();
         }
-        let _ = uffd::unregister(
+        if let Err(e) = uffd::unregister(
             self.inner.uffd.as_fd(),
             self.inner.start,
             self.inner.region.len() as u64,
-        );
+        ) {
+            debug!(error = %e, "dropping a split region: unregistering its userfaultfd range failed");
+        }
     }
 }

@@ -55,12 +55,14 @@ impl Inner {
         st.book.end_evict(&set);
         // Lift the protection of what stayed here (dropped pages have none).
         for (first, count) in set.runs() {
-            let _ = uffd::writeprotect(
+            if let Err(e) = uffd::writeprotect(
                 self.uffd.as_fd(),
                 self.addr(first),
                 count * self.page_size,
                 false,
-            );
+            ) {
+                debug!(error = %e, "eviction: lifting write protection failed (a write fault lifts it)");
+            }
         }
         drop(st);
         result?;
@@ -152,9 +154,12 @@ impl Inner {
             drop(st);
             // The new host's partial copies are of no use.
             let runs = runs_of_set(self.region.id(), &snapshot, u32::MAX);
-            let _ = dst
+            if let Err(e) = dst
                 .ch
-                .send(&Message::Split(SplitMessage::Forget { epoch: e0, runs }));
+                .send(&Message::Split(SplitMessage::Forget { epoch: e0, runs }))
+            {
+                debug!(error = %e, "failed move: telling the new host to forget its partial copies failed");
+            }
             return Err(e);
         }
         // The switch: one step, one epoch; fetches still waiting on the old
@@ -168,9 +173,12 @@ impl Inner {
         drop(st);
         for run in runs_of_set(self.region.id(), &set_of(self.pages, &refetch), BATCH_PAGES) {
             self.counters.refetched.fetch_add(1, Ordering::Relaxed);
-            let _ = dst
+            if let Err(e) = dst
                 .ch
-                .send_urgent(&Message::Split(SplitMessage::Fetch { epoch, run }));
+                .send_urgent(&Message::Split(SplitMessage::Fetch { epoch, run }))
+            {
+                debug!(error = %e, "move: a refetch from the new owner could not be sent (its link is broken)");
+            }
         }
         // The drained host owns nothing now: it drops everything, copies of
         // pages fetched from it earlier included.
@@ -240,11 +248,13 @@ impl Inner {
         let result = self.wait_for("every page to arrive", &watch, |st| st.book.all_local());
         if let Some(r) = relay {
             if let Ok(link) = self.link(r) {
-                let _ = link.ch.send(&Message::Split(SplitMessage::Relay {
+                if let Err(e) = link.ch.send(&Message::Split(SplitMessage::Relay {
                     to: self.me,
                     endpoint: String::new(),
                     epoch,
-                }));
+                })) {
+                    debug!(error = %e, "gather: ending the relay failed");
+                }
             }
         }
         result?;
@@ -262,10 +272,12 @@ impl Inner {
         // Every page is here: the page hosts drop everything they hold.
         for (h, _) in &parts {
             if let Ok(l) = self.link(*h) {
-                let _ = l.ch.send(&Message::Split(SplitMessage::Forget {
+                if let Err(e) = l.ch.send(&Message::Split(SplitMessage::Forget {
                     epoch,
                     runs: vec![self.whole()],
-                }));
+                })) {
+                    debug!(error = %e, "gather done: telling a page host to forget its pages failed");
+                }
             }
         }
         Ok(GatherReport {

@@ -69,11 +69,13 @@ impl Inner {
             for (&(p, n), &done) in claimed.iter().zip(&placed) {
                 // Not placed: `from` still holds them.
                 if st.book.placed(p, n, done, from)? {
-                    let _ = uffd::wake(
+                    if let Err(e) = uffd::wake(
                         self.uffd.as_fd(),
                         self.addr(p + done),
                         (n - done) * self.page_size,
-                    );
+                    ) {
+                        warn!(error = %e, "waking the threads waiting on placed pages failed");
+                    }
                 }
                 self.counters.placed.fetch_add(done, Ordering::Relaxed);
             }
@@ -160,7 +162,9 @@ impl Inner {
                 if idle_since.elapsed() < self.options.spin {
                     std::hint::spin_loop();
                 } else {
-                    let _ = uffd::poll_in(self.uffd.as_fd(), 100);
+                    if let Err(e) = uffd::poll_in(self.uffd.as_fd(), 100) {
+                        debug!(error = %e, "polling the userfaultfd failed");
+                    }
                     idle_since = Instant::now();
                 }
                 continue;
@@ -192,7 +196,9 @@ impl Inner {
         }
         let fd = self.uffd.as_fd();
         if uffd::writeprotect(fd, self.addr(page), self.page_size, false).is_err() {
-            let _ = uffd::wake(fd, self.addr(page), self.page_size);
+            if let Err(e) = uffd::wake(fd, self.addr(page), self.page_size) {
+                warn!(error = %e, "waking the writer of a page failed");
+            }
         }
         drop(st);
     }
@@ -210,7 +216,9 @@ impl Inner {
                 let fd = self.uffd.as_fd();
                 let z = uffd::zeropage(fd, self.addr(page), self.page_size);
                 if z.error.is_some() {
-                    let _ = uffd::wake(fd, self.addr(page), self.page_size);
+                    if let Err(e) = uffd::wake(fd, self.addr(page), self.page_size) {
+                        warn!(error = %e, "waking the threads waiting on a page failed");
+                    }
                 }
                 return;
             }

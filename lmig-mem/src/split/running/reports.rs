@@ -5,6 +5,7 @@ use lmig_core::model::PageRun;
 use lmig_core::split::HostId;
 
 /// What the running host did.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SplitStats {
@@ -32,6 +33,7 @@ pub struct SplitStats {
 }
 
 /// A page host that vanished, with the pages it held.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HostLost {
@@ -46,6 +48,7 @@ pub struct HostLost {
 }
 
 /// The outcome of [`SplitRegion::move_host`](crate::split::SplitRegion::move_host).
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct MoveReport {
@@ -61,6 +64,7 @@ pub struct MoveReport {
 }
 
 /// The outcome of a gather.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct GatherReport {

@@ -36,7 +36,9 @@ impl FaultHandler {
 
     /// Wait for it to end (after `stop` was set).
     pub(super) fn join(self) {
-        let _ = self.handle.join();
+        if self.handle.join().is_err() {
+            warn!("the split fault handler panicked");
+        }
     }
 }
 
