@@ -37,6 +37,7 @@
 //! session: an aborted migration can simply be tried again.
 
 mod destination;
+mod pace;
 mod pages;
 mod source;
 
@@ -44,7 +45,9 @@ use std::time::Duration;
 
 pub use destination::{AfterCommit, Destination, DestinationConfig, DestinationReport, Resumption};
 pub use pages::is_zero;
-pub use source::{CancelHandle, CancelOutcome, Mode, Source, SourceConfig, SourceReport};
+pub use source::{
+    CancelHandle, CancelOutcome, Mode, Progress, Source, SourceConfig, SourceControl, SourceReport,
+};
 
 use crate::error::MigrationError;
 use crate::protocol::Message;
