@@ -13,7 +13,7 @@ use lmig_core::model::{ProgramState, RegionId};
 use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
 use lmig_core::session::{
     AfterCommit, Destination, DestinationReport, Mode, Resumption, Source, SourceConfig,
-    SourceReport,
+    SourceControl, SourceReport,
 };
 use lmig_core::traits::{Event, Phase};
 use lmig_core::{BoxError, MigrationError, SocketSink, StateSink, StateSource};
@@ -261,16 +261,21 @@ pub struct MigrateOptions {
     pub downtime: Duration,
     /// Past this freeze the source aborts and serves on (`None`: no bound).
     pub max_freeze: Option<Duration>,
+    /// Bandwidth limit of the pages, bytes/s (0: none); changeable while
+    /// the migration runs through its [`SourceControl`].
+    pub bandwidth: u64,
 }
 
 /// Migrate this kvd to `opts.target`. `Ok`: the destination runs now and this
 /// process must exit. `Err`: kvd serves on here (unless the error says the
-/// commit went out).
+/// commit went out). `started` gets the session's control (progress,
+/// cancel, bandwidth) once connected, before the session runs.
 pub fn migrate_out(
     control: &Control,
     regions: &RegionSet,
     dirtier: Option<Dirtier>,
     opts: &MigrateOptions,
+    started: impl FnOnce(SourceControl),
     progress: impl Fn(&Event) + Send + Sync,
 ) -> Result<SourceReport, MigrationError> {
     let debug = std::env::var_os("LMIG_DEMO_DEBUG").is_some();
@@ -316,7 +321,8 @@ pub fn migrate_out(
         mode: opts.mode,
         max_freeze: opts.max_freeze,
         ..SourceConfig::default()
-    };
+    }
+    .with_bandwidth_limit(opts.bandwidth);
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)
         .with_config(config)
@@ -332,6 +338,7 @@ pub fn migrate_out(
             }
             progress(e)
         });
+    started(source.control());
     match &opts.handoff {
         // Held packets go straight to the destination host (a neighbour on
         // the service link: its migration address).
@@ -411,6 +418,21 @@ pub trait ReceiveLog: Send + Sync {
     fn postcopy_paused(&self, _missing_pages: u64, _reason: &str) {}
     /// A source came back after a pause: post-copy goes on.
     fn postcopy_resumed(&self, _missing_pages: u64, _paused_for: Duration) {}
+    /// The migration arrived and kvd is about to serve it: its loop and
+    /// its memory (which lives as long as the process), e.g. for an admin
+    /// socket that can migrate it on.
+    fn took_over(&self, _served: Served) {}
+    /// The serving loop ended (kvd migrated on, at its `Commit`): return
+    /// once that migration is over (the process then ends).
+    fn serving_ended(&self) {}
+}
+
+/// A destination kvd serving what arrived ([`ReceiveLog::took_over`]).
+pub struct Served {
+    /// The serving loop's control.
+    pub control: Control,
+    /// kvd's memory, for as long as the process lives.
+    pub regions: &'static RegionSet,
 }
 
 /// Fault injection for tests of the failure paths: with
@@ -560,12 +582,15 @@ fn resume<K: SocketSink + 'static>(
         after_commit,
         ..
     } = resumed;
+    // kvd serves this memory until the process ends (or migrates it on,
+    // and then ends): it lives as long as the process.
+    let memory: &'static Arc<DestinationRegions> = Box::leak(Box::new(memory));
     let reporter = match Reporter::spawn(after_commit, log.clone()) {
         Ok(r) => r,
         Err(e) => return Some(Err(e.into())),
     };
     let served = match state {
-        Some(state) => serve(state, &memory, fds, &*log),
+        Some(state) => serve(state, memory.as_ref(), fds, &*log),
         None => Err("resumed without the program's state".into()),
     };
     // Serving ends when the process is stopped; a failure to start it
@@ -609,7 +634,7 @@ impl Reporter {
 /// Serve the program resumed at `Commit` with the sockets the session handed over.
 fn serve(
     state: ProgramState,
-    memory: &DestinationRegions,
+    memory: &'static DestinationRegions,
     mut fds: HashMap<u64, OwnedFd>,
     log: &dyn ReceiveLog,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -633,7 +658,12 @@ fn serve(
     if debug() {
         eprintln!("kvd: server built in {:?}", t.elapsed());
     }
+    log.took_over(Served {
+        control: server.control(),
+        regions,
+    });
     log.serving(Instant::now());
     server.run(&store)?;
+    log.serving_ended();
     Ok(())
 }
