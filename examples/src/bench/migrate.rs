@@ -2,7 +2,9 @@
 //! the demo's scenario (kvd with N busy clients moving between two hosts) as
 //! a benchmark. `--tls` runs the migration over TLS 1.3 with certificates
 //! made for the run, `--psk` (the default) over Noise keyed by a pre-shared
-//! key; `cipher` names what protected it.
+//! key; `cipher` names what protected it. `--cancel-at-pct P` cancels the
+//! migration through kvd's admin socket at P % of round 0 (`cancelled`,
+//! `source_serving`, `conns_broken`, `requests_failed`, `cancel_ms`).
 
 use serde_json::json;
 
@@ -56,6 +58,14 @@ pub struct Args {
     /// source (`aborted_by_deadline`, `source_serving`).
     #[arg(long)]
     pub max_freeze_ms: Option<f64>,
+    /// Cancel the migration (kvd's admin `cancel`) once round 0 sent P %
+    /// of its pages: `cancelled`, `source_serving`, `cancel_ms` (cancel
+    /// sent to kvd answering that it serves on), and the clients' view.
+    #[arg(long, value_name = "P")]
+    pub cancel_at_pct: Option<f64>,
+    /// Limit the migration's bandwidth (MB/s; `migrate bandwidth_mbps=`).
+    #[arg(long)]
+    pub bandwidth_mbps: Option<f64>,
 }
 
 /// Run the scenario.
@@ -90,6 +100,8 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         fault,
         tls: args.tls,
         max_freeze_ms: args.max_freeze_ms,
+        cancel_at_pct: args.cancel_at_pct,
+        bandwidth_mbps: args.bandwidth_mbps,
         ..Options::new(&args.mode, args.mib, args.conns)?
     };
     let r = scenario::run(&opts)?;
@@ -111,7 +123,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "source_commit": at_ns(s.map(|s| s.commit_ns)),
         "destination_resumed": at_ns(d.and_then(|d| d.resumed_ns)),
     });
-    out.emit(&json!({
+    let mut figures = json!({
         "scenario": "migrate",
         "mib": args.mib,
         "conns": args.conns,
@@ -165,6 +177,21 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "keys_wrong": r.keys.map(|k| k.wrong),
         "refused": r.refused,
         "first_client_error": r.load.first_error,
-    }));
+    });
+    // --cancel-at-pct: the operator's cancel mid-round (a second object:
+    // `json!` recurses once per field).
+    let cancel = json!({
+        "cancel_at_pct": args.cancel_at_pct,
+        "cancelled": r.cancelled,
+        "cancel_ms": r.cancel_ms.map(|ms| round(ms, 2)),
+        "cancelled_at_round": r.cancelled_at.map(|(round, _)| round),
+        "cancelled_at_fraction": r.cancelled_at.map(|(_, f)| round(f, 3)),
+        "bandwidth_mbps": args.bandwidth_mbps,
+        "destination_keys": r.destination_keys,
+    });
+    if let (Some(all), serde_json::Value::Object(more)) = (figures.as_object_mut(), cancel) {
+        all.extend(more);
+    }
+    out.emit(&figures);
     Ok(())
 }
