@@ -304,39 +304,9 @@ impl ServingAdmin {
         };
         let started = now_mono_ns();
         let t0 = Instant::now();
-        let progress_out = out.try_clone().ok().map(Mutex::new);
-        // An aborted attempt's freeze: the pause to the program resumed.
-        let freeze = Mutex::new((None, None));
-        let observe = |e: &Event| {
-            let mut f = freeze.lock().unwrap_or_else(|p| p.into_inner());
-            match e {
-                Event::Phase {
-                    phase: Phase::Frozen,
-                    at,
-                } => f.0 = Some(*at),
-                Event::Phase {
-                    phase: Phase::Aborted,
-                    at,
-                } => f.1 = Some(*at),
-                Event::Progress {
-                    pages,
-                    bytes,
-                    total_pages,
-                } => {
-                    let line = MigrateLine::Progress {
-                        progress: Progress {
-                            pages: *pages,
-                            bytes: *bytes,
-                            total_pages: *total_pages,
-                        },
-                    };
-                    if let Some(o) = &progress_out {
-                        let mut o = o.lock().unwrap_or_else(|p| p.into_inner());
-                        let _ = writeln!(o, "{}", json!(line));
-                    }
-                }
-                _ => {}
-            }
+        let watch = Watch {
+            out: out.try_clone().ok().map(Mutex::new),
+            freeze: Mutex::new((None, None)),
         };
         let over = AtomicBool::new(false);
         let r = std::thread::scope(|s| {
@@ -350,42 +320,14 @@ impl ServingAdmin {
                 self.dirtier.clone(),
                 &opts,
                 |c| self.started(c),
-                observe,
+                |e: &Event| watch.event(e),
             );
             if let Ok(Some(d)) = deadline {
                 d.join();
             }
             r
         });
-        let cancelled = matches!(r, Err(MigrationError::Cancelled));
-        let (line, ev, departed) = match r {
-            Ok(rep) => {
-                let f = source_figures(rep, started, t0);
-                (
-                    json!(MigrateLine::Migrated(f.clone())),
-                    KvdEvent::MigratedOut(f),
-                    true,
-                )
-            }
-            Err(e) => {
-                let (paused, resumed) = freeze.into_inner().unwrap_or_else(|p| p.into_inner());
-                let f = MigrateFailure {
-                    error: e.to_string(),
-                    source_serving: e.source_may_run(),
-                    aborted_by_deadline: matches!(e, MigrationError::FreezeDeadline { .. }),
-                    freeze_ms: paused
-                        .zip(resumed)
-                        .map(|(p, r)| (r - p).as_secs_f64() * 1e3),
-                    cancelled,
-                };
-                let departed = !f.source_serving;
-                (
-                    json!(MigrateLine::Failed(f.clone())),
-                    KvdEvent::MigrateFailed(f),
-                    departed,
-                )
-            }
-        };
+        let (line, ev, departed) = answer(r, started, t0, &watch);
         *self.migration() = if departed {
             Migration::Departed
         } else {
@@ -398,6 +340,86 @@ impl ServingAdmin {
                 d.stop.store(true, Ordering::SeqCst);
             }
             self.departure.settle();
+        }
+    }
+}
+
+/// What `migrate` watches while the session runs: the progress lines go to
+/// the asking connection; an aborted attempt's freeze is timed.
+struct Watch {
+    out: Option<Mutex<UnixStream>>,
+    /// The pause and the program resumed after an abort.
+    freeze: Mutex<(Option<Instant>, Option<Instant>)>,
+}
+
+impl Watch {
+    fn event(&self, e: &Event) {
+        let mut f = self.freeze.lock().unwrap_or_else(|p| p.into_inner());
+        match e {
+            Event::Phase {
+                phase: Phase::Frozen,
+                at,
+            } => f.0 = Some(*at),
+            Event::Phase {
+                phase: Phase::Aborted,
+                at,
+            } => f.1 = Some(*at),
+            Event::Progress {
+                pages,
+                bytes,
+                total_pages,
+            } => {
+                let line = MigrateLine::Progress {
+                    progress: Progress {
+                        pages: *pages,
+                        bytes: *bytes,
+                        total_pages: *total_pages,
+                    },
+                };
+                if let Some(o) = &self.out {
+                    let mut o = o.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = writeln!(o, "{}", json!(line));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `migrate`'s last line, the same as an event for stdout, and whether kvd
+/// departed (committed: it runs at the destination now).
+fn answer(
+    r: Result<SourceReport, MigrationError>,
+    started: u64,
+    t0: Instant,
+    watch: &Watch,
+) -> (serde_json::Value, KvdEvent, bool) {
+    match r {
+        Ok(rep) => {
+            let f = source_figures(rep, started, t0);
+            (
+                json!(MigrateLine::Migrated(f.clone())),
+                KvdEvent::MigratedOut(f),
+                true,
+            )
+        }
+        Err(e) => {
+            let (paused, resumed) = *watch.freeze.lock().unwrap_or_else(|p| p.into_inner());
+            let f = MigrateFailure {
+                error: e.to_string(),
+                source_serving: e.source_may_run(),
+                aborted_by_deadline: matches!(e, MigrationError::FreezeDeadline { .. }),
+                freeze_ms: paused
+                    .zip(resumed)
+                    .map(|(p, r)| (r - p).as_secs_f64() * 1e3),
+                cancelled: matches!(e, MigrationError::Cancelled),
+            };
+            let departed = !f.source_serving;
+            (
+                json!(MigrateLine::Failed(f.clone())),
+                KvdEvent::MigrateFailed(f),
+                departed,
+            )
         }
     }
 }

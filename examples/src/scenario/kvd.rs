@@ -218,13 +218,21 @@ pub(super) fn cancel_at(
 ) -> Result<Cancelled, Error> {
     let (_s, r) = admin(admin_path, &migrate_command(incoming, opts))?;
     let deadline = Instant::now() + Duration::from_secs(300);
+    // One connection asks `status` again and again.
+    let (mut ask, mut answers) = admin(admin_path, "status")?;
+    let mut line = String::new();
+    let mut seen = false;
     // Bounded by the deadline.
     let at = loop {
         if Instant::now() > deadline {
             return Err("the migration did not reach the cancel point within 300 s".into());
         }
-        let status: AdminStatus = serde_json::from_str(&admin_line(admin_path, "status")?)?;
+        line.clear();
+        answers.read_line(&mut line)?;
+        let status: AdminStatus = serde_json::from_str(line.trim())
+            .map_err(|e| format!("status {:?}: {e}", line.trim()))?;
         if let Some(m) = status.migration {
+            seen = true;
             let fraction = if m.round_pages > 0 {
                 m.round_pages_sent as f64 / m.round_pages as f64
             } else {
@@ -235,10 +243,12 @@ pub(super) fn cancel_at(
             if (in_round_0 && fraction * 100.0 >= pct) || !(in_round_0 || before) {
                 break (m.round, fraction);
             }
-        } else if status.state != "migrating" {
+        } else if seen {
+            // It ended (or had not begun: then `seen` is false).
             return Err(format!("kvd is {} before the cancel point", status.state).into());
         }
         std::thread::sleep(Duration::from_millis(1));
+        writeln!(ask, "status")?;
     };
     let t0 = Instant::now();
     let first = admin_line(admin_path, "cancel")?;

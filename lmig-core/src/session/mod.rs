@@ -30,8 +30,10 @@
 //! * Bounds and control on the source: [`SourceConfig::max_freeze`] (past
 //!   it the source aborts and resumes), [`Source::cancel_handle`] (a
 //!   [`CancelHandle`] that aborts before `Commit` and says when it is too
-//!   late), and the refusal of a channel over a moved service address
-//!   ([`MigrationError::ChannelOnMovedAddress`]).
+//!   late), [`Source::control`] (a [`SourceControl`]: the cancel, a
+//!   [`Progress`] snapshot, and [`SourceConfig::bandwidth_limit`] changed
+//!   while the session runs), and the refusal of a channel over a moved
+//!   service address ([`MigrationError::ChannelOnMovedAddress`]).
 //!
 //! Borrow the backends (`&mut tracker`, `&memory`) to keep them after the
 //! session: an aborted migration can simply be tried again.
