@@ -90,6 +90,13 @@ pub enum MigrateLine {
         /// How far it got.
         progress: Progress,
     },
+    /// The attempt failed before `Commit` and kvd runs again at the
+    /// source (written the moment the session resumed it; the `Failed`
+    /// line follows once the session has cleaned up).
+    Resumed {
+        /// When (`CLOCK_MONOTONIC` ns).
+        resumed_ns: u64,
+    },
     /// Committed: the last line.
     Migrated(SourceFigures),
     /// Failed: the last line.
@@ -286,6 +293,7 @@ mod tests {
                 freeze_steps_ms: vec![("sockets".into(), 1.5)],
                 ..SourceFigures::default()
             }),
+            MigrateLine::Resumed { resumed_ns: 5 },
             MigrateLine::Failed(MigrateFailure {
                 error: "refused".into(),
                 source_serving: true,

@@ -389,7 +389,7 @@ impl Conn {
         // Bounded: a migration of 64 MiB writes a few progress lines.
         for _ in 0..10_000 {
             let l = self.line();
-            if !l.starts_with("{\"progress\"") {
+            if !l.starts_with("{\"progress\"") && !l.starts_with("{\"resumed_ns\"") {
                 return l;
             }
         }

@@ -4,7 +4,9 @@
 //! made for the run, `--psk` (the default) over Noise keyed by a pre-shared
 //! key; `cipher` names what protected it. `--cancel-at-pct P` cancels the
 //! migration through kvd's admin socket at P % of round 0 (`cancelled`,
-//! `source_serving`, `conns_broken`, `requests_failed`, `cancel_ms`).
+//! `source_serving`, `conns_broken`, `requests_failed`, `cancel_ms`: cancel
+//! sent to kvd's line saying it runs again; `cancel_answered_ms`: to the
+//! final answer, after the session's cleanup).
 
 use serde_json::json;
 
@@ -184,6 +186,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "cancel_at_pct": args.cancel_at_pct,
         "cancelled": r.cancelled,
         "cancel_ms": r.cancel_ms.map(|ms| round(ms, 2)),
+        "cancel_answered_ms": r.cancel_answered_ms.map(|ms| round(ms, 2)),
         "cancelled_at_round": r.cancelled_at.map(|(round, _)| round),
         "cancelled_at_fraction": r.cancelled_at.map(|(_, f)| round(f, 3)),
         "bandwidth_mbps": args.bandwidth_mbps,

@@ -347,7 +347,11 @@ pub fn migrate_out(
             let mut locked = Locked::new(sockets, h)?;
             let r = source.with_sockets(&mut locked).run();
             if debug {
-                eprintln!("kvd: source handoff {:?}", locked.handoff().finish());
+                eprintln!(
+                    "kvd: session returned at {:?}; source handoff {:?}",
+                    t.elapsed(),
+                    locked.handoff().finish()
+                );
             }
             r
         }

@@ -214,6 +214,9 @@ impl ServingAdmin {
     }
 
     fn cancel(&self, out: &mut dyn Write) {
+        if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
+            eprintln!("kvd: cancel at {} ns", now_mono_ns());
+        }
         let mut m = self.migration();
         match &mut *m {
             Migration::Idle => error(out, "no migration is running", false),
@@ -325,6 +328,9 @@ impl ServingAdmin {
             if let Ok(Some(d)) = deadline {
                 d.join();
             }
+            if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
+                eprintln!("kvd: migrate_out returned at {:?}", t0.elapsed());
+            }
             r
         });
         let (line, ev, departed) = answer(r, started, t0, &watch);
@@ -363,25 +369,37 @@ impl Watch {
             Event::Phase {
                 phase: Phase::Aborted,
                 at,
-            } => f.1 = Some(*at),
+            } => {
+                f.1 = Some(*at);
+                // The program runs here again: say so now, before the
+                // session's cleanup (the tracker's teardown, the channel).
+                self.line(&MigrateLine::Resumed {
+                    resumed_ns: mono_ns(*at),
+                });
+            }
             Event::Progress {
                 pages,
                 bytes,
                 total_pages,
             } => {
-                let line = MigrateLine::Progress {
+                self.line(&MigrateLine::Progress {
                     progress: Progress {
                         pages: *pages,
                         bytes: *bytes,
                         total_pages: *total_pages,
                     },
-                };
-                if let Some(o) = &self.out {
-                    let mut o = o.lock().unwrap_or_else(|p| p.into_inner());
-                    let _ = writeln!(o, "{}", json!(line));
-                }
+                });
             }
             _ => {}
+        }
+    }
+
+    /// One line to the connection that asked for the migration.
+    fn line(&self, line: &MigrateLine) {
+        if let Some(o) = &self.out {
+            let mut o = o.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(o, "{}", json!(line));
+            let _ = o.flush();
         }
     }
 }

@@ -114,7 +114,7 @@ pub(super) fn migrate_once(
     opts: &Options,
 ) -> Result<Result<SourceFigures, MigrateFailure>, Error> {
     let (_s, r) = admin(admin_path, &migrate_command(incoming, opts))?;
-    read_answer(r, opts)
+    Ok(read_answer(r, opts)?.0)
 }
 
 /// The `migrate` command `opts` asks for.
@@ -129,11 +129,12 @@ fn migrate_command(incoming: &str, opts: &Options) -> String {
     c
 }
 
+/// `migrate`'s answer, and when kvd said it runs again after a failed
+/// attempt (its `resumed` line arrived).
+type Answer = (Result<SourceFigures, MigrateFailure>, Option<Instant>);
+
 /// Read `migrate`'s progress lines (drawing the bar if asked) up to its answer.
-fn read_answer(
-    mut r: BufReader<UnixStream>,
-    opts: &Options,
-) -> Result<Result<SourceFigures, MigrateFailure>, Error> {
+fn read_answer(mut r: BufReader<UnixStream>, opts: &Options) -> Result<Answer, Error> {
     let bar = opts.progress.then(|| {
         let bar = indicatif::ProgressBar::new(100);
         bar.set_style(
@@ -146,6 +147,7 @@ fn read_answer(
         error: "kvd closed its admin socket without an answer".into(),
         ..MigrateFailure::default()
     });
+    let mut resumed = None;
     let mut line = String::new();
     for _ in 0..1_000_000 {
         line.clear();
@@ -162,6 +164,7 @@ fn read_answer(
                     bar.set_message(format!("{:.0} MiB sent", p.bytes as f64 / 1048576.0));
                 }
             }
+            MigrateLine::Resumed { .. } => resumed = Some(Instant::now()),
             MigrateLine::Migrated(s) => {
                 answer = Ok(s);
                 break;
@@ -175,7 +178,7 @@ fn read_answer(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    Ok(answer)
+    Ok((answer, resumed))
 }
 
 /// Send one command line to kvd's admin socket; the connection and a reader.
@@ -199,8 +202,12 @@ pub(super) fn admin_line(path: &Path, line: &str) -> Result<String, Error> {
 pub(super) struct Cancelled {
     /// `migrate`'s answer.
     pub answer: Result<SourceFigures, MigrateFailure>,
-    /// From sending `cancel` to that answer, ms.
+    /// From sending `cancel` to kvd saying it runs again (its `resumed`
+    /// line), ms.
     pub cancel_ms: f64,
+    /// From sending `cancel` to `migrate`'s last line (after the session's
+    /// cleanup), ms.
+    pub answered_ms: f64,
     /// The round and the fraction of it sent when `cancel` went out.
     pub at: (u32, f64),
     /// What a second `cancel`, sent after the answer, got.
@@ -255,12 +262,14 @@ pub(super) fn cancel_at(
     if !first.contains("\"cancelled\":true") {
         return Err(format!("cancel: {first}").into());
     }
-    let answer = read_answer(r, opts)?;
-    let cancel_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let (answer, resumed) = read_answer(r, opts)?;
+    let answered_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let cancel_ms = resumed.map_or(answered_ms, |at| (at - t0).as_secs_f64() * 1e3);
     let second_answer = admin_line(admin_path, "cancel")?;
     Ok(Cancelled {
         answer,
         cancel_ms,
+        answered_ms,
         at,
         second_answer,
     })

@@ -167,9 +167,12 @@ pub struct Report {
     pub svg: Option<PathBuf>,
     /// The attempt ended on the operator's `cancel` ([`Options::cancel_at_pct`]).
     pub cancelled: bool,
-    /// From sending `cancel` to kvd's answer that the attempt ended and it
-    /// serves on (the program resumed), ms.
+    /// From sending `cancel` to kvd's line saying it runs again (the
+    /// session resumed the program), ms.
     pub cancel_ms: Option<f64>,
+    /// From sending `cancel` to `migrate`'s final answer (after the
+    /// session's cleanup: the dirty tracker's teardown, the channel), ms.
+    pub cancel_answered_ms: Option<f64>,
     /// Where the migration was when `cancel` went out: round and the
     /// fraction of it sent.
     pub cancelled_at: Option<(u32, f64)>,
@@ -358,6 +361,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
                 .push(admin_line(&admin_path, "cancel")?);
             let c = cancel_at(&admin_path, &incoming, opts, pct)?;
             report.cancel_ms = Some(c.cancel_ms);
+            report.cancel_answered_ms = Some(c.answered_ms);
             report.cancelled_at = Some(c.at);
             report.cancel_answers.push(c.second_answer);
             report.cancelled = c.answer.as_ref().is_err_and(|f| f.cancelled);

@@ -458,6 +458,11 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
         }
         if let Some(c) = clearer {
             for run in data_runs {
+                // The data pass of a large first round is most of its
+                // time: a cancel stops it too.
+                if let Some(stop) = self.stop {
+                    stop()?;
+                }
                 c.clear(&run)?;
                 total.add(sender.send_run(run, round, lane, false)?);
             }
