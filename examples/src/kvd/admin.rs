@@ -122,7 +122,7 @@ impl HandlerSlot {
     }
 }
 
-/// The thread accepting admin connections, each served by an [`AdminConn`].
+/// The thread accepting admin connections, each served on a thread of its own.
 pub struct AdminServer {
     thread: JoinHandle<()>,
     stop: Arc<AtomicBool>,
