@@ -6,13 +6,14 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lmig_core::MigrationError;
-use lmig_core::model::{RegionId, RegionInfo, RegionLayout};
+use lmig_core::model::{PageRun, RegionId, RegionInfo, RegionLayout, RegionPages};
 use lmig_core::session::{
     CancelOutcome, Destination, Progress, Source, SourceConfig, SourceControl, SourceReport,
+    is_zero,
 };
 use lmig_core::testing::{MarkTracker, NullProgram, VecMemory, channel_pair};
-use lmig_core::traits::Phase;
+use lmig_core::traits::{DirtyClearer, Phase};
+use lmig_core::{DirtyTracker, MemorySource, MigrationError};
 
 /// 4 MiB of 4 KiB pages, every page holding data (zero pages cost no bandwidth).
 const PAGES: u64 = 1024;
@@ -194,4 +195,105 @@ fn a_cancel_half_way_through_round_0_leaves_the_source_as_it_was() {
     assert_eq!(last.phase, Some(Phase::Aborted));
     assert_eq!(last.round, 0, "stopped in round 0");
     assert!(last.pages_sent < PAGES, "round 0 did not finish");
+}
+
+/// Memory that tests zero pages in place (as lmig-mem's regions do): with
+/// a tracker that clears runs before their read, round 0 sends its zero
+/// pages first and its data in a second pass.
+struct InPlace<'a>(&'a VecMemory);
+
+impl MemorySource for InPlace<'_> {
+    fn layout(&self) -> RegionLayout {
+        self.0.layout()
+    }
+    fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> lmig_core::Result<()> {
+        self.0.read_pages(run, dst)
+    }
+    fn find_zero_pages(&self, run: &PageRun, zero: &mut [bool]) -> lmig_core::Result<bool> {
+        let mut pages = vec![0u8; run.count as usize * 4096];
+        self.0.read_pages(run, &mut pages)?;
+        for (z, page) in zero.iter_mut().zip(pages.chunks_exact(4096)) {
+            *z = is_zero(page);
+        }
+        Ok(true)
+    }
+}
+
+/// A [`MarkTracker`] with a clearer (that forgets nothing: the test
+/// program writes nothing).
+struct Clearing(MarkTracker);
+
+struct NoWrites;
+
+impl DirtyClearer for NoWrites {
+    fn clear(&self, _run: &PageRun) -> lmig_core::Result<()> {
+        Ok(())
+    }
+}
+
+impl DirtyTracker for Clearing {
+    fn name(&self) -> &'static str {
+        "clearing"
+    }
+    fn start(&mut self) -> lmig_core::Result<()> {
+        self.0.start()
+    }
+    fn collect(&mut self, dirty: &mut RegionPages) -> lmig_core::Result<()> {
+        self.0.collect(dirty)
+    }
+    fn stop(&mut self) -> lmig_core::Result<()> {
+        self.0.stop()
+    }
+    fn clearer(&self) -> Option<Box<dyn DirtyClearer>> {
+        Some(Box::new(NoWrites))
+    }
+}
+
+#[test]
+fn a_cancel_stops_round_0_in_its_data_pass_too() {
+    // Every other page holds data: the zero pass is half of round 0's
+    // pages and takes no time; the data pass (2 MiB at 8 MiB/s) the rest.
+    let layout = layout();
+    let src = VecMemory::new(&layout);
+    for p in (0..PAGES).step_by(2) {
+        src.fill(RegionId(1), p, format!("page {p} ").repeat(200).as_bytes());
+    }
+    let before = src.snapshot(RegionId(1));
+    let dst = VecMemory::empty();
+    let (a, b) = channel_pair(2);
+    let mut tracker = Clearing(MarkTracker::new(&layout));
+    let mut program = NullProgram::default();
+    let config = SourceConfig::default().with_bandwidth_limit(8 * MIB);
+    let (r, last, d_failed) = std::thread::scope(|s| {
+        let d = s.spawn(|| {
+            let mut prog = NullProgram::default();
+            Destination::new(&b, &dst, &mut prog).run()
+        });
+        let source = Source::new(&a, InPlace(&src), &mut tracker, &mut program).with_config(config);
+        let control = source.control();
+        let watcher = s.spawn(move || {
+            // Bounded: the session ends within seconds either way.
+            for _ in 0..100_000 {
+                let p = control.progress();
+                if p.phase == Some(Phase::Precopy(0)) && p.round_fraction() >= 0.6 {
+                    assert_eq!(control.cancel(), CancelOutcome::Cancelled);
+                    return control;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            panic!("round 0 never reached 60 %");
+        });
+        let r = source.run();
+        lmig_core::Channel::shutdown(&a);
+        let control = watcher.join().unwrap();
+        (r, control.progress(), d.join().unwrap().is_err())
+    });
+    assert!(matches!(r, Err(MigrationError::Cancelled)), "{r:?}");
+    assert!(d_failed && !program.is_paused() && !program.committed);
+    assert_eq!(src.snapshot(RegionId(1)), before);
+    assert_eq!(last.phase, Some(Phase::Aborted));
+    assert!(
+        last.pages_sent < PAGES,
+        "the data pass went on after the cancel: {last:?}"
+    );
 }
