@@ -118,6 +118,9 @@ pub struct MigrateFailure {
     /// on the source (the session's `Aborted` phase), ms.
     #[serde(default)]
     pub freeze_ms: Option<f64>,
+    /// An operator's `cancel` ended the attempt (before `Commit`).
+    #[serde(default)]
+    pub cancelled: bool,
 }
 
 /// A progress line kvd writes while `migrate` runs.
@@ -140,10 +143,65 @@ pub enum MigrateLine {
         /// How far it got.
         progress: Progress,
     },
+    /// The attempt failed before `Commit` and kvd runs again at the
+    /// source (written the moment the session resumed it; the `Failed`
+    /// line follows once the session has cleaned up).
+    Resumed {
+        /// When (`CLOCK_MONOTONIC` ns).
+        resumed_ns: u64,
+    },
     /// Committed: the last line.
     Migrated(SourceFigures),
     /// Failed: the last line.
     Failed(MigrateFailure),
+}
+
+/// kvd's answer to the admin command `status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AdminStatus {
+    /// `serving`, `migrating` (a migration away runs), `waiting` (a
+    /// destination before a migration arrived) or `departed` (migrated
+    /// away; the process ends).
+    pub state: String,
+    /// Clients connected now.
+    pub clients: u64,
+    /// The running migration (`None` when none runs).
+    #[serde(default)]
+    pub migration: Option<MigrationStatus>,
+}
+
+/// A running migration as `status` shows it (lmig-core's `Progress`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// The session's phase: `connecting`, `setup`, `precopy`, `frozen`,
+    /// `await_ready`, `committed`, `postcopy`, `done`, `aborted`.
+    pub phase: String,
+    /// The pre-copy round running or last run.
+    pub round: u32,
+    /// Pages the current round sends, and of those sent so far.
+    pub round_pages: u64,
+    /// Of `round_pages`, sent so far.
+    pub round_pages_sent: u64,
+    /// Pages of kvd's memory.
+    pub total_pages: u64,
+    /// Pages sent so far, every phase.
+    pub pages_sent: u64,
+    /// Bytes sent so far.
+    pub bytes_sent: u64,
+    /// Pages dirtied during the last finished round.
+    pub dirty_pages: u64,
+    /// How fast kvd dirtied memory in the last finished round, MB/s.
+    pub dirty_rate_mbps: f64,
+    /// The bandwidth measured, MB/s.
+    pub bandwidth_mbps: f64,
+    /// The bandwidth limit, MB/s (0: none).
+    pub bandwidth_limit_mbps: f64,
+    /// The freeze if it began now, ms.
+    pub estimated_freeze_ms: Option<f64>,
+    /// Since the migration started, ms.
+    pub elapsed_ms: f64,
+    /// A cancel was asked for.
+    pub cancelling: bool,
 }
 
 /// The destination's view of a migration that arrived.
@@ -262,6 +320,11 @@ pub enum KvdEvent {
         /// How long post-copy was paused (ms).
         paused_ms: u64,
     },
+    /// This kvd migrated away (the source's report; the process ends).
+    MigratedOut(SourceFigures),
+    /// A migration away from this kvd failed; it serves on here unless
+    /// `source_serving` says otherwise.
+    MigrateFailed(MigrateFailure),
     /// After `Commit`, the source never came back: the program runs here
     /// with `missing_pages` pages missing (requests touching the store are
     /// refused). Not `failed`: the migration committed.
@@ -287,6 +350,8 @@ impl KvdEvent {
             Self::PostcopyPaused { .. } => "postcopy_paused",
             Self::PostcopyResumed { .. } => "postcopy_resumed",
             Self::SourceLost { .. } => "source_lost",
+            Self::MigratedOut(_) => "migrated_out",
+            Self::MigrateFailed(_) => "migrate_failed",
         }
     }
 }
@@ -311,11 +376,13 @@ mod tests {
                 freeze_steps_ms: vec![("sockets".into(), 1.5)],
                 ..SourceFigures::default()
             }),
+            MigrateLine::Resumed { resumed_ns: 5 },
             MigrateLine::Failed(MigrateFailure {
                 error: "refused".into(),
                 source_serving: true,
                 aborted_by_deadline: true,
                 freeze_ms: Some(1.5),
+                cancelled: false,
             }),
         ];
         for l in lines {
@@ -345,6 +412,15 @@ mod tests {
                 missing_pages: 3,
                 error: "x".into(),
             },
+            KvdEvent::MigratedOut(SourceFigures {
+                rounds: 2,
+                ..SourceFigures::default()
+            }),
+            KvdEvent::MigrateFailed(MigrateFailure {
+                cancelled: true,
+                source_serving: true,
+                ..MigrateFailure::default()
+            }),
         ];
         for e in events {
             let json = serde_json::to_string(&e).unwrap();

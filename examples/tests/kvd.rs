@@ -28,6 +28,9 @@ fn options(mode: &str, fault: Option<Fault>) -> Options {
         tls: false,
         max_freeze_ms: None,
         queued_mib: 0.0,
+        cancel_at_pct: None,
+        bandwidth_mbps: None,
+        migrate_back: false,
     }
 }
 
@@ -39,9 +42,30 @@ fn kvd_migrates_live_and_survives_failed_migrations() {
         return;
     }
     for mode in ["precopy", "postcopy", "hybrid"] {
-        let r = scenario::run(&options(mode, None)).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        // Pre-copy also moves kvd on, from B back to A, through B's admin
+        // socket (the clients go on; every key is read back at A).
+        let opts = Options {
+            migrate_back: mode == "precopy",
+            ..options(mode, None)
+        };
+        let r = scenario::run(&opts).unwrap_or_else(|e| panic!("{mode}: {e}"));
         assert!(r.migrated, "{mode}: {:?}", r.error);
         assert_served_every_key(&r, mode);
+        // The destination's admin socket answers once it serves.
+        assert!(
+            r.destination_keys.is_some_and(|k| k >= 20_000),
+            "{mode}: {:?}",
+            r.destination_keys
+        );
+        if opts.migrate_back {
+            assert_eq!(
+                r.source_socket_removed,
+                Some(true),
+                "A ended and removed its admin socket"
+            );
+            let back = r.back.as_ref().expect("moved back");
+            assert!(back.is_ok(), "B -> A: {back:?}");
+        }
         assert!(r.load.requests_ok > 0, "{mode}");
         let verified = r.destination.as_ref().map(|d| d.verified);
         assert_eq!(verified, Some(true), "{mode}: {:?}", r.destination);
@@ -147,6 +171,35 @@ fn kvd_migrates_live_and_survives_failed_migrations() {
         let keys = r.keys.expect("keys were loaded");
         assert_eq!((keys.checked, keys.wrong), (20_000, 0), "{fault:?}");
     }
+    // An operator's cancel half-way through round 0 (the migration held
+    // to 40 MB/s: round 0 of 64 MiB lasts over a second): kvd serves on at
+    // A with every connection, reply and key; a cancel with nothing
+    // running, before and after, says so.
+    let cancel = Options {
+        cancel_at_pct: Some(50.0),
+        bandwidth_mbps: Some(40.0),
+        ..options("precopy", None)
+    };
+    let r = scenario::run(&cancel).unwrap_or_else(|e| panic!("cancel: {e}"));
+    assert!(!r.migrated, "cancel: migrated anyway");
+    assert!(r.cancelled, "cancel: {:?}", r.error);
+    let (round, fraction) = r.cancelled_at.expect("cancelled at");
+    assert_eq!(round, 0, "cancel: in round 0");
+    assert!((0.5..1.0).contains(&fraction), "cancel: at {fraction}");
+    assert_eq!(r.source_serving, Some(true), "cancel: {:?}", r.error);
+    assert_eq!(r.load.conns_broken, 0, "cancel: {:?}", r.load.first_error);
+    assert_eq!(
+        r.load.requests_failed, 0,
+        "cancel: {:?}",
+        r.load.first_error
+    );
+    assert!(r.load.requests_ok > 100, "cancel");
+    let keys = r.keys.expect("keys were loaded");
+    assert_eq!((keys.checked, keys.wrong), (20_000, 0), "cancel");
+    assert_eq!(r.cancel_answers.len(), 2);
+    for a in &r.cancel_answers {
+        assert!(a.contains("no migration is running"), "cancel: {a}");
+    }
     // A freeze bound no migration of 50 connections can meet (1 ms, to the
     // destination's `Ready`): the source aborts on it and serves on, every
     // connection and every key intact.
@@ -190,4 +243,200 @@ fn assert_served_every_key(r: &scenario::Report, what: &str) {
         "{what}: first wrong key {:?}",
         keys.first_wrong
     );
+}
+
+/// kvd's admin socket on loopback (no namespaces, no clients): a silent
+/// admin client blocks nobody, on either side; bad commands and a cancel
+/// with nothing running get clear answers; a migration slowed by
+/// `bandwidth_mbps` shows in `status`, takes a new limit while it runs,
+/// refuses a second `migrate`, and a `cancel` leaves kvd serving. (A
+/// migration that goes through, the destination's admin socket after it
+/// and the source's socket file removed: in the namespace test above.)
+#[test]
+fn kvd_admin_socket_serves_operators() {
+    if !privileged() {
+        return;
+    }
+    let admin = Admin::start();
+    let (a, b) = (admin.dir.join("a.sock"), admin.dir.join("b.sock"));
+    // Silent clients on both sockets, held through the test.
+    let _silent_a = std::os::unix::net::UnixStream::connect(&a).unwrap();
+    let _silent_b = std::os::unix::net::UnixStream::connect(&b).unwrap();
+    assert!(ask(&a, "stats").contains("\"keys\":0"));
+    assert!(ask(&b, "stats").contains("\"state\":\"waiting\""));
+    assert!(ask(&b, "status").contains("\"state\":\"waiting\""));
+    assert!(ask(&a, "populate 5000").contains("\"keys\":5000"));
+    assert!(ask(&a, "cancel").contains("no migration is running"));
+    assert!(ask(&a, "set bandwidth_mbps=5").contains("no migration is running"));
+    for bad in [
+        "frobnicate",
+        "migrate nowhere",
+        "migrate 127.0.0.1:1 speed=3",
+    ] {
+        let answer = ask(&a, bad);
+        assert!(
+            answer.contains("\"error\"") && answer.contains("\"commands\""),
+            "{bad}: {answer}"
+        );
+    }
+
+    // At 5 MB/s round 0 lasts seconds (its data pages, some 18 MB, go
+    // last, after the zero pages).
+    let target = format!("127.0.0.1:{}", admin.incoming);
+    let mut migrate = Conn::open(&a, &format!("migrate {target} bandwidth_mbps=5"));
+    let status = wait_status(&a, |s| s.contains("\"phase\":\"precopy\""));
+    assert!(status.contains("\"bandwidth_limit_mbps\":5.0"), "{status}");
+    assert!(ask(&a, "set bandwidth_mbps=6").contains("\"ok\":true"));
+    let status = wait_status(&a, |s| s.contains("\"bandwidth_limit_mbps\":6.0"));
+    assert!(status.contains("\"state\":\"migrating\""), "{status}");
+    assert!(
+        ask(&a, &format!("migrate {target}")).contains("already running"),
+        "one migration at a time"
+    );
+    assert!(ask(&a, "cancel").contains("\"cancelled\":true"));
+    let second = ask(&a, "cancel");
+    assert!(
+        second.contains("\"already\":true") || second.contains("no migration is running"),
+        "{second}"
+    );
+    let answer = migrate.last_line();
+    assert!(
+        answer.contains("\"cancelled\":true") && answer.contains("\"source_serving\":true"),
+        "{answer}"
+    );
+    assert!(ask(&a, "stats").contains("\"keys\":5000"), "A serves on");
+    assert!(ask(&a, "status").contains("\"state\":\"serving\""));
+
+    // The destination is still waiting: the cancelled attempt left it
+    // nothing.
+    assert!(ask(&b, "status").contains("\"state\":\"waiting\""));
+}
+
+/// Two kvds on loopback with admin sockets in a directory of their own;
+/// killed (by pid) and the directory removed on drop.
+struct Admin {
+    dir: std::path::PathBuf,
+    incoming: u16,
+    source: std::process::Child,
+    destination: std::process::Child,
+}
+
+impl Admin {
+    fn start() -> Self {
+        use std::io::BufRead;
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("lmig-kvd-admin-{pid}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (listen, incoming) = (
+            20_000 + (pid % 20_000) as u16,
+            40_000 + (pid % 20_000) as u16,
+        );
+        let key = "5a".repeat(32);
+        let kvd = |args: &[String]| {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kvd"));
+            c.args(args)
+                .env("LMIG_KEY", &key)
+                .stdout(std::process::Stdio::piped());
+            let mut child = c.spawn().unwrap();
+            // Up to its first event line (listening / waiting): the admin
+            // socket exists by then.
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert!(line.contains("\"event\""), "{line}");
+            // Keep draining its events so that it never blocks on stdout.
+            std::thread::spawn(move || for _ in out.lines().map_while(Result::ok) {});
+            child
+        };
+        let s = |v: &str| v.to_string();
+        let source = kvd(&[
+            s("--listen"),
+            format!("127.0.0.1:{listen}"),
+            s("--mib"),
+            s("64"),
+            s("--admin"),
+            dir.join("a.sock").display().to_string(),
+        ]);
+        let destination = kvd(&[
+            s("--incoming"),
+            format!("127.0.0.1:{incoming}"),
+            s("--admin"),
+            dir.join("b.sock").display().to_string(),
+        ]);
+        Self {
+            dir,
+            incoming,
+            source,
+            destination,
+        }
+    }
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        for c in [&mut self.source, &mut self.destination] {
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An admin connection that sent one command.
+struct Conn {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    _stream: std::os::unix::net::UnixStream,
+}
+
+impl Conn {
+    fn open(path: &std::path::Path, line: &str) -> Self {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // A hang is a failure, not a stuck test.
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        writeln!(s, "{line}").unwrap();
+        Self {
+            reader: std::io::BufReader::new(s.try_clone().unwrap()),
+            _stream: s,
+        }
+    }
+
+    fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut l = String::new();
+        self.reader.read_line(&mut l).expect("an answer");
+        l.trim().to_string()
+    }
+
+    /// The last line (`migrate` streams progress lines first).
+    fn last_line(&mut self) -> String {
+        // Bounded: a migration of 64 MiB writes a few progress lines.
+        for _ in 0..10_000 {
+            let l = self.line();
+            if !l.starts_with("{\"progress\"") && !l.starts_with("{\"resumed_ns\"") {
+                return l;
+            }
+        }
+        panic!("no answer after 10,000 progress lines");
+    }
+}
+
+/// One command, its one-line answer.
+fn ask(path: &std::path::Path, line: &str) -> String {
+    Conn::open(path, line).line()
+}
+
+/// `status` until `ok` says so (bounded: 60 s).
+fn wait_status(path: &std::path::Path, ok: impl Fn(&str) -> bool) -> String {
+    for _ in 0..6000 {
+        let s = ask(path, "status");
+        if ok(&s) {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("status never said so");
 }

@@ -4,6 +4,11 @@
 //! made for the run, `--psk` (the default) over Noise keyed by a pre-shared
 //! key; `cipher` names what protected it. `--server tokio` migrates tokiod
 //! (a tokio runtime, a task per connection) instead of kvd; `server` names it.
+//! key; `cipher` names what protected it. `--cancel-at-pct P` cancels the
+//! migration through kvd's admin socket at P % of round 0 (`cancelled`,
+//! `source_serving`, `conns_broken`, `requests_failed`, `cancel_ms`: cancel
+//! sent to kvd's line saying it runs again; `cancel_answered_ms`: to the
+//! final answer, after the session's cleanup).
 
 use serde_json::json;
 
@@ -66,6 +71,14 @@ pub struct Args {
     /// the freeze captured).
     #[arg(long, default_value_t = 0.0)]
     pub queued_mib: f64,
+    /// Cancel the migration (kvd's admin `cancel`) once round 0 sent P %
+    /// of its pages: `cancelled`, `source_serving`, `cancel_ms` (cancel
+    /// sent to kvd answering that it serves on), and the clients' view.
+    #[arg(long, value_name = "P")]
+    pub cancel_at_pct: Option<f64>,
+    /// Limit the migration's bandwidth (MB/s; `migrate bandwidth_mbps=`).
+    #[arg(long)]
+    pub bandwidth_mbps: Option<f64>,
 }
 
 /// Run the scenario.
@@ -103,6 +116,8 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         tls: args.tls,
         max_freeze_ms: args.max_freeze_ms,
         queued_mib: args.queued_mib,
+        cancel_at_pct: args.cancel_at_pct,
+        bandwidth_mbps: args.bandwidth_mbps,
         ..Options::new(&args.mode, args.mib, args.conns)?
     };
     let r = scenario::run(&opts)?;
@@ -124,7 +139,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "source_commit": at_ns(s.map(|s| s.commit_ns)),
         "destination_resumed": at_ns(d.and_then(|d| d.resumed_ns)),
     });
-    let mut fig = json!({
+    let mut figures = json!({
         "scenario": "migrate",
         "server": server.name(),
         "mib": args.mib,
@@ -190,9 +205,24 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "queued_verified": r.queued.as_ref().map(|q| q.2.is_ok()),
         "queued_error": r.queued.as_ref().and_then(|q| q.2.as_ref().err()),
     });
-    if let (Some(f), serde_json::Value::Object(q)) = (fig.as_object_mut(), queued) {
+    if let (Some(f), serde_json::Value::Object(q)) = (figures.as_object_mut(), queued) {
         f.extend(q);
     }
-    out.emit(&fig);
+    // --cancel-at-pct: the operator's cancel mid-round (a second object:
+    // `json!` recurses once per field).
+    let cancel = json!({
+        "cancel_at_pct": args.cancel_at_pct,
+        "cancelled": r.cancelled,
+        "cancel_ms": r.cancel_ms.map(|ms| round(ms, 2)),
+        "cancel_answered_ms": r.cancel_answered_ms.map(|ms| round(ms, 2)),
+        "cancelled_at_round": r.cancelled_at.map(|(round, _)| round),
+        "cancelled_at_fraction": r.cancelled_at.map(|(_, f)| round(f, 3)),
+        "bandwidth_mbps": args.bandwidth_mbps,
+        "destination_keys": r.destination_keys,
+    });
+    if let (Some(all), serde_json::Value::Object(more)) = (figures.as_object_mut(), cancel) {
+        all.extend(more);
+    }
+    out.emit(&figures);
     Ok(())
 }

@@ -13,41 +13,87 @@
 //! sides; with `LMIG_TLS_CERT`, `LMIG_TLS_KEY` and `LMIG_TLS_CA` (PEM files)
 //! the migration runs over TLS 1.3 with certificates instead
 //! ([`crate::kvd::security`]). With `--service-if`, the listening address moves with the program
-//! (network lock, held packets, address handoff).
+//! (network lock, held packets, address handoff). The admin socket
+//! ([`crate::kvd::admin`], commands in [`crate::kvd::operator`]) serves its
+//! operators concurrently, on both sides; `kvd --help` shows an example session.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::common::clock::{mono_ns, now_mono_ns};
-use crate::common::keys::key_from_hex;
-use crate::kvd::migrate::{
-    Dirtier, MigrateOptions, ReceiveLog, STORE_REGION, migrate_out, receive,
-};
-use crate::kvd::server::{Control, Server};
+use crate::kvd::admin::{self, AdminServer, HandlerSlot, SignalWatch};
+use crate::kvd::migrate::{Dirtier, ReceiveLog, STORE_REGION, Served, receive};
+use crate::kvd::operator::{Departure, ServingAdmin, WaitingAdmin, event, key_from_env};
+use crate::kvd::server::Server;
 use crate::kvd::store::Store;
 use clap::Parser;
 use lmig_core::MigrationError;
 use lmig_core::session::DestinationReport;
-use lmig_core::session::Mode;
-use lmig_core::traits::{Event, Phase};
+use lmig_core::traits::Phase;
 use lmig_mem::{RegionOptions, RegionSet};
 use lmig_net::{HandoffConfig, ServiceAddr};
-use serde_json::json;
 
-use crate::figures::{
-    DestinationFigures, KvdEvent, MigrateFailure, MigrateLine, Progress, SourceFigures,
-};
+use crate::figures::{DestinationFigures, KvdEvent};
+
+/// What `kvd --help` adds below the options.
+const AFTER_HELP: &str = "\
+Environment:
+  LMIG_KEY       the pre-shared key of the migration channel (hex, at least 16
+                 bytes), the same on both hosts; e.g. `openssl rand -hex 32`
+  LMIG_TLS_CERT, LMIG_TLS_KEY, LMIG_TLS_CA
+                 PEM files: migrate over TLS 1.3 with certificates instead
+
+Admin commands (one per line on the --admin Unix socket; one JSON line back,
+a `migrate` streams progress lines and ends with the report; many operators
+at once, an idle connection is closed after 60 s):
+  stats                      keys, clients, requests
+  status                     serving | migrating | waiting | departed, and the
+                             running migration: phase, round, bytes, dirty
+                             rate, bandwidth, estimated freeze
+  populate N                 store N keys
+  migrate HOST:PORT [precopy|postcopy|hybrid] [downtime_ms=N]
+          [bandwidth_mbps=N] [timeout_s=N] [streams=N] [max_freeze_ms=N]
+                             move kvd live to the kvd waiting on HOST:PORT
+                             (bandwidth in MB/s, 0 = no limit; timeout_s:
+                             cancel if not committed by then)
+  set bandwidth_mbps=N       change the running migration's limit
+  cancel                     stop the running migration: before its commit kvd
+                             serves on here with every connection and byte;
+                             after it, kvd answers that it is too late
+  help, quit
+
+Example session:
+  A$ LMIG_KEY=$K kvd --listen 198.51.100.100:6379 --admin /run/kvd-a.sock
+  B$ LMIG_KEY=$K kvd --incoming 198.51.100.2:7000 --admin /run/kvd-b.sock
+  A$ socat - UNIX:/run/kvd-a.sock
+     populate 100000
+     {\"ok\":true,\"keys\":100000}
+     migrate 198.51.100.2:7000 precopy bandwidth_mbps=200 timeout_s=60
+     {\"progress\":{\"pages\":65536,\"bytes\":268438016,\"total_pages\":262144}}
+  A$ echo status | socat - UNIX:/run/kvd-a.sock        # from another shell
+     {\"state\":\"migrating\",\"migration\":{\"phase\":\"precopy\",\"round\":0,...}}
+  A$ echo 'set bandwidth_mbps=0' | socat - UNIX:/run/kvd-a.sock
+  A$ echo cancel | socat - UNIX:/run/kvd-a.sock        # or let it finish
+  B$ echo stats | socat - UNIX:/run/kvd-b.sock         # after it moved: B serves
+
+Both kvds print JSON event lines on stdout (listening, waiting, migrated,
+migrated_out, migrate_failed, ...); the admin socket file is removed when kvd
+ends (also on SIGTERM, SIGINT, SIGHUP).";
 
 /// kvd's command line.
 #[derive(Parser, Debug)]
 #[command(
     name = "kvd",
-    about = "A Redis-protocol key-value server that migrates itself live"
+    version,
+    about = "A Redis-protocol key-value server that migrates itself live",
+    long_about = "A Redis-protocol key-value server (PING, GET, SET, DEL, INCR, DBSIZE, \
+INFO, DEBUG POPULATE) whose data lives in an lmig region, and which migrates itself live \
+(memory, client connections, state) to a kvd waiting on another host when its operator \
+says `migrate` on the admin socket.",
+    after_help = AFTER_HELP
 )]
 pub struct Args {
     /// Serve clients on this address (source mode).
@@ -59,7 +105,8 @@ pub struct Args {
     /// Size of the data region in MiB.
     #[arg(long, default_value_t = 1024)]
     pub mib: u64,
-    /// Admin socket (Unix) for `migrate`, `stats`, `populate`.
+    /// Admin socket (Unix): `stats`, `status`, `migrate`, `cancel`, ...
+    /// (see below); on both sides, removed when kvd ends.
     #[arg(long)]
     pub admin: Option<PathBuf>,
     /// Dirty this many MB/s of scratch pages in the background (load for benchmarks).
@@ -81,21 +128,11 @@ pub const POPULATE_VALUE_LEN: usize = 100;
 
 fn fail(msg: impl std::fmt::Display) -> ! {
     eprintln!("kvd: {msg}");
-    std::process::exit(1)
+    admin::exit(1)
 }
 
 fn key() -> Vec<u8> {
-    let hex = std::env::var("LMIG_KEY").unwrap_or_else(|_| {
-        fail("set LMIG_KEY to the pre-shared key (hex, at least 16 bytes) on both hosts")
-    });
-    key_from_hex(&hex).unwrap_or_else(|e| fail(format!("LMIG_KEY: {e}")))
-}
-
-fn event(e: KvdEvent) {
-    let line = serde_json::to_string(&e).expect("a KvdEvent serializes");
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
+    key_from_env().unwrap_or_else(|e| fail(e))
 }
 
 /// The destination's log: JSON events on stdout, refusals also on stderr
@@ -103,6 +140,11 @@ fn event(e: KvdEvent) {
 struct JsonLog {
     incoming: SocketAddr,
     refused: std::sync::atomic::AtomicU64,
+    /// The admin socket's handler: the full command set once kvd serves.
+    admin: Option<Arc<HandlerSlot>>,
+    handoff: Option<HandoffConfig>,
+    /// Set once kvd serves: its migration on, if one goes out.
+    departure: std::sync::Mutex<Option<Arc<Departure>>>,
 }
 
 impl ReceiveLog for JsonLog {
@@ -178,10 +220,41 @@ impl ReceiveLog for JsonLog {
             paused_ms: paused_for.as_millis() as u64,
         });
     }
+
+    fn took_over(&self, served: Served) {
+        let Some(slot) = &self.admin else { return };
+        let store = match served.regions.get(STORE_REGION).map(Store::open) {
+            Ok(Ok(store)) => store,
+            _ => return eprintln!("kvd: the admin socket cannot open the store"),
+        };
+        let handler = ServingAdmin::new(
+            served.control,
+            served.regions,
+            store,
+            None,
+            self.handoff.clone(),
+        );
+        *self.departure.lock().unwrap_or_else(|p| p.into_inner()) = Some(handler.departure.clone());
+        slot.set(Arc::new(handler));
+    }
+
+    fn serving_ended(&self) {
+        let departure = self
+            .departure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(d) = departure {
+            d.wait(Duration::from_secs(3600));
+        }
+    }
 }
 
 /// Run kvd with these arguments (never returns on success paths that end the process).
 pub fn main_with(args: Args) {
+    // Before any other thread: the signals that end kvd go to one thread,
+    // which removes the admin socket first.
+    let signals = SignalWatch::spawn().unwrap_or_else(|e| fail(format!("signals: {e}")));
     // One fd per client connection: take the whole allowance.
     if let Err(e) = lmig_net::raise_nofile_limit() {
         eprintln!("kvd: cannot raise the open-file limit: {e}");
@@ -193,15 +266,32 @@ pub fn main_with(args: Args) {
             .unwrap_or_else(|| fail("--service-if needs --service-addr on the destination"));
         HandoffConfig::new([ServiceAddr::new(addr, args.service_prefix)], iface.clone())
     });
+    let admin_listener = args.admin.as_ref().map(|path| {
+        admin::bind(path).unwrap_or_else(|e| fail(format!("admin socket {}: {e}", path.display())))
+    });
     if let Some(incoming) = args.incoming {
         let key = key();
+        let slot = admin_listener.map(|l| {
+            let slot = HandlerSlot::new(Arc::new(WaitingAdmin));
+            let server = AdminServer::spawn(l, slot.clone())
+                .unwrap_or_else(|e| fail(format!("admin socket: {e}")));
+            (slot, server)
+        });
         let log = Arc::new(JsonLog {
             incoming,
             refused: Default::default(),
+            admin: slot.as_ref().map(|(s, _)| s.clone()),
+            handoff,
+            departure: Default::default(),
         });
-        if let Err(e) = receive(incoming, &key, handoff, log) {
+        if let Err(e) = receive(incoming, &key, log.handoff.clone(), log) {
             fail(format!("incoming migration failed: {e}"));
         }
+        if let Some((_, server)) = slot {
+            server.join();
+        }
+        admin::remove_socket();
+        drop(signals);
         return;
     }
     let listen = args
@@ -212,193 +302,47 @@ pub fn main_with(args: Args) {
         .map()
         .unwrap_or_else(|e| fail(format!("mapping {} MiB: {e}", args.mib)));
     let regions = RegionSet::new([region]).unwrap_or_else(|e| fail(e));
+    // kvd serves this memory until the process ends: it lives as long as it.
+    let regions: &'static RegionSet = Box::leak(Box::new(regions));
     let region = regions.get(STORE_REGION).unwrap_or_else(|e| fail(e));
     let store = Store::format(region);
     let listener = std::net::TcpListener::bind(listen)
         .unwrap_or_else(|e| fail(format!("listening on {listen}: {e}")));
     let mut server = Server::new(listener, Vec::new()).unwrap_or_else(|e| fail(e));
-    let control = server.control();
     let dirtier = (args.dirty_mbps > 0.0).then(Dirtier::default);
-    let admin = args.admin.as_ref().map(|path| {
-        let _ = std::fs::remove_file(path);
-        UnixListener::bind(path)
-            .unwrap_or_else(|e| fail(format!("admin socket {}: {e}", path.display())))
+    let handler = Arc::new(ServingAdmin::new(
+        server.control(),
+        regions,
+        Store::open(region).unwrap_or_else(|e| fail(e)),
+        dirtier.clone(),
+        handoff,
+    ));
+    let departure = handler.departure.clone();
+    let admin = admin_listener.map(|l| {
+        AdminServer::spawn(l, HandlerSlot::new(handler))
+            .unwrap_or_else(|e| fail(format!("admin socket: {e}")))
     });
     event(KvdEvent::Listening {
         addr: listen.to_string(),
         pid: std::process::id(),
     });
-    let (migrated_tx, migrated_rx) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|s| {
         if let Some(d) = &dirtier {
             s.spawn(|| d.run(&store, args.dirty_mbps));
-        }
-        if let Some(admin) = admin {
-            let (control, regions, dirtier, handoff, store) =
-                (&control, &regions, &dirtier, &handoff, &store);
-            s.spawn(move || {
-                for conn in admin.incoming().flatten() {
-                    if serve_admin(conn, control, regions, dirtier, handoff, store) {
-                        // Migrated: the destination serves now; this process ends.
-                        if let Some(d) = dirtier {
-                            d.stop.store(true, Ordering::SeqCst);
-                        }
-                        let _ = migrated_tx.send(());
-                        break;
-                    }
-                }
-            });
         }
         if let Err(e) = server.run(&store) {
             fail(format!("serving: {e}"));
         }
         // The loop ended at the commit. The session still runs (post-copy
         // service, digests, `Done`) and needs this memory: wait for it.
-        let _ = migrated_rx.recv_timeout(Duration::from_secs(3600));
-        std::process::exit(0);
-    });
-}
-
-/// Handle one admin connection; true when kvd migrated away.
-fn serve_admin(
-    conn: UnixStream,
-    control: &Control,
-    regions: &RegionSet,
-    dirtier: &Option<Dirtier>,
-    handoff: &Option<HandoffConfig>,
-    store: &Store<'_>,
-) -> bool {
-    let (Ok(read), Ok(progress)) = (conn.try_clone(), conn.try_clone()) else {
-        return false;
-    };
-    let progress_out = std::sync::Mutex::new(progress);
-    let mut out = conn;
-    for line in BufReader::new(read).lines().map_while(Result::ok) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let mut reply = |v: serde_json::Value| {
-            let _ = writeln!(out, "{v}");
-            let _ = out.flush();
-        };
-        match words.as_slice() {
-            ["stats"] => {
-                // Paused: the key count could sit on a missing page.
-                let missing = crate::kvd::server::POSTCOPY_PAUSED.load(Ordering::Acquire);
-                reply(json!({
-                    "keys": (missing == 0).then(|| store.len()),
-                    "clients": control.counters.clients.load(Ordering::Relaxed),
-                    "requests": control.counters.requests.load(Ordering::Relaxed),
-                    "postcopy_paused": missing > 0,
-                    "missing_pages": missing,
-                }))
-            }
-            ["populate", n] => match n
-                .parse::<u64>()
-                .map(|n| store.populate(n, POPULATE_VALUE_LEN))
-            {
-                Ok(Ok(())) => reply(json!({"ok": true, "keys": store.len()})),
-                Ok(Err(e)) => reply(json!({"error": e.to_string()})),
-                Err(e) => reply(json!({"error": e.to_string()})),
-            },
-            ["migrate", target, rest @ ..] => {
-                let mode = match rest.first().copied().unwrap_or("precopy") {
-                    "precopy" => Mode::Precopy,
-                    "postcopy" => Mode::Postcopy,
-                    "hybrid" => Mode::Hybrid,
-                    other => {
-                        reply(
-                            json!({"error": format!("unknown mode {other:?}: precopy, postcopy or hybrid")}),
-                        );
-                        continue;
-                    }
-                };
-                let Ok(target) = target.parse::<SocketAddr>() else {
-                    reply(json!({"error": format!("bad address {target:?}")}));
-                    continue;
-                };
-                let streams = rest.get(1).and_then(|s| s.parse().ok()).unwrap_or(2);
-                let max_freeze = match rest.get(2).map(|s| s.parse::<f64>()) {
-                    None => None,
-                    Some(Ok(ms)) if ms > 0.0 && ms.is_finite() => {
-                        Some(Duration::from_secs_f64(ms / 1e3))
-                    }
-                    Some(_) => {
-                        reply(json!({"error": "max freeze: a positive number of milliseconds"}));
-                        continue;
-                    }
-                };
-                let opts = MigrateOptions {
-                    target,
-                    mode,
-                    streams,
-                    key: key(),
-                    handoff: handoff.clone(),
-                    // The pages' share of the freeze: the sockets take the
-                    // rest, and on a shared host the last pages compete with
-                    // them for the CPU (5 ms left 600-1000 pages, 5-10 ms).
-                    downtime: Duration::from_millis(2),
-                    max_freeze,
-                };
-                let started = now_mono_ns();
-                let t0 = Instant::now();
-                // An aborted attempt's freeze: the pause to the program resumed.
-                let freeze = std::sync::Mutex::new((None, None));
-                let r = migrate_out(control, regions, dirtier.clone(), &opts, |e: &Event| {
-                    match e {
-                        Event::Phase {
-                            phase: Phase::Frozen,
-                            at,
-                        } => freeze.lock().expect("poisoned").0 = Some(*at),
-                        Event::Phase {
-                            phase: Phase::Aborted,
-                            at,
-                        } => freeze.lock().expect("poisoned").1 = Some(*at),
-                        _ => {}
-                    }
-                    if let Event::Progress {
-                        pages,
-                        bytes,
-                        total_pages,
-                    } = e
-                    {
-                        let line = MigrateLine::Progress {
-                            progress: Progress {
-                                pages: *pages,
-                                bytes: *bytes,
-                                total_pages: *total_pages,
-                            },
-                        };
-                        let mut o = progress_out.lock().expect("poisoned");
-                        let _ = writeln!(o, "{}", json!(line));
-                    }
-                });
-                match r {
-                    Ok(rep) => {
-                        reply(json!(MigrateLine::Migrated(SourceFigures::from_report(
-                            &rep,
-                            started,
-                            t0.elapsed().as_secs_f64() * 1e3,
-                            crate::kvd::security::last_cipher(),
-                        ))));
-                        return true;
-                    }
-                    Err(e) => reply(json!(MigrateLine::Failed(MigrateFailure {
-                        error: e.to_string(),
-                        source_serving: e.source_may_run(),
-                        aborted_by_deadline: matches!(e, MigrationError::FreezeDeadline { .. }),
-                        freeze_ms: match freeze.into_inner().expect("poisoned") {
-                            (Some(paused), Some(resumed)) => {
-                                Some((resumed - paused).as_secs_f64() * 1e3)
-                            }
-                            _ => None,
-                        },
-                    }))),
-                }
-            }
-            ["quit"] => return false,
-            _ => reply(
-                json!({"error": "commands: stats | populate N | migrate HOST:PORT [precopy|postcopy|hybrid] [streams] [max-freeze-ms] | quit"}),
-            ),
+        departure.wait(Duration::from_secs(3600));
+        if let Some(d) = &dirtier {
+            d.stop.store(true, Ordering::SeqCst);
         }
+    });
+    if let Some(a) = admin {
+        a.join();
     }
-    false
+    drop(signals);
+    admin::exit(0);
 }

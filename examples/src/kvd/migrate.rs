@@ -13,7 +13,7 @@ use lmig_core::model::{ProgramState, RegionId};
 use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
 use lmig_core::session::{
     AfterCommit, Destination, DestinationReport, Mode, Resumption, Source, SourceConfig,
-    SourceReport,
+    SourceControl, SourceReport,
 };
 use lmig_core::traits::{Event, Phase};
 use lmig_core::{BoxError, MigrationError, SocketSink, StateSink, StateSource};
@@ -258,16 +258,21 @@ pub struct MigrateOptions {
     pub downtime: Duration,
     /// Past this freeze the source aborts and serves on (`None`: no bound).
     pub max_freeze: Option<Duration>,
+    /// Bandwidth limit of the pages, bytes/s (0: none); changeable while
+    /// the migration runs through its [`SourceControl`].
+    pub bandwidth: u64,
 }
 
 /// Migrate this kvd to `opts.target`. `Ok`: the destination runs now and this
 /// process must exit. `Err`: kvd serves on here (unless the error says the
-/// commit went out).
+/// commit went out). `started` gets the session's control (progress,
+/// cancel, bandwidth) once connected, before the session runs.
 pub fn migrate_out(
     control: &Control,
     regions: &RegionSet,
     dirtier: Option<Dirtier>,
     opts: &MigrateOptions,
+    started: impl FnOnce(SourceControl),
     progress: impl Fn(&Event) + Send + Sync,
 ) -> Result<SourceReport, MigrationError> {
     let debug = std::env::var_os("LMIG_DEMO_DEBUG").is_some();
@@ -311,7 +316,8 @@ pub fn migrate_out(
     );
     let config = SourceConfig::default()
         .with_mode(opts.mode)
-        .with_max_freeze(opts.max_freeze);
+        .with_max_freeze(opts.max_freeze)
+        .with_bandwidth_limit(opts.bandwidth);
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)
         .with_config(config)
@@ -327,6 +333,7 @@ pub fn migrate_out(
             }
             progress(e)
         });
+    started(source.control());
     match &opts.handoff {
         // Held packets go straight to the destination host (a neighbour on
         // the service link: its migration address).
@@ -335,7 +342,11 @@ pub fn migrate_out(
             let mut locked = Locked::new(sockets, h)?;
             let r = source.with_sockets(&mut locked).run();
             if debug {
-                eprintln!("kvd: source handoff {:?}", locked.handoff().finish());
+                eprintln!(
+                    "kvd: session returned at {:?}; source handoff {:?}",
+                    t.elapsed(),
+                    locked.handoff().finish()
+                );
             }
             r
         }
@@ -403,6 +414,21 @@ pub trait ReceiveLog: Send + Sync {
     fn postcopy_paused(&self, _missing_pages: u64, _reason: &str) {}
     /// A source came back after a pause: post-copy goes on.
     fn postcopy_resumed(&self, _missing_pages: u64, _paused_for: Duration) {}
+    /// The migration arrived and kvd is about to serve it: its loop and
+    /// its memory (which lives as long as the process), e.g. for an admin
+    /// socket that can migrate it on.
+    fn took_over(&self, _served: Served) {}
+    /// The serving loop ended (kvd migrated on, at its `Commit`): return
+    /// once that migration is over (the process then ends).
+    fn serving_ended(&self) {}
+}
+
+/// A destination kvd serving what arrived ([`ReceiveLog::took_over`]).
+pub struct Served {
+    /// The serving loop's control.
+    pub control: Control,
+    /// kvd's memory, for as long as the process lives.
+    pub regions: &'static RegionSet,
 }
 
 /// Fault injection for tests of the failure paths: with
@@ -619,13 +645,16 @@ fn resume<K: SocketSink + 'static>(
         after_commit,
         ..
     } = resumed;
+    // kvd serves this memory until the process ends (or migrates it on,
+    // and then ends): it lives as long as the process.
+    let memory: &'static Arc<DestinationRegions> = Box::leak(Box::new(memory));
     let reporter = match Reporter::spawn(after_commit, log.clone()) {
         Ok(r) => r,
         Err(e) => return Some(Err(e.into())),
     };
     let registered = early.before_commit.load(Ordering::Relaxed);
     let served = match (state, early.take()) {
-        (Some(state), Some(pre)) => serve(state, &memory, fds, (pre, registered), &*log),
+        (Some(state), Some(pre)) => serve(state, memory.as_ref(), fds, (pre, registered), &*log),
         (_, None) => Err("the early poller was taken already".into()),
         (None, _) => Err("resumed without the program's state".into()),
     };
@@ -672,7 +701,7 @@ impl Reporter {
 /// many joined before `Commit`).
 fn serve(
     state: ProgramState,
-    memory: &DestinationRegions,
+    memory: &'static DestinationRegions,
     mut fds: HashMap<u64, OwnedFd>,
     (pre, registered_before_commit): (Preregistered, u64),
     log: &dyn ReceiveLog,
@@ -695,7 +724,12 @@ fn serve(
     if debug() {
         eprintln!("kvd: server built in {:?}", t.elapsed());
     }
+    log.took_over(Served {
+        control: server.control(),
+        regions,
+    });
     log.serving(Instant::now(), registered_before_commit);
     server.run(&store)?;
+    log.serving_ended();
     Ok(())
 }

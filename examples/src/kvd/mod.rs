@@ -1,12 +1,14 @@
 //! kvd: a key-value server speaking a Redis protocol subset, whose data lives
 //! in an lmig region and which migrates itself live to another host.
 
+pub mod admin;
 pub mod check;
 pub mod cli;
 pub mod collections;
 pub mod commands;
 pub mod load;
 pub mod migrate;
+pub mod operator;
 pub mod resp;
 pub mod security;
 pub mod server;

@@ -22,7 +22,10 @@ pub mod queued;
 mod timeline;
 mod tls;
 
-use kvd::{admin, destination, events, kvd, migrate_once, wait_event, wait_event_seeing};
+use kvd::{
+    admin, admin_line, cancel_at, destination, events, kvd, migrate_once, wait_event,
+    wait_event_seeing,
+};
 
 /// Error type of the scenario.
 pub type Error = Box<dyn std::error::Error>;
@@ -64,6 +67,14 @@ pub struct Options {
     pub max_freeze_ms: Option<f64>,
     /// MiB left queued in kvd's sockets at the freeze (see [`queued`]); 0: none.
     pub queued_mib: f64,
+    /// Cancel the migration (admin `cancel`) once round 0 sent this
+    /// percentage of its pages, watching `status`; kvd must serve on.
+    pub cancel_at_pct: Option<f64>,
+    /// `migrate`'s bandwidth limit, MB/s (`None`: none).
+    pub bandwidth_mbps: Option<f64>,
+    /// After the migration, move kvd back: a fresh kvd waits on A and B's
+    /// admin socket is asked to migrate to it (the clients go on).
+    pub migrate_back: bool,
 }
 
 impl Options {
@@ -89,6 +100,9 @@ impl Options {
             tls: false,
             max_freeze_ms: None,
             queued_mib: 0.0,
+            cancel_at_pct: None,
+            bandwidth_mbps: None,
+            migrate_back: false,
         })
     }
 }
@@ -203,6 +217,27 @@ pub struct Report {
     pub queued: Option<(usize, u64, Result<(), String>)>,
     /// Where the timeline went.
     pub svg: Option<PathBuf>,
+    /// The attempt ended on the operator's `cancel` ([`Options::cancel_at_pct`]).
+    pub cancelled: bool,
+    /// From sending `cancel` to kvd's line saying it runs again (the
+    /// session resumed the program), ms.
+    pub cancel_ms: Option<f64>,
+    /// From sending `cancel` to `migrate`'s final answer (after the
+    /// session's cleanup: the dirty tracker's teardown, the channel), ms.
+    pub cancel_answered_ms: Option<f64>,
+    /// Where the migration was when `cancel` went out: round and the
+    /// fraction of it sent.
+    pub cancelled_at: Option<(u32, f64)>,
+    /// What kvd answered to a second `cancel` (after the first one's
+    /// answer) and to a `cancel` before any migration.
+    pub cancel_answers: Vec<String>,
+    /// The keys the destination's admin socket counted after the migration.
+    pub destination_keys: Option<u64>,
+    /// The source kvd ended after it migrated away and removed its admin
+    /// socket file ([`Options::migrate_back`] only).
+    pub source_socket_removed: Option<bool>,
+    /// [`Options::migrate_back`]: B's answer when asked to migrate on to A.
+    pub back: Option<Result<SourceFigures, crate::figures::MigrateFailure>>,
 }
 
 /// Children killed (by pid, ours only) and the socket directory removed on drop.
@@ -293,7 +328,15 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     let mut b_events = if opts.fault == Some(Fault::NoDestination) {
         mpsc::channel().1
     } else {
-        let (b, rx) = destination(opts, &topo, &incoming, &b_key, die_at, tls_dir.as_deref())?;
+        let (b, rx) = destination(
+            opts,
+            (&topo.b, "b"),
+            &incoming,
+            &b_key,
+            die_at,
+            tls_dir.as_deref(),
+            &dir.join("kvd-b.sock"),
+        )?;
         cleanup.children.push(b);
         rx
     };
@@ -378,7 +421,21 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
 
     // Migrate (twice when the first destination is killed in the freeze).
     let mut report = Report::default();
-    let mut source = migrate_once(&admin_path, &incoming, opts)?;
+    let mut source = match opts.cancel_at_pct {
+        Some(pct) => {
+            report
+                .cancel_answers
+                .push(admin_line(&admin_path, "cancel")?);
+            let c = cancel_at(&admin_path, &incoming, opts, pct)?;
+            report.cancel_ms = Some(c.cancel_ms);
+            report.cancel_answered_ms = Some(c.answered_ms);
+            report.cancelled_at = Some(c.at);
+            report.cancel_answers.push(c.second_answer);
+            report.cancelled = c.answer.as_ref().is_err_and(|f| f.cancelled);
+            c.answer
+        }
+        None => migrate_once(&admin_path, &incoming, opts)?,
+    };
     report.attempts = 1;
     if let Some(after_us) = die_at {
         let failure = source.err().ok_or_else(|| {
@@ -392,7 +449,15 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         if let Some(b1) = cleanup.children.last_mut() {
             let _ = b1.wait();
         }
-        let (b, rx) = destination(opts, &topo, &incoming, &key, None, tls_dir.as_deref())?;
+        let (b, rx) = destination(
+            opts,
+            (&topo.b, "b"),
+            &incoming,
+            &key,
+            None,
+            tls_dir.as_deref(),
+            &dir.join("kvd-b.sock"),
+        )?;
         cleanup.children.push(b);
         b_events = rx;
         wait_event(&b_events, "waiting", Duration::from_secs(30))?;
@@ -437,6 +502,17 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         {
             report.registered_before_commit = Some(registered_before_commit);
         }
+        // The destination's admin socket answers now (it serves); tokiod
+        // has none at the destination (`destination_keys` stays empty).
+        report.destination_keys = admin_line(&dir.join("kvd-b.sock"), "stats")
+            .ok()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+            .and_then(|stats| stats.get("keys").and_then(|k| k.as_u64()));
+        if opts.migrate_back {
+            let a = cleanup.children.first_mut().ok_or("kvd A is gone")?;
+            report.source_socket_removed = Some(ended(a)? && !admin_path.exists());
+            report.back = Some(migrate_back(&topo, &dir, &key, opts, &mut cleanup)?);
+        }
     }
     if let Some(q) = stuffed {
         let (conns, asked) = (q.conns(), q.asked_bytes);
@@ -477,6 +553,48 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     drop(cleanup);
     drop(topo);
     Ok(report)
+}
+
+/// Wait (at most 60 s) for a kvd that migrated away to end: did it end well?
+fn ended(child: &mut Child) -> Result<bool, Error> {
+    let by = Instant::now() + Duration::from_secs(60);
+    // Bounded by `by`.
+    while Instant::now() < by {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status.success());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(false)
+}
+
+/// Move kvd on from B back to A: a fresh kvd waits on A, B's admin socket
+/// is asked to migrate there; B's answer.
+fn migrate_back(
+    topo: &Topology,
+    dir: &std::path::Path,
+    key: &str,
+    opts: &Options,
+    cleanup: &mut Cleanup,
+) -> Result<Result<SourceFigures, crate::figures::MigrateFailure>, Error> {
+    let incoming = format!("{}:7000", Topology::A_V4);
+    let tls = opts.tls.then(|| dir.join("tls"));
+    let (a2, rx) = destination(
+        opts,
+        (&topo.a, "a"),
+        &incoming,
+        key,
+        None,
+        tls.as_deref(),
+        &dir.join("kvd-a2.sock"),
+    )?;
+    cleanup.children.push(a2);
+    wait_event(&rx, "waiting", Duration::from_secs(30))?;
+    let back = migrate_once(&dir.join("kvd-b.sock"), &incoming, opts)?;
+    if back.is_ok() {
+        wait_event(&rx, "migrated", Duration::from_secs(120))?;
+    }
+    Ok(back)
 }
 
 impl LoadReport {

@@ -331,6 +331,7 @@ impl Admin {
                 error: e.to_string(),
                 source_serving: e.source_may_run(),
                 aborted_by_deadline: matches!(e, MigrationError::FreezeDeadline { .. }),
+                cancelled: matches!(e, MigrationError::Cancelled),
                 freeze_ms: match freeze.into_inner().expect("poisoned") {
                     (Some(paused), Some(resumed)) => Some((resumed - paused).as_secs_f64() * 1e3),
                     _ => None,

@@ -30,13 +30,16 @@
 //! * Bounds and control on the source: [`SourceConfig::max_freeze`] (past
 //!   it the source aborts and resumes), [`Source::cancel_handle`] (a
 //!   [`CancelHandle`] that aborts before `Commit` and says when it is too
-//!   late), and the refusal of a channel over a moved service address
-//!   ([`MigrationError::ChannelOnMovedAddress`]).
+//!   late), [`Source::control`] (a [`SourceControl`]: the cancel, a
+//!   [`Progress`] snapshot, and [`SourceConfig::bandwidth_limit`] changed
+//!   while the session runs), and the refusal of a channel over a moved
+//!   service address ([`MigrationError::ChannelOnMovedAddress`]).
 //!
 //! Borrow the backends (`&mut tracker`, `&memory`) to keep them after the
 //! session: an aborted migration can simply be tried again.
 
 mod destination;
+mod pace;
 mod pages;
 mod source;
 
@@ -44,7 +47,9 @@ use std::time::Duration;
 
 pub use destination::{AfterCommit, Destination, DestinationConfig, DestinationReport, Resumption};
 pub use pages::is_zero;
-pub use source::{CancelHandle, CancelOutcome, Mode, Source, SourceConfig, SourceReport};
+pub use source::{
+    CancelHandle, CancelOutcome, Mode, Progress, Source, SourceConfig, SourceControl, SourceReport,
+};
 
 use crate::error::MigrationError;
 use crate::protocol::Message;

@@ -2,6 +2,7 @@
 
 use bytes::{Bytes, BytesMut};
 
+use super::pace::Meter;
 use crate::error::Result;
 use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::protocol::{PageBatch, PageData};
@@ -57,6 +58,12 @@ pub(crate) struct PageSender<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> 
     buf: BytesMut,
     /// Per page of the run being sent: does it read as zero?
     zero: Vec<bool>,
+    /// Counts what goes out and, when `paced`, holds it to the bandwidth limit.
+    meter: Option<&'a Meter>,
+    /// Non-urgent sends wait for the meter's bandwidth limit.
+    paced: bool,
+    /// Ends a wait for the bandwidth limit (a cancel).
+    stop: Option<&'a (dyn Fn() -> bool + Sync)>,
 }
 
 impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
@@ -67,7 +74,25 @@ impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
             layout,
             buf: BytesMut::new(),
             zero: Vec::new(),
+            meter: None,
+            paced: false,
+            stop: None,
         }
+    }
+
+    /// Count what this sender puts on the channel in `meter`; when `paced`,
+    /// non-urgent sends also keep to its bandwidth limit (a wait that `stop`
+    /// ends early).
+    pub fn metered(
+        mut self,
+        meter: &'a Meter,
+        paced: bool,
+        stop: Option<&'a (dyn Fn() -> bool + Sync)>,
+    ) -> Self {
+        self.meter = Some(meter);
+        self.paced = paced;
+        self.stop = stop;
+        self
     }
 
     /// Send `run` (inside one chunk) on `lane`, urgent or not. Zero pages
@@ -206,6 +231,12 @@ impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
     ) -> Result<Sent> {
         let pages = u64::from(run.count);
         let zero = matches!(data, PageData::Zero);
+        let bytes = MESSAGE_OVERHEAD + if zero { 0 } else { pages * page_size as u64 };
+        if let Some(meter) = self.meter {
+            if self.paced && !urgent {
+                meter.pace(bytes, &|| self.stop.is_some_and(|s| s()));
+            }
+        }
         let batch = PageBatch { round, run, data };
         if urgent {
             self.channel
@@ -213,10 +244,13 @@ impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
         } else {
             self.channel.send_pages(lane, &batch)?;
         }
+        if let Some(meter) = self.meter {
+            meter.count(pages, bytes);
+        }
         Ok(Sent {
             pages,
             zero_pages: if zero { pages } else { 0 },
-            bytes: MESSAGE_OVERHEAD + if zero { 0 } else { pages * page_size as u64 },
+            bytes,
             messages: 1,
         })
     }

@@ -1,11 +1,62 @@
 //! Control of a running source session from outside it: the
+//! [`SourceControl`] (cancel, progress, bandwidth limit), the
 //! [`CancelHandle`], and the bound on the freeze ([`FreezeBound`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+use super::progress::{Progress, ProgressState};
 use crate::error::{MigrationError, Result};
+use crate::session::pace::Meter;
+
+/// Watches and steers a [`Source`](super::Source) session from another
+/// thread ([`Source::control`](super::Source::control)); cloneable, and
+/// usable before, during and after [`Source::run`](super::Source::run).
+///
+/// What QMP's `query-migrate`, `migrate_cancel` and `max-bandwidth` give a
+/// VMM: a [`Progress`] snapshot, a cancel (see [`CancelHandle`]) and a
+/// bandwidth limit that can change while the session runs.
+#[derive(Clone, Debug)]
+pub struct SourceControl {
+    pub(super) cancel: CancelHandle,
+    pub(super) meter: Arc<Meter>,
+    pub(super) progress: Arc<ProgressState>,
+}
+
+impl SourceControl {
+    /// Cancel the migration if it has not committed; says which happened
+    /// ([`CancelHandle::cancel`]).
+    pub fn cancel(&self) -> CancelOutcome {
+        self.cancel.cancel()
+    }
+
+    /// The cancel alone, to hand to code that needs no more.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+
+    /// Where the session is now.
+    pub fn progress(&self) -> Progress {
+        self.progress.snapshot(&self.meter)
+    }
+
+    /// Limit the pages' bandwidth to `bytes_per_sec` over every data
+    /// stream together (0: no limit), from now on; the senders see a change
+    /// within 10 ms. Applies to the pre-copy rounds and the post-copy push;
+    /// the freeze (the program is paused: it should end as soon as it can)
+    /// and the pages a post-copy destination asks for (a thread there waits
+    /// for each) are never held back. Overrides
+    /// [`SourceConfig::bandwidth_limit`](super::SourceConfig::bandwidth_limit).
+    pub fn set_bandwidth_limit(&self, bytes_per_sec: u64) {
+        self.meter.set_limit(bytes_per_sec);
+    }
+
+    /// The bandwidth limit in bytes per second (0: none).
+    pub fn bandwidth_limit(&self) -> u64 {
+        self.meter.limit()
+    }
+}
 
 /// The session has not committed; a cancel is still possible.
 const RUNNING: u8 = 0;

@@ -81,8 +81,10 @@ where
         // one collects and sends the last dirty pages.
         let mode = self.config.mode;
         let stop = || bound.check("final pages");
+        // Counted, never held back: the program is paused.
         let lanes = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
-            .stopping_on(&stop);
+            .stopping_on(&stop)
+            .metered(&self.meter, false);
         let (channel, tracker, sockets) = (&self.channel, &mut self.tracker, &mut self.sockets);
         let (captured, postcopy_runs) =
             std::thread::scope(|scope| -> Result<((u64, u64), Vec<PageRun>)> {

@@ -9,11 +9,16 @@ mod control;
 mod freeze;
 mod postcopy;
 mod precopy;
+mod progress;
 mod push;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use self::control::{CancelHandle, CancelOutcome};
+pub use self::control::{CancelHandle, CancelOutcome, SourceControl};
+pub use self::progress::Progress;
+use self::progress::ProgressState;
+use super::pace::Meter;
 use super::{contain, send_abort};
 use crate::error::{MigrationError, Result};
 use crate::model::{RegionLayout, RegionPages};
@@ -90,6 +95,21 @@ pub struct SourceConfig {
     /// is not interrupted: the freeze lasts the bound plus the step that
     /// crossed it plus the unwinding.
     pub max_freeze: Option<Duration>,
+    /// Most bytes per second the pages may take over every data stream
+    /// together (0, the default: no limit); changeable while the session
+    /// runs through [`SourceControl::set_bandwidth_limit`], which says what
+    /// it applies to. A token bucket: cheap (one atomic load per message)
+    /// when there is no limit.
+    pub bandwidth_limit: u64,
+}
+
+impl SourceConfig {
+    /// Set [`SourceConfig::bandwidth_limit`] (bytes per second, 0: none).
+    #[must_use]
+    pub fn with_bandwidth_limit(mut self, bytes_per_sec: u64) -> Self {
+        self.bandwidth_limit = bytes_per_sec;
+        self
+    }
 }
 
 impl Default for SourceConfig {
@@ -103,6 +123,7 @@ impl Default for SourceConfig {
             push_pages: 8,
             catch_up_timeout: Duration::from_millis(500),
             max_freeze: None,
+            bandwidth_limit: 0,
         }
     }
 }
@@ -276,6 +297,9 @@ pub struct Source<'a, C, M, T, P, K = NoSockets> {
     observer: Box<dyn Observer + 'a>,
     config: SourceConfig,
     cancel: CancelHandle,
+    /// Counts the pages sent and holds the bandwidth limit.
+    meter: Arc<Meter>,
+    progress: Arc<ProgressState>,
 }
 
 /// How often a wait of the session looks for a cancel.
@@ -309,6 +333,8 @@ where
             observer: Box::new(NoObserver),
             config: SourceConfig::default(),
             cancel: CancelHandle::default(),
+            meter: Arc::default(),
+            progress: Arc::default(),
         }
     }
 }
@@ -333,6 +359,8 @@ where
             observer: self.observer,
             config: self.config,
             cancel: self.cancel,
+            meter: self.meter,
+            progress: self.progress,
         }
     }
 
@@ -348,8 +376,11 @@ where
         self
     }
 
-    /// Use these settings.
+    /// Use these settings (this sets the bandwidth limit to
+    /// `config.bandwidth_limit`; [`SourceControl::set_bandwidth_limit`]
+    /// changes it afterwards).
     pub fn with_config(mut self, config: SourceConfig) -> Self {
+        self.meter.set_limit(config.bandwidth_limit);
         self.config = config;
         self
     }
@@ -361,8 +392,19 @@ where
         self.cancel.clone()
     }
 
+    /// A handle that watches and steers this migration from another
+    /// thread: its progress, its cancel, its bandwidth limit.
+    pub fn control(&self) -> SourceControl {
+        SourceControl {
+            cancel: self.cancel.clone(),
+            meter: self.meter.clone(),
+            progress: self.progress.clone(),
+        }
+    }
+
     fn phase(&self, phase: Phase) {
         info!(side = "source", phase = ?phase, "phase");
+        self.progress.phase(phase);
         self.observer.event(&Event::Phase {
             phase,
             at: Instant::now(),
@@ -376,6 +418,7 @@ where
             phase_span!("source", mode = ?self.config.mode, tracker = self.tracker.name());
         info!(tracker = self.tracker.name(), mode = ?self.config.mode, "migration out starts");
         let layout = self.memory.layout();
+        self.progress.started(layout.total_pages());
         let mut report = SourceReport {
             mode: self.config.mode,
             rounds: 0,

@@ -19,6 +19,7 @@ use super::{Source, SourceReport};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::protocol::{CHUNK_PAGES, Message, RegionDigest, Verification};
+use crate::session::pace::Meter;
 use crate::session::pages::{PageSender, Sent, lane_of};
 use crate::session::{contain, reconnect_within, spawn_named, unexpected};
 use crate::traits::{
@@ -68,6 +69,7 @@ where
             channel: &self.channel,
             layout,
             observer: &*self.observer,
+            meter: &self.meter,
             push: Mutex::new(PushQueue::new(unsent)),
             gate: PushGate::new(),
             pushed: AtomicU64::new(0),
@@ -128,6 +130,8 @@ struct Service<'s, M, C> {
     channel: &'s C,
     layout: &'s RegionLayout,
     observer: &'s dyn Observer,
+    /// Counts what goes out; holds the push to the bandwidth limit.
+    meter: &'s Meter,
     /// Pages not sent yet, in push order.
     push: Mutex<PushQueue>,
     gate: PushGate,
@@ -228,7 +232,8 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
         digest_job: &mut Option<DigestJob<'_>>,
         warnings: &mut Vec<String>,
     ) -> Result<Verification> {
-        let mut urgent = PageSender::new(self.memory, self.channel, self.layout);
+        let mut urgent = PageSender::new(self.memory, self.channel, self.layout)
+            .metered(self.meter, false, None);
         let mut digests: Option<Vec<RegionDigest>> = None;
         let mut idle = Duration::ZERO;
         let mut last_heard = 0;
@@ -357,7 +362,13 @@ impl<'scope> Pusher<'scope> {
     }
 
     fn run<M: MemorySource, C: Channel>(service: &Service<'_, M, C>) -> Sent {
-        let mut sender = PageSender::new(service.memory, service.channel, service.layout);
+        // Held to the bandwidth limit until the session ends.
+        let ended = || !service.serving.load(Ordering::Acquire);
+        let mut sender = PageSender::new(service.memory, service.channel, service.layout).metered(
+            service.meter,
+            true,
+            Some(&ended),
+        );
         let mut total = Sent::default();
         while let Some((run, epoch)) = service.gate.next(&service.push, service.push_size()) {
             // Flushed run by run: a faulting thread may wait for any of them.
@@ -413,7 +424,11 @@ impl<'scope> RequestServer<'scope> {
     }
 
     fn run<M: MemorySource, C: Channel>(service: &Service<'_, M, C>) {
-        let mut sender = PageSender::new(service.memory, service.channel, service.layout);
+        let mut sender = PageSender::new(service.memory, service.channel, service.layout).metered(
+            service.meter,
+            false,
+            None,
+        );
         while service.serving.load(Ordering::Acquire) {
             match service.channel.recv_urgent(URGENT_TICK) {
                 Ok(Some(msg)) => {

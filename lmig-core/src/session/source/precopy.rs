@@ -8,6 +8,7 @@ use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::policy::{Decision, RoundStats};
 use crate::protocol::{CHUNK_PAGES, Message, RoundSummary};
+use crate::session::pace::Meter;
 use crate::session::pages::{PageSender, Sent, lane_of};
 use crate::session::{spawn_named, unexpected};
 use crate::traits::{
@@ -205,10 +206,13 @@ where
         self.cancel.check()?;
         self.phase(Phase::Precopy(round));
         let t0 = Instant::now();
+        self.progress
+            .round_begins(&self.meter, round, rounds.to_send.count());
         let cancel = &self.cancel;
         let stop = || cancel.check();
         let sent = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
             .stopping_on(&stop)
+            .metered(&self.meter, true)
             .send_set(&rounds.to_send, round, first)?;
         let dirty = &mut rounds.dirty;
         dirty.clear();
@@ -268,6 +272,8 @@ where
         );
         report.round_stats.push(stats);
         report.rounds = round + 1;
+        self.progress
+            .round_ends(sent.bytes, elapsed, dirty_pages, dirty_bytes);
         self.observer.event(&Event::Round(stats));
         self.observer.event(&Event::Progress {
             pages: report.pages_sent,
@@ -337,6 +343,8 @@ pub(super) struct PageLanes<'a, M, C> {
     batch: u32,
     /// Checked before every chunk: a cancel, or the freeze's bound.
     stop: Option<&'a (dyn Fn() -> Result<()> + Sync)>,
+    /// Counts what goes out; the flag: keep to its bandwidth limit.
+    meter: Option<(&'a Meter, bool)>,
 }
 
 impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
@@ -347,7 +355,15 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             layout,
             batch: batch.clamp(1, CHUNK_PAGES),
             stop: None,
+            meter: None,
         }
+    }
+
+    /// Count what goes out in `meter`; when `paced`, keep to its bandwidth
+    /// limit (a wait that the `stop` check ends).
+    pub(super) fn metered(mut self, meter: &'a Meter, paced: bool) -> Self {
+        self.meter = Some((meter, paced));
+        self
     }
 
     /// Call `stop` before every chunk; its error ends the send.
@@ -414,7 +430,11 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
         lanes: usize,
     ) -> Result<Sent> {
         let FirstRound { populated, clearer } = first;
+        let stopped = || self.stop.is_some_and(|s| s().is_err());
         let mut sender = PageSender::new(self.memory, self.channel, self.layout);
+        if let Some((meter, paced)) = self.meter {
+            sender = sender.metered(meter, paced, Some(&stopped));
+        }
         let mut total = Sent::default();
         let mut data_runs: Vec<PageRun> = Vec::new();
         let mut read = |sender: &mut PageSender<'_, M, C>, run: PageRun| -> Result<Sent> {
@@ -457,6 +477,11 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
         }
         if let Some(c) = clearer {
             for run in data_runs {
+                // The data pass of a large first round is most of its
+                // time: a cancel stops it too.
+                if let Some(stop) = self.stop {
+                    stop()?;
+                }
                 c.clear(&run)?;
                 total.add(sender.send_run(run, round, lane, false)?);
             }
