@@ -29,7 +29,7 @@ pub use bench::{ScanFigures, measure_scan_cost, raw_pagemap_scan};
 pub use dirty_log::{DirtyLog, DirtyLogTracker};
 pub use manual::{DirtyMarker, ManualTracker};
 pub use soft_dirty::SoftDirtyTracker;
-pub use uffd_wp::{SCAN_VEC_LEN, UffdWpSupport, UffdWpTracker};
+pub use uffd_wp::{PROTECT_CHUNK, SCAN_VEC_LEN, UffdWpSupport, UffdWpTracker};
 
 pub use crate::sys::uffd::UffdOrigin;
 
