@@ -428,7 +428,12 @@ mod tests {
         let got: Vec<_> = chunks(c - 4096, 2 * c + 8192).collect();
         assert_eq!(
             got,
-            vec![(c - 4096, c), (c, 2 * c), (2 * c, 3 * c), (3 * c, 3 * c + 4096)]
+            vec![
+                (c - 4096, c),
+                (c, 2 * c),
+                (2 * c, 3 * c),
+                (3 * c, 3 * c + 4096)
+            ]
         );
         assert_eq!(chunks(c, c).collect::<Vec<_>>(), vec![(c, 2 * c)]);
         assert_eq!(chunks(4096, 0).count(), 0);
