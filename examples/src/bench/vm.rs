@@ -22,7 +22,7 @@ use serde_json::json;
 use super::{Output, round};
 use crate::common::process::Worker;
 use crate::vmm::migrate::{migrate_out, receive};
-use crate::vmm::{HeartbeatLog, KvmDirtyLog, Machine, MachineConfig};
+use crate::vmm::{HeartbeatLog, Machine, MachineConfig};
 
 /// The destination's migration port on host B.
 const PORT: u16 = 7021;
@@ -44,7 +44,9 @@ pub struct Args {
     #[arg(long, default_value = "precopy")]
     pub mode: String,
     /// Dirty tracker on the source: uffd (uffd-wp + PAGEMAP_SCAN on the
-    /// VMM's mapping of guest RAM) or kvm (KVM_GET_DIRTY_LOG).
+    /// VMM's mapping of guest RAM), kvm (KVM's dirty log, read with
+    /// KVM_GET_DIRTY_LOG and reset with KVM_CLEAR_DIRTY_LOG in chunks where
+    /// offered) or kvm-get (KVM_GET_DIRTY_LOG alone, resetting all at once).
     #[arg(long, default_value = "uffd")]
     pub tracker: String,
 }
@@ -64,10 +66,13 @@ pub struct PeerArgs {
     /// precopy, postcopy or hybrid (source).
     #[arg(long, default_value = "precopy")]
     pub mode: String,
-    /// uffd or kvm (source).
+    /// uffd, kvm or kvm-get (source).
     #[arg(long, default_value = "uffd")]
     pub tracker: String,
 }
+
+/// The `--tracker` values.
+const TRACKERS: [&str; 3] = ["uffd", "kvm", "kvm-get"];
 
 fn mode(s: &str) -> Result<Mode, Box<dyn std::error::Error>> {
     match s {
@@ -93,8 +98,8 @@ fn unhex(s: &str) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
 /// Run the scenario.
 pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     mode(&args.mode)?;
-    if !["uffd", "kvm"].contains(&args.tracker.as_str()) {
-        return Err(format!("--tracker {}: uffd or kvm", args.tracker).into());
+    if !TRACKERS.contains(&args.tracker.as_str()) {
+        return Err(format!("--tracker {}: uffd, kvm or kvm-get", args.tracker).into());
     }
     if !nix::unistd::geteuid().is_root() {
         return Err(
@@ -160,7 +165,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "bytes_sent": s["bytes_sent"],
         "rounds": s["rounds"],
         "verified": verified,
-        "postcopy_blocked_ms": serde_json::Value::Null,
+        "postcopy_blocked_ms": round(n(&d, "blocked_ns") / 1e6, 2),
+        "postcopy_complete_ms": round(n(&d, "complete_ns") / 1e6, 1),
+        "kvm_dirty_log": s["kvm_dirty_log"],
         "postcopy_pages": d["postcopy_pages"],
         "network_faults": d["network_faults"],
         "guest_dirty_mbps": round(guest_dirty_mbps, 1),
@@ -246,8 +253,14 @@ fn migrate(
     let start = crate::common::clock::now_mono_ns();
     let t = Instant::now();
     let channel = connect(&Endpoint::Tcp(addr.parse()?), channel_config(key)?)?;
-    let inner: Box<dyn DirtyTracker + '_> = if tracker == "kvm" {
-        Box::new(KvmDirtyLog::tracker(machine))
+    let mut kvm_method = serde_json::Value::Null;
+    let inner: Box<dyn DirtyTracker + '_> = if tracker.starts_with("kvm") {
+        let mut log = machine.dirty_log()?;
+        if tracker == "kvm-get" {
+            log = log.without_manual_protect();
+        }
+        kvm_method = json!(format!("{} ({})", log.method(), log.support()));
+        Box::new(log.tracker(machine.regions().layout()))
     } else {
         Box::new(lmig_mem::best_tracker(machine.regions())?.0)
     };
@@ -269,6 +282,7 @@ fn migrate(
         "bytes_sent": r.report.bytes_sent,
         "rounds": r.report.rounds,
         "tracker_start_ns": timed.start.as_nanos() as u64,
+        "kvm_dirty_log": kvm_method,
     })
     .to_string())
 }
@@ -315,6 +329,14 @@ fn receive_one(
     // The session checks the source's digests before `Done` (verify is on):
     // Ok means they matched.
     let r = receive(machine, &channel)?;
+    // `receive` returns once every page is here: the vCPU thread's time
+    // blocked so far is its time blocked on missing pages.
+    let time = machine.vcpu()?.time()?;
+    let complete_ns = r
+        .report
+        .complete_at
+        .zip(r.report.resumed_at)
+        .map(|(c, s)| c.saturating_duration_since(s).as_nanos() as u64);
     std::thread::sleep(AFTER);
     let log = machine.heartbeats();
     let first = log
@@ -332,6 +354,8 @@ fn receive_one(
         "digests_ok": true,
         "network_faults": r.report.network_faults,
         "postcopy_pages": r.report.postcopy_pages,
+        "blocked_ns": time.blocked.as_nanos() as u64,
+        "complete_ns": complete_ns,
     })
     .to_string())
 }

@@ -12,7 +12,8 @@
 //! buffer pages as the host asks per elapsed millisecond (round robin; a dirtied page gets a new
 //! stamp in word 0 and `stamp ^ D(page)` in word 1, so the pattern stays
 //! checkable); when the host sets the command word, it checks its whole
-//! buffer and sends the number of wrong qwords to [`PORT_CHECK`]; then it
+//! buffer and sends the number of wrong qwords to [`PORT_CHECK`]; when the
+//! host puts an address in [`P_TOUCH`], it rewrites that qword; then it
 //! tells [`PORT_IDLE`] how long it has nothing to do, so the VMM can sleep
 //! the vCPU thread as KVM sleeps a halted vCPU.
 
@@ -47,6 +48,11 @@ pub const P_BUF_START: u64 = 0x10;
 pub const P_BUF_PAGES: u64 = 0x18;
 /// Command: non-zero asks the guest to check its buffer (it clears it).
 pub const P_COMMAND: u64 = 0x20;
+/// Command: a guest address (8-aligned, non-zero) whose qword the guest
+/// rewrites with its own value, then clears this word and says so on
+/// [`PORT_TOUCHED`]: one guest write to one page, contents unchanged (the
+/// dirty-log conformance tests).
+pub const P_TOUCH: u64 = 0x28;
 /// Written by the guest: the last heartbeat's counter.
 pub const P_HB_COUNT: u64 = 0x40;
 /// Written by the guest: the last heartbeat's TSC.
@@ -62,6 +68,8 @@ pub const PORT_HEARTBEAT: u16 = 0x11;
 pub const PORT_CHECK: u16 = 0x12;
 /// Port: nothing to do for eax TSC ticks (until the next heartbeat).
 pub const PORT_IDLE: u16 = 0x13;
+/// Port: the qword of [`P_TOUCH`] was rewritten.
+pub const PORT_TOUCHED: u16 = 0x14;
 
 /// The pattern multiplier (odd, so `a * K` differs for every address).
 pub const K: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -138,6 +146,7 @@ pub fn program() -> Vec<u8> {
     a.add_mem(R::R11, abs(P_TSC_PER_MS));
     a.label("dirty_caught_up");
     check(&mut a);
+    touch(&mut a);
     // Idle until the next heartbeat: tell the host how many TSC ticks are
     // left (the host may sleep the vCPU thread that long, as KVM does a
     // halted vCPU); then spin on the TSC for the rest.
@@ -228,6 +237,20 @@ fn check(a: &mut Asm) {
     a.mov_edx(u32::from(PORT_CHECK));
     a.out_dx_eax();
     a.label("check_done");
+}
+
+/// If the touch word holds an address: rewrite its qword, clear the word,
+/// report to [`PORT_TOUCHED`]; then fall through.
+fn touch(a: &mut Asm) {
+    a.load(R::Rsi, abs(P_TOUCH));
+    a.test(R::Rsi, R::Rsi);
+    a.jcc(Cc::E, "touch_done");
+    a.load(R::Rax, M::Base(R::Rsi, 0));
+    a.store(M::Base(R::Rsi, 0), R::Rax);
+    a.store_imm(abs(P_TOUCH), 0);
+    a.mov_edx(u32::from(PORT_TOUCHED));
+    a.out_dx_eax();
+    a.label("touch_done");
 }
 
 /// A guest that executes `hlt` in ring 3: a #GP with no IDT, so a triple

@@ -26,7 +26,7 @@
 //! // Slot 0 at guest physical 0 is all of region 1.
 //! let log = KvmDirtyLog::new(vm, regions, &[KvmSlot::new(0, 0, RegionId(1))])?;
 //! println!("{}", log.support());
-//! let mut tracker = log.tracker(&regions.layout());
+//! let mut tracker = log.tracker(regions.layout());
 //! tracker.start()?;
 //! # Ok(()) }
 //! ```
