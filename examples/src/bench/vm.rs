@@ -132,13 +132,12 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     dest.cmd(&format!("listen {target} {}", hex(&key)))?;
     let guest_dirty_mbps: f64 = src.cmd("boot")?.first().ok_or("boot: no figure")?.parse()?;
     dest.send("receive")?;
+    // Answers come as words: a JSON answer is joined back.
     let s: serde_json::Value = serde_json::from_str(
-        src.cmd(&format!("migrate {target} {}", hex(&key)))?
-            .first()
-            .ok_or("migrate: no figures")?,
+        &src.cmd(&format!("migrate {target} {}", hex(&key)))?
+            .join(" "),
     )?;
-    let d: serde_json::Value =
-        serde_json::from_str(dest.answer()?.first().ok_or("receive: no figures")?)?;
+    let d: serde_json::Value = serde_json::from_str(&dest.answer()?.join(" "))?;
     let n = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let downtime = (n(&d, "resumed_ns") - n(&s, "paused_ns")) / 1e6;
     let across = (n(&d, "first_hb_ns") - n(&s, "last_hb_ns")) / 1e6;
@@ -172,6 +171,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "network_faults": d["network_faults"],
         "guest_dirty_mbps": round(guest_dirty_mbps, 1),
         "tracker_start_ms": round(n(&s, "tracker_start_ns") / 1e6, 2),
+        "collect_max_ms": round(n(&s, "collect_max_ns") / 1e6, 2),
+        "collect_max_at_ms": round(n(&s, "collect_max_at_ns") / 1e6, 1),
+        "round_ms": s["round_ms"],
         "filled_mib": (args.mib - 2),
     }));
     Ok(())
@@ -264,9 +266,11 @@ fn migrate(
     } else {
         Box::new(lmig_mem::best_tracker(machine.regions())?.0)
     };
-    let mut timed = TimedStart {
+    let mut timed = TimedTracker {
         inner,
         start: Duration::ZERO,
+        began: t,
+        slowest_collect: (Duration::ZERO, Duration::ZERO),
     };
     let r = migrate_out(machine, &channel, &mut timed, mode(mode_name)?)?;
     let total = t.elapsed();
@@ -282,18 +286,26 @@ fn migrate(
         "bytes_sent": r.report.bytes_sent,
         "rounds": r.report.rounds,
         "tracker_start_ns": timed.start.as_nanos() as u64,
+        "collect_max_ns": timed.slowest_collect.0.as_nanos() as u64,
+        "collect_max_at_ns": timed.slowest_collect.1.as_nanos() as u64,
+        "round_ms": r.report.round_stats.iter().map(|s| round(s.elapsed.as_secs_f64() * 1e3, 1)).collect::<Vec<_>>(),
         "kvm_dirty_log": kvm_method,
     })
     .to_string())
 }
 
-/// A tracker whose `start` (arming tracking over all of guest RAM) is timed.
-struct TimedStart<'a> {
+/// A tracker whose `start` (arming tracking over all of guest RAM) and
+/// slowest `collect` are timed (to place heartbeat gaps).
+struct TimedTracker<'a> {
     inner: Box<dyn DirtyTracker + 'a>,
     start: Duration,
+    /// When the migration began.
+    began: Instant,
+    /// The slowest collect and when it began (after `began`).
+    slowest_collect: (Duration, Duration),
 }
 
-impl DirtyTracker for TimedStart<'_> {
+impl DirtyTracker for TimedTracker<'_> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
@@ -304,7 +316,12 @@ impl DirtyTracker for TimedStart<'_> {
         r
     }
     fn collect(&mut self, dirty: &mut RegionPages) -> lmig_core::Result<()> {
-        self.inner.collect(dirty)
+        let t = Instant::now();
+        let r = self.inner.collect(dirty);
+        if t.elapsed() > self.slowest_collect.0 {
+            self.slowest_collect = (t.elapsed(), t - self.began);
+        }
+        r
     }
     fn stop(&mut self) -> lmig_core::Result<()> {
         self.inner.stop()
