@@ -318,7 +318,24 @@ fn tracker_sees_guest_writes(m: &Machine, mut tracker: impl lmig_core::DirtyTrac
 #[test]
 fn running_guest_migrates_precopy() {
     if needs_kvm("running_guest_migrates_precopy") {
-        migrate_running_guest(lmig_core::session::Mode::Precopy);
+        migrate_running_guest(lmig_core::session::Mode::Precopy, false);
+    }
+}
+
+/// Pre-copy with KVM's dirty log (lmig's `track::kvm`) as the tracker.
+#[test]
+fn running_guest_migrates_precopy_with_kvm_dirty_log() {
+    if needs_kvm("running_guest_migrates_precopy_with_kvm_dirty_log") {
+        migrate_running_guest(lmig_core::session::Mode::Precopy, true);
+    }
+}
+
+/// Hybrid: pre-copy rounds, then post-copy for what is left, KVM's log
+/// as the tracker.
+#[test]
+fn running_guest_migrates_hybrid() {
+    if needs_kvm("running_guest_migrates_hybrid") {
+        migrate_running_guest(lmig_core::session::Mode::Hybrid, true);
     }
 }
 
@@ -328,11 +345,11 @@ fn running_guest_migrates_precopy() {
 #[test]
 fn running_guest_migrates_postcopy() {
     if needs_kvm("running_guest_migrates_postcopy") {
-        migrate_running_guest(lmig_core::session::Mode::Postcopy);
+        migrate_running_guest(lmig_core::session::Mode::Postcopy, false);
     }
 }
 
-fn migrate_running_guest(mode: lmig_core::session::Mode) {
+fn migrate_running_guest(mode: lmig_core::session::Mode, kvm_log: bool) {
     use lmig_examples::vmm::migrate::{migrate_out, receive};
     use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
 
@@ -361,8 +378,13 @@ fn migrate_running_guest(mode: lmig_core::session::Mode) {
         std::thread::sleep(Duration::from_millis(50));
         let channel =
             connect(&target, ChannelConfig::new(AuthKey::new(key).unwrap())).expect("connect");
-        let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
-        let out = migrate_out(&a, &channel, tracker, mode);
+        let out = if kvm_log {
+            let log = a.dirty_log().expect("dirty log");
+            migrate_out(&a, &channel, log.tracker(a.regions().layout()), mode)
+        } else {
+            let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
+            migrate_out(&a, &channel, tracker, mode)
+        };
         (out, dest.join().unwrap())
     });
     let out = out.expect("source");
