@@ -19,7 +19,7 @@
 //! which sees both.
 //!
 //! ```no_run
-//! # fn demo(vm: &kvm_ioctls::VmFd, regions: &lmig_mem::RegionSet) -> lmig_mem::Result<()> {
+//! # fn demo(vm: &kvm_ioctls::VmFd, regions: &lmig_mem::RegionSet) -> Result<(), Box<dyn std::error::Error>> {
 //! use lmig_core::DirtyTracker;
 //! use lmig_mem::RegionId;
 //! use lmig_mem::track::kvm::{KvmDirtyLog, KvmSlot};
