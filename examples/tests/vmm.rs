@@ -476,3 +476,55 @@ fn failed_migration_leaves_guest_running_on_source() {
     assert!(b.vcpu().is_err(), "B's vCPU never ran");
     a.stop().expect("stop A");
 }
+
+/// Slots that do not fit their regions are refused, naming the slot,
+/// before any KVM call: past the region's end, overlapping, a repeated
+/// number, an unknown region.
+#[test]
+fn bad_kvm_slot_maps_are_refused() {
+    use lmig_examples::vmm::{GUEST_SLOT, LOW_REGION, LOW_SLOT};
+    use lmig_mem::MemError;
+    use lmig_mem::track::kvm::{KvmDirtyLog, KvmSlot};
+
+    if !needs_kvm("bad_kvm_slot_maps_are_refused") {
+        return;
+    }
+    let m = Machine::new(MachineConfig::new(8)).expect("machine");
+    let pages = m.regions().get(GUEST_REGION).unwrap().pages();
+    let cases: [(&str, Vec<KvmSlot>); 4] = [
+        (
+            "past the end",
+            vec![KvmSlot::new(GUEST_SLOT, BUFFER_AT, GUEST_REGION).part(1, pages)],
+        ),
+        (
+            "overlapping",
+            vec![
+                KvmSlot::new(GUEST_SLOT, BUFFER_AT, GUEST_REGION).part(0, 64),
+                KvmSlot::new(5, BUFFER_AT + 63 * 4096, GUEST_REGION).part(63, 64),
+            ],
+        ),
+        (
+            "a repeated number",
+            vec![
+                KvmSlot::new(LOW_SLOT, 0, LOW_REGION),
+                KvmSlot::new(LOW_SLOT, BUFFER_AT, GUEST_REGION),
+            ],
+        ),
+        (
+            "an unknown region",
+            vec![KvmSlot::new(LOW_SLOT, 0, RegionId(99))],
+        ),
+    ];
+    for (what, slots) in cases {
+        let err = KvmDirtyLog::new(m.vm(), m.regions(), &slots).unwrap_err();
+        eprintln!("{what}: {err}");
+        assert!(
+            matches!(
+                err,
+                MemError::InvalidRegion { .. } | MemError::UnknownRegion { .. }
+            ),
+            "{what}: {err:?}"
+        );
+    }
+    assert!(KvmDirtyLog::new(m.vm(), m.regions(), &m.kvm_slots()).is_ok());
+}
