@@ -205,10 +205,15 @@ pub fn peer(args: PeerArgs) -> Result<(), Box<dyn std::error::Error>> {
             ["quit"] | [] => break,
             ["boot"] => boot(&mut machine, args.dirty_mbps),
             ["migrate", addr, key] => migrate(&machine, addr, key, &args.mode, &args.tracker),
-            ["listen", addr, key] => bind(addr, key).map(|l| {
-                listener = Some(l);
-                String::new()
-            }),
+            ["listen", addr, key] => machine
+                .memory()
+                .prefault()
+                .map_err(Into::into)
+                .and_then(|()| bind(addr, key))
+                .map(|l| {
+                    listener = Some(l);
+                    String::new()
+                }),
             ["receive"] => match &listener {
                 Some(l) => receive_one(&mut machine, l),
                 None => Err("receive before listen".into()),

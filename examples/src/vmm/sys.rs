@@ -11,7 +11,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use lmig_mem::{ForeignBacking, ForeignMemory, Region, RegionId};
 use nix::sys::memfd::{MFdFlags, memfd_create};
-use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap, munmap};
 
 use super::{VmmError, kvm_err};
 
@@ -137,6 +137,17 @@ impl GuestMemory {
                 "guest range {at:#x}+{len} outside guest memory"
             ))),
         }
+    }
+
+    /// Fault every page of guest RAM in, writable (`MADV_POPULATE_WRITE`),
+    /// as a destination VMM does before a migration arrives (QEMU's
+    /// `-mem-prealloc`): the session's own pre-fault then finds nothing to
+    /// do while the source's guest runs on the same CPUs.
+    pub fn prefault(&self) -> Result<(), VmmError> {
+        // SAFETY: our own mapping, whole; populating writes no byte of it
+        // (the kernel only allocates the pages, zeroed or as they are).
+        unsafe { madvise(self.host.cast(), self.len, MmapAdvise::MADV_POPULATE_WRITE) }
+            .map_err(|e| VmmError::Sys("madvise(MADV_POPULATE_WRITE)", e.into()))
     }
 
     /// Read the qword at guest physical `at` (8-aligned).
