@@ -4,9 +4,12 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeSet;
+
+use lmig_core::model::{RegionId, RegionLayout, RegionPages};
 use lmig_core::testing::privileged;
 use lmig_examples::vmm::guest::{BUFFER_AT, halting_program, pattern};
-use lmig_examples::vmm::{Machine, MachineConfig, VmmError};
+use lmig_examples::vmm::{GUEST_REGION, Machine, MachineConfig, VmmError};
 
 fn needs_kvm(test: &str) -> bool {
     privileged(test, "/dev/kvm (root)")
@@ -129,16 +132,134 @@ fn uffd_wp_tracker_sees_guest_writes() {
     m.stop().expect("stop");
 }
 
-/// The same with KVM's dirty log (`KVM_GET_DIRTY_LOG` on guest RAM's slot,
-/// through lmig's `DirtyLogTracker`).
+/// The same with KVM's dirty log (lmig's `track::kvm`: `KVM_GET_DIRTY_LOG`
+/// and chunked `KVM_CLEAR_DIRTY_LOG` on guest RAM's two slots), and with
+/// `KVM_GET_DIRTY_LOG` alone.
 #[test]
 fn kvm_dirty_log_tracker_sees_guest_writes() {
     if !needs_kvm("kvm_dirty_log_tracker_sees_guest_writes") {
         return;
     }
     let mut m = running_guest(64);
-    tracker_sees_guest_writes(&m, lmig_examples::vmm::KvmDirtyLog::tracker(&m));
+    let log = m.dirty_log().expect("dirty log");
+    eprintln!("{} ({})", log.method(), log.support());
+    tracker_sees_guest_writes(&m, log.tracker(m.regions().layout()));
+    let plain = m.dirty_log().expect("dirty log").without_manual_protect();
+    tracker_sees_guest_writes(&m, plain.tracker(m.regions().layout()));
     m.stop().expect("stop");
+}
+
+/// lmig's dirty-log kit against KVM's log with a running guest: the kit's
+/// writes are the guest's own (it rewrites a qword of the page, through
+/// KVM), over the buffer region (the guest writes nothing else there
+/// unless asked; its parameter page, in the other region, changes every
+/// millisecond). Both with manual protection (get + chunked clear) and
+/// with `KVM_GET_DIRTY_LOG` alone.
+#[test]
+fn kvm_dirty_log_conforms_with_a_running_guest() {
+    if !needs_kvm("kvm_dirty_log_conforms_with_a_running_guest") {
+        return;
+    }
+    let mut m = running_guest(64);
+    let layout = buffer_layout(&m);
+    let touch = |_: RegionId, page: u64| guest_touch(&m, page);
+    let log = m.dirty_log().expect("dirty log");
+    assert!(
+        log.support().manual_protect,
+        "this kernel offers KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: {}",
+        log.support()
+    );
+    lmig_mem::conformance::dirty_log::check("KVM get+clear", &layout, log, &touch)
+        .expect("KVM dirty log with manual protection");
+    let plain = m.dirty_log().expect("dirty log").without_manual_protect();
+    lmig_mem::conformance::dirty_log::check("KVM get", &layout, plain, &touch)
+        .expect("KVM_GET_DIRTY_LOG alone");
+    assert_eq!(
+        m.check_buffer(Duration::from_secs(30)).expect("check"),
+        0,
+        "the touches left the guest's buffer as it was"
+    );
+    m.stop().expect("stop");
+}
+
+/// One body over both trackers on the same running guest: uffd-wp +
+/// `PAGEMAP_SCAN` on the VMM's mapping, and KVM's dirty log through
+/// `DirtyLogTracker`. Nothing reported right after `start`; exactly the
+/// pages the guest wrote (word edges, a chunk edge, the middle, the last
+/// page); clean after a collect; one page written again reported alone;
+/// pages written while stopped forgotten by a fresh `start`.
+#[test]
+fn trackers_conform_on_the_same_running_guest() {
+    if !needs_kvm("trackers_conform_on_the_same_running_guest") {
+        return;
+    }
+    let mut m = running_guest(64);
+    let (uffd, choice) = lmig_mem::best_tracker(m.regions()).expect("tracker");
+    eprintln!("{choice}");
+    tracker_conforms_on_guest(&m, "uffd-wp", uffd);
+    let kvm = m.dirty_log().expect("dirty log");
+    tracker_conforms_on_guest(&m, "kvm", kvm.tracker(m.regions().layout()));
+    m.stop().expect("stop");
+}
+
+/// The buffer region's layout (the region the guest writes only when asked).
+fn buffer_layout(m: &Machine) -> RegionLayout {
+    let info = m
+        .regions()
+        .layout()
+        .regions()
+        .iter()
+        .find(|r| r.id == GUEST_REGION)
+        .cloned()
+        .expect("buffer region");
+    RegionLayout::new(vec![info]).expect("layout")
+}
+
+/// The guest rewrites word 2 of buffer page `page` (its value unchanged).
+fn guest_touch(m: &Machine, page: u64) {
+    m.vcpu()
+        .unwrap()
+        .touch(BUFFER_AT + page * 4096 + 16, Duration::from_secs(10))
+        .expect("guest touch");
+}
+
+fn tracker_conforms_on_guest(m: &Machine, name: &str, mut tracker: impl lmig_core::DirtyTracker) {
+    let layout = m.regions().layout();
+    let collect = |t: &mut dyn lmig_core::DirtyTracker| -> BTreeSet<u64> {
+        let mut d = RegionPages::empty(layout);
+        t.collect(&mut d).expect("collect");
+        d.get(GUEST_REGION).unwrap().iter().collect()
+    };
+    let pages = m.regions().get(GUEST_REGION).unwrap().pages();
+    let kit: BTreeSet<u64> = [0, 1, 63, 64, 65, 1023, 1024, pages / 2, pages - 1].into();
+    for round in 0..2 {
+        tracker.start().expect("start");
+        assert!(
+            collect(&mut tracker).is_empty(),
+            "{name} (start {round}): nothing reported right after start"
+        );
+        for &p in &kit {
+            guest_touch(m, p);
+        }
+        assert_eq!(
+            collect(&mut tracker),
+            kit,
+            "{name} (start {round}): exactly the pages the guest wrote"
+        );
+        assert!(
+            collect(&mut tracker).is_empty(),
+            "{name} (start {round}): clean after a collect"
+        );
+        guest_touch(m, 65);
+        assert_eq!(
+            collect(&mut tracker),
+            [65].into(),
+            "{name} (start {round}): a page written again, alone"
+        );
+        tracker.stop().expect("stop");
+        // Written while stopped: forgotten by the next start.
+        guest_touch(m, 7);
+    }
 }
 
 fn running_guest(mib: u64) -> Machine {
@@ -155,9 +276,6 @@ fn running_guest(mib: u64) -> Machine {
 /// The guest dirties pages round robin and counts them; every page it
 /// dirtied between two collections must be in the second one.
 fn tracker_sees_guest_writes(m: &Machine, mut tracker: impl lmig_core::DirtyTracker) {
-    use lmig_core::model::RegionPages;
-    use lmig_examples::vmm::GUEST_REGION;
-
     tracker.start().expect("start tracking");
     let mut dirty = RegionPages::empty(m.regions().layout());
     tracker.collect(&mut dirty).expect("collect");
@@ -172,12 +290,14 @@ fn tracker_sees_guest_writes(m: &Machine, mut tracker: impl lmig_core::DirtyTrac
     tracker.collect(&mut dirty).expect("collect");
     tracker.stop().expect("stop tracking");
     let buffer_pages = (64 << 20) / 4096 - BUFFER_AT / 4096;
+    assert_eq!(m.regions().get(GUEST_REGION).unwrap().pages(), buffer_pages);
     assert!(after > before, "the guest dirtied pages");
     let pages = dirty.get(GUEST_REGION).unwrap();
     let mut missed = 0;
     for stamp in before..after {
-        // Stamp s (1-based) went to buffer page (s - 1) mod buffer_pages.
-        let page = BUFFER_AT / 4096 + (stamp % buffer_pages);
+        // Stamp s (1-based) went to buffer page (s - 1) mod buffer_pages
+        // (page p of the buffer region).
+        let page = stamp % buffer_pages;
         if !pages.contains(page) {
             missed += 1;
         }
@@ -198,7 +318,24 @@ fn tracker_sees_guest_writes(m: &Machine, mut tracker: impl lmig_core::DirtyTrac
 #[test]
 fn running_guest_migrates_precopy() {
     if needs_kvm("running_guest_migrates_precopy") {
-        migrate_running_guest(lmig_core::session::Mode::Precopy);
+        migrate_running_guest(lmig_core::session::Mode::Precopy, false);
+    }
+}
+
+/// Pre-copy with KVM's dirty log (lmig's `track::kvm`) as the tracker.
+#[test]
+fn running_guest_migrates_precopy_with_kvm_dirty_log() {
+    if needs_kvm("running_guest_migrates_precopy_with_kvm_dirty_log") {
+        migrate_running_guest(lmig_core::session::Mode::Precopy, true);
+    }
+}
+
+/// Hybrid: pre-copy rounds, then post-copy for what is left, KVM's log
+/// as the tracker.
+#[test]
+fn running_guest_migrates_hybrid() {
+    if needs_kvm("running_guest_migrates_hybrid") {
+        migrate_running_guest(lmig_core::session::Mode::Hybrid, true);
     }
 }
 
@@ -208,11 +345,11 @@ fn running_guest_migrates_precopy() {
 #[test]
 fn running_guest_migrates_postcopy() {
     if needs_kvm("running_guest_migrates_postcopy") {
-        migrate_running_guest(lmig_core::session::Mode::Postcopy);
+        migrate_running_guest(lmig_core::session::Mode::Postcopy, false);
     }
 }
 
-fn migrate_running_guest(mode: lmig_core::session::Mode) {
+fn migrate_running_guest(mode: lmig_core::session::Mode, kvm_log: bool) {
     use lmig_examples::vmm::migrate::{migrate_out, receive};
     use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
 
@@ -241,8 +378,13 @@ fn migrate_running_guest(mode: lmig_core::session::Mode) {
         std::thread::sleep(Duration::from_millis(50));
         let channel =
             connect(&target, ChannelConfig::new(AuthKey::new(key).unwrap())).expect("connect");
-        let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
-        let out = migrate_out(&a, &channel, tracker, mode);
+        let out = if kvm_log {
+            let log = a.dirty_log().expect("dirty log");
+            migrate_out(&a, &channel, log.tracker(a.regions().layout()), mode)
+        } else {
+            let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
+            migrate_out(&a, &channel, tracker, mode)
+        };
         (out, dest.join().unwrap())
     });
     let out = out.expect("source");
@@ -333,4 +475,56 @@ fn failed_migration_leaves_guest_running_on_source() {
     );
     assert!(b.vcpu().is_err(), "B's vCPU never ran");
     a.stop().expect("stop A");
+}
+
+/// Slots that do not fit their regions are refused, naming the slot,
+/// before any KVM call: past the region's end, overlapping, a repeated
+/// number, an unknown region.
+#[test]
+fn bad_kvm_slot_maps_are_refused() {
+    use lmig_examples::vmm::{GUEST_SLOT, LOW_REGION, LOW_SLOT};
+    use lmig_mem::MemError;
+    use lmig_mem::track::kvm::{KvmDirtyLog, KvmSlot};
+
+    if !needs_kvm("bad_kvm_slot_maps_are_refused") {
+        return;
+    }
+    let m = Machine::new(MachineConfig::new(8)).expect("machine");
+    let pages = m.regions().get(GUEST_REGION).unwrap().pages();
+    let cases: [(&str, Vec<KvmSlot>); 4] = [
+        (
+            "past the end",
+            vec![KvmSlot::new(GUEST_SLOT, BUFFER_AT, GUEST_REGION).part(1, pages)],
+        ),
+        (
+            "overlapping",
+            vec![
+                KvmSlot::new(GUEST_SLOT, BUFFER_AT, GUEST_REGION).part(0, 64),
+                KvmSlot::new(5, BUFFER_AT + 63 * 4096, GUEST_REGION).part(63, 64),
+            ],
+        ),
+        (
+            "a repeated number",
+            vec![
+                KvmSlot::new(LOW_SLOT, 0, LOW_REGION),
+                KvmSlot::new(LOW_SLOT, BUFFER_AT, GUEST_REGION),
+            ],
+        ),
+        (
+            "an unknown region",
+            vec![KvmSlot::new(LOW_SLOT, 0, RegionId(99))],
+        ),
+    ];
+    for (what, slots) in cases {
+        let err = KvmDirtyLog::new(m.vm(), m.regions(), &slots).unwrap_err();
+        eprintln!("{what}: {err}");
+        assert!(
+            matches!(
+                err,
+                MemError::InvalidRegion { .. } | MemError::UnknownRegion { .. }
+            ),
+            "{what}: {err:?}"
+        );
+    }
+    assert!(KvmDirtyLog::new(m.vm(), m.regions(), &m.kvm_slots()).is_ok());
 }

@@ -167,6 +167,9 @@
 //! * `bench-internals`: measurement hooks for benchmarks
 //!   (`track::measure_scan_cost`, `track::raw_pagemap_scan`,
 //!   `UffdWpTracker::raw_scan`); not for programs.
+//! * `kvm`: `track::kvm`, KVM's dirty log of a VMM's memory slots mapped
+//!   onto regions (`KVM_GET_DIRTY_LOG`, `KVM_CLEAR_DIRTY_LOG` in chunks with
+//!   `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`); pulls in kvm-ioctls and kvm-bindings.
 //!
 //! ## Stable types
 //!

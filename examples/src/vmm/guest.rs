@@ -9,10 +9,12 @@
 //! every millisecond of TSC (the host puts the ticks per ms in the
 //! parameter page; the next heartbeat is due 1 ms after the last one) it writes a heartbeat — its counter and TSC into the
 //! parameter page, the counter to [`PORT_HEARTBEAT`] — and dirties as many
-//! buffer pages as the host asks per elapsed millisecond (round robin; a dirtied page gets a new
+//! buffer pages as the host asks per elapsed millisecond (round robin, a
+//! batch at a time, stopping early when the next heartbeat is due; a dirtied page gets a new
 //! stamp in word 0 and `stamp ^ D(page)` in word 1, so the pattern stays
 //! checkable); when the host sets the command word, it checks its whole
-//! buffer and sends the number of wrong qwords to [`PORT_CHECK`]; then it
+//! buffer and sends the number of wrong qwords to [`PORT_CHECK`]; when the
+//! host puts an address in [`P_TOUCH`], it rewrites that qword; then it
 //! tells [`PORT_IDLE`] how long it has nothing to do, so the VMM can sleep
 //! the vCPU thread as KVM sleeps a halted vCPU.
 
@@ -47,6 +49,11 @@ pub const P_BUF_START: u64 = 0x10;
 pub const P_BUF_PAGES: u64 = 0x18;
 /// Command: non-zero asks the guest to check its buffer (it clears it).
 pub const P_COMMAND: u64 = 0x20;
+/// Command: a guest address (8-aligned, non-zero) whose qword the guest
+/// rewrites with its own value, then clears this word and says so on
+/// [`PORT_TOUCHED`]: one guest write to one page, contents unchanged (the
+/// dirty-log conformance tests).
+pub const P_TOUCH: u64 = 0x28;
 /// Written by the guest: the last heartbeat's counter.
 pub const P_HB_COUNT: u64 = 0x40;
 /// Written by the guest: the last heartbeat's TSC.
@@ -62,6 +69,8 @@ pub const PORT_HEARTBEAT: u16 = 0x11;
 pub const PORT_CHECK: u16 = 0x12;
 /// Port: nothing to do for eax TSC ticks (until the next heartbeat).
 pub const PORT_IDLE: u16 = 0x13;
+/// Port: the qword of [`P_TOUCH`] was rewritten.
+pub const PORT_TOUCHED: u16 = 0x14;
 
 /// The pattern multiplier (odd, so `a * K` differs for every address).
 pub const K: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -131,6 +140,15 @@ pub fn program() -> Vec<u8> {
     a.jcc(Cc::A, "dirty_caught_up");
     a.add_mem(R::R11, abs(P_TSC_PER_MS));
     dirty(&mut a);
+    // A heartbeat that is due comes first, as a timer interrupt would: the
+    // rest of the catch-up waits for the next tick (the dirty clock keeps
+    // the rate), so slow writes (tracked pages fault) delay dirtying, not
+    // heartbeats.
+    a.rdtsc();
+    a.shl(R::Rdx, 32);
+    a.or(R::Rax, R::Rdx);
+    a.cmp(R::Rax, R::R12);
+    a.jcc(Cc::Ae, "dirty_caught_up");
     a.inc(R::R9);
     a.cmp_imm(R::R9, 64);
     a.jcc(Cc::B, "dirty_tick");
@@ -138,6 +156,7 @@ pub fn program() -> Vec<u8> {
     a.add_mem(R::R11, abs(P_TSC_PER_MS));
     a.label("dirty_caught_up");
     check(&mut a);
+    touch(&mut a);
     // Idle until the next heartbeat: tell the host how many TSC ticks are
     // left (the host may sleep the vCPU thread that long, as KVM does a
     // halted vCPU); then spin on the TSC for the rest.
@@ -228,6 +247,20 @@ fn check(a: &mut Asm) {
     a.mov_edx(u32::from(PORT_CHECK));
     a.out_dx_eax();
     a.label("check_done");
+}
+
+/// If the touch word holds an address: rewrite its qword, clear the word,
+/// report to [`PORT_TOUCHED`]; then fall through.
+fn touch(a: &mut Asm) {
+    a.load(R::Rsi, abs(P_TOUCH));
+    a.test(R::Rsi, R::Rsi);
+    a.jcc(Cc::E, "touch_done");
+    a.load(R::Rax, M::Base(R::Rsi, 0));
+    a.store(M::Base(R::Rsi, 0), R::Rax);
+    a.store_imm(abs(P_TOUCH), 0);
+    a.mov_edx(u32::from(PORT_TOUCHED));
+    a.out_dx_eax();
+    a.label("touch_done");
 }
 
 /// A guest that executes `hlt` in ring 3: a #GP with no IDT, so a triple

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use lmig_mem::track::kvm::{KvmDirtyLog, KvmSlot};
 use lmig_mem::{RegionId, RegionSet};
 
 use super::guest::{
@@ -15,8 +16,17 @@ use super::guest::{
 };
 use super::{GuestMemory, HeartbeatLog, VcpuState, VcpuThread, VmmError, kvm_err};
 
-/// The lmig region id of guest RAM (the same on both sides).
+/// The lmig region of guest RAM's first 2 MiB (GDT, page tables,
+/// parameters, code, stack), KVM slot [`LOW_SLOT`] (the same on both sides).
+pub const LOW_REGION: RegionId = RegionId(20);
+/// The lmig region of the rest of guest RAM, the guest's buffer from
+/// [`BUFFER_AT`](guest::BUFFER_AT) on: KVM slot [`GUEST_SLOT`]. Its page
+/// `p` is guest physical `BUFFER_AT + p * 4096`.
 pub const GUEST_REGION: RegionId = RegionId(21);
+/// KVM slot of [`LOW_REGION`].
+pub const LOW_SLOT: u32 = 0;
+/// KVM slot of [`GUEST_REGION`].
+pub const GUEST_SLOT: u32 = 1;
 
 /// How to build a [`Machine`].
 #[derive(Clone, Debug)]
@@ -68,8 +78,9 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Open KVM, map guest RAM, give it to KVM and adopt it as lmig region
-    /// [`GUEST_REGION`], create the vCPU. Nothing runs yet.
+    /// Open KVM, map guest RAM, give it to KVM as two memory slots and
+    /// adopt them as lmig regions [`LOW_REGION`] and [`GUEST_REGION`],
+    /// create the vCPU. Nothing runs yet.
     pub fn new(config: MachineConfig) -> Result<Self, VmmError> {
         let bytes = config.mib << 20;
         if config.mib < 4 || !config.mib.is_multiple_of(2) || bytes > MAX_BYTES {
@@ -85,8 +96,12 @@ impl Machine {
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let len = usize::try_from(bytes).map_err(|_| VmmError::BadInput("guest size".into()))?;
         let memory = Arc::new(GuestMemory::new(len)?);
-        memory.register(&vm, 0, 0)?;
-        let regions = RegionSet::new([memory.adopt(GUEST_REGION)?])?;
+        memory.register(&vm, LOW_SLOT, 0, BUFFER_AT)?;
+        memory.register(&vm, GUEST_SLOT, BUFFER_AT, bytes - BUFFER_AT)?;
+        let regions = RegionSet::new([
+            memory.adopt(LOW_REGION, 0, BUFFER_AT)?,
+            memory.adopt(GUEST_REGION, BUFFER_AT, bytes - BUFFER_AT)?,
+        ])?;
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -219,10 +234,30 @@ impl Machine {
         &self.regions
     }
 
-    /// The VM (for KVM's dirty log).
+    /// The VM.
     #[must_use]
     pub fn vm(&self) -> &VmFd {
         &self.vm
+    }
+
+    /// Guest RAM's KVM memory slots, as lmig's KVM dirty log maps them
+    /// onto the regions.
+    #[must_use]
+    pub fn kvm_slots(&self) -> [KvmSlot; 2] {
+        [
+            KvmSlot::new(LOW_SLOT, 0, LOW_REGION),
+            KvmSlot::new(GUEST_SLOT, BUFFER_AT, GUEST_REGION),
+        ]
+    }
+
+    /// KVM's dirty log of guest RAM (lmig's `track::kvm`): wrap it with
+    /// [`KvmDirtyLog::tracker`] to make it the session's tracker.
+    pub fn dirty_log(&self) -> Result<KvmDirtyLog<'_>, VmmError> {
+        Ok(KvmDirtyLog::new(
+            &self.vm,
+            &self.regions,
+            &self.kvm_slots(),
+        )?)
     }
 
     /// Guest RAM.

@@ -2,10 +2,14 @@
 //! embeds lmig (issue 21).
 //!
 //! * **Memory**: guest RAM is a memfd the VMM maps `MAP_SHARED` and gives
-//!   both to KVM (`KVM_SET_USER_MEMORY_REGION`) and to lmig
-//!   ([`lmig_mem::Region::adopt`] with `ForeignBacking::SharedFile`): the
-//!   [`Machine`] holds the adopted [`lmig_mem::RegionSet`], which is the
-//!   session's memory source (and, on a destination, its sink).
+//!   both to KVM (`KVM_SET_USER_MEMORY_REGION`, two slots: the first 2 MiB
+//!   and the buffer) and to lmig ([`lmig_mem::Region::adopt`] with
+//!   `ForeignBacking::SharedFile`, one region per slot): the [`Machine`]
+//!   holds the adopted [`lmig_mem::RegionSet`], which is the session's
+//!   memory source (and, on a destination, its sink).
+//! * **Dirty log**: either lmig's uffd-wp tracker on the VMM's mapping, or
+//!   KVM's own log through `lmig_mem::track::kvm` ([`Machine::dirty_log`]
+//!   maps the slots onto the regions).
 //! * **The vCPU**: one, started straight in 64-bit ring 3 (see [`guest`]) —
 //!   on this machine's nested KVM guest ring-0 code is emulated and slow,
 //!   ring-3 code runs at full speed. Its thread ([`VcpuThread`]) handles
@@ -21,17 +25,15 @@
 //! thread out of `KVM_RUN`.
 
 pub mod asm;
-mod dirty_log;
 pub mod guest;
 mod machine;
 pub mod migrate;
 mod sys;
 mod vcpu;
 
-pub use dirty_log::KvmDirtyLog;
-pub use machine::{GUEST_REGION, Machine, MachineConfig};
+pub use machine::{GUEST_REGION, GUEST_SLOT, LOW_REGION, LOW_SLOT, Machine, MachineConfig};
 pub use sys::GuestMemory;
-pub use vcpu::{Heartbeat, HeartbeatLog, VcpuState, VcpuThread};
+pub use vcpu::{Heartbeat, HeartbeatLog, VcpuState, VcpuThread, VcpuTime};
 
 /// Why the micro-VMM failed.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use lmig_mem::{ForeignBacking, ForeignMemory, Region, RegionId};
 use nix::sys::memfd::{MFdFlags, memfd_create};
-use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap, munmap};
 
 use super::{VmmError, kvm_err};
 
@@ -75,37 +75,58 @@ impl GuestMemory {
         self.len == 0
     }
 
-    /// Give the memory to KVM as slot `slot` at guest physical 0.
-    pub fn register(&self, vm: &VmFd, slot: u32, flags: u32) -> Result<(), VmmError> {
+    /// Give bytes `at..at + len` to KVM as slot `slot` at guest physical
+    /// `at` (2 MiB aligned, inside the memory).
+    pub fn register(&self, vm: &VmFd, slot: u32, at: u64, len: u64) -> Result<(), VmmError> {
+        let start = self.part(at, len)?;
         let region = kvm_userspace_memory_region {
             slot,
-            flags,
-            guest_phys_addr: 0,
-            memory_size: self.len as u64,
-            userspace_addr: self.host.as_ptr() as u64,
+            flags: 0,
+            guest_phys_addr: at,
+            memory_size: len,
+            userspace_addr: self.host.as_ptr() as u64 + start as u64,
         };
-        // SAFETY: the range is our own mapping, which stays mapped until
-        // `self` drops; the Machine drops its VmFd (and with it the slot)
-        // before its GuestMemory.
+        // SAFETY: the range is our own mapping (checked in bounds), which
+        // stays mapped until `self` drops; the Machine drops its VmFd (and
+        // with it the slot) before its GuestMemory.
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
     }
 
-    /// Adopt the memory as lmig region `id` (a memfd mapped from offset 0).
-    pub fn adopt(&self, id: RegionId) -> Result<Region, VmmError> {
+    /// Adopt bytes `at..at + len` as lmig region `id` (the memfd mapped
+    /// from offset `at`).
+    pub fn adopt(&self, id: RegionId, at: u64, len: u64) -> Result<Region, VmmError> {
+        let start = self.part(at, len)?;
         // SAFETY: the contract of `ForeignMemory::new`: our mapping is
         // readable and writable, stays mapped until `self` drops, and the
         // Machine drops the region (and every session using it) first; the
-        // backing is exactly this memfd from offset 0, never truncated; the
-        // VMM accesses it only through volatile copies, never references.
-        let memory = unsafe { ForeignMemory::new(self.host.as_ptr(), self.len) };
+        // backing is exactly this memfd from offset `at` (in bounds,
+        // checked), never truncated; the VMM accesses it only through
+        // volatile copies, never references.
+        let memory =
+            unsafe { ForeignMemory::new(self.host.as_ptr().wrapping_add(start), len as usize) };
         Ok(Region::adopt(
             id,
             memory,
             ForeignBacking::SharedFile {
                 fd: self.fd.as_fd(),
-                offset: 0,
+                offset: at,
             },
         )?)
+    }
+
+    /// `at..at + len` as a byte offset: 2 MiB aligned, inside the memory.
+    fn part(&self, at: u64, len: u64) -> Result<usize, VmmError> {
+        let ok = at.is_multiple_of(2 << 20)
+            && len.is_multiple_of(2 << 20)
+            && len > 0
+            && at.checked_add(len).is_some_and(|e| e <= self.len as u64);
+        if !ok {
+            return Err(VmmError::BadInput(format!(
+                "guest range {at:#x}+{len:#x} (2 MiB steps inside {:#x})",
+                self.len
+            )));
+        }
+        usize::try_from(at).map_err(|_| VmmError::BadInput("guest address".into()))
     }
 
     fn check(&self, at: u64, len: usize) -> Result<usize, VmmError> {
@@ -116,6 +137,17 @@ impl GuestMemory {
                 "guest range {at:#x}+{len} outside guest memory"
             ))),
         }
+    }
+
+    /// Fault every page of guest RAM in, writable (`MADV_POPULATE_WRITE`),
+    /// as a destination VMM does before a migration arrives (QEMU's
+    /// `-mem-prealloc`): the session's own pre-fault then finds nothing to
+    /// do while the source's guest runs on the same CPUs.
+    pub fn prefault(&self) -> Result<(), VmmError> {
+        // SAFETY: our own mapping, whole; populating writes no byte of it
+        // (the kernel only allocates the pages, zeroed or as they are).
+        unsafe { madvise(self.host.cast(), self.len, MmapAdvise::MADV_POPULATE_WRITE) }
+            .map_err(|e| VmmError::Sys("madvise(MADV_POPULATE_WRITE)", e.into()))
     }
 
     /// Read the qword at guest physical `at` (8-aligned).

@@ -10,8 +10,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 
 use super::guest::{
-    CODE_AT, GDT_AT, P_HB_TSC, P_TSC_PER_MS, PARAMS_AT, PML4_AT, PORT_CHECK, PORT_HEARTBEAT,
-    PORT_IDLE, PORT_READY, STACK_TOP, TSS_AT, USER_CS, USER_DS,
+    CODE_AT, GDT_AT, P_HB_TSC, P_TOUCH, P_TSC_PER_MS, PARAMS_AT, PML4_AT, PORT_CHECK,
+    PORT_HEARTBEAT, PORT_IDLE, PORT_READY, PORT_TOUCHED, STACK_TOP, TSS_AT, USER_CS, USER_DS,
 };
 use super::{GuestMemory, VmmError, kvm_err};
 
@@ -225,6 +225,12 @@ struct Ctl {
     checks: Vec<u32>,
     failed: Option<String>,
     log: HeartbeatLog,
+    /// Touches the guest reported ([`PORT_TOUCHED`]).
+    touched: u64,
+    /// The thread's id (for its `schedstat`), once it runs.
+    tid: Option<i32>,
+    /// ns the thread slept on purpose: idle (the guest said so) or parked.
+    asleep_ns: u64,
 }
 
 /// The control block: one mutex, one condition variable.
@@ -245,6 +251,9 @@ impl Shared {
                 checks: Vec::new(),
                 failed: None,
                 log: HeartbeatLog::default(),
+                touched: 0,
+                tid: None,
+                asleep_ns: 0,
             }),
             cv: Condvar::new(),
         })
@@ -290,6 +299,26 @@ impl Shared {
 pub struct VcpuThread {
     shared: Arc<Shared>,
     handle: Option<JoinHandle<Result<VcpuFd, VmmError>>>,
+    spawned: std::time::Instant,
+    memory: Arc<GuestMemory>,
+}
+
+/// Where the vCPU thread's time went since it started ([`VcpuThread::time`]).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VcpuTime {
+    /// Wall time since the thread was spawned.
+    pub wall: Duration,
+    /// On a CPU (the guest's and the VMM's code).
+    pub running: Duration,
+    /// Runnable, waiting for a CPU (`schedstat` run delay).
+    pub runnable: Duration,
+    /// Asleep on purpose: the guest idle, or the vCPU paused.
+    pub asleep: Duration,
+    /// The rest: blocked in the kernel, which for a running guest is
+    /// waiting for missing pages (post-copy userfaultfd faults taken
+    /// inside `KVM_RUN` or by the VMM's own reads of guest memory).
+    pub blocked: Duration,
 }
 
 impl VcpuThread {
@@ -299,11 +328,62 @@ impl VcpuThread {
         let for_thread = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("lmig-vcpu0".into())
-            .spawn(move || run(vcpu, &memory, &for_thread))
+            .spawn({
+                let memory = Arc::clone(&memory);
+                move || run(vcpu, &memory, &for_thread)
+            })
             .map_err(|e| VmmError::Sys("spawn vCPU thread", e))?;
         Ok(Self {
             shared,
             handle: Some(handle),
+            spawned: std::time::Instant::now(),
+            memory,
+        })
+    }
+
+    /// Ask the guest to rewrite the qword at guest physical `at` (its own
+    /// write, through KVM) and wait until it did.
+    pub fn touch(&self, at: u64, timeout: Duration) -> Result<(), VmmError> {
+        if at == 0 {
+            return Err(VmmError::BadInput("touch at guest address 0".into()));
+        }
+        let before = self.shared.lock().touched;
+        self.memory.write_u64(PARAMS_AT + P_TOUCH, at)?;
+        self.shared.wait_for("the guest's touch", timeout, |c| {
+            (c.touched > before).then_some(())
+        })
+    }
+
+    /// Where the thread's time went since it was spawned, from its
+    /// `/proc/self/task/<tid>/schedstat` (time on a CPU, time runnable)
+    /// and its own count of deliberate sleeps; the rest is time blocked.
+    pub fn time(&self) -> Result<VcpuTime, VmmError> {
+        let wall = self.spawned.elapsed();
+        let (tid, asleep_ns) = {
+            let c = self.shared.lock();
+            (c.tid, c.asleep_ns)
+        };
+        let tid =
+            tid.ok_or_else(|| VmmError::BadInput("the vCPU thread has not started".into()))?;
+        let path = format!("/proc/self/task/{tid}/schedstat");
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| VmmError::Sys("read schedstat", e))?;
+        let mut fields = text.split_whitespace().map(str::parse::<u64>);
+        let mut next = || {
+            fields
+                .next()
+                .and_then(Result::ok)
+                .ok_or_else(|| VmmError::BadInput(format!("{path}: {text:?}")))
+        };
+        let running = Duration::from_nanos(next()?);
+        let runnable = Duration::from_nanos(next()?);
+        let asleep = Duration::from_nanos(asleep_ns);
+        Ok(VcpuTime {
+            wall,
+            running,
+            runnable,
+            asleep,
+            blocked: wall.saturating_sub(running + runnable + asleep),
         })
     }
 
@@ -377,6 +457,7 @@ impl Drop for VcpuThread {
 /// The vCPU loop. Returns the vCPU when asked to stop; a guest that stops
 /// unexpectedly ends it with an error (also recorded for waiters).
 fn run(mut vcpu: VcpuFd, memory: &GuestMemory, shared: &Shared) -> Result<VcpuFd, VmmError> {
+    shared.lock().tid = Some(nix::unistd::gettid().as_raw());
     let result = run_loop(&mut vcpu, memory, shared);
     if let Err(e) = &result {
         shared.lock().failed = Some(match e {
@@ -418,6 +499,7 @@ fn run_loop(vcpu: &mut VcpuFd, memory: &GuestMemory, shared: &Shared) -> Result<
                     }
                     PORT_READY => ctl.ready = true,
                     PORT_CHECK => ctl.checks.push(value),
+                    PORT_TOUCHED => ctl.touched += 1,
                     other => {
                         return Err(VmmError::GuestExit(format!(
                             "write to unknown port {other:#x}"
@@ -460,11 +542,12 @@ fn idle(shared: &Shared, ticks: u32, tsc_per_ms: u64) {
         return;
     };
     let ctl = shared.lock();
-    drop(
-        shared
-            .cv
-            .wait_timeout_while(ctl, sleep, |c| c.want == Want::Run),
-    );
+    let t = std::time::Instant::now();
+    let (mut ctl, _) = shared
+        .cv
+        .wait_timeout_while(ctl, sleep, |c| c.want == Want::Run)
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    ctl.asleep_ns += t.elapsed().as_nanos() as u64;
 }
 
 /// Honour a pause or stop request: returns true to stop. Parked, the vCPU
@@ -494,12 +577,14 @@ fn park(vcpu: &mut VcpuFd, shared: &Shared) -> Result<bool, VmmError> {
     ctl.captured = Some(VcpuState::capture(vcpu)?);
     ctl.parked = true;
     shared.cv.notify_all();
+    let t = std::time::Instant::now();
     while ctl.want == Want::Pause {
         ctl = shared
             .cv
             .wait(ctl)
             .unwrap_or_else(std::sync::PoisonError::into_inner);
     }
+    ctl.asleep_ns += t.elapsed().as_nanos() as u64;
     ctl.parked = false;
     Ok(ctl.want == Want::Stop)
 }

@@ -1,11 +1,14 @@
 //! The only place of this crate that talks to the kernel through `unsafe`:
 //! mappings and raw copies ([`mapping`]), the promise behind adopted
-//! memory ([`foreign`]), userfaultfd ([`uffd`]) and the
-//! `PAGEMAP_SCAN` ioctl ([`pagemap`]). Everything above this module is safe
+//! memory ([`foreign`]), userfaultfd ([`uffd`]), the
+//! `PAGEMAP_SCAN` ioctl ([`pagemap`]) and, with feature `kvm`, KVM's dirty
+//! log (`kvm`). Everything above this module is safe
 //! code built on the safe functions exported here.
 #![allow(unsafe_code)]
 
 pub(crate) mod foreign;
+#[cfg(feature = "kvm")]
+pub(crate) mod kvm;
 pub(crate) mod mapping;
 pub(crate) mod pagemap;
 pub(crate) mod uffd;

@@ -7,6 +7,7 @@
 //! | [`SoftDirtyTracker`] | `CONFIG_MEM_SOFT_DIRTY` | only with the writers paused during `collect` |
 //! | [`ManualTracker`] | the program marks its writes | yes (atomic bitmap) |
 //! | [`DirtyLogTracker`] | a VMM's dirty bitmap (KVM dirty log) | as exact as the log |
+//! | `kvm::KvmDirtyLog` (feature `kvm`) in a [`DirtyLogTracker`] | KVM memory slots over the regions | yes, for writes made through KVM |
 //!
 //! [`TrackerProbe::run`] probes the kernel once; [`best_tracker`] creates the
 //! best automatic tracker and says why the others were rejected.
@@ -14,6 +15,8 @@
 #[cfg(feature = "bench-internals")]
 mod bench;
 mod dirty_log;
+#[cfg(feature = "kvm")]
+pub mod kvm;
 mod manual;
 mod range;
 mod soft_dirty;
@@ -29,7 +32,7 @@ pub use bench::{ScanFigures, measure_scan_cost, raw_pagemap_scan};
 pub use dirty_log::{DirtyLog, DirtyLogTracker};
 pub use manual::{DirtyMarker, ManualTracker};
 pub use soft_dirty::SoftDirtyTracker;
-pub use uffd_wp::{SCAN_VEC_LEN, UffdWpSupport, UffdWpTracker};
+pub use uffd_wp::{PROTECT_CHUNK, SCAN_VEC_LEN, UffdWpSupport, UffdWpTracker};
 
 pub use crate::sys::uffd::UffdOrigin;
 

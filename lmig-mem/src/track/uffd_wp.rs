@@ -12,6 +12,13 @@
 //! category and return mask: the kernel reports the written pages and
 //! re-protects them in the same page-table walk, so a write racing the
 //! collect is reported now or at the next collect, never lost.
+//!
+//! Both the initial write-protect and every scan go in chunks of
+//! [`PROTECT_CHUNK`]: changing protection over a range (and a write-matching
+//! scan) holds an MMU-notifier invalidation over the whole range of the
+//! call, and a KVM vCPU faulting inside it waits until the call ends. One
+//! call over 1 GiB stalled a guest for ~35 ms; per chunk a writer waits at
+//! most one chunk's work.
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -35,6 +42,28 @@ use crate::sys::uffd::{self, UffdOrigin};
 pub const SCAN_VEC_LEN: usize = 4096;
 
 const NAME: &str = "uffd-wp+pagemap-scan";
+
+/// Bytes write-protected by one `UFFDIO_WRITEPROTECT` or scanned by one
+/// `PAGEMAP_SCAN` call (4 MiB): a program (or vCPU) writing inside the range
+/// of a call waits for that call, so no writer waits longer than one
+/// chunk's work (~0.1 ms populated), while 256 calls per GiB cost little.
+pub const PROTECT_CHUNK: u64 = 4 << 20;
+
+/// The chunks `[start, end)` of `[start, start + len)`, cut at multiples of
+/// [`PROTECT_CHUNK`] (addresses, so chunks line up with page tables).
+pub(super) fn chunks(start: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = start + len;
+    let mut at = start;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let next = ((at / PROTECT_CHUNK) + 1) * PROTECT_CHUNK;
+        let chunk = (at, next.min(end));
+        at = chunk.1;
+        Some(chunk)
+    })
+}
 
 pub(super) const COLLECT: ScanSpec = ScanSpec {
     flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
@@ -211,9 +240,11 @@ impl UffdWpTracker {
                 };
                 return Err(MemError::os("UFFDIO_REGISTER(MODE_WP)", what, e));
             }
-            if let Err(e) = uffd::writeprotect(fd, r.start, r.len, true) {
-                rollback(i + 1);
-                return Err(MemError::os("UFFDIO_WRITEPROTECT", r.describe(), e));
+            for (from, to) in chunks(r.start, r.len) {
+                if let Err(e) = uffd::writeprotect(fd, from, to - from, true) {
+                    rollback(i + 1);
+                    return Err(MemError::os("UFFDIO_WRITEPROTECT", r.describe(), e));
+                }
             }
         }
         self.registered = true;
@@ -266,8 +297,9 @@ impl UffdWpTracker {
     }
 }
 
-/// Scan `r` from start to end, looping while the output vector fills up,
-/// calling `found(first_page, count)` for every written range.
+/// Scan `r` from start to end, one [`PROTECT_CHUNK`] per call at most,
+/// looping while the output vector fills up, calling
+/// `found(first_page, count)` for every written range.
 pub(super) fn scan_range(
     pagemap: std::os::fd::BorrowedFd<'_>,
     r: &TrackedRange,
@@ -278,7 +310,8 @@ pub(super) fn scan_range(
     let end = r.start + r.len;
     let mut at = r.start;
     while at < end {
-        let walk_end = pagemap::scan(pagemap, at, end, spec, buf).map_err(|e| {
+        let call_end = chunks(at, end - at).next().map_or(end, |c| c.1);
+        let walk_end = pagemap::scan(pagemap, at, call_end, spec, buf).map_err(|e| {
             if e.raw_os_error() == Some(libc::EPERM) {
                 MemError::TrackerState {
                     tracker: NAME,
@@ -292,7 +325,7 @@ pub(super) fn scan_range(
         for pr in buf.iter() {
             if pr.categories & PAGE_IS_WRITTEN != 0 && pr.end > pr.start {
                 let first = (pr.start.max(r.start) - r.start) / r.page_size;
-                let last = (pr.end.min(end) - r.start).div_ceil(r.page_size);
+                let last = (pr.end.min(call_end) - r.start).div_ceil(r.page_size);
                 found(first, last - first);
             }
         }
@@ -389,3 +422,25 @@ impl DirtyClearer for UffdWpClearer {
 /// `page_region` slots of one clearing scan (a run of up to 64 pages has at
 /// most 32 written ranges; a fuller one loops).
 const CLEAR_VEC_LEN: usize = 32;
+
+#[cfg(test)]
+mod tests {
+    use super::{PROTECT_CHUNK, chunks};
+
+    #[test]
+    fn chunks_cover_the_range_cut_at_chunk_multiples() {
+        let c = PROTECT_CHUNK;
+        let got: Vec<_> = chunks(c - 4096, 2 * c + 8192).collect();
+        assert_eq!(
+            got,
+            vec![
+                (c - 4096, c),
+                (c, 2 * c),
+                (2 * c, 3 * c),
+                (3 * c, 3 * c + 4096)
+            ]
+        );
+        assert_eq!(chunks(c, c).collect::<Vec<_>>(), vec![(c, 2 * c)]);
+        assert_eq!(chunks(4096, 0).count(), 0);
+    }
+}
