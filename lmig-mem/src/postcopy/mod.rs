@@ -97,6 +97,8 @@ use crate::sys::uffd::{self, UffdMsg, UffdOrigin};
 mod options;
 mod setup;
 
+#[cfg(feature = "bench-internals")]
+pub use options::FaultTrace;
 pub use options::{PostcopyOptions, PostcopyStats};
 use setup::{Fill, Target, check_missing, open_userfaultfd};
 
@@ -129,6 +131,8 @@ pub(crate) struct Postcopy {
     queued: Mutex<VecDeque<PageRun>>,
     counters: Counters,
     faulted: Mutex<Vec<(RegionId, u64)>>,
+    #[cfg(feature = "bench-internals")]
+    trace: Mutex<Vec<FaultTrace>>,
     registered: Mutex<bool>,
 }
 
@@ -183,6 +187,8 @@ impl Postcopy {
             queued: Mutex::new(VecDeque::new()),
             counters: Counters::default(),
             faulted: Mutex::new(Vec::new()),
+            #[cfg(feature = "bench-internals")]
+            trace: Mutex::new(Vec::new()),
             registered: Mutex::new(true),
         };
         pc.register()?;
@@ -239,6 +245,14 @@ impl Postcopy {
                     let mut f = lock(&self.faulted);
                     if f.len() < MAX_RECORDED_FAULTS {
                         f.push((run.region, run.first));
+                        #[cfg(feature = "bench-internals")]
+                        lock(&self.trace).push(FaultTrace {
+                            region: run.region,
+                            page: run.first,
+                            read_at: Instant::now(),
+                            placed_at: None,
+                            placed_with: 0,
+                        });
                     }
                 }
                 return Ok(Some(run));
@@ -420,6 +434,8 @@ impl Postcopy {
                 }
                 if result.is_ok() {
                     self.counters.placed.fetch_add(count, Ordering::Relaxed);
+                    #[cfg(feature = "bench-internals")]
+                    self.trace_placed(run, first, count);
                 } else if let Ok(set) = st.missing.get_mut(run.region) {
                     set.insert_range(first, count);
                 }
@@ -521,6 +537,24 @@ impl Postcopy {
         Ok(())
     }
 
+    /// Note the placement of traced faulted pages in `first..first + count`
+    /// (of `run`); only the recent end of the trace is searched.
+    #[cfg(feature = "bench-internals")]
+    fn trace_placed(&self, run: &PageRun, first: u64, count: u64) {
+        let now = Instant::now();
+        let mut trace = lock(&self.trace);
+        let from = trace.len().saturating_sub(64);
+        for t in &mut trace[from..] {
+            if t.placed_at.is_none()
+                && t.region == run.region
+                && (first..first + count).contains(&t.page)
+            {
+                t.placed_at = Some(now);
+                t.placed_with = u64::from(run.count);
+            }
+        }
+    }
+
     /// Unregister every region (threads waiting on a fault retry it). Refuses
     /// while pages are missing unless `force`.
     pub(crate) fn end(&self, force: bool) -> Result<()> {
@@ -563,6 +597,8 @@ impl Postcopy {
             placed: c.placed.load(Ordering::Relaxed),
             missing: self.missing_pages(),
             faulted: lock(&self.faulted).clone(),
+            #[cfg(feature = "bench-internals")]
+            fault_trace: lock(&self.trace).clone(),
         }
     }
 }
