@@ -89,17 +89,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lmig_core::model::{PageRun, RegionId, RegionPages};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::error::{MemError, Result};
 use crate::memory::Region;
 use crate::sys::uffd::{self, UffdMsg, UffdOrigin};
 
 mod options;
+mod residency;
 mod setup;
 
 #[cfg(feature = "bench-internals")]
 pub use options::FaultTrace;
 pub use options::{PostcopyOptions, PostcopyStats};
+pub use residency::{MAX_RESIDENCY_WAITERS, Residency};
+use residency::{Signal, Waiter, Waiters};
 use setup::{Fill, Target, check_missing, open_userfaultfd};
 
 /// Most `EAGAIN` answers one fill tolerates before it reports an error.
@@ -129,6 +133,13 @@ pub(crate) struct Postcopy {
     targets: Vec<Target>,
     pages: Mutex<PageState>,
     queued: Mutex<VecDeque<PageRun>>,
+    /// Runs the program asked for without faulting ([`Residency::request`]),
+    /// handed to the session before faults.
+    asked: Mutex<VecDeque<PageRun>>,
+    /// Wakes `wait_fault` when a run is asked for.
+    kick: Signal,
+    /// Readable while residency waiters are ready.
+    ready: Signal,
     counters: Counters,
     faulted: Mutex<Vec<(RegionId, u64)>>,
     #[cfg(feature = "bench-internals")]
@@ -141,6 +152,25 @@ pub(crate) struct Postcopy {
 struct PageState {
     missing: RegionPages,
     filling: RegionPages,
+    /// Ranges the program waits for ([`Residency::request`]).
+    waiters: Waiters,
+}
+
+impl PageState {
+    /// No page of `run` is missing or being placed.
+    fn resident(&self, run: &PageRun) -> bool {
+        resident_in(&self.missing, &self.filling, run)
+    }
+}
+
+/// No page of `run` is in `missing` or `filling`.
+fn resident_in(missing: &RegionPages, filling: &RegionPages, run: &PageRun) -> bool {
+    let none_in = |pages: &RegionPages| {
+        pages
+            .get(run.region)
+            .map_or(true, |s| s.runs_in(run.first, run.end()).next().is_none())
+    };
+    none_in(missing) && none_in(filling)
 }
 
 /// What a placement does with one page of its run.
@@ -183,8 +213,12 @@ impl Postcopy {
                     none.clear();
                     none
                 },
+                waiters: Waiters::default(),
             }),
             queued: Mutex::new(VecDeque::new()),
+            asked: Mutex::new(VecDeque::new()),
+            kick: Signal::new()?,
+            ready: Signal::new()?,
             counters: Counters::default(),
             faulted: Mutex::new(Vec::new()),
             #[cfg(feature = "bench-internals")]
@@ -239,6 +273,12 @@ impl Postcopy {
         let spin_until = start + self.options.spin.min(timeout);
         let mut buf = [UffdMsg::default(); 16];
         loop {
+            // Cleared before the queue is looked at: a run asked for after
+            // this signals again.
+            self.kick.clear();
+            if let Some(run) = lock(&self.asked).pop_front() {
+                return Ok(Some(run));
+            }
             if let Some(run) = lock(&self.queued).pop_front() {
                 self.counters.requested.fetch_add(1, Ordering::Relaxed);
                 if self.options.record_faults {
@@ -277,8 +317,17 @@ impl Postcopy {
             }
             let left = deadline - now;
             let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-            uffd::poll_in(self.uffd.as_fd(), ms)
-                .map_err(|e| MemError::os("poll (userfaultfd)", "post-copy", e))?;
+            let mut fds = [
+                PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.kick.fd(), PollFlags::POLLIN),
+            ];
+            match poll(
+                &mut fds,
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+            ) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(MemError::os("poll (userfaultfd)", "post-copy", e.into())),
+            }
         }
     }
 
@@ -377,7 +426,9 @@ impl Postcopy {
         let ps = t.page_size as usize;
         let actions: Vec<PageAction> = {
             let mut st = lock(&self.pages);
-            let PageState { missing, filling } = &mut *st;
+            let PageState {
+                missing, filling, ..
+            } = &mut *st;
             let set = missing
                 .get_mut(run.region)
                 .map_err(|_| MemError::UnknownRegion { region: run.region })?;
@@ -438,6 +489,17 @@ impl Postcopy {
                     self.trace_placed(run, first, count);
                 } else if let Ok(set) = st.missing.get_mut(run.region) {
                     set.insert_range(first, count);
+                }
+                if result.is_ok() && !st.waiters.pending.is_empty() {
+                    let PageState {
+                        missing,
+                        filling,
+                        waiters,
+                    } = &mut *st;
+                    let in_place = |r: &PageRun| resident_in(missing, filling, r);
+                    if waiters.placed(run.region, first, count, in_place) {
+                        self.ready.signal();
+                    }
                 }
             }
             i = j;
@@ -553,6 +615,71 @@ impl Postcopy {
                 t.placed_with = u64::from(run.count);
             }
         }
+    }
+
+    /// Every page of `run` (checked against its region) is placed.
+    pub(crate) fn is_resident(&self, run: &PageRun) -> Result<bool> {
+        self.check_run(run)?;
+        Ok(lock(&self.pages).resident(run))
+    }
+
+    /// Residency request (see [`Residency::request`]).
+    pub(crate) fn request(&self, run: &PageRun, token: u64) -> Result<bool> {
+        self.check_run(run)?;
+        let wanted: Vec<PageRun> = {
+            let mut st = lock(&self.pages);
+            if st.resident(run) {
+                return Ok(true);
+            }
+            if st.waiters.pending.len() >= MAX_RESIDENCY_WAITERS {
+                return Err(MemError::ResidencyWaiters {
+                    waiting: st.waiters.pending.len(),
+                });
+            }
+            st.waiters.pending.push(Waiter { run: *run, token });
+            // Pages being placed need no request: their placement is what
+            // makes the waiter ready.
+            let set = st
+                .missing
+                .get(run.region)
+                .map_err(|_| MemError::UnknownRegion { region: run.region })?;
+            set.runs_in(run.first, run.end())
+                .map(|(f, c)| PageRun::new(run.region, f, c as u32))
+                .collect()
+        };
+        if !wanted.is_empty() {
+            let mut asked = lock(&self.asked);
+            for r in wanted {
+                if !asked.contains(&r) {
+                    asked.push_back(r);
+                }
+            }
+            drop(asked);
+            self.kick.signal();
+        }
+        Ok(false)
+    }
+
+    /// Tokens of waiters that became ready; clears the readiness signal.
+    pub(crate) fn take_ready(&self) -> Vec<u64> {
+        let mut st = lock(&self.pages);
+        self.ready.clear();
+        std::mem::take(&mut st.waiters.ready)
+    }
+
+    /// `run` lies inside a registered region.
+    fn check_run(&self, run: &PageRun) -> Result<()> {
+        let t = self.target(run.region)?;
+        let pages = t.len / t.page_size;
+        if run.count == 0 || run.end() > pages {
+            return Err(MemError::OutOfBounds {
+                region: run.region,
+                offset: (run.first * t.page_size) as usize,
+                len: (u64::from(run.count) * t.page_size) as usize,
+                region_len: t.len as usize,
+            });
+        }
+        Ok(())
     }
 
     /// Unregister every region (threads waiting on a fault retry it). Refuses
