@@ -83,6 +83,12 @@ pub trait MemorySource: Send + Sync {
     /// After `Commit` and once every page has been sent: the source copy is no
     /// longer needed and may be released.
     fn release(&self) {}
+
+    /// Called once by the thread answering post-copy page requests, before
+    /// it starts: a backend may raise that thread's scheduling priority, so
+    /// that a request does not wait for a CPU behind the push. The default
+    /// does nothing.
+    fn urgent_thread(&self) {}
 }
 
 /// Places pages into the program's regions on the destination.
@@ -133,6 +139,13 @@ pub trait MemorySink: Send + Sync {
 
     /// The migration failed before `Commit`: drop what was received.
     fn discard(&self) {}
+
+    /// Called once by each thread of the post-copy fault path (the one
+    /// forwarding faults, the one placing the replies), before it starts: a
+    /// backend may raise its scheduling priority, so that a fault does not
+    /// wait for a CPU behind the placement of pushed pages. The default
+    /// does nothing.
+    fn urgent_thread(&self) {}
 
     /// Post-copy: the residency handle of this memory, for a program that
     /// must not block its event loop on a missing page (see
@@ -587,6 +600,9 @@ impl<T: MemorySource + ?Sized> MemorySource for &T {
     fn release(&self) {
         (**self).release()
     }
+    fn urgent_thread(&self) {
+        (**self).urgent_thread()
+    }
 }
 
 impl<T: MemorySource + ?Sized> MemorySource for Arc<T> {
@@ -604,6 +620,9 @@ impl<T: MemorySource + ?Sized> MemorySource for Arc<T> {
     }
     fn release(&self) {
         (**self).release()
+    }
+    fn urgent_thread(&self) {
+        (**self).urgent_thread()
     }
 }
 
@@ -636,6 +655,9 @@ macro_rules! forward_sink {
             }
             fn residency(&self) -> Option<Arc<dyn PageResidency>> {
                 (**self).residency()
+            }
+            fn urgent_thread(&self) {
+                (**self).urgent_thread()
             }
         }
     };

@@ -106,6 +106,18 @@ pub use residency::{MAX_RESIDENCY_WAITERS, Residency};
 use residency::{Signal, Waiter, Waiters};
 use setup::{Fill, Target, check_missing, open_userfaultfd};
 
+/// Nice value the threads of the post-copy fault path ask for
+/// ([`MemorySink::urgent_thread`](lmig_core::MemorySink::urgent_thread) of
+/// the region sets): above the push and the program's other threads, so
+/// that a fault does not wait for a CPU. Needs `CAP_SYS_NICE`; without it
+/// they stay as they are.
+pub const URGENT_THREAD_NICE: i32 = -10;
+
+/// Raise the calling thread to [`URGENT_THREAD_NICE`] if allowed.
+pub(crate) fn urgent_thread() {
+    let _ = crate::sys::set_thread_nice(URGENT_THREAD_NICE);
+}
+
 /// Most `EAGAIN` answers one fill tolerates before it reports an error.
 pub const MAX_FILL_RETRIES: u32 = 10_000;
 

@@ -122,6 +122,10 @@ impl MemorySink for DestinationRegions {
         Ok(self.set()?.end_postcopy()?)
     }
 
+    fn urgent_thread(&self) {
+        crate::postcopy::urgent_thread();
+    }
+
     fn residency(&self) -> Option<std::sync::Arc<dyn lmig_core::PageResidency>> {
         MemorySink::residency(self.set.get()?)
     }

@@ -134,6 +134,10 @@ impl MemorySink for RegionSet {
         Ok(RegionSet::end_postcopy(self)?)
     }
 
+    fn urgent_thread(&self) {
+        crate::postcopy::urgent_thread();
+    }
+
     fn residency(&self) -> Option<Arc<dyn PageResidency>> {
         RegionSet::residency(self).map(|r| Arc::new(r) as Arc<dyn PageResidency>)
     }

@@ -424,6 +424,7 @@ impl<'scope> RequestServer<'scope> {
     }
 
     fn run<M: MemorySource, C: Channel>(service: &Service<'_, M, C>) {
+        service.memory.urgent_thread();
         let mut sender = PageSender::new(service.memory, service.channel, service.layout);
         while service.serving.load(Ordering::Acquire) {
             match service.channel.recv_urgent(URGENT_TICK) {
