@@ -37,6 +37,12 @@
 //!   space changed under the call) is retried up to [`MAX_FILL_RETRIES`]
 //!   times; a partial count, positive or a negative errno, is accounted and
 //!   the rest retried. No page is filled twice.
+//! * [`Residency`] (from [`RegionSet::residency`](crate::RegionSet::residency)):
+//!   an event-loop program asks whether a range is placed and requests it
+//!   without touching it; `wait_fault` hands such requests to the session
+//!   before faults (an eventfd wakes it), and the program is told through
+//!   another eventfd once every page of the range is placed. See
+//!   [`residency`](self::Residency) for the consistency rule.
 //! * `end_postcopy` unregisters (also done when the set is dropped: RAII).
 //!   It refuses while pages are still missing: unregistering would make the
 //!   program read zeros where its data should be.
