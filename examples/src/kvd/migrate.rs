@@ -558,6 +558,7 @@ fn resume<K: SocketSink + 'static>(
     let Resumption {
         memory,
         after_commit,
+        residency,
         ..
     } = resumed;
     let reporter = match Reporter::spawn(after_commit, log.clone()) {
@@ -565,7 +566,7 @@ fn resume<K: SocketSink + 'static>(
         Err(e) => return Some(Err(e.into())),
     };
     let served = match state {
-        Some(state) => serve(state, &memory, fds, &*log),
+        Some(state) => serve(state, &memory, residency, fds, &*log),
         None => Err("resumed without the program's state".into()),
     };
     // Serving ends when the process is stopped; a failure to start it
@@ -610,6 +611,7 @@ impl Reporter {
 fn serve(
     state: ProgramState,
     memory: &DestinationRegions,
+    residency: Option<Arc<dyn lmig_core::PageResidency>>,
     mut fds: HashMap<u64, OwnedFd>,
     log: &dyn ReceiveLog,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -630,6 +632,11 @@ fn serve(
     // Restored sockets come non-blocking (`sink_config`).
     let pre = Server::preregister(&[], sink_config().nonblocking)?;
     let mut server = Server::with_poller(pre, std::net::TcpListener::from(listener), restored)?;
+    // Post-copy: a request whose key is not here yet waits, parked, while
+    // the loop serves the others.
+    if let Some(residency) = residency {
+        server.set_residency(residency, STORE_REGION)?;
+    }
     if debug() {
         eprintln!("kvd: server built in {:?}", t.elapsed());
     }

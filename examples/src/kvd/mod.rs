@@ -7,6 +7,7 @@ pub mod collections;
 pub mod commands;
 pub mod load;
 pub mod migrate;
+pub mod park;
 pub mod resp;
 pub mod security;
 pub mod server;
