@@ -105,6 +105,8 @@ pub struct Counters {
     pub requests: AtomicU64,
     /// Connections open.
     pub clients: AtomicU64,
+    /// Requests parked in post-copy until their key's pages came.
+    pub parked: AtomicU64,
 }
 
 /// Handle to control a running loop from another thread.
@@ -484,7 +486,10 @@ impl Server {
                         Some(p) if !args.is_empty() => p.admit(id, store, args),
                         _ => Some(args),
                     };
-                    let Some(args) = args else { continue };
+                    let Some(args) = args else {
+                        self.control.counters.parked.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
                     if !args.is_empty() {
                         execute(store, &args, &mut conn.wbuf, &self.control.counters);
                         self.control
