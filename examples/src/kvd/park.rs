@@ -187,7 +187,7 @@ mod tests {
     fn a_missing_key_parks_its_connection_in_order_and_others_run() {
         let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
         let store = Store::format(&region);
-        let pages = (region.len() / PAGE as usize) as usize;
+        let pages = region.len() / PAGE as usize;
         let fd = std::fs::File::open("/dev/null").unwrap().into();
         let res = Arc::new(Pages {
             here: Mutex::new(vec![true; pages]),
