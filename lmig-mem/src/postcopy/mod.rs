@@ -41,8 +41,10 @@
 //!   an event-loop program asks whether a range is placed and requests it
 //!   without touching it; `wait_fault` hands such requests to the session
 //!   before faults (an eventfd wakes it), and the program is told through
-//!   another eventfd once every page of the range is placed. See
-//!   [`residency`](self::Residency) for the consistency rule.
+//!   another eventfd once every page of the range is placed. A page counts
+//!   as resident once its placement returned: a query racing a placement
+//!   answers "not yet", and a request made after it is told when it is in
+//!   (queries, requests and placements meet under one lock).
 //! * `end_postcopy` unregisters (also done when the set is dropped: RAII).
 //!   It refuses while pages are still missing: unregistering would make the
 //!   program read zeros where its data should be.

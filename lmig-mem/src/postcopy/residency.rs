@@ -97,7 +97,7 @@ impl Signal {
 }
 
 /// Post-copy residency of a region set, for a program that must never
-/// block its event loop on a missing page (see the [module docs](self)).
+/// block its event loop on a missing page (see the [post-copy docs](crate::postcopy)).
 ///
 /// Got from [`RegionSet::residency`](crate::RegionSet::residency) while
 /// post-copy runs (and through lmig-core's
