@@ -111,7 +111,7 @@ mod setup;
 pub use options::FaultTrace;
 pub use options::{PostcopyOptions, PostcopyStats};
 pub use residency::{MAX_RESIDENCY_WAITERS, Residency};
-use residency::{Signal, Waiter, Waiters};
+use residency::{Signal, Waiters};
 use setup::{Fill, Target, check_missing, open_userfaultfd};
 
 /// Nice value the threads of the post-copy fault path ask for
@@ -635,71 +635,6 @@ impl Postcopy {
                 t.placed_with = u64::from(run.count);
             }
         }
-    }
-
-    /// Every page of `run` (checked against its region) is placed.
-    pub(crate) fn is_resident(&self, run: &PageRun) -> Result<bool> {
-        self.check_run(run)?;
-        Ok(lock(&self.pages).resident(run))
-    }
-
-    /// Residency request (see [`Residency::request`]).
-    pub(crate) fn request(&self, run: &PageRun, token: u64) -> Result<bool> {
-        self.check_run(run)?;
-        let wanted: Vec<PageRun> = {
-            let mut st = lock(&self.pages);
-            if st.resident(run) {
-                return Ok(true);
-            }
-            if st.waiters.pending.len() >= MAX_RESIDENCY_WAITERS {
-                return Err(MemError::ResidencyWaiters {
-                    waiting: st.waiters.pending.len(),
-                });
-            }
-            st.waiters.pending.push(Waiter { run: *run, token });
-            // Pages being placed need no request: their placement is what
-            // makes the waiter ready.
-            let set = st
-                .missing
-                .get(run.region)
-                .map_err(|_| MemError::UnknownRegion { region: run.region })?;
-            set.runs_in(run.first, run.end())
-                .map(|(f, c)| PageRun::new(run.region, f, c as u32))
-                .collect()
-        };
-        if !wanted.is_empty() {
-            let mut asked = lock(&self.asked);
-            for r in wanted {
-                if !asked.contains(&r) {
-                    asked.push_back(r);
-                }
-            }
-            drop(asked);
-            self.kick.signal();
-        }
-        Ok(false)
-    }
-
-    /// Tokens of waiters that became ready; clears the readiness signal.
-    pub(crate) fn take_ready(&self) -> Vec<u64> {
-        let mut st = lock(&self.pages);
-        self.ready.clear();
-        std::mem::take(&mut st.waiters.ready)
-    }
-
-    /// `run` lies inside a registered region.
-    fn check_run(&self, run: &PageRun) -> Result<()> {
-        let t = self.target(run.region)?;
-        let pages = t.len / t.page_size;
-        if run.count == 0 || run.end() > pages {
-            return Err(MemError::OutOfBounds {
-                region: run.region,
-                offset: (run.first * t.page_size) as usize,
-                len: (u64::from(run.count) * t.page_size) as usize,
-                region_len: t.len as usize,
-            });
-        }
-        Ok(())
     }
 
     /// Unregister every region (threads waiting on a fault retry it). Refuses

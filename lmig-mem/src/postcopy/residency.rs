@@ -16,7 +16,7 @@ use std::sync::Arc;
 use lmig_core::model::{PageRun, RegionId};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use super::Postcopy;
+use super::{Postcopy, lock};
 use crate::error::{MemError, Result};
 
 /// Most ranges waited for at once; a request beyond it is refused
@@ -157,6 +157,73 @@ impl lmig_core::PageResidency for Residency {
 
     fn ready_fd(&self) -> BorrowedFd<'_> {
         Residency::ready_fd(self)
+    }
+}
+
+impl Postcopy {
+    /// Every page of `run` (checked against its region) is placed.
+    pub(crate) fn is_resident(&self, run: &PageRun) -> Result<bool> {
+        self.check_run(run)?;
+        Ok(lock(&self.pages).resident(run))
+    }
+
+    /// Residency request (see [`Residency::request`]).
+    pub(crate) fn request(&self, run: &PageRun, token: u64) -> Result<bool> {
+        self.check_run(run)?;
+        let wanted: Vec<PageRun> = {
+            let mut st = lock(&self.pages);
+            if st.resident(run) {
+                return Ok(true);
+            }
+            if st.waiters.pending.len() >= MAX_RESIDENCY_WAITERS {
+                return Err(MemError::ResidencyWaiters {
+                    waiting: st.waiters.pending.len(),
+                });
+            }
+            st.waiters.pending.push(Waiter { run: *run, token });
+            // Pages being placed need no request: their placement is what
+            // makes the waiter ready.
+            let set = st
+                .missing
+                .get(run.region)
+                .map_err(|_| MemError::UnknownRegion { region: run.region })?;
+            set.runs_in(run.first, run.end())
+                .map(|(f, c)| PageRun::new(run.region, f, c as u32))
+                .collect()
+        };
+        if !wanted.is_empty() {
+            let mut asked = lock(&self.asked);
+            for r in wanted {
+                if !asked.contains(&r) {
+                    asked.push_back(r);
+                }
+            }
+            drop(asked);
+            self.kick.signal();
+        }
+        Ok(false)
+    }
+
+    /// Tokens of waiters that became ready; clears the readiness signal.
+    pub(crate) fn take_ready(&self) -> Vec<u64> {
+        let mut st = lock(&self.pages);
+        self.ready.clear();
+        std::mem::take(&mut st.waiters.ready)
+    }
+
+    /// `run` lies inside a registered region.
+    fn check_run(&self, run: &PageRun) -> Result<()> {
+        let t = self.target(run.region)?;
+        let pages = t.len / t.page_size;
+        if run.count == 0 || run.end() > pages {
+            return Err(MemError::OutOfBounds {
+                region: run.region,
+                offset: (run.first * t.page_size) as usize,
+                len: (u64::from(run.count) * t.page_size) as usize,
+                region_len: t.len as usize,
+            });
+        }
+        Ok(())
     }
 }
 
