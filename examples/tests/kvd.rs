@@ -1,6 +1,8 @@
 //! kvd end to end in three network namespaces: a live migration with busy
 //! clients, and the failure paths (wrong key, no destination) that must leave
-//! kvd serving on A with every connection intact.
+//! kvd serving on A with every connection intact. And kvd's loop in
+//! post-copy with a slow source: a request for a missing key is parked
+//! while other clients are served.
 
 use std::time::Duration;
 
@@ -439,4 +441,207 @@ fn wait_status(path: &std::path::Path, ok: impl Fn(&str) -> bool) -> String {
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!("status never said so");
+}
+
+/// The source's memory, with one page held back until the test opens the
+/// gate: the slow source.
+struct Gated {
+    set: lmig_mem::RegionSet,
+    page: u64,
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl lmig_core::MemorySource for Gated {
+    fn layout(&self) -> lmig_core::model::RegionLayout {
+        lmig_core::MemorySource::layout(&self.set)
+    }
+    fn read_pages(&self, run: &lmig_core::model::PageRun, dst: &mut [u8]) -> lmig_core::Result<()> {
+        if (run.first..run.end()).contains(&self.page) {
+            let open = self.open.lock().unwrap();
+            // Bounded: the test opens the gate, or fails after a minute.
+            let (open, _) = self
+                .opened
+                .wait_timeout_while(open, Duration::from_secs(60), |o| !*o)
+                .unwrap();
+            assert!(*open, "the gate was never opened");
+        }
+        self.set.read_pages(run, dst)
+    }
+}
+
+fn send_get(s: &mut std::net::TcpStream, key: &str) {
+    use std::io::Write;
+    let req = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+    s.write_all(req.as_bytes()).unwrap();
+}
+
+/// Read one bulk reply (bounded by the socket's read timeout).
+fn read_bulk(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut b = [0u8; 256];
+    while !(got.ends_with(b"\r\n") && got.iter().filter(|&&c| c == b'\n').count() >= 2) {
+        let n = s.read(&mut b).expect("a reply before the read timeout");
+        assert!(n > 0, "closed");
+        got.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8(got).unwrap()
+}
+
+#[test]
+fn postcopy_parks_a_missing_key_and_serves_the_others() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use lmig_core::model::RegionId;
+    use lmig_core::session::{Destination, Mode, Source, SourceConfig};
+    use lmig_core::testing::{NullProgram, channel_pair};
+    use lmig_examples::kvd::server::{Server, Wake};
+    use lmig_examples::kvd::store::Store;
+    use lmig_mem::{Backing, DestinationRegions, ManualTracker, RegionOptions, RegionSet};
+
+    const R: RegionId = RegionId(1);
+    let region = RegionOptions::new(R, 1 << 20).map().unwrap();
+    let store = Store::format(&region);
+    let page = |k: &str| store.home_offset(k.as_bytes()) as u64 / 4096;
+    // Two keys whose pages (home and next) are apart and off the header.
+    let cold = (0..1000)
+        .map(|i| format!("cold{i}"))
+        .find(|k| page(k) > 1)
+        .unwrap();
+    let warm = (0..1000)
+        .map(|i| format!("warm{i}"))
+        .find(|k| page(k) > 1 && page(k).abs_diff(page(&cold)) > 2)
+        .unwrap();
+    store.set(cold.as_bytes(), b"frozen").unwrap();
+    store.set(warm.as_bytes(), b"here").unwrap();
+    let gated = Gated {
+        page: page(&cold),
+        set: RegionSet::new([region]).unwrap(),
+        open: std::sync::Mutex::new(false),
+        opened: std::sync::Condvar::new(),
+    };
+    let layout = lmig_core::MemorySource::layout(&gated);
+    let (a, b) = channel_pair(2);
+    let dst = Arc::new(DestinationRegions::new(Backing::Private).prefault(false));
+
+    std::thread::scope(|s| {
+        let source = std::thread::Builder::new()
+            .name("kvd-test-source".into())
+            .spawn_scoped(s, || {
+                let config = SourceConfig::default().with_mode(Mode::Postcopy);
+                Source::new(
+                    &a,
+                    &gated,
+                    ManualTracker::new(&layout),
+                    NullProgram::default(),
+                )
+                .with_config(config)
+                .run()
+            })
+            .unwrap();
+        let resumed = match Destination::new(b, dst.clone(), NullProgram::default()).start() {
+            Ok(r) => r,
+            Err(e) if lmig_core::testing::privileged("kvd post-copy parking", &e.to_string()) => {
+                panic!("post-copy unavailable: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                *gated.open.lock().unwrap() = true;
+                gated.opened.notify_all();
+                let _ = source.join();
+                return;
+            }
+        };
+        let residency = resumed
+            .residency
+            .clone()
+            .expect("post-copy: a residency handle");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut server = Server::new(listener, Vec::new()).unwrap();
+        server.set_residency(residency, R).unwrap();
+        // Ends the loop whatever happens below (else the scope waits for it).
+        struct Stop(lmig_examples::kvd::server::Control);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                if self.0.park().is_ok() {
+                    self.0.wake(Wake::Exit);
+                }
+            }
+        }
+        let stop = Stop(server.control());
+        let dst = &*dst;
+        let loop_thread = s.spawn(move || {
+            // Reading the header faults until page 0 is here (the loop
+            // itself parks only requests).
+            let store = Store::open(dst.regions().unwrap().get(R).unwrap()).unwrap();
+            server.run(&store)
+        });
+
+        struct Open<'g>(&'g Gated);
+        impl Drop for Open<'_> {
+            fn drop(&mut self) {
+                *self.0.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                self.0.opened.notify_all();
+            }
+        }
+        let _open_on_failure = Open(&gated);
+        let connect = || {
+            let c = std::net::TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            c
+        };
+        let (mut a_client, mut b_client) = (connect(), connect());
+        send_get(&mut b_client, &warm);
+        assert_eq!(read_bulk(&mut b_client), "$4\r\nhere\r\n");
+        // A asks for the key the slow source holds back: parked.
+        // (B's first request may have parked too, until its page came.)
+        let counters = stop.0.counters.clone();
+        let before = counters.parked.load(Ordering::Acquire);
+        send_get(&mut a_client, &cold);
+        for _ in 0..60_000 {
+            if counters.parked.load(Ordering::Acquire) > before {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let parked = counters.parked.load(Ordering::Acquire);
+        assert_eq!(parked, before + 1, "A's request parked");
+        // B is served meanwhile, twice: the loop is not blocked.
+        for _ in 0..2 {
+            send_get(&mut b_client, &warm);
+            assert_eq!(read_bulk(&mut b_client), "$4\r\nhere\r\n");
+        }
+        a_client.set_nonblocking(true).unwrap();
+        let mut none = [0u8; 16];
+        let early = std::io::Read::read(&mut a_client, &mut none);
+        assert_eq!(
+            early.map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::WouldBlock),
+            "A cannot be answered before its page came"
+        );
+        a_client.set_nonblocking(false).unwrap();
+        *gated.open.lock().unwrap() = true;
+        gated.opened.notify_all();
+        assert_eq!(
+            read_bulk(&mut a_client),
+            "$6\r\nfrozen\r\n",
+            "A served once it came"
+        );
+        assert_eq!(
+            counters.parked.load(Ordering::Acquire),
+            parked,
+            "B's warm requests never parked"
+        );
+        let report = resumed.after_commit.join().unwrap();
+        assert_eq!(
+            report.verification,
+            lmig_core::protocol::Verification::Verified
+        );
+        source.join().unwrap().unwrap();
+        drop(stop);
+        loop_thread.join().unwrap().unwrap();
+    });
 }

@@ -114,5 +114,5 @@ pub use policy::{ConvergencePolicy, Decision, Fallback, Policy, PolicyConfig, Ro
 pub use protocol::{Caps, Message, PageBatch, PageData};
 pub use traits::{
     Channel, DirtyClearer, DirtyTracker, Event, MemorySink, MemorySource, NoObserver, NoSockets,
-    Observer, Phase, SocketSink, SocketSource, StateSink, StateSource,
+    Observer, PageResidency, Phase, SocketSink, SocketSource, StateSink, StateSource,
 };

@@ -83,6 +83,12 @@ pub trait MemorySource: Send + Sync {
     /// After `Commit` and once every page has been sent: the source copy is no
     /// longer needed and may be released.
     fn release(&self) {}
+
+    /// Called once by the thread answering post-copy page requests, before
+    /// it starts: a backend may raise that thread's scheduling priority, so
+    /// that a request does not wait for a CPU behind the push. The default
+    /// does nothing.
+    fn urgent_thread(&self) {}
 }
 
 /// Places pages into the program's regions on the destination.
@@ -133,6 +139,45 @@ pub trait MemorySink: Send + Sync {
 
     /// The migration failed before `Commit`: drop what was received.
     fn discard(&self) {}
+
+    /// Called once by each thread of the post-copy fault path (the one
+    /// forwarding faults, the one placing the replies), before it starts: a
+    /// backend may raise its scheduling priority, so that a fault does not
+    /// wait for a CPU behind the placement of pushed pages. The default
+    /// does nothing.
+    fn urgent_thread(&self) {}
+
+    /// Post-copy: the residency handle of this memory, for a program that
+    /// must not block its event loop on a missing page (see
+    /// [`PageResidency`]); handed to the program in the
+    /// [`Resumption`](crate::session::Resumption). `None` (the default)
+    /// when the sink has none, or outside post-copy (every page is here).
+    fn residency(&self) -> Option<Arc<dyn PageResidency>> {
+        None
+    }
+}
+
+/// Post-copy residency, for an event-loop program: whether pages are here,
+/// and a request for those that are not that does not block — the program
+/// parks the work that needs them, serves other work, and is told through
+/// a pollable file descriptor once they are placed (as KVM's asynchronous
+/// page faults let a guest run another task). A page counts as here once
+/// its placement returned; a query racing a placement answers "not yet",
+/// and the request made after it is told when it is in.
+pub trait PageResidency: Send + Sync {
+    /// Every page of `run` is placed.
+    fn is_resident(&self, run: &PageRun) -> Result<bool>;
+    /// Ask for the missing pages of `run` ahead of the rest, without
+    /// touching them. `Ok(true)`: all there already (nothing queued);
+    /// `Ok(false)`: `token` is returned by [`Self::take_ready`] once every
+    /// page of `run` is placed.
+    fn request(&self, run: &PageRun, token: u64) -> Result<bool>;
+    /// Tokens of requests now complete, in the order they completed; clears
+    /// the readiness of [`Self::ready_fd`].
+    fn take_ready(&self) -> Vec<u64>;
+    /// Readable (an eventfd) while [`Self::take_ready`] has tokens: add it
+    /// to the program's poll set.
+    fn ready_fd(&self) -> std::os::fd::BorrowedFd<'_>;
 }
 
 /// Finds the pages the program wrote since the last collect.
@@ -587,6 +632,9 @@ impl<T: MemorySource + ?Sized> MemorySource for &T {
     fn release(&self) {
         (**self).release()
     }
+    fn urgent_thread(&self) {
+        (**self).urgent_thread()
+    }
 }
 
 impl<T: MemorySource + ?Sized> MemorySource for Arc<T> {
@@ -604,6 +652,9 @@ impl<T: MemorySource + ?Sized> MemorySource for Arc<T> {
     }
     fn release(&self) {
         (**self).release()
+    }
+    fn urgent_thread(&self) {
+        (**self).urgent_thread()
     }
 }
 
@@ -633,6 +684,12 @@ macro_rules! forward_sink {
             }
             fn discard(&self) {
                 (**self).discard()
+            }
+            fn residency(&self) -> Option<Arc<dyn PageResidency>> {
+                (**self).residency()
+            }
+            fn urgent_thread(&self) {
+                (**self).urgent_thread()
             }
         }
     };

@@ -139,6 +139,14 @@ pub enum MemError {
         missing: u64,
     },
 
+    /// A post-copy residency request while this many ranges are waited for
+    /// already ([`crate::postcopy::MAX_RESIDENCY_WAITERS`]).
+    #[error("post-copy residency: {waiting} ranges are waited for already")]
+    ResidencyWaiters {
+        /// Ranges waited for.
+        waiting: usize,
+    },
+
     /// A tracker method called in the wrong state.
     #[error("{tracker}: {detail}")]
     TrackerState {

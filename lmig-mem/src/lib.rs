@@ -242,7 +242,7 @@ pub mod track;
 
 pub use error::{AdoptRefusal, MemError, Result};
 pub use lmig_core::model::RegionId;
-pub use postcopy::{PostcopyOptions, PostcopyStats};
+pub use postcopy::{PostcopyOptions, PostcopyStats, Residency};
 pub use probe::probe;
 pub use region::{
     Backing, DestinationRegions, ForeignBacking, ForeignMemory, Region, RegionOptions, RegionSet,

@@ -18,9 +18,14 @@
 //!   fresh memory of the destination, to its acknowledgement;
 //! * `total_ms`: the post-copy migration, start of the session to `Done`
 //!   (every page placed and the digests checked);
-//! * `fault_p50_us` / `fault_p99_us`: how long the program's first touch of
+//! * `fault_p50_us` / `fault_p99_us` / `fault_p999_us`: how long the program's first touch of
 //!   a page took when that touch had to ask the source for it (a network
 //!   fault), measured by the program itself;
+//! * `fault_tail`: where the faults at or above the p99 spent their time
+//!   (`deliver_us`: touch to the fault read; `serve_us`: to the page placed;
+//!   `wake_us`: to the program running again; `by_reply`: pages that came
+//!   in a one-page reply, not in a pushed message), from the sink's fault
+//!   trace (lmig-mem feature `bench-internals`);
 //! * `network_faults`, `duplicate_pages`, `working_set_pages`, `verified`
 //!   (the digest check and the program's own check of every page it read).
 //!
@@ -92,6 +97,10 @@ pub struct Args {
     /// (`SourceConfig::push_pages`), at most 64; default: the session's.
     #[arg(long, default_value_t = SourceConfig::default().push_pages)]
     pub push_pages: u32,
+    /// Answer a request for a page already pushed (still in flight) by
+    /// sending it again (`SourceConfig::resend_in_flight`): `true` or `false`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub resend_in_flight: bool,
     /// Messages the channel queues between its reader threads and the session.
     #[arg(long, default_value_t = 64)]
     pub queue_depth: usize,
@@ -336,7 +345,8 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     }
     let config = SourceConfig::default()
         .with_mode(Mode::Postcopy)
-        .with_push_pages(args.push_pages);
+        .with_push_pages(args.push_pages)
+        .with_resend_in_flight(args.resend_in_flight);
     let start = Instant::now();
     let cut_done = AtomicBool::new(false);
     let report = std::thread::scope(|s| {
@@ -367,6 +377,8 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "workload": format!("{:?}", args.workload).to_lowercase(),
         "fault_p50_us": dest["fault_p50_us"],
         "fault_p99_us": dest["fault_p99_us"],
+        "fault_p999_us": dest["fault_p999_us"],
+        "fault_tail": dest["fault_tail"],
         "raw_rtt_us": dest["raw_rtt_us"],
         "raw_rtt_same_cpu_us": dest["raw_rtt_same_cpu_us"],
         "total_ms": round(total_ms, 1),
@@ -378,6 +390,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "streams": args.streams,
         "spin_us": args.spin_us,
         "push_pages": args.push_pages,
+        "resend_in_flight": args.resend_in_flight,
         "queue_depth": args.queue_depth,
         "pages_sent": report.pages_sent,
         "requested_pages": report.requested_pages,
@@ -554,8 +567,8 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
         std::thread::sleep(Duration::from_millis(5));
     }
     let blocked = !toucher.is_finished();
-    let (durations, touch_ms) = if blocked {
-        (Vec::new(), 0.0)
+    let (durations, starts, touch_ms) = if blocked {
+        (Vec::new(), Vec::new(), 0.0)
     } else {
         toucher.join().map_err(|_| "the toucher panicked")?
     };
@@ -580,12 +593,21 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
         .map(|(_, &ns)| f64::from(ns) / 1e3)
         .collect();
     lat.sort_by(f64::total_cmp);
+    let tail = fault_tail(
+        &stats,
+        &touch_order,
+        &starts,
+        &durations,
+        percentile(&lat, 0.99),
+    );
     let warnings = report.as_ref().map_or(&[][..], |r| &r.warnings[..]);
     announce_result(&json!({
         "raw_rtt_us": round(raw_rtt_us, 1),
         "raw_rtt_same_cpu_us": round(raw_rtt_same_cpu_us, 1),
         "fault_p50_us": round(percentile(&lat, 0.5), 1),
         "fault_p99_us": round(percentile(&lat, 0.99), 1),
+        "fault_p999_us": round(percentile(&lat, 0.999), 1),
+        "fault_tail": tail,
         "network_faults": report.as_ref().map(|r| r.network_faults),
         "duplicate_pages": report.as_ref().map(|r| r.duplicate_pages),
         "working_set_pages": ws,
@@ -605,34 +627,81 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
     Ok(())
 }
 
+/// Where the slowest network faults (at or above `p99_us`) spent their
+/// time, from the sink's per-fault trace and the program's own clock:
+/// `deliver` from the touch to the fault thread reading the fault,
+/// `serve` from there to the page's placement (request, source, reply,
+/// placement, or the pushed message that brought it), `wake` from the
+/// placement to the program running again; means in µs, and how many of
+/// those pages came in a one-page reply rather than a pushed message.
+fn fault_tail(
+    stats: &lmig_mem::PostcopyStats,
+    order: &[u64],
+    starts: &[Instant],
+    durations: &[u32],
+    p99_us: f64,
+) -> serde_json::Value {
+    let index: std::collections::HashMap<u64, usize> =
+        order.iter().enumerate().map(|(i, &p)| (p, i)).collect();
+    let (mut n, mut deliver, mut serve, mut wake, mut by_reply) = (0u64, 0.0, 0.0, 0.0, 0u64);
+    for t in &stats.fault_trace {
+        let (Some(&i), Some(placed)) = (index.get(&t.page), t.placed_at) else {
+            continue;
+        };
+        let (Some(&start), Some(&ns)) = (starts.get(i), durations.get(i)) else {
+            continue;
+        };
+        if f64::from(ns) / 1e3 < p99_us {
+            continue;
+        }
+        let end = start + Duration::from_nanos(u64::from(ns));
+        let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e6;
+        n += 1;
+        deliver += us(start, t.read_at);
+        serve += us(t.read_at, placed);
+        wake += us(placed, end);
+        by_reply += u64::from(t.placed_with == 1);
+    }
+    let mean = |x: f64| if n == 0 { 0.0 } else { round(x / n as f64, 1) };
+    json!({
+        "faults": n,
+        "deliver_us": mean(deliver),
+        "serve_us": mean(serve),
+        "wake_us": mean(wake),
+        "by_reply": by_reply,
+    })
+}
+
 /// The program's reads: every page of `order` once, its stamp checked.
-/// Returns each touch's duration (ns) and the whole run's (ms).
+/// Returns each touch's start and duration (ns) and the whole run's (ms).
 fn touch(
     sink: &DestinationRegions,
     go: &AtomicBool,
     done: &AtomicBool,
     bad: &AtomicU64,
     order: &[u64],
-) -> (Vec<u32>, f64) {
+) -> (Vec<u32>, Vec<Instant>, f64) {
     let mut durations = vec![0u32; order.len()];
+    let mut starts = Vec::with_capacity(order.len());
     while !go.load(Ordering::Acquire) {
         if done.load(Ordering::Acquire) {
-            return (durations, 0.0);
+            return (durations, starts, 0.0);
         }
         std::hint::spin_loop();
     }
     let Some(region) = sink.regions().and_then(|set| set.get(REGION).ok()) else {
-        return (durations, 0.0);
+        return (durations, starts, 0.0);
     };
     let t0 = Instant::now();
     let mut word = [0u8; 8];
     for (i, &p) in order.iter().enumerate() {
         let t = Instant::now();
+        starts.push(t);
         let _ = region.read_at(p as usize * PAGE, &mut word);
         durations[i] = t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32;
         if u64::from_le_bytes(word) != stamp(p) {
             bad.fetch_add(1, Ordering::Relaxed);
         }
     }
-    (durations, t0.elapsed().as_secs_f64() * 1e3)
+    (durations, starts, t0.elapsed().as_secs_f64() * 1e3)
 }

@@ -643,6 +643,7 @@ fn resume<K: SocketSink + 'static>(
     let Resumption {
         memory,
         after_commit,
+        residency,
         ..
     } = resumed;
     // kvd serves this memory until the process ends (or migrates it on,
@@ -654,7 +655,14 @@ fn resume<K: SocketSink + 'static>(
     };
     let registered = early.before_commit.load(Ordering::Relaxed);
     let served = match (state, early.take()) {
-        (Some(state), Some(pre)) => serve(state, memory.as_ref(), fds, (pre, registered), &*log),
+        (Some(state), Some(pre)) => serve(
+            state,
+            memory.as_ref(),
+            residency,
+            fds,
+            (pre, registered),
+            &*log,
+        ),
         (_, None) => Err("the early poller was taken already".into()),
         (None, _) => Err("resumed without the program's state".into()),
     };
@@ -702,6 +710,7 @@ impl Reporter {
 fn serve(
     state: ProgramState,
     memory: &'static DestinationRegions,
+    residency: Option<Arc<dyn lmig_core::PageResidency>>,
     mut fds: HashMap<u64, OwnedFd>,
     (pre, registered_before_commit): (Preregistered, u64),
     log: &dyn ReceiveLog,
@@ -721,6 +730,11 @@ fn serve(
     let regions = memory.regions().ok_or("no regions arrived")?;
     let store = Store::open(regions.get(STORE_REGION)?).map_err(|e| e.to_string())?;
     let mut server = Server::with_poller(pre, std::net::TcpListener::from(listener), restored)?;
+    // Post-copy: a request whose key is not here yet waits, parked, while
+    // the loop serves the others.
+    if let Some(residency) = residency {
+        server.set_residency(residency, STORE_REGION)?;
+    }
     if debug() {
         eprintln!("kvd: server built in {:?}", t.elapsed());
     }

@@ -16,11 +16,14 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::commands::execute;
+use super::park::Parking;
 use super::resp;
 use super::store::Store;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
+/// The post-copy residency eventfd ([`Server::set_residency`]).
+const PARKED: Token = Token(usize::MAX - 1);
 /// Connection ids start here (0 is the listener's id in migration records).
 const FIRST_CONN: u64 = 2;
 
@@ -102,6 +105,8 @@ pub struct Counters {
     pub requests: AtomicU64,
     /// Connections open.
     pub clients: AtomicU64,
+    /// Requests parked in post-copy until their key's pages came.
+    pub parked: AtomicU64,
 }
 
 /// Handle to control a running loop from another thread.
@@ -146,6 +151,8 @@ pub struct Server {
     wake_rx: Receiver<Wake>,
     /// Connections that arrived with buffered bytes: served once at the start.
     buffered: Vec<u64>,
+    /// Post-copy: requests parked until their pages are here.
+    parking: Option<Parking>,
 }
 
 fn token(id: u64) -> Token {
@@ -219,6 +226,7 @@ impl Server {
             },
             wake_rx,
             buffered: Vec::new(),
+            parking: None,
         };
         for (id, stream, rbuf, wbuf) in conns {
             if !rbuf.is_empty() || !wbuf.is_empty() {
@@ -231,6 +239,40 @@ impl Server {
             server.add_conn(id, stream, rbuf, wbuf, registered)?;
         }
         Ok(server)
+    }
+
+    /// In post-copy: park a request whose key's pages are not here yet
+    /// instead of blocking the loop on them (see [`super::park`]).
+    pub fn set_residency(
+        &mut self,
+        residency: Arc<dyn lmig_core::PageResidency>,
+        region: lmig_core::model::RegionId,
+    ) -> std::io::Result<()> {
+        let parking = Parking::new(residency, region);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&parking.fd());
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&fd), PARKED, Interest::READABLE)?;
+        self.parking = Some(parking);
+        Ok(())
+    }
+
+    /// Requests parked so far (post-copy).
+    pub fn parked(&self) -> u64 {
+        self.parking.as_ref().map_or(0, Parking::parked)
+    }
+
+    /// Pages came: serve the connections whose parked requests may run.
+    fn unpark(&mut self, store: &Store<'_>) {
+        let Some(parking) = self.parking.as_ref() else {
+            return;
+        };
+        let mut ids = parking.take_ready();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            self.serve(id, store);
+        }
     }
 
     /// A handle to park, resume or end the loop.
@@ -351,6 +393,7 @@ impl Server {
                 match ev.token() {
                     LISTENER => self.accept_all()?,
                     WAKER => {}
+                    PARKED => self.unpark(store),
                     Token(t) => self.serve(t as u64, store),
                 }
             }
@@ -396,7 +439,11 @@ impl Server {
         };
         let mut closed = false;
         let mut buf = [0u8; 16384];
-        for _ in 0..64 {
+        // A connection with all the parked requests it may have is not read
+        // (nor its input parsed) until they ran.
+        let held = self.parking.as_ref().is_some_and(|p| p.full(id));
+        let reads = if held { 0 } else { 64 };
+        for _ in 0..reads {
             match conn.stream.read(&mut buf) {
                 Ok(0) => {
                     closed = true;
@@ -419,11 +466,30 @@ impl Server {
                 }
             }
         }
+        // Parked requests first, in order (post-copy).
+        while let Some(args) = self.parking.as_mut().and_then(|p| p.next(id, store)) {
+            execute(store, &args, &mut conn.wbuf, &self.control.counters);
+            self.control
+                .counters
+                .requests
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let mut consumed = 0;
         loop {
+            if self.parking.as_ref().is_some_and(|p| p.full(id)) {
+                break;
+            }
             match resp::parse(&conn.rbuf[consumed..]) {
                 Ok(Some((args, n))) => {
                     consumed += n;
+                    let args = match self.parking.as_mut() {
+                        Some(p) if !args.is_empty() => p.admit(id, store, args),
+                        _ => Some(args),
+                    };
+                    let Some(args) = args else {
+                        self.control.counters.parked.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
                     if !args.is_empty() {
                         execute(store, &args, &mut conn.wbuf, &self.control.counters);
                         self.control
@@ -471,6 +537,9 @@ impl Server {
             conn.writable = want;
         }
         if closed {
+            if let Some(p) = self.parking.as_mut() {
+                p.forget(id);
+            }
             if let Some(mut c) = self.conns.remove(&id) {
                 let _ = self.poll.registry().deregister(&mut c.stream);
                 self.control

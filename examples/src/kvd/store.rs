@@ -191,6 +191,17 @@ impl<'r> Store<'r> {
         self.slots
     }
 
+    /// Byte offset of the slot where the search for `key` begins (its home
+    /// slot): what a request on `key` reads first (kvd's post-copy parking).
+    pub fn home_offset(&self, key: &[u8]) -> usize {
+        self.slot_off(hash(key) % self.slots)
+    }
+
+    /// Byte offset just past the last slot.
+    pub fn slots_end(&self) -> usize {
+        self.slot_off(self.slots)
+    }
+
     fn slot_off(&self, i: u64) -> usize {
         HEADER + i as usize * SLOT
     }

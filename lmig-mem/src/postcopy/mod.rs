@@ -37,6 +37,14 @@
 //!   space changed under the call) is retried up to [`MAX_FILL_RETRIES`]
 //!   times; a partial count, positive or a negative errno, is accounted and
 //!   the rest retried. No page is filled twice.
+//! * [`Residency`] (from [`RegionSet::residency`](crate::RegionSet::residency)):
+//!   an event-loop program asks whether a range is placed and requests it
+//!   without touching it; `wait_fault` hands such requests to the session
+//!   before faults (an eventfd wakes it), and the program is told through
+//!   another eventfd once every page of the range is placed. A page counts
+//!   as resident once its placement returned: a query racing a placement
+//!   answers "not yet", and a request made after it is told when it is in
+//!   (queries, requests and placements meet under one lock).
 //! * `end_postcopy` unregisters (also done when the set is dropped: RAII).
 //!   It refuses while pages are still missing: unregistering would make the
 //!   program read zeros where its data should be.
@@ -89,16 +97,34 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lmig_core::model::{PageRun, RegionId, RegionPages};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::error::{MemError, Result};
 use crate::memory::Region;
 use crate::sys::uffd::{self, UffdMsg, UffdOrigin};
 
 mod options;
+mod residency;
 mod setup;
 
+#[cfg(feature = "bench-internals")]
+pub use options::FaultTrace;
 pub use options::{PostcopyOptions, PostcopyStats};
+pub use residency::{MAX_RESIDENCY_WAITERS, Residency};
+use residency::{Signal, Waiters};
 use setup::{Fill, Target, check_missing, open_userfaultfd};
+
+/// Nice value the threads of the post-copy fault path ask for
+/// ([`MemorySink::urgent_thread`](lmig_core::MemorySink::urgent_thread) of
+/// the region sets): above the push and the program's other threads, so
+/// that a fault does not wait for a CPU. Needs `CAP_SYS_NICE`; without it
+/// they stay as they are.
+pub const URGENT_THREAD_NICE: i32 = -10;
+
+/// Raise the calling thread to [`URGENT_THREAD_NICE`] if allowed.
+pub(crate) fn urgent_thread() {
+    let _ = crate::sys::set_thread_nice(URGENT_THREAD_NICE);
+}
 
 /// Most `EAGAIN` answers one fill tolerates before it reports an error.
 pub const MAX_FILL_RETRIES: u32 = 10_000;
@@ -127,8 +153,17 @@ pub(crate) struct Postcopy {
     targets: Vec<Target>,
     pages: Mutex<PageState>,
     queued: Mutex<VecDeque<PageRun>>,
+    /// Runs the program asked for without faulting ([`Residency::request`]),
+    /// handed to the session before faults.
+    asked: Mutex<VecDeque<PageRun>>,
+    /// Wakes `wait_fault` when a run is asked for.
+    kick: Signal,
+    /// Readable while residency waiters are ready.
+    ready: Signal,
     counters: Counters,
     faulted: Mutex<Vec<(RegionId, u64)>>,
+    #[cfg(feature = "bench-internals")]
+    trace: Mutex<Vec<FaultTrace>>,
     registered: Mutex<bool>,
 }
 
@@ -137,6 +172,25 @@ pub(crate) struct Postcopy {
 struct PageState {
     missing: RegionPages,
     filling: RegionPages,
+    /// Ranges the program waits for ([`Residency::request`]).
+    waiters: Waiters,
+}
+
+impl PageState {
+    /// No page of `run` is missing or being placed.
+    fn resident(&self, run: &PageRun) -> bool {
+        resident_in(&self.missing, &self.filling, run)
+    }
+}
+
+/// No page of `run` is in `missing` or `filling`.
+fn resident_in(missing: &RegionPages, filling: &RegionPages, run: &PageRun) -> bool {
+    let none_in = |pages: &RegionPages| {
+        pages
+            .get(run.region)
+            .map_or(true, |s| s.runs_in(run.first, run.end()).next().is_none())
+    };
+    none_in(missing) && none_in(filling)
 }
 
 /// What a placement does with one page of its run.
@@ -179,10 +233,16 @@ impl Postcopy {
                     none.clear();
                     none
                 },
+                waiters: Waiters::default(),
             }),
             queued: Mutex::new(VecDeque::new()),
+            asked: Mutex::new(VecDeque::new()),
+            kick: Signal::new()?,
+            ready: Signal::new()?,
             counters: Counters::default(),
             faulted: Mutex::new(Vec::new()),
+            #[cfg(feature = "bench-internals")]
+            trace: Mutex::new(Vec::new()),
             registered: Mutex::new(true),
         };
         pc.register()?;
@@ -235,12 +295,26 @@ impl Postcopy {
         let spin_until = start + self.options.spin.min(timeout);
         let mut buf = [UffdMsg::default(); 16];
         loop {
+            // Cleared before the queue is looked at: a run asked for after
+            // this signals again.
+            self.kick.clear();
+            if let Some(run) = lock(&self.asked).pop_front() {
+                return Ok(Some(run));
+            }
             if let Some(run) = lock(&self.queued).pop_front() {
                 self.counters.requested.fetch_add(1, Ordering::Relaxed);
                 if self.options.record_faults {
                     let mut f = lock(&self.faulted);
                     if f.len() < MAX_RECORDED_FAULTS {
                         f.push((run.region, run.first));
+                        #[cfg(feature = "bench-internals")]
+                        lock(&self.trace).push(FaultTrace {
+                            region: run.region,
+                            page: run.first,
+                            read_at: Instant::now(),
+                            placed_at: None,
+                            placed_with: 0,
+                        });
                     }
                 }
                 return Ok(Some(run));
@@ -265,8 +339,17 @@ impl Postcopy {
             }
             let left = deadline - now;
             let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-            uffd::poll_in(self.uffd.as_fd(), ms)
-                .map_err(|e| MemError::os("poll (userfaultfd)", "post-copy", e))?;
+            let mut fds = [
+                PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.kick.fd(), PollFlags::POLLIN),
+            ];
+            match poll(
+                &mut fds,
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+            ) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(MemError::os("poll (userfaultfd)", "post-copy", e.into())),
+            }
         }
     }
 
@@ -365,7 +448,9 @@ impl Postcopy {
         let ps = t.page_size as usize;
         let actions: Vec<PageAction> = {
             let mut st = lock(&self.pages);
-            let PageState { missing, filling } = &mut *st;
+            let PageState {
+                missing, filling, ..
+            } = &mut *st;
             let set = missing
                 .get_mut(run.region)
                 .map_err(|_| MemError::UnknownRegion { region: run.region })?;
@@ -422,8 +507,21 @@ impl Postcopy {
                 }
                 if result.is_ok() {
                     self.counters.placed.fetch_add(count, Ordering::Relaxed);
+                    #[cfg(feature = "bench-internals")]
+                    self.trace_placed(run, first, count);
                 } else if let Ok(set) = st.missing.get_mut(run.region) {
                     set.insert_range(first, count);
+                }
+                if result.is_ok() && !st.waiters.pending.is_empty() {
+                    let PageState {
+                        missing,
+                        filling,
+                        waiters,
+                    } = &mut *st;
+                    let in_place = |r: &PageRun| resident_in(missing, filling, r);
+                    if waiters.placed(run.region, first, count, in_place) {
+                        self.ready.signal();
+                    }
                 }
             }
             i = j;
@@ -523,6 +621,24 @@ impl Postcopy {
         Ok(())
     }
 
+    /// Note the placement of traced faulted pages in `first..first + count`
+    /// (of `run`); only the recent end of the trace is searched.
+    #[cfg(feature = "bench-internals")]
+    fn trace_placed(&self, run: &PageRun, first: u64, count: u64) {
+        let now = Instant::now();
+        let mut trace = lock(&self.trace);
+        let from = trace.len().saturating_sub(64);
+        for t in &mut trace[from..] {
+            if t.placed_at.is_none()
+                && t.region == run.region
+                && (first..first + count).contains(&t.page)
+            {
+                t.placed_at = Some(now);
+                t.placed_with = u64::from(run.count);
+            }
+        }
+    }
+
     /// Unregister every region (threads waiting on a fault retry it). Refuses
     /// while pages are missing unless `force`.
     pub(crate) fn end(&self, force: bool) -> Result<()> {
@@ -565,6 +681,8 @@ impl Postcopy {
             placed: c.placed.load(Ordering::Relaxed),
             missing: self.missing_pages(),
             faulted: lock(&self.faulted).clone(),
+            #[cfg(feature = "bench-internals")]
+            fault_trace: lock(&self.trace).clone(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! [`PostcopyOptions`] and [`PostcopyStats`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lmig_core::model::RegionId;
 
@@ -97,4 +97,27 @@ pub struct PostcopyStats {
     pub missing: u64,
     /// The pages `wait_fault` returned, in order (capped).
     pub faulted: Vec<(RegionId, u64)>,
+    /// When each page of [`Self::faulted`] was read from the userfaultfd
+    /// and when it was placed (capped like it): measurement for benchmarks.
+    #[cfg(feature = "bench-internals")]
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub fault_trace: Vec<FaultTrace>,
+}
+
+/// One network fault's way through this side (feature `bench-internals`).
+#[cfg(feature = "bench-internals")]
+#[derive(Copy, Clone, Debug)]
+#[non_exhaustive]
+pub struct FaultTrace {
+    /// The region.
+    pub region: RegionId,
+    /// The page that faulted.
+    pub page: u64,
+    /// `wait_fault` returned it (the request leaves right after).
+    pub read_at: Instant,
+    /// Its placement returned (its waiters woken); `None` if not yet.
+    pub placed_at: Option<Instant>,
+    /// Pages of the placement that brought it: a reply to a fault is one
+    /// page, a pushed message more.
+    pub placed_with: u64,
 }

@@ -125,6 +125,14 @@ impl MemorySink for DestinationRegions {
         Ok(self.set()?.end_postcopy()?)
     }
 
+    fn urgent_thread(&self) {
+        crate::postcopy::urgent_thread();
+    }
+
+    fn residency(&self) -> Option<std::sync::Arc<dyn lmig_core::PageResidency>> {
+        MemorySink::residency(self.set.get()?)
+    }
+
     /// The migration failed: give the received pages back to the kernel
     /// (private memory loses them, shared memory gets holes punched). The
     /// mappings stay, empty (zero), so a new attempt with the same layout

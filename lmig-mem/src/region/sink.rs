@@ -2,14 +2,15 @@
 //! switch, and its [`MemorySink`] implementation, all delegating to the
 //! set's [`RegionSink`](super::sink_state::RegionSink).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use lmig_core::MemorySink;
 use lmig_core::model::{PageRun, RegionLayout, RegionPages};
+use lmig_core::{MemorySink, PageResidency};
 
 use super::set::RegionSet;
 use crate::error::Result;
-use crate::postcopy::{PostcopyOptions, PostcopyStats};
+use crate::postcopy::{PostcopyOptions, PostcopyStats, Residency};
 
 impl RegionSet {
     /// Whether pages are pre-faulted (`MADV_POPULATE_WRITE`, run by run)
@@ -51,6 +52,12 @@ impl RegionSet {
     /// ([`MemError::PostcopyIncomplete`](crate::MemError::PostcopyIncomplete)).
     pub fn end_postcopy(&self) -> Result<()> {
         self.sink.end_postcopy()
+    }
+
+    /// Post-copy: the residency handle (see [`crate::postcopy::Residency`]),
+    /// `None` outside post-copy (every page is here).
+    pub fn residency(&self) -> Option<Residency> {
+        self.sink.residency()
     }
 
     /// Post-copy: pages still missing (0 outside post-copy). After the
@@ -125,5 +132,13 @@ impl MemorySink for RegionSet {
 
     fn end_postcopy(&self) -> lmig_core::Result<()> {
         Ok(RegionSet::end_postcopy(self)?)
+    }
+
+    fn urgent_thread(&self) {
+        crate::postcopy::urgent_thread();
+    }
+
+    fn residency(&self) -> Option<Arc<dyn PageResidency>> {
+        RegionSet::residency(self).map(|r| Arc::new(r) as Arc<dyn PageResidency>)
     }
 }

@@ -13,7 +13,7 @@ use lmig_core::model::{PageRun, PageSet, RegionPages};
 
 use crate::error::{MemError, Result};
 use crate::memory::{DataBits, Region, write_data_run, zero_data_run};
-use crate::postcopy::{Postcopy, PostcopyOptions, PostcopyStats};
+use crate::postcopy::{Postcopy, PostcopyOptions, PostcopyStats, Residency};
 
 /// The sink state of a region set: which pages may hold data, whether pages
 /// are pre-faulted, and post-copy while it runs.
@@ -78,6 +78,11 @@ impl RegionSink {
     /// Pages post-copy still waits for (0 outside post-copy).
     pub(crate) fn postcopy_missing(&self) -> u64 {
         self.active_postcopy().map_or(0, |pc| pc.missing_pages())
+    }
+
+    pub(crate) fn residency(&self) -> Option<Residency> {
+        self.active_postcopy()
+            .map(|postcopy| Residency { postcopy })
     }
 
     pub(crate) fn in_postcopy(&self) -> bool {

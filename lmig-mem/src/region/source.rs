@@ -33,4 +33,8 @@ impl MemorySource for RegionSet {
         }
         Ok(any)
     }
+
+    fn urgent_thread(&self) {
+        crate::postcopy::urgent_thread();
+    }
 }

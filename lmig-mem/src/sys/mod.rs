@@ -13,6 +13,20 @@ pub(crate) mod mapping;
 pub(crate) mod pagemap;
 pub(crate) mod uffd;
 
+/// `setpriority(PRIO_PROCESS, gettid(), nice)`: the calling thread's nice
+/// value (Linux keeps it per thread). Lowering it below 0 needs
+/// `CAP_SYS_NICE` (or `RLIMIT_NICE`); without, `EACCES`.
+#[doc(alias = "setpriority")]
+pub(crate) fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid and setpriority take plain integers and touch no memory.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// `_IOC(dir, type, nr, size)` of `<asm-generic/ioctl.h>` (x86_64, arm64 layout).
 pub(crate) const fn ioc(dir: u64, ty: u8, nr: u8, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | ((ty as u64) << 8) | nr as u64

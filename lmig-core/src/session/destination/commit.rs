@@ -43,9 +43,15 @@ pub struct Resumption<'scope, P, K, M> {
     pub resume_error: Option<MigrationError>,
     /// What goes on after `Commit`: post-copy, the digest check, `Done`.
     pub after_commit: AfterCommit<'scope>,
+    /// With post-copy, the memory's residency handle
+    /// ([`MemorySink::residency`]): an event-loop program asks it before
+    /// touching memory that may be missing and parks that work instead of
+    /// blocking. `None` without post-copy (every page is here) or when the
+    /// sink has none.
+    pub residency: Option<std::sync::Arc<dyn crate::traits::PageResidency>>,
 }
 
-impl<'scope, P, K, M> Resumption<'scope, P, K, M> {
+impl<'scope, P, K, M: MemorySink> Resumption<'scope, P, K, M> {
     pub(super) fn new(
         program: P,
         sockets: K,
@@ -56,6 +62,7 @@ impl<'scope, P, K, M> Resumption<'scope, P, K, M> {
         Self {
             program,
             sockets,
+            residency: memory.residency(),
             memory,
             activation_error: errors.activation,
             resume_error: errors.resume,

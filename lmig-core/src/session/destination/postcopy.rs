@@ -573,6 +573,7 @@ impl FaultForwarder {
     }
 
     fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
+        service.memory.urgent_thread();
         let link = service.link;
         while !link.stop.load(Ordering::Acquire) {
             let Some(run) = service.memory.wait_fault(service.poll)? else {
@@ -614,6 +615,7 @@ impl ReplyPlacer {
     }
 
     fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
+        service.memory.urgent_thread();
         while !service.link.stop.load(Ordering::Acquire) {
             match service.channel.recv_urgent(service.poll) {
                 Ok(Some(Message::Pages(batch))) => service.place(&batch)?,

@@ -80,6 +80,15 @@ pub struct SourceConfig {
     /// pages on a 2-vCPU virtual machine with source and destination on
     /// one host (figures in the benchmark docs).
     pub push_pages: u32,
+    /// Answer a post-copy request for pages already pushed by sending them
+    /// again on the urgent lane (at most 64 pages per request). The
+    /// destination asks only for pages it has not placed, so such a page is
+    /// still in flight behind pushed data, and its fault waits for all of
+    /// that to be received and placed: milliseconds with deep queues, the
+    /// post-copy fault tail. Sent again, it arrives in a round trip; the
+    /// copy that comes second is dropped there (counted as a duplicate
+    /// page). Default false: every page is sent exactly once.
+    pub resend_in_flight: bool,
     /// Most time a shrinking pre-copy round waits for the destination to
     /// place its pages (`Prepared{placed}`) before the policy decides: the
     /// policy then sees the end-to-end bandwidth, and a freeze does not
@@ -121,6 +130,7 @@ impl Default for SourceConfig {
             done_timeout: Duration::from_secs(60),
             batch_pages: CHUNK_PAGES,
             push_pages: 8,
+            resend_in_flight: false,
             catch_up_timeout: Duration::from_millis(500),
             max_freeze: None,
             bandwidth_limit: 0,
@@ -182,6 +192,13 @@ impl SourceConfig {
     #[must_use]
     pub fn with_max_freeze(mut self, bound: impl Into<Option<Duration>>) -> Self {
         self.max_freeze = bound.into();
+        self
+    }
+
+    /// Set [`Self::resend_in_flight`].
+    #[must_use]
+    pub fn with_resend_in_flight(mut self, on: bool) -> Self {
+        self.resend_in_flight = on;
         self
     }
 }

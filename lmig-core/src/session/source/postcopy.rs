@@ -33,6 +33,11 @@ const URGENT_TICK: Duration = Duration::from_millis(20);
 /// How long the control lane is read at a time after `Commit`.
 const CONTROL_TICK: Duration = Duration::from_millis(20);
 
+/// Most pages of one request sent again because they were sent before
+/// (see [`Service::serve_request`]): a fault asks for one page; a larger
+/// request (a program asking ahead for a range) gets the rest by the push.
+const RESEND_PAGES: u64 = CHUNK_PAGES as u64;
+
 /// Round number used for pages sent after `Commit`.
 const POSTCOPY_ROUND: u32 = u32::MAX;
 
@@ -76,6 +81,7 @@ where
             lanes: self.channel.data_lanes().max(1),
             batch,
             small: self.config.push_pages.clamp(1, CHUNK_PAGES),
+            resend: self.config.resend_in_flight,
             catching_up: AtomicBool::new(false),
             requested: Mutex::new(Sent::default()),
             heard: AtomicU64::new(0),
@@ -142,6 +148,9 @@ struct Service<'s, M, C> {
     batch: u32,
     /// Pages per pushed message while the program catches up with the push.
     small: u32,
+    /// Send requested pages again that were sent before
+    /// (`SourceConfig::resend_in_flight`).
+    resend: bool,
     /// The last request named only pages already sent: the program
     /// reads close behind the push (see `SourceConfig::push_pages`).
     catching_up: AtomicBool,
@@ -157,17 +166,32 @@ struct Service<'s, M, C> {
 }
 
 impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
-    /// Send the still-unsent pages of a requested run on the urgent lane.
+    /// Answer a requested run on the urgent lane: its still-unsent pages,
+    /// and with `resend` again (up to [`RESEND_PAGES`]) those sent before. The destination
+    /// asks only for pages it has not placed, so a page sent before is still
+    /// in flight, queued behind pushed data on its way or waiting to be
+    /// placed after it: waiting for it was the post-copy fault tail (up to
+    /// the whole queue of pushed messages, milliseconds). The copy on the
+    /// urgent lane arrives in a round trip; whichever comes second is
+    /// dropped there as a duplicate (memory no longer changes here, so both
+    /// carry the same bytes).
     fn serve_request(&self, sender: &mut PageSender<'_, M, C>, run: PageRun) {
         if self.layout.check_run(&run).is_err() {
             return;
         }
-        let runs = self
-            .push
-            .lock()
-            .expect("push queue poisoned")
-            .take_requested(&run, self.batch);
-        self.catching_up.store(runs.is_empty(), Ordering::Relaxed);
+        let (unsent, again) = {
+            let mut q = self.push.lock().expect("push queue poisoned");
+            let again = if self.resend {
+                q.sent_before(&run, self.batch, RESEND_PAGES)
+            } else {
+                Vec::new()
+            };
+            (q.take_requested(&run, self.batch), again)
+        };
+        self.catching_up.store(unsent.is_empty(), Ordering::Relaxed);
+        let mut runs = unsent;
+        runs.extend(again);
+        runs.sort_by_key(|r| r.first);
         for r in runs {
             match sender.send_run(r, POSTCOPY_ROUND, 0, true) {
                 Ok(sent) => lock(&self.requested).add(sent),
@@ -424,6 +448,7 @@ impl<'scope> RequestServer<'scope> {
     }
 
     fn run<M: MemorySource, C: Channel>(service: &Service<'_, M, C>) {
+        service.memory.urgent_thread();
         let mut sender = PageSender::new(service.memory, service.channel, service.layout).metered(
             service.meter,
             false,

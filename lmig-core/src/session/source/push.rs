@@ -249,6 +249,40 @@ impl PushQueue {
         out
     }
 
+    /// The pages of a requested run that already left the queue (pushed
+    /// or requested before), the first `limit` of them at most, in chunk-
+    /// aligned runs of at most `max` pages. The destination asks only for
+    /// pages it has not placed: those are in flight behind pushed data, and
+    /// sending them again on the urgent lane answers the fault in one round
+    /// trip instead of after everything pushed before them.
+    pub(super) fn sent_before(&self, run: &PageRun, max: u32, limit: u64) -> Vec<PageRun> {
+        let Ok(set) = self.unsent.get(run.region) else {
+            return Vec::new();
+        };
+        let end = run.end().min(set.capacity());
+        let chunk = u64::from(CHUNK_PAGES);
+        let max = u64::from(max.max(1));
+        let mut out = Vec::new();
+        let mut left = limit;
+        let mut p = run.first;
+        // Bounded by the run's length (capped at the region) and `limit`.
+        while p < end && left > 0 {
+            if set.contains(p) {
+                p += 1;
+                continue;
+            }
+            let stop = end.min((p / chunk + 1) * chunk).min(p + max).min(p + left);
+            let mut q = p + 1;
+            while q < stop && !set.contains(q) {
+                q += 1;
+            }
+            out.push(PageRun::new(run.region, p, (q - p) as u32));
+            left -= q - p;
+            p = q;
+        }
+        out
+    }
+
     /// Put pages back (the destination never received them).
     pub(super) fn requeue(&mut self, run: &PageRun) {
         if let Err(e) = self.unsent.insert_run(run) {
@@ -304,6 +338,31 @@ mod tests {
         assert_eq!(first.first, 50_001);
         let second = q.next_run(64).unwrap();
         assert!(second.end() <= 50_000 && second.first >= 49_936, "{second}");
+    }
+
+    #[test]
+    fn pages_sent_before_a_request_are_named_for_resending() {
+        let mut q = queue(256);
+        let run = |f, c| PageRun::new(RegionId(1), f, c);
+        assert!(q.sent_before(&run(10, 4), 64, 64).is_empty());
+        q.take_requested(&run(10, 4), 64);
+        // 60..70 crosses a chunk border: two runs; 10..14 sent before.
+        q.take_requested(&run(60, 10), 64);
+        assert_eq!(
+            q.sent_before(&run(8, 8), 64, 64),
+            vec![run(10, 4)],
+            "only the pages that left the queue"
+        );
+        assert_eq!(
+            q.sent_before(&run(58, 14), 64, 64),
+            vec![run(60, 4), run(64, 6)]
+        );
+        assert_eq!(
+            q.sent_before(&run(58, 14), 3, 5),
+            vec![run(60, 3), run(63, 1), run(64, 1)]
+        );
+        // A run past the region's end names nothing beyond it.
+        assert!(q.sent_before(&run(250, 1000), 64, 64).is_empty());
     }
 
     #[test]

@@ -1,0 +1,230 @@
+//! kvd in post-copy without blocking its loop on a missing page: a request
+//! whose key's pages are not here yet is parked, its pages are requested
+//! through the memory's [`PageResidency`] (ahead of the push, without a
+//! fault), and the loop serves other connections; when the residency
+//! eventfd says the pages are in, the parked requests run, in order.
+//!
+//! Per-connection order is kept: once a connection has a parked request,
+//! every later request of that connection waits behind it, even one whose
+//! pages are here. Requests of other connections are not held up.
+//!
+//! What is checked before a request runs: the store's header page and the
+//! two pages where the search for its key begins (its home slot's page and
+//! the next, where a probe usually ends). A request that reads further (a
+//! long probe, a collection's items) may still fault on a missing page:
+//! the loop then blocks for that page's round trip, as before, never
+//! wrong.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+
+use lmig_core::PageResidency;
+use lmig_core::model::{PageRun, RegionId};
+
+use super::store::Store;
+
+/// Page size of kvd's store region.
+const PAGE: u64 = 4096;
+
+/// Most requests one connection may have parked: a client pipelining
+/// behind a missing key cannot make kvd hold more.
+pub const MAX_PARKED_PER_CONN: usize = 1024;
+
+/// One request's arguments.
+pub type Args = Vec<Vec<u8>>;
+
+/// Requests parked until their pages are placed, per connection.
+pub struct Parking {
+    residency: Arc<dyn PageResidency>,
+    region: RegionId,
+    queues: HashMap<u64, VecDeque<Args>>,
+    /// Requests parked so far (for INFO and tests).
+    parked: u64,
+}
+
+impl Parking {
+    /// Parking over `residency` for the store in `region`.
+    pub fn new(residency: Arc<dyn PageResidency>, region: RegionId) -> Self {
+        Self {
+            residency,
+            region,
+            queues: HashMap::new(),
+            parked: 0,
+        }
+    }
+
+    /// The eventfd to poll: readable once parked requests may run.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.residency.ready_fd()
+    }
+
+    /// Requests parked so far.
+    pub fn parked(&self) -> u64 {
+        self.parked
+    }
+
+    /// Connections whose parked requests may run now (their pages came).
+    pub fn take_ready(&self) -> Vec<u64> {
+        self.residency.take_ready()
+    }
+
+    /// The pages a request on `args` reads first.
+    fn pages(&self, store: &Store<'_>, args: &[Vec<u8>]) -> Vec<PageRun> {
+        let mut runs = vec![PageRun::new(self.region, 0, 1)];
+        if let Some(key) = args.get(1) {
+            let home = store.home_offset(key) as u64 / PAGE;
+            let last = store.slots_end() as u64 / PAGE;
+            let count = if home + 1 < last { 2 } else { 1 };
+            runs.push(PageRun::new(self.region, home, count));
+        }
+        runs
+    }
+
+    /// The pages `args` needs that are missing now, each requested with
+    /// `id` as its token; empty when all are here (or cannot be asked for:
+    /// the request then runs and may fault, as without parking).
+    fn missing(&self, id: u64, store: &Store<'_>, args: &[Vec<u8>]) -> bool {
+        let mut missing = false;
+        for run in self.pages(store, args) {
+            match self.residency.request(&run, id) {
+                Ok(true) | Err(_) => {}
+                Ok(false) => missing = true,
+            }
+        }
+        missing
+    }
+
+    /// A request of connection `id` arrived: `Some(args)` to run it now,
+    /// `None` when it was parked (its pages are asked for, or an earlier
+    /// request of the connection waits).
+    pub fn admit(&mut self, id: u64, store: &Store<'_>, args: Args) -> Option<Args> {
+        if let Some(q) = self.queues.get_mut(&id) {
+            q.push_back(args);
+            self.parked += 1;
+            return None;
+        }
+        if !self.missing(id, store, &args) {
+            return Some(args);
+        }
+        self.queues.entry(id).or_default().push_back(args);
+        self.parked += 1;
+        None
+    }
+
+    /// The next parked request of `id` that may run now, in order; `None`
+    /// when there is none, or when the first still waits (asked for again).
+    pub fn next(&mut self, id: u64, store: &Store<'_>) -> Option<Args> {
+        let front = self.queues.get(&id)?.front()?;
+        if self.missing(id, store, front) {
+            return None;
+        }
+        let q = self.queues.get_mut(&id)?;
+        let args = q.pop_front();
+        if q.is_empty() {
+            self.queues.remove(&id);
+        }
+        args
+    }
+
+    /// Connection `id` holds as many parked requests as it may
+    /// ([`MAX_PARKED_PER_CONN`]): its loop stops reading from it (TCP
+    /// pushes back on the client) until they ran.
+    pub fn full(&self, id: u64) -> bool {
+        self.queues
+            .get(&id)
+            .is_some_and(|q| q.len() >= MAX_PARKED_PER_CONN)
+    }
+
+    /// The connection closed: its parked requests go with it.
+    pub fn forget(&mut self, id: u64) {
+        self.queues.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::sync::Mutex;
+
+    use lmig_mem::RegionOptions;
+
+    use super::*;
+
+    /// Residency over a page set the test changes: a test double of the
+    /// lmig-mem handle (whose kernel side lmig-mem's tests exercise).
+    struct Pages {
+        here: Mutex<Vec<bool>>,
+        asked: Mutex<Vec<(PageRun, u64)>>,
+        fd: OwnedFd,
+    }
+
+    impl PageResidency for Pages {
+        fn is_resident(&self, run: &PageRun) -> lmig_core::Result<bool> {
+            let here = self.here.lock().unwrap();
+            Ok((run.first..run.end()).all(|p| here[p as usize]))
+        }
+        fn request(&self, run: &PageRun, token: u64) -> lmig_core::Result<bool> {
+            if self.is_resident(run)? {
+                return Ok(true);
+            }
+            self.asked.lock().unwrap().push((*run, token));
+            Ok(false)
+        }
+        fn take_ready(&self) -> Vec<u64> {
+            Vec::new()
+        }
+        fn ready_fd(&self) -> BorrowedFd<'_> {
+            self.fd.as_fd()
+        }
+    }
+
+    fn args(words: &[&str]) -> Args {
+        words.iter().map(|w| w.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn a_missing_key_parks_its_connection_in_order_and_others_run() {
+        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+        let store = Store::format(&region);
+        let pages = region.len() / PAGE as usize;
+        let fd = std::fs::File::open("/dev/null").unwrap().into();
+        let res = Arc::new(Pages {
+            here: Mutex::new(vec![true; pages]),
+            asked: Mutex::new(Vec::new()),
+            fd,
+        });
+        let mut parking = Parking::new(res.clone(), RegionId(1));
+        // Make the home pages of "cold" missing.
+        let cold = store.home_offset(b"cold") as u64 / PAGE;
+        let warm = (0..1000)
+            .map(|i| format!("warm{i}"))
+            .find(|k| (store.home_offset(k.as_bytes()) as u64 / PAGE).abs_diff(cold) > 1)
+            .expect("a key on another page");
+        res.here.lock().unwrap()[cold as usize] = false;
+
+        let get_cold = args(&["GET", "cold"]);
+        let get_warm = args(&["GET", &warm]);
+        assert_eq!(parking.admit(7, &store, get_cold.clone()), None, "parked");
+        assert_eq!(
+            res.asked.lock().unwrap().as_slice(),
+            &[(PageRun::new(RegionId(1), cold, 2), 7)],
+            "its pages asked for, token = connection"
+        );
+        // The same connection's next request waits behind, though warm.
+        assert_eq!(parking.admit(7, &store, get_warm.clone()), None);
+        // Another connection is served at once.
+        assert_eq!(
+            parking.admit(8, &store, get_warm.clone()),
+            Some(get_warm.clone())
+        );
+        assert_eq!(parking.next(7, &store), None, "still missing");
+        res.here.lock().unwrap()[cold as usize] = true;
+        assert_eq!(parking.next(7, &store), Some(get_cold), "in order");
+        assert_eq!(parking.next(7, &store), Some(get_warm.clone()));
+        assert_eq!(parking.next(7, &store), None);
+        assert_eq!(parking.parked(), 2);
+        // Drained: connection 7 runs directly again.
+        assert_eq!(parking.admit(7, &store, get_warm.clone()), Some(get_warm));
+    }
+}

@@ -1,0 +1,255 @@
+//! Residency for event-loop programs: ask whether pages are here, and ask
+//! for those that are not without touching them (so without blocking), to
+//! be told through an eventfd once every page of the range is placed — as
+//! KVM's asynchronous page faults let a guest run another task meanwhile.
+//!
+//! A page counts as resident once its placement returned (`UFFDIO_COPY`,
+//! `UFFDIO_ZEROPAGE` or `UFFDIO_CONTINUE` done): a page being placed at
+//! the moment of the query is not resident yet, and its waiters are told
+//! once it is. Queries, requests and placements meet under the one lock of
+//! the missing-page state, so no answer is half old, half new, and no
+//! readiness is lost between a query and a request.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+
+use lmig_core::model::{PageRun, RegionId};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use super::{Postcopy, lock};
+use crate::error::{MemError, Result};
+
+/// Most ranges waited for at once; a request beyond it is refused
+/// ([`MemError::ResidencyWaiters`]) rather than growing without bound.
+pub const MAX_RESIDENCY_WAITERS: usize = 1 << 16;
+
+/// A range someone waits for, and the token that names it.
+#[derive(Copy, Clone, Debug)]
+pub(super) struct Waiter {
+    pub(super) run: PageRun,
+    pub(super) token: u64,
+}
+
+/// Waiters not ready yet, and the tokens that became ready.
+#[derive(Debug, Default)]
+pub(super) struct Waiters {
+    pub(super) pending: Vec<Waiter>,
+    pub(super) ready: Vec<u64>,
+}
+
+impl Waiters {
+    /// Move the waiters touching `region` pages `first..first + count`
+    /// whose whole run `resident` says is in to the ready list; true when
+    /// one moved.
+    pub(super) fn placed(
+        &mut self,
+        region: RegionId,
+        first: u64,
+        count: u64,
+        resident: impl Fn(&PageRun) -> bool,
+    ) -> bool {
+        let before = self.ready.len();
+        let end = first + count;
+        let mut i = 0;
+        // Bounded by the number of waiters.
+        while i < self.pending.len() {
+            let w = self.pending[i];
+            if w.run.region == region
+                && w.run.first < end
+                && first < w.run.end()
+                && resident(&w.run)
+            {
+                self.ready.push(w.token);
+                self.pending.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        self.ready.len() > before
+    }
+}
+
+/// An eventfd used as a level signal: readable from `signal` to `clear`.
+#[derive(Debug)]
+pub(super) struct Signal(EventFd);
+
+impl Signal {
+    pub(super) fn new() -> Result<Self> {
+        EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map(Self)
+            .map_err(|e| MemError::os("eventfd", "post-copy residency", e.into()))
+    }
+
+    /// Make the eventfd readable.
+    pub(super) fn signal(&self) {
+        // Only fails when the counter would overflow: it is readable then.
+        let _ = self.0.write(1);
+    }
+
+    /// Make it unreadable again (nothing to read is fine).
+    pub(super) fn clear(&self) {
+        let _ = self.0.read();
+    }
+
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// Post-copy residency of a region set, for a program that must never
+/// block its event loop on a missing page (see the [post-copy docs](crate::postcopy)).
+///
+/// Got from [`RegionSet::residency`](crate::RegionSet::residency) while
+/// post-copy runs (and through lmig-core's
+/// [`PageResidency`](lmig_core::PageResidency) in the `Resumption`). It
+/// stays valid after post-copy ended: every page is resident then.
+///
+/// The program's loop: before it touches memory that may be missing, it
+/// asks [`Self::is_resident`]; if not, it parks the work, calls
+/// [`Self::request`] with a token naming it, and serves other work. The
+/// [`Self::ready_fd`] eventfd (add it to the loop's epoll) becomes readable
+/// when a requested range is in; [`Self::take_ready`] returns the tokens.
+#[derive(Clone, Debug)]
+pub struct Residency {
+    pub(crate) postcopy: Arc<Postcopy>,
+}
+
+impl Residency {
+    /// Every page of `run` is placed (a page being placed right now is not).
+    pub fn is_resident(&self, run: &PageRun) -> Result<bool> {
+        self.postcopy.is_resident(run)
+    }
+
+    /// Ask for the pages of `run` that are missing, ahead of the push and
+    /// without touching them. `Ok(true)`: every page is resident already,
+    /// nothing was queued. `Ok(false)`: `token` becomes ready (see
+    /// [`Self::take_ready`]) once every page of `run` is placed; the
+    /// missing pages are requested from the source at once. A token may
+    /// name several ranges; it is returned once per request.
+    pub fn request(&self, run: &PageRun, token: u64) -> Result<bool> {
+        self.postcopy.request(run, token)
+    }
+
+    /// Tokens whose ranges became resident since the last call, in the
+    /// order they did; clears [`Self::ready_fd`]'s readiness.
+    pub fn take_ready(&self) -> Vec<u64> {
+        self.postcopy.take_ready()
+    }
+
+    /// The eventfd that is readable while [`Self::take_ready`] has tokens.
+    pub fn ready_fd(&self) -> BorrowedFd<'_> {
+        self.postcopy.ready.fd()
+    }
+}
+
+impl lmig_core::PageResidency for Residency {
+    fn is_resident(&self, run: &PageRun) -> lmig_core::Result<bool> {
+        Ok(Residency::is_resident(self, run)?)
+    }
+
+    fn request(&self, run: &PageRun, token: u64) -> lmig_core::Result<bool> {
+        Ok(Residency::request(self, run, token)?)
+    }
+
+    fn take_ready(&self) -> Vec<u64> {
+        Residency::take_ready(self)
+    }
+
+    fn ready_fd(&self) -> BorrowedFd<'_> {
+        Residency::ready_fd(self)
+    }
+}
+
+impl Postcopy {
+    /// Every page of `run` (checked against its region) is placed.
+    pub(crate) fn is_resident(&self, run: &PageRun) -> Result<bool> {
+        self.check_run(run)?;
+        Ok(lock(&self.pages).resident(run))
+    }
+
+    /// Residency request (see [`Residency::request`]).
+    pub(crate) fn request(&self, run: &PageRun, token: u64) -> Result<bool> {
+        self.check_run(run)?;
+        let wanted: Vec<PageRun> = {
+            let mut st = lock(&self.pages);
+            if st.resident(run) {
+                return Ok(true);
+            }
+            if st.waiters.pending.len() >= MAX_RESIDENCY_WAITERS {
+                return Err(MemError::ResidencyWaiters {
+                    waiting: st.waiters.pending.len(),
+                });
+            }
+            st.waiters.pending.push(Waiter { run: *run, token });
+            // Pages being placed need no request: their placement is what
+            // makes the waiter ready.
+            let set = st
+                .missing
+                .get(run.region)
+                .map_err(|_| MemError::UnknownRegion { region: run.region })?;
+            set.runs_in(run.first, run.end())
+                .map(|(f, c)| PageRun::new(run.region, f, c as u32))
+                .collect()
+        };
+        if !wanted.is_empty() {
+            let mut asked = lock(&self.asked);
+            for r in wanted {
+                if !asked.contains(&r) {
+                    asked.push_back(r);
+                }
+            }
+            drop(asked);
+            self.kick.signal();
+        }
+        Ok(false)
+    }
+
+    /// Tokens of waiters that became ready; clears the readiness signal.
+    pub(crate) fn take_ready(&self) -> Vec<u64> {
+        let mut st = lock(&self.pages);
+        self.ready.clear();
+        std::mem::take(&mut st.waiters.ready)
+    }
+
+    /// `run` lies inside a registered region.
+    fn check_run(&self, run: &PageRun) -> Result<()> {
+        let t = self.target(run.region)?;
+        let pages = t.len / t.page_size;
+        if run.count == 0 || run.end() > pages {
+            return Err(MemError::OutOfBounds {
+                region: run.region,
+                offset: (run.first * t.page_size) as usize,
+                len: (u64::from(run.count) * t.page_size) as usize,
+                region_len: t.len as usize,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiter_is_ready_once_its_whole_run_is_in() {
+        let mut w = Waiters::default();
+        let r = RegionId(1);
+        w.pending.push(Waiter {
+            run: PageRun::new(r, 10, 4),
+            token: 7,
+        });
+        w.pending.push(Waiter {
+            run: PageRun::new(RegionId(2), 10, 4),
+            token: 8,
+        });
+        // Page 12 placed, 13 still missing.
+        assert!(!w.placed(r, 12, 1, |_| false));
+        assert!(w.ready.is_empty());
+        // Placed next to it but not touching: not even checked.
+        assert!(!w.placed(r, 14, 10, |_| panic!("not touching")));
+        assert!(w.placed(r, 13, 1, |_| true));
+        assert_eq!(w.ready, vec![7]);
+        assert_eq!(w.pending.len(), 1, "region 2's waiter stays");
+    }
+}

@@ -1,0 +1,191 @@
+//! Post-copy residency with real userfaultfd: a program asks whether pages
+//! are here and requests missing ones without touching them; it is told
+//! through the eventfd once every page of its range is placed. Races: a
+//! residency query while the page is being placed, and a request racing a
+//! fault on the same page.
+//!
+//! Needs userfaultfd with kernel-mode faults (root here); fails loudly
+//! without it (`LMIG_SKIP_PRIVILEGED=1` makes that a visible skip). No
+//! timing is asserted; every loop is bounded.
+
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use lmig_core::model::{PageRun, RegionId, RegionPages};
+use lmig_core::{MemorySink, MemorySource};
+use lmig_mem::{Backing, DestinationRegions, RegionOptions, RegionSet, Residency};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+const PS: usize = 4096;
+const PAGES: u64 = 64;
+const R: RegionId = RegionId(1);
+
+fn pattern(page: u64) -> Vec<u8> {
+    let mut v = vec![(page as u8) ^ 0x5A; PS];
+    v[..8].copy_from_slice(&page.to_le_bytes());
+    v
+}
+
+fn run(first: u64, count: u32) -> PageRun {
+    PageRun::new(R, first, count)
+}
+
+/// A destination in post-copy with every page missing (stale content
+/// placed before, as after pre-copy); `None` when skipped.
+fn destination(what: &str) -> Option<DestinationRegions> {
+    let src = RegionSet::new([RegionOptions::new(R, PAGES * PS as u64).map().unwrap()]).unwrap();
+    let layout = MemorySource::layout(&src);
+    let dst = DestinationRegions::new(Backing::Private);
+    dst.prepare(&layout).unwrap();
+    for p in 0..PAGES {
+        dst.write_pages(&run(p, 1), &[0xEE; PS]).unwrap();
+    }
+    let missing = RegionPages::full(&layout);
+    if let Err(e) = dst.begin_postcopy(&missing) {
+        if lmig_core::testing::privileged(what, &e.to_string()) {
+            panic!("{what}: userfaultfd post-copy unavailable: {e}");
+        }
+        return None;
+    }
+    Some(dst)
+}
+
+fn readable(fd: BorrowedFd<'_>, ms: u16) -> bool {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::from(ms)).unwrap() == 1
+}
+
+fn place(dst: &DestinationRegions, first: u64, count: u64) {
+    for p in first..first + count {
+        dst.write_pages(&run(p, 1), &pattern(p)).unwrap();
+    }
+}
+
+#[test]
+fn residency_false_then_true_and_the_waiter_is_told() {
+    let Some(dst) = destination("residency_false_then_true") else {
+        return;
+    };
+    let res: Residency = dst.regions().unwrap().residency().expect("in post-copy");
+    assert!(
+        MemorySink::residency(&dst).is_some(),
+        "the sink hands it to the Resumption"
+    );
+    assert!(!res.is_resident(&run(10, 4)).unwrap());
+    assert!(!res.request(&run(10, 4), 7).unwrap(), "not there: a waiter");
+    // The request reaches the session like a fault, but without one.
+    let asked = dst.wait_fault(Duration::from_secs(5)).unwrap();
+    assert_eq!(asked, Some(run(10, 4)));
+    assert_eq!(dst.postcopy_stats().faults, 0, "nothing touched the pages");
+    assert!(!readable(res.ready_fd(), 0));
+
+    place(&dst, 10, 2);
+    assert!(!res.is_resident(&run(10, 4)).unwrap(), "half placed");
+    assert!(res.is_resident(&run(10, 2)).unwrap());
+    assert!(!readable(res.ready_fd(), 0), "not ready before every page");
+    assert!(res.take_ready().is_empty());
+
+    place(&dst, 12, 2);
+    assert!(readable(res.ready_fd(), 1000), "the eventfd tells");
+    assert_eq!(res.take_ready(), vec![7]);
+    assert!(!readable(res.ready_fd(), 0), "taken: readiness cleared");
+    assert!(res.take_ready().is_empty(), "told once");
+    assert!(res.is_resident(&run(10, 4)).unwrap());
+    assert!(
+        res.request(&run(11, 3), 8).unwrap(),
+        "resident: answered at once"
+    );
+    assert!(!readable(res.ready_fd(), 0));
+    // Bad input is refused, not queued.
+    assert!(res.is_resident(&run(60, 10)).is_err());
+    assert!(res.request(&PageRun::new(RegionId(9), 0, 1), 1).is_err());
+    assert!(res.request(&run(0, 0), 1).is_err());
+
+    place(&dst, 0, 10);
+    place(&dst, 14, PAGES - 14);
+    dst.end_postcopy().unwrap();
+    assert!(
+        res.is_resident(&run(0, PAGES as u32)).unwrap(),
+        "a handle outlives post-copy"
+    );
+    let stats = dst.postcopy_stats();
+    assert_eq!(stats.placed, PAGES, "every page filled once: {stats:?}");
+}
+
+/// A program touches page 30 (a fault) while another asks for it; a third
+/// thread queries its residency throughout. Every "resident" answer comes
+/// with the page's content in place and stays so; the waiter is told once;
+/// the page is filled once.
+#[test]
+fn a_query_racing_the_placement_is_consistent() {
+    let Some(dst) = destination("a_query_racing_the_placement") else {
+        return;
+    };
+    let res = dst.regions().unwrap().residency().unwrap();
+    let region = dst.regions().unwrap().get(R).unwrap();
+    let stop = AtomicBool::new(false);
+    let fills = AtomicU64::new(0);
+    let (touched, seen_resident) = std::thread::scope(|s| {
+        // The session: serves what it is asked (faults and requests), page
+        // by page, each page once.
+        let session = s.spawn(|| {
+            let mut placed = [false; PAGES as usize];
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let Some(r) = dst.wait_fault(Duration::from_millis(5)).unwrap() else {
+                    continue;
+                };
+                for p in r.first..r.end() {
+                    if !placed[p as usize] {
+                        placed[p as usize] = true;
+                        fills.fetch_add(1, Ordering::Relaxed);
+                        place(&dst, p, 1);
+                    }
+                }
+            }
+        });
+        let watcher = s.spawn(|| {
+            let mut seen = false;
+            for _ in 0..50_000_000 {
+                // One more query after the stop: the page is in by then.
+                let stopping = stop.load(Ordering::Acquire);
+                let now = res.is_resident(&run(30, 1)).unwrap();
+                assert!(!seen || now, "resident, then not");
+                if now && !seen {
+                    // Resident: reading cannot fault, and shows the data.
+                    let mut b = vec![0u8; PS];
+                    region.read_at(30 * PS, &mut b).unwrap();
+                    assert_eq!(b, pattern(30), "resident before its content");
+                    seen = true;
+                }
+                if stopping {
+                    break;
+                }
+            }
+            seen
+        });
+        let program = s.spawn(|| {
+            let mut b = [0u8; 8];
+            region.read_at(30 * PS, &mut b).unwrap();
+            b
+        });
+        let ready = res.request(&run(30, 1), 42).unwrap();
+        let touched = program.join().unwrap();
+        if !ready {
+            assert!(readable(res.ready_fd(), 10_000), "the waiter is told");
+            assert_eq!(res.take_ready(), vec![42]);
+        }
+        stop.store(true, Ordering::Release);
+        session.join().unwrap();
+        (touched, watcher.join().unwrap())
+    });
+    assert_eq!(u64::from_le_bytes(touched), 30, "the toucher read the page");
+    assert!(seen_resident, "the watcher saw it placed");
+    assert!(res.take_ready().is_empty(), "told once");
+    let stats = dst.postcopy_stats();
+    assert_eq!(stats.placed, fills.load(Ordering::Relaxed));
+    assert_eq!(stats.placed, 1, "page 30 filled once: {stats:?}");
+}
