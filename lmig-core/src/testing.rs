@@ -1,11 +1,16 @@
 //! Test doubles for writing tests of sessions and backends without an OS:
 //! memory in vectors, an in-process channel pair, a tracker the test marks
 //! itself, a program that records what was done to it, and a channel that
-//! breaks on cue.
+//! breaks on cue ([`CutChannel`]) or misbehaves at any message
+//! ([`FaultChannel`]).
 //!
 //! `lmig-transport` has the real channels (and an in-memory pair that goes
 //! through the wire codec); these exist so lmig-core can test its state
 //! machines alone.
+
+pub mod faults;
+
+pub use faults::{Fault, FaultChannel, FaultKind};
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};

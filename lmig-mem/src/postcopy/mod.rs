@@ -226,6 +226,14 @@ impl Postcopy {
         st.missing.count() + st.filling.count()
     }
 
+    /// The pages not placed yet (missing, or being filled), as a copy.
+    pub(crate) fn missing_set(&self) -> RegionPages {
+        let st = lock(&self.pages);
+        let mut pages = st.missing.clone();
+        pages.union_with(&st.filling);
+        pages
+    }
+
     /// Wait up to `timeout` for a fault on a missing page.
     pub(crate) fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
         let start = Instant::now();

@@ -60,6 +60,13 @@ impl RegionSet {
         self.sink.postcopy_missing()
     }
 
+    /// Post-copy: which pages are still missing (a copy; `None` outside
+    /// post-copy). A program paused by a lost source can read every page
+    /// not in it without blocking.
+    pub fn postcopy_missing_pages(&self) -> Option<RegionPages> {
+        self.sink.postcopy_missing_set()
+    }
+
     /// Write the pages of `run` (checked against the region before any byte
     /// moves). In post-copy, missing pages are filled atomically and their
     /// waiters woken.

@@ -80,6 +80,10 @@ impl RegionSink {
         self.active_postcopy().map_or(0, |pc| pc.missing_pages())
     }
 
+    pub(crate) fn postcopy_missing_set(&self) -> Option<RegionPages> {
+        self.active_postcopy().map(|pc| pc.missing_set())
+    }
+
     pub(crate) fn in_postcopy(&self) -> bool {
         self.active_postcopy().is_some()
     }
