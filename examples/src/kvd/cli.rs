@@ -156,11 +156,16 @@ impl ReceiveLog for JsonLog {
                     error: e.to_string(),
                 })
             }
-            Err(e) => {
+            Err(_) => {
+                // The whole error, not its cause: after Commit it says
+                // whether the program runs here.
+                let e = r
+                    .as_ref()
+                    .err()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
                 eprintln!("kvd: incoming migration failed: {e}");
-                event(KvdEvent::Failed {
-                    error: e.to_string(),
-                })
+                event(KvdEvent::Failed { error: e })
             }
         }
     }

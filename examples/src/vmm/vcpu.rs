@@ -166,7 +166,7 @@ pub struct Heartbeat {
     pub host_ns: u64,
 }
 
-/// Heartbeats with host timestamps (the first [`LOG_CAP`] kept), and the
+/// Heartbeats with host timestamps (the first 2^20 kept), and the
 /// longest gap between consecutive ones.
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
