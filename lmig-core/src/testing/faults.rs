@@ -347,4 +347,175 @@ mod tests {
             run(Fault::never(), Fault::new(FaultKind::Break, at));
         }
     }
+
+    /// One migration of 32 pages over a pair wrapped in `fs` / `fd`; the
+    /// programs, the results and the message counts. Bounded: a session
+    /// that waits forever fails the test instead of hanging it.
+    #[allow(clippy::type_complexity)]
+    fn bounded_run(
+        src_mem: std::sync::Arc<VecMemory>,
+        fs: Fault,
+        fd: Fault,
+    ) -> (
+        NullProgram,
+        NullProgram,
+        Result<crate::session::SourceReport>,
+        Result<crate::session::DestinationReport>,
+        Vec<u8>,
+        (u32, u32),
+    ) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let layout = MemorySource::layout(&*src_mem);
+            let (a, b) = channel_pair(2);
+            let (a, b) = (FaultChannel::new(a, fs), FaultChannel::new(b, fd));
+            let dst_mem = VecMemory::new(&layout);
+            let mut sp = NullProgram::default();
+            let mut dp = NullProgram::default();
+            let mut tracker = MarkTracker::new(&layout);
+            let cfg = SourceConfig {
+                ready_timeout: Duration::from_secs(2),
+                done_timeout: Duration::from_secs(2),
+                batch_pages: 4,
+                ..SourceConfig::default()
+            };
+            let (rs, rd) = std::thread::scope(|s| {
+                let d = s.spawn(|| {
+                    let r = Destination::new(&b, &dst_mem, &mut dp)
+                        .with_config(DestinationConfig {
+                            idle_timeout: Duration::from_secs(2),
+                            ..DestinationConfig::default()
+                        })
+                        .run();
+                    b.shutdown();
+                    r
+                });
+                let rs = Source::new(&a, &*src_mem, &mut tracker, &mut sp)
+                    .with_config(cfg)
+                    .run();
+                a.shutdown();
+                (rs, d.join().unwrap())
+            });
+            let counts = (a.messages(), b.messages());
+            let _ = tx.send((sp, dp, rs, rd, dst_mem.snapshot(RegionId(1)), counts));
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the migration hung ({fs:?} {fd:?})"))
+    }
+
+    fn filled() -> (std::sync::Arc<VecMemory>, Vec<u8>) {
+        let layout =
+            RegionLayout::new(vec![RegionInfo::new(RegionId(1), 32 * 4096, 4096).unwrap()])
+                .unwrap();
+        let mem = VecMemory::new(&layout);
+        for p in 0..32u64 {
+            mem.fill(RegionId(1), p, &[p as u8 + 1; 64]);
+        }
+        let image = mem.snapshot(RegionId(1));
+        (std::sync::Arc::new(mem), image)
+    }
+
+    use crate::traits::MemorySource;
+
+    /// A message delivered twice, at every message of either end: the
+    /// sessions end (never wait forever); before `Commit` a duplicate is a
+    /// protocol error (the source resumes, the destination discards; one
+    /// refused after `Ready` may cross `Commit`: then the one-way window's
+    /// reported outcome); a duplicate after `Commit` (a second `Ready` at
+    /// the source, a second `Commit` or `Digests` at the destination) is
+    /// ignored and the migration completes.
+    #[test]
+    fn a_duplicate_at_every_message_ends_and_keeps_the_commit_rule() {
+        let (_, _, _, _, _, (ns, nd)) = bounded_run(filled().0, Fault::never(), Fault::never());
+        let faults = (1..=ns)
+            .map(|at| (Fault::new(FaultKind::Duplicate, at), Fault::never()))
+            .chain((1..=nd).map(|at| (Fault::never(), Fault::new(FaultKind::Duplicate, at))));
+        for (fs, fd) in faults {
+            let (mem, image) = filled();
+            let (sp, dp, rs, rd, dst, _) = bounded_run(mem.clone(), fs, fd);
+            if sp.committed && !dp.committed {
+                // A duplicate the destination refused after `Ready` (a
+                // second `Handover`) while `Commit` was on its way: the
+                // one-way window, reported on both sides.
+                assert!(
+                    matches!(rs, Err(MigrationError::CommitUnconfirmed { .. })),
+                    "{fs:?} {fd:?} {rs:?}"
+                );
+                assert!(!rd.unwrap_err().after_commit(), "{fs:?} {fd:?}");
+                assert_eq!(sp.resumed, 0, "resumed after Commit: {fs:?} {fd:?}");
+                assert_eq!(mem.handed_over(), Some(false));
+            } else if sp.committed {
+                assert_eq!(dst, image, "{fs:?} {fd:?}");
+                assert!(
+                    rs.is_ok(),
+                    "a duplicate after Commit fails the source: {fs:?} {fd:?} {rs:?}"
+                );
+            } else {
+                assert!(!sp.is_paused(), "source left paused ({fs:?} {fd:?})");
+                assert!(!dp.committed, "destination ran without Commit");
+                assert!(rs.unwrap_err().source_may_run());
+            }
+            assert_eq!(mem.snapshot(RegionId(1)), image);
+        }
+    }
+
+    /// The one-way window: the destination loses `Commit` (its end breaks
+    /// as it arrives). The destination discards and never runs; the source
+    /// never resumes, reports `CommitUnconfirmed`, keeps every byte, and a
+    /// second migration of the same memory is refused with
+    /// `HandedOverBefore { confirmed: false }` (nothing sent but `Abort`,
+    /// the program not touched). After a confirmed migration the refusal
+    /// says `confirmed: true`.
+    #[test]
+    fn a_lost_commit_is_reported_and_the_next_attempt_says_so() {
+        let (mem, image) = filled();
+        let (_, _, rs, _, _, (_, nd)) = bounded_run(mem.clone(), Fault::never(), Fault::never());
+        assert!(rs.is_ok());
+        assert_eq!(mem.handed_over(), Some(true));
+        let again = bounded_run(mem, Fault::never(), Fault::never());
+        assert!(
+            matches!(
+                again.2,
+                Err(MigrationError::HandedOverBefore { confirmed: true })
+            ),
+            "{:?}",
+            again.2
+        );
+        assert!(matches!(again.3, Err(MigrationError::PeerAborted { .. })));
+
+        // Verified runs end ... Ready, Commit, Digests, Done at the destination.
+        let (mem, _) = filled();
+        let lost = Fault::new(FaultKind::Break, nd - 2);
+        let (sp, dp, rs, rd, _, _) = bounded_run(mem.clone(), Fault::never(), lost);
+        let e = rs.unwrap_err();
+        assert!(matches!(e, MigrationError::CommitUnconfirmed { .. }), "{e}");
+        assert!(!e.source_may_run());
+        assert!(sp.committed && sp.paused == 1 && sp.resumed == 0, "{sp:?}");
+        assert!(!dp.committed && dp.discarded, "{dp:?}");
+        assert!(!rd.unwrap_err().after_commit());
+        assert_eq!(
+            mem.snapshot(RegionId(1)),
+            image,
+            "the source keeps every byte"
+        );
+        assert_eq!(mem.handed_over(), Some(false));
+        let (sp2, dp2, rs2, rd2, _, _) = bounded_run(mem, Fault::never(), Fault::never());
+        let e = rs2.unwrap_err();
+        assert!(
+            matches!(e, MigrationError::HandedOverBefore { confirmed: false }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("never confirmed"), "{e}");
+        assert!(!e.source_may_run());
+        assert_eq!(
+            (sp2.paused, sp2.resumed),
+            (0, 0),
+            "the program is not touched"
+        );
+        assert!(!dp2.committed);
+        assert!(
+            matches!(rd2, Err(MigrationError::PeerAborted { .. })),
+            "{rd2:?}"
+        );
+    }
 }

@@ -80,6 +80,11 @@ impl RegionSink {
         self.active_postcopy().map_or(0, |pc| pc.missing_pages())
     }
 
+    pub(crate) fn hold_missing(&self) -> Result<()> {
+        self.active_postcopy()
+            .map_or(Ok(()), |pc| pc.hold_missing())
+    }
+
     pub(crate) fn postcopy_missing_set(&self) -> Option<RegionPages> {
         self.active_postcopy().map(|pc| pc.missing_set())
     }

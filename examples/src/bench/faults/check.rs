@@ -4,19 +4,18 @@ use lmig_core::session::Mode;
 
 use super::run::Observed;
 
-/// Known failure: the destination failed after `Ready` while `Commit` was
-/// in flight (or lost it): neither side may run the program.
-pub const COMMIT_WINDOW: &str = "commit-window";
-
 /// What one fault point showed.
 #[derive(Debug, Default, Clone)]
 #[non_exhaustive]
 pub struct Verdict {
     /// Properties that did not hold (empty: passed).
     pub problems: Vec<String>,
-    /// Why this point cannot pass yet (a known failure, not a pass): a
-    /// short key ([`COMMIT_WINDOW`]) and the details.
-    pub known: Option<(&'static str, String)>,
+    /// The one-way commit window (see `lmig_core::protocol`, "The commit
+    /// rule"): `Commit` left the source but the destination's session
+    /// ended without it. Passed only with the documented outcome: the
+    /// destination discarded, the source reported `CommitUnconfirmed`,
+    /// never resumed, kept every byte, and refused to migrate again.
+    pub unconfirmed: bool,
     /// Pages that differ from the source's image.
     pub wrong_pages: u64,
     /// Program-state bytes missing on the side that runs.
@@ -62,6 +61,21 @@ fn err_text<T>(r: &Option<lmig_core::Result<T>>) -> Option<String> {
     }
 }
 
+/// Count and describe userfaultfds (`.0`) and registered areas (`.1`)
+/// left behind.
+pub(super) fn leaks(v: &mut Verdict, (fds, registered): (usize, usize)) {
+    if fds > 0 {
+        v.leaks += fds as u64;
+        v.problems.push(format!("{fds} userfaultfd(s) left open"));
+    }
+    if registered > 0 {
+        v.leaks += registered as u64;
+        v.problems.push(format!(
+            "{registered} memory area(s) left registered with userfaultfd"
+        ));
+    }
+}
+
 /// Check `o` against the suite's rules (see the module docs of `faults`).
 pub fn check(o: &Observed) -> Verdict {
     let mut v = Verdict {
@@ -80,11 +94,7 @@ pub fn check(o: &Observed) -> Verdict {
     // A region set dropped with pages missing (post-copy paused after
     // Commit) keeps its userfaultfd on purpose: its readers stay blocked.
     let kept = usize::from(o.dst_paused && o.dst_prog.committed);
-    if o.uffds.1 > o.uffds.0 + kept {
-        let n = o.uffds.1 - o.uffds.0 - kept;
-        v.leaks += n as u64;
-        v.problems.push(format!("{n} userfaultfd(s) left open"));
-    }
+    leaks(&mut v, o.uffds.1.beyond(o.uffds.0, kept));
     if !v.committed {
         before_commit(o, &mut v, state_len);
     } else {
@@ -129,19 +139,12 @@ fn before_commit(o: &Observed, v: &mut Verdict, state_len: u64) {
 }
 
 fn after_commit(o: &Observed, v: &mut Verdict, state_len: u64) {
+    if o.src_prog.resumed > 0 {
+        v.problems
+            .push("the source resumed the program after Commit".into());
+    }
     if !o.dst_prog.committed {
-        // The Commit frame left the source but never reached the
-        // destination's session: neither side may run the program.
-        v.lost_bytes += state_len;
-        v.known = Some((
-            COMMIT_WINDOW,
-            format!(
-                "the source sent Commit but the destination's session failed first (after Ready) or lost it: \
-                 neither side runs the program (the one-way commit's window; issue 20 item 2 has the source \
-                 report the unconfirmed Commit); destination: {}",
-                err_text(&o.dst).unwrap_or_else(|| "no error".into())
-            ),
-        ));
+        commit_window(o, v, state_len);
         return;
     }
     if o.dst_prog.state.as_ref() != Some(&o.state) {
@@ -165,5 +168,62 @@ fn after_commit(o: &Observed, v: &mut Verdict, state_len: u64) {
         v.wrong_pages += w;
         v.problems
             .push(format!("{w} destination page(s) differ from the source's"));
+    }
+}
+
+/// `Commit` left the source, the destination's session ended without it
+/// (a link cut after `Ready`, a lost `Commit`, a destination that failed
+/// first): neither side runs the program. The documented outcome
+/// (`lmig_core::protocol`, "The commit rule") is checked: reported on
+/// both sides, nothing lost, nothing left behind.
+fn commit_window(o: &Observed, v: &mut Verdict, state_len: u64) {
+    v.unconfirmed = true;
+    if !matches!(
+        o.src,
+        Some(Err(lmig_core::MigrationError::CommitUnconfirmed { .. }))
+    ) {
+        v.problems.push(format!(
+            "Commit sent, the destination did not run, yet the source did not report \
+             CommitUnconfirmed: {:?}",
+            o.src.as_ref().map(|r| r.as_ref().map(|_| ()))
+        ));
+    }
+    match &o.dst {
+        Some(Err(e)) if !e.after_commit() => {}
+        other => v.problems.push(format!(
+            "the destination did not run, yet did not report a failure before Commit: {:?}",
+            other.as_ref().map(|r| r.as_ref().map(|_| ()))
+        )),
+    }
+    if o.dst_paused {
+        v.leaks += 1;
+        v.problems
+            .push("the destination left its regions registered after discarding".into());
+    }
+    // The source keeps every byte: its memory and its program's state.
+    if o.src_prog.state.as_ref() != Some(&o.state) {
+        v.lost_bytes += state_len;
+        v.problems.push("the source program's state changed".into());
+    }
+    match &o.src_after {
+        Some(after) => {
+            let w = wrong(&o.image, after);
+            if w > 0 {
+                v.wrong_pages += w;
+                v.problems.push(format!(
+                    "{w} source page(s) changed after an unconfirmed Commit"
+                ));
+            }
+        }
+        None => v
+            .problems
+            .push("the source's memory was not read after an unconfirmed Commit".into()),
+    }
+    match &o.again {
+        Some(Ok(())) => {}
+        Some(Err(why)) => v.problems.push(why.clone()),
+        None => v
+            .problems
+            .push("the source was not asked to migrate again".into()),
     }
 }

@@ -26,7 +26,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::check::Verdict;
-use super::run::{Case, open_uffds, read_all, read_placed, state};
+use super::run::{Case, UffdUse, read_all, read_placed, state};
 use super::wire::config;
 use super::{Args, Summary, TIMEOUT};
 
@@ -158,14 +158,21 @@ pub fn kill_faults(
     let case = Case::new(args.pages, mode);
     for (name, when) in POINTS {
         for victim in ["destination", "source"] {
-            let v = if victim == "destination" {
-                kill_destination(&case, exe, when)
-            } else {
-                kill_source(&case, exe, when)
-            };
+            let what = format!("{mode:?} kill {victim} at {name}");
+            if !args.wants(&what) {
+                continue;
+            }
+            let exe = exe.to_path_buf();
+            let v = super::point::bounded(&what, args.point_timeout(), move || {
+                if victim == "destination" {
+                    kill_destination(&case, &exe, when)
+                } else {
+                    kill_source(&case, &exe, when)
+                }
+            })
+            .unwrap_or_else(Some);
             // A phase this mode never enters is not a point.
             if let Some(v) = v {
-                let what = format!("{mode:?} kill {victim} at {name}");
                 progress(&what, &v);
                 sum.add("kill", &what, v);
             }
@@ -175,7 +182,7 @@ pub fn kill_faults(
 
 /// The source survives; the destination process dies at `when`.
 fn kill_destination(case: &Case, exe: &Path, when: fn(&Phase) -> bool) -> Option<Verdict> {
-    let before = open_uffds();
+    let before = UffdUse::now();
     let mut peer = spawn_peer(exe, case, "destination", None);
     let mut line = String::new();
     let stdout = peer.0.stdout.take().expect("piped stdout");
@@ -225,18 +232,45 @@ fn kill_destination(case: &Case, exe: &Path, when: fn(&Phase) -> bool) -> Option
             v.wrong_pages += w;
             v.problems.push(format!("{w} source page(s) changed"));
         }
-    } else if prog.resumed > 0 {
-        v.problems
-            .push("the source resumed the program after Commit".into());
+    } else {
+        // Killed after `Commit`: `Done` cannot come. The source reports
+        // the unconfirmed Commit, never resumes, keeps every byte, and
+        // refuses the next attempt (docs/failures.md).
+        if prog.resumed > 0 {
+            v.problems
+                .push("the source resumed the program after Commit".into());
+        }
+        if !matches!(
+            r,
+            Some(Err(lmig_core::MigrationError::CommitUnconfirmed { .. }))
+        ) {
+            v.problems.push(format!(
+                "destination killed after Commit, the source did not report CommitUnconfirmed: {:?}",
+                r.as_ref().map(|r| r.as_ref().map(|_| ()))
+            ));
+        }
+        let w = image
+            .iter()
+            .zip(read_all(&set, case.pages))
+            .filter(|(a, b)| *a != b)
+            .count() as u64;
+        if w > 0 {
+            v.wrong_pages += w;
+            v.problems
+                .push(format!("{w} source page(s) changed after an unconfirmed Commit"));
+        }
+        if let Some(Err(why)) = case.again_if_unconfirmed(r.as_ref(), &set) {
+            v.problems.push(why);
+        }
     }
     drop(set);
-    leaks(&mut v, before);
+    leaks(&mut v, before, 0);
     Some(v)
 }
 
 /// The destination survives; the source process dies at `when`.
 fn kill_source(case: &Case, exe: &Path, when: fn(&Phase) -> bool) -> Option<Verdict> {
-    let before = open_uffds();
+    let before = UffdUse::now();
     let l = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().ok()?), config()).ok()?;
     let Endpoint::Tcp(addr) = l.local_endpoint().clone() else {
         return None;
@@ -301,21 +335,16 @@ fn kill_source(case: &Case, exe: &Path, when: fn(&Phase) -> bool) -> Option<Verd
     drop(regions);
     // A region set dropped with pages missing keeps its userfaultfd on
     // purpose (its readers stay blocked): one, not a leak.
-    leaks(&mut v, before + usize::from(paused && prog.committed));
+    leaks(&mut v, before, usize::from(paused && prog.committed));
     Some(v)
 }
 
-fn leaks(v: &mut Verdict, before: usize) {
+fn leaks(v: &mut Verdict, before: UffdUse, kept: usize) {
     // The peer's reader threads and the regions are gone; give the kernel
     // a moment (bounded) to close what they held.
     let deadline = Instant::now() + Duration::from_secs(1);
-    while open_uffds() > before && Instant::now() < deadline {
+    while UffdUse::now().beyond(before, kept) != (0, 0) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let after = open_uffds();
-    if after > before {
-        v.leaks += (after - before) as u64;
-        v.problems
-            .push(format!("{} userfaultfd(s) left open", after - before));
-    }
+    super::check::leaks(v, UffdUse::now().beyond(before, kept));
 }

@@ -2,7 +2,7 @@
 //! destination in host B of an [`lmig_net::topology::Topology`], over
 //! `lmig-transport`'s encrypted TCP channel between their addresses; when
 //! the source's session enters a phase, A's link (`eth0`) goes down (with
-//! `ip link`), so both sides meet silence, not a reset, and must end by
+//! netlink), so both sides meet silence, not a reset, and must end by
 //! their timeouts. The same checks as the message faults follow; the link
 //! comes back up before the next point and the namespaces are removed at
 //! the end.
@@ -19,7 +19,7 @@ use lmig_transport::{Endpoint, Listener, connect};
 
 use super::check::{Verdict, check};
 use super::kill::{POINTS, PhaseTest};
-use super::run::{Case, Observed, open_uffds, read_all, read_placed, state};
+use super::run::{Case, Observed, UffdUse, read_all, read_placed, state};
 use super::wire::config;
 use super::{Args, Summary, TIMEOUT};
 
@@ -52,7 +52,7 @@ pub fn link_faults(
     progress: &mut dyn FnMut(&str, &Verdict),
 ) {
     let topo = match Topology::new() {
-        Ok(t) => t,
+        Ok(t) => std::sync::Arc::new(t),
         Err(e) => {
             sum.points += 1;
             sum.failures
@@ -63,17 +63,19 @@ pub fn link_faults(
     let case = Case::new(args.pages, mode);
     for (name, when) in POINTS {
         // Setup is over before the first message: a cut there is a cut in a round.
-        if name == "setup" {
+        let what = format!("{mode:?} link cut at {name}");
+        if name == "setup" || !args.wants(&what) {
             continue;
         }
-        let v = cut(&topo, case, when);
+        let t = topo.clone();
+        let v = super::point::bounded(&what, args.point_timeout(), move || cut(&t, case, when))
+            .unwrap_or_else(Some);
         if topo.a.set_link("eth0", true).is_err() {
             sum.failures.push(format!(
                 "{mode:?} link cut at {name}: the link did not come back up"
             ));
         }
         if let Some(v) = v {
-            let what = format!("{mode:?} link cut at {name}");
             progress(&what, &v);
             sum.add("link-cut", &what, v);
         }
@@ -83,7 +85,7 @@ pub fn link_faults(
 /// One migration from A to B with A's link cut at `when`; `None` when the
 /// session never entered that phase.
 fn cut(topo: &Topology, case: Case, when: PhaseTest) -> Option<Verdict> {
-    let before = open_uffds();
+    let before = UffdUse::now();
     let (port_tx, port_rx) = mpsc::channel();
     let dst = topo
         .b
@@ -130,11 +132,20 @@ fn cut(topo: &Topology, case: Case, when: PhaseTest) -> Option<Verdict> {
                 lmig_core::Channel::shutdown(&ch);
                 r
             });
-            let after = (!prog.committed).then(|| read_all(&set, case.pages));
-            (r, prog, image, after, cut.done.load(Ordering::SeqCst))
+            let confirmed = prog.committed && matches!(r, Some(Ok(_)));
+            let after = (!confirmed).then(|| read_all(&set, case.pages));
+            let again = case.again_if_unconfirmed(r.as_ref(), &set);
+            (
+                r,
+                prog,
+                image,
+                after,
+                again,
+                cut.done.load(Ordering::SeqCst),
+            )
         })
         .ok()?;
-    let (src_r, src_prog, image, src_after, fired) = src.join().ok()?.ok()?;
+    let (src_r, src_prog, image, src_after, again, fired) = src.join().ok()?.ok()?;
     let d = dst.join().ok()?.ok()?;
     if !fired {
         return None;
@@ -152,9 +163,10 @@ fn cut(topo: &Topology, case: Case, when: PhaseTest) -> Option<Verdict> {
         state: state(),
         image,
         src_after,
+        again,
         dst_pages,
         dst_paused,
-        uffds: (before, open_uffds()),
+        uffds: (before, UffdUse::now()),
     };
     Some(check(&obs))
 }

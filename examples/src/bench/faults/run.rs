@@ -10,7 +10,7 @@ use lmig_core::session::{
     Destination, DestinationConfig, DestinationReport, Mode, Source, SourceConfig, SourceReport,
 };
 use lmig_core::testing::{Fault, FaultChannel, NullProgram, channel_pair};
-use lmig_core::{Channel, Event, MemorySource, Observer, Phase};
+use lmig_core::{Channel, Event, MemorySource, MigrationError, Observer, Phase};
 use lmig_mem::{
     Backing, DestinationRegions, DirtyMarker, ManualTracker, PostcopyOptions, RegionOptions,
     RegionSet, UffdWpTracker,
@@ -47,16 +47,20 @@ pub struct Observed {
     pub state: ProgramState,
     /// The source's pages before the attempt.
     pub image: Vec<Vec<u8>>,
-    /// The source's pages after the attempt (`None` after `Commit`: the
-    /// source may have released them).
+    /// The source's pages after the attempt (`None` after a confirmed
+    /// `Commit`: the source may have released them).
     pub src_after: Option<Vec<Vec<u8>>>,
+    /// After a `CommitUnconfirmed`: the source asked to migrate the same
+    /// memory again refused as it must (`Ok`), or how it did not (`Err`).
+    pub again: Option<Result<(), String>>,
     /// The destination's pages (`None` when it never mapped them).
     pub dst_pages: Option<Vec<Vec<u8>>>,
     /// The destination was still in post-copy (pages missing) when its
     /// session ended; the suite then abandoned post-copy to read the rest.
     pub dst_paused: bool,
-    /// Userfaultfds open before the attempt and after everything was dropped.
-    pub uffds: (usize, usize),
+    /// Userfaultfds and registrations before the attempt and after
+    /// everything was dropped.
+    pub uffds: (UffdUse, UffdUse),
 }
 
 /// The page pattern: distinct per page, every seventh page zero.
@@ -81,6 +85,52 @@ pub fn open_uffds() -> usize {
     dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .filter(|l| l.to_string_lossy().contains("userfaultfd"))
         .count()
+}
+
+/// Memory areas of this process registered with a userfaultfd (`um`,
+/// `uw` or `ui` in their `VmFlags` in `/proc/self/smaps`): what a session
+/// left registered, whichever fd holds it.
+pub fn uffd_registrations() -> usize {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    smaps
+        .lines()
+        .filter_map(|l| l.strip_prefix("VmFlags:"))
+        .filter(|flags| {
+            flags
+                .split_whitespace()
+                .any(|f| matches!(f, "um" | "uw" | "ui"))
+        })
+        .count()
+}
+
+/// Userfaultfds and registrations of this process, for a leak check
+/// around one point.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct UffdUse {
+    /// Open userfaultfds.
+    pub fds: usize,
+    /// Registered memory areas.
+    pub registered: usize,
+}
+
+impl UffdUse {
+    /// Now.
+    pub fn now() -> Self {
+        Self {
+            fds: open_uffds(),
+            registered: uffd_registrations(),
+        }
+    }
+
+    /// What `self` holds beyond `before` and `kept` (each counted once).
+    pub fn beyond(self, before: UffdUse, kept: usize) -> (usize, usize) {
+        (
+            self.fds.saturating_sub(before.fds + kept),
+            self.registered.saturating_sub(before.registered + kept),
+        )
+    }
 }
 
 /// Post-copy after the first round (hybrid).
@@ -225,7 +275,7 @@ impl Case {
         src: impl FnOnce() -> Option<S>,
         dst: impl FnOnce() -> Option<D> + Send,
     ) -> Observed {
-        let before = open_uffds();
+        let before = UffdUse::now();
         let set = self.source_regions();
         let image = read_all(&set, self.pages);
         let state = state();
@@ -248,8 +298,9 @@ impl Case {
             });
             (r, d.join().expect("destination thread"))
         });
-        let committed = src_prog.committed;
-        let src_after = (!committed).then(|| read_all(&set, self.pages));
+        let confirmed = src_prog.committed && matches!(src_r, Some(Ok(_)));
+        let src_after = (!confirmed).then(|| read_all(&set, self.pages));
+        let again = self.again_if_unconfirmed(src_r.as_ref(), &set);
         let mut dst_paused = false;
         let dst_pages = dregions.regions().map(|r| {
             let (pages, paused) = read_placed(r, self.pages);
@@ -267,10 +318,45 @@ impl Case {
             state,
             image,
             src_after,
+            again,
             dst_pages,
             dst_paused,
-            uffds: (before, open_uffds()),
+            uffds: (before, UffdUse::now()),
         }
+    }
+
+    /// After a source's `CommitUnconfirmed`: ask it to migrate the same
+    /// memory again (over an in-process pair) and check the refusal:
+    /// `HandedOverBefore { confirmed: false }`, the program untouched.
+    pub fn again_if_unconfirmed(
+        &self,
+        src: Option<&lmig_core::Result<SourceReport>>,
+        set: &RegionSet,
+    ) -> Option<Result<(), String>> {
+        if !matches!(src, Some(Err(MigrationError::CommitUnconfirmed { .. }))) {
+            return None;
+        }
+        let (a, b) = channel_pair(1);
+        let mut prog = NullProgram::with_state(state());
+        let r = self.run_source(&a, set, &mut prog, lmig_core::NoObserver);
+        let told = matches!(
+            b.recv(Some(TIMEOUT)),
+            Ok(Some(lmig_core::Message::Abort { .. }))
+        );
+        Some(match r {
+            Err(MigrationError::HandedOverBefore { confirmed: false })
+                if prog.paused == 0 && prog.resumed == 0 && told =>
+            {
+                Ok(())
+            }
+            other => Err(format!(
+                "asked to migrate again after CommitUnconfirmed, the source answered {:?} \
+                 (program paused {} resumed {}, the destination told: {told})",
+                other.map(|_| ()),
+                prog.paused,
+                prog.resumed
+            )),
+        })
     }
 
     /// The source's region, filled with [`page`].

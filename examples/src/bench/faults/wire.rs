@@ -239,10 +239,20 @@ pub fn wire_faults(
     progress: &mut dyn FnMut(&str, &Verdict),
 ) {
     let case = Case::new(args.pages, mode);
-    let (clean, counts) = run_wire(&case, None);
     let what = format!("{mode:?} wire fault-free");
-    progress(&what, &clean);
-    sum.add("none", &what, clean);
+    let counts =
+        match super::point::bounded(&what, args.point_timeout(), move || run_wire(&case, None)) {
+            Ok((clean, counts)) => {
+                progress(&what, &clean);
+                sum.add("none", &what, clean);
+                counts
+            }
+            Err(v) => {
+                progress(&what, &v);
+                sum.add("none", &what, v);
+                return;
+            }
+        };
     let k = u64::from(args.wire_offsets.max(1));
     for (conn, c) in counts.iter().enumerate() {
         for (dir, &bytes) in c.iter().enumerate() {
@@ -255,11 +265,17 @@ pub fn wire_faults(
                         offset,
                         kind,
                     };
-                    let (v, _) = run_wire(&case, Some(spec));
                     let what = format!(
                         "{mode:?} {} stream {conn} dir {dir} byte {offset}/{bytes}",
                         kind.name()
                     );
+                    if !args.wants(&what) {
+                        continue;
+                    }
+                    let v = super::point::bounded(&what, args.point_timeout(), move || {
+                        run_wire(&case, Some(spec)).0
+                    })
+                    .unwrap_or_else(|v| v);
                     progress(&what, &v);
                     sum.add(kind.name(), &what, v);
                 }

@@ -32,6 +32,9 @@ const URGENT_TICK: Duration = Duration::from_millis(20);
 /// How long the control lane is read at a time after `Commit`.
 const CONTROL_TICK: Duration = Duration::from_millis(20);
 
+/// Most warnings kept about unexpected messages after `Commit`.
+const MAX_WARNINGS: usize = 16;
+
 /// Round number used for pages sent after `Commit`.
 const POSTCOPY_ROUND: u32 = u32::MAX;
 
@@ -274,8 +277,24 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
                 Message::PageRequest(run) => self.serve_request(&mut urgent, run),
                 Message::Resync(missing) => self.resync(missing, digests.as_deref()),
                 Message::Done(v) => return Ok(v),
+                // Only a destination that failed before `Commit` sends
+                // `Abort`: it discarded everything (the program runs
+                // nowhere), which the caller must hear.
+                abort @ Message::Abort { .. } => {
+                    return Err(unexpected("post-commit", "PageRequest or Done", &abort));
+                }
+                // Anything else (a duplicated `Ready` or `Prepared`) is
+                // dropped with a warning, as the destination does after
+                // `Commit`: ending the service here would leave a
+                // post-copy destination without its pages, and a stray
+                // message is no reason to stop waiting for `Done`.
                 other => {
-                    return Err(unexpected("post-commit", "PageRequest or Done", &other));
+                    if warnings.len() < MAX_WARNINGS {
+                        warnings.push(format!(
+                            "after Commit: ignored an unexpected {} from the destination",
+                            other.name()
+                        ));
+                    }
                 }
             }
         }
