@@ -256,8 +256,9 @@ fn kill_destination(case: &Case, exe: &Path, when: fn(&Phase) -> bool) -> Option
             .count() as u64;
         if w > 0 {
             v.wrong_pages += w;
-            v.problems
-                .push(format!("{w} source page(s) changed after an unconfirmed Commit"));
+            v.problems.push(format!(
+                "{w} source page(s) changed after an unconfirmed Commit"
+            ));
         }
         if let Some(Err(why)) = case.again_if_unconfirmed(r.as_ref(), &set) {
             v.problems.push(why);

@@ -51,6 +51,7 @@ pub fn link_faults(
     sum: &mut Summary,
     progress: &mut dyn FnMut(&str, &Verdict),
 ) {
+    let before = own_namespaces();
     let topo = match Topology::new() {
         Ok(t) => std::sync::Arc::new(t),
         Err(e) => {
@@ -80,6 +81,27 @@ pub fn link_faults(
             sum.add("link-cut", &what, v);
         }
     }
+    // Every namespace of the topology goes with it (unless a point hung
+    // holding it: then that point failed already, and this says so too).
+    drop(topo);
+    let left = own_namespaces().saturating_sub(before);
+    if left > 0 {
+        sum.leaks += left as u64;
+        sum.failures.push(format!(
+            "{mode:?} link cuts: {left} network namespace(s) of this process left behind"
+        ));
+    }
+}
+
+/// Network namespaces of this process (their names carry its pid) in
+/// `/run/netns`.
+fn own_namespaces() -> usize {
+    let own = format!("lmig{}-", std::process::id());
+    std::fs::read_dir("/run/netns").map_or(0, |d| {
+        d.filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&own))
+            .count()
+    })
 }
 
 /// One migration from A to B with A's link cut at `when`; `None` when the
