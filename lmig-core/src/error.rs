@@ -135,6 +135,22 @@ pub enum MigrationError {
         detail: String,
     },
 
+    /// Source: this memory's program was handed over by an earlier session
+    /// (its `Commit` went out; [`MemorySource::handed_over`](crate::MemorySource::handed_over)).
+    /// Refused before anything was sent, the program not touched: it stays
+    /// stopped here, and when `confirmed` is false it may run on that
+    /// destination (the earlier session ended in
+    /// [`MigrationError::CommitUnconfirmed`]): check there first.
+    #[error("{}", if *confirmed {
+        "this program was already handed over to a destination (Commit confirmed); it never runs or migrates from here again"
+    } else {
+        "this program's earlier migration sent Commit and was never confirmed: it may run on that destination (check it); refusing to migrate it again"
+    })]
+    HandedOverBefore {
+        /// The earlier `Commit` was confirmed (`Done` came back).
+        confirmed: bool,
+    },
+
     /// Destination, after `Commit`: the source was lost in post-copy and did
     /// not come back within [`DestinationConfig::pause_limit`](crate::session::DestinationConfig::pause_limit).
     /// The program runs here; `missing_pages` of its pages never arrived and
@@ -236,20 +252,22 @@ impl MigrationError {
 
     /// After this error on the source side, may the program keep running there?
     ///
-    /// True for every error except [`MigrationError::CommitUnconfirmed`] and
-    /// a panic after `Commit`: the session resumed the program before
-    /// returning the error.
+    /// True for every error except [`MigrationError::CommitUnconfirmed`],
+    /// [`MigrationError::HandedOverBefore`] and a panic after `Commit`: the
+    /// session resumed the program before returning the error.
     pub fn source_may_run(&self) -> bool {
         !self.after_commit()
     }
 
     /// Did this error happen after `Commit` (so the program never runs on
     /// the source again)? True for [`MigrationError::CommitUnconfirmed`],
+    /// [`MigrationError::HandedOverBefore`],
     /// [`MigrationError::AfterCommit`] and a panic after `Commit`.
     pub fn after_commit(&self) -> bool {
         matches!(
             self,
             Self::CommitUnconfirmed { .. }
+                | Self::HandedOverBefore { .. }
                 | Self::AfterCommit { .. }
                 | Self::PostcopyPaused { .. }
                 | Self::Panicked {

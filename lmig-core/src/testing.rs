@@ -1,11 +1,16 @@
 //! Test doubles for writing tests of sessions and backends without an OS:
 //! memory in vectors, an in-process channel pair, a tracker the test marks
 //! itself, a program that records what was done to it, and a channel that
-//! breaks on cue.
+//! breaks on cue ([`CutChannel`]) or misbehaves at any message
+//! ([`FaultChannel`]).
 //!
 //! `lmig-transport` has the real channels (and an in-memory pair that goes
 //! through the wire codec); these exist so lmig-core can test its state
 //! machines alone.
+
+pub mod faults;
+
+pub use faults::{Fault, FaultChannel, FaultKind};
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
@@ -22,6 +27,8 @@ use crate::traits::{Channel, DirtyTracker, MemorySink, MemorySource, StateSink, 
 pub struct VecMemory {
     regions: Mutex<Vec<(RegionInfo, Vec<u8>)>>,
     discarded: AtomicBool,
+    /// [`MemorySource::handed_over`]: 0 none, 1 unconfirmed, 2 confirmed.
+    handed_over: AtomicU32,
 }
 
 impl VecMemory {
@@ -36,6 +43,7 @@ impl VecMemory {
                     .collect(),
             ),
             discarded: AtomicBool::new(false),
+            handed_over: AtomicU32::new(0),
         }
     }
 
@@ -105,6 +113,18 @@ impl MemorySource for VecMemory {
 
     fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
         self.with_run(run, Some(dst.len()), |src| dst.copy_from_slice(src))
+    }
+
+    fn mark_handed_over(&self, confirmed: bool) {
+        self.handed_over
+            .store(1 + u32::from(confirmed), Ordering::SeqCst);
+    }
+
+    fn handed_over(&self) -> Option<bool> {
+        match self.handed_over.load(Ordering::SeqCst) {
+            0 => None,
+            n => Some(n == 2),
+        }
     }
 }
 

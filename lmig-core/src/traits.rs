@@ -89,6 +89,24 @@ pub trait MemorySource: Send + Sync {
     /// that a request does not wait for a CPU behind the push. The default
     /// does nothing.
     fn urgent_thread(&self) {}
+    /// `Commit` went out for the program of this memory: it belongs to a
+    /// destination now. Called with `confirmed = false` as soon as the
+    /// `Commit` frame is written, and again with `true` when `Done` came
+    /// back. A backend that outlives the session keeps the last value for
+    /// [`MemorySource::handed_over`] (the default keeps nothing).
+    fn mark_handed_over(&self, confirmed: bool) {
+        let _ = confirmed;
+    }
+
+    /// What an earlier session's `Commit` left on this memory: `None` (no
+    /// `Commit` went out), `Some(false)` (`Commit` went out, never
+    /// confirmed: [`MigrationError::CommitUnconfirmed`]), `Some(true)`
+    /// (handed over and confirmed). [`Source::run`](crate::session::Source::run)
+    /// refuses such memory with [`MigrationError::HandedOverBefore`]: the
+    /// program may run on the destination, and a second copy must not.
+    fn handed_over(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// Places pages into the program's regions on the destination.
@@ -130,6 +148,15 @@ pub trait MemorySink: Send + Sync {
     fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
         std::thread::sleep(timeout);
         Ok(None)
+    }
+
+    /// Post-copy stops being served with pages still missing (its source
+    /// is lost: [`MigrationError::PostcopyPaused`]): make every page that
+    /// is *not* missing readable with nobody answering faults (place the
+    /// zeros the kernel would give a page never touched), so that only the
+    /// threads touching a missing page stay blocked. Never fills a missing page.
+    fn hold_missing(&self) -> Result<()> {
+        Ok(())
     }
 
     /// Post-copy: every page has been placed; stop handling faults.
@@ -635,6 +662,13 @@ impl<T: MemorySource + ?Sized> MemorySource for &T {
     fn urgent_thread(&self) {
         (**self).urgent_thread()
     }
+
+    fn mark_handed_over(&self, confirmed: bool) {
+        (**self).mark_handed_over(confirmed)
+    }
+    fn handed_over(&self) -> Option<bool> {
+        (**self).handed_over()
+    }
 }
 
 impl<T: MemorySource + ?Sized> MemorySource for Arc<T> {
@@ -655,6 +689,13 @@ impl<T: MemorySource + ?Sized> MemorySource for Arc<T> {
     }
     fn urgent_thread(&self) {
         (**self).urgent_thread()
+    }
+
+    fn mark_handed_over(&self, confirmed: bool) {
+        (**self).mark_handed_over(confirmed)
+    }
+    fn handed_over(&self) -> Option<bool> {
+        (**self).handed_over()
     }
 }
 
@@ -678,6 +719,9 @@ macro_rules! forward_sink {
             }
             fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
                 (**self).wait_fault(timeout)
+            }
+            fn hold_missing(&self) -> Result<()> {
+                (**self).hold_missing()
             }
             fn end_postcopy(&self) -> Result<()> {
                 (**self).end_postcopy()

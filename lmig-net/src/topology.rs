@@ -129,6 +129,25 @@ fn wait_oper_up(nl: &mut NlSocket, name: &str) -> Result<()> {
 /// How long a new link may take to become operational.
 const LINK_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Set link `name` of the calling thread's namespace up (waiting until it
+/// is operational) or down; see [`Netns::set_link`].
+pub fn set_link_here(name: &str, up: bool) -> Result<()> {
+    let mut nl = route_socket()?;
+    let ifindex = index(name)?;
+    if up {
+        setup(
+            format!("set {name} up"),
+            rtnl::set_link_up(&mut nl, ifindex, None),
+        )?;
+        wait_oper_up(&mut nl, name)
+    } else {
+        setup(
+            format!("set {name} down"),
+            rtnl::set_link_down(&mut nl, ifindex),
+        )
+    }
+}
+
 fn route_socket() -> Result<NlSocket> {
     setup("open a NETLINK_ROUTE socket", NlSocket::route())
 }
@@ -169,6 +188,14 @@ impl Netns {
     /// The namespace's name (as `ip netns` shows it).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Set link `name` of this namespace up (waiting until it is
+    /// operational) or down: a link cut, as `ip -n <ns> link set <name>
+    /// up|down` would make it.
+    pub fn set_link(&self, name: &str, up: bool) -> Result<()> {
+        let name = name.to_string();
+        self.run(move || set_link_here(&name, up))?
     }
 
     /// Open `/run/netns/<name>`.

@@ -7,6 +7,7 @@
 use std::io::Write;
 
 pub mod cut_proxy;
+pub mod faults;
 pub mod handoff;
 pub mod hostile;
 pub mod migrate;

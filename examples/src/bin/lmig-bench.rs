@@ -44,6 +44,11 @@ enum Scenario {
     /// One VMM process of `vm` (started by it).
     #[command(hide = true)]
     VmPeer(lmig_examples::bench::vm::PeerArgs),
+    /// A migration broken at every protocol step (break, stall, duplicate, corrupt, truncate).
+    Faults(lmig_examples::bench::faults::Args),
+    /// One side of a `faults` kill point (started by it).
+    #[command(hide = true)]
+    FaultsPeer(lmig_examples::bench::faults::kill::PeerArgs),
     /// The destination process of `transfer` (started by it).
     #[command(hide = true)]
     TransferPeer(lmig_examples::bench::transfer::PeerArgs),
@@ -79,6 +84,8 @@ fn main() {
         Scenario::Probe(a) => lmig_examples::bench::probe::run(a, out),
         Scenario::Vm(a) => lmig_examples::bench::vm::run(a, out),
         Scenario::VmPeer(a) => lmig_examples::bench::vm::peer(a),
+        Scenario::Faults(a) => lmig_examples::bench::faults::run(a, out),
+        Scenario::FaultsPeer(a) => lmig_examples::bench::faults::kill::peer(a),
         Scenario::TransferPeer(a) => lmig_examples::bench::transfer::peer(a),
     };
     if let Err(e) = result {

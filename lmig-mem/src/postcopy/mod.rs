@@ -288,6 +288,54 @@ impl Postcopy {
         st.missing.count() + st.filling.count()
     }
 
+    /// The pages not placed yet (missing, or being filled), as a copy.
+    pub(crate) fn missing_set(&self) -> RegionPages {
+        let st = lock(&self.pages);
+        let mut pages = st.missing.clone();
+        pages.union_with(&st.filling);
+        pages
+    }
+
+    /// Nobody will call [`Self::wait_fault`] any more (the source is lost
+    /// for good) while pages are missing: make every page that is neither
+    /// missing nor being filled present — a page never touched (a zero
+    /// page the sink placed as "no work") gets the zero page, one already
+    /// there is left as it is — so that it reads without a fault handler.
+    /// Missing pages are never touched here.
+    pub(crate) fn hold_missing(&self) -> Result<()> {
+        for t in &self.targets {
+            let placed: Vec<(u64, u64)> = {
+                let st = lock(&self.pages);
+                let taken = |p: u64| {
+                    st.missing.get(t.id).is_ok_and(|s| s.contains(p))
+                        || st.filling.get(t.id).is_ok_and(|s| s.contains(p))
+                };
+                let mut runs: Vec<(u64, u64)> = Vec::new();
+                for p in (0..t.len / t.page_size).filter(|&p| !taken(p)) {
+                    match runs.last_mut() {
+                        Some((first, count)) if *first + *count == p => *count += 1,
+                        _ => runs.push((p, 1)),
+                    }
+                }
+                runs
+            };
+            for (first, count) in placed {
+                let (addr, len) = (t.start + first * t.page_size, count * t.page_size);
+                let filled = match &t.fill {
+                    Fill::Copy => uffd::zeropage(self.uffd.as_fd(), addr, len),
+                    Fill::Continue { .. } => uffd::cont(self.uffd.as_fd(), addr, len),
+                };
+                // Some page of the run was there already: page by page.
+                if filled.error.is_some() {
+                    for p in first..first + count {
+                        self.answer_present(t, p)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Wait up to `timeout` for a fault on a missing page.
     pub(crate) fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
         let start = Instant::now();

@@ -121,6 +121,10 @@ impl MemorySink for DestinationRegions {
         Ok(self.set()?.wait_fault(timeout)?)
     }
 
+    fn hold_missing(&self) -> lmig_core::Result<()> {
+        Ok(self.set()?.hold_missing()?)
+    }
+
     fn end_postcopy(&self) -> lmig_core::Result<()> {
         Ok(self.set()?.end_postcopy()?)
     }

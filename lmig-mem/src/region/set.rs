@@ -28,6 +28,8 @@ pub struct RegionSet {
     pub(super) layout: RegionLayout,
     /// Same order as `layout.regions()` (sorted by id).
     pub(super) regions: Vec<Region>,
+    /// `MemorySource::handed_over`: 0 none, 1 unconfirmed, 2 confirmed.
+    pub(super) handed_over: std::sync::atomic::AtomicU8,
 }
 
 impl RegionSet {
@@ -60,6 +62,7 @@ impl RegionSet {
             sink: RegionSink::new(&regions),
             layout,
             regions,
+            handed_over: std::sync::atomic::AtomicU8::new(0),
         })
     }
 

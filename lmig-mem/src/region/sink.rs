@@ -60,11 +60,26 @@ impl RegionSet {
         self.sink.residency()
     }
 
+    /// Post-copy with nobody serving faults any more (the source lost for
+    /// good): every page that is not missing — a zero page never touched
+    /// included — is made present, so it reads without a fault handler;
+    /// the missing pages stay missing (their touchers blocked).
+    pub fn hold_missing(&self) -> Result<()> {
+        self.sink.hold_missing()
+    }
+
     /// Post-copy: pages still missing (0 outside post-copy). After the
     /// source was lost for good they stay missing and their touchers stay
     /// blocked: nothing here ever fills them with zeros.
     pub fn postcopy_missing(&self) -> u64 {
         self.sink.postcopy_missing()
+    }
+
+    /// Post-copy: which pages are still missing (a copy; `None` outside
+    /// post-copy). A program paused by a lost source can read every page
+    /// not in it without blocking.
+    pub fn postcopy_missing_pages(&self) -> Option<RegionPages> {
+        self.sink.postcopy_missing_set()
     }
 
     /// Write the pages of `run` (checked against the region before any byte
@@ -128,6 +143,10 @@ impl MemorySink for RegionSet {
 
     fn wait_fault(&self, timeout: Duration) -> lmig_core::Result<Option<PageRun>> {
         Ok(RegionSet::wait_fault(self, timeout)?)
+    }
+
+    fn hold_missing(&self) -> lmig_core::Result<()> {
+        Ok(RegionSet::hold_missing(self)?)
     }
 
     fn end_postcopy(&self) -> lmig_core::Result<()> {

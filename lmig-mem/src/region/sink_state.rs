@@ -85,6 +85,15 @@ impl RegionSink {
             .map(|postcopy| Residency { postcopy })
     }
 
+    pub(crate) fn hold_missing(&self) -> Result<()> {
+        self.active_postcopy()
+            .map_or(Ok(()), |pc| pc.hold_missing())
+    }
+
+    pub(crate) fn postcopy_missing_set(&self) -> Option<RegionPages> {
+        self.active_postcopy().map(|pc| pc.missing_set())
+    }
+
     pub(crate) fn in_postcopy(&self) -> bool {
         self.active_postcopy().is_some()
     }

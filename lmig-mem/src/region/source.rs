@@ -37,4 +37,17 @@ impl MemorySource for RegionSet {
     fn urgent_thread(&self) {
         crate::postcopy::urgent_thread();
     }
+
+    /// Kept for the set's life: a later session over it is refused.
+    fn mark_handed_over(&self, confirmed: bool) {
+        self.handed_over
+            .store(1 + u8::from(confirmed), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn handed_over(&self) -> Option<bool> {
+        match self.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            n => Some(n == 2),
+        }
+    }
 }

@@ -362,6 +362,17 @@ mod link {
         transact_one(nl, &m)
     }
 
+    /// `RTM_NEWLINK` on link `index`: set it down (`ip link set <dev> down`).
+    #[doc(alias = "RTM_NEWLINK")]
+    pub(crate) fn set_link_down(nl: &mut NlSocket, index: u32) -> io::Result<()> {
+        let seq = nl.next_seq();
+        let mut m = MsgBuf::new();
+        m.begin(RTM_NEWLINK, F_REQUEST | F_ACK, seq)
+            .raw(&ifinfomsg(index, 0, IFF_UP));
+        m.end();
+        transact_one(nl, &m)
+    }
+
     /// `RTM_GETLINK` on link `index`: is its operational state `IF_OPER_UP`?
     /// (The kernel sets it, and activates the link's queueing discipline,
     /// from a work queue a moment after the link came up; a packet sent
@@ -425,7 +436,9 @@ mod link {
     }
 }
 #[cfg(feature = "test-topology")]
-pub(crate) use link::{add_bridge, add_veth, del_neighbour, link_oper_up, neighbours, set_link_up};
+pub(crate) use link::{
+    add_bridge, add_veth, del_neighbour, link_oper_up, neighbours, set_link_down, set_link_up,
+};
 
 #[cfg(test)]
 mod tests {

@@ -477,6 +477,17 @@ where
             paused_for: since.elapsed(),
             reason,
         };
+        // Nobody answers faults while paused (nor after a pause that ends
+        // in `PostcopyPaused`): the pages that are not missing must read
+        // without a handler, so that only the touchers of missing pages
+        // wait. A failure here costs availability, never a wrong page.
+        if missing_pages > 0 {
+            if let Err(e) = self.memory.hold_missing() {
+                progress.report.warnings.push(format!(
+                    "post-copy: making the placed pages readable for the pause: {e}"
+                ));
+            }
+        }
         if missing_pages == 0 || matches!(lost, MigrationError::Unsupported { .. }) {
             return Err(paused(reason));
         }

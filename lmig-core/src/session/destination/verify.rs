@@ -11,6 +11,9 @@ use crate::session::unexpected;
 use crate::traits::{Channel, MemorySink, SocketSink, StateSink};
 use crate::verify::first_mismatch;
 
+/// Most warnings kept about stray messages while waiting for the digests.
+const MAX_STRAY_WARNINGS: usize = 16;
+
 impl<'a, C, M, P, K> Destination<'a, C, M, P, K>
 where
     C: Channel,
@@ -94,7 +97,20 @@ where
                 Message::Digests(d) => return Ok(d),
                 // Duplicates of post-copy pages may still be in flight.
                 Message::Pages(b) => progress.report.duplicate_pages += u64::from(b.run.count),
-                other => return Err(unexpected("verify", "Digests", &other)),
+                abort @ Message::Abort { .. } => {
+                    return Err(unexpected("verify", "Digests", &abort));
+                }
+                // A stray message (a duplicated `Commit`) after `Commit`
+                // is dropped with a warning, as in post-copy: the program
+                // runs here, and the digests may still come.
+                other => {
+                    if progress.report.warnings.len() < MAX_STRAY_WARNINGS {
+                        progress.report.warnings.push(format!(
+                            "after Commit: ignored an unexpected {} while waiting for the digests",
+                            other.name()
+                        ));
+                    }
+                }
             }
         }
     }

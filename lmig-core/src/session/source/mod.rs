@@ -464,6 +464,13 @@ where
             verification: Verification::NotChecked,
             warnings: Vec::new(),
         };
+        // A program handed over before never migrates again: it may run on
+        // that destination. The destination hears `Abort` and discards.
+        if let Some(confirmed) = self.memory.handed_over() {
+            let err = MigrationError::HandedOverBefore { confirmed };
+            send_abort(&self.channel, &err);
+            return Err(err);
+        }
         let mut undo = Undo::default();
         // A panic in a trait implementation before `Commit` fails the
         // attempt like any error: the abort resumes the program.
@@ -488,6 +495,9 @@ where
         report.ready_after = report.ready_at - start;
         report.commit_after = report.commit_at - start;
         report.freeze_time = report.freeze();
+        // Remembered by a memory that outlives this session: a later
+        // attempt says the program was handed over (unconfirmed until `Done`).
+        self.memory.mark_handed_over(false);
         self.phase(Phase::Committed);
         // From here on the destination owns the program: a failure or a
         // panic is reported, never undone.
@@ -532,6 +542,7 @@ where
                     warnings = report.warnings.len(),
                     "migration out done"
                 );
+                self.memory.mark_handed_over(true);
                 self.memory.release();
                 self.phase(Phase::Done);
                 Ok(report)

@@ -37,6 +37,8 @@ const CONTROL_TICK: Duration = Duration::from_millis(20);
 /// (see [`Service::serve_request`]): a fault asks for one page; a larger
 /// request (a program asking ahead for a range) gets the rest by the push.
 const RESEND_PAGES: u64 = CHUNK_PAGES as u64;
+/// Most warnings kept about unexpected messages after `Commit`.
+const MAX_WARNINGS: usize = 16;
 
 /// Round number used for pages sent after `Commit`.
 const POSTCOPY_ROUND: u32 = u32::MAX;
@@ -316,8 +318,24 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
                     self.resync(missing, digests.as_deref())
                 }
                 Message::Done(v) => return Ok(v),
+                // Only a destination that failed before `Commit` sends
+                // `Abort`: it discarded everything (the program runs
+                // nowhere), which the caller must hear.
+                abort @ Message::Abort { .. } => {
+                    return Err(unexpected("post-commit", "PageRequest or Done", &abort));
+                }
+                // Anything else (a duplicated `Ready` or `Prepared`) is
+                // dropped with a warning, as the destination does after
+                // `Commit`: ending the service here would leave a
+                // post-copy destination without its pages, and a stray
+                // message is no reason to stop waiting for `Done`.
                 other => {
-                    return Err(unexpected("post-commit", "PageRequest or Done", &other));
+                    if warnings.len() < MAX_WARNINGS {
+                        warnings.push(format!(
+                            "after Commit: ignored an unexpected {} from the destination",
+                            other.name()
+                        ));
+                    }
                 }
             }
         }
