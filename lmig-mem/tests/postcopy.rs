@@ -535,7 +535,10 @@ fn migrate(
             if (dest.is_finished() && !go.load(Ordering::Acquire)) || Instant::now() > deadline {
                 break;
             }
-            if dest.is_finished() {
+            // With every page here the toucher cannot block, only be slow
+            // (a loaded machine): wait for it. With pages still missing
+            // after the destination ended, give it 200 ms, then poison.
+            if dest.is_finished() && dst.postcopy_stats().missing > 0 {
                 std::thread::sleep(Duration::from_millis(200));
                 if !toucher.is_finished() {
                     break;
