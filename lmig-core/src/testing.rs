@@ -29,6 +29,9 @@ pub struct VecMemory {
     discarded: AtomicBool,
     /// [`MemorySource::handed_over`]: 0 none, 1 unconfirmed, 2 confirmed.
     handed_over: AtomicU32,
+    /// Pages declared free, and those declared free since the last
+    /// [`MemorySource::take_freed`] (`None` until the first declaration).
+    free: Mutex<Option<(RegionPages, RegionPages)>>,
 }
 
 impl VecMemory {
@@ -44,6 +47,7 @@ impl VecMemory {
             ),
             discarded: AtomicBool::new(false),
             handed_over: AtomicU32::new(0),
+            free: Mutex::new(None),
         }
     }
 
@@ -71,6 +75,32 @@ impl VecMemory {
             .find(|(r, _)| r.id == region)
             .map(|(_, b)| b.clone())
             .unwrap_or_default()
+    }
+
+    /// Declare the pages of `run` free: their content is zeroed (discarded)
+    /// and the session sends them as zero runs without reading them; see
+    /// [`MemorySource::free_pages`].
+    pub fn declare_free(&self, run: &PageRun) -> Result<()> {
+        self.with_run(run, None, |bytes| bytes.fill(0))?;
+        let layout = MemorySource::layout(self);
+        let mut free = self.free.lock().expect("poisoned");
+        let (all, since) =
+            free.get_or_insert_with(|| (RegionPages::empty(&layout), RegionPages::empty(&layout)));
+        all.insert_run(run)?;
+        since.insert_run(run)
+    }
+
+    /// Declare the pages of `run` in use again (before writing them).
+    pub fn declare_used(&self, run: &PageRun) -> Result<()> {
+        let layout = MemorySource::layout(self);
+        layout.check_run(run)?;
+        if let Some((all, since)) = self.free.lock().expect("poisoned").as_mut() {
+            for set in [all, since] {
+                set.get_mut(run.region)?
+                    .remove_range(run.first, u64::from(run.count));
+            }
+        }
+        Ok(())
     }
 
     /// Was `discard` called?
@@ -125,6 +155,24 @@ impl MemorySource for VecMemory {
             0 => None,
             n => Some(n == 2),
         }
+    }
+
+    fn free_pages(&self, free: &mut RegionPages) -> Result<bool> {
+        match self.free.lock().expect("poisoned").as_ref() {
+            Some((all, _)) => {
+                free.union_with(all);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn take_freed(&self, freed: &mut RegionPages) -> Result<()> {
+        if let Some((_, since)) = self.free.lock().expect("poisoned").as_mut() {
+            freed.union_with(since);
+            since.clear();
+        }
+        Ok(())
     }
 }
 

@@ -80,6 +80,29 @@ pub trait MemorySource: Send + Sync {
         Ok(false)
     }
 
+    /// Add to `free` the pages the program declared free (their content is
+    /// meaningless and reads as zero here) and has not declared in use
+    /// again. The session never reads them: the first round sends them as
+    /// zero runs, and a post-copy freeze sends as zero runs the free pages
+    /// it would otherwise leave missing, so neither push nor demand carries
+    /// them. A free page the tracker reports written is sent anyway: a
+    /// declaration only spares pages clean since it was made. Returns false
+    /// when the backend takes no declarations (the default).
+    fn free_pages(&self, free: &mut RegionPages) -> Result<bool> {
+        let _ = free;
+        Ok(false)
+    }
+
+    /// Add to `freed` the pages declared free since the previous call, and
+    /// forget them: their content was discarded while the destination may
+    /// hold an older copy, so the session sends them once more (they read
+    /// as zero, and go as zero runs). Called after each collect. None (the
+    /// default) when the backend takes no declarations.
+    fn take_freed(&self, freed: &mut RegionPages) -> Result<()> {
+        let _ = freed;
+        Ok(())
+    }
+
     /// After `Commit` and once every page has been sent: the source copy is no
     /// longer needed and may be released.
     fn release(&self) {}
@@ -656,6 +679,12 @@ impl<T: MemorySource + ?Sized> MemorySource for &T {
     fn populated(&self, pages: &mut RegionPages) -> Result<bool> {
         (**self).populated(pages)
     }
+    fn free_pages(&self, free: &mut RegionPages) -> Result<bool> {
+        (**self).free_pages(free)
+    }
+    fn take_freed(&self, freed: &mut RegionPages) -> Result<()> {
+        (**self).take_freed(freed)
+    }
     fn release(&self) {
         (**self).release()
     }
@@ -683,6 +712,12 @@ impl<T: MemorySource + ?Sized> MemorySource for Arc<T> {
     }
     fn populated(&self, pages: &mut RegionPages) -> Result<bool> {
         (**self).populated(pages)
+    }
+    fn free_pages(&self, free: &mut RegionPages) -> Result<bool> {
+        (**self).free_pages(free)
+    }
+    fn take_freed(&self, freed: &mut RegionPages) -> Result<()> {
+        (**self).take_freed(freed)
     }
     fn release(&self) {
         (**self).release()

@@ -109,6 +109,21 @@ pub enum MemError {
         region_len: usize,
     },
 
+    /// A byte range refused by [`Region::declare_free`](crate::Region::declare_free)
+    /// or [`Region::declare_used`](crate::Region::declare_used) (a range
+    /// outside the region is [`MemError::OutOfBounds`]).
+    #[error("region {region}: bytes {offset}..{offset}+{len} refused: {reason}")]
+    BadRange {
+        /// The region.
+        region: RegionId,
+        /// Start offset.
+        offset: usize,
+        /// Length.
+        len: usize,
+        /// Why.
+        reason: &'static str,
+    },
+
     /// A buffer whose length is not the run's byte length.
     #[error("page run {run} is {expected} bytes, the buffer holds {got}")]
     LengthMismatch {

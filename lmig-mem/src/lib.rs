@@ -14,6 +14,9 @@
 //!   and, on a destination whose program mapped its own regions, its
 //!   [`MemorySink`](lmig_core::MemorySink). [`DestinationRegions`] is a sink
 //!   that maps the source's layout itself.
+//! * [`Region::declare_free`] / [`Region::declare_used`]: ranges the
+//!   program does not use (self-ballooning); they are given back to the
+//!   kernel, never sent, and arrive empty.
 //! * [`postcopy`]: the destination's post-copy half of the sink — missing
 //!   pages registered with userfaultfd, faults read by `wait_fault`, pages
 //!   placed with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` / `UFFDIO_CONTINUE`

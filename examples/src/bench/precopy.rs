@@ -1,10 +1,16 @@
-//! `lmig-bench precopy --mib M --dirty-mbps R [--zero-fraction F] [--mode precopy|hybrid|postcopy]`:
+//! `lmig-bench precopy --mib M --dirty-mbps R [--zero-fraction F] [--free-fraction F] [--mode precopy|hybrid|postcopy]`:
 //! a source process with an M MiB region and a writer thread dirtying R MB/s
 //! of random pages migrates to a destination process over loopback TCP.
 //!
 //! With `--zero-fraction F`, that share of the pages is never written: free
 //! memory the program does not use. The writer (and the tracker-cost probe)
 //! dirty random pages among the others, as a program writes its own data.
+//!
+//! With `--free-fraction F`, every page is written first, then that share
+//! of the region (in blocks of 16 pages) is declared free with
+//! [`Region::declare_free`]: pages an allocator holds unused. They are never
+//! sent; the writer dirties only the others. `bytes_sent` counts what went
+//! on the wire.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +54,10 @@ pub struct Args {
     /// Share of the region's pages left zero.
     #[arg(long, default_value_t = 0.0)]
     pub zero_fraction: f64,
+    /// Share of the region declared free (`Region::declare_free`) after
+    /// every page was written, in blocks of 16 pages.
+    #[arg(long, default_value_t = 0.0)]
+    pub free_fraction: f64,
     /// Memory mode.
     #[arg(long, value_enum, default_value_t = ModeArg::Precopy)]
     pub mode: ModeArg,
@@ -140,6 +150,36 @@ fn writer(
     written
 }
 
+/// Pages per block declared free at once by `--free-fraction`.
+const FREE_BLOCK: u64 = 16;
+
+/// Declare about `fraction` of `region` free, in random blocks of
+/// [`FREE_BLOCK`] pages, and drop those pages from `used`. Returns the
+/// number of pages declared free.
+fn declare_free_blocks(
+    region: &Region,
+    fraction: f64,
+    used: &mut Vec<u64>,
+) -> Result<u64, Box<dyn std::error::Error>> {
+    if fraction <= 0.0 {
+        return Ok(0);
+    }
+    let pages = region.pages();
+    let mut seed = 0x0bad_cafe_u64;
+    let mut free = lmig_core::model::PageSet::new(pages);
+    for block in 0..pages.div_ceil(FREE_BLOCK) {
+        if (xorshift(&mut seed) % 1_000_000) as f64 / 1e6 >= fraction {
+            continue;
+        }
+        let first = block * FREE_BLOCK;
+        let count = FREE_BLOCK.min(pages - first);
+        region.declare_free(first as usize * PAGE, count as usize * PAGE)?;
+        free.insert_range(first, count);
+    }
+    used.retain(|&p| !free.contains(p));
+    Ok(free.count())
+}
+
 /// Run the scenario (or, with `--peer-listen`, its destination process).
 pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(listen) = &args.peer_listen {
@@ -157,10 +197,11 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         region.write_at(p as usize * PAGE, &(p | 1 << 63).to_le_bytes())?;
         used.push(p);
     }
-    if used.is_empty() {
-        return Err("--zero-fraction leaves no page for the writer".into());
-    }
     let zero = pages - used.len() as u64;
+    let free = declare_free_blocks(&region, args.free_fraction, &mut used)?;
+    if used.is_empty() {
+        return Err("--zero-fraction and --free-fraction leave no page for the writer".into());
+    }
     let regions = RegionSet::new([region])?;
     let region = regions.get(RegionId(1))?;
     let (mut tracker, choice) = best_tracker(&regions)?;
@@ -256,6 +297,8 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "mib": args.mib,
         "dirty_mbps": args.dirty_mbps,
         "zero_fraction": args.zero_fraction,
+        "free_fraction": args.free_fraction,
+        "free_pages_declared": free,
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "streams": args.streams,
         "rounds": report.rounds,

@@ -9,6 +9,12 @@
 //! last 1/8      scratch area (dirtied by --dirty-mbps, never read as data)
 //! ```
 //!
+//! Slot pages whose slots were all never used hold nothing kvd needs: the
+//! store declares them free ([`Region::declare_free`], when formatted and
+//! after `populate`), so a migration never sends them, and declares a page
+//! in use again ([`Region::declare_used`]) before a new key first lands in
+//! it. Pages with a tombstone stay in use: a lookup's probe runs past it.
+//!
 //! A slot's kind says what it holds: a string, the head of a list, set, hash
 //! or sorted set (the keys clients see), or an item of one of those
 //! ([`Kind::Item`], found only by the collection's code, never by a client's
@@ -136,11 +142,42 @@ impl<'r> Store<'r> {
         region
             .write_at(0, &header)
             .expect("header inside the region");
+        // Every slot page is unused: free until a key lands in it.
+        if scratch > HEADER {
+            let _ = region.declare_free(HEADER, scratch - HEADER);
+        }
         Self {
             region,
             slots,
             scratch,
         }
+    }
+
+    /// Declare free every slot page whose slots were all never used (a
+    /// page with a tombstone stays in use); returns the pages declared.
+    pub fn declare_unused(&self) -> lmig_mem::Result<u64> {
+        let mut page = [0u8; 4096];
+        let (mut run_start, mut declared) = (None, 0u64);
+        let mut end_run = |start: Option<usize>, at: usize| -> lmig_mem::Result<()> {
+            if let Some(from) = start {
+                self.region.declare_free(from, at - from)?;
+                declared += ((at - from) / 4096) as u64;
+            }
+            Ok(())
+        };
+        let mut at = HEADER;
+        while at + 4096 <= self.scratch {
+            self.region.read_at(at, &mut page)?;
+            let unused = page.chunks_exact(SLOT).all(|s| s[0] == EMPTY);
+            match (unused, run_start) {
+                (true, None) => run_start = Some(at),
+                (false, Some(_)) => end_run(run_start.take(), at)?,
+                _ => {}
+            }
+            at += 4096;
+        }
+        end_run(run_start, at)?;
+        Ok(declared)
     }
 
     /// Open the store a region already holds (after a migration).
@@ -278,6 +315,11 @@ impl<'r> Store<'r> {
             Err(Some(i)) => (i, true),
             Err(None) => return Err(StoreError::Full),
         };
+        if new {
+            // The slot's page may be declared free (never used): in use from now.
+            let page = self.slot_off(i) / 4096 * 4096;
+            let _ = self.region.declare_used(page, 4096);
+        }
         let mut s = [0u8; SLOT];
         s[0] = USED;
         s[1] = key.len() as u8;
@@ -365,6 +407,8 @@ impl<'r> Store<'r> {
             value.resize(value_len, b'x');
             self.set(key.as_bytes(), &value)?;
         }
+        // What the keys left unused goes back to being free.
+        let _ = self.declare_unused();
         Ok(())
     }
 }
@@ -395,5 +439,39 @@ mod tests {
         assert_eq!(reopened.get(b"b"), Ok(Some(b"1".to_vec())));
         store.populate(1000, 100).unwrap();
         assert_eq!(store.get(b"key:999").unwrap().unwrap().len(), 100);
+    }
+
+    #[test]
+    fn unused_slot_pages_are_declared_free_and_keys_land_safely() {
+        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+        let store = Store::format(&region);
+        let slot_pages = (store.scratch - HEADER) as u64 / 4096;
+        let free = |r: &Region| {
+            let mut s = lmig_core::model::PageSet::new(r.pages());
+            r.free_pages(&mut s).unwrap();
+            s
+        };
+        assert_eq!(
+            free(&region).count(),
+            slot_pages,
+            "a fresh store is all free"
+        );
+        store.populate(50, 100).unwrap();
+        let after = free(&region);
+        // Each key's page is in use, and only pages without keys are free.
+        for n in 0..50 {
+            let key = format!("key:{n}");
+            let (i, _) = store.find(key.as_bytes(), false).unwrap();
+            assert!(!after.contains((store.slot_off(i) / 4096) as u64), "{key}");
+        }
+        assert!(after.count() >= slot_pages - 50 && after.count() < slot_pages);
+        assert_eq!(store.declare_unused().unwrap(), after.count());
+        // A page with a tombstone stays in use: the probe runs past it.
+        let (i, _) = store.find(b"key:7", false).unwrap();
+        let page = (store.slot_off(i) / 4096) as u64;
+        assert!(store.del(b"key:7"));
+        store.declare_unused().unwrap();
+        assert!(!free(&region).contains(page));
+        assert_eq!(store.get(b"key:8").unwrap().unwrap().len(), 100);
     }
 }

@@ -304,6 +304,7 @@ impl Region {
             map,
             memfd,
             file_offset: offset,
+            free: super::free::FreePages::new(),
         })
     }
 }

@@ -18,6 +18,7 @@ use crate::sys::mapping::{MADV_POPULATE_WRITE, Mapping};
 
 mod adopt;
 mod data;
+mod free;
 
 pub use adopt::ForeignBacking;
 pub use data::DISCARD_PAGES;
@@ -73,6 +74,8 @@ pub struct Region {
     memfd: Option<OwnedFd>,
     /// Where the region starts in the memfd's file (0 unless adopted).
     file_offset: u64,
+    /// The pages the program declared free (`free.rs`).
+    free: free::FreePages,
 }
 
 impl Region {
@@ -91,6 +94,7 @@ impl Region {
             map,
             memfd,
             file_offset: 0,
+            free: free::FreePages::new(),
         }
     }
 
@@ -175,7 +179,7 @@ impl Region {
         )
     }
 
-    fn out_of_bounds(&self, offset: usize, len: usize) -> MemError {
+    pub(crate) fn out_of_bounds(&self, offset: usize, len: usize) -> MemError {
         MemError::OutOfBounds {
             region: self.id(),
             offset,
@@ -291,16 +295,7 @@ impl Region {
     #[doc(alias = "PAGEMAP_SCAN")]
     #[doc(alias = "SEEK_DATA")]
     pub fn populated(&self, pages: &mut PageSet) -> Result<bool> {
-        if pages.capacity() != self.pages() {
-            return Err(MemError::InvalidRegion {
-                region: self.id(),
-                detail: format!(
-                    "a page set of {} pages for a region of {}",
-                    pages.capacity(),
-                    self.pages()
-                ),
-            });
-        }
+        self.check_set(pages)?;
         let ps = self.page_size() as u64;
         let mut add = |start: u64, end: u64| {
             let first = start / ps;
@@ -328,6 +323,21 @@ impl Region {
             }
             _ => Ok(false),
         }
+    }
+
+    /// A page set over this region, or an error.
+    pub(crate) fn check_set(&self, pages: &PageSet) -> Result<()> {
+        if pages.capacity() != self.pages() {
+            return Err(MemError::InvalidRegion {
+                region: self.id(),
+                detail: format!(
+                    "a page set of {} pages for a region of {}",
+                    pages.capacity(),
+                    self.pages()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Write `src` (exactly the run's byte length) into the pages of `run`.

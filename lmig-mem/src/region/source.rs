@@ -50,4 +50,20 @@ impl MemorySource for RegionSet {
             n => Some(n == 2),
         }
     }
+
+    /// See [`Region::declare_free`](crate::Region::declare_free).
+    fn free_pages(&self, free: &mut RegionPages) -> lmig_core::Result<bool> {
+        let mut any = false;
+        for r in &self.regions {
+            any |= r.free_pages(free.get_mut(r.id())?)?;
+        }
+        Ok(any)
+    }
+
+    fn take_freed(&self, freed: &mut RegionPages) -> lmig_core::Result<()> {
+        for r in &self.regions {
+            r.take_freed(freed.get_mut(r.id())?)?;
+        }
+        Ok(())
+    }
 }

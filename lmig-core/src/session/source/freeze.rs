@@ -154,12 +154,15 @@ fn final_pages<M: MemorySource, C: Channel, T: DirtyTracker>(
 ) -> Result<Vec<PageRun>> {
     rounds.dirty.clear();
     tracker.collect(&mut rounds.dirty)?;
+    rounds.written.union_with(&rounds.dirty);
+    lanes.memory().take_freed(&mut rounds.dirty)?;
     clock.step("final collect", &mut report.freeze_steps)?;
     rounds.to_send.union_with(&rounds.dirty);
     if mode == Mode::Postcopy {
         rounds.to_send = RegionPages::full(lanes.layout());
     }
     let postcopy_runs = if rounds.postcopy {
+        send_free_pages(lanes, rounds, report)?;
         runs_of(&rounds.to_send)
     } else {
         let sent = lanes.send_set(&rounds.to_send, rounds.round + 1, FirstRound::default())?;
@@ -172,6 +175,36 @@ fn final_pages<M: MemorySource, C: Channel, T: DirtyTracker>(
     };
     clock.step("final pages", &mut report.freeze_steps)?;
     Ok(postcopy_runs)
+}
+
+/// Post-copy: the pages left that the program declared free and the
+/// tracker never saw written go now as zero runs, unread, and leave the
+/// missing set: neither the push nor a fault ever carries them.
+fn send_free_pages<M: MemorySource, C: Channel>(
+    lanes: &PageLanes<'_, M, C>,
+    rounds: &mut Rounds,
+    report: &mut SourceReport,
+) -> Result<()> {
+    let layout = lanes.layout();
+    let mut free = RegionPages::empty(layout);
+    if !lanes.memory().free_pages(&mut free)? {
+        return Ok(());
+    }
+    free.subtract(&rounds.written);
+    // free ∩ to_send, as free less what is not left to send.
+    let mut not_left = RegionPages::full(layout);
+    not_left.subtract(&rounds.to_send);
+    free.subtract(&not_left);
+    if free.is_empty() {
+        return Ok(());
+    }
+    let none = RegionPages::empty(layout);
+    let sent = lanes.send_set(&free, rounds.round + 1, FirstRound::all_zero(&none))?;
+    report.pages_sent += sent.pages;
+    report.zero_pages += sent.zero_pages;
+    report.bytes_sent += sent.bytes;
+    rounds.to_send.subtract(&free);
+    Ok(())
 }
 
 /// Queue bytes a socket record carries.

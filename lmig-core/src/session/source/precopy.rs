@@ -40,6 +40,10 @@ pub(super) struct Rounds {
     pub to_send: RegionPages,
     /// Scratch set the collects fill.
     pub dirty: RegionPages,
+    /// Every page the tracker reported written since it started: a page
+    /// declared free is skipped only if it is not in here
+    /// ([`MemorySource::free_pages`]).
+    pub written: RegionPages,
     /// The last round run (the freeze's pages belong to the next one).
     pub round: u32,
     /// The pages left go after `Commit` (post-copy).
@@ -59,6 +63,15 @@ pub(super) struct FirstRound<'a> {
 impl<'a> FirstRound<'a> {
     fn only_if(self, first: bool) -> Self {
         if first { self } else { Self::default() }
+    }
+
+    /// Every page of the set sent goes as a zero run, unread (`none` is an
+    /// empty set): the freeze's free pages.
+    pub(super) fn all_zero(none: &'a RegionPages) -> Self {
+        Self {
+            populated: Some(none),
+            clearer: None,
+        }
     }
 }
 
@@ -118,6 +131,7 @@ where
                 RegionPages::full(layout)
             },
             dirty: RegionPages::empty(layout),
+            written: RegionPages::empty(layout),
             round: 0,
             postcopy: mode == Mode::Postcopy,
         };
@@ -125,10 +139,7 @@ where
             // Pages that may hold data; the others are sent as zero without
             // being read (free memory the program never touched). Asked after
             // the tracker started, so a page written from here on is its.
-            let populated = {
-                let mut pages = RegionPages::empty(layout);
-                self.memory.populated(&mut pages)?.then_some(pages)
-            };
+            let populated = self.data_pages(layout)?;
             // Round 0 marks each run clean right before reading it: a page the
             // program wrote before its read went out fresh and is not resent.
             let clearer = self.tracker.clearer();
@@ -189,6 +200,28 @@ where
         Ok(rounds)
     }
 
+    /// The pages the first round reads: those that may hold data
+    /// ([`MemorySource::populated`]) less those the program declared free
+    /// ([`MemorySource::free_pages`]); `None` when the memory tells
+    /// neither (every page is read). Asked after the tracker started: a
+    /// free page written from here on is the tracker's and is sent anyway.
+    fn data_pages(&self, layout: &RegionLayout) -> Result<Option<RegionPages>> {
+        // Declarations made before now are all in `free_pages`.
+        let mut scratch = RegionPages::empty(layout);
+        self.memory.take_freed(&mut scratch)?;
+        let mut pages = RegionPages::empty(layout);
+        let populated = self.memory.populated(&mut pages)?;
+        scratch.clear();
+        if !self.memory.free_pages(&mut scratch)? {
+            return Ok(populated.then_some(pages));
+        }
+        if !populated {
+            pages = RegionPages::full(layout);
+        }
+        pages.subtract(&scratch);
+        Ok(Some(pages))
+    }
+
     /// One pre-copy round: send `rounds.to_send`, collect what got dirty
     /// meanwhile into `rounds.dirty`, announce the round and hear the
     /// destination. Returns the round's statistics and whether the rounds
@@ -222,6 +255,10 @@ where
             .sets()
             .map(|(id, s)| layout.get(id).map(|r| r.bytes(s.count())).unwrap_or(0))
             .sum();
+        rounds.written.union_with(dirty);
+        // Pages freed during the round were discarded: the destination may
+        // hold an older copy, so they go again (as zero runs).
+        self.memory.take_freed(dirty)?;
         self.channel.send(&Message::RoundEnd(RoundSummary {
             round,
             pages: sent.pages,
@@ -375,6 +412,11 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
     /// The regions the pages belong to.
     pub(super) fn layout(&self) -> &'a RegionLayout {
         self.layout
+    }
+
+    /// The memory the pages are read from.
+    pub(super) fn memory(&self) -> &'a M {
+        self.memory
     }
 
     /// Send every page of `set`, spreading chunks over the data lanes (one
