@@ -150,10 +150,15 @@ fn content(p: u64, v: u64) -> Vec<u8> {
 }
 
 /// A program thread writing new versions of pages and reading back older
-/// ones; it counts reads that do not show the last version written.
+/// ones; it counts reads that do not show the last version written, and
+/// describes the first few (for the failure message).
 struct Writer {
     versions: Arc<Vec<AtomicU64>>,
     stale: Arc<AtomicU64>,
+    /// The first stale reads: the step, the page and what was read.
+    stale_reads: Arc<Mutex<Vec<String>>>,
+    /// The step of the test the writer runs during (set by the test).
+    step: Arc<Mutex<&'static str>>,
     writes: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -164,6 +169,8 @@ impl Writer {
         let versions: Arc<Vec<AtomicU64>> =
             Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect());
         let stale = Arc::new(AtomicU64::new(0));
+        let stale_reads = Arc::new(Mutex::new(Vec::new()));
+        let step = Arc::new(Mutex::new("start"));
         let writes = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, v, st, w, stp) = (
@@ -173,6 +180,7 @@ impl Writer {
             writes.clone(),
             stop.clone(),
         );
+        let (log, at) = (stale_reads.clone(), step.clone());
         let thread = std::thread::spawn(move || {
             let mut x = 0x9E37_79B9_7F4A_7C15u64;
             let mut buf = vec![0u8; PS];
@@ -198,8 +206,13 @@ impl Writer {
                 // Read back some other page.
                 let q = (x >> 20) % pages;
                 s.region().read_at(q as usize * PS, &mut buf).unwrap();
-                if buf != content(q, v[q as usize].load(Ordering::Relaxed)) {
+                let want = v[q as usize].load(Ordering::Relaxed);
+                if buf != content(q, want) {
                     st.fetch_add(1, Ordering::Relaxed);
+                    let mut log = log.lock().unwrap();
+                    if log.len() < 8 {
+                        log.push(describe_stale(&s, q, want, &buf, *at.lock().unwrap()));
+                    }
                 }
                 std::thread::sleep(Duration::from_micros(50));
             }
@@ -207,10 +220,27 @@ impl Writer {
         Self {
             versions,
             stale,
+            stale_reads,
+            step,
             writes,
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// The test enters `step` (named in descriptions of stale reads).
+    fn step(&self, step: &'static str) {
+        *self.step.lock().unwrap() = step;
+    }
+
+    /// No read showed an older version than the last written.
+    fn assert_no_stale_reads(&self) {
+        let n = self.stale.load(Ordering::Relaxed);
+        assert!(
+            n == 0,
+            "{n} stale reads, the first: {:#?}",
+            self.stale_reads.lock().unwrap()
+        );
     }
 
     fn stop(&mut self) {
@@ -235,6 +265,33 @@ impl Drop for Writer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// What a stale read of page `q` (expected at version `want`) showed.
+fn describe_stale(s: &SplitRegion, q: u64, want: u64, buf: &[u8], step: &str) -> String {
+    let word = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
+    let expected = content(q, want);
+    let mut diff = (0..PS).filter(|&i| buf[i] != expected[i]);
+    let (first, last) = (diff.clone().next(), diff.next_back());
+    let mut again = vec![0u8; PS];
+    s.region().read_at(q as usize * PS, &mut again).unwrap();
+    format!(
+        "during {step}: page {q} wanted version {want}; read header page {} version {}, \
+         tail version {}, all zero {}, bytes {first:?}..={last:?} differ; read again: {}; \
+         local {}, owner {:?}; {:?}",
+        word(0),
+        word(8),
+        word(PS - 8),
+        buf.iter().all(|&b| b == 0),
+        if again == expected {
+            "right"
+        } else {
+            "still wrong"
+        },
+        s.is_local(q),
+        s.owner(q).ok(),
+        s.stats()
+    )
 }
 
 fn thirds(pages: u64, hosts: &[u32]) -> Vec<(HostId, Vec<PageRun>)> {
@@ -266,7 +323,9 @@ fn split_partial_migration_and_reintegration_with_a_writer() {
     // flight): how many did depends on the machine's load, the bound does
     // not.
     let writes_before = w.writes.load(Ordering::Relaxed);
+    w.step("split_to");
     let evicted = c.split.split_to(&thirds(pages, &[1, 2, 3])).unwrap();
+    w.step("after split_to");
     let writes_during = w.writes.load(Ordering::Relaxed) - writes_before;
     assert!(
         pages - evicted <= writes_during + 1,
@@ -286,7 +345,9 @@ fn split_partial_migration_and_reintegration_with_a_writer() {
     // Partial migration of host 1's share to host 4 while the writer writes
     // into exactly that share.
     *targets.lock().unwrap() = c.split.owner_map().pages_of(HostId(1)).iter().collect();
+    w.step("move_host");
     let report = c.split.move_host(HostId(1), HostId(4)).unwrap();
+    w.step("after move_host");
     assert_eq!(report.moved + report.invalidated, report.pages);
     assert!(report.moved > 0);
     assert!(c.split.owner_map().pages_of(HostId(1)).is_empty());
@@ -302,6 +363,7 @@ fn split_partial_migration_and_reintegration_with_a_writer() {
     for (p, v) in w.versions.iter().enumerate() {
         w2.versions[p].store(v.load(Ordering::Relaxed), Ordering::Relaxed);
     }
+    w2.step("gather");
     let g = c.split.gather(&c.me.endpoint).unwrap();
     assert!(g.hosts >= 1 && g.pages > 0, "{g:?}");
     w2.stop();
@@ -321,8 +383,8 @@ fn split_partial_migration_and_reintegration_with_a_writer() {
     w2.verify(&c.split);
     assert!(c.hosts[0].0.stats().forwarded == 0);
     assert!(c.hosts[1].0.stats().forwarded > 0, "host 2 relayed");
-    assert_eq!(w.stale.load(Ordering::Relaxed), 0);
-    assert_eq!(w2.stale.load(Ordering::Relaxed), 0);
+    w.assert_no_stale_reads();
+    w2.assert_no_stale_reads();
     assert!(c.split.check_hosts().is_ok());
 }
 
@@ -636,7 +698,7 @@ fn evicted_pages_are_gone_and_every_touch_fetches_them_at_scale() {
     );
     assert!(present_pages(&c.split).iter().all(|&p| p), "all present");
     w.verify(&c.split);
-    assert_eq!(w.stale.load(Ordering::Relaxed), 0);
+    w.assert_no_stale_reads();
     assert!(c.split.check_hosts().is_ok());
 }
 
@@ -655,8 +717,16 @@ fn adopted_memory_splits_and_gathers_with_a_writer() {
     };
     let mut w = Writer::start(&c.split, pages, Arc::new(Mutex::new(Vec::new())));
     wait_writes(&w, 50);
+    // A page stays here only if the writer wrote it while it was being
+    // evicted: the bound is the writes that raced the split, not a share of
+    // the region (that depends on the machine's load).
+    let writes_before = w.writes.load(Ordering::Relaxed);
     let evicted = c.split.split_to(&thirds(pages, &[1, 2, 3])).unwrap();
-    assert!(evicted > pages * 9 / 10, "evicted {evicted}");
+    let writes_during = w.writes.load(Ordering::Relaxed) - writes_before;
+    assert!(
+        pages - evicted <= writes_during + 1,
+        "evicted {evicted} of {pages} pages, though only {writes_during} writes raced the split"
+    );
     wait_writes(&w, 50);
     w.stop();
     assert!(presence_mismatches(&c.split).is_empty());
@@ -666,7 +736,7 @@ fn adopted_memory_splits_and_gathers_with_a_writer() {
     c.split.gather(&c.me.endpoint).unwrap();
     assert!(present_pages(&c.split).iter().all(|&p| p), "all present");
     w.verify(&c.split);
-    assert_eq!(w.stale.load(Ordering::Relaxed), 0);
+    w.assert_no_stale_reads();
     // The program's own pointer sees what the split region holds.
     let mut via_area = vec![0u8; PS];
     for p in (0..pages).step_by(61) {
