@@ -8,8 +8,28 @@ use lmig_core::testing::{privileged, rerun_as_nobody};
 /// The tests count this process's fds: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+/// This process's open fds, as "number:target". A probe leaks one if an fd
+/// is open after it that was not before; an fd another thread closed
+/// meanwhile (a finished test's reader of a child's output) is not the
+/// probe's, and neither is the listing's own fd nor one closed while it was
+/// listed (its target no longer reads).
+fn open_fds() -> std::collections::BTreeSet<String> {
+    let listing = format!("/proc/{}/fd", std::process::id());
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.ok()?.file_name().to_string_lossy().into_owned();
+            let target = std::fs::read_link(format!("/proc/self/fd/{n}")).ok()?;
+            let target = target.display().to_string();
+            (target != listing).then(|| format!("{n}:{target}"))
+        })
+        .collect()
+}
+
+fn assert_no_new_fds(before: &std::collections::BTreeSet<String>) {
+    let after = open_fds();
+    let new: Vec<&String> = after.difference(before).collect();
+    assert!(new.is_empty(), "the probe left fds open: {new:?}");
 }
 
 #[test]
@@ -67,7 +87,7 @@ fn probe_child_as_nobody() {
     let fds = open_fds();
     let report = lmig_mem::probe();
     println!("{report}");
-    assert_eq!(open_fds(), fds, "the probe left an fd open");
+    assert_no_new_fds(&fds);
     assert_eq!(report.findings().len(), 2);
     // uffd-wp works with UFFD_USER_MODE_ONLY (the kernel resolves the faults).
     let dirty = report.get(Capability::DirtyTracking).unwrap();

@@ -355,8 +355,30 @@ impl Admin {
         let target = target
             .parse::<SocketAddr>()
             .map_err(|_| json!({"error": format!("bad address {target:?}")}))?;
-        let streams = rest.get(1).and_then(|s| s.parse().ok()).unwrap_or(2);
-        let max_freeze = match rest.get(2).map(|s| s.parse::<f64>()) {
+        // After the mode: kvd's `name=value` parameters (`streams=`,
+        // `max_freeze_ms=`), or the older positional `[streams]
+        // [max-freeze-ms]`.
+        let (mut streams, mut max_freeze_ms) = (None, None);
+        for (i, word) in rest.iter().enumerate().skip(1) {
+            match word.split_once('=') {
+                Some(("streams", v)) => streams = Some(v),
+                Some(("max_freeze_ms", v)) => max_freeze_ms = Some(v),
+                Some((name, _)) => {
+                    return Err(json!({"error": format!(
+                        "tokiod does not take {name}=: streams= and max_freeze_ms= only"
+                    )}));
+                }
+                None if i == 1 => streams = Some(word),
+                None if i == 2 => max_freeze_ms = Some(word),
+                None => return Err(json!({"error": format!("unexpected {word:?}")})),
+            }
+        }
+        let streams = match streams.map(|s| s.parse::<usize>()) {
+            None => 2,
+            Some(Ok(n)) if n > 0 => n,
+            Some(_) => return Err(json!({"error": "streams: a positive number"})),
+        };
+        let max_freeze = match max_freeze_ms.map(|s| s.parse::<f64>()) {
             None => None,
             Some(Ok(ms)) if ms > 0.0 && ms.is_finite() => Some(Duration::from_secs_f64(ms / 1e3)),
             Some(_) => {
