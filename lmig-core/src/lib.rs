@@ -91,7 +91,8 @@
 // First: its macros (`debug!`, `info!`, `warn!`, `error!`, `phase_span!`)
 // are in scope in every module below.
 #[macro_use]
-mod log;
+#[doc(hidden)]
+pub mod log;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

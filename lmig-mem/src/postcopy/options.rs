@@ -1,6 +1,8 @@
 //! [`PostcopyOptions`] and [`PostcopyStats`].
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(feature = "bench-internals")]
+use std::time::Instant;
 
 use lmig_core::model::RegionId;
 
