@@ -256,6 +256,20 @@ fn tracker_conforms_on_guest(m: &Machine, name: &str, mut tracker: impl lmig_cor
             [65].into(),
             "{name} (start {round}): a page written again, alone"
         );
+        // The freeze's collect (one call per region or slot): pages in
+        // several 4 MiB chunks, and clean after it.
+        let spread: BTreeSet<u64> = [2, 1023, 1024, 2049, pages - 2].into();
+        for &p in &spread {
+            guest_touch(m, p);
+        }
+        let mut d = RegionPages::empty(layout);
+        tracker.collect_paused(&mut d).expect("paused collect");
+        let got: BTreeSet<u64> = d.get(GUEST_REGION).unwrap().iter().collect();
+        assert_eq!(got, spread, "{name} (start {round}): the paused collect");
+        assert!(
+            collect(&mut tracker).is_empty(),
+            "{name} (start {round}): clean after a paused collect"
+        );
         tracker.stop().expect("stop");
         // Written while stopped: forgotten by the next start.
         guest_touch(m, 7);

@@ -243,6 +243,16 @@ pub trait DirtyTracker: Send {
     /// reported now or at the next collect, never lost).
     fn collect(&mut self, dirty: &mut RegionPages) -> Result<()>;
 
+    /// The collect made while the program is paused (the session's final
+    /// collect at the freeze): the same contract as [`Self::collect`], but
+    /// no writer can wait on it, so a tracker that splits its work to bound
+    /// a writer's wait (the uffd-wp tracker's write-protect chunks, KVM's
+    /// chunked clears) may do it in one pass per region. The default calls
+    /// [`Self::collect`].
+    fn collect_paused(&mut self, dirty: &mut RegionPages) -> Result<()> {
+        self.collect(dirty)
+    }
+
     /// Stop tracking (remove write protection and the like).
     fn stop(&mut self) -> Result<()>;
 
@@ -657,6 +667,9 @@ impl<T: DirtyTracker + ?Sized> DirtyTracker for &mut T {
     }
     fn collect(&mut self, dirty: &mut RegionPages) -> Result<()> {
         (**self).collect(dirty)
+    }
+    fn collect_paused(&mut self, dirty: &mut RegionPages) -> Result<()> {
+        (**self).collect_paused(dirty)
     }
     fn stop(&mut self) -> Result<()> {
         (**self).stop()

@@ -108,6 +108,14 @@ fn collect(t: &mut dyn DirtyTracker, set: &RegionSet) -> Pages {
     pages(&d)
 }
 
+/// The same through [`DirtyTracker::collect_paused`] (the freeze's final
+/// collect, with the writers paused).
+fn collect_paused(t: &mut dyn DirtyTracker, set: &RegionSet) -> Pages {
+    let mut d = RegionPages::empty(set.layout());
+    t.collect_paused(&mut d).unwrap();
+    pages(&d)
+}
+
 /// The tracker, or a loud failure; without root and with
 /// `LMIG_SKIP_PRIVILEGED=1`, a visible skip (the shared rule:
 /// `lmig_core::testing::privileged`). As root a failure is a failure.
@@ -163,9 +171,9 @@ fn conformance(
     }
     write(set, &mark, B, 64, 3);
     assert_eq!(
-        collect(t, set),
+        collect_paused(t, set),
         [(A.0, 3), (B.0, 64)].into(),
-        "{name}: repeated writes"
+        "{name}: repeated writes, collected as if paused"
     );
     assert_eq!(
         collect(t, set),
@@ -468,6 +476,52 @@ fn probe_prefers_uffd_wp_and_explains() {
     assert_eq!(choice.picked, TrackerKind::UffdWp);
     assert_eq!(t.kind(), TrackerKind::UffdWp);
     assert!(choice.rejected.is_empty());
+}
+
+/// The paused collect (one `PAGEMAP_SCAN` per region) over a region of
+/// several write-protect chunks: exactly the written pages, on both sides
+/// of chunk edges, and re-protected (a chunked collect right after finds
+/// nothing; a page written again is found by either collect).
+#[test]
+fn uffd_wp_paused_collect_spans_chunks() {
+    let chunk_pages = lmig_mem::track::PROTECT_CHUNK / lmig_mem::page_size() as u64;
+    let pages_a = 3 * chunk_pages + 5;
+    let ps = lmig_mem::page_size() as u64;
+    let set = RegionSet::new([RegionOptions::new(A, pages_a * ps).map().unwrap()]).unwrap();
+    let Some(mut t) = privileged("uffd-wp paused collect", UffdWpTracker::new(&set)) else {
+        return;
+    };
+    let mark = no_marker();
+    t.start().unwrap();
+    let written: Pages = [
+        0,
+        chunk_pages - 1,
+        chunk_pages,
+        2 * chunk_pages + 7,
+        3 * chunk_pages,
+        pages_a - 1,
+    ]
+    .into_iter()
+    .map(|p| (A.0, p))
+    .collect();
+    for &(_, p) in &written {
+        write(&set, &mark, A, p, 5);
+    }
+    assert_eq!(collect_paused(&mut t, &set), written, "paused collect");
+    assert_eq!(collect(&mut t, &set), Pages::new(), "re-protected");
+    write(&set, &mark, A, chunk_pages, 6);
+    assert_eq!(
+        collect_paused(&mut t, &set),
+        [(A.0, chunk_pages)].into(),
+        "written again after a paused collect"
+    );
+    write(&set, &mark, A, 2 * chunk_pages + 7, 7);
+    assert_eq!(
+        collect(&mut t, &set),
+        [(A.0, 2 * chunk_pages + 7)].into(),
+        "a chunked collect after a paused one"
+    );
+    t.stop().unwrap();
 }
 
 #[test]

@@ -329,6 +329,14 @@ impl DirtyTracker for TimedTracker<'_> {
         }
         r
     }
+    fn collect_paused(&mut self, dirty: &mut RegionPages) -> lmig_core::Result<()> {
+        let t = Instant::now();
+        let r = self.inner.collect_paused(dirty);
+        if t.elapsed() > self.slowest_collect.0 {
+            self.slowest_collect = (t.elapsed(), t - self.began);
+        }
+        r
+    }
     fn stop(&mut self) -> lmig_core::Result<()> {
         self.inner.stop()
     }

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use lmig_core::model::{RegionId, RegionPages};
 
 use super::range::{TrackedRange, open_pagemap};
-use super::uffd_wp::{COLLECT, SCAN_VEC_LEN, UffdWpTracker, scan_range};
+use super::uffd_wp::{COLLECT, Calls, SCAN_VEC_LEN, UffdWpTracker, scan_range};
 use crate::error::Result;
 use crate::region::{Region, RegionSet};
 use crate::sys::pagemap::PageRegion;
@@ -60,7 +60,7 @@ pub fn measure_scan_cost(
     };
     let mut dirty = RegionPages::empty(regions.layout());
     // Start from a clean slate.
-    tracker.collect_into(&mut dirty)?;
+    tracker.collect_into(&mut dirty, Calls::Chunked)?;
     let (mut collect_ms, mut raw_ms) = (Vec::new(), Vec::new());
     for round in 0..rounds.max(1) {
         for step in 0..2 {
@@ -68,7 +68,7 @@ pub fn measure_scan_cost(
             if (step + round) % 2 == 0 {
                 dirty.clear();
                 let t = std::time::Instant::now();
-                tracker.collect_into(&mut dirty)?;
+                tracker.collect_into(&mut dirty, Calls::Chunked)?;
                 collect_ms.push(t.elapsed().as_secs_f64() * 1e3);
             } else {
                 let t = std::time::Instant::now();
@@ -113,7 +113,14 @@ pub fn raw_pagemap_scan(region: &Region) -> Result<u64> {
     let r = TrackedRange::from_region(region);
     BUF.with_borrow_mut(|buf| {
         let mut pages = 0;
-        scan_range(pagemap.as_fd(), &r, COLLECT, buf, |_, count| pages += count)?;
+        scan_range(
+            pagemap.as_fd(),
+            &r,
+            COLLECT,
+            buf,
+            Calls::Chunked,
+            |_, count| pages += count,
+        )?;
         Ok(pages)
     })
 }

@@ -267,8 +267,8 @@ impl<'vm> KvmDirtyLog<'vm> {
     }
 
     /// Read one slot's log into `self.scratch` and, in manual mode, reset
-    /// it chunk by chunk (chunks without a set bit are skipped).
-    fn fetch_slot(&mut self, i: usize) -> Result<()> {
+    /// it `chunk` pages per call (chunks without a set bit are skipped).
+    fn fetch_slot(&mut self, i: usize, chunk: u64) -> Result<()> {
         let slot = &self.slots[i];
         let pages = slot.log.pages();
         self.scratch.clear();
@@ -281,7 +281,7 @@ impl<'vm> KvmDirtyLog<'vm> {
         }
         let mut first = 0;
         while first < pages {
-            let count = CLEAR_CHUNK_PAGES.min(pages - first);
+            let count = chunk.min(pages - first);
             let words = &self.scratch[(first / 64) as usize..(first + count).div_ceil(64) as usize];
             if words.iter().any(|w| *w != 0) {
                 slot.log
@@ -327,17 +327,32 @@ fn or_bits(dst: &mut [u64], at: u64, src: &[u64], count: u64) {
     }
 }
 
-impl DirtyLog for KvmDirtyLog<'_> {
-    fn fetch_and_reset(&mut self, region: &RegionInfo, bitmap: &mut [u64]) -> Result<(), BoxError> {
+impl KvmDirtyLog<'_> {
+    fn fetch_region(&mut self, region: &RegionInfo, bitmap: &mut [u64], chunk: u64) -> Result<()> {
         for i in 0..self.slots.len() {
             if self.slots[i].region != region.id {
                 continue;
             }
-            self.fetch_slot(i)?;
+            self.fetch_slot(i, chunk)?;
             let (at, pages) = (self.slots[i].first_page, self.slots[i].log.pages());
             or_bits(bitmap, at, &self.scratch, pages);
         }
         Ok(())
+    }
+}
+
+impl DirtyLog for KvmDirtyLog<'_> {
+    fn fetch_and_reset(&mut self, region: &RegionInfo, bitmap: &mut [u64]) -> Result<(), BoxError> {
+        Ok(self.fetch_region(region, bitmap, CLEAR_CHUNK_PAGES)?)
+    }
+
+    /// The guest is paused: one `KVM_CLEAR_DIRTY_LOG` per slot.
+    fn fetch_and_reset_paused(
+        &mut self,
+        region: &RegionInfo,
+        bitmap: &mut [u64],
+    ) -> Result<(), BoxError> {
+        Ok(self.fetch_region(region, bitmap, u64::MAX)?)
     }
 
     /// Turn manual protection on (with initially-set where offered), then

@@ -166,6 +166,12 @@ impl DirtyTracker for AutoTracker {
             Self::SoftDirty(t) => t.collect(dirty),
         }
     }
+    fn collect_paused(&mut self, dirty: &mut RegionPages) -> lmig_core::Result<()> {
+        match self {
+            Self::UffdWp(t) => t.collect_paused(dirty),
+            Self::SoftDirty(t) => t.collect_paused(dirty),
+        }
+    }
     fn stop(&mut self) -> lmig_core::Result<()> {
         match self {
             Self::UffdWp(t) => t.stop(),

@@ -18,7 +18,9 @@
 //! scan) holds an MMU-notifier invalidation over the whole range of the
 //! call, and a KVM vCPU faulting inside it waits until the call ends. One
 //! call over 1 GiB stalled a guest for ~35 ms; per chunk a writer waits at
-//! most one chunk's work.
+//! most one chunk's work. The collect made while the program is paused
+//! ([`DirtyTracker::collect_paused`], the freeze's final collect) has no
+//! writer to wait and scans each region in one call.
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -63,6 +65,16 @@ pub(super) fn chunks(start: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
         at = chunk.1;
         Some(chunk)
     })
+}
+
+/// How a scan splits its range into `PAGEMAP_SCAN` calls.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) enum Calls {
+    /// At most [`PROTECT_CHUNK`] per call: a writer waits for one chunk.
+    Chunked,
+    /// One call over the whole range (more only when the output vector
+    /// fills up): for a paused program, where no writer waits.
+    Whole,
 }
 
 pub(super) const COLLECT: ScanSpec = ScanSpec {
@@ -251,7 +263,7 @@ impl UffdWpTracker {
         Ok(())
     }
 
-    pub(super) fn collect_into(&mut self, dirty: &mut RegionPages) -> Result<()> {
+    pub(super) fn collect_into(&mut self, dirty: &mut RegionPages, calls: Calls) -> Result<()> {
         if !self.registered {
             return Err(MemError::TrackerState {
                 tracker: NAME,
@@ -267,6 +279,7 @@ impl UffdWpTracker {
                 r,
                 COLLECT,
                 &mut self.buf,
+                calls,
                 |first, count| set.insert_range(first, count),
             )?;
         }
@@ -291,26 +304,32 @@ impl UffdWpTracker {
             &r,
             COLLECT,
             &mut self.buf,
+            Calls::Chunked,
             |_, count| pages += count,
         )?;
         Ok(pages)
     }
 }
 
-/// Scan `r` from start to end, one [`PROTECT_CHUNK`] per call at most,
-/// looping while the output vector fills up, calling
+/// Scan `r` from start to end, one [`PROTECT_CHUNK`] per call at most
+/// ([`Calls::Chunked`]) or the rest of the range per call
+/// ([`Calls::Whole`]), looping while the output vector fills up, calling
 /// `found(first_page, count)` for every written range.
 pub(super) fn scan_range(
     pagemap: std::os::fd::BorrowedFd<'_>,
     r: &TrackedRange,
     spec: ScanSpec,
     buf: &mut Vec<PageRegion>,
+    calls: Calls,
     mut found: impl FnMut(u64, u64),
 ) -> Result<()> {
     let end = r.start + r.len;
     let mut at = r.start;
     while at < end {
-        let call_end = chunks(at, end - at).next().map_or(end, |c| c.1);
+        let call_end = match calls {
+            Calls::Chunked => chunks(at, end - at).next().map_or(end, |c| c.1),
+            Calls::Whole => end,
+        };
         let walk_end = pagemap::scan(pagemap, at, call_end, spec, buf).map_err(|e| {
             if e.raw_os_error() == Some(libc::EPERM) {
                 MemError::TrackerState {
@@ -362,7 +381,12 @@ impl DirtyTracker for UffdWpTracker {
     }
 
     fn collect(&mut self, dirty: &mut RegionPages) -> lmig_core::Result<()> {
-        Ok(self.collect_into(dirty)?)
+        Ok(self.collect_into(dirty, Calls::Chunked)?)
+    }
+
+    /// One `PAGEMAP_SCAN` per region (no writer waits while paused).
+    fn collect_paused(&mut self, dirty: &mut RegionPages) -> lmig_core::Result<()> {
+        Ok(self.collect_into(dirty, Calls::Whole)?)
     }
 
     fn stop(&mut self) -> lmig_core::Result<()> {
@@ -414,6 +438,7 @@ impl DirtyClearer for UffdWpClearer {
             &sub,
             COLLECT,
             &mut buf,
+            Calls::Chunked,
             |_, _| {},
         )?)
     }

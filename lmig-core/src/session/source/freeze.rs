@@ -153,7 +153,8 @@ fn final_pages<M: MemorySource, C: Channel, T: DirtyTracker>(
     clock: &mut FreezeClock,
 ) -> Result<Vec<PageRun>> {
     rounds.dirty.clear();
-    tracker.collect(&mut rounds.dirty)?;
+    // The program is paused: no writer waits on the collect.
+    tracker.collect_paused(&mut rounds.dirty)?;
     rounds.written.union_with(&rounds.dirty);
     lanes.memory().take_freed(&mut rounds.dirty)?;
     clock.step("final collect", &mut report.freeze_steps)?;
