@@ -202,6 +202,51 @@ fn trackers_conform_on_the_same_running_guest() {
     m.stop().expect("stop");
 }
 
+/// KVM's dirty ring (lmig's `KvmRingTracker`) on a running guest: the
+/// same kit as the other trackers (exactly the pages the guest wrote,
+/// clean after a collect, the paused collect, a fresh start forgets), and
+/// every page the dirtying guest wrote, with a one-page ring (256 entries)
+/// so the ring fills: the vCPU exits with `KVM_EXIT_DIRTY_RING_FULL`, the
+/// VMM harvests, and nothing is lost.
+#[test]
+fn kvm_dirty_ring_conforms_on_a_running_guest() {
+    if !needs_kvm("kvm_dirty_ring_conforms_on_a_running_guest") {
+        return;
+    }
+    let mut m = running_guest_with(MachineConfig::new(64).dirty_ring(4096));
+    let ring = m.dirty_ring().expect("ring").clone();
+    assert_eq!(ring.bytes(), 4096);
+    tracker_conforms_on_guest(&m, "kvm-ring", m.dirty_ring_tracker().expect("tracker"));
+    let before = ring.full_exits();
+    tracker_sees_guest_writes(&m, m.dirty_ring_tracker().expect("tracker"));
+    eprintln!(
+        "ring full exits: {}, entries harvested: {}",
+        ring.full_exits() - before,
+        ring.harvested()
+    );
+    assert!(
+        ring.full_exits() > before,
+        "the guest's ~1600 writes filled the 256-entry ring"
+    );
+    assert_eq!(
+        m.check_buffer(Duration::from_secs(30)).expect("check"),
+        0,
+        "the guest's buffer is intact"
+    );
+    m.stop().expect("stop");
+}
+
+/// A ring tracker on a machine built without the ring is a clear error.
+#[test]
+fn dirty_ring_tracker_needs_the_ring() {
+    if !needs_kvm("dirty_ring_tracker_needs_the_ring") {
+        return;
+    }
+    let m = Machine::new(MachineConfig::new(8)).expect("machine");
+    let err = m.dirty_ring_tracker().unwrap_err();
+    assert!(err.to_string().contains("dirty ring"), "{err}");
+}
+
 /// The buffer region's layout (the region the guest writes only when asked).
 fn buffer_layout(m: &Machine) -> RegionLayout {
     let info = m
@@ -277,7 +322,11 @@ fn tracker_conforms_on_guest(m: &Machine, name: &str, mut tracker: impl lmig_cor
 }
 
 fn running_guest(mib: u64) -> Machine {
-    let mut m = Machine::new(MachineConfig::new(mib)).expect("machine");
+    running_guest_with(MachineConfig::new(mib))
+}
+
+fn running_guest_with(config: MachineConfig) -> Machine {
+    let mut m = Machine::new(config).expect("machine");
     m.boot(0).expect("boot");
     m.start().expect("start");
     m.vcpu()
@@ -332,7 +381,7 @@ fn tracker_sees_guest_writes(m: &Machine, mut tracker: impl lmig_core::DirtyTrac
 #[test]
 fn running_guest_migrates_precopy() {
     if needs_kvm("running_guest_migrates_precopy") {
-        migrate_running_guest(lmig_core::session::Mode::Precopy, false);
+        migrate_running_guest(lmig_core::session::Mode::Precopy, Tracker::Uffd);
     }
 }
 
@@ -340,7 +389,7 @@ fn running_guest_migrates_precopy() {
 #[test]
 fn running_guest_migrates_precopy_with_kvm_dirty_log() {
     if needs_kvm("running_guest_migrates_precopy_with_kvm_dirty_log") {
-        migrate_running_guest(lmig_core::session::Mode::Precopy, true);
+        migrate_running_guest(lmig_core::session::Mode::Precopy, Tracker::KvmLog);
     }
 }
 
@@ -349,7 +398,7 @@ fn running_guest_migrates_precopy_with_kvm_dirty_log() {
 #[test]
 fn running_guest_migrates_hybrid() {
     if needs_kvm("running_guest_migrates_hybrid") {
-        migrate_running_guest(lmig_core::session::Mode::Hybrid, true);
+        migrate_running_guest(lmig_core::session::Mode::Hybrid, Tracker::KvmLog);
     }
 }
 
@@ -359,15 +408,36 @@ fn running_guest_migrates_hybrid() {
 #[test]
 fn running_guest_migrates_postcopy() {
     if needs_kvm("running_guest_migrates_postcopy") {
-        migrate_running_guest(lmig_core::session::Mode::Postcopy, false);
+        migrate_running_guest(lmig_core::session::Mode::Postcopy, Tracker::Uffd);
     }
 }
 
-fn migrate_running_guest(mode: lmig_core::session::Mode, kvm_log: bool) {
+/// Pre-copy with KVM's dirty ring as the tracker (a ring of 64 KiB per
+/// vCPU: the guest's 8 pages/ms fill it only across rounds).
+#[test]
+fn running_guest_migrates_precopy_with_kvm_dirty_ring() {
+    if needs_kvm("running_guest_migrates_precopy_with_kvm_dirty_ring") {
+        migrate_running_guest(lmig_core::session::Mode::Precopy, Tracker::KvmRing);
+    }
+}
+
+/// The source's tracker in [`migrate_running_guest`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Tracker {
+    Uffd,
+    KvmLog,
+    KvmRing,
+}
+
+fn migrate_running_guest(mode: lmig_core::session::Mode, tracker: Tracker) {
     use lmig_examples::vmm::migrate::{migrate_out, receive};
     use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
 
-    let mut a = Machine::new(MachineConfig::new(64)).expect("machine A");
+    let mut config = MachineConfig::new(64);
+    if tracker == Tracker::KvmRing {
+        config = config.dirty_ring(64 << 10);
+    }
+    let mut a = Machine::new(config).expect("machine A");
     a.boot(8).expect("boot");
     a.start().expect("start");
     a.vcpu()
@@ -392,12 +462,19 @@ fn migrate_running_guest(mode: lmig_core::session::Mode, kvm_log: bool) {
         std::thread::sleep(Duration::from_millis(50));
         let channel =
             connect(&target, ChannelConfig::new(AuthKey::new(key).unwrap())).expect("connect");
-        let out = if kvm_log {
-            let log = a.dirty_log().expect("dirty log");
-            migrate_out(&a, &channel, log.tracker(a.regions().layout()), mode)
-        } else {
-            let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
-            migrate_out(&a, &channel, tracker, mode)
+        let out = match tracker {
+            Tracker::KvmLog => {
+                let log = a.dirty_log().expect("dirty log");
+                migrate_out(&a, &channel, log.tracker(a.regions().layout()), mode)
+            }
+            Tracker::KvmRing => {
+                let ring = a.dirty_ring_tracker().expect("dirty ring");
+                migrate_out(&a, &channel, ring, mode)
+            }
+            Tracker::Uffd => {
+                let (tracker, _) = lmig_mem::best_tracker(a.regions()).expect("tracker");
+                migrate_out(&a, &channel, tracker, mode)
+            }
         };
         (out, dest.join().unwrap())
     });

@@ -1,5 +1,5 @@
 //! `lmig-bench vm --mib M --dirty-mbps R --mode precopy|postcopy|hybrid
-//! --tracker kvm|uffd|kvm-get --json`: the micro-VMM's running guest migrating between
+//! --tracker kvm|kvm-ring|uffd|kvm-get --json`: the micro-VMM's running guest migrating between
 //! two VMM processes on two namespace hosts (issue 21).
 //!
 //! Host A runs the source VMM (guest booted, buffer filled, dirtying R MB/s,
@@ -47,9 +47,13 @@ pub struct Args {
     /// with KVM_GET_DIRTY_LOG and reset with KVM_CLEAR_DIRTY_LOG in chunks
     /// where offered; it starts ~6x and collects 3-7x faster than uffd
     /// here), uffd (uffd-wp + PAGEMAP_SCAN on the VMM's mapping of guest
-    /// RAM) or kvm-get (KVM_GET_DIRTY_LOG alone, resetting all at once).
+    /// RAM), kvm-ring (KVM's per-vCPU dirty ring, harvested while the
+    /// guest runs) or kvm-get (KVM_GET_DIRTY_LOG alone, resetting all at once).
     #[arg(long, default_value = "kvm")]
     pub tracker: String,
+    /// The source VMM's vCPU thread nice value (default: the process's).
+    #[arg(long, allow_hyphen_values = true)]
+    pub vcpu_nice: Option<i32>,
 }
 
 /// Options of the hidden `vm-peer` command (one VMM process).
@@ -67,13 +71,16 @@ pub struct PeerArgs {
     /// precopy, postcopy or hybrid (source).
     #[arg(long, default_value = "precopy")]
     pub mode: String,
-    /// kvm, uffd or kvm-get (source).
+    /// kvm, kvm-ring, uffd or kvm-get (source).
     #[arg(long, default_value = "kvm")]
     pub tracker: String,
+    /// The vCPU thread's nice value (source).
+    #[arg(long, allow_hyphen_values = true)]
+    pub vcpu_nice: Option<i32>,
 }
 
 /// The `--tracker` values.
-const TRACKERS: [&str; 3] = ["uffd", "kvm", "kvm-get"];
+const TRACKERS: [&str; 4] = ["uffd", "kvm", "kvm-ring", "kvm-get"];
 
 fn mode(s: &str) -> Result<Mode, Box<dyn std::error::Error>> {
     match s {
@@ -100,7 +107,7 @@ fn unhex(s: &str) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
 pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     mode(&args.mode)?;
     if !TRACKERS.contains(&args.tracker.as_str()) {
-        return Err(format!("--tracker {}: uffd, kvm or kvm-get", args.tracker).into());
+        return Err(format!("--tracker {}: uffd, kvm, kvm-ring or kvm-get", args.tracker).into());
     }
     if !nix::unistd::geteuid().is_root() {
         return Err(
@@ -125,6 +132,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
                 "--tracker",
                 &args.tracker,
             ]);
+        if let Some(nice) = args.vcpu_nice {
+            cmd.arg(format!("--vcpu-nice={nice}"));
+        }
         cmd
     };
     let mut dest = Worker::spawn(&topo.b, "vm destination", &mut peer("dest"))?;
@@ -154,12 +164,15 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "dirty_mbps": args.dirty_mbps,
         "mode": args.mode,
         "tracker": args.tracker,
+        "vcpu_nice": args.vcpu_nice,
         "downtime_ms": round(downtime, 2),
         "heartbeat_gap_ms": round(gap, 2),
         "heartbeat_gap_across_ms": round(across, 2),
         "heartbeat_continuous": continuous,
         "heartbeat_gap_source_ms": round(n(&s, "max_gap_ns") / 1e6, 2),
         "heartbeat_gap_source_at_ms": round(n(&s, "max_gap_at_ns") / 1e6, 1),
+        "heartbeat_gap_source_oncpu_ms": round(n(&s, "max_gap_cpu_ns") / 1e6, 2),
+        "heartbeat_gap_source_runnable_ms": round(n(&s, "max_gap_wait_ns") / 1e6, 2),
         "heartbeat_gap_destination_ms": round(n(&d, "max_gap_ns") / 1e6, 2),
         "total_ms": round(n(&s, "total_ns") / 1e6, 1),
         "bytes_sent": s["bytes_sent"],
@@ -168,6 +181,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "postcopy_blocked_ms": round(n(&d, "blocked_ns") / 1e6, 2),
         "postcopy_complete_ms": round(n(&d, "complete_ns") / 1e6, 1),
         "kvm_dirty_log": s["kvm_dirty_log"],
+        "ring_full_exits": s["ring_full_exits"],
         "postcopy_pages": d["postcopy_pages"],
         "network_faults": d["network_faults"],
         "guest_dirty_mbps": round(guest_dirty_mbps, 1),
@@ -181,21 +195,36 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The largest host interval between consecutive heartbeats from `from_ns`
-/// on, and when it began (ns after `from_ns`).
-fn max_gap_since(log: &HeartbeatLog, from_ns: u64) -> (u64, u64) {
+/// on, when it began (ns after `from_ns`), and the vCPU thread's time on a
+/// CPU and waiting for one inside it (ns).
+fn max_gap_since(log: &HeartbeatLog, from_ns: u64) -> (u64, u64, u64, u64) {
     log.beats
         .windows(2)
         .filter(|w| w[0].host_ns >= from_ns)
-        .map(|w| (w[1].host_ns - w[0].host_ns, w[0].host_ns - from_ns))
+        .map(|w| {
+            (
+                w[1].host_ns - w[0].host_ns,
+                w[0].host_ns - from_ns,
+                w[1].cpu_ns.saturating_sub(w[0].cpu_ns),
+                w[1].wait_ns.saturating_sub(w[0].wait_ns),
+            )
+        })
         .max()
-        .unwrap_or((0, 0))
+        .unwrap_or((0, 0, 0, 0))
 }
 
 /// The hidden `vm-peer` command: one VMM process, driven by stdin lines
 /// (`boot`, `migrate ADDR KEY` for the source; `listen ADDR KEY`,
 /// `receive` for the destination; `quit`), answering `OK …` or `ERR …`.
 pub fn peer(args: PeerArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut machine = Machine::new(MachineConfig::new(args.mib))?;
+    let mut config = MachineConfig::new(args.mib);
+    if args.role == "source" && args.tracker == "kvm-ring" {
+        config = config.dirty_ring(0);
+    }
+    if let (true, Some(nice)) = (args.role == "source", args.vcpu_nice) {
+        config = config.vcpu_nice(nice);
+    }
+    let mut machine = Machine::new(config)?;
     let mut listener = None;
     let stdin = std::io::stdin();
     for line in stdin.lock().lines() {
@@ -262,7 +291,14 @@ fn migrate(
     let t = Instant::now();
     let channel = connect(&Endpoint::Tcp(addr.parse()?), channel_config(key)?)?;
     let mut kvm_method = serde_json::Value::Null;
-    let inner: Box<dyn DirtyTracker + '_> = if tracker.starts_with("kvm") {
+    let inner: Box<dyn DirtyTracker + '_> = if tracker == "kvm-ring" {
+        let t = machine.dirty_ring_tracker()?;
+        kvm_method = json!(format!(
+            "dirty ring, {} KiB per vCPU",
+            t.ring().bytes() / 1024
+        ));
+        Box::new(t)
+    } else if tracker.starts_with("kvm") {
         let mut log = machine.dirty_log()?;
         if tracker == "kvm-get" {
             log = log.without_manual_protect();
@@ -282,12 +318,15 @@ fn migrate(
     let total = t.elapsed();
     let log = machine.heartbeats();
     let last = log.last.ok_or("no heartbeat on the source")?;
+    let gap = max_gap_since(&log, start);
     Ok(json!({
         "paused_ns": r.paused_ns,
         "last_hb_ns": last.host_ns,
         "last_count": last.count,
-        "max_gap_ns": max_gap_since(&log, start).0,
-        "max_gap_at_ns": max_gap_since(&log, start).1,
+        "max_gap_ns": gap.0,
+        "max_gap_at_ns": gap.1,
+        "max_gap_cpu_ns": gap.2,
+        "max_gap_wait_ns": gap.3,
         "total_ns": total.as_nanos() as u64,
         "bytes_sent": r.report.bytes_sent,
         "rounds": r.report.rounds,
@@ -296,6 +335,7 @@ fn migrate(
         "collect_max_at_ns": timed.slowest_collect.1.as_nanos() as u64,
         "round_ms": r.report.round_stats.iter().map(|s| round(s.elapsed.as_secs_f64() * 1e3, 1)).collect::<Vec<_>>(),
         "kvm_dirty_log": kvm_method,
+        "ring_full_exits": machine.dirty_ring().map(|r| r.full_exits()),
     })
     .to_string())
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use lmig_mem::track::kvm::{KvmDirtyLog, KvmSlot};
+use lmig_mem::track::kvm::{KvmDirtyLog, KvmDirtyRing, KvmRingTracker, KvmSlot};
 use lmig_mem::{RegionId, RegionSet};
 
 use super::guest::{
@@ -39,6 +39,12 @@ pub struct MachineConfig {
     pub kvm_path: String,
     /// The guest program placed at [`CODE_AT`](guest::CODE_AT).
     pub program: Vec<u8>,
+    /// Turn on KVM's dirty ring before creating the vCPU (for lmig's
+    /// ring tracker, [`Machine::dirty_ring_tracker`]): `Some(bytes)` per
+    /// vCPU (`0`: the largest KVM offers).
+    pub dirty_ring: Option<u32>,
+    /// The vCPU thread's nice value (`None`: the process's).
+    pub vcpu_nice: Option<i32>,
 }
 
 impl MachineConfig {
@@ -48,7 +54,19 @@ impl MachineConfig {
             mib,
             kvm_path: "/dev/kvm".into(),
             program: guest::program(),
+            dirty_ring: None,
+            vcpu_nice: None,
         }
+    }
+    /// Run the vCPU thread at nice value `nice` (below 0 needs root).
+    pub fn vcpu_nice(mut self, nice: i32) -> Self {
+        self.vcpu_nice = Some(nice);
+        self
+    }
+    /// Turn on KVM's dirty ring, `bytes` per vCPU (0: the largest offered).
+    pub fn dirty_ring(mut self, bytes: u32) -> Self {
+        self.dirty_ring = Some(bytes);
+        self
     }
     /// Another KVM device path (tests: a missing one).
     pub fn kvm_path(mut self, path: impl Into<String>) -> Self {
@@ -68,6 +86,9 @@ impl MachineConfig {
 pub struct Machine {
     thread: Option<VcpuThread>,
     vcpu: Option<VcpuFd>,
+    /// KVM's dirty ring, when the config asked for it (before `vm`: its
+    /// ring mappings go first).
+    ring: Option<KvmDirtyRing>,
     regions: RegionSet,
     vm: VmFd,
     _kvm: Kvm,
@@ -102,7 +123,14 @@ impl Machine {
             memory.adopt(LOW_REGION, 0, BUFFER_AT)?,
             memory.adopt(GUEST_REGION, BUFFER_AT, bytes - BUFFER_AT)?,
         ])?;
+        let ring = match config.dirty_ring {
+            Some(bytes) => Some(KvmDirtyRing::enable(&vm, (bytes > 0).then_some(bytes))?),
+            None => None,
+        };
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        if let Some(ring) = &ring {
+            ring.add_vcpu(&vcpu)?;
+        }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -111,6 +139,7 @@ impl Machine {
         Ok(Self {
             thread: None,
             vcpu: Some(vcpu),
+            ring,
             regions,
             vm,
             _kvm: kvm,
@@ -154,7 +183,12 @@ impl Machine {
             .vcpu
             .take()
             .ok_or_else(|| VmmError::BadInput("the vCPU is running".into()))?;
-        self.thread = Some(VcpuThread::spawn(vcpu, Arc::clone(&self.memory))?);
+        self.thread = Some(VcpuThread::spawn_with_ring(
+            vcpu,
+            Arc::clone(&self.memory),
+            self.ring.clone(),
+            self.config.vcpu_nice,
+        )?);
         Ok(())
     }
 
@@ -258,6 +292,21 @@ impl Machine {
             &self.regions,
             &self.kvm_slots(),
         )?)
+    }
+
+    /// lmig's tracker over KVM's dirty ring of guest RAM's slots; the
+    /// machine must have been built with [`MachineConfig::dirty_ring`].
+    pub fn dirty_ring_tracker(&self) -> Result<KvmRingTracker<'_>, VmmError> {
+        let ring = self.ring.as_ref().ok_or_else(|| {
+            VmmError::BadInput("the machine was built without KVM's dirty ring".into())
+        })?;
+        Ok(ring.tracker(&self.vm, &self.regions, &self.kvm_slots())?)
+    }
+
+    /// KVM's dirty ring, when the machine was built with it.
+    #[must_use]
+    pub fn dirty_ring(&self) -> Option<&KvmDirtyRing> {
+        self.ring.as_ref()
     }
 
     /// Guest RAM.

@@ -15,6 +15,22 @@ use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap, munmap};
 
 use super::{VmmError, kvm_err};
 
+/// `setpriority(PRIO_PROCESS, gettid(), nice)`: the calling thread's nice
+/// value (Linux keeps one per thread); below 0 needs `CAP_SYS_NICE`.
+pub(super) fn set_thread_nice(nice: i32) -> Result<(), VmmError> {
+    use nix::libc;
+    // SAFETY: gettid and setpriority take plain integers and touch no memory.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(VmmError::Sys(
+            "setpriority",
+            std::io::Error::last_os_error(),
+        ))
+    }
+}
+
 /// Guest RAM: a memfd mapped shared by the VMM from offset 0. Unmapped on
 /// drop; whoever adopted or registered it must be gone by then (the
 /// [`Machine`](super::Machine) drops its region and VM first).

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use kvm_bindings::{Msrs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use lmig_mem::track::kvm::{EXIT_DIRTY_RING_FULL, KvmDirtyRing};
 use serde::{Deserialize, Serialize};
 
 use super::guest::{
@@ -164,6 +165,11 @@ pub struct Heartbeat {
     /// Host `CLOCK_MONOTONIC` in ns when the VMM handled it (the same
     /// clock in every namespace of the host).
     pub host_ns: u64,
+    /// The vCPU thread's time on a CPU so far (its `schedstat`), ns: with
+    /// [`Self::wait_ns`], what a gap between two heartbeats was made of.
+    pub cpu_ns: u64,
+    /// The vCPU thread's time runnable, waiting for a CPU, so far, ns.
+    pub wait_ns: u64,
 }
 
 /// Heartbeats with host timestamps (the first 2^20 kept), and the
@@ -324,13 +330,26 @@ pub struct VcpuTime {
 impl VcpuThread {
     /// Start running `vcpu` (its state already set) on a thread of its own.
     pub fn spawn(vcpu: VcpuFd, memory: Arc<GuestMemory>) -> Result<Self, VmmError> {
+        Self::spawn_with_ring(vcpu, memory, None, None)
+    }
+
+    /// [`Self::spawn`] for a VM with KVM's dirty ring: a full ring
+    /// (`KVM_EXIT_DIRTY_RING_FULL`) is harvested for lmig's tracker
+    /// ([`KvmDirtyRing::on_full_exit`]) and the vCPU runs on; with `nice`,
+    /// the thread sets its nice value first.
+    pub fn spawn_with_ring(
+        vcpu: VcpuFd,
+        memory: Arc<GuestMemory>,
+        ring: Option<KvmDirtyRing>,
+        nice: Option<i32>,
+    ) -> Result<Self, VmmError> {
         let shared = Shared::new();
         let for_thread = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("lmig-vcpu0".into())
             .spawn({
                 let memory = Arc::clone(&memory);
-                move || run(vcpu, &memory, &for_thread)
+                move || run(vcpu, &memory, &for_thread, ring.as_ref(), nice)
             })
             .map_err(|e| VmmError::Sys("spawn vCPU thread", e))?;
         Ok(Self {
@@ -456,9 +475,19 @@ impl Drop for VcpuThread {
 
 /// The vCPU loop. Returns the vCPU when asked to stop; a guest that stops
 /// unexpectedly ends it with an error (also recorded for waiters).
-fn run(mut vcpu: VcpuFd, memory: &GuestMemory, shared: &Shared) -> Result<VcpuFd, VmmError> {
+fn run(
+    mut vcpu: VcpuFd,
+    memory: &GuestMemory,
+    shared: &Shared,
+    ring: Option<&KvmDirtyRing>,
+    nice: Option<i32>,
+) -> Result<VcpuFd, VmmError> {
     shared.lock().tid = Some(nix::unistd::gettid().as_raw());
-    let result = run_loop(&mut vcpu, memory, shared);
+    let schedstat = std::fs::File::open("/proc/thread-self/schedstat").ok();
+    let result = match nice.map(super::sys::set_thread_nice) {
+        Some(Err(e)) => Err(e),
+        _ => run_loop(&mut vcpu, memory, shared, ring, schedstat.as_ref()),
+    };
     if let Err(e) = &result {
         shared.lock().failed = Some(match e {
             VmmError::GuestExit(why) => why.clone(),
@@ -469,7 +498,13 @@ fn run(mut vcpu: VcpuFd, memory: &GuestMemory, shared: &Shared) -> Result<VcpuFd
     result.map(|()| vcpu)
 }
 
-fn run_loop(vcpu: &mut VcpuFd, memory: &GuestMemory, shared: &Shared) -> Result<(), VmmError> {
+fn run_loop(
+    vcpu: &mut VcpuFd,
+    memory: &GuestMemory,
+    shared: &Shared,
+    ring: Option<&KvmDirtyRing>,
+    schedstat: Option<&std::fs::File>,
+) -> Result<(), VmmError> {
     loop {
         if park(vcpu, shared)? {
             return Ok(());
@@ -490,10 +525,13 @@ fn run_loop(vcpu: &mut VcpuFd, memory: &GuestMemory, shared: &Shared) -> Result<
                 match port {
                     PORT_HEARTBEAT => {
                         let tsc = memory.read_u64(PARAMS_AT + P_HB_TSC)?;
+                        let (cpu_ns, wait_ns) = schedstat.map_or((0, 0), read_schedstat);
                         ctl.log.push(Heartbeat {
                             count: value,
                             tsc,
                             host_ns,
+                            cpu_ns,
+                            wait_ns,
                         });
                         continue;
                     }
@@ -523,9 +561,25 @@ fn run_loop(vcpu: &mut VcpuFd, memory: &GuestMemory, shared: &Shared) -> Result<
                     "KVM internal error (emulation failure)".into(),
                 ));
             }
+            VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL) if ring.is_some() => {
+                if let Some(ring) = ring {
+                    ring.on_full_exit()?;
+                }
+            }
             other => return Err(VmmError::GuestExit(format!("unexpected exit {other:?}"))),
         }
     }
+}
+
+/// The calling thread's time on a CPU and time runnable (ns), from its
+/// open `/proc/thread-self/schedstat` (one `pread`); zeros if unreadable.
+fn read_schedstat(file: &std::fs::File) -> (u64, u64) {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 96];
+    let n = file.read_at(&mut buf, 0).unwrap_or(0);
+    let text = std::str::from_utf8(&buf[..n]).unwrap_or("");
+    let mut fields = text.split_whitespace().map(|f| f.parse().unwrap_or(0));
+    (fields.next().unwrap_or(0), fields.next().unwrap_or(0))
 }
 
 /// Spin this close to the guest's next deadline rather than sleep through it.

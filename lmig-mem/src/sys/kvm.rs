@@ -18,7 +18,7 @@ use kvm_bindings::{
     KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_MEM_LOG_DIRTY_PAGES, kvm_enable_cap, kvm_userspace_memory_region,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::{IOC_READ, IOC_WRITE, ioc, ioctl_ptr};
 
@@ -220,6 +220,148 @@ impl<'vm> SlotLog<'vm> {
     }
 }
 
+/// `KVM_RESET_DIRTY_RINGS` = `_IO(KVMIO, 0xc7)`.
+const KVM_RESET_DIRTY_RINGS: u64 = ioc(0, KVMIO, 0xc7, 0);
+/// `KVM_DIRTY_GFN_F_DIRTY`: the entry holds a dirty page for user space.
+const GFN_DIRTY: u32 = 1 << 0;
+/// `KVM_DIRTY_GFN_F_RESET`: user space harvested it; KVM may reset it.
+const GFN_RESET: u32 = 1 << 1;
+/// `KVM_EXIT_DIRTY_RING_FULL`: a vCPU's ring is (softly) full; user space
+/// harvests and resets the rings before running it again.
+pub const EXIT_DIRTY_RING_FULL: u32 = 31;
+
+/// `KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING, bytes)`: every vCPU created
+/// from now on has a dirty ring of `bytes` (a power of two). KVM refuses
+/// it once a vCPU exists.
+#[doc(alias = "KVM_ENABLE_CAP")]
+pub(crate) fn enable_dirty_ring(vm: &VmFd, bytes: u32) -> io::Result<()> {
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_DIRTY_LOG_RING,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(bytes);
+    vm.enable_cap(&cap)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+}
+
+/// `KVM_RESET_DIRTY_RINGS` on the VM `vm`: KVM write-protects again the
+/// pages of every harvested entry of every vCPU's ring and frees those
+/// entries. Returns how many it reset.
+#[doc(alias = "KVM_RESET_DIRTY_RINGS")]
+pub(crate) fn reset_dirty_rings(vm: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and touches no
+    // memory of ours.
+    let r = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_RESET_DIRTY_RINGS as libc::c_ulong, 0) };
+    u64::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
+/// One vCPU's dirty ring, mapped from its fd (`struct kvm_dirty_gfn`
+/// entries at page `KVM_DIRTY_LOG_PAGE_OFFSET` of the vCPU fd). The mapping
+/// holds its own reference to the vCPU file: it stays valid after the fd
+/// closes, until dropped.
+#[derive(Debug)]
+pub(crate) struct DirtyRing {
+    /// The first `kvm_dirty_gfn` (16 bytes: flags, slot, offset).
+    base: std::ptr::NonNull<u8>,
+    entries: u32,
+    /// The next entry to harvest (free-running, taken modulo `entries`).
+    next: u32,
+}
+
+// SAFETY: the ring is shared memory with KVM, accessed only through atomic
+// loads and stores of each entry's flags and plain reads of a harvested
+// entry; `DirtyRing` is used by one thread at a time (`&mut self`).
+unsafe impl Send for DirtyRing {}
+
+impl DirtyRing {
+    /// Map the ring of `bytes` (as enabled) of the vCPU `vcpu`.
+    pub(crate) fn map_vcpu(vcpu: &VcpuFd, bytes: u32) -> io::Result<Self> {
+        // SAFETY: the fd is open while `vcpu` lives, and the borrow ends
+        // with this call (the mapping holds its own file reference).
+        let fd = unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
+        Self::map(fd, bytes)
+    }
+
+    fn map(vcpu: BorrowedFd<'_>, bytes: u32) -> io::Result<Self> {
+        if !bytes.is_power_of_two() || bytes < 16 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let page = super::page_size() as libc::off_t;
+        let offset = libc::off_t::from(kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET) * page;
+        // SAFETY: a new shared mapping of the vCPU fd's dirty-ring pages
+        // (KVM's documented mmap offset and size); it overlaps no existing
+        // memory of ours and is unmapped only in `Drop`.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu.as_raw_fd(),
+                offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = std::ptr::NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(Self {
+            base,
+            entries: bytes / 16,
+            next: 0,
+        })
+    }
+
+    /// Take every dirty entry from the next on, in order, handing
+    /// `(slot, offset)` to `found` and marking it harvested (KVM frees it
+    /// at the next [`reset_dirty_rings`]). Returns how many.
+    pub(crate) fn harvest(&mut self, mut found: impl FnMut(u32, u64)) -> u32 {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let mut taken = 0;
+        while taken < self.entries {
+            let at = (self.next % self.entries) as usize * 16;
+            // SAFETY: `at + 16 <= entries * 16 = bytes`, inside the
+            // mapping; the entry's first u32 is its flags, 4-aligned (the
+            // mapping is page-aligned), which KVM and this thread access
+            // atomically (KVM: WRITE_ONCE/smp_store_release).
+            let flags = unsafe { &*self.base.as_ptr().add(at).cast::<AtomicU32>() };
+            if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
+                break;
+            }
+            // SAFETY: as above; KVM wrote slot and offset before setting
+            // the dirty flag (release), which the acquire load saw, and
+            // does not write them again until the entry is reset.
+            let (slot, offset) = unsafe {
+                let e = self.base.as_ptr().add(at);
+                (
+                    e.add(4).cast::<u32>().read_volatile(),
+                    e.add(8).cast::<u64>().read_volatile(),
+                )
+            };
+            found(slot, offset);
+            flags.store(GFN_RESET, Ordering::Release);
+            self.next = self.next.wrapping_add(1);
+            taken += 1;
+        }
+        taken
+    }
+}
+
+impl Drop for DirtyRing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `map` made, of this size, used by no one else.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.entries as usize * 16);
+        }
+    }
+}
+
+/// A duplicate of the VM's fd (for ioctls from threads that do not hold
+/// the `VmFd`).
+pub(crate) fn dup_vm(vm: &VmFd) -> io::Result<std::os::fd::OwnedFd> {
+    borrow(vm).try_clone_to_owned()
+}
+
 /// The VM's fd, borrowed for one ioctl.
 fn borrow(vm: &VmFd) -> BorrowedFd<'_> {
     // SAFETY: the fd is open while `vm` lives, and the borrow cannot
@@ -236,5 +378,6 @@ mod tests {
     fn ioctl_numbers_match_the_kernel_header() {
         assert_eq!(KVM_GET_DIRTY_LOG, 0x4010_ae42);
         assert_eq!(KVM_CLEAR_DIRTY_LOG, 0xc018_aec0);
+        assert_eq!(KVM_RESET_DIRTY_RINGS, 0xaec7);
     }
 }

@@ -1,7 +1,8 @@
 //! KVM's dirty log as a [`DirtyLog`] (feature `kvm`): a VMM's memory slots
 //! mapped onto lmig regions, read with `KVM_GET_DIRTY_LOG` and, where the
 //! kernel offers `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, reset with
-//! `KVM_CLEAR_DIRTY_LOG` in chunks.
+//! `KVM_CLEAR_DIRTY_LOG` in chunks; or, where the kernel offers
+//! `KVM_CAP_DIRTY_LOG_RING`, KVM's per-vCPU dirty rings ([`KvmDirtyRing`]).
 //!
 //! Why chunks: without manual protection, `KVM_GET_DIRTY_LOG` resets the
 //! whole slot's log and write-protects every page it returns while holding
@@ -41,6 +42,8 @@ use super::dirty_log::{DirtyLog, DirtyLogTracker};
 use crate::error::{MemError, Result};
 use crate::region::RegionSet;
 use crate::sys::kvm::{self, INITIALLY_SET, MANUAL_PROTECT_ENABLE, SlotLog};
+
+pub use super::kvm_ring::{EXIT_DIRTY_RING_FULL, KvmDirtyRing, KvmRingTracker};
 
 /// Pages reset and write-protected by one `KVM_CLEAR_DIRTY_LOG` call
 /// (4 MiB of 4 KiB pages): a vCPU faulting meanwhile waits for one chunk.
@@ -121,7 +124,7 @@ impl fmt::Display for KvmDirtySupport {
         if self.dirty_ring_bytes > 0 {
             write!(
                 f,
-                "; dirty ring offered (up to {} KiB per vCPU{}), not used by this tracker",
+                "; dirty ring offered (up to {} KiB per vCPU{}; see KvmDirtyRing)",
                 self.dirty_ring_bytes / 1024,
                 if self.dirty_ring_acq_rel {
                     ", acq/rel"
@@ -137,10 +140,66 @@ impl fmt::Display for KvmDirtySupport {
 
 /// A region's slot and where it lies in the region.
 #[derive(Debug)]
-struct Mapped<'vm> {
-    region: RegionId,
-    first_page: u64,
-    log: SlotLog<'vm>,
+pub(super) struct Mapped<'vm> {
+    pub(super) region: RegionId,
+    pub(super) first_page: u64,
+    pub(super) slot: u32,
+    pub(super) log: SlotLog<'vm>,
+}
+
+/// `slots` of `vm` over `regions`, checked: each inside its region, no two
+/// overlapping or sharing a number.
+pub(super) fn map_slots<'vm>(
+    vm: &'vm VmFd,
+    regions: &RegionSet,
+    slots: &[KvmSlot],
+) -> Result<Vec<Mapped<'vm>>> {
+    let mut mapped: Vec<Mapped<'vm>> = Vec::with_capacity(slots.len());
+    for s in slots {
+        let region = regions.get(s.region)?;
+        let total = region.pages();
+        let pages = s
+            .pages
+            .unwrap_or_else(|| total.saturating_sub(s.first_page));
+        let bad = |detail: String| MemError::InvalidRegion {
+            region: s.region,
+            detail,
+        };
+        if pages == 0 || s.first_page.checked_add(pages).is_none_or(|e| e > total) {
+            return Err(bad(format!(
+                "KVM slot {} maps pages {}..+{pages}, the region has {total}",
+                s.slot, s.first_page
+            )));
+        }
+        for m in &mapped {
+            let overlap = m.region == s.region
+                && m.first_page < s.first_page + pages
+                && s.first_page < m.first_page + m.log.pages();
+            if overlap || slots.iter().filter(|o| o.slot == s.slot).count() > 1 {
+                return Err(bad(format!(
+                    "KVM slot {} overlaps another slot or repeats its number",
+                    s.slot
+                )));
+            }
+        }
+        let page_size = region.page_size() as u64;
+        let host = region.as_ptr() as u64 + s.first_page * page_size;
+        mapped.push(Mapped {
+            region: s.region,
+            first_page: s.first_page,
+            slot: s.slot,
+            log: SlotLog::new(
+                vm,
+                s.slot,
+                s.guest_phys_addr,
+                host,
+                pages,
+                page_size,
+                s.flags,
+            ),
+        });
+    }
+    Ok(mapped)
 }
 
 /// KVM's dirty log of a VM's memory slots, by lmig region.
@@ -173,50 +232,7 @@ impl<'vm> KvmDirtyLog<'vm> {
     /// inside its region, no two may overlap or share a number. Manual
     /// protection is used where the kernel offers it.
     pub fn new(vm: &'vm VmFd, regions: &RegionSet, slots: &[KvmSlot]) -> Result<Self> {
-        let mut mapped: Vec<Mapped<'vm>> = Vec::with_capacity(slots.len());
-        for s in slots {
-            let region = regions.get(s.region)?;
-            let total = region.pages();
-            let pages = s
-                .pages
-                .unwrap_or_else(|| total.saturating_sub(s.first_page));
-            let bad = |detail: String| MemError::InvalidRegion {
-                region: s.region,
-                detail,
-            };
-            if pages == 0 || s.first_page.checked_add(pages).is_none_or(|e| e > total) {
-                return Err(bad(format!(
-                    "KVM slot {} maps pages {}..+{pages}, the region has {total}",
-                    s.slot, s.first_page
-                )));
-            }
-            for m in &mapped {
-                let overlap = m.region == s.region
-                    && m.first_page < s.first_page + pages
-                    && s.first_page < m.first_page + m.log.pages();
-                if overlap || slots.iter().filter(|o| o.slot == s.slot).count() > 1 {
-                    return Err(bad(format!(
-                        "KVM slot {} overlaps another slot or repeats its number",
-                        s.slot
-                    )));
-                }
-            }
-            let page_size = region.page_size() as u64;
-            let host = region.as_ptr() as u64 + s.first_page * page_size;
-            mapped.push(Mapped {
-                region: s.region,
-                first_page: s.first_page,
-                log: SlotLog::new(
-                    vm,
-                    s.slot,
-                    s.guest_phys_addr,
-                    host,
-                    pages,
-                    page_size,
-                    s.flags,
-                ),
-            });
-        }
+        let mapped = map_slots(vm, regions, slots)?;
         let support = Self::probe(vm);
         Ok(Self {
             vm,
@@ -256,14 +272,7 @@ impl<'vm> KvmDirtyLog<'vm> {
     }
 
     fn os(&self, call: &'static str, slot: &Mapped<'_>, e: std::io::Error) -> MemError {
-        MemError::os(
-            call,
-            format!(
-                "the KVM slot over region {} (page {})",
-                slot.region, slot.first_page
-            ),
-            e,
-        )
+        slot_error(call, slot, e)
     }
 
     /// Read one slot's log into `self.scratch` and, in manual mode, reset
@@ -301,6 +310,18 @@ impl<'vm> KvmDirtyLog<'vm> {
         }
         Ok(())
     }
+}
+
+/// An error of `call` on `slot`, naming its region.
+pub(super) fn slot_error(call: &'static str, slot: &Mapped<'_>, e: std::io::Error) -> MemError {
+    MemError::os(
+        call,
+        format!(
+            "the KVM slot over region {} (page {})",
+            slot.region, slot.first_page
+        ),
+        e,
+    )
 }
 
 /// OR the first `count` bits of `src` into `dst` from bit `at` on.
