@@ -112,7 +112,19 @@ impl Lanes {
         match lane {
             Lane::Control => frames.write_to(&mut **lock(&self.control)),
             Lane::Urgent => frames.write_to(&mut **lock(&self.urgent)),
-            Lane::Data(i) => frames.write_to(&mut *lock(&self.data[i % self.data.len()])),
+            Lane::Data(i) => {
+                let mut lane = lock(&self.data[i % self.data.len()]);
+                if frames.len() < DATA_BUFFER {
+                    return frames.write_to(&mut *lane);
+                }
+                // A frame of a whole chunk: what is buffered goes first, then
+                // the frame in one vectored write of its own. Through the
+                // `BufWriter` its header would leave alone (a syscall, and on
+                // an encrypted stream a record, of a few bytes), as
+                // `BufWriter` cannot know that the connection gathers slices.
+                lane.flush()?;
+                frames.write_to(&mut **lane.get_mut())
+            }
         }
     }
 
