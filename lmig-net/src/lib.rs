@@ -130,6 +130,7 @@ pub mod tcp;
 #[cfg(feature = "test-topology")]
 pub mod topology;
 mod udp;
+mod unsent;
 
 pub use error::{NetError, Result, SocketFailure};
 pub use fd::take_fd_from_process;
@@ -145,3 +146,4 @@ pub use sink::{NetSink, SinkConfig};
 pub use source::SourceConfig;
 pub use source::{NetSource, NetSourceConfig, NetworkLock};
 pub use sys::{lowest_thread_priority, raise_nofile_limit};
+pub use unsent::UnsentTails;
