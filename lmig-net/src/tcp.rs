@@ -29,7 +29,8 @@
 //! 3. *activate* (after `Commit`): a FIN the peer had sent is injected, repair
 //!    mode is left (with or without a window probe, see
 //!    [`crate::RepairExit`]), `SO_REUSEADDR` re-applied (leaving repair mode
-//!    clears it), and the never-sent bytes are written normally.
+//!    clears it), and the never-sent bytes are written normally (or after
+//!    activation, on a thread of their own: [`crate::UnsentTails`]).
 //!
 //! # Half-closed connections
 //!
