@@ -17,7 +17,11 @@
 //!   them back by id, typed ([`NetSink::take_restored`]: `TcpStream`,
 //!   `TcpListener`, `UdpSocket`) or as fds ([`NetSink::take_fds`]). An event
 //!   loop can register each one with its poller as soon as it exists
-//!   ([`NetSink::on_register`], borrowed fds).
+//!   ([`NetSink::on_register`], borrowed fds). With
+//!   [`SinkConfig::unsent_in_background`] the bytes a connection never
+//!   sent are written after activation, while the program runs, behind
+//!   the [`UnsentTails`] gate (the program writes nothing to a connection
+//!   it says is pending).
 //! * [`ProgramSockets`] is the source side of a program that serves its
 //!   sockets from an event loop: it implements [`SocketOwner`] (lend the
 //!   sockets for a look, park the loop and hand them over, take them back),
@@ -130,6 +134,7 @@ pub mod tcp;
 #[cfg(feature = "test-topology")]
 pub mod topology;
 mod udp;
+mod unsent;
 
 pub use error::{NetError, Result, SocketFailure};
 pub use fd::take_fd_from_process;
@@ -145,3 +150,4 @@ pub use sink::{NetSink, SinkConfig};
 pub use source::SourceConfig;
 pub use source::{NetSource, NetSourceConfig, NetworkLock};
 pub use sys::{lowest_thread_priority, raise_nofile_limit};
+pub use unsent::UnsentTails;

@@ -15,6 +15,7 @@ use crate::restored::{Register, RestoredSocket, SocketView};
 use crate::sys;
 use crate::tcp::{self, PendingActivation};
 use crate::udp::{self, RestoredUdp};
+use crate::unsent::{Tail, UnsentTails, UnsentWriter};
 
 /// Settings of a [`NetSink`]: `SinkConfig::default()` and the `with_*`
 /// setters (the struct is `#[non_exhaustive]`).
@@ -42,6 +43,14 @@ pub struct SinkConfig {
     /// connection after the commit. (The source's file flags are not
     /// carried: they belong to the program's fds, not to the sockets.)
     pub nonblocking: bool,
+    /// Write the bytes a connection never sent (held back by its peer's
+    /// window) after activation, on a thread of their own while the
+    /// program runs, instead of inside activation (default false). With
+    /// megabytes queued that write is most of the activation's time. The
+    /// program must then honour the contract of [`UnsentTails`]: no write
+    /// to a connection while [`UnsentTails::is_pending`] says so
+    /// ([`NetSink::unsent_tails`]).
+    pub unsent_in_background: bool,
 }
 
 impl Default for SinkConfig {
@@ -52,6 +61,7 @@ impl Default for SinkConfig {
             exit: RepairExit::Auto,
             tolerate_bad_records: false,
             nonblocking: false,
+            unsent_in_background: false,
         }
     }
 }
@@ -82,6 +92,13 @@ impl SinkConfig {
     #[must_use]
     pub fn with_tolerate_bad_records(mut self, tolerate_bad_records: bool) -> Self {
         self.tolerate_bad_records = tolerate_bad_records;
+        self
+    }
+
+    /// Sets [`unsent_in_background`](Self::unsent_in_background).
+    #[must_use]
+    pub fn with_unsent_in_background(mut self, unsent_in_background: bool) -> Self {
+        self.unsent_in_background = unsent_in_background;
         self
     }
 
@@ -190,6 +207,10 @@ pub struct NetSink {
     ready_kinds: HashMap<u64, SocketKind>,
     register: Option<Register>,
     failures: Vec<SocketFailure>,
+    /// With [`SinkConfig::unsent_in_background`]: the gate, and the writer
+    /// once activation started it.
+    tails: Option<UnsentTails>,
+    writer: Option<UnsentWriter>,
 }
 
 impl std::fmt::Debug for NetSink {
@@ -293,7 +314,13 @@ impl NetSink {
     /// An empty sink; probes a fresh socket's default options in the calling
     /// thread's network namespace.
     pub fn new(cfg: SinkConfig) -> Result<Self> {
+        let tails = match cfg.unsent_in_background {
+            true => Some(UnsentTails::new()?),
+            false => None,
+        };
         Ok(Self {
+            tails,
+            writer: None,
             cfg,
             defaults: Defaults::probe()?,
             prepared: HashMap::new(),
@@ -418,18 +445,26 @@ impl NetSink {
         let mut restored = std::mem::take(&mut self.restored);
         let total = restored.len();
         let exit = self.cfg.exit;
+        let defer = self.tails.is_some();
         // In place: moving thousands of records into per-thread lists would
         // fill memory fresh from the kernel while the program waits.
         let failed = split_in_place(&mut restored, self.cfg.activate_threads, |r, inj| {
-            activate_one(r, exit, inj).err()
+            activate_one(r, exit, inj, defer).err()
         });
         let mut failed = failed.into_iter().peekable();
         let mut failures = Vec::new();
-        for (i, r) in restored.into_iter().enumerate() {
+        let mut tails = Vec::new();
+        for (i, mut r) in restored.into_iter().enumerate() {
             match failed.next_if(|(at, _)| *at == i) {
                 // Dropped here: a socket that failed to activate is closed.
                 Some((_, e)) => failures.push(fail(r.id(), e)),
                 None => {
+                    if defer {
+                        if let Err(e) = take_tail(&mut r, &mut tails) {
+                            failures.push(fail(r.id(), e));
+                            continue;
+                        }
+                    }
                     let kind = r.kind();
                     let (id, fd) = r.into_fd();
                     if kind != SocketKind::TcpEstablished {
@@ -439,7 +474,25 @@ impl NetSink {
                 }
             }
         }
+        if let (Some(gate), false) = (&self.tails, tails.is_empty()) {
+            self.writer = UnsentWriter::spawn(gate, tails);
+        }
         self.finish(total, failures)
+    }
+
+    /// The gate of the never-sent bytes written after activation
+    /// ([`SinkConfig::unsent_in_background`]; `None` without it). Take it
+    /// before activation (e.g. before the session starts) and honour its
+    /// contract from the moment the program gets its sockets.
+    pub fn unsent_tails(&self) -> Option<UnsentTails> {
+        self.tails.clone()
+    }
+
+    /// Wait for the never-sent bytes' writer (if any) to finish.
+    pub fn join_unsent(&mut self) {
+        if let Some(w) = self.writer.take() {
+            w.join();
+        }
     }
 
     /// Close everything prepared or restored, in repair mode: peers see nothing.
@@ -619,14 +672,38 @@ fn restore_one(
     }
 }
 
-fn activate_one(r: &mut Restored, exit: RepairExit, inj: &mut Injector) -> Result<()> {
+fn activate_one(r: &mut Restored, exit: RepairExit, inj: &mut Injector, defer: bool) -> Result<()> {
     match r {
         Restored::Tcp {
             id, fd, pending, ..
-        } => tcp::activate_established(fd.as_fd(), *id, pending, exit, inj),
+        } => tcp::activate_established(fd.as_fd(), *id, pending, exit, inj, defer),
         // Listening since the restore.
         Restored::Listen { .. } => Ok(()),
         Restored::Udp { state, .. } => udp::activate_udp(state, inj),
+    }
+}
+
+/// An activated connection's never-sent bytes, for the writer (with a
+/// reference to the socket of its own: the program may close its fd).
+fn take_tail(r: &mut Restored, tails: &mut Vec<Tail>) -> Result<()> {
+    let Restored::Tcp {
+        id, fd, pending, ..
+    } = r
+    else {
+        return Ok(());
+    };
+    let bytes = pending.take_unsent();
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let what = || format!("TCP connection {id}");
+    match fd.try_clone() {
+        Ok(fd) => {
+            tails.push(Tail { id: *id, fd, bytes });
+            Ok(())
+        }
+        // No second reference: written here, before the program has it.
+        Err(_) => tcp::write_unsent(fd.as_fd(), &bytes, &what),
     }
 }
 

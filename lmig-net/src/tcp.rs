@@ -29,7 +29,8 @@
 //! 3. *activate* (after `Commit`): a FIN the peer had sent is injected, repair
 //!    mode is left (with or without a window probe, see
 //!    [`crate::RepairExit`]), `SO_REUSEADDR` re-applied (leaving repair mode
-//!    clears it), and the never-sent bytes are written normally.
+//!    clears it), and the never-sent bytes are written normally (or after
+//!    activation, on a thread of their own: [`crate::UnsentTails`]).
 //!
 //! # Half-closed connections
 //!
@@ -587,13 +588,16 @@ fn make_room_for_send_queue(
     Ok(())
 }
 
-/// After `Commit`: inject a received FIN, leave repair mode, write never-sent bytes.
+/// After `Commit`: inject a received FIN, leave repair mode, write
+/// never-sent bytes (unless `defer_unsent`: then the caller writes
+/// [`PendingActivation::take_unsent`] before the program may write).
 pub(crate) fn activate_established(
     fd: BorrowedFd<'_>,
     id: u64,
     p: &PendingActivation,
     exit: RepairExit,
     inj: &mut Injector,
+    defer_unsent: bool,
 ) -> Result<()> {
     let what = || describe_conn(id, p.addrs.map(|a| a.0), p.addrs.map(|a| a.1));
     if let Some((from, to, seq, ack, win)) = p.fin {
@@ -607,10 +611,24 @@ pub(crate) fn activate_established(
     };
     repair::leave_repair(fd, probe, p.reuse_addr)
         .map_err(|e| NetError::sys("TCP_REPAIR off", what(), e))?;
+    if defer_unsent {
+        return Ok(());
+    }
     write_unsent(fd, &p.unsent, &what)
 }
 
-fn write_unsent(fd: BorrowedFd<'_>, data: &[u8], what: &dyn Fn() -> String) -> Result<()> {
+impl PendingActivation {
+    /// The never-sent bytes, taken (for a write after activation).
+    pub(crate) fn take_unsent(&mut self) -> Bytes {
+        std::mem::take(&mut self.unsent)
+    }
+}
+
+pub(crate) fn write_unsent(
+    fd: BorrowedFd<'_>,
+    data: &[u8],
+    what: &dyn Fn() -> String,
+) -> Result<()> {
     let mut off = 0;
     let deadline = Instant::now() + Duration::from_secs(5);
     // Bounded by the deadline: the bytes fitted the source's send buffer.

@@ -317,6 +317,61 @@ fn tcp_large_queues_both_ways_move_intact() {
     assert_eq!(peer.cmd("state 0"), "ok 1", "peer connection established");
 }
 
+/// With `SinkConfig::unsent_in_background`, the bytes the source never
+/// sent (held back by the peer's small window) are written after
+/// activation by the sink's writer: the gate holds the connection until
+/// they are in, and every byte arrives once and in order, before what the
+/// program writes after the gate opens.
+#[test]
+fn tcp_unsent_tail_written_after_activation_keeps_order() {
+    if !privileged("tcp_unsent_tail_written_after_activation_keeps_order") {
+        return;
+    }
+    let Setup {
+        topo,
+        mut peer,
+        listener,
+        addr,
+    } = setup(false, 7014);
+    peer.cmd(&format!("connect {addr} 1 4096"));
+    let (mut conn, _) = listener.accept().unwrap();
+    lmig_net::sys::setsockopt_int(
+        conn.as_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        32 << 20,
+    )
+    .unwrap();
+    let sent = fill(&mut conn);
+    assert!(sent >= 4 << 20, "only {sent} bytes fit the send queue");
+    let (records, fds, tails) = common::migrate_full(
+        &topo,
+        vec![OwnedFd::from(conn)],
+        NetSourceConfig::default(),
+        SinkConfig::default().with_unsent_in_background(true),
+    );
+    let SocketRecord::Tcp(c) = &records[0] else {
+        panic!("not TCP")
+    };
+    assert!(
+        c.unsent_len as usize > (1 << 20),
+        "the test needs a never-sent tail ({} bytes)",
+        c.unsent_len
+    );
+    let tails = tails.expect("the sink has a gate");
+    // The program waits for the gate before its first write.
+    assert!(tails.wait(Duration::from_secs(20)), "tail not written");
+    assert!(!tails.is_pending(0));
+    assert_eq!(tails.take_written(), [0]);
+    assert!(tails.take_failures().is_empty());
+    let mut conn = TcpStream::from(fds.into_iter().next().unwrap());
+    conn.write_all(&pat("S2", 0)).unwrap();
+    peer.cmd(&format!("expect_big 0 {sent}"));
+    peer.cmd("expect S2");
+    peer.cmd("check");
+    assert_eq!(peer.cmd("state 0"), "ok 1", "peer connection established");
+}
+
 /// Connection 0: the peer sent FIN (we are in CLOSE_WAIT with unread bytes);
 /// connection 1: we sent FIN (FIN_WAIT2), the peer still sends; connection
 /// 2: our FIN waits behind bytes the peer's window holds back (FIN_WAIT1).

@@ -392,7 +392,12 @@ impl StateSink for KvdState {
 /// uses both cores (migrate --conns 10000: wait for Ready after the
 /// handover 46 -> 22 ms, freeze 165 -> 152 ms, median of 5 alternating).
 fn sink_config() -> SinkConfig {
-    SinkConfig::default().with_nonblocking(true).with_threads(2)
+    // Never-sent bytes are written after the commit (the server honours the
+    // gate: `Server::set_unsent`).
+    SinkConfig::default()
+        .with_nonblocking(true)
+        .with_threads(2)
+        .with_unsent_in_background(true)
 }
 
 /// What the destination tells its operator, as it happens.
@@ -591,6 +596,7 @@ fn attempt(
         Err(e) => return Some(Err(e.into())),
     };
     early.attach(&mut net);
+    let unsent = net.unsent_tails();
     let watch = DestinationWatch {
         early: Some(early.clone()),
         ..watch.clone()
@@ -599,7 +605,7 @@ fn attempt(
     let log = watch.log.clone();
     match handoff {
         Some(h) => match Handoff::new(net, h) {
-            Ok(sink) => resume(dest.with_sockets(sink), log, &early, |h| {
+            Ok(sink) => resume(dest.with_sockets(sink), log, (&early, unsent), |h| {
                 debug_figures(&format!("{:?}", h.handoff().stats()));
                 h.inner_mut().take_fds()
             }),
@@ -608,7 +614,7 @@ fn attempt(
                 None
             }
         },
-        None => resume(dest.with_sockets(net), log, &early, |n| {
+        None => resume(dest.with_sockets(net), log, (&early, unsent), |n| {
             debug_figures("");
             n.take_fds()
         }),
@@ -624,7 +630,7 @@ type KvdDestination<K> = Destination<'static, StreamChannel, Arc<DestinationRegi
 fn resume<K: SocketSink + 'static>(
     dest: KvdDestination<K>,
     log: Arc<dyn ReceiveLog>,
-    early: &EarlyPoller,
+    (early, unsent): (&EarlyPoller, Option<lmig_net::UnsentTails>),
     take_fds: impl FnOnce(&mut K) -> HashMap<u64, OwnedFd>,
 ) -> Option<Result<(), Box<dyn std::error::Error>>> {
     let t = Instant::now();
@@ -660,7 +666,7 @@ fn resume<K: SocketSink + 'static>(
             memory.as_ref(),
             residency,
             fds,
-            (pre, registered),
+            (pre, registered, unsent),
             &*log,
         ),
         (_, None) => Err("the early poller was taken already".into()),
@@ -712,7 +718,7 @@ fn serve(
     memory: &'static DestinationRegions,
     residency: Option<Arc<dyn lmig_core::PageResidency>>,
     mut fds: HashMap<u64, OwnedFd>,
-    (pre, registered_before_commit): (Preregistered, u64),
+    (pre, registered_before_commit, unsent): (Preregistered, u64, Option<lmig_net::UnsentTails>),
     log: &dyn ReceiveLog,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
@@ -734,6 +740,9 @@ fn serve(
     // the loop serves the others.
     if let Some(residency) = residency {
         server.set_residency(residency, STORE_REGION)?;
+    }
+    if let Some(gate) = unsent {
+        server.set_unsent(gate)?;
     }
     if debug() {
         eprintln!("kvd: server built in {:?}", t.elapsed());

@@ -24,6 +24,8 @@ const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 /// The post-copy residency eventfd ([`Server::set_residency`]).
 const PARKED: Token = Token(usize::MAX - 1);
+/// The gate of never-sent bytes written after the commit ([`Server::set_unsent`]).
+const UNSENT: Token = Token(usize::MAX - 2);
 /// Connection ids start here (0 is the listener's id in migration records).
 const FIRST_CONN: u64 = 2;
 
@@ -153,6 +155,9 @@ pub struct Server {
     buffered: Vec<u64>,
     /// Post-copy: requests parked until their pages are here.
     parking: Option<Parking>,
+    /// After a migration: connections whose never-sent bytes lmig-net is
+    /// still writing; kvd writes nothing to them until they are in.
+    unsent: Option<lmig_net::UnsentTails>,
 }
 
 fn token(id: u64) -> Token {
@@ -227,6 +232,7 @@ impl Server {
             wake_rx,
             buffered: Vec::new(),
             parking: None,
+            unsent: None,
         };
         for (id, stream, rbuf, wbuf) in conns {
             if !rbuf.is_empty() || !wbuf.is_empty() {
@@ -255,6 +261,29 @@ impl Server {
             .register(&mut SourceFd(&fd), PARKED, Interest::READABLE)?;
         self.parking = Some(parking);
         Ok(())
+    }
+
+    /// After a migration with `SinkConfig::unsent_in_background`: honour
+    /// the gate's contract (no write to a connection whose never-sent bytes
+    /// are still being written) and serve each connection again as its
+    /// bytes are in.
+    pub fn set_unsent(&mut self, gate: lmig_net::UnsentTails) -> std::io::Result<()> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&gate.fd());
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&fd), UNSENT, Interest::READABLE)?;
+        self.unsent = Some(gate);
+        Ok(())
+    }
+
+    /// Never-sent bytes are in: write what waited on those connections.
+    fn unsent_written(&mut self, store: &Store<'_>) {
+        let Some(gate) = self.unsent.as_ref() else {
+            return;
+        };
+        for id in gate.take_written() {
+            self.serve(id, store);
+        }
     }
 
     /// Requests parked so far (post-copy).
@@ -394,6 +423,7 @@ impl Server {
                     LISTENER => self.accept_all()?,
                     WAKER => {}
                     PARKED => self.unpark(store),
+                    UNSENT => self.unsent_written(store),
                     Token(t) => self.serve(t as u64, store),
                 }
             }
@@ -508,7 +538,10 @@ impl Server {
             }
         }
         conn.rbuf.drain(..consumed);
-        while !conn.wbuf.is_empty() {
+        // lmig-net's contract: nothing overtakes the never-sent bytes it
+        // still writes (`unsent_written` serves the connection again).
+        let gated = self.unsent.as_ref().is_some_and(|g| g.is_pending(id));
+        while !gated && !conn.wbuf.is_empty() {
             match conn.stream.write(&conn.wbuf) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -522,7 +555,7 @@ impl Server {
                 }
             }
         }
-        let want = !conn.wbuf.is_empty();
+        let want = !gated && !conn.wbuf.is_empty();
         if !closed && want != conn.writable {
             let interest = if want {
                 Interest::READABLE | Interest::WRITABLE
@@ -556,6 +589,17 @@ impl Server {
     /// connection here, in the freeze): they come back as the same fds after
     /// an abort, and after the commit this process exits.
     fn park(&mut self) -> std::io::Result<Wake> {
+        // Migrating on: the last migration's never-sent bytes are in the
+        // sockets before they are captured. Bounded: the writer gives each
+        // connection at most 5 s (then shuts it down and lists it written).
+        if let Some(gate) = self.unsent.take() {
+            let rounds = 5 * gate.pending_len() + 5;
+            for _ in 0..rounds {
+                if gate.wait(Duration::from_secs(1)) {
+                    break;
+                }
+            }
+        }
         let listener = self
             .listener
             .take()

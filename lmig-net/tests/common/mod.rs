@@ -366,6 +366,22 @@ pub fn migrate_with(
     socks: Vec<OwnedFd>,
     cfg: NetSourceConfig,
 ) -> (Vec<SocketRecord>, Vec<OwnedFd>) {
+    let (records, fds, _) = migrate_full(topo, socks, cfg, SinkConfig::default());
+    (records, fds)
+}
+
+/// [`migrate_with`] with a sink configured by `sink_cfg`; also returns the
+/// sink's gate of never-sent bytes (`SinkConfig::unsent_in_background`).
+pub fn migrate_full(
+    topo: &Topology,
+    socks: Vec<OwnedFd>,
+    cfg: NetSourceConfig,
+    sink_cfg: SinkConfig,
+) -> (
+    Vec<SocketRecord>,
+    Vec<OwnedFd>,
+    Option<lmig_net::UnsentTails>,
+) {
     let n = socks.len();
     let mut src = NetSource::new(cfg).unwrap();
     for (i, s) in socks.into_iter().enumerate() {
@@ -375,7 +391,7 @@ pub fn migrate_with(
     let sink = topo
         .b
         .run(move || {
-            let mut s = NetSink::new(SinkConfig::default()).unwrap();
+            let mut s = NetSink::new(sink_cfg).unwrap();
             s.prepare(&plan).unwrap();
             s
         })
@@ -417,17 +433,18 @@ pub fn migrate_with(
         .unwrap();
     topo.move_service_address(&topo.a, &topo.b).unwrap();
     src.release().unwrap();
-    let mut fds = topo
+    let fds = topo
         .b
         .run(move || {
             let mut sink = sink;
             let t = std::time::Instant::now();
             sink.activate().unwrap();
             eprintln!("activate {:?}", t.elapsed());
-            sink.take_fds()
+            (sink.take_fds(), sink.unsent_tails())
         })
         .unwrap();
+    let (mut fds, tails) = fds;
     assert_eq!(fds.len(), n);
     let fds = (0..n).map(|i| fds.remove(&(i as u64)).unwrap()).collect();
-    (records, fds)
+    (records, fds, tails)
 }
