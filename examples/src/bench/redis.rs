@@ -26,7 +26,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use lmig_net::topology::Topology;
+
 use super::{Output, round};
+use crate::common::clock::mono_ns;
 use crate::kvd::resp::{self, Reply};
 use crate::scenario::{self, NO_MIGRATION, Options, external::External};
 
@@ -67,6 +70,16 @@ pub struct Args {
     /// Parallel data streams.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
+    /// Connections of kvd's own load generator (`INCR`s checked one by
+    /// one, each request timed) beside redis-benchmark, whose
+    /// per-request latencies are not exposed: `probe_slowest`,
+    /// `probe_latency_by_send_time` say when the slow requests were sent.
+    /// 0 (the default): none.
+    #[arg(long, default_value_t = 0)]
+    pub probe_conns: usize,
+    /// Requests per second over the probe's connections.
+    #[arg(long, default_value_t = 500.0)]
+    pub probe_rate: f64,
     /// The redis-benchmark program.
     #[arg(long, default_value = "redis-benchmark")]
     pub redis_benchmark: PathBuf,
@@ -266,11 +279,14 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     }
     let keyspace = args.keyspace;
     let bench_args = benchmark_args(&args);
+    let service = (Topology::SERVICE_V4.to_string(), scenario::SERVICE_PORT.to_string());
     let command = format!(
         "{} {}",
         args.redis_benchmark.display(),
         bench_args.join(" ")
-    );
+    )
+    .replace("{host}", &service.0)
+    .replace("{port}", &service.1);
     let external = External::new(
         args.redis_benchmark.clone(),
         bench_args,
@@ -280,7 +296,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         sum_counters(addr, keyspace).map_err(|e| format!("reading the INCR counters back: {e}"))
     }));
     let opts = Options {
-        rate: 1.0,
+        rate: args.probe_rate,
         dirty_mbps: args.dirty_mbps,
         keys: args
             .keys
@@ -289,7 +305,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         warmup: Duration::from_secs_f64(args.migrate_after_s.max(0.0)),
         after: Duration::ZERO,
         external: Some(external),
-        ..Options::new(&args.mode, args.mib, 0)?
+        ..Options::new(&args.mode, args.mib, args.probe_conns)?
     };
     let r = scenario::run(&opts)?;
     let x = r.external.as_ref().ok_or("redis-benchmark did not run")?;
@@ -362,6 +378,32 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "keys_checked": r.keys.map(|k| k.checked),
         "keys_wrong": r.keys.map(|k| k.wrong),
     });
+    // The probe's view, in ms after redis-benchmark started (a second
+    // object: `json!` recurses once per field).
+    let zero = r.load.started.map(mono_ns).map(|z| z as f64 - x.started_ns as f64);
+    let after_start = |ms: f64| zero.map(|z| round((z + ms * 1e6) / 1e6, 1));
+    let probe = json!({
+        "started_ns": x.started_ns,
+        "probe_conns": args.probe_conns,
+        "probe_max_ms": (args.probe_conns > 0).then(|| round(r.load.max_latency_ms, 2)),
+        "probe_p99_ms": (args.probe_conns > 0).then(|| round(r.load.p99_latency_ms, 2)),
+        "probe_failed": (args.probe_conns > 0).then_some(r.load.requests_failed),
+        "probe_broken": (args.probe_conns > 0).then_some(r.load.conns_broken),
+        // [sent (ms after redis-benchmark started), latency ms].
+        "probe_slowest": r.load.slowest.iter()
+            .map(|&(_, sent, lat)| json!([after_start(sent), round(lat, 2)]))
+            .collect::<Vec<_>>(),
+        // [bucket start (ms after redis-benchmark started), slowest ms,
+        // requests], 10 ms buckets, the ones whose slowest took over 20 ms.
+        "probe_latency_by_send_time": r.load.timeline.iter()
+            .filter(|&&(_, max, _)| max > 20.0)
+            .map(|&(at, max, n)| json!([after_start(at), round(max, 2), n]))
+            .collect::<Vec<_>>(),
+    });
+    let mut figures = figures;
+    if let (Some(all), Value::Object(more)) = (figures.as_object_mut(), probe) {
+        all.extend(more);
+    }
     out.emit(&figures);
     Ok(())
 }

@@ -359,6 +359,7 @@ impl Server {
             0
         };
         let started = std::time::Instant::now();
+        let mut stalls = super::stall::StallLog::from_env();
         loop {
             if self.control.pause.load(Ordering::SeqCst) {
                 match self.park()? {
@@ -372,6 +373,7 @@ impl Server {
                     Wake::Exit => return Ok(()),
                 }
             }
+            let polling = stalls.as_mut().map(|s| s.before_poll());
             match self
                 .poll
                 .poll(&mut events, Some(Duration::from_millis(100)))
@@ -379,6 +381,10 @@ impl Server {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
+            }
+            if let (Some(s), Some(at)) = (stalls.as_mut(), polling) {
+                let served = self.control.counters.requests.load(Ordering::Relaxed);
+                s.after_poll(at, events.iter().count(), served, self.parked());
             }
             let pass = (traced > 0).then(|| {
                 let served = self.control.counters.requests.load(Ordering::Relaxed);

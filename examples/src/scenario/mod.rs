@@ -85,6 +85,9 @@ pub struct Options {
 /// [`Options::mode`] that runs everything but the migration.
 pub const NO_MIGRATION: &str = "none";
 
+/// The port kvd serves on (at [`Topology::SERVICE_V4`]).
+pub const SERVICE_PORT: u16 = 6379;
+
 impl Options {
     /// The scenario in `mode` over `mib` MiB and `conns` connections, one
     /// second of load before and after, two streams, kvd run as this very
@@ -293,7 +296,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     };
     let admin_path = dir.join("kvd-a.sock");
     let key = random_key_hex()?;
-    let service = format!("{}:6379", Topology::SERVICE_V4);
+    let service = format!("{}:{SERVICE_PORT}", Topology::SERVICE_V4);
     let incoming = format!("{}:7000", Topology::B_V4);
 
     // kvd on A, serving; kvd on B, waiting.
