@@ -279,7 +279,10 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     }
     let keyspace = args.keyspace;
     let bench_args = benchmark_args(&args);
-    let service = (Topology::SERVICE_V4.to_string(), scenario::SERVICE_PORT.to_string());
+    let service = (
+        Topology::SERVICE_V4.to_string(),
+        scenario::SERVICE_PORT.to_string(),
+    );
     let command = format!(
         "{} {}",
         args.redis_benchmark.display(),
@@ -315,13 +318,17 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         Ok(t) => (t, None),
         Err(e) => (Vec::new(), Some(e)),
     };
-    let incr = tests.iter().find(|t| t.name == "INCR").map(|_| args.requests);
+    let incr = tests
+        .iter()
+        .find(|t| t.name == "INCR")
+        .map(|_| args.requests);
     let counters = x.check.clone().transpose();
     let counted = counters.as_ref().ok().and_then(Option::as_ref);
     let incr_sum = counted.and_then(|c| c["sum"].as_u64());
-    let max_latency_ms = tests.iter().map(|t| t.max_ms).fold(None, |m: Option<f64>, v| {
-        Some(m.map_or(v, |m| m.max(v)))
-    });
+    let max_latency_ms = tests
+        .iter()
+        .map(|t| t.max_ms)
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
     let s = r.source.as_ref();
     let d = r.destination.as_ref();
     // In ms after redis-benchmark started (one monotonic clock on this host).
@@ -380,7 +387,11 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     });
     // The probe's view, in ms after redis-benchmark started (a second
     // object: `json!` recurses once per field).
-    let zero = r.load.started.map(mono_ns).map(|z| z as f64 - x.started_ns as f64);
+    let zero = r
+        .load
+        .started
+        .map(mono_ns)
+        .map(|z| z as f64 - x.started_ns as f64);
     let after_start = |ms: f64| zero.map(|z| round((z + ms * 1e6) / 1e6, 1));
     let probe = json!({
         "started_ns": x.started_ns,
