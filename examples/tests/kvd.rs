@@ -33,6 +33,7 @@ fn options(mode: &str, fault: Option<Fault>) -> Options {
         cancel_at_pct: None,
         bandwidth_mbps: None,
         migrate_back: false,
+        external: None,
     }
 }
 

@@ -15,6 +15,7 @@ pub mod postcopy;
 pub mod postcopy_loss;
 pub mod precopy;
 pub mod probe;
+pub mod redis;
 pub mod split;
 pub mod tcp;
 pub mod transfer;

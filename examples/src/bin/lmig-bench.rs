@@ -25,6 +25,8 @@ enum Scenario {
     Handoff(lmig_examples::bench::handoff::Args),
     /// kvd with N busy clients migrating between two hosts (the demo as a benchmark).
     Migrate(lmig_examples::bench::migrate::Args),
+    /// redis-benchmark (unmodified) against kvd while it migrates.
+    Redis(lmig_examples::bench::redis::Args),
     /// Pre-copy (or hybrid/post-copy) migration of a region with a writer dirtying it.
     Precopy(lmig_examples::bench::precopy::Args),
     /// Post-copy: the destination program touches its memory as soon as it resumes.
@@ -77,6 +79,7 @@ fn main() {
         Scenario::Precopy(a) => lmig_examples::bench::precopy::run(a, out),
         Scenario::Postcopy(a) => lmig_examples::bench::postcopy::run(a, out),
         Scenario::Migrate(a) => lmig_examples::bench::migrate::run(a, out),
+        Scenario::Redis(a) => lmig_examples::bench::redis::run(a, out),
         Scenario::Wire(a) => lmig_examples::bench::wire::run(a, out),
         Scenario::Transfer(a) => lmig_examples::bench::transfer::run(a, out),
         Scenario::Split(a) => lmig_examples::bench::split::run(a, out),

@@ -13,4 +13,5 @@ pub mod park;
 pub mod resp;
 pub mod security;
 pub mod server;
+pub mod stall;
 pub mod store;

@@ -26,6 +26,12 @@ const WAKER: Token = Token(1);
 const PARKED: Token = Token(usize::MAX - 1);
 /// The gate of never-sent bytes written after the commit ([`Server::set_unsent`]).
 const UNSENT: Token = Token(usize::MAX - 2);
+/// The listener's accept queue (the kernel caps it at
+/// `net.core.somaxconn`). A client opening many connections at once
+/// (redis-benchmark opens `-c 1000` at each test's start) overflowed std's
+/// 128 while a loop turn or the freeze held the loop, and an overflowed
+/// handshake costs that client a retransmission of a second or more.
+pub const ACCEPT_BACKLOG: i32 = 4096;
 /// Connection ids start here (0 is the listener's id in migration records).
 const FIRST_CONN: u64 = 2;
 
@@ -211,6 +217,9 @@ impl Server {
         } = pre;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         listener.set_nonblocking(true)?;
+        // Listening again only sets the queue's length (a restored
+        // listener carries the length it had at the source).
+        socket2::SockRef::from(&listener).listen(ACCEPT_BACKLOG)?;
         let mut listener = TcpListener::from_std(listener);
         if !ids.contains(&super::migrate::LISTENER_ID) {
             poll.registry()
@@ -388,6 +397,7 @@ impl Server {
             0
         };
         let started = std::time::Instant::now();
+        let mut stalls = super::stall::StallLog::from_env();
         loop {
             if self.control.pause.load(Ordering::SeqCst) {
                 match self.park()? {
@@ -401,6 +411,7 @@ impl Server {
                     Wake::Exit => return Ok(()),
                 }
             }
+            let polling = stalls.as_mut().map(|s| s.before_poll());
             match self
                 .poll
                 .poll(&mut events, Some(Duration::from_millis(100)))
@@ -408,6 +419,10 @@ impl Server {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
+            }
+            if let (Some(s), Some(at)) = (stalls.as_mut(), polling) {
+                let served = self.control.counters.requests.load(Ordering::Relaxed);
+                s.after_poll(at, events.iter().count(), served, self.parked());
             }
             let pass = (traced > 0).then(|| {
                 let served = self.control.counters.requests.load(Ordering::Relaxed);
@@ -703,4 +718,22 @@ pub fn decode_state(mut s: &[u8]) -> Result<Vec<ConnState>, String> {
         out.push((id, rbuf, wbuf));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn the_listener_queues_a_burst_of_connections() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let same = listener.try_clone().unwrap();
+        let _server = super::Server::new(listener, Vec::new()).unwrap();
+        // For a listening socket `tcpi_sacked` is its accept queue's length.
+        let queue = lmig_net::sys::tcp_info(same.as_fd()).unwrap().sacked;
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .map_or(4096, |s| s.trim().parse().unwrap_or(4096));
+        assert_eq!(queue, (super::ACCEPT_BACKLOG as u32).min(somaxconn));
+        assert!(queue > 128 || somaxconn <= 128, "std's 128 kept: {queue}");
+    }
 }

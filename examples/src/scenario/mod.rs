@@ -17,6 +17,7 @@ use crate::common::keys::random_key_hex;
 use crate::figures::{DestinationFigures, KvdEvent, SourceFigures};
 use crate::kvd::load::{self, KeyCheck, LoadReport};
 
+pub mod external;
 mod kvd;
 pub mod queued;
 mod timeline;
@@ -75,7 +76,17 @@ pub struct Options {
     /// After the migration, move kvd back: a fresh kvd waits on A and B's
     /// admin socket is asked to migrate to it (the clients go on).
     pub migrate_back: bool,
+    /// A program of its own run against the service from the client
+    /// namespace ([`external`]): started once kvd serves, `warmup` before
+    /// the migration, and waited for (instead of `after`) when it is done.
+    pub external: Option<external::External>,
 }
+
+/// [`Options::mode`] that runs everything but the migration.
+pub const NO_MIGRATION: &str = "none";
+
+/// The port kvd serves on (at [`Topology::SERVICE_V4`]).
+pub const SERVICE_PORT: u16 = 6379;
 
 impl Options {
     /// The scenario in `mode` over `mib` MiB and `conns` connections, one
@@ -103,6 +114,7 @@ impl Options {
             cancel_at_pct: None,
             bandwidth_mbps: None,
             migrate_back: false,
+            external: None,
         })
     }
 }
@@ -238,6 +250,8 @@ pub struct Report {
     pub source_socket_removed: Option<bool>,
     /// [`Options::migrate_back`]: B's answer when asked to migrate on to A.
     pub back: Option<Result<SourceFigures, crate::figures::MigrateFailure>>,
+    /// What [`Options::external`] did.
+    pub external: Option<external::ExternalRun>,
 }
 
 /// Children killed (by pid, ours only) and the socket directory removed on drop.
@@ -282,7 +296,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     };
     let admin_path = dir.join("kvd-a.sock");
     let key = random_key_hex()?;
-    let service = format!("{}:6379", Topology::SERVICE_V4);
+    let service = format!("{}:{SERVICE_PORT}", Topology::SERVICE_V4);
     let incoming = format!("{}:7000", Topology::B_V4);
 
     // kvd on A, serving; kvd on B, waiting.
@@ -387,6 +401,10 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    let external = match &opts.external {
+        Some(x) => Some(external::start(x, &topo.client, service.parse()?)?),
+        None => None,
+    };
     std::thread::sleep(opts.warmup);
 
     // Strangers at the destination's door first; some stay through the migration.
@@ -434,6 +452,11 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
             report.cancelled = c.answer.as_ref().is_err_and(|f| f.cancelled);
             c.answer
         }
+        None if opts.mode == NO_MIGRATION => Err(crate::figures::MigrateFailure {
+            error: "not asked to migrate (mode none)".into(),
+            source_serving: true,
+            ..Default::default()
+        }),
         None => migrate_once(&admin_path, &incoming, opts)?,
     };
     report.attempts = 1;
@@ -517,6 +540,9 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     if let Some(q) = stuffed {
         let (conns, asked) = (q.conns(), q.asked_bytes);
         report.queued = Some((conns, asked, q.verify()));
+    }
+    if let (Some(x), Some(ext)) = (external, &opts.external) {
+        report.external = Some(x.finish(ext, &topo.client, service.parse()?)?);
     }
     std::thread::sleep(opts.after);
     stop.store(true, Ordering::SeqCst);
