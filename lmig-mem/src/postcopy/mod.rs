@@ -22,7 +22,8 @@
 //!   places pages faster than `UFFDIO_COPY`.
 //! * `wait_fault(timeout)` reads fault messages (optionally busy-polling for
 //!   [`PostcopyOptions::spin`] before it blocks in `poll`) and returns the
-//!   missing page that was touched. A fault on a page that is no longer
+//!   missing page that was touched (or, with no fault waiting, a run the
+//!   program asked for through [`Residency`]). A fault on a page that is no longer
 //!   missing (the same fault reported twice, or a fault racing the page's
 //!   placement) is answered at once: `UFFDIO_ZEROPAGE`/`UFFDIO_CONTINUE`
 //!   says `EEXIST` and the waiters are woken with `UFFDIO_WAKE`.
@@ -40,7 +41,7 @@
 //! * [`Residency`] (from [`RegionSet::residency`](crate::RegionSet::residency)):
 //!   an event-loop program asks whether a range is placed and requests it
 //!   without touching it; `wait_fault` hands such requests to the session
-//!   before faults (an eventfd wakes it), and the program is told through
+//!   after the faults waiting (an eventfd wakes it), and the program is told through
 //!   another eventfd once every page of the range is placed. A page counts
 //!   as resident once its placement returned: a query racing a placement
 //!   answers "not yet", and a request made after it is told when it is in
@@ -121,9 +122,33 @@ use setup::{Fill, Target, check_missing, open_userfaultfd};
 /// they stay as they are.
 pub const URGENT_THREAD_NICE: i32 = -10;
 
-/// Raise the calling thread to [`URGENT_THREAD_NICE`] if allowed.
+/// Nice value the bulk threads of post-copy take
+/// ([`MemorySink::background_thread`](lmig_core::MemorySink::background_thread)
+/// and [`MemorySource::background_thread`](lmig_core::MemorySource::background_thread)
+/// of the region sets): the push, the placement of pushed pages and the
+/// digest hashing then use the CPU the program and the fault path leave
+/// (a nice-10 thread gets about a tenth of a CPU against a nice-0 one that
+/// wants it, all of it when nobody else does). Raising a thread's own nice
+/// value needs no privilege.
+pub const BACKGROUND_THREAD_NICE: i32 = 10;
+
+/// Raise the calling thread to [`URGENT_THREAD_NICE`] if allowed (said at
+/// debug level either way: without `CAP_SYS_NICE` it keeps its priority).
 pub(crate) fn urgent_thread() {
-    let _ = crate::sys::set_thread_nice(URGENT_THREAD_NICE);
+    match crate::sys::set_thread_nice(URGENT_THREAD_NICE) {
+        Ok(()) => debug!(
+            nice = URGENT_THREAD_NICE,
+            "post-copy fault path: priority raised"
+        ),
+        Err(e) => debug!(error = %e, "post-copy fault path: priority kept (no CAP_SYS_NICE)"),
+    }
+}
+
+/// Lower the calling thread to [`BACKGROUND_THREAD_NICE`].
+pub(crate) fn background_thread() {
+    if let Err(e) = crate::sys::set_thread_nice(BACKGROUND_THREAD_NICE) {
+        debug!(error = %e, "post-copy bulk thread: priority kept");
+    }
 }
 
 /// Most `EAGAIN` answers one fill tolerates before it reports an error.
@@ -154,7 +179,7 @@ pub(crate) struct Postcopy {
     pages: Mutex<PageState>,
     queued: Mutex<VecDeque<PageRun>>,
     /// Runs the program asked for without faulting ([`Residency::request`]),
-    /// handed to the session before faults.
+    /// handed to the session after the faults waiting.
     asked: Mutex<VecDeque<PageRun>>,
     /// Wakes `wait_fault` when a run is asked for.
     kick: Signal,
@@ -346,9 +371,8 @@ impl Postcopy {
             // Cleared before the queue is looked at: a run asked for after
             // this signals again.
             self.kick.clear();
-            if let Some(run) = lock(&self.asked).pop_front() {
-                return Ok(Some(run));
-            }
+            // Faults first: a faulting thread is blocked, a program that
+            // asked ahead is not (it serves something else meanwhile).
             if let Some(run) = lock(&self.queued).pop_front() {
                 self.counters.requested.fetch_add(1, Ordering::Relaxed);
                 if self.options.record_faults {
@@ -372,6 +396,9 @@ impl Postcopy {
             if n > 0 {
                 self.take_faults(&buf[..n])?;
                 continue;
+            }
+            if let Some(run) = lock(&self.asked).pop_front() {
+                return Ok(Some(run));
             }
             let now = Instant::now();
             if now < spin_until {
