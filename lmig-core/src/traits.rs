@@ -112,6 +112,12 @@ pub trait MemorySource: Send + Sync {
     /// that a request does not wait for a CPU behind the push. The default
     /// does nothing.
     fn urgent_thread(&self) {}
+
+    /// Called once by each bulk thread of the post-copy service (the
+    /// push, the digest hashing), before it starts: a backend may lower
+    /// that thread's scheduling priority, so that the push takes the CPU
+    /// the program and the fault path leave. The default does nothing.
+    fn background_thread(&self) {}
     /// `Commit` went out for the program of this memory: it belongs to a
     /// destination now. Called with `confirmed = false` as soon as the
     /// `Commit` frame is written, and again with `true` when `Done` came
@@ -196,6 +202,13 @@ pub trait MemorySink: Send + Sync {
     /// wait for a CPU behind the placement of pushed pages. The default
     /// does nothing.
     fn urgent_thread(&self) {}
+
+    /// Called once by the thread placing pushed pages after `Commit` (the
+    /// session's own after-`Commit` thread), before post-copy starts: a
+    /// backend may lower its scheduling priority, so that the program that
+    /// now runs here, and the fault path, come before the push. The
+    /// default does nothing.
+    fn background_thread(&self) {}
 
     /// Post-copy: the residency handle of this memory, for a program that
     /// must not block its event loop on a missing page (see
@@ -704,6 +717,9 @@ impl<T: MemorySource + ?Sized> MemorySource for &T {
     fn urgent_thread(&self) {
         (**self).urgent_thread()
     }
+    fn background_thread(&self) {
+        (**self).background_thread()
+    }
 
     fn mark_handed_over(&self, confirmed: bool) {
         (**self).mark_handed_over(confirmed)
@@ -737,6 +753,9 @@ impl<T: MemorySource + ?Sized> MemorySource for Arc<T> {
     }
     fn urgent_thread(&self) {
         (**self).urgent_thread()
+    }
+    fn background_thread(&self) {
+        (**self).background_thread()
     }
 
     fn mark_handed_over(&self, confirmed: bool) {
@@ -782,6 +801,9 @@ macro_rules! forward_sink {
             }
             fn urgent_thread(&self) {
                 (**self).urgent_thread()
+            }
+            fn background_thread(&self) {
+                (**self).background_thread()
             }
         }
     };

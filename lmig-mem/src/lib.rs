@@ -245,7 +245,9 @@ pub mod track;
 
 pub use error::{AdoptRefusal, MemError, Result};
 pub use lmig_core::model::RegionId;
-pub use postcopy::{PostcopyOptions, PostcopyStats, Residency};
+pub use postcopy::{
+    BACKGROUND_THREAD_NICE, PostcopyOptions, PostcopyStats, Residency, URGENT_THREAD_NICE,
+};
 pub use probe::probe;
 pub use region::{
     Backing, DestinationRegions, ForeignBacking, ForeignMemory, Region, RegionOptions, RegionSet,

@@ -189,3 +189,117 @@ fn a_query_racing_the_placement_is_consistent() {
     assert_eq!(stats.placed, fills.load(Ordering::Relaxed));
     assert_eq!(stats.placed, 1, "page 30 filled once: {stats:?}");
 }
+
+/// A burst of requests from the program's loop: only a request into an
+/// empty queue wakes the session's fault thread, and that thread, blocked
+/// in `wait_fault`, still gets every run of the burst (none lost, each
+/// once). A later single request wakes it again.
+#[test]
+fn a_burst_of_requests_reaches_the_fault_thread_whole() {
+    let Some(dst) = destination("a_burst_of_requests") else {
+        return;
+    };
+    let res: Residency = dst.regions().unwrap().residency().expect("in post-copy");
+    let got = std::sync::Mutex::new(Vec::new());
+    let taken = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let collector = s.spawn(|| {
+            // Bounded: 9 runs expected, each within 5 s.
+            for _ in 0..9 {
+                let r = dst.wait_fault(Duration::from_secs(5)).unwrap();
+                let Some(r) = r else {
+                    return Err("wait_fault timed out: a request did not wake it");
+                };
+                got.lock().unwrap().push(r);
+                taken.fetch_add(1, Ordering::Release);
+            }
+            Ok(())
+        });
+        assert!(!res.request(&run(1, 1), 1).unwrap());
+        // The first one is taken before the burst: the collector is back
+        // in (or on its way into) `wait_fault` when the burst comes.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while taken.load(Ordering::Acquire) == 0 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(taken.load(Ordering::Acquire), 1);
+        for (i, p) in [5u64, 9, 13, 17, 21, 25].into_iter().enumerate() {
+            assert!(!res.request(&run(p, 2), 10 + i as u64).unwrap());
+        }
+        while taken.load(Ordering::Acquire) < 7 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert!(!res.request(&run(40, 1), 2).unwrap());
+        assert!(!res.request(&run(50, 1), 3).unwrap());
+        collector.join().unwrap().unwrap();
+    });
+    let mut got = got.into_inner().unwrap();
+    got.sort_by_key(|r| r.first);
+    let want: Vec<PageRun> = [
+        (1, 1),
+        (5, 2),
+        (9, 2),
+        (13, 2),
+        (17, 2),
+        (21, 2),
+        (25, 2),
+        (40, 1),
+        (50, 1),
+    ]
+    .into_iter()
+    .map(|(f, c)| run(f, c))
+    .collect();
+    assert_eq!(got, want, "every run once");
+    assert_eq!(dst.postcopy_stats().faults, 0, "nothing touched");
+    place(&dst, 0, PAGES);
+    dst.end_postcopy().unwrap();
+}
+
+/// This thread's nice value, from `/proc/thread-self/stat` (field 19).
+fn thread_nice() -> i32 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // After the command name in parentheses: state is field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
+/// The post-copy threads' priorities: the fault path asks for
+/// `URGENT_THREAD_NICE` (granted with CAP_SYS_NICE, kept as it was
+/// without), the bulk threads take `BACKGROUND_THREAD_NICE`, which needs
+/// no privilege; each on the calling thread only.
+#[test]
+fn fault_path_and_bulk_threads_take_their_priorities() {
+    let dst = DestinationRegions::new(Backing::Private);
+    let src = RegionSet::new([RegionOptions::new(R, PAGES * PS as u64).map().unwrap()]).unwrap();
+    let before = thread_nice();
+    let (bulk, bulk_src) = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            dst.background_thread();
+            thread_nice()
+        });
+        let b = s.spawn(|| {
+            MemorySource::background_thread(&src);
+            thread_nice()
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(bulk, lmig_mem::BACKGROUND_THREAD_NICE);
+    assert_eq!(bulk_src, lmig_mem::BACKGROUND_THREAD_NICE);
+    let urgent = std::thread::scope(|s| {
+        s.spawn(|| {
+            dst.urgent_thread();
+            thread_nice()
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(
+        urgent == lmig_mem::URGENT_THREAD_NICE || urgent == before,
+        "raised, or kept without CAP_SYS_NICE: {urgent}"
+    );
+    println!(
+        "fault path got nice {urgent} (asked {})",
+        lmig_mem::URGENT_THREAD_NICE
+    );
+    assert_eq!(thread_nice(), before, "the test's own thread is untouched");
+}

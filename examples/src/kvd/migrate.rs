@@ -314,7 +314,11 @@ pub fn migrate_out(
             .with_downtime_target(opts.downtime)
             .with_fallback(fallback),
     );
+    // Post-copy: a parked request for a page already pushed is answered
+    // again on the urgent lane instead of waiting behind the push (the
+    // copy that comes second is dropped at the destination).
     let config = SourceConfig::default()
+        .with_resend_in_flight(true)
         .with_mode(opts.mode)
         .with_max_freeze(opts.max_freeze)
         .with_bandwidth_limit(opts.bandwidth);

@@ -22,7 +22,8 @@
 //!   places pages faster than `UFFDIO_COPY`.
 //! * `wait_fault(timeout)` reads fault messages (optionally busy-polling for
 //!   [`PostcopyOptions::spin`] before it blocks in `poll`) and returns the
-//!   missing page that was touched. A fault on a page that is no longer
+//!   missing page that was touched (or, with no fault waiting, a run the
+//!   program asked for through [`Residency`]). A fault on a page that is no longer
 //!   missing (the same fault reported twice, or a fault racing the page's
 //!   placement) is answered at once: `UFFDIO_ZEROPAGE`/`UFFDIO_CONTINUE`
 //!   says `EEXIST` and the waiters are woken with `UFFDIO_WAKE`.
@@ -40,7 +41,7 @@
 //! * [`Residency`] (from [`RegionSet::residency`](crate::RegionSet::residency)):
 //!   an event-loop program asks whether a range is placed and requests it
 //!   without touching it; `wait_fault` hands such requests to the session
-//!   before faults (an eventfd wakes it), and the program is told through
+//!   after the faults waiting (an eventfd wakes it), and the program is told through
 //!   another eventfd once every page of the range is placed. A page counts
 //!   as resident once its placement returned: a query racing a placement
 //!   answers "not yet", and a request made after it is told when it is in
@@ -90,19 +91,19 @@
 //! recovery, reconnects first).
 
 use std::collections::VecDeque;
-use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+#[cfg(feature = "bench-internals")]
+use std::time::Instant;
 
 use lmig_core::model::{PageRun, RegionId, RegionPages};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::error::{MemError, Result};
 use crate::memory::Region;
-use crate::sys::uffd::{self, UffdMsg, UffdOrigin};
+use crate::sys::uffd::{self, UffdOrigin};
 
+mod faults;
 mod options;
 mod residency;
 mod setup;
@@ -121,9 +122,33 @@ use setup::{Fill, Target, check_missing, open_userfaultfd};
 /// they stay as they are.
 pub const URGENT_THREAD_NICE: i32 = -10;
 
-/// Raise the calling thread to [`URGENT_THREAD_NICE`] if allowed.
+/// Nice value the bulk threads of post-copy take
+/// ([`MemorySink::background_thread`](lmig_core::MemorySink::background_thread)
+/// and [`MemorySource::background_thread`](lmig_core::MemorySource::background_thread)
+/// of the region sets): the push, the placement of pushed pages and the
+/// digest hashing then use the CPU the program and the fault path leave
+/// (a nice-10 thread gets about a tenth of a CPU against a nice-0 one that
+/// wants it, all of it when nobody else does). Raising a thread's own nice
+/// value needs no privilege.
+pub const BACKGROUND_THREAD_NICE: i32 = 10;
+
+/// Raise the calling thread to [`URGENT_THREAD_NICE`] if allowed (said at
+/// debug level either way: without `CAP_SYS_NICE` it keeps its priority).
 pub(crate) fn urgent_thread() {
-    let _ = crate::sys::set_thread_nice(URGENT_THREAD_NICE);
+    match crate::sys::set_thread_nice(URGENT_THREAD_NICE) {
+        Ok(()) => debug!(
+            nice = URGENT_THREAD_NICE,
+            "post-copy fault path: priority raised"
+        ),
+        Err(e) => debug!(error = %e, "post-copy fault path: priority kept (no CAP_SYS_NICE)"),
+    }
+}
+
+/// Lower the calling thread to [`BACKGROUND_THREAD_NICE`].
+pub(crate) fn background_thread() {
+    if let Err(e) = crate::sys::set_thread_nice(BACKGROUND_THREAD_NICE) {
+        debug!(error = %e, "post-copy bulk thread: priority kept");
+    }
 }
 
 /// Most `EAGAIN` answers one fill tolerates before it reports an error.
@@ -154,7 +179,7 @@ pub(crate) struct Postcopy {
     pages: Mutex<PageState>,
     queued: Mutex<VecDeque<PageRun>>,
     /// Runs the program asked for without faulting ([`Residency::request`]),
-    /// handed to the session before faults.
+    /// handed to the session after the faults waiting.
     asked: Mutex<VecDeque<PageRun>>,
     /// Wakes `wait_fault` when a run is asked for.
     kick: Signal,
@@ -334,158 +359,6 @@ impl Postcopy {
             }
         }
         Ok(())
-    }
-
-    /// Wait up to `timeout` for a fault on a missing page.
-    pub(crate) fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
-        let start = Instant::now();
-        let deadline = start + timeout;
-        let spin_until = start + self.options.spin.min(timeout);
-        let mut buf = [UffdMsg::default(); 16];
-        loop {
-            // Cleared before the queue is looked at: a run asked for after
-            // this signals again.
-            self.kick.clear();
-            if let Some(run) = lock(&self.asked).pop_front() {
-                return Ok(Some(run));
-            }
-            if let Some(run) = lock(&self.queued).pop_front() {
-                self.counters.requested.fetch_add(1, Ordering::Relaxed);
-                if self.options.record_faults {
-                    let mut f = lock(&self.faulted);
-                    if f.len() < MAX_RECORDED_FAULTS {
-                        f.push((run.region, run.first));
-                        #[cfg(feature = "bench-internals")]
-                        lock(&self.trace).push(FaultTrace {
-                            region: run.region,
-                            page: run.first,
-                            read_at: Instant::now(),
-                            placed_at: None,
-                            placed_with: 0,
-                        });
-                    }
-                }
-                return Ok(Some(run));
-            }
-            let n = uffd::read_msgs(self.uffd.as_fd(), &mut buf)
-                .map_err(|e| MemError::os("read (userfaultfd)", "post-copy", e))?;
-            if n > 0 {
-                self.take_faults(&buf[..n])?;
-                continue;
-            }
-            let now = Instant::now();
-            if now < spin_until {
-                // Poll, but give the CPU to any other runnable thread: on a
-                // machine with few CPUs a hard spin here takes the very CPU
-                // the reply to the previous fault needs (measured: +200 µs
-                // per fault with 2 CPUs and a spin of 200 µs).
-                std::thread::yield_now();
-                continue;
-            }
-            if now >= deadline {
-                return Ok(None);
-            }
-            let left = deadline - now;
-            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-            let mut fds = [
-                PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.kick.fd(), PollFlags::POLLIN),
-            ];
-            match poll(
-                &mut fds,
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-            ) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(MemError::os("poll (userfaultfd)", "post-copy", e.into())),
-            }
-        }
-    }
-
-    /// File fault messages: missing pages are queued for the session, the
-    /// others are answered at once.
-    fn take_faults(&self, msgs: &[UffdMsg]) -> Result<()> {
-        for m in msgs {
-            if m.event != uffd::UFFD_EVENT_PAGEFAULT {
-                continue;
-            }
-            self.counters.faults.fetch_add(1, Ordering::Relaxed);
-            let addr = m.arg[1];
-            let Some(t) = self
-                .targets
-                .iter()
-                .find(|t| addr >= t.start && addr - t.start < t.len)
-            else {
-                continue;
-            };
-            let page = (addr - t.start) / t.page_size;
-            let (is_missing, is_filling) = {
-                let st = lock(&self.pages);
-                (
-                    st.missing.get(t.id).is_ok_and(|s| s.contains(page)),
-                    st.filling.get(t.id).is_ok_and(|s| s.contains(page)),
-                )
-            };
-            if is_filling {
-                // The fill in progress wakes this toucher when it completes.
-                self.counters.stale.fetch_add(1, Ordering::Relaxed);
-            } else if is_missing {
-                let run = PageRun::new(t.id, page, 1);
-                let mut q = lock(&self.queued);
-                if !q.contains(&run) {
-                    q.push_back(run);
-                }
-            } else {
-                self.counters.stale.fetch_add(1, Ordering::Relaxed);
-                self.answer_present(t, page)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// A fault on a page that is not missing: it is there (wake the waiters),
-    /// or the program dropped it itself since (fill it with zeros, as the
-    /// kernel would have without us).
-    fn answer_present(&self, t: &Target, page: u64) -> Result<()> {
-        let _serial = lock(&self.pages);
-        let addr = t.start + page * t.page_size;
-        let filled = match &t.fill {
-            Fill::Copy => uffd::zeropage(self.uffd.as_fd(), addr, t.page_size),
-            Fill::Continue { .. } => uffd::cont(self.uffd.as_fd(), addr, t.page_size),
-        };
-        match filled.error.as_ref().and_then(io::Error::raw_os_error) {
-            None => Ok(()),
-            Some(libc::EEXIST) | Some(libc::EAGAIN) => {
-                self.counters.present.fetch_add(1, Ordering::Relaxed);
-                self.wake(t, page, 1)
-            }
-            Some(libc::ENOENT) | Some(libc::EFAULT) => {
-                // Minor-fault region whose page cache has a hole here.
-                if let Fill::Continue { alias } = &t.fill {
-                    let off = (page * t.page_size) as usize;
-                    alias.zero(off, t.page_size as usize);
-                    let again = uffd::cont(self.uffd.as_fd(), addr, t.page_size);
-                    if again.error.is_some() {
-                        return self.wake(t, page, 1);
-                    }
-                    return Ok(());
-                }
-                self.wake(t, page, 1)
-            }
-            Some(_) => Err(MemError::os(
-                "UFFDIO_ZEROPAGE/CONTINUE (stale fault)",
-                format!("region {} page {page}", t.id),
-                filled.error.expect("matched Some"),
-            )),
-        }
-    }
-
-    fn wake(&self, t: &Target, page: u64, count: u64) -> Result<()> {
-        uffd::wake(
-            self.uffd.as_fd(),
-            t.start + page * t.page_size,
-            count * t.page_size,
-        )
-        .map_err(|e| MemError::os("UFFDIO_WAKE", format!("region {} page {page}", t.id), e))
     }
 
     /// Place `run` (already checked against `region`): `data` is its content,

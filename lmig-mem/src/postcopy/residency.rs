@@ -193,13 +193,20 @@ impl Postcopy {
         };
         if !wanted.is_empty() {
             let mut asked = lock(&self.asked);
+            // The session's fault thread drains the whole queue once woken
+            // (it looks at it after clearing the signal): only a request
+            // into an empty queue needs to wake it, one system call and one
+            // wake-up for a burst of requests from the program's loop.
+            let idle = asked.is_empty();
             for r in wanted {
                 if !asked.contains(&r) {
                     asked.push_back(r);
                 }
             }
             drop(asked);
-            self.kick.signal();
+            if idle {
+                self.kick.signal();
+            }
         }
         Ok(false)
     }

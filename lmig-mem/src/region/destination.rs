@@ -133,6 +133,10 @@ impl MemorySink for DestinationRegions {
         crate::postcopy::urgent_thread();
     }
 
+    fn background_thread(&self) {
+        crate::postcopy::background_thread();
+    }
+
     fn residency(&self) -> Option<std::sync::Arc<dyn lmig_core::PageResidency>> {
         MemorySink::residency(self.set.get()?)
     }

@@ -157,6 +157,10 @@ impl MemorySink for RegionSet {
         crate::postcopy::urgent_thread();
     }
 
+    fn background_thread(&self) {
+        crate::postcopy::background_thread();
+    }
+
     fn residency(&self) -> Option<Arc<dyn PageResidency>> {
         RegionSet::residency(self).map(|r| Arc::new(r) as Arc<dyn PageResidency>)
     }

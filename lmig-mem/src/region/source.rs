@@ -38,6 +38,10 @@ impl MemorySource for RegionSet {
         crate::postcopy::urgent_thread();
     }
 
+    fn background_thread(&self) {
+        crate::postcopy::background_thread();
+    }
+
     /// Kept for the set's life: a later session over it is refused.
     fn mark_handed_over(&self, confirmed: bool) {
         self.handed_over

@@ -118,6 +118,11 @@ impl<C: Channel, M: MemorySink> AfterCommitWork<'_, C, M> {
             program_running,
         } = self;
         let _phase = phase_span!("after_commit", side = "destination");
+        if !handover.postcopy.is_empty() {
+            // This thread places the pushed pages: after the program that
+            // runs here now and the fault path (its own threads).
+            session.memory.background_thread();
+        }
         let outcome = contain("after Commit", true, || {
             let verification = session.after_commit(&mut progress, &handover)?;
             progress.report.verification = verification;

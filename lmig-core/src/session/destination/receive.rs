@@ -96,6 +96,7 @@ where
         std::thread::scope(|scope| -> Result<Handover> {
             let mut restorer: Option<Restorer<'_>> = None;
             let mut st = Receiving::default();
+            let mut postcopy = None;
             loop {
                 if st.all_in(progress) {
                     break;
@@ -158,7 +159,7 @@ where
                         program.restore(state)?;
                     }
                     Message::Handover(h) if st.handover.is_none() => {
-                        handover_arrived(&*memory, progress, &h)?;
+                        postcopy = handover_arrived(progress, &h)?;
                         st.handover = Some(h);
                     }
                     other => {
@@ -170,31 +171,54 @@ where
                     }
                 }
             }
+            // Registered once every page sent before `Commit` is in (and
+            // while the restorer finishes): the pages that trail the
+            // `Handover` (the freeze's last pages, free ones as zero runs)
+            // are placed the plain way, not claimed one by one through
+            // the post-copy path.
+            if let Some(missing) = postcopy {
+                begin_postcopy(&*memory, &missing)?;
+            }
             if let Some(r) = restorer {
+                let waited = Instant::now();
                 r.finish()?;
+                debug!(
+                    waited_ms = waited.elapsed().as_secs_f64() * 1e3,
+                    "receive: the socket restorer finished"
+                );
             }
             Ok(st.handover.expect("the loop ends only after Handover"))
         })
     }
 }
 
-/// `Handover` arrived: note when, and hand the pages left for post-copy to
-/// the memory (before `Ready`: the program is not running, so a failure
-/// here still aborts cleanly).
-fn handover_arrived<M: MemorySink>(
-    memory: &M,
-    progress: &mut Progress,
-    handover: &Handover,
-) -> Result<()> {
+/// `Handover` arrived: note when, and check the pages it leaves for
+/// post-copy; returns them (`None` without post-copy) for
+/// [`begin_postcopy`].
+fn handover_arrived(progress: &mut Progress, handover: &Handover) -> Result<Option<RegionPages>> {
     progress.report.handover_at = Some(Instant::now());
-    if !handover.postcopy.is_empty() {
-        let mut missing = RegionPages::empty(&progress.layout);
-        for run in &handover.postcopy {
-            progress.layout.check_run(run)?;
-            missing.insert_run(run)?;
-        }
-        memory.begin_postcopy(&missing)?;
+    if handover.postcopy.is_empty() {
+        return Ok(None);
     }
+    let mut missing = RegionPages::empty(&progress.layout);
+    for run in &handover.postcopy {
+        progress.layout.check_run(run)?;
+        missing.insert_run(run)?;
+    }
+    Ok(Some(missing))
+}
+
+/// Hand the pages left for post-copy to the memory, once every page sent
+/// before `Commit` is placed (before `Ready`: the program is not running,
+/// so a failure here still aborts cleanly).
+fn begin_postcopy<M: MemorySink>(memory: &M, missing: &RegionPages) -> Result<()> {
+    let begun = Instant::now();
+    memory.begin_postcopy(missing)?;
+    debug!(
+        pages = missing.count(),
+        took_ms = begun.elapsed().as_secs_f64() * 1e3,
+        "post-copy memory registered"
+    );
     Ok(())
 }
 

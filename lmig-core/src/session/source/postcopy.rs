@@ -404,6 +404,9 @@ impl<'scope> Pusher<'scope> {
     }
 
     fn run<M: MemorySource, C: Channel>(service: &Service<'_, M, C>) -> Sent {
+        // Below the request server (and, on a shared host, the program):
+        // the push takes the CPU they leave.
+        service.memory.background_thread();
         // Held to the bandwidth limit until the session ends.
         let ended = || !service.serving.load(Ordering::Acquire);
         let mut sender = PageSender::new(service.memory, service.channel, service.layout).metered(
@@ -506,6 +509,8 @@ impl<'scope> DigestJob<'scope> {
         layout: &'scope RegionLayout,
     ) -> Result<Self> {
         let thread = spawn_named(scope, "lmig-digest".into(), move || {
+            // Needed only for `Done`: never before the push or a request.
+            memory.background_thread();
             PageHashes::of_memory(memory, layout)
         })?;
         Ok(Self { thread })

@@ -1,0 +1,174 @@
+//! The fault side of post-copy: reading the userfaultfd, queueing faults
+//! on missing pages for the session (before the runs a program asked for
+//! through [`Residency`](super::Residency)), answering the others at once.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use lmig_core::model::PageRun;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+#[cfg(feature = "bench-internals")]
+use super::FaultTrace;
+use super::setup::{Fill, Target};
+use super::{MAX_RECORDED_FAULTS, Postcopy, lock};
+use crate::error::{MemError, Result};
+use crate::sys::uffd::{self, UffdMsg};
+
+impl Postcopy {
+    /// Wait up to `timeout` for a fault on a missing page.
+    pub(crate) fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let spin_until = start + self.options.spin.min(timeout);
+        let mut buf = [UffdMsg::default(); 16];
+        loop {
+            // Cleared before the queue is looked at: a run asked for after
+            // this signals again.
+            self.kick.clear();
+            // Faults first: a faulting thread is blocked, a program that
+            // asked ahead is not (it serves something else meanwhile).
+            if let Some(run) = lock(&self.queued).pop_front() {
+                self.counters.requested.fetch_add(1, Ordering::Relaxed);
+                if self.options.record_faults {
+                    let mut f = lock(&self.faulted);
+                    if f.len() < MAX_RECORDED_FAULTS {
+                        f.push((run.region, run.first));
+                        #[cfg(feature = "bench-internals")]
+                        lock(&self.trace).push(FaultTrace {
+                            region: run.region,
+                            page: run.first,
+                            read_at: Instant::now(),
+                            placed_at: None,
+                            placed_with: 0,
+                        });
+                    }
+                }
+                return Ok(Some(run));
+            }
+            let n = uffd::read_msgs(self.uffd.as_fd(), &mut buf)
+                .map_err(|e| MemError::os("read (userfaultfd)", "post-copy", e))?;
+            if n > 0 {
+                self.take_faults(&buf[..n])?;
+                continue;
+            }
+            if let Some(run) = lock(&self.asked).pop_front() {
+                return Ok(Some(run));
+            }
+            let now = Instant::now();
+            if now < spin_until {
+                // Poll, but give the CPU to any other runnable thread: on a
+                // machine with few CPUs a hard spin here takes the very CPU
+                // the reply to the previous fault needs (measured: +200 µs
+                // per fault with 2 CPUs and a spin of 200 µs).
+                std::thread::yield_now();
+                continue;
+            }
+            if now >= deadline {
+                return Ok(None);
+            }
+            let left = deadline - now;
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            let mut fds = [
+                PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.kick.fd(), PollFlags::POLLIN),
+            ];
+            match poll(
+                &mut fds,
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+            ) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(MemError::os("poll (userfaultfd)", "post-copy", e.into())),
+            }
+        }
+    }
+
+    /// File fault messages: missing pages are queued for the session, the
+    /// others are answered at once.
+    fn take_faults(&self, msgs: &[UffdMsg]) -> Result<()> {
+        for m in msgs {
+            if m.event != uffd::UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            self.counters.faults.fetch_add(1, Ordering::Relaxed);
+            let addr = m.arg[1];
+            let Some(t) = self
+                .targets
+                .iter()
+                .find(|t| addr >= t.start && addr - t.start < t.len)
+            else {
+                continue;
+            };
+            let page = (addr - t.start) / t.page_size;
+            let (is_missing, is_filling) = {
+                let st = lock(&self.pages);
+                (
+                    st.missing.get(t.id).is_ok_and(|s| s.contains(page)),
+                    st.filling.get(t.id).is_ok_and(|s| s.contains(page)),
+                )
+            };
+            if is_filling {
+                // The fill in progress wakes this toucher when it completes.
+                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+            } else if is_missing {
+                let run = PageRun::new(t.id, page, 1);
+                let mut q = lock(&self.queued);
+                if !q.contains(&run) {
+                    q.push_back(run);
+                }
+            } else {
+                self.counters.stale.fetch_add(1, Ordering::Relaxed);
+                self.answer_present(t, page)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A fault on a page that is not missing: it is there (wake the waiters),
+    /// or the program dropped it itself since (fill it with zeros, as the
+    /// kernel would have without us).
+    pub(super) fn answer_present(&self, t: &Target, page: u64) -> Result<()> {
+        let _serial = lock(&self.pages);
+        let addr = t.start + page * t.page_size;
+        let filled = match &t.fill {
+            Fill::Copy => uffd::zeropage(self.uffd.as_fd(), addr, t.page_size),
+            Fill::Continue { .. } => uffd::cont(self.uffd.as_fd(), addr, t.page_size),
+        };
+        match filled.error.as_ref().and_then(io::Error::raw_os_error) {
+            None => Ok(()),
+            Some(libc::EEXIST) | Some(libc::EAGAIN) => {
+                self.counters.present.fetch_add(1, Ordering::Relaxed);
+                self.wake(t, page, 1)
+            }
+            Some(libc::ENOENT) | Some(libc::EFAULT) => {
+                // Minor-fault region whose page cache has a hole here.
+                if let Fill::Continue { alias } = &t.fill {
+                    let off = (page * t.page_size) as usize;
+                    alias.zero(off, t.page_size as usize);
+                    let again = uffd::cont(self.uffd.as_fd(), addr, t.page_size);
+                    if again.error.is_some() {
+                        return self.wake(t, page, 1);
+                    }
+                    return Ok(());
+                }
+                self.wake(t, page, 1)
+            }
+            Some(_) => Err(MemError::os(
+                "UFFDIO_ZEROPAGE/CONTINUE (stale fault)",
+                format!("region {} page {page}", t.id),
+                filled.error.expect("matched Some"),
+            )),
+        }
+    }
+
+    pub(super) fn wake(&self, t: &Target, page: u64, count: u64) -> Result<()> {
+        uffd::wake(
+            self.uffd.as_fd(),
+            t.start + page * t.page_size,
+            count * t.page_size,
+        )
+        .map_err(|e| MemError::os("UFFDIO_WAKE", format!("region {} page {page}", t.id), e))
+    }
+}
