@@ -23,6 +23,14 @@
 //! * **link cuts** (`linkcut`): source and destination in two network
 //!   namespaces; host A's link goes down when the source enters a phase.
 //!
+//! * **socket faults** (`net`): memory, state and real sockets (TCP
+//!   connections and a UDP socket, a client in a third namespace, the
+//!   network lock and the address handoff) move from host A to host B over
+//!   a channel pair that breaks, stalls or duplicates at message index k;
+//!   the sockets must then serve every byte on the side that owns them, out
+//!   of repair mode, with no lock table left and the service addresses
+//!   where the commit rule puts them.
+//!
 //! Memory is real: `lmig-mem` regions, the source's tracked with
 //! userfaultfd write-protection (pre-copy) or marked by hand (hybrid: the
 //! pages marked dirty in the rounds are what post-copy then serves), the
@@ -45,8 +53,10 @@
 //! `Commit`), `commit_unconfirmed` (of those, points in the commit window).
 
 pub mod check;
+pub mod conns;
 pub mod kill;
 mod linkcut;
+mod net;
 pub mod point;
 mod run;
 pub mod wire;
@@ -77,6 +87,16 @@ pub struct Args {
     /// Wire faults: offsets per stream and direction.
     #[arg(long, default_value_t = 2)]
     pub wire_offsets: u32,
+    /// Socket faults: break and duplicate at one message index in this
+    /// many (1: every index; the first and last always).
+    #[arg(long, default_value_t = 1)]
+    pub net_every: u32,
+    /// Socket faults: stalls too (at the indices of `--stall-every`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub net_stalls: bool,
+    /// Socket faults in hybrid mode too.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub net_hybrid: bool,
     /// Print every point with its verdict and time.
     #[arg(long)]
     pub verbose: bool,
@@ -101,6 +121,9 @@ impl Default for Args {
             pages: 48,
             stall_every: 6,
             wire_offsets: 2,
+            net_every: 1,
+            net_stalls: true,
+            net_hybrid: true,
             verbose: false,
             only: None,
             point_timeout_ms: 30_000,
@@ -113,11 +136,15 @@ impl Args {
     /// The subset CI runs (`examples/tests/faults.rs`): every message
     /// index with break and duplicate, stalls (a timeout each) at every
     /// twelfth, one wire offset per stream and direction, every kill and
-    /// link cut; `peer_exe` is `lmig-bench` (the killed side).
+    /// link cut; socket faults in pre-copy and post-copy at every other
+    /// index, without stalls; `peer_exe` is `lmig-bench` (the killed side).
     pub fn ci(peer_exe: std::path::PathBuf) -> Self {
         Self {
             stall_every: 12,
             wire_offsets: 1,
+            net_every: 2,
+            net_stalls: false,
+            net_hybrid: false,
             peer_exe: Some(peer_exe),
             ..Self::default()
         }
@@ -163,6 +190,8 @@ pub struct Summary {
     pub commit_unconfirmed: u32,
     /// Per fault kind: (points, passed).
     pub kinds: BTreeMap<String, (u32, u32)>,
+    /// What leaked, one line per leak found (the point's name first).
+    pub leaked: Vec<String>,
     /// What went wrong, one line per failed point.
     pub failures: Vec<String>,
 }
@@ -178,6 +207,8 @@ impl Summary {
         self.commit_points += u32::from(v.committed);
         self.commit_unconfirmed += u32::from(v.unconfirmed);
         self.wrong_pages += v.wrong_pages;
+        self.leaked
+            .extend(v.leaked.iter().map(|l| format!("{what}: {l}")));
         if v.problems.is_empty() {
             self.passed += 1;
             k.1 += 1;
@@ -218,6 +249,9 @@ pub fn run_suite(args: &Args, progress: &mut dyn FnMut(&str, &Verdict)) -> Summa
         wire::wire_faults(args, mode, &mut sum, progress);
         kill::kill_faults(args, &exe, mode, &mut sum, progress);
         linkcut::link_faults(args, mode, &mut sum, progress);
+        if mode != Mode::Hybrid || args.net_hybrid {
+            net::net_faults(args, mode, &mut sum, progress);
+        }
     }
     sum
 }
@@ -296,6 +330,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn Error>> {
         "lost_bytes": sum.lost_bytes,
         "wrong_pages": sum.wrong_pages,
         "leaks": sum.leaks,
+        "leaked": sum.leaked,
         "integrity_errors": sum.integrity_errors,
         "commit_points": sum.commit_points,
         "commit_unconfirmed": sum.commit_unconfirmed,
