@@ -47,8 +47,11 @@
 //! time ([`point`]): one that hangs fails, the suite goes on.
 //!
 //! Fields: `points`, `passed`, `lost_bytes` (program-state bytes the
-//! side that should hold them lacks), `wrong_pages`, `leaks`, `failed`,
-//! per-kind `kinds`, `integrity_errors` (points where either side reported
+//! side that should hold them lacks, and socket bytes that did not
+//! arrive), `wrong_pages`, `leaks`, `failed`,
+//! per-kind `kinds`, `leaked` (one line per leak: userfaultfds, registered
+//! areas, repair-mode sockets, lock tables, misplaced service addresses),
+//! `integrity_errors` (points where either side reported
 //! an integrity or authentication error), `commit_points` (points after
 //! `Commit`), `commit_unconfirmed` (of those, points in the commit window).
 
@@ -175,11 +178,14 @@ pub struct Summary {
     pub points: u32,
     /// Points where every property held.
     pub passed: u32,
-    /// Program-state bytes missing on the side that should hold them.
+    /// Program-state bytes missing on the side that should hold them, and
+    /// socket bytes (queued before the attempt, or markers after it) that
+    /// did not arrive.
     pub lost_bytes: u64,
     /// Pages that differ from the source's image.
     pub wrong_pages: u64,
-    /// Userfaultfds left open or regions left registered.
+    /// Userfaultfds left open, regions left registered, sockets left in
+    /// repair mode, lock tables left, service addresses misplaced.
     pub leaks: u64,
     /// Wire faults reported as integrity errors by the transport.
     pub integrity_errors: u32,
