@@ -15,7 +15,9 @@
 //! skip. No timing is asserted: every point is bounded, and a point that
 //! hangs fails with its name.
 
+use lmig_examples::bench::faults::conns;
 use lmig_examples::bench::faults::{Args, run_suite};
+use lmig_net::topology::Topology;
 
 #[test]
 fn every_protocol_step_survives_every_fault() {
@@ -64,4 +66,46 @@ fn every_protocol_step_survives_every_fault() {
     assert_eq!(sum.wrong_pages, 0, "{line}");
     assert_eq!(sum.lost_bytes, 0, "{line}");
     assert_eq!(sum.leaks, 0, "{line}");
+}
+
+/// The socket checks of the suite see what they check: a connection in
+/// repair mode, a lock table of this process, bytes that do not arrive.
+#[test]
+fn the_socket_checks_see_a_leak_and_a_lost_byte() {
+    if !lmig_core::testing::privileged(
+        "faults::the_socket_checks_see_a_leak_and_a_lost_byte",
+        "network namespaces, CAP_NET_ADMIN for TCP repair and nftables",
+    ) {
+        return;
+    }
+    let topo = Topology::new().expect("topology");
+    topo.add_service_address(&topo.a).expect("service address");
+    assert_eq!(conns::holds_service(&topo.a).unwrap().len(), 2);
+    assert!(conns::holds_service(&topo.b).unwrap().is_empty());
+    let (mut client, socks) = conns::open(&topo).expect("connections");
+    use std::os::fd::AsFd;
+    let fd = socks.tcp[0].as_fd();
+    assert!(!conns::in_repair(fd));
+    lmig_net::sys::tcp_repair(fd, lmig_net::sys::RepairMode::On).expect("repair on");
+    assert!(conns::in_repair(fd), "repair mode is seen");
+    lmig_net::sys::tcp_repair(fd, lmig_net::sys::RepairMode::Off).expect("repair off");
+    assert!(!conns::in_repair(fd));
+
+    assert!(conns::lock_tables(&topo.a).unwrap().is_empty());
+    let name = format!("{}{}_999", lmig_net::lock::TABLE_PREFIX, std::process::id());
+    topo.a
+        .run(move || lmig_net::lock::testing::add_table(false, &name))
+        .unwrap()
+        .expect("add a table");
+    assert_eq!(
+        conns::lock_tables(&topo.a).unwrap().len(),
+        1,
+        "a table is seen"
+    );
+
+    // The connections swapped and the UDP socket missing: bytes are lost.
+    let mut tcp = socks.tcp;
+    tcp.reverse();
+    let x = conns::exchange(&mut client, tcp, None);
+    assert!(x.lost_bytes > 0 && x.problems.len() >= 3, "{x:?}");
 }

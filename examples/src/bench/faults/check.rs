@@ -28,6 +28,17 @@ pub struct Verdict {
     pub integrity: bool,
     /// The message the fault hit (message faults).
     pub hit: Option<String>,
+    /// What leaked, one line per kind of leak (also in `problems`).
+    pub leaked: Vec<String>,
+}
+
+impl Verdict {
+    /// Count `n` leaked resources described by `what`.
+    pub fn leak(&mut self, n: u64, what: String) {
+        self.leaks += n;
+        self.leaked.push(what.clone());
+        self.problems.push(what);
+    }
 }
 
 /// Pages of `b` that differ from `a`; an empty page of `b` is one still
@@ -65,14 +76,13 @@ fn err_text<T>(r: &Option<lmig_core::Result<T>>) -> Option<String> {
 /// left behind.
 pub(super) fn leaks(v: &mut Verdict, (fds, registered): (usize, usize)) {
     if fds > 0 {
-        v.leaks += fds as u64;
-        v.problems.push(format!("{fds} userfaultfd(s) left open"));
+        v.leak(fds as u64, format!("{fds} userfaultfd(s) left open"));
     }
     if registered > 0 {
-        v.leaks += registered as u64;
-        v.problems.push(format!(
-            "{registered} memory area(s) left registered with userfaultfd"
-        ));
+        v.leak(
+            registered as u64,
+            format!("{registered} memory area(s) left registered with userfaultfd"),
+        );
     }
 }
 
@@ -131,8 +141,8 @@ fn before_commit(o: &Observed, v: &mut Verdict, state_len: u64) {
             .push("the destination resumed the program without Commit".into());
     }
     if o.dst_paused {
-        v.leaks += 1;
-        v.problems.push(
+        v.leak(
+            1,
             "the destination left its regions registered for post-copy after an abort".into(),
         );
     }
@@ -196,9 +206,10 @@ fn commit_window(o: &Observed, v: &mut Verdict, state_len: u64) {
         )),
     }
     if o.dst_paused {
-        v.leaks += 1;
-        v.problems
-            .push("the destination left its regions registered after discarding".into());
+        v.leak(
+            1,
+            "the destination left its regions registered after discarding".into(),
+        );
     }
     // The source keeps every byte: its memory and its program's state.
     if o.src_prog.state.as_ref() != Some(&o.state) {

@@ -95,7 +95,7 @@ pub fn link_faults(
 
 /// Network namespaces of this process (their names carry its pid) in
 /// `/run/netns`.
-fn own_namespaces() -> usize {
+pub(super) fn own_namespaces() -> usize {
     let own = format!("lmig{}-", std::process::id());
     std::fs::read_dir("/run/netns").map_or(0, |d| {
         d.filter_map(|e| e.ok())

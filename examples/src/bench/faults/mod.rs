@@ -23,6 +23,14 @@
 //! * **link cuts** (`linkcut`): source and destination in two network
 //!   namespaces; host A's link goes down when the source enters a phase.
 //!
+//! * **socket faults** (`net`): memory, state and real sockets (TCP
+//!   connections and a UDP socket, a client in a third namespace, the
+//!   network lock and the address handoff) move from host A to host B over
+//!   a channel pair that breaks, stalls or duplicates at message index k;
+//!   the sockets must then serve every byte on the side that owns them, out
+//!   of repair mode, with no lock table left and the service addresses
+//!   where the commit rule puts them.
+//!
 //! Memory is real: `lmig-mem` regions, the source's tracked with
 //! userfaultfd write-protection (pre-copy) or marked by hand (hybrid: the
 //! pages marked dirty in the rounds are what post-copy then serves), the
@@ -39,14 +47,19 @@
 //! time ([`point`]): one that hangs fails, the suite goes on.
 //!
 //! Fields: `points`, `passed`, `lost_bytes` (program-state bytes the
-//! side that should hold them lacks), `wrong_pages`, `leaks`, `failed`,
-//! per-kind `kinds`, `integrity_errors` (points where either side reported
+//! side that should hold them lacks, and socket bytes that did not
+//! arrive), `wrong_pages`, `leaks`, `failed`,
+//! per-kind `kinds`, `leaked` (one line per leak: userfaultfds, registered
+//! areas, repair-mode sockets, lock tables, misplaced service addresses),
+//! `integrity_errors` (points where either side reported
 //! an integrity or authentication error), `commit_points` (points after
 //! `Commit`), `commit_unconfirmed` (of those, points in the commit window).
 
 pub mod check;
+pub mod conns;
 pub mod kill;
 mod linkcut;
+mod net;
 pub mod point;
 mod run;
 pub mod wire;
@@ -77,6 +90,16 @@ pub struct Args {
     /// Wire faults: offsets per stream and direction.
     #[arg(long, default_value_t = 2)]
     pub wire_offsets: u32,
+    /// Socket faults: break and duplicate at one message index in this
+    /// many (1: every index; the first and last always).
+    #[arg(long, default_value_t = 1)]
+    pub net_every: u32,
+    /// Socket faults: stalls too (at the indices of `--stall-every`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub net_stalls: bool,
+    /// Socket faults in hybrid mode too.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub net_hybrid: bool,
     /// Print every point with its verdict and time.
     #[arg(long)]
     pub verbose: bool,
@@ -101,6 +124,9 @@ impl Default for Args {
             pages: 48,
             stall_every: 6,
             wire_offsets: 2,
+            net_every: 1,
+            net_stalls: true,
+            net_hybrid: true,
             verbose: false,
             only: None,
             point_timeout_ms: 30_000,
@@ -113,11 +139,15 @@ impl Args {
     /// The subset CI runs (`examples/tests/faults.rs`): every message
     /// index with break and duplicate, stalls (a timeout each) at every
     /// twelfth, one wire offset per stream and direction, every kill and
-    /// link cut; `peer_exe` is `lmig-bench` (the killed side).
+    /// link cut; socket faults in pre-copy and post-copy at every other
+    /// index, without stalls; `peer_exe` is `lmig-bench` (the killed side).
     pub fn ci(peer_exe: std::path::PathBuf) -> Self {
         Self {
             stall_every: 12,
             wire_offsets: 1,
+            net_every: 2,
+            net_stalls: false,
+            net_hybrid: false,
             peer_exe: Some(peer_exe),
             ..Self::default()
         }
@@ -148,11 +178,14 @@ pub struct Summary {
     pub points: u32,
     /// Points where every property held.
     pub passed: u32,
-    /// Program-state bytes missing on the side that should hold them.
+    /// Program-state bytes missing on the side that should hold them, and
+    /// socket bytes (queued before the attempt, or markers after it) that
+    /// did not arrive.
     pub lost_bytes: u64,
     /// Pages that differ from the source's image.
     pub wrong_pages: u64,
-    /// Userfaultfds left open or regions left registered.
+    /// Userfaultfds left open, regions left registered, sockets left in
+    /// repair mode, lock tables left, service addresses misplaced.
     pub leaks: u64,
     /// Wire faults reported as integrity errors by the transport.
     pub integrity_errors: u32,
@@ -163,6 +196,8 @@ pub struct Summary {
     pub commit_unconfirmed: u32,
     /// Per fault kind: (points, passed).
     pub kinds: BTreeMap<String, (u32, u32)>,
+    /// What leaked, one line per leak found (the point's name first).
+    pub leaked: Vec<String>,
     /// What went wrong, one line per failed point.
     pub failures: Vec<String>,
 }
@@ -178,6 +213,8 @@ impl Summary {
         self.commit_points += u32::from(v.committed);
         self.commit_unconfirmed += u32::from(v.unconfirmed);
         self.wrong_pages += v.wrong_pages;
+        self.leaked
+            .extend(v.leaked.iter().map(|l| format!("{what}: {l}")));
         if v.problems.is_empty() {
             self.passed += 1;
             k.1 += 1;
@@ -218,6 +255,9 @@ pub fn run_suite(args: &Args, progress: &mut dyn FnMut(&str, &Verdict)) -> Summa
         wire::wire_faults(args, mode, &mut sum, progress);
         kill::kill_faults(args, &exe, mode, &mut sum, progress);
         linkcut::link_faults(args, mode, &mut sum, progress);
+        if mode != Mode::Hybrid || args.net_hybrid {
+            net::net_faults(args, mode, &mut sum, progress);
+        }
     }
     sum
 }
@@ -296,6 +336,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn Error>> {
         "lost_bytes": sum.lost_bytes,
         "wrong_pages": sum.wrong_pages,
         "leaks": sum.leaks,
+        "leaked": sum.leaked,
         "integrity_errors": sum.integrity_errors,
         "commit_points": sum.commit_points,
         "commit_unconfirmed": sum.commit_unconfirmed,

@@ -10,6 +10,7 @@ use lmig_core::session::{
     Destination, DestinationConfig, DestinationReport, Mode, Source, SourceConfig, SourceReport,
 };
 use lmig_core::testing::{Fault, FaultChannel, NullProgram, channel_pair};
+use lmig_core::traits::{NoSockets, SocketSource};
 use lmig_core::{Channel, Event, MemorySource, MigrationError, Observer, Phase};
 use lmig_mem::{
     Backing, DestinationRegions, DirtyMarker, ManualTracker, PostcopyOptions, RegionOptions,
@@ -400,12 +401,25 @@ impl Case {
         prog: &mut NullProgram,
         observer: impl Observer,
     ) -> lmig_core::Result<SourceReport> {
+        self.run_source_with(ch, set, prog, observer, NoSockets)
+    }
+
+    /// Run the source side over `ch`, moving `sockets` too.
+    pub fn run_source_with<S: Channel + ?Sized, K: SocketSource>(
+        &self,
+        ch: &S,
+        set: &RegionSet,
+        prog: &mut NullProgram,
+        observer: impl Observer,
+        sockets: K,
+    ) -> lmig_core::Result<SourceReport> {
         let cfg = self.source_config();
         match self.mode {
             Mode::Hybrid => {
                 let tracker = ManualTracker::new(&MemorySource::layout(set));
                 let marker = tracker.marker();
                 Source::new(ch, set, tracker, prog)
+                    .with_sockets(sockets)
                     .with_policy(SwitchAfterFirst)
                     .with_observer(Both(
                         Dirtier {
@@ -422,6 +436,7 @@ impl Case {
                     lmig_core::MigrationError::backend("uffd-wp tracker", e.to_string())
                 })?;
                 Source::new(ch, set, tracker, prog)
+                    .with_sockets(sockets)
                     .with_observer(observer)
                     .with_config(cfg)
                     .run()
