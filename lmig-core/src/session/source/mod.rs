@@ -22,7 +22,7 @@ use super::pace::Meter;
 use super::{contain, send_abort};
 use crate::error::{MigrationError, Result};
 use crate::model::{RegionLayout, RegionPages};
-use crate::policy::{ConvergencePolicy, Decision, Policy, RoundStats};
+use crate::policy::{ConvergencePolicy, Decision, Fallback, Policy, PolicyConfig, RoundStats};
 use crate::protocol::{CHUNK_PAGES, Message, Verification};
 use crate::traits::{
     Channel, DirtyTracker, Event, MemorySource, NoObserver, NoSockets, Observer, Phase,
@@ -43,7 +43,11 @@ pub enum Mode {
     #[default]
     Precopy,
     /// Pre-copy rounds; when the policy says `Postcopy` (rounds stop
-    /// converging), switch to post-copy for the pages still dirty.
+    /// converging), switch to post-copy for the pages still dirty. The
+    /// default policy then falls back to post-copy
+    /// ([`Fallback::Postcopy`](crate::policy::Fallback::Postcopy)), which
+    /// it does as soon as its estimate says the rounds cannot reach the
+    /// target ([`PolicyConfig::switch_ratio`]).
     Hybrid,
     /// No rounds: freeze at once, resume at the destination, send every page after.
     Postcopy,
@@ -311,6 +315,9 @@ pub struct Source<'a, C, M, T, P, K = NoSockets> {
     program: P,
     sockets: K,
     policy: Box<dyn Policy + 'a>,
+    /// `policy` is the default one (no [`Source::with_policy`]): in hybrid
+    /// mode it falls back to post-copy.
+    default_policy: bool,
     observer: Box<dyn Observer + 'a>,
     config: SourceConfig,
     cancel: CancelHandle,
@@ -347,6 +354,7 @@ where
             program,
             sockets: NoSockets,
             policy: Box::new(ConvergencePolicy::default()),
+            default_policy: true,
             observer: Box::new(NoObserver),
             config: SourceConfig::default(),
             cancel: CancelHandle::default(),
@@ -373,6 +381,7 @@ where
             program: self.program,
             sockets,
             policy: self.policy,
+            default_policy: self.default_policy,
             observer: self.observer,
             config: self.config,
             cancel: self.cancel,
@@ -384,6 +393,7 @@ where
     /// Use this convergence policy.
     pub fn with_policy(mut self, policy: impl Policy + 'a) -> Self {
         self.policy = Box::new(policy);
+        self.default_policy = false;
         self
     }
 
@@ -568,6 +578,10 @@ where
         undo: &mut Undo,
         report: &mut SourceReport,
     ) -> Result<RegionPages> {
+        if self.default_policy && self.config.mode == Mode::Hybrid {
+            let config = PolicyConfig::default().with_fallback(Fallback::Postcopy);
+            self.policy = Box::new(ConvergencePolicy::new(config));
+        }
         let mut ready = self.setup(layout, undo)?;
         let rounds = self.precopy(layout, undo, report, &mut ready)?;
         self.freeze(layout, undo, report, rounds)
