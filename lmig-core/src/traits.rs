@@ -112,6 +112,14 @@ pub trait MemorySource: Send + Sync {
     /// that a request does not wait for a CPU behind the push. The default
     /// does nothing.
     fn urgent_thread(&self) {}
+
+    /// Called once by each thread sending a pre-copy round (one per data
+    /// lane, for that round) before it sends, when
+    /// [`SourceConfig::yield_to_program`](crate::session::SourceConfig::yield_to_program)
+    /// is set: a backend may lower that thread's scheduling priority, so
+    /// that the program's own threads get a CPU first while the rounds run
+    /// (the freeze's senders are left alone). The default does nothing.
+    fn background_thread(&self) {}
     /// `Commit` went out for the program of this memory: it belongs to a
     /// destination now. Called with `confirmed = false` as soon as the
     /// `Commit` frame is written, and again with `true` when `Done` came
@@ -691,6 +699,9 @@ impl<T: MemorySource + ?Sized> MemorySource for &T {
     fn urgent_thread(&self) {
         (**self).urgent_thread()
     }
+    fn background_thread(&self) {
+        (**self).background_thread()
+    }
 
     fn mark_handed_over(&self, confirmed: bool) {
         (**self).mark_handed_over(confirmed)
@@ -724,6 +735,9 @@ impl<T: MemorySource + ?Sized> MemorySource for Arc<T> {
     }
     fn urgent_thread(&self) {
         (**self).urgent_thread()
+    }
+    fn background_thread(&self) {
+        (**self).background_thread()
     }
 
     fn mark_handed_over(&self, confirmed: bool) {

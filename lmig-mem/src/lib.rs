@@ -248,8 +248,8 @@ pub use lmig_core::model::RegionId;
 pub use postcopy::{PostcopyOptions, PostcopyStats, Residency};
 pub use probe::probe;
 pub use region::{
-    Backing, DestinationRegions, ForeignBacking, ForeignMemory, Region, RegionOptions, RegionSet,
-    layout_difference,
+    BACKGROUND_THREAD_NICE, Backing, DestinationRegions, ForeignBacking, ForeignMemory, Region,
+    RegionOptions, RegionSet, layout_difference,
 };
 pub use track::{
     AutoTracker, DirtyLog, DirtyLogTracker, DirtyMarker, ManualTracker, SoftDirtyTracker,

@@ -327,10 +327,14 @@ pub fn migrate_out(
             .with_downtime_target(opts.downtime)
             .with_fallback(fallback),
     );
+    // The rounds' senders yield the CPU to the loop (LMIG_KVD_YIELD=0: they
+    // do not, to compare).
+    let yield_to_loop = std::env::var_os("LMIG_KVD_YIELD").is_none_or(|v| v != "0");
     let config = SourceConfig::default()
         .with_mode(opts.mode)
         .with_max_freeze(opts.max_freeze)
-        .with_bandwidth_limit(opts.bandwidth);
+        .with_bandwidth_limit(opts.bandwidth)
+        .with_yield_to_program(yield_to_loop);
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)
         .with_config(config)

@@ -39,3 +39,4 @@ pub use destination::DestinationRegions;
 pub use layout::layout_difference;
 pub use options::RegionOptions;
 pub use set::RegionSet;
+pub use source::BACKGROUND_THREAD_NICE;

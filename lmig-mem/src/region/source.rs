@@ -5,6 +5,14 @@ use lmig_core::model::{PageRun, RegionLayout, RegionPages};
 
 use super::set::RegionSet;
 
+/// Nice value the threads sending pre-copy rounds take when the session
+/// asks ([`MemorySource::background_thread`],
+/// `SourceConfig::yield_to_program`): below the program's threads (0), so
+/// that its event loop gets a CPU first on a busy host, and above the
+/// lowest (19), so that the rounds still move when the host is only
+/// moderately busy.
+pub const BACKGROUND_THREAD_NICE: i32 = 10;
+
 impl MemorySource for RegionSet {
     fn layout(&self) -> RegionLayout {
         self.layout.clone()
@@ -36,6 +44,12 @@ impl MemorySource for RegionSet {
 
     fn urgent_thread(&self) {
         crate::postcopy::urgent_thread();
+    }
+
+    /// Lowers the calling thread to [`BACKGROUND_THREAD_NICE`] (always
+    /// allowed; an error leaves it as it was).
+    fn background_thread(&self) {
+        let _ = crate::sys::set_thread_nice(BACKGROUND_THREAD_NICE);
     }
 
     /// Kept for the set's life: a later session over it is refused.

@@ -114,6 +114,12 @@ pub struct SourceConfig {
     /// it applies to. A token bucket: cheap (one atomic load per message)
     /// when there is no limit.
     pub bandwidth_limit: u64,
+    /// The threads sending the pre-copy rounds ask the memory to lower
+    /// their priority ([`MemorySource::background_thread`]): on a busy
+    /// host the program's own threads (its event loop answering clients)
+    /// then get a CPU first, and the rounds take the CPU it leaves. The
+    /// freeze and post-copy are not affected. Default false.
+    pub yield_to_program: bool,
 }
 
 impl SourceConfig {
@@ -138,6 +144,7 @@ impl Default for SourceConfig {
             catch_up_timeout: Duration::from_millis(500),
             max_freeze: None,
             bandwidth_limit: 0,
+            yield_to_program: false,
         }
     }
 }
@@ -203,6 +210,13 @@ impl SourceConfig {
     #[must_use]
     pub fn with_resend_in_flight(mut self, on: bool) -> Self {
         self.resend_in_flight = on;
+        self
+    }
+
+    /// Set [`Self::yield_to_program`].
+    #[must_use]
+    pub fn with_yield_to_program(mut self, on: bool) -> Self {
+        self.yield_to_program = on;
         self
     }
 }
