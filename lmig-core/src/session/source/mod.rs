@@ -318,6 +318,38 @@ impl SourceReport {
     pub fn freeze(&self) -> Duration {
         self.commit_at - self.paused_at
     }
+
+    /// A report of nothing done yet, every time at `start`.
+    fn starting(mode: Mode, tracker: &'static str, start: Instant) -> Self {
+        Self {
+            mode,
+            rounds: 0,
+            round_stats: Vec::new(),
+            decisions: Vec::new(),
+            switched_to_postcopy: false,
+            policy_reason: String::new(),
+            pages_sent: 0,
+            zero_pages: 0,
+            bytes_sent: 0,
+            freeze_pages: 0,
+            freeze_steps: Vec::new(),
+            postcopy_pages: 0,
+            requested_pages: 0,
+            sockets: 0,
+            queued_bytes: 0,
+            tracker,
+            paused_at: start,
+            ready_at: start,
+            commit_at: start,
+            paused_after: Duration::ZERO,
+            ready_after: Duration::ZERO,
+            commit_after: Duration::ZERO,
+            freeze_time: Duration::ZERO,
+            total: Duration::ZERO,
+            verification: Verification::NotChecked,
+            warnings: Vec::new(),
+        }
+    }
 }
 
 /// The source side of one migration. See the [module docs](super).
@@ -453,6 +485,11 @@ where
     }
 
     /// Run the migration. See the [module docs](super) for what `Ok` and `Err` mean.
+    ///
+    /// The steps: refuse a program handed over before, everything up to
+    /// `Ready` (`before_commit`), the commit point (`commit`), the
+    /// hand-over to the destination (`hand_over`), post-copy and `Done`
+    /// (`after_commit`), the tracker's teardown, the outcome (`finish`).
     pub fn run(mut self) -> Result<SourceReport> {
         let start = Instant::now();
         let _session =
@@ -460,34 +497,7 @@ where
         info!(tracker = self.tracker.name(), mode = ?self.config.mode, "migration out starts");
         let layout = self.memory.layout();
         self.progress.started(layout.total_pages());
-        let mut report = SourceReport {
-            mode: self.config.mode,
-            rounds: 0,
-            round_stats: Vec::new(),
-            decisions: Vec::new(),
-            switched_to_postcopy: false,
-            policy_reason: String::new(),
-            pages_sent: 0,
-            zero_pages: 0,
-            bytes_sent: 0,
-            freeze_pages: 0,
-            freeze_steps: Vec::new(),
-            postcopy_pages: 0,
-            requested_pages: 0,
-            sockets: 0,
-            queued_bytes: 0,
-            tracker: self.tracker.name(),
-            paused_at: start,
-            ready_at: start,
-            commit_at: start,
-            paused_after: Duration::ZERO,
-            ready_after: Duration::ZERO,
-            commit_after: Duration::ZERO,
-            freeze_time: Duration::ZERO,
-            total: Duration::ZERO,
-            verification: Verification::NotChecked,
-            warnings: Vec::new(),
-        };
+        let mut report = SourceReport::starting(self.config.mode, self.tracker.name(), start);
         // A program handed over before never migrates again: it may run on
         // that destination. The destination hears `Abort` and discards.
         if let Some(confirmed) = self.memory.handed_over() {
@@ -505,15 +515,33 @@ where
             Err(e) => return Err(self.abort(&undo, e)),
         };
         let commit_span = phase_span!("commit");
-        // The commit point: if the frame cannot be written completely, the
-        // destination cannot have it and we may still resume here.
-        if let Err(e) = contain("sending Commit", false, || {
-            // A cancel that arrived first wins; from here on, none has effect.
-            self.cancel.commit()?;
-            self.channel.send(&Message::Commit)
-        }) {
+        if let Err(e) = self.commit(&mut report, start) {
             return Err(self.abort(&undo, e));
         }
+        self.hand_over(&mut report);
+        drop(commit_span);
+        let outcome = contain("after Commit", true, || {
+            self.after_commit(&layout, postcopy, &mut report)
+        });
+        if let Err(e) = contain("stopping the dirty tracker", true, || self.tracker.stop()) {
+            warn!(error = %e, "after Commit: stopping the dirty tracker failed");
+            report
+                .warnings
+                .push(format!("stopping the dirty tracker: {e}"));
+        }
+        report.total = start.elapsed();
+        self.finish(outcome, report)
+    }
+
+    /// The commit point: if the `Commit` frame cannot be written
+    /// completely, the destination cannot have it and we may still resume
+    /// here (the error). A cancel that arrived first wins; from here on,
+    /// none has effect. Records the commit's timestamps in `report`.
+    fn commit(&mut self, report: &mut SourceReport, start: Instant) -> Result<()> {
+        contain("sending Commit", false, || {
+            self.cancel.commit()?;
+            self.channel.send(&Message::Commit)
+        })?;
         report.commit_at = Instant::now();
         report.paused_after = report.paused_at - start;
         report.ready_after = report.ready_at - start;
@@ -523,8 +551,12 @@ where
         // attempt says the program was handed over (unconfirmed until `Done`).
         self.memory.mark_handed_over(false);
         self.phase(Phase::Committed);
-        // From here on the destination owns the program: a failure or a
-        // panic is reported, never undone.
+        Ok(())
+    }
+
+    /// Right after `Commit`: the destination owns the program, so a failure
+    /// or a panic here is reported in `report.warnings`, never undone.
+    fn hand_over(&mut self, report: &mut SourceReport) {
         if let Err(e) = contain("in the program's `committed`", true, || {
             self.program.committed();
             Ok(())
@@ -545,17 +577,15 @@ where
                 .warnings
                 .push(format!("releasing the source sockets: {e}"));
         }
-        drop(commit_span);
-        let outcome = contain("after Commit", true, || {
-            self.after_commit(&layout, postcopy, &mut report)
-        });
-        if let Err(e) = contain("stopping the dirty tracker", true, || self.tracker.stop()) {
-            warn!(error = %e, "after Commit: stopping the dirty tracker failed");
-            report
-                .warnings
-                .push(format!("stopping the dirty tracker: {e}"));
-        }
-        report.total = start.elapsed();
+    }
+
+    /// The session's outcome once `after_commit` returned: `Done` came
+    /// (the source memory is released), or the commit stays unconfirmed.
+    fn finish(
+        &mut self,
+        outcome: Result<Verification>,
+        mut report: SourceReport,
+    ) -> Result<SourceReport> {
         match outcome {
             Ok(verification) => {
                 report.verification = verification;
