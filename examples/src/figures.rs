@@ -61,6 +61,16 @@ pub struct SourceFigures {
     /// 1.3` and its suite, or `none`.
     #[serde(default)]
     pub cipher: String,
+    /// kvd's own service time before the migration: the 99th percentile,
+    /// over the requests its loop answered since it started, of the time
+    /// the loop's pass that answered each took, ms (a power of two in µs);
+    /// `null` from a daemon that does not measure it.
+    #[serde(default)]
+    pub kvd_baseline_p99_ms: Option<f64>,
+    /// The same over the requests answered in pre-copy (from the `migrate`
+    /// command to the freeze).
+    #[serde(default)]
+    pub kvd_precopy_p99_ms: Option<f64>,
     /// The library's report as it serialises it
     /// ([`lmig_core::session::SourceReport`]: `freeze_ms`, `round_stats`,
     /// `decisions`, `freeze_steps_ms`, …); `null` from an older kvd.
@@ -98,6 +108,8 @@ impl SourceFigures {
             policy: rep.policy_reason.clone(),
             warnings: rep.warnings.clone(),
             cipher,
+            kvd_baseline_p99_ms: None,
+            kvd_precopy_p99_ms: None,
             report: serde_json::to_value(rep).unwrap_or_default(),
         }
     }

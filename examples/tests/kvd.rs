@@ -70,6 +70,22 @@ fn kvd_migrates_live_and_survives_failed_migrations() {
             assert!(back.is_ok(), "B -> A: {back:?}");
         }
         assert!(r.load.requests_ok > 0, "{mode}");
+        // The clients' latency per phase: before the migration always; in
+        // pre-copy when rounds ran; in post-copy when pages came after
+        // `Commit`.
+        let p = r.phases;
+        let switched = r.source.as_ref().is_some_and(|s| s.switched_to_postcopy);
+        assert!(p.baseline_p99_ms.is_some(), "{mode}: {p:?}");
+        assert_eq!(
+            p.precopy_p99_ms.is_some(),
+            mode != "postcopy",
+            "{mode}: {p:?}"
+        );
+        assert_eq!(
+            p.postcopy_p99_ms.is_some(),
+            mode == "postcopy" || switched,
+            "{mode}: {p:?}"
+        );
         let verified = r.destination.as_ref().map(|d| d.verified);
         assert_eq!(verified, Some(true), "{mode}: {:?}", r.destination);
         // Every client connection joined the destination's poller as the
@@ -87,6 +103,20 @@ fn kvd_migrates_live_and_survives_failed_migrations() {
             "{mode}"
         );
     }
+    // Hybrid on hot memory (1000 MB/s dirtied over 64 MiB: each round
+    // leaves most of what it sent): the default policy switches to
+    // post-copy, and every page and key arrives.
+    let hot = Options {
+        dirty_mbps: 1000.0,
+        ..options("hybrid", None)
+    };
+    let r = scenario::run(&hot).unwrap_or_else(|e| panic!("hot hybrid: {e}"));
+    assert!(r.migrated, "hot hybrid: {:?}", r.error);
+    let s = r.source.as_ref().expect("source figures");
+    assert!(s.switched_to_postcopy, "hot hybrid: {}", s.policy);
+    assert_served_every_key(&r, "hot hybrid");
+    assert_eq!(r.destination.as_ref().map(|d| d.verified), Some(true));
+    assert!(r.phases.postcopy_p99_ms.is_some(), "{:?}", r.phases);
     // Over TLS 1.3 with certificates made for the run: the same migration,
     // and kvd says it ran over TLS.
     let tls = Options {

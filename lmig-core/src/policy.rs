@@ -148,6 +148,19 @@ pub struct PolicyConfig {
     pub progress_ratio: f64,
     /// See `progress_ratio`.
     pub stall_rounds: u32,
+    /// With a fallback other than [`Fallback::Freeze`], apply it as soon as
+    /// the estimate says pre-copy cannot reach the target, without waiting
+    /// for `stall_rounds` stalled rounds: when a round leaves at least this
+    /// fraction of what it sent (after round 0; the dirty rate over the
+    /// measured bandwidth when that is higher), and at that ratio the
+    /// dirty bytes would need more than `stall_rounds` further rounds to
+    /// shrink to the target. Each round then only trades bandwidth and
+    /// CPU for a little less dirty memory: hybrid switches to post-copy,
+    /// auto-converge throttles (harder each round while it holds).
+    /// QEMU's auto-converge uses the same 50% (pages dirtied over pages
+    /// transferred). With [`Fallback::Freeze`] the rule does not apply: an
+    /// early freeze would only be longer.
+    pub switch_ratio: f64,
 }
 
 impl Default for PolicyConfig {
@@ -159,6 +172,7 @@ impl Default for PolicyConfig {
             fixed_freeze_cost: Duration::ZERO,
             progress_ratio: 0.8,
             stall_rounds: 3,
+            switch_ratio: 0.5,
         }
     }
 }
@@ -203,6 +217,13 @@ impl PolicyConfig {
     #[must_use]
     pub fn with_stall_rounds(mut self, rounds: u32) -> Self {
         self.stall_rounds = rounds;
+        self
+    }
+
+    /// Sets [`switch_ratio`](Self::switch_ratio) (above 1: never early).
+    #[must_use]
+    pub fn with_switch_ratio(mut self, ratio: f64) -> Self {
+        self.switch_ratio = ratio;
         self
     }
 }
@@ -251,6 +272,48 @@ impl ConvergencePolicy {
     /// The settings.
     pub fn config(&self) -> &PolicyConfig {
         &self.config
+    }
+
+    /// Why pre-copy cannot reach the target at the rate the rounds shrink
+    /// (see [`PolicyConfig::switch_ratio`]); `None` when it can, or when the
+    /// fallback is to freeze.
+    fn cannot_converge(&self, s: &RoundStats, bw: f64) -> Option<String> {
+        if self.config.fallback == Fallback::Freeze || s.dirty_bytes == 0 {
+            return None;
+        }
+        // What a round leaves of what it sent: measured by the round itself
+        // after the first (round 0 sent everything, whatever was dirty:
+        // there, the dirty rate over the bandwidth). Not smoothed, so a
+        // throttle shows in the next round.
+        let shrink = if s.round > 0 && s.bytes_sent >= 1 << 20 {
+            s.dirty_bytes as f64 / s.bytes_sent as f64
+        } else {
+            self.estimate.dirty_rate_bps / bw
+        };
+        if shrink < self.config.switch_ratio {
+            return None;
+        }
+        // The dirty bytes a freeze within the target could send.
+        let room = self
+            .config
+            .downtime_target
+            .saturating_sub(self.config.fixed_freeze_cost)
+            .as_secs_f64()
+            * bw
+            - s.queued_bytes as f64;
+        let rounds = if shrink >= 1.0 || room <= 0.0 {
+            f64::INFINITY
+        } else {
+            ((room / s.dirty_bytes as f64).ln() / shrink.ln()).max(0.0)
+        };
+        (rounds > f64::from(self.config.stall_rounds)).then(|| {
+            format!(
+                "pre-copy cannot reach the target: a round leaves {:.0}% of what it sent, {:.1} more rounds needed (more than {})",
+                shrink * 100.0,
+                rounds,
+                self.config.stall_rounds
+            )
+        })
     }
 
     fn fallback(&mut self, throttle_refused: bool) -> Decision {
@@ -333,6 +396,8 @@ impl Policy for ConvergencePolicy {
         self.last_dirty = Some(s.dirty_bytes);
         let why = if s.round + 1 >= self.config.max_rounds {
             Some(format!("round limit {} reached", self.config.max_rounds))
+        } else if let Some(early) = self.cannot_converge(s, bw) {
+            Some(early)
         } else if self.stalled >= self.config.stall_rounds {
             Some(format!(
                 "not converging: {} rounds in a row left more than {:.0}% of the previous round's dirty bytes",
@@ -484,6 +549,89 @@ mod tests {
             }
             assert_eq!(last, want);
         }
+    }
+
+    #[test]
+    fn hybrid_switches_once_the_rounds_cannot_reach_the_target() {
+        let hybrid =
+            || ConvergencePolicy::new(PolicyConfig::default().with_fallback(Fallback::Postcopy));
+        // Hot memory: 1 GiB in 1.5 s (716 MB/s) while 680 MB got dirty
+        // (453 MB/s, 63% of the bandwidth). At that ratio 680 MB needs 11
+        // rounds to shrink to the 3.6 MB a 5 ms freeze sends: switch now,
+        // not after three stalled rounds.
+        let mut p = hybrid();
+        assert_eq!(
+            p.decide(&round(0, 1 << 30, 1500, 680 << 20), false),
+            Decision::Postcopy
+        );
+        assert!(
+            p.explain().contains("cannot reach the target"),
+            "{}",
+            p.explain()
+        );
+        // The same rounds with the freeze fallback go on: an early freeze
+        // would only be longer.
+        let mut f = ConvergencePolicy::default();
+        assert_eq!(
+            f.decide(&round(0, 1 << 30, 1500, 680 << 20), false),
+            Decision::Continue
+        );
+        // Round 0 left little; round 1 left 63% of what it sent: switch.
+        let mut q = hybrid();
+        assert_eq!(
+            q.decide(&round(0, 1 << 30, 1500, 200 << 20), false),
+            Decision::Continue
+        );
+        assert_eq!(
+            q.decide(&round(1, 200 << 20, 280, 126 << 20), false),
+            Decision::Postcopy
+        );
+        // A cool program converges in pre-copy: 100 MB/s against 716.
+        let mut c = hybrid();
+        let mut decisions = vec![c.decide(&round(0, 1 << 30, 1500, 150 << 20), false)];
+        decisions.push(c.decide(&round(1, 150 << 20, 210, 21 << 20), false));
+        decisions.push(c.decide(&round(2, 21 << 20, 30, 3 << 20), false));
+        assert_eq!(
+            decisions,
+            [Decision::Continue, Decision::Continue, Decision::Freeze]
+        );
+        // A round that leaves 60% of a little: two more rounds reach the
+        // target, within `stall_rounds`: another round.
+        let mut l = hybrid();
+        l.decide(&round(0, 1 << 30, 1500, 16 << 20), false);
+        assert_eq!(
+            l.decide(&round(1, 16 << 20, 22, 9 << 20), false),
+            Decision::Continue,
+            "{}",
+            l.explain()
+        );
+    }
+
+    #[test]
+    fn auto_converge_throttles_harder_each_round_then_freezes() {
+        let mut p =
+            ConvergencePolicy::new(PolicyConfig::default().with_fallback(Fallback::Throttle));
+        let mut asked = Vec::new();
+        // A program that never slows down: 300 MB dirty per 300 MB sent.
+        for r in 0..10 {
+            match p.decide(&round(r, 300 << 20, 400, 300 << 20), false) {
+                Decision::Throttle { percent } => asked.push(percent),
+                Decision::Freeze => break,
+                d => panic!("round {r}: {d:?}"),
+            }
+        }
+        assert_eq!(asked, [50, 25, 12, 10]);
+        // A program that refuses: freeze at once, the rounds end.
+        let mut r =
+            ConvergencePolicy::new(PolicyConfig::default().with_fallback(Fallback::Throttle));
+        assert!(matches!(
+            r.decide(&round(0, 300 << 20, 400, 300 << 20), false),
+            Decision::Throttle { .. }
+        ));
+        assert_eq!(
+            r.decide(&round(1, 300 << 20, 400, 300 << 20), true),
+            Decision::Freeze
+        );
     }
 
     #[test]

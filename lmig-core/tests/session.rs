@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lmig_core::model::{PageRun, ProgramState, RegionId, RegionInfo, RegionLayout};
-use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
+use lmig_core::policy::{ConvergencePolicy, Decision, Fallback, PolicyConfig};
 use lmig_core::protocol::{Message, PageBatch, PageData, Verification};
 use lmig_core::session::{Destination, Mode, Source, SourceConfig};
 use lmig_core::testing::{Cut, CutChannel, MarkTracker, NullProgram, VecMemory, channel_pair};
@@ -364,22 +364,6 @@ fn throttle_fallback_asks_the_program() {
     let (a, b) = channel_pair(1);
     let tracker = MarkTracker::new(&layout);
     // Dirty the whole region after every collect: never converges.
-    struct AlwaysDirty(MarkTracker, RegionLayout);
-    impl lmig_core::DirtyTracker for AlwaysDirty {
-        fn name(&self) -> &'static str {
-            "always dirty"
-        }
-        fn start(&mut self) -> lmig_core::Result<()> {
-            self.0.start()
-        }
-        fn collect(&mut self, dirty: &mut lmig_core::model::RegionPages) -> lmig_core::Result<()> {
-            *dirty = lmig_core::model::RegionPages::full(&self.1);
-            Ok(())
-        }
-        fn stop(&mut self) -> lmig_core::Result<()> {
-            self.0.stop()
-        }
-    }
     let mut prog = Throttled {
         inner: NullProgram::default(),
         asked: Vec::new(),
@@ -408,6 +392,127 @@ fn throttle_fallback_asks_the_program() {
     );
     assert_eq!(r.verification, Verification::Verified);
     assert_eq!(dst.snapshot(RegionId(1)), src.snapshot(RegionId(1)));
+}
+
+/// Dirties every page after every collect: pre-copy never converges.
+struct AlwaysDirty(MarkTracker, RegionLayout);
+
+impl lmig_core::DirtyTracker for AlwaysDirty {
+    fn name(&self) -> &'static str {
+        "always dirty"
+    }
+    fn start(&mut self) -> lmig_core::Result<()> {
+        self.0.start()
+    }
+    fn collect(&mut self, dirty: &mut lmig_core::model::RegionPages) -> lmig_core::Result<()> {
+        *dirty = lmig_core::model::RegionPages::full(&self.1);
+        Ok(())
+    }
+    fn stop(&mut self) -> lmig_core::Result<()> {
+        self.0.stop()
+    }
+}
+
+/// A program that refuses to be throttled (auto-converge): the migration
+/// still ends, frozen right after the refusal, verified.
+#[test]
+fn refused_throttle_never_stalls_the_migration() {
+    struct Refuses {
+        inner: NullProgram,
+        asked: Vec<u8>,
+    }
+    impl lmig_core::StateSource for Refuses {
+        fn pause(&mut self) -> lmig_core::Result<()> {
+            self.inner.pause()
+        }
+        fn resume(&mut self) -> lmig_core::Result<()> {
+            self.inner.resume()
+        }
+        fn throttle(&mut self, percent: u8) -> bool {
+            self.asked.push(percent);
+            false
+        }
+    }
+    let layout = layout();
+    let src = filled_memory(&layout);
+    let dst = VecMemory::empty();
+    let (a, b) = channel_pair(1);
+    let tracker = MarkTracker::new(&layout);
+    let mut prog = Refuses {
+        inner: NullProgram::default(),
+        asked: Vec::new(),
+    };
+    let policy = ConvergencePolicy::new(
+        PolicyConfig::default()
+            .with_downtime_target(Duration::from_nanos(1))
+            .with_fallback(Fallback::Throttle),
+    );
+    let r = std::thread::scope(|s| {
+        let d = s.spawn(|| Destination::new(&b, &dst, NullProgram::default()).run());
+        let r = Source::new(&a, &src, AlwaysDirty(tracker, layout.clone()), &mut prog)
+            .with_policy(policy)
+            .run();
+        d.join().unwrap().unwrap();
+        r
+    })
+    .unwrap();
+    // Asked once (pre-copy cannot converge: every page dirty again),
+    // refused, and from the next decision on the policy freezes (more
+    // rounds only while the destination has not said `Prepared`), far
+    // below the 30-round limit.
+    assert_eq!(prog.asked, [50], "{:?}", r.decisions);
+    assert_eq!(r.decisions[0], Decision::Throttle { percent: 50 });
+    assert!(
+        r.decisions[1..].iter().all(|d| *d == Decision::Freeze) && r.decisions.len() >= 2,
+        "{:?}",
+        r.decisions
+    );
+    assert!(r.rounds < 30, "{:?}", r.decisions);
+    assert_eq!(prog.inner.paused, 1);
+    assert_eq!(r.verification, Verification::Verified);
+    assert_eq!(dst.snapshot(RegionId(1)), src.snapshot(RegionId(1)));
+}
+
+/// Hybrid mode with the default policy (no `with_policy`) switches to
+/// post-copy when the rounds cannot converge, at once rather than after
+/// three stalled rounds. The in-memory sink cannot serve faults: the
+/// destination refuses post-copy and the source serves on, after the
+/// `Postcopy` decision the observer saw.
+#[test]
+fn hybrid_with_the_default_policy_switches() {
+    let layout = layout();
+    let src = filled_memory(&layout);
+    let dst = VecMemory::empty();
+    let (a, b) = channel_pair(1);
+    let tracker = MarkTracker::new(&layout);
+    let mut prog = NullProgram::default();
+    let decisions = std::sync::Mutex::new(Vec::new());
+    let observer = |e: &lmig_core::traits::Event| {
+        if let lmig_core::traits::Event::Decision(d) = e {
+            decisions.lock().unwrap().push(*d);
+        }
+    };
+    let config = SourceConfig::default().with_mode(Mode::Hybrid);
+    let (s_res, d_res) = std::thread::scope(|s| {
+        let d = s.spawn(|| Destination::new(&b, &dst, NullProgram::default()).run());
+        let r = Source::new(&a, &src, AlwaysDirty(tracker, layout.clone()), &mut prog)
+            .with_config(config)
+            .with_observer(observer)
+            .run();
+        (r, d.join().unwrap())
+    });
+    assert!(
+        matches!(d_res, Err(MigrationError::Unsupported { .. })),
+        "{d_res:?}"
+    );
+    assert!(s_res.unwrap_err().source_may_run());
+    // From round 0 on (more rounds only while the destination has not
+    // said `Prepared`).
+    let decisions = decisions.into_inner().unwrap();
+    assert!(
+        !decisions.is_empty() && decisions.iter().all(|d| *d == Decision::Postcopy),
+        "{decisions:?}"
+    );
 }
 
 /// A destination that places slowly: the source waits for it to catch up

@@ -8,7 +8,13 @@
 //! migration through kvd's admin socket at P % of round 0 (`cancelled`,
 //! `source_serving`, `conns_broken`, `requests_failed`, `cancel_ms`: cancel
 //! sent to kvd's line saying it runs again; `cancel_answered_ms`: to the
-//! final answer, after the session's cleanup).
+//! final answer, after the session's cleanup). The clients' p99 per phase:
+//! `baseline_p99_ms` (the last 2 s before the migration; the warm-up is
+//! 3 s), `precopy_p99_ms` (requests sent during the rounds and answered
+//! before the pause), `postcopy_p99_ms` (sent from `Commit` to the last
+//! missing page; null without post-copy).
+
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -118,6 +124,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         queued_mib: args.queued_mib,
         cancel_at_pct: args.cancel_at_pct,
         bandwidth_mbps: args.bandwidth_mbps,
+        // The baseline (`baseline_p99_ms`) is the last seconds of the
+        // warm-up: the first second after connecting is left out.
+        warmup: scenario::phases::BASELINE_WINDOW + Duration::from_secs(1),
         ..Options::new(&args.mode, args.mib, args.conns)?
     };
     let r = scenario::run(&opts)?;
@@ -221,6 +230,21 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "destination_keys": r.destination_keys,
     });
     if let (Some(all), serde_json::Value::Object(more)) = (figures.as_object_mut(), cancel) {
+        all.extend(more);
+    }
+    // The clients' p99 per phase (issue 22 item 8): before the migration,
+    // in the pre-copy rounds, from `Commit` to the last missing page.
+    let p = r.phases;
+    let phases = json!({
+        "baseline_p99_ms": p.baseline_p99_ms.map(|ms| round(ms, 2)),
+        "precopy_p99_ms": p.precopy_p99_ms.map(|ms| round(ms, 2)),
+        "postcopy_p99_ms": p.postcopy_p99_ms.map(|ms| round(ms, 2)),
+        // kvd's own view: the time its loop's pass took, per request
+        // answered, before the migration and in pre-copy.
+        "kvd_baseline_p99_ms": s.and_then(|s| s.kvd_baseline_p99_ms),
+        "kvd_precopy_p99_ms": s.and_then(|s| s.kvd_precopy_p99_ms),
+    });
+    if let (Some(all), serde_json::Value::Object(more)) = (figures.as_object_mut(), phases) {
         all.extend(more);
     }
     out.emit(&figures);

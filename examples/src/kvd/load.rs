@@ -41,6 +41,34 @@ pub struct LoadReport {
     pub started: Option<Instant>,
     /// The slowest requests: `(connection, sent ms after start, latency ms)`.
     pub slowest: Vec<(usize, f64, f64)>,
+    /// Every request: `(sent ms after start, latency ms)`, in the order
+    /// the replies came (a request still outstanding at the end last, with
+    /// the time it waited): for percentiles over a window
+    /// ([`LoadReport::p99_sent_between`]).
+    pub samples: Vec<(f32, f32)>,
+}
+
+impl LoadReport {
+    /// The 99th percentile latency (ms) of the requests sent from `from_ms`
+    /// to before `to_ms` (ms after [`LoadReport::started`]) and answered by
+    /// `answered_by_ms` at the latest; `None` when no request qualifies.
+    pub fn p99_sent_between(&self, from_ms: f64, to_ms: f64, answered_by_ms: f64) -> Option<f64> {
+        let mut window: Vec<f32> = self
+            .samples
+            .iter()
+            .filter(|&&(sent, lat)| {
+                let (sent, lat) = (f64::from(sent), f64::from(lat));
+                sent >= from_ms && sent < to_ms && sent + lat <= answered_by_ms
+            })
+            .map(|&(_, lat)| lat)
+            .collect();
+        if window.is_empty() {
+            return None;
+        }
+        window.sort_by(f32::total_cmp);
+        let at = ((window.len() as f64 * 0.99) as usize).min(window.len() - 1);
+        Some(f64::from(window[at]))
+    }
 }
 
 struct Client {
@@ -162,6 +190,9 @@ pub fn run(
                 let sent = c.sent_at.take().unwrap_or_else(Instant::now);
                 let lat = sent.elapsed().as_secs_f64() * 1e3;
                 latencies.push(lat as f32);
+                report
+                    .samples
+                    .push((((sent - start).as_secs_f64() * 1e3) as f32, lat as f32));
                 if report.slowest.len() < 8 || lat > report.slowest[7].2 {
                     report
                         .slowest
@@ -206,7 +237,10 @@ pub fn run(
     // A request still outstanding at the end counts in the stall if it waited long.
     for c in clients.values() {
         if let Some(sent) = c.sent_at {
-            latencies.push((sent.elapsed().as_secs_f64() * 1e3) as f32);
+            let lat = (sent.elapsed().as_secs_f64() * 1e3) as f32;
+            latencies.push(lat);
+            let at = ((sent - start).as_secs_f64() * 1e3) as f32;
+            report.samples.push((at, lat));
         }
     }
     report.conns_broken = clients.values().filter(|c| c.broken).count();

@@ -51,8 +51,11 @@ impl Dirtier {
     /// Dirty `mbps` MB/s of scratch pages of `store` until stopped.
     pub fn run(&self, store: &Store<'_>, mbps: f64) {
         self.percent.store(100, Ordering::SeqCst);
-        let start = Instant::now();
-        let mut done = 0f64;
+        // Pages owed: grows at the rate of the moment (a throttle slows it
+        // from then on, never retroactively), at most 50 ms of it at once
+        // (after a pause nothing is made up).
+        let mut at = Instant::now();
+        let mut owed = 0f64;
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut stamp = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
@@ -62,18 +65,21 @@ impl Dirtier {
                     std::thread::sleep(Duration::from_micros(200));
                 }
                 self.paused.store(false, Ordering::SeqCst);
+                at = Instant::now();
                 continue;
             }
             let rate =
                 mbps * 1e6 / 4096.0 * f64::from(self.percent.load(Ordering::Relaxed)) / 100.0;
-            let target = start.elapsed().as_secs_f64() * rate;
-            while done < target {
+            let now = Instant::now();
+            owed = (owed + (now - at).as_secs_f64() * rate).min(rate * 0.05);
+            at = now;
+            while owed >= 1.0 {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
                 stamp += 1;
                 store.dirty_scratch_page(seed, stamp);
-                done += 1.0;
+                owed -= 1.0;
             }
             std::thread::sleep(Duration::from_micros(500));
         }
@@ -147,17 +153,20 @@ impl StateSource for KvdProgram {
             d.percent.store(100, Ordering::SeqCst);
             d.pause.store(false, Ordering::SeqCst);
         }
+        self.control.counters.pace.throttle(100);
         Ok(())
     }
 
+    /// Auto-converge: the background dirtier writes at `percent` % of its
+    /// rate, and the loop runs at most that share of the time (a bounded
+    /// sleep after each pass, [`super::pace::LoopPace`]): the clients'
+    /// writes slow down too.
     fn throttle(&mut self, percent: u8) -> bool {
-        match &self.dirtier {
-            Some(d) => {
-                d.percent.store(percent, Ordering::SeqCst);
-                true
-            }
-            None => false,
+        if let Some(d) = &self.dirtier {
+            d.percent.store(percent, Ordering::SeqCst);
         }
+        self.control.counters.pace.throttle(percent);
+        true
     }
 
     fn committed(&mut self) {
@@ -305,8 +314,12 @@ pub fn migrate_out(
         lowers_priority: opts.mode == Mode::Precopy,
     };
     let sockets = ProgramSockets::new(kvd_loop, net_config());
+    // Hybrid switches to post-copy when the rounds cannot converge;
+    // pre-copy throttles kvd (auto-converge, harder each round) and freezes
+    // when that is not enough.
     let fallback = match opts.mode {
         Mode::Hybrid => Fallback::Postcopy,
+        Mode::Precopy => Fallback::Throttle,
         _ => Fallback::Freeze,
     };
     let policy = ConvergencePolicy::new(
@@ -314,6 +327,9 @@ pub fn migrate_out(
             .with_downtime_target(opts.downtime)
             .with_fallback(fallback),
     );
+    // The rounds' senders yield the CPU to the loop (LMIG_KVD_YIELD=0: they
+    // do not, to compare).
+    let yield_to_loop = std::env::var_os("LMIG_KVD_YIELD").is_none_or(|v| v != "0");
     // Post-copy: a parked request for a page already pushed is answered
     // again on the urgent lane instead of waiting behind the push (the
     // copy that comes second is dropped at the destination).
@@ -321,7 +337,8 @@ pub fn migrate_out(
         .with_resend_in_flight(true)
         .with_mode(opts.mode)
         .with_max_freeze(opts.max_freeze)
-        .with_bandwidth_limit(opts.bandwidth);
+        .with_bandwidth_limit(opts.bandwidth)
+        .with_yield_to_program(yield_to_loop);
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)
         .with_config(config)

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod load;
 pub mod migrate;
 pub mod operator;
+pub mod pace;
 pub mod park;
 pub mod resp;
 pub mod security;

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,8 @@ use serde_json::json;
 use super::admin::{AdminCommand, AdminHandler, COMMANDS, MigrateRequest};
 use super::cli::POPULATE_VALUE_LEN;
 use super::migrate::{Dirtier, MigrateOptions, migrate_out};
-use super::server::{Control, POSTCOPY_PAUSED};
+use super::pace::PassHistogram;
+use super::server::{Control, Counters, POSTCOPY_PAUSED};
 use super::store::Store;
 use crate::common::clock::{mono_ns, now_mono_ns};
 use crate::figures::{
@@ -310,6 +311,9 @@ impl ServingAdmin {
         let watch = Watch {
             out: out.try_clone().ok().map(Mutex::new),
             freeze: Mutex::new((None, None)),
+            counters: self.control.counters.clone(),
+            loop_before: self.control.counters.pace.snapshot(),
+            loop_at_freeze: Mutex::new(None),
         };
         let over = AtomicBool::new(false);
         let r = std::thread::scope(|s| {
@@ -356,6 +360,12 @@ struct Watch {
     out: Option<Mutex<UnixStream>>,
     /// The pause and the program resumed after an abort.
     freeze: Mutex<(Option<Instant>, Option<Instant>)>,
+    /// The loop's counters: its pass times ([`super::pace::LoopPace`]).
+    counters: Arc<Counters>,
+    /// The loop's pass times when `migrate` arrived ...
+    loop_before: PassHistogram,
+    /// ... and at the freeze.
+    loop_at_freeze: Mutex<Option<PassHistogram>>,
 }
 
 impl Watch {
@@ -365,7 +375,14 @@ impl Watch {
             Event::Phase {
                 phase: Phase::Frozen,
                 at,
-            } => f.0 = Some(*at),
+            } => {
+                f.0 = Some(*at);
+                let at_freeze = self.counters.pace.snapshot();
+                *self
+                    .loop_at_freeze
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(at_freeze);
+            }
             Event::Phase {
                 phase: Phase::Aborted,
                 at,
@@ -414,7 +431,16 @@ fn answer(
 ) -> (serde_json::Value, KvdEvent, bool) {
     match r {
         Ok(rep) => {
-            let f = source_figures(rep, started, t0);
+            let mut f = source_figures(rep, started, t0);
+            // kvd's own service time before the migration and in pre-copy.
+            let before = &watch.loop_before;
+            f.kvd_baseline_p99_ms = before.p99_ms_since(&PassHistogram::default());
+            let at_freeze = watch
+                .loop_at_freeze
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            f.kvd_precopy_p99_ms = at_freeze.and_then(|h| h.p99_ms_since(before));
             (
                 json!(MigrateLine::Migrated(f.clone())),
                 KvdEvent::MigratedOut(f),

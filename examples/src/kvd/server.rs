@@ -115,6 +115,8 @@ pub struct Counters {
     pub clients: AtomicU64,
     /// Requests parked in post-copy until their key's pages came.
     pub parked: AtomicU64,
+    /// Pass times and the migration's throttle.
+    pub pace: super::pace::LoopPace,
 }
 
 /// Handle to control a running loop from another thread.
@@ -424,6 +426,9 @@ impl Server {
                 let served = self.control.counters.requests.load(Ordering::Relaxed);
                 s.after_poll(at, events.iter().count(), served, self.parked());
             }
+            let timer = super::pace::PassTimer::start(
+                self.control.counters.requests.load(Ordering::Relaxed),
+            );
             let pass = (traced > 0).then(|| {
                 let served = self.control.counters.requests.load(Ordering::Relaxed);
                 (std::time::Instant::now(), served)
@@ -442,6 +447,8 @@ impl Server {
                     Token(t) => self.serve(t as u64, store),
                 }
             }
+            let counters = &self.control.counters;
+            timer.done(&counters.pace, counters.requests.load(Ordering::Relaxed));
             if let Some((at, served)) = pass {
                 traced -= 1;
                 eprintln!(

@@ -19,6 +19,7 @@ use crate::kvd::load::{self, KeyCheck, LoadReport};
 
 pub mod external;
 mod kvd;
+pub mod phases;
 pub mod queued;
 mod timeline;
 mod tls;
@@ -194,6 +195,8 @@ pub struct Report {
     pub client_stall_ms: f64,
     /// 99th percentile request latency.
     pub client_p99_ms: f64,
+    /// The same before the migration, during pre-copy and during post-copy.
+    pub phases: phases::PhaseLatency,
     /// The load generator's view.
     pub load: LoadReport,
     /// The source kvd's migration figures (when it committed).
@@ -566,6 +569,12 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     }
     report.client_stall_ms = load.max_latency_ms;
     report.client_p99_ms = load.client_p99();
+    report.phases = phases::PhaseLatency::measure(
+        &load,
+        report.source.as_ref(),
+        report.destination.as_ref(),
+        opts.warmup.min(phases::BASELINE_WINDOW),
+    );
     if let Some(path) = &opts.svg {
         timeline::draw(
             path,

@@ -22,7 +22,7 @@ use super::pace::Meter;
 use super::{contain, send_abort};
 use crate::error::{MigrationError, Result};
 use crate::model::{RegionLayout, RegionPages};
-use crate::policy::{ConvergencePolicy, Decision, Policy, RoundStats};
+use crate::policy::{ConvergencePolicy, Decision, Fallback, Policy, PolicyConfig, RoundStats};
 use crate::protocol::{CHUNK_PAGES, Message, Verification};
 use crate::traits::{
     Channel, DirtyTracker, Event, MemorySource, NoObserver, NoSockets, Observer, Phase,
@@ -43,7 +43,11 @@ pub enum Mode {
     #[default]
     Precopy,
     /// Pre-copy rounds; when the policy says `Postcopy` (rounds stop
-    /// converging), switch to post-copy for the pages still dirty.
+    /// converging), switch to post-copy for the pages still dirty. The
+    /// default policy then falls back to post-copy
+    /// ([`Fallback::Postcopy`](crate::policy::Fallback::Postcopy)), which
+    /// it does as soon as its estimate says the rounds cannot reach the
+    /// target ([`PolicyConfig::switch_ratio`]).
     Hybrid,
     /// No rounds: freeze at once, resume at the destination, send every page after.
     Postcopy,
@@ -110,6 +114,12 @@ pub struct SourceConfig {
     /// it applies to. A token bucket: cheap (one atomic load per message)
     /// when there is no limit.
     pub bandwidth_limit: u64,
+    /// The threads sending the pre-copy rounds ask the memory to lower
+    /// their priority ([`MemorySource::background_thread`]): on a busy
+    /// host the program's own threads (its event loop answering clients)
+    /// then get a CPU first, and the rounds take the CPU it leaves. The
+    /// freeze and post-copy are not affected. Default false.
+    pub yield_to_program: bool,
 }
 
 impl SourceConfig {
@@ -134,6 +144,7 @@ impl Default for SourceConfig {
             catch_up_timeout: Duration::from_millis(500),
             max_freeze: None,
             bandwidth_limit: 0,
+            yield_to_program: false,
         }
     }
 }
@@ -199,6 +210,13 @@ impl SourceConfig {
     #[must_use]
     pub fn with_resend_in_flight(mut self, on: bool) -> Self {
         self.resend_in_flight = on;
+        self
+    }
+
+    /// Set [`Self::yield_to_program`].
+    #[must_use]
+    pub fn with_yield_to_program(mut self, on: bool) -> Self {
+        self.yield_to_program = on;
         self
     }
 }
@@ -300,6 +318,38 @@ impl SourceReport {
     pub fn freeze(&self) -> Duration {
         self.commit_at - self.paused_at
     }
+
+    /// A report of nothing done yet, every time at `start`.
+    fn starting(mode: Mode, tracker: &'static str, start: Instant) -> Self {
+        Self {
+            mode,
+            rounds: 0,
+            round_stats: Vec::new(),
+            decisions: Vec::new(),
+            switched_to_postcopy: false,
+            policy_reason: String::new(),
+            pages_sent: 0,
+            zero_pages: 0,
+            bytes_sent: 0,
+            freeze_pages: 0,
+            freeze_steps: Vec::new(),
+            postcopy_pages: 0,
+            requested_pages: 0,
+            sockets: 0,
+            queued_bytes: 0,
+            tracker,
+            paused_at: start,
+            ready_at: start,
+            commit_at: start,
+            paused_after: Duration::ZERO,
+            ready_after: Duration::ZERO,
+            commit_after: Duration::ZERO,
+            freeze_time: Duration::ZERO,
+            total: Duration::ZERO,
+            verification: Verification::NotChecked,
+            warnings: Vec::new(),
+        }
+    }
 }
 
 /// The source side of one migration. See the [module docs](super).
@@ -311,6 +361,9 @@ pub struct Source<'a, C, M, T, P, K = NoSockets> {
     program: P,
     sockets: K,
     policy: Box<dyn Policy + 'a>,
+    /// `policy` is the default one (no [`Source::with_policy`]): in hybrid
+    /// mode it falls back to post-copy.
+    default_policy: bool,
     observer: Box<dyn Observer + 'a>,
     config: SourceConfig,
     cancel: CancelHandle,
@@ -347,6 +400,7 @@ where
             program,
             sockets: NoSockets,
             policy: Box::new(ConvergencePolicy::default()),
+            default_policy: true,
             observer: Box::new(NoObserver),
             config: SourceConfig::default(),
             cancel: CancelHandle::default(),
@@ -373,6 +427,7 @@ where
             program: self.program,
             sockets,
             policy: self.policy,
+            default_policy: self.default_policy,
             observer: self.observer,
             config: self.config,
             cancel: self.cancel,
@@ -384,6 +439,7 @@ where
     /// Use this convergence policy.
     pub fn with_policy(mut self, policy: impl Policy + 'a) -> Self {
         self.policy = Box::new(policy);
+        self.default_policy = false;
         self
     }
 
@@ -429,6 +485,11 @@ where
     }
 
     /// Run the migration. See the [module docs](super) for what `Ok` and `Err` mean.
+    ///
+    /// The steps: refuse a program handed over before, everything up to
+    /// `Ready` (`before_commit`), the commit point (`commit`), the
+    /// hand-over to the destination (`hand_over`), post-copy and `Done`
+    /// (`after_commit`), the tracker's teardown, the outcome (`finish`).
     pub fn run(mut self) -> Result<SourceReport> {
         let start = Instant::now();
         let _session =
@@ -436,34 +497,7 @@ where
         info!(tracker = self.tracker.name(), mode = ?self.config.mode, "migration out starts");
         let layout = self.memory.layout();
         self.progress.started(layout.total_pages());
-        let mut report = SourceReport {
-            mode: self.config.mode,
-            rounds: 0,
-            round_stats: Vec::new(),
-            decisions: Vec::new(),
-            switched_to_postcopy: false,
-            policy_reason: String::new(),
-            pages_sent: 0,
-            zero_pages: 0,
-            bytes_sent: 0,
-            freeze_pages: 0,
-            freeze_steps: Vec::new(),
-            postcopy_pages: 0,
-            requested_pages: 0,
-            sockets: 0,
-            queued_bytes: 0,
-            tracker: self.tracker.name(),
-            paused_at: start,
-            ready_at: start,
-            commit_at: start,
-            paused_after: Duration::ZERO,
-            ready_after: Duration::ZERO,
-            commit_after: Duration::ZERO,
-            freeze_time: Duration::ZERO,
-            total: Duration::ZERO,
-            verification: Verification::NotChecked,
-            warnings: Vec::new(),
-        };
+        let mut report = SourceReport::starting(self.config.mode, self.tracker.name(), start);
         // A program handed over before never migrates again: it may run on
         // that destination. The destination hears `Abort` and discards.
         if let Some(confirmed) = self.memory.handed_over() {
@@ -481,15 +515,33 @@ where
             Err(e) => return Err(self.abort(&undo, e)),
         };
         let commit_span = phase_span!("commit");
-        // The commit point: if the frame cannot be written completely, the
-        // destination cannot have it and we may still resume here.
-        if let Err(e) = contain("sending Commit", false, || {
-            // A cancel that arrived first wins; from here on, none has effect.
-            self.cancel.commit()?;
-            self.channel.send(&Message::Commit)
-        }) {
+        if let Err(e) = self.commit(&mut report, start) {
             return Err(self.abort(&undo, e));
         }
+        self.hand_over(&mut report);
+        drop(commit_span);
+        let outcome = contain("after Commit", true, || {
+            self.after_commit(&layout, postcopy, &mut report)
+        });
+        if let Err(e) = contain("stopping the dirty tracker", true, || self.tracker.stop()) {
+            warn!(error = %e, "after Commit: stopping the dirty tracker failed");
+            report
+                .warnings
+                .push(format!("stopping the dirty tracker: {e}"));
+        }
+        report.total = start.elapsed();
+        self.finish(outcome, report)
+    }
+
+    /// The commit point: if the `Commit` frame cannot be written
+    /// completely, the destination cannot have it and we may still resume
+    /// here (the error). A cancel that arrived first wins; from here on,
+    /// none has effect. Records the commit's timestamps in `report`.
+    fn commit(&mut self, report: &mut SourceReport, start: Instant) -> Result<()> {
+        contain("sending Commit", false, || {
+            self.cancel.commit()?;
+            self.channel.send(&Message::Commit)
+        })?;
         report.commit_at = Instant::now();
         report.paused_after = report.paused_at - start;
         report.ready_after = report.ready_at - start;
@@ -499,8 +551,12 @@ where
         // attempt says the program was handed over (unconfirmed until `Done`).
         self.memory.mark_handed_over(false);
         self.phase(Phase::Committed);
-        // From here on the destination owns the program: a failure or a
-        // panic is reported, never undone.
+        Ok(())
+    }
+
+    /// Right after `Commit`: the destination owns the program, so a failure
+    /// or a panic here is reported in `report.warnings`, never undone.
+    fn hand_over(&mut self, report: &mut SourceReport) {
         if let Err(e) = contain("in the program's `committed`", true, || {
             self.program.committed();
             Ok(())
@@ -521,17 +577,15 @@ where
                 .warnings
                 .push(format!("releasing the source sockets: {e}"));
         }
-        drop(commit_span);
-        let outcome = contain("after Commit", true, || {
-            self.after_commit(&layout, postcopy, &mut report)
-        });
-        if let Err(e) = contain("stopping the dirty tracker", true, || self.tracker.stop()) {
-            warn!(error = %e, "after Commit: stopping the dirty tracker failed");
-            report
-                .warnings
-                .push(format!("stopping the dirty tracker: {e}"));
-        }
-        report.total = start.elapsed();
+    }
+
+    /// The session's outcome once `after_commit` returned: `Done` came
+    /// (the source memory is released), or the commit stays unconfirmed.
+    fn finish(
+        &mut self,
+        outcome: Result<Verification>,
+        mut report: SourceReport,
+    ) -> Result<SourceReport> {
         match outcome {
             Ok(verification) => {
                 report.verification = verification;
@@ -568,6 +622,10 @@ where
         undo: &mut Undo,
         report: &mut SourceReport,
     ) -> Result<RegionPages> {
+        if self.default_policy && self.config.mode == Mode::Hybrid {
+            let config = PolicyConfig::default().with_fallback(Fallback::Postcopy);
+            self.policy = Box::new(ConvergencePolicy::new(config));
+        }
         let mut ready = self.setup(layout, undo)?;
         let rounds = self.precopy(layout, undo, report, &mut ready)?;
         self.freeze(layout, undo, report, rounds)

@@ -246,6 +246,7 @@ where
         let sent = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
             .stopping_on(&stop)
             .metered(&self.meter, true)
+            .in_background(self.config.yield_to_program)
             .send_set(&rounds.to_send, round, first)?;
         let dirty = &mut rounds.dirty;
         dirty.clear();
@@ -382,6 +383,8 @@ pub(super) struct PageLanes<'a, M, C> {
     stop: Option<&'a (dyn Fn() -> Result<()> + Sync)>,
     /// Counts what goes out; the flag: keep to its bandwidth limit.
     meter: Option<(&'a Meter, bool)>,
+    /// Each lane thread calls [`MemorySource::background_thread`] first.
+    background: bool,
 }
 
 impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
@@ -393,7 +396,15 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             batch: batch.clamp(1, CHUNK_PAGES),
             stop: None,
             meter: None,
+            background: false,
         }
+    }
+
+    /// Send from threads of their own that lower their priority first
+    /// ([`MemorySource::background_thread`]), one lane included.
+    pub(super) fn in_background(mut self, on: bool) -> Self {
+        self.background = on;
+        self
     }
 
     /// Count what goes out in `meter`; when `paced`, keep to its bandwidth
@@ -428,7 +439,9 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
         first: FirstRound<'_>,
     ) -> Result<Sent> {
         let lanes = self.channel.data_lanes().max(1);
-        if lanes == 1 {
+        // One lane runs on the calling thread, unless its priority is to
+        // drop (a thread of its own then, whose priority dies with it).
+        if lanes == 1 && !self.background {
             let sent = self.send_lane(set, round, first, 0, 1)?;
             self.channel.flush()?;
             return Ok(sent);
@@ -436,7 +449,12 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
         let sent = std::thread::scope(|s| {
             let mut handles = Vec::with_capacity(lanes);
             for lane in 0..lanes {
-                let job = move || self.send_lane(set, round, first, lane, lanes);
+                let job = move || {
+                    if self.background {
+                        self.memory.background_thread();
+                    }
+                    self.send_lane(set, round, first, lane, lanes)
+                };
                 handles.push(spawn_named(s, format!("lmig-lane{lane}"), job)?);
             }
             let mut total = Sent::default();

@@ -1,0 +1,156 @@
+//! kvd's loop as the migration sees it: how long its passes take (its own
+//! service latency, per request) and the throttle auto-converge asks for
+//! (`StateSource::throttle`): after each pass the loop sleeps so that it
+//! runs at most the asked percentage of the time, a bounded sleep per pass.
+
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Buckets of the pass histogram: pass times up to 2^(BUCKETS-1) µs (the
+/// last bucket holds everything longer, about a second and more).
+const BUCKETS: usize = 21;
+/// The longest sleep after one pass, however hard the throttle.
+pub const MAX_THROTTLE_SLEEP: Duration = Duration::from_millis(2);
+/// The hardest throttle the loop accepts: it runs at least this
+/// percentage of the time.
+pub const MIN_PERCENT: u8 = 10;
+
+/// The loop's pass times and its throttle, shared with the migration.
+#[derive(Debug, Default)]
+pub struct LoopPace {
+    /// Requests by the time the pass that answered them took: bucket `i`
+    /// holds passes of less than 2^i µs (and at least 2^(i-1)).
+    passes: [AtomicU64; BUCKETS],
+    /// The throttle: the loop runs this percentage of the time; 0 (the
+    /// default) or 100: not throttled.
+    percent: AtomicU8,
+}
+
+/// A copy of the histogram at one moment ([`LoopPace::snapshot`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PassHistogram([u64; BUCKETS]);
+
+impl PassHistogram {
+    /// The 99th percentile of the requests answered between `earlier` and
+    /// this snapshot, in ms (the upper bound of its bucket: a power of two
+    /// in µs); `None` when no request was answered in between.
+    pub fn p99_ms_since(&self, earlier: &PassHistogram) -> Option<f64> {
+        let diff: Vec<u64> = (0..BUCKETS)
+            .map(|i| self.0[i].saturating_sub(earlier.0[i]))
+            .collect();
+        let total: u64 = diff.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        // The first bucket holding the request at rank ⌈0.99 total⌉.
+        let rank = total - total / 100;
+        let mut seen = 0;
+        let at = diff
+            .iter()
+            .position(|&n| {
+                seen += n;
+                seen >= rank
+            })
+            .unwrap_or(BUCKETS - 1);
+        Some((1u64 << at) as f64 / 1e3)
+    }
+}
+
+impl LoopPace {
+    /// A pass that answered `requests` requests took `took`; then sleep
+    /// as the throttle says (at most [`MAX_THROTTLE_SLEEP`]).
+    pub fn pass_done(&self, took: Duration, requests: u64) {
+        if requests > 0 {
+            let us = took.as_micros().max(1) as u64;
+            // Less than 2^i µs: i = bits of `us`.
+            let i = ((u64::BITS - us.leading_zeros()) as usize).min(BUCKETS - 1);
+            self.passes[i].fetch_add(requests, Ordering::Relaxed);
+        }
+        let percent = self.percent.load(Ordering::Relaxed);
+        if percent == 0 || percent >= 100 {
+            return;
+        }
+        // Running `percent` % of the time: a pass of `took` is followed by
+        // `took × (100 − p) / p` of sleep.
+        let sleep = took.mul_f64(f64::from(100 - percent) / f64::from(percent));
+        std::thread::sleep(sleep.min(MAX_THROTTLE_SLEEP));
+    }
+
+    /// Throttle the loop to `percent` % of the time (clamped to
+    /// [`MIN_PERCENT`]..=100; 100 lifts it).
+    pub fn throttle(&self, percent: u8) {
+        self.percent
+            .store(percent.clamp(MIN_PERCENT, 100), Ordering::Relaxed);
+    }
+
+    /// The throttle now (100: none).
+    pub fn percent(&self) -> u8 {
+        match self.percent.load(Ordering::Relaxed) {
+            0 => 100,
+            p => p,
+        }
+    }
+
+    /// The histogram now.
+    pub fn snapshot(&self) -> PassHistogram {
+        PassHistogram(std::array::from_fn(|i| {
+            self.passes[i].load(Ordering::Relaxed)
+        }))
+    }
+}
+
+/// Times a pass of the loop: [`PassTimer::done`] hands it to a [`LoopPace`].
+pub struct PassTimer(Instant, u64);
+
+impl PassTimer {
+    /// A pass starts, `requests` answered so far.
+    pub fn start(requests: u64) -> Self {
+        Self(Instant::now(), requests)
+    }
+
+    /// The pass ended with `requests` answered so far.
+    pub fn done(self, pace: &LoopPace, requests: u64) {
+        pace.pass_done(self.0.elapsed(), requests.saturating_sub(self.1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p99_of_a_window_by_requests() {
+        let pace = LoopPace::default();
+        let before = pace.snapshot();
+        assert_eq!(pace.snapshot().p99_ms_since(&before), None);
+        // 990 requests in 50 µs passes, 10 in one 3 ms pass: the p99 is the
+        // 64 µs bucket; 20 more in the slow bucket make it 4.096 ms.
+        for _ in 0..99 {
+            pace.pass_done(Duration::from_micros(50), 10);
+        }
+        pace.pass_done(Duration::from_millis(3), 10);
+        let mid = pace.snapshot();
+        assert_eq!(mid.p99_ms_since(&before), Some(0.064));
+        pace.pass_done(Duration::from_millis(3), 20);
+        assert_eq!(pace.snapshot().p99_ms_since(&before), Some(4.096));
+        // Only the window counts.
+        assert_eq!(pace.snapshot().p99_ms_since(&mid), Some(4.096));
+    }
+
+    #[test]
+    fn throttle_sleeps_a_bounded_time_per_pass() {
+        let pace = LoopPace::default();
+        assert_eq!(pace.percent(), 100);
+        pace.throttle(0);
+        assert_eq!(pace.percent(), MIN_PERCENT);
+        pace.throttle(50);
+        assert_eq!(pace.percent(), 50);
+        // A pass of 100 ms at 50%: 100 ms of sleep, bounded to 2 ms
+        // (checked from below only: a sleep can be longer on a busy host).
+        let t = Instant::now();
+        pace.pass_done(Duration::from_millis(100), 1);
+        assert!(t.elapsed() >= MAX_THROTTLE_SLEEP);
+        pace.throttle(100);
+        assert_eq!(pace.percent(), 100);
+    }
+}

@@ -1,0 +1,77 @@
+//! The message transport between the two sides.
+
+use std::time::Duration;
+
+use crate::error::{MigrationError, Result};
+use crate::protocol::{Message, PageBatch};
+
+/// Ordered, reliable, authenticated message transport between the two sides.
+///
+/// It has one control lane, `data_lanes()` page lanes (each ordered; pages of
+/// one chunk always use the same lane) and an urgent lane for post-copy.
+/// Methods take `&self` so several threads can send on different lanes.
+pub trait Channel: Send + Sync {
+    /// Send a message on the control lane.
+    fn send(&self, msg: &Message) -> Result<()>;
+
+    /// Send pages on data lane `lane % data_lanes()`.
+    fn send_pages(&self, lane: usize, batch: &PageBatch) -> Result<()> {
+        let _ = lane;
+        self.send(&Message::Pages(batch.clone()))
+    }
+
+    /// Send on the urgent lane (post-copy requests and their replies).
+    fn send_urgent(&self, msg: &Message) -> Result<()> {
+        self.send(msg)
+    }
+
+    /// Number of data lanes.
+    fn data_lanes(&self) -> usize {
+        1
+    }
+
+    /// The IP addresses the channel's connections use, at both ends (the
+    /// source checks none is an address that moves, see
+    /// [`SocketSource::moved_addresses`](super::SocketSource::moved_addresses)). Empty (the default) when the
+    /// channel does not run over IP.
+    fn ip_addresses(&self) -> Vec<std::net::IpAddr> {
+        Vec::new()
+    }
+
+    /// Push out pages a data lane buffered. The session calls it after each
+    /// batch of `send_pages` calls; a channel may hold pages until then.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The next message from any lane; `Ok(None)` when `timeout` passed first
+    /// (`None` waits without limit).
+    fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>>;
+
+    /// Post-copy: the next message of the urgent lane, for a thread that
+    /// serves that lane alone; `Ok(None)` when `timeout` passed first. From
+    /// the first call on, [`Channel::recv`] no longer returns urgent-lane
+    /// messages, so a page request or its reply never waits for a thread
+    /// busy with bulk pages. A broken link is still reported by `recv` (and
+    /// by sends), not here. Channels without a separate urgent receiver
+    /// return [`MigrationError::Unsupported`] and keep delivering urgent
+    /// messages through `recv`.
+    fn recv_urgent(&self, timeout: Duration) -> Result<Option<Message>> {
+        let _ = timeout;
+        Err(MigrationError::Unsupported {
+            feature: "a separate urgent-lane receiver",
+            needs: "a channel with an urgent lane of its own (lmig-transport's channels)",
+        })
+    }
+
+    /// Post-copy recovery: re-establish (and re-authenticate) a broken channel.
+    fn reconnect(&self) -> Result<()> {
+        Err(MigrationError::Unsupported {
+            feature: "channel recovery",
+            needs: "a channel that can reconnect (lmig-transport's TCP channel)",
+        })
+    }
+
+    /// Close the channel; pending `recv` calls return an error.
+    fn shutdown(&self) {}
+}
