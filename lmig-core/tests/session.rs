@@ -492,7 +492,13 @@ fn hybrid_with_the_default_policy_switches() {
             decisions.lock().unwrap().push(*d);
         }
     };
-    let config = SourceConfig::default().with_mode(Mode::Hybrid);
+    // Paced at 50 MB/s: the ~4 MiB always dirty then take ~80 ms a round,
+    // far above the default 2 ms target, however fast this machine copies
+    // (unpaced, an in-memory round can fit the target and the policy rightly
+    // freezes instead).
+    let config = SourceConfig::default()
+        .with_mode(Mode::Hybrid)
+        .with_bandwidth_limit(50_000_000);
     let (s_res, d_res) = std::thread::scope(|s| {
         let d = s.spawn(|| Destination::new(&b, &dst, NullProgram::default()).run());
         let r = Source::new(&a, &src, AlwaysDirty(tracker, layout.clone()), &mut prog)

@@ -64,6 +64,10 @@ pub struct Args {
     /// Noise keyed by a pre-shared key (the default).
     #[arg(long)]
     pub psk: bool,
+    /// Frames in clear after the key's admission (a trusted link only):
+    /// the baseline for what `--psk` and `--tls` cost.
+    #[arg(long, conflicts_with_all = ["psk", "tls"])]
+    pub plaintext_trusted_link: bool,
     /// Bound the freeze (ms): past it kvd aborts and serves on at the
     /// source (`aborted_by_deadline`, `source_serving`).
     #[arg(long)]
@@ -120,6 +124,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         streams: args.streams,
         fault,
         tls: args.tls,
+        plaintext: args.plaintext_trusted_link,
         max_freeze_ms: args.max_freeze_ms,
         queued_mib: args.queued_mib,
         cancel_at_pct: args.cancel_at_pct,
@@ -155,7 +160,13 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "conns": args.conns,
         "mode": args.mode,
         "dirty_mbps": args.dirty_mbps,
-        "security": if args.tls { "tls" } else { "psk" },
+        "security": if args.tls {
+            "tls"
+        } else if args.plaintext_trusted_link {
+            "none"
+        } else {
+            "psk"
+        },
         "cipher": s.map(|s| &s.cipher),
         "freeze_ms": round(r.freeze_ms, 2),
         "client_stall_ms": round(r.client_stall_ms, 2),

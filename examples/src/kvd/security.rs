@@ -9,6 +9,10 @@
 //!   with certificates verified both ways ([`lmig_transport::Security::Tls`]);
 //!   the destination's certificate must name the address the source dials.
 //!   Setting only some of the three is an error.
+//! * With [`PLAINTEXT_ENV`] set to `1`, the key admits each stream and the
+//!   frames then cross in clear
+//!   ([`lmig_transport::Security::PlaintextTrustedLinkOnly`]): only for a
+//!   private, trusted link, and for measuring what encryption costs.
 //!
 //! The cipher the last migration's channel used ([`record_cipher`],
 //! [`last_cipher`]) goes into the source's answer (`cipher`).
@@ -23,6 +27,10 @@ pub const TLS_CERT_ENV: &str = "LMIG_TLS_CERT";
 pub const TLS_KEY_ENV: &str = "LMIG_TLS_KEY";
 /// Path of the CA certificates trusted for the peer's chain (PEM).
 pub const TLS_CA_ENV: &str = "LMIG_TLS_CA";
+
+/// Set to `1`: frames after the admission cross in clear (a trusted link
+/// only). Refused together with certificates.
+pub const PLAINTEXT_ENV: &str = "LMIG_PLAINTEXT_TRUSTED_LINK_ONLY";
 
 /// The TLS identity the environment names, if it names one.
 fn tls_from_env() -> Result<Option<TlsIdentity>, TransportError> {
@@ -39,9 +47,16 @@ fn tls_from_env() -> Result<Option<TlsIdentity>, TransportError> {
 /// The channel configuration for a migration: TLS if the environment
 /// names certificates, else Noise keyed by `key`.
 pub fn channel_config(key: &[u8]) -> Result<ChannelConfig, TransportError> {
-    Ok(match tls_from_env()? {
-        Some(id) => ChannelConfig::tls(id),
-        None => ChannelConfig::new(AuthKey::new(key)?),
+    let plaintext = std::env::var_os(PLAINTEXT_ENV).is_some_and(|v| v == "1");
+    Ok(match (tls_from_env()?, plaintext) {
+        (Some(_), true) => {
+            return Err(TransportError::Config(format!(
+                "{PLAINTEXT_ENV}=1 and TLS certificates exclude each other"
+            )));
+        }
+        (Some(id), false) => ChannelConfig::tls(id),
+        (None, true) => ChannelConfig::plaintext_trusted_link_only(AuthKey::new(key)?),
+        (None, false) => ChannelConfig::new(AuthKey::new(key)?),
     })
 }
 

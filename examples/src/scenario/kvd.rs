@@ -20,6 +20,9 @@ pub(super) fn kvd(opts: &Options, args: &[String]) -> Command {
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    if opts.plaintext {
+        c.env(crate::kvd::security::PLAINTEXT_ENV, "1");
+    }
     c
 }
 

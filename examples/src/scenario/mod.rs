@@ -64,6 +64,10 @@ pub struct Options {
     /// Migrate over TLS 1.3 with certificates made for the run (a CA and
     /// one for each kvd) instead of the pre-shared key's Noise.
     pub tls: bool,
+    /// Migrate with frames in clear after the key's admission
+    /// (`LMIG_PLAINTEXT_TRUSTED_LINK_ONLY=1`): to measure what encryption
+    /// costs against the same run encrypted.
+    pub plaintext: bool,
     /// Bound kvd's freeze (`migrate`'s max freeze, ms): past it the source
     /// aborts and serves on.
     pub max_freeze_ms: Option<f64>,
@@ -110,6 +114,7 @@ impl Options {
             kvd: (std::env::current_exe()?, vec!["kvd".into()]),
             fault: None,
             tls: false,
+            plaintext: false,
             max_freeze_ms: None,
             queued_mib: 0.0,
             cancel_at_pct: None,

@@ -151,7 +151,13 @@ pub fn migrate_out(
     mode: Mode,
 ) -> Result<MigratedOut, MigrationError> {
     let mut program = VmSource::new(machine).map_err(|e| backend("the source VM", e))?;
-    let config = SourceConfig::default().with_mode(mode).with_verify(true);
+    // The rounds' senders yield the CPU to the vCPU thread, which a VMM
+    // wants first (LMIG_VMM_YIELD=0: they do not, to compare).
+    let yield_to_guest = std::env::var_os("LMIG_VMM_YIELD").is_none_or(|v| v != "0");
+    let config = SourceConfig::default()
+        .with_mode(mode)
+        .with_verify(true)
+        .with_yield_to_program(yield_to_guest);
     let result = Source::new(channel, machine.regions(), tracker, &mut program)
         .with_config(config)
         .run();
