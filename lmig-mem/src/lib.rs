@@ -250,8 +250,8 @@ pub use postcopy::{
 };
 pub use probe::probe;
 pub use region::{
-    Backing, DestinationRegions, ForeignBacking, ForeignMemory, Region,
-    RegionOptions, RegionSet, layout_difference,
+    Backing, DestinationRegions, ForeignBacking, ForeignMemory, Region, RegionOptions, RegionSet,
+    layout_difference,
 };
 pub use track::{
     AutoTracker, DirtyLog, DirtyLogTracker, DirtyMarker, ManualTracker, SoftDirtyTracker,
