@@ -28,6 +28,7 @@ fn options(mode: &str, fault: Option<Fault>) -> Options {
         kvd: (env!("CARGO_BIN_EXE_kvd").into(), Vec::new()),
         fault,
         tls: false,
+        plaintext: false,
         max_freeze_ms: None,
         queued_mib: 0.0,
         cancel_at_pct: None,
@@ -132,6 +133,17 @@ fn kvd_migrates_live_and_survives_failed_migrations() {
         .map(|s| s.cipher.clone())
         .unwrap_or_default();
     assert!(cipher.starts_with("TLS 1.3 TLS13_"), "tls: {cipher:?}");
+    // Frames in clear on a trusted link (LMIG_PLAINTEXT_TRUSTED_LINK_ONLY=1
+    // on both kvds): the same migration, and kvd says nothing protected it.
+    let plain = Options {
+        plaintext: true,
+        ..options("precopy", None)
+    };
+    let r = scenario::run(&plain).unwrap_or_else(|e| panic!("plaintext: {e}"));
+    assert!(r.migrated, "plaintext: {:?}", r.error);
+    assert_served_every_key(&r, "plaintext");
+    let cipher = r.source.as_ref().map(|s| s.cipher.clone());
+    assert_eq!(cipher.as_deref(), Some("none"), "plaintext");
     // 8 MiB of replies left queued in kvd's sockets (clients with closed
     // windows): the freeze captures them, and after the move every byte
     // arrives, in order.
