@@ -48,7 +48,7 @@ struct Shared {
 }
 
 /// The gate between the tail writer and the program (cheap to clone).
-/// See the [module docs](self) for the contract.
+/// The contract is in the crate docs and [`SinkConfig::unsent_in_background`](crate::SinkConfig::unsent_in_background).
 #[derive(Clone)]
 pub struct UnsentTails {
     shared: Arc<Shared>,

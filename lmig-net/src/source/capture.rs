@@ -116,7 +116,7 @@ impl NetSource {
     /// network namespace (nothing is asked of the program). Also gets memory
     /// ready for that much (a quarter more, at most 1 GiB), written now so
     /// that the capture does not fault it in during the freeze (see
-    /// [`SocketSource::queued_bytes`]).
+    /// [`SocketSource::queued_bytes`](lmig_core::SocketSource::queued_bytes)).
     pub fn queued_bytes(&mut self) -> Result<u64> {
         let mut total = 0u64;
         let mut conns = 0u64;
@@ -158,7 +158,7 @@ impl NetSource {
         Ok(total)
     }
 
-    /// Capture, as [`SocketSource::capture`], with lmig-net's error type for
+    /// Capture, as [`SocketSource::capture`](lmig_core::SocketSource::capture), with lmig-net's error type for
     /// the sockets and the session's for `emit`.
     pub fn capture_sockets(
         &mut self,

@@ -1,6 +1,6 @@
 //! [`NetSourceConfig`]: the settings of a [`super::NetSource`].
 
-/// Settings of a [`NetSource`]: `NetSourceConfig::default()` and the
+/// Settings of a [`NetSource`](super::NetSource): `NetSourceConfig::default()` and the
 /// `with_*` setters (the struct is `#[non_exhaustive]`).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -24,7 +24,7 @@ pub struct NetSourceConfig {
     /// only cleanup, and on a host the source shares with the destination
     /// (containers, tests) it takes the CPU the destination needs right
     /// after `Commit`. The peers see nothing either way (repair mode), and
-    /// [`NetSource::release_sockets`] returns once every socket is in repair
+    /// [`NetSource::release_sockets`](super::NetSource::release_sockets) returns once every socket is in repair
     /// mode. Leave it off when the destination restores the connections in
     /// this network namespace: its `connect` needs the originals closed.
     pub close_in_background: bool,

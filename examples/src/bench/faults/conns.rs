@@ -1,4 +1,4 @@
-//! The sockets of the socket fault points ([`super::net`]): TCP
+//! The sockets of the socket fault points (`faults::net`): TCP
 //! connections and a UDP socket between a client in the client namespace
 //! and the program in host A, with bytes queued both ways before the
 //! migration; after it, whichever host holds them must deliver every
