@@ -17,8 +17,6 @@ mod bench;
 mod dirty_log;
 #[cfg(feature = "kvm")]
 pub mod kvm;
-#[cfg(feature = "kvm")]
-mod kvm_ring;
 mod manual;
 mod range;
 mod soft_dirty;

@@ -1,9 +1,9 @@
 //! KVM's dirty ring (`KVM_CAP_DIRTY_LOG_RING`, feature `kvm`), re-exported
-//! from [`track::kvm`](super::kvm): each vCPU has a ring of the pages it
+//! from [`track::kvm`](super): each vCPU has a ring of the pages it
 //! dirtied, which user space harvests while the guest runs, and
 //! `KVM_RESET_DIRTY_RINGS` write-protects the harvested pages again.
 //!
-//! Against the bitmap ([`KvmDirtyLog`](super::kvm::KvmDirtyLog)), a collect
+//! Against the bitmap ([`KvmDirtyLog`](super::KvmDirtyLog)), a collect
 //! costs what was dirtied, not the size of guest RAM: no bitmap of every
 //! page is fetched or scanned. In return the VMM takes part: the ring is
 //! enabled before any vCPU is created ([`KvmDirtyRing::enable`]), each
@@ -20,7 +20,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use lmig_core::DirtyTracker;
 use lmig_core::model::RegionPages;
 
-use super::kvm::{KvmDirtyLog, KvmSlot, Mapped, map_slots, slot_error};
+use super::{KvmDirtyLog, KvmSlot, Mapped, map_slots, slot_error};
 use crate::error::{MemError, Result};
 use crate::region::RegionSet;
 use crate::sys::kvm::{self, DirtyRing};

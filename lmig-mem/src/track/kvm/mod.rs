@@ -43,7 +43,8 @@ use crate::error::{MemError, Result};
 use crate::region::RegionSet;
 use crate::sys::kvm::{self, INITIALLY_SET, MANUAL_PROTECT_ENABLE, SlotLog};
 
-pub use super::kvm_ring::{EXIT_DIRTY_RING_FULL, KvmDirtyRing, KvmRingTracker};
+mod ring;
+pub use ring::{EXIT_DIRTY_RING_FULL, KvmDirtyRing, KvmRingTracker};
 
 /// Pages reset and write-protected by one `KVM_CLEAR_DIRTY_LOG` call
 /// (4 MiB of 4 KiB pages): a vCPU faulting meanwhile waits for one chunk.
