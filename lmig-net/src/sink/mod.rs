@@ -17,98 +17,11 @@ use crate::tcp::{self, PendingActivation};
 use crate::udp::{self, RestoredUdp};
 use crate::unsent::{Tail, UnsentTails, UnsentWriter};
 
-/// Settings of a [`NetSink`]: `SinkConfig::default()` and the `with_*`
-/// setters (the struct is `#[non_exhaustive]`).
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct SinkConfig {
-    /// Restore threads (default 1). Threads are started per batch, so only
-    /// batches of at least 32 records per thread are split (starting a
-    /// thread costs more than restoring a record). With 2 vCPUs shared with
-    /// the source, 2 threads shorten the restore that outlasts the capture
-    /// but slow the capture itself: kvd uses 2 (see docs/benchmarks.md).
-    pub threads: usize,
-    /// Activation threads (default 2): activation runs after `Commit`, when
-    /// the source has nothing left to capture, so it can take every core.
-    pub activate_threads: usize,
-    /// How restored connections leave repair mode (default [`RepairExit::Auto`]).
-    pub exit: RepairExit,
-    /// When some records of a batch fail, `restore` still restores the others
-    /// and then returns [`NetError::Partial`] (which makes a session abort)
-    /// unless this is true, in which case it returns `Ok` and the failures
-    /// are kept in [`NetSink::failures`].
-    pub tolerate_bad_records: bool,
-    /// Create restored sockets non-blocking (`SOCK_NONBLOCK`; default
-    /// false): an event-loop program then needs no `fcntl` or `ioctl` per
-    /// connection after the commit. (The source's file flags are not
-    /// carried: they belong to the program's fds, not to the sockets.)
-    pub nonblocking: bool,
-    /// Write the bytes a connection never sent (held back by its peer's
-    /// window) after activation, on a thread of their own while the
-    /// program runs, instead of inside activation (default false). With
-    /// megabytes queued that write is most of the activation's time. The
-    /// program must then honour the contract of [`UnsentTails`]: no write
-    /// to a connection while [`UnsentTails::is_pending`] says so
-    /// ([`NetSink::unsent_tails`]).
-    pub unsent_in_background: bool,
-}
+mod config;
+mod split;
 
-impl Default for SinkConfig {
-    fn default() -> Self {
-        Self {
-            threads: 1,
-            activate_threads: 2,
-            exit: RepairExit::Auto,
-            tolerate_bad_records: false,
-            nonblocking: false,
-            unsent_in_background: false,
-        }
-    }
-}
-
-impl SinkConfig {
-    /// Sets [`threads`](Self::threads).
-    #[must_use]
-    pub fn with_threads(mut self, threads: usize) -> Self {
-        self.threads = threads;
-        self
-    }
-
-    /// Sets [`activate_threads`](Self::activate_threads).
-    #[must_use]
-    pub fn with_activate_threads(mut self, activate_threads: usize) -> Self {
-        self.activate_threads = activate_threads;
-        self
-    }
-
-    /// Sets [`exit`](Self::exit).
-    #[must_use]
-    pub fn with_exit(mut self, exit: RepairExit) -> Self {
-        self.exit = exit;
-        self
-    }
-
-    /// Sets [`tolerate_bad_records`](Self::tolerate_bad_records).
-    #[must_use]
-    pub fn with_tolerate_bad_records(mut self, tolerate_bad_records: bool) -> Self {
-        self.tolerate_bad_records = tolerate_bad_records;
-        self
-    }
-
-    /// Sets [`unsent_in_background`](Self::unsent_in_background).
-    #[must_use]
-    pub fn with_unsent_in_background(mut self, unsent_in_background: bool) -> Self {
-        self.unsent_in_background = unsent_in_background;
-        self
-    }
-
-    /// Sets [`nonblocking`](Self::nonblocking).
-    #[must_use]
-    pub fn with_nonblocking(mut self, nonblocking: bool) -> Self {
-        self.nonblocking = nonblocking;
-        self
-    }
-}
+pub use config::SinkConfig;
+use split::{split_in_place, split_work};
 
 #[derive(Debug)]
 enum Restored {
@@ -229,85 +142,6 @@ fn fail(id: u64, e: NetError) -> SocketFailure {
         id,
         error: Box::new(e),
     }
-}
-
-/// Fewest records per thread for [`split_work`] to start threads: a thread
-/// costs tens of µs to start and wake, a record about 8 µs to restore.
-const MIN_PER_THREAD: usize = 32;
-
-/// How many threads share `len` items (1: run on the calling thread).
-fn threads_for(len: usize, threads: usize) -> usize {
-    let threads = threads.clamp(1, 16);
-    if len < MIN_PER_THREAD * threads {
-        1
-    } else {
-        threads
-    }
-}
-
-/// `work` on every part, each on a thread of its own; the results in order.
-fn on_threads<P: Send, R: Send>(parts: Vec<P>, work: impl Fn(P) -> Vec<R> + Sync) -> Vec<R> {
-    let work = &work;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = parts
-            .into_iter()
-            .map(|part| s.spawn(move || work(part)))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    })
-}
-
-/// `f` on every item, on up to `threads` threads (each with its own
-/// injector); the results in the items' order.
-fn split_work<T: Send, R: Send>(
-    items: Vec<T>,
-    threads: usize,
-    f: impl Fn(T, &mut Injector) -> R + Sync,
-) -> Vec<R> {
-    let run = |part: Vec<T>| -> Vec<R> {
-        let mut inj = Injector::default();
-        part.into_iter().map(|t| f(t, &mut inj)).collect()
-    };
-    let threads = threads_for(items.len(), threads);
-    if threads == 1 {
-        return run(items);
-    }
-    let per = items.len().div_ceil(threads);
-    let mut it = items.into_iter();
-    let parts = (0..threads)
-        .map(|_| it.by_ref().take(per).collect())
-        .collect();
-    on_threads(parts, run)
-}
-
-/// `f` on every item in place, as [`split_work`] splits; the items `f`
-/// failed, by index, in order.
-fn split_in_place<T: Send, E: Send>(
-    items: &mut [T],
-    threads: usize,
-    f: impl Fn(&mut T, &mut Injector) -> Option<E> + Sync,
-) -> Vec<(usize, E)> {
-    let run = |(first, part): (usize, &mut [T])| -> Vec<(usize, E)> {
-        let mut inj = Injector::default();
-        part.iter_mut()
-            .enumerate()
-            .filter_map(|(i, t)| f(t, &mut inj).map(|e| (first + i, e)))
-            .collect()
-    };
-    let threads = threads_for(items.len(), threads);
-    if threads == 1 {
-        return run((0, items));
-    }
-    let per = items.len().div_ceil(threads);
-    let parts = items
-        .chunks_mut(per)
-        .enumerate()
-        .map(|(k, c)| (k * per, c))
-        .collect();
-    on_threads(parts, run)
 }
 
 impl NetSink {
@@ -728,24 +562,6 @@ impl SocketSink for NetSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn split_work_keeps_order_and_in_place_reports_failures_by_index() {
-        for (len, threads) in [(0, 2), (5, 1), (5, 2), (1000, 2), (1001, 3), (4096, 16)] {
-            let mut items: Vec<usize> = (0..len).collect();
-            let failed = split_in_place(&mut items, threads, |x, _| {
-                let seen = *x;
-                *x += 1_000_000;
-                (seen % 7 == 3).then_some(seen)
-            });
-            assert!(items.iter().enumerate().all(|(i, x)| *x == i + 1_000_000));
-            let want: Vec<(usize, usize)> =
-                (0..len).filter(|i| i % 7 == 3).map(|i| (i, i)).collect();
-            assert_eq!(failed, want, "{len} items on {threads} threads");
-            let doubled = split_work((0..len).collect(), threads, |x: usize, _| 2 * x);
-            assert_eq!(doubled, (0..len).map(|x| 2 * x).collect::<Vec<_>>());
-        }
-    }
 
     #[test]
     fn prefaulting_spare_capacity_leaves_the_vector_as_it_was() {
