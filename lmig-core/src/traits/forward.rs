@@ -87,79 +87,48 @@ impl<T: DirtyTracker + ?Sized> DirtyTracker for &mut T {
     }
 }
 
-impl<T: MemorySource + ?Sized> MemorySource for &T {
-    fn layout(&self) -> RegionLayout {
-        (**self).layout()
-    }
-    fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
-        (**self).read_pages(run, dst)
-    }
-    fn find_zero_pages(&self, run: &PageRun, zero: &mut [bool]) -> Result<bool> {
-        (**self).find_zero_pages(run, zero)
-    }
-    fn populated(&self, pages: &mut RegionPages) -> Result<bool> {
-        (**self).populated(pages)
-    }
-    fn free_pages(&self, free: &mut RegionPages) -> Result<bool> {
-        (**self).free_pages(free)
-    }
-    fn take_freed(&self, freed: &mut RegionPages) -> Result<()> {
-        (**self).take_freed(freed)
-    }
-    fn release(&self) {
-        (**self).release()
-    }
-    fn urgent_thread(&self) {
-        (**self).urgent_thread()
-    }
-    fn background_thread(&self) {
-        (**self).background_thread()
-    }
+macro_rules! forward_source {
+    ($ty:ty) => {
+        impl<T: MemorySource + ?Sized> MemorySource for $ty {
+            fn layout(&self) -> RegionLayout {
+                (**self).layout()
+            }
+            fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
+                (**self).read_pages(run, dst)
+            }
+            fn find_zero_pages(&self, run: &PageRun, zero: &mut [bool]) -> Result<bool> {
+                (**self).find_zero_pages(run, zero)
+            }
+            fn populated(&self, pages: &mut RegionPages) -> Result<bool> {
+                (**self).populated(pages)
+            }
+            fn free_pages(&self, free: &mut RegionPages) -> Result<bool> {
+                (**self).free_pages(free)
+            }
+            fn take_freed(&self, freed: &mut RegionPages) -> Result<()> {
+                (**self).take_freed(freed)
+            }
+            fn release(&self) {
+                (**self).release()
+            }
+            fn urgent_thread(&self) {
+                (**self).urgent_thread()
+            }
+            fn background_thread(&self) {
+                (**self).background_thread()
+            }
 
-    fn mark_handed_over(&self, confirmed: bool) {
-        (**self).mark_handed_over(confirmed)
-    }
-    fn handed_over(&self) -> Option<bool> {
-        (**self).handed_over()
-    }
+            fn mark_handed_over(&self, confirmed: bool) {
+                (**self).mark_handed_over(confirmed)
+            }
+            fn handed_over(&self) -> Option<bool> {
+                (**self).handed_over()
+            }
+        }
+    };
 }
-
-impl<T: MemorySource + ?Sized> MemorySource for Arc<T> {
-    fn layout(&self) -> RegionLayout {
-        (**self).layout()
-    }
-    fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> Result<()> {
-        (**self).read_pages(run, dst)
-    }
-    fn find_zero_pages(&self, run: &PageRun, zero: &mut [bool]) -> Result<bool> {
-        (**self).find_zero_pages(run, zero)
-    }
-    fn populated(&self, pages: &mut RegionPages) -> Result<bool> {
-        (**self).populated(pages)
-    }
-    fn free_pages(&self, free: &mut RegionPages) -> Result<bool> {
-        (**self).free_pages(free)
-    }
-    fn take_freed(&self, freed: &mut RegionPages) -> Result<()> {
-        (**self).take_freed(freed)
-    }
-    fn release(&self) {
-        (**self).release()
-    }
-    fn urgent_thread(&self) {
-        (**self).urgent_thread()
-    }
-    fn background_thread(&self) {
-        (**self).background_thread()
-    }
-
-    fn mark_handed_over(&self, confirmed: bool) {
-        (**self).mark_handed_over(confirmed)
-    }
-    fn handed_over(&self) -> Option<bool> {
-        (**self).handed_over()
-    }
-}
+forward_source!(&T);
+forward_source!(Arc<T>);
 
 macro_rules! forward_sink {
     ($ty:ty) => {
