@@ -18,7 +18,6 @@
 //! redis-benchmark comes with redis-tools; without it the scenario says so
 //! and fails (it is a benchmark, not part of the tests).
 
-use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,7 +29,7 @@ use lmig_net::topology::Topology;
 
 use super::{Output, round};
 use crate::common::clock::mono_ns;
-use crate::kvd::resp::{self, Reply};
+use crate::kvd::resp::Reply;
 use crate::scenario::{self, NO_MIGRATION, Options, external::External};
 
 /// Keys loaded by default into 1 GiB (100-byte values), as `migrate`.
@@ -172,63 +171,32 @@ pub fn counter_key(n: u64) -> String {
 /// Sum the values of the counters `0..keyspace` ([`counter_key`]; a missing
 /// one counts 0), pipelined over one connection: `{"sum", "present"}`.
 pub fn sum_counters(addr: SocketAddr, keyspace: u64) -> std::io::Result<Value> {
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let (mut sum, mut present) = (0u64, 0u64);
-    let mut buf = Vec::new();
-    let mut rbuf = vec![0u8; 1 << 16];
-    const BATCH: u64 = 1000;
-    for first in (0..keyspace).step_by(BATCH as usize) {
-        let last = (first + BATCH).min(keyspace);
-        let mut req = Vec::new();
-        for n in first..last {
-            resp::request(&mut req, &[b"GET", counter_key(n).as_bytes()]);
-        }
-        s.write_all(&req)?;
-        let mut n = first;
-        // Bounded: each turn parses a reply or reads bytes (or times out).
-        while n < last {
-            match resp::parse_reply(&buf) {
-                Ok(Some((reply, used))) => {
-                    buf.drain(..used);
-                    match reply {
-                        Reply::Bulk(None) => {}
-                        Reply::Bulk(Some(v)) => {
-                            let v: u64 = std::str::from_utf8(&v)
-                                .ok()
-                                .and_then(|v| v.parse().ok())
-                                .ok_or_else(|| {
-                                    std::io::Error::other(format!(
-                                        "{} holds {v:?}, not a count",
-                                        counter_key(n)
-                                    ))
-                                })?;
-                            sum += v;
-                            present += 1;
-                        }
-                        other => {
-                            return Err(std::io::Error::other(format!(
-                                "GET {}: {other:?}",
-                                counter_key(n)
-                            )));
-                        }
-                    }
-                    n += 1;
-                }
-                Ok(None) => {
-                    let got = s.read(&mut rbuf)?;
-                    if got == 0 {
-                        return Err(std::io::Error::new(
-                            ErrorKind::UnexpectedEof,
-                            format!("the server closed the connection at counter {n}"),
-                        ));
-                    }
-                    buf.extend_from_slice(&rbuf[..got]);
-                }
-                Err(e) => return Err(std::io::Error::other(e.0)),
+    crate::kvd::load::get_pipelined(addr, keyspace, counter_key, |n, reply| {
+        match reply {
+            Reply::Bulk(None) => {}
+            Reply::Bulk(Some(v)) => {
+                let v: u64 = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| {
+                        std::io::Error::other(format!(
+                            "{} holds {v:?}, not a count",
+                            counter_key(n)
+                        ))
+                    })?;
+                sum += v;
+                present += 1;
+            }
+            other => {
+                return Err(std::io::Error::other(format!(
+                    "GET {}: {other:?}",
+                    counter_key(n)
+                )));
             }
         }
-    }
+        Ok(())
+    })?;
     Ok(json!({ "sum": sum, "present": present }))
 }
 

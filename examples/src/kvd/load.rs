@@ -303,9 +303,36 @@ pub struct KeyCheck {
 /// `value:<n>:` padded with `x` to `value_len` bytes), pipelined, and count
 /// the keys that are missing or wrong: the service answers every key.
 pub fn check_keys(addr: SocketAddr, count: u64, value_len: usize) -> std::io::Result<KeyCheck> {
+    let mut check = KeyCheck::default();
+    get_pipelined(
+        addr,
+        count,
+        |n| format!("key:{n}"),
+        |n, reply| {
+            let mut want = format!("value:{n}:").into_bytes();
+            want.resize(value_len, b'x');
+            check.checked += 1;
+            if reply != Reply::Bulk(Some(want)) {
+                check.wrong += 1;
+                check.first_wrong.get_or_insert(n);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(check)
+}
+
+/// `GET key(n)` for every `n` in `0..count`, pipelined over one connection
+/// in batches of 1000; `on_reply(n, reply)` sees each reply in order (an
+/// error from it ends the reading).
+pub fn get_pipelined(
+    addr: SocketAddr,
+    count: u64,
+    key: impl Fn(u64) -> String,
+    mut on_reply: impl FnMut(u64, Reply) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut check = KeyCheck::default();
     let mut buf = Vec::new();
     let mut rbuf = vec![0u8; 1 << 16];
     const BATCH: u64 = 1000;
@@ -313,7 +340,7 @@ pub fn check_keys(addr: SocketAddr, count: u64, value_len: usize) -> std::io::Re
         let last = (first + BATCH).min(count);
         let mut req = Vec::new();
         for n in first..last {
-            resp::request(&mut req, &[b"GET", format!("key:{n}").as_bytes()]);
+            resp::request(&mut req, &[b"GET", key(n).as_bytes()]);
         }
         s.write_all(&req)?;
         let mut n = first;
@@ -323,13 +350,7 @@ pub fn check_keys(addr: SocketAddr, count: u64, value_len: usize) -> std::io::Re
             match resp::parse_reply(&buf) {
                 Ok(Some((reply, used))) => {
                     buf.drain(..used);
-                    let mut want = format!("value:{n}:").into_bytes();
-                    want.resize(value_len, b'x');
-                    check.checked += 1;
-                    if reply != Reply::Bulk(Some(want)) {
-                        check.wrong += 1;
-                        check.first_wrong.get_or_insert(n);
-                    }
+                    on_reply(n, reply)?;
                     n += 1;
                 }
                 Ok(None) => {
@@ -337,7 +358,7 @@ pub fn check_keys(addr: SocketAddr, count: u64, value_len: usize) -> std::io::Re
                     if got == 0 {
                         return Err(std::io::Error::new(
                             ErrorKind::UnexpectedEof,
-                            format!("the server closed the connection at key {n}"),
+                            format!("the server closed the connection at {}", key(n)),
                         ));
                     }
                     buf.extend_from_slice(&rbuf[..got]);
@@ -346,5 +367,5 @@ pub fn check_keys(addr: SocketAddr, count: u64, value_len: usize) -> std::io::Re
             }
         }
     }
-    Ok(check)
+    Ok(())
 }
