@@ -85,8 +85,14 @@ impl Dirtier {
         }
     }
 
-    fn pause_and_wait(&self) -> Result<(), String> {
+    /// Ask the dirtier to pause (see [`Dirtier::wait_paused`]).
+    fn request_pause(&self) {
         self.pause.store(true, Ordering::SeqCst);
+    }
+
+    /// Wait (at most 5 s) until the dirtier acknowledges the pause asked by
+    /// [`Dirtier::request_pause`].
+    fn wait_paused(&self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.paused.load(Ordering::SeqCst) && !self.stop.load(Ordering::Relaxed) {
             if Instant::now() > deadline {
@@ -113,14 +119,24 @@ fn backend(what: &'static str, e: impl Into<lmig_core::BoxError>) -> MigrationEr
 impl StateSource for KvdProgram {
     fn pause(&mut self) -> lmig_core::Result<()> {
         let t = Instant::now();
+        // Both stop at once: the dirtier's pause (it sleeps up to 500 µs
+        // between bursts) and the loop's park (the rest of its pass) overlap
+        // instead of adding up inside the freeze.
         if let Some(d) = &self.dirtier {
-            d.pause_and_wait().map_err(|e| backend("kvd dirtier", e))?;
+            d.request_pause();
         }
-        let dirtier = t.elapsed();
         let parked = self.control.park().map_err(|e| backend("kvd loop", e))?;
+        let loop_parked = t.elapsed();
+        if let Some(d) = &self.dirtier {
+            if let Err(e) = d.wait_paused() {
+                // Serve on: the session aborts and resumes with nothing else.
+                self.control.wake(Wake::Resume(parked));
+                return Err(backend("kvd dirtier", e));
+            }
+        }
         if std::env::var_os("LMIG_DEMO_DEBUG").is_some() {
             eprintln!(
-                "kvd: pause: dirtier {dirtier:?}, loop parked after {:?}",
+                "kvd: pause: loop parked after {loop_parked:?}, dirtier paused after {:?}",
                 t.elapsed()
             );
         }
