@@ -247,6 +247,7 @@ pub use error::{AdoptRefusal, MemError, Result};
 pub use lmig_core::model::RegionId;
 pub use postcopy::{
     BACKGROUND_THREAD_NICE, PostcopyOptions, PostcopyStats, Residency, URGENT_THREAD_NICE,
+    URGENT_THREAD_SLICE,
 };
 pub use probe::probe;
 pub use region::{

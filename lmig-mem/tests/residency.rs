@@ -256,6 +256,14 @@ fn a_burst_of_requests_reaches_the_fault_thread_whole() {
 }
 
 /// This thread's nice value, from `/proc/thread-self/stat` (field 19).
+/// The calling thread's EEVDF slice (`se.slice` of its `sched` file), if
+/// the kernel reports one.
+fn thread_slice_ns() -> Option<u64> {
+    let sched = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
+    let line = sched.lines().find(|l| l.starts_with("se.slice"))?;
+    line.split(':').nth(1)?.trim().parse().ok()
+}
+
 fn thread_nice() -> i32 {
     let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
     // After the command name in parentheses: state is field 3.
@@ -285,10 +293,10 @@ fn fault_path_and_bulk_threads_take_their_priorities() {
     });
     assert_eq!(bulk, lmig_mem::BACKGROUND_THREAD_NICE);
     assert_eq!(bulk_src, lmig_mem::BACKGROUND_THREAD_NICE);
-    let urgent = std::thread::scope(|s| {
+    let (urgent, slice) = std::thread::scope(|s| {
         s.spawn(|| {
             dst.urgent_thread();
-            thread_nice()
+            (thread_nice(), thread_slice_ns())
         })
         .join()
         .unwrap()
@@ -297,6 +305,18 @@ fn fault_path_and_bulk_threads_take_their_priorities() {
         urgent == lmig_mem::URGENT_THREAD_NICE || urgent == before,
         "raised, or kept without CAP_SYS_NICE: {urgent}"
     );
+    // The short slice comes with the raised priority (one sched_setattr),
+    // where the kernel reports slices (EEVDF, Linux 6.6 and later).
+    if urgent == lmig_mem::URGENT_THREAD_NICE {
+        if let (Some(slice), Some(own)) = (slice, thread_slice_ns()) {
+            println!("fault path slice {slice} ns, the test thread's {own} ns");
+            assert!(
+                slice == lmig_mem::URGENT_THREAD_SLICE.as_nanos() as u64 || slice == own,
+                "the short slice, or the default where custom slices are not taken: {slice}"
+            );
+            assert!(slice <= own);
+        }
+    }
     println!(
         "fault path got nice {urgent} (asked {})",
         lmig_mem::URGENT_THREAD_NICE

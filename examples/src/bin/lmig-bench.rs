@@ -60,6 +60,17 @@ fn main() {
     // Scenarios start kvd by running this binary with `kvd` as the first argument.
     if std::env::args().nth(1).as_deref() == Some("kvd") {
         use clap::Parser as _;
+        // The library's log, as the kvd binary gives it, when asked for
+        // (`RUST_LOG`), stamped with CLOCK_MONOTONIC ns (the clock of the
+        // migration reports and of `LMIG_KVD_STALL_MS`).
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_timer(MonoNs)
+                .init();
+        }
         let args = lmig_examples::kvd::cli::Args::parse_from(std::env::args().skip(1));
         lmig_examples::kvd::cli::main_with(args);
         return;
@@ -94,5 +105,14 @@ fn main() {
     if let Err(e) = result {
         eprintln!("lmig-bench: {e}");
         std::process::exit(1);
+    }
+}
+
+/// Log timestamps as CLOCK_MONOTONIC nanoseconds.
+struct MonoNs;
+
+impl tracing_subscriber::fmt::time::FormatTime for MonoNs {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(w, "{}", lmig_examples::common::clock::now_mono_ns())
     }
 }

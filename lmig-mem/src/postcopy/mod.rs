@@ -132,9 +132,32 @@ pub const URGENT_THREAD_NICE: i32 = -10;
 /// value needs no privilege.
 pub const BACKGROUND_THREAD_NICE: i32 = 10;
 
-/// Raise the calling thread to [`URGENT_THREAD_NICE`] if allowed (said at
-/// debug level either way: without `CAP_SYS_NICE` it keeps its priority).
+/// EEVDF slice the threads of the post-copy fault path ask for
+/// (`sched_attr::sched_runtime`, Linux 6.12 and later): shorter than every
+/// other thread's (0.75 ms and more), so that when a fault, a request or a
+/// reply wakes one of them it preempts the thread on the CPU at once.
+/// Its nice value alone gives it a larger share of the CPU, not the CPU
+/// now: measured on 2 busy vCPUs, a fault waited up to 2.4 ms before the
+/// fault thread read it.
+pub const URGENT_THREAD_SLICE: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// Raise the calling thread to [`URGENT_THREAD_NICE`] with the short
+/// [`URGENT_THREAD_SLICE`] if allowed (said at debug level either way:
+/// without `CAP_SYS_NICE` it keeps its priority; a kernel without custom
+/// slices gets the nice value alone).
 pub(crate) fn urgent_thread() {
+    let slice = URGENT_THREAD_SLICE.as_nanos() as u64;
+    match crate::sys::set_thread_slice(URGENT_THREAD_NICE, slice) {
+        Ok(()) => {
+            debug!(
+                nice = URGENT_THREAD_NICE,
+                slice_us = slice / 1000,
+                "post-copy fault path: priority raised, short slice"
+            );
+            return;
+        }
+        Err(e) => debug!(error = %e, "post-copy fault path: no short slice"),
+    }
     match crate::sys::set_thread_nice(URGENT_THREAD_NICE) {
         Ok(()) => debug!(
             nice = URGENT_THREAD_NICE,
@@ -433,7 +456,7 @@ impl Postcopy {
                 } else if let Ok(set) = st.missing.get_mut(run.region) {
                     set.insert_range(first, count);
                 }
-                if result.is_ok() && !st.waiters.pending.is_empty() {
+                if result.is_ok() && !st.waiters.is_empty() {
                     let PageState {
                         missing,
                         filling,

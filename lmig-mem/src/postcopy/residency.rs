@@ -10,6 +10,7 @@
 //! the missing-page state, so no answer is half old, half new, and no
 //! readiness is lost between a query and a request.
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
@@ -31,16 +32,45 @@ pub(super) struct Waiter {
 }
 
 /// Waiters not ready yet, and the tokens that became ready.
+///
+/// The pending ones are kept by where their range starts, so that a
+/// placement looks only at the waiters whose range may touch it (those
+/// starting at most the longest range's length before it ends), not at
+/// every waiter: a placement happens for every pushed chunk, and kvd parks
+/// a request per missing key (about a thousand right after it resumes).
 #[derive(Debug, Default)]
 pub(super) struct Waiters {
-    pub(super) pending: Vec<Waiter>,
+    pending: BTreeMap<(RegionId, u64), Vec<Waiter>>,
+    /// Waiters in `pending`.
+    count: usize,
+    /// The longest range ever waited for (pages).
+    longest: u64,
     pub(super) ready: Vec<u64>,
 }
 
 impl Waiters {
-    /// Move the waiters touching `region` pages `first..first + count`
-    /// whose whole run `resident` says is in to the ready list; true when
-    /// one moved.
+    /// Waiters not ready yet.
+    pub(super) fn len(&self) -> usize {
+        self.count
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Wait for `w.run`.
+    pub(super) fn add(&mut self, w: Waiter) {
+        self.longest = self.longest.max(u64::from(w.run.count));
+        self.pending
+            .entry((w.run.region, w.run.first))
+            .or_default()
+            .push(w);
+        self.count += 1;
+    }
+
+    /// Pages `first..first + count` of `region` were placed: every waiter
+    /// whose range touches them and is now wholly `resident` becomes
+    /// ready. True if one did.
     pub(super) fn placed(
         &mut self,
         region: RegionId,
@@ -50,19 +80,29 @@ impl Waiters {
     ) -> bool {
         let before = self.ready.len();
         let end = first + count;
-        let mut i = 0;
-        // Bounded by the number of waiters.
-        while i < self.pending.len() {
-            let w = self.pending[i];
-            if w.run.region == region
-                && w.run.first < end
-                && first < w.run.end()
-                && resident(&w.run)
-            {
-                self.ready.push(w.token);
-                self.pending.swap_remove(i);
-            } else {
-                i += 1;
+        let from = (region, first.saturating_sub(self.longest.saturating_sub(1)));
+        let keys: Vec<(RegionId, u64)> = self
+            .pending
+            .range(from..(region, end))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            let Some(ws) = self.pending.get_mut(&key) else {
+                continue;
+            };
+            let mut i = 0;
+            while i < ws.len() {
+                let w = ws[i];
+                if first < w.run.end() && resident(&w.run) {
+                    self.ready.push(w.token);
+                    ws.swap_remove(i);
+                    self.count -= 1;
+                } else {
+                    i += 1;
+                }
+            }
+            if ws.is_empty() {
+                self.pending.remove(&key);
             }
         }
         self.ready.len() > before
@@ -175,12 +215,12 @@ impl Postcopy {
             if st.resident(run) {
                 return Ok(true);
             }
-            if st.waiters.pending.len() >= MAX_RESIDENCY_WAITERS {
+            if st.waiters.len() >= MAX_RESIDENCY_WAITERS {
                 return Err(MemError::ResidencyWaiters {
-                    waiting: st.waiters.pending.len(),
+                    waiting: st.waiters.len(),
                 });
             }
-            st.waiters.pending.push(Waiter { run: *run, token });
+            st.waiters.add(Waiter { run: *run, token });
             // Pages being placed need no request: their placement is what
             // makes the waiter ready.
             let set = st
@@ -242,11 +282,11 @@ mod tests {
     fn a_waiter_is_ready_once_its_whole_run_is_in() {
         let mut w = Waiters::default();
         let r = RegionId(1);
-        w.pending.push(Waiter {
+        w.add(Waiter {
             run: PageRun::new(r, 10, 4),
             token: 7,
         });
-        w.pending.push(Waiter {
+        w.add(Waiter {
             run: PageRun::new(RegionId(2), 10, 4),
             token: 8,
         });
@@ -257,6 +297,34 @@ mod tests {
         assert!(!w.placed(r, 14, 10, |_| panic!("not touching")));
         assert!(w.placed(r, 13, 1, |_| true));
         assert_eq!(w.ready, vec![7]);
-        assert_eq!(w.pending.len(), 1, "region 2's waiter stays");
+        assert_eq!(w.len(), 1, "region 2's waiter stays");
+    }
+
+    #[test]
+    fn a_placement_finds_the_long_ranges_that_began_before_it() {
+        let mut w = Waiters::default();
+        let r = RegionId(1);
+        w.add(Waiter {
+            run: PageRun::new(r, 0, 100),
+            token: 1,
+        });
+        for p in 200..1200 {
+            w.add(Waiter {
+                run: PageRun::new(r, p, 1),
+                token: p,
+            });
+        }
+        assert_eq!(w.len(), 1001);
+        // Page 99 is the long range's last: found from 99 pages before.
+        assert!(w.placed(r, 99, 1, |run| run.first == 0));
+        assert_eq!(w.ready, vec![1]);
+        // A placement far from the long range and ending before 200
+        // touches nobody; one over 500..502 makes exactly two ready.
+        assert!(!w.placed(r, 150, 50, |_| panic!("not touching")));
+        assert!(w.placed(r, 500, 2, |_| true));
+        let mut ready = w.ready.clone();
+        ready.sort_unstable();
+        assert_eq!(ready, vec![1, 500, 501]);
+        assert_eq!(w.len(), 998);
     }
 }

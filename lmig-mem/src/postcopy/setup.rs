@@ -121,11 +121,13 @@ impl Target {
         };
         let ps = r.page_size();
         if let Ok(set) = missing.get(r.id()) {
-            for (first, count) in set.runs() {
-                r.mapping()
-                    .discard(first as usize * ps, count as usize * ps, advice)
-                    .map_err(|e| MemError::os("madvise (drop stale pages)", r.describe(), e))?;
-            }
+            let ranges: Vec<(usize, usize)> = set
+                .runs()
+                .map(|(first, count)| (first as usize * ps, count as usize * ps))
+                .collect();
+            r.mapping()
+                .discard_many(&ranges, advice)
+                .map_err(|e| MemError::os("madvise (drop stale pages)", r.describe(), e))?;
         }
         Ok(Self {
             id: r.id(),
