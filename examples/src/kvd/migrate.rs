@@ -174,14 +174,18 @@ impl StateSource for KvdProgram {
     }
 
     /// Auto-converge: the background dirtier writes at `percent` % of its
-    /// rate, and the loop runs at most that share of the time (a bounded
-    /// sleep after each pass, [`super::pace::LoopPace`]): the clients'
-    /// writes slow down too.
+    /// rate, and the loop, which answers the clients, is throttled only
+    /// half as hard ([`super::pace::loop_share`]: a bounded sleep after each
+    /// pass, [`super::pace::LoopPace`]): the writes nobody waits for slow
+    /// down first, the clients' writes once the throttle deepens.
     fn throttle(&mut self, percent: u8) -> bool {
         if let Some(d) = &self.dirtier {
             d.percent.store(percent, Ordering::SeqCst);
         }
-        self.control.counters.pace.throttle(percent);
+        self.control
+            .counters
+            .pace
+            .throttle(super::pace::loop_share(percent));
         true
     }
 

@@ -99,6 +99,17 @@ impl LoopPace {
     }
 }
 
+/// The share of the time the loop runs when the migration asks the
+/// program to run at `percent` %: twice that (at most 100). A throttle
+/// sleeps after every pass and so adds to the latency of every request
+/// the pass answers; the background writer takes the asked percentage
+/// itself, so the first throttle (50 %) leaves the loop alone and the
+/// loop is held back only as the throttle deepens (25 % → 50 %, the
+/// hardest, 10 % → 20 %).
+pub fn loop_share(percent: u8) -> u8 {
+    percent.saturating_mul(2).min(100)
+}
+
 /// Times a pass of the loop: [`PassTimer::done`] hands it to a [`LoopPace`].
 pub struct PassTimer(Instant, u64);
 
@@ -135,6 +146,15 @@ mod tests {
         assert_eq!(pace.snapshot().p99_ms_since(&before), Some(4.096));
         // Only the window counts.
         assert_eq!(pace.snapshot().p99_ms_since(&mid), Some(4.096));
+    }
+
+    #[test]
+    fn the_loop_is_throttled_half_as_hard_as_asked() {
+        assert_eq!(loop_share(100), 100);
+        assert_eq!(loop_share(50), 100);
+        assert_eq!(loop_share(25), 50);
+        assert_eq!(loop_share(10), 20);
+        assert_eq!(loop_share(200), 100);
     }
 
     #[test]
