@@ -32,8 +32,8 @@ mod sys;
 mod vcpu;
 
 pub use machine::{GUEST_REGION, GUEST_SLOT, LOW_REGION, LOW_SLOT, Machine, MachineConfig};
-pub use sys::GuestMemory;
-pub use vcpu::{Heartbeat, HeartbeatLog, VcpuState, VcpuThread, VcpuTime};
+pub use sys::{GuestMemory, set_thread_cpus, set_thread_fifo, set_thread_nice};
+pub use vcpu::{Heartbeat, HeartbeatLog, VcpuPriority, VcpuState, VcpuThread, VcpuTime};
 
 /// Why the micro-VMM failed.
 #[derive(Debug, thiserror::Error)]

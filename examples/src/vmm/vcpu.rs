@@ -154,6 +154,44 @@ impl VcpuState {
     }
 }
 
+/// The vCPU thread's scheduling priority, set by the thread itself before
+/// it first runs the vCPU (a thread inherits its creator's otherwise: on a
+/// destination, the receiving thread's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VcpuPriority {
+    /// Its nice value (`None`: the creating thread's).
+    pub nice: Option<i32>,
+    /// `SCHED_FIFO` at this priority (1-99; root). The guest's heartbeat
+    /// then waits for no normal thread (the migration's own included) past
+    /// that thread's next preemption point; the guest here sleeps between
+    /// heartbeats, so it takes little CPU from them. `None`: normal
+    /// scheduling.
+    pub realtime: Option<i32>,
+    /// Run only on this CPU (`None`: wherever the creating thread may).
+    /// With the VMM's other threads kept off it
+    /// ([`set_thread_cpus`](super::set_thread_cpus)), the vCPU never waits
+    /// for one of them to leave the kernel: a wakeup does not move a
+    /// real-time thread off a CPU whose normal thread is inside a long
+    /// system call, and this kernel (no preemption) lets that finish.
+    pub cpu: Option<usize>,
+}
+
+impl VcpuPriority {
+    fn apply(self) -> Result<(), VmmError> {
+        if let Some(cpu) = self.cpu {
+            super::sys::set_thread_cpus(&[cpu])?;
+        }
+        if let Some(nice) = self.nice {
+            super::sys::set_thread_nice(nice)?;
+        }
+        if let Some(priority) = self.realtime {
+            super::sys::set_thread_fifo(priority)?;
+        }
+        Ok(())
+    }
+}
+
 /// One heartbeat as the host saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -330,18 +368,18 @@ pub struct VcpuTime {
 impl VcpuThread {
     /// Start running `vcpu` (its state already set) on a thread of its own.
     pub fn spawn(vcpu: VcpuFd, memory: Arc<GuestMemory>) -> Result<Self, VmmError> {
-        Self::spawn_with_ring(vcpu, memory, None, None)
+        Self::spawn_with_ring(vcpu, memory, None, VcpuPriority::default())
     }
 
     /// [`Self::spawn`] for a VM with KVM's dirty ring: a full ring
     /// (`KVM_EXIT_DIRTY_RING_FULL`) is harvested for lmig's tracker
-    /// ([`KvmDirtyRing::on_full_exit`]) and the vCPU runs on; with `nice`,
-    /// the thread sets its nice value first.
+    /// ([`KvmDirtyRing::on_full_exit`]) and the vCPU runs on; the thread
+    /// sets its `priority` first.
     pub fn spawn_with_ring(
         vcpu: VcpuFd,
         memory: Arc<GuestMemory>,
         ring: Option<KvmDirtyRing>,
-        nice: Option<i32>,
+        priority: VcpuPriority,
     ) -> Result<Self, VmmError> {
         let shared = Shared::new();
         let for_thread = Arc::clone(&shared);
@@ -349,7 +387,7 @@ impl VcpuThread {
             .name("lmig-vcpu0".into())
             .spawn({
                 let memory = Arc::clone(&memory);
-                move || run(vcpu, &memory, &for_thread, ring.as_ref(), nice)
+                move || run(vcpu, &memory, &for_thread, ring.as_ref(), priority)
             })
             .map_err(|e| VmmError::Sys("spawn vCPU thread", e))?;
         Ok(Self {
@@ -404,6 +442,12 @@ impl VcpuThread {
             asleep,
             blocked: wall.saturating_sub(running + runnable + asleep),
         })
+    }
+
+    /// The thread's id (once it has started).
+    #[must_use]
+    pub fn tid(&self) -> Option<i32> {
+        self.shared.lock().tid
     }
 
     /// Wait until the guest has filled its buffer.
@@ -480,14 +524,13 @@ fn run(
     memory: &GuestMemory,
     shared: &Shared,
     ring: Option<&KvmDirtyRing>,
-    nice: Option<i32>,
+    priority: VcpuPriority,
 ) -> Result<VcpuFd, VmmError> {
     shared.lock().tid = Some(nix::unistd::gettid().as_raw());
     let schedstat = std::fs::File::open("/proc/thread-self/schedstat").ok();
-    let result = match nice.map(super::sys::set_thread_nice) {
-        Some(Err(e)) => Err(e),
-        _ => run_loop(&mut vcpu, memory, shared, ring, schedstat.as_ref()),
-    };
+    let result = priority
+        .apply()
+        .and_then(|()| run_loop(&mut vcpu, memory, shared, ring, schedstat.as_ref()));
     if let Err(e) = &result {
         shared.lock().failed = Some(match e {
             VmmError::GuestExit(why) => why.clone(),
