@@ -57,20 +57,44 @@ pub struct Args {
     /// Both VMMs run their vCPU thread in SCHED_FIFO at this priority
     /// (0: normal scheduling). The vCPU then never waits for one of the
     /// migration's threads past that thread's next preemption point.
-    #[arg(long, default_value_t = 1)]
-    pub vcpu_rt: i32,
+    /// Default: 1 in pre-copy, 0 in hybrid and post-copy (see
+    /// [`Args::vcpu_cpu`]).
+    #[arg(long)]
+    pub vcpu_rt: Option<i32>,
     /// The destination VMM's receiving threads (its main thread and the
     /// channel's readers it starts) run at this nice value, its vCPU thread
-    /// at 0 (unless --vcpu-rt).
-    #[arg(long, default_value_t = 10, allow_hyphen_values = true)]
+    /// at 0 (0: all at the process's). Off by default: with the vCPU
+    /// pinned (--vcpu-cpu) and real-time it gains nothing, and the freeze's
+    /// last steps on the destination (placing the last pages, `Ready`,
+    /// starting the vCPU) wait behind other threads (heartbeat gap 2.96 -
+    /// 3.7 ms at 0 against 4.1 - 13.9 at 10, 3 and 5 runs).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub receive_nice: i32,
     /// Both VMMs run their vCPU thread on this CPU only and every other
     /// thread (the migration's) on the other CPUs (-1: no pinning). On
     /// this kernel (no preemption in system calls) a woken vCPU otherwise
     /// waits for a migration thread's long system call (e.g. the
     /// destination's scan of guest memory at the start) to end.
-    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
-    pub vcpu_cpu: i64,
+    ///
+    /// Default: 0 in pre-copy, -1 in hybrid and post-copy. Measured at
+    /// 1000 MB/s (2 runs each): pinned and real-time, the migration gets
+    /// one CPU, hybrid stops pre-copy after round 0 and its freeze grows
+    /// (heartbeat gap 62-82 ms against 15-41); real-time unpinned, the
+    /// guest's CPU time delays the migration's threads (post-copy gap
+    /// 233-237 ms against 81-82).
+    #[arg(long, allow_hyphen_values = true)]
+    pub vcpu_cpu: Option<i64>,
+}
+
+impl Args {
+    /// `--vcpu-rt` and `--vcpu-cpu`, their defaults resolved by mode.
+    fn vcpu_placement(&self) -> (i32, i64) {
+        let precopy = self.mode == "precopy";
+        (
+            self.vcpu_rt.unwrap_or(i32::from(precopy)),
+            self.vcpu_cpu.unwrap_or(if precopy { 0 } else { -1 }),
+        )
+    }
 }
 
 /// Options of the hidden `vm-peer` command (one VMM process).
@@ -147,6 +171,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     let mut key = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
     let exe = std::env::current_exe()?;
+    let (vcpu_rt, vcpu_cpu) = args.vcpu_placement();
     let peer = |role: &str| {
         let mut cmd = Command::new(&exe);
         cmd.args(["vm-peer", "--role", role, "--mib", &args.mib.to_string()])
@@ -161,9 +186,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         if let Some(nice) = args.vcpu_nice {
             cmd.arg(format!("--vcpu-nice={nice}"));
         }
-        cmd.arg(format!("--vcpu-rt={}", args.vcpu_rt))
+        cmd.arg(format!("--vcpu-rt={vcpu_rt}"))
             .arg(format!("--receive-nice={}", args.receive_nice))
-            .arg(format!("--vcpu-cpu={}", args.vcpu_cpu));
+            .arg(format!("--vcpu-cpu={vcpu_cpu}"));
         cmd
     };
     let mut dest = Worker::spawn(&topo.b, "vm destination", &mut peer("dest"))?;
@@ -194,9 +219,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "mode": args.mode,
         "tracker": args.tracker,
         "vcpu_nice": args.vcpu_nice,
-        "vcpu_rt": args.vcpu_rt,
+        "vcpu_rt": vcpu_rt,
         "receive_nice": args.receive_nice,
-        "vcpu_cpu": args.vcpu_cpu,
+        "vcpu_cpu": vcpu_cpu,
         "downtime_ms": round(downtime, 2),
         "heartbeat_gap_ms": round(gap, 2),
         "heartbeat_gap_across_ms": round(across, 2),
