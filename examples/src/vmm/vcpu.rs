@@ -14,7 +14,7 @@ use super::guest::{
     CODE_AT, GDT_AT, P_HB_TSC, P_TOUCH, P_TSC_PER_MS, PARAMS_AT, PML4_AT, PORT_CHECK,
     PORT_HEARTBEAT, PORT_IDLE, PORT_READY, PORT_TOUCHED, STACK_TOP, TSS_AT, USER_CS, USER_DS,
 };
-use super::{GuestMemory, VmmError, kvm_err};
+use super::{GuestMemory, VcpuPriority, VmmError, kvm_err};
 
 /// `IA32_TSC`.
 const MSR_TSC: u32 = 0x10;
@@ -149,44 +149,6 @@ impl VcpuState {
                     "KVM_SET_MSRS did not set IA32_TSC".into(),
                 ));
             }
-        }
-        Ok(())
-    }
-}
-
-/// The vCPU thread's scheduling priority, set by the thread itself before
-/// it first runs the vCPU (a thread inherits its creator's otherwise: on a
-/// destination, the receiving thread's).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct VcpuPriority {
-    /// Its nice value (`None`: the creating thread's).
-    pub nice: Option<i32>,
-    /// `SCHED_FIFO` at this priority (1-99; root). The guest's heartbeat
-    /// then waits for no normal thread (the migration's own included) past
-    /// that thread's next preemption point; the guest here sleeps between
-    /// heartbeats, so it takes little CPU from them. `None`: normal
-    /// scheduling.
-    pub realtime: Option<i32>,
-    /// Run only on this CPU (`None`: wherever the creating thread may).
-    /// With the VMM's other threads kept off it
-    /// ([`set_thread_cpus`](super::set_thread_cpus)), the vCPU never waits
-    /// for one of them to leave the kernel: a wakeup does not move a
-    /// real-time thread off a CPU whose normal thread is inside a long
-    /// system call, and this kernel (no preemption) lets that finish.
-    pub cpu: Option<usize>,
-}
-
-impl VcpuPriority {
-    fn apply(self) -> Result<(), VmmError> {
-        if let Some(cpu) = self.cpu {
-            super::sys::set_thread_cpus(&[cpu])?;
-        }
-        if let Some(nice) = self.nice {
-            super::sys::set_thread_nice(nice)?;
-        }
-        if let Some(priority) = self.realtime {
-            super::sys::set_thread_fifo(priority)?;
         }
         Ok(())
     }
