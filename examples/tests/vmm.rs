@@ -430,21 +430,35 @@ enum Tracker {
 }
 
 fn migrate_running_guest(mode: lmig_core::session::Mode, tracker: Tracker) {
-    use lmig_examples::vmm::migrate::{migrate_out, receive};
-    use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
-
     let mut config = MachineConfig::new(64);
     if tracker == Tracker::KvmRing {
         config = config.dirty_ring(64 << 10);
     }
-    let mut a = Machine::new(config).expect("machine A");
+    migrate_running_guest_with(mode, tracker, config, MachineConfig::new(64), None, |_| {});
+}
+
+/// [`migrate_running_guest`] with A's and B's configs; B receives on a
+/// thread at nice `receive_nice` (if any); `check` looks at B (its guest
+/// running) before it stops.
+fn migrate_running_guest_with(
+    mode: lmig_core::session::Mode,
+    tracker: Tracker,
+    config_a: MachineConfig,
+    config_b: MachineConfig,
+    receive_nice: Option<i32>,
+    check: impl FnOnce(&Machine),
+) {
+    use lmig_examples::vmm::migrate::{migrate_out, receive};
+    use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, connect};
+
+    let mut a = Machine::new(config_a).expect("machine A");
     a.boot(8).expect("boot");
     a.start().expect("start");
     a.vcpu()
         .unwrap()
         .wait_ready(Duration::from_secs(30))
         .expect("ready");
-    let mut b = Machine::new(MachineConfig::new(64)).expect("machine B");
+    let mut b = Machine::new(config_b).expect("machine B");
     let key = [7u8; 32];
     let listener = Listener::bind(
         &Endpoint::Tcp("127.0.0.1:0".parse().unwrap()),
@@ -454,6 +468,9 @@ fn migrate_running_guest(mode: lmig_core::session::Mode, tracker: Tracker) {
     let target = listener.local_endpoint().clone();
     let (out, inn) = std::thread::scope(|s| {
         let dest = s.spawn(|| {
+            if let Some(nice) = receive_nice {
+                lmig_examples::vmm::set_thread_nice(nice).expect("receiving thread's nice");
+            }
             let channel = listener
                 .accept_timeout(Duration::from_secs(30))
                 .expect("accept");
@@ -512,7 +529,66 @@ fn migrate_running_guest(mode: lmig_core::session::Mode, tracker: Tracker) {
         (inn.resumed_ns.unwrap() - out.paused_ns.unwrap()) as f64 / 1e6,
         (first_b.host_ns - last_a.host_ns) as f64 / 1e6
     );
+    check(&b);
     b.stop().expect("stop B");
+}
+
+/// `(nice, rt_priority, policy)` of thread `tid` of this process, from
+/// its `/proc` stat (fields 19, 40 and 41).
+fn thread_sched(tid: i32) -> (i64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).expect("stat");
+    // Fields after the command (in parentheses, which may hold spaces).
+    let rest: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split_whitespace()
+        .collect();
+    // `rest[0]` is field 3.
+    let field = |n: usize| rest[n - 3];
+    (
+        field(19).parse().unwrap(),
+        field(40).parse().unwrap(),
+        field(41).parse().unwrap(),
+    )
+}
+
+/// The vCPU thread's priority is the machine's on both sides: B's vCPU
+/// thread, started at `Commit` by the receiving thread (here at nice 10),
+/// does not inherit that thread's priority — SCHED_FIFO 1 when asked, and
+/// nice 0 otherwise.
+#[test]
+fn vcpu_priority_holds_on_both_sides() {
+    if !needs_kvm("vcpu_priority_holds_on_both_sides") {
+        return;
+    }
+    const SCHED_FIFO: u64 = 1;
+    let rt = || MachineConfig::new(64).vcpu_realtime(1);
+    migrate_running_guest_with(
+        lmig_core::session::Mode::Precopy,
+        Tracker::KvmLog,
+        rt(),
+        rt(),
+        Some(10),
+        |b| {
+            let tid = b.vcpu().unwrap().tid().expect("B's vCPU thread");
+            let (_, prio, policy) = thread_sched(tid);
+            assert_eq!(
+                (policy, prio),
+                (SCHED_FIFO, 1),
+                "B's vCPU thread in SCHED_FIFO 1"
+            );
+        },
+    );
+    migrate_running_guest_with(
+        lmig_core::session::Mode::Precopy,
+        Tracker::KvmLog,
+        MachineConfig::new(64),
+        MachineConfig::new(64).vcpu_nice(0),
+        Some(10),
+        |b| {
+            let tid = b.vcpu().unwrap().tid().expect("B's vCPU thread");
+            let (nice, _, policy) = thread_sched(tid);
+            assert_eq!((policy, nice), (0, 0), "B's vCPU thread at nice 0, not 10");
+        },
+    );
 }
 
 /// A migration that fails before `Commit` (B's guest memory has another

@@ -14,7 +14,7 @@ use super::guest::{
     self, BUFFER_AT, CODE_AT, GDT_AT, MAX_BYTES, P_BUF_PAGES, P_BUF_START, P_COMMAND, P_DIRTIED,
     P_DIRTY_PER_MS, P_TSC_PER_MS, PAGE, PARAMS_AT,
 };
-use super::{GuestMemory, HeartbeatLog, VcpuState, VcpuThread, VmmError, kvm_err};
+use super::{GuestMemory, HeartbeatLog, VcpuPriority, VcpuState, VcpuThread, VmmError, kvm_err};
 
 /// The lmig region of guest RAM's first 2 MiB (GDT, page tables,
 /// parameters, code, stack), KVM slot [`LOW_SLOT`] (the same on both sides).
@@ -43,8 +43,9 @@ pub struct MachineConfig {
     /// ring tracker, [`Machine::dirty_ring_tracker`]): `Some(bytes)` per
     /// vCPU (`0`: the largest KVM offers).
     pub dirty_ring: Option<u32>,
-    /// The vCPU thread's nice value (`None`: the process's).
-    pub vcpu_nice: Option<i32>,
+    /// The vCPU thread's scheduling priority (on a destination too, where
+    /// the thread starts at `Commit`).
+    pub vcpu_priority: VcpuPriority,
 }
 
 impl MachineConfig {
@@ -55,12 +56,23 @@ impl MachineConfig {
             kvm_path: "/dev/kvm".into(),
             program: guest::program(),
             dirty_ring: None,
-            vcpu_nice: None,
+            vcpu_priority: VcpuPriority::default(),
         }
     }
     /// Run the vCPU thread at nice value `nice` (below 0 needs root).
     pub fn vcpu_nice(mut self, nice: i32) -> Self {
-        self.vcpu_nice = Some(nice);
+        self.vcpu_priority.nice = Some(nice);
+        self
+    }
+    /// Run the vCPU thread in `SCHED_FIFO` at `priority` (1-99, needs
+    /// root): see [`VcpuPriority::realtime`].
+    pub fn vcpu_realtime(mut self, priority: i32) -> Self {
+        self.vcpu_priority.realtime = Some(priority);
+        self
+    }
+    /// Run the vCPU thread on CPU `cpu` only: see [`VcpuPriority::cpu`].
+    pub fn vcpu_cpu(mut self, cpu: usize) -> Self {
+        self.vcpu_priority.cpu = Some(cpu);
         self
     }
     /// Turn on KVM's dirty ring, `bytes` per vCPU (0: the largest offered).
@@ -187,7 +199,7 @@ impl Machine {
             vcpu,
             Arc::clone(&self.memory),
             self.ring.clone(),
-            self.config.vcpu_nice,
+            self.config.vcpu_priority,
         )?);
         Ok(())
     }
@@ -209,6 +221,11 @@ impl Machine {
             .take()
             .ok_or_else(|| VmmError::BadInput("the vCPU is running".into()))?;
         Ok((vcpu, Arc::clone(&self.memory)))
+    }
+
+    /// The vCPU thread's configured priority.
+    pub(super) fn vcpu_priority(&self) -> VcpuPriority {
+        self.config.vcpu_priority
     }
 
     /// The vCPU runs now on `thread`.

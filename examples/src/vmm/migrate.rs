@@ -13,7 +13,7 @@ use lmig_core::session::{
 use lmig_core::{Channel, DirtyTracker, MigrationError, StateSink, StateSource};
 
 use super::vcpu::monotonic_ns;
-use super::{GuestMemory, Machine, VcpuState, VcpuThread, VmmError};
+use super::{GuestMemory, Machine, VcpuPriority, VcpuState, VcpuThread, VmmError};
 
 /// Version of the vCPU state format (JSON of [`VcpuState`]).
 pub const STATE_VERSION: u32 = 1;
@@ -84,6 +84,7 @@ pub struct VmSink {
     memory: Arc<GuestMemory>,
     state: Option<VcpuState>,
     thread: Option<VcpuThread>,
+    priority: VcpuPriority,
     /// `CLOCK_MONOTONIC` ns when the vCPU started running here.
     pub resumed_ns: Option<u64>,
 }
@@ -118,7 +119,7 @@ impl StateSink for VmSink {
             .apply(&vcpu)
             .map_err(|e| backend("set the vCPU state", e))?;
         self.thread = Some(
-            VcpuThread::spawn(vcpu, Arc::clone(&self.memory))
+            VcpuThread::spawn_with_ring(vcpu, Arc::clone(&self.memory), None, self.priority)
                 .map_err(|e| backend("run the vCPU", e))?,
         );
         self.resumed_ns = Some(monotonic_ns());
@@ -190,6 +191,7 @@ pub fn receive(machine: &mut Machine, channel: impl Channel) -> Result<MigratedI
         memory,
         state: None,
         thread: None,
+        priority: machine.vcpu_priority(),
         resumed_ns: None,
     };
     let result = Destination::new(channel, machine.regions(), &mut sink).run();

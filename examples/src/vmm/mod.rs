@@ -19,6 +19,12 @@
 //!   the TSC MSR) is what pausing the vCPU captures and what a destination
 //!   sets before running it.
 //!
+//! * **Scheduling**: [`VcpuPriority`] (nice, `SCHED_FIFO`, a CPU of its
+//!   own), set by the vCPU thread itself on the source and on the
+//!   destination alike; `lmig-bench vm` runs pre-copy with a real-time vCPU
+//!   pinned away from the migration's threads (why: docs/benchmarks.md,
+//!   issue 21 fourth session).
+//!
 //! Pausing: the vCPU thread looks at its control word after every exit
 //! from `KVM_RUN`; the guest exits at least every millisecond (its
 //! heartbeat), so a pause takes at most ~1 ms without signalling the
@@ -28,11 +34,13 @@ pub mod asm;
 pub mod guest;
 mod machine;
 pub mod migrate;
+mod priority;
 mod sys;
 mod vcpu;
 
 pub use machine::{GUEST_REGION, GUEST_SLOT, LOW_REGION, LOW_SLOT, Machine, MachineConfig};
-pub use sys::GuestMemory;
+pub use priority::VcpuPriority;
+pub use sys::{GuestMemory, set_thread_cpus, set_thread_fifo, set_thread_nice};
 pub use vcpu::{Heartbeat, HeartbeatLog, VcpuState, VcpuThread, VcpuTime};
 
 /// Why the micro-VMM failed.

@@ -17,7 +17,7 @@ use super::{VmmError, kvm_err};
 
 /// `setpriority(PRIO_PROCESS, gettid(), nice)`: the calling thread's nice
 /// value (Linux keeps one per thread); below 0 needs `CAP_SYS_NICE`.
-pub(super) fn set_thread_nice(nice: i32) -> Result<(), VmmError> {
+pub fn set_thread_nice(nice: i32) -> Result<(), VmmError> {
     use nix::libc;
     // SAFETY: gettid and setpriority take plain integers and touch no memory.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
@@ -29,6 +29,41 @@ pub(super) fn set_thread_nice(nice: i32) -> Result<(), VmmError> {
             std::io::Error::last_os_error(),
         ))
     }
+}
+
+/// Put the calling thread in `SCHED_FIFO` at `priority` (1-99; needs
+/// `CAP_SYS_NICE`): it then runs before every normal thread as soon as it
+/// is runnable, i.e. as soon as the thread holding its CPU reaches a
+/// preemption point.
+pub fn set_thread_fifo(priority: i32) -> Result<(), VmmError> {
+    use nix::libc;
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0
+    // is the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(VmmError::Sys(
+            "sched_setscheduler(SCHED_FIFO)",
+            std::io::Error::last_os_error(),
+        ))
+    }
+}
+
+/// Let the calling thread (and the threads it starts from now on) run
+/// only on the CPUs in `cpus`.
+pub fn set_thread_cpus(cpus: &[usize]) -> Result<(), VmmError> {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    let mut set = CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu)
+            .map_err(|e| VmmError::Sys("CPU set", std::io::Error::from(e)))?;
+    }
+    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .map_err(|e| VmmError::Sys("sched_setaffinity", std::io::Error::from(e)))
 }
 
 /// Guest RAM: a memfd mapped shared by the VMM from offset 0. Unmapped on

@@ -14,7 +14,7 @@ use super::guest::{
     CODE_AT, GDT_AT, P_HB_TSC, P_TOUCH, P_TSC_PER_MS, PARAMS_AT, PML4_AT, PORT_CHECK,
     PORT_HEARTBEAT, PORT_IDLE, PORT_READY, PORT_TOUCHED, STACK_TOP, TSS_AT, USER_CS, USER_DS,
 };
-use super::{GuestMemory, VmmError, kvm_err};
+use super::{GuestMemory, VcpuPriority, VmmError, kvm_err};
 
 /// `IA32_TSC`.
 const MSR_TSC: u32 = 0x10;
@@ -330,18 +330,18 @@ pub struct VcpuTime {
 impl VcpuThread {
     /// Start running `vcpu` (its state already set) on a thread of its own.
     pub fn spawn(vcpu: VcpuFd, memory: Arc<GuestMemory>) -> Result<Self, VmmError> {
-        Self::spawn_with_ring(vcpu, memory, None, None)
+        Self::spawn_with_ring(vcpu, memory, None, VcpuPriority::default())
     }
 
     /// [`Self::spawn`] for a VM with KVM's dirty ring: a full ring
     /// (`KVM_EXIT_DIRTY_RING_FULL`) is harvested for lmig's tracker
-    /// ([`KvmDirtyRing::on_full_exit`]) and the vCPU runs on; with `nice`,
-    /// the thread sets its nice value first.
+    /// ([`KvmDirtyRing::on_full_exit`]) and the vCPU runs on; the thread
+    /// sets its `priority` first.
     pub fn spawn_with_ring(
         vcpu: VcpuFd,
         memory: Arc<GuestMemory>,
         ring: Option<KvmDirtyRing>,
-        nice: Option<i32>,
+        priority: VcpuPriority,
     ) -> Result<Self, VmmError> {
         let shared = Shared::new();
         let for_thread = Arc::clone(&shared);
@@ -349,7 +349,7 @@ impl VcpuThread {
             .name("lmig-vcpu0".into())
             .spawn({
                 let memory = Arc::clone(&memory);
-                move || run(vcpu, &memory, &for_thread, ring.as_ref(), nice)
+                move || run(vcpu, &memory, &for_thread, ring.as_ref(), priority)
             })
             .map_err(|e| VmmError::Sys("spawn vCPU thread", e))?;
         Ok(Self {
@@ -404,6 +404,12 @@ impl VcpuThread {
             asleep,
             blocked: wall.saturating_sub(running + runnable + asleep),
         })
+    }
+
+    /// The thread's id (once it has started).
+    #[must_use]
+    pub fn tid(&self) -> Option<i32> {
+        self.shared.lock().tid
     }
 
     /// Wait until the guest has filled its buffer.
@@ -480,14 +486,13 @@ fn run(
     memory: &GuestMemory,
     shared: &Shared,
     ring: Option<&KvmDirtyRing>,
-    nice: Option<i32>,
+    priority: VcpuPriority,
 ) -> Result<VcpuFd, VmmError> {
     shared.lock().tid = Some(nix::unistd::gettid().as_raw());
     let schedstat = std::fs::File::open("/proc/thread-self/schedstat").ok();
-    let result = match nice.map(super::sys::set_thread_nice) {
-        Some(Err(e)) => Err(e),
-        _ => run_loop(&mut vcpu, memory, shared, ring, schedstat.as_ref()),
-    };
+    let result = priority
+        .apply()
+        .and_then(|()| run_loop(&mut vcpu, memory, shared, ring, schedstat.as_ref()));
     if let Err(e) = &result {
         shared.lock().failed = Some(match e {
             VmmError::GuestExit(why) => why.clone(),
