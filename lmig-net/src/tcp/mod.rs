@@ -108,10 +108,19 @@ pub(crate) fn state_kind(state: u8) -> std::result::Result<TcpStateKind, &'stati
 /// mode too. A peer that saw a later timestamp from the source than the
 /// destination's first segments carry drops those as old (PAWS) until the
 /// destination retransmits, after the restored socket's initial RTO of 1 s.
-/// Starting ahead covers every freeze shorter than this; a jump forward is
-/// harmless (it is what a few idle seconds look like: peers only reject
-/// timestamps that go back).
-pub const TIMESTAMP_LEAD_MS: u32 = 5_000;
+/// Starting ahead covers a source that sends for up to this long after its
+/// capture (plus the time from restore to activation, which the clock runs
+/// through).
+///
+/// The lead is not free, so it is short: until the peer has seen a segment
+/// of the destination it echoes the source's timestamps, and an ACK that
+/// takes its RTT sample from the echo (Karn's rule: retransmitted or
+/// partly acknowledged data) measures the lead as round-trip time. With
+/// the 5 s lead this used to be, one such sample set the RTO to 15 s and the
+/// tail loss probe to 10 s: a segment lost after the move stalled the
+/// connection for that long (`tcp_unsent_tail_written_after_activation_keeps_order`
+/// failed so in 1 of 20 runs). A sample of 100 ms costs an RTO of ~300 ms.
+pub const TIMESTAMP_LEAD_MS: u32 = 100;
 
 /// Bind `fd` to `local`, falling back to `IP_TRANSPARENT` when the address is
 /// not (yet) local here.
@@ -179,6 +188,10 @@ pub(crate) struct PendingActivation {
     unsent: Bytes,
     /// Whether `RepairExit::Auto` sends the window probe.
     wants_probe: bool,
+    /// The captured send window, when the restore set it to 0 to learn it
+    /// from the probe (see `send_window`; 0: not so): put back at
+    /// activation if no probe is sent.
+    snd_wnd: u32,
     reuse_addr: bool,
 }
 
@@ -285,13 +298,20 @@ pub(crate) fn restore_established(
         }
         sys::shutdown(fd, libc::SHUT_WR).map_err(e("shutdown(SHUT_WR) in repair mode"))?;
     }
-    if let Some(w) = c.window {
+    // See `send_window`: a connection with bytes to send learns the peer's
+    // window from the probe's answer instead.
+    let learn_window = !c.send_queue.is_empty() || c.state.fin_sent();
+    let captured = c.window.map(|w| sys::TcpRepairWindowRaw {
+        snd_wl1: w.snd_wl1,
+        snd_wnd: w.snd_wnd,
+        max_window: w.max_window,
+        rcv_wnd: w.rcv_wnd,
+        rcv_wup: w.rcv_wup,
+    });
+    if let Some(w) = captured {
         let raw = sys::TcpRepairWindowRaw {
-            snd_wl1: w.snd_wl1,
-            snd_wnd: w.snd_wnd,
-            max_window: w.max_window,
-            rcv_wnd: w.rcv_wnd,
-            rcv_wup: w.rcv_wup,
+            snd_wnd: send_window(w.snd_wnd, learn_window),
+            ..w
         };
         sys::set_repair_window(fd, &raw).map_err(e("setsockopt(TCP_REPAIR_WINDOW)"))?;
     }
@@ -309,9 +329,30 @@ pub(crate) fn restore_established(
         addrs: Some((c.local, c.peer)),
         fin,
         unsent: c.send_queue.slice(sent..),
-        wants_probe: sent > 0 || c.state.fin_sent(),
+        wants_probe: learn_window,
+        snd_wnd: captured.filter(|_| learn_window).map_or(0, |w| w.snd_wnd),
         reuse_addr: c.sock.reuse_addr,
     })
+}
+
+/// The send window to restore: the captured one, or 0 for a connection that
+/// learns the peer's window from the window probe's answer (`learn`: it has
+/// bytes to send, so it probes when it leaves repair mode).
+///
+/// Why: `connect` in repair mode arms the kernel's header prediction with
+/// the send window it has then, 0 (`tcp_finish_connect` calls
+/// `__tcp_fast_path_on(tp, snd_wnd)` while `snd_wscale` is still 0), and
+/// `TCP_REPAIR_WINDOW` changes `snd_wnd` without re-arming it. An ACK that
+/// matches the prediction — a zero window — and acknowledges new data takes
+/// the fast path, which assumes the window did not change: the socket keeps
+/// the captured window while the peer's is closed, sends into it, and the
+/// peer drops those segments (they need a retransmission timeout). This is
+/// the common case with queued data: the peer acknowledged during the freeze
+/// what the source had sent, and its window closed. Restored as 0, the
+/// prediction is right: a zero-window answer leaves 0, any other window
+/// takes the slow path, which updates the window and the prediction.
+fn send_window(captured: u32, learn: bool) -> u32 {
+    if learn { 0 } else { captured }
 }
 
 /// The options negotiated in the handshake, as `TCP_REPAIR_OPTIONS` wants
@@ -391,6 +432,18 @@ pub(crate) fn activate_established(
         RepairExit::NoWindowProbe => false,
         RepairExit::Auto => p.wants_probe,
     };
+    if !probe && p.snd_wnd != 0 {
+        // No answer will tell the window: the captured one, stale prediction
+        // and all, beats none (`send_window`). The rest as it is now (the
+        // socket may have received since the restore).
+        let mut w = sys::repair_window(fd)
+            .map_err(|e| NetError::sys("getsockopt(TCP_REPAIR_WINDOW)", what(), e))?;
+        if w.snd_wnd == 0 {
+            w.snd_wnd = p.snd_wnd;
+            sys::set_repair_window(fd, &w)
+                .map_err(|e| NetError::sys("setsockopt(TCP_REPAIR_WINDOW)", what(), e))?;
+        }
+    }
     repair::leave_repair(fd, probe, p.reuse_addr)
         .map_err(|e| NetError::sys("TCP_REPAIR off", what(), e))?;
     if defer_unsent {
