@@ -256,6 +256,20 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// A pre-copy destination faults guest RAM in before the migration
+/// arrives, as QEMU's `-mem-prealloc` does, so that placing pages later
+/// costs no page faults while the source's guest runs on the same CPUs.
+/// Post-copy and hybrid destinations do not: memory they hold counts as
+/// data to lmig (`Region::populated`), so every page still missing at the
+/// switch would first have to be dropped again for userfaultfd to see its
+/// fault, inside the freeze.
+fn prefault_for(machine: &Machine, mode: &str) -> Result<(), Box<dyn std::error::Error>> {
+    if mode == "precopy" {
+        machine.memory().prefault()?;
+    }
+    Ok(())
+}
+
 /// The largest host interval between consecutive heartbeats from `from_ns`
 /// on, when it began (ns after `from_ns`), and the vCPU thread's time on a
 /// CPU and waiting for one inside it (ns).
@@ -344,10 +358,7 @@ pub fn peer(args: PeerArgs) -> Result<(), Box<dyn std::error::Error>> {
             ["quit"] | [] => break,
             ["boot"] => boot(&mut machine, args.dirty_mbps),
             ["migrate", addr, key] => migrate(&machine, addr, key, &args.mode, &args.tracker),
-            ["listen", addr, key] => machine
-                .memory()
-                .prefault()
-                .map_err(Into::into)
+            ["listen", addr, key] => prefault_for(&machine, &args.mode)
                 .and_then(|()| bind(addr, key))
                 .map(|l| {
                     listener = Some(l);
