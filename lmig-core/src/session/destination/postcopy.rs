@@ -605,6 +605,12 @@ impl FaultForwarder {
                     None => break,
                 }
             }
+            if requests.len() > 1 {
+                debug!(
+                    requests = requests.len(),
+                    "post-copy: requests sent together"
+                );
+            }
             link.faults
                 .fetch_add(requests.len() as u64, Ordering::Relaxed);
             {

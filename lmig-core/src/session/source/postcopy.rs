@@ -523,6 +523,12 @@ impl<'scope> RequestServer<'scope> {
                             Ok(None) | Err(_) => break,
                         }
                     }
+                    if requests.len() > 1 {
+                        debug!(
+                            requests = requests.len(),
+                            "post-copy: requests answered together"
+                        );
+                    }
                     service.answer(&mut sender, &requests);
                 }
                 Ok(None) => {}
