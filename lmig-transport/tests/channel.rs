@@ -499,6 +499,70 @@ fn request(n: u64) -> Message {
     Message::PageRequest(PageRun::new(RegionId(9), n, 1))
 }
 
+/// `send_urgent_many` (post-copy's requests and replies at hand, in one
+/// write): every message arrives once and in order, also when they fill
+/// several writes; and once the consumer reads the urgent stream itself, a
+/// zero wait takes a message that already arrived (how the request server
+/// gathers the requests at hand) instead of returning `None`.
+#[test]
+fn urgent_many_arrives_in_order_and_a_zero_wait_drains_it() {
+    for kind in ["mem", "tcp"] {
+        let (a, b) = mem_or_tcp(kind, 1);
+        let next = |what: &str| {
+            let deadline = Instant::now() + T;
+            loop {
+                assert!(Instant::now() < deadline, "{kind}: {what} never came");
+                if let Some(m) = b.recv_urgent(Duration::from_millis(50)).unwrap() {
+                    return m;
+                }
+            }
+        };
+        // The consumer takes the stream over.
+        a.send_urgent(&request(0)).unwrap();
+        assert_eq!(next("the first request"), request(0), "{kind}");
+        // A batch sent in full before the consumer looks: after the first
+        // message, the rest is drained with zero waits only.
+        let small: Vec<Message> = (1..=100).map(request).collect();
+        a.send_urgent_many(&small).unwrap();
+        let mut got = vec![next("the batch")];
+        let deadline = Instant::now() + T;
+        while got.len() < small.len() {
+            assert!(
+                Instant::now() < deadline,
+                "{kind}: a zero wait took {} of {} messages",
+                got.len(),
+                small.len()
+            );
+            if let Some(m) = b.recv_urgent(Duration::ZERO).unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, small, "{kind}");
+        assert_eq!(b.recv_urgent(Duration::ZERO).unwrap(), None, "{kind}");
+        // Replies and requests over several writes' worth (512 KiB of pages).
+        let big: Vec<Message> = (0..128u64)
+            .flat_map(|n| {
+                let mut p = page(n, n as u32);
+                p.run = PageRun::new(RegionId(0), n * u64::from(CHUNK_PAGES), 1);
+                [Message::Pages(p), request(1000 + n)]
+            })
+            .collect();
+        let sent = big.clone();
+        let aa = a.clone();
+        let w = thread::spawn(move || aa.send_urgent_many(&sent));
+        for (i, m) in big.iter().enumerate() {
+            assert_eq!(
+                &next("a message of the big batch"),
+                m,
+                "{kind}: message {i}"
+            );
+        }
+        w.join().unwrap().unwrap();
+        // Nothing is left over.
+        assert_eq!(b.recv_urgent(Duration::from_millis(20)).unwrap(), None);
+    }
+}
+
 /// `recv_urgent` takes the urgent stream over from its reader thread: every
 /// urgent message arrives once and in order, whether queued by the thread
 /// before the hand-over or read directly after it, also after a reconnect;

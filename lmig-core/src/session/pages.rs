@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 use super::pace::Meter;
 use crate::error::Result;
 use crate::model::{PageRun, RegionLayout, RegionPages};
-use crate::protocol::{PageBatch, PageData};
+use crate::protocol::{Message, PageBatch, PageData};
 use crate::traits::{Channel, MemorySource};
 
 /// Is every byte zero? Checks 64-byte blocks so the compiler can vectorize.
@@ -64,6 +64,9 @@ pub(crate) struct PageSender<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> 
     paced: bool,
     /// Ends a wait for the bandwidth limit (a cancel).
     stop: Option<&'a (dyn Fn() -> bool + Sync)>,
+    /// Urgent messages held until [`PageSender::flush_urgent`] (`None`:
+    /// each is sent at once).
+    held: Option<Vec<Message>>,
 }
 
 impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
@@ -77,6 +80,26 @@ impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
             meter: None,
             paced: false,
             stop: None,
+            held: None,
+        }
+    }
+
+    /// Hold urgent messages until [`PageSender::flush_urgent`], which sends
+    /// them together ([`Channel::send_urgent_many`]).
+    pub fn holding_urgent(mut self) -> Self {
+        self.held = Some(Vec::new());
+        self
+    }
+
+    /// Send the urgent messages held so far, in order, in one call.
+    pub fn flush_urgent(&mut self) -> Result<()> {
+        match &mut self.held {
+            Some(held) if !held.is_empty() => {
+                let sent = self.channel.send_urgent_many(held);
+                held.clear();
+                sent
+            }
+            _ => Ok(()),
         }
     }
 
@@ -221,7 +244,7 @@ impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
     }
 
     fn send_batch(
-        &self,
+        &mut self,
         run: PageRun,
         data: PageData,
         page_size: usize,
@@ -239,8 +262,11 @@ impl<'a, M: MemorySource + ?Sized, C: Channel + ?Sized> PageSender<'a, M, C> {
         }
         let batch = PageBatch { round, run, data };
         if urgent {
-            self.channel
-                .send_urgent(&crate::protocol::Message::Pages(batch))?;
+            let msg = Message::Pages(batch);
+            match &mut self.held {
+                Some(held) => held.push(msg),
+                None => self.channel.send_urgent(&msg)?,
+            }
         } else {
             self.channel.send_pages(lane, &batch)?;
         }

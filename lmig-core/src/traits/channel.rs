@@ -25,6 +25,14 @@ pub trait Channel: Send + Sync {
         self.send(msg)
     }
 
+    /// Send `msgs` on the urgent lane in this order, as [`Channel::send_urgent`]
+    /// would one by one; a channel may put them on the wire in one write
+    /// (post-copy sends the requests, and the replies, that are pending at
+    /// one moment together). The default sends them one by one.
+    fn send_urgent_many(&self, msgs: &[Message]) -> Result<()> {
+        msgs.iter().try_for_each(|m| self.send_urgent(m))
+    }
+
     /// Number of data lanes.
     fn data_lanes(&self) -> usize {
         1

@@ -187,6 +187,9 @@ macro_rules! forward_channel {
             fn send_urgent(&self, msg: &Message) -> Result<()> {
                 (**self).send_urgent(msg)
             }
+            fn send_urgent_many(&self, msgs: &[Message]) -> Result<()> {
+                (**self).send_urgent_many(msgs)
+            }
             fn data_lanes(&self) -> usize {
                 (**self).data_lanes()
             }

@@ -49,7 +49,12 @@ pub(crate) trait Conn: Read + Write + Send + Sync {
 
 /// `poll(2)` for `POLLIN` on one descriptor.
 fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
-    let ms = i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX);
+    // A zero timeout only looks; a shorter wait than 1 ms is rounded up.
+    let ms = if timeout.is_zero() {
+        0
+    } else {
+        i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX)
+    };
     let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
     let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
     loop {

@@ -34,6 +34,10 @@ const URGENT_READER: &str = "lmig-rx-urgent";
 /// Bytes a data lane gathers before writing (frames larger than this go out directly).
 const DATA_BUFFER: usize = 256 << 10;
 
+/// Bytes gathered for one write of several urgent messages
+/// ([`Lanes::write_urgent_many`]); more go out in further writes.
+const URGENT_BATCH: usize = 256 << 10;
+
 /// Where a message is sent.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub(super) enum Lane {
@@ -126,6 +130,19 @@ impl Lanes {
                 frames.write_to(&mut **lane.get_mut())
             }
         }
+    }
+
+    /// Write several messages' `frames` on the urgent stream, in order,
+    /// gathered into writes of up to [`URGENT_BATCH`] bytes: one system call
+    /// (and on an encrypted stream one record) for many small post-copy
+    /// requests or replies instead of one each.
+    pub(super) fn write_urgent_many(&self, frames: &[EncodedFrames]) -> io::Result<()> {
+        let mut conn = lock(&self.urgent);
+        let mut out = BufWriter::with_capacity(URGENT_BATCH, &mut **conn);
+        for f in frames {
+            f.write_to(&mut out)?;
+        }
+        out.flush()
     }
 
     /// Push out what the data lanes buffered.

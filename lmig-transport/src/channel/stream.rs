@@ -18,7 +18,7 @@ use super::urgent::DirectUrgent;
 use super::{ChannelConfig, Dial, Key, Streams, lock};
 use crate::auth;
 use crate::error::Result;
-use crate::wire::{SESSION_ID_LEN, encode_message, encode_message_sealed};
+use crate::wire::{EncodedFrames, SESSION_ID_LEN, encode_message, encode_message_sealed};
 
 /// A channel over `dialer`'s connections: a fresh session, generation 0.
 pub(crate) fn start_dialed(dialer: Box<dyn Dial>, config: ChannelConfig) -> Result<StreamChannel> {
@@ -157,17 +157,21 @@ impl StreamChannel {
         self.inner.generation.load(Ordering::Acquire)
     }
 
-    fn write(&self, lane: Lane, msg: &Message) -> lmig_core::Result<()> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(MigrationError::channel_closed("the channel was shut down"));
-        }
+    /// Encode `msg` for the channel's streams.
+    fn encode(&self, msg: &Message) -> lmig_core::Result<EncodedFrames> {
         let encode = if self.inner.config.security.seals() {
             encode_message_sealed
         } else {
             encode_message
         };
-        let frames = encode(msg)
-            .map_err(|e| MigrationError::channel(format!("cannot encode {}", msg.name()), e))?;
+        encode(msg).map_err(|e| MigrationError::channel(format!("cannot encode {}", msg.name()), e))
+    }
+
+    fn write(&self, lane: Lane, msg: &Message) -> lmig_core::Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(MigrationError::channel_closed("the channel was shut down"));
+        }
+        let frames = self.encode(msg)?;
         if let Some(l) = &self.inner.limiter {
             l.acquire(frames.len());
         }
@@ -229,6 +233,26 @@ impl Channel for StreamChannel {
 
     fn send_urgent(&self, msg: &Message) -> lmig_core::Result<()> {
         self.write(Lane::Urgent, msg)
+    }
+
+    fn send_urgent_many(&self, msgs: &[Message]) -> lmig_core::Result<()> {
+        if let [one] = msgs {
+            return self.write(Lane::Urgent, one);
+        }
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(MigrationError::channel_closed("the channel was shut down"));
+        }
+        let frames = msgs
+            .iter()
+            .map(|m| self.encode(m))
+            .collect::<lmig_core::Result<Vec<_>>>()?;
+        if let Some(l) = &self.inner.limiter {
+            l.acquire(frames.iter().map(EncodedFrames::len).sum());
+        }
+        let lanes = self.inner.current_lanes();
+        lanes.write_urgent_many(&frames).map_err(|e| {
+            MigrationError::channel(format!("sending {} urgent messages", msgs.len()), e)
+        })
     }
 
     fn ip_addresses(&self) -> Vec<std::net::IpAddr> {

@@ -121,10 +121,12 @@ impl DirectUrgent {
                     None => continue,
                 }
             }
-            if now >= deadline {
+            // A zero timeout still takes a message already there (a
+            // consumer draining what arrived together).
+            if now >= deadline && !timeout.is_zero() {
                 return Ok(None);
             }
-            match self.read_direct(slot, queue, deadline - now) {
+            match self.read_direct(slot, queue, deadline.saturating_duration_since(now)) {
                 DirectRead::Msg(m) => return Ok(Some(m)),
                 DirectRead::Idle => return Ok(None),
                 DirectRead::Ended => {}

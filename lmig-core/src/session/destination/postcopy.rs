@@ -65,6 +65,9 @@ impl Quiet {
 
 /// Unanswered fault requests remembered for repetition after a reconnect.
 const MAX_OUTSTANDING: usize = 256;
+/// Most page requests sent in one write: after one fault, those already
+/// waiting too (see [`FaultForwarder::run`]).
+const REQUEST_BATCH: usize = 64;
 /// Most warnings kept about bad post-copy input.
 const MAX_WARNINGS: usize = 64;
 
@@ -586,23 +589,43 @@ impl FaultForwarder {
     fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
         service.memory.urgent_thread();
         let link = service.link;
+        let mut requests = Vec::with_capacity(REQUEST_BATCH);
         while !link.stop.load(Ordering::Acquire) {
             let Some(run) = service.memory.wait_fault(service.poll)? else {
                 continue;
             };
-            link.faults.fetch_add(1, Ordering::Relaxed);
+            // Every request already waiting goes with this one, in one
+            // write (a program that parks many requests at once, or many
+            // threads faulting together, costs one write, not one each).
+            requests.clear();
+            requests.push(Message::PageRequest(run));
+            while requests.len() < REQUEST_BATCH {
+                match service.memory.wait_fault(Duration::ZERO)? {
+                    Some(run) => requests.push(Message::PageRequest(run)),
+                    None => break,
+                }
+            }
+            if requests.len() > 1 {
+                debug!(
+                    requests = requests.len(),
+                    "post-copy: requests sent together"
+                );
+            }
+            link.faults
+                .fetch_add(requests.len() as u64, Ordering::Relaxed);
             {
                 let mut o = lock(&link.outstanding);
-                if o.len() == MAX_OUTSTANDING {
-                    o.remove(0);
+                for m in &requests {
+                    if let Message::PageRequest(run) = m {
+                        if o.len() == MAX_OUTSTANDING {
+                            o.remove(0);
+                        }
+                        o.push(*run);
+                    }
                 }
-                o.push(run);
             }
             if link.up.load(Ordering::Acquire)
-                && service
-                    .channel
-                    .send_urgent(&Message::PageRequest(run))
-                    .is_err()
+                && service.channel.send_urgent_many(&requests).is_err()
             {
                 // The session's thread reconnects; the request is
                 // repeated after the resync.

@@ -40,6 +40,11 @@ const RESEND_PAGES: u64 = CHUNK_PAGES as u64;
 /// Most warnings kept about unexpected messages after `Commit`.
 const MAX_WARNINGS: usize = 16;
 
+/// Most page requests answered together: after one arrives, the request
+/// server takes up to this many more already received and writes all their
+/// replies at once (see [`RequestServer::run`]).
+const REQUEST_BATCH: usize = 256;
+
 /// Round number used for pages sent after `Commit`.
 const POSTCOPY_ROUND: u32 = u32::MAX;
 
@@ -177,9 +182,14 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
     /// urgent lane arrives in a round trip; whichever comes second is
     /// dropped there as a duplicate (memory no longer changes here, so both
     /// carry the same bytes).
-    fn serve_request(&self, sender: &mut PageSender<'_, M, C>, run: PageRun) {
+    ///
+    /// `sender` holds the replies ([`PageSender::holding_urgent`]): they
+    /// leave with those of the other requests at hand in
+    /// [`Service::answer`].
+    fn serve_request(&self, sender: &mut PageSender<'_, M, C>, run: PageRun) -> Result<Sent> {
+        let mut sent = Sent::default();
         if self.layout.check_run(&run).is_err() {
-            return;
+            return Ok(sent);
         }
         let (unsent, again) = {
             let mut q = self.push.lock().expect("push queue poisoned");
@@ -195,12 +205,33 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
         runs.extend(again);
         runs.sort_by_key(|r| r.first);
         for r in runs {
-            match sender.send_run(r, POSTCOPY_ROUND, 0, true) {
-                Ok(sent) => lock(&self.requested).add(sent),
+            sent.add(sender.send_run(r, POSTCOPY_ROUND, 0, true)?);
+        }
+        Ok(sent)
+    }
+
+    /// Answer `requests` (the ones at hand, in arrival order): every reply
+    /// is encoded first, then all go out in one urgent write.
+    fn answer(&self, sender: &mut PageSender<'_, M, C>, requests: &[PageRun]) {
+        let mut sent = Sent::default();
+        let mut outcome = Ok(());
+        for &run in requests {
+            match self.serve_request(sender, run) {
+                Ok(s) => sent.add(s),
                 Err(e) => {
-                    debug!(error = %e, run = %r, "post-copy: a requested run could not be sent: the link is broken");
-                    self.gate.broken(self.gate.epoch())
+                    debug!(error = %e, run = %run, "post-copy: a requested run could not be read");
+                    outcome = Err(e);
+                    break;
                 }
+            }
+        }
+        // What was read before a failure still goes out.
+        let flushed = sender.flush_urgent();
+        match outcome.and(flushed) {
+            Ok(()) => lock(&self.requested).add(sent),
+            Err(e) => {
+                debug!(error = %e, requests = requests.len(), "post-copy: requested pages could not be sent: the link is broken");
+                self.gate.broken(self.gate.epoch())
             }
         }
     }
@@ -259,7 +290,8 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
         warnings: &mut Vec<String>,
     ) -> Result<Verification> {
         let mut urgent = PageSender::new(self.memory, self.channel, self.layout)
-            .metered(self.meter, false, None);
+            .metered(self.meter, false, None)
+            .holding_urgent();
         let mut digests: Option<Vec<RegionDigest>> = None;
         let mut idle = Duration::ZERO;
         let mut last_heard = 0;
@@ -312,7 +344,7 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
             };
             idle = Duration::ZERO;
             match msg {
-                Message::PageRequest(run) => self.serve_request(&mut urgent, run),
+                Message::PageRequest(run) => self.answer(&mut urgent, &[run]),
                 Message::Resync(missing) => {
                     info!(runs = missing.len(), "post-copy: the destination resynced");
                     self.resync(missing, digests.as_deref())
@@ -470,22 +502,50 @@ impl<'scope> RequestServer<'scope> {
 
     fn run<M: MemorySource, C: Channel>(service: &Service<'_, M, C>) {
         service.memory.urgent_thread();
-        let mut sender = PageSender::new(service.memory, service.channel, service.layout).metered(
-            service.meter,
-            false,
-            None,
-        );
+        let mut sender = PageSender::new(service.memory, service.channel, service.layout)
+            .metered(service.meter, false, None)
+            .holding_urgent();
+        let mut requests = Vec::with_capacity(REQUEST_BATCH);
         while service.serving.load(Ordering::Acquire) {
             match service.channel.recv_urgent(URGENT_TICK) {
                 Ok(Some(msg)) => {
-                    service.heard.fetch_add(1, Ordering::Relaxed);
-                    if let Message::PageRequest(run) = msg {
-                        service.serve_request(&mut sender, run);
+                    requests.clear();
+                    Self::take(service, msg, &mut requests);
+                    // Every further request already received (bounded)
+                    // is answered with this one: their replies go out in
+                    // one write instead of one write (and, encrypted, one
+                    // record) each.
+                    while requests.len() < REQUEST_BATCH {
+                        match service.channel.recv_urgent(Duration::ZERO) {
+                            Ok(Some(msg)) => Self::take(service, msg, &mut requests),
+                            // Nothing more now; an error shows again in
+                            // the next wait.
+                            Ok(None) | Err(_) => break,
+                        }
                     }
+                    if requests.len() > 1 {
+                        debug!(
+                            requests = requests.len(),
+                            "post-copy: requests answered together"
+                        );
+                    }
+                    service.answer(&mut sender, &requests);
                 }
                 Ok(None) => {}
                 Err(_) => break,
             }
+        }
+    }
+
+    /// Count `msg` as a sign of life and keep it if it is a page request.
+    fn take<M: MemorySource, C: Channel>(
+        service: &Service<'_, M, C>,
+        msg: Message,
+        requests: &mut Vec<PageRun>,
+    ) {
+        service.heard.fetch_add(1, Ordering::Relaxed);
+        if let Message::PageRequest(run) = msg {
+            requests.push(run);
         }
     }
 
