@@ -156,10 +156,12 @@ fn a_migration_logs_its_phases_decisions_and_freeze_steps() {
     }
 
     let events = collector.events.lock().unwrap().clone();
-    // The policy's decision, its reason as the message, in the source's
-    // session span.
+    // The policy's last decision (a round more is made when the
+    // destination was not prepared yet at the first), its reason as the
+    // message, in the source's session span.
     let decision = events
         .iter()
+        .rev()
         .find(|e| e.fields.contains_key("decision"))
         .unwrap_or_else(|| panic!("no decision event in {events:#?}"));
     assert!(
@@ -224,7 +226,14 @@ fn reports_serialise_with_durations_and_freeze_ms() {
     assert!(json.get("paused_at").is_none(), "an Instant leaked: {json}");
     assert_eq!(json["mode"], "precopy");
     assert_eq!(json["verification"], "verified");
-    assert_eq!(json["decisions"], serde_json::json!(["freeze"]));
+    // One decision per round, serialised by name: nothing is dirtied, so
+    // every round decides to freeze; a round more is made when the
+    // destination was not prepared yet at the first (it never freezes
+    // before), which depends on the threads' timing.
+    let decisions = json["decisions"].as_array().unwrap();
+    assert!(!decisions.is_empty(), "{json}");
+    assert!(decisions.iter().all(|d| d == "freeze"), "{json}");
+    assert_eq!(decisions.len(), report.decisions.len());
     assert_eq!(json["tracker"], report.tracker);
     assert_eq!(json["pages_sent"], report.pages_sent);
     let steps = json["freeze_steps_ms"].as_array().unwrap();
