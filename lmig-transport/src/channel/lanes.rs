@@ -137,8 +137,11 @@ impl Lanes {
     /// (and on an encrypted stream one record) for many small post-copy
     /// requests or replies instead of one each.
     pub(super) fn write_urgent_many(&self, frames: &[EncodedFrames]) -> io::Result<()> {
+        let total: usize = frames.iter().map(EncodedFrames::len).sum();
         let mut conn = lock(&self.urgent);
-        let mut out = BufWriter::with_capacity(URGENT_BATCH, &mut **conn);
+        // No larger a buffer than the messages need: a few requests are a
+        // few dozen bytes.
+        let mut out = BufWriter::with_capacity(total.min(URGENT_BATCH), &mut **conn);
         for f in frames {
             f.write_to(&mut out)?;
         }
