@@ -66,8 +66,11 @@ impl Quiet {
 /// Unanswered fault requests remembered for repetition after a reconnect.
 const MAX_OUTSTANDING: usize = 256;
 /// Most page requests sent in one write: after one fault, those already
-/// waiting too (see [`FaultForwarder::run`]).
-const REQUEST_BATCH: usize = 64;
+/// waiting too (see [`FaultForwarder::run`]); as many as are remembered for
+/// repetition. kvd parks about a thousand requests in its first pass after
+/// resuming: at 64 a write, its clients' p99 was over 10 ms in 3 of 6 runs,
+/// at 256 in none.
+const REQUEST_BATCH: usize = MAX_OUTSTANDING;
 /// Most warnings kept about bad post-copy input.
 const MAX_WARNINGS: usize = 64;
 
