@@ -373,9 +373,12 @@ fn tcp_unsent_tail_written_after_activation_keeps_order() {
 }
 
 /// Without the window probe (`RepairExit::NoWindowProbe`) a connection with
-/// a send queue gets its captured send window back at activation (the
-/// restore sets it to 0 to learn it from the probe's answer): the bytes the
-/// peer's closed window held back all arrive, in order, then the new ones.
+/// a send queue, restored with send window 0 (to learn it from the probe's
+/// answer) and given the captured window back at activation, loses nothing:
+/// the bytes the peer's closed window held back all arrive, in order, then
+/// the new ones. What it cannot tell is whether the put-back or the kernel's
+/// own zero-window probe timer reopened the window: it proves the path does
+/// no harm, not that the put-back is what made the bytes flow.
 #[test]
 fn tcp_send_queue_without_window_probe_keeps_order() {
     if !privileged("tcp_send_queue_without_window_probe_keeps_order") {
