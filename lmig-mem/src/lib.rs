@@ -234,6 +234,7 @@ mod log;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod cpu;
 pub mod error;
 mod memory;
 pub mod postcopy;

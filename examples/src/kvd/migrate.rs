@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use lmig_core::model::{ProgramState, RegionId};
 use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
 use lmig_core::session::{
-    AfterCommit, Destination, DestinationReport, Mode, Resumption, Source, SourceConfig,
-    SourceControl, SourceReport,
+    AfterCommit, Destination, DestinationConfig, DestinationReport, Mode, Resumption, Source,
+    SourceConfig, SourceControl, SourceReport,
 };
 use lmig_core::traits::{Event, Phase};
 use lmig_core::{BoxError, MigrationError, SocketSink, StateSink, StateSource};
@@ -358,7 +358,8 @@ pub fn migrate_out(
         .with_mode(opts.mode)
         .with_max_freeze(opts.max_freeze)
         .with_bandwidth_limit(opts.bandwidth)
-        .with_yield_to_program(yield_to_loop);
+        .with_yield_to_program(yield_to_loop)
+        .with_idle_lanes(crate::kvd::pace::idle_lanes());
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)
         .with_config(config)
@@ -642,7 +643,11 @@ fn attempt(
         early: Some(early.clone()),
         ..watch.clone()
     };
-    let dest = Destination::new(channel, memory, KvdState::default()).with_observer(watch.clone());
+    let dest = Destination::new(channel, memory, KvdState::default())
+        .with_config(
+            DestinationConfig::default().with_idle_receive(crate::kvd::pace::idle_receive()),
+        )
+        .with_observer(watch.clone());
     let log = watch.log.clone();
     match handoff {
         Some(h) => match Handoff::new(net, h) {

@@ -110,6 +110,30 @@ pub fn loop_share(percent: u8) -> u8 {
     percent.saturating_mul(2).min(100)
 }
 
+/// Environment variable: `0` keeps the migration's bulk threads in the
+/// normal CPU class (to compare); anything else or unset: they run in
+/// `SCHED_IDLE` while the rounds shrink
+/// ([`SourceConfig::idle_lanes`](lmig_core::session::SourceConfig::idle_lanes),
+/// [`DestinationConfig::idle_receive`](lmig_core::session::DestinationConfig::idle_receive)).
+pub const IDLE_ENV: &str = "LMIG_KVD_IDLE";
+
+fn idle_on() -> bool {
+    std::env::var_os(IDLE_ENV).is_none_or(|v| v != "0")
+}
+
+/// The source's hook for the rounds' senders: `SCHED_IDLE` while the
+/// rounds shrink, unless [`IDLE_ENV`] is `0`.
+pub fn idle_lanes() -> Option<fn(bool) -> bool> {
+    idle_on().then_some(lmig_mem::cpu::idle_thread as fn(bool) -> bool)
+}
+
+/// The destination's hook: the whole kvd process (nothing of it serves
+/// before the resume) in `SCHED_IDLE` while the rounds arrive, unless
+/// [`IDLE_ENV`] is `0`.
+pub fn idle_receive() -> Option<fn(bool) -> bool> {
+    idle_on().then_some(lmig_mem::cpu::idle_process as fn(bool) -> bool)
+}
+
 /// Times a pass of the loop: [`PassTimer::done`] hands it to a [`LoopPace`].
 pub struct PassTimer(Instant, u64);
 

@@ -11,6 +11,7 @@ pub(crate) mod foreign;
 pub(crate) mod kvm;
 pub(crate) mod mapping;
 pub(crate) mod pagemap;
+pub(crate) mod sched;
 pub(crate) mod uffd;
 
 /// `setpriority(PRIO_PROCESS, gettid(), nice)`: the calling thread's nice

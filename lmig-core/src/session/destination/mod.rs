@@ -42,6 +42,20 @@ pub struct DestinationConfig {
     /// returns [`MigrationError::PostcopyPaused`]; `None`: until the source
     /// comes back. Checked between reconnection attempts. Default 10 min.
     pub pause_limit: Option<Duration>,
+    /// Receive and place the pre-copy rounds in the host's lowest CPU class
+    /// (`None`, the default: not at all); see `receive.rs`'s `IdleReceive`.
+    /// The hook moves every thread of this process there (`true`) or back
+    /// (`false`) and says whether it did; `lmig_mem::cpu::idle_process` is
+    /// one (Linux `SCHED_IDLE`). For a destination host that also serves
+    /// (another migrated program, clients): the rounds then take only the
+    /// CPU its programs leave. Everything goes back when a round does not
+    /// shrink (more got dirty than half its data pages), when a round
+    /// lasts longer than [`Self::idle_round_limit`], at the freeze's first
+    /// socket records or `Handover`, and when receiving ends either way.
+    pub idle_receive: Option<fn(bool) -> bool>,
+    /// The longest one pre-copy round is received in the lowest class
+    /// ([`Self::idle_receive`]); default 2 s.
+    pub idle_round_limit: Duration,
 }
 
 impl Default for DestinationConfig {
@@ -50,6 +64,8 @@ impl Default for DestinationConfig {
             idle_timeout: Duration::from_secs(30),
             fault_poll: Duration::from_millis(20),
             pause_limit: Some(Duration::from_secs(600)),
+            idle_receive: None,
+            idle_round_limit: Duration::from_secs(2),
         }
     }
 }
@@ -73,6 +89,20 @@ impl DestinationConfig {
     #[must_use]
     pub fn with_pause_limit(mut self, limit: impl Into<Option<Duration>>) -> Self {
         self.pause_limit = limit.into();
+        self
+    }
+
+    /// Sets [`idle_receive`](Self::idle_receive).
+    #[must_use]
+    pub fn with_idle_receive(mut self, hook: Option<fn(bool) -> bool>) -> Self {
+        self.idle_receive = hook;
+        self
+    }
+
+    /// Sets [`idle_round_limit`](Self::idle_round_limit).
+    #[must_use]
+    pub fn with_idle_round_limit(mut self, limit: Duration) -> Self {
+        self.idle_round_limit = limit;
         self
     }
 }

@@ -4,12 +4,12 @@
 
 use std::sync::mpsc;
 use std::thread::{Scope, ScopedJoinHandle};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Destination, Progress, emit_phase};
 use crate::error::{MigrationError, Result};
 use crate::model::{RegionPages, SocketRecord};
-use crate::protocol::{Handover, Message, PageBatch, PageData};
+use crate::protocol::{Handover, Message, PageBatch, PageData, RoundSummary};
 use crate::session::{recv_within, spawn_named, unexpected};
 use crate::traits::{Channel, Event, MemorySink, Phase, SocketSink, StateSink};
 
@@ -91,6 +91,7 @@ where
             config,
         } = self;
         let idle = config.idle_timeout;
+        let mut lowest = IdleReceive::new(config.idle_receive, config.idle_round_limit);
         let phase = |phase: Phase| emit_phase(&**observer, phase);
         let mut sockets = Some(sockets);
         std::thread::scope(|scope| -> Result<Handover> {
@@ -109,12 +110,14 @@ where
                 if let Some(r) = restorer.as_mut() {
                     r.check()?;
                 }
+                lowest.check_time();
                 match recv_within(&*channel, idle, "the source's pages")? {
                     Message::Pages(batch) => {
                         place(&*memory, progress, &batch)?;
                         st.check_not_over(progress)?;
                     }
                     Message::RoundEnd(summary) => {
+                        lowest.round_ended(&summary);
                         st.announced = st.announced.saturating_add(summary.pages);
                         phase(Phase::Precopy(summary.round));
                         observer.event(&Event::Progress {
@@ -135,6 +138,7 @@ where
                     Message::Sockets { records, last }
                         if !st.sockets_done && st.handover.is_none() =>
                     {
+                        lowest.leave("the freeze");
                         if !st.frozen {
                             phase(Phase::Frozen);
                             st.frozen = true;
@@ -159,6 +163,7 @@ where
                         program.restore(state)?;
                     }
                     Message::Handover(h) if st.handover.is_none() => {
+                        lowest.leave("the freeze");
                         postcopy = handover_arrived(progress, &h)?;
                         st.handover = Some(h);
                     }
@@ -189,6 +194,74 @@ where
             }
             Ok(st.handover.expect("the loop ends only after Handover"))
         })
+    }
+}
+
+/// The pre-copy rounds received in the lowest CPU class
+/// ([`super::DestinationConfig::idle_receive`]): lowered when receiving
+/// starts, raised for good when a round does not shrink, when one round
+/// lasts longer than the limit, at the freeze, and when dropped (receiving
+/// ended, an error included).
+struct IdleReceive {
+    hook: Option<fn(bool) -> bool>,
+    /// The process is in the lowest class now.
+    on: bool,
+    limit: Duration,
+    /// When the current round began (the last `RoundEnd`, or the start).
+    round_began: Instant,
+}
+
+impl IdleReceive {
+    fn new(hook: Option<fn(bool) -> bool>, limit: Duration) -> Self {
+        let on = hook.is_some_and(|h| h(true));
+        if on {
+            debug!("receive: the pre-copy rounds in the lowest CPU class");
+        }
+        Self {
+            hook,
+            on,
+            limit,
+            round_began: Instant::now(),
+        }
+    }
+
+    /// Back to the normal class for good.
+    fn leave(&mut self, why: &'static str) {
+        if !self.on {
+            return;
+        }
+        self.on = false;
+        if let Some(h) = self.hook {
+            let back = h(false);
+            debug!(
+                why = why,
+                back = back,
+                "receive: back from the lowest CPU class"
+            );
+        }
+    }
+
+    /// A round lasting longer than the limit: back.
+    fn check_time(&mut self) {
+        if self.on && self.round_began.elapsed() > self.limit {
+            self.leave("a round past the limit");
+        }
+    }
+
+    /// A round ended: back if it did not shrink (more pages got dirty
+    /// than half of the data pages it sent).
+    fn round_ended(&mut self, summary: &RoundSummary) {
+        self.round_began = Instant::now();
+        let data = summary.pages.saturating_sub(summary.zero_pages);
+        if summary.dirty_pages.saturating_mul(2) > data {
+            self.leave("a round that did not shrink");
+        }
+    }
+}
+
+impl Drop for IdleReceive {
+    fn drop(&mut self) {
+        self.leave("receiving ended");
     }
 }
 
@@ -316,5 +389,74 @@ impl<'scope> Restorer<'scope> {
                 .unwrap_or_else(|_| Err(stopped("the restoring thread panicked"))),
             None => Err(stopped("the restoring thread stopped")),
         }
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// What each test's hook was asked, by test (hooks are plain `fn`s).
+    static SHRINK: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+    static LIMIT: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+
+    fn summary(pages: u64, zero_pages: u64, dirty_pages: u64) -> RoundSummary {
+        RoundSummary {
+            round: 0,
+            pages,
+            zero_pages,
+            dirty_pages,
+        }
+    }
+
+    #[test]
+    fn lowered_until_a_round_does_not_shrink_then_never_again() {
+        fn hook(idle: bool) -> bool {
+            SHRINK.lock().unwrap().push(idle);
+            true
+        }
+        let mut idle = IdleReceive::new(Some(hook), Duration::from_secs(3600));
+        assert!(idle.on);
+        // 1000 data pages, 400 dirty: shrinking, stays.
+        idle.round_ended(&summary(1200, 200, 400));
+        assert!(idle.on);
+        // 600 of 1000 data pages dirty (zero pages do not count): back.
+        idle.round_ended(&summary(1200, 200, 600));
+        assert!(!idle.on);
+        idle.round_ended(&summary(1200, 200, 0));
+        idle.leave("the freeze");
+        drop(idle);
+        assert_eq!(*SHRINK.lock().unwrap(), [true, false]);
+    }
+
+    #[test]
+    fn a_round_past_the_limit_raises_and_drop_raises_once() {
+        fn hook(idle: bool) -> bool {
+            LIMIT.lock().unwrap().push(idle);
+            true
+        }
+        let mut idle = IdleReceive::new(Some(hook), Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(1));
+        idle.check_time();
+        assert!(!idle.on);
+        drop(idle);
+        // Dropped without a raise before: it raises.
+        let idle = IdleReceive::new(Some(hook), Duration::from_secs(3600));
+        drop(idle);
+        assert_eq!(*LIMIT.lock().unwrap(), [true, false, true, false]);
+    }
+
+    #[test]
+    fn without_a_hook_or_refused_nothing_moves() {
+        fn refuse(_: bool) -> bool {
+            false
+        }
+        let mut idle = IdleReceive::new(None, Duration::ZERO);
+        assert!(!idle.on);
+        idle.check_time();
+        let idle2 = IdleReceive::new(Some(refuse), Duration::ZERO);
+        assert!(!idle2.on);
     }
 }

@@ -120,6 +120,27 @@ pub struct SourceConfig {
     /// then get a CPU first, and the rounds take the CPU it leaves. The
     /// freeze and post-copy are not affected. Default false.
     pub yield_to_program: bool,
+    /// Run the pre-copy rounds' senders in the host's lowest CPU class
+    /// while the rounds shrink (`None`, the default: not at all). The hook
+    /// moves the calling thread there (`true`) or back (`false`) and says
+    /// whether it did; `lmig_mem::cpu::idle_thread` is one (Linux
+    /// `SCHED_IDLE`: the senders then take only CPU time the program
+    /// leaves, and a program thread that wakes up, an event loop with a
+    /// request, preempts them at once). Each sender thread of a round
+    /// calls it first (`true`); refused, the thread goes on as
+    /// [`Self::yield_to_program`] says. The session stops asking once a
+    /// round does not shrink (what got dirty during a round is more than
+    /// half of what it sent): the rounds then need every CPU they can get
+    /// to converge (auto-converge throttles the program from there). A
+    /// sender still in the lowest class after [`Self::idle_round_limit`]
+    /// of one round moves back (`false`): a program that leaves no CPU
+    /// never stalls the migration. The freeze and post-copy never use it.
+    /// The signal is the rounds' own (pages sent, pages dirtied), which
+    /// every program has; no latency figure of the program is needed.
+    pub idle_lanes: Option<fn(bool) -> bool>,
+    /// The longest a pre-copy round's senders stay in the lowest class
+    /// ([`Self::idle_lanes`]); default 2 s.
+    pub idle_round_limit: Duration,
 }
 
 impl SourceConfig {
@@ -145,6 +166,8 @@ impl Default for SourceConfig {
             max_freeze: None,
             bandwidth_limit: 0,
             yield_to_program: false,
+            idle_lanes: None,
+            idle_round_limit: Duration::from_secs(2),
         }
     }
 }
@@ -217,6 +240,20 @@ impl SourceConfig {
     #[must_use]
     pub fn with_yield_to_program(mut self, on: bool) -> Self {
         self.yield_to_program = on;
+        self
+    }
+
+    /// Set [`Self::idle_lanes`].
+    #[must_use]
+    pub fn with_idle_lanes(mut self, hook: Option<fn(bool) -> bool>) -> Self {
+        self.idle_lanes = hook;
+        self
+    }
+
+    /// Set [`Self::idle_round_limit`].
+    #[must_use]
+    pub fn with_idle_round_limit(mut self, limit: Duration) -> Self {
+        self.idle_round_limit = limit;
         self
     }
 }

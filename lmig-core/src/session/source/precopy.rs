@@ -48,6 +48,10 @@ pub(super) struct Rounds {
     pub round: u32,
     /// The pages left go after `Commit` (post-copy).
     pub postcopy: bool,
+    /// The next round's senders may run in the lowest CPU class
+    /// ([`super::SourceConfig::idle_lanes`]): until a round does not shrink
+    /// or the policy throttles.
+    pub spare: bool,
 }
 
 /// What the first pre-copy round knows beyond the pages to send.
@@ -134,6 +138,7 @@ where
             written: RegionPages::empty(layout),
             round: 0,
             postcopy: mode == Mode::Postcopy,
+            spare: self.config.idle_lanes.is_some(),
         };
         if mode != Mode::Postcopy {
             // Pages that may hold data; the others are sent as zero without
@@ -151,6 +156,15 @@ where
                 }
                 .only_if(rounds.round == 0);
                 let (stats, shrinking) = self.round(layout, report, ready, &mut rounds, first)?;
+                if rounds.spare && !shrinking {
+                    // Sparing the program no longer pays: the rounds need
+                    // the CPU to converge.
+                    info!(
+                        round = stats.round,
+                        "rounds do not shrink: senders at full priority"
+                    );
+                    rounds.spare = false;
+                }
                 let decision = self.policy.decide(&stats, throttle_refused);
                 report.decisions.push(decision);
                 report.policy_reason = self.policy.explain();
@@ -161,6 +175,7 @@ where
                     Decision::Continue => {}
                     Decision::Throttle { percent } => {
                         undo.throttled = true;
+                        rounds.spare = false;
                         throttle_refused = !self.program.throttle(percent);
                         info!(
                             percent = percent,
@@ -243,10 +258,18 @@ where
             .round_begins(&self.meter, round, rounds.to_send.count());
         let cancel = &self.cancel;
         let stop = || cancel.check();
+        let idle = match self.config.idle_lanes {
+            Some(hook) if rounds.spare => Some(IdleLanes {
+                hook,
+                until: t0 + self.config.idle_round_limit,
+            }),
+            _ => None,
+        };
         let sent = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
             .stopping_on(&stop)
             .metered(&self.meter, true)
             .in_background(self.config.yield_to_program)
+            .idle_while_sparing(idle)
             .send_set(&rounds.to_send, round, first)?;
         let dirty = &mut rounds.dirty;
         dirty.clear();
@@ -385,6 +408,58 @@ pub(super) struct PageLanes<'a, M, C> {
     meter: Option<(&'a Meter, bool)>,
     /// Each lane thread calls [`MemorySource::background_thread`] first.
     background: bool,
+    /// Each lane thread moves to the lowest CPU class first, for a while.
+    idle: Option<IdleLanes>,
+}
+
+/// The lanes of one round in the lowest CPU class
+/// ([`super::SourceConfig::idle_lanes`]).
+#[derive(Clone, Copy)]
+pub(super) struct IdleLanes {
+    /// Moves the calling thread there (`true`) or back (`false`).
+    hook: fn(bool) -> bool,
+    /// A lane still there at this time moves back.
+    until: Instant,
+}
+
+/// One lane thread's class: in the lowest one until its round's limit.
+struct IdleLane {
+    lanes: Option<IdleLanes>,
+    /// The thread is in the lowest class now.
+    on: std::cell::Cell<bool>,
+}
+
+impl IdleLane {
+    /// Move the calling thread to the lowest class, if asked and allowed.
+    fn enter(lanes: Option<IdleLanes>) -> Self {
+        let on = lanes.is_some_and(|l| (l.hook)(true));
+        Self {
+            lanes,
+            on: std::cell::Cell::new(on),
+        }
+    }
+
+    /// Not in the lowest class (the calling thread's own lane).
+    fn none() -> Self {
+        Self::enter(None)
+    }
+
+    fn on(&self) -> bool {
+        self.on.get()
+    }
+
+    /// Past the round's limit: move back. Returns whether it just did.
+    fn check(&self) -> bool {
+        match self.lanes {
+            Some(l) if self.on.get() && Instant::now() >= l.until => {
+                (l.hook)(false);
+                self.on.set(false);
+                debug!("a round's sender left the lowest CPU class after the limit");
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
@@ -397,7 +472,16 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             stop: None,
             meter: None,
             background: false,
+            idle: None,
         }
+    }
+
+    /// Each lane thread moves to the lowest CPU class first (`None`: not).
+    /// The calling thread is never moved: with one lane it then runs on a
+    /// thread of its own.
+    pub(super) fn idle_while_sparing(mut self, idle: Option<IdleLanes>) -> Self {
+        self.idle = idle;
+        self
     }
 
     /// Send from threads of their own that lower their priority first
@@ -441,8 +525,8 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
         let lanes = self.channel.data_lanes().max(1);
         // One lane runs on the calling thread, unless its priority is to
         // drop (a thread of its own then, whose priority dies with it).
-        if lanes == 1 && !self.background {
-            let sent = self.send_lane(set, round, first, 0, 1)?;
+        if lanes == 1 && !self.background && self.idle.is_none() {
+            let sent = self.send_lane(set, round, first, 0, 1, &IdleLane::none())?;
             self.channel.flush()?;
             return Ok(sent);
         }
@@ -450,10 +534,11 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             let mut handles = Vec::with_capacity(lanes);
             for lane in 0..lanes {
                 let job = move || {
-                    if self.background {
+                    let idle = IdleLane::enter(self.idle);
+                    if self.background && !idle.on() {
                         self.memory.background_thread();
                     }
-                    self.send_lane(set, round, first, lane, lanes)
+                    self.send_lane(set, round, first, lane, lanes, &idle)
                 };
                 handles.push(spawn_named(s, format!("lmig-lane{lane}"), job)?);
             }
@@ -488,8 +573,16 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
         first: FirstRound<'_>,
         lane: usize,
         lanes: usize,
+        idle: &IdleLane,
     ) -> Result<Sent> {
         let FirstRound { populated, clearer } = first;
+        // Past the round's limit in the lowest class: back to the class
+        // the thread would have had.
+        let keep_up = || {
+            if idle.check() && self.background {
+                self.memory.background_thread();
+            }
+        };
         let stopped = || self.stop.is_some_and(|s| s().is_err());
         let mut sender = PageSender::new(self.memory, self.channel, self.layout);
         if let Some((meter, paced)) = self.meter {
@@ -515,6 +608,7 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             if let Some(stop) = self.stop {
                 stop()?;
             }
+            keep_up();
             let Some(data) = populated.and_then(|p| p.get(run.region).ok()) else {
                 total.add(read(&mut sender, run)?);
                 continue;
@@ -542,6 +636,7 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
                 if let Some(stop) = self.stop {
                     stop()?;
                 }
+                keep_up();
                 c.clear(&run)?;
                 total.add(sender.send_run(run, round, lane, false)?);
             }

@@ -1,0 +1,210 @@
+//! The rounds in the host's lowest CPU class (`SourceConfig::idle_lanes`,
+//! `DestinationConfig::idle_receive`): asked while the rounds shrink, never
+//! after a round that did not, never for the freeze; a hook that refuses,
+//! or a round that outlasts the limit, never holds the migration back.
+//!
+//! The hooks are plain `fn`s, so each test records into statics of its own.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use lmig_core::model::{RegionId, RegionInfo, RegionLayout, RegionPages};
+use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
+use lmig_core::protocol::Verification;
+use lmig_core::session::{Destination, DestinationConfig, Source, SourceConfig};
+use lmig_core::testing::{MarkTracker, NullProgram, VecMemory, channel_pair};
+
+const PAGES: u64 = 256;
+
+fn layout() -> RegionLayout {
+    RegionLayout::new(vec![
+        RegionInfo::new(RegionId(1), PAGES * 4096, 4096).unwrap(),
+    ])
+    .unwrap()
+}
+
+fn memory(layout: &RegionLayout) -> VecMemory {
+    let mem = VecMemory::new(layout);
+    for p in 0..PAGES {
+        mem.fill(RegionId(1), p, format!("page {p}").as_bytes());
+    }
+    mem
+}
+
+/// Round 0 leaves 2 pages dirty (the rounds shrink), every later collect
+/// says every page is dirty (they stop shrinking). Counts its collects in
+/// `collects`: while round `r`'s pages go out, `collects` is `r`.
+struct ShrinksOnce {
+    inner: MarkTracker,
+    layout: RegionLayout,
+    collects: &'static AtomicU32,
+}
+
+impl lmig_core::DirtyTracker for ShrinksOnce {
+    fn name(&self) -> &'static str {
+        "shrinks once"
+    }
+    fn start(&mut self) -> lmig_core::Result<()> {
+        self.inner.start()
+    }
+    fn collect(&mut self, dirty: &mut RegionPages) -> lmig_core::Result<()> {
+        let n = self.collects.fetch_add(1, Ordering::SeqCst);
+        *dirty = RegionPages::empty(&self.layout);
+        if n == 0 {
+            dirty.insert_run(&lmig_core::model::PageRun::new(RegionId(1), 3, 2))?;
+        } else {
+            *dirty = RegionPages::full(&self.layout);
+        }
+        Ok(())
+    }
+    fn stop(&mut self) -> lmig_core::Result<()> {
+        self.inner.stop()
+    }
+}
+
+/// Run a migration of [`memory`] with `config` at the source and `dconfig`
+/// at the destination, the tracker [`ShrinksOnce`]; returns the source's
+/// rounds after checking that both sides verified the memory.
+fn migrate(config: SourceConfig, dconfig: DestinationConfig, collects: &'static AtomicU32) -> u32 {
+    let layout = layout();
+    let src = memory(&layout);
+    let dst = VecMemory::empty();
+    let (a, b) = channel_pair(2);
+    let tracker = ShrinksOnce {
+        inner: MarkTracker::new(&layout),
+        layout: layout.clone(),
+        collects,
+    };
+    // Never converges after round 1: the policy freezes after 4 rounds.
+    let policy = ConvergencePolicy::new(
+        PolicyConfig::default()
+            .with_downtime_target(Duration::from_nanos(1))
+            .with_max_rounds(4)
+            .with_fallback(Fallback::Freeze),
+    );
+    let (s, d) = std::thread::scope(|s| {
+        let d = s.spawn(|| {
+            Destination::new(&b, &dst, NullProgram::default())
+                .with_config(dconfig)
+                .run()
+        });
+        let r = Source::new(&a, &src, tracker, NullProgram::default())
+            .with_policy(policy)
+            .with_config(config)
+            .run();
+        (r, d.join().unwrap())
+    });
+    let s = s.expect("source");
+    let d = d.expect("destination");
+    assert_eq!(s.verification, Verification::Verified);
+    assert_eq!(d.verification, Verification::Verified);
+    assert_eq!(dst.snapshot(RegionId(1)), src.snapshot(RegionId(1)));
+    s.rounds
+}
+
+static SPARE_COLLECTS: AtomicU32 = AtomicU32::new(0);
+/// (collects when called, what was asked).
+static SPARE_CALLS: Mutex<Vec<(u32, bool)>> = Mutex::new(Vec::new());
+
+fn spare_hook(idle: bool) -> bool {
+    let at = SPARE_COLLECTS.load(Ordering::SeqCst);
+    SPARE_CALLS.lock().unwrap().push((at, idle));
+    true
+}
+
+/// Each sender of round 0 and round 1 (round 0 shrank) is lowered; from
+/// round 2 on (round 1 did not shrink) and in the freeze none is.
+#[test]
+fn senders_are_lowered_only_while_the_rounds_shrink() {
+    let config = SourceConfig::default().with_idle_lanes(Some(spare_hook));
+    let rounds = migrate(config, DestinationConfig::default(), &SPARE_COLLECTS);
+    assert!(
+        rounds >= 3,
+        "a round after the one that did not shrink: {rounds}"
+    );
+    let calls = SPARE_CALLS.lock().unwrap().clone();
+    // Two data lanes: two threads per round.
+    assert_eq!(
+        calls.iter().filter(|c| **c == (0, true)).count(),
+        2,
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.iter().filter(|c| **c == (1, true)).count(),
+        2,
+        "{calls:?}"
+    );
+    assert!(calls.iter().all(|c| c.0 <= 1 && c.1), "{calls:?}");
+}
+
+static REFUSED_COLLECTS: AtomicU32 = AtomicU32::new(0);
+static REFUSED_CALLS: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+
+fn refusing_hook(idle: bool) -> bool {
+    REFUSED_CALLS.lock().unwrap().push(idle);
+    false
+}
+
+/// A host that refuses the lowest class (no `CAP_SYS_NICE` to come back,
+/// say): the rounds run as they would without the hook, nothing is asked
+/// to move back, the migration ends verified.
+#[test]
+fn a_refused_lowest_class_changes_nothing() {
+    let config = SourceConfig::default().with_idle_lanes(Some(refusing_hook));
+    let dconfig = DestinationConfig::default().with_idle_receive(Some(refusing_hook));
+    migrate(config, dconfig, &REFUSED_COLLECTS);
+    let calls = REFUSED_CALLS.lock().unwrap().clone();
+    assert!(!calls.is_empty());
+    assert!(
+        calls.iter().all(|idle| *idle),
+        "never moved back: {calls:?}"
+    );
+}
+
+static LIMIT_COLLECTS: AtomicU32 = AtomicU32::new(0);
+/// (collects when called, what was asked).
+static LIMIT_CALLS: Mutex<Vec<(u32, bool)>> = Mutex::new(Vec::new());
+
+fn limit_hook(idle: bool) -> bool {
+    let at = LIMIT_COLLECTS.load(Ordering::SeqCst);
+    LIMIT_CALLS.lock().unwrap().push((at, idle));
+    true
+}
+
+/// A round that lasts longer than `idle_round_limit` (here: any) moves
+/// its senders back before their next chunk: in round 0, where both
+/// lanes have pages to send, both move down and back. (A lane with no
+/// page in a round ends without a chunk, and its thread with it.)
+#[test]
+fn a_sender_past_the_round_limit_moves_back() {
+    let config = SourceConfig::default()
+        .with_idle_lanes(Some(limit_hook))
+        .with_idle_round_limit(Duration::ZERO);
+    migrate(config, DestinationConfig::default(), &LIMIT_COLLECTS);
+    let calls = LIMIT_CALLS.lock().unwrap().clone();
+    let count = |c: (u32, bool)| calls.iter().filter(|x| **x == c).count();
+    assert_eq!(count((0, true)), 2, "{calls:?}");
+    assert_eq!(count((0, false)), 2, "{calls:?}");
+    let down = calls.iter().filter(|c| c.1).count();
+    let up = calls.iter().filter(|c| !c.1).count();
+    assert!(up <= down, "{calls:?}");
+}
+
+static DEST_COLLECTS: AtomicU32 = AtomicU32::new(0);
+static DEST_CALLS: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+
+fn dest_hook(idle: bool) -> bool {
+    DEST_CALLS.lock().unwrap().push(idle);
+    true
+}
+
+/// The destination lowers its process once when receiving starts and
+/// raises it once (the round that did not shrink, at the latest the
+/// freeze), never again.
+#[test]
+fn the_destination_is_lowered_once_and_raised_once() {
+    let dconfig = DestinationConfig::default().with_idle_receive(Some(dest_hook));
+    migrate(SourceConfig::default(), dconfig, &DEST_COLLECTS);
+    assert_eq!(*DEST_CALLS.lock().unwrap(), [true, false]);
+}
