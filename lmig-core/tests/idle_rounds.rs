@@ -200,8 +200,8 @@ fn dest_hook(idle: bool) -> bool {
 }
 
 /// The destination lowers its process once when receiving starts and
-/// raises it once (the round that did not shrink, at the latest the
-/// freeze), never again.
+/// raises it once (when the first round's `RoundEnd` arrives), never
+/// again.
 #[test]
 fn the_destination_is_lowered_once_and_raised_once() {
     let dconfig = DestinationConfig::default().with_idle_receive(Some(dest_hook));

@@ -47,13 +47,15 @@ pub struct DestinationConfig {
     /// The hook moves every thread of this process there (`true`) or back
     /// (`false`) and says whether it did; `lmig_mem::cpu::idle_process` is
     /// one (Linux `SCHED_IDLE`). For a destination host that also serves
-    /// (another migrated program, clients): the rounds then take only the
-    /// CPU its programs leave. Everything goes back when a round does not
-    /// shrink (more got dirty than half its data pages), when a round
-    /// lasts longer than [`Self::idle_round_limit`], at the freeze's first
-    /// socket records or `Handover`, and when receiving ends either way.
+    /// (another migrated program, clients), or shares CPUs with the source:
+    /// the first round, the full copy and most of pre-copy's work, then
+    /// takes only the CPU the programs leave. Everything goes back when
+    /// that round's `RoundEnd` arrives (the source waits for later rounds
+    /// to be placed before its policy decides), when it lasts longer than
+    /// [`Self::idle_round_limit`], at the freeze's first socket records or
+    /// `Handover`, and when receiving ends either way.
     pub idle_receive: Option<fn(bool) -> bool>,
-    /// The longest one pre-copy round is received in the lowest class
+    /// The longest the first pre-copy round is received in the lowest class
     /// ([`Self::idle_receive`]); default 2 s.
     pub idle_round_limit: Duration,
 }
