@@ -126,8 +126,8 @@ fn loopback_pair(l: &TcpListener) -> (TcpStream, TcpStream) {
 /// At the freeze, planned sockets are taken by id in any order, once: a
 /// second `add` of a planned id is refused (the first stays), a connection
 /// opened after the plan comes in under an id of its own and is read at the
-/// freeze, and an unplanned id given twice is refused too. Every record
-/// carries the queue its connection had.
+/// freeze, and an unplanned id given twice is refused too, also after an
+/// abort. Every record carries the queue its connection had.
 #[test]
 fn planned_and_late_sockets_are_taken_once_each() {
     if !privileged("planned_and_late_sockets_are_taken_once_each") {
@@ -176,5 +176,13 @@ fn planned_and_late_sockets_are_taken_once_each() {
         .map(|(id, i)| (id, pat("C", i)))
         .collect();
     assert_eq!(got, want);
+    // After an abort the ids held stay taken, planned ones included.
     src.abort().unwrap();
+    for id in [0, 9] {
+        assert!(matches!(
+            src.add(id, dup(0)),
+            Err(NetError::BadId { id: got, .. }) if got == id
+        ));
+    }
+    assert_eq!(src.len(), 4);
 }

@@ -445,6 +445,9 @@ impl NetSource {
         let left = self.leave_repair();
         if self.phase == Phase::Frozen {
             self.phase = Phase::Running;
+            // The freeze forgot the plan: every id held is now in `ids`, so
+            // that an `add` before the next freeze cannot give one twice.
+            self.ids.extend(self.entries.iter().map(|e| e.id));
             if let Some(lock) = self.lock.as_mut() {
                 lock.unlock()?;
             }
