@@ -16,18 +16,23 @@ fn threads_for(len: usize, threads: usize) -> usize {
     }
 }
 
-/// `work` on every part, each on a thread of its own; the results in order.
+/// `work` on every part, the first on the calling thread and each other on
+/// a thread of its own; the results in order. (The caller would only wait:
+/// one thread fewer to start per batch, ~40 batches in a 10,000-connection
+/// freeze.)
 fn on_threads<P: Send, R: Send>(parts: Vec<P>, work: impl Fn(P) -> Vec<R> + Sync) -> Vec<R> {
     let work = &work;
+    let mut parts = parts.into_iter();
+    let Some(first) = parts.next() else {
+        return Vec::new();
+    };
     std::thread::scope(|s| {
-        let handles: Vec<_> = parts
-            .into_iter()
-            .map(|part| s.spawn(move || work(part)))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
+        let handles: Vec<_> = parts.map(|part| s.spawn(move || work(part))).collect();
+        let mut out = work(first);
+        for h in handles {
+            out.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        out
     })
 }
 

@@ -134,8 +134,8 @@ impl NetSource {
         }
         let cookies: HashSet<u64> = self
             .planned
-            .values()
-            .filter(|p| p.kind == SocketKind::TcpEstablished)
+            .iter()
+            .filter(|p| p.kind == SocketKind::TcpEstablished && !p.taken)
             .map(|p| p.cookie)
             .collect();
         if !cookies.is_empty() {

@@ -111,12 +111,12 @@ pub(crate) fn capture_established(
         what: what(),
         reason: r.into(),
     })?;
-    let mut outq = sys::outq(fd).map_err(|e| NetError::sys("ioctl(SIOCOUTQ)", what(), e))?;
     // `TCP_INFO` carries what `SIOCOUTQNSD` would say (one call less) since Linux 4.6.
-    let mut unsent = if info_len >= sys::TCP_INFO_NOTSENT_LEN {
-        info.notsent_bytes
-    } else {
-        sys::outq_nsd(fd).map_err(|e| NetError::sys("ioctl(SIOCOUTQNSD)", what(), e))?
+    let notsent = (info_len >= sys::TCP_INFO_NOTSENT_LEN).then_some(info.notsent_bytes);
+    let mut outq = send_queue_len(fd, &info, notsent, &what)?;
+    let mut unsent = match notsent {
+        Some(n) => n,
+        None => sys::outq_nsd(fd).map_err(|e| NetError::sys("ioctl(SIOCOUTQNSD)", what(), e))?,
     };
     let inq = sys::inq(fd).map_err(|e| NetError::sys("ioctl(SIOCINQ)", what(), e))?;
     if state.fin_sent() {
@@ -179,6 +179,23 @@ pub(crate) fn capture_established(
         sock: st.sock.clone(),
         tcp: st.tcp.clone(),
     })
+}
+
+/// `SIOCOUTQ` (`write_seq - snd_una`), unless `TCP_INFO` already says it is
+/// 0: no segment in flight (`tcpi_unacked`, the retransmission queue's
+/// segments: empty means `snd_una == snd_nxt`, a FIN counts one) and no byte
+/// unsent (`write_seq == snd_nxt`). Most connections of a busy server are so
+/// at the freeze: one system call per connection less.
+fn send_queue_len(
+    fd: BorrowedFd<'_>,
+    info: &sys::TcpInfo,
+    notsent: Option<u32>,
+    what: &dyn Fn() -> String,
+) -> Result<u32> {
+    if info.unacked == 0 && notsent == Some(0) {
+        return Ok(0);
+    }
+    sys::outq(fd).map_err(|e| NetError::sys("ioctl(SIOCOUTQ)", what(), e))
 }
 
 /// The capture's timestamp phase: the connection's timestamp clock now
