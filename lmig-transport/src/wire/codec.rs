@@ -100,9 +100,7 @@ enum Checksum {
 
 fn checksum(how: Checksum, parts: &[Bytes]) -> u32 {
     match how {
-        Checksum::Crc32c => parts
-            .iter()
-            .fold(0, |crc, p| crc32c::crc32c_append(crc, p)),
+        Checksum::Crc32c => parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p)),
         Checksum::Sealed => 0,
     }
 }
@@ -511,7 +509,11 @@ mod tests {
                 None
             );
             let got = dec.decode_frame(Bytes::copy_from_slice(second)).unwrap();
-            assert_eq!(got, Some(WireItem::Message(msg.clone())), "sealed: {sealed}");
+            assert_eq!(
+                got,
+                Some(WireItem::Message(msg.clone())),
+                "sealed: {sealed}"
+            );
         }
     }
 

@@ -147,7 +147,9 @@ mod tests {
         assert_eq!(queues.len(), 3);
         for q in queues {
             assert!(
-                parts.iter().any(|p| p.as_ptr() == q.as_ptr() && p.len() == q.len()),
+                parts
+                    .iter()
+                    .any(|p| p.as_ptr() == q.as_ptr() && p.len() == q.len()),
                 "a queue of {} bytes is shared, not copied",
                 q.len()
             );
