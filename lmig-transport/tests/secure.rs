@@ -455,3 +455,67 @@ fn an_untrusted_certificate_is_refused_on_both_sides() {
     assert!(rejected.recv_timeout(T).is_ok());
     drop(listener);
 }
+
+/// `n` bytes numbered from `seed` (no two queues alike).
+fn queue_bytes(n: usize, seed: u8) -> Bytes {
+    (0..n)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ seed)
+        .collect()
+}
+
+/// Socket records whose queues are several MiB (shared with the frames
+/// rather than copied into the message, and read at the other end into one
+/// buffer per frame) arrive whole and in order in every mode: each queue's
+/// every byte once, in its place, and the message after them.
+#[test]
+fn megabyte_socket_queues_arrive_whole_in_every_mode() {
+    use lmig_core::model::SocketRecord;
+    let template = lmig_transport::fuzzing::sample_records()
+        .into_iter()
+        .find_map(|r| match r {
+            SocketRecord::Tcp(c) => Some(c),
+            _ => None,
+        })
+        .expect("the samples hold a TCP record");
+    // (send queue, receive queue) per record: large, small, and one of each.
+    let sizes = [(6 << 20, 3 << 20), (100, 0), (0, 5 << 20), (9 << 20, 4096)];
+    let records: Vec<SocketRecord> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &(send, recv))| {
+            let mut c = template.clone();
+            c.id = i as u64;
+            c.send_queue = queue_bytes(send, i as u8);
+            c.unsent_len = (send / 3) as u32;
+            c.recv_queue = queue_bytes(recv, !(i as u8));
+            // The sample's window was updated at the end of its queue.
+            let wup = c.window.map_or(0, |w| w.rcv_wup);
+            c.rcv_seq = wup.wrapping_sub(recv as u32);
+            SocketRecord::Tcp(c)
+        })
+        .collect();
+    let batches = [records[..2].to_vec(), records[2..].to_vec()];
+    for mode in ["psk", "tls", "plaintext"] {
+        let (lc, dc) = configs(mode);
+        let (listener, addr, _) = listen(lc);
+        let (a, b) = dial_pair(&listener, addr, dc);
+        for (i, batch) in batches.iter().enumerate() {
+            a.send(&Message::Sockets {
+                records: batch.clone(),
+                last: i + 1 == batches.len(),
+            })
+            .unwrap();
+        }
+        a.send(&Message::Ready).unwrap();
+        for (i, batch) in batches.iter().enumerate() {
+            match next(&b).unwrap() {
+                Some(Message::Sockets { records, last }) => {
+                    assert_eq!(last, i + 1 == batches.len(), "{mode}");
+                    assert!(records == *batch, "{mode}: batch {i} differs");
+                }
+                other => panic!("{mode}: batch {i}: {other:?}"),
+            }
+        }
+        assert_eq!(next(&b).unwrap(), Some(Message::Ready), "{mode}");
+    }
+}

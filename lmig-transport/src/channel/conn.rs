@@ -307,16 +307,14 @@ impl FrameReader {
                     pool: self.pool.clone(),
                 })
             } else {
-                let mut buf = Vec::with_capacity(HEADER_LEN + len);
-                buf.extend_from_slice(&header);
-                // read_to_end fills the spare capacity without zeroing it first.
-                let read = (&mut self.conn)
-                    .take(len as u64)
-                    .read_to_end(&mut buf)
-                    .map_err(|e| map_read_err(e, during))?;
-                if read < len {
-                    return Err(TransportError::Closed { during });
-                }
+                // One exact read target (not `read_to_end`, which zeroes
+                // its spare room and reads into it in small steps: an
+                // encrypted stream then decrypts into its own buffer and
+                // copies). A large zeroed allocation is fresh memory, not
+                // written until the payload lands in it.
+                let mut buf = vec![0u8; HEADER_LEN + len];
+                buf[..HEADER_LEN].copy_from_slice(&header);
+                read_payload(&mut *self.conn, &mut buf[HEADER_LEN..], during)?;
                 Bytes::from(buf)
             };
             if let Some(item) = self.decoder.decode_frame(frame)? {

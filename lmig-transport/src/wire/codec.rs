@@ -11,12 +11,12 @@ use super::handshake::Handshake;
 use super::message::{emit_body, parse_message_body};
 use super::{FLAG_MORE, MAX_FRAME_PAYLOAD, MAX_MESSAGE_BYTES, Result, WireError};
 
-/// One encoded frame: its header and up to two payload parts, which are
-/// shared (not copied) slices of the message's bytes.
+/// One encoded frame: its header and its payload's parts, which are shared
+/// (not copied) slices of the message's bytes.
 #[derive(Clone, Debug)]
 struct EncodedFrame {
     header: [u8; HEADER_LEN],
-    parts: [Bytes; 2],
+    parts: Vec<Bytes>,
 }
 
 /// A message encoded as one or more frames, ready for a vectored write.
@@ -46,14 +46,11 @@ impl EncodedFrames {
     /// Write every frame with vectored writes: the headers and the payload
     /// parts go to the writer as they are, nothing is gathered into a new buffer.
     pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(self.frames.len() * 3);
+        let n = self.frames.iter().map(|f| 1 + f.parts.len()).sum();
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(n);
         for f in &self.frames {
             slices.push(IoSlice::new(&f.header));
-            for p in &f.parts {
-                if !p.is_empty() {
-                    slices.push(IoSlice::new(p));
-                }
-            }
+            slices.extend(f.parts.iter().map(|p| IoSlice::new(p)));
         }
         write_all_vectored(w, &mut slices)
     }
@@ -101,49 +98,46 @@ enum Checksum {
     Sealed,
 }
 
-fn checksum(how: Checksum, head: &[u8], tail: &[u8]) -> u32 {
+fn checksum(how: Checksum, parts: &[Bytes]) -> u32 {
     match how {
-        Checksum::Crc32c => crc32c::crc32c_append(crc32c::crc32c(head), tail),
+        Checksum::Crc32c => parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p)),
         Checksum::Sealed => 0,
     }
 }
 
-fn frames_of(kind: Kind, head: Bytes, tail: Bytes, how: Checksum) -> Result<EncodedFrames> {
-    let total = head.len() + tail.len();
+/// Cut `parts` (none empty) into frames of at most [`MAX_FRAME_PAYLOAD`]
+/// bytes, slicing, never copying.
+fn frames_of(kind: Kind, parts: Vec<Bytes>, how: Checksum) -> Result<EncodedFrames> {
+    let total: usize = parts.iter().map(Bytes::len).sum();
     if total <= MAX_FRAME_PAYLOAD {
-        let crc = checksum(how, &head, &tail);
+        let crc = checksum(how, &parts);
         let header = FrameRepr::new(kind, 0, total, crc)?.to_bytes();
         return Ok(EncodedFrames {
-            frames: vec![EncodedFrame {
-                header,
-                parts: [head, tail],
-            }],
+            frames: vec![EncodedFrame { header, parts }],
             len: HEADER_LEN + total,
         });
     }
-    // Fragments of at most MAX_FRAME_PAYLOAD bytes over head ++ tail.
     let mut frames = Vec::with_capacity(total.div_ceil(MAX_FRAME_PAYLOAD));
-    let mut off = 0;
-    while off < total {
-        let end = (off + MAX_FRAME_PAYLOAD).min(total);
-        let h = if off < head.len() {
-            head.slice(off..end.min(head.len()))
-        } else {
-            Bytes::new()
-        };
-        let t = if end > head.len() {
-            tail.slice(off.saturating_sub(head.len())..end - head.len())
-        } else {
-            Bytes::new()
-        };
-        let crc = checksum(how, &h, &t);
-        let flags = if end < total { FLAG_MORE } else { 0 };
-        let header = FrameRepr::new(kind, flags, end - off, crc)?.to_bytes();
-        frames.push(EncodedFrame {
-            header,
-            parts: [h, t],
-        });
-        off = end;
+    let (mut off, mut cur) = (0, Vec::new());
+    let mut room = MAX_FRAME_PAYLOAD.min(total);
+    for mut p in parts {
+        // Bounded: each round moves at least one byte of `p` into a frame.
+        while !p.is_empty() {
+            let n = p.len().min(room);
+            cur.push(p.split_to(n));
+            room -= n;
+            if room == 0 {
+                let len: usize = cur.iter().map(Bytes::len).sum();
+                off += len;
+                let flags = if off < total { FLAG_MORE } else { 0 };
+                let header = FrameRepr::new(kind, flags, len, checksum(how, &cur))?.to_bytes();
+                frames.push(EncodedFrame {
+                    header,
+                    parts: std::mem::take(&mut cur),
+                });
+                room = MAX_FRAME_PAYLOAD.min(total - off);
+            }
+        }
     }
     Ok(EncodedFrames {
         len: total + frames.len() * HEADER_LEN,
@@ -153,8 +147,8 @@ fn frames_of(kind: Kind, head: Bytes, tail: Bytes, how: Checksum) -> Result<Enco
 
 /// Encode a protocol message. Page and state bytes are referenced, not copied.
 pub fn encode_message(msg: &Message) -> Result<EncodedFrames> {
-    let (kind, head, tail) = emit_body(msg)?;
-    frames_of(kind, head, tail, Checksum::Crc32c)
+    let (kind, parts) = emit_body(msg)?;
+    frames_of(kind, parts, Checksum::Crc32c)
 }
 
 /// Encode a protocol message for a sealed stream (Noise records or TLS,
@@ -162,13 +156,13 @@ pub fn encode_message(msg: &Message) -> Result<EncodedFrames> {
 /// the checksum field 0 instead of the payload's CRC-32C, which would only
 /// repeat, weaker, what the record layer already checks.
 pub fn encode_message_sealed(msg: &Message) -> Result<EncodedFrames> {
-    let (kind, head, tail) = emit_body(msg)?;
-    frames_of(kind, head, tail, Checksum::Sealed)
+    let (kind, parts) = emit_body(msg)?;
+    frames_of(kind, parts, Checksum::Sealed)
 }
 
 /// Encode a handshake message (always one small frame).
 pub fn encode_handshake(hs: &Handshake) -> Result<EncodedFrames> {
-    frames_of(hs.kind(), hs.emit(), Bytes::new(), Checksum::Crc32c)
+    frames_of(hs.kind(), vec![hs.emit()], Checksum::Crc32c)
 }
 
 /// Splits a byte stream into checked frames.
@@ -477,6 +471,50 @@ mod tests {
         let mut buf = BytesMut::from(&[first, &ready[..]].concat()[..]);
         let mut dec = MessageDecoder::new();
         assert!(matches!(dec.decode(&mut buf), Err(WireError::Fragment(_))));
+    }
+
+    #[test]
+    fn socket_queues_shared_across_frames_decode_to_the_same_records() {
+        // Two queues of 40 MiB: the second straddles the 64 MiB frame limit.
+        let mut records = crate::fuzzing::sample_records();
+        let Some(lmig_core::model::SocketRecord::Tcp(c)) = records
+            .iter_mut()
+            .find(|r| matches!(r, lmig_core::model::SocketRecord::Tcp(_)))
+        else {
+            panic!("the samples hold a TCP record");
+        };
+        let n = 40 << 20;
+        c.send_queue = (0..n).map(|j| (j % 251) as u8).collect();
+        c.unsent_len = (n / 2) as u32;
+        c.recv_queue = Bytes::from(vec![0x33; n]);
+        let msg = Message::Sockets {
+            records,
+            last: true,
+        };
+        for (enc, sealed) in [
+            (encode_message(&msg).unwrap(), false),
+            (encode_message_sealed(&msg).unwrap(), true),
+        ] {
+            assert_eq!(enc.frame_count(), 2);
+            let mut out = Vec::new();
+            enc.write_to(&mut out).unwrap();
+            assert_eq!(out.len(), enc.len());
+            let mut dec = MessageDecoder::new();
+            if sealed {
+                dec.sealed();
+            }
+            let (first, second) = out.split_at(HEADER_LEN + MAX_FRAME_PAYLOAD);
+            assert_eq!(
+                dec.decode_frame(Bytes::copy_from_slice(first)).unwrap(),
+                None
+            );
+            let got = dec.decode_frame(Bytes::copy_from_slice(second)).unwrap();
+            assert_eq!(
+                got,
+                Some(WireItem::Message(msg.clone())),
+                "sealed: {sealed}"
+            );
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@ use super::frame::{Frame, FrameRepr, Kind};
 use super::pages::{PagesHeader, emit_pages_header, parse_pages};
 use super::reader::{Reader, put_string};
 use super::records::Codec;
+use super::shared::{self, Body};
 use super::{MAX_MESSAGE_BYTES, Result, WireError};
 
 wire_enum! {
@@ -106,15 +107,18 @@ pub fn kind_of(msg: &Message) -> Kind {
     }
 }
 
-/// Encode a message body as a head (the message's own fields, freshly
-/// written) and a tail (page or state bytes, shared, never copied).
+/// Encode a message body as its parts in order: the message's own fields,
+/// freshly written, and page, state or socket queue bytes, shared, never
+/// copied (none of the parts empty).
 ///
 /// Fails for messages the receiver would reject for their size or content
 /// (an abort reason over the cap, an invalid socket record, …).
-pub(crate) fn emit_body(msg: &Message) -> Result<(Kind, Bytes, Bytes)> {
+pub(crate) fn emit_body(msg: &Message) -> Result<(Kind, Vec<Bytes>)> {
     let kind = kind_of(msg);
     let mut head = BytesMut::new();
     let mut tail = Bytes::new();
+    // Parts before `head` (a `Sockets` message's shared queues).
+    let mut body = Body::default();
     match msg {
         Message::Regions(layout) => {
             let regions = layout.regions();
@@ -141,9 +145,9 @@ pub(crate) fn emit_body(msg: &Message) -> Result<(Kind, Bytes, Bytes)> {
                 r.validate()
                     .map_err(|e| WireError::invalid("socket record", e))?;
             }
-            head.reserve(1 + list_len(records));
-            head.put_u8(u8::from(*last));
-            put_list(&mut head, records);
+            body = Body::with_capacity(5 + shared::fresh_len(records));
+            body.head.put_u8(u8::from(*last));
+            shared::put_records(&mut body, records);
         }
         Message::State(state) => {
             state
@@ -191,8 +195,14 @@ pub(crate) fn emit_body(msg: &Message) -> Result<(Kind, Bytes, Bytes)> {
         }
         Message::Split(m) => tail = super::split::emit(m, &mut head)?,
     }
-    too_long("message", head.len() + tail.len(), MAX_MESSAGE_BYTES)?;
-    Ok((kind, head.freeze(), tail))
+    body.head.unsplit(head);
+    let parts = body.finish(tail);
+    too_long(
+        "message",
+        parts.iter().map(Bytes::len).sum(),
+        MAX_MESSAGE_BYTES,
+    )?;
+    Ok((kind, parts))
 }
 
 /// Decode the body of a message of `kind` (a whole, reassembled payload).

@@ -52,6 +52,7 @@ mod message;
 mod pages;
 mod reader;
 mod records;
+mod shared;
 mod split;
 
 pub use codec::{

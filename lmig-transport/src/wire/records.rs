@@ -310,33 +310,12 @@ impl Codec for TcpConnState {
             + self.tcp.buffer_len()
     }
     fn emit(&self, buf: &mut dyn BufMut) {
-        buf.put_u64_le(self.id);
-        put_addr(buf, &self.local);
-        put_addr(buf, &self.peer);
-        buf.put_u8(state_kind_to_u8(self.state));
-        buf.put_u32_le(self.snd_seq);
-        buf.put_u32_le(self.rcv_seq);
-        buf.put_u32_le(self.send_queue.len() as u32);
+        emit_tcp_front(self, buf);
         buf.put_slice(&self.send_queue);
         buf.put_u32_le(self.unsent_len);
         buf.put_u32_le(self.recv_queue.len() as u32);
         buf.put_slice(&self.recv_queue);
-        buf.put_u32_le(self.mss);
-        buf.put_u8(self.snd_wscale);
-        buf.put_u8(self.rcv_wscale);
-        put_bool(buf, self.wscale_ok);
-        put_bool(buf, self.sack_ok);
-        put_bool(buf, self.timestamps_ok);
-        buf.put_u32_le(self.timestamp);
-        match &self.window {
-            None => buf.put_u8(0),
-            Some(w) => {
-                buf.put_u8(1);
-                w.emit(buf);
-            }
-        }
-        self.sock.emit(buf);
-        self.tcp.emit(buf);
+        emit_tcp_back(self, buf);
     }
     fn parse(r: &mut Reader) -> Result<Self> {
         Ok(TcpConnState {
@@ -365,6 +344,38 @@ impl Codec for TcpConnState {
             tcp: TcpOpts::parse(r)?,
         })
     }
+}
+
+/// A TCP record's fields before its send queue's bytes (up to and with
+/// the queue's length).
+pub(super) fn emit_tcp_front(c: &TcpConnState, buf: &mut dyn BufMut) {
+    buf.put_u64_le(c.id);
+    put_addr(buf, &c.local);
+    put_addr(buf, &c.peer);
+    buf.put_u8(state_kind_to_u8(c.state));
+    buf.put_u32_le(c.snd_seq);
+    buf.put_u32_le(c.rcv_seq);
+    buf.put_u32_le(c.send_queue.len() as u32);
+}
+
+/// A TCP record's fields after its receive queue's bytes.
+pub(super) fn emit_tcp_back(c: &TcpConnState, buf: &mut dyn BufMut) {
+    buf.put_u32_le(c.mss);
+    buf.put_u8(c.snd_wscale);
+    buf.put_u8(c.rcv_wscale);
+    put_bool(buf, c.wscale_ok);
+    put_bool(buf, c.sack_ok);
+    put_bool(buf, c.timestamps_ok);
+    buf.put_u32_le(c.timestamp);
+    match &c.window {
+        None => buf.put_u8(0),
+        Some(w) => {
+            buf.put_u8(1);
+            w.emit(buf);
+        }
+    }
+    c.sock.emit(buf);
+    c.tcp.emit(buf);
 }
 
 impl Codec for TcpListenState {
@@ -449,7 +460,7 @@ impl Codec for UdpSockState {
 
 wire_enum! {
     /// The type byte of a socket record.
-    enum RecordTag [] {
+    pub(super) enum RecordTag [] {
         Tcp = 1 => "tcp",
         Listen = 2 => "listen",
         Udp = 3 => "udp",
