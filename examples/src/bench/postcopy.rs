@@ -127,6 +127,9 @@ pub struct Args {
     /// Internal: the source's raw round-trip responder.
     #[arg(long, hide = true)]
     pub rtt_addr: Option<String>,
+    /// Internal: the source's round-trip responder on a migration channel.
+    #[arg(long, hide = true)]
+    pub rtt_channel_addr: Option<String>,
 }
 
 pub(super) const KEY_ENV: &str = "LMIG_BENCH_KEY";
@@ -205,6 +208,51 @@ fn rtt_responder(listener: TcpListener) {
     }
 }
 
+/// Answers the destination's round trips on a migration channel, as the
+/// source answers a fault: a `PageRequest` on the urgent lane gets the
+/// page copied into a one-page `Pages` reply. Held on the first of
+/// [`rtt_cpus`]; ends when the peer closes or goes quiet.
+fn channel_rtt_responder(listener: Listener) {
+    if let Some((a, _)) = rtt_cpus() {
+        pin_to(a);
+    }
+    let Ok(ch) = listener.accept_timeout(Duration::from_secs(30)) else {
+        return;
+    };
+    let page = vec![0xA5u8; PAGE];
+    while let Ok(Some(Message::PageRequest(run))) = ch.recv_urgent(Duration::from_secs(5)) {
+        let reply = Message::Pages(PageBatch {
+            round: 0,
+            run,
+            data: PageData::Raw(bytes::Bytes::copy_from_slice(&page)),
+        });
+        if ch.send_urgent(&reply).is_err() {
+            break;
+        }
+    }
+    ch.shutdown();
+}
+
+/// The median round trip of a one-page `PageRequest` answered on the
+/// urgent lane of `ch` (after 200 to warm up).
+fn channel_rtt(ch: &StreamChannel) -> Result<f64, Box<dyn std::error::Error>> {
+    let mut samples = Vec::with_capacity(RTT_SAMPLES);
+    for i in 0..RTT_SAMPLES + 200 {
+        let t = Instant::now();
+        let run = PageRun::new(REGION, i as u64, 1);
+        ch.send_urgent(&Message::PageRequest(run))?;
+        match ch.recv_urgent(Duration::from_secs(5))? {
+            Some(Message::Pages(b)) if b.run == run => {}
+            other => return Err(format!("round trip: expected page {i}, got {other:?}").into()),
+        }
+        if i >= 200 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(percentile(&samples, 0.5))
+}
+
 pub(super) fn channel_config(
     args: &Args,
     key: &[u8],
@@ -244,10 +292,19 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
 
     let key_hex = random_key_hex()?;
     let key = key_from_hex(&key_hex)?;
+    let rtt_channel = Listener::bind(
+        &Endpoint::Tcp("127.0.0.1:0".parse()?),
+        channel_config(&args, &key)?,
+    )?;
+    let Endpoint::Tcp(rtt_channel_addr) = *rtt_channel.local_endpoint() else {
+        return Err("a TCP listener expected".into());
+    };
+    let channel_responder = std::thread::spawn(move || channel_rtt_responder(rtt_channel));
     let peer_args: Vec<String> = vec![
         "postcopy".into(),
         "--peer-listen=127.0.0.1:0".into(),
         format!("--rtt-addr={rtt_addr}"),
+        format!("--rtt-channel-addr={rtt_channel_addr}"),
         format!("--streams={}", args.streams),
         format!("--mib={}", args.mib),
         format!(
@@ -272,6 +329,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     let bulk_addr: SocketAddr = it.next().ok_or("no bulk address")?.parse()?;
     let mig_addr: SocketAddr = it.next().ok_or("no migration address")?.parse()?;
     let _ = responder.join();
+    let _ = channel_responder.join();
 
     // Bulk: the same bytes with the transfer path.
     let bulk_ms = {
@@ -381,6 +439,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "fault_tail": dest["fault_tail"],
         "raw_rtt_us": dest["raw_rtt_us"],
         "raw_rtt_same_cpu_us": dest["raw_rtt_same_cpu_us"],
+        "channel_rtt_us": dest["channel_rtt_us"],
         "total_ms": round(total_ms, 1),
         "bulk_ms": round(bulk_ms, 1),
         "duplicate_pages": dest["duplicate_pages"],
@@ -454,6 +513,23 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
             sched_setaffinity(Pid::from_raw(0), &all)?;
         }
         (apart, together)
+    };
+    // The same round trip as a fault's: a one-page request and its reply
+    // on a migration channel's urgent lane (same encryption, same code),
+    // from the second CPU to the responder on the first.
+    let channel_rtt_us = {
+        let addr = args
+            .rtt_channel_addr
+            .as_deref()
+            .ok_or("--rtt-channel-addr missing")?;
+        let ch = connect(&Endpoint::Tcp(addr.parse()?), channel_config(args, &key)?)?;
+        let all = rtt_cpus().and_then(|(_, b)| pin_to(b));
+        let us = channel_rtt(&ch);
+        if let Some(all) = all {
+            sched_setaffinity(Pid::from_raw(0), &all)?;
+        }
+        ch.shutdown();
+        us?
     };
 
     let bulk = Listener::bind(&Endpoint::Tcp(listen.parse()?), channel_config(args, &key)?)?;
@@ -603,6 +679,7 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
     let warnings = report.as_ref().map_or(&[][..], |r| &r.warnings[..]);
     announce_result(&json!({
         "raw_rtt_us": round(raw_rtt_us, 1),
+        "channel_rtt_us": round(channel_rtt_us, 1),
         "raw_rtt_same_cpu_us": round(raw_rtt_same_cpu_us, 1),
         "fault_p50_us": round(percentile(&lat, 0.5), 1),
         "fault_p99_us": round(percentile(&lat, 0.99), 1),
