@@ -13,6 +13,7 @@ pub mod hostile;
 pub mod migrate;
 pub mod postcopy;
 pub mod postcopy_loss;
+mod postcopy_rtt;
 pub mod precopy;
 pub mod probe;
 pub mod redis;

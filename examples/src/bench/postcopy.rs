@@ -5,14 +5,13 @@
 //!
 //! Figures, all from one run between the same two processes:
 //!
-//! * `raw_rtt_us`: median of an 8-byte request answered by a 4 KiB reply
-//!   over plain TCP (the destination asks, this process answers), with the
-//!   two threads held on different CPUs, as they are on two hosts. Left to
-//!   the scheduler on an idle machine, both often land on one CPU, where a
-//!   round trip needs no cross-CPU wake-up: 15-21 µs here against 60-90.
-//!   No fault can be that cheap while the push keeps both CPUs busy, and the
-//!   figure flipped between the two from run to run. That one-CPU round
-//!   trip is reported too, as `raw_rtt_same_cpu_us`;
+//! * `raw_rtt_us`: median round trip of a one-page `PageRequest` and its
+//!   reply on the urgent lane of a migration channel between the two
+//!   processes (same encryption, configuration and busy-poll as a fault's
+//!   request), threads held on different CPUs as on two hosts; also
+//!   `raw_tcp_rtt_us` (8 bytes answered by 4 KiB over plain TCP, the
+//!   figure `raw_rtt_us` was before) and `raw_rtt_same_cpu_us` (that on
+//!   one CPU): see `postcopy_rtt.rs`;
 //! * `bulk_ms`: the same bytes moved with the transfer path (the
 //!   authenticated channel, chunk per message, one thread per lane) into
 //!   fresh memory of the destination, to its acknowledgement;
@@ -21,7 +20,8 @@
 //! * `fault_p50_us` / `fault_p99_us` / `fault_p999_us`: how long the program's first touch of
 //!   a page took when that touch had to ask the source for it (a network
 //!   fault), measured by the program itself;
-//! * `fault_tail`: where the faults at or above the p99 spent their time
+//! * `fault_tail` (and `fault_middle`, for the faults between the p40 and
+//!   the p60): where the faults at or above the p99 spent their time
 //!   (`deliver_us`: touch to the fault read; `serve_us`: to the page placed;
 //!   `wake_us`: to the program running again; `by_reply`: pages that came
 //!   in a one-page reply, not in a pushed message), from the sink's fault
@@ -37,8 +37,7 @@
 //! see [`super::postcopy_loss`] (fields `outcome`, `wrong_pages`,
 //! `missing_pages`, `recovered`).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -52,11 +51,10 @@ use lmig_mem::{
     Backing, DestinationRegions, ManualTracker, PostcopyOptions, RegionOptions, RegionSet,
 };
 use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, StreamChannel, connect};
-use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
-use nix::unistd::Pid;
 use serde_json::json;
 
 use super::cut_proxy::Proxy;
+use super::postcopy_rtt::{Responders, RoundTrips};
 use super::{Output, round};
 use crate::common::keys::{key_from_hex, random_key_hex};
 use crate::common::process::{Peer, announce_result};
@@ -89,6 +87,10 @@ pub struct Args {
     /// Busy-poll the userfaultfd this many µs before blocking.
     #[arg(long, default_value_t = 200)]
     pub spin_us: u64,
+    /// Busy-poll the urgent lane this many µs after a send
+    /// (`ChannelConfig::urgent_spin`); default: the channel's.
+    #[arg(long)]
+    pub urgent_spin_us: Option<u64>,
     /// Cut the migration's TCP connections once this share (%) of the pages
     /// was placed (post-copy recovery); 0 = never.
     #[arg(long, default_value_t = 0)]
@@ -127,11 +129,13 @@ pub struct Args {
     /// Internal: the source's raw round-trip responder.
     #[arg(long, hide = true)]
     pub rtt_addr: Option<String>,
+    /// Internal: the source's round-trip responder on a migration channel.
+    #[arg(long, hide = true)]
+    pub rtt_channel_addr: Option<String>,
 }
 
 pub(super) const KEY_ENV: &str = "LMIG_BENCH_KEY";
 pub(super) const PAGE: usize = 4096;
-const RTT_SAMPLES: usize = 2000;
 pub(super) const REGION: RegionId = RegionId(1);
 
 fn xorshift(s: &mut u64) -> u64 {
@@ -161,50 +165,6 @@ fn order(pages: u64, ws: u64, workload: Workload) -> Vec<u64> {
     }
 }
 
-/// Answer 8-byte requests with 4 KiB replies until the peer closes.
-/// The first two CPUs the calling thread may run on (one twice if it has
-/// only one), for the round-trip figures.
-fn rtt_cpus() -> Option<(usize, usize)> {
-    let set = sched_getaffinity(Pid::from_raw(0)).ok()?;
-    let cpus: Vec<usize> = (0..CpuSet::count())
-        .filter(|&c| set.is_set(c).unwrap_or(false))
-        .take(2)
-        .collect();
-    match cpus[..] {
-        [a, b] => Some((a, b)),
-        [a] => Some((a, a)),
-        _ => None,
-    }
-}
-
-/// Hold the calling thread on `cpu`; returns the CPUs it had.
-fn pin_to(cpu: usize) -> Option<CpuSet> {
-    let old = sched_getaffinity(Pid::from_raw(0)).ok()?;
-    let mut one = CpuSet::new();
-    one.set(cpu).ok()?;
-    sched_setaffinity(Pid::from_raw(0), &one).ok()?;
-    Some(old)
-}
-
-/// Answers the destination's round trips, held on the first of
-/// [`rtt_cpus`] (a thread of its own, which ends with the measurement).
-fn rtt_responder(listener: TcpListener) {
-    if let Some((a, _)) = rtt_cpus() {
-        pin_to(a);
-    }
-    let Ok((mut s, _)) = listener.accept() else {
-        return;
-    };
-    let _ = s.set_nodelay(true);
-    let reply = vec![0xA5u8; PAGE];
-    let mut req = [0u8; 8];
-    while s.read_exact(&mut req).is_ok() {
-        if s.write_all(&reply).is_err() {
-            break;
-        }
-    }
-}
-
 pub(super) fn channel_config(
     args: &Args,
     key: &[u8],
@@ -212,6 +172,9 @@ pub(super) fn channel_config(
     let mut c = ChannelConfig::new(AuthKey::new(key)?).with_data_streams(args.streams);
     c.queue_depth = args.queue_depth.max(1);
     c.reconnect_timeout = Duration::from_secs(20);
+    if let Some(us) = args.urgent_spin_us {
+        c = c.with_urgent_spin(Duration::from_micros(us));
+    }
     Ok(c)
 }
 
@@ -238,16 +201,14 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     let regions = source_regions(args.mib)?;
     let pages = regions.get(REGION)?.pages();
 
-    let rtt = TcpListener::bind("127.0.0.1:0")?;
-    let rtt_addr = rtt.local_addr()?;
-    let responder = std::thread::spawn(move || rtt_responder(rtt));
-
     let key_hex = random_key_hex()?;
     let key = key_from_hex(&key_hex)?;
+    let responders = Responders::start(channel_config(&args, &key)?)?;
     let peer_args: Vec<String> = vec![
         "postcopy".into(),
         "--peer-listen=127.0.0.1:0".into(),
-        format!("--rtt-addr={rtt_addr}"),
+        format!("--rtt-addr={}", responders.tcp),
+        format!("--rtt-channel-addr={}", responders.channel),
         format!("--streams={}", args.streams),
         format!("--mib={}", args.mib),
         format!(
@@ -263,6 +224,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         format!("--pause-limit-ms={}", args.pause_limit_ms),
     ];
     let mut peer_args = peer_args;
+    if let Some(us) = args.urgent_spin_us {
+        peer_args.push(format!("--urgent-spin-us={us}"));
+    }
     if let Some(t) = args.source_returns_after_ms {
         peer_args.push(format!("--source-returns-after-ms={t}"));
     }
@@ -271,7 +235,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     let mut it = addrs.split_whitespace();
     let bulk_addr: SocketAddr = it.next().ok_or("no bulk address")?.parse()?;
     let mig_addr: SocketAddr = it.next().ok_or("no migration address")?.parse()?;
-    let _ = responder.join();
+    responders.join();
 
     // Bulk: the same bytes with the transfer path.
     let bulk_ms = {
@@ -379,7 +343,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "fault_p99_us": dest["fault_p99_us"],
         "fault_p999_us": dest["fault_p999_us"],
         "fault_tail": dest["fault_tail"],
+        "fault_middle": dest["fault_middle"],
         "raw_rtt_us": dest["raw_rtt_us"],
+        "raw_tcp_rtt_us": dest["raw_tcp_rtt_us"],
         "raw_rtt_same_cpu_us": dest["raw_rtt_same_cpu_us"],
         "total_ms": round(total_ms, 1),
         "bulk_ms": round(bulk_ms, 1),
@@ -389,6 +355,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "verified": verified,
         "streams": args.streams,
         "spin_us": args.spin_us,
+        "urgent_spin_us": args.urgent_spin_us,
         "push_pages": args.push_pages,
         "resend_in_flight": args.resend_in_flight,
         "queue_depth": args.queue_depth,
@@ -420,41 +387,13 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
     let key = key_from_hex(&std::env::var(KEY_ENV)?)?;
     let pages = (args.mib << 20) / PAGE as u64;
 
-    // Raw round trips to the source process, whose responder holds the
-    // first CPU: from the second one, then from the first.
-    let (raw_rtt_us, raw_rtt_same_cpu_us) = {
-        let addr = args.rtt_addr.as_deref().ok_or("--rtt-addr missing")?;
-        let mut s = TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
-        let mut reply = vec![0u8; PAGE];
-        let mut median = |s: &mut TcpStream| -> std::io::Result<f64> {
-            let mut samples = Vec::with_capacity(RTT_SAMPLES);
-            for i in 0..RTT_SAMPLES + 200 {
-                let t = Instant::now();
-                s.write_all(&(i as u64).to_le_bytes())?;
-                s.read_exact(&mut reply)?;
-                if i >= 200 {
-                    samples.push(t.elapsed().as_secs_f64() * 1e6);
-                }
-            }
-            samples.sort_by(f64::total_cmp);
-            Ok(percentile(&samples, 0.5))
-        };
-        let cpus = rtt_cpus();
-        let all = cpus.and_then(|(_, b)| pin_to(b));
-        let apart = median(&mut s)?;
-        let together = match cpus {
-            Some((a, _)) => {
-                pin_to(a);
-                median(&mut s)?
-            }
-            None => apart,
-        };
-        if let Some(all) = all {
-            sched_setaffinity(Pid::from_raw(0), &all)?;
-        }
-        (apart, together)
-    };
+    let rtt = RoundTrips::measure(
+        args.rtt_addr.as_deref().ok_or("--rtt-addr missing")?,
+        args.rtt_channel_addr
+            .as_deref()
+            .ok_or("--rtt-channel-addr missing")?,
+        channel_config(args, &key)?,
+    )?;
 
     let bulk = Listener::bind(&Endpoint::Tcp(listen.parse()?), channel_config(args, &key)?)?;
     let mut mig_config = channel_config(args, &key)?;
@@ -593,21 +532,21 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
         .map(|(_, &ns)| f64::from(ns) / 1e3)
         .collect();
     lat.sort_by(f64::total_cmp);
-    let tail = fault_tail(
-        &stats,
-        &touch_order,
-        &starts,
-        &durations,
-        percentile(&lat, 0.99),
-    );
+    let steps = |lo: f64, hi: f64| {
+        let band = (percentile(&lat, lo), percentile(&lat, hi));
+        fault_tail(&stats, &touch_order, &starts, &durations, band)
+    };
+    let (tail, middle) = (steps(0.99, 1.0), steps(0.4, 0.6));
     let warnings = report.as_ref().map_or(&[][..], |r| &r.warnings[..]);
     announce_result(&json!({
-        "raw_rtt_us": round(raw_rtt_us, 1),
-        "raw_rtt_same_cpu_us": round(raw_rtt_same_cpu_us, 1),
+        "raw_rtt_us": round(rtt.channel_us, 1),
+        "raw_tcp_rtt_us": round(rtt.tcp_us, 1),
+        "raw_rtt_same_cpu_us": round(rtt.tcp_same_cpu_us, 1),
         "fault_p50_us": round(percentile(&lat, 0.5), 1),
         "fault_p99_us": round(percentile(&lat, 0.99), 1),
         "fault_p999_us": round(percentile(&lat, 0.999), 1),
         "fault_tail": tail,
+        "fault_middle": middle,
         "network_faults": report.as_ref().map(|r| r.network_faults),
         "duplicate_pages": report.as_ref().map(|r| r.duplicate_pages),
         "working_set_pages": ws,
@@ -627,8 +566,8 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
     Ok(())
 }
 
-/// Where the slowest network faults (at or above `p99_us`) spent their
-/// time, from the sink's per-fault trace and the program's own clock:
+/// Where the network faults that took `band` µs (at least its first, at
+/// most its second figure) spent their time, from the sink's per-fault trace and the program's own clock:
 /// `deliver` from the touch to the fault thread reading the fault,
 /// `serve` from there to the page's placement (request, source, reply,
 /// placement, or the pushed message that brought it), `wake` from the
@@ -639,7 +578,7 @@ fn fault_tail(
     order: &[u64],
     starts: &[Instant],
     durations: &[u32],
-    p99_us: f64,
+    band: (f64, f64),
 ) -> serde_json::Value {
     let index: std::collections::HashMap<u64, usize> =
         order.iter().enumerate().map(|(i, &p)| (p, i)).collect();
@@ -651,7 +590,8 @@ fn fault_tail(
         let (Some(&start), Some(&ns)) = (starts.get(i), durations.get(i)) else {
             continue;
         };
-        if f64::from(ns) / 1e3 < p99_us {
+        let took = f64::from(ns) / 1e3;
+        if took < band.0 || took > band.1 {
             continue;
         }
         let end = start + Duration::from_nanos(u64::from(ns));

@@ -25,9 +25,6 @@ impl Postcopy {
         let spin_until = start + self.options.spin.min(timeout);
         let mut buf = [UffdMsg::default(); 16];
         loop {
-            // Cleared before the queue is looked at: a run asked for after
-            // this signals again.
-            self.kick.clear();
             // Faults first: a faulting thread is blocked, a program that
             // asked ahead is not (it serves something else meanwhile).
             if let Some(run) = lock(&self.queued).pop_front() {
@@ -68,6 +65,14 @@ impl Postcopy {
             }
             if now >= deadline {
                 return Ok(None);
+            }
+            // Cleared only before a sleep (not in every look of the spin or
+            // of a zero-timeout call: one system call fewer each), then the
+            // runs asked for looked at again: one asked for after the clear
+            // signals again and ends the sleep.
+            self.kick.clear();
+            if !lock(&self.asked).is_empty() {
+                continue;
             }
             let left = deadline - now;
             let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;

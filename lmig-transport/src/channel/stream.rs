@@ -176,6 +176,9 @@ impl StreamChannel {
             l.acquire(frames.len());
         }
         let lanes = self.inner.current_lanes();
+        if lane == Lane::Urgent {
+            self.inner.urgent.note_sent();
+        }
         lanes.write(lane, &frames).map_err(|e| {
             let name = lane.name();
             MigrationError::channel(format!("sending {} on the {name} stream", msg.name()), e)
@@ -250,6 +253,7 @@ impl Channel for StreamChannel {
             l.acquire(frames.iter().map(EncodedFrames::len).sum());
         }
         let lanes = self.inner.current_lanes();
+        self.inner.urgent.note_sent();
         lanes.write_urgent_many(&frames).map_err(|e| {
             MigrationError::channel(format!("sending {} urgent messages", msgs.len()), e)
         })

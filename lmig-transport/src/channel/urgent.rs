@@ -1,13 +1,14 @@
 //! The urgent stream read by its consumer itself (post-copy).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use lmig_core::MigrationError;
 use lmig_core::protocol::Message;
 
-use super::conn::FrameReader;
+use super::conn::{Conn, FrameReader};
 use super::event::{Event, read_event};
 use super::queue::EventQueue;
 use super::{ChannelConfig, lock};
@@ -40,6 +41,11 @@ enum DirectRead {
 /// A reader taken over gets a read timeout ([`ChannelConfig::handshake_timeout`]):
 /// `recv_urgent` reads only once bytes are there, and a peer that stops in
 /// the middle of a frame fails the stream instead of holding the consumer.
+///
+/// Within [`ChannelConfig::urgent_spin`] of this side's last urgent send,
+/// `recv_urgent` busy-polls the stream (yielding the CPU between looks)
+/// before it sleeps: the answer then finds its thread running, one wake-up
+/// fewer on the post-copy fault path (see [`DirectUrgent::spin_readable`]).
 pub(super) struct DirectUrgent {
     /// A consumer called `recv_urgent`.
     wanted: AtomicBool,
@@ -50,6 +56,15 @@ pub(super) struct DirectUrgent {
     /// The stream's write timeout (the socket's timeouts are shared by its
     /// reading and writing halves).
     write_timeout: Option<Duration>,
+    /// How long after an urgent send a receive busy-polls.
+    spin: Duration,
+    /// The clock's origin for `sent_at`.
+    epoch: Instant,
+    /// When this side last sent on the urgent stream, in ns since `epoch`
+    /// plus one (0: never).
+    sent_at: AtomicU64,
+    /// Messages found by the busy-poll (not by a sleep in `poll`).
+    spin_hits: AtomicU64,
 }
 
 impl DirectUrgent {
@@ -59,7 +74,54 @@ impl DirectUrgent {
             slot: Mutex::new(None),
             frame_timeout: config.handshake_timeout,
             write_timeout: config.write_timeout,
+            spin: config.urgent_spin,
+            epoch: Instant::now(),
+            sent_at: AtomicU64::new(0),
+            spin_hits: AtomicU64::new(0),
         }
+    }
+
+    /// This side just sent on the urgent stream: an answer may follow
+    /// within a round trip.
+    pub(super) fn note_sent(&self) {
+        if self.spin.is_zero() {
+            return;
+        }
+        let ns = self
+            .epoch
+            .elapsed()
+            .as_nanos()
+            .min(u128::from(u64::MAX - 1)) as u64;
+        self.sent_at.store(ns + 1, Ordering::Release);
+    }
+
+    /// Until when a receive busy-polls: `urgent_spin` after the last send.
+    fn spin_until(&self) -> Option<Instant> {
+        match self.sent_at.load(Ordering::Acquire) {
+            0 => None,
+            ns => Some(self.epoch + Duration::from_nanos(ns - 1) + self.spin),
+        }
+    }
+
+    /// Busy-poll `conn` until it is readable, at most until `spin_until`
+    /// and `limit`. Between looks (each a `poll` with no timeout) the CPU
+    /// goes to any other runnable thread: on a machine with few CPUs the
+    /// thread that is to send the answer may need this one's. Returns
+    /// whether bytes are there (`false`: the caller sleeps in `poll`).
+    fn spin_readable(&self, conn: &dyn Conn, limit: Instant) -> io::Result<bool> {
+        let Some(until) = self.spin_until() else {
+            return Ok(false);
+        };
+        let until = until.min(limit);
+        // Bounded by `until`: the clock moves on between looks.
+        while Instant::now() < until {
+            if conn.wait_readable(Duration::ZERO)? {
+                self.spin_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(true);
+            }
+            std::thread::yield_now();
+        }
+        Ok(false)
     }
 
     /// Hand `reader` of `generation` to the consumer (unless a later
@@ -146,7 +208,15 @@ impl DirectUrgent {
         let Some((generation, reader)) = slot.as_mut() else {
             return DirectRead::Ended;
         };
-        let ev = match reader.conn().wait_readable(wait) {
+        let limit = Instant::now() + wait;
+        let ready = match self.spin_readable(reader.conn(), limit) {
+            Ok(true) => Ok(true),
+            Ok(false) => reader
+                .conn()
+                .wait_readable(limit.saturating_duration_since(Instant::now())),
+            Err(e) => Err(e),
+        };
+        let ev = match ready {
             Ok(false) => return DirectRead::Idle,
             Ok(true) => match read_event(reader, *generation) {
                 Event::Msg(m) => return DirectRead::Msg(m),
@@ -181,5 +251,104 @@ impl DirectUrgent {
             debug!("the urgent stream ended after the channel closed");
         }
         DirectRead::Ended
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::pipe::{PipeEnd, pipe};
+    use super::*;
+    use crate::AuthKey;
+    use crate::wire::encode_message;
+
+    impl DirectUrgent {
+        fn spin_hits(&self) -> u64 {
+            self.spin_hits.load(Ordering::Relaxed)
+        }
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A consumer reading an urgent stream over a pipe directly (spinning
+    /// `spin` after a send), and the peer's end.
+    fn direct(spin: Duration) -> (DirectUrgent, PipeEnd) {
+        let config = ChannelConfig::new(AuthKey::new([1u8; 32]).unwrap()).with_urgent_spin(spin);
+        let direct = DirectUrgent::new(&config);
+        let (ours, theirs) = pipe();
+        let mut reader = FrameReader::new(Box::new(ours));
+        reader.set_authenticated();
+        direct.put(&mut direct.slot(), 0, reader);
+        (direct, theirs)
+    }
+
+    fn request(page: u64) -> Message {
+        Message::PageRequest(lmig_core::model::PageRun::new(
+            lmig_core::model::RegionId(1),
+            page,
+            1,
+        ))
+    }
+
+    /// Send `msg` from the peer's end after `delay`, on a thread of its own.
+    fn send_after(
+        peer: PipeEnd,
+        delay: Duration,
+        msg: Message,
+    ) -> std::thread::JoinHandle<PipeEnd> {
+        std::thread::spawn(move || {
+            let mut peer = peer;
+            std::thread::sleep(delay);
+            encode_message(&msg).unwrap().write_to(&mut peer).unwrap();
+            peer
+        })
+    }
+
+    #[test]
+    fn a_reply_arriving_during_the_spin_is_received_once() {
+        // A spin longer than the test: the reply can only be found by it.
+        let (direct, peer) = direct(Duration::from_secs(30));
+        let (q, closed) = (EventQueue::new(4), AtomicBool::new(false));
+        direct.note_sent();
+        let peer = send_after(peer, Duration::from_millis(20), request(7));
+        assert_eq!(direct.recv(&q, &closed, WAIT).unwrap(), Some(request(7)));
+        assert_eq!(direct.spin_hits(), 1);
+        let _peer = peer.join().unwrap();
+        // Once: nothing more, neither at once nor within a short wait (the
+        // spin stops at the caller's timeout).
+        assert_eq!(direct.recv(&q, &closed, Duration::ZERO).unwrap(), None);
+        let short = Duration::from_millis(30);
+        assert_eq!(direct.recv(&q, &closed, short).unwrap(), None);
+        assert_eq!(direct.spin_hits(), 1);
+        assert!(q.try_pop_urgent().is_none());
+    }
+
+    #[test]
+    fn a_reply_arriving_after_the_spin_wakes_the_sleeping_receiver_once() {
+        let (direct, peer) = direct(Duration::from_micros(50));
+        let (q, closed) = (EventQueue::new(4), AtomicBool::new(false));
+        direct.note_sent();
+        // Sent well after the spin ended: the receiver sleeps in `poll`.
+        let peer = send_after(peer, Duration::from_millis(50), request(8));
+        assert_eq!(direct.recv(&q, &closed, WAIT).unwrap(), Some(request(8)));
+        let mut peer = peer.join().unwrap();
+        assert_eq!(direct.spin_hits(), 0);
+        assert_eq!(direct.recv(&q, &closed, Duration::ZERO).unwrap(), None);
+        // With no send of ours there is no spin at all.
+        let (idle, idle_peer) = super::tests::direct(Duration::from_secs(30));
+        let idle_peer = send_after(idle_peer, Duration::from_millis(20), request(9));
+        assert_eq!(idle.recv(&q, &closed, WAIT).unwrap(), Some(request(9)));
+        assert_eq!(idle.spin_hits(), 0);
+        let _ = idle_peer.join().unwrap();
+        // Both messages of a pair sent together are taken once each.
+        direct.note_sent();
+        for p in [10, 11] {
+            encode_message(&request(p))
+                .unwrap()
+                .write_to(&mut peer)
+                .unwrap();
+        }
+        assert_eq!(direct.recv(&q, &closed, WAIT).unwrap(), Some(request(10)));
+        assert_eq!(direct.recv(&q, &closed, WAIT).unwrap(), Some(request(11)));
+        assert_eq!(direct.recv(&q, &closed, Duration::ZERO).unwrap(), None);
     }
 }
