@@ -1,14 +1,14 @@
 //! The round trips `lmig-bench postcopy` sets its faults against, measured
 //! between the same two processes before the migration:
 //!
-//! * `raw_rtt_us` ([`RoundTrips::channel_us`]): a fault's own round trip
+//! * `raw_rtt_us` ([`RoundTrips::tcp_us`]): the network's round trip for a
+//!   page, without lmig: an 8-byte request answered by 4 KiB over plain TCP
+//!   with blocking reads (the figure issue 22's goal sets faults against);
+//! * `channel_rtt_us` ([`RoundTrips::channel_us`]): a fault's own round trip
 //!   without the fault: a one-page `PageRequest` on the urgent lane of a
 //!   migration channel (same security, same configuration, so the same
 //!   encryption and the same busy-poll), answered as the source answers a
 //!   fault, with the page copied into a one-page `Pages` reply;
-//! * `raw_tcp_rtt_us` ([`RoundTrips::tcp_us`]): an 8-byte request answered by
-//!   4 KiB over plain TCP with blocking reads (this was `raw_rtt_us` until
-//!   the channel's figure replaced it);
 //! * `raw_rtt_same_cpu_us`: that TCP round trip with both threads on one CPU.
 //!
 //! The responders hold the first CPU, the asking thread the second (apart,
