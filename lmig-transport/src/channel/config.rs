@@ -8,9 +8,12 @@ use crate::auth::AuthKey;
 use crate::error::{Result, TransportError};
 use crate::tls::TlsIdentity;
 
-/// The default [`ChannelConfig::urgent_spin`]: a few round trips of a
-/// post-copy page over a local link (20-40 µs on loopback here).
-const DEFAULT_URGENT_SPIN: Duration = Duration::from_micros(100);
+/// The default [`ChannelConfig::urgent_spin`]: off. On this 2-vCPU machine a
+/// 100 µs spin cut `lmig-bench postcopy`'s fault p50 by 3-6 µs but raised
+/// its p99 from 250-600 to 650-1350 µs (the spinning threads took the CPU
+/// the push and the placement needed), and 30 µs did the same; see
+/// docs/benchmarks.md. A host with CPUs to spare can turn it on.
+const DEFAULT_URGENT_SPIN: Duration = Duration::ZERO;
 
 /// How a channel is set up. Both sides need the same [`Security`] mode
 /// and key (or certificates from a CA the other trusts). Built by
@@ -58,7 +61,8 @@ pub struct ChannelConfig {
     /// (on a virtual machine, an idle vCPU woken by an interrupt). The poll
     /// yields the CPU to any other runnable thread between looks, and stops
     /// at this bound once nothing arrived, so an idle urgent stream costs no
-    /// CPU. `Duration::ZERO` turns it off.
+    /// CPU. `Duration::ZERO` (the default) turns it off: each spinning
+    /// thread takes a CPU the program, the push and the placement may need.
     pub urgent_spin: Duration,
     /// Called with every connection a listener refuses.
     pub(super) on_reject: RejectHook,
