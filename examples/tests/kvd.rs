@@ -688,3 +688,67 @@ fn postcopy_parks_a_missing_key_and_serves_the_others() {
         loop_thread.join().unwrap().unwrap();
     });
 }
+
+/// More pipelined input than one pass reads (64 reads of 16 KiB) waiting in
+/// the socket before kvd accepts it: readiness is edge-triggered, so no new
+/// event reports the rest, and every request must still be answered (the
+/// connection is served again after the next poll).
+#[test]
+fn pipelined_input_beyond_one_pass_is_all_served() {
+    use std::io::{Read, Write};
+
+    use lmig_core::model::RegionId;
+    use lmig_examples::kvd::server::{Server, Wake};
+    use lmig_examples::kvd::store::Store;
+    use lmig_mem::RegionOptions;
+    use nix::sys::socket::{setsockopt, sockopt};
+
+    const REQUEST: &[u8] = b"*2\r\n$3\r\nGET\r\n$4\r\nnone\r\n";
+    const REPLY: &[u8] = b"$-1\r\n";
+    const COUNT: usize = (4 << 20) / REQUEST.len();
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A receive buffer that holds all of it before kvd reads (inherited by
+    // the accepted socket); above rmem_max, so CAP_NET_ADMIN.
+    if setsockopt(&listener, sockopt::RcvBufForce, &(16 << 20)).is_err() {
+        assert!(!privileged(), "SO_RCVBUFFORCE refused to root");
+        return;
+    }
+    let addr = listener.local_addr().unwrap();
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    client
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let input = REQUEST.repeat(COUNT);
+    client
+        .write_all(&input)
+        .expect("the whole input fits the receive buffer");
+
+    let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+    let store = Store::format(&region);
+    let mut server = Server::new(listener, Vec::new()).unwrap();
+    let control = server.control();
+    let answered = std::thread::scope(|s| {
+        let loop_ = s.spawn(|| server.run(&store));
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (mut got, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+        while got.len() < COUNT * REPLY.len() {
+            match client.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        control.park().unwrap();
+        control.wake(Wake::Exit);
+        loop_.join().unwrap().unwrap();
+        got
+    });
+    assert_eq!(
+        answered.len(),
+        COUNT * REPLY.len(),
+        "every request answered"
+    );
+    assert!(answered.chunks(REPLY.len()).all(|r| r == REPLY));
+}

@@ -166,6 +166,12 @@ pub struct Server {
     /// After a migration: connections whose never-sent bytes lmig-net is
     /// still writing; kvd writes nothing to them until they are in.
     unsent: Option<lmig_net::UnsentTails>,
+    /// Connections whose sockets may still hold input that no readiness
+    /// event will report again (readiness is edge-triggered): the read
+    /// limit was reached, or the connection was not read while it had all
+    /// the parked requests it may have. Served again after the next poll,
+    /// which then does not wait.
+    again: Vec<u64>,
 }
 
 fn token(id: u64) -> Token {
@@ -242,6 +248,7 @@ impl Server {
             },
             wake_rx,
             buffered: Vec::new(),
+            again: Vec::new(),
             parking: None,
             unsent: None,
         };
@@ -308,6 +315,16 @@ impl Server {
             return;
         };
         let mut ids = parking.take_ready();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            self.serve(id, store);
+        }
+    }
+
+    /// Serve once more the connections `again` holds.
+    fn serve_again(&mut self, store: &Store<'_>) {
+        let mut ids = std::mem::take(&mut self.again);
         ids.sort_unstable();
         ids.dedup();
         for id in ids {
@@ -414,10 +431,12 @@ impl Server {
                 }
             }
             let polling = stalls.as_mut().map(|s| s.before_poll());
-            match self
-                .poll
-                .poll(&mut events, Some(Duration::from_millis(100)))
-            {
+            let wait = if self.again.is_empty() {
+                Duration::from_millis(100)
+            } else {
+                Duration::ZERO
+            };
+            match self.poll.poll(&mut events, Some(wait)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -446,6 +465,9 @@ impl Server {
                     UNSENT => self.unsent_written(store),
                     Token(t) => self.serve(t as u64, store),
                 }
+            }
+            if !self.control.pause.load(Ordering::Relaxed) {
+                self.serve_again(store);
             }
             let counters = &self.control.counters;
             timer.done(&counters.pace, counters.requests.load(Ordering::Relaxed));
@@ -495,6 +517,7 @@ impl Server {
         // (nor its input parsed) until they ran.
         let held = self.parking.as_ref().is_some_and(|p| p.full(id));
         let reads = if held { 0 } else { 64 };
+        let mut drained = false;
         for _ in 0..reads {
             match conn.stream.read(&mut buf) {
                 Ok(0) => {
@@ -507,10 +530,14 @@ impl Server {
                     // see `EAGAIN` (epoll(7): for stream sockets a short read
                     // detects the exhausted buffer; new data is a new edge).
                     if n < buf.len() {
+                        drained = true;
                         break;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => {
                     closed = true;
@@ -590,6 +617,12 @@ impl Server {
                 .reregister(&mut conn.stream, token(id), interest)
                 .is_err();
             conn.writable = want;
+        }
+        // Input may wait in the socket with no edge to report it: serve this
+        // connection again soon, unless its parked requests still wait for
+        // pages (their arrival serves it).
+        if !closed && !drained && !self.parking.as_ref().is_some_and(|p| p.full(id)) {
+            self.again.push(id);
         }
         if closed {
             if let Some(p) = self.parking.as_mut() {
