@@ -5,6 +5,7 @@
 //! (here), `after_commit` ([`postcopy`]: the post-copy threads, digests,
 //! `Done`). [`push`] holds the post-copy push order.
 
+mod config;
 mod control;
 mod freeze;
 mod postcopy;
@@ -15,6 +16,7 @@ mod push;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use self::config::{Mode, SourceConfig};
 pub use self::control::{CancelHandle, CancelOutcome, SourceControl};
 pub use self::progress::Progress;
 use self::progress::ProgressState;
@@ -23,240 +25,11 @@ use super::{contain, send_abort};
 use crate::error::{MigrationError, Result};
 use crate::model::{RegionLayout, RegionPages};
 use crate::policy::{ConvergencePolicy, Decision, Fallback, Policy, PolicyConfig, RoundStats};
-use crate::protocol::{CHUNK_PAGES, Message, Verification};
+use crate::protocol::{Message, Verification};
 use crate::traits::{
     Channel, DirtyTracker, Event, MemorySource, NoObserver, NoSockets, Observer, Phase,
     SocketSource, StateSource,
 };
-
-/// How the source moves memory.
-#[cfg_attr(
-    feature = "serde",
-    derive(serde::Serialize, serde::Deserialize),
-    serde(rename_all = "snake_case")
-)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Mode {
-    /// Pre-copy rounds until the policy freezes; a `Postcopy` decision is
-    /// treated as `Freeze`.
-    #[default]
-    Precopy,
-    /// Pre-copy rounds; when the policy says `Postcopy` (rounds stop
-    /// converging), switch to post-copy for the pages still dirty. The
-    /// default policy then falls back to post-copy
-    /// ([`Fallback::Postcopy`](crate::policy::Fallback::Postcopy)), which
-    /// it does as soon as its estimate says the rounds cannot reach the
-    /// target ([`PolicyConfig::switch_ratio`]).
-    Hybrid,
-    /// No rounds: freeze at once, resume at the destination, send every page after.
-    Postcopy,
-}
-
-/// Settings of a [`Source`]: `SourceConfig::default()` and the `with_*`
-/// setters (the struct is `#[non_exhaustive]`).
-#[derive(Copy, Clone, Debug)]
-#[non_exhaustive]
-pub struct SourceConfig {
-    /// Pre-copy, hybrid or post-copy.
-    pub mode: Mode,
-    /// Send digests of the frozen memory after `Commit` and have the
-    /// destination check them before `Done` (costs the source one hashing
-    /// pass after the commit, nothing during the freeze).
-    pub verify: bool,
-    /// Most time to wait for `Ready` after the freeze.
-    pub ready_timeout: Duration,
-    /// Most time without any message from the destination after `Commit`.
-    pub done_timeout: Duration,
-    /// Pages per `Pages` message of the pre-copy rounds and the freeze (at
-    /// most [`CHUNK_PAGES`]).
-    pub batch_pages: u32,
-    /// Pages per pushed `Pages` message after `Commit` while the program
-    /// catches up with the push (at most [`CHUNK_PAGES`]); otherwise the
-    /// push uses `batch_pages`. A program reading its memory in order soon
-    /// faults on pages already sent and waits for the message holding its
-    /// page to arrive whole: smaller messages shorten that wait (it grows
-    /// with the message size) for more per-message work (the whole transfer
-    /// takes longer the smaller the messages), which a program faulting on
-    /// pages not sent yet (answered on their own) does not need. The push
-    /// switches to this size when a request names only pages already sent
-    /// and back when one names a page not sent. Default 8, tuned for 4 KiB
-    /// pages on a 2-vCPU virtual machine with source and destination on
-    /// one host (figures in the benchmark docs).
-    pub push_pages: u32,
-    /// Answer a post-copy request for pages already pushed by sending them
-    /// again on the urgent lane (at most 64 pages per request). The
-    /// destination asks only for pages it has not placed, so such a page is
-    /// still in flight behind pushed data, and its fault waits for all of
-    /// that to be received and placed: milliseconds with deep queues, the
-    /// post-copy fault tail. Sent again, it arrives in a round trip; the
-    /// copy that comes second is dropped there (counted as a duplicate
-    /// page). Default false: every page is sent exactly once.
-    pub resend_in_flight: bool,
-    /// Most time a shrinking pre-copy round waits for the destination to
-    /// place its pages (`Prepared{placed}`) before the policy decides: the
-    /// policy then sees the end-to-end bandwidth, and a freeze does not
-    /// include placing a backlog. The program runs meanwhile.
-    pub catch_up_timeout: Duration,
-    /// The longest the freeze may last, from the pause to `Ready`
-    /// (`None`, the default: no bound but `ready_timeout`). Checked after
-    /// every freeze step and bounding the wait for `Ready`: past it the
-    /// source aborts and resumes the program (sockets out of repair mode
-    /// with every queued byte, network unlocked), the destination
-    /// discards, and [`Source::run`] returns
-    /// [`MigrationError::FreezeDeadline`] naming the step. A step itself
-    /// is not interrupted: the freeze lasts the bound plus the step that
-    /// crossed it plus the unwinding.
-    pub max_freeze: Option<Duration>,
-    /// Most bytes per second the pages may take over every data stream
-    /// together (0, the default: no limit); changeable while the session
-    /// runs through [`SourceControl::set_bandwidth_limit`], which says what
-    /// it applies to. A token bucket: cheap (one atomic load per message)
-    /// when there is no limit.
-    pub bandwidth_limit: u64,
-    /// The threads sending the pre-copy rounds ask the memory to lower
-    /// their priority ([`MemorySource::background_thread`]): on a busy
-    /// host the program's own threads (its event loop answering clients)
-    /// then get a CPU first, and the rounds take the CPU it leaves. The
-    /// freeze and post-copy are not affected. Default false.
-    pub yield_to_program: bool,
-    /// Run the pre-copy rounds' senders in the host's lowest CPU class
-    /// while the rounds shrink (`None`, the default: not at all). The hook
-    /// moves the calling thread there (`true`) or back (`false`) and says
-    /// whether it did; `lmig_mem::cpu::idle_thread` is one (Linux
-    /// `SCHED_IDLE`: the senders then take only CPU time the program
-    /// leaves, and a program thread that wakes up, an event loop with a
-    /// request, preempts them at once). Each sender thread of a round
-    /// calls it first (`true`); refused, the thread goes on as
-    /// [`Self::yield_to_program`] says. The session stops asking once a
-    /// round does not shrink (what got dirty during a round is more than
-    /// half of what it sent): the rounds then need every CPU they can get
-    /// to converge (auto-converge throttles the program from there). A
-    /// sender still in the lowest class after [`Self::idle_round_limit`]
-    /// of one round moves back (`false`): a program that leaves no CPU
-    /// never stalls the migration. The freeze and post-copy never use it.
-    /// The signal is the rounds' own (pages sent, pages dirtied), which
-    /// every program has; no latency figure of the program is needed.
-    pub idle_lanes: Option<fn(bool) -> bool>,
-    /// The longest a pre-copy round's senders stay in the lowest class
-    /// ([`Self::idle_lanes`]); default 2 s.
-    pub idle_round_limit: Duration,
-}
-
-impl SourceConfig {
-    /// Set [`SourceConfig::bandwidth_limit`] (bytes per second, 0: none).
-    #[must_use]
-    pub fn with_bandwidth_limit(mut self, bytes_per_sec: u64) -> Self {
-        self.bandwidth_limit = bytes_per_sec;
-        self
-    }
-}
-
-impl Default for SourceConfig {
-    fn default() -> Self {
-        Self {
-            mode: Mode::Precopy,
-            verify: true,
-            ready_timeout: Duration::from_secs(30),
-            done_timeout: Duration::from_secs(60),
-            batch_pages: CHUNK_PAGES,
-            push_pages: 8,
-            resend_in_flight: false,
-            catch_up_timeout: Duration::from_millis(500),
-            max_freeze: None,
-            bandwidth_limit: 0,
-            yield_to_program: false,
-            idle_lanes: None,
-            idle_round_limit: Duration::from_secs(2),
-        }
-    }
-}
-
-impl SourceConfig {
-    /// Sets [`mode`](Self::mode).
-    #[must_use]
-    pub fn with_mode(mut self, mode: Mode) -> Self {
-        self.mode = mode;
-        self
-    }
-
-    /// Sets [`verify`](Self::verify).
-    #[must_use]
-    pub fn with_verify(mut self, verify: bool) -> Self {
-        self.verify = verify;
-        self
-    }
-
-    /// Sets [`ready_timeout`](Self::ready_timeout).
-    #[must_use]
-    pub fn with_ready_timeout(mut self, timeout: Duration) -> Self {
-        self.ready_timeout = timeout;
-        self
-    }
-
-    /// Sets [`done_timeout`](Self::done_timeout).
-    #[must_use]
-    pub fn with_done_timeout(mut self, timeout: Duration) -> Self {
-        self.done_timeout = timeout;
-        self
-    }
-
-    /// Sets [`batch_pages`](Self::batch_pages).
-    #[must_use]
-    pub fn with_batch_pages(mut self, pages: u32) -> Self {
-        self.batch_pages = pages;
-        self
-    }
-
-    /// Sets [`push_pages`](Self::push_pages).
-    #[must_use]
-    pub fn with_push_pages(mut self, pages: u32) -> Self {
-        self.push_pages = pages;
-        self
-    }
-
-    /// Sets [`catch_up_timeout`](Self::catch_up_timeout).
-    #[must_use]
-    pub fn with_catch_up_timeout(mut self, timeout: Duration) -> Self {
-        self.catch_up_timeout = timeout;
-        self
-    }
-
-    /// Sets [`max_freeze`](Self::max_freeze) (a `Duration` or `None`).
-    #[must_use]
-    pub fn with_max_freeze(mut self, bound: impl Into<Option<Duration>>) -> Self {
-        self.max_freeze = bound.into();
-        self
-    }
-
-    /// Set [`Self::resend_in_flight`].
-    #[must_use]
-    pub fn with_resend_in_flight(mut self, on: bool) -> Self {
-        self.resend_in_flight = on;
-        self
-    }
-
-    /// Set [`Self::yield_to_program`].
-    #[must_use]
-    pub fn with_yield_to_program(mut self, on: bool) -> Self {
-        self.yield_to_program = on;
-        self
-    }
-
-    /// Set [`Self::idle_lanes`].
-    #[must_use]
-    pub fn with_idle_lanes(mut self, hook: Option<fn(bool) -> bool>) -> Self {
-        self.idle_lanes = hook;
-        self
-    }
-
-    /// Set [`Self::idle_round_limit`].
-    #[must_use]
-    pub fn with_idle_round_limit(mut self, limit: Duration) -> Self {
-        self.idle_round_limit = limit;
-        self
-    }
-}
 
 /// What a finished (committed) migration did, seen from the source.
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]

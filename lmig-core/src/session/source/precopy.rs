@@ -271,18 +271,7 @@ where
             .in_background(self.config.yield_to_program)
             .idle_while_sparing(idle)
             .send_set(&rounds.to_send, round, first)?;
-        let dirty = &mut rounds.dirty;
-        dirty.clear();
-        self.tracker.collect(dirty)?;
-        let dirty_pages = dirty.count();
-        let dirty_bytes: u64 = dirty
-            .sets()
-            .map(|(id, s)| layout.get(id).map(|r| r.bytes(s.count())).unwrap_or(0))
-            .sum();
-        rounds.written.union_with(dirty);
-        // Pages freed during the round were discarded: the destination may
-        // hold an older copy, so they go again (as zero runs).
-        self.memory.take_freed(dirty)?;
+        let (dirty_pages, dirty_bytes) = self.collect_dirty(layout, rounds)?;
         self.channel.send(&Message::RoundEnd(RoundSummary {
             round,
             pages: sent.pages,
@@ -342,6 +331,24 @@ where
             total_pages: layout.total_pages(),
         });
         Ok((stats, shrinking))
+    }
+
+    /// What got dirty during a round, into `rounds.dirty` (and
+    /// `rounds.written`): its pages and bytes.
+    fn collect_dirty(&mut self, layout: &RegionLayout, rounds: &mut Rounds) -> Result<(u64, u64)> {
+        let dirty = &mut rounds.dirty;
+        dirty.clear();
+        self.tracker.collect(dirty)?;
+        let dirty_pages = dirty.count();
+        let dirty_bytes: u64 = dirty
+            .sets()
+            .map(|(id, s)| layout.get(id).map(|r| r.bytes(s.count())).unwrap_or(0))
+            .sum();
+        rounds.written.union_with(dirty);
+        // Pages freed during the round were discarded: the destination may
+        // hold an older copy, so they go again (as zero runs).
+        self.memory.take_freed(dirty)?;
+        Ok((dirty_pages, dirty_bytes))
     }
 
     /// During pre-copy the destination only says `Prepared`; anything else
