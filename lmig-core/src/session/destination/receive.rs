@@ -220,8 +220,8 @@ struct IdleReceive {
     /// The process is in the lowest class now.
     on: bool,
     limit: Duration,
-    /// When the current round began (the last `RoundEnd`, or the start).
-    round_began: Instant,
+    /// When the process was lowered (the first round began).
+    lowered_at: Instant,
 }
 
 impl IdleReceive {
@@ -234,7 +234,7 @@ impl IdleReceive {
             hook,
             on,
             limit,
-            round_began: Instant::now(),
+            lowered_at: Instant::now(),
         }
     }
 
@@ -254,16 +254,15 @@ impl IdleReceive {
         }
     }
 
-    /// A round lasting longer than the limit: back.
+    /// The first round lasting longer than the limit: back.
     fn check_time(&mut self) {
-        if self.on && self.round_began.elapsed() > self.limit {
+        if self.on && self.lowered_at.elapsed() > self.limit {
             self.leave("a round past the limit");
         }
     }
 
     /// A round ended: the first full copy is in, back.
     fn round_ended(&mut self, summary: &RoundSummary) {
-        self.round_began = Instant::now();
         debug!(round = summary.round, "receive: a round ended");
         self.leave("the first round is in");
     }
