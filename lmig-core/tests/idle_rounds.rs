@@ -208,3 +208,122 @@ fn the_destination_is_lowered_once_and_raised_once() {
     migrate(SourceConfig::default(), dconfig, &DEST_COLLECTS);
     assert_eq!(*DEST_CALLS.lock().unwrap(), [true, false]);
 }
+
+/// Whether the calling thread is one of a round's senders.
+fn on_a_lane() -> bool {
+    std::thread::current()
+        .name()
+        .is_some_and(|n| n.starts_with("lmig-lane"))
+}
+
+static SESSION_COLLECTS: AtomicU32 = AtomicU32::new(0);
+/// (collects when called, on a sender's thread, what was asked).
+static SESSION_CALLS: Mutex<Vec<(u32, bool, bool)>> = Mutex::new(Vec::new());
+
+fn session_hook(idle: bool) -> bool {
+    let at = SESSION_COLLECTS.load(Ordering::SeqCst);
+    SESSION_CALLS.lock().unwrap().push((at, on_a_lane(), idle));
+    true
+}
+
+/// With `idle_session`, the session thread's bulk steps are lowered while
+/// the rounds shrink: the setup and the first round's page query before
+/// any collect, round 0's collect, and round 1's (round 0 shrank); each
+/// is raised right after, so the thread is never left lowered; nothing
+/// from round 2 on (round 1 did not shrink), nor in the freeze. The
+/// senders are lowered as without it.
+#[test]
+fn session_steps_are_lowered_while_the_rounds_shrink_and_raised_after_each() {
+    let config = SourceConfig::default()
+        .with_idle_lanes(Some(session_hook))
+        .with_idle_session(true);
+    let rounds = migrate(config, DestinationConfig::default(), &SESSION_COLLECTS);
+    assert!(rounds >= 3, "{rounds}");
+    let calls = SESSION_CALLS.lock().unwrap().clone();
+    let session: Vec<(u32, bool)> = calls.iter().filter(|c| !c.1).map(|c| (c.0, c.2)).collect();
+    // Setup, page query, round 0's collect (raised once it counted),
+    // round 1's collect.
+    assert_eq!(
+        session,
+        [
+            (0, true),
+            (0, false),
+            (0, true),
+            (0, false),
+            (0, true),
+            (1, false),
+            (1, true),
+            (2, false)
+        ],
+        "{calls:?}"
+    );
+    let lanes: Vec<(u32, bool)> = calls.iter().filter(|c| c.1).map(|c| (c.0, c.2)).collect();
+    assert_eq!(
+        lanes.iter().filter(|c| **c == (0, true)).count(),
+        2,
+        "{calls:?}"
+    );
+    assert_eq!(
+        lanes.iter().filter(|c| **c == (1, true)).count(),
+        2,
+        "{calls:?}"
+    );
+    assert!(lanes.iter().all(|c| c.0 <= 1 && c.1), "{calls:?}");
+}
+
+static SESSION_REFUSED_COLLECTS: AtomicU32 = AtomicU32::new(0);
+static SESSION_REFUSED_CALLS: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+
+fn session_refusing_hook(idle: bool) -> bool {
+    SESSION_REFUSED_CALLS.lock().unwrap().push(idle);
+    false
+}
+
+/// A refused lowest class with `idle_session`: every step runs where it
+/// was, nothing is asked to move back, the migration ends verified.
+#[test]
+fn a_refused_lowest_class_for_the_session_changes_nothing() {
+    let config = SourceConfig::default()
+        .with_idle_lanes(Some(session_refusing_hook))
+        .with_idle_session(true);
+    migrate(
+        config,
+        DestinationConfig::default(),
+        &SESSION_REFUSED_COLLECTS,
+    );
+    let calls = SESSION_REFUSED_CALLS.lock().unwrap().clone();
+    assert!(calls.len() >= 3, "{calls:?}");
+    assert!(calls.iter().all(|idle| *idle), "{calls:?}");
+}
+
+static SESSION_LIMIT_COLLECTS: AtomicU32 = AtomicU32::new(0);
+/// (collects when called, on a sender's thread, what was asked).
+static SESSION_LIMIT_CALLS: Mutex<Vec<(u32, bool, bool)>> = Mutex::new(Vec::new());
+
+fn session_limit_hook(idle: bool) -> bool {
+    let at = SESSION_LIMIT_COLLECTS.load(Ordering::SeqCst);
+    SESSION_LIMIT_CALLS
+        .lock()
+        .unwrap()
+        .push((at, on_a_lane(), idle));
+    true
+}
+
+/// A lowered setup that outlasts `idle_round_limit` (a program leaving
+/// the migration no CPU; here any lasts longer than zero) ends the
+/// sparing: it is raised, and no sender or later step is lowered at all;
+/// the migration ends verified.
+#[test]
+fn a_session_step_past_the_limit_ends_the_sparing() {
+    let config = SourceConfig::default()
+        .with_idle_lanes(Some(session_limit_hook))
+        .with_idle_session(true)
+        .with_idle_round_limit(Duration::ZERO);
+    migrate(
+        config,
+        DestinationConfig::default(),
+        &SESSION_LIMIT_COLLECTS,
+    );
+    let calls = SESSION_LIMIT_CALLS.lock().unwrap().clone();
+    assert_eq!(calls, [(0, false, true), (0, false, false)]);
+}

@@ -8,6 +8,7 @@
 mod config;
 mod control;
 mod freeze;
+mod idle;
 mod postcopy;
 mod precopy;
 mod progress;
