@@ -87,6 +87,22 @@ fn populated_pages_of_private_memory() {
     assert_eq!(pages.get(R).unwrap(), &set_of(64, &[3, 40]));
 }
 
+/// A region longer than one scan call (16 MiB): populated pages on both
+/// sides of the call boundaries, and a run across one, are all found.
+#[test]
+fn populated_pages_of_private_memory_across_scan_calls() {
+    // 40 MiB: calls cut after 4096 and 8192 pages.
+    let n = 10_240;
+    let r = region(Backing::Private, n);
+    let pages = [0, 4094, 4095, 4096, 4097, 8191, 8192, 10_239];
+    for (i, &p) in pages.iter().enumerate() {
+        fill(&r, p, i as u8 + 1);
+    }
+    let mut found = PageSet::new(n);
+    assert!(r.populated(&mut found).unwrap());
+    assert_eq!(found, set_of(n, &pages));
+}
+
 #[test]
 fn populated_pages_of_memfd_see_writes_through_the_file() {
     let r = region(Backing::Memfd, 64);

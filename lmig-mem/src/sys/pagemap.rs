@@ -113,6 +113,12 @@ pub(crate) fn scan(
 /// `walk_end`.
 const POPULATED_VEC_LEN: usize = 1024;
 
+/// Bytes one populated-pages scan walks at most (16 MiB, 4096 page table
+/// entries of 4 KiB pages: tens of µs). On a kernel without preemption a
+/// thread keeps its CPU for a whole call: one call over a GiB held it for
+/// milliseconds, which a program's thread woken meanwhile waited out.
+const POPULATED_CALL_BYTES: u64 = 16 << 20;
+
 /// The ranges of `[start, end)` (an address range of this process) whose
 /// pages are present or swapped, found with `PAGEMAP_SCAN`; a page mapped
 /// to the shared zero page is left out (it reads as zero). Pages outside
@@ -134,7 +140,14 @@ pub(crate) fn populated_ranges(
     let mut buf = Vec::with_capacity(POPULATED_VEC_LEN);
     let mut at = start;
     while at < end {
-        let walk_end = scan(std::os::fd::AsFd::as_fd(&pagemap), at, end, spec, &mut buf)?;
+        let call_end = end.min(at.saturating_add(POPULATED_CALL_BYTES));
+        let walk_end = scan(
+            std::os::fd::AsFd::as_fd(&pagemap),
+            at,
+            call_end,
+            spec,
+            &mut buf,
+        )?;
         for pr in &buf {
             let zero_page = pr.categories & (PAGE_IS_PFNZERO | PAGE_IS_SWAPPED) == PAGE_IS_PFNZERO;
             if !zero_page && pr.end > pr.start {
