@@ -359,8 +359,7 @@ pub fn migrate_out(
         .with_max_freeze(opts.max_freeze)
         .with_bandwidth_limit(opts.bandwidth)
         .with_yield_to_program(yield_to_loop)
-        .with_idle_lanes(crate::kvd::pace::idle_lanes())
-        .with_idle_session(crate::kvd::pace::idle_session());
+        .with_idle_lanes(crate::kvd::pace::idle_lanes());
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)
         .with_config(config)

@@ -127,18 +127,6 @@ pub fn idle_lanes() -> Option<fn(bool) -> bool> {
     idle_on().then_some(lmig_mem::cpu::idle_thread as fn(bool) -> bool)
 }
 
-/// Environment variable: `0` keeps the session thread's own bulk steps
-/// (the tracker's start, each round's dirty collect) in the normal class
-/// while the senders are lowered, to compare; anything else or unset:
-/// lowered with them ([`SourceConfig::idle_session`](lmig_core::session::SourceConfig::idle_session)).
-pub const IDLE_SESSION_ENV: &str = "LMIG_KVD_IDLE_SESSION";
-
-/// Whether the session thread's bulk steps go to the lowest class with
-/// the senders ([`idle_lanes`] on, and [`IDLE_SESSION_ENV`] not `0`).
-pub fn idle_session() -> bool {
-    idle_on() && std::env::var_os(IDLE_SESSION_ENV).is_none_or(|v| v != "0")
-}
-
 /// The destination's hook: the whole kvd process (nothing of it serves
 /// before the resume) in `SCHED_IDLE` while the rounds arrive, unless
 /// [`IDLE_ENV`] is `0`.

@@ -117,15 +117,6 @@ pub struct SourceConfig {
     /// The longest a pre-copy round's senders stay in the lowest class
     /// ([`Self::idle_lanes`]); default 2 s.
     pub idle_round_limit: Duration,
-    /// The session thread's own bulk steps also run in the lowest class
-    /// through [`Self::idle_lanes`]' hook, while the rounds shrink: the
-    /// tracker's start (write-protecting every region), the socket plan,
-    /// the first round's page query and each round's dirty collect
-    /// (`PAGEMAP_SCAN`s over every region) with the sockets' queue
-    /// estimate. Each step moves back when it ends (an error included);
-    /// one that lasted longer than [`Self::idle_round_limit`] ends the
-    /// sparing for the rounds after it, senders included. Default false.
-    pub idle_session: bool,
 }
 
 impl SourceConfig {
@@ -153,7 +144,6 @@ impl Default for SourceConfig {
             yield_to_program: false,
             idle_lanes: None,
             idle_round_limit: Duration::from_secs(2),
-            idle_session: false,
         }
     }
 }
@@ -233,13 +223,6 @@ impl SourceConfig {
     #[must_use]
     pub fn with_idle_lanes(mut self, hook: Option<fn(bool) -> bool>) -> Self {
         self.idle_lanes = hook;
-        self
-    }
-
-    /// Set [`Self::idle_session`].
-    #[must_use]
-    pub fn with_idle_session(mut self, on: bool) -> Self {
-        self.idle_session = on;
         self
     }
 

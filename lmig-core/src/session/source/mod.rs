@@ -8,7 +8,6 @@
 mod config;
 mod control;
 mod freeze;
-mod idle;
 mod postcopy;
 mod precopy;
 mod progress;

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use super::idle::{IdleLane, IdleLanes, IdleStep};
 use super::{CANCEL_TICK, Mode, Source, SourceReport, Undo};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
@@ -25,10 +24,6 @@ pub(super) struct Readiness {
     pub placed: u64,
     /// `Prepared` must have arrived by then.
     pub by: Instant,
-    /// The rounds may start in the lowest CPU class
-    /// ([`super::SourceConfig::idle_lanes`]): the setup's lowered steps
-    /// kept within the limit.
-    pub spare: bool,
 }
 
 impl Readiness {
@@ -109,25 +104,17 @@ where
             return Err(MigrationError::ChannelOnMovedAddress { addr });
         }
         self.channel.send(&Message::Regions(layout.clone()))?;
-        // The socket plan and the tracker's start (write-protecting every
-        // region) are the session thread's first bulk work: lowered too.
-        let step = IdleStep::enter(self.session_hook(true));
         // Always sent (possibly empty): the destination answers it with
         // `Prepared` once regions and sockets are ready.
         let plan = self.sockets.plan()?;
         self.channel.send(&Message::SocketPlan(plan))?;
-        let mut ready = Readiness {
+        let ready = Readiness {
             prepared: false,
             placed: 0,
             by: Instant::now() + self.config.ready_timeout,
-            spare: self.config.idle_lanes.is_some(),
         };
         undo.tracking = true;
         self.tracker.start()?;
-        if step.leave(self.config.idle_round_limit) {
-            info!("the setup outlasted the limit in the lowest CPU class: rounds at full priority");
-            ready.spare = false;
-        }
         Ok(ready)
     }
 
@@ -151,15 +138,13 @@ where
             written: RegionPages::empty(layout),
             round: 0,
             postcopy: mode == Mode::Postcopy,
-            spare: ready.spare,
+            spare: self.config.idle_lanes.is_some(),
         };
         if mode != Mode::Postcopy {
             // Pages that may hold data; the others are sent as zero without
             // being read (free memory the program never touched). Asked after
             // the tracker started, so a page written from here on is its.
-            let step = IdleStep::enter(self.session_hook(rounds.spare));
             let populated = self.data_pages(layout)?;
-            rounds.spare &= !step.leave(self.config.idle_round_limit);
             // Round 0 marks each run clean right before reading it: a page the
             // program wrote before its read went out fresh and is not resent.
             let clearer = self.tracker.clearer();
@@ -230,14 +215,6 @@ where
         Ok(rounds)
     }
 
-    /// The hook that lowers the session thread for one of its bulk steps
-    /// ([`super::SourceConfig::idle_session`]), while `spare`.
-    fn session_hook(&self, spare: bool) -> Option<fn(bool) -> bool> {
-        self.config
-            .idle_lanes
-            .filter(|_| spare && self.config.idle_session)
-    }
-
     /// The pages the first round reads: those that may hold data
     /// ([`MemorySource::populated`]) less those the program declared free
     /// ([`MemorySource::free_pages`]); `None` when the memory tells
@@ -282,9 +259,10 @@ where
         let cancel = &self.cancel;
         let stop = || cancel.check();
         let idle = match self.config.idle_lanes {
-            Some(hook) if rounds.spare => {
-                Some(IdleLanes::new(hook, t0 + self.config.idle_round_limit))
-            }
+            Some(hook) if rounds.spare => Some(IdleLanes {
+                hook,
+                until: t0 + self.config.idle_round_limit,
+            }),
             _ => None,
         };
         let sent = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
@@ -293,21 +271,7 @@ where
             .in_background(self.config.yield_to_program)
             .idle_while_sparing(idle)
             .send_set(&rounds.to_send, round, first)?;
-        // The collect (a `PAGEMAP_SCAN` per 4 MiB, milliseconds in all)
-        // and the sockets' queue estimate in the lowest class too, while
-        // the rounds spare the program.
-        let step = IdleStep::enter(self.session_hook(rounds.spare));
         let (dirty_pages, dirty_bytes) = self.collect_dirty(layout, rounds)?;
-        // An estimate (which also lets the socket source get ready for the
-        // capture): one the sockets cannot give counts as none.
-        let queued_bytes = self.sockets.queued_bytes().unwrap_or(0);
-        if step.leave(self.config.idle_round_limit) {
-            info!(
-                round = round,
-                "a collect outlasted the limit in the lowest CPU class: rounds at full priority"
-            );
-            rounds.spare = false;
-        }
         self.channel.send(&Message::RoundEnd(RoundSummary {
             round,
             pages: sent.pages,
@@ -336,6 +300,9 @@ where
         let elapsed = t0.elapsed();
         report.zero_pages += sent.zero_pages;
         report.bytes_sent += sent.bytes;
+        // An estimate (which also lets the socket source get ready for the
+        // capture): one the sockets cannot give counts as none.
+        let queued_bytes = self.sockets.queued_bytes().unwrap_or(0);
         let stats = RoundStats {
             queued_bytes,
             round,
@@ -450,6 +417,56 @@ pub(super) struct PageLanes<'a, M, C> {
     background: bool,
     /// Each lane thread moves to the lowest CPU class first, for a while.
     idle: Option<IdleLanes>,
+}
+
+/// The lanes of one round in the lowest CPU class
+/// ([`super::SourceConfig::idle_lanes`]).
+#[derive(Clone, Copy)]
+pub(super) struct IdleLanes {
+    /// Moves the calling thread there (`true`) or back (`false`).
+    hook: fn(bool) -> bool,
+    /// A lane still there at this time moves back.
+    until: Instant,
+}
+
+/// One lane thread's class: in the lowest one until its round's limit.
+struct IdleLane {
+    lanes: Option<IdleLanes>,
+    /// The thread is in the lowest class now.
+    on: std::cell::Cell<bool>,
+}
+
+impl IdleLane {
+    /// Move the calling thread to the lowest class, if asked and allowed.
+    fn enter(lanes: Option<IdleLanes>) -> Self {
+        let on = lanes.is_some_and(|l| (l.hook)(true));
+        Self {
+            lanes,
+            on: std::cell::Cell::new(on),
+        }
+    }
+
+    /// Not in the lowest class (the calling thread's own lane).
+    fn none() -> Self {
+        Self::enter(None)
+    }
+
+    fn on(&self) -> bool {
+        self.on.get()
+    }
+
+    /// Past the round's limit: move back. Returns whether it just did.
+    fn check(&self) -> bool {
+        match self.lanes {
+            Some(l) if self.on.get() && Instant::now() >= l.until => {
+                (l.hook)(false);
+                self.on.set(false);
+                debug!("a round's sender left the lowest CPU class after the limit");
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
