@@ -359,6 +359,8 @@ pub fn sample_messages() -> Vec<Message> {
             kind: SocketKind::Udp,
             local: addr("[2001:db8::1]:53"),
             peer: None,
+            sock: None,
+            tcp: None,
         }]),
         Message::Sockets {
             records: records.clone(),

@@ -4,12 +4,15 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use lmig_core::model::{SocketKind, SocketPrep, SocketRecord, TcpListenState, UdpSockState};
+use lmig_core::model::{
+    SockOpts, SocketKind, SocketPrep, SocketRecord, TcpConnState, TcpListenState, TcpOpts,
+    UdpSockState,
+};
 use lmig_core::traits::SocketSink;
 
 use crate::error::{NetError, Result, SocketFailure};
 use crate::inject::Injector;
-use crate::opts::Defaults;
+use crate::opts::{self, Defaults};
 use crate::repair::RepairExit;
 use crate::restored::{Register, RestoredSocket, SocketView};
 use crate::sys;
@@ -22,6 +25,36 @@ mod split;
 
 pub use config::SinkConfig;
 use split::{split_in_place, split_work};
+
+/// A socket `prepare` made for a planned connection, with the options of
+/// the plan it carries.
+#[derive(Debug)]
+struct Prepared {
+    fd: OwnedFd,
+    /// The plan's options, set on `fd` before the freeze (`None`: the plan
+    /// had none, and the socket has a fresh socket's).
+    opts: Box<(Option<SockOpts>, Option<TcpOpts>)>,
+}
+
+impl Prepared {
+    /// Does the record's connection want other options than the ones set
+    /// (the program changed one after the plan)? Then the prepared socket
+    /// is not used: an option set cannot always be unset (a buffer size
+    /// locks it, a device binding or a congestion control stays).
+    fn set_otherwise(&self, c: &TcpConnState) -> bool {
+        let (sock, tcp) = &*self.opts;
+        sock.as_ref().is_some_and(|o| *o != c.sock) || tcp.as_ref().is_some_and(|o| *o != c.tcp)
+    }
+
+    /// Set the record's options the plan did not carry.
+    fn finish(&self, c: &TcpConnState, d: &Defaults) -> Result<()> {
+        let (sock, tcp) = &*self.opts;
+        let what = || tcp::describe_conn(c.id, Some(c.local), Some(c.peer));
+        let sock = sock.is_none().then_some(&c.sock);
+        let tcp = tcp.is_none().then_some(&c.tcp);
+        opts::apply_conn_opts(self.fd.as_fd(), c.local.is_ipv6(), sock, tcp, d, &what)
+    }
+}
 
 #[derive(Debug)]
 enum Restored {
@@ -91,7 +124,10 @@ impl Restored {
 /// The program's sockets on the destination.
 ///
 /// * `prepare` (before the freeze): for every established connection of the
-///   plan, `socket`, repair mode and `bind`; nothing of the frozen state is needed.
+///   plan, `socket`, repair mode, `bind` and the options the plan carries
+///   (`TCP_NODELAY`, keep-alive, ...); nothing of the frozen state is
+///   needed. In the freeze a record whose options differ from its plan's
+///   (changed by the program after the plan) gets a new socket instead.
 /// * `restore` (per batch, during the freeze): records are validated
 ///   ([`SocketRecord::validate`]); an impossible record is rejected with an
 ///   error naming the connection and the others are restored. Sockets stay in
@@ -112,7 +148,7 @@ impl Restored {
 pub struct NetSink {
     cfg: SinkConfig,
     defaults: Defaults,
-    prepared: HashMap<u64, OwnedFd>,
+    prepared: HashMap<u64, Prepared>,
     restored: Vec<Restored>,
     seen: HashSet<u64>,
     ready: HashMap<u64, OwnedFd>,
@@ -189,7 +225,7 @@ impl NetSink {
             if self.prepared.contains_key(&p.id) {
                 continue;
             }
-            match tcp::prepare_established(p, self.socket_flags()) {
+            match prepare_conn(p, &self.defaults, self.socket_flags()) {
                 Ok(fd) => {
                     if let Some(register) = &mut self.register {
                         register(SocketView {
@@ -199,7 +235,8 @@ impl NetSink {
                             prepared: true,
                         });
                     }
-                    self.prepared.insert(p.id, fd);
+                    let opts = Box::new((p.sock.clone(), p.tcp.clone()));
+                    self.prepared.insert(p.id, Prepared { fd, opts });
                 }
                 Err(e @ NetError::Unsupported { .. }) => return Err(e),
                 Err(_) => {}
@@ -372,8 +409,9 @@ impl NetSink {
     /// that is every socket the sink hands out, so an event loop can have
     /// them all in its poller before it serves, with no system call per
     /// socket after the commit. A socket shown and then closed by the sink
-    /// (prepared for a connection no record restored, failed to restore or
-    /// activate, or discarded with the attempt) leaves an epoll set by
+    /// (prepared for a connection no record restored or whose options the
+    /// program changed after the plan, failed to restore or activate, or
+    /// discarded with the attempt) leaves an epoll set by
     /// itself; its number may come again with another socket.
     ///
     /// The callback runs on the thread that calls `prepare` / `activate`
@@ -385,10 +423,10 @@ impl NetSink {
     /// The sockets `prepare` made (before the freeze), borrowed; see
     /// [`NetSink::on_register`] for what a program does with them.
     pub fn prepared_sockets(&self) -> impl Iterator<Item = SocketView<'_>> {
-        self.prepared.iter().map(|(id, fd)| SocketView {
+        self.prepared.iter().map(|(id, p)| SocketView {
             id: *id,
             kind: SocketKind::TcpEstablished,
-            fd: fd.as_fd(),
+            fd: p.fd.as_fd(),
             prepared: true,
         })
     }
@@ -468,20 +506,36 @@ impl NetSink {
     }
 }
 
+/// Before the freeze, or in it for a connection not planned: a socket in
+/// repair mode, bound, with the options `p` carries.
+fn prepare_conn(p: &SocketPrep, d: &Defaults, flags: i32) -> Result<OwnedFd> {
+    let fd = tcp::prepare_established(p, flags)?;
+    let what = || tcp::describe_conn(p.id, Some(p.local), p.peer);
+    let v6 = p.local.is_ipv6();
+    opts::apply_conn_opts(fd.as_fd(), v6, p.sock.as_ref(), p.tcp.as_ref(), d, &what)?;
+    Ok(fd)
+}
+
 fn restore_one(
     rec: SocketRecord,
-    prepared: Option<OwnedFd>,
+    prepared: Option<Prepared>,
     d: &Defaults,
     flags: i32,
 ) -> Result<Restored> {
     match rec {
         SocketRecord::Tcp(c) => {
+            // A prepared socket with options the record does not want is
+            // dropped here (closed in repair mode: silently).
+            let prepared = prepared.filter(|p| !p.set_otherwise(&c));
             let was_prepared = prepared.is_some();
             let fd = match prepared {
-                Some(fd) => fd,
-                None => tcp::prepare_established(&SocketRecord::Tcp(c.clone()).prep(), flags)?,
+                Some(p) => {
+                    p.finish(&c, d)?;
+                    p.fd
+                }
+                None => prepare_conn(&SocketRecord::Tcp(c.clone()).prep(), d, flags)?,
             };
-            let pending = tcp::restore_established(fd.as_fd(), &c, d)?;
+            let pending = tcp::restore_established(fd.as_fd(), &c)?;
             Ok(Restored::Tcp {
                 id: c.id,
                 fd,

@@ -320,11 +320,14 @@ impl NetSource {
                 what: tcp::describe_conn(id, Some(st.local), Some(st.peer)),
                 reason: r.into(),
             })?;
+            // The options as planned: the destination sets them before the freeze.
             let prep = SocketPrep {
                 id,
                 kind,
                 local: st.local,
                 peer: Some(st.peer),
+                sock: Some(st.sock.clone()),
+                tcp: Some(st.tcp.clone()),
             };
             return Ok((prep, Some(st)));
         }
@@ -344,6 +347,8 @@ impl NetSource {
                 kind,
                 local,
                 peer,
+                sock: None,
+                tcp: None,
             },
             None,
         ))
@@ -423,11 +428,14 @@ impl NetSource {
             }
             if self.lock.is_some() {
                 plan.push(match &e.stat {
+                    // For the lock: addresses only.
                     Some(st) => SocketPrep {
                         id: e.id,
                         kind: e.kind,
                         local: st.local,
                         peer: Some(st.peer),
+                        sock: None,
+                        tcp: None,
                     },
                     None => Self::prep_entry(e, &self.ctx)?,
                 });
