@@ -250,3 +250,73 @@ fn a_discarded_attempt_drops_the_prepared_sockets_and_changes_nothing() {
         })
         .unwrap();
 }
+
+/// The timestamp clock the plan carries starts each prepared socket's clock
+/// before the freeze. Connection 1's plan is right; 2's clock is 10 s
+/// behind and 3's 10 s ahead (as the plan of a host whose clock is off
+/// would be). After the restore every clock reads at least the lead past
+/// the captured one (a peer drops segments from a clock behind the
+/// source's), and none reads seconds past it. Fails if a prepared clock
+/// were kept without the check, or the check let one through behind or far
+/// ahead.
+#[test]
+fn clocks_started_before_the_freeze_are_never_behind_nor_far_ahead() {
+    if !privileged("clocks_started_before_the_freeze_are_never_behind_nor_far_ahead") {
+        return;
+    }
+    let topo = Topology::new().unwrap();
+    topo.a
+        .run(|| {
+            let pairs = pairs(3);
+            let mut src = NetSource::new(NetSourceConfig::default()).unwrap();
+            let mut plan = Vec::new();
+            for (i, (_, server)) in pairs.iter().enumerate() {
+                plan.push(src.plan_fd(i as u64 + 1, server.as_fd()).unwrap());
+            }
+            let clocks: Vec<u32> = plan
+                .iter()
+                .map(|p| p.ts_clock.expect("loopback has timestamps"))
+                .collect();
+            plan[1].ts_clock = Some(clocks[1].wrapping_sub(10_000));
+            plan[2].ts_clock = Some(clocks[2].wrapping_add(10_000));
+            let mut sink = NetSink::new(SinkConfig::default()).unwrap();
+            sink.prepare_sockets(&plan).unwrap();
+            let mut clients = Vec::new();
+            for (i, (client, server)) in pairs.into_iter().enumerate() {
+                src.add(i as u64 + 1, server.into()).unwrap();
+                clients.push(client);
+            }
+            let recs = freeze_and_capture(&mut src);
+            src.release().unwrap();
+            let captured: Vec<(u64, u32)> = recs
+                .iter()
+                .map(|r| match r {
+                    SocketRecord::Tcp(c) => {
+                        assert!(c.timestamps_ok, "connection {}", c.id);
+                        (c.id, c.timestamp)
+                    }
+                    other => panic!("not a connection: {other:?}"),
+                })
+                .collect();
+            sink.restore_batch(recs).unwrap();
+            let lead = lmig_net::tcp::TIMESTAMP_LEAD_MS;
+            for v in sink.pending_sockets() {
+                let ts = lmig_net::sys::tcp_timestamp(v.fd).unwrap();
+                let (_, at_capture) = captured.iter().find(|c| c.0 == v.id).unwrap();
+                let ahead = ts.wrapping_sub(at_capture.wrapping_add(lead)) as i32;
+                assert!(
+                    (0..1000).contains(&ahead),
+                    "connection {}: the clock reads {ahead} ms past the captured one plus the lead",
+                    v.id
+                );
+            }
+            sink.activate_sockets().unwrap();
+            let mut fds = sink.take_fds();
+            for (i, client) in clients.iter_mut().enumerate() {
+                let id = i as u64 + 1;
+                let mut s = TcpStream::from(fds.remove(&id).unwrap());
+                talks(&mut s, client, &format!("connection {id}"));
+            }
+        })
+        .unwrap();
+}

@@ -232,6 +232,13 @@ pub struct SocketPrep {
     pub sock: Option<SockOpts>,
     /// The TCP options when planned, if known (as `sock`).
     pub tcp: Option<TcpOpts>,
+    /// An established connection's TCP timestamp clock (milliseconds) minus
+    /// the source's `CLOCK_REALTIME` in milliseconds, wrapping, when
+    /// planned: the destination starts the prepared socket's clock from it
+    /// before the freeze, and sets it again in the freeze only if it does
+    /// not read what the record wants. `None`: no timestamps, or a clock
+    /// counting microseconds.
+    pub ts_clock: Option<u32>,
 }
 
 /// One captured socket.
@@ -297,6 +304,7 @@ impl SocketRecord {
                 peer: Some(s.peer),
                 sock: Some(s.sock.clone()),
                 tcp: Some(s.tcp.clone()),
+                ts_clock: None,
             },
             Self::Listen(s) => SocketPrep {
                 id: s.id,
@@ -305,6 +313,7 @@ impl SocketRecord {
                 peer: None,
                 sock: None,
                 tcp: None,
+                ts_clock: None,
             },
             Self::Udp(s) => SocketPrep {
                 id: s.id,
@@ -313,6 +322,7 @@ impl SocketRecord {
                 peer: s.peer,
                 sock: None,
                 tcp: None,
+                ts_clock: None,
             },
         }
     }

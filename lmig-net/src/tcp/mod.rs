@@ -253,10 +253,13 @@ fn write_queue(
 /// Restore the frozen state into a prepared socket (repair mode, bound).
 /// The socket stays in repair mode; the peer hears nothing yet.
 /// The socket and TCP options are not set here: the caller sets them
-/// before (see `NetSink`), most before the freeze.
+/// before (see `NetSink`), most before the freeze. Nor is the timestamp
+/// clock when `clock_set` (the caller started it before the freeze, and it
+/// reads at least `TIMESTAMP_LEAD_MS` past the captured clock).
 pub(crate) fn restore_established(
     fd: BorrowedFd<'_>,
     c: &TcpConnState,
+    clock_set: bool,
 ) -> Result<PendingActivation> {
     let what = || describe_conn(c.id, Some(c.local), Some(c.peer));
     let e = |op: &'static str| move |err| NetError::sys(op, what(), err);
@@ -270,7 +273,7 @@ pub(crate) fn restore_established(
 
     let (ropts, n) = repair_options(c);
     sys::set_repair_options(fd, &ropts[..n]).map_err(e("setsockopt(TCP_REPAIR_OPTIONS)"))?;
-    if c.timestamps_ok {
+    if c.timestamps_ok && !clock_set {
         let ts = c.timestamp.wrapping_add(TIMESTAMP_LEAD_MS);
         sys::set_tcp_timestamp(fd, ts).map_err(e("setsockopt(TCP_TIMESTAMP)"))?;
     }

@@ -2,12 +2,13 @@
 //!
 //! ```text
 //! SocketPrep  u64 id, u8 kind, addr local, opt addr peer,
-//!             u8 options (bit 0: SockOpts follow, bit 1: TcpOpts follow),
-//!             [SockOpts], [TcpOpts]
+//!             u8 options (bit 0: SockOpts follow, bit 1: TcpOpts follow,
+//!             bit 2: the timestamp clock follows),
+//!             [SockOpts], [TcpOpts], [u32 ts_clock]
 //! ```
 //!
-//! The options are the socket's when it was planned: the destination sets
-//! them on the prepared socket before the freeze.
+//! The options and the clock are the socket's when it was planned: the
+//! destination sets them on the prepared socket before the freeze.
 
 use bytes::BufMut;
 use lmig_core::model::{SockOpts, SocketKind, SocketPrep, TcpOpts};
@@ -20,6 +21,8 @@ use super::{Result, WireError};
 const HAS_SOCK: u8 = 1;
 /// Bit of the options byte: [`TcpOpts`] follow.
 const HAS_TCP: u8 = 2;
+/// Bit of the options byte: `ts_clock` follows.
+const HAS_CLOCK: u8 = 4;
 
 wire_map! {
     /// A socket kind on the wire (the same numbers as the record tags).
@@ -40,6 +43,7 @@ impl Codec for SocketPrep {
             + 1
             + self.sock.as_ref().map_or(0, Codec::buffer_len)
             + self.tcp.as_ref().map_or(0, Codec::buffer_len)
+            + self.ts_clock.map_or(0, |_| 4)
     }
     fn emit(&self, buf: &mut dyn BufMut) {
         buf.put_u64_le(self.id);
@@ -47,13 +51,21 @@ impl Codec for SocketPrep {
         put_addr(buf, &self.local);
         put_opt_addr(buf, &self.peer);
         let flags = if self.sock.is_some() { HAS_SOCK } else { 0 }
-            | if self.tcp.is_some() { HAS_TCP } else { 0 };
+            | if self.tcp.is_some() { HAS_TCP } else { 0 }
+            | if self.ts_clock.is_some() {
+                HAS_CLOCK
+            } else {
+                0
+            };
         buf.put_u8(flags);
         if let Some(s) = &self.sock {
             s.emit(buf);
         }
         if let Some(t) = &self.tcp {
             t.emit(buf);
+        }
+        if let Some(c) = self.ts_clock {
+            buf.put_u32_le(c);
         }
     }
     fn parse(r: &mut Reader) -> Result<Self> {
@@ -77,7 +89,7 @@ impl Codec for SocketPrep {
             _ => {}
         }
         let flags = r.u8()?;
-        if flags & !(HAS_SOCK | HAS_TCP) != 0 {
+        if flags & !(HAS_SOCK | HAS_TCP | HAS_CLOCK) != 0 {
             return Err(WireError::bad(
                 "socket prep",
                 format!("unknown option bits {flags:#x}"),
@@ -91,6 +103,10 @@ impl Codec for SocketPrep {
             0 => None,
             _ => Some(TcpOpts::parse(r)?),
         };
+        let ts_clock = match flags & HAS_CLOCK {
+            0 => None,
+            _ => Some(r.u32()?),
+        };
         Ok(SocketPrep {
             id,
             kind,
@@ -98,6 +114,7 @@ impl Codec for SocketPrep {
             peer,
             sock,
             tcp,
+            ts_clock,
         })
     }
 }
@@ -128,6 +145,7 @@ mod tests {
                 congestion: Some("reno".into()),
                 ..TcpOpts::default()
             }),
+            ts_clock: Some(0xfeed_0002),
         }
     }
 
@@ -140,6 +158,7 @@ mod tests {
             peer: Some("198.51.100.2:53".parse().unwrap()),
             sock: None,
             tcp: None,
+            ts_clock: None,
         });
         roundtrip(&conn_prep());
         roundtrip(&SocketPrep {
@@ -148,6 +167,10 @@ mod tests {
         });
         roundtrip(&SocketPrep {
             sock: None,
+            ..conn_prep()
+        });
+        roundtrip(&SocketPrep {
+            ts_clock: None,
             ..conn_prep()
         });
         let rec = lmig_core::model::SocketRecord::Tcp(crate::wire::records::tests::conn());
@@ -163,9 +186,9 @@ mod tests {
         p.emit(&mut buf);
         // After id, kind and the addresses: the options byte.
         let at = 8 + 1 + addr_len(&p.local) + opt_addr_len(&p.peer);
-        assert_eq!(buf[at], HAS_SOCK | HAS_TCP);
+        assert_eq!(buf[at], HAS_SOCK | HAS_TCP | HAS_CLOCK);
         let mut bad = buf.clone();
-        bad[at] |= 4;
+        bad[at] |= 8;
         let e = SocketPrep::parse(&mut Reader::new(Bytes::from(bad), "t")).unwrap_err();
         assert!(e.to_string().contains("option bits"), "{e}");
     }
