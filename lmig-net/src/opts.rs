@@ -375,3 +375,25 @@ pub(crate) fn apply_tcp_opts(
     }
     Ok(())
 }
+
+/// An established connection's socket and TCP options (those given; a part
+/// not given is left as the socket has it), each compared with a fresh
+/// socket's `d`: set on a prepared socket before `connect`, before the
+/// freeze when the plan carries them. `SO_REUSEADDR` is left to
+/// activation (see [`apply_reuse_addr`]).
+pub(crate) fn apply_conn_opts(
+    fd: BorrowedFd<'_>,
+    v6: bool,
+    sock: Option<&SockOpts>,
+    tcp: Option<&TcpOpts>,
+    d: &Defaults,
+    what: &dyn Fn() -> String,
+) -> Result<()> {
+    if let Some(o) = sock {
+        apply_sock_opts(fd, v6, false, o, &d.sock, what)?;
+    }
+    if let Some(o) = tcp {
+        apply_tcp_opts(fd, o, d, what)?;
+    }
+    Ok(())
+}

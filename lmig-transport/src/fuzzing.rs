@@ -359,6 +359,9 @@ pub fn sample_messages() -> Vec<Message> {
             kind: SocketKind::Udp,
             local: addr("[2001:db8::1]:53"),
             peer: None,
+            sock: None,
+            tcp: None,
+            ts_clock: None,
         }]),
         Message::Sockets {
             records: records.clone(),
@@ -392,6 +395,19 @@ pub fn sample_messages() -> Vec<Message> {
         Message::Abort {
             reason: "the destination ran out of memory".into(),
         },
+        // Last: a sample added here leaves the other seeds' numbers.
+        Message::SocketPlan(vec![SocketPrep {
+            id: 5,
+            kind: SocketKind::TcpEstablished,
+            local: addr("198.51.100.1:80"),
+            peer: Some(addr("198.51.100.2:40000")),
+            sock: Some(SockOpts::default()),
+            tcp: Some(TcpOpts {
+                nodelay: true,
+                ..TcpOpts::default()
+            }),
+            ts_clock: Some(0x1234_5678),
+        }]),
     ]
     .into_iter()
     .chain(sample_split_messages().into_iter().map(Message::Split))

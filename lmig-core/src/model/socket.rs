@@ -226,6 +226,19 @@ pub struct SocketPrep {
     pub local: SocketAddr,
     /// Peer address (established TCP and connected UDP).
     pub peer: Option<SocketAddr>,
+    /// The socket's options when planned, if known: the destination sets
+    /// them on the prepared socket before the freeze, and in the freeze only
+    /// when the record's differ (an option the program changed after the plan).
+    pub sock: Option<SockOpts>,
+    /// The TCP options when planned, if known (as `sock`).
+    pub tcp: Option<TcpOpts>,
+    /// An established connection's TCP timestamp clock (milliseconds) minus
+    /// the source's `CLOCK_REALTIME` in milliseconds, wrapping, when
+    /// planned: the destination starts the prepared socket's clock from it
+    /// before the freeze, and sets it again in the freeze only if it does
+    /// not read what the record wants. `None`: no timestamps, or a clock
+    /// counting microseconds.
+    pub ts_clock: Option<u32>,
 }
 
 /// One captured socket.
@@ -289,18 +302,27 @@ impl SocketRecord {
                 kind: SocketKind::TcpEstablished,
                 local: s.local,
                 peer: Some(s.peer),
+                sock: Some(s.sock.clone()),
+                tcp: Some(s.tcp.clone()),
+                ts_clock: None,
             },
             Self::Listen(s) => SocketPrep {
                 id: s.id,
                 kind: SocketKind::TcpListen,
                 local: s.local,
                 peer: None,
+                sock: None,
+                tcp: None,
+                ts_clock: None,
             },
             Self::Udp(s) => SocketPrep {
                 id: s.id,
                 kind: SocketKind::Udp,
                 local: s.local,
                 peer: s.peer,
+                sock: None,
+                tcp: None,
+                ts_clock: None,
             },
         }
     }

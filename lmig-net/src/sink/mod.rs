@@ -18,9 +18,11 @@ use crate::udp::{self, RestoredUdp};
 use crate::unsent::{Tail, UnsentTails, UnsentWriter};
 
 mod config;
+mod prepared;
 mod split;
 
 pub use config::SinkConfig;
+use prepared::{Prepared, clock_fits, prepare_conn};
 use split::{split_in_place, split_work};
 
 #[derive(Debug)]
@@ -91,7 +93,10 @@ impl Restored {
 /// The program's sockets on the destination.
 ///
 /// * `prepare` (before the freeze): for every established connection of the
-///   plan, `socket`, repair mode and `bind`; nothing of the frozen state is needed.
+///   plan, `socket`, repair mode, `bind` and the options the plan carries
+///   (`TCP_NODELAY`, keep-alive, ...); nothing of the frozen state is
+///   needed. In the freeze a record whose options differ from its plan's
+///   (changed by the program after the plan) gets a new socket instead.
 /// * `restore` (per batch, during the freeze): records are validated
 ///   ([`SocketRecord::validate`]); an impossible record is rejected with an
 ///   error naming the connection and the others are restored. Sockets stay in
@@ -112,7 +117,7 @@ impl Restored {
 pub struct NetSink {
     cfg: SinkConfig,
     defaults: Defaults,
-    prepared: HashMap<u64, OwnedFd>,
+    prepared: HashMap<u64, Prepared>,
     restored: Vec<Restored>,
     seen: HashSet<u64>,
     ready: HashMap<u64, OwnedFd>,
@@ -189,8 +194,8 @@ impl NetSink {
             if self.prepared.contains_key(&p.id) {
                 continue;
             }
-            match tcp::prepare_established(p, self.socket_flags()) {
-                Ok(fd) => {
+            match prepare_conn(p, &self.defaults, self.socket_flags()) {
+                Ok((fd, clock)) => {
                     if let Some(register) = &mut self.register {
                         register(SocketView {
                             id: p.id,
@@ -199,7 +204,8 @@ impl NetSink {
                             prepared: true,
                         });
                     }
-                    self.prepared.insert(p.id, fd);
+                    let opts = Box::new((p.sock.clone(), p.tcp.clone()));
+                    self.prepared.insert(p.id, Prepared { fd, opts, clock });
                 }
                 Err(e @ NetError::Unsupported { .. }) => return Err(e),
                 Err(_) => {}
@@ -372,8 +378,9 @@ impl NetSink {
     /// that is every socket the sink hands out, so an event loop can have
     /// them all in its poller before it serves, with no system call per
     /// socket after the commit. A socket shown and then closed by the sink
-    /// (prepared for a connection no record restored, failed to restore or
-    /// activate, or discarded with the attempt) leaves an epoll set by
+    /// (prepared for a connection no record restored or whose options the
+    /// program changed after the plan, failed to restore or activate, or
+    /// discarded with the attempt) leaves an epoll set by
     /// itself; its number may come again with another socket.
     ///
     /// The callback runs on the thread that calls `prepare` / `activate`
@@ -385,10 +392,10 @@ impl NetSink {
     /// The sockets `prepare` made (before the freeze), borrowed; see
     /// [`NetSink::on_register`] for what a program does with them.
     pub fn prepared_sockets(&self) -> impl Iterator<Item = SocketView<'_>> {
-        self.prepared.iter().map(|(id, fd)| SocketView {
+        self.prepared.iter().map(|(id, p)| SocketView {
             id: *id,
             kind: SocketKind::TcpEstablished,
-            fd: fd.as_fd(),
+            fd: p.fd.as_fd(),
             prepared: true,
         })
     }
@@ -470,18 +477,30 @@ impl NetSink {
 
 fn restore_one(
     rec: SocketRecord,
-    prepared: Option<OwnedFd>,
+    prepared: Option<Prepared>,
     d: &Defaults,
     flags: i32,
 ) -> Result<Restored> {
     match rec {
         SocketRecord::Tcp(c) => {
+            // A prepared socket with options the record does not want is
+            // dropped here (closed in repair mode: silently).
+            let prepared = prepared.filter(|p| !p.set_otherwise(&c));
             let was_prepared = prepared.is_some();
-            let fd = match prepared {
-                Some(fd) => fd,
-                None => tcp::prepare_established(&SocketRecord::Tcp(c.clone()).prep(), flags)?,
+            let (fd, clock_set) = match prepared {
+                Some(p) => {
+                    p.finish(&c, d)?;
+                    let clock_set = p
+                        .clock
+                        .is_some_and(|off| clock_fits(&c, off, sys::monotonic_ms()));
+                    (p.fd, clock_set)
+                }
+                None => (
+                    prepare_conn(&SocketRecord::Tcp(c.clone()).prep(), d, flags)?.0,
+                    false,
+                ),
             };
-            let pending = tcp::restore_established(fd.as_fd(), &c, d)?;
+            let pending = tcp::restore_established(fd.as_fd(), &c, clock_set)?;
             Ok(Restored::Tcp {
                 id: c.id,
                 fd,

@@ -54,6 +54,16 @@ struct Entry {
     planned_cookie: Option<u64>,
 }
 
+/// A connection's timestamp clock, given by its offset from
+/// `CLOCK_MONOTONIC` (`ConnStatic::ts_offset`), as an offset from
+/// `CLOCK_REALTIME` instead ([`SocketPrep::ts_clock`]): the clock a
+/// destination on another host shares.
+fn clock_against_realtime(mono_offset: u32) -> u32 {
+    let mono = sys::monotonic_ms();
+    mono.wrapping_add(mono_offset)
+        .wrapping_sub(sys::realtime_ms())
+}
+
 /// A socket read by [`NetSource::plan_fd`] whose fd comes with [`NetSource::add`].
 #[derive(Debug)]
 struct Planned {
@@ -320,11 +330,21 @@ impl NetSource {
                 what: tcp::describe_conn(id, Some(st.local), Some(st.peer)),
                 reason: r.into(),
             })?;
+            // The options and the timestamp clock as planned: the
+            // destination sets them before the freeze.
+            let ms_clock = info.options & sys::TCPI_OPT_TIMESTAMPS != 0
+                && info.options & sys::TCPI_OPT_USEC_TS == 0;
             let prep = SocketPrep {
                 id,
                 kind,
                 local: st.local,
                 peer: Some(st.peer),
+                sock: Some(st.sock.clone()),
+                tcp: Some(st.tcp.clone()),
+                ts_clock: st
+                    .ts_offset
+                    .filter(|_| ms_clock)
+                    .map(clock_against_realtime),
             };
             return Ok((prep, Some(st)));
         }
@@ -344,6 +364,9 @@ impl NetSource {
                 kind,
                 local,
                 peer,
+                sock: None,
+                tcp: None,
+                ts_clock: None,
             },
             None,
         ))
@@ -423,11 +446,15 @@ impl NetSource {
             }
             if self.lock.is_some() {
                 plan.push(match &e.stat {
+                    // For the lock: addresses only.
                     Some(st) => SocketPrep {
                         id: e.id,
                         kind: e.kind,
                         local: st.local,
                         peer: Some(st.peer),
+                        sock: None,
+                        tcp: None,
+                        ts_clock: None,
                     },
                     None => Self::prep_entry(e, &self.ctx)?,
                 });

@@ -49,9 +49,9 @@ pub use process::thread_cpu_time;
 pub use process::{pidfd_getfd, pidfd_open, raise_nofile_limit};
 pub use repair::{
     RepairMode, TCPOPT_MAXSEG, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP, TCPOPT_WINDOW, TcpQueue,
-    TcpRepairOpt, TcpRepairWindowRaw, monotonic_ms, queue_seq, repair_window, set_queue_seq,
-    set_repair_options, set_repair_queue, set_repair_window, set_tcp_timestamp, tcp_repair,
-    tcp_timestamp,
+    TcpRepairOpt, TcpRepairWindowRaw, monotonic_ms, queue_seq, realtime_ms, repair_window,
+    set_queue_seq, set_repair_options, set_repair_queue, set_repair_window, set_tcp_timestamp,
+    tcp_repair, tcp_timestamp,
 };
 pub use sock::{
     bind, connect, family_of, getsockopt_int, getsockopt_string, inq, listen, local_addr, outq,

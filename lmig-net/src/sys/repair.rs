@@ -148,6 +148,17 @@ pub fn monotonic_ms() -> u32 {
     (ns / 1_000_000) as u32
 }
 
+/// `CLOCK_REALTIME` in milliseconds, wrapping: the clock two hosts share
+/// (as far as they keep time alike), which a plan's timestamp clocks are
+/// given against.
+pub fn realtime_ms() -> u32 {
+    // CLOCK_REALTIME always exists.
+    let ns = clock_gettime(ClockId::CLOCK_REALTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0);
+    (ns / 1_000_000) as u32
+}
+
 /// `setsockopt(TCP_TIMESTAMP)`: set the offset so the clock reads `ts` now.
 #[doc(alias = "TCP_TIMESTAMP")]
 pub fn set_tcp_timestamp(fd: BorrowedFd<'_>, ts: u32) -> io::Result<()> {

@@ -22,7 +22,8 @@
 //!    the source closed or on another host), `TCP_REPAIR_OPTIONS`,
 //!    `TCP_TIMESTAMP`, the received-unread bytes into the receive queue, the
 //!    sent-unacknowledged bytes into the send queue (they are retransmitted
-//!    if the peer lacks them), a FIN we had sent, `TCP_REPAIR_WINDOW`, options;
+//!    if the peer lacks them), a FIN we had sent, `TCP_REPAIR_WINDOW` (the
+//!    socket and TCP options are the sink's: set before, from the plan);
 //!    a connection with a send queue gets `SO_SNDBUF` (forced) large enough
 //!    for all of it — the new socket's buffer starts small where the source's
 //!    had been grown by auto-tuning — which locks the size for that connection;
@@ -65,7 +66,6 @@ use lmig_core::model::{SocketPrep, TcpConnState, TcpStateKind};
 
 use crate::error::{NetError, Result};
 use crate::inject::{self, Injector};
-use crate::opts::{self, Defaults};
 use crate::repair::{self, RepairExit};
 use crate::sys::{self, TcpQueue};
 
@@ -252,10 +252,14 @@ fn write_queue(
 
 /// Restore the frozen state into a prepared socket (repair mode, bound).
 /// The socket stays in repair mode; the peer hears nothing yet.
+/// The socket and TCP options are not set here: the caller sets them
+/// before (see `NetSink`), most before the freeze. Nor is the timestamp
+/// clock when `clock_set` (the caller started it before the freeze, and it
+/// reads at least `TIMESTAMP_LEAD_MS` past the captured clock).
 pub(crate) fn restore_established(
     fd: BorrowedFd<'_>,
     c: &TcpConnState,
-    d: &Defaults,
+    clock_set: bool,
 ) -> Result<PendingActivation> {
     let what = || describe_conn(c.id, Some(c.local), Some(c.peer));
     let e = |op: &'static str| move |err| NetError::sys(op, what(), err);
@@ -269,7 +273,7 @@ pub(crate) fn restore_established(
 
     let (ropts, n) = repair_options(c);
     sys::set_repair_options(fd, &ropts[..n]).map_err(e("setsockopt(TCP_REPAIR_OPTIONS)"))?;
-    if c.timestamps_ok {
+    if c.timestamps_ok && !clock_set {
         let ts = c.timestamp.wrapping_add(TIMESTAMP_LEAD_MS);
         sys::set_tcp_timestamp(fd, ts).map_err(e("setsockopt(TCP_TIMESTAMP)"))?;
     }
@@ -315,8 +319,6 @@ pub(crate) fn restore_established(
         };
         sys::set_repair_window(fd, &raw).map_err(e("setsockopt(TCP_REPAIR_WINDOW)"))?;
     }
-    opts::apply_sock_opts(fd, c.local.is_ipv6(), false, &c.sock, &d.sock, &what)?;
-    opts::apply_tcp_opts(fd, &c.tcp, d, &what)?;
 
     let fin = c.state.fin_received().then(|| {
         let rcv_end = c.rcv_seq.wrapping_add(c.recv_queue.len() as u32);

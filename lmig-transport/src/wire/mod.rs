@@ -50,6 +50,7 @@ mod frame;
 mod handshake;
 mod message;
 mod pages;
+mod prep;
 mod reader;
 mod records;
 mod shared;

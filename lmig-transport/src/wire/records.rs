@@ -8,8 +8,8 @@
 use bytes::{BufMut, Bytes};
 use lmig_core::model::{
     MAX_CONGESTION_NAME, MAX_QUEUE_BYTES, MAX_UDP_DATAGRAMS, PageRun, RegionId, RegionInfo,
-    SockOpts, SocketKind, SocketPrep, SocketRecord, TcpConnState, TcpListenState, TcpOpts,
-    TcpRepairWindow, TcpStateKind, UdpDatagram, UdpSockState,
+    SockOpts, SocketRecord, TcpConnState, TcpListenState, TcpOpts, TcpRepairWindow, TcpStateKind,
+    UdpDatagram, UdpSockState,
 };
 use lmig_core::protocol::{RegionDigest, RoundSummary};
 
@@ -505,56 +505,6 @@ impl Codec for SocketRecord {
     }
 }
 
-wire_map! {
-    /// A socket kind on the wire (the same numbers as [`RecordTag`]).
-    SocketKind: kind_to_u8, kind_from_u8 {
-        TcpEstablished = 1,
-        TcpListen = 2,
-        Udp = 3,
-    }
-    unknown |k| WireError::bad("socket kind", format!("unknown kind {k}"))
-}
-
-impl Codec for SocketPrep {
-    const MIN_LEN: usize = 8 + 1 + 7 + 1;
-    fn buffer_len(&self) -> usize {
-        8 + 1 + addr_len(&self.local) + opt_addr_len(&self.peer)
-    }
-    fn emit(&self, buf: &mut dyn BufMut) {
-        buf.put_u64_le(self.id);
-        buf.put_u8(kind_to_u8(self.kind));
-        put_addr(buf, &self.local);
-        put_opt_addr(buf, &self.peer);
-    }
-    fn parse(r: &mut Reader) -> Result<Self> {
-        let id = r.u64()?;
-        let kind = kind_from_u8(r.u8()?)?;
-        let local = r.addr("local")?;
-        let peer = r.opt_addr("peer")?;
-        match (kind, peer) {
-            (SocketKind::TcpEstablished, None) => {
-                return Err(WireError::bad(
-                    "socket prep",
-                    "established TCP without a peer",
-                ));
-            }
-            (SocketKind::TcpListen, Some(_)) => {
-                return Err(WireError::bad("socket prep", "listener with a peer"));
-            }
-            (_, Some(p)) if p.is_ipv4() != local.is_ipv4() => {
-                return Err(WireError::bad("socket prep", "mixed address families"));
-            }
-            _ => {}
-        }
-        Ok(SocketPrep {
-            id,
-            kind,
-            local,
-            peer,
-        })
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -595,7 +545,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn roundtrip<T: Codec + PartialEq + std::fmt::Debug>(v: &T) -> Vec<u8> {
+    pub(crate) fn roundtrip<T: Codec + PartialEq + std::fmt::Debug>(v: &T) -> Vec<u8> {
         let mut buf = Vec::new();
         v.emit(&mut buf);
         assert_eq!(buf.len(), v.buffer_len());
@@ -660,12 +610,6 @@ pub(crate) mod tests {
                 data: Bytes::from_static(b"query"),
             }],
         }));
-        roundtrip(&SocketPrep {
-            id: 9,
-            kind: SocketKind::Udp,
-            local: "198.51.100.1:53".parse().unwrap(),
-            peer: Some("198.51.100.2:53".parse().unwrap()),
-        });
     }
 
     #[test]
