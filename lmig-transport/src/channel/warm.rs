@@ -40,18 +40,23 @@ impl WarmArea {
         self.free.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Room for about `bytes` of queue data: at least `bytes` and a
-    /// quarter more (at most [`MAX_WARM`]) written now. An area with that
-    /// much left is kept; a smaller one is replaced. 0 gives the area back.
+    /// Room for about `bytes` of queue data: `bytes` and a quarter more
+    /// (at most [`MAX_WARM`]) written now. An area with room for `bytes`
+    /// and an eighth more is kept (the estimate moves a little from round
+    /// to round: writing a new area each time would cost what it saves); a
+    /// smaller one is replaced. 0 gives the area back.
     pub(crate) fn reserve(&self, bytes: u64) {
         if bytes == 0 {
             *self.free() = BytesMut::new();
             return;
         }
-        let want = size_for(bytes);
-        if self.free().len() >= want {
+        let enough = usize::try_from(bytes.saturating_add(bytes / 8))
+            .unwrap_or(usize::MAX)
+            .min(MAX_WARM);
+        if self.free().len() >= enough {
             return;
         }
+        let want = size_for(bytes);
         // Written outside the lock (a reader may take a frame meanwhile),
         // every byte: the pages are faulted in here, not in the freeze.
         let mut b = BytesMut::with_capacity(want);
@@ -89,6 +94,12 @@ mod tests {
         assert_eq!(a.left(), 100, "a quarter more than the estimate");
         a.reserve(40);
         assert_eq!(a.left(), 100, "an area with room is kept");
+        a.reserve(88);
+        assert_eq!(a.left(), 100, "and for an estimate a little larger");
+        a.reserve(90);
+        assert_eq!(a.left(), 112, "not for one larger still (101 > 100)");
+        a.reserve(0);
+        a.reserve(80);
         let mut x = a.take(60).unwrap();
         x.copy_from_slice(&[7; 60]);
         assert_eq!(a.left(), 40);
