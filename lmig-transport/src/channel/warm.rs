@@ -122,10 +122,9 @@ impl WarmArea {
         let enough = usize::try_from(bytes.saturating_add(bytes / 8))
             .unwrap_or(usize::MAX)
             .min(MAX_WARM);
-        let writing =
-            writer
-                .as_ref()
-                .map_or(0, |w| if w.thread.is_finished() { 0 } else { w.size });
+        let writing = writer
+            .as_ref()
+            .map_or(0, |w| if w.thread.is_finished() { 0 } else { w.size });
         if lock(&self.shared.free).len() >= enough || writing >= enough {
             return;
         }
