@@ -205,6 +205,10 @@ pub const MAX_POSTCOPY_RUNS: usize = 1 << 22;
 /// Most sockets one `Sockets` or `SocketPlan` message may carry.
 pub const MAX_SOCKETS_PER_MESSAGE: usize = 65_536;
 
+/// Largest queue estimate a `QueueEstimate` may carry (1 GiB): the most
+/// receive memory a source may have the destination get ready.
+pub const MAX_QUEUE_ESTIMATE: u64 = 1 << 30;
+
 /// One protocol message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -259,6 +263,16 @@ pub enum Message {
     /// Split memory: owner-map, remote-paging and transfer messages between
     /// the running host and page hosts (see [`crate::split`]).
     Split(SplitMessage),
+    /// Pre-copy: the source's estimate of the bytes queued in its sockets
+    /// (what the freeze's `Sockets` batches would carry if it began now,
+    /// at most [`MAX_QUEUE_ESTIMATE`]), sent after a round whose estimate
+    /// is not 0. The destination gets receive memory for that much ready
+    /// ([`Channel::warm_receive`](crate::Channel::warm_receive)), so that
+    /// the freeze does not fault it in.
+    QueueEstimate {
+        /// Bytes queued, received and not read or sent and not acknowledged.
+        bytes: u64,
+    },
 }
 
 impl Message {
@@ -281,6 +295,7 @@ impl Message {
             Self::Done(_) => "Done",
             Self::Abort { .. } => "Abort",
             Self::Split(_) => "Split",
+            Self::QueueEstimate { .. } => "QueueEstimate",
         }
     }
 }

@@ -421,6 +421,10 @@ impl<C: Channel> CutChannel<C> {
 }
 
 impl<C: Channel> Channel for CutChannel<C> {
+    fn warm_receive(&self, bytes: u64) {
+        self.inner.warm_receive(bytes)
+    }
+
     fn send(&self, msg: &Message) -> Result<()> {
         if self.was_cut() {
             return Err(MigrationError::channel_closed("connection cut (test)"));

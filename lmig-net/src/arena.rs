@@ -24,13 +24,16 @@ pub(crate) struct QueueArena {
 }
 
 impl QueueArena {
-    /// Make sure at least `bytes` (at most [`MAX_ARENA`]) are ready, writing
-    /// every page of a new buffer now. A smaller arena is replaced, a larger
-    /// one kept.
+    /// Make sure about `bytes` (at most [`MAX_ARENA`]) are ready, writing
+    /// every page of a new buffer now. An arena with at least nine tenths
+    /// of that is kept (the estimate moves a little from round to round,
+    /// and the caller's has a quarter to spare: writing a new arena each
+    /// round would fault in as much as the freeze saves); a smaller one is
+    /// replaced.
     pub(crate) fn reserve(&self, bytes: usize) {
         let bytes = bytes.min(MAX_ARENA);
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() >= bytes {
+        if free.len() >= bytes - bytes / 10 {
             return;
         }
         // Dropped first: the old and the new buffer never both count.
@@ -77,6 +80,12 @@ mod tests {
         assert_eq!(a.left(), 100);
         a.reserve(50);
         assert_eq!(a.left(), 100, "a larger arena is kept");
+        a.reserve(111);
+        assert_eq!(a.left(), 100, "and one nearly as large");
+        a.reserve(112);
+        assert_eq!(a.left(), 112, "a smaller one is replaced");
+        a.clear();
+        a.reserve(100);
         let mut x = a.take(60);
         x.copy_from_slice(&[7; 60]);
         let y = a.take(30);

@@ -48,6 +48,7 @@ pub const TARGETS: &[&str] = &[
     "msg_done",
     "msg_abort",
     "msg_split",
+    "msg_queue_estimate",
     "sock_tcp_conn",
     "sock_tcp_listen",
     "sock_udp",
@@ -95,6 +96,7 @@ fn message_kind(target: &str) -> Option<Kind> {
         "msg_done" => Kind::Done,
         "msg_abort" => Kind::Abort,
         "msg_split" => Kind::Split,
+        "msg_queue_estimate" => Kind::QueueEstimate,
         _ => return None,
     })
 }
@@ -389,6 +391,7 @@ pub fn sample_messages() -> Vec<Message> {
         }]),
         Message::Resync(vec![PageRun::new(RegionId(0), 5, 3)]),
         Message::Prepared { placed: 12 },
+        Message::QueueEstimate { bytes: 33 << 20 },
         Message::Done(Verification::Verified),
         Message::Done(Verification::Mismatch(RegionId(1))),
         Message::Done(Verification::NotChecked),

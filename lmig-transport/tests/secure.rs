@@ -519,3 +519,122 @@ fn megabyte_socket_queues_arrive_whole_in_every_mode() {
         assert_eq!(next(&b).unwrap(), Some(Message::Ready), "{mode}");
     }
 }
+
+/// With receive memory warmed for the queues ([`Channel::warm_receive`],
+/// the destination's answer to the source's `QueueEstimate`), a socket
+/// batch that fits is read into it and one larger than what is left gets a
+/// buffer of its own; after an estimate of zero nothing is warmed. Every
+/// queue arrives whole and in order in every mode.
+#[test]
+fn socket_queues_arrive_whole_through_the_warmed_receive_area() {
+    use lmig_core::model::SocketRecord;
+    let template = lmig_transport::fuzzing::sample_records()
+        .into_iter()
+        .find_map(|r| match r {
+            SocketRecord::Tcp(c) => Some(c),
+            _ => None,
+        })
+        .expect("the samples hold a TCP record");
+    let record = |i: usize, send: usize, recv: usize| {
+        let mut c = template.clone();
+        c.id = i as u64;
+        c.send_queue = queue_bytes(send, 3 * i as u8);
+        c.unsent_len = (send / 2) as u32;
+        c.recv_queue = queue_bytes(recv, !(i as u8));
+        let wup = c.window.map_or(0, |w| w.rcv_wup);
+        c.rcv_seq = wup.wrapping_sub(recv as u32);
+        SocketRecord::Tcp(c)
+    };
+    // 9 MiB that fit the 10 MiB warmed for an estimate of 8 MiB, then 7 MiB
+    // that do not fit what is left.
+    let fits = vec![record(0, 6 << 20, 3 << 20)];
+    let too_big = vec![record(1, 5 << 20, 0), record(2, 0, 2 << 20)];
+    for mode in ["psk", "tls", "plaintext"] {
+        let (lc, dc) = configs(mode);
+        let (listener, addr, _) = listen(lc);
+        let (a, b) = dial_pair(&listener, addr, dc);
+        b.warm_receive(8 << 20);
+        assert_eq!(b.warm_left(), 10 << 20, "{mode}: a quarter more than asked");
+        let send_both = |a: &StreamChannel| {
+            for (records, last) in [(&fits, false), (&too_big, true)] {
+                a.send(&Message::Sockets {
+                    records: records.clone(),
+                    last,
+                })
+                .unwrap();
+            }
+            a.send(&Message::Ready).unwrap();
+        };
+        let receive_both = |b: &StreamChannel| {
+            for (i, (batch, last)) in [(&fits, false), (&too_big, true)].into_iter().enumerate() {
+                match next(b).unwrap() {
+                    Some(Message::Sockets { records, last: l }) => {
+                        assert_eq!(l, last, "{mode}");
+                        assert!(records == *batch, "{mode}: batch {i} differs");
+                    }
+                    other => panic!("{mode}: batch {i}: {other:?}"),
+                }
+            }
+            assert_eq!(next(b).unwrap(), Some(Message::Ready), "{mode}");
+        };
+        send_both(&a);
+        receive_both(&b);
+        let used = (10 << 20) - b.warm_left();
+        assert!(
+            (9 << 20..(9 << 20) + (64 << 10)).contains(&used),
+            "{mode}: the first batch (9 MiB) came from the area, the second did not: {used} used"
+        );
+        // An estimate of zero gives the area back; the queues still arrive.
+        b.warm_receive(0);
+        assert_eq!(b.warm_left(), 0, "{mode}");
+        send_both(&a);
+        receive_both(&b);
+        assert_eq!(b.warm_left(), 0, "{mode}");
+    }
+}
+
+/// A `QueueEstimate` over the protocol's cap is refused by the sender and
+/// by the receiver's decoder (it sizes memory the receiver writes at once).
+#[test]
+fn a_hostile_queue_estimate_is_refused() {
+    use lmig_core::protocol::MAX_QUEUE_ESTIMATE;
+    use lmig_transport::wire::{Kind, parse_message_body};
+    let ok = parse_message_body(
+        Kind::QueueEstimate,
+        Bytes::copy_from_slice(&MAX_QUEUE_ESTIMATE.to_le_bytes()),
+    );
+    assert_eq!(
+        ok.unwrap(),
+        Message::QueueEstimate {
+            bytes: MAX_QUEUE_ESTIMATE
+        }
+    );
+    for bad in [MAX_QUEUE_ESTIMATE + 1, u64::MAX] {
+        let e = parse_message_body(
+            Kind::QueueEstimate,
+            Bytes::copy_from_slice(&bad.to_le_bytes()),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("queue estimate"), "{e}");
+    }
+    let short = parse_message_body(Kind::QueueEstimate, Bytes::from_static(&[1, 2, 3]));
+    assert!(short.is_err(), "a short estimate is refused");
+    let (lc, dc) = configs("psk");
+    let (listener, addr, _) = listen(lc);
+    let (a, b) = dial_pair(&listener, addr, dc);
+    let e = a
+        .send(&Message::QueueEstimate {
+            bytes: MAX_QUEUE_ESTIMATE + 1,
+        })
+        .unwrap_err();
+    assert!(
+        format!("{e} {e:?}").contains("queue estimate"),
+        "refused by the encoder: {e:?}"
+    );
+    a.send(&Message::QueueEstimate { bytes: 4096 }).unwrap();
+    assert_eq!(
+        next(&b).unwrap(),
+        Some(Message::QueueEstimate { bytes: 4096 }),
+        "the channel still works"
+    );
+}

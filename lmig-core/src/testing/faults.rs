@@ -209,6 +209,10 @@ impl<C: Channel> FaultChannel<C> {
 }
 
 impl<C: Channel> Channel for FaultChannel<C> {
+    fn warm_receive(&self, bytes: u64) {
+        self.inner.warm_receive(bytes)
+    }
+
     fn send(&self, msg: &Message) -> Result<()> {
         self.sending(msg.name(), || self.inner.send(msg))
     }

@@ -46,6 +46,16 @@ pub trait Channel: Send + Sync {
         Vec::new()
     }
 
+    /// Get receive memory for about `bytes` of large messages ready now
+    /// (written, so that receiving them later does not fault it in), or
+    /// give it back (`0`). The destination calls it when the source sends
+    /// its socket queue estimate (`Message::QueueEstimate`), before the
+    /// freeze, and with 0 once the freeze's messages are in. The default
+    /// does nothing.
+    fn warm_receive(&self, bytes: u64) {
+        let _ = bytes;
+    }
+
     /// Push out pages a data lane buffered. The session calls it after each
     /// batch of `send_pages` calls; a channel may hold pages until then.
     fn flush(&self) -> Result<()> {

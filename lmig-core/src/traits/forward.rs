@@ -199,6 +199,9 @@ macro_rules! forward_channel {
             fn flush(&self) -> Result<()> {
                 (**self).flush()
             }
+            fn warm_receive(&self, bytes: u64) {
+                (**self).warm_receive(bytes)
+            }
             fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>> {
                 (**self).recv(timeout)
             }

@@ -16,6 +16,8 @@ use crate::auth::HandshakeIo;
 use crate::error::{Result, TransportError};
 use crate::noise::IntegrityError;
 use crate::tls::TlsFailure;
+
+use super::warm::WarmArea;
 use crate::wire::{
     Frame, FrameRepr, HEADER_LEN, Handshake, MessageDecoder, WireError, WireItem, encode_handshake,
 };
@@ -143,6 +145,8 @@ pub(crate) struct FrameReader {
     /// other header ends the connection before its payload is read.
     authenticated: bool,
     pool: Arc<BufPool>,
+    /// Memory written before the freeze for large frames (`warm.rs`).
+    warm: Option<Arc<WarmArea>>,
 }
 
 /// Largest handshake frame payload (a `Hello` is 57 bytes).
@@ -223,7 +227,13 @@ impl FrameReader {
             decoder: MessageDecoder::new(),
             authenticated: false,
             pool: Arc::default(),
+            warm: None,
         }
+    }
+
+    /// Large frames are read into `area` while it has room.
+    pub(crate) fn set_warm(&mut self, area: Arc<WarmArea>) {
+        self.warm = Some(area);
     }
 
     /// The connection, for a reader that starts afresh on it (the
@@ -306,6 +316,12 @@ impl FrameReader {
                     len: HEADER_LEN + len,
                     pool: self.pool.clone(),
                 })
+            } else if let Some(mut buf) = self.warm.as_ref().and_then(|w| w.take(HEADER_LEN + len))
+            {
+                // Memory written before the freeze (`warm.rs`).
+                buf[..HEADER_LEN].copy_from_slice(&header);
+                read_payload(&mut *self.conn, &mut buf[HEADER_LEN..], during)?;
+                buf.freeze()
             } else {
                 // One exact read target (not `read_to_end`, which zeroes
                 // its spare room and reads into it in small steps: an

@@ -195,6 +195,11 @@ impl LaneReader {
         }
     }
 
+    /// Read large frames into `area` while it has room (`warm.rs`).
+    pub(super) fn set_warm(&mut self, area: Arc<super::warm::WarmArea>) {
+        self.reader.set_warm(area);
+    }
+
     /// Is this the urgent stream's reader?
     fn urgent(&self) -> bool {
         self.name == URGENT_READER

@@ -86,6 +86,7 @@ mod reject;
 mod secure;
 mod stream;
 mod urgent;
+mod warm;
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;

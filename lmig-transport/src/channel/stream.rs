@@ -15,6 +15,7 @@ use super::limit::TokenBucket;
 use super::listening::ListenerCore;
 use super::queue::EventQueue;
 use super::urgent::DirectUrgent;
+use super::warm::WarmArea;
 use super::{ChannelConfig, Dial, Key, Streams, lock};
 use crate::auth;
 use crate::error::Result;
@@ -67,6 +68,8 @@ struct Inner {
     closed: AtomicBool,
     generation: AtomicU32,
     reconnect_lock: Mutex<()>,
+    /// Receive memory for large frames, written before the freeze.
+    warm: Arc<WarmArea>,
 }
 
 impl Inner {
@@ -134,6 +137,7 @@ impl StreamChannel {
             closed: AtomicBool::new(false),
             generation: AtomicU32::new(generation),
             reconnect_lock: Mutex::new(()),
+            warm: Arc::default(),
             config,
         });
         start_readers(readers, &inner);
@@ -150,6 +154,12 @@ impl StreamChannel {
     /// negotiated, or `none` ([`Security::PlaintextTrustedLinkOnly`](super::Security::PlaintextTrustedLinkOnly)).
     pub fn cipher(&self) -> &str {
         &self.inner.cipher
+    }
+
+    /// Bytes of the receive memory [`Channel::warm_receive`] got ready that
+    /// no frame has used yet.
+    pub fn warm_left(&self) -> usize {
+        self.inner.warm.left()
     }
 
     /// How many times the channel was re-established (0 at first).
@@ -267,6 +277,10 @@ impl Channel for StreamChannel {
         self.inner.lanes.read().map(|l| l.data_lanes()).unwrap_or(1)
     }
 
+    fn warm_receive(&self, bytes: u64) {
+        self.inner.warm.reserve(bytes);
+    }
+
     fn flush(&self) -> lmig_core::Result<()> {
         let lanes = self.inner.current_lanes();
         lanes
@@ -328,7 +342,8 @@ impl Channel for StreamChannel {
 
 /// Start the readers of a new generation.
 fn start_readers(readers: Vec<LaneReader>, inner: &Inner) {
-    for r in readers {
+    for mut r in readers {
+        r.set_warm(inner.warm.clone());
         r.start(&inner.queue, &inner.urgent);
     }
 }

@@ -66,6 +66,8 @@ wire_enum! {
         Prepared = 15 => "Prepared",
         /// `Message::Split` (split memory; a tag byte names the message).
         Split = 16 => "Split",
+        /// `Message::QueueEstimate`.
+        QueueEstimate = 17 => "QueueEstimate",
         /// Handshake: the dialer's hello.
         Hello = 0x40 => "Hello",
         /// Handshake: the listener's challenge.
@@ -387,6 +389,7 @@ mod tests {
                 (14, "Resync"),
                 (15, "Prepared"),
                 (16, "Split"),
+                (17, "QueueEstimate"),
                 (0x40, "Hello"),
                 (0x41, "Challenge"),
                 (0x42, "Proof"),
@@ -399,7 +402,7 @@ mod tests {
             assert_eq!(Kind::from_u8(k.to_u8()), Ok(*k));
             assert_eq!(k.is_handshake(), k.to_u8() >= 0x40, "{k:?}");
         }
-        for bad in [0, 17, 0x3f, 0x46, 0xff] {
+        for bad in [0, 18, 0x3f, 0x46, 0xff] {
             assert_eq!(Kind::from_u8(bad), Err(WireError::BadKind(bad)));
         }
     }
@@ -508,7 +511,7 @@ mod tests {
 
     #[test]
     fn unknown_kind_and_flags() {
-        for k in [0u8, 17, 0x3f, 0x46, 0xff] {
+        for k in [0u8, 18, 0x3f, 0x46, 0xff] {
             let mut b = READY;
             b[6] = k;
             assert_eq!(

@@ -17,6 +17,7 @@
 //! Done        u8 0 = not checked | 1 = verified | 2 = mismatch, then u32 region
 //! Abort       u16 length, UTF-8 reason (at most MAX_REASON_BYTES)
 //! Split       a tag byte, then one split-memory message (see `wire/split.rs`)
+//! QueueEstimate u64 bytes (at most MAX_QUEUE_ESTIMATE)
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -25,8 +26,8 @@ use lmig_core::model::{
     SocketRecord,
 };
 use lmig_core::protocol::{
-    Handover, MAX_POSTCOPY_RUNS, MAX_REASON_BYTES, MAX_SOCKETS_PER_MESSAGE, Message, PageData,
-    RegionDigest, RoundSummary, Verification,
+    Handover, MAX_POSTCOPY_RUNS, MAX_QUEUE_ESTIMATE, MAX_REASON_BYTES, MAX_SOCKETS_PER_MESSAGE,
+    Message, PageData, RegionDigest, RoundSummary, Verification,
 };
 
 use super::frame::{Frame, FrameRepr, Kind};
@@ -85,6 +86,18 @@ fn too_long(what: &'static str, len: usize, cap: usize) -> Result<()> {
     Ok(())
 }
 
+/// A queue estimate over [`MAX_QUEUE_ESTIMATE`] is refused (it sizes
+/// memory the receiver writes at once).
+fn check_estimate(bytes: u64) -> Result<()> {
+    if bytes > MAX_QUEUE_ESTIMATE {
+        return Err(WireError::bad(
+            "queue estimate",
+            format!("{bytes} bytes, over the {MAX_QUEUE_ESTIMATE} allowed"),
+        ));
+    }
+    Ok(())
+}
+
 /// The frame kind of a message.
 pub fn kind_of(msg: &Message) -> Kind {
     match msg {
@@ -104,6 +117,7 @@ pub fn kind_of(msg: &Message) -> Kind {
         Message::Done(_) => Kind::Done,
         Message::Abort { .. } => Kind::Abort,
         Message::Split(_) => Kind::Split,
+        Message::QueueEstimate { .. } => Kind::QueueEstimate,
     }
 }
 
@@ -194,6 +208,10 @@ pub(crate) fn emit_body(msg: &Message) -> Result<(Kind, Vec<Bytes>)> {
             put_string(&mut head, reason);
         }
         Message::Split(m) => tail = super::split::emit(m, &mut head)?,
+        Message::QueueEstimate { bytes } => {
+            check_estimate(*bytes)?;
+            head.put_u64_le(*bytes);
+        }
     }
     body.head.unsplit(head);
     let parts = body.finish(tail);
@@ -274,6 +292,11 @@ pub fn parse_message_body(kind: Kind, payload: Bytes) -> Result<Message> {
         Kind::Abort => Message::Abort {
             reason: r.string("abort reason", MAX_REASON_BYTES)?,
         },
+        Kind::QueueEstimate => {
+            let bytes = r.u64()?;
+            check_estimate(bytes)?;
+            Message::QueueEstimate { bytes }
+        }
         k => {
             return Err(WireError::bad(
                 "frame kind",

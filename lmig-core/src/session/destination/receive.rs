@@ -163,6 +163,9 @@ where
                         };
                         r.restore(records)?;
                     }
+                    Message::QueueEstimate { bytes } if !st.frozen => {
+                        channel.warm_receive(bytes);
+                    }
                     Message::State(state) if st.handover.is_none() => {
                         state.validate()?;
                         program.restore(state)?;
@@ -175,12 +178,15 @@ where
                     other => {
                         return Err(unexpected(
                             "receiving",
-                            "Pages, RoundEnd, SocketPlan, Sockets, State or Handover",
+                            "Pages, RoundEnd, QueueEstimate, SocketPlan, Sockets, State or Handover",
                             &other,
                         ));
                     }
                 }
             }
+            // The freeze's socket batches are in: what they left unused
+            // of the warmed receive memory goes back.
+            channel.warm_receive(0);
             // Registered once every page sent before `Commit` is in (and
             // while the restorer finishes): the pages that trail the
             // `Handover` (the freeze's last pages, free ones as zero runs)

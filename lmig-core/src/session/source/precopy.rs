@@ -303,6 +303,13 @@ where
         // An estimate (which also lets the socket source get ready for the
         // capture): one the sockets cannot give counts as none.
         let queued_bytes = self.sockets.queued_bytes().unwrap_or(0);
+        if queued_bytes > 0 {
+            // The destination gets receive memory ready for the freeze's
+            // socket batches (see `Message::QueueEstimate`).
+            self.channel.send(&Message::QueueEstimate {
+                bytes: queued_bytes.min(crate::protocol::MAX_QUEUE_ESTIMATE),
+            })?;
+        }
         let stats = RoundStats {
             queued_bytes,
             round,
