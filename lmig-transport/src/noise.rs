@@ -283,6 +283,12 @@ impl<R: Read> RecordReader<R> {
             || self.failed.is_some()
     }
 
+    /// Ciphertext of a record not yet whole is buffered (or the stream
+    /// failed): a frame has begun, though none of it can be handed out.
+    pub(crate) fn holds_partial(&self) -> bool {
+        self.start < self.end || self.failed.is_some()
+    }
+
     fn fail(&mut self, detail: String) -> io::Error {
         self.failed = Some(detail.clone());
         integrity(detail)
@@ -699,6 +705,51 @@ mod tests {
                 "byte {at}: {e}"
             );
         }
+    }
+
+    /// Gives `wire` up to `at`, then read timeouts until `at` moves on.
+    struct Trickle {
+        wire: Vec<u8>,
+        pos: usize,
+        at: usize,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.pos == self.at {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.at - self.pos);
+            buf[..n].copy_from_slice(&self.wire[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_record_read_in_part_is_held_until_it_is_whole() {
+        let (d, l) = keys(b"p", b"p").unwrap();
+        let wire = sealed(&d, &[b"0123456789abcdef", b"xy"]);
+        let (mut r, _) = l.split(
+            Trickle {
+                wire,
+                pos: 0,
+                at: 5,
+            },
+            io::sink(),
+        );
+        assert!(!r.holds_partial());
+        let mut buf = [0u8; 16];
+        // Part of the record: a timeout, nothing handed out, its bytes held.
+        let e = r.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(r.holds_partial());
+        // The rest: the record, then nothing held.
+        r.inner.at = r.inner.wire.len();
+        assert_eq!(r.read(&mut buf).unwrap(), 16);
+        assert_eq!(&buf, b"0123456789abcdef");
+        assert_eq!(r.read(&mut buf).unwrap(), 2);
+        assert!(!r.holds_partial());
     }
 
     #[test]

@@ -45,6 +45,12 @@ pub(crate) trait Conn: Read + Write + Send + Sync {
     /// Wait at most `timeout` until a read would not block (bytes, the end
     /// of the stream or an error are there); `false` when the time ran out.
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
+    /// Bytes of the stream were read but are not readable yet (part of an
+    /// encrypted record): a frame has begun even though no byte of it came
+    /// out ([`FrameReader::next_within`]).
+    fn holds_partial_input(&self) -> bool {
+        false
+    }
 }
 
 /// `poll(2)` for `POLLIN` on one descriptor.
@@ -299,7 +305,14 @@ impl FrameReader {
                     Ok(0) => return Err(TransportError::Closed { during }),
                     Ok(n) => got += n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if got == 0 && patience.is_some() && timed_out(&e) => return Ok(None),
+                    Err(e)
+                        if got == 0
+                            && patience.is_some()
+                            && timed_out(&e)
+                            && !self.conn.holds_partial_input() =>
+                    {
+                        return Ok(None);
+                    }
                     Err(e) if timed_out(&e) && still_patient(&mut stalled, patience) => {}
                     Err(e) => return Err(map_read_err(e, during)),
                 }

@@ -440,6 +440,43 @@ mod tests {
         let _peer = peer.join().unwrap();
     }
 
+    #[cfg(feature = "fuzzing")]
+    #[test]
+    fn a_record_stopped_half_way_fails_the_sealed_stream_after_its_patience() {
+        use super::super::secure::seal;
+        use crate::auth::KeyMode;
+        let (dialer, listener) = crate::noise::keys_for_fuzzing();
+        let config = ChannelConfig::new(AuthKey::new([1u8; 32]).unwrap())
+            .with_handshake_timeout(Duration::from_millis(150));
+        let direct = DirectUrgent::new(&config);
+        let (ours, peer) = pipe();
+        let mut raw = FrameReader::new(ours.try_clone_conn().unwrap());
+        raw.set_authenticated();
+        let (reader, _writer) = seal(raw, Box::new(ours), Some(listener), KeyMode::Noise);
+        direct.put(&mut direct.slot(), 0, reader);
+        // One record holding the frame; the rest of it comes far too late.
+        let (_, mut w) = dialer.split(std::io::empty(), Vec::new());
+        encode_message(&request(5))
+            .unwrap()
+            .write_to(&mut w)
+            .unwrap();
+        let peer = send_in_pieces(peer, w.into_inner(), vec![5], Duration::from_secs(2));
+        let (q, closed) = (EventQueue::new(4), AtomicBool::new(false));
+        let short = Duration::from_millis(30);
+        for _ in 0..200 {
+            assert_eq!(direct.recv(&q, &closed, short).unwrap(), None);
+            if direct.slot().is_none() {
+                break;
+            }
+        }
+        assert!(direct.slot().is_none(), "the stream was given up");
+        assert!(matches!(
+            q.pop(Some(Instant::now())),
+            Some(Event::Failed(0, TransportError::Timeout { .. }))
+        ));
+        let _peer = peer.join().unwrap();
+    }
+
     #[test]
     fn a_reply_arriving_during_the_spin_is_received_once() {
         // A spin longer than the test: the reply can only be found by it.
