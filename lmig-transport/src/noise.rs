@@ -53,8 +53,9 @@
 //!
 //! Record boundaries carry no meaning: the writer puts a frame's header and
 //! message head (gathered from small slices) in a record of their own and
-//! seals page data straight from its buffers in records of the full size,
-//! and the reader hands out bytes whatever the records' sizes. The frames
+//! seals page data straight from its buffers in records of the full size
+//! (a write of at most 16 KiB in all, such as a one-page reply, is one
+//! record), and the reader hands out bytes whatever the records' sizes. The frames
 //! inside carry checksum 0: the records' tags authenticate every byte, so a
 //! CRC-32C would only repeat, weaker, what they check ([`crate::wire`]).
 
@@ -82,6 +83,12 @@ const WRITE_BATCH: usize = 4;
 /// the caller's memory, never copied first (a frame's header and message
 /// head become a small record of their own before its pages).
 const GATHER_BELOW: usize = 4096;
+/// A write of at most this many bytes in all (a page request, a one-page
+/// reply on the urgent stream) becomes one record: its slices are copied
+/// together (about 0.1 µs for a 4 KiB page) rather than sealed, sent and
+/// opened as two records (a second AEAD set-up, tag and length prefix on
+/// each side of a post-copy fault's round trip).
+const SMALL_WRITE: usize = 16 << 10;
 /// Ciphertext bytes the reader asks the socket for at once.
 const READ_BUFFER: usize = WRITE_BATCH * (LEN_PREFIX + MAX_RECORD);
 
@@ -276,6 +283,12 @@ impl<R: Read> RecordReader<R> {
             || self.failed.is_some()
     }
 
+    /// Ciphertext of a record not yet whole is buffered (or the stream
+    /// failed): a frame has begun, though none of it can be handed out.
+    pub(crate) fn holds_partial(&self) -> bool {
+        self.start < self.end || self.failed.is_some()
+    }
+
     fn fail(&mut self, detail: String) -> io::Error {
         self.failed = Some(detail.clone());
         integrity(detail)
@@ -449,6 +462,24 @@ impl<W: Write> RecordWriter<W> {
         sent
     }
 
+    /// A small write ([`SMALL_WRITE`], `total` bytes in `bufs`): one record,
+    /// one socket write.
+    fn write_small(&mut self, bufs: &[IoSlice<'_>], total: usize) -> io::Result<usize> {
+        if total == 0 {
+            return Ok(0);
+        }
+        // Nothing stays staged between calls: the stage is free.
+        let mut at = 0;
+        for b in bufs {
+            self.stage[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
+        self.stage_len = total;
+        self.seal_stage();
+        self.send_out()?;
+        Ok(total)
+    }
+
     fn seal_stage(&mut self) {
         if self.stage_len > 0 {
             Self::seal(
@@ -474,6 +505,10 @@ impl<W: Write> Write for RecordWriter<W> {
                 io::ErrorKind::BrokenPipe,
                 "an earlier write on this encrypted stream failed",
             ));
+        }
+        let total = bufs.iter().map(|b| b.len()).sum::<usize>();
+        if total <= SMALL_WRITE {
+            return self.write_small(bufs, total);
         }
         let mut taken = 0;
         let record = LEN_PREFIX + MAX_RECORD;
@@ -616,6 +651,48 @@ mod tests {
     }
 
     #[test]
+    fn a_small_write_is_one_record() {
+        let (d, l) = keys(b"p", b"p").unwrap();
+        let page = data(4096);
+        let (_, mut w) = d.split(io::empty(), Vec::new());
+        // A frame header, a message head and one page: one record.
+        let reply = [
+            IoSlice::new(b"0123456789abcdef"),
+            IoSlice::new(b"head"),
+            IoSlice::new(&page),
+        ];
+        assert_eq!(w.write_vectored(&reply).unwrap(), 4116);
+        assert_eq!(w.next, 1);
+        assert_eq!(w.inner.len(), 4116 + LEN_PREFIX + TAG_LEN);
+        // Up to SMALL_WRITE in all is one record; one byte more is not
+        // (its large slice is sealed in place, after the gathered head).
+        let big = data(SMALL_WRITE);
+        assert_eq!(
+            w.write_vectored(&[IoSlice::new(&big)]).unwrap(),
+            SMALL_WRITE
+        );
+        assert_eq!(w.next, 2);
+        let over = [IoSlice::new(b"h"), IoSlice::new(&big)];
+        assert_eq!(w.write_vectored(&over).unwrap(), SMALL_WRITE + 1);
+        assert_eq!(w.next, 4);
+        // Nothing at all writes nothing.
+        assert_eq!(w.write_vectored(&[IoSlice::new(&[])]).unwrap(), 0);
+        assert_eq!(w.next, 4);
+        let mut want = b"0123456789abcdefhead".to_vec();
+        want.extend_from_slice(&page);
+        want.extend_from_slice(&big);
+        want.push(b'h');
+        want.extend_from_slice(&big);
+        for chunk in [1, 16, 4096, MAX_RECORD] {
+            assert_eq!(
+                opened(&l, &w.inner, chunk).unwrap(),
+                want,
+                "reads of {chunk}"
+            );
+        }
+    }
+
+    #[test]
     fn any_flipped_byte_fails_the_stream() {
         let (d, l) = keys(b"p", b"p").unwrap();
         let wire = sealed(&d, &[&data(70_000), b"tail"]);
@@ -628,6 +705,51 @@ mod tests {
                 "byte {at}: {e}"
             );
         }
+    }
+
+    /// Gives `wire` up to `at`, then read timeouts until `at` moves on.
+    struct Trickle {
+        wire: Vec<u8>,
+        pos: usize,
+        at: usize,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.pos == self.at {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.at - self.pos);
+            buf[..n].copy_from_slice(&self.wire[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_record_read_in_part_is_held_until_it_is_whole() {
+        let (d, l) = keys(b"p", b"p").unwrap();
+        let wire = sealed(&d, &[b"0123456789abcdef", b"xy"]);
+        let (mut r, _) = l.split(
+            Trickle {
+                wire,
+                pos: 0,
+                at: 5,
+            },
+            io::sink(),
+        );
+        assert!(!r.holds_partial());
+        let mut buf = [0u8; 16];
+        // Part of the record: a timeout, nothing handed out, its bytes held.
+        let e = r.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(r.holds_partial());
+        // The rest: the record, then nothing held.
+        r.inner.at = r.inner.wire.len();
+        assert_eq!(r.read(&mut buf).unwrap(), 16);
+        assert_eq!(&buf, b"0123456789abcdef");
+        assert_eq!(r.read(&mut buf).unwrap(), 2);
+        assert!(!r.holds_partial());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -47,6 +47,12 @@ pub(crate) trait Conn: Read + Write + Send + Sync {
     /// Wait at most `timeout` until a read would not block (bytes, the end
     /// of the stream or an error are there); `false` when the time ran out.
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
+    /// Bytes of the stream were read but are not readable yet (part of an
+    /// encrypted record): a frame has begun even though no byte of it came
+    /// out ([`FrameReader::next_within`]).
+    fn holds_partial_input(&self) -> bool {
+        false
+    }
 }
 
 /// `poll(2)` for `POLLIN` on one descriptor.
@@ -264,17 +270,60 @@ impl FrameReader {
 
     /// The next item; `Eof` when the peer closed cleanly between messages.
     pub(crate) fn next(&mut self, during: &'static str) -> Result<ReadOutcome> {
+        match self.read_item(during, None)? {
+            Some(outcome) => Ok(outcome),
+            // Without patience a read timeout is an error, never `None`.
+            None => Err(TransportError::Timeout {
+                waiting_for: during,
+                after: Duration::ZERO,
+            }),
+        }
+    }
+
+    /// The next item, on a connection whose read timeout is the caller's
+    /// wait: `None` when that wait passed before the next frame's first
+    /// byte (nothing of it is lost: a partly decoded message or a partly
+    /// read record stays for the next call). Once a frame has begun, reads
+    /// that time out are tried again until `patience` has passed since the
+    /// first of them; then the frame counts as stopped half-way (a
+    /// timeout error).
+    ///
+    /// This is how the urgent stream is read without a `poll` before every
+    /// message (one system call fewer per post-copy request and reply).
+    pub(crate) fn next_within(
+        &mut self,
+        during: &'static str,
+        patience: Duration,
+    ) -> Result<Option<ReadOutcome>> {
+        self.read_item(during, Some(patience))
+    }
+
+    fn read_item(
+        &mut self,
+        during: &'static str,
+        patience: Option<Duration>,
+    ) -> Result<Option<ReadOutcome>> {
         loop {
             let mut header = [0u8; HEADER_LEN];
             let mut got = 0;
+            let mut stalled = None;
             while got < HEADER_LEN {
                 match self.conn.read(&mut header[got..]) {
                     Ok(0) if got == 0 && !self.decoder.has_partial() => {
-                        return Ok(ReadOutcome::Eof);
+                        return Ok(Some(ReadOutcome::Eof));
                     }
                     Ok(0) => return Err(TransportError::Closed { during }),
                     Ok(n) => got += n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e)
+                        if got == 0
+                            && patience.is_some()
+                            && timed_out(&e)
+                            && !self.conn.holds_partial_input() =>
+                    {
+                        return Ok(None);
+                    }
+                    Err(e) if timed_out(&e) && still_patient(&mut stalled, patience) => {}
                     Err(e) => return Err(map_read_err(e, during)),
                 }
             }
@@ -301,7 +350,7 @@ impl FrameReader {
                 // anything never costs a pool buffer.
                 let mut buf = vec![0u8; HEADER_LEN + len];
                 buf[..HEADER_LEN].copy_from_slice(&header);
-                read_payload(&mut *self.conn, &mut buf[HEADER_LEN..], during)?;
+                read_payload(&mut *self.conn, &mut buf[HEADER_LEN..], during, None)?;
                 Bytes::from(buf)
             } else if HEADER_LEN + len <= POOL_BUF {
                 let mut buf = self.pool.take();
@@ -310,6 +359,7 @@ impl FrameReader {
                     &mut *self.conn,
                     &mut buf[HEADER_LEN..HEADER_LEN + len],
                     during,
+                    patience,
                 )?;
                 Bytes::from_owner(PooledFrame {
                     buf,
@@ -330,22 +380,48 @@ impl FrameReader {
                 // written until the payload lands in it.
                 let mut buf = vec![0u8; HEADER_LEN + len];
                 buf[..HEADER_LEN].copy_from_slice(&header);
-                read_payload(&mut *self.conn, &mut buf[HEADER_LEN..], during)?;
+                read_payload(&mut *self.conn, &mut buf[HEADER_LEN..], during, patience)?;
                 Bytes::from(buf)
             };
             if let Some(item) = self.decoder.decode_frame(frame)? {
-                return Ok(ReadOutcome::Item(item));
+                return Ok(Some(ReadOutcome::Item(item)));
             }
         }
     }
 }
 
-fn read_payload(conn: &mut dyn Conn, mut buf: &mut [u8], during: &'static str) -> Result<()> {
+/// A read's timeout ran out (`SO_RCVTIMEO`).
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// A read inside a frame timed out: try again while within `patience` of
+/// the first such timeout (`stalled`, set here); never without patience.
+fn still_patient(stalled: &mut Option<Instant>, patience: Option<Duration>) -> bool {
+    let Some(patience) = patience else {
+        return false;
+    };
+    stalled.get_or_insert_with(Instant::now).elapsed() < patience
+}
+
+/// Read exactly `buf`; reads that time out are tried again within
+/// `patience` ([`FrameReader::next_within`]).
+fn read_payload(
+    conn: &mut dyn Conn,
+    mut buf: &mut [u8],
+    during: &'static str,
+    patience: Option<Duration>,
+) -> Result<()> {
+    let mut stalled = None;
     while !buf.is_empty() {
         match conn.read(buf) {
             Ok(0) => return Err(TransportError::Closed { during }),
             Ok(n) => buf = &mut buf[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if timed_out(&e) && still_patient(&mut stalled, patience) => {}
             Err(e) => return Err(map_read_err(e, during)),
         }
     }

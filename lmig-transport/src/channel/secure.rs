@@ -238,6 +238,9 @@ impl Conn for SealedReader {
         }
         self.0.get_ref().wait_readable(timeout)
     }
+    fn holds_partial_input(&self) -> bool {
+        self.0.holds_partial()
+    }
 }
 
 /// The writing half of a Noise-protected stream.

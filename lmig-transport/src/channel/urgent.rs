@@ -9,7 +9,7 @@ use lmig_core::MigrationError;
 use lmig_core::protocol::Message;
 
 use super::conn::{Conn, FrameReader};
-use super::event::{Event, read_event};
+use super::event::{Event, read_event_within};
 use super::queue::EventQueue;
 use super::{ChannelConfig, lock};
 use crate::error::TransportError;
@@ -38,9 +38,14 @@ enum DirectRead {
 /// wake-up less per request and per reply). Readers of later
 /// generations (after `reconnect`) go straight here.
 ///
-/// A reader taken over gets a read timeout ([`ChannelConfig::handshake_timeout`]):
-/// `recv_urgent` reads only once bytes are there, and a peer that stops in
-/// the middle of a frame fails the stream instead of holding the consumer.
+/// `recv_urgent` waits for the next message in `read` itself, not in a
+/// `poll` before it (one system call fewer per post-copy request and per
+/// reply): the socket's read timeout is the caller's wait in whole
+/// milliseconds, set again only when that changes (a consumer waits the
+/// same tick each time). A wait under 1 ms (or none) looks with `poll`.
+/// Once a frame has begun, a peer that stops in its middle fails the
+/// stream after [`ChannelConfig::handshake_timeout`] instead of holding the
+/// consumer ([`FrameReader::next_within`]).
 ///
 /// Within [`ChannelConfig::urgent_spin`] of this side's last urgent send,
 /// `recv_urgent` busy-polls the stream (yielding the CPU between looks)
@@ -56,6 +61,9 @@ pub(super) struct DirectUrgent {
     /// The stream's write timeout (the socket's timeouts are shared by its
     /// reading and writing halves).
     write_timeout: Option<Duration>,
+    /// The read timeout set on the handed-over stream, in ms (0: the
+    /// frame timeout `put` set). Changed under the slot's lock.
+    read_wait_ms: AtomicU64,
     /// How long after an urgent send a receive busy-polls.
     spin: Duration,
     /// The clock's origin for `sent_at`.
@@ -74,6 +82,7 @@ impl DirectUrgent {
             slot: Mutex::new(None),
             frame_timeout: config.handshake_timeout,
             write_timeout: config.write_timeout,
+            read_wait_ms: AtomicU64::new(0),
             spin: config.urgent_spin,
             epoch: Instant::now(),
             sent_at: AtomicU64::new(0),
@@ -124,6 +133,23 @@ impl DirectUrgent {
         Ok(false)
     }
 
+    /// Get ready to wait until `limit` for the next frame: in `read`, with
+    /// the wait (whole ms, rounded down) as the socket's read timeout;
+    /// under 1 ms with `poll`. Returns whether to read now (`false`: the
+    /// poll found nothing in time).
+    fn wait_in_read(&self, conn: &dyn Conn, limit: Instant) -> io::Result<bool> {
+        let left = limit.saturating_duration_since(Instant::now());
+        let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+        if ms == 0 {
+            return conn.wait_readable(left);
+        }
+        if self.read_wait_ms.load(Ordering::Relaxed) != ms {
+            conn.set_timeouts(Some(Duration::from_millis(ms)), self.write_timeout)?;
+            self.read_wait_ms.store(ms, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
     /// Hand `reader` of `generation` to the consumer (unless a later
     /// generation's is there already).
     pub(super) fn put(&self, slot: &mut Slot, generation: u32, reader: FrameReader) {
@@ -136,6 +162,7 @@ impl DirectUrgent {
         {
             debug!(error = %e, "setting the urgent stream's timeouts failed");
         }
+        self.read_wait_ms.store(0, Ordering::Relaxed);
         *slot = Some((generation, reader));
     }
 
@@ -211,24 +238,23 @@ impl DirectUrgent {
         let limit = Instant::now() + wait;
         let ready = match self.spin_readable(reader.conn(), limit) {
             Ok(true) => Ok(true),
-            Ok(false) => reader
-                .conn()
-                .wait_readable(limit.saturating_duration_since(Instant::now())),
+            Ok(false) => self.wait_in_read(reader.conn(), limit),
             Err(e) => Err(e),
         };
         let ev = match ready {
             Ok(false) => return DirectRead::Idle,
-            Ok(true) => match read_event(reader, *generation) {
-                Event::Msg(m) => return DirectRead::Msg(m),
-                // Bytes were there: a timeout is a frame that stopped half-way.
-                Event::Failed(g, TransportError::Timeout { .. }) => Event::Failed(
+            Ok(true) => match read_event_within(reader, *generation, self.frame_timeout) {
+                None => return DirectRead::Idle,
+                Some(Event::Msg(m)) => return DirectRead::Msg(m),
+                // A frame began: a timeout is one that stopped half-way.
+                Some(Event::Failed(g, TransportError::Timeout { .. })) => Event::Failed(
                     g,
                     TransportError::Timeout {
                         waiting_for: "the rest of a frame on the urgent stream",
                         after: self.frame_timeout,
                     },
                 ),
-                ev => ev,
+                Some(ev) => ev,
             },
             Err(e) => {
                 let ev = Event::Failed(
@@ -257,9 +283,11 @@ impl DirectUrgent {
 #[cfg(test)]
 mod tests {
     use super::super::pipe::{PipeEnd, pipe};
+    use std::io::Write;
+
     use super::*;
     use crate::AuthKey;
-    use crate::wire::encode_message;
+    use crate::wire::{HEADER_LEN, encode_message};
 
     impl DirectUrgent {
         fn spin_hits(&self) -> u64 {
@@ -301,6 +329,152 @@ mod tests {
             encode_message(&msg).unwrap().write_to(&mut peer).unwrap();
             peer
         })
+    }
+
+    /// A consumer reading an urgent stream over a pipe directly, whose
+    /// frames may pause up to `patience` half-way; the peer's end.
+    fn direct_patient(patience: Duration) -> (DirectUrgent, PipeEnd) {
+        let config =
+            ChannelConfig::new(AuthKey::new([1u8; 32]).unwrap()).with_handshake_timeout(patience);
+        let direct = DirectUrgent::new(&config);
+        let (ours, theirs) = pipe();
+        let mut reader = FrameReader::new(Box::new(ours));
+        reader.set_authenticated();
+        direct.put(&mut direct.slot(), 0, reader);
+        (direct, theirs)
+    }
+
+    /// Write `bytes` from the peer's end in pieces cut at `cuts`, pausing
+    /// `pause` before each later piece, on a thread of its own.
+    fn send_in_pieces(
+        peer: PipeEnd,
+        bytes: Vec<u8>,
+        cuts: Vec<usize>,
+        pause: Duration,
+    ) -> std::thread::JoinHandle<PipeEnd> {
+        std::thread::spawn(move || {
+            let mut peer = peer;
+            let mut from = 0;
+            for (i, to) in cuts.into_iter().chain([bytes.len()]).enumerate() {
+                if i > 0 {
+                    std::thread::sleep(pause);
+                }
+                // A stream given up is closed: the rest has nowhere to go.
+                if peer.write_all(&bytes[from..to]).is_err() {
+                    break;
+                }
+                from = to;
+            }
+            peer
+        })
+    }
+
+    #[test]
+    fn a_wait_in_read_ends_idle_and_loses_nothing() {
+        let (direct, mut peer) = direct_patient(Duration::from_secs(10));
+        let (q, closed) = (EventQueue::new(4), AtomicBool::new(false));
+        let short = Duration::from_millis(30);
+        // Nothing sent: the read times out, as an idle wait, not a failure.
+        assert_eq!(direct.recv(&q, &closed, short).unwrap(), None);
+        // The wait left in whole ms (scheduling may have taken a few).
+        let set = || direct.read_wait_ms.load(Ordering::Relaxed);
+        assert!((20..30).contains(&set()), "{}", set());
+        assert!(q.pop(Some(Instant::now())).is_none());
+        assert_eq!(direct.recv(&q, &closed, short).unwrap(), None);
+        assert!((20..30).contains(&set()), "{}", set());
+        encode_message(&request(1))
+            .unwrap()
+            .write_to(&mut peer)
+            .unwrap();
+        assert_eq!(direct.recv(&q, &closed, WAIT).unwrap(), Some(request(1)));
+        let long = set();
+        assert!((9000..10_000).contains(&long), "{long}");
+        // Under 1 ms left: a look with `poll`, the timeout kept.
+        let tiny = Duration::from_micros(500);
+        assert_eq!(direct.recv(&q, &closed, tiny).unwrap(), None);
+        assert_eq!(direct.recv(&q, &closed, Duration::ZERO).unwrap(), None);
+        assert_eq!(set(), long);
+        // A frame paused half-way (in its header, then in its payload) for
+        // longer than the caller's wait arrives whole, and the next after it.
+        let mut two = encode_message(&request(2)).unwrap().to_vec();
+        two.extend(encode_message(&request(3)).unwrap().to_vec());
+        let cuts = vec![3, HEADER_LEN + 2];
+        let peer = send_in_pieces(peer, two, cuts, Duration::from_millis(80));
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            if let Some(m) = direct.recv(&q, &closed, short).unwrap() {
+                got.push(m);
+            }
+            if got.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(got, vec![request(2), request(3)]);
+        assert!(q.pop(Some(Instant::now())).is_none(), "no failure reported");
+        let _peer = peer.join().unwrap();
+    }
+
+    #[test]
+    fn a_frame_stopped_half_way_fails_the_stream_after_its_patience() {
+        let (direct, peer) = direct_patient(Duration::from_millis(150));
+        let (q, closed) = (EventQueue::new(4), AtomicBool::new(false));
+        let frame = encode_message(&request(4)).unwrap().to_vec();
+        // The rest comes well after the patience.
+        let peer = send_in_pieces(peer, frame, vec![HEADER_LEN + 1], Duration::from_secs(2));
+        let short = Duration::from_millis(30);
+        let mut out = None;
+        for _ in 0..200 {
+            out = direct.recv(&q, &closed, short).unwrap();
+            if direct.slot().is_none() {
+                break;
+            }
+        }
+        assert_eq!(out, None, "no message from a broken frame");
+        assert!(direct.slot().is_none(), "the stream was given up");
+        match q.pop(Some(Instant::now())) {
+            Some(Event::Failed(0, TransportError::Timeout { waiting_for, .. })) => {
+                assert_eq!(waiting_for, "the rest of a frame on the urgent stream");
+            }
+            _ => panic!("the stream's failure is queued for recv"),
+        }
+        let _peer = peer.join().unwrap();
+    }
+
+    #[cfg(feature = "fuzzing")]
+    #[test]
+    fn a_record_stopped_half_way_fails_the_sealed_stream_after_its_patience() {
+        use super::super::secure::seal;
+        use crate::auth::KeyMode;
+        let (dialer, listener) = crate::noise::keys_for_fuzzing();
+        let config = ChannelConfig::new(AuthKey::new([1u8; 32]).unwrap())
+            .with_handshake_timeout(Duration::from_millis(150));
+        let direct = DirectUrgent::new(&config);
+        let (ours, peer) = pipe();
+        let mut raw = FrameReader::new(ours.try_clone_conn().unwrap());
+        raw.set_authenticated();
+        let (reader, _writer) = seal(raw, Box::new(ours), Some(listener), KeyMode::Noise);
+        direct.put(&mut direct.slot(), 0, reader);
+        // One record holding the frame; the rest of it comes far too late.
+        let (_, mut w) = dialer.split(std::io::empty(), Vec::new());
+        encode_message(&request(5))
+            .unwrap()
+            .write_to(&mut w)
+            .unwrap();
+        let peer = send_in_pieces(peer, w.into_inner(), vec![5], Duration::from_secs(2));
+        let (q, closed) = (EventQueue::new(4), AtomicBool::new(false));
+        let short = Duration::from_millis(30);
+        for _ in 0..200 {
+            assert_eq!(direct.recv(&q, &closed, short).unwrap(), None);
+            if direct.slot().is_none() {
+                break;
+            }
+        }
+        assert!(direct.slot().is_none(), "the stream was given up");
+        assert!(matches!(
+            q.pop(Some(Instant::now())),
+            Some(Event::Failed(0, TransportError::Timeout { .. }))
+        ));
+        let _peer = peer.join().unwrap();
     }
 
     #[test]
