@@ -370,7 +370,7 @@ impl FrameReader {
             {
                 // Memory written before the freeze (`warm.rs`).
                 buf[..HEADER_LEN].copy_from_slice(&header);
-                read_payload(&mut *self.conn, &mut buf[HEADER_LEN..], during)?;
+                read_payload(&mut *self.conn, &mut buf[HEADER_LEN..], during, patience)?;
                 buf.freeze()
             } else {
                 // One exact read target (not `read_to_end`, which zeroes
