@@ -18,8 +18,8 @@ pub struct NetSourceConfig {
     /// program changes after `plan` is not carried; true moves about a dozen
     /// `getsockopt` per connection into the freeze).
     pub reread_options_at_freeze: bool,
-    /// Close the released sockets on a background thread at the lowest CPU
-    /// priority (default false). Closing sockets in repair mode costs time
+    /// Close the released sockets on a background thread in the lowest CPU
+    /// class, `SCHED_IDLE` (default false). Closing sockets in repair mode costs time
     /// per socket: with the destination on another host that is
     /// only cleanup, and on a host the source shares with the destination
     /// (containers, tests) it takes the CPU the destination needs right

@@ -509,8 +509,17 @@ impl NetSource {
             if let Err(e) = std::thread::Builder::new()
                 .name("lmig-net-close".into())
                 .spawn(move || {
-                    if let Err(e) = sys::lowest_thread_priority() {
-                        debug!(error = %e, "the closing thread could not lower its priority");
+                    // `SCHED_IDLE`, not only nice 19: at nice 19 this thread
+                    // held one of 2 vCPUs for ~17 ms right after `Commit`,
+                    // while a destination on the same host activated its
+                    // 10,000 connections on the other (perf sched). It holds
+                    // nothing another thread waits for: the sockets are
+                    // this thread's alone and in repair mode (silent).
+                    if let Err(e) = sys::idle_thread_policy() {
+                        debug!(error = %e, "the closing thread could not take SCHED_IDLE");
+                        if let Err(e) = sys::lowest_thread_priority() {
+                            debug!(error = %e, "the closing thread could not lower its priority");
+                        }
                     }
                     drop(entries);
                 })
