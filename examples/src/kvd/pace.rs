@@ -110,19 +110,20 @@ pub fn loop_share(percent: u8) -> u8 {
     percent.saturating_mul(2).min(100)
 }
 
-/// Environment variable: `half` throttles kvd's loop half as hard as the
-/// migration asks ([`loop_share`]); anything else or unset leaves the
-/// loop alone and throttles only the background writer
-/// ([`loop_share_for`]).
+/// Environment variable: `off` leaves kvd's loop alone when the migration
+/// asks for a throttle and slows only the background writer (the loop's
+/// sleeps after its passes add to the latency of every request they
+/// answer); anything else or unset: the loop is throttled half as hard as
+/// asked ([`loop_share`]), as before.
 pub const LOOP_THROTTLE_ENV: &str = "LMIG_KVD_LOOP_THROTTLE";
 
 /// The share of the time the loop runs when the migration asks for
-/// `percent` %, as [`LOOP_THROTTLE_ENV`] says: 100 (never held back) by
-/// default, [`loop_share`] with `half`.
+/// `percent` %, as [`LOOP_THROTTLE_ENV`] says: [`loop_share`] by default,
+/// 100 (never held back) with `off`.
 pub fn loop_share_for(percent: u8) -> u8 {
     match std::env::var(LOOP_THROTTLE_ENV).as_deref() {
-        Ok("half") => loop_share(percent),
-        _ => 100,
+        Ok("off") => 100,
+        _ => loop_share(percent),
     }
 }
 
