@@ -208,3 +208,34 @@ fn the_destination_is_lowered_once_and_raised_once() {
     migrate(SourceConfig::default(), dconfig, &DEST_COLLECTS);
     assert_eq!(*DEST_CALLS.lock().unwrap(), [true, false]);
 }
+
+static DUTY_COLLECTS: AtomicU32 = AtomicU32::new(0);
+static DUTY_CALLS: Mutex<Vec<(u32, bool)>> = Mutex::new(Vec::new());
+
+fn duty_hook(idle: bool) -> bool {
+    let at = DUTY_COLLECTS.load(Ordering::SeqCst);
+    DUTY_CALLS.lock().unwrap().push((at, idle));
+    true
+}
+
+static DUTY_REFUSED_COLLECTS: AtomicU32 = AtomicU32::new(0);
+
+/// Senders in the lowest class at the smallest share (`idle_duty` 1 %,
+/// resting up to 99 % of the time): the migration still ends with every
+/// page, the rounds after the one that did not shrink run without the
+/// lowest class (and so without rests), and a host that refuses the
+/// class gets no rest at all.
+#[test]
+fn resting_senders_never_hold_the_migration_back() {
+    let config = SourceConfig::default()
+        .with_idle_lanes(Some(duty_hook))
+        .with_idle_duty(1);
+    let rounds = migrate(config, DestinationConfig::default(), &DUTY_COLLECTS);
+    assert!(rounds >= 3, "{rounds}");
+    let calls = DUTY_CALLS.lock().unwrap().clone();
+    assert!(calls.iter().all(|c| c.0 <= 1 && c.1), "{calls:?}");
+    let config = SourceConfig::default()
+        .with_idle_lanes(Some(refusing_hook))
+        .with_idle_duty(1);
+    migrate(config, DestinationConfig::default(), &DUTY_REFUSED_COLLECTS);
+}

@@ -250,6 +250,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "baseline_p99_ms": p.baseline_p99_ms.map(|ms| round(ms, 2)),
         "precopy_p99_ms": p.precopy_p99_ms.map(|ms| round(ms, 2)),
         "postcopy_p99_ms": p.postcopy_p99_ms.map(|ms| round(ms, 2)),
+        // Pre-copy's p99 in round 0 and in the rounds after it.
+        "precopy_first_p99_ms": p.precopy_first_p99_ms.map(|ms| round(ms, 2)),
+        "precopy_later_p99_ms": p.precopy_later_p99_ms.map(|ms| round(ms, 2)),
         // kvd's own view: the time its loop's pass took, per request
         // answered, before the migration and in pre-copy.
         "kvd_baseline_p99_ms": s.and_then(|s| s.kvd_baseline_p99_ms),

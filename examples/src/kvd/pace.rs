@@ -110,6 +110,23 @@ pub fn loop_share(percent: u8) -> u8 {
     percent.saturating_mul(2).min(100)
 }
 
+/// Environment variable: `off` leaves kvd's loop alone when the migration
+/// asks for a throttle and slows only the background writer (the loop's
+/// sleeps after its passes add to the latency of every request they
+/// answer); anything else or unset: the loop is throttled half as hard as
+/// asked ([`loop_share`]), as before.
+pub const LOOP_THROTTLE_ENV: &str = "LMIG_KVD_LOOP_THROTTLE";
+
+/// The share of the time the loop runs when the migration asks for
+/// `percent` %, as [`LOOP_THROTTLE_ENV`] says: [`loop_share`] by default,
+/// 100 (never held back) with `off`.
+pub fn loop_share_for(percent: u8) -> u8 {
+    match std::env::var(LOOP_THROTTLE_ENV).as_deref() {
+        Ok("off") => 100,
+        _ => loop_share(percent),
+    }
+}
+
 /// Environment variable: `0` keeps the migration's bulk threads in the
 /// normal CPU class (to compare); anything else or unset: they run in
 /// `SCHED_IDLE` while the rounds shrink
@@ -125,6 +142,23 @@ fn idle_on() -> bool {
 /// rounds shrink, unless [`IDLE_ENV`] is `0`.
 pub fn idle_lanes() -> Option<fn(bool) -> bool> {
     idle_on().then_some(lmig_mem::cpu::idle_thread as fn(bool) -> bool)
+}
+
+/// Environment variable: the share of the time (percent, 1–100) the
+/// source's senders work while in the lowest class
+/// ([`SourceConfig::idle_duty`](lmig_core::session::SourceConfig::idle_duty));
+/// unset: [`IDLE_DUTY`].
+pub const IDLE_DUTY_ENV: &str = "LMIG_KVD_IDLE_DUTY";
+
+/// kvd's default share for the senders in the lowest class.
+pub const IDLE_DUTY: u8 = 100;
+
+/// The senders' share in the lowest class: [`IDLE_DUTY_ENV`] or [`IDLE_DUTY`].
+pub fn idle_duty() -> u8 {
+    std::env::var(IDLE_DUTY_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(IDLE_DUTY)
 }
 
 /// The destination's hook: the whole kvd process (nothing of it serves

@@ -27,6 +27,29 @@ pub struct PhaseLatency {
     /// Requests sent from `Commit` to the last missing page placed;
     /// `None` without post-copy.
     pub postcopy_p99_ms: Option<f64>,
+    /// `precopy_p99_ms` split in two: the requests sent before the rounds
+    /// after the first began (the set-up and round 0, the full copy) …
+    pub precopy_first_p99_ms: Option<f64>,
+    /// … and those sent from then to the pause (the later, small rounds
+    /// and any throttle). The split falls at the pause less the later
+    /// rounds' wall time ([`later_rounds_ms`]).
+    pub precopy_later_p99_ms: Option<f64>,
+}
+
+/// The wall time (ms) of the rounds after the first, from the source's
+/// report (`round_stats[].elapsed_ms`); 0 when it says none.
+pub fn later_rounds_ms(report: &serde_json::Value) -> f64 {
+    report
+        .get("round_stats")
+        .and_then(|r| r.as_array())
+        .map(|rounds| {
+            rounds
+                .iter()
+                .skip(1)
+                .filter_map(|r| r.get("elapsed_ms").and_then(|e| e.as_f64()))
+                .sum()
+        })
+        .unwrap_or(0.0)
 }
 
 impl PhaseLatency {
@@ -50,6 +73,14 @@ impl PhaseLatency {
         let precopy = (s.rounds > 0)
             .then(|| load.p99_sent_between(begin, paused, paused))
             .flatten();
+        let split = (paused - later_rounds_ms(&s.report)).max(begin);
+        let (first, later) = match precopy {
+            Some(_) => (
+                load.p99_sent_between(begin, split, paused),
+                load.p99_sent_between(split, paused, paused),
+            ),
+            None => (None, None),
+        };
         let postcopy = (s.mode == "postcopy" || s.switched_to_postcopy)
             .then(|| {
                 let end = destination.and_then(|d| d.complete_ns)?;
@@ -60,6 +91,8 @@ impl PhaseLatency {
             baseline_p99_ms: baseline,
             precopy_p99_ms: precopy,
             postcopy_p99_ms: postcopy,
+            precopy_first_p99_ms: first,
+            precopy_later_p99_ms: later,
         }
     }
 }
@@ -90,5 +123,20 @@ mod tests {
         );
         assert_eq!(load.p99_sent_between(2100.0, 2200.0, 1e9), Some(9.0));
         assert_eq!(load.p99_sent_between(5000.0, 6000.0, 1e9), None);
+    }
+
+    #[test]
+    fn later_rounds_are_the_rounds_after_the_first() {
+        let report = serde_json::json!({"round_stats": [
+            {"round": 0, "elapsed_ms": 2000.0},
+            {"round": 1, "elapsed_ms": 30.5},
+            {"round": 2, "elapsed_ms": 20.0},
+        ]});
+        assert_eq!(later_rounds_ms(&report), 50.5);
+        assert_eq!(
+            later_rounds_ms(&serde_json::json!({"round_stats": [{"elapsed_ms": 9.0}]})),
+            0.0
+        );
+        assert_eq!(later_rounds_ms(&serde_json::Value::Null), 0.0);
     }
 }

@@ -48,7 +48,8 @@ use std::time::Duration;
 pub use destination::{AfterCommit, Destination, DestinationConfig, DestinationReport, Resumption};
 pub use pages::is_zero;
 pub use source::{
-    CancelHandle, CancelOutcome, Mode, Progress, Source, SourceConfig, SourceControl, SourceReport,
+    CancelHandle, CancelOutcome, IDLE_MAX_REST, IDLE_WORK_SLICE, Mode, Progress, Source,
+    SourceConfig, SourceControl, SourceReport,
 };
 
 use crate::error::MigrationError;

@@ -117,7 +117,38 @@ pub struct SourceConfig {
     /// The longest a pre-copy round's senders stay in the lowest class
     /// ([`Self::idle_lanes`]); default 2 s.
     pub idle_round_limit: Duration,
+    /// The share of the time (percent, 1..=100) a sender in the lowest
+    /// class ([`Self::idle_lanes`]) works: after each chunk that brings its
+    /// work since the last rest to [`IDLE_WORK_SLICE`] or more, it sleeps
+    /// for the rest of the share (at most [`IDLE_MAX_REST`] at once).
+    /// Default 100: no rest. The lowest class alone gives the program a
+    /// CPU only once the scheduler places the program's thread there;
+    /// with every CPU busy with senders, a thread woken by another thread
+    /// of the program tends to queue behind it instead. A rest leaves CPUs
+    /// idle at times, where the scheduler then places it. Only while the
+    /// senders are in the lowest class: never in a round that does not
+    /// shrink, the freeze or post-copy.
+    pub idle_duty: u8,
 }
+
+/// The rest owed after `worked` at a duty of `duty` percent
+/// ([`SourceConfig::idle_duty`]): none before a whole work slice or
+/// at 100 %; else `worked × (100 − duty) / duty`, at most
+/// [`IDLE_MAX_REST`].
+pub(super) fn rest_after(worked: Duration, duty: u8) -> Duration {
+    if duty >= 100 || worked < IDLE_WORK_SLICE {
+        return Duration::ZERO;
+    }
+    let duty = u32::from(duty.max(1));
+    (worked * (100 - duty) / duty).min(IDLE_MAX_REST)
+}
+
+/// A sender in the lowest class rests once it worked this long since its
+/// last rest ([`SourceConfig::idle_duty`]).
+pub const IDLE_WORK_SLICE: Duration = Duration::from_millis(1);
+/// The longest single rest of a sender ([`SourceConfig::idle_duty`]): a
+/// cancel or the end of the lowest class is seen within it.
+pub const IDLE_MAX_REST: Duration = Duration::from_millis(5);
 
 impl SourceConfig {
     /// Set [`SourceConfig::bandwidth_limit`] (bytes per second, 0: none).
@@ -144,6 +175,7 @@ impl Default for SourceConfig {
             yield_to_program: false,
             idle_lanes: None,
             idle_round_limit: Duration::from_secs(2),
+            idle_duty: 100,
         }
     }
 }
@@ -226,10 +258,40 @@ impl SourceConfig {
         self
     }
 
+    /// Set [`Self::idle_duty`] (clamped to 1..=100).
+    #[must_use]
+    pub fn with_idle_duty(mut self, percent: u8) -> Self {
+        self.idle_duty = percent.clamp(1, 100);
+        self
+    }
+
     /// Set [`Self::idle_round_limit`].
     #[must_use]
     pub fn with_idle_round_limit(mut self, limit: Duration) -> Self {
         self.idle_round_limit = limit;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sender_rests_for_the_rest_of_its_share() {
+        let ms = Duration::from_millis;
+        // No rest at 100 %, nor before a whole work slice.
+        assert_eq!(rest_after(ms(3), 100), Duration::ZERO);
+        assert_eq!(rest_after(IDLE_WORK_SLICE / 2, 50), Duration::ZERO);
+        // Half the time: as long as it worked; a quarter: three times as long.
+        assert_eq!(rest_after(ms(2), 50), ms(2));
+        assert_eq!(rest_after(ms(1), 25), ms(3));
+        // Bounded, however low the share.
+        assert_eq!(rest_after(ms(4), 1), IDLE_MAX_REST);
+        assert_eq!(rest_after(ms(4), 0), IDLE_MAX_REST);
+        // The setter keeps the share in 1..=100.
+        assert_eq!(SourceConfig::default().idle_duty, 100);
+        assert_eq!(SourceConfig::default().with_idle_duty(0).idle_duty, 1);
+        assert_eq!(SourceConfig::default().with_idle_duty(200).idle_duty, 100);
     }
 }

@@ -16,7 +16,7 @@ mod push;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use self::config::{Mode, SourceConfig};
+pub use self::config::{IDLE_MAX_REST, IDLE_WORK_SLICE, Mode, SourceConfig};
 pub use self::control::{CancelHandle, CancelOutcome, SourceControl};
 pub use self::progress::Progress;
 use self::progress::ProgressState;

@@ -262,6 +262,7 @@ where
             Some(hook) if rounds.spare => Some(IdleLanes {
                 hook,
                 until: t0 + self.config.idle_round_limit,
+                duty: self.config.idle_duty,
             }),
             _ => None,
         };
@@ -434,6 +435,9 @@ pub(super) struct IdleLanes {
     hook: fn(bool) -> bool,
     /// A lane still there at this time moves back.
     until: Instant,
+    /// The share of the time (percent) a lane there works
+    /// ([`super::SourceConfig::idle_duty`]).
+    duty: u8,
 }
 
 /// One lane thread's class: in the lowest one until its round's limit.
@@ -441,6 +445,8 @@ struct IdleLane {
     lanes: Option<IdleLanes>,
     /// The thread is in the lowest class now.
     on: std::cell::Cell<bool>,
+    /// When the thread last rested (or began).
+    rested: std::cell::Cell<Instant>,
 }
 
 impl IdleLane {
@@ -450,7 +456,25 @@ impl IdleLane {
         Self {
             lanes,
             on: std::cell::Cell::new(on),
+            rested: std::cell::Cell::new(Instant::now()),
         }
+    }
+
+    /// In the lowest class with a duty below 100 %, after a work slice
+    /// ([`super::IDLE_WORK_SLICE`]): sleep for the rest of the share, at
+    /// most [`super::IDLE_MAX_REST`]. Returns the time slept.
+    fn rest(&self) -> Duration {
+        let Some(l) = self.lanes else {
+            return Duration::ZERO;
+        };
+        let worked = self.rested.get().elapsed();
+        let sleep = super::config::rest_after(worked, l.duty);
+        if !self.on.get() || sleep.is_zero() {
+            return Duration::ZERO;
+        }
+        std::thread::sleep(sleep);
+        self.rested.set(Instant::now());
+        sleep
     }
 
     /// Not in the lowest class (the calling thread's own lane).
@@ -596,6 +620,7 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             if idle.check() && self.background {
                 self.memory.background_thread();
             }
+            idle.rest();
         };
         let stopped = || self.stop.is_some_and(|s| s().is_err());
         let mut sender = PageSender::new(self.memory, self.channel, self.layout);
