@@ -431,6 +431,19 @@ fn migrate(
     limit: Option<u64>,
     disrupt: impl Fn(&Proxy, &DestinationRegions, &AtomicBool, &AtomicBool) + Send + Sync,
 ) -> Option<Outcome> {
+    migrate_with(what, pages, mode, random, limit, Duration::ZERO, disrupt)
+}
+
+/// [`migrate`] with the source's post-copy push held off for `holdoff`.
+fn migrate_with(
+    what: &str,
+    pages: u64,
+    mode: Mode,
+    random: bool,
+    limit: Option<u64>,
+    holdoff: Duration,
+    disrupt: impl Fn(&Proxy, &DestinationRegions, &AtomicBool, &AtomicBool) + Send + Sync,
+) -> Option<Outcome> {
     const R: RegionId = RegionId(3);
     let src = source_set(Backing::Private, &[(R, pages)]);
     let layout = MemorySource::layout(&src);
@@ -463,7 +476,8 @@ fn migrate(
                 .with_mode(mode)
                 .with_verify(true)
                 .with_ready_timeout(Duration::from_secs(30))
-                .with_done_timeout(Duration::from_secs(30));
+                .with_done_timeout(Duration::from_secs(30))
+                .with_push_holdoff(holdoff);
             let program = Pauser {
                 stop: &writer_stop,
                 inner: NullProgram::default(),
@@ -624,6 +638,34 @@ fn postcopy_over_tcp_program_touches_pages_at_once() {
             "{what}: every page sent once"
         );
         assert!(o.dest.network_faults >= 1, "{what}");
+    }
+}
+
+/// The push held off after the resume: the program's requests are
+/// answered meanwhile, the push starts after (at most the hold-off later),
+/// and every page arrives once and right, read in order (close behind the
+/// push once it starts) or at random.
+#[test]
+fn postcopy_with_the_push_held_off_places_every_page_once() {
+    for random in [true, false] {
+        let what = format!("postcopy hold-off random={random}");
+        let holdoff = Duration::from_millis(300);
+        let Some(o) = migrate_with(
+            &what,
+            4096,
+            Mode::Postcopy,
+            random,
+            None,
+            holdoff,
+            |_, _, _, _| {},
+        ) else {
+            return;
+        };
+        check(&what, &o, 4096);
+        assert_eq!(o.dest.postcopy_pages, 4096, "{what}");
+        assert_eq!(o.dest.duplicate_pages, 0, "{what}");
+        assert_eq!(o.source.postcopy_pages, 4096, "{what}: every page once");
+        assert!(o.dest.network_faults >= 1, "{what}: asked for meanwhile");
     }
 }
 

@@ -255,6 +255,56 @@ fn a_burst_of_requests_reaches_the_fault_thread_whole() {
     dst.end_postcopy().unwrap();
 }
 
+/// Many waiters on the same pages (parked requests for keys on one page):
+/// the run is queued for the source once while it is queued or on its
+/// way, every waiter is told once it is placed, and a run asked for again
+/// after the queue drained is queued again (never lost).
+#[test]
+fn the_same_run_asked_by_many_is_queued_once_and_all_are_told() {
+    let Some(dst) = destination("the_same_run_asked_by_many") else {
+        return;
+    };
+    let res: Residency = dst.regions().unwrap().residency().expect("in post-copy");
+    for token in 0..100 {
+        assert!(!res.request(&run(20, 2), token).unwrap());
+        assert!(!res.request(&run(30, 1), 1000 + token).unwrap());
+    }
+    assert_eq!(
+        dst.wait_fault(Duration::from_secs(5)).unwrap(),
+        Some(run(20, 2))
+    );
+    // Taken, but the queue is not empty: a third ask is still on its way.
+    assert!(!res.request(&run(20, 2), 500).unwrap());
+    assert_eq!(
+        dst.wait_fault(Duration::from_secs(5)).unwrap(),
+        Some(run(30, 1))
+    );
+    assert_eq!(
+        dst.wait_fault(Duration::ZERO).unwrap(),
+        None,
+        "each run once"
+    );
+    // Drained: asked again, queued again.
+    assert!(!res.request(&run(30, 1), 501).unwrap());
+    assert_eq!(
+        dst.wait_fault(Duration::from_secs(5)).unwrap(),
+        Some(run(30, 1))
+    );
+    place(&dst, 20, 2);
+    place(&dst, 30, 1);
+    assert!(readable(res.ready_fd(), 1000));
+    let mut ready = res.take_ready();
+    ready.sort_unstable();
+    let mut want: Vec<u64> = (0..100).chain(1000..1100).chain([500, 501]).collect();
+    want.sort_unstable();
+    assert_eq!(ready, want, "every waiter told once");
+    place(&dst, 0, 20);
+    place(&dst, 22, 8);
+    place(&dst, 31, PAGES - 31);
+    dst.end_postcopy().unwrap();
+    assert_eq!(dst.postcopy_stats().placed, PAGES);
+}
+
 /// This thread's nice value, from `/proc/thread-self/stat` (field 19).
 /// The calling thread's EEVDF slice (`se.slice` of its `sched` file), if
 /// the kernel reports one.

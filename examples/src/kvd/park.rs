@@ -18,6 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lmig_core::PageResidency;
 use lmig_core::model::{PageRun, RegionId};
@@ -27,6 +28,26 @@ use super::store::Store;
 /// Page size of kvd's store region.
 const PAGE: u64 = 4096;
 
+/// Environment variable: the post-copy push's hold-off after the resume,
+/// ms ([`push_holdoff`]); `0` turns it off (to compare).
+pub const PUSH_HOLDOFF_ENV: &str = "LMIG_KVD_PUSH_HOLDOFF_MS";
+
+/// kvd's hold-off when [`PUSH_HOLDOFF_ENV`] does not say: the first
+/// pass over the requests that piled up in the freeze (about a thousand
+/// parked at once with a thousand clients) is answered before the push
+/// takes the CPU.
+pub const PUSH_HOLDOFF: Duration = Duration::from_millis(50);
+
+/// The source's post-copy push hold-off
+/// ([`SourceConfig::push_holdoff`](lmig_core::session::SourceConfig::push_holdoff)):
+/// [`PUSH_HOLDOFF`], or [`PUSH_HOLDOFF_ENV`]'s ms (capped at 1 s).
+pub fn push_holdoff() -> Duration {
+    std::env::var(PUSH_HOLDOFF_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(PUSH_HOLDOFF, |ms| Duration::from_millis(ms.min(1000)))
+}
+
 /// Most requests one connection may have parked: a client pipelining
 /// behind a missing key cannot make kvd hold more.
 pub const MAX_PARKED_PER_CONN: usize = 1024;
@@ -34,11 +55,22 @@ pub const MAX_PARKED_PER_CONN: usize = 1024;
 /// One request's arguments.
 pub type Args = Vec<Vec<u8>>;
 
+/// One connection's parked requests.
+#[derive(Default)]
+struct Parked {
+    requests: VecDeque<Args>,
+    /// The first request's missing pages were asked for: their waiters
+    /// stay until the pages are placed and then make the connection ready,
+    /// so it is only looked at ([`PageResidency::is_resident`]), not asked
+    /// for again (which would add a waiter and a request per look).
+    asked: bool,
+}
+
 /// Requests parked until their pages are placed, per connection.
 pub struct Parking {
     residency: Arc<dyn PageResidency>,
     region: RegionId,
-    queues: HashMap<u64, VecDeque<Args>>,
+    queues: HashMap<u64, Parked>,
     /// Requests parked so far (for INFO and tests).
     parked: u64,
 }
@@ -81,9 +113,19 @@ impl Parking {
         runs
     }
 
-    /// The pages `args` needs that are missing now, each requested with
-    /// `id` as its token; empty when all are here (or cannot be asked for:
-    /// the request then runs and may fault, as without parking).
+    /// Whether a page `args` needs is missing now (nothing asked for; a
+    /// run that cannot be looked at counts as here: the request then runs
+    /// and may fault, as without parking).
+    fn still_missing(&self, store: &Store<'_>, args: &[Vec<u8>]) -> bool {
+        self.pages(store, args)
+            .iter()
+            .any(|run| matches!(self.residency.is_resident(run), Ok(false)))
+    }
+
+    /// Whether a page `args` needs is missing now; the missing ones are
+    /// requested with `id` as their token (a run that cannot be asked for
+    /// counts as here: the request then runs and may fault, as without
+    /// parking).
     fn missing(&self, id: u64, store: &Store<'_>, args: &[Vec<u8>]) -> bool {
         let mut missing = false;
         for run in self.pages(store, args) {
@@ -100,14 +142,16 @@ impl Parking {
     /// request of the connection waits).
     pub fn admit(&mut self, id: u64, store: &Store<'_>, args: Args) -> Option<Args> {
         if let Some(q) = self.queues.get_mut(&id) {
-            q.push_back(args);
+            q.requests.push_back(args);
             self.parked += 1;
             return None;
         }
         if !self.missing(id, store, &args) {
             return Some(args);
         }
-        self.queues.entry(id).or_default().push_back(args);
+        let q = self.queues.entry(id).or_default();
+        q.requests.push_back(args);
+        q.asked = true;
         self.parked += 1;
         None
     }
@@ -115,13 +159,21 @@ impl Parking {
     /// The next parked request of `id` that may run now, in order; `None`
     /// when there is none, or when the first still waits (asked for again).
     pub fn next(&mut self, id: u64, store: &Store<'_>) -> Option<Args> {
-        let front = self.queues.get(&id)?.front()?;
-        if self.missing(id, store, front) {
+        let q = self.queues.get(&id)?;
+        let front = q.requests.front()?;
+        let waiting = if q.asked {
+            self.still_missing(store, front)
+        } else {
+            self.missing(id, store, front)
+        };
+        let q = self.queues.get_mut(&id)?;
+        if waiting {
+            q.asked = true;
             return None;
         }
-        let q = self.queues.get_mut(&id)?;
-        let args = q.pop_front();
-        if q.is_empty() {
+        let args = q.requests.pop_front();
+        q.asked = false;
+        if q.requests.is_empty() {
             self.queues.remove(&id);
         }
         args
@@ -133,7 +185,7 @@ impl Parking {
     pub fn full(&self, id: u64) -> bool {
         self.queues
             .get(&id)
-            .is_some_and(|q| q.len() >= MAX_PARKED_PER_CONN)
+            .is_some_and(|q| q.requests.len() >= MAX_PARKED_PER_CONN)
     }
 
     /// The connection closed: its parked requests go with it.
@@ -219,6 +271,11 @@ mod tests {
             Some(get_warm.clone())
         );
         assert_eq!(parking.next(7, &store), None, "still missing");
+        assert_eq!(
+            res.asked.lock().unwrap().len(),
+            1,
+            "looked at again, not asked for again: its waiter stays"
+        );
         res.here.lock().unwrap()[cold as usize] = true;
         assert_eq!(parking.next(7, &store), Some(get_cold), "in order");
         assert_eq!(parking.next(7, &store), Some(get_warm.clone()));

@@ -90,7 +90,7 @@
 //! arrives is the session's business: it reports a timeout (and, with
 //! recovery, reconnects first).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -204,6 +204,10 @@ pub(crate) struct Postcopy {
     /// Runs the program asked for without faulting ([`Residency::request`]),
     /// handed to the session after the faults waiting.
     asked: Mutex<VecDeque<PageRun>>,
+    /// The runs put into `asked` since it was last found empty (taken or
+    /// not): a run asked for again meanwhile is in the queue or on its way
+    /// to the source, and is not queued twice. Locked inside `asked`.
+    asked_index: Mutex<HashSet<PageRun>>,
     /// Wakes `wait_fault` when a run is asked for.
     kick: Signal,
     /// Readable while residency waiters are ready.
@@ -285,6 +289,7 @@ impl Postcopy {
             }),
             queued: Mutex::new(VecDeque::new()),
             asked: Mutex::new(VecDeque::new()),
+            asked_index: Mutex::new(HashSet::new()),
             kick: Signal::new()?,
             ready: Signal::new()?,
             counters: Counters::default(),

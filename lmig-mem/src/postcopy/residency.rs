@@ -24,6 +24,9 @@ use crate::error::{MemError, Result};
 /// ([`MemError::ResidencyWaiters`]) rather than growing without bound.
 pub const MAX_RESIDENCY_WAITERS: usize = 1 << 16;
 
+/// Most runs remembered as asked for while the queue never drains.
+const MAX_ASKED_INDEX: usize = 4 * MAX_RESIDENCY_WAITERS;
+
 /// A range someone waits for, and the token that names it.
 #[derive(Copy, Clone, Debug)]
 pub(super) struct Waiter {
@@ -233,16 +236,30 @@ impl Postcopy {
         };
         if !wanted.is_empty() {
             let mut asked = lock(&self.asked);
+            let mut index = lock(&self.asked_index);
             // The session's fault thread drains the whole queue once woken
             // (it looks at it after clearing the signal): only a request
             // into an empty queue needs to wake it, one system call and one
             // wake-up for a burst of requests from the program's loop.
             let idle = asked.is_empty();
+            // Drained: every run named in the index went to the source.
+            // Kept within bounds while the queue never drains: rebuilt
+            // from the runs still queued.
+            if idle {
+                index.clear();
+            } else if index.len() >= MAX_ASKED_INDEX {
+                *index = asked.iter().copied().collect();
+            }
+            // A run queued, or taken from the queue since it was last
+            // empty (on its way to the source), is not queued again: one
+            // hash look-up, not a scan of the queue (about a thousand
+            // parked requests ask at once right after the resume).
             for r in wanted {
-                if !asked.contains(&r) {
+                if index.insert(r) {
                     asked.push_back(r);
                 }
             }
+            drop(index);
             drop(asked);
             if idle {
                 self.kick.signal();

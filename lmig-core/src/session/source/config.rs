@@ -129,6 +129,17 @@ pub struct SourceConfig {
     /// senders are in the lowest class: never in a round that does not
     /// shrink, the freeze or post-copy.
     pub idle_duty: u8,
+    /// After `Commit`, the post-copy push (and the digests' hashing) waits
+    /// up to this long while the page requests are answered at once
+    /// (default zero: the push starts at once). Right after the resume a
+    /// program asks for the pages of the work that piled up in the freeze;
+    /// a push starting at the same moment takes most of the CPU and the
+    /// link from those requests and from the program itself (on a host
+    /// shared with the destination). The wait ends early once requests
+    /// came and none came for a few ms (the first burst is answered), and
+    /// never lasts longer than this: requests that keep coming never hold
+    /// the push back for good.
+    pub push_holdoff: Duration,
 }
 
 /// The rest owed after `worked` at a duty of `duty` percent
@@ -176,6 +187,7 @@ impl Default for SourceConfig {
             idle_lanes: None,
             idle_round_limit: Duration::from_secs(2),
             idle_duty: 100,
+            push_holdoff: Duration::ZERO,
         }
     }
 }
@@ -269,6 +281,13 @@ impl SourceConfig {
     #[must_use]
     pub fn with_idle_round_limit(mut self, limit: Duration) -> Self {
         self.idle_round_limit = limit;
+        self
+    }
+
+    /// Set [`Self::push_holdoff`].
+    #[must_use]
+    pub fn with_push_holdoff(mut self, holdoff: Duration) -> Self {
+        self.push_holdoff = holdoff;
         self
     }
 }

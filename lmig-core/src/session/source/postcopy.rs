@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
-use super::push::{PushGate, PushQueue};
+use super::push::{HOLDOFF_QUIET, HoldOff, PushGate, PushQueue};
 use super::{Source, SourceReport};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
@@ -84,6 +84,14 @@ where
             meter: &self.meter,
             push: Mutex::new(PushQueue::new(unsent)),
             gate: PushGate::new(),
+            holdoff: HoldOff::new(
+                if postcopy {
+                    self.config.push_holdoff
+                } else {
+                    Duration::ZERO
+                },
+                HOLDOFF_QUIET,
+            ),
             pushed: AtomicU64::new(0),
             lanes: self.channel.data_lanes().max(1),
             batch,
@@ -148,6 +156,8 @@ struct Service<'s, M, C> {
     /// Pages not sent yet, in push order.
     push: Mutex<PushQueue>,
     gate: PushGate,
+    /// The push waits while the program's first requests are answered.
+    holdoff: HoldOff,
     /// Pages pushed so far (for progress events).
     pushed: AtomicU64,
     lanes: usize,
@@ -227,6 +237,7 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
         }
         // What was read before a failure still goes out.
         let flushed = sender.flush_urgent();
+        self.holdoff.request();
         match outcome.and(flushed) {
             Ok(()) => lock(&self.requested).add(sent),
             Err(e) => {
@@ -243,6 +254,12 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
         } else {
             self.batch
         }
+    }
+
+    /// Wait out the push's hold-off (ends early when the session does).
+    fn hold_off(&self) {
+        self.holdoff
+            .wait(|| !self.serving.load(Ordering::Acquire) || self.gate.is_broken());
     }
 
     /// The session is over: the pusher and the request server stop.
@@ -409,7 +426,7 @@ impl<'scope> PostcopyThreads<'scope> {
         // taken beside the push instead of after it, where that pass
         // over all of memory came before `Done`.
         let digest_job = if service.verify && service.postcopy {
-            Some(DigestJob::spawn(scope, service.memory, service.layout)?)
+            Some(DigestJob::spawn(scope, service)?)
         } else {
             None
         };
@@ -439,6 +456,8 @@ impl<'scope> Pusher<'scope> {
         // Below the request server (and, on a shared host, the program):
         // the push takes the CPU they leave.
         service.memory.background_thread();
+        // The program's first requests go first (bounded).
+        service.hold_off();
         // Held to the bandwidth limit until the session ends.
         let ended = || !service.serving.load(Ordering::Acquire);
         let mut sender = PageSender::new(service.memory, service.channel, service.layout).metered(
@@ -563,15 +582,15 @@ struct DigestJob<'scope> {
 }
 
 impl<'scope> DigestJob<'scope> {
-    fn spawn<'env, M: MemorySource>(
+    fn spawn<'env, M: MemorySource, C: Channel>(
         scope: &'scope Scope<'scope, 'env>,
-        memory: &'scope M,
-        layout: &'scope RegionLayout,
+        service: &'scope Service<'_, M, C>,
     ) -> Result<Self> {
         let thread = spawn_named(scope, "lmig-digest".into(), move || {
             // Needed only for `Done`: never before the push or a request.
-            memory.background_thread();
-            PageHashes::of_memory(memory, layout)
+            service.memory.background_thread();
+            service.hold_off();
+            PageHashes::of_memory(service.memory, service.layout)
         })?;
         Ok(Self { thread })
     }

@@ -1,8 +1,10 @@
-//! The post-copy push order ([`PushQueue`]) and the gate that pauses the
-//! pusher while the link is down ([`PushGate`]).
+//! The post-copy push order ([`PushQueue`]), the gate that pauses the
+//! pusher while the link is down ([`PushGate`]), and the push's hold-off
+//! right after the resume ([`HoldOff`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::model::{PageRun, PageSet, RegionId, RegionPages};
 use crate::protocol::CHUNK_PAGES;
@@ -105,6 +107,77 @@ impl PushGate {
     pub(super) fn finish(&self) {
         self.lock().finished = true;
         self.cv.notify_all();
+    }
+}
+
+/// The push's hold-off after `Commit`
+/// ([`SourceConfig::push_holdoff`](super::SourceConfig::push_holdoff)):
+/// the pusher and the digests' hashing wait while the program's first
+/// requests are answered. Over at `max` after the start, or earlier once
+/// requests came and none came for `quiet`. Requests that keep coming
+/// never extend it past `max`.
+pub(super) struct HoldOff {
+    start: Instant,
+    max: Duration,
+    quiet: Duration,
+    /// When the last request was answered: ns after `start`, plus one
+    /// (0: none yet).
+    last: AtomicU64,
+}
+
+/// How long without a request ends the hold-off early.
+pub(super) const HOLDOFF_QUIET: Duration = Duration::from_millis(4);
+/// The longest a waiter sleeps at a time before it looks again.
+const HOLDOFF_TICK: Duration = Duration::from_millis(1);
+
+impl HoldOff {
+    pub(super) fn new(max: Duration, quiet: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            max,
+            quiet,
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// A request was answered now.
+    pub(super) fn request(&self) {
+        if self.max.is_zero() {
+            return;
+        }
+        let ns = self
+            .start
+            .elapsed()
+            .as_nanos()
+            .min(u128::from(u64::MAX - 1)) as u64;
+        self.last.store(ns + 1, Ordering::Relaxed);
+    }
+
+    /// Whether the hold-off is over `elapsed` after its start.
+    fn over_at(&self, elapsed: Duration) -> bool {
+        if elapsed >= self.max {
+            return true;
+        }
+        match self.last.load(Ordering::Relaxed) {
+            0 => false,
+            last => {
+                let last = Duration::from_nanos(last - 1);
+                elapsed.saturating_sub(last) >= self.quiet
+            }
+        }
+    }
+
+    /// Wait until the hold-off is over or `stop` says the session ended.
+    /// Bounded by `max` (slept in ticks of at most 1 ms).
+    pub(super) fn wait(&self, stop: impl Fn() -> bool) {
+        loop {
+            let elapsed = self.start.elapsed();
+            if stop() || self.over_at(elapsed) {
+                return;
+            }
+            let left = self.max.saturating_sub(elapsed);
+            std::thread::sleep(left.min(HOLDOFF_TICK));
+        }
     }
 }
 
@@ -296,6 +369,56 @@ impl PushQueue {
 mod tests {
     use super::*;
     use crate::model::{RegionInfo, RegionLayout};
+
+    #[test]
+    fn the_holdoff_ends_at_its_bound_though_requests_keep_coming() {
+        let ms = Duration::from_millis;
+        let h = HoldOff::new(ms(50), ms(4));
+        assert!(!h.over_at(ms(0)), "no request yet: held");
+        assert!(!h.over_at(ms(49)), "no request yet: held up to the bound");
+        assert!(h.over_at(ms(50)), "over at the bound");
+        // A request at every ms: never quiet, over at the bound all the same.
+        let h = HoldOff::new(Duration::from_secs(3600), ms(4));
+        h.last
+            .store(ms(10).as_nanos() as u64 + 1, Ordering::Relaxed);
+        assert!(!h.over_at(ms(12)), "a request 2 ms ago: held");
+        assert!(h.over_at(ms(14)), "quiet for 4 ms after a request: over");
+        let h = HoldOff::new(ms(50), ms(4));
+        for t in 0..100 {
+            h.last.store(ms(t).as_nanos() as u64 + 1, Ordering::Relaxed);
+            assert_eq!(h.over_at(ms(t)), t >= 50, "at {t} ms");
+        }
+        // Zero: no hold-off, and requests are not even noted.
+        let h = HoldOff::new(Duration::ZERO, ms(4));
+        assert!(h.over_at(ms(0)));
+        h.request();
+        assert_eq!(h.last.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn waiting_out_the_holdoff_is_bounded_while_requests_keep_coming() {
+        let h = HoldOff::new(Duration::from_millis(30), Duration::from_millis(4));
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Requests every 0.5 ms until the waiter is through
+                // (bounded: at most 60 s of them).
+                for _ in 0..120_000 {
+                    if done.load(Ordering::Acquire) {
+                        break;
+                    }
+                    h.request();
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+            });
+            h.wait(|| false);
+            done.store(true, Ordering::Release);
+        });
+        assert!(h.over_at(h.start.elapsed()));
+        // A session that ends stops the wait at once.
+        let h = HoldOff::new(Duration::from_secs(3600), Duration::from_secs(3600));
+        h.wait(|| true);
+    }
 
     fn queue(pages: u64) -> PushQueue {
         let layout = RegionLayout::new(vec![
