@@ -133,12 +133,12 @@ impl DirectUrgent {
         Ok(false)
     }
 
-    /// Get ready to wait until `limit` for the next frame: in `read`, with
+    /// Get ready to wait from `now` until `limit` for the next frame: in `read`, with
     /// the wait (whole ms, rounded down) as the socket's read timeout;
     /// under 1 ms with `poll`. Returns whether to read now (`false`: the
     /// poll found nothing in time).
-    fn wait_in_read(&self, conn: &dyn Conn, limit: Instant) -> io::Result<bool> {
-        let left = limit.saturating_duration_since(Instant::now());
+    fn wait_in_read(&self, conn: &dyn Conn, now: Instant, limit: Instant) -> io::Result<bool> {
+        let left = limit.saturating_duration_since(now);
         let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
         if ms == 0 {
             return conn.wait_readable(left);
@@ -184,7 +184,12 @@ impl DirectUrgent {
         closed: &AtomicBool,
         timeout: Duration,
     ) -> lmig_core::Result<Option<Message>> {
-        let deadline = Instant::now() + timeout;
+        // One clock read on the way to a direct read: the first look
+        // reuses it; only a later one (after a queued event that was not a
+        // message, or a stream that ended) reads the clock again.
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut first = true;
         self.wanted.store(true, Ordering::Release);
         loop {
             if closed.load(Ordering::Acquire) {
@@ -198,7 +203,11 @@ impl DirectUrgent {
                 Some(_) => continue,
                 None => {}
             }
-            let now = Instant::now();
+            let now = if std::mem::take(&mut first) {
+                start
+            } else {
+                Instant::now()
+            };
             if slot.is_none() {
                 drop(slot);
                 // The reader thread still reads: its next message wakes us
@@ -215,7 +224,7 @@ impl DirectUrgent {
             if now >= deadline && !timeout.is_zero() {
                 return Ok(None);
             }
-            match self.read_direct(slot, queue, deadline.saturating_duration_since(now)) {
+            match self.read_direct(slot, queue, now, deadline) {
                 DirectRead::Msg(m) => return Ok(Some(m)),
                 DirectRead::Idle => return Ok(None),
                 DirectRead::Ended => {}
@@ -224,21 +233,25 @@ impl DirectUrgent {
     }
 
     /// Read the next message from the handed-over reader in `slot`,
-    /// waiting at most `wait` for its first bytes. The stream's end or
-    /// failure goes to `recv`, like a reader thread's.
+    /// waiting (from `now`) at most until `limit` for its first bytes. The
+    /// stream's end or failure goes to `recv`, like a reader thread's.
     fn read_direct(
         &self,
         mut slot: MutexGuard<'_, Slot>,
         queue: &EventQueue<Event>,
-        wait: Duration,
+        now: Instant,
+        limit: Instant,
     ) -> DirectRead {
         let Some((generation, reader)) = slot.as_mut() else {
             return DirectRead::Ended;
         };
-        let limit = Instant::now() + wait;
         let ready = match self.spin_readable(reader.conn(), limit) {
             Ok(true) => Ok(true),
-            Ok(false) => self.wait_in_read(reader.conn(), limit),
+            // After a spin the clock moved on: read it again.
+            Ok(false) if self.spin_until().is_some() => {
+                self.wait_in_read(reader.conn(), Instant::now(), limit)
+            }
+            Ok(false) => self.wait_in_read(reader.conn(), now, limit),
             Err(e) => Err(e),
         };
         let ev = match ready {
