@@ -133,12 +133,14 @@ impl DirectUrgent {
         Ok(false)
     }
 
-    /// Get ready to wait from `now` until `limit` for the next frame: in `read`, with
+    /// Get ready to wait until `limit` for the next frame: in `read`, with
     /// the wait (whole ms, rounded down) as the socket's read timeout;
     /// under 1 ms with `poll`. Returns whether to read now (`false`: the
     /// poll found nothing in time).
-    fn wait_in_read(&self, conn: &dyn Conn, now: Instant, limit: Instant) -> io::Result<bool> {
-        let left = limit.saturating_duration_since(now);
+    fn wait_in_read(&self, conn: &dyn Conn, limit: Instant) -> io::Result<bool> {
+        // The clock read again just before the wait: a read never waits
+        // past `limit` (the whole ms rounded down).
+        let left = limit.saturating_duration_since(Instant::now());
         let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
         if ms == 0 {
             return conn.wait_readable(left);
@@ -184,9 +186,10 @@ impl DirectUrgent {
         closed: &AtomicBool,
         timeout: Duration,
     ) -> lmig_core::Result<Option<Message>> {
-        // One clock read on the way to a direct read: the first look
-        // reuses it; only a later one (after a queued event that was not a
-        // message, or a stream that ended) reads the clock again.
+        // Two clock reads on the way to a direct read (not four): this
+        // one, which the first look reuses (a later one, after a queued
+        // event that was not a message or a stream that ended, reads the
+        // clock again), and the one just before the wait.
         let start = Instant::now();
         let deadline = start + timeout;
         let mut first = true;
@@ -224,7 +227,7 @@ impl DirectUrgent {
             if now >= deadline && !timeout.is_zero() {
                 return Ok(None);
             }
-            match self.read_direct(slot, queue, now, deadline) {
+            match self.read_direct(slot, queue, deadline) {
                 DirectRead::Msg(m) => return Ok(Some(m)),
                 DirectRead::Idle => return Ok(None),
                 DirectRead::Ended => {}
@@ -233,13 +236,12 @@ impl DirectUrgent {
     }
 
     /// Read the next message from the handed-over reader in `slot`,
-    /// waiting (from `now`) at most until `limit` for its first bytes. The
-    /// stream's end or failure goes to `recv`, like a reader thread's.
+    /// waiting at most until `limit` for its first bytes. The stream's end
+    /// or failure goes to `recv`, like a reader thread's.
     fn read_direct(
         &self,
         mut slot: MutexGuard<'_, Slot>,
         queue: &EventQueue<Event>,
-        now: Instant,
         limit: Instant,
     ) -> DirectRead {
         let Some((generation, reader)) = slot.as_mut() else {
@@ -247,11 +249,7 @@ impl DirectUrgent {
         };
         let ready = match self.spin_readable(reader.conn(), limit) {
             Ok(true) => Ok(true),
-            // After a spin the clock moved on: read it again.
-            Ok(false) if self.spin_until().is_some() => {
-                self.wait_in_read(reader.conn(), Instant::now(), limit)
-            }
-            Ok(false) => self.wait_in_read(reader.conn(), now, limit),
+            Ok(false) => self.wait_in_read(reader.conn(), limit),
             Err(e) => Err(e),
         };
         let ev = match ready {

@@ -54,6 +54,7 @@ mod prep;
 mod reader;
 mod records;
 mod shared;
+mod small;
 mod split;
 
 pub use codec::{
@@ -67,6 +68,7 @@ pub use handshake::{
 };
 pub use message::{parse_message, parse_message_body};
 pub use pages::PagesHeader;
+pub(crate) use small::{SMALL_HEAD, encode_small};
 pub use records::Codec;
 
 /// Largest payload of one frame (64 MiB).
