@@ -16,7 +16,7 @@
 //! A reader ends after its stream's end or failure (reported once) or when
 //! the queue is closed (the channel is gone); nobody joins it.
 
-use std::io::{self, BufWriter, IoSlice, Write};
+use std::io::{self, BufWriter, Write};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -130,26 +130,6 @@ impl Lanes {
                 frames.write_to(&mut **lane.get_mut())
             }
         }
-    }
-
-    /// Write one small message on the urgent stream: `head` (its frame
-    /// header and message head) and `data` (its page bytes, if any) in one
-    /// vectored write, nothing allocated ([`crate::wire::encode_small`]).
-    pub(super) fn write_urgent_small(&self, head: &[u8], data: &[u8]) -> io::Result<()> {
-        let mut conn = lock(&self.urgent);
-        let mut slices = [IoSlice::new(head), IoSlice::new(data)];
-        let mut bufs = &mut slices[..];
-        IoSlice::advance_slices(&mut bufs, 0);
-        // Bounded: each round writes at least one byte or fails.
-        while !bufs.is_empty() {
-            match conn.write_vectored(bufs) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
     }
 
     /// Write several messages' `frames` on the urgent stream, in order,

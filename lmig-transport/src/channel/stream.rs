@@ -19,9 +19,7 @@ use super::warm::WarmArea;
 use super::{ChannelConfig, Dial, Key, Streams, lock};
 use crate::auth;
 use crate::error::Result;
-use crate::wire::{
-    EncodedFrames, SESSION_ID_LEN, SMALL_HEAD, encode_message, encode_message_sealed, encode_small,
-};
+use crate::wire::{EncodedFrames, SESSION_ID_LEN, encode_message, encode_message_sealed};
 
 /// A channel over `dialer`'s connections: a fresh session, generation 0.
 pub(crate) fn start_dialed(dialer: Box<dyn Dial>, config: ChannelConfig) -> Result<StreamChannel> {
@@ -183,9 +181,6 @@ impl StreamChannel {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(MigrationError::channel_closed("the channel was shut down"));
         }
-        if lane == Lane::Urgent && self.write_urgent_small(msg)? {
-            return Ok(());
-        }
         let frames = self.encode(msg)?;
         if let Some(l) = &self.inner.limiter {
             l.acquire(frames.len());
@@ -198,29 +193,6 @@ impl StreamChannel {
             let name = lane.name();
             MigrationError::channel(format!("sending {} on the {name} stream", msg.name()), e)
         })
-    }
-
-    /// Send `msg` on the urgent stream without allocating if it is a page
-    /// request or a `Pages` message of one frame (a post-copy fault's
-    /// request or reply); `false`: it is not, nothing was sent.
-    fn write_urgent_small(&self, msg: &Message) -> lmig_core::Result<bool> {
-        let mut head = [0u8; SMALL_HEAD];
-        let sealed = self.inner.config.security.seals();
-        let Some((n, data)) = encode_small(msg, sealed, &mut head)
-            .map_err(|e| MigrationError::channel(format!("cannot encode {}", msg.name()), e))?
-        else {
-            return Ok(false);
-        };
-        let data: &[u8] = data.map_or(&[], |d| d);
-        if let Some(l) = &self.inner.limiter {
-            l.acquire(n + data.len());
-        }
-        let lanes = self.inner.current_lanes();
-        self.inner.urgent.note_sent();
-        lanes.write_urgent_small(&head[..n], data).map_err(|e| {
-            MigrationError::channel(format!("sending {} on the urgent stream", msg.name()), e)
-        })?;
-        Ok(true)
     }
 
     fn reconnect_inner(&self) -> Result<()> {

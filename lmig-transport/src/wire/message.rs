@@ -67,7 +67,7 @@ fn parse_list<T: Codec>(r: &mut Reader, field: &'static str, cap: usize) -> Resu
     Ok(v)
 }
 
-pub(super) fn check_runs(runs: &[PageRun]) -> Result<()> {
+fn check_runs(runs: &[PageRun]) -> Result<()> {
     for run in runs {
         if run.count == 0 || run.first.checked_add(u64::from(run.count)).is_none() {
             return Err(WireError::bad(

@@ -54,7 +54,6 @@ mod prep;
 mod reader;
 mod records;
 mod shared;
-mod small;
 mod split;
 
 pub use codec::{
@@ -68,7 +67,6 @@ pub use handshake::{
 };
 pub use message::{parse_message, parse_message_body};
 pub use pages::PagesHeader;
-pub(crate) use small::{SMALL_HEAD, encode_small};
 pub use records::Codec;
 
 /// Largest payload of one frame (64 MiB).
