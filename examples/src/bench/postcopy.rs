@@ -91,6 +91,11 @@ pub struct Args {
     /// (`ChannelConfig::urgent_spin`); default: the channel's.
     #[arg(long)]
     pub urgent_spin_us: Option<u64>,
+    /// Hold the threads of the fault path (the source's request server, the
+    /// destination's fault and reply threads) on this CPU
+    /// (`lmig_mem::set_fault_path_cpu`); default: left to the scheduler.
+    #[arg(long)]
+    pub fault_cpu: Option<usize>,
     /// Cut the migration's TCP connections once this share (%) of the pages
     /// was placed (post-copy recovery); 0 = never.
     #[arg(long, default_value_t = 0)]
@@ -198,6 +203,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(target) = &args.peer_source {
         return super::postcopy_loss::source_process(&args, target);
     }
+    lmig_mem::set_fault_path_cpu(args.fault_cpu)?;
     let regions = source_regions(args.mib)?;
     let pages = regions.get(REGION)?.pages();
 
@@ -226,6 +232,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     let mut peer_args = peer_args;
     if let Some(us) = args.urgent_spin_us {
         peer_args.push(format!("--urgent-spin-us={us}"));
+    }
+    if let Some(cpu) = args.fault_cpu {
+        peer_args.push(format!("--fault-cpu={cpu}"));
     }
     if let Some(t) = args.source_returns_after_ms {
         peer_args.push(format!("--source-returns-after-ms={t}"));
@@ -356,6 +365,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "streams": args.streams,
         "spin_us": args.spin_us,
         "urgent_spin_us": args.urgent_spin_us,
+        "fault_cpu": args.fault_cpu,
         "push_pages": args.push_pages,
         "resend_in_flight": args.resend_in_flight,
         "queue_depth": args.queue_depth,
@@ -386,6 +396,7 @@ impl StateSink for Toucher {
 fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Error>> {
     let key = key_from_hex(&std::env::var(KEY_ENV)?)?;
     let pages = (args.mib << 20) / PAGE as u64;
+    lmig_mem::set_fault_path_cpu(args.fault_cpu)?;
 
     let rtt = RoundTrips::measure(
         args.rtt_addr.as_deref().ok_or("--rtt-addr missing")?,

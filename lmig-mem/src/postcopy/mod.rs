@@ -103,11 +103,13 @@ use crate::error::{MemError, Result};
 use crate::memory::Region;
 use crate::sys::uffd::{self, UffdOrigin};
 
+mod affinity;
 mod faults;
 mod options;
 mod residency;
 mod setup;
 
+pub use affinity::{fault_path_cpu, set_fault_path_cpu};
 #[cfg(feature = "bench-internals")]
 pub use options::FaultTrace;
 pub use options::{PostcopyOptions, PostcopyStats};
@@ -144,8 +146,10 @@ pub const URGENT_THREAD_SLICE: std::time::Duration = std::time::Duration::from_m
 /// Raise the calling thread to [`URGENT_THREAD_NICE`] with the short
 /// [`URGENT_THREAD_SLICE`] if allowed (said at debug level either way:
 /// without `CAP_SYS_NICE` it keeps its priority; a kernel without custom
-/// slices gets the nice value alone).
+/// slices gets the nice value alone), and hold it on the CPU chosen with
+/// [`set_fault_path_cpu`] if one was.
 pub(crate) fn urgent_thread() {
+    affinity::hold_on_fault_path_cpu();
     let slice = URGENT_THREAD_SLICE.as_nanos() as u64;
     match crate::sys::set_thread_slice(URGENT_THREAD_NICE, slice) {
         Ok(()) => {

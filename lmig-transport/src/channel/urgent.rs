@@ -138,6 +138,8 @@ impl DirectUrgent {
     /// under 1 ms with `poll`. Returns whether to read now (`false`: the
     /// poll found nothing in time).
     fn wait_in_read(&self, conn: &dyn Conn, limit: Instant) -> io::Result<bool> {
+        // The clock read again just before the wait: a read never waits
+        // past `limit` (the whole ms rounded down).
         let left = limit.saturating_duration_since(Instant::now());
         let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
         if ms == 0 {
@@ -184,7 +186,13 @@ impl DirectUrgent {
         closed: &AtomicBool,
         timeout: Duration,
     ) -> lmig_core::Result<Option<Message>> {
-        let deadline = Instant::now() + timeout;
+        // Two clock reads on the way to a direct read (not four): this
+        // one, which the first look reuses (a later one, after a queued
+        // event that was not a message or a stream that ended, reads the
+        // clock again), and the one just before the wait.
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut first = true;
         self.wanted.store(true, Ordering::Release);
         loop {
             if closed.load(Ordering::Acquire) {
@@ -198,7 +206,11 @@ impl DirectUrgent {
                 Some(_) => continue,
                 None => {}
             }
-            let now = Instant::now();
+            let now = if std::mem::take(&mut first) {
+                start
+            } else {
+                Instant::now()
+            };
             if slot.is_none() {
                 drop(slot);
                 // The reader thread still reads: its next message wakes us
@@ -215,7 +227,7 @@ impl DirectUrgent {
             if now >= deadline && !timeout.is_zero() {
                 return Ok(None);
             }
-            match self.read_direct(slot, queue, deadline.saturating_duration_since(now)) {
+            match self.read_direct(slot, queue, deadline) {
                 DirectRead::Msg(m) => return Ok(Some(m)),
                 DirectRead::Idle => return Ok(None),
                 DirectRead::Ended => {}
@@ -224,18 +236,17 @@ impl DirectUrgent {
     }
 
     /// Read the next message from the handed-over reader in `slot`,
-    /// waiting at most `wait` for its first bytes. The stream's end or
-    /// failure goes to `recv`, like a reader thread's.
+    /// waiting at most until `limit` for its first bytes. The stream's end
+    /// or failure goes to `recv`, like a reader thread's.
     fn read_direct(
         &self,
         mut slot: MutexGuard<'_, Slot>,
         queue: &EventQueue<Event>,
-        wait: Duration,
+        limit: Instant,
     ) -> DirectRead {
         let Some((generation, reader)) = slot.as_mut() else {
             return DirectRead::Ended;
         };
-        let limit = Instant::now() + wait;
         let ready = match self.spin_readable(reader.conn(), limit) {
             Ok(true) => Ok(true),
             Ok(false) => self.wait_in_read(reader.conn(), limit),
