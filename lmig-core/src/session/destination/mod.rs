@@ -60,9 +60,10 @@ pub struct DestinationConfig {
     pub idle_round_limit: Duration,
     /// The most receive memory the source's socket queue estimate
     /// (`Message::QueueEstimate`) may make this side write ahead of the
-    /// freeze ([`Channel::warm_receive`]); a larger estimate is clamped to
-    /// it, with a log line. Default 256 MiB; 0 never warms any (the freeze's
-    /// large frames then get fresh memory).
+    /// freeze ([`Channel::warm_receive`]; `StreamChannel` adds a quarter
+    /// for the records' own fields and frame headers); a larger estimate is
+    /// clamped to it, with a log line. Default 256 MiB; 0 never warms any
+    /// (the freeze's large frames then get fresh memory).
     pub max_warm_receive: u64,
 }
 
