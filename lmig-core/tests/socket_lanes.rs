@@ -256,7 +256,11 @@ fn batches_on_several_lanes_arriving_after_handover_are_all_restored_before_acti
     // The batches did travel on several lanes (held back behind Handover),
     // and every lane carried an end.
     let used: std::collections::BTreeSet<_> = o.lanes_used.iter().collect();
-    assert!(used.contains(&Some(0)) && used.len() > 1, "{:?}", o.lanes_used);
+    assert!(
+        used.contains(&Some(0)) && used.len() > 1,
+        "{:?}",
+        o.lanes_used
+    );
     assert!(!used.contains(&None), "no batch on the control lane");
     assert_eq!(
         o.lanes_used.iter().filter(|l| l.is_some()).count(),
@@ -268,7 +272,10 @@ fn batches_on_several_lanes_arriving_after_handover_are_all_restored_before_acti
 #[test]
 fn a_lane_whose_end_never_comes_fails_the_migration_instead_of_activating() {
     let o = migrate(Some(LANES - 1), 0, 1 << 20);
-    assert!(o.destination.is_err(), "the destination waited for every end");
+    assert!(
+        o.destination.is_err(),
+        "the destination waited for every end"
+    );
     assert!(o.source.is_err(), "no Ready came");
     assert_eq!(o.sink.at_activation, None, "nothing was activated");
     assert!(o.sink.discarded, "what arrived was discarded");
@@ -282,5 +289,8 @@ fn an_estimate_above_the_destinations_bound_warms_only_the_bound() {
     assert!(!o.warmed.iter().any(|&w| w > 1 << 20), "{:?}", o.warmed);
     let o = migrate(None, 512 << 10, 1 << 20);
     o.destination.expect("destination");
-    assert!(o.warmed.contains(&(512 << 10)), "below the bound: as estimated");
+    assert!(
+        o.warmed.contains(&(512 << 10)),
+        "below the bound: as estimated"
+    );
 }

@@ -670,7 +670,11 @@ fn socket_batches_on_the_data_lanes_arrive_whole_once_and_in_lane_order_in_every
         (0..5u64)
             .map(|i| {
                 let id = lane * 100 + i;
-                let size = if i == 2 { 64 } else { (1 << 20) + 4096 * i as usize };
+                let size = if i == 2 {
+                    64
+                } else {
+                    (1 << 20) + 4096 * i as usize
+                };
                 vec![record(id, size, size / 3)]
             })
             .collect()
@@ -690,8 +694,14 @@ fn socket_batches_on_the_data_lanes_arrive_whole_once_and_in_lane_order_in_every
                 let a = &a;
                 s.spawn(move || {
                     for (i, records) in batches(lane).into_iter().enumerate() {
-                        a.send_lane(lane as usize, &Message::Sockets { records, last: false })
-                            .unwrap();
+                        a.send_lane(
+                            lane as usize,
+                            &Message::Sockets {
+                                records,
+                                last: false,
+                            },
+                        )
+                        .unwrap();
                         a.send_pages(lane as usize, &numbered_pages(lane * 64 + i as u64, 1))
                             .unwrap();
                     }

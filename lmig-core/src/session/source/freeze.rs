@@ -308,23 +308,27 @@ impl<'scope> BatchSenders<'scope> {
         let mut threads = Vec::with_capacity(lanes);
         for lane in 0..lanes {
             let (rx, failed) = (rx.clone(), failed.clone());
-            threads.push(spawn_named(scope, format!("lmig-sockets{lane}"), move || {
-                // Bounded: ends when the capture drops its sender.
-                loop {
-                    let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    let Ok(records) = next else {
-                        return Ok(());
-                    };
-                    let msg = Message::Sockets {
-                        records,
-                        last: false,
-                    };
-                    if let Err(e) = channel.send_lane(lane, &msg) {
-                        failed.store(true, Ordering::Release);
-                        return Err(e);
+            threads.push(spawn_named(
+                scope,
+                format!("lmig-sockets{lane}"),
+                move || {
+                    // Bounded: ends when the capture drops its sender.
+                    loop {
+                        let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok(records) = next else {
+                            return Ok(());
+                        };
+                        let msg = Message::Sockets {
+                            records,
+                            last: false,
+                        };
+                        if let Err(e) = channel.send_lane(lane, &msg) {
+                            failed.store(true, Ordering::Release);
+                            return Err(e);
+                        }
                     }
-                }
-            })?);
+                },
+            )?);
         }
         Ok(Self {
             tx,
