@@ -100,16 +100,22 @@ struct Shuffling {
     inner: PairEnd,
     held: Mutex<Vec<Vec<Message>>>,
     drop_end_of: Option<usize>,
+    /// Hold the `QueueEstimate`s back until after the first socket batch
+    /// (the control lane slower than the data lanes).
+    late_estimate: bool,
+    estimates: Mutex<Vec<Message>>,
     /// Every lane a message was sent on (`None`: the control lane).
     lanes_used: Mutex<Vec<Option<usize>>>,
 }
 
 impl Shuffling {
-    fn new(inner: PairEnd, drop_end_of: Option<usize>) -> Self {
+    fn new(inner: PairEnd, drop_end_of: Option<usize>, late_estimate: bool) -> Self {
         Self {
             inner,
             held: Mutex::new(vec![Vec::new(); LANES]),
             drop_end_of,
+            late_estimate,
+            estimates: Mutex::default(),
             lanes_used: Mutex::default(),
         }
     }
@@ -117,6 +123,10 @@ impl Shuffling {
 
 impl Channel for Shuffling {
     fn send(&self, msg: &Message) -> lmig_core::Result<()> {
+        if self.late_estimate && matches!(msg, Message::QueueEstimate { .. }) {
+            self.estimates.lock().unwrap().push(msg.clone());
+            return Ok(());
+        }
         if matches!(msg, Message::Sockets { .. }) {
             self.lanes_used.lock().unwrap().push(None);
         }
@@ -138,7 +148,11 @@ impl Channel for Shuffling {
             return Ok(());
         }
         if lane == 0 {
-            return self.inner.send(msg);
+            self.inner.send(msg)?;
+            for m in std::mem::take(&mut *self.estimates.lock().unwrap()) {
+                self.inner.send(&m)?;
+            }
+            return Ok(());
         }
         self.held.lock().unwrap()[lane].push(msg.clone());
         Ok(())
@@ -187,6 +201,15 @@ struct Outcome {
 }
 
 fn migrate(drop_end_of: Option<usize>, queued: u64, max_warm: u64) -> Outcome {
+    migrate_with(drop_end_of, false, queued, max_warm)
+}
+
+fn migrate_with(
+    drop_end_of: Option<usize>,
+    late_estimate: bool,
+    queued: u64,
+    max_warm: u64,
+) -> Outcome {
     let layout = RegionLayout::new(vec![
         RegionInfo::new(RegionId(1), PAGES * 4096, 4096).unwrap(),
     ])
@@ -197,7 +220,7 @@ fn migrate(drop_end_of: Option<usize>, queued: u64, max_warm: u64) -> Outcome {
     }
     let dst = VecMemory::empty();
     let (a, b) = channel_pair(LANES);
-    let a = Shuffling::new(a, drop_end_of);
+    let a = Shuffling::new(a, drop_end_of, late_estimate);
     let b = Warming {
         inner: b,
         warmed: Mutex::default(),
@@ -292,5 +315,18 @@ fn an_estimate_above_the_destinations_bound_warms_only_the_bound() {
     assert!(
         o.warmed.contains(&(512 << 10)),
         "below the bound: as estimated"
+    );
+}
+
+#[test]
+fn an_estimate_arriving_after_the_first_socket_batch_is_ignored() {
+    let o = migrate_with(None, true, 5 << 20, 1 << 20);
+    assert_eq!(o.source.expect("source"), Verification::Verified);
+    o.destination.expect("destination");
+    assert_eq!(o.sink.at_activation, Some((BATCHES * PER_BATCH) as usize));
+    assert!(
+        o.warmed.iter().all(|&w| w == 0),
+        "nothing warmed in the freeze: {:?}",
+        o.warmed
     );
 }

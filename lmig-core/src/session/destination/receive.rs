@@ -174,8 +174,12 @@ where
                         };
                         r.restore(records)?;
                     }
-                    Message::QueueEstimate { bytes } if !st.frozen => {
-                        channel.warm_receive(config.warm_bytes(bytes));
+                    Message::QueueEstimate { bytes } => {
+                        // On the control lane it may arrive after the first
+                        // socket batches (data lanes): too late to warm.
+                        if !st.frozen {
+                            channel.warm_receive(config.warm_bytes(bytes));
+                        }
                     }
                     Message::State(state) if st.handover.is_none() => {
                         state.validate()?;
