@@ -16,7 +16,8 @@
 //!   Pages{round 1..n} … RoundEnd{n}  ──────────────▶
 //!   ◀──────────────────── Prepared{placed} (caught up with the rounds)
 //!   ── freeze (never before Prepared): program paused, network locked ──
-//!   Pages{final} Sockets{..}* State{..}
+//!   Pages{final} Sockets{..}* State{..}   (Sockets on the data lanes, then
+//!                                          one Sockets{last} on each lane)
 //!   Handover{pages_total, postcopy, verify} ───────▶ wait for every page, restore sockets/state
 //!   ◀──────────────────────────────────────────────── Ready
 //!   Commit ────────────────────────────────────────▶ resume program, release packets
@@ -220,11 +221,14 @@ pub enum Message {
     RoundEnd(RoundSummary),
     /// Sockets the destination may prepare before the freeze.
     SocketPlan(Vec<SocketPrep>),
-    /// Captured sockets; several batches, the last with `last = true`.
+    /// Captured sockets; several batches, spread over the data lanes
+    /// (`Channel::send_lane`), then one with `last = true` and no records
+    /// on every data lane: the records are all in once every lane's end
+    /// arrived (a lane's batches may trail `Handover` and other lanes').
     Sockets {
         /// The records of this batch.
         records: Vec<SocketRecord>,
-        /// No more batches follow.
+        /// No more batches follow on this lane.
         last: bool,
     },
     /// The program's own state.

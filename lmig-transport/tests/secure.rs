@@ -638,3 +638,117 @@ fn a_hostile_queue_estimate_is_refused() {
         "the channel still works"
     );
 }
+
+/// The freeze's socket batches spread over the data lanes
+/// (`Channel::send_lane`), sent from one thread per lane at once as the
+/// source's freeze does, through the warmed receive area: in every mode
+/// each record arrives exactly once and whole, each lane's batches in the
+/// order they were sent, each lane's end after its own batches; pages sent
+/// on the same lanes meanwhile arrive whole too.
+#[test]
+fn socket_batches_on_the_data_lanes_arrive_whole_once_and_in_lane_order_in_every_mode() {
+    use lmig_core::model::SocketRecord;
+    let template = lmig_transport::fuzzing::sample_records()
+        .into_iter()
+        .find_map(|r| match r {
+            SocketRecord::Tcp(c) => Some(c),
+            _ => None,
+        })
+        .expect("the samples hold a TCP record");
+    let record = |id: u64, send: usize, recv: usize| {
+        let mut c = template.clone();
+        c.id = id;
+        c.send_queue = queue_bytes(send, id as u8);
+        c.unsent_len = (send / 4) as u32;
+        c.recv_queue = queue_bytes(recv, !(id as u8));
+        let wup = c.window.map_or(0, |w| w.rcv_wup);
+        c.rcv_seq = wup.wrapping_sub(recv as u32);
+        SocketRecord::Tcp(c)
+    };
+    // Per lane: batches of about a MiB (ids lane*100 + i), one small.
+    let batches = |lane: u64| -> Vec<Vec<SocketRecord>> {
+        (0..5u64)
+            .map(|i| {
+                let id = lane * 100 + i;
+                let size = if i == 2 {
+                    64
+                } else {
+                    (1 << 20) + 4096 * i as usize
+                };
+                vec![record(id, size, size / 3)]
+            })
+            .collect()
+    };
+    let id_of = |r: &SocketRecord| match r {
+        SocketRecord::Tcp(c) => c.id,
+        other => panic!("{other:?}"),
+    };
+    for mode in ["psk", "tls", "plaintext"] {
+        let (lc, dc) = configs(mode);
+        let (listener, addr, _) = listen(lc);
+        let (a, b) = dial_pair(&listener, addr, dc);
+        assert_eq!((a.data_lanes(), b.data_lanes()), (2, 2), "{mode}");
+        b.warm_receive(8 << 20);
+        thread::scope(|s| {
+            for lane in 0..2u64 {
+                let a = &a;
+                s.spawn(move || {
+                    for (i, records) in batches(lane).into_iter().enumerate() {
+                        a.send_lane(
+                            lane as usize,
+                            &Message::Sockets {
+                                records,
+                                last: false,
+                            },
+                        )
+                        .unwrap();
+                        a.send_pages(lane as usize, &numbered_pages(lane * 64 + i as u64, 1))
+                            .unwrap();
+                    }
+                    let end = Message::Sockets {
+                        records: Vec::new(),
+                        last: true,
+                    };
+                    a.send_lane(lane as usize, &end).unwrap();
+                    a.flush().unwrap();
+                });
+            }
+        });
+        // Lane of an id: id / 100; per lane, what arrived in order.
+        let mut got: [Vec<SocketRecord>; 2] = Default::default();
+        let mut ended = [false; 2];
+        let mut pages = 0;
+        while ended != [true, true] || pages < 10 {
+            match next(&b).unwrap() {
+                Some(Message::Sockets { records, last }) if last => {
+                    assert!(records.is_empty(), "{mode}");
+                    // Which lane ended: the one whose batches are all in
+                    // (an end never overtakes its own lane's batches).
+                    let lane = (0..2).find(|&l| !ended[l] && got[l].len() == 5);
+                    ended[lane.unwrap_or_else(|| panic!("{mode}: an end before its batches"))] =
+                        true;
+                }
+                Some(Message::Sockets { records, .. }) => {
+                    for r in records {
+                        let lane = (id_of(&r) / 100) as usize;
+                        assert!(!ended[lane], "{mode}: a batch after its lane's end");
+                        got[lane].push(r);
+                    }
+                }
+                Some(Message::Pages(p)) => {
+                    assert_eq!(p, numbered_pages(p.run.first, 1), "{mode}");
+                    pages += 1;
+                }
+                other => panic!("{mode}: {other:?}"),
+            }
+        }
+        for lane in 0..2u64 {
+            let want: Vec<SocketRecord> = batches(lane).into_iter().flatten().collect();
+            assert!(
+                got[lane as usize] == want,
+                "{mode}: lane {lane}'s records differ or came out of order"
+            );
+        }
+        b.warm_receive(0);
+    }
+}

@@ -33,7 +33,20 @@ pub trait Channel: Send + Sync {
         msgs.iter().try_for_each(|m| self.send_urgent(m))
     }
 
-    /// Number of data lanes.
+    /// Send a message other than pages on data lane `lane % data_lanes()`:
+    /// ordered with what else goes on that lane, not with the other lanes
+    /// or the control lane, and possibly buffered until
+    /// [`Channel::flush`]. The freeze spreads its `Sockets` batches so (see
+    /// the source's `freeze.rs` for the rule that keeps their end last), so
+    /// that both ends encrypt and decrypt them on several threads. The
+    /// default sends it on the control lane.
+    fn send_lane(&self, lane: usize, msg: &Message) -> Result<()> {
+        let _ = lane;
+        self.send(msg)
+    }
+
+    /// Number of data lanes; both ends of a channel see the same number
+    /// (the freeze's `Sockets` batches end with one `last` per lane).
     fn data_lanes(&self) -> usize {
         1
     }

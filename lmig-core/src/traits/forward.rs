@@ -190,6 +190,9 @@ macro_rules! forward_channel {
             fn send_urgent_many(&self, msgs: &[Message]) -> Result<()> {
                 (**self).send_urgent_many(msgs)
             }
+            fn send_lane(&self, lane: usize, msg: &Message) -> Result<()> {
+                (**self).send_lane(lane, msg)
+            }
             fn data_lanes(&self) -> usize {
                 (**self).data_lanes()
             }

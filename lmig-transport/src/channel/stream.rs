@@ -248,6 +248,12 @@ impl Channel for StreamChannel {
         self.write(Lane::Urgent, msg)
     }
 
+    /// The freeze's socket batches: encoded and sealed on the caller's
+    /// thread, read and opened by the lane's own reader.
+    fn send_lane(&self, lane: usize, msg: &Message) -> lmig_core::Result<()> {
+        self.write(Lane::Data(lane), msg)
+    }
+
     fn send_urgent_many(&self, msgs: &[Message]) -> lmig_core::Result<()> {
         if let [one] = msgs {
             return self.write(Lane::Urgent, one);

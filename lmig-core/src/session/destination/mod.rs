@@ -58,6 +58,13 @@ pub struct DestinationConfig {
     /// The longest the first pre-copy round is received in the lowest class
     /// ([`Self::idle_receive`]); default 2 s.
     pub idle_round_limit: Duration,
+    /// The most receive memory the source's socket queue estimate
+    /// (`Message::QueueEstimate`) may make this side write ahead of the
+    /// freeze ([`Channel::warm_receive`]; `StreamChannel` adds a quarter
+    /// for the records' own fields and frame headers); a larger estimate is
+    /// clamped to it, with a log line. Default 256 MiB; 0 never warms any
+    /// (the freeze's large frames then get fresh memory).
+    pub max_warm_receive: u64,
 }
 
 impl Default for DestinationConfig {
@@ -68,6 +75,7 @@ impl Default for DestinationConfig {
             pause_limit: Some(Duration::from_secs(600)),
             idle_receive: None,
             idle_round_limit: Duration::from_secs(2),
+            max_warm_receive: 256 << 20,
         }
     }
 }
@@ -106,6 +114,28 @@ impl DestinationConfig {
     pub fn with_idle_round_limit(mut self, limit: Duration) -> Self {
         self.idle_round_limit = limit;
         self
+    }
+
+    /// Sets [`max_warm_receive`](Self::max_warm_receive).
+    #[must_use]
+    pub fn with_max_warm_receive(mut self, bytes: u64) -> Self {
+        self.max_warm_receive = bytes;
+        self
+    }
+
+    /// The receive memory to warm for the source's queue `estimate`: at
+    /// most [`max_warm_receive`](Self::max_warm_receive), clamped with a
+    /// log line.
+    pub(super) fn warm_bytes(&self, estimate: u64) -> u64 {
+        if estimate > self.max_warm_receive {
+            warn!(
+                estimate = estimate,
+                bound = self.max_warm_receive,
+                "the source's socket queue estimate is above this destination's \
+                 max_warm_receive: warming only the bound"
+            );
+        }
+        estimate.min(self.max_warm_receive)
     }
 }
 

@@ -17,8 +17,11 @@ use crate::traits::{Channel, Event, MemorySink, Phase, SocketSink, StateSink};
 #[derive(Default)]
 struct Receiving {
     handover: Option<Handover>,
-    /// The last `Sockets` batch arrived.
+    /// The last `Sockets` batch arrived (a `last` from every data lane).
     sockets_done: bool,
+    /// `Sockets{last: true}` still to come: one per data lane, as the
+    /// source's batches travel on all of them (see its `freeze.rs`).
+    socket_ends_left: usize,
     /// The first `Sockets` batch arrived (the source is frozen).
     frozen: bool,
     /// `SocketPlan` was handled and `Prepared` sent.
@@ -30,11 +33,14 @@ struct Receiving {
 }
 
 impl Receiving {
-    /// `Handover` arrived and every page it announced is placed.
+    /// `Handover` arrived, every page it announced is placed and every
+    /// socket batch is in (they may trail `Handover` on the data lanes).
     fn all_in(&self, progress: &Progress) -> bool {
-        self.handover
-            .as_ref()
-            .is_some_and(|h| progress.placed_total >= h.pages_total)
+        self.sockets_done
+            && self
+                .handover
+                .as_ref()
+                .is_some_and(|h| progress.placed_total >= h.pages_total)
     }
 
     /// Before `Handover`: every page of the rounds announced so far is
@@ -101,7 +107,10 @@ where
         let mut sockets = Some(sockets);
         std::thread::scope(|scope| -> Result<Handover> {
             let mut restorer: Option<Restorer<'_>> = None;
-            let mut st = Receiving::default();
+            let mut st = Receiving {
+                socket_ends_left: channel.data_lanes().max(1),
+                ..Receiving::default()
+            };
             let mut postcopy = None;
             loop {
                 if st.all_in(progress) {
@@ -140,9 +149,8 @@ where
                         })?;
                         st.prepared = true;
                     }
-                    Message::Sockets { records, last }
-                        if !st.sockets_done && st.handover.is_none() =>
-                    {
+                    // Batches travel on the data lanes: they may trail `Handover`.
+                    Message::Sockets { records, last } if !st.sockets_done => {
                         lowest.leave("the freeze");
                         if !st.frozen {
                             phase(Phase::Frozen);
@@ -152,7 +160,10 @@ where
                         // The sink validates each record and restores the
                         // valid ones; it decides whether a bad record fails
                         // the migration.
-                        st.sockets_done = last;
+                        if last {
+                            st.socket_ends_left -= 1;
+                            st.sockets_done = st.socket_ends_left == 0;
+                        }
                         if records.is_empty() {
                             continue;
                         }
@@ -163,8 +174,12 @@ where
                         };
                         r.restore(records)?;
                     }
-                    Message::QueueEstimate { bytes } if !st.frozen => {
-                        channel.warm_receive(bytes);
+                    Message::QueueEstimate { bytes } => {
+                        // On the control lane it may arrive after the first
+                        // socket batches (data lanes): too late to warm.
+                        if !st.frozen {
+                            channel.warm_receive(config.warm_bytes(bytes));
+                        }
                     }
                     Message::State(state) if st.handover.is_none() => {
                         state.validate()?;

@@ -217,7 +217,19 @@ fn queued_len(r: &SocketRecord) -> u64 {
 }
 
 /// The thread capturing the sockets during the freeze and sending their
-/// records (`Sockets{last: false}` batches, then `Sockets{last: true}`).
+/// records.
+///
+/// The batches (`Sockets{last: false}`) are spread over the data lanes,
+/// each lane sent by a [`BatchSenders`] thread of its own, so that with
+/// megabytes of queued data their encoding and encryption run on several
+/// CPUs next to the capture, and the destination's lane readers decrypt
+/// them in parallel too. The rule that keeps the end last: once every
+/// batch is written, one `Sockets{last: true}` (no records) goes on *each*
+/// data lane (`Channel::data_lanes`, the same at both ends), behind that
+/// lane's batches. The destination takes the records as done only once it
+/// has one `last` from every lane, and waits for that before it ends its
+/// receive loop, so it restores every batch before activation whatever
+/// order the lanes deliver them in.
 struct SocketCapture<'scope> {
     thread: std::thread::ScopedJoinHandle<'scope, Result<(u64, u64)>>,
 }
@@ -231,20 +243,32 @@ impl<'scope> SocketCapture<'scope> {
     ) -> Result<Self> {
         let bound = bound.clone();
         let thread = spawn_named(scope, "lmig-capture".into(), move || {
+            let lanes = channel.data_lanes().max(1);
             let (mut count, mut queued) = (0u64, 0u64);
-            sockets.capture(&mut |records| {
-                bound.check("capture sockets")?;
-                count += records.len() as u64;
-                queued += records.iter().map(queued_len).sum::<u64>();
-                channel.send(&Message::Sockets {
-                    records,
-                    last: false,
-                })
+            std::thread::scope(|s| {
+                let senders = BatchSenders::spawn(s, channel, lanes)?;
+                let captured = sockets.capture(&mut |records| {
+                    bound.check("capture sockets")?;
+                    count += records.len() as u64;
+                    queued += records.iter().map(queued_len).sum::<u64>();
+                    senders.send(records)
+                });
+                // Every batch written (or the first failure) before the ends;
+                // a sender's failure is the cause of the capture's.
+                senders.join()?;
+                captured?;
+                Ok::<_, MigrationError>(())
             })?;
-            channel.send(&Message::Sockets {
-                records: Vec::new(),
-                last: true,
-            })?;
+            for lane in 0..lanes {
+                channel.send_lane(
+                    lane,
+                    &Message::Sockets {
+                        records: Vec::new(),
+                        last: true,
+                    },
+                )?;
+            }
+            channel.flush()?;
             Ok::<_, MigrationError>((count, queued))
         })?;
         Ok(Self { thread })
@@ -256,5 +280,87 @@ impl<'scope> SocketCapture<'scope> {
         self.thread
             .join()
             .unwrap_or_else(|p| Err(panicked("in the socket capture", false, &*p)))
+    }
+}
+
+/// The threads sending the freeze's socket batches (`lmig-sockets<i>`),
+/// one per data lane: each takes the next batch the capture hands over
+/// and encodes, encrypts and writes it on its own lane.
+struct BatchSenders<'scope> {
+    tx: std::sync::mpsc::SyncSender<Vec<SocketRecord>>,
+    /// A sender failed: the capture stops at its next batch.
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::ScopedJoinHandle<'scope, Result<()>>>,
+}
+
+impl<'scope> BatchSenders<'scope> {
+    fn spawn<'env, C: Channel>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        channel: &'scope C,
+        lanes: usize,
+    ) -> Result<Self> {
+        use std::sync::atomic::Ordering;
+        // At most one batch waiting per sender: the capture runs ahead of
+        // the wire by that much, no more.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<SocketRecord>>(lanes);
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(lanes);
+        for lane in 0..lanes {
+            let (rx, failed) = (rx.clone(), failed.clone());
+            threads.push(spawn_named(
+                scope,
+                format!("lmig-sockets{lane}"),
+                move || {
+                    // Bounded: ends when the capture drops its sender.
+                    loop {
+                        let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok(records) = next else {
+                            return Ok(());
+                        };
+                        let msg = Message::Sockets {
+                            records,
+                            last: false,
+                        };
+                        if let Err(e) = channel.send_lane(lane, &msg) {
+                            failed.store(true, Ordering::Release);
+                            return Err(e);
+                        }
+                    }
+                },
+            )?);
+        }
+        Ok(Self {
+            tx,
+            failed,
+            threads,
+        })
+    }
+
+    /// Hand `records` to the next free sender.
+    fn send(&self, records: Vec<SocketRecord>) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.failed.load(Ordering::Acquire) || self.tx.send(records).is_err() {
+            return Err(MigrationError::channel_closed(
+                "sending the freeze's socket records failed",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Wait for every batch to be written; the first sender's error, if
+    /// any (a panic is one too).
+    fn join(self) -> Result<()> {
+        drop(self.tx);
+        let mut first = Ok(());
+        for t in self.threads {
+            let r = t
+                .join()
+                .unwrap_or_else(|p| Err(panicked("in a socket batch sender", false, &*p)));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
 }
