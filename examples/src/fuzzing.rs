@@ -220,6 +220,11 @@ fn session_seeds() -> Vec<Vec<u8>> {
         Message::SocketPlan(Vec::new()),
         Message::Pages(page),
         Message::RoundEnd(RoundSummary::default()),
+        // One `last` per data lane (`dest_session`'s channel has 2).
+        Message::Sockets {
+            records: Vec::new(),
+            last: true,
+        },
         Message::Sockets {
             records: Vec::new(),
             last: true,

@@ -812,6 +812,17 @@ fn bad_page_replies_are_dropped_never_placed_twice() {
         let dest =
             s.spawn(|| Destination::new(&dest_ch, dst.clone(), Toucher { go: go.clone() }).run());
         source_ch.send(&Message::Regions(layout.clone())).unwrap();
+        // The freeze's socket batches end with one `last` per data lane
+        // (none to move here). Sent on the control lane, behind `Regions`:
+        // on a data lane one could overtake it (a real source sends them
+        // only in the freeze, long after).
+        for _ in 0..source_ch.data_lanes() {
+            let end = Message::Sockets {
+                records: Vec::new(),
+                last: true,
+            };
+            source_ch.send(&end).unwrap();
+        }
         source_ch
             .send(&Message::Handover(Handover {
                 pages_total: 0,
