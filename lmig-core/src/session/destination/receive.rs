@@ -88,7 +88,7 @@ where
     /// in the freeze the two arrive together (the source captures while it
     /// sends them), and with many connections restoring is the longest step.
     ///
-    /// One function of ~120 lines on purpose: its body is one loop over one
+    /// One function of ~130 lines on purpose: its body is one loop over one
     /// `match` on the protocol's messages, each arm a few lines in the order
     /// the protocol allows; the state it shares (`st`, the restorer, the
     /// scope) would otherwise pass through every helper.
