@@ -255,6 +255,7 @@ pub fn main_with(args: Args) {
     // Before any other thread: the signals that end kvd go to one thread,
     // which removes the admin socket first.
     let signals = SignalWatch::spawn().unwrap_or_else(|e| fail(format!("signals: {e}")));
+    crate::kvd::park::apply_fault_cpu();
     // One fd per client connection: take the whole allowance.
     if let Err(e) = lmig_net::raise_nofile_limit() {
         eprintln!("kvd: cannot raise the open-file limit: {e}");

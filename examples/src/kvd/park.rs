@@ -48,6 +48,25 @@ pub fn push_holdoff() -> Duration {
         .map_or(PUSH_HOLDOFF, |ms| Duration::from_millis(ms.min(1000)))
 }
 
+/// Environment variable: a CPU on which the post-copy fault path's threads
+/// are held (`lmig_mem::set_fault_path_cpu`); unset: left to the scheduler.
+pub const FAULT_CPU_ENV: &str = "LMIG_KVD_FAULT_CPU";
+
+/// Apply [`FAULT_CPU_ENV`], if set. A value that is not a CPU this process
+/// may run on is said on stderr and ignored (the default stays).
+pub fn apply_fault_cpu() {
+    let Ok(v) = std::env::var(FAULT_CPU_ENV) else {
+        return;
+    };
+    let set = v
+        .parse::<usize>()
+        .map_err(|e| e.to_string())
+        .and_then(|cpu| lmig_mem::set_fault_path_cpu(Some(cpu)).map_err(|e| e.to_string()));
+    if let Err(e) = set {
+        eprintln!("kvd: {FAULT_CPU_ENV}={v} ignored: {e}");
+    }
+}
+
 /// Most requests one connection may have parked: a client pipelining
 /// behind a missing key cannot make kvd hold more.
 pub const MAX_PARKED_PER_CONN: usize = 1024;
