@@ -463,6 +463,33 @@ fn queue_bytes(n: usize, seed: u8) -> Bytes {
         .collect()
 }
 
+/// A TCP record (the samples' first) with id `id`, `send` bytes queued to
+/// send (pattern `seed`, the first `unsent` of them never sent) and `recv`
+/// bytes received (pattern `!(id as u8)`), its sequence numbers to match.
+fn queued_record(
+    id: u64,
+    send: usize,
+    seed: u8,
+    unsent: usize,
+    recv: usize,
+) -> lmig_core::model::SocketRecord {
+    use lmig_core::model::SocketRecord;
+    let mut c = lmig_transport::fuzzing::sample_records()
+        .into_iter()
+        .find_map(|r| match r {
+            SocketRecord::Tcp(c) => Some(c),
+            _ => None,
+        })
+        .expect("the samples hold a TCP record");
+    c.id = id;
+    c.send_queue = queue_bytes(send, seed);
+    c.unsent_len = unsent as u32;
+    c.recv_queue = queue_bytes(recv, !(id as u8));
+    let wup = c.window.map_or(0, |w| w.rcv_wup);
+    c.rcv_seq = wup.wrapping_sub(recv as u32);
+    SocketRecord::Tcp(c)
+}
+
 /// Socket records whose queues are several MiB (shared with the frames
 /// rather than copied into the message, and read at the other end into one
 /// buffer per frame) arrive whole and in order in every mode: each queue's
@@ -527,23 +554,8 @@ fn megabyte_socket_queues_arrive_whole_in_every_mode() {
 /// queue arrives whole and in order in every mode.
 #[test]
 fn socket_queues_arrive_whole_through_the_warmed_receive_area() {
-    use lmig_core::model::SocketRecord;
-    let template = lmig_transport::fuzzing::sample_records()
-        .into_iter()
-        .find_map(|r| match r {
-            SocketRecord::Tcp(c) => Some(c),
-            _ => None,
-        })
-        .expect("the samples hold a TCP record");
     let record = |i: usize, send: usize, recv: usize| {
-        let mut c = template.clone();
-        c.id = i as u64;
-        c.send_queue = queue_bytes(send, 3 * i as u8);
-        c.unsent_len = (send / 2) as u32;
-        c.recv_queue = queue_bytes(recv, !(i as u8));
-        let wup = c.window.map_or(0, |w| w.rcv_wup);
-        c.rcv_seq = wup.wrapping_sub(recv as u32);
-        SocketRecord::Tcp(c)
+        queued_record(i as u64, send, 3 * i as u8, send / 2, recv)
     };
     // 9 MiB that fit the 10 MiB warmed for an estimate of 8 MiB, then 7 MiB
     // that do not fit what is left.
@@ -648,23 +660,8 @@ fn a_hostile_queue_estimate_is_refused() {
 #[test]
 fn socket_batches_on_the_data_lanes_arrive_whole_once_and_in_lane_order_in_every_mode() {
     use lmig_core::model::SocketRecord;
-    let template = lmig_transport::fuzzing::sample_records()
-        .into_iter()
-        .find_map(|r| match r {
-            SocketRecord::Tcp(c) => Some(c),
-            _ => None,
-        })
-        .expect("the samples hold a TCP record");
-    let record = |id: u64, send: usize, recv: usize| {
-        let mut c = template.clone();
-        c.id = id;
-        c.send_queue = queue_bytes(send, id as u8);
-        c.unsent_len = (send / 4) as u32;
-        c.recv_queue = queue_bytes(recv, !(id as u8));
-        let wup = c.window.map_or(0, |w| w.rcv_wup);
-        c.rcv_seq = wup.wrapping_sub(recv as u32);
-        SocketRecord::Tcp(c)
-    };
+    let record =
+        |id: u64, send: usize, recv: usize| queued_record(id, send, id as u8, send / 4, recv);
     // Per lane: batches of about a MiB (ids lane*100 + i), one small.
     let batches = |lane: u64| -> Vec<Vec<SocketRecord>> {
         (0..5u64)
