@@ -544,6 +544,20 @@ fn service_moves(tcp: bool, v6: bool) {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
+    if tcp && !v6 {
+        // With early forwarding, A keeps the original queued and sends a
+        // copy on into B's lock from a thread of its own: wait until the
+        // copy is there, or the hand-over may come first and send the
+        // original itself (then nothing went early and the assertion
+        // below would test the race, not the feature).
+        while queued(&topo.b) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the held request did not reach B's lock early"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     let mut batches: Vec<Vec<SocketRecord>> = Vec::new();
     src.capture(&mut |b| {
         batches.push(b);
