@@ -15,6 +15,7 @@ use super::reinject::Reinjector;
 use super::release::{Released, Releaser};
 use crate::error::{NetError, Result};
 use crate::lock::{InOrder, NetLock, SETTLE};
+use crate::sys;
 use crate::sys::netlink::NlSocket;
 
 /// The source side of the handoff: the lock, and after `Commit` the address
@@ -214,64 +215,45 @@ impl SourceHandoff {
         }
     }
 
-    /// After `Commit` (sockets closed): remove the addresses, re-inject every
-    /// held packet towards the destination and keep forwarding what still
-    /// arrives on a background thread until [`HandoffConfig::quiet`].
+    /// After `Commit` (sockets closed): remove the addresses, then re-inject
+    /// every held packet towards the destination and keep forwarding what
+    /// still arrives until [`HandoffConfig::quiet`], both on a background
+    /// thread (`lmig-handoff-fwd`, joined by [`finish`](Self::finish)).
+    ///
+    /// The re-injection begins in the lowest CPU class: on a host the
+    /// source shares with the destination it took 3–13 ms of a CPU right
+    /// while the destination activated its connections, and what it sends
+    /// waits in the destination's lock until that activation is over anyway
+    /// (the early forwarder sent copies of most of it during the freeze).
     pub fn hand_over(&mut self) -> Result<()> {
         let sent_early = self.stop_early();
-        let (Some(mut lock), Some(reinject)) = (self.lock.take(), self.reinject.take()) else {
+        let (Some(lock), Some(reinject)) = (self.lock.take(), self.reinject.take()) else {
             return Err(NetError::Phase {
                 op: "hand over",
                 detail: "the handoff already happened or was aborted",
             });
         };
-        let direct = reinject.is_direct();
-        let mut first_err = None;
-        let mut remove_addresses = |route: &mut NlSocket| {
-            let t = Instant::now();
-            for a in &self.cfg.addrs {
-                if let Err(e) = remove_address_with(route, self.ifindex, a) {
-                    first_err.get_or_insert(e);
-                }
-            }
-            t.elapsed()
-        };
         // Routed re-injection needs the address gone first (or the packets
-        // come back here); sent straight to the destination's link-layer
-        // address they need not wait for it.
-        let mut moved = Duration::ZERO;
-        if !direct {
-            moved = remove_addresses(&mut self.route);
-        }
+        // come back here); a direct one does not, but the removal is one
+        // netlink request per address, and its error is the caller's.
+        let mut first_err = None;
         let t = Instant::now();
-        // Every original is dropped here; the copies sent early are at the
-        // destination already.
-        let held = lock.take_held()?;
-        let failed = reinject.send_all(held.get(sent_early..).unwrap_or_default());
-        let forward = t.elapsed();
-        if direct {
-            moved = remove_addresses(&mut self.route);
+        for a in &self.cfg.addrs {
+            if let Err(e) = remove_address_with(&mut self.route, self.ifindex, a) {
+                first_err.get_or_insert(e);
+            }
         }
         if let Ok(mut s) = self.stats.lock() {
-            s.forward = forward;
-            s.address_move = moved;
-            s.held += held.len() as u64;
-            s.forwarded_early += sent_early.min(held.len()) as u64;
-            s.dropped += failed;
+            s.address_move = t.elapsed();
         }
-        info!(
-            held = held.len(),
-            failed = failed,
-            direct = direct,
-            forward_ms = forward.as_secs_f64() * 1e3,
-            "handoff: addresses removed, held packets sent on to the destination"
-        );
         if let Some(e) = &first_err {
             warn!(error = %e, "handoff: removing a service address failed");
         }
         let stats = Arc::clone(&self.stats);
         let (quiet, linger) = (self.cfg.quiet, self.cfg.linger);
-        self.forwarder = Some(Forwarder::spawn(lock, reinject, quiet, linger, stats)?);
+        self.forwarder = Some(Forwarder::spawn(
+            lock, reinject, sent_early, quiet, linger, stats,
+        )?);
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
@@ -298,6 +280,56 @@ impl SourceHandoff {
     }
 }
 
+/// The forwarder's first step: every packet the lock holds (the originals
+/// dropped here; the first `sent_early` went on as copies during the
+/// freeze) is sent on towards the destination, in the lowest CPU class
+/// (see [`SourceHandoff::hand_over`]); then the thread takes the normal
+/// class back for what clients still send here. If the class cannot be
+/// changed it runs in the class it has.
+fn forward_held(
+    lock: &mut NetLock,
+    reinject: &Reinjector,
+    sent_early: usize,
+    stats: &Mutex<HandoffStats>,
+) {
+    let lowered = match sys::idle_thread_policy() {
+        Ok(()) => true,
+        Err(e) => {
+            debug!(error = %e, "handoff forwarder: could not take SCHED_IDLE");
+            false
+        }
+    };
+    let t = Instant::now();
+    let (held, lost) = match lock.take_held() {
+        Ok(h) => (h, 0),
+        Err(e) => {
+            // The kernel's queue could not be read: what it held is lost.
+            warn!(error = %e, "handoff: taking the held packets failed");
+            (Vec::new(), 1)
+        }
+    };
+    let failed = reinject.send_all(held.get(sent_early..).unwrap_or_default());
+    let forward = t.elapsed();
+    if lowered {
+        if let Err(e) = sys::normal_thread_policy() {
+            debug!(error = %e, "handoff forwarder: could not leave SCHED_IDLE");
+        }
+    }
+    if let Ok(mut s) = stats.lock() {
+        s.forward = forward;
+        s.held += held.len() as u64;
+        s.forwarded_early += sent_early.min(held.len()) as u64;
+        s.dropped += failed + lost;
+    }
+    info!(
+        held = held.len(),
+        failed = failed,
+        direct = reinject.is_direct(),
+        forward_ms = forward.as_secs_f64() * 1e3,
+        "handoff: held packets sent on to the destination"
+    );
+}
+
 /// After the handoff: forwards what still arrives at the source's lock
 /// (clients not yet switched by the announcement) until it is quiet, then
 /// removes the lock (thread `lmig-handoff-fwd`).
@@ -310,13 +342,18 @@ impl Forwarder {
     fn spawn(
         lock: NetLock,
         reinject: Reinjector,
+        sent_early: usize,
         quiet: Duration,
         linger: Duration,
         stats: Arc<Mutex<HandoffStats>>,
     ) -> Result<Self> {
         let thread = std::thread::Builder::new()
             .name("lmig-handoff-fwd".into())
-            .spawn(move || forward_until_quiet(lock, reinject, quiet, linger, stats))
+            .spawn(move || {
+                let mut lock = lock;
+                forward_held(&mut lock, &reinject, sent_early, &stats);
+                forward_until_quiet(lock, reinject, quiet, linger, stats)
+            })
             .map_err(|e| NetError::sys("spawn", "handoff forwarder", e))?;
         Ok(Self { thread })
     }

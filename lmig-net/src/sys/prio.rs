@@ -32,6 +32,19 @@ pub fn idle_thread_policy() -> io::Result<()> {
     }
 }
 
+/// `sched_setscheduler(0, SCHED_OTHER)`: the calling thread back in the
+/// normal class (from [`idle_thread_policy`]; unprivileged only as far as
+/// `RLIMIT_NICE` allows, `EPERM` otherwise).
+pub fn normal_thread_policy() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: as in `idle_thread_policy`.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,6 +59,15 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(policy, libc::SCHED_IDLE);
+        let back = std::thread::spawn(|| {
+            idle_thread_policy().unwrap();
+            normal_thread_policy().expect("root may leave SCHED_IDLE");
+            // SAFETY: as above.
+            unsafe { libc::sched_getscheduler(0) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(back, libc::SCHED_OTHER);
         // The calling thread kept its own policy.
         // SAFETY: as above.
         assert_ne!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_IDLE);
