@@ -2,7 +2,7 @@
 //! [`SocketSource`] adapter that puts it around a source ([`HandoffSource`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,6 @@ use super::reinject::Reinjector;
 use super::release::{Released, Releaser};
 use crate::error::{NetError, Result};
 use crate::lock::{InOrder, NetLock, SETTLE};
-use crate::sys;
 use crate::sys::netlink::NlSocket;
 
 /// The source side of the handoff: the lock, and after `Commit` the address
@@ -215,46 +214,64 @@ impl SourceHandoff {
         }
     }
 
-    /// After `Commit` (sockets closed): remove the addresses, then re-inject
-    /// every held packet towards the destination and keep forwarding what
-    /// still arrives until [`HandoffConfig::quiet`], both on a background
-    /// thread (`lmig-handoff-fwd`, joined by [`finish`](Self::finish)).
-    ///
-    /// The re-injection begins in the lowest CPU class, for at most
-    /// [`IDLE_FORWARD_BOUND`]: on a host the source shares with the
-    /// destination it took 10–65 ms of a CPU (~7 µs per packet, the
-    /// destination's receive path included) right while the destination
-    /// activated its connections, and what it sends waits in the
-    /// destination's lock until that activation is over anyway.
+    /// After `Commit` (sockets closed): remove the addresses, re-inject every
+    /// held packet towards the destination and keep forwarding what still
+    /// arrives on a background thread until [`HandoffConfig::quiet`].
     pub fn hand_over(&mut self) -> Result<()> {
         let sent_early = self.stop_early();
-        let (Some(lock), Some(reinject)) = (self.lock.take(), self.reinject.take()) else {
+        let (Some(mut lock), Some(reinject)) = (self.lock.take(), self.reinject.take()) else {
             return Err(NetError::Phase {
                 op: "hand over",
                 detail: "the handoff already happened or was aborted",
             });
         };
-        // Routed re-injection needs the address gone first (or the packets
-        // come back here); a direct one does not, but the removal is one
-        // netlink request per address, and its error is the caller's.
+        let direct = reinject.is_direct();
         let mut first_err = None;
-        let t = Instant::now();
-        for a in &self.cfg.addrs {
-            if let Err(e) = remove_address_with(&mut self.route, self.ifindex, a) {
-                first_err.get_or_insert(e);
+        let mut remove_addresses = |route: &mut NlSocket| {
+            let t = Instant::now();
+            for a in &self.cfg.addrs {
+                if let Err(e) = remove_address_with(route, self.ifindex, a) {
+                    first_err.get_or_insert(e);
+                }
             }
+            t.elapsed()
+        };
+        // Routed re-injection needs the address gone first (or the packets
+        // come back here); sent straight to the destination's link-layer
+        // address they need not wait for it.
+        let mut moved = Duration::ZERO;
+        if !direct {
+            moved = remove_addresses(&mut self.route);
+        }
+        let t = Instant::now();
+        // Every original is dropped here; the copies sent early are at the
+        // destination already.
+        let held = lock.take_held()?;
+        let failed = reinject.send_all(held.get(sent_early..).unwrap_or_default());
+        let forward = t.elapsed();
+        if direct {
+            moved = remove_addresses(&mut self.route);
         }
         if let Ok(mut s) = self.stats.lock() {
-            s.address_move = t.elapsed();
+            s.forward = forward;
+            s.address_move = moved;
+            s.held += held.len() as u64;
+            s.forwarded_early += sent_early.min(held.len()) as u64;
+            s.dropped += failed;
         }
+        info!(
+            held = held.len(),
+            failed = failed,
+            direct = direct,
+            forward_ms = forward.as_secs_f64() * 1e3,
+            "handoff: addresses removed, held packets sent on to the destination"
+        );
         if let Some(e) = &first_err {
             warn!(error = %e, "handoff: removing a service address failed");
         }
         let stats = Arc::clone(&self.stats);
         let (quiet, linger) = (self.cfg.quiet, self.cfg.linger);
-        self.forwarder = Some(Forwarder::spawn(
-            lock, reinject, sent_early, quiet, linger, stats,
-        )?);
+        self.forwarder = Some(Forwarder::spawn(lock, reinject, quiet, linger, stats)?);
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
@@ -281,111 +298,6 @@ impl SourceHandoff {
     }
 }
 
-/// How long the re-injection of the held packets after `Commit` stays in
-/// `SCHED_IDLE` at most (see [`SourceHandoff::hand_over`]): long enough for
-/// a destination on the same host to activate 10,000 connections (7–20 ms),
-/// short enough that on a loaded host the clients whose packets are held
-/// do not wait for an idle CPU (unbounded, the re-injection took 683 and
-/// 782 ms in two runs with builds running).
-const IDLE_FORWARD_BOUND: Duration = Duration::from_millis(20);
-
-/// The forwarder's first step: every packet the lock holds (the originals
-/// dropped here; the first `sent_early` went on as copies during the
-/// freeze) is sent on towards the destination, in `SCHED_IDLE` for at most
-/// [`IDLE_FORWARD_BOUND`] (a [`Booster`] ends it), then the thread is back
-/// in the normal class for what clients still send here. If the class
-/// cannot be changed it runs in the class it has.
-fn forward_held(
-    lock: &mut NetLock,
-    reinject: &Reinjector,
-    sent_early: usize,
-    stats: &Mutex<HandoffStats>,
-) {
-    // The booster first (its clock starts now), then the lower class.
-    let booster = match Booster::spawn(sys::thread_id(), IDLE_FORWARD_BOUND) {
-        Ok(booster) => match sys::idle_thread_policy() {
-            Ok(()) => Some(booster),
-            Err(e) => {
-                debug!(error = %e, "handoff forwarder: could not take SCHED_IDLE");
-                booster.join();
-                None
-            }
-        },
-        Err(e) => {
-            debug!(error = %e, "handoff forwarder: no booster, staying in the normal class");
-            None
-        }
-    };
-    let t = Instant::now();
-    let (held, lost) = match lock.take_held() {
-        Ok(h) => (h, 0),
-        Err(e) => {
-            // The kernel's queue could not be read: what it held is lost.
-            warn!(error = %e, "handoff: taking the held packets failed");
-            (Vec::new(), 1)
-        }
-    };
-    let failed = reinject.send_all(held.get(sent_early..).unwrap_or_default());
-    let forward = t.elapsed();
-    if let Some(booster) = booster {
-        if let Err(e) = sys::normal_thread_policy(0) {
-            debug!(error = %e, "handoff forwarder: could not leave SCHED_IDLE");
-        }
-        booster.join();
-    }
-    if let Ok(mut s) = stats.lock() {
-        s.forward = forward;
-        s.held += held.len() as u64;
-        s.forwarded_early += sent_early.min(held.len()) as u64;
-        s.dropped += failed + lost;
-    }
-    info!(
-        held = held.len(),
-        failed = failed,
-        direct = reinject.is_direct(),
-        forward_ms = forward.as_secs_f64() * 1e3,
-        "handoff: held packets sent on to the destination"
-    );
-}
-
-/// Puts a thread of this process back in the normal class after a bound,
-/// unless told first (thread `lmig-handoff-boost`). A thread in
-/// `SCHED_IDLE` cannot do it itself while busier threads keep it off the
-/// CPUs. The boosted thread joins its booster before it ends, so the
-/// thread id stays its own meanwhile.
-#[derive(Debug)]
-struct Booster {
-    done: mpsc::Sender<()>,
-    thread: JoinHandle<()>,
-}
-
-impl Booster {
-    /// Start the thread: thread `tid` is moved back after `bound`.
-    fn spawn(tid: i32, bound: Duration) -> Result<Self> {
-        let (done, wait) = mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("lmig-handoff-boost".into())
-            .spawn(move || {
-                if let Err(mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(bound) {
-                    if let Err(e) = sys::normal_thread_policy(tid) {
-                        debug!(error = %e, "handoff booster: could not move the forwarder back");
-                    }
-                }
-            })
-            .map_err(|e| NetError::sys("spawn", "handoff booster", e))?;
-        Ok(Self { done, thread })
-    }
-
-    /// Tell it the bound no longer matters and wait for it.
-    fn join(self) {
-        // The booster may have timed out already: nobody listens then.
-        let _ = self.done.send(());
-        if self.thread.join().is_err() {
-            warn!("the handoff booster panicked");
-        }
-    }
-}
-
 /// After the handoff: forwards what still arrives at the source's lock
 /// (clients not yet switched by the announcement) until it is quiet, then
 /// removes the lock (thread `lmig-handoff-fwd`).
@@ -398,18 +310,13 @@ impl Forwarder {
     fn spawn(
         lock: NetLock,
         reinject: Reinjector,
-        sent_early: usize,
         quiet: Duration,
         linger: Duration,
         stats: Arc<Mutex<HandoffStats>>,
     ) -> Result<Self> {
         let thread = std::thread::Builder::new()
             .name("lmig-handoff-fwd".into())
-            .spawn(move || {
-                let mut lock = lock;
-                forward_held(&mut lock, &reinject, sent_early, &stats);
-                forward_until_quiet(lock, reinject, quiet, linger, stats)
-            })
+            .spawn(move || forward_until_quiet(lock, reinject, quiet, linger, stats))
             .map_err(|e| NetError::sys("spawn", "handoff forwarder", e))?;
         Ok(Self { thread })
     }
@@ -582,44 +489,5 @@ impl crate::NetworkLock for SourceHandoff {
 
     fn release(&mut self) -> Result<()> {
         self.hand_over()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn policy(tid: i32) -> i32 {
-        // SAFETY: a plain query of a live thread of this process.
-        unsafe { libc::sched_getscheduler(tid) }
-    }
-
-    /// A thread left in `SCHED_IDLE` is moved back by its booster once the
-    /// bound passes; a booster joined first moves nothing.
-    #[test]
-    fn the_booster_ends_the_idle_class_at_its_bound_and_not_after_its_join() {
-        let idle = std::thread::spawn(|| {
-            sys::idle_thread_policy().unwrap();
-            let booster = Booster::spawn(sys::thread_id(), Duration::from_millis(5)).unwrap();
-            // Bounded: the booster's thread either runs or the test fails
-            // after 10 s.
-            let end = Instant::now() + Duration::from_secs(10);
-            while policy(0) == libc::SCHED_IDLE && Instant::now() < end {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            let after = policy(0);
-            booster.join();
-            after
-        });
-        assert_eq!(idle.join().unwrap(), libc::SCHED_OTHER);
-
-        let joined = std::thread::spawn(|| {
-            sys::idle_thread_policy().unwrap();
-            Booster::spawn(sys::thread_id(), Duration::from_secs(3600))
-                .unwrap()
-                .join();
-            policy(0)
-        });
-        assert_eq!(joined.join().unwrap(), libc::SCHED_IDLE);
     }
 }

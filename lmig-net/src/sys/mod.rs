@@ -43,7 +43,7 @@ pub(crate) use mem::prefault_spare;
 pub(crate) use netns::{bind_mount, detach_mount, make_shared, unshare_net};
 #[cfg(feature = "test-topology")]
 pub use netns::{command_in_netns, setns_net};
-pub use prio::{idle_thread_policy, lowest_thread_priority, normal_thread_policy, thread_id};
+pub use prio::{idle_thread_policy, lowest_thread_priority};
 #[cfg(feature = "bench-internals")]
 pub use process::thread_cpu_time;
 pub use process::{pidfd_getfd, pidfd_open, raise_nofile_limit};

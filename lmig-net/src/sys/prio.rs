@@ -32,26 +32,6 @@ pub fn idle_thread_policy() -> io::Result<()> {
     }
 }
 
-/// `sched_setscheduler(tid, SCHED_OTHER)`: thread `tid` (0: the calling
-/// thread) back in the normal class, e.g. from [`idle_thread_policy`].
-/// Another process's thread, or an unprivileged caller beyond
-/// `RLIMIT_NICE`, gets `EPERM`.
-pub fn normal_thread_policy(tid: i32) -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: as in `idle_thread_policy`; `tid` is a plain integer.
-    if unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// The calling thread's id (`gettid`), for [`normal_thread_policy`].
-pub fn thread_id() -> i32 {
-    // SAFETY: gettid takes no argument and cannot fail.
-    unsafe { libc::gettid() }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,23 +46,6 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(policy, libc::SCHED_IDLE);
-        // Another thread puts an idle one back in the normal class (the
-        // tests run as root; unprivileged, `RLIMIT_NICE` decides).
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-        let idle = std::thread::spawn(move || {
-            idle_thread_policy().unwrap();
-            tid_tx.send(thread_id()).unwrap();
-            go_rx.recv().unwrap();
-            // SAFETY: as above.
-            unsafe { libc::sched_getscheduler(0) }
-        });
-        let tid = tid_rx.recv().unwrap();
-        // SAFETY: `tid` is a live thread of this process (it waits for `go`).
-        assert_eq!(unsafe { libc::sched_getscheduler(tid) }, libc::SCHED_IDLE);
-        normal_thread_policy(tid).expect("root may move a thread out of SCHED_IDLE");
-        go_tx.send(()).unwrap();
-        assert_eq!(idle.join().unwrap(), libc::SCHED_OTHER);
         // The calling thread kept its own policy.
         // SAFETY: as above.
         assert_ne!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_IDLE);
