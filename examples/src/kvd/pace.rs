@@ -161,6 +161,27 @@ pub fn idle_duty() -> u8 {
         .unwrap_or(IDLE_DUTY)
 }
 
+/// Environment variable: the most sender threads while they are in the
+/// lowest class
+/// ([`SourceConfig::idle_threads`](lmig_core::session::SourceConfig::idle_threads));
+/// `0`: one per data lane; unset: one fewer than the CPUs kvd may use
+/// ([`idle_threads`]).
+pub const IDLE_THREADS_ENV: &str = "LMIG_KVD_IDLE_THREADS";
+
+/// The senders' threads in the lowest class: [`IDLE_THREADS_ENV`], or one
+/// fewer than the CPUs this process may use (at least one), so that a CPU
+/// is left to the loop and its clients.
+pub fn idle_threads() -> usize {
+    std::env::var(IDLE_THREADS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get().saturating_sub(1))
+                .max(1)
+        })
+}
+
 /// The destination's hook: the whole kvd process (nothing of it serves
 /// before the resume) in `SCHED_IDLE` while the rounds arrive, unless
 /// [`IDLE_ENV`] is `0`.
