@@ -164,22 +164,22 @@ pub fn idle_duty() -> u8 {
 /// Environment variable: the most sender threads while they are in the
 /// lowest class
 /// ([`SourceConfig::idle_threads`](lmig_core::session::SourceConfig::idle_threads));
-/// `0`: one per data lane; unset: one fewer than the CPUs kvd may use
-/// ([`idle_threads`]).
+/// unset or `0`: one per data lane ([`IDLE_THREADS`]). `1` on a 2-vCPU
+/// host leaves a CPU to the loop and its clients; measured on a busy
+/// machine it did not lower the clients' pre-copy p99 (docs/benchmarks.md),
+/// so it is not the default.
 pub const IDLE_THREADS_ENV: &str = "LMIG_KVD_IDLE_THREADS";
 
-/// The senders' threads in the lowest class: [`IDLE_THREADS_ENV`], or one
-/// fewer than the CPUs this process may use (at least one), so that a CPU
-/// is left to the loop and its clients.
+/// kvd's default sender threads in the lowest class: 0, one per lane.
+pub const IDLE_THREADS: usize = 0;
+
+/// The senders' threads in the lowest class: [`IDLE_THREADS_ENV`] or
+/// [`IDLE_THREADS`].
 pub fn idle_threads() -> usize {
     std::env::var(IDLE_THREADS_ENV)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get().saturating_sub(1))
-                .max(1)
-        })
+        .unwrap_or(IDLE_THREADS)
 }
 
 /// The destination's hook: the whole kvd process (nothing of it serves
