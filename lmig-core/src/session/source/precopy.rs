@@ -9,7 +9,7 @@ use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::policy::{Decision, RoundStats};
 use crate::protocol::{CHUNK_PAGES, Message, RoundSummary};
 use crate::session::pace::Meter;
-use crate::session::pages::{PageSender, Sent, lane_of};
+use crate::session::pages::{PageSender, Sent, lane_of, sender_threads};
 use crate::session::{spawn_named, unexpected};
 use crate::traits::{
     Channel, DirtyClearer, DirtyTracker, Event, MemorySource, Phase, SocketSource, StateSource,
@@ -444,15 +444,6 @@ pub(super) struct IdleLanes {
     threads: usize,
 }
 
-/// Sender threads for `lanes` lanes ([`super::SourceConfig::idle_threads`]).
-fn sender_threads(lanes: usize, idle: Option<IdleLanes>) -> usize {
-    let lanes = lanes.max(1);
-    match idle {
-        Some(l) if l.threads > 0 => l.threads.min(lanes),
-        _ => lanes,
-    }
-}
-
 /// One lane thread's class: in the lowest one until its round's limit.
 struct IdleLane {
     lanes: Option<IdleLanes>,
@@ -581,7 +572,7 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             self.channel.flush()?;
             return Ok(sent);
         }
-        let threads = sender_threads(lanes, self.idle);
+        let threads = sender_threads(lanes, self.idle.map(|l| l.threads));
         let sent = std::thread::scope(|s| {
             let mut handles = Vec::with_capacity(threads);
             for thread in 0..threads {
