@@ -239,3 +239,40 @@ fn resting_senders_never_hold_the_migration_back() {
         .with_idle_duty(1);
     migrate(config, DestinationConfig::default(), &DUTY_REFUSED_COLLECTS);
 }
+
+static THREADS_COLLECTS: AtomicU32 = AtomicU32::new(0);
+/// (collects when called, what was asked).
+static THREADS_CALLS: Mutex<Vec<(u32, bool)>> = Mutex::new(Vec::new());
+
+fn threads_hook(idle: bool) -> bool {
+    let at = THREADS_COLLECTS.load(Ordering::SeqCst);
+    THREADS_CALLS.lock().unwrap().push((at, idle));
+    true
+}
+
+static THREADS_REFUSED_COLLECTS: AtomicU32 = AtomicU32::new(0);
+
+/// One sender thread for two data lanes while in the lowest class
+/// (`idle_threads` 1): each round that spares the program starts one
+/// thread (one hook call, where a thread per lane makes two), every page
+/// still arrives on its lane and is verified, and the rounds after the
+/// one that did not shrink go on; a host that refuses the lowest class
+/// still gets every page.
+#[test]
+fn fewer_senders_than_lanes_send_every_page() {
+    let config = SourceConfig::default()
+        .with_idle_lanes(Some(threads_hook))
+        .with_idle_threads(1);
+    let rounds = migrate(config, DestinationConfig::default(), &THREADS_COLLECTS);
+    assert!(rounds >= 3, "{rounds}");
+    let calls = THREADS_CALLS.lock().unwrap().clone();
+    assert_eq!(calls, [(0, true), (1, true)]);
+    let config = SourceConfig::default()
+        .with_idle_lanes(Some(refusing_hook))
+        .with_idle_threads(1);
+    migrate(
+        config,
+        DestinationConfig::default(),
+        &THREADS_REFUSED_COLLECTS,
+    );
+}

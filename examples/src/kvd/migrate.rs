@@ -361,6 +361,7 @@ pub fn migrate_out(
         .with_yield_to_program(yield_to_loop)
         .with_idle_lanes(crate::kvd::pace::idle_lanes())
         .with_idle_duty(crate::kvd::pace::idle_duty())
+        .with_idle_threads(crate::kvd::pace::idle_threads())
         .with_push_holdoff(crate::kvd::park::push_holdoff());
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)

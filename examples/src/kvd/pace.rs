@@ -161,6 +161,27 @@ pub fn idle_duty() -> u8 {
         .unwrap_or(IDLE_DUTY)
 }
 
+/// Environment variable: the most sender threads while they are in the
+/// lowest class
+/// ([`SourceConfig::idle_threads`](lmig_core::session::SourceConfig::idle_threads));
+/// unset or `0`: one per data lane ([`IDLE_THREADS`]). `1` on a 2-vCPU
+/// host leaves a CPU to the loop and its clients; measured on a busy
+/// machine it did not lower the clients' pre-copy p99 (docs/benchmarks.md),
+/// so it is not the default.
+pub const IDLE_THREADS_ENV: &str = "LMIG_KVD_IDLE_THREADS";
+
+/// kvd's default sender threads in the lowest class: 0, one per lane.
+pub const IDLE_THREADS: usize = 0;
+
+/// The senders' threads in the lowest class: [`IDLE_THREADS_ENV`] or
+/// [`IDLE_THREADS`].
+pub fn idle_threads() -> usize {
+    std::env::var(IDLE_THREADS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(IDLE_THREADS)
+}
+
 /// The destination's hook: the whole kvd process (nothing of it serves
 /// before the resume) in `SCHED_IDLE` while the rounds arrive, unless
 /// [`IDLE_ENV`] is `0`.

@@ -301,9 +301,31 @@ pub(crate) fn lane_of(run: &PageRun, lanes: usize) -> usize {
     ((chunk + u64::from(run.region.0)) % lanes.max(1) as u64) as usize
 }
 
+/// The sender threads of a round over `lanes` data lanes: one per lane,
+/// or at most `idle_threads` while the senders are in the lowest class
+/// (`Some`; 0: one per lane), at least one
+/// ([`SourceConfig::idle_threads`](crate::session::SourceConfig::idle_threads)).
+pub(crate) fn sender_threads(lanes: usize, idle_threads: Option<usize>) -> usize {
+    let lanes = lanes.max(1);
+    match idle_threads {
+        Some(n) if n > 0 => n.min(lanes),
+        _ => lanes,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fewer_senders_only_in_the_lowest_class() {
+        assert_eq!(sender_threads(2, None), 2);
+        assert_eq!(sender_threads(2, Some(0)), 2);
+        assert_eq!(sender_threads(2, Some(1)), 1);
+        assert_eq!(sender_threads(2, Some(8)), 2);
+        assert_eq!(sender_threads(0, Some(1)), 1);
+        assert_eq!(sender_threads(0, None), 1);
+    }
 
     #[test]
     fn zero_detection() {

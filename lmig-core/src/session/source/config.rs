@@ -129,6 +129,17 @@ pub struct SourceConfig {
     /// senders are in the lowest class: never in a round that does not
     /// shrink, the freeze or post-copy.
     pub idle_duty: u8,
+    /// The most sender threads of a round while they are in the lowest
+    /// class ([`Self::idle_lanes`]); 0 (the default): one per data lane.
+    /// Fewer threads than lanes send the same chunks on the same lanes,
+    /// each thread taking turns over its lanes. With a sender on every CPU
+    /// the scheduler sees no CPU with spare time and places a woken
+    /// program thread on the CPU of the thread that woke it, where it
+    /// queues behind that thread; one CPU left to the program and its
+    /// clients avoids that. Only while the senders are in the lowest
+    /// class: a round that does not shrink, the freeze and post-copy use a
+    /// thread per lane.
+    pub idle_threads: usize,
     /// After `Commit`, the post-copy push (and the digests' hashing) waits
     /// up to this long while the page requests are answered at once
     /// (default zero: the push starts at once). Right after the resume a
@@ -187,6 +198,7 @@ impl Default for SourceConfig {
             idle_lanes: None,
             idle_round_limit: Duration::from_secs(2),
             idle_duty: 100,
+            idle_threads: 0,
             push_holdoff: Duration::ZERO,
         }
     }
@@ -274,6 +286,13 @@ impl SourceConfig {
     #[must_use]
     pub fn with_idle_duty(mut self, percent: u8) -> Self {
         self.idle_duty = percent.clamp(1, 100);
+        self
+    }
+
+    /// Set [`Self::idle_threads`] (0: one per lane).
+    #[must_use]
+    pub fn with_idle_threads(mut self, threads: usize) -> Self {
+        self.idle_threads = threads;
         self
     }
 

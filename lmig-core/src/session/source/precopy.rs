@@ -9,7 +9,7 @@ use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::policy::{Decision, RoundStats};
 use crate::protocol::{CHUNK_PAGES, Message, RoundSummary};
 use crate::session::pace::Meter;
-use crate::session::pages::{PageSender, Sent, lane_of};
+use crate::session::pages::{PageSender, Sent, lane_of, sender_threads};
 use crate::session::{spawn_named, unexpected};
 use crate::traits::{
     Channel, DirtyClearer, DirtyTracker, Event, MemorySource, Phase, SocketSource, StateSource,
@@ -263,6 +263,7 @@ where
                 hook,
                 until: t0 + self.config.idle_round_limit,
                 duty: self.config.idle_duty,
+                threads: self.config.idle_threads,
             }),
             _ => None,
         };
@@ -438,6 +439,9 @@ pub(super) struct IdleLanes {
     /// The share of the time (percent) a lane there works
     /// ([`super::SourceConfig::idle_duty`]).
     duty: u8,
+    /// The most sender threads ([`super::SourceConfig::idle_threads`];
+    /// 0: one per lane).
+    threads: usize,
 }
 
 /// One lane thread's class: in the lowest one until its round's limit.
@@ -564,21 +568,22 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
         // One lane runs on the calling thread, unless its priority is to
         // drop (a thread of its own then, whose priority dies with it).
         if lanes == 1 && !self.background && self.idle.is_none() {
-            let sent = self.send_lane(set, round, first, 0, 1, &IdleLane::none())?;
+            let sent = self.send_lane(set, round, first, (0, 1), 1, &IdleLane::none())?;
             self.channel.flush()?;
             return Ok(sent);
         }
+        let threads = sender_threads(lanes, self.idle.map(|l| l.threads));
         let sent = std::thread::scope(|s| {
-            let mut handles = Vec::with_capacity(lanes);
-            for lane in 0..lanes {
+            let mut handles = Vec::with_capacity(threads);
+            for thread in 0..threads {
                 let job = move || {
                     let idle = IdleLane::enter(self.idle);
                     if self.background && !idle.on() {
                         self.memory.background_thread();
                     }
-                    self.send_lane(set, round, first, lane, lanes, &idle)
+                    self.send_lane(set, round, first, (thread, threads), lanes, &idle)
                 };
-                handles.push(spawn_named(s, format!("lmig-lane{lane}"), job)?);
+                handles.push(spawn_named(s, format!("lmig-lane{thread}"), job)?);
             }
             let mut total = Sent::default();
             let mut first_err = None;
@@ -595,7 +600,9 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
         Ok(sent)
     }
 
-    /// The part of `set` that goes on `lane` (of `lanes`).
+    /// The part of `set` that goes on the lanes of sender `thread` (of
+    /// `threads`): lane `l` (of `lanes`) is the sender's when
+    /// `l % threads == thread`; each chunk goes on its own lane.
     ///
     /// With a clearer, two passes: first every zero page (tested in place
     /// right after its run was cleared), then the pages holding data, each
@@ -609,7 +616,7 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
         set: &RegionPages,
         round: u32,
         first: FirstRound<'_>,
-        lane: usize,
+        (thread, threads): (usize, usize),
         lanes: usize,
         idle: &IdleLane,
     ) -> Result<Sent> {
@@ -628,20 +635,25 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             sender = sender.metered(meter, paced, Some(&stopped));
         }
         let mut total = Sent::default();
+        // The data runs of the second pass, each with its chunk's lane.
         let mut data_runs: Vec<PageRun> = Vec::new();
-        let mut read = |sender: &mut PageSender<'_, M, C>, run: PageRun| -> Result<Sent> {
+        let mut data_lanes: Vec<usize> = Vec::new();
+        let mut read = |sender: &mut PageSender<'_, M, C>, run: PageRun, lane: usize| {
             let Some(c) = clearer else {
                 return sender.send_run(run, round, lane, false);
             };
             c.clear(&run)?;
-            match sender.send_zeros(run, round, lane, &mut data_runs)? {
+            let sent = sender.send_zeros(run, round, lane, &mut data_runs)?;
+            data_lanes.resize(data_runs.len(), lane);
+            match sent {
                 Some(sent) => Ok(sent),
                 // The memory cannot test in place: one pass.
                 None => sender.send_run(run, round, lane, false),
             }
         };
         for run in set.chunked_runs(self.batch) {
-            if lane_of(&run, lanes) != lane {
+            let lane = lane_of(&run, lanes);
+            if lane % threads != thread {
                 continue;
             }
             if let Some(stop) = self.stop {
@@ -649,7 +661,7 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             }
             keep_up();
             let Some(data) = populated.and_then(|p| p.get(run.region).ok()) else {
-                total.add(read(&mut sender, run)?);
+                total.add(read(&mut sender, run, lane)?);
                 continue;
             };
             let zero_run = |from: u64, to: u64| PageRun::new(run.region, from, (to - from) as u32);
@@ -661,6 +673,7 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
                 total.add(read(
                     &mut sender,
                     PageRun::new(run.region, first, count as u32),
+                    lane,
                 )?);
                 at = first + count;
             }
@@ -669,7 +682,7 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             }
         }
         if let Some(c) = clearer {
-            for run in data_runs {
+            for (run, lane) in data_runs.into_iter().zip(data_lanes) {
                 // The data pass of a large first round is most of its
                 // time: a cancel stops it too.
                 if let Some(stop) = self.stop {
