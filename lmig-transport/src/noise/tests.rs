@@ -236,3 +236,172 @@ fn each_direction_has_its_own_keys() {
     assert!(opened(&d, &wire, 64).is_err());
     assert_eq!(opened(&l, &wire, 64).unwrap(), b"to the listener");
 }
+
+/// Gives at most `step` bytes per read, one slice at a time (no
+/// vectored reads): the in-place path's reads come back short.
+struct Dribble<'a> {
+    wire: &'a [u8],
+    step: usize,
+}
+
+impl Read for Dribble<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.step).min(self.wire.len());
+        buf[..n].copy_from_slice(&self.wire[..n]);
+        self.wire = &self.wire[n..];
+        Ok(n)
+    }
+}
+
+/// Writes of every size around the in-place threshold, one call each.
+fn writes_around_the_threshold() -> (Vec<Vec<u8>>, Vec<u8>) {
+    let plain_min = DIRECT_MIN - TAG_LEN;
+    let mut writes = Vec::new();
+    for (i, len) in [
+        plain_min - 1,
+        plain_min,
+        plain_min + 1,
+        1,
+        MAX_PLAIN,
+        MAX_PLAIN + 1,
+        3 * MAX_PLAIN + 17,
+        SMALL_WRITE,
+        SMALL_WRITE + 1,
+        700_001,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        writes.push((0..len).map(|k| (k * 13 + i) as u8).collect::<Vec<u8>>());
+    }
+    let want = writes.concat();
+    (writes, want)
+}
+
+fn open_all<R: Read>(r: &mut RecordReader<R>, chunk: usize) -> io::Result<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; chunk];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(got);
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn large_records_are_opened_in_place_whatever_their_size() {
+    let (d, l) = keys(b"p", b"p").unwrap();
+    let (writes, want) = writes_around_the_threshold();
+    let slices: Vec<&[u8]> = writes.iter().map(|w| &w[..]).collect();
+    let wire = sealed(&d, &slices);
+    for (step, chunk) in [
+        (usize::MAX, 1 << 20),
+        (usize::MAX, MAX_RECORD),
+        (usize::MAX, DIRECT_MIN),
+        (1000, 1 << 20),
+        (DIRECT_MIN + 1, MAX_RECORD),
+        (7, DIRECT_MIN),
+        (usize::MAX, DIRECT_MIN - 1),
+        (usize::MAX, 4096),
+    ] {
+        let (mut r, _) = l.clone().split(Dribble { wire: &wire, step }, io::sink());
+        let got = open_all(&mut r, chunk).unwrap();
+        assert!(got == want, "reads of {chunk}, {step} bytes at a time");
+        if chunk >= MAX_RECORD {
+            assert!(r.direct >= 8, "{} records in place", r.direct);
+        } else if chunk < DIRECT_MIN {
+            assert_eq!(r.direct, 0, "reads too small for any record in place");
+        }
+        assert!(!r.holds_partial());
+    }
+    // A real vectored read (a slice reader fills both of its slices).
+    let (mut r, _) = l.clone().split(&wire[..], io::sink());
+    assert!(open_all(&mut r, 1 << 20).unwrap() == want);
+    assert!(r.direct > 0);
+}
+
+#[test]
+fn a_record_changed_anywhere_is_refused_in_place() {
+    let (d, l) = keys(b"p", b"p").unwrap();
+    let big = data(300_000);
+    let wire = sealed(&d, &[&big]);
+    // The first byte of each record's ciphertext, one in the middle, the
+    // last byte of a tag, and the stream's last byte.
+    let rec = LEN_PREFIX + MAX_RECORD;
+    for at in [2, rec + 2, rec + 30_000, 2 * rec - 1, wire.len() - 1] {
+        let mut bad = wire.clone();
+        bad[at] ^= 0x01;
+        for step in [usize::MAX, 999] {
+            let (mut r, _) = l.clone().split(Dribble { wire: &bad, step }, io::sink());
+            let mut buf = vec![0u8; 1 << 20];
+            // The records before the changed one are handed out whole.
+            let mut good = Vec::new();
+            let e = loop {
+                match r.read(&mut buf) {
+                    Ok(0) => panic!("byte {at}: the stream ended without an error"),
+                    Ok(n) => good.extend_from_slice(&buf[..n]),
+                    Err(e) => break e,
+                }
+            };
+            assert!(
+                e.get_ref().is_some_and(|s| s.is::<IntegrityError>()),
+                "byte {at}: {e}"
+            );
+            assert_eq!(good.len(), at / rec * MAX_PLAIN, "byte {at}");
+            assert!(good[..] == big[..good.len()]);
+            // And every later read fails the same way.
+            assert!(r.read(&mut buf).is_err());
+        }
+    }
+    // Records swapped: the second record's number does not open the first.
+    let mut swapped = wire[rec..2 * rec].to_vec();
+    swapped.extend_from_slice(&wire[..rec]);
+    let (mut r, _) = l.clone().split(&swapped[..], io::sink());
+    assert!(r.read(&mut vec![0u8; 1 << 20]).is_err());
+    // Another stream's keys do not open it.
+    let (_, other) = keys(b"p", b"p").unwrap();
+    let (mut r, _) = other.split(&wire[..], io::sink());
+    assert!(r.read(&mut vec![0u8; 1 << 20]).is_err());
+}
+
+#[test]
+fn a_large_record_read_in_part_in_place_is_held_until_it_is_whole() {
+    let (d, l) = keys(b"p", b"p").unwrap();
+    let big = data(3 * MAX_PLAIN);
+    let wire = sealed(&d, &[&big]);
+    let rec = LEN_PREFIX + MAX_RECORD;
+    let (mut r, _) = l.split(
+        Trickle {
+            wire: wire.clone(),
+            pos: 0,
+            at: rec + 100,
+        },
+        io::sink(),
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = Vec::new();
+    // The first record, then the second one part-way: a timeout, its bytes
+    // held, nothing of it handed out.
+    let n = r.read(&mut buf).unwrap();
+    got.extend_from_slice(&buf[..n]);
+    let e = r.read(&mut buf).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    assert!(r.holds_partial());
+    // More of it, still not whole: held again (in place this time).
+    r.inner.at = 2 * rec - 1;
+    let e = r.read(&mut buf).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    assert!(r.holds_partial());
+    // The rest.
+    r.inner.at = wire.len();
+    while got.len() < big.len() {
+        let n = r.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got == big);
+    assert!(r.direct >= 1);
+    assert!(!r.holds_partial());
+}
