@@ -58,19 +58,9 @@
 //! record), and the reader hands out bytes whatever the records' sizes. The frames
 //! inside carry checksum 0: the records' tags authenticate every byte, so a
 //! CRC-32C would only repeat, weaker, what they check ([`crate::wire`]).
-//!
-//! A large record (at least [`DIRECT_MIN`] bytes) that a large read waits
-//! for is read from the connection straight into the reader's buffer and
-//! opened there, in place, with `ring`'s AES-256-GCM under the stream's
-//! receiving key and the Noise nonce (4 zero bytes, the record's number
-//! big-endian): the same cipher, key and nonce as snow's `ring` resolver,
-//! without snow's copy of the ciphertext into the output buffer (a pass
-//! over every byte of the freeze's socket queues and of the pages).
-//! snow gives that key through its `risky-raw-split` feature, once, at the
-//! end of the handshake.
 
 use std::fmt;
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::sync::Arc;
 
 use crate::error::{Result, TransportError};
@@ -101,10 +91,6 @@ const GATHER_BELOW: usize = 4096;
 const SMALL_WRITE: usize = 16 << 10;
 /// Ciphertext bytes the reader asks the socket for at once.
 const READ_BUFFER: usize = WRITE_BATCH * (LEN_PREFIX + MAX_RECORD);
-/// Records at least this long (ciphertext and tag) that a read of at
-/// least as many bytes waits for are read straight into the reader's
-/// buffer and opened in place (see the module docs).
-pub(crate) const DIRECT_MIN: usize = 16 << 10;
 
 /// Longest Noise handshake message we send or accept (both are 48 bytes).
 pub(crate) const MAX_HANDSHAKE_MESSAGE: usize = 128;
@@ -190,61 +176,14 @@ pub(crate) fn keys_for_fuzzing() -> (StreamKeys, StreamKeys) {
 /// The transport keys of one stream, both directions, shared by its
 /// reading and writing halves (each keeps its own record counter).
 #[derive(Clone)]
-pub(crate) struct StreamKeys(Arc<Keys>);
-
-struct Keys {
-    /// Sealing (and opening records read into the reader's own buffers).
-    transport: snow::StatelessTransportState,
-    /// The receiving direction's key, for records opened in place.
-    open: ring::aead::LessSafeKey,
-}
+pub(crate) struct StreamKeys(Arc<snow::StatelessTransportState>);
 
 impl StreamKeys {
-    fn from_handshake(mut hs: snow::HandshakeState) -> Result<Self> {
-        // The Noise split: the first key is the initiator's sending key,
-        // the second the responder's (snow's transport state takes the
-        // same two).
-        let (mut to_responder, mut to_initiator) = hs.dangerously_get_raw_split();
-        let receiving = if hs.is_initiator() {
-            &to_initiator
-        } else {
-            &to_responder
-        };
-        let open = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, receiving)
-            .map(ring::aead::LessSafeKey::new)
-            .map_err(|_| TransportError::Handshake {
-                detail: "setting up the stream's AES-256-GCM key failed".into(),
-            });
-        to_responder.fill(0);
-        to_initiator.fill(0);
-        let transport = hs
+    fn from_handshake(hs: snow::HandshakeState) -> Result<Self> {
+        let t = hs
             .into_stateless_transport_mode()
             .map_err(|e| noise_err("finishing the Noise handshake", e))?;
-        Ok(Self(Arc::new(Keys {
-            transport,
-            open: open?,
-        })))
-    }
-
-    /// Open record number `n`, `record` (ciphertext then tag), in place:
-    /// the plaintext's length, at the front of `record`.
-    fn open_in_place(&self, n: u64, record: &mut [u8]) -> Option<usize> {
-        // snow refuses the last nonce (the Noise specification keeps it
-        // for rekeying); so does this.
-        if n == u64::MAX {
-            return None;
-        }
-        let mut nonce = [0u8; 12];
-        nonce[4..].copy_from_slice(&n.to_be_bytes());
-        self.0
-            .open
-            .open_in_place(
-                ring::aead::Nonce::assume_unique_for_key(nonce),
-                ring::aead::Aad::empty(),
-                record,
-            )
-            .ok()
-            .map(|plain| plain.len())
+        Ok(Self(Arc::new(t)))
     }
 
     /// The reading and writing halves of the record layer over `reader`
@@ -306,9 +245,6 @@ pub(crate) struct RecordReader<R> {
     len: usize,
     /// Once a record failed, every later read fails the same way.
     failed: Option<String>,
-    /// Records opened in place (the tests' proof that the path ran).
-    #[cfg(test)]
-    direct: usize,
 }
 
 impl<R: Read> RecordReader<R> {
@@ -324,8 +260,6 @@ impl<R: Read> RecordReader<R> {
             pos: 0,
             len: 0,
             failed: None,
-            #[cfg(test)]
-            direct: 0,
         }
     }
 
@@ -364,11 +298,10 @@ impl<R: Read> RecordReader<R> {
     /// `n`) into `out`, which has room for `n` bytes; the plaintext length.
     fn open(&mut self, n: usize, out: &mut [u8]) -> io::Result<usize> {
         let from = self.start + LEN_PREFIX;
-        let opened =
-            self.keys
-                .0
-                .transport
-                .read_message(self.next, &self.input[from..from + n], out);
+        let opened = self
+            .keys
+            .0
+            .read_message(self.next, &self.input[from..from + n], out);
         match opened {
             Ok(len) => {
                 self.start += LEN_PREFIX + n;
@@ -376,74 +309,6 @@ impl<R: Read> RecordReader<R> {
                 Ok(len)
             }
             Err(_) => Err(self.fail(format!(
-                "record {} of {} bytes does not authenticate (changed, reordered, replayed or injected on the path)",
-                self.next, n
-            ))),
-        }
-    }
-}
-
-impl<R: Read> RecordReader<R> {
-    /// The record at `input[start..]`, `n` bytes long and not all buffered,
-    /// read from the connection straight into `buf` (which has room for it)
-    /// and opened there: the plaintext's length, at the front of `buf`.
-    ///
-    /// Each socket read asks for the rest of the record and the next
-    /// record's length prefix, no more (what follows is left in the
-    /// socket, so that the next large record is read the same way). A read
-    /// that fails (a timeout) leaves what arrived of the record buffered,
-    /// as a read into `input` would have.
-    fn read_direct(&mut self, n: usize, buf: &mut [u8]) -> io::Result<usize> {
-        let prefix = [self.input[self.start], self.input[self.start + 1]];
-        let part = self.end - self.start - LEN_PREFIX;
-        buf[..part].copy_from_slice(&self.input[self.start + LEN_PREFIX..self.end]);
-        (self.start, self.end) = (0, 0);
-        let mut got = part;
-        let mut after = 0;
-        // Bounded: every pass reads at least one byte of the record, or
-        // returns (a failure or the end of the stream).
-        while got < n {
-            let read = self.inner.read_vectored(&mut [
-                IoSliceMut::new(&mut buf[got..n]),
-                IoSliceMut::new(&mut self.input[..LEN_PREFIX]),
-            ]);
-            match read {
-                Ok(0) => {
-                    return Err(self.fail(format!(
-                        "the stream ended inside record {} ({} bytes of it arrived)",
-                        self.next,
-                        LEN_PREFIX + got
-                    )));
-                }
-                Ok(k) => {
-                    // The kernel fills the record's slice first: bytes past
-                    // it (the next prefix) mean the record is whole.
-                    let into = k.min(n - got);
-                    got += into;
-                    after = k - into;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // Not whole: held as if read into `input` (no byte went
-                    // past the record, which is not whole).
-                    self.input[..LEN_PREFIX].copy_from_slice(&prefix);
-                    self.input[LEN_PREFIX..LEN_PREFIX + got].copy_from_slice(&buf[..got]);
-                    self.end = LEN_PREFIX + got;
-                    return Err(e);
-                }
-            }
-        }
-        self.end = after;
-        match self.keys.open_in_place(self.next, &mut buf[..n]) {
-            Some(len) => {
-                self.next += 1;
-                #[cfg(test)]
-                {
-                    self.direct += 1;
-                }
-                Ok(len)
-            }
-            None => Err(self.fail(format!(
                 "record {} of {} bytes does not authenticate (changed, reordered, replayed or injected on the path)",
                 self.next, n
             ))),
@@ -494,9 +359,6 @@ impl<R: Read> Read for RecordReader<R> {
                     }
                     continue;
                 }
-                if n >= DIRECT_MIN && buf.len() >= n {
-                    return self.read_direct(n, buf);
-                }
             }
             // Need more ciphertext: make room for a whole record, then read.
             if self.start == self.end {
@@ -507,15 +369,8 @@ impl<R: Read> Read for RecordReader<R> {
                 self.end -= self.start;
                 self.start = 0;
             }
-            // Nothing buffered and a large read: the next length prefix
-            // only, so that a large record behind it is read in place.
-            let upto = if self.start == self.end && buf.len() >= DIRECT_MIN {
-                LEN_PREFIX
-            } else {
-                self.input.len()
-            };
             let got = loop {
-                match self.inner.read(&mut self.input[self.end..upto]) {
+                match self.inner.read(&mut self.input[self.end..]) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     other => break other?,
                 }
@@ -588,7 +443,6 @@ impl<W: Write> RecordWriter<W> {
         let at = *out_len + LEN_PREFIX;
         let n = keys
             .0
-            .transport
             .write_message(*next, plain, &mut out[at..at + plain.len() + TAG_LEN])
             // Length checked by the callers; the nonce cannot run out (2^64 records).
             .unwrap_or_else(|_| unreachable!("a record of at most MAX_PLAIN bytes seals"));
