@@ -678,8 +678,17 @@ fn queued_bytes_are_estimated_and_batches_cut_by_bytes() {
         })
         .unwrap();
         assert_eq!(sizes, want, "batches at {batch_bytes} bytes");
-        // Aborted: the connections serve on, queues intact.
+        // The records are gone, the memory they were read into is still
+        // held (given back after the freeze, not in it).
+        assert!(
+            src.held_queue_bytes() >= 4 * EACH,
+            "held {} after the capture",
+            src.held_queue_bytes()
+        );
+        // Aborted: the connections serve on, queues intact, the memory
+        // given back; the next attempt reads into an arena of its own.
         src.abort().unwrap();
+        assert_eq!(src.held_queue_bytes(), 0, "held after an abort");
     }
     for (i, (_, server)) in pairs.iter().enumerate() {
         assert_eq!(
@@ -688,6 +697,42 @@ fn queued_bytes_are_estimated_and_batches_cut_by_bytes() {
             "{i}"
         );
     }
+}
+
+/// The queue memory a capture read into is held past the freeze and
+/// given back at the release (on the closing thread, after `Commit`), not
+/// when the records are dropped inside the freeze.
+#[test]
+fn queue_memory_is_given_back_at_the_release() {
+    if !privileged("queue_memory_is_given_back_at_the_release") {
+        return;
+    }
+    const EACH: usize = 5000;
+    let (mut client, server) = loopback_pair();
+    let data: Vec<u8> = (0..EACH).map(common::big_byte).collect();
+    client.write_all(&data).unwrap();
+    wait_inq(&server, EACH as u32);
+    let mut src = NetSource::new(NetSourceConfig::default()).unwrap();
+    src.add(1, server.into()).unwrap();
+    assert_eq!(src.held_queue_bytes(), 0, "no estimate: no arena");
+    assert_eq!(src.queued_bytes().unwrap(), EACH as u64);
+    assert!(src.held_queue_bytes() >= EACH);
+    src.freeze().unwrap();
+    let mut got = Vec::new();
+    src.capture(&mut |b| {
+        for r in b {
+            let SocketRecord::Tcp(c) = r else {
+                panic!("not TCP")
+            };
+            got.extend_from_slice(&c.recv_queue);
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(got, data, "the queue, once and in order");
+    assert!(src.held_queue_bytes() >= EACH, "held past the capture");
+    src.release().unwrap();
+    assert_eq!(src.held_queue_bytes(), 0, "given back at the release");
 }
 
 /// `SinkConfig::nonblocking`: restored sockets come back non-blocking (no

@@ -470,6 +470,8 @@ impl NetSource {
     /// Abort, as [`SocketSource::abort`].
     pub fn abort_sockets(&mut self) -> Result<()> {
         let left = self.leave_repair();
+        // The queue arena the capture held past the freeze (s11-queue).
+        drop(self.ctx.arena.take_held());
         if self.phase == Phase::Frozen {
             self.phase = Phase::Running;
             // The freeze forgot the plan: every id held is now in `ids`, so
@@ -480,6 +482,15 @@ impl NetSource {
             }
         }
         left
+    }
+
+    /// Bytes of queue memory the last capture read into and this source
+    /// still holds: the capture's records are dropped inside the freeze,
+    /// and the memory is given back only at [`NetSource::release_sockets`]
+    /// (on the closing thread) or [`NetSource::abort_sockets`], so that
+    /// unmapping it costs the freeze nothing.
+    pub fn held_queue_bytes(&self) -> usize {
+        self.ctx.arena.held_bytes()
     }
 
     /// Release, as [`SocketSource::release`]: close every socket in repair mode.
@@ -503,6 +514,9 @@ impl NetSource {
             }
         }
         let entries = std::mem::take(&mut self.entries);
+        // The queue arena, held past the freeze, is given back with the
+        // sockets, after `Commit` (s11-queue).
+        let entries = (entries, self.ctx.arena.take_held());
         if self.cfg.close_in_background {
             // If the thread cannot start, the closure and the sockets in it
             // are dropped here.
