@@ -470,7 +470,7 @@ impl NetSource {
     /// Abort, as [`SocketSource::abort`].
     pub fn abort_sockets(&mut self) -> Result<()> {
         let left = self.leave_repair();
-        // The queue arena the capture held past the freeze (s11-queue).
+        // The queue arena the capture held past the freeze.
         drop(self.ctx.arena.take_held());
         if self.phase == Phase::Frozen {
             self.phase = Phase::Running;
@@ -515,7 +515,7 @@ impl NetSource {
         }
         let entries = std::mem::take(&mut self.entries);
         // The queue arena, held past the freeze, is given back with the
-        // sockets, after `Commit` (s11-queue).
+        // sockets, after `Commit`.
         let entries = (entries, self.ctx.arena.take_held());
         if self.cfg.close_in_background {
             // If the thread cannot start, the closure and the sockets in it
