@@ -250,7 +250,10 @@ pub use postcopy::{
     BACKGROUND_THREAD_NICE, PostcopyOptions, PostcopyStats, Residency, URGENT_THREAD_NICE,
     URGENT_THREAD_SLICE,
 };
-pub use postcopy::{fault_path_cpu, set_fault_path_cpu};
+pub use postcopy::{
+    FaultPathAffinity, fault_path_affinity, fault_path_cpu, set_fault_path_affinity,
+    set_fault_path_cpu,
+};
 pub use probe::probe;
 pub use region::{
     Backing, DestinationRegions, ForeignBacking, ForeignMemory, Region, RegionOptions, RegionSet,

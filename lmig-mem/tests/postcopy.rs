@@ -641,6 +641,27 @@ fn postcopy_over_tcp_program_touches_pages_at_once() {
     }
 }
 
+/// The fault path held together with no CPU number
+/// ([`lmig_mem::FaultPathAffinity::Together`], process-wide while this test
+/// runs; the other tests of this file only run the same threads held): every
+/// page arrives once and right, the program's faults answered.
+#[test]
+fn postcopy_with_the_fault_path_together_places_every_page_once() {
+    use lmig_mem::{FaultPathAffinity, set_fault_path_affinity};
+    let what = "postcopy, fault path together";
+    set_fault_path_affinity(FaultPathAffinity::Together).unwrap();
+    let o = migrate(what, 4096, Mode::Postcopy, true, None, |_, _, _, _| {});
+    set_fault_path_affinity(FaultPathAffinity::Free).unwrap();
+    let Some(o) = o else {
+        return;
+    };
+    check(what, &o, 4096);
+    assert_eq!(o.dest.postcopy_pages, 4096, "{what}");
+    assert_eq!(o.dest.duplicate_pages, 0, "{what}");
+    assert_eq!(o.source.postcopy_pages, 4096, "{what}: every page once");
+    assert!(o.dest.network_faults >= 1, "{what}");
+}
+
 /// The push held off after the resume: the program's requests are
 /// answered meanwhile, the push starts after (at most the hold-off later),
 /// and every page arrives once and right, read in order (close behind the

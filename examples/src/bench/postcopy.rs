@@ -48,7 +48,8 @@ use lmig_core::protocol::{CHUNK_PAGES, Message, PageBatch, PageData, Verificatio
 use lmig_core::session::{Destination, DestinationConfig, Mode, Source, SourceConfig};
 use lmig_core::{Channel, Event, MemorySource, MigrationError, StateSink};
 use lmig_mem::{
-    Backing, DestinationRegions, ManualTracker, PostcopyOptions, RegionOptions, RegionSet,
+    Backing, DestinationRegions, FaultPathAffinity, ManualTracker, PostcopyOptions, RegionOptions,
+    RegionSet,
 };
 use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, StreamChannel, connect};
 use serde_json::json;
@@ -67,6 +68,27 @@ pub enum Workload {
     Seq,
     /// Pages in a random order.
     Random,
+}
+
+/// `--fault-path`: a [`lmig_mem::FaultPathAffinity`] that needs no CPU number.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FaultPath {
+    /// Left to the scheduler.
+    Free,
+    /// Held together on the CPU the first of them runs on.
+    Together,
+}
+
+/// Apply `--fault-cpu` (first) or `--fault-path` to this process.
+pub(super) fn apply_fault_path(args: &Args) -> lmig_mem::Result<()> {
+    if args.fault_cpu.is_some() {
+        return lmig_mem::set_fault_path_cpu(args.fault_cpu);
+    }
+    match args.fault_path {
+        None => Ok(()),
+        Some(FaultPath::Free) => lmig_mem::set_fault_path_affinity(FaultPathAffinity::Free),
+        Some(FaultPath::Together) => lmig_mem::set_fault_path_affinity(FaultPathAffinity::Together),
+    }
 }
 
 /// Options of the `postcopy` scenario.
@@ -96,6 +118,10 @@ pub struct Args {
     /// (`lmig_mem::set_fault_path_cpu`); default: left to the scheduler.
     #[arg(long)]
     pub fault_cpu: Option<usize>,
+    /// Where the fault path's threads run when no `--fault-cpu` is given
+    /// (`lmig_mem::set_fault_path_affinity`); default: the library's.
+    #[arg(long, value_enum)]
+    pub fault_path: Option<FaultPath>,
     /// Cut the migration's TCP connections once this share (%) of the pages
     /// was placed (post-copy recovery); 0 = never.
     #[arg(long, default_value_t = 0)]
@@ -203,7 +229,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(target) = &args.peer_source {
         return super::postcopy_loss::source_process(&args, target);
     }
-    lmig_mem::set_fault_path_cpu(args.fault_cpu)?;
+    apply_fault_path(&args)?;
     let regions = source_regions(args.mib)?;
     let pages = regions.get(REGION)?.pages();
 
@@ -235,6 +261,12 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(cpu) = args.fault_cpu {
         peer_args.push(format!("--fault-cpu={cpu}"));
+    }
+    if let Some(mode) = args.fault_path {
+        peer_args.push(format!(
+            "--fault-path={}",
+            format!("{mode:?}").to_lowercase()
+        ));
     }
     if let Some(t) = args.source_returns_after_ms {
         peer_args.push(format!("--source-returns-after-ms={t}"));
@@ -366,6 +398,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "spin_us": args.spin_us,
         "urgent_spin_us": args.urgent_spin_us,
         "fault_cpu": args.fault_cpu,
+        "fault_path": format!("{:?}", lmig_mem::fault_path_affinity()).to_lowercase(),
         "push_pages": args.push_pages,
         "resend_in_flight": args.resend_in_flight,
         "queue_depth": args.queue_depth,
@@ -396,7 +429,7 @@ impl StateSink for Toucher {
 fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Error>> {
     let key = key_from_hex(&std::env::var(KEY_ENV)?)?;
     let pages = (args.mib << 20) / PAGE as u64;
-    lmig_mem::set_fault_path_cpu(args.fault_cpu)?;
+    apply_fault_path(args)?;
 
     let rtt = RoundTrips::measure(
         args.rtt_addr.as_deref().ok_or("--rtt-addr missing")?,

@@ -1,4 +1,4 @@
-//! An opt-in CPU for the threads of the post-copy fault path.
+//! Where the threads of the post-copy fault path run.
 //!
 //! A fault's round trip is a strict chain of wake-ups: the destination's
 //! fault thread sends the request, the source's request server answers it,
@@ -10,24 +10,48 @@
 //! threads on one CPU makes those wake-ups local; the push and the rest of
 //! the program keep the other CPUs.
 //!
-//! Off by default: which CPU suits depends on the host (its other work,
-//! where the program's own threads run), so the embedder chooses.
+//! [`FaultPathAffinity`] says where: left to the scheduler, a CPU the
+//! embedder names, or [`FaultPathAffinity::Together`], one CPU chosen
+//! without a number (the one the first of these threads runs on).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+use nix::sched::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
 use nix::unistd::Pid;
 
 use crate::error::{MemError, Result};
 
-/// No CPU chosen.
-const NONE: usize = usize::MAX;
+/// Where this process holds the threads of its post-copy fault path
+/// ([`set_fault_path_affinity`]).
+#[non_exhaustive]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum FaultPathAffinity {
+    /// Left to the scheduler (the default).
+    #[default]
+    Free,
+    /// Held on this CPU ([`set_fault_path_cpu`]).
+    Cpu(usize),
+    /// Held together on one CPU that needs no number: the CPU the first of
+    /// them runs on when it starts, kept for the later ones (of this and
+    /// later sessions). If a thread may not run there (the CPU went
+    /// offline, or the process's cpuset changed), the CPU it runs on
+    /// becomes the chosen one. Within one process only: the two ends of a
+    /// migration on one host each choose their own.
+    Together,
+}
 
-/// The CPU chosen with [`set_fault_path_cpu`] (`NONE`: none).
-static FAULT_PATH_CPU: AtomicUsize = AtomicUsize::new(NONE);
+/// Encoding of the mode in [`MODE`]: `FREE`, `TOGETHER`, or a CPU number.
+const FREE: usize = usize::MAX;
+const TOGETHER: usize = usize::MAX - 1;
 
-/// Hold the threads of this process's post-copy fault path on `cpu`
-/// (`None`, the default: leave them to the scheduler).
+/// The mode chosen with [`set_fault_path_affinity`].
+static MODE: AtomicUsize = AtomicUsize::new(FREE);
+
+/// In [`FaultPathAffinity::Together`]: the CPU chosen by the first thread
+/// (`FREE`: none yet).
+static TOGETHER_CPU: AtomicUsize = AtomicUsize::new(FREE);
+
+/// Hold the threads of this process's post-copy fault path as `mode` says.
 ///
 /// The threads are those that call
 /// [`MemorySink::urgent_thread`](lmig_core::MemorySink::urgent_thread) or
@@ -35,50 +59,123 @@ static FAULT_PATH_CPU: AtomicUsize = AtomicUsize::new(NONE);
 /// of lmig-mem's region sets: the destination's fault and reply threads
 /// and the source's request server. It applies to those that start after
 /// the call (a session's post-copy threads start at its resume). A thread
-/// that cannot be held there (the CPU went offline, or the thread's
-/// cpuset changed since) keeps running where it may, said at debug level.
+/// that cannot be held where the mode says keeps running where it may,
+/// said at debug level. Setting [`FaultPathAffinity::Together`] again
+/// forgets the CPU chosen before.
+///
+/// # Errors
+/// [`MemError::Os`] (`EINVAL`) for a [`FaultPathAffinity::Cpu`] that is not
+/// one this process may run on; the setting is then unchanged.
+pub fn set_fault_path_affinity(mode: FaultPathAffinity) -> Result<()> {
+    let encoded = match mode {
+        FaultPathAffinity::Free => FREE,
+        FaultPathAffinity::Together => TOGETHER,
+        FaultPathAffinity::Cpu(cpu) => {
+            let allowed = sched_getaffinity(Pid::from_raw(0))
+                .map_err(|e| MemError::os("sched_getaffinity", "this thread", e.into()))?;
+            if cpu >= CpuSet::count() || cpu >= TOGETHER || !allowed.is_set(cpu).unwrap_or(false) {
+                return Err(MemError::os(
+                    "sched_getaffinity",
+                    format!("the fault path's CPU {cpu} (not one this process may run on)"),
+                    std::io::Error::from_raw_os_error(libc::EINVAL),
+                ));
+            }
+            cpu
+        }
+    };
+    TOGETHER_CPU.store(FREE, Ordering::Relaxed);
+    MODE.store(encoded, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The mode chosen with [`set_fault_path_affinity`] (or
+/// [`set_fault_path_cpu`]).
+pub fn fault_path_affinity() -> FaultPathAffinity {
+    match MODE.load(Ordering::Relaxed) {
+        FREE => FaultPathAffinity::Free,
+        TOGETHER => FaultPathAffinity::Together,
+        cpu => FaultPathAffinity::Cpu(cpu),
+    }
+}
+
+/// Hold the threads of this process's post-copy fault path on `cpu`
+/// (`None`, the default: leave them to the scheduler): the same as
+/// [`set_fault_path_affinity`] with [`FaultPathAffinity::Cpu`] or
+/// [`FaultPathAffinity::Free`].
 ///
 /// # Errors
 /// [`MemError::Os`] (`EINVAL`) if `cpu` is not one this process may run
 /// on; the setting is then unchanged.
 pub fn set_fault_path_cpu(cpu: Option<usize>) -> Result<()> {
-    let Some(cpu) = cpu else {
-        FAULT_PATH_CPU.store(NONE, Ordering::Relaxed);
-        return Ok(());
-    };
-    let allowed = sched_getaffinity(Pid::from_raw(0))
-        .map_err(|e| MemError::os("sched_getaffinity", "this thread", e.into()))?;
-    if cpu >= CpuSet::count() || cpu == NONE || !allowed.is_set(cpu).unwrap_or(false) {
-        return Err(MemError::os(
-            "sched_getaffinity",
-            format!("the fault path's CPU {cpu} (not one this process may run on)"),
-            std::io::Error::from_raw_os_error(libc::EINVAL),
-        ));
-    }
-    FAULT_PATH_CPU.store(cpu, Ordering::Relaxed);
-    Ok(())
+    set_fault_path_affinity(cpu.map_or(FaultPathAffinity::Free, FaultPathAffinity::Cpu))
 }
 
-/// The CPU chosen with [`set_fault_path_cpu`], if any.
+/// The CPU chosen with [`set_fault_path_cpu`], if any (`None` also in
+/// [`FaultPathAffinity::Together`]).
 pub fn fault_path_cpu() -> Option<usize> {
-    match FAULT_PATH_CPU.load(Ordering::Relaxed) {
-        NONE => None,
-        cpu => Some(cpu),
+    match fault_path_affinity() {
+        FaultPathAffinity::Cpu(cpu) => Some(cpu),
+        _ => None,
     }
 }
 
-/// Hold the calling thread on the chosen CPU, if one was chosen.
-pub(super) fn hold_on_fault_path_cpu() {
-    let Some(cpu) = fault_path_cpu() else {
-        return;
-    };
+/// Hold the calling thread on `cpu` alone.
+fn hold_on(cpu: usize) -> nix::Result<()> {
     let mut one = CpuSet::new();
-    let held = one
-        .set(cpu)
-        .and_then(|()| sched_setaffinity(Pid::from_raw(0), &one));
-    match held {
-        Ok(()) => debug!(cpu, "post-copy fault path: thread held on its CPU"),
-        Err(e) => debug!(cpu, error = %e, "post-copy fault path: thread not held on its CPU"),
+    one.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &one)
+}
+
+/// Hold the calling thread where the chosen mode says.
+pub(super) fn hold_on_fault_path_cpu() {
+    match fault_path_affinity() {
+        FaultPathAffinity::Free => {}
+        FaultPathAffinity::Cpu(cpu) => match hold_on(cpu) {
+            Ok(()) => debug!(cpu, "post-copy fault path: thread held on its CPU"),
+            Err(e) => debug!(cpu, error = %e, "post-copy fault path: thread not held on its CPU"),
+        },
+        FaultPathAffinity::Together => hold_together(),
+    }
+}
+
+/// [`FaultPathAffinity::Together`]: hold the calling thread on the CPU the
+/// first one chose; the first chooses the CPU it runs on, and so does a
+/// thread the chosen CPU refuses.
+fn hold_together() {
+    let chosen = TOGETHER_CPU.load(Ordering::Relaxed);
+    if chosen != FREE {
+        match hold_on(chosen) {
+            Ok(()) => {
+                debug!(
+                    cpu = chosen,
+                    "post-copy fault path: thread held with the others"
+                );
+                return;
+            }
+            Err(e) => debug!(
+                cpu = chosen,
+                error = %e,
+                "post-copy fault path: the chosen CPU refused, choosing again"
+            ),
+        }
+    }
+    let here = match sched_getcpu() {
+        Ok(cpu) => cpu,
+        Err(e) => {
+            debug!(error = %e, "post-copy fault path: no CPU to hold the thread on");
+            return;
+        }
+    };
+    // Two threads choosing at once: the first to store wins and the other
+    // follows it.
+    let cpu =
+        match TOGETHER_CPU.compare_exchange(chosen, here, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => here,
+            Err(winner) => winner,
+        };
+    match hold_on(cpu) {
+        Ok(()) => debug!(cpu, "post-copy fault path: thread held, CPU chosen"),
+        Err(e) => debug!(cpu, error = %e, "post-copy fault path: thread not held"),
     }
 }
 
@@ -136,5 +233,46 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(after, cpus);
+        together_holds_the_threads_on_one_cpu_and_a_refused_cpu_is_chosen_again(&cpus);
+        set_fault_path_cpu(None).unwrap();
+        assert_eq!(fault_path_affinity(), FaultPathAffinity::Free);
+    }
+
+    /// Part of the test above (the setting is process-wide).
+    fn together_holds_the_threads_on_one_cpu_and_a_refused_cpu_is_chosen_again(cpus: &[usize]) {
+        let fault_path_thread = || {
+            std::thread::spawn(|| {
+                super::super::urgent_thread();
+                allowed()
+            })
+            .join()
+            .unwrap()
+        };
+        set_fault_path_affinity(FaultPathAffinity::Together).unwrap();
+        assert_eq!(fault_path_affinity(), FaultPathAffinity::Together);
+        assert_eq!(fault_path_cpu(), None);
+        // The first thread is held on one CPU, the next ones on the same.
+        let first = fault_path_thread();
+        assert_eq!(first.len(), 1, "first thread held on one CPU: {first:?}");
+        let chosen = first[0];
+        assert!(cpus.contains(&chosen));
+        for _ in 0..3 {
+            assert_eq!(fault_path_thread(), vec![chosen]);
+        }
+        assert_eq!(allowed(), cpus, "the thread that chose is not held");
+        // A chosen CPU the threads may no longer run on (as if it went
+        // offline: one the machine does not have) does not stop the next
+        // thread: it chooses the CPU it runs on, and later threads follow.
+        let gone = CpuSet::count() - 1;
+        assert!(!cpus.contains(&gone));
+        TOGETHER_CPU.store(gone, Ordering::Relaxed);
+        let again = fault_path_thread();
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert!(cpus.contains(&again[0]));
+        assert_eq!(TOGETHER_CPU.load(Ordering::Relaxed), again[0]);
+        assert_eq!(fault_path_thread(), again);
+        // Choosing the mode again forgets the CPU.
+        set_fault_path_affinity(FaultPathAffinity::Together).unwrap();
+        assert_eq!(TOGETHER_CPU.load(Ordering::Relaxed), FREE);
     }
 }

@@ -109,7 +109,10 @@ mod options;
 mod residency;
 mod setup;
 
-pub use affinity::{fault_path_cpu, set_fault_path_cpu};
+pub use affinity::{
+    FaultPathAffinity, fault_path_affinity, fault_path_cpu, set_fault_path_affinity,
+    set_fault_path_cpu,
+};
 #[cfg(feature = "bench-internals")]
 pub use options::FaultTrace;
 pub use options::{PostcopyOptions, PostcopyStats};
