@@ -63,18 +63,20 @@ pub fn push_demand_rest() -> Duration {
         .map_or(Duration::ZERO, |us| Duration::from_micros(us.min(100_000)))
 }
 
-/// Environment variable: `0` keeps the source's post-copy pusher at its
-/// nice level instead of the lowest class ([`idle_push`]), to compare.
+/// Environment variable: `1` runs the source's post-copy pusher in the
+/// lowest class instead of at its nice level ([`idle_push`]).
 pub const IDLE_PUSH_ENV: &str = "LMIG_KVD_IDLE_PUSH";
 
 /// The source's
 /// [`SourceConfig::idle_push`](lmig_core::session::SourceConfig::idle_push):
-/// on unless [`IDLE_PUSH_ENV`] is `0` (the pusher then takes only CPU time
+/// whether [`IDLE_PUSH_ENV`] is `1` (the pusher then takes only CPU time
 /// kvd's loop, the client and the fault path leave; its requests never
 /// wait for it, as kvd resends pages in flight). It takes effect with the
-/// lowest-class hook ([`super::pace::idle_lanes`]).
+/// lowest-class hook ([`super::pace::idle_lanes`]). Off by default: on a
+/// loaded host its post-copy phase took 2.4–3.4 s (the push ~1.6 s), and no
+/// gain in the clients' figures could be shown (docs/benchmarks.md).
 pub fn idle_push() -> bool {
-    std::env::var_os(IDLE_PUSH_ENV).is_none_or(|v| v != "0")
+    std::env::var_os(IDLE_PUSH_ENV).is_some_and(|v| v == "1")
 }
 
 /// Environment variable: a CPU on which the post-copy fault path's threads
