@@ -431,17 +431,18 @@ fn migrate(
     limit: Option<u64>,
     disrupt: impl Fn(&Proxy, &DestinationRegions, &AtomicBool, &AtomicBool) + Send + Sync,
 ) -> Option<Outcome> {
-    migrate_with(what, pages, mode, random, limit, Duration::ZERO, disrupt)
+    migrate_with(what, pages, mode, random, limit, &|c| c, disrupt)
 }
 
-/// [`migrate`] with the source's post-copy push held off for `holdoff`.
+/// [`migrate`] with the source's config changed by `tune` (e.g. the
+/// post-copy push held off).
 fn migrate_with(
     what: &str,
     pages: u64,
     mode: Mode,
     random: bool,
     limit: Option<u64>,
-    holdoff: Duration,
+    tune: &(dyn Fn(SourceConfig) -> SourceConfig + Sync),
     disrupt: impl Fn(&Proxy, &DestinationRegions, &AtomicBool, &AtomicBool) + Send + Sync,
 ) -> Option<Outcome> {
     const R: RegionId = RegionId(3);
@@ -472,12 +473,13 @@ fn migrate_with(
         let source = s.spawn(|| {
             let channel: StreamChannel =
                 connect(&Endpoint::Tcp(proxy_addr), config(limit)).unwrap();
-            let cfg = SourceConfig::default()
-                .with_mode(mode)
-                .with_verify(true)
-                .with_ready_timeout(Duration::from_secs(30))
-                .with_done_timeout(Duration::from_secs(30))
-                .with_push_holdoff(holdoff);
+            let cfg = tune(
+                SourceConfig::default()
+                    .with_mode(mode)
+                    .with_verify(true)
+                    .with_ready_timeout(Duration::from_secs(30))
+                    .with_done_timeout(Duration::from_secs(30)),
+            );
             let program = Pauser {
                 stop: &writer_stop,
                 inner: NullProgram::default(),
@@ -677,7 +679,7 @@ fn postcopy_with_the_push_held_off_places_every_page_once() {
             Mode::Postcopy,
             random,
             None,
-            holdoff,
+            &|c| c.with_push_holdoff(holdoff),
             |_, _, _, _| {},
         ) else {
             return;
@@ -686,6 +688,43 @@ fn postcopy_with_the_push_held_off_places_every_page_once() {
         assert_eq!(o.dest.postcopy_pages, 4096, "{what}");
         assert_eq!(o.dest.duplicate_pages, 0, "{what}");
         assert_eq!(o.source.postcopy_pages, 4096, "{what}: every page once");
+        assert!(o.dest.network_faults >= 1, "{what}: asked for meanwhile");
+    }
+}
+
+/// The push rests after each message while requests keep coming, runs
+/// in the lowest class, and requests do not wait for its queue (resent
+/// pages allowed): the program reads every page right, each page is placed
+/// once, and the session ends though the program faults all along.
+#[test]
+fn postcopy_with_a_resting_idle_push_places_every_page_once() {
+    for random in [true, false] {
+        let what = format!("postcopy resting idle push random={random}");
+        let Some(o) = migrate_with(
+            &what,
+            4096,
+            Mode::Postcopy,
+            random,
+            None,
+            &|c| {
+                c.with_push_demand_rest(Duration::from_millis(2))
+                    .with_idle_push(true)
+                    .with_idle_lanes(Some(lmig_mem::cpu::idle_thread))
+                    .with_resend_in_flight(true)
+            },
+            |_, _, _, _| {},
+        ) else {
+            return;
+        };
+        check(&what, &o, 4096);
+        assert_eq!(
+            o.dest.postcopy_pages, 4096,
+            "{what}: every page placed once"
+        );
+        assert!(
+            o.source.postcopy_pages >= 4096,
+            "{what}: every page sent at least once"
+        );
         assert!(o.dest.network_faults >= 1, "{what}: asked for meanwhile");
     }
 }

@@ -13,7 +13,10 @@
 //! INCR test uses sum to the INCRs it sent: none lost, none applied twice),
 //! `freeze_ms`, `migrated`, `verified`, and the migration's timeline in ms
 //! after redis-benchmark started (`migration_at_ms`, `paused_at_ms`,
-//! `resumed_at_ms`, `last_page_at_ms`, `benchmark_ms`).
+//! `resumed_at_ms`, `last_page_at_ms`, `complete_at_ms`, `benchmark_ms`);
+//! with `--probe-conns`, `probe_migration_max_ms` is the probe's slowest
+//! request sent from the pause to the last page (the migration's share of
+//! a worst latency, apart from the host's own hiccups).
 //!
 //! redis-benchmark comes with redis-tools; without it the scenario says so
 //! and fails (it is a benchmark, not part of the tests).
@@ -344,6 +347,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "paused_at_ms": at(s.map(|s| s.paused_ns)),
         "resumed_at_ms": at(d.and_then(|d| d.resumed_ns)),
         "last_page_at_ms": at(d.and_then(|d| d.last_page_ns)),
+        "complete_at_ms": at(d.and_then(|d| d.complete_ns)),
         "benchmark_ms": at(Some(x.ended_ns)),
         "exit_code": x.exit_code,
         "benchmark_error": parse_error.or_else(|| {
@@ -361,11 +365,33 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         .map(mono_ns)
         .map(|z| z as f64 - x.started_ns as f64);
     let after_start = |ms: f64| zero.map(|z| round((z + ms * 1e6) / 1e6, 1));
+    // The probe's slowest request sent from the pause until every page was
+    // here (post-copy's wave included), in ms after redis-benchmark started.
+    let window = (
+        at(s.map(|s| s.paused_ns)),
+        at(d.and_then(|d| d.complete_ns.or(d.resumed_ns))),
+    );
+    let in_migration = match window {
+        (Some(from), Some(to)) if args.probe_conns > 0 => Some(
+            r.load
+                .timeline
+                .iter()
+                .filter(|&&(b, _, _)| {
+                    // A 10 ms bucket that overlaps the window.
+                    after_start(b).is_some_and(|b| b + 10.0 > from && b <= to)
+                })
+                .map(|&(_, max, _)| max)
+                .fold(0.0, f64::max),
+        ),
+        _ => None,
+    };
     let probe = json!({
         "started_ns": x.started_ns,
         "probe_conns": args.probe_conns,
         "probe_max_ms": (args.probe_conns > 0).then(|| round(r.load.max_latency_ms, 2)),
         "probe_p99_ms": (args.probe_conns > 0).then(|| round(r.load.p99_latency_ms, 2)),
+        // The slowest probe request sent from the pause to the last page.
+        "probe_migration_max_ms": in_migration.map(|m| round(m, 2)),
         "probe_failed": (args.probe_conns > 0).then_some(r.load.requests_failed),
         "probe_broken": (args.probe_conns > 0).then_some(r.load.conns_broken),
         // [sent (ms after redis-benchmark started), latency ms].

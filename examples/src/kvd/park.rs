@@ -48,6 +48,37 @@ pub fn push_holdoff() -> Duration {
         .map_or(PUSH_HOLDOFF, |ms| Duration::from_millis(ms.min(1000)))
 }
 
+/// Environment variable: the post-copy push's rest after each message
+/// while requests keep coming, µs ([`push_demand_rest`]); unset or `0`:
+/// none.
+pub const PUSH_REST_ENV: &str = "LMIG_KVD_PUSH_REST_US";
+
+/// The source's
+/// [`SourceConfig::push_demand_rest`](lmig_core::session::SourceConfig::push_demand_rest):
+/// [`PUSH_REST_ENV`]'s µs (capped at 100 ms), zero when unset.
+pub fn push_demand_rest() -> Duration {
+    std::env::var(PUSH_REST_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(Duration::ZERO, |us| Duration::from_micros(us.min(100_000)))
+}
+
+/// Environment variable: `1` runs the source's post-copy pusher in the
+/// lowest class instead of at its nice level ([`idle_push`]).
+pub const IDLE_PUSH_ENV: &str = "LMIG_KVD_IDLE_PUSH";
+
+/// The source's
+/// [`SourceConfig::idle_push`](lmig_core::session::SourceConfig::idle_push):
+/// whether [`IDLE_PUSH_ENV`] is `1` (the pusher then takes only CPU time
+/// kvd's loop, the client and the fault path leave; its requests never
+/// wait for it, as kvd resends pages in flight). It takes effect with the
+/// lowest-class hook ([`super::pace::idle_lanes`]). Off by default: on a
+/// loaded host its post-copy phase took 2.4–3.4 s (the push ~1.6 s), and no
+/// gain in the clients' figures could be shown (docs/benchmarks.md).
+pub fn idle_push() -> bool {
+    std::env::var_os(IDLE_PUSH_ENV).is_some_and(|v| v == "1")
+}
+
 /// Environment variable: a CPU on which the post-copy fault path's threads
 /// are held (`lmig_mem::set_fault_path_cpu`); unset: left to the scheduler.
 pub const FAULT_CPU_ENV: &str = "LMIG_KVD_FAULT_CPU";

@@ -11,6 +11,7 @@
 //! ([`place_postcopy`]), so every page is placed once. A channel without
 //! `recv_urgent` delivers the replies to the session's thread instead.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{Scope, ScopedJoinHandle};
@@ -88,7 +89,8 @@ pub(super) struct PostcopyLink {
     /// Reconnections done.
     reconnects: AtomicU64,
     /// Recent fault requests (repeated after a reconnect if still missing).
-    outstanding: Mutex<Vec<PageRun>>,
+    /// A ring: the oldest goes when a new one comes and it is full.
+    outstanding: Mutex<VecDeque<PageRun>>,
 }
 
 impl PostcopyLink {
@@ -621,9 +623,9 @@ impl FaultForwarder {
                 for m in &requests {
                     if let Message::PageRequest(run) = m {
                         if o.len() == MAX_OUTSTANDING {
-                            o.remove(0);
+                            o.pop_front();
                         }
-                        o.push(*run);
+                        o.push_back(*run);
                     }
                 }
             }

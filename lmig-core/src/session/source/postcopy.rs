@@ -9,12 +9,12 @@
 //! thread ([`Service::listen`]) reads the control lane: `Resync`, `Done`,
 //! and requests of a channel without an urgent lane.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, TryLockError};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
-use super::push::{HOLDOFF_QUIET, HoldOff, PushGate, PushQueue};
+use super::push::{DemandRest, HOLDOFF_QUIET, HoldOff, PushGate, PushQueue, requested_as_asked};
 use super::{Source, SourceReport};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
@@ -92,6 +92,8 @@ where
                 },
                 HOLDOFF_QUIET,
             ),
+            demand: DemandRest::new(self.config.push_demand_rest, HOLDOFF_QUIET),
+            idle_push: self.config.idle_lanes.filter(|_| self.config.idle_push),
             pushed: AtomicU64::new(0),
             lanes: self.channel.data_lanes().max(1),
             batch,
@@ -158,6 +160,10 @@ struct Service<'s, M, C> {
     gate: PushGate,
     /// The push waits while the program's first requests are answered.
     holdoff: HoldOff,
+    /// The push rests while requests keep coming.
+    demand: DemandRest,
+    /// Moves the pusher to the lowest class (`SourceConfig::idle_push`).
+    idle_push: Option<fn(bool) -> bool>,
     /// Pages pushed so far (for progress events).
     pushed: AtomicU64,
     lanes: usize,
@@ -201,16 +207,35 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
         if self.layout.check_run(&run).is_err() {
             return Ok(sent);
         }
-        let (unsent, again) = {
-            let mut q = self.push.lock().expect("push queue poisoned");
-            let again = if self.resend {
-                q.sent_before(&run, self.batch, RESEND_PAGES)
-            } else {
-                Vec::new()
-            };
-            (q.take_requested(&run, self.batch), again)
+        let queue = if self.resend {
+            // The pusher holds the queue only for a moment, but in a lower
+            // class it may lose its CPU in that moment: a request never
+            // waits for it. The run goes as asked, and the copy the push
+            // sends later is dropped there as a duplicate.
+            match self.push.try_lock() {
+                Ok(q) => Some(q),
+                Err(TryLockError::WouldBlock) => None,
+                Err(TryLockError::Poisoned(_)) => panic!("push queue poisoned"),
+            }
+        } else {
+            Some(self.push.lock().expect("push queue poisoned"))
         };
-        self.catching_up.store(unsent.is_empty(), Ordering::Relaxed);
+        let (unsent, again) = match queue {
+            Some(mut q) => {
+                let again = if self.resend {
+                    q.sent_before(&run, self.batch, RESEND_PAGES)
+                } else {
+                    Vec::new()
+                };
+                let unsent = q.take_requested(&run, self.batch);
+                self.catching_up.store(unsent.is_empty(), Ordering::Relaxed);
+                (unsent, again)
+            }
+            None => (
+                requested_as_asked(&run, self.batch, RESEND_PAGES),
+                Vec::new(),
+            ),
+        };
         let mut runs = unsent;
         runs.extend(again);
         runs.sort_by_key(|r| r.first);
@@ -238,6 +263,7 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
         // What was read before a failure still goes out.
         let flushed = sender.flush_urgent();
         self.holdoff.request();
+        self.demand.request();
         match outcome.and(flushed) {
             Ok(()) => lock(&self.requested).add(sent),
             Err(e) => {
@@ -456,6 +482,9 @@ impl<'scope> Pusher<'scope> {
         // Below the request server (and, on a shared host, the program):
         // the push takes the CPU they leave.
         service.memory.background_thread();
+        if let Some(idle) = service.idle_push {
+            idle(true);
+        }
         // The program's first requests go first (bounded).
         service.hold_off();
         // Held to the bandwidth limit until the session ends.
@@ -476,6 +505,8 @@ impl<'scope> Pusher<'scope> {
                 // Lost or not: the destination's `Resync` says.
                 Err(_) => service.gate.broken(epoch),
             }
+            // Bounded: one message goes out between two rests.
+            service.demand.after_message(ended);
             let n = service
                 .pushed
                 .fetch_add(u64::from(run.count), Ordering::Relaxed);

@@ -181,6 +181,87 @@ impl HoldOff {
     }
 }
 
+/// The push's rest while requests keep coming
+/// ([`SourceConfig::push_demand_rest`](super::SourceConfig::push_demand_rest)):
+/// after each pushed message, while a request was answered within the last
+/// `window`, the pusher rests `rest`. One message goes out between two
+/// rests, so the push always ends.
+pub(super) struct DemandRest {
+    start: Instant,
+    rest: Duration,
+    window: Duration,
+    /// When the last request was answered: ns after `start`, plus one
+    /// (0: none yet).
+    last: AtomicU64,
+}
+
+impl DemandRest {
+    pub(super) fn new(rest: Duration, window: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            rest,
+            window,
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// A request was answered now.
+    pub(super) fn request(&self) {
+        if self.rest.is_zero() {
+            return;
+        }
+        let ns = self
+            .start
+            .elapsed()
+            .as_nanos()
+            .min(u128::from(u64::MAX - 1)) as u64;
+        self.last.store(ns + 1, Ordering::Relaxed);
+    }
+
+    /// Whether requests are coming `elapsed` after the start.
+    fn active_at(&self, elapsed: Duration) -> bool {
+        match self.last.load(Ordering::Relaxed) {
+            0 => false,
+            last => elapsed.saturating_sub(Duration::from_nanos(last - 1)) < self.window,
+        }
+    }
+
+    /// After a pushed message: rest while requests are coming, at most
+    /// `rest` (slept in ticks of at most 1 ms; over at once when `stop`
+    /// says the session ended). Returns how long it rested.
+    pub(super) fn after_message(&self, stop: impl Fn() -> bool) -> Duration {
+        if self.rest.is_zero() || !self.active_at(self.start.elapsed()) {
+            return Duration::ZERO;
+        }
+        let began = Instant::now();
+        loop {
+            let rested = began.elapsed();
+            if rested >= self.rest || stop() {
+                return rested;
+            }
+            std::thread::sleep((self.rest - rested).min(HOLDOFF_TICK));
+        }
+    }
+}
+
+/// A requested run as asked, without the push queue: chunk-aligned runs
+/// of at most `max` pages, the first `limit` pages at most (the pages
+/// after them come with the push).
+pub(super) fn requested_as_asked(run: &PageRun, max: u32, limit: u64) -> Vec<PageRun> {
+    let chunk = u64::from(CHUNK_PAGES);
+    let max = u64::from(max.max(1));
+    let end = run.end().min(run.first.saturating_add(limit));
+    let mut out = Vec::new();
+    let mut p = run.first;
+    // Bounded by `limit` pages.
+    while p < end {
+        let stop = end.min((p / chunk + 1) * chunk).min(p + max);
+        out.push(PageRun::new(run.region, p, (stop - p) as u32));
+        p = stop;
+    }
+    out
+}
+
 /// Post-copy push order: pages around recent faults first ("bubbling" out
 /// both ways from each pivot), then the rest in address order. Every page
 /// leaves the queue exactly once.
@@ -418,6 +499,68 @@ mod tests {
         // A session that ends stops the wait at once.
         let h = HoldOff::new(Duration::from_secs(3600), Duration::from_secs(3600));
         h.wait(|| true);
+    }
+
+    #[test]
+    fn the_demand_rest_is_taken_only_while_requests_come_and_is_bounded() {
+        let ms = Duration::from_millis;
+        // No rest configured: never rests, requests not noted.
+        let d = DemandRest::new(Duration::ZERO, ms(4));
+        d.request();
+        assert_eq!(d.last.load(Ordering::Relaxed), 0);
+        assert_eq!(d.after_message(|| false), Duration::ZERO);
+        let d = DemandRest::new(ms(3), ms(4));
+        assert!(!d.active_at(ms(0)), "no request yet: no rest");
+        assert_eq!(d.after_message(|| false), Duration::ZERO);
+        d.last
+            .store(ms(10).as_nanos() as u64 + 1, Ordering::Relaxed);
+        assert!(d.active_at(ms(13)), "a request 3 ms ago: rest");
+        assert!(!d.active_at(ms(14)), "quiet for the window: no rest");
+        // Requests every 0.2 ms from another thread: every rest ends
+        // (each at most `rest` plus a sleep's overshoot, not asserted),
+        // and 50 messages go out.
+        let d = DemandRest::new(ms(2), ms(4));
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let mut rested = 0;
+        d.request();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Bounded: at most 60 s of requests.
+                for _ in 0..300_000 {
+                    if done.load(Ordering::Acquire) {
+                        break;
+                    }
+                    d.request();
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            });
+            for _ in 0..50 {
+                if d.after_message(|| false) > Duration::ZERO {
+                    rested += 1;
+                }
+            }
+            done.store(true, Ordering::Release);
+        });
+        assert!(rested > 0, "requests were coming: it rested");
+        // A session that ends stops a rest at once.
+        let d = DemandRest::new(Duration::from_secs(3600), Duration::from_secs(3600));
+        d.request();
+        assert!(d.after_message(|| true) < Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_run_asked_for_without_the_queue_is_cut_at_chunks_and_the_limit() {
+        let run = |f, c| PageRun::new(RegionId(1), f, c);
+        assert_eq!(requested_as_asked(&run(5, 1), 64, 64), vec![run(5, 1)]);
+        assert_eq!(
+            requested_as_asked(&run(60, 10), 64, 64),
+            vec![run(60, 4), run(64, 6)]
+        );
+        assert_eq!(
+            requested_as_asked(&run(0, 200), 32, 70),
+            vec![run(0, 32), run(32, 32), run(64, 6)]
+        );
+        assert!(requested_as_asked(&run(0, 5), 64, 0).is_empty());
     }
 
     fn queue(pages: u64) -> PushQueue {
