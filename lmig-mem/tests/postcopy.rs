@@ -692,14 +692,13 @@ fn postcopy_with_the_push_held_off_places_every_page_once() {
     }
 }
 
-/// The push rests after each message while requests keep coming, runs
-/// in the lowest class, and requests do not wait for its queue (resent
+/// The push runs in the lowest class, and requests do not wait for its queue (resent
 /// pages allowed): the program reads every page right, each page is placed
 /// once, and the session ends though the program faults all along.
 #[test]
-fn postcopy_with_a_resting_idle_push_places_every_page_once() {
+fn postcopy_with_an_idle_push_places_every_page_once() {
     for random in [true, false] {
-        let what = format!("postcopy resting idle push random={random}");
+        let what = format!("postcopy idle push random={random}");
         let Some(o) = migrate_with(
             &what,
             4096,
@@ -707,8 +706,7 @@ fn postcopy_with_a_resting_idle_push_places_every_page_once() {
             random,
             None,
             &|c| {
-                c.with_push_demand_rest(Duration::from_millis(2))
-                    .with_idle_push(true)
+                c.with_idle_push(true)
                     .with_idle_lanes(Some(lmig_mem::cpu::idle_thread))
                     .with_resend_in_flight(true)
             },

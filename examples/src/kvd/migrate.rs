@@ -361,14 +361,9 @@ pub fn migrate_out(
         .with_yield_to_program(yield_to_loop)
         .with_idle_lanes(crate::kvd::pace::idle_lanes())
         .with_idle_duty(crate::kvd::pace::idle_duty())
-<<<<<<< HEAD
         .with_idle_threads(crate::kvd::pace::idle_threads())
-        .with_push_holdoff(crate::kvd::park::push_holdoff());
-=======
         .with_push_holdoff(crate::kvd::park::push_holdoff())
-        .with_push_demand_rest(crate::kvd::park::push_demand_rest())
         .with_idle_push(crate::kvd::park::idle_push());
->>>>>>> s11-pc
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)
         .with_config(config)

@@ -48,21 +48,6 @@ pub fn push_holdoff() -> Duration {
         .map_or(PUSH_HOLDOFF, |ms| Duration::from_millis(ms.min(1000)))
 }
 
-/// Environment variable: the post-copy push's rest after each message
-/// while requests keep coming, µs ([`push_demand_rest`]); unset or `0`:
-/// none.
-pub const PUSH_REST_ENV: &str = "LMIG_KVD_PUSH_REST_US";
-
-/// The source's
-/// [`SourceConfig::push_demand_rest`](lmig_core::session::SourceConfig::push_demand_rest):
-/// [`PUSH_REST_ENV`]'s µs (capped at 100 ms), zero when unset.
-pub fn push_demand_rest() -> Duration {
-    std::env::var(PUSH_REST_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(Duration::ZERO, |us| Duration::from_micros(us.min(100_000)))
-}
-
 /// Environment variable: `1` runs the source's post-copy pusher in the
 /// lowest class instead of at its nice level ([`idle_push`]).
 pub const IDLE_PUSH_ENV: &str = "LMIG_KVD_IDLE_PUSH";

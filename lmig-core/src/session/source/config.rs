@@ -151,12 +151,6 @@ pub struct SourceConfig {
     /// never lasts longer than this: requests that keep coming never hold
     /// the push back for good.
     pub push_holdoff: Duration,
-    /// Post-copy: while the destination's requests keep coming (one
-    /// answered within the last 4 ms), the pusher rests this long after each
-    /// pushed message, so that the placement of pushed pages takes less of
-    /// a CPU the program's loop needs. Bounded: one message goes out
-    /// between two rests, so the push always ends. Default zero: no rest.
-    pub push_demand_rest: Duration,
     /// Post-copy: the pusher runs in the lowest class through
     /// [`Self::idle_lanes`]'s hook (nothing without one). The request
     /// server never waits for it: with [`Self::resend_in_flight`] it does
@@ -212,7 +206,6 @@ impl Default for SourceConfig {
             idle_duty: 100,
             idle_threads: 0,
             push_holdoff: Duration::ZERO,
-            push_demand_rest: Duration::ZERO,
             idle_push: false,
         }
     }
@@ -321,13 +314,6 @@ impl SourceConfig {
     #[must_use]
     pub fn with_push_holdoff(mut self, holdoff: Duration) -> Self {
         self.push_holdoff = holdoff;
-        self
-    }
-
-    /// Set [`Self::push_demand_rest`].
-    #[must_use]
-    pub fn with_push_demand_rest(mut self, rest: Duration) -> Self {
-        self.push_demand_rest = rest;
         self
     }
 

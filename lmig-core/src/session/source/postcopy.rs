@@ -14,7 +14,7 @@ use std::sync::{Mutex, TryLockError};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
-use super::push::{DemandRest, HOLDOFF_QUIET, HoldOff, PushGate, PushQueue, requested_as_asked};
+use super::push::{HOLDOFF_QUIET, HoldOff, PushGate, PushQueue, requested_as_asked};
 use super::{Source, SourceReport};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
@@ -92,7 +92,6 @@ where
                 },
                 HOLDOFF_QUIET,
             ),
-            demand: DemandRest::new(self.config.push_demand_rest, HOLDOFF_QUIET),
             idle_push: self.config.idle_lanes.filter(|_| self.config.idle_push),
             pushed: AtomicU64::new(0),
             lanes: self.channel.data_lanes().max(1),
@@ -160,8 +159,6 @@ struct Service<'s, M, C> {
     gate: PushGate,
     /// The push waits while the program's first requests are answered.
     holdoff: HoldOff,
-    /// The push rests while requests keep coming.
-    demand: DemandRest,
     /// Moves the pusher to the lowest class (`SourceConfig::idle_push`).
     idle_push: Option<fn(bool) -> bool>,
     /// Pages pushed so far (for progress events).
@@ -263,7 +260,6 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
         // What was read before a failure still goes out.
         let flushed = sender.flush_urgent();
         self.holdoff.request();
-        self.demand.request();
         match outcome.and(flushed) {
             Ok(()) => lock(&self.requested).add(sent),
             Err(e) => {
@@ -505,8 +501,6 @@ impl<'scope> Pusher<'scope> {
                 // Lost or not: the destination's `Resync` says.
                 Err(_) => service.gate.broken(epoch),
             }
-            // Bounded: one message goes out between two rests.
-            service.demand.after_message(ended);
             let n = service
                 .pushed
                 .fetch_add(u64::from(run.count), Ordering::Relaxed);

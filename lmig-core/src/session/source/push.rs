@@ -181,69 +181,6 @@ impl HoldOff {
     }
 }
 
-/// The push's rest while requests keep coming
-/// ([`SourceConfig::push_demand_rest`](super::SourceConfig::push_demand_rest)):
-/// after each pushed message, while a request was answered within the last
-/// `window`, the pusher rests `rest`. One message goes out between two
-/// rests, so the push always ends.
-pub(super) struct DemandRest {
-    start: Instant,
-    rest: Duration,
-    window: Duration,
-    /// When the last request was answered: ns after `start`, plus one
-    /// (0: none yet).
-    last: AtomicU64,
-}
-
-impl DemandRest {
-    pub(super) fn new(rest: Duration, window: Duration) -> Self {
-        Self {
-            start: Instant::now(),
-            rest,
-            window,
-            last: AtomicU64::new(0),
-        }
-    }
-
-    /// A request was answered now.
-    pub(super) fn request(&self) {
-        if self.rest.is_zero() {
-            return;
-        }
-        let ns = self
-            .start
-            .elapsed()
-            .as_nanos()
-            .min(u128::from(u64::MAX - 1)) as u64;
-        self.last.store(ns + 1, Ordering::Relaxed);
-    }
-
-    /// Whether requests are coming `elapsed` after the start.
-    fn active_at(&self, elapsed: Duration) -> bool {
-        match self.last.load(Ordering::Relaxed) {
-            0 => false,
-            last => elapsed.saturating_sub(Duration::from_nanos(last - 1)) < self.window,
-        }
-    }
-
-    /// After a pushed message: rest while requests are coming, at most
-    /// `rest` (slept in ticks of at most 1 ms; over at once when `stop`
-    /// says the session ended). Returns how long it rested.
-    pub(super) fn after_message(&self, stop: impl Fn() -> bool) -> Duration {
-        if self.rest.is_zero() || !self.active_at(self.start.elapsed()) {
-            return Duration::ZERO;
-        }
-        let began = Instant::now();
-        loop {
-            let rested = began.elapsed();
-            if rested >= self.rest || stop() {
-                return rested;
-            }
-            std::thread::sleep((self.rest - rested).min(HOLDOFF_TICK));
-        }
-    }
-}
-
 /// A requested run as asked, without the push queue: chunk-aligned runs
 /// of at most `max` pages, the first `limit` pages at most (the pages
 /// after them come with the push).
@@ -499,53 +436,6 @@ mod tests {
         // A session that ends stops the wait at once.
         let h = HoldOff::new(Duration::from_secs(3600), Duration::from_secs(3600));
         h.wait(|| true);
-    }
-
-    #[test]
-    fn the_demand_rest_is_taken_only_while_requests_come_and_is_bounded() {
-        let ms = Duration::from_millis;
-        // No rest configured: never rests, requests not noted.
-        let d = DemandRest::new(Duration::ZERO, ms(4));
-        d.request();
-        assert_eq!(d.last.load(Ordering::Relaxed), 0);
-        assert_eq!(d.after_message(|| false), Duration::ZERO);
-        let d = DemandRest::new(ms(3), ms(4));
-        assert!(!d.active_at(ms(0)), "no request yet: no rest");
-        assert_eq!(d.after_message(|| false), Duration::ZERO);
-        d.last
-            .store(ms(10).as_nanos() as u64 + 1, Ordering::Relaxed);
-        assert!(d.active_at(ms(13)), "a request 3 ms ago: rest");
-        assert!(!d.active_at(ms(14)), "quiet for the window: no rest");
-        // Requests every 0.2 ms from another thread: every rest ends
-        // (each at most `rest` plus a sleep's overshoot, not asserted),
-        // and 50 messages go out.
-        let d = DemandRest::new(ms(2), ms(4));
-        let done = std::sync::atomic::AtomicBool::new(false);
-        let mut rested = 0;
-        d.request();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // Bounded: at most 60 s of requests.
-                for _ in 0..300_000 {
-                    if done.load(Ordering::Acquire) {
-                        break;
-                    }
-                    d.request();
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            });
-            for _ in 0..50 {
-                if d.after_message(|| false) > Duration::ZERO {
-                    rested += 1;
-                }
-            }
-            done.store(true, Ordering::Release);
-        });
-        assert!(rested > 0, "requests were coming: it rested");
-        // A session that ends stops a rest at once.
-        let d = DemandRest::new(Duration::from_secs(3600), Duration::from_secs(3600));
-        d.request();
-        assert!(d.after_message(|| true) < Duration::from_secs(3600));
     }
 
     #[test]
