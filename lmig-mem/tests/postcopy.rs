@@ -625,6 +625,19 @@ fn check(what: &str, o: &Outcome, pages: u64) {
     let _ = pages;
 }
 
+/// [`check`], and every page sent once and placed once, with at least one
+/// asked for by a fault.
+fn check_each_page_once(what: &str, o: &Outcome, pages: u64) {
+    check(what, o, pages);
+    assert_eq!(o.dest.postcopy_pages, pages, "{what}");
+    assert_eq!(o.dest.duplicate_pages, 0, "{what}");
+    assert_eq!(
+        o.source.postcopy_pages, pages,
+        "{what}: every page sent once"
+    );
+    assert!(o.dest.network_faults >= 1, "{what}: asked for meanwhile");
+}
+
 #[test]
 fn postcopy_over_tcp_program_touches_pages_at_once() {
     for random in [false, true] {
@@ -632,14 +645,7 @@ fn postcopy_over_tcp_program_touches_pages_at_once() {
         let Some(o) = migrate(&what, 4096, Mode::Postcopy, random, None, |_, _, _, _| {}) else {
             return;
         };
-        check(&what, &o, 4096);
-        assert_eq!(o.dest.postcopy_pages, 4096, "{what}");
-        assert_eq!(o.dest.duplicate_pages, 0, "{what}");
-        assert_eq!(
-            o.source.postcopy_pages, 4096,
-            "{what}: every page sent once"
-        );
-        assert!(o.dest.network_faults >= 1, "{what}");
+        check_each_page_once(&what, &o, 4096);
     }
 }
 
@@ -657,11 +663,7 @@ fn postcopy_with_the_fault_path_together_places_every_page_once() {
     let Some(o) = o else {
         return;
     };
-    check(what, &o, 4096);
-    assert_eq!(o.dest.postcopy_pages, 4096, "{what}");
-    assert_eq!(o.dest.duplicate_pages, 0, "{what}");
-    assert_eq!(o.source.postcopy_pages, 4096, "{what}: every page once");
-    assert!(o.dest.network_faults >= 1, "{what}");
+    check_each_page_once(what, &o, 4096);
 }
 
 /// The push held off after the resume: the program's requests are
@@ -684,11 +686,7 @@ fn postcopy_with_the_push_held_off_places_every_page_once() {
         ) else {
             return;
         };
-        check(&what, &o, 4096);
-        assert_eq!(o.dest.postcopy_pages, 4096, "{what}");
-        assert_eq!(o.dest.duplicate_pages, 0, "{what}");
-        assert_eq!(o.source.postcopy_pages, 4096, "{what}: every page once");
-        assert!(o.dest.network_faults >= 1, "{what}: asked for meanwhile");
+        check_each_page_once(&what, &o, 4096);
     }
 }
 
