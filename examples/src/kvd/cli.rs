@@ -250,41 +250,12 @@ impl ReceiveLog for JsonLog {
     }
 }
 
-/// Environment variable: `together` holds the post-copy fault path's
-/// threads together on the CPU the first of them runs on, `free` leaves
-/// them to the scheduler (`lmig_mem::set_fault_path_affinity`); unset: the
-/// library's default. `LMIG_KVD_FAULT_CPU`, when set, goes first.
-pub const FAULT_PATH_ENV: &str = "LMIG_KVD_FAULT_PATH";
-
-/// Apply [`FAULT_PATH_ENV`], if set and no fault-path CPU was chosen; any
-/// other value is said on stderr and ignored.
-fn apply_fault_path() {
-    let Ok(v) = std::env::var(FAULT_PATH_ENV) else {
-        return;
-    };
-    if lmig_mem::fault_path_cpu().is_some() {
-        return;
-    }
-    let mode = match v.as_str() {
-        "together" => lmig_mem::FaultPathAffinity::Together,
-        "free" => lmig_mem::FaultPathAffinity::Free,
-        _ => {
-            eprintln!("kvd: {FAULT_PATH_ENV}={v} ignored: expected together or free");
-            return;
-        }
-    };
-    if let Err(e) = lmig_mem::set_fault_path_affinity(mode) {
-        eprintln!("kvd: {FAULT_PATH_ENV}={v} ignored: {e}");
-    }
-}
-
 /// Run kvd with these arguments (never returns on success paths that end the process).
 pub fn main_with(args: Args) {
     // Before any other thread: the signals that end kvd go to one thread,
     // which removes the admin socket first.
     let signals = SignalWatch::spawn().unwrap_or_else(|e| fail(format!("signals: {e}")));
-    crate::kvd::park::apply_fault_cpu();
-    apply_fault_path();
+    crate::kvd::park::apply_fault_path();
     // One fd per client connection: take the whole allowance.
     if let Err(e) = lmig_net::raise_nofile_limit() {
         eprintln!("kvd: cannot raise the open-file limit: {e}");

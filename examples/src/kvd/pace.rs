@@ -155,10 +155,16 @@ pub const IDLE_DUTY: u8 = 100;
 
 /// The senders' share in the lowest class: [`IDLE_DUTY_ENV`] or [`IDLE_DUTY`].
 pub fn idle_duty() -> u8 {
-    std::env::var(IDLE_DUTY_ENV)
+    env_number(IDLE_DUTY_ENV, IDLE_DUTY)
+}
+
+/// The number in environment variable `name`, or `default` when it is
+/// unset or not a number.
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(IDLE_DUTY)
+        .unwrap_or(default)
 }
 
 /// Environment variable: the most sender threads while they are in the
@@ -176,10 +182,7 @@ pub const IDLE_THREADS: usize = 0;
 /// The senders' threads in the lowest class: [`IDLE_THREADS_ENV`] or
 /// [`IDLE_THREADS`].
 pub fn idle_threads() -> usize {
-    std::env::var(IDLE_THREADS_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(IDLE_THREADS)
+    env_number(IDLE_THREADS_ENV, IDLE_THREADS)
 }
 
 /// The destination's hook: the whole kvd process (nothing of it serves

@@ -68,18 +68,34 @@ pub fn idle_push() -> bool {
 /// are held (`lmig_mem::set_fault_path_cpu`); unset: left to the scheduler.
 pub const FAULT_CPU_ENV: &str = "LMIG_KVD_FAULT_CPU";
 
-/// Apply [`FAULT_CPU_ENV`], if set. A value that is not a CPU this process
-/// may run on is said on stderr and ignored (the default stays).
-pub fn apply_fault_cpu() {
-    let Ok(v) = std::env::var(FAULT_CPU_ENV) else {
-        return;
+/// Environment variable: `together` holds the post-copy fault path's
+/// threads together on the CPU the first of them runs on, `free` leaves
+/// them to the scheduler (`lmig_mem::set_fault_path_affinity`); unset: the
+/// library's default. [`FAULT_CPU_ENV`], when set, goes first.
+pub const FAULT_PATH_ENV: &str = "LMIG_KVD_FAULT_PATH";
+
+/// Apply [`FAULT_CPU_ENV`], or else [`FAULT_PATH_ENV`], if set. A value
+/// that is not a CPU this process may run on, or not a mode, is said on
+/// stderr and ignored (the default stays).
+pub fn apply_fault_path() {
+    use lmig_mem::FaultPathAffinity;
+    let (env, v) = match (std::env::var(FAULT_CPU_ENV), std::env::var(FAULT_PATH_ENV)) {
+        (Ok(v), _) => (FAULT_CPU_ENV, v),
+        (Err(_), Ok(v)) => (FAULT_PATH_ENV, v),
+        (Err(_), Err(_)) => return,
     };
-    let set = v
-        .parse::<usize>()
-        .map_err(|e| e.to_string())
-        .and_then(|cpu| lmig_mem::set_fault_path_cpu(Some(cpu)).map_err(|e| e.to_string()));
+    let mode = match (env, v.as_str()) {
+        (FAULT_PATH_ENV, "together") => Ok(FaultPathAffinity::Together),
+        (FAULT_PATH_ENV, "free") => Ok(FaultPathAffinity::Free),
+        (FAULT_PATH_ENV, _) => Err("expected together or free".to_string()),
+        _ => v
+            .parse::<usize>()
+            .map(FaultPathAffinity::Cpu)
+            .map_err(|e| e.to_string()),
+    };
+    let set = mode.and_then(|m| lmig_mem::set_fault_path_affinity(m).map_err(|e| e.to_string()));
     if let Err(e) = set {
-        eprintln!("kvd: {FAULT_CPU_ENV}={v} ignored: {e}");
+        eprintln!("kvd: {env}={v} ignored: {e}");
     }
 }
 
