@@ -142,7 +142,7 @@ pub use fd::take_fd_from_process;
 pub use handoff::{Handoff, Locked};
 pub use handoff::{HandoffConfig, HandoffSink, HandoffSource, ServiceAddr};
 pub use probe::probe;
-pub use program::{ProgramSockets, SocketOwner};
+pub use program::{PLAN_FD_RESERVE, ProgramSockets, SocketOwner};
 pub use repair::{RepairExit, RepairGuard};
 pub use restored::{RestoredSocket, SocketView};
 pub use sink::{NetSink, SinkConfig};

@@ -8,7 +8,10 @@
 //! * **plan**, while the loop serves: the sockets are lent for a moment
 //!   ([`SocketOwner::lend`]), duplicated, and the duplicates read (kind,
 //!   addresses, options) after the loop got them back. A socket that cannot
-//!   be duplicated or read now is read at the freeze instead.
+//!   be duplicated or read now is read at the freeze instead. The
+//!   duplicates never take the program's last [`PLAN_FD_RESERVE`] fds: with
+//!   less room than sockets the plan lends them again for the rest (a
+//!   server with 10,000 connections under a 20,000 limit lends twice).
 //! * **freeze**: the loop hands its sockets over ([`SocketOwner::park`]);
 //!   only their identity is checked against the plan (on the capture
 //!   threads), so the freeze makes no system call per socket here.
@@ -27,6 +30,7 @@
 //! order is the same (the lock is engaged before `park`, lifted after
 //! `resume`).
 
+use std::collections::HashSet;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
 use lmig_core::model::{SocketPrep, SocketRecord};
@@ -35,6 +39,13 @@ use lmig_core::{BoxError, MigrationError};
 
 use crate::error::NetError;
 use crate::source::{NetSource, NetSourceConfig};
+use crate::sys;
+
+/// Fds the plan leaves free while it holds its duplicates: for the
+/// program's own accepts (kvd's admin socket, its clients) and lmig's own
+/// (channel streams, netlink). The plan duplicates at most the rest at a
+/// time, and lends the sockets again for those left over.
+pub const PLAN_FD_RESERVE: u64 = 256;
 
 /// The program's side of [`ProgramSockets`]: its event loop can stop using
 /// its sockets and hand them over, and serve them again.
@@ -59,7 +70,9 @@ pub trait SocketOwner: Send {
 
     /// Before the freeze, while the program serves: show every socket to
     /// `show` (borrowed) for a moment; [`ProgramSockets`] duplicates each
-    /// one there and reads the duplicates after `lend` returns.
+    /// one there and reads the duplicates after `lend` returns. Called
+    /// again, for the sockets not duplicated yet, when the process has
+    /// fewer fds to spare than sockets ([`PLAN_FD_RESERVE`]).
     ///
     /// The default parks the loop, shows what it handed over and resumes
     /// it. A program whose `park` only hands over what its
@@ -126,6 +139,38 @@ impl<O: SocketOwner> ProgramSockets<O> {
         self.net.as_ref()
     }
 
+    /// One lend: duplicates (about a microsecond each, read after the loop
+    /// got its sockets back) of at most `budget` sockets not in `seen`;
+    /// true if some were left for another pass.
+    fn lend_dups(
+        &mut self,
+        seen: &HashSet<u64>,
+        budget: usize,
+    ) -> lmig_core::Result<(Vec<(u64, OwnedFd)>, bool)> {
+        let mut dups = Vec::new();
+        let mut more = false;
+        self.owner
+            .lend(&mut |id, fd| {
+                if seen.contains(&id) || more {
+                    return;
+                }
+                if dups.len() >= budget {
+                    more = true;
+                    return;
+                }
+                match fd.try_clone_to_owned() {
+                    Ok(dup) => dups.push((id, dup)),
+                    // Out of fds after all (the program opened some): the
+                    // next pass, once these are read and closed.
+                    Err(e) if e.raw_os_error() == Some(libc::EMFILE) => more = true,
+                    // Read at the freeze.
+                    Err(_) => {}
+                }
+            })
+            .map_err(|e| program_err("program sockets (lend)", e))?;
+        Ok((dups, more))
+    }
+
     /// Give the sockets of a freeze that cannot go on back to the loop;
     /// returns the error to report.
     fn give_back(&mut self, sockets: Vec<(u64, OwnedFd)>, err: MigrationError) -> MigrationError {
@@ -142,20 +187,29 @@ impl<O: SocketOwner> ProgramSockets<O> {
 impl<O: SocketOwner> SocketSource for ProgramSockets<O> {
     fn plan(&mut self) -> lmig_core::Result<Vec<SocketPrep>> {
         let mut net = NetSource::new(self.cfg.clone())?;
-        // Duplicates taken while the loop lends its sockets (about a
-        // microsecond each), read while it serves again.
-        let mut dups = Vec::new();
-        self.owner
-            .lend(&mut |id, fd| {
-                if let Ok(dup) = fd.try_clone_to_owned() {
-                    dups.push((id, dup));
+        let mut plan = Vec::new();
+        let mut seen = HashSet::new();
+        // Bounded: a pass that duplicates nothing ends it, and every other
+        // one plans sockets not seen before.
+        loop {
+            let budget = sys::fd_room().map_or(usize::MAX, |room| {
+                room.saturating_sub(PLAN_FD_RESERVE) as usize
+            });
+            let (dups, more) = self.lend_dups(&seen, budget)?;
+            if dups.is_empty() {
+                break;
+            }
+            for (id, dup) in dups {
+                seen.insert(id);
+                // Not planned: read at the freeze instead.
+                if let Ok(prep) = net.plan_fd(id, std::os::fd::AsFd::as_fd(&dup)) {
+                    plan.push(prep);
                 }
-            })
-            .map_err(|e| program_err("program sockets (lend)", e))?;
-        let plan = dups
-            .into_iter()
-            .filter_map(|(id, dup)| net.plan_fd(id, std::os::fd::AsFd::as_fd(&dup)).ok())
-            .collect();
+            }
+            if !more {
+                break;
+            }
+        }
         self.planned = Some(net);
         Ok(plan)
     }

@@ -46,7 +46,7 @@ pub use netns::{command_in_netns, setns_net};
 pub use prio::{idle_thread_policy, lowest_thread_priority};
 #[cfg(feature = "bench-internals")]
 pub use process::thread_cpu_time;
-pub use process::{pidfd_getfd, pidfd_open, raise_nofile_limit};
+pub use process::{fd_room, pidfd_getfd, pidfd_open, raise_nofile_limit};
 pub use repair::{
     RepairMode, TCPOPT_MAXSEG, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP, TCPOPT_WINDOW, TcpQueue,
     TcpRepairOpt, TcpRepairWindowRaw, monotonic_ms, queue_seq, realtime_ms, repair_window,
