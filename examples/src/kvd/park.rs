@@ -99,21 +99,6 @@ pub fn apply_fault_path() {
     }
 }
 
-/// Environment variable: `0` asks for a parked request's pages at once,
-/// one [`PageResidency::request`] per range as it parks; unset or `1`:
-/// the missing ranges are collected and asked for together, up to
-/// [`ASK_BATCH`] at a time and at the end of every loop turn
-/// ([`Parking::ask_collected`]).
-pub const ASK_BATCH_ENV: &str = "LMIG_KVD_ASK_BATCH";
-
-/// Most ranges collected before they are asked for in the middle of a turn.
-pub const ASK_BATCH: usize = 64;
-
-/// Whether [`ASK_BATCH_ENV`] collects the ranges to ask for.
-pub fn ask_batch() -> bool {
-    std::env::var_os(ASK_BATCH_ENV).is_none_or(|v| v != "0")
-}
-
 /// Most requests one connection may have parked: a client pipelining
 /// behind a missing key cannot make kvd hold more.
 pub const MAX_PARKED_PER_CONN: usize = 1024;
@@ -139,13 +124,6 @@ pub struct Parking {
     queues: HashMap<u64, Parked>,
     /// Requests parked so far (for INFO and tests).
     parked: u64,
-    /// Collect the ranges to ask for ([`ASK_BATCH_ENV`]).
-    batch: bool,
-    /// Missing ranges not asked for yet, with their connection, in order.
-    to_ask: Vec<(PageRun, u64)>,
-    /// Connections whose collected ranges were all here by the time they
-    /// were asked for: nothing will wake them, so they are served again.
-    here: Vec<u64>,
 }
 
 impl Parking {
@@ -156,36 +134,7 @@ impl Parking {
             region,
             queues: HashMap::new(),
             parked: 0,
-            batch: ask_batch(),
-            to_ask: Vec::new(),
-            here: Vec::new(),
         }
-    }
-
-    /// Collect the missing ranges instead of asking for each at once
-    /// (the default is [`ASK_BATCH_ENV`]'s).
-    pub fn with_ask_batch(mut self, batch: bool) -> Self {
-        self.batch = batch;
-        self
-    }
-
-    /// Ask for the ranges collected so far, in the order their requests
-    /// parked (one burst for the fault thread, so one message to the
-    /// source instead of one per wake-up of it). Returns the connections
-    /// to serve again: every range of theirs came in meanwhile (or could
-    /// not be asked for: the request then runs and may fault).
-    pub fn ask_collected(&mut self) -> Vec<u64> {
-        let mut waiting: Vec<u64> = Vec::new();
-        let mut maybe: Vec<u64> = Vec::new();
-        for (run, id) in std::mem::take(&mut self.to_ask) {
-            match self.residency.request(&run, id) {
-                Ok(false) => waiting.push(id),
-                Ok(true) | Err(_) => maybe.push(id),
-            }
-        }
-        let mut here = std::mem::take(&mut self.here);
-        here.extend(maybe.into_iter().filter(|id| !waiting.contains(id)));
-        here
     }
 
     /// The eventfd to poll: readable once parked requests may run.
@@ -224,38 +173,17 @@ impl Parking {
             .any(|run| matches!(self.residency.is_resident(run), Ok(false)))
     }
 
-    /// Whether a page of `runs` is missing now; the missing ones are
+    /// Whether a page `args` needs is missing now; the missing ones are
     /// requested with `id` as their token (a run that cannot be asked for
     /// counts as here: the request then runs and may fault, as without
     /// parking).
-    fn missing(&mut self, id: u64, runs: Vec<PageRun>) -> bool {
-        if self.batch {
-            return self.collect(id, runs);
-        }
+    fn missing(&self, id: u64, store: &Store<'_>, args: &[Vec<u8>]) -> bool {
         let mut missing = false;
-        for run in runs {
+        for run in self.pages(store, args) {
             match self.residency.request(&run, id) {
                 Ok(true) | Err(_) => {}
                 Ok(false) => missing = true,
             }
-        }
-        missing
-    }
-
-    /// [`Self::missing`] when the ranges are collected: the missing ones
-    /// wait in `to_ask` (asked for when [`ASK_BATCH`] are collected, else by
-    /// the loop at the end of its turn).
-    fn collect(&mut self, id: u64, runs: Vec<PageRun>) -> bool {
-        let mut missing = false;
-        for run in runs {
-            if matches!(self.residency.is_resident(&run), Ok(false)) {
-                self.to_ask.push((run, id));
-                missing = true;
-            }
-        }
-        if self.to_ask.len() >= ASK_BATCH {
-            let here = self.ask_collected();
-            self.here = here;
         }
         missing
     }
@@ -269,8 +197,7 @@ impl Parking {
             self.parked += 1;
             return None;
         }
-        let runs = self.pages(store, &args);
-        if !self.missing(id, runs) {
+        if !self.missing(id, store, &args) {
             return Some(args);
         }
         let q = self.queues.entry(id).or_default();
@@ -288,8 +215,7 @@ impl Parking {
         let waiting = if q.asked {
             self.still_missing(store, front)
         } else {
-            let runs = self.pages(store, front);
-            self.missing(id, runs)
+            self.missing(id, store, front)
         };
         let q = self.queues.get_mut(&id)?;
         if waiting {
@@ -360,23 +286,18 @@ mod tests {
         words.iter().map(|w| w.as_bytes().to_vec()).collect()
     }
 
-    /// Every page of a store of `region` here.
-    fn all_here(region: &lmig_mem::Region) -> Arc<Pages> {
-        let pages = region.len() / PAGE as usize;
-        let fd = std::fs::File::open("/dev/null").unwrap().into();
-        Arc::new(Pages {
-            here: Mutex::new(vec![true; pages]),
-            asked: Mutex::new(Vec::new()),
-            fd,
-        })
-    }
-
     #[test]
     fn a_missing_key_parks_its_connection_in_order_and_others_run() {
         let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
         let store = Store::format(&region);
-        let res = all_here(&region);
-        let mut parking = Parking::new(res.clone(), RegionId(1)).with_ask_batch(false);
+        let pages = region.len() / PAGE as usize;
+        let fd = std::fs::File::open("/dev/null").unwrap().into();
+        let res = Arc::new(Pages {
+            here: Mutex::new(vec![true; pages]),
+            asked: Mutex::new(Vec::new()),
+            fd,
+        });
+        let mut parking = Parking::new(res.clone(), RegionId(1));
         // Make the home pages of "cold" missing.
         let cold = store.home_offset(b"cold") as u64 / PAGE;
         let warm = (0..1000)
@@ -413,43 +334,5 @@ mod tests {
         assert_eq!(parking.parked(), 2);
         // Drained: connection 7 runs directly again.
         assert_eq!(parking.admit(7, &store, get_warm.clone()), Some(get_warm));
-    }
-
-    #[test]
-    fn collected_ranges_are_asked_for_together_and_none_is_lost() {
-        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
-        let store = Store::format(&region);
-        let res = all_here(&region);
-        let mut parking = Parking::new(res.clone(), RegionId(1)).with_ask_batch(true);
-        // Keys on distinct pages, each page made missing.
-        let mut keys: Vec<(String, u64)> = Vec::new();
-        for i in 0..10_000 {
-            let k = format!("k{i}");
-            let p = store.home_offset(k.as_bytes()) as u64 / PAGE;
-            if p > 0 && keys.iter().all(|(_, q)| q.abs_diff(p) > 1) {
-                keys.push((k, p));
-            }
-            if keys.len() == 3 {
-                break;
-            }
-        }
-        assert_eq!(keys.len(), 3, "three keys on pages apart");
-        for (_, p) in &keys {
-            res.here.lock().unwrap()[*p as usize] = false;
-        }
-        for (id, (k, _)) in keys.iter().enumerate() {
-            assert_eq!(parking.admit(id as u64, &store, args(&["GET", k])), None);
-        }
-        assert!(res.asked.lock().unwrap().is_empty(), "collected, not asked yet");
-        // The second key's page came meanwhile: nothing will wake its
-        // connection, so it is handed back to be served again.
-        res.here.lock().unwrap()[keys[1].1 as usize] = true;
-        assert_eq!(parking.ask_collected(), vec![1]);
-        let asked: Vec<u64> = res.asked.lock().unwrap().iter().map(|(_, t)| *t).collect();
-        assert_eq!(asked, vec![0, 2], "in the order they parked");
-        assert!(parking.ask_collected().is_empty(), "asked once");
-        assert_eq!(parking.next(1, &store), Some(args(&["GET", &keys[1].0])));
-        assert_eq!(parking.next(0, &store), None, "still missing");
-        assert_eq!(res.asked.lock().unwrap().len(), 2, "not asked again");
     }
 }

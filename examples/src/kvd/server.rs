@@ -469,12 +469,6 @@ impl Server {
             if !self.control.pause.load(Ordering::Relaxed) {
                 self.serve_again(store);
             }
-            // The missing ranges of the requests parked in this turn are
-            // asked for together (see `park::ASK_BATCH_ENV`).
-            if let Some(p) = self.parking.as_mut() {
-                let here = p.ask_collected();
-                self.again.extend(here);
-            }
             let counters = &self.control.counters;
             timer.done(&counters.pace, counters.requests.load(Ordering::Relaxed));
             if let Some((at, served)) = pass {
