@@ -363,7 +363,6 @@ pub fn migrate_out(
         .with_idle_duty(crate::kvd::pace::idle_duty())
         .with_idle_threads(crate::kvd::pace::idle_threads())
         .with_push_holdoff(crate::kvd::park::push_holdoff())
-        .with_push_holdoff_quiet(crate::kvd::park::push_holdoff_quiet())
         .with_idle_push(crate::kvd::park::idle_push());
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)

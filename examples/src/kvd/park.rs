@@ -48,24 +48,6 @@ pub fn push_holdoff() -> Duration {
         .map_or(PUSH_HOLDOFF, |ms| Duration::from_millis(ms.min(1000)))
 }
 
-/// Environment variable: how long without a page request ends the push's
-/// hold-off early, ms ([`push_holdoff_quiet`]); unset: the library's
-/// (4 ms). As long as the hold-off or longer: it always lasts its length.
-pub const PUSH_QUIET_ENV: &str = "LMIG_KVD_PUSH_QUIET_MS";
-
-/// The source's
-/// [`SourceConfig::push_holdoff_quiet`](lmig_core::session::SourceConfig::push_holdoff_quiet):
-/// [`PUSH_QUIET_ENV`]'s ms (capped at 1 s), else the library's default.
-pub fn push_holdoff_quiet() -> Duration {
-    std::env::var(PUSH_QUIET_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or_else(
-            || lmig_core::session::SourceConfig::default().push_holdoff_quiet,
-            |ms| Duration::from_millis(ms.min(1000)),
-        )
-}
-
 /// Environment variable: `1` runs the source's post-copy pusher in the
 /// lowest class instead of at its nice level ([`idle_push`]).
 pub const IDLE_PUSH_ENV: &str = "LMIG_KVD_IDLE_PUSH";

@@ -151,10 +151,6 @@ pub struct SourceConfig {
     /// never lasts longer than this: requests that keep coming never hold
     /// the push back for good.
     pub push_holdoff: Duration,
-    /// How long without a request ends [`Self::push_holdoff`] early, once
-    /// requests came (default 4 ms). As long as the hold-off itself: it
-    /// then always lasts its whole length.
-    pub push_holdoff_quiet: Duration,
     /// Post-copy: the pusher runs in the lowest class through
     /// [`Self::idle_lanes`]'s hook (nothing without one). The request
     /// server never waits for it: with [`Self::resend_in_flight`] it does
@@ -210,7 +206,6 @@ impl Default for SourceConfig {
             idle_duty: 100,
             idle_threads: 0,
             push_holdoff: Duration::ZERO,
-            push_holdoff_quiet: Duration::from_millis(4),
             idle_push: false,
         }
     }
@@ -319,13 +314,6 @@ impl SourceConfig {
     #[must_use]
     pub fn with_push_holdoff(mut self, holdoff: Duration) -> Self {
         self.push_holdoff = holdoff;
-        self
-    }
-
-    /// Set [`Self::push_holdoff_quiet`].
-    #[must_use]
-    pub fn with_push_holdoff_quiet(mut self, quiet: Duration) -> Self {
-        self.push_holdoff_quiet = quiet;
         self
     }
 

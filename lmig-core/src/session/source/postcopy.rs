@@ -14,7 +14,7 @@ use std::sync::{Mutex, TryLockError};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
-use super::push::{HoldOff, PushGate, PushQueue, requested_as_asked};
+use super::push::{HOLDOFF_QUIET, HoldOff, PushGate, PushQueue, requested_as_asked};
 use super::{Source, SourceReport};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
@@ -90,7 +90,7 @@ where
                 } else {
                     Duration::ZERO
                 },
-                self.config.push_holdoff_quiet,
+                HOLDOFF_QUIET,
             ),
             idle_push: self.config.idle_lanes.filter(|_| self.config.idle_push),
             pushed: AtomicU64::new(0),

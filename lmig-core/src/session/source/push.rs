@@ -125,6 +125,8 @@ pub(super) struct HoldOff {
     last: AtomicU64,
 }
 
+/// How long without a request ends the hold-off early.
+pub(super) const HOLDOFF_QUIET: Duration = Duration::from_millis(4);
 /// The longest a waiter sleeps at a time before it looks again.
 const HOLDOFF_TICK: Duration = Duration::from_millis(1);
 
