@@ -304,6 +304,11 @@ pub fn migrate_out(
     started: impl FnOnce(SourceControl),
     progress: impl Fn(&Event) + Send + Sync,
 ) -> Result<SourceReport, MigrationError> {
+    // An experiment: the source's memory work alone, nothing sent.
+    if let Some(mbps) = crate::kvd::dry::dry_rate() {
+        let what = crate::kvd::dry::dry_precopy(regions, mbps);
+        return Err(backend("dry pre-copy", what));
+    }
     let debug = std::env::var_os("LMIG_DEMO_DEBUG").is_some();
     let t = Instant::now();
     let (mut tracker, _choice) = best_tracker(regions).map_err(MigrationError::from)?;
