@@ -8,8 +8,8 @@
 //! "dry run" once done; kvd serves on. There is no encryption, no socket and
 //! no destination: the CPU and memory bandwidth those take are left out.
 //!
-//! The rounds run on the calling thread in `SCHED_IDLE` (as the real
-//! senders do while rounds shrink). The tracker is removed after the
+//! The rounds run on the calling thread in `SCHED_IDLE` for at most 2 s
+//! (as the real senders do while rounds shrink). The tracker is removed after the
 //! answer: its teardown (tens of ms per GiB) happens after `Commit` in a
 //! real migration, when the source no longer serves.
 
@@ -28,6 +28,10 @@ pub const DRY_ENV: &str = "LMIG_KVD_DRY_PRECOPY";
 /// The dry run's length: about a real pre-copy's on this machine (round 0
 /// of 1 GiB and its later rounds).
 const DRY_LENGTH: Duration = Duration::from_millis(2000);
+
+/// The longest the rounds stay in the lowest class (as
+/// `SourceConfig::idle_round_limit`'s default): a busy host never starves them.
+const IDLE_LIMIT: Duration = Duration::from_secs(2);
 
 /// The pause between two later rounds (a real later round sends and waits
 /// for its pages to be placed).
@@ -52,12 +56,8 @@ pub fn dry_precopy(regions: &RegionSet, mbps: f64) -> String {
         Ok(t) => t,
         Err(e) => return format!("dry run: no tracker: {e}"),
     };
-    let lowered = lmig_mem::cpu::idle_thread(true);
     let t = Instant::now();
     let done = rounds(regions, &mut tracker, mbps);
-    if lowered {
-        lmig_mem::cpu::idle_thread(false);
-    }
     let took = t.elapsed();
     // The teardown after the answer (see the module docs).
     std::thread::spawn(move || {
@@ -89,9 +89,14 @@ fn rounds(
     let mut figures = DryFigures::default();
     let mut pages = RegionPages::full(&layout);
     let mut buf = vec![0u8; CHUNK_PAGES as usize * 4096];
+    // In the lowest class for at most IDLE_LIMIT, as the real senders.
+    let mut lowered = lmig_mem::cpu::idle_thread(true);
     // Bounded: DRY_LENGTH, and at most 1000 rounds.
     while figures.rounds < 1000 {
         for run in pages.chunked_runs(CHUNK_PAGES) {
+            if lowered && start.elapsed() >= IDLE_LIMIT {
+                lowered = !lmig_mem::cpu::idle_thread(false);
+            }
             if figures.rounds == 0 {
                 if let Some(c) = &clearer {
                     c.clear(&run)?;
@@ -112,6 +117,9 @@ fn rounds(
         std::thread::sleep(ROUND_GAP);
         pages.clear();
         tracker.collect(&mut pages)?;
+    }
+    if lowered {
+        lmig_mem::cpu::idle_thread(false);
     }
     Ok(figures)
 }
