@@ -302,8 +302,16 @@ fn senders_are_placed_before_each_chunk_while_in_the_lowest_class() {
     let rounds = migrate(config, DestinationConfig::default(), &PLACE_COLLECTS);
     assert!(rounds >= 3, "{rounds}");
     let calls = PLACE_CALLS.lock().unwrap().clone();
-    assert_eq!(calls.iter().filter(|c| **c == (0, true)).count(), 4, "{calls:?}");
-    assert_eq!(calls.iter().filter(|c| **c == (1, true)).count(), 1, "{calls:?}");
+    assert_eq!(
+        calls.iter().filter(|c| **c == (0, true)).count(),
+        4,
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.iter().filter(|c| **c == (1, true)).count(),
+        1,
+        "{calls:?}"
+    );
     assert!(calls.iter().all(|c| c.0 <= 1 && c.1), "{calls:?}");
 }
 

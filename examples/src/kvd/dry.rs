@@ -87,7 +87,7 @@ fn rounds(
     tracker.start()?;
     let start = Instant::now();
     let mut figures = DryFigures::default();
-    let mut pages = RegionPages::full(&layout);
+    let mut pages = RegionPages::full(layout);
     let mut buf = vec![0u8; CHUNK_PAGES as usize * 4096];
     // In the lowest class for at most IDLE_LIMIT, as the real senders.
     let mut lowered = lmig_mem::cpu::idle_thread(true);

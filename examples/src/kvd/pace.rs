@@ -231,7 +231,11 @@ fn place_sender(on: bool) {
     let Some(had) = had.or_else(|| sched_getaffinity(me).ok()) else {
         return;
     };
-    let avoid = if on { LOOP_CPU.load(Ordering::Relaxed) } else { -1 };
+    let avoid = if on {
+        LOOP_CPU.load(Ordering::Relaxed)
+    } else {
+        -1
+    };
     if avoid == placed {
         return;
     }

@@ -353,10 +353,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     if let Some(t) = &tls_dir {
         tls::use_certificates(&mut a, t, "a");
     }
-    let split = opts
-        .split_cpus
-        .then(split::SplitCpus::new)
-        .transpose()?;
+    let split = opts.split_cpus.then(split::SplitCpus::new).transpose()?;
     let mut a = topo.a.spawn(&mut a)?;
     let a_pid = a.id();
     let a_events = events(a.stdout.take().ok_or("kvd A has no stdout")?);

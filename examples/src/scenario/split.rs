@@ -51,7 +51,14 @@ impl SplitCpus {
     pub fn place_source(&self, pid: u32) -> Result<(), Error> {
         for (tid, name) in threads(pid)? {
             let migration = MIGRATION_THREADS.iter().any(|m| name.starts_with(m));
-            pin(tid, if migration { self.migration } else { self.program })?;
+            pin(
+                tid,
+                if migration {
+                    self.migration
+                } else {
+                    self.program
+                },
+            )?;
         }
         Ok(())
     }
