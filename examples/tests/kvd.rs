@@ -35,6 +35,8 @@ fn options(mode: &str, fault: Option<Fault>) -> Options {
         bandwidth_mbps: None,
         migrate_back: false,
         external: None,
+        split_cpus: false,
+        dry_precopy_mbps: None,
     }
 }
 

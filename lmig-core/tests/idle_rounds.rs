@@ -276,3 +276,62 @@ fn fewer_senders_than_lanes_send_every_page() {
         &THREADS_REFUSED_COLLECTS,
     );
 }
+
+static PLACE_COLLECTS: AtomicU32 = AtomicU32::new(0);
+/// (collects when called, what was asked) of the placement hook.
+static PLACE_CALLS: Mutex<Vec<(u32, bool)>> = Mutex::new(Vec::new());
+
+fn place_lanes_hook(_idle: bool) -> bool {
+    true
+}
+
+fn place_hook(on: bool) {
+    let at = PLACE_COLLECTS.load(Ordering::SeqCst);
+    PLACE_CALLS.lock().unwrap().push((at, on));
+}
+
+/// `idle_place`: a sender in the lowest class is placed before each of its
+/// chunks (round 0: 256 pages in 4 chunks; round 1: the 2 dirty pages in
+/// one), never once the rounds stop shrinking nor in the freeze; every
+/// page arrives.
+#[test]
+fn senders_are_placed_before_each_chunk_while_in_the_lowest_class() {
+    let config = SourceConfig::default()
+        .with_idle_lanes(Some(place_lanes_hook))
+        .with_idle_place(Some(place_hook));
+    let rounds = migrate(config, DestinationConfig::default(), &PLACE_COLLECTS);
+    assert!(rounds >= 3, "{rounds}");
+    let calls = PLACE_CALLS.lock().unwrap().clone();
+    assert_eq!(
+        calls.iter().filter(|c| **c == (0, true)).count(),
+        4,
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.iter().filter(|c| **c == (1, true)).count(),
+        1,
+        "{calls:?}"
+    );
+    assert!(calls.iter().all(|c| c.0 <= 1 && c.1), "{calls:?}");
+}
+
+static UNPLACE_COLLECTS: AtomicU32 = AtomicU32::new(0);
+static UNPLACE_CALLS: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+
+fn unplace_hook(on: bool) {
+    UNPLACE_CALLS.lock().unwrap().push(on);
+}
+
+/// A sender past the round's limit leaves the lowest class before its
+/// first chunk: it is given back (`false`) and never placed.
+#[test]
+fn a_sender_leaving_the_lowest_class_is_given_back() {
+    let config = SourceConfig::default()
+        .with_idle_lanes(Some(place_lanes_hook))
+        .with_idle_place(Some(unplace_hook))
+        .with_idle_round_limit(Duration::ZERO);
+    migrate(config, DestinationConfig::default(), &UNPLACE_COLLECTS);
+    let calls = UNPLACE_CALLS.lock().unwrap().clone();
+    assert!(!calls.is_empty());
+    assert!(calls.iter().all(|on| !on), "{calls:?}");
+}

@@ -13,6 +13,18 @@
 //! 3 s), `precopy_p99_ms` (requests sent during the rounds and answered
 //! before the pause), `postcopy_p99_ms` (sent from `Commit` to the last
 //! missing page; null without post-copy).
+//!
+//! `--split-cpus` is an experiment that changes placement, never a
+//! default: kvd's loop, its background writer and the clients on one CPU,
+//! the migration's threads (A's admin threads, which run the session, and
+//! the whole destination) on the other (`split_cpus`: the two CPUs). It
+//! shows what the clients' pre-copy p99 is when the migration's CPU work
+//! cannot touch the loop's CPU (on a real deployment the destination and
+//! the clients are other hosts). `--dry-precopy MBPS`, another experiment:
+//! kvd does not connect but runs its own side of a pre-copy (the dirty
+//! tracker and rounds reading its pages at MBPS, 0: the tracker alone;
+//! `kvd::dry`) and fails by design; `dry_baseline_p99_ms` and `dry_p99_ms`
+//! are the clients' p99 before and during it.
 
 use std::time::Duration;
 
@@ -89,6 +101,16 @@ pub struct Args {
     /// Limit the migration's bandwidth (MB/s; `migrate bandwidth_mbps=`).
     #[arg(long)]
     pub bandwidth_mbps: Option<f64>,
+    /// An experiment (never a default): kvd's loop and the clients on one
+    /// CPU, the migration's threads and the destination on the other.
+    #[arg(long)]
+    pub split_cpus: bool,
+    /// An experiment: no migration, but kvd's own side of a pre-copy
+    /// (its dirty tracker, rounds reading its pages at this many MB/s; 0:
+    /// the tracker alone), nothing sent (`dry_precopy_mbps`,
+    /// `dry_baseline_p99_ms`, `dry_p99_ms`).
+    #[arg(long, value_name = "MBPS")]
+    pub dry_precopy: Option<f64>,
 }
 
 /// Run the scenario.
@@ -129,6 +151,8 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         queued_mib: args.queued_mib,
         cancel_at_pct: args.cancel_at_pct,
         bandwidth_mbps: args.bandwidth_mbps,
+        split_cpus: args.split_cpus,
+        dry_precopy_mbps: args.dry_precopy,
         // The baseline (`baseline_p99_ms`) is the last seconds of the
         // warm-up: the first second after connecting is left out.
         warmup: scenario::phases::BASELINE_WINDOW + Duration::from_secs(1),
@@ -259,6 +283,16 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "kvd_precopy_p99_ms": s.and_then(|s| s.kvd_precopy_p99_ms),
     });
     if let (Some(all), serde_json::Value::Object(more)) = (figures.as_object_mut(), phases) {
+        all.extend(more);
+    }
+    // The placement and dry-run experiments (`--split-cpus`, `--dry-precopy`).
+    let experiments = json!({
+        "split_cpus": args.split_cpus,
+        "dry_precopy_mbps": args.dry_precopy,
+        "dry_baseline_p99_ms": r.attempt_p99_ms.and_then(|p| p.0).map(|ms| round(ms, 2)),
+        "dry_p99_ms": r.attempt_p99_ms.and_then(|p| p.1).map(|ms| round(ms, 2)),
+    });
+    if let (Some(all), serde_json::Value::Object(more)) = (figures.as_object_mut(), experiments) {
         all.extend(more);
     }
     out.emit(&figures);

@@ -304,6 +304,11 @@ pub fn migrate_out(
     started: impl FnOnce(SourceControl),
     progress: impl Fn(&Event) + Send + Sync,
 ) -> Result<SourceReport, MigrationError> {
+    // An experiment: the source's memory work alone, nothing sent.
+    if let Some(mbps) = crate::kvd::dry::dry_rate() {
+        let what = crate::kvd::dry::dry_precopy(regions, mbps);
+        return Err(backend("dry pre-copy", what));
+    }
     let debug = std::env::var_os("LMIG_DEMO_DEBUG").is_some();
     let t = Instant::now();
     let (mut tracker, _choice) = best_tracker(regions).map_err(MigrationError::from)?;
@@ -362,6 +367,7 @@ pub fn migrate_out(
         .with_idle_lanes(crate::kvd::pace::idle_lanes())
         .with_idle_duty(crate::kvd::pace::idle_duty())
         .with_idle_threads(crate::kvd::pace::idle_threads())
+        .with_idle_place(crate::kvd::pace::idle_place())
         .with_push_holdoff(crate::kvd::park::push_holdoff())
         .with_idle_push(crate::kvd::park::idle_push());
     let source = Source::new(&channel, regions, &mut tracker, program)

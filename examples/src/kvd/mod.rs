@@ -6,6 +6,7 @@ pub mod check;
 pub mod cli;
 pub mod collections;
 pub mod commands;
+pub mod dry;
 pub mod load;
 pub mod migrate;
 pub mod operator;

@@ -3,7 +3,9 @@
 //! (`StateSource::throttle`): after each pass the loop sleeps so that it
 //! runs at most the asked percentage of the time, a bounded sleep per pass.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::cell::Cell;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Buckets of the pass histogram: pass times up to 2^(BUCKETS-1) µs (the
@@ -192,12 +194,73 @@ pub fn idle_receive() -> Option<fn(bool) -> bool> {
     idle_on().then_some(lmig_mem::cpu::idle_process as fn(bool) -> bool)
 }
 
+/// Environment variable: `1` keeps the source's senders, while they are
+/// in the lowest class, off the CPU kvd's loop last woke up on
+/// ([`SourceConfig::idle_place`](lmig_core::session::SourceConfig::idle_place),
+/// [`idle_place`]); unset or anything else: they run where the scheduler
+/// puts them.
+pub const IDLE_PLACE_ENV: &str = "LMIG_KVD_IDLE_PLACE";
+
+fn place_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os(IDLE_PLACE_ENV).is_some_and(|v| v == "1"))
+}
+
+/// The CPU kvd's loop last woke up on (-1: not known), recorded by
+/// [`PassTimer::start`] when [`IDLE_PLACE_ENV`] is on.
+static LOOP_CPU: AtomicI32 = AtomicI32::new(-1);
+
+/// The source's placement hook for its senders in the lowest class, when
+/// [`IDLE_PLACE_ENV`] is `1`.
+pub fn idle_place() -> Option<fn(bool)> {
+    place_on().then_some(place_sender as fn(bool))
+}
+
+thread_local! {
+    /// The CPU this sender keeps off (-1: none) and the CPUs it had.
+    static PLACED: Cell<(i32, Option<nix::sched::CpuSet>)> = const { Cell::new((-1, None)) };
+}
+
+/// `true`: keep the calling thread (a sender) off the CPU the loop last
+/// woke up on, when another CPU is allowed; `false`: give it back every
+/// CPU it had. A system call only when that CPU changed.
+fn place_sender(on: bool) {
+    use nix::sched::{sched_getaffinity, sched_setaffinity};
+    let me = nix::unistd::Pid::from_raw(0);
+    let (placed, had) = PLACED.get();
+    let Some(had) = had.or_else(|| sched_getaffinity(me).ok()) else {
+        return;
+    };
+    let avoid = if on {
+        LOOP_CPU.load(Ordering::Relaxed)
+    } else {
+        -1
+    };
+    if avoid == placed {
+        return;
+    }
+    let mut set = had;
+    if avoid >= 0 {
+        let _ = set.unset(avoid as usize);
+    }
+    let any = (0..nix::sched::CpuSet::count()).any(|c| set.is_set(c).unwrap_or(false));
+    if any && sched_setaffinity(me, &set).is_ok() {
+        PLACED.set((avoid, Some(had)));
+    }
+}
+
 /// Times a pass of the loop: [`PassTimer::done`] hands it to a [`LoopPace`].
 pub struct PassTimer(Instant, u64);
 
 impl PassTimer {
-    /// A pass starts, `requests` answered so far.
+    /// A pass starts, `requests` answered so far (and, with
+    /// [`IDLE_PLACE_ENV`] on, the CPU it runs on is noted).
     pub fn start(requests: u64) -> Self {
+        if place_on() {
+            if let Ok(cpu) = nix::sched::sched_getcpu() {
+                LOOP_CPU.store(cpu as i32, Ordering::Relaxed);
+            }
+        }
         Self(Instant::now(), requests)
     }
 
@@ -237,6 +300,30 @@ mod tests {
         assert_eq!(loop_share(25), 50);
         assert_eq!(loop_share(10), 20);
         assert_eq!(loop_share(200), 100);
+    }
+
+    #[test]
+    fn a_placed_sender_keeps_off_the_loop_cpu_and_gets_every_cpu_back() {
+        use nix::sched::sched_getaffinity;
+        let me = nix::unistd::Pid::from_raw(0);
+        std::thread::spawn(move || {
+            let had = sched_getaffinity(me).unwrap();
+            let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+                .filter(|&c| had.is_set(c).unwrap())
+                .collect();
+            let loop_cpu = cpus[0];
+            LOOP_CPU.store(loop_cpu as i32, Ordering::Relaxed);
+            place_sender(true);
+            let now = sched_getaffinity(me).unwrap();
+            // With one CPU allowed there is nowhere else to go.
+            assert_eq!(now.is_set(loop_cpu).unwrap(), cpus.len() == 1);
+            assert!(cpus[1..].iter().all(|&c| now.is_set(c).unwrap()));
+            place_sender(false);
+            let back = sched_getaffinity(me).unwrap();
+            assert!(cpus.iter().all(|&c| back.is_set(c).unwrap()));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod external;
 mod kvd;
 pub mod phases;
 pub mod queued;
+pub mod split;
 mod timeline;
 mod tls;
 
@@ -85,6 +86,14 @@ pub struct Options {
     /// namespace ([`external`]): started once kvd serves, `warmup` before
     /// the migration, and waited for (instead of `after`) when it is done.
     pub external: Option<external::External>,
+    /// An experiment that changes placement ([`split`]): kvd's loop and
+    /// the clients on one CPU, the migration's threads and the destination
+    /// on another. Never a default.
+    pub split_cpus: bool,
+    /// A dry pre-copy at this many MB/s instead of a migration
+    /// ([`crate::kvd::dry`]): the attempt fails by design, kvd serves on,
+    /// and [`Report::attempt_p99_ms`] tells what the clients felt.
+    pub dry_precopy_mbps: Option<f64>,
 }
 
 /// [`Options::mode`] that runs everything but the migration.
@@ -121,6 +130,8 @@ impl Options {
             bandwidth_mbps: None,
             migrate_back: false,
             external: None,
+            split_cpus: false,
+            dry_precopy_mbps: None,
         })
     }
 }
@@ -260,6 +271,10 @@ pub struct Report {
     pub back: Option<Result<SourceFigures, crate::figures::MigrateFailure>>,
     /// What [`Options::external`] did.
     pub external: Option<external::ExternalRun>,
+    /// An attempt that did not migrate (a dry pre-copy): the clients' p99
+    /// in the 2 s before the `migrate` command and while it ran (requests
+    /// answered before its answer), ms.
+    pub attempt_p99_ms: Option<(Option<f64>, Option<f64>)>,
 }
 
 /// Children killed (by pid, ours only) and the socket directory removed on drop.
@@ -324,6 +339,9 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         ],
     );
     a.env("LMIG_KEY", &key);
+    if let Some(mbps) = opts.dry_precopy_mbps {
+        a.env(crate::kvd::dry::DRY_ENV, mbps.to_string());
+    }
     let tls_dir = if opts.tls {
         if opts.fault == Some(Fault::WrongKey) {
             return Err("the wrong-key fault needs the pre-shared key, not TLS".into());
@@ -335,7 +353,9 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     if let Some(t) = &tls_dir {
         tls::use_certificates(&mut a, t, "a");
     }
+    let split = opts.split_cpus.then(split::SplitCpus::new).transpose()?;
     let mut a = topo.a.spawn(&mut a)?;
+    let a_pid = a.id();
     let a_events = events(a.stdout.take().ok_or("kvd A has no stdout")?);
     cleanup.children.push(a);
     let b_key = if opts.fault == Some(Fault::WrongKey) {
@@ -347,6 +367,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         Some(Fault::KillDestinationInFreeze { after_us }) => Some(after_us),
         _ => None,
     };
+    let mut b_pid = None;
     let mut b_events = if opts.fault == Some(Fault::NoDestination) {
         mpsc::channel().1
     } else {
@@ -359,6 +380,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
             tls_dir.as_deref(),
             &dir.join("kvd-b.sock"),
         )?;
+        b_pid = Some(b.id());
         cleanup.children.push(b);
         rx
     };
@@ -387,9 +409,13 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     let max = opts.warmup + opts.after + Duration::from_secs(600);
     let running = Arc::new(AtomicBool::new(false));
     let load_running = running.clone();
-    let clients = topo
-        .client
-        .spawn_thread(move || load::run(addr, conns, rate, load_stop, load_running, max))?;
+    let clients = topo.client.spawn_thread(move || {
+        if let Some(cpus) = split {
+            cpus.pin_self_to_program()
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        load::run(addr, conns, rate, load_stop, load_running, max)
+    })?;
     // The warm-up counts from when every client is connected: the freeze
     // must fall inside the load, however long opening the connections took.
     let connect_by = Instant::now() + Duration::from_secs(120);
@@ -413,6 +439,14 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         Some(x) => Some(external::start(x, &topo.client, service.parse()?)?),
         None => None,
     };
+    // Every thread of A and B is there now (those started later inherit),
+    // placed before the baseline so that it has the same placement.
+    if let Some(cpus) = split {
+        cpus.place_source(a_pid)?;
+        if let Some(pid) = b_pid {
+            cpus.place_destination(pid)?;
+        }
+    }
     std::thread::sleep(opts.warmup);
 
     // Strangers at the destination's door first; some stay through the migration.
@@ -446,6 +480,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     };
 
     // Migrate (twice when the first destination is killed in the freeze).
+    let attempt_began = crate::common::clock::now_mono_ns();
     let mut report = Report::default();
     let mut source = match opts.cancel_at_pct {
         Some(pct) => {
@@ -468,6 +503,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         None => migrate_once(&admin_path, &incoming, opts)?,
     };
     report.attempts = 1;
+    let attempt_ended = crate::common::clock::now_mono_ns();
     if let Some(after_us) = die_at {
         let failure = source.err().ok_or_else(|| {
             format!(
@@ -572,6 +608,9 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
                 .map_err(|e| format!("reading every key back: {e}"))?,
         );
     }
+    if !report.migrated {
+        report.attempt_p99_ms = attempt_p99(&load, attempt_began, attempt_ended);
+    }
     report.client_stall_ms = load.max_latency_ms;
     report.client_p99_ms = load.client_p99();
     report.phases = phases::PhaseLatency::measure(
@@ -593,6 +632,18 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     drop(cleanup);
     drop(topo);
     Ok(report)
+}
+
+/// The clients' p99 before an attempt (its baseline window) and while it
+/// ran, from its start and end (ns, monotonic).
+fn attempt_p99(load: &LoadReport, began: u64, ended: u64) -> Option<(Option<f64>, Option<f64>)> {
+    let zero = crate::common::clock::mono_ns(load.started?) as f64;
+    let (b, e) = ((began as f64 - zero) / 1e6, (ended as f64 - zero) / 1e6);
+    let window = phases::BASELINE_WINDOW.as_secs_f64() * 1e3;
+    Some((
+        load.p99_sent_between(b - window, b, b),
+        load.p99_sent_between(b, e, e),
+    ))
 }
 
 /// Wait (at most 60 s) for a kvd that migrated away to end: did it end well?

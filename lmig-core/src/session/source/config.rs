@@ -140,6 +140,14 @@ pub struct SourceConfig {
     /// class: a round that does not shrink, the freeze and post-copy use a
     /// thread per lane.
     pub idle_threads: usize,
+    /// Where a sender in the lowest class ([`Self::idle_lanes`]) runs
+    /// (`None`, the default: wherever the scheduler puts it). Each such
+    /// sender calls the hook with `true` before each chunk, and with
+    /// `false` when it leaves the lowest class; the embedder moves the
+    /// calling thread (lmig's own sender, never one of the program's),
+    /// e.g. off the CPU its event loop last ran on, and back. Only while
+    /// the senders are in the lowest class.
+    pub idle_place: Option<fn(bool)>,
     /// After `Commit`, the post-copy push (and the digests' hashing) waits
     /// up to this long while the page requests are answered at once
     /// (default zero: the push starts at once). Right after the resume a
@@ -205,6 +213,7 @@ impl Default for SourceConfig {
             idle_round_limit: Duration::from_secs(2),
             idle_duty: 100,
             idle_threads: 0,
+            idle_place: None,
             push_holdoff: Duration::ZERO,
             idle_push: false,
         }
@@ -300,6 +309,13 @@ impl SourceConfig {
     #[must_use]
     pub fn with_idle_threads(mut self, threads: usize) -> Self {
         self.idle_threads = threads;
+        self
+    }
+
+    /// Set [`Self::idle_place`].
+    #[must_use]
+    pub fn with_idle_place(mut self, hook: Option<fn(bool)>) -> Self {
+        self.idle_place = hook;
         self
     }
 

@@ -11,6 +11,10 @@ use crate::protocol::{CHUNK_PAGES, Message, RoundSummary};
 use crate::session::pace::Meter;
 use crate::session::pages::{PageSender, Sent, lane_of, sender_threads};
 use crate::session::{spawn_named, unexpected};
+mod idle;
+
+use idle::{IdleLane, IdleLanes};
+
 use crate::traits::{
     Channel, DirtyClearer, DirtyTracker, Event, MemorySource, Phase, SocketSource, StateSource,
 };
@@ -264,6 +268,7 @@ where
                 until: t0 + self.config.idle_round_limit,
                 duty: self.config.idle_duty,
                 threads: self.config.idle_threads,
+                place: self.config.idle_place,
             }),
             _ => None,
         };
@@ -428,82 +433,6 @@ pub(super) struct PageLanes<'a, M, C> {
     idle: Option<IdleLanes>,
 }
 
-/// The lanes of one round in the lowest CPU class
-/// ([`super::SourceConfig::idle_lanes`]).
-#[derive(Clone, Copy)]
-pub(super) struct IdleLanes {
-    /// Moves the calling thread there (`true`) or back (`false`).
-    hook: fn(bool) -> bool,
-    /// A lane still there at this time moves back.
-    until: Instant,
-    /// The share of the time (percent) a lane there works
-    /// ([`super::SourceConfig::idle_duty`]).
-    duty: u8,
-    /// The most sender threads ([`super::SourceConfig::idle_threads`];
-    /// 0: one per lane).
-    threads: usize,
-}
-
-/// One lane thread's class: in the lowest one until its round's limit.
-struct IdleLane {
-    lanes: Option<IdleLanes>,
-    /// The thread is in the lowest class now.
-    on: std::cell::Cell<bool>,
-    /// When the thread last rested (or began).
-    rested: std::cell::Cell<Instant>,
-}
-
-impl IdleLane {
-    /// Move the calling thread to the lowest class, if asked and allowed.
-    fn enter(lanes: Option<IdleLanes>) -> Self {
-        let on = lanes.is_some_and(|l| (l.hook)(true));
-        Self {
-            lanes,
-            on: std::cell::Cell::new(on),
-            rested: std::cell::Cell::new(Instant::now()),
-        }
-    }
-
-    /// In the lowest class with a duty below 100 %, after a work slice
-    /// ([`super::IDLE_WORK_SLICE`]): sleep for the rest of the share, at
-    /// most [`super::IDLE_MAX_REST`]. Returns the time slept.
-    fn rest(&self) -> Duration {
-        let Some(l) = self.lanes else {
-            return Duration::ZERO;
-        };
-        let worked = self.rested.get().elapsed();
-        let sleep = super::config::rest_after(worked, l.duty);
-        if !self.on.get() || sleep.is_zero() {
-            return Duration::ZERO;
-        }
-        std::thread::sleep(sleep);
-        self.rested.set(Instant::now());
-        sleep
-    }
-
-    /// Not in the lowest class (the calling thread's own lane).
-    fn none() -> Self {
-        Self::enter(None)
-    }
-
-    fn on(&self) -> bool {
-        self.on.get()
-    }
-
-    /// Past the round's limit: move back. Returns whether it just did.
-    fn check(&self) -> bool {
-        match self.lanes {
-            Some(l) if self.on.get() && Instant::now() >= l.until => {
-                (l.hook)(false);
-                self.on.set(false);
-                debug!("a round's sender left the lowest CPU class after the limit");
-                true
-            }
-            _ => false,
-        }
-    }
-}
-
 impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
     pub(super) fn new(memory: &'a M, channel: &'a C, layout: &'a RegionLayout, batch: u32) -> Self {
         Self {
@@ -628,6 +557,7 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
                 self.memory.background_thread();
             }
             idle.rest();
+            idle.place();
         };
         let stopped = || self.stop.is_some_and(|s| s().is_err());
         let mut sender = PageSender::new(self.memory, self.channel, self.layout);
