@@ -29,6 +29,8 @@
 //!   `matched` one-page replies; `by_reply`: pages that came
 //!   in a one-page reply, not in a pushed message), from the sink's fault
 //!   trace (lmig-mem feature `bench-internals`);
+//! * `fault_path_cpus`: with `--fault-path together`, the CPU each process
+//!   (source, destination) held its fault path on (`null`: none chosen);
 //! * `network_faults`, `duplicate_pages`, `working_set_pages`, `verified`
 //!   (the digest check and the program's own check of every page it read).
 //!
@@ -422,6 +424,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "reply_spin_us": args.reply_spin_us,
         "fault_cpu": args.fault_cpu,
         "fault_path": format!("{:?}", lmig_mem::fault_path_affinity()).to_lowercase(),
+        "fault_path_cpus": [lmig_mem::fault_path_together_cpu(), dest["fault_path_cpu"].as_u64()],
         "push_pages": args.push_pages,
         "resend_in_flight": args.resend_in_flight,
         "queue_depth": args.queue_depth,
@@ -615,6 +618,7 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
         "raw_rtt_us": round(rtt.tcp_us, 1),
         "channel_rtt_us": round(rtt.channel_us, 1),
         "raw_rtt_same_cpu_us": round(rtt.tcp_same_cpu_us, 1),
+        "fault_path_cpu": lmig_mem::fault_path_together_cpu(),
         "fault_p50_us": round(percentile(&lat, 0.5), 1),
         "fault_p99_us": round(percentile(&lat, 0.99), 1),
         "fault_p999_us": round(percentile(&lat, 0.999), 1),

@@ -112,8 +112,8 @@ mod served;
 mod setup;
 
 pub use affinity::{
-    FaultPathAffinity, fault_path_affinity, fault_path_cpu, set_fault_path_affinity,
-    set_fault_path_cpu,
+    FaultPathAffinity, fault_path_affinity, fault_path_cpu, fault_path_together_cpu,
+    set_fault_path_affinity, set_fault_path_cpu,
 };
 #[cfg(feature = "bench-internals")]
 pub use options::FaultTrace;
