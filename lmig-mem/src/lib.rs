@@ -251,8 +251,8 @@ pub use postcopy::{
     URGENT_THREAD_SLICE,
 };
 pub use postcopy::{
-    FaultPathAffinity, fault_path_affinity, fault_path_cpu, set_fault_path_affinity,
-    set_fault_path_cpu,
+    FaultPathAffinity, fault_path_affinity, fault_path_cpu, fault_path_together_cpu,
+    set_fault_path_affinity, set_fault_path_cpu,
 };
 pub use probe::probe;
 pub use region::{

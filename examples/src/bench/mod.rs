@@ -14,6 +14,7 @@ pub mod migrate;
 pub mod postcopy;
 pub mod postcopy_loss;
 mod postcopy_rtt;
+mod postcopy_trace;
 pub mod precopy;
 pub mod probe;
 pub mod redis;

@@ -22,12 +22,23 @@
 //!   fault), measured by the program itself;
 //! * `fault_tail` (and `fault_middle`, for the faults between the p40 and
 //!   the p60): where the faults at or above the p99 spent their time
-//!   (`deliver_us`: touch to the fault read; `serve_us`: to the page placed;
-//!   `wake_us`: to the program running again; `by_reply`: pages that came
+//!   (`deliver_us`: touch to the fault read; `serve_us`: to the page placed,
+//!   of which `reply_us` to the placement's start and `place_us` the claim
+//!   and the fill; `wake_us`: to the program running again; `request_us` /
+//!   `back_us`: `reply_us` split where the source read the page, over
+//!   `matched` one-page replies; `by_reply`: pages that came
 //!   in a one-page reply, not in a pushed message), from the sink's fault
 //!   trace (lmig-mem feature `bench-internals`);
+//! * `fault_path_cpus`: with `--fault-path together`, the CPU each process
+//!   (source, destination) held its fault path on (`null`: none chosen);
 //! * `network_faults`, `duplicate_pages`, `working_set_pages`, `verified`
 //!   (the digest check and the program's own check of every page it read).
+//!
+//! `--reply-spin-us N` busy-polls the urgent lane N µs after a send on the
+//! destination only (`ChannelConfig::urgent_spin` there): its reply thread
+//! is running when a fault's reply arrives, while the source's request
+//! server sleeps between requests (`--urgent-spin-us` spins on both ends).
+//! Field `reply_spin_us`.
 //!
 //! `--cut-at-pct P` cuts every TCP connection of the migration once the
 //! destination placed P% of the pages (a proxy in this process), so the run
@@ -56,6 +67,7 @@ use serde_json::json;
 
 use super::cut_proxy::Proxy;
 use super::postcopy_rtt::{Responders, RoundTrips};
+use super::postcopy_trace::{fault_tail, served_reads, source_split};
 use super::{Output, round};
 use crate::common::keys::{key_from_hex, random_key_hex};
 use crate::common::process::{Peer, announce_result};
@@ -113,6 +125,12 @@ pub struct Args {
     /// (`ChannelConfig::urgent_spin`); default: the channel's.
     #[arg(long)]
     pub urgent_spin_us: Option<u64>,
+    /// Busy-poll the urgent lane this many µs after a send on the
+    /// destination only (its reply thread, right after a fault's request
+    /// left); the source's request server does not spin. Overrides
+    /// `--urgent-spin-us` there.
+    #[arg(long)]
+    pub reply_spin_us: Option<u64>,
     /// Hold the threads of the fault path (the source's request server, the
     /// destination's fault and reply threads) on this CPU
     /// (`lmig_mem::set_fault_path_cpu`); default: left to the scheduler.
@@ -259,6 +277,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(us) = args.urgent_spin_us {
         peer_args.push(format!("--urgent-spin-us={us}"));
     }
+    if let Some(us) = args.reply_spin_us {
+        peer_args.push(format!("--reply-spin-us={us}"));
+    }
     if let Some(cpu) = args.fault_cpu {
         peer_args.push(format!("--fault-cpu={cpu}"));
     }
@@ -372,7 +393,10 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     })?;
     let total_ms = start.elapsed().as_secs_f64() * 1e3;
     channel.shutdown();
-    let dest = peer.result()?;
+    let mut dest = peer.result()?;
+    let served = served_reads();
+    source_split(&mut dest["fault_tail"], &served);
+    source_split(&mut dest["fault_middle"], &served);
     let verified = report.verification == Verification::Verified
         && dest["verified"].as_bool() == Some(true)
         && dest["bad_touches"].as_u64() == Some(0);
@@ -397,8 +421,10 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "streams": args.streams,
         "spin_us": args.spin_us,
         "urgent_spin_us": args.urgent_spin_us,
+        "reply_spin_us": args.reply_spin_us,
         "fault_cpu": args.fault_cpu,
         "fault_path": format!("{:?}", lmig_mem::fault_path_affinity()).to_lowercase(),
+        "fault_path_cpus": [lmig_mem::fault_path_together_cpu(), dest["fault_path_cpu"].as_u64()],
         "push_pages": args.push_pages,
         "resend_in_flight": args.resend_in_flight,
         "queue_depth": args.queue_depth,
@@ -430,6 +456,12 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
     let key = key_from_hex(&std::env::var(KEY_ENV)?)?;
     let pages = (args.mib << 20) / PAGE as u64;
     apply_fault_path(args)?;
+    // This side's channels: the reply spin, if asked for, here only.
+    let mut args = args.clone();
+    if let Some(us) = args.reply_spin_us {
+        args.urgent_spin_us = Some(us);
+    }
+    let args = &args;
 
     let rtt = RoundTrips::measure(
         args.rtt_addr.as_deref().ok_or("--rtt-addr missing")?,
@@ -586,6 +618,7 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
         "raw_rtt_us": round(rtt.tcp_us, 1),
         "channel_rtt_us": round(rtt.channel_us, 1),
         "raw_rtt_same_cpu_us": round(rtt.tcp_same_cpu_us, 1),
+        "fault_path_cpu": lmig_mem::fault_path_together_cpu(),
         "fault_p50_us": round(percentile(&lat, 0.5), 1),
         "fault_p99_us": round(percentile(&lat, 0.99), 1),
         "fault_p999_us": round(percentile(&lat, 0.999), 1),
@@ -608,52 +641,6 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
         "warnings": warnings,
     }));
     Ok(())
-}
-
-/// Where the network faults that took `band` µs (at least its first, at
-/// most its second figure) spent their time, from the sink's per-fault trace and the program's own clock:
-/// `deliver` from the touch to the fault thread reading the fault,
-/// `serve` from there to the page's placement (request, source, reply,
-/// placement, or the pushed message that brought it), `wake` from the
-/// placement to the program running again; means in µs, and how many of
-/// those pages came in a one-page reply rather than a pushed message.
-fn fault_tail(
-    stats: &lmig_mem::PostcopyStats,
-    order: &[u64],
-    starts: &[Instant],
-    durations: &[u32],
-    band: (f64, f64),
-) -> serde_json::Value {
-    let index: std::collections::HashMap<u64, usize> =
-        order.iter().enumerate().map(|(i, &p)| (p, i)).collect();
-    let (mut n, mut deliver, mut serve, mut wake, mut by_reply) = (0u64, 0.0, 0.0, 0.0, 0u64);
-    for t in &stats.fault_trace {
-        let (Some(&i), Some(placed)) = (index.get(&t.page), t.placed_at) else {
-            continue;
-        };
-        let (Some(&start), Some(&ns)) = (starts.get(i), durations.get(i)) else {
-            continue;
-        };
-        let took = f64::from(ns) / 1e3;
-        if took < band.0 || took > band.1 {
-            continue;
-        }
-        let end = start + Duration::from_nanos(u64::from(ns));
-        let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e6;
-        n += 1;
-        deliver += us(start, t.read_at);
-        serve += us(t.read_at, placed);
-        wake += us(placed, end);
-        by_reply += u64::from(t.placed_with == 1);
-    }
-    let mean = |x: f64| if n == 0 { 0.0 } else { round(x / n as f64, 1) };
-    json!({
-        "faults": n,
-        "deliver_us": mean(deliver),
-        "serve_us": mean(serve),
-        "wake_us": mean(wake),
-        "by_reply": by_reply,
-    })
 }
 
 /// The program's reads: every page of `order` once, its stamp checked.

@@ -119,6 +119,16 @@ pub fn fault_path_cpu() -> Option<usize> {
     }
 }
 
+/// In [`FaultPathAffinity::Together`]: the CPU the fault path's threads
+/// are held on, once the first of them chose it (`None` before that, and
+/// in the other modes).
+pub fn fault_path_together_cpu() -> Option<usize> {
+    match (fault_path_affinity(), TOGETHER_CPU.load(Ordering::Relaxed)) {
+        (FaultPathAffinity::Together, cpu) if cpu != FREE => Some(cpu),
+        _ => None,
+    }
+}
+
 /// Hold the calling thread on `cpu` alone.
 fn hold_on(cpu: usize) -> nix::Result<()> {
     let mut one = CpuSet::new();
@@ -251,11 +261,13 @@ mod tests {
         set_fault_path_affinity(FaultPathAffinity::Together).unwrap();
         assert_eq!(fault_path_affinity(), FaultPathAffinity::Together);
         assert_eq!(fault_path_cpu(), None);
+        assert_eq!(fault_path_together_cpu(), None, "nothing chosen yet");
         // The first thread is held on one CPU, the next ones on the same.
         let first = fault_path_thread();
         assert_eq!(first.len(), 1, "first thread held on one CPU: {first:?}");
         let chosen = first[0];
         assert!(cpus.contains(&chosen));
+        assert_eq!(fault_path_together_cpu(), Some(chosen));
         for _ in 0..3 {
             assert_eq!(fault_path_thread(), vec![chosen]);
         }
@@ -274,5 +286,6 @@ mod tests {
         // Choosing the mode again forgets the CPU.
         set_fault_path_affinity(FaultPathAffinity::Together).unwrap();
         assert_eq!(TOGETHER_CPU.load(Ordering::Relaxed), FREE);
+        assert_eq!(fault_path_together_cpu(), None);
     }
 }

@@ -38,6 +38,7 @@ impl Postcopy {
                             region: run.region,
                             page: run.first,
                             read_at: Instant::now(),
+                            place_began: None,
                             placed_at: None,
                             placed_with: 0,
                         });

@@ -107,17 +107,23 @@ mod affinity;
 mod faults;
 mod options;
 mod residency;
+#[cfg(feature = "bench-internals")]
+mod served;
 mod setup;
 
 pub use affinity::{
-    FaultPathAffinity, fault_path_affinity, fault_path_cpu, set_fault_path_affinity,
-    set_fault_path_cpu,
+    FaultPathAffinity, fault_path_affinity, fault_path_cpu, fault_path_together_cpu,
+    set_fault_path_affinity, set_fault_path_cpu,
 };
 #[cfg(feature = "bench-internals")]
 pub use options::FaultTrace;
 pub use options::{PostcopyOptions, PostcopyStats};
 pub use residency::{MAX_RESIDENCY_WAITERS, Residency};
 use residency::{Signal, Waiters};
+#[cfg(feature = "bench-internals")]
+pub(crate) use served::note_read;
+#[cfg(feature = "bench-internals")]
+pub use served::{ServedRead, take_served_reads};
 use setup::{Fill, Target, check_missing, open_userfaultfd};
 
 /// Nice value the threads of the post-copy fault path ask for
@@ -152,6 +158,8 @@ pub const URGENT_THREAD_SLICE: std::time::Duration = std::time::Duration::from_m
 /// slices gets the nice value alone), and hold it on the CPU chosen with
 /// [`set_fault_path_cpu`] if one was.
 pub(crate) fn urgent_thread() {
+    #[cfg(feature = "bench-internals")]
+    served::mark_fault_path_thread();
     affinity::hold_on_fault_path_cpu();
     let slice = URGENT_THREAD_SLICE.as_nanos() as u64;
     match crate::sys::set_thread_slice(URGENT_THREAD_NICE, slice) {
@@ -400,6 +408,8 @@ impl Postcopy {
     /// `None` means zeros. Pages no longer missing are written plainly,
     /// pages another placement is filling right now are left to it.
     pub(crate) fn place(&self, region: &Region, run: &PageRun, data: Option<&[u8]>) -> Result<()> {
+        #[cfg(feature = "bench-internals")]
+        let began = Instant::now();
         let t = self.target(run.region)?;
         let ps = t.page_size as usize;
         let actions: Vec<PageAction> = {
@@ -464,7 +474,7 @@ impl Postcopy {
                 if result.is_ok() {
                     self.counters.placed.fetch_add(count, Ordering::Relaxed);
                     #[cfg(feature = "bench-internals")]
-                    self.trace_placed(run, first, count);
+                    self.trace_placed(run, first, count, began);
                 } else if let Ok(set) = st.missing.get_mut(run.region) {
                     set.insert_range(first, count);
                 }
@@ -578,9 +588,10 @@ impl Postcopy {
     }
 
     /// Note the placement of traced faulted pages in `first..first + count`
-    /// (of `run`); only the recent end of the trace is searched.
+    /// (of `run`, whose placement began at `began`); only the recent end of
+    /// the trace is searched.
     #[cfg(feature = "bench-internals")]
-    fn trace_placed(&self, run: &PageRun, first: u64, count: u64) {
+    fn trace_placed(&self, run: &PageRun, first: u64, count: u64, began: Instant) {
         let now = Instant::now();
         let mut trace = lock(&self.trace);
         let from = trace.len().saturating_sub(64);
@@ -590,6 +601,7 @@ impl Postcopy {
                 && (first..first + count).contains(&t.page)
             {
                 t.placed_at = Some(now);
+                t.place_began = Some(began);
                 t.placed_with = u64::from(run.count);
             }
         }

@@ -117,6 +117,10 @@ pub struct FaultTrace {
     pub page: u64,
     /// `wait_fault` returned it (the request leaves right after).
     pub read_at: Instant,
+    /// The placement that brought it began (the reply or pushed message
+    /// was read and decoded; before the claim and the fill); `None` if not
+    /// placed yet.
+    pub place_began: Option<Instant>,
     /// Its placement returned (its waiters woken); `None` if not yet.
     pub placed_at: Option<Instant>,
     /// Pages of the placement that brought it: a reply to a fault is one

@@ -11,6 +11,8 @@ impl MemorySource for RegionSet {
     }
 
     fn read_pages(&self, run: &PageRun, dst: &mut [u8]) -> lmig_core::Result<()> {
+        #[cfg(feature = "bench-internals")]
+        crate::postcopy::note_read(run);
         Ok(self.read_run(run, dst)?)
     }
 
