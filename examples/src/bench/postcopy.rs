@@ -87,7 +87,8 @@ pub enum Workload {
 pub enum FaultPath {
     /// Left to the scheduler.
     Free,
-    /// Held together on the CPU the first of them runs on.
+    /// Held together on one CPU: the highest-numbered one the process may run
+    /// on (both ends, on one host, choose the same).
     Together,
 }
 

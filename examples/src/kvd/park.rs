@@ -69,7 +69,8 @@ pub fn idle_push() -> bool {
 pub const FAULT_CPU_ENV: &str = "LMIG_KVD_FAULT_CPU";
 
 /// Environment variable: `together` holds the post-copy fault path's
-/// threads together on the CPU the first of them runs on, `free` leaves
+/// threads together on one CPU, the highest-numbered one kvd may run on
+/// (a source and a destination kvd on one host choose the same), `free` leaves
 /// them to the scheduler (`lmig_mem::set_fault_path_affinity`); unset: the
 /// library's default. [`FAULT_CPU_ENV`], when set, goes first.
 pub const FAULT_PATH_ENV: &str = "LMIG_KVD_FAULT_PATH";
