@@ -123,18 +123,18 @@ fn senders_are_lowered_only_while_the_rounds_shrink() {
         rounds >= 3,
         "a round after the one that did not shrink: {rounds}"
     );
-    let calls = SPARE_CALLS.lock().unwrap().clone();
     // Two data lanes: two threads per round.
-    assert_eq!(
-        calls.iter().filter(|c| **c == (0, true)).count(),
-        2,
-        "{calls:?}"
-    );
-    assert_eq!(
-        calls.iter().filter(|c| **c == (1, true)).count(),
-        2,
-        "{calls:?}"
-    );
+    assert_calls_in_rounds_0_and_1(&SPARE_CALLS, 2, 2);
+}
+
+/// `calls` (the collect number it was made at, `true`/`false`) holds
+/// `first` calls with `true` in round 0, `second` in round 1, and nothing
+/// else.
+fn assert_calls_in_rounds_0_and_1(calls: &Mutex<Vec<(u32, bool)>>, first: usize, second: usize) {
+    let calls = calls.lock().unwrap().clone();
+    let count = |round| calls.iter().filter(|c| **c == (round, true)).count();
+    assert_eq!(count(0), first, "{calls:?}");
+    assert_eq!(count(1), second, "{calls:?}");
     assert!(calls.iter().all(|c| c.0 <= 1 && c.1), "{calls:?}");
 }
 
@@ -301,18 +301,7 @@ fn senders_are_placed_before_each_chunk_while_in_the_lowest_class() {
         .with_idle_place(Some(place_hook));
     let rounds = migrate(config, DestinationConfig::default(), &PLACE_COLLECTS);
     assert!(rounds >= 3, "{rounds}");
-    let calls = PLACE_CALLS.lock().unwrap().clone();
-    assert_eq!(
-        calls.iter().filter(|c| **c == (0, true)).count(),
-        4,
-        "{calls:?}"
-    );
-    assert_eq!(
-        calls.iter().filter(|c| **c == (1, true)).count(),
-        1,
-        "{calls:?}"
-    );
-    assert!(calls.iter().all(|c| c.0 <= 1 && c.1), "{calls:?}");
+    assert_calls_in_rounds_0_and_1(&PLACE_CALLS, 4, 1);
 }
 
 static UNPLACE_COLLECTS: AtomicU32 = AtomicU32::new(0);
