@@ -262,16 +262,7 @@ where
             .round_begins(&self.meter, round, rounds.to_send.count());
         let cancel = &self.cancel;
         let stop = || cancel.check();
-        let idle = match self.config.idle_lanes {
-            Some(hook) if rounds.spare => Some(IdleLanes {
-                hook,
-                until: t0 + self.config.idle_round_limit,
-                duty: self.config.idle_duty,
-                threads: self.config.idle_threads,
-                place: self.config.idle_place,
-            }),
-            _ => None,
-        };
+        let idle = IdleLanes::for_round(&self.config, rounds.spare, t0);
         let sent = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
             .stopping_on(&stop)
             .metered(&self.meter, true)

@@ -24,6 +24,25 @@ pub(in crate::session::source) struct IdleLanes {
     pub place: Option<fn(bool)>,
 }
 
+impl IdleLanes {
+    /// A round's lanes in the lowest class, as `config` says, when the
+    /// rounds are sparing the program (`spare`); the round began at `start`.
+    pub(in crate::session::source) fn for_round(
+        config: &crate::session::SourceConfig,
+        spare: bool,
+        start: Instant,
+    ) -> Option<Self> {
+        let hook = config.idle_lanes.filter(|_| spare)?;
+        Some(Self {
+            hook,
+            until: start + config.idle_round_limit,
+            duty: config.idle_duty,
+            threads: config.idle_threads,
+            place: config.idle_place,
+        })
+    }
+}
+
 /// One lane thread's class: in the lowest one until its round's limit.
 pub(super) struct IdleLane {
     lanes: Option<IdleLanes>,
