@@ -62,7 +62,9 @@ pub fn dry_precopy(regions: &RegionSet, mbps: f64) -> String {
     // The teardown after the answer (see the module docs).
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));
-        let _ = tracker.stop();
+        if let Err(e) = tracker.stop() {
+            eprintln!("kvd: dry run: stopping the dirty tracker: {e}");
+        }
     });
     match done {
         Ok(f) => format!(
