@@ -93,6 +93,14 @@ pub struct Args {
     /// the freeze captured).
     #[arg(long, default_value_t = 0.0)]
     pub queued_mib: f64,
+    /// The receive buffer (`SO_RCVBUF`, bytes; 0: the kernel's default) of
+    /// the connections holding `--queued-mib`. The default, 4096, keeps the
+    /// sender's segments (and so its queue's buffers) ~2 KiB; a client
+    /// that stops reading with a default buffer leaves 32-64 KiB ones, and
+    /// its own buffer takes part of the replies (`queued_bytes` says what
+    /// stayed at kvd).
+    #[arg(long, default_value_t = crate::scenario::queued::RCVBUF)]
+    pub queued_rcvbuf: usize,
     /// Cancel the migration (kvd's admin `cancel`) once round 0 sent P %
     /// of its pages: `cancelled`, `source_serving`, `cancel_ms` (cancel
     /// sent to kvd answering that it serves on), and the clients' view.
@@ -149,6 +157,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         plaintext: args.plaintext_trusted_link,
         max_freeze_ms: args.max_freeze_ms,
         queued_mib: args.queued_mib,
+        queued_rcvbuf: args.queued_rcvbuf,
         cancel_at_pct: args.cancel_at_pct,
         bandwidth_mbps: args.bandwidth_mbps,
         split_cpus: args.split_cpus,
@@ -244,6 +253,7 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         // Bytes in the queues of the sockets the freeze captured.
         "queued_bytes": s.map(|s| s.queued_bytes),
         "queued_mib": args.queued_mib,
+        "queued_rcvbuf": args.queued_rcvbuf,
         "queued_conns": r.queued.as_ref().map(|q| q.0),
         "queued_asked_bytes": r.queued.as_ref().map(|q| q.1),
         "queued_verified": r.queued.as_ref().map(|q| q.2.is_ok()),
@@ -297,4 +307,24 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     }
     out.emit(&figures);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: super::Args,
+    }
+
+    #[test]
+    fn queued_rcvbuf_defaults_to_the_4_kib_the_goal_is_judged_on() {
+        let cli = Cli::try_parse_from(["migrate", "--queued-mib", "32"]).expect("parses");
+        assert_eq!(cli.args.queued_rcvbuf, 4096);
+        assert_eq!(cli.args.queued_mib, 32.0);
+        let cli = Cli::try_parse_from(["migrate", "--queued-rcvbuf", "0"]).expect("parses");
+        assert_eq!(cli.args.queued_rcvbuf, 0, "0: the kernel's default buffer");
+    }
 }

@@ -74,6 +74,9 @@ pub struct Options {
     pub max_freeze_ms: Option<f64>,
     /// MiB left queued in kvd's sockets at the freeze (see [`queued`]); 0: none.
     pub queued_mib: f64,
+    /// The receive buffer of the connections holding those replies
+    /// (`SO_RCVBUF`; 0: the kernel's default), see [`queued::stuff`].
+    pub queued_rcvbuf: usize,
     /// Cancel the migration (admin `cancel`) once round 0 sent this
     /// percentage of its pages, watching `status`; kvd must serve on.
     pub cancel_at_pct: Option<f64>,
@@ -126,6 +129,7 @@ impl Options {
             plaintext: false,
             max_freeze_ms: None,
             queued_mib: 0.0,
+            queued_rcvbuf: queued::RCVBUF,
             cancel_at_pct: None,
             bandwidth_mbps: None,
             migrate_back: false,
@@ -474,6 +478,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
             service.parse()?,
             opts.queued_mib,
             opts.conns,
+            opts.queued_rcvbuf,
         )?)
     } else {
         None

@@ -1,7 +1,7 @@
 //! `--queued-mib Q`: Q MiB left queued in kvd's sockets at the freeze.
 //!
 //! Connections of their own (at most 100, as many as `--conns` when fewer),
-//! opened with a 4 KiB receive buffer, ask kvd for Q MiB of replies in all
+//! opened with a 4 KiB receive buffer (`--queued-rcvbuf`), ask kvd for Q MiB of replies in all
 //! (pipelined `MGET`s of one key holding the largest value kvd stores) and
 //! read nothing until kvd migrated: the replies wait in kvd's send queues,
 //! held back by the clients' closed windows, and move with the connections.
@@ -23,6 +23,8 @@ use crate::kvd::store::MAX_VALUE;
 const KEY: &str = "lmig-queued";
 /// Keys per `MGET` (kvd takes up to 1024 arguments).
 const KEYS_PER_MGET: usize = 1000;
+/// The stuffing connections' default receive buffer (`SO_RCVBUF`).
+pub const RCVBUF: usize = 4096;
 /// One reply item: `$<len>\r\n<value>\r\n`.
 const ITEM: usize = 1 + 3 + 2 + MAX_VALUE + 2;
 
@@ -67,7 +69,16 @@ fn value() -> Vec<u8> {
 
 /// Open the connections from `client` to `addr` and ask for `mib` MiB of
 /// replies, which kvd queues; returns once kvd had time to write them.
-pub fn stuff(client: &Netns, addr: SocketAddr, mib: f64, conns: usize) -> Result<Queued, Error> {
+/// `rcvbuf` is each connection's receive buffer (0: the kernel's default):
+/// its window bounds the size of kvd's segments, and so of the buffers in
+/// kvd's send queue, which the freeze's capture walks one by one.
+pub fn stuff(
+    client: &Netns,
+    addr: SocketAddr,
+    mib: f64,
+    conns: usize,
+    rcvbuf: usize,
+) -> Result<Queued, Error> {
     let k = connections(conns);
     let total = (mib * f64::from(1 << 20)) as u64;
     let items_per_conn = (total / k as u64).div_ceil(ITEM as u64) as usize;
@@ -105,7 +116,10 @@ pub fn stuff(client: &Netns, addr: SocketAddr, mib: f64, conns: usize) -> Result
                 )
                 .map_err(|e| e.to_string())?;
                 // A closed window keeps kvd's replies in kvd's send queue.
-                sock.set_recv_buffer_size(4096).map_err(|e| e.to_string())?;
+                if rcvbuf > 0 {
+                    sock.set_recv_buffer_size(rcvbuf)
+                        .map_err(|e| e.to_string())?;
+                }
                 sock.connect_timeout(&addr.into(), Duration::from_secs(10))
                     .map_err(|e| format!("connect {i}: {e}"))?;
                 let mut s: TcpStream = sock.into();
