@@ -185,6 +185,10 @@ pub struct Source<'a, C, M, T, P, K = NoSockets> {
 /// How often a wait of the session looks for a cancel.
 const CANCEL_TICK: Duration = Duration::from_millis(20);
 
+/// Most report warnings the wait for `SocketsActive` adds about unexpected
+/// messages.
+const MAX_WAIT_WARNINGS: usize = 16;
+
 /// The outcome of a destination that said `Done` (or `Abort`) before its
 /// `SocketsActive` came: nothing is left to serve.
 fn ended_early(msg: Message) -> Result<Verification> {
@@ -454,11 +458,14 @@ where
                     return None;
                 }
                 Ok(Some(m @ (Message::Done(_) | Message::Abort { .. }))) => return Some(m),
-                Ok(Some(other)) => report.warnings.push(format!(
-                    "after Commit: ignored an unexpected {} from the destination",
-                    other.name()
-                )),
-                Ok(None) => {}
+                // At most a few: a peer's flood must not grow the report.
+                Ok(Some(other)) if report.warnings.len() < MAX_WAIT_WARNINGS => {
+                    report.warnings.push(format!(
+                        "after Commit: ignored an unexpected {} from the destination",
+                        other.name()
+                    ))
+                }
+                Ok(_) => {}
                 Err(e) => {
                     warn!(error = %e, "after Commit: waiting for SocketsActive failed");
                     report
