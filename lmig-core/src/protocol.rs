@@ -20,7 +20,10 @@
 //!                                          one Sockets{last} on each lane)
 //!   Handover{pages_total, postcopy, verify} ───────▶ wait for every page, restore sockets/state
 //!   ◀──────────────────────────────────────────────── Ready
-//!   Commit ────────────────────────────────────────▶ resume program, release packets
+//!   Commit ────────────────────────────────────────▶ activate sockets, release packets
+//!   ◀──────────────────────────────────────── SocketsActive (if sockets came)
+//!   re-inject held packets, close sockets             resume program
+//!   (pre-copy: after SocketsActive or a bound; post-copy: at Commit)
 //!   (post-copy: ◀ PageRequest / Pages ▶ on the urgent lane, push continues)
 //!   Digests{..} (if verify) ───────────────────────▶ compare with the pages as placed
 //!   ◀──────────────────────────────────────────────── Done{verification}
@@ -277,6 +280,13 @@ pub enum Message {
         /// Bytes queued, received and not read or sent and not acknowledged.
         bytes: u64,
     },
+    /// After `Commit`: the destination's sockets left repair mode
+    /// ([`SocketSink::activate`](crate::traits::SocketSink::activate)
+    /// returned), so packets sent to them now are taken at once. The
+    /// source re-injects the packets its lock held and closes its own
+    /// sockets only then (or after a bound, for a peer that never says
+    /// it), so that work does not share the CPU with the activation.
+    SocketsActive,
 }
 
 impl Message {
@@ -300,6 +310,7 @@ impl Message {
             Self::Abort { .. } => "Abort",
             Self::Split(_) => "Split",
             Self::QueueEstimate { .. } => "QueueEstimate",
+            Self::SocketsActive => "SocketsActive",
         }
     }
 }

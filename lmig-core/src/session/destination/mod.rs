@@ -473,6 +473,7 @@ where
                 .push(format!("activating sockets: {e}"));
             errors.activation = Some(e);
         }
+        self.say_sockets_active(&mut progress);
         if let Err(e) = contain("resuming the program", true, || self.program.resume()) {
             warn!(error = %e, "after Commit: resuming the program failed");
             progress
@@ -504,6 +505,24 @@ where
             handover,
         };
         Ok((work, program, sockets, memory, errors))
+    }
+
+    /// After the activation (whatever it returned: nothing is left to
+    /// wait for): `SocketsActive`, with which the source re-injects the
+    /// packets its lock held and closes its sockets now rather than while
+    /// this side activates. Only when sockets came (the source waits only
+    /// then); a failed send is a warning (the source's wait is bounded).
+    fn say_sockets_active(&mut self, progress: &mut Progress) {
+        if progress.report.sockets_restored == 0 {
+            return;
+        }
+        if let Err(e) = self.channel.send(&Message::SocketsActive) {
+            warn!(error = %e, "after Commit: telling the source the sockets are active failed");
+            progress
+                .report
+                .warnings
+                .push(format!("sending SocketsActive: {e}"));
+        }
     }
 
     /// A failure before `Commit`: tell the source, drop what arrived.

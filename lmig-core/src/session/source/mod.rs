@@ -185,6 +185,23 @@ pub struct Source<'a, C, M, T, P, K = NoSockets> {
 /// How often a wait of the session looks for a cancel.
 const CANCEL_TICK: Duration = Duration::from_millis(20);
 
+/// Most report warnings the wait for `SocketsActive` adds about unexpected
+/// messages.
+const MAX_WAIT_WARNINGS: usize = 16;
+
+/// The outcome of a destination that said `Done` (or `Abort`) before its
+/// `SocketsActive` came: nothing is left to serve.
+fn ended_early(msg: Message) -> Result<Verification> {
+    match msg {
+        Message::Done(v) => Ok(v),
+        other => Err(crate::session::unexpected(
+            "post-commit",
+            "SocketsActive or Done",
+            &other,
+        )),
+    }
+}
+
 /// What to undo if the migration fails before `Commit`.
 #[derive(Default)]
 struct Undo {
@@ -328,11 +345,16 @@ where
         if let Err(e) = self.commit(&mut report, start) {
             return Err(self.abort(&undo, e));
         }
-        self.hand_over(&mut report);
+        let early = self.hand_over(&mut report, !postcopy.is_empty());
         drop(commit_span);
-        let outcome = contain("after Commit", true, || {
-            self.after_commit(&layout, postcopy, &mut report)
-        });
+        let outcome = match early {
+            // The destination ended (or gave up) while this side waited for
+            // its sockets: nothing is left to serve.
+            Some(msg) => ended_early(msg),
+            None => contain("after Commit", true, || {
+                self.after_commit(&layout, postcopy, &mut report)
+            }),
+        };
         if let Err(e) = contain("stopping the dirty tracker", true, || self.tracker.stop()) {
             warn!(error = %e, "after Commit: stopping the dirty tracker failed");
             report
@@ -366,7 +388,9 @@ where
 
     /// Right after `Commit`: the destination owns the program, so a failure
     /// or a panic here is reported in `report.warnings`, never undone.
-    fn hand_over(&mut self, report: &mut SourceReport) {
+    /// Returns a `Done` or `Abort` that arrived while this side waited for
+    /// `SocketsActive` (see [`SourceConfig::activation_wait`]).
+    fn hand_over(&mut self, report: &mut SourceReport, postcopy: bool) -> Option<Message> {
         if let Err(e) = contain("in the program's `committed`", true, || {
             self.program.committed();
             Ok(())
@@ -374,6 +398,17 @@ where
             warn!(error = %e, "after Commit: the program's `committed` failed");
             report.warnings.push(e.to_string());
         }
+        // The re-injection of the held packets, the sockets' close and the
+        // digest pass wait until the destination's sockets are active: on a
+        // shared host they would take CPU from that activation, and packets
+        // sent earlier wait in the destination's lock anyway. Post-copy
+        // serves its requests at once instead.
+        let wait = self.config.activation_wait;
+        let early = if postcopy || report.sockets == 0 || wait.is_zero() {
+            None
+        } else {
+            self.await_sockets_active(report, wait)
+        };
         // The clients wait for the handoff (held packets, the service
         // address). Nobody waits for the tracker, whose teardown (write
         // protection off over every region) takes tens of ms per GiB: it
@@ -386,6 +421,59 @@ where
             report
                 .warnings
                 .push(format!("releasing the source sockets: {e}"));
+        }
+        early
+    }
+
+    /// Wait (at most `wait`) for the destination's `SocketsActive`. A
+    /// `Done` or `Abort` ends the wait and is returned; another message is
+    /// dropped with a warning (as after `Commit`); silence or a broken
+    /// channel ends it with a warning (the release goes on regardless).
+    fn await_sockets_active(
+        &mut self,
+        report: &mut SourceReport,
+        wait: Duration,
+    ) -> Option<Message> {
+        let started = Instant::now();
+        let until = started + wait;
+        // Bounded by `until`.
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                warn!(
+                    wait_ms = wait.as_secs_f64() * 1e3,
+                    "after Commit: no SocketsActive within the bound: releasing the sockets"
+                );
+                report.warnings.push(format!(
+                    "the destination did not say its sockets were active within {wait:?}"
+                ));
+                return None;
+            }
+            match self.channel.recv(Some(left)) {
+                Ok(Some(Message::SocketsActive)) => {
+                    debug!(
+                        waited_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "after Commit: the destination's sockets are active"
+                    );
+                    return None;
+                }
+                Ok(Some(m @ (Message::Done(_) | Message::Abort { .. }))) => return Some(m),
+                // At most a few: a peer's flood must not grow the report.
+                Ok(Some(other)) if report.warnings.len() < MAX_WAIT_WARNINGS => {
+                    report.warnings.push(format!(
+                        "after Commit: ignored an unexpected {} from the destination",
+                        other.name()
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "after Commit: waiting for SocketsActive failed");
+                    report
+                        .warnings
+                        .push(format!("waiting for SocketsActive: {e}"));
+                    return None;
+                }
+            }
         }
     }
 

@@ -389,6 +389,9 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
                     self.resync(missing, digests.as_deref())
                 }
                 Message::Done(v) => return Ok(v),
+                // Late (after the source's bound) or in post-copy, where
+                // the source does not wait for it: nothing to do.
+                Message::SocketsActive => {}
                 // Only a destination that failed before `Commit` sends
                 // `Abort`: it discarded everything (the program runs
                 // nowhere), which the caller must hear.
