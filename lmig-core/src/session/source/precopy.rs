@@ -524,18 +524,13 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
     /// `threads`): lane `l` (of `lanes`) is the sender's when
     /// `l % threads == thread`; each chunk goes on its own lane.
     ///
-    /// With a clearer, two passes: first every zero page (tested in place,
-    /// not cleared), then the pages holding data, each cleared right
-    /// before it is read. The data is then read in a short window at the
-    /// end of the round, so fewer of its pages are written after their
-    /// read and sent again next round. Only pages about to be read are
-    /// cleared, once each: a page sent as zero keeps what the tracker knows
-    /// about it (written since the tracker started: reported by the
-    /// round's collect and sent again, a rare case, as a page written
-    /// with zeros). Clearing before the test too re-protected every
-    /// written page twice in round 0, and the program's next write to
-    /// each took a second write-protect fault (and the clear a second TLB
-    /// flush).
+    /// With a clearer, two passes: first every zero page (tested in place
+    /// right after its run was cleared), then the pages holding data, each
+    /// cleared again right before it is read. The data is then read in a
+    /// short window at the end of the round, so fewer of its pages are
+    /// written after their read and sent again next round. Only pages about
+    /// to be tested or read are cleared: a page sent as zero unread keeps
+    /// what the tracker knows about it.
     fn send_lane(
         &self,
         set: &RegionPages,
@@ -568,16 +563,13 @@ impl<'a, M: MemorySource, C: Channel> PageLanes<'a, M, C> {
             let Some(c) = clearer else {
                 return sender.send_run(run, round, lane, false);
             };
+            c.clear(&run)?;
             let sent = sender.send_zeros(run, round, lane, &mut data_runs)?;
             data_lanes.resize(data_runs.len(), lane);
             match sent {
                 Some(sent) => Ok(sent),
-                // The memory cannot test in place: one pass, each run
-                // cleared right before its read.
-                None => {
-                    c.clear(&run)?;
-                    sender.send_run(run, round, lane, false)
-                }
+                // The memory cannot test in place: one pass.
+                None => sender.send_run(run, round, lane, false),
             }
         };
         for run in set.chunked_runs(self.batch) {
