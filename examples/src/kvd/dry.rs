@@ -9,8 +9,7 @@
 //! no destination: the CPU and memory bandwidth those take are left out.
 //!
 //! The rounds run on the calling thread in `SCHED_IDLE` for at most 2 s
-//! (as the real senders do while rounds shrink), resting there as kvd's
-//! latency signal asks (`LMIG_KVD_IDLE_BACKOFF=1`, as the real senders). The tracker is removed after the
+//! (as the real senders do while rounds shrink). The tracker is removed after the
 //! answer: its teardown (tens of ms per GiB) happens after `Commit` in a
 //! real migration, when the source no longer serves.
 
@@ -43,10 +42,6 @@ const ROUND_GAP: Duration = Duration::from_millis(50);
 struct DryFigures {
     rounds: u32,
     pages_read: u64,
-    /// Rests the latency signal asked for (`LMIG_KVD_IDLE_BACKOFF=1`,
-    /// while in the lowest class, as the real senders) and their total.
-    rests: u32,
-    rested: Duration,
 }
 
 /// [`DRY_ENV`]'s rate, MB/s, when set.
@@ -73,12 +68,10 @@ pub fn dry_precopy(regions: &RegionSet, mbps: f64) -> String {
     });
     match done {
         Ok(f) => format!(
-            "dry run: {} rounds, {} pages read in {:.0} ms at {mbps} MB/s, {} rests ({:.1} ms)",
+            "dry run: {} rounds, {} pages read in {:.0} ms at {mbps} MB/s",
             f.rounds,
             f.pages_read,
-            took.as_secs_f64() * 1e3,
-            f.rests,
-            f.rested.as_secs_f64() * 1e3
+            took.as_secs_f64() * 1e3
         ),
         Err(e) => format!("dry run failed: {e}"),
     }
@@ -100,15 +93,11 @@ fn rounds(
     let mut buf = vec![0u8; CHUNK_PAGES as usize * 4096];
     // In the lowest class for at most IDLE_LIMIT, as the real senders.
     let mut lowered = lmig_mem::cpu::idle_thread(true);
-    let backoff = crate::kvd::pace::idle_backoff();
     // Bounded: DRY_LENGTH, and at most 1000 rounds.
     while figures.rounds < 1000 {
         for run in pages.chunked_runs(CHUNK_PAGES) {
             if lowered && start.elapsed() >= IDLE_LIMIT {
                 lowered = !lmig_mem::cpu::idle_thread(false);
-            }
-            if lowered {
-                rest(backoff, &mut figures);
             }
             if figures.rounds == 0 {
                 if let Some(c) = &clearer {
@@ -135,19 +124,6 @@ fn rounds(
         lmig_mem::cpu::idle_thread(false);
     }
     Ok(figures)
-}
-
-/// Rest as long as the latency signal asks (none without one), at most
-/// `SourceConfig`'s bound, as a real sender in the lowest class.
-fn rest(backoff: Option<fn() -> Duration>, figures: &mut DryFigures) {
-    let Some(asked) = backoff.map(|b| b().min(lmig_core::session::IDLE_MAX_REST)) else {
-        return;
-    };
-    if !asked.is_zero() {
-        std::thread::sleep(asked);
-        figures.rests += 1;
-        figures.rested += asked;
-    }
 }
 
 /// Read `run` into `buf`, then wait until the pages read so far have taken

@@ -368,7 +368,6 @@ pub fn migrate_out(
         .with_idle_duty(crate::kvd::pace::idle_duty())
         .with_idle_threads(crate::kvd::pace::idle_threads())
         .with_idle_place(crate::kvd::pace::idle_place())
-        .with_idle_backoff(crate::kvd::pace::idle_backoff())
         .with_push_holdoff(crate::kvd::park::push_holdoff())
         .with_idle_push(crate::kvd::park::idle_push());
     let source = Source::new(&channel, regions, &mut tracker, program)

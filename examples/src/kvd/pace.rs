@@ -249,93 +249,6 @@ fn place_sender(on: bool) {
     }
 }
 
-/// Environment variable: `1` gives the source's senders in the lowest
-/// class kvd's latency signal
-/// ([`SourceConfig::idle_backoff`](lmig_core::session::SourceConfig::idle_backoff),
-/// [`idle_backoff`]): how long the loop waited for a CPU lately; unset or
-/// anything else: none.
-pub const IDLE_BACKOFF_ENV: &str = "LMIG_KVD_IDLE_BACKOFF";
-
-fn backoff_on() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os(IDLE_BACKOFF_ENV).is_some_and(|v| v == "1"))
-}
-
-/// The loop's thread id (0: not known), recorded by [`PassTimer::start`]
-/// when [`IDLE_BACKOFF_ENV`] is on.
-static LOOP_TID: AtomicI32 = AtomicI32::new(0);
-
-/// A sender reads the loop's wait at most this often.
-const BACKOFF_EVERY: Duration = Duration::from_micros(500);
-/// The loop's wait since the last read below which a sender goes on.
-const BACKOFF_FROM: Duration = Duration::from_micros(100);
-/// The longest rest asked at once.
-const BACKOFF_MAX: Duration = Duration::from_millis(2);
-
-/// The source's latency signal for its senders in the lowest class, when
-/// [`IDLE_BACKOFF_ENV`] is `1`.
-pub fn idle_backoff() -> Option<fn() -> Duration> {
-    backoff_on().then_some(loop_backoff as fn() -> Duration)
-}
-
-thread_local! {
-    /// The loop's schedstat file, its run-queue wait at the last read (ns),
-    /// and when that was.
-    static LOOP_WAIT: std::cell::RefCell<Option<(std::fs::File, u64, Instant)>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// How long the calling sender should rest: the time kvd's loop waited
-/// for a CPU since this sender last looked (its `schedstat` run delay),
-/// when that is [`BACKOFF_FROM`] or more (at most [`BACKOFF_MAX`]); zero
-/// otherwise, or when looked within [`BACKOFF_EVERY`], or when the loop's
-/// thread is not known or its file cannot be read.
-fn loop_backoff() -> Duration {
-    let tid = LOOP_TID.load(Ordering::Relaxed);
-    if tid <= 0 {
-        return Duration::ZERO;
-    }
-    LOOP_WAIT
-        .with_borrow_mut(|state| {
-            if state
-                .as_ref()
-                .is_some_and(|s| s.2.elapsed() < BACKOFF_EVERY)
-            {
-                return Some(Duration::ZERO);
-            }
-            if state.is_none() {
-                let file = std::fs::File::open(format!("/proc/self/task/{tid}/schedstat")).ok()?;
-                let delay = run_delay_ns(&file)?;
-                *state = Some((file, delay, Instant::now()));
-                return Some(Duration::ZERO);
-            }
-            let (file, last, at) = state.as_mut()?;
-            let now = run_delay_ns(file)?;
-            let waited = Duration::from_nanos(now.saturating_sub(*last));
-            (*last, *at) = (now, Instant::now());
-            Some(if waited >= BACKOFF_FROM {
-                waited.min(BACKOFF_MAX)
-            } else {
-                Duration::ZERO
-            })
-        })
-        .unwrap_or(Duration::ZERO)
-}
-
-/// The run delay (ns, the second field) of a `schedstat` file, read from
-/// its start.
-fn run_delay_ns(file: &std::fs::File) -> Option<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = [0u8; 96];
-    let n = file.read_at(&mut buf, 0).ok()?;
-    parse_run_delay(std::str::from_utf8(&buf[..n]).ok()?)
-}
-
-/// The second field of a `schedstat` line ("on-CPU ns, waiting ns, slices").
-fn parse_run_delay(line: &str) -> Option<u64> {
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// Times a pass of the loop: [`PassTimer::done`] hands it to a [`LoopPace`].
 pub struct PassTimer(Instant, u64);
 
@@ -347,9 +260,6 @@ impl PassTimer {
             if let Ok(cpu) = nix::sched::sched_getcpu() {
                 LOOP_CPU.store(cpu as i32, Ordering::Relaxed);
             }
-        }
-        if backoff_on() && LOOP_TID.load(Ordering::Relaxed) == 0 {
-            LOOP_TID.store(nix::unistd::gettid().as_raw(), Ordering::Relaxed);
         }
         Self(Instant::now(), requests)
     }
@@ -381,17 +291,6 @@ mod tests {
         assert_eq!(pace.snapshot().p99_ms_since(&before), Some(4.096));
         // Only the window counts.
         assert_eq!(pace.snapshot().p99_ms_since(&mid), Some(4.096));
-    }
-
-    #[test]
-    fn the_run_delay_is_the_second_schedstat_field() {
-        assert_eq!(parse_run_delay("107111 367045 2\n"), Some(367_045));
-        assert_eq!(parse_run_delay("107111"), None);
-        assert_eq!(parse_run_delay(""), None);
-        // This thread's own file reads.
-        let tid = nix::unistd::gettid().as_raw();
-        let file = std::fs::File::open(format!("/proc/self/task/{tid}/schedstat")).unwrap();
-        assert!(run_delay_ns(&file).is_some());
     }
 
     #[test]
