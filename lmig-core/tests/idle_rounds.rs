@@ -324,29 +324,3 @@ fn a_sender_leaving_the_lowest_class_is_given_back() {
     assert!(!calls.is_empty());
     assert!(calls.iter().all(|on| !on), "{calls:?}");
 }
-
-static BACKOFF_COLLECTS: AtomicU32 = AtomicU32::new(0);
-/// The collect number at each call of the latency signal.
-static BACKOFF_CALLS: Mutex<Vec<(u32, bool)>> = Mutex::new(Vec::new());
-
-/// A program that always says it was kept waiting for a minute.
-fn always_behind() -> Duration {
-    let at = BACKOFF_COLLECTS.load(Ordering::SeqCst);
-    BACKOFF_CALLS.lock().unwrap().push((at, true));
-    Duration::from_secs(60)
-}
-
-/// `idle_backoff`: a sender in the lowest class asks the program's latency
-/// signal before each chunk (round 0: 4 chunks; round 1: 1), never once
-/// the rounds stop shrinking nor in the freeze; a program that always asks
-/// for a minute gets rests of at most `IDLE_MAX_REST` and the migration
-/// ends with every page verified.
-#[test]
-fn the_latency_signal_is_asked_before_each_chunk_and_bounded() {
-    let config = SourceConfig::default()
-        .with_idle_lanes(Some(place_lanes_hook))
-        .with_idle_backoff(Some(always_behind));
-    let rounds = migrate(config, DestinationConfig::default(), &BACKOFF_COLLECTS);
-    assert!(rounds >= 3, "{rounds}");
-    assert_calls_in_rounds_0_and_1(&BACKOFF_CALLS, 4, 1);
-}

@@ -148,20 +148,6 @@ pub struct SourceConfig {
     /// e.g. off the CPU its event loop last ran on, and back. Only while
     /// the senders are in the lowest class.
     pub idle_place: Option<fn(bool)>,
-    /// The program's own latency signal for the senders in the lowest
-    /// class ([`Self::idle_lanes`]; `None`, the default: no signal). Before
-    /// each chunk such a sender calls the hook, which says how long the
-    /// program was kept waiting for a CPU lately (e.g. its event loop's
-    /// time queued to run since the previous call), or zero when it was
-    /// not; the sender then rests that long, at most [`IDLE_MAX_REST`] at
-    /// once, so the CPU it leaves idle can take the program's waiting
-    /// thread. Pacing by feedback: the rounds go at full speed while the
-    /// program keeps up, and slow down only while it falls behind. Bounded
-    /// as the lowest class is: a round's senders leave it after
-    /// [`Self::idle_round_limit`], and a round that does not shrink, the
-    /// freeze and post-copy never call it, so convergence does not depend
-    /// on the program's figures.
-    pub idle_backoff: Option<fn() -> Duration>,
     /// After `Commit`, the post-copy push (and the digests' hashing) waits
     /// up to this long while the page requests are answered at once
     /// (default zero: the push starts at once). Right after the resume a
@@ -241,7 +227,6 @@ impl Default for SourceConfig {
             idle_duty: 100,
             idle_threads: 0,
             idle_place: None,
-            idle_backoff: None,
             push_holdoff: Duration::ZERO,
             idle_push: false,
             activation_wait: Duration::from_millis(100),
@@ -345,13 +330,6 @@ impl SourceConfig {
     #[must_use]
     pub fn with_idle_place(mut self, hook: Option<fn(bool)>) -> Self {
         self.idle_place = hook;
-        self
-    }
-
-    /// Set [`Self::idle_backoff`].
-    #[must_use]
-    pub fn with_idle_backoff(mut self, hook: Option<fn() -> Duration>) -> Self {
-        self.idle_backoff = hook;
         self
     }
 

@@ -22,9 +22,6 @@ pub(in crate::session::source) struct IdleLanes {
     pub threads: usize,
     /// Places the sender before each chunk ([`crate::session::SourceConfig::idle_place`]).
     pub place: Option<fn(bool)>,
-    /// The program's latency signal: how long to rest before a chunk
-    /// ([`crate::session::SourceConfig::idle_backoff`]).
-    pub backoff: Option<fn() -> Duration>,
 }
 
 impl IdleLanes {
@@ -42,7 +39,6 @@ impl IdleLanes {
             duty: config.idle_duty,
             threads: config.idle_threads,
             place: config.idle_place,
-            backoff: config.idle_backoff,
         })
     }
 }
@@ -67,25 +63,16 @@ impl IdleLane {
         }
     }
 
-    /// In the lowest class: with a duty below 100 %, after a work slice
-    /// ([`crate::session::source::IDLE_WORK_SLICE`]), sleep for the rest of
-    /// the share; with a latency signal
-    /// ([`crate::session::SourceConfig::idle_backoff`]), as long as it
-    /// asks if that is longer. At most
-    /// [`crate::session::source::IDLE_MAX_REST`]. Returns the time slept.
+    /// In the lowest class with a duty below 100 %, after a work slice
+    /// ([`crate::session::source::IDLE_WORK_SLICE`]): sleep for the rest of the share, at
+    /// most [`crate::session::source::IDLE_MAX_REST`]. Returns the time slept.
     pub(super) fn rest(&self) -> Duration {
         let Some(l) = self.lanes else {
             return Duration::ZERO;
         };
-        if !self.on.get() {
-            return Duration::ZERO;
-        }
         let worked = self.rested.get().elapsed();
-        let sleep = rest_for(
-            crate::session::source::config::rest_after(worked, l.duty),
-            l.backoff.map(|asked| asked()),
-        );
-        if sleep.is_zero() {
+        let sleep = crate::session::source::config::rest_after(worked, l.duty);
+        if !self.on.get() || sleep.is_zero() {
             return Duration::ZERO;
         }
         std::thread::sleep(sleep);
@@ -124,76 +111,5 @@ impl IdleLane {
             }
             _ => false,
         }
-    }
-}
-
-/// A lane's rest before a chunk: the longer of the duty's (`duty`) and
-/// what the program's latency signal asks (`asked`), at most
-/// [`crate::session::source::IDLE_MAX_REST`].
-fn rest_for(duty: Duration, asked: Option<Duration>) -> Duration {
-    duty.max(asked.unwrap_or(Duration::ZERO))
-        .min(crate::session::source::IDLE_MAX_REST)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::session::source::IDLE_MAX_REST;
-
-    #[test]
-    fn a_rest_is_the_longer_ask_and_never_past_the_bound() {
-        let ms = Duration::from_millis;
-        assert_eq!(rest_for(Duration::ZERO, None), Duration::ZERO);
-        assert_eq!(
-            rest_for(Duration::ZERO, Some(Duration::ZERO)),
-            Duration::ZERO
-        );
-        assert_eq!(rest_for(ms(1), Some(ms(3))), ms(3));
-        assert_eq!(rest_for(ms(3), Some(ms(1))), ms(3));
-        // A program asking for a minute gets the bound: a cancel and the
-        // round's limit are seen within it.
-        assert_eq!(rest_for(Duration::ZERO, Some(ms(60_000))), IDLE_MAX_REST);
-        assert_eq!(rest_for(ms(60_000), None), IDLE_MAX_REST);
-    }
-
-    #[test]
-    fn a_lane_out_of_the_lowest_class_never_asks_nor_rests() {
-        fn asks_a_lot() -> Duration {
-            panic!("asked outside the lowest class")
-        }
-        fn refuses(_: bool) -> bool {
-            false
-        }
-        let lanes = IdleLanes {
-            hook: refuses,
-            until: Instant::now() + Duration::from_secs(60),
-            duty: 100,
-            threads: 0,
-            place: None,
-            backoff: Some(asks_a_lot),
-        };
-        // The hook refused the lowest class: no signal read, no rest.
-        assert_eq!(IdleLane::enter(Some(lanes)).rest(), Duration::ZERO);
-        assert_eq!(IdleLane::none().rest(), Duration::ZERO);
-    }
-
-    #[test]
-    fn a_lane_in_the_lowest_class_rests_as_the_program_asks() {
-        fn asks() -> Duration {
-            Duration::from_millis(2)
-        }
-        fn accepts(_: bool) -> bool {
-            true
-        }
-        let lanes = IdleLanes {
-            hook: accepts,
-            until: Instant::now() + Duration::from_secs(60),
-            duty: 100,
-            threads: 0,
-            place: None,
-            backoff: Some(asks),
-        };
-        let lane = IdleLane::enter(Some(lanes));
-        assert_eq!(lane.rest(), Duration::from_millis(2));
     }
 }
