@@ -277,6 +277,15 @@ pub enum Message {
         /// Bytes queued, received and not read or sent and not acknowledged.
         bytes: u64,
     },
+    /// Post-copy, destination to source (on the urgent lane, behind its
+    /// page requests): the program's work that waited for pages after the
+    /// resume has all run
+    /// ([`PageResidency::settled`](crate::traits::PageResidency::settled)).
+    /// The source's push hold-off
+    /// ([`SourceConfig::push_holdoff`](crate::session::SourceConfig::push_holdoff))
+    /// ends at once. A source that does not know it ignores it; a
+    /// destination that never sends it leaves the hold-off to its bound.
+    DemandSettled,
 }
 
 impl Message {
@@ -300,6 +309,7 @@ impl Message {
             Self::Abort { .. } => "Abort",
             Self::Split(_) => "Split",
             Self::QueueEstimate { .. } => "QueueEstimate",
+            Self::DemandSettled => "DemandSettled",
         }
     }
 }

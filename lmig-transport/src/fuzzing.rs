@@ -49,6 +49,7 @@ pub const TARGETS: &[&str] = &[
     "msg_abort",
     "msg_split",
     "msg_queue_estimate",
+    "msg_demand_settled",
     "sock_tcp_conn",
     "sock_tcp_listen",
     "sock_udp",
@@ -97,6 +98,7 @@ fn message_kind(target: &str) -> Option<Kind> {
         "msg_abort" => Kind::Abort,
         "msg_split" => Kind::Split,
         "msg_queue_estimate" => Kind::QueueEstimate,
+        "msg_demand_settled" => Kind::DemandSettled,
         _ => return None,
     })
 }
@@ -414,6 +416,8 @@ pub fn sample_messages() -> Vec<Message> {
     ]
     .into_iter()
     .chain(sample_split_messages().into_iter().map(Message::Split))
+    // Added last: the other seeds keep their numbers.
+    .chain([Message::DemandSettled])
     .collect()
 }
 

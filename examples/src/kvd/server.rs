@@ -311,7 +311,7 @@ impl Server {
 
     /// Pages came: serve the connections whose parked requests may run.
     fn unpark(&mut self, store: &Store<'_>) {
-        let Some(parking) = self.parking.as_ref() else {
+        let Some(parking) = self.parking.as_mut() else {
             return;
         };
         let mut ids = parking.take_ready();

@@ -68,6 +68,8 @@ wire_enum! {
         Split = 16 => "Split",
         /// `Message::QueueEstimate`.
         QueueEstimate = 17 => "QueueEstimate",
+        /// `Message::DemandSettled`.
+        DemandSettled = 18 => "DemandSettled",
         /// Handshake: the dialer's hello.
         Hello = 0x40 => "Hello",
         /// Handshake: the listener's challenge.
@@ -390,6 +392,7 @@ mod tests {
                 (15, "Prepared"),
                 (16, "Split"),
                 (17, "QueueEstimate"),
+                (18, "DemandSettled"),
                 (0x40, "Hello"),
                 (0x41, "Challenge"),
                 (0x42, "Proof"),
@@ -402,7 +405,7 @@ mod tests {
             assert_eq!(Kind::from_u8(k.to_u8()), Ok(*k));
             assert_eq!(k.is_handshake(), k.to_u8() >= 0x40, "{k:?}");
         }
-        for bad in [0, 18, 0x3f, 0x46, 0xff] {
+        for bad in [0, 19, 0x3f, 0x46, 0xff] {
             assert_eq!(Kind::from_u8(bad), Err(WireError::BadKind(bad)));
         }
     }
@@ -511,7 +514,7 @@ mod tests {
 
     #[test]
     fn unknown_kind_and_flags() {
-        for k in [0u8, 18, 0x3f, 0x46, 0xff] {
+        for k in [0u8, 19, 0x3f, 0x46, 0xff] {
             let mut b = READY;
             b[6] = k;
             assert_eq!(

@@ -18,6 +18,7 @@
 //! Abort       u16 length, UTF-8 reason (at most MAX_REASON_BYTES)
 //! Split       a tag byte, then one split-memory message (see `wire/split.rs`)
 //! QueueEstimate u64 bytes (at most MAX_QUEUE_ESTIMATE)
+//! DemandSettled (empty)
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -118,6 +119,7 @@ pub fn kind_of(msg: &Message) -> Kind {
         Message::Abort { .. } => Kind::Abort,
         Message::Split(_) => Kind::Split,
         Message::QueueEstimate { .. } => Kind::QueueEstimate,
+        Message::DemandSettled => Kind::DemandSettled,
     }
 }
 
@@ -189,7 +191,7 @@ pub(crate) fn emit_body(msg: &Message) -> Result<(Kind, Vec<Bytes>)> {
             head.reserve(list_len(runs));
             put_list(&mut head, runs);
         }
-        Message::Ready | Message::Commit => {}
+        Message::Ready | Message::Commit | Message::DemandSettled => {}
         Message::Prepared { placed } => head.put_u64_le(*placed),
         Message::PageRequest(run) => {
             check_runs(std::slice::from_ref(run))?;
@@ -283,6 +285,7 @@ pub fn parse_message_body(kind: Kind, payload: Bytes) -> Result<Message> {
         Kind::Ready => Message::Ready,
         Kind::Prepared => Message::Prepared { placed: r.u64()? },
         Kind::Commit => Message::Commit,
+        Kind::DemandSettled => Message::DemandSettled,
         Kind::PageRequest => Message::PageRequest(PageRun::parse(&mut r)?),
         Kind::Done => Message::Done(match DoneTag::from_u8(r.u8()?)? {
             DoneTag::NotChecked => Verification::NotChecked,
