@@ -21,7 +21,8 @@
 //!   Handover{pages_total, postcopy, verify} ───────▶ wait for every page, restore sockets/state
 //!   ◀──────────────────────────────────────────────── Ready
 //!   Commit ────────────────────────────────────────▶ resume program, release packets
-//!   (post-copy: ◀ PageRequest / Pages ▶ on the urgent lane, push continues)
+//!   (post-copy: ◀ PageRequest / Pages ▶ on the urgent lane, push continues;
+//!    ◀ DemandSettled once the program's parked work ran: the push's hold-off ends)
 //!   Digests{..} (if verify) ───────────────────────▶ compare with the pages as placed
 //!   ◀──────────────────────────────────────────────── Done{verification}
 //! ```

@@ -39,23 +39,23 @@ pub const PUSH_HOLDOFF_ENV: &str = "LMIG_KVD_PUSH_HOLDOFF_MS";
 pub const PUSH_HOLDOFF: Duration = Duration::from_millis(50);
 
 /// kvd's hold-off bound when it waits for the destination's word that the
-/// first wave ran ([`holdoff_until_settled`]): that word ends it, 30–60 ms
-/// after the resume in the runs measured (docs/benchmarks.md, s13-pc); the
-/// bound only covers a destination that never says it.
+/// first wave ran ([`holdoff_until_settled`]): that word ends it (about
+/// 20–60 ms after the resume in the runs traced, docs/benchmarks.md,
+/// s13-pc); the bound only covers a destination that never says it.
 pub const PUSH_HOLDOFF_SETTLED: Duration = Duration::from_millis(150);
 
-/// Environment variable: `0` makes the source's hold-off end after a few
-/// ms without requests, as before, instead of waiting for the
-/// destination's word that kvd's first wave of parked requests ran
-/// ([`holdoff_until_settled`]).
+/// Environment variable: `1` makes the destination kvd say when its first
+/// wave of parked requests ran ([`PageResidency::settled`]) and the source
+/// kvd's push hold-off wait for that word instead of ending after a few ms
+/// without requests ([`holdoff_until_settled`]).
 pub const HOLDOFF_SETTLED_ENV: &str = "LMIG_KVD_HOLDOFF_SETTLED";
 
-/// The source's
-/// [`SourceConfig::push_holdoff_until_settled`](lmig_core::session::SourceConfig::push_holdoff_until_settled):
-/// true unless [`HOLDOFF_SETTLED_ENV`] is `0` (the destination kvd always
-/// says when its first wave ran).
+/// Whether [`HOLDOFF_SETTLED_ENV`] is `1`: the source's
+/// [`SourceConfig::push_holdoff_until_settled`](lmig_core::session::SourceConfig::push_holdoff_until_settled),
+/// and the destination's word. Off by default: no gain in the clients'
+/// figures could be shown on a loaded host (docs/benchmarks.md, s13-pc).
 pub fn holdoff_until_settled() -> bool {
-    std::env::var_os(HOLDOFF_SETTLED_ENV).is_none_or(|v| v != "0")
+    std::env::var_os(HOLDOFF_SETTLED_ENV).is_some_and(|v| v == "1")
 }
 
 /// The source's post-copy push hold-off
@@ -164,6 +164,8 @@ pub struct Parking {
 /// (a spell without requests comes whenever the loop is short of CPU).
 #[derive(Default)]
 struct FirstWave {
+    /// kvd says it ([`Parking::saying_settled`]).
+    enabled: bool,
     conns: HashSet<u64>,
     /// Pages came for a parked request: later parks are not in the wave.
     closed: bool,
@@ -183,10 +185,17 @@ impl Parking {
         }
     }
 
+    /// Say when the first wave ran ([`FirstWave`]); off by default.
+    #[must_use]
+    pub fn saying_settled(mut self, say: bool) -> Self {
+        self.wave.enabled = say;
+        self
+    }
+
     /// The first wave ran in full: say it, once.
     fn settle_if_done(&mut self) {
         let w = &mut self.wave;
-        if w.closed && !w.settled && w.conns.is_empty() {
+        if w.enabled && w.closed && !w.settled && w.conns.is_empty() {
             w.settled = true;
             self.residency.settled();
         }
@@ -449,7 +458,7 @@ mod tests {
         let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
         let store = Store::format(&region);
         let res = Pages::new(region.len() / PAGE as usize);
-        let mut parking = Parking::new(res.clone(), RegionId(1));
+        let mut parking = Parking::new(res.clone(), RegionId(1)).saying_settled(true);
         let keys = keys_apart(&store, 3);
         let get = |i: usize| args(&["GET", &keys[i].0]);
         let set_here = |i: usize, here: bool| {
@@ -491,7 +500,7 @@ mod tests {
         let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
         let store = Store::format(&region);
         let res = Pages::new(region.len() / PAGE as usize);
-        let mut parking = Parking::new(res.clone(), RegionId(1));
+        let mut parking = Parking::new(res.clone(), RegionId(1)).saying_settled(true);
         let keys = keys_apart(&store, 2);
         for (_, p) in &keys {
             res.here.lock().unwrap()[*p as usize] = false;
@@ -504,6 +513,13 @@ mod tests {
         res.ready.lock().unwrap().push(1);
         parking.take_ready();
         parking.forget(1);
+        assert_eq!(*res.settled.lock().unwrap(), 1);
+        // Not saying it (the default): never said.
+        let mut quiet = Parking::new(res.clone(), RegionId(1));
+        assert_eq!(quiet.admit(1, &store, args(&["GET", &keys[0].0])), None);
+        res.ready.lock().unwrap().push(1);
+        quiet.take_ready();
+        quiet.forget(1);
         assert_eq!(*res.settled.lock().unwrap(), 1);
     }
 }

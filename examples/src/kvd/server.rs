@@ -272,7 +272,8 @@ impl Server {
         residency: Arc<dyn lmig_core::PageResidency>,
         region: lmig_core::model::RegionId,
     ) -> std::io::Result<()> {
-        let parking = Parking::new(residency, region);
+        let parking =
+            Parking::new(residency, region).saying_settled(super::park::holdoff_until_settled());
         let fd = std::os::fd::AsRawFd::as_raw_fd(&parking.fd());
         self.poll
             .registry()

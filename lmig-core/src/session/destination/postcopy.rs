@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
-use super::settle::{SETTLE_LOOK, SETTLE_TICK, SettleFlag};
+use super::settle::SettleFlag;
 use super::{Destination, DestinationReport, Progress};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
@@ -601,14 +601,10 @@ impl FaultForwarder {
         service.memory.urgent_thread();
         let link = service.link;
         let mut requests = Vec::with_capacity(REQUEST_BATCH + 1);
-        let started = Instant::now();
         while !link.stop.load(Ordering::Acquire) {
-            let poll = if link.settle.pending() && started.elapsed() < SETTLE_LOOK {
-                service.poll.min(SETTLE_TICK)
-            } else {
-                service.poll
-            };
-            let first = service.memory.wait_fault(poll)?;
+            // Returns early when the program says its parked work ran
+            // (lmig-mem's residency wakes it): the word goes out below.
+            let first = service.memory.wait_fault(service.poll)?;
             requests.clear();
             // Every request already waiting goes with this one, in one
             // write (a program that parks many requests at once, or many

@@ -1,30 +1,22 @@
 //! The program's word that the work it parked after the resume has run
 //! ([`PageResidency::settled`]), passed on to the source as
 //! `Message::DemandSettled` by the post-copy fault thread: the source's
-//! push hold-off then ends at once instead of at its bound.
+//! push hold-off then ends at once instead of at its bound. The memory's
+//! own residency is told too: lmig-mem's wakes the fault thread (its
+//! `wait_fault` returns at once); with another sink the word leaves when
+//! `wait_fault` next returns (within `DestinationConfig::fault_poll`).
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use crate::error::Result;
 use crate::model::PageRun;
 use crate::traits::PageResidency;
 
-/// How often the fault thread looks for the program's word, until it
-/// passed it on (once the program asked for pages, in the first
-/// [`SETTLE_LOOK`] of post-copy).
-pub(super) const SETTLE_TICK: Duration = Duration::from_millis(1);
-/// How long after post-copy starts the fault thread looks for it that
-/// often: a source's hold-off is over long before (its bound).
-pub(super) const SETTLE_LOOK: Duration = Duration::from_secs(2);
-
 /// Shared by the program's residency handle and the fault thread.
 #[derive(Debug, Default)]
 pub(super) struct SettleFlag {
-    /// The program asked for pages through its residency handle.
-    asked: AtomicBool,
     /// The program said it (once is enough).
     said: AtomicBool,
     /// The fault thread took it to send.
@@ -32,12 +24,6 @@ pub(super) struct SettleFlag {
 }
 
 impl SettleFlag {
-    /// The program parks work (it asked for pages) and its word was not
-    /// passed on yet: the fault thread looks for it often.
-    pub(super) fn pending(&self) -> bool {
-        self.asked.load(Ordering::Relaxed) && !self.taken.load(Ordering::Acquire)
-    }
-
     /// The program said it and it was not passed on yet: the caller
     /// sends `DemandSettled` (true once at most).
     pub(super) fn take(&self) -> bool {
@@ -74,9 +60,6 @@ impl PageResidency for SettleReporting {
     }
 
     fn request(&self, run: &PageRun, token: u64) -> Result<bool> {
-        if !self.flag.asked.load(Ordering::Relaxed) {
-            self.flag.asked.store(true, Ordering::Relaxed);
-        }
         self.inner.request(run, token)
     }
 
@@ -89,8 +72,9 @@ impl PageResidency for SettleReporting {
     }
 
     fn settled(&self) {
-        self.inner.settled();
+        // Noted before the fault thread is woken, which then finds it.
         self.flag.said.store(true, Ordering::Release);
+        self.inner.settled();
     }
 }
 
@@ -101,14 +85,9 @@ mod tests {
     #[test]
     fn the_programs_word_is_taken_once() {
         let flag = Arc::new(SettleFlag::default());
-        assert!(!flag.pending(), "nothing parked: not looked for");
-        flag.asked.store(true, Ordering::Relaxed);
-        assert!(flag.pending());
         assert!(!flag.take(), "not said yet");
-        assert!(flag.pending(), "still looked for");
         flag.said.store(true, Ordering::Release);
         assert!(flag.take());
         assert!(!flag.take(), "passed on once");
-        assert!(!flag.pending());
     }
 }

@@ -136,6 +136,7 @@ where
             let pushed = pusher.join()?;
             report.postcopy_pages = pushed.pages + requested.pages;
             report.requested_pages = requested.pages;
+            report.holdoff_settled = service.holdoff.ended_by_settle();
             report.pages_sent += pushed.pages + requested.pages;
             report.zero_pages += pushed.zero_pages + requested.zero_pages;
             report.bytes_sent += pushed.bytes + requested.bytes;

@@ -127,6 +127,8 @@ pub(super) struct HoldOff {
     last: AtomicU64,
     /// The destination's `DemandSettled` arrived.
     settled: AtomicBool,
+    /// ... before the bound: it ended the hold-off.
+    settled_early: AtomicBool,
 }
 
 /// How long without a request ends the hold-off early.
@@ -142,12 +144,22 @@ impl HoldOff {
             quiet,
             last: AtomicU64::new(0),
             settled: AtomicBool::new(false),
+            settled_early: AtomicBool::new(false),
         }
+    }
+
+    /// The destination's `DemandSettled` ended the hold-off before its
+    /// bound (for the report).
+    pub(super) fn ended_by_settle(&self) -> bool {
+        self.settled_early.load(Ordering::Acquire)
     }
 
     /// The destination's program has run the work that waited for pages
     /// (`Message::DemandSettled`): the hold-off is over.
     pub(super) fn settle(&self) {
+        if !self.over_at(self.start.elapsed()) {
+            self.settled_early.store(true, Ordering::Release);
+        }
         self.settled.store(true, Ordering::Release);
     }
 
@@ -431,8 +443,14 @@ mod tests {
         let h = HoldOff::new(ms(100), Duration::MAX);
         h.last.store(ms(1).as_nanos() as u64 + 1, Ordering::Relaxed);
         assert!(!h.over_at(ms(60)), "no quiet rule: held after requests");
+        assert!(!h.ended_by_settle());
         h.settle();
         assert!(h.over_at(ms(0)), "settled: over at once");
+        assert!(h.ended_by_settle());
+        // Past the bound (or the quiet rule), the word ends nothing.
+        let h = HoldOff::new(Duration::ZERO, Duration::MAX);
+        h.settle();
+        assert!(!h.ended_by_settle());
         // A waiter sleeping out a long hold-off wakes within its tick.
         let h = HoldOff::new(Duration::from_secs(3600), Duration::MAX);
         std::thread::scope(|s| {
