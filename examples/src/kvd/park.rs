@@ -54,8 +54,8 @@ pub const HOLDOFF_SETTLED_ENV: &str = "LMIG_KVD_HOLDOFF_SETTLED";
 /// [`SourceConfig::push_holdoff_until_settled`](lmig_core::session::SourceConfig::push_holdoff_until_settled),
 /// and the destination's word. On by default: on a lightly loaded host it
 /// took `client_stall_ms − freeze_ms` from 6.4–39.6 ms to 1.8–26.6 over 9
-/// alternating pairs; under heavy load no gain showed (docs/benchmarks.md,
-/// s13-pc).
+/// alternating pairs; on a quiet host it made no difference, under heavy
+/// load no gain showed (docs/benchmarks.md, s13-pc).
 pub fn holdoff_until_settled() -> bool {
     std::env::var_os(HOLDOFF_SETTLED_ENV).is_none_or(|v| v != "0")
 }
