@@ -24,7 +24,8 @@
 //!   ◀──────────────────────────────────────── SocketsActive (if sockets came)
 //!   re-inject held packets, close sockets             resume program
 //!   (pre-copy: after SocketsActive or a bound; post-copy: at Commit)
-//!   (post-copy: ◀ PageRequest / Pages ▶ on the urgent lane, push continues)
+//!   (post-copy: ◀ PageRequest / Pages ▶ on the urgent lane, push continues;
+//!    ◀ DemandSettled once the program's parked work ran: the push's hold-off ends)
 //!   Digests{..} (if verify) ───────────────────────▶ compare with the pages as placed
 //!   ◀──────────────────────────────────────────────── Done{verification}
 //! ```
@@ -287,6 +288,15 @@ pub enum Message {
     /// sockets only then (or after a bound, for a peer that never says
     /// it), so that work does not share the CPU with the activation.
     SocketsActive,
+    /// Post-copy, destination to source (on the urgent lane, behind its
+    /// page requests): the program's work that waited for pages after the
+    /// resume has all run
+    /// ([`PageResidency::settled`](crate::traits::PageResidency::settled)).
+    /// The source's push hold-off
+    /// ([`SourceConfig::push_holdoff`](crate::session::SourceConfig::push_holdoff))
+    /// ends at once. A source that does not know it ignores it; a
+    /// destination that never sends it leaves the hold-off to its bound.
+    DemandSettled,
 }
 
 impl Message {
@@ -311,6 +321,7 @@ impl Message {
             Self::Split(_) => "Split",
             Self::QueueEstimate { .. } => "QueueEstimate",
             Self::SocketsActive => "SocketsActive",
+            Self::DemandSettled => "DemandSettled",
         }
     }
 }

@@ -50,6 +50,7 @@ pub const TARGETS: &[&str] = &[
     "msg_split",
     "msg_queue_estimate",
     "msg_sockets_active",
+    "msg_demand_settled",
     "sock_tcp_conn",
     "sock_tcp_listen",
     "sock_udp",
@@ -99,6 +100,7 @@ fn message_kind(target: &str) -> Option<Kind> {
         "msg_split" => Kind::Split,
         "msg_queue_estimate" => Kind::QueueEstimate,
         "msg_sockets_active" => Kind::SocketsActive,
+        "msg_demand_settled" => Kind::DemandSettled,
         _ => return None,
     })
 }
@@ -416,8 +418,8 @@ pub fn sample_messages() -> Vec<Message> {
     ]
     .into_iter()
     .chain(sample_split_messages().into_iter().map(Message::Split))
-    // After the split messages: the seeds before keep their numbers.
-    .chain([Message::SocketsActive])
+    // Added last, in the order of their kinds: the seeds before keep their numbers.
+    .chain([Message::SocketsActive, Message::DemandSettled])
     .collect()
 }
 

@@ -369,6 +369,7 @@ pub fn migrate_out(
         .with_idle_threads(crate::kvd::pace::idle_threads())
         .with_idle_place(crate::kvd::pace::idle_place())
         .with_push_holdoff(crate::kvd::park::push_holdoff())
+        .with_push_holdoff_until_settled(crate::kvd::park::holdoff_until_settled())
         .with_idle_push(crate::kvd::park::idle_push());
     let source = Source::new(&channel, regions, &mut tracker, program)
         .with_policy(policy)

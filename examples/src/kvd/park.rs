@@ -15,7 +15,7 @@
 //! the loop then blocks for that page's round trip, as before, never
 //! wrong.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,14 +38,43 @@ pub const PUSH_HOLDOFF_ENV: &str = "LMIG_KVD_PUSH_HOLDOFF_MS";
 /// takes the CPU.
 pub const PUSH_HOLDOFF: Duration = Duration::from_millis(50);
 
+/// kvd's hold-off bound when it waits for the destination's word that the
+/// first wave ran ([`holdoff_until_settled`]): that word ends it (about
+/// 20–60 ms after the resume in the runs traced, docs/benchmarks.md,
+/// s13-pc); the bound only covers a destination that never says it.
+pub const PUSH_HOLDOFF_SETTLED: Duration = Duration::from_millis(150);
+
+/// Environment variable: `0` turns off the destination kvd's word that its
+/// first wave of parked requests ran ([`PageResidency::settled`]) and the
+/// source kvd's wait for it ([`holdoff_until_settled`]): the hold-off then
+/// ends after a few ms without requests (bound 50 ms), as before.
+pub const HOLDOFF_SETTLED_ENV: &str = "LMIG_KVD_HOLDOFF_SETTLED";
+
+/// Whether [`HOLDOFF_SETTLED_ENV`] is not `0`: the source's
+/// [`SourceConfig::push_holdoff_until_settled`](lmig_core::session::SourceConfig::push_holdoff_until_settled),
+/// and the destination's word. On by default: on a lightly loaded host it
+/// took `client_stall_ms − freeze_ms` from 6.4–39.6 ms to 1.8–26.6 over 9
+/// alternating pairs; on a quiet host it made no difference, under heavy
+/// load no gain showed (docs/benchmarks.md, s13-pc).
+pub fn holdoff_until_settled() -> bool {
+    std::env::var_os(HOLDOFF_SETTLED_ENV).is_none_or(|v| v != "0")
+}
+
 /// The source's post-copy push hold-off
 /// ([`SourceConfig::push_holdoff`](lmig_core::session::SourceConfig::push_holdoff)):
-/// [`PUSH_HOLDOFF`], or [`PUSH_HOLDOFF_ENV`]'s ms (capped at 1 s).
+/// [`PUSH_HOLDOFF_SETTLED`] when it waits for the destination's word
+/// ([`holdoff_until_settled`]), else [`PUSH_HOLDOFF`]; or
+/// [`PUSH_HOLDOFF_ENV`]'s ms (capped at 1 s).
 pub fn push_holdoff() -> Duration {
+    let default = if holdoff_until_settled() {
+        PUSH_HOLDOFF_SETTLED
+    } else {
+        PUSH_HOLDOFF
+    };
     std::env::var(PUSH_HOLDOFF_ENV)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-        .map_or(PUSH_HOLDOFF, |ms| Duration::from_millis(ms.min(1000)))
+        .map_or(default, |ms| Duration::from_millis(ms.min(1000)))
 }
 
 /// Environment variable: `1` runs the source's post-copy pusher in the
@@ -125,6 +154,25 @@ pub struct Parking {
     queues: HashMap<u64, Parked>,
     /// Requests parked so far (for INFO and tests).
     parked: u64,
+    /// The first wave: what piled up in the freeze (see [`FirstWave`]).
+    wave: FirstWave,
+}
+
+/// The connections that parked before any parked request could run (the
+/// requests that piled up in the freeze, asked for in the first turns
+/// after the resume). Once each of them ran all it had parked, kvd says
+/// so ([`PageResidency::settled`]): the source's post-copy push, held off
+/// meanwhile, then starts at once instead of at its bound, and no sooner
+/// (a spell without requests comes whenever the loop is short of CPU).
+#[derive(Default)]
+struct FirstWave {
+    /// kvd says it ([`Parking::saying_settled`]).
+    enabled: bool,
+    conns: HashSet<u64>,
+    /// Pages came for a parked request: later parks are not in the wave.
+    closed: bool,
+    /// Said (once).
+    settled: bool,
 }
 
 impl Parking {
@@ -135,7 +183,36 @@ impl Parking {
             region,
             queues: HashMap::new(),
             parked: 0,
+            wave: FirstWave::default(),
         }
+    }
+
+    /// Say when the first wave ran ([`FirstWave`]); off by default.
+    #[must_use]
+    pub fn saying_settled(mut self, say: bool) -> Self {
+        self.wave.enabled = say;
+        self
+    }
+
+    /// The first wave ran in full: say it, once.
+    fn settle_if_done(&mut self) {
+        let w = &mut self.wave;
+        if w.enabled && w.closed && !w.settled && w.conns.is_empty() {
+            w.settled = true;
+            self.residency.settled();
+        }
+    }
+
+    /// Connection `id` has nothing parked any more.
+    fn drained(&mut self, id: u64) {
+        if self.wave.conns.remove(&id) {
+            self.settle_if_done();
+        }
+    }
+
+    /// Whether the first wave ran in full and was said.
+    pub fn settled(&self) -> bool {
+        self.wave.settled
     }
 
     /// The eventfd to poll: readable once parked requests may run.
@@ -149,8 +226,14 @@ impl Parking {
     }
 
     /// Connections whose parked requests may run now (their pages came).
-    pub fn take_ready(&self) -> Vec<u64> {
-        self.residency.take_ready()
+    /// The first that come close the first wave.
+    pub fn take_ready(&mut self) -> Vec<u64> {
+        let ready = self.residency.take_ready();
+        if !ready.is_empty() && !self.wave.closed && !self.wave.conns.is_empty() {
+            self.wave.closed = true;
+            self.settle_if_done();
+        }
+        ready
     }
 
     /// The pages a request on `args` reads first.
@@ -205,6 +288,9 @@ impl Parking {
         q.requests.push_back(args);
         q.asked = true;
         self.parked += 1;
+        if !self.wave.closed {
+            self.wave.conns.insert(id);
+        }
         None
     }
 
@@ -227,6 +313,7 @@ impl Parking {
         q.asked = false;
         if q.requests.is_empty() {
             self.queues.remove(&id);
+            self.drained(id);
         }
         args
     }
@@ -243,6 +330,7 @@ impl Parking {
     /// The connection closed: its parked requests go with it.
     pub fn forget(&mut self, id: u64) {
         self.queues.remove(&id);
+        self.drained(id);
     }
 }
 
@@ -260,7 +348,23 @@ mod tests {
     struct Pages {
         here: Mutex<Vec<bool>>,
         asked: Mutex<Vec<(PageRun, u64)>>,
+        /// Tokens the next `take_ready` returns.
+        ready: Mutex<Vec<u64>>,
+        /// `settled` calls.
+        settled: Mutex<u32>,
         fd: OwnedFd,
+    }
+
+    impl Pages {
+        fn new(pages: usize) -> Arc<Self> {
+            Arc::new(Self {
+                here: Mutex::new(vec![true; pages]),
+                asked: Mutex::new(Vec::new()),
+                ready: Mutex::new(Vec::new()),
+                settled: Mutex::new(0),
+                fd: std::fs::File::open("/dev/null").unwrap().into(),
+            })
+        }
     }
 
     impl PageResidency for Pages {
@@ -276,10 +380,13 @@ mod tests {
             Ok(false)
         }
         fn take_ready(&self) -> Vec<u64> {
-            Vec::new()
+            std::mem::take(&mut *self.ready.lock().unwrap())
         }
         fn ready_fd(&self) -> BorrowedFd<'_> {
             self.fd.as_fd()
+        }
+        fn settled(&self) {
+            *self.settled.lock().unwrap() += 1;
         }
     }
 
@@ -291,13 +398,7 @@ mod tests {
     fn a_missing_key_parks_its_connection_in_order_and_others_run() {
         let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
         let store = Store::format(&region);
-        let pages = region.len() / PAGE as usize;
-        let fd = std::fs::File::open("/dev/null").unwrap().into();
-        let res = Arc::new(Pages {
-            here: Mutex::new(vec![true; pages]),
-            asked: Mutex::new(Vec::new()),
-            fd,
-        });
+        let res = Pages::new(region.len() / PAGE as usize);
         let mut parking = Parking::new(res.clone(), RegionId(1));
         // Make the home pages of "cold" missing.
         let cold = store.home_offset(b"cold") as u64 / PAGE;
@@ -335,5 +436,92 @@ mod tests {
         assert_eq!(parking.parked(), 2);
         // Drained: connection 7 runs directly again.
         assert_eq!(parking.admit(7, &store, get_warm.clone()), Some(get_warm));
+    }
+
+    /// Keys on distinct pages, none of them next to another.
+    fn keys_apart(store: &Store<'_>, n: usize) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = Vec::new();
+        for i in 0..10_000 {
+            let k = format!("key{i}");
+            let page = store.home_offset(k.as_bytes()) as u64 / PAGE;
+            if out.iter().all(|(_, p)| p.abs_diff(page) > 2) {
+                out.push((k, page));
+            }
+            if out.len() == n {
+                break;
+            }
+        }
+        assert_eq!(out.len(), n);
+        out
+    }
+
+    #[test]
+    fn the_first_wave_is_said_settled_once_it_ran_and_not_before() {
+        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+        let store = Store::format(&region);
+        let res = Pages::new(region.len() / PAGE as usize);
+        let mut parking = Parking::new(res.clone(), RegionId(1)).saying_settled(true);
+        let keys = keys_apart(&store, 3);
+        let get = |i: usize| args(&["GET", &keys[i].0]);
+        let set_here = |i: usize, here: bool| {
+            let p = keys[i].1 as usize;
+            let mut h = res.here.lock().unwrap();
+            h[p] = here;
+            h[p + 1] = here;
+        };
+        for i in 0..3 {
+            set_here(i, false);
+        }
+        // The freeze's backlog: connections 1 and 2 park (the first wave).
+        assert_eq!(parking.admit(1, &store, get(0)), None);
+        assert_eq!(parking.admit(2, &store, get(1)), None);
+        // Connection 1's pages come: the wave closes; 1 runs.
+        set_here(0, true);
+        res.ready.lock().unwrap().push(1);
+        assert_eq!(parking.take_ready(), vec![1]);
+        assert_eq!(parking.next(1, &store), Some(get(0)));
+        assert_eq!(*res.settled.lock().unwrap(), 0, "connection 2 still waits");
+        // A later park (connection 3) is not in the wave: it does not
+        // hold the word back.
+        assert_eq!(parking.admit(3, &store, get(2)), None);
+        set_here(1, true);
+        res.ready.lock().unwrap().push(2);
+        assert_eq!(parking.take_ready(), vec![2]);
+        assert_eq!(parking.next(2, &store), Some(get(1)));
+        assert_eq!(*res.settled.lock().unwrap(), 1, "the wave ran: said");
+        assert!(parking.settled());
+        // Once only, whatever parks and runs later.
+        set_here(2, true);
+        assert_eq!(parking.next(3, &store), Some(get(2)));
+        parking.forget(3);
+        assert_eq!(*res.settled.lock().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_wave_whose_connections_closed_is_settled_too() {
+        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+        let store = Store::format(&region);
+        let res = Pages::new(region.len() / PAGE as usize);
+        let mut parking = Parking::new(res.clone(), RegionId(1)).saying_settled(true);
+        let keys = keys_apart(&store, 2);
+        for (_, p) in &keys {
+            res.here.lock().unwrap()[*p as usize] = false;
+        }
+        assert_eq!(parking.admit(1, &store, args(&["GET", &keys[0].0])), None);
+        assert_eq!(parking.admit(2, &store, args(&["GET", &keys[1].0])), None);
+        // Nothing said while no parked request could run yet.
+        parking.forget(2);
+        assert_eq!(*res.settled.lock().unwrap(), 0, "the wave is still open");
+        res.ready.lock().unwrap().push(1);
+        parking.take_ready();
+        parking.forget(1);
+        assert_eq!(*res.settled.lock().unwrap(), 1);
+        // Not saying it (the default): never said.
+        let mut quiet = Parking::new(res.clone(), RegionId(1));
+        assert_eq!(quiet.admit(1, &store, args(&["GET", &keys[0].0])), None);
+        res.ready.lock().unwrap().push(1);
+        quiet.take_ready();
+        quiet.forget(1);
+        assert_eq!(*res.settled.lock().unwrap(), 1);
     }
 }

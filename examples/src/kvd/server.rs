@@ -272,7 +272,8 @@ impl Server {
         residency: Arc<dyn lmig_core::PageResidency>,
         region: lmig_core::model::RegionId,
     ) -> std::io::Result<()> {
-        let parking = Parking::new(residency, region);
+        let parking =
+            Parking::new(residency, region).saying_settled(super::park::holdoff_until_settled());
         let fd = std::os::fd::AsRawFd::as_raw_fd(&parking.fd());
         self.poll
             .registry()
@@ -311,7 +312,7 @@ impl Server {
 
     /// Pages came: serve the connections whose parked requests may run.
     fn unpark(&mut self, store: &Store<'_>) {
-        let Some(parking) = self.parking.as_ref() else {
+        let Some(parking) = self.parking.as_mut() else {
             return;
         };
         let mut ids = parking.take_ready();

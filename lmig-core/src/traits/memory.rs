@@ -203,6 +203,13 @@ pub trait PageResidency: Send + Sync {
     /// Readable (an eventfd) while [`Self::take_ready`] has tokens: add it
     /// to the program's poll set.
     fn ready_fd(&self) -> std::os::fd::BorrowedFd<'_>;
+    /// The program says that the work it parked for missing pages right
+    /// after the resume (what piled up in the freeze) has all run. The
+    /// destination session passes it on to the source once
+    /// (`Message::DemandSettled`), whose push hold-off then ends at once
+    /// instead of at its bound. Calling it again, or from a residency
+    /// outside a session, does nothing. The default does nothing.
+    fn settled(&self) {}
 }
 
 /// Finds the pages the program wrote since the last collect.

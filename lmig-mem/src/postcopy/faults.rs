@@ -55,6 +55,11 @@ impl Postcopy {
             if let Some(run) = lock(&self.asked).pop_front() {
                 return Ok(Some(run));
             }
+            // The program's word that its parked work ran: the session
+            // looks for it when this returns.
+            if self.settled.swap(false, Ordering::AcqRel) {
+                return Ok(None);
+            }
             let now = Instant::now();
             if now < spin_until {
                 // Poll, but give the CPU to any other runnable thread: on a

@@ -225,6 +225,9 @@ pub(crate) struct Postcopy {
     asked_index: Mutex<HashSet<PageRun>>,
     /// Wakes `wait_fault` when a run is asked for.
     kick: Signal,
+    /// The program said its parked work ran ([`Residency::settled`]):
+    /// `wait_fault` returns at once (once), so that the session passes it on.
+    settled: std::sync::atomic::AtomicBool,
     /// Readable while residency waiters are ready.
     ready: Signal,
     counters: Counters,
@@ -306,6 +309,7 @@ impl Postcopy {
             asked: Mutex::new(VecDeque::new()),
             asked_index: Mutex::new(HashSet::new()),
             kick: Signal::new()?,
+            settled: std::sync::atomic::AtomicBool::new(false),
             ready: Signal::new()?,
             counters: Counters::default(),
             faulted: Mutex::new(Vec::new()),

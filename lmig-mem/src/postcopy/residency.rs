@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use lmig_core::model::{PageRun, RegionId};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -183,6 +184,14 @@ impl Residency {
     pub fn ready_fd(&self) -> BorrowedFd<'_> {
         self.postcopy.ready.fd()
     }
+
+    /// The program ran the work it parked after the resume
+    /// ([`lmig_core::PageResidency::settled`]): wakes the session's fault
+    /// thread (its `wait_fault` returns at once), which passes it on.
+    pub fn settled(&self) {
+        self.postcopy.settled.store(true, Ordering::Release);
+        self.postcopy.kick.signal();
+    }
 }
 
 impl lmig_core::PageResidency for Residency {
@@ -200,6 +209,10 @@ impl lmig_core::PageResidency for Residency {
 
     fn ready_fd(&self) -> BorrowedFd<'_> {
         Residency::ready_fd(self)
+    }
+
+    fn settled(&self) {
+        Residency::settled(self);
     }
 }
 

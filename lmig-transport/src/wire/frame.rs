@@ -70,6 +70,8 @@ wire_enum! {
         QueueEstimate = 17 => "QueueEstimate",
         /// `Message::SocketsActive`.
         SocketsActive = 18 => "SocketsActive",
+        /// `Message::DemandSettled`.
+        DemandSettled = 19 => "DemandSettled",
         /// Handshake: the dialer's hello.
         Hello = 0x40 => "Hello",
         /// Handshake: the listener's challenge.
@@ -393,6 +395,7 @@ mod tests {
                 (16, "Split"),
                 (17, "QueueEstimate"),
                 (18, "SocketsActive"),
+                (19, "DemandSettled"),
                 (0x40, "Hello"),
                 (0x41, "Challenge"),
                 (0x42, "Proof"),
@@ -405,7 +408,7 @@ mod tests {
             assert_eq!(Kind::from_u8(k.to_u8()), Ok(*k));
             assert_eq!(k.is_handshake(), k.to_u8() >= 0x40, "{k:?}");
         }
-        for bad in [0, 19, 0x3f, 0x46, 0xff] {
+        for bad in [0, 20, 0x3f, 0x46, 0xff] {
             assert_eq!(Kind::from_u8(bad), Err(WireError::BadKind(bad)));
         }
     }
@@ -514,7 +517,7 @@ mod tests {
 
     #[test]
     fn unknown_kind_and_flags() {
-        for k in [0u8, 19, 0x3f, 0x46, 0xff] {
+        for k in [0u8, 20, 0x3f, 0x46, 0xff] {
             let mut b = READY;
             b[6] = k;
             assert_eq!(

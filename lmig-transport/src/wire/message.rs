@@ -19,6 +19,7 @@
 //! Split       a tag byte, then one split-memory message (see `wire/split.rs`)
 //! QueueEstimate u64 bytes (at most MAX_QUEUE_ESTIMATE)
 //! SocketsActive (empty)
+//! DemandSettled (empty)
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -120,6 +121,7 @@ pub fn kind_of(msg: &Message) -> Kind {
         Message::Split(_) => Kind::Split,
         Message::QueueEstimate { .. } => Kind::QueueEstimate,
         Message::SocketsActive => Kind::SocketsActive,
+        Message::DemandSettled => Kind::DemandSettled,
     }
 }
 
@@ -191,7 +193,7 @@ pub(crate) fn emit_body(msg: &Message) -> Result<(Kind, Vec<Bytes>)> {
             head.reserve(list_len(runs));
             put_list(&mut head, runs);
         }
-        Message::Ready | Message::Commit | Message::SocketsActive => {}
+        Message::Ready | Message::Commit | Message::SocketsActive | Message::DemandSettled => {}
         Message::Prepared { placed } => head.put_u64_le(*placed),
         Message::PageRequest(run) => {
             check_runs(std::slice::from_ref(run))?;
@@ -286,6 +288,7 @@ pub fn parse_message_body(kind: Kind, payload: Bytes) -> Result<Message> {
         Kind::Prepared => Message::Prepared { placed: r.u64()? },
         Kind::Commit => Message::Commit,
         Kind::SocketsActive => Message::SocketsActive,
+        Kind::DemandSettled => Message::DemandSettled,
         Kind::PageRequest => Message::PageRequest(PageRun::parse(&mut r)?),
         Kind::Done => Message::Done(match DoneTag::from_u8(r.u8()?)? {
             DoneTag::NotChecked => Verification::NotChecked,

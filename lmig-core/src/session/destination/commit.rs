@@ -2,9 +2,11 @@
 //! and the [`AfterCommit`] thread that finishes the migration behind it
 //! (post-copy pages, digests, `Done`).
 
+use std::sync::Arc;
 use std::thread::{JoinHandle, Scope, ScopedJoinHandle};
 use std::time::Instant;
 
+use super::settle::{SettleFlag, SettleReporting};
 use super::{Destination, DestinationReport, Progress};
 use crate::error::{MigrationError, Result};
 use crate::protocol::{Handover, Message, Verification};
@@ -58,11 +60,12 @@ impl<'scope, P, K, M: MemorySink> Resumption<'scope, P, K, M> {
         memory: M,
         errors: CommitErrors,
         after_commit: AfterCommit<'scope>,
+        settle: &Arc<SettleFlag>,
     ) -> Self {
         Self {
             program,
             sockets,
-            residency: memory.residency(),
+            residency: SettleReporting::wrap(memory.residency(), settle),
             memory,
             activation_error: errors.activation,
             resume_error: errors.resume,
@@ -296,6 +299,7 @@ where
     /// ```
     pub fn start(self) -> Result<Resumption<'static, P, K, M>> {
         let (work, program, sockets, memory, errors) = self.commit()?;
+        let settle = work.progress.settle.clone();
         let after_commit = AfterCommit::spawn(work)?;
         Ok(Resumption::new(
             program,
@@ -303,6 +307,7 @@ where
             memory,
             errors,
             after_commit,
+            &settle,
         ))
     }
 }

@@ -8,6 +8,7 @@
 mod commit;
 mod postcopy;
 mod receive;
+mod settle;
 #[cfg(test)]
 mod tests;
 mod verify;
@@ -290,6 +291,8 @@ struct Progress {
     report: DestinationReport,
     /// The session's start: what the report's `*_after` count from.
     started: Instant,
+    /// The program's word that its parked work has run (post-copy).
+    settle: std::sync::Arc<settle::SettleFlag>,
 }
 
 impl Progress {
@@ -301,6 +304,7 @@ impl Progress {
             layout,
             placed_total: 0,
             started: Instant::now(),
+            settle: Default::default(),
             report: DestinationReport {
                 pages_placed: 0,
                 zero_pages: 0,
@@ -431,6 +435,7 @@ where
         M: Clone + 'scope,
     {
         let (work, program, sockets, memory, errors) = self.commit()?;
+        let settle = work.progress.settle.clone();
         let after_commit = AfterCommit::spawn_scoped(scope, work)?;
         Ok(Resumption::new(
             program,
@@ -438,6 +443,7 @@ where
             memory,
             errors,
             after_commit,
+            &settle,
         ))
     }
 
@@ -615,7 +621,7 @@ where
         progress: &mut Progress,
         handover: &Handover,
     ) -> Result<Verification> {
-        let link = PostcopyLink::new();
+        let link = PostcopyLink::new(progress.settle.clone());
         let mut digests = None;
         let missing = {
             let _phase = phase_span!("postcopy", runs = handover.postcopy.len());

@@ -12,11 +12,12 @@
 //! `recv_urgent` delivers the replies to the session's thread instead.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
+use super::settle::SettleFlag;
 use super::{Destination, DestinationReport, Progress};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
@@ -91,12 +92,17 @@ pub(super) struct PostcopyLink {
     /// Recent fault requests (repeated after a reconnect if still missing).
     /// A ring: the oldest goes when a new one comes and it is full.
     outstanding: Mutex<VecDeque<PageRun>>,
+    /// The program's word that its parked work has run, for the source.
+    settle: Arc<SettleFlag>,
 }
 
 impl PostcopyLink {
-    /// A link that is up.
-    pub(super) fn new() -> Self {
-        let link = Self::default();
+    /// A link that is up; `settle` is the program's word (see `settle.rs`).
+    pub(super) fn new(settle: Arc<SettleFlag>) -> Self {
+        let link = Self {
+            settle,
+            ..Self::default()
+        };
         link.up.store(true, Ordering::Release);
         link
     }
@@ -594,40 +600,39 @@ impl FaultForwarder {
     fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
         service.memory.urgent_thread();
         let link = service.link;
-        let mut requests = Vec::with_capacity(REQUEST_BATCH);
+        let mut requests = Vec::with_capacity(REQUEST_BATCH + 1);
         while !link.stop.load(Ordering::Acquire) {
-            let Some(run) = service.memory.wait_fault(service.poll)? else {
-                continue;
-            };
+            // Returns early when the program says its parked work ran
+            // (lmig-mem's residency wakes it): the word goes out below.
+            let first = service.memory.wait_fault(service.poll)?;
+            requests.clear();
             // Every request already waiting goes with this one, in one
             // write (a program that parks many requests at once, or many
             // threads faulting together, costs one write, not one each).
-            requests.clear();
-            requests.push(Message::PageRequest(run));
-            while requests.len() < REQUEST_BATCH {
-                match service.memory.wait_fault(Duration::ZERO)? {
-                    Some(run) => requests.push(Message::PageRequest(run)),
-                    None => break,
+            if let Some(run) = first {
+                requests.push(Message::PageRequest(run));
+                while requests.len() < REQUEST_BATCH {
+                    match service.memory.wait_fault(Duration::ZERO)? {
+                        Some(run) => requests.push(Message::PageRequest(run)),
+                        None => break,
+                    }
                 }
+                Self::remember(link, &requests);
+            }
+            // Behind the requests on the same lane: the source answers
+            // them before its push starts.
+            if link.settle.take() {
+                debug!("post-copy: the program's parked work has run: DemandSettled sent");
+                requests.push(Message::DemandSettled);
+            }
+            if requests.is_empty() {
+                continue;
             }
             if requests.len() > 1 {
                 debug!(
                     requests = requests.len(),
                     "post-copy: requests sent together"
                 );
-            }
-            link.faults
-                .fetch_add(requests.len() as u64, Ordering::Relaxed);
-            {
-                let mut o = lock(&link.outstanding);
-                for m in &requests {
-                    if let Message::PageRequest(run) = m {
-                        if o.len() == MAX_OUTSTANDING {
-                            o.pop_front();
-                        }
-                        o.push_back(*run);
-                    }
-                }
             }
             if link.up.load(Ordering::Acquire)
                 && service.channel.send_urgent_many(&requests).is_err()
@@ -638,6 +643,22 @@ impl FaultForwarder {
             }
         }
         Ok(())
+    }
+
+    /// Count the page requests in `requests` and remember them for
+    /// repetition after a reconnect.
+    fn remember(link: &PostcopyLink, requests: &[Message]) {
+        link.faults
+            .fetch_add(requests.len() as u64, Ordering::Relaxed);
+        let mut o = lock(&link.outstanding);
+        for m in requests {
+            if let Message::PageRequest(run) = m {
+                if o.len() == MAX_OUTSTANDING {
+                    o.pop_front();
+                }
+                o.push_back(*run);
+            }
+        }
     }
 }
 

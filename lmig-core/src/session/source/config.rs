@@ -157,8 +157,19 @@ pub struct SourceConfig {
     /// shared with the destination). The wait ends early once requests
     /// came and none came for a few ms (the first burst is answered), and
     /// never lasts longer than this: requests that keep coming never hold
-    /// the push back for good.
+    /// the push back for good. It also ends at once when the destination
+    /// says its program's waiting work has run (`Message::DemandSettled`).
     pub push_holdoff: Duration,
+    /// Post-copy: the hold-off ([`Self::push_holdoff`]) waits for the
+    /// destination's `DemandSettled` (or its bound), not for a few ms
+    /// without requests (default false). For a destination whose program
+    /// says when it has run the work parked after the resume
+    /// ([`PageResidency::settled`](crate::traits::PageResidency::settled)):
+    /// a quiet spell comes whenever the program is short of CPU between
+    /// two waves of its requests, and the push then takes the CPU from
+    /// the rest of that first pass. Without a destination that says it,
+    /// the hold-off lasts its whole bound.
+    pub push_holdoff_until_settled: bool,
     /// Post-copy: the pusher runs in the lowest class through
     /// [`Self::idle_lanes`]'s hook (nothing without one). The request
     /// server never waits for it: with [`Self::resend_in_flight`] it does
@@ -228,6 +239,7 @@ impl Default for SourceConfig {
             idle_threads: 0,
             idle_place: None,
             push_holdoff: Duration::ZERO,
+            push_holdoff_until_settled: false,
             idle_push: false,
             activation_wait: Duration::from_millis(100),
         }
@@ -344,6 +356,13 @@ impl SourceConfig {
     #[must_use]
     pub fn with_push_holdoff(mut self, holdoff: Duration) -> Self {
         self.push_holdoff = holdoff;
+        self
+    }
+
+    /// Set [`Self::push_holdoff_until_settled`].
+    #[must_use]
+    pub fn with_push_holdoff_until_settled(mut self, until_settled: bool) -> Self {
+        self.push_holdoff_until_settled = until_settled;
         self
     }
 

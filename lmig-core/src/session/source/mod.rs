@@ -68,6 +68,9 @@ pub struct SourceReport {
     pub postcopy_pages: u64,
     /// Of those, pages sent because the destination asked for them.
     pub requested_pages: u64,
+    /// Post-copy: the push's hold-off ended on the destination's
+    /// `DemandSettled`, before its bound.
+    pub holdoff_settled: bool,
     /// Socket records captured.
     pub sockets: u64,
     /// Bytes in the captured sockets' queues (received and unread, sent and
@@ -145,6 +148,7 @@ impl SourceReport {
             freeze_steps: Vec::new(),
             postcopy_pages: 0,
             requested_pages: 0,
+            holdoff_settled: false,
             sockets: 0,
             queued_bytes: 0,
             tracker,

@@ -90,7 +90,11 @@ where
                 } else {
                     Duration::ZERO
                 },
-                HOLDOFF_QUIET,
+                if self.config.push_holdoff_until_settled {
+                    Duration::MAX
+                } else {
+                    HOLDOFF_QUIET
+                },
             ),
             idle_push: self.config.idle_lanes.filter(|_| self.config.idle_push),
             pushed: AtomicU64::new(0),
@@ -132,6 +136,7 @@ where
             let pushed = pusher.join()?;
             report.postcopy_pages = pushed.pages + requested.pages;
             report.requested_pages = requested.pages;
+            report.holdoff_settled = service.holdoff.ended_by_settle();
             report.pages_sent += pushed.pages + requested.pages;
             report.zero_pages += pushed.zero_pages + requested.zero_pages;
             report.bytes_sent += pushed.bytes + requested.bytes;
@@ -278,6 +283,13 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
         }
     }
 
+    /// The destination's program ran the work that waited for pages after
+    /// the resume (`Message::DemandSettled`): the push may start.
+    fn settled(&self) {
+        debug!("post-copy: the destination's demand settled: the push hold-off ends");
+        self.holdoff.settle();
+    }
+
     /// Wait out the push's hold-off (ends early when the session does).
     fn hold_off(&self) {
         self.holdoff
@@ -384,6 +396,7 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
             idle = Duration::ZERO;
             match msg {
                 Message::PageRequest(run) => self.answer(&mut urgent, &[run]),
+                Message::DemandSettled => self.settled(),
                 Message::Resync(missing) => {
                     info!(runs = missing.len(), "post-copy: the destination resynced");
                     self.resync(missing, digests.as_deref())
@@ -584,15 +597,19 @@ impl<'scope> RequestServer<'scope> {
         }
     }
 
-    /// Count `msg` as a sign of life and keep it if it is a page request.
+    /// Count `msg` as a sign of life and keep it if it is a page request
+    /// (`DemandSettled`, behind the requests on the urgent lane, ends the
+    /// push hold-off).
     fn take<M: MemorySource, C: Channel>(
         service: &Service<'_, M, C>,
         msg: Message,
         requests: &mut Vec<PageRun>,
     ) {
         service.heard.fetch_add(1, Ordering::Relaxed);
-        if let Message::PageRequest(run) = msg {
-            requests.push(run);
+        match msg {
+            Message::PageRequest(run) => requests.push(run),
+            Message::DemandSettled => service.settled(),
+            _ => {}
         }
     }
 

@@ -2,7 +2,7 @@
 //! pusher while the link is down ([`PushGate`]), and the push's hold-off
 //! right after the resume ([`HoldOff`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -114,8 +114,10 @@ impl PushGate {
 /// ([`SourceConfig::push_holdoff`](super::SourceConfig::push_holdoff)):
 /// the pusher and the digests' hashing wait while the program's first
 /// requests are answered. Over at `max` after the start, or earlier once
-/// requests came and none came for `quiet`. Requests that keep coming
-/// never extend it past `max`.
+/// requests came and none came for `quiet`, or at once when the
+/// destination says its program's waiting work has run
+/// ([`HoldOff::settle`], `Message::DemandSettled`). Requests that keep
+/// coming never extend it past `max`.
 pub(super) struct HoldOff {
     start: Instant,
     max: Duration,
@@ -123,6 +125,10 @@ pub(super) struct HoldOff {
     /// When the last request was answered: ns after `start`, plus one
     /// (0: none yet).
     last: AtomicU64,
+    /// The destination's `DemandSettled` arrived.
+    settled: AtomicBool,
+    /// ... before the bound: it ended the hold-off.
+    settled_early: AtomicBool,
 }
 
 /// How long without a request ends the hold-off early.
@@ -137,7 +143,24 @@ impl HoldOff {
             max,
             quiet,
             last: AtomicU64::new(0),
+            settled: AtomicBool::new(false),
+            settled_early: AtomicBool::new(false),
         }
+    }
+
+    /// The destination's `DemandSettled` ended the hold-off before its
+    /// bound (for the report).
+    pub(super) fn ended_by_settle(&self) -> bool {
+        self.settled_early.load(Ordering::Acquire)
+    }
+
+    /// The destination's program has run the work that waited for pages
+    /// (`Message::DemandSettled`): the hold-off is over.
+    pub(super) fn settle(&self) {
+        if !self.over_at(self.start.elapsed()) {
+            self.settled_early.store(true, Ordering::Release);
+        }
+        self.settled.store(true, Ordering::Release);
     }
 
     /// A request was answered now.
@@ -155,7 +178,7 @@ impl HoldOff {
 
     /// Whether the hold-off is over `elapsed` after its start.
     fn over_at(&self, elapsed: Duration) -> bool {
-        if elapsed >= self.max {
+        if elapsed >= self.max || self.settled.load(Ordering::Acquire) {
             return true;
         }
         match self.last.load(Ordering::Relaxed) {
@@ -411,6 +434,33 @@ mod tests {
         assert!(h.over_at(ms(0)));
         h.request();
         assert_eq!(h.last.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_destinations_settled_ends_the_holdoff_at_once() {
+        let ms = Duration::from_millis;
+        // No quiet rule (the source waits for the destination's word).
+        let h = HoldOff::new(ms(100), Duration::MAX);
+        h.last.store(ms(1).as_nanos() as u64 + 1, Ordering::Relaxed);
+        assert!(!h.over_at(ms(60)), "no quiet rule: held after requests");
+        assert!(!h.ended_by_settle());
+        h.settle();
+        assert!(h.over_at(ms(0)), "settled: over at once");
+        assert!(h.ended_by_settle());
+        // Past the bound (or the quiet rule), the word ends nothing.
+        let h = HoldOff::new(Duration::ZERO, Duration::MAX);
+        h.settle();
+        assert!(!h.ended_by_settle());
+        // A waiter sleeping out a long hold-off wakes within its tick.
+        let h = HoldOff::new(Duration::from_secs(3600), Duration::MAX);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(ms(5));
+                h.settle();
+            });
+            h.wait(|| false);
+        });
+        assert!(h.start.elapsed() < Duration::from_secs(3600));
     }
 
     #[test]

@@ -1,0 +1,178 @@
+//! The post-copy push held off until the destination's program says the
+//! work it parked after the resume has run (`PageResidency::settled`,
+//! `Message::DemandSettled` on the urgent lane), over real TCP with real
+//! userfaultfd: the word ends the hold-off before its bound (the source's
+//! report says so), and a program that never says it leaves the hold-off
+//! to its bound.
+//!
+//! Needs userfaultfd with kernel-mode faults (root here); fails loudly
+//! without it (`LMIG_SKIP_PRIVILEGED=1` makes that a visible skip). No
+//! timing is asserted; every wait is bounded.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lmig_core::model::{PageRun, RegionId};
+use lmig_core::protocol::Verification;
+use lmig_core::session::{Destination, DestinationConfig, Mode, Source, SourceConfig};
+use lmig_core::testing::NullProgram;
+use lmig_core::{MemorySource, PageResidency};
+use lmig_mem::{Backing, DestinationRegions, ManualTracker, RegionOptions, RegionSet};
+use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, StreamChannel, connect};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+const PS: usize = 4096;
+const PAGES: u64 = 512;
+const R: RegionId = RegionId(5);
+
+fn pattern(page: u64) -> Vec<u8> {
+    let mut v = vec![(page as u8) ^ 0xA5; PS];
+    v[..8].copy_from_slice(&page.to_le_bytes());
+    v
+}
+
+fn config() -> ChannelConfig {
+    let key = AuthKey::new(b"settled test key, 32 bytes long!").unwrap();
+    let mut c = ChannelConfig::new(key).with_data_streams(2);
+    c.handshake_timeout = Duration::from_secs(5);
+    c.connect_timeout = Duration::from_secs(5);
+    c.write_timeout = Some(Duration::from_secs(20));
+    c
+}
+
+/// What the destination's program saw and the session reported.
+struct Outcome {
+    source: lmig_core::session::SourceReport,
+    dest: lmig_core::session::DestinationReport,
+}
+
+/// Migrate a region in post-copy with the push held off until settled
+/// (bound `holdoff`); the destination's program asks for one page through
+/// its residency handle, waits until it is in, and says it settled if
+/// `say_settled`. `None` when skipped (no userfaultfd).
+fn migrate(what: &str, holdoff: Duration, say_settled: bool) -> Option<Outcome> {
+    let src = RegionSet::new([RegionOptions::new(R, PAGES * PS as u64).map().unwrap()]).unwrap();
+    for p in 0..PAGES {
+        src.get(R)
+            .unwrap()
+            .write_at(p as usize * PS, &pattern(p))
+            .unwrap();
+    }
+    let layout = MemorySource::layout(&src);
+    let tracker = ManualTracker::new(&layout);
+    let dst = Arc::new(DestinationRegions::new(Backing::Private).prefault(false));
+    let listener =
+        Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config()).unwrap();
+    let Endpoint::Tcp(target) = listener.local_endpoint().clone() else {
+        unreachable!()
+    };
+    let dest = {
+        let dst = dst.clone();
+        std::thread::spawn(move || {
+            let channel = listener.accept_timeout(Duration::from_secs(20)).unwrap();
+            let resumed = Destination::new(channel, dst, NullProgram::default())
+                .with_config(
+                    // A source gone for good (its `Done` timeout): fail
+                    // within seconds instead of reconnecting for minutes.
+                    DestinationConfig::default()
+                        .with_idle_timeout(Duration::from_secs(30))
+                        .with_pause_limit(Duration::from_secs(5)),
+                )
+                .start()?;
+            let residency = resumed.residency.clone().expect("post-copy: a residency");
+            program(&*residency, say_settled);
+            resumed.after_commit.join()
+        })
+    };
+    let channel: StreamChannel = connect(&Endpoint::Tcp(target), config()).unwrap();
+    let cfg = SourceConfig::default()
+        .with_mode(Mode::Postcopy)
+        .with_verify(true)
+        .with_ready_timeout(Duration::from_secs(30))
+        .with_done_timeout(Duration::from_secs(30))
+        .with_push_holdoff(holdoff)
+        .with_push_holdoff_until_settled(true);
+    let source = Source::new(&channel, &src, tracker, NullProgram::default())
+        .with_config(cfg)
+        .run();
+    lmig_core::Channel::shutdown(&channel);
+    let dest = dest.join().unwrap();
+    let dest = match dest {
+        Ok(d) => d,
+        Err(e) => {
+            if lmig_core::testing::privileged(what, &e.to_string()) {
+                panic!("{what}: destination failed: {e}");
+            }
+            return None;
+        }
+    };
+    let source = source.unwrap_or_else(|e| panic!("{what}: source failed: {e}"));
+    let set = dst.regions().unwrap();
+    for p in 0..PAGES {
+        let mut v = vec![0u8; PS];
+        set.get(R)
+            .unwrap()
+            .read_at(p as usize * PS, &mut v)
+            .unwrap();
+        assert_eq!(v, pattern(p), "{what}: page {p}");
+    }
+    Some(Outcome { source, dest })
+}
+
+/// The destination's program: asks for page 7 without touching it, waits
+/// (bounded) until it is in, then says it settled if told to.
+fn program(residency: &dyn PageResidency, say_settled: bool) {
+    let run = PageRun::new(R, 7, 1);
+    if !residency.request(&run, 42).unwrap() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut ready = Vec::new();
+        while !ready.contains(&42) {
+            assert!(Instant::now() < deadline, "page 7 never came");
+            let mut fds = [PollFd::new(residency.ready_fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::from(100u16)).unwrap();
+            ready.extend(residency.take_ready());
+        }
+    }
+    assert!(residency.is_resident(&run).unwrap());
+    if say_settled {
+        residency.settled();
+        // Said again: nothing more happens.
+        residency.settled();
+    }
+}
+
+fn check(what: &str, o: &Outcome, settled: bool) {
+    assert_eq!(
+        o.source.holdoff_settled, settled,
+        "{what}: the hold-off ended on the program's word"
+    );
+    assert_eq!(o.dest.verification, Verification::Verified, "{what}");
+    assert_eq!(o.source.verification, Verification::Verified, "{what}");
+    assert_eq!(
+        o.dest.postcopy_pages, PAGES,
+        "{what}: every page placed once"
+    );
+    assert!(o.source.requested_pages >= 1, "{what}: page 7 asked for");
+}
+
+/// A hold-off bounded at 3 s ends on the program's word, before its bound
+/// (the source's report says which ended it).
+#[test]
+fn the_programs_word_ends_the_push_holdoff() {
+    let what = "post-copy, push held off until settled";
+    let Some(o) = migrate(what, Duration::from_secs(3), true) else {
+        return;
+    };
+    check(what, &o, true);
+}
+
+/// A program that never says it: the hold-off ends at its bound and every
+/// page still arrives.
+#[test]
+fn without_the_programs_word_the_holdoff_ends_at_its_bound() {
+    let what = "post-copy, never settled";
+    let Some(o) = migrate(what, Duration::from_millis(300), false) else {
+        return;
+    };
+    check(what, &o, false);
+}
