@@ -118,6 +118,20 @@ macro_rules! __lmig_touch {
         $crate::log::unused(&$v);
         $($crate::__lmig_touch!($($rest)*);)?
     };
+    // tracing's shorthands: `cpu`, `%cpu`, `?cpu` name a field after a
+    // variable.
+    (% $k:ident $(, $($rest:tt)*)?) => {
+        $crate::log::unused(&$k);
+        $($crate::__lmig_touch!($($rest)*);)?
+    };
+    (? $k:ident $(, $($rest:tt)*)?) => {
+        $crate::log::unused(&$k);
+        $($crate::__lmig_touch!($($rest)*);)?
+    };
+    ($k:ident $(, $($rest:tt)*)?) => {
+        $crate::log::unused(&$k);
+        $($crate::__lmig_touch!($($rest)*);)?
+    };
     ($fmt:literal $(, $a:expr)* $(,)?) => {
         $crate::log::unused(&format_args!($fmt $(, $a)*));
     };
