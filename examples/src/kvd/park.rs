@@ -187,7 +187,9 @@ impl Parking {
         }
     }
 
-    /// Say when the first wave ran ([`FirstWave`]); off by default.
+    /// Say when the first wave ran (the connections that parked before any
+    /// parked request could run). A new `Parking` does not; kvd's server
+    /// turns it on unless `LMIG_KVD_HOLDOFF_SETTLED=0`.
     #[must_use]
     pub fn saying_settled(mut self, say: bool) -> Self {
         self.wave.enabled = say;
