@@ -17,7 +17,6 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use crate::sys::sched::{self, SCHED_IDLE, SCHED_OTHER};
 
@@ -144,105 +143,7 @@ pub fn is_idle(tid: i32) -> bool {
     sched::get(tid).is_ok_and(|a| a.policy == SCHED_IDLE)
 }
 
-/// The shortest and longest slice the kernel takes for a fair thread
-/// (`sched_runtime`, clamped to 0.1–100 ms).
-const SLICE_NS: (u64, u64) = (100_000, 100_000_000);
-
-/// Give the calling thread, a thread of the normal class, an EEVDF slice of
-/// `slice` (Linux 6.12+; the kernel clamps it to 0.1–100 ms; zero: the
-/// kernel's default again) and the nice value `nice` (`None`: kept; below
-/// the current one needs `CAP_SYS_NICE` or `RLIMIT_NICE`). Woken, a thread with a
-/// slice shorter than the running thread's preempts it at once instead of
-/// waiting until that thread's slice runs out (0.75–3 ms here).
-///
-/// For the event loop of a program that serves while it migrates: on a
-/// host whose CPUs the pre-copy keeps busy, a woken loop stays on its
-/// waker's CPU and, with the default slice, waits there behind whatever
-/// runs (s14-pre's trace: behind the client load that woke it, while the
-/// other CPU ran the migration). The slice alone does not preempt a thread
-/// that has run less than its share on that CPU (EEVDF lets a woken thread
-/// run first only while it is owed CPU time); a lower nice value makes it
-/// owed sooner.
-///
-/// Returns whether the kernel holds the asked slice now: `false` for a
-/// thread of another class, or a kernel without custom slices (which
-/// ignores a fair thread's runtime).
-pub fn latency_thread(slice: Duration, nice: Option<i32>) -> bool {
-    let Ok(attr) = sched::get(0) else {
-        return false;
-    };
-    if attr.policy != SCHED_OTHER {
-        return false;
-    }
-    let ns = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
-    let nice = nice.unwrap_or(attr.nice);
-    if let Err(e) = crate::sys::set_thread_slice(nice, ns) {
-        debug!(error = %e, "thread slice kept");
-        return false;
-    }
-    if ns == 0 {
-        return true;
-    }
-    let held = ns.clamp(SLICE_NS.0, SLICE_NS.1);
-    sched::get(0).is_ok_and(|a| a.runtime == held && a.nice == nice)
-}
-
 /// The calling thread's id (`gettid`), for [`is_idle`].
 pub fn current_tid() -> i32 {
     sched::gettid()
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::{SLICE_NS, latency_thread};
-    use crate::sys::sched;
-
-    /// On a thread of its own (its slice dies with it): the kernel holds
-    /// the asked slice, clamped, and the default comes back at zero.
-    /// Needs Linux 6.12+ (custom slices), which lmig's CI runs.
-    #[test]
-    fn latency_thread_sets_the_calling_threads_slice() {
-        std::thread::spawn(|| {
-            let before = sched::get(0).expect("sched_getattr").runtime;
-            assert!(
-                latency_thread(Duration::from_micros(250), None),
-                "the kernel refused or ignored a fair slice (Linux 6.12+ needed)"
-            );
-            let attr = sched::get(0).expect("sched_getattr");
-            assert_eq!(attr.runtime, 250_000);
-            assert_eq!(attr.policy, sched::SCHED_OTHER);
-            // Below the kernel's floor: clamped, and still said held.
-            assert!(latency_thread(Duration::from_micros(10), None));
-            assert_eq!(sched::get(0).expect("sched_getattr").runtime, SLICE_NS.0);
-            assert!(latency_thread(Duration::ZERO, None));
-            assert_eq!(sched::get(0).expect("sched_getattr").runtime, before);
-            // A higher nice value needs no privilege.
-            assert!(latency_thread(
-                Duration::from_micros(300),
-                Some(attr.nice + 1)
-            ));
-            let raised = sched::get(0).expect("sched_getattr");
-            assert_eq!((raised.runtime, raised.nice), (300_000, attr.nice + 1));
-        })
-        .join()
-        .expect("the test thread");
-    }
-
-    /// A thread in `SCHED_IDLE` is left alone.
-    #[test]
-    fn latency_thread_leaves_other_classes_alone() {
-        std::thread::spawn(|| {
-            let attr = sched::get(0).expect("sched_getattr");
-            sched::set_policy(0, &attr, sched::SCHED_IDLE).expect("into SCHED_IDLE");
-            assert!(!latency_thread(Duration::from_micros(250), None));
-            assert_eq!(
-                sched::get(0).expect("sched_getattr").policy,
-                sched::SCHED_IDLE
-            );
-        })
-        .join()
-        .expect("the test thread");
-    }
 }

@@ -162,38 +162,6 @@ pub fn idle_duty() -> u8 {
 
 /// The number in environment variable `name`, or `default` when it is
 /// unset or not a number.
-/// Environment variable: the EEVDF slice (µs) of kvd's loop thread
-/// ([`lmig_mem::cpu::latency_thread`]); `0`: the kernel's default; unset:
-/// [`LOOP_SLICE_US`].
-pub const LOOP_SLICE_ENV: &str = "LMIG_KVD_LOOP_SLICE_US";
-
-/// kvd's loop slice by default, µs: 0, the kernel's.
-pub const LOOP_SLICE_US: u64 = 0;
-
-/// Environment variable: the nice value of kvd's loop thread with its
-/// slice ([`LOOP_SLICE_ENV`]); unset: kept.
-pub const LOOP_NICE_ENV: &str = "LMIG_KVD_LOOP_NICE";
-
-/// Give the calling thread (kvd's loop) the slice [`LOOP_SLICE_ENV`] asks
-/// for, so that when a client wakes it on a CPU the migration keeps busy
-/// it preempts what runs there instead of waiting for that slice to end.
-/// Says on stderr when the kernel did not take it.
-pub fn loop_slice() {
-    let us = env_number(LOOP_SLICE_ENV, LOOP_SLICE_US);
-    if us == 0 {
-        return;
-    }
-    let nice = std::env::var(LOOP_NICE_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok());
-    if !lmig_mem::cpu::latency_thread(Duration::from_micros(us), nice) {
-        eprintln!(
-            "kvd: the loop's {us} µs slice (nice {nice:?}) was not taken \
-             (Linux 6.12+, normal class, CAP_SYS_NICE for a lower nice)"
-        );
-    }
-}
-
 fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()

@@ -406,7 +406,6 @@ impl Server {
     /// registration); only connections that arrived with buffered bytes
     /// (read or written by the source before the freeze) are served first.
     pub fn run(&mut self, store: &Store<'_>) -> std::io::Result<()> {
-        super::pace::loop_slice();
         for id in std::mem::take(&mut self.buffered) {
             self.serve(id, store);
         }

@@ -20,12 +20,9 @@ pub(crate) struct Attr {
     /// `SCHED_OTHER`, `SCHED_IDLE`, `SCHED_FIFO`, ...
     pub(crate) policy: u32,
     flags: u64,
-    /// The nice value of a fair thread.
-    pub(crate) nice: i32,
+    nice: i32,
     priority: u32,
-    /// A fair thread's slice in ns (Linux 6.12+; 0: the default), a
-    /// deadline thread's runtime.
-    pub(crate) runtime: u64,
+    runtime: u64,
     deadline: u64,
     period: u64,
 }
