@@ -67,17 +67,6 @@ impl lmig_core::DirtyTracker for ShrinksOnce {
 /// at the destination, the tracker [`ShrinksOnce`]; returns the source's
 /// rounds after checking that both sides verified the memory.
 fn migrate(config: SourceConfig, dconfig: DestinationConfig, collects: &'static AtomicU32) -> u32 {
-    migrate_report(config, dconfig, collects, None).rounds
-}
-
-/// [`migrate`], returning the source's report; `watchdog`: cancel the
-/// migration if it has not ended by then (it then fails).
-fn migrate_report(
-    config: SourceConfig,
-    dconfig: DestinationConfig,
-    collects: &'static AtomicU32,
-    watchdog: Option<Duration>,
-) -> lmig_core::session::SourceReport {
     let layout = layout();
     let src = memory(&layout);
     let dst = VecMemory::empty();
@@ -100,20 +89,10 @@ fn migrate_report(
                 .with_config(dconfig)
                 .run()
         });
-        let source = Source::new(&a, &src, tracker, NullProgram::default())
+        let r = Source::new(&a, &src, tracker, NullProgram::default())
             .with_policy(policy)
-            .with_config(config);
-        let (done, ended) = std::sync::mpsc::channel::<()>();
-        if let Some(after) = watchdog {
-            let cancel = source.cancel_handle();
-            s.spawn(move || {
-                if ended.recv_timeout(after).is_err() {
-                    cancel.cancel();
-                }
-            });
-        }
-        let r = source.run();
-        drop(done);
+            .with_config(config)
+            .run();
         (r, d.join().unwrap())
     });
     let s = s.expect("source");
@@ -121,7 +100,7 @@ fn migrate_report(
     assert_eq!(s.verification, Verification::Verified);
     assert_eq!(d.verification, Verification::Verified);
     assert_eq!(dst.snapshot(RegionId(1)), src.snapshot(RegionId(1)));
-    s
+    s.rounds
 }
 
 static SPARE_COLLECTS: AtomicU32 = AtomicU32::new(0);
@@ -344,39 +323,4 @@ fn a_sender_leaving_the_lowest_class_is_given_back() {
     let calls = UNPLACE_CALLS.lock().unwrap().clone();
     assert!(!calls.is_empty());
     assert!(calls.iter().all(|on| !on), "{calls:?}");
-}
-
-static FIRST_COLLECTS: AtomicU32 = AtomicU32::new(0);
-static PLAIN_COLLECTS: AtomicU32 = AtomicU32::new(0);
-
-fn first_hook(_idle: bool) -> bool {
-    true
-}
-
-/// `first_round_bandwidth` holds the first round back while it spares the
-/// program: 1 MiB at 2 MB/s (with at most 256 KiB of burst) cannot go in
-/// less than ~0.39 s. Without the lowest class it is not applied: at
-/// 1 kB/s the first round would take ~17 min, and the watchdog would
-/// cancel the migration after 60 s.
-#[test]
-fn the_first_round_keeps_to_its_rate_only_while_it_spares_the_program() {
-    let config = SourceConfig::default()
-        .with_idle_lanes(Some(first_hook))
-        .with_first_round_bandwidth(2_000_000);
-    let report = migrate_report(config, DestinationConfig::default(), &FIRST_COLLECTS, None);
-    let first = report.round_stats[0];
-    assert!(first.bytes_sent >= PAGES * 4096, "{first:?}");
-    assert!(
-        first.elapsed >= Duration::from_millis(380),
-        "round 0 took {:?}",
-        first.elapsed
-    );
-    let config = SourceConfig::default().with_first_round_bandwidth(1_000);
-    let report = migrate_report(
-        config,
-        DestinationConfig::default(),
-        &PLAIN_COLLECTS,
-        Some(Duration::from_secs(60)),
-    );
-    assert!(report.rounds >= 2, "{report:?}");
 }

@@ -365,7 +365,6 @@ pub fn migrate_out(
         .with_bandwidth_limit(opts.bandwidth)
         .with_yield_to_program(yield_to_loop)
         .with_idle_lanes(crate::kvd::pace::idle_lanes())
-        .with_first_round_bandwidth(crate::kvd::pace::first_round_bandwidth())
         .with_idle_duty(crate::kvd::pace::idle_duty())
         .with_idle_threads(crate::kvd::pace::idle_threads())
         .with_idle_place(crate::kvd::pace::idle_place())

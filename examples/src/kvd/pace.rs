@@ -162,20 +162,6 @@ pub fn idle_duty() -> u8 {
 
 /// The number in environment variable `name`, or `default` when it is
 /// unset or not a number.
-/// Environment variable: the most MB/s (10^6 bytes) the first pre-copy
-/// round may take while it spares kvd
-/// ([`SourceConfig::first_round_bandwidth`](lmig_core::session::SourceConfig::first_round_bandwidth));
-/// `0`: no such limit; unset: [`FIRST_ROUND_MBPS`].
-pub const FIRST_ROUND_MBPS_ENV: &str = "LMIG_KVD_FIRST_ROUND_MBPS";
-
-/// kvd's first-round rate by default, MB/s (0: no limit).
-pub const FIRST_ROUND_MBPS: u64 = 0;
-
-/// The first round's rate in bytes per second ([`FIRST_ROUND_MBPS_ENV`]).
-pub fn first_round_bandwidth() -> u64 {
-    env_number(FIRST_ROUND_MBPS_ENV, FIRST_ROUND_MBPS).saturating_mul(1_000_000)
-}
-
 fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()

@@ -20,10 +20,6 @@ const MIN_BURST: f64 = 256.0 * 1024.0;
 pub(crate) struct Meter {
     /// Bytes per second, 0 for no limit.
     limit: AtomicU64,
-    /// A second limit while the rounds spare the program
-    /// ([`super::SourceConfig::first_round_bandwidth`]), 0 for none: the
-    /// senders keep to the lower of the two.
-    spare: AtomicU64,
     bucket: Mutex<Bucket>,
     /// Pages put on the channel, every phase (zero pages included).
     pages: AtomicU64,
@@ -43,7 +39,6 @@ impl Default for Meter {
     fn default() -> Self {
         Self {
             limit: AtomicU64::new(0),
-            spare: AtomicU64::new(0),
             bucket: Mutex::new(Bucket {
                 tokens: 0.0,
                 at: Instant::now(),
@@ -60,37 +55,17 @@ impl Meter {
     /// A new limit starts from an empty bucket: no debt run up under the
     /// old one carries over.
     pub fn set_limit(&self, bytes_per_sec: u64) {
-        self.set(&self.limit, bytes_per_sec);
-    }
-
-    /// Set the sparing limit in bytes per second (0: none), as
-    /// [`Self::set_limit`]; the senders keep to the lower of the two.
-    pub fn set_spare(&self, bytes_per_sec: u64) {
-        self.set(&self.spare, bytes_per_sec);
-    }
-
-    fn set(&self, which: &AtomicU64, bytes_per_sec: u64) {
         let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
         *b = Bucket {
             tokens: 0.0,
             at: Instant::now(),
         };
-        which.store(bytes_per_sec, Ordering::Relaxed);
+        self.limit.store(bytes_per_sec, Ordering::Relaxed);
     }
 
     /// The limit in bytes per second (0: none).
     pub fn limit(&self) -> u64 {
         self.limit.load(Ordering::Relaxed)
-    }
-
-    /// The rate the senders keep to: the lower of the limit and the
-    /// sparing limit that are set (0: none).
-    fn rate(&self) -> u64 {
-        match (self.limit(), self.spare.load(Ordering::Relaxed)) {
-            (0, s) => s,
-            (l, 0) => l,
-            (l, s) => l.min(s),
-        }
     }
 
     /// Pages and bytes sent so far.
@@ -109,16 +84,16 @@ impl Meter {
 
     /// Take `bytes` from the bucket and wait (in slices of at most
     /// [`PACE_TICK`]) until it is out of debt, or the limit is lifted, or
-    /// `stop` says so. Two atomic loads when there is no limit.
+    /// `stop` says so. One atomic load when there is no limit.
     pub fn pace(&self, bytes: u64, stop: &dyn Fn() -> bool) {
-        if self.rate() == 0 {
+        if self.limit() == 0 {
             return;
         }
         let mut taken = false;
         // Bounded: the debt shrinks at the limit's rate, or the loop ends
         // when the limit is lifted or `stop` says so.
         loop {
-            let rate = self.rate();
+            let rate = self.limit();
             if rate == 0 {
                 return;
             }
@@ -193,36 +168,5 @@ mod tests {
         waiter.join().unwrap();
         m.set_limit(1024);
         m.pace(100 << 20, &|| true);
-    }
-
-    #[test]
-    fn the_sparing_limit_holds_back_alone_or_below_the_limit_and_lifts() {
-        let m = std::sync::Arc::new(Meter::default());
-        m.set_spare(4 << 20);
-        assert_eq!(m.rate(), 4 << 20);
-        let t = Instant::now();
-        // 2 MiB at 4 MiB/s with at most 256 KiB of burst: at least 437 ms.
-        for _ in 0..32 {
-            m.pace(64 << 10, &|| false);
-        }
-        assert!(
-            t.elapsed() >= Duration::from_millis(400),
-            "{:?}",
-            t.elapsed()
-        );
-        // The lower of the two, either way round; the limit stays as set.
-        m.set_limit(1 << 30);
-        assert_eq!(m.rate(), 4 << 20);
-        m.set_limit(1 << 20);
-        assert_eq!(m.rate(), 1 << 20);
-        assert_eq!(m.limit(), 1 << 20);
-        m.set_limit(0);
-        // Lifting the sparing limit ends a wait under it.
-        let m2 = m.clone();
-        let waiter = std::thread::spawn(move || m2.pace(100 << 20, &|| false));
-        std::thread::sleep(Duration::from_millis(30));
-        m.set_spare(0);
-        waiter.join().unwrap();
-        assert_eq!(m.rate(), 0);
     }
 }

@@ -90,16 +90,6 @@ pub struct SourceConfig {
     /// it applies to. A token bucket: cheap (one atomic load per message)
     /// when there is no limit.
     pub bandwidth_limit: u64,
-    /// Most bytes per second the first pre-copy round (the full copy, most
-    /// of pre-copy's work) may take while its senders spare the program in
-    /// the lowest CPU class ([`Self::idle_lanes`]; 0, the default: no such
-    /// limit). Kept as well as [`Self::bandwidth_limit`] (the lower wins);
-    /// later rounds, the freeze and post-copy are not held back. On a host
-    /// whose CPUs the program shares with the migration, the full copy
-    /// then leaves CPU time idle, where the scheduler places the program's
-    /// woken threads (s14-pre's trace in the benchmark docs); the price is
-    /// a longer first round, so more pages to send again after it.
-    pub first_round_bandwidth: u64,
     /// The threads sending the pre-copy rounds ask the memory to lower
     /// their priority ([`MemorySource::background_thread`](crate::traits::MemorySource::background_thread)): on a busy
     /// host the program's own threads (its event loop answering clients)
@@ -227,13 +217,6 @@ impl SourceConfig {
         self.bandwidth_limit = bytes_per_sec;
         self
     }
-
-    /// Set [`SourceConfig::first_round_bandwidth`] (bytes per second, 0: none).
-    #[must_use]
-    pub fn with_first_round_bandwidth(mut self, bytes_per_sec: u64) -> Self {
-        self.first_round_bandwidth = bytes_per_sec;
-        self
-    }
 }
 
 impl Default for SourceConfig {
@@ -249,7 +232,6 @@ impl Default for SourceConfig {
             catch_up_timeout: Duration::from_millis(500),
             max_freeze: None,
             bandwidth_limit: 0,
-            first_round_bandwidth: 0,
             yield_to_program: false,
             idle_lanes: None,
             idle_round_limit: Duration::from_secs(2),

@@ -260,7 +260,15 @@ where
         let t0 = Instant::now();
         self.progress
             .round_begins(&self.meter, round, rounds.to_send.count());
-        let sent = self.send_round(layout, rounds, first, t0)?;
+        let cancel = &self.cancel;
+        let stop = || cancel.check();
+        let idle = IdleLanes::for_round(&self.config, rounds.spare, t0);
+        let sent = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
+            .stopping_on(&stop)
+            .metered(&self.meter, true)
+            .in_background(self.config.yield_to_program)
+            .idle_while_sparing(idle)
+            .send_set(&rounds.to_send, round, first)?;
         let (dirty_pages, dirty_bytes) = self.collect_dirty(layout, rounds)?;
         self.channel.send(&Message::RoundEnd(RoundSummary {
             round,
@@ -328,41 +336,6 @@ where
             total_pages: layout.total_pages(),
         });
         Ok((stats, shrinking))
-    }
-
-    /// Send `rounds.to_send` over the data lanes. The first round, while
-    /// it spares the program, keeps to
-    /// [`super::SourceConfig::first_round_bandwidth`] as well.
-    fn send_round(
-        &self,
-        layout: &RegionLayout,
-        rounds: &Rounds,
-        first: FirstRound<'_>,
-        t0: Instant,
-    ) -> Result<Sent> {
-        let round = rounds.round;
-        let cancel = &self.cancel;
-        let stop = || cancel.check();
-        let idle = IdleLanes::for_round(&self.config, rounds.spare, t0);
-        // The full copy, sparing the program, keeps to its own rate too.
-        let spare_rate = if round == 0 && idle.is_some() {
-            self.config.first_round_bandwidth
-        } else {
-            0
-        };
-        if spare_rate > 0 {
-            self.meter.set_spare(spare_rate);
-        }
-        let sent = PageLanes::new(&self.memory, &self.channel, layout, self.config.batch_pages)
-            .stopping_on(&stop)
-            .metered(&self.meter, true)
-            .in_background(self.config.yield_to_program)
-            .idle_while_sparing(idle)
-            .send_set(&rounds.to_send, round, first);
-        if spare_rate > 0 {
-            self.meter.set_spare(0);
-        }
-        sent
     }
 
     /// What got dirty during a round, into `rounds.dirty` (and
