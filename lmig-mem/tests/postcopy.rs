@@ -822,7 +822,8 @@ fn hybrid_switches_and_never_resends_clean_pages() {
 /// Recovery: the TCP connections are cut (and the link refused for a while)
 /// at several points of the post-copy transfer; the migration finishes,
 /// verified, with no page lost and none placed twice. The destination's
-/// fault path in one thread (the default), and once in two.
+/// fault path in one thread (`DestinationConfig::one_fault_thread`), and
+/// once in two (the default).
 #[test]
 fn recovery_after_cuts_at_several_points() {
     let pages = 8192u64;

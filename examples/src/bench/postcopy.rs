@@ -40,9 +40,10 @@
 //! server sleeps between requests (`--urgent-spin-us` spins on both ends).
 //! Field `reply_spin_us`.
 //!
-//! `--one-fault-thread false` runs the destination's fault path in two
-//! threads (a fault thread, a reply thread) instead of one that waits for
-//! both (`DestinationConfig::one_fault_thread`). Field `one_fault_thread`.
+//! `--one-fault-thread true` runs the destination's fault path in one
+//! thread that waits for the faults and the replies together instead of
+//! two (a fault thread, a reply thread; `DestinationConfig::one_fault_thread`,
+//! off by default). Field `one_fault_thread`.
 //!
 //! `--cut-at-pct P` cuts every TCP connection of the migration once the
 //! destination placed P% of the pages (a proxy in this process), so the run

@@ -70,7 +70,12 @@ pub struct DestinationConfig {
     /// replies, waiting for both in one `poll` (when the memory sink and
     /// the channel allow it: [`MemorySink::waits_fault_or`],
     /// [`Channel::urgent_fd`]); `false`: a fault thread and a reply thread.
-    /// Default true.
+    /// With the sink's fault spin (lmig-mem's `PostcopyOptions::spin`) the
+    /// thread that sent a request is running when its reply comes. Default
+    /// false: measured against two threads (docs/benchmarks.md, s14-fault)
+    /// it did not win beyond the spread on one host, and kvd's first wave
+    /// after the resume (a thousand requests at once) came out a little
+    /// later in most pairs.
     pub one_fault_thread: bool,
 }
 
@@ -83,7 +88,7 @@ impl Default for DestinationConfig {
             idle_receive: None,
             idle_round_limit: Duration::from_secs(2),
             max_warm_receive: 256 << 20,
-            one_fault_thread: true,
+            one_fault_thread: false,
         }
     }
 }

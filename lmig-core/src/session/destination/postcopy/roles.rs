@@ -2,11 +2,11 @@
 //! forwards the program's faults and places the replies ([`FaultPath`]),
 //! or two ([`FaultForwarder`] and [`ReplyPlacer`]).
 //!
-//! One thread is used when the memory sink can wait for a fault and a
-//! descriptor at once ([`MemorySink::waits_fault_or`]) and the channel's
-//! urgent lane has a descriptor ([`Channel::urgent_fd`]), unless
+//! One thread is used when
 //! [`DestinationConfig::one_fault_thread`](super::super::DestinationConfig::one_fault_thread)
-//! is off. The thread that sent a request is then the one the reply
+//! is on (it is off by default), the memory sink can wait for a fault and
+//! a descriptor at once ([`MemorySink::waits_fault_or`]) and the channel's
+//! urgent lane has a descriptor ([`Channel::urgent_fd`]). The thread that sent a request is then the one the reply
 //! wakes (or finds spinning, with the sink's fault spin): one thread and
 //! one CPU stay busy across the whole fault, instead of two threads that
 //! each have to be woken.
@@ -22,11 +22,11 @@ use crate::protocol::Message;
 use crate::session::{contain, panicked, spawn_named};
 use crate::traits::{Channel, MemorySink};
 
-/// Longest wait for a fault while the urgent lane has no descriptor to
-/// poll (a reader thread still reads it, until the first reply after the
-/// first `recv_urgent`; or it is being re-established): the replies then
-/// come through the channel's queue, looked at after each wait.
-const NO_FD_TICK: Duration = Duration::from_millis(1);
+/// Longest wait for a reply on the channel's queue while the urgent lane
+/// has no descriptor to poll (a reader thread still reads it, until the
+/// first reply after the first `recv_urgent`; or it is being
+/// re-established): the faults are looked at between these waits.
+const NO_FD_TICK: Duration = Duration::from_micros(200);
 /// Most replies [`FaultPath`] places in one pass before it looks at the
 /// faults again.
 const REPLY_BATCH: usize = 64;
@@ -289,14 +289,25 @@ impl FaultPath {
                 true => service.channel.urgent_fd().ok().flatten(),
                 false => None,
             };
-            let wait = match (replies, also) {
-                (Replies::More, _) => Duration::ZERO,
-                (Replies::Drained, None) => NO_FD_TICK.min(service.poll),
-                _ => service.poll,
+            let first = if replies == Replies::Drained && also.is_none() {
+                // No descriptor: a look at the faults, then a short wait
+                // for a reply on the channel's queue (a reader thread's
+                // message wakes it).
+                let first = service.memory.wait_fault_or(None, Duration::ZERO)?;
+                if first.is_none() {
+                    let wait = NO_FD_TICK.min(service.poll);
+                    lane_open = ReplyPlacer::take(service, wait)? != Replies::Closed;
+                }
+                first
+            } else {
+                let wait = match replies {
+                    Replies::More => Duration::ZERO,
+                    _ => service.poll,
+                };
+                // Returns early when the program says its parked work ran,
+                // and when the lane turns readable (a reply: placed above).
+                service.memory.wait_fault_or(also, wait)?
             };
-            // Returns early when the program says its parked work ran, and
-            // when the lane turns readable (a reply: placed above).
-            let first = service.memory.wait_fault_or(also, wait)?;
             FaultForwarder::forward(service, first, &mut requests)?;
         }
         Ok(())
