@@ -403,6 +403,8 @@ struct Outcome {
     placed: u64,
     bad_touches: u64,
     cuts: usize,
+    /// Fault waits a reply ended (the destination's one fault-path thread).
+    also_woke: u64,
 }
 
 /// A (chunked) list of touch orders.
@@ -431,18 +433,43 @@ fn migrate(
     limit: Option<u64>,
     disrupt: impl Fn(&Proxy, &DestinationRegions, &AtomicBool, &AtomicBool) + Send + Sync,
 ) -> Option<Outcome> {
-    migrate_with(what, pages, mode, random, limit, &|c| c, disrupt)
+    migrate_with(
+        what,
+        pages,
+        mode,
+        random,
+        limit,
+        &Tune::source(&|c| c),
+        disrupt,
+    )
 }
 
-/// [`migrate`] with the source's config changed by `tune` (e.g. the
-/// post-copy push held off).
+/// What a test changes in [`migrate_with`]: the source's config (e.g. the
+/// post-copy push held off), the destination's fault path in one thread or
+/// two (`DestinationConfig::one_fault_thread`).
+struct Tune<'a> {
+    source: &'a (dyn Fn(SourceConfig) -> SourceConfig + Sync),
+    one_fault_thread: bool,
+}
+
+impl<'a> Tune<'a> {
+    /// The source's config changed by `source`, the destination's default.
+    fn source(source: &'a (dyn Fn(SourceConfig) -> SourceConfig + Sync)) -> Self {
+        Self {
+            source,
+            one_fault_thread: DestinationConfig::default().one_fault_thread,
+        }
+    }
+}
+
+/// [`migrate`] with the configs changed by `tune`.
 fn migrate_with(
     what: &str,
     pages: u64,
     mode: Mode,
     random: bool,
     limit: Option<u64>,
-    tune: &(dyn Fn(SourceConfig) -> SourceConfig + Sync),
+    tune: &Tune<'_>,
     disrupt: impl Fn(&Proxy, &DestinationRegions, &AtomicBool, &AtomicBool) + Send + Sync,
 ) -> Option<Outcome> {
     const R: RegionId = RegionId(3);
@@ -473,7 +500,7 @@ fn migrate_with(
         let source = s.spawn(|| {
             let channel: StreamChannel =
                 connect(&Endpoint::Tcp(proxy_addr), config(limit)).unwrap();
-            let cfg = tune(
+            let cfg = (tune.source)(
                 SourceConfig::default()
                     .with_mode(mode)
                     .with_verify(true)
@@ -519,7 +546,9 @@ fn migrate_with(
             let channel = listener.accept_timeout(Duration::from_secs(20)).unwrap();
             let r = Destination::new(&channel, dst.clone(), Toucher { go: go.clone() })
                 .with_config(
-                    DestinationConfig::default().with_idle_timeout(Duration::from_secs(30)),
+                    DestinationConfig::default()
+                        .with_idle_timeout(Duration::from_secs(30))
+                        .with_one_fault_thread(tune.one_fault_thread),
                 )
                 .run();
             finished.store(true, Ordering::Release);
@@ -595,6 +624,7 @@ fn migrate_with(
         source,
         dest,
         placed: stats.placed,
+        also_woke: stats.also_woke,
         bad_touches: bad_touches.load(Ordering::Relaxed),
         cuts: proxy.cuts.load(Ordering::Relaxed),
     })
@@ -711,7 +741,7 @@ fn postcopy_with_the_push_held_off_places_every_page_once() {
                 Mode::Postcopy,
                 random,
                 None,
-                &|c| c.with_push_holdoff(holdoff),
+                &Tune::source(&|c| c.with_push_holdoff(holdoff)),
                 |_, _, _, _| {},
             )
         }) else {
@@ -735,11 +765,11 @@ fn postcopy_with_an_idle_push_places_every_page_once() {
                 Mode::Postcopy,
                 random,
                 None,
-                &|c| {
+                &Tune::source(&|c| {
                     c.with_idle_push(true)
                         .with_idle_lanes(Some(lmig_mem::cpu::idle_thread))
                         .with_resend_in_flight(true)
-                },
+                }),
                 |_, _, _, _| {},
             )
         }) else {
@@ -791,27 +821,41 @@ fn hybrid_switches_and_never_resends_clean_pages() {
 
 /// Recovery: the TCP connections are cut (and the link refused for a while)
 /// at several points of the post-copy transfer; the migration finishes,
-/// verified, with no page lost and none placed twice.
+/// verified, with no page lost and none placed twice. The destination's
+/// fault path in one thread (`DestinationConfig::one_fault_thread`), and
+/// once in two (the default).
 #[test]
 fn recovery_after_cuts_at_several_points() {
     let pages = 8192u64;
-    for (what, at, refuse) in [
-        ("cut at the start", 0u64, Duration::ZERO),
-        ("cut at 30%", pages * 3 / 10, Duration::ZERO),
+    for (what, at, refuse, one) in [
+        ("cut at the start", 0u64, Duration::ZERO, true),
+        ("cut at 30%", pages * 3 / 10, Duration::ZERO, true),
         (
             "killed for 300 ms at 60%",
             pages * 6 / 10,
             Duration::from_millis(300),
+            true,
         ),
-        ("two cuts at 20% and 80%", pages / 5, Duration::ZERO),
+        ("two cuts at 20% and 80%", pages / 5, Duration::ZERO, true),
+        (
+            "cut at 30%, two fault-path threads",
+            pages * 3 / 10,
+            Duration::ZERO,
+            false,
+        ),
     ] {
         let two = what.starts_with("two");
-        let Some(o) = migrate(
+        let tune = Tune {
+            source: &|c| c,
+            one_fault_thread: one,
+        };
+        let Some(o) = migrate_with(
             what,
             pages,
             Mode::Postcopy,
             true,
             Some(48 << 20),
+            &tune,
             |proxy, dst, finished, resumed| {
                 let mut points = vec![at];
                 if two {
@@ -847,6 +891,16 @@ fn recovery_after_cuts_at_several_points() {
         check(what, &o, pages);
         assert_eq!(o.dest.postcopy_pages, pages, "{what}");
         assert!(o.cuts >= 1, "{what}: the link was cut");
+        if one {
+            // A request's reply ends its thread's fault wait (unless
+            // nothing faulted: the push was first everywhere).
+            assert!(
+                o.dest.network_faults == 0 || o.also_woke >= 1,
+                "{what}: one thread waited for the replies"
+            );
+        } else {
+            assert_eq!(o.also_woke, 0, "{what}: two threads");
+        }
         assert!(
             o.dest.warnings.iter().any(|w| w.contains("reconnected")),
             "{what}: {:?}",

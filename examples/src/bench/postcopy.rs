@@ -40,6 +40,11 @@
 //! server sleeps between requests (`--urgent-spin-us` spins on both ends).
 //! Field `reply_spin_us`.
 //!
+//! `--one-fault-thread true` runs the destination's fault path in one
+//! thread that waits for the faults and the replies together instead of
+//! two (a fault thread, a reply thread; `DestinationConfig::one_fault_thread`,
+//! off by default). Field `one_fault_thread`.
+//!
 //! `--cut-at-pct P` cuts every TCP connection of the migration once the
 //! destination placed P% of the pages (a proxy in this process), so the run
 //! exercises post-copy recovery.
@@ -132,6 +137,11 @@ pub struct Args {
     /// `--urgent-spin-us` there.
     #[arg(long)]
     pub reply_spin_us: Option<u64>,
+    /// The destination's fault path in one thread (`true`) or two
+    /// (`false`): `DestinationConfig::one_fault_thread`; default: the
+    /// library's.
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub one_fault_thread: Option<bool>,
     /// Hold the threads of the fault path (the source's request server, the
     /// destination's fault and reply threads) on this CPU
     /// (`lmig_mem::set_fault_path_cpu`); default: left to the scheduler.
@@ -284,6 +294,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(cpu) = args.fault_cpu {
         peer_args.push(format!("--fault-cpu={cpu}"));
     }
+    if let Some(one) = args.one_fault_thread {
+        peer_args.push(format!("--one-fault-thread={one}"));
+    }
     if let Some(mode) = args.fault_path {
         peer_args.push(format!(
             "--fault-path={}",
@@ -423,6 +436,9 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "spin_us": args.spin_us,
         "urgent_spin_us": args.urgent_spin_us,
         "reply_spin_us": args.reply_spin_us,
+        "one_fault_thread": args
+            .one_fault_thread
+            .unwrap_or(DestinationConfig::default().one_fault_thread),
         "fault_cpu": args.fault_cpu,
         "fault_path": format!("{:?}", lmig_mem::fault_path_affinity()).to_lowercase(),
         "fault_path_cpus": [lmig_mem::fault_path_together_cpu(), dest["fault_path_cpu"].as_u64()],
@@ -565,6 +581,10 @@ fn destination(args: &Args, listen: &str) -> Result<(), Box<dyn std::error::Erro
                 )))
         } else {
             DestinationConfig::default().with_idle_timeout(Duration::from_secs(60))
+        };
+        let config = match args.one_fault_thread {
+            Some(one) => config.with_one_fault_thread(one),
+            None => config,
         };
         let r = Destination::new(&channel, sink.clone(), Toucher { go: go.clone() })
             .with_config(config)

@@ -1,5 +1,6 @@
 //! The message transport between the two sides.
 
+use std::os::fd::RawFd;
 use std::time::Duration;
 
 use crate::error::{MigrationError, Result};
@@ -105,4 +106,25 @@ pub trait Channel: Send + Sync {
 
     /// Close the channel; pending `recv` calls return an error.
     fn shutdown(&self) {}
+
+    /// Post-copy: a descriptor that turns readable when the urgent lane has
+    /// bytes for [`Channel::recv_urgent`], for a thread that waits for them
+    /// together with other descriptors in one `poll` (the destination's
+    /// single fault-path thread waits on it and on the userfaultfd). It is a
+    /// hint, valid until the next [`Channel::reconnect`]: ask again after
+    /// every wait (a number polled after its stream closed only ends that
+    /// wait early). Messages already read into the channel's buffers (a
+    /// record holding several frames) do not make it readable: take them
+    /// with `recv_urgent(Duration::ZERO)` until it returns `Ok(None)` before
+    /// waiting. `Ok(None)` when there is no descriptor to wait on now (the
+    /// lane is still read by another thread, or being re-established): the
+    /// caller then waits briefly and asks again. Channels without a
+    /// separate urgent receiver return [`MigrationError::Unsupported`] (the
+    /// default).
+    fn urgent_fd(&self) -> Result<Option<RawFd>> {
+        Err(MigrationError::Unsupported {
+            feature: "a pollable urgent lane",
+            needs: "a channel whose urgent lane is read by its consumer (lmig-transport's channels)",
+        })
+    }
 }

@@ -1,6 +1,7 @@
 //! Blanket impls: a backend lent by reference (or shared in an `Arc`,
 //! boxed) is a backend too.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -169,6 +170,16 @@ macro_rules! forward_sink {
             fn background_thread(&self) {
                 (**self).background_thread()
             }
+            fn waits_fault_or(&self) -> bool {
+                (**self).waits_fault_or()
+            }
+            fn wait_fault_or(
+                &self,
+                also: Option<RawFd>,
+                timeout: Duration,
+            ) -> Result<Option<PageRun>> {
+                (**self).wait_fault_or(also, timeout)
+            }
         }
     };
 }
@@ -216,6 +227,9 @@ macro_rules! forward_channel {
             }
             fn shutdown(&self) {
                 (**self).shutdown()
+            }
+            fn urgent_fd(&self) -> Result<Option<RawFd>> {
+                (**self).urgent_fd()
             }
         }
     };

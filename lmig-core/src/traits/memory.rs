@@ -1,6 +1,7 @@
 //! Memory: reading pages at the source, placing them at the destination,
 //! residency, dirty tracking.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,6 +180,23 @@ pub trait MemorySink: Send + Sync {
     /// when the sink has none, or outside post-copy (every page is here).
     fn residency(&self) -> Option<Arc<dyn PageResidency>> {
         None
+    }
+
+    /// Post-copy: [`Self::wait_fault_or`] watches the descriptor it is
+    /// given in the same wait as the faults. The destination then runs one
+    /// thread for the fault path (it forwards the faults and places the
+    /// replies) instead of two. The default says no.
+    fn waits_fault_or(&self) -> bool {
+        false
+    }
+
+    /// Post-copy: [`Self::wait_fault`], returning `Ok(None)` early also
+    /// when `also` turns readable (or its number is no longer open); it
+    /// does not read from `also`. Called only when [`Self::waits_fault_or`]
+    /// says so; the default ignores `also`.
+    fn wait_fault_or(&self, also: Option<RawFd>, timeout: Duration) -> Result<Option<PageRun>> {
+        let _ = also;
+        self.wait_fault(timeout)
     }
 }
 

@@ -3,7 +3,7 @@
 //! through [`Residency`](super::Residency)), answering the others at once.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -18,8 +18,17 @@ use crate::error::{MemError, Result};
 use crate::sys::uffd::{self, UffdMsg};
 
 impl Postcopy {
-    /// Wait up to `timeout` for a fault on a missing page.
-    pub(crate) fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
+    /// Wait up to `timeout` for a fault on a missing page; return `None`
+    /// early also when `also` (a descriptor of the caller's, not read
+    /// here) turns readable: in the spin it is looked at between reads, in
+    /// the sleep it is polled with the userfaultfd (the destination's one
+    /// fault-path thread waits so for a fault and for the reply to its last
+    /// request at once).
+    pub(crate) fn wait_fault_or(
+        &self,
+        also: Option<RawFd>,
+        timeout: Duration,
+    ) -> Result<Option<PageRun>> {
         let start = Instant::now();
         let deadline = start + timeout;
         let spin_until = start + self.options.spin.min(timeout);
@@ -66,6 +75,14 @@ impl Postcopy {
                 // machine with few CPUs a hard spin here takes the very CPU
                 // the reply to the previous fault needs (measured: +200 µs
                 // per fault with 2 CPUs and a spin of 200 µs).
+                if let Some(fd) = also {
+                    if uffd::poll_also(&[], fd, 0).map_err(|e| {
+                        MemError::os("poll (the caller's descriptor)", "post-copy", e)
+                    })? {
+                        self.counters.also_woke.fetch_add(1, Ordering::Relaxed);
+                        return Ok(None);
+                    }
+                }
                 std::thread::yield_now();
                 continue;
             }
@@ -82,6 +99,16 @@ impl Postcopy {
             }
             let left = deadline - now;
             let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            if let Some(fd) = also {
+                let fds = [self.uffd.as_fd(), self.kick.fd()];
+                if uffd::poll_also(&fds, fd, ms)
+                    .map_err(|e| MemError::os("poll (userfaultfd)", "post-copy", e))?
+                {
+                    self.counters.also_woke.fetch_add(1, Ordering::Relaxed);
+                    return Ok(None);
+                }
+                continue;
+            }
             let mut fds = [
                 PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.kick.fd(), PollFlags::POLLIN),

@@ -203,6 +203,7 @@ struct Counters {
     present: AtomicU64,
     retries: AtomicU64,
     placed: AtomicU64,
+    also_woke: AtomicU64,
 }
 
 /// Post-copy state of a [`RegionSet`](crate::RegionSet): the userfaultfd,
@@ -651,6 +652,7 @@ impl Postcopy {
             already_present: c.present.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
             placed: c.placed.load(Ordering::Relaxed),
+            also_woke: c.also_woke.load(Ordering::Relaxed),
             missing: self.missing_pages(),
             faulted: lock(&self.faulted).clone(),
             #[cfg(feature = "bench-internals")]

@@ -94,6 +94,10 @@ pub struct PostcopyStats {
     pub retries: u64,
     /// Missing pages placed.
     pub placed: u64,
+    /// Waits for a fault that ended because the caller's other descriptor
+    /// turned readable (`wait_fault_or`: the destination's one fault-path
+    /// thread, woken by a reply to its requests).
+    pub also_woke: u64,
     /// Pages still missing (not placed yet): their touchers wait. Stays
     /// above zero after a post-copy whose source was lost for good.
     pub missing: u64,

@@ -125,6 +125,18 @@ impl MemorySink for DestinationRegions {
         Ok(self.set()?.hold_missing()?)
     }
 
+    fn waits_fault_or(&self) -> bool {
+        true
+    }
+
+    fn wait_fault_or(
+        &self,
+        also: Option<std::os::fd::RawFd>,
+        timeout: Duration,
+    ) -> lmig_core::Result<Option<PageRun>> {
+        Ok(self.set()?.wait_fault_or(also, timeout)?)
+    }
+
     fn end_postcopy(&self) -> lmig_core::Result<()> {
         Ok(self.set()?.end_postcopy()?)
     }

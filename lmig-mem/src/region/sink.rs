@@ -48,6 +48,16 @@ impl RegionSet {
         self.sink.wait_fault(timeout)
     }
 
+    /// Post-copy: [`Self::wait_fault`], returning `None` early also when
+    /// `also` (a descriptor of the caller's, not read here) turns readable.
+    pub fn wait_fault_or(
+        &self,
+        also: Option<std::os::fd::RawFd>,
+        timeout: Duration,
+    ) -> Result<Option<PageRun>> {
+        self.sink.wait_fault_or(also, timeout)
+    }
+
     /// Post-copy: unregister the regions. Refuses while pages are missing
     /// ([`MemError::PostcopyIncomplete`](crate::MemError::PostcopyIncomplete)).
     pub fn end_postcopy(&self) -> Result<()> {
@@ -147,6 +157,18 @@ impl MemorySink for RegionSet {
 
     fn hold_missing(&self) -> lmig_core::Result<()> {
         Ok(RegionSet::hold_missing(self)?)
+    }
+
+    fn waits_fault_or(&self) -> bool {
+        true
+    }
+
+    fn wait_fault_or(
+        &self,
+        also: Option<std::os::fd::RawFd>,
+        timeout: Duration,
+    ) -> lmig_core::Result<Option<PageRun>> {
+        Ok(RegionSet::wait_fault_or(self, also, timeout)?)
     }
 
     fn end_postcopy(&self) -> lmig_core::Result<()> {

@@ -113,8 +113,17 @@ impl RegionSink {
     }
 
     pub(crate) fn wait_fault(&self, timeout: Duration) -> Result<Option<PageRun>> {
+        self.wait_fault_or(None, timeout)
+    }
+
+    /// [`Self::wait_fault`], ending early also when `also` turns readable.
+    pub(crate) fn wait_fault_or(
+        &self,
+        also: Option<std::os::fd::RawFd>,
+        timeout: Duration,
+    ) -> Result<Option<PageRun>> {
         match self.active_postcopy() {
-            Some(pc) => pc.wait_fault(timeout),
+            Some(pc) => pc.wait_fault_or(also, timeout),
             None => {
                 std::thread::sleep(timeout);
                 Ok(None)

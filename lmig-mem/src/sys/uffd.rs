@@ -415,6 +415,46 @@ pub(crate) fn poll_in(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
     Ok(n > 0 && p.revents & libc::POLLIN != 0)
 }
 
+/// `poll(2)` for `POLLIN` on `fds` and on `also`, a descriptor number the
+/// caller does not own (another component's socket, which may close
+/// meanwhile: polling a closed number is harmless, it reports `POLLNVAL`),
+/// for up to `timeout_ms`. True when `also` is readable, hung up, failed or
+/// no longer open: the caller looks at it (an interrupted wait is false).
+pub(crate) fn poll_also(
+    fds: &[BorrowedFd<'_>],
+    also: std::os::fd::RawFd,
+    timeout_ms: i32,
+) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut set = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; 4];
+    let n = fds.len().min(set.len() - 1);
+    for (p, fd) in set.iter_mut().zip(&fds[..n]) {
+        p.fd = fd.as_raw_fd();
+        p.events = libc::POLLIN;
+    }
+    set[n] = libc::pollfd {
+        fd: also,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `n + 1` valid `pollfd`s for the duration of the call; the
+    // kernel only reads the numbers (a closed one is reported, not used).
+    let r = unsafe { libc::poll(set.as_mut_ptr(), (n + 1) as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    let ready = libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+    Ok(r > 0 && set[n].revents & ready != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

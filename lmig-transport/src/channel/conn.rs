@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,6 +52,12 @@ pub(crate) trait Conn: Read + Write + Send + Sync {
     /// out ([`FrameReader::next_within`]).
     fn holds_partial_input(&self) -> bool {
         false
+    }
+    /// The descriptor under the stream, for a consumer that polls it with
+    /// others (`DirectUrgent::fd`); `None` (the default) for a stream
+    /// without one (the in-memory pipe).
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
     }
 }
 
@@ -105,6 +111,9 @@ impl Conn for TcpStream {
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         poll_readable(self.as_fd(), timeout)
     }
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
 }
 
 impl Conn for UnixStream {
@@ -130,6 +139,9 @@ impl Conn for UnixStream {
     }
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         poll_readable(self.as_fd(), timeout)
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
     }
 }
 

@@ -190,6 +190,9 @@ macro_rules! delegate_control {
         fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
             self.raw().set_timeouts(read, write)
         }
+        fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+            self.raw().raw_fd()
+        }
     };
 }
 

@@ -338,6 +338,10 @@ impl Channel for StreamChannel {
         self.reconnect_inner().map_err(Into::into)
     }
 
+    fn urgent_fd(&self) -> lmig_core::Result<Option<std::os::fd::RawFd>> {
+        Ok(self.inner.urgent.fd())
+    }
+
     fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::Release);
         if let Ok(l) = self.inner.lanes.read() {

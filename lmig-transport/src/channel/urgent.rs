@@ -1,6 +1,7 @@
 //! The urgent stream read by its consumer itself (post-copy).
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -176,6 +177,14 @@ impl DirectUrgent {
     /// The slot, locked.
     pub(super) fn slot(&self) -> MutexGuard<'_, Slot> {
         lock(&self.slot)
+    }
+
+    /// [`lmig_core::Channel::urgent_fd`]: the handed-over stream's
+    /// descriptor; `None` while a reader thread still reads the stream
+    /// (until the first message after the first [`Self::recv`]), after the
+    /// stream ended, or when it has none.
+    pub(super) fn fd(&self) -> Option<RawFd> {
+        self.slot().as_ref().and_then(|(_, r)| r.conn().raw_fd())
     }
 
     /// [`lmig_core::Channel::recv_urgent`]: the next urgent message,

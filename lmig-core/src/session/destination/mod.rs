@@ -66,6 +66,17 @@ pub struct DestinationConfig {
     /// clamped to it, with a log line. Default 256 MiB; 0 never warms any
     /// (the freeze's large frames then get fresh memory).
     pub max_warm_receive: u64,
+    /// Post-copy: one thread forwards the program's faults and places the
+    /// replies, waiting for both in one `poll` (when the memory sink and
+    /// the channel allow it: [`MemorySink::waits_fault_or`],
+    /// [`Channel::urgent_fd`]); `false`: a fault thread and a reply thread.
+    /// With the sink's fault spin (lmig-mem's `PostcopyOptions::spin`) the
+    /// thread that sent a request is running when its reply comes. Default
+    /// false: measured against two threads (docs/benchmarks.md, s14-fault)
+    /// it did not win beyond the spread on one host, and kvd's first wave
+    /// after the resume (a thousand requests at once) came out a little
+    /// later in most pairs.
+    pub one_fault_thread: bool,
 }
 
 impl Default for DestinationConfig {
@@ -77,6 +88,7 @@ impl Default for DestinationConfig {
             idle_receive: None,
             idle_round_limit: Duration::from_secs(2),
             max_warm_receive: 256 << 20,
+            one_fault_thread: false,
         }
     }
 }
@@ -121,6 +133,13 @@ impl DestinationConfig {
     #[must_use]
     pub fn with_max_warm_receive(mut self, bytes: u64) -> Self {
         self.max_warm_receive = bytes;
+        self
+    }
+
+    /// Sets [`one_fault_thread`](Self::one_fault_thread).
+    #[must_use]
+    pub fn with_one_fault_thread(mut self, one: bool) -> Self {
+        self.one_fault_thread = one;
         self
     }
 

@@ -1,12 +1,12 @@
 //! The destination after `Commit`: post-copy placement (pushed pages,
 //! requested pages, the program's faults) and recovery of a broken link.
 //!
-//! Post-copy runs three threads: the [`FaultForwarder`] turns the
-//! program's faults into `PageRequest`s on the urgent lane; the
-//! [`ReplyPlacer`] places the replies as they arrive (with
-//! [`Channel::recv_urgent`], so a requested page never queues behind pushed
-//! ones, nor waits while the session's thread copies a pushed chunk); the
-//! session's thread places the pushed pages. Both placing threads claim the
+//! Post-copy runs two or three threads: the fault path (`roles.rs`) turns
+//! the program's faults into `PageRequest`s on the urgent lane and places
+//! the replies as they arrive (with [`Channel::recv_urgent`], so a
+//! requested page never queues behind pushed ones, nor waits while the
+//! session's thread copies a pushed chunk), in one thread that waits for
+//! both or in two; the session's thread places the pushed pages. Both placing threads claim the
 //! pages still missing under a short lock and place them outside it
 //! ([`place_postcopy`]), so every page is placed once. A channel without
 //! `recv_urgent` delivers the replies to the session's thread instead.
@@ -14,18 +14,20 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
+use self::roles::FaultThreads;
 use super::settle::SettleFlag;
 use super::{Destination, DestinationReport, Progress};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
 use crate::protocol::{Handover, Message, PageBatch, PageData, RegionDigest};
 use crate::session::pages::runs_of;
-use crate::session::{contain, panicked, reconnect_within, spawn_named};
+use crate::session::reconnect_within;
 use crate::traits::{Channel, Event, MemorySink, Phase, SocketSink, StateSink};
 use crate::verify::{PageHashes, page_hash};
+
+mod roles;
 
 /// How long the post-copy receive loop waits per `recv` before it checks
 /// the link and its idle time.
@@ -68,7 +70,7 @@ impl Quiet {
 /// Unanswered fault requests remembered for repetition after a reconnect.
 const MAX_OUTSTANDING: usize = 256;
 /// Most page requests sent in one write: after one fault, those already
-/// waiting too (see [`FaultForwarder::run`]); as many as are remembered for
+/// waiting too (see `roles.rs`); as many as are remembered for
 /// repetition. kvd parks about a thousand requests in its first pass after
 /// resuming: at 64 a write, its clients' p99 was over 10 ms in 3 of 6 runs,
 /// at 256 in none.
@@ -322,10 +324,9 @@ where
             .try_for_each(|batch| service.place(batch));
         if result.is_ok() && !lock(&shared).complete() {
             self.phase(Phase::Postcopy);
+            let one = self.config.one_fault_thread;
             result = std::thread::scope(|s| -> Result<()> {
-                let threads = FaultForwarder::spawn(s, &service)
-                    .and_then(|fault| Ok((fault, ReplyPlacer::spawn(s, &service)?)));
-                let (fault, urgent) = match threads {
+                let threads = match FaultThreads::spawn(s, &service, one) {
                     Ok(threads) => threads,
                     Err(e) => {
                         link.stop.store(true, Ordering::Release);
@@ -334,9 +335,7 @@ where
                 };
                 let placed = self.place_pushed(progress, &service, digests);
                 link.stop.store(true, Ordering::Release);
-                let faulted = fault.join();
-                let urgent = urgent.join();
-                placed.and(urgent).and(faulted)
+                placed.and(threads.join())
             });
             progress.report.network_faults = link.faults.load(Ordering::Relaxed);
         }
@@ -550,145 +549,3 @@ where
 
 /// Time between reconnection attempts while post-copy is paused.
 const PAUSED_RETRY: Duration = Duration::from_millis(100);
-
-/// A running post-copy thread (of the roles below). Its error or panic
-/// marks post-copy failed, so that the session's thread stops too; a panic
-/// is contained where it happens (see [`contain`]).
-struct RoleThread<'scope> {
-    thread: ScopedJoinHandle<'scope, Result<()>>,
-    during: &'static str,
-}
-
-impl<'scope> RoleThread<'scope> {
-    fn spawn<'env, M: MemorySink, C: Channel>(
-        scope: &'scope Scope<'scope, 'env>,
-        (name, during): (&str, &'static str),
-        service: &'scope Service<'_, M, C>,
-        run: fn(&Service<'_, M, C>) -> Result<()>,
-    ) -> Result<Self> {
-        let thread = spawn_named(scope, name.into(), move || {
-            let r = contain(during, true, || run(service));
-            if r.is_err() {
-                service.link.failed.store(true, Ordering::Release);
-            }
-            r
-        })?;
-        Ok(Self { thread, during })
-    }
-
-    /// The thread's outcome (once `PostcopyLink::stop` is set).
-    fn join(self) -> Result<()> {
-        self.thread
-            .join()
-            .unwrap_or_else(|p| Err(panicked(self.during, true, &*p)))
-    }
-}
-
-/// The thread role turning the program's faults into `PageRequest`s on the
-/// urgent lane (remembered, to repeat them after a reconnect).
-struct FaultForwarder;
-
-impl FaultForwarder {
-    fn spawn<'scope, 'env, M: MemorySink, C: Channel>(
-        scope: &'scope Scope<'scope, 'env>,
-        service: &'scope Service<'_, M, C>,
-    ) -> Result<RoleThread<'scope>> {
-        let names = ("lmig-faults", "in the post-copy fault thread");
-        RoleThread::spawn(scope, names, service, Self::run)
-    }
-
-    fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
-        service.memory.urgent_thread();
-        let link = service.link;
-        let mut requests = Vec::with_capacity(REQUEST_BATCH + 1);
-        while !link.stop.load(Ordering::Acquire) {
-            // Returns early when the program says its parked work ran
-            // (lmig-mem's residency wakes it): the word goes out below.
-            let first = service.memory.wait_fault(service.poll)?;
-            requests.clear();
-            // Every request already waiting goes with this one, in one
-            // write (a program that parks many requests at once, or many
-            // threads faulting together, costs one write, not one each).
-            if let Some(run) = first {
-                requests.push(Message::PageRequest(run));
-                while requests.len() < REQUEST_BATCH {
-                    match service.memory.wait_fault(Duration::ZERO)? {
-                        Some(run) => requests.push(Message::PageRequest(run)),
-                        None => break,
-                    }
-                }
-                Self::remember(link, &requests);
-            }
-            // Behind the requests on the same lane: the source answers
-            // them before its push starts.
-            if link.settle.take() {
-                debug!("post-copy: the program's parked work has run: DemandSettled sent");
-                requests.push(Message::DemandSettled);
-            }
-            if requests.is_empty() {
-                continue;
-            }
-            if requests.len() > 1 {
-                debug!(
-                    requests = requests.len(),
-                    "post-copy: requests sent together"
-                );
-            }
-            if link.up.load(Ordering::Acquire)
-                && service.channel.send_urgent_many(&requests).is_err()
-            {
-                // The session's thread reconnects; the request is
-                // repeated after the resync.
-                link.up.store(false, Ordering::Release);
-            }
-        }
-        Ok(())
-    }
-
-    /// Count the page requests in `requests` and remember them for
-    /// repetition after a reconnect.
-    fn remember(link: &PostcopyLink, requests: &[Message]) {
-        link.faults
-            .fetch_add(requests.len() as u64, Ordering::Relaxed);
-        let mut o = lock(&link.outstanding);
-        for m in requests {
-            if let Message::PageRequest(run) = m {
-                if o.len() == MAX_OUTSTANDING {
-                    o.pop_front();
-                }
-                o.push_back(*run);
-            }
-        }
-    }
-}
-
-/// The thread role placing the replies to page requests from the urgent lane.
-struct ReplyPlacer;
-
-impl ReplyPlacer {
-    fn spawn<'scope, 'env, M: MemorySink, C: Channel>(
-        scope: &'scope Scope<'scope, 'env>,
-        service: &'scope Service<'_, M, C>,
-    ) -> Result<RoleThread<'scope>> {
-        let names = ("lmig-replies", "in the post-copy urgent thread");
-        RoleThread::spawn(scope, names, service, Self::run)
-    }
-
-    fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
-        service.memory.urgent_thread();
-        while !service.link.stop.load(Ordering::Acquire) {
-            match service.channel.recv_urgent(service.poll) {
-                Ok(Some(Message::Pages(batch))) => service.place(&batch)?,
-                Ok(Some(other)) => lock(service.shared).warn(format!(
-                    "post-copy: ignored an unexpected {} on the urgent lane",
-                    other.name()
-                )),
-                Ok(None) => {}
-                // Unsupported: replies come through `recv`;
-                // closed: the session is over.
-                Err(_) => break,
-            }
-        }
-        Ok(())
-    }
-}

@@ -1,0 +1,233 @@
+//! The destination's post-copy fault path in one thread
+//! (`DestinationConfig::one_fault_thread`: the thread that forwards a
+//! fault waits for its reply in the same `poll` as the userfaultfd and
+//! places it) and in two, over real TCP with real userfaultfd.
+//!
+//! The push is held off until the program says its parked work ran
+//! (`PageResidency::settled`), with a bound far beyond the touches: every
+//! page the program touches before it says so can only come as the reply
+//! to its fault. A reply not placed (or a fault lost) leaves the program
+//! blocked until that bound, and the source's report then says the
+//! hold-off ended on its bound, not on the program's word: the test fails.
+//!
+//! Needs userfaultfd with kernel-mode faults (root here); fails loudly
+//! without it (`LMIG_SKIP_PRIVILEGED=1` makes that a visible skip). No
+//! timing is asserted; every wait is bounded.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use lmig_core::model::{PageRun, RegionId};
+use lmig_core::protocol::Verification;
+use lmig_core::session::{Destination, DestinationConfig, Mode, Source, SourceConfig};
+use lmig_core::testing::NullProgram;
+use lmig_core::{MemorySource, PageResidency};
+use lmig_mem::{Backing, DestinationRegions, ManualTracker, RegionOptions, RegionSet};
+use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, StreamChannel, connect};
+
+const PS: usize = 4096;
+const PAGES: u64 = 2048;
+/// Pages the program touches (each a fault answered by a reply) before it
+/// says its parked work ran.
+const TOUCHED: u64 = 300;
+const R: RegionId = RegionId(6);
+/// The push's hold-off bound: far beyond the test's run.
+const HOLDOFF: Duration = Duration::from_secs(120);
+/// How long the program may take to touch its pages (well under a second
+/// here) before its pages are poisoned to release it: a lost reply makes
+/// the test fail then, instead of hanging (the page the source sent as
+/// that reply is never pushed again).
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+fn pattern(page: u64) -> Vec<u8> {
+    let mut v = vec![(page as u8) ^ 0x3C; PS];
+    v[..8].copy_from_slice(&page.to_le_bytes());
+    v
+}
+
+fn config() -> ChannelConfig {
+    let key = AuthKey::new(b"one fault thread key, 32 bytes!!").unwrap();
+    let mut c = ChannelConfig::new(key).with_data_streams(2);
+    c.handshake_timeout = Duration::from_secs(5);
+    c.connect_timeout = Duration::from_secs(5);
+    c.write_timeout = Some(Duration::from_secs(20));
+    c
+}
+
+/// What the sessions reported, and the sink's count of fault waits a
+/// reply ended.
+struct Outcome {
+    source: lmig_core::session::SourceReport,
+    dest: lmig_core::session::DestinationReport,
+    also_woke: u64,
+    wrong: u64,
+}
+
+/// Migrate a region in post-copy, the destination's fault path in one
+/// thread or two; its program touches [`TOUCHED`] pages (scattered), then
+/// says it settled. `None` when skipped (no userfaultfd).
+fn migrate(what: &str, one: bool) -> Option<Outcome> {
+    let src = RegionSet::new([RegionOptions::new(R, PAGES * PS as u64).map().unwrap()]).unwrap();
+    for p in 0..PAGES {
+        src.get(R)
+            .unwrap()
+            .write_at(p as usize * PS, &pattern(p))
+            .unwrap();
+    }
+    let layout = MemorySource::layout(&src);
+    let tracker = ManualTracker::new(&layout);
+    let dst = Arc::new(DestinationRegions::new(Backing::Private).prefault(false));
+    let listener =
+        Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config()).unwrap();
+    let Endpoint::Tcp(target) = listener.local_endpoint().clone() else {
+        unreachable!()
+    };
+    let dest = {
+        let dst = dst.clone();
+        std::thread::spawn(move || {
+            let channel = listener.accept_timeout(Duration::from_secs(20)).unwrap();
+            let resumed = Destination::new(channel, dst.clone(), NullProgram::default())
+                .with_config(
+                    DestinationConfig::default()
+                        .with_idle_timeout(Duration::from_secs(30))
+                        .with_pause_limit(Duration::from_secs(5))
+                        .with_one_fault_thread(one),
+                )
+                .start()?;
+            let residency = resumed.residency.clone().expect("post-copy: a residency");
+            let wrong = watched(&dst, &*residency);
+            resumed.after_commit.join().map(|r| (r, wrong))
+        })
+    };
+    let channel: StreamChannel = connect(&Endpoint::Tcp(target), config()).unwrap();
+    let cfg = SourceConfig::default()
+        .with_mode(Mode::Postcopy)
+        .with_verify(true)
+        .with_ready_timeout(Duration::from_secs(30))
+        .with_done_timeout(Duration::from_secs(30))
+        .with_push_holdoff(HOLDOFF)
+        .with_push_holdoff_until_settled(true);
+    let source = Source::new(&channel, &src, tracker, NullProgram::default())
+        .with_config(cfg)
+        .run();
+    lmig_core::Channel::shutdown(&channel);
+    let (dest, wrong) = match dest.join().unwrap() {
+        Ok(d) => d,
+        Err(e) => {
+            if lmig_core::testing::privileged(what, &e.to_string()) {
+                panic!("{what}: destination failed: {e}");
+            }
+            return None;
+        }
+    };
+    let source = source.unwrap_or_else(|e| panic!("{what}: source failed: {e}"));
+    let set = dst.regions().unwrap();
+    for p in 0..PAGES {
+        let mut v = vec![0u8; PS];
+        set.get(R)
+            .unwrap()
+            .read_at(p as usize * PS, &mut v)
+            .unwrap();
+        assert_eq!(v, pattern(p), "{what}: page {p}");
+    }
+    let also_woke = dst.postcopy_stats().also_woke;
+    Some(Outcome {
+        source,
+        dest,
+        also_woke,
+        wrong,
+    })
+}
+
+/// The destination's program: reads [`TOUCHED`] pages spread over the
+/// region (each a fault: nothing is pushed before it says it settled),
+/// then says it settled. Returns how many it read wrong.
+fn program(dst: &DestinationRegions, residency: &dyn PageResidency) -> u64 {
+    let set = dst.regions().expect("the regions are mapped");
+    let mut wrong = 0;
+    let mut v = vec![0u8; PS];
+    for i in 0..TOUCHED {
+        let p = (i * 997) % PAGES;
+        set.get(R)
+            .unwrap()
+            .read_at(p as usize * PS, &mut v)
+            .unwrap();
+        if v != pattern(p) {
+            wrong += 1;
+        }
+    }
+    residency.settled();
+    wrong
+}
+
+/// [`program`], released after [`WATCHDOG`] if it is still blocked: every
+/// page gets a poison pattern (never zeros), which it counts as wrong.
+fn watched(dst: &DestinationRegions, residency: &dyn PageResidency) -> u64 {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let program = s.spawn(|| {
+            let wrong = program(dst, residency);
+            done.store(true, Ordering::Release);
+            wrong
+        });
+        let deadline = Instant::now() + WATCHDOG;
+        while !done.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !done.load(Ordering::Acquire) {
+            let set = dst.regions().expect("the regions are mapped");
+            let poison = vec![0xEEu8; PS];
+            for p in 0..PAGES {
+                // A page placed meanwhile refuses the poison: fine.
+                let _ = set.write_run(&PageRun::new(R, p, 1), &poison);
+            }
+        }
+        program.join().expect("the program panicked")
+    })
+}
+
+fn check(what: &str, o: &Outcome) {
+    assert_eq!(o.wrong, 0, "{what}: the program read wrong content");
+    assert!(
+        o.source.holdoff_settled,
+        "{what}: every touched page came as a reply, and the word after them"
+    );
+    assert!(
+        o.dest.network_faults >= TOUCHED,
+        "{what}: each touch a request ({})",
+        o.dest.network_faults
+    );
+    assert_eq!(o.dest.verification, Verification::Verified, "{what}");
+    assert_eq!(o.source.verification, Verification::Verified, "{what}");
+    assert_eq!(
+        o.dest.postcopy_pages, PAGES,
+        "{what}: every page placed once"
+    );
+    assert_eq!(o.dest.duplicate_pages, 0, "{what}: nothing placed twice");
+}
+
+/// One thread forwards the faults and places the replies: each touched
+/// page arrives as its reply, and the thread waited for them on the
+/// urgent lane's descriptor with the userfaultfd (a wait a reply ended).
+#[test]
+fn one_thread_answers_every_fault() {
+    let what = "post-copy, one fault-path thread";
+    let Some(o) = migrate(what, true) else {
+        return;
+    };
+    check(what, &o);
+    assert!(o.also_woke >= 1, "{what}: a reply ended a fault wait");
+}
+
+/// Two threads (the fault thread, the reply thread): the same, and the
+/// fault thread never waits on the urgent lane.
+#[test]
+fn two_threads_answer_every_fault() {
+    let what = "post-copy, a fault thread and a reply thread";
+    let Some(o) = migrate(what, false) else {
+        return;
+    };
+    check(what, &o);
+    assert_eq!(o.also_woke, 0, "{what}: no wait on the urgent lane");
+}
