@@ -15,6 +15,7 @@
 //! the loop then blocks for that page's round trip, as before, never
 //! wrong.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
@@ -129,6 +130,38 @@ pub fn apply_fault_path() {
     }
 }
 
+/// Environment variable: how many page requests kvd queues before it wakes
+/// the destination's fault thread ([`request_batch`]); `0` wakes it for
+/// each request, as before.
+pub const REQUEST_BATCH_ENV: &str = "LMIG_KVD_REQUEST_BATCH";
+
+/// kvd's [`request_batch`] when [`REQUEST_BATCH_ENV`] does not say: the
+/// requests of one turn of the loop are queued
+/// ([`PageResidency::request_deferred`]) and the fault thread is woken
+/// once at the end of the turn, or after this many: the first ones leave
+/// while the loop still parks the rest, and the fault thread does not
+/// take the CPU from the loop once per request.
+pub const REQUEST_BATCH: usize = 64;
+
+/// Requests queued per wake-up of the fault thread: [`REQUEST_BATCH_ENV`]
+/// (capped at 4096), else [`REQUEST_BATCH`]. `0`: each request wakes it
+/// ([`PageResidency::request`]).
+pub fn request_batch() -> usize {
+    std::env::var(REQUEST_BATCH_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(REQUEST_BATCH, |n| n.min(4096))
+}
+
+/// How long kvd's loop polls at most while its word that the resume's
+/// parked work ran is unsaid: a poll that returns nothing after it, with
+/// nothing parked, says it ([`Parking::quiet`]) — a destination with no
+/// client work right after the resume does not hold the push until its
+/// bound. Longer than the release of the packets held in the freeze
+/// (those requests arrive within ~10 ms of the resume, docs/benchmarks.md,
+/// s13-pc), so that their wave is not passed over.
+pub const SETTLE_QUIET: Duration = Duration::from_millis(20);
+
 /// Most requests one connection may have parked: a client pipelining
 /// behind a missing key cannot make kvd hold more.
 pub const MAX_PARKED_PER_CONN: usize = 1024;
@@ -156,6 +189,10 @@ pub struct Parking {
     parked: u64,
     /// The first wave: what piled up in the freeze (see [`FirstWave`]).
     wave: FirstWave,
+    /// Requests queued per wake-up of the fault thread (0: each wakes it).
+    batch: usize,
+    /// Requests queued since the last [`Parking::flush`].
+    unflushed: Cell<usize>,
 }
 
 /// The connections that parked before any parked request could run (the
@@ -184,6 +221,42 @@ impl Parking {
             queues: HashMap::new(),
             parked: 0,
             wave: FirstWave::default(),
+            batch: 0,
+            unflushed: Cell::new(0),
+        }
+    }
+
+    /// Queue up to `batch` page requests before the fault thread is woken
+    /// (also at each [`Self::flush`]); `0` (a new `Parking`'s) wakes it for
+    /// each request. kvd's server takes [`request_batch`].
+    #[must_use]
+    pub fn requesting_in_batches(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self
+    }
+
+    /// Wake the fault thread for the requests queued since the last flush
+    /// (kvd's loop calls it before each poll).
+    pub fn flush(&self) {
+        if self.unflushed.replace(0) > 0 {
+            self.residency.flush_requests();
+        }
+    }
+
+    /// Whether the loop should poll at most [`SETTLE_QUIET`]: the word that
+    /// the resume's parked work ran is to be said and not said yet.
+    pub fn awaiting_settle(&self) -> bool {
+        self.wave.enabled && !self.wave.settled
+    }
+
+    /// The loop's poll returned nothing: with nothing parked, the work
+    /// that piled up in the freeze ran (or there was none): say it, once.
+    /// Not at the end of a pass that parked nothing: the requests held in
+    /// the freeze may arrive after the first pass.
+    pub fn quiet(&mut self) {
+        if self.awaiting_settle() && self.queues.is_empty() {
+            self.wave.settled = true;
+            self.residency.settled();
         }
     }
 
@@ -266,9 +339,21 @@ impl Parking {
     fn missing(&self, id: u64, store: &Store<'_>, args: &[Vec<u8>]) -> bool {
         let mut missing = false;
         for run in self.pages(store, args) {
-            match self.residency.request(&run, id) {
+            let asked = if self.batch == 0 {
+                self.residency.request(&run, id)
+            } else {
+                self.residency.request_deferred(&run, id)
+            };
+            match asked {
                 Ok(true) | Err(_) => {}
                 Ok(false) => missing = true,
+            }
+        }
+        if missing && self.batch > 0 {
+            let queued = self.unflushed.get() + 1;
+            self.unflushed.set(queued);
+            if queued >= self.batch {
+                self.flush();
             }
         }
         missing
@@ -354,6 +439,10 @@ mod tests {
         ready: Mutex<Vec<u64>>,
         /// `settled` calls.
         settled: Mutex<u32>,
+        /// Runs asked for with `request_deferred` and not flushed yet.
+        deferred: Mutex<Vec<(PageRun, u64)>>,
+        /// Sizes of the flushes (`flush_requests` calls).
+        flushes: Mutex<Vec<usize>>,
         fd: OwnedFd,
     }
 
@@ -364,6 +453,8 @@ mod tests {
                 asked: Mutex::new(Vec::new()),
                 ready: Mutex::new(Vec::new()),
                 settled: Mutex::new(0),
+                deferred: Mutex::new(Vec::new()),
+                flushes: Mutex::new(Vec::new()),
                 fd: std::fs::File::open("/dev/null").unwrap().into(),
             })
         }
@@ -389,6 +480,18 @@ mod tests {
         }
         fn settled(&self) {
             *self.settled.lock().unwrap() += 1;
+        }
+        fn request_deferred(&self, run: &PageRun, token: u64) -> lmig_core::Result<bool> {
+            if self.is_resident(run)? {
+                return Ok(true);
+            }
+            self.deferred.lock().unwrap().push((*run, token));
+            Ok(false)
+        }
+        fn flush_requests(&self) {
+            let mut d = self.deferred.lock().unwrap();
+            self.flushes.lock().unwrap().push(d.len());
+            self.asked.lock().unwrap().append(&mut d);
         }
     }
 
@@ -525,5 +628,75 @@ mod tests {
         quiet.take_ready();
         quiet.forget(1);
         assert_eq!(*res.settled.lock().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_turns_requests_are_asked_for_in_batches_and_flushed_once() {
+        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+        let store = Store::format(&region);
+        let res = Pages::new(region.len() / PAGE as usize);
+        let mut parking = Parking::new(res.clone(), RegionId(1)).requesting_in_batches(3);
+        let keys = keys_apart(&store, 7);
+        for (_, p) in &keys {
+            res.here.lock().unwrap()[*p as usize] = false;
+        }
+        // Seven parked requests in one turn: a flush after each three.
+        for (i, (k, _)) in keys.iter().enumerate() {
+            assert_eq!(parking.admit(i as u64, &store, args(&["GET", k])), None);
+        }
+        assert_eq!(*res.flushes.lock().unwrap(), vec![3, 3]);
+        assert_eq!(res.deferred.lock().unwrap().len(), 1, "the seventh waits");
+        // The end of the turn (before the loop polls) sends it.
+        parking.flush();
+        parking.flush();
+        assert_eq!(
+            *res.flushes.lock().unwrap(),
+            vec![3, 3, 1],
+            "once, and not again with nothing queued"
+        );
+        let asked = res.asked.lock().unwrap();
+        assert_eq!(asked.len(), 7, "every request asked for once");
+        for (i, (_, p)) in keys.iter().enumerate() {
+            assert!(asked.contains(&(PageRun::new(RegionId(1), *p, 2), i as u64)));
+        }
+        drop(asked);
+        // Without batches (0): each request is asked for at once.
+        let mut each = Parking::new(res.clone(), RegionId(1));
+        assert_eq!(each.admit(99, &store, args(&["GET", &keys[0].0])), None);
+        assert_eq!(res.asked.lock().unwrap().len(), 8);
+        each.flush();
+        assert_eq!(res.flushes.lock().unwrap().len(), 3, "nothing to flush");
+    }
+
+    #[test]
+    fn a_quiet_poll_with_nothing_parked_says_settled_once() {
+        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+        let store = Store::format(&region);
+        let res = Pages::new(region.len() / PAGE as usize);
+        let keys = keys_apart(&store, 1);
+        res.here.lock().unwrap()[keys[0].1 as usize] = false;
+        // An idle destination: the first quiet poll says it.
+        let mut idle = Parking::new(res.clone(), RegionId(1)).saying_settled(true);
+        assert!(idle.awaiting_settle());
+        idle.quiet();
+        assert_eq!(*res.settled.lock().unwrap(), 1);
+        assert!(idle.settled() && !idle.awaiting_settle());
+        idle.quiet();
+        assert_eq!(*res.settled.lock().unwrap(), 1, "once");
+        // Something parked: a quiet poll does not say it (its pages are
+        // on their way); once it ran, the wave's own rule or a quiet poll does.
+        let mut busy = Parking::new(res.clone(), RegionId(1)).saying_settled(true);
+        assert_eq!(busy.admit(1, &store, args(&["GET", &keys[0].0])), None);
+        busy.quiet();
+        assert_eq!(*res.settled.lock().unwrap(), 1, "parked: not said");
+        res.here.lock().unwrap()[keys[0].1 as usize] = true;
+        assert!(busy.next(1, &store).is_some());
+        busy.quiet();
+        assert_eq!(*res.settled.lock().unwrap(), 2, "ran, then quiet: said");
+        // Not saying it (the default): a quiet poll says nothing.
+        let mut quiet = Parking::new(res.clone(), RegionId(1));
+        assert!(!quiet.awaiting_settle());
+        quiet.quiet();
+        assert_eq!(*res.settled.lock().unwrap(), 2);
     }
 }

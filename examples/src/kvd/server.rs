@@ -272,8 +272,9 @@ impl Server {
         residency: Arc<dyn lmig_core::PageResidency>,
         region: lmig_core::model::RegionId,
     ) -> std::io::Result<()> {
-        let parking =
-            Parking::new(residency, region).saying_settled(super::park::holdoff_until_settled());
+        let parking = Parking::new(residency, region)
+            .saying_settled(super::park::holdoff_until_settled())
+            .requesting_in_batches(super::park::request_batch());
         let fd = std::os::fd::AsRawFd::as_raw_fd(&parking.fd());
         self.poll
             .registry()
@@ -432,15 +433,16 @@ impl Server {
                 }
             }
             let polling = stalls.as_mut().map(|s| s.before_poll());
-            let wait = if self.again.is_empty() {
-                Duration::from_millis(100)
-            } else {
-                Duration::ZERO
-            };
+            let wait = self.next_wait();
             match self.poll.poll(&mut events, Some(wait)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
+            }
+            if events.is_empty() && !wait.is_zero() {
+                if let Some(p) = self.parking.as_mut() {
+                    p.quiet();
+                }
             }
             if let (Some(s), Some(at)) = (stalls.as_mut(), polling) {
                 let served = self.control.counters.requests.load(Ordering::Relaxed);
@@ -482,6 +484,24 @@ impl Server {
                     at.elapsed()
                 );
             }
+        }
+    }
+
+    /// Before the loop polls: the page requests of the turn go out (one
+    /// wake-up of the fault thread), and how long the poll may wait — not
+    /// at all when connections are to be served again, at most
+    /// [`SETTLE_QUIET`](super::park::SETTLE_QUIET) while post-copy's word
+    /// is unsaid (a quiet poll says it), else 100 ms.
+    fn next_wait(&self) -> Duration {
+        if let Some(p) = self.parking.as_ref() {
+            p.flush();
+        }
+        if !self.again.is_empty() {
+            Duration::ZERO
+        } else if self.parking.as_ref().is_some_and(Parking::awaiting_settle) {
+            super::park::SETTLE_QUIET
+        } else {
+            Duration::from_millis(100)
         }
     }
 
