@@ -131,26 +131,22 @@ pub fn apply_fault_path() {
 }
 
 /// Environment variable: how many page requests kvd queues before it wakes
-/// the destination's fault thread ([`request_batch`]); `0` wakes it for
-/// each request, as before.
+/// the destination's fault thread ([`request_batch`]); unset or `0`: each
+/// request wakes it.
 pub const REQUEST_BATCH_ENV: &str = "LMIG_KVD_REQUEST_BATCH";
 
-/// kvd's [`request_batch`] when [`REQUEST_BATCH_ENV`] does not say: the
-/// requests of one turn of the loop are queued
-/// ([`PageResidency::request_deferred`]) and the fault thread is woken
-/// once at the end of the turn, or after this many: the first ones leave
-/// while the loop still parks the rest, and the fault thread does not
-/// take the CPU from the loop once per request.
-pub const REQUEST_BATCH: usize = 64;
-
 /// Requests queued per wake-up of the fault thread: [`REQUEST_BATCH_ENV`]
-/// (capped at 4096), else [`REQUEST_BATCH`]. `0`: each request wakes it
-/// ([`PageResidency::request`]).
+/// (capped at 4096). With N > 0 the requests of one turn of the loop are
+/// queued ([`PageResidency::request_deferred`]) and the fault thread is
+/// woken once before the loop polls again, or after N: it sends them in
+/// fewer, larger writes instead of taking the CPU from the loop once per
+/// request. Off (0) by default: with N = 64 no gain in the clients'
+/// figures beyond the spread showed (docs/benchmarks.md, s14-pc).
 pub fn request_batch() -> usize {
     std::env::var(REQUEST_BATCH_ENV)
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .map_or(REQUEST_BATCH, |n| n.min(4096))
+        .map_or(0, |n| n.min(4096))
 }
 
 /// How long kvd's loop polls at most while its word that the resume's
