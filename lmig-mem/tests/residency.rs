@@ -305,6 +305,165 @@ fn the_same_run_asked_by_many_is_queued_once_and_all_are_told() {
     assert_eq!(dst.postcopy_stats().placed, PAGES);
 }
 
+/// What the session's fault thread does, for the tests below: wait for a
+/// run (up to `wait` each time), take every run queued with it (one batch,
+/// one write in a session), place them; until `want` runs came (bounded
+/// by `looks`). Returns the batches.
+fn serve_batches(
+    dst: &DestinationRegions,
+    want: usize,
+    wait: Duration,
+    looks: usize,
+) -> Vec<Vec<PageRun>> {
+    let mut batches = Vec::new();
+    let mut got = 0;
+    for _ in 0..looks {
+        let Some(first) = dst.wait_fault(wait).unwrap() else {
+            continue;
+        };
+        let mut batch = vec![first];
+        while let Some(r) = dst.wait_fault(Duration::ZERO).unwrap() {
+            batch.push(r);
+        }
+        for r in &batch {
+            place(dst, r.first, u64::from(r.count));
+        }
+        got += batch.len();
+        batches.push(batch);
+        if got >= want {
+            break;
+        }
+    }
+    batches
+}
+
+/// Take ready tokens until `n` came (bounded), sorted.
+fn ready_tokens(res: &Residency, n: usize) -> Vec<u64> {
+    let mut ready = Vec::new();
+    for _ in 0..100 {
+        if ready.len() >= n {
+            break;
+        }
+        if readable(res.ready_fd(), 100) {
+            ready.extend(res.take_ready());
+        }
+    }
+    ready.sort_unstable();
+    ready
+}
+
+/// The state letter of thread `tid` of this process (`S`: asleep).
+fn thread_state(tid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    stat[stat.rfind(')').unwrap() + 2..].chars().next().unwrap()
+}
+
+/// Wait (bounded) until `done`.
+fn wait_until(done: impl Fn() -> bool) -> bool {
+    for _ in 0..2000 {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    done()
+}
+
+/// A loop's turn of deferred requests: none wakes the fault thread (asleep
+/// in `wait_fault`, whose timeout is far away), the flush does, and it
+/// takes them all in one batch; every run is placed once and every waiter
+/// told once.
+#[test]
+fn deferred_requests_leave_together_at_the_flush_and_every_waiter_is_told() {
+    let Some(dst) = destination("deferred_requests_leave_together") else {
+        return;
+    };
+    let res: Residency = dst.regions().unwrap().residency().expect("in post-copy");
+    let tid = std::sync::atomic::AtomicI32::new(0);
+    let served = AtomicBool::new(false);
+    let batches = std::thread::scope(|s| {
+        let fault_thread = s.spawn(|| {
+            tid.store(nix::unistd::gettid().as_raw(), Ordering::Release);
+            let b = serve_batches(&dst, 21, Duration::from_secs(60), 2);
+            served.store(true, Ordering::Release);
+            b
+        });
+        // In `wait_fault`'s poll: its only sleep.
+        let asleep = || {
+            let t = tid.load(Ordering::Acquire);
+            t != 0 && thread_state(t) == 'S'
+        };
+        assert!(wait_until(asleep), "the fault thread never slept");
+        for i in 0..20u64 {
+            assert!(!res.request_deferred(&run(2 * i, 1), i).unwrap());
+        }
+        // Parked twice on one page: queued once, both told.
+        assert!(!res.request_deferred(&run(0, 1), 100).unwrap());
+        assert!(!res.request_deferred(&run(41, 1), 101).unwrap());
+        assert!(asleep(), "deferred requests woke the fault thread");
+        res.flush_requests();
+        // Long before its own timeout (60 s).
+        assert!(
+            wait_until(|| served.load(Ordering::Acquire)),
+            "the flush did not wake the fault thread"
+        );
+        fault_thread.join().unwrap()
+    });
+    let mut want: Vec<PageRun> = (0..20).map(|i| run(2 * i, 1)).collect();
+    want.push(run(41, 1));
+    assert_eq!(batches, vec![want], "one batch at the flush, each run once");
+    let mut tokens: Vec<u64> = (0..20).collect();
+    tokens.extend([100, 101]);
+    assert_eq!(ready_tokens(&res, 22), tokens, "every waiter told once");
+    assert!(res.take_ready().is_empty());
+    let stats = dst.postcopy_stats();
+    assert_eq!((stats.faults, stats.placed), (0, 21), "{stats:?}");
+    place(&dst, 0, PAGES);
+    dst.end_postcopy().unwrap();
+}
+
+/// Deferral is bounded: a deferred request no flush follows is still handed
+/// out when the fault thread next looks, and a plain request after a
+/// deferred one takes it along.
+#[test]
+fn a_deferred_request_never_flushed_is_still_served() {
+    let Some(dst) = destination("a_deferred_request_never_flushed") else {
+        return;
+    };
+    let res: Residency = dst.regions().unwrap().residency().expect("in post-copy");
+    let tid = std::sync::atomic::AtomicI32::new(0);
+    let batches = std::thread::scope(|s| {
+        // Looks every 50 ms (a session's `fault_poll`), at most 400 times.
+        let fault_thread = s.spawn(|| {
+            tid.store(nix::unistd::gettid().as_raw(), Ordering::Release);
+            serve_batches(&dst, 1, Duration::from_millis(50), 400)
+        });
+        // Asked for while it sleeps: found at its next look.
+        assert!(wait_until(|| {
+            let t = tid.load(Ordering::Acquire);
+            t != 0 && thread_state(t) == 'S'
+        }));
+        assert!(!res.request_deferred(&run(40, 1), 1).unwrap());
+        fault_thread.join().unwrap()
+    });
+    assert_eq!(batches.concat(), vec![run(40, 1)], "served without a flush");
+    assert_eq!(ready_tokens(&res, 1), vec![1]);
+
+    let batches = std::thread::scope(|s| {
+        let fault_thread = s.spawn(|| serve_batches(&dst, 2, Duration::from_secs(30), 4));
+        assert!(!res.request_deferred(&run(44, 1), 2).unwrap());
+        assert!(!res.request(&run(46, 1), 3).unwrap());
+        fault_thread.join().unwrap()
+    });
+    let mut got = batches.concat();
+    got.sort_by_key(|r| r.first);
+    assert_eq!(got, vec![run(44, 1), run(46, 1)], "taken along");
+    assert_eq!(ready_tokens(&res, 2), vec![2, 3]);
+    place(&dst, 0, PAGES);
+    dst.end_postcopy().unwrap();
+    assert_eq!(dst.postcopy_stats().faults, 0);
+}
+
 /// This thread's nice value, from `/proc/thread-self/stat` (field 19).
 /// The calling thread's EEVDF slice (`se.slice` of its `sched` file), if
 /// the kernel reports one.

@@ -15,6 +15,7 @@
 //! the loop then blocks for that page's round trip, as before, never
 //! wrong.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
@@ -129,6 +130,34 @@ pub fn apply_fault_path() {
     }
 }
 
+/// Environment variable: how many page requests kvd queues before it wakes
+/// the destination's fault thread ([`request_batch`]); unset or `0`: each
+/// request wakes it.
+pub const REQUEST_BATCH_ENV: &str = "LMIG_KVD_REQUEST_BATCH";
+
+/// Requests queued per wake-up of the fault thread: [`REQUEST_BATCH_ENV`]
+/// (capped at 4096). With N > 0 the requests of one turn of the loop are
+/// queued ([`PageResidency::request_deferred`]) and the fault thread is
+/// woken once before the loop polls again, or after N: it sends them in
+/// fewer, larger writes instead of taking the CPU from the loop once per
+/// request. Off (0) by default: with N = 64 no gain in the clients'
+/// figures beyond the spread showed (docs/benchmarks.md, s14-pc).
+pub fn request_batch() -> usize {
+    std::env::var(REQUEST_BATCH_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(0, |n| n.min(4096))
+}
+
+/// How long kvd's loop polls at most while its word that the resume's
+/// parked work ran is unsaid: a poll that returns nothing after it, with
+/// nothing parked, says it ([`Parking::quiet`]) — a destination with no
+/// client work right after the resume does not hold the push until its
+/// bound. Longer than the release of the packets held in the freeze
+/// (those requests arrive within ~10 ms of the resume, docs/benchmarks.md,
+/// s13-pc), so that their wave is not passed over.
+pub const SETTLE_QUIET: Duration = Duration::from_millis(20);
+
 /// Most requests one connection may have parked: a client pipelining
 /// behind a missing key cannot make kvd hold more.
 pub const MAX_PARKED_PER_CONN: usize = 1024;
@@ -156,6 +185,10 @@ pub struct Parking {
     parked: u64,
     /// The first wave: what piled up in the freeze (see [`FirstWave`]).
     wave: FirstWave,
+    /// Requests queued per wake-up of the fault thread (0: each wakes it).
+    batch: usize,
+    /// Requests queued since the last [`Parking::flush`].
+    unflushed: Cell<usize>,
 }
 
 /// The connections that parked before any parked request could run (the
@@ -184,6 +217,42 @@ impl Parking {
             queues: HashMap::new(),
             parked: 0,
             wave: FirstWave::default(),
+            batch: 0,
+            unflushed: Cell::new(0),
+        }
+    }
+
+    /// Queue up to `batch` page requests before the fault thread is woken
+    /// (also at each [`Self::flush`]); `0` (a new `Parking`'s) wakes it for
+    /// each request. kvd's server takes [`request_batch`].
+    #[must_use]
+    pub fn requesting_in_batches(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self
+    }
+
+    /// Wake the fault thread for the requests queued since the last flush
+    /// (kvd's loop calls it before each poll).
+    pub fn flush(&self) {
+        if self.unflushed.replace(0) > 0 {
+            self.residency.flush_requests();
+        }
+    }
+
+    /// Whether the loop should poll at most [`SETTLE_QUIET`]: the word that
+    /// the resume's parked work ran is to be said and not said yet.
+    pub fn awaiting_settle(&self) -> bool {
+        self.wave.enabled && !self.wave.settled
+    }
+
+    /// The loop's poll returned nothing: with nothing parked, the work
+    /// that piled up in the freeze ran (or there was none): say it, once.
+    /// Not at the end of a pass that parked nothing: the requests held in
+    /// the freeze may arrive after the first pass.
+    pub fn quiet(&mut self) {
+        if self.awaiting_settle() && self.queues.is_empty() {
+            self.wave.settled = true;
+            self.residency.settled();
         }
     }
 
@@ -266,9 +335,21 @@ impl Parking {
     fn missing(&self, id: u64, store: &Store<'_>, args: &[Vec<u8>]) -> bool {
         let mut missing = false;
         for run in self.pages(store, args) {
-            match self.residency.request(&run, id) {
+            let asked = if self.batch == 0 {
+                self.residency.request(&run, id)
+            } else {
+                self.residency.request_deferred(&run, id)
+            };
+            match asked {
                 Ok(true) | Err(_) => {}
                 Ok(false) => missing = true,
+            }
+        }
+        if missing && self.batch > 0 {
+            let queued = self.unflushed.get() + 1;
+            self.unflushed.set(queued);
+            if queued >= self.batch {
+                self.flush();
             }
         }
         missing
@@ -337,193 +418,4 @@ impl Parking {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::os::fd::{AsFd, OwnedFd};
-    use std::sync::Mutex;
-
-    use lmig_mem::RegionOptions;
-
-    use super::*;
-
-    /// Residency over a page set the test changes: a test double of the
-    /// lmig-mem handle (whose kernel side lmig-mem's tests exercise).
-    struct Pages {
-        here: Mutex<Vec<bool>>,
-        asked: Mutex<Vec<(PageRun, u64)>>,
-        /// Tokens the next `take_ready` returns.
-        ready: Mutex<Vec<u64>>,
-        /// `settled` calls.
-        settled: Mutex<u32>,
-        fd: OwnedFd,
-    }
-
-    impl Pages {
-        fn new(pages: usize) -> Arc<Self> {
-            Arc::new(Self {
-                here: Mutex::new(vec![true; pages]),
-                asked: Mutex::new(Vec::new()),
-                ready: Mutex::new(Vec::new()),
-                settled: Mutex::new(0),
-                fd: std::fs::File::open("/dev/null").unwrap().into(),
-            })
-        }
-    }
-
-    impl PageResidency for Pages {
-        fn is_resident(&self, run: &PageRun) -> lmig_core::Result<bool> {
-            let here = self.here.lock().unwrap();
-            Ok((run.first..run.end()).all(|p| here[p as usize]))
-        }
-        fn request(&self, run: &PageRun, token: u64) -> lmig_core::Result<bool> {
-            if self.is_resident(run)? {
-                return Ok(true);
-            }
-            self.asked.lock().unwrap().push((*run, token));
-            Ok(false)
-        }
-        fn take_ready(&self) -> Vec<u64> {
-            std::mem::take(&mut *self.ready.lock().unwrap())
-        }
-        fn ready_fd(&self) -> BorrowedFd<'_> {
-            self.fd.as_fd()
-        }
-        fn settled(&self) {
-            *self.settled.lock().unwrap() += 1;
-        }
-    }
-
-    fn args(words: &[&str]) -> Args {
-        words.iter().map(|w| w.as_bytes().to_vec()).collect()
-    }
-
-    #[test]
-    fn a_missing_key_parks_its_connection_in_order_and_others_run() {
-        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
-        let store = Store::format(&region);
-        let res = Pages::new(region.len() / PAGE as usize);
-        let mut parking = Parking::new(res.clone(), RegionId(1));
-        // Make the home pages of "cold" missing.
-        let cold = store.home_offset(b"cold") as u64 / PAGE;
-        let warm = (0..1000)
-            .map(|i| format!("warm{i}"))
-            .find(|k| (store.home_offset(k.as_bytes()) as u64 / PAGE).abs_diff(cold) > 1)
-            .expect("a key on another page");
-        res.here.lock().unwrap()[cold as usize] = false;
-
-        let get_cold = args(&["GET", "cold"]);
-        let get_warm = args(&["GET", &warm]);
-        assert_eq!(parking.admit(7, &store, get_cold.clone()), None, "parked");
-        assert_eq!(
-            res.asked.lock().unwrap().as_slice(),
-            &[(PageRun::new(RegionId(1), cold, 2), 7)],
-            "its pages asked for, token = connection"
-        );
-        // The same connection's next request waits behind, though warm.
-        assert_eq!(parking.admit(7, &store, get_warm.clone()), None);
-        // Another connection is served at once.
-        assert_eq!(
-            parking.admit(8, &store, get_warm.clone()),
-            Some(get_warm.clone())
-        );
-        assert_eq!(parking.next(7, &store), None, "still missing");
-        assert_eq!(
-            res.asked.lock().unwrap().len(),
-            1,
-            "looked at again, not asked for again: its waiter stays"
-        );
-        res.here.lock().unwrap()[cold as usize] = true;
-        assert_eq!(parking.next(7, &store), Some(get_cold), "in order");
-        assert_eq!(parking.next(7, &store), Some(get_warm.clone()));
-        assert_eq!(parking.next(7, &store), None);
-        assert_eq!(parking.parked(), 2);
-        // Drained: connection 7 runs directly again.
-        assert_eq!(parking.admit(7, &store, get_warm.clone()), Some(get_warm));
-    }
-
-    /// Keys on distinct pages, none of them next to another.
-    fn keys_apart(store: &Store<'_>, n: usize) -> Vec<(String, u64)> {
-        let mut out: Vec<(String, u64)> = Vec::new();
-        for i in 0..10_000 {
-            let k = format!("key{i}");
-            let page = store.home_offset(k.as_bytes()) as u64 / PAGE;
-            if out.iter().all(|(_, p)| p.abs_diff(page) > 2) {
-                out.push((k, page));
-            }
-            if out.len() == n {
-                break;
-            }
-        }
-        assert_eq!(out.len(), n);
-        out
-    }
-
-    #[test]
-    fn the_first_wave_is_said_settled_once_it_ran_and_not_before() {
-        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
-        let store = Store::format(&region);
-        let res = Pages::new(region.len() / PAGE as usize);
-        let mut parking = Parking::new(res.clone(), RegionId(1)).saying_settled(true);
-        let keys = keys_apart(&store, 3);
-        let get = |i: usize| args(&["GET", &keys[i].0]);
-        let set_here = |i: usize, here: bool| {
-            let p = keys[i].1 as usize;
-            let mut h = res.here.lock().unwrap();
-            h[p] = here;
-            h[p + 1] = here;
-        };
-        for i in 0..3 {
-            set_here(i, false);
-        }
-        // The freeze's backlog: connections 1 and 2 park (the first wave).
-        assert_eq!(parking.admit(1, &store, get(0)), None);
-        assert_eq!(parking.admit(2, &store, get(1)), None);
-        // Connection 1's pages come: the wave closes; 1 runs.
-        set_here(0, true);
-        res.ready.lock().unwrap().push(1);
-        assert_eq!(parking.take_ready(), vec![1]);
-        assert_eq!(parking.next(1, &store), Some(get(0)));
-        assert_eq!(*res.settled.lock().unwrap(), 0, "connection 2 still waits");
-        // A later park (connection 3) is not in the wave: it does not
-        // hold the word back.
-        assert_eq!(parking.admit(3, &store, get(2)), None);
-        set_here(1, true);
-        res.ready.lock().unwrap().push(2);
-        assert_eq!(parking.take_ready(), vec![2]);
-        assert_eq!(parking.next(2, &store), Some(get(1)));
-        assert_eq!(*res.settled.lock().unwrap(), 1, "the wave ran: said");
-        assert!(parking.settled());
-        // Once only, whatever parks and runs later.
-        set_here(2, true);
-        assert_eq!(parking.next(3, &store), Some(get(2)));
-        parking.forget(3);
-        assert_eq!(*res.settled.lock().unwrap(), 1);
-    }
-
-    #[test]
-    fn a_wave_whose_connections_closed_is_settled_too() {
-        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
-        let store = Store::format(&region);
-        let res = Pages::new(region.len() / PAGE as usize);
-        let mut parking = Parking::new(res.clone(), RegionId(1)).saying_settled(true);
-        let keys = keys_apart(&store, 2);
-        for (_, p) in &keys {
-            res.here.lock().unwrap()[*p as usize] = false;
-        }
-        assert_eq!(parking.admit(1, &store, args(&["GET", &keys[0].0])), None);
-        assert_eq!(parking.admit(2, &store, args(&["GET", &keys[1].0])), None);
-        // Nothing said while no parked request could run yet.
-        parking.forget(2);
-        assert_eq!(*res.settled.lock().unwrap(), 0, "the wave is still open");
-        res.ready.lock().unwrap().push(1);
-        parking.take_ready();
-        parking.forget(1);
-        assert_eq!(*res.settled.lock().unwrap(), 1);
-        // Not saying it (the default): never said.
-        let mut quiet = Parking::new(res.clone(), RegionId(1));
-        assert_eq!(quiet.admit(1, &store, args(&["GET", &keys[0].0])), None);
-        res.ready.lock().unwrap().push(1);
-        quiet.take_ready();
-        quiet.forget(1);
-        assert_eq!(*res.settled.lock().unwrap(), 1);
-    }
-}
+mod tests;

@@ -6,14 +6,19 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+
+mod control;
+mod postcopy;
+
+pub use control::{Control, Counters, POSTCOPY_PAUSED, Parked, Wake};
 
 use super::commands::execute;
 use super::park::Parking;
@@ -76,78 +81,6 @@ impl Preregistered {
                 self.ids.insert(id);
             }
         }
-    }
-}
-
-/// What the loop hands over when parked: its sockets themselves (not
-/// duplicates: a server near the open-file limit has no room for a second
-/// fd per connection) and its connections' buffered bytes.
-pub struct Parked {
-    /// The listening socket (id 0).
-    pub listener: OwnedFd,
-    /// Every connection socket, by id.
-    pub conns: Vec<(u64, OwnedFd)>,
-    /// The program state: buffered input and output of every connection.
-    pub state: Vec<u8>,
-}
-
-/// What the parked loop should do next.
-pub enum Wake {
-    /// Serve on with these sockets (the ones it handed over).
-    Resume(Parked),
-    /// The migration committed: stop for good.
-    Exit,
-}
-
-/// Post-copy paused (the source lost after `Commit`): how many pages are
-/// still missing, 0 when not paused. While it is set, requests that read or
-/// write the store are refused with an error (they could block on a missing
-/// page); `PING` and `INFO` still answer and `INFO` reports it. Set by the
-/// destination's session observer (one migration per process).
-pub static POSTCOPY_PAUSED: AtomicU64 = AtomicU64::new(0);
-
-/// Counters the loop keeps (for INFO and reports).
-#[derive(Default)]
-pub struct Counters {
-    /// Requests answered.
-    pub requests: AtomicU64,
-    /// Connections open.
-    pub clients: AtomicU64,
-    /// Requests parked in post-copy until their key's pages came.
-    pub parked: AtomicU64,
-    /// Pass times and the migration's throttle.
-    pub pace: super::pace::LoopPace,
-}
-
-/// Handle to control a running loop from another thread.
-#[derive(Clone)]
-pub struct Control {
-    pause: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-    parked_tx: Arc<Mutex<Option<Sender<Parked>>>>,
-    wake_tx: Sender<Wake>,
-    /// Counters.
-    pub counters: Arc<Counters>,
-}
-
-impl Control {
-    /// Park the loop; returns what it hands over. Bounded wait.
-    pub fn park(&self) -> Result<Parked, String> {
-        let (tx, rx) = channel();
-        *self.parked_tx.lock().expect("poisoned") = Some(tx);
-        self.pause.store(true, Ordering::SeqCst);
-        self.waker
-            .wake()
-            .map_err(|e| format!("waking the loop: {e}"))?;
-        rx.recv_timeout(Duration::from_secs(10))
-            .map_err(|_| "the server loop did not park within 10 s".to_string())
-    }
-
-    /// Resume (after an abort, handing the sockets back) or end (after the
-    /// commit) a parked loop.
-    pub fn wake(&self, what: Wake) {
-        self.pause.store(false, Ordering::SeqCst);
-        let _ = self.wake_tx.send(what);
     }
 }
 
@@ -265,23 +198,6 @@ impl Server {
         Ok(server)
     }
 
-    /// In post-copy: park a request whose key's pages are not here yet
-    /// instead of blocking the loop on them (see [`super::park`]).
-    pub fn set_residency(
-        &mut self,
-        residency: Arc<dyn lmig_core::PageResidency>,
-        region: lmig_core::model::RegionId,
-    ) -> std::io::Result<()> {
-        let parking =
-            Parking::new(residency, region).saying_settled(super::park::holdoff_until_settled());
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&parking.fd());
-        self.poll
-            .registry()
-            .register(&mut SourceFd(&fd), PARKED, Interest::READABLE)?;
-        self.parking = Some(parking);
-        Ok(())
-    }
-
     /// After a migration with `SinkConfig::unsent_in_background`: honour
     /// the gate's contract (no write to a connection whose never-sent bytes
     /// are still being written) and serve each connection again as its
@@ -301,24 +217,6 @@ impl Server {
             return;
         };
         for id in gate.take_written() {
-            self.serve(id, store);
-        }
-    }
-
-    /// Requests parked so far (post-copy).
-    pub fn parked(&self) -> u64 {
-        self.parking.as_ref().map_or(0, Parking::parked)
-    }
-
-    /// Pages came: serve the connections whose parked requests may run.
-    fn unpark(&mut self, store: &Store<'_>) {
-        let Some(parking) = self.parking.as_mut() else {
-            return;
-        };
-        let mut ids = parking.take_ready();
-        ids.sort_unstable();
-        ids.dedup();
-        for id in ids {
             self.serve(id, store);
         }
     }
@@ -432,15 +330,16 @@ impl Server {
                 }
             }
             let polling = stalls.as_mut().map(|s| s.before_poll());
-            let wait = if self.again.is_empty() {
-                Duration::from_millis(100)
-            } else {
-                Duration::ZERO
-            };
+            let wait = self.next_wait();
             match self.poll.poll(&mut events, Some(wait)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
+            }
+            if events.is_empty() && !wait.is_zero() {
+                if let Some(p) = self.parking.as_mut() {
+                    p.quiet();
+                }
             }
             if let (Some(s), Some(at)) = (stalls.as_mut(), polling) {
                 let served = self.control.counters.requests.load(Ordering::Relaxed);

@@ -228,6 +228,23 @@ pub trait PageResidency: Send + Sync {
     /// instead of at its bound. Calling it again, or from a residency
     /// outside a session, does nothing. The default does nothing.
     fn settled(&self) {}
+    /// [`Self::request`] without waking the thread that sends requests to
+    /// the source: the request is queued, and leaves with the next
+    /// [`Self::flush_requests`] or [`Self::request`], together with every
+    /// other request queued meanwhile — one wake-up and one write for all
+    /// the requests of one turn of the program's loop, instead of a
+    /// wake-up per request (each of which takes the CPU from the loop on a
+    /// busy machine). Never held without a bound: a request no flush
+    /// follows leaves when the fault thread next looks (the destination
+    /// session's `fault_poll`, 20 ms by default). The answer is the one
+    /// [`Self::request`] gives. The default calls [`Self::request`].
+    fn request_deferred(&self, run: &PageRun, token: u64) -> Result<bool> {
+        self.request(run, token)
+    }
+    /// Send the requests [`Self::request_deferred`] queued (wake the
+    /// thread that sends them); nothing to do when none is queued. The
+    /// default does nothing.
+    fn flush_requests(&self) {}
 }
 
 /// Finds the pages the program wrote since the last collect.

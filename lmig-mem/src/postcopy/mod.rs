@@ -118,8 +118,8 @@ pub use affinity::{
 #[cfg(feature = "bench-internals")]
 pub use options::FaultTrace;
 pub use options::{PostcopyOptions, PostcopyStats};
+use residency::{Kick, Signal, Waiters};
 pub use residency::{MAX_RESIDENCY_WAITERS, Residency};
-use residency::{Signal, Waiters};
 #[cfg(feature = "bench-internals")]
 pub(crate) use served::note_read;
 #[cfg(feature = "bench-internals")]
@@ -225,7 +225,7 @@ pub(crate) struct Postcopy {
     /// to the source, and is not queued twice. Locked inside `asked`.
     asked_index: Mutex<HashSet<PageRun>>,
     /// Wakes `wait_fault` when a run is asked for.
-    kick: Signal,
+    kick: Kick,
     /// The program said its parked work ran ([`Residency::settled`]):
     /// `wait_fault` returns at once (once), so that the session passes it on.
     settled: std::sync::atomic::AtomicBool,
@@ -309,7 +309,7 @@ impl Postcopy {
             queued: Mutex::new(VecDeque::new()),
             asked: Mutex::new(VecDeque::new()),
             asked_index: Mutex::new(HashSet::new()),
-            kick: Signal::new()?,
+            kick: Kick::new()?,
             settled: std::sync::atomic::AtomicBool::new(false),
             ready: Signal::new()?,
             counters: Counters::default(),

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use lmig_core::model::{PageRun, RegionId};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -140,6 +140,66 @@ impl Signal {
     }
 }
 
+/// What wakes the session's fault thread for the runs the program asked
+/// for: the eventfd, and whether runs were queued without waking it
+/// ([`Residency::request_deferred`]) since it was last woken.
+#[derive(Debug)]
+pub(super) struct Kick {
+    signal: Signal,
+    deferred: AtomicBool,
+}
+
+impl Kick {
+    pub(super) fn new() -> Result<Self> {
+        Ok(Self {
+            signal: Signal::new()?,
+            deferred: AtomicBool::new(false),
+        })
+    }
+
+    /// Wake the fault thread (its `wait_fault` returns, or looks again).
+    pub(super) fn signal(&self) {
+        self.deferred.store(false, Ordering::Release);
+        self.signal.signal();
+    }
+
+    /// A run was queued without a wake-up: the next [`Self::flush`] or
+    /// [`Self::wake_if`] wakes the fault thread.
+    fn defer(&self) {
+        self.deferred.store(true, Ordering::Release);
+    }
+
+    /// Wake the fault thread if `idle` (the queue was empty before this
+    /// request) or if runs queued without a wake-up are waiting.
+    fn wake_if(&self, idle: bool) {
+        if self.deferred.swap(false, Ordering::AcqRel) || idle {
+            self.signal.signal();
+        }
+    }
+
+    /// Wake the fault thread if runs were queued without a wake-up.
+    fn flush(&self) {
+        self.wake_if(false);
+    }
+
+    /// Make the eventfd unreadable (before the fault thread sleeps).
+    pub(super) fn clear(&self) {
+        self.signal.clear();
+    }
+
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
+        self.signal.fd()
+    }
+
+    /// Whether the eventfd is readable now (tests).
+    #[cfg(test)]
+    fn signalled(&self) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(self.fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).expect("poll") == 1
+    }
+}
+
 /// Post-copy residency of a region set, for a program that must never
 /// block its event loop on a missing page (see the [post-copy docs](crate::postcopy)).
 ///
@@ -171,7 +231,25 @@ impl Residency {
     /// missing pages are requested from the source at once. A token may
     /// name several ranges; it is returned once per request.
     pub fn request(&self, run: &PageRun, token: u64) -> Result<bool> {
-        self.postcopy.request(run, token)
+        self.postcopy.request(run, token, true)
+    }
+
+    /// [`Self::request`], but the missing pages are only queued: the
+    /// session's fault thread is not woken for them until
+    /// [`Self::flush_requests`] (or a [`Self::request`]), and then sends
+    /// every queued run in one write. For a loop that asks for many ranges
+    /// in one turn: one wake-up for the turn, not one per request. Never
+    /// held for good: `wait_fault` hands queued runs out whenever it next
+    /// looks (the session's fault thread looks at least every
+    /// `DestinationConfig::fault_poll`).
+    pub fn request_deferred(&self, run: &PageRun, token: u64) -> Result<bool> {
+        self.postcopy.request(run, token, false)
+    }
+
+    /// Wake the session's fault thread for the runs
+    /// [`Self::request_deferred`] queued; nothing when none waits.
+    pub fn flush_requests(&self) {
+        self.postcopy.kick.flush();
     }
 
     /// Tokens whose ranges became resident since the last call, in the
@@ -214,6 +292,14 @@ impl lmig_core::PageResidency for Residency {
     fn settled(&self) {
         Residency::settled(self);
     }
+
+    fn request_deferred(&self, run: &PageRun, token: u64) -> lmig_core::Result<bool> {
+        Ok(Residency::request_deferred(self, run, token)?)
+    }
+
+    fn flush_requests(&self) {
+        Residency::flush_requests(self);
+    }
 }
 
 impl Postcopy {
@@ -223,8 +309,10 @@ impl Postcopy {
         Ok(lock(&self.pages).resident(run))
     }
 
-    /// Residency request (see [`Residency::request`]).
-    pub(crate) fn request(&self, run: &PageRun, token: u64) -> Result<bool> {
+    /// Residency request (see [`Residency::request`]); `wake`: wake the
+    /// fault thread now if needed, else leave it to a flush
+    /// ([`Residency::request_deferred`]).
+    pub(crate) fn request(&self, run: &PageRun, token: u64, wake: bool) -> Result<bool> {
         self.check_run(run)?;
         let wanted: Vec<PageRun> = {
             let mut st = lock(&self.pages);
@@ -267,15 +355,24 @@ impl Postcopy {
             // empty (on its way to the source), is not queued again: one
             // hash look-up, not a scan of the queue (about a thousand
             // parked requests ask at once right after the resume).
+            let mut queued = false;
             for r in wanted {
                 if index.insert(r) {
                     asked.push_back(r);
+                    queued = true;
                 }
+            }
+            if queued && !wake {
+                // Noted under the queue's lock: a flush after this call
+                // wakes the fault thread for it.
+                self.kick.defer();
             }
             drop(index);
             drop(asked);
-            if idle {
-                self.kick.signal();
+            if wake {
+                // Also for runs queued without a wake-up before this one:
+                // they go with it.
+                self.kick.wake_if(idle);
             }
         }
         Ok(false)
@@ -328,6 +425,40 @@ mod tests {
         assert!(w.placed(r, 13, 1, |_| true));
         assert_eq!(w.ready, vec![7]);
         assert_eq!(w.len(), 1, "region 2's waiter stays");
+    }
+
+    #[test]
+    fn deferred_runs_wake_the_fault_thread_once_at_the_flush_or_the_next_request() {
+        let kick = Kick::new().unwrap();
+        // Queued without a wake-up: nothing until the flush.
+        kick.defer();
+        kick.defer();
+        assert!(!kick.signalled());
+        kick.flush();
+        assert!(kick.signalled(), "the flush wakes it");
+        kick.clear();
+        kick.flush();
+        assert!(!kick.signalled(), "nothing deferred since: no wake-up");
+        // A request into a queue holding deferred runs wakes it, though
+        // the queue was not empty: they go with it.
+        kick.defer();
+        kick.wake_if(false);
+        assert!(kick.signalled());
+        kick.clear();
+        kick.flush();
+        assert!(!kick.signalled(), "taken along: the flush has nothing left");
+        // A request into an empty queue wakes it, as before.
+        kick.wake_if(true);
+        assert!(kick.signalled());
+        kick.clear();
+        kick.wake_if(false);
+        assert!(!kick.signalled(), "a request behind queued ones does not");
+        // The program's word wakes it and takes deferred runs along.
+        kick.defer();
+        kick.signal();
+        kick.clear();
+        kick.flush();
+        assert!(!kick.signalled());
     }
 
     #[test]

@@ -76,6 +76,14 @@ impl PageResidency for SettleReporting {
         self.flag.said.store(true, Ordering::Release);
         self.inner.settled();
     }
+
+    fn request_deferred(&self, run: &PageRun, token: u64) -> Result<bool> {
+        self.inner.request_deferred(run, token)
+    }
+
+    fn flush_requests(&self) {
+        self.inner.flush_requests();
+    }
 }
 
 #[cfg(test)]
