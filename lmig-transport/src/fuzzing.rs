@@ -211,10 +211,12 @@ pub fn handshake(data: &[u8]) {
 pub fn noise_record(data: &[u8]) {
     use std::io::{Read, Write};
     let (dialer, listener) = crate::noise::keys_for_fuzzing();
-    let read_all = |wire: &[u8]| -> std::io::Result<Vec<u8>> {
+    // Small reads (records opened in the reader's buffer) and large ones
+    // (large records read into the caller's buffer and opened there).
+    let read_all = |wire: &[u8], chunk: usize| -> std::io::Result<Vec<u8>> {
         let (mut r, _) = listener.clone().split(wire, std::io::sink());
         let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
+        let mut buf = vec![0u8; chunk];
         loop {
             match r.read(&mut buf)? {
                 0 => return Ok(got),
@@ -222,26 +224,45 @@ pub fn noise_record(data: &[u8]) {
             }
         }
     };
-    match read_all(data) {
-        Ok(got) => assert!(
-            got.is_empty(),
-            "{} bytes decrypted from arbitrary input",
-            got.len()
-        ),
-        Err(e) => assert!(e.kind() == std::io::ErrorKind::InvalidData, "{e}"),
+    for chunk in [4096, 1 << 17] {
+        match read_all(data, chunk) {
+            Ok(got) => assert!(
+                got.is_empty(),
+                "{} bytes decrypted from arbitrary input",
+                got.len()
+            ),
+            Err(e) => assert!(e.kind() == std::io::ErrorKind::InvalidData, "{e}"),
+        }
     }
-    let (_, mut w) = dialer.split(std::io::empty(), Vec::new());
-    w.write_all(data).expect("writing to a vector");
-    let wire = w.into_inner();
-    assert_eq!(read_all(&wire).expect("own records read back"), data);
-    if let Some(&b) = data.first() {
-        let mut bad = wire.clone();
-        let at = usize::from(b) * 7919 % bad.len();
-        bad[at] ^= 1 << (b % 8);
-        assert!(
-            read_all(&bad).is_err(),
-            "a flipped byte at {at} went unnoticed"
-        );
+    // `data`, and `data` repeated past 40 KB (a record large enough to be
+    // opened in the caller's buffer).
+    let long: Vec<u8> = data
+        .iter()
+        .copied()
+        .cycle()
+        .take(data.len() * (40_000 / (data.len() + 1) + 1))
+        .collect();
+    for plain in [data, &long[..]] {
+        let (_, mut w) = dialer.clone().split(std::io::empty(), Vec::new());
+        w.write_all(plain).expect("writing to a vector");
+        let wire = w.into_inner();
+        for chunk in [4096, 1 << 17] {
+            assert_eq!(
+                read_all(&wire, chunk).expect("own records read back"),
+                plain
+            );
+        }
+        if let Some(&b) = data.first() {
+            let mut bad = wire.clone();
+            let at = usize::from(b) * 7919 % bad.len();
+            bad[at] ^= 1 << (b % 8);
+            for chunk in [4096, 1 << 17] {
+                assert!(
+                    read_all(&bad, chunk).is_err(),
+                    "a flipped byte at {at} went unnoticed"
+                );
+            }
+        }
     }
 }
 

@@ -236,3 +236,92 @@ fn each_direction_has_its_own_keys() {
     assert!(opened(&d, &wire, 64).is_err());
     assert_eq!(opened(&l, &wire, 64).unwrap(), b"to the listener");
 }
+
+/// Gives `wire` in reads of at most `step` bytes, with a read timeout
+/// before every other one when `stall`.
+struct Choppy {
+    wire: Vec<u8>,
+    pos: usize,
+    step: usize,
+    stall: bool,
+    stalled: bool,
+}
+
+impl Read for Choppy {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stalled = self.stall && !self.stalled;
+        if self.stalled && self.pos < self.wire.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.step).min(self.wire.len() - self.pos);
+        buf[..n].copy_from_slice(&self.wire[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn frame_sized_reads_survive_timeouts_anywhere() {
+    let (d, l) = keys(b"p", b"p").unwrap();
+    let big = data(1_000_000);
+    let wire = sealed(&d, &[b"0123456789abcdef", &big, b"x"]);
+    let mut want = b"0123456789abcdef".to_vec();
+    want.extend_from_slice(&big);
+    want.push(b'x');
+    for (step, stall) in [(usize::MAX, false), (70_000, true), (1000, true), (7, true)] {
+        let wire = wire.clone();
+        let choppy = Choppy {
+            wire,
+            pos: 0,
+            step,
+            stall,
+            stalled: false,
+        };
+        let (mut r, _) = l.clone().split(choppy, io::sink());
+        let mut got = Vec::new();
+        let mut header = [0u8; 16];
+        let mut buf = vec![0u8; 1 << 20];
+        // Bounded: each read hands out bytes, times out every other time,
+        // or ends.
+        for _ in 0..10_000_000 {
+            // A frame's header, then its payload in large reads (records
+            // opened straight into the caller's buffer).
+            let into: &mut [u8] = if got.is_empty() {
+                &mut header
+            } else {
+                &mut buf
+            };
+            match r.read(into) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&into[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("step {step}: {e}"),
+            }
+        }
+        assert!(got == want, "step {step}");
+        assert!(!r.holds_partial());
+    }
+}
+
+#[test]
+fn a_forged_record_leaves_no_plaintext_in_the_callers_buffer() {
+    let (d, l) = keys(b"p", b"p").unwrap();
+    let big = data(200_000);
+    let mut wire = sealed(&d, &[&big]);
+    // The second record's last byte (its tag).
+    wire[2 * (LEN_PREFIX + MAX_RECORD) - 1] ^= 1;
+    let (mut r, _) = l.split(&wire[..], io::sink());
+    let mut buf = vec![0x55u8; 1 << 20];
+    assert_eq!(r.read(&mut buf).unwrap(), MAX_PLAIN);
+    assert!(buf[..MAX_PLAIN] == big[..MAX_PLAIN]);
+    buf.fill(0x55);
+    // The second record is opened in the caller's buffer, and fails: its
+    // plaintext's place is left zeroed, and the stream stays failed.
+    let e = r.read(&mut buf).unwrap_err();
+    assert!(e.get_ref().is_some_and(|s| s.is::<IntegrityError>()), "{e}");
+    assert!(
+        buf[..MAX_PLAIN].iter().all(|&b| b == 0),
+        "plaintext of a forged record left in the caller's buffer"
+    );
+    assert!(r.read(&mut buf).is_err());
+}
