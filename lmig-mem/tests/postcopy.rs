@@ -449,7 +449,8 @@ fn migrate(
 /// two (`DestinationConfig::one_fault_thread`).
 struct Tune<'a> {
     source: &'a (dyn Fn(SourceConfig) -> SourceConfig + Sync),
-    one_fault_thread: bool,
+    /// `None`: the library's choice (one thread when the sink spins).
+    one_fault_thread: Option<bool>,
 }
 
 impl<'a> Tune<'a> {
@@ -457,7 +458,7 @@ impl<'a> Tune<'a> {
     fn source(source: &'a (dyn Fn(SourceConfig) -> SourceConfig + Sync)) -> Self {
         Self {
             source,
-            one_fault_thread: DestinationConfig::default().one_fault_thread,
+            one_fault_thread: None,
         }
     }
 }
@@ -543,13 +544,13 @@ fn migrate_with(
             });
         }
         let dest = s.spawn(|| {
+            let config = DestinationConfig::default().with_idle_timeout(Duration::from_secs(30));
             let channel = listener.accept_timeout(Duration::from_secs(20)).unwrap();
             let r = Destination::new(&channel, dst.clone(), Toucher { go: go.clone() })
-                .with_config(
-                    DestinationConfig::default()
-                        .with_idle_timeout(Duration::from_secs(30))
-                        .with_one_fault_thread(tune.one_fault_thread),
-                )
+                .with_config(match tune.one_fault_thread {
+                    Some(one) => config.with_one_fault_thread(one),
+                    None => config,
+                })
                 .run();
             finished.store(true, Ordering::Release);
             (r, channel)
@@ -847,7 +848,7 @@ fn recovery_after_cuts_at_several_points() {
         let two = what.starts_with("two");
         let tune = Tune {
             source: &|c| c,
-            one_fault_thread: one,
+            one_fault_thread: Some(one),
         };
         let Some(o) = migrate_with(
             what,

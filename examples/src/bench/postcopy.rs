@@ -43,7 +43,8 @@
 //! `--one-fault-thread true` runs the destination's fault path in one
 //! thread that waits for the faults and the replies together instead of
 //! two (a fault thread, a reply thread; `DestinationConfig::one_fault_thread`,
-//! off by default). Field `one_fault_thread`.
+//! by default one thread when the sink spins: `--spin-us` above 0). Field
+//! `one_fault_thread`.
 //!
 //! `--cut-at-pct P` cuts every TCP connection of the migration once the
 //! destination placed P% of the pages (a proxy in this process), so the run
@@ -436,9 +437,8 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         "spin_us": args.spin_us,
         "urgent_spin_us": args.urgent_spin_us,
         "reply_spin_us": args.reply_spin_us,
-        "one_fault_thread": args
-            .one_fault_thread
-            .unwrap_or(DestinationConfig::default().one_fault_thread),
+        // The library's default: one thread when the sink spins.
+        "one_fault_thread": args.one_fault_thread.unwrap_or(args.spin_us > 0),
         "fault_cpu": args.fault_cpu,
         "fault_path": format!("{:?}", lmig_mem::fault_path_affinity()).to_lowercase(),
         "fault_path_cpus": [lmig_mem::fault_path_together_cpu(), dest["fault_path_cpu"].as_u64()],

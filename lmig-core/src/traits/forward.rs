@@ -180,6 +180,9 @@ macro_rules! forward_sink {
             ) -> Result<Option<PageRun>> {
                 (**self).wait_fault_or(also, timeout)
             }
+            fn fault_wait_spins(&self) -> bool {
+                (**self).fault_wait_spins()
+            }
         }
     };
 }

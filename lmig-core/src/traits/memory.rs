@@ -198,6 +198,14 @@ pub trait MemorySink: Send + Sync {
         let _ = also;
         self.wait_fault(timeout)
     }
+
+    /// Post-copy: whether [`Self::wait_fault`] spins a while before it
+    /// blocks (a sink that spends CPU for shorter faults). The session's
+    /// default fault path is one thread for faults and replies exactly
+    /// then ([`crate::DestinationConfig::one_fault_thread`]). Default false.
+    fn fault_wait_spins(&self) -> bool {
+        false
+    }
 }
 
 /// Post-copy residency, for an event-loop program: whether pages are here,

@@ -129,6 +129,10 @@ impl MemorySink for DestinationRegions {
         true
     }
 
+    fn fault_wait_spins(&self) -> bool {
+        self.set().is_ok_and(|s| s.fault_wait_spins())
+    }
+
     fn wait_fault_or(
         &self,
         also: Option<std::os::fd::RawFd>,

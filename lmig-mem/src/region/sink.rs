@@ -27,6 +27,12 @@ impl RegionSet {
         self.sink.set_postcopy_options(options);
     }
 
+    /// Whether a post-copy fault wait spins before it blocks
+    /// ([`PostcopyOptions::spin`]).
+    pub fn fault_wait_spins(&self) -> bool {
+        self.sink.fault_wait_spins()
+    }
+
     /// Post-copy statistics: live while post-copy runs, final after it ended.
     pub fn postcopy_stats(&self) -> PostcopyStats {
         self.sink.postcopy_stats()
@@ -161,6 +167,10 @@ impl MemorySink for RegionSet {
 
     fn waits_fault_or(&self) -> bool {
         true
+    }
+
+    fn fault_wait_spins(&self) -> bool {
+        RegionSet::fault_wait_spins(self)
     }
 
     fn wait_fault_or(

@@ -61,6 +61,11 @@ impl RegionSink {
         self.options = options;
     }
 
+    /// Whether a post-copy fault wait spins before it blocks.
+    pub(crate) fn fault_wait_spins(&self) -> bool {
+        !self.options.spin.is_zero()
+    }
+
     fn active_postcopy(&self) -> Option<Arc<Postcopy>> {
         self.postcopy
             .read()

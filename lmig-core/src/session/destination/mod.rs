@@ -71,12 +71,15 @@ pub struct DestinationConfig {
     /// the channel allow it: [`MemorySink::waits_fault_or`],
     /// [`Channel::urgent_fd`]); `false`: a fault thread and a reply thread.
     /// With the sink's fault spin (lmig-mem's `PostcopyOptions::spin`) the
-    /// thread that sent a request is running when its reply comes. Default
-    /// false: measured against two threads (docs/benchmarks.md, s14-fault)
-    /// it did not win beyond the spread on one host, and kvd's first wave
-    /// after the resume (a thousand requests at once) came out a little
-    /// later in most pairs.
-    pub one_fault_thread: bool,
+    /// thread that sent a request is running when its reply comes.
+    /// `None` (the default): one thread exactly when the sink spins
+    /// ([`MemorySink::fault_wait_spins`]). Measured (docs/benchmarks.md,
+    /// s14-fault): with a spinning sink one thread met the median-fault
+    /// goal in 11 of 13 sequential runs against 5 of 13 and kept the p99
+    /// lower; without the spin it gained nothing, and kvd (no spin, a
+    /// thousand requests at once after the resume) came out a little later
+    /// with it in most pairs.
+    pub one_fault_thread: Option<bool>,
 }
 
 impl Default for DestinationConfig {
@@ -88,7 +91,7 @@ impl Default for DestinationConfig {
             idle_receive: None,
             idle_round_limit: Duration::from_secs(2),
             max_warm_receive: 256 << 20,
-            one_fault_thread: false,
+            one_fault_thread: None,
         }
     }
 }
@@ -139,7 +142,7 @@ impl DestinationConfig {
     /// Sets [`one_fault_thread`](Self::one_fault_thread).
     #[must_use]
     pub fn with_one_fault_thread(mut self, one: bool) -> Self {
-        self.one_fault_thread = one;
+        self.one_fault_thread = Some(one);
         self
     }
 

@@ -324,7 +324,8 @@ where
             .try_for_each(|batch| service.place(batch));
         if result.is_ok() && !lock(&shared).complete() {
             self.phase(Phase::Postcopy);
-            let one = self.config.one_fault_thread;
+            let one =
+                (self.config.one_fault_thread).unwrap_or_else(|| self.memory.fault_wait_spins());
             result = std::thread::scope(|s| -> Result<()> {
                 let threads = match FaultThreads::spawn(s, &service, one) {
                     Ok(threads) => threads,
