@@ -202,7 +202,7 @@ pub trait MemorySink: Send + Sync {
     /// Post-copy: whether [`Self::wait_fault`] spins a while before it
     /// blocks (a sink that spends CPU for shorter faults). The session's
     /// default fault path is one thread for faults and replies exactly
-    /// then ([`crate::DestinationConfig::one_fault_thread`]). Default false.
+    /// then ([`crate::session::DestinationConfig::one_fault_thread`]). Default false.
     fn fault_wait_spins(&self) -> bool {
         false
     }
