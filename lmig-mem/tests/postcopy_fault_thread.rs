@@ -24,9 +24,11 @@ use lmig_core::session::{Destination, DestinationConfig, Mode, Source, SourceCon
 use lmig_core::testing::NullProgram;
 use lmig_core::{MemorySource, PageResidency};
 use lmig_mem::{Backing, DestinationRegions, ManualTracker, RegionOptions, RegionSet};
-use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, StreamChannel, connect};
+use lmig_transport::{ChannelConfig, Endpoint, Listener, StreamChannel, connect};
 
-const PS: usize = 4096;
+mod postcopy_tcp;
+
+use postcopy_tcp::PS;
 const PAGES: u64 = 2048;
 /// Pages the program touches (each a fault answered by a reply) before it
 /// says its parked work ran.
@@ -41,18 +43,11 @@ const HOLDOFF: Duration = Duration::from_secs(120);
 const WATCHDOG: Duration = Duration::from_secs(60);
 
 fn pattern(page: u64) -> Vec<u8> {
-    let mut v = vec![(page as u8) ^ 0x3C; PS];
-    v[..8].copy_from_slice(&page.to_le_bytes());
-    v
+    postcopy_tcp::pattern(page, 0x3C)
 }
 
 fn config() -> ChannelConfig {
-    let key = AuthKey::new(b"one fault thread key, 32 bytes!!").unwrap();
-    let mut c = ChannelConfig::new(key).with_data_streams(2);
-    c.handshake_timeout = Duration::from_secs(5);
-    c.connect_timeout = Duration::from_secs(5);
-    c.write_timeout = Some(Duration::from_secs(20));
-    c
+    postcopy_tcp::config(b"one fault thread key, 32 bytes!!")
 }
 
 /// What the sessions reported, and the sink's count of fault waits a

@@ -18,26 +18,21 @@ use lmig_core::session::{Destination, DestinationConfig, Mode, Source, SourceCon
 use lmig_core::testing::NullProgram;
 use lmig_core::{MemorySource, PageResidency};
 use lmig_mem::{Backing, DestinationRegions, ManualTracker, RegionOptions, RegionSet};
-use lmig_transport::{AuthKey, ChannelConfig, Endpoint, Listener, StreamChannel, connect};
+use lmig_transport::{ChannelConfig, Endpoint, Listener, StreamChannel, connect};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-const PS: usize = 4096;
+mod postcopy_tcp;
+
+use postcopy_tcp::PS;
 const PAGES: u64 = 512;
 const R: RegionId = RegionId(5);
 
 fn pattern(page: u64) -> Vec<u8> {
-    let mut v = vec![(page as u8) ^ 0xA5; PS];
-    v[..8].copy_from_slice(&page.to_le_bytes());
-    v
+    postcopy_tcp::pattern(page, 0xA5)
 }
 
 fn config() -> ChannelConfig {
-    let key = AuthKey::new(b"settled test key, 32 bytes long!").unwrap();
-    let mut c = ChannelConfig::new(key).with_data_streams(2);
-    c.handshake_timeout = Duration::from_secs(5);
-    c.connect_timeout = Duration::from_secs(5);
-    c.write_timeout = Some(Duration::from_secs(20));
-    c
+    postcopy_tcp::config(b"settled test key, 32 bytes long!")
 }
 
 /// What the destination's program saw and the session reported.
