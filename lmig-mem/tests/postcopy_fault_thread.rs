@@ -23,7 +23,9 @@ use lmig_core::protocol::Verification;
 use lmig_core::session::{Destination, DestinationConfig, Mode, Source, SourceConfig};
 use lmig_core::testing::NullProgram;
 use lmig_core::{MemorySource, PageResidency};
-use lmig_mem::{Backing, DestinationRegions, ManualTracker, RegionOptions, RegionSet};
+use lmig_mem::{
+    Backing, DestinationRegions, ManualTracker, PostcopyOptions, RegionOptions, RegionSet,
+};
 use lmig_transport::{ChannelConfig, Endpoint, Listener, StreamChannel, connect};
 
 mod postcopy_tcp;
@@ -60,9 +62,10 @@ struct Outcome {
 }
 
 /// Migrate a region in post-copy, the destination's fault path in one
-/// thread or two; its program touches [`TOUCHED`] pages (scattered), then
+/// thread or two (`None`: the library's choice), its sink's fault wait
+/// spinning `spin`; its program touches [`TOUCHED`] pages (scattered), then
 /// says it settled. `None` when skipped (no userfaultfd).
-fn migrate(what: &str, one: bool) -> Option<Outcome> {
+fn migrate(what: &str, one: Option<bool>, spin: Duration) -> Option<Outcome> {
     let src = RegionSet::new([RegionOptions::new(R, PAGES * PS as u64).map().unwrap()]).unwrap();
     for p in 0..PAGES {
         src.get(R)
@@ -72,7 +75,11 @@ fn migrate(what: &str, one: bool) -> Option<Outcome> {
     }
     let layout = MemorySource::layout(&src);
     let tracker = ManualTracker::new(&layout);
-    let dst = Arc::new(DestinationRegions::new(Backing::Private).prefault(false));
+    let dst = Arc::new(
+        DestinationRegions::new(Backing::Private)
+            .prefault(false)
+            .postcopy_options(PostcopyOptions::default().with_spin(spin)),
+    );
     let listener =
         Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config()).unwrap();
     let Endpoint::Tcp(target) = listener.local_endpoint().clone() else {
@@ -82,13 +89,15 @@ fn migrate(what: &str, one: bool) -> Option<Outcome> {
         let dst = dst.clone();
         std::thread::spawn(move || {
             let channel = listener.accept_timeout(Duration::from_secs(20)).unwrap();
+            let config = DestinationConfig::default()
+                .with_idle_timeout(Duration::from_secs(30))
+                .with_pause_limit(Duration::from_secs(5));
+            let config = match one {
+                Some(one) => config.with_one_fault_thread(one),
+                None => config,
+            };
             let resumed = Destination::new(channel, dst.clone(), NullProgram::default())
-                .with_config(
-                    DestinationConfig::default()
-                        .with_idle_timeout(Duration::from_secs(30))
-                        .with_pause_limit(Duration::from_secs(5))
-                        .with_one_fault_thread(one),
-                )
+                .with_config(config)
                 .start()?;
             let residency = resumed.residency.clone().expect("post-copy: a residency");
             let wrong = watched(&dst, &*residency);
@@ -208,7 +217,7 @@ fn check(what: &str, o: &Outcome) {
 #[test]
 fn one_thread_answers_every_fault() {
     let what = "post-copy, one fault-path thread";
-    let Some(o) = migrate(what, true) else {
+    let Some(o) = migrate(what, Some(true), Duration::ZERO) else {
         return;
     };
     check(what, &o);
@@ -220,9 +229,31 @@ fn one_thread_answers_every_fault() {
 #[test]
 fn two_threads_answer_every_fault() {
     let what = "post-copy, a fault thread and a reply thread";
-    let Some(o) = migrate(what, false) else {
+    let Some(o) = migrate(what, Some(false), Duration::ZERO) else {
         return;
     };
     check(what, &o);
     assert_eq!(o.also_woke, 0, "{what}: no wait on the urgent lane");
+}
+
+/// The default (`one_fault_thread: None`): one thread exactly when the
+/// sink's fault wait spins — a reply ends a fault wait with the spin, never
+/// without it (the fault thread then never waits on the urgent lane).
+#[test]
+fn by_default_one_thread_exactly_when_the_sink_spins() {
+    let what = "post-copy, the default fault path, a spinning sink";
+    let Some(o) = migrate(what, None, Duration::from_micros(200)) else {
+        return;
+    };
+    check(what, &o);
+    assert!(
+        o.also_woke >= 1,
+        "{what}: one thread (a reply ended a wait)"
+    );
+    let what = "post-copy, the default fault path, a sink that does not spin";
+    let Some(o) = migrate(what, None, Duration::ZERO) else {
+        return;
+    };
+    check(what, &o);
+    assert_eq!(o.also_woke, 0, "{what}: two threads");
 }
