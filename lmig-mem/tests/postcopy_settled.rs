@@ -41,11 +41,16 @@ struct Outcome {
     dest: lmig_core::session::DestinationReport,
 }
 
+/// Both sides' silence bounds (the destination's `idle_timeout`, the
+/// source's `done_timeout`) in the tests whose hold-off stays below them.
+const SILENCE: Duration = Duration::from_secs(30);
+
 /// Migrate a region in post-copy with the push held off until settled
 /// (bound `holdoff`); the destination's program asks for one page through
 /// its residency handle, waits until it is in, and says it settled if
-/// `say_settled`. `None` when skipped (no userfaultfd).
-fn migrate(what: &str, holdoff: Duration, say_settled: bool) -> Option<Outcome> {
+/// `say_settled`. Each side gives up on the other after `silence` without
+/// a message. `None` when skipped (no userfaultfd).
+fn migrate(what: &str, holdoff: Duration, say_settled: bool, silence: Duration) -> Option<Outcome> {
     let src = RegionSet::new([RegionOptions::new(R, PAGES * PS as u64).map().unwrap()]).unwrap();
     for p in 0..PAGES {
         src.get(R)
@@ -70,7 +75,7 @@ fn migrate(what: &str, holdoff: Duration, say_settled: bool) -> Option<Outcome> 
                     // A source gone for good (its `Done` timeout): fail
                     // within seconds instead of reconnecting for minutes.
                     DestinationConfig::default()
-                        .with_idle_timeout(Duration::from_secs(30))
+                        .with_idle_timeout(silence)
                         .with_pause_limit(Duration::from_secs(5)),
                 )
                 .start()?;
@@ -84,7 +89,7 @@ fn migrate(what: &str, holdoff: Duration, say_settled: bool) -> Option<Outcome> 
         .with_mode(Mode::Postcopy)
         .with_verify(true)
         .with_ready_timeout(Duration::from_secs(30))
-        .with_done_timeout(Duration::from_secs(30))
+        .with_done_timeout(silence)
         .with_push_holdoff(holdoff)
         .with_push_holdoff_until_settled(true);
     let source = Source::new(&channel, &src, tracker, NullProgram::default())
@@ -155,7 +160,7 @@ fn check(what: &str, o: &Outcome, settled: bool) {
 #[test]
 fn the_programs_word_ends_the_push_holdoff() {
     let what = "post-copy, push held off until settled";
-    let Some(o) = migrate(what, Duration::from_secs(3), true) else {
+    let Some(o) = migrate(what, Duration::from_secs(3), true, SILENCE) else {
         return;
     };
     check(what, &o, true);
@@ -166,8 +171,32 @@ fn the_programs_word_ends_the_push_holdoff() {
 #[test]
 fn without_the_programs_word_the_holdoff_ends_at_its_bound() {
     let what = "post-copy, never settled";
-    let Some(o) = migrate(what, Duration::from_millis(300), false) else {
+    let Some(o) = migrate(what, Duration::from_millis(300), false, SILENCE) else {
         return;
     };
     check(what, &o, false);
+}
+
+/// A hold-off longer than both sides' silence bounds (scaled down: 1 s
+/// bounds, a 3 s hold-off nobody ends early): neither side takes the
+/// hold-off for a lost peer. The destination hears pages pushed as signs
+/// of life while the push is held off, and the source does not count the
+/// destination's silence while it still has pages to push. Before, the
+/// destination gave up (or, over TCP, reconnected) after its
+/// `idle_timeout` and the source failed waiting for `Done` after its
+/// `done_timeout`, so any hold-off bound above 30 s failed a session with
+/// the defaults.
+#[test]
+fn a_holdoff_longer_than_the_silence_bounds_completes() {
+    let what = "post-copy, hold-off beyond the idle timeouts";
+    let Some(o) = migrate(what, Duration::from_secs(3), false, Duration::from_secs(1)) else {
+        return;
+    };
+    check(what, &o, false);
+    assert!(o.dest.warnings.is_empty(), "{what}: {:?}", o.dest.warnings);
+    assert!(
+        o.source.warnings.is_empty(),
+        "{what}: {:?}",
+        o.source.warnings
+    );
 }

@@ -42,7 +42,12 @@ pub struct SourceConfig {
     pub verify: bool,
     /// Most time to wait for `Ready` after the freeze.
     pub ready_timeout: Duration,
-    /// Most time without any message from the destination after `Commit`.
+    /// Most time without any message from the destination after `Commit`
+    /// while the source waits for it: in post-copy counted from the end of
+    /// the push (a destination has nothing to say while pages still come,
+    /// however long a [`Self::push_holdoff`] or a [`Self::bandwidth_limit`]
+    /// makes that; a lost one fails the push's sends meanwhile). Also the
+    /// bound of a reconnection after `Commit`.
     pub done_timeout: Duration,
     /// Pages per `Pages` message of the pre-copy rounds and the freeze (at
     /// most [`CHUNK_PAGES`]).
@@ -159,6 +164,11 @@ pub struct SourceConfig {
     /// never lasts longer than this: requests that keep coming never hold
     /// the push back for good. It also ends at once when the destination
     /// says its program's waiting work has run (`Message::DemandSettled`).
+    /// Any bound works: while it lasts the push still sends one page every
+    /// 500 ms, so that a destination does not take the wait for a lost
+    /// source (its `DestinationConfig::idle_timeout`, 30 s by default, must
+    /// stay above that), and the source's [`Self::done_timeout`] does not
+    /// count it.
     pub push_holdoff: Duration,
     /// Post-copy: the hold-off ([`Self::push_holdoff`]) waits for the
     /// destination's `DemandSettled` (or its bound), not for a few ms

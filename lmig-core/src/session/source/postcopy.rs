@@ -14,7 +14,7 @@ use std::sync::{Mutex, TryLockError};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
-use super::push::{HOLDOFF_QUIET, HoldOff, PushGate, PushQueue, requested_as_asked};
+use super::push::{HOLDOFF_BEAT, HOLDOFF_QUIET, HoldOff, PushGate, PushQueue, requested_as_asked};
 use super::{Source, SourceReport};
 use crate::error::{MigrationError, Result};
 use crate::model::{PageRun, RegionLayout, RegionPages};
@@ -292,8 +292,12 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
 
     /// Wait out the push's hold-off (ends early when the session does).
     fn hold_off(&self) {
-        self.holdoff
-            .wait(|| !self.serving.load(Ordering::Acquire) || self.gate.is_broken());
+        self.holdoff.wait(|| self.holdoff_stop());
+    }
+
+    /// The session ended or the link broke: the hold-off's waits end.
+    fn holdoff_stop(&self) -> bool {
+        !self.serving.load(Ordering::Acquire) || self.gate.is_broken()
     }
 
     /// The session is over: the pusher and the request server stop.
@@ -374,6 +378,14 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
                     if pusher.is_finished() {
                         // The pusher failed; its error is reported by its join.
                         return Ok(Verification::NotChecked);
+                    }
+                    if self.postcopy && !self.gate.pushed_all() {
+                        // The destination has nothing to say while pages
+                        // are still to come (held off or pushed, however
+                        // slowly the bandwidth limit lets them go): its
+                        // silence counts from the push's end. A lost
+                        // destination fails the push's sends meanwhile.
+                        idle = Duration::ZERO;
                     }
                     if idle >= self.done_timeout {
                         return Err(MigrationError::Timeout {
@@ -497,8 +509,6 @@ impl<'scope> Pusher<'scope> {
         if let Some(idle) = service.idle_push {
             idle(true);
         }
-        // The program's first requests go first (bounded).
-        service.hold_off();
         // Held to the bandwidth limit until the session ends.
         let ended = || !service.serving.load(Ordering::Acquire);
         let mut sender = PageSender::new(service.memory, service.channel, service.layout).metered(
@@ -507,28 +517,50 @@ impl<'scope> Pusher<'scope> {
             Some(&ended),
         );
         let mut total = Sent::default();
-        while let Some((run, epoch)) = service.gate.next(&service.push, service.push_size()) {
-            // Flushed run by run: a faulting thread may wait for any of them.
-            match sender
-                .send_run(run, POSTCOPY_ROUND, lane_of(&run, service.lanes), false)
-                .and_then(|sent| service.channel.flush().map(|()| sent))
-            {
-                Ok(sent) => total.add(sent),
-                // Lost or not: the destination's `Resync` says.
-                Err(_) => service.gate.broken(epoch),
-            }
-            let n = service
-                .pushed
-                .fetch_add(u64::from(run.count), Ordering::Relaxed);
-            if n % 16384 < u64::from(run.count) {
-                service.observer.event(&Event::Progress {
-                    pages: n,
-                    bytes: total.bytes,
-                    total_pages: service.layout.total_pages(),
-                });
+        // The program's first requests go first (bounded); one page now
+        // and then tells the destination the source is still there.
+        while !service
+            .holdoff
+            .wait_at_most(|| service.holdoff_stop(), HOLDOFF_BEAT)
+        {
+            if !Self::push_next(service, &mut sender, &mut total, 1) {
+                return total;
             }
         }
+        while Self::push_next(service, &mut sender, &mut total, service.push_size()) {}
         total
+    }
+
+    /// Push the next run of at most `max` pages; false once the session is over.
+    fn push_next<M: MemorySource, C: Channel>(
+        service: &Service<'_, M, C>,
+        sender: &mut PageSender<'_, M, C>,
+        total: &mut Sent,
+        max: u32,
+    ) -> bool {
+        let Some((run, epoch)) = service.gate.next(&service.push, max) else {
+            return false;
+        };
+        // Flushed run by run: a faulting thread may wait for any of them.
+        match sender
+            .send_run(run, POSTCOPY_ROUND, lane_of(&run, service.lanes), false)
+            .and_then(|sent| service.channel.flush().map(|()| sent))
+        {
+            Ok(sent) => total.add(sent),
+            // Lost or not: the destination's `Resync` says.
+            Err(_) => service.gate.broken(epoch),
+        }
+        let n = service
+            .pushed
+            .fetch_add(u64::from(run.count), Ordering::Relaxed);
+        if n % 16384 < u64::from(run.count) {
+            service.observer.event(&Event::Progress {
+                pages: n,
+                bytes: total.bytes,
+                total_pages: service.layout.total_pages(),
+            });
+        }
+        true
     }
 
     fn is_finished(&self) -> bool {

@@ -133,6 +133,11 @@ pub(super) struct HoldOff {
 
 /// How long without a request ends the hold-off early.
 pub(super) const HOLDOFF_QUIET: Duration = Duration::from_millis(4);
+/// While the push is held off, the pusher sends one page at least this
+/// often: the destination hears from the source while it waits (its
+/// `DestinationConfig::idle_timeout` counts silence from the source as
+/// a lost source, and a hold-off may be bounded far above it).
+pub(super) const HOLDOFF_BEAT: Duration = Duration::from_millis(500);
 /// The longest a waiter sleeps at a time before it looks again.
 const HOLDOFF_TICK: Duration = Duration::from_millis(1);
 
@@ -193,12 +198,28 @@ impl HoldOff {
     /// Wait until the hold-off is over or `stop` says the session ended.
     /// Bounded by `max` (slept in ticks of at most 1 ms).
     pub(super) fn wait(&self, stop: impl Fn() -> bool) {
+        while !self.wait_at_most(&stop, Duration::MAX) {}
+    }
+
+    /// Wait as [`HoldOff::wait`] does, but at most `most`: true when the
+    /// hold-off is over or `stop` said the session ended, false when `most`
+    /// passed first (the pusher then sends a sign of life, see
+    /// [`HOLDOFF_BEAT`]).
+    pub(super) fn wait_at_most(&self, stop: impl Fn() -> bool, most: Duration) -> bool {
+        let until = Instant::now().checked_add(most);
         loop {
             let elapsed = self.start.elapsed();
             if stop() || self.over_at(elapsed) {
-                return;
+                return true;
             }
-            let left = self.max.saturating_sub(elapsed);
+            let mut left = self.max.saturating_sub(elapsed);
+            if let Some(until) = until {
+                let now = Instant::now();
+                if now >= until {
+                    return false;
+                }
+                left = left.min(until - now);
+            }
             std::thread::sleep(left.min(HOLDOFF_TICK));
         }
     }
@@ -461,6 +482,26 @@ mod tests {
             h.wait(|| false);
         });
         assert!(h.start.elapsed() < Duration::from_secs(3600));
+    }
+
+    /// The pusher's wait in slices (its signs of life between them): a
+    /// slice ends short of a long hold-off, and the whole wait ends at the
+    /// destination's word or a stop.
+    #[test]
+    fn a_wait_in_slices_ends_each_slice_and_then_the_holdoff() {
+        let ms = Duration::from_millis;
+        let h = HoldOff::new(Duration::from_secs(3600), Duration::MAX);
+        assert!(!h.wait_at_most(|| false, ms(2)), "a slice passed: held");
+        assert!(!h.wait_at_most(|| false, Duration::ZERO), "no slice: held");
+        assert!(
+            h.wait_at_most(|| true, Duration::from_secs(3600)),
+            "stopped"
+        );
+        h.settle();
+        assert!(h.wait_at_most(|| false, ms(2)), "settled: over");
+        // The bound ends a slice that reaches past it.
+        let h = HoldOff::new(ms(3), Duration::MAX);
+        assert!(h.wait_at_most(|| false, Duration::from_secs(3600)));
     }
 
     #[test]
