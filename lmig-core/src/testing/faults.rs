@@ -7,8 +7,11 @@
 //!
 //! A [`FaultChannel`] wraps one end and counts every message *that end*
 //! handles, sends and receives together, in the order it handles them
-//! (from 1): `send`, `send_pages`, `send_urgent`, and each message `recv` or
-//! `recv_urgent` returns. Counting per end (not across both ends) keeps the
+//! (from 1): `send`, `send_pages`, `send_urgent`, `send_lane`, each message
+//! of `send_urgent_many`, and each message `recv` or `recv_urgent` returns.
+//! Every other [`Channel`] method is forwarded to the wrapped channel
+//! (`urgent_fd` too: a destination's post-copy fault path runs in one
+//! thread over a `FaultChannel` as over the channel it wraps). Counting per end (not across both ends) keeps the
 //! index a property of one side's state machine; a suite wraps the source's
 //! end for some runs and the destination's for others. Pages sent on several
 //! lanes at once are counted in the order their sends start, so the index of
@@ -21,6 +24,7 @@
 //! the suite does those with a byte-level proxy in front of
 //! `lmig-transport`'s TCP channel, not here.
 
+use std::os::fd::RawFd;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
@@ -101,9 +105,13 @@ pub struct FaultChannel<C> {
     fault: Fault,
     count: AtomicU32,
     fired: Mutex<Option<(u32, &'static str)>>,
+    /// The name of the thread that met the fault.
+    fired_on: Mutex<Option<String>>,
     broken: AtomicBool,
     /// A received message to deliver a second time.
     again: Mutex<Option<Message>>,
+    /// The same for the urgent lane ([`Channel::recv_urgent`]).
+    again_urgent: Mutex<Option<Message>>,
 }
 
 /// What happens to the operation being counted.
@@ -121,8 +129,10 @@ impl<C: Channel> FaultChannel<C> {
             fault,
             count: AtomicU32::new(0),
             fired: Mutex::new(None),
+            fired_on: Mutex::new(None),
             broken: AtomicBool::new(false),
             again: Mutex::new(None),
+            again_urgent: Mutex::new(None),
         }
     }
 
@@ -134,6 +144,13 @@ impl<C: Channel> FaultChannel<C> {
     /// The index and name of the message the fault hit, once it fired.
     pub fn fired(&self) -> Option<(u32, &'static str)> {
         *self.fired.lock().expect("poisoned")
+    }
+
+    /// The name of the thread whose send or receive met the fault (the
+    /// session's roles run in named threads: a test can tell which one
+    /// saw it), once it fired; `""` for a thread without a name.
+    pub fn fired_thread(&self) -> Option<String> {
+        self.fired_on.lock().expect("poisoned").clone()
     }
 
     /// The wrapped channel.
@@ -171,6 +188,8 @@ impl<C: Channel> FaultChannel<C> {
         }
         *fired = Some((n, name));
         drop(fired);
+        let thread = std::thread::current().name().unwrap_or("").to_owned();
+        *self.fired_on.lock().expect("poisoned") = Some(thread);
         match self.fault.kind {
             FaultKind::Break => Step::Fail,
             FaultKind::Stall(d) => {
@@ -193,18 +212,31 @@ impl<C: Channel> FaultChannel<C> {
         }
     }
 
-    fn received(&self, got: Result<Option<Message>>) -> Result<Option<Message>> {
+    /// Count a message received from the inner channel; a duplicate is
+    /// kept in `again` (the slot of the lane it came on).
+    fn received(
+        &self,
+        got: Result<Option<Message>>,
+        again: &Mutex<Option<Message>>,
+    ) -> Result<Option<Message>> {
         let Some(msg) = got? else {
             return Ok(None);
         };
         match self.step(msg.name()) {
             Step::Pass => Ok(Some(msg)),
             Step::Twice => {
-                *self.again.lock().expect("poisoned") = Some(msg.clone());
+                *again.lock().expect("poisoned") = Some(msg.clone());
                 Ok(Some(msg))
             }
             Step::Fail => Err(self.break_now()),
         }
+    }
+
+    /// The duplicate kept in `again`, counted (it is a message received too).
+    fn take_again(&self, again: &Mutex<Option<Message>>) -> Option<Message> {
+        let m = again.lock().expect("poisoned").take()?;
+        self.count.fetch_add(1, Ordering::SeqCst);
+        Some(m)
     }
 }
 
@@ -225,8 +257,35 @@ impl<C: Channel> Channel for FaultChannel<C> {
         self.sending(msg.name(), || self.inner.send_urgent(msg))
     }
 
+    /// Each message counted as [`Channel::send_urgent`] counts it; those
+    /// before a break still go out (in one write, as the inner channel
+    /// sends them), the one it hits and the rest do not.
+    fn send_urgent_many(&self, msgs: &[Message]) -> Result<()> {
+        self.check_open()?;
+        let mut out = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            match self.step(msg.name()) {
+                Step::Pass => out.push(msg.clone()),
+                Step::Twice => out.extend([msg.clone(), msg.clone()]),
+                Step::Fail => {
+                    self.inner.send_urgent_many(&out)?;
+                    return Err(self.break_now());
+                }
+            }
+        }
+        self.inner.send_urgent_many(&out)
+    }
+
+    fn send_lane(&self, lane: usize, msg: &Message) -> Result<()> {
+        self.sending(msg.name(), || self.inner.send_lane(lane, msg))
+    }
+
     fn data_lanes(&self) -> usize {
         self.inner.data_lanes()
+    }
+
+    fn ip_addresses(&self) -> Vec<std::net::IpAddr> {
+        self.inner.ip_addresses()
     }
 
     fn flush(&self) -> Result<()> {
@@ -236,24 +295,29 @@ impl<C: Channel> Channel for FaultChannel<C> {
 
     fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>> {
         self.check_open()?;
-        if let Some(m) = self.again.lock().expect("poisoned").take() {
-            // The duplicate is a message received too: it is counted.
-            let _ = self.count.fetch_add(1, Ordering::SeqCst);
+        if let Some(m) = self.take_again(&self.again) {
             return Ok(Some(m));
         }
         let got = self.inner.recv(timeout);
         self.check_open()?;
-        self.received(got)
+        self.received(got, &self.again)
     }
 
+    /// A duplicate of an urgent message comes again on the urgent lane
+    /// (before anything else there, without the lane's descriptor turning
+    /// readable: a message already in the channel's buffers, as
+    /// [`Channel::urgent_fd`] allows).
     fn recv_urgent(&self, timeout: Duration) -> Result<Option<Message>> {
         self.check_open()?;
+        if let Some(m) = self.take_again(&self.again_urgent) {
+            return Ok(Some(m));
+        }
         let got = self.inner.recv_urgent(timeout);
         if let Err(MigrationError::Unsupported { .. }) = got {
             return got;
         }
         self.check_open()?;
-        self.received(got)
+        self.received(got, &self.again_urgent)
     }
 
     fn reconnect(&self) -> Result<()> {
@@ -262,6 +326,15 @@ impl<C: Channel> Channel for FaultChannel<C> {
 
     fn shutdown(&self) {
         self.inner.shutdown()
+    }
+
+    /// The inner channel's descriptor, so a destination's fault path runs
+    /// in one thread over this channel as over the inner one; a message
+    /// then read through [`Channel::recv_urgent`] meets the fault as any
+    /// other. Once broken: the error every other call gives.
+    fn urgent_fd(&self) -> Result<Option<RawFd>> {
+        self.check_open()?;
+        self.inner.urgent_fd()
     }
 }
 
@@ -284,6 +357,31 @@ mod tests {
         assert_eq!(a.fired(), Some((2, "Commit")));
         assert_eq!(b.recv(T).unwrap(), Some(Message::Ready));
         assert!(b.recv(T).is_err(), "the peer sees the break");
+    }
+
+    /// `send_urgent_many` counts each message: those before the break go
+    /// out, the one it hits and the rest do not; `send_lane` counts too.
+    #[test]
+    fn a_batch_of_urgent_messages_breaks_at_its_message() {
+        let (a, b) = channel_pair(1);
+        let a = FaultChannel::new(a, Fault::new(FaultKind::Break, 3));
+        a.send_lane(0, &Message::Ready).unwrap();
+        let batch = [Message::Ready, Message::Commit, Message::Ready];
+        assert!(a.send_urgent_many(&batch).is_err());
+        assert_eq!(a.fired(), Some((3, "Commit")));
+        assert_eq!(a.fired_thread().as_deref(), std::thread::current().name());
+        assert_eq!(b.recv(T).unwrap(), Some(Message::Ready), "send_lane");
+        assert_eq!(b.recv(T).unwrap(), Some(Message::Ready), "before the break");
+        assert!(b.recv(T).is_err(), "nothing after it; the link is gone");
+        assert!(a.urgent_fd().is_err(), "broken: every call fails");
+        let (a, _b) = channel_pair(1);
+        let a = FaultChannel::new(a, Fault::new(FaultKind::Duplicate, 1));
+        a.send_urgent_many(&batch[..1]).unwrap();
+        assert_eq!(a.messages(), 1);
+        assert!(
+            matches!(a.urgent_fd(), Err(MigrationError::Unsupported { .. })),
+            "the inner channel's answer"
+        );
     }
 
     #[test]
