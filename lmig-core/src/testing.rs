@@ -601,7 +601,10 @@ pub fn mutate(rng: &mut FuzzRng, seed: &[u8]) -> Vec<u8> {
 /// `corpus/<target>/` (written from the seeds first when
 /// `LMIG_WRITE_CORPUS=1`), `mutations` mutated inputs and 200 of pure
 /// noise, each through `run` (which panics when a target's rule breaks, and
-/// returns false for a name it does not know).
+/// returns false for a name it does not know). Every seed must be one of
+/// the corpus files: a seed missing there (an encoder or a sample changed,
+/// a message kind was added) fails, naming the targets, so the corpus that
+/// `cargo fuzz` starts from never lags behind the encoders.
 pub fn replay_fuzz_corpus(
     corpus: &std::path::Path,
     targets: &[&str],
@@ -610,6 +613,7 @@ pub fn replay_fuzz_corpus(
     mutations: usize,
 ) {
     let write = std::env::var_os("LMIG_WRITE_CORPUS").is_some();
+    let mut stale = Vec::new();
     for target in targets {
         let dir = corpus.join(target);
         let mut inputs = seeds(target);
@@ -622,8 +626,14 @@ pub fn replay_fuzz_corpus(
         }
         let entries = std::fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("{}: {e} (run with LMIG_WRITE_CORPUS=1)", dir.display()));
+        let seeds = inputs.len();
         for e in entries {
             inputs.push(std::fs::read(e.expect("corpus entry").path()).expect("corpus file"));
+        }
+        let (fresh, files) = inputs.split_at(seeds);
+        let missing = fresh.iter().filter(|s| !files.contains(s)).count();
+        if missing > 0 {
+            stale.push(format!("{target}: {missing} of {seeds} seeds"));
         }
         for input in &inputs {
             assert!(run(target, input), "{target} is not a target");
@@ -639,4 +649,8 @@ pub fn replay_fuzz_corpus(
             run(target, &noise);
         }
     }
+    assert!(
+        stale.is_empty(),
+        "seeds missing from the checked-in corpus, rewrite it with LMIG_WRITE_CORPUS=1: {stale:?}"
+    );
 }
