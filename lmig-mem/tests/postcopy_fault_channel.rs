@@ -18,15 +18,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use lmig_core::PageResidency;
 use lmig_core::model::{PageRun, RegionId};
 use lmig_core::protocol::Verification;
 use lmig_core::session::{
-    Destination, DestinationConfig, DestinationReport, Mode, Source, SourceConfig, SourceReport,
+    Destination, DestinationConfig, DestinationReport, Mode, SourceConfig, SourceReport,
 };
 use lmig_core::testing::{Fault, FaultChannel, FaultKind, NullProgram};
-use lmig_core::{MemorySource, PageResidency};
-use lmig_mem::{Backing, DestinationRegions, ManualTracker, RegionOptions, RegionSet};
-use lmig_transport::{ChannelConfig, Endpoint, Listener, StreamChannel, connect};
+use lmig_mem::{Backing, DestinationRegions};
+use lmig_transport::ChannelConfig;
 
 mod postcopy_tcp;
 
@@ -36,8 +36,11 @@ const R: RegionId = RegionId(8);
 /// Pages the program touches in the run without a fault.
 const TOUCHED: u64 = 32;
 
+/// The salt of this file's page pattern.
+const SALT: u8 = 0x5A;
+
 fn pattern(page: u64) -> Vec<u8> {
-    postcopy_tcp::pattern(page, 0x5A)
+    postcopy_tcp::pattern(page, SALT)
 }
 
 fn config() -> ChannelConfig {
@@ -58,6 +61,7 @@ struct Outcome {
     also_woke: u64,
     /// Pages resident at the destination at the end, each checked.
     resident: u64,
+    dst: Arc<DestinationRegions>,
 }
 
 /// Migrate a region in post-copy, the destination's channel wrapped in a
@@ -68,20 +72,9 @@ fn migrate(
     fault: Fault,
     program: fn(&DestinationRegions, &dyn PageResidency),
 ) -> Option<Outcome> {
-    let src = RegionSet::new([RegionOptions::new(R, PAGES * PS as u64).map().unwrap()]).unwrap();
-    for p in 0..PAGES {
-        src.get(R)
-            .unwrap()
-            .write_at(p as usize * PS, &pattern(p))
-            .unwrap();
-    }
-    let layout = MemorySource::layout(&src);
+    let src = postcopy_tcp::source_region(R, PAGES, SALT);
     let dst = Arc::new(DestinationRegions::new(Backing::Private).prefault(false));
-    let listener =
-        Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config()).unwrap();
-    let Endpoint::Tcp(target) = listener.local_endpoint().clone() else {
-        unreachable!()
-    };
+    let (listener, target) = postcopy_tcp::listen(config());
     let dest = {
         let dst = dst.clone();
         std::thread::spawn(move || {
@@ -102,22 +95,13 @@ fn migrate(
             (result, channel.fired(), channel.fired_thread())
         })
     };
-    let channel: StreamChannel = connect(&Endpoint::Tcp(target), config()).unwrap();
     let cfg = SourceConfig::default()
         .with_mode(Mode::Postcopy)
         .with_verify(true)
         .with_done_timeout(Duration::from_secs(3))
         .with_push_holdoff(Duration::from_secs(120))
         .with_push_holdoff_until_settled(true);
-    let source = Source::new(
-        &channel,
-        &src,
-        ManualTracker::new(&layout),
-        NullProgram::default(),
-    )
-    .with_config(cfg)
-    .run();
-    lmig_core::Channel::shutdown(&channel);
+    let source = postcopy_tcp::run_source(&target, config(), &src, cfg);
     let (result, fired, fired_thread) = dest.join().unwrap();
     let (dest_result, residency) = match result {
         Ok(r) => r,
@@ -150,6 +134,7 @@ fn migrate(
         fired_thread,
         also_woke: dst.postcopy_stats().also_woke,
         resident,
+        dst,
     })
 }
 
@@ -191,6 +176,7 @@ fn a_fault_channel_keeps_the_one_thread_fault_path() {
     assert_eq!(dest.verification, Verification::Verified, "{what}");
     assert_eq!(source.verification, Verification::Verified, "{what}");
     assert_eq!(o.resident, PAGES, "{what}: every page in");
+    postcopy_tcp::assert_pages(what, &o.dst, R, PAGES, SALT);
     assert!(
         dest.network_faults >= TOUCHED,
         "{what}: each touch a request"

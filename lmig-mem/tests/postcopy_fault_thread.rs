@@ -5,8 +5,9 @@
 //!
 //! The push is held off until the program says its parked work ran
 //! (`PageResidency::settled`), with a bound far beyond the touches: every
-//! page the program touches before it says so can only come as the reply
-//! to its fault. A reply not placed (or a fault lost) leaves the program
+//! page the program touches before it says so comes as the reply to its
+//! fault (the hold-off's sign of life, a page every 500 ms, comes only
+//! after the touches, which take well under that here). A reply not placed (or a fault lost) leaves the program
 //! blocked until that bound, and the source's report then says the
 //! hold-off ended on its bound, not on the program's word: the test fails.
 //!
@@ -18,15 +19,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use lmig_core::PageResidency;
 use lmig_core::model::{PageRun, RegionId};
 use lmig_core::protocol::Verification;
-use lmig_core::session::{Destination, DestinationConfig, Mode, Source, SourceConfig};
+use lmig_core::session::{Destination, DestinationConfig, Mode, SourceConfig};
 use lmig_core::testing::NullProgram;
-use lmig_core::{MemorySource, PageResidency};
-use lmig_mem::{
-    Backing, DestinationRegions, ManualTracker, PostcopyOptions, RegionOptions, RegionSet,
-};
-use lmig_transport::{ChannelConfig, Endpoint, Listener, StreamChannel, connect};
+use lmig_mem::{Backing, DestinationRegions, PostcopyOptions};
+use lmig_transport::ChannelConfig;
 
 mod postcopy_tcp;
 
@@ -44,8 +43,11 @@ const HOLDOFF: Duration = Duration::from_secs(120);
 /// that reply is never pushed again).
 const WATCHDOG: Duration = Duration::from_secs(60);
 
+/// The salt of this file's page pattern.
+const SALT: u8 = 0x3C;
+
 fn pattern(page: u64) -> Vec<u8> {
-    postcopy_tcp::pattern(page, 0x3C)
+    postcopy_tcp::pattern(page, SALT)
 }
 
 fn config() -> ChannelConfig {
@@ -66,25 +68,13 @@ struct Outcome {
 /// spinning `spin`; its program touches [`TOUCHED`] pages (scattered), then
 /// says it settled. `None` when skipped (no userfaultfd).
 fn migrate(what: &str, one: Option<bool>, spin: Duration) -> Option<Outcome> {
-    let src = RegionSet::new([RegionOptions::new(R, PAGES * PS as u64).map().unwrap()]).unwrap();
-    for p in 0..PAGES {
-        src.get(R)
-            .unwrap()
-            .write_at(p as usize * PS, &pattern(p))
-            .unwrap();
-    }
-    let layout = MemorySource::layout(&src);
-    let tracker = ManualTracker::new(&layout);
+    let src = postcopy_tcp::source_region(R, PAGES, SALT);
     let dst = Arc::new(
         DestinationRegions::new(Backing::Private)
             .prefault(false)
             .postcopy_options(PostcopyOptions::default().with_spin(spin)),
     );
-    let listener =
-        Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config()).unwrap();
-    let Endpoint::Tcp(target) = listener.local_endpoint().clone() else {
-        unreachable!()
-    };
+    let (listener, target) = postcopy_tcp::listen(config());
     let dest = {
         let dst = dst.clone();
         std::thread::spawn(move || {
@@ -104,7 +94,6 @@ fn migrate(what: &str, one: Option<bool>, spin: Duration) -> Option<Outcome> {
             resumed.after_commit.join().map(|r| (r, wrong))
         })
     };
-    let channel: StreamChannel = connect(&Endpoint::Tcp(target), config()).unwrap();
     let cfg = SourceConfig::default()
         .with_mode(Mode::Postcopy)
         .with_verify(true)
@@ -112,10 +101,7 @@ fn migrate(what: &str, one: Option<bool>, spin: Duration) -> Option<Outcome> {
         .with_done_timeout(Duration::from_secs(30))
         .with_push_holdoff(HOLDOFF)
         .with_push_holdoff_until_settled(true);
-    let source = Source::new(&channel, &src, tracker, NullProgram::default())
-        .with_config(cfg)
-        .run();
-    lmig_core::Channel::shutdown(&channel);
+    let source = postcopy_tcp::run_source(&target, config(), &src, cfg);
     let (dest, wrong) = match dest.join().unwrap() {
         Ok(d) => d,
         Err(e) => {
@@ -126,15 +112,7 @@ fn migrate(what: &str, one: Option<bool>, spin: Duration) -> Option<Outcome> {
         }
     };
     let source = source.unwrap_or_else(|e| panic!("{what}: source failed: {e}"));
-    let set = dst.regions().unwrap();
-    for p in 0..PAGES {
-        let mut v = vec![0u8; PS];
-        set.get(R)
-            .unwrap()
-            .read_at(p as usize * PS, &mut v)
-            .unwrap();
-        assert_eq!(v, pattern(p), "{what}: page {p}");
-    }
+    postcopy_tcp::assert_pages(what, &dst, R, PAGES, SALT);
     let also_woke = dst.postcopy_stats().also_woke;
     Some(Outcome {
         source,

@@ -12,24 +12,22 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lmig_core::PageResidency;
 use lmig_core::model::{PageRun, RegionId};
 use lmig_core::protocol::Verification;
-use lmig_core::session::{Destination, DestinationConfig, Mode, Source, SourceConfig};
+use lmig_core::session::{Destination, DestinationConfig, Mode, SourceConfig};
 use lmig_core::testing::NullProgram;
-use lmig_core::{MemorySource, PageResidency};
-use lmig_mem::{Backing, DestinationRegions, ManualTracker, RegionOptions, RegionSet};
-use lmig_transport::{ChannelConfig, Endpoint, Listener, StreamChannel, connect};
+use lmig_mem::{Backing, DestinationRegions};
+use lmig_transport::ChannelConfig;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 mod postcopy_tcp;
 
-use postcopy_tcp::PS;
 const PAGES: u64 = 512;
 const R: RegionId = RegionId(5);
 
-fn pattern(page: u64) -> Vec<u8> {
-    postcopy_tcp::pattern(page, 0xA5)
-}
+/// The salt of this file's page pattern.
+const SALT: u8 = 0xA5;
 
 fn config() -> ChannelConfig {
     postcopy_tcp::config(b"settled test key, 32 bytes long!")
@@ -51,21 +49,9 @@ const SILENCE: Duration = Duration::from_secs(30);
 /// `say_settled`. Each side gives up on the other after `silence` without
 /// a message. `None` when skipped (no userfaultfd).
 fn migrate(what: &str, holdoff: Duration, say_settled: bool, silence: Duration) -> Option<Outcome> {
-    let src = RegionSet::new([RegionOptions::new(R, PAGES * PS as u64).map().unwrap()]).unwrap();
-    for p in 0..PAGES {
-        src.get(R)
-            .unwrap()
-            .write_at(p as usize * PS, &pattern(p))
-            .unwrap();
-    }
-    let layout = MemorySource::layout(&src);
-    let tracker = ManualTracker::new(&layout);
+    let src = postcopy_tcp::source_region(R, PAGES, SALT);
     let dst = Arc::new(DestinationRegions::new(Backing::Private).prefault(false));
-    let listener =
-        Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), config()).unwrap();
-    let Endpoint::Tcp(target) = listener.local_endpoint().clone() else {
-        unreachable!()
-    };
+    let (listener, target) = postcopy_tcp::listen(config());
     let dest = {
         let dst = dst.clone();
         std::thread::spawn(move || {
@@ -84,7 +70,6 @@ fn migrate(what: &str, holdoff: Duration, say_settled: bool, silence: Duration) 
             resumed.after_commit.join()
         })
     };
-    let channel: StreamChannel = connect(&Endpoint::Tcp(target), config()).unwrap();
     let cfg = SourceConfig::default()
         .with_mode(Mode::Postcopy)
         .with_verify(true)
@@ -92,10 +77,7 @@ fn migrate(what: &str, holdoff: Duration, say_settled: bool, silence: Duration) 
         .with_done_timeout(silence)
         .with_push_holdoff(holdoff)
         .with_push_holdoff_until_settled(true);
-    let source = Source::new(&channel, &src, tracker, NullProgram::default())
-        .with_config(cfg)
-        .run();
-    lmig_core::Channel::shutdown(&channel);
+    let source = postcopy_tcp::run_source(&target, config(), &src, cfg);
     let dest = dest.join().unwrap();
     let dest = match dest {
         Ok(d) => d,
@@ -107,15 +89,7 @@ fn migrate(what: &str, holdoff: Duration, say_settled: bool, silence: Duration) 
         }
     };
     let source = source.unwrap_or_else(|e| panic!("{what}: source failed: {e}"));
-    let set = dst.regions().unwrap();
-    for p in 0..PAGES {
-        let mut v = vec![0u8; PS];
-        set.get(R)
-            .unwrap()
-            .read_at(p as usize * PS, &mut v)
-            .unwrap();
-        assert_eq!(v, pattern(p), "{what}: page {p}");
-    }
+    postcopy_tcp::assert_pages(what, &dst, R, PAGES, SALT);
     Some(Outcome { source, dest })
 }
 
