@@ -37,6 +37,24 @@ impl Pages {
     }
 }
 
+impl Pages {
+    /// A 1 MiB store region (id 1) and a residency over its pages, every
+    /// page resident.
+    fn region() -> (lmig_mem::Region, Arc<Self>) {
+        let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+        let res = Self::new(region.len() / PAGE as usize);
+        (region, res)
+    }
+
+    /// Make the home page of each of `keys` resident (`here`) or missing.
+    fn set_here(&self, keys: &[(String, u64)], here: bool) {
+        let mut h = self.here.lock().unwrap();
+        for (_, p) in keys {
+            h[*p as usize] = here;
+        }
+    }
+}
+
 impl PageResidency for Pages {
     fn is_resident(&self, run: &PageRun) -> lmig_core::Result<bool> {
         let here = self.here.lock().unwrap();
@@ -78,9 +96,8 @@ fn args(words: &[&str]) -> Args {
 
 #[test]
 fn a_missing_key_parks_its_connection_in_order_and_others_run() {
-    let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+    let (region, res) = Pages::region();
     let store = Store::format(&region);
-    let res = Pages::new(region.len() / PAGE as usize);
     let mut parking = Parking::new(res.clone(), RegionId(1));
     // Make the home pages of "cold" missing.
     let cold = store.home_offset(b"cold") as u64 / PAGE;
@@ -139,9 +156,8 @@ fn keys_apart(store: &Store<'_>, n: usize) -> Vec<(String, u64)> {
 
 #[test]
 fn the_first_wave_is_said_settled_once_it_ran_and_not_before() {
-    let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+    let (region, res) = Pages::region();
     let store = Store::format(&region);
-    let res = Pages::new(region.len() / PAGE as usize);
     let mut parking = Parking::new(res.clone(), RegionId(1)).saying_settled(true);
     let keys = keys_apart(&store, 3);
     let get = |i: usize| args(&["GET", &keys[i].0]);
@@ -181,14 +197,11 @@ fn the_first_wave_is_said_settled_once_it_ran_and_not_before() {
 
 #[test]
 fn a_wave_whose_connections_closed_is_settled_too() {
-    let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+    let (region, res) = Pages::region();
     let store = Store::format(&region);
-    let res = Pages::new(region.len() / PAGE as usize);
     let mut parking = Parking::new(res.clone(), RegionId(1)).saying_settled(true);
     let keys = keys_apart(&store, 2);
-    for (_, p) in &keys {
-        res.here.lock().unwrap()[*p as usize] = false;
-    }
+    res.set_here(&keys, false);
     assert_eq!(parking.admit(1, &store, args(&["GET", &keys[0].0])), None);
     assert_eq!(parking.admit(2, &store, args(&["GET", &keys[1].0])), None);
     // Nothing said while no parked request could run yet.
@@ -209,14 +222,11 @@ fn a_wave_whose_connections_closed_is_settled_too() {
 
 #[test]
 fn a_turns_requests_are_asked_for_in_batches_and_flushed_once() {
-    let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+    let (region, res) = Pages::region();
     let store = Store::format(&region);
-    let res = Pages::new(region.len() / PAGE as usize);
     let mut parking = Parking::new(res.clone(), RegionId(1)).requesting_in_batches(3);
     let keys = keys_apart(&store, 7);
-    for (_, p) in &keys {
-        res.here.lock().unwrap()[*p as usize] = false;
-    }
+    res.set_here(&keys, false);
     // Seven parked requests in one turn: a flush after each three.
     for (i, (k, _)) in keys.iter().enumerate() {
         assert_eq!(parking.admit(i as u64, &store, args(&["GET", k])), None);
@@ -247,11 +257,10 @@ fn a_turns_requests_are_asked_for_in_batches_and_flushed_once() {
 
 #[test]
 fn a_quiet_poll_with_nothing_parked_says_settled_once() {
-    let region = RegionOptions::new(RegionId(1), 1 << 20).map().unwrap();
+    let (region, res) = Pages::region();
     let store = Store::format(&region);
-    let res = Pages::new(region.len() / PAGE as usize);
     let keys = keys_apart(&store, 1);
-    res.here.lock().unwrap()[keys[0].1 as usize] = false;
+    res.set_here(&keys, false);
     // An idle destination: the first quiet poll says it.
     let mut idle = Parking::new(res.clone(), RegionId(1)).saying_settled(true);
     assert!(idle.awaiting_settle());
@@ -266,7 +275,7 @@ fn a_quiet_poll_with_nothing_parked_says_settled_once() {
     assert_eq!(busy.admit(1, &store, args(&["GET", &keys[0].0])), None);
     busy.quiet();
     assert_eq!(*res.settled.lock().unwrap(), 1, "parked: not said");
-    res.here.lock().unwrap()[keys[0].1 as usize] = true;
+    res.set_here(&keys, true);
     assert!(busy.next(1, &store).is_some());
     busy.quiet();
     assert_eq!(*res.settled.lock().unwrap(), 2, "ran, then quiet: said");
