@@ -7,7 +7,7 @@ use std::time::Duration;
 use lmig_core::model::{PageRun, ProgramState, RegionId, RegionInfo, RegionLayout};
 use lmig_core::policy::{ConvergencePolicy, Decision, Fallback, PolicyConfig};
 use lmig_core::protocol::{Message, PageBatch, PageData, Verification};
-use lmig_core::session::{Destination, Mode, Source, SourceConfig};
+use lmig_core::session::{Destination, Mode, Source, SourceConfig, SourceReport};
 use lmig_core::testing::{Cut, CutChannel, MarkTracker, NullProgram, VecMemory, channel_pair};
 use lmig_core::{Channel, MigrationError};
 
@@ -340,34 +340,65 @@ fn postcopy_without_fault_support_aborts_before_commit() {
     );
 }
 
-#[test]
-fn throttle_fallback_asks_the_program() {
-    struct Throttled {
-        inner: NullProgram,
-        asked: Vec<u8>,
-    }
-    impl lmig_core::StateSource for Throttled {
-        fn pause(&mut self) -> lmig_core::Result<()> {
-            self.inner.pause()
-        }
-        fn resume(&mut self) -> lmig_core::Result<()> {
-            self.inner.resume()
-        }
-        fn throttle(&mut self, percent: u8) -> bool {
-            self.asked.push(percent);
-            true
+/// A program that records the throttles asked of it and agrees to them
+/// (`agrees`) or refuses them.
+struct Throttled {
+    inner: NullProgram,
+    asked: Vec<u8>,
+    agrees: bool,
+}
+
+impl Throttled {
+    fn new(agrees: bool) -> Self {
+        Self {
+            inner: NullProgram::default(),
+            asked: Vec::new(),
+            agrees,
         }
     }
+}
+
+impl lmig_core::StateSource for Throttled {
+    fn pause(&mut self) -> lmig_core::Result<()> {
+        self.inner.pause()
+    }
+    fn resume(&mut self) -> lmig_core::Result<()> {
+        self.inner.resume()
+    }
+    fn throttle(&mut self, percent: u8) -> bool {
+        self.asked.push(percent);
+        self.agrees
+    }
+}
+
+/// Migrate the test region from a tracker that never converges
+/// ([`AlwaysDirty`]) with `policy`, the source program `prog`; the
+/// source's report, with the destination's checked, and the two memories.
+fn migrate_never_converging(
+    prog: &mut Throttled,
+    policy: ConvergencePolicy,
+) -> (SourceReport, VecMemory, VecMemory) {
     let layout = layout();
     let src = filled_memory(&layout);
     let dst = VecMemory::empty();
     let (a, b) = channel_pair(1);
     let tracker = MarkTracker::new(&layout);
+    let r = std::thread::scope(|s| {
+        let d = s.spawn(|| Destination::new(&b, &dst, NullProgram::default()).run());
+        let r = Source::new(&a, &src, AlwaysDirty(tracker, layout.clone()), prog)
+            .with_policy(policy)
+            .run();
+        d.join().unwrap().unwrap();
+        r
+    })
+    .unwrap();
+    (r, src, dst)
+}
+
+#[test]
+fn throttle_fallback_asks_the_program() {
     // Dirty the whole region after every collect: never converges.
-    let mut prog = Throttled {
-        inner: NullProgram::default(),
-        asked: Vec::new(),
-    };
+    let mut prog = Throttled::new(true);
     let policy = ConvergencePolicy::new(
         PolicyConfig::default()
             .with_downtime_target(Duration::from_nanos(1))
@@ -375,15 +406,7 @@ fn throttle_fallback_asks_the_program() {
             .with_stall_rounds(1)
             .with_fallback(Fallback::Throttle),
     );
-    let r = std::thread::scope(|s| {
-        let d = s.spawn(|| Destination::new(&b, &dst, NullProgram::default()).run());
-        let r = Source::new(&a, &src, AlwaysDirty(tracker, layout.clone()), &mut prog)
-            .with_policy(policy)
-            .run();
-        d.join().unwrap().unwrap();
-        r
-    })
-    .unwrap();
+    let (r, src, dst) = migrate_never_converging(&mut prog, policy);
     assert!(!prog.asked.is_empty(), "the program was asked to throttle");
     assert!(
         prog.asked.windows(2).all(|w| w[1] < w[0]),
@@ -417,45 +440,13 @@ impl lmig_core::DirtyTracker for AlwaysDirty {
 /// still ends, frozen right after the refusal, verified.
 #[test]
 fn refused_throttle_never_stalls_the_migration() {
-    struct Refuses {
-        inner: NullProgram,
-        asked: Vec<u8>,
-    }
-    impl lmig_core::StateSource for Refuses {
-        fn pause(&mut self) -> lmig_core::Result<()> {
-            self.inner.pause()
-        }
-        fn resume(&mut self) -> lmig_core::Result<()> {
-            self.inner.resume()
-        }
-        fn throttle(&mut self, percent: u8) -> bool {
-            self.asked.push(percent);
-            false
-        }
-    }
-    let layout = layout();
-    let src = filled_memory(&layout);
-    let dst = VecMemory::empty();
-    let (a, b) = channel_pair(1);
-    let tracker = MarkTracker::new(&layout);
-    let mut prog = Refuses {
-        inner: NullProgram::default(),
-        asked: Vec::new(),
-    };
+    let mut prog = Throttled::new(false);
     let policy = ConvergencePolicy::new(
         PolicyConfig::default()
             .with_downtime_target(Duration::from_nanos(1))
             .with_fallback(Fallback::Throttle),
     );
-    let r = std::thread::scope(|s| {
-        let d = s.spawn(|| Destination::new(&b, &dst, NullProgram::default()).run());
-        let r = Source::new(&a, &src, AlwaysDirty(tracker, layout.clone()), &mut prog)
-            .with_policy(policy)
-            .run();
-        d.join().unwrap().unwrap();
-        r
-    })
-    .unwrap();
+    let (r, src, dst) = migrate_never_converging(&mut prog, policy);
     // Asked once (pre-copy cannot converge: every page dirty again),
     // refused, and from the next decision on the policy freezes (more
     // rounds only while the destination has not said `Prepared`), far
