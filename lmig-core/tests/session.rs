@@ -674,32 +674,48 @@ impl lmig_core::SocketSink for SlowSink {
     }
 }
 
+/// Migrate `src` to `dst` (memories) over a pair with two data lanes,
+/// the source's sockets and the destination's sink, the source's and the
+/// destination's programs, the source configured by `config`; both
+/// sessions' results.
+fn migrate_with_sockets<K: lmig_core::SocketSource>(
+    (src, dst): (&VecMemory, &VecMemory),
+    (sockets, sink): (K, &mut SlowSink),
+    (src_prog, dst_prog): (&mut NullProgram, &mut NullProgram),
+    config: SourceConfig,
+) -> (
+    lmig_core::Result<SourceReport>,
+    lmig_core::Result<lmig_core::session::DestinationReport>,
+) {
+    let (a, b) = channel_pair(2);
+    let mut tracker = MarkTracker::new(&lmig_core::MemorySource::layout(src));
+    std::thread::scope(|s| {
+        let d = s.spawn(|| Destination::new(&b, dst, dst_prog).with_sockets(sink).run());
+        let r = Source::new(&a, src, &mut tracker, src_prog)
+            .with_sockets(sockets)
+            .with_config(config)
+            .run();
+        (r, d.join().unwrap())
+    })
+}
+
 #[test]
 fn sockets_restore_beside_the_pages_and_are_all_in_before_commit() {
     let layout = layout();
     let src = filled_memory(&layout);
     let dst = VecMemory::empty();
-    let (a, b) = channel_pair(2);
-    let mut tracker = MarkTracker::new(&layout);
     let mut sockets = FakeSockets {
         batches: 8,
         released: false,
         aborted: false,
     };
     let mut sink = SlowSink::default();
-    let (s_res, d_res) = std::thread::scope(|s| {
-        let d = s.spawn(|| {
-            let mut prog = NullProgram::default();
-            Destination::new(&b, &dst, &mut prog)
-                .with_sockets(&mut sink)
-                .run()
-        });
-        let mut prog = NullProgram::default();
-        let r = Source::new(&a, &src, &mut tracker, &mut prog)
-            .with_sockets(&mut sockets)
-            .run();
-        (r, d.join().unwrap())
-    });
+    let (s_res, d_res) = migrate_with_sockets(
+        (&src, &dst),
+        (&mut sockets, &mut sink),
+        (&mut NullProgram::default(), &mut NullProgram::default()),
+        SourceConfig::default(),
+    );
     let s_rep = s_res.expect("source");
     let d_rep = d_res.expect("destination");
     assert_eq!(s_rep.sockets, 128);
@@ -769,26 +785,17 @@ fn queued_socket_bytes_reach_the_policy_and_the_report() {
     let layout = layout();
     let src = filled_memory(&layout);
     let dst = VecMemory::empty();
-    let (a, b) = channel_pair(2);
-    let mut tracker = MarkTracker::new(&layout);
     let mut sockets = QueuedSockets {
         estimate: 32 << 20,
         asked: 0,
     };
     let mut sink = SlowSink::default();
-    let (s_res, d_res) = std::thread::scope(|s| {
-        let d = s.spawn(|| {
-            let mut prog = NullProgram::default();
-            Destination::new(&b, &dst, &mut prog)
-                .with_sockets(&mut sink)
-                .run()
-        });
-        let mut prog = NullProgram::default();
-        let r = Source::new(&a, &src, &mut tracker, &mut prog)
-            .with_sockets(&mut sockets)
-            .run();
-        (r, d.join().unwrap())
-    });
+    let (s_res, d_res) = migrate_with_sockets(
+        (&src, &dst),
+        (&mut sockets, &mut sink),
+        (&mut NullProgram::default(), &mut NullProgram::default()),
+        SourceConfig::default(),
+    );
     let rep = s_res.expect("source");
     d_res.expect("destination");
     assert!(rep.rounds >= 1);
@@ -814,8 +821,6 @@ fn a_socket_restore_failing_mid_freeze_aborts_and_the_source_runs_on() {
         let src = filled_memory(&layout);
         let before = src.snapshot(RegionId(1));
         let dst = VecMemory::empty();
-        let (a, b) = channel_pair(2);
-        let mut tracker = MarkTracker::new(&layout);
         let mut sockets = FakeSockets {
             batches: 8,
             released: false,
@@ -828,18 +833,12 @@ fn a_socket_restore_failing_mid_freeze_aborts_and_the_source_runs_on() {
         let mut src_prog = NullProgram::default();
         let mut dst_prog = NullProgram::default();
         let config = SourceConfig::default().with_ready_timeout(Duration::from_secs(5));
-        let (s_res, d_res) = std::thread::scope(|s| {
-            let d = s.spawn(|| {
-                Destination::new(&b, &dst, &mut dst_prog)
-                    .with_sockets(&mut sink)
-                    .run()
-            });
-            let r = Source::new(&a, &src, &mut tracker, &mut src_prog)
-                .with_sockets(&mut sockets)
-                .with_config(config)
-                .run();
-            (r, d.join().unwrap())
-        });
+        let (s_res, d_res) = migrate_with_sockets(
+            (&src, &dst),
+            (&mut sockets, &mut sink),
+            (&mut src_prog, &mut dst_prog),
+            config,
+        );
         let d_err = d_res.expect_err("the destination must fail");
         assert!(
             d_err.to_string().contains("refused by the test sink"),
