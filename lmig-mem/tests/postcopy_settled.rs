@@ -47,8 +47,14 @@ const SILENCE: Duration = Duration::from_secs(30);
 /// (bound `holdoff`); the destination's program asks for one page through
 /// its residency handle, waits until it is in, and says it settled if
 /// `say_settled`. Each side gives up on the other after `silence` without
-/// a message. `None` when skipped (no userfaultfd).
-fn migrate(what: &str, holdoff: Duration, say_settled: bool, silence: Duration) -> Option<Outcome> {
+/// a message; the pages take at most `bandwidth` bytes a second (0: no
+/// limit). `None` when skipped (no userfaultfd).
+fn migrate(
+    what: &str,
+    holdoff: Duration,
+    say_settled: bool,
+    (silence, bandwidth): (Duration, u64),
+) -> Option<Outcome> {
     let src = postcopy_tcp::source_region(R, PAGES, SALT);
     let dst = Arc::new(DestinationRegions::new(Backing::Private).prefault(false));
     let (listener, target) = postcopy_tcp::listen(config());
@@ -76,7 +82,8 @@ fn migrate(what: &str, holdoff: Duration, say_settled: bool, silence: Duration) 
         .with_ready_timeout(Duration::from_secs(30))
         .with_done_timeout(silence)
         .with_push_holdoff(holdoff)
-        .with_push_holdoff_until_settled(true);
+        .with_push_holdoff_until_settled(true)
+        .with_bandwidth_limit(bandwidth);
     let source = postcopy_tcp::run_source(&target, config(), &src, cfg);
     let dest = dest.join().unwrap();
     let dest = match dest {
@@ -134,7 +141,7 @@ fn check(what: &str, o: &Outcome, settled: bool) {
 #[test]
 fn the_programs_word_ends_the_push_holdoff() {
     let what = "post-copy, push held off until settled";
-    let Some(o) = migrate(what, Duration::from_secs(3), true, SILENCE) else {
+    let Some(o) = migrate(what, Duration::from_secs(3), true, (SILENCE, 0)) else {
         return;
     };
     check(what, &o, true);
@@ -145,7 +152,7 @@ fn the_programs_word_ends_the_push_holdoff() {
 #[test]
 fn without_the_programs_word_the_holdoff_ends_at_its_bound() {
     let what = "post-copy, never settled";
-    let Some(o) = migrate(what, Duration::from_millis(300), false, SILENCE) else {
+    let Some(o) = migrate(what, Duration::from_millis(300), false, (SILENCE, 0)) else {
         return;
     };
     check(what, &o, false);
@@ -163,10 +170,44 @@ fn without_the_programs_word_the_holdoff_ends_at_its_bound() {
 #[test]
 fn a_holdoff_longer_than_the_silence_bounds_completes() {
     let what = "post-copy, hold-off beyond the idle timeouts";
-    let Some(o) = migrate(what, Duration::from_secs(3), false, Duration::from_secs(1)) else {
+    let Some(o) = migrate(
+        what,
+        Duration::from_secs(3),
+        false,
+        (Duration::from_secs(1), 0),
+    ) else {
         return;
     };
     check(what, &o, false);
+    assert!(o.dest.warnings.is_empty(), "{what}: {:?}", o.dest.warnings);
+    assert!(
+        o.source.warnings.is_empty(),
+        "{what}: {:?}",
+        o.source.warnings
+    );
+}
+
+/// A push longer than the source's silence bound (scaled: 1 s bounds, 2 MiB
+/// at 1 MiB/s, no hold-off): the destination has nothing to say while
+/// pages come, and the source does not take that for a lost destination.
+/// Before, the source failed waiting for `Done` after its `done_timeout`
+/// whenever the push lasted longer (60 s by default: a slow link, a
+/// bandwidth limit, a large memory).
+#[test]
+fn a_push_longer_than_the_sources_silence_bound_completes() {
+    let what = "post-copy, a push slower than the done timeout";
+    let bounds = (Duration::from_secs(1), 1 << 20);
+    let Some(o) = migrate(what, Duration::ZERO, false, bounds) else {
+        return;
+    };
+    // Page 7 may come with the push before it is asked for: `check`'s
+    // request count does not apply.
+    assert_eq!(o.dest.verification, Verification::Verified, "{what}");
+    assert_eq!(o.source.verification, Verification::Verified, "{what}");
+    assert_eq!(
+        o.dest.postcopy_pages, PAGES,
+        "{what}: every page placed once"
+    );
     assert!(o.dest.warnings.is_empty(), "{what}: {:?}", o.dest.warnings);
     assert!(
         o.source.warnings.is_empty(),
