@@ -385,7 +385,10 @@ pub enum Cut {
 }
 
 /// A channel that breaks at a chosen step, as if the connection dropped or
-/// this side was killed there.
+/// this side was killed there. Every send is counted, on whichever lane;
+/// it has no urgent receiver of its own (urgent messages come through
+/// `recv`, where the cut sees them), so a post-copy destination over it
+/// runs two fault-path threads ([`FaultChannel`] forwards the urgent lane).
 pub struct CutChannel<C> {
     inner: C,
     cut: Cut,
@@ -418,6 +421,20 @@ impl<C: Channel> CutChannel<C> {
         self.inner.shutdown();
         MigrationError::channel_closed("connection cut (test)")
     }
+
+    /// A message named `name` is about to be sent: an error once cut, or
+    /// if it is the one to cut at.
+    fn sending(&self, name: &str) -> Result<()> {
+        if self.was_cut() {
+            return Err(MigrationError::channel_closed("connection cut (test)"));
+        }
+        if let Cut::Send(want, n) = self.cut {
+            if self.hit(name, want, n) {
+                return Err(self.break_now());
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<C: Channel> Channel for CutChannel<C> {
@@ -426,31 +443,31 @@ impl<C: Channel> Channel for CutChannel<C> {
     }
 
     fn send(&self, msg: &Message) -> Result<()> {
-        if self.was_cut() {
-            return Err(MigrationError::channel_closed("connection cut (test)"));
-        }
-        if let Cut::Send(name, n) = self.cut {
-            if self.hit(msg.name(), name, n) {
-                return Err(self.break_now());
-            }
-        }
+        self.sending(msg.name())?;
         self.inner.send(msg)
     }
 
     fn send_pages(&self, lane: usize, batch: &crate::protocol::PageBatch) -> Result<()> {
-        if self.was_cut() {
-            return Err(MigrationError::channel_closed("connection cut (test)"));
-        }
-        if let Cut::Send("Pages", n) = self.cut {
-            if self.hit("Pages", "Pages", n) {
-                return Err(self.break_now());
-            }
-        }
+        self.sending("Pages")?;
         self.inner.send_pages(lane, batch)
+    }
+
+    fn send_urgent(&self, msg: &Message) -> Result<()> {
+        self.sending(msg.name())?;
+        self.inner.send_urgent(msg)
+    }
+
+    fn send_lane(&self, lane: usize, msg: &Message) -> Result<()> {
+        self.sending(msg.name())?;
+        self.inner.send_lane(lane, msg)
     }
 
     fn data_lanes(&self) -> usize {
         self.inner.data_lanes()
+    }
+
+    fn ip_addresses(&self) -> Vec<std::net::IpAddr> {
+        self.inner.ip_addresses()
     }
 
     fn flush(&self) -> Result<()> {

@@ -384,6 +384,41 @@ mod tests {
         );
     }
 
+    /// Both test channels answer `ip_addresses` as the channel they wrap:
+    /// the source's refusal of a channel on a moving address is seen
+    /// through them (it was not through either before), and `CutChannel`
+    /// counts sends on every lane.
+    #[test]
+    fn wrappers_forward_the_channels_addresses() {
+        struct OnIp(crate::testing::PairEnd);
+        impl Channel for OnIp {
+            fn send(&self, msg: &Message) -> Result<()> {
+                self.0.send(msg)
+            }
+            fn recv(&self, timeout: Option<Duration>) -> Result<Option<Message>> {
+                self.0.recv(timeout)
+            }
+            fn ip_addresses(&self) -> Vec<std::net::IpAddr> {
+                vec!["198.51.100.7".parse().unwrap()]
+            }
+        }
+        let (a, b) = channel_pair(1);
+        let want = OnIp(a).ip_addresses();
+        assert_eq!(
+            FaultChannel::new(OnIp(b), Fault::never()).ip_addresses(),
+            want
+        );
+        let (a, _b) = channel_pair(1);
+        let cut = crate::testing::CutChannel::new(OnIp(a), crate::testing::Cut::Send("Ready", 2));
+        assert_eq!(cut.ip_addresses(), want);
+        cut.send_lane(0, &Message::Ready).unwrap();
+        assert!(
+            cut.send_urgent(&Message::Ready).is_err(),
+            "the second Ready"
+        );
+        assert!(cut.was_cut());
+    }
+
     #[test]
     fn duplicate_sends_twice_and_delivers_twice() {
         let (a, b) = channel_pair(1);
