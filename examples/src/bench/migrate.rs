@@ -25,6 +25,14 @@
 //! tracker and rounds reading its pages at MBPS, 0: the tracker alone;
 //! `kvd::dry`) and fails by design; `dry_baseline_p99_ms` and `dry_p99_ms`
 //! are the clients' p99 before and during it.
+//!
+//! `--client-cpu N` (the client load thread on CPU N), `--loop-off-client-cpu`
+//! (kvd's loop on the other CPUs) and `--migration-cpu N` (the migration's
+//! threads and the destination on CPU N) are placement experiments too,
+//! never a default (`client_cpu`, `loop_off_client_cpu`, `migration_cpu`;
+//! `scenario::split`): the bench's clients share the host's CPUs with kvd
+//! and the migration, a deployment's do not. Placed before the baseline, so
+//! `baseline_p99_ms` and `precopy_p99_ms` have one placement.
 
 use std::time::Duration;
 
