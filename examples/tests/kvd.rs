@@ -36,7 +36,7 @@ fn options(mode: &str, fault: Option<Fault>) -> Options {
         bandwidth_mbps: None,
         migrate_back: false,
         external: None,
-        split_cpus: false,
+        placement: scenario::split::Placement::Unplaced,
         dry_precopy_mbps: None,
     }
 }

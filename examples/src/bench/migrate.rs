@@ -25,6 +25,14 @@
 //! tracker and rounds reading its pages at MBPS, 0: the tracker alone;
 //! `kvd::dry`) and fails by design; `dry_baseline_p99_ms` and `dry_p99_ms`
 //! are the clients' p99 before and during it.
+//!
+//! `--client-cpu N` (the client load thread on CPU N), `--loop-off-client-cpu`
+//! (kvd's loop on the other CPUs) and `--migration-cpu N` (the migration's
+//! threads and the destination on CPU N) are placement experiments too,
+//! never a default (`client_cpu`, `loop_off_client_cpu`, `migration_cpu`;
+//! `scenario::split`): the bench's clients share the host's CPUs with kvd
+//! and the migration, a deployment's do not. Placed before the baseline, so
+//! `baseline_p99_ms` and `precopy_p99_ms` have one placement.
 
 use std::time::Duration;
 
@@ -32,6 +40,7 @@ use serde_json::json;
 
 use super::{Output, round};
 use crate::common::clock::mono_ns;
+use crate::scenario::split::{Pins, Placement};
 use crate::scenario::{self, Fault, Options, Server};
 
 /// Keys loaded by default into 1 GiB (100-byte values).
@@ -111,8 +120,23 @@ pub struct Args {
     pub bandwidth_mbps: Option<f64>,
     /// An experiment (never a default): kvd's loop and the clients on one
     /// CPU, the migration's threads and the destination on the other.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "client_cpu")]
     pub split_cpus: bool,
+    /// An experiment (never a default): the bench's client load thread on
+    /// this CPU only (`client_cpu`); kvd and the migration unplaced unless
+    /// `--loop-off-client-cpu`. Placed before the baseline's window.
+    #[arg(long, value_name = "N")]
+    pub client_cpu: Option<usize>,
+    /// With `--client-cpu N`: kvd's loop (the source's) on every other CPU,
+    /// so the client load cannot share its CPU (`loop_off_client_cpu`).
+    #[arg(long, requires = "client_cpu")]
+    pub loop_off_client_cpu: bool,
+    /// An experiment (never a default): the migration's threads (the
+    /// source's session, senders and receivers; the whole destination) on
+    /// this CPU only (`migration_cpu`), as an operator pins a VMM's
+    /// migration threads. Placed before the baseline's window.
+    #[arg(long, value_name = "N", conflicts_with = "split_cpus")]
+    pub migration_cpu: Option<usize>,
     /// An experiment: no migration, but kvd's own side of a pre-copy
     /// (its dirty tracker, rounds reading its pages at this many MB/s; 0:
     /// the tracker alone), nothing sent (`dry_precopy_mbps`,
@@ -160,7 +184,17 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
         queued_rcvbuf: args.queued_rcvbuf,
         cancel_at_pct: args.cancel_at_pct,
         bandwidth_mbps: args.bandwidth_mbps,
-        split_cpus: args.split_cpus,
+        placement: if args.split_cpus {
+            Placement::Split
+        } else if args.client_cpu.is_some() || args.migration_cpu.is_some() {
+            Placement::Pinned(Pins {
+                clients: args.client_cpu,
+                loop_off_clients: args.loop_off_client_cpu,
+                migration: args.migration_cpu,
+            })
+        } else {
+            Placement::Unplaced
+        },
         dry_precopy_mbps: args.dry_precopy,
         // The baseline (`baseline_p99_ms`) is the last seconds of the
         // warm-up: the first second after connecting is left out.
@@ -295,9 +329,13 @@ pub fn run(args: Args, out: Output) -> Result<(), Box<dyn std::error::Error>> {
     if let (Some(all), serde_json::Value::Object(more)) = (figures.as_object_mut(), phases) {
         all.extend(more);
     }
-    // The placement and dry-run experiments (`--split-cpus`, `--dry-precopy`).
+    // The placement and dry-run experiments (`--split-cpus`, `--client-cpu`,
+    // `--dry-precopy`).
     let experiments = json!({
         "split_cpus": args.split_cpus,
+        "client_cpu": args.client_cpu,
+        "loop_off_client_cpu": args.loop_off_client_cpu,
+        "migration_cpu": args.migration_cpu,
         "dry_precopy_mbps": args.dry_precopy,
         "dry_baseline_p99_ms": r.attempt_p99_ms.and_then(|p| p.0).map(|ms| round(ms, 2)),
         "dry_p99_ms": r.attempt_p99_ms.and_then(|p| p.1).map(|ms| round(ms, 2)),
@@ -326,5 +364,28 @@ mod tests {
         assert_eq!(cli.args.queued_mib, 32.0);
         let cli = Cli::try_parse_from(["migrate", "--queued-rcvbuf", "0"]).expect("parses");
         assert_eq!(cli.args.queued_rcvbuf, 0, "0: the kernel's default buffer");
+    }
+
+    #[test]
+    fn placement_flags_parse_and_refuse_what_makes_no_sense() {
+        let cli = Cli::try_parse_from(["migrate", "--client-cpu", "1", "--loop-off-client-cpu"])
+            .expect("parses");
+        assert_eq!(cli.args.client_cpu, Some(1));
+        assert!(cli.args.loop_off_client_cpu);
+        let cli = Cli::try_parse_from(["migrate", "--migration-cpu", "0"]).expect("parses");
+        assert_eq!(
+            (cli.args.client_cpu, cli.args.migration_cpu),
+            (None, Some(0))
+        );
+        let cli = Cli::try_parse_from(["migrate"]).expect("parses");
+        assert_eq!((cli.args.client_cpu, cli.args.migration_cpu), (None, None));
+        assert!(!cli.args.split_cpus, "the default places nothing");
+        for bad in [
+            &["migrate", "--loop-off-client-cpu"][..],
+            &["migrate", "--split-cpus", "--client-cpu", "1"],
+            &["migrate", "--split-cpus", "--migration-cpu", "1"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -89,10 +89,10 @@ pub struct Options {
     /// namespace ([`external`]): started once kvd serves, `warmup` before
     /// the migration, and waited for (instead of `after`) when it is done.
     pub external: Option<external::External>,
-    /// An experiment that changes placement ([`split`]): kvd's loop and
-    /// the clients on one CPU, the migration's threads and the destination
-    /// on another. Never a default.
-    pub split_cpus: bool,
+    /// Experiments that change placement ([`split`]): the clients on a
+    /// CPU of their own, or kvd's loop and the clients on one CPU and the
+    /// migration on another. Never a default.
+    pub placement: split::Placement,
     /// A dry pre-copy at this many MB/s instead of a migration
     /// ([`crate::kvd::dry`]): the attempt fails by design, kvd serves on,
     /// and [`Report::attempt_p99_ms`] tells what the clients felt.
@@ -134,7 +134,7 @@ impl Options {
             bandwidth_mbps: None,
             migrate_back: false,
             external: None,
-            split_cpus: false,
+            placement: split::Placement::Unplaced,
             dry_precopy_mbps: None,
         })
     }
@@ -357,7 +357,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     if let Some(t) = &tls_dir {
         tls::use_certificates(&mut a, t, "a");
     }
-    let split = opts.split_cpus.then(split::SplitCpus::new).transpose()?;
+    let placer = split::Placer::new(opts.placement)?;
     let mut a = topo.a.spawn(&mut a)?;
     let a_pid = a.id();
     let a_events = events(a.stdout.take().ok_or("kvd A has no stdout")?);
@@ -414,10 +414,9 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     let running = Arc::new(AtomicBool::new(false));
     let load_running = running.clone();
     let clients = topo.client.spawn_thread(move || {
-        if let Some(cpus) = split {
-            cpus.pin_self_to_program()
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-        }
+        placer
+            .place_clients()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         load::run(addr, conns, rate, load_stop, load_running, max)
     })?;
     // The warm-up counts from when every client is connected: the freeze
@@ -445,12 +444,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     };
     // Every thread of A and B is there now (those started later inherit),
     // placed before the baseline so that it has the same placement.
-    if let Some(cpus) = split {
-        cpus.place_source(a_pid)?;
-        if let Some(pid) = b_pid {
-            cpus.place_destination(pid)?;
-        }
-    }
+    placer.place_kvd(a_pid, b_pid)?;
     std::thread::sleep(opts.warmup);
 
     // Strangers at the destination's door first; some stay through the migration.
