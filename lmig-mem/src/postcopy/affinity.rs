@@ -154,48 +154,6 @@ pub(super) fn hold_on_fault_path_cpu() {
     }
 }
 
-/// Keep the calling thread (a background one: the source's push and
-/// digest, the destination's placement of pushed pages) off the CPU the
-/// fault path is held on, if one is held and the thread may run elsewhere
-/// too. A page request that arrives while the push is inside a send on
-/// the request server's CPU waits for that send to return (measured on 2
-/// vCPUs: the median request leg 3.2–4.8 µs apart from the push, 5.7–8.8
-/// sharing its CPU). In [`FaultPathAffinity::Together`] before the fault
-/// path chose, the CPU it will choose (the highest this thread may run
-/// on) is avoided; nothing is chosen here.
-pub(super) fn keep_off_fault_path_cpu() {
-    let held = match fault_path_affinity() {
-        FaultPathAffinity::Free => return,
-        FaultPathAffinity::Cpu(cpu) => Ok(cpu),
-        FaultPathAffinity::Together => match TOGETHER_CPU.load(Ordering::Relaxed) {
-            FREE => highest_allowed(),
-            cpu => Ok(cpu),
-        },
-    };
-    let mut set = match (held, sched_getaffinity(Pid::from_raw(0))) {
-        (Ok(_), Ok(set)) => set,
-        (Err(e), _) | (_, Err(e)) => {
-            debug!(error = %e, "post-copy background thread: CPUs unknown, not moved");
-            return;
-        }
-    };
-    let held = held.unwrap_or(FREE);
-    let elsewhere = (0..CpuSet::count()).any(|c| c != held && set.is_set(c).unwrap_or(false));
-    if !set.is_set(held).unwrap_or(false) || !elsewhere {
-        return;
-    }
-    match set
-        .unset(held)
-        .and_then(|()| sched_setaffinity(Pid::from_raw(0), &set))
-    {
-        Ok(()) => debug!(
-            cpu = held,
-            "post-copy background thread: kept off the fault path's CPU"
-        ),
-        Err(e) => debug!(cpu = held, error = %e, "post-copy background thread: not moved"),
-    }
-}
-
 /// The highest-numbered CPU the calling thread may run on.
 fn highest_allowed() -> nix::Result<usize> {
     let set = sched_getaffinity(Pid::from_raw(0))?;
@@ -291,22 +249,6 @@ mod tests {
         // Only the fault-path thread is held, not the thread that chose.
         assert_eq!(held, vec![last]);
         assert_eq!(allowed(), cpus);
-        // A background thread keeps off it (when it may run elsewhere).
-        let background = std::thread::spawn(|| {
-            super::super::background_thread();
-            allowed()
-        })
-        .join()
-        .unwrap();
-        let others: Vec<usize> = cpus.iter().copied().filter(|&c| c != last).collect();
-        assert_eq!(
-            background,
-            if others.is_empty() {
-                cpus.clone()
-            } else {
-                others
-            }
-        );
         set_fault_path_cpu(None).unwrap();
         assert_eq!(fault_path_cpu(), None);
         let after = std::thread::spawn(|| {
@@ -316,13 +258,6 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(after, cpus);
-        let background = std::thread::spawn(|| {
-            super::super::background_thread();
-            allowed()
-        })
-        .join()
-        .unwrap();
-        assert_eq!(background, cpus, "free: a background thread keeps its CPUs");
         together_holds_the_threads_on_one_cpu_and_a_refused_cpu_is_chosen_again(&cpus);
         set_fault_path_cpu(None).unwrap();
         assert_eq!(fault_path_affinity(), FaultPathAffinity::Free);
@@ -342,26 +277,6 @@ mod tests {
         assert_eq!(fault_path_affinity(), FaultPathAffinity::Together);
         assert_eq!(fault_path_cpu(), None);
         assert_eq!(fault_path_together_cpu(), None, "nothing chosen yet");
-        // A background thread starting before the fault path chose keeps
-        // off the CPU it will choose, and chooses nothing.
-        let background = std::thread::spawn(|| {
-            super::super::background_thread();
-            allowed()
-        })
-        .join()
-        .unwrap();
-        let below: Vec<usize> = cpus[..cpus.len() - 1].to_vec();
-        let want = if below.is_empty() {
-            cpus.to_vec()
-        } else {
-            below
-        };
-        assert_eq!(background, want);
-        assert_eq!(
-            fault_path_together_cpu(),
-            None,
-            "chosen by no background thread"
-        );
         // The first thread is held on one CPU, the highest it may run on
         // (the same in every process with the same CPUs), the next ones on
         // the same.

@@ -182,13 +182,11 @@ pub(crate) fn urgent_thread() {
     }
 }
 
-/// Lower the calling thread to [`BACKGROUND_THREAD_NICE`], and keep it off
-/// the fault path's CPU if one is held ([`set_fault_path_affinity`]).
+/// Lower the calling thread to [`BACKGROUND_THREAD_NICE`].
 pub(crate) fn background_thread() {
     if let Err(e) = crate::sys::set_thread_nice(BACKGROUND_THREAD_NICE) {
         debug!(error = %e, "post-copy bulk thread: priority kept");
     }
-    affinity::keep_off_fault_path_cpu();
 }
 
 /// Most `EAGAIN` answers one fill tolerates before it reports an error.
