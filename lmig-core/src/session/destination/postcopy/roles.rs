@@ -4,9 +4,11 @@
 //!
 //! One thread is used when
 //! [`DestinationConfig::one_fault_thread`](super::super::DestinationConfig::one_fault_thread)
-//! is on (it is off by default), the memory sink can wait for a fault and
-//! a descriptor at once ([`MemorySink::waits_fault_or`]) and the channel's
-//! urgent lane has a descriptor ([`Channel::urgent_fd`]). The thread that sent a request is then the one the reply
+//! is on (by default exactly when the sink's fault wait spins,
+//! [`MemorySink::fault_wait_spins`]), the memory sink can wait for a fault
+//! and a descriptor at once ([`MemorySink::waits_fault_or`]) and the
+//! channel's urgent lane has a descriptor ([`Channel::urgent_fd`]). The
+//! thread that sent a request is then the one the reply
 //! wakes (or finds spinning, with the sink's fault spin): one thread and
 //! one CPU stay busy across the whole fault, instead of two threads that
 //! each have to be woken.
