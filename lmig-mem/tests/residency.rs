@@ -532,3 +532,92 @@ fn fault_path_and_bulk_threads_take_their_priorities() {
     );
     assert_eq!(thread_nice(), before, "the test's own thread is untouched");
 }
+
+/// A fault thread's batch in one call (`MemorySink::take_faults`): the
+/// threads blocked on faults come first (the userfaultfd is read in the
+/// call), then the runs asked for ahead in the order asked, at most `max`
+/// a call; what is left comes in the next call, each run once, none lost,
+/// and every blocked thread reads its page once it is placed.
+#[test]
+fn take_faults_hands_out_the_faults_first_then_the_asked_runs_each_once() {
+    let Some(dst) = destination("take_faults_faults_first") else {
+        return;
+    };
+    let res: Residency = dst.regions().unwrap().residency().expect("in post-copy");
+    let region = dst.regions().unwrap().get(R).unwrap();
+    for p in 20..50u64 {
+        assert!(!res.request(&run(p, 1), p).unwrap());
+    }
+    // Taken before any fault: the oldest run asked for.
+    assert_eq!(
+        dst.wait_fault(Duration::from_secs(5)).unwrap(),
+        Some(run(20, 1))
+    );
+    let tids = [0, 0, 0].map(std::sync::atomic::AtomicI32::new);
+    let (batch, rest, read) = std::thread::scope(|s| {
+        let touchers: Vec<_> = [1u64, 3, 5]
+            .into_iter()
+            .zip(&tids)
+            .map(|(p, tid)| {
+                let region = &region;
+                s.spawn(move || {
+                    tid.store(nix::unistd::gettid().as_raw(), Ordering::Release);
+                    let mut b = [0u8; 8];
+                    region.read_at(p as usize * PS, &mut b).unwrap();
+                    u64::from_le_bytes(b)
+                })
+            })
+            .collect();
+        // Every toucher asleep in its fault (its message is queued on the
+        // userfaultfd before it sleeps).
+        let blocked = || {
+            tids.iter().all(|t| {
+                let t = t.load(Ordering::Acquire);
+                t != 0 && thread_state(t) == 'S'
+            })
+        };
+        let blocked = wait_until(blocked);
+        let mut batch = Vec::new();
+        let n = dst.take_faults(&mut batch, 10).unwrap();
+        let mut rest = Vec::new();
+        let m = dst.take_faults(&mut rest, 1000).unwrap();
+        let again = dst.take_faults(&mut rest, 1000).unwrap();
+        // Every page taken, and the touched ones even if they were not: no
+        // assertion before this point, so the joins never wait on a lost
+        // fault (a failed test fails, it does not hang).
+        let mut taken: Vec<u64> = batch.iter().chain(&rest).map(|r| r.first).collect();
+        taken.extend([1, 3, 5]);
+        taken.sort_unstable();
+        taken.dedup();
+        for p in taken {
+            place(&dst, p, 1);
+        }
+        let read: Vec<u64> = touchers.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(blocked, "the touchers never blocked");
+        assert_eq!((n, m, again), (10, 22, 0), "counts; each run once");
+        (batch, rest, read)
+    });
+    let mut faults: Vec<u64> = batch[..3].iter().map(|r| r.first).collect();
+    faults.sort_unstable();
+    assert_eq!(faults, vec![1, 3, 5], "the faults first: {batch:?}");
+    let asked: Vec<PageRun> = (21..28).map(|p| run(p, 1)).collect();
+    assert_eq!(batch[3..], asked[..], "then the runs asked, in order");
+    let left: Vec<PageRun> = (28..50).map(|p| run(p, 1)).collect();
+    assert_eq!(rest, left, "the rest in the next call");
+    assert_eq!(read, vec![1, 3, 5], "each toucher read its page");
+    // Page 20 (taken by `wait_fault`) was not placed yet: its waiter waits.
+    let told = ready_tokens(&res, 29);
+    assert_eq!(
+        told,
+        (21..50).collect::<Vec<u64>>(),
+        "every waiter told once"
+    );
+    place(&dst, 20, 1);
+    assert_eq!(ready_tokens(&res, 1), vec![20]);
+    let stats = dst.postcopy_stats();
+    assert_eq!((stats.faults, stats.placed), (3, 33), "{stats:?}");
+    for p in (0..PAGES).filter(|p| ![1, 3, 5].contains(p) && !(20..50).contains(p)) {
+        place(&dst, p, 1);
+    }
+    dst.end_postcopy().unwrap();
+}

@@ -183,6 +183,9 @@ macro_rules! forward_sink {
             fn fault_wait_spins(&self) -> bool {
                 (**self).fault_wait_spins()
             }
+            fn take_faults(&self, runs: &mut Vec<PageRun>, max: usize) -> Result<usize> {
+                (**self).take_faults(runs, max)
+            }
         }
     };
 }

@@ -206,6 +206,26 @@ pub trait MemorySink: Send + Sync {
     fn fault_wait_spins(&self) -> bool {
         false
     }
+
+    /// Post-copy: append to `runs`, without waiting, up to `max` runs
+    /// needed now — the faults already there first (a faulting thread is
+    /// blocked), then the runs the program asked for ahead — and return
+    /// how many. The session calls it right after [`Self::wait_fault`] (or
+    /// [`Self::wait_fault_or`]) gave a run, to send every request at hand
+    /// in one write. The default calls `wait_fault` with no timeout until
+    /// it gives nothing; a sink may look for faults once for the whole
+    /// batch instead of once per run.
+    fn take_faults(&self, runs: &mut Vec<PageRun>, max: usize) -> Result<usize> {
+        let mut n = 0;
+        while n < max {
+            match self.wait_fault(Duration::ZERO)? {
+                Some(run) => runs.push(run),
+                None => break,
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
 }
 
 /// Post-copy residency, for an event-loop program: whether pages are here,

@@ -36,29 +36,13 @@ impl Postcopy {
         loop {
             // Faults first: a faulting thread is blocked, a program that
             // asked ahead is not (it serves something else meanwhile).
-            if let Some(run) = lock(&self.queued).pop_front() {
-                self.counters.requested.fetch_add(1, Ordering::Relaxed);
-                if self.options.record_faults {
-                    let mut f = lock(&self.faulted);
-                    if f.len() < MAX_RECORDED_FAULTS {
-                        f.push((run.region, run.first));
-                        #[cfg(feature = "bench-internals")]
-                        lock(&self.trace).push(FaultTrace {
-                            region: run.region,
-                            page: run.first,
-                            read_at: Instant::now(),
-                            place_began: None,
-                            placed_at: None,
-                            placed_with: 0,
-                        });
-                    }
-                }
+            if let Some(run) = self.pop_fault() {
                 return Ok(Some(run));
             }
             let n = uffd::read_msgs(self.uffd.as_fd(), &mut buf)
                 .map_err(|e| MemError::os("read (userfaultfd)", "post-copy", e))?;
             if n > 0 {
-                self.take_faults(&buf[..n])?;
+                self.file_faults(&buf[..n])?;
                 continue;
             }
             if let Some(run) = lock(&self.asked).pop_front() {
@@ -123,9 +107,63 @@ impl Postcopy {
         }
     }
 
+    /// Append to `runs`, without waiting, up to `max` runs needed now: the
+    /// faults the userfaultfd holds (read once for the whole batch, not
+    /// once per run handed out) and those queued first, then the runs the
+    /// program asked for. Returns how many.
+    pub(crate) fn take_faults(&self, runs: &mut Vec<PageRun>, max: usize) -> Result<usize> {
+        let mut buf = [UffdMsg::default(); 16];
+        // Bounded: at most enough full reads for `max` faults, and one more.
+        for _ in 0..=max / buf.len() {
+            let n = uffd::read_msgs(self.uffd.as_fd(), &mut buf)
+                .map_err(|e| MemError::os("read (userfaultfd)", "post-copy", e))?;
+            self.file_faults(&buf[..n])?;
+            if n < buf.len() {
+                break;
+            }
+        }
+        let before = runs.len();
+        while runs.len() - before < max {
+            match self.pop_fault() {
+                Some(run) => runs.push(run),
+                None => break,
+            }
+        }
+        let left = max - (runs.len() - before);
+        if left > 0 {
+            let mut asked = lock(&self.asked);
+            let n = left.min(asked.len());
+            runs.extend(asked.drain(..n));
+        }
+        Ok(runs.len() - before)
+    }
+
+    /// The oldest fault queued for the session (counted, and recorded
+    /// when the options say so).
+    fn pop_fault(&self) -> Option<PageRun> {
+        let run = lock(&self.queued).pop_front()?;
+        self.counters.requested.fetch_add(1, Ordering::Relaxed);
+        if self.options.record_faults {
+            let mut f = lock(&self.faulted);
+            if f.len() < MAX_RECORDED_FAULTS {
+                f.push((run.region, run.first));
+                #[cfg(feature = "bench-internals")]
+                lock(&self.trace).push(FaultTrace {
+                    region: run.region,
+                    page: run.first,
+                    read_at: Instant::now(),
+                    place_began: None,
+                    placed_at: None,
+                    placed_with: 0,
+                });
+            }
+        }
+        Some(run)
+    }
+
     /// File fault messages: missing pages are queued for the session, the
     /// others are answered at once.
-    fn take_faults(&self, msgs: &[UffdMsg]) -> Result<()> {
+    fn file_faults(&self, msgs: &[UffdMsg]) -> Result<()> {
         for m in msgs {
             if m.event != uffd::UFFD_EVENT_PAGEFAULT {
                 continue;

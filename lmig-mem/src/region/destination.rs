@@ -141,6 +141,10 @@ impl MemorySink for DestinationRegions {
         Ok(self.set()?.wait_fault_or(also, timeout)?)
     }
 
+    fn take_faults(&self, runs: &mut Vec<PageRun>, max: usize) -> lmig_core::Result<usize> {
+        Ok(self.set()?.take_faults(runs, max)?)
+    }
+
     fn end_postcopy(&self) -> lmig_core::Result<()> {
         Ok(self.set()?.end_postcopy()?)
     }

@@ -64,6 +64,14 @@ impl RegionSet {
         self.sink.wait_fault_or(also, timeout)
     }
 
+    /// Post-copy: append to `runs`, without waiting, up to `max` runs
+    /// needed now — the faults there first, then the runs the program
+    /// asked for ([`Residency::request`](crate::postcopy::Residency::request)) — and return how many
+    /// (the userfaultfd is read once for them all).
+    pub fn take_faults(&self, runs: &mut Vec<PageRun>, max: usize) -> Result<usize> {
+        self.sink.take_faults(runs, max)
+    }
+
     /// Post-copy: unregister the regions. Refuses while pages are missing
     /// ([`MemError::PostcopyIncomplete`](crate::MemError::PostcopyIncomplete)).
     pub fn end_postcopy(&self) -> Result<()> {
@@ -179,6 +187,10 @@ impl MemorySink for RegionSet {
         timeout: Duration,
     ) -> lmig_core::Result<Option<PageRun>> {
         Ok(RegionSet::wait_fault_or(self, also, timeout)?)
+    }
+
+    fn take_faults(&self, runs: &mut Vec<PageRun>, max: usize) -> lmig_core::Result<usize> {
+        Ok(RegionSet::take_faults(self, runs, max)?)
     }
 
     fn end_postcopy(&self) -> lmig_core::Result<()> {

@@ -136,6 +136,13 @@ impl RegionSink {
         }
     }
 
+    /// Post-copy: the runs needed now, without waiting (see
+    /// [`crate::postcopy`]'s `take_faults`); none outside post-copy.
+    pub(crate) fn take_faults(&self, runs: &mut Vec<PageRun>, max: usize) -> Result<usize> {
+        self.active_postcopy()
+            .map_or(Ok(0), |pc| pc.take_faults(runs, max))
+    }
+
     /// Switch out of post-copy; refuses while pages are missing.
     pub(crate) fn end_postcopy(&self) -> Result<()> {
         let mut slot = self.postcopy.write().unwrap_or_else(|p| p.into_inner());

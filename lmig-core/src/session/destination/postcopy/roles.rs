@@ -4,9 +4,11 @@
 //!
 //! One thread is used when
 //! [`DestinationConfig::one_fault_thread`](super::super::DestinationConfig::one_fault_thread)
-//! is on (it is off by default), the memory sink can wait for a fault and
-//! a descriptor at once ([`MemorySink::waits_fault_or`]) and the channel's
-//! urgent lane has a descriptor ([`Channel::urgent_fd`]). The thread that sent a request is then the one the reply
+//! is on (by default exactly when the sink's fault wait spins,
+//! [`MemorySink::fault_wait_spins`]), the memory sink can wait for a fault
+//! and a descriptor at once ([`MemorySink::waits_fault_or`]) and the
+//! channel's urgent lane has a descriptor ([`Channel::urgent_fd`]). The
+//! thread that sent a request is then the one the reply
 //! wakes (or finds spinning, with the sink's fault spin): one thread and
 //! one CPU stay busy across the whole fault, instead of two threads that
 //! each have to be woken.
@@ -30,6 +32,20 @@ const NO_FD_TICK: Duration = Duration::from_micros(200);
 /// Most replies [`FaultPath`] places in one pass before it looks at the
 /// faults again.
 const REPLY_BATCH: usize = 64;
+
+/// The thread forwarding the faults (alone, or also placing the replies):
+/// its name, and where a panic in it happened.
+const FAULTS: (&str, &str) = ("lmig-faults", "in the post-copy fault thread");
+/// The thread placing the replies, when it is a thread of its own.
+const REPLIES: (&str, &str) = ("lmig-replies", "in the post-copy urgent thread");
+
+/// Scratch space of a thread forwarding faults: the runs at hand and the
+/// messages of one write.
+#[derive(Default)]
+struct Forwarding {
+    runs: Vec<PageRun>,
+    messages: Vec<Message>,
+}
 
 /// A running post-copy thread (of the roles below). Its error or panic
 /// marks post-copy failed, so that the session's thread stops too; a panic
@@ -81,14 +97,19 @@ impl<'scope> FaultThreads<'scope> {
     ) -> Result<Self> {
         if one && service.memory.waits_fault_or() && service.channel.urgent_fd().is_ok() {
             debug!("post-copy: one thread forwards the faults and places the replies");
-            let faults = FaultPath::spawn(scope, service)?;
+            let faults = RoleThread::spawn(scope, FAULTS, service, FaultPath::run)?;
             return Ok(Self {
                 faults,
                 replies: None,
             });
         }
-        let faults = FaultForwarder::spawn(scope, service)?;
-        let replies = Some(ReplyPlacer::spawn(scope, service)?);
+        let faults = RoleThread::spawn(scope, FAULTS, service, FaultForwarder::run)?;
+        let replies = Some(RoleThread::spawn(
+            scope,
+            REPLIES,
+            service,
+            ReplyPlacer::run,
+        )?);
         Ok(Self { faults, replies })
     }
 
@@ -106,47 +127,40 @@ impl<'scope> FaultThreads<'scope> {
 struct FaultForwarder;
 
 impl FaultForwarder {
-    fn spawn<'scope, 'env, M: MemorySink, C: Channel>(
-        scope: &'scope Scope<'scope, 'env>,
-        service: &'scope Service<'_, M, C>,
-    ) -> Result<RoleThread<'scope>> {
-        let names = ("lmig-faults", "in the post-copy fault thread");
-        RoleThread::spawn(scope, names, service, Self::run)
-    }
-
     fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
         service.memory.urgent_thread();
-        let mut requests = Vec::with_capacity(REQUEST_BATCH + 1);
+        let mut scratch = Forwarding::default();
         while !service.link.stop.load(Ordering::Acquire) {
             // Returns early when the program says its parked work ran
             // (lmig-mem's residency wakes it): the word goes out below.
             let first = service.memory.wait_fault(service.poll)?;
-            Self::forward(service, first, &mut requests)?;
+            Self::forward(service, first, &mut scratch)?;
         }
         Ok(())
     }
 
     /// Send the request for `first` (a fault just read, if any) with every
     /// other already waiting, and the program's word that its parked work
-    /// ran if it came, in one write. `requests` is scratch space.
+    /// ran if it came, in one write.
     fn forward<M: MemorySink, C: Channel>(
         service: &Service<'_, M, C>,
         first: Option<PageRun>,
-        requests: &mut Vec<Message>,
+        scratch: &mut Forwarding,
     ) -> Result<()> {
         let link = service.link;
+        let requests = &mut scratch.messages;
         requests.clear();
         // Every request already waiting goes with this one, in one
         // write (a program that parks many requests at once, or many
-        // threads faulting together, costs one write, not one each).
+        // threads faulting together, costs one write, not one each),
+        // taken in one call (the sink looks for faults once for them all).
         if let Some(run) = first {
             requests.push(Message::PageRequest(run));
-            while requests.len() < REQUEST_BATCH {
-                match service.memory.wait_fault(Duration::ZERO)? {
-                    Some(run) => requests.push(Message::PageRequest(run)),
-                    None => break,
-                }
-            }
+            scratch.runs.clear();
+            service
+                .memory
+                .take_faults(&mut scratch.runs, REQUEST_BATCH - 1)?;
+            requests.extend(scratch.runs.drain(..).map(Message::PageRequest));
             Self::remember(link, requests);
         }
         // Behind the requests on the same lane: the source answers
@@ -205,14 +219,6 @@ enum Replies {
 struct ReplyPlacer;
 
 impl ReplyPlacer {
-    fn spawn<'scope, 'env, M: MemorySink, C: Channel>(
-        scope: &'scope Scope<'scope, 'env>,
-        service: &'scope Service<'_, M, C>,
-    ) -> Result<RoleThread<'scope>> {
-        let names = ("lmig-replies", "in the post-copy urgent thread");
-        RoleThread::spawn(scope, names, service, Self::run)
-    }
-
     fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
         service.memory.urgent_thread();
         while !service.link.stop.load(Ordering::Acquire) {
@@ -262,17 +268,9 @@ impl ReplyPlacer {
 struct FaultPath;
 
 impl FaultPath {
-    fn spawn<'scope, 'env, M: MemorySink, C: Channel>(
-        scope: &'scope Scope<'scope, 'env>,
-        service: &'scope Service<'_, M, C>,
-    ) -> Result<RoleThread<'scope>> {
-        let names = ("lmig-faults", "in the post-copy fault thread");
-        RoleThread::spawn(scope, names, service, Self::run)
-    }
-
     fn run<M: MemorySink, C: Channel>(service: &Service<'_, M, C>) -> Result<()> {
         service.memory.urgent_thread();
-        let mut requests = Vec::with_capacity(REQUEST_BATCH + 1);
+        let mut scratch = Forwarding::default();
         let mut lane_open = true;
         while !service.link.stop.load(Ordering::Acquire) {
             // What the lane has first: a reply already read into the
@@ -308,7 +306,7 @@ impl FaultPath {
                 // and when the lane turns readable (a reply: placed above).
                 service.memory.wait_fault_or(also, wait)?
             };
-            FaultForwarder::forward(service, first, &mut requests)?;
+            FaultForwarder::forward(service, first, &mut scratch)?;
         }
         Ok(())
     }
