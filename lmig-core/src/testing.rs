@@ -34,6 +34,14 @@ pub struct VecMemory {
     free: Mutex<Option<(RegionPages, RegionPages)>>,
 }
 
+/// A layout of one region `id` of `pages` pages of 4 KiB.
+pub fn one_region(id: RegionId, pages: u64) -> RegionLayout {
+    RegionLayout::new(vec![
+        RegionInfo::new(id, pages * 4096, 4096).expect("a valid region"),
+    ])
+    .expect("a valid layout")
+}
+
 impl VecMemory {
     /// Zeroed memory for `layout`.
     pub fn new(layout: &RegionLayout) -> Self {
@@ -49,6 +57,20 @@ impl VecMemory {
             handed_over: AtomicU32::new(0),
             free: Mutex::new(None),
         }
+    }
+
+    /// Memory for `layout` in which each of `pages` of `region` begins with
+    /// the text `page <n>` (the rest zero): content a test can tell apart.
+    pub fn labelled(
+        layout: &RegionLayout,
+        region: RegionId,
+        pages: impl IntoIterator<Item = u64>,
+    ) -> Self {
+        let mem = Self::new(layout);
+        for p in pages {
+            mem.fill(region, p, format!("page {p}").as_bytes());
+        }
+        mem
     }
 
     /// Memory with no regions; `prepare` creates them from the source's layout.

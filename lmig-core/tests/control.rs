@@ -9,12 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lmig_core::model::{
-    PageRun, ProgramState, RegionId, RegionInfo, RegionLayout, RegionPages, SocketRecord,
-    TcpListenState,
+    PageRun, ProgramState, RegionId, RegionLayout, RegionPages, SocketRecord, TcpListenState,
 };
 use lmig_core::protocol::{Message, Verification};
 use lmig_core::session::{CancelOutcome, Destination, Source, SourceConfig};
-use lmig_core::testing::{MarkTracker, NullProgram, PairEnd, VecMemory, channel_pair};
+use lmig_core::testing::{MarkTracker, NullProgram, PairEnd, VecMemory, channel_pair, one_region};
 use lmig_core::traits::{Event, Phase};
 use lmig_core::{Channel, DirtyTracker, MigrationError, SocketSink, SocketSource, StateSource};
 
@@ -25,18 +24,11 @@ const BOUND: Duration = Duration::from_millis(200);
 const STALL: Duration = Duration::from_millis(700);
 
 fn layout() -> RegionLayout {
-    RegionLayout::new(vec![
-        RegionInfo::new(RegionId(1), PAGES * 4096, 4096).unwrap(),
-    ])
-    .unwrap()
+    one_region(RegionId(1), PAGES)
 }
 
 fn filled_memory(layout: &RegionLayout) -> VecMemory {
-    let mem = VecMemory::new(layout);
-    for p in (0..PAGES).step_by(2) {
-        mem.fill(RegionId(1), p, format!("page {p}").as_bytes());
-    }
-    mem
+    VecMemory::labelled(layout, RegionId(1), (0..PAGES).step_by(2))
 }
 
 /// Which freeze step stalls, and whether the program is frozen now.

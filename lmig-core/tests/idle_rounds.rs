@@ -9,27 +9,20 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use lmig_core::model::{RegionId, RegionInfo, RegionLayout, RegionPages};
+use lmig_core::model::{RegionId, RegionLayout, RegionPages};
 use lmig_core::policy::{ConvergencePolicy, Fallback, PolicyConfig};
 use lmig_core::protocol::Verification;
 use lmig_core::session::{Destination, DestinationConfig, Source, SourceConfig};
-use lmig_core::testing::{MarkTracker, NullProgram, VecMemory, channel_pair};
+use lmig_core::testing::{MarkTracker, NullProgram, VecMemory, channel_pair, one_region};
 
 const PAGES: u64 = 256;
 
 fn layout() -> RegionLayout {
-    RegionLayout::new(vec![
-        RegionInfo::new(RegionId(1), PAGES * 4096, 4096).unwrap(),
-    ])
-    .unwrap()
+    one_region(RegionId(1), PAGES)
 }
 
 fn memory(layout: &RegionLayout) -> VecMemory {
-    let mem = VecMemory::new(layout);
-    for p in 0..PAGES {
-        mem.fill(RegionId(1), p, format!("page {p}").as_bytes());
-    }
-    mem
+    VecMemory::labelled(layout, RegionId(1), 0..PAGES)
 }
 
 /// Round 0 leaves 2 pages dirty (the rounds shrink), every later collect

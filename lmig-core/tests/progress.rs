@@ -6,12 +6,12 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lmig_core::model::{PageRun, RegionId, RegionInfo, RegionLayout, RegionPages};
+use lmig_core::model::{PageRun, RegionId, RegionLayout, RegionPages};
 use lmig_core::session::{
     CancelOutcome, Destination, Progress, Source, SourceConfig, SourceControl, SourceReport,
     is_zero,
 };
-use lmig_core::testing::{MarkTracker, NullProgram, VecMemory, channel_pair};
+use lmig_core::testing::{MarkTracker, NullProgram, VecMemory, channel_pair, one_region};
 use lmig_core::traits::{DirtyClearer, Phase};
 use lmig_core::{DirtyTracker, MemorySource, MigrationError};
 
@@ -20,10 +20,7 @@ const PAGES: u64 = 1024;
 const MIB: u64 = 1 << 20;
 
 fn layout() -> RegionLayout {
-    RegionLayout::new(vec![
-        RegionInfo::new(RegionId(1), PAGES * 4096, 4096).unwrap(),
-    ])
-    .unwrap()
+    one_region(RegionId(1), PAGES)
 }
 
 fn full_memory(layout: &RegionLayout) -> VecMemory {

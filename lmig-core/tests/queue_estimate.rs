@@ -7,10 +7,10 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use lmig_core::model::{RegionId, RegionInfo, RegionLayout, SocketRecord, TcpListenState};
+use lmig_core::model::{RegionId, SocketRecord, TcpListenState};
 use lmig_core::protocol::{MAX_QUEUE_ESTIMATE, Message, Verification};
 use lmig_core::session::{Destination, Source};
-use lmig_core::testing::{MarkTracker, NullProgram, PairEnd, VecMemory, channel_pair};
+use lmig_core::testing::{MarkTracker, NullProgram, PairEnd, VecMemory, channel_pair, one_region};
 use lmig_core::{Channel, SocketSink, SocketSource};
 
 const PAGES: u64 = 64;
@@ -95,14 +95,8 @@ impl Channel for Recording {
 
 /// One migration with sockets estimating `queued` bytes: the destination's log.
 fn migrate(queued: u64) -> Vec<String> {
-    let layout = RegionLayout::new(vec![
-        RegionInfo::new(RegionId(1), PAGES * 4096, 4096).unwrap(),
-    ])
-    .unwrap();
-    let src = VecMemory::new(&layout);
-    for p in 0..PAGES {
-        src.fill(RegionId(1), p, format!("page {p}").as_bytes());
-    }
+    let layout = one_region(RegionId(1), PAGES);
+    let src = VecMemory::labelled(&layout, RegionId(1), 0..PAGES);
     let dst = VecMemory::empty();
     let (a, b) = channel_pair(1);
     let b = Recording {

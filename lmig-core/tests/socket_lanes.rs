@@ -13,10 +13,10 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use lmig_core::model::{RegionId, RegionInfo, RegionLayout, SocketRecord, TcpListenState};
+use lmig_core::model::{RegionId, SocketRecord, TcpListenState};
 use lmig_core::protocol::{Message, Verification};
 use lmig_core::session::{Destination, DestinationConfig, Source, SourceConfig};
-use lmig_core::testing::{MarkTracker, NullProgram, PairEnd, VecMemory, channel_pair};
+use lmig_core::testing::{MarkTracker, NullProgram, PairEnd, VecMemory, channel_pair, one_region};
 use lmig_core::{Channel, SocketSink, SocketSource};
 
 const PAGES: u64 = 64;
@@ -210,14 +210,8 @@ fn migrate_with(
     queued: u64,
     max_warm: u64,
 ) -> Outcome {
-    let layout = RegionLayout::new(vec![
-        RegionInfo::new(RegionId(1), PAGES * 4096, 4096).unwrap(),
-    ])
-    .unwrap();
-    let src = VecMemory::new(&layout);
-    for p in 0..PAGES {
-        src.fill(RegionId(1), p, format!("page {p}").as_bytes());
-    }
+    let layout = one_region(RegionId(1), PAGES);
+    let src = VecMemory::labelled(&layout, RegionId(1), 0..PAGES);
     let dst = VecMemory::empty();
     let (a, b) = channel_pair(LANES);
     let a = Shuffling::new(a, drop_end_of, late_estimate);
