@@ -367,31 +367,8 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
             let msg = match self.channel.recv(Some(CONTROL_TICK)) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
-                    idle += CONTROL_TICK;
-                    // Requests read by the urgent thread count as
-                    // signs of life too.
-                    let h = self.heard.load(Ordering::Relaxed);
-                    if h != last_heard {
-                        last_heard = h;
-                        idle = Duration::ZERO;
-                    }
-                    if pusher.is_finished() {
-                        // The pusher failed; its error is reported by its join.
-                        return Ok(Verification::NotChecked);
-                    }
-                    if self.postcopy && !self.gate.pushed_all() {
-                        // The destination has nothing to say while pages
-                        // are still to come (held off or pushed, however
-                        // slowly the bandwidth limit lets them go): its
-                        // silence counts from the push's end. A lost
-                        // destination fails the push's sends meanwhile.
-                        idle = Duration::ZERO;
-                    }
-                    if idle >= self.done_timeout {
-                        return Err(MigrationError::Timeout {
-                            waiting_for: "Done",
-                            after: self.done_timeout,
-                        });
+                    if let Some(v) = self.quiet_tick(pusher, &mut idle, &mut last_heard)? {
+                        return Ok(v);
                     }
                     continue;
                 }
@@ -438,6 +415,41 @@ impl<'s, M: MemorySource, C: Channel> Service<'s, M, C> {
                 }
             }
         }
+    }
+
+    /// A control tick without a message: the destination's silence, `idle`,
+    /// grows and is bounded by `done_timeout`. `Some` when the session ends
+    /// here (the pusher failed; its error is reported by its join).
+    fn quiet_tick(
+        &self,
+        pusher: &Pusher<'_>,
+        idle: &mut Duration,
+        last_heard: &mut u64,
+    ) -> Result<Option<Verification>> {
+        *idle += CONTROL_TICK;
+        // Requests read by the urgent thread count as signs of life too.
+        let h = self.heard.load(Ordering::Relaxed);
+        if h != *last_heard {
+            *last_heard = h;
+            *idle = Duration::ZERO;
+        }
+        if pusher.is_finished() {
+            return Ok(Some(Verification::NotChecked));
+        }
+        if self.postcopy && !self.gate.pushed_all() {
+            // The destination has nothing to say while pages are still to
+            // come (held off or pushed, however slowly the bandwidth limit
+            // lets them go): its silence counts from the push's end. A lost
+            // destination fails the push's sends meanwhile.
+            *idle = Duration::ZERO;
+        }
+        if *idle >= self.done_timeout {
+            return Err(MigrationError::Timeout {
+                waiting_for: "Done",
+                after: self.done_timeout,
+            });
+        }
+        Ok(None)
     }
 
     /// The destination's `Resync`: requeue exactly the runs it misses, send
